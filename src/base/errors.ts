@@ -1,0 +1,92 @@
+/**
+ * Errors are data: every failure that reaches a user carries a stable `code`
+ * (matched on by scripts and tests), a one-line message naming the subject and
+ * the violated constraint, and optional structured details.
+ *
+ * The table `ERROR_CODES` is the single list of codes. The CLI maps them to
+ * exit codes, the NBD server to errno values; docs/errors.md is kept in step
+ * with this table by a test.
+ */
+
+export const ERROR_CODES = {
+  // Input given by the user (arguments, options, sizes).
+  E_USAGE: "invalid command line (unknown option, missing or extra argument)",
+  E_INVALID_SIZE: "a size or offset does not parse or is out of range",
+  E_INVALID_OPTION: "an -o option is unknown, malformed, or conflicts with another",
+  E_OUT_OF_RANGE: "I/O request outside the virtual disk",
+  // Files.
+  E_NOT_FOUND: "a file does not exist",
+  E_ACCESS: "a file cannot be opened with the required permissions",
+  E_EXISTS: "a file exists where a new one was to be created",
+  E_IO: "the operating system reported an I/O error",
+  E_NO_SPACE: "no space left on the device",
+  // Formats.
+  E_UNKNOWN_FORMAT: "the format name is not one snapstack supports",
+  E_WRONG_FORMAT: "the file is not in the format that was asked for",
+  E_BAD_HEADER: "the image header is truncated, garbled or has invalid fields",
+  E_UNSUPPORTED_FEATURE: "the image uses a feature snapstack does not implement",
+  E_CORRUPT_IMAGE: "the image metadata is inconsistent (points outside the file, overlaps other metadata)",
+  E_IMAGE_MARKED_CORRUPT: "the image carries the corrupt bit and cannot be opened read-write",
+  E_ENCRYPTED: "the image is encrypted and encryption is not implemented",
+  E_TOO_LARGE: "a size exceeds a format or implementation limit",
+  E_READ_ONLY: "a write was attempted on a read-only image or device",
+  // Chains.
+  E_BACKING_MISSING: "a backing file of the chain cannot be found",
+  E_BACKING_LOOP: "the backing chain refers back to an image already in it",
+  E_CHAIN_TOO_DEEP: "the backing chain is deeper than the limit",
+  E_BACKING_FORMAT: "the backing format is missing or wrong",
+  // Data.
+  E_PATTERN_MISMATCH: "data read back differs from the expected pattern",
+  E_COMPRESSION: "a compressed cluster could not be decompressed",
+  E_ABORTED: "the operation was cancelled",
+  E_INTERNAL: "an internal error (a bug): please report it",
+} as const;
+
+export type ErrorCode = keyof typeof ERROR_CODES;
+
+export class SnapstackError extends Error {
+  readonly code: ErrorCode;
+  readonly details: Readonly<Record<string, unknown>>;
+
+  constructor(code: ErrorCode, message: string, details: Record<string, unknown> = {}) {
+    super(message);
+    this.name = "SnapstackError";
+    this.code = code;
+    this.details = details;
+  }
+}
+
+export function isSnapstackError(value: unknown): value is SnapstackError {
+  return value instanceof SnapstackError;
+}
+
+/** Turn an OS error from node:fs into a coded error naming the path. */
+export function fromSystemError(error: unknown, path: string, action: string): SnapstackError {
+  if (error instanceof SnapstackError) return error;
+  const sys = error as NodeJS.ErrnoException;
+  const why = sys && typeof sys.message === "string" ? sys.code ?? sys.message : String(error);
+  switch (sys?.code) {
+    case "ENOENT":
+      return new SnapstackError("E_NOT_FOUND", `${path}: cannot ${action}: no such file or directory`, { path });
+    case "EACCES":
+    case "EPERM":
+    case "EROFS":
+      return new SnapstackError("E_ACCESS", `${path}: cannot ${action}: permission denied`, { path });
+    case "EEXIST":
+      return new SnapstackError("E_EXISTS", `${path}: cannot ${action}: file exists`, { path });
+    case "ENOSPC":
+      return new SnapstackError("E_NO_SPACE", `${path}: cannot ${action}: no space left on device`, { path });
+    case "EISDIR":
+      return new SnapstackError("E_ACCESS", `${path}: cannot ${action}: is a directory`, { path });
+    default:
+      return new SnapstackError("E_IO", `${path}: cannot ${action}: ${why}`, { path, errno: sys?.code });
+  }
+}
+
+/**
+ * Assertions are for invariants of our own code, never for bytes read from a
+ * disk or the network (those are input and get coded errors).
+ */
+export function assert(condition: unknown, message: string): asserts condition {
+  if (!condition) throw new SnapstackError("E_INTERNAL", `assertion failed: ${message}`);
+}

@@ -1,0 +1,72 @@
+/**
+ * The block-device interface that every format (raw, qcow2) and every filter
+ * implements, and the only thing the NBD server and the jobs on chains see.
+ *
+ * All offsets here are guest offsets: bytes on the virtual disk. Requests may
+ * be unaligned and of any length; implementations handle read-modify-write.
+ * Callers validate ranges at the edge (CLI, NBD); devices also check and
+ * throw E_OUT_OF_RANGE so a bad request never touches the file.
+ */
+
+/** How one layer of a chain holds a guest range (qemu-img map, per layer). */
+export type LayerStatusKind =
+  /** Not in this layer: the read falls through to the backing device (zeroes if none). */
+  | "unallocated"
+  /** Holds data in this layer (possibly compressed, then hostOffset is absent). */
+  | "data"
+  /** Reads as zeroes from this layer; does not fall through. */
+  | "zero";
+
+export interface LayerExtent {
+  guestOffset: number;
+  lengthBytes: number;
+  kind: LayerStatusKind;
+  /** Offset in this layer's file where the data starts (data, or zero with a preallocated host cluster). */
+  hostOffset?: number;
+  /** The data is stored compressed (no meaningful host offset). */
+  compressed?: boolean;
+}
+
+export interface WriteZeroesOptions {
+  /** Release storage if the format allows (qemu-io write -z -u, NBD without NO_HOLE). */
+  unmap?: boolean;
+}
+
+export interface BlockDevice {
+  /** A human-readable name (usually the file path) for messages. */
+  readonly name: string;
+  /** Format name as qemu-img reports it: "raw" or "qcow2". */
+  readonly format: string;
+  /** Virtual disk size in bytes. */
+  readonly sizeBytes: number;
+  readonly readOnly: boolean;
+  /** The device reads fall through to, or null at the bottom of a chain. */
+  readonly backing: BlockDevice | null;
+
+  /** Fill `buffer` with the bytes at guestOffset .. guestOffset + buffer.length. */
+  read(guestOffset: number, buffer: Uint8Array): Promise<void>;
+  write(guestOffset: number, data: Uint8Array): Promise<void>;
+  writeZeroes(guestOffset: number, lengthBytes: number, options?: WriteZeroesOptions): Promise<void>;
+  /** Drop the range: afterwards it reads as zeroes or falls through, as the format decides. */
+  discard(guestOffset: number, lengthBytes: number): Promise<void>;
+  flush(): Promise<void>;
+  /**
+   * How this layer alone holds the range: contiguous extents covering exactly
+   * [guestOffset, guestOffset + lengthBytes), adjacent extents merged when
+   * kind, compression and host contiguity agree.
+   */
+  layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]>;
+  /** Close this device and, if it owns it, its backing chain. Idempotent. */
+  close(): Promise<void>;
+}
+
+/** One entry of `qemu-img map --output=json`. */
+export interface MapExtent {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  offset?: number;
+}

@@ -1,0 +1,34 @@
+/**
+ * The medium under every image: a file addressed by host offsets.
+ *
+ * Every format reads and writes its bytes through this interface and never
+ * through node:fs directly, so tests can substitute an in-memory file or a
+ * fault-injecting one (dropping unflushed writes, tearing writes, failing the
+ * Nth write).
+ */
+export interface ImageFile {
+  /** Path or a descriptive name, used in error messages. */
+  readonly name: string;
+  readonly readOnly: boolean;
+  /**
+   * Read `buffer.length` bytes at `hostOffset`. Bytes past the end of the
+   * file read as zeroes. Resolves to the number of bytes that came from the
+   * file (the rest were zero-filled).
+   */
+  read(hostOffset: number, buffer: Uint8Array): Promise<number>;
+  /** Write all of `data` at `hostOffset`, extending the file if needed. */
+  write(hostOffset: number, data: Uint8Array): Promise<void>;
+  /** Current length of the file in bytes. */
+  sizeBytes(): Promise<number>;
+  /** Set the file length (grow with zeroes or shrink). */
+  truncate(sizeBytes: number): Promise<void>;
+  /** Make every completed write durable (fdatasync). */
+  flush(): Promise<void>;
+  /**
+   * Tell the medium a range is no longer needed. It may read back as
+   * anything afterwards unless the implementation says otherwise; callers
+   * that need zeroes write them.
+   */
+  discard(hostOffset: number, lengthBytes: number): Promise<void>;
+  close(): Promise<void>;
+}
