@@ -1,0 +1,156 @@
+/**
+ * A GNU getopt_long-style parser, as qemu-img and qemu-io use.
+ *
+ * Design notes
+ * - Options may come before or after positionals (GNU permutation); `--`
+ *   ends options; a lone `-` is a positional.
+ * - Short options cluster (`-qU`), and a short option's value may be glued
+ *   (`-fqcow2`) or the next word (`-f qcow2`).
+ * - Long options take `--opt=value` or `--opt value`; a unique prefix is
+ *   accepted (`--outp=json`) as getopt_long does.
+ * - Repeated options: the last value wins, except options declared
+ *   `repeat: "list"` (all values kept, e.g. qemu-io's `-c`) or
+ *   `repeat: "comma"` (values joined with commas, qemu-img's `-o`).
+ * - Errors are E_USAGE with qemu-img's wording: "unrecognized option '-x'",
+ *   "missing argument for option '-f'". qemu-io's inner commands use glibc's
+ *   wording instead ("invalid option -- 'x'"), selected by `style: "glibc"`.
+ */
+import { SnapstackError } from "../base/errors.ts";
+
+export interface OptionSpec {
+  /** Key in the result. */
+  name: string;
+  /** Single character, without the dash. */
+  short?: string;
+  /** Without the leading dashes. */
+  long?: string;
+  /** The option takes a value. */
+  value?: boolean;
+  repeat?: "last" | "list" | "comma";
+}
+
+export interface ParsedArgs {
+  /** Flags are `true`; valued options are strings (or string[] for repeat: "list"). */
+  options: Record<string, string | boolean | string[] | undefined>;
+  positionals: string[];
+}
+
+export interface ParseArgsOptions {
+  /** Message style for errors: qemu-img's (default) or glibc getopt's. */
+  style?: "qemu-img" | "glibc";
+  /** Prefix for glibc-style messages (the program or command name). */
+  program?: string;
+}
+
+function usageError(message: string): SnapstackError {
+  return new SnapstackError("E_USAGE", message);
+}
+
+function findLong(specs: OptionSpec[], name: string): OptionSpec | undefined {
+  const exact = specs.find((spec) => spec.long === name);
+  if (exact !== undefined) return exact;
+  const prefixed = specs.filter((spec) => spec.long !== undefined && spec.long.startsWith(name));
+  return prefixed.length === 1 ? prefixed[0] : undefined;
+}
+
+/** Parse `argv` (without the program and command names) against `specs`. */
+export function parseArgs(argv: readonly string[], specs: OptionSpec[], settings: ParseArgsOptions = {}): ParsedArgs {
+  const glibc = settings.style === "glibc";
+  const program = settings.program ?? "snapstack";
+  const unrecognized = (word: string, char?: string): SnapstackError =>
+    glibc
+      ? usageError(char !== undefined ? `${program}: invalid option -- '${char}'` : `${program}: unrecognized option '${word}'`)
+      : usageError(`unrecognized option '${word}'`);
+  const missing = (word: string, char?: string): SnapstackError =>
+    glibc
+      ? usageError(
+          char !== undefined
+            ? `${program}: option requires an argument -- '${char}'`
+            : `${program}: option '${word}' requires an argument`,
+        )
+      : usageError(`missing argument for option '${word}'`);
+
+  const options: ParsedArgs["options"] = {};
+  const positionals: string[] = [];
+  const store = (spec: OptionSpec, value: string | true): void => {
+    if (value === true) {
+      options[spec.name] = true;
+      return;
+    }
+    const previous = options[spec.name];
+    if (spec.repeat === "list") {
+      options[spec.name] = Array.isArray(previous) ? [...previous, value] : [value];
+    } else if (spec.repeat === "comma" && typeof previous === "string") {
+      options[spec.name] = `${previous},${value}`;
+    } else {
+      options[spec.name] = value;
+    }
+  };
+
+  let index = 0;
+  while (index < argv.length) {
+    const word = argv[index++];
+    if (word === "--") {
+      positionals.push(...argv.slice(index));
+      break;
+    }
+    if (word.startsWith("--")) {
+      const equals = word.indexOf("=");
+      const name = equals >= 0 ? word.slice(2, equals) : word.slice(2);
+      const spec = findLong(specs, name);
+      if (spec === undefined) throw unrecognized(word);
+      if (!spec.value) {
+        if (equals >= 0) {
+          throw usageError(glibc ? `${program}: option '--${spec.long}' doesn't allow an argument` : `unrecognized option '${word}'`);
+        }
+        store(spec, true);
+      } else if (equals >= 0) {
+        store(spec, word.slice(equals + 1));
+      } else {
+        if (index >= argv.length) throw missing(word);
+        store(spec, argv[index++]);
+      }
+      continue;
+    }
+    if (word.startsWith("-") && word.length > 1) {
+      for (let charIndex = 1; charIndex < word.length; charIndex++) {
+        const char = word[charIndex];
+        const spec = specs.find((candidate) => candidate.short === char);
+        if (spec === undefined) throw unrecognized(glibc ? word : `-${char}`, char);
+        if (!spec.value) {
+          store(spec, true);
+          continue;
+        }
+        if (charIndex + 1 < word.length) {
+          store(spec, word.slice(charIndex + 1));
+        } else {
+          if (index >= argv.length) throw missing(`-${char}`, char);
+          store(spec, argv[index++]);
+        }
+        break;
+      }
+      continue;
+    }
+    positionals.push(word);
+  }
+  return { options, positionals };
+}
+
+/** The string value of an option, or undefined. */
+export function optionString(parsed: ParsedArgs, name: string): string | undefined {
+  const value = parsed.options[name];
+  if (typeof value === "string") return value;
+  if (Array.isArray(value)) return value[value.length - 1];
+  return undefined;
+}
+
+export function optionFlag(parsed: ParsedArgs, name: string): boolean {
+  return parsed.options[name] === true;
+}
+
+export function optionList(parsed: ParsedArgs, name: string): string[] {
+  const value = parsed.options[name];
+  if (Array.isArray(value)) return value;
+  if (typeof value === "string") return [value];
+  return [];
+}
