@@ -134,7 +134,7 @@ test("formatFixed is C's %.Nf (ties to even on exact binary values)", async () =
   const { formatFixed } = await import("../../src/base/units.ts");
   const cases: Array<[number, number, string]> = [
     [1.0625, 3, "1.062"],
-    [1.0635, 3, "1.064"],
+    [1.0635, 3, "1.063"],
     [0.5, 0, "0"],
     [1.5, 0, "2"],
     [2.5, 0, "2"],
