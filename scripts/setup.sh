@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Makes bin/snapstack runnable on this machine:
+#   1. finds or installs Node.js >= 22.15 (scripts/ensure-node.sh: the node on
+#      PATH if new enough, else node@24 from the npm registry into
+#      ~/.cache/snapstack/node24);
+#   2. links it as .toolchain/node, so bin/snapstack finds it without PATH
+#      changes;
+#   3. installs runtime npm dependencies if package.json declares any (it
+#      declares none today: snapstack runs its TypeScript sources directly).
+# Options:
+#   --tools   also install the QEMU/NBD tools the interop tests and
+#             benchmarks use (scripts/ensure-tools.sh; apt-get when root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_tools=0
+for arg in "$@"; do
+  case "$arg" in
+    --tools) with_tools=1 ;;
+    *)
+      echo "setup: unknown option: $arg (known: --tools)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+node_bin="$(bash scripts/ensure-node.sh)"
+mkdir -p .toolchain
+ln -sfn "$node_bin" .toolchain/node
+echo "setup: .toolchain/node -> $node_bin ($("$node_bin" --version))"
+
+if "$node_bin" -e 'process.exit(Object.keys(require("./package.json").dependencies ?? {}).length > 0 ? 0 : 1)' && [ ! -d node_modules ]; then
+  PATH="$(dirname "$node_bin"):$PATH" npm ci --omit=dev --no-audit --no-fund
+fi
+
+if [ "$with_tools" = 1 ]; then
+  bash scripts/ensure-tools.sh
+fi
+
+echo "setup: ready; try: bin/snapstack --help"
