@@ -73,4 +73,4 @@ export default async function convertBench(): Promise<BenchRow[]> {
   });
 }
 
-if (import.meta.main) printRows(await convertBench());
+if (import.meta.main) printRows(import.meta.filename, await convertBench());

@@ -140,4 +140,4 @@ export default async function readBench(): Promise<BenchRow[]> {
   });
 }
 
-if (import.meta.main) printRows(await readBench());
+if (import.meta.main) printRows(import.meta.filename, await readBench());

@@ -1,0 +1,69 @@
+/**
+ * Peak memory of reading a huge sparse image.
+ *
+ * Fixture (bench/fixtures/sparse-image.ts): a 1 TiB qcow2 image with 4 KiB
+ * written in every GiB by qemu-io. Workload: 10,000 random 4 KiB reads over
+ * the whole 1 TiB, then one read of each of the 1,024 written blocks
+ * (checked against the written byte).
+ *
+ * snapstack runs in a child process (bench/fixtures/memory-child.ts) so the
+ * harness's memory does not count; reported: its VmHWM (kernel's peak RSS),
+ * with the peak of process.memoryUsage.rss() sampled after every read and a
+ * bare node process's VmHWM in the notes. Target < 100 MiB. Peer: qemu-io
+ * doing the same reads (commands on stdin), peak RSS from GNU time.
+ */
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { MiB, withScratchDir } from "./fixtures/images.ts";
+import type { MemoryChildReport } from "./fixtures/memory-child.ts";
+import { printRows, row, type BenchRow } from "./fixtures/rows.ts";
+import { buildSparseImage, SPARSE_REQUEST_BYTES, sparseRandomOffsets } from "./fixtures/sparse-image.ts";
+import { runMeasuringPeakRss } from "./fixtures/tools.ts";
+
+const CHILD_PATH = fileURLToPath(new URL("./fixtures/memory-child.ts", import.meta.url));
+
+async function runChild(argument: string): Promise<MemoryChildReport> {
+  const { stdout } = await runMeasuringPeakRss(process.execPath, [CHILD_PATH, argument]);
+  const lines = stdout.trim().split("\n");
+  return JSON.parse(lines[lines.length - 1]) as MemoryChildReport;
+}
+
+/** qemu-io doing the same reads; returns its peak RSS and whether every pattern check passed. */
+async function qemuIoPeak(path: string, writes: Awaited<ReturnType<typeof buildSparseImage>>): Promise<{ peakRssBytes: number; ok: boolean }> {
+  const commands: string[] = [];
+  for (const guestOffset of sparseRandomOffsets()) commands.push(`read -q ${guestOffset} ${SPARSE_REQUEST_BYTES}`);
+  for (const w of writes) commands.push(`read -q -P ${w.patternByte} ${w.guestOffset} ${w.lengthBytes}`);
+  const { peakRssBytes, stdout } = await runMeasuringPeakRss("qemu-io", ["-r", "-f", "qcow2", path], `${commands.join("\n")}\n`);
+  return { peakRssBytes, ok: !stdout.includes("verification failed") };
+}
+
+const mib = (bytes: number): number => bytes / MiB;
+
+export default async function memoryBench(): Promise<BenchRow[]> {
+  return withScratchDir("memory", async (dir) => {
+    const path = join(dir, "sparse-1t.qcow2");
+    const writes = await buildSparseImage(path);
+    const peer = await qemuIoPeak(path, writes);
+    const baseline = await runChild("--baseline");
+    const name = "peak RSS: 1 TiB sparse image, 11,024 scattered 4 KiB reads";
+    const peerNote = `peer = qemu-io (GNU time maxrss)${peer.ok ? "" : ", qemu-io PATTERN CHECK FAILED"}`;
+    let snap: MemoryChildReport;
+    try {
+      snap = await runChild(path);
+    } catch (error) {
+      const message = (error as Error).message.split("\n").find((line) => line.includes("Error")) ?? (error as Error).message.slice(0, 200);
+      return [row(name, null, mib(peer.peakRssBytes), "MiB", `target < 100 MiB; ${peerNote}; snapstack failed: ${message.slice(0, 200)}`)];
+    }
+    const notes = [
+      "target < 100 MiB (VmHWM of the child)",
+      `max sampled rss ${mib(snap.rssMaxBytes).toFixed(1)} MiB`,
+      `bare node VmHWM ${mib(baseline.vmHwmBytes).toFixed(1)} MiB`,
+      `${snap.reads} reads in ${snap.seconds.toFixed(2)} s`,
+      snap.wrongReads === 0 ? "data verified" : `${snap.wrongReads} WRONG READS`,
+      peerNote,
+    ];
+    return [row(name, mib(snap.vmHwmBytes), mib(peer.peakRssBytes), "MiB", notes.join("; "))];
+  });
+}
+
+if (import.meta.main) printRows(import.meta.filename, await memoryBench());
