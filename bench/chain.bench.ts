@@ -66,7 +66,7 @@ interface Measured {
 
 async function measureImage(path: string, c: ChainCase, offsets: Float64Array, fixture: ChainFixture): Promise<Measured> {
   let snapstack: number | null = null;
-  let note = "";
+  let note: string;
   try {
     const openStarted = performance.now();
     const device = await openSnapstackImage(path);
