@@ -1,0 +1,235 @@
+/**
+ * Rebuild the refcount structure from the metadata walk (QEMU's
+ * rebuild_refcount_structure in block/qcow2-refcount.c), for `check -r all`
+ * and for opening a dirty (lazy-refcounts) image read-write.
+ *
+ * Design notes
+ * - Input: the reference counts from `calculateRefcounts`, which include
+ *   the OLD refcount table and blocks. So every cluster this code allocates
+ *   is referenced by nothing, and the old structure stays intact until the
+ *   header switch: a crash before the switch leaves the old structure in
+ *   charge, a crash after it leaves only leaks.
+ * - Layout (as QEMU): scan the counts; for each refcount block range with a
+ *   non-zero count, allocate the block first-fit from the start of its own
+ *   range (so blocks tend to describe themselves), write the block as the
+ *   slice of the counts; then allocate the table first-fit from cluster 0,
+ *   rewrite the blocks covering it, and repeat while the table had to grow.
+ *   The loop ends because each table cluster describes far more clusters
+ *   than it occupies.
+ * - Switch: write the table, then header bytes 48..59 (table offset and
+ *   cluster count) in one synchronous write.
+ * - Afterwards the old table and blocks are leaks; `rebuildRefcounts`
+ *   frees them by walking again and fixing leaks (compare with FIX_LEAKS),
+ *   as QEMU's check does after a rebuild.
+ * - Not done: shrinking the file; QEMU does not either.
+ */
+import { SnapstackError } from "../../base/errors.ts";
+import type { ImageFile } from "../../io/file.ts";
+import { INCOMPAT_DIRTY, decodeQcow2Header } from "./header.ts";
+import type { Qcow2Header } from "./header.ts";
+import { REFTABLE_ENTRY_BYTES, setRefcount } from "./refcount-block.ts";
+import {
+  CHECK_CLUSTERS_MAX,
+  CheckFailure,
+  CheckReport,
+  ClusterCounts,
+  FIX_ERRORS,
+  FIX_LEAKS,
+  QEMU_IMG_PREFIX,
+  STRERROR,
+  StoredRefcounts,
+  calculateRefcounts,
+  checkOflagCopied,
+  clustersForBytes,
+  compareRefcounts,
+  guardWrite,
+  openCheckState,
+  readSnapshotTable,
+  writeIncompatibleFeatures,
+} from "./reference-counter.ts";
+import type { Qcow2CheckState } from "./reference-counter.ts";
+
+/** A failed rebuild: QEMU counts a check error and reports the cause. */
+function rebuildFailed(report: CheckReport, what: string, strerror: string): never {
+  report.checkErrors++;
+  report.say(`${QEMU_IMG_PREFIX}${what}: ${strerror}`);
+  throw new CheckFailure(strerror);
+}
+
+/**
+ * alloc_clusters_imrt: first fit of `clusterCount` free clusters at or after
+ * `cursor.firstFreeCluster`, growing the counts past the end if needed; the
+ * clusters get count 1. Returns the host offset.
+ */
+function allocateClusters(state: Qcow2CheckState, counts: ClusterCounts, clusterCount: number, cursor: { firstFreeCluster: number }): number {
+  let cluster = cursor.firstFreeCluster;
+  let contiguous = 0;
+  let firstGap = true;
+  for (; cluster < counts.size && contiguous < clusterCount; cluster++) {
+    if (counts.get(cluster) === 0) {
+      contiguous++;
+      if (firstGap) {
+        cursor.firstFreeCluster = cluster;
+        firstGap = false;
+      }
+    } else if (contiguous > 0) {
+      contiguous = 0;
+    }
+  }
+  if (contiguous < clusterCount && !counts.grow(cluster + clusterCount - contiguous)) throw new CheckFailure(STRERROR.ENOMEM);
+  cluster -= contiguous;
+  for (let i = 0; i < clusterCount; i++) counts.set(cluster + i, 1);
+  return cluster * state.clusterSizeBytes;
+}
+
+/** One refcount block holding counts[firstCluster .. + entries). */
+function encodeRefblock(state: Qcow2CheckState, counts: ClusterCounts, firstCluster: number): Uint8Array {
+  const block = new Uint8Array(state.clusterSizeBytes);
+  const end = Math.min(counts.size, firstCluster + state.refcountBlockEntries);
+  for (let cluster = firstCluster; cluster < end; cluster++) {
+    const count = counts.get(cluster);
+    if (count !== 0) setRefcount(block, cluster - firstCluster, state.refcountOrder, count);
+  }
+  return block;
+}
+
+/**
+ * rebuild_refcounts_write_refblocks: write every block covering a cluster
+ * with a non-zero count in [firstCluster, endCluster). Returns whether the
+ * table had to grow.
+ */
+async function writeRefblocks(state: Qcow2CheckState, report: CheckReport, counts: ClusterCounts, firstCluster: number, endCluster: number, table: number[]): Promise<boolean> {
+  const cs = state.clusterSizeBytes;
+  const perBlock = state.refcountBlockEntries;
+  const cursor = { firstFreeCluster: 0 };
+  let grown = false;
+  for (let cluster = firstCluster; cluster < endCluster; cluster++) {
+    if (counts.get(cluster) === 0) continue;
+    const blockIndex = Math.floor(cluster / perBlock);
+    const blockStart = blockIndex * perBlock;
+    let blockOffset = blockIndex < table.length ? table[blockIndex] : 0;
+    if (blockOffset === 0) {
+      if (cursor.firstFreeCluster < blockStart) cursor.firstFreeCluster = blockStart;
+      blockOffset = allocateClusters(state, counts, 1, cursor);
+      const blockCluster = blockOffset / cs;
+      if (blockCluster >= endCluster) endCluster = blockCluster + 1;
+      if (table.length <= blockIndex) {
+        const entries = Math.ceil(((blockIndex + 1) * REFTABLE_ENTRY_BYTES) / cs) * (cs / REFTABLE_ENTRY_BYTES);
+        while (table.length < entries) table.push(0);
+        grown = true;
+      }
+      table[blockIndex] = blockOffset;
+    }
+    if (!(await guardWrite(state, report, new Set(), blockOffset, cs))) return rebuildFailed(report, "ERROR writing refblock", STRERROR.EIO);
+    await state.file.write(blockOffset, encodeRefblock(state, counts, blockStart));
+    cluster = blockStart + perBlock - 1;
+  }
+  return grown;
+}
+
+/**
+ * rebuild_refcount_structure: write a new refcount table and blocks that
+ * hold exactly `counts` (plus themselves) and switch the header to them.
+ * Updates `state` (refcount table and its offset). The old structure is
+ * left behind as leaks.
+ */
+export async function writeRefcountStructure(state: Qcow2CheckState, report: CheckReport, counts: ClusterCounts): Promise<void> {
+  const cs = state.clusterSizeBytes;
+  const table: number[] = [];
+  let grown = await writeRefblocks(state, report, counts, 0, counts.size, table);
+  if (!grown) {
+    // An image always references its header, so there is at least one block.
+    throw new SnapstackError("E_INTERNAL", "refcount rebuild found no referenced cluster");
+  }
+  let tableOffset = -1;
+  let tableClusters = 0;
+  do {
+    tableClusters = Math.ceil((table.length * REFTABLE_ENTRY_BYTES) / cs);
+    tableOffset = allocateClusters(state, counts, tableClusters, { firstFreeCluster: 0 });
+    const tableStartCluster = tableOffset / cs;
+    grown = await writeRefblocks(state, report, counts, tableStartCluster, tableStartCluster + tableClusters, table);
+  } while (grown);
+
+  const tableBytes = new Uint8Array(tableClusters * cs);
+  const tableView = new DataView(tableBytes.buffer);
+  table.forEach((blockOffset, i) => tableView.setBigUint64(i * REFTABLE_ENTRY_BYTES, BigInt(blockOffset)));
+  if (!(await guardWrite(state, report, new Set(), tableOffset, tableBytes.length))) rebuildFailed(report, "ERROR writing reftable", STRERROR.EIO);
+  await state.file.write(tableOffset, tableBytes);
+  await state.file.flush();
+
+  const pointer = new Uint8Array(12);
+  const pointerView = new DataView(pointer.buffer);
+  pointerView.setBigUint64(0, BigInt(tableOffset));
+  pointerView.setUint32(8, tableClusters);
+  await state.file.write(48, pointer);
+  await state.file.flush();
+
+  const newTable = new BigUint64Array(tableClusters * (cs / REFTABLE_ENTRY_BYTES));
+  table.forEach((blockOffset, i) => (newTable[i] = BigInt(blockOffset)));
+  state.refcountTable = newTable;
+  state.refcountTableOffset = tableOffset;
+  state.header.refcountTableOffset = tableOffset;
+  state.header.refcountTableClusters = tableClusters;
+  state.fileSizeBytes = await state.file.sizeBytes();
+}
+
+/** What a rebuild found and did, for logs and tests. */
+export interface RebuildRefcountsResult {
+  /** The header as it is on disk now (new refcount table, dirty bit clear). */
+  header: Qcow2Header;
+  /** Structural corruptions the walk found that a refcount rebuild cannot fix (unaligned entries, ...). */
+  corruptions: number;
+  /** The stderr lines QEMU would print ("Rebuilding refcount structure", "Repairing cluster ..."). */
+  messages: string[];
+}
+
+/**
+ * Recompute every refcount from the metadata and write a fresh refcount
+ * structure, free the old one, fix COPIED flags, clear the dirty bit and
+ * flush. Meant for opening a dirty (lazy refcounts) image read-write, where
+ * any stored refcount may be stale; the caller must not have cached
+ * refcounts of the file. Throws E_CORRUPT_IMAGE when the walk cannot
+ * complete ("Could not repair dirty image", as QEMU's open fails).
+ */
+export async function rebuildRefcounts(file: ImageFile): Promise<RebuildRefcountsResult> {
+  if (file.readOnly) throw new SnapstackError("E_READ_ONLY", `${file.name}: cannot rebuild refcounts of a read-only image`);
+  const state = await openCheckState(file, true);
+  const report = new CheckReport();
+  try {
+    await readSnapshotTable(state, report, 0);
+    const fileClusters = clustersForBytes(state, state.fileSizeBytes);
+    if (fileClusters > CHECK_CLUSTERS_MAX) throw new CheckFailure(STRERROR.EFBIG);
+    const counts = new ClusterCounts(fileClusters, state.refcountMax);
+    await calculateRefcounts(state, report, counts, 0);
+    const corruptions = report.corruptions;
+    report.say("Rebuilding refcount structure");
+    await writeRefcountStructure(state, report, counts);
+
+    // The old structure is now leaked: walk again and free it.
+    const stored = new StoredRefcounts(state, report);
+    counts.clear();
+    const again = new CheckReport();
+    const outcome = await calculateRefcounts(state, again, counts, 0);
+    await compareRefcounts(state, again, stored, counts, FIX_LEAKS, outcome);
+    await checkOflagCopied(state, again, stored, FIX_ERRORS | FIX_LEAKS);
+    report.messages.push(...again.messages);
+    if (outcome.rebuild || again.checkErrors > 0) {
+      throw new SnapstackError("E_CORRUPT_IMAGE", `${file.name}: Could not repair dirty image: the rebuilt refcount structure is still broken`, {
+        messages: report.messages,
+      });
+    }
+    if (state.header.version === 3 && (state.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
+      state.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+      await writeIncompatibleFeatures(state);
+    }
+    await file.flush();
+    const headerBytes = new Uint8Array(state.clusterSizeBytes);
+    await file.read(0, headerBytes);
+    return { header: decodeQcow2Header(headerBytes), corruptions, messages: report.messages };
+  } catch (error) {
+    if (error instanceof CheckFailure) {
+      throw new SnapstackError("E_CORRUPT_IMAGE", `${file.name}: Could not repair dirty image: ${error.strerror}`, { messages: report.messages });
+    }
+    throw error;
+  }
+}
