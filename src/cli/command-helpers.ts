@@ -1,0 +1,52 @@
+/**
+ * Small pieces shared by the img commands: output format, positional
+ * argument counts, -o lists, progress lines. Messages are qemu-img's.
+ */
+import { SnapstackError } from "../base/errors.ts";
+import { formatFixed } from "../base/units.ts";
+import type { CliContext } from "./context.ts";
+import { checkCreateOptions, parseOptionList, type CreateOptionValues } from "./create-options.ts";
+
+export type OutputFormat = "human" | "json";
+
+export function parseOutputFormat(value: string | undefined): OutputFormat {
+  if (value === undefined || value === "human") return "human";
+  if (value === "json") return "json";
+  throw new SnapstackError("E_USAGE", "--output must be used with human or json as argument.", { value });
+}
+
+/** Exactly `names.length` positionals, or qemu-img's usage errors. */
+export function expectPositionals(positionals: readonly string[], min: number, max: number, missingMessage: string): void {
+  if (positionals.length < min) throw new SnapstackError("E_USAGE", missingMessage);
+  if (positionals.length > max) throw new SnapstackError("E_USAGE", `Unexpected argument: ${positionals[max]}`);
+}
+
+/** Check a joined -o list for a format (empty list when none given). */
+export function createOptionsFor(format: string, optionText: string | undefined): CreateOptionValues {
+  return checkCreateOptions(format, optionText === undefined ? [] : parseOptionList(optionText));
+}
+
+/**
+ * qemu-img's -p progress: "    (12.34/100%)\r" on stdout, reprinted when it
+ * moves by at least `stepPercent`, and a final newline from `end()`.
+ */
+export function createProgress(context: CliContext, enabled: boolean, stepPercent = 1): { update(fraction: number): void; end(): void } {
+  let last = -Infinity;
+  const print = (percent: number): void => context.out(`    (${formatFixed(percent, 2)}/100%)\r`);
+  if (enabled) print(0);
+  return {
+    update(fraction: number) {
+      if (!enabled) return;
+      const percent = Math.min(100, Math.max(0, fraction * 100));
+      if (percent - last >= stepPercent || (percent === 100 && last !== 100)) {
+        last = percent;
+        print(percent);
+      }
+    },
+    end() {
+      if (!enabled) return;
+      if (last !== 100) print(100);
+      context.out("\n");
+    },
+  };
+}

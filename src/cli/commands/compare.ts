@@ -1,0 +1,64 @@
+/**
+ * `snapstack img compare [-f fmt] [-F fmt] [-s] [-p] [-q] [-U] A B`
+ *
+ * Exit 0 identical, 1 different, 2 an image could not be opened, 4 read
+ * error (exit-codes.ts); messages as qemu-img 7.2.
+ */
+import type { BlockDevice } from "../../device/block-device.ts";
+import { optionFlag, optionString, parseArgs } from "../args.ts";
+import { createProgress, expectPositionals } from "../command-helpers.ts";
+import type { CliCommand } from "../context.ts";
+import { compareImages, openImage } from "../engine.ts";
+import { RESULT_EXIT_CODES } from "../exit-codes.ts";
+
+export const compareCommand: CliCommand = {
+  name: "compare",
+  synopsis: "compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2",
+  summary: "Compare the guest-visible content of two images (exit 0 identical, 1 different, 2 error).",
+  optionHelp: [
+    "  -f fmt  format of the first image",
+    "  -F fmt  format of the second image",
+    "  -s      strict: a size or allocation difference is a difference",
+    "  -p      show progress",
+    "  -q      quiet",
+  ],
+  async run(argv, context) {
+    const parsed = parseArgs(argv, [
+      { name: "format1", short: "f", value: true },
+      { name: "format2", short: "F", value: true },
+      { name: "strict", short: "s" },
+      { name: "progress", short: "p" },
+      { name: "quiet", short: "q" },
+      { name: "forceShare", short: "U", long: "force-share" },
+    ]);
+    expectPositionals(parsed.positionals, 2, 2, "Expecting two image file names");
+    const quiet = optionFlag(parsed, "quiet");
+    const say = (text: string): void => {
+      if (!quiet) context.out(text);
+    };
+    const devices: BlockDevice[] = [];
+    try {
+      devices.push(await openImage(parsed.positionals[0], { format: optionString(parsed, "format1"), readOnly: true }));
+      devices.push(await openImage(parsed.positionals[1], { format: optionString(parsed, "format2"), readOnly: true }));
+      const progress = createProgress(context, optionFlag(parsed, "progress") && !quiet);
+      const result = await compareImages(devices[0], devices[1], {
+        strict: optionFlag(parsed, "strict"),
+        onProgress: (fraction) => progress.update(fraction),
+      });
+      if (result.identical) {
+        if (result.sizeMismatch) say("Warning: Image size mismatch!\n");
+        progress.update(1);
+        say("Images are identical.\n");
+        progress.end();
+        return RESULT_EXIT_CODES.ok;
+      }
+      progress.end();
+      if (result.reason === "size") say("Strict mode: Image size mismatch!\n");
+      else if (result.reason === "allocation") say(`Strict mode: Offset ${result.guestOffset ?? 0} block status mismatch!\n`);
+      else say(`Content mismatch at offset ${result.guestOffset ?? 0}!\n`);
+      return RESULT_EXIT_CODES.compareDifferent;
+    } finally {
+      for (const device of devices) await device.close();
+    }
+  },
+};

@@ -1,0 +1,109 @@
+/**
+ * `snapstack img convert [-f fmt] [-O fmt] [-o opts] [-c] [-S size] [-p]
+ *  [-B backing [-F fmt]] [-n] [-q] SOURCE TARGET`
+ */
+import { SnapstackError } from "../../base/errors.ts";
+import { parseSize } from "../../base/units.ts";
+import { optionFlag, optionString, parseArgs } from "../args.ts";
+import { createProgress } from "../command-helpers.ts";
+import type { CliCommand } from "../context.ts";
+import { checkCreateOptions, formatOptionHelp, isHelpRequest, parseOptionList } from "../create-options.ts";
+import { convertImage, openImage } from "../engine.ts";
+
+/** qemu-img's MAX_BUF_SECTORS * 512: the largest -S. */
+export const SPARSE_SIZE_MAX_BYTES = 32768 * 512;
+const SECTOR_BYTES = 512;
+
+function parseSparseSize(text: string): number {
+  const invalid = new SnapstackError(
+    "E_INVALID_SIZE",
+    `Invalid buffer size for sparse output specified. Valid sizes are multiples of ${SECTOR_BYTES} up to ${SPARSE_SIZE_MAX_BYTES}. Select 0 to disable sparse detection (fully allocates output).`,
+    { text },
+  );
+  let bytes: number;
+  try {
+    bytes = parseSize(text, { what: "buffer size for sparse output" });
+  } catch {
+    throw invalid;
+  }
+  if (bytes % SECTOR_BYTES !== 0 || bytes > SPARSE_SIZE_MAX_BYTES) throw invalid;
+  return bytes;
+}
+
+export const convertCommand: CliCommand = {
+  name: "convert",
+  synopsis: "convert [-c] [-f fmt] [-O output_fmt] [-o options] [-S sparse_size] [-B backing_file [-F backing_fmt]] [-n] [-p] [-q] [-U] filename output_filename",
+  summary: "Copy an image's guest content into a new image, optionally in another format or compressed.",
+  optionHelp: [
+    "  -f fmt           source format; detected when omitted",
+    "  -O output_fmt    target format (default raw)",
+    "  -o options       target format options; '-o help' lists them",
+    "  -c               compress the target (qcow2)",
+    "  -S sparse_size   zero runs of this size stay unallocated (default 4k; 0 allocates all)",
+    "  -B backing_file  give the target this backing file (needs -F); only the top layer is copied",
+    "  -F backing_fmt   format of the -B backing file",
+    "  -n               the target exists already: do not create it",
+    "  -p               show progress",
+    "  -q               quiet",
+  ],
+  async run(argv, context) {
+    const parsed = parseArgs(argv, [
+      { name: "format", short: "f", value: true },
+      { name: "outputFormat", short: "O", value: true },
+      { name: "options", short: "o", value: true, repeat: "comma" },
+      { name: "compress", short: "c" },
+      { name: "sparse", short: "S", value: true },
+      { name: "backingFile", short: "B", value: true },
+      { name: "backingFormat", short: "F", value: true },
+      { name: "noCreate", short: "n" },
+      { name: "progress", short: "p" },
+      { name: "quiet", short: "q" },
+      { name: "forceShare", short: "U", long: "force-share" },
+      { name: "cache", short: "t", value: true },
+      { name: "sourceCache", short: "T", value: true },
+      { name: "parallel", short: "m", value: true },
+      { name: "outOfOrder", short: "W" },
+    ]);
+    const outputFormat = optionString(parsed, "outputFormat") ?? "raw";
+    const entries = parseOptionList(optionString(parsed, "options") ?? "");
+    if (isHelpRequest(entries)) {
+      context.out(formatOptionHelp(outputFormat, parsed.positionals.length >= 2));
+      return 0;
+    }
+    const sparseText = optionString(parsed, "sparse");
+    const sparseSizeBytes = sparseText === undefined ? undefined : parseSparseSize(sparseText);
+    if (parsed.positionals.length < 2) throw new SnapstackError("E_USAGE", "Must specify image file name");
+    if (parsed.positionals.length > 2) throw new SnapstackError("E_USAGE", "only one source image is supported");
+    const [sourcePath, targetPath] = parsed.positionals;
+    const backingFile = optionString(parsed, "backingFile");
+    const backingFormat = optionString(parsed, "backingFormat");
+    if (backingFile !== undefined && backingFormat === undefined) {
+      throw new SnapstackError("E_BACKING_FORMAT", "Use of backing file requires explicit backing format", { backingFile });
+    }
+    const compress = optionFlag(parsed, "compress");
+    const checked = checkCreateOptions(outputFormat, entries);
+    if (compress && outputFormat !== "qcow2") {
+      throw new SnapstackError("E_UNSUPPORTED_FEATURE", "Compression not supported for this file format", { format: outputFormat });
+    }
+    const quiet = optionFlag(parsed, "quiet");
+    const source = await openImage(sourcePath, { format: optionString(parsed, "format"), readOnly: true });
+    try {
+      const progress = createProgress(context, optionFlag(parsed, "progress") && !quiet);
+      await convertImage(source, targetPath, {
+        format: outputFormat,
+        options: checked.typed,
+        compress,
+        sparseSizeBytes,
+        backingFile,
+        backingFormat,
+        targetExists: optionFlag(parsed, "noCreate"),
+        onProgress: (fraction) => progress.update(fraction),
+      });
+      progress.update(1);
+      progress.end();
+    } finally {
+      await source.close();
+    }
+    return 0;
+  },
+};

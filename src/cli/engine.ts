@@ -1,0 +1,186 @@
+/**
+ * The library calls the CLI makes, gathered in one place.
+ *
+ * The CLI stays thin: argument parsing and rendering only. Everything that
+ * touches an image goes through the functions re-exported here, so the
+ * commands depend on one small surface and the real modules can move
+ * without touching every command.
+ *
+ * A function the library does not provide yet is a stub that fails with
+ * E_INTERNAL naming what is missing (see `missing`); the report lists them.
+ */
+import { SnapstackError } from "../base/errors.ts";
+import type { BlockDevice, MapExtent } from "../device/block-device.ts";
+
+export function missing(what: string): SnapstackError {
+  return new SnapstackError("E_INTERNAL", `${what} is not implemented in the library yet`, { missing: what });
+}
+
+export interface OpenImageOptions {
+  format?: string;
+  readOnly?: boolean;
+  /** Open the backing chain too (default true). */
+  openBacking?: boolean;
+}
+
+export async function openImage(path: string, options: OpenImageOptions = {}): Promise<BlockDevice> {
+  void path;
+  void options;
+  throw missing("openImage");
+}
+
+export interface CreateImageOptions {
+  format: string;
+  sizeBytes?: number;
+  backingFile?: string;
+  backingFormat?: string;
+  /** -u: do not open the backing file (the size must be given). */
+  unsafe?: boolean;
+  /** Typed -o options (create-options.ts). */
+  options: Record<string, string | boolean | number>;
+}
+
+export async function createImage(path: string, options: CreateImageOptions): Promise<void> {
+  void path;
+  void options;
+  throw missing("createImage");
+}
+
+export interface MapImageOptions {
+  startOffset?: number;
+  maxLengthBytes?: number;
+}
+
+export async function mapImage(device: BlockDevice, options: MapImageOptions = {}): Promise<MapExtent[]> {
+  void device;
+  void options;
+  throw missing("mapImage");
+}
+
+export interface ImageInfoOptions {
+  format?: string;
+  backingChain?: boolean;
+}
+
+/** qemu-img info --output=json objects, top image first (one unless backingChain). */
+export async function imageInfo(path: string, options: ImageInfoOptions = {}): Promise<Array<Record<string, unknown>>> {
+  void path;
+  void options;
+  throw missing("imageInfo");
+}
+
+export type CompareResult =
+  | { identical: true; sizeMismatch: boolean }
+  | { identical: false; reason: "content" | "size" | "allocation"; guestOffset?: number };
+
+export interface CompareImagesOptions {
+  strict?: boolean;
+  onProgress?: (fraction: number) => void;
+}
+
+export async function compareImages(a: BlockDevice, b: BlockDevice, options: CompareImagesOptions = {}): Promise<CompareResult> {
+  void a;
+  void b;
+  void options;
+  throw missing("compareImages");
+}
+
+export interface ConvertImageOptions {
+  format: string;
+  options: Record<string, string | boolean | number>;
+  compress?: boolean;
+  /** -S: consecutive zero bytes needed to leave a hole (default 4 KiB, 0 = allocate everything). */
+  sparseSizeBytes?: number;
+  backingFile?: string;
+  backingFormat?: string;
+  /** -n: the target exists; do not create it. */
+  targetExists?: boolean;
+  onProgress?: (fraction: number) => void;
+}
+
+export async function convertImage(source: BlockDevice, targetPath: string, options: ConvertImageOptions): Promise<void> {
+  void source;
+  void targetPath;
+  void options;
+  throw missing("convertImage");
+}
+
+/** An absolute size or a change ("+1G" / "-512M"). */
+export type SizeSpec = { absoluteBytes: number } | { deltaBytes: number };
+
+export interface ResizeImageOptions {
+  format?: string;
+  shrink?: boolean;
+  preallocation?: string;
+}
+
+export async function resizeImage(path: string, size: SizeSpec, options: ResizeImageOptions = {}): Promise<void> {
+  void path;
+  void size;
+  void options;
+  throw missing("resizeImage");
+}
+
+export interface MeasureResult {
+  required: number;
+  "fully-allocated": number;
+  bitmaps?: number;
+}
+
+export interface MeasureOptions {
+  /** Target format (-O). */
+  format: string;
+  options: Record<string, string | boolean | number>;
+  /** --size: measure an empty image of this size. */
+  sizeBytes?: number;
+  /** Or measure the content of this image. */
+  source?: BlockDevice;
+}
+
+export async function measureImage(options: MeasureOptions): Promise<MeasureResult> {
+  void options;
+  throw missing("measure");
+}
+
+/** QAPI ImageCheck as qemu-img check --output=json prints it (QAPI order). */
+export interface CheckResult {
+  filename: string;
+  format: string;
+  "check-errors": number;
+  "image-end-offset"?: number;
+  corruptions?: number;
+  leaks?: number;
+  "corruptions-fixed"?: number;
+  "leaks-fixed"?: number;
+  "total-clusters"?: number;
+  "allocated-clusters"?: number;
+  "fragmented-clusters"?: number;
+  "compressed-clusters"?: number;
+}
+
+export interface CheckImageOptions {
+  format?: string;
+  repair?: "leaks" | "all";
+  /** Per-finding messages ("Leaked cluster 7 refcount=1 reference=0"), printed on stderr. */
+  onMessage?: (line: string) => void;
+}
+
+/**
+ * Check (and with `repair`, fix then check again) an image. After a repair
+ * the result is the second check's, carrying the fixed counts of the first.
+ * "unsupported" for formats without a check (raw).
+ */
+export async function checkImage(path: string, options: CheckImageOptions = {}): Promise<CheckResult | "unsupported"> {
+  void path;
+  void options;
+  throw missing("checkImage");
+}
+
+/** Devices that can store a compressed cluster (qemu-io write -c). */
+export interface CompressedWriter {
+  writeCompressed(guestOffset: number, data: Uint8Array): Promise<void>;
+}
+
+export function canWriteCompressed(device: BlockDevice): device is BlockDevice & CompressedWriter {
+  return typeof (device as Partial<CompressedWriter>).writeCompressed === "function";
+}

@@ -1,0 +1,120 @@
+/**
+ * `snapstack` entry: dispatch to `img <command>` (qemu-img), `io` (qemu-io),
+ * and later `nbd`, `serve`, `vm`.
+ *
+ * Every failure ends here: it is printed as one line (error-report.ts) and
+ * turned into an exit status through the one table in exit-codes.ts.
+ */
+import { readFileSync } from "node:fs";
+import { SnapstackError } from "../base/errors.ts";
+import { formatDebugDetails, formatErrorLine, toSnapstackError } from "./error-report.ts";
+import { exitCodeFor } from "./exit-codes.ts";
+import { processContext, type CliCommand, type CliContext } from "./context.ts";
+import { IMG_COMMANDS } from "./img-commands.ts";
+import { ioCommand } from "./io/io-command.ts";
+
+/** Commands reserved for later issues: recognised, but not available yet. */
+const PLANNED_COMMANDS = ["nbd", "serve", "vm"];
+
+export function snapstackVersion(): string {
+  const packageJson = JSON.parse(readFileSync(new URL("../../package.json", import.meta.url), "utf8")) as { version: string };
+  return packageJson.version;
+}
+
+function topHelp(): string {
+  const lines = [
+    `snapstack ${snapstackVersion()}: copy-on-write disk images (qcow2, raw) with a qemu-img compatible CLI`,
+    "",
+    "usage: snapstack img <command> [command options]   (like qemu-img)",
+    "       snapstack io [-f fmt] [-r] -c COMMAND... FILE  (like qemu-io)",
+    "       snapstack --help | --version",
+    "",
+    "img commands:",
+    ...IMG_COMMANDS.map((command) => `  ${command.synopsis}`),
+    "",
+    "Sizes accept the suffixes k, M, G, T, P, E (powers of 1024) as qemu-img does.",
+    "Errors print one line 'snapstack: error <CODE>: <message>' on stderr (codes: docs/errors.md).",
+    "Run 'snapstack img <command> --help' for a command's options.",
+  ];
+  return lines.join("\n") + "\n";
+}
+
+export function commandHelp(command: CliCommand, prefix: string): string {
+  const lines = [`usage: ${prefix} ${command.synopsis}`, "", command.summary];
+  if (command.optionHelp !== undefined && command.optionHelp.length > 0) lines.push("", ...command.optionHelp);
+  return lines.join("\n") + "\n";
+}
+
+function usage(message: string, hint: string): SnapstackError {
+  return new SnapstackError("E_USAGE", `${message}; try '${hint}'`);
+}
+
+function wantsHelp(argv: readonly string[]): boolean {
+  const end = argv.indexOf("--");
+  const options = end >= 0 ? argv.slice(0, end) : argv;
+  return options.includes("--help") || options.includes("-h");
+}
+
+/** Print a failure as one line and map it to the exit status of `commandName`. */
+function reportFailure(error: unknown, commandName: string, context: CliContext): number {
+  const coded = toSnapstackError(error);
+  context.err(formatErrorLine(coded));
+  context.err(formatDebugDetails(error, context.env));
+  return exitCodeFor(commandName, coded.code);
+}
+
+async function runCommand(command: CliCommand, prefix: string, argv: string[], context: CliContext): Promise<number> {
+  if (wantsHelp(argv)) {
+    context.out(commandHelp(command, prefix));
+    return 0;
+  }
+  try {
+    return await command.run(argv, context);
+  } catch (error) {
+    const withHint =
+      error instanceof SnapstackError && error.code === "E_USAGE" && !error.message.includes("; try '")
+        ? new SnapstackError("E_USAGE", `${error.message}; try '${prefix} ${command.name} --help'`, { ...error.details })
+        : error;
+    return reportFailure(withHint, command.name, context);
+  }
+}
+
+async function dispatch(argv: string[], context: CliContext): Promise<number> {
+  const [first, ...rest] = argv;
+  if (first === undefined) throw usage("missing command", "snapstack --help");
+  if (first === "--help" || first === "-h" || first === "help") {
+    context.out(topHelp());
+    return 0;
+  }
+  if (first === "--version" || first === "-V") {
+    context.out(`snapstack version ${snapstackVersion()}\n`);
+    return 0;
+  }
+  if (first === "io") return runCommand(ioCommand, "snapstack", rest, context);
+  if (first === "img") {
+    const [name, ...commandArgs] = rest;
+    if (name === undefined) throw usage("Not enough arguments", "snapstack img --help");
+    if (name === "--help" || name === "-h" || name === "help") {
+      context.out(topHelp());
+      return 0;
+    }
+    if (name === "--version" || name === "-V") {
+      context.out(`snapstack version ${snapstackVersion()}\n`);
+      return 0;
+    }
+    const command = IMG_COMMANDS.find((candidate) => candidate.name === name);
+    if (command === undefined) throw usage(`Command not found: ${name}`, "snapstack img --help");
+    return runCommand(command, "snapstack img", commandArgs, context);
+  }
+  if (PLANNED_COMMANDS.includes(first)) throw usage(`command '${first}' is not available in this version`, "snapstack --help");
+  throw usage(`unknown command '${first}'`, "snapstack --help");
+}
+
+/** Run the CLI with `argv` (without node and the script); resolves to the exit status. */
+export async function runCli(argv: string[], context: CliContext = processContext()): Promise<number> {
+  try {
+    return await dispatch(argv, context);
+  } catch (error) {
+    return reportFailure(error, "", context);
+  }
+}
