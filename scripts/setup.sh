@@ -3,8 +3,8 @@
 #   1. finds or installs Node.js >= 22.15 (scripts/ensure-node.sh: the node on
 #      PATH if new enough, else node@24 from the npm registry into
 #      ~/.cache/snapstack/node24);
-#   2. links it as .toolchain/node, so bin/snapstack finds it without PATH
-#      changes;
+#   2. links it as .toolchain/bin/node, so `export PATH="$PWD/.toolchain/bin:$PATH"`
+#      makes it the node that bin/snapstack (#!/usr/bin/env node) runs with;
 #   3. installs runtime npm dependencies if package.json declares any (it
 #      declares none today: snapstack runs its TypeScript sources directly).
 # Options:
@@ -25,9 +25,9 @@ for arg in "$@"; do
 done
 
 node_bin="$(bash scripts/ensure-node.sh)"
-mkdir -p .toolchain
-ln -sfn "$node_bin" .toolchain/node
-echo "setup: .toolchain/node -> $node_bin ($("$node_bin" --version))"
+mkdir -p .toolchain/bin
+ln -sfn "$node_bin" .toolchain/bin/node
+echo "setup: .toolchain/bin/node -> $node_bin ($("$node_bin" --version))"
 
 if "$node_bin" -e 'process.exit(Object.keys(require("./package.json").dependencies ?? {}).length > 0 ? 0 : 1)' && [ ! -d node_modules ]; then
   PATH="$(dirname "$node_bin"):$PATH" npm ci --omit=dev --no-audit --no-fund
@@ -37,4 +37,8 @@ if [ "$with_tools" = 1 ]; then
   bash scripts/ensure-tools.sh
 fi
 
-echo "setup: ready; try: bin/snapstack --help"
+if [ "$(command -v node || true)" = "$node_bin" ]; then
+  echo "setup: ready; try: bin/snapstack --help"
+else
+  echo "setup: ready; the node on PATH is older, so first: export PATH=\"$PWD/.toolchain/bin:\$PATH\""
+fi
