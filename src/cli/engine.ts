@@ -11,6 +11,10 @@
  */
 import { SnapstackError } from "../base/errors.ts";
 import type { BlockDevice, MapExtent } from "../device/block-device.ts";
+import { checkQcow2, type Qcow2CheckResult, type Qcow2RepairMode } from "../formats/qcow2/check.ts";
+import { QCOW2_MAGIC } from "../formats/qcow2/header.ts";
+import type { ImageFile } from "../io/file.ts";
+import { openNodeFile } from "../io/node-file.ts";
 
 export function missing(what: string): SnapstackError {
   return new SnapstackError("E_INTERNAL", `${what} is not implemented in the library yet`, { missing: what });
@@ -142,38 +146,35 @@ export async function measureImage(options: MeasureOptions): Promise<MeasureResu
   throw missing("measure");
 }
 
-/** QAPI ImageCheck as qemu-img check --output=json prints it (QAPI order). */
-export interface CheckResult {
-  filename: string;
-  format: string;
-  "check-errors": number;
-  "image-end-offset"?: number;
-  corruptions?: number;
-  leaks?: number;
-  "corruptions-fixed"?: number;
-  "leaks-fixed"?: number;
-  "total-clusters"?: number;
-  "allocated-clusters"?: number;
-  "fragmented-clusters"?: number;
-  "compressed-clusters"?: number;
-}
-
 export interface CheckImageOptions {
   format?: string;
-  repair?: "leaks" | "all";
-  /** Per-finding messages ("Leaked cluster 7 refcount=1 reference=0"), printed on stderr. */
-  onMessage?: (line: string) => void;
+  repair?: Qcow2RepairMode;
+}
+
+/** Magic at byte 0 of every qcow2 file ("QFI\xfb"). */
+async function probeIsQcow2(file: ImageFile): Promise<boolean> {
+  const magic = new Uint8Array(4);
+  await file.read(0, magic);
+  return new DataView(magic.buffer).getUint32(0) === QCOW2_MAGIC;
 }
 
 /**
- * Check (and with `repair`, fix then check again) an image. After a repair
- * the result is the second check's, carrying the fixed counts of the first.
- * "unsupported" for formats without a check (raw).
+ * qemu-img check: the qcow2 check (src/formats/qcow2/check.ts), or
+ * "unsupported" for formats without a check (raw, as qemu's exit 63).
  */
-export async function checkImage(path: string, options: CheckImageOptions = {}): Promise<CheckResult | "unsupported"> {
-  void path;
-  void options;
-  throw missing("checkImage");
+export async function checkImage(path: string, options: CheckImageOptions = {}): Promise<Qcow2CheckResult | "unsupported"> {
+  if (options.format !== undefined && options.format !== "qcow2" && options.format !== "raw") {
+    throw new SnapstackError("E_UNKNOWN_FORMAT", `Unknown file format '${options.format}'`, { format: options.format });
+  }
+  const file = await openNodeFile(path, { readOnly: options.repair === undefined });
+  try {
+    const isQcow2 = await probeIsQcow2(file);
+    if (options.format === "raw" || (options.format === undefined && !isQcow2)) return "unsupported";
+    if (!isQcow2) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
+    return await checkQcow2(file, { repair: options.repair });
+  } finally {
+    await file.close();
+  }
 }
 
 /** Devices that can store a compressed cluster (qemu-io write -c). */

@@ -9,38 +9,15 @@ import { formatFixed } from "../../base/units.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { expectPositionals, parseOutputFormat } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
-import { checkImage, type CheckResult } from "../engine.ts";
+import { checkImage } from "../engine.ts";
+import { qemuCheckExitCode, toQemuCheckJson, type Qcow2CheckResult } from "../../formats/qcow2/check.ts";
 import { RESULT_EXIT_CODES } from "../exit-codes.ts";
-import { formatErrorLine } from "../error-report.ts";
+import { PROGRAM_NAME, formatErrorLine } from "../error-report.ts";
 import { formatQemuJson } from "../qemu-json.ts";
 
-/** QAPI ImageCheck: optional members are present only when non-zero (collect_image_check). */
-const OPTIONAL_CHECK_FIELDS = [
-  "image-end-offset",
-  "corruptions",
-  "leaks",
-  "corruptions-fixed",
-  "leaks-fixed",
-  "total-clusters",
-  "allocated-clusters",
-  "fragmented-clusters",
-  "compressed-clusters",
-] as const;
-
-export function checkResultJson(result: CheckResult): Record<string, unknown> {
-  const json: Record<string, unknown> = { filename: result.filename, format: result.format, "check-errors": result["check-errors"] };
-  for (const field of OPTIONAL_CHECK_FIELDS) {
-    const value = result[field];
-    if (value !== undefined && value !== 0) json[field] = value;
-  }
-  return json;
-}
-
 /** dump_human_image_check. */
-export function formatCheckHuman(result: CheckResult): string {
-  const corruptions = result.corruptions ?? 0;
-  const leaks = result.leaks ?? 0;
-  const checkErrors = result["check-errors"];
+export function formatCheckHuman(result: Qcow2CheckResult): string {
+  const { corruptions, leaks, checkErrors } = result;
   let out = "";
   if (corruptions === 0 && leaks === 0 && checkErrors === 0) {
     out += "No errors were found on the image.\n";
@@ -53,14 +30,13 @@ export function formatCheckHuman(result: CheckResult): string {
     }
     if (checkErrors !== 0) out += `\n${checkErrors} internal errors have occurred during the check.\n`;
   }
-  const total = result["total-clusters"] ?? 0;
-  const allocated = result["allocated-clusters"] ?? 0;
+  const total = result.totalClusters;
+  const allocated = result.allocatedClusters;
   if (total !== 0 && allocated !== 0) {
     const percent = (part: number, whole: number): string => formatFixed((part * 100) / whole, 2);
-    out += `${allocated}/${total} = ${percent(allocated, total)}% allocated, ${percent(result["fragmented-clusters"] ?? 0, allocated)}% fragmented, ${percent(result["compressed-clusters"] ?? 0, allocated)}% compressed clusters\n`;
+    out += `${allocated}/${total} = ${percent(allocated, total)}% allocated, ${percent(result.fragmentedClusters, allocated)}% fragmented, ${percent(result.compressedClusters, allocated)}% compressed clusters\n`;
   }
-  const endOffset = result["image-end-offset"] ?? 0;
-  if (endOffset !== 0) out += `Image end offset: ${endOffset}\n`;
+  if (result.imageEndOffset !== 0) out += `Image end offset: ${result.imageEndOffset}\n`;
   return out;
 }
 
@@ -89,28 +65,26 @@ export const checkCommand: CliCommand = {
     }
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     const quiet = optionFlag(parsed, "quiet");
-    const outcome = await checkImage(parsed.positionals[0], {
-      format: optionString(parsed, "format"),
-      repair: repairText,
-      onMessage: (line) => context.err(`${line}\n`),
-    });
+    const filename = parsed.positionals[0];
+    const outcome = await checkImage(filename, { format: optionString(parsed, "format"), repair: repairText });
     if (outcome === "unsupported") {
       context.err(formatErrorLine(new SnapstackError("E_UNSUPPORTED_FEATURE", "This image format does not support checks")));
       return RESULT_EXIT_CODES.checkNotSupported;
     }
-    const leaksFixed = outcome["leaks-fixed"] ?? 0;
-    const corruptionsFixed = outcome["corruptions-fixed"] ?? 0;
+    // Per-finding lines go to stderr as qemu-img prints them, with our program name.
+    for (const line of outcome.messages) context.err(`${line.replace(/^qemu-img: /, `${PROGRAM_NAME}: `)}\n`);
+    if (outcome.failure !== null) {
+      throw new SnapstackError("E_IO", `Check failed: ${outcome.failure}`, { path: filename });
+    }
     if (!quiet) {
-      if (output === "human" && (leaksFixed !== 0 || corruptionsFixed !== 0)) {
+      if (output === "human" && (outcome.leaksFixed !== 0 || outcome.corruptionsFixed !== 0)) {
         context.out(
-          `The following inconsistencies were found and repaired:\n\n    ${leaksFixed} leaked clusters\n    ${corruptionsFixed} corruptions\n\nDouble checking the fixed image now...\n`,
+          `The following inconsistencies were found and repaired:\n\n    ${outcome.leaksFixed} leaked clusters\n    ${outcome.corruptionsFixed} corruptions\n\nDouble checking the fixed image now...\n`,
         );
       }
-      context.out(output === "json" ? `${formatQemuJson(checkResultJson(outcome))}\n` : formatCheckHuman(outcome));
+      context.out(output === "json" ? `${formatQemuJson(toQemuCheckJson(outcome, filename))}\n` : formatCheckHuman(outcome));
     }
-    if (outcome["check-errors"] !== 0) throw new SnapstackError("E_IO", "Check failed", { checkErrors: outcome["check-errors"] });
-    if ((outcome.corruptions ?? 0) !== 0) return RESULT_EXIT_CODES.checkCorruptions;
-    if ((outcome.leaks ?? 0) !== 0) return RESULT_EXIT_CODES.checkLeaks;
-    return RESULT_EXIT_CODES.ok;
+    if (outcome.checkErrors !== 0) throw new SnapstackError("E_IO", "Check failed", { path: filename, checkErrors: outcome.checkErrors });
+    return qemuCheckExitCode(outcome);
   },
 };
