@@ -1,0 +1,117 @@
+/**
+ * Compressed cluster payloads (reference §11), pure functions over bytes.
+ *
+ * zlib (compression type 0): raw deflate, no header or checksum, written
+ * with windowBits 12 and memLevel 9 as QEMU does; read with any window.
+ * zstd (type 1): plain zstd frames without a length prefix. QEMU's reader
+ * loops over frames until one cluster of output is produced and never looks
+ * at the bytes after that (the sector padding), so we cut the input into
+ * whole frames by walking frame and block headers before handing them to
+ * node:zlib, which would refuse the trailing padding.
+ *
+ * Decompression must produce at least one full cluster (QEMU: EIO
+ * otherwise); extra output or input is ignored. Compression returns null
+ * when the result does not fit in cluster_size - 1 bytes: the caller then
+ * writes the cluster uncompressed.
+ */
+import zlib from "node:zlib";
+import { SnapstackError } from "../../base/errors.ts";
+import { COMPRESSION_TYPE_ZLIB, COMPRESSION_TYPE_ZSTD } from "./header.ts";
+
+/** QEMU's deflate window for compressed clusters. */
+export const ZLIB_WINDOW_BITS = 12;
+export const ZLIB_MEM_LEVEL = 9;
+
+const ZSTD_MAGIC = 0xfd2fb528;
+const ZSTD_SKIPPABLE_MAGIC_MASK = 0xfffffff0;
+const ZSTD_SKIPPABLE_MAGIC = 0x184d2a50;
+
+/**
+ * Compress one cluster. Returns null when the output would not be smaller
+ * than the cluster (fits in clusterSizeBytes - 1 bytes), as QEMU decides.
+ */
+export function compressCluster(data: Uint8Array, compressionType: number, clusterSizeBytes: number): Uint8Array | null {
+  let out: Uint8Array;
+  if (compressionType === COMPRESSION_TYPE_ZLIB) {
+    out = zlib.deflateRawSync(data, { windowBits: ZLIB_WINDOW_BITS, memLevel: ZLIB_MEM_LEVEL, level: zlib.constants.Z_DEFAULT_COMPRESSION });
+  } else if (compressionType === COMPRESSION_TYPE_ZSTD) {
+    out = zlib.zstdCompressSync(data, {
+      params: { [zlib.constants.ZSTD_c_compressionLevel]: zlib.constants.ZSTD_CLEVEL_DEFAULT, [zlib.constants.ZSTD_c_checksumFlag]: 0 },
+    });
+  } else {
+    throw new SnapstackError("E_UNSUPPORTED_FEATURE", `unknown compression type ${compressionType}`);
+  }
+  return out.length <= clusterSizeBytes - 1 ? new Uint8Array(out.buffer, out.byteOffset, out.length) : null;
+}
+
+function compressionError(message: string): SnapstackError {
+  return new SnapstackError("E_COMPRESSION", message);
+}
+
+/** Length of the zstd frame (or skippable frame) at the start of `input`, or -1 if truncated/invalid. */
+function zstdFrameBytes(input: Uint8Array): number {
+  if (input.length < 4) return -1;
+  const view = new DataView(input.buffer, input.byteOffset, input.byteLength);
+  const magic = view.getUint32(0, true);
+  if ((magic & ZSTD_SKIPPABLE_MAGIC_MASK) >>> 0 === ZSTD_SKIPPABLE_MAGIC) {
+    if (input.length < 8) return -1;
+    return 8 + view.getUint32(4, true);
+  }
+  if (magic !== ZSTD_MAGIC || input.length < 5) return -1;
+  const descriptor = input[4];
+  const fcsFlag = descriptor >>> 6;
+  const singleSegment = (descriptor >>> 5) & 1;
+  const checksum = (descriptor >>> 2) & 1;
+  const dictIdFlag = descriptor & 3;
+  let at = 5 + (singleSegment ? 0 : 1) + [0, 1, 2, 4][dictIdFlag] + [singleSegment ? 1 : 0, 2, 4, 8][fcsFlag];
+  for (;;) {
+    if (at + 3 > input.length) return -1;
+    const blockHeader = input[at] | (input[at + 1] << 8) | (input[at + 2] << 16);
+    const last = blockHeader & 1;
+    const type = (blockHeader >>> 1) & 3;
+    const size = blockHeader >>> 3;
+    if (type === 3) return -1;
+    at += 3 + (type === 1 ? 1 : size);
+    if (last) break;
+  }
+  at += checksum ? 4 : 0;
+  return at <= input.length ? at : -1;
+}
+
+/**
+ * Decompress one cluster from `input` (the bytes from the compressed
+ * offset to the end of its last sector). Returns exactly clusterSizeBytes.
+ */
+export function decompressCluster(input: Uint8Array, compressionType: number, clusterSizeBytes: number): Uint8Array {
+  let out: Uint8Array;
+  if (compressionType === COMPRESSION_TYPE_ZLIB) {
+    try {
+      out = zlib.inflateRawSync(input, { windowBits: 15, finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: clusterSizeBytes });
+    } catch (error) {
+      throw compressionError(`cannot inflate compressed cluster: ${(error as Error).message}`);
+    }
+  } else if (compressionType === COMPRESSION_TYPE_ZSTD) {
+    const parts: Uint8Array[] = [];
+    let produced = 0;
+    let rest = input;
+    while (produced < clusterSizeBytes) {
+      const frameBytes = zstdFrameBytes(rest);
+      if (frameBytes < 0) throw compressionError("zstd compressed cluster is truncated or not a zstd frame");
+      try {
+        const part = zlib.zstdDecompressSync(rest.subarray(0, frameBytes), { maxOutputLength: clusterSizeBytes });
+        parts.push(part);
+        produced += part.length;
+      } catch (error) {
+        throw compressionError(`cannot decompress zstd cluster: ${(error as Error).message}`);
+      }
+      rest = rest.subarray(frameBytes);
+    }
+    out = parts.length === 1 ? parts[0] : Buffer.concat(parts);
+  } else {
+    throw new SnapstackError("E_UNSUPPORTED_FEATURE", `unknown compression type ${compressionType}`);
+  }
+  if (out.length < clusterSizeBytes) {
+    throw compressionError(`compressed cluster decompresses to ${out.length} bytes, expected ${clusterSizeBytes}`);
+  }
+  return out.length === clusterSizeBytes ? out : out.subarray(0, clusterSizeBytes);
+}

@@ -1,0 +1,681 @@
+/**
+ * Qcow2Metadata: the in-memory state of an open qcow2 image's metadata and
+ * every operation that changes it, with QEMU's ordering rules.
+ *
+ * State: the header, the active L1 table (whole, in memory), the refcount
+ * table (whole, in memory), and two bounded caches of one-cluster tables
+ * (L2 tables, refcount blocks).
+ *
+ * Allocation is a port of QEMU 7.2's qcow2-refcount.c so that images we
+ * create and grow have the same layout as QEMU's: first fit from
+ * `freeClusterIndex` (alloc_clusters_noref), refcounts raised afterwards
+ * (update_refcount) with "try again" when a new refcount block had to be
+ * placed (alloc_refcount_block; self-describing blocks; a full refcount
+ * table is replaced by qcow2_refcount_area's table + blocks at the end),
+ * byte-packed compressed allocation (qcow2_alloc_bytes).
+ *
+ * Write ordering (reference §10) without per-write syncs: both caches are
+ * write-back; after a refcount increase L2 tables depend on refcount blocks
+ * (refcount blocks are written first), after a decrease refcount blocks
+ * depend on L2 tables; setting one dependency first resolves the other, as
+ * qcow2_cache_set_dependency does. Guest data written since the last file
+ * flush is flushed before any L2 table reaches the file. New L2 tables, L1
+ * entries, refcount table entries and header fields are written through
+ * with a flush, as QEMU does. A crash can therefore leak clusters but never
+ * leave a reference to a cluster with a too-small refcount (lazy refcounts
+ * excepted, where the dirty bit covers it).
+ *
+ * All mutating methods must be called under the image's metadata mutex.
+ */
+import { SnapstackError, assert } from "../../base/errors.ts";
+import type { ImageFile } from "../../io/file.ts";
+import { INCOMPAT_EXTL2, encodeQcow2Header, type Qcow2Header } from "./header.ts";
+import { COMPRESSED_SECTOR_BYTES, L1_ENTRY_BYTES, getL1EntryOffset, l2EntryBytes, setL1Entry, type L2Entry } from "./entries.ts";
+import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, decodeRefcountTable, encodeRefcountTable, getRefcount, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
+import { TableCache, type CachedTable } from "./table-cache.ts";
+
+/** QCOW_MAX_L1_SIZE: 32 MiB of active L1 table. */
+export const L1_BYTES_MAX = 32 * 1024 * 1024;
+/** Default bound of both metadata caches together. */
+export const METADATA_CACHE_BYTES_DEFAULT = 32 * 1024 * 1024;
+/** Share of the cache bound given to refcount blocks (the rest holds L2 tables). */
+const REFBLOCK_CACHE_SHARE = 0.25;
+/** L1 entries are written in 512-byte blocks, as qcow2_write_l1_entry does. */
+const L1_WRITE_BLOCK_BYTES = 512;
+
+export interface Qcow2Geometry {
+  clusterBits: number;
+  clusterSizeBytes: number;
+  extendedL2: boolean;
+  /** Entries per L2 table. */
+  l2Entries: number;
+  l2EntryBytes: number;
+  /** Guest bytes covered by one L2 table. */
+  l2CoverageBytes: number;
+  subclusterSizeBytes: number;
+  refcountOrder: number;
+  refcountBlockEntries: number;
+  refcountMax: number;
+}
+
+export function qcow2Geometry(header: Qcow2Header): Qcow2Geometry {
+  const clusterSizeBytes = 2 ** header.clusterBits;
+  const extendedL2 = (header.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
+  const entryBytes = l2EntryBytes(extendedL2);
+  const l2Entries = clusterSizeBytes / entryBytes;
+  return {
+    clusterBits: header.clusterBits,
+    clusterSizeBytes,
+    extendedL2,
+    l2Entries,
+    l2EntryBytes: entryBytes,
+    l2CoverageBytes: l2Entries * clusterSizeBytes,
+    subclusterSizeBytes: extendedL2 ? clusterSizeBytes / 32 : clusterSizeBytes,
+    refcountOrder: header.refcountOrder,
+    refcountBlockEntries: refcountsPerBlock(header.clusterBits, header.refcountOrder),
+    refcountMax: refcountMax(header.refcountOrder),
+  };
+}
+
+/** L1 entries needed for a virtual size (size_to_l1). */
+export function l1EntriesForSize(sizeBytes: number, geometry: Qcow2Geometry): number {
+  return Math.ceil(sizeBytes / geometry.l2CoverageBytes);
+}
+
+/**
+ * qcow2_refcount_metadata_size: refcount blocks (and table clusters) needed
+ * to cover `clusters` clusters plus themselves.
+ */
+export function refcountMetadataSize(
+  clusters: number,
+  clusterSizeBytes: number,
+  refcountOrder: number,
+  generousIncrease: boolean,
+): { bytes: number; refblockCount: number } {
+  const blocksPerTableCluster = clusterSizeBytes / REFTABLE_ENTRY_BYTES;
+  const refcountsPerBlockCount = (clusterSizeBytes * 8) / 2 ** refcountOrder;
+  let table = 0;
+  let blocks = 0;
+  let n = 0;
+  let last: number;
+  let generous = generousIncrease;
+  let total = clusters;
+  do {
+    last = n;
+    blocks = Math.ceil((total + table + blocks) / refcountsPerBlockCount);
+    table = Math.ceil(blocks / blocksPerTableCluster);
+    n = total + blocks + table;
+    if (n === last && generous) {
+      total += Math.ceil(table / 2);
+      n = 0;
+      generous = false;
+    }
+  } while (n !== last);
+  return { bytes: (blocks + table) * clusterSizeBytes, refblockCount: blocks };
+}
+
+const AGAIN = Symbol("again");
+
+function be64(value: number): Uint8Array {
+  const out = new Uint8Array(8);
+  new DataView(out.buffer).setBigUint64(0, BigInt(value));
+  return out;
+}
+
+export function corruption(message: string, details: Record<string, unknown> = {}): SnapstackError {
+  return new SnapstackError("E_CORRUPT_IMAGE", message, details);
+}
+
+export class Qcow2Metadata {
+  readonly file: ImageFile;
+  header: Qcow2Header;
+  readonly geometry: Qcow2Geometry;
+  /** Active L1 table bytes (l1Size entries). */
+  l1: Uint8Array;
+  l1View: DataView;
+  /** Refcount block offsets, one per refcount table entry. */
+  reftable: number[];
+  readonly l2Cache: TableCache;
+  readonly refblockCache: TableCache;
+  freeClusterIndex = 0;
+  freeByteOffset = 0;
+  /** With lazy refcounts and the dirty bit set, refcounts need not be ordered. */
+  lazyRefcounts = false;
+  #l2DependsOnRefblocks = false;
+  #refblocksDependOnL2 = false;
+  #dataNeedsFlush = false;
+
+  constructor(file: ImageFile, header: Qcow2Header, l1: Uint8Array, reftable: number[], cacheBytesMax: number) {
+    this.file = file;
+    this.header = header;
+    this.geometry = qcow2Geometry(header);
+    this.l1 = l1;
+    this.l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+    this.reftable = reftable;
+    const cs = this.geometry.clusterSizeBytes;
+    const tablesMax = Math.max(4, Math.floor(cacheBytesMax / cs));
+    const refblocksMax = Math.max(2, Math.floor(tablesMax * REFBLOCK_CACHE_SHARE));
+    this.l2Cache = new TableCache(file, cs, Math.max(2, tablesMax - refblocksMax));
+    this.refblockCache = new TableCache(file, cs, refblocksMax);
+  }
+
+  /** Read the L1 table and refcount table the header points to. */
+  static async load(file: ImageFile, header: Qcow2Header, cacheBytesMax: number): Promise<Qcow2Metadata> {
+    const l1 = new Uint8Array(header.l1Size * L1_ENTRY_BYTES);
+    if (l1.length > 0) await file.read(header.l1TableOffset, l1);
+    const reftableBytes = new Uint8Array(header.refcountTableClusters * 2 ** header.clusterBits);
+    if (reftableBytes.length > 0) await file.read(header.refcountTableOffset, reftableBytes);
+    const reftable = decodeRefcountTable(reftableBytes).map((e) => e.blockOffset);
+    return new Qcow2Metadata(file, header, l1, reftable, cacheBytesMax);
+  }
+
+  get clusterSizeBytes(): number {
+    return this.geometry.clusterSizeBytes;
+  }
+
+  get l1Size(): number {
+    return this.header.l1Size;
+  }
+
+  /** Note that guest data was written: it must reach the disk before any L2 table does. */
+  noteDataWritten(): void {
+    this.#dataNeedsFlush = true;
+  }
+
+  // ---------------------------------------------------------------- header
+
+  /** Rewrite cluster 0 (header, extensions, backing name) and flush. */
+  async writeHeader(): Promise<void> {
+    const encoded = encodeQcow2Header(this.header);
+    await this.file.write(0, encoded);
+    await this.file.flush();
+  }
+
+  /** Synchronously update a few header bytes (QEMU's bdrv_pwrite_sync of single fields). */
+  async writeHeaderBytes(hostOffset: number, bytes: Uint8Array): Promise<void> {
+    await this.file.write(hostOffset, bytes);
+    await this.file.flush();
+  }
+
+  async writeIncompatibleFeatures(): Promise<void> {
+    const bytes = new Uint8Array(8);
+    new DataView(bytes.buffer).setBigUint64(0, this.header.incompatibleFeatures);
+    await this.writeHeaderBytes(72, bytes);
+  }
+
+  // -------------------------------------------------------------- ordering
+
+  async #setL2DependsOnRefblocks(): Promise<void> {
+    if (this.lazyRefcounts) return;
+    if (this.#refblocksDependOnL2) {
+      await this.writeDirtyL2();
+      this.#refblocksDependOnL2 = false;
+    }
+    this.#l2DependsOnRefblocks = true;
+  }
+
+  async #setRefblocksDependOnL2(): Promise<void> {
+    if (this.lazyRefcounts) return;
+    if (this.#l2DependsOnRefblocks) {
+      await this.writeDirtyRefblocks();
+      this.#l2DependsOnRefblocks = false;
+    }
+    this.#refblocksDependOnL2 = true;
+  }
+
+  async #writeTables(cache: TableCache): Promise<void> {
+    const dirty = cache.dirtyTables();
+    if (dirty.length === 0) return;
+    for (const table of dirty) {
+      table.dirty = false;
+      try {
+        await this.file.write(table.hostOffset, table.bytes.slice());
+      } catch (error) {
+        table.dirty = true;
+        throw error;
+      }
+    }
+    await this.file.flush();
+  }
+
+  /** Write dirty L2 tables (after what they depend on). */
+  async writeDirtyL2(): Promise<void> {
+    if (this.#l2DependsOnRefblocks) {
+      this.#l2DependsOnRefblocks = false;
+      await this.writeDirtyRefblocks();
+    }
+    if (!this.l2Cache.hasDirty()) return;
+    if (this.#dataNeedsFlush) {
+      this.#dataNeedsFlush = false;
+      await this.file.flush();
+    }
+    await this.#writeTables(this.l2Cache);
+  }
+
+  /** Write dirty refcount blocks (after what they depend on). */
+  async writeDirtyRefblocks(): Promise<void> {
+    if (this.#refblocksDependOnL2) {
+      this.#refblocksDependOnL2 = false;
+      await this.writeDirtyL2();
+    }
+    await this.#writeTables(this.refblockCache);
+  }
+
+  /** Write all dirty metadata in order (qcow2_write_caches). */
+  async writeCaches(): Promise<void> {
+    await this.writeDirtyL2();
+    await this.writeDirtyRefblocks();
+  }
+
+  /** Keep the caches within bounds: write back and evict when over. */
+  async trimCaches(): Promise<void> {
+    if (this.l2Cache.size > this.l2Cache.entriesMax || this.refblockCache.size > this.refblockCache.entriesMax) {
+      await this.writeCaches();
+      this.l2Cache.trim();
+      this.refblockCache.trim();
+    }
+  }
+
+  // ------------------------------------------------------------- refcounts
+
+  #refblockOffset(clusterIndex: number): number {
+    const tableIndex = Math.floor(clusterIndex / this.geometry.refcountBlockEntries);
+    if (tableIndex >= this.reftable.length) return 0;
+    const blockOffset = this.reftable[tableIndex];
+    if (blockOffset % this.clusterSizeBytes !== 0) {
+      throw corruption(`Refblock offset 0x${blockOffset.toString(16)} unaligned (reftable index: 0x${tableIndex.toString(16)})`);
+    }
+    return blockOffset;
+  }
+
+  async getRefcount(clusterIndex: number): Promise<number> {
+    const blockOffset = this.#refblockOffset(clusterIndex);
+    if (blockOffset === 0) return 0;
+    const block = this.refblockCache.peek(blockOffset) ?? (await this.refblockCache.get(blockOffset));
+    return getRefcount(block.bytes, clusterIndex % this.geometry.refcountBlockEntries, this.geometry.refcountOrder);
+  }
+
+  async #allocClustersNoref(count: number): Promise<number> {
+    for (;;) {
+      let free = true;
+      for (let i = 0; i < count; i++) {
+        const clusterIndex = this.freeClusterIndex++;
+        if ((await this.getRefcount(clusterIndex)) !== 0) {
+          free = false;
+          break;
+        }
+      }
+      if (free) return (this.freeClusterIndex - count) * this.clusterSizeBytes;
+    }
+  }
+
+  /**
+   * update_refcount: add or subtract `addend` for every cluster touching
+   * [hostOffset, hostOffset + lengthBytes). Returns AGAIN when a refcount
+   * block had to be allocated (changes made are rolled back; the caller
+   * searches for free space again).
+   */
+  async #updateRefcount(hostOffset: number, lengthBytes: number, addend: number, decrease: boolean): Promise<typeof AGAIN | undefined> {
+    if (lengthBytes <= 0) return undefined;
+    if (decrease) await this.#setRefblocksDependOnL2();
+    const cs = this.clusterSizeBytes;
+    const start = Math.floor(hostOffset / cs) * cs;
+    const last = Math.floor((hostOffset + lengthBytes - 1) / cs) * cs;
+    const entries = this.geometry.refcountBlockEntries;
+    let block: CachedTable | null = null;
+    let oldTableIndex = -1;
+    let clusterOffset = start;
+    let again = false;
+    let failure: unknown = null;
+    try {
+      for (; clusterOffset <= last; clusterOffset += cs) {
+        const clusterIndex = clusterOffset / cs;
+        const tableIndex = Math.floor(clusterIndex / entries);
+        if (tableIndex !== oldTableIndex || block === null) {
+          const result = await this.#allocRefcountBlock(clusterIndex);
+          if (result === AGAIN) {
+            if (this.freeClusterIndex > start / cs) this.freeClusterIndex = start / cs;
+            again = true;
+            break;
+          }
+          block = result;
+        }
+        oldTableIndex = tableIndex;
+        block.dirty = true;
+        const blockIndex = clusterIndex % entries;
+        let refcount = getRefcount(block.bytes, blockIndex, this.geometry.refcountOrder);
+        if (decrease ? refcount < addend : refcount + addend > this.geometry.refcountMax) {
+          failure = new SnapstackError(
+            decrease ? "E_CORRUPT_IMAGE" : "E_TOO_LARGE",
+            decrease
+              ? `refcount of host cluster ${clusterIndex} would drop below zero`
+              : `refcount of host cluster ${clusterIndex} would exceed ${this.geometry.refcountMax} (refcount_bits=${2 ** this.geometry.refcountOrder})`,
+          );
+          break;
+        }
+        refcount = decrease ? refcount - addend : refcount + addend;
+        if (refcount === 0 && clusterIndex < this.freeClusterIndex) this.freeClusterIndex = clusterIndex;
+        setRefcount(block.bytes, blockIndex, this.geometry.refcountOrder, refcount);
+        if (refcount === 0) {
+          if (block.hostOffset === clusterOffset) {
+            block = null;
+            oldTableIndex = -1;
+          }
+          this.refblockCache.drop(clusterOffset);
+          this.l2Cache.drop(clusterOffset);
+        }
+      }
+    } catch (error) {
+      failure = error;
+    }
+    if (again || failure !== null) {
+      try {
+        await this.#updateRefcount(hostOffset, clusterOffset - hostOffset, addend, !decrease);
+      } catch {
+        // Best effort, as QEMU: a failed undo leaves a leak at worst.
+      }
+      if (failure !== null) throw failure;
+      return AGAIN;
+    }
+    return undefined;
+  }
+
+  /** alloc_refcount_block: the block covering clusterIndex, or AGAIN after placing a new one. */
+  async #allocRefcountBlock(clusterIndex: number): Promise<CachedTable | typeof AGAIN> {
+    const cs = this.clusterSizeBytes;
+    const entries = this.geometry.refcountBlockEntries;
+    const tableIndex = Math.floor(clusterIndex / entries);
+    const existing = this.#refblockOffset(clusterIndex);
+    if (existing !== 0) return this.refblockCache.peek(existing) ?? (await this.refblockCache.get(existing));
+
+    // We write to the refcount table, so we might depend on L2 tables.
+    await this.writeDirtyL2();
+    const newBlock = await this.#allocClustersNoref(1);
+    let block: CachedTable;
+    if (Math.floor(newBlock / cs / entries) === tableIndex) {
+      // The block describes itself.
+      block = this.refblockCache.create(newBlock);
+      setRefcount(block.bytes, (newBlock / cs) % entries, this.geometry.refcountOrder, 1);
+    } else {
+      // Described elsewhere: recurses at most twice before reaching a self-describing block.
+      if ((await this.#updateRefcount(newBlock, cs, 1, false)) === AGAIN) return AGAIN;
+      await this.writeDirtyRefblocks();
+      block = this.refblockCache.create(newBlock);
+    }
+    await this.writeDirtyRefblocks();
+
+    if (tableIndex < this.reftable.length) {
+      await this.file.write(this.header.refcountTableOffset + tableIndex * REFTABLE_ENTRY_BYTES, be64(newBlock));
+      await this.file.flush();
+      this.reftable[tableIndex] = newBlock;
+      return AGAIN;
+    }
+
+    // The refcount table is full: new table + blocks at the end, covering themselves.
+    const blocksUsed = Math.ceil(Math.max(clusterIndex + 1, newBlock / cs + 1) / entries);
+    const metaOffset = blocksUsed * entries * cs;
+    await this.refcountArea(metaOffset, 0, false, tableIndex, newBlock);
+    return AGAIN;
+  }
+
+  /**
+   * qcow2_refcount_area: create refcount blocks and a new refcount table at
+   * startOffset (free space up to the end), covering the existing clusters,
+   * `additionalClusters` more, and themselves; switch the header to it and
+   * free the old table. Returns the end offset of the new structures.
+   */
+  async refcountArea(startOffset: number, additionalClusters: number, exactSize: boolean, newRefblockIndex: number, newRefblockOffset: number): Promise<number> {
+    const cs = this.clusterSizeBytes;
+    const entries = this.geometry.refcountBlockEntries;
+    assert(startOffset % cs === 0, "refcount area starts on a cluster boundary");
+    const { refblockCount: totalRefblockCount } = refcountMetadataSize(startOffset / cs + additionalClusters, cs, this.geometry.refcountOrder, !exactSize);
+    if (totalRefblockCount * REFTABLE_ENTRY_BYTES > REFTABLE_BYTES_MAX) {
+      throw new SnapstackError("E_TOO_LARGE", "qcow2 refcount table would exceed its maximum size");
+    }
+    const areaReftableIndex = Math.floor(startOffset / cs / entries);
+    let tableSize = exactSize ? totalRefblockCount : totalRefblockCount + Math.ceil(totalRefblockCount / 2);
+    const entriesPerCluster = cs / REFTABLE_ENTRY_BYTES;
+    tableSize = Math.ceil(tableSize / entriesPerCluster) * entriesPerCluster;
+    const tableClusters = (tableSize * REFTABLE_ENTRY_BYTES) / cs;
+    if (tableSize * REFTABLE_ENTRY_BYTES > REFTABLE_BYTES_MAX) {
+      throw new SnapstackError("E_TOO_LARGE", "qcow2 refcount table would exceed its maximum size");
+    }
+    const newTable = new Array<number>(tableSize).fill(0);
+    let maxIndex = -1;
+    this.reftable.forEach((offset, i) => {
+      if (offset !== 0) maxIndex = i;
+    });
+    const copyCount = tableSize > maxIndex ? maxIndex + 1 : tableSize;
+    for (let i = 0; i < copyCount && i < this.reftable.length; i++) newTable[i] = this.reftable[i];
+    if (newRefblockOffset) {
+      assert(newRefblockIndex < totalRefblockCount, "new refcount block index within the new table");
+      newTable[newRefblockIndex] = newRefblockOffset;
+    }
+    let additionalRefblocks = 0;
+    for (let i = areaReftableIndex; i < totalRefblockCount; i++) if (!newTable[i]) additionalRefblocks++;
+    const tableOffset = startOffset + additionalRefblocks * cs;
+    const endOffset = tableOffset + tableClusters * cs;
+
+    let blockOffset = startOffset;
+    for (let i = areaReftableIndex; i < totalRefblockCount; i++) {
+      let block: CachedTable;
+      if (newTable[i]) {
+        block = this.refblockCache.peek(newTable[i]) ?? (await this.refblockCache.get(newTable[i]));
+      } else {
+        block = this.refblockCache.create(blockOffset);
+        newTable[i] = blockOffset;
+        blockOffset += cs;
+      }
+      const firstOffsetCovered = i * entries * cs;
+      if (firstOffsetCovered < endOffset) {
+        let j = firstOffsetCovered < startOffset ? (startOffset - firstOffsetCovered) / cs : 0;
+        const endIndex = Math.min((endOffset - firstOffsetCovered) / cs, entries);
+        for (; j < endIndex; j++) {
+          assert(getRefcount(block.bytes, j, this.geometry.refcountOrder) === 0, "refcount area is free");
+          setRefcount(block.bytes, j, this.geometry.refcountOrder, 1);
+        }
+        block.dirty = true;
+      }
+    }
+    assert(blockOffset === tableOffset, "refcount blocks end where the table starts");
+    await this.writeDirtyRefblocks();
+
+    await this.file.write(tableOffset, encodeRefcountTable(newTable, tableSize));
+    await this.file.flush();
+    const fields = new Uint8Array(12);
+    const view = new DataView(fields.buffer);
+    view.setBigUint64(0, BigInt(tableOffset));
+    view.setUint32(8, tableClusters);
+    await this.writeHeaderBytes(48, fields);
+
+    const oldTableOffset = this.header.refcountTableOffset;
+    const oldTableBytes = this.reftable.length * REFTABLE_ENTRY_BYTES;
+    this.reftable = newTable;
+    this.header.refcountTableOffset = tableOffset;
+    this.header.refcountTableClusters = tableClusters;
+    await this.freeClusters(oldTableOffset, oldTableBytes);
+    return endOffset;
+  }
+
+  /** qcow2_alloc_clusters: `lengthBytes` rounded up to clusters, contiguous, refcount 1. */
+  async allocClusters(lengthBytes: number): Promise<number> {
+    const count = Math.ceil(lengthBytes / this.clusterSizeBytes);
+    assert(count > 0, "allocating at least one cluster");
+    for (;;) {
+      const hostOffset = await this.#allocClustersNoref(count);
+      if (hostOffset === 0) throw corruption("Preventing invalid allocation at offset 0");
+      if ((await this.#updateRefcount(hostOffset, count * this.clusterSizeBytes, 1, false)) !== AGAIN) {
+        await this.#setL2DependsOnRefblocks();
+        return hostOffset;
+      }
+    }
+  }
+
+  /** qcow2_alloc_clusters_at: allocate up to `count` free clusters starting exactly at hostOffset; returns how many. */
+  async allocClustersAt(hostOffset: number, count: number): Promise<number> {
+    if (count === 0) return 0;
+    const cs = this.clusterSizeBytes;
+    for (;;) {
+      let free = 0;
+      while (free < count && (await this.getRefcount(hostOffset / cs + free)) === 0) free++;
+      if ((await this.#updateRefcount(hostOffset, free * cs, 1, false)) !== AGAIN) {
+        if (free > 0) await this.#setL2DependsOnRefblocks();
+        return free;
+      }
+    }
+  }
+
+  /** qcow2_alloc_bytes: byte-packed space for compressed data. */
+  async allocBytes(lengthBytes: number): Promise<number> {
+    const cs = this.clusterSizeBytes;
+    assert(lengthBytes > 0 && lengthBytes <= cs, "compressed allocation of at most one cluster");
+    let offset = this.freeByteOffset;
+    if (offset !== 0 && (await this.getRefcount(Math.floor(offset / cs))) === this.geometry.refcountMax) offset = 0;
+    let freeInCluster = cs - (offset % cs);
+    for (;;) {
+      if (offset === 0 || freeInCluster < lengthBytes) {
+        const newCluster = await this.#allocClustersNoref(1);
+        if (newCluster === 0) throw corruption("Preventing invalid allocation of compressed cluster at offset 0");
+        if (offset === 0 || Math.ceil(offset / cs) * cs !== newCluster) {
+          offset = newCluster;
+          freeInCluster = cs;
+        } else {
+          freeInCluster += cs;
+        }
+      }
+      const result = await this.#updateRefcount(offset, lengthBytes, 1, false);
+      if (result !== AGAIN) break;
+      offset = 0;
+    }
+    await this.#setL2DependsOnRefblocks();
+    this.freeByteOffset = (offset + lengthBytes) % cs === 0 ? 0 : offset + lengthBytes;
+    return offset;
+  }
+
+  /** qcow2_free_clusters: decrement every cluster touching the range. */
+  async freeClusters(hostOffset: number, lengthBytes: number): Promise<void> {
+    await this.#updateRefcount(hostOffset, lengthBytes, 1, true);
+  }
+
+  /** Raise refcounts of every cluster touching the range by one (snapshots). */
+  async increaseRefcounts(hostOffset: number, lengthBytes: number): Promise<void> {
+    for (;;) {
+      if ((await this.#updateRefcount(hostOffset, lengthBytes, 1, false)) !== AGAIN) return;
+    }
+  }
+
+  /** qcow2_free_any_cluster: release what an L2 entry referenced. */
+  async freeEntry(entry: L2Entry): Promise<void> {
+    switch (entry.type) {
+      case "normal":
+      case "zero-alloc":
+        await this.freeClusters(entry.hostOffset, this.clusterSizeBytes);
+        return;
+      case "compressed": {
+        const start = entry.hostOffset - (entry.hostOffset % COMPRESSED_SECTOR_BYTES);
+        await this.freeClusters(start, entry.compressedSectors * COMPRESSED_SECTOR_BYTES);
+        return;
+      }
+      default:
+        return;
+    }
+  }
+
+  // -------------------------------------------------------------- L1 / L2
+
+  l1EntryOffset(l1Index: number): number {
+    if (l1Index >= this.header.l1Size) return 0;
+    return getL1EntryOffset(this.l1View, l1Index);
+  }
+
+  l1EntryCopied(l1Index: number): boolean {
+    return l1Index < this.header.l1Size && (this.l1[l1Index * L1_ENTRY_BYTES] & 0x80) !== 0;
+  }
+
+  /** Cached L2 table if present (sync), for the read path. */
+  peekL2(l2Offset: number): CachedTable | undefined {
+    return this.l2Cache.peek(l2Offset);
+  }
+
+  async getL2(l2Offset: number): Promise<CachedTable> {
+    if (l2Offset % this.clusterSizeBytes !== 0) {
+      throw corruption(`L2 table offset 0x${l2Offset.toString(16)} unaligned`);
+    }
+    return this.l2Cache.peek(l2Offset) ?? (await this.l2Cache.get(l2Offset));
+  }
+
+  /** Write the 512-byte block of the on-disk L1 table holding entry l1Index (qcow2_write_l1_entry). */
+  async writeL1Entry(l1Index: number): Promise<void> {
+    const perBlock = Math.min(L1_WRITE_BLOCK_BYTES, this.clusterSizeBytes) / L1_ENTRY_BYTES;
+    const start = l1Index - (l1Index % perBlock);
+    const count = Math.min(perBlock, this.header.l1Size - start);
+    await this.file.write(this.header.l1TableOffset + start * L1_ENTRY_BYTES, this.l1.slice(start * L1_ENTRY_BYTES, (start + count) * L1_ENTRY_BYTES));
+    await this.file.flush();
+  }
+
+  /**
+   * get_cluster_table: the L2 table for l1Index, writable in place
+   * (allocated, or copied when shared, and the L1 entry updated).
+   */
+  async getL2ForWrite(l1Index: number): Promise<CachedTable> {
+    assert(l1Index < this.header.l1Size, "L1 index within the table");
+    const oldOffset = this.l1EntryOffset(l1Index);
+    if (oldOffset % this.clusterSizeBytes !== 0) throw corruption(`L2 table offset 0x${oldOffset.toString(16)} unaligned (L1 index: ${l1Index})`);
+    if (oldOffset !== 0 && this.l1EntryCopied(l1Index)) return this.getL2(oldOffset);
+    // l2_allocate
+    const newOffset = await this.allocClusters(this.clusterSizeBytes);
+    await this.writeDirtyRefblocks();
+    let contents: Uint8Array | undefined;
+    if (oldOffset !== 0) contents = (await this.getL2(oldOffset)).bytes;
+    const table = this.l2Cache.create(newOffset, contents);
+    await this.writeDirtyL2();
+    setL1Entry(this.l1, l1Index, { l2Offset: newOffset, copied: true });
+    await this.writeL1Entry(l1Index);
+    if (oldOffset !== 0) await this.freeClusters(oldOffset, this.clusterSizeBytes);
+    return table;
+  }
+
+  /**
+   * qcow2_grow_l1_table: a new, larger L1 at a fresh place, then the header
+   * switched to it, then the old one freed.
+   */
+  async growL1(minEntries: number, exactSize: boolean): Promise<void> {
+    const oldSize = this.header.l1Size;
+    if (minEntries <= oldSize) return;
+    let newSize: number;
+    if (exactSize) newSize = minEntries;
+    else {
+      newSize = Math.max(oldSize, 1);
+      while (minEntries > newSize) newSize = Math.ceil((newSize * 3) / 2);
+    }
+    if (newSize * L1_ENTRY_BYTES > L1_BYTES_MAX) {
+      throw new SnapstackError("E_TOO_LARGE", "The image size is too large for file format 'qcow2' (try using a larger cluster size)");
+    }
+    const newL1 = new Uint8Array(newSize * L1_ENTRY_BYTES);
+    newL1.set(this.l1);
+    const newOffset = await this.allocClusters(newL1.length);
+    await this.writeDirtyRefblocks();
+    await this.file.write(newOffset, newL1);
+    await this.file.flush();
+    const fields = new Uint8Array(12);
+    const view = new DataView(fields.buffer);
+    view.setUint32(0, newSize);
+    view.setBigUint64(4, BigInt(newOffset));
+    await this.writeHeaderBytes(36, fields);
+    const oldOffset = this.header.l1TableOffset;
+    this.l1 = newL1;
+    this.l1View = new DataView(newL1.buffer);
+    this.header.l1Size = newSize;
+    this.header.l1TableOffset = newOffset;
+    await this.freeClusters(oldOffset, oldSize * L1_ENTRY_BYTES);
+  }
+
+  /** Highest host cluster index with a non-zero refcount (qcow2_get_last_cluster), or -1. */
+  async lastUsedCluster(fileSizeBytes: number): Promise<number> {
+    const cs = this.clusterSizeBytes;
+    for (let i = Math.ceil(fileSizeBytes / cs) - 1; i >= 0; i--) {
+      if ((await this.getRefcount(i)) !== 0) return i;
+    }
+    return -1;
+  }
+}

@@ -1,0 +1,1259 @@
+/**
+ * Qcow2Image: an open qcow2 image as a BlockDevice.
+ *
+ * Design notes
+ * - Metadata lives in Qcow2Metadata (L1 in memory, bounded caches of L2
+ *   tables and refcount blocks, QEMU's allocator and write ordering). This
+ *   file holds the guest-facing paths.
+ * - Read path: for each guest range, walk this layer's L1/L2 (synchronously
+ *   when the L2 table is cached) and produce pieces: host ranges of some
+ *   layer's file, zero fills, compressed clusters, or ranges of a non-qcow2
+ *   backing device. Unallocated ranges are resolved in the backing image in
+ *   the same loop when it is a Qcow2Image (no async hop per layer), so a read
+ *   through a deep chain costs one file read per contiguous host range. A
+ *   missing L2 table (of any layer) is loaded and the resolution restarted.
+ *   Adjacent pieces are merged into single file reads.
+ * - Write path (reference §10): requests lock their guest clusters
+ *   (RangeLock). A write whose clusters are all allocated with COPIED (and,
+ *   with extended L2, whose subclusters are all allocated) goes straight to
+ *   the host clusters without the metadata mutex. Otherwise, under the
+ *   mutex: get a writable L2 table (allocated or copied, L1 entry written
+ *   after), allocate clusters for runs that need it (refcounts first), write
+ *   data with COW padding read from this layer's old content (backing, old
+ *   cluster, decompressed cluster, zeros), then set the L2 entries
+ *   `offset|COPIED`, then (after in-flight reads drained) drop references to
+ *   old clusters.
+ * - Zero writes and discards follow qcow2_subcluster_zeroize and
+ *   qcow2_cluster_discard: whole clusters become zero entries (v3) or are
+ *   deallocated (v2 without backing); partial clusters are written as zero
+ *   data unless the rest already reads as zero.
+ * - Corruption found while serving a request marks the image corrupt (bit 1
+ *   on disk when writable) once; further writes are refused, reads go on.
+ * - Not done: encryption, external data files, bitmaps (the extension is
+ *   kept, the autoclear bit cleared on a read-write open, as QEMU does for
+ *   autoclear bits it does not know), internal snapshot create/apply/delete
+ *   (the table is kept and its clusters respected).
+ */
+import { SnapstackError, assert, isSnapstackError } from "../../base/errors.ts";
+import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/block-device.ts";
+import type { ImageFile } from "../../io/file.ts";
+import {
+  COMPAT_LAZY_REFCOUNTS,
+  COMPRESSION_TYPE_ZSTD,
+  CRYPT_NONE,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
+  QCOW2_HEADER_PROBE_BYTES,
+  decodeQcow2ClusterBits,
+  decodeQcow2Header,
+  type Qcow2Header,
+} from "./header.ts";
+import {
+  COMPRESSED_SECTOR_BYTES,
+  L1_ENTRY_BYTES,
+  SUBCLUSTERS_PER_CLUSTER,
+  compressedReadBytes,
+  encodeL2Entry,
+  getL2Entry,
+  setL1Entry,
+  setL2EntryWords,
+  subclusterType,
+  type L2Entry,
+} from "./entries.ts";
+import { REFTABLE_BYTES_MAX } from "./refcount-block.ts";
+import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, decodeSnapshotTable, type Qcow2Snapshot } from "./snapshot-table.ts";
+import { compressCluster, decompressCluster } from "./compression.ts";
+import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, l1EntriesForSize } from "./metadata.ts";
+import { AsyncMutex, RangeLock, ReadGate } from "./locks.ts";
+import type { CachedTable } from "./table-cache.ts";
+import { rebuildRefcounts } from "./rebuild-refcounts.ts";
+
+export interface OpenQcow2Options {
+  readOnly: boolean;
+  /** Device unallocated ranges read from; null: they read as zeroes. */
+  backing: BlockDevice | null;
+  /** Bound of the L2 table and refcount block caches together (default 32 MiB). */
+  cacheBytesMax?: number;
+  /** close() also closes the backing device (default true). */
+  closeBacking?: boolean;
+}
+
+export interface Qcow2SnapshotInfo {
+  id: string;
+  name: string;
+  vmStateSizeBytes: number;
+  dateSeconds: number;
+  dateNanoseconds: number;
+  vmClockNanoseconds: number;
+  icount?: number;
+}
+
+export interface Qcow2Info {
+  version: 2 | 3;
+  compat: "0.10" | "1.1";
+  sizeBytes: number;
+  clusterSizeBytes: number;
+  refcountBits: number;
+  lazyRefcounts: boolean;
+  corrupt: boolean;
+  dirty: boolean;
+  extendedL2: boolean;
+  compressionType: "zlib" | "zstd";
+  backingFileName: string | null;
+  backingFormat: string | null;
+  snapshots: Qcow2SnapshotInfo[];
+  header: Qcow2Header;
+}
+
+/** Read and decode cluster 0 of a qcow2 file. */
+export async function readQcow2Header(file: ImageFile): Promise<Qcow2Header> {
+  const probe = new Uint8Array(QCOW2_HEADER_PROBE_BYTES);
+  const got = await file.read(0, probe);
+  if (got < 4) throw new SnapstackError("E_WRONG_FORMAT", `${file.name}: Image is not in qcow2 format`);
+  const clusterBits = decodeQcow2ClusterBits(probe);
+  const cluster = new Uint8Array(2 ** clusterBits);
+  await file.read(0, cluster);
+  return decodeQcow2Header(cluster);
+}
+
+function tableLimitError(name: string, what: "too large" | "offset invalid"): SnapstackError {
+  return new SnapstackError(what === "too large" ? "E_TOO_LARGE" : "E_CORRUPT_IMAGE", `${name} ${what}`);
+}
+
+/** qcow2_validate_table plus a check that the table lies inside the file. */
+function validateTable(name: string, hostOffset: number, lengthBytes: number, lengthBytesMax: number, clusterSizeBytes: number, fileSizeBytes: number): void {
+  if (lengthBytes > lengthBytesMax) throw tableLimitError(name, "too large");
+  if (hostOffset % clusterSizeBytes !== 0 || hostOffset + lengthBytes > Number.MAX_SAFE_INTEGER) throw tableLimitError(name, "offset invalid");
+  if (lengthBytes > 0 && hostOffset + lengthBytes > fileSizeBytes) {
+    throw new SnapstackError("E_CORRUPT_IMAGE", `${name} at 0x${hostOffset.toString(16)} (${lengthBytes} bytes) lies beyond the end of the file (${fileSizeBytes} bytes)`);
+  }
+}
+
+/** Open a qcow2 image on `file`. Refuses (without writing) what QEMU refuses. */
+export async function openQcow2(file: ImageFile, options: OpenQcow2Options): Promise<Qcow2Image> {
+  const header = await readQcow2Header(file);
+  const fileSizeBytes = await file.sizeBytes();
+  const clusterSizeBytes = 2 ** header.clusterBits;
+  const where = file.name;
+  if (header.cryptMethod !== CRYPT_NONE) {
+    throw new SnapstackError("E_ENCRYPTED", `${where}: image is encrypted (crypt_method ${header.cryptMethod}); encryption is not supported`);
+  }
+  if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) {
+    throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${where}: images with an external data file are not supported`);
+  }
+  if (header.incompatibleFeatures & INCOMPAT_CORRUPT && !options.readOnly) {
+    throw new SnapstackError("E_IMAGE_MARKED_CORRUPT", "qcow2: Image is corrupt; cannot be opened read/write");
+  }
+  if (header.refcountTableClusters === 0) {
+    throw new SnapstackError("E_BAD_HEADER", `${where}: Image does not contain a reference count table`);
+  }
+  validateTable("Reference count table", header.refcountTableOffset, header.refcountTableClusters * clusterSizeBytes, REFTABLE_BYTES_MAX, clusterSizeBytes, fileSizeBytes);
+  if (header.snapshotCount > SNAPSHOT_COUNT_MAX) throw tableLimitError("Snapshot table", "too large");
+  validateTable("Snapshot table", header.snapshotsOffset, header.snapshotCount * SNAPSHOT_HEADER_BYTES, SNAPSHOT_HEADER_BYTES * SNAPSHOT_COUNT_MAX, clusterSizeBytes, fileSizeBytes);
+  if (header.l1Size * L1_ENTRY_BYTES > L1_BYTES_MAX) throw tableLimitError("Active L1 table", "too large");
+  const meta0Geometry = { clusterSizeBytes, l2Entries: clusterSizeBytes / ((header.incompatibleFeatures & 16n) !== 0n ? 16 : 8) };
+  const l1Needed = Math.ceil(header.sizeBytes / (meta0Geometry.l2Entries * clusterSizeBytes));
+  if (header.l1Size < l1Needed) throw new SnapstackError("E_CORRUPT_IMAGE", `${where}: L1 table is too small`);
+  validateTable("Active L1 table", header.l1TableOffset, header.l1Size * L1_ENTRY_BYTES, L1_BYTES_MAX, clusterSizeBytes, fileSizeBytes);
+
+  let snapshots: Qcow2Snapshot[] = [];
+  if (header.snapshotCount > 0) {
+    const raw = new Uint8Array(Math.min(fileSizeBytes - header.snapshotsOffset, 64 * 1024 * 1024));
+    await file.read(header.snapshotsOffset, raw);
+    snapshots = decodeSnapshotTable(raw, header.snapshotCount, header.sizeBytes).snapshots;
+    snapshots.forEach((snapshot, i) => {
+      if (snapshot.extraDataSizeBytes > SNAPSHOT_EXTRA_DATA_BYTES_MAX) {
+        throw new SnapstackError("E_CORRUPT_IMAGE", `Too much extra metadata in snapshot table entry ${i}`, {
+          hint: "You can force-remove this extra metadata with qemu-img check -r all",
+        });
+      }
+      if (snapshot.l1Size * L1_ENTRY_BYTES > L1_BYTES_MAX) throw tableLimitError("Snapshot L1 table", "too large");
+    });
+  }
+
+  let current = header;
+  if (!options.readOnly && header.version === 3 && header.incompatibleFeatures & INCOMPAT_DIRTY) {
+    // Lazy refcounts left the image dirty: any refcount may be stale. Rebuild them from the
+    // metadata before anything is allocated (QEMU runs check -r all here).
+    current = (await rebuildRefcounts(file)).header;
+  }
+  const meta = await Qcow2Metadata.load(file, current, options.cacheBytesMax ?? METADATA_CACHE_BYTES_DEFAULT);
+  const image = new Qcow2Image(file, meta, snapshots, options);
+  if (!options.readOnly) await image.prepareForWriting();
+  return image;
+}
+
+/** A piece of a read request, in buffer coordinates. */
+type ReadPiece =
+  | { kind: "file"; file: ImageFile; hostOffset: number; at: number; length: number }
+  | { kind: "zero"; at: number; length: number }
+  | { kind: "compressed"; layer: Qcow2Image; entry: L2Entry; inCluster: number; at: number; length: number }
+  | { kind: "device"; device: BlockDevice; guestOffset: number; at: number; length: number };
+
+interface ResolveTask {
+  layer: Qcow2Image;
+  guestOffset: number;
+  at: number;
+  length: number;
+}
+
+/** A guest range of one layer in terms of this layer's own metadata. */
+interface LayerRun {
+  kind: "unallocated" | "zero" | "data" | "compressed";
+  length: number;
+  /** data: host offset of the first byte; zero with preallocation: host offset. */
+  hostOffset: number;
+  entry: L2Entry | null;
+}
+
+/** Largest virtual size we accept for a guest request offset (2^53, JS safe integers). */
+const GUEST_OFFSET_MAX = Number.MAX_SAFE_INTEGER;
+
+export class Qcow2Image implements BlockDevice {
+  readonly name: string;
+  readonly format = "qcow2";
+  readonly readOnly: boolean;
+  readonly backing: BlockDevice | null;
+  readonly #file: ImageFile;
+  readonly #meta: Qcow2Metadata;
+  #snapshots: Qcow2Snapshot[];
+  readonly #closeBacking: boolean;
+  readonly #mutex = new AsyncMutex();
+  readonly #rangeLock = new RangeLock();
+  readonly #readGate = new ReadGate();
+  #closed = false;
+  #corruptReported = false;
+  /** Last decompressed cluster: sequential small reads of compressed data decompress once. */
+  #decompressed: { hostOffset: number; data: Uint8Array } | null = null;
+
+  constructor(file: ImageFile, meta: Qcow2Metadata, snapshots: Qcow2Snapshot[], options: OpenQcow2Options) {
+    this.name = file.name;
+    this.#file = file;
+    this.#meta = meta;
+    this.#snapshots = snapshots;
+    this.readOnly = options.readOnly;
+    this.backing = options.backing;
+    this.#closeBacking = options.closeBacking ?? true;
+  }
+
+  get sizeBytes(): number {
+    return this.#meta.header.sizeBytes;
+  }
+
+  /** The current header (do not modify). */
+  get header(): Qcow2Header {
+    return this.#meta.header;
+  }
+
+  /** Internal state for check/repair and snapshot code in this directory. */
+  get metadata(): Qcow2Metadata {
+    return this.#meta;
+  }
+
+  get snapshots(): readonly Qcow2Snapshot[] {
+    return this.#snapshots;
+  }
+
+  get clusterSizeBytes(): number {
+    return this.#meta.clusterSizeBytes;
+  }
+
+  /** Read-write open: clear the autoclear bits we do not implement. */
+  async prepareForWriting(): Promise<void> {
+    const header = this.#meta.header;
+    if (header.autoclearFeatures !== 0n) {
+      // We implement no autoclear feature (bitmaps, raw external data): clear them, as QEMU
+      // does for the bits it does not know, keeping the extensions.
+      header.autoclearFeatures = 0n;
+      await this.#meta.writeHeader();
+    }
+  }
+
+  info(): Qcow2Info {
+    const header = this.#meta.header;
+    return {
+      version: header.version,
+      compat: header.version === 3 ? "1.1" : "0.10",
+      sizeBytes: header.sizeBytes,
+      clusterSizeBytes: this.#meta.clusterSizeBytes,
+      refcountBits: 2 ** header.refcountOrder,
+      lazyRefcounts: (header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n,
+      corrupt: (header.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,
+      dirty: (header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n,
+      extendedL2: this.#meta.geometry.extendedL2,
+      compressionType: header.compressionType === COMPRESSION_TYPE_ZSTD ? "zstd" : "zlib",
+      backingFileName: header.backingFileName,
+      backingFormat: header.backingFormat,
+      snapshots: this.#snapshots.map((s) => ({
+        id: s.id,
+        name: s.name,
+        vmStateSizeBytes: s.vmStateSizeBytes,
+        dateSeconds: s.dateSeconds,
+        dateNanoseconds: s.dateNanoseconds,
+        vmClockNanoseconds: s.vmClockNanoseconds,
+        ...(s.icount !== null ? { icount: s.icount } : {}),
+      })),
+      header,
+    };
+  }
+
+  // ------------------------------------------------------------- checks
+
+  #checkOpen(): void {
+    if (this.#closed) throw new SnapstackError("E_IO", `${this.name}: image is closed`);
+  }
+
+  #checkRange(guestOffset: number, lengthBytes: number, what: string): void {
+    this.#checkOpen();
+    if (!Number.isSafeInteger(guestOffset) || !Number.isSafeInteger(lengthBytes) || guestOffset < 0 || lengthBytes < 0) {
+      throw new SnapstackError("E_OUT_OF_RANGE", `${this.name}: ${what} at guest offset ${guestOffset} length ${lengthBytes} is invalid`);
+    }
+    if (guestOffset + lengthBytes > this.sizeBytes) {
+      throw new SnapstackError("E_OUT_OF_RANGE", `${this.name}: ${what} at guest offset ${guestOffset} + length ${lengthBytes} exceeds virtual size ${this.sizeBytes}`);
+    }
+  }
+
+  #checkWritable(what: string): void {
+    this.#checkOpen();
+    if (this.readOnly) throw new SnapstackError("E_READ_ONLY", `${this.name}: cannot ${what}: image is opened read-only`);
+    if (this.#meta.header.incompatibleFeatures & INCOMPAT_CORRUPT) {
+      throw new SnapstackError("E_IMAGE_MARKED_CORRUPT", `${this.name}: image is marked corrupt; writes are refused`);
+    }
+  }
+
+  /** Corruption is its own outcome: mark the image corrupt once, then report. */
+  async #failed(error: unknown): Promise<unknown> {
+    if (isSnapstackError(error) && error.code === "E_CORRUPT_IMAGE" && !this.#corruptReported) {
+      this.#corruptReported = true;
+      if (!this.readOnly && !(this.#meta.header.incompatibleFeatures & INCOMPAT_CORRUPT) && this.#meta.header.version === 3) {
+        this.#meta.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
+        try {
+          await this.#meta.writeIncompatibleFeatures();
+        } catch {
+          // The original error is what matters.
+        }
+      }
+      return new SnapstackError("E_CORRUPT_IMAGE", `qcow2: Marking image as corrupt: ${error.message}`, { ...error.details, path: this.name });
+    }
+    return error;
+  }
+
+  // ----------------------------------------------------------- mapping
+
+  #entry(table: CachedTable, l2Index: number, l2Offset: number): L2Entry {
+    const geometry = this.#meta.geometry;
+    const entry = getL2Entry(table.view, l2Index, geometry.extendedL2, geometry.clusterBits);
+    if (entry.offsetTooLarge) throw corruption(`L2 entry ${l2Index} of the table at 0x${l2Offset.toString(16)} points beyond 8 PiB`);
+    if ((entry.type === "normal" || entry.type === "zero-alloc") && entry.hostOffset % geometry.clusterSizeBytes !== 0) {
+      throw corruption(`Cluster allocation offset 0x${entry.hostOffset.toString(16)} unaligned (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${l2Index.toString(16)})`);
+    }
+    if (this.#meta.header.version === 2 && (entry.type === "zero-plain" || entry.type === "zero-alloc")) {
+      throw corruption(`Zero cluster entry found in pre-v3 image (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${l2Index.toString(16)})`);
+    }
+    if (geometry.extendedL2 && (entry.type === "zero-plain" || entry.type === "zero-alloc")) {
+      throw corruption(`Zero flag set in an extended L2 entry (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${l2Index.toString(16)})`);
+    }
+    return entry;
+  }
+
+  /**
+   * How this layer maps the start of [guestOffset, guestOffset+length): the
+   * first run of one kind, or the L2 offset to load first (as a number < 0
+   * is impossible, missing tables are returned as { missing }).
+   */
+  #layerRun(guestOffset: number, lengthBytes: number): LayerRun | { missing: number } {
+    const meta = this.#meta;
+    const geometry = meta.geometry;
+    const cs = geometry.clusterSizeBytes;
+    const clusterIndex = Math.floor(guestOffset / cs);
+    const l1Index = Math.floor(clusterIndex / geometry.l2Entries);
+    const l2Offset = meta.l1EntryOffset(l1Index);
+    if (l2Offset === 0) {
+      const l2End = (l1Index + 1) * geometry.l2CoverageBytes;
+      return { kind: "unallocated", length: Math.min(lengthBytes, l2End - guestOffset), hostOffset: 0, entry: null };
+    }
+    if (l2Offset % cs !== 0) throw corruption(`L2 table offset 0x${l2Offset.toString(16)} unaligned (L1 index: 0x${l1Index.toString(16)})`);
+    const table = meta.peekL2(l2Offset);
+    if (table === undefined) return { missing: l2Offset };
+    const l2Index = clusterIndex % geometry.l2Entries;
+    const entry = this.#entry(table, l2Index, l2Offset);
+    const inCluster = guestOffset - clusterIndex * cs;
+    let length = Math.min(lengthBytes, cs - inCluster);
+    if (!geometry.extendedL2 || entry.type === "compressed") {
+      switch (entry.type) {
+        case "unallocated":
+          return { kind: "unallocated", length, hostOffset: 0, entry };
+        case "zero-plain":
+          return { kind: "zero", length, hostOffset: 0, entry };
+        case "zero-alloc":
+          return { kind: "zero", length, hostOffset: entry.hostOffset + inCluster, entry };
+        case "normal":
+          return { kind: "data", length, hostOffset: entry.hostOffset + inCluster, entry };
+        case "compressed":
+          return { kind: "compressed", length, hostOffset: 0, entry };
+      }
+    }
+    // Extended L2: runs of subclusters of the same type.
+    const scSize = geometry.subclusterSizeBytes;
+    const firstSc = Math.floor(inCluster / scSize);
+    const type = subclusterType(entry, firstSc);
+    if (type === "invalid") {
+      throw corruption(`Invalid cluster entry found (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${l2Index.toString(16)})`);
+    }
+    let sc = firstSc + 1;
+    while (sc < SUBCLUSTERS_PER_CLUSTER && subclusterType(entry, sc) === type) sc++;
+    length = Math.min(lengthBytes, sc * scSize - inCluster);
+    switch (type) {
+      case "normal":
+        return { kind: "data", length, hostOffset: entry.hostOffset + inCluster, entry };
+      case "zero-alloc":
+        return { kind: "zero", length, hostOffset: entry.hostOffset + inCluster, entry };
+      case "zero-plain":
+        return { kind: "zero", length, hostOffset: 0, entry };
+      default:
+        return { kind: "unallocated", length, hostOffset: 0, entry };
+    }
+  }
+
+  /** Resolve a read into pieces across the chain, loading missing L2 tables as needed. */
+  async #resolveRead(guestOffset: number, lengthBytes: number): Promise<ReadPiece[]> {
+    for (;;) {
+      const pieces: ReadPiece[] = [];
+      const missing = this.#tryResolveRead(guestOffset, lengthBytes, pieces);
+      if (missing === null) return pieces;
+      await missing.layer.#meta.getL2(missing.l2Offset);
+    }
+  }
+
+  #tryResolveRead(guestOffset: number, lengthBytes: number, pieces: ReadPiece[]): { layer: Qcow2Image; l2Offset: number } | null {
+    const tasks: ResolveTask[] = [{ layer: this, guestOffset, at: 0, length: lengthBytes }];
+    for (let task = tasks.pop(); task !== undefined; task = tasks.pop()) {
+      const layer = task.layer;
+      let g = task.guestOffset;
+      let at = task.at;
+      let remaining = task.length;
+      while (remaining > 0) {
+        const run = layer.#layerRun(g, remaining);
+        if ("missing" in run) return { layer, l2Offset: run.missing };
+        const length = run.length;
+        switch (run.kind) {
+          case "data":
+            pushFilePiece(pieces, layer.#file, run.hostOffset, at, length);
+            break;
+          case "zero":
+            pushZeroPiece(pieces, at, length);
+            break;
+          case "compressed": {
+            const cs = layer.#meta.clusterSizeBytes;
+            pieces.push({ kind: "compressed", layer, entry: run.entry as L2Entry, inCluster: g % cs, at, length });
+            break;
+          }
+          case "unallocated": {
+            const backing = layer.backing;
+            const inBacking = backing === null ? 0 : Math.max(0, Math.min(length, backing.sizeBytes - g));
+            if (inBacking > 0 && backing !== null) {
+              if (backing instanceof Qcow2Image) tasks.push({ layer: backing, guestOffset: g, at, length: inBacking });
+              else pushDevicePiece(pieces, backing, g, at, inBacking);
+            }
+            if (inBacking < length) pushZeroPiece(pieces, at + inBacking, length - inBacking);
+            break;
+          }
+        }
+        g += length;
+        at += length;
+        remaining -= length;
+      }
+    }
+    return null;
+  }
+
+  async #readCompressed(piece: Extract<ReadPiece, { kind: "compressed" }>, buffer: Uint8Array): Promise<void> {
+    const layer = piece.layer;
+    const cluster = await layer.#decompress(piece.entry);
+    buffer.set(cluster.subarray(piece.inCluster, piece.inCluster + piece.length), piece.at);
+  }
+
+  async #decompress(entry: L2Entry): Promise<Uint8Array> {
+    const cached = this.#decompressed;
+    if (cached !== null && cached.hostOffset === entry.hostOffset) return cached.data;
+    const input = new Uint8Array(compressedReadBytes(entry.hostOffset, entry.compressedSectors));
+    await this.#file.read(entry.hostOffset, input);
+    const data = decompressCluster(input, this.#meta.header.compressionType, this.#meta.clusterSizeBytes);
+    this.#decompressed = { hostOffset: entry.hostOffset, data };
+    return data;
+  }
+
+  async #executeRead(pieces: ReadPiece[], buffer: Uint8Array): Promise<void> {
+    if (pieces.length === 1 && pieces[0].kind === "file") {
+      const piece = pieces[0];
+      await piece.file.read(piece.hostOffset, buffer.subarray(piece.at, piece.at + piece.length));
+      return;
+    }
+    const pending: Promise<unknown>[] = [];
+    for (const piece of pieces) {
+      const target = buffer.subarray(piece.at, piece.at + piece.length);
+      switch (piece.kind) {
+        case "file":
+          pending.push(piece.file.read(piece.hostOffset, target));
+          break;
+        case "zero":
+          target.fill(0);
+          break;
+        case "compressed":
+          pending.push(this.#readCompressed(piece, buffer));
+          break;
+        case "device":
+          pending.push(piece.device.read(piece.guestOffset, target));
+          break;
+      }
+    }
+    await Promise.all(pending);
+  }
+
+  /** Read this layer's current content (with backing), no range check: used for COW padding. */
+  async #readGuest(guestOffset: number, buffer: Uint8Array): Promise<void> {
+    const pieces = await this.#resolveRead(guestOffset, buffer.length);
+    await this.#executeRead(pieces, buffer);
+  }
+
+  async read(guestOffset: number, buffer: Uint8Array): Promise<void> {
+    this.#checkRange(guestOffset, buffer.length, "read");
+    if (buffer.length === 0) return;
+    const epoch = this.#readGate.enter();
+    try {
+      const pieces: ReadPiece[] = [];
+      const missing = this.#tryResolveRead(guestOffset, buffer.length, pieces);
+      await this.#executeRead(missing === null ? pieces : await this.#resolveRead(guestOffset, buffer.length), buffer);
+    } catch (error) {
+      throw await this.#failed(error);
+    } finally {
+      this.#readGate.leave(epoch);
+    }
+  }
+
+  async layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]> {
+    this.#checkRange(guestOffset, lengthBytes, "block status");
+    const extents: LayerExtent[] = [];
+    let g = guestOffset;
+    let remaining = lengthBytes;
+    while (remaining > 0) {
+      const run = this.#layerRun(g, remaining);
+      if ("missing" in run) {
+        await this.#meta.getL2(run.missing);
+        continue;
+      }
+      const extent: LayerExtent =
+        run.kind === "unallocated"
+          ? { guestOffset: g, lengthBytes: run.length, kind: "unallocated" }
+          : run.kind === "compressed"
+            ? { guestOffset: g, lengthBytes: run.length, kind: "data", compressed: true }
+            : run.kind === "data"
+              ? { guestOffset: g, lengthBytes: run.length, kind: "data", hostOffset: run.hostOffset }
+              : run.hostOffset !== 0
+                ? { guestOffset: g, lengthBytes: run.length, kind: "zero", hostOffset: run.hostOffset }
+                : { guestOffset: g, lengthBytes: run.length, kind: "zero" };
+      const last = extents[extents.length - 1];
+      if (last !== undefined && canMerge(last, extent)) last.lengthBytes += extent.lengthBytes;
+      else extents.push(extent);
+      g += run.length;
+      remaining -= run.length;
+    }
+    return extents;
+  }
+
+  // ------------------------------------------------------------- writes
+
+  /** Run a mutating request: lock its clusters, report corruption. */
+  async #mutate(guestOffset: number, lengthBytes: number, fn: () => Promise<void>): Promise<void> {
+    const cs = this.#meta.clusterSizeBytes;
+    const release = await this.#rangeLock.acquire(Math.floor(guestOffset / cs), Math.ceil((guestOffset + lengthBytes) / cs));
+    try {
+      await fn();
+    } catch (error) {
+      throw await this.#failed(error);
+    } finally {
+      release();
+    }
+  }
+
+  /** Lazy refcounts: the dirty bit reaches the disk before the first metadata change. */
+  async #markDirty(): Promise<void> {
+    const header = this.#meta.header;
+    if (header.version !== 3 || !(header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) || header.incompatibleFeatures & INCOMPAT_DIRTY) return;
+    await this.#file.flush();
+    header.incompatibleFeatures |= INCOMPAT_DIRTY;
+    await this.#meta.writeIncompatibleFeatures();
+    this.#meta.lazyRefcounts = true;
+  }
+
+  async write(guestOffset: number, data: Uint8Array): Promise<void> {
+    this.#checkWritable("write");
+    this.#checkRange(guestOffset, data.length, "write");
+    if (data.length === 0) return;
+    await this.#mutate(guestOffset, data.length, async () => {
+      if (await this.#tryWriteInPlace(guestOffset, data)) return;
+      await this.#mutex.run(() => this.#writeLocked(guestOffset, data));
+    });
+  }
+
+  /** Entry of guest cluster `clusterIndex` (loading its L2 table), or null when its L1 entry is empty. */
+  async #clusterEntry(clusterIndex: number): Promise<{ entry: L2Entry; l2Offset: number } | null> {
+    const geometry = this.#meta.geometry;
+    const l1Index = Math.floor(clusterIndex / geometry.l2Entries);
+    const l2Offset = this.#meta.l1EntryOffset(l1Index);
+    if (l2Offset === 0) return null;
+    const table = await this.#meta.getL2(l2Offset);
+    return { entry: this.#entry(table, clusterIndex % geometry.l2Entries, l2Offset), l2Offset };
+  }
+
+  /** Overwrite allocated, unshared clusters in place; false if any cluster needs metadata work. */
+  async #tryWriteInPlace(guestOffset: number, data: Uint8Array): Promise<boolean> {
+    const geometry = this.#meta.geometry;
+    const cs = geometry.clusterSizeBytes;
+    const runs: { hostOffset: number; at: number; length: number }[] = [];
+    let at = 0;
+    while (at < data.length) {
+      const g = guestOffset + at;
+      const clusterIndex = Math.floor(g / cs);
+      const inCluster = g - clusterIndex * cs;
+      const length = Math.min(data.length - at, cs - inCluster);
+      const found = await this.#clusterEntry(clusterIndex);
+      if (found === null) return false;
+      const entry = found.entry;
+      if (entry.type !== "normal" || !entry.copied) return false;
+      if (geometry.extendedL2) {
+        const scSize = geometry.subclusterSizeBytes;
+        for (let sc = Math.floor(inCluster / scSize); sc <= Math.floor((inCluster + length - 1) / scSize); sc++) {
+          if (subclusterType(entry, sc) !== "normal") return false;
+        }
+      }
+      const hostOffset = entry.hostOffset + inCluster;
+      const last = runs[runs.length - 1];
+      if (last !== undefined && last.hostOffset + last.length === hostOffset) last.length += length;
+      else runs.push({ hostOffset, at, length });
+      at += length;
+    }
+    await Promise.all(runs.map((run) => this.#file.write(run.hostOffset, data.subarray(run.at, run.at + run.length))));
+    return true;
+  }
+
+  /**
+   * The write path under the metadata mutex: per L2 table, in-place parts
+   * and allocating runs (qcow2_alloc_host_offset + perform_cow + link_l2).
+   */
+  async #writeLocked(guestOffset: number, data: Uint8Array): Promise<void> {
+    const meta = this.#meta;
+    const geometry = meta.geometry;
+    const cs = geometry.clusterSizeBytes;
+    await this.#markDirty();
+    const freeAfter: L2Entry[] = [];
+    let nextHostOffset = -1;
+    let at = 0;
+    while (at < data.length) {
+      const g = guestOffset + at;
+      const l1Index = Math.floor(g / geometry.l2CoverageBytes);
+      const chunkEnd = Math.min(data.length, (l1Index + 1) * geometry.l2CoverageBytes - guestOffset);
+      const table = await meta.getL2ForWrite(l1Index);
+      // Classify clusters of this chunk.
+      const plans: ClusterPlan[] = [];
+      for (let pos = at; pos < chunkEnd; ) {
+        const cg = guestOffset + pos;
+        const clusterIndex = Math.floor(cg / cs);
+        const inCluster = cg - clusterIndex * cs;
+        const length = Math.min(chunkEnd - pos, cs - inCluster);
+        const l2Index = clusterIndex % geometry.l2Entries;
+        const entry = this.#entry(table, l2Index, table.hostOffset);
+        const inPlace = (entry.type === "normal" || entry.type === "zero-alloc") && entry.copied;
+        plans.push({ clusterIndex, l2Index, inCluster, length, at: pos, entry, inPlace, hostOffset: inPlace ? entry.hostOffset : -1 });
+        pos += length;
+      }
+      // Allocate runs of clusters that need new host clusters, contiguous with the previous run when possible.
+      for (let i = 0; i < plans.length; ) {
+        if (plans[i].inPlace) {
+          nextHostOffset = plans[i].hostOffset + cs;
+          i++;
+          continue;
+        }
+        let j = i;
+        while (j < plans.length && !plans[j].inPlace) j++;
+        let count = j - i;
+        let k = i;
+        if (nextHostOffset > 0) {
+          const got = await meta.allocClustersAt(nextHostOffset, count);
+          for (let n = 0; n < got; n++) plans[k + n].hostOffset = nextHostOffset + n * cs;
+          k += got;
+          count -= got;
+        }
+        if (count > 0) {
+          const hostOffset = await meta.allocClusters(count * cs);
+          for (let n = 0; n < count; n++) plans[k + n].hostOffset = hostOffset + n * cs;
+        }
+        nextHostOffset = plans[j - 1].hostOffset + cs;
+        i = j;
+      }
+      // Build and write data with COW padding, coalescing contiguous host ranges.
+      const writes: { hostOffset: number; parts: Uint8Array[]; length: number }[] = [];
+      for (const plan of plans) {
+        const { start, end } = this.#cowRange(plan);
+        const clusterGuest = plan.clusterIndex * cs;
+        const parts: Uint8Array[] = [];
+        if (start < plan.inCluster) {
+          const head = new Uint8Array(plan.inCluster - start);
+          await this.#readPadding(plan, clusterGuest + start, head);
+          parts.push(head);
+        }
+        parts.push(data.subarray(plan.at, plan.at + plan.length));
+        if (end > plan.inCluster + plan.length) {
+          const tail = new Uint8Array(end - plan.inCluster - plan.length);
+          await this.#readPadding(plan, clusterGuest + plan.inCluster + plan.length, tail);
+          parts.push(tail);
+        }
+        const hostOffset = plan.hostOffset + start;
+        const last = writes[writes.length - 1];
+        if (last !== undefined && last.hostOffset + last.length === hostOffset) {
+          last.parts.push(...parts);
+          last.length += end - start;
+        } else {
+          writes.push({ hostOffset, parts, length: end - start });
+        }
+        plan.cowStart = start;
+        plan.cowEnd = end;
+      }
+      for (const w of writes) {
+        await this.#file.write(w.hostOffset, w.parts.length === 1 ? w.parts[0] : concatBytes(w.parts, w.length));
+      }
+      meta.noteDataWritten();
+      // Link: update L2 entries after the data is written.
+      for (const plan of plans) {
+        const word = encodeL2Entry({ type: "normal", hostOffset: plan.hostOffset, copied: true }, geometry.clusterBits, geometry.extendedL2);
+        let alloc = 0;
+        let zero = 0;
+        if (geometry.extendedL2) {
+          const scSize = geometry.subclusterSizeBytes;
+          const first = Math.floor((plan.cowStart ?? 0) / scSize);
+          const last = Math.floor(((plan.cowEnd ?? cs) - 1) / scSize);
+          const mask = rangeMask(first, last + 1);
+          const oldAlloc = plan.entry.type === "compressed" ? 0 : plan.entry.allocBitmap;
+          const oldZero = plan.entry.type === "compressed" ? 0 : plan.entry.zeroBitmap;
+          alloc = (oldAlloc | mask) >>> 0;
+          zero = (oldZero & ~mask) >>> 0;
+        }
+        setL2EntryWords(table.view, plan.l2Index, geometry.extendedL2, word, alloc, zero);
+        table.dirty = true;
+        if (!plan.inPlace && plan.entry.type !== "unallocated" && plan.entry.type !== "zero-plain") freeAfter.push(plan.entry);
+      }
+      at = chunkEnd;
+    }
+    if (freeAfter.length > 0) {
+      await this.#readGate.drain();
+      for (const entry of freeAfter) await meta.freeEntry(entry);
+    }
+    await meta.trimCaches();
+  }
+
+  /**
+   * The byte range of a cluster a write must cover (written data plus COW
+   * padding), as calculate_l2_meta decides.
+   */
+  #cowRange(plan: ClusterPlan): { start: number; end: number } {
+    const geometry = this.#meta.geometry;
+    const cs = geometry.clusterSizeBytes;
+    const writeStart = plan.inCluster;
+    const writeEnd = plan.inCluster + plan.length;
+    const entry = plan.entry;
+    if (!geometry.extendedL2) {
+      if (plan.inPlace && entry.type === "normal") return { start: writeStart, end: writeEnd };
+      return { start: 0, end: cs };
+    }
+    const scSize = geometry.subclusterSizeBytes;
+    const firstSc = Math.floor(writeStart / scSize);
+    const lastSc = Math.floor((writeEnd - 1) / scSize);
+    if (entry.type === "compressed") return { start: 0, end: cs };
+    if (plan.inPlace) {
+      // Allocated cluster: COW only partially written subclusters that are not allocated yet.
+      const start = subclusterType(entry, firstSc) === "normal" ? writeStart : firstSc * scSize;
+      const end = subclusterType(entry, lastSc) === "normal" ? writeEnd : (lastSc + 1) * scSize;
+      return { start, end };
+    }
+    if (entry.type === "normal") {
+      // Shared cluster: copy every allocated subcluster too.
+      const allocated = entry.allocBitmap >>> 0;
+      const lowest = allocated === 0 ? firstSc : Math.min(firstSc, 31 - Math.clz32(allocated & -allocated));
+      const highest = allocated === 0 ? lastSc : Math.max(lastSc, 31 - Math.clz32(allocated));
+      return { start: lowest * scSize, end: (highest + 1) * scSize };
+    }
+    return { start: firstSc * scSize, end: (lastSc + 1) * scSize };
+  }
+
+  /** COW padding: what this layer currently reads at guestOffset (zeros for zero entries, backing for unallocated). */
+  async #readPadding(plan: ClusterPlan, guestOffset: number, buffer: Uint8Array): Promise<void> {
+    if (plan.entry.type === "zero-plain" || (plan.entry.type === "zero-alloc" && !this.#meta.geometry.extendedL2)) return;
+    if (plan.inPlace && plan.entry.type === "normal" && !this.#meta.geometry.extendedL2) return;
+    await this.#readGuest(guestOffset, buffer);
+  }
+
+  // ------------------------------------------------------- zeroes, discard
+
+  async writeZeroes(guestOffset: number, lengthBytes: number, options: WriteZeroesOptions = {}): Promise<void> {
+    this.#checkWritable("write zeroes");
+    this.#checkRange(guestOffset, lengthBytes, "write zeroes");
+    if (lengthBytes === 0) return;
+    await this.#mutate(guestOffset, lengthBytes, () => this.#mutex.run(() => this.#zeroLocked(guestOffset, lengthBytes, options.unmap === true)));
+  }
+
+  async #zeroLocked(guestOffset: number, lengthBytes: number, unmap: boolean): Promise<void> {
+    const meta = this.#meta;
+    const geometry = meta.geometry;
+    const cs = geometry.clusterSizeBytes;
+    const end = guestOffset + lengthBytes;
+    const imageEnd = this.sizeBytes;
+    await this.#markDirty();
+    let g = guestOffset;
+    while (g < end) {
+      const clusterIndex = Math.floor(g / cs);
+      const clusterStart = clusterIndex * cs;
+      const pieceEnd = Math.min(end, clusterStart + cs);
+      // A cluster counts as whole when the request covers it up to its end or to the image end.
+      const whole = g === clusterStart && (pieceEnd === clusterStart + cs || pieceEnd === imageEnd);
+      if (whole) {
+        await this.#zeroWholeCluster(clusterIndex, unmap);
+      } else {
+        await this.#zeroPartialCluster(clusterIndex, g - clusterStart, pieceEnd - clusterStart);
+      }
+      g = pieceEnd;
+    }
+    await meta.trimCaches();
+  }
+
+  /** zero_in_l2_slice for one cluster (v3), or deallocation / zero data for v2. */
+  async #zeroWholeCluster(clusterIndex: number, unmap: boolean): Promise<void> {
+    const meta = this.#meta;
+    const geometry = meta.geometry;
+    const cs = geometry.clusterSizeBytes;
+    if (meta.header.version === 2) {
+      if (this.backing !== null) {
+        await this.#writeZeroData(clusterIndex * cs, Math.min(cs, this.sizeBytes - clusterIndex * cs));
+        return;
+      }
+      await this.#setClusterEntry(clusterIndex, () => ({ word: 0n, alloc: 0, zero: 0, free: true }), true);
+      return;
+    }
+    await this.#setClusterEntry(
+      clusterIndex,
+      (entry) => {
+        const allocated = entry.type === "normal" || entry.type === "zero-alloc" || entry.type === "compressed";
+        const doUnmap = entry.type === "compressed" || (unmap && allocated);
+        if (geometry.extendedL2) {
+          const word = doUnmap || entry.type === "unallocated" ? 0n : encodeL2Entry({ type: "normal", hostOffset: entry.hostOffset, copied: entry.copied }, geometry.clusterBits, true);
+          return { word, alloc: 0, zero: 0xffffffff, free: doUnmap };
+        }
+        if (doUnmap || !allocated) return { word: 1n, alloc: 0, zero: 0, free: doUnmap };
+        return { word: encodeL2Entry({ type: "zero-alloc", hostOffset: entry.hostOffset, copied: entry.copied }, geometry.clusterBits), alloc: 0, zero: 0, free: false };
+      },
+      false,
+    );
+  }
+
+  /**
+   * Change one cluster's L2 entry: `decide` maps the old entry to the new
+   * one; the old references are released afterwards when `free` is set.
+   * With `onlyIfTable`, a cluster without an L2 table is left alone.
+   */
+  async #setClusterEntry(
+    clusterIndex: number,
+    decide: (entry: L2Entry) => { word: bigint; alloc: number; zero: number; free: boolean },
+    onlyIfTable: boolean,
+  ): Promise<void> {
+    const meta = this.#meta;
+    const geometry = meta.geometry;
+    const l1Index = Math.floor(clusterIndex / geometry.l2Entries);
+    if (onlyIfTable && meta.l1EntryOffset(l1Index) === 0) return;
+    const l2Index = clusterIndex % geometry.l2Entries;
+    // Look first so an unchanged entry does not force an L2 copy.
+    const existing = await this.#clusterEntry(clusterIndex);
+    const before = existing?.entry ?? getL2Entry(new DataView(new ArrayBuffer(16)), 0, geometry.extendedL2, geometry.clusterBits);
+    const decision = decide(before);
+    const oldWord = existing === null ? 0n : readWord(await meta.getL2(existing.l2Offset), l2Index, geometry.extendedL2);
+    if (oldWord === decision.word && before.allocBitmap >>> 0 === decision.alloc >>> 0 && before.zeroBitmap >>> 0 === decision.zero >>> 0) return;
+    const table = await meta.getL2ForWrite(l1Index);
+    const entry = this.#entry(table, l2Index, table.hostOffset);
+    const final = decide(entry);
+    setL2EntryWords(table.view, l2Index, geometry.extendedL2, final.word, final.alloc, final.zero);
+    table.dirty = true;
+    if (final.free) {
+      await this.#readGate.drain();
+      await meta.freeEntry(entry);
+    }
+  }
+
+  async #zeroPartialCluster(clusterIndex: number, startInCluster: number, endInCluster: number): Promise<void> {
+    const meta = this.#meta;
+    const geometry = meta.geometry;
+    const cs = geometry.clusterSizeBytes;
+    const clusterStart = clusterIndex * cs;
+    if (geometry.extendedL2) {
+      const scSize = geometry.subclusterSizeBytes;
+      const existing = await this.#clusterEntry(clusterIndex);
+      const compressed = existing?.entry.type === "compressed";
+      const firstFull = Math.ceil(startInCluster / scSize);
+      const imageEndInCluster = this.sizeBytes - clusterStart;
+      const lastFullEnd = endInCluster === imageEndInCluster ? Math.ceil(endInCluster / scSize) : Math.floor(endInCluster / scSize);
+      if (!compressed && firstFull < lastFullEnd) {
+        // zero_l2_subclusters for the aligned middle; unaligned edges as data.
+        if (startInCluster < firstFull * scSize) await this.#zeroOrWrite(clusterStart + startInCluster, firstFull * scSize - startInCluster);
+        const mask = rangeMask(firstFull, lastFullEnd);
+        await this.#setClusterEntry(
+          clusterIndex,
+          (entry) => {
+            const word = entry.type === "unallocated" ? 0n : encodeL2Entry({ type: "normal", hostOffset: entry.hostOffset, copied: entry.copied }, geometry.clusterBits, true);
+            return { word, alloc: (entry.allocBitmap & ~mask) >>> 0, zero: (entry.zeroBitmap | mask) >>> 0, free: false };
+          },
+          false,
+        );
+        const tailStart = Math.min(endInCluster, lastFullEnd * scSize);
+        if (tailStart < endInCluster) await this.#zeroOrWrite(clusterStart + tailStart, endInCluster - tailStart);
+        return;
+      }
+    }
+    await this.#zeroOrWrite(clusterStart + startInCluster, endInCluster - startInCluster);
+  }
+
+  /**
+   * A zero request smaller than a (sub)cluster: if the rest of the
+   * (sub)cluster already reads as zero and it is not allocated, the whole
+   * (sub)cluster becomes a zero entry (qcow2_co_pwrite_zeroes); otherwise
+   * zero data is written.
+   */
+  async #zeroOrWrite(guestOffset: number, lengthBytes: number): Promise<void> {
+    const meta = this.#meta;
+    const geometry = meta.geometry;
+    const unit = geometry.subclusterSizeBytes;
+    const unitStart = Math.floor(guestOffset / unit) * unit;
+    const unitLength = Math.min(unit, this.sizeBytes - unitStart);
+    const run = await this.#runAt(unitStart, unitLength);
+    if (run.length >= unitLength && (run.kind === "zero" || run.kind === "unallocated")) {
+      const current = new Uint8Array(unitLength);
+      await this.#readGuest(unitStart, current);
+      if (isAllZero(current)) {
+        if (run.kind === "zero") return;
+        if (meta.header.version === 3) {
+          const clusterIndex = Math.floor(unitStart / geometry.clusterSizeBytes);
+          if (geometry.extendedL2) {
+            const sc = (unitStart % geometry.clusterSizeBytes) / unit;
+            const mask = rangeMask(sc, sc + 1);
+            await this.#setClusterEntry(
+              clusterIndex,
+              (entry) => ({
+                word: entry.type === "unallocated" ? 0n : encodeL2Entry({ type: "normal", hostOffset: entry.hostOffset, copied: entry.copied }, geometry.clusterBits, true),
+                alloc: (entry.allocBitmap & ~mask) >>> 0,
+                zero: (entry.zeroBitmap | mask) >>> 0,
+                free: false,
+              }),
+              false,
+            );
+          } else {
+            await this.#setClusterEntry(clusterIndex, (entry) => (entry.type === "unallocated" ? { word: 1n, alloc: 0, zero: 0, free: false } : { word: readEntryWord(entry, geometry.clusterBits), alloc: 0, zero: 0, free: false }), false);
+          }
+          return;
+        }
+        if (this.backing === null) return;
+      }
+    }
+    await this.#writeZeroData(guestOffset, lengthBytes);
+  }
+
+  async #runAt(guestOffset: number, lengthBytes: number): Promise<LayerRun> {
+    for (;;) {
+      const run = this.#layerRun(guestOffset, lengthBytes);
+      if (!("missing" in run)) return run;
+      await this.#meta.getL2(run.missing);
+    }
+  }
+
+  async #writeZeroData(guestOffset: number, lengthBytes: number): Promise<void> {
+    const zeros = new Uint8Array(lengthBytes);
+    if (!(await this.#tryWriteInPlace(guestOffset, zeros))) await this.#writeLocked(guestOffset, zeros);
+  }
+
+  async discard(guestOffset: number, lengthBytes: number): Promise<void> {
+    this.#checkWritable("discard");
+    this.#checkRange(guestOffset, lengthBytes, "discard");
+    const cs = this.#meta.clusterSizeBytes;
+    const start = Math.ceil(guestOffset / cs) * cs;
+    const requestEnd = guestOffset + lengthBytes;
+    const end = requestEnd === this.sizeBytes ? Math.ceil(requestEnd / cs) * cs : Math.floor(requestEnd / cs) * cs;
+    if (start >= end) return;
+    await this.#mutate(start, end - start, () =>
+      this.#mutex.run(async () => {
+        await this.#markDirty();
+        for (let clusterIndex = start / cs; clusterIndex < end / cs; clusterIndex++) {
+          await this.#discardCluster(clusterIndex, false);
+        }
+        await this.#meta.trimCaches();
+      }),
+    );
+  }
+
+  /** discard_in_l2_slice for one cluster; `full` makes it unallocated (shrink). */
+  async #discardCluster(clusterIndex: number, full: boolean): Promise<void> {
+    const geometry = this.#meta.geometry;
+    const hasBacking = this.backing !== null;
+    const v3 = this.#meta.header.version === 3;
+    await this.#setClusterEntry(
+      clusterIndex,
+      (entry) => {
+        const allocated = entry.type === "normal" || entry.type === "zero-alloc" || entry.type === "compressed";
+        if (full) return { word: 0n, alloc: 0, zero: 0, free: allocated };
+        if (hasBacking || allocated) {
+          if (geometry.extendedL2) return { word: 0n, alloc: 0, zero: 0xffffffff, free: allocated };
+          return { word: v3 ? 1n : 0n, alloc: 0, zero: 0, free: allocated };
+        }
+        return { word: readEntryWord(entry, geometry.clusterBits), alloc: entry.allocBitmap >>> 0, zero: entry.zeroBitmap >>> 0, free: false };
+      },
+      !hasBacking || full,
+    );
+  }
+
+  // --------------------------------------------------------- compression
+
+  /**
+   * Write whole clusters compressed (the last one may be the partial
+   * cluster at the image end). Clusters that do not shrink are written
+   * normally. A zero-length call aligns the file end to 512 bytes, as QEMU.
+   */
+  async writeCompressed(guestOffset: number, data: Uint8Array): Promise<void> {
+    this.#checkWritable("write compressed data");
+    this.#checkRange(guestOffset, data.length, "compressed write");
+    const cs = this.#meta.clusterSizeBytes;
+    if (data.length === 0) {
+      const fileSize = await this.#file.sizeBytes();
+      await this.#file.truncate(Math.ceil(fileSize / COMPRESSED_SECTOR_BYTES) * COMPRESSED_SECTOR_BYTES);
+      return;
+    }
+    if (guestOffset % cs !== 0 || (data.length % cs !== 0 && guestOffset + data.length !== this.sizeBytes)) {
+      throw new SnapstackError("E_INVALID_SIZE", `${this.name}: compressed writes must cover whole clusters (guest offset ${guestOffset}, length ${data.length})`);
+    }
+    for (let at = 0; at < data.length; at += cs) {
+      const part = data.subarray(at, Math.min(data.length, at + cs));
+      let cluster = part;
+      if (part.length < cs) {
+        cluster = new Uint8Array(cs);
+        cluster.set(part);
+      }
+      const compressed = compressCluster(cluster, this.#meta.header.compressionType, cs);
+      if (compressed === null) {
+        await this.write(guestOffset + at, part);
+        continue;
+      }
+      await this.#mutate(guestOffset + at, part.length, () => this.#mutex.run(() => this.#writeCompressedLocked(guestOffset + at, compressed)));
+    }
+  }
+
+  async #writeCompressedLocked(guestOffset: number, compressed: Uint8Array): Promise<void> {
+    const meta = this.#meta;
+    const geometry = meta.geometry;
+    const clusterIndex = guestOffset / geometry.clusterSizeBytes;
+    await this.#markDirty();
+    const table = await meta.getL2ForWrite(Math.floor(clusterIndex / geometry.l2Entries));
+    const l2Index = clusterIndex % geometry.l2Entries;
+    const entry = this.#entry(table, l2Index, table.hostOffset);
+    if (entry.type === "normal" || entry.type === "zero-alloc" || entry.type === "compressed") {
+      throw new SnapstackError("E_IO", `${this.name}: compressed write to allocated cluster at guest offset ${guestOffset}`);
+    }
+    const hostOffset = await meta.allocBytes(compressed.length);
+    await this.#file.write(hostOffset, compressed);
+    meta.noteDataWritten();
+    const word = encodeL2Entry({ type: "compressed", hostOffset, compressedBytes: compressed.length }, geometry.clusterBits, geometry.extendedL2);
+    setL2EntryWords(table.view, l2Index, geometry.extendedL2, word, 0, 0);
+    table.dirty = true;
+    await meta.trimCaches();
+  }
+
+  // -------------------------------------------------------------- resize
+
+  async resize(newSizeBytes: number, options: { shrink: boolean }): Promise<void> {
+    this.#checkWritable("resize");
+    const header = this.#meta.header;
+    if (!Number.isSafeInteger(newSizeBytes) || newSizeBytes < 0) throw new SnapstackError("E_INVALID_SIZE", `invalid size ${newSizeBytes}`);
+    if (newSizeBytes % 512 !== 0) throw new SnapstackError("E_INVALID_SIZE", "The new size must be a multiple of 512");
+    if (header.version === 2 && this.#snapshots.length > 0) {
+      throw new SnapstackError("E_UNSUPPORTED_FEATURE", "Can't resize a v2 image which has snapshots");
+    }
+    const oldSize = header.sizeBytes;
+    if (newSizeBytes < oldSize && !options.shrink) {
+      throw new SnapstackError("E_INVALID_SIZE", "Use the --shrink option to perform a shrink operation.");
+    }
+    const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
+    try {
+      await this.#mutex.run(async () => {
+        await this.#markDirty();
+        const meta = this.#meta;
+        const cs = meta.clusterSizeBytes;
+        const newL1Entries = l1EntriesForSize(newSizeBytes, meta.geometry);
+        if (newSizeBytes < oldSize) {
+          const firstCluster = Math.ceil(newSizeBytes / cs);
+          const endCluster = Math.ceil(oldSize / cs);
+          for (let c = firstCluster; c < endCluster; c++) await this.#discardCluster(c, true);
+          await meta.writeCaches();
+          // qcow2_shrink_l1_table: zero the entries past the end and free their L2 tables.
+          const keep = Math.max(newL1Entries, 0);
+          if (keep < header.l1Size) {
+            const zeros = new Uint8Array((header.l1Size - keep) * L1_ENTRY_BYTES);
+            await this.#file.write(header.l1TableOffset + keep * L1_ENTRY_BYTES, zeros);
+            await this.#file.flush();
+            for (let i = header.l1Size - 1; i >= keep; i--) {
+              const l2Offset = meta.l1EntryOffset(i);
+              if (l2Offset === 0) continue;
+              setL1Entry(meta.l1, i, { l2Offset: 0, copied: false });
+              await meta.freeClusters(l2Offset, cs);
+            }
+          }
+          await meta.writeCaches();
+          const fileSize = await this.#file.sizeBytes();
+          const lastCluster = await meta.lastUsedCluster(fileSize);
+          if ((lastCluster + 1) * cs < fileSize) await this.#file.truncate((lastCluster + 1) * cs);
+        } else {
+          await meta.growL1(newL1Entries, true);
+        }
+        const sizeField = new Uint8Array(8);
+        new DataView(sizeField.buffer).setBigUint64(0, BigInt(newSizeBytes));
+        await meta.writeHeaderBytes(24, sizeField);
+        header.sizeBytes = newSizeBytes;
+      });
+    } catch (error) {
+      throw await this.#failed(error);
+    } finally {
+      release();
+    }
+  }
+
+  // -------------------------------------------------------- flush, close
+
+  async flush(): Promise<void> {
+    this.#checkOpen();
+    if (this.readOnly) return;
+    try {
+      await this.#mutex.run(async () => {
+        await this.#meta.writeCaches();
+        await this.#file.flush();
+      });
+    } catch (error) {
+      throw await this.#failed(error);
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    try {
+      if (!this.readOnly) {
+        await this.#mutex.run(async () => {
+          await this.#meta.writeCaches();
+          await this.#file.flush();
+          const header = this.#meta.header;
+          if (header.incompatibleFeatures & INCOMPAT_DIRTY && !(header.incompatibleFeatures & INCOMPAT_CORRUPT)) {
+            header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+            await this.#meta.writeIncompatibleFeatures();
+            this.#meta.lazyRefcounts = false;
+          }
+        });
+      }
+    } finally {
+      this.#closed = true;
+      await this.#file.close();
+      if (this.#closeBacking && this.backing !== null) await this.backing.close();
+    }
+  }
+}
+
+interface ClusterPlan {
+  clusterIndex: number;
+  l2Index: number;
+  inCluster: number;
+  length: number;
+  at: number;
+  entry: L2Entry;
+  inPlace: boolean;
+  hostOffset: number;
+  cowStart?: number;
+  cowEnd?: number;
+}
+
+function pushFilePiece(pieces: ReadPiece[], file: ImageFile, hostOffset: number, at: number, length: number): void {
+  const last = pieces[pieces.length - 1];
+  if (last !== undefined && last.kind === "file" && last.file === file && last.hostOffset + last.length === hostOffset && last.at + last.length === at) {
+    last.length += length;
+    return;
+  }
+  pieces.push({ kind: "file", file, hostOffset, at, length });
+}
+
+function pushZeroPiece(pieces: ReadPiece[], at: number, length: number): void {
+  const last = pieces[pieces.length - 1];
+  if (last !== undefined && last.kind === "zero" && last.at + last.length === at) {
+    last.length += length;
+    return;
+  }
+  pieces.push({ kind: "zero", at, length });
+}
+
+function pushDevicePiece(pieces: ReadPiece[], device: BlockDevice, guestOffset: number, at: number, length: number): void {
+  const last = pieces[pieces.length - 1];
+  if (last !== undefined && last.kind === "device" && last.device === device && last.guestOffset + last.length === guestOffset && last.at + last.length === at) {
+    last.length += length;
+    return;
+  }
+  pieces.push({ kind: "device", device, guestOffset, at, length });
+}
+
+function canMerge(a: LayerExtent, b: LayerExtent): boolean {
+  if (a.kind !== b.kind || (a.compressed ?? false) !== (b.compressed ?? false)) return false;
+  if (a.compressed) return true;
+  if (a.hostOffset === undefined || b.hostOffset === undefined) return a.hostOffset === b.hostOffset;
+  return a.hostOffset + a.lengthBytes === b.hostOffset;
+}
+
+function concatBytes(parts: Uint8Array[], length: number): Uint8Array {
+  const out = new Uint8Array(length);
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  assert(at === length, "concatenated parts fill the buffer");
+  return out;
+}
+
+/** Bits first..end-1 set (subcluster masks, end <= 32). */
+function rangeMask(first: number, end: number): number {
+  if (end <= first) return 0;
+  const width = end - first;
+  return (width >= 32 ? 0xffffffff : ((2 ** width - 1) * 2 ** first)) >>> 0;
+}
+
+function isAllZero(bytes: Uint8Array): boolean {
+  for (let i = 0; i < bytes.length; i++) if (bytes[i] !== 0) return false;
+  return true;
+}
+
+function readWord(table: CachedTable, l2Index: number, extendedL2: boolean): bigint {
+  return table.view.getBigUint64(l2Index * (extendedL2 ? 16 : 8));
+}
+
+/** The 64-bit word that encodes `entry` unchanged. */
+function readEntryWord(entry: L2Entry, clusterBits: number): bigint {
+  switch (entry.type) {
+    case "unallocated":
+      return 0n;
+    case "zero-plain":
+      return 1n;
+    case "zero-alloc":
+    case "normal":
+      return encodeL2Entry({ type: entry.type, hostOffset: entry.hostOffset, copied: entry.copied }, clusterBits);
+    case "compressed": {
+      // Re-encode from offset and sector count.
+      const sectors = entry.compressedSectors;
+      return encodeL2Entry({ type: "compressed", hostOffset: entry.hostOffset, compressedBytes: sectors * 512 - (entry.hostOffset % 512) }, clusterBits);
+    }
+  }
+}
