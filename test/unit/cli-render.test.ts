@@ -122,13 +122,13 @@ test("info human output", () => {
     ...QCOW2_INFO,
     "format-specific": { type: "qcow2", data: { compat: "1.1", bitmaps: [{ flags: ["auto"], name: "b1", granularity: 65536 }] } },
   });
-  assert.match(bitmaps, /    compat: 1\.1\n    bitmaps:\n        \[0\]:\n            flags:\n                \[0\]: auto\n            name: b1\n            granularity: 65536\n$/);
+  assert.match(bitmaps, / {4}compat: 1\.1\n {4}bitmaps:\n {8}\[0\]:\n {12}flags:\n {16}\[0\]: auto\n {12}name: b1\n {12}granularity: 65536\n$/);
 });
 
 test("snapshot table", () => {
   assert.equal(SNAPSHOT_TABLE_HEADER, "ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT");
   const row = formatSnapshotRow({ id: "1", name: "snap1", "vm-state-size": 0, "date-sec": 0, "date-nsec": 0, "vm-clock-sec": 3723, "vm-clock-nsec": 5000000, icount: 0 });
-  assert.match(row, /^1         snap1                 0 B \d{4}-\d\d-\d\d \d\d:\d\d:\d\d 01:02:03\.005          0$/);
+  assert.match(row, /^1 {9}snap1 {17}0 B \d{4}-\d\d-\d\d \d\d:\d\d:\d\d 01:02:03\.005 {10}0$/);
   assert.equal(row.length, SNAPSHOT_TABLE_HEADER.length);
 });
 
