@@ -503,7 +503,6 @@ export class Qcow2Metadata {
     assert(count > 0, "allocating at least one cluster");
     for (;;) {
       const hostOffset = await this.#allocClustersNoref(count);
-      if (hostOffset === 0) throw corruption("Preventing invalid allocation at offset 0");
       if ((await this.#updateRefcount(hostOffset, count * this.clusterSizeBytes, 1, false)) !== AGAIN) {
         await this.#setL2DependsOnRefblocks();
         return hostOffset;
@@ -624,6 +623,7 @@ export class Qcow2Metadata {
     if (oldOffset !== 0 && this.l1EntryCopied(l1Index)) return this.getL2(oldOffset);
     // l2_allocate
     const newOffset = await this.allocClusters(this.clusterSizeBytes);
+    if (newOffset === 0) throw corruption("Preventing invalid allocation of L2 table at offset 0");
     await this.writeDirtyRefblocks();
     let contents: Uint8Array | undefined;
     if (oldOffset !== 0) contents = (await this.getL2(oldOffset)).bytes;

@@ -655,43 +655,8 @@ export class Qcow2Image implements BlockDevice {
       const l1Index = Math.floor(g / geometry.l2CoverageBytes);
       const chunkEnd = Math.min(data.length, (l1Index + 1) * geometry.l2CoverageBytes - guestOffset);
       const table = await meta.getL2ForWrite(l1Index);
-      // Classify clusters of this chunk.
-      const plans: ClusterPlan[] = [];
-      for (let pos = at; pos < chunkEnd; ) {
-        const cg = guestOffset + pos;
-        const clusterIndex = Math.floor(cg / cs);
-        const inCluster = cg - clusterIndex * cs;
-        const length = Math.min(chunkEnd - pos, cs - inCluster);
-        const l2Index = clusterIndex % geometry.l2Entries;
-        const entry = this.#entry(table, l2Index, table.hostOffset);
-        const inPlace = (entry.type === "normal" || entry.type === "zero-alloc") && entry.copied;
-        plans.push({ clusterIndex, l2Index, inCluster, length, at: pos, entry, inPlace, hostOffset: inPlace ? entry.hostOffset : -1 });
-        pos += length;
-      }
-      // Allocate runs of clusters that need new host clusters, contiguous with the previous run when possible.
-      for (let i = 0; i < plans.length; ) {
-        if (plans[i].inPlace) {
-          nextHostOffset = plans[i].hostOffset + cs;
-          i++;
-          continue;
-        }
-        let j = i;
-        while (j < plans.length && !plans[j].inPlace) j++;
-        let count = j - i;
-        let k = i;
-        if (nextHostOffset > 0) {
-          const got = await meta.allocClustersAt(nextHostOffset, count);
-          for (let n = 0; n < got; n++) plans[k + n].hostOffset = nextHostOffset + n * cs;
-          k += got;
-          count -= got;
-        }
-        if (count > 0) {
-          const hostOffset = await meta.allocClusters(count * cs);
-          for (let n = 0; n < count; n++) plans[k + n].hostOffset = hostOffset + n * cs;
-        }
-        nextHostOffset = plans[j - 1].hostOffset + cs;
-        i = j;
-      }
+      const plans = this.#planClusters(table, guestOffset, at, chunkEnd);
+      nextHostOffset = await this.#allocatePlans(plans, nextHostOffset);
       // Build and write data with COW padding, coalescing contiguous host ranges.
       const writes: { hostOffset: number; parts: Uint8Array[]; length: number }[] = [];
       for (const plan of plans) {
@@ -750,6 +715,94 @@ export class Qcow2Image implements BlockDevice {
       for (const entry of freeAfter) await meta.freeEntry(entry);
     }
     await meta.trimCaches();
+  }
+
+  /**
+   * Give host clusters to the plans that are not in place, in runs, each
+   * run contiguous with the previous host cluster when that is free
+   * (qcow2_alloc_clusters_at), else first fit. Returns the host offset
+   * following the last cluster.
+   */
+  async #allocatePlans(plans: ClusterPlan[], nextHostOffset: number): Promise<number> {
+    const meta = this.#meta;
+    const cs = meta.clusterSizeBytes;
+    let next = nextHostOffset;
+    for (let i = 0; i < plans.length; ) {
+      if (plans[i].inPlace) {
+        next = plans[i].hostOffset + cs;
+        i++;
+        continue;
+      }
+      let j = i;
+      while (j < plans.length && !plans[j].inPlace) j++;
+      let count = j - i;
+      let k = i;
+      if (next > 0) {
+        const got = await meta.allocClustersAt(next, count);
+        for (let n = 0; n < got; n++) plans[k + n].hostOffset = next + n * cs;
+        k += got;
+        count -= got;
+      }
+      if (count > 0) {
+        const hostOffset = await meta.allocClusters(count * cs);
+        for (let n = 0; n < count; n++) plans[k + n].hostOffset = hostOffset + n * cs;
+      }
+      next = plans[j - 1].hostOffset + cs;
+      i = j;
+    }
+    return next;
+  }
+
+  /** The plans for the clusters of [at, chunkEnd) of a request starting at guestOffset, all in one L2 table. */
+  #planClusters(table: CachedTable, guestOffset: number, at: number, chunkEnd: number): ClusterPlan[] {
+    const geometry = this.#meta.geometry;
+    const cs = geometry.clusterSizeBytes;
+    const plans: ClusterPlan[] = [];
+    for (let pos = at; pos < chunkEnd; ) {
+      const cg = guestOffset + pos;
+      const clusterIndex = Math.floor(cg / cs);
+      const inCluster = cg - clusterIndex * cs;
+      const length = Math.min(chunkEnd - pos, cs - inCluster);
+      const l2Index = clusterIndex % geometry.l2Entries;
+      const entry = this.#entry(table, l2Index, table.hostOffset);
+      const inPlace = (entry.type === "normal" || entry.type === "zero-alloc") && entry.copied;
+      plans.push({ clusterIndex, l2Index, inCluster, length, at: pos, entry, inPlace, hostOffset: inPlace ? entry.hostOffset : -1 });
+      pos += length;
+    }
+    return plans;
+  }
+
+  /**
+   * preallocate_co (preallocation=metadata): give every unallocated cluster
+   * of the range a host cluster (entry offset|COPIED, with extended L2 an
+   * empty bitmap) without writing data. Returns the end of the last host
+   * range allocated (0 if none), so the caller can extend the file to it.
+   */
+  async preallocateMetadata(guestOffset: number, lengthBytes: number): Promise<number> {
+    this.#checkWritable("preallocate");
+    const meta = this.#meta;
+    const geometry = meta.geometry;
+    let hostEnd = 0;
+    await this.#mutex.run(async () => {
+      let nextHostOffset = -1;
+      let at = 0;
+      while (at < lengthBytes) {
+        const l1Index = Math.floor((guestOffset + at) / geometry.l2CoverageBytes);
+        const chunkEnd = Math.min(lengthBytes, (l1Index + 1) * geometry.l2CoverageBytes - guestOffset);
+        const table = await meta.getL2ForWrite(l1Index);
+        const plans = this.#planClusters(table, guestOffset, at, chunkEnd).filter((p) => p.entry.type === "unallocated" || p.entry.type === "zero-plain");
+        nextHostOffset = await this.#allocatePlans(plans, nextHostOffset);
+        for (const plan of plans) {
+          const word = encodeL2Entry({ type: "normal", hostOffset: plan.hostOffset, copied: true }, geometry.clusterBits, geometry.extendedL2);
+          setL2EntryWords(table.view, plan.l2Index, geometry.extendedL2, word, 0, 0);
+          table.dirty = true;
+          hostEnd = plan.hostOffset + plan.inCluster + plan.length;
+        }
+        at = chunkEnd;
+      }
+      await meta.writeCaches();
+    });
+    return hostEnd;
   }
 
   /**
