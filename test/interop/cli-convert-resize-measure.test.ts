@@ -1,0 +1,92 @@
+// snapstack img convert / resize / measure, checked with qemu-img.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { requireTools, scratchDir } from "../helpers/tools.ts";
+import { buildFixtures, ok, qemuImg, snapstack } from "./cli-helpers.ts";
+
+test("convert: the result passes qemu-img compare and check", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await buildFixtures(dir);
+  const cases: Array<{ args: string[]; target: string; source: string }> = [
+    { args: ["-O", "qcow2"], source: "top.qcow2", target: "c1.qcow2" },
+    { args: ["-O", "raw"], source: "top.qcow2", target: "c2.raw" },
+    { args: ["-O", "qcow2", "-c"], source: "base.qcow2", target: "c3.qcow2" },
+    { args: ["-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k,compat=0.10"], source: "plain.raw", target: "c4.qcow2" },
+    { args: ["-O", "qcow2", "-S", "0"], source: "v2.qcow2", target: "c5.qcow2" },
+    { args: ["-q", "-O", "qcow2"], source: "snap.qcow2", target: "c6.qcow2" },
+  ];
+  for (const { args, source, target } of cases) {
+    const ours = ok(await snapstack(["img", "convert", ...args, source, target], { cwd: dir }), `convert ${args.join(" ")}`);
+    assert.equal(ours.stdout, "");
+    ok(await qemuImg(["compare", source, target], dir), `qemu-img compare ${source} ${target} after convert ${args.join(" ")}`);
+    if (target.endsWith(".qcow2")) ok(await qemuImg(["check", target], dir), `qemu-img check ${target}`);
+  }
+  // -B: the target gets the backing file; only the top layer's data is copied.
+  ok(await snapstack(["img", "convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2", "cb.qcow2"], { cwd: dir }), "convert -B");
+  ok(await qemuImg(["compare", "top.qcow2", "cb.qcow2"], dir), "compare after -B");
+  const info = JSON.parse(ok(await qemuImg(["info", "--output=json", "cb.qcow2"], dir), "info").stdout) as Record<string, unknown>;
+  assert.equal(info["backing-filename"], "base.qcow2");
+  assert.equal(info["backing-filename-format"], "qcow2");
+});
+
+test("convert -p prints qemu-img's progress lines", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await buildFixtures(dir);
+  const ours = ok(await snapstack(["img", "convert", "-p", "-O", "qcow2", "base.qcow2", "p.qcow2"], { cwd: dir }), "convert -p");
+  const updates = ours.stdout.split("\r");
+  assert.equal(updates[0], "    (0.00/100%)");
+  assert.ok(updates.slice(0, -1).every((update) => /^ {4}\(\d{1,3}\.\d\d\/100%\)$/.test(update)), JSON.stringify(ours.stdout));
+  assert.ok(ours.stdout.endsWith("    (100.00/100%)\r\n"), JSON.stringify(ours.stdout));
+});
+
+test("resize: qemu-img info sees the new size; shrinking needs --shrink", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await buildFixtures(dir);
+  const size = async (image: string): Promise<number> =>
+    (JSON.parse(ok(await qemuImg(["info", "--output=json", image], dir), "info").stdout) as { "virtual-size": number })["virtual-size"];
+  const steps: Array<[string[], number]> = [
+    [["base.qcow2", "+1G"], 64 * 2 ** 20 + 2 ** 30],
+    [["base.qcow2", "2G"], 2 * 2 ** 30],
+    [["--shrink", "base.qcow2", "-1G"], 2 ** 30],
+    [["-f", "raw", "plain.raw", "4M"], 4 * 2 ** 20],
+    [["v2.qcow2", "+1M"], 9 * 2 ** 20],
+  ];
+  for (const [args, expected] of steps) {
+    const ours = ok(await snapstack(["img", "resize", ...args], { cwd: dir }), `resize ${args.join(" ")}`);
+    assert.equal(ours.stdout, "Image resized.\n");
+    const image = args.find((arg) => arg.includes("."));
+    assert.equal(await size(image ?? ""), expected, args.join(" "));
+    if (image?.endsWith(".qcow2")) ok(await qemuImg(["check", image], dir), `check ${image}`);
+  }
+  const quiet = ok(await snapstack(["img", "resize", "-q", "base.qcow2", "+1M"], { cwd: dir }), "quiet");
+  assert.equal(quiet.stdout, "");
+  const refused = await snapstack(["img", "resize", "base.qcow2", "1M"], { cwd: dir });
+  assert.equal(refused.code, 1);
+  assert.match(refused.stderr, /^snapstack: error E_\w+: .*--shrink/);
+});
+
+test("measure equals qemu-img measure (human and JSON)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await buildFixtures(dir);
+  const cases: string[][] = [
+    ["--size", "1G", "-O", "qcow2"],
+    ["--size", "1G"],
+    ["--size", "100G", "-O", "qcow2", "-o", "cluster_size=4k"],
+    ["--size", "10G", "-O", "qcow2", "-o", "preallocation=metadata"],
+    ["-O", "qcow2", "base.qcow2"],
+    ["-O", "qcow2", "top.qcow2"],
+    ["-O", "raw", "top.qcow2"],
+    ["-O", "qcow2", "-f", "raw", "plain.raw"],
+  ];
+  for (const args of cases) {
+    for (const output of ["human", "json"]) {
+      const ours = ok(await snapstack(["img", "measure", `--output=${output}`, ...args], { cwd: dir }), `measure ${args.join(" ")}`);
+      const theirs = ok(await qemuImg(["measure", `--output=${output}`, ...args], dir), `qemu-img measure ${args.join(" ")}`);
+      assert.equal(ours.stdout, theirs.stdout, `${output} ${args.join(" ")}`);
+    }
+  }
+});

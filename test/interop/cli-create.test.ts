@@ -1,0 +1,74 @@
+// snapstack img create vs qemu-img create: banners, -o help and the files themselves.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { requireTools, scratchDir } from "../helpers/tools.ts";
+import { ok, qemuImg, snapstack } from "./cli-helpers.ts";
+
+/** Argument lists (after "create") that must produce identical stdout and identical files. */
+const CASES: string[][] = [
+  ["-f", "qcow2", "IMG", "1G"],
+  ["-f", "qcow2", "IMG", "0"],
+  ["-f", "qcow2", "IMG", "1000"],
+  ["-f", "qcow2", "IMG", "1.5G"],
+  ["-f", "qcow2", "-o", "cluster_size=4096", "IMG", "10M"],
+  ["-f", "qcow2", "-o", "cluster_size=512", "IMG", "16M"],
+  ["-f", "qcow2", "-o", "cluster_size=2M", "IMG", "100G"],
+  ["-f", "qcow2", "-o", "lazy_refcounts=on", "-o", "refcount_bits=8", "IMG", "64M"],
+  ["-f", "qcow2", "-o", "compat=0.10", "IMG", "1M"],
+  ["-f", "qcow2", "-o", "extended_l2=on", "IMG", "1G"],
+  ["-f", "qcow2", "-o", "compression_type=zstd", "IMG", "1G"],
+  ["-f", "qcow2", "-o", "size=2M", "IMG"],
+  ["-fqcow2", "IMG", "4T"],
+  ["IMG", "-f", "qcow2", "3M"],
+  ["-f", "raw", "IMG", "1000"],
+  ["IMG", "64k"],
+];
+
+for (const args of CASES) {
+  test(`create ${args.join(" ")}: same banner and same bytes as qemu-img`, async (t) => {
+    if (!requireTools(t, "qemu-img")) return;
+    const dir = scratchDir(t);
+    const ours = await snapstack(["img", "create", ...args.map((arg) => (arg === "IMG" ? "ours.img" : arg))], { cwd: dir });
+    const theirs = ok(await qemuImg(["create", ...args.map((arg) => (arg === "IMG" ? "theirs.img" : arg))], dir), "qemu-img create");
+    ok(ours, "snapstack img create");
+    assert.equal(ours.stdout.replace("ours.img", "theirs.img"), theirs.stdout);
+    assert.ok(readFileSync(join(dir, "ours.img")).equals(readFileSync(join(dir, "theirs.img"))), "files differ (cmp)");
+  });
+}
+
+test("create with a backing file: banner, size from the backing file, same bytes", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "base.qcow2", "5M"], dir), "base");
+  for (const extra of [[], ["2M"]]) {
+    const ours = ok(await snapstack(["img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "ours.qcow2", ...extra], { cwd: dir }), "ours");
+    const theirs = ok(await qemuImg(["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "theirs.qcow2", ...extra], dir), "theirs");
+    assert.equal(ours.stdout.replace("ours.qcow2", "theirs.qcow2"), theirs.stdout);
+    assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(readFileSync(join(dir, "theirs.qcow2"))), `files differ with ${extra.join(" ")}`);
+  }
+  // -u: the backing file is not opened (it need not exist).
+  const ours = ok(await snapstack(["img", "create", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", "u1.qcow2", "1G"], { cwd: dir }), "ours -u");
+  const theirs = ok(await qemuImg(["create", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", "u2.qcow2", "1G"], dir), "theirs -u");
+  assert.equal(ours.stdout.replace("u1.qcow2", "u2.qcow2"), theirs.stdout);
+  assert.ok(readFileSync(join(dir, "u1.qcow2")).equals(readFileSync(join(dir, "u2.qcow2"))));
+});
+
+test("create -q prints nothing; -o help lists the options like qemu-img", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  const quiet = ok(await snapstack(["img", "create", "-q", "-f", "qcow2", "q.qcow2", "1M"], { cwd: dir }), "quiet");
+  assert.equal(quiet.stdout + quiet.stderr, "");
+  for (const args of [
+    ["-f", "qcow2", "-o", "help"],
+    ["-f", "qcow2", "-o", "?", "x.qcow2"],
+    ["-f", "qcow2", "-o", "cluster_size=4k,help", "x.qcow2"],
+    ["-f", "raw", "-o", "help"],
+    ["-f", "raw", "-o", "help", "x.raw"],
+  ]) {
+    const ours = ok(await snapstack(["img", "create", ...args], { cwd: dir }), `ours ${args.join(" ")}`);
+    const theirs = ok(await qemuImg(["create", ...args], dir), `theirs ${args.join(" ")}`);
+    assert.equal(ours.stdout, theirs.stdout, args.join(" "));
+  }
+});

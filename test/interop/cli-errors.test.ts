@@ -1,0 +1,274 @@
+// One test per error code a CLI user can trigger: the code on one stderr line,
+// a non-zero exit, no stack trace, and the refused image byte-for-byte unchanged.
+import { test, type TestContext } from "node:test";
+import assert from "node:assert/strict";
+import { closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from "node:fs";
+import { join } from "node:path";
+import { requireTools, scratchDir } from "../helpers/tools.ts";
+import { assertCodedError, assertUnchanged, ok, qemuImg, qemuIo, snapshotFiles, snapstack } from "./cli-helpers.ts";
+
+const HEADER_INCOMPATIBLE_FEATURES = 72;
+const HEADER_L1_TABLE_OFFSET = 40;
+
+function poke(path: string, hostOffset: number, bytes: Uint8Array): void {
+  const fd = openSync(path, "r+");
+  try {
+    writeSync(fd, bytes, 0, bytes.length, hostOffset);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function peekU64(path: string, hostOffset: number): bigint {
+  const fd = openSync(path, "r");
+  try {
+    const buffer = Buffer.alloc(8);
+    readSync(fd, buffer, 0, 8, hostOffset);
+    return buffer.readBigUInt64BE(0);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function u64(value: bigint): Uint8Array {
+  const buffer = Buffer.alloc(8);
+  buffer.writeBigUInt64BE(value);
+  return buffer;
+}
+
+/** A 1 MiB qcow2 image with 64 KiB of data at 0, made by QEMU. */
+async function image(t: TestContext, dir: string, name = "img.qcow2"): Promise<string> {
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", name, "1M"], dir), "create");
+  ok(await qemuIo(["-c", "write -P 0xab 0 64k", name], dir), "write");
+  void t;
+  return join(dir, name);
+}
+
+/** Run snapstack on files that must stay unchanged; assert the coded error. */
+async function refused(dir: string, args: string[], code: string, unchanged: string[], exitCode = 1): Promise<void> {
+  const before = snapshotFiles(unchanged);
+  const result = await snapstack(args, { cwd: dir });
+  assertCodedError(result, code, exitCode);
+  assertUnchanged(before);
+}
+
+test("E_USAGE: unknown options, missing arguments, unknown commands", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  await refused(dir, ["img", "info", "--foo", "img.qcow2"], "E_USAGE", [path]);
+  await refused(dir, ["img", "check", "-x", "img.qcow2"], "E_USAGE", [path]);
+  await refused(dir, ["img", "info", "-f"], "E_USAGE", []);
+  await refused(dir, ["img", "map", "--output=xml", "img.qcow2"], "E_USAGE", [path]);
+  await refused(dir, ["img", "check", "-r", "some", "img.qcow2"], "E_USAGE", [path]);
+  await refused(dir, ["img", "frobnicate", "img.qcow2"], "E_USAGE", [path]);
+  await refused(dir, ["io", "-c", "frob 0 1", "img.qcow2"], "E_USAGE", [path]);
+  await refused(dir, ["img", "create", "-f", "qcow2", "new.qcow2", "1M", "2M"], "E_USAGE", []);
+  assert.ok(!existsSync(join(dir, "new.qcow2")));
+});
+
+test("E_INVALID_SIZE: bad sizes and offsets", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  await refused(dir, ["img", "create", "-f", "qcow2", "new.qcow2", "1x"], "E_INVALID_SIZE", []);
+  await refused(dir, ["img", "create", "-f", "qcow2", "new.qcow2", "9E"], "E_INVALID_SIZE", []);
+  assert.ok(!existsSync(join(dir, "new.qcow2")));
+  await refused(dir, ["img", "resize", "img.qcow2", "5x"], "E_INVALID_SIZE", [path]);
+  await refused(dir, ["io", "-c", "read 0 1x", "img.qcow2"], "E_INVALID_SIZE", [path]);
+  await refused(dir, ["img", "map", "--start-offset=-5", "img.qcow2"], "E_INVALID_SIZE", [path]);
+});
+
+test("E_TOO_LARGE: sizes beyond qcow2's or snapstack's limits", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  await refused(dir, ["img", "resize", "img.qcow2", "9P"], "E_TOO_LARGE", [path]);
+  await refused(dir, ["img", "create", "-f", "qcow2", "big.qcow2", "3P"], "E_TOO_LARGE", []);
+});
+
+test("E_INVALID_OPTION: unknown or mistyped -o options", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  await refused(dir, ["img", "create", "-f", "qcow2", "-o", "foo=bar", "new.qcow2", "1M"], "E_INVALID_OPTION", []);
+  await refused(dir, ["img", "create", "-f", "qcow2", "-o", "lazy_refcounts=maybe", "new.qcow2", "1M"], "E_INVALID_OPTION", []);
+  await refused(dir, ["img", "create", "-f", "qcow2", "-o", "size=1M", "new.qcow2", "1M"], "E_INVALID_OPTION", []);
+  assert.ok(!existsSync(join(dir, "new.qcow2")));
+  await refused(dir, ["img", "convert", "-O", "qcow2", "-o", "foo=1", "img.qcow2", "out.qcow2"], "E_INVALID_OPTION", [path]);
+  assert.ok(!existsSync(join(dir, "out.qcow2")));
+});
+
+test("E_OUT_OF_RANGE: I/O past the end of the disk", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  await refused(dir, ["io", "-c", "write 1M 4k", "img.qcow2"], "E_OUT_OF_RANGE", [path]);
+  await refused(dir, ["io", "-c", "write 1020k 8k", "img.qcow2"], "E_OUT_OF_RANGE", [path]);
+  await refused(dir, ["io", "-r", "-c", "read 2G 1", "img.qcow2"], "E_OUT_OF_RANGE", [path]);
+});
+
+test("E_NOT_FOUND: a missing image", async (t) => {
+  const dir = scratchDir(t);
+  await refused(dir, ["img", "info", "missing.qcow2"], "E_NOT_FOUND", []);
+  await refused(dir, ["io", "-c", "read 0 1", "missing.qcow2"], "E_NOT_FOUND", []);
+  await refused(dir, ["img", "compare", "missing.qcow2", "missing2.qcow2"], "E_NOT_FOUND", [], 2);
+});
+
+test("E_ACCESS: a directory, or a file without permission", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  mkdirSync(join(dir, "adir"));
+  await refused(dir, ["img", "info", "adir"], "E_ACCESS", []);
+  if (process.getuid?.() !== 0) {
+    const path = await image(t, dir);
+    const { chmodSync } = await import("node:fs");
+    chmodSync(path, 0o444);
+    await refused(dir, ["io", "-c", "write 0 4k", "img.qcow2"], "E_ACCESS", [path]);
+  }
+});
+
+test("E_UNKNOWN_FORMAT: a format name snapstack does not know", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  await refused(dir, ["img", "info", "-f", "vmdk", "img.qcow2"], "E_UNKNOWN_FORMAT", [path]);
+  await refused(dir, ["img", "create", "-f", "foo", "new.img", "1M"], "E_UNKNOWN_FORMAT", []);
+  await refused(dir, ["img", "convert", "-O", "foo", "img.qcow2", "out.img"], "E_UNKNOWN_FORMAT", [path]);
+  assert.ok(!existsSync(join(dir, "new.img")) && !existsSync(join(dir, "out.img")));
+});
+
+test("E_WRONG_FORMAT: -f qcow2 on a raw file", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "raw", "r.img", "1M"], dir), "create raw");
+  writeFileSync(join(dir, "r.img"), Buffer.alloc(4096, 0x41));
+  await refused(dir, ["img", "info", "-f", "qcow2", "r.img"], "E_WRONG_FORMAT", [join(dir, "r.img")]);
+  await refused(dir, ["io", "-f", "qcow2", "-c", "write 0 4k", "r.img"], "E_WRONG_FORMAT", [join(dir, "r.img")]);
+});
+
+test("E_BAD_HEADER: truncated and garbled qcow2 headers", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  writeFileSync(join(dir, "trunc.qcow2"), readFileSync(path).subarray(0, 50));
+  await refused(dir, ["img", "info", "-f", "qcow2", "trunc.qcow2"], "E_BAD_HEADER", [join(dir, "trunc.qcow2")]);
+  await refused(dir, ["img", "info", "trunc.qcow2"], "E_BAD_HEADER", [join(dir, "trunc.qcow2")]);
+  copyFileSync(path, join(dir, "garbled.qcow2"));
+  poke(join(dir, "garbled.qcow2"), 20, Uint8Array.of(0, 0, 0, 30)); // cluster_bits 30
+  await refused(dir, ["io", "-c", "write 0 4k", "garbled.qcow2"], "E_BAD_HEADER", [join(dir, "garbled.qcow2")]);
+});
+
+test("E_UNSUPPORTED_FEATURE: an unknown incompatible feature bit", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  const features = peekU64(path, HEADER_INCOMPATIBLE_FEATURES);
+  poke(path, HEADER_INCOMPATIBLE_FEATURES, u64(features | (1n << 40n)));
+  await refused(dir, ["io", "-c", "write 0 4k", "img.qcow2"], "E_UNSUPPORTED_FEATURE", [path]);
+  await refused(dir, ["img", "info", "img.qcow2"], "E_UNSUPPORTED_FEATURE", [path]);
+});
+
+test("E_CORRUPT_IMAGE: an L1 entry pointing at an unaligned L2 table", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  const l1Offset = Number(peekU64(path, HEADER_L1_TABLE_OFFSET));
+  poke(path, l1Offset, u64(peekU64(path, l1Offset) + 0x200n));
+  await refused(dir, ["io", "-r", "-c", "read 0 4k", "img.qcow2"], "E_CORRUPT_IMAGE", [path]);
+});
+
+test("E_IMAGE_MARKED_CORRUPT: writing to an image with the corrupt bit", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  poke(path, HEADER_INCOMPATIBLE_FEATURES, u64(peekU64(path, HEADER_INCOMPATIBLE_FEATURES) | 2n));
+  await refused(dir, ["io", "-c", "write 0 4k", "img.qcow2"], "E_IMAGE_MARKED_CORRUPT", [path]);
+});
+
+test("E_ENCRYPTED: a LUKS-encrypted qcow2", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  ok(
+    await qemuImg(["create", "-q", "--object", "secret,id=sec0,data=123456", "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", "enc.qcow2", "1M"], dir),
+    "create encrypted",
+  );
+  await refused(dir, ["io", "-r", "-c", "read 0 4k", "enc.qcow2"], "E_ENCRYPTED", [join(dir, "enc.qcow2")]);
+});
+
+test("E_READ_ONLY: a write on an image opened with -r", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  await refused(dir, ["io", "-r", "-c", "write 0 4k", "img.qcow2"], "E_READ_ONLY", [path]);
+});
+
+test("E_BACKING_MISSING: an overlay whose backing file is gone", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await image(t, dir, "base.qcow2");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"], dir), "overlay");
+  rmSync(join(dir, "base.qcow2"));
+  const top = join(dir, "top.qcow2");
+  await refused(dir, ["img", "map", "top.qcow2"], "E_BACKING_MISSING", [top]);
+  await refused(dir, ["io", "-c", "write 0 4k", "top.qcow2"], "E_BACKING_MISSING", [top]);
+  await refused(dir, ["img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "new.qcow2"], "E_BACKING_MISSING", []);
+});
+
+test("E_BACKING_LOOP: two images backing each other", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2", "1M"], dir), "a");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2", "1M"], dir), "b");
+  await refused(dir, ["img", "info", "--backing-chain", "a.qcow2"], "E_BACKING_LOOP", [join(dir, "a.qcow2"), join(dir, "b.qcow2")]);
+  await refused(dir, ["io", "-c", "write 0 4k", "a.qcow2"], "E_BACKING_LOOP", [join(dir, "a.qcow2"), join(dir, "b.qcow2")]);
+});
+
+test("E_CHAIN_TOO_DEEP: a chain of 1,100 images", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  const layers = 1100;
+  const name = (index: number): string => `l${String(index).padStart(5, "0")}.qcow2`;
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", name(0), "1M"], dir), "bottom");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-u", "-b", name(0), "-F", "qcow2", "template.qcow2", "1M"], dir), "template");
+  const template = readFileSync(join(dir, "template.qcow2"));
+  const nameOffset = Number(template.readBigUInt64BE(8));
+  for (let index = 1; index <= layers; index++) {
+    const bytes = Buffer.from(template);
+    bytes.write(name(index - 1), nameOffset, "latin1");
+    writeFileSync(join(dir, name(index)), bytes);
+  }
+  await refused(dir, ["img", "info", "--backing-chain", name(layers)], "E_CHAIN_TOO_DEEP", [join(dir, name(layers))]);
+});
+
+test("E_BACKING_FORMAT: -b without -F", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir, "base.qcow2");
+  await refused(dir, ["img", "create", "-f", "qcow2", "-b", "base.qcow2", "new.qcow2"], "E_BACKING_FORMAT", [path]);
+  await refused(dir, ["img", "create", "-f", "qcow2", "-o", "backing_file=base.qcow2", "new.qcow2"], "E_BACKING_FORMAT", [path]);
+  await refused(dir, ["img", "convert", "-O", "qcow2", "-B", "base.qcow2", "base.qcow2", "out.qcow2"], "E_BACKING_FORMAT", [path]);
+  assert.ok(!existsSync(join(dir, "new.qcow2")) && !existsSync(join(dir, "out.qcow2")));
+});
+
+test("E_PATTERN_MISMATCH: read -P on other data", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  await refused(dir, ["io", "-c", "read -P 0x12 0 4k", "img.qcow2"], "E_PATTERN_MISMATCH", [path]);
+});
+
+test("E_COMPRESSION: a damaged compressed cluster", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "c.qcow2", "1M"], dir), "create");
+  ok(await qemuIo(["-c", "write -c -P 0x31 0 64k", "c.qcow2"], dir), "compressed write");
+  const path = join(dir, "c.qcow2");
+  const l1Offset = Number(peekU64(path, HEADER_L1_TABLE_OFFSET));
+  const l2Offset = Number(peekU64(path, l1Offset) & 0x00fffffffffffe00n);
+  const descriptor = peekU64(path, l2Offset);
+  assert.equal(descriptor >> 62n, 1n, "L2 entry 0 is compressed");
+  const dataOffset = Number(descriptor & ((1n << 54n) - 1n));
+  poke(path, dataOffset, Buffer.alloc(64, 0xff));
+  await refused(dir, ["io", "-r", "-c", "read 0 4k", "c.qcow2"], "E_COMPRESSION", [path]);
+});

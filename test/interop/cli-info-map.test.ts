@@ -1,0 +1,73 @@
+// snapstack img info / map vs qemu-img on images made by QEMU.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { requireTools, scratchDir } from "../helpers/tools.ts";
+import { FIXTURE_IMAGES, buildFixtures, ok, qemuImg, snapstack } from "./cli-helpers.ts";
+
+/** actual-size depends on the file system's allocation, compared separately. */
+function withoutActualSize(value: unknown): unknown {
+  if (Array.isArray(value)) return value.map(withoutActualSize);
+  if (typeof value === "object" && value !== null) {
+    return Object.fromEntries(Object.entries(value).filter(([key]) => key !== "actual-size").map(([key, item]) => [key, withoutActualSize(item)]));
+  }
+  return value;
+}
+
+test("info --output=json equals qemu-img's field by field (actual-size aside)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await buildFixtures(dir);
+  for (const image of FIXTURE_IMAGES) {
+    for (const extra of [[], ["--backing-chain"]]) {
+      const args = ["info", "--output=json", ...extra, image];
+      const ours = ok(await snapstack(["img", ...args], { cwd: dir }), `snapstack ${args.join(" ")}`);
+      const theirs = ok(await qemuImg(args, dir), `qemu-img ${args.join(" ")}`);
+      assert.deepEqual(withoutActualSize(JSON.parse(ours.stdout)), withoutActualSize(JSON.parse(theirs.stdout)), args.join(" "));
+      // Same keys in the same printed order (QEMU's hash order).
+      const keyLines = (text: string): string[] => text.split("\n").filter((line) => !line.includes('"actual-size"') && !/"date-(sec|nsec)"/.test(line));
+      assert.deepEqual(keyLines(ours.stdout), keyLines(theirs.stdout), `${args.join(" ")} layout`);
+    }
+  }
+});
+
+test("info human output equals qemu-img's (disk size aside)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await buildFixtures(dir);
+  const mask = (text: string): string => text.replace(/^disk size: .*$/gm, "disk size: X");
+  for (const image of FIXTURE_IMAGES) {
+    for (const extra of [[], ["--backing-chain"]]) {
+      const args = ["info", ...extra, image];
+      const ours = ok(await snapstack(["img", ...args], { cwd: dir }), `snapstack ${args.join(" ")}`);
+      const theirs = ok(await qemuImg(args, dir), `qemu-img ${args.join(" ")}`);
+      assert.equal(mask(ours.stdout), mask(theirs.stdout), args.join(" "));
+    }
+  }
+});
+
+test("map --output=json equals qemu-img's, also with --start-offset/--max-length", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await buildFixtures(dir);
+  for (const image of FIXTURE_IMAGES) {
+    for (const extra of [[], ["--start-offset=1M"], ["--start-offset=1M", "--max-length=4M"], ["--max-length", "5M"]]) {
+      const args = ["map", "--output=json", ...extra, image];
+      const ours = ok(await snapstack(["img", ...args], { cwd: dir }), `snapstack ${args.join(" ")}`);
+      const theirs = ok(await qemuImg(args, dir), `qemu-img ${args.join(" ")}`);
+      assert.equal(ours.stdout, theirs.stdout, args.join(" "));
+    }
+  }
+});
+
+test("map human output equals qemu-img's, including the compressed-cluster failure", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await buildFixtures(dir);
+  for (const image of FIXTURE_IMAGES) {
+    const ours = await snapstack(["img", "map", image], { cwd: dir });
+    const theirs = await qemuImg(["map", image], dir);
+    assert.equal(ours.stdout, theirs.stdout, image);
+    assert.equal(ours.code, theirs.code, `${image} exit status`);
+    if (theirs.code !== 0) assert.match(ours.stderr, /^snapstack: error E_UNSUPPORTED_FEATURE: File contains external, encrypted or compressed clusters\.\n$/);
+  }
+});

@@ -1,0 +1,108 @@
+// snapstack io vs qemu-io: same output (statistics lines aside) and same resulting images.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { copyFileSync } from "node:fs";
+import { join } from "node:path";
+import { createRandom, testSeed } from "../helpers/random.ts";
+import { requireTools, scratchDir } from "../helpers/tools.ts";
+import { buildFixtures, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
+
+/** The statistics line ("4 KiB, 1 ops; 00.00 sec (...)") carries timings: keep only its size and op count. */
+function maskTimings(text: string): string {
+  return text.replace(/^(.*?, \d+ ops); .*$/gm, "$1; TIMING");
+}
+
+function commandArgs(commands: string[]): string[] {
+  return commands.flatMap((command) => ["-c", command]);
+}
+
+test("io read/write/discard/flush/map print what qemu-io prints", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await buildFixtures(dir);
+  copyFileSync(join(dir, "top.qcow2"), join(dir, "ours.qcow2"));
+  copyFileSync(join(dir, "top.qcow2"), join(dir, "theirs.qcow2"));
+  const commands = [
+    "read -P 0xab 0 64k",
+    "read -v 65530 12",
+    "read -v 4M 40",
+    "read -q 0 4k",
+    "write -P 0x5a 512 3k",
+    "write -z 8M 128k",
+    "write -z -u 4M 64k",
+    "write 10485761 5",
+    "read -P 0x5a 512 3k",
+    "read -P 0 -s 0 -l 512 0 1k",
+    "discard 5M 64k",
+    "flush",
+    "read 1.5k 1.5k",
+    "map",
+  ];
+  const ours = await snapstack(["io", ...commandArgs(commands), "ours.qcow2"], { cwd: dir });
+  const theirs = await qemuIo([...commandArgs(commands), "theirs.qcow2"], dir);
+  assert.equal(ours.code, theirs.code, `exit status (stderr ${ours.stderr})`);
+  assert.equal(maskTimings(ours.stdout), maskTimings(theirs.stdout));
+  ok(await qemuImg(["compare", "-s", "ours.qcow2", "theirs.qcow2"], dir), "images after the same commands");
+  ok(await qemuImg(["check", "ours.qcow2"], dir), "check");
+  assert.equal(
+    ok(await qemuImg(["map", "--output=json", "ours.qcow2"], dir), "map").stdout,
+    ok(await qemuImg(["map", "--output=json", "theirs.qcow2"], dir), "map").stdout,
+  );
+});
+
+test("io on raw and v2 images, and compressed writes", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await buildFixtures(dir);
+  for (const [image, format, commands] of [
+    ["plain.raw", "raw", ["read -P 0x88 4k 4k", "write -P 0x99 1M 64k", "read -v 1M 16", "map"]],
+    ["v2.qcow2", "qcow2", ["write -z 1M 64k", "read -P 0 1M 64k", "write -c 2M 64k", "read -P 0xcd 2M 64k", "map"]],
+  ] as const) {
+    copyFileSync(join(dir, image), join(dir, `ours-${image}`));
+    copyFileSync(join(dir, image), join(dir, `theirs-${image}`));
+    const ours = await snapstack(["io", "-f", format, ...commandArgs([...commands]), `ours-${image}`], { cwd: dir });
+    const theirs = await qemuIo(["-f", format, ...commandArgs([...commands]), `theirs-${image}`], dir);
+    assert.equal(ours.code, theirs.code, `${image} exit status (stderr ${ours.stderr})`);
+    assert.equal(maskTimings(ours.stdout), maskTimings(theirs.stdout), image);
+    ok(await qemuImg(["compare", "-f", format, "-F", format, `ours-${image}`, `theirs-${image}`], dir), `${image} content`);
+  }
+});
+
+test("io random writes read back identically through qemu-io", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const seed = testSeed();
+  t.diagnostic(`seed ${seed}`);
+  const random = createRandom(seed);
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "r.qcow2", "4M"], dir), "create");
+  const checks: string[] = [];
+  const commands: string[] = [];
+  for (let i = 0; i < 20; i++) {
+    const offset = random.int(4 * 2 ** 20 - 70000);
+    const length = 1 + random.int(65536);
+    const pattern = random.int(256);
+    commands.push(`write -P ${pattern} ${offset} ${length}`);
+    checks.push(`read -P ${pattern} ${offset} ${length}`);
+  }
+  ok(await snapstack(["io", ...commandArgs(commands), "r.qcow2"], { cwd: dir }), "snapstack io writes");
+  // Only the last write of each byte survives; verify the last write entirely, and the whole image with check.
+  ok(await qemuIo(["-r", "-c", checks[checks.length - 1], "r.qcow2"], dir), "qemu-io reads the last write");
+  ok(await qemuImg(["check", "r.qcow2"], dir), "check");
+  const replay = join(dir, "replay.qcow2");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", replay, "4M"], dir), "create replay");
+  ok(await qemuIo([...commandArgs(commands), replay], dir), "qemu-io replay");
+  ok(await qemuImg(["compare", "r.qcow2", replay], dir), "same content as qemu-io's");
+});
+
+test("io read -P mismatch: qemu-io's line on stdout, E_PATTERN_MISMATCH on stderr, exit 1", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await buildFixtures(dir);
+  const ours = await snapstack(["io", "-r", "-c", "read -P 0xac 0 4k", "base.qcow2"], { cwd: dir });
+  const theirs = await qemuIo(["-r", "-c", "read -P 0xac 0 4k", "base.qcow2"], dir);
+  assert.equal(ours.code, 1);
+  assert.equal(theirs.code, 1);
+  assert.equal(maskTimings(ours.stdout), maskTimings(theirs.stdout));
+  assert.match(ours.stdout, /^Pattern verification failed at offset 0, 4096 bytes\n/);
+  assert.match(ours.stderr, /^snapstack: error E_PATTERN_MISMATCH: Pattern verification failed at offset 0, 4096 bytes\n$/);
+});
