@@ -38,13 +38,13 @@ interface HeldRange {
 export class RangeLock {
   readonly #held: HeldRange[] = [];
 
-  /** Wait until [start, end) overlaps no held range, take it, and return the release function. */
+  /**
+   * Take [start, end) after every earlier request overlapping it has
+   * released (first come, first served: requests on the same clusters run in
+   * the order they were issued). Returns the release function.
+   */
   async acquire(start: number, end: number): Promise<() => void> {
-    for (;;) {
-      const conflict = this.#held.find((h) => h.start < end && start < h.end);
-      if (conflict === undefined) break;
-      await conflict.released;
-    }
+    const conflicts = this.#held.filter((h) => h.start < end && start < h.end).map((h) => h.released);
     let release!: () => void;
     const held: HeldRange = {
       start,
@@ -54,6 +54,7 @@ export class RangeLock {
       }),
     };
     this.#held.push(held);
+    if (conflicts.length > 0) await Promise.all(conflicts);
     return () => {
       const index = this.#held.indexOf(held);
       if (index >= 0) this.#held.splice(index, 1);

@@ -357,6 +357,8 @@ export class Qcow2Metadata {
         if (refcount === 0 && clusterIndex < this.freeClusterIndex) this.freeClusterIndex = clusterIndex;
         setRefcount(block.bytes, blockIndex, this.geometry.refcountOrder, refcount);
         if (refcount === 0) {
+          // A freed cluster may be reused for anything: stop packing compressed data into it.
+          if (this.freeByteOffset !== 0 && Math.floor(this.freeByteOffset / cs) === clusterIndex) this.freeByteOffset = 0;
           if (block.hostOffset === clusterOffset) {
             block = null;
             oldTableIndex = -1;
