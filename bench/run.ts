@@ -7,7 +7,7 @@
  * A single bench file can also run on its own: `node bench/convert.bench.ts`.
  */
 import { mkdirSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { renderMachine, renderMarkdown, renderTable, type BenchFileResult, type BenchReport } from "./lib/bench-report.ts";
 import { findBenchFiles, runBenchFile } from "./lib/bench-runner.ts";
@@ -29,7 +29,7 @@ if (options.help) {
 
 const files = findBenchFiles(benchDir, filters);
 if (options.list) {
-  for (const file of files) console.log(file);
+  for (const file of files) console.log(relative(repoRoot, file));
   process.exit(0);
 }
 if (files.length === 0) {
@@ -43,7 +43,7 @@ console.log("(page cache is not dropped between runs: warm-cache figures)\n");
 
 const results: BenchFileResult[] = [];
 for (const file of files) {
-  console.log(`bench: running ${file}`);
+  console.log(`bench: running ${relative(repoRoot, file)}`);
   const result = await runBenchFile(file, repoRoot);
   results.push(result);
   console.log(`bench: ${result.file}: ${result.error === null ? `${result.rows.length} rows` : `FAILED: ${result.error}`} in ${result.durationSeconds.toFixed(1)} s`);
