@@ -227,3 +227,32 @@ test("(e) randomized workload against a reference buffer (SNAPSTACK_SEED replays
   const content = readFileSync(join(dir, "random0.qcow2"));
   assert.ok(content.length > 0);
 });
+
+test("(f) resize grows and shrinks exactly as qemu-img resize does", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const cases: [string, number, boolean, string][] = [
+    ["4M", 2 ** 30, false, ""],
+    ["1G", 4 * MiB, true, ""],
+    ["64M", 200 * MiB, false, "cluster_size=512"],
+    ["100M", 10 * MiB, true, "cluster_size=4096"],
+    ["8M", 9 * MiB, false, "compat=0.10"],
+  ];
+  for (const [from, to, shrink, options] of cases) {
+    const theirs = join(dir, "theirs.qcow2");
+    const ours = join(dir, "ours.qcow2");
+    await runOk("qemu-img", ["create", "-q", "-f", "qcow2", ...(options ? ["-o", options] : []), theirs, from]);
+    await runOk("qemu-io", ["-c", "write -P 1 0 1M", "-c", "write -P 2 3M 700k", "-c", "write -P 3 2200000 100000", theirs]);
+    writeFileSync(ours, readFileSync(theirs));
+    await runOk("qemu-img", ["resize", "-q", ...(shrink ? ["--shrink"] : []), theirs, String(to)]);
+    const image = await openImage(ours, false);
+    if (shrink) {
+      await assert.rejects(image.resize(to, { shrink: false }), /--shrink/);
+    }
+    await image.resize(to, { shrink });
+    assert.equal(image.sizeBytes, to);
+    await image.close();
+    assert.ok(readFileSync(ours).equals(readFileSync(theirs)), `${from} -> ${to} ${options}: files identical`);
+    await assertCheckClean(ours);
+  }
+});
