@@ -56,27 +56,27 @@ check_tools() {
   done
 }
 
-check_tools
-if [ "${#missing_tools[@]}" -eq 0 ]; then
-  echo "ensure-tools: all present: $(qemu-img --version | head -n 1), $(nbdinfo --version 2>&1 | head -n 1), $(nbdkit --version | head -n 1)"
-  exit 0
-fi
+# Exits 0 when every tool works; otherwise says what is missing or broken.
+# $1: qualifier for the messages ("" or " after apt-get").
+exit_if_all_present() {
+  if [ "${#missing_tools[@]}" -eq 0 ]; then
+    echo "ensure-tools: all present$1: $(qemu-img --version | head -n 1), $(nbdinfo --version 2>&1 | head -n 1), $(nbdkit --version | head -n 1)"
+    exit 0
+  fi
+  echo "ensure-tools: missing or not working$1: ${missing_tools[*]}"
+  for note in "${broken_notes[@]}"; do echo "ensure-tools: $note"; done
+}
 
-echo "ensure-tools: missing or not working: ${missing_tools[*]}"
-for note in "${broken_notes[@]}"; do echo "ensure-tools: $note"; done
+check_tools
+exit_if_all_present ""
 
 if [ "${#missing_packages[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && [ "${SNAPSTACK_NO_APT:-0}" != 1 ]; then
-  echo "ensure-tools: installing with apt-get (running as root)"
+  echo "ensure-tools: installing with apt-get (running as root): ${missing_packages[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing_packages[@]}"
   check_tools
-  if [ "${#missing_tools[@]}" -eq 0 ]; then
-    echo "ensure-tools: all present after install"
-    exit 0
-  fi
-  echo "ensure-tools: still missing or not working after apt-get: ${missing_tools[*]}"
-  for note in "${broken_notes[@]}"; do echo "ensure-tools: $note"; done
+  exit_if_all_present " after apt-get"
 fi
 
 hint="fix the tools named above"
