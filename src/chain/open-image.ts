@@ -1,0 +1,173 @@
+/**
+ * Opening an image with its backing chain.
+ *
+ * Design notes
+ * - Two passes, no recursion, so chains thousands deep open in constant
+ *   stack. Pass 1 walks down from the top: open the file (the top read-write
+ *   unless readOnly, every backing file read-only, as QEMU does), pick the
+ *   format (given, from the overlay's backing-format extension, or probed),
+ *   read the qcow2 header for the next backing name, resolve it against the
+ *   overlay's name (backing-path.ts). Pass 2 builds devices bottom-up, each
+ *   qcow2 image taking ownership of the device below it, so closing the top
+ *   closes the whole chain.
+ * - Loops are detected by real path (E_BACKING_LOOP), depth is bounded by
+ *   chainDepthMax (E_CHAIN_TOO_DEEP), a missing file below the top is
+ *   E_BACKING_MISSING. Messages follow qemu-img's: each level adds
+ *   "Could not open backing file: ".
+ * - On any error, everything opened so far is closed: the highest built
+ *   device (which closes those below it) and the files not yet built into a
+ *   device.
+ */
+import { realpathSync } from "node:fs";
+import { SnapstackError, fromSystemError, isSnapstackError } from "../base/errors.ts";
+import type { BlockDevice } from "../device/block-device.ts";
+import type { ImageFile } from "../io/file.ts";
+import { openNodeFile, type NodeFileIoMode } from "../io/node-file.ts";
+import { RawImage } from "../formats/raw/raw-image.ts";
+import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
+import { isImageFormat, probeImageFormat, type ImageFormat } from "./image-format.ts";
+import { resolveBackingPath } from "./backing-path.ts";
+
+/** Default bound on layers in a chain (top included); each layer costs one open file and its caches. */
+export const CHAIN_DEPTH_MAX_DEFAULT = 1024;
+
+export interface OpenImageOptions {
+  /** Format of the top image; probed when absent. */
+  format?: ImageFormat;
+  /** Open the top read-only (backing files are always read-only). */
+  readOnly?: boolean;
+  /** Open the backing chain (default true); false leaves qcow2 unallocated ranges reading as zeroes, like qemu-img info. */
+  openBacking?: boolean;
+  /** Most layers allowed, top included (default CHAIN_DEPTH_MAX_DEFAULT). */
+  chainDepthMax?: number;
+  /** Metadata cache bound per qcow2 layer. */
+  cacheBytesMax?: number;
+  ioMode?: NodeFileIoMode;
+}
+
+/** One layer found in pass 1. */
+interface PendingLayer {
+  path: string;
+  file: ImageFile;
+  format: ImageFormat;
+}
+
+function backingPrefix(depth: number): string {
+  return "Could not open backing file: ".repeat(depth);
+}
+
+function openFailure(topPath: string, depth: number, path: string, error: unknown): SnapstackError {
+  const mapped = fromSystemError(error, path, "open");
+  const sys = (error as NodeJS.ErrnoException)?.code;
+  const reason = sys === "ENOENT" ? "No such file or directory" : sys === "EACCES" || sys === "EPERM" ? "Permission denied" : mapped.message;
+  const message = `Could not open '${topPath}': ${backingPrefix(depth)}Could not open '${path}': ${reason}`;
+  if (depth > 0 && mapped.code === "E_NOT_FOUND") {
+    return new SnapstackError("E_BACKING_MISSING", message, { path: topPath, backingFile: path });
+  }
+  return new SnapstackError(mapped.code, message, { ...mapped.details, path });
+}
+
+/** Re-word an error from inside a layer with qemu-img's "Could not open 'top': ..." prefix. */
+function layerFailure(topPath: string, depth: number, path: string, error: unknown): unknown {
+  if (!isSnapstackError(error)) return error;
+  let reason = error.message;
+  if (reason.startsWith(`${path}: `)) reason = reason.slice(path.length + 2);
+  return new SnapstackError(error.code, `Could not open '${topPath}': ${backingPrefix(depth)}${reason}`, { ...error.details, path });
+}
+
+export async function openImage(path: string, options: OpenImageOptions = {}): Promise<BlockDevice> {
+  const chainDepthMax = options.chainDepthMax ?? CHAIN_DEPTH_MAX_DEFAULT;
+  if (!Number.isSafeInteger(chainDepthMax) || chainDepthMax < 1) {
+    throw new SnapstackError("E_INVALID_OPTION", `chain depth limit ${chainDepthMax} must be a positive integer`);
+  }
+  const openBacking = options.openBacking ?? true;
+  const pending: PendingLayer[] = [];
+  const seenRealPaths = new Set<string>();
+  let built: BlockDevice | null = null;
+  let builtCount = 0;
+  try {
+    // Pass 1: walk down the chain.
+    let layerPath: string | null = path;
+    let requestedFormat: string | null = options.format ?? null;
+    while (layerPath !== null) {
+      const depth = pending.length;
+      if (depth >= chainDepthMax) {
+        throw new SnapstackError("E_CHAIN_TOO_DEEP", `Could not open '${path}': backing chain is deeper than ${chainDepthMax} images (at '${layerPath}')`, {
+          path,
+          chainDepthMax,
+        });
+      }
+      let realPath: string;
+      try {
+        realPath = realpathSync(layerPath);
+      } catch (error) {
+        throw openFailure(path, depth, layerPath, error);
+      }
+      if (seenRealPaths.has(realPath)) {
+        throw new SnapstackError("E_BACKING_LOOP", `Backing file '${layerPath}' creates an infinite loop.`, { path, backingFile: layerPath });
+      }
+      seenRealPaths.add(realPath);
+      let file: ImageFile;
+      try {
+        file = await openNodeFile(layerPath, { readOnly: depth > 0 || (options.readOnly ?? false), ioMode: options.ioMode });
+      } catch (error) {
+        throw openFailure(path, depth, layerPath, error);
+      }
+      const layer: PendingLayer = { path: layerPath, file, format: "raw" };
+      pending.push(layer);
+      const probed = await probeImageFormat(file);
+      if (requestedFormat !== null && !isImageFormat(requestedFormat)) {
+        throw new SnapstackError("E_BACKING_FORMAT", `Could not open '${path}': ${backingPrefix(depth)}Unknown driver '${requestedFormat}'`, {
+          path,
+          backingFile: layerPath,
+          format: requestedFormat,
+        });
+      }
+      layer.format = (requestedFormat as ImageFormat | null) ?? probed;
+      if (layer.format === "qcow2" && probed !== "qcow2") {
+        throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': ${backingPrefix(depth)}Image is not in qcow2 format`, { path: layerPath });
+      }
+      layerPath = null;
+      if (layer.format === "qcow2" && openBacking) {
+        let header;
+        try {
+          header = await readQcow2Header(file);
+        } catch (error) {
+          throw layerFailure(path, depth, layer.path, error);
+        }
+        if (header.backingFileName !== null && header.backingFileName !== "") {
+          layerPath = resolveBackingPath(layer.path, header.backingFileName);
+          requestedFormat = header.backingFormat;
+        }
+      }
+    }
+    // Pass 2: build devices bottom-up.
+    for (let i = pending.length - 1; i >= 0; i--) {
+      const layer = pending[i];
+      try {
+        if (layer.format === "raw") {
+          built = new RawImage(layer.file, await layer.file.sizeBytes());
+        } else {
+          const readOnly = i > 0 || (options.readOnly ?? false);
+          built = await openQcow2(layer.file, { readOnly, backing: built, cacheBytesMax: options.cacheBytesMax, closeBacking: true });
+        }
+      } catch (error) {
+        throw layerFailure(path, i, layer.path, error);
+      }
+      builtCount++;
+    }
+    return built!;
+  } catch (error) {
+    // Files of layers above the highest built device are still ours to close.
+    for (let i = 0; i < pending.length - builtCount; i++) await pending[i].file.close().catch(() => {});
+    if (built !== null) await built.close().catch(() => {});
+    throw error;
+  }
+}
+
+/** The layers of a chain, top first. */
+export function chainLayers(device: BlockDevice): BlockDevice[] {
+  const layers: BlockDevice[] = [];
+  for (let layer: BlockDevice | null = device; layer !== null; layer = layer.backing) layers.push(layer);
+  return layers;
+}

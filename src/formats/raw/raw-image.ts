@@ -1,0 +1,178 @@
+/**
+ * Raw images: the guest disk is the file, byte for byte.
+ *
+ * Design notes
+ * - Virtual size is the file size rounded up to 512 bytes, as QEMU's block
+ *   layer counts whole sectors (a 3000-byte file is a 3072-byte disk; the
+ *   tail past the end of the file reads as zeroes).
+ * - layerStatus reports every range as data at host offset = guest offset.
+ *   qemu-img finds holes with lseek(SEEK_DATA/SEEK_HOLE) and reports them as
+ *   `zero: true, data: false`; Node has no lseek, so snapshot cannot see
+ *   holes and maps them as data. Readers of raw images therefore read holes
+ *   (which return zeroes) instead of skipping them; the result is the same.
+ * - discard is a no-op: Node cannot punch holes, and writing zeroes for a
+ *   discard would allocate space (mkfs discards the whole disk). The range
+ *   keeps its old contents, which NBD trim and qemu's "discard" permit.
+ * - writeZeroes writes real zero bytes (in chunks of WRITE_ZEROES_CHUNK_BYTES).
+ * - Preallocation: "off" truncates; "falloc" and "full" both write zeroes
+ *   (no fallocate in Node), so "falloc" costs as much as "full".
+ */
+import { SnapstackError } from "../../base/errors.ts";
+import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/block-device.ts";
+import type { ImageFile } from "../../io/file.ts";
+import { createNodeFile, openNodeFile, syncDirectory } from "../../io/node-file.ts";
+import { dirname } from "node:path";
+
+export const RAW_SECTOR_BYTES = 512;
+/** Size of the zero buffer writeZeroes and preallocation write from (memory per call). */
+export const WRITE_ZEROES_CHUNK_BYTES = 1 << 20;
+
+export type RawPreallocation = "off" | "falloc" | "full";
+export const RAW_PREALLOCATION_MODES: readonly RawPreallocation[] = ["off", "falloc", "full"];
+
+export function roundUpToSector(sizeBytes: number): number {
+  return Math.ceil(sizeBytes / RAW_SECTOR_BYTES) * RAW_SECTOR_BYTES;
+}
+
+let zeroChunk: Uint8Array | null = null;
+function zeroBuffer(lengthBytes: number): Uint8Array {
+  zeroChunk ??= new Uint8Array(WRITE_ZEROES_CHUNK_BYTES);
+  return zeroChunk.subarray(0, Math.min(lengthBytes, WRITE_ZEROES_CHUNK_BYTES));
+}
+
+/** Write zero bytes to [hostOffset, hostOffset + lengthBytes) of a file. */
+export async function writeZeroBytes(file: ImageFile, hostOffset: number, lengthBytes: number): Promise<void> {
+  let done = 0;
+  while (done < lengthBytes) {
+    const chunk = zeroBuffer(lengthBytes - done);
+    await file.write(hostOffset + done, chunk);
+    done += chunk.length;
+  }
+}
+
+export function checkDeviceRange(device: { name: string; sizeBytes: number }, guestOffset: number, lengthBytes: number): void {
+  if (!Number.isSafeInteger(guestOffset) || !Number.isSafeInteger(lengthBytes) || guestOffset < 0 || lengthBytes < 0 || guestOffset + lengthBytes > device.sizeBytes) {
+    throw new SnapstackError(
+      "E_OUT_OF_RANGE",
+      `${device.name}: guest offset ${guestOffset} + length ${lengthBytes} exceeds virtual size ${device.sizeBytes}`,
+      { guestOffset, lengthBytes, sizeBytes: device.sizeBytes },
+    );
+  }
+}
+
+export class RawImage implements BlockDevice {
+  readonly format = "raw";
+  readonly backing = null;
+  readonly file: ImageFile;
+  #sizeBytes: number;
+  #closed = false;
+
+  constructor(file: ImageFile, fileSizeBytes: number) {
+    this.file = file;
+    this.#sizeBytes = roundUpToSector(fileSizeBytes);
+  }
+
+  get name(): string {
+    return this.file.name;
+  }
+
+  get readOnly(): boolean {
+    return this.file.readOnly;
+  }
+
+  get sizeBytes(): number {
+    return this.#sizeBytes;
+  }
+
+  #checkWritable(action: string): void {
+    if (this.readOnly) throw new SnapstackError("E_READ_ONLY", `${this.name}: cannot ${action}: image is read-only`, { path: this.name });
+  }
+
+  async read(guestOffset: number, buffer: Uint8Array): Promise<void> {
+    checkDeviceRange(this, guestOffset, buffer.length);
+    await this.file.read(guestOffset, buffer);
+  }
+
+  async write(guestOffset: number, data: Uint8Array): Promise<void> {
+    this.#checkWritable("write");
+    checkDeviceRange(this, guestOffset, data.length);
+    await this.file.write(guestOffset, data);
+  }
+
+  async writeZeroes(guestOffset: number, lengthBytes: number, _options?: WriteZeroesOptions): Promise<void> {
+    this.#checkWritable("write zeroes");
+    checkDeviceRange(this, guestOffset, lengthBytes);
+    await writeZeroBytes(this.file, guestOffset, lengthBytes);
+  }
+
+  /** No-op (see the design notes). */
+  async discard(guestOffset: number, lengthBytes: number): Promise<void> {
+    this.#checkWritable("discard");
+    checkDeviceRange(this, guestOffset, lengthBytes);
+  }
+
+  async flush(): Promise<void> {
+    await this.file.flush();
+  }
+
+  async layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]> {
+    checkDeviceRange(this, guestOffset, lengthBytes);
+    if (lengthBytes === 0) return [];
+    return [{ guestOffset, lengthBytes, kind: "data", hostOffset: guestOffset }];
+  }
+
+  /** Set the virtual size (rounded up to 512 bytes); shrinking drops the tail. */
+  async resize(newSizeBytes: number): Promise<void> {
+    this.#checkWritable("resize");
+    const sizeBytes = roundUpToSector(newSizeBytes);
+    await this.file.truncate(sizeBytes);
+    this.#sizeBytes = sizeBytes;
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await this.file.close();
+  }
+}
+
+export async function openRawImage(file: ImageFile): Promise<RawImage> {
+  return new RawImage(file, await file.sizeBytes());
+}
+
+export async function openRaw(path: string, options: { readOnly?: boolean } = {}): Promise<RawImage> {
+  const file = await openNodeFile(path, { readOnly: options.readOnly ?? false });
+  try {
+    return await openRawImage(file);
+  } catch (error) {
+    await file.close();
+    throw error;
+  }
+}
+
+/** Fill a freshly truncated file per the preallocation mode. */
+export async function preallocateRaw(file: ImageFile, fromBytes: number, toBytes: number, preallocation: RawPreallocation): Promise<void> {
+  if (preallocation === "off" || toBytes <= fromBytes) return;
+  await writeZeroBytes(file, fromBytes, toBytes - fromBytes);
+}
+
+/**
+ * Create (or overwrite, as qemu-img create does) a raw image of sizeBytes
+ * rounded up to 512.
+ */
+export async function createRaw(path: string, sizeBytes: number, options: { preallocation?: RawPreallocation } = {}): Promise<void> {
+  const preallocation = options.preallocation ?? "off";
+  if (!RAW_PREALLOCATION_MODES.includes(preallocation)) {
+    throw new SnapstackError("E_INVALID_OPTION", `${path}: Unsupported preallocation mode: ${preallocation}`, { path });
+  }
+  const rounded = roundUpToSector(sizeBytes);
+  const file = await createNodeFile(path);
+  try {
+    await file.truncate(rounded);
+    await preallocateRaw(file, 0, rounded, preallocation);
+    await file.flush();
+  } finally {
+    await file.close();
+  }
+  await syncDirectory(dirname(path));
+}
