@@ -8,17 +8,21 @@
 #   3. installs runtime npm dependencies if package.json declares any (it
 #      declares none today: snapstack runs its TypeScript sources directly).
 # Options:
+#   --dev     also `npm ci` (lint, typecheck and test dependencies), so that
+#             `npm test` can run next
 #   --tools   also install the QEMU/NBD tools the interop tests and
 #             benchmarks use (scripts/ensure-tools.sh; apt-get when root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+with_dev=0
 with_tools=0
 for arg in "$@"; do
   case "$arg" in
+    --dev) with_dev=1 ;;
     --tools) with_tools=1 ;;
     *)
-      echo "setup: unknown option: $arg (known: --tools)" >&2
+      echo "setup: unknown option: $arg (known: --dev, --tools)" >&2
       exit 2
       ;;
   esac
@@ -29,7 +33,9 @@ mkdir -p .toolchain/bin
 ln -sfn "$node_bin" .toolchain/bin/node
 echo "setup: .toolchain/bin/node -> $node_bin ($("$node_bin" --version))"
 
-if "$node_bin" -e 'process.exit(Object.keys(require("./package.json").dependencies ?? {}).length > 0 ? 0 : 1)' && [ ! -d node_modules ]; then
+if [ "$with_dev" = 1 ]; then
+  PATH="$(dirname "$node_bin"):$PATH" npm ci --no-audit --no-fund
+elif "$node_bin" -e 'process.exit(Object.keys(require("./package.json").dependencies ?? {}).length > 0 ? 0 : 1)' && [ ! -d node_modules ]; then
   PATH="$(dirname "$node_bin"):$PATH" npm ci --omit=dev --no-audit --no-fund
 fi
 
