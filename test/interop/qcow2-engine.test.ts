@@ -256,3 +256,77 @@ test("(f) resize grows and shrinks exactly as qemu-img resize does", async (t) =
     await assertCheckClean(ours);
   }
 });
+
+test("(g) a dirty image (lazy refcounts, crash) is repaired on a read-write open", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = join(dir, "dirty.qcow2");
+  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", path, "8M"]);
+  // Write, then die without closing: dirty bit set, refcounts stale.
+  await run("qemu-io", ["-c", "write -P 0x61 0 300k", "-c", "write -P 0x62 2M 64k", "-c", "abort", path]);
+  const before = await run("qemu-img", ["check", "--output=json", path]);
+  assert.notEqual(before.code, 0, "qemu-img check sees the stale refcounts");
+  const reference = new Uint8Array(8 * MiB);
+  reference.fill(0x61, 0, 300 * 1024);
+  reference.fill(0x62, 2 * MiB, 2 * MiB + 65536);
+  // Read-only opens leave it alone; a read-write open rebuilds first.
+  const readOnly = await openImage(path, true);
+  assert.equal(readOnly.info().dirty, true);
+  await assertReadsAs(readOnly, reference, "dirty image read-only");
+  await readOnly.close();
+  const image = await openImage(path, false);
+  assert.equal(image.info().dirty, false);
+  await image.write(5 * MiB + 3, new Uint8Array(100_000).fill(0x63));
+  reference.fill(0x63, 5 * MiB + 3, 5 * MiB + 3 + 100_000);
+  await assertReadsAs(image, reference, "after repair and write");
+  await image.close();
+  await assertCheckClean(path);
+  await assertQemuSees(dir, path, reference);
+});
+
+test("(h) opening refuses what QEMU refuses, without writing", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  const base = join(dir, "base.qcow2");
+  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", base, "8M"]);
+  const pristine = readFileSync(base);
+  const poked = (name: string, at: number, bytes: number[]): string => {
+    const copy = Buffer.from(pristine);
+    Buffer.from(bytes).copy(copy, at);
+    const path = join(dir, name);
+    writeFileSync(path, copy);
+    return path;
+  };
+  const cases: [string, number, number[], boolean, string, RegExp][] = [
+    ["unknown-incompat.qcow2", 79, [0x20], true, "E_UNSUPPORTED_FEATURE", /Unknown incompatible feature: 20/],
+    ["corrupt.qcow2", 79, [0x02], false, "E_IMAGE_MARKED_CORRUPT", /Image is corrupt; cannot be opened read\/write/],
+    ["encrypted.qcow2", 32, [0, 0, 0, 2], true, "E_ENCRYPTED", /encrypt/],
+    ["l1-small.qcow2", 36, [0, 0, 0, 0], true, "E_CORRUPT_IMAGE", /L1 table is too small/],
+    ["reftable-unaligned.qcow2", 48, [0, 0, 0, 0, 0, 0x01, 0x02, 0x00], true, "E_CORRUPT_IMAGE", /Reference count table offset invalid/],
+    ["l1-past-eof.qcow2", 40, [0, 0, 0, 0, 0x10, 0, 0, 0], true, "E_CORRUPT_IMAGE", /Active L1 table .* beyond the end of the file/],
+    ["l1-huge.qcow2", 36, [0x01, 0, 0, 0], true, "E_TOO_LARGE", /Active L1 table too large/],
+    ["bad-magic.qcow2", 0, [0x51, 0x46, 0x49, 0x00], true, "E_WRONG_FORMAT", /not in qcow2 format/],
+  ];
+  for (const [name, at, bytes, readOnly, code, message] of cases) {
+    const path = poked(name, at, bytes);
+    const original = readFileSync(path);
+    await assert.rejects(openImage(path, readOnly), (e: { code?: string; message?: string }) => {
+      assert.equal(e.code, code, `${name}: ${e.message}`);
+      assert.match(e.message ?? "", message, name);
+      return true;
+    });
+    assert.ok(readFileSync(path).equals(original), `${name} unchanged`);
+  }
+  // The corrupt image still opens read-only.
+  const corrupt = await openImage(join(dir, "corrupt.qcow2"), true);
+  assert.equal(corrupt.info().corrupt, true);
+  await corrupt.close();
+  // Unknown autoclear bits are cleared by a read-write open, unknown compatible bits kept.
+  const autoclear = poked("autoclear.qcow2", 80, [0, 0, 0, 0, 0, 0, 0, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x04]);
+  const image = await openImage(autoclear, false);
+  await image.close();
+  const header = readFileSync(autoclear);
+  assert.equal(header.readBigUInt64BE(88), 0n);
+  assert.equal(header.readBigUInt64BE(80), 0x80n);
+  await assertCheckClean(autoclear);
+});

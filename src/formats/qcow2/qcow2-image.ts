@@ -207,6 +207,16 @@ interface LayerRun {
   entry: L2Entry | null;
 }
 
+/** A backing cluster as one host range of some layer's file, all zeroes, or neither (resolved per request). */
+type BelowResolution = { file: ImageFile; hostOffset: number } | "zero" | "mixed";
+
+const UNRESOLVED = 0;
+const RESOLVED_FILE = 1;
+const RESOLVED_ZERO = 2;
+
+/** Bound of the per-image backing resolution cache (about 100 bytes each: 25 MiB). */
+const BELOW_CACHE_ENTRIES_MAX = 256 * 1024;
+
 /** Largest virtual size we accept for a guest request offset (2^53, JS safe integers). */
 const GUEST_OFFSET_MAX = Number.MAX_SAFE_INTEGER;
 
@@ -224,6 +234,12 @@ export class Qcow2Image implements BlockDevice {
   readonly #readGate = new ReadGate();
   #closed = false;
   #corruptReported = false;
+  /** Where each cluster unallocated here lives in the (stable) backing chain. */
+  readonly #below = new Map<number, BelowResolution>();
+  #stableBacking: boolean | null = null;
+  /** Result of #resolveInCluster (fields, so the hot path allocates nothing). */
+  #hitFile: ImageFile | null = null;
+  #hitHostOffset = 0;
   /** Last decompressed cluster: sequential small reads of compressed data decompress once. */
   #decompressed: { hostOffset: number; data: Uint8Array } | null = null;
 
@@ -451,6 +467,11 @@ export class Qcow2Image implements BlockDevice {
           }
           case "unallocated": {
             const backing = layer.backing;
+            if (backing instanceof Qcow2Image && layer.#backingIsStable()) {
+              const missing = layer.#pushBelow(g, at, length, pieces, tasks);
+              if (missing !== null) return missing;
+              break;
+            }
             const inBacking = backing === null ? 0 : Math.max(0, Math.min(length, backing.sizeBytes - g));
             if (inBacking > 0 && backing !== null) {
               if (backing instanceof Qcow2Image) tasks.push({ layer: backing, guestOffset: g, at, length: inBacking });
@@ -464,6 +485,109 @@ export class Qcow2Image implements BlockDevice {
         at += length;
         remaining -= length;
       }
+    }
+    return null;
+  }
+
+  /**
+   * Resolve a request inside one cluster through the chain without building
+   * pieces: RESOLVED_FILE (in #hitFile/#hitHostOffset), RESOLVED_ZERO, or
+   * UNRESOLVED when the general path is needed (table not cached, several
+   * runs, compressed data, a non-qcow2 backing).
+   */
+  #resolveInCluster(guestOffset: number, lengthBytes: number): number {
+    let layer: Qcow2Image = this;
+    for (;;) {
+      const cs = layer.#meta.clusterSizeBytes;
+      const inCluster = guestOffset % cs;
+      if (inCluster + lengthBytes > cs) return UNRESOLVED;
+      const run = layer.#layerRun(guestOffset, lengthBytes);
+      if ("missing" in run || run.length < lengthBytes) return UNRESOLVED;
+      switch (run.kind) {
+        case "data":
+          this.#hitFile = layer.#file;
+          this.#hitHostOffset = run.hostOffset;
+          return RESOLVED_FILE;
+        case "zero":
+          return RESOLVED_ZERO;
+        case "compressed":
+          return UNRESOLVED;
+        case "unallocated": {
+          const backing = layer.backing;
+          if (backing === null || guestOffset >= backing.sizeBytes) return RESOLVED_ZERO;
+          if (!(backing instanceof Qcow2Image) || guestOffset + lengthBytes > backing.sizeBytes) return UNRESOLVED;
+          if (layer.#backingIsStable()) {
+            const below = layer.#below.get((guestOffset - inCluster) / cs);
+            if (below === undefined) return UNRESOLVED;
+            if (below === "zero") return RESOLVED_ZERO;
+            if (below !== "mixed") {
+              this.#hitFile = below.file;
+              this.#hitHostOffset = below.hostOffset + inCluster;
+              return RESOLVED_FILE;
+            }
+          }
+          layer = backing;
+        }
+      }
+    }
+  }
+
+  /** True when every layer below is a read-only Qcow2Image: what they hold cannot change. */
+  #backingIsStable(): boolean {
+    if (this.#stableBacking === null) {
+      let stable = true;
+      for (let layer = this.backing; layer !== null; layer = layer.backing) {
+        if (!(layer instanceof Qcow2Image) || !layer.readOnly) stable = false;
+      }
+      this.#stableBacking = stable;
+    }
+    return this.#stableBacking;
+  }
+
+  /** Forget the cached resolution of backing clusters (call if the backing chain was changed by someone else). */
+  invalidateBackingCache(): void {
+    this.#below.clear();
+    this.#stableBacking = null;
+  }
+
+  /**
+   * Resolve an unallocated range of this layer in its (stable, qcow2)
+   * backing chain cluster by cluster, using and filling the per-cluster
+   * cache of where each cluster's data lives below this layer. Clusters
+   * that do not resolve to a single file range or zeroes are handed to the
+   * general task loop.
+   */
+  #pushBelow(guestOffset: number, at: number, lengthBytes: number, pieces: ReadPiece[], tasks: ResolveTask[]): { layer: Qcow2Image; l2Offset: number } | null {
+    const backing = this.backing as Qcow2Image;
+    const cs = this.#meta.clusterSizeBytes;
+    let pos = 0;
+    while (pos < lengthBytes) {
+      const g = guestOffset + pos;
+      const clusterIndex = Math.floor(g / cs);
+      const inCluster = g - clusterIndex * cs;
+      const length = Math.min(lengthBytes - pos, cs - inCluster);
+      let below = this.#below.get(clusterIndex);
+      if (below === undefined) {
+        const clusterStart = clusterIndex * cs;
+        const inBacking = Math.max(0, Math.min(cs, backing.sizeBytes - clusterStart));
+        const resolved: ReadPiece[] = [];
+        if (inBacking > 0) {
+          const missing = backing.#tryResolveRead(clusterStart, inBacking, resolved);
+          if (missing !== null) return missing;
+        }
+        if (inBacking < cs) pushZeroPiece(resolved, inBacking, cs - inBacking);
+        const only = resolved.length === 1 ? resolved[0] : null;
+        below = only !== null && only.kind === "file" ? { file: only.file, hostOffset: only.hostOffset } : only !== null && only.kind === "zero" ? "zero" : "mixed";
+        if (this.#below.size >= BELOW_CACHE_ENTRIES_MAX) this.#below.clear();
+        this.#below.set(clusterIndex, below);
+      }
+      if (below === "zero") pushZeroPiece(pieces, at + pos, length);
+      else if (below === "mixed") {
+        const inBacking = Math.max(0, Math.min(length, backing.sizeBytes - g));
+        if (inBacking > 0) tasks.push({ layer: backing, guestOffset: g, at: at + pos, length: inBacking });
+        if (inBacking < length) pushZeroPiece(pieces, at + pos + inBacking, length - inBacking);
+      } else pushFilePiece(pieces, below.file, below.hostOffset + inCluster, at + pos, length);
+      pos += length;
     }
     return null;
   }
@@ -522,6 +646,16 @@ export class Qcow2Image implements BlockDevice {
     if (buffer.length === 0) return;
     const epoch = this.#readGate.enter();
     try {
+      // Fast path: the request lies in one cluster whose data is one host range (or zeroes).
+      const hit = this.#resolveInCluster(guestOffset, buffer.length);
+      if (hit === RESOLVED_ZERO) {
+        buffer.fill(0);
+        return;
+      }
+      if (hit === RESOLVED_FILE) {
+        await this.#hitFile!.read(this.#hitHostOffset, buffer);
+        return;
+      }
       const pieces: ReadPiece[] = [];
       const missing = this.#tryResolveRead(guestOffset, buffer.length, pieces);
       await this.#executeRead(missing === null ? pieces : await this.#resolveRead(guestOffset, buffer.length), buffer);
