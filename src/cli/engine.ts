@@ -10,10 +10,10 @@
  * E_INTERNAL naming what is missing (see `missing`); the report lists them.
  */
 import { SnapstackError } from "../base/errors.ts";
-import type { BlockDevice, MapExtent } from "../device/block-device.ts";
+import type { BlockDevice } from "../device/block-device.ts";
+import { openImage as openChain } from "../chain/open-image.ts";
+import { parseImageFormat, probeImageFormat } from "../chain/image-format.ts";
 import { checkQcow2, type Qcow2CheckResult, type Qcow2RepairMode } from "../formats/qcow2/check.ts";
-import { QCOW2_MAGIC } from "../formats/qcow2/header.ts";
-import type { ImageFile } from "../io/file.ts";
 import { openNodeFile } from "../io/node-file.ts";
 
 export function missing(what: string): SnapstackError {
@@ -21,16 +21,17 @@ export function missing(what: string): SnapstackError {
 }
 
 export interface OpenImageOptions {
+  /** A format name as the user typed it (validated here: E_UNKNOWN_FORMAT). */
   format?: string;
   readOnly?: boolean;
   /** Open the backing chain too (default true). */
   openBacking?: boolean;
 }
 
+/** Open an image and its backing chain (src/chain/open-image.ts). */
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<BlockDevice> {
-  void path;
-  void options;
-  throw missing("openImage");
+  const format = options.format === undefined ? undefined : parseImageFormat(options.format);
+  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking });
 }
 
 export interface CreateImageOptions {
@@ -50,16 +51,7 @@ export async function createImage(path: string, options: CreateImageOptions): Pr
   throw missing("createImage");
 }
 
-export interface MapImageOptions {
-  startOffset?: number;
-  maxLengthBytes?: number;
-}
-
-export async function mapImage(device: BlockDevice, options: MapImageOptions = {}): Promise<MapExtent[]> {
-  void device;
-  void options;
-  throw missing("mapImage");
-}
+export { mapImage, formatMapJson } from "../chain/map-image.ts";
 
 export interface ImageInfoOptions {
   format?: string;
@@ -151,25 +143,16 @@ export interface CheckImageOptions {
   repair?: Qcow2RepairMode;
 }
 
-/** Magic at byte 0 of every qcow2 file ("QFI\xfb"). */
-async function probeIsQcow2(file: ImageFile): Promise<boolean> {
-  const magic = new Uint8Array(4);
-  await file.read(0, magic);
-  return new DataView(magic.buffer).getUint32(0) === QCOW2_MAGIC;
-}
-
 /**
  * qemu-img check: the qcow2 check (src/formats/qcow2/check.ts), or
  * "unsupported" for formats without a check (raw, as qemu's exit 63).
  */
 export async function checkImage(path: string, options: CheckImageOptions = {}): Promise<Qcow2CheckResult | "unsupported"> {
-  if (options.format !== undefined && options.format !== "qcow2" && options.format !== "raw") {
-    throw new SnapstackError("E_UNKNOWN_FORMAT", `Unknown file format '${options.format}'`, { format: options.format });
-  }
+  const format = options.format === undefined ? undefined : parseImageFormat(options.format);
   const file = await openNodeFile(path, { readOnly: options.repair === undefined });
   try {
-    const isQcow2 = await probeIsQcow2(file);
-    if (options.format === "raw" || (options.format === undefined && !isQcow2)) return "unsupported";
+    const isQcow2 = (await probeImageFormat(file)) === "qcow2";
+    if (format === "raw" || (format === undefined && !isQcow2)) return "unsupported";
     if (!isQcow2) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
     return await checkQcow2(file, { repair: options.repair });
   } finally {

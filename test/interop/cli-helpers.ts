@@ -72,7 +72,7 @@ export async function buildFixtures(dir: string): Promise<void> {
     ["qemu-img", ["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]],
     ["qemu-io", ["-c", "write -P 0xab 0 64k", "-c", "write -z 1M 64k", "-c", "write -c -P 0x11 2M 64k", "-c", "write -P 0x22 5M 192k", "base.qcow2"]],
     ["qemu-img", ["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]],
-    ["qemu-io", ["-c", "write -P 0x33 4M 128k", "-c", "write -P 0x44 5M+64k 4k", "top.qcow2"]],
+    ["qemu-io", ["-c", "write -P 0x33 4M 128k", "-c", "write -P 0x44 5308416 4k", "top.qcow2"]],
     ["qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "snap.qcow2", "16M"]],
     ["qemu-io", ["-c", "write -P 0x55 0 8k", "snap.qcow2"]],
     ["qemu-img", ["snapshot", "-c", "s1", "snap.qcow2"]],

@@ -7,20 +7,11 @@
  */
 import { SnapstackError } from "../../base/errors.ts";
 import { parseSize } from "../../base/units.ts";
-import type { BlockDevice, MapExtent } from "../../device/block-device.ts";
+import type { BlockDevice } from "../../device/block-device.ts";
 import { optionString, parseArgs } from "../args.ts";
 import { expectPositionals, parseOutputFormat } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
-import { mapImage, openImage } from "../engine.ts";
-
-export function formatMapEntryJson(extent: MapExtent): string {
-  const offset = extent.offset === undefined ? "" : `, "offset": ${extent.offset}`;
-  return `{ "start": ${extent.start}, "length": ${extent.length}, "depth": ${extent.depth}, "present": ${extent.present}, "zero": ${extent.zero}, "data": ${extent.data}${offset}}`;
-}
-
-export function formatMapJson(extents: readonly MapExtent[]): string {
-  return `[${extents.map(formatMapEntryJson).join(",\n")}]\n`;
-}
+import { formatMapJson, mapImage, openImage } from "../engine.ts";
 
 function hex(value: number): string {
   // printf("%#x") prints 0 without the 0x prefix.

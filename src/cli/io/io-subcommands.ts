@@ -12,7 +12,7 @@ import { formatIoSize, parseSizeBig } from "../../base/units.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { optionFlag, optionString, parseArgs, type OptionSpec, type ParsedArgs } from "../args.ts";
 import type { CliContext } from "../context.ts";
-import { canWriteCompressed, mapImage } from "../engine.ts";
+import { canWriteCompressed } from "../engine.ts";
 
 /** qemu's BDRV_REQUEST_MAX_BYTES: one request is at most INT_MAX rounded down to 512. */
 export const IO_REQUEST_MAX_BYTES = 2147483136;
@@ -243,19 +243,20 @@ const flushCommand: IoSubcommand = {
 
 const mapCommand: IoSubcommand = {
   name: "map",
-  synopsis: "map -- prints the allocation state of the whole image (all layers)",
+  synopsis: "map -- prints the allocation state of the top image (like qemu-io, backing layers not counted)",
   async run(device, args, context) {
     if (args.length > 0) throw new SnapstackError("E_USAGE", `map: unexpected argument '${args[0]}'`);
-    // qemu-io's map: runs allocated in any layer of the chain (qemu-img map's "present").
-    const extents = await mapImage(device);
+    // qemu-io's map is bdrv_is_allocated: this layer alone (data or zero clusters), not the backing chain.
+    const extents = await device.layerStatus(0, device.sizeBytes);
     let out = "";
     let index = 0;
     while (index < extents.length) {
       const first = extents[index];
-      let lengthBytes = first.length;
+      const allocated = first.kind !== "unallocated";
+      let lengthBytes = first.lengthBytes;
       index++;
-      while (index < extents.length && extents[index].present === first.present) lengthBytes += extents[index++].length;
-      out += `${formatIoSize(lengthBytes)} (0x${lengthBytes.toString(16)}) bytes ${first.present ? "    allocated" : "not allocated"} at offset ${formatIoSize(first.start)} (0x${first.start.toString(16)})\n`;
+      while (index < extents.length && (extents[index].kind !== "unallocated") === allocated) lengthBytes += extents[index++].lengthBytes;
+      out += `${formatIoSize(lengthBytes)} (0x${lengthBytes.toString(16)}) bytes ${allocated ? "    allocated" : "not allocated"} at offset ${formatIoSize(first.guestOffset)} (0x${first.guestOffset.toString(16)})\n`;
     }
     context.out(out);
   },
