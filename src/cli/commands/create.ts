@@ -74,7 +74,10 @@ export const createCommand: CliCommand = {
       }
       // The size comes from the backing file, named relative to the new image.
       const backingPath = isAbsolute(backing) ? backing : join(dirname(filename), backing);
-      const backingDevice = await openImage(backingPath, { format: backingFormat, readOnly: true });
+      const backingDevice = await openImage(backingPath, { format: backingFormat, readOnly: true }).catch((error: unknown) => {
+        if (!(error instanceof SnapstackError) || error.code !== "E_NOT_FOUND") throw error;
+        throw new SnapstackError("E_BACKING_MISSING", `${filename}: ${error.message}; Could not open backing image.`, { backingFile: backing });
+      });
       try {
         sizeBytes = backingDevice.sizeBytes;
       } finally {
