@@ -36,7 +36,7 @@
  */
 import { SnapstackError, assert } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
-import { getL2Entry, l2EntryBytes, l2EntriesPerTable, decodeL1EntryWords, compressedReadBytes, compressedLayout } from "./entries.ts";
+import { COMPRESSED_SECTOR_BYTES, getL2Entry, l2EntryBytes, l2EntriesPerTable, decodeL1EntryWords, compressedLayout } from "./entries.ts";
 import type { L2Entry } from "./entries.ts";
 import { decodeQcow2Header, AUTOCLEAR_BITMAPS, CRYPT_LUKS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, QCOW2_HEADER_PROBE_BYTES, decodeQcow2ClusterBits } from "./header.ts";
 import type { Qcow2Header } from "./header.ts";
@@ -266,9 +266,10 @@ function validateTable(offset: number, entries: number, entryBytes: number, maxB
   if (INT64_MAX - entries * entryBytes < offset || offset % clusterSizeBytes !== 0) throw corruptOpen(`${name} offset invalid`);
 }
 
+/** Bytes at a host offset; past EOF (including offsets beyond 2^53 from damaged tables) they read as zeroes, as in QEMU. */
 async function readBytes(file: ImageFile, hostOffset: number, lengthBytes: number): Promise<Uint8Array> {
   const buffer = new Uint8Array(lengthBytes);
-  if (lengthBytes > 0) await file.read(hostOffset, buffer);
+  if (lengthBytes > 0 && Number.isSafeInteger(hostOffset + lengthBytes)) await file.read(hostOffset, buffer);
   return buffer;
 }
 
@@ -653,12 +654,19 @@ export interface WalkOutcome {
  * qcow2_inc_refcounts_imrt: +1 on every cluster of [hostOffset, +lengthBytes).
  * A range ending one cluster or more past EOF is a corruption, not counted.
  */
-export function addReferences(state: Qcow2CheckState, report: CheckReport, counts: ClusterCounts, hostOffset: number, lengthBytes: number): void {
+export function addReferences(
+  state: Qcow2CheckState,
+  report: CheckReport,
+  counts: ClusterCounts,
+  hostOffset: number,
+  lengthBytes: number,
+  exactOffset: bigint = BigInt(hostOffset),
+): void {
   if (lengthBytes <= 0) return;
   const cs = state.clusterSizeBytes;
   if (hostOffset + lengthBytes - state.fileSizeBytes >= cs) {
     report.say(
-      `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset ${hexAlt(hostOffset)} size ${hexAlt(lengthBytes)}`,
+      `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${hex(exactOffset)} size 0x${hex(lengthBytes)}`,
     );
     report.corruptions++;
     return;
@@ -669,7 +677,7 @@ export function addReferences(state: Qcow2CheckState, report: CheckReport, count
   for (let cluster = first; cluster <= last; cluster++) {
     const count = counts.get(cluster);
     if (count >= counts.countMax) {
-      report.say(`ERROR: overflow cluster offset=${hexAlt(cluster * cs)}`);
+      report.say(`ERROR: overflow cluster offset=0x${hex(cluster * cs)}`);
       report.say("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing");
       report.corruptions++;
       continue;
@@ -811,7 +819,10 @@ async function checkRefcountsL2(context: WalkContext, l2Offset: number, fragInfo
           report.corruptions++;
           break;
         }
-        addReferences(state, report, counts, entry.hostOffset, compressedReadBytes(entry.hostOffset, entry.compressedSectors));
+        // Byte offsets beyond 2^53 (damaged entries) are not exact as numbers: take the low bits from the raw entry.
+        const exactOffset = raw & offsetMask;
+        const lengthBytes = entry.compressedSectors * COMPRESSED_SECTOR_BYTES - Number(exactOffset % BigInt(COMPRESSED_SECTOR_BYTES));
+        addReferences(state, report, counts, entry.hostOffset, lengthBytes, exactOffset);
         if (fragInfo) {
           report.allocatedClusters++;
           report.compressedClusters++;
@@ -833,9 +844,9 @@ async function checkRefcountsL2(context: WalkContext, l2Offset: number, fragInfo
             const repair = (fix & FIX_ERRORS) !== 0;
             report.say(`${repair ? "Repairing" : "ERROR"} offset=${hex(hostOffset)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
             if (repair) {
-              const fixed = await fixL2EntryByZero(context, l2Offset, l2Table, i, active);
-              if (fixed === "overlap") return;
-              if (fixed === "fixed") continue;
+              // A fix that would overwrite other metadata aborts the check (QEMU returns -EIO).
+              if (!(await fixL2EntryByZero(context, l2Offset, l2Table, i, active))) throw new CheckFailure(STRERROR.EIO);
+              continue;
             }
           } else {
             report.say(`ERROR offset=${hex(hostOffset)}: Data cluster is not properly aligned; L2 entry corrupted.`);
@@ -865,7 +876,7 @@ async function checkRefcountsL2(context: WalkContext, l2Offset: number, fragInfo
  * fix_l2_entry_by_zero: make an unaligned preallocated-zero entry a plain
  * zero entry (with extended L2: allocated subclusters become zero).
  */
-async function fixL2EntryByZero(context: WalkContext, l2Offset: number, l2Table: Uint8Array, index: number, active: boolean): Promise<"fixed" | "failed" | "overlap"> {
+async function fixL2EntryByZero(context: WalkContext, l2Offset: number, l2Table: Uint8Array, index: number, active: boolean): Promise<boolean> {
   const { state, report } = context;
   const view = new DataView(l2Table.buffer);
   const at = index * state.l2EntryBytes;
@@ -884,13 +895,13 @@ async function fixL2EntryByZero(context: WalkContext, l2Offset: number, l2Table:
   if (!(await guardWrite(state, report, ignore, entryOffset, state.l2EntryBytes))) {
     report.say("ERROR: Overlap check failed");
     report.checkErrors++;
-    return "overlap";
+    return false;
   }
   await state.file.write(entryOffset, l2Table.subarray(at, at + state.l2EntryBytes));
   await state.file.flush();
   report.corruptions--;
   report.corruptionsFixed++;
-  return "fixed";
+  return true;
 }
 
 /** check_refblocks: validate refcount table entries and count the blocks. */
