@@ -121,12 +121,17 @@ export class RawImage implements BlockDevice {
     return [{ guestOffset, lengthBytes, kind: "data", hostOffset: guestOffset }];
   }
 
-  /** Set the virtual size (rounded up to 512 bytes); shrinking drops the tail. */
-  async resize(newSizeBytes: number): Promise<void> {
+  /**
+   * Truncate the file to exactly newSizeBytes (as qemu-img resize does); the
+   * virtual size becomes that rounded up to 512. Growing fills per the
+   * preallocation mode; shrinking drops the tail.
+   */
+  async resize(newSizeBytes: number, options: { preallocation?: RawPreallocation } = {}): Promise<void> {
     this.#checkWritable("resize");
-    const sizeBytes = roundUpToSector(newSizeBytes);
-    await this.file.truncate(sizeBytes);
-    this.#sizeBytes = sizeBytes;
+    const oldFileBytes = await this.file.sizeBytes();
+    await this.file.truncate(newSizeBytes);
+    await preallocateRaw(this.file, oldFileBytes, newSizeBytes, options.preallocation ?? "off");
+    this.#sizeBytes = roundUpToSector(newSizeBytes);
   }
 
   async close(): Promise<void> {

@@ -1,0 +1,46 @@
+/**
+ * A forward-only cursor over a chain's resolved block status (what
+ * bdrv_block_status_above(bs, NULL) answers): for a guest offset, the entry
+ * of the layer that resolves it, as mapImage computes them (unmerged).
+ * Compare and convert walk an image front to back with it; entries are
+ * fetched a window at a time so memory stays bounded on huge images.
+ */
+import type { BlockDevice, MapExtent } from "../device/block-device.ts";
+import { walkChain } from "./map-image.ts";
+
+/** Guest bytes resolved per refill (bounds the entries held at once). */
+export const STATUS_WINDOW_BYTES = 256 * 1024 * 1024;
+
+export class ChainStatusCursor {
+  readonly device: BlockDevice;
+  #entries: MapExtent[] = [];
+  #index = 0;
+  #fetchedEnd = 0;
+
+  constructor(device: BlockDevice) {
+    this.device = device;
+  }
+
+  /** The resolved entry containing guestOffset, clipped to start there. Offsets must not go backwards. */
+  async at(guestOffset: number): Promise<MapExtent> {
+    for (;;) {
+      while (this.#index < this.#entries.length) {
+        const entry = this.#entries[this.#index];
+        if (guestOffset < entry.start + entry.length) {
+          const skip = guestOffset - entry.start;
+          const clipped: MapExtent = { ...entry, start: guestOffset, length: entry.length - skip };
+          if (entry.offset !== undefined) clipped.offset = entry.offset + skip;
+          return clipped;
+        }
+        this.#index++;
+      }
+      const start = Math.max(guestOffset, this.#fetchedEnd);
+      const end = Math.min(this.device.sizeBytes, start + STATUS_WINDOW_BYTES);
+      const entries: MapExtent[] = [];
+      await walkChain(this.device, start, end, (entry) => entries.push(entry));
+      this.#entries = entries;
+      this.#index = 0;
+      this.#fetchedEnd = end;
+    }
+  }
+}

@@ -1,0 +1,53 @@
+/**
+ * qemu-img resize for raw and qcow2: an absolute size or a change
+ * (+N / -N from the current virtual size). Shrinking needs `shrink`
+ * (qemu-img: "Use the --shrink option to perform a shrink operation.").
+ * Raw files are truncated to exactly the new size (the virtual size is that
+ * rounded up to 512, as QEMU reports it); qcow2 sizes must be multiples of
+ * 512 and preallocation of the new area is only implemented for raw.
+ */
+import { SnapstackError } from "../base/errors.ts";
+import { Qcow2Image } from "../formats/qcow2/index.ts";
+import { RAW_PREALLOCATION_MODES, RawImage, type RawPreallocation } from "../formats/raw/raw-image.ts";
+import { parseImageFormat } from "./image-format.ts";
+import { openImage } from "./open-image.ts";
+
+/** An absolute size or a change ("+1G" / "-512M"). */
+export type SizeSpec = { absoluteBytes: number } | { deltaBytes: number };
+
+export interface ResizeImageOptions {
+  format?: string;
+  shrink?: boolean;
+  preallocation?: string;
+}
+
+export async function resizeImage(path: string, size: SizeSpec, options: ResizeImageOptions = {}): Promise<void> {
+  const format = options.format === undefined ? undefined : parseImageFormat(options.format);
+  const preallocation = options.preallocation ?? "off";
+  const device = await openImage(path, { format, readOnly: false });
+  try {
+    const newSizeBytes = "absoluteBytes" in size ? size.absoluteBytes : device.sizeBytes + size.deltaBytes;
+    if (!Number.isSafeInteger(newSizeBytes) || newSizeBytes <= 0) {
+      throw new SnapstackError("E_INVALID_SIZE", "New image size must be positive", { path, newSizeBytes });
+    }
+    if (newSizeBytes < device.sizeBytes && !options.shrink) {
+      throw new SnapstackError("E_INVALID_SIZE", "Use the --shrink option to perform a shrink operation.", { path, newSizeBytes });
+    }
+    if (device instanceof RawImage) {
+      if (!(RAW_PREALLOCATION_MODES as readonly string[]).includes(preallocation)) {
+        throw new SnapstackError("E_INVALID_OPTION", `Unsupported preallocation mode: ${preallocation}`, { path });
+      }
+      await device.resize(newSizeBytes, { preallocation: preallocation as RawPreallocation });
+    } else if (device instanceof Qcow2Image) {
+      if (preallocation !== "off") {
+        throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: resize with preallocation=${preallocation} is not supported for qcow2`, { path });
+      }
+      await device.resize(newSizeBytes, { shrink: options.shrink ?? false });
+    } else {
+      throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: cannot resize format ${device.format}`, { path });
+    }
+    await device.flush();
+  } finally {
+    await device.close();
+  }
+}
