@@ -40,7 +40,7 @@ async function convertCase(dir: string, sourcePath: string, outputFormat: "qcow2
     if (withCli && snapError === "") {
       await settle(outputPath);
       try {
-        snapSeconds.push(await timeCommandSeconds(SNAPSTACK_BIN, ["img", ...convertArgs]));
+        snapSeconds.push(await timeCommandSeconds(process.execPath, [SNAPSTACK_BIN, "img", ...convertArgs]));
       } catch (error) {
         snapError = (error as Error).message.split("\n")[0].slice(0, 200);
       }
