@@ -22,7 +22,7 @@ import { realpathSync } from "node:fs";
 import { SnapstackError, fromSystemError, isSnapstackError } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
 import type { ImageFile } from "../io/file.ts";
-import { openNodeFile, type NodeFileIoMode } from "../io/node-file.ts";
+import { openNodeFile, type NodeFileCacheMode, type NodeFileIoMode } from "../io/node-file.ts";
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
 import { isImageFormat, probeImageFormat, type ImageFormat } from "./image-format.ts";
@@ -43,6 +43,8 @@ export interface OpenImageOptions {
   /** Metadata cache bound per qcow2 layer. */
   cacheBytesMax?: number;
   ioMode?: NodeFileIoMode;
+  /** Cache mode of the top image's file ("unsafe": flush does nothing, like qemu's -t unsafe). */
+  cache?: NodeFileCacheMode;
 }
 
 /** One layer found in pass 1. */
@@ -109,7 +111,11 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       seenRealPaths.add(realPath);
       let file: ImageFile;
       try {
-        file = await openNodeFile(layerPath, { readOnly: depth > 0 || (options.readOnly ?? false), ioMode: options.ioMode });
+        file = await openNodeFile(layerPath, {
+          readOnly: depth > 0 || (options.readOnly ?? false),
+          ioMode: options.ioMode,
+          cache: depth === 0 ? options.cache : undefined,
+        });
       } catch (error) {
         throw openFailure(path, depth, layerPath, error);
       }

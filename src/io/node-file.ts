@@ -16,7 +16,9 @@
  *   "sync" and "async" force one path (servers on cold, slow media may want
  *   "async"). All modes loop over short reads and writes.
  * - Bytes past the end of the file read as zeroes (the ImageFile contract).
- * - flush = fdatasync.
+ * - flush = fdatasync, unless the file was opened with cache "unsafe"
+ *   (qemu's -t unsafe, the default target mode of qemu-img convert): then
+ *   flush does nothing and durability is left to the kernel's writeback.
  * - discard is a no-op: Node exposes no fallocate(PUNCH_HOLE). The ImageFile
  *   contract lets discarded ranges read back as anything, so callers that
  *   need zeroes write them; space is not returned to the host file system.
@@ -40,8 +42,12 @@ function useSync(ioMode: NodeFileIoMode, length: number): boolean {
   return ioMode === "sync" || (ioMode === "auto" && length < ASYNC_IO_THRESHOLD_BYTES);
 }
 
+/** "writeback": flush is fdatasync. "unsafe": flush is a no-op (qemu's cache=unsafe). */
+export type NodeFileCacheMode = "writeback" | "unsafe";
+
 export interface OpenNodeFileOptions {
   readOnly?: boolean;
+  cache?: NodeFileCacheMode;
   /** "auto" (default), "sync" or "async" (see the design notes). */
   ioMode?: NodeFileIoMode;
 }
@@ -50,6 +56,7 @@ export interface CreateNodeFileOptions {
   /** Fail with E_EXISTS instead of truncating an existing file. */
   exclusive?: boolean;
   ioMode?: NodeFileIoMode;
+  cache?: NodeFileCacheMode;
 }
 
 function readOnce(fd: number, buffer: Uint8Array, offset: number, length: number, position: number, ioMode: NodeFileIoMode): number | Promise<number> {
@@ -70,13 +77,15 @@ export class NodeFile implements ImageFile {
   readonly name: string;
   readonly readOnly: boolean;
   readonly ioMode: NodeFileIoMode;
+  readonly cache: NodeFileCacheMode;
   #fd: number | null;
 
-  constructor(name: string, fd: number, readOnly: boolean, ioMode: NodeFileIoMode) {
+  constructor(name: string, fd: number, readOnly: boolean, ioMode: NodeFileIoMode, cache: NodeFileCacheMode = "writeback") {
     this.name = name;
     this.#fd = fd;
     this.readOnly = readOnly;
     this.ioMode = ioMode;
+    this.cache = cache;
   }
 
   #openFd(action: string): number {
@@ -136,8 +145,8 @@ export class NodeFile implements ImageFile {
   }
 
   async flush(): Promise<void> {
-    if (this.readOnly) return;
     const fd = this.#openFd("flush");
+    if (this.readOnly || this.cache === "unsafe") return;
     try {
       await new Promise<void>((resolve, reject) => fs.fdatasync(fd, (error) => (error ? reject(error) : resolve())));
     } catch (error) {
@@ -182,7 +191,7 @@ export async function openNodeFile(path: string, options: OpenNodeFileOptions = 
   } catch (error) {
     throw fromSystemError(error, path, readOnly ? "open for reading" : "open for reading and writing");
   }
-  return new NodeFile(path, fd, readOnly, options.ioMode ?? "auto");
+  return new NodeFile(path, fd, readOnly, options.ioMode ?? "auto", options.cache);
 }
 
 /** Create (or, unless exclusive, truncate) a file for reading and writing. */
@@ -193,7 +202,7 @@ export async function createNodeFile(path: string, options: CreateNodeFileOption
   } catch (error) {
     throw fromSystemError(error, path, "create");
   }
-  return new NodeFile(path, fd, false, options.ioMode ?? "auto");
+  return new NodeFile(path, fd, false, options.ioMode ?? "auto", options.cache);
 }
 
 /** fsync a directory so a newly created entry in it survives a crash. */
