@@ -6,23 +6,19 @@
  * commands depend on one small surface and the real modules can move
  * without touching every command.
  *
- * A function the library does not provide yet is a stub that fails with
- * E_INTERNAL naming what is missing (see `missing`); the report lists them.
+ * Besides re-exports, two adapters live here: `measureImage` (qemu-img
+ * measure's source scan around measureQcow2) and `checkImage` (format probe
+ * around checkQcow2, "unsupported" for raw).
  */
 import { SnapstackError } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
-import { openImage as openChain } from "../chain/open-image.ts";
-import { parseImageFormat, probeImageFormat } from "../chain/image-format.ts";
+import { openImage as openChain, parseImageFormat, probeImageFormat } from "../chain/index.ts";
 import { resolveQcow2CreateOptions } from "../formats/qcow2/create-qcow2.ts";
 import { measureQcow2 } from "../formats/qcow2/measure.ts";
 import { qcow2CreateOptionsFrom } from "./format-options.ts";
-import { mapImage } from "../chain/map-image.ts";
+import { mapImage } from "../chain/index.ts";
 import { checkQcow2, type Qcow2CheckResult, type Qcow2RepairMode } from "../formats/qcow2/check.ts";
 import { openNodeFile } from "../io/node-file.ts";
-
-export function missing(what: string): SnapstackError {
-  return new SnapstackError("E_INTERNAL", `${what} is not implemented in the library yet`, { missing: what });
-}
 
 export interface OpenImageOptions {
   /** A format name as the user typed it (validated here: E_UNKNOWN_FORMAT). */
@@ -38,88 +34,18 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
   return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking });
 }
 
-export interface CreateImageOptions {
-  format: string;
-  sizeBytes?: number;
-  backingFile?: string;
-  backingFormat?: string;
-  /** -u: do not open the backing file (the size must be given). */
-  unsafe?: boolean;
-  /** Typed -o options (create-options.ts). */
-  options: Record<string, string | boolean | number>;
-}
-
-export async function createImage(path: string, options: CreateImageOptions): Promise<void> {
-  void path;
-  void options;
-  throw missing("createImage");
-}
-
-export { mapImage, formatMapJson } from "../chain/map-image.ts";
-
-export interface ImageInfoOptions {
-  format?: string;
-  backingChain?: boolean;
-}
-
-/** qemu-img info --output=json objects, top image first (one unless backingChain). */
-export async function imageInfo(path: string, options: ImageInfoOptions = {}): Promise<Array<Record<string, unknown>>> {
-  void path;
-  void options;
-  throw missing("imageInfo");
-}
-
-export type CompareResult =
-  | { identical: true; sizeMismatch: boolean }
-  | { identical: false; reason: "content" | "size" | "allocation"; guestOffset?: number };
-
-export interface CompareImagesOptions {
-  strict?: boolean;
-  onProgress?: (fraction: number) => void;
-}
-
-export async function compareImages(a: BlockDevice, b: BlockDevice, options: CompareImagesOptions = {}): Promise<CompareResult> {
-  void a;
-  void b;
-  void options;
-  throw missing("compareImages");
-}
-
-export interface ConvertImageOptions {
-  format: string;
-  options: Record<string, string | boolean | number>;
-  compress?: boolean;
-  /** -S: consecutive zero bytes needed to leave a hole (default 4 KiB, 0 = allocate everything). */
-  sparseSizeBytes?: number;
-  backingFile?: string;
-  backingFormat?: string;
-  /** -n: the target exists; do not create it. */
-  targetExists?: boolean;
-  onProgress?: (fraction: number) => void;
-}
-
-export async function convertImage(source: BlockDevice, targetPath: string, options: ConvertImageOptions): Promise<void> {
-  void source;
-  void targetPath;
-  void options;
-  throw missing("convertImage");
-}
-
-/** An absolute size or a change ("+1G" / "-512M"). */
-export type SizeSpec = { absoluteBytes: number } | { deltaBytes: number };
-
-export interface ResizeImageOptions {
-  format?: string;
-  shrink?: boolean;
-  preallocation?: string;
-}
-
-export async function resizeImage(path: string, size: SizeSpec, options: ResizeImageOptions = {}): Promise<void> {
-  void path;
-  void size;
-  void options;
-  throw missing("resizeImage");
-}
+export {
+  compareImages,
+  convertImage,
+  createImage,
+  formatMapJson,
+  imageInfo,
+  mapImage,
+  resizeImage,
+  resolveBackingPath,
+  type CompareResult,
+  type SizeSpec,
+} from "../chain/index.ts";
 
 export interface MeasureResult {
   required: number;

@@ -45,18 +45,10 @@ export const compareCommand: CliCommand = {
         strict: optionFlag(parsed, "strict"),
         onProgress: (fraction) => progress.update(fraction),
       });
-      if (result.identical) {
-        if (result.sizeMismatch) say("Warning: Image size mismatch!\n");
-        progress.update(1);
-        say("Images are identical.\n");
-        progress.end();
-        return RESULT_EXIT_CODES.ok;
-      }
+      progress.update(1);
+      say(`${result.message}\n`);
       progress.end();
-      if (result.reason === "size") say("Strict mode: Image size mismatch!\n");
-      else if (result.reason === "allocation") say(`Strict mode: Offset ${result.guestOffset ?? 0} block status mismatch!\n`);
-      else say(`Content mismatch at offset ${result.guestOffset ?? 0}!\n`);
-      return RESULT_EXIT_CODES.compareDifferent;
+      return result.identical ? RESULT_EXIT_CODES.ok : RESULT_EXIT_CODES.compareDifferent;
     } finally {
       for (const device of devices) await device.close();
     }

@@ -5,14 +5,13 @@
  * "Formatting ..." banner, and hands the rest to the library's createImage,
  * which validates values against the format and writes the image.
  */
-import { dirname, isAbsolute, join } from "node:path";
 import { SnapstackError } from "../../base/errors.ts";
 import { parseSize } from "../../base/units.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { checkCreateOptions, formatCreateBanner, formatOptionHelp, isHelpRequest, parseOptionList } from "../create-options.ts";
-import { createImage, openImage } from "../engine.ts";
+import { createImage, openImage, resolveBackingPath } from "../engine.ts";
 
 export const createCommand: CliCommand = {
   name: "create",
@@ -73,8 +72,8 @@ export const createCommand: CliCommand = {
         throw new SnapstackError("E_USAGE", `${filename}: Image creation needs a size parameter`);
       }
       // The size comes from the backing file, named relative to the new image.
-      const backingPath = isAbsolute(backing) ? backing : join(dirname(filename), backing);
-      const backingDevice = await openImage(backingPath, { format: backingFormat, readOnly: true }).catch((error: unknown) => {
+      const backingPath = resolveBackingPath(filename, backing);
+      const backingDevice = await openImage(backingPath, { format: backingFormat, readOnly: true, openBacking: false }).catch((error: unknown) => {
         if (!(error instanceof SnapstackError) || error.code !== "E_NOT_FOUND") throw error;
         throw new SnapstackError("E_BACKING_MISSING", `${filename}: ${error.message}; Could not open backing image.`, { backingFile: backing });
       });
