@@ -79,29 +79,28 @@ async function runCommand(command: CliCommand, prefix: string, argv: string[], c
   }
 }
 
+/** `--help` / `--version` at the top level or after `img`: prints and returns true. */
+function printedBuiltin(word: string, context: CliContext): boolean {
+  if (word === "--help" || word === "-h" || word === "help") {
+    context.out(topHelp());
+    return true;
+  }
+  if (word === "--version" || word === "-V") {
+    context.out(`snapstack version ${snapstackVersion()}\n`);
+    return true;
+  }
+  return false;
+}
+
 async function dispatch(argv: string[], context: CliContext): Promise<number> {
   const [first, ...rest] = argv;
   if (first === undefined) throw usage("missing command", "snapstack --help");
-  if (first === "--help" || first === "-h" || first === "help") {
-    context.out(topHelp());
-    return 0;
-  }
-  if (first === "--version" || first === "-V") {
-    context.out(`snapstack version ${snapstackVersion()}\n`);
-    return 0;
-  }
+  if (printedBuiltin(first, context)) return 0;
   if (first === "io") return runCommand(ioCommand, "snapstack", rest, context);
   if (first === "img") {
     const [name, ...commandArgs] = rest;
     if (name === undefined) throw usage("Not enough arguments", "snapstack img --help");
-    if (name === "--help" || name === "-h" || name === "help") {
-      context.out(topHelp());
-      return 0;
-    }
-    if (name === "--version" || name === "-V") {
-      context.out(`snapstack version ${snapstackVersion()}\n`);
-      return 0;
-    }
+    if (printedBuiltin(name, context)) return 0;
     const command = IMG_COMMANDS.find((candidate) => candidate.name === name);
     if (command === undefined) throw usage(`Command not found: ${name}`, "snapstack img --help");
     return runCommand(command, "snapstack img", commandArgs, context);

@@ -121,6 +121,14 @@ function elapsedSince(startNs: bigint): number {
   return Number(process.hrtime.bigint() - startNs) / 1e9;
 }
 
+/** Run one request, then print qemu-io's report for it unless quiet. */
+async function runReported(context: CliContext, quiet: boolean, op: string, guestOffset: number, lengthBytes: number, request: () => Promise<void>): Promise<void> {
+  const start = process.hrtime.bigint();
+  await request();
+  const elapsed = elapsedSince(start);
+  if (!quiet) context.out(formatReport(op, guestOffset, lengthBytes, elapsed));
+}
+
 const readCommand: IoSubcommand = {
   name: "read",
   aliases: ["r"],
@@ -193,23 +201,21 @@ const writeCommand: IoSubcommand = {
       requireSectorAligned(lengthBytes, "count");
     }
     checkRange(device, "write", guestOffset, lengthBytes);
-    const start = process.hrtime.bigint();
-    if (zero) {
-      await device.writeZeroes(guestOffset, lengthBytes, { unmap: optionFlag(parsed, "unmap") });
-    } else {
-      const data = new Uint8Array(lengthBytes).fill(pattern);
-      if (compressed) {
-        if (!canWriteCompressed(device)) {
+    await runReported(context, optionFlag(parsed, "quiet"), "wrote", guestOffset, lengthBytes, async () => {
+      if (zero) {
+        await device.writeZeroes(guestOffset, lengthBytes, { unmap: optionFlag(parsed, "unmap") });
+      } else {
+        const data = new Uint8Array(lengthBytes).fill(pattern);
+        if (!compressed) {
+          await device.write(guestOffset, data);
+        } else if (canWriteCompressed(device)) {
+          await device.writeCompressed(guestOffset, data);
+        } else {
           throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${device.name}: format ${device.format} cannot store compressed data`);
         }
-        await device.writeCompressed(guestOffset, data);
-      } else {
-        await device.write(guestOffset, data);
       }
-    }
-    if (optionFlag(parsed, "fua")) await device.flush();
-    const elapsed = elapsedSince(start);
-    if (!optionFlag(parsed, "quiet")) context.out(formatReport("wrote", guestOffset, lengthBytes, elapsed));
+      if (optionFlag(parsed, "fua")) await device.flush();
+    });
   },
 };
 
@@ -224,10 +230,7 @@ const discardCommand: IoSubcommand = {
     ]);
     const { guestOffset, lengthBytes } = offsetAndLength("discard", parsed.positionals);
     checkRange(device, "discard", guestOffset, lengthBytes);
-    const start = process.hrtime.bigint();
-    await device.discard(guestOffset, lengthBytes);
-    const elapsed = elapsedSince(start);
-    if (!optionFlag(parsed, "quiet")) context.out(formatReport("discard", guestOffset, lengthBytes, elapsed));
+    await runReported(context, optionFlag(parsed, "quiet"), "discard", guestOffset, lengthBytes, () => device.discard(guestOffset, lengthBytes));
   },
 };
 
