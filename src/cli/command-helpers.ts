@@ -28,10 +28,11 @@ export function createOptionsFor(format: string, optionText: string | undefined)
 
 /**
  * qemu-img's -p progress: "    (12.34/100%)\r" on stdout, reprinted when it
- * moves by at least `stepPercent`, and a final newline from `end()`.
+ * moves by at least `stepPercent`, and a final newline from `end()` (which,
+ * as qemu_progress_end, does not print 100% itself).
  */
 export function createProgress(context: CliContext, enabled: boolean, stepPercent = 1): { update(fraction: number): void; end(): void } {
-  let last = -Infinity;
+  let last = 0;
   const print = (percent: number): void => context.out(`    (${formatFixed(percent, 2)}/100%)\r`);
   if (enabled) print(0);
   return {
@@ -44,9 +45,7 @@ export function createProgress(context: CliContext, enabled: boolean, stepPercen
       }
     },
     end() {
-      if (!enabled) return;
-      if (last !== 100) print(100);
-      context.out("\n");
+      if (enabled) context.out("\n");
     },
   };
 }

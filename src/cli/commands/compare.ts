@@ -45,7 +45,7 @@ export const compareCommand: CliCommand = {
         strict: optionFlag(parsed, "strict"),
         onProgress: (fraction) => progress.update(fraction),
       });
-      progress.update(1);
+      if (result.identical) progress.update(1);
       say(`${result.message}\n`);
       progress.end();
       return result.identical ? RESULT_EXIT_CODES.ok : RESULT_EXIT_CODES.compareDifferent;
