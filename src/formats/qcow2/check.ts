@@ -89,7 +89,7 @@ function resultFrom(report: CheckReport, failure: string | null): Qcow2CheckResu
     allocatedClusters: report.allocatedClusters,
     fragmentedClusters: report.fragmentedClusters,
     compressedClusters: report.compressedClusters,
-    messages: report.messages,
+    messages: report.allMessages(),
     failure,
   };
 }

@@ -212,10 +212,10 @@ export async function rebuildRefcounts(file: ImageFile): Promise<RebuildRefcount
     const outcome = await calculateRefcounts(state, again, counts, 0);
     await compareRefcounts(state, again, stored, counts, FIX_LEAKS, outcome);
     await checkOflagCopied(state, again, stored, FIX_ERRORS | FIX_LEAKS);
-    report.messages.push(...again.messages);
+    report.messages.push(...again.allMessages());
     if (outcome.rebuild || again.checkErrors > 0) {
       throw new SnapstackError("E_CORRUPT_IMAGE", `${file.name}: Could not repair dirty image: the rebuilt refcount structure is still broken`, {
-        messages: report.messages,
+        messages: report.allMessages(),
       });
     }
     if (state.header.version === 3 && (state.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
@@ -225,10 +225,10 @@ export async function rebuildRefcounts(file: ImageFile): Promise<RebuildRefcount
     await file.flush();
     const headerBytes = new Uint8Array(state.clusterSizeBytes);
     await file.read(0, headerBytes);
-    return { header: decodeQcow2Header(headerBytes), corruptions, messages: report.messages };
+    return { header: decodeQcow2Header(headerBytes), corruptions, messages: report.allMessages() };
   } catch (error) {
     if (error instanceof CheckFailure) {
-      throw new SnapstackError("E_CORRUPT_IMAGE", `${file.name}: Could not repair dirty image: ${error.strerror}`, { messages: report.messages });
+      throw new SnapstackError("E_CORRUPT_IMAGE", `${file.name}: Could not repair dirty image: ${error.strerror}`, { messages: report.allMessages() });
     }
     throw error;
   }

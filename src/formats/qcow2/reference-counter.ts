@@ -22,8 +22,8 @@
  *   (the exact text qemu-img prints on stderr, without its "qemu-img: "
  *   prefix) and a counter; nothing here throws on bad bytes. Work is bounded
  *   without recursion: the structure is L1 -> L2 -> data, and the number of
- *   L2 tables visited is capped by `L2_TABLE_VISITS_MAX` (a hostile image can
- *   make many snapshot L1s point at the same tables).
+ *   L2 entries examined is capped by `L2_ENTRIES_VISITED_MAX` (a hostile
+ *   image can make many snapshot L1s point at the same tables).
  * - Stored refcounts are read through `StoredRefcounts`, which mirrors
  *   `qcow2_get_refcount` (an unaligned refcount block is an I/O error plus a
  *   one-time "Image is corrupt" notice) and can write single entries back
@@ -51,12 +51,18 @@ import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTE
  */
 export const CHECK_CLUSTERS_MAX = 2 ** 27;
 /**
- * L2 tables read by one walk (all L1 tables together). A legitimate image
- * visits each L2 table once per L1 that references it; 4 Mi visits is 256
- * GiB of L2 tables with 64 KiB clusters. Beyond it the walk stops with a
- * check error instead of reading forever.
+ * L2 entries examined by one walk (all L1 tables together): 2^30 entries is
+ * 64 TiB of guest data at 64 KiB clusters (512 GiB at 512-byte clusters),
+ * counting every snapshot, and under a minute of work. A hostile image can make many snapshot L1s point at
+ * the same tables; beyond this bound the walk stops with a check error.
  */
-export const L2_TABLE_VISITS_MAX = 2 ** 22;
+export const L2_ENTRIES_VISITED_MAX = 2 ** 30;
+/**
+ * Detail lines kept per check (about 100 bytes each, so ~10 MiB): a damaged
+ * image can produce one or two lines per L2 entry, far more than anyone
+ * reads; the rest are counted.
+ */
+export const CHECK_MESSAGES_MAX = 100_000;
 /** QCOW_MAX_L1_SIZE / 8: entries of any L1 table. */
 export const L1_ENTRIES_MAX = (32 * 1024 * 1024) / 8;
 /** QCOW2_MAX_BITMAPS and the bitmap directory limit (QCOW2_MAX_BITMAP_DIRECTORY_SIZE). */
@@ -125,9 +131,18 @@ export class CheckReport {
   fragmentedClusters = 0;
   compressedClusters = 0;
   readonly messages: string[] = [];
+  /** Lines beyond CHECK_MESSAGES_MAX, counted but not kept. */
+  messagesDropped = 0;
 
   say(line: string): void {
-    this.messages.push(line);
+    if (this.messages.length < CHECK_MESSAGES_MAX) this.messages.push(line);
+    else this.messagesDropped++;
+  }
+
+  /** The kept lines, plus a note when some were dropped. */
+  allMessages(): string[] {
+    if (this.messagesDropped === 0) return this.messages;
+    return [...this.messages, `(${this.messagesDropped} more lines not kept)`];
   }
 
   /** The counters as a plain snapshot (QEMU copies BdrvCheckResult by value). */
@@ -267,9 +282,11 @@ function validateTable(offset: number, entries: number, entryBytes: number, maxB
 }
 
 /** Bytes at a host offset; past EOF (including offsets beyond 2^53 from damaged tables) they read as zeroes, as in QEMU. */
-async function readBytes(file: ImageFile, hostOffset: number, lengthBytes: number): Promise<Uint8Array> {
-  const buffer = new Uint8Array(lengthBytes);
+async function readBytes(file: ImageFile, hostOffset: number, lengthBytes: number, into?: Uint8Array): Promise<Uint8Array> {
+  const buffer = into ?? new Uint8Array(lengthBytes);
+  assert(buffer.length === lengthBytes, "read buffer has the requested length");
   if (lengthBytes > 0 && Number.isSafeInteger(hostOffset + lengthBytes)) await file.read(hostOffset, buffer);
+  else buffer.fill(0);
   return buffer;
 }
 
@@ -642,7 +659,9 @@ interface WalkContext {
   report: CheckReport;
   counts: ClusterCounts;
   fix: FixMode;
-  l2TableVisits: number;
+  l2EntriesVisited: number;
+  /** One L2 table buffer reused by every visit (the walk is sequential). */
+  l2Table: Uint8Array;
 }
 
 export interface WalkOutcome {
@@ -693,7 +712,7 @@ export function addReferences(
  * unaligned become plain zero; refcount blocks past EOF extend the file).
  */
 export async function calculateRefcounts(state: Qcow2CheckState, report: CheckReport, counts: ClusterCounts, fix: FixMode): Promise<WalkOutcome> {
-  const context: WalkContext = { state, report, counts, fix, l2TableVisits: 0 };
+  const context: WalkContext = { state, report, counts, fix, l2EntriesVisited: 0, l2Table: new Uint8Array(state.l2Entries * state.l2EntryBytes) };
   const outcome: WalkOutcome = { rebuild: false };
 
   // header
@@ -749,6 +768,8 @@ async function checkRefcountsL1(context: WalkContext, l1TableOffset: number, l1S
     const hi = view.getUint32(i * 8);
     const lo = view.getUint32(i * 8 + 4);
     if (hi === 0 && lo === 0) continue;
+    // An L2 table wholly past EOF reads as zeroes: nothing to count or report in it.
+    const inFile = decodeL1EntryWords(hi, lo).l2Offset < state.fileSizeBytes;
     const entry = decodeL1EntryWords(hi, lo);
     if (entry.reservedBitsSet) {
       report.say(`ERROR found L1 entry with reserved bits set: ${hex(view.getBigUint64(i * 8))}`);
@@ -760,7 +781,7 @@ async function checkRefcountsL1(context: WalkContext, l1TableOffset: number, l1S
       report.say(`ERROR l2_offset=${hex(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`);
       report.corruptions++;
     }
-    await checkRefcountsL2(context, l2Offset, fragInfo, active);
+    if (inFile) await checkRefcountsL2(context, l2Offset, fragInfo, active);
   }
 }
 
@@ -778,22 +799,27 @@ export function clusterType(state: Qcow2CheckState, entry: L2Entry): L2Entry["ty
 
 async function checkRefcountsL2(context: WalkContext, l2Offset: number, fragInfo: boolean, active: boolean): Promise<void> {
   const { state, report, counts, fix } = context;
-  if (++context.l2TableVisits > L2_TABLE_VISITS_MAX) {
-    report.say(`ERROR: more than ${L2_TABLE_VISITS_MAX} L2 table references; stopping the walk`);
+  context.l2EntriesVisited += state.l2Entries;
+  if (context.l2EntriesVisited > L2_ENTRIES_VISITED_MAX) {
+    report.say(`ERROR: more than ${L2_ENTRIES_VISITED_MAX} L2 entries referenced; stopping the check`);
     report.checkErrors++;
     throw new CheckFailure(STRERROR.EFBIG);
   }
   const cs = state.clusterSizeBytes;
-  const l2Table = await readBytes(state.file, l2Offset, state.l2Entries * state.l2EntryBytes);
+  const l2Table = await readBytes(state.file, l2Offset, state.l2Entries * state.l2EntryBytes, context.l2Table);
   const view = new DataView(l2Table.buffer);
   const { sectorCountShift } = compressedLayout(state.clusterBits);
   const offsetMask = (1n << BigInt(sectorCountShift)) - 1n;
   let nextContiguousOffset = 0;
 
   for (let i = 0; i < state.l2Entries; i++) {
+    const rawAt = i * state.l2EntryBytes;
+    // Fast path: an all-zero entry (and bitmap) is unallocated and fine.
+    if (view.getUint32(rawAt) === 0 && view.getUint32(rawAt + 4) === 0) {
+      if (!state.extendedL2 || (view.getUint32(rawAt + 8) === 0 && view.getUint32(rawAt + 12) === 0)) continue;
+    }
     const entry = getL2Entry(view, i, state.extendedL2, state.clusterBits);
     const type = clusterType(state, entry);
-    const rawAt = i * state.l2EntryBytes;
     const bitmapSet = entry.allocBitmap !== 0 || entry.zeroBitmap !== 0;
 
     if (type !== "compressed" && entry.reservedBitsSet) {
@@ -1097,6 +1123,7 @@ export async function checkOflagCopied(state: Qcow2CheckState, report: CheckRepo
   const cs = state.clusterSizeBytes;
   const l1View = new DataView(state.l1Table.buffer, state.l1Table.byteOffset, state.l1Table.byteLength);
 
+  const l2Table = new Uint8Array(state.l2Entries * state.l2EntryBytes);
   for (let i = 0; i < state.l1Size; i++) {
     const l1Raw = l1View.getBigUint64(i * 8);
     const l2Offset = decodeL1EntryWords(l1View.getUint32(i * 8), l1View.getUint32(i * 8 + 4)).l2Offset;
@@ -1119,10 +1146,12 @@ export async function checkOflagCopied(state: Qcow2CheckState, report: CheckRepo
       }
     }
 
-    const l2Table = await readBytes(state.file, l2Offset, state.l2Entries * state.l2EntryBytes);
+    await readBytes(state.file, l2Offset, l2Table.length, l2Table);
     const view = new DataView(l2Table.buffer);
     let dirtyEntries = 0;
     for (let j = 0; j < state.l2Entries; j++) {
+      // Unallocated entries (zero words) have no COPIED flag to check.
+      if (view.getUint32(j * state.l2EntryBytes) === 0 && view.getUint32(j * state.l2EntryBytes + 4) === 0) continue;
       const entry = getL2Entry(view, j, state.extendedL2, state.clusterBits);
       const type = clusterType(state, entry);
       if (type !== "normal" && type !== "zero-alloc") continue;
