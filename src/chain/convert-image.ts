@@ -125,7 +125,7 @@ async function* statusRanges(plan: CopyPlan): AsyncGenerator<StatusRange> {
         }
       }
     } else {
-      await walkChain(source, windowStart, windowEnd, (entry) => add(entry.start, entry.length, entry.data ? "data" : "zero"));
+      await walkChain(source, windowStart, windowEnd, (entry) => add(entry.start, entry.length, entry.data && !entry.zero ? "data" : "zero"));
     }
     for (const range of ranges) {
       if (pending !== null && pending.kind === range.kind && pending.start + pending.length === range.start) {

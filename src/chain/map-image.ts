@@ -10,6 +10,11 @@
  *   looked up in the backing.
  * - offset is the host offset in the resolving layer's file; absent for
  *   compressed data and for anything not stored (unallocated, plain zero).
+ * - Data stored past the end of a qcow2 layer's host file (QEMU leaves the
+ *   last cluster short) is reported `zero: true, data: true`, as QEMU's
+ *   protocol layer does. Holes inside host files are invisible to Node (no
+ *   SEEK_DATA), so there snapstack says `zero: false` where qemu-img may say
+ *   true (preallocated images).
  * - Adjacent entries merge when depth, present, zero, data agree and either
  *   both lack an offset or the offsets are contiguous (entry_mergeable).
  * - Iterative: a stack of (layer, range) lookups replaces recursion, so
@@ -17,6 +22,7 @@
  *   of MAP_CHUNK_BYTES (qemu-img probes 1 GiB at a time too) so the extent
  *   lists held at once stay bounded.
  */
+import { statSync } from "node:fs";
 import { SnapstackError } from "../base/errors.ts";
 import type { BlockDevice, LayerExtent, MapExtent } from "../device/block-device.ts";
 import { chainLayers } from "./open-image.ts";
@@ -57,17 +63,47 @@ export function mapEntriesMergeable(current: MapExtent, next: MapExtent): boolea
 }
 
 /**
+ * Size of a layer's host file, to flag data past its end as zero (QEMU asks
+ * the protocol driver, which reports the range past EOF as zero). Layers are
+ * named by their path (openImage); a name that is not a file gives null.
+ */
+function hostFileSizeBytes(layer: BlockDevice): number | null {
+  try {
+    return statSync(layer.name).size;
+  } catch {
+    return null;
+  }
+}
+
+/** Split a data entry at the end of its host file: the part past EOF reads as zero. */
+function emitData(entry: MapExtent, fileSizeBytes: number | null, sink: (entry: MapExtent) => void): void {
+  if (fileSizeBytes === null || entry.offset === undefined || !entry.data || entry.offset + entry.length <= fileSizeBytes) {
+    sink(entry);
+    return;
+  }
+  const inside = Math.max(0, fileSizeBytes - entry.offset);
+  if (inside > 0) sink({ ...entry, length: inside });
+  sink({ ...entry, start: entry.start + inside, length: entry.length - inside, offset: entry.offset + inside, zero: true });
+}
+
+/**
  * Resolve [start, end) through the chain, calling `sink` with unmerged
  * entries in guest order.
  */
 export async function walkChain(device: BlockDevice, start: number, end: number, sink: (entry: MapExtent) => void): Promise<void> {
   const layers = chainLayers(device);
+  const fileSizes = new Map<number, number | null>();
+  const fileSize = (depth: number): number | null => {
+    if (!fileSizes.has(depth)) fileSizes.set(depth, layers[depth].format === "qcow2" ? hostFileSizeBytes(layers[depth]) : null);
+    return fileSizes.get(depth)!;
+  };
   for (let chunkStart = start; chunkStart < end; chunkStart += MAP_CHUNK_BYTES) {
     const stack: Task[] = [{ kind: "lookup", depth: 0, start: chunkStart, end: Math.min(end, chunkStart + MAP_CHUNK_BYTES) }];
     while (stack.length > 0) {
       const task = stack.pop()!;
       if (task.kind === "emit") {
-        sink(task.entry);
+        if (task.entry.data && task.entry.offset !== undefined) emitData(task.entry, fileSize(task.entry.depth), sink);
+        else sink(task.entry);
         continue;
       }
       const layer = layers[task.depth];
