@@ -10,8 +10,12 @@
  *   as zeroes (first non-zero sector is the mismatch).
  * - Sizes may differ: the longer image's tail must read as zero and the
  *   result carries sizeMismatch (qemu-img prints "Warning: Image size
- *   mismatch!"). Strict mode fails on a size difference and on any block
- *   status difference (present, zero, data, offset validity, end of image).
+ *   mismatch!", also before a mismatch found in the tail). `message` is
+ *   qemu-img's stdout, line for line. Strict mode fails on a size difference and on any block
+ *   status difference (allocation, zero, data, offset validity, end of
+ *   image). Holes in raw files are invisible to Node (no SEEK_DATA), so a
+ *   raw file with holes may be judged differently from qemu-img in strict
+ *   mode; non-strict results do not depend on it.
  */
 import type { BlockDevice, MapExtent } from "../device/block-device.ts";
 import { SnapstackError } from "../base/errors.ts";
@@ -23,7 +27,7 @@ const SECTOR_BYTES = 512;
 
 export type CompareResult =
   | { identical: true; sizeMismatch: boolean; message: string }
-  | { identical: false; reason: "content" | "size" | "allocation"; guestOffset?: number; message: string };
+  | { identical: false; reason: "content" | "size" | "allocation"; guestOffset?: number; sizeMismatch?: boolean; message: string };
 
 export interface CompareImagesOptions {
   strict?: boolean;
@@ -53,17 +57,45 @@ export function findNonZeroSector(buffer: Uint8Array): number {
   return findFirstDifferentSector(buffer, ZEROES.subarray(0, buffer.length));
 }
 
-function statusKey(entry: MapExtent, sizeBytes: number): string {
-  const eof = entry.start + entry.length === sizeBytes;
-  return `${entry.present}/${entry.zero}/${entry.data}/${entry.offset !== undefined}/${eof}`;
+interface ChainShape {
+  device: BlockDevice;
+  bottomDepth: number;
+  bottomSizeBytes: number;
+}
+
+function chainShape(device: BlockDevice): ChainShape {
+  let bottom = device;
+  let bottomDepth = 0;
+  while (bottom.backing !== null) {
+    bottom = bottom.backing;
+    bottomDepth++;
+  }
+  return { device, bottomDepth, bottomSizeBytes: bottom.sizeBytes };
+}
+
+/**
+ * The block status bits qemu-img compare -s compares, as
+ * bdrv_block_status_above computes them: allocated (a range past a shorter
+ * backing counts as allocated zeroes there), zero, data, offset valid, and
+ * EOF (the run reaches the end of the image; for a range unallocated down
+ * to the bottom, the bottom layer's own EOF survives too).
+ */
+function statusKey(entry: MapExtent, shape: ChainShape): string {
+  const end = entry.start + entry.length;
+  const unallocatedToBottom = !entry.present && entry.depth === shape.bottomDepth;
+  const allocated = !unallocatedToBottom && (entry.present || entry.depth < shape.bottomDepth);
+  const eof = end === shape.device.sizeBytes || (unallocatedToBottom && end === shape.bottomSizeBytes);
+  return `${allocated}/${entry.zero}/${entry.data}/${entry.offset !== undefined}/${eof}`;
 }
 
 function throwIfAborted(signal: AbortSignal | undefined): void {
   if (signal?.aborted) throw new SnapstackError("E_ABORTED", "compare cancelled");
 }
 
-function mismatch(guestOffset: number): CompareResult {
-  return { identical: false, reason: "content", guestOffset, message: `Content mismatch at offset ${guestOffset}!` };
+/** A content difference; past the common size, qemu-img has printed the size warning first. */
+function mismatch(guestOffset: number, sizeMismatch = false): CompareResult {
+  const message = `${sizeMismatch ? "Warning: Image size mismatch!\n" : ""}Content mismatch at offset ${guestOffset}!`;
+  return { identical: false, reason: "content", guestOffset, message, ...(sizeMismatch ? { sizeMismatch } : {}) };
 }
 
 export async function compareImages(a: BlockDevice, b: BlockDevice, options: CompareImagesOptions = {}): Promise<CompareResult> {
@@ -74,6 +106,8 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
   if (strict && a.sizeBytes !== b.sizeBytes) {
     return { identical: false, reason: "size", message: "Strict mode: Image size mismatch!" };
   }
+  const shapeA = chainShape(a);
+  const shapeB = chainShape(b);
   const cursorA = new ChainStatusCursor(a);
   const cursorB = new ChainStatusCursor(b);
   const bufferA = new Uint8Array(COMPARE_CHUNK_BYTES);
@@ -85,7 +119,7 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
     const statusA = await cursorA.at(offset);
     const statusB = await cursorB.at(offset);
     let chunk = Math.min(statusA.length, statusB.length);
-    if (strict && statusKey(statusA, a.sizeBytes) !== statusKey(statusB, b.sizeBytes)) {
+    if (strict && statusKey(statusA, shapeA) !== statusKey(statusB, shapeB)) {
       return { identical: false, reason: "allocation", guestOffset: offset, message: `Strict mode: Offset ${offset} block status mismatch!` };
     }
     if (!(statusA.zero && statusB.zero)) {
@@ -122,7 +156,7 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
         const slice = bufferA.subarray(0, chunk);
         await longer.read(offset, slice);
         const at = findNonZeroSector(slice);
-        if (at >= 0) return mismatch(offset + at);
+        if (at >= 0) return mismatch(offset + at, true);
       }
       offset += chunk;
       progress(offset);
