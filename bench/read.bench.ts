@@ -12,6 +12,11 @@
  * column is qemu-img's default AIO (threads); the io_uring figure and the
  * floor (fs.readSync of the same offsets straight from the file, no qcow2)
  * are in the notes. Ratio = snapstack / qemu-img (higher is better here).
+ *
+ * Each snapstack case gets an untimed warm-up pass (JIT), then RUNS timed
+ * passes alternating with the floor so both see the same contention;
+ * reported: the median, and CPU time per request in the notes (on a shared
+ * machine wall time includes time spent descheduled).
  */
 import { openSync, closeSync, readSync } from "node:fs";
 import { join } from "node:path";
@@ -19,12 +24,13 @@ import { buildFilledImage, GiB, KiB, MiB, patternByteFor, withScratchDir } from 
 import { printRows, row, type BenchRow } from "./fixtures/rows.ts";
 import { describeFailure, openSnapstackImage } from "./fixtures/snapstack.ts";
 import { median, qemuImgBenchSeconds } from "./fixtures/tools.ts";
-import { randomOffsets, scatterStepBytes, sequentialOffsets, timeReads, type ReadAt } from "./fixtures/workload.ts";
+import { randomOffsets, scatterStepBytes, sequentialOffsets, timeReads, type ReadAt, type ReadTiming } from "./fixtures/workload.ts";
 
 const IMAGE_BYTES = 1 * GiB;
 /** The fixture writes its data in pieces of this size, each with its own byte. */
 const PIECE_BYTES = 256 * MiB;
-const RUNS = 3;
+const RUNS = 5;
+const PEER_RUNS = 3;
 const VERIFY_READS = 1000;
 
 interface ReadCase {
@@ -51,16 +57,28 @@ function offsetsFor(c: ReadCase): Float64Array {
   return c.random ? randomOffsets(c.requestCount, IMAGE_BYTES, c.requestBytes) : sequentialOffsets(c.requestCount, IMAGE_BYTES, c.requestBytes);
 }
 
-async function medianRate(c: ReadCase, read: ReadAt, offsets: Float64Array): Promise<number> {
-  const rates: number[] = [];
-  for (let i = 0; i < RUNS; i++) rates.push(rate(c, await timeReads(read, offsets, c.requestBytes, c.inFlight)));
-  return median(rates);
+interface Measured {
+  rate: number;
+  cpuMicrosPerRequest: number;
+}
+
+/** Median rate and CPU per request of RUNS timed passes of each reader, alternating, after a warm-up pass each. */
+async function measureAlternating(c: ReadCase, readers: readonly ReadAt[], offsets: Float64Array): Promise<Measured[]> {
+  const timings: ReadTiming[][] = readers.map(() => []);
+  for (const read of readers) await timeReads(read, offsets, c.requestBytes, c.inFlight);
+  for (let i = 0; i < RUNS; i++) {
+    for (const [index, read] of readers.entries()) timings[index].push(await timeReads(read, offsets, c.requestBytes, c.inFlight));
+  }
+  return timings.map((list) => ({
+    rate: median(list.map((t) => rate(c, t.seconds))),
+    cpuMicrosPerRequest: median(list.map((t) => (t.cpuSeconds * 1e6) / c.requestCount)),
+  }));
 }
 
 async function peerRate(path: string, c: ReadCase, aio: "threads" | "io_uring"): Promise<number> {
   const stepBytes = c.random ? scatterStepBytes(IMAGE_BYTES, c.requestBytes) : c.requestBytes;
   const rates: number[] = [];
-  for (let i = 0; i < RUNS; i++) {
+  for (let i = 0; i < PEER_RUNS; i++) {
     const seconds = await qemuImgBenchSeconds(path, { format: "qcow2", requestCount: c.requestCount, requestBytes: c.requestBytes, stepBytes, inFlight: c.inFlight, aio });
     rates.push(rate(c, seconds));
   }
@@ -111,28 +129,32 @@ export default async function readBench(): Promise<BenchRow[]> {
       const offsets = offsetsFor(c);
       const unit = c.random ? "ops/s" : "GB/s";
       const target = c.random ? "target >= 100,000 ops/s" : "target >= 1 GB/s";
-      let snap: number | null = null;
+      let snap: Measured | null = null;
+      let floor: Measured;
       let caseFailure = failure;
       if (device !== null && caseFailure === "") {
         const opened = device;
         try {
-          snap = await medianRate(c, (offset, buffer) => opened.read(offset, buffer), offsets);
+          [snap, floor] = await measureAlternating(c, [(offset, buffer) => opened.read(offset, buffer), preadFloor], offsets);
         } catch (error) {
           caseFailure = describeFailure(error);
+          [floor] = await measureAlternating(c, [preadFloor], offsets);
         }
+      } else {
+        [floor] = await measureAlternating(c, [preadFloor], offsets);
       }
       const peerThreads = await peerRate(path, c, "threads");
       const peerUring = await peerRate(path, c, "io_uring");
-      const floor = await medianRate(c, preadFloor, offsets);
       const fmt = (value: number): string => (c.random ? Math.round(value).toLocaleString("en-US") : value.toFixed(2));
+      const cpu = (m: Measured): string => `CPU ${m.cpuMicrosPerRequest.toFixed(2)} us/request`;
       const notes = [
         target,
         `peer = qemu-img bench -i threads; -i io_uring: ${fmt(peerUring)}`,
-        `fs.readSync floor (no qcow2): ${fmt(floor)}`,
-        `median of ${RUNS}`,
+        `fs.readSync floor (no qcow2): ${fmt(floor.rate)}, ${cpu(floor)}`,
+        `median of ${RUNS}${snap === null ? "" : `, ${cpu(snap)}`}`,
         caseFailure !== "" ? caseFailure : verified,
       ];
-      rows.push(row(c.name, snap, peerThreads, unit, notes.join("; ")));
+      rows.push(row(c.name, snap?.rate ?? null, peerThreads, unit, notes.join("; ")));
     }
     await device?.close();
     closeSync(fd);
