@@ -14,6 +14,7 @@ import { openNodeFile } from "../../src/io/node-file.ts";
 import { checkQcow2, qemuCheckExitCode, toQemuCheckJson } from "../../src/formats/qcow2/check.ts";
 import type { Qcow2RepairMode } from "../../src/formats/qcow2/check.ts";
 import { rebuildRefcounts } from "../../src/formats/qcow2/rebuild-refcounts.ts";
+import { CHECK_MESSAGES_MAX } from "../../src/formats/qcow2/reference-counter.ts";
 import { formatQemuJson } from "../../src/cli/qemu-json.ts";
 import { decodeQcow2Header, INCOMPAT_EXTL2 } from "../../src/formats/qcow2/header.ts";
 import { getL2Entry } from "../../src/formats/qcow2/entries.ts";
@@ -48,6 +49,26 @@ async function qemuCheck(path: string, repair?: Qcow2RepairMode): Promise<Outcom
   return { stdout: result.stdout, stderr: result.stderr, code: result.code };
 }
 
+/**
+ * checkQcow2 keeps CHECK_MESSAGES_MAX detail lines and then one
+ * "(N more lines not kept)" line: compare the kept prefix and N.
+ */
+function assertSameStderr(actual: string, expected: string, label: string): void {
+  const actualLines = actual.split("\n");
+  const dropped = actualLines.findIndex((line) => /^\(\d+ more lines not kept\)$/.test(line));
+  if (dropped < 0) {
+    assert.equal(actual, expected, `stderr of ${label}`);
+    return;
+  }
+  assert.equal(dropped, CHECK_MESSAGES_MAX);
+  const expectedLines = expected.split("\n");
+  assert.deepEqual(actualLines.slice(0, dropped), expectedLines.slice(0, dropped), `kept stderr lines of ${label}`);
+  const droppedCount = Number(/\d+/.exec(actualLines[dropped])?.[0]);
+  // Both end with the same trailer (e.g. "qemu-img: Check failed") after the detail lines.
+  const actualTail = actualLines.slice(dropped + 1);
+  assert.deepEqual(expectedLines.slice(dropped + droppedCount), actualTail, `stderr after the dropped lines of ${label}`);
+}
+
 /** Both checkers on copies of `image`; asserts equal reports, returns qemu's. */
 async function compareChecks(dir: string, image: string, repair?: Qcow2RepairMode, compareAfterRepair = true): Promise<Outcome> {
   const ours = join(dir, "ours.qcow2");
@@ -58,7 +79,7 @@ async function compareChecks(dir: string, image: string, repair?: Qcow2RepairMod
   const actual = await ourCheck(ours, repair);
   const label = `${image} ${repair ?? "(no repair)"}`;
   assert.equal(actual.stdout, expected.stdout.replaceAll(theirs, ours), `stdout of ${label}`);
-  assert.equal(actual.stderr, expected.stderr.replaceAll(theirs, ours), `stderr of ${label}`);
+  assertSameStderr(actual.stderr, expected.stderr.replaceAll(theirs, ours), label);
   assert.equal(actual.code, expected.code, `exit status of ${label}`);
   if (repair !== undefined && compareAfterRepair) {
     // After a repair, qemu-img must see the same state in both files.
