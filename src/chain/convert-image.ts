@@ -26,9 +26,9 @@
  *   file end, as qemu-img does.
  * - Pipeline: data is read in chunks of COPY_CHUNK_BYTES with up to
  *   COPY_READS_IN_FLIGHT reads outstanding; writes are issued in guest order
- *   (qemu-img's default wr_in_order) with up to COPY_WRITES_IN_FLIGHT
- *   outstanding. The qcow2 engine allocates in request order, so a qcow2
- *   target gets the same host layout qemu-img produces.
+ *   (qemu-img's default wr_in_order): one at a time to a qcow2 target, so
+ *   it gets the same host layout qemu-img produces, up to
+ *   COPY_WRITES_IN_FLIGHT to a raw one.
  * - The target is opened with cache "unsafe" by default, as qemu-img
  *   convert does (-t unsafe): no fdatasync, which on a slow disk would
  *   dominate the run time.
@@ -48,7 +48,11 @@ import type { NodeFileCacheMode } from "../io/node-file.ts";
 export const COPY_CHUNK_BYTES = 2 * 1024 * 1024;
 /** Read requests outstanding while the in-order writer works. */
 export const COPY_READS_IN_FLIGHT = 8;
-/** Write requests outstanding (issued in guest order, so qcow2 allocation order matches qemu-img). */
+/**
+ * Write requests outstanding for a raw target. A qcow2 target gets one at a
+ * time, as qemu-img does (wr_in_order waits for each write to complete):
+ * concurrent allocating writes could take host clusters out of guest order.
+ */
 export const COPY_WRITES_IN_FLIGHT = 4;
 /** Guest bytes whose status is looked up at once. */
 export const CONVERT_STATUS_WINDOW_BYTES = 1024 * 1024 * 1024;
@@ -222,7 +226,7 @@ function isAllZero(data: Uint8Array): boolean {
 }
 
 /**
- * Issues target writes in guest order with up to COPY_WRITES_IN_FLIGHT
+ * Issues target writes in guest order with up to writesInFlight
  * outstanding. Every write* method resolves once its requests are issued
  * (not completed), with a promise of their completion.
  */
@@ -235,6 +239,7 @@ class Copier {
   readonly zeroInit: boolean;
   readonly sparseSizeBytes: number;
   readonly compress: boolean;
+  readonly writesInFlight: number;
   #pending: Promise<void>[] = [];
 
   constructor(target: BlockDevice, zeroInit: boolean, sparseSizeBytes: number, compress: boolean) {
@@ -242,13 +247,14 @@ class Copier {
     this.zeroInit = zeroInit;
     this.sparseSizeBytes = sparseSizeBytes;
     this.compress = compress;
+    this.writesInFlight = target.format === "raw" ? COPY_WRITES_IN_FLIGHT : 1;
   }
 
   async #issue(request: Promise<void>, issued: Promise<void>[]): Promise<void> {
     request.catch(() => {}); // awaited below or in drain()
     this.#pending.push(request);
     issued.push(request);
-    while (this.#pending.length > COPY_WRITES_IN_FLIGHT) await this.#pending.shift();
+    while (this.#pending.length >= this.writesInFlight) await this.#pending.shift();
   }
 
   /** Wait for every issued write; rethrows the first failure. */
@@ -350,17 +356,17 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
     const copier = new Copier(target, zeroInit, sparseSizeBytes, compress);
     const clusterBytes = compress ? (target as Qcow2Image).clusterSizeBytes : null;
 
+    const chunkBytes = clusterBytes ?? COPY_CHUNK_BYTES;
     // Pass 1 (metadata only): bytes to copy, for progress.
     let totalBytes = 0;
-    for await (const range of statusRanges(plan)) {
-      if (range.kind === "data" || (sparseSizeBytes === 0 && range.kind === "zero")) totalBytes += range.length;
+    for await (const job of copyJobs(plan, chunkBytes, clusterBytes)) {
+      if (job.kind === "data" || (sparseSizeBytes === 0 && job.kind === "zero")) totalBytes += job.length;
     }
     let doneBytes = 0;
     const report = (): void => options.onProgress?.(totalBytes === 0 ? 1 : doneBytes / totalBytes, doneBytes, totalBytes);
     report();
 
     // Pass 2: reads in flight, writes in order.
-    const chunkBytes = clusterBytes ?? COPY_CHUNK_BYTES;
     const free: Uint8Array[] = [];
     const inFlight: Array<{ job: CopyJob; buffer: Uint8Array | null; read: Promise<void> | null }> = [];
     const jobs = copyJobs(plan, chunkBytes, clusterBytes);
