@@ -141,14 +141,16 @@ export async function writeRefcountStructure(state: Qcow2CheckState, report: Che
     // An image always references its header, so there is at least one block.
     throw new SnapstackError("E_INTERNAL", "refcount rebuild found no referenced cluster");
   }
-  let tableOffset = -1;
-  let tableClusters = 0;
-  do {
+  // Place the table; if its blocks made the table grow, place it again (the old place stays allocated, a leak freed later).
+  let tableClusters: number;
+  let tableOffset: number;
+  for (;;) {
     tableClusters = Math.ceil((table.length * REFTABLE_ENTRY_BYTES) / cs);
     tableOffset = allocateClusters(state, counts, tableClusters, { firstFreeCluster: 0 });
     const tableStartCluster = tableOffset / cs;
     grown = await writeRefblocks(state, report, counts, tableStartCluster, tableStartCluster + tableClusters, table);
-  } while (grown);
+    if (!grown) break;
+  }
 
   const tableBytes = new Uint8Array(tableClusters * cs);
   const tableView = new DataView(tableBytes.buffer);
