@@ -14,6 +14,9 @@
 #
 # Environment: SNAPSTACK_NO_APT=1 never runs apt-get.
 set -euo pipefail
+# nbdsh runs `python3 -m nbd` with whatever python3 is first on PATH; a pyenv
+# python3 lacks Debian's nbd module, so let pyenv defer to the system one.
+case "$(command -v python3 || true)" in */.pyenv/*) export PYENV_VERSION=system ;; esac
 
 # tool package version-command (the command must exit 0 on a working install).
 TOOLS=(

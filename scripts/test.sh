@@ -17,6 +17,9 @@
 #   SNAPSTACK_TEST_CONCURRENCY  test files run at once (default: CPU count, at least 2)
 #   SNAPSTACK_TEST_TIMEOUT_MS   per-test timeout (default 600000)
 set -uo pipefail
+# nbdsh runs `python3 -m nbd` with whatever python3 is first on PATH; a pyenv
+# python3 lacks Debian's nbd module, so let pyenv defer to the system one.
+case "$(command -v python3 || true)" in */.pyenv/*) export PYENV_VERSION=system ;; esac
 cd "$(dirname "$0")/.." || exit 1
 
 # 1. Node.
