@@ -35,7 +35,7 @@
  * - Progress counts the bytes qemu-img counts (data, plus zero ranges when
  *   allocating everything), measured in a metadata-only first pass.
  */
-import { SnapstackError } from "../base/errors.ts";
+import { SnapstackError, assert } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
 import { Qcow2Image } from "../formats/qcow2/index.ts";
 import { parseImageFormat } from "./image-format.ts";
@@ -221,6 +221,12 @@ export function findZeroRuns(data: Uint8Array, minRunBytes: number): Array<[numb
   return runs;
 }
 
+/** The target of a compressed convert: always qcow2 (checked at the edge). */
+function compressingTarget(target: BlockDevice): Qcow2Image {
+  assert(target instanceof Qcow2Image, "compressed convert targets are qcow2 images");
+  return target;
+}
+
 function isAllZero(data: Uint8Array): boolean {
   return Buffer.from(data.buffer, data.byteOffset, data.byteLength).equals(zeroPattern(data.length));
 }
@@ -292,7 +298,7 @@ class Copier {
     const issued: Promise<void>[] = [];
     if (this.compress) {
       if (this.sparseSizeBytes > 0 && isAllZero(data)) await this.#zeroRange(start, data.length, issued);
-      else await this.#issue((this.target as Qcow2Image).writeCompressed(start, data), issued);
+      else await this.#issue(compressingTarget(this.target).writeCompressed(start, data), issued);
     } else if (this.sparseSizeBytes === 0) {
       await this.#issue(this.target.write(start, data), issued);
     } else {
@@ -354,7 +360,7 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
     };
     const zeroInit = !options.targetExists && sparseSizeBytes > 0 && !targetHasBacking;
     const copier = new Copier(target, zeroInit, sparseSizeBytes, compress);
-    const clusterBytes = compress ? (target as Qcow2Image).clusterSizeBytes : null;
+    const clusterBytes = compress ? compressingTarget(target).clusterSizeBytes : null;
 
     const chunkBytes = clusterBytes ?? COPY_CHUNK_BYTES;
     // Pass 1 (metadata only): bytes to copy, for progress.
@@ -416,7 +422,7 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
       await Promise.allSettled(inFlight.map((entry) => entry.read));
     }
     await copier.drain();
-    if (compress) await (target as Qcow2Image).writeCompressed(0, new Uint8Array(0));
+    if (compress) await compressingTarget(target).writeCompressed(0, new Uint8Array(0));
     await target.flush();
   } finally {
     await target.close();
