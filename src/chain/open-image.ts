@@ -25,15 +25,15 @@ import type { ImageFile } from "../io/file.ts";
 import { openNodeFile, type NodeFileCacheMode, type NodeFileIoMode } from "../io/node-file.ts";
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
-import { isImageFormat, probeImageFormat, type ImageFormat } from "./image-format.ts";
+import { isImageFormat, parseImageFormat, probeImageFormat, type ImageFormat } from "./image-format.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 
 /** Default bound on layers in a chain (top included); each layer costs one open file and its caches. */
 export const CHAIN_DEPTH_MAX_DEFAULT = 1024;
 
 export interface OpenImageOptions {
-  /** Format of the top image; probed when absent. */
-  format?: ImageFormat;
+  /** Format of the top image ("raw" or "qcow2"; E_UNKNOWN_FORMAT otherwise); probed when absent. */
+  format?: ImageFormat | string;
   /** Open the top read-only (backing files are always read-only). */
   readOnly?: boolean;
   /** Open the backing chain (default true); false leaves qcow2 unallocated ranges reading as zeroes, like qemu-img info. */
@@ -83,6 +83,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
     throw new SnapstackError("E_INVALID_OPTION", `chain depth limit ${chainDepthMax} must be a positive integer`);
   }
   const openBacking = options.openBacking ?? true;
+  const topFormat = options.format === undefined ? null : parseImageFormat(options.format);
   const pending: PendingLayer[] = [];
   const seenRealPaths = new Set<string>();
   let built: BlockDevice | null = null;
@@ -90,7 +91,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
   try {
     // Pass 1: walk down the chain.
     let layerPath: string | null = path;
-    let requestedFormat: string | null = options.format ?? null;
+    let requestedFormat: string | null = topFormat;
     while (layerPath !== null) {
       const depth = pending.length;
       if (depth >= chainDepthMax) {
