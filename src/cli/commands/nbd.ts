@@ -1,0 +1,242 @@
+/**
+ * `snapstack nbd [options] FILE`: serve an image (with its backing chain)
+ * over NBD, with qemu-nbd 7.2's options where they apply.
+ *
+ * Design notes
+ * - Differences from qemu-nbd, on purpose: -b defaults to 127.0.0.1 (qemu-nbd
+ *   listens on 0.0.0.0); TLS credentials are a directory given directly with
+ *   --tls-creds DIR (qemu-nbd's `--object tls-creds-x509,id=ID,dir=DIR
+ *   --tls-creds ID` is accepted too); -c (kernel device), -s, --image-opts,
+ *   --bitmap, -B and -l are refused with a coded error; -p 0 picks a free
+ *   port, printed with -v.
+ * - Lifetime as qemu-nbd: without -t the server exits when the last client
+ *   that completed negotiation disconnects; -e N serves N clients at once
+ *   (default 1; 0 = up to the server's hard cap), further clients wait.
+ *   SIGTERM, SIGINT and SIGHUP stop listening, let in-flight requests finish,
+ *   flush and close the image, remove the pid file, and exit 0.
+ * - --fork: Node cannot fork, so the command re-runs itself detached and
+ *   exits once the child reports (over an IPC channel) that it is listening;
+ *   the child keeps the original stderr, as qemu-nbd's does.
+ * - This command talks to `process` for signals and --fork, the only CLI
+ *   command that outlives its arguments.
+ */
+import { spawn } from "node:child_process";
+import { rmSync, writeFileSync } from "node:fs";
+import { SnapstackError } from "../../base/errors.ts";
+import type { BlockDevice } from "../../device/block-device.ts";
+import { NbdExport, NbdServer, loadTlsCredentials, type NbdListenAddress } from "../../nbd/index.ts";
+import { optionFlag, optionList, optionString, parseArgs } from "../args.ts";
+import { expectPositionals } from "../command-helpers.ts";
+import type { CliCommand, CliContext } from "../context.ts";
+import { openImage } from "../engine.ts";
+
+export const NBD_DEFAULT_PORT = 10809;
+export const NBD_DEFAULT_ADDRESS = "127.0.0.1";
+/** Environment marker of the child started by --fork. */
+const FORK_CHILD_ENV = "SNAPSTACK_NBD_FORK_CHILD";
+
+const OPTION_SPECS = [
+  { name: "format", short: "f", long: "format", value: true },
+  { name: "exportName", short: "x", long: "export-name", value: true },
+  { name: "description", short: "D", long: "description", value: true },
+  { name: "port", short: "p", long: "port", value: true },
+  { name: "bind", short: "b", long: "bind", value: true },
+  { name: "socket", short: "k", long: "socket", value: true },
+  { name: "readOnly", short: "r", long: "read-only" },
+  { name: "snapshot", short: "l", long: "load-snapshot", value: true },
+  { name: "persistent", short: "t", long: "persistent" },
+  { name: "shared", short: "e", long: "shared", value: true },
+  { name: "allocationDepth", short: "A", long: "allocation-depth" },
+  { name: "pidFile", long: "pid-file", value: true },
+  { name: "fork", long: "fork" },
+  { name: "verbose", short: "v", long: "verbose" },
+  { name: "tlsCreds", long: "tls-creds", value: true },
+  { name: "object", long: "object", value: true, repeat: "list" as const },
+  { name: "device", short: "c", long: "connect", value: true },
+  { name: "bitmap", short: "B", long: "bitmap", value: true },
+  { name: "imageOpts", long: "image-opts" },
+  { name: "cache", long: "cache", value: true },
+  { name: "aio", long: "aio", value: true },
+  { name: "discard", long: "discard", value: true },
+  { name: "detectZeroes", long: "detect-zeroes", value: true },
+  { name: "nocache", short: "n", long: "nocache" },
+];
+
+export interface NbdCommandOptions {
+  path: string;
+  format?: string;
+  exportName: string;
+  description: string;
+  address: NbdListenAddress;
+  readOnly: boolean;
+  persistent: boolean;
+  connectionsMax: number;
+  allocationDepth: boolean;
+  pidFile?: string;
+  fork: boolean;
+  verbose: boolean;
+  tlsDir?: string;
+  tlsVerifyPeer: boolean;
+}
+
+function usage(message: string): SnapstackError {
+  return new SnapstackError("E_USAGE", message);
+}
+
+function parseInteger(text: string, what: string, min: number, max: number): number {
+  if (!/^\d+$/.test(text) || Number(text) < min || Number(text) > max) throw usage(`Invalid ${what} '${text}'`);
+  return Number(text);
+}
+
+/** qemu's `--object tls-creds-x509,id=ID,dir=DIR[,endpoint=server][,verify-peer=on|off]`. */
+function parseTlsObjects(objects: readonly string[]): Map<string, { dir: string; verifyPeer: boolean }> {
+  const byId = new Map<string, { dir: string; verifyPeer: boolean }>();
+  for (const object of objects) {
+    const [kind, ...pairs] = object.split(",");
+    if (kind !== "tls-creds-x509") throw new SnapstackError("E_UNSUPPORTED_FEATURE", `--object ${kind}: only tls-creds-x509 is supported`);
+    const fields = new Map(pairs.map((pair) => [pair.slice(0, pair.indexOf("=")), pair.slice(pair.indexOf("=") + 1)]));
+    const id = fields.get("id");
+    const dir = fields.get("dir");
+    if (id === undefined || dir === undefined) throw usage(`--object ${object}: id= and dir= are required`);
+    if ((fields.get("endpoint") ?? "server") !== "server") throw usage(`--object ${object}: endpoint must be 'server'`);
+    byId.set(id, { dir, verifyPeer: ["on", "yes", "true"].includes(fields.get("verify-peer") ?? "off") });
+  }
+  return byId;
+}
+
+export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
+  const parsed = parseArgs(argv, OPTION_SPECS);
+  for (const [name, what] of [
+    ["device", "-c (kernel NBD devices)"],
+    ["bitmap", "-B (dirty bitmaps)"],
+    ["imageOpts", "--image-opts"],
+  ] as const) {
+    if (parsed.options[name] !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${what} is not supported by snapstack nbd`);
+  }
+  if (optionString(parsed, "snapshot") !== undefined) {
+    throw new SnapstackError("E_UNSUPPORTED_FEATURE", "-l: exporting an internal snapshot is not supported yet (the qcow2 engine has no read-only snapshot view)");
+  }
+  expectPositionals(parsed.positionals, 1, 1, "Expected exactly one file name argument");
+  const socketPath = optionString(parsed, "socket");
+  const portText = optionString(parsed, "port");
+  const bindText = optionString(parsed, "bind");
+  if (socketPath !== undefined && (portText !== undefined || bindText !== undefined)) throw usage("-k cannot be used with -p or -b");
+  const address: NbdListenAddress =
+    socketPath !== undefined
+      ? { path: socketPath }
+      : { host: bindText ?? NBD_DEFAULT_ADDRESS, port: portText === undefined ? NBD_DEFAULT_PORT : parseInteger(portText, "port", 0, 65535) };
+  const sharedText = optionString(parsed, "shared");
+  const connectionsMax = sharedText === undefined ? 1 : parseInteger(sharedText, "shared device number", 0, 1 << 20);
+  const tlsObjects = parseTlsObjects(optionList(parsed, "object"));
+  const tlsCreds = optionString(parsed, "tlsCreds");
+  const tlsObject = tlsCreds !== undefined ? tlsObjects.get(tlsCreds) : undefined;
+  return {
+    path: parsed.positionals[0],
+    format: optionString(parsed, "format"),
+    exportName: optionString(parsed, "exportName") ?? "",
+    description: optionString(parsed, "description") ?? "",
+    address,
+    readOnly: optionFlag(parsed, "readOnly"),
+    persistent: optionFlag(parsed, "persistent"),
+    connectionsMax,
+    allocationDepth: optionFlag(parsed, "allocationDepth"),
+    pidFile: optionString(parsed, "pidFile"),
+    fork: optionFlag(parsed, "fork"),
+    verbose: optionFlag(parsed, "verbose"),
+    tlsDir: tlsObject?.dir ?? tlsCreds,
+    tlsVerifyPeer: tlsObject?.verifyPeer ?? false,
+  };
+}
+
+/** --fork: run this command again detached; resolve with 0 once it listens, 1 if it dies first. */
+function forkServer(argv: readonly string[]): Promise<number> {
+  const args = [...process.execArgv, process.argv[1], "nbd", ...argv.filter((word) => word !== "--fork")];
+  const child = spawn(process.execPath, args, {
+    detached: true,
+    stdio: ["ignore", "ignore", "inherit", "ipc"],
+    env: { ...process.env, [FORK_CHILD_ENV]: "1" },
+  });
+  return new Promise((resolve) => {
+    child.once("message", () => {
+      child.disconnect();
+      child.unref();
+      resolve(0);
+    });
+    child.once("exit", (code) => resolve(code === 0 ? 1 : (code ?? 1)));
+  });
+}
+
+function describeAddress(address: string | { address: string; port: number }): string {
+  return typeof address === "string" ? address : `${address.address}:${address.port}`;
+}
+
+async function serve(options: NbdCommandOptions, context: CliContext): Promise<number> {
+  const log = options.verbose ? (message: string) => context.err(`snapstack nbd: ${message}\n`) : undefined;
+  const tls = options.tlsDir !== undefined ? loadTlsCredentials(options.tlsDir, { verifyPeer: options.tlsVerifyPeer }) : null;
+  const device: BlockDevice = await openImage(options.path, { format: options.format, readOnly: options.readOnly });
+  let server: NbdServer | null = null;
+  try {
+    const exp = new NbdExport({ name: options.exportName, device, description: options.description, allocationDepth: options.allocationDepth });
+    server = new NbdServer({ exports: [exp], tls, connectionsMax: options.connectionsMax, log });
+    const bound = await server.listen(options.address);
+    log?.(`serving '${options.exportName}' (${device.format}, ${device.sizeBytes} bytes${exp.readOnly ? ", read-only" : ""}) on ${describeAddress(bound)}`);
+    if (options.pidFile !== undefined) writeFileSync(options.pidFile, `${process.pid}\n`);
+    if (process.env[FORK_CHILD_ENV] === "1" && process.send !== undefined) {
+      process.send({ ready: true });
+      process.disconnect?.();
+    }
+    const activeServer = server;
+    await new Promise<void>((resolve) => {
+      const signals: NodeJS.Signals[] = ["SIGTERM", "SIGINT", "SIGHUP"];
+      const stop = (why: string): void => {
+        log?.(`stopping: ${why}`);
+        for (const signal of signals) process.off(signal, onSignal);
+        // A second signal while draining exits at once.
+        for (const signal of signals) process.once(signal, () => process.exit(1));
+        resolve();
+      };
+      const onSignal = (signal: NodeJS.Signals): void => stop(signal);
+      for (const signal of signals) process.on(signal, onSignal);
+      activeServer.on("connection-closed", (info) => {
+        log?.(`client disconnected (${info.reason || "closed"}); ${info.open} open`);
+        if (!options.persistent && info.negotiated && info.open === 0) stop("last client left (no -t)");
+      });
+    });
+    await server.close();
+    await device.flush();
+    return 0;
+  } finally {
+    await server?.close().catch(() => {});
+    await device.close();
+    if (options.pidFile !== undefined) rmSync(options.pidFile, { force: true });
+  }
+}
+
+export const nbdCommand: CliCommand = {
+  name: "nbd",
+  synopsis: "nbd [-f fmt] [-x name] [-D description] [-p port] [-b address] [-k socket] [-r] [-t] [-e shared] [-A] [--tls-creds dir] [--pid-file file] [--fork] [-v] filename",
+  summary: "Serve an image and its backing chain over NBD (like qemu-nbd).",
+  optionHelp: [
+    "  -f, --format=FMT        image format (raw, qcow2); probed when omitted",
+    "  -x, --export-name=NAME  export name (default: empty)",
+    "  -D, --description=TEXT  export description",
+    `  -p, --port=PORT         TCP port (default ${NBD_DEFAULT_PORT}; 0 picks a free one)`,
+    `  -b, --bind=ADDRESS      address to listen on (default ${NBD_DEFAULT_ADDRESS})`,
+    "  -k, --socket=PATH       listen on a Unix socket instead of TCP",
+    "  -r, --read-only         export read-only",
+    "  -t, --persistent        keep serving after the last client disconnects",
+    "  -e, --shared=N          clients served at once (default 1, 0 = no limit)",
+    "  -A, --allocation-depth  offer the qemu:allocation-depth metadata context",
+    "  --tls-creds=DIR         require TLS; DIR holds ca-cert.pem, server-cert.pem, server-key.pem",
+    "  --object tls-creds-x509,id=ID,dir=DIR[,verify-peer=on]  qemu-style TLS credentials (then --tls-creds ID)",
+    "  --pid-file=PATH         write the server's process id once it listens",
+    "  --fork                  run in the background once listening",
+    "  -v, --verbose           log connections to stderr",
+    "  -l SNAPSHOT             not supported yet (E_UNSUPPORTED_FEATURE)",
+  ],
+  async run(argv, context) {
+    const options = parseNbdCommand(argv);
+    if (options.fork && process.env[FORK_CHILD_ENV] !== "1") return forkServer(argv);
+    return serve(options, context);
+  },
+};

@@ -1,0 +1,138 @@
+/**
+ * Answers for NBD_CMD_BLOCK_STATUS and the hole map of sparse reads, from a
+ * chain's resolved status (walkChain: what qemu's bdrv_block_status_above
+ * answers, so the replies match qemu-nbd's for the same chain).
+ *
+ * Design notes
+ * - base:allocation: flags = (data ? 0 : STATE_HOLE) | (zero ? STATE_ZERO : 0),
+ *   as qemu's blockstatus_to_extents; data in any layer is 0, zero clusters
+ *   and ranges unallocated everywhere are 3, data past the end of a layer's
+ *   host file is 2.
+ * - qemu:allocation-depth: the layer that holds the range, 1 for the top, 2
+ *   for its backing file, ..., 0 when no layer does (qemu's
+ *   bdrv_is_allocated_above; a range past the end of a shorter backing file
+ *   is 0).
+ * - Adjacent extents with equal values merge, as qemu's
+ *   nbd_extent_array_add does, so extent boundaries never depend on how the
+ *   walk was windowed.
+ * - The walk goes in windows that start at BLOCK_STATUS_WINDOW_FIRST_BYTES
+ *   and double: a REQ_ONE query (qemu-img map, convert) stops as soon as the
+ *   first extent of every context is known, a whole-disk query (nbdinfo
+ *   --map) stops at BLOCK_STATUS_EXTENTS_MAX extents; the reply then covers
+ *   a prefix of the request, which the spec allows and clients re-query.
+ */
+import type { BlockDevice, MapExtent } from "../device/block-device.ts";
+import { walkChain } from "../chain/map-image.ts";
+import { BLOCK_STATUS_EXTENTS_MAX, BLOCK_STATUS_WINDOW_FIRST_BYTES, BLOCK_STATUS_WINDOW_MAX_BYTES, STATE_HOLE, STATE_ZERO } from "./protocol.ts";
+
+/** Extents of one metadata context: parallel arrays of lengths and values. */
+export class ExtentList {
+  readonly lengths: number[] = [];
+  readonly values: number[] = [];
+  readonly extentsMax: number;
+  /** No more extents may be added (the list is full). */
+  closed = false;
+
+  constructor(extentsMax: number) {
+    this.extentsMax = extentsMax;
+  }
+
+  get count(): number {
+    return this.lengths.length;
+  }
+
+  add(lengthBytes: number, value: number): void {
+    if (this.closed || lengthBytes === 0) return;
+    const last = this.lengths.length - 1;
+    if (last >= 0 && this.values[last] === value) {
+      this.lengths[last] += lengthBytes;
+      return;
+    }
+    if (this.lengths.length >= this.extentsMax) {
+      this.closed = true;
+      return;
+    }
+    this.lengths.push(lengthBytes);
+    this.values.push(value);
+  }
+
+  /** Keep only the first extent (REQ_ONE). */
+  keepFirst(): void {
+    this.lengths.length = Math.min(this.lengths.length, 1);
+    this.values.length = this.lengths.length;
+  }
+}
+
+export function baseAllocationFlags(entry: MapExtent): number {
+  return (entry.data ? 0 : STATE_HOLE) | (entry.zero ? STATE_ZERO : 0);
+}
+
+export function allocationDepthOf(entry: MapExtent): number {
+  return entry.present ? entry.depth + 1 : 0;
+}
+
+export interface BlockStatusQuery {
+  baseAllocation: boolean;
+  allocationDepth: boolean;
+  /** One extent per context (NBD_CMD_FLAG_REQ_ONE). */
+  reqOne: boolean;
+  extentsMax?: number;
+}
+
+export interface BlockStatusAnswer {
+  baseAllocation: ExtentList | null;
+  allocationDepth: ExtentList | null;
+}
+
+function settled(list: ExtentList | null, reqOne: boolean): boolean {
+  if (list === null) return true;
+  return list.closed || (reqOne && list.count >= 2);
+}
+
+/** Extents for [guestOffset, guestOffset + lengthBytes) of the chain under `device` (range already validated). */
+export async function queryBlockStatus(device: BlockDevice, guestOffset: number, lengthBytes: number, query: BlockStatusQuery): Promise<BlockStatusAnswer> {
+  const extentsMax = query.extentsMax ?? BLOCK_STATUS_EXTENTS_MAX;
+  const base = query.baseAllocation ? new ExtentList(extentsMax) : null;
+  const depth = query.allocationDepth ? new ExtentList(extentsMax) : null;
+  const end = guestOffset + lengthBytes;
+  let windowBytes = BLOCK_STATUS_WINDOW_FIRST_BYTES;
+  for (let start = guestOffset; start < end; ) {
+    const windowEnd = Math.min(end, start + windowBytes);
+    await walkChain(device, start, windowEnd, (entry) => {
+      base?.add(entry.length, baseAllocationFlags(entry));
+      depth?.add(entry.length, allocationDepthOf(entry));
+    });
+    start = windowEnd;
+    windowBytes = Math.min(windowBytes * 2, BLOCK_STATUS_WINDOW_MAX_BYTES);
+    if (settled(base, query.reqOne) && settled(depth, query.reqOne)) break;
+  }
+  if (query.reqOne) {
+    base?.keepFirst();
+    depth?.keepFirst();
+  }
+  return { baseAllocation: base, allocationDepth: depth };
+}
+
+/** One run of a sparse read: data to send, or a hole that reads as zeroes. */
+export interface ReadRun {
+  guestOffset: number;
+  lengthBytes: number;
+  hole: boolean;
+}
+
+/**
+ * Split a read into data runs and hole runs (ranges that read as zeroes:
+ * qemu-nbd's nbd_co_send_sparse_read sends BDRV_BLOCK_ZERO ranges as holes).
+ * Devices whose status is always "data" (raw files) need no walk.
+ */
+export async function readRuns(device: BlockDevice, guestOffset: number, lengthBytes: number): Promise<ReadRun[]> {
+  if (device.backing === null && device.format === "raw") return [{ guestOffset, lengthBytes, hole: false }];
+  const runs: ReadRun[] = [];
+  await walkChain(device, guestOffset, guestOffset + lengthBytes, (entry) => {
+    const hole = entry.zero;
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last.hole === hole) last.lengthBytes += entry.length;
+    else runs.push({ guestOffset: entry.start, lengthBytes: entry.length, hole });
+  });
+  return runs;
+}

@@ -1,0 +1,519 @@
+/**
+ * One client connection: the state machine, the read pump with
+ * back-pressure, request execution and reply writing.
+ *
+ * States
+ *   clientFlags -> options -> transmission -> draining -> closed
+ *   (options -> tls-handshake -> options after STARTTLS; any -> closed on
+ *   EOF, error, bad magic, handshake timeout)
+ * - clientFlags: greeting sent, waiting for the 4 client flag bytes; unknown
+ *   bits close the connection.
+ * - options: negotiation.ts decides each option; a handshake that takes
+ *   longer than handshakeTimeoutMs or more than OPTIONS_PER_HANDSHAKE_MAX
+ *   options is dropped (CVE-2024-7409: clients that never finish).
+ * - transmission: requests run concurrently and reply in completion order.
+ * - draining: no more requests are read (DISC, EOF, bad magic, server
+ *   shutdown); the socket ends when the last in-flight request has replied.
+ *
+ * Back-pressure: the pump pulls one message at a time from the parser and
+ * stops (pausing the socket) while IN_FLIGHT_REQUESTS_MAX requests run, or
+ * while write payloads held + read replies being built + bytes queued in
+ * the socket exceed inFlightBytesMax. 'drain' and request completion restart
+ * it. So a connection holds at most inFlightBytesMax plus one request.
+ *
+ * Replies: built as one buffer per reply where possible (header and data
+ * together, the read goes straight into the reply buffer); the socket is
+ * corked on the first reply of a tick and uncorked on the next tick, so
+ * replies that complete together leave in one writev.
+ *
+ * Errors from the device become errno values (nbd-errno.ts) and never close
+ * the connection; a client that vanishes mid-request costs nothing: replies
+ * to a closed socket are dropped and in-flight requests simply finish.
+ */
+import type { Socket } from "node:net";
+import tls from "node:tls";
+import type { BlockDevice } from "../device/block-device.ts";
+import { encodeBlockStatusChunk, encodeChunk, encodeErrorChunk, encodeGreeting, encodeSimpleReply, writeChunkHeader, writeSimpleReplyHeader, writeU64 } from "./codec.ts";
+import { queryBlockStatus, readRuns } from "./block-status.ts";
+import type { NbdExport } from "./nbd-export.ts";
+import type { TlsCredentials } from "./tls-credentials.ts";
+import { errorMessageOf, nbdErrnoFor } from "./nbd-errno.ts";
+import { NbdParser, type NbdMessage, type NbdRequest } from "./nbd-parser.ts";
+import { initialNegotiationState, negotiateOption, type NegotiationEnv, type NegotiationState } from "./negotiation.ts";
+import {
+  CLIENT_FLAGS_KNOWN,
+  CMD_BLOCK_STATUS,
+  CMD_CACHE,
+  CMD_DISC,
+  CMD_FLAG_DF,
+  CMD_FLAG_FAST_ZERO,
+  CMD_FLAG_FUA,
+  CMD_FLAG_NO_HOLE,
+  CMD_FLAG_REQ_ONE,
+  CMD_FLUSH,
+  CMD_READ,
+  CMD_TRIM,
+  CMD_WRITE,
+  CMD_WRITE_ZEROES,
+  ERROR_MESSAGE_BYTES_MAX,
+  META_ID_ALLOCATION_DEPTH,
+  META_ID_BASE_ALLOCATION,
+  NBD_ENOTSUP,
+  OPTION_DATA_BYTES_MAX,
+  OPTIONS_PER_HANDSHAKE_MAX,
+  PAYLOAD_BYTES_MAX,
+  REPLY_FLAG_DONE,
+  REPLY_TYPE_NONE,
+  REPLY_TYPE_OFFSET_DATA,
+  REPLY_TYPE_OFFSET_HOLE,
+  SIMPLE_REPLY_HEADER_BYTES,
+  STRUCTURED_REPLY_HEADER_BYTES,
+  SPARSE_READ_MIN_BYTES,
+} from "./protocol.ts";
+import { validateRequest } from "./request-validation.ts";
+
+export interface ConnectionLimits {
+  handshakeTimeoutMs: number;
+  inFlightBytesMax: number;
+  inFlightRequestsMax: number;
+  optionsPerHandshakeMax?: number;
+}
+
+export interface ConnectionEnv extends NegotiationEnv {
+  tls: TlsCredentials | null;
+  limits: ConnectionLimits;
+  /** Called once, when the connection has closed. */
+  onClosed(connection: NbdConnection): void;
+  /** Called when negotiation ends and transmission begins. */
+  onNegotiated?(connection: NbdConnection): void;
+  /** Diagnostics (verbose mode). */
+  log?(message: string): void;
+}
+
+type ConnectionPhase = "clientFlags" | "options" | "tls-handshake" | "transmission" | "draining" | "closed";
+
+/** Bytes of the data chunk header in a structured READ reply: chunk header + offset. */
+const DATA_CHUNK_PREFIX_BYTES = STRUCTURED_REPLY_HEADER_BYTES + 8;
+const HOLE_CHUNK_BYTES = STRUCTURED_REPLY_HEADER_BYTES + 12;
+
+/** FAST_ZERO is honoured where zeroing is a metadata update: whole clusters of a qcow2 image. */
+function fastZeroPossible(device: BlockDevice, guestOffset: number, lengthBytes: number): boolean {
+  if (device.format !== "qcow2") return false;
+  const clusterSizeBytes = (device as { clusterSizeBytes?: unknown }).clusterSizeBytes;
+  if (typeof clusterSizeBytes !== "number" || clusterSizeBytes <= 0) return false;
+  const end = guestOffset + lengthBytes;
+  return guestOffset % clusterSizeBytes === 0 && (end % clusterSizeBytes === 0 || end === device.sizeBytes);
+}
+
+export class NbdConnection {
+  readonly env: ConnectionEnv;
+  readonly remote: string;
+  #socket: Socket;
+  #phase: ConnectionPhase = "clientFlags";
+  #parser = new NbdParser({ payloadBytesMax: PAYLOAD_BYTES_MAX, optionDataBytesMax: OPTION_DATA_BYTES_MAX });
+  #negotiation: NegotiationState | null = null;
+  #optionCount = 0;
+  #export: NbdExport | null = null;
+  #structuredReplies = false;
+  #baseAllocation = false;
+  #allocationDepth = false;
+  #inFlightRequests = 0;
+  #inFlightBytes = 0;
+  #pumping = false;
+  #socketPaused = false;
+  #corked = false;
+  #handshakeTimer: NodeJS.Timeout | null = null;
+  #negotiated = false;
+  #closeReason = "";
+
+  constructor(socket: Socket, env: ConnectionEnv) {
+    this.#socket = socket;
+    this.env = env;
+    this.remote = socket.remoteAddress !== undefined ? `${socket.remoteAddress}:${socket.remotePort}` : "unix";
+  }
+
+  get phase(): ConnectionPhase {
+    return this.#phase;
+  }
+
+  /** The connection finished negotiation (qemu-nbd's "negotiated" client). */
+  get negotiated(): boolean {
+    return this.#negotiated;
+  }
+
+  get exportName(): string | null {
+    return this.#export?.name ?? null;
+  }
+
+  get inFlightRequests(): number {
+    return this.#inFlightRequests;
+  }
+
+  get closeReason(): string {
+    return this.#closeReason;
+  }
+
+  start(): void {
+    const socket = this.#socket;
+    socket.setNoDelay?.(true);
+    this.#attach(socket);
+    socket.on("close", () => this.#finalize());
+    this.#handshakeTimer = setTimeout(() => this.#abort("handshake timeout"), this.env.limits.handshakeTimeoutMs);
+    this.#handshakeTimer.unref();
+    this.#send(encodeGreeting());
+  }
+
+  #attach(socket: Socket): void {
+    socket.on("data", (chunk: Buffer) => {
+      // Once draining, nothing more is read: the bytes are dropped, not held.
+      if (!this.#reading()) return;
+      this.#parser.push(chunk);
+      this.#pump();
+    });
+    socket.on("end", () => this.#drain("client closed its side"));
+    socket.on("error", (error) => this.#abort(`socket error: ${error.message}`));
+    socket.on("drain", () => this.#pump());
+  }
+
+  /** Stop reading, let in-flight requests reply, then end the connection. */
+  shutdown(reason = "server shutting down"): void {
+    this.#drain(reason);
+  }
+
+  // ---- reading ----
+
+  #reading(): boolean {
+    return this.#phase === "clientFlags" || this.#phase === "options" || this.#phase === "transmission";
+  }
+
+  #overLimit(): boolean {
+    const limits = this.env.limits;
+    return this.#inFlightRequests >= limits.inFlightRequestsMax || this.#inFlightBytes + this.#socket.writableLength >= limits.inFlightBytesMax;
+  }
+
+  #pump(): void {
+    if (this.#pumping) return;
+    this.#pumping = true;
+    let blocked = false;
+    try {
+      while (this.#reading()) {
+        if (this.#phase === "transmission" && this.#overLimit()) {
+          blocked = true;
+          break;
+        }
+        const message = this.#parser.next();
+        if (message === null) break;
+        this.#handleMessage(message);
+      }
+    } finally {
+      this.#pumping = false;
+    }
+    if (blocked && !this.#socketPaused) {
+      this.#socketPaused = true;
+      this.#socket.pause();
+    } else if (!blocked && this.#socketPaused && this.#reading()) {
+      this.#socketPaused = false;
+      this.#socket.resume();
+    }
+  }
+
+  #handleMessage(message: NbdMessage): void {
+    switch (message.kind) {
+      case "clientFlags":
+        if ((message.flags & ~CLIENT_FLAGS_KNOWN) !== 0) {
+          this.#abort(`unknown client flags 0x${message.flags.toString(16)}`);
+          return;
+        }
+        this.#negotiation = initialNegotiationState(message.flags);
+        this.#phase = "options";
+        this.#parser.phase = "options";
+        return;
+      case "option":
+        this.#handleOption(message.option, message.data);
+        return;
+      case "optionTooLong":
+        this.#abort(`option ${message.option} length ${message.lengthBytes} exceeds ${OPTION_DATA_BYTES_MAX}`);
+        return;
+      case "badMagic":
+        if (message.phase === "options") this.#abort(`bad option magic ${message.magicHex}`);
+        else this.#drain(`invalid request magic (got ${message.magicHex})`);
+        return;
+      case "request":
+        this.#handleRequest(message.request);
+        return;
+    }
+  }
+
+  // ---- negotiation ----
+
+  #handleOption(option: number, data: Buffer): void {
+    const state = this.#negotiation!;
+    const optionsMax = this.env.limits.optionsPerHandshakeMax ?? OPTIONS_PER_HANDSHAKE_MAX;
+    if (++this.#optionCount > optionsMax) {
+      this.#abort(`more than ${optionsMax} options without finishing negotiation`);
+      return;
+    }
+    const outcome = negotiateOption(state, this.env, option, data);
+    for (const reply of outcome.replies) this.#send(reply);
+    switch (outcome.next) {
+      case "continue":
+        return;
+      case "close":
+        this.env.log?.(`${this.remote}: closing: ${outcome.reason}`);
+        this.#drain(outcome.reason);
+        return;
+      case "starttls":
+        this.#startTls();
+        return;
+      case "transmission":
+        this.#enterTransmission(outcome.export, outcome.metaContextIds, state.structuredReplies);
+        return;
+    }
+  }
+
+  #enterTransmission(exp: NbdExport, metaContextIds: number[], structuredReplies: boolean): void {
+    if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
+    this.#handshakeTimer = null;
+    this.#export = exp;
+    this.#structuredReplies = structuredReplies;
+    this.#baseAllocation = metaContextIds.includes(META_ID_BASE_ALLOCATION);
+    this.#allocationDepth = metaContextIds.includes(META_ID_ALLOCATION_DEPTH);
+    this.#phase = "transmission";
+    this.#parser.phase = "transmission";
+    this.#negotiated = true;
+    this.env.onNegotiated?.(this);
+  }
+
+  #startTls(): void {
+    const credentials = this.env.tls;
+    if (credentials === null || this.#parser.bufferedBytes > 0) {
+      // The client must wait for the ACK before starting TLS.
+      this.#abort("data after STARTTLS before the TLS handshake");
+      return;
+    }
+    this.#uncork();
+    const raw = this.#socket;
+    raw.removeAllListeners("data");
+    raw.removeAllListeners("end");
+    raw.removeAllListeners("drain");
+    this.#phase = "tls-handshake";
+    const secure = new tls.TLSSocket(raw, {
+      isServer: true,
+      secureContext: credentials.secureContext,
+      requestCert: credentials.verifyPeer,
+      rejectUnauthorized: credentials.verifyPeer,
+    });
+    this.#socket = secure;
+    secure.on("close", () => this.#finalize());
+    secure.once("secure", () => {
+      if (this.#phase !== "tls-handshake") return;
+      this.#negotiation!.tlsActive = true;
+      this.#phase = "options";
+      this.#pump();
+    });
+    this.#attach(secure);
+  }
+
+  // ---- transmission ----
+
+  #handleRequest(request: NbdRequest): void {
+    if (request.type === CMD_DISC) {
+      this.#drain("client sent NBD_CMD_DISC");
+      return;
+    }
+    const exp = this.#export!;
+    const rejection = validateRequest(request, {
+      sizeBytes: exp.sizeBytes,
+      readOnly: exp.readOnly,
+      structuredReplies: this.#structuredReplies,
+      hasMetaContext: this.#baseAllocation || this.#allocationDepth,
+    });
+    if (rejection !== null) {
+      this.#replyError(request, rejection.errno, rejection.message);
+      return;
+    }
+    const costBytes = request.type === CMD_READ || request.type === CMD_WRITE ? request.lengthBytes : 0;
+    this.#inFlightRequests++;
+    this.#inFlightBytes += costBytes;
+    this.#execute(request, exp).then(() => {
+      this.#inFlightRequests--;
+      this.#inFlightBytes -= costBytes;
+      if (this.#phase === "draining") this.#endIfIdle();
+      else if (this.#socketPaused) this.#pump();
+    });
+  }
+
+  /** Runs one validated request and sends its reply; never rejects. */
+  async #execute(request: NbdRequest, exp: NbdExport): Promise<void> {
+    try {
+      switch (request.type) {
+        case CMD_READ:
+          await this.#read(request, exp);
+          return;
+        case CMD_WRITE: {
+          const payload = request.payload;
+          if (payload !== null) await exp.run((device) => device.write(request.offset, payload));
+          if (request.flags & CMD_FLAG_FUA) await exp.flush();
+          break;
+        }
+        case CMD_FLUSH:
+          await exp.flush();
+          break;
+        case CMD_TRIM:
+          if (request.lengthBytes > 0) await exp.run((device) => device.discard(request.offset, request.lengthBytes));
+          if (request.flags & CMD_FLAG_FUA) await exp.flush();
+          break;
+        case CMD_WRITE_ZEROES: {
+          if (request.flags & CMD_FLAG_FAST_ZERO && !fastZeroPossible(exp.device, request.offset, request.lengthBytes)) {
+            this.#replyError(request, NBD_ENOTSUP, "fast zeroing is not possible for this range");
+            return;
+          }
+          const unmap = (request.flags & CMD_FLAG_NO_HOLE) === 0;
+          if (request.lengthBytes > 0) await exp.run((device) => device.writeZeroes(request.offset, request.lengthBytes, { unmap }));
+          if (request.flags & CMD_FLAG_FUA) await exp.flush();
+          break;
+        }
+        case CMD_CACHE:
+          // A read-ahead hint; the page cache and the metadata caches do this already.
+          break;
+        case CMD_BLOCK_STATUS:
+          await this.#blockStatus(request, exp);
+          return;
+      }
+      this.#send(encodeSimpleReply(0, request.cookieHi, request.cookieLo));
+    } catch (error) {
+      this.#replyError(request, nbdErrnoFor(error), errorMessageOf(error));
+    }
+  }
+
+  async #read(request: NbdRequest, exp: NbdExport): Promise<void> {
+    const { offset, lengthBytes, cookieHi, cookieLo } = request;
+    if (!this.#structuredReplies) {
+      const reply = Buffer.allocUnsafe(SIMPLE_REPLY_HEADER_BYTES + lengthBytes);
+      writeSimpleReplyHeader(reply, 0, 0, cookieHi, cookieLo);
+      await exp.run((device) => device.read(offset, reply.subarray(SIMPLE_REPLY_HEADER_BYTES)));
+      this.#send(reply);
+      return;
+    }
+    if (lengthBytes === 0) {
+      this.#send(encodeChunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookieHi, cookieLo));
+      return;
+    }
+    if (lengthBytes < SPARSE_READ_MIN_BYTES || request.flags & CMD_FLAG_DF) {
+      const reply = Buffer.allocUnsafe(DATA_CHUNK_PREFIX_BYTES + lengthBytes);
+      writeChunkHeader(reply, 0, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookieHi, cookieLo, 8 + lengthBytes);
+      writeU64(reply, offset, STRUCTURED_REPLY_HEADER_BYTES);
+      await exp.run((device) => device.read(offset, reply.subarray(DATA_CHUNK_PREFIX_BYTES)));
+      this.#send(reply);
+      return;
+    }
+    await exp.run(async (device) => {
+      const runs = await readRuns(device, offset, lengthBytes);
+      let replyBytes = 0;
+      for (const run of runs) replyBytes += run.hole ? HOLE_CHUNK_BYTES : DATA_CHUNK_PREFIX_BYTES + run.lengthBytes;
+      const reply = Buffer.allocUnsafe(replyBytes);
+      const reads: Promise<void>[] = [];
+      let at = 0;
+      runs.forEach((run, index) => {
+        const flags = index === runs.length - 1 ? REPLY_FLAG_DONE : 0;
+        if (run.hole) {
+          writeChunkHeader(reply, at, flags, REPLY_TYPE_OFFSET_HOLE, cookieHi, cookieLo, 12);
+          writeU64(reply, run.guestOffset, at + STRUCTURED_REPLY_HEADER_BYTES);
+          reply.writeUInt32BE(run.lengthBytes, at + STRUCTURED_REPLY_HEADER_BYTES + 8);
+          at += HOLE_CHUNK_BYTES;
+          return;
+        }
+        writeChunkHeader(reply, at, flags, REPLY_TYPE_OFFSET_DATA, cookieHi, cookieLo, 8 + run.lengthBytes);
+        writeU64(reply, run.guestOffset, at + STRUCTURED_REPLY_HEADER_BYTES);
+        const dataAt = at + DATA_CHUNK_PREFIX_BYTES;
+        reads.push(device.read(run.guestOffset, reply.subarray(dataAt, dataAt + run.lengthBytes)));
+        at += DATA_CHUNK_PREFIX_BYTES + run.lengthBytes;
+      });
+      await Promise.all(reads);
+      this.#send(reply);
+    });
+  }
+
+  async #blockStatus(request: NbdRequest, exp: NbdExport): Promise<void> {
+    const answer = await exp.run((device) =>
+      queryBlockStatus(device, request.offset, request.lengthBytes, {
+        baseAllocation: this.#baseAllocation,
+        allocationDepth: this.#allocationDepth,
+        reqOne: (request.flags & CMD_FLAG_REQ_ONE) !== 0,
+      }),
+    );
+    const chunks: Array<[number, { lengths: number[]; values: number[] }]> = [];
+    if (answer.baseAllocation !== null) chunks.push([META_ID_BASE_ALLOCATION, answer.baseAllocation]);
+    if (answer.allocationDepth !== null) chunks.push([META_ID_ALLOCATION_DEPTH, answer.allocationDepth]);
+    chunks.forEach(([contextId, list], index) => {
+      const flags = index === chunks.length - 1 ? REPLY_FLAG_DONE : 0;
+      this.#send(encodeBlockStatusChunk(flags, request.cookieHi, request.cookieLo, contextId, list.lengths, list.values));
+    });
+  }
+
+  #replyError(request: NbdRequest, errno: number, message: string): void {
+    this.env.log?.(`${this.remote}: request type ${request.type} failed: errno ${errno}: ${message}`);
+    if (this.#structuredReplies) {
+      this.#send(encodeErrorChunk(REPLY_FLAG_DONE, request.cookieHi, request.cookieLo, errno, message, ERROR_MESSAGE_BYTES_MAX));
+    } else {
+      this.#send(encodeSimpleReply(errno, request.cookieHi, request.cookieLo));
+    }
+  }
+
+  // ---- writing and closing ----
+
+  #send(buffer: Buffer): void {
+    const socket = this.#socket;
+    if (this.#phase === "closed" || socket.destroyed || socket.writableEnded) return;
+    if (!this.#corked) {
+      this.#corked = true;
+      socket.cork();
+      process.nextTick(() => this.#uncork());
+    }
+    socket.write(buffer);
+  }
+
+  #uncork(): void {
+    if (!this.#corked) return;
+    this.#corked = false;
+    this.#socket.uncork();
+  }
+
+  /** Stop reading; end the socket once in-flight requests have replied. */
+  #drain(reason: string): void {
+    if (this.#phase === "closed" || this.#phase === "draining") return;
+    this.#closeReason ||= reason;
+    this.#phase = "draining";
+    if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
+    this.#handshakeTimer = null;
+    this.#socketPaused = true;
+    this.#socket.pause();
+    this.#endIfIdle();
+  }
+
+  #endIfIdle(): void {
+    if (this.#inFlightRequests > 0) return;
+    const socket = this.#socket;
+    this.#uncork();
+    if (!socket.destroyed) socket.end(() => socket.destroy());
+  }
+
+  /** Close at once (protocol violation, timeout, socket error). */
+  #abort(reason: string): void {
+    if (this.#phase === "closed") return;
+    this.#closeReason ||= reason;
+    this.env.log?.(`${this.remote}: closing: ${reason}`);
+    this.#uncork();
+    this.#socket.destroy();
+    this.#finalize();
+  }
+
+  #finalize(): void {
+    if (this.#phase === "closed") return;
+    this.#phase = "closed";
+    if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
+    this.#handshakeTimer = null;
+    if (!this.#socket.destroyed) this.#socket.destroy();
+    this.env.onClosed(this);
+  }
+}

@@ -1,0 +1,129 @@
+/**
+ * An export: a block device served under a name.
+ *
+ * Design notes
+ * - Every request runs through `run(fn)`, which counts it in flight on the
+ *   device it was given. `swapDevice` closes a gate (new requests wait),
+ *   waits for the in-flight count to reach zero, flushes the old device,
+ *   installs the new one and opens the gate: no request ever sees half of
+ *   each, and the old device is returned to the caller (who owns it) intact.
+ *   The VM manager uses this to move a live export onto a new overlay.
+ * - Flushes coalesce: while one runs, every FLUSH that arrives waits for
+ *   the next single flush, which starts after the current one and therefore
+ *   covers every write completed before those requests arrived. All
+ *   connections share the export's device, so a flush on one covers writes
+ *   completed on every other: that is what CAN_MULTI_CONN promises.
+ * - The export never opens or closes devices; its owner does.
+ */
+import { SnapstackError } from "../base/errors.ts";
+import type { BlockDevice } from "../device/block-device.ts";
+import { NAME_BYTES_MAX } from "./protocol.ts";
+
+export interface NbdExportOptions {
+  /** Export name clients ask for ("" is the name qemu-nbd uses without -x). */
+  name: string;
+  device: BlockDevice;
+  description?: string;
+  /** Serve read-only even if the device is writable (forced when the device is read-only). */
+  readOnly?: boolean;
+  /** Offer the qemu:allocation-depth metadata context (qemu-nbd -A). */
+  allocationDepth?: boolean;
+}
+
+export class NbdExport {
+  readonly name: string;
+  readonly description: string;
+  readonly readOnly: boolean;
+  readonly allocationDepth: boolean;
+  #device: BlockDevice;
+  #inFlight = 0;
+  #idle: (() => void) | null = null;
+  /** Resolves when a device swap ends; null when requests may start. */
+  #gate: Promise<void> | null = null;
+  #flushRunning: Promise<void> | null = null;
+  #flushQueued: Promise<void> | null = null;
+
+  constructor(options: NbdExportOptions) {
+    if (Buffer.byteLength(options.name, "utf8") > NAME_BYTES_MAX || options.name.includes("\0")) {
+      throw new SnapstackError("E_INVALID_OPTION", `export name must be at most ${NAME_BYTES_MAX} bytes without NUL`);
+    }
+    this.name = options.name;
+    this.description = options.description ?? "";
+    this.#device = options.device;
+    this.readOnly = (options.readOnly ?? false) || options.device.readOnly;
+    this.allocationDepth = options.allocationDepth ?? false;
+  }
+
+  get device(): BlockDevice {
+    return this.#device;
+  }
+
+  get sizeBytes(): number {
+    return this.#device.sizeBytes;
+  }
+
+  /** Requests currently running on the device. */
+  get inFlight(): number {
+    return this.#inFlight;
+  }
+
+  /** Run one request against the current device. */
+  async run<T>(fn: (device: BlockDevice) => Promise<T>): Promise<T> {
+    while (this.#gate !== null) await this.#gate;
+    this.#inFlight++;
+    try {
+      return await fn(this.#device);
+    } finally {
+      this.#inFlight--;
+      if (this.#inFlight === 0 && this.#idle !== null) this.#idle();
+    }
+  }
+
+  /** Flush the device; concurrent callers share flushes (see the design notes). */
+  flush(): Promise<void> {
+    if (this.#flushRunning === null) {
+      this.#flushRunning = this.run((device) => device.flush()).finally(() => {
+        this.#flushRunning = null;
+      });
+      return this.#flushRunning;
+    }
+    if (this.#flushQueued === null) {
+      this.#flushQueued = this.#flushRunning
+        .catch(() => {})
+        .then(() => {
+          this.#flushQueued = null;
+          return this.flush();
+        });
+    }
+    return this.#flushQueued;
+  }
+
+  /**
+   * Replace the device between requests: waits for running requests, flushes
+   * the old device, and returns it. The new device must have the same size,
+   * and be writable if the export is.
+   */
+  async swapDevice(device: BlockDevice): Promise<BlockDevice> {
+    if (device.sizeBytes !== this.#device.sizeBytes) {
+      throw new SnapstackError("E_INVALID_OPTION", `export '${this.name}': new device size ${device.sizeBytes} differs from ${this.#device.sizeBytes}`);
+    }
+    if (!this.readOnly && device.readOnly) {
+      throw new SnapstackError("E_READ_ONLY", `export '${this.name}' is writable but the new device ${device.name} is read-only`);
+    }
+    while (this.#gate !== null) await this.#gate;
+    let openGate!: () => void;
+    this.#gate = new Promise((resolve) => (openGate = resolve));
+    try {
+      if (this.#inFlight > 0) await new Promise<void>((resolve) => (this.#idle = resolve));
+      this.#idle = null;
+      const old = this.#device;
+      await old.flush();
+      this.#device = device;
+      return old;
+    } finally {
+      this.#idle = null;
+      this.#gate = null;
+      openGate();
+    }
+  }
+}

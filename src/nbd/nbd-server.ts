@@ -1,0 +1,204 @@
+/**
+ * The NBD server: exports by name, listeners on TCP and Unix sockets,
+ * connection limits, shutdown.
+ *
+ * Design notes
+ * - Several exports at once; clients pick one by name (GO, INFO,
+ *   EXPORT_NAME) and LIST shows them all. Exports can be added and removed
+ *   while serving; a removed export keeps serving the connections already
+ *   on it.
+ * - connectionsMax (qemu-nbd -e): connections beyond it are accepted by the
+ *   kernel but wait, without a greeting, until a slot frees, as qemu-nbd
+ *   leaves them in the listen backlog; so a client that reconnects right
+ *   after closing (fio's size probe) is never refused. At most
+ *   PENDING_CONNECTIONS_MAX wait; more are closed. 0 means
+ *   CONNECTIONS_HARD_MAX, so no setting allows unbounded connections.
+ * - CAN_MULTI_CONN is advertised unless connectionsMax is 1 (as qemu-nbd:
+ *   with one client there is nobody to be consistent with). Every connection
+ *   to an export uses the one device object, so a flush anywhere covers
+ *   writes completed everywhere.
+ * - TLS: with a secure context every connection must STARTTLS (FORCEDTLS).
+ * - close(): stop listening, let every connection finish its in-flight
+ *   requests and end, then resolve. Devices belong to the caller.
+ */
+import { EventEmitter } from "node:events";
+import net from "node:net";
+import { rmSync } from "node:fs";
+import { SnapstackError } from "../base/errors.ts";
+import { NbdConnection, type ConnectionEnv, type ConnectionLimits } from "./nbd-connection.ts";
+import { NbdExport } from "./nbd-export.ts";
+import type { TlsCredentials } from "./tls-credentials.ts";
+import { CONNECTIONS_HARD_MAX, HANDSHAKE_TIMEOUT_MS, IN_FLIGHT_BYTES_MAX, IN_FLIGHT_REQUESTS_MAX, OPTIONS_PER_HANDSHAKE_MAX, PENDING_CONNECTIONS_MAX } from "./protocol.ts";
+
+export interface NbdServerOptions {
+  exports?: NbdExport[];
+  /** TLS credentials (loadTlsCredentials); when given, TLS is required of every client. */
+  tls?: TlsCredentials | null;
+  /** Clients served at once (qemu-nbd -e); 0 = CONNECTIONS_HARD_MAX. Default 0. */
+  connectionsMax?: number;
+  handshakeTimeoutMs?: number;
+  inFlightBytesMax?: number;
+  inFlightRequestsMax?: number;
+  optionsPerHandshakeMax?: number;
+  /** Diagnostic lines (qemu-nbd -v). */
+  log?: (message: string) => void;
+}
+
+export type NbdListenAddress = { host: string; port: number } | { path: string };
+
+export interface NbdServerEvents {
+  /** A connection closed; `negotiated` tells whether it reached transmission. */
+  "connection-closed": [info: { negotiated: boolean; reason: string; open: number }];
+  "connection-negotiated": [info: { exportName: string; open: number }];
+}
+
+export class NbdServer extends EventEmitter<NbdServerEvents> {
+  readonly tls: TlsCredentials | null;
+  readonly connectionsMax: number;
+  #exports = new Map<string, NbdExport>();
+  #connections = new Set<NbdConnection>();
+  #pending: net.Socket[] = [];
+  #listeners: Array<{ server: net.Server; path: string | null }> = [];
+  #limits: ConnectionLimits;
+  #log: ((message: string) => void) | undefined;
+  #closing = false;
+  #allClosed: (() => void) | null = null;
+
+  constructor(options: NbdServerOptions = {}) {
+    super();
+    const connectionsMax = options.connectionsMax ?? 0;
+    if (!Number.isSafeInteger(connectionsMax) || connectionsMax < 0) {
+      throw new SnapstackError("E_INVALID_OPTION", `connection limit ${connectionsMax} must be a non-negative integer`);
+    }
+    this.connectionsMax = connectionsMax === 0 ? CONNECTIONS_HARD_MAX : Math.min(connectionsMax, CONNECTIONS_HARD_MAX);
+    this.tls = options.tls ?? null;
+    this.#limits = {
+      handshakeTimeoutMs: options.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS,
+      inFlightBytesMax: options.inFlightBytesMax ?? IN_FLIGHT_BYTES_MAX,
+      inFlightRequestsMax: options.inFlightRequestsMax ?? IN_FLIGHT_REQUESTS_MAX,
+      optionsPerHandshakeMax: options.optionsPerHandshakeMax ?? OPTIONS_PER_HANDSHAKE_MAX,
+    };
+    this.#log = options.log;
+    for (const exp of options.exports ?? []) this.addExport(exp);
+  }
+
+  addExport(exp: NbdExport): void {
+    if (this.#exports.has(exp.name)) throw new SnapstackError("E_EXISTS", `an export named '${exp.name}' already exists`);
+    this.#exports.set(exp.name, exp);
+  }
+
+  removeExport(name: string): NbdExport | undefined {
+    const exp = this.#exports.get(name);
+    this.#exports.delete(name);
+    return exp;
+  }
+
+  getExport(name: string): NbdExport | undefined {
+    return this.#exports.get(name);
+  }
+
+  get exports(): NbdExport[] {
+    return [...this.#exports.values()];
+  }
+
+  /** Connections open (handshake or transmission), not counting those waiting for a slot. */
+  get connectionCount(): number {
+    return this.#connections.size;
+  }
+
+  get multiConn(): boolean {
+    return this.connectionsMax !== 1;
+  }
+
+  /** Listen on a TCP address or a Unix socket path; resolves to the bound address. */
+  listen(address: NbdListenAddress): Promise<net.AddressInfo | string> {
+    if (this.#closing) return Promise.reject(new SnapstackError("E_USAGE", "the server is closed"));
+    const server = net.createServer({ allowHalfOpen: true, noDelay: true }, (socket) => this.acceptSocket(socket));
+    const path = "path" in address ? address.path : null;
+    return new Promise((resolve, reject) => {
+      const onError = (error: NodeJS.ErrnoException): void => {
+        const where = path ?? `${(address as { host: string }).host}:${(address as { port: number }).port}`;
+        reject(new SnapstackError(error.code === "EADDRINUSE" ? "E_EXISTS" : "E_IO", `cannot listen on ${where}: ${error.message}`, { errno: error.code }));
+      };
+      server.once("error", onError);
+      const ready = (): void => {
+        server.off("error", onError);
+        server.on("error", (error) => this.#log?.(`listener error: ${error.message}`));
+        this.#listeners.push({ server, path });
+        resolve(server.address() ?? "");
+      };
+      if (path !== null) server.listen(path, ready);
+      else server.listen({ host: (address as { host: string }).host, port: (address as { port: number }).port }, ready);
+    });
+  }
+
+  /** Serve a socket accepted elsewhere (socket activation, tests). */
+  acceptSocket(socket: net.Socket): void {
+    if (this.#closing) {
+      socket.destroy();
+      return;
+    }
+    if (this.#connections.size >= this.connectionsMax) {
+      if (this.#pending.length >= PENDING_CONNECTIONS_MAX) {
+        socket.destroy();
+        return;
+      }
+      this.#pending.push(socket);
+      socket.once("close", () => {
+        const index = this.#pending.indexOf(socket);
+        if (index >= 0) this.#pending.splice(index, 1);
+      });
+      socket.on("error", () => {});
+      return;
+    }
+    this.#startConnection(socket);
+  }
+
+  #startConnection(socket: net.Socket): void {
+    const env: ConnectionEnv = {
+      findExport: (name) => this.#exports.get(name),
+      listExports: () => this.#exports.values(),
+      tlsConfigured: this.tls !== null,
+      tls: this.tls,
+      multiConn: this.multiConn,
+      limits: this.#limits,
+      log: this.#log,
+      onClosed: (connection) => this.#connectionClosed(connection),
+      onNegotiated: (connection) => this.emit("connection-negotiated", { exportName: connection.exportName ?? "", open: this.#connections.size }),
+    };
+    const connection = new NbdConnection(socket, env);
+    this.#connections.add(connection);
+    connection.start();
+  }
+
+  #connectionClosed(connection: NbdConnection): void {
+    if (!this.#connections.delete(connection)) return;
+    this.emit("connection-closed", { negotiated: connection.negotiated, reason: connection.closeReason, open: this.#connections.size });
+    while (!this.#closing && this.#pending.length > 0 && this.#connections.size < this.connectionsMax) {
+      const next = this.#pending.shift()!;
+      next.removeAllListeners("close");
+      next.removeAllListeners("error");
+      if (!next.destroyed) this.#startConnection(next);
+    }
+    if (this.#closing && this.#connections.size === 0) this.#allClosed?.();
+  }
+
+  /** Stop listening, finish in-flight requests, end every connection. */
+  async close(): Promise<void> {
+    if (!this.#closing) {
+      this.#closing = true;
+      for (const socket of this.#pending) socket.destroy();
+      this.#pending = [];
+      for (const { server, path } of this.#listeners) {
+        server.close();
+        if (path !== null) rmSync(path, { force: true });
+      }
+      this.#listeners = [];
+    }
+    if (this.#connections.size > 0) {
+      const done = new Promise<void>((resolve) => (this.#allClosed = resolve));
+      for (const connection of this.#connections) connection.shutdown();
+      await done;
+    }
+  }
+}
