@@ -12,6 +12,7 @@ import { exitCodeFor } from "./exit-codes.ts";
 import { processContext, type CliCommand, type CliContext } from "./context.ts";
 import { IMG_COMMANDS } from "./img-commands.ts";
 import { ioCommand } from "./io/io-command.ts";
+import { nbdCommand } from "./commands/nbd.ts";
 
 /** Commands reserved for later issues: recognised, but not available yet. */
 const PLANNED_COMMANDS = ["nbd", "serve", "vm"];
@@ -97,6 +98,7 @@ async function dispatch(argv: string[], context: CliContext): Promise<number> {
   if (first === undefined) throw usage("missing command", "snapstack --help");
   if (printedBuiltin(first, context)) return 0;
   if (first === "io") return runCommand(ioCommand, "snapstack", rest, context);
+  if (first === "nbd") return runCommand(nbdCommand, "snapstack", rest, context);
   if (first === "img") {
     const [name, ...commandArgs] = rest;
     if (name === undefined) throw usage("Not enough arguments", "snapstack img --help");
