@@ -3,73 +3,106 @@
  *
  * Fixture: a qcow2 image with 1 GiB of data spread over a 4 GiB virtual disk
  * (1 MiB every 4 MiB, written by qemu-io), converted to qcow2 and to raw.
- * Each configuration runs RUNS times, alternating the two tools so drift in
- * the host's writeback hits both alike; the output is deleted and `sync` run
+ * Each configuration runs RUNS times, alternating the tools so drift in the
+ * host's writeback hits all alike; the output is deleted and `sync` run
  * (untimed) before every run; the page cache holds the source (it was just
- * written). Reported: median seconds, ratio snapstack / qemu-img (target
- * <= 1.0). After the timed runs the last snapstack output is checked with
+ * written). snapstack runs two ways: bin/snapstack on the TypeScript sources
+ * (Node strips the types of every module at start-up) and the same CLI from
+ * a throwaway JavaScript build (what an installed package with dist/ runs).
+ * Reported: median seconds, ratio snapstack / qemu-img (target <= 1.0);
+ * each tool's CPU time and peak RSS (GNU time) are in the notes. After the
+ * timed runs the last output of each snapstack variant is checked with
  * `qemu-img compare`, so a fast but wrong conversion cannot pass unnoticed.
  */
-import { rmSync } from "node:fs";
+import { mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
+import { pathToFileURL } from "node:url";
+import { buildCompiledCopy, compiledPath } from "./fixtures/compiled-build.ts";
 import { buildSpreadImage, GiB, MiB, withScratchDir } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, snapstackCliPresent, type BenchRow } from "./fixtures/rows.ts";
-import { median, runTool, timeCommandSeconds } from "./fixtures/tools.ts";
+import { median, runMeasured, runTool, type MeasuredRun } from "./fixtures/tools.ts";
 
 const RUNS = 5;
 const VIRTUAL_SIZE_BYTES = 4 * GiB;
 const CHUNK_BYTES = 1 * MiB;
 const STRIDE_BYTES = 4 * MiB;
+const CLI_MAIN_RELATIVE_PATH = "src/cli/main.ts";
+
+/** One way of running a converter: the command and arguments that precede `convert ...`. */
+interface Runner {
+  label: string;
+  command: string;
+  prefix: string[];
+  /** Why this runner cannot run, or null. */
+  unavailable: string | null;
+}
 
 async function settle(outputPath: string): Promise<void> {
   rmSync(outputPath, { force: true });
   await runTool("sync", []);
 }
 
-async function convertCase(dir: string, sourcePath: string, outputFormat: "qcow2" | "raw"): Promise<BenchRow> {
-  const name = `convert qcow2->${outputFormat} (1 GiB data / 4 GiB)`;
-  const outputPath = join(dir, `out.${outputFormat}`);
+function summarize(runs: readonly MeasuredRun[]): string {
+  return `wall ${runs.map((r) => r.wallSeconds.toFixed(2)).join("/")} s, median CPU ${median(runs.map((r) => r.cpuSeconds)).toFixed(2)} s, peak RSS ${(median(runs.map((r) => r.peakRssBytes)) / MiB).toFixed(0)} MiB`;
+}
+
+/** The snapstack CLI from a compiled copy: import its main module and run it as bin/snapstack does. */
+async function compiledRunner(dir: string): Promise<Runner> {
+  const compiledDir = join(dir, "js");
+  mkdirSync(compiledDir);
+  const mainPath = join(compiledDir, compiledPath(CLI_MAIN_RELATIVE_PATH));
+  const buildError = await buildCompiledCopy(compiledDir, [compiledPath(CLI_MAIN_RELATIVE_PATH)]);
+  const script = `const cli = await import(${JSON.stringify(pathToFileURL(mainPath).href)}); process.exitCode = await cli.runCli(process.argv.slice(1));`;
+  return { label: "snapstack, compiled JS", command: process.execPath, prefix: ["--input-type=module", "-e", script, "img"], unavailable: buildError };
+}
+
+async function convertCase(sourcePath: string, outputPath: string, outputFormat: "qcow2" | "raw", runners: readonly Runner[]): Promise<BenchRow[]> {
   const convertArgs = ["convert", "-f", "qcow2", "-O", outputFormat, sourcePath, outputPath];
-  const withCli = snapstackCliPresent();
-  const qemuSeconds: number[] = [];
-  const snapSeconds: number[] = [];
-  let snapError = "";
+  const qemuRuns: MeasuredRun[] = [];
+  const snapRuns: MeasuredRun[][] = runners.map(() => []);
+  const snapErrors: (string | null)[] = runners.map((r) => r.unavailable);
+  const compared: string[] = runners.map(() => "");
   for (let run = 0; run < RUNS; run++) {
     await settle(outputPath);
-    qemuSeconds.push(await timeCommandSeconds("qemu-img", convertArgs));
-    if (withCli && snapError === "") {
+    qemuRuns.push(await runMeasured("qemu-img", convertArgs));
+    for (const [index, runner] of runners.entries()) {
+      if (snapErrors[index] !== null) continue;
       await settle(outputPath);
       try {
-        snapSeconds.push(await timeCommandSeconds(process.execPath, [SNAPSTACK_BIN, "img", ...convertArgs]));
+        snapRuns[index].push(await runMeasured(runner.command, [...runner.prefix, ...convertArgs]));
       } catch (error) {
-        snapError = (error as Error).message.split("\n")[0].slice(0, 200);
+        snapErrors[index] = (error as Error).message.split("\n")[0].slice(0, 300);
+        continue;
+      }
+      if (run === RUNS - 1) {
+        compared[index] = await runMeasured("qemu-img", ["compare", "-q", "-f", "qcow2", "-F", outputFormat, sourcePath, outputPath]).then(
+          () => "output identical (qemu-img compare)",
+          () => "OUTPUT DIFFERS from source (qemu-img compare)",
+        );
       }
     }
   }
-  const notes = [`median of ${RUNS}`, `qemu-img runs ${qemuSeconds.map((s) => s.toFixed(2)).join("/")}`];
-  let snapMedian: number | null = null;
-  if (!withCli) notes.push("snapstack CLI missing");
-  else if (snapError !== "") notes.push(`snapstack failed: ${snapError}`);
-  else {
-    snapMedian = median(snapSeconds);
-    notes.push(`snapstack runs ${snapSeconds.map((s) => s.toFixed(2)).join("/")}`);
-    // The last snapstack output is still there: check it holds the same data.
-    const compared = await timeCommandSeconds("qemu-img", ["compare", "-q", "-f", "qcow2", "-F", outputFormat, sourcePath, outputPath]).then(
-      () => "output identical (qemu-img compare)",
-      () => "OUTPUT DIFFERS from source (qemu-img compare)",
-    );
-    notes.push(compared);
-  }
   rmSync(outputPath, { force: true });
-  notes.push("target ratio <= 1.0");
-  return row(name, snapMedian, median(qemuSeconds), "s", notes.join("; "));
+  const qemuMedian = median(qemuRuns.map((r) => r.wallSeconds));
+  return runners.map((runner, index) => {
+    const name = `convert qcow2->${outputFormat} (1 GiB data / 4 GiB), ${runner.label}`;
+    const notes = [`median of ${RUNS}`, `target ratio <= 1.0`, `qemu-img: ${summarize(qemuRuns)}`];
+    const error = snapErrors[index];
+    if (error !== null) return row(name, null, qemuMedian, "s", [...notes, `snapstack failed: ${error}`].join("; "));
+    notes.push(`snapstack: ${summarize(snapRuns[index])}`, compared[index]);
+    return row(name, median(snapRuns[index].map((r) => r.wallSeconds)), qemuMedian, "s", notes.join("; "));
+  });
 }
 
 export default async function convertBench(): Promise<BenchRow[]> {
   return withScratchDir("convert", async (dir) => {
     const sourcePath = join(dir, "source.qcow2");
     await buildSpreadImage(sourcePath, VIRTUAL_SIZE_BYTES, CHUNK_BYTES, STRIDE_BYTES);
-    return [await convertCase(dir, sourcePath, "qcow2"), await convertCase(dir, sourcePath, "raw")];
+    const runners: Runner[] = [
+      { label: "bin/snapstack on TS sources", command: process.execPath, prefix: [SNAPSTACK_BIN, "img"], unavailable: snapstackCliPresent() ? null : "bin/snapstack missing" },
+      await compiledRunner(dir),
+    ];
+    return [...(await convertCase(sourcePath, join(dir, "out.qcow2"), "qcow2", runners)), ...(await convertCase(sourcePath, join(dir, "out.raw"), "raw", runners))];
   });
 }
 

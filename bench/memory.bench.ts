@@ -25,13 +25,13 @@ import { MiB, withScratchDir } from "./fixtures/images.ts";
 import type { MemoryChildReport } from "./fixtures/memory-child.ts";
 import { printRows, row, type BenchRow } from "./fixtures/rows.ts";
 import { buildSparseImage, SPARSE_REQUEST_BYTES, sparseRandomOffsets } from "./fixtures/sparse-image.ts";
-import { runMeasuringPeakRss } from "./fixtures/tools.ts";
+import { runMeasured } from "./fixtures/tools.ts";
 
 const CHILD_RELATIVE_PATH = "bench/fixtures/memory-child.ts";
 const CHILD_PATH = fileURLToPath(new URL("./fixtures/memory-child.ts", import.meta.url));
 
 async function runChild(childPath: string, argument: string): Promise<MemoryChildReport> {
-  const { stdout } = await runMeasuringPeakRss(process.execPath, [childPath, argument]);
+  const { stdout } = await runMeasured(process.execPath, [childPath, argument]);
   const lines = stdout.trim().split("\n");
   return JSON.parse(lines[lines.length - 1]) as MemoryChildReport;
 }
@@ -41,7 +41,7 @@ async function qemuIoPeak(path: string, writes: Awaited<ReturnType<typeof buildS
   const commands: string[] = [];
   for (const guestOffset of sparseRandomOffsets()) commands.push(`read -q ${guestOffset} ${SPARSE_REQUEST_BYTES}`);
   for (const w of writes) commands.push(`read -q -P ${w.patternByte} ${w.guestOffset} ${w.lengthBytes}`);
-  const { peakRssBytes, stdout } = await runMeasuringPeakRss("qemu-io", ["-r", "-f", "qcow2", path], `${commands.join("\n")}\n`);
+  const { peakRssBytes, stdout } = await runMeasured("qemu-io", ["-r", "-f", "qcow2", path], `${commands.join("\n")}\n`);
   return { peakRssBytes, ok: !stdout.includes("verification failed") };
 }
 
