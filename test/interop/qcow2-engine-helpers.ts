@@ -13,8 +13,8 @@ import type { BlockDevice } from "../../src/device/block-device.ts";
 import { run } from "../helpers/tools.ts";
 import { createRandom } from "../helpers/random.ts";
 
-export async function openImage(path: string, readOnly: boolean, backing: BlockDevice | null = null): Promise<Qcow2Image> {
-  return openQcow2(await openNodeFile(path, { readOnly }), { readOnly, backing });
+export async function openImage(path: string, readOnly: boolean, backing: BlockDevice | null = null, cacheBytesMax?: number): Promise<Qcow2Image> {
+  return openQcow2(await openNodeFile(path, { readOnly }), { readOnly, backing, cacheBytesMax });
 }
 
 export async function createImage(path: string, options: Qcow2CreateOptions): Promise<void> {

@@ -207,18 +207,21 @@ test("(e) randomized workload against a reference buffer (SNAPSTACK_SEED replays
     { sizeBytes: 8 * MiB, clusterSizeBytes: 4096, refcountBits: 4, extendedL2: false },
     { sizeBytes: 8 * MiB, extendedL2: true, lazyRefcounts: true },
     { sizeBytes: 8 * MiB, compat: "0.10", clusterSizeBytes: 16384 },
+    // 1 KiB clusters with a cache of 8 tables: L2 tables and refcount blocks are evicted all the time.
+    { sizeBytes: 4 * MiB, clusterSizeBytes: 1024 },
   ];
   for (const [i, create] of configs.entries()) {
     const path = join(dir, `random${i}.qcow2`);
     await createImage(path, create);
-    let image = await openImage(path, false);
+    const cacheBytesMax = create.clusterSizeBytes === 1024 ? 8 * 1024 : undefined;
+    let image = await openImage(path, false, null, cacheBytesMax);
     const reference = new Uint8Array(image.sizeBytes);
     const cs = create.clusterSizeBytes ?? 65536;
     await runWorkload(image, reference, { seed: seed + i, operations: 1500, lengthMaxBytes: 4 * cs, clusterSizeBytes: cs, compressed: true, concurrency: 4 });
     await assertReadsAs(image, reference, `config ${i} (seed ${seed + i})`);
     // Flush and keep going on a reopened image.
     await image.close();
-    image = await openImage(path, false);
+    image = await openImage(path, false, null, cacheBytesMax);
     await runWorkload(image, reference, { seed: seed + 100 + i, operations: 500, lengthMaxBytes: 3 * cs, clusterSizeBytes: cs });
     await image.close();
     await assertCheckClean(path);

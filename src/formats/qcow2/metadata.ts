@@ -169,6 +169,16 @@ export class Qcow2Metadata {
     return new Qcow2Metadata(file, header, l1, reftable, cacheBytesMax);
   }
 
+  /** Hold off eviction of L2 tables and refcount blocks (see TableCache). */
+  holdEviction(): () => void {
+    const releaseL2 = this.l2Cache.holdEviction();
+    const releaseRefblocks = this.refblockCache.holdEviction();
+    return () => {
+      releaseL2();
+      releaseRefblocks();
+    };
+  }
+
   get clusterSizeBytes(): number {
     return this.geometry.clusterSizeBytes;
   }
@@ -269,6 +279,7 @@ export class Qcow2Metadata {
 
   /** Keep the caches within bounds: write back and evict when over. */
   async trimCaches(): Promise<void> {
+    // Called by the holder of the metadata mutex, which holds eviction off: trim happens on release.
     if (this.l2Cache.size > this.l2Cache.entriesMax || this.refblockCache.size > this.refblockCache.entriesMax) {
       await this.writeCaches();
       this.l2Cache.trim();
@@ -393,17 +404,17 @@ export class Qcow2Metadata {
     // We write to the refcount table, so we might depend on L2 tables.
     await this.writeDirtyL2();
     const newBlock = await this.#allocClustersNoref(1);
-    let block: CachedTable;
     if (Math.floor(newBlock / cs / entries) === tableIndex) {
       // The block describes itself.
-      block = this.refblockCache.create(newBlock);
+      const block = this.refblockCache.create(newBlock);
       setRefcount(block.bytes, (newBlock / cs) % entries, this.geometry.refcountOrder, 1);
     } else {
       // Described elsewhere: recurses at most twice before reaching a self-describing block.
       if ((await this.#updateRefcount(newBlock, cs, 1, false)) === AGAIN) return AGAIN;
       await this.writeDirtyRefblocks();
-      block = this.refblockCache.create(newBlock);
+      this.refblockCache.create(newBlock);
     }
+    // The new (zeroed or self-counting) block reaches the file before the table points at it.
     await this.writeDirtyRefblocks();
 
     if (tableIndex < this.reftable.length) {

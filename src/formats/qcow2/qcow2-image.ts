@@ -434,11 +434,20 @@ export class Qcow2Image implements BlockDevice {
 
   /** Resolve a read into pieces across the chain, loading missing L2 tables as needed. */
   async #resolveRead(guestOffset: number, lengthBytes: number): Promise<ReadPiece[]> {
-    for (;;) {
-      const pieces: ReadPiece[] = [];
-      const missing = this.#tryResolveRead(guestOffset, lengthBytes, pieces);
-      if (missing === null) return pieces;
-      await missing.layer.#meta.getL2(missing.l2Offset);
+    // Tables loaded for this request must stay cached until it is resolved (else a request
+    // needing more tables than the cache holds would never finish).
+    const releases: (() => void)[] = [];
+    try {
+      for (;;) {
+        const pieces: ReadPiece[] = [];
+        const missing = this.#tryResolveRead(guestOffset, lengthBytes, pieces);
+        if (missing === null) return pieces;
+        const meta = missing.layer.#meta;
+        releases.push(meta.holdEviction());
+        await meta.getL2(missing.l2Offset);
+      }
+    } finally {
+      for (const release of releases) release();
     }
   }
 
@@ -496,8 +505,7 @@ export class Qcow2Image implements BlockDevice {
    * runs, compressed data, a non-qcow2 backing).
    */
   #resolveInCluster(guestOffset: number, lengthBytes: number): number {
-    let layer: Qcow2Image = this;
-    for (;;) {
+    for (let layer = this as Qcow2Image; ; ) {
       const cs = layer.#meta.clusterSizeBytes;
       const inCluster = guestOffset % cs;
       if (inCluster + lengthBytes > cs) return UNRESOLVED;
@@ -672,11 +680,7 @@ export class Qcow2Image implements BlockDevice {
     let g = guestOffset;
     let remaining = lengthBytes;
     while (remaining > 0) {
-      const run = this.#layerRun(g, remaining);
-      if ("missing" in run) {
-        await this.#meta.getL2(run.missing);
-        continue;
-      }
+      const run = await this.#runAt(g, remaining);
       const extent: LayerExtent =
         run.kind === "unallocated"
           ? { guestOffset: g, lengthBytes: run.length, kind: "unallocated" }
@@ -697,6 +701,23 @@ export class Qcow2Image implements BlockDevice {
   }
 
   // ------------------------------------------------------------- writes
+
+  /**
+   * Run `fn` with the metadata mutex held and cache eviction held off (it
+   * keeps table objects across awaits); trim the caches afterwards.
+   */
+  #locked<T>(fn: () => Promise<T>): Promise<T> {
+    return this.#mutex.run(async () => {
+      const release = this.#meta.holdEviction();
+      try {
+        return await fn();
+      } finally {
+        release();
+        this.#meta.l2Cache.trim();
+        this.#meta.refblockCache.trim();
+      }
+    });
+  }
 
   /** Run a mutating request: lock its clusters, report corruption. */
   async #mutate(guestOffset: number, lengthBytes: number, fn: () => Promise<void>): Promise<void> {
@@ -727,7 +748,7 @@ export class Qcow2Image implements BlockDevice {
     if (data.length === 0) return;
     await this.#mutate(guestOffset, data.length, async () => {
       if (await this.#tryWriteInPlace(guestOffset, data)) return;
-      await this.#mutex.run(() => this.#writeLocked(guestOffset, data));
+      await this.#locked(() => this.#writeLocked(guestOffset, data));
     });
   }
 
@@ -917,7 +938,7 @@ export class Qcow2Image implements BlockDevice {
     const meta = this.#meta;
     const geometry = meta.geometry;
     let hostEnd = 0;
-    await this.#mutex.run(async () => {
+    await this.#locked(async () => {
       let nextHostOffset = -1;
       let at = 0;
       while (at < lengthBytes) {
@@ -986,7 +1007,7 @@ export class Qcow2Image implements BlockDevice {
     this.#checkWritable("write zeroes");
     this.#checkRange(guestOffset, lengthBytes, "write zeroes");
     if (lengthBytes === 0) return;
-    await this.#mutate(guestOffset, lengthBytes, () => this.#mutex.run(() => this.#zeroLocked(guestOffset, lengthBytes, options.unmap === true)));
+    await this.#mutate(guestOffset, lengthBytes, () => this.#locked(() => this.#zeroLocked(guestOffset, lengthBytes, options.unmap === true)));
   }
 
   async #zeroLocked(guestOffset: number, lengthBytes: number, unmap: boolean): Promise<void> {
@@ -1150,11 +1171,22 @@ export class Qcow2Image implements BlockDevice {
     await this.#writeZeroData(guestOffset, lengthBytes);
   }
 
+  /** This layer's first run at guestOffset, loading its L2 table if needed. */
   async #runAt(guestOffset: number, lengthBytes: number): Promise<LayerRun> {
-    for (;;) {
-      const run = this.#layerRun(guestOffset, lengthBytes);
-      if (!("missing" in run)) return run;
-      await this.#meta.getL2(run.missing);
+    const run = this.#layerRun(guestOffset, lengthBytes);
+    if (!("missing" in run)) return run;
+    const release = this.#meta.holdEviction();
+    try {
+      // Loaded tables stay cached while eviction is held, so this ends (the L1 entry may
+      // have moved to another table meanwhile: load that one too).
+      for (let missing = run.missing; ; ) {
+        await this.#meta.getL2(missing);
+        const loaded = this.#layerRun(guestOffset, lengthBytes);
+        if (!("missing" in loaded)) return loaded;
+        missing = loaded.missing;
+      }
+    } finally {
+      release();
     }
   }
 
@@ -1172,7 +1204,7 @@ export class Qcow2Image implements BlockDevice {
     const end = requestEnd === this.sizeBytes ? Math.ceil(requestEnd / cs) * cs : Math.floor(requestEnd / cs) * cs;
     if (start >= end) return;
     await this.#mutate(start, end - start, () =>
-      this.#mutex.run(async () => {
+      this.#locked(async () => {
         await this.#markDirty();
         for (let clusterIndex = start / cs; clusterIndex < end / cs; clusterIndex++) {
           await this.#discardCluster(clusterIndex, false);
@@ -1233,7 +1265,7 @@ export class Qcow2Image implements BlockDevice {
         await this.write(guestOffset + at, part);
         continue;
       }
-      await this.#mutate(guestOffset + at, part.length, () => this.#mutex.run(() => this.#writeCompressedLocked(guestOffset + at, compressed)));
+      await this.#mutate(guestOffset + at, part.length, () => this.#locked(() => this.#writeCompressedLocked(guestOffset + at, compressed)));
     }
   }
 
@@ -1273,7 +1305,7 @@ export class Qcow2Image implements BlockDevice {
     }
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
-      await this.#mutex.run(async () => {
+      await this.#locked(async () => {
         await this.#markDirty();
         const meta = this.#meta;
         const cs = meta.clusterSizeBytes;
@@ -1321,7 +1353,7 @@ export class Qcow2Image implements BlockDevice {
     this.#checkOpen();
     if (this.readOnly) return;
     try {
-      await this.#mutex.run(async () => {
+      await this.#locked(async () => {
         await this.#meta.writeCaches();
         await this.#file.flush();
       });
@@ -1334,7 +1366,7 @@ export class Qcow2Image implements BlockDevice {
     if (this.#closed) return;
     try {
       if (!this.readOnly) {
-        await this.#mutex.run(async () => {
+        await this.#locked(async () => {
           await this.#meta.writeCaches();
           await this.#file.flush();
           const header = this.#meta.header;

@@ -11,6 +11,10 @@
  *   write ordering) and then become evictable. The cache may therefore
  *   exceed its bound by the number of dirty tables until the owner writes
  *   them back.
+ * - While someone holds a table object across an await (a metadata update
+ *   about to modify it, a read resolving many tables) eviction is held off
+ *   (`holdEviction`), so a held table is never dropped and then modified or
+ *   reloaded behind the holder's back.
  */
 import type { ImageFile } from "../../io/file.ts";
 
@@ -29,6 +33,7 @@ export class TableCache {
   readonly #entries = new Map<number, CachedTable>();
   readonly #inflight = new Map<number, Promise<CachedTable>>();
   #clock = 0;
+  #evictionHolds = 0;
 
   constructor(file: ImageFile, tableBytes: number, entriesMax: number) {
     this.#file = file;
@@ -63,9 +68,10 @@ export class TableCache {
       await this.#file.read(hostOffset, bytes);
       const raced = this.#entries.get(hostOffset);
       if (raced !== undefined) return raced;
+      // Make room first, so the table just loaded is never the one evicted.
+      this.trim();
       const entry: CachedTable = { hostOffset, bytes, view: new DataView(bytes.buffer), dirty: false, lastUsed: ++this.#clock };
       this.#entries.set(hostOffset, entry);
-      this.trim();
       return entry;
     } finally {
       this.#inflight.delete(hostOffset);
@@ -102,9 +108,20 @@ export class TableCache {
     return false;
   }
 
+  /** Keep every table in the cache until the returned function is called. */
+  holdEviction(): () => void {
+    this.#evictionHolds++;
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.#evictionHolds--;
+    };
+  }
+
   /** Evict clean tables, least recently used first, down to 3/4 of the bound. */
   trim(): void {
-    if (this.#entries.size <= this.entriesMax) return;
+    if (this.#evictionHolds > 0 || this.#entries.size < this.entriesMax) return;
     const clean = [...this.#entries.values()].filter((e) => !e.dirty).sort((a, b) => a.lastUsed - b.lastUsed);
     const target = Math.floor((this.entriesMax * 3) / 4);
     for (const entry of clean) {
