@@ -484,7 +484,7 @@ export class Qcow2Image implements BlockDevice {
             const inBacking = backing === null ? 0 : Math.max(0, Math.min(length, backing.sizeBytes - g));
             if (inBacking > 0 && backing !== null) {
               if (backing instanceof Qcow2Image) tasks.push({ layer: backing, guestOffset: g, at, length: inBacking });
-              else pushDevicePiece(pieces, backing, g, at, inBacking);
+              else pushPiece(pieces, { kind: "device", device: backing, guestOffset: g, at, length: inBacking });
             }
             if (inBacking < length) pushZeroPiece(pieces, at + inBacking, length - inBacking);
             break;
@@ -1398,31 +1398,26 @@ interface ClusterPlan {
   cowEnd?: number;
 }
 
-function pushFilePiece(pieces: ReadPiece[], file: ImageFile, hostOffset: number, at: number, length: number): void {
+/** Append a piece, extending the last one when it continues it (one file read, one fill). */
+function pushPiece(pieces: ReadPiece[], piece: ReadPiece): void {
   const last = pieces[pieces.length - 1];
-  if (last !== undefined && last.kind === "file" && last.file === file && last.hostOffset + last.length === hostOffset && last.at + last.length === at) {
-    last.length += length;
-    return;
-  }
-  pieces.push({ kind: "file", file, hostOffset, at, length });
+  if (last !== undefined && continues(last, piece)) last.length += piece.length;
+  else pieces.push(piece);
+}
+
+function continues(a: ReadPiece, b: ReadPiece): boolean {
+  if (a.at + a.length !== b.at) return false;
+  if (a.kind === "file" && b.kind === "file") return a.file === b.file && a.hostOffset + a.length === b.hostOffset;
+  if (a.kind === "device" && b.kind === "device") return a.device === b.device && a.guestOffset + a.length === b.guestOffset;
+  return a.kind === "zero" && b.kind === "zero";
+}
+
+function pushFilePiece(pieces: ReadPiece[], file: ImageFile, hostOffset: number, at: number, length: number): void {
+  pushPiece(pieces, { kind: "file", file, hostOffset, at, length });
 }
 
 function pushZeroPiece(pieces: ReadPiece[], at: number, length: number): void {
-  const last = pieces[pieces.length - 1];
-  if (last !== undefined && last.kind === "zero" && last.at + last.length === at) {
-    last.length += length;
-    return;
-  }
-  pieces.push({ kind: "zero", at, length });
-}
-
-function pushDevicePiece(pieces: ReadPiece[], device: BlockDevice, guestOffset: number, at: number, length: number): void {
-  const last = pieces[pieces.length - 1];
-  if (last !== undefined && last.kind === "device" && last.device === device && last.guestOffset + last.length === guestOffset && last.at + last.length === at) {
-    last.length += length;
-    return;
-  }
-  pieces.push({ kind: "device", device, guestOffset, at, length });
+  pushPiece(pieces, { kind: "zero", at, length });
 }
 
 function canMerge(a: LayerExtent, b: LayerExtent): boolean {
