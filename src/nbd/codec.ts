@@ -18,9 +18,7 @@ import {
   IHAVEOPT_HI,
   IHAVEOPT_LO,
   INFO_BLOCK_SIZE,
-  INFO_DESCRIPTION,
   INFO_EXPORT,
-  INFO_NAME,
   NAME_BYTES_MAX,
   NBDMAGIC_HI,
   NBDMAGIC_LO,
@@ -62,7 +60,8 @@ export function truncateUtf8(text: string, maxBytes: number): Buffer {
 
 /** A name shortened for messages (qemu's nbd_sanitize_name; CVE-2020-10761 was an over-long message). */
 export function sanitizeName(name: string, maxChars = 80): string {
-  const printable = name.replace(/[\u0000-\u001f\u007f]/g, "?");
+  let printable = "";
+  for (const char of name) printable += char < " " || char === "\u007f" ? "?" : char;
   return printable.length <= maxChars ? printable : `${printable.slice(0, maxChars)}...`;
 }
 
@@ -106,7 +105,7 @@ export function encodeInfoExport(sizeBytes: number, transmissionFlags: number): 
   return buffer;
 }
 
-export function encodeInfoText(infoType: typeof INFO_NAME | typeof INFO_DESCRIPTION, text: string): Buffer {
+export function encodeInfoText(infoType: number, text: string): Buffer {
   const bytes = truncateUtf8(text, NAME_BYTES_MAX);
   const buffer = Buffer.allocUnsafe(2 + bytes.length);
   buffer.writeUInt16BE(infoType, 0);

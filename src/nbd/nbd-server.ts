@@ -26,7 +26,7 @@ import net from "node:net";
 import { rmSync } from "node:fs";
 import { SnapstackError } from "../base/errors.ts";
 import { NbdConnection, type ConnectionEnv, type ConnectionLimits } from "./nbd-connection.ts";
-import { NbdExport } from "./nbd-export.ts";
+import type { NbdExport } from "./nbd-export.ts";
 import type { TlsCredentials } from "./tls-credentials.ts";
 import { CONNECTIONS_HARD_MAX, HANDSHAKE_TIMEOUT_MS, IN_FLIGHT_BYTES_MAX, IN_FLIGHT_REQUESTS_MAX, OPTIONS_PER_HANDSHAKE_MAX, PENDING_CONNECTIONS_MAX } from "./protocol.ts";
 
