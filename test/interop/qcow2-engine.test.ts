@@ -333,3 +333,23 @@ test("(h) opening refuses what QEMU refuses, without writing", async (t) => {
   assert.equal(header.readBigUInt64BE(80), 0x80n);
   await assertCheckClean(autoclear);
 });
+
+test("(c2) a qcow2 overlay over a raw backing file (smaller than the overlay)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const basePath = join(dir, "base.raw");
+  const base = createRandom(3).bytes(3 * MiB + 512);
+  writeFileSync(basePath, base);
+  const topPath = join(dir, "top.qcow2");
+  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", topPath, "4M"]);
+  await runOk("qemu-io", ["-c", "write -P 0x21 100000 70000", "-c", "write -z 2M 65536", topPath]);
+  const reference = new Uint8Array(await qemuRawContent(dir, topPath));
+  const { openRaw } = await import("../../src/formats/raw/raw-image.ts");
+  const top = await openImage(topPath, false, await openRaw(basePath, { readOnly: true }));
+  await assertReadsAs(top, reference, "qcow2 over raw");
+  await runWorkload(top, reference, { seed: testSeed(), operations: 100, lengthMaxBytes: 200_000, clusterSizeBytes: 65536 });
+  await assertReadsAs(top, reference, "qcow2 over raw after writes");
+  await top.close();
+  await assertCheckClean(topPath);
+  await assertQemuSees(dir, topPath, reference);
+});
