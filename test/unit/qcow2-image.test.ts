@@ -1,0 +1,129 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { MemoryFile } from "../../src/io/memory-file.ts";
+import { createQcow2, type Qcow2CreateOptions } from "../../src/formats/qcow2/create-qcow2.ts";
+import { openQcow2, type Qcow2Image } from "../../src/formats/qcow2/qcow2-image.ts";
+import { isSnapstackError } from "../../src/base/errors.ts";
+
+const MiB = 1024 * 1024;
+const KiB = 1024;
+
+async function fresh(options: Partial<Qcow2CreateOptions> = {}, backing: Qcow2Image | null = null): Promise<{ file: MemoryFile; image: Qcow2Image }> {
+  const file = new MemoryFile({ name: "test.qcow2" });
+  await createQcow2(file, { sizeBytes: 4 * MiB, ...options });
+  const image = await openQcow2(file, { readOnly: false, backing, closeBacking: false });
+  return { file, image };
+}
+
+function code(expected: string): (e: unknown) => boolean {
+  return (e: unknown) => isSnapstackError(e) && e.code === expected;
+}
+
+test("layer status: unallocated, data, zero (plain and preallocated), compressed", async () => {
+  const { image } = await fresh();
+  await image.write(64 * KiB, new Uint8Array(128 * KiB).fill(1));
+  await image.writeZeroes(64 * KiB, 64 * KiB); // allocated, no unmap: ZERO_ALLOC keeps the host cluster
+  await image.writeZeroes(512 * KiB, 64 * KiB); // unallocated: ZERO_PLAIN
+  await image.writeCompressed(MiB, new Uint8Array(64 * KiB).fill(7));
+  const extents = await image.layerStatus(0, 2 * MiB);
+  assert.deepEqual(
+    extents.map((e) => [e.guestOffset, e.lengthBytes, e.kind, e.hostOffset !== undefined, e.compressed ?? false]),
+    [
+      [0, 64 * KiB, "unallocated", false, false],
+      [64 * KiB, 64 * KiB, "zero", true, false],
+      [128 * KiB, 64 * KiB, "data", true, false],
+      [192 * KiB, 320 * KiB, "unallocated", false, false],
+      [512 * KiB, 64 * KiB, "zero", false, false],
+      [576 * KiB, 448 * KiB, "unallocated", false, false],
+      [MiB, 64 * KiB, "data", false, true],
+      [MiB + 64 * KiB, MiB - 64 * KiB, "unallocated", false, false],
+    ],
+  );
+  const back = new Uint8Array(64 * KiB);
+  await image.read(MiB, back);
+  assert.ok(back.every((b) => b === 7));
+  await image.read(64 * KiB, back);
+  assert.ok(back.every((b) => b === 0));
+  await image.close();
+});
+
+test("requests are checked at the edge", async () => {
+  const { image } = await fresh();
+  await assert.rejects(image.read(4 * MiB - 10, new Uint8Array(11)), code("E_OUT_OF_RANGE"));
+  await assert.rejects(image.write(-1, new Uint8Array(1)), code("E_OUT_OF_RANGE"));
+  await assert.rejects(image.writeCompressed(100, new Uint8Array(64 * KiB)), code("E_INVALID_SIZE"));
+  await image.write(0, new Uint8Array(10).fill(1));
+  // Compression never overwrites an allocated cluster (QEMU: EIO).
+  await assert.rejects(image.writeCompressed(0, new Uint8Array(64 * KiB)), code("E_IO"));
+  await assert.rejects(image.resize(2 * MiB, { shrink: false }), /--shrink/);
+  await assert.rejects(image.resize(1000, { shrink: true }), /multiple of 512/);
+  await image.close();
+  await assert.rejects(image.read(0, new Uint8Array(1)), code("E_IO"));
+});
+
+test("read-only images refuse writes", async () => {
+  const { file, image } = await fresh();
+  await image.write(0, new Uint8Array(100).fill(9));
+  await image.flush();
+  const contents = await readAll(file);
+  await image.close();
+  const reopened = await openQcow2(new MemoryFile({ contents, readOnly: true }), { readOnly: true, backing: null });
+  await assert.rejects(reopened.write(0, new Uint8Array(1)), code("E_READ_ONLY"));
+  await assert.rejects(reopened.writeZeroes(0, 1), code("E_READ_ONLY"));
+  await assert.rejects(reopened.discard(0, 65536), code("E_READ_ONLY"));
+  const buffer = new Uint8Array(101);
+  await reopened.read(0, buffer);
+  assert.equal(buffer[99], 9);
+  assert.equal(buffer[100], 0);
+});
+
+async function readAll(file: MemoryFile): Promise<Uint8Array> {
+  const bytes = new Uint8Array(await file.sizeBytes());
+  await file.read(0, bytes);
+  return bytes;
+}
+
+test("extended L2: a partial write allocates only the touched subclusters", async () => {
+  const base = await fresh();
+  await base.image.write(0, new Uint8Array(64 * KiB).fill(0xbb));
+  const { image } = await fresh({ extendedL2: true }, base.image);
+  await image.write(4 * KiB, new Uint8Array(4 * KiB).fill(0xcc));
+  const extents = await image.layerStatus(0, 64 * KiB);
+  assert.deepEqual(
+    extents.map((e) => [e.guestOffset, e.lengthBytes, e.kind]),
+    [
+      [0, 4 * KiB, "unallocated"],
+      [4 * KiB, 4 * KiB, "data"],
+      [8 * KiB, 56 * KiB, "unallocated"],
+    ],
+  );
+  const buffer = new Uint8Array(64 * KiB);
+  await image.read(0, buffer);
+  assert.ok(buffer.subarray(0, 4 * KiB).every((b) => b === 0xbb));
+  assert.ok(buffer.subarray(4 * KiB, 8 * KiB).every((b) => b === 0xcc));
+  assert.ok(buffer.subarray(8 * KiB).every((b) => b === 0xbb));
+  // A 2 KiB zero write marks one subcluster zero.
+  await image.writeZeroes(16 * KiB, 2 * KiB);
+  await image.read(16 * KiB, buffer.subarray(0, 4 * KiB));
+  assert.ok(buffer.subarray(0, 2 * KiB).every((b) => b === 0));
+  assert.ok(buffer.subarray(2 * KiB, 4 * KiB).every((b) => b === 0xbb));
+  await image.close();
+  await base.image.close();
+});
+
+test("reads racing a discard never see another cluster's new data", async () => {
+  const { image } = await fresh({ sizeBytes: 2 * MiB });
+  await image.write(0, new Uint8Array(MiB).fill(0x11));
+  const reads: Promise<void>[] = [];
+  const seen: Uint8Array[] = [];
+  for (let i = 0; i < 50; i++) {
+    const buffer = new Uint8Array(64 * KiB);
+    seen.push(buffer);
+    reads.push(image.read((i % 16) * 64 * KiB, buffer));
+    if (i % 5 === 0) reads.push(image.discard((i % 16) * 64 * KiB, 64 * KiB));
+    reads.push(image.write(MiB + (i % 16) * 64 * KiB, new Uint8Array(64 * KiB).fill(0x22)));
+  }
+  await Promise.all(reads);
+  for (const buffer of seen) assert.ok(buffer.every((b) => b === 0x11 || b === 0), "only old data or zeroes");
+  await image.close();
+});
