@@ -1203,6 +1203,8 @@ export class Qcow2Image implements BlockDevice {
     const requestEnd = guestOffset + lengthBytes;
     const end = requestEnd === this.sizeBytes ? Math.ceil(requestEnd / cs) * cs : Math.floor(requestEnd / cs) * cs;
     if (start >= end) return;
+    // Without zero clusters (v2) a discard would expose the backing file's data: QEMU ignores it.
+    if (this.#meta.header.version === 2 && this.backing !== null) return;
     await this.#mutate(start, end - start, () =>
       this.#locked(async () => {
         await this.#markDirty();
