@@ -10,8 +10,11 @@
  *   host file is 2.
  * - qemu:allocation-depth: the layer that holds the range, 1 for the top, 2
  *   for its backing file, ..., 0 when no layer does (qemu's
- *   bdrv_is_allocated_above; a range past the end of a shorter backing file
- *   is 0).
+ *   bdrv_is_allocated_above). A range that falls through to a backing file
+ *   shorter than it counts as allocated in that short file (qemu synthesizes
+ *   its zeroes "as if allocated at this layer"): walkChain reports it absent
+ *   at the layer above, so its depth is that layer's + 2; only the bottom
+ *   layer's unallocated ranges are 0.
  * - Adjacent extents with equal values merge, as qemu's
  *   nbd_extent_array_add does, so extent boundaries never depend on how the
  *   walk was windowed.
@@ -23,6 +26,7 @@
  */
 import type { BlockDevice, MapExtent } from "../device/block-device.ts";
 import { walkChain } from "../chain/map-image.ts";
+import { chainLayers } from "../chain/open-image.ts";
 import { BLOCK_STATUS_EXTENTS_MAX, BLOCK_STATUS_WINDOW_FIRST_BYTES, BLOCK_STATUS_WINDOW_MAX_BYTES, STATE_HOLE, STATE_ZERO } from "./protocol.ts";
 
 /** Extents of one metadata context: parallel arrays of lengths and values. */
@@ -67,8 +71,10 @@ export function baseAllocationFlags(entry: MapExtent): number {
   return (entry.data ? 0 : STATE_HOLE) | (entry.zero ? STATE_ZERO : 0);
 }
 
-export function allocationDepthOf(entry: MapExtent): number {
-  return entry.present ? entry.depth + 1 : 0;
+/** `bottomDepth`: index of the chain's last layer (0 for a single image). */
+export function allocationDepthOf(entry: MapExtent, bottomDepth: number): number {
+  if (entry.present) return entry.depth + 1;
+  return entry.depth < bottomDepth ? entry.depth + 2 : 0;
 }
 
 export interface BlockStatusQuery {
@@ -95,12 +101,13 @@ export async function queryBlockStatus(device: BlockDevice, guestOffset: number,
   const base = query.baseAllocation ? new ExtentList(extentsMax) : null;
   const depth = query.allocationDepth ? new ExtentList(extentsMax) : null;
   const end = guestOffset + lengthBytes;
+  const bottomDepth = chainLayers(device).length - 1;
   let windowBytes = BLOCK_STATUS_WINDOW_FIRST_BYTES;
   for (let start = guestOffset; start < end; ) {
     const windowEnd = Math.min(end, start + windowBytes);
     await walkChain(device, start, windowEnd, (entry) => {
       base?.add(entry.length, baseAllocationFlags(entry));
-      depth?.add(entry.length, allocationDepthOf(entry));
+      depth?.add(entry.length, allocationDepthOf(entry, bottomDepth));
     });
     start = windowEnd;
     windowBytes = Math.min(windowBytes * 2, BLOCK_STATUS_WINDOW_MAX_BYTES);
