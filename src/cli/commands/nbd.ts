@@ -22,12 +22,13 @@
  */
 import { spawn } from "node:child_process";
 import { rmSync, writeFileSync } from "node:fs";
-import { SnapstackError } from "../../base/errors.ts";
+import { SnapstackError, type ErrorCode } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { NbdExport, NbdServer, loadTlsCredentials, type NbdListenAddress } from "../../nbd/index.ts";
 import { optionFlag, optionList, optionString, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
 import type { CliCommand, CliContext } from "../context.ts";
+import { toSnapstackError } from "../error-report.ts";
 import { openImage } from "../engine.ts";
 
 export const NBD_DEFAULT_PORT = 10809;
@@ -148,22 +149,35 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
   };
 }
 
-/** --fork: run this command again detached; resolve with 0 once it listens, 1 if it dies first. */
-function forkServer(argv: readonly string[]): Promise<number> {
+/**
+ * --fork: run this command again detached; resolve with 0 once it listens.
+ * A failure before that comes back over the IPC channel as a coded error.
+ * The child's stderr is the parent's only with -v (qemu-nbd keeps it
+ * always, which makes `$(qemu-nbd --fork ...)` wait for the server to exit).
+ */
+function forkServer(argv: readonly string[], verbose: boolean): Promise<number> {
   const args = [...process.execArgv, process.argv[1], "nbd", ...argv.filter((word) => word !== "--fork")];
   const child = spawn(process.execPath, args, {
     detached: true,
-    stdio: ["ignore", "ignore", "inherit", "ipc"],
+    stdio: ["ignore", "ignore", verbose ? "inherit" : "ignore", "ipc"],
     env: { ...process.env, [FORK_CHILD_ENV]: "1" },
   });
-  return new Promise((resolve) => {
-    child.once("message", () => {
+  return new Promise((resolve, reject) => {
+    child.once("message", (message: { ready?: boolean; error?: { code: ErrorCode; message: string } }) => {
       child.disconnect();
       child.unref();
-      resolve(0);
+      if (message.error !== undefined) reject(new SnapstackError(message.error.code, message.error.message));
+      else resolve(0);
     });
     child.once("exit", (code) => resolve(code === 0 ? 1 : (code ?? 1)));
   });
+}
+
+/** In the --fork child: tell the parent we are listening, or why we could not. */
+function reportToParent(message: { ready: true } | { error: { code: string; message: string } }): void {
+  if (process.env[FORK_CHILD_ENV] !== "1" || process.send === undefined || !process.connected) return;
+  process.send(message);
+  process.disconnect?.();
 }
 
 function describeAddress(address: string | { address: string; port: number }): string {
@@ -181,10 +195,7 @@ async function serve(options: NbdCommandOptions, context: CliContext): Promise<n
     const bound = await server.listen(options.address);
     log?.(`serving '${options.exportName}' (${device.format}, ${device.sizeBytes} bytes${exp.readOnly ? ", read-only" : ""}) on ${describeAddress(bound)}`);
     if (options.pidFile !== undefined) writeFileSync(options.pidFile, `${process.pid}\n`);
-    if (process.env[FORK_CHILD_ENV] === "1" && process.send !== undefined) {
-      process.send({ ready: true });
-      process.disconnect?.();
-    }
+    reportToParent({ ready: true });
     const activeServer = server;
     await new Promise<void>((resolve) => {
       const signals: NodeJS.Signals[] = ["SIGTERM", "SIGINT", "SIGHUP"];
@@ -236,7 +247,13 @@ export const nbdCommand: CliCommand = {
   ],
   async run(argv, context) {
     const options = parseNbdCommand(argv);
-    if (options.fork && process.env[FORK_CHILD_ENV] !== "1") return forkServer(argv);
-    return serve(options, context);
+    if (options.fork && process.env[FORK_CHILD_ENV] !== "1") return forkServer(argv, options.verbose);
+    try {
+      return await serve(options, context);
+    } catch (error) {
+      const coded = toSnapstackError(error);
+      reportToParent({ error: { code: coded.code, message: coded.message } });
+      throw error;
+    }
   },
 };

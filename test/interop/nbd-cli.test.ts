@@ -1,0 +1,94 @@
+/**
+ * `snapstack nbd` as a command: qemu-nbd's lifetime rules (exit after the
+ * last client without -t, clean exit on SIGTERM with the image flushed and
+ * the pid file removed), --fork, the default bind address, and coded errors
+ * for what it refuses.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { requireTools, run, runOk, scratchDir } from "../helpers/tools.ts";
+import { SNAPSTACK_BIN, startNbd, waitExit } from "./nbd-helpers.ts";
+
+async function image(dir: string): Promise<string> {
+  const path = join(dir, "disk.qcow2");
+  await runOk(process.execPath, [SNAPSTACK_BIN, "img", "create", "-q", "-f", "qcow2", path, "8M"]);
+  return path;
+}
+
+test("nbd: -l, -c and a missing file are coded errors", async (t) => {
+  const dir = scratchDir(t);
+  const path = await image(dir);
+  const snapshot = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-l", "snap1", "-k", join(dir, "s"), path]);
+  assert.equal(snapshot.code, 1);
+  assert.match(snapshot.stderr, /^snapstack: error E_UNSUPPORTED_FEATURE: -l: exporting an internal snapshot is not supported yet/);
+  const kernel = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-c", "/dev/nbd0", path]);
+  assert.match(kernel.stderr, /E_UNSUPPORTED_FEATURE/);
+  const missing = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-k", join(dir, "s"), join(dir, "nope.qcow2")]);
+  assert.equal(missing.code, 1);
+  assert.match(missing.stderr, /E_NOT_FOUND/);
+  const badOption = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "--frobnicate", path]);
+  assert.match(badOption.stderr, /E_USAGE/);
+  const help = await runOk(process.execPath, [SNAPSTACK_BIN, "nbd", "--help"]);
+  assert.match(help.stdout, /--tls-creds/);
+});
+
+test("nbd without -t exits 0 when the last client that negotiated leaves; the pid file is removed", async (t) => {
+  if (!requireTools(t, "nbdinfo")) return;
+  const dir = scratchDir(t);
+  const path = await image(dir);
+  const server = await startNbd(t, "snapstack", dir, path);
+  // LIST + ABORT does not finish negotiation: the server stays (as qemu-nbd).
+  await runOk("nbdinfo", ["--list", server.uri]);
+  assert.equal(await waitExit(server.process, 300), null);
+  assert.equal((await runOk("nbdinfo", ["--size", server.uri])).stdout.trim(), String(8 * 1024 * 1024));
+  assert.equal(await waitExit(server.process), 0);
+  assert.equal(existsSync(server.socketPath!), false, "the socket is removed");
+});
+
+test("nbd: SIGTERM flushes and exits 0; the image is clean; default bind address is 127.0.0.1", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(dir);
+  const server = await startNbd(t, "snapstack", dir, path, { tcp: true, args: ["-t", "-v"] });
+  await runOk("qemu-io", ["-f", "raw", "-c", "write -P 0x61 0 1M", "-c", "write -z 2M 1M", server.uri]);
+  server.process.kill("SIGTERM");
+  assert.equal(await waitExit(server.process), 0);
+  assert.match(server.stderr(), /on 127\.0\.0\.1:\d+/);
+  await runOk("qemu-img", ["check", path]);
+  await runOk("qemu-io", ["-f", "qcow2", "-c", "read -P 0x61 0 1M", path]);
+  const unbound = spawn(process.execPath, [SNAPSTACK_BIN, "nbd", "-v", "-p", "0", path], { stdio: ["ignore", "ignore", "pipe"] });
+  t.after(() => unbound.kill("SIGKILL"));
+  let log = "";
+  unbound.stderr.on("data", (chunk: Buffer) => (log += chunk.toString()));
+  for (let i = 0; i < 200 && !/serving/.test(log); i++) await new Promise((resolve) => setTimeout(resolve, 25));
+  assert.match(log, /on 127\.0\.0\.1:\d+/, "without -b the server binds to localhost only");
+  unbound.kill("SIGINT");
+  assert.equal(await waitExit(unbound), 0);
+});
+
+test("nbd --fork returns once the server listens; the server keeps serving", async (t) => {
+  if (!requireTools(t, "nbdinfo")) return;
+  const dir = scratchDir(t);
+  const path = await image(dir);
+  const socket = join(dir, "fork.sock");
+  const pidFile = join(dir, "fork.pid");
+  await runOk(process.execPath, [SNAPSTACK_BIN, "nbd", "--fork", "-t", "-k", socket, `--pid-file=${pidFile}`, path]);
+  const failed = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "--fork", "-k", socket, path]);
+  assert.equal(failed.code, 1, "a child that cannot listen makes --fork fail");
+  assert.match(failed.stderr, /E_EXISTS: cannot listen on/);
+  const pid = Number(readFileSync(pidFile, "utf8"));
+  t.after(() => {
+    try {
+      process.kill(pid, "SIGKILL");
+    } catch {
+      // already gone
+    }
+  });
+  assert.equal((await runOk("nbdinfo", ["--size", `nbd+unix:///?socket=${socket}`])).stdout.trim(), String(8 * 1024 * 1024));
+  process.kill(pid, "SIGTERM");
+  for (let i = 0; i < 200 && existsSync(pidFile); i++) await new Promise((resolve) => setTimeout(resolve, 25));
+  assert.equal(existsSync(pidFile), false, "the pid file is removed on exit");
+});
