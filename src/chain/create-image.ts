@@ -42,8 +42,13 @@ const IGNORED_KEYS = ["nocow", "extent_size_hint"];
 /** Options QEMU has that snapstack does not implement. */
 const UNSUPPORTED_PREFIXES = ["encrypt", "data_file"];
 
+/** "path: " before a message, or nothing when there is no file (measure --size). */
+function subject(path: string): string {
+  return path === "" ? "" : `${path}: `;
+}
+
 function invalid(path: string, message: string, details: Record<string, unknown> = {}): SnapstackError {
-  return new SnapstackError("E_INVALID_OPTION", `${path}: ${message}`, { path, ...details });
+  return new SnapstackError("E_INVALID_OPTION", `${subject(path)}${message}`, { path, ...details });
 }
 
 function optionBool(path: string, key: string, value: CreateOptionValue): boolean {
@@ -75,7 +80,7 @@ function checkKeys(path: string, format: string, options: Record<string, CreateO
   for (const key of Object.keys(options)) {
     if (known.includes(key) || IGNORED_KEYS.includes(key)) continue;
     if (format === "qcow2" && UNSUPPORTED_PREFIXES.some((prefix) => key.startsWith(prefix))) {
-      throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: option '${key}' is not supported by snapstack`, { path, key });
+      throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${subject(path)}option '${key}' is not supported by snapstack`, { path, key });
     }
     if (format === "raw" && (key === "backing_file" || key === "backing_fmt")) {
       throw invalid(path, "Backing file not supported for file format 'raw'");
@@ -149,14 +154,7 @@ export async function createImage(path: string, request: CreateImageOptions): Pr
     await createRaw(path, sizeBytes, { preallocation });
     return;
   }
-  const qcow2: Qcow2CreateOptions = { sizeBytes };
-  if (options.cluster_size !== undefined) qcow2.clusterSizeBytes = optionSize(path, "cluster_size", options.cluster_size);
-  if (options.refcount_bits !== undefined) qcow2.refcountBits = optionNumber(path, "refcount_bits", options.refcount_bits);
-  if (options.lazy_refcounts !== undefined) qcow2.lazyRefcounts = optionBool(path, "lazy_refcounts", options.lazy_refcounts);
-  if (options.extended_l2 !== undefined) qcow2.extendedL2 = optionBool(path, "extended_l2", options.extended_l2);
-  if (options.compression_type !== undefined) qcow2.compressionType = parseCompressionType(path, optionString(options.compression_type));
-  if (options.preallocation !== undefined) qcow2.preallocation = parseQcow2Preallocation(path, optionString(options.preallocation));
-  if (options.compat !== undefined) qcow2.compat = parseCompat(path, optionString(options.compat));
+  const qcow2 = qcow2CreateOptionsFromKeys(path, options, sizeBytes);
   if (backingFile !== undefined) qcow2.backingFile = backingFile;
   if (backingFormat !== undefined) qcow2.backingFormat = backingFormat;
   try {
@@ -172,4 +170,23 @@ export async function createImage(path: string, request: CreateImageOptions): Pr
     await file.close();
   }
   await syncDirectory(dirname(path));
+}
+
+/**
+ * The qcow2 `-o` keys (typed or strings) as the engine's create options;
+ * shared by create and measure. `path` names the subject in messages.
+ */
+export function qcow2CreateOptionsFromKeys(path: string, options: Record<string, CreateOptionValue>, sizeBytes: number): Qcow2CreateOptions {
+  checkKeys(path, "qcow2", options);
+  const qcow2: Qcow2CreateOptions = { sizeBytes };
+  if (options.cluster_size !== undefined) qcow2.clusterSizeBytes = optionSize(path, "cluster_size", options.cluster_size);
+  if (options.refcount_bits !== undefined) qcow2.refcountBits = optionNumber(path, "refcount_bits", options.refcount_bits);
+  if (options.lazy_refcounts !== undefined) qcow2.lazyRefcounts = optionBool(path, "lazy_refcounts", options.lazy_refcounts);
+  if (options.extended_l2 !== undefined) qcow2.extendedL2 = optionBool(path, "extended_l2", options.extended_l2);
+  if (options.compression_type !== undefined) qcow2.compressionType = parseCompressionType(path, optionString(options.compression_type));
+  if (options.preallocation !== undefined) qcow2.preallocation = parseQcow2Preallocation(path, optionString(options.preallocation));
+  if (options.compat !== undefined) qcow2.compat = parseCompat(path, optionString(options.compat));
+  if (options.backing_file !== undefined) qcow2.backingFile = optionString(options.backing_file);
+  if (options.backing_fmt !== undefined) qcow2.backingFormat = optionString(options.backing_fmt);
+  return qcow2;
 }

@@ -1,0 +1,31 @@
+/**
+ * qemu-img check on a path: the qcow2 check (formats/qcow2/check.ts) after
+ * a format probe, or "unsupported" for formats without a check (raw: qemu's
+ * exit code 63).
+ */
+import { SnapstackError } from "../base/errors.ts";
+import { checkQcow2, type Qcow2CheckResult, type Qcow2RepairMode } from "../formats/qcow2/check.ts";
+import { openNodeFile } from "../io/node-file.ts";
+import { parseImageFormat, probeImageFormat } from "./image-format.ts";
+
+export interface CheckImageOptions {
+  format?: string;
+  repair?: Qcow2RepairMode;
+}
+
+/**
+ * qemu-img check: the qcow2 check (src/formats/qcow2/check.ts), or
+ * "unsupported" for formats without a check (raw, as qemu's exit 63).
+ */
+export async function checkImage(path: string, options: CheckImageOptions = {}): Promise<Qcow2CheckResult | "unsupported"> {
+  const format = options.format === undefined ? undefined : parseImageFormat(options.format);
+  const file = await openNodeFile(path, { readOnly: options.repair === undefined });
+  try {
+    const isQcow2 = (await probeImageFormat(file)) === "qcow2";
+    if (format === "raw" || (format === undefined && !isQcow2)) return "unsupported";
+    if (!isQcow2) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
+    return await checkQcow2(file, { repair: options.repair });
+  } finally {
+    await file.close();
+  }
+}
