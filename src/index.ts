@@ -34,6 +34,8 @@ export {
   convertImage,
   resizeImage,
   imageInfo,
+  measureImage,
+  checkImage,
   CHAIN_DEPTH_MAX_DEFAULT,
   type OpenImageOptions,
   type CreateImageOptions,
@@ -44,4 +46,7 @@ export {
   type ResizeImageOptions,
   type ImageInfoOptions,
   type ImageInfoJson,
+  type MeasureOptions,
+  type MeasureResult,
+  type CheckImageOptions,
 } from "./chain/index.ts";
