@@ -27,36 +27,24 @@ import { buildChain, flattenWithQemu, KiB, MiB, patternByteFor, withScratchDir, 
 import { printRows, row, type BenchRow } from "./fixtures/rows.ts";
 import { describeFailure, openSnapstackImage } from "./fixtures/snapstack.ts";
 import { median, qemuImgBenchSeconds } from "./fixtures/tools.ts";
-import { randomOffsets, scatterStepBytes, sequentialOffsets, timeReads, type ReadAt, type ReadTiming } from "./fixtures/workload.ts";
+import { caseOffsets, caseRate, randomOffsets, scatterStepBytes, sequentialOffsets, timeReads, type ReadAt, type ReadCase, type ReadTiming } from "./fixtures/workload.ts";
 
 const CHAIN_DEPTH = 100;
 const VIRTUAL_SIZE_BYTES = 256 * MiB;
 const RUNS = 3;
 const VERIFY_READS = 2000;
 
-interface ChainCase {
-  name: string;
-  requestBytes: number;
-  requestCount: number;
+interface ChainCase extends ReadCase {
   /** qemu-img bench runs fewer requests: through 100 layers it does under 10,000/s. */
   peerRequestCount: number;
-  random: boolean;
 }
 
 const WARM_CASES: ChainCase[] = [
-  { name: "warm random 4 KiB reads", requestBytes: 4 * KiB, requestCount: 50_000, peerRequestCount: 10_000, random: true },
-  { name: "warm sequential 1 MiB reads", requestBytes: 1 * MiB, requestCount: 512, peerRequestCount: 512, random: false },
+  { name: "warm random 4 KiB reads", requestBytes: 4 * KiB, requestCount: 50_000, peerRequestCount: 10_000, inFlight: 1, random: true },
+  { name: "warm sequential 1 MiB reads", requestBytes: 1 * MiB, requestCount: 512, peerRequestCount: 512, inFlight: 1, random: false },
 ];
 
 const FIRST_PASS_REQUEST_BYTES = 1 * MiB;
-
-function rate(c: ChainCase, requestCount: number, seconds: number): number {
-  return c.random ? requestCount / seconds : (requestCount * c.requestBytes) / seconds / 1e9;
-}
-
-function offsetsFor(c: ChainCase): Float64Array {
-  return c.random ? randomOffsets(c.requestCount, VIRTUAL_SIZE_BYTES, c.requestBytes) : sequentialOffsets(c.requestCount, VIRTUAL_SIZE_BYTES, c.requestBytes);
-}
 
 async function verifyAgainstLayout(device: BlockDevice, fixture: ChainFixture): Promise<string> {
   const offsets = randomOffsets(VERIFY_READS, fixture.virtualSizeBytes, 4 * KiB, 11);
@@ -105,12 +93,12 @@ async function measureSnapstack(path: string, fixture: ChainFixture, figures: Im
     const read: ReadAt = (offset, buffer) => device.read(offset, buffer);
     figures.warm = [];
     for (const c of WARM_CASES) {
-      const offsets = offsetsFor(c);
+      const offsets = caseOffsets(c, VIRTUAL_SIZE_BYTES);
       await timeReads(read, offsets, c.requestBytes, 1); // warm-up
       const timings: ReadTiming[] = [];
       for (let i = 0; i < RUNS; i++) timings.push(await timeReads(read, offsets, c.requestBytes, 1));
       figures.warm.push({
-        rate: median(timings.map((t) => rate(c, c.requestCount, t.seconds))),
+        rate: median(timings.map((t) => caseRate(c, c.requestCount, t.seconds))),
         cpuMicrosPerRequest: median(timings.map((t) => (t.cpuSeconds * 1e6) / c.requestCount)),
       });
     }
@@ -137,7 +125,7 @@ async function measureImage(path: string, fixture: ChainFixture): Promise<ImageF
     const rates: number[] = [];
     for (let i = 0; i < RUNS; i++) {
       const seconds = await qemuImgBenchSeconds(path, { format: "qcow2", requestCount: c.peerRequestCount, requestBytes: c.requestBytes, stepBytes, inFlight: 1 });
-      rates.push(rate(c, c.peerRequestCount, seconds));
+      rates.push(caseRate(c, c.peerRequestCount, seconds));
     }
     figures.qemuWarm.push(median(rates));
   }
@@ -159,24 +147,17 @@ export default async function chainBench(): Promise<BenchRow[]> {
     const rows: BenchRow[] = [];
 
     const cpuNote = (t: ReadTiming | null): string => (t === null ? "" : `; CPU ${t.cpuSeconds.toFixed(3)} s`);
-    rows.push(
-      row(
-        `first pass after open, 1 MiB reads, chain of ${CHAIN_DEPTH}`,
-        chain.firstPass?.seconds ?? null,
-        chain.qemuFirstPassSeconds,
-        "s",
-        `${peerNote}; open ${chain.openMs.toFixed(0)} ms (not timed)${cpuNote(chain.firstPass)}; ${chain.note}`,
-      ),
-    );
-    rows.push(
-      row(
-        "first pass after open, 1 MiB reads, flattened",
-        flat.firstPass?.seconds ?? null,
-        flat.qemuFirstPassSeconds,
-        "s",
-        `${peerNote}; open ${flat.openMs.toFixed(0)} ms (not timed)${cpuNote(flat.firstPass)}; ${flat.note}`,
-      ),
-    );
+    for (const [label, figures] of [[`chain of ${CHAIN_DEPTH}`, chain], ["flattened", flat]] as const) {
+      rows.push(
+        row(
+          `first pass after open, 1 MiB reads, ${label}`,
+          figures.firstPass?.seconds ?? null,
+          figures.qemuFirstPassSeconds,
+          "s",
+          `${peerNote}; open ${figures.openMs.toFixed(0)} ms (not timed)${cpuNote(figures.firstPass)}; ${figures.note}`,
+        ),
+      );
+    }
     rows.push(
       row(
         `first pass: chain-${CHAIN_DEPTH} slowdown vs flat`,

@@ -24,7 +24,7 @@ import { buildFilledImage, GiB, KiB, MiB, patternByteFor, withScratchDir } from 
 import { printRows, row, type BenchRow } from "./fixtures/rows.ts";
 import { describeFailure, openSnapstackImage } from "./fixtures/snapstack.ts";
 import { median, qemuImgBenchSeconds } from "./fixtures/tools.ts";
-import { randomOffsets, scatterStepBytes, sequentialOffsets, timeReads, type ReadAt, type ReadTiming } from "./fixtures/workload.ts";
+import { caseOffsets, caseRate, randomOffsets, scatterStepBytes, timeReads, type ReadAt, type ReadCase, type ReadTiming } from "./fixtures/workload.ts";
 
 const IMAGE_BYTES = 1 * GiB;
 /** The fixture writes its data in pieces of this size, each with its own byte. */
@@ -33,29 +33,12 @@ const RUNS = 5;
 const PEER_RUNS = 3;
 const VERIFY_READS = 1000;
 
-interface ReadCase {
-  name: string;
-  requestBytes: number;
-  requestCount: number;
-  inFlight: number;
-  random: boolean;
-}
-
 const CASES: ReadCase[] = [
   { name: "random 4 KiB reads, 1 in flight", requestBytes: 4 * KiB, requestCount: 100_000, inFlight: 1, random: true },
   { name: "random 4 KiB reads, 32 in flight", requestBytes: 4 * KiB, requestCount: 100_000, inFlight: 32, random: true },
   { name: "sequential 1 MiB reads, 1 in flight", requestBytes: 1 * MiB, requestCount: 2048, inFlight: 1, random: false },
   { name: "sequential 1 MiB reads, 8 in flight", requestBytes: 1 * MiB, requestCount: 2048, inFlight: 8, random: false },
 ];
-
-/** ops/s for random cases, GB/s (10^9) for sequential ones. */
-function rate(c: ReadCase, seconds: number): number {
-  return c.random ? c.requestCount / seconds : (c.requestCount * c.requestBytes) / seconds / 1e9;
-}
-
-function offsetsFor(c: ReadCase): Float64Array {
-  return c.random ? randomOffsets(c.requestCount, IMAGE_BYTES, c.requestBytes) : sequentialOffsets(c.requestCount, IMAGE_BYTES, c.requestBytes);
-}
 
 interface Measured {
   rate: number;
@@ -70,7 +53,7 @@ async function measureAlternating(c: ReadCase, readers: readonly ReadAt[], offse
     for (const [index, read] of readers.entries()) timings[index].push(await timeReads(read, offsets, c.requestBytes, c.inFlight));
   }
   return timings.map((list) => ({
-    rate: median(list.map((t) => rate(c, t.seconds))),
+    rate: median(list.map((t) => caseRate(c, c.requestCount, t.seconds))),
     cpuMicrosPerRequest: median(list.map((t) => (t.cpuSeconds * 1e6) / c.requestCount)),
   }));
 }
@@ -80,7 +63,7 @@ async function peerRate(path: string, c: ReadCase, aio: "threads" | "io_uring"):
   const rates: number[] = [];
   for (let i = 0; i < PEER_RUNS; i++) {
     const seconds = await qemuImgBenchSeconds(path, { format: "qcow2", requestCount: c.requestCount, requestBytes: c.requestBytes, stepBytes, inFlight: c.inFlight, aio });
-    rates.push(rate(c, seconds));
+    rates.push(caseRate(c, c.requestCount, seconds));
   }
   return median(rates);
 }
@@ -126,7 +109,7 @@ export default async function readBench(): Promise<BenchRow[]> {
 
     const rows: BenchRow[] = [];
     for (const c of CASES) {
-      const offsets = offsetsFor(c);
+      const offsets = caseOffsets(c, IMAGE_BYTES);
       const unit = c.random ? "ops/s" : "GB/s";
       const target = c.random ? "target >= 100,000 ops/s" : "target >= 1 GB/s";
       let snap: Measured | null = null;
