@@ -840,9 +840,7 @@ export class Qcow2Image implements BlockDevice {
         plan.cowStart = start;
         plan.cowEnd = end;
       }
-      for (const w of writes) {
-        await this.#file.write(w.hostOffset, w.parts.length === 1 ? w.parts[0] : concatBytes(w.parts, w.length));
-      }
+      await this.#writeHostRuns(writes);
       meta.noteDataWritten();
       // Link: update L2 entries after the data is written.
       for (const plan of plans) {
@@ -870,6 +868,30 @@ export class Qcow2Image implements BlockDevice {
       for (const entry of freeAfter) await meta.freeEntry(entry);
     }
     await meta.trimCaches();
+  }
+
+  /**
+   * Write contiguous host ranges, each made of parts (COW padding and slices
+   * of the caller's buffer). Parts adjacent in memory (consecutive slices of
+   * the caller's buffer) are written as one slice, never copied; a range
+   * that still has several pieces is assembled into one buffer when small
+   * (one syscall beats several), else its pieces are written separately.
+   */
+  async #writeHostRuns(writes: readonly { hostOffset: number; parts: Uint8Array[]; length: number }[]): Promise<void> {
+    const pending: Promise<void>[] = [];
+    for (const w of writes) {
+      const pieces = joinAdjacentParts(w.parts);
+      if (pieces.length === 1) pending.push(this.#file.write(w.hostOffset, pieces[0]));
+      else if (w.length <= CONCAT_BYTES_MAX) pending.push(this.#file.write(w.hostOffset, concatBytes(pieces, w.length)));
+      else {
+        let hostOffset = w.hostOffset;
+        for (const piece of pieces) {
+          pending.push(this.#file.write(hostOffset, piece));
+          hostOffset += piece.length;
+        }
+      }
+    }
+    await settleAll(pending);
   }
 
   /**
@@ -1427,6 +1449,30 @@ function canMerge(a: LayerExtent, b: LayerExtent): boolean {
   if (a.compressed) return true;
   if (a.hostOffset === undefined || b.hostOffset === undefined) return a.hostOffset === b.hostOffset;
   return a.hostOffset + a.lengthBytes === b.hostOffset;
+}
+
+/** Host ranges with several pieces up to this size are copied into one buffer and written with one call. */
+const CONCAT_BYTES_MAX = 256 * 1024;
+
+/** Merge consecutive parts that are adjacent views of one ArrayBuffer into single views (no copy). */
+function joinAdjacentParts(parts: readonly Uint8Array[]): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  for (const part of parts) {
+    const last = out[out.length - 1];
+    if (last !== undefined && last.buffer === part.buffer && last.byteOffset + last.byteLength === part.byteOffset) {
+      out[out.length - 1] = new Uint8Array(last.buffer, last.byteOffset, last.byteLength + part.byteLength);
+    } else {
+      out.push(part);
+    }
+  }
+  return out;
+}
+
+/** Wait for every promise, then rethrow the first failure (no write is left running behind an error). */
+async function settleAll(pending: readonly Promise<void>[]): Promise<void> {
+  if (pending.length === 1) return pending[0];
+  const results = await Promise.allSettled(pending);
+  for (const result of results) if (result.status === "rejected") throw result.reason;
 }
 
 function concatBytes(parts: Uint8Array[], length: number): Uint8Array {
