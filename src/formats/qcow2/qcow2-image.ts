@@ -1258,6 +1258,67 @@ export class Qcow2Image implements BlockDevice {
     );
   }
 
+  // ------------------------------------------------ jobs (commit, rebase)
+
+  /**
+   * Empty this layer as qemu-img commit does after copying its data down
+   * (qcow2_make_empty, discard path): every cluster it holds becomes
+   * unallocated, so reads fall through to the backing again; clusters
+   * shared with internal snapshots keep their data (refcount lowered).
+   * Freed clusters at the end of the file are cut off.
+   */
+  async makeEmpty(): Promise<void> {
+    this.#checkWritable("empty the image");
+    const cs = this.#meta.clusterSizeBytes;
+    const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
+    try {
+      const held = (await this.layerStatus(0, this.sizeBytes)).filter((extent) => extent.kind !== "unallocated");
+      await this.#locked(async () => {
+        await this.#markDirty();
+        for (const extent of held) {
+          const end = Math.ceil((extent.guestOffset + extent.lengthBytes) / cs);
+          for (let clusterIndex = Math.floor(extent.guestOffset / cs); clusterIndex < end; clusterIndex++) await this.#discardCluster(clusterIndex, true);
+          await this.#meta.trimCaches();
+        }
+        await this.#meta.writeCaches();
+        await this.#file.flush();
+        const fileSizeBytes = await this.#file.sizeBytes();
+        const lastCluster = await this.#meta.lastUsedCluster(fileSizeBytes);
+        if ((lastCluster + 1) * cs < fileSizeBytes) await this.#file.truncate((lastCluster + 1) * cs);
+      });
+    } catch (error) {
+      throw await this.#failed(error);
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * Point the header at another backing file (null: none), as
+   * bdrv_change_backing_file: data written before is flushed first, then
+   * cluster 0 is rewritten. A name that does not fit in cluster 0 is
+   * E_TOO_LARGE and leaves the header as it was. The open device keeps
+   * reading through its old backing; reopen to follow the new one.
+   */
+  async changeBackingFile(name: string | null, format: string | null): Promise<void> {
+    this.#checkWritable("change the backing file");
+    const header = this.#meta.header;
+    const previous = { name: header.backingFileName, format: header.backingFormat };
+    await this.#locked(async () => {
+      await this.#meta.writeCaches();
+      await this.#file.flush();
+      header.backingFileName = name === null || name === "" ? null : name;
+      header.backingFormat = header.backingFileName === null ? null : format;
+      try {
+        await this.#meta.writeHeader();
+      } catch (error) {
+        header.backingFileName = previous.name;
+        header.backingFormat = previous.format;
+        throw error;
+      }
+    });
+  }
+
   // --------------------------------------------------------- compression
 
   /**
