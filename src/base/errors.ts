@@ -35,6 +35,8 @@ export const ERROR_CODES = {
   E_BACKING_LOOP: "the backing chain refers back to an image already in it",
   E_CHAIN_TOO_DEEP: "the backing chain is deeper than the limit",
   E_BACKING_FORMAT: "the backing format is missing or wrong",
+  E_NOT_IN_CHAIN: "an image named as base is not in the overlay's backing chain (or there is no backing)",
+  E_IN_USE: "an image is still used as backing file by another image",
   // Data.
   E_PATTERN_MISMATCH: "data read back differs from the expected pattern",
   E_COMPRESSION: "a compressed cluster could not be decompressed",
