@@ -40,6 +40,8 @@ export const L1_BYTES_MAX = 32 * 1024 * 1024;
 export const METADATA_CACHE_BYTES_DEFAULT = 32 * 1024 * 1024;
 /** Share of the cache bound given to refcount blocks (the rest holds L2 tables). */
 const REFBLOCK_CACHE_SHARE = 0.25;
+/** Largest single zero-fill write when wiping freed clusters (bounds the zero buffer). */
+const WIPE_WRITE_BYTES_MAX = 1024 * 1024;
 /** L1 entries are written in 512-byte blocks, as qcow2_write_l1_entry does. */
 const L1_WRITE_BLOCK_BYTES = 512;
 
@@ -144,6 +146,14 @@ export class Qcow2Metadata {
   #l2DependsOnRefblocks = false;
   #refblocksDependOnL2 = false;
   #dataNeedsFlush = false;
+  /**
+   * Wipe after delete: while set, every host cluster whose refcount drops to 0
+   * is remembered, and overwritten with zeroes by completeWipes() or, if it is
+   * allocated again before that, when it is allocated (so a partial write by
+   * its new owner cannot leave old bytes behind). Node cannot punch holes.
+   */
+  wipeFreedClusters = false;
+  readonly #wipePending = new Set<number>();
 
   constructor(file: ImageFile, header: Qcow2Header, l1: Uint8Array, reftable: number[], cacheBytesMax: number) {
     this.file = file;
@@ -216,16 +226,19 @@ export class Qcow2Metadata {
   // -------------------------------------------------------------- ordering
 
   async #setL2DependsOnRefblocks(): Promise<void> {
-    if (this.lazyRefcounts) return;
+    // Resolved with lazy refcounts too: a cluster freed since the L2 tables were last written
+    // may be handed out again now, and the tables that dropped it must reach the disk before
+    // anything is written into it (else a crash leaves an old L2 entry showing another guest
+    // range's data). As QEMU, lazy refcounts skip only the increase dependency.
     if (this.#refblocksDependOnL2) {
       await this.writeDirtyL2();
       this.#refblocksDependOnL2 = false;
     }
+    if (this.lazyRefcounts) return;
     this.#l2DependsOnRefblocks = true;
   }
 
   async #setRefblocksDependOnL2(): Promise<void> {
-    if (this.lazyRefcounts) return;
     if (this.#l2DependsOnRefblocks) {
       await this.writeDirtyRefblocks();
       this.#l2DependsOnRefblocks = false;
@@ -367,6 +380,8 @@ export class Qcow2Metadata {
         refcount = decrease ? refcount - addend : refcount + addend;
         if (refcount === 0 && clusterIndex < this.freeClusterIndex) this.freeClusterIndex = clusterIndex;
         setRefcount(block.bytes, blockIndex, this.geometry.refcountOrder, refcount);
+        if (refcount === 0 && this.wipeFreedClusters) this.#wipePending.add(clusterIndex);
+        else if (!decrease && this.#wipePending.size > 0 && this.#wipePending.delete(clusterIndex)) await this.#writeZeroClusters([clusterIndex]);
         if (refcount === 0) {
           // A freed cluster may be reused for anything: stop packing compressed data into it.
           if (this.freeByteOffset !== 0 && Math.floor(this.freeByteOffset / cs) === clusterIndex) this.freeByteOffset = 0;
@@ -681,6 +696,37 @@ export class Qcow2Metadata {
     this.header.l1Size = newSize;
     this.header.l1TableOffset = newOffset;
     await this.freeClusters(oldOffset, oldSize * L1_ENTRY_BYTES);
+  }
+
+  /**
+   * Overwrite with zeroes every cluster freed while wipeFreedClusters was set
+   * that is still free (clusters taken since by refcount structures were
+   * rewritten whole), then flush. Call after the metadata that dropped them
+   * is written (writeCaches).
+   */
+  async completeWipes(): Promise<void> {
+    if (this.#wipePending.size === 0) return;
+    const free: number[] = [];
+    for (const clusterIndex of this.#wipePending) if ((await this.getRefcount(clusterIndex)) === 0) free.push(clusterIndex);
+    this.#wipePending.clear();
+    await this.#writeZeroClusters(free);
+    await this.file.flush();
+  }
+
+  /** Zeroes over the given clusters (contiguous ones in one write each), never past the end of the file. */
+  async #writeZeroClusters(clusterIndexes: number[]): Promise<void> {
+    const cs = this.clusterSizeBytes;
+    const fileSizeBytes = await this.file.sizeBytes();
+    const sorted = [...clusterIndexes].sort((a, b) => a - b);
+    const zeroes = new Uint8Array(Math.min(WIPE_WRITE_BYTES_MAX, Math.max(cs, sorted.length * cs)));
+    for (let i = 0; i < sorted.length; ) {
+      let j = i + 1;
+      while (j < sorted.length && sorted[j] === sorted[j - 1] + 1) j++;
+      const start = sorted[i] * cs;
+      const end = Math.min((sorted[j - 1] + 1) * cs, fileSizeBytes);
+      for (let at = start; at < end; at += zeroes.length) await this.file.write(at, zeroes.subarray(0, Math.min(zeroes.length, end - at)));
+      i = j;
+    }
   }
 
   /** Highest host cluster index with a non-zero refcount (qcow2_get_last_cluster), or -1. */
