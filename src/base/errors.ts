@@ -37,6 +37,9 @@ export const ERROR_CODES = {
   E_BACKING_FORMAT: "the backing format is missing or wrong",
   E_NOT_IN_CHAIN: "an image named as base is not in the overlay's backing chain (or there is no backing)",
   E_IN_USE: "an image is still used as backing file by another image",
+  // Internal snapshots.
+  E_SNAPSHOT_NOT_FOUND: "no internal snapshot has the given ID or name",
+  E_SNAPSHOT_EXISTS: "an internal snapshot with the new ID already exists",
   // Data.
   E_PATTERN_MISMATCH: "data read back differs from the expected pattern",
   E_COMPRESSION: "a compressed cluster could not be decompressed",
