@@ -31,8 +31,9 @@
  *   on disk when writable) once; further writes are refused, reads go on.
  * - Not done: encryption, external data files, bitmaps (the extension is
  *   kept, the autoclear bit cleared on a read-write open, as QEMU does for
- *   autoclear bits it does not know), internal snapshot create/apply/delete
- *   (the table is kept and its clusters respected).
+ *   autoclear bits it does not know).
+ * - Internal snapshots (create/apply/delete) live in internal-snapshots.ts
+ *   and run under `exclusive()`; the methods here delegate to it.
  */
 import { SnapstackError, assert, isSnapstackError } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/block-device.ts";
@@ -68,6 +69,15 @@ import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, 
 import { AsyncMutex, RangeLock, ReadGate } from "./locks.ts";
 import type { CachedTable } from "./table-cache.ts";
 import { rebuildRefcounts } from "./rebuild-refcounts.ts";
+import {
+  applySnapshot,
+  createSnapshot,
+  deleteSnapshot,
+  listSnapshots,
+  type CreateSnapshotOptions,
+  type DeleteSnapshotOptions,
+  type FreeingOptions,
+} from "./internal-snapshots.ts";
 
 export interface OpenQcow2Options {
   readOnly: boolean;
@@ -1374,6 +1384,61 @@ export class Qcow2Image implements BlockDevice {
     await meta.trimCaches();
   }
 
+  // -------------------------------------------------- internal snapshots
+
+  /** `qemu-img snapshot -c`: see internal-snapshots.ts. */
+  createSnapshot(name: string, options?: CreateSnapshotOptions): Promise<Qcow2SnapshotInfo> {
+    return createSnapshot(this, name, options);
+  }
+
+  /** `qemu-img snapshot -a` (ID first, then name). */
+  applySnapshot(ref: string, options?: FreeingOptions): Promise<void> {
+    return applySnapshot(this, ref, options);
+  }
+
+  /** `qemu-img snapshot -d` (by name unless `by: "id"`). */
+  deleteSnapshot(ref: string, options?: DeleteSnapshotOptions): Promise<void> {
+    return deleteSnapshot(this, ref, options);
+  }
+
+  /** The snapshot table as qemu-img lists it. */
+  listSnapshots(): Qcow2SnapshotInfo[] {
+    return listSnapshots(this);
+  }
+
+  /**
+   * Run a whole-image metadata operation with no guest request in flight:
+   * every guest cluster locked, then the metadata mutex (cache eviction is
+   * not held: the operation holds tables itself). `drainReads` waits for
+   * the reads that resolved before the call (reads take no lock).
+   * Corruption marks the image corrupt, as in any request.
+   */
+  async exclusive<T>(what: string, fn: (drainReads: () => Promise<void>) => Promise<T>): Promise<T> {
+    this.#checkWritable(what);
+    const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
+    try {
+      return await this.#mutex.run(async () => {
+        try {
+          return await fn(() => this.#readGate.drain());
+        } finally {
+          // Host clusters may have been freed and reused: forget what was decompressed from them.
+          this.#decompressed = null;
+          this.#meta.l2Cache.trim();
+          this.#meta.refblockCache.trim();
+        }
+      });
+    } catch (error) {
+      throw await this.#failed(error);
+    } finally {
+      release();
+    }
+  }
+
+  /** Adopt the snapshot list just written to disk (internal-snapshots.ts). */
+  replaceSnapshots(snapshots: Qcow2Snapshot[]): void {
+    this.#snapshots = snapshots;
+  }
+
   // -------------------------------------------------------------- resize
 
   async resize(newSizeBytes: number, options: { shrink: boolean }): Promise<void> {
@@ -1440,6 +1505,8 @@ export class Qcow2Image implements BlockDevice {
     try {
       await this.#locked(async () => {
         await this.#meta.writeCaches();
+        // Clusters freed while metadata.wipeFreedClusters was set hold zeroes once flush returns.
+        await this.#meta.completeWipes();
         await this.#file.flush();
       });
     } catch (error) {
@@ -1453,6 +1520,7 @@ export class Qcow2Image implements BlockDevice {
       if (!this.readOnly) {
         await this.#locked(async () => {
           await this.#meta.writeCaches();
+          await this.#meta.completeWipes();
           await this.#file.flush();
           const header = this.#meta.header;
           if (header.incompatibleFeatures & INCOMPAT_DIRTY && !(header.incompatibleFeatures & INCOMPAT_CORRUPT)) {

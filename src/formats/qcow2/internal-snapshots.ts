@@ -1,0 +1,511 @@
+/**
+ * Internal snapshots of an open qcow2 image: create, apply (goto), delete,
+ * list (reference §6, §10, §13; QEMU 7.2 block/qcow2-snapshot.c and
+ * qcow2_update_snapshot_refcount in qcow2-refcount.c).
+ *
+ * Design notes
+ * - A snapshot is an entry of the snapshot table pointing at a copy of an
+ *   L1 table. Refcounts count *snapshots*: every L2 table and data cluster
+ *   reachable from N L1 tables (active + snapshots) has refcount N, even
+ *   when an L2 table is shared. So creating is "copy the active L1, +1 on
+ *   everything reachable from it", deleting is "-1 on everything reachable
+ *   from the snapshot's L1, free that L1", applying is "+1 on the snapshot's
+ *   tree, overwrite the active L1 with its L1, -1 on the old active tree".
+ *   No guest data is ever copied.
+ * - COPIED (refcount exactly 1) is rebuilt from refcounts in every table a
+ *   pass walks (`updateTreeRefcounts`, QEMU's qcow2_update_snapshot_refcount),
+ *   and a final pass with addend 0 over the active L1 makes the active
+ *   tables exact. Snapshot L1 copies keep stale COPIED bits, as in QEMU.
+ * - Write ordering, so an interruption leaves leaks at worst:
+ *   create: L1 copy written; refcounts raised (refcount blocks before the L2
+ *   tables whose COPIED bits were cleared); new table written; header
+ *   switched (bytes 60-71, synced); old table freed.
+ *   apply: refcounts of the snapshot's tree raised and flushed; the active
+ *   L1 overwritten in place (synced); then the old tree lowered.
+ *   delete: new table and header switch first; then the decrements; then
+ *   the snapshot's L1 freed.
+ * - A raised refcount that would overflow (refcount_bits=1 on the first
+ *   snapshot) fails with E_TOO_LARGE (errno EINVAL, as QEMU). Unlike QEMU,
+ *   which leaks the L1 copy and whatever it had raised, the raises done so
+ *   far are undone and the L1 copy freed, so the image stays clean.
+ * - Every operation runs under `image.exclusive()`: no guest request runs
+ *   meanwhile, so a live image (NBD export, VM) can be snapshotted. Apply
+ *   drains in-flight reads before lowering the old tree.
+ * - Wipe: with `{ wipe: true }` every host cluster the operation frees is
+ *   overwritten with zeroes and flushed before the call returns
+ *   (Qcow2Metadata.wipeFreedClusters).
+ * - Names follow qemu-img: stored names are truncated to 255 bytes on
+ *   create; `apply` matches an ID first, then a name; `delete` (CLI) matches
+ *   names only, first match.
+ * - Not done: snapshots with VM state are never *created* (qemu-img does not
+ *   either); their VM state area is kept as is.
+ */
+import { SnapstackError } from "../../base/errors.ts";
+import { L1_ENTRY_BYTES, compressedReadBytes, getL1Entry, getL2Entry, setL1Entry } from "./entries.ts";
+import { L1_BYTES_MAX, corruption, type Qcow2Metadata } from "./metadata.ts";
+import {
+  SNAPSHOT_COUNT_MAX,
+  SNAPSHOT_ID_BYTES_MAX,
+  SNAPSHOT_NAME_BYTES_MAX,
+  SNAPSHOT_TABLE_BYTES_MAX,
+  decodeSnapshotTable,
+  encodeSnapshotTable,
+  type Qcow2Snapshot,
+} from "./snapshot-table.ts";
+import type { Qcow2Image, Qcow2SnapshotInfo } from "./qcow2-image.ts";
+
+/** errno values qemu-img prints for snapshot failures ("-22 (Invalid argument)"). */
+export const SNAPSHOT_ERRNO = { ENOENT: 2, EIO: 5, EEXIST: 17, EINVAL: 22, EFBIG: 27, ENOTSUP: 95 } as const;
+
+/** First read of the snapshot table when re-reading it; grows by 4x up to the table limit. */
+const TABLE_READ_BYTES_INITIAL = 64 * 1024;
+/** While walking a tree, let the caches shrink back to their bound every this many L2 tables. */
+const TRIM_EVERY_L2_TABLES = 64;
+/** Bit 63 of an entry word is COPIED; in the high 32-bit half it is this bit. */
+const HI_COPIED = 0x80000000;
+
+export interface CreateSnapshotOptions {
+  /** Creation time; default the clock (qemu-img: gettimeofday, nanoseconds = µs·1000). */
+  date?: Date;
+}
+
+export interface FreeingOptions {
+  /** Overwrite every host cluster the operation frees with zeroes before returning. */
+  wipe?: boolean;
+}
+
+export interface DeleteSnapshotOptions extends FreeingOptions {
+  /** How `ref` is matched: by name (qemu-img snapshot -d, the default) or by ID. */
+  by?: "name" | "id";
+}
+
+/** Which entries a reference may match (QEMU's lookup rules). */
+export type SnapshotMatch = "id-or-name" | "name" | "id";
+
+/** QEMUSnapshotInfo keeps name[256] and id_str[128]: what qemu-img shows and compares. */
+export function truncateUtf8(text: string, bytesMax: number): string {
+  const encoded = new TextEncoder().encode(text);
+  if (encoded.length <= bytesMax) return text;
+  let end = bytesMax;
+  // Do not cut a multi-byte character in half (QEMU would; a lone byte cannot round-trip through a JS string).
+  while (end > 0 && (encoded[end] & 0xc0) === 0x80) end--;
+  return new TextDecoder().decode(encoded.subarray(0, end));
+}
+
+/**
+ * Index of the snapshot `ref` names, or -1. "id-or-name": an ID match wins
+ * over a name match (find_snapshot_by_id_or_name); "name": the first entry
+ * whose name, as qemu-img lists it (255 bytes), equals `ref` (bdrv_snapshot_find).
+ */
+export function findSnapshot(snapshots: readonly Qcow2Snapshot[], ref: string, match: SnapshotMatch): number {
+  if (match !== "name") {
+    const byId = snapshots.findIndex((s) => s.id === ref);
+    if (byId >= 0 || match === "id") return byId;
+  }
+  return snapshots.findIndex((s) => truncateUtf8(s.name, SNAPSHOT_NAME_BYTES_MAX) === ref);
+}
+
+/** find_new_snapshot_id: largest strtoul(id) + 1 (unsigned 64-bit, as QEMU). */
+export function nextSnapshotId(snapshots: readonly Qcow2Snapshot[]): string {
+  const u64Max = (1n << 64n) - 1n;
+  let idMax = 0n;
+  for (const snapshot of snapshots) {
+    const digits = /^\s*\+?(\d+)/.exec(snapshot.id);
+    if (digits === null) continue;
+    let id = BigInt(digits[1]);
+    if (id > u64Max) id = u64Max;
+    if (id > idMax) idMax = id;
+  }
+  return ((idMax + 1n) & u64Max).toString();
+}
+
+/** The snapshot list as qemu-img reports it (names 255 bytes, IDs 127). */
+export function listSnapshots(image: Qcow2Image): Qcow2SnapshotInfo[] {
+  return image.snapshots.map((s) => ({
+    id: truncateUtf8(s.id, SNAPSHOT_ID_BYTES_MAX),
+    name: truncateUtf8(s.name, SNAPSHOT_NAME_BYTES_MAX),
+    vmStateSizeBytes: s.vmStateSizeBytes,
+    dateSeconds: s.dateSeconds,
+    dateNanoseconds: s.dateNanoseconds,
+    vmClockNanoseconds: s.vmClockNanoseconds,
+    ...(s.icount !== null ? { icount: s.icount } : {}),
+  }));
+}
+
+function notFound(image: Qcow2Image, ref: string): SnapstackError {
+  return new SnapstackError("E_SNAPSHOT_NOT_FOUND", `${image.name}: no snapshot '${ref}'`, { path: image.name, snapshot: ref, errno: SNAPSHOT_ERRNO.ENOENT });
+}
+
+/** The on-disk table, re-read (its exact length is needed to free it). */
+async function readSnapshotTable(meta: Qcow2Metadata): Promise<{ snapshots: Qcow2Snapshot[]; tableBytes: number }> {
+  const { snapshotCount, snapshotsOffset, sizeBytes } = meta.header;
+  if (snapshotCount === 0) return { snapshots: [], tableBytes: 0 };
+  let lengthBytes = TABLE_READ_BYTES_INITIAL;
+  for (;;) {
+    const bytes = new Uint8Array(lengthBytes);
+    const got = await meta.file.read(snapshotsOffset, bytes);
+    try {
+      return decodeSnapshotTable(bytes.subarray(0, got), snapshotCount, sizeBytes);
+    } catch (error) {
+      // Truncated because we read too little: read more. Truncated at the end of the file or the limit: corrupt.
+      if (got < lengthBytes || lengthBytes >= SNAPSHOT_TABLE_BYTES_MAX) throw error;
+      lengthBytes = Math.min(SNAPSHOT_TABLE_BYTES_MAX, lengthBytes * 4);
+    }
+  }
+}
+
+/** qcow2_validate_table for a snapshot's L1 table. */
+async function validateSnapshotL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot): Promise<void> {
+  const lengthBytes = snapshot.l1Size * L1_ENTRY_BYTES;
+  if (lengthBytes > L1_BYTES_MAX) throw new SnapstackError("E_TOO_LARGE", "Snapshot L1 table too large");
+  if (snapshot.l1TableOffset % meta.clusterSizeBytes !== 0) throw corruption("Snapshot L1 table offset invalid");
+  if (lengthBytes > 0 && snapshot.l1TableOffset + lengthBytes > (await meta.file.sizeBytes())) {
+    throw corruption(`Snapshot L1 table at 0x${snapshot.l1TableOffset.toString(16)} lies beyond the end of the file`);
+  }
+}
+
+async function readL1(meta: Qcow2Metadata, hostOffset: number, entries: number, paddedEntries = entries): Promise<Uint8Array> {
+  const l1 = new Uint8Array(paddedEntries * L1_ENTRY_BYTES);
+  if (entries > 0) await meta.file.read(hostOffset, l1.subarray(0, entries * L1_ENTRY_BYTES));
+  return l1;
+}
+
+async function writeSynced(meta: Qcow2Metadata, hostOffset: number, bytes: Uint8Array): Promise<void> {
+  if (bytes.length === 0) return;
+  await meta.file.write(hostOffset, bytes);
+  await meta.file.flush();
+}
+
+/** Write the whole active L1 table in place (bdrv_pwrite_sync). */
+async function writeActiveL1(meta: Qcow2Metadata): Promise<void> {
+  await writeSynced(meta, meta.header.l1TableOffset, meta.l1.subarray(0, meta.header.l1Size * L1_ENTRY_BYTES));
+}
+
+/** Refcount blocks first (raised refcounts), then L2 tables (cleared COPIED bits), each flushed. */
+async function writeRaisedCaches(meta: Qcow2Metadata): Promise<void> {
+  await meta.writeDirtyRefblocks();
+  await meta.writeDirtyL2();
+  await meta.file.flush();
+}
+
+/** Host ranges whose refcounts a pass raised, so a failed pass can be undone. */
+type RaiseJournal = [hostOffset: number, lengthBytes: number][];
+
+/**
+ * qcow2_update_snapshot_refcount: add `addend` (+1, -1 or 0) to the
+ * refcount of every L2 table and data cluster reachable from `l1` (first
+ * `l1Entries` entries, modified in place), and rebuild COPIED in those L2
+ * tables and in `l1` from the resulting refcounts. Returns whether `l1`
+ * changed. Raises are recorded in `journal` when given.
+ */
+export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l1Entries: number, addend: -1 | 0 | 1, journal?: RaiseJournal): Promise<boolean> {
+  const geometry = meta.geometry;
+  const cs = geometry.clusterSizeBytes;
+  const apply = async (hostOffset: number, lengthBytes: number): Promise<void> => {
+    if (addend > 0) {
+      await meta.increaseRefcounts(hostOffset, lengthBytes);
+      journal?.push([hostOffset, lengthBytes]);
+    } else if (addend < 0) {
+      await meta.freeClusters(hostOffset, lengthBytes);
+    }
+  };
+  let l1Modified = false;
+  let tablesWalked = 0;
+  for (let l1Index = 0; l1Index < l1Entries; l1Index++) {
+    const l1Entry = getL1Entry(l1, l1Index);
+    const l2Offset = l1Entry.l2Offset;
+    if (l2Offset === 0) continue;
+    if (l1Entry.offsetTooLarge) throw corruption(`L2 table offset of L1 index ${l1Index} is beyond 8 PiB`);
+    if (l2Offset % cs !== 0) throw corruption(`L2 table offset 0x${l2Offset.toString(16)} unaligned (L1 index: 0x${l1Index.toString(16)})`);
+    const release = meta.holdEviction();
+    try {
+      const table = await meta.getL2(l2Offset);
+      if (addend !== 0) {
+        // Contiguous standard clusters in one refcount update; each compressed cluster on its own
+        // (several may share a host cluster, each adding one).
+        let runStart = -1;
+        let runBytes = 0;
+        for (let l2Index = 0; l2Index < geometry.l2Entries; l2Index++) {
+          const entry = getL2Entry(table.view, l2Index, geometry.extendedL2, geometry.clusterBits);
+          if (entry.type === "normal" || entry.type === "zero-alloc") {
+            if (entry.offsetTooLarge || entry.hostOffset % cs !== 0) {
+              throw corruption(`Cluster allocation offset 0x${entry.hostOffset.toString(16)} unaligned (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${l2Index.toString(16)})`);
+            }
+            if (runStart >= 0 && runStart + runBytes === entry.hostOffset) {
+              runBytes += cs;
+              continue;
+            }
+            if (runStart >= 0) await apply(runStart, runBytes);
+            runStart = entry.hostOffset;
+            runBytes = cs;
+          } else if (entry.type === "compressed") {
+            if (entry.offsetTooLarge) throw corruption(`Compressed cluster offset beyond 8 PiB (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${l2Index.toString(16)})`);
+            await apply(entry.hostOffset, compressedReadBytes(entry.hostOffset, entry.compressedSectors));
+          }
+        }
+        if (runStart >= 0) await apply(runStart, runBytes);
+      }
+      // COPIED from the refcounts now in place (compressed and unallocated entries never carry it).
+      let tableModified = false;
+      for (let l2Index = 0; l2Index < geometry.l2Entries; l2Index++) {
+        const at = l2Index * geometry.l2EntryBytes;
+        const hi = table.view.getUint32(at);
+        const entry = getL2Entry(table.view, l2Index, geometry.extendedL2, geometry.clusterBits);
+        const copied = (entry.type === "normal" || entry.type === "zero-alloc") && (await meta.getRefcount(entry.hostOffset / cs)) === 1;
+        if (copied !== entry.copied) {
+          table.view.setUint32(at, copied ? (hi | HI_COPIED) >>> 0 : (hi & ~HI_COPIED) >>> 0);
+          tableModified = true;
+        }
+      }
+      if (tableModified) table.dirty = true;
+    } finally {
+      release();
+    }
+    if (addend !== 0) await apply(l2Offset, cs);
+    const l2Copied = (await meta.getRefcount(l2Offset / cs)) === 1;
+    if (l2Copied !== l1Entry.copied || l1Entry.reservedBitsSet) {
+      setL1Entry(l1, l1Index, { l2Offset, copied: l2Copied });
+      l1Modified = true;
+    }
+    if (++tablesWalked % TRIM_EVERY_L2_TABLES === 0) await meta.trimCaches();
+  }
+  return l1Modified;
+}
+
+/** Undo the raises of a failed pass (each range was at least 1 before, so nothing is freed). */
+async function undoRaises(meta: Qcow2Metadata, journal: RaiseJournal): Promise<void> {
+  for (let i = journal.length - 1; i >= 0; i--) await meta.freeClusters(journal[i][0], journal[i][1]);
+  journal.length = 0;
+}
+
+/** After a failure or a tree change: COPIED in the active tables from the refcounts, on disk. */
+async function rebuildActiveCopied(meta: Qcow2Metadata): Promise<void> {
+  if (await updateTreeRefcounts(meta, meta.l1, meta.header.l1Size, 0)) {
+    await meta.writeCaches();
+    await writeActiveL1(meta);
+  }
+}
+
+/**
+ * qcow2_write_snapshots: the complete new table at a fresh place (flushed
+ * with its refcounts), then header bytes 60-71 synced, then the old table
+ * freed. The image's in-memory list follows the header.
+ */
+async function writeSnapshotTable(image: Qcow2Image, snapshots: Qcow2Snapshot[], oldTableBytes: number): Promise<void> {
+  const meta = image.metadata;
+  if (snapshots.length > SNAPSHOT_COUNT_MAX) {
+    throw new SnapstackError("E_TOO_LARGE", `${image.name}: at most ${SNAPSHOT_COUNT_MAX} snapshots per image`, { errno: SNAPSHOT_ERRNO.EFBIG });
+  }
+  const encoded = encodeSnapshotTable(snapshots);
+  let tableOffset = 0;
+  if (encoded.length > 0) {
+    tableOffset = await meta.allocClusters(encoded.length);
+    await meta.writeCaches();
+    await writeSynced(meta, tableOffset, encoded);
+  }
+  const fields = new Uint8Array(12);
+  const view = new DataView(fields.buffer);
+  view.setUint32(0, snapshots.length);
+  view.setBigUint64(4, BigInt(tableOffset));
+  await meta.writeHeaderBytes(60, fields);
+  const oldTableOffset = meta.header.snapshotsOffset;
+  meta.header.snapshotCount = snapshots.length;
+  meta.header.snapshotsOffset = tableOffset;
+  image.replaceSnapshots(snapshots);
+  if (oldTableBytes > 0) await meta.freeClusters(oldTableOffset, oldTableBytes);
+}
+
+/** Map a refcount overflow to QEMU's EINVAL; keep other errors. */
+function asSnapshotFailure(error: unknown): unknown {
+  if (error instanceof SnapstackError && error.code === "E_TOO_LARGE" && error.details.errno === undefined) {
+    return new SnapstackError("E_TOO_LARGE", error.message, { ...error.details, errno: SNAPSHOT_ERRNO.EINVAL });
+  }
+  return error;
+}
+
+/** Run an operation that frees clusters, wiping them when asked, and leave everything on disk. */
+async function withFreeing<T>(meta: Qcow2Metadata, options: FreeingOptions, fn: () => Promise<T>): Promise<T> {
+  const wipeBefore = meta.wipeFreedClusters;
+  if (options.wipe === true) meta.wipeFreedClusters = true;
+  try {
+    const result = await fn();
+    await meta.writeCaches();
+    await meta.completeWipes();
+    await meta.file.flush();
+    return result;
+  } finally {
+    meta.wipeFreedClusters = wipeBefore;
+  }
+}
+
+/**
+ * `qemu-img snapshot -c NAME`: a disk-only snapshot of the active state.
+ * Returns the new entry as listed.
+ */
+export async function createSnapshot(image: Qcow2Image, name: string, options: CreateSnapshotOptions = {}): Promise<Qcow2SnapshotInfo> {
+  const date = options.date ?? new Date();
+  const storedName = truncateUtf8(name, SNAPSHOT_NAME_BYTES_MAX);
+  return image.exclusive("create a snapshot", async () => {
+    const meta = image.metadata;
+    const { snapshots, tableBytes } = await readSnapshotTable(meta);
+    const id = nextSnapshotId(snapshots);
+    if (findSnapshot(snapshots, id, "id") >= 0) {
+      throw new SnapstackError("E_SNAPSHOT_EXISTS", `${image.name}: snapshot ID ${id} already exists`, { errno: SNAPSHOT_ERRNO.EEXIST });
+    }
+    if (snapshots.length >= SNAPSHOT_COUNT_MAX) {
+      throw new SnapstackError("E_TOO_LARGE", `${image.name}: at most ${SNAPSHOT_COUNT_MAX} snapshots per image`, { errno: SNAPSHOT_ERRNO.EFBIG });
+    }
+    const l1Entries = meta.header.l1Size;
+    const snapshot: Qcow2Snapshot = {
+      l1TableOffset: 0,
+      l1Size: l1Entries,
+      id,
+      name: storedName,
+      dateSeconds: Math.floor(date.getTime() / 1000),
+      dateNanoseconds: (((date.getTime() % 1000) + 1000) % 1000) * 1_000_000,
+      vmClockNanoseconds: 0,
+      vmStateSizeBytes: 0,
+      diskSizeBytes: meta.header.sizeBytes,
+      icount: 0,
+      extraDataSizeBytes: 0,
+      unknownExtraData: new Uint8Array(0),
+    };
+    const next = [...snapshots, snapshot];
+    // Fail before touching anything when the table would be too large.
+    try {
+      encodeSnapshotTable(next);
+    } catch (error) {
+      throw error instanceof SnapstackError ? new SnapstackError(error.code, `${image.name}: ${error.message}`, { errno: SNAPSHOT_ERRNO.EFBIG }) : error;
+    }
+
+    await meta.writeCaches();
+    if (l1Entries > 0) {
+      snapshot.l1TableOffset = await meta.allocClusters(l1Entries * L1_ENTRY_BYTES);
+      await meta.writeCaches();
+      await writeSynced(meta, snapshot.l1TableOffset, meta.l1.slice(0, l1Entries * L1_ENTRY_BYTES));
+    }
+    const journal: RaiseJournal = [];
+    try {
+      const l1Modified = await updateTreeRefcounts(meta, meta.l1, l1Entries, 1, journal);
+      await writeRaisedCaches(meta);
+      if (l1Modified) await writeActiveL1(meta);
+      await writeSnapshotTable(image, next, tableBytes);
+    } catch (error) {
+      // Nothing points at the raises or the L1 copy yet (the header was not switched): undo both.
+      if (meta.header.snapshotCount === snapshots.length) {
+        try {
+          await undoRaises(meta, journal);
+          if (snapshot.l1TableOffset !== 0) await meta.freeClusters(snapshot.l1TableOffset, l1Entries * L1_ENTRY_BYTES);
+          await rebuildActiveCopied(meta);
+          await meta.writeCaches();
+        } catch {
+          // Best effort: what is left is leaked clusters, never a wrong reference.
+        }
+      }
+      throw asSnapshotFailure(error);
+    }
+    await meta.writeCaches();
+    await meta.file.flush();
+    return listSnapshots(image)[next.length - 1];
+  });
+}
+
+/**
+ * `qemu-img snapshot -a REF`: make the active state the snapshot's again
+ * (REF is an ID, else a name). The virtual size becomes the snapshot's.
+ */
+export async function applySnapshot(image: Qcow2Image, ref: string, options: FreeingOptions = {}): Promise<void> {
+  const found = findSnapshot(image.snapshots, ref, "id-or-name");
+  if (found < 0) throw notFound(image, ref);
+  const meta = image.metadata;
+  await validateSnapshotL1(meta, image.snapshots[found]);
+  const wipeBefore = meta.wipeFreedClusters;
+  if (options.wipe === true) meta.wipeFreedClusters = true;
+  try {
+    // qcow2_snapshot_goto resizes first (what a shrink frees is wiped below too).
+    const diskSizeBytes = image.snapshots[found].diskSizeBytes;
+    if (diskSizeBytes !== image.sizeBytes) await image.resize(diskSizeBytes, { shrink: true });
+    await image.exclusive("apply a snapshot", async (drainReads) => {
+      const { snapshots } = await readSnapshotTable(meta);
+      const index = findSnapshot(snapshots, ref, "id-or-name");
+      if (index < 0) throw notFound(image, ref);
+      await withFreeing(meta, options, () => switchActiveL1(meta, snapshots[index], drainReads));
+    });
+  } finally {
+    meta.wipeFreedClusters = wipeBefore;
+  }
+}
+
+/** The goto proper: raise the snapshot's tree, overwrite the active L1, lower the old tree. */
+async function switchActiveL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot, drainReads: () => Promise<void>): Promise<void> {
+  await meta.writeCaches();
+  await meta.growL1(snapshot.l1Size, true);
+  const l1Entries = meta.header.l1Size;
+  const snapshotL1 = await readL1(meta, snapshot.l1TableOffset, snapshot.l1Size);
+  // The new active L1: the snapshot's entries, padded with zeroes, COPIED cleared (always safe;
+  // the final pass sets it where the refcount is 1), so no state on disk claims a shared table.
+  const newL1 = new Uint8Array(l1Entries * L1_ENTRY_BYTES);
+  for (let i = 0; i < snapshot.l1Size; i++) {
+    const entry = getL1Entry(snapshotL1, i);
+    if (entry.l2Offset !== 0) setL1Entry(newL1, i, { l2Offset: entry.l2Offset, copied: false });
+  }
+  const journal: RaiseJournal = [];
+  try {
+    const snapshotL1Modified = await updateTreeRefcounts(meta, snapshotL1, snapshot.l1Size, 1, journal);
+    await writeRaisedCaches(meta);
+    if (snapshotL1Modified) await writeSynced(meta, snapshot.l1TableOffset, snapshotL1);
+  } catch (error) {
+    try {
+      await undoRaises(meta, journal);
+      await rebuildActiveCopied(meta);
+      await meta.writeCaches();
+    } catch {
+      // Leaks at worst.
+    }
+    throw asSnapshotFailure(error);
+  }
+  const oldL1 = meta.l1.slice(0, l1Entries * L1_ENTRY_BYTES);
+  await writeSynced(meta, meta.header.l1TableOffset, newL1);
+  meta.l1.set(newL1);
+  // Reads that resolved through the old tree finish before its clusters can be freed.
+  await drainReads();
+  await updateTreeRefcounts(meta, oldL1, l1Entries, -1);
+  await rebuildActiveCopied(meta);
+}
+
+/**
+ * `qemu-img snapshot -d NAME`: remove the snapshot (by name, first match,
+ * unless `by: "id"`) and free what only it referenced.
+ */
+export async function deleteSnapshot(image: Qcow2Image, ref: string, options: DeleteSnapshotOptions = {}): Promise<void> {
+  const match: SnapshotMatch = options.by ?? "name";
+  if (findSnapshot(image.snapshots, ref, match) < 0) throw notFound(image, ref);
+  await image.exclusive("delete a snapshot", async () => {
+    const meta = image.metadata;
+    const { snapshots, tableBytes } = await readSnapshotTable(meta);
+    const index = findSnapshot(snapshots, ref, match);
+    if (index < 0) throw notFound(image, ref);
+    const snapshot = snapshots[index];
+    await validateSnapshotL1(meta, snapshot);
+    await withFreeing(meta, options, async () => {
+      await meta.writeCaches();
+      await writeSnapshotTable(
+        image,
+        snapshots.filter((_, i) => i !== index),
+        tableBytes,
+      );
+      // From here on a failure leaks clusters only.
+      const l1 = await readL1(meta, snapshot.l1TableOffset, snapshot.l1Size);
+      await updateTreeRefcounts(meta, l1, snapshot.l1Size, -1);
+      if (snapshot.l1Size > 0) await meta.freeClusters(snapshot.l1TableOffset, snapshot.l1Size * L1_ENTRY_BYTES);
+      await rebuildActiveCopied(meta);
+    });
+  });
+}
+
+/** The snapshot `ref` (ID first, then name), for read-only views. */
+export function snapshotByRef(image: Qcow2Image, ref: string): Qcow2Snapshot {
+  const index = findSnapshot(image.snapshots, ref, "id-or-name");
+  if (index < 0) throw notFound(image, ref);
+  return image.snapshots[index];
+}
