@@ -1,0 +1,42 @@
+/**
+ * Naming a disk state on the command line: an image file (with its chain)
+ * or an internal snapshot of a qcow2 image, `FILE@SNAPSHOT` (ID or name,
+ * as qemu-img snapshot -a matches them).
+ *
+ * A spec that names an existing file is that file even if it contains an
+ * '@'; otherwise the text after the last '@' is the snapshot. States are
+ * opened read-only.
+ */
+import { existsSync } from "node:fs";
+import { SnapstackError } from "../../base/errors.ts";
+import type { BlockDevice } from "../../device/block-device.ts";
+import { parseImageFormat } from "../image-format.ts";
+import { openImage } from "../open-image.ts";
+
+export interface DiskState {
+  /** The state as the user named it. */
+  spec: string;
+  /** The image file. */
+  path: string;
+  /** Internal snapshot ID or name, or null for the image's current state. */
+  snapshot: string | null;
+  /** Reads the state (with its backing chain). */
+  device: BlockDevice;
+  close(): Promise<void>;
+}
+
+export function parseStateSpec(spec: string): { path: string; snapshot: string | null } {
+  const at = spec.lastIndexOf("@");
+  if (at <= 0 || at === spec.length - 1 || existsSync(spec)) return { path: spec, snapshot: null };
+  return { path: spec.slice(0, at), snapshot: spec.slice(at + 1) };
+}
+
+export async function openDiskState(spec: string, options: { format?: string } = {}): Promise<DiskState> {
+  const { path, snapshot } = parseStateSpec(spec);
+  const format = options.format === undefined ? undefined : parseImageFormat(options.format);
+  if (snapshot !== null) {
+    throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${spec}: reading internal snapshots is not available in this build`, { path, snapshot });
+  }
+  const device = await openImage(path, { format, readOnly: true });
+  return { spec, path, snapshot, device, close: () => device.close() };
+}
