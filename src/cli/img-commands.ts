@@ -25,6 +25,7 @@ export const IMG_COMMANDS: CliCommand[] = [
   infoCommand,
   mapCommand,
   measureCommand,
+  snapshotCommand,
   rebaseCommand,
   resizeCommand,
   // snapstack additions (no qemu-img equivalent)

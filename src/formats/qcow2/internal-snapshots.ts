@@ -155,7 +155,7 @@ async function readSnapshotTable(meta: Qcow2Metadata): Promise<{ snapshots: Qcow
 }
 
 /** qcow2_validate_table for a snapshot's L1 table. */
-async function validateSnapshotL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot): Promise<void> {
+export async function validateSnapshotL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot): Promise<void> {
   const lengthBytes = snapshot.l1Size * L1_ENTRY_BYTES;
   if (lengthBytes > L1_BYTES_MAX) throw new SnapstackError("E_TOO_LARGE", "Snapshot L1 table too large");
   if (snapshot.l1TableOffset % meta.clusterSizeBytes !== 0) throw corruption("Snapshot L1 table offset invalid");

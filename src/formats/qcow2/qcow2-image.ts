@@ -311,15 +311,8 @@ export class Qcow2Image implements BlockDevice {
       compressionType: header.compressionType === COMPRESSION_TYPE_ZSTD ? "zstd" : "zlib",
       backingFileName: header.backingFileName,
       backingFormat: header.backingFormat,
-      snapshots: this.#snapshots.map((s) => ({
-        id: s.id,
-        name: s.name,
-        vmStateSizeBytes: s.vmStateSizeBytes,
-        dateSeconds: s.dateSeconds,
-        dateNanoseconds: s.dateNanoseconds,
-        vmClockNanoseconds: s.vmClockNanoseconds,
-        ...(s.icount !== null ? { icount: s.icount } : {}),
-      })),
+      // As qemu-img shows them: names cut to 255 bytes, IDs to 127.
+      snapshots: listSnapshots(this),
       header,
     };
   }
