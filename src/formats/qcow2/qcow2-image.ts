@@ -1268,9 +1268,10 @@ export class Qcow2Image implements BlockDevice {
    * (qcow2_make_empty, discard path): every cluster it holds becomes
    * unallocated, so reads fall through to the backing again; clusters
    * shared with internal snapshots keep their data (refcount lowered).
-   * Freed clusters at the end of the file are cut off.
+   * Freed clusters at the end of the file are cut off; with `wipe`, every
+   * freed cluster is overwritten with zeroes first (and flushed).
    */
-  async makeEmpty(): Promise<void> {
+  async makeEmpty(options: { wipe?: boolean } = {}): Promise<void> {
     this.#checkWritable("empty the image");
     const cs = this.#meta.clusterSizeBytes;
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
@@ -1278,12 +1279,19 @@ export class Qcow2Image implements BlockDevice {
       const held = (await this.layerStatus(0, this.sizeBytes)).filter((extent) => extent.kind !== "unallocated");
       await this.#locked(async () => {
         await this.#markDirty();
-        for (const extent of held) {
-          const end = Math.ceil((extent.guestOffset + extent.lengthBytes) / cs);
-          for (let clusterIndex = Math.floor(extent.guestOffset / cs); clusterIndex < end; clusterIndex++) await this.#discardCluster(clusterIndex, true);
-          await this.#meta.trimCaches();
+        const wipeBefore = this.#meta.wipeFreedClusters;
+        if (options.wipe === true) this.#meta.wipeFreedClusters = true;
+        try {
+          for (const extent of held) {
+            const end = Math.ceil((extent.guestOffset + extent.lengthBytes) / cs);
+            for (let clusterIndex = Math.floor(extent.guestOffset / cs); clusterIndex < end; clusterIndex++) await this.#discardCluster(clusterIndex, true);
+            await this.#meta.trimCaches();
+          }
+          await this.#meta.writeCaches();
+          await this.#meta.completeWipes();
+        } finally {
+          this.#meta.wipeFreedClusters = wipeBefore;
         }
-        await this.#meta.writeCaches();
         await this.#file.flush();
         const fileSizeBytes = await this.#file.sizeBytes();
         const lastCluster = await this.#meta.lastUsedCluster(fileSizeBytes);
