@@ -8,8 +8,8 @@
  * "Could not create snapshot 'x': -22 (Invalid argument)",
  * "Could not apply snapshot 'x': Failed to load snapshot: No such file or directory",
  * "Could not delete snapshot 'x': snapshot not found".
- * `--wipe` (snapstack only, with -a and -d) overwrites every host cluster
- * the operation frees with zeroes before reporting success.
+ * `--wipe` (snapstack only, with -c, -a and -d) overwrites every host
+ * cluster the operation frees with zeroes before reporting success.
  */
 import { SnapstackError, isSnapstackError, type ErrorCode } from "../../base/errors.ts";
 import { describeImage } from "../../chain/image-info.ts";
@@ -114,7 +114,7 @@ export const snapshotCommand: CliCommand = {
     "  -c snapshot   create a snapshot (disk only) named 'snapshot'",
     "  -a snapshot   apply a snapshot (revert the disk to it): ID first, then name",
     "  -d snapshot   delete the first snapshot named 'snapshot'",
-    "  --wipe        with -a or -d: overwrite every freed cluster with zeroes before reporting success",
+    "  --wipe        with -c, -a or -d: overwrite every cluster the operation frees with zeroes before reporting success",
     "  -U            force share (read-only use, with -l)",
     "  -q            quiet",
   ],
@@ -131,7 +131,7 @@ export const snapshotCommand: CliCommand = {
     const action = parseAction(parsed);
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     const wipe = optionFlag(parsed, "wipe");
-    if (wipe && action.kind !== "apply" && action.kind !== "delete") throw new SnapstackError("E_USAGE", "--wipe applies to -a and -d only");
+    if (wipe && (action.kind === "list" || action.kind === "none")) throw new SnapstackError("E_USAGE", "--wipe applies to -c, -a and -d only");
     const path = parsed.positionals[0];
     const device = await openImage(path, { readOnly: action.kind === "list" });
     try {
@@ -152,7 +152,7 @@ export const snapshotCommand: CliCommand = {
         case "delete":
           if (image === null) throw noSnapshots(action);
           try {
-            if (action.kind === "create") await image.createSnapshot(action.name);
+            if (action.kind === "create") await image.createSnapshot(action.name, { wipe });
             else if (action.kind === "apply") await image.applySnapshot(action.name, { wipe });
             else await image.deleteSnapshot(action.name, { wipe });
           } catch (error) {

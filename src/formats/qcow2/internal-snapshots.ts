@@ -64,14 +64,19 @@ const TRIM_EVERY_L2_TABLES = 64;
 /** Bit 63 of an entry word is COPIED; in the high 32-bit half it is this bit. */
 const HI_COPIED = 0x80000000;
 
-export interface CreateSnapshotOptions {
-  /** Creation time; default the clock (qemu-img: gettimeofday, nanoseconds = µs·1000). */
-  date?: Date;
+export interface FreeingOptions {
+  /**
+   * Overwrite every host cluster the operation frees with zeroes before
+   * returning. (QEMU punches holes in the clusters snapshot operations free
+   * where the file system allows, pass-discard-snapshot=on: with wipe the
+   * file's bytes are the same as QEMU's.)
+   */
+  wipe?: boolean;
 }
 
-export interface FreeingOptions {
-  /** Overwrite every host cluster the operation frees with zeroes before returning. */
-  wipe?: boolean;
+export interface CreateSnapshotOptions extends FreeingOptions {
+  /** Creation time; default the clock (qemu-img: gettimeofday, nanoseconds = µs·1000). */
+  date?: Date;
 }
 
 export interface DeleteSnapshotOptions extends FreeingOptions {
@@ -389,7 +394,7 @@ export async function createSnapshot(image: Qcow2Image, name: string, options: C
       const l1Modified = await updateTreeRefcounts(meta, meta.l1, l1Entries, 1, journal);
       await writeRaisedCaches(meta);
       if (l1Modified) await writeActiveL1(meta);
-      await writeSnapshotTable(image, next, tableBytes);
+      await withFreeing(meta, options, () => writeSnapshotTable(image, next, tableBytes));
     } catch (error) {
       // Nothing points at the raises or the L1 copy yet (the header was not switched): undo both.
       if (meta.header.snapshotCount === snapshots.length) {
