@@ -86,6 +86,11 @@ export async function forEachAbove(
 
 const layerKeys = new WeakMap<BlockDevice, string | null>();
 
+/** Record that `layer` reads from the file at `path` (a snapshot view is named FILE@SNAPSHOT, which is no file). */
+export function setLayerFile(layer: BlockDevice, path: string): void {
+  layerKeys.set(layer, fileKey(path));
+}
+
 /** The file a layer reads from ("dev:ino"), or null if it is not a file snapstack can name. */
 export function layerKey(layer: BlockDevice): string | null {
   let key = layerKeys.get(layer);

@@ -16,7 +16,8 @@
  *   read-only view never consults BASE's (changing) tables.
  * - Order: all data reaches BASE and is flushed before the overlay is
  *   touched; only then (unless `drop`) is the overlay emptied
- *   (Qcow2Image.makeEmpty). A cancelled or failed commit leaves the
+ *   (Qcow2Image.makeEmpty; with `wipe` the clusters it frees are zeroed
+ *   and flushed before it returns). A cancelled or failed commit leaves the
  *   overlay untouched and reading as before; BASE then holds part of the
  *   new data (as after an interrupted qemu-img commit) but is a consistent
  *   image.
@@ -43,6 +44,8 @@ export interface CommitImageOptions extends JobOptions {
   base?: string;
   /** -d: leave the overlay as it is (default: empty it afterwards). */
   drop?: boolean;
+  /** --wipe: the clusters freed when emptying the overlay are overwritten with zeroes before success. */
+  wipe?: boolean;
   /** Directories searched for other images using BASE as backing (default: BASE's directory). */
   searchDirectories?: string[];
 }
@@ -102,7 +105,7 @@ export async function commitImage(path: string, options: CommitImageOptions = {}
     async prepare(_job, result) {
       if (drop) return;
       if (top instanceof Qcow2Image) {
-        await top.makeEmpty();
+        await top.makeEmpty({ wipe: options.wipe ?? false });
         result.emptied = true;
       }
     },

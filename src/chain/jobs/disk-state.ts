@@ -5,13 +5,19 @@
  *
  * A spec that names an existing file is that file even if it contains an
  * '@'; otherwise the text after the last '@' is the snapshot. States are
- * opened read-only.
+ * opened read-only. A snapshot view reads the image's own file, which is
+ * recorded as its layer file so diffs see the clusters it shares with the
+ * image's current state (and with other snapshots) as equal without
+ * reading them.
  */
 import { existsSync } from "node:fs";
 import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { parseImageFormat } from "../image-format.ts";
 import { openImage } from "../open-image.ts";
+import { Qcow2Image } from "../../formats/qcow2/index.ts";
+import { openSnapshotView } from "../../formats/qcow2/snapshot-view.ts";
+import { setLayerFile } from "./chain-layers.ts";
 
 export interface DiskState {
   /** The state as the user named it. */
@@ -34,9 +40,24 @@ export function parseStateSpec(spec: string): { path: string; snapshot: string |
 export async function openDiskState(spec: string, options: { format?: string } = {}): Promise<DiskState> {
   const { path, snapshot } = parseStateSpec(spec);
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
-  if (snapshot !== null) {
-    throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${spec}: reading internal snapshots is not available in this build`, { path, snapshot });
+  const image = await openImage(path, { format, readOnly: true });
+  if (snapshot === null) return { spec, path, snapshot, device: image, close: () => image.close() };
+  try {
+    if (!(image instanceof Qcow2Image)) {
+      throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${spec}: a ${image.format} image has no internal snapshots`, { path, snapshot });
+    }
+    const view = await openSnapshotView(image, snapshot);
+    setLayerFile(view, path);
+    const close = async (): Promise<void> => {
+      try {
+        await view.close();
+      } finally {
+        await image.close();
+      }
+    };
+    return { spec, path, snapshot, device: view, close };
+  } catch (error) {
+    await image.close();
+    throw error;
   }
-  const device = await openImage(path, { format, readOnly: true });
-  return { spec, path, snapshot, device, close: () => device.close() };
 }

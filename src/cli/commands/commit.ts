@@ -1,5 +1,5 @@
 /**
- * `snapstack img commit [-f fmt] [-t cache] [-b base] [-d] [-p] [-q] [--search DIR] filename`
+ * `snapstack img commit [-f fmt] [-t cache] [-b base] [-d] [-p] [-q] [--wipe] [--search DIR] filename`
  *
  * qemu-img 7.2's commit, offline: merge the overlay's data (and that of
  * every image down to BASE) into BASE; without -d (and -b) the overlay is
@@ -14,12 +14,13 @@ import { commitImage } from "../../chain/jobs/index.ts";
 
 export const commitCommand: CliCommand = {
   name: "commit",
-  synopsis: "commit [-f fmt] [-t cache] [-b base] [-d] [-p] [-q] [--search dir] filename",
+  synopsis: "commit [-f fmt] [-t cache] [-b base] [-d] [-p] [-q] [--wipe] [--search dir] filename",
   summary: "Copy the overlay's data into its backing file (or into BASE further down) and empty the overlay.",
   optionHelp: [
     "  -f fmt        format of the overlay; detected when omitted",
     "  -b base       commit into this image of the backing chain (implies -d)",
     "  -d            do not empty the overlay afterwards",
+    "  --wipe        overwrite the clusters freed by emptying the overlay with zeroes",
     "  -p            show progress",
     "  -q            quiet",
     "  -t cache      accepted for compatibility (snapstack flushes at the end)",
@@ -36,6 +37,7 @@ export const commitCommand: CliCommand = {
       { name: "quiet", short: "q" },
       { name: "rate", short: "r", value: true },
       { name: "search", long: "search", value: true, repeat: "list" },
+      { name: "wipe", long: "wipe" },
     ]);
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     const quiet = optionFlag(parsed, "quiet");
@@ -47,6 +49,7 @@ export const commitCommand: CliCommand = {
         format: optionString(parsed, "format"),
         base,
         drop: optionFlag(parsed, "drop"),
+        wipe: optionFlag(parsed, "wipe"),
         searchDirectories: search.length > 0 ? search : undefined,
         onProgress: (job) => progress.update(job.fraction),
       });
