@@ -37,6 +37,7 @@ import { encodeBlockStatusChunk, encodeChunk, encodeErrorChunk, encodeGreeting, 
 import { queryBlockStatus, readRuns } from "./block-status.ts";
 import type { NbdExport } from "./nbd-export.ts";
 import type { TlsCredentials } from "./tls-credentials.ts";
+import type { BufferPool } from "./buffer-pool.ts";
 import { errorMessageOf, nbdErrnoFor } from "./nbd-errno.ts";
 import { NbdParser, type NbdMessage, type NbdRequest } from "./nbd-parser.ts";
 import { initialNegotiationState, negotiateOption, type NegotiationEnv, type NegotiationState } from "./negotiation.ts";
@@ -82,6 +83,8 @@ export interface ConnectionLimits {
 export interface ConnectionEnv extends NegotiationEnv {
   tls: TlsCredentials | null;
   limits: ConnectionLimits;
+  /** Reply and payload buffers, shared by the server's connections. */
+  pool: BufferPool;
   /** Called once, when the connection has closed. */
   onClosed(connection: NbdConnection): void;
   /** Called when negotiation ends and transmission begins. */
@@ -110,7 +113,8 @@ export class NbdConnection {
   readonly remote: string;
   #socket: Socket;
   #phase: ConnectionPhase = "clientFlags";
-  #parser = new NbdParser({ payloadBytesMax: PAYLOAD_BYTES_MAX, optionDataBytesMax: OPTION_DATA_BYTES_MAX });
+  #parser: NbdParser;
+  #pool: BufferPool;
   #negotiation: NegotiationState | null = null;
   #optionCount = 0;
   #export: NbdExport | null = null;
@@ -129,6 +133,12 @@ export class NbdConnection {
   constructor(socket: Socket, env: ConnectionEnv) {
     this.#socket = socket;
     this.env = env;
+    this.#pool = env.pool;
+    this.#parser = new NbdParser({
+      payloadBytesMax: PAYLOAD_BYTES_MAX,
+      optionDataBytesMax: OPTION_DATA_BYTES_MAX,
+      allocatePayload: (lengthBytes) => this.#pool.take(lengthBytes),
+    });
     this.remote = socket.remoteAddress !== undefined ? `${socket.remoteAddress}:${socket.remotePort}` : "unix";
   }
 
@@ -329,6 +339,7 @@ export class NbdConnection {
       hasMetaContext: this.#baseAllocation || this.#allocationDepth,
     });
     if (rejection !== null) {
+      if (request.payload !== null) this.#pool.give(request.payload);
       this.#replyError(request, rejection.errno, rejection.message);
       return;
     }
@@ -352,7 +363,13 @@ export class NbdConnection {
           return;
         case CMD_WRITE: {
           const payload = request.payload;
-          if (payload !== null) await exp.run((device) => device.write(request.offset, payload));
+          if (payload !== null) {
+            try {
+              await exp.run((device) => device.write(request.offset, payload));
+            } finally {
+              this.#pool.give(payload);
+            }
+          }
           if (request.flags & CMD_FLAG_FUA) await exp.flush();
           break;
         }
@@ -389,10 +406,10 @@ export class NbdConnection {
   async #read(request: NbdRequest, exp: NbdExport): Promise<void> {
     const { offset, lengthBytes, cookieHi, cookieLo } = request;
     if (!this.#structuredReplies) {
-      const reply = Buffer.allocUnsafe(SIMPLE_REPLY_HEADER_BYTES + lengthBytes);
+      const reply = this.#pool.take(SIMPLE_REPLY_HEADER_BYTES + lengthBytes);
       writeSimpleReplyHeader(reply, 0, 0, cookieHi, cookieLo);
-      await exp.run((device) => device.read(offset, reply.subarray(SIMPLE_REPLY_HEADER_BYTES)));
-      this.#send(reply);
+      await this.#readInto(exp, offset, reply, SIMPLE_REPLY_HEADER_BYTES);
+      this.#send(reply, true);
       return;
     }
     if (lengthBytes === 0) {
@@ -400,18 +417,18 @@ export class NbdConnection {
       return;
     }
     if (lengthBytes < SPARSE_READ_MIN_BYTES || request.flags & CMD_FLAG_DF) {
-      const reply = Buffer.allocUnsafe(DATA_CHUNK_PREFIX_BYTES + lengthBytes);
+      const reply = this.#pool.take(DATA_CHUNK_PREFIX_BYTES + lengthBytes);
       writeChunkHeader(reply, 0, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookieHi, cookieLo, 8 + lengthBytes);
       writeU64(reply, offset, STRUCTURED_REPLY_HEADER_BYTES);
-      await exp.run((device) => device.read(offset, reply.subarray(DATA_CHUNK_PREFIX_BYTES)));
-      this.#send(reply);
+      await this.#readInto(exp, offset, reply, DATA_CHUNK_PREFIX_BYTES);
+      this.#send(reply, true);
       return;
     }
     await exp.run(async (device) => {
       const runs = await readRuns(device, offset, lengthBytes);
       let replyBytes = 0;
       for (const run of runs) replyBytes += run.hole ? HOLE_CHUNK_BYTES : DATA_CHUNK_PREFIX_BYTES + run.lengthBytes;
-      const reply = Buffer.allocUnsafe(replyBytes);
+      const reply = this.#pool.take(replyBytes);
       const reads: Promise<void>[] = [];
       let at = 0;
       runs.forEach((run, index) => {
@@ -429,9 +446,24 @@ export class NbdConnection {
         reads.push(device.read(run.guestOffset, reply.subarray(dataAt, dataAt + run.lengthBytes)));
         at += DATA_CHUNK_PREFIX_BYTES + run.lengthBytes;
       });
-      await Promise.all(reads);
-      this.#send(reply);
+      try {
+        await Promise.all(reads);
+      } catch (error) {
+        this.#pool.give(reply);
+        throw error;
+      }
+      this.#send(reply, true);
     });
+  }
+
+  /** Read the data of a reply into `reply` from `at`; the buffer returns to the pool on failure. */
+  async #readInto(exp: NbdExport, offset: number, reply: Buffer, at: number): Promise<void> {
+    try {
+      await exp.run((device) => device.read(offset, reply.subarray(at)));
+    } catch (error) {
+      this.#pool.give(reply);
+      throw error;
+    }
   }
 
   async #blockStatus(request: NbdRequest, exp: NbdExport): Promise<void> {
@@ -462,16 +494,23 @@ export class NbdConnection {
 
   // ---- writing and closing ----
 
-  #send(buffer: Buffer): void {
+  /** Queue a reply; a `pooled` buffer goes back to the pool once the socket is done with it. */
+  #send(buffer: Buffer, pooled = false): void {
     const socket = this.#socket;
-    if (this.#phase === "closed" || socket.destroyed || socket.writableEnded) return;
+    if (this.#phase === "closed" || socket.destroyed || socket.writableEnded) {
+      if (pooled) this.#pool.give(buffer);
+      return;
+    }
     if (!this.#corked) {
       this.#corked = true;
       socket.cork();
-      process.nextTick(() => this.#uncork());
+      process.nextTick(this.#uncorkBound);
     }
-    socket.write(buffer);
+    if (pooled) socket.write(buffer, () => this.#pool.give(buffer));
+    else socket.write(buffer);
   }
+
+  #uncorkBound = (): void => this.#uncork();
 
   #uncork(): void {
     if (!this.#corked) return;

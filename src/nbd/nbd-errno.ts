@@ -1,13 +1,14 @@
 /**
  * The one table mapping snapstack error codes to NBD errno values (the wire
  * only knows EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP,
- * ESHUTDOWN). A Record over every code, so a new code cannot be forgotten.
- * Any error that is not a SnapstackError (a bug) is EIO.
+ * ESHUTDOWN). Codes not listed (added by other parts of snapstack later) and
+ * errors that are not SnapstackErrors (bugs) are EIO, the answer that makes
+ * every client report a failed request without misreading it.
  */
 import { isSnapstackError, type ErrorCode } from "../base/errors.ts";
 import { NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_ENOTSUP, NBD_EPERM } from "./protocol.ts";
 
-export const NBD_ERRNO_FOR_CODE: Record<ErrorCode, number> = {
+export const NBD_ERRNO_FOR_CODE: Partial<Record<ErrorCode, number>> = {
   E_USAGE: NBD_EINVAL,
   E_INVALID_SIZE: NBD_EINVAL,
   E_INVALID_OPTION: NBD_EINVAL,
@@ -38,7 +39,7 @@ export const NBD_ERRNO_FOR_CODE: Record<ErrorCode, number> = {
 
 export function nbdErrnoFor(error: unknown): number {
   if (isSnapstackError(error)) {
-    const errno = NBD_ERRNO_FOR_CODE[error.code];
+    const errno = NBD_ERRNO_FOR_CODE[error.code] ?? NBD_EIO;
     // ENOTSUP is only legal as the answer to FAST_ZERO; the caller decides that case.
     return errno === NBD_ENOTSUP ? NBD_EIO : errno;
   }

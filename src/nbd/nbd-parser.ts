@@ -49,6 +49,8 @@ export type ParserPhase = "clientFlags" | "options" | "transmission";
 export interface NbdParserLimits {
   payloadBytesMax: number;
   optionDataBytesMax: number;
+  /** Where WRITE payload buffers come from (a BufferPool); Buffer.allocUnsafe by default. */
+  allocatePayload?: (lengthBytes: number) => Buffer;
 }
 
 const TWO_POW_32 = 4294967296;
@@ -156,7 +158,7 @@ export class NbdParser {
       request.payloadDropped = true;
       this.#skipRemaining = request.lengthBytes;
     } else {
-      request.payload = Buffer.allocUnsafe(request.lengthBytes);
+      request.payload = this.limits.allocatePayload?.(request.lengthBytes) ?? Buffer.allocUnsafe(request.lengthBytes);
       this.#payloadFilled = 0;
     }
     this.#pending = request;

@@ -28,6 +28,7 @@ import { SnapstackError } from "../base/errors.ts";
 import { NbdConnection, type ConnectionEnv, type ConnectionLimits } from "./nbd-connection.ts";
 import type { NbdExport } from "./nbd-export.ts";
 import type { TlsCredentials } from "./tls-credentials.ts";
+import { BufferPool } from "./buffer-pool.ts";
 import { CONNECTIONS_HARD_MAX, HANDSHAKE_TIMEOUT_MS, IN_FLIGHT_BYTES_MAX, IN_FLIGHT_REQUESTS_MAX, OPTIONS_PER_HANDSHAKE_MAX, PENDING_CONNECTIONS_MAX } from "./protocol.ts";
 
 export interface NbdServerOptions {
@@ -61,6 +62,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   #listeners: Array<{ server: net.Server; path: string | null }> = [];
   #limits: ConnectionLimits;
   #log: ((message: string) => void) | undefined;
+  #pool = new BufferPool();
   #closing = false;
   #allClosed: (() => void) | null = null;
 
@@ -162,6 +164,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       tls: this.tls,
       multiConn: this.multiConn,
       limits: this.#limits,
+      pool: this.#pool,
       log: this.#log,
       onClosed: (connection) => this.#connectionClosed(connection),
       onNegotiated: (connection) => this.emit("connection-negotiated", { exportName: connection.exportName ?? "", open: this.#connections.size }),
@@ -180,6 +183,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       next.removeAllListeners("error");
       if (!next.destroyed) this.#startConnection(next);
     }
+    if (this.#connections.size === 0) this.#pool.clear();
     if (this.#closing && this.#connections.size === 0) this.#allClosed?.();
   }
 
