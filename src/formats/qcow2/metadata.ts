@@ -33,6 +33,7 @@ import { INCOMPAT_EXTL2, encodeQcow2Header, type Qcow2Header } from "./header.ts
 import { COMPRESSED_SECTOR_BYTES, L1_ENTRY_BYTES, getL1EntryOffset, l2EntryBytes, setL1Entry, type L2Entry } from "./entries.ts";
 import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, decodeRefcountTable, encodeRefcountTable, getRefcount, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
 import { TableCache, type CachedTable } from "./table-cache.ts";
+import { OverlapGuard } from "./metadata-overlap.ts";
 
 /** QCOW_MAX_L1_SIZE: 32 MiB of active L1 table. */
 export const L1_BYTES_MAX = 32 * 1024 * 1024;
@@ -154,6 +155,8 @@ export class Qcow2Metadata {
    */
   wipeFreedClusters = false;
   readonly #wipePending = new Set<number>();
+  /** Refuses writes that would land on live metadata (QEMU's overlap check, "cached" mode). */
+  readonly overlap: OverlapGuard;
 
   constructor(file: ImageFile, header: Qcow2Header, l1: Uint8Array, reftable: number[], cacheBytesMax: number) {
     this.file = file;
@@ -167,6 +170,12 @@ export class Qcow2Metadata {
     const refblocksMax = Math.max(2, Math.floor(tablesMax * REFBLOCK_CACHE_SHARE));
     this.l2Cache = new TableCache(file, cs, Math.max(2, tablesMax - refblocksMax));
     this.refblockCache = new TableCache(file, cs, refblocksMax);
+    this.overlap = new OverlapGuard(this);
+  }
+
+  /** Guest data (or compressed data) is about to be written here: it must not hit metadata. */
+  checkDataWrite(hostOffset: number, lengthBytes: number): void {
+    this.overlap.check(hostOffset, lengthBytes, null);
   }
 
   /** Read the L1 table and refcount table the header points to. */
@@ -249,7 +258,9 @@ export class Qcow2Metadata {
   async #writeTables(cache: TableCache): Promise<void> {
     const dirty = cache.dirtyTables();
     if (dirty.length === 0) return;
+    const structure = cache === this.l2Cache ? "active L2 table" : "refcount block";
     for (const table of dirty) {
+      this.overlap.check(table.hostOffset, this.clusterSizeBytes, structure);
       table.dirty = false;
       try {
         await this.file.write(table.hostOffset, table.bytes.slice());
@@ -433,9 +444,11 @@ export class Qcow2Metadata {
     await this.writeDirtyRefblocks();
 
     if (tableIndex < this.reftable.length) {
+      this.overlap.check(this.header.refcountTableOffset + tableIndex * REFTABLE_ENTRY_BYTES, REFTABLE_ENTRY_BYTES, "refcount table");
       await this.file.write(this.header.refcountTableOffset + tableIndex * REFTABLE_ENTRY_BYTES, be64(newBlock));
       await this.file.flush();
       this.reftable[tableIndex] = newBlock;
+      this.overlap.note(newBlock, "refcount block");
       return AGAIN;
     }
 
@@ -636,6 +649,7 @@ export class Qcow2Metadata {
     const perBlock = Math.min(L1_WRITE_BLOCK_BYTES, this.clusterSizeBytes) / L1_ENTRY_BYTES;
     const start = l1Index - (l1Index % perBlock);
     const count = Math.min(perBlock, this.header.l1Size - start);
+    this.overlap.check(this.header.l1TableOffset + start * L1_ENTRY_BYTES, count * L1_ENTRY_BYTES, "active L1 table");
     await this.file.write(this.header.l1TableOffset + start * L1_ENTRY_BYTES, this.l1.slice(start * L1_ENTRY_BYTES, (start + count) * L1_ENTRY_BYTES));
     await this.file.flush();
   }
@@ -658,6 +672,7 @@ export class Qcow2Metadata {
     const table = this.l2Cache.create(newOffset, contents);
     await this.writeDirtyL2();
     setL1Entry(this.l1, l1Index, { l2Offset: newOffset, copied: true });
+    this.overlap.note(newOffset, "active L2 table");
     await this.writeL1Entry(l1Index);
     if (oldOffset !== 0) await this.freeClusters(oldOffset, this.clusterSizeBytes);
     return table;
@@ -683,6 +698,7 @@ export class Qcow2Metadata {
     newL1.set(this.l1);
     const newOffset = await this.allocClusters(newL1.length);
     await this.writeDirtyRefblocks();
+    this.overlap.check(newOffset, newL1.length, null);
     await this.file.write(newOffset, newL1);
     await this.file.flush();
     const fields = new Uint8Array(12);

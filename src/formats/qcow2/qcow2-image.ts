@@ -244,6 +244,8 @@ export class Qcow2Image implements BlockDevice {
   readonly #readGate = new ReadGate();
   #closed = false;
   #corruptReported = false;
+  /** The corruption found in this session: writes are refused with it (v2 images have no corrupt bit). */
+  #corruption: SnapstackError | null = null;
   /** Where each cluster unallocated here lives in the (stable) backing chain. */
   readonly #below = new Map<number, BelowResolution>();
   #stableBacking: boolean | null = null;
@@ -261,6 +263,7 @@ export class Qcow2Image implements BlockDevice {
     this.readOnly = options.readOnly;
     this.backing = options.backing;
     this.#closeBacking = options.closeBacking ?? true;
+    meta.overlap.snapshots = () => this.#snapshots;
   }
 
   get sizeBytes(): number {
@@ -336,6 +339,9 @@ export class Qcow2Image implements BlockDevice {
   #checkWritable(what: string): void {
     this.#checkOpen();
     if (this.readOnly) throw new SnapstackError("E_READ_ONLY", `${this.name}: cannot ${what}: image is opened read-only`);
+    if (this.#corruption !== null) {
+      throw new SnapstackError("E_CORRUPT_IMAGE", `${this.name}: cannot ${what}: the image was found corrupt (${this.#corruption.message}); writes are refused`, { ...this.#corruption.details });
+    }
     if (this.#meta.header.incompatibleFeatures & INCOMPAT_CORRUPT) {
       throw new SnapstackError("E_IMAGE_MARKED_CORRUPT", `${this.name}: image is marked corrupt; writes are refused`);
     }
@@ -353,7 +359,9 @@ export class Qcow2Image implements BlockDevice {
           // The original error is what matters.
         }
       }
-      return new SnapstackError("E_CORRUPT_IMAGE", `qcow2: Marking image as corrupt: ${error.message}`, { ...error.details, path: this.name });
+      const marked = new SnapstackError("E_CORRUPT_IMAGE", `qcow2: Marking image as corrupt: ${error.message}`, { ...error.details, path: this.name });
+      this.#corruption = error;
+      return marked;
     }
     return error;
   }
@@ -792,6 +800,7 @@ export class Qcow2Image implements BlockDevice {
       else runs.push({ hostOffset, at, length });
       at += length;
     }
+    for (const run of runs) this.#meta.checkDataWrite(run.hostOffset, run.length);
     await Promise.all(runs.map((run) => this.#file.write(run.hostOffset, data.subarray(run.at, run.at + run.length))));
     return true;
   }
@@ -881,6 +890,7 @@ export class Qcow2Image implements BlockDevice {
    * (one syscall beats several), else its pieces are written separately.
    */
   async #writeHostRuns(writes: readonly { hostOffset: number; parts: Uint8Array[]; length: number }[]): Promise<void> {
+    for (const w of writes) this.#meta.checkDataWrite(w.hostOffset, w.length);
     const pending: Promise<void>[] = [];
     for (const w of writes) {
       const pieces = joinAdjacentParts(w.parts);
@@ -1377,6 +1387,7 @@ export class Qcow2Image implements BlockDevice {
       throw new SnapstackError("E_IO", `${this.name}: compressed write to allocated cluster at guest offset ${guestOffset}`);
     }
     const hostOffset = await meta.allocBytes(compressed.length);
+    meta.checkDataWrite(hostOffset, compressed.length);
     await this.#file.write(hostOffset, compressed);
     meta.noteDataWritten();
     const word = encodeL2Entry({ type: "compressed", hostOffset, compressedBytes: compressed.length }, geometry.clusterBits, geometry.extendedL2);
@@ -1503,6 +1514,12 @@ export class Qcow2Image implements BlockDevice {
   async flush(): Promise<void> {
     this.#checkOpen();
     if (this.readOnly) return;
+    if (this.#corruption !== null) {
+      // No metadata is written back once corruption was found (it could spread the damage):
+      // data already in the file is made durable, and the caller learns the rest was not.
+      await this.#file.flush();
+      throw new SnapstackError("E_CORRUPT_IMAGE", `${this.name}: cannot flush metadata: the image was found corrupt (${this.#corruption.message})`, { ...this.#corruption.details });
+    }
     try {
       await this.#locked(async () => {
         await this.#meta.writeCaches();
@@ -1518,7 +1535,7 @@ export class Qcow2Image implements BlockDevice {
   async close(): Promise<void> {
     if (this.#closed) return;
     try {
-      if (!this.readOnly) {
+      if (!this.readOnly && this.#corruption === null) {
         await this.#locked(async () => {
           await this.#meta.writeCaches();
           await this.#meta.completeWipes();
@@ -1531,6 +1548,8 @@ export class Qcow2Image implements BlockDevice {
           }
         });
       }
+    } catch (error) {
+      throw await this.#failed(error);
     } finally {
       this.#closed = true;
       await this.#file.close();
