@@ -1,0 +1,365 @@
+/**
+ * Internal snapshots on in-memory images: lookups, content of every state
+ * through snapshot views, refcount/COPIED consistency (checkQcow2 must find
+ * nothing), limits, a live image, wipe, and a randomized model test.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { MemoryFile } from "../../src/io/memory-file.ts";
+import { createQcow2, type Qcow2CreateOptions } from "../../src/formats/qcow2/create-qcow2.ts";
+import { openQcow2, type Qcow2Image } from "../../src/formats/qcow2/qcow2-image.ts";
+import { checkQcow2 } from "../../src/formats/qcow2/check.ts";
+import { findSnapshot, nextSnapshotId, truncateUtf8 } from "../../src/formats/qcow2/internal-snapshots.ts";
+import { openSnapshotView } from "../../src/formats/qcow2/snapshot-view.ts";
+import { SNAPSHOT_COUNT_MAX, encodeSnapshotTable, type Qcow2Snapshot } from "../../src/formats/qcow2/snapshot-table.ts";
+import { isSnapstackError } from "../../src/base/errors.ts";
+import { createRandom, testSeed } from "../helpers/random.ts";
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+async function fresh(options: Partial<Qcow2CreateOptions> = {}): Promise<{ file: MemoryFile; image: Qcow2Image }> {
+  const file = new MemoryFile({ name: "snap.qcow2" });
+  await createQcow2(file, { sizeBytes: 4 * MiB, ...options });
+  return { file, image: await openQcow2(file, { readOnly: false, backing: null }) };
+}
+
+function failsWith(code: string, errno?: number): (e: unknown) => boolean {
+  return (e: unknown) => isSnapstackError(e) && e.code === code && (errno === undefined || e.details.errno === errno);
+}
+
+async function readAll(device: { sizeBytes: number; read(o: number, b: Uint8Array): Promise<void> }): Promise<Uint8Array> {
+  const buffer = new Uint8Array(device.sizeBytes);
+  await device.read(0, buffer);
+  return buffer;
+}
+
+function assertSameBytes(actual: Uint8Array, expected: Uint8Array, what: string): void {
+  assert.equal(actual.length, expected.length, `${what}: size`);
+  const n = actual.length;
+  for (let i = 0; i < n; i++) if (actual[i] !== expected[i]) assert.fail(`${what}: first difference at byte ${i} (${actual[i]} != ${expected[i]})`);
+}
+
+/** checkQcow2 on the flushed file: no corruption, no leak, no check error. */
+async function assertClean(image: Qcow2Image, file: MemoryFile, what: string): Promise<void> {
+  await image.flush();
+  const result = await checkQcow2(file);
+  assert.deepEqual(
+    { corruptions: result.corruptions, leaks: result.leaks, checkErrors: result.checkErrors, failure: result.failure },
+    { corruptions: 0, leaks: 0, checkErrors: 0, failure: null },
+    `${what}: ${result.messages.join(" | ")}`,
+  );
+}
+
+async function assertSnapshotReads(image: Qcow2Image, ref: string, expected: Uint8Array, what: string): Promise<void> {
+  const view = await openSnapshotView(image, ref);
+  try {
+    assertSameBytes(await readAll(view), expected, what);
+  } finally {
+    await view.close();
+  }
+}
+
+function entry(id: string, name: string): Qcow2Snapshot {
+  return {
+    l1TableOffset: 0,
+    l1Size: 0,
+    id,
+    name,
+    dateSeconds: 0,
+    dateNanoseconds: 0,
+    vmClockNanoseconds: 0,
+    vmStateSizeBytes: 0,
+    diskSizeBytes: 0,
+    icount: 0,
+    extraDataSizeBytes: 24,
+    unknownExtraData: new Uint8Array(0),
+  };
+}
+
+test("IDs, names and lookups follow qemu-img", () => {
+  const list = [entry("1", "a"), entry("7", "2"), entry("abc", "b"), entry("12x", "a")];
+  assert.equal(nextSnapshotId(list), "13", "largest strtoul(id) + 1");
+  assert.equal(nextSnapshotId([]), "1");
+  assert.equal(findSnapshot(list, "2", "id-or-name"), 1, "a name matches when no ID does");
+  assert.equal(findSnapshot([entry("1", "7"), entry("7", "x")], "7", "id-or-name"), 1, "an ID wins over a name");
+  assert.equal(findSnapshot([entry("1", "7"), entry("7", "x")], "7", "name"), 0, "-d matches names only");
+  assert.equal(findSnapshot(list, "a", "name"), 0, "first match");
+  assert.equal(findSnapshot(list, "abc", "id"), 2);
+  assert.equal(findSnapshot(list, "nope", "id-or-name"), -1);
+  assert.equal(truncateUtf8("x".repeat(300), 255).length, 255);
+  assert.equal(new TextEncoder().encode(truncateUtf8("é".repeat(200), 255)).length, 254, "no half characters");
+  assert.equal(findSnapshot([entry("1", "y".repeat(300))], "y".repeat(255), "name"), 0, "names compare as listed (255 bytes)");
+});
+
+test("create, apply and delete keep every state readable and the image clean", async () => {
+  // 4 KiB clusters: 2 MiB per L2 table, so the 4 MiB disk has two.
+  const { file, image } = await fresh({ clusterSizeBytes: 4 * KiB });
+  const model = new Uint8Array(image.sizeBytes);
+  const write = async (guestOffset: number, length: number, value: number): Promise<void> => {
+    const data = new Uint8Array(length).fill(value);
+    await image.write(guestOffset, data);
+    model.set(data, guestOffset);
+  };
+  await write(0, 64 * KiB, 1);
+  await write(3 * MiB, 12 * KiB, 2);
+  await image.writeCompressed(2 * MiB, new Uint8Array(4 * KiB).fill(3));
+  model.fill(3, 2 * MiB, 2 * MiB + 4 * KiB);
+  const first = await image.createSnapshot("first", { date: new Date(1_700_000_000_123) });
+  assert.deepEqual(first, { id: "1", name: "first", vmStateSizeBytes: 0, dateSeconds: 1_700_000_000, dateNanoseconds: 123_000_000, vmClockNanoseconds: 0, icount: 0 });
+  const atFirst = model.slice();
+  await assertClean(image, file, "after create");
+
+  await write(4 * KiB, 8 * KiB, 4); // COW inside a shared L2 table
+  await write(2 * MiB, 4 * KiB, 5); // replaces the compressed cluster
+  await image.discard(3 * MiB, 4 * KiB);
+  model.fill(0, 3 * MiB, 3 * MiB + 4 * KiB);
+  await write(MiB, 4 * KiB, 6);
+  await assertClean(image, file, "after writes");
+  await image.createSnapshot("second");
+  const atSecond = model.slice();
+  await write(0, 4 * KiB, 7);
+  await assertSnapshotReads(image, "1", atFirst, "snapshot 1");
+  await assertSnapshotReads(image, "second", atSecond, "snapshot 2");
+  assertSameBytes(await readAll(image), model, "active");
+
+  await image.applySnapshot("first");
+  assertSameBytes(await readAll(image), atFirst, "active after applying 1");
+  await assertClean(image, file, "after apply");
+  await image.write(0, new Uint8Array(4 * KiB).fill(8)); // the applied state is writable without touching the snapshot
+  await assertSnapshotReads(image, "first", atFirst, "snapshot 1 after writing over it");
+
+  await image.deleteSnapshot("first");
+  await assertClean(image, file, "after delete");
+  assert.deepEqual(image.listSnapshots().map((s) => [s.id, s.name]), [["2", "second"]]);
+  await image.applySnapshot("2");
+  assertSameBytes(await readAll(image), atSecond, "active after applying 2");
+  await image.deleteSnapshot("2", { by: "id" });
+  await assertClean(image, file, "after deleting the last one");
+  assert.equal(image.header.snapshotCount, 0);
+  await image.close();
+
+  // Reopened, the table on disk says the same.
+  const again = await openQcow2(new MemoryFile({ contents: file.contents() }), { readOnly: true, backing: null });
+  assert.deepEqual(again.snapshots, []);
+  assertSameBytes(await readAll(again), atSecond, "reopened");
+  await again.close();
+});
+
+test("bad references are coded errors that leave the image untouched", async () => {
+  const { file, image } = await fresh();
+  await image.write(0, new Uint8Array(4096).fill(1));
+  await image.createSnapshot("2");
+  await image.createSnapshot("x");
+  await image.flush();
+  const before = file.contents().slice();
+  await assert.rejects(image.applySnapshot("nope"), failsWith("E_SNAPSHOT_NOT_FOUND", 2));
+  await assert.rejects(image.deleteSnapshot("1"), failsWith("E_SNAPSHOT_NOT_FOUND"), "-d matches names, not IDs");
+  await assert.rejects(openSnapshotView(image, "missing"), failsWith("E_SNAPSHOT_NOT_FOUND"));
+  assertSameBytes(file.contents(), before, "file");
+  await image.deleteSnapshot("2"); // the name "2", which is ID 1
+  assert.deepEqual(image.listSnapshots().map((s) => s.id), ["2"]);
+  await image.close();
+  const readOnly = await openQcow2(new MemoryFile({ contents: file.contents(), readOnly: true }), { readOnly: true, backing: null });
+  await assert.rejects(readOnly.createSnapshot("r"), failsWith("E_READ_ONLY"));
+  await readOnly.close();
+});
+
+test("refcount_bits=1: the first snapshot fails with EINVAL and leaves no leak", async () => {
+  const { file, image } = await fresh({ refcountBits: 1 });
+  await image.write(0, new Uint8Array(128 * KiB).fill(9));
+  await assert.rejects(image.createSnapshot("s"), failsWith("E_TOO_LARGE", 22));
+  assert.deepEqual(image.listSnapshots(), []);
+  await assertClean(image, file, "after the failed create");
+  // Still fully usable: the COPIED flags were restored, writes go in place.
+  await image.write(0, new Uint8Array(4096).fill(1));
+  await assertClean(image, file, "after a write");
+  await image.close();
+});
+
+test("refcount_bits=2: the third snapshot overflows, the first two stay", async () => {
+  const { file, image } = await fresh({ refcountBits: 2 });
+  await image.write(0, new Uint8Array(64 * KiB).fill(9));
+  await image.createSnapshot("a");
+  await image.createSnapshot("b");
+  await assert.rejects(image.createSnapshot("c"), failsWith("E_TOO_LARGE", 22));
+  assert.deepEqual(image.listSnapshots().map((s) => s.name), ["a", "b"]);
+  await assertClean(image, file, "after the failed create");
+  // Applying needs +1 too: refused the same way, image unchanged.
+  await assert.rejects(image.applySnapshot("a"), failsWith("E_TOO_LARGE", 22));
+  await assertClean(image, file, "after the failed apply");
+  await image.deleteSnapshot("b");
+  await image.applySnapshot("a");
+  await assertClean(image, file, "after delete + apply");
+  await image.close();
+});
+
+test("at most 65,536 snapshots: the next create is EFBIG and changes nothing", async () => {
+  const { file, image } = await fresh();
+  // A table of 65,536 entries without L1 tables (nothing to count), placed as QEMU would.
+  const snapshots = Array.from({ length: SNAPSHOT_COUNT_MAX }, (_, i) => ({ ...entry(String(i + 1), ""), diskSizeBytes: image.sizeBytes }));
+  const table = encodeSnapshotTable(snapshots);
+  const meta = image.metadata;
+  const tableOffset = await meta.allocClusters(table.length);
+  await meta.writeCaches();
+  await meta.file.write(tableOffset, table);
+  const fields = new Uint8Array(12);
+  new DataView(fields.buffer).setUint32(0, snapshots.length);
+  new DataView(fields.buffer).setBigUint64(4, BigInt(tableOffset));
+  await meta.writeHeaderBytes(60, fields);
+  meta.header.snapshotCount = snapshots.length;
+  meta.header.snapshotsOffset = tableOffset;
+  image.replaceSnapshots(snapshots);
+  await assertClean(image, file, "crafted table");
+  await assert.rejects(image.createSnapshot("one too many"), failsWith("E_TOO_LARGE", 27));
+  await assertClean(image, file, "after the refused create");
+  await image.deleteSnapshot("65536", { by: "id" });
+  const made = await image.createSnapshot("fits again");
+  assert.equal(made.id, "65536");
+  await assertClean(image, file, "after delete + create");
+  await image.close();
+});
+
+test("a live image: writes racing a snapshot land wholly before or after it", async () => {
+  const { file, image } = await fresh({ clusterSizeBytes: 4 * KiB });
+  const clusters = 64;
+  await image.write(0, new Uint8Array(clusters * 4 * KiB).fill(1));
+  const writes: Promise<void>[] = [];
+  for (let i = 0; i < clusters; i++) {
+    writes.push(image.write(i * 4 * KiB, new Uint8Array(4 * KiB).fill(2)));
+    if (i === clusters / 2) writes.push(image.createSnapshot("mid").then(() => undefined));
+  }
+  const reads = Array.from({ length: 8 }, () => readAll(image));
+  await Promise.all([...writes, ...reads]);
+  const view = await openSnapshotView(image, "mid");
+  const snap = await readAll(view);
+  await view.close();
+  for (let i = 0; i < clusters; i++) {
+    const part = snap.subarray(i * 4 * KiB, (i + 1) * 4 * KiB);
+    assert.ok(part.every((b) => b === part[0]) && (part[0] === 1 || part[0] === 2), `cluster ${i} is one whole state`);
+  }
+  assert.ok((await readAll(image)).subarray(0, clusters * 4 * KiB).every((b) => b === 2));
+  await assertClean(image, file, "after the race");
+  await image.close();
+});
+
+/** True when `needle` occurs in `haystack`. */
+function contains(haystack: Uint8Array, needle: Uint8Array): boolean {
+  return Buffer.from(haystack.buffer, haystack.byteOffset, haystack.byteLength).indexOf(Buffer.from(needle)) >= 0;
+}
+
+for (const wipe of [false, true]) {
+  test(`delete${wipe ? " --wipe leaves no byte" : " without wipe leaves the bytes"} of the deleted data in the file`, async () => {
+    const { file, image } = await fresh();
+    const secret = createRandom(42).bytes(64 * KiB);
+    await image.write(128 * KiB, secret);
+    await image.createSnapshot("s");
+    await image.write(128 * KiB, new Uint8Array(64 * KiB).fill(0x5a)); // copies: the secret lives on in the snapshot only
+    await image.flush();
+    assert.ok(contains(file.contents(), secret.subarray(1000, 5000)), "the snapshot keeps the secret");
+    await image.deleteSnapshot("s", { wipe });
+    assert.equal(contains(file.contents(), secret.subarray(1000, 5000)), !wipe);
+    await assertClean(image, file, "after delete");
+    await image.close();
+  });
+}
+
+test("apply --wipe: the discarded active state is gone from the file", async () => {
+  const { file, image } = await fresh();
+  await image.createSnapshot("empty");
+  const secret = createRandom(7).bytes(64 * KiB);
+  await image.write(0, secret);
+  await image.flush();
+  assert.ok(contains(file.contents(), secret.subarray(0, 4096)));
+  await image.applySnapshot("empty", { wipe: true });
+  assert.ok(!contains(file.contents(), secret.subarray(0, 4096)));
+  assert.ok((await readAll(image)).every((b) => b === 0));
+  await assertClean(image, file, "after apply");
+  await image.close();
+});
+
+test("metadata.wipeFreedClusters: any freeing operation, completed by flush", async () => {
+  const { file, image } = await fresh();
+  const secret = createRandom(9).bytes(64 * KiB);
+  await image.write(0, secret);
+  await image.flush();
+  image.metadata.wipeFreedClusters = true;
+  await image.discard(0, 64 * KiB);
+  // A freed cluster handed out again before the flush is zeroed first, so a partial write leaves nothing behind.
+  await image.write(512 * KiB, new Uint8Array(512).fill(3));
+  await image.flush();
+  image.metadata.wipeFreedClusters = false;
+  assert.ok(!contains(file.contents(), secret.subarray(30000, 34000)));
+  await assertClean(image, file, "after discard + wipe");
+  await image.close();
+});
+
+test("randomized: writes, resizes and snapshot create/apply/delete against a model", async (t) => {
+  const seed = testSeed();
+  t.diagnostic(`seed ${seed} (SNAPSTACK_SEED=${seed} to replay)`);
+  const random = createRandom(seed);
+  const cs = 4 * KiB;
+  const { file, image } = await fresh({ clusterSizeBytes: cs, sizeBytes: 3 * MiB });
+  let active = new Uint8Array(image.sizeBytes);
+  const snaps = new Map<string, Uint8Array>();
+  const steps = 120;
+  for (let step = 0; step < steps; step++) {
+    const roll = random.int(100);
+    let what: string;
+    if (roll < 45) {
+      const length = 1 + random.int(5 * cs);
+      const offset = random.int(active.length - length);
+      const data = random.bytes(length);
+      await image.write(offset, data);
+      active.set(data, offset);
+      what = `write ${offset}+${length}`;
+    } else if (roll < 52) {
+      const cluster = random.int(active.length / cs);
+      const data = new Uint8Array(cs).fill(random.int(4));
+      try {
+        await image.writeCompressed(cluster * cs, data);
+        active.set(data, cluster * cs);
+        what = `compressed write at cluster ${cluster}`;
+      } catch {
+        what = `compressed write refused at cluster ${cluster}`;
+      }
+    } else if (roll < 58) {
+      const offset = random.int(active.length / cs) * cs;
+      const length = Math.min(active.length - offset, (1 + random.int(3)) * cs);
+      await image.discard(offset, length);
+      active.fill(0, offset, offset + length);
+      what = `discard ${offset}+${length}`;
+    } else if (roll < 62) {
+      const newSize = (2 + random.int(3)) * MiB;
+      await image.resize(newSize, { shrink: true });
+      const resized = new Uint8Array(newSize);
+      resized.set(active.subarray(0, Math.min(newSize, active.length)));
+      active = resized;
+      what = `resize ${newSize}`;
+    } else if (roll < 78 && snaps.size < 12) {
+      const info = await image.createSnapshot(`s${step}`);
+      snaps.set(info.id, active.slice());
+      what = `create ${info.id}`;
+    } else if (roll < 89 && snaps.size > 0) {
+      const ids = [...snaps.keys()];
+      const id = ids[random.int(ids.length)];
+      await image.applySnapshot(id, { wipe: random.int(2) === 0 });
+      active = (snaps.get(id) as Uint8Array).slice();
+      what = `apply ${id}`;
+    } else if (snaps.size > 0) {
+      const ids = [...snaps.keys()];
+      const id = ids[random.int(ids.length)];
+      await image.deleteSnapshot(id, { by: "id", wipe: random.int(2) === 0 });
+      snaps.delete(id);
+      what = `delete ${id}`;
+    } else {
+      what = "nothing";
+    }
+    const where = `step ${step} (${what}), seed ${seed}`;
+    assert.equal(image.sizeBytes, active.length, `${where}: size`);
+    assertSameBytes(await readAll(image), active, `${where}: active`);
+    for (const [id, content] of snaps) await assertSnapshotReads(image, id, content, `${where}: snapshot ${id}`);
+    await assertClean(image, file, where);
+  }
+  await image.close();
+});
