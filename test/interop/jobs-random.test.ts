@@ -37,10 +37,13 @@ test("random writes, overlays, commit, rebase and stream keep every layer equal 
   const log: string[] = [];
 
   for (let step = 0; step < STEPS; step++) {
-    const roll = random.int(100);
+    // Below 40 write, 40-59 new overlay, then commit / rebase / stream where the chain allows.
+    let roll = random.int(100);
+    if (roll >= 60 && chain.length === 1) roll = 40 + random.int(20);
+    if (roll >= 75 && roll < 88 && chain.length < 3) roll = 60 + random.int(15);
     const byQemu = random.int(4) === 0;
     let action: string;
-    if (roll < 40 || chain.length === 1 && roll < 60) {
+    if (roll < 40) {
       const writes = 1 + random.int(4);
       const device = await openImage(path(top().name));
       try {
