@@ -9,7 +9,7 @@ import { MemoryFile } from "../../src/io/memory-file.ts";
 import { createQcow2, type Qcow2CreateOptions } from "../../src/formats/qcow2/create-qcow2.ts";
 import { openQcow2, type Qcow2Image } from "../../src/formats/qcow2/qcow2-image.ts";
 import { checkQcow2 } from "../../src/formats/qcow2/check.ts";
-import { findSnapshot, nextSnapshotId, truncateUtf8 } from "../../src/formats/qcow2/internal-snapshots.ts";
+import { findSnapshot, nextSnapshotId, snapshotDateNow, truncateUtf8 } from "../../src/formats/qcow2/internal-snapshots.ts";
 import { openSnapshotView } from "../../src/formats/qcow2/snapshot-view.ts";
 import { SNAPSHOT_COUNT_MAX, encodeSnapshotTable, type Qcow2Snapshot } from "../../src/formats/qcow2/snapshot-table.ts";
 import { isSnapstackError } from "../../src/base/errors.ts";
@@ -90,6 +90,8 @@ test("IDs, names and lookups follow qemu-img", () => {
   assert.equal(truncateUtf8("x".repeat(300), 255).length, 255);
   assert.equal(new TextEncoder().encode(truncateUtf8("é".repeat(200), 255)).length, 254, "no half characters");
   assert.equal(findSnapshot([entry("1", "y".repeat(300))], "y".repeat(255), "name"), 0, "names compare as listed (255 bytes)");
+  const now = snapshotDateNow();
+  assert.ok(Math.abs(now.seconds - Date.now() / 1000) < 5 && now.nanoseconds % 1000 === 0 && now.nanoseconds < 1e9, "µs·1000 as qemu-img");
 });
 
 test("create, apply and delete keep every state readable and the image clean", async () => {
@@ -105,8 +107,8 @@ test("create, apply and delete keep every state readable and the image clean", a
   await write(3 * MiB, 12 * KiB, 2);
   await image.writeCompressed(2 * MiB, new Uint8Array(4 * KiB).fill(3));
   model.fill(3, 2 * MiB, 2 * MiB + 4 * KiB);
-  const first = await image.createSnapshot("first", { date: new Date(1_700_000_000_123) });
-  assert.deepEqual(first, { id: "1", name: "first", vmStateSizeBytes: 0, dateSeconds: 1_700_000_000, dateNanoseconds: 123_000_000, vmClockNanoseconds: 0, icount: 0 });
+  const first = await image.createSnapshot("first", { date: { seconds: 1_700_000_000, nanoseconds: 123_456_000 } });
+  assert.deepEqual(first, { id: "1", name: "first", vmStateSizeBytes: 0, dateSeconds: 1_700_000_000, dateNanoseconds: 123_456_000, vmClockNanoseconds: 0, icount: 0 });
   const atFirst = model.slice();
   await assertClean(image, file, "after create");
 

@@ -74,9 +74,20 @@ export interface FreeingOptions {
   wipe?: boolean;
 }
 
+export interface SnapshotDate {
+  seconds: number;
+  nanoseconds: number;
+}
+
 export interface CreateSnapshotOptions extends FreeingOptions {
-  /** Creation time; default the clock (qemu-img: gettimeofday, nanoseconds = µs·1000). */
-  date?: Date;
+  /** Creation time (Unix); default the clock, to the microsecond as qemu-img (gettimeofday, µs·1000). */
+  date?: SnapshotDate;
+}
+
+/** The wall clock as qemu-img stores it: seconds and microseconds·1000. */
+export function snapshotDateNow(): SnapshotDate {
+  const microseconds = Math.floor((performance.timeOrigin + performance.now()) * 1000);
+  return { seconds: Math.floor(microseconds / 1e6), nanoseconds: (microseconds % 1e6) * 1000 };
 }
 
 export interface DeleteSnapshotOptions extends FreeingOptions {
@@ -348,7 +359,7 @@ async function withFreeing<T>(meta: Qcow2Metadata, options: FreeingOptions, fn: 
  * Returns the new entry as listed.
  */
 export async function createSnapshot(image: Qcow2Image, name: string, options: CreateSnapshotOptions = {}): Promise<Qcow2SnapshotInfo> {
-  const date = options.date ?? new Date();
+  const date = options.date ?? snapshotDateNow();
   const storedName = truncateUtf8(name, SNAPSHOT_NAME_BYTES_MAX);
   return image.exclusive("create a snapshot", async () => {
     const meta = image.metadata;
@@ -366,8 +377,8 @@ export async function createSnapshot(image: Qcow2Image, name: string, options: C
       l1Size: l1Entries,
       id,
       name: storedName,
-      dateSeconds: Math.floor(date.getTime() / 1000),
-      dateNanoseconds: (((date.getTime() % 1000) + 1000) % 1000) * 1_000_000,
+      dateSeconds: date.seconds,
+      dateNanoseconds: date.nanoseconds,
       vmClockNanoseconds: 0,
       vmStateSizeBytes: 0,
       diskSizeBytes: meta.header.sizeBytes,
