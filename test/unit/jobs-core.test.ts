@@ -1,0 +1,247 @@
+/**
+ * Unit tests of the job machinery: lifecycle and cancellation, allocation
+ * above a depth, the state comparer, chain lookup, spans, state specs,
+ * wipe on commit and remove. Images are made by snapstack itself.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { linkSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { scratchDir } from "../helpers/tools.ts";
+import { createImage } from "../../src/chain/create-image.ts";
+import { chainLayers, openImage } from "../../src/chain/open-image.ts";
+import { SnapstackError, isSnapstackError } from "../../src/base/errors.ts";
+import {
+  Job,
+  StateComparer,
+  clusterSpans,
+  commitImage,
+  diffStates,
+  findInChain,
+  parseStateSpec,
+  removeImage,
+  resolveAbove,
+  runJob,
+  type DiffRange,
+  type JobProgress,
+} from "../../src/chain/jobs/index.ts";
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+async function write(path: string, offset: number, length: number, pattern: number): Promise<void> {
+  const device = await openImage(path);
+  try {
+    await device.write(offset, new Uint8Array(length).fill(pattern));
+  } finally {
+    await device.close();
+  }
+}
+
+/** base (2 MiB) <- mid <- top (4 MiB: longer than base). */
+async function chain(dir: string): Promise<{ base: string; mid: string; top: string }> {
+  const base = join(dir, "base.qcow2");
+  const mid = join(dir, "mid.qcow2");
+  const top = join(dir, "top.qcow2");
+  await createImage(base, { format: "qcow2", sizeBytes: 2 * MiB });
+  await createImage(mid, { format: "qcow2", backingFile: "base.qcow2", backingFormat: "qcow2", sizeBytes: 4 * MiB });
+  await createImage(top, { format: "qcow2", backingFile: "mid.qcow2", backingFormat: "qcow2" });
+  await write(base, 0, 128 * KiB, 1);
+  await write(mid, 64 * KiB, 64 * KiB, 2);
+  await write(top, 256 * KiB, 64 * KiB, 3);
+  return { base, mid, top };
+}
+
+test("job lifecycle: run, prepare, clean; failures abort without prepare; progress never goes back", async () => {
+  const calls: string[] = [];
+  const progress: JobProgress[] = [];
+  const result = await runJob("t", { onProgress: (p) => progress.push(p) }, {
+    async run(job) {
+      calls.push("run");
+      job.setTotal(100, "copy");
+      job.advance(60);
+      job.setTotal(10, "flush");
+      job.advance(5);
+      return 7;
+    },
+    async prepare() {
+      calls.push("prepare");
+    },
+    async clean() {
+      calls.push("clean");
+    },
+  });
+  assert.equal(result, 7);
+  assert.deepEqual(calls, ["run", "prepare", "clean"]);
+  const fractions = progress.map((p) => p.fraction);
+  assert.deepEqual(fractions, [...fractions].sort((a, b) => a - b));
+  assert.equal(fractions[fractions.length - 1], 1);
+
+  calls.length = 0;
+  const failing = new Job("f");
+  await assert.rejects(
+    failing.execute({
+      async run() {
+        calls.push("run");
+        throw new SnapstackError("E_IO", "boom");
+      },
+      async prepare() {
+        calls.push("prepare");
+      },
+      async abort(_job, error) {
+        calls.push(`abort ${(error as SnapstackError).code}`);
+      },
+      async clean() {
+        calls.push("clean");
+      },
+    }),
+    /boom/,
+  );
+  assert.deepEqual(calls, ["run", "abort E_IO", "clean"]);
+  assert.equal(failing.state, "failed");
+  await assert.rejects(failing.execute({ run: async () => 1 }), (error) => isSnapstackError(error) && error.code === "E_INTERNAL");
+
+  const controller = new AbortController();
+  controller.abort();
+  const cancelled = new Job("c", { signal: controller.signal });
+  await assert.rejects(cancelled.execute({ run: async () => 1 }), (error) => isSnapstackError(error) && error.code === "E_ABORTED");
+  assert.equal(cancelled.state, "cancelled");
+});
+
+test("resolveAbove reports the depth holding each range and stops at stopDepth; past a short backing is zero", async (t) => {
+  const dir = scratchDir(t);
+  const { top } = await chain(dir);
+  const device = await openImage(top, { readOnly: true });
+  try {
+    const layers = chainLayers(device);
+    const extents = await resolveAbove(layers, 2, 0, 4 * MiB);
+    const summary = extents.map((e) => `${e.start / KiB}+${e.length / KiB}:${e.kind}@${e.depth}`);
+    assert.deepEqual(summary, ["0+64:below@2", "64+64:data@1", "128+128:below@2", "256+64:data@0", "320+3776:below@2"]);
+    const all = await resolveAbove(layers, 3, 0, 4 * MiB);
+    assert.deepEqual(
+      all.map((e) => `${e.start / KiB}+${e.length / KiB}:${e.kind}@${e.depth}`),
+      ["0+64:data@2", "64+64:data@1", "128+128:below@3", "256+64:data@0", "320+1728:below@3", "2048+2048:zero@2"],
+    );
+  } finally {
+    await device.close();
+  }
+});
+
+test("findInChain: names relative to each overlay, then to the current directory; E_NOT_IN_CHAIN otherwise", async (t) => {
+  const dir = scratchDir(t);
+  const { top, base } = await chain(dir);
+  const device = await openImage(top, { readOnly: true });
+  try {
+    const layers = chainLayers(device);
+    assert.equal(findInChain(layers, "base.qcow2", top), 2);
+    assert.equal(findInChain(layers, "mid.qcow2", top), 1);
+    assert.equal(findInChain(layers, base, top), 2);
+    assert.throws(() => findInChain(layers, "top.qcow2", top), (error) => isSnapstackError(error) && error.code === "E_NOT_IN_CHAIN" && error.message === `Did not find 'top.qcow2' in the backing chain of '${top}'`);
+  } finally {
+    await device.close();
+  }
+});
+
+test("state comparer: metadata-equal ranges are not read; granules and merging; null reads as zeroes", async (t) => {
+  const dir = scratchDir(t);
+  const { base, top } = await chain(dir);
+  await write(top, 1 * MiB + 100, 10, 9); // 10 bytes in one 512-byte granule
+  const a = await openImage(base, { readOnly: true });
+  const b = await openImage(top, { readOnly: true });
+  try {
+    const ranges: DiffRange[] = [];
+    const stats = await diffStates(a, b, (range) => void ranges.push(range));
+    assert.deepEqual(
+      ranges.map((r) => [r.start, r.length, r.depth]),
+      [
+        [64 * KiB, 64 * KiB, 1],
+        [256 * KiB, 64 * KiB, 0],
+        [MiB, 512, 0],
+      ],
+    );
+    // Read: mid's cluster, top's two clusters; past base's end both sides are zero.
+    assert.equal(stats.comparedBytes, 3 * 64 * KiB);
+    assert.equal(stats.metadataEqualBytes, 4 * MiB - 3 * 64 * KiB);
+    const vsNothing: DiffRange[] = [];
+    await diffStates(null, b, (range) => void vsNothing.push(range), { granularityBytes: 64 * KiB });
+    // Adjacent differing ranges stay apart when TO's map fields differ (depth 2, then depth 1).
+    assert.deepEqual(vsNothing.map((r) => [r.start, r.length, r.depth]), [
+      [0, 64 * KiB, 2],
+      [64 * KiB, 64 * KiB, 1],
+      [256 * KiB, 64 * KiB, 0],
+      [MiB, 64 * KiB, 0],
+    ]);
+    const comparer = new StateComparer(a, a);
+    await comparer.compare(0, MiB, () => assert.fail("no difference"));
+    await assert.rejects(comparer.compare(0, 10, () => {}), (error) => isSnapstackError(error) && error.code === "E_INTERNAL");
+  } finally {
+    await a.close();
+    await b.close();
+  }
+});
+
+test("clusterSpans rounds ranges out to clusters, merges touching spans and clips", () => {
+  assert.deepEqual(
+    clusterSpans(
+      [
+        { start: 100, length: 10 },
+        { start: 4000, length: 200 },
+        { start: 9000, length: 5000 },
+      ],
+      4096,
+      12000,
+    ),
+    [{ start: 0, length: 12000 }],
+  );
+});
+
+test("clusterSpans keeps separate clusters apart", () => {
+  assert.deepEqual(clusterSpans([{ start: 10, length: 1 }, { start: 10000, length: 1 }], 4096, 1 << 20), [
+    { start: 0, length: 4096 },
+    { start: 8192, length: 4096 },
+  ]);
+});
+
+test("state specs: FILE@SNAPSHOT unless the whole text names a file", (t) => {
+  const dir = scratchDir(t);
+  assert.deepEqual(parseStateSpec("a.qcow2@snap1"), { path: "a.qcow2", snapshot: "snap1" });
+  assert.deepEqual(parseStateSpec("x@y@2"), { path: "x@y", snapshot: "2" });
+  assert.deepEqual(parseStateSpec("plain.qcow2"), { path: "plain.qcow2", snapshot: null });
+  assert.deepEqual(parseStateSpec("trailing@"), { path: "trailing@", snapshot: null });
+  const odd = join(dir, "odd@name");
+  linkSync(process.execPath, odd);
+  assert.deepEqual(parseStateSpec(odd), { path: odd, snapshot: null });
+});
+
+function contains(bytes: Uint8Array, needle: Uint8Array): boolean {
+  return Buffer.from(bytes).indexOf(Buffer.from(needle)) >= 0;
+}
+
+test("wipe: commit --wipe leaves no trace of the committed data in the overlay; remove --wipe zeroes before unlinking", async (t) => {
+  const dir = scratchDir(t);
+  const base = join(dir, "base.qcow2");
+  const top = join(dir, "top.qcow2");
+  await createImage(base, { format: "qcow2", sizeBytes: 4 * MiB });
+  await createImage(top, { format: "qcow2", backingFile: "base.qcow2", backingFormat: "qcow2" });
+  const marker = new TextEncoder().encode("snapstack-wipe-marker-4c1d");
+  const payload = new Uint8Array(3 * 64 * KiB);
+  for (let at = 0; at + marker.length <= payload.length; at += 4096) payload.set(marker, at);
+  const device = await openImage(top);
+  await device.write(3 * MiB, payload);
+  await device.close();
+  assert.ok(contains(readFileSync(top), marker));
+  await commitImage(top, { wipe: true });
+  assert.ok(!contains(readFileSync(top), marker), "overlay still holds the committed data");
+  assert.ok(contains(readFileSync(base), marker), "the data is in the base now");
+  // remove --wipe: a second hard link shows what the blocks held when the name was unlinked.
+  const victim = join(dir, "victim.raw");
+  await createImage(victim, { format: "raw", sizeBytes: MiB });
+  const raw = await openImage(victim, { format: "raw" });
+  await raw.write(4096, payload.subarray(0, 64 * KiB));
+  await raw.close();
+  const witness = join(dir, "witness");
+  linkSync(victim, witness);
+  const result = await removeImage(victim, { wipe: true });
+  assert.ok(result.wipedBytes >= 64 * KiB);
+  assert.ok(!contains(readFileSync(witness), marker));
+});
