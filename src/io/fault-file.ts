@@ -44,8 +44,10 @@ export type FaultCode = "E_IO" | "E_NO_SPACE";
 export interface FaultPlan {
   /** Which calls count. */
   op: "write" | "flush";
-  /** 1-based: the Nth call of that kind fails. */
+  /** 1-based: the Nth call of that kind (among those `where` matches) fails. */
   index: number;
+  /** Count only writes to matching ranges (default: every call). */
+  where?: (hostOffset: number, lengthBytes: number) => boolean;
   code: FaultCode;
   /** Every later call of that kind fails too (a disk that stays broken). */
   sticky?: boolean;
@@ -132,6 +134,8 @@ export class FaultFile implements ImageFile {
   readonly #durable: MemoryFile;
   #volatile: FileOp[] = [];
   readonly #faults: FaultPlan[];
+  /** Matching calls seen so far, per plan. */
+  readonly #faultCounts: number[];
   readonly #crashAtWrite: number;
   readonly #sizeLimitBytes: number;
   #dead = false;
@@ -149,6 +153,7 @@ export class FaultFile implements ImageFile {
     this.readOnly = inner.readOnly;
     this.#durable = new MemoryFile({ name: `${this.name} (durable)`, contents: durable });
     this.#faults = options.faults ?? [];
+    this.#faultCounts = this.#faults.map(() => 0);
     this.#crashAtWrite = options.crashAtWrite ?? 0;
     this.#sizeLimitBytes = options.sizeLimitBytes ?? Number.MAX_SAFE_INTEGER;
     this.log = options.recordLog ? [] : null;
@@ -170,8 +175,14 @@ export class FaultFile implements ImageFile {
     if (this.#dead) throw new SnapstackError("E_IO", `${this.name}: cannot ${action}: the (simulated) machine crashed`, { path: this.name, simulatedCrash: true });
   }
 
-  #plannedFault(op: "write" | "flush", count: number): FaultPlan | undefined {
-    return this.#faults.find((fault) => fault.op === op && (fault.index === count || (fault.sticky === true && count > fault.index)));
+  #plannedFault(op: "write" | "flush", hostOffset: number, lengthBytes: number): FaultPlan | undefined {
+    let hit: FaultPlan | undefined;
+    this.#faults.forEach((fault, i) => {
+      if (fault.op !== op || (fault.where !== undefined && !fault.where(hostOffset, lengthBytes))) return;
+      const count = ++this.#faultCounts[i];
+      if (hit === undefined && (count === fault.index || (fault.sticky === true && count > fault.index))) hit = fault;
+    });
+    return hit;
   }
 
   #fail(code: FaultCode, action: string): never {
@@ -194,7 +205,7 @@ export class FaultFile implements ImageFile {
     this.#checkAlive("write");
     const count = ++this.writeCount;
     const action = `write ${data.length} bytes at offset ${hostOffset}`;
-    const fault = this.#plannedFault("write", count);
+    const fault = this.#plannedFault("write", hostOffset, data.length);
     if (fault !== undefined) this.#fail(fault.code, action);
     if (hostOffset + data.length > this.#sizeLimitBytes) this.#fail("E_NO_SPACE", action);
     const copy = data.slice();
@@ -221,8 +232,8 @@ export class FaultFile implements ImageFile {
 
   async flush(): Promise<void> {
     this.#checkAlive("flush");
-    const count = ++this.flushCount;
-    const fault = this.#plannedFault("flush", count);
+    this.flushCount++;
+    const fault = this.#plannedFault("flush", 0, 0);
     if (fault !== undefined) this.#fail(fault.code, "flush");
     await this.#inner.flush();
     for (const op of this.#volatile) applySync(this.#durable, op);

@@ -299,8 +299,15 @@ export async function recordRun(scenario: CrashScenario, images: PreparedImages,
   return { ops, writesBefore, writesAfter, flushedVersions, file, writesAtOpen };
 }
 
+/** Which versions a guest sector may read. */
+export interface VersionOracle {
+  allows(sector: number, id: number): boolean;
+  /** The allowed versions of a sector, for failure messages. */
+  describe(sector: number): string;
+}
+
 /** What a crash during write `writeNumber` allows each sector to read. */
-export class AllowedVersions {
+export class AllowedVersions implements VersionOracle {
   readonly base: Int32Array;
   /** Effects of the ops after the last completed flush, up to and including the interrupted one. */
   readonly effects: Effect[];
@@ -332,10 +339,84 @@ export class AllowedVersions {
     if (this.base[sector] === id) return true;
     return this.effects.some((e) => e.id === id && sector >= e.firstSector && sector < e.endSector);
   }
+
+  describe(sector: number): string {
+    const expected = [this.base[sector], ...this.effects.filter((e) => sector >= e.firstSector && sector < e.endSector).map((e) => e.id)];
+    return `${[...new Set(expected)].join(", ")} (interrupted op ${this.interruptedOp})`;
+  }
+}
+
+/**
+ * Possible versions per sector when operations may fail midway (EIO,
+ * ENOSPC): a failed operation may have taken effect on any subset of its
+ * sectors; a failed flush made nothing durable that was not already.
+ */
+export class PossibleVersions implements VersionOracle {
+  readonly #scenario: CrashScenario;
+  /** What each sector may read now (the guest's view). */
+  #current: number[][];
+  /** What each sector may hold on disk as of the last successful flush. */
+  #durable: number[][];
+  /** Versions written since the last successful flush. */
+  #since: number[][];
+  /** True once the guest view is not trusted any more (a failed flush or close: only durable + since). */
+  #afterCrash = false;
+
+  constructor(initial: Int32Array, scenario: CrashScenario) {
+    this.#scenario = scenario;
+    this.#current = Array.from(initial, (id) => [id]);
+    this.#durable = Array.from(initial, (id) => [id]);
+    this.#since = Array.from(initial, () => []);
+  }
+
+  /** Record an operation that succeeded (certain) or failed (maybe applied, in part). */
+  apply(op: GuestOp, succeeded: boolean): void {
+    if (op.kind === "flush" || op.kind === "close") {
+      if (succeeded) {
+        this.#durable = this.#current.map((ids) => ids.slice());
+        this.#since = this.#since.map(() => []);
+      }
+      return;
+    }
+    for (const effect of opEffects(op, this.#scenario)) {
+      for (let s = effect.firstSector; s < effect.endSector; s++) {
+        if (succeeded) this.#current[s] = [effect.id];
+        else if (!this.#current[s].includes(effect.id)) this.#current[s].push(effect.id);
+        if (!this.#since[s].includes(effect.id)) this.#since[s].push(effect.id);
+      }
+    }
+  }
+
+  /** From now on judge as after a crash: durable state or anything written since. */
+  assumeCrash(): void {
+    this.#afterCrash = true;
+  }
+
+  #set(sector: number): number[] {
+    return this.#afterCrash ? [...this.#durable[sector], ...this.#since[sector]] : this.#current[sector];
+  }
+
+  allows(sector: number, id: number): boolean {
+    return this.#set(sector).includes(id);
+  }
+
+  describe(sector: number): string {
+    return [...new Set(this.#set(sector))].join(", ");
+  }
+
+  /** A copy judged as after a crash now. */
+  crashed(): PossibleVersions {
+    const copy = new PossibleVersions(new Int32Array(0), this.#scenario);
+    copy.#current = this.#current;
+    copy.#durable = this.#durable.map((ids) => ids.slice());
+    copy.#since = this.#since.map((ids) => ids.slice());
+    copy.#afterCrash = true;
+    return copy;
+  }
 }
 
 /** Read the whole guest disk and check every sector against the allowed versions. */
-export async function verifyGuest(image: Qcow2Image, allowed: AllowedVersions, where: string): Promise<void> {
+export async function verifyGuest(image: Qcow2Image, allowed: VersionOracle, where: string): Promise<void> {
   const chunkBytes = 256 * KiB;
   const buffer = new Uint8Array(chunkBytes);
   for (let guestOffset = 0; guestOffset < image.sizeBytes; guestOffset += chunkBytes) {
@@ -346,8 +427,7 @@ export async function verifyGuest(image: Qcow2Image, allowed: AllowedVersions, w
       const sector = (guestOffset + at) / SECTOR_BYTES;
       const id = decodeSector(view, at, sector);
       if (id < 0 || !allowed.allows(sector, id)) {
-        const expected = [allowed.base[sector], ...allowed.effects.filter((e) => sector >= e.firstSector && sector < e.endSector).map((e) => e.id)];
-        assert.fail(`${where}: guest sector ${sector} reads version ${id < 0 ? "garbage" : id}, allowed ${[...new Set(expected)].join(", ")} (interrupted op ${allowed.interruptedOp})`);
+        assert.fail(`${where}: guest sector ${sector} reads version ${id < 0 ? "garbage" : id}, allowed ${allowed.describe(sector)}`);
       }
     }
   }
@@ -375,7 +455,7 @@ export interface CrashPointOutcome {
  * every sector reads an allowed version, the image takes a new write, closes,
  * checks clean but for leaks, and `-r leaks` leaves none.
  */
-export async function checkCrashedImage(contents: Uint8Array, scenario: CrashScenario, images: PreparedImages, allowed: AllowedVersions, where: string): Promise<CrashPointOutcome> {
+export async function checkCrashedImage(contents: Uint8Array, scenario: CrashScenario, images: PreparedImages, allowed: VersionOracle, where: string, salt = 0): Promise<CrashPointOutcome> {
   const dirty = headerIsDirty(contents);
   let leaks = 0;
   if (!dirty) {
@@ -390,7 +470,7 @@ export async function checkCrashedImage(contents: Uint8Array, scenario: CrashSce
   await verifyGuest(image, allowed, `${where}: after reopen`);
   // The reopened image must stay usable: a write through all the paths, then close.
   const sectors = scenario.sizeBytes / SECTOR_BYTES;
-  const first = (allowed.interruptedOp * 7919 + 13) % Math.max(1, sectors - 64);
+  const first = (salt * 7919 + 13) % Math.max(1, sectors - 64);
   await image.write(first * SECTOR_BYTES, patternBytes(first, 64, 0x7fff0000));
   await image.close();
   const closed = new MemoryFile({ name: "crashed.qcow2", contents: file.contents() });

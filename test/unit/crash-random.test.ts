@@ -53,7 +53,7 @@ async function crashWorkload(workloadSeed: number, pointsMax: number, tally: Tal
     const where = `workload seed ${workloadSeed} (${describeScenario(scenario)}), crash at write ${writeNumber}/${replay.writeCount}`;
     const contents = replay.crashAt(writeNumber, wr.next);
     const allowed = new AllowedVersions(run, scenario, images, writeNumber);
-    const outcome = await checkCrashedImage(contents, scenario, images, allowed, where);
+    const outcome = await checkCrashedImage(contents, scenario, images, allowed, where, writeNumber);
     tally.points++;
     if (outcome.dirty) tally.dirtyPoints++;
     if (outcome.leaks > 0) tally.leakyPoints++;

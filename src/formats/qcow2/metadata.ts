@@ -670,10 +670,20 @@ export class Qcow2Metadata {
     let contents: Uint8Array | undefined;
     if (oldOffset !== 0) contents = (await this.getL2(oldOffset)).bytes;
     const table = this.l2Cache.create(newOffset, contents);
-    await this.writeDirtyL2();
-    setL1Entry(this.l1, l1Index, { l2Offset: newOffset, copied: true });
-    this.overlap.note(newOffset, "active L2 table");
-    await this.writeL1Entry(l1Index);
+    const oldEntry = this.l1.slice(l1Index * L1_ENTRY_BYTES, (l1Index + 1) * L1_ENTRY_BYTES);
+    try {
+      await this.writeDirtyL2();
+      setL1Entry(this.l1, l1Index, { l2Offset: newOffset, copied: true });
+      this.overlap.note(newOffset, "active L2 table");
+      await this.writeL1Entry(l1Index);
+    } catch (error) {
+      // The L1 entry on disk is the old one or the new one: keep the in-memory entry as it
+      // was (the next write of this L1 block must not publish a table nothing was written
+      // through), and leak the new table rather than free it (the disk may point at it).
+      this.l1.set(oldEntry, l1Index * L1_ENTRY_BYTES);
+      this.l2Cache.drop(newOffset);
+      throw error;
+    }
     if (oldOffset !== 0) await this.freeClusters(oldOffset, this.clusterSizeBytes);
     return table;
   }
