@@ -18,12 +18,17 @@ async function image(dir: string): Promise<string> {
   return path;
 }
 
-test("nbd: -l, -c and a missing file are coded errors", async (t) => {
+test("nbd: -l of a raw file, -c and a missing file are coded errors", async (t) => {
   const dir = scratchDir(t);
   const path = await image(dir);
-  const snapshot = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-l", "snap1", "-k", join(dir, "s"), path]);
+  const rawPath = join(dir, "disk.raw");
+  await runOk(process.execPath, [SNAPSTACK_BIN, "img", "create", "-q", "-f", "raw", rawPath, "1M"]);
+  const snapshot = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-l", "snap1", "-k", join(dir, "s"), rawPath]);
   assert.equal(snapshot.code, 1);
-  assert.match(snapshot.stderr, /^snapstack: error E_UNSUPPORTED_FEATURE: -l: exporting an internal snapshot is not supported yet/);
+  assert.match(snapshot.stderr, /^snapstack: error E_UNSUPPORTED_FEATURE: -l: /);
+  const missingSnapshot = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-l", "nope", "-k", join(dir, "s"), path]);
+  assert.equal(missingSnapshot.code, 1);
+  assert.match(missingSnapshot.stderr, /nope/);
   const kernel = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-c", "/dev/nbd0", path]);
   assert.match(kernel.stderr, /E_UNSUPPORTED_FEATURE/);
   const missing = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-k", join(dir, "s"), join(dir, "nope.qcow2")]);
@@ -91,4 +96,29 @@ test("nbd --fork returns once the server listens; the server keeps serving", asy
   process.kill(pid, "SIGTERM");
   for (let i = 0; i < 200 && existsSync(pidFile); i++) await new Promise((resolve) => setTimeout(resolve, 25));
   assert.equal(existsSync(pidFile), false, "the pid file is removed on exit");
+});
+
+test("nbd -l exports an internal snapshot read-only, as qemu-nbd -l", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")) return;
+  const dir = scratchDir(t);
+  const base = join(dir, "base.qcow2");
+  const path = join(dir, "snap.qcow2");
+  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", base, "8M"]);
+  await runOk("qemu-io", ["-f", "qcow2", "-c", "write -q -P 0x10 0 8M", base]);
+  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", path]);
+  await runOk("qemu-io", ["-f", "qcow2", "-c", "write -q -P 0x51 1M 1M", "-c", "write -q -z 4M 64k", path]);
+  await runOk("qemu-img", ["snapshot", "-c", "before", path]);
+  await runOk("qemu-io", ["-f", "qcow2", "-c", "write -q -P 0x52 1M 2M", path]);
+  const ours = await startNbd(t, "snapstack", dir, path, { args: ["-t", "-A", "-l", "before"] });
+  const qemu = await startNbd(t, "qemu-nbd", dir, path, { args: ["-t", "-A", "-f", "qcow2", "-l", "snapshot.name=before"] });
+  await runOk("qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x51 1M 1M", "-c", "read -P 0x10 2M 1M", "-c", "read -P 0 4M 64k", ours.uri]);
+  await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", ours.uri, qemu.uri]);
+  assert.equal((await runOk("qemu-img", ["map", "--output=json", ours.uri])).stdout, (await runOk("qemu-img", ["map", "--output=json", qemu.uri])).stdout);
+  for (const context of ["base:allocation", "qemu:allocation-depth"]) {
+    assert.equal((await runOk("nbdinfo", [`--map=${context}`, ours.uri])).stdout, (await runOk("nbdinfo", [`--map=${context}`, qemu.uri])).stdout, context);
+  }
+  await runOk("nbdinfo", ["--is", "read-only", ours.uri]);
+  const write = await run("qemu-io", ["-f", "raw", "-c", "write -P 1 0 4k", ours.uri]);
+  assert.match(write.stdout + write.stderr, /read-only|Permission|Operation not permitted/i, "writes are refused");
+  await runOk("qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x51 1M 1M", ours.uri]);
 });

@@ -7,8 +7,9 @@
  *   listens on 0.0.0.0); TLS credentials are a directory given directly with
  *   --tls-creds DIR (qemu-nbd's `--object tls-creds-x509,id=ID,dir=DIR
  *   --tls-creds ID` is accepted too); -c (kernel device), -s, --image-opts,
- *   --bitmap, -B and -l are refused with a coded error; -p 0 picks a free
- *   port, printed with -v.
+ *   --bitmap, -B are refused with a coded error; -p 0 picks a free port,
+ *   printed with -v. -l exports a read-only view of an internal snapshot
+ *   (src/formats/qcow2/snapshot-view.ts), always read-only as in qemu-nbd.
  * - Lifetime as qemu-nbd: without -t the server exits when the last client
  *   that completed negotiation disconnects; -e N serves N clients at once
  *   (default 1; 0 = up to the server's hard cap), further clients wait.
@@ -30,6 +31,8 @@ import { expectPositionals } from "../command-helpers.ts";
 import type { CliCommand, CliContext } from "../context.ts";
 import { toSnapstackError } from "../error-report.ts";
 import { openImage } from "../engine.ts";
+import { Qcow2Image } from "../../formats/qcow2/qcow2-image.ts";
+import { openSnapshotView } from "../../formats/qcow2/snapshot-view.ts";
 
 export const NBD_DEFAULT_PORT = 10809;
 export const NBD_DEFAULT_ADDRESS = "127.0.0.1";
@@ -65,6 +68,8 @@ const OPTION_SPECS = [
 
 export interface NbdCommandOptions {
   path: string;
+  /** -l: internal snapshot (ID or name) to export read-only. */
+  snapshot?: string;
   format?: string;
   exportName: string;
   description: string;
@@ -105,6 +110,41 @@ function parseTlsObjects(objects: readonly string[]): Map<string, { dir: string;
   return byId;
 }
 
+/** qemu-nbd's -l: `ID_OR_NAME`, or `snapshot.id=ID` / `snapshot.name=NAME`. */
+function parseSnapshotParam(text: string): string {
+  if (!text.startsWith("snapshot.")) return text;
+  const fields = new Map(text.split(",").map((pair) => [pair.slice(0, pair.indexOf("=")), pair.slice(pair.indexOf("=") + 1)]));
+  const ref = fields.get("snapshot.id") ?? fields.get("snapshot.name");
+  if (ref === undefined || ref === "") throw usage(`-l ${text}: expected snapshot.id=ID or snapshot.name=NAME`);
+  return ref;
+}
+
+/**
+ * The device to export: the image with its chain, or (-l) a read-only view
+ * of one of its internal snapshots; `close` closes the view, then the image.
+ */
+async function openExportDevice(options: NbdCommandOptions): Promise<{ device: BlockDevice; close(): Promise<void> }> {
+  const readOnly = options.readOnly || options.snapshot !== undefined;
+  const image = await openImage(options.path, { format: options.format, readOnly });
+  if (options.snapshot === undefined) return { device: image, close: () => image.close() };
+  try {
+    if (!(image instanceof Qcow2Image)) {
+      throw new SnapstackError("E_UNSUPPORTED_FEATURE", `-l: ${options.path} is ${image.format}; internal snapshots exist only in qcow2 images`);
+    }
+    const view = await openSnapshotView(image, options.snapshot);
+    return {
+      device: view,
+      close: async () => {
+        await view.close();
+        await image.close();
+      },
+    };
+  } catch (error) {
+    await image.close();
+    throw error;
+  }
+}
+
 export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
   const parsed = parseArgs(argv, OPTION_SPECS);
   for (const [name, what] of [
@@ -113,9 +153,6 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
     ["imageOpts", "--image-opts"],
   ] as const) {
     if (parsed.options[name] !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${what} is not supported by snapstack nbd`);
-  }
-  if (optionString(parsed, "snapshot") !== undefined) {
-    throw new SnapstackError("E_UNSUPPORTED_FEATURE", "-l: exporting an internal snapshot is not supported yet (the qcow2 engine has no read-only snapshot view)");
   }
   expectPositionals(parsed.positionals, 1, 1, "Expected exactly one file name argument");
   const socketPath = optionString(parsed, "socket");
@@ -131,8 +168,10 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
   const tlsObjects = parseTlsObjects(optionList(parsed, "object"));
   const tlsCreds = optionString(parsed, "tlsCreds");
   const tlsObject = tlsCreds !== undefined ? tlsObjects.get(tlsCreds) : undefined;
+  const snapshotText = optionString(parsed, "snapshot");
   return {
     path: parsed.positionals[0],
+    snapshot: snapshotText === undefined ? undefined : parseSnapshotParam(snapshotText),
     format: optionString(parsed, "format"),
     exportName: optionString(parsed, "exportName") ?? "",
     description: optionString(parsed, "description") ?? "",
@@ -187,7 +226,8 @@ function describeAddress(address: string | { address: string; port: number }): s
 async function serve(options: NbdCommandOptions, context: CliContext): Promise<number> {
   const log = options.verbose ? (message: string) => context.err(`snapstack nbd: ${message}\n`) : undefined;
   const tls = options.tlsDir !== undefined ? loadTlsCredentials(options.tlsDir, { verifyPeer: options.tlsVerifyPeer }) : null;
-  const device: BlockDevice = await openImage(options.path, { format: options.format, readOnly: options.readOnly });
+  const opened = await openExportDevice(options);
+  const device = opened.device;
   let server: NbdServer | null = null;
   try {
     const exp = new NbdExport({ name: options.exportName, device, description: options.description, allocationDepth: options.allocationDepth });
@@ -218,14 +258,14 @@ async function serve(options: NbdCommandOptions, context: CliContext): Promise<n
     return 0;
   } finally {
     await server?.close().catch(() => {});
-    await device.close();
+    await opened.close();
     if (options.pidFile !== undefined) rmSync(options.pidFile, { force: true });
   }
 }
 
 export const nbdCommand: CliCommand = {
   name: "nbd",
-  synopsis: "nbd [-f fmt] [-x name] [-D description] [-p port] [-b address] [-k socket] [-r] [-t] [-e shared] [-A] [--tls-creds dir] [--pid-file file] [--fork] [-v] filename",
+  synopsis: "nbd [-f fmt] [-x name] [-D description] [-p port] [-b address] [-k socket] [-r] [-l snapshot] [-t] [-e shared] [-A] [--tls-creds dir] [--pid-file file] [--fork] [-v] filename",
   summary: "Serve an image and its backing chain over NBD (like qemu-nbd).",
   optionHelp: [
     "  -f, --format=FMT        image format (raw, qcow2); probed when omitted",
@@ -243,7 +283,7 @@ export const nbdCommand: CliCommand = {
     "  --pid-file=PATH         write the server's process id once it listens",
     "  --fork                  run in the background once listening",
     "  -v, --verbose           log connections to stderr",
-    "  -l SNAPSHOT             not supported yet (E_UNSUPPORTED_FEATURE)",
+    "  -l, --load-snapshot=SNAPSHOT  export internal snapshot SNAPSHOT (ID or name, or snapshot.id=/snapshot.name=) read-only",
   ],
   async run(argv, context) {
     const options = parseNbdCommand(argv);
