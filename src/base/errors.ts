@@ -44,6 +44,10 @@ export const ERROR_CODES = {
   E_PATTERN_MISMATCH: "data read back differs from the expected pattern",
   E_COMPRESSION: "a compressed cluster could not be decompressed",
   E_ABORTED: "the operation was cancelled",
+  // Virtual machines (QEMU processes and their QMP connection).
+  E_QEMU: "QEMU failed to start, exited unexpectedly or closed its QMP connection",
+  E_QMP: "QEMU refused a QMP command (its error class and description are in the message)",
+  E_TIMEOUT: "an operation did not finish within its time limit",
   E_INTERNAL: "an internal error (a bug): please report it",
 } as const;
 
