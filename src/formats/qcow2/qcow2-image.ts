@@ -410,9 +410,9 @@ export class Qcow2Image implements BlockDevice {
     if (!geometry.extendedL2 || entry.type === "compressed") {
       switch (entry.type) {
         case "unallocated":
-          return { kind: "unallocated", length, hostOffset: 0, entry };
+          return { kind: "unallocated", length: sameWordRun(table, l2Index, inCluster, lengthBytes, geometry.l2Entries, cs, 0), hostOffset: 0, entry };
         case "zero-plain":
-          return { kind: "zero", length, hostOffset: 0, entry };
+          return { kind: "zero", length: sameWordRun(table, l2Index, inCluster, lengthBytes, geometry.l2Entries, cs, 1), hostOffset: 0, entry };
         case "zero-alloc":
           return { kind: "zero", length, hostOffset: entry.hostOffset + inCluster, entry };
         case "normal":
@@ -1645,6 +1645,22 @@ function rangeMask(first: number, end: number): number {
 function isAllZero(bytes: Uint8Array): boolean {
   for (let i = 0; i < bytes.length; i++) if (bytes[i] !== 0) return false;
   return true;
+}
+
+/**
+ * Length of the run that starts inCluster bytes into cluster l2Index of a
+ * (standard) L2 table whose entries from there on are the 64-bit word
+ * `low` (0: unallocated, 1: plain zero), capped at lengthBytes and the
+ * table's end: one run instead of one per cluster, so a status query over
+ * a sparse terabyte costs a scan of the words, not millions of objects.
+ */
+function sameWordRun(table: CachedTable, l2Index: number, inCluster: number, lengthBytes: number, l2Entries: number, clusterSizeBytes: number, low: number): number {
+  const clustersWanted = Math.ceil((inCluster + lengthBytes) / clusterSizeBytes);
+  const limit = Math.min(l2Entries, l2Index + clustersWanted);
+  const view = table.view;
+  let end = l2Index + 1;
+  while (end < limit && view.getUint32(end * 8 + 4) === low && view.getUint32(end * 8) === 0) end++;
+  return Math.min(lengthBytes, (end - l2Index) * clusterSizeBytes - inCluster);
 }
 
 function readWord(table: CachedTable, l2Index: number, extendedL2: boolean): bigint {
