@@ -759,8 +759,45 @@ export class Qcow2Image implements BlockDevice {
     if (data.length === 0) return;
     await this.#mutate(guestOffset, data.length, async () => {
       if (await this.#tryWriteInPlace(guestOffset, data)) return;
-      await this.#locked(() => this.#writeLocked(guestOffset, data));
+      await this.#locked(() => this.#writeLocked([{ guestOffset, data }]));
     });
+  }
+
+  /**
+   * Write several requests, in ascending guest order and not overlapping,
+   * with the result (host layout included) of calling write() on each in
+   * turn and awaiting it: clusters are allocated request by request in
+   * array order, but the data of all of them is written concurrently and
+   * the metadata mutex is taken once per group. Requests that share a
+   * guest cluster with the previous one start a new group (their COW
+   * padding must see the earlier data). Used by convert, whose writes to a
+   * qcow2 target must keep qemu-img's layout.
+   */
+  async writeBatch(requests: readonly WriteRequest[]): Promise<void> {
+    this.#checkWritable("write");
+    const cs = this.#meta.clusterSizeBytes;
+    let previousEnd = 0;
+    for (const request of requests) {
+      this.#checkRange(request.guestOffset, request.data.length, "write");
+      if (request.guestOffset < previousEnd) {
+        throw new SnapstackError("E_OUT_OF_RANGE", `${this.name}: batched writes must be in ascending guest order without overlap (guest offset ${request.guestOffset})`);
+      }
+      previousEnd = request.guestOffset + request.data.length;
+    }
+    const live = requests.filter((r) => r.data.length > 0);
+    for (let first = 0; first < live.length; ) {
+      let end = first + 1;
+      while (end < live.length && Math.floor(live[end].guestOffset / cs) * cs >= live[end - 1].guestOffset + live[end - 1].data.length) end++;
+      const group = live.slice(first, end);
+      const groupStart = group[0].guestOffset;
+      const last = group[group.length - 1];
+      await this.#mutate(groupStart, last.guestOffset + last.data.length - groupStart, async () => {
+        const allocating: WriteRequest[] = [];
+        for (const request of group) if (!(await this.#tryWriteInPlace(request.guestOffset, request.data))) allocating.push(request);
+        if (allocating.length > 0) await this.#locked(() => this.#writeLocked(allocating));
+      });
+      first = end;
+    }
   }
 
   /** Entry of guest cluster `clusterIndex` (loading its L2 table), or null when its L1 entry is empty. */
@@ -806,55 +843,67 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /**
-   * The write path under the metadata mutex: per L2 table, in-place parts
-   * and allocating runs (qcow2_alloc_host_offset + perform_cow + link_l2).
+   * The write path under the metadata mutex (qcow2_alloc_host_offset +
+   * perform_cow + link_l2) for requests that touch disjoint guest clusters,
+   * in order: per request and L2 table, in-place parts and allocating runs
+   * (allocation continues contiguously within a request, as in QEMU, and
+   * starts afresh for each request, as separate write() calls would); then
+   * the data of all requests, with COW padding, written concurrently; then
+   * the L2 entries set; then old clusters released.
    */
-  async #writeLocked(guestOffset: number, data: Uint8Array): Promise<void> {
+  async #writeLocked(requests: readonly WriteRequest[]): Promise<void> {
     const meta = this.#meta;
     const geometry = meta.geometry;
     const cs = geometry.clusterSizeBytes;
     await this.#markDirty();
     const freeAfter: L2Entry[] = [];
-    let nextHostOffset = -1;
-    let at = 0;
-    while (at < data.length) {
-      const g = guestOffset + at;
-      const l1Index = Math.floor(g / geometry.l2CoverageBytes);
-      const chunkEnd = Math.min(data.length, (l1Index + 1) * geometry.l2CoverageBytes - guestOffset);
-      const table = await meta.getL2ForWrite(l1Index);
-      const plans = this.#planClusters(table, guestOffset, at, chunkEnd);
-      nextHostOffset = await this.#allocatePlans(plans, nextHostOffset);
-      // Build and write data with COW padding, coalescing contiguous host ranges.
-      const writes: { hostOffset: number; parts: Uint8Array[]; length: number }[] = [];
-      for (const plan of plans) {
-        const { start, end } = this.#cowRange(plan);
-        const clusterGuest = plan.clusterIndex * cs;
-        const parts: Uint8Array[] = [];
-        if (start < plan.inCluster) {
-          const head = new Uint8Array(plan.inCluster - start);
-          await this.#readPadding(plan, clusterGuest + start, head);
-          parts.push(head);
+    const writes: HostWrite[] = [];
+    const links: { table: CachedTable; plans: ClusterPlan[] }[] = [];
+    for (const { guestOffset, data } of requests) {
+      let nextHostOffset = -1;
+      let at = 0;
+      while (at < data.length) {
+        const g = guestOffset + at;
+        const l1Index = Math.floor(g / geometry.l2CoverageBytes);
+        const chunkEnd = Math.min(data.length, (l1Index + 1) * geometry.l2CoverageBytes - guestOffset);
+        const table = await meta.getL2ForWrite(l1Index);
+        const plans = this.#planClusters(table, guestOffset, at, chunkEnd);
+        nextHostOffset = await this.#allocatePlans(plans, nextHostOffset);
+        // Data with COW padding, coalescing contiguous host ranges.
+        for (const plan of plans) {
+          const { start, end } = this.#cowRange(plan);
+          const clusterGuest = plan.clusterIndex * cs;
+          const parts: Uint8Array[] = [];
+          if (start < plan.inCluster) {
+            const head = new Uint8Array(plan.inCluster - start);
+            await this.#readPadding(plan, clusterGuest + start, head);
+            parts.push(head);
+          }
+          parts.push(data.subarray(plan.at, plan.at + plan.length));
+          if (end > plan.inCluster + plan.length) {
+            const tail = new Uint8Array(end - plan.inCluster - plan.length);
+            await this.#readPadding(plan, clusterGuest + plan.inCluster + plan.length, tail);
+            parts.push(tail);
+          }
+          const hostOffset = plan.hostOffset + start;
+          const last = writes[writes.length - 1];
+          if (last !== undefined && last.hostOffset + last.length === hostOffset) {
+            last.parts.push(...parts);
+            last.length += end - start;
+          } else {
+            writes.push({ hostOffset, parts, length: end - start });
+          }
+          plan.cowStart = start;
+          plan.cowEnd = end;
         }
-        parts.push(data.subarray(plan.at, plan.at + plan.length));
-        if (end > plan.inCluster + plan.length) {
-          const tail = new Uint8Array(end - plan.inCluster - plan.length);
-          await this.#readPadding(plan, clusterGuest + plan.inCluster + plan.length, tail);
-          parts.push(tail);
-        }
-        const hostOffset = plan.hostOffset + start;
-        const last = writes[writes.length - 1];
-        if (last !== undefined && last.hostOffset + last.length === hostOffset) {
-          last.parts.push(...parts);
-          last.length += end - start;
-        } else {
-          writes.push({ hostOffset, parts, length: end - start });
-        }
-        plan.cowStart = start;
-        plan.cowEnd = end;
+        links.push({ table, plans });
+        at = chunkEnd;
       }
-      await this.#writeHostRuns(writes);
-      meta.noteDataWritten();
-      // Link: update L2 entries after the data is written.
+    }
+    await this.#writeHostRuns(writes);
+    meta.noteDataWritten();
+    // Link: update L2 entries after the data is written.
+    for (const { table, plans } of links) {
       for (const plan of plans) {
         const word = encodeL2Entry({ type: "normal", hostOffset: plan.hostOffset, copied: true }, geometry.clusterBits, geometry.extendedL2);
         let alloc = 0;
@@ -873,7 +922,6 @@ export class Qcow2Image implements BlockDevice {
         table.dirty = true;
         if (!plan.inPlace && plan.entry.type !== "unallocated" && plan.entry.type !== "zero-plain") freeAfter.push(plan.entry);
       }
-      at = chunkEnd;
     }
     if (freeAfter.length > 0) {
       await this.#readGate.drain();
@@ -889,7 +937,7 @@ export class Qcow2Image implements BlockDevice {
    * that still has several pieces is assembled into one buffer when small
    * (one syscall beats several), else its pieces are written separately.
    */
-  async #writeHostRuns(writes: readonly { hostOffset: number; parts: Uint8Array[]; length: number }[]): Promise<void> {
+  async #writeHostRuns(writes: readonly HostWrite[]): Promise<void> {
     for (const w of writes) this.#meta.checkDataWrite(w.hostOffset, w.length);
     const pending: Promise<void>[] = [];
     for (const w of writes) {
@@ -1227,7 +1275,7 @@ export class Qcow2Image implements BlockDevice {
 
   async #writeZeroData(guestOffset: number, lengthBytes: number): Promise<void> {
     const zeros = new Uint8Array(lengthBytes);
-    if (!(await this.#tryWriteInPlace(guestOffset, zeros))) await this.#writeLocked(guestOffset, zeros);
+    if (!(await this.#tryWriteInPlace(guestOffset, zeros))) await this.#writeLocked([{ guestOffset, data: zeros }]);
   }
 
   async discard(guestOffset: number, lengthBytes: number): Promise<void> {
@@ -1556,6 +1604,19 @@ export class Qcow2Image implements BlockDevice {
       if (this.#closeBacking && this.backing !== null) await this.backing.close();
     }
   }
+}
+
+/** One write request of a batch (Qcow2Image.writeBatch). */
+export interface WriteRequest {
+  guestOffset: number;
+  data: Uint8Array;
+}
+
+/** A contiguous host range to write, as pieces (COW padding, slices of the caller's data). */
+interface HostWrite {
+  hostOffset: number;
+  parts: Uint8Array[];
+  length: number;
 }
 
 interface ClusterPlan {
