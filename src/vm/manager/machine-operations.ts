@@ -1,0 +1,309 @@
+/**
+ * Operations on a machine's files while no QEMU uses them: create,
+ * snapshot (disk and configuration), revert, delete a snapshot, diff,
+ * clone, remove. The daemon's manager (machine-manager.ts) calls these for
+ * stopped machines and wraps them with pause/swap/restart for running ones.
+ *
+ * Each multi-step operation plans on the pure tree (snapshot-tree.ts) and
+ * runs under the store's journal (machine-store.ts).
+ */
+import { existsSync, mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { SnapstackError } from "../../base/errors.ts";
+import { openImage } from "../../chain/open-image.ts";
+import { convertImage } from "../../chain/convert-image.ts";
+import { diffImages, type DiffRange, type JobProgress } from "../../chain/jobs/index.ts";
+import { writeJsonAtomic } from "../store/atomic-file.ts";
+import { executeSteps, fileAllocatedBytes, stepPath } from "../store/layer-steps.ts";
+import { MachineStore, type MachineConfig } from "../store/machine-store.ts";
+import { validateName } from "../store/names.ts";
+import {
+  childrenOf,
+  createTree,
+  exclusiveLayers,
+  findSnapshot,
+  layerChain,
+  planDelete,
+  planRevert,
+  planSnapshot,
+  retainedBy,
+  setPin,
+  type LayerSize,
+  type SnapshotRecord,
+  type TreeRecord,
+} from "../tree/snapshot-tree.ts";
+
+/** Smallest and largest accepted machine settings. */
+export const MEMORY_BYTES_MIN = 16 * 1024 * 1024;
+export const MEMORY_BYTES_MAX = 1024 * 1024 * 1024 * 1024;
+export const CPUS_MAX = 256;
+export const DISK_BYTES_MAX = 64 * 1024 * 1024 * 1024 * 1024;
+export const DESCRIPTION_BYTES_MAX = 4096;
+
+export interface CreateMachineRequest {
+  name: string;
+  memoryBytes?: number;
+  cpus?: number;
+  diskSizeBytes?: number;
+  /** Copy this image (raw or qcow2) as the machine's disk. */
+  diskFrom?: string;
+  kernel?: string | null;
+  initrd?: string | null;
+  append?: string | null;
+  cdrom?: string | null;
+  extraArgs?: string[];
+}
+
+export interface OperationOptions {
+  wipe?: boolean;
+  onProgress?: (progress: JobProgress) => void;
+  signal?: AbortSignal;
+}
+
+function usage(message: string, details: Record<string, unknown> = {}): SnapstackError {
+  return new SnapstackError("E_USAGE", message, details);
+}
+
+function checkInteger(what: string, value: number, min: number, max: number): number {
+  if (!Number.isSafeInteger(value) || value < min || value > max) throw new SnapstackError("E_INVALID_SIZE", `${what} ${value} must be an integer in ${min}..${max}`, { value });
+  return value;
+}
+
+function checkFile(what: string, path: string | null | undefined): string | null {
+  if (path === null || path === undefined) return null;
+  if (!existsSync(path)) throw new SnapstackError("E_NOT_FOUND", `${what} ${path}: no such file`, { path });
+  return path;
+}
+
+export function sizeOfIn(dir: string): LayerSize {
+  return (file) => fileAllocatedBytes(stepPath(dir, file));
+}
+
+/** Create a machine with an empty disk or a copy of an image. */
+export async function createMachine(store: MachineStore, request: CreateMachineRequest): Promise<MachineConfig> {
+  const name = validateName("machine", request.name);
+  if (store.has(name)) throw new SnapstackError("E_EXISTS", `a machine named '${name}' already exists`, { machine: name });
+  if ((request.diskSizeBytes === undefined) === (request.diskFrom === undefined)) throw usage("give exactly one of a disk size (--disk) or an image (--disk-from)");
+  let diskSizeBytes = request.diskSizeBytes ?? 0;
+  let source = null;
+  if (request.diskFrom !== undefined) {
+    source = await openImage(checkFile("disk image", request.diskFrom)!, { readOnly: true });
+    diskSizeBytes = source.sizeBytes;
+  }
+  try {
+    const config: MachineConfig = {
+      name,
+      memoryBytes: checkInteger("memory", request.memoryBytes ?? 512 * 1024 * 1024, MEMORY_BYTES_MIN, MEMORY_BYTES_MAX),
+      cpus: checkInteger("cpus", request.cpus ?? 1, 1, CPUS_MAX),
+      diskSizeBytes: checkInteger("disk size", diskSizeBytes, 512, DISK_BYTES_MAX),
+      kernel: checkFile("kernel", request.kernel),
+      initrd: checkFile("initrd", request.initrd),
+      append: request.append ?? null,
+      cdrom: checkFile("cdrom", request.cdrom),
+      extraArgs: request.extraArgs ?? [],
+      createdAt: new Date().toISOString(),
+      cloneOf: null,
+    };
+    if (config.initrd !== null && config.kernel === null) throw usage("--initrd needs --kernel");
+    const plan = createTree(config.diskSizeBytes);
+    const copy = source;
+    await store.create(config, plan.tree, copy === null ? plan.steps : [], async (dir) => {
+      if (copy !== null) await convertImage(copy, join(dir, plan.tree.layers[plan.tree.current.layer].file), { format: "qcow2", targetCache: "writeback" });
+    });
+    return config;
+  } finally {
+    await source?.close();
+  }
+}
+
+/** A linked clone: a new machine whose disk is an overlay on `snapshot` of `source`. */
+export async function cloneMachine(store: MachineStore, sourceName: string, snapshotName: string, newName: string): Promise<MachineConfig> {
+  const name = validateName("machine", newName);
+  if (store.has(name)) throw new SnapstackError("E_EXISTS", `a machine named '${name}' already exists`, { machine: name });
+  const sourceConfig = store.loadConfig(sourceName);
+  const sourceTree = store.loadTree(sourceName);
+  const snapshot = findSnapshot(sourceTree, snapshotName);
+  const layer = sourceTree.layers[snapshot.layer];
+  const pinned = setPin(sourceTree, layer.id, name, true, sizeOfIn(store.machineDir(sourceName)));
+  store.saveTree(sourceName, pinned.tree);
+  const config: MachineConfig = { ...sourceConfig, name, createdAt: new Date().toISOString(), cloneOf: { machine: sourceName, snapshot: snapshot.name, layer: layer.id } };
+  const plan = createTree(config.diskSizeBytes, { file: stepPath(store.machineDir(sourceName), layer.file) });
+  try {
+    await store.create(config, plan.tree, plan.steps);
+  } catch (error) {
+    store.saveTree(sourceName, setPin(store.loadTree(sourceName), layer.id, name, false, sizeOfIn(store.machineDir(sourceName))).tree);
+    throw error;
+  }
+  return config;
+}
+
+function snapshotDescription(description: string | undefined): string {
+  const text = description ?? "";
+  if (Buffer.byteLength(text, "utf8") > DESCRIPTION_BYTES_MAX) throw usage(`description longer than ${DESCRIPTION_BYTES_MAX} bytes`);
+  return text;
+}
+
+/** Write the snapshot's copy of the configuration (before the journal commits it). */
+export function writeSnapshotConfig(store: MachineStore, name: string, snapshotId: string, config: MachineConfig): string {
+  const dir = store.snapshotDir(name, snapshotId);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  writeJsonAtomic(join(dir, "config.json"), config);
+  return dir;
+}
+
+export interface SnapshotRequestInput {
+  snapshot: string;
+  description?: string;
+}
+
+/** Plan a snapshot (used by both the stopped and the live paths). */
+export function prepareSnapshot(store: MachineStore, name: string, input: SnapshotRequestInput, hasState: boolean) {
+  const snapshotName = validateName("snapshot", input.snapshot);
+  const config = store.loadConfig(name);
+  const tree = store.loadTree(name);
+  const plan = planSnapshot(tree, { name: snapshotName, description: snapshotDescription(input.description), createdAt: new Date().toISOString(), hasState, sizeBytes: config.diskSizeBytes });
+  writeSnapshotConfig(store, name, plan.snapshot.id, config);
+  return plan;
+}
+
+/** Snapshot a stopped machine: disk and configuration. */
+export async function snapshotStopped(store: MachineStore, name: string, input: SnapshotRequestInput): Promise<SnapshotRecord> {
+  const plan = prepareSnapshot(store, name, input, false);
+  await store.runJournaled(name, "snapshot", plan);
+  return plan.snapshot;
+}
+
+/** Revert a stopped machine's disk to a snapshot (the old top is discarded). */
+export async function revertStopped(store: MachineStore, name: string, snapshotName: string, options: OperationOptions = {}): Promise<{ snapshot: SnapshotRecord; freedBytes: number }> {
+  const config = store.loadConfig(name);
+  const plan = planRevert(store.loadTree(name), snapshotName, config.diskSizeBytes, sizeOfIn(store.machineDir(name)));
+  const result = await store.runJournaled(name, "revert", plan, options);
+  return { snapshot: plan.snapshot, freedBytes: result.freedBytes };
+}
+
+export interface DeleteResult {
+  snapshot: SnapshotRecord;
+  freedBytes: number;
+  mergedBytes: number;
+}
+
+/** Delete a snapshot of a stopped machine. */
+export async function deleteSnapshotStopped(store: MachineStore, name: string, snapshotName: string, options: OperationOptions = {}): Promise<DeleteResult> {
+  const plan = planDelete(store.loadTree(name), snapshotName, sizeOfIn(store.machineDir(name)), { running: false });
+  const result = await store.runJournaled(name, "delete-snapshot", plan, options);
+  return { snapshot: plan.snapshot, ...result };
+}
+
+/** Changed ranges between two snapshots' disks ("current" names the live top). */
+export async function diffSnapshots(store: MachineStore, name: string, from: string, to: string, options: OperationOptions = {}): Promise<{ ranges: DiffRange[]; changedBytes: number }> {
+  const tree = store.loadTree(name);
+  const dir = store.machineDir(name);
+  const layerOf = (spec: string): string => (spec === "current" && !Object.values(tree.snapshots).some((s) => s.name === "current") ? tree.current.layer : findSnapshot(tree, spec).layer);
+  const fromDevice = await openImage(stepPath(dir, tree.layers[layerOf(from)].file), { readOnly: true });
+  try {
+    const toDevice = await openImage(stepPath(dir, tree.layers[layerOf(to)].file), { readOnly: true });
+    try {
+      const result = await diffImages(fromDevice, toDevice, { onProgress: options.onProgress, signal: options.signal });
+      const ranges = result.ranges;
+      return { ranges, changedBytes: ranges.reduce((sum, range) => sum + range.length, 0) };
+    } finally {
+      await toDevice.close();
+    }
+  } finally {
+    await fromDevice.close();
+  }
+}
+
+/** Remove a stopped machine (refused while clones use its layers). */
+export async function removeStopped(store: MachineStore, name: string, options: OperationOptions = {}): Promise<{ freedBytes: number }> {
+  const tree = store.loadTree(name);
+  const config = store.loadConfig(name);
+  const clones = [...new Set(Object.values(tree.pins).flat())];
+  if (clones.length > 0) throw new SnapstackError("E_IN_USE", `machine '${name}' is used by linked clone(s) ${clones.join(", ")}: remove them first`, { machine: name, clones });
+  let freedBytes = 0;
+  if (options.wipe) {
+    const steps = [
+      ...Object.values(tree.snapshots).map((snapshot) => ({ kind: "remove-snapshot-files" as const, snapshot: snapshot.id })),
+      ...Object.values(tree.layers)
+        .filter((layer) => layer.external !== true)
+        .map((layer) => ({ kind: "remove-layer" as const, file: layer.file })),
+    ];
+    freedBytes = (await executeSteps(store.machineDir(name), steps, { wipe: true })).freedBytes;
+  } else {
+    for (const layer of Object.values(tree.layers)) if (layer.external !== true) freedBytes += fileAllocatedBytes(stepPath(store.machineDir(name), layer.file));
+  }
+  store.removeMachine(name);
+  if (config.cloneOf !== null && store.has(config.cloneOf.machine)) {
+    const source = config.cloneOf.machine;
+    const plan = setPin(store.loadTree(source), config.cloneOf.layer, name, false, sizeOfIn(store.machineDir(source)));
+    await store.runJournaled(source, "unpin", plan, options);
+  }
+  return { freedBytes };
+}
+
+export interface SnapshotView {
+  id: string;
+  name: string;
+  description: string;
+  createdAt: string;
+  parent: string | null;
+  children: string[];
+  hasState: boolean;
+  current: boolean;
+  /** Bytes in this snapshot's own layer. */
+  ownBytes: number;
+  /** Bytes deleting it would free before merges (0 when others still need the layer). */
+  freeableBytes: number;
+  /** What keeps the layer alive besides this snapshot (clones, layers above). */
+  retainedBy: string[];
+  depth: number;
+}
+
+export interface TreeView {
+  machine: string;
+  current: { snapshot: string | null; topBytes: number };
+  /** Layer files the machine holds. */
+  layerCount: number;
+  /** Layers the current disk reads through. */
+  chainDepth: number;
+  snapshots: SnapshotView[];
+}
+
+/** The tree in display order (depth-first, children by creation time). */
+export function describeTree(store: MachineStore, name: string, tree: TreeRecord = store.loadTree(name)): TreeView {
+  const sizeOf = sizeOfIn(store.machineDir(name));
+  const nameOf = (id: string | null): string | null => (id === null ? null : tree.snapshots[id].name);
+  const views: SnapshotView[] = [];
+  const stack: Array<{ id: string; depth: number }> = childrenOf(tree, null)
+    .reverse()
+    .map((s) => ({ id: s.id, depth: 0 }));
+  while (stack.length > 0) {
+    const { id, depth } = stack.pop()!;
+    const snapshot = tree.snapshots[id];
+    const children = childrenOf(tree, id);
+    const ownBytes = sizeOf(tree.layers[snapshot.layer].file);
+    const freeable = exclusiveLayers(tree, id).reduce((sum, layer) => sum + sizeOf(tree.layers[layer].file), 0);
+    views.push({
+      id,
+      name: snapshot.name,
+      description: snapshot.description,
+      createdAt: snapshot.createdAt,
+      parent: nameOf(snapshot.parent),
+      children: children.map((child) => child.name),
+      hasState: snapshot.hasState,
+      current: tree.current.snapshot === id,
+      ownBytes,
+      freeableBytes: freeable + (snapshot.hasState ? fileAllocatedBytes(join(store.snapshotDir(name, id), "state.bin")) : 0),
+      retainedBy: retainedBy(tree, id),
+      depth,
+    });
+    for (const child of [...children].reverse()) stack.push({ id: child.id, depth: depth + 1 });
+  }
+  return {
+    machine: name,
+    current: { snapshot: nameOf(tree.current.snapshot), topBytes: sizeOf(tree.layers[tree.current.layer].file) },
+    layerCount: Object.values(tree.layers).filter((layer) => layer.external !== true).length,
+    chainDepth: layerChain(tree, tree.current.layer).length,
+    snapshots: views,
+  };
+}

@@ -1,0 +1,140 @@
+/**
+ * Executing the planner's steps (snapshot-tree.ts) on a machine's files.
+ *
+ * Design notes
+ * - Every step is idempotent and checks the files before acting, so a
+ *   journal replay after a kill at any point finishes the operation:
+ *     create-overlay  skipped when the file exists with the expected
+ *                     backing name (it may already hold guest writes);
+ *     stream          skipped when the target already backs onto the base;
+ *     commit          skipped when the source is gone (it is removed right
+ *                     after, and the commit only adds data the source
+ *                     shadows, so repeating it is harmless);
+ *     rebase-unsafe   rewrites the header name (same result twice);
+ *     remove-layer    skipped when the file is gone;
+ *     remove-snapshot-files  rm -r (with wipe: state file zeroed first).
+ * - Backing names are stored relative between layers of one machine
+ *   ("L3.qcow2") and absolute for an external base (a clone's).
+ * - Wiping: removed layers and state files are overwritten with zeroes and
+ *   flushed before unlinking (remove-image.ts), and committed sources too.
+ */
+import { existsSync, rmSync, statSync } from "node:fs";
+import { dirname, isAbsolute, join, relative, resolve } from "node:path";
+import { openNodeFile } from "../../io/node-file.ts";
+import { readQcow2Header } from "../../formats/qcow2/index.ts";
+import { createImage } from "../../chain/create-image.ts";
+import { resolveBackingPath } from "../../chain/backing-path.ts";
+import { commitImage, rebaseImage, removeImage, streamImage, type JobProgress } from "../../chain/jobs/index.ts";
+import type { LayerStep } from "../tree/snapshot-tree.ts";
+
+export interface StepOptions {
+  wipe?: boolean;
+  onProgress?: (progress: JobProgress) => void;
+  signal?: AbortSignal;
+}
+
+export interface StepResult {
+  /** Bytes copied by streams and commits. */
+  mergedBytes: number;
+  /** Bytes of files removed. */
+  freedBytes: number;
+}
+
+/** Absolute path of a layer file named in a step. */
+export function stepPath(machineDir: string, file: string): string {
+  return isAbsolute(file) ? file : join(machineDir, file);
+}
+
+/** The name stored in an overlay for its backing `backingPath`. */
+export function backingNameFor(overlayPath: string, backingPath: string, external: boolean): string {
+  return external ? resolve(backingPath) : relative(dirname(overlayPath), backingPath);
+}
+
+/** The backing file an image names (resolved), or null; null also when the file is missing. */
+export async function readBackingPath(path: string): Promise<string | null> {
+  const file = await openNodeFile(path, { readOnly: true });
+  try {
+    const header = await readQcow2Header(file);
+    return header.backingFileName === null ? null : resolve(resolveBackingPath(path, header.backingFileName));
+  } finally {
+    await file.close();
+  }
+}
+
+/** Bytes a file occupies on disk (0 when missing). */
+export function fileAllocatedBytes(path: string): number {
+  try {
+    return statSync(path).blocks * 512;
+  } catch {
+    return 0;
+  }
+}
+
+async function removeFile(path: string, wipe: boolean): Promise<number> {
+  if (!existsSync(path)) return 0;
+  const bytes = fileAllocatedBytes(path);
+  if (wipe) await removeImage(path, { wipe: true, searchDirectories: [] });
+  else rmSync(path, { force: true });
+  return bytes;
+}
+
+export async function executeStep(machineDir: string, step: LayerStep, options: StepOptions = {}): Promise<StepResult> {
+  const jobOptions = { onProgress: options.onProgress, signal: options.signal };
+  switch (step.kind) {
+    case "create-overlay": {
+      const path = stepPath(machineDir, step.file);
+      if (step.backingFile === null) {
+        if (!existsSync(path)) await createImage(path, { format: "qcow2", sizeBytes: step.sizeBytes });
+        return { mergedBytes: 0, freedBytes: 0 };
+      }
+      const backingPath = stepPath(machineDir, step.backingFile);
+      if (existsSync(path) && (await readBackingPath(path).catch(() => null)) === resolve(backingPath)) return { mergedBytes: 0, freedBytes: 0 };
+      await createImage(path, {
+        format: "qcow2",
+        sizeBytes: step.sizeBytes,
+        backingFile: backingNameFor(path, backingPath, isAbsolute(step.backingFile)),
+        backingFormat: "qcow2",
+        unsafe: true,
+      });
+      return { mergedBytes: 0, freedBytes: 0 };
+    }
+    case "stream": {
+      const into = stepPath(machineDir, step.intoFile);
+      const base = step.baseFile === null ? null : resolve(stepPath(machineDir, step.baseFile));
+      if ((await readBackingPath(into)) === base) return { mergedBytes: 0, freedBytes: 0 };
+      const result = await streamImage(into, { ...jobOptions, base: base ?? undefined });
+      return { mergedBytes: result.streamedBytes, freedBytes: 0 };
+    }
+    case "commit": {
+      const from = stepPath(machineDir, step.fromFile);
+      if (!existsSync(from)) return { mergedBytes: 0, freedBytes: 0 };
+      const result = await commitImage(from, { ...jobOptions, drop: true, searchDirectories: [] });
+      return { mergedBytes: result.committedBytes, freedBytes: 0 };
+    }
+    case "rebase-unsafe": {
+      const path = stepPath(machineDir, step.file);
+      const backingPath = stepPath(machineDir, step.backingFile);
+      await rebaseImage(path, { backingFile: backingNameFor(path, backingPath, isAbsolute(step.backingFile)), backingFormat: "qcow2", unsafe: true });
+      return { mergedBytes: 0, freedBytes: 0 };
+    }
+    case "remove-layer":
+      return { mergedBytes: 0, freedBytes: await removeFile(stepPath(machineDir, step.file), options.wipe ?? false) };
+    case "remove-snapshot-files": {
+      const dir = join(machineDir, "snapshots", step.snapshot);
+      const freedBytes = await removeFile(join(dir, "state.bin"), options.wipe ?? false);
+      rmSync(dir, { recursive: true, force: true });
+      return { mergedBytes: 0, freedBytes };
+    }
+  }
+}
+
+/** Run steps in order, summing results. */
+export async function executeSteps(machineDir: string, steps: readonly LayerStep[], options: StepOptions = {}): Promise<StepResult> {
+  const total: StepResult = { mergedBytes: 0, freedBytes: 0 };
+  for (const step of steps) {
+    const result = await executeStep(machineDir, step, options);
+    total.mergedBytes += result.mergedBytes;
+    total.freedBytes += result.freedBytes;
+  }
+  return total;
+}

@@ -1,0 +1,28 @@
+/**
+ * Names users give machines and snapshots. They become directory names
+ * (machines) and appear in URLs and on terminals, so they are validated at
+ * the edge: 1..NAME_BYTES_MAX bytes of UTF-8, no path separators, no
+ * control characters, not "." or "..", no leading dash (it would read as
+ * an option) and no leading or trailing blank.
+ */
+import { SnapstackError } from "../../base/errors.ts";
+
+/** Longest machine or snapshot name in UTF-8 bytes (fits a directory name with room for suffixes). */
+export const NAME_BYTES_MAX = 64;
+
+export type NameKind = "machine" | "snapshot";
+
+/** Throw E_USAGE naming the rule `name` breaks; return it unchanged when valid. */
+export function validateName(kind: NameKind, name: unknown): string {
+  const invalid = (why: string): SnapstackError =>
+    new SnapstackError("E_USAGE", `invalid ${kind} name ${JSON.stringify(name)}: ${why}`, { kind, name });
+  if (typeof name !== "string" || name.length === 0) throw invalid("must be a non-empty string");
+  if (Buffer.byteLength(name, "utf8") > NAME_BYTES_MAX) throw invalid(`longer than ${NAME_BYTES_MAX} bytes`);
+  if (/[/\\]/.test(name)) throw invalid("contains a path separator");
+  // eslint-disable-next-line no-control-regex
+  if (/[\u0000-\u001f\u007f-\u009f]/.test(name)) throw invalid("contains a control character");
+  if (name === "." || name === "..") throw invalid("is a relative directory name");
+  if (name.startsWith("-")) throw invalid("starts with '-'");
+  if (name.trim() !== name) throw invalid("starts or ends with a blank");
+  return name;
+}

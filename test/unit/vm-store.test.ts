@@ -1,0 +1,146 @@
+/**
+ * The machine store, names, the tree planner's merge choices, and journal
+ * recovery of an interrupted multi-step operation.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync, readdirSync } from "node:fs";
+import { join } from "node:path";
+import { openImage } from "../../src/chain/open-image.ts";
+import { validateName, NAME_BYTES_MAX } from "../../src/vm/store/names.ts";
+import { MachineStore, resolveHome } from "../../src/vm/store/machine-store.ts";
+import { executeStep, stepPath } from "../../src/vm/store/layer-steps.ts";
+import { writeJsonAtomic } from "../../src/vm/store/atomic-file.ts";
+import { checkTree, createTree, planDelete, planRevert, planSnapshot, type TreeRecord } from "../../src/vm/tree/snapshot-tree.ts";
+import { createMachine, deleteSnapshotStopped, describeTree, sizeOfIn, snapshotStopped, cloneMachine, removeStopped, revertStopped, diffSnapshots } from "../../src/vm/manager/machine-operations.ts";
+import { scratchDir } from "../helpers/tools.ts";
+
+test("names: path separators, control characters, length and dots are refused with E_USAGE", () => {
+  for (const bad of ["", "a/b", "a\\b", "a\nb", "tab\there", "\u007f", ".", "..", "-x", " lead", "trail ", "x".repeat(NAME_BYTES_MAX + 1)]) {
+    assert.throws(() => validateName("machine", bad), (error: { code?: string }) => error.code === "E_USAGE", JSON.stringify(bad));
+  }
+  for (const good of ["web-1", "Debian 12", "snap.2024-01-01", "é", "x".repeat(NAME_BYTES_MAX)]) assert.equal(validateName("snapshot", good), good);
+});
+
+test("home: --home, then SNAPSTACK_HOME, then ~/.local/share/snapstack", () => {
+  assert.equal(resolveHome("/a", { SNAPSTACK_HOME: "/b" }), "/a");
+  assert.equal(resolveHome(undefined, { SNAPSTACK_HOME: "/b" }), "/b");
+  assert.equal(resolveHome(undefined, { HOME: "/h" }), "/h/.local/share/snapstack");
+});
+
+function chainOf(names: string[]): TreeRecord {
+  let tree = createTree(1 << 20).tree;
+  for (const name of names) tree = planSnapshot(tree, { name, description: "", createdAt: name, hasState: false, sizeBytes: 1 << 20 }).tree;
+  return tree;
+}
+
+test("planner: delete a middle snapshot merges into the cheaper neighbour", () => {
+  const tree = chainOf(["a", "b", "c"]);
+  const layerOf = (name: string): string => Object.values(tree.snapshots).find((s) => s.name === name)!.layer;
+  // b's layer is big, c's small: commit c into b's layer (cost c).
+  const bigB = planDelete(tree, "b", (file) => (file.includes(layerOf("b")) ? 1000 : 10), { running: false });
+  assert.deepEqual(bigB.steps.map((step) => step.kind), ["remove-snapshot-files", "commit", "rebase-unsafe", "remove-layer"]);
+  checkTree(bigB.tree);
+  // b's layer is small: stream it into c's layer (cost b).
+  const smallB = planDelete(tree, "b", (file) => (file.includes(layerOf("b")) ? 10 : 1000), { running: false });
+  assert.deepEqual(smallB.steps.map((step) => step.kind), ["remove-snapshot-files", "stream", "remove-layer"]);
+  assert.equal(Object.keys(smallB.tree.layers).length, 3);
+  // Deleting the current snapshot's parent while running never commits the live top away.
+  const running = planDelete(tree, "c", (file) => (file.includes(layerOf("c")) ? 1000 : 1), { running: true });
+  assert.deepEqual(running.steps.map((step) => step.kind), ["remove-snapshot-files", "stream", "remove-layer"]);
+  assert.equal(running.tree.current.snapshot, Object.values(running.tree.snapshots).find((s) => s.name === "b")!.id);
+});
+
+test("planner: a node with two children is streamed into both; a revert drops the old top", () => {
+  let tree = chainOf(["root"]);
+  tree = planSnapshot(tree, { name: "left", description: "", createdAt: "1", hasState: false, sizeBytes: 1 << 20 }).tree;
+  tree = planRevert(tree, "root", 1 << 20, () => 0).tree;
+  tree = planSnapshot(tree, { name: "right", description: "", createdAt: "2", hasState: false, sizeBytes: 1 << 20 }).tree;
+  const plan = planDelete(tree, "root", () => 100, { running: false });
+  assert.equal(plan.steps.filter((step) => step.kind === "stream").length, 2);
+  assert.equal(Object.keys(plan.tree.layers).length, 3);
+  assert.deepEqual(Object.values(plan.tree.snapshots).map((s) => s.parent), [null, null]);
+});
+
+async function readAll(path: string): Promise<Buffer> {
+  const device = await openImage(path, { readOnly: true });
+  try {
+    const buffer = new Uint8Array(device.sizeBytes);
+    await device.read(0, buffer);
+    return Buffer.from(buffer);
+  } finally {
+    await device.close();
+  }
+}
+
+async function writeTop(store: MachineStore, name: string, offset: number, byte: number): Promise<void> {
+  const tree = store.loadTree(name);
+  const device = await openImage(stepPath(store.machineDir(name), tree.layers[tree.current.layer].file));
+  try {
+    await device.write(offset, new Uint8Array(65536).fill(byte));
+  } finally {
+    await device.close();
+  }
+}
+
+test("journal: an interrupted delete is finished at the next start; contents intact", async (t) => {
+  const store = new MachineStore(scratchDir(t));
+  await createMachine(store, { name: "m", diskSizeBytes: 1 << 20 });
+  for (const [index, name] of ["a", "b", "c"].entries()) {
+    await writeTop(store, "m", index * 65536, 0x11 * (index + 1));
+    await snapshotStopped(store, "m", { snapshot: name });
+  }
+  const dir = store.machineDir("m");
+  const before = describeTree(store, "m");
+  const tree = store.loadTree("m");
+  const contentOf = async (t2: TreeRecord, name: string): Promise<Buffer> =>
+    readAll(stepPath(dir, t2.layers[Object.values(t2.snapshots).find((s) => s.name === name)!.layer].file));
+  const expectedC = await contentOf(tree, "c");
+  const plan = planDelete(tree, "b", sizeOfIn(dir), { running: false });
+  // Simulate a kill after the journal and the first two steps.
+  writeJsonAtomic(store.journalPath("m"), { operation: "delete-snapshot", steps: plan.steps, wipe: false, tree: plan.tree, startedAt: "" });
+  for (const step of plan.steps.slice(0, 2)) await executeStep(dir, step);
+  const reopened = new MachineStore(store.home);
+  assert.equal(await reopened.recover("m"), "delete-snapshot");
+  assert.equal(existsSync(reopened.journalPath("m")), false);
+  const after = reopened.loadTree("m");
+  checkTree(after);
+  assert.deepEqual(Object.values(after.snapshots).map((s) => s.name).sort(), ["a", "c"]);
+  assert.ok((await contentOf(after, "c")).equals(expectedC));
+  assert.equal(readdirSync(join(dir, "layers")).length, Object.keys(after.layers).length);
+  assert.equal(before.snapshots.length, 3);
+});
+
+test("machine operations: bad input, clone pins its layer, diff, remove", async (t) => {
+  const store = new MachineStore(scratchDir(t));
+  await assert.rejects(createMachine(store, { name: "a/b", diskSizeBytes: 1 << 20 }), { code: "E_USAGE" });
+  await assert.rejects(createMachine(store, { name: "m" }), { code: "E_USAGE" });
+  await createMachine(store, { name: "m", diskSizeBytes: 1 << 20 });
+  await assert.rejects(createMachine(store, { name: "m", diskSizeBytes: 1 << 20 }), { code: "E_EXISTS" });
+  await assert.rejects(snapshotStopped(store, "nope", { snapshot: "x" }), { code: "E_NOT_FOUND" });
+  await writeTop(store, "m", 0, 0xaa);
+  await snapshotStopped(store, "m", { snapshot: "one" });
+  await assert.rejects(snapshotStopped(store, "m", { snapshot: "one" }), { code: "E_SNAPSHOT_EXISTS" });
+  await assert.rejects(revertStopped(store, "m", "zzz"), { code: "E_SNAPSHOT_NOT_FOUND" });
+  await writeTop(store, "m", 131072, 0xbb);
+  await snapshotStopped(store, "m", { snapshot: "two" });
+  const diff = await diffSnapshots(store, "m", "one", "two");
+  assert.deepEqual(diff.ranges.map((r) => [r.start, r.length]), [[131072, 65536]]);
+
+  await cloneMachine(store, "m", "one", "c1");
+  assert.deepEqual(store.loadTree("m").pins[store.loadTree("m").snapshots.s1.layer], ["c1"]);
+  await deleteSnapshotStopped(store, "m", "one");
+  const view = describeTree(store, "m");
+  assert.deepEqual(view.snapshots.map((s) => s.name), ["two"]);
+  // The clone still reads the snapshot's data.
+  const cloneTree = store.loadTree("c1");
+  const cloneDisk = await readAll(stepPath(store.machineDir("c1"), cloneTree.layers[cloneTree.current.layer].file));
+  assert.equal(cloneDisk[0], 0xaa);
+  assert.equal(cloneDisk[131072], 0);
+  await assert.rejects(removeStopped(store, "m"), { code: "E_IN_USE" });
+  await removeStopped(store, "c1", { wipe: true });
+  assert.deepEqual(store.loadTree("m").pins, {});
+  assert.equal(Object.keys(store.loadTree("m").layers).length, 2);
+  await removeStopped(store, "m");
+  assert.deepEqual(store.list(), []);
+});
