@@ -4,7 +4,7 @@
  * qemu-img's own commit/rebase on copies of the same chain, a raw model,
  * and qemu-img check after each step.
  */
-import { test } from "node:test";
+import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { cpSync, mkdirSync, statSync } from "node:fs";
 import { join } from "node:path";
@@ -70,7 +70,7 @@ async function assertAllClean(chain: Chain): Promise<void> {
 }
 
 /** The chain in dir/ours and a copy in dir/qemu. */
-async function twoChains(t: import("node:test").TestContext): Promise<{ ours: Chain; qemu: Chain }> {
+async function twoChains(t: TestContext): Promise<{ ours: Chain; qemu: Chain }> {
   const dir = scratchDir(t);
   const ours = await buildChain(join(dir, "ours"));
   return { ours, qemu: copyChain(ours, join(dir, "qemu")) };

@@ -126,11 +126,11 @@ function realPathOrNull(path: string): string | null {
 export function findInChain(layers: readonly BlockDevice[], name: string, topName: string): number {
   const targets = layers.map((layer) => realPathOrNull(layer.name));
   for (let depth = 1; depth < layers.length; depth++) {
-    let candidate: string | null = null;
+    let candidate: string | null;
     try {
       candidate = realPathOrNull(resolveBackingPath(layers[depth - 1].name, name));
     } catch {
-      candidate = null;
+      candidate = null; // a protocol name: never a file of this chain
     }
     if (candidate !== null && candidate === targets[depth]) return depth;
   }
