@@ -1,0 +1,477 @@
+/**
+ * One running qemu-system-x86_64: start it from a launch spec, drive it over
+ * QMP (pause, resume, save its state, quit), and know when it exits.
+ *
+ * Design notes
+ * - Start: validate the spec, clear stale sockets in runDir, spawn QEMU
+ *   (its own process group, so a Ctrl-C meant for the daemon does not kill
+ *   guests; stderr to runDir/qemu.stderr, so it survives the daemon), then
+ *   connect QMP. If QEMU exits first, start fails with E_QEMU carrying
+ *   QEMU's stderr; any later failure of start kills the process it spawned.
+ * - Saving state (the VM must be paused: `stop` has drained and flushed the
+ *   guest's I/O): QEMU migrates to a Unix socket we listen on, and we write
+ *   what arrives to the file ourselves and fsync it. Not `exec:cat > file`:
+ *   QEMU 7.2 reports "completed" and reaps the helper as soon as it closed
+ *   the pipe, before cat has necessarily written the pipe's tail, and we
+ *   could not fsync what cat wrote. Migration bandwidth is unthrottled
+ *   (QEMU's default is 32 MiB/s); zero pages cost a few bytes each, so a
+ *   256 MiB guest saves in well under a second. After saving, the VM is in
+ *   "postmigrate"; `resume()` continues it (the live-snapshot path).
+ * - Loading state: QEMU starts with `-S -incoming defer`; migrate-incoming
+ *   makes it listen on runDir/incoming.sock and we stream the file into it.
+ *   A truncated or foreign file makes QEMU 7.2 fail the load and exit; start
+ *   then fails with E_QEMU and QEMU's message. On success the VM is
+ *   "paused" and the caller resumes it.
+ * - The device set must be the same as when the state was saved (same spec,
+ *   same QEMU binary, same accelerator); QEMU refuses a mismatch.
+ * - `exited` resolves (never rejects) once the process is gone, with its
+ *   exit code or signal and the tail of its stderr.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { closeSync, createReadStream, createWriteStream, existsSync, fsyncSync, mkdirSync, openSync, readSync, fstatSync, rmSync, statSync } from "node:fs";
+import net from "node:net";
+import { dirname, resolve } from "node:path";
+import { SnapstackError, fromSystemError, isSnapstackError } from "../../base/errors.ts";
+import { QmpClient } from "../../qmp/qmp-client.ts";
+import { probeAccelerator, QEMU_SYSTEM_BINARY, type Accelerator } from "./accelerator.ts";
+import { buildQemuArgs, runFilePaths, validateLaunchSpec, type QemuLaunchSpec } from "./qemu-args.ts";
+
+export type { QemuDiskSpec, QemuLaunchSpec } from "./qemu-args.ts";
+
+/** Bound for QEMU to create its QMP socket and greet after being spawned. */
+export const QEMU_START_TIMEOUT_MS = 30_000;
+/** Bound for saving or loading a VM state file (256 MiB takes well under a second). */
+export const STATE_TRANSFER_TIMEOUT_MS = 10 * 60_000;
+/** Default wait for QMP `quit` before SIGKILL. */
+export const QUIT_TIMEOUT_MS = 10_000;
+/** Migration bandwidth cap set before saving (bytes/s): effectively none. */
+const MIGRATION_BANDWIDTH_BYTES_PER_S = 1024 * 1024 * 1024 * 1024;
+/** query-migrate polling while a state transfer runs. */
+const MIGRATION_POLL_MS = 5;
+/** Bytes of QEMU's stderr kept for error messages. */
+const STDERR_TAIL_BYTES = 16 * 1024;
+/** Progress callbacks at most this often (plus one at the end). */
+const PROGRESS_INTERVAL_MS = 50;
+
+export interface QemuExit {
+  code: number | null;
+  signal: string | null;
+  /** The tail of QEMU's stderr. */
+  stderr: string;
+}
+
+/** VM states (query-status) in which saveState may run. */
+const SAVEABLE_STATES = new Set(["paused", "postmigrate"]);
+
+export class QemuProcess {
+  readonly pid: number;
+  readonly qmp: QmpClient;
+  readonly spec: QemuLaunchSpec;
+  readonly accelerator: Accelerator;
+  /** The full command line (binary first), for logs and `vm status`. */
+  readonly commandLine: string[];
+  readonly qmpSocketPath: string;
+  /** Connect here to type on the guest's serial console (one client at a time). */
+  readonly serialSocketPath: string;
+  readonly exited: Promise<QemuExit>;
+  #child: ChildProcess;
+  #exit: QemuExit | null = null;
+  #stateOperation: Promise<unknown> | null = null;
+
+  private constructor(spec: QemuLaunchSpec, accelerator: Accelerator, commandLine: string[], child: ChildProcess, exited: Promise<QemuExit>, qmp: QmpClient) {
+    this.spec = spec;
+    this.accelerator = accelerator;
+    this.commandLine = commandLine;
+    this.#child = child;
+    this.pid = child.pid!;
+    this.exited = exited;
+    void exited.then((exit) => (this.#exit = exit));
+    this.qmp = qmp;
+    const files = runFilePaths(spec.runDir);
+    this.qmpSocketPath = files.qmpSocket;
+    this.serialSocketPath = files.serialSocket;
+  }
+
+  /**
+   * Spawn QEMU and connect QMP. With spec.incomingStatePath, resolves once
+   * the saved state is loaded and the VM is paused; call resume() next.
+   */
+  static async start(inputSpec: QemuLaunchSpec): Promise<QemuProcess> {
+    const spec = absoluteSpec(inputSpec);
+    validateLaunchSpec(spec);
+    for (const [what, path] of [["kernel", spec.kernelPath], ["initrd", spec.initrdPath], ["CD-ROM image", spec.cdromPath], ["saved VM state", spec.incomingStatePath]] as const) {
+      if (path !== undefined && !existsSync(path)) throw new SnapstackError("E_NOT_FOUND", `VM '${spec.name}': ${what} ${path} does not exist`, { path });
+    }
+    const accelerator = spec.accelerator ?? (await probeAccelerator());
+    const files = runFilePaths(spec.runDir);
+    try {
+      mkdirSync(spec.runDir, { recursive: true, mode: 0o700 });
+      mkdirSync(dirname(spec.serialLogPath), { recursive: true });
+      for (const path of [files.qmpSocket, files.serialSocket, files.pidFile, files.incomingSocket, files.outgoingSocket]) rmSync(path, { force: true });
+    } catch (error) {
+      throw fromSystemError(error, spec.runDir, "prepare the run directory");
+    }
+    const args = buildQemuArgs(spec, accelerator);
+    const stderrFd = openSync(files.stderrLog, "w", 0o600);
+    let child: ChildProcess;
+    try {
+      child = spawn(QEMU_SYSTEM_BINARY, args, { cwd: spec.runDir, stdio: ["ignore", "ignore", stderrFd], detached: true });
+    } finally {
+      closeSync(stderrFd);
+    }
+    const exited = watchExit(child, files.stderrLog);
+    const spawnFailed = new Promise<never>((_, reject) => child.once("error", (error) => reject(new SnapstackError("E_QEMU", `VM '${spec.name}': cannot run ${QEMU_SYSTEM_BINARY}: ${error.message}`))));
+    spawnFailed.catch(() => {});
+
+    const exitedEarly = new AbortController();
+    void exited.then(() => exitedEarly.abort("QEMU exited"));
+    let qmp: QmpClient | null = null;
+    try {
+      qmp = await Promise.race([
+        QmpClient.connect(files.qmpSocket, { timeoutMs: QEMU_START_TIMEOUT_MS, signal: exitedEarly.signal }),
+        spawnFailed,
+        exited.then((exit) => Promise.reject(earlyExitError(spec.name, "during start-up", exit))),
+      ]);
+      const process = new QemuProcess(spec, accelerator, [QEMU_SYSTEM_BINARY, ...args], child, exited, qmp);
+      if (spec.incomingStatePath !== undefined) await process.#loadState(spec.incomingStatePath);
+      return process;
+    } catch (error) {
+      if (child.exitCode === null && child.signalCode === null && child.pid !== undefined) child.kill("SIGKILL");
+      const exit = child.pid !== undefined ? await exited : null;
+      await qmp?.close();
+      // An error caused by QEMU exiting is best explained by its stderr.
+      if (exit !== null && isSnapstackError(error) && error.code !== "E_QEMU" && exit.stderr.trim() !== "") {
+        throw earlyExitError(spec.name, `after ${error.message}`, exit);
+      }
+      throw error;
+    }
+  }
+
+  /** True until the process has exited. */
+  get running(): boolean {
+    return this.#exit === null && this.#child.exitCode === null && this.#child.signalCode === null;
+  }
+
+  /** query-status: "running", "paused", "postmigrate", "inmigrate", "prelaunch", "shutdown", ... */
+  async status(): Promise<string> {
+    const reply = await this.#execute<{ status: string }>("query-status");
+    return reply.status;
+  }
+
+  /** Stop the vCPUs; QEMU drains in-flight guest I/O and flushes the disks before replying. */
+  async pause(): Promise<void> {
+    await this.#execute("stop");
+  }
+
+  /** Continue the vCPUs (from "paused", "postmigrate" after saveState, or a freshly loaded state). */
+  async resume(): Promise<void> {
+    await this.#execute("cont");
+  }
+
+  /**
+   * Save RAM, CPU and device state to `path` (created or truncated, then
+   * fsynced; the caller fsyncs the directory or renames). The VM must be
+   * paused; it is left in "postmigrate", and resume() continues it.
+   */
+  async saveState(path: string, options: { onProgress?: (doneBytes: number) => void; timeoutMs?: number } = {}): Promise<{ sizeBytes: number }> {
+    if (this.#stateOperation !== null) throw new SnapstackError("E_QEMU", `VM '${this.spec.name}': a state transfer is already running`);
+    const operation = this.#saveState(resolve(path), options.onProgress, options.timeoutMs ?? STATE_TRANSFER_TIMEOUT_MS);
+    this.#stateOperation = operation;
+    try {
+      return await operation;
+    } finally {
+      this.#stateOperation = null;
+    }
+  }
+
+  /** QMP quit; SIGKILL if QEMU is still there after timeoutMs. Resolves once it has exited. */
+  async quit(options: { timeoutMs?: number } = {}): Promise<QemuExit> {
+    if (this.running) {
+      this.qmp.execute("quit").catch(() => {}); // the connection closes as QEMU goes
+      const timeoutMs = options.timeoutMs ?? QUIT_TIMEOUT_MS;
+      let timer: NodeJS.Timeout | undefined;
+      const timedOut = new Promise<"timeout">((resolveTimeout) => (timer = setTimeout(() => resolveTimeout("timeout"), timeoutMs)));
+      const outcome = await Promise.race([this.exited, timedOut]);
+      clearTimeout(timer);
+      if (outcome === "timeout") this.#child.kill("SIGKILL");
+    }
+    await this.qmp.close();
+    return this.exited;
+  }
+
+  /** SIGKILL; resolves once the process has exited. */
+  async kill(): Promise<QemuExit> {
+    if (this.running) this.#child.kill("SIGKILL");
+    await this.qmp.close();
+    return this.exited;
+  }
+
+  async #execute<T>(command: string, args?: Record<string, unknown>): Promise<T> {
+    if (!this.running) throw this.#notRunning(command);
+    try {
+      return await this.qmp.execute<T>(command, args);
+    } catch (error) {
+      if (isSnapstackError(error) && error.code === "E_QEMU" && !this.running) throw this.#notRunning(command);
+      throw error;
+    }
+  }
+
+  #notRunning(what: string): SnapstackError {
+    const exit = this.#exit;
+    const how = exit === null ? "is exiting" : `exited (${describeExit(exit)})`;
+    return new SnapstackError("E_QEMU", `VM '${this.spec.name}': cannot ${what}: QEMU ${how}${exit?.stderr.trim() ? `: ${exit.stderr.trim()}` : ""}`, { pid: this.pid });
+  }
+
+  async #saveState(path: string, onProgress: ((doneBytes: number) => void) | undefined, timeoutMs: number): Promise<{ sizeBytes: number }> {
+    const status = await this.status();
+    if (!SAVEABLE_STATES.has(status)) {
+      throw new SnapstackError("E_QEMU", `VM '${this.spec.name}': saving the VM state needs a paused VM; it is ${status}`, { status });
+    }
+    await this.#execute("migrate-set-parameters", { "max-bandwidth": MIGRATION_BANDWIDTH_BYTES_PER_S });
+    const socketPath = runFilePaths(this.spec.runDir).outgoingSocket;
+    rmSync(socketPath, { force: true });
+    const receiver = await receiveToFile(socketPath, path, onProgress);
+    const deadline = Date.now() + timeoutMs;
+    try {
+      await this.#execute("migrate", { uri: `unix:${socketPath}` });
+      await this.#waitForMigration("saving the VM state", deadline);
+      const sizeBytes = await withDeadline(receiver.done, deadline, `VM '${this.spec.name}': writing the VM state to ${path}`);
+      fsyncPath(path);
+      return { sizeBytes };
+    } catch (error) {
+      await this.qmp.execute("migrate_cancel").catch(() => {});
+      receiver.abort();
+      await receiver.done.catch(() => {});
+      rmSync(path, { force: true });
+      throw error;
+    } finally {
+      receiver.close();
+      rmSync(socketPath, { force: true });
+    }
+  }
+
+  async #loadState(path: string): Promise<void> {
+    let fileBytes: number;
+    try {
+      fileBytes = statSync(path).size;
+    } catch (error) {
+      throw fromSystemError(error, path, "read the saved VM state");
+    }
+    if (fileBytes === 0) throw new SnapstackError("E_QEMU", `VM '${this.spec.name}': saved VM state ${path} is empty`, { path });
+    const deadline = Date.now() + STATE_TRANSFER_TIMEOUT_MS;
+    const socketPath = runFilePaths(this.spec.runDir).incomingSocket;
+    await this.#execute("migrate-set-parameters", { "max-bandwidth": MIGRATION_BANDWIDTH_BYTES_PER_S });
+    await this.#execute("migrate-incoming", { uri: `unix:${socketPath}` });
+    const sent = sendFile(path, socketPath, deadline);
+    sent.catch(() => {});
+    try {
+      await this.#waitForMigration("loading the VM state", deadline);
+      await sent;
+    } catch (error) {
+      if (!this.running || isSnapstackError(error)) {
+        const exit = await Promise.race([this.exited, sleep(1000).then(() => null)]);
+        if (exit !== null) throw earlyExitError(this.spec.name, `while loading the VM state from ${path}`, exit);
+      }
+      throw error;
+    } finally {
+      rmSync(socketPath, { force: true });
+    }
+    // QEMU sets the run state from the saved one after "completed": wait for it to settle.
+    while ((await this.status()) === "inmigrate") {
+      if (Date.now() > deadline) throw new SnapstackError("E_TIMEOUT", `VM '${this.spec.name}': still in "inmigrate" after loading its state`);
+      await sleep(MIGRATION_POLL_MS);
+    }
+  }
+
+  /** Poll query-migrate until completed; failed/cancelled become E_QEMU with QEMU's reason. */
+  async #waitForMigration(what: string, deadline: number): Promise<void> {
+    for (;;) {
+      const info = await this.#execute<{ status?: string; "error-desc"?: string }>("query-migrate");
+      const status = info.status ?? "none";
+      if (status === "completed") return;
+      if (status === "failed" || status === "cancelled") {
+        throw new SnapstackError("E_QEMU", `VM '${this.spec.name}': ${what} ${status}${info["error-desc"] ? `: ${info["error-desc"]}` : ""}`, { status });
+      }
+      if (Date.now() > deadline) throw new SnapstackError("E_TIMEOUT", `VM '${this.spec.name}': ${what} did not finish in time (migration ${status})`, { status });
+      await sleep(MIGRATION_POLL_MS);
+    }
+  }
+}
+
+function absoluteSpec(spec: QemuLaunchSpec): QemuLaunchSpec {
+  const absolute = (path: string | undefined): string | undefined => (path === undefined ? undefined : resolve(path));
+  return {
+    ...spec,
+    disks: spec.disks.map((disk) => ({ ...disk, nbdSocketPath: resolve(disk.nbdSocketPath) })),
+    kernelPath: absolute(spec.kernelPath),
+    initrdPath: absolute(spec.initrdPath),
+    cdromPath: absolute(spec.cdromPath),
+    runDir: resolve(spec.runDir),
+    serialLogPath: resolve(spec.serialLogPath),
+    incomingStatePath: absolute(spec.incomingStatePath),
+  };
+}
+
+function watchExit(child: ChildProcess, stderrPath: string): Promise<QemuExit> {
+  return new Promise((resolveExit) => {
+    let done = false;
+    const finish = (code: number | null, signal: string | null): void => {
+      if (done) return;
+      done = true;
+      resolveExit({ code, signal, stderr: readTail(stderrPath, STDERR_TAIL_BYTES) });
+    };
+    child.once("exit", (code, signal) => finish(code, signal));
+    child.once("error", () => {
+      if (child.pid === undefined) finish(null, null);
+    });
+  });
+}
+
+function readTail(path: string, bytesMax: number): string {
+  try {
+    const fd = openSync(path, "r");
+    try {
+      const size = fstatSync(fd).size;
+      const length = Math.min(size, bytesMax);
+      const buffer = Buffer.alloc(length);
+      const read = readSync(fd, buffer, 0, length, size - length);
+      return buffer.subarray(0, read).toString("utf8");
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    return "";
+  }
+}
+
+function describeExit(exit: QemuExit): string {
+  return exit.signal !== null ? `signal ${exit.signal}` : `code ${exit.code}`;
+}
+
+function earlyExitError(name: string, when: string, exit: QemuExit): SnapstackError {
+  const stderr = exit.stderr.trim();
+  return new SnapstackError("E_QEMU", `VM '${name}': QEMU exited ${when} (${describeExit(exit)})${stderr ? `: ${stderr}` : ""}`, { exitCode: exit.code, signal: exit.signal, stderr });
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolveSleep) => setTimeout(resolveSleep, ms));
+}
+
+async function withDeadline<T>(promise: Promise<T>, deadline: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new SnapstackError("E_TIMEOUT", `${what} did not finish in time`)), Math.max(0, deadline - Date.now()));
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+function fsyncPath(path: string): void {
+  try {
+    const fd = openSync(path, "r+");
+    try {
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  } catch (error) {
+    throw fromSystemError(error, path, "fsync");
+  }
+}
+
+interface FileReceiver {
+  /** Resolves with the bytes written once the sender closed and the file is closed. */
+  done: Promise<number>;
+  abort(): void;
+  close(): void;
+}
+
+/** Listen on socketPath; write the first connection's bytes to path. */
+async function receiveToFile(socketPath: string, path: string, onProgress: ((doneBytes: number) => void) | undefined): Promise<FileReceiver> {
+  const server = net.createServer();
+  let connection: net.Socket | null = null;
+  let aborted = false;
+  let settle: { resolve: (bytes: number) => void; reject: (error: Error) => void } | null = null;
+  const done = new Promise<number>((resolveDone, rejectDone) => (settle = { resolve: resolveDone, reject: rejectDone }));
+  server.on("connection", (socket) => {
+    if (connection !== null || aborted) {
+      socket.destroy();
+      return;
+    }
+    connection = socket;
+    server.close();
+    const file = createWriteStream(path, { flags: "w", mode: 0o600, highWaterMark: 4 * 1024 * 1024 });
+    let doneBytes = 0;
+    let reportedAt = 0;
+    socket.on("data", (chunk: Buffer) => {
+      doneBytes += chunk.length;
+      const now = Date.now();
+      if (onProgress !== undefined && now - reportedAt >= PROGRESS_INTERVAL_MS) {
+        reportedAt = now;
+        onProgress(doneBytes);
+      }
+    });
+    socket.on("error", (error) => file.destroy(error));
+    file.on("error", (error) => {
+      socket.destroy();
+      settle!.reject(fromSystemError(error, path, "write the VM state"));
+    });
+    file.on("close", () => {
+      if (aborted) settle!.reject(new SnapstackError("E_ABORTED", `writing the VM state to ${path} was abandoned`));
+      else {
+        onProgress?.(doneBytes);
+        settle!.resolve(doneBytes);
+      }
+    });
+    socket.pipe(file);
+  });
+  await new Promise<void>((resolveListen, rejectListen) => {
+    server.once("error", (error) => rejectListen(fromSystemError(error, socketPath, "listen")));
+    server.listen(socketPath, () => resolveListen());
+  });
+  return {
+    done,
+    abort: () => {
+      aborted = true;
+      if (connection === null) settle!.reject(new SnapstackError("E_ABORTED", `writing the VM state to ${path} was abandoned`));
+      else (connection as net.Socket).destroy();
+    },
+    close: () => server.close(),
+  };
+}
+
+/** Connect to socketPath (retrying until it exists) and stream the file into it. */
+async function sendFile(path: string, socketPath: string, deadline: number): Promise<void> {
+  const socket = await new Promise<net.Socket>((resolveSocket, rejectSocket) => {
+    const attempt = (): void => {
+      const candidate = net.createConnection({ path: socketPath });
+      candidate.once("connect", () => {
+        candidate.removeAllListeners("error");
+        resolveSocket(candidate);
+      });
+      candidate.once("error", (error: NodeJS.ErrnoException) => {
+        candidate.destroy();
+        if ((error.code === "ENOENT" || error.code === "ECONNREFUSED") && Date.now() < deadline) setTimeout(attempt, MIGRATION_POLL_MS);
+        else rejectSocket(new SnapstackError("E_QEMU", `cannot connect to QEMU's incoming migration socket ${socketPath}: ${error.code ?? error.message}`));
+      });
+    };
+    attempt();
+  });
+  await new Promise<void>((resolveSent, rejectSent) => {
+    const file = createReadStream(path, { highWaterMark: 4 * 1024 * 1024 });
+    file.on("error", (error) => {
+      socket.destroy();
+      rejectSent(fromSystemError(error, path, "read the saved VM state"));
+    });
+    socket.on("error", (error) => {
+      file.destroy();
+      rejectSent(new SnapstackError("E_QEMU", `sending the VM state to QEMU failed: ${error.message}`));
+    });
+    socket.on("finish", () => resolveSent());
+    file.pipe(socket);
+  });
+  socket.end();
+}
