@@ -41,7 +41,7 @@
  *   either); their VM state area is kept as is.
  */
 import { SnapstackError } from "../../base/errors.ts";
-import { L1_ENTRY_BYTES, compressedReadBytes, getL1Entry, getL2Entry, setL1Entry } from "./entries.ts";
+import { L1_ENTRY_BYTES, compressedReadBytes, getL1Entry, getL2Entry, setL1Entry, type L2Entry } from "./entries.ts";
 import { L1_BYTES_MAX, corruption, type Qcow2Metadata } from "./metadata.ts";
 import {
   SNAPSHOT_COUNT_MAX,
@@ -192,16 +192,17 @@ async function writeSynced(meta: Qcow2Metadata, hostOffset: number, bytes: Uint8
   await meta.file.flush();
 }
 
-/** Write the whole active L1 table in place (bdrv_pwrite_sync). */
-async function writeActiveL1(meta: Qcow2Metadata): Promise<void> {
-  await writeSynced(meta, meta.header.l1TableOffset, meta.l1.subarray(0, meta.header.l1Size * L1_ENTRY_BYTES));
+/** Write the whole active L1 table in place; `synced`: flushed (bdrv_pwrite_sync), else durable with the next flush. */
+async function writeActiveL1(meta: Qcow2Metadata, synced: boolean): Promise<void> {
+  const bytes = meta.l1.subarray(0, meta.header.l1Size * L1_ENTRY_BYTES);
+  if (synced) await writeSynced(meta, meta.header.l1TableOffset, bytes);
+  else if (bytes.length > 0) await meta.file.write(meta.header.l1TableOffset, bytes);
 }
 
-/** Refcount blocks first (raised refcounts), then L2 tables (cleared COPIED bits), each flushed. */
+/** Refcount blocks first (raised refcounts), then L2 tables (cleared COPIED bits); each cache write flushes. */
 async function writeRaisedCaches(meta: Qcow2Metadata): Promise<void> {
   await meta.writeDirtyRefblocks();
   await meta.writeDirtyL2();
-  await meta.file.flush();
 }
 
 /** Host ranges whose refcounts a pass raised, so a failed pass can be undone. */
@@ -236,13 +237,21 @@ export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l
     const release = meta.holdEviction();
     try {
       const table = await meta.getL2(l2Offset);
+      // Only non-empty entries matter (an all-zero word is unallocated without COPIED): one scan.
+      // (Zero tests need no byte order: a native-order word view is the fast way to skip.)
+      const used: { l2Index: number; entry: L2Entry }[] = [];
+      const words = new Uint32Array(table.bytes.buffer, table.bytes.byteOffset, table.bytes.byteLength >>> 2);
+      const wordsPerEntry = geometry.l2EntryBytes >>> 2;
+      for (let l2Index = 0, w = 0; l2Index < geometry.l2Entries; l2Index++, w += wordsPerEntry) {
+        if ((words[w] | words[w + 1]) === 0) continue;
+        used.push({ l2Index, entry: getL2Entry(table.view, l2Index, geometry.extendedL2, geometry.clusterBits) });
+      }
       if (addend !== 0) {
         // Contiguous standard clusters in one refcount update; each compressed cluster on its own
         // (several may share a host cluster, each adding one).
         let runStart = -1;
         let runBytes = 0;
-        for (let l2Index = 0; l2Index < geometry.l2Entries; l2Index++) {
-          const entry = getL2Entry(table.view, l2Index, geometry.extendedL2, geometry.clusterBits);
+        for (const { l2Index, entry } of used) {
           if (entry.type === "normal" || entry.type === "zero-alloc") {
             if (entry.offsetTooLarge || entry.hostOffset % cs !== 0) {
               throw corruption(`Cluster allocation offset 0x${entry.hostOffset.toString(16)} unaligned (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${l2Index.toString(16)})`);
@@ -263,12 +272,11 @@ export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l
       }
       // COPIED from the refcounts now in place (compressed and unallocated entries never carry it).
       let tableModified = false;
-      for (let l2Index = 0; l2Index < geometry.l2Entries; l2Index++) {
-        const at = l2Index * geometry.l2EntryBytes;
-        const hi = table.view.getUint32(at);
-        const entry = getL2Entry(table.view, l2Index, geometry.extendedL2, geometry.clusterBits);
+      for (const { l2Index, entry } of used) {
         const copied = (entry.type === "normal" || entry.type === "zero-alloc") && (await meta.getRefcount(entry.hostOffset / cs)) === 1;
         if (copied !== entry.copied) {
+          const at = l2Index * geometry.l2EntryBytes;
+          const hi = table.view.getUint32(at);
           table.view.setUint32(at, copied ? (hi | HI_COPIED) >>> 0 : (hi & ~HI_COPIED) >>> 0);
           tableModified = true;
         }
@@ -298,9 +306,16 @@ async function undoRaises(meta: Qcow2Metadata, journal: RaiseJournal): Promise<v
 async function rebuildActiveCopied(meta: Qcow2Metadata): Promise<void> {
   if (await updateTreeRefcounts(meta, meta.l1, meta.header.l1Size, 0)) {
     await meta.writeCaches();
-    await writeActiveL1(meta);
+    await writeActiveL1(meta, true);
   }
 }
+
+/**
+ * Failures of a header switch whose write may have reached the disk (it
+ * failed, or its flush did): the new table may be live, so the caller must
+ * not undo what it relies on (a leak at worst, never a refcount too low).
+ */
+const headerSwitchMayHaveLanded = new WeakSet<object>();
 
 /**
  * qcow2_write_snapshots: the complete new table at a fresh place (flushed
@@ -316,14 +331,21 @@ async function writeSnapshotTable(image: Qcow2Image, snapshots: Qcow2Snapshot[],
   let tableOffset = 0;
   if (encoded.length > 0) {
     tableOffset = await meta.allocClusters(encoded.length);
+    await meta.file.write(tableOffset, encoded);
+    // The allocation left a refcount block dirty, so this writes it and flushes: the table, its
+    // refcounts and everything written before are durable before the header points at them.
     await meta.writeCaches();
-    await writeSynced(meta, tableOffset, encoded);
   }
   const fields = new Uint8Array(12);
   const view = new DataView(fields.buffer);
   view.setUint32(0, snapshots.length);
   view.setBigUint64(4, BigInt(tableOffset));
-  await meta.writeHeaderBytes(60, fields);
+  try {
+    await meta.writeHeaderBytes(60, fields);
+  } catch (error) {
+    if (typeof error === "object" && error !== null) headerSwitchMayHaveLanded.add(error);
+    throw error;
+  }
   const oldTableOffset = meta.header.snapshotsOffset;
   meta.header.snapshotCount = snapshots.length;
   meta.header.snapshotsOffset = tableOffset;
@@ -347,7 +369,6 @@ async function withFreeing<T>(meta: Qcow2Metadata, options: FreeingOptions, fn: 
     const result = await fn();
     await meta.writeCaches();
     await meta.completeWipes();
-    await meta.file.flush();
     return result;
   } finally {
     meta.wipeFreedClusters = wipeBefore;
@@ -396,19 +417,20 @@ export async function createSnapshot(image: Qcow2Image, name: string, options: C
 
     await meta.writeCaches();
     if (l1Entries > 0) {
+      // Durable with the first flush below, long before the header points at it.
       snapshot.l1TableOffset = await meta.allocClusters(l1Entries * L1_ENTRY_BYTES);
-      await meta.writeCaches();
-      await writeSynced(meta, snapshot.l1TableOffset, meta.l1.slice(0, l1Entries * L1_ENTRY_BYTES));
+      await meta.file.write(snapshot.l1TableOffset, meta.l1.slice(0, l1Entries * L1_ENTRY_BYTES));
     }
     const journal: RaiseJournal = [];
     try {
       const l1Modified = await updateTreeRefcounts(meta, meta.l1, l1Entries, 1, journal);
       await writeRaisedCaches(meta);
-      if (l1Modified) await writeActiveL1(meta);
+      // Only COPIED bits were cleared (safe in any order); durable with the table's flush.
+      if (l1Modified) await writeActiveL1(meta, false);
       await withFreeing(meta, options, () => writeSnapshotTable(image, next, tableBytes));
     } catch (error) {
       // Nothing points at the raises or the L1 copy yet (the header was not switched): undo both.
-      if (meta.header.snapshotCount === snapshots.length) {
+      if (meta.header.snapshotCount === snapshots.length && !(typeof error === "object" && error !== null && headerSwitchMayHaveLanded.has(error))) {
         try {
           await undoRaises(meta, journal);
           if (snapshot.l1TableOffset !== 0) await meta.freeClusters(snapshot.l1TableOffset, l1Entries * L1_ENTRY_BYTES);
@@ -420,8 +442,6 @@ export async function createSnapshot(image: Qcow2Image, name: string, options: C
       }
       throw asSnapshotFailure(error);
     }
-    await meta.writeCaches();
-    await meta.file.flush();
     return listSnapshots(image)[next.length - 1];
   });
 }
@@ -469,7 +489,8 @@ async function switchActiveL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot, drai
   try {
     const snapshotL1Modified = await updateTreeRefcounts(meta, snapshotL1, snapshot.l1Size, 1, journal);
     await writeRaisedCaches(meta);
-    if (snapshotL1Modified) await writeSynced(meta, snapshot.l1TableOffset, snapshotL1);
+    // Stale COPIED bits in a snapshot's L1 mean nothing; no ordering needed.
+    if (snapshotL1Modified) await meta.file.write(snapshot.l1TableOffset, snapshotL1);
   } catch (error) {
     try {
       await undoRaises(meta, journal);
