@@ -25,6 +25,8 @@ const SOAK = process.env.SNAPSTACK_SOAK === "1";
 const CRASH_POINTS = Number(process.env.SNAPSTACK_CRASH_POINTS ?? (SOAK ? 50_000 : 2000));
 /** Crash points per workload: enough to cover its writes densely, few enough to see many configurations. */
 const POINTS_PER_WORKLOAD = 60;
+/** Every Nth crash point also gets a write after reopening, close, check, repair and a final check. */
+const THOROUGH_EVERY = SOAK ? 1 : 4;
 
 interface Tally {
   points: number;
@@ -53,7 +55,8 @@ async function crashWorkload(workloadSeed: number, pointsMax: number, tally: Tal
     const where = `workload seed ${workloadSeed} (${describeScenario(scenario)}), crash at write ${writeNumber}/${replay.writeCount}`;
     const contents = replay.crashAt(writeNumber, wr.next);
     const allowed = new AllowedVersions(run, scenario, images, writeNumber);
-    const outcome = await checkCrashedImage(contents, scenario, images, allowed, where, writeNumber);
+    const interrupted = allowed.interruptedOp >= 0 ? run.ops[allowed.interruptedOp].kind : "open";
+    const outcome = await checkCrashedImage(contents, scenario, images, allowed, `${where} during ${interrupted}`, writeNumber, interrupted.startsWith("snapshot-"), tally.points % THOROUGH_EVERY === 0);
     tally.points++;
     if (outcome.dirty) tally.dirtyPoints++;
     if (outcome.leaks > 0) tally.leakyPoints++;
