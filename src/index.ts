@@ -50,3 +50,4 @@ export {
   type MeasureResult,
   type CheckImageOptions,
 } from "./chain/index.ts";
+export { NbdServer, NbdExport, type NbdServerOptions, type NbdListenAddress, type NbdExportOptions } from "./nbd/index.ts";

@@ -15,7 +15,7 @@ import { ioCommand } from "./io/io-command.ts";
 import { nbdCommand } from "./commands/nbd.ts";
 
 /** Commands reserved for later issues: recognised, but not available yet. */
-const PLANNED_COMMANDS = ["nbd", "serve", "vm"];
+const PLANNED_COMMANDS = ["serve", "vm"];
 
 export function snapstackVersion(): string {
   const packageJson = JSON.parse(readFileSync(new URL("../../package.json", import.meta.url), "utf8")) as { version: string };
@@ -28,6 +28,7 @@ function topHelp(): string {
     "",
     "usage: snapstack img <command> [command options]   (like qemu-img)",
     "       snapstack io [-f fmt] [-r] -c COMMAND... FILE  (like qemu-io)",
+    "       snapstack nbd [options] FILE                   (like qemu-nbd; 'snapstack nbd --help')",
     "       snapstack --help | --version",
     "",
     "img commands:",

@@ -76,6 +76,7 @@ test("fio ioengine=nbd: random writes then reads verified with crc32c (qcow2 and
         "size=48M",
         "verify=crc32c",
         "verify_fatal=1",
+        "verify_state_save=0",
         "do_verify=1",
         "randrepeat=1",
         "",
