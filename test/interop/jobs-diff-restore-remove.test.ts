@@ -195,6 +195,10 @@ test("restore --from writes only the change (raw target); without --from it comp
   assert.deepEqual(new Uint8Array(readFileSync(target)), topModel.bytes);
   // Nothing left to do.
   assert.equal((await restoreImage(top, target)).writtenBytes, 0);
+  // A file of SOURCE's own chain is refused as target.
+  const self = await snapstack("img", "restore", top, base);
+  assert.equal(self.status, 1);
+  assert.match(self.stderr, /E_INVALID_OPTION: .*base\.qcow2: the target is part of/);
 });
 
 test("restore onto a qcow2 target and onto a smaller raw file (grown)", async (t) => {

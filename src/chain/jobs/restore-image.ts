@@ -16,6 +16,7 @@
  *   A file target is resized to SOURCE's size first (shrinking a qcow2
  *   target drops its tail); a block device must be at least as large and
  *   keeps any bytes past SOURCE's end.
+ * - TARGET must not be a file of SOURCE's or KNOWN's chain (E_INVALID_OPTION).
  * - Writes go in guest order and are flushed at the end. A cancelled or
  *   failed restore leaves TARGET a valid image holding SOURCE's content
  *   before the stop point and its old content after it.
@@ -27,7 +28,8 @@ import { Qcow2Image } from "../../formats/qcow2/index.ts";
 import { RawImage } from "../../formats/raw/raw-image.ts";
 import { openNodeFile } from "../../io/node-file.ts";
 import { parseImageFormat, probeImageFormat } from "../image-format.ts";
-import { openImage } from "../open-image.ts";
+import { chainLayers, openImage } from "../open-image.ts";
+import { fileKey, layerKey } from "./chain-layers.ts";
 import { RangeCopier } from "./copy-ranges.ts";
 import { openDiskState, type DiskState } from "./disk-state.ts";
 import { runJob, type JobOptions } from "./job.ts";
@@ -110,6 +112,12 @@ export async function restoreImage(sourceSpec: string, targetPath: string, optio
       opened.push(source);
       const known = options.from === undefined ? null : await openDiskState(options.from);
       if (known !== null) opened.push(known);
+      const targetKey = fileKey(targetPath);
+      for (const state of opened) {
+        if (targetKey !== null && chainLayers(state.device).some((layer) => layerKey(layer) === targetKey)) {
+          throw new SnapstackError("E_INVALID_OPTION", `${targetPath}: the target is part of '${state.spec}' and cannot be restored onto`, { path: targetPath });
+        }
+      }
       const { device, isBlockDevice } = await openTarget(targetPath, options.targetFormat);
       target = device;
       await matchSize(device, source.device.sizeBytes, isBlockDevice);
