@@ -15,7 +15,8 @@ import { convertImage } from "../../chain/convert-image.ts";
 import { diffImages, type DiffRange, type JobProgress } from "../../chain/jobs/index.ts";
 import { writeJsonAtomic } from "../store/atomic-file.ts";
 import { executeSteps, fileAllocatedBytes, stepPath } from "../store/layer-steps.ts";
-import { MachineStore, type MachineConfig } from "../store/machine-store.ts";
+import type { MachineStore} from "../store/machine-store.ts";
+import { type MachineConfig } from "../store/machine-store.ts";
 import { validateName } from "../store/names.ts";
 import {
   childrenOf,

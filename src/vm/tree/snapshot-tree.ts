@@ -308,6 +308,8 @@ export function exclusiveLayers(tree: TreeRecord, snapshotId: string): string[] 
   const snapshot = tree.snapshots[snapshotId];
   const owners = Object.values(tree.snapshots).filter((other) => other.layer === snapshot.layer).length;
   if (owners > 1 || tree.current.layer === snapshot.layer || (tree.pins[snapshot.layer]?.length ?? 0) > 0) return [];
+  // With two or more layers above, its data is copied into all but one of them: nothing is freed.
+  if (dependants(tree, snapshot.layer).length > 1) return [];
   return [snapshot.layer];
 }
 

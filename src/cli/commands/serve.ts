@@ -1,0 +1,46 @@
+/**
+ * `snapstack serve [--home DIR] [--listen-tcp PORT]`: run the daemon in the
+ * foreground (src/api/daemon.ts) until SIGTERM or SIGINT.
+ */
+import { optionString, parseArgs } from "../args.ts";
+import { expectPositionals } from "../command-helpers.ts";
+import type { CliCommand } from "../context.ts";
+import { SnapstackError } from "../../base/errors.ts";
+import { resolveHome } from "../../vm/store/machine-store.ts";
+import { startDaemon } from "../../api/daemon.ts";
+
+export const serveCommand: CliCommand = {
+  name: "serve",
+  synopsis: "serve [--home DIR] [--listen-tcp PORT]",
+  summary: "Run the snapstack daemon: machines, QEMU processes, NBD exports and the JSON API on $SNAPSTACK_HOME/daemon.sock.",
+  optionHelp: [
+    "  --home DIR         the store (default $SNAPSTACK_HOME or ~/.local/share/snapstack)",
+    "  --listen-tcp PORT  also serve the API on 127.0.0.1:PORT; clients send 'Authorization: Bearer TOKEN' (TOKEN in $SNAPSTACK_HOME/api-token)",
+  ],
+  async run(argv, context) {
+    const parsed = parseArgs(argv, [
+      { name: "home", long: "home", value: true },
+      { name: "tcp", long: "listen-tcp", value: true },
+    ]);
+    expectPositionals(parsed.positionals, 0, 0, "");
+    const tcpText = optionString(parsed, "tcp");
+    const tcpPort = tcpText === undefined ? undefined : Number(tcpText);
+    if (tcpPort !== undefined && (!Number.isSafeInteger(tcpPort) || tcpPort < 0 || tcpPort > 65535)) {
+      throw new SnapstackError("E_USAGE", `--listen-tcp ${tcpText}: not a port number`);
+    }
+    const log = (line: string): void => context.err(`${new Date().toISOString()} ${line}\n`);
+    const daemon = await startDaemon({ home: resolveHome(optionString(parsed, "home"), context.env), tcpPort, log });
+    await new Promise<void>((resolve) => {
+      const stop = (): void => {
+        process.off("SIGTERM", stop);
+        process.off("SIGINT", stop);
+        resolve();
+      };
+      process.on("SIGTERM", stop);
+      process.on("SIGINT", stop);
+    });
+    log("stopping");
+    await daemon.close();
+    return 0;
+  },
+};

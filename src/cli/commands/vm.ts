@@ -1,0 +1,327 @@
+/**
+ * `snapstack vm <command>`: clients of the daemon's API (src/api). When no
+ * daemon answers for the store, one is started in the background (its log
+ * in $SNAPSTACK_HOME/daemon.log) and the CLI says so on stderr.
+ *
+ * Paths given on the command line (kernel, initrd, ISO, --disk-from) are
+ * made absolute here: the daemon runs in another directory.
+ */
+import { spawn } from "node:child_process";
+import { openSync, closeSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { SnapstackError } from "../../base/errors.ts";
+import { formatSize, parseSize } from "../../base/units.ts";
+import { optionFlag, optionList, optionString, parseArgs, type OptionSpec, type ParsedArgs } from "../args.ts";
+import { expectPositionals, parseOutputFormat } from "../command-helpers.ts";
+import type { CliCommand, CliContext } from "../context.ts";
+import { ApiClient } from "../../api/api-client.ts";
+import { MachineStore, resolveHome } from "../../vm/store/machine-store.ts";
+import type { MachineStatus } from "../../vm/manager/machine-manager.ts";
+import type { TreeView } from "../../vm/manager/machine-operations.ts";
+import type { JobProgress } from "../../chain/jobs/index.ts";
+
+/** How long to wait for a daemon the CLI started to answer. */
+export const DAEMON_START_TIMEOUT_MS = 20_000;
+const DAEMON_POLL_MS = 50;
+
+const HOME_OPTION: OptionSpec = { name: "home", long: "home", value: true };
+const OUTPUT_OPTION: OptionSpec = { name: "output", long: "output", value: true };
+
+/** A client for the store's daemon, starting one when none answers. */
+export async function connectDaemon(home: string, context: CliContext): Promise<ApiClient> {
+  const store = new MachineStore(home);
+  const client = new ApiClient(store.socketPath);
+  if (await client.alive()) return client;
+  const script = fileURLToPath(new URL("../../../bin/snapstack", import.meta.url));
+  const logPath = join(store.home, "daemon.log");
+  const logFd = openSync(logPath, "a", 0o600);
+  const child = spawn(process.execPath, [script, "serve", "--home", store.home], { detached: true, stdio: ["ignore", logFd, logFd], env: context.env });
+  closeSync(logFd);
+  child.unref();
+  context.err(`snapstack: no daemon answered for ${store.home}; started one (pid ${child.pid}, log ${logPath})\n`);
+  const deadline = Date.now() + DAEMON_START_TIMEOUT_MS;
+  while (Date.now() < deadline) {
+    if (await client.alive()) return client;
+    if (child.exitCode !== null) break;
+    await new Promise((wake) => setTimeout(wake, DAEMON_POLL_MS));
+  }
+  throw new SnapstackError("E_IO", `the daemon did not start for ${store.home}: see ${logPath}`, { home: store.home });
+}
+
+/** Progress of a long operation on stderr: one line per job phase, rewritten in place. */
+function progressPrinter(context: CliContext): (progress: JobProgress) => void {
+  let last = "";
+  return (progress) => {
+    const percent = Math.floor(progress.fraction * 100);
+    const line = `  ${progress.job} ${progress.phase}: ${percent}%`;
+    if (line === last) return;
+    const newPhase = !last.startsWith(`  ${progress.job} ${progress.phase}:`);
+    context.err(`${newPhase && last !== "" ? "\n" : "\r"}${line}${percent === 100 ? "\n" : ""}`);
+    last = percent === 100 ? "" : line;
+  };
+}
+
+function sizeOption(parsed: ParsedArgs, name: string, what: string): number | undefined {
+  const text = optionString(parsed, name);
+  return text === undefined ? undefined : parseSize(text, { what });
+}
+
+function absolute(path: string | undefined): string | undefined {
+  return path === undefined ? undefined : resolve(path);
+}
+
+function json(context: CliContext, value: unknown): void {
+  context.out(JSON.stringify(value, null, 2) + "\n");
+}
+
+function machinePath(name: string, suffix = ""): string {
+  return `/machines/${encodeURIComponent(name)}${suffix}`;
+}
+
+function snapshotPath(name: string, snapshot: string, suffix = ""): string {
+  return machinePath(name, `/snapshots/${encodeURIComponent(snapshot)}${suffix}`);
+}
+
+function renderStatus(status: MachineStatus): string {
+  const lines = [
+    `machine: ${status.name}`,
+    `state: ${status.state}${status.pid !== null ? ` (pid ${status.pid}, ${status.accelerator})` : ""}`,
+    `memory: ${formatSize(status.config.memoryBytes)}, cpus: ${status.config.cpus}, disk: ${formatSize(status.config.diskSizeBytes)}`,
+    `current snapshot: ${status.currentSnapshot ?? "(none)"}, snapshots: ${status.snapshotCount}`,
+  ];
+  if (status.config.cloneOf !== null) lines.push(`linked clone of ${status.config.cloneOf.machine}@${status.config.cloneOf.snapshot}`);
+  if (status.lastExit !== null && status.state !== "running") {
+    lines.push(`last exit: code ${status.lastExit.code} signal ${status.lastExit.signal} at ${status.lastExit.at}${status.lastExit.stderr.trim() ? `: ${status.lastExit.stderr.trim()}` : ""}`);
+  }
+  return lines.join("\n") + "\n";
+}
+
+function renderTree(view: TreeView): string {
+  const lines: string[] = [];
+  for (const snapshot of view.snapshots) {
+    const marks = [snapshot.hasState ? "vm state" : "disk only", `own ${formatSize(snapshot.ownBytes)}`, `frees ${formatSize(snapshot.freeableBytes)}`];
+    if (snapshot.retainedBy.length > 0) marks.push(`needed by ${snapshot.retainedBy.join(", ")}`);
+    const here = snapshot.current ? "  <- current" : "";
+    lines.push(`${"  ".repeat(snapshot.depth)}${snapshot.name}  [${marks.join("; ")}]  ${snapshot.createdAt}${snapshot.description ? `  "${snapshot.description}"` : ""}${here}`);
+  }
+  if (view.current.snapshot === null) lines.push("(current disk has no parent snapshot)");
+  lines.push(`current disk: ${formatSize(view.current.topBytes)} written since ${view.current.snapshot ?? "creation"}; ${view.layerCount} layer files, chain depth ${view.chainDepth}`);
+  return lines.join("\n") + "\n";
+}
+
+interface Subcommand {
+  synopsis: string;
+  options: OptionSpec[];
+  args: [number, number, string];
+  run(client: ApiClient, parsed: ParsedArgs, context: CliContext): Promise<number>;
+}
+
+const SUBCOMMANDS: Record<string, Subcommand> = {
+  create: {
+    synopsis: "create NAME [--memory SIZE] [--cpus N] (--disk SIZE | --disk-from IMAGE) [--kernel F [--initrd F] [--append TEXT]] [--cdrom ISO] [--qemu-arg ARG]...",
+    options: [
+      { name: "memory", long: "memory", value: true },
+      { name: "cpus", long: "cpus", value: true },
+      { name: "disk", long: "disk", value: true },
+      { name: "diskFrom", long: "disk-from", value: true },
+      { name: "kernel", long: "kernel", value: true },
+      { name: "initrd", long: "initrd", value: true },
+      { name: "append", long: "append", value: true },
+      { name: "cdrom", long: "cdrom", value: true },
+      { name: "qemuArg", long: "qemu-arg", value: true, repeat: "list" },
+    ],
+    args: [1, 1, "Expecting a machine name"],
+    async run(client, parsed, context) {
+      const cpusText = optionString(parsed, "cpus");
+      const config = await client.request<{ name: string; diskSizeBytes: number }>("POST", "/machines", {
+        name: parsed.positionals[0],
+        memoryBytes: sizeOption(parsed, "memory", "memory size"),
+        cpus: cpusText === undefined ? undefined : Number(cpusText),
+        diskSizeBytes: sizeOption(parsed, "disk", "disk size"),
+        diskFrom: absolute(optionString(parsed, "diskFrom")),
+        kernel: absolute(optionString(parsed, "kernel")),
+        initrd: absolute(optionString(parsed, "initrd")),
+        append: optionString(parsed, "append"),
+        cdrom: absolute(optionString(parsed, "cdrom")),
+        extraArgs: optionList(parsed, "qemuArg"),
+      });
+      context.out(`Created machine '${config.name}' with a ${formatSize(config.diskSizeBytes)} disk.\n`);
+      return 0;
+    },
+  },
+  list: {
+    synopsis: "list [--output=json]",
+    options: [OUTPUT_OPTION],
+    args: [0, 0, ""],
+    async run(client, parsed, context) {
+      const machines = await client.request<MachineStatus[]>("GET", "/machines");
+      if (parseOutputFormat(optionString(parsed, "output")) === "json") json(context, machines);
+      else {
+        context.out(`${"NAME".padEnd(24)} ${"STATE".padEnd(8)} ${"MEMORY".padEnd(8)} ${"DISK".padEnd(8)} SNAPSHOTS CURRENT\n`);
+        for (const m of machines) {
+          context.out(`${m.name.padEnd(24)} ${m.state.padEnd(8)} ${formatSize(m.config.memoryBytes).padEnd(8)} ${formatSize(m.config.diskSizeBytes).padEnd(8)} ${String(m.snapshotCount).padEnd(9)} ${m.currentSnapshot ?? "-"}\n`);
+        }
+      }
+      return 0;
+    },
+  },
+  start: {
+    synopsis: "start NAME",
+    options: [],
+    args: [1, 1, "Expecting a machine name"],
+    async run(client, parsed, context) {
+      const status = await client.request<MachineStatus>("POST", machinePath(parsed.positionals[0], "/start"));
+      context.out(`Started '${status.name}' (pid ${status.pid}, ${status.accelerator}).\n`);
+      return 0;
+    },
+  },
+  stop: {
+    synopsis: "stop NAME [--force]",
+    options: [{ name: "force", long: "force" }],
+    args: [1, 1, "Expecting a machine name"],
+    async run(client, parsed, context) {
+      await client.request("POST", machinePath(parsed.positionals[0], "/stop"), { force: optionFlag(parsed, "force") });
+      context.out(`Stopped '${parsed.positionals[0]}'.\n`);
+      return 0;
+    },
+  },
+  status: {
+    synopsis: "status NAME [--output=json]",
+    options: [OUTPUT_OPTION],
+    args: [1, 1, "Expecting a machine name"],
+    async run(client, parsed, context) {
+      const status = await client.request<MachineStatus>("GET", machinePath(parsed.positionals[0]));
+      if (parseOutputFormat(optionString(parsed, "output")) === "json") json(context, status);
+      else context.out(renderStatus(status));
+      return 0;
+    },
+  },
+  log: {
+    synopsis: "log NAME [--bytes N]",
+    options: [{ name: "bytes", long: "bytes", value: true }],
+    args: [1, 1, "Expecting a machine name"],
+    async run(client, parsed, context) {
+      const bytes = sizeOption(parsed, "bytes", "byte count");
+      const { text } = await client.request<{ text: string }>("GET", machinePath(parsed.positionals[0], `/log${bytes === undefined ? "" : `?bytes=${bytes}`}`));
+      context.out(text);
+      return 0;
+    },
+  },
+  snapshot: {
+    synopsis: "snapshot NAME SNAP [--disk-only] [--description TEXT]",
+    options: [
+      { name: "diskOnly", long: "disk-only" },
+      { name: "description", long: "description", value: true },
+    ],
+    args: [2, 2, "Expecting a machine name and a snapshot name"],
+    async run(client, parsed, context) {
+      const [name, snapshot] = parsed.positionals;
+      const result = await client.request<{ snapshot: { name: string; hasState: boolean }; timings: { pausedMs: number; totalMs: number } }>("POST", machinePath(name, "/snapshots"), {
+        snapshot,
+        description: optionString(parsed, "description"),
+        diskOnly: optionFlag(parsed, "diskOnly"),
+      });
+      const what = result.snapshot.hasState ? "disk, VM state and configuration" : "disk and configuration";
+      context.out(`Snapshot '${result.snapshot.name}' of '${name}' taken (${what}; paused ${result.timings.pausedMs.toFixed(1)} ms, total ${result.timings.totalMs.toFixed(0)} ms).\n`);
+      return 0;
+    },
+  },
+  revert: {
+    synopsis: "revert NAME SNAP [--wipe]",
+    options: [{ name: "wipe", long: "wipe" }],
+    args: [2, 2, "Expecting a machine name and a snapshot name"],
+    async run(client, parsed, context) {
+      const [name, snapshot] = parsed.positionals;
+      const result = await client.request<{ state: string; freedBytes: number; totalMs: number }>("POST", snapshotPath(name, snapshot, "/revert"), { wipe: optionFlag(parsed, "wipe") }, progressPrinter(context));
+      context.out(`Reverted '${name}' to '${snapshot}' in ${result.totalMs.toFixed(0)} ms; it is ${result.state}; freed ${formatSize(result.freedBytes)}.\n`);
+      return 0;
+    },
+  },
+  snapshots: {
+    synopsis: "snapshots NAME [--output=json]",
+    options: [OUTPUT_OPTION],
+    args: [1, 1, "Expecting a machine name"],
+    async run(client, parsed, context) {
+      const view = await client.request<TreeView>("GET", machinePath(parsed.positionals[0], "/snapshots"));
+      if (parseOutputFormat(optionString(parsed, "output")) === "json") json(context, view);
+      else context.out(renderTree(view));
+      return 0;
+    },
+  },
+  "delete-snapshot": {
+    synopsis: "delete-snapshot NAME SNAP [--wipe]",
+    options: [{ name: "wipe", long: "wipe" }],
+    args: [2, 2, "Expecting a machine name and a snapshot name"],
+    async run(client, parsed, context) {
+      const [name, snapshot] = parsed.positionals;
+      const wipe = optionFlag(parsed, "wipe");
+      const result = await client.request<{ freedBytes: number; mergedBytes: number }>("DELETE", snapshotPath(name, snapshot, wipe ? "?wipe=1" : ""), undefined, progressPrinter(context));
+      context.out(`Deleted snapshot '${snapshot}' of '${name}': merged ${formatSize(result.mergedBytes)}, freed ${formatSize(result.freedBytes)}${wipe ? " (wiped)" : ""}.\n`);
+      return 0;
+    },
+  },
+  diff: {
+    synopsis: "diff NAME A B [--output=json]",
+    options: [OUTPUT_OPTION],
+    args: [3, 3, "Expecting a machine name and two snapshot names"],
+    async run(client, parsed, context) {
+      const [name, from, to] = parsed.positionals;
+      const result = await client.request<{ ranges: Array<{ start: number; length: number }>; changedBytes: number }>(
+        "GET",
+        machinePath(name, `/diff?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}`),
+        undefined,
+        progressPrinter(context),
+      );
+      if (parseOutputFormat(optionString(parsed, "output")) === "json") json(context, result);
+      else {
+        for (const range of result.ranges) context.out(`${range.start}\t${range.length}\n`);
+        context.out(`${result.ranges.length} changed ranges, ${formatSize(result.changedBytes)}\n`);
+      }
+      return 0;
+    },
+  },
+  clone: {
+    synopsis: "clone NAME SNAP NEWNAME",
+    options: [],
+    args: [3, 3, "Expecting a machine name, a snapshot name and a new machine name"],
+    async run(client, parsed, context) {
+      const [name, snapshot, newName] = parsed.positionals;
+      await client.request("POST", snapshotPath(name, snapshot, "/clone"), { name: newName });
+      context.out(`Created '${newName}', a linked clone of '${name}' at '${snapshot}'.\n`);
+      return 0;
+    },
+  },
+  remove: {
+    synopsis: "remove NAME [--wipe]",
+    options: [{ name: "wipe", long: "wipe" }],
+    args: [1, 1, "Expecting a machine name"],
+    async run(client, parsed, context) {
+      const wipe = optionFlag(parsed, "wipe");
+      const result = await client.request<{ freedBytes: number }>("DELETE", machinePath(parsed.positionals[0], wipe ? "?wipe=1" : ""), undefined, progressPrinter(context));
+      context.out(`Removed '${parsed.positionals[0]}', freed ${formatSize(result.freedBytes)}${wipe ? " (wiped)" : ""}.\n`);
+      return 0;
+    },
+  },
+};
+
+export const vmCommand: CliCommand = {
+  name: "vm",
+  synopsis: "vm <command> [--home DIR] ...",
+  summary: "Manage machines and their snapshot trees through the snapstack daemon.",
+  optionHelp: [
+    "commands:",
+    ...Object.values(SUBCOMMANDS).map((sub) => `  ${sub.synopsis}`),
+    "",
+    "  --home DIR   the store (default $SNAPSTACK_HOME or ~/.local/share/snapstack); a daemon is started for it if none answers",
+  ],
+  async run(argv, context) {
+    const [name, ...rest] = argv;
+    const sub = name === undefined ? undefined : SUBCOMMANDS[name];
+    if (sub === undefined) throw new SnapstackError("E_USAGE", name === undefined ? "missing vm command" : `unknown vm command '${name}'`);
+    const parsed = parseArgs(rest, [HOME_OPTION, ...sub.options]);
+    expectPositionals(parsed.positionals, sub.args[0], sub.args[1], sub.args[2]);
+    const client = await connectDaemon(resolveHome(optionString(parsed, "home"), context.env), context);
+    return sub.run(client, parsed, context);
+  },
+};
