@@ -13,9 +13,11 @@ import { processContext, type CliCommand, type CliContext } from "./context.ts";
 import { IMG_COMMANDS } from "./img-commands.ts";
 import { ioCommand } from "./io/io-command.ts";
 import { nbdCommand } from "./commands/nbd.ts";
+import { serveCommand } from "./commands/serve.ts";
+import { vmCommand } from "./commands/vm.ts";
 
 /** Commands reserved for later issues: recognised, but not available yet. */
-const PLANNED_COMMANDS = ["serve", "vm"];
+const PLANNED_COMMANDS: string[] = [];
 
 export function snapstackVersion(): string {
   const packageJson = JSON.parse(readFileSync(new URL("../../package.json", import.meta.url), "utf8")) as { version: string };
@@ -100,6 +102,8 @@ async function dispatch(argv: string[], context: CliContext): Promise<number> {
   if (printedBuiltin(first, context)) return 0;
   if (first === "io") return runCommand(ioCommand, "snapstack", rest, context);
   if (first === "nbd") return runCommand(nbdCommand, "snapstack", rest, context);
+  if (first === "serve") return runCommand(serveCommand, "snapstack", rest, context);
+  if (first === "vm") return runCommand(vmCommand, "snapstack", rest, context);
   if (first === "img") {
     const [name, ...commandArgs] = rest;
     if (name === undefined) throw usage("Not enough arguments", "snapstack img --help");
