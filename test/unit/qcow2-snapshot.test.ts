@@ -365,3 +365,29 @@ test("randomized: writes, resizes and snapshot create/apply/delete against a mod
   }
   await image.close();
 });
+
+test("snapshot views read through the image's backing chain and are read-only", async () => {
+  const baseFile = new MemoryFile({ name: "base.qcow2" });
+  await createQcow2(baseFile, { sizeBytes: 2 * MiB });
+  const base = await openQcow2(baseFile, { readOnly: false, backing: null });
+  await base.write(0, new Uint8Array(2 * MiB).fill(0xb0));
+  const file = new MemoryFile({ name: "top.qcow2" });
+  await createQcow2(file, { sizeBytes: 2 * MiB, backingFile: "base.qcow2", backingFormat: "qcow2" });
+  const image = await openQcow2(file, { readOnly: false, backing: base, closeBacking: false });
+  await image.write(64 * KiB, new Uint8Array(64 * KiB).fill(1));
+  await image.createSnapshot("s");
+  await image.write(0, new Uint8Array(256 * KiB).fill(2));
+  const expected = new Uint8Array(2 * MiB).fill(0xb0);
+  expected.fill(1, 64 * KiB, 128 * KiB);
+  const view = await openSnapshotView(image, "s");
+  assertSameBytes(await readAll(view), expected, "view over the backing");
+  assert.equal(view.readOnly, true);
+  await assert.rejects(view.write(0, new Uint8Array(1)), failsWith("E_READ_ONLY"));
+  await view.close();
+  // Closing the view closed neither the image's file nor its backing.
+  assert.equal((await readAll(image))[0], 2);
+  assert.equal((await readAll(base))[0], 0xb0);
+  await assertClean(image, file, "overlay with a snapshot");
+  await image.close();
+  await base.close();
+});
