@@ -288,6 +288,9 @@ export class MachineManager {
         initrdPath: config.initrd ?? undefined,
         append: config.append ?? undefined,
         cdromPath: config.cdrom ?? undefined,
+        // Workaround: with -kernel QEMU's linuxboot ROM takes bootindex 0, which qemu-args.ts
+        // also gives the first disk unless the CD-ROM comes first (reported to the runtime's owner).
+        bootFrom: config.kernel !== null ? "cdrom" : undefined,
         extraArgs: config.extraArgs,
         runDir,
         serialLogPath: this.serialLogPath(name),
