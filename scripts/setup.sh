@@ -5,21 +5,21 @@
 #      ~/.cache/snapstack/node24);
 #   2. links it as .toolchain/bin/node, so `export PATH="$PWD/.toolchain/bin:$PATH"`
 #      makes it the node that bin/snapstack (#!/usr/bin/env node) runs with;
-#   3. installs runtime npm dependencies if package.json declares any (it
-#      declares none today: snapstack runs its TypeScript sources directly).
+#   3. `npm ci` (snapstack has no runtime dependencies; this brings the
+#      TypeScript compiler, linters and test tools) and `npm run build`, so
+#      bin/snapstack runs compiled JavaScript (it falls back to the sources
+#      whenever one is newer than the build).
 # Options:
-#   --dev     also `npm ci` (lint, typecheck and test dependencies), so that
-#             `npm test` can run next
+#   --dev     accepted for compatibility (npm ci always runs now)
 #   --tools   also install the QEMU/NBD tools the interop tests and
 #             benchmarks use (scripts/ensure-tools.sh; apt-get when root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-with_dev=0
 with_tools=0
 for arg in "$@"; do
   case "$arg" in
-    --dev) with_dev=1 ;;
+    --dev) ;;
     --tools) with_tools=1 ;;
     *)
       echo "setup: unknown option: $arg (known: --dev, --tools)" >&2
@@ -33,18 +33,11 @@ mkdir -p .toolchain/bin
 ln -sfn "$node_bin" .toolchain/bin/node
 echo "setup: .toolchain/bin/node -> $node_bin ($("$node_bin" --version))"
 
-if [ "$with_dev" = 1 ]; then
-  PATH="$(dirname "$node_bin"):$PATH" npm ci --no-audit --no-fund
-elif "$node_bin" -e 'process.exit(Object.keys(require("./package.json").dependencies ?? {}).length > 0 ? 0 : 1)' && [ ! -d node_modules ]; then
-  PATH="$(dirname "$node_bin"):$PATH" npm ci --omit=dev --no-audit --no-fund
-fi
+PATH="$(dirname "$node_bin"):$PATH" npm ci --no-audit --no-fund
+PATH="$(dirname "$node_bin"):$PATH" npm run --silent build || echo "setup: build failed; bin/snapstack will run the TypeScript sources" >&2
 
 if [ "$with_tools" = 1 ]; then
   bash scripts/ensure-tools.sh
 fi
 
-if [ "$(command -v node || true)" = "$node_bin" ]; then
-  echo "setup: ready; try: bin/snapstack --help"
-else
-  echo "setup: ready; the node on PATH is older, so first: export PATH=\"$PWD/.toolchain/bin:\$PATH\""
-fi
+echo "setup: ready; try: bin/snapstack --help (it finds .toolchain/bin/node when the node on PATH is older)"

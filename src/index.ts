@@ -51,3 +51,20 @@ export {
   type CheckImageOptions,
 } from "./chain/index.ts";
 export { NbdServer, NbdExport, type NbdServerOptions, type NbdListenAddress, type NbdExportOptions } from "./nbd/index.ts";
+export {
+  commitImage,
+  rebaseImage,
+  streamImage,
+  diffImages,
+  exportDelta,
+  restoreImage,
+  removeImage,
+  type CommitImageOptions,
+  type RebaseImageOptions,
+  type StreamImageOptions,
+  type DiffImagesOptions,
+  type DiffRange,
+  type RestoreImageOptions,
+  type RemoveImageOptions,
+  type JobProgress,
+} from "./chain/jobs/index.ts";
