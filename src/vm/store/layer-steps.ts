@@ -7,9 +7,10 @@
  *     create-overlay  skipped when the file exists with the expected
  *                     backing name (it may already hold guest writes);
  *     stream          skipped when the target already backs onto the base;
- *     commit          skipped when the source is gone (it is removed right
- *                     after, and the commit only adds data the source
- *                     shadows, so repeating it is harmless);
+ *     commit          skipped when the source is gone or no longer a qcow2
+ *                     on the target (its removal, maybe a wipe, was under
+ *                     way); repeating it is harmless (it only adds data
+ *                     the source shadows);
  *     rebase-unsafe   rewrites the header name (same result twice);
  *     remove-layer    skipped when the file is gone;
  *     remove-snapshot-files  rm -r (with wipe: state file zeroed first).
@@ -107,7 +108,9 @@ export async function executeStep(machineDir: string, step: LayerStep, options: 
     }
     case "commit": {
       const from = stepPath(machineDir, step.fromFile);
-      if (!existsSync(from)) return { mergedBytes: 0, freedBytes: 0 };
+      // Gone, or no longer a qcow2 on `into` (a wipe before its removal was interrupted): the commit was done.
+      const into = resolve(stepPath(machineDir, step.intoFile));
+      if (!existsSync(from) || (await readBackingPath(from).catch(() => null)) !== into) return { mergedBytes: 0, freedBytes: 0 };
       const result = await commitImage(from, { ...jobOptions, drop: true, searchDirectories: [] });
       return { mergedBytes: result.committedBytes, freedBytes: 0 };
     }
