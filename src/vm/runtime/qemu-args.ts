@@ -148,13 +148,13 @@ export function buildQemuArgs(spec: QemuLaunchSpec, accelerator: Accelerator): s
       "read-only": disk.readOnly ?? false,
     };
     args.push("-blockdev", JSON.stringify(blockdev));
-    const bootIndex = index === 0 ? `,bootindex=${cdromFirst ? 1 : 0}` : "";
+    const bootIndex = index === 0 ? `,bootindex=${cdromFirst ? 2 : 1}` : "";
     args.push("-device", `virtio-blk-pci,drive=${node},id=${node}-device,write-cache=on${bootIndex}`);
   });
   if (spec.cdromPath !== undefined) {
     args.push("-blockdev", JSON.stringify({ "driver": "file", "node-name": "cdrom0-file", "filename": spec.cdromPath, "read-only": true }));
     args.push("-blockdev", JSON.stringify({ "driver": "raw", "node-name": "cdrom0", "file": "cdrom0-file", "read-only": true }));
-    args.push("-device", `ide-cd,drive=cdrom0,bus=ide.0,id=cdrom0-device,bootindex=${cdromFirst ? 0 : 1}`);
+    args.push("-device", `ide-cd,drive=cdrom0,bus=ide.0,id=cdrom0-device,bootindex=${cdromFirst ? 1 : 2}`);
   }
   if (spec.kernelPath !== undefined) args.push("-kernel", spec.kernelPath);
   if (spec.initrdPath !== undefined) args.push("-initrd", spec.initrdPath);

@@ -9,11 +9,9 @@
  *   connect QMP. If QEMU exits first, start fails with E_QEMU carrying
  *   QEMU's stderr; any later failure of start kills the process it spawned.
  * - Saving state (the VM must be paused: `stop` has drained and flushed the
- *   guest's I/O): QEMU migrates to a Unix socket we listen on, and we write
- *   what arrives to the file ourselves and fsync it. Not `exec:cat > file`:
- *   QEMU 7.2 reports "completed" and reaps the helper as soon as it closed
- *   the pipe, before cat has necessarily written the pipe's tail, and we
- *   could not fsync what cat wrote. Migration bandwidth is unthrottled
+ *   guest's I/O): QEMU migrates to a Unix socket we listen on and our own
+ *   `cat` child copies it into the file, which we fsync (see
+ *   state-file-transfer.ts for why not exec: or Node). Migration bandwidth is unthrottled
  *   (QEMU's default is 32 MiB/s); zero pages cost a few bytes each, so a
  *   256 MiB guest saves in well under a second. After saving, the VM is in
  *   "postmigrate"; `resume()` continues it (the live-snapshot path).
@@ -28,13 +26,13 @@
  *   exit code or signal and the tail of its stderr.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { closeSync, createReadStream, createWriteStream, existsSync, fsyncSync, mkdirSync, openSync, readSync, fstatSync, rmSync, statSync } from "node:fs";
-import net from "node:net";
+import { closeSync, existsSync, fstatSync, mkdirSync, openSync, readSync, rmSync, statSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { SnapstackError, fromSystemError, isSnapstackError } from "../../base/errors.ts";
 import { QmpClient } from "../../qmp/qmp-client.ts";
 import { probeAccelerator, QEMU_SYSTEM_BINARY, type Accelerator } from "./accelerator.ts";
 import { buildQemuArgs, runFilePaths, validateLaunchSpec, type QemuLaunchSpec } from "./qemu-args.ts";
+import { receiveStateFile, sendStateFile } from "./state-file-transfer.ts";
 
 export type { QemuDiskSpec, QemuLaunchSpec } from "./qemu-args.ts";
 
@@ -48,10 +46,10 @@ export const QUIT_TIMEOUT_MS = 10_000;
 const MIGRATION_BANDWIDTH_BYTES_PER_S = 1024 * 1024 * 1024 * 1024;
 /** query-migrate polling while a state transfer runs. */
 const MIGRATION_POLL_MS = 5;
+/** How long a failed start waits for QEMU to exit by itself before killing it. */
+const EXIT_GRACE_MS = 1_000;
 /** Bytes of QEMU's stderr kept for error messages. */
 const STDERR_TAIL_BYTES = 16 * 1024;
-/** Progress callbacks at most this often (plus one at the end). */
-const PROGRESS_INTERVAL_MS = 50;
 
 export interface QemuExit {
   code: number | null;
@@ -60,8 +58,6 @@ export interface QemuExit {
   stderr: string;
 }
 
-/** VM states (query-status) in which saveState may run. */
-const SAVEABLE_STATES = new Set(["paused", "postmigrate"]);
 
 export class QemuProcess {
   readonly pid: number;
@@ -136,12 +132,15 @@ export class QemuProcess {
       if (spec.incomingStatePath !== undefined) await process.#loadState(spec.incomingStatePath);
       return process;
     } catch (error) {
-      if (child.exitCode === null && child.signalCode === null && child.pid !== undefined) child.kill("SIGKILL");
-      const exit = child.pid !== undefined ? await exited : null;
       await qmp?.close();
-      // An error caused by QEMU exiting is best explained by its stderr.
-      if (exit !== null && isSnapstackError(error) && error.code !== "E_QEMU" && exit.stderr.trim() !== "") {
-        throw earlyExitError(spec.name, `after ${error.message}`, exit);
+      if (child.pid === undefined) throw error;
+      // QEMU closing QMP usually means it is exiting: give it a moment, so the
+      // error can show why (its stderr) rather than a reset connection.
+      const exitedByItself = await Promise.race([exited.then(() => true), sleep(EXIT_GRACE_MS).then(() => false)]);
+      if (!exitedByItself) child.kill("SIGKILL");
+      const exit = await exited;
+      if (exitedByItself) {
+        throw earlyExitError(spec.name, spec.incomingStatePath !== undefined ? "while starting or loading its saved state" : "during start-up", exit);
       }
       throw error;
     }
@@ -224,19 +223,20 @@ export class QemuProcess {
 
   async #saveState(path: string, onProgress: ((doneBytes: number) => void) | undefined, timeoutMs: number): Promise<{ sizeBytes: number }> {
     const status = await this.status();
-    if (!SAVEABLE_STATES.has(status)) {
-      throw new SnapstackError("E_QEMU", `VM '${this.spec.name}': saving the VM state needs a paused VM; it is ${status}`, { status });
+    if (status !== "paused") {
+      // QEMU cannot migrate twice without running in between ("postmigrate").
+      const hint = status === "postmigrate" ? " (its state was just saved: resume it before saving again)" : "";
+      throw new SnapstackError("E_QEMU", `VM '${this.spec.name}': saving the VM state needs a paused VM; it is ${status}${hint}`, { status });
     }
     await this.#execute("migrate-set-parameters", { "max-bandwidth": MIGRATION_BANDWIDTH_BYTES_PER_S });
     const socketPath = runFilePaths(this.spec.runDir).outgoingSocket;
     rmSync(socketPath, { force: true });
-    const receiver = await receiveToFile(socketPath, path, onProgress);
+    const receiver = await receiveStateFile(socketPath, path, onProgress);
     const deadline = Date.now() + timeoutMs;
     try {
       await this.#execute("migrate", { uri: `unix:${socketPath}` });
       await this.#waitForMigration("saving the VM state", deadline);
       const sizeBytes = await withDeadline(receiver.done, deadline, `VM '${this.spec.name}': writing the VM state to ${path}`);
-      fsyncPath(path);
       return { sizeBytes };
     } catch (error) {
       await this.qmp.execute("migrate_cancel").catch(() => {});
@@ -245,7 +245,6 @@ export class QemuProcess {
       rmSync(path, { force: true });
       throw error;
     } finally {
-      receiver.close();
       rmSync(socketPath, { force: true });
     }
   }
@@ -262,17 +261,11 @@ export class QemuProcess {
     const socketPath = runFilePaths(this.spec.runDir).incomingSocket;
     await this.#execute("migrate-set-parameters", { "max-bandwidth": MIGRATION_BANDWIDTH_BYTES_PER_S });
     await this.#execute("migrate-incoming", { uri: `unix:${socketPath}` });
-    const sent = sendFile(path, socketPath, deadline);
+    const sent = sendStateFile(path, socketPath, deadline);
     sent.catch(() => {});
     try {
       await this.#waitForMigration("loading the VM state", deadline);
       await sent;
-    } catch (error) {
-      if (!this.running || isSnapstackError(error)) {
-        const exit = await Promise.race([this.exited, sleep(1000).then(() => null)]);
-        if (exit !== null) throw earlyExitError(this.spec.name, `while loading the VM state from ${path}`, exit);
-      }
-      throw error;
     } finally {
       rmSync(socketPath, { force: true });
     }
@@ -369,109 +362,3 @@ async function withDeadline<T>(promise: Promise<T>, deadline: number, what: stri
   }
 }
 
-function fsyncPath(path: string): void {
-  try {
-    const fd = openSync(path, "r+");
-    try {
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
-  } catch (error) {
-    throw fromSystemError(error, path, "fsync");
-  }
-}
-
-interface FileReceiver {
-  /** Resolves with the bytes written once the sender closed and the file is closed. */
-  done: Promise<number>;
-  abort(): void;
-  close(): void;
-}
-
-/** Listen on socketPath; write the first connection's bytes to path. */
-async function receiveToFile(socketPath: string, path: string, onProgress: ((doneBytes: number) => void) | undefined): Promise<FileReceiver> {
-  const server = net.createServer();
-  let connection: net.Socket | null = null;
-  let aborted = false;
-  let settle: { resolve: (bytes: number) => void; reject: (error: Error) => void } | null = null;
-  const done = new Promise<number>((resolveDone, rejectDone) => (settle = { resolve: resolveDone, reject: rejectDone }));
-  server.on("connection", (socket) => {
-    if (connection !== null || aborted) {
-      socket.destroy();
-      return;
-    }
-    connection = socket;
-    server.close();
-    const file = createWriteStream(path, { flags: "w", mode: 0o600, highWaterMark: 4 * 1024 * 1024 });
-    let doneBytes = 0;
-    let reportedAt = 0;
-    socket.on("data", (chunk: Buffer) => {
-      doneBytes += chunk.length;
-      const now = Date.now();
-      if (onProgress !== undefined && now - reportedAt >= PROGRESS_INTERVAL_MS) {
-        reportedAt = now;
-        onProgress(doneBytes);
-      }
-    });
-    socket.on("error", (error) => file.destroy(error));
-    file.on("error", (error) => {
-      socket.destroy();
-      settle!.reject(fromSystemError(error, path, "write the VM state"));
-    });
-    file.on("close", () => {
-      if (aborted) settle!.reject(new SnapstackError("E_ABORTED", `writing the VM state to ${path} was abandoned`));
-      else {
-        onProgress?.(doneBytes);
-        settle!.resolve(doneBytes);
-      }
-    });
-    socket.pipe(file);
-  });
-  await new Promise<void>((resolveListen, rejectListen) => {
-    server.once("error", (error) => rejectListen(fromSystemError(error, socketPath, "listen")));
-    server.listen(socketPath, () => resolveListen());
-  });
-  return {
-    done,
-    abort: () => {
-      aborted = true;
-      if (connection === null) settle!.reject(new SnapstackError("E_ABORTED", `writing the VM state to ${path} was abandoned`));
-      else (connection as net.Socket).destroy();
-    },
-    close: () => server.close(),
-  };
-}
-
-/** Connect to socketPath (retrying until it exists) and stream the file into it. */
-async function sendFile(path: string, socketPath: string, deadline: number): Promise<void> {
-  const socket = await new Promise<net.Socket>((resolveSocket, rejectSocket) => {
-    const attempt = (): void => {
-      const candidate = net.createConnection({ path: socketPath });
-      candidate.once("connect", () => {
-        candidate.removeAllListeners("error");
-        resolveSocket(candidate);
-      });
-      candidate.once("error", (error: NodeJS.ErrnoException) => {
-        candidate.destroy();
-        if ((error.code === "ENOENT" || error.code === "ECONNREFUSED") && Date.now() < deadline) setTimeout(attempt, MIGRATION_POLL_MS);
-        else rejectSocket(new SnapstackError("E_QEMU", `cannot connect to QEMU's incoming migration socket ${socketPath}: ${error.code ?? error.message}`));
-      });
-    };
-    attempt();
-  });
-  await new Promise<void>((resolveSent, rejectSent) => {
-    const file = createReadStream(path, { highWaterMark: 4 * 1024 * 1024 });
-    file.on("error", (error) => {
-      socket.destroy();
-      rejectSent(fromSystemError(error, path, "read the saved VM state"));
-    });
-    socket.on("error", (error) => {
-      file.destroy();
-      rejectSent(new SnapstackError("E_QEMU", `sending the VM state to QEMU failed: ${error.message}`));
-    });
-    socket.on("finish", () => resolveSent());
-    file.pipe(socket);
-  });
-  socket.end();
-}
