@@ -13,10 +13,11 @@
  * - A running machine: its top layer's chain is opened in this process and
  *   served by an NbdServer on a Unix socket in its run directory; QEMU
  *   reads and writes its disk only through it (QemuProcess, qemu-args.ts).
- * - Live snapshot: QMP stop (QEMU drains and flushes guest I/O) -> flush
- *   the export -> create the new overlay on the top (the top is now the
+ * - Live snapshot: create the new overlay naming the top as its backing
+ *   (not opened, so the guest may still write) -> QMP stop (QEMU drains
+ *   and flushes guest I/O) -> flush the export (the top is now the
  *   snapshot's frozen layer) -> open the new chain and swap the export onto
- *   it -> [disk-only: resume here] -> save the VM state to the snapshot's
+ *   it -> [disk-only: resume here; the old chain is closed after] -> save the VM state to the snapshot's
  *   state file (through a .partial name, renamed when complete) -> resume.
  *   The journal is written before and committed after, so a kill in
  *   between is finished at the next start (a snapshot whose state did not
@@ -368,6 +369,8 @@ export class MachineManager {
     const newTop = plan.tree.layers[plan.tree.current.layer];
     let pausedMs = 0;
     let stateBytes = 0;
+    // The new overlay names the top as backing without opening it: create it before pausing.
+    await executeSteps(dir, plan.steps);
     const pausedAt = performance.now();
     await running.process.pause();
     let resumed = false;
@@ -377,14 +380,15 @@ export class MachineManager {
       await running.process.resume();
       pausedMs = performance.now() - pausedAt;
     };
+    let swapped = false;
     try {
       await running.export.flush();
-      await executeSteps(dir, plan.steps);
       const device = await openImage(stepPath(dir, newTop.file));
       const old = await running.export.swapDevice(device);
-      await old.close();
+      swapped = true;
       if (diskOnly) await resume();
-      else {
+      await old.close();
+      if (!diskOnly) {
         const statePath = join(this.store.snapshotDir(name, plan.snapshot.id), "state.bin");
         const partial = `${statePath}.partial`;
         stateBytes = (await running.process.saveState(partial)).sizeBytes;
@@ -395,6 +399,14 @@ export class MachineManager {
       this.store.commitJournal(name, plan.tree);
     } catch (error) {
       await resume().catch(() => {});
+      if (swapped) {
+        // The disk layer is taken: keep the snapshot (disk-only when its state did not complete).
+        this.store.commitJournal(name, plan.tree);
+      } else {
+        rmSync(stepPath(dir, newTop.file), { force: true });
+        rmSync(this.store.snapshotDir(name, plan.snapshot.id), { recursive: true, force: true });
+        rmSync(this.store.journalPath(name), { force: true });
+      }
       throw error;
     }
     return { snapshot: plan.snapshot, timings: { pausedMs, totalMs: performance.now() - started, stateBytes } };
