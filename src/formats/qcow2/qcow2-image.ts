@@ -69,6 +69,7 @@ import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, 
 import { AsyncMutex, RangeLock, ReadGate } from "./locks.ts";
 import type { CachedTable } from "./table-cache.ts";
 import { rebuildRefcounts } from "./rebuild-refcounts.ts";
+import { BELOW_MIXED, BELOW_UNKNOWN, BELOW_ZERO, BackingResolutionCache, type BelowResolution } from "./backing-resolution-cache.ts";
 import {
   applySnapshot,
   createSnapshot,
@@ -217,15 +218,11 @@ interface LayerRun {
   entry: L2Entry | null;
 }
 
-/** A backing cluster as one host range of some layer's file, all zeroes, or neither (resolved per request). */
-type BelowResolution = { file: ImageFile; hostOffset: number } | "zero" | "mixed";
 
 const UNRESOLVED = 0;
 const RESOLVED_FILE = 1;
 const RESOLVED_ZERO = 2;
 
-/** Bound of the per-image backing resolution cache (about 100 bytes each: 25 MiB). */
-const BELOW_CACHE_ENTRIES_MAX = 256 * 1024;
 
 /** Largest virtual size we accept for a guest request offset (2^53, JS safe integers). */
 const GUEST_OFFSET_MAX = Number.MAX_SAFE_INTEGER;
@@ -247,7 +244,7 @@ export class Qcow2Image implements BlockDevice {
   /** The corruption found in this session: writes are refused with it (v2 images have no corrupt bit). */
   #corruption: SnapstackError | null = null;
   /** Where each cluster unallocated here lives in the (stable) backing chain. */
-  readonly #below = new Map<number, BelowResolution>();
+  readonly #below = new BackingResolutionCache();
   #stableBacking: boolean | null = null;
   /** Result of #resolveInCluster (fields, so the hot path allocates nothing). */
   #hitFile: ImageFile | null = null;
@@ -536,10 +533,11 @@ export class Qcow2Image implements BlockDevice {
           if (backing === null || guestOffset >= backing.sizeBytes) return RESOLVED_ZERO;
           if (!(backing instanceof Qcow2Image) || guestOffset + lengthBytes > backing.sizeBytes) return UNRESOLVED;
           if (layer.#backingIsStable()) {
-            const below = layer.#below.get((guestOffset - inCluster) / cs);
-            if (below === undefined) return UNRESOLVED;
-            if (below === "zero") return RESOLVED_ZERO;
-            if (below !== "mixed") {
+            const below = layer.#below;
+            const code = below.lookup((guestOffset - inCluster) / cs);
+            if (code === BELOW_UNKNOWN) return UNRESOLVED;
+            if (code === BELOW_ZERO) return RESOLVED_ZERO;
+            if (code !== BELOW_MIXED) {
               this.#hitFile = below.file;
               this.#hitHostOffset = below.hostOffset + inCluster;
               return RESOLVED_FILE;
@@ -578,6 +576,7 @@ export class Qcow2Image implements BlockDevice {
    */
   #pushBelow(guestOffset: number, at: number, lengthBytes: number, pieces: ReadPiece[], tasks: ResolveTask[]): { layer: Qcow2Image; l2Offset: number } | null {
     const backing = this.backing as Qcow2Image;
+    const below = this.#below;
     const cs = this.#meta.clusterSizeBytes;
     let pos = 0;
     while (pos < lengthBytes) {
@@ -585,30 +584,62 @@ export class Qcow2Image implements BlockDevice {
       const clusterIndex = Math.floor(g / cs);
       const inCluster = g - clusterIndex * cs;
       const length = Math.min(lengthBytes - pos, cs - inCluster);
-      let below = this.#below.get(clusterIndex);
-      if (below === undefined) {
-        const clusterStart = clusterIndex * cs;
-        const inBacking = Math.max(0, Math.min(cs, backing.sizeBytes - clusterStart));
-        const resolved: ReadPiece[] = [];
-        if (inBacking > 0) {
-          const missing = backing.#tryResolveRead(clusterStart, inBacking, resolved);
-          if (missing !== null) return missing;
-        }
-        if (inBacking < cs) pushZeroPiece(resolved, inBacking, cs - inBacking);
-        const only = resolved.length === 1 ? resolved[0] : null;
-        below = only !== null && only.kind === "file" ? { file: only.file, hostOffset: only.hostOffset } : only !== null && only.kind === "zero" ? "zero" : "mixed";
-        if (this.#below.size >= BELOW_CACHE_ENTRIES_MAX) this.#below.clear();
-        this.#below.set(clusterIndex, below);
+      let code = below.lookup(clusterIndex);
+      if (code === BELOW_UNKNOWN) {
+        const resolved = this.#resolveBelow(clusterIndex);
+        if (typeof resolved === "object" && "l2Offset" in resolved) return resolved;
+        below.set(clusterIndex, resolved);
+        code = below.lookup(clusterIndex);
       }
-      if (below === "zero") pushZeroPiece(pieces, at + pos, length);
-      else if (below === "mixed") {
+      if (code === BELOW_ZERO) pushZeroPiece(pieces, at + pos, length);
+      else if (code === BELOW_MIXED) {
         const inBacking = Math.max(0, Math.min(length, backing.sizeBytes - g));
         if (inBacking > 0) tasks.push({ layer: backing, guestOffset: g, at: at + pos, length: inBacking });
         if (inBacking < length) pushZeroPiece(pieces, at + pos + inBacking, length - inBacking);
-      } else pushFilePiece(pieces, below.file, below.hostOffset + inCluster, at + pos, length);
+      } else pushFilePiece(pieces, below.file as ImageFile, below.hostOffset + inCluster, at + pos, length);
       pos += length;
     }
     return null;
+  }
+
+  /**
+   * Where this layer's cluster `clusterIndex` lives in its stable qcow2
+   * backing chain: a walk down the layers' own L2 tables (no pieces, no
+   * recursion, nothing cached in the layers passed). A cluster that is not
+   * one host range or all zeroes in one layer (smaller backing clusters,
+   * subclusters, compression, a backing file ending inside it with data)
+   * is "mixed". Returns the L2 table to load first when one is missing.
+   */
+  #resolveBelow(clusterIndex: number): BelowResolution | { layer: Qcow2Image; l2Offset: number } {
+    const cs = this.#meta.clusterSizeBytes;
+    const start = clusterIndex * cs;
+    let length = cs;
+    let partial = false;
+    for (let layer = this.backing as Qcow2Image | null; layer !== null; ) {
+      const inLayer = Math.min(length, layer.sizeBytes - start);
+      if (inLayer <= 0) return "zero";
+      if (inLayer < length) {
+        length = inLayer;
+        partial = true;
+      }
+      const run = layer.#layerRun(start, length);
+      if ("missing" in run) return { layer, l2Offset: run.missing };
+      if (run.length < length) return "mixed";
+      switch (run.kind) {
+        case "data":
+          return partial ? "mixed" : { file: layer.#file, hostOffset: run.hostOffset };
+        case "zero":
+          return "zero";
+        case "compressed":
+          return "mixed";
+        case "unallocated": {
+          const next = layer.backing;
+          if (next !== null && !(next instanceof Qcow2Image)) return "mixed";
+          layer = next;
+        }
+      }
+    }
+    return "zero";
   }
 
   async #readCompressed(piece: Extract<ReadPiece, { kind: "compressed" }>, buffer: Uint8Array): Promise<void> {
