@@ -42,7 +42,8 @@
  */
 import { SnapstackError } from "../../base/errors.ts";
 import { L1_ENTRY_BYTES, compressedReadBytes, getL1Entry, getL2Entry, setL1Entry, type L2Entry } from "./entries.ts";
-import { L1_BYTES_MAX, corruption, type Qcow2Metadata } from "./metadata.ts";
+import { L1_BYTES_MAX, corruption, type Qcow2Geometry, type Qcow2Metadata } from "./metadata.ts";
+import type { CachedTable } from "./table-cache.ts";
 import {
   SNAPSHOT_COUNT_MAX,
   SNAPSHOT_ID_BYTES_MAX,
@@ -209,6 +210,22 @@ async function writeRaisedCaches(meta: Qcow2Metadata): Promise<void> {
 type RaiseJournal = [hostOffset: number, lengthBytes: number][];
 
 /**
+ * The non-empty entries of an L2 table (an all-zero entry word is
+ * unallocated and carries no COPIED bit). Zero tests need no byte order, so
+ * a native-order word view skips empty entries fast.
+ */
+function usedEntries(table: CachedTable, geometry: Qcow2Geometry): { l2Index: number; entry: L2Entry }[] {
+  const used: { l2Index: number; entry: L2Entry }[] = [];
+  const words = new Uint32Array(table.bytes.buffer, table.bytes.byteOffset, table.bytes.byteLength >>> 2);
+  const wordsPerEntry = geometry.l2EntryBytes >>> 2;
+  const entries = geometry.l2Entries;
+  for (let l2Index = 0, w = 0; l2Index < entries; l2Index++, w += wordsPerEntry) {
+    if ((words[w] | words[w + 1]) !== 0) used.push({ l2Index, entry: getL2Entry(table.view, l2Index, geometry.extendedL2, geometry.clusterBits) });
+  }
+  return used;
+}
+
+/**
  * qcow2_update_snapshot_refcount: add `addend` (+1, -1 or 0) to the
  * refcount of every L2 table and data cluster reachable from `l1` (first
  * `l1Entries` entries, modified in place), and rebuild COPIED in those L2
@@ -237,15 +254,7 @@ export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l
     const release = meta.holdEviction();
     try {
       const table = await meta.getL2(l2Offset);
-      // Only non-empty entries matter (an all-zero word is unallocated without COPIED): one scan.
-      // (Zero tests need no byte order: a native-order word view is the fast way to skip.)
-      const used: { l2Index: number; entry: L2Entry }[] = [];
-      const words = new Uint32Array(table.bytes.buffer, table.bytes.byteOffset, table.bytes.byteLength >>> 2);
-      const wordsPerEntry = geometry.l2EntryBytes >>> 2;
-      for (let l2Index = 0, w = 0; l2Index < geometry.l2Entries; l2Index++, w += wordsPerEntry) {
-        if ((words[w] | words[w + 1]) === 0) continue;
-        used.push({ l2Index, entry: getL2Entry(table.view, l2Index, geometry.extendedL2, geometry.clusterBits) });
-      }
+      const used = usedEntries(table, geometry);
       if (addend !== 0) {
         // Contiguous standard clusters in one refcount update; each compressed cluster on its own
         // (several may share a host cluster, each adding one).
@@ -273,7 +282,11 @@ export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l
       // COPIED from the refcounts now in place (compressed and unallocated entries never carry it).
       let tableModified = false;
       for (const { l2Index, entry } of used) {
-        const copied = (entry.type === "normal" || entry.type === "zero-alloc") && (await meta.getRefcount(entry.hostOffset / cs)) === 1;
+        let copied = false;
+        if (entry.type === "normal" || entry.type === "zero-alloc") {
+          const clusterIndex = entry.hostOffset / cs;
+          copied = (meta.peekRefcount(clusterIndex) ?? (await meta.getRefcount(clusterIndex))) === 1;
+        }
         if (copied !== entry.copied) {
           const at = l2Index * geometry.l2EntryBytes;
           const hi = table.view.getUint32(at);

@@ -323,6 +323,14 @@ export class Qcow2Metadata {
     return blockOffset;
   }
 
+  /** The refcount when its refcount block is cached (no await, for loops over many clusters), else undefined. */
+  peekRefcount(clusterIndex: number): number | undefined {
+    const blockOffset = this.#refblockOffset(clusterIndex);
+    if (blockOffset === 0) return 0;
+    const block = this.refblockCache.peek(blockOffset);
+    return block === undefined ? undefined : getRefcount(block.bytes, clusterIndex % this.geometry.refcountBlockEntries, this.geometry.refcountOrder);
+  }
+
   async getRefcount(clusterIndex: number): Promise<number> {
     const blockOffset = this.#refblockOffset(clusterIndex);
     if (blockOffset === 0) return 0;
