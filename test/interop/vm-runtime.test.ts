@@ -5,7 +5,9 @@
  * through virtio-blk; the VM is paused and its state saved, resumed and run
  * on (the live-snapshot path), then killed; a new QEMU loads the saved
  * state, and the counter goes on from its value at the save, not from the
- * later one, and the marker reads back from the disk.
+ * later one, and the marker reads back from the disk. Then a live save (the
+ * guest runs during the copy, stops only at the switchover) restores to the
+ * counter at the switchover.
  *
  * Every QEMU and server is stopped in t.after. Timeouts are generous (TCG on
  * a loaded machine) but bounded.
@@ -152,8 +154,37 @@ test("a guest on a snapstack NBD disk: save its state, run on, restore: the coun
   const read = await console2.runCommand(`dd if=/dev/vda bs=512 skip=${MARKER_SECTOR} count=1 iflag=direct 2>/dev/null | head -c ${marker.length}; echo`, { timeoutMs: COMMAND_TIMEOUT_MS });
   assert.equal(read.exitCode, 0);
   assert.deepEqual(read.output, [marker]);
+
+  // A live save: the guest runs while RAM is copied and is stopped only at the switchover.
+  let counterAtSwitchover: number | null = null;
+  let statusAtSwitchover = "";
+  const liveStatePath = join(dir, "live.state");
+  const live = await second.saveState(liveStatePath, {
+    live: true,
+    atSwitchover: async () => {
+      statusAtSwitchover = await second.status();
+      counterAtSwitchover = console2.lastCounter(restoreMark);
+    },
+  });
+  assert.equal(statusAtSwitchover, "finish-migrate", "the guest is stopped at the switchover");
+  assert.ok(counterAtSwitchover !== null);
+  assert.equal(await second.status(), "running", "a live save resumes the guest");
+  assert.ok(live.pausedMs > 0 && live.sizeBytes === statSync(liveStatePath).size);
+  t.diagnostic(`live save: ${live.sizeBytes} bytes, guest paused ${live.pausedMs.toFixed(1)} ms`);
+  const afterLive = console2.mark();
+  await console2.waitFor(new RegExp(`^COUNTER ${counterAtSwitchover! + 5}$`, "m"), { since: restoreMark, timeoutMs: 60_000 });
+  assert.ok(console2.lastCounter(afterLive)! > counterAtSwitchover!);
   await second.quit();
   assert.equal(second.running, false);
+  console2.close();
+
+  const liveRestoreMark = statSync(spec.serialLogPath).size;
+  const third = await startTracked(t, { ...spec, incomingStatePath: liveStatePath });
+  assert.equal(await third.status(), "paused");
+  await third.resume();
+  const afterLiveRestore = await new GuestConsole(spec.serialLogPath, third.serialSocketPath).nextCounter({ since: liveRestoreMark, timeoutMs: 30_000 });
+  assert.ok(afterLiveRestore === counterAtSwitchover! + 1 || afterLiveRestore === counterAtSwitchover! + 2, `counter after live restore ${afterLiveRestore}, switchover at ${counterAtSwitchover}`);
+  await third.quit();
 
   // A truncated state file is refused by QEMU, which exits; the error shows why.
   const truncated = join(dir, "truncated.state");

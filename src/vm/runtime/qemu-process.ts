@@ -44,12 +44,35 @@ export const STATE_TRANSFER_TIMEOUT_MS = 10 * 60_000;
 export const QUIT_TIMEOUT_MS = 10_000;
 /** Migration bandwidth cap set before saving (bytes/s): effectively none. */
 const MIGRATION_BANDWIDTH_BYTES_PER_S = 1024 * 1024 * 1024 * 1024;
-/** query-migrate polling while a state transfer runs. */
-const MIGRATION_POLL_MS = 5;
+/** query-migrate polling while a state transfer runs (MIGRATION events wake it sooner). */
+const MIGRATION_POLL_MS = 20;
+/** Polling for the run state to leave "inmigrate" after a load. */
+const RUN_STATE_POLL_MS = 2;
+/**
+ * Live save: QEMU stops the guest for the final pass once what is left
+ * could be sent in this time. Lower means more passes and a shorter pause.
+ */
+const LIVE_DOWNTIME_LIMIT_MS = 50;
 /** How long a failed start waits for QEMU to exit by itself before killing it. */
 const EXIT_GRACE_MS = 1_000;
 /** Bytes of QEMU's stderr kept for error messages. */
 const STDERR_TAIL_BYTES = 16 * 1024;
+
+export interface SaveStateOptions {
+  /** Save while the guest runs (it must be running); see saveState. */
+  live?: boolean;
+  /** Live save only: runs while the guest is stopped at the save's point in time. */
+  atSwitchover?: () => Promise<void>;
+  /** Bytes written to the file so far (about every 50 ms, and once at the end). */
+  onProgress?: (doneBytes: number) => void;
+  timeoutMs?: number;
+}
+
+export interface SaveStateResult {
+  sizeBytes: number;
+  /** Live save: how long the guest was stopped (switchover to running again); 0 for a paused save. */
+  pausedMs: number;
+}
 
 export interface QemuExit {
   code: number | null;
@@ -169,12 +192,21 @@ export class QemuProcess {
 
   /**
    * Save RAM, CPU and device state to `path` (created or truncated, then
-   * fsynced; the caller fsyncs the directory or renames). The VM must be
-   * paused; it is left in "postmigrate", and resume() continues it.
+   * fsynced; the caller fsyncs the directory or renames).
+   *
+   * Paused save (default): the VM must be paused (pause() drained and
+   * flushed its I/O); it is left in "postmigrate" and resume() continues it.
+   *
+   * Live save (`live: true`): the VM must be running. RAM is copied while
+   * the guest runs; QEMU then stops the vCPUs (draining and flushing guest
+   * I/O) and waits: `atSwitchover` runs at that instant, the one point in
+   * time the saved state describes (freeze the disks here). Then QEMU sends
+   * the last dirty pages and device state and the VM resumes by itself;
+   * `pausedMs` is how long the guest was stopped.
    */
-  async saveState(path: string, options: { onProgress?: (doneBytes: number) => void; timeoutMs?: number } = {}): Promise<{ sizeBytes: number }> {
+  async saveState(path: string, options: SaveStateOptions = {}): Promise<SaveStateResult> {
     if (this.#stateOperation !== null) throw new SnapstackError("E_QEMU", `VM '${this.spec.name}': a state transfer is already running`);
-    const operation = this.#saveState(resolve(path), options.onProgress, options.timeoutMs ?? STATE_TRANSFER_TIMEOUT_MS);
+    const operation = this.#saveState(resolve(path), options);
     this.#stateOperation = operation;
     try {
       return await operation;
@@ -221,25 +253,48 @@ export class QemuProcess {
     return new SnapstackError("E_QEMU", `VM '${this.spec.name}': cannot ${what}: QEMU ${how}${exit?.stderr.trim() ? `: ${exit.stderr.trim()}` : ""}`, { pid: this.pid });
   }
 
-  async #saveState(path: string, onProgress: ((doneBytes: number) => void) | undefined, timeoutMs: number): Promise<{ sizeBytes: number }> {
+  async #saveState(path: string, options: SaveStateOptions): Promise<SaveStateResult> {
+    const live = options.live ?? false;
     const status = await this.status();
-    if (status !== "paused") {
+    const wanted = live ? "running" : "paused";
+    if (status !== wanted) {
       // QEMU cannot migrate twice without running in between ("postmigrate").
       const hint = status === "postmigrate" ? " (its state was just saved: resume it before saving again)" : "";
-      throw new SnapstackError("E_QEMU", `VM '${this.spec.name}': saving the VM state needs a paused VM; it is ${status}${hint}`, { status });
+      throw new SnapstackError("E_QEMU", `VM '${this.spec.name}': ${live ? "a live save" : "saving the VM state"} needs a ${wanted} VM; it is ${status}${hint}`, { status });
     }
-    await this.#execute("migrate-set-parameters", { "max-bandwidth": MIGRATION_BANDWIDTH_BYTES_PER_S });
+    await this.#execute("migrate-set-capabilities", {
+      capabilities: [
+        { "capability": "pause-before-switchover", state: live },
+        { "capability": "events", state: true },
+      ],
+    });
+    await this.#execute("migrate-set-parameters", { "max-bandwidth": MIGRATION_BANDWIDTH_BYTES_PER_S, "downtime-limit": LIVE_DOWNTIME_LIMIT_MS });
     const socketPath = runFilePaths(this.spec.runDir).outgoingSocket;
     rmSync(socketPath, { force: true });
-    const receiver = await receiveStateFile(socketPath, path, onProgress);
-    const deadline = Date.now() + timeoutMs;
+    const receiver = await receiveStateFile(socketPath, path, options.onProgress);
+    const deadline = Date.now() + (options.timeoutMs ?? STATE_TRANSFER_TIMEOUT_MS);
+    let pausedAt: number | null = null;
+    let pausedMs = 0;
     try {
       await this.#execute("migrate", { uri: `unix:${socketPath}` });
-      await this.#waitForMigration("saving the VM state", deadline);
+      if (live) {
+        await this.#waitForMigration("saving the VM state", deadline, "pre-switchover");
+        pausedAt = performance.now();
+        await options.atSwitchover?.();
+        await this.#execute("migrate-continue", { state: "pre-switchover" });
+      }
+      await this.#waitForMigration("saving the VM state", deadline, "completed");
+      if (pausedAt !== null) {
+        await this.#execute("cont");
+        pausedMs = performance.now() - pausedAt;
+        pausedAt = null;
+      }
       const sizeBytes = await withDeadline(receiver.done, deadline, `VM '${this.spec.name}': writing the VM state to ${path}`);
-      return { sizeBytes };
+      return { sizeBytes, pausedMs };
     } catch (error) {
+      // Cancelling restarts a VM that the migration stopped (live save).
       await this.qmp.execute("migrate_cancel").catch(() => {});
+      if (pausedAt !== null) await this.#waitForMigration("cancelling the save", Date.now() + 10_000, "cancelled").catch(() => {});
       receiver.abort();
       await receiver.done.catch(() => {});
       rmSync(path, { force: true });
@@ -259,12 +314,12 @@ export class QemuProcess {
     if (fileBytes === 0) throw new SnapstackError("E_QEMU", `VM '${this.spec.name}': saved VM state ${path} is empty`, { path });
     const deadline = Date.now() + STATE_TRANSFER_TIMEOUT_MS;
     const socketPath = runFilePaths(this.spec.runDir).incomingSocket;
-    await this.#execute("migrate-set-parameters", { "max-bandwidth": MIGRATION_BANDWIDTH_BYTES_PER_S });
+    await this.#execute("migrate-set-capabilities", { capabilities: [{ capability: "events", state: true }] });
     await this.#execute("migrate-incoming", { uri: `unix:${socketPath}` });
     const sent = sendStateFile(path, socketPath, deadline);
     sent.catch(() => {});
     try {
-      await this.#waitForMigration("loading the VM state", deadline);
+      await this.#waitForMigration("loading the VM state", deadline, "completed");
       await sent;
     } finally {
       rmSync(socketPath, { force: true });
@@ -272,21 +327,27 @@ export class QemuProcess {
     // QEMU sets the run state from the saved one after "completed": wait for it to settle.
     while ((await this.status()) === "inmigrate") {
       if (Date.now() > deadline) throw new SnapstackError("E_TIMEOUT", `VM '${this.spec.name}': still in "inmigrate" after loading its state`);
-      await sleep(MIGRATION_POLL_MS);
+      await sleep(RUN_STATE_POLL_MS);
     }
   }
 
-  /** Poll query-migrate until completed; failed/cancelled become E_QEMU with QEMU's reason. */
-  async #waitForMigration(what: string, deadline: number): Promise<void> {
+  /**
+   * Wait until query-migrate reports `target`; "failed"/"cancelled" (when
+   * not the target) become E_QEMU with QEMU's reason. MIGRATION events wake
+   * the loop early; polling covers a missed event.
+   */
+  async #waitForMigration(what: string, deadline: number, target: string): Promise<void> {
     for (;;) {
+      // Listen before asking, so an event between the reply and the wait is not missed.
+      const wake = this.qmp.waitForEvent("MIGRATION", MIGRATION_POLL_MS).catch(() => {});
       const info = await this.#execute<{ status?: string; "error-desc"?: string }>("query-migrate");
       const status = info.status ?? "none";
-      if (status === "completed") return;
-      if (status === "failed" || status === "cancelled") {
+      if (status === target) return;
+      if (status === "failed" || status === "cancelled" || (status === "completed" && target !== "completed")) {
         throw new SnapstackError("E_QEMU", `VM '${this.spec.name}': ${what} ${status}${info["error-desc"] ? `: ${info["error-desc"]}` : ""}`, { status });
       }
       if (Date.now() > deadline) throw new SnapstackError("E_TIMEOUT", `VM '${this.spec.name}': ${what} did not finish in time (migration ${status})`, { status });
-      await sleep(MIGRATION_POLL_MS);
+      await wake;
     }
   }
 }
