@@ -31,6 +31,8 @@ import { gzipSync } from "node:zlib";
 /** Bump to rebuild every cached guest when the build changes. */
 const KIT_VERSION = 1;
 const KERNEL_META_PACKAGE = "linux-image-cloud-amd64";
+/** How long the resolved kernel package name is trusted before asking apt-cache again. */
+const KERNEL_RESOLVE_TTL_MS = 24 * 60 * 60 * 1000;
 const BUSYBOX_PACKAGE = "busybox-static";
 /** Modules the guest needs, by name; their dependencies are added. */
 const WANTED_MODULES = ["virtio_pci", "virtio_blk"];
@@ -97,12 +99,24 @@ export async function buildGuest(cacheDir = defaultGuestCacheDir()): Promise<Gue
   }
 }
 
-/** The kernel package linux-image-cloud-amd64 points at; offline, the newest one already cached. */
+/**
+ * The kernel package linux-image-cloud-amd64 points at. apt-cache takes
+ * seconds on a busy host, so its answer is remembered for a day; offline,
+ * the newest kernel already cached is used.
+ */
 async function resolveKernelPackage(debDir: string): Promise<string> {
+  const remembered = join(debDir, "kernel-package");
+  if (existsSync(remembered) && Date.now() - statSync(remembered).mtimeMs < KERNEL_RESOLVE_TTL_MS) {
+    const name = readFileSync(remembered, "utf8").trim();
+    if (name.startsWith("linux-image-")) return name;
+  }
   try {
     const { stdout } = await runTool("apt-cache", ["depends", KERNEL_META_PACKAGE]);
     const match = /Depends:\s*(linux-image-[^\s<>]+)/.exec(stdout);
-    if (match) return match[1];
+    if (match) {
+      writeFileSync(remembered, match[1] + "\n");
+      return match[1];
+    }
   } catch {
     // fall through to the cache
   }
@@ -111,16 +125,25 @@ async function resolveKernelPackage(debDir: string): Promise<string> {
   throw new Error(`cannot resolve the kernel package of ${KERNEL_META_PACKAGE} (apt-cache depends failed and nothing is cached in ${debDir})`);
 }
 
-/** The .deb of `pkg` in debDir, downloading it with apt-get when absent. */
+/**
+ * The .deb of `pkg` in debDir, downloading it with apt-get when absent: into
+ * a private directory first, then renamed, so a concurrent build never
+ * opens a half-downloaded file.
+ */
 async function fetchPackage(pkg: string, debDir: string): Promise<string> {
-  const find = (): string | undefined => readdirSync(debDir).find((name) => name.startsWith(`${pkg}_`) && name.endsWith(".deb"));
-  let found = find();
-  if (found === undefined) {
-    await runTool("apt-get", ["download", "-q", pkg], { cwd: debDir });
-    found = find();
-    if (found === undefined) throw new Error(`apt-get download ${pkg} left no .deb in ${debDir}`);
+  const find = (dir: string): string | undefined => readdirSync(dir).find((name) => name.startsWith(`${pkg}_`) && name.endsWith(".deb"));
+  const cached = find(debDir);
+  if (cached !== undefined) return join(debDir, cached);
+  const download = mkdtempSync(join(debDir, ".download-"));
+  try {
+    await runTool("apt-get", ["download", "-q", pkg], { cwd: download });
+    const fetched = find(download);
+    if (fetched === undefined) throw new Error(`apt-get download ${pkg} left no .deb in ${download}`);
+    renameSync(join(download, fetched), join(debDir, fetched));
+    return join(debDir, fetched);
+  } finally {
+    rmSync(download, { recursive: true, force: true });
   }
-  return join(debDir, found);
 }
 
 async function extractBusybox(deb: string, root: string): Promise<string> {

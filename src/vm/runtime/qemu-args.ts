@@ -30,6 +30,12 @@ export interface QemuDiskSpec {
   nbdSocketPath: string;
   exportName: string;
   readOnly?: boolean;
+  /**
+   * When the NBD connection drops (the daemon restarts), QEMU reconnects;
+   * for this many seconds guest requests wait for it instead of failing.
+   * Default 0: they fail at once (the guest sees I/O errors).
+   */
+  reconnectDelaySeconds?: number;
 }
 
 export interface QemuLaunchSpec {
@@ -52,6 +58,8 @@ export interface QemuLaunchSpec {
   serialLogPath: string;
   /** Start paused, loading the VM state saved in this file (QemuProcess.saveState). */
   incomingStatePath?: string;
+  /** QEMU's -cpu value; default "host" under KVM, "max" under TCG. Saved states need the same model. */
+  cpuModel?: string;
   /** Default: probeAccelerator(). A state saved under one accelerator is restored under the same. */
   accelerator?: Accelerator;
 }
@@ -72,6 +80,8 @@ export const MEMORY_BYTES_MAX = 1024 * 1024 * 1024 * 1024;
 export const CPUS_MAX = 255;
 /** virtio-blk-pci devices on q35's root bus: one PCI slot each, leaving room for the rest. */
 export const DISKS_MAX = 16;
+/** Longest a guest request may wait for the NBD connection to come back. */
+export const RECONNECT_DELAY_SECONDS_MAX = 3600;
 const MiB = 1024 * 1024;
 /** NUL or newline in a value would cut a QEMU option or a QMP line. */
 const BAD_CHARACTERS = /[\0\n\r]/;
@@ -87,6 +97,8 @@ export function validateLaunchSpec(spec: QemuLaunchSpec): void {
   if (spec.disks.length > DISKS_MAX) throw bad(`${spec.disks.length} disks exceed the limit of ${DISKS_MAX}`, "disks");
   for (const disk of spec.disks) {
     if (BAD_CHARACTERS.test(disk.nbdSocketPath) || disk.nbdSocketPath === "") throw bad(`NBD socket path '${disk.nbdSocketPath}' is invalid`, "disks");
+    const delay = disk.reconnectDelaySeconds ?? 0;
+    if (!Number.isSafeInteger(delay) || delay < 0 || delay > RECONNECT_DELAY_SECONDS_MAX) throw bad(`NBD reconnect delay ${delay} s must be a whole number from 0 to ${RECONNECT_DELAY_SECONDS_MAX}`, "disks");
     if (Buffer.byteLength(disk.nbdSocketPath) > SUN_PATH_BYTES_MAX) {
       throw bad(`NBD socket path ${disk.nbdSocketPath} is longer than ${SUN_PATH_BYTES_MAX} bytes (the Unix socket limit)`, "disks");
     }
@@ -98,9 +110,10 @@ export function validateLaunchSpec(spec: QemuLaunchSpec): void {
   }
   if (spec.initrdPath !== undefined && spec.kernelPath === undefined) throw bad("an initrd needs a kernel", "initrdPath");
   if (spec.append !== undefined && spec.kernelPath === undefined) throw bad("a kernel command line needs a kernel", "append");
-  for (const [field, value] of [["kernelPath", spec.kernelPath], ["initrdPath", spec.initrdPath], ["append", spec.append], ["cdromPath", spec.cdromPath], ["runDir", spec.runDir], ["serialLogPath", spec.serialLogPath], ["incomingStatePath", spec.incomingStatePath]] as const) {
+  for (const [field, value] of [["kernelPath", spec.kernelPath], ["initrdPath", spec.initrdPath], ["append", spec.append], ["cdromPath", spec.cdromPath], ["runDir", spec.runDir], ["serialLogPath", spec.serialLogPath], ["incomingStatePath", spec.incomingStatePath], ["cpuModel", spec.cpuModel]] as const) {
     if (value !== undefined && BAD_CHARACTERS.test(value)) throw bad(`${field} must not contain NUL or line breaks`, field);
   }
+  if (spec.cpuModel !== undefined && spec.cpuModel.trim() === "") throw bad("CPU model must not be empty", "cpuModel");
   if (spec.accelerator !== undefined && spec.accelerator !== "kvm" && spec.accelerator !== "tcg") throw bad(`accelerator '${String(spec.accelerator)}' must be kvm or tcg`, "accelerator");
 }
 
@@ -128,7 +141,7 @@ export function buildQemuArgs(spec: QemuLaunchSpec, accelerator: Accelerator): s
     "-name", escapeOptionValue(spec.name),
     "-nodefaults", "-no-user-config", "-display", "none",
     "-machine", `q35,accel=${accelerator}`,
-    "-cpu", accelerator === "kvm" ? "host" : "max",
+    "-cpu", spec.cpuModel ?? (accelerator === "kvm" ? "host" : "max"),
     "-m", `${spec.memoryBytes / MiB}M`,
     "-smp", String(spec.cpus),
     "-pidfile", files.pidFile,
@@ -146,6 +159,7 @@ export function buildQemuArgs(spec: QemuLaunchSpec, accelerator: Accelerator): s
       "server": { type: "unix", path: disk.nbdSocketPath },
       "export": disk.exportName,
       "read-only": disk.readOnly ?? false,
+      ...(disk.reconnectDelaySeconds ? { "reconnect-delay": disk.reconnectDelaySeconds } : {}),
     };
     args.push("-blockdev", JSON.stringify(blockdev));
     const bootIndex = index === 0 ? `,bootindex=${cdromFirst ? 2 : 1}` : "";
