@@ -31,7 +31,7 @@ import { SnapstackError, assert } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
 import { INCOMPAT_EXTL2, encodeQcow2Header, type Qcow2Header } from "./header.ts";
 import { COMPRESSED_SECTOR_BYTES, L1_ENTRY_BYTES, getL1EntryOffset, l2EntryBytes, setL1Entry, type L2Entry } from "./entries.ts";
-import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, decodeRefcountTable, encodeRefcountTable, getRefcount, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
+import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, encodeRefcountTable, getRefcount, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
 import { TableCache, type CachedTable } from "./table-cache.ts";
 import { OverlapGuard } from "./metadata-overlap.ts";
 
@@ -125,6 +125,23 @@ function be64(value: number): Uint8Array {
   return out;
 }
 
+/**
+ * The refcount block offsets of a refcount table (decodeRefcountTable's
+ * blockOffset: reserved bits 0-8 dropped, offsets past 2^53 clamped to
+ * MAX_SAFE_INTEGER) from 32-bit words, without a BigInt and an object per
+ * entry: every layer of a chain decodes its table at open (100 layers with
+ * one-cluster tables: 800,000 entries).
+ */
+function decodeReftableOffsets(bytes: Uint8Array): number[] {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const offsets: number[] = [];
+  for (let at = 0; at + REFTABLE_ENTRY_BYTES <= bytes.length; at += REFTABLE_ENTRY_BYTES) {
+    const hi = view.getUint32(at);
+    offsets.push(hi >= 0x200000 ? Number.MAX_SAFE_INTEGER : hi * 0x100000000 + ((view.getUint32(at + 4) & 0xfffffe00) >>> 0));
+  }
+  return offsets;
+}
+
 export function corruption(message: string, details: Record<string, unknown> = {}): SnapstackError {
   return new SnapstackError("E_CORRUPT_IMAGE", message, details);
 }
@@ -184,7 +201,7 @@ export class Qcow2Metadata {
     if (l1.length > 0) await file.read(header.l1TableOffset, l1);
     const reftableBytes = new Uint8Array(header.refcountTableClusters * 2 ** header.clusterBits);
     if (reftableBytes.length > 0) await file.read(header.refcountTableOffset, reftableBytes);
-    const reftable = decodeRefcountTable(reftableBytes).map((e) => e.blockOffset);
+    const reftable = decodeReftableOffsets(reftableBytes);
     return new Qcow2Metadata(file, header, l1, reftable, cacheBytesMax);
   }
 

@@ -622,6 +622,13 @@ export class Qcow2Image implements BlockDevice {
         length = inLayer;
         partial = true;
       }
+      if (layer.#plainUnallocated(start, length)) {
+        // Most layers of a deep chain do not hold the cluster: skip them without decoding.
+        const next = layer.backing;
+        if (next !== null && !(next instanceof Qcow2Image)) return "mixed";
+        layer = next;
+        continue;
+      }
       const run = layer.#layerRun(start, length);
       if ("missing" in run) return { layer, l2Offset: run.missing };
       if (run.length < length) return "mixed";
@@ -640,6 +647,27 @@ export class Qcow2Image implements BlockDevice {
       }
     }
     return "zero";
+  }
+
+  /**
+   * True when [guestOffset, guestOffset + lengthBytes) lies in one cluster
+   * whose L2 entry is all zero bits (unallocated, no subcluster bits) or
+   * whose L1 entry is empty, read straight from the cached table. False
+   * means "decode it" (anything else, or the table is not cached).
+   */
+  #plainUnallocated(guestOffset: number, lengthBytes: number): boolean {
+    const meta = this.#meta;
+    const geometry = meta.geometry;
+    const clusterIndex = Math.floor(guestOffset / geometry.clusterSizeBytes);
+    if (guestOffset + lengthBytes > (clusterIndex + 1) * geometry.clusterSizeBytes) return false;
+    const l2Offset = meta.l1EntryOffset(Math.floor(clusterIndex / geometry.l2Entries));
+    if (l2Offset === 0) return true;
+    const table = meta.peekL2(l2Offset);
+    if (table === undefined) return false;
+    const view = table.view;
+    const at = (clusterIndex % geometry.l2Entries) * geometry.l2EntryBytes;
+    if (view.getUint32(at) !== 0 || view.getUint32(at + 4) !== 0) return false;
+    return !geometry.extendedL2 || (view.getUint32(at + 8) === 0 && view.getUint32(at + 12) === 0);
   }
 
   async #readCompressed(piece: Extract<ReadPiece, { kind: "compressed" }>, buffer: Uint8Array): Promise<void> {
