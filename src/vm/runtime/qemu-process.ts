@@ -53,6 +53,10 @@ const RUN_STATE_POLL_MS = 2;
  * could be sent in this time. Lower means more passes and a shorter pause.
  */
 const LIVE_DOWNTIME_LIMIT_MS = 50;
+/** Live save: after this long without reaching the switchover, the limit below applies. */
+const LIVE_CONVERGE_MS = 3_000;
+/** Live save that does not converge: switch over at the end of the current pass. */
+const LIVE_FORCED_DOWNTIME_LIMIT_MS = 60_000;
 /** How long a failed start waits for QEMU to exit by itself before killing it. */
 const EXIT_GRACE_MS = 1_000;
 /** Bytes of QEMU's stderr kept for error messages. */
@@ -278,12 +282,23 @@ export class QemuProcess {
     try {
       await this.#execute("migrate", { uri: `unix:${socketPath}` });
       if (live) {
-        await this.#waitForMigration("saving the VM state", deadline, "pre-switchover");
+        // A guest that dirties RAM faster than it can be copied never gets under the
+        // downtime limit: after a while, accept any downtime so the save ends.
+        const escalate = setTimeout(() => {
+          this.qmp.execute("migrate-set-parameters", { "downtime-limit": LIVE_FORCED_DOWNTIME_LIMIT_MS }).catch(() => {});
+        }, LIVE_CONVERGE_MS);
+        try {
+          await this.#waitForMigration("saving the VM state", deadline, "pre-switchover");
+        } finally {
+          clearTimeout(escalate);
+        }
         pausedAt = performance.now();
         await options.atSwitchover?.();
         await this.#execute("migrate-continue", { state: "pre-switchover" });
       }
       await this.#waitForMigration("saving the VM state", deadline, "completed");
+      // "completed" comes before the run state leaves finish-migrate; `cont` is refused until then.
+      await this.#waitWhileRunState("finish-migrate", deadline);
       if (pausedAt !== null) {
         await this.#execute("cont");
         pausedMs = performance.now() - pausedAt;
@@ -325,8 +340,12 @@ export class QemuProcess {
       rmSync(socketPath, { force: true });
     }
     // QEMU sets the run state from the saved one after "completed": wait for it to settle.
-    while ((await this.status()) === "inmigrate") {
-      if (Date.now() > deadline) throw new SnapstackError("E_TIMEOUT", `VM '${this.spec.name}': still in "inmigrate" after loading its state`);
+    await this.#waitWhileRunState("inmigrate", deadline);
+  }
+
+  async #waitWhileRunState(transient: string, deadline: number): Promise<void> {
+    while ((await this.status()) === transient) {
+      if (Date.now() > deadline) throw new SnapstackError("E_TIMEOUT", `VM '${this.spec.name}': still "${transient}" after the state transfer`);
       await sleep(RUN_STATE_POLL_MS);
     }
   }
