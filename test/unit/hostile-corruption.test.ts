@@ -168,3 +168,37 @@ test("healthy images never trip the overlap check (tables freed and their cluste
   for (let i = 0; i < 400; i++) await image.write(32 * MiB + i * 512 * 3, new Uint8Array(512).fill(1));
   await image.close();
 });
+
+test("an L1 entry beyond 2^53 is corruption, not an internal error (regression)", async () => {
+  const bytes = await imageWithData({ sizeBytes: 8 * MiB, clusterSizeBytes: CS }, [0, 1, 2, 3]);
+  const layout = imageLayout(bytes);
+  setU64(bytes, layout.l1TableOffset + 8, (1n << 54n) | COPIED); // aligned, but no safe integer
+  const file = new MemoryFile({ contents: bytes });
+  const image = await openQcow2(file, { readOnly: false, backing: null });
+  await assert.rejects(image.read(600 * CS, new Uint8Array(512)), isCorrupt(/beyond 8 PiB/));
+  await assertMarked(file, image, /beyond 8 PiB/);
+  await image.close();
+});
+
+test("data or tables a cluster or more past the end of the file are never written (the file is not grown to 2^50 bytes) (regression)", async () => {
+  for (const where of ["L2 entry", "L1 entry"] as const) {
+    const bytes = await imageWithData({ sizeBytes: 8 * MiB, clusterSizeBytes: CS }, [0, 1, 2, 3]);
+    const layout = imageLayout(bytes);
+    if (where === "L2 entry") setU64(bytes, l2EntryOffset(bytes, 2), (1n << 50n) | COPIED);
+    else setU64(bytes, layout.l1TableOffset + 8, (1n << 50n) | COPIED);
+    const file = new MemoryFile({ contents: bytes });
+    const image = await openQcow2(file, { readOnly: false, backing: null });
+    const guestCluster = where === "L2 entry" ? 2 : 600;
+    await assert.rejects(
+      (async () => {
+        await image.write(guestCluster * CS, new Uint8Array(CS).fill(7));
+        await image.flush();
+      })(),
+      isCorrupt(/beyond the end of the image file/),
+      where,
+    );
+    assert.ok(file.contents().length < 2 * bytes.length, `${where}: file not grown`);
+    await assertMarked(file, image, /beyond the end/);
+    await image.close();
+  }
+});

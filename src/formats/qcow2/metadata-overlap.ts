@@ -20,6 +20,9 @@
  * - A hit is confirmed against a freshly rebuilt map before it counts, so a
  *   stale entry (a table freed and its cluster reused for data) can never
  *   mark a healthy image corrupt. A missed note only makes a check miss.
+ * - Writes more than a cluster past the end of the file that no allocation
+ *   accounts for (a pointer past EOF, which QEMU's check calls corruption)
+ *   are refused too: a hostile entry must not grow the file to 2^50 bytes.
  * - Cost: a data write checks a few ranges and one map lookup per cluster.
  */
 import { SnapstackError } from "../../base/errors.ts";
@@ -62,6 +65,9 @@ export class OverlapGuard {
   #builtSnapshots: readonly Qcow2Snapshot[] | null = null;
   #builtSnapshotCount = 0;
   #snapshotTableBytes = 0;
+  /** End of the file as far as the image knows it (size at open, raised by every allocation). */
+  #fileEndBytes = Number.MAX_SAFE_INTEGER;
+  #fileEndKnown = false;
 
   constructor(source: OverlapSource) {
     this.#source = source;
@@ -70,6 +76,18 @@ export class OverlapGuard {
   /** Forget the map (it is rebuilt at the next check). */
   invalidate(): void {
     this.#clusters = null;
+  }
+
+  /**
+   * The file reaches at least `endBytes` (its size at open, or the end of
+   * clusters just allocated). Writes more than a cluster past the highest
+   * such end target clusters nothing allocated: a reference past EOF.
+   */
+  noteFileEnd(endBytes: number): void {
+    if (!this.#fileEndKnown) {
+      this.#fileEndKnown = true;
+      this.#fileEndBytes = endBytes;
+    } else if (endBytes > this.#fileEndBytes) this.#fileEndBytes = endBytes;
   }
 
   /** A one-cluster structure was placed at hostOffset. */
@@ -84,6 +102,16 @@ export class OverlapGuard {
    */
   check(hostOffset: number, lengthBytes: number, writing: MetadataStructure | null): void {
     if (lengthBytes <= 0) return;
+    const cs = this.#source.clusterSizeBytes;
+    if (hostOffset + lengthBytes > this.#fileEndBytes + cs) {
+      // QEMU's check calls a reference a cluster or more past EOF corruption; writing there
+      // would also grow the file to wherever a hostile pointer says (2^50 bytes...).
+      throw new SnapstackError(
+        "E_CORRUPT_IMAGE",
+        `Preventing invalid write beyond the end of the image file: host offset 0x${hostOffset.toString(16)}, ${lengthBytes} bytes, the file ends at 0x${this.#fileEndBytes.toString(16)}`,
+        { hostOffset, lengthBytes, structure: writing ?? "guest data", fileEndBytes: this.#fileEndBytes },
+      );
+    }
     this.#refreshIfChanged();
     if (this.#find(hostOffset, lengthBytes, writing) === null) return;
     this.#rebuild();

@@ -202,7 +202,9 @@ export class Qcow2Metadata {
     const reftableBytes = new Uint8Array(header.refcountTableClusters * 2 ** header.clusterBits);
     if (reftableBytes.length > 0) await file.read(header.refcountTableOffset, reftableBytes);
     const reftable = decodeReftableOffsets(reftableBytes);
-    return new Qcow2Metadata(file, header, l1, reftable, cacheBytesMax);
+    const meta = new Qcow2Metadata(file, header, l1, reftable, cacheBytesMax);
+    meta.overlap.noteFileEnd(await file.sizeBytes());
+    return meta;
   }
 
   /** Hold off eviction of L2 tables and refcount blocks (see TableCache). */
@@ -416,6 +418,7 @@ export class Qcow2Metadata {
         refcount = decrease ? refcount - addend : refcount + addend;
         if (refcount === 0 && clusterIndex < this.freeClusterIndex) this.freeClusterIndex = clusterIndex;
         setRefcount(block.bytes, blockIndex, this.geometry.refcountOrder, refcount);
+        if (!decrease) this.overlap.noteFileEnd(clusterOffset + cs);
         if (refcount === 0 && this.wipeFreedClusters) this.#wipePending.add(clusterIndex);
         else if (!decrease && this.#wipePending.size > 0 && this.#wipePending.delete(clusterIndex)) await this.#writeZeroClusters([clusterIndex]);
         if (refcount === 0) {
@@ -455,6 +458,7 @@ export class Qcow2Metadata {
     // We write to the refcount table, so we might depend on L2 tables.
     await this.writeDirtyL2();
     const newBlock = await this.#allocClustersNoref(1);
+    this.overlap.noteFileEnd(newBlock + cs);
     if (Math.floor(newBlock / cs / entries) === tableIndex) {
       // The block describes itself.
       const block = this.refblockCache.create(newBlock);
@@ -521,6 +525,7 @@ export class Qcow2Metadata {
     for (let i = areaReftableIndex; i < totalRefblockCount; i++) if (!newTable[i]) additionalRefblocks++;
     const tableOffset = startOffset + additionalRefblocks * cs;
     const endOffset = tableOffset + tableClusters * cs;
+    this.overlap.noteFileEnd(endOffset);
 
     let blockOffset = startOffset;
     for (let i = areaReftableIndex; i < totalRefblockCount; i++) {
@@ -663,6 +668,7 @@ export class Qcow2Metadata {
   }
 
   async getL2(l2Offset: number): Promise<CachedTable> {
+    if (!Number.isSafeInteger(l2Offset)) throw corruption(`L2 table offset 0x${l2Offset.toString(16)} beyond 8 PiB`);
     if (l2Offset % this.clusterSizeBytes !== 0) {
       throw corruption(`L2 table offset 0x${l2Offset.toString(16)} unaligned`);
     }
