@@ -17,6 +17,7 @@ import { MemoryFile } from "../../src/io/memory-file.ts";
 import { openQcow2, type Qcow2Image } from "../../src/formats/qcow2/qcow2-image.ts";
 import { checkQcow2 } from "../../src/formats/qcow2/check.ts";
 import { openSnapshotView } from "../../src/formats/qcow2/snapshot-view.ts";
+import { FILE_CLUSTERS_MAX } from "../../src/formats/qcow2/metadata.ts";
 
 /** Reads are bounded so a header claiming a 2^60-byte disk costs no more than a small one. */
 const READ_SPAN_BYTES = 256 * 1024;
@@ -25,12 +26,12 @@ const STATUS_SPAN_BYTES = 16 * 1024 * 1024;
  * Growth the probe's memory file grants (beyond: E_NO_SPACE, a clean error).
  * Allocation can legitimately land far out (refcount blocks claiming every
  * cluster used push the allocator on, as in QEMU; check -r all extends the
- * file to a refcount block past EOF, as QEMU), so only writes past
- * WRITE_VIOLATION_BYTES count as a stray write: no allocation gets there
- * from a file of a few MiB.
+ * file to a refcount block past EOF, as QEMU), so only writes past what the
+ * allocator may ever reach count as a stray write.
  */
 const GROWTH_ALLOWED_BYTES = 64 * 1024 * 1024;
-const WRITE_VIOLATION_BYTES = 2 ** 40;
+/** Past what the allocator may reach (FILE_CLUSTERS_MAX clusters of the largest size). */
+const WRITE_VIOLATION_BYTES = FILE_CLUSTERS_MAX * 2 * 1024 * 1024;
 
 export interface ProbeResult {
   /** Step name -> "ok" or the error code it ended with. */

@@ -34,6 +34,7 @@ import { COMPRESSED_SECTOR_BYTES, L1_ENTRY_BYTES, getL1EntryOffset, l2EntryBytes
 import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, encodeRefcountTable, getRefcount, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
 import { TableCache, type CachedTable } from "./table-cache.ts";
 import { OverlapGuard } from "./metadata-overlap.ts";
+import { CHECK_CLUSTERS_MAX } from "./reference-counter.ts";
 
 /** QCOW_MAX_L1_SIZE: 32 MiB of active L1 table. */
 export const L1_BYTES_MAX = 32 * 1024 * 1024;
@@ -43,6 +44,12 @@ export const METADATA_CACHE_BYTES_DEFAULT = 32 * 1024 * 1024;
 const REFBLOCK_CACHE_SHARE = 0.25;
 /** Largest single zero-fill write when wiping freed clusters (bounds the zero buffer). */
 const WIPE_WRITE_BYTES_MAX = 1024 * 1024;
+/**
+ * Clusters the allocator hands out at most: the largest file check and the
+ * refcount rebuild can examine (CHECK_CLUSTERS_MAX: 8 TiB at 64 KiB
+ * clusters). Bounds how far damaged refcounts can push an allocation.
+ */
+export const FILE_CLUSTERS_MAX = CHECK_CLUSTERS_MAX;
 /** L1 entries are written in 512-byte blocks, as qcow2_write_l1_entry does. */
 const L1_WRITE_BLOCK_BYTES = 512;
 
@@ -185,7 +192,7 @@ export class Qcow2Metadata {
     const cs = this.geometry.clusterSizeBytes;
     const tablesMax = Math.max(4, Math.floor(cacheBytesMax / cs));
     const refblocksMax = Math.max(2, Math.floor(tablesMax * REFBLOCK_CACHE_SHARE));
-    this.l2Cache = new TableCache(file, cs, Math.max(2, tablesMax - refblocksMax));
+    this.l2Cache = new TableCache(file, cs, Math.max(2, tablesMax - refblocksMax), { freeEvicted: true });
     this.refblockCache = new TableCache(file, cs, refblocksMax);
     this.overlap = new OverlapGuard(this);
   }
@@ -362,6 +369,12 @@ export class Qcow2Metadata {
       let free = true;
       for (let i = 0; i < count; i++) {
         const clusterIndex = this.freeClusterIndex++;
+        if (clusterIndex >= FILE_CLUSTERS_MAX) {
+          // Refcounts claiming every cluster used (a damaged or hostile refcount structure) would
+          // otherwise push the allocator, and the file, towards 2^50 bytes.
+          this.freeClusterIndex = clusterIndex;
+          throw new SnapstackError("E_TOO_LARGE", `${this.file.name}: no free cluster below ${FILE_CLUSTERS_MAX} clusters (the largest file check can examine); the refcounts may be damaged`);
+        }
         if ((await this.getRefcount(clusterIndex)) !== 0) {
           free = false;
           break;
@@ -394,6 +407,12 @@ export class Qcow2Metadata {
         const clusterIndex = clusterOffset / cs;
         const tableIndex = Math.floor(clusterIndex / entries);
         if (tableIndex !== oldTableIndex || block === null) {
+          if (decrease && this.#refblockOffset(clusterIndex) === 0) {
+            // No refcount block: the refcount is 0 and cannot drop (a reference to a cluster
+            // nothing counts, e.g. past the end); never place refcount structures for it.
+            failure = corruption(`refcount of host cluster ${clusterIndex} would drop below zero (no refcount block covers it)`, { hostOffset: clusterOffset });
+            break;
+          }
           const result = await this.#allocRefcountBlock(clusterIndex);
           if (result === AGAIN) {
             if (this.freeClusterIndex > start / cs) this.freeClusterIndex = start / cs;
@@ -525,6 +544,9 @@ export class Qcow2Metadata {
     for (let i = areaReftableIndex; i < totalRefblockCount; i++) if (!newTable[i]) additionalRefblocks++;
     const tableOffset = startOffset + additionalRefblocks * cs;
     const endOffset = tableOffset + tableClusters * cs;
+    if (endOffset / cs > FILE_CLUSTERS_MAX) {
+      throw new SnapstackError("E_TOO_LARGE", `${this.file.name}: refcount structures would end at cluster ${endOffset / cs}, past ${FILE_CLUSTERS_MAX} (the largest file check can examine)`);
+    }
     this.overlap.noteFileEnd(endOffset);
 
     let blockOffset = startOffset;
