@@ -391,3 +391,17 @@ test("snapshot views read through the image's backing chain and are read-only", 
   await image.close();
   await base.close();
 });
+
+test("a table pointer past the end of the file is corruption, not a reason to grow the file", async () => {
+  const { file, image } = await fresh();
+  await image.write(0, new Uint8Array(4096).fill(1));
+  const l1Offset = image.header.l1TableOffset;
+  await image.close();
+  const bytes = file.contents().slice();
+  new DataView(bytes.buffer).setBigUint64(l1Offset, (1n << 63n) | (1n << 50n)); // L1 entry 0 -> 1 PiB, COPIED
+  const hostile = new MemoryFile({ contents: bytes });
+  const opened = await openQcow2(hostile, { readOnly: false, backing: null });
+  await assert.rejects(opened.createSnapshot("s"), failsWith("E_CORRUPT_IMAGE"));
+  assert.ok((await hostile.sizeBytes()) < 2 * MiB, "no refcount block was placed far out");
+  await opened.close();
+});

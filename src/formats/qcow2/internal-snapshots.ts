@@ -243,6 +243,12 @@ export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l
       await meta.freeClusters(hostOffset, lengthBytes);
     }
   };
+  // A reference a cluster or more past the end of the file is corruption (as qemu-img check says);
+  // refusing it here keeps a hostile pointer from making refcount blocks appear far out.
+  const fileEndBytes = Math.ceil((await meta.file.sizeBytes()) / cs) * cs;
+  const inFile = (hostOffset: number, what: string): void => {
+    if (hostOffset >= fileEndBytes) throw corruption(`${what} at 0x${hostOffset.toString(16)} lies beyond the end of the file`);
+  };
   let l1Modified = false;
   let tablesWalked = 0;
   for (let l1Index = 0; l1Index < l1Entries; l1Index++) {
@@ -251,6 +257,7 @@ export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l
     if (l2Offset === 0) continue;
     if (l1Entry.offsetTooLarge) throw corruption(`L2 table offset of L1 index ${l1Index} is beyond 8 PiB`);
     if (l2Offset % cs !== 0) throw corruption(`L2 table offset 0x${l2Offset.toString(16)} unaligned (L1 index: 0x${l1Index.toString(16)})`);
+    inFile(l2Offset, `L2 table of L1 index ${l1Index}`);
     const release = meta.holdEviction();
     try {
       const table = await meta.getL2(l2Offset);
@@ -265,6 +272,7 @@ export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l
             if (entry.offsetTooLarge || entry.hostOffset % cs !== 0) {
               throw corruption(`Cluster allocation offset 0x${entry.hostOffset.toString(16)} unaligned (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${l2Index.toString(16)})`);
             }
+            inFile(entry.hostOffset, `Data cluster of L2 index ${l2Index} in the table at 0x${l2Offset.toString(16)}`);
             if (runStart >= 0 && runStart + runBytes === entry.hostOffset) {
               runBytes += cs;
               continue;
@@ -274,6 +282,7 @@ export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l
             runBytes = cs;
           } else if (entry.type === "compressed") {
             if (entry.offsetTooLarge) throw corruption(`Compressed cluster offset beyond 8 PiB (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${l2Index.toString(16)})`);
+            inFile(entry.hostOffset, `Compressed cluster of L2 index ${l2Index} in the table at 0x${l2Offset.toString(16)}`);
             await apply(entry.hostOffset, compressedReadBytes(entry.hostOffset, entry.compressedSectors));
           }
         }
