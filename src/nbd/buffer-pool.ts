@@ -9,7 +9,7 @@
  * garbage collector. Only whole buffers from take() come back (a view into
  * a larger ArrayBuffer would pin it), so give() ignores anything else.
  */
-export const POOLED_BYTES_MAX = 32 * 1024 * 1024;
+export const POOLED_BYTES_MAX = 16 * 1024 * 1024;
 export const BUFFERS_PER_SIZE_MAX = 128;
 /** Buffers smaller than this come from Node's own slab allocator instead. */
 export const POOLED_BUFFER_BYTES_MIN = 4096;

@@ -22,9 +22,12 @@
  * it. So a connection holds at most inFlightBytesMax plus one request.
  *
  * Replies: built as one buffer per reply where possible (header and data
- * together, the read goes straight into the reply buffer); the socket is
- * corked on the first reply of a tick and uncorked on the next tick, so
- * replies that complete together leave in one writev.
+ * together, the read goes straight into the reply buffer). Small replies
+ * cork the socket until the next tick, so replies that complete together
+ * leave in one writev; a reply over CORKED_REPLY_BYTES_MAX is written at
+ * once (after any corked ones), while the data it carries is still in the
+ * CPU cache: with dozens of reads in flight, copying them all into reply
+ * buffers before the first goes out made the socket copy read cold memory.
  *
  * Errors from the device become errno values (nbd-errno.ts) and never close
  * the connection; a client that vanishes mid-request costs nothing: replies
@@ -56,6 +59,7 @@ import {
   CMD_TRIM,
   CMD_WRITE,
   CMD_WRITE_ZEROES,
+  CORKED_REPLY_BYTES_MAX,
   ERROR_MESSAGE_BYTES_MAX,
   META_ID_ALLOCATION_DEPTH,
   META_ID_BASE_ALLOCATION,
@@ -501,7 +505,10 @@ export class NbdConnection {
       if (pooled) this.#pool.give(buffer);
       return;
     }
-    if (!this.#corked) {
+    if (buffer.length > CORKED_REPLY_BYTES_MAX) {
+      // Send big replies at once, while the data just read is still in the CPU cache.
+      this.#uncork();
+    } else if (!this.#corked) {
       this.#corked = true;
       socket.cork();
       process.nextTick(this.#uncorkBound);
