@@ -41,6 +41,7 @@ import { queryBlockStatus, readRuns } from "./block-status.ts";
 import type { NbdExport } from "./nbd-export.ts";
 import type { TlsCredentials } from "./tls-credentials.ts";
 import type { BufferPool } from "./buffer-pool.ts";
+import { adoptSocket } from "./direct-socket.ts";
 import { errorMessageOf, nbdErrnoFor } from "./nbd-errno.ts";
 import { NbdParser, type NbdMessage, type NbdRequest } from "./nbd-parser.ts";
 import { initialNegotiationState, negotiateOption, type NegotiationEnv, type NegotiationState } from "./negotiation.ts";
@@ -102,6 +103,16 @@ type ConnectionPhase = "clientFlags" | "options" | "tls-handshake" | "transmissi
 /** Bytes of the data chunk header in a structured READ reply: chunk header + offset. */
 const DATA_CHUNK_PREFIX_BYTES = STRUCTURED_REPLY_HEADER_BYTES + 8;
 const HOLE_CHUNK_BYTES = STRUCTURED_REPLY_HEADER_BYTES + 12;
+
+/** Bytes of the buffer every direct-reading connection reads into (Node's own read size). */
+const SHARED_READ_BUFFER_BYTES = 64 * 1024;
+let sharedRead: Buffer | null = null;
+
+/** One buffer for all connections: each read is parsed (leftovers copied out) before the next read happens. */
+function sharedReadBuffer(): Buffer {
+  sharedRead ??= Buffer.allocUnsafeSlow(SHARED_READ_BUFFER_BYTES);
+  return sharedRead;
+}
 
 /** FAST_ZERO is honoured where zeroing is a metadata update: whole clusters of a qcow2 image. */
 function fastZeroPossible(device: BlockDevice, guestOffset: number, lengthBytes: number): boolean {
@@ -168,9 +179,14 @@ export class NbdConnection {
   }
 
   start(): void {
+    // Without TLS, reads go straight into WRITE payloads (direct-socket.ts); TLS needs 'data' events.
+    const adopted = this.env.tls === null ? adoptSocket(this.#socket, { nextBuffer: () => this.#nextReadBuffer(), received: (n, buffer) => this.#received(n, buffer) }) : null;
+    if (adopted !== null) this.#socket = adopted;
     const socket = this.#socket;
     socket.setNoDelay?.(true);
     this.#attach(socket);
+    // Listeners are created with pauseOnConnect (see direct-socket.ts).
+    if (adopted === null) socket.resume();
     socket.on("close", () => this.#finalize());
     this.#handshakeTimer = setTimeout(() => this.#abort("handshake timeout"), this.env.limits.handshakeTimeoutMs);
     this.#handshakeTimer.unref();
@@ -187,6 +203,23 @@ export class NbdConnection {
     socket.on("end", () => this.#drain("client closed its side"));
     socket.on("error", (error) => this.#abort(`socket error: ${error.message}`));
     socket.on("drain", () => this.#pump());
+  }
+
+  #nextReadBuffer(): Buffer {
+    return this.#parser.payloadTarget() ?? sharedReadBuffer();
+  }
+
+  /** Bytes read into the buffer #nextReadBuffer chose (direct-socket.ts). */
+  #received(lengthBytes: number, buffer: Buffer): void {
+    if (!this.#reading()) return;
+    if (buffer === sharedReadBuffer()) {
+      this.#parser.push(buffer.subarray(0, lengthBytes));
+      this.#pump();
+      this.#parser.release(buffer);
+    } else {
+      this.#parser.payloadReceived(lengthBytes);
+      this.#pump();
+    }
   }
 
   /** Stop reading, let in-flight requests reply, then end the connection. */

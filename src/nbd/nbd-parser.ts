@@ -20,7 +20,14 @@
  *   error reply and the stream stays in sync.
  * - A WRITE payload is copied into its own buffer as it arrives, so socket
  *   chunks are released at once and a 32 MiB write holds 32 MiB, not twice.
+ * - Direct payload reads: while a payload is pending and nothing else is
+ *   buffered, `payloadTarget()` is the unfilled rest of the payload buffer;
+ *   the connection has the socket read into it and reports the bytes with
+ *   `payloadReceived(n)`, so write data is copied once (kernel to payload),
+ *   not twice. Bytes pushed from a buffer the caller reuses are copied out
+ *   by `release(buffer)` before the caller overwrites it.
  */
+import { assert } from "../base/errors.ts";
 import { IHAVEOPT_HI, IHAVEOPT_LO, CMD_WRITE, OPTION_HEADER_BYTES, REQUEST_HEADER_BYTES, REQUEST_MAGIC, CLIENT_FLAGS_BYTES } from "./protocol.ts";
 
 export interface NbdRequest {
@@ -88,6 +95,39 @@ export class NbdParser {
     if (chunk.length === 0) return;
     this.#chunks.push(chunk);
     this.#available += chunk.length;
+  }
+
+  /**
+   * The caller is about to reuse `buffer`: bytes still held from it (pushed
+   * and not yet consumed) are copied into a buffer of their own.
+   */
+  release(buffer: Buffer): void {
+    for (let index = this.#headIndex; index < this.#chunks.length; index++) {
+      const chunk = this.#chunks[index];
+      if (chunk.buffer !== buffer.buffer) continue;
+      const start = index === this.#headIndex ? this.#headOffset : 0;
+      this.#chunks[index] = Buffer.from(chunk.subarray(start));
+      if (index === this.#headIndex) this.#headOffset = 0;
+    }
+  }
+
+  /**
+   * Where the next bytes from the socket can go directly: the unfilled rest
+   * of a pending WRITE payload, when no other bytes are buffered ahead of it.
+   */
+  payloadTarget(): Buffer | null {
+    const pending = this.#pending;
+    if (pending === null || pending.payload === null || this.#skipRemaining > 0 || this.#available > 0) return null;
+    // A complete payload waits for next(); an empty target would read as end of stream.
+    if (this.#payloadFilled === pending.payload.length) return null;
+    return pending.payload.subarray(this.#payloadFilled);
+  }
+
+  /** `lengthBytes` bytes were written into the last payloadTarget(). */
+  payloadReceived(lengthBytes: number): void {
+    const payload = this.#pending?.payload;
+    assert(payload != null && this.#payloadFilled + lengthBytes <= payload.length, `payloadReceived(${lengthBytes}) matches a payload target`);
+    this.#payloadFilled += lengthBytes;
   }
 
   next(): NbdMessage | null {

@@ -115,7 +115,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   /** Listen on a TCP address or a Unix socket path; resolves to the bound address. */
   listen(address: NbdListenAddress): Promise<net.AddressInfo | string> {
     if (this.#closing) return Promise.reject(new SnapstackError("E_USAGE", "the server is closed"));
-    const server = net.createServer({ allowHalfOpen: true, noDelay: true }, (socket) => this.acceptSocket(socket));
+    const server = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (socket) => this.acceptSocket(socket));
     const path = "path" in address ? address.path : null;
     return new Promise((resolve, reject) => {
       const onError = (error: NodeJS.ErrnoException): void => {

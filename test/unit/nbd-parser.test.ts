@@ -46,9 +46,8 @@ const requests = Buffer.concat([
 ]);
 const badMagic = Buffer.from("deadbeef" + "00".repeat(24), "hex");
 
-/** Parse a stream split into the given chunks; the phase advances as the connection would. */
-function parseChunks(chunks: Buffer[]): NbdMessage[] {
-  const parser = new NbdParser(LIMITS);
+/** Takes the messages `parser` has ready; the phase advances as the connection would. */
+function collector(parser: NbdParser): { messages: NbdMessage[]; drain(): void; stopped(): boolean } {
   const messages: NbdMessage[] = [];
   let stopped = false;
   const drain = (): void => {
@@ -64,8 +63,15 @@ function parseChunks(chunks: Buffer[]): NbdMessage[] {
       }
     }
   };
+  return { messages, drain, stopped: () => stopped };
+}
+
+/** Parse a stream split into the given chunks. */
+function parseChunks(chunks: Buffer[]): NbdMessage[] {
+  const parser = new NbdParser(LIMITS);
+  const { messages, drain, stopped } = collector(parser);
   for (const chunk of chunks) {
-    if (stopped) break;
+    if (stopped()) break;
     parser.push(chunk);
     drain();
   }
@@ -165,4 +171,52 @@ test("parser: nothing is returned until a whole header is there", () => {
   parser.push(bytes.subarray(27));
   assert.equal(parser.next()?.kind, "request");
   assert.equal(parser.bufferedBytes, 0);
+});
+
+test("parser: reads into one reused buffer and straight into payloads give the same messages (seeded)", (t) => {
+  const seed = testSeed();
+  t.diagnostic(`seed ${seed}`);
+  const random = createRandom(seed);
+  const expected = normalize(parseChunks([stream]));
+  for (let round = 0; round < 200; round++) {
+    // As direct-socket.ts: each read goes into payloadTarget() or the shared buffer.
+    const parser = new NbdParser(LIMITS);
+    const { messages, drain, stopped } = collector(parser);
+    const shared = Buffer.alloc(1 + random.int(48));
+    let direct = 0;
+    for (let at = 0; at < stream.length && !stopped(); ) {
+      const target = parser.payloadTarget() ?? shared;
+      const length = Math.min(1 + random.int(target.length), stream.length - at);
+      stream.copy(target, 0, at, at + length);
+      at += length;
+      if (target === shared) parser.push(shared.subarray(0, length));
+      else {
+        parser.payloadReceived(length);
+        direct += length;
+      }
+      // A paused pump leaves bytes in the parser; they must survive the buffer's reuse.
+      if (random.int(4) !== 0) drain();
+      parser.release(shared);
+      shared.fill(0xee);
+    }
+    if (!stopped()) drain();
+    assert.deepEqual(normalize(messages), expected, `round ${round}`);
+    if (round === 0) t.diagnostic(`payload bytes read directly in round 0: ${direct}`);
+  }
+  // A payload read directly is filled exactly, never past its end.
+  const parser = new NbdParser(LIMITS);
+  parser.phase = "transmission";
+  parser.push(request(1, 1, 0n, 8));
+  assert.equal(parser.next(), null);
+  const target = parser.payloadTarget();
+  assert.equal(target?.length, 8);
+  target!.fill(0x5a, 0, 3);
+  parser.payloadReceived(3);
+  assert.equal(parser.payloadTarget()?.length, 5);
+  assert.throws(() => parser.payloadReceived(6), /payloadReceived/);
+  parser.payloadTarget()!.fill(0x5b);
+  parser.payloadReceived(5);
+  const message = parser.next();
+  assert.equal(message?.kind === "request" && message.request.payload?.toString("hex"), "5a5a5a5b5b5b5b5b");
+  assert.equal(parser.payloadTarget(), null);
 });
