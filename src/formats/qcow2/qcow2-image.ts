@@ -251,6 +251,8 @@ export class Qcow2Image implements BlockDevice {
   #hitHostOffset = 0;
   /** Last decompressed cluster: sequential small reads of compressed data decompress once. */
   #decompressed: { hostOffset: number; data: Uint8Array } | null = null;
+  /** Bumped whenever #decompressed is invalidated (see #decompress). */
+  #decompressedGeneration = 0;
 
   constructor(file: ImageFile, meta: Qcow2Metadata, snapshots: Qcow2Snapshot[], options: OpenQcow2Options) {
     this.name = file.name;
@@ -679,11 +681,19 @@ export class Qcow2Image implements BlockDevice {
   async #decompress(entry: L2Entry): Promise<Uint8Array> {
     const cached = this.#decompressed;
     if (cached !== null && cached.hostOffset === entry.hostOffset) return cached.data;
+    const generation = this.#decompressedGeneration;
     const input = new Uint8Array(compressedReadBytes(entry.hostOffset, entry.compressedSectors));
     await this.#file.read(entry.hostOffset, input);
     const data = decompressCluster(input, this.#meta.header.compressionType, this.#meta.clusterSizeBytes);
-    this.#decompressed = { hostOffset: entry.hostOffset, data };
+    // A compressed write since the read started may have reused these host bytes: don't cache what may be stale.
+    if (generation === this.#decompressedGeneration) this.#decompressed = { hostOffset: entry.hostOffset, data };
     return data;
+  }
+
+  /** Forget the decompressed cluster: host bytes it came from may be rewritten with other compressed data. */
+  #forgetDecompressed(): void {
+    this.#decompressed = null;
+    this.#decompressedGeneration++;
   }
 
   async #executeRead(pieces: ReadPiece[], buffer: Uint8Array): Promise<void> {
@@ -1495,6 +1505,8 @@ export class Qcow2Image implements BlockDevice {
     }
     const hostOffset = await meta.allocBytes(compressed.length);
     meta.checkDataWrite(hostOffset, compressed.length);
+    // These bytes may once have held another compressed cluster, freed since and still cached decompressed.
+    this.#forgetDecompressed();
     await this.#file.write(hostOffset, compressed);
     meta.noteDataWritten();
     const word = encodeL2Entry({ type: "compressed", hostOffset, compressedBytes: compressed.length }, geometry.clusterBits, geometry.extendedL2);
@@ -1541,7 +1553,7 @@ export class Qcow2Image implements BlockDevice {
           return await fn(() => this.#readGate.drain());
         } finally {
           // Host clusters may have been freed and reused: forget what was decompressed from them.
-          this.#decompressed = null;
+          this.#forgetDecompressed();
           this.#meta.l2Cache.trim();
           this.#meta.refblockCache.trim();
         }
