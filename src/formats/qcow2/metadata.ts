@@ -192,7 +192,7 @@ export class Qcow2Metadata {
     const cs = this.geometry.clusterSizeBytes;
     const tablesMax = Math.max(4, Math.floor(cacheBytesMax / cs));
     const refblocksMax = Math.max(2, Math.floor(tablesMax * REFBLOCK_CACHE_SHARE));
-    this.l2Cache = new TableCache(file, cs, Math.max(2, tablesMax - refblocksMax));
+    this.l2Cache = new TableCache(file, cs, Math.max(2, tablesMax - refblocksMax), { freeEvicted: true });
     this.refblockCache = new TableCache(file, cs, refblocksMax);
     this.overlap = new OverlapGuard(this);
   }

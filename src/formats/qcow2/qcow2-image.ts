@@ -875,8 +875,14 @@ export class Qcow2Image implements BlockDevice {
     const l1Index = Math.floor(clusterIndex / geometry.l2Entries);
     const l2Offset = this.#meta.l1EntryOffset(l1Index);
     if (l2Offset === 0) return null;
-    const table = await this.#meta.getL2(l2Offset);
-    return { entry: this.#entry(table, clusterIndex % geometry.l2Entries, l2Offset), l2Offset };
+    // Held until decoded: the in-place path takes no other hold, and concurrent requests trim.
+    const release = this.#meta.holdEviction();
+    try {
+      const table = await this.#meta.getL2(l2Offset);
+      return { entry: this.#entry(table, clusterIndex % geometry.l2Entries, l2Offset), l2Offset };
+    } finally {
+      release();
+    }
   }
 
   /** Overwrite allocated, unshared clusters in place; false if any cluster needs metadata work. */

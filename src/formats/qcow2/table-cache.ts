@@ -14,9 +14,12 @@
  * - While someone holds a table object across an await (a metadata update
  *   about to modify it, a read resolving many tables) eviction is held off
  *   (`holdEviction`), so a held table is never dropped and then modified or
- *   reloaded behind the holder's back.
+ *   reloaded behind the holder's back; the last release trims.
  */
 import type { ImageFile } from "../../io/file.ts";
+
+/** ArrayBuffer.prototype.transfer (ES2024, Node 22+), beyond the project's TypeScript lib. */
+type DetachableBuffer = ArrayBuffer & { transfer(newLengthBytes: number): ArrayBuffer };
 
 export interface CachedTable {
   readonly hostOffset: number;
@@ -34,11 +37,24 @@ export class TableCache {
   readonly #inflight = new Map<number, Promise<CachedTable>>();
   #clock = 0;
   #evictionHolds = 0;
+  readonly #freeEvicted: boolean;
+  /** Buffers of the tables the last trim evicted, detached at the next trim (freeEvicted). */
+  #evicted: DetachableBuffer[] = [];
 
-  constructor(file: ImageFile, tableBytes: number, entriesMax: number) {
+  /**
+   * With `freeEvicted`, trim() detaches the buffer of every table it evicted
+   * (ArrayBuffer.transfer(0), at the following trim): the memory goes back to
+   * the allocator instead of waiting, as garbage, for a collection (V8 collects external
+   * memory only after tens of MiB of it: a reader cycling a full cache of
+   * 64 KiB tables would hold that much more than the bound). Only for tables
+   * read through DataViews (L2 tables): a stale holder then fails with a
+   * TypeError instead of reading another table's bytes.
+   */
+  constructor(file: ImageFile, tableBytes: number, entriesMax: number, options: { freeEvicted?: boolean } = {}) {
     this.#file = file;
     this.#tableBytes = tableBytes;
     this.entriesMax = Math.max(2, entriesMax);
+    this.#freeEvicted = options.freeEvicted ?? false;
   }
 
   get size(): number {
@@ -108,7 +124,12 @@ export class TableCache {
     return false;
   }
 
-  /** Keep every table in the cache until the returned function is called. */
+  /**
+   * Keep every table in the cache until the returned function is called.
+   * The last release trims the cache: loads made under a hold (every load
+   * of the read path) could not, so without it a reader alone would grow
+   * the cache without bound.
+   */
   holdEviction(): () => void {
     this.#evictionHolds++;
     let released = false;
@@ -116,17 +137,26 @@ export class TableCache {
       if (released) return;
       released = true;
       this.#evictionHolds--;
+      if (this.#evictionHolds === 0) this.trim();
     };
   }
 
-  /** Evict clean tables, least recently used first, down to 3/4 of the bound. */
+  /**
+   * Evict clean tables, least recently used first, down to 3/4 of the
+   * bound. With `freeEvicted`, the buffers evicted by the previous trim are
+   * detached now (one trim later: a reader that peeked a table just before
+   * it was evicted has long finished with it).
+   */
   trim(): void {
     if (this.#evictionHolds > 0 || this.#entries.size < this.entriesMax) return;
+    for (const buffer of this.#evicted) buffer.transfer(0);
+    this.#evicted = [];
     const clean = [...this.#entries.values()].filter((e) => !e.dirty).sort((a, b) => a.lastUsed - b.lastUsed);
     const target = Math.floor((this.entriesMax * 3) / 4);
     for (const entry of clean) {
       if (this.#entries.size <= target) break;
       this.#entries.delete(entry.hostOffset);
+      if (this.#freeEvicted) this.#evicted.push(entry.bytes.buffer as DetachableBuffer);
     }
   }
 }
