@@ -210,27 +210,39 @@ function zeroPattern(lengthBytes: number): Buffer {
 /**
  * Zero runs of whole 512-byte sectors at least minRunBytes long, as
  * [start, end) pairs within the buffer (a partial last sector counts when
- * it is zero). Each sector is probed at a few bytes first, so data that is
- * not zero costs a handful of loads per sector; only sectors that pass the
- * probe are compared whole (memcmp against a zero sector).
+ * it is zero). A qualifying run spans at least minRunBytes / 512 sectors,
+ * so it contains a sector whose index is a multiple of that stride: only
+ * those sectors are probed, and a zero probe is widened sector by sector
+ * to its whole run. A probe looks at two bytes first, so data that is not
+ * zero costs two loads per stride; only sectors that pass are compared
+ * whole (memcmp against a zero sector).
  */
 export function findZeroRuns(data: Uint8Array, minRunBytes: number): Array<[number, number]> {
   const buffer = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
   const zeroSector = zeroPattern(SECTOR_BYTES);
-  const runs: Array<[number, number]> = [];
   const length = buffer.length;
-  let runStart = -1;
-  for (let at = 0; at < length; at += SECTOR_BYTES) {
+  const sectorCount = Math.ceil(length / SECTOR_BYTES);
+  const stride = Math.max(1, Math.floor(minRunBytes / SECTOR_BYTES));
+  const isZeroSector = (sector: number): boolean => {
+    const at = sector * SECTOR_BYTES;
     const end = Math.min(length, at + SECTOR_BYTES);
-    const zero = (buffer[at] | buffer[(at + end) >>> 1] | buffer[end - 1]) === 0 && zeroSector.compare(buffer, at, end, 0, end - at) === 0;
-    if (zero) {
-      if (runStart < 0) runStart = at;
-    } else if (runStart >= 0) {
-      if (at - runStart >= minRunBytes) runs.push([runStart, at]);
-      runStart = -1;
+    return (buffer[at] | buffer[end - 1]) === 0 && zeroSector.compare(buffer, at, end, 0, end - at) === 0;
+  };
+  const runs: Array<[number, number]> = [];
+  for (let probe = 0; probe < sectorCount; ) {
+    if (!isZeroSector(probe)) {
+      probe += stride;
+      continue;
     }
+    let first = probe;
+    while (first > 0 && isZeroSector(first - 1)) first--;
+    let end = probe + 1;
+    while (end < sectorCount && isZeroSector(end)) end++;
+    const runStart = first * SECTOR_BYTES;
+    const runEnd = Math.min(length, end * SECTOR_BYTES);
+    if (runEnd - runStart >= minRunBytes) runs.push([runStart, runEnd]);
+    probe = (Math.floor(end / stride) + 1) * stride;
   }
-  if (runStart >= 0 && length - runStart >= minRunBytes) runs.push([runStart, length]);
   return runs;
 }
 
