@@ -13,7 +13,9 @@
  *   requests, once (what convert, commit or a backup pays: every cluster is
  *   resolved through the chain for the first time);
  * - warm: random 4 KiB and sequential 1 MiB reads after a warm-up pass
- *   (median of RUNS).
+ *   (median of RUNS), with the chain and the flat image open together and
+ *   their runs alternating, so drift in the shared machine's load hits
+ *   both alike (the slowdown compares them).
  * Peer: `qemu-img bench` on the same two files (its timer excludes open).
  * Rows: absolute figures for chain and flat, then the slowdown (chain time /
  * flat time) for snapstack vs QEMU; target <= 1.2 for snapstack. CPU time
@@ -31,7 +33,9 @@ import { caseOffsets, caseRate, randomOffsets, scatterStepBytes, sequentialOffse
 
 const CHAIN_DEPTH = 100;
 const VIRTUAL_SIZE_BYTES = 256 * MiB;
-const RUNS = 3;
+const RUNS = 5;
+/** qemu-img bench runs per warm case (each a separate process; its own figures need no alternation). */
+const PEER_RUNS = 3;
 const VERIFY_READS = 2000;
 
 interface ChainCase extends ReadCase {
@@ -81,34 +85,51 @@ async function withDevice<T>(path: string, fn: (device: BlockDevice, openMs: num
   }
 }
 
-async function measureSnapstack(path: string, fixture: ChainFixture, figures: ImageFigures): Promise<void> {
+async function measureFirstPass(path: string, figures: ImageFigures): Promise<void> {
   // First pass on a fresh open (nothing resolved or cached yet).
   const firstPassOffsets = sequentialOffsets(VIRTUAL_SIZE_BYTES / FIRST_PASS_REQUEST_BYTES, VIRTUAL_SIZE_BYTES, FIRST_PASS_REQUEST_BYTES);
   await withDevice(path, async (device, openMs) => {
     figures.openMs = openMs;
     figures.firstPass = await timeReads((offset, buffer) => device.read(offset, buffer), firstPassOffsets, FIRST_PASS_REQUEST_BYTES, 1);
   });
-  await withDevice(path, async (device) => {
-    figures.note = await verifyAgainstLayout(device, fixture);
-    const read: ReadAt = (offset, buffer) => device.read(offset, buffer);
-    figures.warm = [];
-    for (const c of WARM_CASES) {
-      const offsets = caseOffsets(c, VIRTUAL_SIZE_BYTES);
-      await timeReads(read, offsets, c.requestBytes, 1); // warm-up
-      const timings: ReadTiming[] = [];
-      for (let i = 0; i < RUNS; i++) timings.push(await timeReads(read, offsets, c.requestBytes, 1));
-      figures.warm.push({
-        rate: median(timings.map((t) => caseRate(c, c.requestCount, t.seconds))),
-        cpuMicrosPerRequest: median(timings.map((t) => (t.cpuSeconds * 1e6) / c.requestCount)),
-      });
-    }
-  });
 }
 
-async function measureImage(path: string, fixture: ChainFixture): Promise<ImageFigures> {
+/** Warm cases on the chain and the flat image, open together, runs alternating between them. */
+async function measureWarm(chainPath: string, chain: ImageFigures, flatPath: string, flat: ImageFigures, fixture: ChainFixture): Promise<void> {
+  await withDevice(chainPath, (chainDevice) =>
+    withDevice(flatPath, async (flatDevice) => {
+      const images = [
+        { device: chainDevice, figures: chain },
+        { device: flatDevice, figures: flat },
+      ];
+      for (const image of images) {
+        image.figures.note = await verifyAgainstLayout(image.device, fixture);
+        image.figures.warm = [];
+      }
+      for (const c of WARM_CASES) {
+        const offsets = caseOffsets(c, VIRTUAL_SIZE_BYTES);
+        const reads: ReadAt[] = images.map(({ device }) => (offset, buffer) => device.read(offset, buffer));
+        for (const read of reads) await timeReads(read, offsets, c.requestBytes, 1); // warm-up
+        const timings: ReadTiming[][] = images.map(() => []);
+        for (let i = 0; i < RUNS; i++) {
+          for (const [index, read] of reads.entries()) timings[index].push(await timeReads(read, offsets, c.requestBytes, 1));
+        }
+        images.forEach((image, index) =>
+          image.figures.warm?.push({
+            rate: median(timings[index].map((t) => caseRate(c, c.requestCount, t.seconds))),
+            cpuMicrosPerRequest: median(timings[index].map((t) => (t.cpuSeconds * 1e6) / c.requestCount)),
+          }),
+        );
+      }
+    }),
+  );
+}
+
+/** First pass through snapstack, then qemu-img bench's figures (the warm snapstack cases come from measureWarm). */
+async function measureImage(path: string): Promise<ImageFigures> {
   const figures: ImageFigures = { firstPass: null, openMs: 0, warm: null, note: "", qemuFirstPassSeconds: 0, qemuWarm: [] };
   try {
-    await measureSnapstack(path, fixture, figures);
+    await measureFirstPass(path, figures);
   } catch (error) {
     figures.firstPass = null;
     figures.warm = null;
@@ -123,7 +144,7 @@ async function measureImage(path: string, fixture: ChainFixture): Promise<ImageF
   for (const c of WARM_CASES) {
     const stepBytes = c.random ? scatterStepBytes(VIRTUAL_SIZE_BYTES, c.requestBytes) : c.requestBytes;
     const rates: number[] = [];
-    for (let i = 0; i < RUNS; i++) {
+    for (let i = 0; i < PEER_RUNS; i++) {
       const seconds = await qemuImgBenchSeconds(path, { format: "qcow2", requestCount: c.peerRequestCount, requestBytes: c.requestBytes, stepBytes, inFlight: 1 });
       rates.push(caseRate(c, c.peerRequestCount, seconds));
     }
@@ -141,8 +162,18 @@ export default async function chainBench(): Promise<BenchRow[]> {
     const fixture = await buildChain(dir, CHAIN_DEPTH, VIRTUAL_SIZE_BYTES);
     const flatPath = join(dir, "flat.qcow2");
     await flattenWithQemu(fixture.topPath, flatPath);
-    const chain = await measureImage(fixture.topPath, fixture);
-    const flat = await measureImage(flatPath, fixture);
+    const chain = await measureImage(fixture.topPath);
+    const flat = await measureImage(flatPath);
+    if (chain.firstPass !== null && flat.firstPass !== null) {
+      try {
+        await measureWarm(fixture.topPath, chain, flatPath, flat, fixture);
+      } catch (error) {
+        for (const figures of [chain, flat]) {
+          figures.warm = null;
+          figures.note = describeFailure(error);
+        }
+      }
+    }
     const peerNote = "peer = qemu-img bench (-i threads, open excluded)";
     const rows: BenchRow[] = [];
 
@@ -173,8 +204,8 @@ export default async function chainBench(): Promise<BenchRow[]> {
       const chainWarm = chain.warm?.[index] ?? null;
       const flatWarm = flat.warm?.[index] ?? null;
       const cpu = (w: { cpuMicrosPerRequest: number } | null): string => (w === null ? "" : `; CPU ${w.cpuMicrosPerRequest.toFixed(2)} us/request`);
-      rows.push(row(`${c.name}, chain of ${CHAIN_DEPTH}`, chainWarm?.rate ?? null, chain.qemuWarm[index], unit, `${peerNote}; median of ${RUNS}${cpu(chainWarm)}; ${chain.note}`));
-      rows.push(row(`${c.name}, flattened`, flatWarm?.rate ?? null, flat.qemuWarm[index], unit, `${peerNote}; median of ${RUNS}${cpu(flatWarm)}; ${flat.note}`));
+      rows.push(row(`${c.name}, chain of ${CHAIN_DEPTH}`, chainWarm?.rate ?? null, chain.qemuWarm[index], unit, `${peerNote}; median of ${RUNS} alternating with the flat image (peer: ${PEER_RUNS})${cpu(chainWarm)}; ${chain.note}`));
+      rows.push(row(`${c.name}, flattened`, flatWarm?.rate ?? null, flat.qemuWarm[index], unit, `${peerNote}; median of ${RUNS} alternating with the chain (peer: ${PEER_RUNS})${cpu(flatWarm)}; ${flat.note}`));
       // Slowdown = chain time / flat time = flat rate / chain rate.
       const cpuSlowdown = ratioOrNull(chainWarm?.cpuMicrosPerRequest, flatWarm?.cpuMicrosPerRequest);
       rows.push(
