@@ -66,6 +66,13 @@ function readOnce(fd: number, buffer: Uint8Array, offset: number, length: number
   });
 }
 
+function writevOnce(fd: number, pieces: readonly Uint8Array[], position: number, totalBytes: number, ioMode: NodeFileIoMode): number | Promise<number> {
+  if (useSync(ioMode, totalBytes)) return fs.writevSync(fd, pieces, position);
+  return new Promise((resolve, reject) => {
+    fs.writev(fd, pieces, position, (error, bytesWritten) => (error ? reject(error) : resolve(bytesWritten)));
+  });
+}
+
 function writeOnce(fd: number, data: Uint8Array, offset: number, length: number, position: number, ioMode: NodeFileIoMode): number | Promise<number> {
   if (useSync(ioMode, length)) return fs.writeSync(fd, data, offset, length, position);
   return new Promise((resolve, reject) => {
@@ -121,6 +128,32 @@ export class NodeFile implements ImageFile {
       }
     } catch (error) {
       throw fromSystemError(error, this.name, `write ${data.length} bytes at offset ${hostOffset}`);
+    }
+  }
+
+  /**
+   * Write `pieces` back to back from `hostOffset` with one vectored call
+   * (pwritev): no copy into one buffer, one syscall, and no concurrent
+   * writes to neighbouring ranges of the file (on ext4 those contend for the
+   * inode and cost several times the CPU). A short write is finished piece
+   * by piece.
+   */
+  async writev(hostOffset: number, pieces: readonly Uint8Array[]): Promise<void> {
+    assert(Number.isSafeInteger(hostOffset) && hostOffset >= 0, `write offset ${hostOffset} is a non-negative integer`);
+    if (this.readOnly) throw new SnapstackError("E_READ_ONLY", `${this.name}: cannot write: opened read-only`, { path: this.name });
+    const fd = this.#openFd("write");
+    const totalBytes = pieces.reduce((sum, piece) => sum + piece.length, 0);
+    try {
+      let done = await writevOnce(fd, pieces, hostOffset, totalBytes, this.ioMode);
+      for (let index = 0, pieceStart = 0; done < totalBytes && index < pieces.length; pieceStart += pieces[index].length, index++) {
+        const piece = pieces[index];
+        while (done < pieceStart + piece.length) {
+          const at = done - pieceStart;
+          done += await writeOnce(fd, piece, at, piece.length - at, hostOffset + done, this.ioMode);
+        }
+      }
+    } catch (error) {
+      throw fromSystemError(error, this.name, `write ${totalBytes} bytes at offset ${hostOffset}`);
     }
   }
 
