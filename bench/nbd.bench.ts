@@ -12,15 +12,21 @@
  * (read 1 MiB sequential, read 4 KiB random, write 1 MiB sequential, write
  * 4 KiB random); nbdcopy copies the whole export to null: (reads, with
  * multi-conn where the server offers it) and a raw file into the export
- * (writes). Servers alternate run by run and each figure is the median of
- * RUNS runs, because this machine is shared and single runs vary by 2x.
+ * (writes). Servers alternate run by run (the order flips every run) and
+ * each figure is the median of RUNS runs, because this machine is shared
+ * and single runs vary by 2x. The notes also give each server's CPU time
+ * (user + system, all threads, from /proc) per GiB or per request, median
+ * over the runs: on a busy machine throughput says how much CPU a process
+ * was given, CPU per unit of work what it needed.
  * Every server listens on a Unix socket; qemu-nbd and snapstack get -e 4 so
  * both offer multi-conn to nbdcopy. Ratio = snapstack / peer, higher is
  * better: targets >= 1.0 against qemu-nbd and >= 0.8 against nbdkit.
  *
  * Memory: VmRSS of the server process after 64 connections completed
  * negotiation and sit idle, minus before, per connection; and VmHWM after
- * the write workloads (peak under load, 16 requests of 1 MiB in flight).
+ * the write workloads (peak under load, 16 requests of 1 MiB in flight),
+ * with the notes giving snapstack's VmRSS when it started listening (Node
+ * itself and the TypeScript loader: ~100 MiB before any client).
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { copyFileSync, existsSync, readFileSync, rmSync } from "node:fs";
@@ -30,7 +36,7 @@ import { GiB, MiB, withScratchDir } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, type BenchRow } from "./fixtures/rows.ts";
 import { median, runTool } from "./fixtures/tools.ts";
 
-const RUNS = 3;
+const RUNS = 5;
 const RUNTIME_S = 3;
 const IDLE_CONNECTIONS = 64;
 
@@ -41,6 +47,12 @@ interface Server {
   child: ChildProcess;
   socket: string;
   uri: string;
+}
+
+/** User + system CPU seconds of a process so far, all threads (/proc/PID/stat counts in 1/100 s). */
+function cpuSeconds(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
 async function waitFor(check: () => boolean, what: string, child: ChildProcess): Promise<void> {
@@ -98,6 +110,17 @@ async function fio(uri: string, rw: string, blockSize: string): Promise<FioResul
   return { mibPerSecond: side.bw / 1024, iops: side.iops };
 }
 
+/** Figures of one server over the runs of one workload. */
+interface Figures {
+  values: number[];
+  /** Server CPU per unit of work (ms per GiB or us per request). */
+  cpu: number[];
+}
+
+function cpuNote(kinds: ServerKind[], figures: Map<ServerKind, Figures>, unit: string): string {
+  return `server CPU ${kinds.map((kind) => `${kind} ${median(figures.get(kind)!.cpu).toFixed(0)}`).join(", ")} ${unit}`;
+}
+
 async function nbdcopySeconds(args: string[]): Promise<number> {
   const started = performance.now();
   await runTool("nbdcopy", args);
@@ -134,35 +157,50 @@ async function fixtureRows(dir: string, fixture: Fixture, rawSource: string): Pr
   for (const kind of kinds) readers.set(kind, await startServer(kind, dir, fixture.image, fixture.format, true));
   const writers = new Map<ServerKind, Server>();
   for (const kind of kinds) writers.set(kind, await startServer(kind, dir, fixture.writableCopy(kind), fixture.format, false));
+  const ourIdleRss = vmStatusBytes(readers.get("snapstack")!.child.pid!, "VmRSS");
+  /** Both servers once per run, the order flipping every run. */
+  const orderOf = (run: number): ServerKind[] => (run % 2 === 0 ? kinds : [...kinds].reverse());
+  const emptyFigures = (): Map<ServerKind, Figures> => new Map(kinds.map((kind) => [kind, { values: [], cpu: [] }]));
   try {
     for (const workload of WORKLOADS) {
-      const figures = new Map<ServerKind, number[]>(kinds.map((kind) => [kind, []]));
+      const figures = emptyFigures();
       for (let run = 0; run < RUNS; run++) {
-        for (const kind of kinds) {
+        for (const kind of orderOf(run)) {
           const server = (workload.writes ? writers : readers).get(kind)!;
+          const cpuBefore = cpuSeconds(server.child.pid!);
           const result = await fio(server.uri, workload.rw, workload.bs);
-          figures.get(kind)!.push(workload.unit === "IOPS" ? result.iops : result.mibPerSecond);
+          const cpu = cpuSeconds(server.child.pid!) - cpuBefore;
+          const figure = figures.get(kind)!;
+          figure.values.push(workload.unit === "IOPS" ? result.iops : result.mibPerSecond);
+          figure.cpu.push(workload.unit === "IOPS" ? (cpu * 1e6) / (result.iops * RUNTIME_S) : (cpu * 1e3 * 1024) / (result.mibPerSecond * RUNTIME_S));
         }
       }
-      const ours = median(figures.get("snapstack")!);
-      const theirs = median(figures.get(fixture.peer)!);
-      const notes = `fio nbd iodepth 16, ${RUNTIME_S} s x ${RUNS}, median; runs snapstack ${figures.get("snapstack")!.map((v) => v.toFixed(0)).join("/")}, ${fixture.peer} ${figures.get(fixture.peer)!.map((v) => v.toFixed(0)).join("/")}; target ratio >= ${fixture.target}`;
+      const ours = median(figures.get("snapstack")!.values);
+      const theirs = median(figures.get(fixture.peer)!.values);
+      const runs = kinds.map((kind) => `${kind} ${figures.get(kind)!.values.map((v) => v.toFixed(0)).join("/")}`).join(", ");
+      const cpu = cpuNote(kinds, figures, workload.unit === "IOPS" ? "us/request" : "ms/GiB");
+      const notes = `fio nbd iodepth 16, ${RUNTIME_S} s x ${RUNS}, median; runs ${runs}; ${cpu}; target ratio >= ${fixture.target}`;
       rows.push(row(`nbd ${fixture.label} fio ${workload.name} vs ${fixture.peer}`, ours, theirs, workload.unit, notes));
     }
     // nbdcopy: whole export to null: (reads), raw file into the export (writes).
     for (const direction of ["read", "write"] as const) {
-      const seconds = new Map<ServerKind, number[]>(kinds.map((kind) => [kind, []]));
+      const figures = emptyFigures();
       for (let run = 0; run < RUNS; run++) {
-        for (const kind of kinds) {
+        for (const kind of orderOf(run)) {
           const server = (direction === "read" ? readers : writers).get(kind)!;
           const args = direction === "read" ? [server.uri, "null:"] : [rawSource, server.uri];
-          seconds.get(kind)!.push(await nbdcopySeconds(args));
+          const cpuBefore = cpuSeconds(server.child.pid!);
+          const seconds = await nbdcopySeconds(args);
+          const figure = figures.get(kind)!;
+          figure.values.push(GiB / MiB / seconds);
+          figure.cpu.push((cpuSeconds(server.child.pid!) - cpuBefore) * 1e3);
         }
       }
-      const ours = GiB / MiB / median(seconds.get("snapstack")!);
-      const theirs = GiB / MiB / median(seconds.get(fixture.peer)!);
+      const ours = median(figures.get("snapstack")!.values);
+      const theirs = median(figures.get(fixture.peer)!.values);
       const what = direction === "read" ? "export -> null:" : "raw file -> export";
-      rows.push(row(`nbd ${fixture.label} nbdcopy ${what} vs ${fixture.peer}`, ours, theirs, "MiB/s", `1 GiB, wall clock, median of ${RUNS}; target ratio >= ${fixture.target}`));
+      const notes = `1 GiB, wall clock, median of ${RUNS}; ${cpuNote(kinds, figures, "ms/GiB")}; target ratio >= ${fixture.target}`;
+      rows.push(row(`nbd ${fixture.label} nbdcopy ${what} vs ${fixture.peer}`, ours, theirs, "MiB/s", notes));
     }
     const ourWriter = writers.get("snapstack")!;
     const peerWriter = writers.get(fixture.peer)!;
@@ -172,7 +210,7 @@ async function fixtureRows(dir: string, fixture: Fixture, rawSource: string): Pr
         vmStatusBytes(ourWriter.child.pid!, "VmHWM") / MiB,
         vmStatusBytes(peerWriter.child.pid!, "VmHWM") / MiB,
         "MiB",
-        "VmHWM after the write workloads (16 x 1 MiB in flight); lower is better",
+        `VmHWM after the write workloads (16 x 1 MiB in flight); snapstack's VmRSS before any client ${(ourIdleRss / MiB).toFixed(0)} MiB; lower is better`,
       ),
     );
   } finally {
