@@ -70,6 +70,10 @@ if [ "${SNAPSTACK_SKIP_CHECKS:-0}" != 1 ]; then
 fi
 
 # 4. Tests.
+# On the development VMs /dev/kvm sometimes passes the accelerator probe
+# (SeaBIOS boots) and then hangs a Linux guest, so the VM tests use TCG
+# unless asked otherwise (SNAPSTACK_ACCEL=kvm). Tracked in issue 6's notes.
+export SNAPSTACK_ACCEL="${SNAPSTACK_ACCEL:-tcg}"
 if [ "$#" -gt 0 ]; then
   test_globs=("$@")
 else
