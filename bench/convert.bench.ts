@@ -14,10 +14,9 @@
  * timed runs the last output of each snapstack variant is checked with
  * `qemu-img compare`, so a fast but wrong conversion cannot pass unnoticed.
  */
-import { mkdirSync, rmSync } from "node:fs";
+import { rmSync } from "node:fs";
 import { join } from "node:path";
-import { pathToFileURL } from "node:url";
-import { buildCompiledCopy, compiledPath } from "./fixtures/compiled-build.ts";
+import { buildCompiledCli } from "./fixtures/compiled-build.ts";
 import { buildSpreadImage, GiB, MiB, withScratchDir } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, snapstackCliPresent, type BenchRow } from "./fixtures/rows.ts";
 import { median, runMeasured, runTool, type MeasuredRun } from "./fixtures/tools.ts";
@@ -26,7 +25,6 @@ const RUNS = 5;
 const VIRTUAL_SIZE_BYTES = 4 * GiB;
 const CHUNK_BYTES = 1 * MiB;
 const STRIDE_BYTES = 4 * MiB;
-const CLI_MAIN_RELATIVE_PATH = "src/cli/main.ts";
 
 /** One way of running a converter: the command and arguments that precede `convert ...`. */
 interface Runner {
@@ -48,12 +46,8 @@ function summarize(runs: readonly MeasuredRun[]): string {
 
 /** The snapstack CLI from a compiled copy: import its main module and run it as bin/snapstack does. */
 async function compiledRunner(dir: string): Promise<Runner> {
-  const compiledDir = join(dir, "js");
-  mkdirSync(compiledDir);
-  const mainPath = join(compiledDir, compiledPath(CLI_MAIN_RELATIVE_PATH));
-  const buildError = await buildCompiledCopy(compiledDir, [compiledPath(CLI_MAIN_RELATIVE_PATH)]);
-  const script = `const cli = await import(${JSON.stringify(pathToFileURL(mainPath).href)}); process.exitCode = await cli.runCli(process.argv.slice(1));`;
-  return { label: "snapstack, compiled JS", command: process.execPath, prefix: ["--input-type=module", "-e", script, "img"], unavailable: buildError };
+  const cli = await buildCompiledCli(dir);
+  return { label: "snapstack, compiled JS", command: cli.command, prefix: [...cli.prefix, "img"], unavailable: cli.unavailable };
 }
 
 async function convertCase(sourcePath: string, outputPath: string, outputFormat: "qcow2" | "raw", runners: readonly Runner[]): Promise<BenchRow[]> {

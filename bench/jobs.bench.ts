@@ -21,10 +21,9 @@
  *   offers for the same job, convert -n onto the existing target (one run:
  *   it rewrites all 16 GiB). Bytes written are in the notes.
  */
-import { mkdirSync, statSync } from "node:fs";
+import { statSync } from "node:fs";
 import { join } from "node:path";
-import { pathToFileURL } from "node:url";
-import { buildCompiledCopy, compiledPath } from "./fixtures/compiled-build.ts";
+import { buildCompiledCli } from "./fixtures/compiled-build.ts";
 import { GiB, MiB, TiB, createQcow2, spreadWrites, withScratchDir, writePatterns, type PatternWrite } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, type BenchRow } from "./fixtures/rows.ts";
 import { median, runMeasured, runTool } from "./fixtures/tools.ts";
@@ -32,7 +31,6 @@ import { openImage } from "../src/chain/open-image.ts";
 import { diffImages } from "../src/chain/jobs/index.ts";
 
 const RUNS = 3;
-const CLI_MAIN_RELATIVE_PATH = "src/cli/main.ts";
 
 /** How to run `snapstack img ...`: bin/snapstack (TypeScript sources) or a compiled copy (what an installed package runs). */
 interface SnapstackRunner {
@@ -43,13 +41,8 @@ interface SnapstackRunner {
 
 async function snapstackRunners(dir: string): Promise<SnapstackRunner[]> {
   const runners: SnapstackRunner[] = [{ label: "TS sources", command: SNAPSTACK_BIN, prefix: ["img"] }];
-  const compiledDir = join(dir, "js");
-  mkdirSync(compiledDir);
-  const mainPath = join(compiledDir, compiledPath(CLI_MAIN_RELATIVE_PATH));
-  if ((await buildCompiledCopy(compiledDir, [compiledPath(CLI_MAIN_RELATIVE_PATH)])) === null) {
-    const script = `const cli = await import(${JSON.stringify(pathToFileURL(mainPath).href)}); process.exitCode = await cli.runCli(process.argv.slice(1));`;
-    runners.push({ label: "compiled JS", command: process.execPath, prefix: ["--input-type=module", "-e", script, "img"] });
-  }
+  const cli = await buildCompiledCli(dir);
+  if (cli.unavailable === null) runners.push({ label: "compiled JS", command: cli.command, prefix: [...cli.prefix, "img"] });
   return runners;
 }
 const COMMIT_DATA_CHUNK_BYTES = 1 * MiB;

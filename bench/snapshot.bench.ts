@@ -18,10 +18,8 @@
  * qemu-img punches holes in the clusters a delete frees (discard); the
  * snapstack runs use no --wipe (nothing is written to freed clusters).
  */
-import { mkdirSync } from "node:fs";
 import { join } from "node:path";
-import { pathToFileURL } from "node:url";
-import { buildCompiledCopy, compiledPath } from "./fixtures/compiled-build.ts";
+import { buildCompiledCli } from "./fixtures/compiled-build.ts";
 import { GiB, MiB, buildSpreadImage, withScratchDir } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, type BenchRow } from "./fixtures/rows.ts";
 import { median, runMeasured, runTool } from "./fixtures/tools.ts";
@@ -32,7 +30,6 @@ const RUNS = 5;
 const VIRTUAL_SIZE_BYTES = 100 * GiB;
 const CHUNK_BYTES = 1 * MiB;
 const STRIDE_BYTES = 100 * MiB;
-const CLI_MAIN_RELATIVE_PATH = "src/cli/main.ts";
 const OPERATIONS = ["create", "apply", "delete"] as const;
 type Operation = (typeof OPERATIONS)[number];
 const FLAG: Record<Operation, string> = { create: "-c", apply: "-a", delete: "-d" };
@@ -88,12 +85,8 @@ async function libraryRound(path: string, timings: Timings): Promise<void> {
 }
 
 async function compiledRunner(dir: string): Promise<Runner> {
-  const compiledDir = join(dir, "js");
-  mkdirSync(compiledDir);
-  const mainPath = join(compiledDir, compiledPath(CLI_MAIN_RELATIVE_PATH));
-  const buildError = await buildCompiledCopy(compiledDir, [compiledPath(CLI_MAIN_RELATIVE_PATH)]);
-  const script = `const cli = await import(${JSON.stringify(pathToFileURL(mainPath).href)}); process.exitCode = await cli.runCli(process.argv.slice(1));`;
-  return { label: "compiled JS", command: process.execPath, prefix: ["--input-type=module", "-e", script, "img"], unavailable: buildError };
+  const cli = await buildCompiledCli(dir);
+  return { label: "compiled JS", command: cli.command, prefix: [...cli.prefix, "img"], unavailable: cli.unavailable };
 }
 
 /** Median wall time of `snapshot -l` on an image without snapshots: process start + open. */

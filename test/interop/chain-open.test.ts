@@ -11,6 +11,7 @@ import { readFileSync, readdirSync, mkdirSync } from "node:fs";
 import { openImage, chainLayers } from "../../src/chain/open-image.ts";
 import { createImage } from "../../src/chain/create-image.ts";
 import { requireTools, run, runOk, scratchDir } from "../helpers/tools.ts";
+import { readImage } from "../helpers/read-image.ts";
 
 function openFdCount(): number {
   return readdirSync("/proc/self/fd").length;
@@ -27,16 +28,6 @@ async function qemuContent(dir: string, path: string): Promise<Uint8Array> {
   return new Uint8Array(readFileSync(out));
 }
 
-async function readAll(path: string): Promise<Uint8Array> {
-  const device = await openImage(path, { readOnly: true });
-  try {
-    const buffer = new Uint8Array(device.sizeBytes);
-    await device.read(0, buffer);
-    return buffer;
-  } finally {
-    await device.close();
-  }
-}
 
 test("chains of depth 1, 2 and 50 with relative names read like qemu", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
@@ -56,7 +47,7 @@ test("chains of depth 1, 2 and 50 with relative names read like qemu", async (t)
   );
   for (const depth of [1, 2, 50]) {
     const top = join(dir, "sub", `l${depth}.qcow2`);
-    assert.deepEqual(await readAll(top), await qemuContent(dir, top), `depth ${depth}`);
+    assert.deepEqual(await readImage(top), await qemuContent(dir, top), `depth ${depth}`);
     const device = await openImage(top, { readOnly: true });
     const layers = chainLayers(device);
     assert.equal(layers.length, depth + 1);

@@ -14,6 +14,7 @@ import { openSnapshotView } from "../../src/formats/qcow2/snapshot-view.ts";
 import { SNAPSHOT_COUNT_MAX, encodeSnapshotTable, type Qcow2Snapshot } from "../../src/formats/qcow2/snapshot-table.ts";
 import { isSnapstackError } from "../../src/base/errors.ts";
 import { createRandom, testSeed } from "../helpers/random.ts";
+import { readDevice } from "../helpers/read-image.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -28,11 +29,6 @@ function failsWith(code: string, errno?: number): (e: unknown) => boolean {
   return (e: unknown) => isSnapstackError(e) && e.code === code && (errno === undefined || e.details.errno === errno);
 }
 
-async function readAll(device: { sizeBytes: number; read(o: number, b: Uint8Array): Promise<void> }): Promise<Uint8Array> {
-  const buffer = new Uint8Array(device.sizeBytes);
-  await device.read(0, buffer);
-  return buffer;
-}
 
 function assertSameBytes(actual: Uint8Array, expected: Uint8Array, what: string): void {
   assert.equal(actual.length, expected.length, `${what}: size`);
@@ -54,7 +50,7 @@ async function assertClean(image: Qcow2Image, file: MemoryFile, what: string): P
 async function assertSnapshotReads(image: Qcow2Image, ref: string, expected: Uint8Array, what: string): Promise<void> {
   const view = await openSnapshotView(image, ref);
   try {
-    assertSameBytes(await readAll(view), expected, what);
+    assertSameBytes(await readDevice(view), expected, what);
   } finally {
     await view.close();
   }
@@ -123,10 +119,10 @@ test("create, apply and delete keep every state readable and the image clean", a
   await write(0, 4 * KiB, 7);
   await assertSnapshotReads(image, "1", atFirst, "snapshot 1");
   await assertSnapshotReads(image, "second", atSecond, "snapshot 2");
-  assertSameBytes(await readAll(image), model, "active");
+  assertSameBytes(await readDevice(image), model, "active");
 
   await image.applySnapshot("first");
-  assertSameBytes(await readAll(image), atFirst, "active after applying 1");
+  assertSameBytes(await readDevice(image), atFirst, "active after applying 1");
   await assertClean(image, file, "after apply");
   await image.write(0, new Uint8Array(4 * KiB).fill(8)); // the applied state is writable without touching the snapshot
   await assertSnapshotReads(image, "first", atFirst, "snapshot 1 after writing over it");
@@ -135,7 +131,7 @@ test("create, apply and delete keep every state readable and the image clean", a
   await assertClean(image, file, "after delete");
   assert.deepEqual(image.listSnapshots().map((s) => [s.id, s.name]), [["2", "second"]]);
   await image.applySnapshot("2");
-  assertSameBytes(await readAll(image), atSecond, "active after applying 2");
+  assertSameBytes(await readDevice(image), atSecond, "active after applying 2");
   await image.deleteSnapshot("2", { by: "id" });
   await assertClean(image, file, "after deleting the last one");
   assert.equal(image.header.snapshotCount, 0);
@@ -144,7 +140,7 @@ test("create, apply and delete keep every state readable and the image clean", a
   // Reopened, the table on disk says the same.
   const again = await openQcow2(new MemoryFile({ contents: file.contents() }), { readOnly: true, backing: null });
   assert.deepEqual(again.snapshots, []);
-  assertSameBytes(await readAll(again), atSecond, "reopened");
+  assertSameBytes(await readDevice(again), atSecond, "reopened");
   await again.close();
 });
 
@@ -231,16 +227,16 @@ test("a live image: writes racing a snapshot land wholly before or after it", as
     writes.push(image.write(i * 4 * KiB, new Uint8Array(4 * KiB).fill(2)));
     if (i === clusters / 2) writes.push(image.createSnapshot("mid").then(() => undefined));
   }
-  const reads = Array.from({ length: 8 }, () => readAll(image));
+  const reads = Array.from({ length: 8 }, () => readDevice(image));
   await Promise.all([...writes, ...reads]);
   const view = await openSnapshotView(image, "mid");
-  const snap = await readAll(view);
+  const snap = await readDevice(view);
   await view.close();
   for (let i = 0; i < clusters; i++) {
     const part = snap.subarray(i * 4 * KiB, (i + 1) * 4 * KiB);
     assert.ok(part.every((b) => b === part[0]) && (part[0] === 1 || part[0] === 2), `cluster ${i} is one whole state`);
   }
-  assert.ok((await readAll(image)).subarray(0, clusters * 4 * KiB).every((b) => b === 2));
+  assert.ok((await readDevice(image)).subarray(0, clusters * 4 * KiB).every((b) => b === 2));
   await assertClean(image, file, "after the race");
   await image.close();
 });
@@ -275,7 +271,7 @@ test("apply --wipe: the discarded active state is gone from the file", async () 
   assert.ok(contains(file.contents(), secret.subarray(0, 4096)));
   await image.applySnapshot("empty", { wipe: true });
   assert.ok(!contains(file.contents(), secret.subarray(0, 4096)));
-  assert.ok((await readAll(image)).every((b) => b === 0));
+  assert.ok((await readDevice(image)).every((b) => b === 0));
   await assertClean(image, file, "after apply");
   await image.close();
 });
@@ -359,7 +355,7 @@ test("randomized: writes, resizes and snapshot create/apply/delete against a mod
     }
     const where = `step ${step} (${what}), seed ${seed}`;
     assert.equal(image.sizeBytes, active.length, `${where}: size`);
-    assertSameBytes(await readAll(image), active, `${where}: active`);
+    assertSameBytes(await readDevice(image), active, `${where}: active`);
     for (const [id, content] of snaps) await assertSnapshotReads(image, id, content, `${where}: snapshot ${id}`);
     await assertClean(image, file, where);
   }
@@ -380,13 +376,13 @@ test("snapshot views read through the image's backing chain and are read-only", 
   const expected = new Uint8Array(2 * MiB).fill(0xb0);
   expected.fill(1, 64 * KiB, 128 * KiB);
   const view = await openSnapshotView(image, "s");
-  assertSameBytes(await readAll(view), expected, "view over the backing");
+  assertSameBytes(await readDevice(view), expected, "view over the backing");
   assert.equal(view.readOnly, true);
   await assert.rejects(view.write(0, new Uint8Array(1)), failsWith("E_READ_ONLY"));
   await view.close();
   // Closing the view closed neither the image's file nor its backing.
-  assert.equal((await readAll(image))[0], 2);
-  assert.equal((await readAll(base))[0], 0xb0);
+  assert.equal((await readDevice(image))[0], 2);
+  assert.equal((await readDevice(base))[0], 0xb0);
   await assertClean(image, file, "overlay with a snapshot");
   await image.close();
   await base.close();

@@ -14,6 +14,7 @@ import { writeJsonAtomic } from "../../src/vm/store/atomic-file.ts";
 import { checkTree, createTree, planDelete, planRevert, planSnapshot, type TreeRecord } from "../../src/vm/tree/snapshot-tree.ts";
 import { createMachine, deleteSnapshotStopped, describeTree, sizeOfIn, snapshotStopped, cloneMachine, removeStopped, revertStopped, diffSnapshots } from "../../src/vm/manager/machine-operations.ts";
 import { scratchDir } from "../helpers/tools.ts";
+import { readImage } from "../helpers/read-image.ts";
 
 test("names: path separators, control characters, length and dots are refused with E_USAGE", () => {
   for (const bad of ["", "a/b", "a\\b", "a\nb", "tab\there", "\u007f", ".", "..", "-x", " lead", "trail ", "x".repeat(NAME_BYTES_MAX + 1)]) {
@@ -63,14 +64,7 @@ test("planner: a node with two children is streamed into both; a revert drops th
 });
 
 async function readAll(path: string): Promise<Buffer> {
-  const device = await openImage(path, { readOnly: true });
-  try {
-    const buffer = new Uint8Array(device.sizeBytes);
-    await device.read(0, buffer);
-    return Buffer.from(buffer);
-  } finally {
-    await device.close();
-  }
+  return Buffer.from(await readImage(path));
 }
 
 async function writeTop(store: MachineStore, name: string, offset: number, byte: number): Promise<void> {

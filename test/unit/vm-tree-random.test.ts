@@ -18,21 +18,12 @@ import { checkTree } from "../../src/vm/tree/snapshot-tree.ts";
 import { createMachine, deleteSnapshotStopped, revertStopped, snapshotStopped } from "../../src/vm/manager/machine-operations.ts";
 import { createRandom, testSeed } from "../helpers/random.ts";
 import { scratchDir } from "../helpers/tools.ts";
+import { readImage } from "../helpers/read-image.ts";
 
 const DISK_BYTES = 1024 * 1024;
 const OPS = Number(process.env.SNAPSTACK_VM_OPS ?? 2000);
 const CHECK_EVERY = 100;
 
-async function readDisk(path: string): Promise<Uint8Array> {
-  const device = await openImage(path, { readOnly: true });
-  try {
-    const buffer = new Uint8Array(device.sizeBytes);
-    await device.read(0, buffer);
-    return buffer;
-  } finally {
-    await device.close();
-  }
-}
 
 test("thousands of snapshot/revert/delete operations match a model; layers <= snapshots + 1", async (t) => {
   const seed = testSeed();
@@ -63,9 +54,9 @@ test("thousands of snapshot/revert/delete operations match a model; layers <= sn
     const files = readdirSync(join(dir, "layers")).sort();
     assert.deepEqual(files, Object.values(tree.layers).map((layer) => layer.file.slice("layers/".length)).sort());
     if (!full) return;
-    assert.deepEqual(await readDisk(stepPath(dir, tree.layers[tree.current.layer].file)), current, "current disk");
+    assert.deepEqual(await readImage(stepPath(dir, tree.layers[tree.current.layer].file)), current, "current disk");
     for (const snapshot of Object.values(tree.snapshots)) {
-      const actual = await readDisk(stepPath(dir, tree.layers[snapshot.layer].file));
+      const actual = await readImage(stepPath(dir, tree.layers[snapshot.layer].file));
       assert.ok(Buffer.from(actual).equals(Buffer.from(model.get(snapshot.name)!)), `snapshot ${snapshot.name} content`);
     }
   };
