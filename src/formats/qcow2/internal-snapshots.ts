@@ -526,6 +526,7 @@ async function switchActiveL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot, drai
   const oldL1 = meta.l1.slice(0, l1Entries * L1_ENTRY_BYTES);
   await writeSynced(meta, meta.header.l1TableOffset, newL1);
   meta.l1.set(newL1);
+  meta.overlap.invalidate(); // the active L1 now points at the snapshot's L2 tables
   // Reads that resolved through the old tree finish before its clusters can be freed.
   await drainReads();
   await updateTreeRefcounts(meta, oldL1, l1Entries, -1);

@@ -12,18 +12,18 @@
  *   tables, refcount blocks, inactive L1 clusters) live in a map from host
  *   cluster index to structure, built from the in-memory L1, refcount table
  *   and snapshot list.
- * - Keeping the map current: it is rebuilt when the L1 bytes, the refcount
- *   table array or the snapshot list differ from what it was built from (a
- *   native byte compare of the L1 up to L1_COMPARE_BYTES_MAX; larger L1s
- *   rely on `note` and `invalidate`), and the
- *   allocator `note`s the L2 tables and refcount blocks it places.
+ * - Keeping the map current: it is rebuilt when the L1 array, the refcount
+ *   table array or the snapshot list is replaced; the allocator `note`s the
+ *   L2 tables and refcount blocks it places, and code that rewrites the
+ *   active L1 in place (snapshot apply) calls `invalidate`. Nothing is
+ *   compared per write: a data write costs a few range tests and one map
+ *   lookup per cluster, whatever the size of the L1.
  * - A hit is confirmed against a freshly rebuilt map before it counts, so a
  *   stale entry (a table freed and its cluster reused for data) can never
  *   mark a healthy image corrupt. A missed note only makes a check miss.
  * - Writes more than a cluster past the end of the file that no allocation
  *   accounts for (a pointer past EOF, which QEMU's check calls corruption)
  *   are refused too: a hostile entry must not grow the file to 2^50 bytes.
- * - Cost: a data write checks a few ranges and one map lookup per cluster.
  */
 import { SnapstackError } from "../../base/errors.ts";
 import type { Qcow2Header } from "./header.ts";
@@ -38,13 +38,6 @@ export type MetadataStructure =
   | "refcount block"
   | "snapshot table"
   | "inactive L1 table";
-
-/**
- * Largest active L1 compared byte for byte on every check to notice in-place
- * changes (1 MiB: 128 Ki L2 tables, 8 TiB of guest at 64 KiB clusters; a
- * native memcmp of this size takes tens of microseconds).
- */
-export const L1_COMPARE_BYTES_MAX = 1024 * 1024;
 
 /** What the guard reads; Qcow2Metadata provides it. */
 export interface OverlapSource {
@@ -159,9 +152,7 @@ export class OverlapGuard {
       this.#builtReftableLength !== source.reftable.length ||
       this.#builtSnapshots !== snapshots ||
       this.#builtSnapshotCount !== snapshots.length ||
-      this.#builtL1 === null ||
-      this.#builtL1.length !== source.l1.length ||
-      (source.l1.length <= L1_COMPARE_BYTES_MAX && Buffer.compare(this.#builtL1, source.l1) !== 0);
+      this.#builtL1 !== source.l1;
     if (stale) this.#rebuild();
   }
 
@@ -187,7 +178,7 @@ export class OverlapGuard {
     }
     this.#snapshotTableBytes = snapshotTableBytes(snapshots);
     this.#clusters = clusters;
-    this.#builtL1 = source.l1.slice();
+    this.#builtL1 = source.l1;
     this.#builtReftable = source.reftable;
     this.#builtReftableLength = source.reftable.length;
     this.#builtSnapshots = snapshots;
