@@ -18,6 +18,12 @@ export interface ImageFile {
   read(hostOffset: number, buffer: Uint8Array): Promise<number>;
   /** Write all of `data` at `hostOffset`, extending the file if needed. */
   write(hostOffset: number, data: Uint8Array): Promise<void>;
+  /**
+   * Optional: write `pieces` back to back starting at `hostOffset` in one
+   * call (pwritev), with no copy into one buffer. Callers fall back to
+   * `write` when a file does not provide it.
+   */
+  writev?(hostOffset: number, pieces: readonly Uint8Array[]): Promise<void>;
   /** Current length of the file in bytes. */
   sizeBytes(): Promise<number>;
   /** Set the file length (grow with zeroes or shrink). */

@@ -1021,7 +1021,7 @@ export class Qcow2Image implements BlockDevice {
     for (const w of writes) {
       const pieces = joinAdjacentParts(w.parts);
       if (pieces.length === 1) pending.push(file.write(w.hostOffset, pieces[0]));
-      else if (hasVectoredWrites(file)) pending.push(file.writev(w.hostOffset, pieces));
+      else if (file.writev !== undefined) pending.push(file.writev(w.hostOffset, pieces));
       else if (w.length <= CONCAT_BYTES_MAX) pending.push(file.write(w.hostOffset, concatBytes(pieces, w.length)));
       else pending.push(writePiecesInOrder(file, w.hostOffset, pieces));
     }
@@ -1751,15 +1751,6 @@ function joinAdjacentParts(parts: readonly Uint8Array[]): Uint8Array[] {
     }
   }
   return out;
-}
-
-/** An ImageFile that writes several buffers back to back in one call (NodeFile.writev). */
-interface VectoredWrites {
-  writev(hostOffset: number, pieces: readonly Uint8Array[]): Promise<void>;
-}
-
-function hasVectoredWrites(file: ImageFile): file is ImageFile & VectoredWrites {
-  return typeof (file as Partial<VectoredWrites>).writev === "function";
 }
 
 async function writePiecesInOrder(file: ImageFile, hostOffset: number, pieces: readonly Uint8Array[]): Promise<void> {
