@@ -225,8 +225,10 @@ export async function removeStopped(store: MachineStore, name: string, options: 
   if (options.wipe) {
     const steps = [
       ...Object.values(tree.snapshots).map((snapshot) => ({ kind: "remove-snapshot-files" as const, snapshot: snapshot.id })),
+      // Top layers first: a wiped layer must have no overlay left in the directory.
       ...Object.values(tree.layers)
         .filter((layer) => layer.external !== true)
+        .sort((a, b) => layerChain(tree, b.id).length - layerChain(tree, a.id).length)
         .map((layer) => ({ kind: "remove-layer" as const, file: layer.file })),
     ];
     freedBytes = (await executeSteps(store.machineDir(name), steps, { wipe: true })).freedBytes;
