@@ -19,7 +19,7 @@ import { createNodeFile, syncDirectory } from "../io/node-file.ts";
 import { createQcow2, resolveQcow2CreateOptions, type Qcow2CreateOptions, type Qcow2Preallocation } from "../formats/qcow2/index.ts";
 import { RAW_PREALLOCATION_MODES, createRaw, type RawPreallocation } from "../formats/raw/raw-image.ts";
 import { parseImageFormat } from "./image-format.ts";
-import { openImage } from "./open-image.ts";
+import { openImage, type OpenImageFile } from "./open-image.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 
 export type CreateOptionValue = string | boolean | number;
@@ -33,6 +33,8 @@ export interface CreateImageOptions {
   unsafe?: boolean;
   /** `-o` keys: cluster_size, refcount_bits, lazy_refcounts, extended_l2, compression_type, preallocation, compat, backing_file, backing_fmt, size. */
   options?: Record<string, CreateOptionValue>;
+  /** Opens and creates the files (default: NodeFile); crash tests pass FaultFiles. */
+  openFile?: OpenImageFile;
 }
 
 const QCOW2_KEYS = ["size", "cluster_size", "refcount_bits", "lazy_refcounts", "extended_l2", "compression_type", "preallocation", "compat", "backing_file", "backing_fmt"];
@@ -111,11 +113,11 @@ function parseRawPreallocation(path: string, value: string): RawPreallocation {
 }
 
 /** Open the backing image alone to check it and learn its size. */
-async function backingSize(path: string, backingFile: string, backingFormat: string): Promise<number> {
+async function backingSize(path: string, backingFile: string, backingFormat: string, openFile: OpenImageFile | undefined): Promise<number> {
   const backingPath = resolveBackingPath(path, backingFile);
   let device;
   try {
-    device = await openImage(backingPath, { format: parseImageFormat(backingFormat), readOnly: true, openBacking: false });
+    device = await openImage(backingPath, { format: parseImageFormat(backingFormat), readOnly: true, openBacking: false, openFile });
   } catch (error) {
     if (!isSnapstackError(error)) throw error;
     const code = error.code === "E_NOT_FOUND" ? "E_BACKING_MISSING" : error.code;
@@ -143,7 +145,7 @@ export async function createImage(path: string, request: CreateImageOptions): Pr
   }
   let sizeBytes = request.sizeBytes ?? (options.size !== undefined ? optionSize(path, "size", options.size) : undefined);
   if (backingFile !== undefined && backingFormat !== undefined && !request.unsafe) {
-    const fromBacking = await backingSize(path, backingFile, backingFormat);
+    const fromBacking = await backingSize(path, backingFile, backingFormat, request.openFile);
     sizeBytes ??= fromBacking;
   }
   if (sizeBytes === undefined) throw new SnapstackError("E_INVALID_SIZE", `${path}: Image creation needs a size parameter`, { path });
@@ -163,7 +165,7 @@ export async function createImage(path: string, request: CreateImageOptions): Pr
     if (isSnapstackError(error)) throw new SnapstackError(error.code, `${path}: ${error.message}`, { ...error.details, path });
     throw error;
   }
-  const file = await createNodeFile(path);
+  const file = request.openFile === undefined ? await createNodeFile(path) : await request.openFile(path, { readOnly: false, create: true });
   try {
     await createQcow2(file, qcow2);
   } finally {

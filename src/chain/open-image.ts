@@ -45,7 +45,22 @@ export interface OpenImageOptions {
   ioMode?: NodeFileIoMode;
   /** Cache mode of the top image's file ("unsafe": flush does nothing, like qemu's -t unsafe). */
   cache?: NodeFileCacheMode;
+  /** Opens each layer's file (default: a NodeFile with ioMode and cache); tests pass one that wraps files in a FaultFile. */
+  openFile?: OpenImageFile;
 }
+
+/** How the chain code opens (or, with create, creates empty) the file at a path. */
+export interface FileOpenRequest {
+  readOnly: boolean;
+  /** Create the file, or truncate it to zero bytes (read-write). */
+  create?: boolean;
+}
+
+/**
+ * The one injection point for files under the chain code and the jobs:
+ * every image they open or create by path goes through it.
+ */
+export type OpenImageFile = (path: string, request: FileOpenRequest) => Promise<ImageFile>;
 
 /** One layer found in pass 1. */
 interface PendingLayer {
@@ -112,11 +127,11 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       seenRealPaths.add(realPath);
       let file: ImageFile;
       try {
-        file = await openNodeFile(layerPath, {
-          readOnly: depth > 0 || (options.readOnly ?? false),
-          ioMode: options.ioMode,
-          cache: depth === 0 ? options.cache : undefined,
-        });
+        const readOnly = depth > 0 || (options.readOnly ?? false);
+        file =
+          options.openFile === undefined
+            ? await openNodeFile(layerPath, { readOnly, ioMode: options.ioMode, cache: depth === 0 ? options.cache : undefined })
+            : await options.openFile(layerPath, { readOnly });
       } catch (error) {
         throw openFailure(path, depth, layerPath, error);
       }

@@ -72,7 +72,7 @@ async function growBase(base: BlockDevice, sizeBytes: number): Promise<void> {
 
 export async function commitImage(path: string, options: CommitImageOptions = {}): Promise<CommitResult> {
   const drop = (options.drop ?? false) || options.base !== undefined;
-  const top = await openImage(path, { format: options.format === undefined ? undefined : parseImageFormat(options.format), readOnly: drop });
+  const top = await openImage(path, { format: options.format === undefined ? undefined : parseImageFormat(options.format), readOnly: drop, openFile: options.openFile });
   let base: BlockDevice | null = null;
   return runJob<CommitResult>("commit", options, {
     async run(job) {
@@ -80,7 +80,7 @@ export async function commitImage(path: string, options: CommitImageOptions = {}
       if (layers.length < 2) throw new SnapstackError("E_NOT_IN_CHAIN", "Image does not have a backing file", { path });
       const baseDepth = options.base === undefined ? 1 : findInChain(layers, options.base, path);
       const baseLayer = layers[baseDepth];
-      base = await openImage(baseLayer.name, { format: parseImageFormat(baseLayer.format), readOnly: false });
+      base = await openImage(baseLayer.name, { format: parseImageFormat(baseLayer.format), readOnly: false, openFile: options.openFile });
       const extents: AboveExtent[] = [];
       let totalBytes = 0;
       await forEachAbove(layers, baseDepth, 0, top.sizeBytes, (extent) => {

@@ -20,6 +20,7 @@
  *   fraction}. The fraction never goes backwards.
  */
 import { SnapstackError, assert, isSnapstackError } from "../../base/errors.ts";
+import type { OpenImageFile } from "../open-image.ts";
 
 export type JobState = "created" | "running" | "completed" | "failed" | "cancelled";
 
@@ -36,6 +37,8 @@ export interface JobProgress {
 export interface JobOptions {
   onProgress?: (progress: JobProgress) => void;
   signal?: AbortSignal;
+  /** Opens the images' files (default: NodeFile); crash tests pass FaultFiles. */
+  openFile?: OpenImageFile;
 }
 
 export interface JobSteps<T> {

@@ -27,7 +27,7 @@ import type { BlockDevice } from "../../device/block-device.ts";
 import { Qcow2Image } from "../../formats/qcow2/index.ts";
 import { resolveBackingPath } from "../backing-path.ts";
 import { parseImageFormat } from "../image-format.ts";
-import { openImage } from "../open-image.ts";
+import { openImage, type OpenImageFile } from "../open-image.ts";
 import { ALLOCATION_WINDOW_BYTES } from "./chain-layers.ts";
 import { RangeCopier } from "./copy-ranges.ts";
 import { runJob, type JobOptions } from "./job.ts";
@@ -74,9 +74,9 @@ function requireQcow2(device: BlockDevice, path: string): Qcow2Image {
   return device;
 }
 
-async function openNewBacking(path: string, backingFile: string, backingFormat: string): Promise<BlockDevice> {
+async function openNewBacking(path: string, backingFile: string, backingFormat: string, openFile: OpenImageFile | undefined): Promise<BlockDevice> {
   try {
-    return await openImage(resolveBackingPath(path, backingFile), { format: backingFormat, readOnly: true });
+    return await openImage(resolveBackingPath(path, backingFile), { format: backingFormat, readOnly: true, openFile });
   } catch (error) {
     if (!isSnapstackError(error)) throw error;
     throw new SnapstackError(error.code, `Could not open new backing file '${backingFile}': ${error.message}`, { ...error.details, backingFile });
@@ -88,13 +88,13 @@ export async function rebaseImage(path: string, options: RebaseImageOptions): Pr
   if (backingFile !== "" && options.backingFormat === undefined) throw noBackingFormat(backingFile);
   const backingFormat = options.backingFormat === undefined || backingFile === "" ? null : parseImageFormat(options.backingFormat);
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
-  const top = await openImage(path, { format, readOnly: false, openBacking: !options.unsafe });
+  const top = await openImage(path, { format, readOnly: false, openBacking: !options.unsafe, openFile: options.openFile });
   let newBacking: BlockDevice | null = null;
   return runJob<RebaseResult>("rebase", options, {
     async run(job) {
       const image = requireQcow2(top, path);
       if (options.unsafe) return { copiedBytes: 0, compare: null };
-      if (backingFile !== "") newBacking = await openNewBacking(path, backingFile, backingFormat!);
+      if (backingFile !== "") newBacking = await openNewBacking(path, backingFile, backingFormat!, options.openFile);
       const comparer = new StateComparer(image.backing, newBacking, { job });
       const copier = new RangeCopier(image, image);
       const copy = (range: { start: number; length: number }): Promise<void> => copier.copyData(range.start, range.length);

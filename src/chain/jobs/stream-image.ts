@@ -42,7 +42,7 @@ export interface StreamResult {
 }
 
 export async function streamImage(path: string, options: StreamImageOptions = {}): Promise<StreamResult> {
-  const top = await openImage(path, { format: options.format === undefined ? undefined : parseImageFormat(options.format), readOnly: false });
+  const top = await openImage(path, { format: options.format === undefined ? undefined : parseImageFormat(options.format), readOnly: false, openFile: options.openFile });
   let backing: { name: string; format: string | null } = { name: "", format: null };
   return runJob<StreamResult>("stream", options, {
     async run(job) {
