@@ -28,6 +28,11 @@
  *   run an operation sequence once and then compute the crash state at any
  *   earlier write with `CrashReplay`, instead of re-running the sequence per
  *   crash point.
+ * - A `journal` shared by several FaultFiles records every file's
+ *   operations in one global order, so a test on a chain of images (jobs
+ *   writing several files) can crash all of them at one moment: each file
+ *   keeps what it had flushed before that moment plus a random subset of
+ *   its later writes (`CrashReplay.crashAfter` per file).
  * - Not modelled: lost flushes (a flush that returns but did not persist),
  *   misdirected writes, bit rot. discard is a no-op that reads back
  *   unchanged, as MemoryFile and NodeFile do.
@@ -63,6 +68,13 @@ export interface FaultFileOptions {
   sizeLimitBytes?: number;
   /** Keep every operation in `log` (for CrashReplay). */
   recordLog?: boolean;
+  /** Also append every operation, with this file's name, to a journal shared by several files. */
+  journal?: FaultJournal;
+}
+
+/** Operations of several FaultFiles in the one order they happened. */
+export class FaultJournal {
+  readonly entries: { file: string; op: FileOp }[] = [];
 }
 
 export type FileOp =
@@ -146,6 +158,7 @@ export class FaultFile implements ImageFile {
   faultsInjected = 0;
   /** Every operation, when recordLog is set. */
   readonly log: FileOp[] | null;
+  readonly #journal: FaultJournal | undefined;
 
   private constructor(inner: ImageFile, durable: Uint8Array, options: FaultFileOptions) {
     this.#inner = inner;
@@ -157,6 +170,7 @@ export class FaultFile implements ImageFile {
     this.#crashAtWrite = options.crashAtWrite ?? 0;
     this.#sizeLimitBytes = options.sizeLimitBytes ?? Number.MAX_SAFE_INTEGER;
     this.log = options.recordLog ? [] : null;
+    this.#journal = options.journal;
   }
 
   /** Wrap `inner`; its current contents count as durable. */
@@ -194,6 +208,7 @@ export class FaultFile implements ImageFile {
   #record(op: FileOp): void {
     if (op.kind !== "flush") this.#volatile.push(op);
     this.log?.push(op);
+    this.#journal?.entries.push({ file: this.name, op });
   }
 
   async read(hostOffset: number, buffer: Uint8Array): Promise<number> {
@@ -303,7 +318,17 @@ export class CrashReplay {
    */
   crashAt(writeNumber: number, random: RandomSource, options: CrashOptions = {}): Uint8Array {
     assert(writeNumber >= 1 && writeNumber <= this.writeCount, "crash point is a recorded write");
-    const end = this.#writeAt[writeNumber] + 1;
+    return this.crashAfter(this.#writeAt[writeNumber] + 1, random, options);
+  }
+
+  /**
+   * The file after a crash once the first `opCount` logged operations had
+   * been issued (the last of them may or may not have landed). Calls must
+   * come in non-decreasing opCount order.
+   */
+  crashAfter(opCount: number, random: RandomSource, options: CrashOptions = {}): Uint8Array {
+    assert(Number.isSafeInteger(opCount) && opCount >= this.#durableUpTo && opCount <= this.#log.length, "crash points come in order, inside the log");
+    const end = opCount;
     let lastFlush = -1;
     for (let i = end - 1; i >= this.#durableUpTo; i--) {
       if (this.#log[i].kind === "flush") {
@@ -311,7 +336,6 @@ export class CrashReplay {
         break;
       }
     }
-    assert(lastFlush >= 0 || this.#writeAt[writeNumber] >= this.#durableUpTo, "crash points come in order");
     if (lastFlush >= 0) {
       for (let i = this.#durableUpTo; i < lastFlush; i++) applySync(this.#durable, this.#log[i]);
       this.#durableUpTo = lastFlush + 1;
