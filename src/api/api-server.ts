@@ -20,8 +20,10 @@
  *
  * Long operations report progress: a client sending
  * `Accept: application/x-ndjson` gets one JSON object per line,
- * {"event":"progress",...} while the job runs, then {"event":"result",
- * "result":...} or {"event":"error","error":{code,message,details}}.
+ * {"event":"progress",job,phase,doneBytes,totalBytes,fraction} while the
+ * job runs (at most one per job phase and whole percent), then
+ * {"event":"result","result":...} or {"event":"error","error":{code,
+ * message,details}}.
  * Errors otherwise answer {"error":{code,message,details}} with the HTTP
  * status from HTTP_STATUS (one table for the boundary).
  */
@@ -88,6 +90,33 @@ function bodyNumber(body: Record<string, unknown>, key: string): number | undefi
   return value;
 }
 
+function queryCount(query: URLSearchParams, key: string): number | undefined {
+  const text = query.get(key);
+  if (text === null) return undefined;
+  const value = Number(text);
+  if (text.trim() === "" || !Number.isSafeInteger(value) || value < 0) throw bad(`'${key}' must be a non-negative integer, not ${JSON.stringify(text)}`);
+  return value;
+}
+
+function decodePathPart(part: string): string {
+  try {
+    return decodeURIComponent(part);
+  } catch {
+    throw bad(`malformed percent-encoding in the path: ${JSON.stringify(part)}`);
+  }
+}
+
+/** Progress events worth a line: a new job or phase, a new whole percent, the end. */
+function progressFilter(emit: (progress: JobProgress) => void): (progress: JobProgress) => void {
+  let last = "";
+  return (progress) => {
+    const key = `${progress.job}\0${progress.phase}\0${Math.floor(progress.fraction * 100)}`;
+    if (key === last) return;
+    last = key;
+    emit(progress);
+  };
+}
+
 function flag(value: unknown): boolean {
   return value === true || value === "1" || value === "true";
 }
@@ -119,7 +148,7 @@ export function createRoutes(manager: MachineManager): Array<{ method: string; p
   add("DELETE", "/machines/:p", async ({ params, query, onProgress }) => manager.remove(params[0], { wipe: flag(query.get("wipe")), onProgress }));
   add("POST", "/machines/:p/start", async ({ params }) => manager.start(params[0]));
   add("POST", "/machines/:p/stop", async ({ params, body }) => manager.stop(params[0], { force: flag(body.force) }));
-  add("GET", "/machines/:p/log", async ({ params, query }) => ({ text: manager.log(params[0], query.has("bytes") ? Number(query.get("bytes")) : undefined) }));
+  add("GET", "/machines/:p/log", async ({ params, query }) => ({ text: manager.log(params[0], queryCount(query, "bytes")) }));
   add("GET", "/machines/:p/snapshots", async ({ params }) => manager.snapshots(params[0]));
   add("POST", "/machines/:p/snapshots", async ({ params, body }) =>
     manager.snapshot(params[0], { snapshot: bodyString(body, "snapshot", true)!, description: bodyString(body, "description"), diskOnly: flag(body.diskOnly) }),
@@ -197,13 +226,13 @@ export class ApiServer {
         send(405, { error: { code: "E_USAGE", message: `${request.method} is not allowed on ${path}`, details: {} } });
         return;
       }
-      const params = route.pattern.exec(path)!.slice(1).map((part) => decodeURIComponent(part));
+      const params = route.pattern.exec(path)!.slice(1).map(decodePathPart);
       const body = request.method === "GET" ? {} : await readBody(request);
       if (streaming) {
         response.writeHead(200, { "content-type": "application/x-ndjson" });
         const line = (value: unknown): void => void response.write(JSON.stringify(value) + "\n");
         try {
-          const result = await route.handler({ params, query: url.searchParams, body, onProgress: (progress) => line({ event: "progress", ...progress }) });
+          const result = await route.handler({ params, query: url.searchParams, body, onProgress: progressFilter((progress) => line({ event: "progress", ...progress })) });
           line({ event: "result", result });
         } catch (error) {
           line({ event: "error", error: errorBody(error) });

@@ -5,17 +5,22 @@
  *
  * Paths given on the command line (kernel, initrd, ISO, --disk-from) are
  * made absolute here: the daemon runs in another directory.
+ *
+ * Long operations (revert, delete-snapshot, diff, remove) show progress on
+ * stderr only with -p, as `snapstack img` does: without it, a failure
+ * prints exactly one line.
  */
 import { spawn } from "node:child_process";
-import { openSync, closeSync } from "node:fs";
+import { openSync, closeSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { SnapstackError } from "../../base/errors.ts";
+import { ERROR_CODES, SnapstackError, fromSystemError, type ErrorCode } from "../../base/errors.ts";
 import { formatSize, parseSize } from "../../base/units.ts";
 import { optionFlag, optionList, optionString, parseArgs, type OptionSpec, type ParsedArgs } from "../args.ts";
 import { expectPositionals, parseOutputFormat } from "../command-helpers.ts";
 import type { CliCommand, CliContext } from "../context.ts";
 import { ApiClient } from "../../api/api-client.ts";
+import { checkStorePermissions, daemonLockHolder } from "../../api/daemon-lock.ts";
 import { MachineStore, resolveHome } from "../../vm/store/machine-store.ts";
 import type { MachineStatus } from "../../vm/manager/machine-manager.ts";
 import type { TreeView } from "../../vm/manager/machine-operations.ts";
@@ -27,15 +32,37 @@ const DAEMON_POLL_MS = 50;
 
 const HOME_OPTION: OptionSpec = { name: "home", long: "home", value: true };
 const OUTPUT_OPTION: OptionSpec = { name: "output", long: "output", value: true };
+const PROGRESS_OPTION: OptionSpec = { name: "progress", short: "p", long: "progress" };
+
+/** The last non-empty line of a daemon log (why it did not start). */
+function lastLogLine(path: string): string {
+  try {
+    const lines = readFileSync(path, "utf8").split("\n").filter((line) => line.trim() !== "");
+    return lines.at(-1) ?? "";
+  } catch {
+    return "";
+  }
+}
 
 /** A client for the store's daemon, starting one when none answers. */
 export async function connectDaemon(home: string, context: CliContext): Promise<ApiClient> {
-  const store = new MachineStore(home);
+  let store: MachineStore;
+  try {
+    store = new MachineStore(home);
+  } catch (error) {
+    throw fromSystemError(error, home, "create the store");
+  }
+  checkStorePermissions(store.home);
   const client = new ApiClient(store.socketPath);
   if (await client.alive()) return client;
   const script = fileURLToPath(new URL("../../../bin/snapstack", import.meta.url));
   const logPath = join(store.home, "daemon.log");
-  const logFd = openSync(logPath, "a", 0o600);
+  let logFd: number;
+  try {
+    logFd = openSync(logPath, "a", 0o600);
+  } catch (error) {
+    throw fromSystemError(error, logPath, "open the daemon log");
+  }
   const child = spawn(process.execPath, [script, "serve", "--home", store.home], { detached: true, stdio: ["ignore", logFd, logFd], env: context.env });
   closeSync(logFd);
   child.unref();
@@ -43,23 +70,52 @@ export async function connectDaemon(home: string, context: CliContext): Promise<
   const deadline = Date.now() + DAEMON_START_TIMEOUT_MS;
   while (Date.now() < deadline) {
     if (await client.alive()) return client;
-    if (child.exitCode !== null) break;
+    // Ours exited: fine if another client's daemon holds the store and is starting; else it failed.
+    if (child.exitCode !== null && daemonLockHolder(store.home) === null) {
+      if (await client.alive()) return client;
+      // Its one-line error (error-report.ts) keeps its code.
+      const reported = /^(?:\S+Z )?snapstack: error (E_[A-Z_]+): (.*)$/.exec(lastLogLine(logPath));
+      const code = reported !== null && reported[1] in ERROR_CODES ? (reported[1] as ErrorCode) : "E_IO";
+      throw new SnapstackError(code, `the daemon for ${store.home} did not start: ${reported?.[2] ?? `it exited with code ${child.exitCode}`} (log ${logPath})`, { home: store.home });
+    }
     await new Promise((wake) => setTimeout(wake, DAEMON_POLL_MS));
   }
-  throw new SnapstackError("E_IO", `the daemon did not start for ${store.home}: see ${logPath}`, { home: store.home });
+  throw new SnapstackError("E_TIMEOUT", `no daemon answered for ${store.home} within ${DAEMON_START_TIMEOUT_MS} ms: see ${logPath}`, { home: store.home });
 }
 
-/** Progress of a long operation on stderr: one line per job phase, rewritten in place. */
-function progressPrinter(context: CliContext): (progress: JobProgress) => void {
-  let last = "";
-  return (progress) => {
-    const percent = Math.floor(progress.fraction * 100);
-    const line = `  ${progress.job} ${progress.phase}: ${percent}%`;
-    if (line === last) return;
-    const newPhase = !last.startsWith(`  ${progress.job} ${progress.phase}:`);
-    context.err(`${newPhase && last !== "" ? "\n" : "\r"}${line}${percent === 100 ? "\n" : ""}`);
-    last = percent === 100 ? "" : line;
+/**
+ * Progress of a long operation on stderr with -p: one line per job phase,
+ * rewritten in place; `end` finishes a line left open (before an error).
+ */
+function progressPrinter(context: CliContext, enabled: boolean): { onProgress?: (progress: JobProgress) => void; end(): void } {
+  if (!enabled) return { end() {} };
+  let open = "";
+  let lastPercent = -1;
+  return {
+    onProgress(progress) {
+      const percent = Math.floor(progress.fraction * 100);
+      const phase = `  ${progress.job} ${progress.phase}:`;
+      if (phase === open && percent === lastPercent) return;
+      if (phase !== open && open !== "") context.err("\n");
+      context.err(`\r${phase} ${percent}%`);
+      open = phase;
+      lastPercent = percent;
+    },
+    end() {
+      if (open !== "") context.err("\n");
+      open = "";
+    },
   };
+}
+
+/** Run a request whose progress -p shows. */
+async function withProgress<T>(parsed: ParsedArgs, context: CliContext, request: (onProgress?: (progress: JobProgress) => void) => Promise<T>): Promise<T> {
+  const printer = progressPrinter(context, optionFlag(parsed, "progress"));
+  try {
+    return await request(printer.onProgress);
+  } finally {
+    printer.end();
+  }
 }
 
 function sizeOption(parsed: ParsedArgs, name: string, what: string): number | undefined {
@@ -228,12 +284,14 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
     },
   },
   revert: {
-    synopsis: "revert NAME SNAP [--wipe]",
-    options: [{ name: "wipe", long: "wipe" }],
+    synopsis: "revert NAME SNAP [--wipe] [-p]",
+    options: [{ name: "wipe", long: "wipe" }, PROGRESS_OPTION],
     args: [2, 2, "Expecting a machine name and a snapshot name"],
     async run(client, parsed, context) {
       const [name, snapshot] = parsed.positionals;
-      const result = await client.request<{ state: string; freedBytes: number; totalMs: number }>("POST", snapshotPath(name, snapshot, "/revert"), { wipe: optionFlag(parsed, "wipe") }, progressPrinter(context));
+      const result = await withProgress(parsed, context, (onProgress) =>
+        client.request<{ state: string; freedBytes: number; totalMs: number }>("POST", snapshotPath(name, snapshot, "/revert"), { wipe: optionFlag(parsed, "wipe") }, onProgress),
+      );
       context.out(`Reverted '${name}' to '${snapshot}' in ${result.totalMs.toFixed(0)} ms; it is ${result.state}; freed ${formatSize(result.freedBytes)}.\n`);
       return 0;
     },
@@ -250,28 +308,32 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
     },
   },
   "delete-snapshot": {
-    synopsis: "delete-snapshot NAME SNAP [--wipe]",
-    options: [{ name: "wipe", long: "wipe" }],
+    synopsis: "delete-snapshot NAME SNAP [--wipe] [-p]",
+    options: [{ name: "wipe", long: "wipe" }, PROGRESS_OPTION],
     args: [2, 2, "Expecting a machine name and a snapshot name"],
     async run(client, parsed, context) {
       const [name, snapshot] = parsed.positionals;
       const wipe = optionFlag(parsed, "wipe");
-      const result = await client.request<{ freedBytes: number; mergedBytes: number }>("DELETE", snapshotPath(name, snapshot, wipe ? "?wipe=1" : ""), undefined, progressPrinter(context));
+      const result = await withProgress(parsed, context, (onProgress) =>
+        client.request<{ freedBytes: number; mergedBytes: number }>("DELETE", snapshotPath(name, snapshot, wipe ? "?wipe=1" : ""), undefined, onProgress),
+      );
       context.out(`Deleted snapshot '${snapshot}' of '${name}': merged ${formatSize(result.mergedBytes)}, freed ${formatSize(result.freedBytes)}${wipe ? " (wiped)" : ""}.\n`);
       return 0;
     },
   },
   diff: {
-    synopsis: "diff NAME A B [--output=json]",
-    options: [OUTPUT_OPTION],
+    synopsis: "diff NAME A B [--output=json] [-p]",
+    options: [OUTPUT_OPTION, PROGRESS_OPTION],
     args: [3, 3, "Expecting a machine name and two snapshot names"],
     async run(client, parsed, context) {
       const [name, from, to] = parsed.positionals;
-      const result = await client.request<{ ranges: Array<{ start: number; length: number }>; changedBytes: number }>(
-        "GET",
-        machinePath(name, `/diff?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}`),
-        undefined,
-        progressPrinter(context),
+      const result = await withProgress(parsed, context, (onProgress) =>
+        client.request<{ ranges: Array<{ start: number; length: number }>; changedBytes: number }>(
+          "GET",
+          machinePath(name, `/diff?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}`),
+          undefined,
+          onProgress,
+        ),
       );
       if (parseOutputFormat(optionString(parsed, "output")) === "json") json(context, result);
       else {
@@ -293,12 +355,12 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
     },
   },
   remove: {
-    synopsis: "remove NAME [--wipe]",
-    options: [{ name: "wipe", long: "wipe" }],
+    synopsis: "remove NAME [--wipe] [-p]",
+    options: [{ name: "wipe", long: "wipe" }, PROGRESS_OPTION],
     args: [1, 1, "Expecting a machine name"],
     async run(client, parsed, context) {
       const wipe = optionFlag(parsed, "wipe");
-      const result = await client.request<{ freedBytes: number }>("DELETE", machinePath(parsed.positionals[0], wipe ? "?wipe=1" : ""), undefined, progressPrinter(context));
+      const result = await withProgress(parsed, context, (onProgress) => client.request<{ freedBytes: number }>("DELETE", machinePath(parsed.positionals[0], wipe ? "?wipe=1" : ""), undefined, onProgress));
       context.out(`Removed '${parsed.positionals[0]}', freed ${formatSize(result.freedBytes)}${wipe ? " (wiped)" : ""}.\n`);
       return 0;
     },
@@ -314,6 +376,7 @@ export const vmCommand: CliCommand = {
     ...Object.values(SUBCOMMANDS).map((sub) => `  ${sub.synopsis}`),
     "",
     "  --home DIR   the store (default $SNAPSTACK_HOME or ~/.local/share/snapstack); a daemon is started for it if none answers",
+    "  -p           show the progress of a long operation on stderr",
   ],
   async run(argv, context) {
     const [name, ...rest] = argv;
