@@ -10,10 +10,10 @@ import { SnapstackError } from "../base/errors.ts";
 import { formatDebugDetails, formatErrorLine, toSnapstackError } from "./error-report.ts";
 import { exitCodeFor } from "./exit-codes.ts";
 import { processContext, type CliCommand, type CliContext } from "./context.ts";
-import { IMG_COMMANDS } from "./img-commands.ts";
-import { ioCommand } from "./io/io-command.ts";
-// nbd, serve and vm pull in the NBD server, TLS, HTTP and the VM manager:
-// loaded only when used, so `snapstack img ...` starts fast.
+import { IMG_COMMANDS, loadAllImgCommands } from "./img-commands.ts";
+// Every command module is loaded only when used (img-commands.ts; io, nbd,
+// serve and vm below, which pull in the NBD server, TLS, HTTP and the VM
+// manager), so a command starts by parsing little more than what it runs.
 
 /** Commands reserved for later issues: recognised, but not available yet. */
 const PLANNED_COMMANDS: string[] = [];
@@ -23,7 +23,8 @@ export function snapstackVersion(): string {
   return packageJson.version;
 }
 
-function topHelp(): string {
+async function topHelp(): Promise<string> {
+  const imgCommands = await loadAllImgCommands();
   const lines = [
     `snapstack ${snapstackVersion()}: copy-on-write disk images (qcow2, raw) with a qemu-img compatible CLI`,
     "",
@@ -33,7 +34,7 @@ function topHelp(): string {
     "       snapstack --help | --version",
     "",
     "img commands:",
-    ...IMG_COMMANDS.map((command) => `  ${command.synopsis}`),
+    ...imgCommands.map((command) => `  ${command.synopsis}`),
     "",
     "Sizes accept the suffixes k, M, G, T, P, E (powers of 1024) as qemu-img does.",
     "Errors print one line 'snapstack: error <CODE>: <message>' on stderr (codes: docs/errors.md).",
@@ -83,9 +84,9 @@ async function runCommand(command: CliCommand, prefix: string, argv: string[], c
 }
 
 /** `--help` / `--version` at the top level or after `img`: prints and returns true. */
-function printedBuiltin(word: string, context: CliContext): boolean {
+async function printedBuiltin(word: string, context: CliContext): Promise<boolean> {
   if (word === "--help" || word === "-h" || word === "help") {
-    context.out(topHelp());
+    context.out(await topHelp());
     return true;
   }
   if (word === "--version" || word === "-V") {
@@ -98,18 +99,18 @@ function printedBuiltin(word: string, context: CliContext): boolean {
 async function dispatch(argv: string[], context: CliContext): Promise<number> {
   const [first, ...rest] = argv;
   if (first === undefined) throw usage("missing command", "snapstack --help");
-  if (printedBuiltin(first, context)) return 0;
-  if (first === "io") return runCommand(ioCommand, "snapstack", rest, context);
+  if (await printedBuiltin(first, context)) return 0;
+  if (first === "io") return runCommand((await import("./io/io-command.ts")).ioCommand, "snapstack", rest, context);
   if (first === "nbd") return runCommand((await import("./commands/nbd.ts")).nbdCommand, "snapstack", rest, context);
   if (first === "serve") return runCommand((await import("./commands/serve.ts")).serveCommand, "snapstack", rest, context);
   if (first === "vm") return runCommand((await import("./commands/vm.ts")).vmCommand, "snapstack", rest, context);
   if (first === "img") {
     const [name, ...commandArgs] = rest;
     if (name === undefined) throw usage("Not enough arguments", "snapstack img --help");
-    if (printedBuiltin(name, context)) return 0;
-    const command = IMG_COMMANDS.find((candidate) => candidate.name === name);
-    if (command === undefined) throw usage(`Command not found: ${name}`, "snapstack img --help");
-    return runCommand(command, "snapstack img", commandArgs, context);
+    if (await printedBuiltin(name, context)) return 0;
+    const entry = IMG_COMMANDS.find((candidate) => candidate.name === name);
+    if (entry === undefined) throw usage(`Command not found: ${name}`, "snapstack img --help");
+    return runCommand(await entry.load(), "snapstack img", commandArgs, context);
   }
   if (PLANNED_COMMANDS.includes(first)) throw usage(`command '${first}' is not available in this version`, "snapstack --help");
   throw usage(`unknown command '${first}'`, "snapstack --help");
