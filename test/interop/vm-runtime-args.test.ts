@@ -6,7 +6,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { buildQemuArgs, validateLaunchSpec, runFilePaths, type QemuLaunchSpec } from "../../src/vm/runtime/qemu-args.ts";
-import { probeAccelerator } from "../../src/vm/runtime/accelerator.ts";
+import { chooseAccelerator, probeAccelerator, runAcceleratorProbe } from "../../src/vm/runtime/accelerator.ts";
+import { requireTools } from "../helpers/tools.ts";
 
 const MiB = 1024 * 1024;
 
@@ -131,4 +132,29 @@ test("SNAPSTACK_ACCEL overrides the probe; anything but kvm or tcg is E_INVALID_
   assert.equal(await probeAccelerator(), "kvm");
   process.env.SNAPSTACK_ACCEL = "hvf";
   await assert.rejects(probeAccelerator(), { code: "E_INVALID_OPTION", message: /SNAPSTACK_ACCEL='hvf'/ });
+});
+
+test("accelerator choice: KVM only when it runs the firmware no slower than TCG", () => {
+  assert.equal(chooseAccelerator(90, 300).accelerator, "kvm");
+  assert.equal(chooseAccelerator(320, 300).accelerator, "kvm"); // within the slack
+  // The crawling nested KVM of the CI VM: SeaBIOS in 1.5-8 s where TCG needs 0.1-0.8 s.
+  const slow = chooseAccelerator(1_500, 300);
+  assert.equal(slow.accelerator, "tcg");
+  assert.match(slow.reason, /KVM runs guest code slower than TCG.*kvm 1500 ms, tcg 300 ms/);
+  assert.equal(chooseAccelerator(null, 300).accelerator, "tcg");
+  assert.equal(chooseAccelerator(90, null).accelerator, "kvm");
+  assert.match(chooseAccelerator(null, null).reason, /did not finish/);
+});
+
+test("accelerator probe on this host: the choice agrees with the times it measured", { timeout: 60_000 }, async (t) => {
+  if (!requireTools(t, "qemu-system-x86_64")) return;
+  const choice = await runAcceleratorProbe();
+  t.diagnostic(choice.reason);
+  const times = /kvm (\d+) ms, tcg (\d+) ms/.exec(choice.reason);
+  if (choice.accelerator === "kvm") {
+    assert.ok(times !== null, choice.reason);
+    assert.ok(Number(times[1]) <= Number(times[2]) + 50, choice.reason);
+  } else {
+    assert.match(choice.reason, /\/dev\/kvm is not usable|slower than TCG|did not finish/);
+  }
 });
