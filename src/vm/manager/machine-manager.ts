@@ -9,16 +9,28 @@
  *   Each entry point says which it accepts; a wrong one is a coded error
  *   naming the state (E_IN_USE for "already running", E_USAGE otherwise).
  * - One mutex per machine: two clients acting on one machine are
- *   serialized, never interleaved. Clone also takes the source's mutex.
+ *   serialized, never interleaved. Clone (source and new name) and remove
+ *   of a clone (it and its source) hold two, always taken in name order
+ *   (KeyedMutex.runAll), so `clone A S B` and `remove B` cannot deadlock.
+ * - Remove is refused while linked clones back onto the machine's layers
+ *   (running or not), before it stops anything.
  * - A running machine: its top layer's chain is opened in this process and
  *   served by an NbdServer on a Unix socket in its run directory; QEMU
  *   reads and writes its disk only through it (QemuProcess, qemu-args.ts).
  * - Live snapshot: create the new overlay naming the top as its backing
- *   (not opened, so the guest may still write) -> QMP stop (QEMU drains
- *   and flushes guest I/O) -> flush the export (the top is now the
- *   snapshot's frozen layer) -> open the new chain and swap the export onto
- *   it -> [disk-only: resume here; the old chain is closed after] -> save the VM state to the snapshot's
- *   state file (through a .partial name, renamed when complete) -> resume.
+ *   and open it on the export's current device (O(1); the chain below is
+ *   the instance already serving the guest, and nothing reads through the
+ *   new top before the swap). Then only the swap needs the guest stopped:
+ *   - disk-only: QMP stop (QEMU drains and flushes guest I/O) -> swap the
+ *     export onto the new top (flushes the old one, now the snapshot's
+ *     frozen layer) -> cont;
+ *   - with VM state: a live migration to the snapshot's state file (through
+ *     a .partial name, renamed when complete). RAM is copied while the guest
+ *     runs; at the switchover QEMU stops the guest (draining and flushing)
+ *     and waits; the swap happens there, so disk, RAM and CPU are one
+ *     instant; QEMU sends the rest and the guest resumes. A guest that is
+ *     not "running" gets the old paused save (stop, swap, save, cont).
+ *   The former top stays open below the new one (RunningMachine.held).
  *   The journal is written before and committed after, so a kill in
  *   between is finished at the next start (a snapshot whose state did not
  *   complete becomes disk-only).
@@ -28,15 +40,22 @@
  *   the machine's; with VM state QEMU starts from it (incoming migration)
  *   and resumes; a disk-only snapshot boots from its disk if the machine
  *   was running.
- * - Delete while running: steps that do not touch the top run while the
- *   guest runs (they only change frozen layers below it; the open chain
- *   keeps reading correct data through its open files); then the guest is
- *   paused for a moment while the export is moved to a placeholder, the
- *   chain closed and reopened, and moved back. When the plan must merge
- *   into the top itself (deleting the snapshot the VM currently runs on),
- *   the whole plan runs inside that pause: the pause then follows the
- *   deleted snapshot's own data, not the disk size. (Not done: merging
- *   into the live top while the guest writes.)
+ * - Delete while running: when the plan changes only frozen layers below
+ *   the top, it runs while the guest runs (the open chain keeps reading
+ *   correct data through its own open files and caches: a stream only fills
+ *   what a layer did not hold with what it already showed, a commit writes
+ *   into a layer only under the one layer that shadows it); then the guest
+ *   is paused for a moment while the export is moved to a placeholder, the
+ *   chain closed and reopened, and moved back. When the plan changes the
+ *   top itself (deleting the snapshot the VM runs on streams it into the
+ *   top; a commit may rebase the top), the top is first frozen under a
+ *   temporary layer (`L<n>.writes.qcow2`, opened on the served chain and
+ *   swapped in during a stop/cont like a disk-only snapshot) that takes the
+ *   guest's writes while the plan runs on the frozen top; the final pause
+ *   commits that layer back into the top (cost: what the guest wrote during
+ *   the merge) and reopens the chain. The journal holds the temporary
+ *   layer's creation, the plan and the fold-back, so a replay after a kill
+ *   keeps the guest's writes.
  * - Startup: every machine's journal is replayed, and a QEMU left running
  *   by a killed daemon (pid file in the run directory) is killed: its
  *   disk was served by the dead daemon and cannot continue.
@@ -48,12 +67,15 @@ import { join } from "node:path";
 import { SnapstackError, isSnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { openImage } from "../../chain/open-image.ts";
+import { openNodeFile } from "../../io/node-file.ts";
+import { openQcow2 } from "../../formats/qcow2/index.ts";
 import { NbdServer } from "../../nbd/nbd-server.ts";
 import { NbdExport } from "../../nbd/nbd-export.ts";
 import { QemuProcess, type QemuExit } from "../runtime/qemu-process.ts";
 import { runFilePaths, SUN_PATH_BYTES_MAX } from "../runtime/qemu-args.ts";
+import { acceleratorChoice } from "../runtime/accelerator.ts";
 import { syncDirectorySync, writeJsonAtomic } from "../store/atomic-file.ts";
-import { executeSteps, stepPath } from "../store/layer-steps.ts";
+import { executeStep, executeSteps, stepPath } from "../store/layer-steps.ts";
 import type { MachineStore} from "../store/machine-store.ts";
 import { type MachineConfig } from "../store/machine-store.ts";
 import { findSnapshot, planDelete, type LayerStep, type SnapshotRecord, type TreeRecord } from "../tree/snapshot-tree.ts";
@@ -99,7 +121,13 @@ interface RunningMachine {
   process: QemuProcess;
   server: NbdServer;
   export: NbdExport;
-  device: BlockDevice;
+  /**
+   * Former tops below the export's device, oldest first. A live snapshot
+   * opens the new top on the running one (closeBacking false), so closing
+   * the served chain means closing the export's device and then these,
+   * newest first (closeServedChain).
+   */
+  held: BlockDevice[];
   runDir: string;
   startedAt: string;
   stopping: boolean;
@@ -128,6 +156,13 @@ class KeyedMutex {
       if (this.#tails.get(key) === tail) this.#tails.delete(key);
     }
   }
+
+  /** Hold several keys: taken in sorted order, so two callers can never wait on each other. */
+  runAll<T>(keys: readonly string[], fn: () => Promise<T>): Promise<T> {
+    const sorted = [...new Set(keys)].sort();
+    const hold = (index: number): Promise<T> => (index === sorted.length ? fn() : this.run(sorted[index], () => hold(index + 1)));
+    return hold(0);
+  }
 }
 
 function stateNotRunning(name: string, action: string): SnapstackError {
@@ -140,6 +175,7 @@ export class MachineManager {
   #running = new Map<string, RunningMachine>();
   #lastExit = new Map<string, QemuExit & { at: string }>();
   #log: (line: string) => void;
+  #acceleratorLogged = false;
 
   constructor(store: MachineStore, options: { log?: (line: string) => void } = {}) {
     this.store = store;
@@ -254,12 +290,16 @@ export class MachineManager {
   }
 
   remove(name: string, options: OperationOptions = {}): Promise<{ freedBytes: number }> {
-    return this.#withMachine(name, async () => {
+    // Removing a clone changes its source's tree: hold both (in the fixed order).
+    const source = this.store.has(name) ? this.store.loadConfig(name).cloneOf?.machine : undefined;
+    return this.#mutex.runAll(source === undefined ? [name] : [name, source], async () => {
+      this.store.require(name);
+      if (this.store.loadConfig(name).cloneOf?.machine !== source) throw new SnapstackError("E_IN_USE", `machine '${name}' changed while waiting: retry`, { machine: name });
+      // Refused before anything is stopped: linked clones read this machine's layers.
+      const clones = [...new Set(Object.values(this.store.loadTree(name).pins).flat())];
+      if (clones.length > 0) throw new SnapstackError("E_IN_USE", `machine '${name}' is used by linked clone(s) ${clones.join(", ")}: remove them first`, { machine: name, clones });
       if (this.#running.has(name)) await this.#stop(name, true);
-      const config = this.store.loadConfig(name);
-      const remove = (): Promise<{ freedBytes: number }> => removeStopped(this.store, name, options);
-      // Removing a clone changes its source's tree: take the source's mutex too.
-      const result = config.cloneOf !== null && config.cloneOf.machine !== name ? await this.#mutex.run(config.cloneOf.machine, remove) : await remove();
+      const result = await removeStopped(this.store, name, options);
       this.#lastExit.delete(name);
       return result;
     });
@@ -280,6 +320,10 @@ export class MachineManager {
       const socketPath = join(runDir, NBD_SOCKET_NAME);
       rmSync(socketPath, { force: true });
       await server.listen({ path: socketPath });
+      if (!this.#acceleratorLogged) {
+        this.#acceleratorLogged = true;
+        this.#log(`accelerator: ${(await acceleratorChoice()).reason}`);
+      }
       const process = await QemuProcess.start({
         name,
         memoryBytes: config.memoryBytes,
@@ -297,7 +341,7 @@ export class MachineManager {
         serialLogPath: this.serialLogPath(name),
         incomingStatePath: incomingStatePath ?? undefined,
       });
-      const running: RunningMachine = { process, server, export: diskExport, device, runDir, startedAt: new Date().toISOString(), stopping: false };
+      const running: RunningMachine = { process, server, export: diskExport, held: [], runDir, startedAt: new Date().toISOString(), stopping: false };
       this.#running.set(name, running);
       this.#lastExit.delete(name);
       void process.exited.then((exit) => this.#exited(name, running, exit));
@@ -324,7 +368,7 @@ export class MachineManager {
       this.#lastExit.set(name, { ...exit, at: new Date().toISOString() });
       this.#running.delete(name);
       await running.server.close();
-      await running.export.device.close();
+      await closeServedChain(running);
     });
   }
 
@@ -334,7 +378,7 @@ export class MachineManager {
     const exit = force ? await running.process.kill() : await running.process.quit();
     this.#running.delete(name);
     await running.server.close();
-    await running.export.device.close();
+    await closeServedChain(running);
     this.#lastExit.set(name, { ...exit, code: force ? exit.code : 0, at: new Date().toISOString() });
   }
 
@@ -363,46 +407,58 @@ export class MachineManager {
 
   async #liveSnapshot(name: string, running: RunningMachine, input: { snapshot: string; description?: string; diskOnly?: boolean }, started: number) {
     const diskOnly = input.diskOnly ?? false;
+    // A live save needs a running guest; any other run state takes the paused path.
+    const live = !diskOnly && (await running.process.status()) === "running";
     const plan = prepareSnapshot(this.store, name, input, !diskOnly);
     const dir = this.store.machineDir(name);
     this.store.beginJournal(name, "snapshot", plan);
     const newTop = plan.tree.layers[plan.tree.current.layer];
     let pausedMs = 0;
     let stateBytes = 0;
-    // The new overlay names the top as backing without opening it: create it before pausing.
-    await executeSteps(dir, plan.steps);
-    const pausedAt = performance.now();
-    await running.process.pause();
-    let resumed = false;
-    const resume = async (): Promise<void> => {
-      if (resumed) return;
-      resumed = true;
-      await running.process.resume();
-      pausedMs = performance.now() - pausedAt;
-    };
-    let swapped = false;
+    let device: BlockDevice | null = null;
+    let pausedAt: number | null = null;
     try {
-      await running.export.flush();
-      const device = await openImage(stepPath(dir, newTop.file));
-      const old = await running.export.swapDevice(device);
-      swapped = true;
-      if (diskOnly) await resume();
-      await old.close();
-      if (!diskOnly) {
-        const statePath = join(this.store.snapshotDir(name, plan.snapshot.id), "state.bin");
-        const partial = `${statePath}.partial`;
+      // Before any pause: create the new overlay (it names the top as backing) and open it
+      // on the export's device, so the pause only swaps.
+      await executeSteps(dir, plan.steps);
+      const newDevice = await openOverlayOn(stepPath(dir, newTop.file), running.export.device);
+      device = newDevice;
+      const statePath = join(this.store.snapshotDir(name, plan.snapshot.id), "state.bin");
+      const partial = `${statePath}.partial`;
+      if (diskOnly) {
+        pausedMs = await this.#swapPaused(running, newDevice);
+      } else if (live) {
+        // RAM is copied while the guest runs; at the switchover QEMU stops it (draining and
+        // flushing its I/O) and the disk layer is frozen there: one instant for disk, RAM and CPU.
+        const saved = await running.process.saveState(partial, {
+          live: true,
+          atSwitchover: async () => void running.held.push(await running.export.swapDevice(newDevice)),
+        });
+        pausedMs = saved.pausedMs;
+        stateBytes = saved.sizeBytes;
+      } else {
+        pausedAt = performance.now();
+        await running.process.pause();
+        running.held.push(await running.export.swapDevice(newDevice));
         stateBytes = (await running.process.saveState(partial)).sizeBytes;
+      }
+      if (!diskOnly) {
         renameSync(partial, statePath);
         syncDirectorySync(this.store.snapshotDir(name, plan.snapshot.id));
-        await resume();
+      }
+      if (pausedAt !== null) {
+        await running.process.resume();
+        pausedMs = performance.now() - pausedAt;
+        pausedAt = null;
       }
       this.store.commitJournal(name, plan.tree);
     } catch (error) {
-      await resume().catch(() => {});
-      if (swapped) {
+      await this.#ensureRunning(running, pausedAt !== null);
+      if (device !== null && running.export.device === device) {
         // The disk layer is taken: keep the snapshot (disk-only when its state did not complete).
         this.store.commitJournal(name, plan.tree);
       } else {
+        await device?.close().catch(() => {});
         rmSync(stepPath(dir, newTop.file), { force: true });
         rmSync(this.store.snapshotDir(name, plan.snapshot.id), { recursive: true, force: true });
         rmSync(this.store.journalPath(name), { force: true });
@@ -410,6 +466,13 @@ export class MachineManager {
       throw error;
     }
     return { snapshot: plan.snapshot, timings: { pausedMs, totalMs: performance.now() - started, stateBytes } };
+  }
+
+  /** After a failed live operation: continue a guest that we paused or that a save left stopped. */
+  async #ensureRunning(running: RunningMachine, wePaused: boolean): Promise<void> {
+    if (!running.process.running) return;
+    const status = await running.process.status().catch(() => "unknown");
+    if (wePaused || status === "postmigrate" || status === "finish-migrate") await running.process.resume().catch(() => {});
   }
 
   revert(name: string, snapshotName: string, options: OperationOptions = {}): Promise<{ snapshot: SnapshotRecord; freedBytes: number; state: MachineState; totalMs: number }> {
@@ -442,16 +505,48 @@ export class MachineManager {
       const tree = this.store.loadTree(name);
       const plan = planDelete(tree, snapshotName, sizeOfIn(dir), { running: true });
       const topFile = tree.layers[tree.current.layer].file;
-      const touchesTop = plan.steps.some((step) => stepTouches(step, topFile));
-      this.store.beginJournal(name, "delete-snapshot", plan, options.wipe ?? false);
-      let result = { mergedBytes: 0, freedBytes: 0 };
-      if (!touchesTop) result = await executeSteps(dir, plan.steps, options);
-      const pausedMs = await this.#reopenPaused(name, running, plan.tree, async () => {
-        if (touchesTop) result = await executeSteps(dir, plan.steps, options);
+      if (!plan.steps.some((step) => stepTouches(step, topFile))) {
+        // Only frozen layers below the top change: merge while the guest runs, then reopen.
+        this.store.beginJournal(name, "delete-snapshot", plan, options.wipe ?? false);
+        const result = await executeSteps(dir, plan.steps, options);
+        const pausedMs = await this.#reopenPaused(name, running, plan.tree, async () => {});
+        this.store.commitJournal(name, plan.tree);
+        return { snapshot: plan.snapshot, ...result, pausedMs };
+      }
+      // The plan changes the top (merges into it, or rebases it). Freeze the top under a
+      // temporary layer that takes the guest's writes while the plan runs on the frozen top;
+      // then, in a short pause, fold those writes back into the top and reopen the chain.
+      const writesFile = mergeWritesFile(tree.current.layer);
+      const createWrites: LayerStep = { kind: "create-overlay", file: writesFile, backingFile: topFile, sizeBytes: running.export.sizeBytes };
+      const foldWrites: LayerStep[] = [
+        { kind: "commit", fromFile: writesFile, intoFile: topFile },
+        { kind: "remove-layer", file: writesFile },
+      ];
+      this.store.beginJournal(name, "delete-snapshot", { tree: plan.tree, steps: [createWrites, ...plan.steps, ...foldWrites] }, options.wipe ?? false);
+      await executeStep(dir, createWrites);
+      let pausedMs = await this.#swapPaused(running, await openOverlayOn(stepPath(dir, writesFile), running.export.device));
+      const result = await executeSteps(dir, plan.steps, options);
+      pausedMs += await this.#reopenPaused(name, running, plan.tree, async () => {
+        await executeSteps(dir, foldWrites);
       });
       this.store.commitJournal(name, plan.tree);
       return { snapshot: plan.snapshot, ...result, pausedMs };
     });
+  }
+
+  /** Pause the guest, move the export onto `device` (opened on the export's device), resume. */
+  async #swapPaused(running: RunningMachine, device: BlockDevice): Promise<number> {
+    const pausedAt = performance.now();
+    await running.process.pause();
+    try {
+      running.held.push(await running.export.swapDevice(device));
+    } catch (error) {
+      await device.close().catch(() => {});
+      throw error;
+    } finally {
+      await running.process.resume();
+    }
+    return performance.now() - pausedAt;
   }
 
   /** Pause the guest, close the top's chain, run `work`, reopen the chain from `tree`, resume. */
@@ -461,8 +556,7 @@ export class MachineManager {
     await running.process.pause();
     try {
       const placeholder = new DeferredDevice(`${name} (reopening)`, running.export.sizeBytes);
-      const old = await running.export.swapDevice(placeholder);
-      await old.close();
+      await closeChain(await running.export.swapDevice(placeholder), running.held);
       try {
         await work();
       } finally {
@@ -486,8 +580,42 @@ export class MachineManager {
   }
 
   clone(name: string, snapshotName: string, newName: string): Promise<MachineConfig> {
-    return this.#withMachine(name, () => this.#mutex.run(newName, () => cloneMachine(this.store, name, snapshotName, newName)));
+    return this.#mutex.runAll([name, newName], async () => {
+      this.store.require(name);
+      return cloneMachine(this.store, name, snapshotName, newName);
+    });
   }
+}
+
+/**
+ * Open a new top layer (just created, empty) on `backing`, the export's
+ * current device: O(1) whatever the chain's depth, and the chain below is
+ * the instance already serving the guest (no second instance with its own
+ * caches). The new top does not close `backing` (see RunningMachine.held).
+ */
+async function openOverlayOn(path: string, backing: BlockDevice): Promise<BlockDevice> {
+  const file = await openNodeFile(path);
+  try {
+    return await openQcow2(file, { readOnly: false, backing, closeBacking: false });
+  } catch (error) {
+    await file.close().catch(() => {});
+    throw error;
+  }
+}
+
+/** Close a served chain: its top, then the former tops it sat on (emptying `held`), newest first. */
+async function closeChain(top: BlockDevice, held: BlockDevice[]): Promise<void> {
+  await top.close();
+  for (const device of held.splice(0).reverse()) await device.close();
+}
+
+function closeServedChain(running: RunningMachine): Promise<void> {
+  return closeChain(running.export.device, running.held);
+}
+
+/** The temporary layer that takes a running guest's writes while a delete merges into its top. */
+function mergeWritesFile(topLayerId: string): string {
+  return `layers/${topLayerId}.writes.qcow2`;
 }
 
 function stepTouches(step: LayerStep, file: string): boolean {
