@@ -4,9 +4,13 @@
  * - disk-only snapshot of a running VM: how long the guest is paused
  *   (QMP stop .. cont, as measured by the manager), median of RUNS, with a
  *   4 GiB and a 64 GiB disk: the pause must not depend on the disk size;
- * - snapshot with VM state (256 MiB guest): command to done;
+ * - snapshot with VM state (256 MiB guest): command to done, and how long
+ *   the guest was paused (live migration: only the switchover);
  * - revert to a running guest from that snapshot: command to guest running
  *   (4 GiB vs 64 GiB disk);
+ * - deleting the snapshot the running VM sits on (its layer holds 64 MiB,
+ *   streamed into the top while a temporary layer takes the guest's
+ *   writes): how long the guest was paused in all;
  * - delete a middle snapshot of a stopped machine holding 64 MiB vs 256 MiB
  *   of its own data: the time follows the snapshot's own data.
  * No peer (nothing else does this over snapstack's NBD layers).
@@ -40,13 +44,23 @@ async function runningCase(dir: string, diskBytes: number): Promise<BenchRow[]> 
     await console.nextCounter({ timeoutMs: 30_000 });
     const pauses: number[] = [];
     for (let run = 0; run < RUNS; run++) pauses.push((await manager.snapshot(name, { snapshot: `disk-${run}`, diskOnly: true })).timings.pausedMs);
-    const withState = await manager.snapshot(name, { snapshot: "state" });
+    const withState = [];
+    for (let run = 0; run < RUNS; run++) withState.push((await manager.snapshot(name, { snapshot: `state-${run}` })).timings);
+    const stateTotals = withState.map((timings) => timings.totalMs);
+    const statePauses = withState.map((timings) => timings.pausedMs);
+    // The VM sits on a snapshot whose layer holds 64 MiB: deleting it streams that into the top.
+    await console.runCommand(`dd if=/dev/urandom of=/dev/vda bs=1M count=64 conv=fsync 2>/dev/null`, { timeoutMs: 120_000 });
+    await manager.snapshot(name, { snapshot: "sits-on", diskOnly: true });
+    const deleted = await manager.deleteSnapshot(name, "sits-on");
     const reverts: number[] = [];
-    for (let run = 0; run < RUNS; run++) reverts.push((await manager.revert(name, "state")).totalMs);
+    for (let run = 0; run < RUNS; run++) reverts.push((await manager.revert(name, "state-0")).totalMs);
     const size = `${diskBytes / GiB} GiB disk`;
+    const range = (values: number[]): string => `min ${Math.min(...values).toFixed(1)}, max ${Math.max(...values).toFixed(1)} ms`;
     return [
-      row(`vm: disk-only snapshot, guest paused (${size})`, median(pauses), null, "ms", `median of ${RUNS}; min ${Math.min(...pauses).toFixed(1)}, max ${Math.max(...pauses).toFixed(1)} ms`),
-      row(`vm: snapshot with state, 256 MiB guest (${size})`, withState.timings.totalMs / 1000, null, "s", `state file ${(withState.timings.stateBytes / MiB).toFixed(1)} MiB, paused ${withState.timings.pausedMs.toFixed(0)} ms`),
+      row(`vm: disk-only snapshot, guest paused (${size})`, median(pauses), null, "ms", `median of ${RUNS}; ${range(pauses)}`),
+      row(`vm: snapshot with state, 256 MiB guest (${size})`, median(stateTotals) / 1000, null, "s", `median of ${RUNS}; state file ${(withState[0].stateBytes / MiB).toFixed(1)} MiB`),
+      row(`vm: snapshot with state, guest paused (${size})`, median(statePauses), null, "ms", `median of ${RUNS}; ${range(statePauses)}; live migration, disk swapped at the switchover`),
+      row(`vm: delete the snapshot the VM runs on, guest paused (${size})`, deleted.pausedMs, null, "ms", `64 MiB layer streamed into the top while the guest runs (${(deleted.mergedBytes / MiB).toFixed(0)} MiB merged); two short pauses`),
       row(`vm: revert to running 256 MiB guest (${size})`, median(reverts) / 1000, null, "s", `median of ${RUNS}: kill QEMU, new overlay, start with incoming state, resume`),
     ];
   } finally {

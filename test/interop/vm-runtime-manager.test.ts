@@ -18,8 +18,10 @@ import { existsSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { openImage } from "../../src/chain/open-image.ts";
 import { MachineStore } from "../../src/vm/store/machine-store.ts";
-import { MachineManager } from "../../src/vm/manager/machine-manager.ts";
-import { stepPath } from "../../src/vm/store/layer-steps.ts";
+import { MachineManager, writesLayerSteps } from "../../src/vm/manager/machine-manager.ts";
+import { sizeOfIn } from "../../src/vm/manager/machine-operations.ts";
+import { executeStep, stepPath } from "../../src/vm/store/layer-steps.ts";
+import { planDelete } from "../../src/vm/tree/snapshot-tree.ts";
 import { buildGuest, GuestConsole } from "../helpers/guest-kit.ts";
 import { requireTools, runOk, scratchDir } from "../helpers/tools.ts";
 
@@ -158,5 +160,45 @@ test("clones and removes at the same time: locks in a fixed order (no deadlock),
     } else {
       assert.equal((removeSource.reason as { code?: string }).code, "E_IN_USE");
     }
+  }
+});
+
+test("a delete under a running top killed at any step: the replay keeps the guest's writes from the temporary layer", { timeout: 120_000 }, async (t) => {
+  const CHUNK = 64 * 1024;
+  for (let killAfter = 0; killAfter <= 6; killAfter++) {
+    const store = new MachineStore(scratchDir(t, "ss-vmwrites-"));
+    const manager = new MachineManager(store);
+    await manager.create({ name: "m", diskSizeBytes: 4 * MiB });
+    const dir = store.machineDir("m");
+    const writeTop = async (offsetBytes: number, fill: number, file?: string): Promise<void> => {
+      const tree = store.loadTree("m");
+      const device = await openImage(stepPath(dir, file ?? tree.layers[tree.current.layer].file));
+      await device.write(offsetBytes, Buffer.alloc(CHUNK, fill));
+      await device.close();
+    };
+    await writeTop(0, 1);
+    await manager.snapshot("m", { snapshot: "base" });
+    await writeTop(CHUNK, 2);
+    await manager.snapshot("m", { snapshot: "sits-on" });
+    await writeTop(2 * CHUNK, 3);
+    // What the running delete journals: the temporary layer, the plan (stream into the top), the fold-back.
+    const tree = store.loadTree("m");
+    const plan = planDelete(tree, "sits-on", sizeOfIn(dir), { running: true });
+    const { writesFile, createWrites, foldWrites } = writesLayerSteps(tree, 4 * MiB);
+    const steps = [createWrites, ...plan.steps, ...foldWrites];
+    store.beginJournal("m", "delete-snapshot", { tree: plan.tree, steps });
+    // The daemon ran `killAfter` steps (the guest writing into the temporary layer once it exists), then died.
+    for (const [index, step] of steps.slice(0, killAfter).entries()) {
+      await executeStep(dir, step);
+      if (index === 0) await writeTop(3 * CHUNK, 4, writesFile);
+    }
+    assert.equal(await store.recover("m"), "delete-snapshot");
+    const after = store.loadTree("m");
+    assert.deepEqual(Object.values(after.snapshots).map((snapshot) => snapshot.name), ["base"]);
+    assert.ok(!existsSync(join(dir, writesFile)), `kill after ${killAfter}: no temporary layer left`);
+    const disk = await readDisk(manager, "m", after.current.layer, 0, 4 * CHUNK);
+    const expected = [1, 2, 3, killAfter >= 1 ? 4 : 0];
+    for (const [index, fill] of expected.entries()) assert.ok(disk.subarray(index * CHUNK, (index + 1) * CHUNK).equals(Buffer.alloc(CHUNK, fill)), `kill after ${killAfter}: chunk ${index}`);
+    for (const layer of Object.values(after.layers)) await runOk("qemu-img", ["check", stepPath(dir, layer.file)]);
   }
 });

@@ -516,19 +516,20 @@ export class MachineManager {
       // The plan changes the top (merges into it, or rebases it). Freeze the top under a
       // temporary layer that takes the guest's writes while the plan runs on the frozen top;
       // then, in a short pause, fold those writes back into the top and reopen the chain.
-      const writesFile = mergeWritesFile(tree.current.layer);
-      const createWrites: LayerStep = { kind: "create-overlay", file: writesFile, backingFile: topFile, sizeBytes: running.export.sizeBytes };
-      const foldWrites: LayerStep[] = [
-        { kind: "commit", fromFile: writesFile, intoFile: topFile },
-        { kind: "remove-layer", file: writesFile },
-      ];
+      const { writesFile, createWrites, foldWrites } = writesLayerSteps(tree, running.export.sizeBytes);
       this.store.beginJournal(name, "delete-snapshot", { tree: plan.tree, steps: [createWrites, ...plan.steps, ...foldWrites] }, options.wipe ?? false);
       await executeStep(dir, createWrites);
       let pausedMs = await this.#swapPaused(running, await openOverlayOn(stepPath(dir, writesFile), running.export.device));
-      const result = await executeSteps(dir, plan.steps, options);
-      pausedMs += await this.#reopenPaused(name, running, plan.tree, async () => {
-        await executeSteps(dir, foldWrites);
-      });
+      let result;
+      try {
+        result = await executeSteps(dir, plan.steps, options);
+      } catch (error) {
+        // Put the guest's writes back into the top (the layer both trees call the top; its
+        // header names its chain) and leave the journal for the next start to finish.
+        await this.#reopenPaused(name, running, plan.tree, async () => void (await executeSteps(dir, foldWrites))).catch(() => {});
+        throw error;
+      }
+      pausedMs += await this.#reopenPaused(name, running, plan.tree, async () => void (await executeSteps(dir, foldWrites)));
       this.store.commitJournal(name, plan.tree);
       return { snapshot: plan.snapshot, ...result, pausedMs };
     });
@@ -613,9 +614,22 @@ function closeServedChain(running: RunningMachine): Promise<void> {
   return closeChain(running.export.device, running.held);
 }
 
-/** The temporary layer that takes a running guest's writes while a delete merges into its top. */
-function mergeWritesFile(topLayerId: string): string {
-  return `layers/${topLayerId}.writes.qcow2`;
+/**
+ * The temporary layer that takes a running guest's writes while a delete
+ * merges into its top: its creation (on the top) and its fold-back (commit
+ * into the top, remove). Journaled around the delete plan's own steps.
+ */
+export function writesLayerSteps(tree: TreeRecord, sizeBytes: number): { writesFile: string; createWrites: LayerStep; foldWrites: LayerStep[] } {
+  const topFile = tree.layers[tree.current.layer].file;
+  const writesFile = `layers/${tree.current.layer}.writes.qcow2`;
+  return {
+    writesFile,
+    createWrites: { kind: "create-overlay", file: writesFile, backingFile: topFile, sizeBytes },
+    foldWrites: [
+      { kind: "commit", fromFile: writesFile, intoFile: topFile },
+      { kind: "remove-layer", file: writesFile },
+    ],
+  };
 }
 
 function stepTouches(step: LayerStep, file: string): boolean {
