@@ -17,8 +17,11 @@
  *   dirty and corrupt bits.
  * - A pass that cannot complete returns `failure` (qemu-img prints only the
  *   stderr lines and "Check failed: <failure>", no report, exit 1).
- * - Not implemented: rewriting a damaged snapshot table under `-r all`
- *   (QEMU's qcow2_check_fix_snapshot_table); such corruptions stay counted.
+ * - Snapshot table damage that only a new table fixes (too much extra
+ *   data in an entry, incomplete v3 entries) is repaired under `-r all`
+ *   after the refcount pass, as QEMU's qcow2_check_fix_snapshot_table
+ *   (rebuild-refcounts.ts rewriteSnapshotTable); overhanging snapshots are
+ *   dropped at once by rewriting the header's count.
  */
 import { SnapstackError } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
@@ -41,7 +44,7 @@ import {
   writeIncompatibleFeatures,
 } from "./reference-counter.ts";
 import type { FixMode, Qcow2CheckState } from "./reference-counter.ts";
-import { writeRefcountStructure } from "./rebuild-refcounts.ts";
+import { rewriteSnapshotTable, writeRefcountStructure } from "./rebuild-refcounts.ts";
 
 export type Qcow2RepairMode = "leaks" | "all";
 
@@ -121,8 +124,13 @@ async function checkPass(file: ImageFile, fix: FixMode): Promise<Qcow2CheckResul
   const state = await openCheckState(file, fix !== 0);
   const report = new CheckReport();
   try {
-    await readSnapshotTable(state, report, fix);
+    const snapshotTableCorruptions = await readSnapshotTable(state, report, fix);
     await checkRefcounts(state, report, fix);
+    if (snapshotTableCorruptions > 0 && fix & FIX_ERRORS) {
+      await rewriteSnapshotTable(state, report);
+      report.corruptionsFixed += snapshotTableCorruptions;
+      report.corruptions -= snapshotTableCorruptions;
+    }
   } catch (error) {
     if (error instanceof CheckFailure) return resultFrom(report, error.strerror);
     throw error;

@@ -22,6 +22,14 @@
  *   frees them by walking again and fixing leaks (compare with FIX_LEAKS),
  *   as QEMU's check does after a rebuild.
  * - Not done: shrinking the file; QEMU does not either.
+ * - `rewriteSnapshotTable` (QEMU's qcow2_check_fix_snapshot_table, for
+ *   `-r all`) needs clusters once the refcounts are sound: first fit among
+ *   clusters nothing references and no refcount claims, refcounts raised
+ *   and flushed first (or, where no refcount block covers the place, a
+ *   full rebuild that counts the new table), then the table written and
+ *   flushed, then header bytes 60..71 in one synchronous write, and only
+ *   then the old table freed (a walk and a leak repair). A crash leaves at
+ *   most leaks.
  */
 import { SnapstackError } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
@@ -42,6 +50,7 @@ import {
   checkOflagCopied,
   clustersForBytes,
   compareRefcounts,
+  encodeCheckedSnapshotTable,
   guardWrite,
   openCheckState,
   readSnapshotTable,
@@ -173,6 +182,68 @@ export async function writeRefcountStructure(state: Qcow2CheckState, report: Che
   state.header.refcountTableOffset = tableOffset;
   state.header.refcountTableClusters = tableClusters;
   state.fileSizeBytes = await state.file.sizeBytes();
+}
+
+/** First fit of `clusterCount` clusters that nothing references and no stored refcount claims; the first cluster's index. */
+async function findFreeClusters(counts: ClusterCounts, stored: StoredRefcounts, clusterCount: number): Promise<number> {
+  let start = 1;
+  for (let cluster = 1; cluster - start < clusterCount; cluster++) {
+    if (cluster >= CHECK_CLUSTERS_MAX) throw new CheckFailure(STRERROR.EFBIG);
+    const storedCount = await stored.get(cluster);
+    if (counts.get(cluster) !== 0 || storedCount !== 0) start = cluster + 1;
+  }
+  return start;
+}
+
+/**
+ * qcow2_check_fix_snapshot_table: write the snapshot list check read
+ * (entries with too much extra data cut to the limit, incomplete v3
+ * entries completed) as a new table, switch the header to it and free the
+ * old one. Call only with sound refcounts (after the -r all pass).
+ */
+export async function rewriteSnapshotTable(state: Qcow2CheckState, report: CheckReport): Promise<void> {
+  const cs = state.clusterSizeBytes;
+  const table = encodeCheckedSnapshotTable(state);
+  const scratch = new CheckReport();
+  const fileClusters = clustersForBytes(state, state.fileSizeBytes);
+  const counts = new ClusterCounts(fileClusters, state.refcountMax);
+  await calculateRefcounts(state, scratch, counts, 0);
+  let stored = new StoredRefcounts(state, scratch);
+  let tableOffset = 0;
+  if (table.length > 0) {
+    const tableClusters = Math.ceil(table.length / cs);
+    const first = await findFreeClusters(counts, stored, tableClusters);
+    if (!counts.grow(first + tableClusters)) throw new CheckFailure(STRERROR.EFBIG);
+    for (let cluster = first; cluster < first + tableClusters; cluster++) counts.set(cluster, 1);
+    let covered = true;
+    for (let cluster = first; cluster < first + tableClusters && covered; cluster++) covered = (await stored.set(cluster, 1)) === null;
+    // No refcount block there: a new structure that counts the table (the old one becomes a leak, freed below).
+    if (!covered) await writeRefcountStructure(state, scratch, counts);
+    await state.file.flush();
+    tableOffset = first * cs;
+    if (!(await guardWrite(state, report, new Set(), tableOffset, table.length))) rebuildFailed(report, "ERROR failed to update the snapshot table", STRERROR.EIO);
+    await state.file.write(tableOffset, table);
+    await state.file.flush();
+  }
+  const pointer = new Uint8Array(12);
+  const pointerView = new DataView(pointer.buffer);
+  pointerView.setUint32(0, state.snapshots.length);
+  pointerView.setBigUint64(4, BigInt(tableOffset));
+  await state.file.write(60, pointer);
+  await state.file.flush();
+  state.header.snapshotCount = state.snapshots.length;
+  state.header.snapshotsOffset = tableOffset;
+  state.snapshotsOffset = tableOffset;
+  state.snapshotsSizeBytes = table.length;
+  state.fileSizeBytes = await state.file.sizeBytes();
+
+  // The old table (and a replaced refcount structure) are leaks now: free them.
+  const again = new CheckReport();
+  const fresh = new ClusterCounts(clustersForBytes(state, state.fileSizeBytes), state.refcountMax);
+  const outcome = await calculateRefcounts(state, again, fresh, 0);
+  stored = new StoredRefcounts(state, again);
+  await compareRefcounts(state, again, stored, fresh, FIX_LEAKS, outcome);
+  if (outcome.rebuild) rebuildFailed(report, "ERROR failed to update the snapshot table", STRERROR.EIO);
 }
 
 /** What a rebuild found and did, for logs and tests. */

@@ -227,6 +227,8 @@ export interface SnapshotRef {
   id: string;
   name: string;
   extraDataSizeBytes: number;
+  /** The entry as read, for rewriting the table: the 40-byte fixed part, the kept extra data (at most SNAPSHOT_EXTRA_DATA_BYTES_MAX), id and name. */
+  raw: { fixed: Uint8Array; extra: Uint8Array; id: Uint8Array; name: Uint8Array };
 }
 
 export interface BitmapDirectoryRef {
@@ -390,13 +392,14 @@ export async function writeIncompatibleFeatures(state: Qcow2CheckState): Promise
 // Snapshot table (qcow2_check_read_snapshot_table + qcow2_do_read_snapshots).
 
 /**
- * Read the snapshot list for check. Returns false when the check must fail
- * (after counting a check error); the CheckFailure to raise is thrown by the
- * caller. With FIX_ERRORS, overhanging snapshots are dropped and the header
- * count rewritten; too much extra data is counted as a corruption (QEMU
- * rewrites the table afterwards).
+ * Read the snapshot list for check; throws CheckFailure when the check
+ * must fail (after counting a check error). With FIX_ERRORS, overhanging
+ * snapshots are dropped and the header count rewritten at once; too much
+ * extra data and incomplete v3 entries are counted as corruptions that
+ * only rewriting the table fixes (QEMU's qcow2_check_fix_snapshot_table,
+ * after the refcounts are sound). Returns how many of those there are.
  */
-export async function readSnapshotTable(state: Qcow2CheckState, report: CheckReport, fix: FixMode): Promise<void> {
+export async function readSnapshotTable(state: Qcow2CheckState, report: CheckReport, fix: FixMode): Promise<number> {
   const pointer = await readBytes(state.file, 60, 12);
   const pointerView = new DataView(pointer.buffer);
   let count = pointerView.getUint32(0);
@@ -452,7 +455,8 @@ export async function readSnapshotTable(state: Qcow2CheckState, report: CheckRep
       extraDataDropped++;
       truncateExtra = true;
     }
-    // Skip the extra data (its end stays where the on-disk size says).
+    // Keep at most the allowed extra data; skip the rest (its end stays where the on-disk size says).
+    const extra = repair ? await readBytes(state.file, hostOffset, Math.min(extraDataSizeBytes, SNAPSHOT_EXTRA_DATA_BYTES_MAX)) : new Uint8Array(0);
     hostOffset += extraDataSizeBytes;
     if (truncateExtra) extraDataSizeBytes = SNAPSHOT_EXTRA_DATA_BYTES_MAX;
     const idAndName = await readBytes(state.file, hostOffset, idBytes + nameBytes);
@@ -477,6 +481,7 @@ export async function readSnapshotTable(state: Qcow2CheckState, report: CheckRep
       id: decodeCString(idAndName.subarray(0, idBytes)),
       name: decodeCString(idAndName.subarray(idBytes)),
       extraDataSizeBytes,
+      raw: { fixed, extra, id: cStringBytes(idAndName.subarray(0, idBytes)), name: cStringBytes(idAndName.subarray(idBytes)) },
     });
   }
   state.snapshots = snapshots;
@@ -492,14 +497,66 @@ export async function readSnapshotTable(state: Qcow2CheckState, report: CheckRep
     report.corruptionsFixed += droppedCount;
     report.corruptions -= droppedCount;
   }
+  let incomplete = 0;
   if (state.header.version >= 3) {
     snapshots.forEach((snapshot, i) => {
       if (snapshot.extraDataSizeBytes < SNAPSHOT_V3_EXTRA_BYTES_MIN) {
         report.corruptions++;
+        incomplete++;
         report.say(`${repair ? "Repairing" : "ERROR"} snapshot table entry ${i} is incomplete`);
       }
     });
   }
+  return extraDataDropped + incomplete;
+}
+
+/** A C string's bytes: up to the first NUL (QEMU keeps id and name as C strings). */
+function cStringBytes(bytes: Uint8Array): Uint8Array {
+  const end = bytes.indexOf(0);
+  return end < 0 ? bytes : bytes.subarray(0, end);
+}
+
+/**
+ * The snapshot table as qcow2_write_snapshots writes the list check read:
+ * each entry 8-byte aligned, 24 bytes of known extra data (vm_state_size_large,
+ * disk_size, icount; taken from the entry where present, defaults otherwise)
+ * followed by the kept unknown extra data, then id and name.
+ */
+export function encodeCheckedSnapshotTable(state: Qcow2CheckState): Uint8Array {
+  const KNOWN_EXTRA_BYTES = 24;
+  const sizes = state.snapshots.map((snapshot) => SNAPSHOT_HEADER_BYTES + Math.max(KNOWN_EXTRA_BYTES, snapshot.raw.extra.length) + snapshot.raw.id.length + snapshot.raw.name.length);
+  let total = 0;
+  for (const size of sizes) total = roundUp8(total) + size;
+  const out = new Uint8Array(total);
+  const view = new DataView(out.buffer);
+  let at = 0;
+  for (const snapshot of state.snapshots) {
+    at = roundUp8(at);
+    const { fixed, extra, id, name } = snapshot.raw;
+    const fixedView = new DataView(fixed.buffer, fixed.byteOffset, fixed.byteLength);
+    const extraView = new DataView(extra.buffer, extra.byteOffset, extra.byteLength);
+    const vmStateSize = extra.length >= 8 ? extraView.getBigUint64(0) : BigInt(fixedView.getUint32(32));
+    const diskSize = extra.length >= 16 ? extraView.getBigUint64(8) : BigInt(Math.floor(state.header.sizeBytes / 512) * 512);
+    const icount = extra.length >= 24 ? extraView.getBigInt64(16) : -1n;
+    out.set(fixed.subarray(0, 12), at); // L1 offset and size
+    view.setUint16(at + 12, id.length);
+    view.setUint16(at + 14, name.length);
+    out.set(fixed.subarray(16, 32), at + 16); // date and vm clock
+    view.setUint32(at + 32, vmStateSize <= 0xffffffffn ? Number(vmStateSize) : 0);
+    const extraBytes = Math.max(KNOWN_EXTRA_BYTES, extra.length);
+    view.setUint32(at + 36, extraBytes);
+    at += SNAPSHOT_HEADER_BYTES;
+    view.setBigUint64(at, vmStateSize);
+    view.setBigUint64(at + 8, diskSize);
+    view.setBigInt64(at + 16, icount);
+    if (extra.length > KNOWN_EXTRA_BYTES) out.set(extra.subarray(KNOWN_EXTRA_BYTES), at + KNOWN_EXTRA_BYTES);
+    at += extraBytes;
+    out.set(id, at);
+    at += id.length;
+    out.set(name, at);
+    at += name.length;
+  }
+  return out;
 }
 
 function roundUp8(value: number): number {
