@@ -184,6 +184,13 @@ export async function writeRefcountStructure(state: Qcow2CheckState, report: Che
   state.fileSizeBytes = await state.file.sizeBytes();
 }
 
+/** qcow2_check_fix_snapshot_table's failure: a check error and its line (no "qemu-img: " prefix). */
+function snapshotTableUpdateFailed(report: CheckReport, strerror: string): never {
+  report.checkErrors++;
+  report.say(`ERROR failed to update snapshot table: ${strerror}`);
+  throw new CheckFailure(strerror);
+}
+
 /** First fit of `clusterCount` clusters that nothing references and no stored refcount claims; the first cluster's index. */
 async function findFreeClusters(counts: ClusterCounts, stored: StoredRefcounts, clusterCount: number): Promise<number> {
   let start = 1;
@@ -221,7 +228,7 @@ export async function rewriteSnapshotTable(state: Qcow2CheckState, report: Check
     if (!covered) await writeRefcountStructure(state, scratch, counts);
     await state.file.flush();
     tableOffset = first * cs;
-    if (!(await guardWrite(state, report, new Set(), tableOffset, table.length))) rebuildFailed(report, "ERROR failed to update the snapshot table", STRERROR.EIO);
+    if (!(await guardWrite(state, report, new Set(), tableOffset, table.length))) snapshotTableUpdateFailed(report, STRERROR.EIO);
     await state.file.write(tableOffset, table);
     await state.file.flush();
   }
@@ -243,7 +250,7 @@ export async function rewriteSnapshotTable(state: Qcow2CheckState, report: Check
   const outcome = await calculateRefcounts(state, again, fresh, 0);
   stored = new StoredRefcounts(state, again);
   await compareRefcounts(state, again, stored, fresh, FIX_LEAKS, outcome);
-  if (outcome.rebuild) rebuildFailed(report, "ERROR failed to update the snapshot table", STRERROR.EIO);
+  if (outcome.rebuild) snapshotTableUpdateFailed(report, STRERROR.EIO);
 }
 
 /** What a rebuild found and did, for logs and tests. */
