@@ -38,8 +38,16 @@ import { CHECK_CLUSTERS_MAX } from "./reference-counter.ts";
 
 /** QCOW_MAX_L1_SIZE: 32 MiB of active L1 table. */
 export const L1_BYTES_MAX = 32 * 1024 * 1024;
-/** Default bound of both metadata caches together. */
-export const METADATA_CACHE_BYTES_DEFAULT = 32 * 1024 * 1024;
+/**
+ * Default bound of both metadata caches together: 12 MiB of L2 tables cover
+ * 96 GiB of guest disk at 64 KiB clusters (QEMU's default 32 MiB of L2
+ * covers 256 GiB); 4 MiB of refcount blocks cover 128 GiB of host file.
+ * Was 32 MiB: a reader of a 1 TiB sparse image then peaked at ~98 MiB of
+ * RSS against issue 2's 100 MiB (bench/memory.bench.ts); with 16 MiB ~82.
+ * A cache miss costs one page-cached 64 KiB read. Callers that do random
+ * I/O over a larger working set pass cacheBytesMax.
+ */
+export const METADATA_CACHE_BYTES_DEFAULT = 16 * 1024 * 1024;
 /** Share of the cache bound given to refcount blocks (the rest holds L2 tables). */
 const REFBLOCK_CACHE_SHARE = 0.25;
 /** Largest single zero-fill write when wiping freed clusters (bounds the zero buffer). */
