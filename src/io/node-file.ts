@@ -106,7 +106,9 @@ export class NodeFile implements ImageFile {
     let done = 0;
     try {
       while (done < buffer.length) {
-        const got = await readOnce(fd, buffer, done, buffer.length - done, hostOffset + done, this.ioMode);
+        // A synchronous pread returns a number: no await, so no microtask tick per call.
+        const pending = readOnce(fd, buffer, done, buffer.length - done, hostOffset + done, this.ioMode);
+        const got = typeof pending === "number" ? pending : await pending;
         if (got === 0) break;
         done += got;
       }
@@ -124,7 +126,8 @@ export class NodeFile implements ImageFile {
     let done = 0;
     try {
       while (done < data.length) {
-        done += await writeOnce(fd, data, done, data.length - done, hostOffset + done, this.ioMode);
+        const pending = writeOnce(fd, data, done, data.length - done, hostOffset + done, this.ioMode);
+        done += typeof pending === "number" ? pending : await pending;
       }
     } catch (error) {
       throw fromSystemError(error, this.name, `write ${data.length} bytes at offset ${hostOffset}`);
