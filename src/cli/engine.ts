@@ -7,6 +7,7 @@
  * without touching every command.
  */
 import type { BlockDevice } from "../device/block-device.ts";
+import type { NodeFileIoMode } from "../io/node-file.ts";
 import { openImage as openChain, parseImageFormat } from "../chain/index.ts";
 
 export interface OpenImageOptions {
@@ -15,12 +16,14 @@ export interface OpenImageOptions {
   readOnly?: boolean;
   /** Open the backing chain too (default true). */
   openBacking?: boolean;
+  /** How the image files do I/O (src/io/node-file.ts; default "auto"). */
+  ioMode?: NodeFileIoMode;
 }
 
 /** Open an image and its backing chain (src/chain/open-image.ts). */
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<BlockDevice> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
-  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking });
+  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode });
 }
 
 export {

@@ -127,13 +127,18 @@ export interface ReadRun {
   hole: boolean;
 }
 
+/** Every range of `device` reads as data (a raw file: snapstack cannot see its holes). */
+export function alwaysData(device: BlockDevice): boolean {
+  return device.backing === null && device.format === "raw";
+}
+
 /**
  * Split a read into data runs and hole runs (ranges that read as zeroes:
  * qemu-nbd's nbd_co_send_sparse_read sends BDRV_BLOCK_ZERO ranges as holes).
  * Devices whose status is always "data" (raw files) need no walk.
  */
 export async function readRuns(device: BlockDevice, guestOffset: number, lengthBytes: number): Promise<ReadRun[]> {
-  if (device.backing === null && device.format === "raw") return [{ guestOffset, lengthBytes, hole: false }];
+  if (alwaysData(device)) return [{ guestOffset, lengthBytes, hole: false }];
   const runs: ReadRun[] = [];
   await walkChain(device, guestOffset, guestOffset + lengthBytes, (entry) => {
     const hole = entry.zero;

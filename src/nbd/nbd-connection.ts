@@ -37,7 +37,7 @@ import type { Socket } from "node:net";
 import tls from "node:tls";
 import type { BlockDevice } from "../device/block-device.ts";
 import { encodeBlockStatusChunk, encodeChunk, encodeErrorChunk, encodeGreeting, encodeSimpleReply, writeChunkHeader, writeSimpleReplyHeader, writeU64 } from "./codec.ts";
-import { queryBlockStatus, readRuns } from "./block-status.ts";
+import { alwaysData, queryBlockStatus, readRuns } from "./block-status.ts";
 import type { NbdExport } from "./nbd-export.ts";
 import type { TlsCredentials } from "./tls-credentials.ts";
 import type { BufferPool } from "./buffer-pool.ts";
@@ -76,7 +76,7 @@ import {
   STRUCTURED_REPLY_HEADER_BYTES,
   SPARSE_READ_MIN_BYTES,
 } from "./protocol.ts";
-import { validateRequest } from "./request-validation.ts";
+import { validateRequest, type RequestContext } from "./request-validation.ts";
 
 export interface ConnectionLimits {
   handshakeTimeoutMs: number;
@@ -136,6 +136,8 @@ export class NbdConnection {
   #structuredReplies = false;
   #baseAllocation = false;
   #allocationDepth = false;
+  /** What validateRequest needs, kept from negotiation (sizeBytes refreshed per request). */
+  #requestContext: RequestContext | null = null;
   #inFlightRequests = 0;
   #inFlightBytes = 0;
   #pumping = false;
@@ -325,6 +327,12 @@ export class NbdConnection {
     this.#structuredReplies = structuredReplies;
     this.#baseAllocation = metaContextIds.includes(META_ID_BASE_ALLOCATION);
     this.#allocationDepth = metaContextIds.includes(META_ID_ALLOCATION_DEPTH);
+    this.#requestContext = {
+      sizeBytes: exp.sizeBytes,
+      readOnly: exp.readOnly,
+      structuredReplies,
+      hasMetaContext: this.#baseAllocation || this.#allocationDepth,
+    };
     this.#phase = "transmission";
     this.#parser.phase = "transmission";
     this.#negotiated = true;
@@ -369,12 +377,9 @@ export class NbdConnection {
       return;
     }
     const exp = this.#export!;
-    const rejection = validateRequest(request, {
-      sizeBytes: exp.sizeBytes,
-      readOnly: exp.readOnly,
-      structuredReplies: this.#structuredReplies,
-      hasMetaContext: this.#baseAllocation || this.#allocationDepth,
-    });
+    const context = this.#requestContext!;
+    context.sizeBytes = exp.sizeBytes;
+    const rejection = validateRequest(request, context);
     if (rejection !== null) {
       if (request.payload !== null) this.#pool.give(request.payload);
       this.#replyError(request, rejection.errno, rejection.message);
@@ -453,7 +458,7 @@ export class NbdConnection {
       this.#send(encodeChunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookieHi, cookieLo));
       return;
     }
-    if (lengthBytes < SPARSE_READ_MIN_BYTES || request.flags & CMD_FLAG_DF) {
+    if (lengthBytes < SPARSE_READ_MIN_BYTES || request.flags & CMD_FLAG_DF || alwaysData(exp.device)) {
       const reply = this.#pool.take(DATA_CHUNK_PREFIX_BYTES + lengthBytes);
       writeChunkHeader(reply, 0, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookieHi, cookieLo, 8 + lengthBytes);
       writeU64(reply, offset, STRUCTURED_REPLY_HEADER_BYTES);

@@ -67,16 +67,41 @@ export class NbdExport {
     return this.#inFlight;
   }
 
-  /** Run one request against the current device. */
-  async run<T>(fn: (device: BlockDevice) => Promise<T>): Promise<T> {
-    while (this.#gate !== null) await this.#gate;
+  /**
+   * Run one request against the current device. Not an async function: on
+   * the hot path (no swap waiting) it adds one promise to the device's, not
+   * an async frame and its extra ticks (measurable at 100k requests/s).
+   */
+  run<T>(fn: (device: BlockDevice) => Promise<T>): Promise<T> {
+    if (this.#gate !== null) return this.#runAfterGate(fn);
     this.#inFlight++;
+    let running: Promise<T>;
     try {
-      return await fn(this.#device);
-    } finally {
-      this.#inFlight--;
-      if (this.#inFlight === 0 && this.#idle !== null) this.#idle();
+      running = fn(this.#device);
+    } catch (error) {
+      this.#finished();
+      return Promise.reject(error as Error);
     }
+    return running.then(
+      (value) => {
+        this.#finished();
+        return value;
+      },
+      (error: unknown) => {
+        this.#finished();
+        throw error;
+      },
+    );
+  }
+
+  async #runAfterGate<T>(fn: (device: BlockDevice) => Promise<T>): Promise<T> {
+    while (this.#gate !== null) await this.#gate;
+    return this.run(fn);
+  }
+
+  #finished(): void {
+    this.#inFlight--;
+    if (this.#inFlight === 0 && this.#idle !== null) this.#idle();
   }
 
   /** Flush the device; concurrent callers share flushes (see the design notes). */
