@@ -78,7 +78,7 @@ import { syncDirectorySync, writeJsonAtomic } from "../store/atomic-file.ts";
 import { executeStep, executeSteps, stepPath } from "../store/layer-steps.ts";
 import type { MachineStore} from "../store/machine-store.ts";
 import { type MachineConfig } from "../store/machine-store.ts";
-import { findSnapshot, planDelete, type LayerStep, type SnapshotRecord, type TreeRecord } from "../tree/snapshot-tree.ts";
+import { expandForDisks, findSnapshot, layerFiles, planDelete, type LayerStep, type SnapshotRecord, type TreeRecord } from "../tree/snapshot-tree.ts";
 import { DeferredDevice } from "./deferred-device.ts";
 import {
   cloneMachine,
@@ -97,7 +97,7 @@ import {
   type TreeView,
 } from "./machine-operations.ts";
 
-/** The export name of a machine's disk on its NBD socket. */
+/** The export name of a machine's first disk on its NBD socket (the others: diskExportName). */
 export const DISK_EXPORT_NAME = "disk0";
 /** Most serial log bytes `log` returns. */
 export const LOG_BYTES_MAX = 4 * 1024 * 1024;
@@ -114,20 +114,27 @@ export interface MachineStatus {
   config: MachineConfig;
   currentSnapshot: string | null;
   snapshotCount: number;
-  lastExit: (QemuExit & { at: string }) | null;
+  /** `unexpected`: QEMU went away without being asked (killed, crashed, or the guest powered off). */
+  lastExit: (QemuExit & { at: string; unexpected: boolean }) | null;
 }
 
-interface RunningMachine {
-  process: QemuProcess;
-  server: NbdServer;
+/** One disk of a running machine: its NBD export and what it serves. */
+interface ServedDisk {
   export: NbdExport;
   /**
    * Former tops below the export's device, oldest first. A live snapshot
    * opens the new top on the running one (closeBacking false), so closing
    * the served chain means closing the export's device and then these,
-   * newest first (closeServedChain).
+   * newest first (closeChain).
    */
   held: BlockDevice[];
+}
+
+interface RunningMachine {
+  process: QemuProcess;
+  server: NbdServer;
+  /** One per disk, in the tree's disk order (diskFile). */
+  disks: ServedDisk[];
   runDir: string;
   startedAt: string;
   stopping: boolean;
@@ -173,7 +180,7 @@ export class MachineManager {
   readonly store: MachineStore;
   #mutex = new KeyedMutex();
   #running = new Map<string, RunningMachine>();
-  #lastExit = new Map<string, QemuExit & { at: string }>();
+  #lastExit = new Map<string, QemuExit & { at: string; unexpected: boolean }>();
   #log: (line: string) => void;
   #acceleratorLogged = false;
 
@@ -224,7 +231,8 @@ export class MachineManager {
     const lastExit = this.#lastExit.get(name) ?? null;
     return {
       name,
-      state: running !== undefined ? "running" : lastExit !== null && lastExit.code !== 0 && lastExit.signal === null ? "crashed" : "stopped",
+      // A QEMU that went away unasked is "crashed" unless it exited cleanly (the guest powered off): a kill -9 counts.
+      state: running !== undefined ? "running" : lastExit?.unexpected === true && (lastExit.code !== 0 || lastExit.signal !== null) ? "crashed" : "stopped",
       pid: running?.process.pid ?? null,
       accelerator: running?.process.accelerator ?? null,
       startedAt: running?.startedAt ?? null,
@@ -310,11 +318,14 @@ export class MachineManager {
     const tree = this.store.loadTree(name);
     const dir = this.store.machineDir(name);
     const runDir = this.runDir(name);
-    const device = await openImage(stepPath(dir, tree.layers[tree.current.layer].file));
     const server = new NbdServer({ log: (line) => this.#log(`machine ${name} nbd: ${line}`) });
-    const diskExport = new NbdExport({ name: DISK_EXPORT_NAME, device });
-    server.addExport(diskExport);
+    const disks: ServedDisk[] = [];
     try {
+      for (const [disk, file] of layerFiles(tree, tree.current.layer === "" ? "" : tree.layers[tree.current.layer].file).entries()) {
+        const diskExport = new NbdExport({ name: diskExportName(disk), device: await openImage(stepPath(dir, file)) });
+        server.addExport(diskExport);
+        disks.push({ export: diskExport, held: [] });
+      }
       const { mkdirSync } = await import("node:fs");
       mkdirSync(runDir, { recursive: true, mode: 0o700 });
       const socketPath = join(runDir, NBD_SOCKET_NAME);
@@ -328,7 +339,7 @@ export class MachineManager {
         name,
         memoryBytes: config.memoryBytes,
         cpus: config.cpus,
-        disks: [{ nbdSocketPath: socketPath, exportName: DISK_EXPORT_NAME }],
+        disks: disks.map((served) => ({ nbdSocketPath: socketPath, exportName: served.export.name })),
         kernelPath: config.kernel ?? undefined,
         initrdPath: config.initrd ?? undefined,
         append: config.append ?? undefined,
@@ -341,7 +352,7 @@ export class MachineManager {
         serialLogPath: this.serialLogPath(name),
         incomingStatePath: incomingStatePath ?? undefined,
       });
-      const running: RunningMachine = { process, server, export: diskExport, held: [], runDir, startedAt: new Date().toISOString(), stopping: false };
+      const running: RunningMachine = { process, server, disks, runDir, startedAt: new Date().toISOString(), stopping: false };
       this.#running.set(name, running);
       this.#lastExit.delete(name);
       void process.exited.then((exit) => this.#exited(name, running, exit));
@@ -354,7 +365,7 @@ export class MachineManager {
         await running.process.kill();
       }
       await server.close();
-      await diskExport.device.close();
+      for (const served of disks) await served.export.device.close();
       throw error;
     }
   }
@@ -365,7 +376,7 @@ export class MachineManager {
     await this.#mutex.run(name, async () => {
       if (running.stopping || this.#running.get(name) !== running) return;
       this.#log(`machine ${name}: QEMU exited unexpectedly (code ${exit.code}, signal ${exit.signal}): ${exit.stderr.trim()}`);
-      this.#lastExit.set(name, { ...exit, at: new Date().toISOString() });
+      this.#lastExit.set(name, { ...exit, at: new Date().toISOString(), unexpected: true });
       this.#running.delete(name);
       await running.server.close();
       await closeServedChain(running);
@@ -379,7 +390,7 @@ export class MachineManager {
     this.#running.delete(name);
     await running.server.close();
     await closeServedChain(running);
-    this.#lastExit.set(name, { ...exit, code: force ? exit.code : 0, at: new Date().toISOString() });
+    this.#lastExit.set(name, { ...exit, code: force ? exit.code : 0, at: new Date().toISOString(), unexpected: false });
   }
 
   /** Stop serving every machine (daemon shutdown): QEMUs are quit. */
@@ -415,31 +426,30 @@ export class MachineManager {
     const newTop = plan.tree.layers[plan.tree.current.layer];
     let pausedMs = 0;
     let stateBytes = 0;
-    let device: BlockDevice | null = null;
+    const devices: BlockDevice[] = [];
     let pausedAt: number | null = null;
     try {
-      // Before any pause: create the new overlay (it names the top as backing) and open it
-      // on the export's device, so the pause only swaps.
+      // Before any pause: create the new overlays (they name the tops as backing) and open
+      // them on the exports' devices, so the pause only swaps.
       await executeSteps(dir, plan.steps);
-      const newDevice = await openOverlayOn(stepPath(dir, newTop.file), running.export.device);
-      device = newDevice;
+      for (const [disk, file] of layerFiles(plan.tree, newTop.file).entries()) devices.push(await openOverlayOn(stepPath(dir, file), running.disks[disk].export.device));
       const statePath = join(this.store.snapshotDir(name, plan.snapshot.id), "state.bin");
       const partial = `${statePath}.partial`;
       if (diskOnly) {
-        pausedMs = await this.#swapPaused(running, newDevice);
+        pausedMs = await this.#swapPaused(running, devices);
       } else if (live) {
         // RAM is copied while the guest runs; at the switchover QEMU stops it (draining and
         // flushing its I/O) and the disk layer is frozen there: one instant for disk, RAM and CPU.
         const saved = await running.process.saveState(partial, {
           live: true,
-          atSwitchover: async () => void running.held.push(await running.export.swapDevice(newDevice)),
+          atSwitchover: () => swapAll(running, devices),
         });
         pausedMs = saved.pausedMs;
         stateBytes = saved.sizeBytes;
       } else {
         pausedAt = performance.now();
         await running.process.pause();
-        running.held.push(await running.export.swapDevice(newDevice));
+        await swapAll(running, devices);
         stateBytes = (await running.process.saveState(partial)).sizeBytes;
       }
       if (!diskOnly) {
@@ -454,12 +464,12 @@ export class MachineManager {
       this.store.commitJournal(name, plan.tree);
     } catch (error) {
       await this.#ensureRunning(running, pausedAt !== null);
-      if (device !== null && running.export.device === device) {
+      if (devices.length > 0 && running.disks[0].export.device === devices[0]) {
         // The disk layer is taken: keep the snapshot (disk-only when its state did not complete).
         this.store.commitJournal(name, plan.tree);
       } else {
-        await device?.close().catch(() => {});
-        rmSync(stepPath(dir, newTop.file), { force: true });
+        for (const device of devices) await device.close().catch(() => {});
+        for (const file of layerFiles(plan.tree, newTop.file)) rmSync(stepPath(dir, file), { force: true });
         rmSync(this.store.snapshotDir(name, plan.snapshot.id), { recursive: true, force: true });
         rmSync(this.store.journalPath(name), { force: true });
       }
@@ -504,8 +514,8 @@ export class MachineManager {
       const dir = this.store.machineDir(name);
       const tree = this.store.loadTree(name);
       const plan = planDelete(tree, snapshotName, sizeOfIn(dir), { running: true });
-      const topFile = tree.layers[tree.current.layer].file;
-      if (!plan.steps.some((step) => stepTouches(step, topFile))) {
+      const topFiles = layerFiles(tree, tree.layers[tree.current.layer].file);
+      if (!plan.steps.some((step) => topFiles.some((file) => stepTouches(step, file)))) {
         // Only frozen layers below the top change: merge while the guest runs, then reopen.
         this.store.beginJournal(name, "delete-snapshot", plan, options.wipe ?? false);
         const result = await executeSteps(dir, plan.steps, options);
@@ -516,10 +526,12 @@ export class MachineManager {
       // The plan changes the top (merges into it, or rebases it). Freeze the top under a
       // temporary layer that takes the guest's writes while the plan runs on the frozen top;
       // then, in a short pause, fold those writes back into the top and reopen the chain.
-      const { writesFile, createWrites, foldWrites } = writesLayerSteps(tree, running.export.sizeBytes);
-      this.store.beginJournal(name, "delete-snapshot", { tree: plan.tree, steps: [createWrites, ...plan.steps, ...foldWrites] }, options.wipe ?? false);
-      await executeStep(dir, createWrites);
-      let pausedMs = await this.#swapPaused(running, await openOverlayOn(stepPath(dir, writesFile), running.export.device));
+      const { writesFile, createWrites, foldWrites } = writesLayerSteps(tree, running.disks[0].export.sizeBytes);
+      this.store.beginJournal(name, "delete-snapshot", { tree: plan.tree, steps: [...createWrites, ...plan.steps, ...foldWrites] }, options.wipe ?? false);
+      await executeSteps(dir, createWrites);
+      const writesDevices: BlockDevice[] = [];
+      for (const [disk, file] of layerFiles(tree, writesFile).entries()) writesDevices.push(await openOverlayOn(stepPath(dir, file), running.disks[disk].export.device));
+      let pausedMs = await this.#swapPaused(running, writesDevices);
       let result;
       try {
         result = await executeSteps(dir, plan.steps, options);
@@ -535,14 +547,14 @@ export class MachineManager {
     });
   }
 
-  /** Pause the guest, move the export onto `device` (opened on the export's device), resume. */
-  async #swapPaused(running: RunningMachine, device: BlockDevice): Promise<number> {
+  /** Pause the guest, move each export onto its device (opened on the export's device), resume. */
+  async #swapPaused(running: RunningMachine, devices: BlockDevice[]): Promise<number> {
     const pausedAt = performance.now();
     await running.process.pause();
     try {
-      running.held.push(await running.export.swapDevice(device));
+      await swapAll(running, devices);
     } catch (error) {
-      await device.close().catch(() => {});
+      for (const [disk, device] of devices.entries()) if (running.disks[disk].export.device !== device) await device.close().catch(() => {});
       throw error;
     } finally {
       await running.process.resume();
@@ -556,14 +568,17 @@ export class MachineManager {
     const pausedAt = performance.now();
     await running.process.pause();
     try {
-      const placeholder = new DeferredDevice(`${name} (reopening)`, running.export.sizeBytes);
-      await closeChain(await running.export.swapDevice(placeholder), running.held);
+      const placeholders = running.disks.map((served) => new DeferredDevice(`${name} ${served.export.name} (reopening)`, served.export.sizeBytes));
+      for (const [disk, served] of running.disks.entries()) await closeChain(await served.export.swapDevice(placeholders[disk]), served.held);
       try {
         await work();
       } finally {
-        const device = await openImage(stepPath(dir, tree.layers[tree.current.layer].file));
-        placeholder.install(device);
-        await running.export.swapDevice(device);
+        const files = layerFiles(tree, tree.layers[tree.current.layer].file);
+        for (const [disk, served] of running.disks.entries()) {
+          const device = await openImage(stepPath(dir, files[disk]));
+          placeholders[disk].install(device);
+          await served.export.swapDevice(device);
+        }
       }
     } finally {
       await running.process.resume();
@@ -610,8 +625,18 @@ async function closeChain(top: BlockDevice, held: BlockDevice[]): Promise<void> 
   for (const device of held.splice(0).reverse()) await device.close();
 }
 
-function closeServedChain(running: RunningMachine): Promise<void> {
-  return closeChain(running.export.device, running.held);
+async function closeServedChain(running: RunningMachine): Promise<void> {
+  for (const served of running.disks) await closeChain(served.export.device, served.held);
+}
+
+/** Move every export onto its new device (all disks at one instant: the guest is stopped). */
+async function swapAll(running: RunningMachine, devices: readonly BlockDevice[]): Promise<void> {
+  for (const [disk, served] of running.disks.entries()) served.held.push(await served.export.swapDevice(devices[disk]));
+}
+
+/** The NBD export name of disk `disk` ("disk0" for the first, as before there could be several). */
+export function diskExportName(disk: number): string {
+  return `disk${disk}`;
 }
 
 /**
@@ -619,16 +644,16 @@ function closeServedChain(running: RunningMachine): Promise<void> {
  * merges into its top: its creation (on the top) and its fold-back (commit
  * into the top, remove). Journaled around the delete plan's own steps.
  */
-export function writesLayerSteps(tree: TreeRecord, sizeBytes: number): { writesFile: string; createWrites: LayerStep; foldWrites: LayerStep[] } {
+export function writesLayerSteps(tree: TreeRecord, sizeBytes: number): { writesFile: string; createWrites: LayerStep[]; foldWrites: LayerStep[] } {
   const topFile = tree.layers[tree.current.layer].file;
   const writesFile = `layers/${tree.current.layer}.writes.qcow2`;
   return {
     writesFile,
-    createWrites: { kind: "create-overlay", file: writesFile, backingFile: topFile, sizeBytes },
-    foldWrites: [
+    createWrites: expandForDisks(tree, [{ kind: "create-overlay", file: writesFile, backingFile: topFile, sizeBytes }]),
+    foldWrites: expandForDisks(tree, [
       { kind: "commit", fromFile: writesFile, intoFile: topFile },
       { kind: "remove-layer", file: writesFile },
-    ],
+    ]),
   };
 }
 
