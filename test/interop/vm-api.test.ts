@@ -94,7 +94,8 @@ test("API access: socket 0600 in a private directory, TCP only on 127.0.0.1 with
     assert.notEqual(refused, "connected", `not listening on ${address}`);
   }
   const health = "/v1/health";
-  for (const headers of [{}, { authorization: "Bearer wrong" }, { authorization: `Bearer ${token}x` }, { authorization: `Basic ${token}` }, { authorization: token }]) {
+  const wrongHeaders: Array<Record<string, string>> = [{}, { authorization: "Bearer wrong" }, { authorization: `Bearer ${token}x` }, { authorization: `Basic ${token}` }, { authorization: token }];
+  for (const headers of wrongHeaders) {
     const denied = await request({ port }, "GET", health, { headers });
     assert.equal(denied.status, 401, JSON.stringify(headers));
     assert.equal(errorOf(denied).code, "E_ACCESS");

@@ -10,51 +10,18 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
 import { readdirSync } from "node:fs";
 import { join } from "node:path";
 import { openImage } from "../../src/chain/open-image.ts";
-import { ApiClient } from "../../src/api/api-client.ts";
 import { MachineStore } from "../../src/vm/store/machine-store.ts";
 import { stepPath } from "../../src/vm/store/layer-steps.ts";
 import { checkTree } from "../../src/vm/tree/snapshot-tree.ts";
 import { createRandom, testSeed } from "../helpers/random.ts";
 import { scratchDir } from "../helpers/tools.ts";
+import { killChild, readDisk, startServe } from "../helpers/vm-daemon.ts";
 
 const DISK_BYTES = 64 * 1024 * 1024;
 const ROUNDS = Number(process.env.SNAPSTACK_VM_RESTARTS ?? 12);
-const BIN = new URL("../../bin/snapstack", import.meta.url).pathname;
-
-async function startServe(home: string): Promise<{ child: ChildProcess; api: ApiClient }> {
-  const child = spawn(process.execPath, [BIN, "serve", "--home", home], { stdio: ["ignore", "ignore", "pipe"] });
-  let stderr = "";
-  child.stderr!.on("data", (chunk) => (stderr += chunk));
-  const api = new ApiClient(join(home, "daemon.sock"));
-  for (let tries = 0; tries < 400; tries++) {
-    if (child.exitCode !== null) throw new Error(`daemon exited: ${stderr}`);
-    if (await api.alive().catch(() => false)) return { child, api };
-    await new Promise((wake) => setTimeout(wake, 25));
-  }
-  throw new Error(`daemon did not answer: ${stderr}`);
-}
-
-async function kill(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const gone = new Promise((resolve) => child.once("exit", resolve));
-  child.kill("SIGKILL");
-  await gone;
-}
-
-async function readDisk(path: string): Promise<Buffer> {
-  const device = await openImage(path, { readOnly: true });
-  try {
-    const buffer = Buffer.alloc(device.sizeBytes);
-    await device.read(0, buffer);
-    return buffer;
-  } finally {
-    await device.close();
-  }
-}
 
 test("SIGKILL of the daemon during snapshot/revert/delete: consistent store, every snapshot reverts correctly", { timeout: 240_000 }, async (t) => {
   const seed = testSeed();
@@ -63,7 +30,7 @@ test("SIGKILL of the daemon during snapshot/revert/delete: consistent store, eve
   const random = createRandom(seed);
   const home = scratchDir(t, "ss-restart-");
   let daemon = await startServe(home);
-  t.after(() => kill(daemon.child));
+  t.after(() => killChild(daemon.child));
   await daemon.api.request("POST", "/machines", { name: "m", diskSizeBytes: DISK_BYTES });
   const store = new MachineStore(home);
   const dir = store.machineDir("m");
@@ -124,7 +91,7 @@ test("SIGKILL of the daemon during snapshot/revert/delete: consistent store, eve
     );
     await new Promise((wake) => setTimeout(wake, random.int(150)));
     if (!finished) interrupted++;
-    await kill(daemon.child);
+    await killChild(daemon.child);
     daemon = await startServe(home);
     if (pendingSnapshot !== null && !Object.values(store.loadTree("m").snapshots).some((s) => s.name === pendingSnapshot)) model.delete(pendingSnapshot);
     await checkStore();
