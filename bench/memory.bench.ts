@@ -12,22 +12,22 @@
  * the VmHWM of the same child that imports the engine but opens nothing
  * (the floor: node itself and the loaded code) in the notes. Target
  * < 100 MiB. Two rows: run from the TypeScript sources (Node's type
- * stripping keeps its WebAssembly transpiler resident, ~40 MiB) and from a
- * throwaway JavaScript build (what users of the published dist/ run).
+ * stripping keeps its WebAssembly transpiler resident, ~40 MiB more: a
+ * developer's configuration) and from the child bundled into one
+ * JavaScript file with esbuild, as scripts/build-cli.ts bundles the CLI
+ * (what users of the package and of a checkout after `npm install` run).
  * Peer: qemu-io doing the same reads (commands on stdin), peak RSS from GNU
  * time.
  */
-import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { buildCompiledCopy, compiledPath } from "./fixtures/compiled-build.ts";
+import { bundleEntry } from "./fixtures/compiled-build.ts";
 import { MiB, withScratchDir } from "./fixtures/images.ts";
 import type { MemoryChildReport } from "./fixtures/memory-child.ts";
 import { printRows, row, type BenchRow } from "./fixtures/rows.ts";
 import { buildSparseImage, SPARSE_REQUEST_BYTES, sparseRandomOffsets } from "./fixtures/sparse-image.ts";
 import { runMeasured } from "./fixtures/tools.ts";
 
-const CHILD_RELATIVE_PATH = "bench/fixtures/memory-child.ts";
 const CHILD_PATH = fileURLToPath(new URL("./fixtures/memory-child.ts", import.meta.url));
 
 async function runChild(childPath: string, argument: string): Promise<MemoryChildReport> {
@@ -81,11 +81,9 @@ export default async function memoryBench(): Promise<BenchRow[]> {
     const writes = await buildSparseImage(path);
     const peer = await qemuIoPeak(path, writes);
     const rows = [await measureVariant({ label: "TypeScript sources", childPath: CHILD_PATH }, path, peer)];
-    const compiledDir = join(dir, "js");
-    mkdirSync(compiledDir);
-    const buildError = await buildCompiledCopy(compiledDir, [compiledPath(CHILD_RELATIVE_PATH)]);
-    if (buildError === null) rows.push(await measureVariant({ label: "compiled JavaScript", childPath: join(compiledDir, compiledPath(CHILD_RELATIVE_PATH)) }, path, peer));
-    else rows.push(row("peak RSS (compiled JavaScript)", null, mib(peer.peakRssBytes), "MiB", `build failed: ${buildError.slice(0, 200)}`));
+    const bundled = await bundleEntry(CHILD_PATH, join(dir, "js"), "memory-child");
+    if (typeof bundled === "string") rows.push(await measureVariant({ label: "compiled JavaScript", childPath: bundled }, path, peer));
+    else rows.push(row("peak RSS (compiled JavaScript)", null, mib(peer.peakRssBytes), "MiB", bundled.message.slice(0, 200)));
     return rows;
   });
 }
