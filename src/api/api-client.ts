@@ -33,8 +33,16 @@ export class ApiClient {
         let buffered = "";
         let settled = false;
         const handleLine = (line: string): void => {
-          if (line.trim() === "") return;
-          const event = JSON.parse(line) as { event: string; result?: T; error?: { code: string; message: string; details: Record<string, unknown> } } & JobProgress;
+          if (line.trim() === "" || settled) return;
+          let parsed: unknown;
+          try {
+            parsed = JSON.parse(line);
+          } catch {
+            settled = true;
+            reject(new SnapstackError("E_IO", `unreadable progress line from the daemon: ${JSON.stringify(line.slice(0, 200))}`));
+            return;
+          }
+          const event = parsed as { event: string; result?: T; error?: { code: string; message: string; details: Record<string, unknown> } } & JobProgress;
           if (event.event === "progress") onProgress?.(event);
           else if (event.event === "result") {
             settled = true;

@@ -137,6 +137,8 @@ test("vm CLI on stopped machines: every command, the daemon started on demand, -
   await vmFails(home, ["create", "bad\nname", "--disk", "1M"], "E_USAGE");
   await vmFails(home, ["create", "c", "--disk-from", join(home, "no-such-image")], "E_NOT_FOUND");
   await vmFails(home, ["create", "c", "--disk", "lots"], "E_INVALID_SIZE");
+  await vmFails(home, ["create", "c", "--disk", "1M", "--cpus", "two"], "E_USAGE");
+  await vmFails(home, ["create", "c", "--disk", "1M", "--cpus", "0"], "E_USAGE");
   await vmFails(home, ["status", "nope"], "E_NOT_FOUND");
   await vmFails(home, ["snapshots", "a/../src"], "E_USAGE");
   await vmFails(home, ["revert", "a", "nosnap"], "E_SNAPSHOT_NOT_FOUND");

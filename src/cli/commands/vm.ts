@@ -190,6 +190,7 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
     args: [1, 1, "Expecting a machine name"],
     async run(client, parsed, context) {
       const cpusText = optionString(parsed, "cpus");
+      if (cpusText !== undefined && !/^[1-9][0-9]*$/.test(cpusText)) throw new SnapstackError("E_USAGE", `--cpus ${JSON.stringify(cpusText)}: expecting a whole number of CPUs`);
       const config = await client.request<{ name: string; diskSizeBytes: number }>("POST", "/machines", {
         name: parsed.positionals[0],
         memoryBytes: sizeOption(parsed, "memory", "memory size"),
