@@ -289,10 +289,11 @@ export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l
         if (runStart >= 0) await apply(runStart, runBytes);
       }
       // COPIED from the refcounts now in place (compressed and unallocated entries never carry it).
+      // After a raise every cluster of the tree counts at least 2: no lookup needed.
       let tableModified = false;
       for (const { l2Index, entry } of used) {
         let copied = false;
-        if (entry.type === "normal" || entry.type === "zero-alloc") {
+        if (addend <= 0 && (entry.type === "normal" || entry.type === "zero-alloc")) {
           const clusterIndex = entry.hostOffset / cs;
           copied = (meta.peekRefcount(clusterIndex) ?? (await meta.getRefcount(clusterIndex))) === 1;
         }
