@@ -10,16 +10,17 @@ import assert from "node:assert/strict";
 import http from "node:http";
 import net from "node:net";
 import { networkInterfaces } from "node:os";
-import { chmodSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { spawn } from "node:child_process";
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { openImage } from "../../src/chain/open-image.ts";
 import { startDaemon } from "../../src/api/daemon.ts";
 import { ApiClient } from "../../src/api/api-client.ts";
 import { MachineStore } from "../../src/vm/store/machine-store.ts";
 import type { JobProgress } from "../../src/chain/jobs/index.ts";
-import { scratchDir } from "../helpers/tools.ts";
+import { run, scratchDir, type RunResult } from "../helpers/tools.ts";
 import { createRandom, testSeed } from "../helpers/random.ts";
-import { layerPath, processAlive, readSnapshotDisk, sleep, stopDaemonOf, vmCli, vmTestEnv } from "../helpers/vm-daemon.ts";
+import { killChild, layerPath, processAlive, readSnapshotDisk, sleep, SNAPSTACK_BIN, stopDaemonOf, vmCli, vmTestEnv } from "../helpers/vm-daemon.ts";
 
 const MiB = 1024 * 1024;
 
@@ -41,6 +42,11 @@ function request(target: { socketPath: string } | { port: number }, method: stri
     req.on("error", reject);
     req.end(options.body);
   });
+}
+
+/** `snapstack serve ARGS` run to its end (for arguments it refuses). */
+function serveCli(args: string[]): Promise<RunResult> {
+  return run(process.execPath, [SNAPSTACK_BIN, "serve", ...args], { env: vmTestEnv(), timeoutMs: 60_000 });
 }
 
 function errorOf(answer: Answer): { code: string; message: string } {
@@ -241,4 +247,40 @@ test("one daemon per store: CLIs starting daemons at once get one; a stale lock 
   const cli = await vmCli(["list", "--home", open], vmTestEnv());
   assert.equal(cli.code, 1);
   assert.match(cli.stderr, /^snapstack: error E_ACCESS: .*writable by others.*\n$/);
+});
+
+test("snapstack serve: --listen-tcp serves 127.0.0.1 with the token; no TCP unless asked; SIGTERM shuts down cleanly", async (t) => {
+  const home = join(scratchDir(t, "ss-api-"), "store");
+  const badPort = await serveCli(["--listen-tcp", "http", "--home", home]);
+  assert.equal(badPort.code, 1);
+  assert.match(badPort.stderr, /^snapstack: error E_USAGE: --listen-tcp http: not a port number/);
+
+  const child = spawn(process.execPath, [SNAPSTACK_BIN, "serve", "--home", home, "--listen-tcp", "0"], { stdio: ["ignore", "ignore", "pipe"], env: vmTestEnv() });
+  t.after(() => killChild(child));
+  let stderr = "";
+  child.stderr!.on("data", (chunk) => (stderr += chunk));
+  for (let tries = 0; !/127\.0\.0\.1:\d+/.test(stderr) && tries < 1200; tries++) {
+    assert.equal(child.exitCode, null, stderr);
+    await sleep(25);
+  }
+  const port = Number(/127\.0\.0\.1:(\d+)/.exec(stderr)![1]);
+  const token = readFileSync(join(home, "api-token"), "utf8").trim();
+  assert.equal((await request({ port }, "GET", "/v1/health")).status, 401);
+  assert.equal((await request({ port }, "GET", "/v1/health", { headers: { authorization: `Bearer ${token}` } })).status, 200);
+  const api = new ApiClient(join(home, "daemon.sock"));
+  await api.request("POST", "/machines", { name: "m", diskSizeBytes: MiB });
+
+  const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+  child.kill("SIGTERM");
+  assert.equal(await exited, 0, stderr);
+  for (const file of ["daemon.sock", "daemon.pid", "daemon.lock"]) assert.equal(existsSync(join(home, file)), false, `${file} removed at shutdown`);
+  assert.equal(new MachineStore(home).has("m"), true);
+
+  // Without --listen-tcp: no TCP listener, no token.
+  const plain = join(scratchDir(t, "ss-api-"), "store");
+  const daemon = await startDaemon({ home: plain });
+  t.after(() => daemon.close());
+  assert.equal(daemon.tcpPort, null);
+  assert.equal(daemon.token, null);
+  assert.equal(existsSync(join(plain, "api-token")), false);
 });
