@@ -7,12 +7,19 @@
  *
  * Also the store's permission check: daemon and clients both refuse a
  * store another user could write to (they could put their own socket
- * there). Kept apart from daemon.ts so that `snapstack vm` can use both
- * without loading the machine manager.
+ * there), and where the API socket is: $SNAPSTACK_HOME/daemon.sock, or,
+ * when that path does not fit a socket address (sun_path, 107 bytes), a
+ * socket named after a hash of the store in /tmp/snapstack-UID (created
+ * 0700, and refused unless it is this user's and private). Kept apart
+ * from daemon.ts so that `snapstack vm` can use them without loading the
+ * machine manager.
  */
-import { closeSync, existsSync, fsyncSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SnapstackError, fromSystemError } from "../base/errors.ts";
+import { SUN_PATH_BYTES_MAX } from "../vm/runtime/qemu-args.ts";
 
 /** "PID START_TIME" of a live process (start time in clock ticks since boot), or null when it is gone or a zombie. */
 function processIdentity(pid: number): string | null {
@@ -92,7 +99,12 @@ export async function acquireDaemonLock(home: string): Promise<() => void> {
 
 /** The store must belong to this user and be writable by no one else (see the design notes). */
 export function checkStorePermissions(home: string): void {
-  const stat = statSync(home);
+  let stat;
+  try {
+    stat = statSync(home);
+  } catch (error) {
+    throw fromSystemError(error, home, "check the store");
+  }
   const uid = process.getuid?.();
   if (uid !== undefined && stat.uid !== uid) {
     throw new SnapstackError("E_ACCESS", `${home} belongs to uid ${stat.uid}, not to this user (${uid}): the daemon serves only a store of its own`, { path: home });
@@ -101,4 +113,18 @@ export function checkStorePermissions(home: string): void {
     const mode = (stat.mode & 0o777).toString(8).padStart(4, "0");
     throw new SnapstackError("E_ACCESS", `${home} is writable by others (mode ${mode}): anyone could replace its daemon socket; run 'chmod go-w ${home}'`, { path: home, mode });
   }
+}
+
+/** The API socket of the store at `home` (see the header); creates the short directory when needed. */
+export function daemonSocketPath(home: string): string {
+  const own = join(home, "daemon.sock");
+  if (Buffer.byteLength(own) <= SUN_PATH_BYTES_MAX) return own;
+  const dir = join(tmpdir(), `snapstack-${process.getuid?.() ?? 0}`);
+  try {
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+  } catch (error) {
+    throw fromSystemError(error, dir, "create the socket directory");
+  }
+  checkStorePermissions(dir);
+  return join(dir, `${createHash("sha256").update(home).digest("hex").slice(0, 16)}.sock`);
 }

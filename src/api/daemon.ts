@@ -24,7 +24,7 @@ import { randomBytes } from "node:crypto";
 import { existsSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { SnapstackError } from "../base/errors.ts";
-import { acquireDaemonLock, checkStorePermissions } from "./daemon-lock.ts";
+import { acquireDaemonLock, checkStorePermissions, daemonSocketPath } from "./daemon-lock.ts";
 import { MachineStore } from "../vm/store/machine-store.ts";
 import { writeFileAtomic } from "../vm/store/atomic-file.ts";
 import { MachineManager } from "../vm/manager/machine-manager.ts";
@@ -59,7 +59,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   const log = options.log ?? (() => {});
   const store = new MachineStore(options.home);
   checkStorePermissions(store.home);
-  if (await new ApiClient(store.socketPath).alive()) {
+  const socketPath = daemonSocketPath(store.home);
+  if (await new ApiClient(socketPath).alive()) {
     throw new SnapstackError("E_IN_USE", `a snapstack daemon already serves ${store.home}`, { home: store.home });
   }
   const releaseLock = await acquireDaemonLock(store.home);
@@ -71,14 +72,14 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     await manager.init();
     const token = options.tcpPort !== undefined ? loadOrCreateToken(store.home) : null;
     api = new ApiServer(manager, { token: token ?? undefined, log });
-    await api.listenUnix(store.socketPath);
+    await api.listenUnix(socketPath);
     const tcpPort = options.tcpPort !== undefined ? await api.listenTcp(options.tcpPort) : null;
     writeFileAtomic(pidPath, `${process.pid}\n`);
-    log(`snapstack daemon ${process.pid} serving ${store.home} on ${store.socketPath}${tcpPort !== null ? ` and 127.0.0.1:${tcpPort}` : ""}`);
+    log(`snapstack daemon ${process.pid} serving ${store.home} on ${socketPath}${tcpPort !== null ? ` and 127.0.0.1:${tcpPort}` : ""}`);
     const [server, machines] = [api, manager];
     return {
       manager: machines,
-      socketPath: store.socketPath,
+      socketPath,
       tcpPort,
       token,
       async close() {

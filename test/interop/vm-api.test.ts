@@ -284,3 +284,19 @@ test("snapstack serve: --listen-tcp serves 127.0.0.1 with the token; no TCP unle
   assert.equal(daemon.token, null);
   assert.equal(existsSync(join(plain, "api-token")), false);
 });
+
+test("a store whose socket path is too long for a socket address: the API socket goes to a private directory in /tmp", async (t) => {
+  const home = join(scratchDir(t, "ss-api-"), "a-store-with-a-long-name-".repeat(5));
+  t.after(() => stopDaemonOf(home));
+  assert.ok(Buffer.byteLength(join(home, "daemon.sock")) > 107);
+  const listed = await vmCli(["list", "--output=json", "--home", home]);
+  assert.equal(listed.code, 0, listed.stderr);
+  assert.deepEqual(JSON.parse(listed.stdout), []);
+  const created = await vmCli(["create", "m", "--disk", "1M", "--home", home]);
+  assert.equal(created.code, 0, created.stderr);
+  const socketPath = /serving .* on (\/\S+\.sock)\n/.exec(readFileSync(join(home, "daemon.log"), "utf8"))![1];
+  assert.ok(Buffer.byteLength(socketPath) <= 107);
+  assert.equal(statSync(socketPath).mode & 0o777, 0o600);
+  assert.equal(statSync(join(socketPath, "..")).mode & 0o077, 0, "its directory is private");
+  assert.equal((await new ApiClient(socketPath).request<Array<{ name: string }>>("GET", "/machines")).map((m) => m.name).join(), "m");
+});

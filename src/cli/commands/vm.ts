@@ -20,7 +20,7 @@ import { optionFlag, optionList, optionString, parseArgs, type OptionSpec, type 
 import { expectPositionals, parseOutputFormat } from "../command-helpers.ts";
 import type { CliCommand, CliContext } from "../context.ts";
 import { ApiClient } from "../../api/api-client.ts";
-import { checkStorePermissions, daemonLockHolder } from "../../api/daemon-lock.ts";
+import { checkStorePermissions, daemonLockHolder, daemonSocketPath } from "../../api/daemon-lock.ts";
 import { MachineStore, resolveHome } from "../../vm/store/machine-store.ts";
 import type { MachineStatus } from "../../vm/manager/machine-manager.ts";
 import type { TreeView } from "../../vm/manager/machine-operations.ts";
@@ -53,7 +53,7 @@ export async function connectDaemon(home: string, context: CliContext): Promise<
     throw fromSystemError(error, home, "create the store");
   }
   checkStorePermissions(store.home);
-  const client = new ApiClient(store.socketPath);
+  const client = new ApiClient(daemonSocketPath(store.home));
   if (await client.alive()) return client;
   const script = fileURLToPath(new URL("../../../bin/snapstack", import.meta.url));
   const logPath = join(store.home, "daemon.log");
