@@ -455,3 +455,24 @@ test("several exports and TCP on 127.0.0.1 with an ephemeral port", async (t) =>
   const unix = await harness.connect();
   assert.equal((await negotiate(unix, { name: "one" })).sizeBytes, MiB);
 });
+
+test("export.run: a request that throws or rejects is counted out of flight, so a later swap does not wait for it", async () => {
+  const exp = new NbdExport({ name: "", device: memoryDevice(SIZE) });
+  await assert.rejects(
+    exp.run(() => {
+      throw new Error("thrown before any promise");
+    }),
+    /thrown before any promise/,
+  );
+  await assert.rejects(exp.run((device) => device.read(SIZE, Buffer.alloc(512))), { code: "E_OUT_OF_RANGE" });
+  assert.equal(await exp.run(async () => 42), 42);
+  assert.equal(exp.inFlight, 0);
+  const replacement = memoryDevice(SIZE);
+  const running = exp.run((device) => device.read(0, Buffer.alloc(512)));
+  const swap = exp.swapDevice(replacement);
+  const queued = exp.run(async (device) => device);
+  await running;
+  await swap;
+  assert.equal(await queued, replacement, "a request made during the swap runs on the new device");
+  assert.equal(exp.inFlight, 0);
+});
