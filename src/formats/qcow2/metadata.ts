@@ -39,17 +39,19 @@ import { CHECK_CLUSTERS_MAX } from "./reference-counter.ts";
 /** QCOW_MAX_L1_SIZE: 32 MiB of active L1 table. */
 export const L1_BYTES_MAX = 32 * 1024 * 1024;
 /**
- * Default bound of both metadata caches together: 12 MiB of L2 tables cover
- * 96 GiB of guest disk at 64 KiB clusters (QEMU's default 32 MiB of L2
- * covers 256 GiB); 4 MiB of refcount blocks cover 128 GiB of host file.
- * Was 32 MiB: a reader of a 1 TiB sparse image then peaked at ~98 MiB of
- * RSS against issue 2's 100 MiB (bench/memory.bench.ts); with 16 MiB ~82.
- * A cache miss costs one page-cached 64 KiB read. Callers that do random
- * I/O over a larger working set pass cacheBytesMax.
+ * Default bound of both metadata caches together: 14 MiB of L2 tables cover
+ * 112 GiB of guest disk at 64 KiB clusters (QEMU's default 32 MiB of L2
+ * covers 256 GiB; a snapshot pass over a 100 GiB disk's 200 tables must fit,
+ * or each of apply's three passes reads them all again); 2 MiB of refcount
+ * blocks cover 64 GiB of host file (QEMU's default: 256 KiB). Was 32 MiB
+ * with a quarter for refcount blocks: a reader of a 1 TiB sparse image then
+ * peaked at ~98 MiB of RSS against issue 2's 100 MiB
+ * (bench/memory.bench.ts). A miss costs one page-cached read of a cluster;
+ * callers with a larger working set pass cacheBytesMax.
  */
 export const METADATA_CACHE_BYTES_DEFAULT = 16 * 1024 * 1024;
 /** Share of the cache bound given to refcount blocks (the rest holds L2 tables). */
-const REFBLOCK_CACHE_SHARE = 0.25;
+const REFBLOCK_CACHE_SHARE = 0.125;
 /** Largest single zero-fill write when wiping freed clusters (bounds the zero buffer). */
 const WIPE_WRITE_BYTES_MAX = 1024 * 1024;
 /**
