@@ -185,7 +185,7 @@ test("a delete under a running top killed at any step: the replay keeps the gues
     const tree = store.loadTree("m");
     const plan = planDelete(tree, "sits-on", sizeOfIn(dir), { running: true });
     const { writesFile, createWrites, foldWrites } = writesLayerSteps(tree, 4 * MiB);
-    const steps = [createWrites, ...plan.steps, ...foldWrites];
+    const steps = [...createWrites, ...plan.steps, ...foldWrites];
     store.beginJournal("m", "delete-snapshot", { tree: plan.tree, steps });
     // The daemon ran `killAfter` steps (the guest writing into the temporary layer once it exists), then died.
     for (const [index, step] of steps.slice(0, killAfter).entries()) {
@@ -201,4 +201,95 @@ test("a delete under a running top killed at any step: the replay keeps the gues
     for (const [index, fill] of expected.entries()) assert.ok(disk.subarray(index * CHUNK, (index + 1) * CHUNK).equals(Buffer.alloc(CHUNK, fill)), `kill after ${killAfter}: chunk ${index}`);
     for (const layer of Object.values(after.layers)) await runOk("qemu-img", ["check", stepPath(dir, layer.file)]);
   }
+});
+
+test("several disks: each its own NBD export, all in every snapshot at one instant; revert and delete (running and stopped) keep them together", { timeout: 600_000 }, async (t) => {
+  if (!requireTools(t, "qemu-system-x86_64", "qemu-img")) return;
+  const guest = await buildGuest();
+  const store = new MachineStore(scratchDir(t, "ss-vmdisks-"));
+  const manager = new MachineManager(store);
+  t.after(() => manager.shutdown());
+  const name = "two";
+  await assert.rejects(manager.create({ name: "bad", diskSizeBytes: MiB, extraDiskSizesBytes: [0] }), { code: "E_INVALID_SIZE" });
+  await manager.create({ name, memoryBytes: 256 * MiB, diskSizeBytes: 16 * MiB, extraDiskSizesBytes: [8 * MiB], kernel: guest.kernelPath, initrd: guest.initrdPath, append: guest.append });
+  assert.deepEqual(store.loadConfig(name).extraDiskSizesBytes, [8 * MiB]);
+  const dir = store.machineDir(name);
+  const diskFiles = (layerId: string): string[] => {
+    const tree = store.loadTree(name);
+    return [tree.layers[layerId].file, tree.layers[layerId].file.replace(/\.qcow2$/, ".d1.qcow2")].map((file) => stepPath(dir, file));
+  };
+  const readSector = async (file: string, sector: number): Promise<string> => {
+    const device = await openImage(file, { readOnly: true });
+    try {
+      const buffer = Buffer.alloc(512);
+      await device.read(sector * 512, buffer);
+      return buffer.toString("ascii").replace(/\0+$/, "");
+    } finally {
+      await device.close();
+    }
+  };
+
+  await manager.start(name);
+  let console = new GuestConsole(manager.serialLogPath(name), manager.serialSocketPath(name));
+  t.after(() => console.close());
+  await console.waitFor(/^READY vda vdb/m, { timeoutMs: 120_000 });
+  const run = async (command: string): Promise<string[]> => {
+    const result = await console.runCommand(command, { timeoutMs: 60_000 });
+    assert.equal(result.exitCode, 0, `${command}: ${result.output.join("\n")}`);
+    return result.output;
+  };
+  const mark = (device: string, text: string, sector: number): Promise<string[]> => run(`printf '${text}' | dd of=/dev/${device} bs=512 seek=${sector} count=1 conv=sync,fsync 2>/dev/null`);
+  const readMark = async (device: string, sector: number): Promise<string> => (await run(`dd if=/dev/${device} bs=512 skip=${sector} count=1 iflag=direct 2>/dev/null | tr -d '\\000'`)).join("");
+  assert.equal((await run("cat /sys/block/vdb/size"))[0], String((8 * MiB) / 512));
+
+  await mark("vda", "A-ONE", 0);
+  await mark("vdb", "B-ONE", 0);
+  const one = await manager.snapshot(name, { snapshot: "one" });
+  assert.equal(one.snapshot.hasState, true);
+  const [frozenA, frozenB] = diskFiles(one.snapshot.layer);
+  assert.equal(await readSector(frozenA, 0), "A-ONE");
+  assert.equal(await readSector(frozenB, 0), "B-ONE");
+  await mark("vda", "A-TWO", 0);
+  await mark("vdb", "B-TWO", 0);
+  await manager.snapshot(name, { snapshot: "two", diskOnly: true });
+  await mark("vdb", "B-TOP", 1);
+
+  // Delete "two" (the VM sits on it): both disks' layers merge into their running tops.
+  const deleted = await manager.deleteSnapshot(name, "two");
+  t.diagnostic(`deleted with two disks while running: merged ${deleted.mergedBytes} bytes, paused ${deleted.pausedMs.toFixed(1)} ms`);
+  assert.equal(await readMark("vda", 0), "A-TWO");
+  assert.equal(await readMark("vdb", 0), "B-TWO");
+  assert.equal(await readMark("vdb", 1), "B-TOP");
+
+  // Revert "one": both disks and RAM come back.
+  console.close();
+  await manager.revert(name, "one");
+  console = new GuestConsole(manager.serialLogPath(name), manager.serialSocketPath(name));
+  assert.equal(await readMark("vda", 0), "A-ONE");
+  assert.equal(await readMark("vdb", 0), "B-ONE");
+  assert.equal(await readMark("vdb", 1), "");
+  console.close();
+  await manager.stop(name);
+
+  // Stopped: snapshot, delete, layer files per disk, all checked clean.
+  await manager.snapshot(name, { snapshot: "three" });
+  await manager.deleteSnapshot(name, "one");
+  const tree = store.loadTree(name);
+  assert.deepEqual(Object.values(tree.snapshots).map((snapshot) => snapshot.name), ["three"]);
+  const files = readdirSync(join(dir, "layers")).sort();
+  assert.deepEqual(files, Object.values(tree.layers).flatMap((layer) => diskFiles(layer.id).map((file) => file.slice(join(dir, "layers").length + 1))).sort());
+  for (const file of files) await runOk("qemu-img", ["check", join(dir, "layers", file)]);
+  const [threeA, threeB] = diskFiles(tree.snapshots[Object.keys(tree.snapshots)[0]].layer);
+  assert.equal(await readSector(threeA, 0), "A-ONE");
+  assert.equal(await readSector(threeB, 0), "B-ONE");
+  // A linked clone gets both disks, each on the source's layer of that disk.
+  await manager.clone(name, "three", "copy");
+  const copyTree = store.loadTree("copy");
+  const copyTop = copyTree.layers[copyTree.current.layer].file;
+  assert.equal(await readSector(stepPath(store.machineDir("copy"), copyTop), 0), "A-ONE");
+  assert.equal(await readSector(stepPath(store.machineDir("copy"), copyTop.replace(/\.qcow2$/, ".d1.qcow2")), 0), "B-ONE");
+  await assert.rejects(manager.remove(name), { code: "E_IN_USE" });
+  await manager.remove("copy");
+  assert.equal((await manager.remove(name, { wipe: true })).freedBytes > 0, true);
+  assert.ok(!existsSync(dir));
 });

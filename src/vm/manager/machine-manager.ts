@@ -75,7 +75,7 @@ import { QemuProcess, type QemuExit } from "../runtime/qemu-process.ts";
 import { runFilePaths, SUN_PATH_BYTES_MAX } from "../runtime/qemu-args.ts";
 import { acceleratorChoice } from "../runtime/accelerator.ts";
 import { syncDirectorySync, writeJsonAtomic } from "../store/atomic-file.ts";
-import { executeStep, executeSteps, stepPath } from "../store/layer-steps.ts";
+import { executeSteps, stepPath } from "../store/layer-steps.ts";
 import type { MachineStore} from "../store/machine-store.ts";
 import { type MachineConfig } from "../store/machine-store.ts";
 import { expandForDisks, findSnapshot, layerFiles, planDelete, type LayerStep, type SnapshotRecord, type TreeRecord } from "../tree/snapshot-tree.ts";
@@ -321,7 +321,7 @@ export class MachineManager {
     const server = new NbdServer({ log: (line) => this.#log(`machine ${name} nbd: ${line}`) });
     const disks: ServedDisk[] = [];
     try {
-      for (const [disk, file] of layerFiles(tree, tree.current.layer === "" ? "" : tree.layers[tree.current.layer].file).entries()) {
+      for (const [disk, file] of layerFiles(tree, tree.layers[tree.current.layer].file).entries()) {
         const diskExport = new NbdExport({ name: diskExportName(disk), device: await openImage(stepPath(dir, file)) });
         server.addExport(diskExport);
         disks.push({ export: diskExport, held: [] });

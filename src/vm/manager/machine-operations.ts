@@ -13,6 +13,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import { openImage } from "../../chain/open-image.ts";
 import { convertImage } from "../../chain/convert-image.ts";
 import { diffImages, type DiffRange, type JobProgress } from "../../chain/jobs/index.ts";
+import { DISKS_MAX } from "../runtime/qemu-args.ts";
 import { writeJsonAtomic } from "../store/atomic-file.ts";
 import { executeSteps, fileAllocatedBytes, stepPath } from "../store/layer-steps.ts";
 import type { MachineStore} from "../store/machine-store.ts";
@@ -24,6 +25,7 @@ import {
   exclusiveLayers,
   findSnapshot,
   layerChain,
+  layerFiles,
   planDelete,
   planRevert,
   planSnapshot,
@@ -46,8 +48,10 @@ export interface CreateMachineRequest {
   memoryBytes?: number;
   cpus?: number;
   diskSizeBytes?: number;
-  /** Copy this image (raw or qcow2) as the machine's disk. */
+  /** Copy this image (raw or qcow2) as the machine's (first) disk. */
   diskFrom?: string;
+  /** More disks (empty, these sizes), each served as its own NBD export and snapshotted with the first. */
+  extraDiskSizesBytes?: number[];
   kernel?: string | null;
   initrd?: string | null;
   append?: string | null;
@@ -80,6 +84,17 @@ export function sizeOfIn(dir: string): LayerSize {
   return (file) => fileAllocatedBytes(stepPath(dir, file));
 }
 
+/** Bytes of a layer over all its disks. */
+function layerSizeIn(dir: string, tree: TreeRecord): LayerSize {
+  return (file) => layerFiles(tree, file).reduce((sum, each) => sum + fileAllocatedBytes(stepPath(dir, each)), 0);
+}
+
+function extraDisks(sizes: readonly number[] | undefined): { extraDiskSizesBytes?: number[] } {
+  if (sizes === undefined || sizes.length === 0) return {};
+  if (sizes.length + 1 > DISKS_MAX) throw usage(`at most ${DISKS_MAX} disks per machine`);
+  return { extraDiskSizesBytes: sizes.map((bytes, index) => checkInteger(`disk ${index + 2} size`, bytes, 512, DISK_BYTES_MAX)) };
+}
+
 /** Create a machine with an empty disk or a copy of an image. */
 export async function createMachine(store: MachineStore, request: CreateMachineRequest): Promise<MachineConfig> {
   const name = validateName("machine", request.name);
@@ -97,6 +112,7 @@ export async function createMachine(store: MachineStore, request: CreateMachineR
       memoryBytes: checkInteger("memory", request.memoryBytes ?? 512 * 1024 * 1024, MEMORY_BYTES_MIN, MEMORY_BYTES_MAX),
       cpus: checkInteger("cpus", request.cpus ?? 1, 1, CPUS_MAX),
       diskSizeBytes: checkInteger("disk size", diskSizeBytes, 512, DISK_BYTES_MAX),
+      ...extraDisks(request.extraDiskSizesBytes),
       kernel: checkFile("kernel", request.kernel),
       initrd: checkFile("initrd", request.initrd),
       append: request.append ?? null,
@@ -106,9 +122,12 @@ export async function createMachine(store: MachineStore, request: CreateMachineR
       cloneOf: null,
     };
     if (config.initrd !== null && config.kernel === null) throw usage("--initrd needs --kernel");
-    const plan = createTree(config.diskSizeBytes);
+    const plan = createTree(config.diskSizeBytes, null, config.extraDiskSizesBytes);
     const copy = source;
-    await store.create(config, plan.tree, copy === null ? plan.steps : [], async (dir) => {
+    const firstDisk = plan.tree.layers[plan.tree.current.layer].file;
+    // A copied first disk is written by the populate step; the other disks start empty.
+    const steps = copy === null ? plan.steps : plan.steps.filter((step) => step.kind !== "create-overlay" || step.file !== firstDisk);
+    await store.create(config, plan.tree, steps, async (dir) => {
       if (copy !== null) await convertImage(copy, join(dir, plan.tree.layers[plan.tree.current.layer].file), { format: "qcow2", targetCache: "writeback" });
     });
     return config;
@@ -128,7 +147,7 @@ export async function cloneMachine(store: MachineStore, sourceName: string, snap
   const pinned = setPin(sourceTree, layer.id, name, true, sizeOfIn(store.machineDir(sourceName)));
   store.saveTree(sourceName, pinned.tree);
   const config: MachineConfig = { ...sourceConfig, name, createdAt: new Date().toISOString(), cloneOf: { machine: sourceName, snapshot: snapshot.name, layer: layer.id } };
-  const plan = createTree(config.diskSizeBytes, { file: stepPath(store.machineDir(sourceName), layer.file) });
+  const plan = createTree(config.diskSizeBytes, { file: stepPath(store.machineDir(sourceName), layer.file) }, config.extraDiskSizesBytes);
   try {
     await store.create(config, plan.tree, plan.steps);
   } catch (error) {
@@ -274,7 +293,7 @@ export interface TreeView {
 
 /** The tree in display order (depth-first, children by creation time). */
 export function describeTree(store: MachineStore, name: string, tree: TreeRecord = store.loadTree(name)): TreeView {
-  const sizeOf = sizeOfIn(store.machineDir(name));
+  const sizeOf = layerSizeIn(store.machineDir(name), tree);
   const nameOf = (id: string | null): string | null => (id === null ? null : tree.snapshots[id].name);
   const views: SnapshotView[] = [];
   const stack: Array<{ id: string; depth: number }> = childrenOf(tree, null)

@@ -39,7 +39,10 @@ export interface MachineConfig {
   name: string;
   memoryBytes: number;
   cpus: number;
+  /** The first disk's size. */
   diskSizeBytes: number;
+  /** Sizes of the disks after the first (absent in stores from before there could be several). */
+  extraDiskSizesBytes?: number[];
   kernel: string | null;
   initrd: string | null;
   append: string | null;

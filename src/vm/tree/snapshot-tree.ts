@@ -32,6 +32,10 @@
  *   layer-steps.ts).
  * - A snapshot of a deleted snapshot's children is re-parented to the
  *   deleted node's parent; the tree never loses a branch.
+ * - Several disks: a layer is one file per disk (`L3.qcow2`, `L3.d1.qcow2`,
+ *   ...; diskFile). The planner decides on the layer (sizes summed over its
+ *   disks) and expandForDisks repeats each step for every disk, so all
+ *   disks share the tree's shape and every snapshot covers all of them.
  */
 import { SnapstackError, assert } from "../../base/errors.ts";
 
@@ -66,6 +70,13 @@ export interface TreeRecord {
   pins: Record<string, string[]>;
   nextLayerNumber: number;
   nextSnapshotNumber: number;
+  /**
+   * Disks after the first (absent: one disk). A layer is one file per disk:
+   * `file` for the first, diskFile(file, d) for disk d; every step on a
+   * layer is made for each disk (expandForDisks), so all disks share one
+   * tree and every snapshot covers all of them at one point in time.
+   */
+  extraDisks?: Array<{ sizeBytes: number }>;
 }
 
 export type LayerStep =
@@ -91,9 +102,66 @@ export function layerFileName(layerId: string): string {
   return `layers/${layerId}.qcow2`;
 }
 
+/** Number of disks the tree's layers hold. */
+export function diskCount(tree: TreeRecord): number {
+  return 1 + (tree.extraDisks?.length ?? 0);
+}
+
+/** The file of disk `disk` of the layer whose first disk is `file` (also for an external base). */
+export function diskFile(file: string, disk: number): string {
+  if (disk === 0) return file;
+  assert(file.endsWith(".qcow2"), `layer file ${file} ends in .qcow2`);
+  return `${file.slice(0, -".qcow2".length)}.d${disk}.qcow2`;
+}
+
+/** Every file of a layer, first disk first. */
+export function layerFiles(tree: TreeRecord, file: string): string[] {
+  return Array.from({ length: diskCount(tree) }, (_, disk) => diskFile(file, disk));
+}
+
+/** Steps planned on first-disk files, made for every disk (identity for one disk). */
+export function expandForDisks(tree: TreeRecord, steps: readonly LayerStep[]): LayerStep[] {
+  const count = diskCount(tree);
+  if (count === 1) return [...steps];
+  const expanded: LayerStep[] = [];
+  for (const step of steps) {
+    if (step.kind === "remove-snapshot-files") {
+      expanded.push(step);
+      continue;
+    }
+    for (let disk = 0; disk < count; disk++) {
+      const on = (file: string): string => diskFile(file, disk);
+      switch (step.kind) {
+        case "create-overlay":
+          expanded.push({ ...step, file: on(step.file), backingFile: step.backingFile === null ? null : on(step.backingFile), sizeBytes: disk === 0 ? step.sizeBytes : tree.extraDisks![disk - 1].sizeBytes });
+          break;
+        case "stream":
+          expanded.push({ ...step, fromFile: on(step.fromFile), intoFile: on(step.intoFile), baseFile: step.baseFile === null ? null : on(step.baseFile) });
+          break;
+        case "commit":
+          expanded.push({ ...step, fromFile: on(step.fromFile), intoFile: on(step.intoFile) });
+          break;
+        case "rebase-unsafe":
+          expanded.push({ ...step, file: on(step.file), backingFile: on(step.backingFile) });
+          break;
+        case "remove-layer":
+          expanded.push({ ...step, file: on(step.file) });
+          break;
+      }
+    }
+  }
+  return expanded;
+}
+
+/** A layer's bytes over all its disks. */
+function layerBytes(tree: TreeRecord, sizeOf: LayerSize): LayerSize {
+  return (file) => layerFiles(tree, file).reduce((sum, each) => sum + sizeOf(each), 0);
+}
+
 /** A new tree with one empty top layer (no backing, or on an external base) and the step creating it. */
-export function createTree(sizeBytes: number, base: { file: string } | null = null): Plan {
+export function createTree(sizeBytes: number, base: { file: string } | null = null, extraDiskSizesBytes: readonly number[] = []): Plan {
   const tree: TreeRecord = { version: 1, layers: {}, snapshots: {}, current: { layer: "", snapshot: null }, pins: {}, nextLayerNumber: 1, nextSnapshotNumber: 1 };
+  if (extraDiskSizesBytes.length > 0) tree.extraDisks = extraDiskSizesBytes.map((bytes) => ({ sizeBytes: bytes }));
   let parent: string | null = null;
   if (base !== null) {
     tree.layers.base = { id: "base", parent: null, file: base.file, external: true };
@@ -102,7 +170,7 @@ export function createTree(sizeBytes: number, base: { file: string } | null = nu
   const top = newLayer(tree, parent);
   tree.current.layer = top.id;
   const backingFile = parent === null ? null : tree.layers[parent].file;
-  return { tree, steps: [{ kind: "create-overlay", file: top.file, backingFile, sizeBytes }], removedFiles: [] };
+  return { tree, steps: expandForDisks(tree, [{ kind: "create-overlay", file: top.file, backingFile, sizeBytes }]), removedFiles: [] };
 }
 
 export function cloneTree(tree: TreeRecord): TreeRecord {
@@ -204,7 +272,7 @@ export function planSnapshot(tree: TreeRecord, request: SnapshotRequest): Plan &
   return {
     tree: next,
     snapshot,
-    steps: [{ kind: "create-overlay", file: top.file, backingFile: next.layers[frozen].file, sizeBytes: request.sizeBytes }],
+    steps: expandForDisks(next, [{ kind: "create-overlay", file: top.file, backingFile: next.layers[frozen].file, sizeBytes: request.sizeBytes }]),
     removedFiles: [],
   };
 }
@@ -221,7 +289,7 @@ export function planRevert(tree: TreeRecord, nameOrId: string, sizeBytes: number
   normalize(next, steps, removedFiles, sizeOf, { runningTop: null });
   assert(next.layers[oldTop.id] === undefined, "the old top is gone after a revert");
   checkTree(next);
-  return { tree: next, snapshot, steps, removedFiles };
+  return { tree: next, snapshot, steps: expandForDisks(next, steps), removedFiles: removedFiles.flatMap((file) => layerFiles(next, file)) };
 }
 
 export interface DeleteOptions {
@@ -240,7 +308,7 @@ export function planDelete(tree: TreeRecord, nameOrId: string, sizeOf: LayerSize
   const removedFiles: string[] = [];
   normalize(next, steps, removedFiles, sizeOf, { runningTop: options.running ? next.current.layer : null });
   checkTree(next);
-  return { tree: next, snapshot, steps, removedFiles };
+  return { tree: next, snapshot, steps: expandForDisks(next, steps), removedFiles: removedFiles.flatMap((file) => layerFiles(next, file)) };
 }
 
 /** Pin or unpin a layer for a linked clone. */
@@ -255,14 +323,15 @@ export function setPin(tree: TreeRecord, layerId: string, machine: string, pinne
   const removedFiles: string[] = [];
   if (!pinned) normalize(next, steps, removedFiles, sizeOf, { runningTop: null });
   checkTree(next);
-  return { tree: next, steps, removedFiles };
+  return { tree: next, steps: expandForDisks(next, steps), removedFiles: removedFiles.flatMap((file) => layerFiles(next, file)) };
 }
 
 /**
  * Merge or remove unowned layers until every layer is owned (the rules in
  * the design notes). Mutates `tree`, appends to `steps`.
  */
-function normalize(tree: TreeRecord, steps: LayerStep[], removedFiles: string[], sizeOf: LayerSize, options: { runningTop: string | null }): void {
+function normalize(tree: TreeRecord, steps: LayerStep[], removedFiles: string[], sizeOfDisk: LayerSize, options: { runningTop: string | null }): void {
+  const sizeOf = layerBytes(tree, sizeOfDisk);
   const stepsMax = Object.keys(tree.layers).length * 4 + 4;
   for (let round = 0; ; round++) {
     assert(round <= stepsMax, "normalize terminates");
