@@ -275,7 +275,11 @@ export class ApiServer {
     if (this.#options.token === undefined || this.#options.token === "") throw bad("listening on TCP needs a bearer token");
     const server = this.#createServer(true);
     await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
+      server.once("error", (error: NodeJS.ErrnoException) => {
+        if (error.code === "EADDRINUSE") reject(new SnapstackError("E_IN_USE", `127.0.0.1:${port} is already in use`, { port }));
+        else if (error.code === "EACCES") reject(new SnapstackError("E_ACCESS", `127.0.0.1:${port}: permission denied (ports below 1024 need privileges)`, { port }));
+        else reject(error);
+      });
       server.listen({ host: "127.0.0.1", port }, () => resolve());
     });
     this.#servers.push({ server, path: null });

@@ -254,6 +254,7 @@ test("snapstack serve: --listen-tcp serves 127.0.0.1 with the token; no TCP unle
   const badPort = await serveCli(["--listen-tcp", "http", "--home", home]);
   assert.equal(badPort.code, 1);
   assert.match(badPort.stderr, /^snapstack: error E_USAGE: --listen-tcp http: not a port number/);
+  for (const port of ["", "-1", "65536", "1e3"]) assert.equal((await serveCli(["--listen-tcp", port, "--home", home])).code, 1, `--listen-tcp '${port}'`);
 
   const child = spawn(process.execPath, [SNAPSTACK_BIN, "serve", "--home", home, "--listen-tcp", "0"], { stdio: ["ignore", "ignore", "pipe"], env: vmTestEnv() });
   t.after(() => killChild(child));
@@ -264,6 +265,9 @@ test("snapstack serve: --listen-tcp serves 127.0.0.1 with the token; no TCP unle
     await sleep(25);
   }
   const port = Number(/127\.0\.0\.1:(\d+)/.exec(stderr)![1]);
+  const taken = await serveCli(["--listen-tcp", String(port), "--home", join(scratchDir(t, "ss-api-"), "other")]);
+  assert.equal(taken.code, 1);
+  assert.match(taken.stderr, /^snapstack: error E_IN_USE: 127\.0\.0\.1:\d+ is already in use/);
   const token = readFileSync(join(home, "api-token"), "utf8").trim();
   assert.equal((await request({ port }, "GET", "/v1/health")).status, 401);
   assert.equal((await request({ port }, "GET", "/v1/health", { headers: { authorization: `Bearer ${token}` } })).status, 200);

@@ -25,7 +25,7 @@ export const serveCommand: CliCommand = {
     expectPositionals(parsed.positionals, 0, 0, "");
     const tcpText = optionString(parsed, "tcp");
     const tcpPort = tcpText === undefined ? undefined : Number(tcpText);
-    if (tcpPort !== undefined && (!Number.isSafeInteger(tcpPort) || tcpPort < 0 || tcpPort > 65535)) {
+    if (tcpPort !== undefined && (!/^[0-9]+$/.test(tcpText!) || !Number.isSafeInteger(tcpPort) || tcpPort > 65535)) {
       throw new SnapstackError("E_USAGE", `--listen-tcp ${tcpText}: not a port number`);
     }
     const log = (line: string): void => context.err(`${new Date().toISOString()} ${line}\n`);
