@@ -6,7 +6,7 @@
  * Routes (all under /v1; bodies and answers are JSON):
  *   GET    /health
  *   GET    /machines                          list with status
- *   POST   /machines                          create {name, memoryBytes, cpus, diskSizeBytes | diskFrom, kernel, initrd, append, cdrom, extraArgs}
+ *   POST   /machines                          create {name, memoryBytes, cpus, diskSizeBytes | diskFrom, extraDiskSizesBytes, kernel, initrd, append, cdrom, extraArgs}
  *   GET    /machines/NAME                     status
  *   DELETE /machines/NAME?wipe=1              remove
  *   POST   /machines/NAME/start | /stop {force}
@@ -131,12 +131,15 @@ export function createRoutes(manager: MachineManager): Array<{ method: string; p
   add("POST", "/machines", async ({ body }) => {
     const extraArgs = body.extraArgs;
     if (extraArgs !== undefined && (!Array.isArray(extraArgs) || !extraArgs.every((arg) => typeof arg === "string"))) throw bad("'extraArgs' must be a list of strings");
+    const extraDisks = body.extraDiskSizesBytes;
+    if (extraDisks !== undefined && (!Array.isArray(extraDisks) || !extraDisks.every((size) => typeof size === "number"))) throw bad("'extraDiskSizesBytes' must be a list of numbers");
     return manager.create({
       name: bodyString(body, "name", true)!,
       memoryBytes: bodyNumber(body, "memoryBytes"),
       cpus: bodyNumber(body, "cpus"),
       diskSizeBytes: bodyNumber(body, "diskSizeBytes"),
       diskFrom: bodyString(body, "diskFrom"),
+      extraDiskSizesBytes: extraDisks as number[] | undefined,
       kernel: bodyString(body, "kernel"),
       initrd: bodyString(body, "initrd"),
       append: bodyString(body, "append"),

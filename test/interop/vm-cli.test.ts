@@ -234,6 +234,13 @@ test("vm CLI on stopped machines: every command, the daemon started on demand, -
   assert.match((await vmOk(home, ["remove", "a", "--wipe", "-p"])).stdout, /^Removed 'a', freed .+ \(wiped\)\.\n$/);
   await vmFails(home, ["status", "a"], "E_NOT_FOUND");
   assert.equal(existsSync(join(home, "machines", "a")), false);
+  // Several disks: each snapshotted with the others.
+  assert.equal((await vmOk(home, ["create", "two", "--disk", "4M", "--extra-disk", "2M"])).stdout, "Created machine 'two' with disks of 4 MiB, 2 MiB.\n");
+  assert.match((await vmOk(home, ["status", "two"])).stdout, /^memory: 512 MiB, cpus: 1, disk: 4 MiB \+ 2 MiB$/m);
+  await vmOk(home, ["snapshot", "two", "t1"]);
+  assert.equal((await vmJson<TreeView>(home, ["snapshots", "two"])).snapshots.length, 1);
+  await vmFails(home, ["create", "three", "--disk", "4M", "--extra-disk", "tiny"], "E_INVALID_SIZE");
+  assert.match((await vmOk(home, ["remove", "two", "--wipe"])).stdout, /^Removed 'two'/);
   assert.match((await vmOk(home, ["remove", "src"])).stdout, /^Removed 'src', freed .+\.\n$/);
   assert.deepEqual(await vmJson<MachineStatus[]>(home, ["list"]), []);
 });

@@ -143,7 +143,7 @@ function renderStatus(status: MachineStatus): string {
   const lines = [
     `machine: ${status.name}`,
     `state: ${status.state}${status.pid !== null ? ` (pid ${status.pid}, ${status.accelerator})` : ""}`,
-    `memory: ${formatSize(status.config.memoryBytes)}, cpus: ${status.config.cpus}, disk: ${formatSize(status.config.diskSizeBytes)}`,
+    `memory: ${formatSize(status.config.memoryBytes)}, cpus: ${status.config.cpus}, disk: ${[status.config.diskSizeBytes, ...(status.config.extraDiskSizesBytes ?? [])].map(formatSize).join(" + ")}`,
     `current snapshot: ${status.currentSnapshot ?? "(none)"}, snapshots: ${status.snapshotCount}`,
   ];
   if (status.config.cloneOf !== null) lines.push(`linked clone of ${status.config.cloneOf.machine}@${status.config.cloneOf.snapshot}`);
@@ -175,12 +175,13 @@ interface Subcommand {
 
 const SUBCOMMANDS: Record<string, Subcommand> = {
   create: {
-    synopsis: "create NAME [--memory SIZE] [--cpus N] (--disk SIZE | --disk-from IMAGE) [--kernel F [--initrd F] [--append TEXT]] [--cdrom ISO] [--qemu-arg ARG]...",
+    synopsis: "create NAME [--memory SIZE] [--cpus N] (--disk SIZE | --disk-from IMAGE) [--extra-disk SIZE]... [--kernel F [--initrd F] [--append TEXT]] [--cdrom ISO] [--qemu-arg ARG]...",
     options: [
       { name: "memory", long: "memory", value: true },
       { name: "cpus", long: "cpus", value: true },
       { name: "disk", long: "disk", value: true },
       { name: "diskFrom", long: "disk-from", value: true },
+      { name: "extraDisk", long: "extra-disk", value: true, repeat: "list" },
       { name: "kernel", long: "kernel", value: true },
       { name: "initrd", long: "initrd", value: true },
       { name: "append", long: "append", value: true },
@@ -191,19 +192,22 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
     async run(client, parsed, context) {
       const cpusText = optionString(parsed, "cpus");
       if (cpusText !== undefined && !/^[1-9][0-9]*$/.test(cpusText)) throw new SnapstackError("E_USAGE", `--cpus ${JSON.stringify(cpusText)}: expecting a whole number of CPUs`);
-      const config = await client.request<{ name: string; diskSizeBytes: number }>("POST", "/machines", {
+      const config = await client.request<{ name: string; diskSizeBytes: number; extraDiskSizesBytes?: number[] }>("POST", "/machines", {
         name: parsed.positionals[0],
         memoryBytes: sizeOption(parsed, "memory", "memory size"),
         cpus: cpusText === undefined ? undefined : Number(cpusText),
         diskSizeBytes: sizeOption(parsed, "disk", "disk size"),
         diskFrom: absolute(optionString(parsed, "diskFrom")),
+        extraDiskSizesBytes: optionList(parsed, "extraDisk").map((text) => parseSize(text, { what: "disk size" })),
         kernel: absolute(optionString(parsed, "kernel")),
         initrd: absolute(optionString(parsed, "initrd")),
         append: optionString(parsed, "append"),
         cdrom: absolute(optionString(parsed, "cdrom")),
         extraArgs: optionList(parsed, "qemuArg"),
       });
-      context.out(`Created machine '${config.name}' with a ${formatSize(config.diskSizeBytes)} disk.\n`);
+      const extra = config.extraDiskSizesBytes ?? [];
+      const disks = extra.length === 0 ? `a ${formatSize(config.diskSizeBytes)} disk` : `disks of ${[config.diskSizeBytes, ...extra].map(formatSize).join(", ")}`;
+      context.out(`Created machine '${config.name}' with ${disks}.\n`);
       return 0;
     },
   },
