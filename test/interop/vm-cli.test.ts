@@ -13,7 +13,7 @@
  */
 import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
-import { copyFileSync, existsSync, renameSync, statSync, truncateSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, renameSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { openImage } from "../../src/chain/open-image.ts";
 import { MachineStore } from "../../src/vm/store/machine-store.ts";
@@ -139,6 +139,14 @@ test("vm CLI on stopped machines: every command, the daemon started on demand, -
   await vmFails(home, ["create", "c", "--disk", "lots"], "E_INVALID_SIZE");
   await vmFails(home, ["create", "c", "--disk", "1M", "--cpus", "two"], "E_USAGE");
   await vmFails(home, ["create", "c", "--disk", "1M", "--cpus", "0"], "E_USAGE");
+  const kernelCopy = join(home, "..", "vmlinuz-gone");
+  writeFileSync(kernelCopy, "not a kernel");
+  await vmOk(home, ["create", "k", "--disk", "1M", "--kernel", kernelCopy]);
+  rmSync(kernelCopy);
+  const noKernel = await vmFails(home, ["start", "k"], "E_NOT_FOUND");
+  assert.match(noKernel.stderr, /vmlinuz-gone/);
+  assert.equal((await vmJson<MachineStatus>(home, ["status", "k"])).state, "stopped");
+  await vmOk(home, ["remove", "k"]);
   await vmFails(home, ["status", "nope"], "E_NOT_FOUND");
   await vmFails(home, ["snapshots", "a/../src"], "E_USAGE");
   await vmFails(home, ["revert", "a", "nosnap"], "E_SNAPSHOT_NOT_FOUND");
@@ -237,8 +245,9 @@ test("vm CLI on stopped machines: every command, the daemon started on demand, -
   // Several disks: each snapshotted with the others.
   assert.equal((await vmOk(home, ["create", "two", "--disk", "4M", "--extra-disk", "2M"])).stdout, "Created machine 'two' with disks of 4 MiB, 2 MiB.\n");
   assert.match((await vmOk(home, ["status", "two"])).stdout, /^memory: 512 MiB, cpus: 1, disk: 4 MiB \+ 2 MiB$/m);
-  await vmOk(home, ["snapshot", "two", "t1"]);
-  assert.equal((await vmJson<TreeView>(home, ["snapshots", "two"])).snapshots.length, 1);
+  await vmOk(home, ["snapshot", "two", "t1", "--description", "two\nlines \u001b[31mred"]);
+  assert.equal((await vmJson<TreeView>(home, ["snapshots", "two"])).snapshots[0].description, "two\nlines \u001b[31mred");
+  assert.match((await vmOk(home, ["snapshots", "two"])).stdout, /^t1 {2}\[.*\] {2}\S+Z {2}"two\\nlines \\u001b\[31mred" {2}<- current\ncurrent disk: /, "control characters escaped, one line");
   await vmFails(home, ["create", "three", "--disk", "4M", "--extra-disk", "tiny"], "E_INVALID_SIZE");
   assert.match((await vmOk(home, ["remove", "two", "--wipe"])).stdout, /^Removed 'two'/);
   assert.match((await vmOk(home, ["remove", "src"])).stdout, /^Removed 'src', freed .+\.\n$/);

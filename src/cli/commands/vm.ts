@@ -153,13 +153,14 @@ function renderStatus(status: MachineStatus): string {
   return lines.join("\n") + "\n";
 }
 
+/** The tree for a terminal; descriptions are quoted with their control characters escaped (one line each, no escape sequences). */
 function renderTree(view: TreeView): string {
   const lines: string[] = [];
   for (const snapshot of view.snapshots) {
     const marks = [snapshot.hasState ? "vm state" : "disk only", `own ${formatSize(snapshot.ownBytes)}`, `frees ${formatSize(snapshot.freeableBytes)}`];
     if (snapshot.retainedBy.length > 0) marks.push(`needed by ${snapshot.retainedBy.join(", ")}`);
     const here = snapshot.current ? "  <- current" : "";
-    lines.push(`${"  ".repeat(snapshot.depth)}${snapshot.name}  [${marks.join("; ")}]  ${snapshot.createdAt}${snapshot.description ? `  "${snapshot.description}"` : ""}${here}`);
+    lines.push(`${"  ".repeat(snapshot.depth)}${snapshot.name}  [${marks.join("; ")}]  ${snapshot.createdAt}${snapshot.description ? `  ${JSON.stringify(snapshot.description)}` : ""}${here}`);
   }
   if (view.current.snapshot === null) lines.push("(current disk has no parent snapshot)");
   lines.push(`current disk: ${formatSize(view.current.topBytes)} written since ${view.current.snapshot ?? "creation"}; ${view.layerCount} layer files, chain depth ${view.chainDepth}`);
