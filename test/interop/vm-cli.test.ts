@@ -13,7 +13,7 @@
  */
 import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
-import { copyFileSync, existsSync, renameSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, readFileSync, renameSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { openImage } from "../../src/chain/open-image.ts";
 import { MachineStore } from "../../src/vm/store/machine-store.ts";
@@ -252,6 +252,15 @@ test("vm CLI on stopped machines: every command, the daemon started on demand, -
   assert.match((await vmOk(home, ["remove", "two", "--wipe"])).stdout, /^Removed 'two'/);
   assert.match((await vmOk(home, ["remove", "src"])).stdout, /^Removed 'src', freed .+\.\n$/);
   assert.deepEqual(await vmJson<MachineStatus[]>(home, ["list"]), []);
+
+  // A daemon killed with SIGKILL leaves its socket and lock behind: the next command starts a new one.
+  const killedPid = Number(readFileSync(join(home, "daemon.pid"), "utf8"));
+  process.kill(killedPid, "SIGKILL");
+  assert.ok(await waitGone(killedPid, 10_000));
+  assert.ok(existsSync(join(home, "daemon.sock")) && existsSync(join(home, "daemon.lock")));
+  const afterKill = await vmOk(home, ["list"]);
+  assert.match(afterKill.stderr, /^snapstack: no daemon answered for .*; started one \(pid \d+/);
+  assert.notEqual(Number(readFileSync(join(home, "daemon.pid"), "utf8")), killedPid);
 });
 
 test("vm CLI with a running guest: start, log, live snapshots, two clients, revert, a killed QEMU, bad state files, stop", { timeout: 300_000 }, async (t) => {
