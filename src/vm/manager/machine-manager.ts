@@ -71,7 +71,7 @@ import { openNodeFile } from "../../io/node-file.ts";
 import { openQcow2 } from "../../formats/qcow2/index.ts";
 import { NbdServer } from "../../nbd/nbd-server.ts";
 import { NbdExport } from "../../nbd/nbd-export.ts";
-import { QemuProcess, type QemuExit } from "../runtime/qemu-process.ts";
+import { liveSaveSupported, QemuProcess, type QemuExit } from "../runtime/qemu-process.ts";
 import { runFilePaths, SUN_PATH_BYTES_MAX } from "../runtime/qemu-args.ts";
 import { acceleratorChoice } from "../runtime/accelerator.ts";
 import { syncDirectorySync, writeJsonAtomic } from "../store/atomic-file.ts";
@@ -418,8 +418,9 @@ export class MachineManager {
 
   async #liveSnapshot(name: string, running: RunningMachine, input: { snapshot: string; description?: string; diskOnly?: boolean }, started: number) {
     const diskOnly = input.diskOnly ?? false;
-    // A live save needs a running guest; any other run state takes the paused path.
-    const live = !diskOnly && (await running.process.status()) === "running";
+    // A live save needs a running guest and an accelerator whose dirty log QEMU can trust
+    // (liveSaveSupported: not TCG on QEMU 7.2); otherwise the paused save.
+    const live = !diskOnly && liveSaveSupported(running.process.accelerator) && (await running.process.status()) === "running";
     const plan = prepareSnapshot(this.store, name, input, !diskOnly);
     const dir = this.store.machineDir(name);
     this.store.beginJournal(name, "snapshot", plan);
@@ -442,7 +443,10 @@ export class MachineManager {
         // flushing its I/O) and the disk layer is frozen there: one instant for disk, RAM and CPU.
         const saved = await running.process.saveState(partial, {
           live: true,
-          atSwitchover: () => swapAll(running, devices),
+          atSwitchover: async () => {
+            await swapAll(running, devices);
+            this.#log(`machine ${name}: snapshot ${plan.snapshot.name}: disks frozen at the switchover`);
+          },
         });
         pausedMs = saved.pausedMs;
         stateBytes = saved.sizeBytes;
