@@ -158,7 +158,8 @@ export class CrashedFiles {
 export type ChainOp =
   | Exclude<GuestOp, { kind: "compressed" }>
   | { kind: "overlay"; path: string; options: Record<string, CreateOptionValue>; sizeBytes?: number }
-  | { kind: "commit"; drop: boolean }
+  /** `base`: commit into that deeper layer (-b, implies -d); null: into the backing file. */
+  | { kind: "commit"; drop: boolean; base: string | null }
   | { kind: "rebase"; backing: string; unsafe: boolean }
   | { kind: "stream"; base: string | null };
 
@@ -172,7 +173,7 @@ export function describeOp(op: ChainOp): string {
     case "overlay":
       return `overlay ${basename(op.path)} ${JSON.stringify(op.options)}`;
     case "commit":
-      return `commit${op.drop ? " -d" : ""}`;
+      return `commit${op.drop ? " -d" : ""}${op.base === null ? "" : ` -b ${basename(op.base)}`}`;
     case "rebase":
       return `rebase${op.unsafe ? " -u" : ""} -b '${op.backing === "" ? "" : basename(op.backing)}'`;
     case "stream":
@@ -312,7 +313,7 @@ export async function recordChainRun(random: Random, dir: string, opCount: numbe
         chain = [op.path, ...chain];
         break;
       case "commit":
-        await commitImage(chain[0], { drop: op.drop, openFile: disk.openFile, searchDirectories: [] });
+        await commitImage(chain[0], { drop: op.drop, ...(op.base === null ? {} : { base: op.base }), openFile: disk.openFile, searchDirectories: [] });
         break;
       case "rebase":
         await rebaseImage(chain[0], { backingFile: op.backing === "" ? "" : basename(op.backing), backingFormat: "qcow2", unsafe: op.unsafe, openFile: disk.openFile });
@@ -377,7 +378,7 @@ export async function recordChainRun(random: Random, dir: string, opCount: numbe
       await run({ kind: "discard", ...randomRange() });
     } else if (roll < 0.6) {
       await run({ kind: session === null || random.next() < 0.3 ? "close" : "flush" });
-    } else if (roll < 0.68 && (refcountBits.get(top) ?? 16) >= 8) {
+    } else if (roll < 0.72 && (refcountBits.get(top) ?? 16) >= 8) {
       if (snapshots.length === 0 || (snapshots.length < SNAPSHOTS_LIVE_MAX && random.next() < 0.5)) {
         const name = `snap${snapshotsMade++}`;
         snapshots.push(name);
@@ -394,7 +395,9 @@ export async function recordChainRun(random: Random, dir: string, opCount: numbe
       if ((chain.length < CHAIN_LAYERS_MAX && filesMade < FILES_MAX && jobRoll < 0.35) || chain.length === 1) {
         if (chain.length < CHAIN_LAYERS_MAX && filesMade < FILES_MAX) op = newOverlay();
       } else if (jobRoll < 0.6) {
-        op = { kind: "commit", drop: random.next() < 0.3 };
+        // Into the backing file (emptying the top unless -d), or -b into a deeper layer (the ones between change too).
+        const deeper = chain.length > 2 && random.next() < 0.3;
+        op = deeper ? { kind: "commit", drop: true, base: chain[2 + random.int(chain.length - 2)] } : { kind: "commit", drop: random.next() < 0.3, base: null };
       } else if (jobRoll < 0.8) {
         // Safe: onto any image below (the immediate backing too: nothing to copy) or none; unsafe: the content changes.
         const target = random.int(chain.length);
@@ -472,6 +475,10 @@ export function allowedStates(run: ChainRun, k: number): ChainState[] {
 }
 
 function checkSectors(actual: Int32Array, allowed: Int32Array[], where: string): void {
+  assert.ok(
+    allowed.some((versions) => versions.length === actual.length),
+    `${where}: virtual size ${actual.length * SECTOR_BYTES} bytes, allowed ${allowed.map((v) => v.length * SECTOR_BYTES).join(", ")}`,
+  );
   for (let s = 0; s < actual.length; s++) {
     const id = actual[s];
     let ok = false;
@@ -551,7 +558,12 @@ export async function judgeChainCrash(run: ChainRun, k: number, crashed: Crashed
     const name = `${where}: ${basename(path)}`;
     const states = allowed.map((state) => state.get(path)).filter((state): state is FileState => state !== undefined);
     assert.ok(states.length > 0, `${name}: a state exists`);
-    const device = await openImage(path, { readOnly: true, openFile: crashed.openFile });
+    let device: BlockDevice;
+    try {
+      device = await openImage(path, { readOnly: true, openFile: crashed.openFile });
+    } catch (error) {
+      assert.fail(`${name}: does not open: ${String(error)}`);
+    }
     try {
       checkSectors(await readCrashedVersions(device, name), states.map((state) => state.view), name);
       const image = device as Qcow2Image;

@@ -389,7 +389,8 @@ export function writesFeatureTable(version: number, clusterBits: number): boolea
  * of exactly one cluster; headerLengthBytes, backingFileOffset and
  * backingFileSizeBytes are computed (the values in `header` are ignored).
  */
-export function encodeQcow2Header(header: Qcow2Header): Uint8Array {
+/** `featureTable: false` leaves out the feature name table (optional, informational): a header that fits in fewer bytes. */
+export function encodeQcow2Header(header: Qcow2Header, options: { featureTable?: boolean } = {}): Uint8Array {
   const clusterSizeBytes = 2 ** header.clusterBits;
   const out = new Uint8Array(clusterSizeBytes);
   const view = new DataView(out.buffer);
@@ -410,7 +411,7 @@ export function encodeQcow2Header(header: Qcow2Header): Uint8Array {
     dv.setBigUint64(8, BigInt(header.extensions.crypto.lengthBytes));
     pushExtension(parts, EXT_MAGIC_CRYPTO, data);
   }
-  if (writesFeatureTable(header.version, header.clusterBits)) {
+  if (options.featureTable !== false && writesFeatureTable(header.version, header.clusterBits)) {
     pushExtension(parts, EXT_MAGIC_FEATURE_TABLE, encodeFeatureNameTable(QEMU_FEATURE_TABLE));
   }
   if (header.extensions.bitmaps !== null) {

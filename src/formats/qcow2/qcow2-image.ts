@@ -48,6 +48,7 @@ import {
   QCOW2_HEADER_PROBE_BYTES,
   decodeQcow2ClusterBits,
   decodeQcow2Header,
+  encodeQcow2Header,
   type Qcow2Header,
 } from "./header.ts";
 import {
@@ -1452,13 +1453,40 @@ export class Qcow2Image implements BlockDevice {
       header.backingFileName = name === null || name === "" ? null : name;
       header.backingFormat = header.backingFileName === null ? null : format;
       try {
-        await this.#meta.writeHeader();
+        await this.#writeHeaderTornSafe();
       } catch (error) {
         header.backingFileName = previous.name;
         header.backingFormat = previous.format;
         throw error;
       }
     });
+  }
+
+  /**
+   * Rewrite the header so that a crash tearing the write at any sector
+   * leaves the old header or the new one. QEMU rewrites the header cluster
+   * in one write; with the feature name table the backing name lies past
+   * the first sector, so a torn write could pair the new name offset and
+   * size with stale name bytes (an image that no longer opens), or the old
+   * offset with a cleared name. Here, when the header (or the header
+   * without the feature table) fits in the first sector: that sector first
+   * (it refers to nothing beyond it), then the full header's later
+   * sectors, then, if it was the compact one, the full first sector; each
+   * flushed. The final bytes are QEMU's.
+   */
+  async #writeHeaderTornSafe(): Promise<void> {
+    const sectorBytes = 512;
+    const full = encodeQcow2Header(this.#meta.header);
+    const compact = encodeQcow2Header(this.#meta.header, { featureTable: false });
+    const fitsInSector = (bytes: Uint8Array): boolean => bytes.subarray(sectorBytes).every((byte) => byte === 0);
+    const first = fitsInSector(full) ? full : fitsInSector(compact) ? compact : null;
+    if (first === null) {
+      await this.#meta.writeHeader();
+      return;
+    }
+    await this.#meta.writeHeaderBytes(0, first.subarray(0, sectorBytes));
+    await this.#meta.writeHeaderBytes(sectorBytes, full.subarray(sectorBytes));
+    if (first !== full) await this.#meta.writeHeaderBytes(0, full.subarray(0, sectorBytes));
   }
 
   // --------------------------------------------------------- compression
