@@ -63,14 +63,19 @@ test("MemoryFile honours the ImageFile contract", async (t) => {
   await exerciseContract(new MemoryFile(), seed);
 });
 
-test("NodeFile honours the ImageFile contract in sync and async modes", async (t) => {
+test("NodeFile honours the ImageFile contract in sync, async and small-async (writes) modes", async (t) => {
   const dir = scratchDir(t);
   const seed = testSeed();
   t.diagnostic(`seed ${seed}`);
   await exerciseContract(await createNodeFile(join(dir, "a.img")), seed);
   await exerciseContract(await createNodeFile(join(dir, "b.img"), { ioMode: "async" }), seed);
-  // Same seed, same operations: both modes leave the same bytes.
+  await (await createNodeFile(join(dir, "c.img"))).close();
+  const split = await openNodeFile(join(dir, "c.img"), { ioMode: "sync", writeIoMode: "small-async" });
+  assert.equal(split.writeIoMode, "small-async");
+  await exerciseContract(split, seed);
+  // Same seed, same operations: every mode leaves the same bytes.
   assert.deepEqual(readFileSync(join(dir, "a.img")), readFileSync(join(dir, "b.img")));
+  assert.deepEqual(readFileSync(join(dir, "a.img")), readFileSync(join(dir, "c.img")));
 });
 
 test("NodeFile maps OS errors to coded errors and enforces read-only", async (t) => {
