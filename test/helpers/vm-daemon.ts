@@ -6,7 +6,8 @@
  */
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
-import { readdirSync, readFileSync } from "node:fs";
+import type { TestContext } from "node:test";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { openImage } from "../../src/chain/open-image.ts";
@@ -16,7 +17,7 @@ import { stepPath } from "../../src/vm/store/layer-steps.ts";
 import { MachineManager } from "../../src/vm/manager/machine-manager.ts";
 import { runFilePaths } from "../../src/vm/runtime/qemu-args.ts";
 import { GuestConsole } from "./guest-kit.ts";
-import { run, runOk, type RunResult } from "./tools.ts";
+import { run, runOk, scratchDir, type RunResult } from "./tools.ts";
 
 export const SNAPSTACK_BIN = fileURLToPath(new URL("../../bin/snapstack", import.meta.url));
 
@@ -62,6 +63,22 @@ export async function killChild(child: ChildProcess): Promise<void> {
   await gone;
 }
 
+/**
+ * A store under a fresh scratch directory. Whatever runs on it (a daemon
+ * the CLI started, its QEMUs) is stopped when the test ends, before the
+ * directory is removed (after-hooks run in the order they were added; a
+ * daemon outliving its store would recreate it, or run on forever).
+ */
+export function scratchStore(t: TestContext, prefix: string, machines: string[] = [], storeName = "store"): string {
+  let home = "";
+  t.after(async () => {
+    await stopDaemonOf(home);
+    for (const pid of qemuProcessesOf(home, machines)) process.kill(pid, "SIGKILL");
+  });
+  home = join(scratchDir(t, prefix), storeName);
+  return home;
+}
+
 /** SIGTERM the daemon named by HOME/daemon.pid (one the CLI started) and wait until it is gone. */
 export async function stopDaemonOf(home: string): Promise<void> {
   let pid: number;
@@ -98,9 +115,12 @@ export async function waitGone(pid: number, timeoutMs: number): Promise<boolean>
 
 /** Live qemu-system processes whose command line names a path under `home` (or the machine run dirs of it). */
 export function qemuProcessesOf(home: string, machines: string[] = []): number[] {
-  const store = new MachineStore(home);
-  const manager = new MachineManager(store);
-  const needles = [home, ...machines.map((name) => manager.runDir(name))];
+  const needles = [home];
+  // (MachineStore creates its directory: not for a store already removed.)
+  if (existsSync(home)) {
+    const manager = new MachineManager(new MachineStore(home));
+    needles.push(...machines.map((name) => manager.runDir(name)));
+  }
   const pids: number[] = [];
   for (const entry of readdirSync("/proc")) {
     if (!/^\d+$/.test(entry)) continue;

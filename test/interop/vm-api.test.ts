@@ -20,7 +20,7 @@ import { MachineStore } from "../../src/vm/store/machine-store.ts";
 import type { JobProgress } from "../../src/chain/jobs/index.ts";
 import { run, scratchDir, type RunResult } from "../helpers/tools.ts";
 import { createRandom, testSeed } from "../helpers/random.ts";
-import { killChild, layerPath, processAlive, readSnapshotDisk, sleep, SNAPSTACK_BIN, stopDaemonOf, vmCli, vmTestEnv } from "../helpers/vm-daemon.ts";
+import { killChild, layerPath, processAlive, readSnapshotDisk, scratchStore, sleep, SNAPSTACK_BIN, stopDaemonOf, vmCli, vmTestEnv } from "../helpers/vm-daemon.ts";
 
 const MiB = 1024 * 1024;
 
@@ -211,9 +211,8 @@ test("API progress: long operations stream NDJSON progress events, then the resu
 });
 
 test("one daemon per store: CLIs starting daemons at once get one; a stale lock is broken; a store others can write is refused", async (t) => {
-  const dir = scratchDir(t, "ss-api-");
-  const home = join(dir, "store");
-  t.after(() => stopDaemonOf(home));
+  const home = scratchStore(t, "ss-api-");
+  const dir = join(home, "..");
   const clients = await Promise.all([0, 1, 2, 3].map(() => vmCli(["list", "--home", home])));
   for (const client of clients) assert.equal(client.code, 0, client.stderr);
   const daemonPid = Number(readFileSync(join(home, "daemon.pid"), "utf8"));
@@ -290,8 +289,7 @@ test("snapstack serve: --listen-tcp serves 127.0.0.1 with the token; no TCP unle
 });
 
 test("a store whose socket path is too long for a socket address: the API socket goes to a private directory in /tmp", async (t) => {
-  const home = join(scratchDir(t, "ss-api-"), "a-store-with-a-long-name-".repeat(5));
-  t.after(() => stopDaemonOf(home));
+  const home = scratchStore(t, "ss-api-", [], "a-store-with-a-long-name-".repeat(5));
   assert.ok(Buffer.byteLength(join(home, "daemon.sock")) > 107);
   const listed = await vmCli(["list", "--output=json", "--home", home]);
   assert.equal(listed.code, 0, listed.stderr);

@@ -11,7 +11,7 @@
  * once, a QEMU killed under the daemon, missing and truncated state files,
  * and a QEMU that refuses to start.
  */
-import { test, type TestContext } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { copyFileSync, existsSync, readFileSync, renameSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -20,7 +20,7 @@ import { MachineStore } from "../../src/vm/store/machine-store.ts";
 import type { TreeView } from "../../src/vm/manager/machine-operations.ts";
 import type { MachineStatus } from "../../src/vm/manager/machine-manager.ts";
 import { buildGuest } from "../helpers/guest-kit.ts";
-import { requireTools, scratchDir, type RunResult } from "../helpers/tools.ts";
+import { requireTools, type RunResult } from "../helpers/tools.ts";
 import {
   checkLayers,
   counterAfterRestore,
@@ -30,7 +30,7 @@ import {
   qemuProcessesOf,
   readCurrentDisk,
   readSnapshotDisk,
-  stopDaemonOf,
+  scratchStore,
   vmCli,
   vmTestEnv,
   waitGone,
@@ -39,13 +39,6 @@ import { assertCodedError } from "./cli-helpers.ts";
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
-
-/** A store under a fresh scratch directory, its daemon stopped when the test ends. */
-function scratchStore(t: TestContext, prefix: string): string {
-  const home = join(scratchDir(t, prefix), "store");
-  t.after(() => stopDaemonOf(home));
-  return home;
-}
 
 /** `snapstack vm ARGS --home HOME`, expected to succeed. */
 async function vmOk(home: string, args: string[]): Promise<RunResult> {
@@ -266,10 +259,7 @@ test("vm CLI on stopped machines: every command, the daemon started on demand, -
 test("vm CLI with a running guest: start, log, live snapshots, two clients, revert, a killed QEMU, bad state files, stop", { timeout: 300_000 }, async (t) => {
   if (!requireTools(t, "qemu-system-x86_64", "qemu-img")) return;
   const guest = await buildGuest();
-  const home = scratchStore(t, "ss-vmcli-run-");
-  t.after(() => {
-    for (const pid of qemuProcessesOf(home, ["g", "bad"])) process.kill(pid, "SIGKILL");
-  });
+  const home = scratchStore(t, "ss-vmcli-run-", ["g", "bad"]);
   await vmOk(home, ["list"]);
 
   // A QEMU that fails to start: its stderr in the one error line.

@@ -85,17 +85,20 @@ test("SIGKILL of the daemon during live snapshot, revert and delete of a running
   console.log(`vm-daemon-restart-running seed ${seed}`);
   const random = createRandom(seed);
   const guest = await buildGuest();
-  const home = scratchDir(t, "ss-restart-run-");
-  const store = new MachineStore(home);
-  let daemon: ServedDaemon = await startServe(home);
-  // (Assigned in closures: typed so that the compiler does not take it for always null.)
+  // (Assigned in closures or later: typed so that the compiler does not take them for always null.)
+  let daemon = null as ServedDaemon | null;
   let guestConsole = null as GuestConsole | null;
+  let home = "";
+  // Registered before the scratch directory's removal, so it runs first.
   t.after(async () => {
     guestConsole?.close();
-    await killChild(daemon.child);
+    if (daemon !== null) await killChild(daemon.child);
     for (const pid of qemuProcessesOf(home, ["vm"])) process.kill(pid, "SIGKILL");
   });
-  const api = (): ServedDaemon["api"] => daemon.api;
+  home = scratchDir(t, "ss-restart-run-");
+  const store = new MachineStore(home);
+  daemon = await startServe(home);
+  const api = (): ServedDaemon["api"] => daemon!.api;
   await api().request("POST", "/machines", { name: "vm", memoryBytes: MEMORY_BYTES, diskSizeBytes: DISK_BYTES, kernel: guest.kernelPath, initrd: guest.initrdPath, append: guest.append });
 
   const model = new Map<string, ModelSnapshot>();
@@ -235,7 +238,7 @@ test("SIGKILL of the daemon during live snapshot, revert and delete of a running
     if (!finished) interrupted++;
     opsDone.push(`${op.kind}${op.target !== null ? ` ${op.target}` : ""}${op.pending !== null ? ` ${op.pending}` : ""} +${delayMs}ms${finished ? "" : " (cut)"}`);
     const orphans = qemuProcessesOf(home, ["vm"]);
-    await killChild(daemon.child);
+    await killChild(daemon!.child);
     daemon = await startServe(home);
 
     // The new daemon killed the orphaned QEMU before answering; the machine is stopped.

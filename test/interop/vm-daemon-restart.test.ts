@@ -28,9 +28,10 @@ test("SIGKILL of the daemon during snapshot/revert/delete: consistent store, eve
   t.diagnostic(`seed ${seed} (SNAPSTACK_SEED=${seed} to replay)`);
   console.log(`vm-daemon-restart seed ${seed}`);
   const random = createRandom(seed);
+  let daemon = null as Awaited<ReturnType<typeof startServe>> | null;
+  t.after(() => (daemon !== null ? killChild(daemon.child) : undefined)); // before the directory's removal
   const home = scratchDir(t, "ss-restart-");
-  let daemon = await startServe(home);
-  t.after(() => killChild(daemon.child));
+  daemon = await startServe(home);
   await daemon.api.request("POST", "/machines", { name: "m", diskSizeBytes: DISK_BYTES });
   const store = new MachineStore(home);
   const dir = store.machineDir("m");
