@@ -118,7 +118,7 @@ test("a backing file switch torn at any sector leaves the old name or the new on
       for (let draw = 0; draw < 40; draw++) {
         const again = new CrashReplay(created.contents(), file.log ?? []);
         const header = decodeQcow2Header(again.crashAt(write, random.next, { dropProbability: 0.2, tearProbability: 0.6 }).subarray(0, 64 * 1024));
-        assert.ok([oldName, newName].includes(header.backingFileName), `${oldName} -> ${newName}: crash at write ${write} of ${replay.writeCount}: backing name ${JSON.stringify(header.backingFileName)}`);
+        assert.ok(([oldName, newName] as (string | null)[]).includes(header.backingFileName), `${oldName} -> ${newName}: crash at write ${write} of ${replay.writeCount}: backing name ${JSON.stringify(header.backingFileName)}`);
       }
     }
   }
