@@ -7,7 +7,8 @@
  * state, and the counter goes on from its value at the save, not from the
  * later one, and the marker reads back from the disk. Then a live save (the
  * guest runs during the copy, stops only at the switchover) restores to the
- * counter at the switchover.
+ * counter at the switchover (restored only where snapstack uses live saves:
+ * KVM, or SNAPSTACK_LIVE_SAVE=1).
  *
  * Every QEMU and server is stopped in t.after. Timeouts are generous (TCG on
  * a loaded machine) but bounded.
@@ -20,7 +21,7 @@ import { createImage } from "../../src/chain/create-image.ts";
 import { openImage } from "../../src/chain/open-image.ts";
 import type { BlockDevice } from "../../src/device/block-device.ts";
 import { NbdExport, NbdServer } from "../../src/nbd/index.ts";
-import { QemuProcess, type QemuLaunchSpec } from "../../src/vm/runtime/qemu-process.ts";
+import { liveSaveSupported, QemuProcess, type QemuLaunchSpec } from "../../src/vm/runtime/qemu-process.ts";
 import { buildGuest, GuestConsole, type GuestImage } from "../helpers/guest-kit.ts";
 import { createRandom, testSeed } from "../helpers/random.ts";
 import { requireTools, runOk, scratchDir } from "../helpers/tools.ts";
@@ -178,13 +179,20 @@ test("a guest on a snapstack NBD disk: save its state, run on, restore: the coun
   assert.equal(second.running, false);
   console2.close();
 
-  const liveRestoreMark = statSync(spec.serialLogPath).size;
-  const third = await startTracked(t, { ...spec, incomingStatePath: liveStatePath });
-  assert.equal(await third.status(), "paused");
-  await third.resume();
-  const afterLiveRestore = await new GuestConsole(spec.serialLogPath, third.serialSocketPath).nextCounter({ since: liveRestoreMark, timeoutMs: 30_000 });
-  assert.ok(afterLiveRestore === counterAtSwitchover! + 1 || afterLiveRestore === counterAtSwitchover! + 2, `counter after live restore ${afterLiveRestore}, switchover at ${counterAtSwitchover}`);
-  await third.quit();
+  // Restoring a live save is trusted only where snapstack uses live saves:
+  // under QEMU 7.2's TCG, page-table A/D bit updates escape the dirty log and
+  // a restored guest may crash (see liveSaveSupported).
+  if (!liveSaveSupported(second.accelerator)) {
+    t.diagnostic(`live save not restored: snapstack does not use live saves under ${second.accelerator}`);
+  } else {
+    const liveRestoreMark = statSync(spec.serialLogPath).size;
+    const third = await startTracked(t, { ...spec, incomingStatePath: liveStatePath });
+    assert.equal(await third.status(), "paused");
+    await third.resume();
+    const afterLiveRestore = await new GuestConsole(spec.serialLogPath, third.serialSocketPath).nextCounter({ since: liveRestoreMark, timeoutMs: 30_000 });
+    assert.ok(afterLiveRestore === counterAtSwitchover! + 1 || afterLiveRestore === counterAtSwitchover! + 2, `counter after live restore ${afterLiveRestore}, switchover at ${counterAtSwitchover}`);
+    await third.quit();
+  }
 
   // A truncated state file is refused by QEMU, which exits; the error shows why.
   const truncated = join(dir, "truncated.state");
