@@ -24,52 +24,31 @@
  *   zero, others go through writeCompressed (which stores incompressible
  *   clusters uncompressed); a final zero-length compressed write aligns the
  *   file end, as qemu-img does.
- * - Pipeline: data is read in chunks of COPY_CHUNK_BYTES with up to
- *   COPY_READS_IN_FLIGHT reads outstanding; writes are issued in guest order
- *   (qemu-img's default wr_in_order), up to COPY_WRITES_IN_FLIGHT at once
- *   to a raw target. A qcow2 target must get the host layout qemu-img
- *   produces, so its clusters are allocated strictly in guest order: the
- *   writes whose data is already read are collected (up to
- *   WRITE_BATCH_BYTES_MAX) and handed to Qcow2Image.writeBatch, which
- *   allocates them one after another as separate writes would but writes
- *   their data concurrently; the next batch starts once it completed. A
- *   batch is handed over as soon as the next chunk's read is still
- *   pending, and before any zero request (which may allocate L2 tables).
+ * - Pipeline: copy-pipeline.ts (shared with the jobs): reads of
+ *   COPY_CHUNK_BYTES run ahead of one ordered writer (qemu-img's default
+ *   wr_in_order); a qcow2 target gets the writes queued meanwhile as one
+ *   Qcow2Image.writeBatch, which allocates clusters in guest order as
+ *   separate writes would, so the host layout is the one qemu-img produces.
  * - The target is opened with cache "unsafe" by default, as qemu-img
  *   convert does (-t unsafe): no fdatasync, which on a slow disk would
  *   dominate the run time.
  * - Progress counts the bytes qemu-img counts (data, plus zero ranges when
- *   allocating everything), measured in a metadata-only first pass.
+ *   allocating everything), measured in a metadata-only first pass that
+ *   runs only when someone listens.
  */
 import { SnapstackError, assert } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
 import { Qcow2Image } from "../formats/qcow2/index.ts";
-import type { WriteRequest } from "../formats/qcow2/qcow2-image.ts";
+import { COPY_CHUNK_BYTES, copyRanges, type CopyRange, type ZeroMode } from "./copy-pipeline.ts";
 import { parseImageFormat } from "./image-format.ts";
 import { openImage } from "./open-image.ts";
 import { walkChain } from "./map-image.ts";
 import { createImage, type CreateOptionValue } from "./create-image.ts";
 import type { NodeFileCacheMode } from "../io/node-file.ts";
 
-/** Bytes per read request while copying data (memory: chunk * (reads in flight + 1)). */
-export const COPY_CHUNK_BYTES = 2 * 1024 * 1024;
-/** Read requests outstanding while the in-order writer works. */
-export const COPY_READS_IN_FLIGHT = 8;
-/**
- * Write requests outstanding for a raw target. A qcow2 target gets one at a
- * time, as qemu-img does (wr_in_order waits for each write to complete):
- * concurrent allocating writes could take host clusters out of guest order.
- */
-export const COPY_WRITES_IN_FLIGHT = 4;
-/**
- * Most bytes collected into one batch of writes to a qcow2 target (memory:
- * the batch's chunks stay allocated until it completes).
- */
-export const WRITE_BATCH_BYTES_MAX = 8 * 1024 * 1024;
+export { COPY_CHUNK_BYTES, COPY_READS_IN_FLIGHT } from "./copy-pipeline.ts";
 /** Guest bytes whose status is looked up at once. */
 export const CONVERT_STATUS_WINDOW_BYTES = 1024 * 1024 * 1024;
-/** Largest single writeZeroes request. */
-const ZERO_REQUEST_BYTES_MAX = 1024 * 1024 * 1024;
 const SECTOR_BYTES = 512;
 export const SPARSE_SIZE_DEFAULT_BYTES = 4096;
 
@@ -256,134 +235,9 @@ function isAllZero(data: Uint8Array): boolean {
   return Buffer.from(data.buffer, data.byteOffset, data.byteLength).equals(zeroPattern(data.length));
 }
 
-/**
- * Issues target writes in guest order with up to writesInFlight
- * outstanding. Every write* method resolves once its requests are issued
- * (not completed), with a promise of their completion.
- */
-interface IssuedWrites {
-  done: Promise<void>;
-}
-
-/** Writes collected for one Qcow2Image.writeBatch call. */
-interface WriteBatch {
-  requests: WriteRequest[];
-  bytes: number;
-  /** Settles with the batch (callers await their writes through it). */
-  done: Promise<void>;
-  settle: (error?: unknown) => void;
-}
-
-function newBatch(): WriteBatch {
-  let settle!: (error?: unknown) => void;
-  const done = new Promise<void>((resolve, reject) => {
-    settle = (error) => (error === undefined ? resolve() : reject(error));
-  });
-  done.catch(() => {}); // awaited by the writers' IssuedWrites or drain()
-  return { requests: [], bytes: 0, done, settle };
-}
-
-class Copier {
-  readonly target: BlockDevice;
-  readonly zeroInit: boolean;
-  readonly sparseSizeBytes: number;
-  readonly compress: boolean;
-  readonly writesInFlight: number;
-  /** The qcow2 target whose plain writes go in batches (null: writes go one by one). */
-  readonly #batchTarget: Qcow2Image | null;
-  #batch: WriteBatch | null = null;
-  #pending: Promise<void>[] = [];
-
-  constructor(target: BlockDevice, zeroInit: boolean, sparseSizeBytes: number, compress: boolean) {
-    this.target = target;
-    this.zeroInit = zeroInit;
-    this.sparseSizeBytes = sparseSizeBytes;
-    this.compress = compress;
-    this.writesInFlight = target.format === "raw" ? COPY_WRITES_IN_FLIGHT : 1;
-    this.#batchTarget = target instanceof Qcow2Image && !compress ? target : null;
-  }
-
-  /** Write data at a guest offset: into the current batch for a qcow2 target, else as its own request. */
-  async #write(start: number, data: Uint8Array, issued: Promise<void>[]): Promise<void> {
-    if (this.#batchTarget === null) {
-      await this.#issue(this.target.write(start, data), issued);
-      return;
-    }
-    const batch = (this.#batch ??= newBatch());
-    batch.requests.push({ guestOffset: start, data });
-    batch.bytes += data.length;
-    issued.push(batch.done);
-    if (batch.bytes >= WRITE_BATCH_BYTES_MAX) await this.flushBatch();
-  }
-
-  /** Hand the collected writes to the target (after the previous batch completed: allocation stays in guest order). */
-  async flushBatch(): Promise<void> {
-    const batch = this.#batch;
-    if (batch === null || this.#batchTarget === null) return;
-    this.#batch = null;
-    const request = this.#batchTarget.writeBatch(batch.requests);
-    request.then(() => batch.settle(), (error: unknown) => batch.settle(error ?? new Error("batched write failed")));
-    await this.#issue(request, []);
-  }
-
-  async #issue(request: Promise<void>, issued: Promise<void>[]): Promise<void> {
-    request.catch(() => {}); // awaited below or in drain()
-    this.#pending.push(request);
-    issued.push(request);
-    while (this.#pending.length >= this.writesInFlight) await this.#pending.shift();
-  }
-
-  /** Wait for every issued write; rethrows the first failure. */
-  async drain(): Promise<void> {
-    await this.flushBatch();
-    const pending = this.#pending;
-    this.#pending = [];
-    const results = await Promise.allSettled(pending);
-    for (const result of results) if (result.status === "rejected") throw result.reason;
-  }
-
-  async #zeroRange(start: number, length: number, issued: Promise<void>[]): Promise<void> {
-    if (this.zeroInit || length === 0) return;
-    await this.flushBatch();
-    for (let at = start; at < start + length; at += ZERO_REQUEST_BYTES_MAX) {
-      await this.#issue(this.target.writeZeroes(at, Math.min(ZERO_REQUEST_BYTES_MAX, start + length - at), { unmap: true }), issued);
-    }
-  }
-
-  async writeZeroRange(start: number, length: number): Promise<IssuedWrites> {
-    const issued: Promise<void>[] = [];
-    await this.#zeroRange(start, length, issued);
-    return { done: Promise.all(issued).then(() => {}) };
-  }
-
-  /** Write zeroes as real bytes (sparse size 0: allocate everything). */
-  async writeZeroBytes(start: number, length: number): Promise<IssuedWrites> {
-    const issued: Promise<void>[] = [];
-    for (let at = start; at < start + length; at += COPY_CHUNK_BYTES) {
-      const chunk = Math.min(COPY_CHUNK_BYTES, start + length - at);
-      await this.#write(at, zeroPattern(COPY_CHUNK_BYTES).subarray(0, chunk), issued);
-    }
-    return { done: Promise.all(issued).then(() => {}) };
-  }
-
-  async writeData(start: number, data: Uint8Array): Promise<IssuedWrites> {
-    const issued: Promise<void>[] = [];
-    if (this.compress) {
-      if (this.sparseSizeBytes > 0 && isAllZero(data)) await this.#zeroRange(start, data.length, issued);
-      else await this.#issue(compressingTarget(this.target).writeCompressed(start, data), issued);
-    } else if (this.sparseSizeBytes === 0) {
-      await this.#write(start, data, issued);
-    } else {
-      let at = 0;
-      for (const [runStart, runEnd] of findZeroRuns(data, this.sparseSizeBytes)) {
-        if (runStart > at) await this.#write(start + at, data.subarray(at, runStart), issued);
-        await this.#zeroRange(start + runStart, runEnd - runStart, issued);
-        at = runEnd;
-      }
-      if (at < data.length) await this.#write(start + at, data.subarray(at), issued);
-    }
-    return { done: Promise.all(issued).then(() => {}) };
-  }
+/** The copy pipeline's view of the jobs: data and zero ranges ("backing" ranges need no write). */
+async function* copyRangesOf(jobs: AsyncIterable<CopyJob>): AsyncGenerator<CopyRange> {
+  for await (const job of jobs) if (job.kind !== "backing") yield { start: job.start, length: job.length, kind: job.kind };
 }
 
 async function openTarget(source: BlockDevice, targetPath: string, options: ConvertImageOptions): Promise<BlockDevice> {
@@ -431,75 +285,43 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
       targetBackingEnd: target.backing?.sizeBytes ?? Number.POSITIVE_INFINITY,
     };
     const zeroInit = !options.targetExists && sparseSizeBytes > 0 && !targetHasBacking;
-    const copier = new Copier(target, zeroInit, sparseSizeBytes, compress);
     const clusterBytes = compress ? compressingTarget(target).clusterSizeBytes : null;
-
     const chunkBytes = clusterBytes ?? COPY_CHUNK_BYTES;
-    // Pass 1 (metadata only): bytes to copy, for progress.
-    let totalBytes = 0;
-    for await (const job of copyJobs(plan, chunkBytes, clusterBytes)) {
-      if (job.kind === "data" || (sparseSizeBytes === 0 && job.kind === "zero")) totalBytes += job.length;
-    }
-    let doneBytes = 0;
-    const report = (): void => options.onProgress?.(totalBytes === 0 ? 1 : doneBytes / totalBytes, doneBytes, totalBytes);
-    report();
+    // Zero ranges and runs: allocated as bytes with -S 0; else nothing to do on a target that reads as zeroes.
+    const zeroMode: ZeroMode = sparseSizeBytes === 0 ? { kind: "bytes" } : zeroInit ? { kind: "skip" } : { kind: "zeroes", options: { unmap: true } };
+    const zeroRuns =
+      sparseSizeBytes === 0
+        ? undefined
+        : compress
+          ? (data: Uint8Array): Array<[number, number]> => (isAllZero(data) ? [[0, data.length]] : [])
+          : (data: Uint8Array): Array<[number, number]> => findZeroRuns(data, sparseSizeBytes);
 
-    // Pass 2: reads in flight, writes in order.
-    const free: Uint8Array[] = [];
-    const inFlight: Array<{ job: CopyJob; buffer: Uint8Array | null; read: Promise<void> | null; readDone: boolean }> = [];
-    const jobs = copyJobs(plan, chunkBytes, clusterBytes);
-    let exhausted = false;
-    const refill = async (): Promise<void> => {
-      while (!exhausted && inFlight.length < COPY_READS_IN_FLIGHT) {
-        const next = await jobs.next();
-        if (next.done) {
-          exhausted = true;
-          break;
-        }
-        const job = next.value;
-        if (job.kind !== "data") {
-          inFlight.push({ job, buffer: null, read: null, readDone: false });
-          continue;
-        }
-        const buffer = (free.pop() ?? new Uint8Array(chunkBytes)).subarray(0, job.length);
-        const read = source.read(job.start, buffer);
-        const entry = { job, buffer, read, readDone: false };
-        read.then(
-          () => (entry.readDone = true),
-          () => {}, // awaited in order below; keep it from counting as unhandled meanwhile
-        );
-        inFlight.push(entry);
-      }
-    };
-    try {
-      await refill();
-      while (inFlight.length > 0) {
-        if (options.signal?.aborted) throw new SnapstackError("E_ABORTED", `convert to ${targetPath} cancelled`, { path: targetPath });
-        const { job, buffer, read } = inFlight.shift()!;
-        if (read !== null && buffer !== null) {
-          await read;
-          const written = await copier.writeData(job.start, buffer);
-          // The buffer is reusable once its writes completed.
-          written.done.then(() => free.push(new Uint8Array(buffer.buffer, 0, chunkBytes)), () => {});
-          doneBytes += job.length;
-          // Batched writes wait for no read: hand them over unless the next data chunk is already read.
-          if (!(inFlight.find((entry) => entry.read !== null)?.readDone ?? false)) await copier.flushBatch();
-        } else if (job.kind === "zero") {
-          if (sparseSizeBytes === 0) {
-            await copier.writeZeroBytes(job.start, job.length);
-            doneBytes += job.length;
-          } else {
-            await copier.writeZeroRange(job.start, job.length);
-          }
-        }
-        report();
-        await refill();
-      }
-    } finally {
-      // Let outstanding reads settle before the caller may close the source.
-      await Promise.allSettled(inFlight.map((entry) => entry.read));
+    const onProgress = options.onProgress;
+    let totalBytes = 0;
+    let doneBytes = 0;
+    const counts = (kind: RangeKind): boolean => kind === "data" || (sparseSizeBytes === 0 && kind === "zero");
+    if (onProgress !== undefined) {
+      // Pass 1 (metadata only): bytes to copy, for progress.
+      for await (const job of copyJobs(plan, chunkBytes, clusterBytes)) if (counts(job.kind)) totalBytes += job.length;
+      onProgress(totalBytes === 0 ? 1 : 0, 0, totalBytes);
     }
-    await copier.drain();
+    await copyRanges(source, target, copyRangesOf(copyJobs(plan, chunkBytes, clusterBytes)), {
+      zeroMode,
+      zeroRuns,
+      compress,
+      chunkBytes,
+      checkpoint: () => {
+        if (options.signal?.aborted) throw new SnapstackError("E_ABORTED", `convert to ${targetPath} cancelled`, { path: targetPath });
+      },
+      onProgress:
+        onProgress === undefined
+          ? undefined
+          : (kind, bytes) => {
+              if (!counts(kind)) return;
+              doneBytes += bytes;
+              onProgress(totalBytes === 0 ? 1 : doneBytes / totalBytes, doneBytes, totalBytes);
+            },
+    });
     if (compress) await compressingTarget(target).writeCompressed(0, new Uint8Array(0));
     await target.flush();
   } finally {

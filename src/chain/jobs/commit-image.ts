@@ -91,10 +91,7 @@ export async function commitImage(path: string, options: CommitImageOptions = {}
       job.setTotal(totalBytes, "copy");
       await growBase(base, top.sizeBytes);
       const copier = new RangeCopier(top, base, job);
-      for (const extent of extents) {
-        if (extent.kind === "data") await copier.copyData(extent.start, extent.length);
-        else await copier.writeZeroes(extent.start, extent.length);
-      }
+      await copier.copy(extents.map((extent) => ({ start: extent.start, length: extent.length, kind: extent.kind === "data" ? "data" : "zero" })));
       await base.flush();
       const invalidated = layers.slice(1, baseDepth).map((layer) => layer.name);
       const chainFiles = new Set(layers.map((layer) => fileKey(layer.name)));

@@ -1,26 +1,34 @@
 /**
  * Moving guest ranges from one device to another (commit into a base,
- * stream into an overlay, restore onto a target).
+ * stream into an overlay, rebase, diff --export, restore onto a target).
  *
- * Data is read in COPY_CHUNK_BYTES pieces with the next read overlapping
- * the previous write (two buffers, one write in flight); zero ranges, and
- * chunks that read as all zeroes, become writeZeroes requests (zero
- * clusters in qcow2 v3, as QEMU's jobs with zero detection). Every chunk is
- * a cancellation checkpoint and a progress step.
+ * The copy itself is chain/copy-pipeline.ts, shared with convert: reads
+ * run ahead of one ordered writer, and a qcow2 target gets the data queued
+ * meanwhile as one batched write. Zero ranges, and chunks that read as all
+ * zeroes, become writeZeroes requests (zero clusters in qcow2 v3, as QEMU's
+ * jobs with zero detection). Every chunk is a cancellation checkpoint and a
+ * progress step.
  */
 import type { BlockDevice } from "../../device/block-device.ts";
+import { COPY_CHUNK_BYTES, copyRanges, type CopyRange } from "../copy-pipeline.ts";
 import type { Job } from "./job.ts";
 
-/** Bytes per read/write request while copying (memory: two buffers of this size). */
-export const JOB_COPY_CHUNK_BYTES = 2 * 1024 * 1024;
-/** Largest single writeZeroes request. */
-export const ZERO_REQUEST_BYTES_MAX = 1024 * 1024 * 1024;
+/** Bytes per read request while copying. */
+export const JOB_COPY_CHUNK_BYTES = COPY_CHUNK_BYTES;
+export { ZERO_REQUEST_BYTES_MAX } from "../copy-pipeline.ts";
+
+const ZERO_CHUNK = Buffer.alloc(JOB_COPY_CHUNK_BYTES);
+
+/** The whole chunk as one zero run when it is all zeroes. */
+function wholeZeroRun(data: Uint8Array): Array<[number, number]> {
+  const bytes = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  return bytes.equals(ZERO_CHUNK.subarray(0, data.byteLength)) ? [[0, data.byteLength]] : [];
+}
 
 export class RangeCopier {
   readonly #source: BlockDevice;
   readonly #target: BlockDevice;
   readonly #job: Job | undefined;
-  readonly #buffers = [new Uint8Array(JOB_COPY_CHUNK_BYTES), new Uint8Array(JOB_COPY_CHUNK_BYTES)];
   /** Bytes written to the target (data and zeroes). */
   writtenBytes = 0;
 
@@ -30,40 +38,25 @@ export class RangeCopier {
     this.#job = job;
   }
 
+  /** Copy ranges in ascending guest order, pipelined across ranges; returns once all writes completed. */
+  async copy(ranges: AsyncIterable<CopyRange> | Iterable<CopyRange>): Promise<void> {
+    const job = this.#job;
+    await copyRanges(this.#source, this.#target, ranges, {
+      zeroMode: { kind: "zeroes" },
+      zeroRuns: wholeZeroRun,
+      checkpoint: job === undefined ? undefined : () => job.checkpoint(),
+      onProgress: (_kind, bytes) => {
+        this.writtenBytes += bytes;
+        job?.advance(bytes);
+      },
+    });
+  }
+
   async copyData(start: number, length: number): Promise<void> {
-    let writing: Promise<void> = Promise.resolve();
-    try {
-      for (let at = 0, index = 0; at < length; index++) {
-        this.#job?.checkpoint();
-        const chunk = Math.min(JOB_COPY_CHUNK_BYTES, length - at);
-        const buffer = this.#buffers[index % 2].subarray(0, chunk);
-        await this.#source.read(start + at, buffer);
-        await writing;
-        writing = isAllZero(buffer) ? this.#target.writeZeroes(start + at, chunk) : this.#target.write(start + at, buffer);
-        writing.catch(() => {}); // awaited above or in finally; handled here so Node does not report it early
-        at += chunk;
-        this.writtenBytes += chunk;
-        this.#job?.advance(chunk);
-      }
-    } finally {
-      await writing;
-    }
+    await this.copy([{ start, length, kind: "data" }]);
   }
 
   async writeZeroes(start: number, length: number): Promise<void> {
-    for (let at = 0; at < length; ) {
-      this.#job?.checkpoint();
-      const chunk = Math.min(ZERO_REQUEST_BYTES_MAX, length - at);
-      await this.#target.writeZeroes(start + at, chunk);
-      at += chunk;
-      this.writtenBytes += chunk;
-      this.#job?.advance(chunk);
-    }
+    await this.copy([{ start, length, kind: "zero" }]);
   }
-}
-
-const ZERO_CHUNK = Buffer.alloc(JOB_COPY_CHUNK_BYTES);
-
-function isAllZero(buffer: Uint8Array): boolean {
-  return Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength).equals(ZERO_CHUNK.subarray(0, buffer.byteLength));
 }

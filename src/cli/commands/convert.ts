@@ -88,7 +88,8 @@ export const convertCommand: CliCommand = {
     const quiet = optionFlag(parsed, "quiet");
     const source = await openImage(sourcePath, { format: optionString(parsed, "format"), readOnly: true });
     try {
-      const progress = createProgress(context, optionFlag(parsed, "progress") && !quiet);
+      const showProgress = optionFlag(parsed, "progress") && !quiet;
+      const progress = createProgress(context, showProgress);
       await convertImage(source, targetPath, {
         format: outputFormat,
         options: checked.typed,
@@ -97,7 +98,8 @@ export const convertCommand: CliCommand = {
         backingFile,
         backingFormat,
         targetExists: optionFlag(parsed, "noCreate"),
-        onProgress: (fraction) => progress.update(fraction),
+        // Without -p, no metadata pass to count the bytes first.
+        onProgress: showProgress ? (fraction) => progress.update(fraction) : undefined,
       });
       progress.update(1);
       progress.end();
