@@ -47,6 +47,7 @@ export const ERROR_CODES = {
   // Virtual machines (QEMU processes and their QMP connection).
   E_QEMU: "QEMU failed to start, exited unexpectedly or closed its QMP connection",
   E_QMP: "QEMU refused a QMP command (its error class and description are in the message)",
+  E_STATE_DAMAGED: "a snapshot's saved VM state file is not the size it was saved with (truncated or replaced)",
   E_TIMEOUT: "an operation did not finish within its time limit",
   E_INTERNAL: "an internal error (a bug): please report it",
 } as const;

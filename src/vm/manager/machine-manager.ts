@@ -61,7 +61,7 @@
  *   disk was served by the dead daemon and cannot continue.
  */
 import { createHash } from "node:crypto";
-import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync } from "node:fs";
+import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync, renameSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SnapstackError, isSnapstackError } from "../../base/errors.ts";
@@ -76,6 +76,7 @@ import { runFilePaths, SUN_PATH_BYTES_MAX } from "../runtime/qemu-args.ts";
 import { acceleratorChoice } from "../runtime/accelerator.ts";
 import { syncDirectorySync, writeJsonAtomic } from "../store/atomic-file.ts";
 import { executeSteps, stepPath } from "../store/layer-steps.ts";
+import { checkStateFile, recordStateSize, stateFilePath } from "../store/state-file.ts";
 import type { MachineStore} from "../store/machine-store.ts";
 import { type MachineConfig } from "../store/machine-store.ts";
 import { expandForDisks, findSnapshot, layerFiles, planDelete, type LayerStep, type SnapshotRecord, type TreeRecord } from "../tree/snapshot-tree.ts";
@@ -434,7 +435,7 @@ export class MachineManager {
       // them on the exports' devices, so the pause only swaps.
       await executeSteps(dir, plan.steps);
       for (const [disk, file] of layerFiles(plan.tree, newTop.file).entries()) devices.push(await openOverlayOn(stepPath(dir, file), running.disks[disk].export.device));
-      const statePath = join(this.store.snapshotDir(name, plan.snapshot.id), "state.bin");
+      const statePath = stateFilePath(this.store.snapshotDir(name, plan.snapshot.id));
       const partial = `${statePath}.partial`;
       if (diskOnly) {
         pausedMs = await this.#swapPaused(running, devices);
@@ -457,6 +458,7 @@ export class MachineManager {
         stateBytes = (await running.process.saveState(partial)).sizeBytes;
       }
       if (!diskOnly) {
+        recordStateSize(this.store.snapshotDir(name, plan.snapshot.id), stateBytes);
         renameSync(partial, statePath);
         syncDirectorySync(this.store.snapshotDir(name, plan.snapshot.id));
       }
@@ -493,10 +495,8 @@ export class MachineManager {
     return this.#withMachine(name, async () => {
       const started = performance.now();
       const target = findSnapshot(this.store.loadTree(name), snapshotName);
-      const statePath = join(this.store.snapshotDir(name, target.id), "state.bin");
-      if (target.hasState && (!existsSync(statePath) || statSync(statePath).size === 0)) {
-        throw new SnapstackError("E_NOT_FOUND", `snapshot '${target.name}' of machine '${name}': its VM state file ${statePath} is missing or empty`, { machine: name, snapshot: target.name, path: statePath });
-      }
+      // Checked before anything changes: QEMU finds a damaged state only while loading it.
+      const statePath = target.hasState ? checkStateFile(this.store.snapshotDir(name, target.id), { machine: name, snapshot: target.name }) : null;
       const wasRunning = this.#running.has(name);
       if (wasRunning) await this.#stop(name, true);
       const result = await revertStopped(this.store, name, snapshotName, options);
@@ -505,7 +505,7 @@ export class MachineManager {
         const config = JSON.parse(readFileSync(snapshotConfig, "utf8")) as MachineConfig;
         writeJsonAtomic(join(this.store.machineDir(name), "config.json"), { ...config, name, cloneOf: this.store.loadConfig(name).cloneOf });
       }
-      if (target.hasState) await this.#start(name, statePath);
+      if (statePath !== null) await this.#start(name, statePath);
       else if (wasRunning) await this.#start(name, null);
       return { snapshot: result.snapshot, freedBytes: result.freedBytes, state: this.#running.has(name) ? "running" : "stopped", totalMs: performance.now() - started };
     });
