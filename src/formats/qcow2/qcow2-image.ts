@@ -951,13 +951,13 @@ export class Qcow2Image implements BlockDevice {
           const clusterGuest = plan.clusterIndex * cs;
           const parts: Uint8Array[] = [];
           if (start < plan.inCluster) {
-            const head = new Uint8Array(plan.inCluster - start);
+            const head = this.#paddingBuffer(plan, plan.inCluster - start);
             await this.#readPadding(plan, clusterGuest + start, head);
             parts.push(head);
           }
           parts.push(data.subarray(plan.at, plan.at + plan.length));
           if (end > plan.inCluster + plan.length) {
-            const tail = new Uint8Array(end - plan.inCluster - plan.length);
+            const tail = this.#paddingBuffer(plan, end - plan.inCluster - plan.length);
             await this.#readPadding(plan, clusterGuest + plan.inCluster + plan.length, tail);
             parts.push(tail);
           }
@@ -1153,9 +1153,23 @@ export class Qcow2Image implements BlockDevice {
 
   /** COW padding: what this layer currently reads at guestOffset (zeros for zero entries, backing for unallocated). */
   async #readPadding(plan: ClusterPlan, guestOffset: number, buffer: Uint8Array): Promise<void> {
-    if (plan.entry.type === "zero-plain" || (plan.entry.type === "zero-alloc" && !this.#meta.geometry.extendedL2)) return;
-    if (plan.inPlace && plan.entry.type === "normal" && !this.#meta.geometry.extendedL2) return;
+    if (this.#paddingWithoutRead(plan)) return;
     await this.#readGuest(guestOffset, buffer);
+  }
+
+  /** #readPadding leaves the buffer as it is (the padding reads as zeroes, or there is none). */
+  #paddingWithoutRead(plan: ClusterPlan): boolean {
+    if (plan.entry.type === "zero-plain" || (plan.entry.type === "zero-alloc" && !this.#meta.geometry.extendedL2)) return true;
+    return plan.inPlace && plan.entry.type === "normal" && !this.#meta.geometry.extendedL2;
+  }
+
+  /**
+   * A COW padding buffer: zeroed when #readPadding will not fill it, else
+   * uninitialized (#readGuest overwrites every byte): zero-filling ~60 KiB
+   * per allocating 4 KiB write, then overwriting it, was a fifth of the time.
+   */
+  #paddingBuffer(plan: ClusterPlan, lengthBytes: number): Uint8Array {
+    return this.#paddingWithoutRead(plan) ? new Uint8Array(lengthBytes) : Buffer.allocUnsafe(lengthBytes);
   }
 
   // ------------------------------------------------------- zeroes, discard
