@@ -41,6 +41,7 @@
  *   either); their VM state area is kept as is.
  */
 import { SnapstackError } from "../../base/errors.ts";
+import type { ImageFile } from "../../io/file.ts";
 import { L1_ENTRY_BYTES, compressedReadBytes, decodeL2EntryWords, getL1Entry, setL1Entry } from "./entries.ts";
 import { L1_BYTES_MAX, corruption, type Qcow2Geometry, type Qcow2Metadata } from "./metadata.ts";
 import type { CachedTable } from "./table-cache.ts";
@@ -154,15 +155,25 @@ function notFound(image: Qcow2Image, ref: string): SnapstackError {
 }
 
 /** The on-disk table, re-read (its exact length is needed to free it). */
-async function readSnapshotTable(meta: Qcow2Metadata): Promise<{ snapshots: Qcow2Snapshot[]; tableBytes: number }> {
+function readSnapshotTable(meta: Qcow2Metadata): Promise<{ snapshots: Qcow2Snapshot[]; tableBytes: number }> {
   const { snapshotCount, snapshotsOffset, sizeBytes } = meta.header;
-  if (snapshotCount === 0) return { snapshots: [], tableBytes: 0 };
+  return readSnapshotTableAt(meta.file, snapshotsOffset, snapshotCount, sizeBytes);
+}
+
+/**
+ * The snapshot table of `count` entries at `tableOffset`. Its length is
+ * known only once decoded, so it is read in pieces growing 4x from 64 KiB
+ * up to the table limit (reading to the end of the file instead cost an
+ * open ~60 ms when 64 MiB of data followed the table).
+ */
+export async function readSnapshotTableAt(file: ImageFile, tableOffset: number, count: number, imageSizeBytes: number): Promise<{ snapshots: Qcow2Snapshot[]; tableBytes: number }> {
+  if (count === 0) return { snapshots: [], tableBytes: 0 };
   let lengthBytes = TABLE_READ_BYTES_INITIAL;
   for (;;) {
     const bytes = new Uint8Array(lengthBytes);
-    const got = await meta.file.read(snapshotsOffset, bytes);
+    const got = await file.read(tableOffset, bytes);
     try {
-      return decodeSnapshotTable(bytes.subarray(0, got), snapshotCount, sizeBytes);
+      return decodeSnapshotTable(bytes.subarray(0, got), count, imageSizeBytes);
     } catch (error) {
       // Truncated because we read too little: read more. Truncated at the end of the file or the limit: corrupt.
       if (got < lengthBytes || lengthBytes >= SNAPSHOT_TABLE_BYTES_MAX) throw error;

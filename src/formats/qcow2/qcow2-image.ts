@@ -64,7 +64,7 @@ import {
   type L2Entry,
 } from "./entries.ts";
 import { REFTABLE_BYTES_MAX } from "./refcount-block.ts";
-import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, decodeSnapshotTable, type Qcow2Snapshot } from "./snapshot-table.ts";
+import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, type Qcow2Snapshot } from "./snapshot-table.ts";
 import { compressCluster, decompressCluster } from "./compression.ts";
 import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, l1EntriesForSize } from "./metadata.ts";
 import { AsyncMutex, RangeLock, ReadGate } from "./locks.ts";
@@ -76,6 +76,7 @@ import {
   createSnapshot,
   deleteSnapshot,
   listSnapshots,
+  readSnapshotTableAt,
   type CreateSnapshotOptions,
   type DeleteSnapshotOptions,
   type FreeingOptions,
@@ -171,9 +172,7 @@ export async function openQcow2(file: ImageFile, options: OpenQcow2Options): Pro
 
   let snapshots: Qcow2Snapshot[] = [];
   if (header.snapshotCount > 0) {
-    const raw = new Uint8Array(Math.min(fileSizeBytes - header.snapshotsOffset, 64 * 1024 * 1024));
-    await file.read(header.snapshotsOffset, raw);
-    snapshots = decodeSnapshotTable(raw, header.snapshotCount, header.sizeBytes).snapshots;
+    snapshots = (await readSnapshotTableAt(file, header.snapshotsOffset, header.snapshotCount, header.sizeBytes)).snapshots;
     snapshots.forEach((snapshot, i) => {
       if (snapshot.extraDataSizeBytes > SNAPSHOT_EXTRA_DATA_BYTES_MAX) {
         throw new SnapstackError("E_CORRUPT_IMAGE", `Too much extra metadata in snapshot table entry ${i}`, {
