@@ -14,18 +14,21 @@
  *   data writes queued meanwhile (pieces between zero runs) are merged into
  *   one Qcow2Image.writeBatch, which allocates clusters in request order as
  *   separate writes would, so the host layout is qemu-img's.
- * - How much runs at once was measured (in-process convert of 1 GiB and
- *   commit of 256 MiB, alternating variants, on the 2-core development VM
- *   under the load of other work): the read of the next chunk overlapping
- *   the write of the previous one (COPY_READS_IN_FLIGHT 1, 2 MiB queued, one
- *   write in flight, batches of at most 1 MiB) was as fast as or faster
- *   than 2-4 reads, 4-16 MiB queued, 2 raw writes or 8 MiB batches, and
- *   used less CPU (convert: 1.8-2.2 s against 2.0-4.2 s of CPU; commit with
- *   16 MiB queued and 8 MiB batches took twice the time). More requests in
- *   flight add thread-pool hops that compete with the copy for the same two
- *   cores, concurrent writes to one file serialize on its inode lock, and
- *   larger buffers are fresh memory to fault in. The constants are named so
- *   they can be measured again on other machines.
+ * - How much runs at once was measured (whole convert commands of 1 GiB and
+ *   in-process commits of 256 MiB, alternating variants, on the 2-core
+ *   development VM under the load of other work). Convert: 2 reads ahead,
+ *   4 MiB queued, 2 raw writes in flight and qcow2 batches of at most 1 MiB
+ *   beat 1 read / 2 MiB / 1 write (qcow2 2.2 s against 3.0 s, raw 1.7 s
+ *   against 2.3 s, medians of 5-7); in another run the latter beat the
+ *   former 8 reads / 4 raw writes / up-to-8 MiB batches for qcow2 (1.8 s
+ *   against 2.6 s) and lost for raw (1.8 s against 1.5 s); in-process,
+ *   16 MiB queued or 8 MiB batches were up to twice as slow. Commit into qcow2 was fastest with one read ahead
+ *   and 2 MiB queued (the jobs ask for that): 16 MiB queued with 8 MiB
+ *   batches took twice the time. More requests in flight add thread-pool
+ *   hops that compete with the copy for the same two cores, concurrent
+ *   writes to one file serialize on its inode lock, and larger buffers are
+ *   fresh memory to fault in. The limits are named so they can be measured
+ *   again elsewhere.
  * - Back-pressure: reading stops while COPY_QUEUED_BYTES_MAX bytes of data
  *   wait for the writer or are being written. Buffers are reused from a
  *   free list once their writes completed.
@@ -48,12 +51,12 @@ import type { WriteRequest } from "../formats/qcow2/qcow2-image.ts";
 
 /** Bytes per read request (qemu-img convert's IO_BUF_SIZE). */
 export const COPY_CHUNK_BYTES = 2 * 1024 * 1024;
-/** Read requests outstanding at once (memory: this many chunks). */
-export const COPY_READS_IN_FLIGHT = 1;
-/** Data bytes read and not yet written at most (memory: about this much plus the reads in flight). */
-export const COPY_QUEUED_BYTES_MAX = 2 * 1024 * 1024;
+/** Read requests outstanding at once by default (memory: this many chunks). */
+export const COPY_READS_IN_FLIGHT = 2;
+/** Data bytes read and not yet written at most, by default (memory: about this much plus the reads in flight). */
+export const COPY_QUEUED_BYTES_MAX = 4 * 1024 * 1024;
 /** Write requests in flight to a target that is not qcow2 (raw: no allocation order to keep). */
-export const COPY_WRITES_IN_FLIGHT = 1;
+export const COPY_WRITES_IN_FLIGHT = 2;
 /** Most data bytes merged into one Qcow2Image.writeBatch (small requests only: see the design notes). */
 export const WRITE_BATCH_BYTES_MAX = 1024 * 1024;
 /** Largest single writeZeroes request. */
@@ -84,6 +87,10 @@ export interface CopyPipelineOptions {
   compress?: boolean;
   /** Bytes per chunk of data (default COPY_CHUNK_BYTES; a cluster when compressing). */
   chunkBytes?: number;
+  /** Reads outstanding at once (default COPY_READS_IN_FLIGHT). */
+  readsInFlight?: number;
+  /** Data bytes read and not yet written at most (default COPY_QUEUED_BYTES_MAX). */
+  queuedBytesMax?: number;
   /** Called before each chunk; throws to cancel. */
   checkpoint?: () => void;
   /** Called as ranges are handed to the writer: data bytes, then zero bytes. */
@@ -272,6 +279,8 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
   const chunkBytes = options.chunkBytes ?? COPY_CHUNK_BYTES;
   const compress = options.compress ?? false;
   const zeroMode = options.zeroMode;
+  const readsMax = options.readsInFlight ?? COPY_READS_IN_FLIGHT;
+  const queuedBytesMax = options.queuedBytesMax ?? COPY_QUEUED_BYTES_MAX;
   const writer = new OrderedWriter(target, { batch: !compress, requestsInFlight: COPY_WRITES_IN_FLIGHT });
   const free: Uint8Array[] = [];
   const slots: Slot[] = [];
@@ -360,12 +369,12 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
         continue;
       }
       for (let at = range.start; at < range.start + range.length; at += chunkBytes) {
-        while (slots.length > 0 && (slots[0].readDone || readsInFlight >= COPY_READS_IN_FLIGHT || slots.length >= 2 * COPY_READS_IN_FLIGHT)) {
+        while (slots.length > 0 && (slots[0].readDone || readsInFlight >= readsMax || slots.length >= 2 * readsMax)) {
           await consume();
         }
         if (writer.failed) break;
         options.checkpoint?.();
-        await writer.whenBelow(COPY_QUEUED_BYTES_MAX);
+        await writer.whenBelow(queuedBytesMax);
         startRead(at, Math.min(chunkBytes, range.start + range.length - at));
       }
       if (writer.failed) break;
