@@ -229,21 +229,166 @@ const HI_COMPRESSED = 0x40000000;
 const HI_OFFSET_UNSAFE = 0x200000;
 const TWO_POW_32 = 2 ** 32;
 
+/** What one pass over a tree needs in its per-table helpers; the buffers are reused for every table. */
+interface TreeWalk {
+  readonly meta: Qcow2Metadata;
+  readonly geometry: Qcow2Geometry;
+  readonly addend: -1 | 0 | 1;
+  /** The file's end rounded up to a cluster: references at or past it are corrupt. */
+  readonly fileEndBytes: number;
+  /** Indexes of the non-empty entries of the current table. */
+  readonly used: Int32Array;
+  /** [hostOffset, lengthBytes] pairs of the current table's refcount updates. */
+  readonly ranges: Float64Array;
+}
+
+function beyondFileEnd(what: string, hostOffset: number): SnapstackError {
+  return corruption(`${what} at 0x${hostOffset.toString(16)} lies beyond the end of the file`);
+}
+
 /**
- * Entry indexes of the non-empty entries of an L2 table, into `out` (an
+ * Entry indexes of the non-empty entries of an L2 table, into walk.used (an
  * all-zero entry word is unallocated and carries no COPIED bit); returns how
  * many. Zero tests need no byte order, so a native-order word view skips
- * empty entries without decoding them, and nothing is allocated per entry.
+ * empty entries without decoding them.
  */
-function usedEntryIndexes(table: CachedTable, geometry: Qcow2Geometry, out: Int32Array): number {
+function usedEntryIndexes(table: CachedTable, walk: TreeWalk): number {
   const words = new Uint32Array(table.bytes.buffer, table.bytes.byteOffset, table.bytes.byteLength >>> 2);
-  const wordsPerEntry = geometry.l2EntryBytes >>> 2;
-  const entries = geometry.l2Entries;
+  const wordsPerEntry = walk.geometry.l2EntryBytes >>> 2;
+  const entries = walk.geometry.l2Entries;
+  const used = walk.used;
   let count = 0;
   for (let l2Index = 0, w = 0; l2Index < entries; l2Index++, w += wordsPerEntry) {
-    if ((words[w] | words[w + 1]) !== 0) out[count++] = l2Index;
+    if ((words[w] | words[w + 1]) !== 0) used[count++] = l2Index;
   }
   return count;
+}
+
+/** A compressed entry's host range, into walk.ranges at pair `pair`. */
+function compressedRange(walk: TreeWalk, hi: number, lo: number, l2Offset: number, l2Index: number, pair: number): void {
+  const entry = decodeL2EntryWords(hi, lo, walk.geometry.clusterBits);
+  if (entry.offsetTooLarge) throw corruption(`Compressed cluster offset beyond 8 PiB (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${l2Index.toString(16)})`);
+  if (entry.hostOffset >= walk.fileEndBytes) throw beyondFileEnd(`Compressed cluster of L2 index ${l2Index} in the table at 0x${l2Offset.toString(16)}`, entry.hostOffset);
+  walk.ranges[2 * pair] = entry.hostOffset;
+  walk.ranges[2 * pair + 1] = compressedReadBytes(entry.hostOffset, entry.compressedSectors);
+}
+
+/**
+ * The host ranges whose refcounts the used entries of one L2 table hold,
+ * into walk.ranges as [hostOffset, lengthBytes] pairs: contiguous standard
+ * clusters merged, each compressed cluster alone (several may share a host
+ * cluster, each adding one). Returns how many pairs. Synchronous and
+ * allocation-free: the hot part of a pass, kept small so V8 optimizes it
+ * cheaply (one async function holding it all cost ~50 ms of TurboFan time
+ * in every fresh process).
+ */
+function tableRanges(table: CachedTable, walk: TreeWalk, usedCount: number): number {
+  const view = table.view;
+  const used = walk.used;
+  const ranges = walk.ranges;
+  const cs = walk.geometry.clusterSizeBytes;
+  const entryBytes = walk.geometry.l2EntryBytes;
+  let pairs = 0;
+  let runStart = -1;
+  let runBytes = 0;
+  for (let u = 0; u < usedCount; u++) {
+    const l2Index = used[u];
+    const hi = view.getUint32(l2Index * entryBytes);
+    const lo = view.getUint32(l2Index * entryBytes + 4);
+    if ((hi & HI_COMPRESSED) !== 0) {
+      compressedRange(walk, hi, lo, table.hostOffset, l2Index, pairs++);
+      continue;
+    }
+    const hiOffset = hi & HI_OFFSET_MASK;
+    const hostOffset = hiOffset * TWO_POW_32 + ((lo & LO_OFFSET_MASK) >>> 0);
+    if (hostOffset === 0) continue; // unallocated or zero-plain
+    if (hiOffset >= HI_OFFSET_UNSAFE || hostOffset % cs !== 0) {
+      throw corruption(`Cluster allocation offset 0x${hostOffset.toString(16)} unaligned (L2 offset: 0x${table.hostOffset.toString(16)}, L2 index: 0x${l2Index.toString(16)})`);
+    }
+    if (hostOffset >= walk.fileEndBytes) throw beyondFileEnd(`Data cluster of L2 index ${l2Index} in the table at 0x${table.hostOffset.toString(16)}`, hostOffset);
+    if (runStart >= 0 && runStart + runBytes === hostOffset) {
+      runBytes += cs;
+      continue;
+    }
+    if (runStart >= 0) {
+      ranges[2 * pairs] = runStart;
+      ranges[2 * pairs++ + 1] = runBytes;
+    }
+    runStart = hostOffset;
+    runBytes = cs;
+  }
+  if (runStart >= 0) {
+    ranges[2 * pairs] = runStart;
+    ranges[2 * pairs++ + 1] = runBytes;
+  }
+  return pairs;
+}
+
+/**
+ * Rebuild COPIED in the used entries walk.used[from..usedCount) of a table
+ * from the refcounts now in place (compressed and unallocated entries never
+ * carry it; after a raise every cluster of the tree counts at least 2, so no
+ * lookup). Marks the table dirty when it changed. Returns usedCount when
+ * done, or the position of an entry whose refcount block is not cached
+ * (the caller loads it and calls again from there).
+ */
+function rebuildTableCopied(table: CachedTable, walk: TreeWalk, from: number, usedCount: number): number {
+  const view = table.view;
+  const used = walk.used;
+  const cs = walk.geometry.clusterSizeBytes;
+  const entryBytes = walk.geometry.l2EntryBytes;
+  const lookup = walk.addend <= 0;
+  for (let u = from; u < usedCount; u++) {
+    const at = used[u] * entryBytes;
+    const hi = view.getUint32(at);
+    let copied = false;
+    if (lookup && (hi & HI_COMPRESSED) === 0) {
+      const hostOffset = (hi & HI_OFFSET_MASK) * TWO_POW_32 + ((view.getUint32(at + 4) & LO_OFFSET_MASK) >>> 0);
+      if (hostOffset !== 0) {
+        const refcount = walk.meta.peekRefcount(hostOffset / cs);
+        if (refcount === undefined) return u;
+        copied = refcount === 1;
+      }
+    }
+    if (copied !== ((hi & HI_COPIED) !== 0)) {
+      view.setUint32(at, copied ? (hi | HI_COPIED) >>> 0 : (hi & ~HI_COPIED) >>> 0);
+      table.dirty = true;
+    }
+  }
+  return usedCount;
+}
+
+/** Add the pass's addend to the refcounts of [hostOffset, +lengthBytes), journaling raises. */
+async function applyAddend(walk: TreeWalk, hostOffset: number, lengthBytes: number, journal: RaiseJournal | undefined): Promise<void> {
+  if (walk.addend > 0) {
+    await walk.meta.increaseRefcounts(hostOffset, lengthBytes);
+    journal?.push([hostOffset, lengthBytes]);
+  } else if (walk.addend < 0) {
+    await walk.meta.freeClusters(hostOffset, lengthBytes);
+  }
+}
+
+/** One L2 table of a pass: its refcount updates, then COPIED in it rebuilt. */
+async function walkTable(walk: TreeWalk, l2Offset: number, journal: RaiseJournal | undefined): Promise<void> {
+  const meta = walk.meta;
+  const release = meta.holdEviction();
+  try {
+    const table = meta.peekL2(l2Offset) ?? (await meta.getL2(l2Offset));
+    const usedCount = usedEntryIndexes(table, walk);
+    if (walk.addend !== 0) {
+      const pairs = tableRanges(table, walk, usedCount);
+      const ranges = walk.ranges;
+      for (let pair = 0; pair < pairs; pair++) await applyAddend(walk, ranges[2 * pair], ranges[2 * pair + 1], journal);
+    }
+    for (let u = rebuildTableCopied(table, walk, 0, usedCount); u < usedCount; u = rebuildTableCopied(table, walk, u, usedCount)) {
+      // A refcount block not in the cache: load it, then go on from that entry.
+      const at = walk.used[u] * walk.geometry.l2EntryBytes;
+      const hostOffset = (table.view.getUint32(at) & HI_OFFSET_MASK) * TWO_POW_32 + ((table.view.getUint32(at + 4) & LO_OFFSET_MASK) >>> 0);
+      await meta.getRefcount(hostOffset / walk.geometry.clusterSizeBytes);
+    }
+  } finally {
+    release();
+  }
 }
 
 /**
@@ -253,30 +398,23 @@ function usedEntryIndexes(table: CachedTable, geometry: Qcow2Geometry, out: Int3
  * tables and in `l1` from the resulting refcounts. Returns whether `l1`
  * changed. Raises are recorded in `journal` when given.
  *
- * Entries are read as two 32-bit halves straight from the table (no
- * decoded object per entry: a pass over 1 GiB of data meets 16k of them,
- * in a process that has just started); compressed entries, rare, go
- * through the codec.
+ * Entries are read as two 32-bit halves straight from the tables, by small
+ * synchronous helpers (no decoded object per entry: a pass over 1 GiB of
+ * data meets 16k of them, in a process that has just started).
  */
 export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l1Entries: number, addend: -1 | 0 | 1, journal?: RaiseJournal): Promise<boolean> {
   const geometry = meta.geometry;
   const cs = geometry.clusterSizeBytes;
-  const entryBytes = geometry.l2EntryBytes;
-  const apply = async (hostOffset: number, lengthBytes: number): Promise<void> => {
-    if (addend > 0) {
-      await meta.increaseRefcounts(hostOffset, lengthBytes);
-      journal?.push([hostOffset, lengthBytes]);
-    } else if (addend < 0) {
-      await meta.freeClusters(hostOffset, lengthBytes);
-    }
-  };
   // A reference a cluster or more past the end of the file is corruption (as qemu-img check says);
   // refusing it here keeps a hostile pointer from making refcount blocks appear far out.
-  const fileEndBytes = Math.ceil((await meta.file.sizeBytes()) / cs) * cs;
-  const inFile = (hostOffset: number, what: string): void => {
-    if (hostOffset >= fileEndBytes) throw corruption(`${what} at 0x${hostOffset.toString(16)} lies beyond the end of the file`);
+  const walk: TreeWalk = {
+    meta,
+    geometry,
+    addend,
+    fileEndBytes: Math.ceil((await meta.file.sizeBytes()) / cs) * cs,
+    used: new Int32Array(geometry.l2Entries),
+    ranges: new Float64Array(2 * geometry.l2Entries),
   };
-  const used = new Int32Array(geometry.l2Entries);
   let l1Modified = false;
   let tablesWalked = 0;
   for (let l1Index = 0; l1Index < l1Entries; l1Index++) {
@@ -285,69 +423,9 @@ export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l
     if (l2Offset === 0) continue;
     if (l1Entry.offsetTooLarge) throw corruption(`L2 table offset of L1 index ${l1Index} is beyond 8 PiB`);
     if (l2Offset % cs !== 0) throw corruption(`L2 table offset 0x${l2Offset.toString(16)} unaligned (L1 index: 0x${l1Index.toString(16)})`);
-    inFile(l2Offset, `L2 table of L1 index ${l1Index}`);
-    const release = meta.holdEviction();
-    try {
-      const table = meta.peekL2(l2Offset) ?? (await meta.getL2(l2Offset));
-      const view = table.view;
-      const usedCount = usedEntryIndexes(table, geometry, used);
-      if (addend !== 0) {
-        // Contiguous standard clusters in one refcount update; each compressed cluster on its own
-        // (several may share a host cluster, each adding one).
-        let runStart = -1;
-        let runBytes = 0;
-        for (let u = 0; u < usedCount; u++) {
-          const l2Index = used[u];
-          const hi = view.getUint32(l2Index * entryBytes);
-          const lo = view.getUint32(l2Index * entryBytes + 4);
-          if ((hi & HI_COMPRESSED) !== 0) {
-            const entry = decodeL2EntryWords(hi, lo, geometry.clusterBits);
-            if (entry.offsetTooLarge) throw corruption(`Compressed cluster offset beyond 8 PiB (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${l2Index.toString(16)})`);
-            inFile(entry.hostOffset, `Compressed cluster of L2 index ${l2Index} in the table at 0x${l2Offset.toString(16)}`);
-            await apply(entry.hostOffset, compressedReadBytes(entry.hostOffset, entry.compressedSectors));
-            continue;
-          }
-          const hiOffset = hi & HI_OFFSET_MASK;
-          const hostOffset = hiOffset * TWO_POW_32 + ((lo & LO_OFFSET_MASK) >>> 0);
-          if (hostOffset === 0) continue; // unallocated or zero-plain
-          if (hiOffset >= HI_OFFSET_UNSAFE || hostOffset % cs !== 0) {
-            throw corruption(`Cluster allocation offset 0x${hostOffset.toString(16)} unaligned (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${l2Index.toString(16)})`);
-          }
-          inFile(hostOffset, `Data cluster of L2 index ${l2Index} in the table at 0x${l2Offset.toString(16)}`);
-          if (runStart >= 0 && runStart + runBytes === hostOffset) {
-            runBytes += cs;
-            continue;
-          }
-          if (runStart >= 0) await apply(runStart, runBytes);
-          runStart = hostOffset;
-          runBytes = cs;
-        }
-        if (runStart >= 0) await apply(runStart, runBytes);
-      }
-      // COPIED from the refcounts now in place (compressed and unallocated entries never carry it).
-      // After a raise every cluster of the tree counts at least 2: no lookup needed.
-      let tableModified = false;
-      for (let u = 0; u < usedCount; u++) {
-        const at = used[u] * entryBytes;
-        const hi = view.getUint32(at);
-        let copied = false;
-        if (addend <= 0 && (hi & HI_COMPRESSED) === 0) {
-          const hostOffset = (hi & HI_OFFSET_MASK) * TWO_POW_32 + ((view.getUint32(at + 4) & LO_OFFSET_MASK) >>> 0);
-          if (hostOffset !== 0) {
-            const clusterIndex = hostOffset / cs;
-            copied = (meta.peekRefcount(clusterIndex) ?? (await meta.getRefcount(clusterIndex))) === 1;
-          }
-        }
-        if (copied !== ((hi & HI_COPIED) !== 0)) {
-          view.setUint32(at, copied ? (hi | HI_COPIED) >>> 0 : (hi & ~HI_COPIED) >>> 0);
-          tableModified = true;
-        }
-      }
-      if (tableModified) table.dirty = true;
-    } finally {
-      release();
-    }
-    if (addend !== 0) await apply(l2Offset, cs);
+    if (l2Offset >= walk.fileEndBytes) throw beyondFileEnd(`L2 table of L1 index ${l1Index}`, l2Offset);
+    await walkTable(walk, l2Offset, journal);
+    if (addend !== 0) await applyAddend(walk, l2Offset, cs, journal);
     const l2Copied = (meta.peekRefcount(l2Offset / cs) ?? (await meta.getRefcount(l2Offset / cs))) === 1;
     if (l2Copied !== l1Entry.copied || l1Entry.reservedBitsSet) {
       setL1Entry(l1, l1Index, { l2Offset, copied: l2Copied });
