@@ -218,6 +218,45 @@ test("at most 65,536 snapshots: the next create is EFBIG and changes nothing", a
   await image.close();
 });
 
+test("open reads the snapshot table alone: one larger than the first 64 KiB piece, one followed by data", async () => {
+  const { file, image } = await fresh();
+  await image.createSnapshot("first");
+  // Data allocated after the table: open must not read it (it read up to 64 MiB past the table).
+  await image.write(0, new Uint8Array(2 * MiB).fill(3));
+  await image.close();
+  const reopen = (from: MemoryFile): Promise<Qcow2Image> => openQcow2(new MemoryFile({ name: "snap.qcow2", contents: from.contents() }), { readOnly: false, backing: null });
+  const counted = new MemoryFile({ name: "snap.qcow2", contents: file.contents() });
+  let bytesRead = 0;
+  const read = counted.read.bind(counted);
+  counted.read = (hostOffset: number, buffer: Uint8Array) => ((bytesRead += buffer.length), read(hostOffset, buffer));
+  await (await openQcow2(counted, { readOnly: true, backing: null })).close();
+  assert.ok(bytesRead < 1 * MiB, `open read ${bytesRead} bytes of a file holding 2 MiB of data after the table`);
+  const reopened = await reopen(file);
+  assert.deepEqual(reopened.snapshots.map((s) => s.name), ["first"]);
+  // ~2,000 entries with 40-byte names: a table of ~190 KiB, read at open in growing pieces.
+  const names = Array.from({ length: 2000 }, (_, i) => `snapshot-${String(i).padStart(31, "0")}`);
+  const crafted = names.map((name, i) => ({ ...entry(String(i + 2), name), diskSizeBytes: reopened.sizeBytes }));
+  const table = encodeSnapshotTable([...reopened.snapshots, ...crafted]);
+  assert.ok(table.length > 64 * KiB * 2, "the table spans more than the first piece");
+  const meta = reopened.metadata;
+  const tableOffset = await meta.allocClusters(table.length);
+  await meta.writeCaches();
+  await meta.file.write(tableOffset, table);
+  const fields = new Uint8Array(12);
+  new DataView(fields.buffer).setUint32(0, 1 + crafted.length);
+  new DataView(fields.buffer).setBigUint64(4, BigInt(tableOffset));
+  await meta.writeHeaderBytes(60, fields);
+  const written = meta.file as MemoryFile;
+  await reopened.flush();
+  const again = await reopen(written);
+  await reopened.close();
+  assert.equal(again.snapshots.length, 1 + crafted.length);
+  assert.equal(again.snapshots[again.snapshots.length - 1].name, names[names.length - 1]);
+  await again.deleteSnapshot(names[0]);
+  assert.equal(again.snapshots.length, crafted.length);
+  await again.close();
+});
+
 test("a live image: writes racing a snapshot land wholly before or after it", async () => {
   const { file, image } = await fresh({ clusterSizeBytes: 4 * KiB });
   const clusters = 64;
