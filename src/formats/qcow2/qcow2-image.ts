@@ -957,16 +957,25 @@ export class Qcow2Image implements BlockDevice {
           const { start, end } = this.#cowRange(plan);
           const clusterGuest = plan.clusterIndex * cs;
           const parts: Uint8Array[] = [];
-          if (start < plan.inCluster) {
-            const head = this.#paddingBuffer(plan, plan.inCluster - start);
-            await this.#readPadding(plan, clusterGuest + start, head);
-            parts.push(head);
-          }
-          parts.push(data.subarray(plan.at, plan.at + plan.length));
-          if (end > plan.inCluster + plan.length) {
-            const tail = this.#paddingBuffer(plan, end - plan.inCluster - plan.length);
-            await this.#readPadding(plan, clusterGuest + plan.inCluster + plan.length, tail);
-            parts.push(tail);
+          const writeEnd = plan.inCluster + plan.length;
+          const written = data.subarray(plan.at, plan.at + plan.length);
+          if (start < plan.inCluster && end > writeEnd && plan.length <= COW_MERGED_READ_GAP_BYTES_MAX && !this.#paddingWithoutRead(plan)) {
+            // Head and tail in one read, across the part the write covers (perform_cow's merge_reads).
+            const padding = this.#paddingBuffer(plan, end - start);
+            await this.#readPadding(plan, clusterGuest + start, padding);
+            parts.push(padding.subarray(0, plan.inCluster - start), written, padding.subarray(writeEnd - start));
+          } else {
+            if (start < plan.inCluster) {
+              const head = this.#paddingBuffer(plan, plan.inCluster - start);
+              await this.#readPadding(plan, clusterGuest + start, head);
+              parts.push(head);
+            }
+            parts.push(written);
+            if (end > writeEnd) {
+              const tail = this.#paddingBuffer(plan, end - writeEnd);
+              await this.#readPadding(plan, clusterGuest + writeEnd, tail);
+              parts.push(tail);
+            }
           }
           const hostOffset = plan.hostOffset + start;
           const last = writes[writes.length - 1];
@@ -1748,6 +1757,14 @@ export interface WriteRequest {
 }
 
 /** A contiguous host range to write, as pieces (COW padding, slices of the caller's data). */
+/**
+ * Largest write whose COW head and tail are read together, across it, in
+ * one read (QEMU's perform_cow merges the reads when the data between is at
+ * most 16 KiB): one read of a whole 64 KiB cluster costs less than two
+ * reads of its ~60 KiB of padding.
+ */
+const COW_MERGED_READ_GAP_BYTES_MAX = 16 * 1024;
+
 interface HostWrite {
   hostOffset: number;
   parts: Uint8Array[];
