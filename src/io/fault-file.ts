@@ -223,7 +223,8 @@ export class FaultFile implements ImageFile {
     const fault = this.#plannedFault("write", hostOffset, data.length);
     if (fault !== undefined) this.#fail(fault.code, action);
     if (hostOffset + data.length > this.#sizeLimitBytes) this.#fail("E_NO_SPACE", action);
-    const copy = data.slice();
+    // A copy the caller cannot change later (Buffer#slice would be a view).
+    const copy = Uint8Array.prototype.slice.call(data);
     if (count === this.#crashAtWrite) {
       this.#record({ kind: "write", hostOffset, data: copy });
       this.#dead = true;
