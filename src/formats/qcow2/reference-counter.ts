@@ -41,7 +41,7 @@ import type { L2Entry } from "./entries.ts";
 import { decodeQcow2Header, AUTOCLEAR_BITMAPS, CRYPT_LUKS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, QCOW2_HEADER_PROBE_BYTES, decodeQcow2ClusterBits } from "./header.ts";
 import type { Qcow2Header } from "./header.ts";
 import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, getRefcount, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
-import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, SNAPSHOT_TABLE_BYTES_MAX, SNAPSHOT_V3_EXTRA_BYTES_MIN } from "./snapshot-table.ts";
+import { encodeSnapshotEntryTail, SNAPSHOT_COUNT_MAX, SNAPSHOT_KNOWN_EXTRA_BYTES, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, SNAPSHOT_TABLE_BYTES_MAX, SNAPSHOT_V3_EXTRA_BYTES_MIN } from "./snapshot-table.ts";
 
 /**
  * Largest file (in clusters) check and rebuild accept: the counts take 4
@@ -523,8 +523,7 @@ function cStringBytes(bytes: Uint8Array): Uint8Array {
  * followed by the kept unknown extra data, then id and name.
  */
 export function encodeCheckedSnapshotTable(state: Qcow2CheckState): Uint8Array {
-  const KNOWN_EXTRA_BYTES = 24;
-  const sizes = state.snapshots.map((snapshot) => SNAPSHOT_HEADER_BYTES + Math.max(KNOWN_EXTRA_BYTES, snapshot.raw.extra.length) + snapshot.raw.id.length + snapshot.raw.name.length);
+  const sizes = state.snapshots.map((snapshot) => SNAPSHOT_HEADER_BYTES + Math.max(SNAPSHOT_KNOWN_EXTRA_BYTES, snapshot.raw.extra.length) + snapshot.raw.id.length + snapshot.raw.name.length);
   let total = 0;
   for (const size of sizes) total = roundUp8(total) + size;
   const out = new Uint8Array(total);
@@ -542,19 +541,14 @@ export function encodeCheckedSnapshotTable(state: Qcow2CheckState): Uint8Array {
     view.setUint16(at + 12, id.length);
     view.setUint16(at + 14, name.length);
     out.set(fixed.subarray(16, 32), at + 16); // date and vm clock
-    view.setUint32(at + 32, vmStateSize <= 0xffffffffn ? Number(vmStateSize) : 0);
-    const extraBytes = Math.max(KNOWN_EXTRA_BYTES, extra.length);
-    view.setUint32(at + 36, extraBytes);
-    at += SNAPSHOT_HEADER_BYTES;
-    view.setBigUint64(at, vmStateSize);
-    view.setBigUint64(at + 8, diskSize);
-    view.setBigInt64(at + 16, icount);
-    if (extra.length > KNOWN_EXTRA_BYTES) out.set(extra.subarray(KNOWN_EXTRA_BYTES), at + KNOWN_EXTRA_BYTES);
-    at += extraBytes;
-    out.set(id, at);
-    at += id.length;
-    out.set(name, at);
-    at += name.length;
+    at = encodeSnapshotEntryTail(out, at, {
+      vmStateSize,
+      diskSize,
+      icount,
+      unknownExtraData: extra.length > SNAPSHOT_KNOWN_EXTRA_BYTES ? extra.subarray(SNAPSHOT_KNOWN_EXTRA_BYTES) : new Uint8Array(0),
+      id,
+      name,
+    });
   }
   return out;
 }

@@ -123,6 +123,39 @@ export function snapshotTableBytes(snapshots: readonly Qcow2Snapshot[]): number 
   return at;
 }
 
+/** The fields of an entry from byte 32 on, as QEMU 7.2 writes them. */
+export interface SnapshotEntryTail {
+  vmStateSize: bigint;
+  diskSize: bigint;
+  /** -1 when the snapshot has none. */
+  icount: bigint;
+  unknownExtraData: Uint8Array;
+  id: Uint8Array;
+  name: Uint8Array;
+}
+
+/**
+ * Write an entry from byte 32 on (32-bit VM state size, extra data size, the
+ * 24 bytes of known extra data, unknown extra data, id, name) at `entryAt`;
+ * returns the offset just after the entry.
+ */
+export function encodeSnapshotEntryTail(out: Uint8Array, entryAt: number, tail: SnapshotEntryTail): number {
+  const view = new DataView(out.buffer, out.byteOffset, out.byteLength);
+  const extraBytes = SNAPSHOT_KNOWN_EXTRA_BYTES + tail.unknownExtraData.length;
+  view.setUint32(entryAt + 32, tail.vmStateSize <= 0xffffffffn ? Number(tail.vmStateSize) : 0);
+  view.setUint32(entryAt + 36, extraBytes);
+  let at = entryAt + SNAPSHOT_HEADER_BYTES;
+  view.setBigUint64(at, tail.vmStateSize);
+  view.setBigUint64(at + 8, tail.diskSize);
+  view.setBigInt64(at + 16, tail.icount);
+  out.set(tail.unknownExtraData, at + SNAPSHOT_KNOWN_EXTRA_BYTES);
+  at += extraBytes;
+  out.set(tail.id, at);
+  at += tail.id.length;
+  out.set(tail.name, at);
+  return at + tail.name.length;
+}
+
 /** Encode as QEMU 7.2 writes it: 24 bytes of known extra data plus any unknown extra data. */
 export function encodeSnapshotTable(snapshots: readonly Qcow2Snapshot[]): Uint8Array {
   if (snapshots.length > SNAPSHOT_COUNT_MAX) {
@@ -140,7 +173,6 @@ export function encodeSnapshotTable(snapshots: readonly Qcow2Snapshot[]): Uint8A
     const id = textEncoder.encode(snapshot.id);
     const name = textEncoder.encode(snapshot.name);
     if (id.length > 0xffff || name.length > 0xffff) throw new SnapstackError("E_TOO_LARGE", "snapshot id or name too long");
-    const extraBytes = SNAPSHOT_KNOWN_EXTRA_BYTES + snapshot.unknownExtraData.length;
     view.setBigUint64(at, BigInt(snapshot.l1TableOffset));
     view.setUint32(at + 8, snapshot.l1Size);
     view.setUint16(at + 12, id.length);
@@ -148,18 +180,14 @@ export function encodeSnapshotTable(snapshots: readonly Qcow2Snapshot[]): Uint8A
     view.setUint32(at + 16, snapshot.dateSeconds);
     view.setUint32(at + 20, snapshot.dateNanoseconds);
     view.setBigUint64(at + 24, BigInt(snapshot.vmClockNanoseconds));
-    view.setUint32(at + 32, snapshot.vmStateSizeBytes <= 0xffffffff ? snapshot.vmStateSizeBytes : 0);
-    view.setUint32(at + 36, extraBytes);
-    at += SNAPSHOT_HEADER_BYTES;
-    view.setBigUint64(at, BigInt(snapshot.vmStateSizeBytes));
-    view.setBigUint64(at + 8, BigInt(snapshot.diskSizeBytes));
-    view.setBigInt64(at + 16, snapshot.icount === null ? -1n : BigInt(snapshot.icount));
-    out.set(snapshot.unknownExtraData, at + SNAPSHOT_KNOWN_EXTRA_BYTES);
-    at += extraBytes;
-    out.set(id, at);
-    at += id.length;
-    out.set(name, at);
-    at += name.length;
+    at = encodeSnapshotEntryTail(out, at, {
+      vmStateSize: BigInt(snapshot.vmStateSizeBytes),
+      diskSize: BigInt(snapshot.diskSizeBytes),
+      icount: snapshot.icount === null ? -1n : BigInt(snapshot.icount),
+      unknownExtraData: snapshot.unknownExtraData,
+      id,
+      name,
+    });
   }
   return out;
 }
