@@ -7,9 +7,8 @@
  * without touching every command.
  */
 import type { BlockDevice } from "../device/block-device.ts";
-import { openNodeFile, type NodeFileIoMode } from "../io/node-file.ts";
-import type { ImageFile } from "../io/file.ts";
-import { openImage as openChain, parseImageFormat, probeImageFormat, type ImageFormat } from "../chain/index.ts";
+import type { NodeFileIoMode } from "../io/node-file.ts";
+import { openImage as openChain, parseImageFormat } from "../chain/index.ts";
 
 export interface OpenImageOptions {
   /** A format name as the user typed it (validated here: E_UNKNOWN_FORMAT). */
@@ -19,24 +18,12 @@ export interface OpenImageOptions {
   openBacking?: boolean;
   /** How the image files do I/O (src/io/node-file.ts; default "auto"). */
   ioMode?: NodeFileIoMode;
-  /** How writes to a writable raw image run, when they differ from ioMode (snapstack nbd). */
-  rawWriteIoMode?: NodeFileIoMode;
 }
 
 /** Open an image and its backing chain (src/chain/open-image.ts). */
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<BlockDevice> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
-  const { ioMode, rawWriteIoMode } = options;
-  const openFile = rawWriteIoMode === undefined || rawWriteIoMode === ioMode ? undefined : (layerPath: string, request: { readOnly: boolean }) => openRawWritesIn(layerPath, request.readOnly, format, ioMode, rawWriteIoMode);
-  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode, openFile });
-}
-
-/** A layer's file; the writable one (the top), when raw, writes in `rawWriteIoMode`. */
-async function openRawWritesIn(path: string, readOnly: boolean, format: ImageFormat | undefined, ioMode: NodeFileIoMode | undefined, rawWriteIoMode: NodeFileIoMode): Promise<ImageFile> {
-  const file = await openNodeFile(path, { readOnly, ioMode });
-  if (readOnly || (format ?? (await probeImageFormat(file))) !== "raw") return file;
-  await file.close();
-  return openNodeFile(path, { readOnly, ioMode, writeIoMode: rawWriteIoMode });
+  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode });
 }
 
 export {

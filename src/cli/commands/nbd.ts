@@ -23,7 +23,7 @@
  *   thread pool and back (measured with nbdcopy on a 1 GiB image: ~100 ms
  *   of CPU per GiB less for reads, ~140-230 ms for writes, which on 2 cores
  *   shared with the client is throughput). Raw writes too: sending writes
- *   under 256 KiB to the pool ("small-async", still an openImage option)
+ *   under 256 KiB to the pool ("small-async", still a NodeFile option)
  *   gave ~1.4x the IOPS for fio 4 KiB random writes while the machine was
  *   loaded by other work, but on a quiet machine the event loop won 6 of 6
  *   alternating runs (~10% more IOPS, less CPU), so it is not the default.
@@ -98,8 +98,6 @@ export interface NbdCommandOptions {
   tlsVerifyPeer: boolean;
   /** How image files do I/O: "sync" (default) or, with --aio=threads, "async" (see the design notes). */
   ioMode: NodeFileIoMode;
-  /** How writes to a raw image run: as ioMode (see the design notes). */
-  rawWriteIoMode: NodeFileIoMode;
 }
 
 /** qemu-nbd's --aio modes: threads uses the thread pool; native and io_uring (Linux AIO) run like the default. */
@@ -145,7 +143,7 @@ function parseSnapshotParam(text: string): string {
  */
 async function openExportDevice(options: NbdCommandOptions): Promise<{ device: BlockDevice; close(): Promise<void> }> {
   const readOnly = options.readOnly || options.snapshot !== undefined;
-  const image = await openImage(options.path, { format: options.format, readOnly, ioMode: options.ioMode, rawWriteIoMode: options.rawWriteIoMode });
+  const image = await openImage(options.path, { format: options.format, readOnly, ioMode: options.ioMode });
   if (options.snapshot === undefined) return { device: image, close: () => image.close() };
   try {
     if (!(image instanceof Qcow2Image)) {
@@ -209,7 +207,6 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
     tlsDir: tlsObject?.dir ?? tlsCreds,
     tlsVerifyPeer: tlsObject?.verifyPeer ?? false,
     ioMode,
-    rawWriteIoMode: ioMode,
   };
 }
 
