@@ -96,6 +96,22 @@ export interface ConnectionEnv extends NegotiationEnv {
   onNegotiated?(connection: NbdConnection): void;
   /** Diagnostics (verbose mode). */
   log?(message: string): void;
+  /**
+   * Negotiation chose `exp`: return a taker to move the connection to
+   * another process, or null to serve it here. The taker gets the socket
+   * with nothing unsent and nothing read beyond the option, and sends
+   * `handoff.replies` itself (startTransmission); onClosed is not called.
+   */
+  handOff?(connection: NbdConnection, exp: NbdExport): ((socket: Socket, handoff: TransmissionHandoff) => void) | null;
+}
+
+/** A connection that finished negotiation, as another process needs it to serve the transmission phase. */
+export interface TransmissionHandoff {
+  exportName: string;
+  structuredReplies: boolean;
+  metaContextIds: number[];
+  /** The replies that end negotiation (GO's INFO and ACK, or EXPORT_NAME's), not yet sent. */
+  replies: Buffer[];
 }
 
 type ConnectionPhase = "clientFlags" | "options" | "tls-handshake" | "transmission" | "draining" | "closed";
@@ -181,6 +197,20 @@ export class NbdConnection {
   }
 
   start(): void {
+    this.#open();
+    this.#handshakeTimer = setTimeout(() => this.#abort("handshake timeout"), this.env.limits.handshakeTimeoutMs);
+    this.#handshakeTimer.unref();
+    this.#send(encodeGreeting());
+  }
+
+  /** Serve a connection another process negotiated (env.handOff): send its last replies, then transmission. */
+  startTransmission(exp: NbdExport, handoff: TransmissionHandoff): void {
+    this.#open();
+    for (const reply of handoff.replies) this.#send(reply);
+    this.#enterTransmission(exp, handoff.metaContextIds, handoff.structuredReplies);
+  }
+
+  #open(): void {
     // Without TLS, reads go straight into WRITE payloads (direct-socket.ts); TLS needs 'data' events.
     const adopted = this.env.tls === null ? adoptSocket(this.#socket, { nextBuffer: () => this.#nextReadBuffer(), received: (n, buffer) => this.#received(n, buffer) }) : null;
     if (adopted !== null) this.#socket = adopted;
@@ -190,9 +220,6 @@ export class NbdConnection {
     // Listeners are created with pauseOnConnect (see direct-socket.ts).
     if (adopted === null) socket.resume();
     socket.on("close", () => this.#finalize());
-    this.#handshakeTimer = setTimeout(() => this.#abort("handshake timeout"), this.env.limits.handshakeTimeoutMs);
-    this.#handshakeTimer.unref();
-    this.#send(encodeGreeting());
   }
 
   #attach(socket: Socket): void {
@@ -303,6 +330,7 @@ export class NbdConnection {
       return;
     }
     const outcome = negotiateOption(state, this.env, option, data);
+    if (outcome.next === "transmission" && this.#handOff(outcome.export, { exportName: outcome.export.name, structuredReplies: state.structuredReplies, metaContextIds: outcome.metaContextIds, replies: outcome.replies })) return;
     for (const reply of outcome.replies) this.#send(reply);
     switch (outcome.next) {
       case "continue":
@@ -337,6 +365,27 @@ export class NbdConnection {
     this.#parser.phase = "transmission";
     this.#negotiated = true;
     this.env.onNegotiated?.(this);
+  }
+
+  /** Give the socket to env.handOff's taker once earlier replies have left; false: serve here. */
+  #handOff(exp: NbdExport, handoff: TransmissionHandoff): boolean {
+    // Bytes after the option (a client that did not wait for the reply) stay with this process.
+    if (this.env.handOff === undefined || this.#parser.bufferedBytes > 0) return false;
+    const take = this.env.handOff(this, exp);
+    if (take === null) return false;
+    if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
+    this.#handshakeTimer = null;
+    this.#closeReason = "handed off";
+    this.#phase = "closed";
+    this.#uncork();
+    const socket = this.#socket;
+    (socket as unknown as { _handle?: { readStop?(): number } | null })._handle?.readStop?.();
+    socket.pause();
+    for (const event of ["data", "end", "error", "drain", "close"]) socket.removeAllListeners(event);
+    socket.on("error", () => {});
+    if (socket.writableLength === 0) take(socket, handoff);
+    else socket.write(Buffer.alloc(0), () => take(socket, handoff));
+    return true;
   }
 
   #startTls(): void {
