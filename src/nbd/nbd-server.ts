@@ -20,15 +20,20 @@
  * - TLS: with a secure context every connection must STARTTLS (FORCEDTLS).
  * - close(): stop listening, let every connection finish its in-flight
  *   requests and end, then resolve. Devices belong to the caller.
+ * - dataWorkers (data-workers.ts): connections to the pool's export move to
+ *   worker processes once negotiated (not TLS ones: their state is here).
+ *   They count against connectionsMax until their worker reports them
+ *   closed, and close() waits for them too; the pool belongs to the caller.
  */
 import { EventEmitter } from "node:events";
 import net from "node:net";
 import { rmSync } from "node:fs";
 import { SnapstackError } from "../base/errors.ts";
-import { NbdConnection, type ConnectionEnv, type ConnectionLimits } from "./nbd-connection.ts";
+import { NbdConnection, type ConnectionEnv, type ConnectionLimits, type TransmissionHandoff } from "./nbd-connection.ts";
 import type { NbdExport } from "./nbd-export.ts";
 import type { TlsCredentials } from "./tls-credentials.ts";
 import { BufferPool } from "./buffer-pool.ts";
+import type { DataWorkerPool } from "./data-workers.ts";
 import { CONNECTIONS_HARD_MAX, HANDSHAKE_TIMEOUT_MS, IN_FLIGHT_BYTES_MAX, IN_FLIGHT_REQUESTS_MAX, OPTIONS_PER_HANDSHAKE_MAX, PENDING_CONNECTIONS_MAX } from "./protocol.ts";
 
 export interface NbdServerOptions {
@@ -43,6 +48,8 @@ export interface NbdServerOptions {
   optionsPerHandshakeMax?: number;
   /** Diagnostic lines (qemu-nbd -v). */
   log?: (message: string) => void;
+  /** Worker processes that serve negotiated connections to their export (see the design notes). */
+  dataWorkers?: DataWorkerPool | null;
 }
 
 export type NbdListenAddress = { host: string; port: number } | { path: string };
@@ -58,6 +65,9 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   readonly connectionsMax: number;
   #exports = new Map<string, NbdExport>();
   #connections = new Set<NbdConnection>();
+  /** Connections moved to a data worker and not yet reported closed. */
+  #movedCount = 0;
+  #dataWorkers: DataWorkerPool | null;
   #pending: net.Socket[] = [];
   #listeners: Array<{ server: net.Server; path: string | null }> = [];
   #limits: ConnectionLimits;
@@ -81,6 +91,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       optionsPerHandshakeMax: options.optionsPerHandshakeMax ?? OPTIONS_PER_HANDSHAKE_MAX,
     };
     this.#log = options.log;
+    this.#dataWorkers = options.dataWorkers ?? null;
     for (const exp of options.exports ?? []) this.addExport(exp);
   }
 
@@ -103,9 +114,9 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     return [...this.#exports.values()];
   }
 
-  /** Connections open (handshake or transmission), not counting those waiting for a slot. */
+  /** Connections open (handshake or transmission, here or in a data worker), not counting those waiting for a slot. */
   get connectionCount(): number {
-    return this.#connections.size;
+    return this.#connections.size + this.#movedCount;
   }
 
   get multiConn(): boolean {
@@ -140,7 +151,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       socket.destroy();
       return;
     }
-    if (this.#connections.size >= this.connectionsMax) {
+    if (this.connectionCount >= this.connectionsMax) {
       if (this.#pending.length >= PENDING_CONNECTIONS_MAX) {
         socket.destroy();
         return;
@@ -167,24 +178,45 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       pool: this.#pool,
       log: this.#log,
       onClosed: (connection) => this.#connectionClosed(connection),
-      onNegotiated: (connection) => this.emit("connection-negotiated", { exportName: connection.exportName ?? "", open: this.#connections.size }),
+      onNegotiated: (connection) => this.emit("connection-negotiated", { exportName: connection.exportName ?? "", open: this.connectionCount }),
+      handOff: (connection, exp) => this.#handOff(connection, exp),
     };
     const connection = new NbdConnection(socket, env);
     this.#connections.add(connection);
     connection.start();
   }
 
+  /** env.handOff: move a negotiated connection to a data worker when the pool serves its export. */
+  #handOff(connection: NbdConnection, exp: NbdExport): ((socket: net.Socket, handoff: TransmissionHandoff) => void) | null {
+    const pool = this.#dataWorkers;
+    if (pool === null || this.tls !== null || this.#closing || !pool.canTake(exp)) return null;
+    return (socket, handoff) => {
+      this.#connections.delete(connection);
+      this.#movedCount++;
+      this.emit("connection-negotiated", { exportName: exp.name, open: this.connectionCount });
+      pool.handOff(socket, handoff, (reason) => {
+        this.#movedCount--;
+        this.#released(true, reason);
+      });
+    };
+  }
+
   #connectionClosed(connection: NbdConnection): void {
     if (!this.#connections.delete(connection)) return;
-    this.emit("connection-closed", { negotiated: connection.negotiated, reason: connection.closeReason, open: this.#connections.size });
-    while (!this.#closing && this.#pending.length > 0 && this.#connections.size < this.connectionsMax) {
+    this.#released(connection.negotiated, connection.closeReason);
+  }
+
+  /** A connection (here or in a data worker) ended: start waiting ones, settle close(). */
+  #released(negotiated: boolean, reason: string): void {
+    this.emit("connection-closed", { negotiated, reason, open: this.connectionCount });
+    while (!this.#closing && this.#pending.length > 0 && this.connectionCount < this.connectionsMax) {
       const next = this.#pending.shift()!;
       next.removeAllListeners("close");
       next.removeAllListeners("error");
       if (!next.destroyed) this.#startConnection(next);
     }
     if (this.#connections.size === 0) this.#pool.clear();
-    if (this.#closing && this.#connections.size === 0) this.#allClosed?.();
+    if (this.#closing && this.connectionCount === 0) this.#allClosed?.();
   }
 
   /** Stop listening, finish in-flight requests, end every connection. */
@@ -199,9 +231,10 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       }
       this.#listeners = [];
     }
-    if (this.#connections.size > 0) {
+    if (this.connectionCount > 0) {
       const done = new Promise<void>((resolve) => (this.#allClosed = resolve));
       for (const connection of this.#connections) connection.shutdown();
+      this.#dataWorkers?.shutdownConnections();
       await done;
     }
   }

@@ -30,14 +30,25 @@
  *   A cold or slow disk would block every connection while a
  *   request waits for it: `--aio=threads` (qemu-nbd's default mode) sends
  *   every request to the pool instead.
+ * - Data workers (src/nbd/data-workers.ts): exports without shared mutable
+ *   metadata (a raw file, or any read-only export) are served by worker
+ *   processes after negotiation, so multi-conn clients use several cores.
+ *   --workers=N (default: one per core, at least 2; none with -e 1, where
+ *   only one client is served, or with TLS); --workers=0 serves everything
+ *   in this process. A worker is this command run again (bin/snapstack, so
+ *   it works from the sources and from the bundle) with DATA_WORKER_ENV set:
+ *   it opens the image itself and serves the sockets it is handed.
  * - This command talks to `process` for signals and --fork, the only CLI
  *   command that outlives its arguments.
  */
-import { spawn } from "node:child_process";
+import { fork, spawn, type ChildProcess } from "node:child_process";
 import { rmSync, writeFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
+import { fileURLToPath } from "node:url";
 import { SnapstackError, type ErrorCode } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { NbdExport, NbdServer, loadTlsCredentials, type NbdListenAddress } from "../../nbd/index.ts";
+import { DataWorkerPool, runDataWorker } from "../../nbd/data-workers.ts";
 import { optionFlag, optionList, optionString, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
 import type { CliCommand, CliContext } from "../context.ts";
@@ -51,6 +62,12 @@ export const NBD_DEFAULT_PORT = 10809;
 export const NBD_DEFAULT_ADDRESS = "127.0.0.1";
 /** Environment marker of the child started by --fork. */
 const FORK_CHILD_ENV = "SNAPSTACK_NBD_FORK_CHILD";
+/** Environment marker of a data worker (see the design notes). */
+const DATA_WORKER_ENV = "SNAPSTACK_NBD_DATA_WORKER";
+/** What a data worker runs: the command-line entry, which picks the bundle or the sources. */
+const SNAPSTACK_BIN = fileURLToPath(new URL("../../../bin/snapstack", import.meta.url));
+/** Largest --workers. */
+const WORKERS_MAX = 64;
 
 const OPTION_SPECS = [
   { name: "format", short: "f", long: "format", value: true },
@@ -77,6 +94,7 @@ const OPTION_SPECS = [
   { name: "discard", long: "discard", value: true },
   { name: "detectZeroes", long: "detect-zeroes", value: true },
   { name: "nocache", short: "n", long: "nocache" },
+  { name: "workers", long: "workers", value: true },
 ];
 
 export interface NbdCommandOptions {
@@ -98,6 +116,8 @@ export interface NbdCommandOptions {
   tlsVerifyPeer: boolean;
   /** How image files do I/O: "sync" (default) or, with --aio=threads, "async" (see the design notes). */
   ioMode: NodeFileIoMode;
+  /** --workers: data worker processes; undefined = automatic (see the design notes). */
+  workers?: number;
 }
 
 /** qemu-nbd's --aio modes: threads uses the thread pool; native and io_uring (Linux AIO) run like the default. */
@@ -190,6 +210,7 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
   const aioText = optionString(parsed, "aio");
   if (aioText !== undefined && !Object.hasOwn(AIO_MODES, aioText)) throw usage(`Invalid aio mode '${aioText}'`);
   const ioMode = aioText === undefined ? "sync" : AIO_MODES[aioText];
+  const workersText = optionString(parsed, "workers");
   return {
     path: parsed.positionals[0],
     snapshot: snapshotText === undefined ? undefined : parseSnapshotParam(snapshotText),
@@ -207,6 +228,7 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
     tlsDir: tlsObject?.dir ?? tlsCreds,
     tlsVerifyPeer: tlsObject?.verifyPeer ?? false,
     ioMode,
+    workers: workersText === undefined ? undefined : parseInteger(workersText, "number of workers", 0, WORKERS_MAX),
   };
 }
 
@@ -245,15 +267,58 @@ function describeAddress(address: string | { address: string; port: number }): s
   return typeof address === "string" ? address : `${address.address}:${address.port}`;
 }
 
-async function serve(options: NbdCommandOptions, context: CliContext): Promise<number> {
+/** Data workers to run: --workers, or one per core (at least 2) when more than one client may connect. */
+function workerCount(options: NbdCommandOptions): number {
+  if (options.workers !== undefined) return options.workers;
+  if (options.connectionsMax === 1 || options.tlsDir !== undefined) return 0;
+  return Math.max(2, availableParallelism());
+}
+
+/** Start data workers for an export that has no shared mutable metadata (raw, or read-only); null when none should run. */
+async function startDataWorkers(options: NbdCommandOptions, argv: readonly string[], exp: NbdExport, log: ((message: string) => void) | undefined): Promise<DataWorkerPool | null> {
+  const count = workerCount(options);
+  if (count === 0 || options.tlsDir !== undefined || !(exp.readOnly || exp.device.format === "raw")) return null;
+  const args = ["nbd", ...argv.filter((word) => word !== "--fork")];
+  const env: NodeJS.ProcessEnv = { ...process.env, [DATA_WORKER_ENV]: "1" };
+  delete env[FORK_CHILD_ENV];
+  const spawnWorker = (): ChildProcess => fork(SNAPSTACK_BIN, args, { env, execArgv: [], stdio: ["ignore", "ignore", "inherit", "ipc"] });
+  const pool = new DataWorkerPool({ exportName: exp.name, count, spawnWorker, log });
+  await pool.start();
+  if (pool.readyCount === 0) log?.("no data worker started: serving in this process");
+  return pool;
+}
+
+/** In a data worker: open the image and serve the connections handed over, until the main process is done. */
+async function serveAsDataWorker(options: NbdCommandOptions, context: CliContext): Promise<number> {
+  const log = options.verbose ? (message: string) => context.err(`snapstack nbd [worker ${process.pid}]: ${message}\n`) : undefined;
+  let opened: Awaited<ReturnType<typeof openExportDevice>>;
+  try {
+    opened = await openExportDevice(options);
+  } catch (error) {
+    process.send?.({ type: "error", message: toSnapstackError(error).message });
+    throw error;
+  }
+  try {
+    const exp = new NbdExport({ name: options.exportName, device: opened.device, description: options.description, allocationDepth: options.allocationDepth });
+    await runDataWorker({ export: exp, multiConn: options.connectionsMax !== 1, log });
+    await opened.device.flush();
+    return 0;
+  } finally {
+    await opened.close();
+  }
+}
+
+async function serve(options: NbdCommandOptions, argv: readonly string[], context: CliContext): Promise<number> {
   const log = options.verbose ? (message: string) => context.err(`snapstack nbd: ${message}\n`) : undefined;
   const tls = options.tlsDir !== undefined ? loadTlsCredentials(options.tlsDir, { verifyPeer: options.tlsVerifyPeer }) : null;
   const opened = await openExportDevice(options);
   const device = opened.device;
   let server: NbdServer | null = null;
+  let dataWorkers: DataWorkerPool | null = null;
   try {
     const exp = new NbdExport({ name: options.exportName, device, description: options.description, allocationDepth: options.allocationDepth });
-    server = new NbdServer({ exports: [exp], tls, connectionsMax: options.connectionsMax, log });
+    dataWorkers = await startDataWorkers(options, argv, exp, log);
+    server = new NbdServer({ exports: [exp], tls, connectionsMax: options.connectionsMax, log, dataWorkers });
     const bound = await server.listen(options.address);
     log?.(`serving '${options.exportName}' (${device.format}, ${device.sizeBytes} bytes${exp.readOnly ? ", read-only" : ""}) on ${describeAddress(bound)}`);
     if (options.pidFile !== undefined) writeFileSync(options.pidFile, `${process.pid}\n`);
@@ -280,6 +345,7 @@ async function serve(options: NbdCommandOptions, context: CliContext): Promise<n
     return 0;
   } finally {
     await server?.close().catch(() => {});
+    await dataWorkers?.close();
     await opened.close();
     if (options.pidFile !== undefined) rmSync(options.pidFile, { force: true });
   }
@@ -287,7 +353,7 @@ async function serve(options: NbdCommandOptions, context: CliContext): Promise<n
 
 export const nbdCommand: CliCommand = {
   name: "nbd",
-  synopsis: "nbd [-f fmt] [-x name] [-D description] [-p port] [-b address] [-k socket] [-r] [-l snapshot] [-t] [-e shared] [-A] [--tls-creds dir] [--pid-file file] [--fork] [-v] filename",
+  synopsis: "nbd [-f fmt] [-x name] [-D description] [-p port] [-b address] [-k socket] [-r] [-l snapshot] [-t] [-e shared] [-A] [--tls-creds dir] [--pid-file file] [--fork] [--workers N] [-v] filename",
   summary: "Serve an image and its backing chain over NBD (like qemu-nbd).",
   optionHelp: [
     "  -f, --format=FMT        image format (raw, qcow2); probed when omitted",
@@ -307,12 +373,15 @@ export const nbdCommand: CliCommand = {
     "  -v, --verbose           log connections to stderr",
     "  --aio=MODE              threads: file I/O on the thread pool (for slow disks); native, io_uring: default (event loop thread)",
     "  -l, --load-snapshot=SNAPSHOT  export internal snapshot SNAPSHOT (ID or name, or snapshot.id=/snapshot.name=) read-only",
+    "  --workers=N             processes serving a raw or read-only export's connections after negotiation",
+    "                          (default: one per core, at least 2; none with -e 1 or TLS; 0 = all in this process)",
   ],
   async run(argv, context) {
     const options = parseNbdCommand(argv);
+    if (process.env[DATA_WORKER_ENV] === "1") return serveAsDataWorker(options, context);
     if (options.fork && process.env[FORK_CHILD_ENV] !== "1") return forkServer(argv, options.verbose);
     try {
-      return await serve(options, context);
+      return await serve(options, argv, context);
     } catch (error) {
       const coded = toSnapstackError(error);
       reportToParent({ error: { code: coded.code, message: coded.message } });
