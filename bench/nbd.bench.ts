@@ -19,7 +19,9 @@
  * over the runs: on a busy machine throughput says how much CPU a process
  * was given, CPU per unit of work what it needed.
  * Every server listens on a Unix socket; qemu-nbd and snapstack get -e 4 so
- * both offer multi-conn to nbdcopy. Ratio = snapstack / peer, higher is
+ * both offer multi-conn to nbdcopy (and snapstack, with its default
+ * --workers, serves the read-only and raw exports in data worker processes:
+ * its CPU and memory figures are summed over them). Ratio = snapstack / peer, higher is
  * better: targets >= 1.0 against qemu-nbd and >= 0.8 against nbdkit.
  *
  * Memory: VmRSS of the server process after 64 connections completed
@@ -49,10 +51,29 @@ interface Server {
   uri: string;
 }
 
-/** User + system CPU seconds of a process so far, all threads (/proc/PID/stat counts in 1/100 s). */
+/** A server's processes: itself and its children (snapstack's data workers). */
+function serverPids(pid: number): number[] {
+  let children: number[] = [];
+  try {
+    children = readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number);
+  } catch {
+    // no children file: the process alone
+  }
+  return [pid, ...children];
+}
+
+/** User + system CPU seconds of a server so far, all threads and worker processes (/proc/PID/stat counts in 1/100 s). */
 function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
-  return (Number(fields[11]) + Number(fields[12])) / 100;
+  let total = 0;
+  for (const one of serverPids(pid)) {
+    try {
+      const fields = readFileSync(`/proc/${one}/stat`, "utf8").split(") ")[1].split(" ");
+      total += (Number(fields[11]) + Number(fields[12])) / 100;
+    } catch {
+      // a worker that just exited
+    }
+  }
+  return total;
 }
 
 async function waitFor(check: () => boolean, what: string, child: ChildProcess): Promise<void> {
@@ -127,9 +148,14 @@ async function nbdcopySeconds(args: string[]): Promise<number> {
   return (performance.now() - started) / 1000;
 }
 
+/** Sum over the server's processes (snapstack's data workers included). */
 function vmStatusBytes(pid: number, field: "VmRSS" | "VmHWM"): number {
-  const match = new RegExp(`^${field}:\\s+(\\d+) kB$`, "m").exec(readFileSync(`/proc/${pid}/status`, "utf8"));
-  return match === null ? 0 : Number(match[1]) * 1024;
+  let total = 0;
+  for (const one of serverPids(pid)) {
+    const match = new RegExp(`^${field}:\\s+(\\d+) kB$`, "m").exec(readFileSync(`/proc/${one}/status`, "utf8"));
+    total += match === null ? 0 : Number(match[1]) * 1024;
+  }
+  return total;
 }
 
 interface Fixture {
