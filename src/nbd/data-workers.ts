@@ -20,8 +20,9 @@
  * - Accounting stays in the main process: a moved connection counts in the
  *   server's connection limit until its worker reports it closed.
  * - A worker that dies takes its connections with it (the kernel closes
- *   their sockets) and is replaced; after RESPAWNS_MAX deaths the pool stops
- *   replacing them and new connections are served in the main process.
+ *   their sockets) and is replaced; after RESPAWNS_MAX deaths, or when one
+ *   dies before it was ready, the pool stops replacing them; with no worker
+ *   ready, new connections are served in the main process.
  * - Workers never outlive the main process: they exit when the IPC channel
  *   closes (the main process exited, even by SIGKILL), after letting their
  *   in-flight requests finish and flushing. They ignore SIGINT, SIGTERM and
@@ -137,6 +138,7 @@ export class DataWorkerPool extends EventEmitter<DataWorkerPoolEvents> {
       child.on("error", (error) => this.#log?.(`data worker ${child.pid}: ${error.message}`));
       child.once("exit", (code, signal) => {
         this.#workers.delete(worker);
+        const wasReady = worker.ready;
         worker.ready = false;
         const lost = [...worker.connections.values()];
         worker.connections.clear();
@@ -144,8 +146,9 @@ export class DataWorkerPool extends EventEmitter<DataWorkerPoolEvents> {
         resolve();
         if (this.#closing) return;
         this.#log?.(`data worker ${child.pid} exited (${signal ?? code}) with ${lost.length} connections`);
-        if (++this.#respawns <= RESPAWNS_MAX) void this.#startWorker();
-        else this.#log?.("data workers keep dying: serving in the main process");
+        // One that never got ready (cannot open the image, say) would fail again.
+        if (wasReady && ++this.#respawns <= RESPAWNS_MAX) void this.#startWorker();
+        else if (this.readyCount === 0) this.#log?.("no data worker running: serving in the main process");
       });
     });
   }

@@ -7,12 +7,12 @@
  */
 import test from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync, readdirSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, runOk, scratchDir } from "../helpers/tools.ts";
 import { createRandom } from "../helpers/random.ts";
 import { RawNbdClient, negotiate, type Endpoint } from "../unit/nbd-raw-client.ts";
-import { MiB, startNbd, waitExit, type RunningServer } from "./nbd-helpers.ts";
+import { MiB, SNAPSTACK_BIN, startNbd, waitExit, type RunningServer } from "./nbd-helpers.ts";
 
 const CMD_READ = 0;
 const CMD_WRITE = 1;
@@ -183,4 +183,26 @@ test("read-only qcow2 chain through workers matches qemu-img; --workers=0 serves
     await runOk("qemu-img", ["compare", "-q", "-f", "qcow2", top, server.uri]);
   }
   assert.match(withWorkers.stderr(), /\[worker \d+\]: serving a connection/);
+});
+
+test("--fork with workers: the background server's workers serve, and SIGTERM to the pid-file process ends them all", async (t) => {
+  const dir = scratchDir(t, "nbd-workers-fork");
+  const image = join(dir, "disk.raw");
+  const data = randomFile(image, 2 * MiB);
+  const socketPath = join(dir, "s.sock");
+  const pidFile = join(dir, "s.pid");
+  await runOk(process.execPath, [SNAPSTACK_BIN, "nbd", "--fork", "-t", "-e", "2", "-r", "-f", "raw", "-k", socketPath, `--pid-file=${pidFile}`, image]);
+  const serverPid = Number(readFileSync(pidFile, "utf8").trim());
+  t.after(() => {
+    if (alive(serverPid)) process.kill(serverPid, "SIGKILL");
+  });
+  const workers = childPids(serverPid);
+  assert.equal(workers.length, 2);
+  const client = await RawNbdClient.connect({ path: socketPath });
+  await negotiate(client);
+  assert.ok((await readAt(client, 0, 4096, 1n)).equals(data.subarray(0, 4096)));
+  process.kill(serverPid, "SIGTERM");
+  assert.ok(await client.waitClosed(), "the client is disconnected");
+  await waitUntil(() => !alive(serverPid) && workers.every((pid) => !alive(pid)), "server and workers exit");
+  assert.ok(!existsSync(pidFile), "pid file removed");
 });
