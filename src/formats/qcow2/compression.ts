@@ -13,14 +13,26 @@
  * otherwise); extra output or input is ignored. Compression returns null
  * when the result does not fit in cluster_size - 1 bytes: the caller then
  * writes the cluster uncompressed.
+ *
+ * node:zlib is loaded on first use, not imported: it pulls in node's stream
+ * modules (~5 ms of every process start), and most commands never meet a
+ * compressed cluster.
  */
-import zlib from "node:zlib";
+import type * as Zlib from "node:zlib";
 import { SnapstackError } from "../../base/errors.ts";
 import { COMPRESSION_TYPE_ZLIB, COMPRESSION_TYPE_ZSTD } from "./header.ts";
 
 /** QEMU's deflate window for compressed clusters. */
 export const ZLIB_WINDOW_BITS = 12;
 export const ZLIB_MEM_LEVEL = 9;
+
+let zlibLoaded: typeof Zlib | null = null;
+
+/** node:zlib, loaded at the first (de)compression. */
+function zlibModule(): typeof Zlib {
+  zlibLoaded ??= process.getBuiltinModule("node:zlib");
+  return zlibLoaded;
+}
 
 const ZSTD_MAGIC = 0xfd2fb528;
 const ZSTD_SKIPPABLE_MAGIC_MASK = 0xfffffff0;
@@ -31,6 +43,7 @@ const ZSTD_SKIPPABLE_MAGIC = 0x184d2a50;
  * than the cluster (fits in clusterSizeBytes - 1 bytes), as QEMU decides.
  */
 export function compressCluster(data: Uint8Array, compressionType: number, clusterSizeBytes: number): Uint8Array | null {
+  const zlib = zlibModule();
   let out: Uint8Array;
   if (compressionType === COMPRESSION_TYPE_ZLIB) {
     out = zlib.deflateRawSync(data, { windowBits: ZLIB_WINDOW_BITS, memLevel: ZLIB_MEM_LEVEL, level: zlib.constants.Z_DEFAULT_COMPRESSION });
@@ -83,6 +96,7 @@ function zstdFrameBytes(input: Uint8Array): number {
  * offset to the end of its last sector). Returns exactly clusterSizeBytes.
  */
 export function decompressCluster(input: Uint8Array, compressionType: number, clusterSizeBytes: number): Uint8Array {
+  const zlib = zlibModule();
   let out: Uint8Array;
   if (compressionType === COMPRESSION_TYPE_ZLIB) {
     try {
