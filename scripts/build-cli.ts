@@ -20,8 +20,13 @@
  * - Never stale: bin/snapstack runs the bundle only while main.js is newer
  *   than every file and folder under src/. main.js gets the time the build
  *   *started*, so a source saved during the build leaves it stale.
- * - Node built-ins stay imports (platform "node"); there are no runtime
- *   dependencies to inline.
+ * - Node built-ins are not ES-module imports but
+ *   `process.getBuiltinModule(...)` calls (builtinModulePlugin): importing
+ *   node:fs as an ES module builds its ESM facade, which reads every export,
+ *   including the lazy `fs.promises` getter, and so loads fs/promises,
+ *   readline, os and the stream modules (~6 ms CPU of every command, for
+ *   nothing). Getter exports are left out: a bundled import of one is a build
+ *   error. There are no runtime dependencies to inline.
  */
 import { mkdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from "node:fs";
 import { dirname, join, relative } from "node:path";
@@ -49,6 +54,28 @@ function sourceUrlPlugin(outDir: string): esbuild.Plugin {
   };
 }
 
+const BUILTIN_NAMESPACE = "node-builtin";
+const IDENTIFIER = /^[A-Za-z_$][\w$]*$/;
+
+/** Each `node:*` import becomes a module exporting process.getBuiltinModule's object and its plain-value properties. */
+function builtinModulePlugin(): esbuild.Plugin {
+  return {
+    name: "node-builtin-get",
+    setup(build) {
+      build.onResolve({ filter: /^node:/ }, (args) => ({ path: args.path, namespace: BUILTIN_NAMESPACE }));
+      build.onLoad({ filter: /.*/, namespace: BUILTIN_NAMESPACE }, (args) => {
+        const builtin = process.getBuiltinModule(args.path) as Record<string, unknown> | undefined;
+        if (builtin === undefined) return { errors: [{ text: `no Node built-in module ${args.path}` }] };
+        const descriptors = Object.getOwnPropertyDescriptors(builtin);
+        const names = Object.keys(descriptors).filter((name) => name !== "default" && IDENTIFIER.test(name) && "value" in descriptors[name]);
+        const lines = [`const builtin = process.getBuiltinModule(${JSON.stringify(args.path)});`, "export default builtin;"];
+        for (const name of names) lines.push(`export const ${name} = builtin.${name};`);
+        return { contents: lines.join("\n"), loader: "js" };
+      });
+    },
+  };
+}
+
 /** Build the bundle into `outDir` (default dist/cli-bundle); returns its entry file. */
 export async function buildCliBundle(outDir: string = CLI_BUNDLE_DIR): Promise<string> {
   const startedAt = new Date();
@@ -67,7 +94,7 @@ export async function buildCliBundle(outDir: string = CLI_BUNDLE_DIR): Promise<s
     entryNames: "[name]",
     legalComments: "none",
     logLevel: "warning",
-    plugins: [sourceUrlPlugin(outDir)],
+    plugins: [builtinModulePlugin(), sourceUrlPlugin(outDir)],
   });
   // ES modules wherever the folder is (inside the package, the root package.json says so too).
   writeFileSync(join(outDir, "package.json"), `${JSON.stringify({ type: "module" })}\n`);
