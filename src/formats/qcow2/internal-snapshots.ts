@@ -22,6 +22,15 @@
  *   switched (bytes 60-71, synced); old table freed.
  *   apply: refcounts of the snapshot's tree raised and flushed; the active
  *   L1 overwritten in place (synced); then the old tree lowered.
+ * - Apply skips the L2 tables the snapshot and the old active state share
+ *   (same host offset in both L1 tables: usually all but the tables written
+ *   since): their +1 and -1 cancel, so neither pass walks them, and their
+ *   refcounts are right for both trees at every point in between. The final
+ *   addend-0 pass still rebuilds COPIED in every active table, so the file
+ *   ends byte for byte as QEMU leaves it. QEMU's +1 pass can fail with a
+ *   refcount overflow on a shared table; skipping is therefore only done
+ *   when no refcount of a consistent image can reach the maximum (one
+ *   reference per L1 table, or one per compressed sector, each).
  *   delete: new table and header switch first; then the decrements; then
  *   the snapshot's L1 freed.
  * - A raised refcount that would overflow (refcount_bits=1 on the first
@@ -42,7 +51,7 @@
  */
 import { SnapstackError } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
-import { L1_ENTRY_BYTES, compressedReadBytes, decodeL2EntryWords, getL1Entry, setL1Entry } from "./entries.ts";
+import { COMPRESSED_SECTOR_BYTES, L1_ENTRY_BYTES, compressedReadBytes, decodeL2EntryWords, getL1Entry, setL1Entry } from "./entries.ts";
 import { L1_BYTES_MAX, corruption, type Qcow2Geometry, type Qcow2Metadata } from "./metadata.ts";
 import type { CachedTable } from "./table-cache.ts";
 import {
@@ -396,13 +405,23 @@ async function walkTable(walk: TreeWalk, l2Offset: number, journal: RaiseJournal
  * refcount of every L2 table and data cluster reachable from `l1` (first
  * `l1Entries` entries, modified in place), and rebuild COPIED in those L2
  * tables and in `l1` from the resulting refcounts. Returns whether `l1`
- * changed. Raises are recorded in `journal` when given.
+ * changed. Raises are recorded in `journal` when given. L1 indexes marked
+ * in `skipped` are left alone (a shared subtree whose change another pass
+ * cancels, see switchActiveL1): only their L1 COPIED bit is set as the
+ * pass would leave it.
  *
  * Entries are read as two 32-bit halves straight from the tables, by small
  * synchronous helpers (no decoded object per entry: a pass over 1 GiB of
  * data meets 16k of them, in a process that has just started).
  */
-export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l1Entries: number, addend: -1 | 0 | 1, journal?: RaiseJournal): Promise<boolean> {
+export async function updateTreeRefcounts(
+  meta: Qcow2Metadata,
+  l1: Uint8Array,
+  l1Entries: number,
+  addend: -1 | 0 | 1,
+  journal?: RaiseJournal,
+  skipped?: Uint8Array,
+): Promise<boolean> {
   const geometry = meta.geometry;
   const cs = geometry.clusterSizeBytes;
   // A reference a cluster or more past the end of the file is corruption (as qemu-img check says);
@@ -424,9 +443,12 @@ export async function updateTreeRefcounts(meta: Qcow2Metadata, l1: Uint8Array, l
     if (l1Entry.offsetTooLarge) throw corruption(`L2 table offset of L1 index ${l1Index} is beyond 8 PiB`);
     if (l2Offset % cs !== 0) throw corruption(`L2 table offset 0x${l2Offset.toString(16)} unaligned (L1 index: 0x${l1Index.toString(16)})`);
     if (l2Offset >= walk.fileEndBytes) throw beyondFileEnd(`L2 table of L1 index ${l1Index}`, l2Offset);
-    await walkTable(walk, l2Offset, journal);
-    if (addend !== 0) await applyAddend(walk, l2Offset, cs, journal);
-    const l2Copied = (meta.peekRefcount(l2Offset / cs) ?? (await meta.getRefcount(l2Offset / cs))) === 1;
+    const skip = skipped !== undefined && skipped[l1Index] === 1;
+    if (!skip) {
+      await walkTable(walk, l2Offset, journal);
+      if (addend !== 0) await applyAddend(walk, l2Offset, cs, journal);
+    }
+    const l2Copied = (meta.peekRefcount(l2Offset / cs) ?? (await meta.getRefcount(l2Offset / cs))) + (skip ? addend : 0) === 1;
     if (l2Copied !== l1Entry.copied || l1Entry.reservedBitsSet) {
       setL1Entry(l1, l1Index, { l2Offset, copied: l2Copied });
       l1Modified = true;
@@ -612,6 +634,37 @@ export async function applySnapshot(image: Qcow2Image, ref: string, options: Fre
   }
 }
 
+/**
+ * The L2 tables a snapshot's L1 and the active L1 share, paired by host
+ * offset: flags per L1 index of each. Null when a refcount could reach the
+ * maximum in a consistent image, where QEMU's +1 pass over a shared table
+ * may overflow and must be done for real (refcount_bits below 16 with many
+ * snapshots or compressed clusters).
+ */
+function sharedSubtrees(meta: Qcow2Metadata, snapshotL1: Uint8Array, snapshotEntries: number, activeL1: Uint8Array, activeEntries: number): { inSnapshot: Uint8Array; inActive: Uint8Array } | null {
+  const { clusterSizeBytes, refcountMax } = meta.geometry;
+  const referencesMax = (clusterSizeBytes / COMPRESSED_SECTOR_BYTES) * (meta.header.snapshotCount + 1);
+  if (referencesMax >= refcountMax) return null;
+  const activeIndexes = new Map<number, number[]>();
+  for (let i = 0; i < activeEntries; i++) {
+    const l2Offset = getL1Entry(activeL1, i).l2Offset;
+    if (l2Offset === 0) continue;
+    const indexes = activeIndexes.get(l2Offset);
+    if (indexes === undefined) activeIndexes.set(l2Offset, [i]);
+    else indexes.push(i);
+  }
+  const inSnapshot = new Uint8Array(snapshotEntries);
+  const inActive = new Uint8Array(activeEntries);
+  for (let i = 0; i < snapshotEntries; i++) {
+    const l2Offset = getL1Entry(snapshotL1, i).l2Offset;
+    const activeIndex = l2Offset === 0 ? undefined : activeIndexes.get(l2Offset)?.pop();
+    if (activeIndex === undefined) continue;
+    inSnapshot[i] = 1;
+    inActive[activeIndex] = 1;
+  }
+  return { inSnapshot, inActive };
+}
+
 /** The goto proper: raise the snapshot's tree, overwrite the active L1, lower the old tree. */
 async function switchActiveL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot, drainReads: () => Promise<void>): Promise<void> {
   await meta.writeCaches();
@@ -625,9 +678,10 @@ async function switchActiveL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot, drai
     const entry = getL1Entry(snapshotL1, i);
     if (entry.l2Offset !== 0) setL1Entry(newL1, i, { l2Offset: entry.l2Offset, copied: false });
   }
+  const shared = sharedSubtrees(meta, snapshotL1, snapshot.l1Size, meta.l1, l1Entries);
   const journal: RaiseJournal = [];
   try {
-    const snapshotL1Modified = await updateTreeRefcounts(meta, snapshotL1, snapshot.l1Size, 1, journal);
+    const snapshotL1Modified = await updateTreeRefcounts(meta, snapshotL1, snapshot.l1Size, 1, journal, shared?.inSnapshot);
     await writeRaisedCaches(meta);
     // Stale COPIED bits in a snapshot's L1 mean nothing; no ordering needed.
     if (snapshotL1Modified) await meta.file.write(snapshot.l1TableOffset, snapshotL1);
@@ -647,7 +701,7 @@ async function switchActiveL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot, drai
   meta.overlap.invalidate(); // the active L1 now points at the snapshot's L2 tables
   // Reads that resolved through the old tree finish before its clusters can be freed.
   await drainReads();
-  await updateTreeRefcounts(meta, oldL1, l1Entries, -1);
+  await updateTreeRefcounts(meta, oldL1, l1Entries, -1, undefined, shared?.inActive);
   await rebuildActiveCopied(meta);
 }
 
