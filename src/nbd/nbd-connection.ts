@@ -23,11 +23,15 @@
  *
  * Replies: built as one buffer per reply where possible (header and data
  * together, the read goes straight into the reply buffer). Small replies
- * cork the socket until the next tick, so replies that complete together
- * leave in one writev; a reply over CORKED_REPLY_BYTES_MAX is written at
- * once (after any corked ones), while the data it carries is still in the
- * CPU cache: with dozens of reads in flight, copying them all into reply
- * buffers before the first goes out made the socket copy read cold memory.
+ * (up to BATCHED_REPLY_BYTES_MAX: write and flush acknowledgements, 4 KiB
+ * reads) are copied into one batch buffer per tick (simple replies are
+ * encoded straight into it) and leave together in one socket write at the
+ * end of the tick: one stream write per batch instead of one per reply
+ * (Node's Writable costs a few microseconds per write, as much as the copy
+ * of a 4 KiB reply). A larger reply is written at once (after the batch),
+ * while the data it carries is still in the CPU cache: with dozens of
+ * reads in flight, copying them all into reply buffers before the first
+ * goes out made the socket copy read cold memory.
  *
  * Errors from the device become errno values (nbd-errno.ts) and never close
  * the connection; a client that vanishes mid-request costs nothing: replies
@@ -36,7 +40,7 @@
 import type { Socket } from "node:net";
 import tls from "node:tls";
 import type { BlockDevice } from "../device/block-device.ts";
-import { encodeBlockStatusChunk, encodeChunk, encodeErrorChunk, encodeGreeting, encodeSimpleReply, writeChunkHeader, writeSimpleReplyHeader, writeU64 } from "./codec.ts";
+import { encodeBlockStatusChunk, encodeChunk, encodeErrorChunk, encodeGreeting, writeChunkHeader, writeSimpleReplyHeader, writeU64 } from "./codec.ts";
 import { alwaysData, queryBlockStatus, readRuns } from "./block-status.ts";
 import type { NbdExport } from "./nbd-export.ts";
 import type { TlsCredentials } from "./tls-credentials.ts";
@@ -60,7 +64,7 @@ import {
   CMD_TRIM,
   CMD_WRITE,
   CMD_WRITE_ZEROES,
-  CORKED_REPLY_BYTES_MAX,
+  BATCHED_REPLY_BYTES_MAX,
   ERROR_MESSAGE_BYTES_MAX,
   META_ID_ALLOCATION_DEPTH,
   META_ID_BASE_ALLOCATION,
@@ -68,6 +72,7 @@ import {
   OPTION_DATA_BYTES_MAX,
   OPTIONS_PER_HANDSHAKE_MAX,
   PAYLOAD_BYTES_MAX,
+  REPLY_BATCH_BYTES,
   REPLY_FLAG_DONE,
   REPLY_TYPE_NONE,
   REPLY_TYPE_OFFSET_DATA,
@@ -158,7 +163,10 @@ export class NbdConnection {
   #inFlightBytes = 0;
   #pumping = false;
   #socketPaused = false;
-  #corked = false;
+  /** Small replies of this tick, sent by #uncork (see the design notes). */
+  #batch: Buffer | null = null;
+  #batchBytes = 0;
+  #batchFlushScheduled = false;
   #handshakeTimer: NodeJS.Timeout | null = null;
   #negotiated = false;
   #closeReason = "";
@@ -437,12 +445,34 @@ export class NbdConnection {
     const costBytes = request.type === CMD_READ || request.type === CMD_WRITE ? request.lengthBytes : 0;
     this.#inFlightRequests++;
     this.#inFlightBytes += costBytes;
-    this.#execute(request, exp).then(() => {
+    let running: Promise<void>;
+    if (request.type === CMD_WRITE && request.payload !== null && (request.flags & CMD_FLAG_FUA) === 0) running = this.#write(request, request.payload, exp);
+    else if (request.type === CMD_READ && this.#readsWhole(request, exp)) running = this.#readWhole(request, exp);
+    else running = this.#execute(request, exp);
+    running.then(() => {
       this.#inFlightRequests--;
       this.#inFlightBytes -= costBytes;
       if (this.#phase === "draining") this.#endIfIdle();
       else if (this.#socketPaused) this.#pump();
     });
+  }
+
+  /**
+   * A WRITE without FUA, the hot path of write workloads: a promise chain
+   * without #execute's async frame (two microtask hops fewer per request).
+   * Never rejects.
+   */
+  #write(request: NbdRequest, payload: Buffer, exp: NbdExport): Promise<void> {
+    return exp.run((device) => device.write(request.offset, payload)).then(
+      () => {
+        this.#pool.give(payload);
+        this.#sendSimpleReply(0, request.cookieHi, request.cookieLo);
+      },
+      (error: unknown) => {
+        this.#pool.give(payload);
+        this.#replyError(request, nbdErrnoFor(error), errorMessageOf(error));
+      },
+    );
   }
 
   /** Runs one validated request and sends its reply; never rejects. */
@@ -488,31 +518,47 @@ export class NbdConnection {
           await this.#blockStatus(request, exp);
           return;
       }
-      this.#send(encodeSimpleReply(0, request.cookieHi, request.cookieLo));
+      this.#sendSimpleReply(0, request.cookieHi, request.cookieLo);
     } catch (error) {
       this.#replyError(request, nbdErrnoFor(error), errorMessageOf(error));
     }
   }
 
-  async #read(request: NbdRequest, exp: NbdExport): Promise<void> {
+  /** The READ is answered with all its data in one reply (a simple reply, or one data chunk). */
+  #readsWhole(request: NbdRequest, exp: NbdExport): boolean {
+    if (!this.#structuredReplies) return true;
+    return request.lengthBytes > 0 && (request.lengthBytes < SPARSE_READ_MIN_BYTES || (request.flags & CMD_FLAG_DF) !== 0 || alwaysData(exp.device));
+  }
+
+  /**
+   * A READ answered in one reply: the data is read straight into the reply
+   * buffer after its header. A promise chain without an async frame, as
+   * #write. Never rejects.
+   */
+  #readWhole(request: NbdRequest, exp: NbdExport): Promise<void> {
     const { offset, lengthBytes, cookieHi, cookieLo } = request;
-    if (!this.#structuredReplies) {
-      const reply = this.#pool.take(SIMPLE_REPLY_HEADER_BYTES + lengthBytes);
-      writeSimpleReplyHeader(reply, 0, 0, cookieHi, cookieLo);
-      await this.#readInto(exp, offset, reply, SIMPLE_REPLY_HEADER_BYTES);
-      this.#send(reply, true);
-      return;
-    }
-    if (lengthBytes === 0) {
-      this.#send(encodeChunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookieHi, cookieLo));
-      return;
-    }
-    if (lengthBytes < SPARSE_READ_MIN_BYTES || request.flags & CMD_FLAG_DF || alwaysData(exp.device)) {
-      const reply = this.#pool.take(DATA_CHUNK_PREFIX_BYTES + lengthBytes);
+    const headerBytes = this.#structuredReplies ? DATA_CHUNK_PREFIX_BYTES : SIMPLE_REPLY_HEADER_BYTES;
+    const reply = this.#pool.take(headerBytes + lengthBytes);
+    if (this.#structuredReplies) {
       writeChunkHeader(reply, 0, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookieHi, cookieLo, 8 + lengthBytes);
       writeU64(reply, offset, STRUCTURED_REPLY_HEADER_BYTES);
-      await this.#readInto(exp, offset, reply, DATA_CHUNK_PREFIX_BYTES);
-      this.#send(reply, true);
+    } else {
+      writeSimpleReplyHeader(reply, 0, 0, cookieHi, cookieLo);
+    }
+    return exp.run((device) => device.read(offset, reply.subarray(headerBytes))).then(
+      () => this.#send(reply, true),
+      (error: unknown) => {
+        this.#pool.give(reply);
+        this.#replyError(request, nbdErrnoFor(error), errorMessageOf(error));
+      },
+    );
+  }
+
+  /** A structured READ that #readsWhole does not take: empty, or split into data and hole chunks. */
+  async #read(request: NbdRequest, exp: NbdExport): Promise<void> {
+    const { offset, lengthBytes, cookieHi, cookieLo } = request;
+    if (lengthBytes === 0) {
+      this.#send(encodeChunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookieHi, cookieLo));
       return;
     }
     await exp.run(async (device) => {
@@ -547,16 +593,6 @@ export class NbdConnection {
     });
   }
 
-  /** Read the data of a reply into `reply` from `at`; the buffer returns to the pool on failure. */
-  async #readInto(exp: NbdExport, offset: number, reply: Buffer, at: number): Promise<void> {
-    try {
-      await exp.run((device) => device.read(offset, reply.subarray(at)));
-    } catch (error) {
-      this.#pool.give(reply);
-      throw error;
-    }
-  }
-
   async #blockStatus(request: NbdRequest, exp: NbdExport): Promise<void> {
     const answer = await exp.run((device) =>
       queryBlockStatus(device, request.offset, request.lengthBytes, {
@@ -579,37 +615,72 @@ export class NbdConnection {
     if (this.#structuredReplies) {
       this.#send(encodeErrorChunk(REPLY_FLAG_DONE, request.cookieHi, request.cookieLo, errno, message, ERROR_MESSAGE_BYTES_MAX));
     } else {
-      this.#send(encodeSimpleReply(errno, request.cookieHi, request.cookieLo));
+      this.#sendSimpleReply(errno, request.cookieHi, request.cookieLo);
     }
   }
 
   // ---- writing and closing ----
 
-  /** Queue a reply; a `pooled` buffer goes back to the pool once the socket is done with it. */
-  #send(buffer: Buffer, pooled = false): void {
+  #writable(): boolean {
     const socket = this.#socket;
-    if (this.#phase === "closed" || socket.destroyed || socket.writableEnded) {
+    return this.#phase !== "closed" && !socket.destroyed && !socket.writableEnded;
+  }
+
+  /** Queue a reply; a `pooled` buffer goes back to the pool once the socket (or the batch copy) is done with it. */
+  #send(buffer: Buffer, pooled = false): void {
+    if (!this.#writable()) {
       if (pooled) this.#pool.give(buffer);
       return;
     }
-    if (buffer.length > CORKED_REPLY_BYTES_MAX) {
-      // Send big replies at once, while the data just read is still in the CPU cache.
-      this.#uncork();
-    } else if (!this.#corked) {
-      this.#corked = true;
-      socket.cork();
-      process.nextTick(this.#uncorkBound);
+    if (buffer.length <= BATCHED_REPLY_BYTES_MAX) {
+      const at = this.#reserve(buffer.length);
+      buffer.copy(this.#batch!, at);
+      if (pooled) this.#pool.give(buffer);
+      return;
     }
-    if (pooled) socket.write(buffer, () => this.#pool.give(buffer));
-    else socket.write(buffer);
+    // Send big replies at once, while the data just read is still in the CPU cache.
+    this.#uncork();
+    if (pooled) this.#socket.write(buffer, () => this.#pool.give(buffer));
+    else this.#socket.write(buffer);
   }
 
-  #uncorkBound = (): void => this.#uncork();
+  /** A simple reply, encoded straight into the batch. */
+  #sendSimpleReply(errno: number, cookieHi: number, cookieLo: number): void {
+    if (!this.#writable()) return;
+    const at = this.#reserve(SIMPLE_REPLY_HEADER_BYTES);
+    writeSimpleReplyHeader(this.#batch!, at, errno, cookieHi, cookieLo);
+  }
 
+  /** Room for `lengthBytes` (at most BATCHED_REPLY_BYTES_MAX) in the batch: its offset there. */
+  #reserve(lengthBytes: number): number {
+    if (this.#batch !== null && this.#batchBytes + lengthBytes > this.#batch.length) this.#uncork();
+    this.#batch ??= this.#pool.take(REPLY_BATCH_BYTES);
+    if (!this.#batchFlushScheduled) {
+      this.#batchFlushScheduled = true;
+      process.nextTick(this.#uncorkBound);
+    }
+    const at = this.#batchBytes;
+    this.#batchBytes += lengthBytes;
+    return at;
+  }
+
+  #uncorkBound = (): void => {
+    this.#batchFlushScheduled = false;
+    this.#uncork();
+  };
+
+  /** Write the batched replies (before any later write, and before ending or handing off the socket). */
   #uncork(): void {
-    if (!this.#corked) return;
-    this.#corked = false;
-    this.#socket.uncork();
+    const batch = this.#batch;
+    if (batch === null) return;
+    const lengthBytes = this.#batchBytes;
+    this.#batch = null;
+    this.#batchBytes = 0;
+    if (lengthBytes === 0 || !this.#writable()) {
+      this.#pool.give(batch);
+      return;
+    }
+    this.#socket.write(batch.subarray(0, lengthBytes), () => this.#pool.give(batch));
   }
 
   /** Stop reading; end the socket once in-flight requests have replied. */

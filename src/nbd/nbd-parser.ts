@@ -126,7 +126,7 @@ export class NbdParser {
   /** `lengthBytes` bytes were written into the last payloadTarget(). */
   payloadReceived(lengthBytes: number): void {
     const payload = this.#pending?.payload;
-    assert(payload != null && this.#payloadFilled + lengthBytes <= payload.length, `payloadReceived(${lengthBytes}) matches a payload target`);
+    if (payload == null || this.#payloadFilled + lengthBytes > payload.length) assert(false, `payloadReceived(${lengthBytes}) matches a payload target`);
     this.#payloadFilled += lengthBytes;
   }
 

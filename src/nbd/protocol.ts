@@ -193,10 +193,14 @@ export const HANDSHAKE_TIMEOUT_MS = 10_000;
  */
 export const IN_FLIGHT_BYTES_MAX = 4 * 1024 * 1024;
 /**
- * Replies up to this size wait for the end of the tick to leave together in
- * one writev; larger ones (read data) are written as soon as they are built.
+ * Replies up to this size are copied into the connection's reply batch and
+ * leave together at the end of the tick in one write; larger ones (read
+ * data) are written as soon as they are built. Copying 16 KiB costs about
+ * what a socket write of its own costs in Node's stream code.
  */
-export const CORKED_REPLY_BYTES_MAX = 64 * 1024;
+export const BATCHED_REPLY_BYTES_MAX = 16 * 1024;
+/** Size of one reply batch buffer (a full batch is written and a new one started). */
+export const REPLY_BATCH_BYTES = 64 * 1024;
 /** Requests a connection processes at once; more wait in the socket. */
 export const IN_FLIGHT_REQUESTS_MAX = 128;
 /** Structured error messages stay under qemu's 1000-byte payload limit. */
