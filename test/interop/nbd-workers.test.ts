@@ -163,6 +163,33 @@ test("a killed worker takes only its connections and is replaced; SIGKILL of the
   for (const client of [...living, later]) await client.waitClosed();
 });
 
+test("a worker serves what negotiation chose: EXPORT_NAME without structured replies, and a meta context for BLOCK_STATUS", async (t) => {
+  const dir = scratchDir(t, "nbd-workers-state");
+  const image = join(dir, "disk.raw");
+  const data = randomFile(image, MiB);
+  const server = await startNbd(t, "snapstack", dir, image, { args: ["-t", "-e", "0", "-r", "-f", "raw", "-x", "disk", "-v"] });
+  const plain = await RawNbdClient.connect(endpointOf(server));
+  await plain.handshake(1);
+  plain.sendOption(1, Buffer.from("disk"));
+  const reply = await plain.read(134);
+  assert.equal(Number(reply.readBigUInt64BE(0)), MiB);
+  assert.ok(reply.subarray(10).equals(Buffer.alloc(124)), "no NO_ZEROES: 124 zero bytes");
+  plain.sendRequest({ type: CMD_READ, cookie: 9n, offset: 512, length: 1024 });
+  const simple = await plain.readReply(1024);
+  assert.ok(simple.kind === "simple" && simple.cookie === 9n && simple.data.equals(data.subarray(512, 1536)), "a simple reply with the data");
+
+  const mapping = await RawNbdClient.connect(endpointOf(server));
+  const { contextIds } = await negotiate(mapping, { name: "disk", contexts: ["base:allocation"] });
+  mapping.sendRequest({ type: 7, cookie: 4n, offset: 0, length: MiB });
+  const [status] = await mapping.readStructured();
+  assert.equal(status.type, 5, "BLOCK_STATUS chunk");
+  assert.equal(status.payload.readUInt32BE(0), contextIds.get("base:allocation"));
+  assert.deepEqual([status.payload.readUInt32BE(4), status.payload.readUInt32BE(8)], [MiB, 0], "one data extent");
+  assert.equal((server.stderr().match(/\[worker \d+\]: serving a connection/g) ?? []).length, 2, "both were served by workers");
+  plain.close();
+  mapping.close();
+});
+
 test("read-only qcow2 chain through workers matches qemu-img; --workers=0 serves in one process", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io", "nbdcopy")) return;
   const dir = scratchDir(t, "nbd-workers-chain");
