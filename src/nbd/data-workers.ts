@@ -42,6 +42,8 @@ import { HANDSHAKE_TIMEOUT_MS, IN_FLIGHT_BYTES_MAX, IN_FLIGHT_REQUESTS_MAX } fro
 const RESPAWNS_MAX = 8;
 /** A worker whose main process vanished exits after this even if requests still run. */
 const ORPHAN_EXIT_MS = 10_000;
+/** start() waits at most this long for the workers to get ready. */
+const WORKER_START_WAIT_MS = 20_000;
 /** close(): a worker that has not exited after this is killed. */
 const WORKER_EXIT_WAIT_MS = 5_000;
 
@@ -91,11 +93,18 @@ export class DataWorkerPool extends EventEmitter<DataWorkerPoolEvents> {
     this.#log = options.log;
   }
 
-  /** Start the workers; resolves when each is ready or has failed (connections then stay in-process). */
+  /**
+   * Start the workers; resolves when each is ready or has failed, or after
+   * WORKER_START_WAIT_MS (a late one takes connections once ready). Until
+   * one is ready, connections are served in the main process.
+   */
   async start(): Promise<void> {
     const started: Promise<void>[] = [];
     for (let i = 0; i < this.count; i++) started.push(this.#startWorker());
-    await Promise.all(started);
+    let timer: NodeJS.Timeout | undefined;
+    const waited = new Promise<void>((resolve) => (timer = setTimeout(resolve, WORKER_START_WAIT_MS)));
+    await Promise.race([Promise.all(started), waited]);
+    clearTimeout(timer);
   }
 
   /** Workers ready to take connections. */
@@ -103,11 +112,6 @@ export class DataWorkerPool extends EventEmitter<DataWorkerPoolEvents> {
     let ready = 0;
     for (const worker of this.#workers) if (worker.ready) ready++;
     return ready;
-  }
-
-  /** Process ids of the running workers. */
-  get pids(): number[] {
-    return [...this.#workers].map((worker) => worker.child.pid ?? 0);
   }
 
   #startWorker(): Promise<void> {
@@ -135,7 +139,14 @@ export class DataWorkerPool extends EventEmitter<DataWorkerPoolEvents> {
           onClosed?.(message.reason);
         }
       });
-      child.on("error", (error) => this.#log?.(`data worker ${child.pid}: ${error.message}`));
+      child.on("error", (error) => {
+        // A process that could not be started emits no 'exit'.
+        this.#log?.(`data worker ${child.pid ?? "(not started)"}: ${error.message}`);
+        if (child.pid === undefined) {
+          this.#workers.delete(worker);
+          resolve();
+        }
+      });
       child.once("exit", (code, signal) => {
         this.#workers.delete(worker);
         const wasReady = worker.ready;
