@@ -201,6 +201,12 @@ export const IN_FLIGHT_BYTES_MAX = 4 * 1024 * 1024;
 export const BATCHED_REPLY_BYTES_MAX = 16 * 1024;
 /** Size of one reply batch buffer (a full batch is written and a new one started). */
 export const REPLY_BATCH_BYTES = 64 * 1024;
+/**
+ * READ bytes one pass of a connection's pump starts before it lets the
+ * event loop turn (reads of page-cached files complete synchronously, and
+ * their replies are sent from microtasks that run only after the pass).
+ */
+export const READ_BYTES_PER_PUMP_MAX = 256 * 1024;
 /** Requests a connection processes at once; more wait in the socket. */
 export const IN_FLIGHT_REQUESTS_MAX = 128;
 /** Structured error messages stay under qemu's 1000-byte payload limit. */
