@@ -238,6 +238,29 @@ const HI_COMPRESSED = 0x40000000;
 const HI_OFFSET_UNSAFE = 0x200000;
 const TWO_POW_32 = 2 ** 32;
 
+/**
+ * The used-entry indexes of L2 tables a pass has scanned, by host offset,
+ * for the later passes of the same operation (only for sparse tables: a
+ * dense table's scan costs little next to its entries' work). Valid while
+ * the operation runs: its passes change no entry between zero and non-zero
+ * (they only flip COPIED on allocated entries), and a table freed meanwhile
+ * is never walked again.
+ */
+type UsedIndexCache = Map<number, Int32Array>;
+
+/** A table with at most this share of its entries used keeps its index list in the UsedIndexCache. */
+const USED_CACHE_SHARE_MAX = 1 / 8;
+
+/** The options of one pass (updateTreeRefcounts). */
+interface TreePassOptions {
+  /** Raises are recorded here (to undo a failed pass). */
+  journal?: RaiseJournal;
+  /** L1 indexes to leave alone (a shared subtree whose change another pass cancels). */
+  skipped?: Uint8Array;
+  /** Shared by the passes of one operation. */
+  usedIndexes?: UsedIndexCache;
+}
+
 /** What one pass over a tree needs in its per-table helpers; the buffers are reused for every table. */
 interface TreeWalk {
   readonly meta: Qcow2Metadata;
@@ -249,6 +272,7 @@ interface TreeWalk {
   readonly used: Int32Array;
   /** [hostOffset, lengthBytes] pairs of the current table's refcount updates. */
   readonly ranges: Float64Array;
+  readonly usedIndexes: UsedIndexCache | undefined;
 }
 
 function beyondFileEnd(what: string, hostOffset: number): SnapstackError {
@@ -383,7 +407,15 @@ async function walkTable(walk: TreeWalk, l2Offset: number, journal: RaiseJournal
   const release = meta.holdEviction();
   try {
     const table = meta.peekL2(l2Offset) ?? (await meta.getL2(l2Offset));
-    const usedCount = usedEntryIndexes(table, walk);
+    const known = walk.usedIndexes?.get(l2Offset);
+    let usedCount: number;
+    if (known !== undefined) {
+      walk.used.set(known);
+      usedCount = known.length;
+    } else {
+      usedCount = usedEntryIndexes(table, walk);
+      if (walk.usedIndexes !== undefined && usedCount <= walk.geometry.l2Entries * USED_CACHE_SHARE_MAX) walk.usedIndexes.set(l2Offset, walk.used.slice(0, usedCount));
+    }
     if (walk.addend !== 0) {
       const pairs = tableRanges(table, walk, usedCount);
       const ranges = walk.ranges;
@@ -405,10 +437,10 @@ async function walkTable(walk: TreeWalk, l2Offset: number, journal: RaiseJournal
  * refcount of every L2 table and data cluster reachable from `l1` (first
  * `l1Entries` entries, modified in place), and rebuild COPIED in those L2
  * tables and in `l1` from the resulting refcounts. Returns whether `l1`
- * changed. Raises are recorded in `journal` when given. L1 indexes marked
- * in `skipped` are left alone (a shared subtree whose change another pass
- * cancels, see switchActiveL1): only their L1 COPIED bit is set as the
- * pass would leave it.
+ * changed. Raises are recorded in `pass.journal` when given. L1 indexes
+ * marked in `pass.skipped` are left alone (a shared subtree whose change
+ * another pass cancels, see switchActiveL1): only their L1 COPIED bit is
+ * set as the pass would leave it.
  *
  * Entries are read as two 32-bit halves straight from the tables, by small
  * synchronous helpers (no decoded object per entry: a pass over 1 GiB of
@@ -419,9 +451,9 @@ export async function updateTreeRefcounts(
   l1: Uint8Array,
   l1Entries: number,
   addend: -1 | 0 | 1,
-  journal?: RaiseJournal,
-  skipped?: Uint8Array,
+  pass: TreePassOptions = {},
 ): Promise<boolean> {
+  const { journal, skipped } = pass;
   const geometry = meta.geometry;
   const cs = geometry.clusterSizeBytes;
   // A reference a cluster or more past the end of the file is corruption (as qemu-img check says);
@@ -433,6 +465,7 @@ export async function updateTreeRefcounts(
     fileEndBytes: Math.ceil((await meta.file.sizeBytes()) / cs) * cs,
     used: new Int32Array(geometry.l2Entries),
     ranges: new Float64Array(2 * geometry.l2Entries),
+    usedIndexes: pass.usedIndexes,
   };
   let l1Modified = false;
   let tablesWalked = 0;
@@ -465,8 +498,8 @@ async function undoRaises(meta: Qcow2Metadata, journal: RaiseJournal): Promise<v
 }
 
 /** After a failure or a tree change: COPIED in the active tables from the refcounts, on disk. */
-async function rebuildActiveCopied(meta: Qcow2Metadata): Promise<void> {
-  if (await updateTreeRefcounts(meta, meta.l1, meta.header.l1Size, 0)) {
+async function rebuildActiveCopied(meta: Qcow2Metadata, usedIndexes?: UsedIndexCache): Promise<void> {
+  if (await updateTreeRefcounts(meta, meta.l1, meta.header.l1Size, 0, { usedIndexes })) {
     await meta.writeCaches();
     await writeActiveL1(meta, true);
   }
@@ -585,7 +618,7 @@ export async function createSnapshot(image: Qcow2Image, name: string, options: C
     }
     const journal: RaiseJournal = [];
     try {
-      const l1Modified = await updateTreeRefcounts(meta, meta.l1, l1Entries, 1, journal);
+      const l1Modified = await updateTreeRefcounts(meta, meta.l1, l1Entries, 1, { journal });
       await writeRaisedCaches(meta);
       // Only COPIED bits were cleared (safe in any order); durable with the table's flush.
       if (l1Modified) await writeActiveL1(meta, false);
@@ -679,9 +712,10 @@ async function switchActiveL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot, drai
     if (entry.l2Offset !== 0) setL1Entry(newL1, i, { l2Offset: entry.l2Offset, copied: false });
   }
   const shared = sharedSubtrees(meta, snapshotL1, snapshot.l1Size, meta.l1, l1Entries);
+  const usedIndexes: UsedIndexCache = new Map();
   const journal: RaiseJournal = [];
   try {
-    const snapshotL1Modified = await updateTreeRefcounts(meta, snapshotL1, snapshot.l1Size, 1, journal, shared?.inSnapshot);
+    const snapshotL1Modified = await updateTreeRefcounts(meta, snapshotL1, snapshot.l1Size, 1, { journal, skipped: shared?.inSnapshot, usedIndexes });
     await writeRaisedCaches(meta);
     // Stale COPIED bits in a snapshot's L1 mean nothing; no ordering needed.
     if (snapshotL1Modified) await meta.file.write(snapshot.l1TableOffset, snapshotL1);
@@ -701,8 +735,8 @@ async function switchActiveL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot, drai
   meta.overlap.invalidate(); // the active L1 now points at the snapshot's L2 tables
   // Reads that resolved through the old tree finish before its clusters can be freed.
   await drainReads();
-  await updateTreeRefcounts(meta, oldL1, l1Entries, -1, undefined, shared?.inActive);
-  await rebuildActiveCopied(meta);
+  await updateTreeRefcounts(meta, oldL1, l1Entries, -1, { skipped: shared?.inActive, usedIndexes });
+  await rebuildActiveCopied(meta, usedIndexes);
 }
 
 /**
@@ -728,9 +762,10 @@ export async function deleteSnapshot(image: Qcow2Image, ref: string, options: De
       );
       // From here on a failure leaks clusters only.
       const l1 = await readL1(meta, snapshot.l1TableOffset, snapshot.l1Size);
-      await updateTreeRefcounts(meta, l1, snapshot.l1Size, -1);
+      const usedIndexes: UsedIndexCache = new Map();
+      await updateTreeRefcounts(meta, l1, snapshot.l1Size, -1, { usedIndexes });
       if (snapshot.l1Size > 0) await meta.freeClusters(snapshot.l1TableOffset, snapshot.l1Size * L1_ENTRY_BYTES);
-      await rebuildActiveCopied(meta);
+      await rebuildActiveCopied(meta, usedIndexes);
     });
   });
 }
