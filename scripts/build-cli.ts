@@ -38,13 +38,35 @@ export const CLI_BUNDLE_DIR = join(REPO_ROOT, "dist", "cli-bundle");
 const ENTRY = join(REPO_ROOT, "src", "cli", "main.ts");
 const SOURCE_FILTER = /\.ts$/;
 
+const IMG_COMMANDS_SOURCE = join(REPO_ROOT, "src", "cli", "img-commands.ts");
+const LAZY_COMMAND_IMPORT = /await import\(("\.\/commands\/[\w-]+\.ts")\)/g;
+
+/**
+ * Source text of src/cli/img-commands.ts for the bundle: its lazy
+ * `await import("./commands/x.ts")` become static imports, so every `img`
+ * command is in the entry's own chunks. Lazy loading pays off for the
+ * TypeScript sources (each module stripped and compiled apart), not in the
+ * bundle, where each extra chunk costs a resolution, a file and a code
+ * cache lookup at start-up and the commands share almost all their code.
+ */
+export function staticImgCommands(text: string): string {
+  const imports: string[] = [];
+  const body = text.replace(LAZY_COMMAND_IMPORT, (_match, specifier: string) => {
+    const name = `imgCommand${imports.length}`;
+    imports.push(`import * as ${name} from ${specifier};`);
+    return name;
+  });
+  return `${imports.join("\n")}\n${body}`;
+}
+
 /** Replace `import.meta.url` in a source with the URL of that source, relative to `outDir` (where every chunk is). */
 function sourceUrlPlugin(outDir: string): esbuild.Plugin {
   return {
     name: "source-import-meta-url",
     setup(build) {
       build.onLoad({ filter: SOURCE_FILTER }, (args) => {
-        const text = readFileSync(args.path, "utf8");
+        let text = readFileSync(args.path, "utf8");
+        if (args.path === IMG_COMMANDS_SOURCE) text = staticImgCommands(text);
         if (!text.includes("import.meta.url")) return { contents: text, loader: "ts" };
         const fromOutput = relative(outDir, args.path).split("\\").join("/");
         const sourceUrl = `new URL(${JSON.stringify(fromOutput)}, import.meta.url).href`;
