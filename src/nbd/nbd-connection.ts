@@ -407,9 +407,10 @@ export class NbdConnection {
     if (take === null) return false;
     if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
+    // Earlier replies still batched go first (#uncork writes nothing once closed).
+    this.#uncork();
     this.#closeReason = "handed off";
     this.#phase = "closed";
-    this.#uncork();
     const socket = this.#socket;
     (socket as unknown as { _handle?: { readStop?(): number } | null })._handle?.readStop?.();
     socket.pause();

@@ -11,7 +11,7 @@ import { existsSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, runOk, scratchDir } from "../helpers/tools.ts";
 import { createRandom } from "../helpers/random.ts";
-import { RawNbdClient, negotiate, type Endpoint } from "../unit/nbd-raw-client.ts";
+import { IHAVEOPT, RawNbdClient, infoData, metaData, negotiate, type Endpoint } from "../unit/nbd-raw-client.ts";
 import { MiB, SNAPSTACK_BIN, startNbd, waitExit, type RunningServer } from "./nbd-helpers.ts";
 
 const CMD_READ = 0;
@@ -185,9 +185,30 @@ test("a worker serves what negotiation chose: EXPORT_NAME without structured rep
   assert.equal(status.type, 5, "BLOCK_STATUS chunk");
   assert.equal(status.payload.readUInt32BE(0), contextIds.get("base:allocation"));
   assert.deepEqual([status.payload.readUInt32BE(4), status.payload.readUInt32BE(8)], [MiB, 0], "one data extent");
-  assert.equal((server.stderr().match(/\[worker \d+\]: serving a connection/g) ?? []).length, 2, "both were served by workers");
+
+  // Options sent without waiting for replies: the earlier replies leave before the socket moves.
+  const eager = await RawNbdClient.connect(endpointOf(server));
+  await eager.handshake();
+  const option = (code: number, data: Buffer): Buffer => {
+    const header = Buffer.alloc(16);
+    header.writeBigUInt64BE(IHAVEOPT, 0);
+    header.writeUInt32BE(code, 8);
+    header.writeUInt32BE(data.length, 12);
+    return Buffer.concat([header, data]);
+  };
+  eager.write(Buffer.concat([option(8, Buffer.alloc(0)), option(10, metaData("disk", ["base:allocation"])), option(7, infoData("disk"))]));
+  const replies = [];
+  for (let i = 0; i < 7; i++) {
+    const reply = await eager.readOptionReply();
+    replies.push(`${reply.option}:${reply.type}`);
+    if (reply.option === 7 && reply.type === 1) break;
+  }
+  assert.deepEqual(replies, ["8:1", "10:4", "10:1", "7:3", "7:3", "7:1"], "STRUCTURED_REPLY ACK, META_CONTEXT + ACK, GO's INFOs + ACK");
+  assert.ok((await readAt(eager, 4096, 4096, 5n)).equals(data.subarray(4096, 8192)));
+  assert.equal((server.stderr().match(/\[worker \d+\]: serving a connection/g) ?? []).length, 3, "all were served by workers");
   plain.close();
   mapping.close();
+  eager.close();
 });
 
 test("read-only qcow2 chain through workers matches qemu-img; --workers=0 serves in one process", async (t) => {
