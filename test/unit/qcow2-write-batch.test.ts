@@ -29,15 +29,20 @@ async function backingImage(random: Random): Promise<Qcow2Image> {
   return openQcow2(new MemoryFile({ name: "base.qcow2", contents: file.contents(), readOnly: true }), { readOnly: true, backing: null });
 }
 
-/** Ascending, non-overlapping requests of random sizes and gaps (some share a cluster, some span L2 tables). */
-function randomRequests(random: Random, clusterBytes: number): WriteRequest[] {
+/**
+ * Ascending, non-overlapping requests of random sizes and gaps (some share a
+ * cluster, some span L2 tables); with `aligned`, whole clusters (no COW
+ * padding: the batches whose data writes overlap).
+ */
+function randomRequests(random: Random, clusterBytes: number, aligned = false): WriteRequest[] {
   const requests: WriteRequest[] = [];
-  let at = random.int(clusterBytes);
+  const align = (bytes: number): number => (aligned ? Math.ceil(bytes / clusterBytes) * clusterBytes : bytes);
+  let at = align(random.int(clusterBytes));
   while (requests.length < 40) {
-    const length = 1 + random.int(random.int(4) === 0 ? 3 * clusterBytes : clusterBytes / 2 + 1);
+    const length = align(1 + random.int(random.int(4) === 0 ? 3 * clusterBytes : clusterBytes / 2 + 1));
     if (at + length > SIZE_BYTES) break;
     requests.push({ guestOffset: at, data: random.bytes(length) });
-    at += length + (random.int(3) === 0 ? 0 : random.int(random.int(2) === 0 ? clusterBytes : 64 * clusterBytes));
+    at += length + align(random.int(3) === 0 ? 0 : random.int(random.int(2) === 0 ? clusterBytes : 64 * clusterBytes));
   }
   return requests;
 }
@@ -50,8 +55,25 @@ const GEOMETRIES: Array<{ label: string; options: Partial<Qcow2CreateOptions>; b
   { label: "compat 0.10", options: { compat: "0.10" }, backing: false },
 ];
 
-for (const geometry of GEOMETRIES) {
-  test(`writeBatch leaves the file write() leaves: ${geometry.label}`, async (t) => {
+/**
+ * Batches as convert's writer issues them: each started once the one before
+ * reported its clusters allocated (onAllocated), two in flight at most.
+ */
+async function writeOverlapped(image: Qcow2Image, batches: WriteRequest[][]): Promise<void> {
+  let previous: { allocated: Promise<void>; done: Promise<void> } | null = null;
+  for (const batch of batches) {
+    if (previous !== null) await previous.allocated;
+    const before = previous;
+    let allocated!: () => void;
+    const started = { allocated: new Promise<void>((resolve) => (allocated = resolve)), done: image.writeBatch(batch, { onAllocated: () => allocated() }) };
+    if (before !== null) await before.done;
+    previous = started;
+  }
+  await previous?.done;
+}
+
+for (const overlapped of [false, true]) for (const geometry of GEOMETRIES) {
+  test(`writeBatch${overlapped ? " (overlapped, onAllocated)" : ""} leaves the file write() leaves: ${geometry.label}`, async (t) => {
     const seed = testSeed();
     t.diagnostic(`seed ${seed}`);
     const random = createRandom(seed);
@@ -61,13 +83,16 @@ for (const geometry of GEOMETRIES) {
     const clusterBytes = one.image.clusterSizeBytes;
     for (let round = 0; round < 3; round++) {
       // Later rounds overwrite earlier data: in-place and allocating writes mixed in a batch.
-      const requests = randomRequests(random, clusterBytes);
+      const requests = randomRequests(random, clusterBytes, overlapped && round !== 1);
       for (const request of requests) await one.image.write(request.guestOffset, request.data);
+      const batches: WriteRequest[][] = [];
       for (let first = 0; first < requests.length; ) {
         const end = first + 1 + random.int(8);
-        await batched.image.writeBatch(requests.slice(first, end));
+        batches.push(requests.slice(first, end));
         first = end;
       }
+      if (overlapped) await writeOverlapped(batched.image, batches);
+      else for (const batch of batches) await batched.image.writeBatch(batch);
     }
     const expected = new Uint8Array(SIZE_BYTES);
     const actual = new Uint8Array(SIZE_BYTES);

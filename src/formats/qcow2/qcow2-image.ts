@@ -849,7 +849,7 @@ export class Qcow2Image implements BlockDevice {
    * padding must see the earlier data). Used by convert, whose writes to a
    * qcow2 target must keep qemu-img's layout.
    */
-  async writeBatch(requests: readonly WriteRequest[]): Promise<void> {
+  async writeBatch(requests: readonly WriteRequest[], options: WriteBatchOptions = {}): Promise<void> {
     this.#checkWritable("write");
     const cs = this.#meta.clusterSizeBytes;
     let previousEnd = 0;
@@ -861,19 +861,63 @@ export class Qcow2Image implements BlockDevice {
       previousEnd = request.guestOffset + request.data.length;
     }
     const live = requests.filter((r) => r.data.length > 0);
+    let allocatedCalled = false;
+    const allocated = (): void => {
+      if (!allocatedCalled) options.onAllocated?.();
+      allocatedCalled = true;
+    };
     for (let first = 0; first < live.length; ) {
       let end = first + 1;
       while (end < live.length && Math.floor(live[end].guestOffset / cs) * cs >= live[end - 1].guestOffset + live[end - 1].data.length) end++;
       const group = live.slice(first, end);
       const groupStart = group[0].guestOffset;
       const last = group[group.length - 1];
+      const onAllocated = end === live.length && options.onAllocated !== undefined ? allocated : undefined;
       await this.#mutate(groupStart, last.guestOffset + last.data.length - groupStart, async () => {
         const allocating: WriteRequest[] = [];
         for (const request of group) if (!(await this.#tryWriteInPlace(request.guestOffset, request.data))) allocating.push(request);
-        if (allocating.length > 0) await this.#locked(() => this.#writeLocked(allocating));
+        if (allocating.length === 0) return;
+        if (onAllocated === undefined) await this.#locked(() => this.#writeLocked(allocating));
+        else await this.#writeDetached(allocating, onAllocated);
       });
       first = end;
     }
+    allocated();
+  }
+
+  /**
+   * #writeLocked with the metadata mutex released while the data is
+   * written, as QEMU's qcow2_co_pwritev_task drops s->lock around the data
+   * write: clusters are allocated and the padding planned under the mutex,
+   * `onAllocated` is called, the data is written, and the L2 entries are set
+   * under the mutex again. Until then the entries still show the old
+   * contents (reads, and the tables written meanwhile, see the clusters
+   * unallocated; their refcounts are already raised). Only when
+   * no COW padding came from the shared arena (a later request would reuse
+   * it while this data is in flight); otherwise all of it runs under the
+   * mutex as #writeLocked does.
+   */
+  async #writeDetached(requests: readonly WriteRequest[], onAllocated: () => void): Promise<void> {
+    let detached: PlannedWrite | null = null;
+    await this.#locked(async () => {
+      const planned = await this.#planWrites(requests);
+      if (this.#paddingArenaUsedBytes > 0) {
+        await this.#writeHostRuns(planned.writes);
+        await this.#linkWrites(planned);
+        return;
+      }
+      detached = planned;
+    });
+    onAllocated();
+    if (detached === null) return;
+    const planned: PlannedWrite = detached;
+    await this.#writeHostRuns(planned.writes);
+    await this.#locked(async () => {
+      // The tables may have been written back and evicted meanwhile (eviction is not held across
+      // the data write, or the caches of a long convert would never be trimmed): look them up again.
+      for (const link of planned.links) link.table = await this.#meta.getL2(link.table.hostOffset);
+      await this.#linkWrites(planned);
+    });
   }
 
   /** Entry of guest cluster `clusterIndex` (loading its L2 table), or null when its L1 entry is empty. */
@@ -934,12 +978,18 @@ export class Qcow2Image implements BlockDevice {
    * the L2 entries set; then old clusters released.
    */
   async #writeLocked(requests: readonly WriteRequest[]): Promise<void> {
+    const planned = await this.#planWrites(requests);
+    await this.#writeHostRuns(planned.writes);
+    await this.#linkWrites(planned);
+  }
+
+  /** #writeLocked's first part: clusters allocated, data and COW padding gathered into host runs. */
+  async #planWrites(requests: readonly WriteRequest[]): Promise<PlannedWrite> {
     const meta = this.#meta;
     const geometry = meta.geometry;
     const cs = geometry.clusterSizeBytes;
     await this.#markDirty();
     this.#paddingArenaUsedBytes = 0;
-    const freeAfter: L2Entry[] = [];
     const writes: HostWrite[] = [];
     const links: { table: CachedTable; plans: ClusterPlan[] }[] = [];
     for (const { guestOffset, data } of requests) {
@@ -992,7 +1042,15 @@ export class Qcow2Image implements BlockDevice {
         at = chunkEnd;
       }
     }
-    await this.#writeHostRuns(writes);
+    return { writes, links };
+  }
+
+  /** #writeLocked's last part, once the data is written: L2 entries set, replaced clusters released. */
+  async #linkWrites({ links }: PlannedWrite): Promise<void> {
+    const meta = this.#meta;
+    const geometry = meta.geometry;
+    const cs = geometry.clusterSizeBytes;
+    const freeAfter: L2Entry[] = [];
     meta.noteDataWritten();
     // Link: update L2 entries after the data is written.
     for (const { table, plans } of links) {
@@ -1754,6 +1812,23 @@ export class Qcow2Image implements BlockDevice {
 export interface WriteRequest {
   guestOffset: number;
   data: Uint8Array;
+}
+
+export interface WriteBatchOptions {
+  /**
+   * Called once the batch's clusters are allocated (its host layout is
+   * decided), possibly before its data is written: a writeBatch started
+   * after this allocates after it, as if this one had completed. Convert
+   * uses it to overlap one batch's data write with the next one's
+   * allocation. Called at the latest when the batch completes.
+   */
+  onAllocated?: () => void;
+}
+
+/** #writeLocked's plan: host runs to write, then the L2 entries to set. */
+interface PlannedWrite {
+  writes: HostWrite[];
+  links: { table: CachedTable; plans: ClusterPlan[] }[];
 }
 
 /** A contiguous host range to write, as pieces (COW padding, slices of the caller's data). */
