@@ -277,7 +277,11 @@ function workerCount(options: NbdCommandOptions): number {
 /** Start data workers for an export that has no shared mutable metadata (raw, or read-only); null when none should run. */
 async function startDataWorkers(options: NbdCommandOptions, argv: readonly string[], exp: NbdExport, log: ((message: string) => void) | undefined): Promise<DataWorkerPool | null> {
   const count = workerCount(options);
-  if (count === 0 || options.tlsDir !== undefined || !(exp.readOnly || exp.device.format === "raw")) return null;
+  if (count === 0) return null;
+  if (options.tlsDir !== undefined || !(exp.readOnly || exp.device.format === "raw")) {
+    log?.(`--workers: not used for ${options.tlsDir !== undefined ? "TLS" : `a writable ${exp.device.format} export`}; serving in this process`);
+    return null;
+  }
   const args = ["nbd", ...argv.filter((word) => word !== "--fork")];
   const env: NodeJS.ProcessEnv = { ...process.env, [DATA_WORKER_ENV]: "1" };
   delete env[FORK_CHILD_ENV];
