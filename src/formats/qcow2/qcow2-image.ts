@@ -767,7 +767,9 @@ export class Qcow2Image implements BlockDevice {
     let g = guestOffset;
     let remaining = lengthBytes;
     while (remaining > 0) {
-      const run = await this.#runAt(g, remaining);
+      // Synchronous while the L2 tables are cached (an await per cluster cost a promise and a microtask each).
+      const cached = this.#layerRun(g, remaining);
+      const run = "missing" in cached ? await this.#runAt(g, remaining) : cached;
       const extent: LayerExtent =
         run.kind === "unallocated"
           ? { guestOffset: g, lengthBytes: run.length, kind: "unallocated" }
