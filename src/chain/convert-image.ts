@@ -137,25 +137,14 @@ async function* statusRanges(plan: CopyPlan): AsyncGenerator<StatusRange> {
   if (pending !== null) yield pending;
 }
 
-/** One unit of work for the pipeline. */
-interface CopyJob {
-  start: number;
-  length: number;
-  kind: RangeKind;
-}
-
-/** Split status ranges into jobs: data in chunks (whole clusters when compressing), the rest whole. */
-async function* copyJobs(plan: CopyPlan, chunkBytes: number, clusterBytes: number | null): AsyncGenerator<CopyJob> {
+/**
+ * The pipeline's ranges: data and zero ranges whole (copyRanges reads data
+ * in chunks), or whole clusters when compressing; "backing" ranges need no
+ * write and are left out.
+ */
+async function* copyJobs(plan: CopyPlan, clusterBytes: number | null): AsyncGenerator<CopyRange> {
   if (clusterBytes === null) {
-    for await (const range of statusRanges(plan)) {
-      if (range.kind !== "data") {
-        yield range;
-        continue;
-      }
-      for (let at = range.start; at < range.start + range.length; at += chunkBytes) {
-        yield { start: at, length: Math.min(chunkBytes, range.start + range.length - at), kind: "data" };
-      }
-    }
+    for await (const range of statusRanges(plan)) if (range.kind !== "backing") yield { start: range.start, length: range.length, kind: range.kind };
     return;
   }
   // Compression: per cluster; a cluster touched by any data is read whole.
@@ -171,7 +160,7 @@ async function* copyJobs(plan: CopyPlan, chunkBytes: number, clusterBytes: numbe
       clusterKind = clusterKind === null ? range.kind : clusterKind === range.kind ? clusterKind : "data";
       at += piece;
       if (at === clusterEnd) {
-        yield { start: clusterStart, length: clusterEnd - clusterStart, kind: clusterKind };
+        if (clusterKind !== "backing") yield { start: clusterStart, length: clusterEnd - clusterStart, kind: clusterKind };
         clusterStart = clusterEnd;
         clusterKind = null;
       }
@@ -236,11 +225,6 @@ function compressingTarget(target: BlockDevice): Qcow2Image {
 
 function isAllZero(data: Uint8Array): boolean {
   return Buffer.from(data.buffer, data.byteOffset, data.byteLength).equals(zeroPattern(data.length));
-}
-
-/** The copy pipeline's view of the jobs: data and zero ranges ("backing" ranges need no write). */
-async function* copyRangesOf(jobs: AsyncIterable<CopyJob>): AsyncGenerator<CopyRange> {
-  for await (const job of jobs) if (job.kind !== "backing") yield { start: job.start, length: job.length, kind: job.kind };
 }
 
 /** Files of a target written with cache "unsafe" (flush does nothing), from its creation on. */
@@ -312,10 +296,10 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
     const counts = (kind: RangeKind): boolean => kind === "data" || (sparseSizeBytes === 0 && kind === "zero");
     if (onProgress !== undefined) {
       // Pass 1 (metadata only): bytes to copy, for progress.
-      for await (const job of copyJobs(plan, chunkBytes, clusterBytes)) if (counts(job.kind)) totalBytes += job.length;
+      for await (const job of copyJobs(plan, clusterBytes)) if (counts(job.kind)) totalBytes += job.length;
       onProgress(totalBytes === 0 ? 1 : 0, 0, totalBytes);
     }
-    await copyRanges(source, target, copyRangesOf(copyJobs(plan, chunkBytes, clusterBytes)), {
+    await copyRanges(source, target, copyJobs(plan, clusterBytes), {
       zeroMode,
       zeroRuns,
       compress,
