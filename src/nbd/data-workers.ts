@@ -171,19 +171,15 @@ export class DataWorkerPool extends EventEmitter<DataWorkerPoolEvents> {
 
   /**
    * Move a negotiated connection to the ready worker with the fewest
-   * connections. `onClosed` is called once, when the connection ends (or at
-   * once when it cannot move).
+   * connections; false (socket untouched, onClosed never called) when no
+   * worker can take it. `onClosed` is called once, when the connection ends.
    */
-  handOff(socket: Socket, handoff: TransmissionHandoff, onClosed: (reason: string) => void): void {
+  handOff(socket: Socket, handoff: TransmissionHandoff, onClosed: (reason: string) => void): boolean {
     let target: WorkerState | null = null;
     for (const worker of this.#workers) {
       if (worker.ready && worker.child.connected && (target === null || worker.connections.size < target.connections.size)) target = worker;
     }
-    if (target === null || socket.destroyed || this.#closing) {
-      socket.destroy();
-      onClosed(target === null ? "no data worker to serve it" : "closed before it reached a data worker");
-      return;
-    }
+    if (target === null || this.#closing) return false;
     const id = this.#nextId++;
     const worker = target;
     worker.connections.set(id, onClosed);
@@ -193,6 +189,7 @@ export class DataWorkerPool extends EventEmitter<DataWorkerPoolEvents> {
       socket.destroy();
       if (worker.connections.delete(id)) onClosed(`cannot reach data worker: ${error.message}`);
     });
+    return true;
   }
 
   /** Stop taking connections and let the workers' connections finish their in-flight requests and end. */

@@ -34,6 +34,9 @@ import type { NbdExport } from "./nbd-export.ts";
 import type { TlsCredentials } from "./tls-credentials.ts";
 import { BufferPool } from "./buffer-pool.ts";
 import type { DataWorkerPool } from "./data-workers.ts";
+
+/** What the server needs of a DataWorkerPool. */
+export type DataWorkers = Pick<DataWorkerPool, "canTake" | "handOff" | "shutdownConnections">;
 import { CONNECTIONS_HARD_MAX, HANDSHAKE_TIMEOUT_MS, IN_FLIGHT_BYTES_MAX, IN_FLIGHT_REQUESTS_MAX, OPTIONS_PER_HANDSHAKE_MAX, PENDING_CONNECTIONS_MAX } from "./protocol.ts";
 
 export interface NbdServerOptions {
@@ -49,7 +52,7 @@ export interface NbdServerOptions {
   /** Diagnostic lines (qemu-nbd -v). */
   log?: (message: string) => void;
   /** Worker processes that serve negotiated connections to their export (see the design notes). */
-  dataWorkers?: DataWorkerPool | null;
+  dataWorkers?: DataWorkers | null;
 }
 
 export type NbdListenAddress = { host: string; port: number } | { path: string };
@@ -67,7 +70,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   #connections = new Set<NbdConnection>();
   /** Connections moved to a data worker and not yet reported closed. */
   #movedCount = 0;
-  #dataWorkers: DataWorkerPool | null;
+  #dataWorkers: DataWorkers | null;
   #pending: net.Socket[] = [];
   #listeners: Array<{ server: net.Server; path: string | null }> = [];
   #limits: ConnectionLimits;
@@ -168,7 +171,13 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   }
 
   #startConnection(socket: net.Socket): void {
-    const env: ConnectionEnv = {
+    const connection = new NbdConnection(socket, this.#connectionEnv());
+    this.#connections.add(connection);
+    connection.start();
+  }
+
+  #connectionEnv(): ConnectionEnv {
+    return {
       findExport: (name) => this.#exports.get(name),
       listExports: () => this.#exports.values(),
       tlsConfigured: this.tls !== null,
@@ -181,9 +190,6 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       onNegotiated: (connection) => this.emit("connection-negotiated", { exportName: connection.exportName ?? "", open: this.connectionCount }),
       handOff: (connection, exp) => this.#handOff(connection, exp),
     };
-    const connection = new NbdConnection(socket, env);
-    this.#connections.add(connection);
-    connection.start();
   }
 
   /** env.handOff: move a negotiated connection to a data worker when the pool serves its export. */
@@ -192,12 +198,28 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     if (pool === null || this.tls !== null || this.#closing || !pool.canTake(exp)) return null;
     return (socket, handoff) => {
       this.#connections.delete(connection);
+      if (socket.destroyed || this.#closing) {
+        socket.destroy();
+        this.#released(true, "closed before transmission");
+        return;
+      }
       this.#movedCount++;
-      this.emit("connection-negotiated", { exportName: exp.name, open: this.connectionCount });
-      pool.handOff(socket, handoff, (reason) => {
+      let open = true;
+      const moved = pool.handOff(socket, handoff, (reason) => {
+        if (!open) return;
+        open = false;
         this.#movedCount--;
         this.#released(true, reason);
       });
+      if (moved) {
+        this.emit("connection-negotiated", { exportName: exp.name, open: this.connectionCount });
+        return;
+      }
+      // The last worker went away meanwhile: serve it here after all.
+      this.#movedCount--;
+      const here = new NbdConnection(socket, this.#connectionEnv());
+      this.#connections.add(here);
+      here.startTransmission(exp, handoff);
     };
   }
 

@@ -2,14 +2,20 @@
  * DataWorkerPool's process management with stand-in workers (tiny Node
  * scripts speaking the pool's messages): start-up failures, replacement of
  * a worker that dies, no replacement of one that never got ready, close().
+ * NbdServer's side of a hand-off with a stand-in pool in this process:
+ * connection limits, close(), and serving here when no worker takes it.
  * Real workers serving real clients: test/interop/nbd-workers.test.ts.
  */
 import test from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
+import type { Socket } from "node:net";
 import { DataWorkerPool } from "../../src/nbd/data-workers.ts";
+import type { TransmissionHandoff } from "../../src/nbd/nbd-connection.ts";
 import { NbdExport } from "../../src/nbd/nbd-export.ts";
-import { memoryDevice } from "./nbd-test-server.ts";
+import type { DataWorkers } from "../../src/nbd/nbd-server.ts";
+import { memoryDevice, patternAt, startServer } from "./nbd-test-server.ts";
+import { negotiate } from "./nbd-raw-client.ts";
 
 /** A stand-in worker: reports ready, then lives until the IPC channel closes. */
 const READY_WORKER = `process.send({ type: "ready", rssBytes: process.memoryUsage.rss() }); process.on("disconnect", () => process.exit(0));`;
@@ -64,4 +70,69 @@ test("a worker that fails before it is ready is not replaced, and one that canno
   await missing.start();
   assert.equal(missing.readyCount, 0);
   await missing.close();
+});
+
+/** A pool stand-in: takes connections (answering GO itself, as a worker would) or declines them. */
+class StandInPool implements DataWorkers {
+  accepting = true;
+  shutdowns = 0;
+  taken: Array<{ socket: Socket; onClosed: (reason: string) => void }> = [];
+  canTake(exp: NbdExport): boolean {
+    return exp.name === "disk";
+  }
+  handOff(socket: Socket, handoff: TransmissionHandoff, onClosed: (reason: string) => void): boolean {
+    if (!this.accepting) return false;
+    socket.write(Buffer.concat(handoff.replies));
+    this.taken.push({ socket, onClosed });
+    return true;
+  }
+  /** The connection ends in its "worker". */
+  end(index: number): void {
+    const { socket, onClosed } = this.taken[index];
+    socket.destroy();
+    onClosed("ended by the stand-in");
+  }
+  shutdownConnections(): void {
+    this.shutdowns++;
+    this.taken.forEach((taken, index) => {
+      if (!taken.socket.destroyed) this.end(index);
+    });
+  }
+}
+
+test("moved connections count against the connection limit until their worker reports them closed; close() waits for them", async (t) => {
+  const pool = new StandInPool();
+  const { server, connect } = await startServer(t, [{ name: "disk", device: memoryDevice(1024 * 1024) }], { connectionsMax: 2, dataWorkers: pool });
+  const negotiated: number[] = [];
+  server.on("connection-negotiated", (info) => negotiated.push(info.open));
+  await negotiate(await connect(), { name: "disk" });
+  await negotiate(await connect(), { name: "disk" });
+  assert.equal(pool.taken.length, 2, "both moved");
+  assert.deepEqual(negotiated, [1, 2]);
+  assert.equal(server.connectionCount, 2);
+  const waiting = await connect();
+  await assert.rejects(waiting.read(18, 300), /timed out/, "a third client waits for a slot");
+  pool.end(0);
+  await negotiate(waiting, { name: "disk" });
+  assert.equal(pool.taken.length, 3);
+  let closed = false;
+  const closing = server.close().then(() => (closed = true));
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(pool.shutdowns, 1, "close() tells the pool to end its connections");
+  await closing;
+  assert.ok(closed);
+  assert.equal(server.connectionCount, 0);
+});
+
+test("a connection no worker takes is served in the main process", async (t) => {
+  const pool = new StandInPool();
+  pool.accepting = false;
+  const { server, connect } = await startServer(t, [{ name: "disk", device: memoryDevice(1024 * 1024) }], { connectionsMax: 0, dataWorkers: pool });
+  const client = await connect();
+  await negotiate(client, { name: "disk" });
+  client.sendRequest({ type: 0, cookie: 3n, offset: 4096, length: 1024 });
+  const [chunk] = await client.readStructured();
+  assert.ok(chunk.payload.subarray(8).equals(patternAt(4096, 1024)));
+  assert.equal(server.connectionCount, 1);
+  assert.equal(pool.taken.length, 0);
 });
