@@ -142,6 +142,9 @@ function be64(value: number): Uint8Array {
   return out;
 }
 
+/** A zero 16-bit refcount, searched for by the allocator. */
+const ZERO_REFCOUNT16 = Buffer.alloc(2);
+
 /** Refcount table bytes are compared against this in blocks: all-zero blocks (no refcount block) need no decoding. */
 const REFTABLE_ZERO_BLOCK = Buffer.alloc(4096);
 
@@ -390,8 +393,37 @@ export class Qcow2Metadata {
     return getRefcount(block.bytes, clusterIndex % this.geometry.refcountBlockEntries, this.geometry.refcountOrder);
   }
 
+  /**
+   * The first cluster index at or after `from` whose refcount may be 0,
+   * passing over used clusters in bulk while their refcount blocks are
+   * cached and hold 16-bit refcounts (the default): a native search for a
+   * zero 16-bit word instead of a refcount lookup per cluster (the first
+   * allocation after an open passes every used cluster, 16k per GiB of
+   * data, in a process that has just started). Stops at anything else; the
+   * caller checks each cluster from there.
+   */
+  #skipUsedClusters(from: number): number {
+    if (this.geometry.refcountOrder !== 4) return from;
+    const entries = this.geometry.refcountBlockEntries;
+    let clusterIndex = from;
+    while (clusterIndex < FILE_CLUSTERS_MAX) {
+      const blockOffset = this.#refblockOffset(clusterIndex);
+      const block = blockOffset === 0 ? undefined : this.refblockCache.peek(blockOffset);
+      if (block === undefined) return clusterIndex;
+      const blockStart = clusterIndex - (clusterIndex % entries);
+      const bytes = Buffer.from(block.bytes.buffer, block.bytes.byteOffset, block.bytes.byteLength);
+      for (let at = bytes.indexOf(ZERO_REFCOUNT16, 2 * (clusterIndex - blockStart)); at >= 0; at = bytes.indexOf(ZERO_REFCOUNT16, at + 1)) {
+        // Two zero bytes: a free cluster when they are one aligned 16-bit word.
+        if (at % 2 === 0) return blockStart + at / 2;
+      }
+      clusterIndex = blockStart + entries;
+    }
+    return clusterIndex;
+  }
+
   async #allocClustersNoref(count: number): Promise<number> {
     for (;;) {
+      this.freeClusterIndex = this.#skipUsedClusters(this.freeClusterIndex);
       let free = true;
       for (let i = 0; i < count; i++) {
         const clusterIndex = this.freeClusterIndex++;
