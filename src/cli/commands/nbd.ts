@@ -33,7 +33,7 @@
  * - Data workers (src/nbd/data-workers.ts): exports without shared mutable
  *   metadata (a raw file, or any read-only export) are served by worker
  *   processes after negotiation, so multi-conn clients use several cores.
- *   --workers=N (default: one per core, at least 2; none with -e 1, where
+ *   --workers=N (default: one per core, 2 to 8; none with -e 1, where
  *   only one client is served, or with TLS); --workers=0 serves everything
  *   in this process. A worker is this command run again (bin/snapstack, so
  *   it works from the sources and from the bundle) with DATA_WORKER_ENV set:
@@ -68,6 +68,8 @@ const DATA_WORKER_ENV = "SNAPSTACK_NBD_DATA_WORKER";
 const SNAPSTACK_BIN = fileURLToPath(new URL("../../../bin/snapstack", import.meta.url));
 /** Largest --workers. */
 const WORKERS_MAX = 64;
+/** Most workers started by default (each is a Node process of ~60 MiB; clients rarely open more connections). */
+const DEFAULT_WORKERS_MAX = 8;
 
 const OPTION_SPECS = [
   { name: "format", short: "f", long: "format", value: true },
@@ -267,11 +269,11 @@ function describeAddress(address: string | { address: string; port: number }): s
   return typeof address === "string" ? address : `${address.address}:${address.port}`;
 }
 
-/** Data workers to run: --workers, or one per core (at least 2) when more than one client may connect. */
+/** Data workers to run: --workers, or one per core (2 to 8) when more than one client may connect. */
 function workerCount(options: NbdCommandOptions): number {
   if (options.workers !== undefined) return options.workers;
   if (options.connectionsMax === 1 || options.tlsDir !== undefined) return 0;
-  return Math.max(2, availableParallelism());
+  return Math.min(DEFAULT_WORKERS_MAX, Math.max(2, availableParallelism()));
 }
 
 /** Start data workers for an export that has no shared mutable metadata (raw, or read-only); null when none should run. */
@@ -378,7 +380,7 @@ export const nbdCommand: CliCommand = {
     "  --aio=MODE              threads: file I/O on the thread pool (for slow disks); native, io_uring: default (event loop thread)",
     "  -l, --load-snapshot=SNAPSHOT  export internal snapshot SNAPSHOT (ID or name, or snapshot.id=/snapshot.name=) read-only",
     "  --workers=N             processes serving a raw or read-only export's connections after negotiation",
-    "                          (default: one per core, at least 2; none with -e 1 or TLS; 0 = all in this process)",
+    "                          (default: one per core, 2 to 8; none with -e 1 or TLS; 0 = all in this process)",
   ],
   async run(argv, context) {
     const options = parseNbdCommand(argv);
