@@ -88,13 +88,16 @@ function emitData(entry: MapExtent, fileSizeBytes: number | null, sink: (entry: 
 
 /**
  * Resolve [start, end) through the chain, calling `sink` with unmerged
- * entries in guest order.
+ * entries in guest order. `splitAtEof: false` skips the host file size
+ * lookup (a stat per layer and call): data past a file's end then stays
+ * data, which reads as zeroes all the same (NBD READ's data/hole runs).
  */
-export async function walkChain(device: BlockDevice, start: number, end: number, sink: (entry: MapExtent) => void): Promise<void> {
+export async function walkChain(device: BlockDevice, start: number, end: number, sink: (entry: MapExtent) => void, options: { splitAtEof?: boolean } = {}): Promise<void> {
   const layers = chainLayers(device);
+  const splitAtEof = options.splitAtEof ?? true;
   const fileSizes = new Map<number, number | null>();
   const fileSize = (depth: number): number | null => {
-    if (!fileSizes.has(depth)) fileSizes.set(depth, layers[depth].format === "qcow2" ? hostFileSizeBytes(layers[depth]) : null);
+    if (!fileSizes.has(depth)) fileSizes.set(depth, splitAtEof && layers[depth].format === "qcow2" ? hostFileSizeBytes(layers[depth]) : null);
     return fileSizes.get(depth)!;
   };
   for (let chunkStart = start; chunkStart < end; chunkStart += MAP_CHUNK_BYTES) {

@@ -140,11 +140,18 @@ export function alwaysData(device: BlockDevice): boolean {
 export async function readRuns(device: BlockDevice, guestOffset: number, lengthBytes: number): Promise<ReadRun[]> {
   if (alwaysData(device)) return [{ guestOffset, lengthBytes, hole: false }];
   const runs: ReadRun[] = [];
-  await walkChain(device, guestOffset, guestOffset + lengthBytes, (entry) => {
-    const hole = entry.zero;
-    const last = runs[runs.length - 1];
-    if (last !== undefined && last.hole === hole) last.lengthBytes += entry.length;
-    else runs.push({ guestOffset: entry.start, lengthBytes: entry.length, hole });
-  });
+  // Data past a host file's end reads as zeroes: no stat per READ to send it as a hole instead.
+  await walkChain(
+    device,
+    guestOffset,
+    guestOffset + lengthBytes,
+    (entry) => {
+      const hole = entry.zero;
+      const last = runs[runs.length - 1];
+      if (last !== undefined && last.hole === hole) last.lengthBytes += entry.length;
+      else runs.push({ guestOffset: entry.start, lengthBytes: entry.length, hole });
+    },
+    { splitAtEof: false },
+  );
   return runs;
 }
