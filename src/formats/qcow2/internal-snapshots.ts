@@ -22,6 +22,8 @@
  *   switched (bytes 60-71, synced); old table freed.
  *   apply: refcounts of the snapshot's tree raised and flushed; the active
  *   L1 overwritten in place (synced); then the old tree lowered.
+ *   delete: new table and header switch first; then the decrements; then
+ *   the snapshot's L1 freed.
  * - Apply skips the L2 tables the snapshot and the old active state share
  *   (same host offset in both L1 tables: usually all but the tables written
  *   since): their +1 and -1 cancel, so neither pass walks them, and their
@@ -31,8 +33,6 @@
  *   refcount overflow on a shared table; skipping is therefore only done
  *   when no refcount of a consistent image can reach the maximum (one
  *   reference per L1 table, or one per compressed sector, each).
- *   delete: new table and header switch first; then the decrements; then
- *   the snapshot's L1 freed.
  * - A raised refcount that would overflow (refcount_bits=1 on the first
  *   snapshot) fails with E_TOO_LARGE (errno EINVAL, as QEMU). Unlike QEMU,
  *   which leaks the L1 copy and whatever it had raised, the raises done so
