@@ -32,7 +32,9 @@
  *   ends byte for byte as QEMU leaves it. QEMU's +1 pass can fail with a
  *   refcount overflow on a shared table; skipping is therefore only done
  *   when no refcount of a consistent image can reach the maximum (one
- *   reference per L1 table, or one per compressed sector, each).
+ *   reference per L1 table, or one per compressed sector, each). A corrupt
+ *   entry inside a shared table is then reported by the final pass, after
+ *   the switch (QEMU: by the +1 pass, before it); refcounts stay right.
  * - A raised refcount that would overflow (refcount_bits=1 on the first
  *   snapshot) fails with E_TOO_LARGE (errno EINVAL, as QEMU). Unlike QEMU,
  *   which leaks the L1 copy and whatever it had raised, the raises done so
