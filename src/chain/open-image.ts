@@ -43,6 +43,8 @@ export interface OpenImageOptions {
   /** Metadata cache bound per qcow2 layer. */
   cacheBytesMax?: number;
   ioMode?: NodeFileIoMode;
+  /** How the top image's file writes, when it differs from ioMode (backing files are read-only). */
+  writeIoMode?: NodeFileIoMode;
   /** Cache mode of the top image's file ("unsafe": flush does nothing, like qemu's -t unsafe). */
   cache?: NodeFileCacheMode;
   /** Opens each layer's file (default: a NodeFile with ioMode and cache); tests pass one that wraps files in a FaultFile. */
@@ -130,7 +132,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
         const readOnly = depth > 0 || (options.readOnly ?? false);
         file =
           options.openFile === undefined
-            ? await openNodeFile(layerPath, { readOnly, ioMode: options.ioMode, cache: depth === 0 ? options.cache : undefined })
+            ? await openNodeFile(layerPath, { readOnly, ioMode: options.ioMode, writeIoMode: options.writeIoMode, cache: depth === 0 ? options.cache : undefined })
             : await options.openFile(layerPath, { readOnly });
       } catch (error) {
         throw openFailure(path, depth, layerPath, error);

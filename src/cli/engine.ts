@@ -18,12 +18,14 @@ export interface OpenImageOptions {
   openBacking?: boolean;
   /** How the image files do I/O (src/io/node-file.ts; default "auto"). */
   ioMode?: NodeFileIoMode;
+  /** How the image's writes run, when it differs from ioMode. */
+  writeIoMode?: NodeFileIoMode;
 }
 
 /** Open an image and its backing chain (src/chain/open-image.ts). */
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<BlockDevice> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
-  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode });
+  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode, writeIoMode: options.writeIoMode });
 }
 
 export {

@@ -1,6 +1,6 @@
 /**
  * `snapstack nbd` option parsing: --aio picks how the image files do I/O,
- * and engine.openImage hands that mode to the files.
+ * and engine.openImage hands the read and write modes to the files.
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
@@ -12,10 +12,13 @@ import type { BlockDevice } from "../../src/device/block-device.ts";
 import type { NodeFile } from "../../src/io/node-file.ts";
 import { scratchDir } from "../helpers/tools.ts";
 
-test("nbd --aio: event loop I/O by default, the thread pool with threads, usage error otherwise", () => {
+test("nbd --aio: event loop I/O by default (large writes on the thread pool), the thread pool with threads, usage error otherwise", () => {
   assert.equal(parseNbdCommand(["disk.qcow2"]).ioMode, "sync");
+  assert.equal(parseNbdCommand(["disk.qcow2"]).writeIoMode, "auto");
   assert.equal(parseNbdCommand(["--aio=threads", "disk.qcow2"]).ioMode, "async");
+  assert.equal(parseNbdCommand(["--aio=threads", "disk.qcow2"]).writeIoMode, "async");
   assert.equal(parseNbdCommand(["--aio", "native", "disk.qcow2"]).ioMode, "sync");
+  assert.equal(parseNbdCommand(["--aio", "native", "disk.qcow2"]).writeIoMode, "sync");
   assert.equal(parseNbdCommand(["--aio=io_uring", "disk.qcow2"]).ioMode, "sync");
   for (const bad of ["posix", "constructor", ""]) {
     assert.throws(() => parseNbdCommand([`--aio=${bad}`, "disk.qcow2"]), { code: "E_USAGE" });
@@ -35,5 +38,12 @@ test("engine.openImage passes the I/O mode to the image file", async (t) => {
     } finally {
       await device.close();
     }
+  }
+  const device = await openImage(raw, { ioMode: "sync", writeIoMode: "auto" });
+  try {
+    assert.equal(fileOf(device).ioMode, "sync");
+    assert.equal(fileOf(device).writeIoMode, "auto");
+  } finally {
+    await device.close();
   }
 });

@@ -21,13 +21,15 @@
  * - File I/O runs on the event loop thread ("sync", src/io/node-file.ts):
  *   on page-cached images a pread/pwrite costs less than a hop to libuv's
  *   thread pool and back (measured with nbdcopy on a 1 GiB image: ~100 ms
- *   of CPU per GiB less for reads, ~140-230 ms for writes, which on 2 cores
- *   shared with the client is throughput). Raw writes too: sending writes
- *   under 256 KiB to the pool ("small-async", still a NodeFile option)
- *   gave ~1.4x the IOPS for fio 4 KiB random writes while the machine was
- *   loaded by other work, but on a quiet machine the event loop won 6 of 6
- *   alternating runs (~10% more IOPS, less CPU), so it is not the default.
- *   A cold or slow disk would block every connection while a
+ *   of CPU per GiB less for reads). Writes of 256 KiB or more are the
+ *   exception ("auto" for writes): on the event loop the client blocks on
+ *   a full socket while we pwrite, so large writes go to the pool, where
+ *   they overlap with reading the next request (raw file, fio 1 MiB
+ *   sequential writes: 1620 vs 839 MiB/s and 491 vs 877 ms of CPU per GiB;
+ *   nbdcopy into the export 1223 vs 843 MiB/s; qcow2 chain equal or
+ *   better). Small writes stay on the event loop: sending them to the pool
+ *   ("small-async") lost on a quiet machine (4 KiB random writes: 82 vs 35
+ *   us of CPU per request). A cold or slow disk would block every connection while a
  *   request waits for it: `--aio=threads` (qemu-nbd's default mode) sends
  *   every request to the pool instead.
  * - Data workers (src/nbd/data-workers.ts): exports without shared mutable
@@ -118,6 +120,8 @@ export interface NbdCommandOptions {
   tlsVerifyPeer: boolean;
   /** How image files do I/O: "sync" (default) or, with --aio=threads, "async" (see the design notes). */
   ioMode: NodeFileIoMode;
+  /** How image files write: "auto" by default (large writes on the thread pool), else ioMode. */
+  writeIoMode: NodeFileIoMode;
   /** --workers: data worker processes; undefined = automatic (see the design notes). */
   workers?: number;
 }
@@ -165,7 +169,7 @@ function parseSnapshotParam(text: string): string {
  */
 async function openExportDevice(options: NbdCommandOptions): Promise<{ device: BlockDevice; close(): Promise<void> }> {
   const readOnly = options.readOnly || options.snapshot !== undefined;
-  const image = await openImage(options.path, { format: options.format, readOnly, ioMode: options.ioMode });
+  const image = await openImage(options.path, { format: options.format, readOnly, ioMode: options.ioMode, writeIoMode: options.writeIoMode });
   if (options.snapshot === undefined) return { device: image, close: () => image.close() };
   try {
     if (!(image instanceof Qcow2Image)) {
@@ -230,6 +234,7 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
     tlsDir: tlsObject?.dir ?? tlsCreds,
     tlsVerifyPeer: tlsObject?.verifyPeer ?? false,
     ioMode,
+    writeIoMode: aioText === undefined ? "auto" : ioMode,
     workers: workersText === undefined ? undefined : parseInteger(workersText, "number of workers", 0, WORKERS_MAX),
   };
 }
