@@ -453,7 +453,11 @@ export class Qcow2Metadata {
    */
   async #updateRefcount(hostOffset: number, lengthBytes: number, addend: number, decrease: boolean): Promise<typeof AGAIN | undefined> {
     if (lengthBytes <= 0) return undefined;
-    if (decrease) await this.#setRefblocksDependOnL2();
+    // No await when nothing is to be written first (a pass over a tree calls this per range).
+    if (decrease) {
+      if (this.#l2DependsOnRefblocks) await this.#setRefblocksDependOnL2();
+      else this.#refblocksDependOnL2 = true;
+    }
     const cs = this.clusterSizeBytes;
     const start = Math.floor(hostOffset / cs) * cs;
     const last = Math.floor((hostOffset + lengthBytes - 1) / cs) * cs;
@@ -474,7 +478,8 @@ export class Qcow2Metadata {
             failure = corruption(`refcount of host cluster ${clusterIndex} would drop below zero (no refcount block covers it)`, { hostOffset: clusterOffset });
             break;
           }
-          const result = await this.#allocRefcountBlock(clusterIndex);
+          const cachedOffset = this.#refblockOffset(clusterIndex);
+          const result = (cachedOffset !== 0 ? this.refblockCache.peek(cachedOffset) : undefined) ?? (await this.#allocRefcountBlock(clusterIndex));
           if (result === AGAIN) {
             if (this.freeClusterIndex > start / cs) this.freeClusterIndex = start / cs;
             again = true;
