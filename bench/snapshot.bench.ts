@@ -27,7 +27,7 @@ import { median, runMeasured, runTool } from "./fixtures/tools.ts";
 import { openNodeFile } from "../src/io/node-file.ts";
 import { openQcow2 } from "../src/formats/qcow2/qcow2-image.ts";
 
-const RUNS = 5;
+const RUNS = 7;
 const VIRTUAL_SIZE_BYTES = 100 * GiB;
 const CHUNK_BYTES = 1 * MiB;
 const STRIDE_BYTES = 100 * MiB;
