@@ -379,16 +379,40 @@ test("a client closing mid-payload or without DISC costs nothing: the server ser
   assert.equal(harness.server.connectionCount, 1);
 });
 
+/**
+ * Run `body` with `gated` holding every request, and release it afterwards
+ * even when an assertion in `body` fails (held requests would otherwise keep
+ * the test's teardown waiting forever).
+ */
+async function whileHeld(gated: GatedDevice, body: () => Promise<void>): Promise<void> {
+  gated.held = true;
+  try {
+    await body();
+  } finally {
+    gated.release();
+  }
+}
+
+/**
+ * Wait until `expected` requests reached the device (slow on a loaded
+ * machine; at most 30 s), then 200 ms more, in which a request past the
+ * limit would start if the server let it: the caller asserts the count.
+ */
+async function settleAt(gated: GatedDevice, expected: number): Promise<void> {
+  for (let waitedMs = 0; gated.started < expected && waitedMs < 30_000; waitedMs += 10) await new Promise((resolve) => setTimeout(resolve, 10));
+  await new Promise((resolve) => setTimeout(resolve, 200));
+}
+
 test("back-pressure: with requests held, the server stops reading at the in-flight request limit", async (t) => {
   const gated = new GatedDevice(memoryDevice(SIZE));
   const harness = await startServer(t, [{ name: "", device: gated }], { inFlightRequestsMax: 8 });
   const client = await harness.connect();
   await negotiate(client);
-  gated.held = true;
-  for (let i = 0; i < 100; i++) client.sendRequest({ type: WRITE, cookie: BigInt(i), offset: i * 4096, payload: Buffer.alloc(4096, i) });
-  await new Promise((resolve) => setTimeout(resolve, 100));
-  assert.equal(gated.started, 8, "only the first 8 requests reached the device");
-  gated.release();
+  await whileHeld(gated, async () => {
+    for (let i = 0; i < 100; i++) client.sendRequest({ type: WRITE, cookie: BigInt(i), offset: i * 4096, payload: Buffer.alloc(4096, i) });
+    await settleAt(gated, 8);
+    assert.equal(gated.started, 8, "only the first 8 requests reached the device");
+  });
   const seen = new Set<bigint>();
   for (let i = 0; i < 100; i++) {
     const reply = await client.readReply();
@@ -405,11 +429,11 @@ test("back-pressure: payload bytes in flight are bounded (1 MiB writes against a
   const harness = await startServer(t, [{ name: "", device: gated }], { inFlightBytesMax: 2 * MiB });
   const client = await harness.connect();
   await negotiate(client);
-  gated.held = true;
-  for (let i = 0; i < 4; i++) client.sendRequest({ type: WRITE, cookie: BigInt(i), offset: i * MiB, payload: Buffer.alloc(MiB, i + 1) });
-  await new Promise((resolve) => setTimeout(resolve, 200));
-  assert.equal(gated.started, 2, "the third 1 MiB write waits in the socket");
-  gated.release();
+  await whileHeld(gated, async () => {
+    for (let i = 0; i < 4; i++) client.sendRequest({ type: WRITE, cookie: BigInt(i), offset: i * MiB, payload: Buffer.alloc(MiB, i + 1) });
+    await settleAt(gated, 2);
+    assert.equal(gated.started, 2, "the third 1 MiB write waits in the socket");
+  });
   for (let i = 0; i < 4; i++) assert.equal((await client.readReply()).kind, "simple");
   assert.ok((await readBytes(client, 3 * MiB, 4096)).equals(Buffer.alloc(4096, 4)));
 });
