@@ -33,10 +33,9 @@
 import { EventEmitter } from "node:events";
 import type { ChildProcess } from "node:child_process";
 import type { Socket } from "node:net";
-import { NbdConnection, type ConnectionLimits, type TransmissionHandoff } from "./nbd-connection.ts";
+import { connectionLimits, NbdConnection, type ConnectionLimits, type TransmissionHandoff } from "./nbd-connection.ts";
 import type { NbdExport } from "./nbd-export.ts";
 import { BufferPool } from "./buffer-pool.ts";
-import { HANDSHAKE_TIMEOUT_MS, IN_FLIGHT_BYTES_MAX, IN_FLIGHT_REQUESTS_MAX } from "./protocol.ts";
 
 /** Worker deaths the pool replaces before it stops starting workers. */
 const RESPAWNS_MAX = 8;
@@ -238,11 +237,7 @@ export function runDataWorker(options: DataWorkerOptions): Promise<void> {
   const exp = options.export;
   const connections = new Map<number, NbdConnection>();
   const pool = new BufferPool();
-  const limits: ConnectionLimits = {
-    handshakeTimeoutMs: options.limits?.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS,
-    inFlightBytesMax: options.limits?.inFlightBytesMax ?? IN_FLIGHT_BYTES_MAX,
-    inFlightRequestsMax: options.limits?.inFlightRequestsMax ?? IN_FLIGHT_REQUESTS_MAX,
-  };
+  const limits = connectionLimits(options.limits);
   let stopping = false;
   let allEnded: (() => void) | null = null;
   const report = (message: FromWorker): void => {

@@ -77,6 +77,9 @@ import {
   META_ID_BASE_ALLOCATION,
   NBD_ENOTSUP,
   OPTION_DATA_BYTES_MAX,
+  HANDSHAKE_TIMEOUT_MS,
+  IN_FLIGHT_BYTES_MAX,
+  IN_FLIGHT_REQUESTS_MAX,
   OPTIONS_PER_HANDSHAKE_MAX,
   PAYLOAD_BYTES_MAX,
   READ_BYTES_PER_PUMP_MAX,
@@ -96,6 +99,16 @@ export interface ConnectionLimits {
   inFlightBytesMax: number;
   inFlightRequestsMax: number;
   optionsPerHandshakeMax?: number;
+}
+
+/** `overrides` with protocol.ts's defaults for every limit it leaves out. */
+export function connectionLimits(overrides: Partial<ConnectionLimits> = {}): ConnectionLimits {
+  return {
+    handshakeTimeoutMs: overrides.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS,
+    inFlightBytesMax: overrides.inFlightBytesMax ?? IN_FLIGHT_BYTES_MAX,
+    inFlightRequestsMax: overrides.inFlightRequestsMax ?? IN_FLIGHT_REQUESTS_MAX,
+    optionsPerHandshakeMax: overrides.optionsPerHandshakeMax ?? OPTIONS_PER_HANDSHAKE_MAX,
+  };
 }
 
 export interface ConnectionEnv extends NegotiationEnv {
@@ -172,7 +185,7 @@ export class NbdConnection {
   #pumping = false;
   #pumpScheduled = false;
   #socketPaused = false;
-  /** Small replies of this tick, sent by #uncork (see the design notes). */
+  /** Small replies of this tick, sent by #flushBatch (see the design notes). */
   #batch: Buffer | null = null;
   #batchBytes = 0;
   #batchFlushScheduled = false;
@@ -407,8 +420,8 @@ export class NbdConnection {
     if (take === null) return false;
     if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
-    // Earlier replies still batched go first (#uncork writes nothing once closed).
-    this.#uncork();
+    // Earlier replies still batched go first (#flushBatch writes nothing once closed).
+    this.#flushBatch();
     this.#closeReason = "handed off";
     this.#phase = "closed";
     const socket = this.#socket;
@@ -428,7 +441,7 @@ export class NbdConnection {
       this.#abort("data after STARTTLS before the TLS handshake");
       return;
     }
-    this.#uncork();
+    this.#flushBatch();
     const raw = this.#socket;
     raw.removeAllListeners("data");
     raw.removeAllListeners("end");
@@ -664,7 +677,7 @@ export class NbdConnection {
       return;
     }
     // Send big replies at once, while the data just read is still in the CPU cache.
-    this.#uncork();
+    this.#flushBatch();
     if (pooled) this.#socket.write(buffer, () => this.#pool.give(buffer));
     else this.#socket.write(buffer);
   }
@@ -678,24 +691,24 @@ export class NbdConnection {
 
   /** Room for `lengthBytes` (at most BATCHED_REPLY_BYTES_MAX) in the batch: its offset there. */
   #reserve(lengthBytes: number): number {
-    if (this.#batch !== null && this.#batchBytes + lengthBytes > this.#batch.length) this.#uncork();
+    if (this.#batch !== null && this.#batchBytes + lengthBytes > this.#batch.length) this.#flushBatch();
     this.#batch ??= this.#pool.take(REPLY_BATCH_BYTES);
     if (!this.#batchFlushScheduled) {
       this.#batchFlushScheduled = true;
-      process.nextTick(this.#uncorkBound);
+      process.nextTick(this.#flushBatchBound);
     }
     const at = this.#batchBytes;
     this.#batchBytes += lengthBytes;
     return at;
   }
 
-  #uncorkBound = (): void => {
+  #flushBatchBound = (): void => {
     this.#batchFlushScheduled = false;
-    this.#uncork();
+    this.#flushBatch();
   };
 
   /** Write the batched replies (before any later write, and before ending or handing off the socket). */
-  #uncork(): void {
+  #flushBatch(): void {
     const batch = this.#batch;
     if (batch === null) return;
     const lengthBytes = this.#batchBytes;
@@ -723,7 +736,7 @@ export class NbdConnection {
   #endIfIdle(): void {
     if (this.#inFlightRequests > 0) return;
     const socket = this.#socket;
-    this.#uncork();
+    this.#flushBatch();
     if (!socket.destroyed) socket.end(() => socket.destroy());
   }
 
@@ -732,7 +745,7 @@ export class NbdConnection {
     if (this.#phase === "closed") return;
     this.#closeReason ||= reason;
     this.env.log?.(`${this.remote}: closing: ${reason}`);
-    this.#uncork();
+    this.#flushBatch();
     this.#socket.destroy();
     this.#finalize();
   }

@@ -29,15 +29,15 @@ import { EventEmitter } from "node:events";
 import net from "node:net";
 import { rmSync } from "node:fs";
 import { SnapstackError } from "../base/errors.ts";
-import { NbdConnection, type ConnectionEnv, type ConnectionLimits, type TransmissionHandoff } from "./nbd-connection.ts";
+import { connectionLimits, NbdConnection, type ConnectionEnv, type ConnectionLimits, type TransmissionHandoff } from "./nbd-connection.ts";
 import type { NbdExport } from "./nbd-export.ts";
 import type { TlsCredentials } from "./tls-credentials.ts";
 import { BufferPool } from "./buffer-pool.ts";
 import type { DataWorkerPool } from "./data-workers.ts";
+import { CONNECTIONS_HARD_MAX, PENDING_CONNECTIONS_MAX } from "./protocol.ts";
 
 /** What the server needs of a DataWorkerPool. */
 export type DataWorkers = Pick<DataWorkerPool, "canTake" | "handOff" | "shutdownConnections">;
-import { CONNECTIONS_HARD_MAX, HANDSHAKE_TIMEOUT_MS, IN_FLIGHT_BYTES_MAX, IN_FLIGHT_REQUESTS_MAX, OPTIONS_PER_HANDSHAKE_MAX, PENDING_CONNECTIONS_MAX } from "./protocol.ts";
 
 export interface NbdServerOptions {
   exports?: NbdExport[];
@@ -87,12 +87,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     }
     this.connectionsMax = connectionsMax === 0 ? CONNECTIONS_HARD_MAX : Math.min(connectionsMax, CONNECTIONS_HARD_MAX);
     this.tls = options.tls ?? null;
-    this.#limits = {
-      handshakeTimeoutMs: options.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS,
-      inFlightBytesMax: options.inFlightBytesMax ?? IN_FLIGHT_BYTES_MAX,
-      inFlightRequestsMax: options.inFlightRequestsMax ?? IN_FLIGHT_REQUESTS_MAX,
-      optionsPerHandshakeMax: options.optionsPerHandshakeMax ?? OPTIONS_PER_HANDSHAKE_MAX,
-    };
+    this.#limits = connectionLimits(options);
     this.#log = options.log;
     this.#dataWorkers = options.dataWorkers ?? null;
     for (const exp of options.exports ?? []) this.addExport(exp);
