@@ -22,14 +22,21 @@ export const SUBCLUSTERS_PER_CLUSTER = 32;
 /** Compressed data is addressed in 512-byte sectors. */
 export const COMPRESSED_SECTOR_BYTES = 512;
 
-const TWO_POW_32 = 2 ** 32;
+/**
+ * Entry words: an entry is read as two big-endian 32-bit halves, "hi"
+ * (bits 32..63) and "lo" (bits 0..31). Exported for hot loops that decode
+ * entries in place (internal-snapshots.ts) instead of building L2Entry objects.
+ */
+export const TWO_POW_32 = 2 ** 32;
 /** High-word masks (bits 32..63 of the entry). */
-const HI_COPIED = 0x80000000;
-const HI_COMPRESSED = 0x40000000;
+export const HI_COPIED = 0x80000000;
+export const HI_COMPRESSED = 0x40000000;
 /** bits 32-55 of an L1/L2 offset. */
-const HI_OFFSET_MASK = 0x00ffffff;
+export const HI_OFFSET_MASK = 0x00ffffff;
 /** bits 9-31 of an L1/L2 offset. */
-const LO_OFFSET_MASK = 0xfffffe00;
+export const LO_OFFSET_MASK = 0xfffffe00;
+/** Offset bits 53.. (hi bits 21..) do not fit a safe integer. */
+export const HI_OFFSET_UNSAFE = 0x200000;
 /** Reserved bits of an L1 entry: 56-62 and 0-8 (L1E_RESERVED_MASK 0x7f000000000001ff). */
 const L1_HI_RESERVED = 0x7f000000;
 const L1_LO_RESERVED = 0x000001ff;
@@ -69,8 +76,7 @@ function combine(hi: number, lo: number): number {
 }
 
 function offsetIsUnsafe(hiOffsetBits: number): boolean {
-  // Safe integers hold 53 bits: offset bits 53.. are hi bits 21..
-  return hiOffsetBits >= 0x200000;
+  return hiOffsetBits >= HI_OFFSET_UNSAFE;
 }
 
 export function decodeL1EntryWords(hi: number, lo: number): L1Entry {

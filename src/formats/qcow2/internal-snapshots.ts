@@ -53,7 +53,20 @@
  */
 import { SnapstackError } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
-import { COMPRESSED_SECTOR_BYTES, L1_ENTRY_BYTES, compressedReadBytes, decodeL2EntryWords, getL1Entry, setL1Entry } from "./entries.ts";
+import {
+  COMPRESSED_SECTOR_BYTES,
+  HI_COMPRESSED,
+  HI_COPIED,
+  HI_OFFSET_MASK,
+  HI_OFFSET_UNSAFE,
+  L1_ENTRY_BYTES,
+  LO_OFFSET_MASK,
+  TWO_POW_32,
+  compressedReadBytes,
+  decodeL2EntryWords,
+  getL1Entry,
+  setL1Entry,
+} from "./entries.ts";
 import { L1_BYTES_MAX, corruption, type Qcow2Geometry, type Qcow2Metadata } from "./metadata.ts";
 import type { CachedTable } from "./table-cache.ts";
 import {
@@ -74,8 +87,6 @@ export const SNAPSHOT_ERRNO = { ENOENT: 2, EIO: 5, EEXIST: 17, EINVAL: 22, EFBIG
 const TABLE_READ_BYTES_INITIAL = 64 * 1024;
 /** While walking a tree, let the caches shrink back to their bound every this many L2 tables. */
 const TRIM_EVERY_L2_TABLES = 64;
-/** Bit 63 of an entry word is COPIED; in the high 32-bit half it is this bit. */
-const HI_COPIED = 0x80000000;
 
 export interface FreeingOptions {
   /**
@@ -231,14 +242,6 @@ async function writeRaisedCaches(meta: Qcow2Metadata): Promise<void> {
 /** Host ranges whose refcounts a pass raised, so a failed pass can be undone. */
 type RaiseJournal = [hostOffset: number, lengthBytes: number][];
 
-/** Bits 32-55 of an offset in the high word of an entry; bits 9-31 in the low word. */
-const HI_OFFSET_MASK = 0x00ffffff;
-const LO_OFFSET_MASK = 0xfffffe00;
-/** Bit 62 (COMPRESSED) in the high word. */
-const HI_COMPRESSED = 0x40000000;
-/** Offset bits 53.. (hi bits 21..) do not fit a safe integer. */
-const HI_OFFSET_UNSAFE = 0x200000;
-const TWO_POW_32 = 2 ** 32;
 
 /**
  * The used-entry indexes of L2 tables a pass has scanned, by host offset,

@@ -30,7 +30,7 @@
 import { SnapstackError, assert } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
 import { INCOMPAT_EXTL2, encodeQcow2Header, type Qcow2Header } from "./header.ts";
-import { COMPRESSED_SECTOR_BYTES, L1_ENTRY_BYTES, getL1EntryOffset, l2EntryBytes, setL1Entry, type L2Entry } from "./entries.ts";
+import { COMPRESSED_SECTOR_BYTES, HI_OFFSET_UNSAFE, L1_ENTRY_BYTES, LO_OFFSET_MASK, TWO_POW_32, getL1EntryOffset, l2EntryBytes, setL1Entry, type L2Entry } from "./entries.ts";
 import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, encodeRefcountTable, getRefcount, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
 import { TableCache, type CachedTable } from "./table-cache.ts";
 import { OverlapGuard } from "./metadata-overlap.ts";
@@ -167,7 +167,7 @@ function decodeReftableOffsets(bytes: Uint8Array): number[] {
     if (REFTABLE_ZERO_BLOCK.compare(bytes, block, blockEnd, 0, blockEnd - block) === 0) continue;
     for (let at = block; at < blockEnd; at += REFTABLE_ENTRY_BYTES) {
       const hi = view.getUint32(at);
-      offsets[at / REFTABLE_ENTRY_BYTES] = hi >= 0x200000 ? Number.MAX_SAFE_INTEGER : hi * 0x100000000 + ((view.getUint32(at + 4) & 0xfffffe00) >>> 0);
+      offsets[at / REFTABLE_ENTRY_BYTES] = hi >= HI_OFFSET_UNSAFE ? Number.MAX_SAFE_INTEGER : hi * TWO_POW_32 + ((view.getUint32(at + 4) & LO_OFFSET_MASK) >>> 0);
     }
   }
   return offsets;
