@@ -53,8 +53,13 @@ import {
 } from "./header.ts";
 import {
   COMPRESSED_SECTOR_BYTES,
+  HI_COPIED,
+  HI_OFFSET_MASK,
+  HI_OFFSET_UNSAFE,
   L1_ENTRY_BYTES,
+  L2_ENTRY_BYTES,
   SUBCLUSTERS_PER_CLUSTER,
+  TWO_POW_32,
   compressedReadBytes,
   encodeL2Entry,
   getL2Entry,
@@ -422,7 +427,7 @@ export class Qcow2Image implements BlockDevice {
         case "zero-alloc":
           return { kind: "zero", length, hostOffset: entry.hostOffset + inCluster, entry };
         case "normal":
-          return { kind: "data", length, hostOffset: entry.hostOffset + inCluster, entry };
+          return { kind: "data", length: contiguousDataRun(table, l2Index, inCluster, lengthBytes, geometry.l2Entries, cs), hostOffset: entry.hostOffset + inCluster, entry };
         case "compressed":
           return { kind: "compressed", length, hostOffset: 0, entry };
       }
@@ -837,7 +842,9 @@ export class Qcow2Image implements BlockDevice {
     if (data.length === 0) return;
     await this.#mutate(guestOffset, data.length, async () => {
       if (await this.#tryWriteInPlace(guestOffset, data)) return;
-      await this.#locked(() => this.#writeLocked([{ guestOffset, data }]));
+      // The data is written with the metadata mutex released, so allocating writes to other clusters
+      // (an NBD client's queue of 256 KiB writes) plan and link while this one's data is in flight.
+      await this.#writeDetached([{ guestOffset, data }], noAllocatedCallback);
     });
   }
 
@@ -1002,11 +1009,11 @@ export class Qcow2Image implements BlockDevice {
         const l1Index = Math.floor(g / geometry.l2CoverageBytes);
         const chunkEnd = Math.min(data.length, (l1Index + 1) * geometry.l2CoverageBytes - guestOffset);
         const table = await meta.getL2ForWrite(l1Index);
-        const plans = this.#planClusters(table, guestOffset, at, chunkEnd);
+        const plans = this.#planClusters(table, guestOffset, at, chunkEnd, true);
         nextHostOffset = await this.#allocatePlans(plans, nextHostOffset);
         // Data with COW padding, coalescing contiguous host ranges.
         for (const plan of plans) {
-          const { start, end } = this.#cowRange(plan);
+          const { start, end } = plan.count > 1 ? { start: 0, end: plan.length } : this.#cowRange(plan);
           const clusterGuest = plan.clusterIndex * cs;
           const parts: Uint8Array[] = [];
           const writeEnd = plan.inCluster + plan.length;
@@ -1057,9 +1064,6 @@ export class Qcow2Image implements BlockDevice {
     // Link: update L2 entries after the data is written.
     for (const { table, plans } of links) {
       for (const plan of plans) {
-        const word = encodeL2Entry({ type: "normal", hostOffset: plan.hostOffset, copied: true }, geometry.clusterBits, geometry.extendedL2);
-        let alloc = 0;
-        let zero = 0;
         if (geometry.extendedL2) {
           const scSize = geometry.subclusterSizeBytes;
           const first = Math.floor((plan.cowStart ?? 0) / scSize);
@@ -1067,10 +1071,12 @@ export class Qcow2Image implements BlockDevice {
           const mask = rangeMask(first, last + 1);
           const oldAlloc = plan.entry.type === "compressed" ? 0 : plan.entry.allocBitmap;
           const oldZero = plan.entry.type === "compressed" ? 0 : plan.entry.zeroBitmap;
-          alloc = (oldAlloc | mask) >>> 0;
-          zero = (oldZero & ~mask) >>> 0;
+          const word = encodeL2Entry({ type: "normal", hostOffset: plan.hostOffset, copied: true }, geometry.clusterBits, true);
+          setL2EntryWords(table.view, plan.l2Index, true, word, (oldAlloc | mask) >>> 0, (oldZero & ~mask) >>> 0);
+        } else {
+          // `offset | COPIED`, for each cluster of the plan (consecutive host clusters).
+          setCopiedEntries(table.view, plan.l2Index, plan.count, plan.hostOffset, cs);
         }
-        setL2EntryWords(table.view, plan.l2Index, geometry.extendedL2, word, alloc, zero);
         table.dirty = true;
         if (!plan.inPlace && plan.entry.type !== "unallocated" && plan.entry.type !== "zero-plain") freeAfter.push(plan.entry);
       }
@@ -1122,39 +1128,54 @@ export class Qcow2Image implements BlockDevice {
         continue;
       }
       let j = i;
-      while (j < plans.length && !plans[j].inPlace) j++;
-      let count = j - i;
-      let k = i;
-      if (next > 0) {
-        const got = await meta.allocClustersAt(next, count);
-        for (let n = 0; n < got; n++) plans[k + n].hostOffset = next + n * cs;
-        k += got;
-        count -= got;
+      let count = 0;
+      for (; j < plans.length && !plans[j].inPlace; j++) count += plans[j].count;
+      // The first `got` clusters continue at `next`, the rest are one first-fit block.
+      const got = next > 0 ? await meta.allocClustersAt(next, count) : 0;
+      const restHostOffset = got < count ? await meta.allocClusters((count - got) * cs) : -1;
+      for (let k = i, n = 0; k < j; k++) {
+        const plan = plans[k];
+        if (n < got && n + plan.count > got) {
+          plans.splice(k + 1, 0, splitPlan(plan, got - n, cs));
+          j++;
+        }
+        plan.hostOffset = n < got ? next + n * cs : restHostOffset + (n - got) * cs;
+        n += plan.count;
       }
-      if (count > 0) {
-        const hostOffset = await meta.allocClusters(count * cs);
-        for (let n = 0; n < count; n++) plans[k + n].hostOffset = hostOffset + n * cs;
-      }
-      next = plans[j - 1].hostOffset + cs;
+      next = plans[j - 1].hostOffset + plans[j - 1].count * cs;
       i = j;
     }
     return next;
   }
 
-  /** The plans for the clusters of [at, chunkEnd) of a request starting at guestOffset, all in one L2 table. */
-  #planClusters(table: CachedTable, guestOffset: number, at: number, chunkEnd: number): ClusterPlan[] {
+  /**
+   * The plans for the clusters of [at, chunkEnd) of a request starting at
+   * guestOffset, all in one L2 table. With mergeRuns, whole clusters whose
+   * standard entries are all unallocated (word 0) share one plan.
+   */
+  #planClusters(table: CachedTable, guestOffset: number, at: number, chunkEnd: number, mergeRuns: boolean): ClusterPlan[] {
     const geometry = this.#meta.geometry;
     const cs = geometry.clusterSizeBytes;
+    const view = table.view;
+    const merging = mergeRuns && !geometry.extendedL2;
     const plans: ClusterPlan[] = [];
     for (let pos = at; pos < chunkEnd; ) {
       const cg = guestOffset + pos;
       const clusterIndex = Math.floor(cg / cs);
       const inCluster = cg - clusterIndex * cs;
-      const length = Math.min(chunkEnd - pos, cs - inCluster);
+      let length = Math.min(chunkEnd - pos, cs - inCluster);
       const l2Index = clusterIndex % geometry.l2Entries;
       const entry = this.#entry(table, l2Index, table.hostOffset);
       const inPlace = (entry.type === "normal" || entry.type === "zero-alloc") && entry.copied;
-      plans.push({ clusterIndex, l2Index, inCluster, length, at: pos, entry, inPlace, hostOffset: inPlace ? entry.hostOffset : -1 });
+      let count = 1;
+      if (merging && entry.type === "unallocated" && inCluster === 0 && length === cs) {
+        // Following whole clusters with a zero word join this plan.
+        while (pos + length + cs <= chunkEnd && view.getUint32((l2Index + count) * L2_ENTRY_BYTES) === 0 && view.getUint32((l2Index + count) * L2_ENTRY_BYTES + 4) === 0) {
+          count++;
+          length += cs;
+        }
+      }
+      plans.push({ clusterIndex, l2Index, count, inCluster, length, at: pos, entry, inPlace, hostOffset: inPlace ? entry.hostOffset : -1 });
       pos += length;
     }
     return plans;
@@ -1178,7 +1199,7 @@ export class Qcow2Image implements BlockDevice {
         const l1Index = Math.floor((guestOffset + at) / geometry.l2CoverageBytes);
         const chunkEnd = Math.min(lengthBytes, (l1Index + 1) * geometry.l2CoverageBytes - guestOffset);
         const table = await meta.getL2ForWrite(l1Index);
-        const plans = this.#planClusters(table, guestOffset, at, chunkEnd).filter((p) => p.entry.type === "unallocated" || p.entry.type === "zero-plain");
+        const plans = this.#planClusters(table, guestOffset, at, chunkEnd, false).filter((p) => p.entry.type === "unallocated" || p.entry.type === "zero-plain");
         nextHostOffset = await this.#allocatePlans(plans, nextHostOffset);
         for (const plan of plans) {
           const word = encodeL2Entry({ type: "normal", hostOffset: plan.hostOffset, copied: true }, geometry.clusterBits, geometry.extendedL2);
@@ -1827,6 +1848,8 @@ export interface WriteBatchOptions {
   onAllocated?: () => void;
 }
 
+function noAllocatedCallback(): void {}
+
 /** #writeLocked's plan: host runs to write, then the L2 entries to set. */
 interface PlannedWrite {
   writes: HostWrite[];
@@ -1848,17 +1871,46 @@ interface HostWrite {
   length: number;
 }
 
+/**
+ * What a write does to one cluster, or (count > 1) to a run of whole
+ * clusters that are all unallocated in a standard L2 table: they need no
+ * COW padding and free nothing, so one plan stands for them all (a 1 MiB
+ * write of 64 KiB clusters makes one plan, not sixteen) and gets
+ * consecutive host clusters, split in two where the allocation is.
+ */
 interface ClusterPlan {
   clusterIndex: number;
   l2Index: number;
+  /** Clusters covered (more than one only for whole unallocated clusters). */
+  count: number;
   inCluster: number;
   length: number;
   at: number;
+  /** The (first) cluster's entry before the write. */
   entry: L2Entry;
   inPlace: boolean;
   hostOffset: number;
   cowStart?: number;
   cowEnd?: number;
+}
+
+/** Cut a multi-cluster plan after its first headCount clusters; returns the rest. */
+function splitPlan(plan: ClusterPlan, headCount: number, clusterSizeBytes: number): ClusterPlan {
+  const headBytes = headCount * clusterSizeBytes;
+  const tail: ClusterPlan = {
+    clusterIndex: plan.clusterIndex + headCount,
+    l2Index: plan.l2Index + headCount,
+    count: plan.count - headCount,
+    inCluster: 0,
+    length: plan.length - headBytes,
+    at: plan.at + headBytes,
+    entry: plan.entry,
+    inPlace: false,
+    hostOffset: -1,
+  };
+  plan.count = headCount;
+  plan.length = headBytes;
+  return tail;
 }
 
 /** Append a piece, extending the last one when it continues it (one file read, one fill). */
@@ -1959,6 +2011,48 @@ function sameWordRun(table: CachedTable, l2Index: number, inCluster: number, len
   let end = l2Index + 1;
   while (end < limit && view.getUint32(end * 8 + 4) === low && view.getUint32(end * 8) === 0) end++;
   return Math.min(lengthBytes, (end - l2Index) * clusterSizeBytes - inCluster);
+}
+
+/**
+ * Length of the data run that starts inCluster bytes into cluster l2Index
+ * of a (standard) L2 table whose entry there is a valid normal entry: the
+ * following entries count while each is the same word with the host
+ * offset one cluster further (same flags, so the same checks pass: the
+ * offset stays aligned; the run stops before the offset would reach the
+ * unsafe range). Capped at lengthBytes and the table's end. One run per
+ * contiguous host range instead of one per cluster: a 1 MiB read or status
+ * query of 64 KiB clusters decodes one entry, not sixteen.
+ */
+function contiguousDataRun(table: CachedTable, l2Index: number, inCluster: number, lengthBytes: number, l2Entries: number, clusterSizeBytes: number): number {
+  const firstLength = clusterSizeBytes - inCluster;
+  if (lengthBytes <= firstLength) return lengthBytes;
+  const limit = Math.min(l2Entries, l2Index + Math.ceil((inCluster + lengthBytes) / clusterSizeBytes));
+  const view = table.view;
+  let hi = view.getUint32(l2Index * L2_ENTRY_BYTES);
+  let lo = view.getUint32(l2Index * L2_ENTRY_BYTES + 4);
+  let end = l2Index + 1;
+  while (end < limit) {
+    lo += clusterSizeBytes;
+    if (lo >= TWO_POW_32) {
+      lo -= TWO_POW_32;
+      hi += 1;
+      if ((hi & HI_OFFSET_MASK) >= HI_OFFSET_UNSAFE) break;
+    }
+    if (view.getUint32(end * L2_ENTRY_BYTES + 4) !== lo || view.getUint32(end * L2_ENTRY_BYTES) !== hi) break;
+    end++;
+  }
+  return Math.min(lengthBytes, (end - l2Index) * clusterSizeBytes - inCluster);
+}
+
+/** Standard L2 entries l2Index.. (count of them): host clusters from hostOffset on, each `offset | COPIED`. */
+function setCopiedEntries(view: DataView, l2Index: number, count: number, hostOffset: number, clusterSizeBytes: number): void {
+  for (let n = 0; n < count; n++) {
+    const offset = hostOffset + n * clusterSizeBytes;
+    const hi = Math.floor(offset / TWO_POW_32);
+    assert(hi < HI_OFFSET_UNSAFE, "host offsets are safe integers");
+    view.setUint32((l2Index + n) * L2_ENTRY_BYTES, (HI_COPIED | hi) >>> 0);
+    view.setUint32((l2Index + n) * L2_ENTRY_BYTES + 4, offset - hi * TWO_POW_32);
+  }
 }
 
 function readWord(table: CachedTable, l2Index: number, extendedL2: boolean): bigint {
