@@ -842,9 +842,11 @@ export class Qcow2Image implements BlockDevice {
     if (data.length === 0) return;
     await this.#mutate(guestOffset, data.length, async () => {
       if (await this.#tryWriteInPlace(guestOffset, data)) return;
-      // The data is written with the metadata mutex released, so allocating writes to other clusters
-      // (an NBD client's queue of 256 KiB writes) plan and link while this one's data is in flight.
-      await this.#writeDetached([{ guestOffset, data }], noAllocatedCallback);
+      // The data is written under the metadata mutex, one allocating write at a time. Releasing it
+      // during the data write (#writeDetached) was measured slower for nbdcopy into a fresh qcow2
+      // overlay (4 connections x 64 256 KiB writes: 2.7 against 1.7 s of server CPU per GiB): the
+      // concurrent pwrites to one file contend for its inode lock on the thread pool.
+      await this.#locked(() => this.#writeLocked([{ guestOffset, data }]));
     });
   }
 
@@ -1847,8 +1849,6 @@ export interface WriteBatchOptions {
    */
   onAllocated?: () => void;
 }
-
-function noAllocatedCallback(): void {}
 
 /** #writeLocked's plan: host runs to write, then the L2 entries to set. */
 interface PlannedWrite {

@@ -1,0 +1,187 @@
+// The qcow2 allocating write path with multi-cluster plans (whole unallocated
+// clusters of one request share a plan and get consecutive host clusters),
+// data runs that span clusters, and write() with the metadata mutex released
+// during the data write: content against an in-memory reference, checkQcow2
+// clean (no corruption, no leak), and the host layout where it is decided.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { MemoryFile } from "../../src/io/memory-file.ts";
+import { createQcow2, type Qcow2CreateOptions } from "../../src/formats/qcow2/create-qcow2.ts";
+import { openQcow2, type Qcow2Image } from "../../src/formats/qcow2/qcow2-image.ts";
+import { checkQcow2 } from "../../src/formats/qcow2/check.ts";
+import { createRandom, testSeed } from "../helpers/random.ts";
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+type Random = ReturnType<typeof createRandom>;
+
+async function openFresh(sizeBytes: number, options: Partial<Qcow2CreateOptions>, backing: Qcow2Image | null): Promise<{ file: MemoryFile; image: Qcow2Image }> {
+  const file = new MemoryFile({ name: "runs.qcow2" });
+  await createQcow2(file, { sizeBytes, ...options });
+  return { file, image: await openQcow2(file, { readOnly: false, backing, closeBacking: false }) };
+}
+
+/** A read-only backing image of sizeBytes filled with random data, and its bytes. */
+async function backingImage(random: Random, sizeBytes: number, options: Partial<Qcow2CreateOptions>): Promise<{ image: Qcow2Image; bytes: Uint8Array }> {
+  const { file, image } = await openFresh(sizeBytes, options, null);
+  const bytes = random.bytes(sizeBytes);
+  await image.write(0, bytes);
+  await image.close();
+  return { image: await openQcow2(new MemoryFile({ name: "base.qcow2", contents: file.contents(), readOnly: true }), { readOnly: true, backing: null }), bytes };
+}
+
+async function assertClean(image: Qcow2Image, file: MemoryFile, what: string): Promise<void> {
+  await image.flush();
+  const result = await checkQcow2(file);
+  assert.deepEqual(
+    { corruptions: result.corruptions, leaks: result.leaks, checkErrors: result.checkErrors, failure: result.failure },
+    { corruptions: 0, leaks: 0, checkErrors: 0, failure: null },
+    `${what}: ${result.messages.join(" | ")}`,
+  );
+}
+
+async function assertContent(image: Qcow2Image, expected: Uint8Array, what: string): Promise<void> {
+  const actual = new Uint8Array(expected.length);
+  await image.read(0, actual);
+  for (let i = 0; i < expected.length; i++) if (actual[i] !== expected[i]) assert.fail(`${what}: first difference at byte ${i} (${actual[i]} != ${expected[i]})`);
+}
+
+/** Host offset of the cluster holding guestOffset in this layer (-1 when it has none). */
+async function hostOffsetOf(image: Qcow2Image, guestOffset: number): Promise<number> {
+  const [extent] = await image.layerStatus(guestOffset, 1);
+  return extent.kind === "data" && extent.hostOffset !== undefined ? extent.hostOffset : -1;
+}
+
+for (const geometry of [
+  { label: "64 KiB clusters", options: {} },
+  { label: "4 KiB clusters (a request spans L2 tables)", options: { clusterSizeBytes: 4 * KiB } },
+  { label: "extended L2", options: { extendedL2: true } },
+]) {
+  test(`a request over many unallocated clusters with COW at both ends over a backing image: ${geometry.label}`, async (t) => {
+    const seed = testSeed();
+    t.diagnostic(`seed ${seed}`);
+    const random = createRandom(seed);
+    const sizeBytes = 8 * MiB;
+    const backing = await backingImage(random, sizeBytes, geometry.options);
+    const { file, image } = await openFresh(sizeBytes, geometry.options, backing.image);
+    const expected = Uint8Array.from(backing.bytes);
+    const cs = image.clusterSizeBytes;
+    // Starts and ends inside a cluster; 3 MiB covers hundreds of 4 KiB clusters and two L2 tables.
+    const start = cs + 1 + random.int(cs - 2);
+    const data = random.bytes(3 * MiB + random.int(cs));
+    await image.write(start, data);
+    expected.set(data, start);
+    await assertContent(image, expected, "after the write");
+    // The whole clusters of the request sit in one host run wherever no L2 table was placed between them.
+    const first = await hostOffsetOf(image, start);
+    assert.ok(first > 0, "the first cluster is allocated");
+    assert.equal(await hostOffsetOf(image, start + cs), first + cs, "the next cluster follows on the host");
+    // Overwrite part of it (in place) and a range around its end (in place + allocating + COW tail).
+    const again = random.bytes(2 * cs);
+    await image.write(start + cs, again);
+    expected.set(again, start + cs);
+    const across = random.bytes(4 * cs);
+    const acrossAt = start + data.length - 2 * cs;
+    await image.write(acrossAt, across);
+    expected.set(across, acrossAt);
+    await assertContent(image, expected, "after overwriting");
+    await assertClean(image, file, "check");
+    await image.close();
+    await backing.image.close();
+  });
+}
+
+test("a multi-cluster plan is split where allocation must leave the contiguous run (freed cluster, then first fit)", async () => {
+  const cs = 64 * KiB;
+  const { file, image } = await openFresh(16 * MiB, {}, null);
+  const expected = new Uint8Array(16 * MiB);
+  const put = async (guestOffset: number, data: Uint8Array): Promise<void> => {
+    await image.write(guestOffset, data);
+    expected.set(data, guestOffset);
+  };
+  // Guest cluster 0 at host h, guest clusters 20 and 21 at h + cs and h + 2cs.
+  await put(0, new Uint8Array(cs).fill(1));
+  await put(20 * cs, new Uint8Array(2 * cs).fill(2));
+  const h = await hostOffsetOf(image, 0);
+  assert.deepEqual([await hostOffsetOf(image, 20 * cs), await hostOffsetOf(image, 21 * cs)], [h + cs, h + 2 * cs]);
+  // Free host cluster h + cs (discard without backing on v3 releases the cluster).
+  await image.discard(20 * cs, cs);
+  expected.fill(0, 20 * cs, 21 * cs);
+  assert.equal(await hostOffsetOf(image, 20 * cs), -1);
+  // One request over guest clusters 0 (in place at h) .. 4: clusters 1-4 are one plan; allocation continues
+  // at h + cs (free) for one cluster, h + 2cs is taken, so clusters 2-4 get one first-fit run of three.
+  const data = new Uint8Array(5 * cs - 100);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 7 + 3) & 0xff;
+  await put(0, data);
+  await assertContent(image, expected, "after the request");
+  const hosts = [];
+  for (let c = 1; c < 5; c++) hosts.push(await hostOffsetOf(image, c * cs));
+  assert.equal(hosts[0], h + cs, "allocation continues after the in-place cluster");
+  assert.ok(hosts[1] > h + 2 * cs, "the rest is placed elsewhere");
+  assert.deepEqual(hosts.slice(1), [hosts[1], hosts[1] + cs, hosts[1] + 2 * cs], "and together");
+  await assertClean(image, file, "check");
+  await image.close();
+});
+
+test("concurrent write() calls to adjacent and shared clusters over a backing image", async (t) => {
+  const seed = testSeed();
+  t.diagnostic(`seed ${seed}`);
+  const random = createRandom(seed);
+  const sizeBytes = 4 * MiB;
+  for (const options of [{}, { clusterSizeBytes: 4 * KiB }, { extendedL2: true }] as Partial<Qcow2CreateOptions>[]) {
+    const backing = await backingImage(random, sizeBytes, options);
+    const { file, image } = await openFresh(sizeBytes, options, backing.image);
+    const expected = Uint8Array.from(backing.bytes);
+    const cs = image.clusterSizeBytes;
+    for (let round = 0; round < 3; round++) {
+      // Disjoint requests in random order, all in flight at once: neighbours share clusters
+      // (unaligned ends), so the range lock orders some and the rest allocate concurrently.
+      const requests: { guestOffset: number; data: Uint8Array }[] = [];
+      for (let at = random.int(cs); requests.length < 64; ) {
+        const length = 1 + random.int(random.int(3) === 0 ? 5 * cs : cs);
+        if (at + length > sizeBytes) break;
+        requests.push({ guestOffset: at, data: random.bytes(length) });
+        at += length + (random.int(2) === 0 ? 0 : random.int(2 * cs));
+      }
+      for (let i = requests.length - 1; i > 0; i--) {
+        const j = random.int(i + 1);
+        [requests[i], requests[j]] = [requests[j], requests[i]];
+      }
+      await Promise.all(requests.map((r) => image.write(r.guestOffset, r.data)));
+      for (const r of requests) expected.set(r.data, r.guestOffset);
+      await assertContent(image, expected, `round ${round} ${JSON.stringify(options)}`);
+    }
+    await assertClean(image, file, `check ${JSON.stringify(options)}`);
+    await image.close();
+    await backing.image.close();
+  }
+});
+
+test("allocation grows the refcount table in the middle of one request and of a batch", async (t) => {
+  const seed = testSeed();
+  t.diagnostic(`seed ${seed}`);
+  const random = createRandom(seed);
+  // 512-byte clusters with 64-bit refcounts: a refcount block covers 64 clusters (32 KiB) and the
+  // one-cluster refcount table 64 blocks (2 MiB of host file): a 3 MiB request outgrows it.
+  const options: Partial<Qcow2CreateOptions> = { clusterSizeBytes: 512, refcountBits: 64 };
+  const sizeBytes = 8 * MiB;
+  const { file, image } = await openFresh(sizeBytes, options, null);
+  const expected = new Uint8Array(sizeBytes);
+  const data = random.bytes(3 * MiB + 300);
+  await image.write(100, data);
+  expected.set(data, 100);
+  await assertContent(image, expected, "after one request");
+  const batch = [
+    { guestOffset: 4 * MiB, data: random.bytes(MiB) },
+    { guestOffset: 5 * MiB + 512, data: random.bytes(2 * MiB - 1024) },
+  ];
+  await image.writeBatch(batch);
+  for (const r of batch) expected.set(r.data, r.guestOffset);
+  await assertContent(image, expected, "after the batch");
+  await assertClean(image, file, "check");
+  await image.close();
+  const reopened = await openQcow2(new MemoryFile({ name: "again.qcow2", contents: file.contents(), readOnly: true }), { readOnly: true, backing: null });
+  await assertContent(reopened, expected, "after reopening");
+  await reopened.close();
+});
