@@ -46,6 +46,12 @@ export interface BlockDevice {
   /** Fill `buffer` with the bytes at guestOffset .. guestOffset + buffer.length. */
   read(guestOffset: number, buffer: Uint8Array): Promise<void>;
   write(guestOffset: number, data: Uint8Array): Promise<void>;
+  /**
+   * Optional: `write` done synchronously (devices whose write is one pwrite,
+   * such as a raw file on a local file system); throws what `write` would
+   * reject with. Absent when the device cannot write without waiting.
+   */
+  writeSync?(guestOffset: number, data: Uint8Array): void;
   writeZeroes(guestOffset: number, lengthBytes: number, options?: WriteZeroesOptions): Promise<void>;
   /** Drop the range: afterwards it reads as zeroes or falls through, as the format decides. */
   discard(guestOffset: number, lengthBytes: number): Promise<void>;

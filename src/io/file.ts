@@ -24,6 +24,13 @@ export interface ImageFile {
    * `write` when a file does not provide it.
    */
   writev?(hostOffset: number, pieces: readonly Uint8Array[]): Promise<void>;
+  /**
+   * Optional: `write` done synchronously on the calling thread (pwrite),
+   * whatever the file's I/O mode; throws what `write` would reject with.
+   * For callers that decide themselves when blocking is cheap (the NBD
+   * server's raw-file write path).
+   */
+  writeSync?(hostOffset: number, data: Uint8Array): void;
   /** Current length of the file in bytes. */
   sizeBytes(): Promise<number>;
   /** Set the file length (grow with zeroes or shrink). */

@@ -148,6 +148,19 @@ export class NodeFile implements ImageFile {
     }
   }
 
+  /** `write` as a synchronous pwrite on the calling thread, whatever writeIoMode says (ImageFile.writeSync). */
+  writeSync(hostOffset: number, data: Uint8Array): void {
+    if (!Number.isSafeInteger(hostOffset) || hostOffset < 0) assert(false, `write offset ${hostOffset} is a non-negative integer`);
+    if (this.readOnly) throw new SnapstackError("E_READ_ONLY", `${this.name}: cannot write: opened read-only`, { path: this.name });
+    const fd = this.#openFd("write");
+    let done = 0;
+    try {
+      while (done < data.length) done += fs.writeSync(fd, data, done, data.length - done, hostOffset + done);
+    } catch (error) {
+      throw fromSystemError(error, this.name, `write ${data.length} bytes at offset ${hostOffset}`);
+    }
+  }
+
   /**
    * Write `pieces` back to back from `hostOffset` with one vectored call
    * (pwritev): no copy into one buffer, one syscall, and no concurrent

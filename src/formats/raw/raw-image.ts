@@ -64,12 +64,22 @@ export class RawImage implements BlockDevice {
   readonly format = "raw";
   readonly backing = null;
   readonly file: ImageFile;
+  /** BlockDevice.writeSync, present when the file has writeSync. */
+  readonly writeSync?: (guestOffset: number, data: Uint8Array) => void;
   #sizeBytes: number;
   #closed = false;
 
   constructor(file: ImageFile, fileSizeBytes: number) {
     this.file = file;
     this.#sizeBytes = roundUpToSector(fileSizeBytes);
+    const fileWriteSync = file.writeSync?.bind(file);
+    if (fileWriteSync !== undefined) {
+      this.writeSync = (guestOffset, data) => {
+        this.#checkWritable("write");
+        checkDeviceRange(this, guestOffset, data.length);
+        fileWriteSync(guestOffset, data);
+      };
+    }
   }
 
   get name(): string {
