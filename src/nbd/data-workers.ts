@@ -260,6 +260,8 @@ export function runDataWorker(options: DataWorkerOptions): Promise<void> {
       limits,
       pool,
       log: options.log,
+      // Connections go to the least busy worker, so a second one here means every worker has one.
+      syncLargeWrites: () => connections.size > 1,
       onClosed: (closed) => {
         connections.delete(message.id);
         report({ type: "closed", id: message.id, reason: closed.closeReason });

@@ -14,6 +14,11 @@
  *   connections share the export's device, so a flush on one covers writes
  *   completed on every other: that is what CAN_MULTI_CONN promises.
  * - The export never opens or closes devices; its owner does.
+ * - `writeSync` is the synchronous twin of `run(device => device.write())`
+ *   for devices that have BlockDevice.writeSync (raw files): no promise, no
+ *   in-flight count (nothing can interleave with a synchronous call, so a
+ *   swap never sees it half done). It declines (false) while a swap is
+ *   waiting, so requests keep their order behind the gate.
  */
 import { SnapstackError } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
@@ -92,6 +97,17 @@ export class NbdExport {
         throw error;
       },
     );
+  }
+
+  /**
+   * Write synchronously when canWriteSync (see the design notes); false when
+   * it cannot (nothing written: use run). Throws the device's errors.
+   */
+  writeSync(guestOffset: number, data: Uint8Array): boolean {
+    const device = this.#device;
+    if (this.#gate !== null || device.writeSync === undefined) return false;
+    device.writeSync(guestOffset, data);
+    return true;
   }
 
   async #runAfterGate<T>(fn: (device: BlockDevice) => Promise<T>): Promise<T> {

@@ -113,13 +113,14 @@ export class NbdParser {
 
   /**
    * Where the next bytes from the socket can go directly: the unfilled rest
-   * of a pending WRITE payload, when no other bytes are buffered ahead of it.
+   * of a pending WRITE payload, when no other bytes are buffered ahead of it
+   * and at least `minBytes` of it are missing.
    */
-  payloadTarget(): Buffer | null {
+  payloadTarget(minBytes = 1): Buffer | null {
     const pending = this.#pending;
     if (pending === null || pending.payload === null || this.#skipRemaining > 0 || this.#available > 0) return null;
     // A complete payload waits for next(); an empty target would read as end of stream.
-    if (this.#payloadFilled === pending.payload.length) return null;
+    if (pending.payload.length - this.#payloadFilled < Math.max(1, minBytes)) return null;
     return pending.payload.subarray(this.#payloadFilled);
   }
 
