@@ -184,9 +184,9 @@ function zeroPattern(lengthBytes: number): Buffer {
  * it is zero). A qualifying run spans at least minRunBytes / 512 sectors,
  * so it contains a sector whose index is a multiple of that stride: only
  * those sectors are probed, and a zero probe is widened sector by sector
- * to its whole run. A probe looks at two bytes first, so data that is not
- * zero costs two loads per stride; only sectors that pass are compared
- * whole (memcmp against a zero sector).
+ * to its whole run. A probe looks at its first byte, then its last, so
+ * data that is not zero mostly costs one load per stride; only sectors
+ * that pass are compared whole (memcmp against a zero sector).
  */
 export function findZeroRuns(data: Uint8Array, minRunBytes: number): Array<[number, number]> {
   const buffer = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
@@ -194,27 +194,29 @@ export function findZeroRuns(data: Uint8Array, minRunBytes: number): Array<[numb
   const length = buffer.length;
   const sectorCount = Math.ceil(length / SECTOR_BYTES);
   const stride = Math.max(1, Math.floor(minRunBytes / SECTOR_BYTES));
-  const isZeroSector = (sector: number): boolean => {
-    const at = sector * SECTOR_BYTES;
-    const end = Math.min(length, at + SECTOR_BYTES);
-    return (buffer[at] | buffer[end - 1]) === 0 && zeroSector.compare(buffer, at, end, 0, end - at) === 0;
-  };
   const runs: Array<[number, number]> = [];
   for (let probe = 0; probe < sectorCount; ) {
-    if (!isZeroSector(probe)) {
+    if (buffer[probe * SECTOR_BYTES] !== 0 || !isZeroSector(buffer, zeroSector, probe)) {
       probe += stride;
       continue;
     }
     let first = probe;
-    while (first > 0 && isZeroSector(first - 1)) first--;
+    while (first > 0 && isZeroSector(buffer, zeroSector, first - 1)) first--;
     let end = probe + 1;
-    while (end < sectorCount && isZeroSector(end)) end++;
+    while (end < sectorCount && isZeroSector(buffer, zeroSector, end)) end++;
     const runStart = first * SECTOR_BYTES;
     const runEnd = Math.min(length, end * SECTOR_BYTES);
     if (runEnd - runStart >= minRunBytes) runs.push([runStart, runEnd]);
     probe = (Math.floor(end / stride) + 1) * stride;
   }
   return runs;
+}
+
+/** Sector `sector` of buffer (or the part of it before the buffer's end) is all zero. */
+function isZeroSector(buffer: Buffer, zeroSector: Buffer, sector: number): boolean {
+  const at = sector * SECTOR_BYTES;
+  const end = Math.min(buffer.length, at + SECTOR_BYTES);
+  return buffer[at] === 0 && buffer[end - 1] === 0 && zeroSector.compare(buffer, at, end, 0, end - at) === 0;
 }
 
 /** The target of a compressed convert: always qcow2 (checked at the edge). */

@@ -949,15 +949,50 @@ export class Qcow2Image implements BlockDevice {
 
   /** Overwrite allocated, unshared clusters in place; false if any cluster needs metadata work. */
   async #tryWriteInPlace(guestOffset: number, data: Uint8Array): Promise<boolean> {
+    const runs: InPlaceRun[] = [];
+    const found = this.#inPlaceRuns(guestOffset, data.length, runs);
+    if (found === IN_PLACE_NO) return false;
+    if (found === IN_PLACE_TABLE_MISSING) {
+      runs.length = 0;
+      if (!(await this.#inPlaceRunsLoading(guestOffset, data.length, runs))) return false;
+    }
+    for (const run of runs) this.#meta.checkDataWrite(run.hostOffset, run.length);
+    if (runs.length === 1) await this.#file.write(runs[0].hostOffset, runs[0].length === data.length ? data : data.subarray(runs[0].at, runs[0].at + runs[0].length));
+    else await Promise.all(runs.map((run) => this.#file.write(run.hostOffset, data.subarray(run.at, run.at + run.length))));
+    return true;
+  }
+
+  /**
+   * #tryWriteInPlace's lookup from the cached tables, synchronously (no
+   * await, promise or entry object per cluster: data runs span
+   * host-contiguous clusters, see #layerRun): the host runs of
+   * [guestOffset, +lengthBytes) when every byte is in an allocated cluster
+   * with COPIED (extended L2: in allocated subclusters).
+   */
+  #inPlaceRuns(guestOffset: number, lengthBytes: number, runs: InPlaceRun[]): number {
+    let at = 0;
+    while (at < lengthBytes) {
+      const run = this.#layerRun(guestOffset + at, lengthBytes - at);
+      if ("missing" in run) return IN_PLACE_TABLE_MISSING;
+      if (run.kind !== "data" || run.entry === null || !run.entry.copied) return IN_PLACE_NO;
+      const last = runs[runs.length - 1];
+      if (last !== undefined && last.hostOffset + last.length === run.hostOffset) last.length += run.length;
+      else runs.push({ hostOffset: run.hostOffset, at, length: run.length });
+      at += run.length;
+    }
+    return IN_PLACE_YES;
+  }
+
+  /** #inPlaceRuns for requests whose L2 tables are not all cached: cluster by cluster, loading them. */
+  async #inPlaceRunsLoading(guestOffset: number, lengthBytes: number, runs: InPlaceRun[]): Promise<boolean> {
     const geometry = this.#meta.geometry;
     const cs = geometry.clusterSizeBytes;
-    const runs: { hostOffset: number; at: number; length: number }[] = [];
     let at = 0;
-    while (at < data.length) {
+    while (at < lengthBytes) {
       const g = guestOffset + at;
       const clusterIndex = Math.floor(g / cs);
       const inCluster = g - clusterIndex * cs;
-      const length = Math.min(data.length - at, cs - inCluster);
+      const length = Math.min(lengthBytes - at, cs - inCluster);
       const found = await this.#clusterEntry(clusterIndex);
       if (found === null) return false;
       const entry = found.entry;
@@ -974,8 +1009,6 @@ export class Qcow2Image implements BlockDevice {
       else runs.push({ hostOffset, at, length });
       at += length;
     }
-    for (const run of runs) this.#meta.checkDataWrite(run.hostOffset, run.length);
-    await Promise.all(runs.map((run) => this.#file.write(run.hostOffset, data.subarray(run.at, run.at + run.length))));
     return true;
   }
 
@@ -1864,6 +1897,18 @@ interface PlannedWrite {
  * reads of its ~60 KiB of padding.
  */
 const COW_MERGED_READ_GAP_BYTES_MAX = 16 * 1024;
+
+/** A host range that a part of a request overwrites in place: data[at, at + length) at hostOffset. */
+interface InPlaceRun {
+  hostOffset: number;
+  at: number;
+  length: number;
+}
+
+/** #inPlaceRuns: every byte is in place; some cluster needs metadata work; an L2 table is not cached. */
+const IN_PLACE_YES = 0;
+const IN_PLACE_NO = 1;
+const IN_PLACE_TABLE_MISSING = 2;
 
 interface HostWrite {
   hostOffset: number;
