@@ -28,13 +28,21 @@
  *   (same host offset in both L1 tables: usually all but the tables written
  *   since): their +1 and -1 cancel, so neither pass walks them, and their
  *   refcounts are right for both trees at every point in between. The final
- *   addend-0 pass still rebuilds COPIED in every active table, so the file
- *   ends byte for byte as QEMU leaves it. QEMU's +1 pass can fail with a
+ *   addend-0 pass skips them too: the refcount of a shared table, and of
+ *   every cluster it maps, is at least 2 before and after (both L1 tables
+ *   reach it, and a cluster is mapped only at its own guest offset), so
+ *   COPIED stays clear in them, as QEMU's final pass over every active
+ *   table leaves it: the file ends byte for byte as QEMU leaves it for any
+ *   image `check` passes (QEMU's pass would also clear a stray COPIED bit
+ *   in a shared table, which check reports as corruption). So apply reads
+ *   only the tables written since the snapshot (QEMU: every active table).
+ *   QEMU's +1 pass can fail with a
  *   refcount overflow on a shared table; skipping is therefore only done
  *   when no refcount of a consistent image can reach the maximum (one
  *   reference per L1 table, or one per compressed sector, each). A corrupt
- *   entry inside a shared table is then reported by the final pass, after
- *   the switch (QEMU: by the +1 pass, before it); refcounts stay right.
+ *   entry inside a shared table is therefore not reported by apply (QEMU:
+ *   by the +1 pass, before the switch); apply changes nothing in it, and
+ *   check reports it.
  * - A raised refcount that would overflow (refcount_bits=1 on the first
  *   snapshot) fails with E_TOO_LARGE (errno EINVAL, as QEMU). Unlike QEMU,
  *   which leaks the L1 copy and whatever it had raised, the raises done so
@@ -513,9 +521,13 @@ async function undoRaises(meta: Qcow2Metadata, journal: RaiseJournal): Promise<v
   journal.length = 0;
 }
 
-/** After a failure or a tree change: COPIED in the active tables from the refcounts, on disk. */
-async function rebuildActiveCopied(meta: Qcow2Metadata, usedIndexes?: UsedIndexCache): Promise<void> {
-  if (await updateTreeRefcounts(meta, meta.l1, meta.header.l1Size, 0, { usedIndexes })) {
+/**
+ * After a failure or a tree change: COPIED in the active tables from the
+ * refcounts, on disk. `skipped`: L1 indexes of tables no refcount under
+ * which changed (apply's shared tables), whose COPIED bits therefore stand.
+ */
+async function rebuildActiveCopied(meta: Qcow2Metadata, usedIndexes?: UsedIndexCache, skipped?: Uint8Array): Promise<void> {
+  if (await updateTreeRefcounts(meta, meta.l1, meta.header.l1Size, 0, { usedIndexes, skipped })) {
     await meta.writeCaches();
     await writeActiveL1(meta, true);
   }
@@ -752,7 +764,8 @@ async function switchActiveL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot, drai
   // Reads that resolved through the old tree finish before its clusters can be freed.
   await drainReads();
   await updateTreeRefcounts(meta, oldL1, l1Entries, -1, { skipped: shared?.inActive, usedIndexes });
-  await rebuildActiveCopied(meta, usedIndexes);
+  // The new active L1 is the snapshot's (indexes alike): its shared tables need no new COPIED bits.
+  await rebuildActiveCopied(meta, usedIndexes, shared?.inSnapshot);
 }
 
 /**
