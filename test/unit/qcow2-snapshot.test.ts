@@ -15,6 +15,7 @@ import { SNAPSHOT_COUNT_MAX, encodeSnapshotTable, type Qcow2Snapshot } from "../
 import { isSnapstackError } from "../../src/base/errors.ts";
 import { createRandom, testSeed } from "../helpers/random.ts";
 import { readDevice } from "../helpers/read-image.ts";
+import { getL1Entry } from "../../src/formats/qcow2/entries.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -439,4 +440,44 @@ test("a table pointer past the end of the file is corruption, not a reason to gr
   await assert.rejects(opened.createSnapshot("s"), failsWith("E_CORRUPT_IMAGE"));
   assert.ok((await hostile.sizeBytes()) < 2 * MiB, "no refcount block was placed far out");
   await opened.close();
+});
+
+/** A MemoryFile that records the host offset of every read. */
+class ReadRecordingFile extends MemoryFile {
+  readonly readOffsets: number[] = [];
+  override async read(hostOffset: number, buffer: Uint8Array): Promise<number> {
+    this.readOffsets.push(hostOffset);
+    return super.read(hostOffset, buffer);
+  }
+}
+
+test("apply reads and rewrites only the L2 tables written since the snapshot; the shared ones stay as they were", async () => {
+  // 4 KiB clusters: 2 MiB per L2 table, so the 16 MiB disk has eight.
+  const { file, image } = await fresh({ sizeBytes: 16 * MiB, clusterSizeBytes: 4 * KiB });
+  const model = new Uint8Array(image.sizeBytes);
+  for (let table = 0; table < 8; table++) {
+    const data = new Uint8Array(8 * KiB).fill(table + 1);
+    await image.write(table * 2 * MiB, data);
+    model.set(data, table * 2 * MiB);
+  }
+  await image.createSnapshot("s");
+  await image.write(0, new Uint8Array(4 * KiB).fill(0xee)); // COW of L2 table 0 only
+  await image.close();
+  const before = file.contents().slice();
+  const l1 = before.subarray(Number(new DataView(before.buffer).getBigUint64(40)));
+  const sharedTables = [1, 2, 3, 4, 5, 6, 7].map((index) => getL1Entry(l1, index).l2Offset);
+
+  const recording = new ReadRecordingFile({ name: "snap.qcow2", contents: before });
+  const reopened = await openQcow2(recording, { readOnly: false, backing: null });
+  recording.readOffsets.length = 0;
+  await reopened.applySnapshot("s");
+  await reopened.flush();
+  const after = recording.contents();
+  for (const l2Offset of sharedTables) {
+    assert.ok(!recording.readOffsets.includes(l2Offset), `shared table at 0x${l2Offset.toString(16)} not read`);
+    assertSameBytes(after.subarray(l2Offset, l2Offset + 4 * KiB), before.subarray(l2Offset, l2Offset + 4 * KiB), `shared table at 0x${l2Offset.toString(16)}`);
+  }
+  assertSameBytes(await readDevice(reopened), model, "active state after apply");
+  await assertClean(reopened, recording, "after apply");
+  await reopened.close();
 });
