@@ -185,3 +185,30 @@ test("allocation grows the refcount table in the middle of one request and of a 
   await assertContent(reopened, expected, "after reopening");
   await reopened.close();
 });
+
+test("in-place overwrites across L2 tables with a cache too small to hold them (the loading path) and with it holding them", async (t) => {
+  const seed = testSeed();
+  t.diagnostic(`seed ${seed}`);
+  const random = createRandom(seed);
+  // 4 KiB clusters: an L2 table covers 2 MiB; a cache of 3 clusters holds about one table and a refcount block.
+  const options: Partial<Qcow2CreateOptions> = { clusterSizeBytes: 4 * KiB };
+  const sizeBytes = 8 * MiB;
+  for (const cacheBytesMax of [3 * 4 * KiB, undefined]) {
+    const file = new MemoryFile({ name: "cache.qcow2" });
+    await createQcow2(file, { sizeBytes, ...options });
+    const image = await openQcow2(file, { readOnly: false, backing: null, cacheBytesMax });
+    const expected = random.bytes(sizeBytes);
+    await image.write(0, expected);
+    const fileBytesBefore = file.contents().length;
+    for (let i = 0; i < 40; i++) {
+      const at = random.int(sizeBytes - 1);
+      const data = random.bytes(1 + random.int(Math.min(sizeBytes - at, 5 * MiB) - 1));
+      await image.write(at, data);
+      expected.set(data, at);
+    }
+    await assertContent(image, expected, `cache ${cacheBytesMax ?? "default"}`);
+    await assertClean(image, file, `check, cache ${cacheBytesMax ?? "default"}`);
+    assert.equal(file.contents().length, fileBytesBefore, "overwrites allocate nothing");
+    await image.close();
+  }
+});
