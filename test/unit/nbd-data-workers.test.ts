@@ -9,13 +9,15 @@
 import test from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
-import type { Socket } from "node:net";
+import net, { type Socket } from "node:net";
+import { join } from "node:path";
 import { DataWorkerPool } from "../../src/nbd/data-workers.ts";
 import type { TransmissionHandoff } from "../../src/nbd/nbd-connection.ts";
 import { NbdExport } from "../../src/nbd/nbd-export.ts";
 import type { DataWorkers } from "../../src/nbd/nbd-server.ts";
 import { memoryDevice, patternAt, startServer } from "./nbd-test-server.ts";
 import { negotiate } from "./nbd-raw-client.ts";
+import { scratchDir } from "../helpers/tools.ts";
 
 /** A stand-in worker: reports ready, then lives until the IPC channel closes. */
 const READY_WORKER = `process.send({ type: "ready", rssBytes: process.memoryUsage.rss() }); process.on("disconnect", () => process.exit(0));`;
@@ -135,4 +137,52 @@ test("a connection no worker takes is served in the main process", async (t) => 
   assert.ok(chunk.payload.subarray(8).equals(patternAt(4096, 1024)));
   assert.equal(server.connectionCount, 1);
   assert.equal(pool.taken.length, 0);
+});
+
+/** A stand-in worker that echoes each message from the pool back as an "error" (the pool logs it) and reports a connection closed when its socket closes. */
+const ECHO_WORKER = `
+process.on("message", (message, socket) => {
+  process.send({ type: "error", message: JSON.stringify(message) });
+  if (message.type === "connection" && socket) {
+    socket.resume();
+    socket.on("close", () => process.send({ type: "closed", id: message.id, reason: "client left" }));
+  }
+});
+process.send({ type: "ready", rssBytes: 0 });
+process.on("disconnect", () => process.exit(0));`;
+
+test("workers are told when every one of them has a connection (they then write large requests synchronously), and when not any more", async (t) => {
+  const logged: string[] = [];
+  const children: ChildProcess[] = [];
+  const pool = new DataWorkerPool({ exportName: "disk", count: 2, spawnWorker: () => children[children.push(nodeWorker(ECHO_WORKER)) - 1], log: (message) => logged.push(message) });
+  t.after(() => pool.close());
+  await pool.start();
+  const busyMessages = (): string[] => logged.filter((line) => line.includes('"busy"')).map((line) => `${line.slice("data worker ".length, line.indexOf(":"))} ${JSON.parse(line.slice(line.indexOf(": ") + 2)).allWorkersBusy}`);
+  const waitForBusyMessages = async (count: number): Promise<void> => {
+    for (let waitedMs = 0; busyMessages().length < count && waitedMs < 10_000; waitedMs += 10) await new Promise((resolve) => setTimeout(resolve, 10));
+  };
+  const dir = scratchDir(t, "snapstack-nbd-busy-");
+  const accepted: Socket[] = [];
+  const listener = net.createServer({ pauseOnConnect: true }, (socket) => accepted.push(socket));
+  const path = join(dir, "s.sock");
+  await new Promise<void>((resolve) => listener.listen(path, resolve));
+  // Handed-off sockets stay counted in the listener: close it without waiting for them.
+  t.after(() => void listener.close());
+  const clients: net.Socket[] = [];
+  const handOffOne = async (): Promise<void> => {
+    clients.push(net.connect(path));
+    while (accepted.length < clients.length) await new Promise((resolve) => setTimeout(resolve, 5));
+    assert.ok(pool.handOff(accepted[accepted.length - 1], { exportName: "disk", structuredReplies: true, metaContextIds: [], replies: [] }, () => {}));
+  };
+  await handOffOne();
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.deepEqual(busyMessages(), [], "one connection: the other worker is idle");
+  await handOffOne();
+  await waitForBusyMessages(2);
+  const pids = children.map((child) => String(child.pid));
+  assert.deepEqual(busyMessages().sort(), pids.map((pid) => `${pid} true`).sort(), "both workers told: all busy");
+  clients[0].destroy();
+  await waitForBusyMessages(4);
+  assert.deepEqual(busyMessages().slice(2).sort(), pids.map((pid) => `${pid} false`).sort(), "a connection ended: not all busy any more");
+  for (const client of clients) client.destroy();
 });
