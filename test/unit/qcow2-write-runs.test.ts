@@ -5,11 +5,14 @@
 // clean (no corruption, no leak), and the host layout where it is decided.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { join } from "node:path";
 import { MemoryFile } from "../../src/io/memory-file.ts";
 import { createQcow2, type Qcow2CreateOptions } from "../../src/formats/qcow2/create-qcow2.ts";
 import { openQcow2, type Qcow2Image } from "../../src/formats/qcow2/qcow2-image.ts";
 import { checkQcow2 } from "../../src/formats/qcow2/check.ts";
+import { createNodeFile } from "../../src/io/node-file.ts";
 import { createRandom, testSeed } from "../helpers/random.ts";
+import { scratchDir } from "../helpers/tools.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -211,4 +214,32 @@ test("in-place overwrites across L2 tables with a cache too small to hold them (
     assert.equal(file.contents().length, fileBytesBefore, "overwrites allocate nothing");
     await image.close();
   }
+});
+
+test("allocating write() calls on a file with writeSync (NodeFile: the data is written on the calling thread), concurrent, over a backing image", async (t) => {
+  const seed = testSeed();
+  t.diagnostic(`seed ${seed}`);
+  const random = createRandom(seed);
+  const sizeBytes = 4 * MiB;
+  const backing = await backingImage(random, sizeBytes, {});
+  const file = await createNodeFile(join(scratchDir(t), "sync.qcow2"));
+  assert.ok(file.writeSync !== undefined, "NodeFile offers writeSync");
+  await createQcow2(file, { sizeBytes });
+  const image = await openQcow2(file, { readOnly: false, backing: backing.image, closeBacking: false });
+  const expected = Uint8Array.from(backing.bytes);
+  // 256 KiB-aligned writes (whole clusters, one host piece each: the synchronous branch) and unaligned ones (COW padding).
+  const requests: { guestOffset: number; data: Uint8Array }[] = [];
+  for (let at = 0; at + 256 * KiB <= sizeBytes; at += 512 * KiB) requests.push({ guestOffset: at, data: random.bytes(256 * KiB) });
+  for (let i = 0; i < 8; i++) {
+    const at = 256 * KiB + i * 512 * KiB + 1 + random.int(100 * KiB);
+    requests.push({ guestOffset: at, data: random.bytes(1 + random.int(150 * KiB)) });
+  }
+  await Promise.all(requests.map((r) => image.write(r.guestOffset, r.data)));
+  for (const r of requests) expected.set(r.data, r.guestOffset);
+  await assertContent(image, expected, "after the writes");
+  await image.flush();
+  const result = await checkQcow2(file);
+  assert.deepEqual({ corruptions: result.corruptions, leaks: result.leaks, checkErrors: result.checkErrors }, { corruptions: 0, leaks: 0, checkErrors: 0 }, result.messages.join(" | "));
+  await image.close();
+  await backing.image.close();
 });
