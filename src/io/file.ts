@@ -25,8 +25,9 @@ export interface ImageFile {
    */
   writev?(hostOffset: number, pieces: readonly Uint8Array[]): Promise<void>;
   /**
-   * Optional: `write` done synchronously on the calling thread (pwrite),
-   * whatever the file's I/O mode; throws what `write` would reject with.
+   * Optional: `write` done synchronously on the calling thread (pwrite);
+   * throws what `write` would reject with. Absent when the file was opened
+   * to write on a thread pool only.
    * For callers that decide themselves when blocking is cheap (the NBD
    * server's raw-file write path).
    */

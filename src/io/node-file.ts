@@ -106,6 +106,7 @@ export class NodeFile implements ImageFile {
     this.ioMode = ioMode;
     this.writeIoMode = writeIoMode;
     this.cache = cache;
+    if (writeIoMode !== "async") this.writeSync = (hostOffset, data) => this.#writeSync(hostOffset, data);
   }
 
   #openFd(action: string): number {
@@ -148,8 +149,14 @@ export class NodeFile implements ImageFile {
     }
   }
 
-  /** `write` as a synchronous pwrite on the calling thread, whatever writeIoMode says (ImageFile.writeSync). */
-  writeSync(hostOffset: number, data: Uint8Array): void {
+  /**
+   * ImageFile.writeSync: `write` as a synchronous pwrite on the calling
+   * thread. Absent when writes were asked to run on the pool (writeIoMode
+   * "async", qemu's aio=threads).
+   */
+  readonly writeSync?: (hostOffset: number, data: Uint8Array) => void;
+
+  #writeSync(hostOffset: number, data: Uint8Array): void {
     if (!Number.isSafeInteger(hostOffset) || hostOffset < 0) assert(false, `write offset ${hostOffset} is a non-negative integer`);
     if (this.readOnly) throw new SnapstackError("E_READ_ONLY", `${this.name}: cannot write: opened read-only`, { path: this.name });
     const fd = this.#openFd("write");
