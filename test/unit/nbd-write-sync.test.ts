@@ -257,3 +257,17 @@ test("a device swap waiting for in-flight requests also holds synchronous writes
   assert.ok(readFileSync(first.path).subarray(0, 512).equals(Buffer.alloc(512, 0x11)), "the old device got nothing");
   assert.ok(readFileSync(second.path).subarray(0, 512).equals(Buffer.alloc(512, 0x99)));
 });
+
+test("a raw file opened to write on the thread pool (--aio=threads) offers no writeSync, and its WRITEs still land", async (t) => {
+  const path = join(scratchDir(t, "snapstack-nbd-sync-"), "disk.raw");
+  writeFileSync(path, Buffer.alloc(SIZE, 0x11));
+  const device = await openImage(path, { format: "raw", ioMode: "async", writeIoMode: "async" });
+  t.after(() => device.close());
+  assert.equal(device.writeSync, undefined);
+  const harness = await startServer(t, [{ name: "", device }]);
+  const client = await harness.connect();
+  await negotiate(client);
+  client.sendRequest({ type: WRITE, cookie: 1n, offset: 4096, payload: Buffer.alloc(4096, 0x42) });
+  await expectReply(client, 1n);
+  assert.ok(readFileSync(path).subarray(4096, 8192).equals(Buffer.alloc(4096, 0x42)));
+});
