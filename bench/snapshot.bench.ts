@@ -14,8 +14,9 @@
  *   beforehand, in this process) against the same qemu-img figure, which
  *   still includes qemu-img's process start and image open (~10-20 ms).
  * The process start of each runner is shown in the notes (`snapshot -l` on
- * an image without snapshots). After the runs the snapstack results are
- * checked with `qemu-img check` and compared with qemu-img's.
+ * an image without snapshots), and Node's own start (`node -e 0`). After
+ * the runs the snapstack results are checked with `qemu-img check` and
+ * compared with qemu-img's.
  * qemu-img punches holes in the clusters a delete frees (discard); the
  * snapstack runs use no --wipe (nothing is written to freed clusters).
  */
@@ -105,6 +106,13 @@ async function startupSeconds(command: string, prefix: string[], path: string): 
   return median(runs);
 }
 
+/** Median wall time of `node -e 0`: the part of any snapstack process start that is Node's own. */
+async function nodeStartSeconds(): Promise<number> {
+  const runs: number[] = [];
+  for (let i = 0; i < RUNS; i++) runs.push((await runMeasured(process.execPath, ["-e", "0"])).wallSeconds);
+  return median(runs);
+}
+
 /** "81/214/540 ms (median CPU 12 ms)". */
 function describe(times: { wall: number[]; cpu: number[] }): string {
   return `${times.wall.map((v) => (v * 1000).toFixed(0)).join("/")} ms (median CPU ${(median(times.cpu) * 1000).toFixed(0)} ms)`;
@@ -148,6 +156,7 @@ export default async function snapshotBench(): Promise<BenchRow[]> {
     const qemuStart = await startupSeconds("qemu-img", [], fixture);
     const runnerStart: number[] = [];
     for (const [index, runner] of runners.entries()) runnerStart.push(errors[index] === null ? await startupSeconds(runner.command, runner.prefix, fixture) : 0);
+    const nodeStart = await nodeStartSeconds();
     const rows: BenchRow[] = [];
     for (const operation of OPERATIONS) {
       const qemuMedian = median(qemu[operation].wall);
@@ -168,7 +177,7 @@ export default async function snapshotBench(): Promise<BenchRow[]> {
           continue;
         }
         rows.push(
-          row(name, median(cli[index][operation].wall), qemuMedian, "s", `median of ${RUNS}; snapstack ${describe(cli[index][operation])}, of which process start + open ~${(runnerStart[index] * 1000).toFixed(0)} ms; qemu-img ${describe(qemu[operation])}`),
+          row(name, median(cli[index][operation].wall), qemuMedian, "s", `median of ${RUNS}; snapstack ${describe(cli[index][operation])}, of which process start + open ~${(runnerStart[index] * 1000).toFixed(0)} ms (Node alone, node -e 0: ${(nodeStart * 1000).toFixed(0)} ms); qemu-img ${describe(qemu[operation])}`),
         );
       }
     }
