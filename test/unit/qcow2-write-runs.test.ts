@@ -216,7 +216,7 @@ test("in-place overwrites across L2 tables with a cache too small to hold them (
   }
 });
 
-test("allocating write() calls on a file with writeSync (NodeFile: the data is written on the calling thread), concurrent, over a backing image", async (t) => {
+test("write() calls on a file with writeSync (NodeFile: the data is written on the calling thread), allocating then in place, concurrent, over a backing image", async (t) => {
   const seed = testSeed();
   t.diagnostic(`seed ${seed}`);
   const random = createRandom(seed);
@@ -237,6 +237,11 @@ test("allocating write() calls on a file with writeSync (NodeFile: the data is w
   await Promise.all(requests.map((r) => image.write(r.guestOffset, r.data)));
   for (const r of requests) expected.set(r.data, r.guestOffset);
   await assertContent(image, expected, "after the writes");
+  // Again, in place now (and partly allocating where the unaligned writes left clusters unallocated).
+  const again = requests.map((r) => ({ guestOffset: r.guestOffset, data: random.bytes(r.data.length) }));
+  await Promise.all(again.map((r) => image.write(r.guestOffset, r.data)));
+  for (const r of again) expected.set(r.data, r.guestOffset);
+  await assertContent(image, expected, "after overwriting");
   await image.flush();
   const result = await checkQcow2(file);
   assert.deepEqual({ corruptions: result.corruptions, leaks: result.leaks, checkErrors: result.checkErrors }, { corruptions: 0, leaks: 0, checkErrors: 0 }, result.messages.join(" | "));

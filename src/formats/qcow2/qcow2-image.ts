@@ -23,6 +23,10 @@
  *   cluster, decompressed cluster, zeros), then set the L2 entries
  *   `offset|COPIED`, then (after in-flight reads drained) drop references to
  *   old clusters.
+ * - write() (one request: NBD WRITE, `snapstack io`) writes a host run
+ *   with ImageFile.writeSync where the file has it, in place and
+ *   allocating (measurements at write()); writeBatch (convert, jobs) keeps
+ *   the file's I/O mode, so that its writes overlap its reads.
  * - Zero writes and discards follow qcow2_subcluster_zeroize and
  *   qcow2_cluster_discard: whole clusters become zero entries (v3) or are
  *   deallocated (v2 without backing); partial clusters are written as zero
@@ -75,6 +79,7 @@ import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, 
 import { AsyncMutex, RangeLock, ReadGate } from "./locks.ts";
 import type { CachedTable } from "./table-cache.ts";
 import { rebuildRefcounts } from "./rebuild-refcounts.ts";
+import { canEmptyCompletely, emptyCompletely } from "./make-empty.ts";
 import { BELOW_MIXED, BELOW_UNKNOWN, BELOW_ZERO, BackingResolutionCache, type BelowResolution } from "./backing-resolution-cache.ts";
 import {
   applySnapshot,
@@ -841,7 +846,12 @@ export class Qcow2Image implements BlockDevice {
     this.#checkRange(guestOffset, data.length, "write");
     if (data.length === 0) return;
     await this.#mutate(guestOffset, data.length, async () => {
-      if (await this.#tryWriteInPlace(guestOffset, data)) return;
+      // write() (NBD WRITE, `snapstack io`) writes one host run with a synchronous pwrite where the
+      // file offers one, in place or allocating; writeBatch (convert, jobs) keeps the file's I/O mode
+      // so that its writes overlap its reads. In place, nbdcopy into an allocated qcow2 overlay, 4
+      // alternating runs: server CPU 0.90 -> 0.78 s/GiB, 501 -> 634 MiB/s (qemu-nbd 1.04 s, 476 MiB/s);
+      // fio 1 MiB sequential writes in place: the same within noise (0.72 against 0.70 s/GiB).
+      if (await this.#tryWriteInPlace(guestOffset, data, true)) return;
       // The data is written under the metadata mutex, one allocating write at a time, with a
       // synchronous pwrite where the file offers one. Measured with nbdcopy into a fresh qcow2
       // overlay (4 connections x 64 writes of 256 KiB, server CPU per GiB, medians): releasing the
@@ -950,8 +960,12 @@ export class Qcow2Image implements BlockDevice {
     }
   }
 
-  /** Overwrite allocated, unshared clusters in place; false if any cluster needs metadata work. */
-  async #tryWriteInPlace(guestOffset: number, data: Uint8Array): Promise<boolean> {
+  /**
+   * Overwrite allocated, unshared clusters in place; false if any cluster
+   * needs metadata work. With writeSync, one host run is written with
+   * ImageFile.writeSync where the file has it (see write()).
+   */
+  async #tryWriteInPlace(guestOffset: number, data: Uint8Array, writeSync = false): Promise<boolean> {
     const runs: InPlaceRun[] = [];
     const found = this.#inPlaceRuns(guestOffset, data.length, runs);
     if (found === IN_PLACE_NO) return false;
@@ -960,8 +974,12 @@ export class Qcow2Image implements BlockDevice {
       if (!(await this.#inPlaceRunsLoading(guestOffset, data.length, runs))) return false;
     }
     for (const run of runs) this.#meta.checkDataWrite(run.hostOffset, run.length);
-    if (runs.length === 1) await this.#file.write(runs[0].hostOffset, runs[0].length === data.length ? data : data.subarray(runs[0].at, runs[0].at + runs[0].length));
-    else await Promise.all(runs.map((run) => this.#file.write(run.hostOffset, data.subarray(run.at, run.at + run.length))));
+    const file = this.#file;
+    if (runs.length === 1) {
+      const piece = runs[0].length === data.length ? data : data.subarray(runs[0].at, runs[0].at + runs[0].length);
+      if (writeSync && file.writeSync !== undefined) file.writeSync(runs[0].hostOffset, piece);
+      else await file.write(runs[0].hostOffset, piece);
+    } else await Promise.all(runs.map((run) => this.#file.write(run.hostOffset, data.subarray(run.at, run.at + run.length))));
     return true;
   }
 
@@ -1559,7 +1577,8 @@ export class Qcow2Image implements BlockDevice {
 
   /**
    * Empty this layer as qemu-img commit does after copying its data down
-   * (qcow2_make_empty, discard path): every cluster it holds becomes
+   * (qcow2_make_empty: make_completely_empty where QEMU takes it and no
+   * wipe is asked, else the discard path): every cluster it holds becomes
    * unallocated, so reads fall through to the backing again; clusters
    * shared with internal snapshots keep their data (refcount lowered).
    * Freed clusters at the end of the file are cut off; with `wipe`, every
@@ -1570,6 +1589,12 @@ export class Qcow2Image implements BlockDevice {
     const cs = this.#meta.clusterSizeBytes;
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
+      if (options.wipe !== true && canEmptyCompletely(this.#meta, this.#snapshots.length)) {
+        // QEMU's make_completely_empty (make-empty.ts): the file rebuilt around its header.
+        await this.#locked(() => emptyCompletely(this.#meta));
+        this.#decompressed = null;
+        return;
+      }
       const held = (await this.layerStatus(0, this.sizeBytes)).filter((extent) => extent.kind !== "unallocated");
       await this.#locked(async () => {
         await this.#markDirty();
