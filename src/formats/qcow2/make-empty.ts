@@ -1,0 +1,136 @@
+/**
+ * Emptying a whole qcow2 layer at once, as QEMU's make_completely_empty
+ * (block/qcow2.c, qcow2_make_empty's fast path: what `qemu-img commit`
+ * leaves in the overlay).
+ *
+ * Design notes
+ * - Instead of discarding cluster by cluster, the image is rebuilt from
+ *   scratch around its header: refcount table in cluster 1, its one
+ *   refcount block in cluster 2, the (zeroed) L1 table from cluster 3, the
+ *   file cut after it. The header cluster (backing name and format, feature
+ *   table, unknown extensions) is kept as it is; only l1_table_offset,
+ *   refcount_table_offset and refcount_table_clusters change. The L1 keeps
+ *   its size. The result has QEMU's layout and size byte for byte.
+ * - When (canEmptyCompletely, qcow2_make_empty's conditions): version 3
+ *   (the dirty bit is needed), no internal snapshots, no persistent bitmaps,
+ *   no encryption, no external data file (every one of them holds clusters
+ *   that must survive), and the header, refcount table, refcount block and
+ *   L1 fit under one refcount block. Otherwise the caller discards cluster
+ *   by cluster (Qcow2Image.makeEmpty's slow path), as QEMU does. Wipe after
+ *   delete also takes the slow path: it zeroes every freed cluster before
+ *   releasing it, whatever the file (a block device cannot be cut).
+ * - Steps, in QEMU's order: dirty metadata written (qcow2_cache_empty) and
+ *   both caches emptied; the image marked dirty (a crash from here on
+ *   leaves refcounts that the next read-write open rebuilds, as QEMU's
+ *   check -r all on a dirty image); the old L1 zeroed on disk; clusters 1
+ *   to 2 + L1 clusters zeroed; the header pointed at the new L1 and
+ *   refcount table (one 20-byte write in sector 0); the refcount table's
+ *   first entry pointed at cluster 2; header, table, block and L1 counted
+ *   by an allocation that must land at offset 0; the refcount block
+ *   written; the image marked clean; the file truncated.
+ * - Crash safety: the data was already committed below, so a guest cluster
+ *   reads the same whether this layer still maps it or falls through: any
+ *   mix of old and empty L1 entries is fine, as long as no entry leads to
+ *   bytes that were overwritten. Hence two flushes QEMU does not do: the
+ *   zeroed old L1 is flushed before clusters 1.. are zeroed (they may hold
+ *   old L2 tables or data the old L1 still reaches), and those zeroes are
+ *   flushed before the header points at them (else the new L1 could show
+ *   old bytes of cluster 3.. as L2 pointers).
+ */
+import { assert } from "../../base/errors.ts";
+import { L1_ENTRY_BYTES } from "./entries.ts";
+import { CRYPT_NONE, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from "./header.ts";
+import type { Qcow2Metadata } from "./metadata.ts";
+import { REFTABLE_ENTRY_BYTES } from "./refcount-block.ts";
+
+/** Header fields rewritten together: l1_table_offset (u64), refcount_table_offset (u64), refcount_table_clusters (u32). */
+const HEADER_L1_OFFSET_FIELD_AT = 40;
+/** Largest zero-fill write (bounds the zero buffer; an L1 of 32 MiB is written in pieces). */
+const ZERO_WRITE_BYTES_MAX = 1024 * 1024;
+
+function l1Clusters(meta: Qcow2Metadata): number {
+  return Math.ceil((meta.header.l1Size * L1_ENTRY_BYTES) / meta.clusterSizeBytes);
+}
+
+/** qcow2_make_empty's conditions for make_completely_empty. */
+export function canEmptyCompletely(meta: Qcow2Metadata, snapshotCount: number): boolean {
+  const header = meta.header;
+  return (
+    header.version === 3 &&
+    snapshotCount === 0 &&
+    header.snapshotCount === 0 &&
+    header.extensions.bitmaps === null &&
+    header.cryptMethod === CRYPT_NONE &&
+    (header.incompatibleFeatures & INCOMPAT_DATA_FILE) === 0n &&
+    header.extensions.dataFileName === null &&
+    3 + l1Clusters(meta) <= meta.geometry.refcountBlockEntries
+  );
+}
+
+async function writeZeroes(meta: Qcow2Metadata, hostOffset: number, lengthBytes: number): Promise<void> {
+  const zeroes = new Uint8Array(Math.min(lengthBytes, ZERO_WRITE_BYTES_MAX));
+  for (let at = 0; at < lengthBytes; at += zeroes.length) {
+    await meta.file.write(hostOffset + at, zeroes.subarray(0, Math.min(zeroes.length, lengthBytes - at)));
+  }
+}
+
+async function writeDirtyBit(meta: Qcow2Metadata, dirty: boolean): Promise<void> {
+  if (dirty) meta.header.incompatibleFeatures |= INCOMPAT_DIRTY;
+  else meta.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+  await meta.writeIncompatibleFeatures();
+}
+
+/**
+ * make_completely_empty: every guest cluster unallocated, the file cut to
+ * 3 + L1 clusters. Call under the metadata mutex, with no guest I/O in
+ * flight, when canEmptyCompletely holds.
+ */
+export async function emptyCompletely(meta: Qcow2Metadata): Promise<void> {
+  assert(canEmptyCompletely(meta, 0), "make_completely_empty's conditions hold");
+  const cs = meta.clusterSizeBytes;
+  const l1ClusterCount = l1Clusters(meta);
+
+  await meta.writeCaches();
+  await meta.completeWipes();
+  await meta.file.flush();
+  meta.l2Cache.clear();
+  meta.refblockCache.clear();
+
+  await writeDirtyBit(meta, true);
+
+  await writeZeroes(meta, meta.header.l1TableOffset, l1ClusterCount * cs);
+  meta.l1.fill(0);
+  await meta.file.flush();
+
+  await writeZeroes(meta, cs, (2 + l1ClusterCount) * cs);
+  await meta.file.flush();
+
+  const fields = new Uint8Array(20);
+  const view = new DataView(fields.buffer);
+  view.setBigUint64(0, BigInt(3 * cs));
+  view.setBigUint64(8, BigInt(cs));
+  view.setUint32(16, 1);
+  await meta.writeHeaderBytes(HEADER_L1_OFFSET_FIELD_AT, fields);
+  meta.header.l1TableOffset = 3 * cs;
+  meta.header.refcountTableOffset = cs;
+  meta.header.refcountTableClusters = 1;
+  meta.reftable = new Array<number>(cs / REFTABLE_ENTRY_BYTES).fill(0);
+
+  const entry = new Uint8Array(REFTABLE_ENTRY_BYTES);
+  new DataView(entry.buffer).setBigUint64(0, BigInt(2 * cs));
+  await meta.writeHeaderBytes(cs, entry);
+  meta.reftable[0] = 2 * cs;
+  meta.overlap.invalidate();
+
+  meta.freeClusterIndex = 0;
+  meta.freeByteOffset = 0;
+  const hostOffset = await meta.allocClusters(3 * cs + meta.header.l1Size * L1_ENTRY_BYTES);
+  assert(hostOffset === 0, "the first cluster of an emptied image is free");
+  await meta.writeCaches();
+  await meta.file.flush();
+
+  await writeDirtyBit(meta, false);
+  meta.lazyRefcounts = false;
+
+  await meta.file.truncate((3 + l1ClusterCount) * cs);
+}
