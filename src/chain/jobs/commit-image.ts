@@ -16,8 +16,10 @@
  *   read-only view never consults BASE's (changing) tables.
  * - Order: all data reaches BASE and is flushed before the overlay is
  *   touched; only then (unless `drop`) is the overlay emptied
- *   (Qcow2Image.makeEmpty; with `wipe` the clusters it frees are zeroed
- *   and flushed before it returns). A cancelled or failed commit leaves the
+ *   (Qcow2Image.makeEmpty: where QEMU would, by make_completely_empty,
+ *   which leaves qemu-img's 256 KiB overlay; else, and with `wipe`, cluster
+ *   by cluster, the clusters it frees zeroed and flushed before it
+ *   returns). A cancelled or failed commit leaves the
  *   overlay untouched and reading as before; BASE then holds part of the
  *   new data (as after an interrupted qemu-img commit) but is a consistent
  *   image.
