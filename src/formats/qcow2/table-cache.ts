@@ -80,7 +80,9 @@ export class TableCache {
 
   async #load(hostOffset: number): Promise<CachedTable> {
     try {
-      const bytes = new Uint8Array(this.#tableBytes);
+      // Not zeroed first: the read overwrites every byte (ImageFile.read zero-fills past the end
+      // of the file). Slow = never a slice of Node's shared pool (trim detaches the buffer).
+      const bytes = Buffer.allocUnsafeSlow(this.#tableBytes);
       await this.#file.read(hostOffset, bytes);
       const raced = this.#entries.get(hostOffset);
       if (raced !== undefined) return raced;
@@ -96,7 +98,7 @@ export class TableCache {
 
   /** Insert a table (zeroed or a copy of `contents`), marked dirty. */
   create(hostOffset: number, contents?: Uint8Array): CachedTable {
-    const bytes = new Uint8Array(this.#tableBytes);
+    const bytes = contents === undefined || contents.length < this.#tableBytes ? new Uint8Array(this.#tableBytes) : Buffer.allocUnsafeSlow(this.#tableBytes);
     if (contents !== undefined) bytes.set(contents);
     const entry: CachedTable = { hostOffset, bytes, view: new DataView(bytes.buffer), dirty: true, lastUsed: ++this.#clock };
     this.#entries.set(hostOffset, entry);
