@@ -146,29 +146,62 @@ test("makeEmpty: a crash at any write of the fast path leaves an image that open
   ];
   for (const options of variants) {
     const chain = await buildChain(random.int(2 ** 31), options);
-    const file = await FaultFile.fromBytes(chain.overlay, { name: "overlay.qcow2", recordLog: true });
-    const image = await openQcow2(file, { readOnly: false, backing: chain.backing, closeBacking: false });
-    const writesBefore = file.writeCount;
-    await image.makeEmpty();
-    await image.close();
-    const header = decodeQcow2Header(file.durableContents().subarray(0, 4 * KiB));
+    // The grown-L1 image has the one window that needs a flush of its own (the old L1's zeroes before
+    // clusters 1.. are rewritten): more subsets of the unflushed writes there (10 found it missing).
+    const durable = await crashAtEveryWrite(chain, JSON.stringify(options), options.grownFromBytes === undefined ? 2 : 16, random.next);
+    const header = decodeQcow2Header(durable.subarray(0, 4 * KiB));
     assert.equal(header.refcountTableOffset, 2 ** header.clusterBits, `${JSON.stringify(options)}: the fast path was taken`);
-    const replay = new CrashReplay(chain.overlay, file.log ?? []);
-    for (let write = writesBefore + 1; write <= replay.writeCount; write++) {
-      // The grown-L1 image has the one window that needs a flush of its own (the old L1's zeroes before
-      // clusters 1.. are rewritten): more subsets of the unflushed writes there (10 found it missing).
-      for (let variant = 0; variant < (options.grownFromBytes === undefined ? 2 : 16); variant++) {
-        const where = `${JSON.stringify(options)} crash at write ${write} (variant ${variant})`;
-        const contents = replay.crashAt(write, random.next);
-        const crashed = new MemoryFile({ name: "overlay.qcow2", contents });
-        const reopened = await openQcow2(crashed, { readOnly: false, backing: chain.backing, closeBacking: false });
-        await assertReadsBacking(reopened, chain, where);
-        await reopened.close();
-        assertNoCorruption(await checkQcow2(new MemoryFile({ name: "overlay.qcow2", contents: crashed.contents(), readOnly: true })), where);
-      }
-    }
     await chain.backing.close();
   }
+});
+
+/**
+ * makeEmpty on chain.overlay, then a crash at each of its writes (`variants`
+ * subsets of the unflushed writes each): every crashed image opens, reads
+ * the backing and checks without corruption. Returns the emptied file.
+ */
+async function crashAtEveryWrite(chain: Chain, label: string, variants: number, next: () => number): Promise<Uint8Array> {
+  const file = await FaultFile.fromBytes(chain.overlay, { name: "overlay.qcow2", recordLog: true });
+  const image = await openQcow2(file, { readOnly: false, backing: chain.backing, closeBacking: false });
+  const writesBefore = file.writeCount;
+  await image.makeEmpty();
+  await image.close();
+  const replay = new CrashReplay(chain.overlay, file.log ?? []);
+  for (let write = writesBefore + 1; write <= replay.writeCount; write++) {
+    for (let variant = 0; variant < variants; variant++) {
+      const where = `${label} crash at write ${write} (variant ${variant})`;
+      const contents = replay.crashAt(write, next);
+      const crashed = new MemoryFile({ name: "overlay.qcow2", contents });
+      const reopened = await openQcow2(crashed, { readOnly: false, backing: chain.backing, closeBacking: false });
+      await assertReadsBacking(reopened, chain, where);
+      await reopened.close();
+      assertNoCorruption(await checkQcow2(new MemoryFile({ name: "overlay.qcow2", contents: crashed.contents(), readOnly: true })), where);
+    }
+  }
+  return file.durableContents();
+}
+
+test("makeEmpty with the old L1 in cluster 1 (old QEMU's layout) takes the slow path: a crash at any write still reads the backing", async () => {
+  const seed = testSeed();
+  console.log(`seed ${seed}`);
+  const random = createRandom(seed);
+  const chain = await buildChain(random.int(2 ** 31));
+  // Swap the L1 (cluster 3) and the refcount table (cluster 1). The fast path's one write of clusters
+  // 1..2 before the header switch would turn this L1 into a pointer to the new refcount block.
+  const cs = 64 * KiB;
+  const bytes = chain.overlay.slice();
+  const header = decodeQcow2Header(bytes.subarray(0, cs));
+  assert.deepEqual([header.l1TableOffset, header.refcountTableOffset], [3 * cs, cs]);
+  const l1 = bytes.slice(3 * cs, 4 * cs);
+  bytes.set(bytes.slice(cs, 2 * cs), 3 * cs);
+  bytes.set(l1, cs);
+  header.l1TableOffset = cs;
+  header.refcountTableOffset = 3 * cs;
+  bytes.set(encodeQcow2Header(header), 0);
+  assertNoCorruption(await checkQcow2(new MemoryFile({ name: "overlay.qcow2", contents: bytes, readOnly: true })), "the swapped layout");
+  const durable = await crashAtEveryWrite({ ...chain, overlay: bytes }, "L1 at cluster 1", 4, random.next);
+  assert.equal(decodeQcow2Header(durable.subarray(0, cs)).l1TableOffset, cs, "the slow path keeps the L1 where it is");
+  await chain.backing.close();
 });
 
 test("makeEmpty keeps the cluster-by-cluster path for v2, for images with snapshots and for wipe", async () => {
@@ -210,4 +243,39 @@ test("makeEmpty keeps the cluster-by-cluster path for v2, for images with snapsh
     }
     await chain.backing.close();
   }
+});
+
+test("makeEmpty (fast path) with reads in flight: every read returns the disk's content", async () => {
+  const seed = testSeed();
+  console.log(`seed ${seed}`);
+  const random = createRandom(seed);
+  const chain = await buildChain(random.int(2 ** 31));
+  // Reads finish a few event-loop turns after they start, as a pread on the thread pool does: the fast
+  // path's rewrite and truncation happen while they are in flight unless makeEmpty waits for them.
+  class SlowReadFile extends MemoryFile {
+    override async read(hostOffset: number, buffer: Uint8Array): Promise<number> {
+      for (let turn = 0; turn < 64; turn++) await new Promise((resolve) => setImmediate(resolve));
+      return super.read(hostOffset, buffer);
+    }
+  }
+  const image = await openQcow2(new SlowReadFile({ name: "overlay.qcow2", contents: chain.overlay }), { readOnly: false, backing: chain.backing, closeBacking: false });
+  const reads: Promise<void>[] = [];
+  const check = async (guestOffset: number, lengthBytes: number): Promise<void> => {
+    const actual = new Uint8Array(lengthBytes);
+    await image.read(guestOffset, actual);
+    assert.equal(Buffer.compare(actual, chain.expected.subarray(guestOffset, guestOffset + lengthBytes)), 0, `read of ${lengthBytes} at ${guestOffset}`);
+  };
+  // Reads of the clusters the overlay holds, before and after makeEmpty starts.
+  const held = (await image.layerStatus(0, SIZE_BYTES)).filter((extent) => extent.kind === "data");
+  assert.ok(held.length > 0, "the overlay holds data");
+  const readHeld = (): void => {
+    for (const extent of held) reads.push(check(extent.guestOffset, extent.lengthBytes));
+  };
+  readHeld();
+  const emptied = image.makeEmpty();
+  readHeld();
+  await Promise.all([emptied, ...reads]);
+  assert.deepEqual((await image.layerStatus(0, SIZE_BYTES)).filter((extent) => extent.kind !== "unallocated"), [], "emptied");
+  await image.close();
+  await chain.backing.close();
 });

@@ -8,12 +8,12 @@ import assert from "node:assert/strict";
 import { MemoryFile } from "../../src/io/memory-file.ts";
 import { createQcow2, type Qcow2CreateOptions } from "../../src/formats/qcow2/create-qcow2.ts";
 import { openQcow2, type Qcow2Image } from "../../src/formats/qcow2/qcow2-image.ts";
-import { checkQcow2 } from "../../src/formats/qcow2/check.ts";
 import { findSnapshot, nextSnapshotId, snapshotDateNow, truncateUtf8 } from "../../src/formats/qcow2/internal-snapshots.ts";
 import { openSnapshotView } from "../../src/formats/qcow2/snapshot-view.ts";
 import { SNAPSHOT_COUNT_MAX, encodeSnapshotTable, type Qcow2Snapshot } from "../../src/formats/qcow2/snapshot-table.ts";
 import { isSnapstackError } from "../../src/base/errors.ts";
 import { createRandom, testSeed } from "../helpers/random.ts";
+import { assertClean } from "../helpers/qcow2-clean.ts";
 import { readDevice } from "../helpers/read-image.ts";
 import { getL1Entry } from "../../src/formats/qcow2/entries.ts";
 
@@ -35,17 +35,6 @@ function assertSameBytes(actual: Uint8Array, expected: Uint8Array, what: string)
   assert.equal(actual.length, expected.length, `${what}: size`);
   const n = actual.length;
   for (let i = 0; i < n; i++) if (actual[i] !== expected[i]) assert.fail(`${what}: first difference at byte ${i} (${actual[i]} != ${expected[i]})`);
-}
-
-/** checkQcow2 on the flushed file: no corruption, no leak, no check error. */
-async function assertClean(image: Qcow2Image, file: MemoryFile, what: string): Promise<void> {
-  await image.flush();
-  const result = await checkQcow2(file);
-  assert.deepEqual(
-    { corruptions: result.corruptions, leaks: result.leaks, checkErrors: result.checkErrors, failure: result.failure },
-    { corruptions: 0, leaks: 0, checkErrors: 0, failure: null },
-    `${what}: ${result.messages.join(" | ")}`,
-  );
 }
 
 async function assertSnapshotReads(image: Qcow2Image, ref: string, expected: Uint8Array, what: string): Promise<void> {

@@ -56,7 +56,7 @@ function l1Clusters(meta: Qcow2Metadata): number {
   return Math.ceil((meta.header.l1Size * L1_ENTRY_BYTES) / meta.clusterSizeBytes);
 }
 
-/** qcow2_make_empty's conditions for make_completely_empty. */
+/** qcow2_make_empty's conditions for make_completely_empty, and an old L1 outside clusters 1-2. */
 export function canEmptyCompletely(meta: Qcow2Metadata, snapshotCount: number): boolean {
   const header = meta.header;
   return (
@@ -67,7 +67,12 @@ export function canEmptyCompletely(meta: Qcow2Metadata, snapshotCount: number): 
     header.cryptMethod === CRYPT_NONE &&
     (header.incompatibleFeatures & INCOMPAT_DATA_FILE) === 0n &&
     header.extensions.dataFileName === null &&
-    3 + l1Clusters(meta) <= meta.geometry.refcountBlockEntries
+    3 + l1Clusters(meta) <= meta.geometry.refcountBlockEntries &&
+    // Not QEMU's: clusters 1 and 2 get their final bytes before the header
+    // switch (see the design notes), which is safe only if the old header's
+    // L1 is not there (old QEMU put it at cluster 1; a grown L1 can land
+    // there by first fit). Such images take the slow path.
+    meta.header.l1TableOffset >= 3 * meta.clusterSizeBytes
   );
 }
 
@@ -116,10 +121,11 @@ function encodeEmptyMetadata(meta: Qcow2Metadata, l1ClusterCount: number): Uint8
 
 /**
  * make_completely_empty: every guest cluster unallocated, the file cut to
- * 3 + L1 clusters. Call under the metadata mutex, with no guest I/O in
- * flight, when canEmptyCompletely holds.
+ * 3 + L1 clusters. Call under the metadata mutex, with no guest write in
+ * flight, when canEmptyCompletely holds; drainReads resolves once the reads
+ * in flight have finished (called once no new read can reach old clusters).
  */
-export async function emptyCompletely(meta: Qcow2Metadata): Promise<void> {
+export async function emptyCompletely(meta: Qcow2Metadata, drainReads: () => Promise<void>): Promise<void> {
   assert(canEmptyCompletely(meta, 0), "make_completely_empty's conditions hold");
   const cs = meta.clusterSizeBytes;
   const l1ClusterCount = l1Clusters(meta);
@@ -133,6 +139,9 @@ export async function emptyCompletely(meta: Qcow2Metadata): Promise<void> {
 
   await writeZeroes(meta, meta.header.l1TableOffset, l1ClusterCount * cs);
   meta.l1.fill(0);
+  // Reads that resolved host offsets through the old L1 finish before those clusters are rewritten or cut.
+  await drainReads();
+  meta.l2Cache.clear(); // what those reads loaded meanwhile
   if (await oldL1MayReach(meta, 3 + l1ClusterCount)) await meta.file.flush();
 
   await meta.file.write(cs, encodeEmptyMetadata(meta, l1ClusterCount));

@@ -1591,7 +1591,7 @@ export class Qcow2Image implements BlockDevice {
     try {
       if (options.wipe !== true && canEmptyCompletely(this.#meta, this.#snapshots.length)) {
         // QEMU's make_completely_empty (make-empty.ts): the file rebuilt around its header.
-        await this.#locked(() => emptyCompletely(this.#meta));
+        await this.#locked(() => emptyCompletely(this.#meta, () => this.#readGate.drain()));
         this.#decompressed = null;
         return;
       }
