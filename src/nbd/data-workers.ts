@@ -139,6 +139,7 @@ export class DataWorkerPool extends EventEmitter<DataWorkerPoolEvents> {
       child.on("message", (message: FromWorker) => {
         if (message.type === "ready") {
           worker.ready = true;
+          this.#updateBusy(); // a respawned, idle worker ends "every worker has a connection"
           this.#log?.(`data worker ${child.pid} ready (RSS ${(message.rssBytes / 1048576).toFixed(0)} MiB)`);
           this.emit("worker-ready", { pid: child.pid ?? 0, rssBytes: message.rssBytes });
           resolve();

@@ -213,7 +213,14 @@ test("write() calls on a file with writeSync (NodeFile: the data is written on t
   const sizeBytes = 4 * MiB;
   const backing = await backingImage(random, sizeBytes, {});
   const file = await createNodeFile(join(scratchDir(t), "sync.qcow2"));
-  assert.ok(file.writeSync !== undefined, "NodeFile offers writeSync");
+  const fileWriteSync = file.writeSync;
+  assert.ok(fileWriteSync !== undefined, "NodeFile offers writeSync");
+  // Counted: synchronous writes of 256 KiB or more (data; metadata tables are one 64 KiB cluster).
+  let syncWrites = 0;
+  (file as { writeSync?: (hostOffset: number, data: Uint8Array) => void }).writeSync = (hostOffset, data) => {
+    if (data.length >= 256 * KiB) syncWrites++;
+    fileWriteSync(hostOffset, data);
+  };
   await createQcow2(file, { sizeBytes });
   const image = await openQcow2(file, { readOnly: false, backing: backing.image, closeBacking: false });
   const expected = Uint8Array.from(backing.bytes);
@@ -227,11 +234,21 @@ test("write() calls on a file with writeSync (NodeFile: the data is written on t
   await Promise.all(requests.map((r) => image.write(r.guestOffset, r.data)));
   for (const r of requests) expected.set(r.data, r.guestOffset);
   await assertContent(image, expected, "after the writes");
+  const allocatingSyncWrites = syncWrites;
+  assert.ok(allocatingSyncWrites >= sizeBytes / (512 * KiB), `allocating writes went out synchronously (${allocatingSyncWrites})`);
   // Again, in place now (and partly allocating where the unaligned writes left clusters unallocated).
   const again = requests.map((r) => ({ guestOffset: r.guestOffset, data: random.bytes(r.data.length) }));
   await Promise.all(again.map((r) => image.write(r.guestOffset, r.data)));
   for (const r of again) expected.set(r.data, r.guestOffset);
   await assertContent(image, expected, "after overwriting");
+  assert.ok(syncWrites - allocatingSyncWrites >= sizeBytes / (512 * KiB), `in-place writes went out synchronously (${syncWrites - allocatingSyncWrites})`);
+  // Over 1 MiB: the file's own path (a synchronous pwrite that long would stall the event loop).
+  const beforeLarge = syncWrites;
+  const large = random.bytes(2 * MiB);
+  await image.write(0, large);
+  expected.set(large, 0);
+  assert.equal(syncWrites, beforeLarge, "a 2 MiB write is not synchronous");
+  await assertContent(image, expected, "after a 2 MiB write");
   await assertClean(image, file, "after overwriting");
   await image.close();
   await backing.image.close();

@@ -23,8 +23,8 @@
  *   cluster, decompressed cluster, zeros), then set the L2 entries
  *   `offset|COPIED`, then (after in-flight reads drained) drop references to
  *   old clusters.
- * - write() (one request: NBD WRITE, `snapstack io`) writes a host run
- *   with ImageFile.writeSync where the file has it, in place and
+ * - write() (one request: NBD WRITE, `snapstack io`) of up to 1 MiB writes
+ *   a host run with ImageFile.writeSync where the file has it, in place and
  *   allocating (measurements at write()); writeBatch (convert, jobs) keeps
  *   the file's I/O mode, so that its writes overlap its reads.
  * - Zero writes and discards follow qcow2_subcluster_zeroize and
@@ -851,7 +851,9 @@ export class Qcow2Image implements BlockDevice {
       // so that its writes overlap its reads. In place, nbdcopy into an allocated qcow2 overlay, 4
       // alternating runs: server CPU 0.90 -> 0.78 s/GiB, 501 -> 634 MiB/s (qemu-nbd 1.04 s, 476 MiB/s);
       // fio 1 MiB sequential writes in place: the same within noise (0.72 against 0.70 s/GiB).
-      if (await this.#tryWriteInPlace(guestOffset, data, true)) return;
+      // Up to WRITE_SYNC_BYTES_MAX only: a larger pwrite would hold up every other client of the process.
+      const writeSync = data.length <= WRITE_SYNC_BYTES_MAX;
+      if (await this.#tryWriteInPlace(guestOffset, data, writeSync)) return;
       // The data is written under the metadata mutex, one allocating write at a time, with a
       // synchronous pwrite where the file offers one. Measured with nbdcopy into a fresh qcow2
       // overlay (4 connections x 64 writes of 256 KiB, server CPU per GiB, medians): releasing the
@@ -859,7 +861,7 @@ export class Qcow2Image implements BlockDevice {
       // pwrites to one file contend for its inode lock on the thread pool); a thread-pool write
       // under the mutex overlaps nothing (the next allocating write waits for it) and costs a
       // wake-up each way: 1.56 s against 1.17 s synchronously (qemu-nbd 1.13 s).
-      await this.#locked(() => this.#writeLocked([{ guestOffset, data }], true));
+      await this.#locked(() => this.#writeLocked([{ guestOffset, data }], writeSync));
     });
   }
 
@@ -1927,6 +1929,14 @@ interface PlannedWrite {
  * reads of its ~60 KiB of padding.
  */
 const COW_MERGED_READ_GAP_BYTES_MAX = 16 * 1024;
+
+/**
+ * Largest write() whose data goes out with a synchronous pwrite (see
+ * write()): 1 MiB copies into the page cache in ~0.2-0.5 ms; a 32 MiB NBD
+ * WRITE, or one throttled by dirty-page writeback, would stall the event
+ * loop, and with it every other client of the process, for much longer.
+ */
+const WRITE_SYNC_BYTES_MAX = 1024 * 1024;
 
 /** A host range that a part of a request overwrites in place: data[at, at + length) at hostOffset. */
 interface InPlaceRun {
