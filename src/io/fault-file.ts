@@ -70,6 +70,12 @@ export interface FaultFileOptions {
   recordLog?: boolean;
   /** Also append every operation, with this file's name, to a journal shared by several files. */
   journal?: FaultJournal;
+  /**
+   * Offer ImageFile.writeSync when the wrapped file has it (default: yes, as
+   * NodeFile does; no: the engine takes the paths of files that write only
+   * asynchronously, e.g. with --aio=threads).
+   */
+  writeSync?: boolean;
 }
 
 /** Operations of several FaultFiles in the one order they happened. */
@@ -171,7 +177,18 @@ export class FaultFile implements ImageFile {
     this.#sizeLimitBytes = options.sizeLimitBytes ?? Number.MAX_SAFE_INTEGER;
     this.log = options.recordLog ? [] : null;
     this.#journal = options.journal;
+    const innerWriteSync = options.writeSync === false ? undefined : inner.writeSync?.bind(inner);
+    if (innerWriteSync !== undefined) {
+      this.writeSync = (hostOffset, data) => {
+        const copy = this.#beforeWrite(hostOffset, data);
+        innerWriteSync(hostOffset, copy);
+        this.#record({ kind: "write", hostOffset, data: copy });
+      };
+    }
   }
+
+  /** ImageFile.writeSync, with the same faults, crash and log as write (see FaultFileOptions.writeSync). */
+  readonly writeSync?: (hostOffset: number, data: Uint8Array) => void;
 
   /** Wrap `inner`; its current contents count as durable. */
   static async wrap(inner: ImageFile, options: FaultFileOptions = {}): Promise<FaultFile> {
@@ -217,6 +234,13 @@ export class FaultFile implements ImageFile {
   }
 
   async write(hostOffset: number, data: Uint8Array): Promise<void> {
+    const copy = this.#beforeWrite(hostOffset, data);
+    await this.#inner.write(hostOffset, copy);
+    this.#record({ kind: "write", hostOffset, data: copy });
+  }
+
+  /** A write's planned fault, size limit and crash point; returns the copy of data to write and log. */
+  #beforeWrite(hostOffset: number, data: Uint8Array): Uint8Array {
     this.#checkAlive("write");
     const count = ++this.writeCount;
     const action = `write ${data.length} bytes at offset ${hostOffset}`;
@@ -230,8 +254,7 @@ export class FaultFile implements ImageFile {
       this.#dead = true;
       this.#checkAlive(action);
     }
-    await this.#inner.write(hostOffset, copy);
-    this.#record({ kind: "write", hostOffset, data: copy });
+    return copy;
   }
 
   async sizeBytes(): Promise<number> {

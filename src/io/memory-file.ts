@@ -65,6 +65,11 @@ export class MemoryFile implements ImageFile {
   }
 
   async write(hostOffset: number, data: Uint8Array): Promise<void> {
+    this.writeSync(hostOffset, data);
+  }
+
+  /** ImageFile.writeSync: `write` on the calling thread (the same code). */
+  writeSync(hostOffset: number, data: Uint8Array): void {
     assert(Number.isSafeInteger(hostOffset) && hostOffset >= 0, "write offset is a non-negative integer");
     this.#checkWritable("write");
     const end = hostOffset + data.length;

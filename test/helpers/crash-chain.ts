@@ -69,11 +69,20 @@ class SharedHandle implements ImageFile {
   readonly name: string;
   readonly readOnly: boolean;
   readonly #file: ImageFile;
+  /** The shared file's writeSync (FaultFile over NodeFile offers it, as NodeFile does in production). */
+  readonly writeSync?: (hostOffset: number, data: Uint8Array) => void;
 
   constructor(file: ImageFile, name: string, readOnly: boolean) {
     this.#file = file;
     this.name = name;
     this.readOnly = readOnly;
+    const fileWriteSync = file.writeSync?.bind(file);
+    if (fileWriteSync !== undefined) {
+      this.writeSync = (hostOffset, data) => {
+        assert.ok(!this.readOnly, `${this.name}: write through a read-only handle`);
+        fileWriteSync(hostOffset, data);
+      };
+    }
   }
 
   read(hostOffset: number, buffer: Uint8Array): Promise<number> {

@@ -85,10 +85,12 @@ export interface CrashScenario {
   withBacking: boolean;
   /** Metadata cache bound: small values force write-back on eviction. */
   cacheBytesMax: number;
+  /** The file offers writeSync, as NodeFile does (default), or writes only asynchronously (--aio=threads). */
+  syncWrites?: boolean;
 }
 
 export function describeScenario(s: CrashScenario): string {
-  return `cluster=${s.clusterSizeBytes} refcount_bits=${s.refcountBits} compat=${s.compat} lazy=${s.lazyRefcounts} extended_l2=${s.extendedL2} size=${s.sizeBytes} backing=${s.withBacking} cache=${s.cacheBytesMax}`;
+  return `cluster=${s.clusterSizeBytes} refcount_bits=${s.refcountBits} compat=${s.compat} lazy=${s.lazyRefcounts} extended_l2=${s.extendedL2} size=${s.sizeBytes} backing=${s.withBacking} cache=${s.cacheBytesMax} sync_writes=${s.syncWrites !== false}`;
 }
 
 function pick<T>(random: Random, values: readonly T[]): T {
@@ -108,6 +110,7 @@ export function randomScenario(random: Random): CrashScenario {
     sizeBytes: pick(random, [1, 2, 4]) * MiB + pick(random, [0, 0, 512, 3 * 512]),
     withBacking: random.next() < 0.35,
     cacheBytesMax: random.next() < 0.3 ? 8 * clusterSizeBytes : 32 * MiB,
+    syncWrites: random.next() < 0.7,
   };
 }
 
@@ -331,7 +334,7 @@ export interface RecordedRun {
 
 /** Run the workload once, recording the file log and op boundaries. */
 export async function recordRun(scenario: CrashScenario, images: PreparedImages, ops: GuestOp[]): Promise<RecordedRun> {
-  const file = await FaultFile.fromBytes(images.initial, { name: "crash.qcow2", recordLog: true });
+  const file = await FaultFile.fromBytes(images.initial, { name: "crash.qcow2", recordLog: true, writeSync: scenario.syncWrites !== false });
   const image = await openScenarioImage(file, scenario, images);
   const writesAtOpen = file.writeCount;
   const writesBefore: number[] = [];
