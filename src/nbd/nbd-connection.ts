@@ -513,12 +513,14 @@ export class NbdConnection {
       this.#replyError(request, rejection.errno, rejection.message);
       return;
     }
-    if (request.type === CMD_WRITE && request.payload !== null && (request.flags & CMD_FLAG_FUA) === 0 && this.#writeNow(request, request.payload, exp)) return;
+    // A WRITE without FUA: written synchronously where the export can, else on #write's short path.
+    const plainWritePayload = request.type === CMD_WRITE && (request.flags & CMD_FLAG_FUA) === 0 ? request.payload : null;
+    if (plainWritePayload !== null && this.#writeNow(request, plainWritePayload, exp)) return;
     const costBytes = request.type === CMD_READ || request.type === CMD_WRITE ? request.lengthBytes : 0;
     this.#inFlightRequests++;
     this.#inFlightBytes += costBytes;
     let running: Promise<void>;
-    if (request.type === CMD_WRITE && request.payload !== null && (request.flags & CMD_FLAG_FUA) === 0) running = this.#write(request, request.payload, exp);
+    if (plainWritePayload !== null) running = this.#write(request, plainWritePayload, exp);
     else if (request.type === CMD_READ && this.#readsWhole(request, exp)) running = this.#readWhole(request, exp);
     else running = this.#execute(request, exp);
     running.then(() => {
@@ -536,16 +538,15 @@ export class NbdConnection {
    */
   #writeNow(request: NbdRequest, payload: Buffer, exp: NbdExport): boolean {
     if (payload.length >= LARGE_WRITE_BYTES && this.env.syncLargeWrites?.() !== true) return false;
+    let written: boolean;
     try {
-      if (!exp.writeSync(request.offset, payload)) return false;
+      written = exp.writeSync(request.offset, payload);
     } catch (error) {
-      this.#pool.give(payload);
-      this.#replyError(request, nbdErrnoFor(error), errorMessageOf(error));
+      this.#writeSettled(request, payload, { error });
       return true;
     }
-    this.#pool.give(payload);
-    this.#sendSimpleReply(0, request.cookieHi, request.cookieLo);
-    return true;
+    if (written) this.#writeSettled(request, payload, null);
+    return written;
   }
 
   /**
@@ -555,15 +556,16 @@ export class NbdConnection {
    */
   #write(request: NbdRequest, payload: Buffer, exp: NbdExport): Promise<void> {
     return exp.run((device) => device.write(request.offset, payload)).then(
-      () => {
-        this.#pool.give(payload);
-        this.#sendSimpleReply(0, request.cookieHi, request.cookieLo);
-      },
-      (error: unknown) => {
-        this.#pool.give(payload);
-        this.#replyError(request, nbdErrnoFor(error), errorMessageOf(error));
-      },
+      () => this.#writeSettled(request, payload, null),
+      (error: unknown) => this.#writeSettled(request, payload, { error }),
     );
+  }
+
+  /** A WRITE without FUA is done (`failure` null) or failed: its payload back to the pool, its reply sent (#writeNow, #write). */
+  #writeSettled(request: NbdRequest, payload: Buffer, failure: { error: unknown } | null): void {
+    this.#pool.give(payload);
+    if (failure === null) this.#sendSimpleReply(0, request.cookieHi, request.cookieLo);
+    else this.#replyError(request, nbdErrnoFor(failure.error), errorMessageOf(failure.error));
   }
 
   /** Runs one validated request and sends its reply; never rejects. */

@@ -157,6 +157,30 @@ test("writes crossing the end are ENOSPC, device errors keep their errno, and th
   assert.ok((await readBack(client, 0, 4096, 6n)).equals(Buffer.alloc(4096, 0x33)));
 });
 
+test("a large WRITE on the device's own path: a device error is its errno reply and the connection goes on", async (t) => {
+  const { device } = await rawFile(t);
+  const harness = await startServer(t, [{ name: "", device }]);
+  const client = await harness.connect();
+  await negotiate(client);
+  const write = device.write.bind(device);
+  let failWith: SnapstackError | null = new SnapstackError("E_IO", "medium error (test)");
+  let asyncWrites = 0;
+  Object.defineProperty(device, "write", {
+    value: (guestOffset: number, data: Uint8Array) => {
+      asyncWrites++;
+      return failWith !== null ? Promise.reject(failWith) : write(guestOffset, data);
+    },
+  });
+  client.sendRequest({ type: WRITE, cookie: 1n, offset: 0, payload: Buffer.alloc(MiB, 0x44) });
+  await expectReply(client, 1n, EIO);
+  assert.ok((await readBack(client, 0, MiB, 2n)).equals(Buffer.alloc(MiB, 0x11)), "the failed write changed nothing");
+  failWith = null;
+  client.sendRequest({ type: WRITE, cookie: 3n, offset: 0, payload: Buffer.alloc(MiB, 0x55) });
+  await expectReply(client, 3n);
+  assert.ok((await readBack(client, 0, MiB, 4n)).equals(Buffer.alloc(MiB, 0x55)));
+  assert.equal(asyncWrites, 2, "both large writes took the device's own path");
+});
+
 test("read-only raw file: WRITE is EPERM with its payload consumed; the device's writeSync refuses too", async (t) => {
   const { device } = await rawFile(t, true);
   assert.equal(device.readOnly, true);
