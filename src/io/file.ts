@@ -28,8 +28,10 @@ export interface ImageFile {
    * Optional: `write` done synchronously on the calling thread (pwrite);
    * throws what `write` would reject with. Absent when the file was opened
    * to write on a thread pool only.
-   * For callers that decide themselves when blocking is cheap (the NBD
-   * server's raw-file write path).
+   * For callers that decide themselves when blocking is cheap: the NBD
+   * server's raw-file WRITEs, Qcow2Image.write() up to 1 MiB, and metadata
+   * table write-back (no copy of a table is needed when nothing can run
+   * during the write).
    */
   writeSync?(hostOffset: number, data: Uint8Array): void;
   /** Current length of the file in bytes. */
