@@ -48,7 +48,8 @@
  * take the ordinary path (write, then flush). Large writes (from
  * LARGE_WRITE_BYTES) are synchronous only when env.syncLargeWrites() says
  * so (data-workers.ts), otherwise the device's thread pool overlaps them
- * with reading the socket.
+ * with reading the socket; writes over SYNC_WRITE_BYTES_MAX never are (as
+ * Qcow2Image.write: a 32 MiB pwrite would stall the other connections).
  *
  * Errors from the device become errno values (nbd-errno.ts) and never close
  * the connection; a client that vanishes mid-request costs nothing: replies
@@ -188,6 +189,8 @@ function sharedReadBuffer(): Buffer {
  * ASYNC_IO_THRESHOLD_BYTES.
  */
 const LARGE_WRITE_BYTES = 256 * 1024;
+/** Largest WRITE done synchronously at all (the same bound as Qcow2Image.write's). */
+const SYNC_WRITE_BYTES_MAX = 1024 * 1024;
 
 /** FAST_ZERO is honoured where zeroing is a metadata update: whole clusters of a qcow2 image. */
 function fastZeroPossible(device: BlockDevice, guestOffset: number, lengthBytes: number): boolean {
@@ -537,7 +540,7 @@ export class NbdConnection {
    * when the export cannot, or should not, write synchronously.
    */
   #writeNow(request: NbdRequest, payload: Buffer, exp: NbdExport): boolean {
-    if (payload.length >= LARGE_WRITE_BYTES && this.env.syncLargeWrites?.() !== true) return false;
+    if (payload.length > SYNC_WRITE_BYTES_MAX || (payload.length >= LARGE_WRITE_BYTES && this.env.syncLargeWrites?.() !== true)) return false;
     let written: boolean;
     try {
       written = exp.writeSync(request.offset, payload);

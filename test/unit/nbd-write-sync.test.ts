@@ -238,7 +238,7 @@ async function workerStyleConnection(t: TestContext, exp: NbdExport, syncLargeWr
   return client;
 }
 
-test("large writes are synchronous only when syncLargeWrites says so; small ones always; FUA takes the device's path", async (t) => {
+test("large writes are synchronous only when syncLargeWrites says so (never over 1 MiB); small ones always; FUA takes the device's path", async (t) => {
   const { path, device } = await rawFile(t);
   const counts = countWrites(device);
   const exp = new NbdExport({ name: "", device });
@@ -263,6 +263,11 @@ test("large writes are synchronous only when syncLargeWrites says so; small ones
   assert.ok(file.subarray(MiB, 2 * MiB).equals(Buffer.alloc(MiB, 0x78)));
   assert.ok(file.subarray(2 * MiB, 2 * MiB + 4096).equals(Buffer.alloc(4096, 0x79)));
   assert.ok(file.subarray(3 * MiB, 3 * MiB + 4096).equals(Buffer.alloc(4096, 0x7a)));
+  syncLarge = true;
+  client.sendRequest({ type: WRITE, cookie: 5n, offset: 2 * MiB, payload: Buffer.alloc(2 * MiB, 0x7b) });
+  await expectReply(client, 5n);
+  assert.deepEqual(counts, { sync: 2, async: 3 }, "over 1 MiB: the device's path even when large writes may be synchronous");
+  assert.ok(readFileSync(path).subarray(2 * MiB).equals(Buffer.alloc(2 * MiB, 0x7b)));
 });
 
 test("a device swap waiting for in-flight requests also holds synchronous writes back until the new device is in", async (t) => {
