@@ -6,6 +6,14 @@
  * fault-injecting one (dropping unflushed writes, tearing writes, failing the
  * Nth write).
  */
+/**
+ * Largest write a caller makes with ImageFile.writeSync (Qcow2Image.write,
+ * the NBD server's WRITEs): 1 MiB copies into the page cache in ~0.2-0.5 ms;
+ * a 32 MiB write, or one throttled by dirty-page writeback, would stall the
+ * event loop, and with it every other client of the process, much longer.
+ */
+export const WRITE_SYNC_BYTES_MAX = 1024 * 1024;
+
 export interface ImageFile {
   /** Path or a descriptive name, used in error messages. */
   readonly name: string;

@@ -134,10 +134,15 @@ export class NodeFile implements ImageFile {
     return done;
   }
 
-  async write(hostOffset: number, data: Uint8Array): Promise<void> {
+  /** The descriptor for a write at hostOffset, after the checks every write makes. */
+  #writableFd(hostOffset: number): number {
     if (!Number.isSafeInteger(hostOffset) || hostOffset < 0) assert(false, `write offset ${hostOffset} is a non-negative integer`);
     if (this.readOnly) throw new SnapstackError("E_READ_ONLY", `${this.name}: cannot write: opened read-only`, { path: this.name });
-    const fd = this.#openFd("write");
+    return this.#openFd("write");
+  }
+
+  async write(hostOffset: number, data: Uint8Array): Promise<void> {
+    const fd = this.#writableFd(hostOffset);
     let done = 0;
     try {
       while (done < data.length) {
@@ -157,9 +162,7 @@ export class NodeFile implements ImageFile {
   readonly writeSync?: (hostOffset: number, data: Uint8Array) => void;
 
   #writeSync(hostOffset: number, data: Uint8Array): void {
-    if (!Number.isSafeInteger(hostOffset) || hostOffset < 0) assert(false, `write offset ${hostOffset} is a non-negative integer`);
-    if (this.readOnly) throw new SnapstackError("E_READ_ONLY", `${this.name}: cannot write: opened read-only`, { path: this.name });
-    const fd = this.#openFd("write");
+    const fd = this.#writableFd(hostOffset);
     let done = 0;
     try {
       while (done < data.length) done += fs.writeSync(fd, data, done, data.length - done, hostOffset + done);
@@ -176,9 +179,7 @@ export class NodeFile implements ImageFile {
    * by piece.
    */
   async writev(hostOffset: number, pieces: readonly Uint8Array[]): Promise<void> {
-    if (!Number.isSafeInteger(hostOffset) || hostOffset < 0) assert(false, `write offset ${hostOffset} is a non-negative integer`);
-    if (this.readOnly) throw new SnapstackError("E_READ_ONLY", `${this.name}: cannot write: opened read-only`, { path: this.name });
-    const fd = this.#openFd("write");
+    const fd = this.#writableFd(hostOffset);
     const totalBytes = pieces.reduce((sum, piece) => sum + piece.length, 0);
     try {
       let done = await writevOnce(fd, pieces, hostOffset, totalBytes, this.writeIoMode);

@@ -48,7 +48,7 @@
  * take the ordinary path (write, then flush). Large writes (from
  * LARGE_WRITE_BYTES) are synchronous only when env.syncLargeWrites() says
  * so (data-workers.ts), otherwise the device's thread pool overlaps them
- * with reading the socket; writes over SYNC_WRITE_BYTES_MAX never are (as
+ * with reading the socket; writes over WRITE_SYNC_BYTES_MAX never are (as
  * Qcow2Image.write: a 32 MiB pwrite would stall the other connections).
  *
  * Errors from the device become errno values (nbd-errno.ts) and never close
@@ -58,6 +58,8 @@
 import type { Socket } from "node:net";
 import tls from "node:tls";
 import type { BlockDevice } from "../device/block-device.ts";
+import { WRITE_SYNC_BYTES_MAX } from "../io/file.ts";
+import { ASYNC_IO_THRESHOLD_BYTES } from "../io/node-file.ts";
 import { encodeBlockStatusChunk, encodeChunk, encodeErrorChunk, encodeGreeting, writeChunkHeader, writeSimpleReplyHeader, writeU64 } from "./codec.ts";
 import { alwaysData, queryBlockStatus, readRuns } from "./block-status.ts";
 import type { NbdExport } from "./nbd-export.ts";
@@ -185,12 +187,9 @@ function sharedReadBuffer(): Buffer {
 /**
  * WRITEs from this size on are "large": done synchronously only when
  * env.syncLargeWrites() says so, otherwise on the device's own path (a
- * raw file's NodeFile puts them on the thread pool). Same as NodeFile's
- * ASYNC_IO_THRESHOLD_BYTES.
+ * raw file's NodeFile puts them on the thread pool from that size on).
  */
-const LARGE_WRITE_BYTES = 256 * 1024;
-/** Largest WRITE done synchronously at all (the same bound as Qcow2Image.write's). */
-const SYNC_WRITE_BYTES_MAX = 1024 * 1024;
+const LARGE_WRITE_BYTES = ASYNC_IO_THRESHOLD_BYTES;
 
 /** FAST_ZERO is honoured where zeroing is a metadata update: whole clusters of a qcow2 image. */
 function fastZeroPossible(device: BlockDevice, guestOffset: number, lengthBytes: number): boolean {
@@ -540,7 +539,7 @@ export class NbdConnection {
    * when the export cannot, or should not, write synchronously.
    */
   #writeNow(request: NbdRequest, payload: Buffer, exp: NbdExport): boolean {
-    if (payload.length > SYNC_WRITE_BYTES_MAX || (payload.length >= LARGE_WRITE_BYTES && this.env.syncLargeWrites?.() !== true)) return false;
+    if (payload.length > WRITE_SYNC_BYTES_MAX || (payload.length >= LARGE_WRITE_BYTES && this.env.syncLargeWrites?.() !== true)) return false;
     let written: boolean;
     try {
       written = exp.writeSync(request.offset, payload);

@@ -29,7 +29,10 @@
  *   nbdcopy into the export 1223 vs 843 MiB/s; qcow2 chain equal or
  *   better). Small writes stay on the event loop: sending them to the pool
  *   ("small-async") lost on a quiet machine (4 KiB random writes: 82 vs 35
- *   us of CPU per request). A cold or slow disk would block every connection while a
+ *   us of CPU per request). On top of that, the connection writes a raw
+ *   file's WRITEs with writeSync (large ones too in busy data workers) and
+ *   Qcow2Image.write does so up to 1 MiB, where measured cheaper
+ *   (src/nbd/nbd-connection.ts, docs/nbd.md). A cold or slow disk would block every connection while a
  *   request waits for it: `--aio=threads` (qemu-nbd's default mode) sends
  *   every request to the pool instead.
  * - Data workers (src/nbd/data-workers.ts): exports without shared mutable

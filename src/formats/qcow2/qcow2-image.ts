@@ -41,7 +41,7 @@
  */
 import { SnapstackError, assert, isSnapstackError } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/block-device.ts";
-import type { ImageFile } from "../../io/file.ts";
+import { WRITE_SYNC_BYTES_MAX, type ImageFile } from "../../io/file.ts";
 import {
   COMPAT_LAZY_REFCOUNTS,
   COMPRESSION_TYPE_ZSTD,
@@ -1929,14 +1929,6 @@ interface PlannedWrite {
  * reads of its ~60 KiB of padding.
  */
 const COW_MERGED_READ_GAP_BYTES_MAX = 16 * 1024;
-
-/**
- * Largest write() whose data goes out with a synchronous pwrite (see
- * write()): 1 MiB copies into the page cache in ~0.2-0.5 ms; a 32 MiB NBD
- * WRITE, or one throttled by dirty-page writeback, would stall the event
- * loop, and with it every other client of the process, for much longer.
- */
-const WRITE_SYNC_BYTES_MAX = 1024 * 1024;
 
 /** A host range that a part of a request overwrites in place: data[at, at + length) at hostOffset. */
 interface InPlaceRun {
