@@ -1,12 +1,15 @@
 // The metadata caches stay within their bound on the read path too, and the
 // L2 cache hands the memory of evicted tables back instead of leaving it to
-// the garbage collector.
+// the garbage collector. Dirtiness is kept per chunk: write-back writes the
+// changed chunks of a table, and the image on disk is whole afterwards.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { MemoryFile } from "../../src/io/memory-file.ts";
 import { createQcow2 } from "../../src/formats/qcow2/create-qcow2.ts";
 import { openQcow2 } from "../../src/formats/qcow2/qcow2-image.ts";
-import { TableCache } from "../../src/formats/qcow2/table-cache.ts";
+import { TableCache, dirtyChunkBytes, dirtyRuns, markDirty, type CachedTable } from "../../src/formats/qcow2/table-cache.ts";
+import { getL2Entry } from "../../src/formats/qcow2/entries.ts";
+import { assertClean } from "../helpers/qcow2-clean.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -54,4 +57,90 @@ test("the last eviction hold released trims; freeEvicted detaches evicted tables
   for (let i = 8; i < 10; i++) await cache.get(i * tableBytes);
   assert.ok(evicted.every((table) => table.bytes.length === 0), "detached at the next trim");
   assert.throws(() => evicted[0].view.getUint32(0), TypeError);
+});
+
+function tableOf(tableBytes: number): CachedTable {
+  const bytes = new Uint8Array(tableBytes);
+  return { hostOffset: 0, bytes, view: new DataView(bytes.buffer), dirtyChunks: 0, lastUsed: 0 };
+}
+
+test("markDirty and dirtyRuns: chunks of a 32nd of the table, at least a page, merged when adjacent", () => {
+  assert.equal(dirtyChunkBytes(64 * KiB), 4 * KiB);
+  assert.equal(dirtyChunkBytes(2 * MiB), 64 * KiB);
+  assert.equal(dirtyChunkBytes(4 * KiB), 4 * KiB);
+  assert.equal(dirtyChunkBytes(512), 512);
+
+  const table = tableOf(64 * KiB);
+  markDirty(table, 8, 4);
+  assert.deepEqual(dirtyRuns(table.dirtyChunks, 64 * KiB), [[0, 4 * KiB]]);
+  markDirty(table, 4 * KiB - 2, 4); // straddles chunks 0 and 1
+  markDirty(table, 60 * KiB, 8); // the last chunk
+  assert.deepEqual(dirtyRuns(table.dirtyChunks, 64 * KiB), [
+    [0, 8 * KiB],
+    [60 * KiB, 4 * KiB],
+  ]);
+  markDirty(table);
+  assert.deepEqual(dirtyRuns(table.dirtyChunks, 64 * KiB), [[0, 64 * KiB]]);
+
+  const large = tableOf(2 * MiB);
+  markDirty(large, 2 * MiB - 8, 8);
+  assert.deepEqual(dirtyRuns(large.dirtyChunks, 2 * MiB), [[2 * MiB - 64 * KiB, 64 * KiB]]);
+  markDirty(large, 0, 2 * MiB);
+  assert.deepEqual(dirtyRuns(large.dirtyChunks, 2 * MiB), [[0, 2 * MiB]]);
+
+  const small = tableOf(512);
+  markDirty(small, 100, 8);
+  assert.deepEqual(dirtyRuns(small.dirtyChunks, 512), [[0, 512]]);
+});
+
+/** A MemoryFile that records the range of every write. */
+class WriteLoggingFile extends MemoryFile {
+  writes: Array<[hostOffset: number, lengthBytes: number]> = [];
+  override writeSync(hostOffset: number, data: Uint8Array): void {
+    this.writes.push([hostOffset, data.length]);
+    super.writeSync(hostOffset, data);
+  }
+}
+
+test("a snapshot pass writes only the chunks of an L2 table it changed, and the image is whole afterwards", async () => {
+  const clusterBytes = 64 * KiB;
+  const seed = new MemoryFile({ name: "chunks.qcow2" });
+  await createQcow2(seed, { sizeBytes: 1024 * MiB, clusterSizeBytes: clusterBytes });
+  const writer = await openQcow2(seed, { readOnly: false, backing: null });
+  // Entries 0, 3200 and 6400 of the first L2 table: bytes 0, 25600 and 51200, in chunks 0, 6 and 12.
+  const guestOffsets = [0, 200 * MiB, 400 * MiB];
+  for (const [i, guestOffset] of guestOffsets.entries()) await writer.write(guestOffset, new Uint8Array(clusterBytes).fill(i + 1));
+  await writer.close();
+
+  const file = new WriteLoggingFile({ name: seed.name, contents: seed.contents() });
+  const image = await openQcow2(file, { readOnly: false, backing: null });
+  const l2Offset = image.metadata.l1EntryOffset(0);
+  const intoTable = (): Array<[number, number]> =>
+    file.writes.filter(([at, length]) => at < l2Offset + clusterBytes && at + length > l2Offset).map(([at, length]) => [at - l2Offset, length]);
+
+  await image.createSnapshot("s");
+  assert.deepEqual(intoTable(), [
+    [0, 4 * KiB],
+    [24 * KiB, 4 * KiB],
+    [48 * KiB, 4 * KiB],
+  ]);
+  await assertClean(image, file, "after create");
+  await image.close();
+
+  // What reached the file: COPIED cleared in every entry (the image is shared with the snapshot).
+  const reopened = await openQcow2(new MemoryFile({ name: file.name, contents: file.contents() }), { readOnly: false, backing: null });
+  const table = await reopened.metadata.getL2(reopened.metadata.l1EntryOffset(0));
+  for (const guestOffset of guestOffsets) {
+    const entry = getL2Entry(table.view, guestOffset / clusterBytes, false, 16);
+    assert.equal(entry.type, "normal");
+    assert.equal(entry.type === "normal" && entry.copied, false, `entry of guest offset ${guestOffset}`);
+  }
+  await reopened.deleteSnapshot("s");
+  await assertClean(reopened, reopened.metadata.file, "after delete");
+  const byte = new Uint8Array(1);
+  for (const [i, guestOffset] of guestOffsets.entries()) {
+    await reopened.read(guestOffset + clusterBytes - 1, byte);
+    assert.equal(byte[0], i + 1);
+  }
+  await reopened.close();
 });

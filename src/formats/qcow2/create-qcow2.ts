@@ -29,6 +29,7 @@ import {
 import { REFTABLE_ENTRY_BYTES, encodeRefcountTable } from "./refcount-block.ts";
 import { L1_BYTES_MAX, Qcow2Metadata, l1EntriesForSize, qcow2Geometry } from "./metadata.ts";
 import { L1_ENTRY_BYTES, encodeL2Entry, setL2EntryWords } from "./entries.ts";
+import { markDirty } from "./table-cache.ts";
 import { Qcow2Image } from "./qcow2-image.ts";
 
 export type Qcow2Preallocation = "off" | "metadata" | "falloc" | "full";
@@ -244,7 +245,7 @@ async function preallocateData(file: ImageFile, meta: Qcow2Metadata, sizeBytes: 
       const word = encodeL2Entry({ type: "normal", hostOffset: hostOffset + i * cs, copied: true }, geometry.clusterBits, geometry.extendedL2);
       setL2EntryWords(table.view, firstIndex + i, geometry.extendedL2, word, geometry.extendedL2 ? 0xffffffff : 0, 0);
     }
-    table.dirty = true;
+    markDirty(table, firstIndex * geometry.l2EntryBytes, count * geometry.l2EntryBytes);
     guestCluster += count;
     hostOffset += count * cs;
     dataClusters -= count;

@@ -76,7 +76,7 @@ import {
   setL1Entry,
 } from "./entries.ts";
 import { L1_BYTES_MAX, corruption, type Qcow2Geometry, type Qcow2Metadata } from "./metadata.ts";
-import type { CachedTable } from "./table-cache.ts";
+import { markDirty, type CachedTable } from "./table-cache.ts";
 import {
   SNAPSHOT_COUNT_MAX,
   SNAPSHOT_ID_BYTES_MAX,
@@ -402,7 +402,7 @@ function rebuildTableCopied(table: CachedTable, walk: TreeWalk, from: number, us
     }
     if (copied !== ((hi & HI_COPIED) !== 0)) {
       view.setUint32(at, copied ? (hi | HI_COPIED) >>> 0 : (hi & ~HI_COPIED) >>> 0);
-      table.dirty = true;
+      markDirty(table, at, 4);
     }
   }
   return usedCount;

@@ -31,8 +31,8 @@ import { SnapstackError, assert } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
 import { INCOMPAT_EXTL2, encodeQcow2Header, type Qcow2Header } from "./header.ts";
 import { COMPRESSED_SECTOR_BYTES, HI_OFFSET_UNSAFE, L1_ENTRY_BYTES, LO_OFFSET_MASK, TWO_POW_32, getL1EntryOffset, l2EntryBytes, setL1Entry, type L2Entry } from "./entries.ts";
-import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, encodeRefcountTable, getRefcount, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
-import { TableCache, type CachedTable } from "./table-cache.ts";
+import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, encodeRefcountTable, getRefcount, refcountByteOffset, refcountEntryBytes, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
+import { TableCache, dirtyRuns, markDirty, type CachedTable } from "./table-cache.ts";
 import { OverlapGuard } from "./metadata-overlap.ts";
 import { CHECK_CLUSTERS_MAX } from "./reference-counter.ts";
 
@@ -314,21 +314,27 @@ export class Qcow2Metadata {
     // the bytes the write ordering was decided for, never a mix. One copy buffer serves the whole
     // batch (the writes are sequential). Where the file has a synchronous write, nothing can run
     // during it: the table's own bytes go out, no copy (a snapshot operation writes ~200 tables:
-    // 12.8 MiB of copying, a promise and a thread-pool hop each).
+    // 12.8 MiB of copying, a promise and a thread-pool hop each). Only a table's changed chunks
+    // are written (table-cache.ts).
     const writeSync = this.file.writeSync?.bind(this.file);
     let copy: Uint8Array | null = null;
     for (const table of dirty) {
       this.overlap.check(table.hostOffset, this.clusterSizeBytes, structure);
-      table.dirty = false;
+      const dirtyChunks = table.dirtyChunks;
+      table.dirtyChunks = 0;
       try {
-        if (writeSync !== undefined) writeSync(table.hostOffset, table.bytes);
-        else {
-          copy ??= new Uint8Array(this.clusterSizeBytes);
-          copy.set(table.bytes);
-          await this.file.write(table.hostOffset, copy);
+        for (const [byteOffset, byteLength] of dirtyRuns(dirtyChunks, table.bytes.length)) {
+          const bytes = table.bytes.subarray(byteOffset, byteOffset + byteLength);
+          if (writeSync !== undefined) writeSync(table.hostOffset + byteOffset, bytes);
+          else {
+            copy ??= new Uint8Array(this.clusterSizeBytes);
+            const copied = copy.subarray(0, byteLength);
+            copied.set(bytes);
+            await this.file.write(table.hostOffset + byteOffset, copied);
+          }
         }
       } catch (error) {
-        table.dirty = true;
+        table.dirtyChunks |= dirtyChunks;
         throw error;
       }
     }
@@ -496,7 +502,6 @@ export class Qcow2Metadata {
           block = result;
         }
         oldTableIndex = tableIndex;
-        block.dirty = true;
         const blockIndex = clusterIndex % entries;
         let refcount = getRefcount(block.bytes, blockIndex, this.geometry.refcountOrder);
         if (decrease ? refcount < addend : refcount + addend > this.geometry.refcountMax) {
@@ -511,6 +516,7 @@ export class Qcow2Metadata {
         refcount = decrease ? refcount - addend : refcount + addend;
         if (refcount === 0 && clusterIndex < this.freeClusterIndex) this.freeClusterIndex = clusterIndex;
         setRefcount(block.bytes, blockIndex, this.geometry.refcountOrder, refcount);
+        markDirty(block, refcountByteOffset(blockIndex, this.geometry.refcountOrder), refcountEntryBytes(this.geometry.refcountOrder));
         if (!decrease) this.overlap.noteFileEnd(clusterOffset + cs);
         if (refcount === 0 && this.wipeFreedClusters) this.#wipePending.add(clusterIndex);
         else if (!decrease && this.#wipePending.size > 0 && this.#wipePending.delete(clusterIndex)) await this.#writeZeroClusters([clusterIndex]);
@@ -641,7 +647,7 @@ export class Qcow2Metadata {
           assert(getRefcount(block.bytes, j, this.geometry.refcountOrder) === 0, "refcount area is free");
           setRefcount(block.bytes, j, this.geometry.refcountOrder, 1);
         }
-        block.dirty = true;
+        markDirty(block);
       }
     }
     assert(blockOffset === tableOffset, "refcount blocks end where the table starts");

@@ -77,7 +77,7 @@ import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTE
 import { compressCluster, decompressCluster } from "./compression.ts";
 import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, l1EntriesForSize } from "./metadata.ts";
 import { AsyncMutex, RangeLock, ReadGate } from "./locks.ts";
-import type { CachedTable } from "./table-cache.ts";
+import { markDirty, type CachedTable } from "./table-cache.ts";
 import { rebuildRefcounts } from "./rebuild-refcounts.ts";
 import { canEmptyCompletely, emptyCompletely } from "./make-empty.ts";
 import { BELOW_MIXED, BELOW_UNKNOWN, BELOW_ZERO, BackingResolutionCache, type BelowResolution } from "./backing-resolution-cache.ts";
@@ -1135,7 +1135,7 @@ export class Qcow2Image implements BlockDevice {
           // `offset | COPIED`, for each cluster of the plan (consecutive host clusters).
           setCopiedEntries(table.view, plan.l2Index, plan.count, plan.hostOffset, cs);
         }
-        table.dirty = true;
+        markDirty(table, plan.l2Index * geometry.l2EntryBytes, plan.count * geometry.l2EntryBytes);
         if (!plan.inPlace && plan.entry.type !== "unallocated" && plan.entry.type !== "zero-plain") freeAfter.push(plan.entry);
       }
     }
@@ -1264,7 +1264,7 @@ export class Qcow2Image implements BlockDevice {
         for (const plan of plans) {
           const word = encodeL2Entry({ type: "normal", hostOffset: plan.hostOffset, copied: true }, geometry.clusterBits, geometry.extendedL2);
           setL2EntryWords(table.view, plan.l2Index, geometry.extendedL2, word, 0, 0);
-          table.dirty = true;
+          markDirty(table, plan.l2Index * geometry.l2EntryBytes, geometry.l2EntryBytes);
           hostEnd = plan.hostOffset + plan.inCluster + plan.length;
         }
         at = chunkEnd;
@@ -1427,7 +1427,7 @@ export class Qcow2Image implements BlockDevice {
     const entry = this.#entry(table, l2Index, table.hostOffset);
     const final = decide(entry);
     setL2EntryWords(table.view, l2Index, geometry.extendedL2, final.word, final.alloc, final.zero);
-    table.dirty = true;
+    markDirty(table, l2Index * geometry.l2EntryBytes, geometry.l2EntryBytes);
     if (final.free) {
       await this.#readGate.drain();
       await meta.freeEntry(entry);
@@ -1732,7 +1732,7 @@ export class Qcow2Image implements BlockDevice {
     meta.noteDataWritten();
     const word = encodeL2Entry({ type: "compressed", hostOffset, compressedBytes: compressed.length }, geometry.clusterBits, geometry.extendedL2);
     setL2EntryWords(table.view, l2Index, geometry.extendedL2, word, 0, 0);
-    table.dirty = true;
+    markDirty(table, l2Index * geometry.l2EntryBytes, geometry.l2EntryBytes);
     await meta.trimCaches();
   }
 

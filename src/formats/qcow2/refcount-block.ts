@@ -54,6 +54,16 @@ export function getRefcount(block: Uint8Array, index: number, refcountOrder: num
   }
 }
 
+/** Offset in a refcount block of the byte where entry `index` starts (or that holds it, when narrower). */
+export function refcountByteOffset(index: number, refcountOrder: number): number {
+  return Math.floor((index * 2 ** refcountOrder) / 8);
+}
+
+/** Bytes an entry occupies (1 for entries narrower than a byte). */
+export function refcountEntryBytes(refcountOrder: number): number {
+  return Math.max(1, 2 ** refcountOrder / 8);
+}
+
 export function setRefcount(block: Uint8Array, index: number, refcountOrder: number, value: number): void {
   if (!Number.isInteger(value) || value < 0 || value > refcountMax(refcountOrder)) {
     throw new RangeError(`refcount ${value} does not fit ${2 ** refcountOrder} bits`);

@@ -11,6 +11,14 @@
  *   write ordering) and then become evictable. The cache may therefore
  *   exceed its bound by the number of dirty tables until the owner writes
  *   them back.
+ * - Dirtiness is kept per chunk (a 32nd of the table, at least a page):
+ *   `markDirty` records which bytes changed, and write-back writes only the
+ *   changed chunks (`dirtyRuns`). A snapshot pass flips COPIED in a few
+ *   entries of each table it walks: over the 200 tables of a 100 GiB image
+ *   with 1 GiB of data spread out, ~4 MiB are written instead of 12.8 (and
+ *   flushed: QEMU writes whole tables). A table's bytes outside its dirty
+ *   chunks equal the file's: it was loaded from there, or it is whole dirty
+ *   (`create`).
  * - While someone holds a table object across an await (a metadata update
  *   about to modify it, a read resolving many tables) eviction is held off
  *   (`holdEviction`), so a held table is never dropped and then modified or
@@ -25,8 +33,62 @@ export interface CachedTable {
   readonly hostOffset: number;
   readonly bytes: Uint8Array;
   readonly view: DataView;
-  dirty: boolean;
+  /** Bit i set: chunk i (dirtyChunkBytes) differs from the file; 0: clean. Set with markDirty. */
+  dirtyChunks: number;
   lastUsed: number;
+}
+
+/** Most chunks a table's dirtiness is kept in (one bit each of a 32-bit mask). */
+const DIRTY_CHUNKS_MAX = 32;
+/**
+ * Smallest chunk: a page. Writing part of a page that the page cache does
+ * not hold makes the kernel read the rest first, synchronously.
+ */
+const DIRTY_CHUNK_BYTES_MIN = 4096;
+
+/** Bytes per dirty chunk of a table of `tableBytes`: a 32nd of it, at least a page, at most all of it. */
+export function dirtyChunkBytes(tableBytes: number): number {
+  return Math.min(tableBytes, Math.max(DIRTY_CHUNK_BYTES_MIN, tableBytes / DIRTY_CHUNKS_MAX));
+}
+
+/** The mask with every chunk of a table of `tableBytes` dirty. */
+function wholeMask(tableBytes: number): number {
+  const chunks = tableBytes / dirtyChunkBytes(tableBytes);
+  return chunks >= 32 ? -1 : (1 << chunks) - 1;
+}
+
+/**
+ * Record that `byteLength` bytes at `byteOffset` of the table changed (by
+ * default all of it). Every change to a cached table's bytes is recorded
+ * here: write-back writes the marked chunks only.
+ */
+export function markDirty(table: CachedTable, byteOffset = 0, byteLength = table.bytes.length): void {
+  const chunkBytes = dirtyChunkBytes(table.bytes.length);
+  const first = Math.floor(byteOffset / chunkBytes);
+  const last = Math.floor((byteOffset + byteLength - 1) / chunkBytes);
+  if (first === 0 && last >= table.bytes.length / chunkBytes - 1) {
+    table.dirtyChunks = wholeMask(table.bytes.length);
+    return;
+  }
+  for (let chunk = first; chunk <= last; chunk++) table.dirtyChunks |= 1 << chunk;
+}
+
+/**
+ * The byte ranges of a table of `tableBytes` that the dirty-chunk mask
+ * `dirtyChunks` marks, as [byteOffset, byteLength] pairs, adjacent chunks
+ * merged, in order.
+ */
+export function dirtyRuns(dirtyChunks: number, tableBytes: number): [byteOffset: number, byteLength: number][] {
+  const chunkBytes = dirtyChunkBytes(tableBytes);
+  const chunks = tableBytes / chunkBytes;
+  const runs: [number, number][] = [];
+  for (let chunk = 0; chunk < chunks; chunk++) {
+    if ((dirtyChunks & (1 << chunk)) === 0) continue;
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last[0] + last[1] === chunk * chunkBytes) last[1] += chunkBytes;
+    else runs.push([chunk * chunkBytes, chunkBytes]);
+  }
+  return runs;
 }
 
 export class TableCache {
@@ -88,7 +150,7 @@ export class TableCache {
       if (raced !== undefined) return raced;
       // Make room first, so the table just loaded is never the one evicted.
       this.trim();
-      const entry: CachedTable = { hostOffset, bytes, view: new DataView(bytes.buffer), dirty: false, lastUsed: ++this.#clock };
+      const entry: CachedTable = { hostOffset, bytes, view: new DataView(bytes.buffer), dirtyChunks: 0, lastUsed: ++this.#clock };
       this.#entries.set(hostOffset, entry);
       return entry;
     } finally {
@@ -100,7 +162,7 @@ export class TableCache {
   create(hostOffset: number, contents?: Uint8Array): CachedTable {
     const bytes = contents === undefined || contents.length < this.#tableBytes ? new Uint8Array(this.#tableBytes) : Buffer.allocUnsafeSlow(this.#tableBytes);
     if (contents !== undefined) bytes.set(contents);
-    const entry: CachedTable = { hostOffset, bytes, view: new DataView(bytes.buffer), dirty: true, lastUsed: ++this.#clock };
+    const entry: CachedTable = { hostOffset, bytes, view: new DataView(bytes.buffer), dirtyChunks: wholeMask(this.#tableBytes), lastUsed: ++this.#clock };
     this.#entries.set(hostOffset, entry);
     return entry;
   }
@@ -117,12 +179,12 @@ export class TableCache {
 
   dirtyTables(): CachedTable[] {
     const out: CachedTable[] = [];
-    for (const entry of this.#entries.values()) if (entry.dirty) out.push(entry);
+    for (const entry of this.#entries.values()) if (entry.dirtyChunks !== 0) out.push(entry);
     return out.sort((a, b) => a.hostOffset - b.hostOffset);
   }
 
   hasDirty(): boolean {
-    for (const entry of this.#entries.values()) if (entry.dirty) return true;
+    for (const entry of this.#entries.values()) if (entry.dirtyChunks !== 0) return true;
     return false;
   }
 
@@ -153,7 +215,7 @@ export class TableCache {
     if (this.#evictionHolds > 0 || this.#entries.size < this.entriesMax) return;
     for (const buffer of this.#evicted) buffer.transfer(0);
     this.#evicted = [];
-    const clean = [...this.#entries.values()].filter((e) => !e.dirty).sort((a, b) => a.lastUsed - b.lastUsed);
+    const clean = [...this.#entries.values()].filter((e) => e.dirtyChunks === 0).sort((a, b) => a.lastUsed - b.lastUsed);
     const target = Math.floor((this.entriesMax * 3) / 4);
     for (const entry of clean) {
       if (this.#entries.size <= target) break;
