@@ -13,6 +13,9 @@
  * - the library call alone (Qcow2Image.createSnapshot etc., image opened
  *   beforehand, in this process) against the same qemu-img figure, which
  *   still includes qemu-img's process start and image open (~10-20 ms).
+ * The notes give the bytes each CLI wrote (GNU time's %O: pages dirtied,
+ * median): snapstack writes the changed pages of each L2 table, qemu-img
+ * whole tables.
  * The process start of each runner is shown in the notes (`snapshot -l` on
  * an image without snapshots), and Node's own start (`node -e 0`). After
  * the runs the snapstack results are checked with `qemu-img check` and
@@ -43,11 +46,11 @@ interface Runner {
   unavailable: string | null;
 }
 
-/** Wall and CPU seconds per operation, one entry per run. */
-type Timings = Record<Operation, { wall: number[]; cpu: number[] }>;
+/** Wall and CPU seconds and bytes written (CLI runs only) per operation, one entry per run. */
+type Timings = Record<Operation, { wall: number[]; cpu: number[]; written: number[] }>;
 
 function emptyTimings(): Timings {
-  return { create: { wall: [], cpu: [] }, apply: { wall: [], cpu: [] }, delete: { wall: [], cpu: [] } };
+  return { create: { wall: [], cpu: [], written: [] }, apply: { wall: [], cpu: [], written: [] }, delete: { wall: [], cpu: [], written: [] } };
 }
 
 async function freshCopy(fixture: string, path: string): Promise<void> {
@@ -66,6 +69,7 @@ async function cliRound(command: string, prefix: string[], path: string, timings
     const measured = await runMeasured(command, [...prefix, "snapshot", FLAG[operation], "s", path]);
     timings[operation].wall.push(measured.wallSeconds);
     timings[operation].cpu.push(measured.cpuSeconds);
+    timings[operation].written.push(measured.writtenBytes);
   }
 }
 
@@ -114,8 +118,9 @@ async function nodeStartSeconds(): Promise<number> {
 }
 
 /** "81/214/540 ms (median CPU 12 ms)". */
-function describe(times: { wall: number[]; cpu: number[] }): string {
-  return `${times.wall.map((v) => (v * 1000).toFixed(0)).join("/")} ms (median CPU ${(median(times.cpu) * 1000).toFixed(0)} ms)`;
+function describe(times: { wall: number[]; cpu: number[]; written: number[] }): string {
+  const written = times.written.length > 0 ? `, wrote ${(median(times.written) / MiB).toFixed(1)} MiB` : "";
+  return `${times.wall.map((v) => (v * 1000).toFixed(0)).join("/")} ms (median CPU ${(median(times.cpu) * 1000).toFixed(0)} ms${written})`;
 }
 
 export default async function snapshotBench(): Promise<BenchRow[]> {
