@@ -10,6 +10,8 @@ import { openQcow2 } from "../../src/formats/qcow2/qcow2-image.ts";
 import { TableCache, dirtyChunkBytes, dirtyRuns, markDirty, type CachedTable } from "../../src/formats/qcow2/table-cache.ts";
 import { getL2Entry } from "../../src/formats/qcow2/entries.ts";
 import { assertClean } from "../helpers/qcow2-clean.ts";
+import { FaultFile } from "../../src/io/fault-file.ts";
+import { isSnapstackError } from "../../src/base/errors.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -102,45 +104,79 @@ class WriteLoggingFile extends MemoryFile {
   }
 }
 
-test("a snapshot pass writes only the chunks of an L2 table it changed, and the image is whole afterwards", async () => {
-  const clusterBytes = 64 * KiB;
+/** An image with data clusters at `guestOffsets` (64 KiB clusters, 1 GiB disk: one L2 table for the first 512 MiB). */
+async function imageBytes(guestOffsets: readonly number[]): Promise<Uint8Array> {
   const seed = new MemoryFile({ name: "chunks.qcow2" });
-  await createQcow2(seed, { sizeBytes: 1024 * MiB, clusterSizeBytes: clusterBytes });
+  await createQcow2(seed, { sizeBytes: 1024 * MiB, clusterSizeBytes: 64 * KiB });
   const writer = await openQcow2(seed, { readOnly: false, backing: null });
-  // Entries 0, 3200 and 6400 of the first L2 table: bytes 0, 25600 and 51200, in chunks 0, 6 and 12.
-  const guestOffsets = [0, 200 * MiB, 400 * MiB];
-  for (const [i, guestOffset] of guestOffsets.entries()) await writer.write(guestOffset, new Uint8Array(clusterBytes).fill(i + 1));
+  for (const [i, guestOffset] of guestOffsets.entries()) await writer.write(guestOffset, new Uint8Array(64 * KiB).fill(i + 1));
   await writer.close();
+  return seed.contents();
+}
 
-  const file = new WriteLoggingFile({ name: seed.name, contents: seed.contents() });
+// Entries 0, 3200 and 6400 of the first L2 table: bytes 0, 25600 and 51200, in chunks 0, 6 and 12.
+const SPREAD_GUEST_OFFSETS = [0, 200 * MiB, 400 * MiB];
+
+for (const writeSync of [true, false]) {
+  test(`a snapshot pass writes only the chunks of an L2 table it changed, and the image is whole afterwards (${writeSync ? "synchronous writes" : "writes on the pool, from a copy"})`, async () => {
+    const clusterBytes = 64 * KiB;
+    const inner = new WriteLoggingFile({ name: "chunks.qcow2", contents: await imageBytes(SPREAD_GUEST_OFFSETS) });
+    const file = writeSync ? inner : await FaultFile.wrap(inner, { writeSync: false });
+    const image = await openQcow2(file, { readOnly: false, backing: null });
+    const l2Offset = image.metadata.l1EntryOffset(0);
+    const intoTable = (): Array<[number, number]> =>
+      inner.writes.filter(([at, length]) => at < l2Offset + clusterBytes && at + length > l2Offset).map(([at, length]) => [at - l2Offset, length]);
+
+    await image.createSnapshot("s");
+    assert.deepEqual(intoTable(), [
+      [0, 4 * KiB],
+      [24 * KiB, 4 * KiB],
+      [48 * KiB, 4 * KiB],
+    ]);
+    await assertClean(image, inner, "after create");
+    await image.close();
+
+    // What reached the file: COPIED cleared in every entry (the image is shared with the snapshot).
+    const reopened = await openQcow2(new MemoryFile({ name: inner.name, contents: inner.contents() }), { readOnly: false, backing: null });
+    const table = await reopened.metadata.getL2(reopened.metadata.l1EntryOffset(0));
+    for (const guestOffset of SPREAD_GUEST_OFFSETS) {
+      const entry = getL2Entry(table.view, guestOffset / clusterBytes, false, 16);
+      assert.equal(entry.type, "normal");
+      assert.equal(entry.type === "normal" && entry.copied, false, `entry of guest offset ${guestOffset}`);
+    }
+    await reopened.deleteSnapshot("s");
+    await assertClean(reopened, reopened.metadata.file, "after delete");
+    const byte = new Uint8Array(1);
+    for (const [i, guestOffset] of SPREAD_GUEST_OFFSETS.entries()) {
+      await reopened.read(guestOffset + clusterBytes - 1, byte);
+      assert.equal(byte[0], i + 1);
+    }
+    await reopened.close();
+  });
+}
+
+test("a table write-back that fails after its first chunk keeps the rest dirty: the next flush writes it", async () => {
+  const clusterBytes = 64 * KiB;
+  const contents = await imageBytes([0, 400 * MiB]);
+  const l2Offset = (await openQcow2(new MemoryFile({ contents, readOnly: true }), { readOnly: true, backing: null })).metadata.l1EntryOffset(0);
+  // The write of chunk 12 of the table (guest offset 400 MiB's entry) fails once.
+  const file = await FaultFile.fromBytes(contents, {
+    writeSync: false,
+    faults: [{ op: "write", index: 1, where: (hostOffset) => hostOffset === l2Offset + 48 * KiB, code: "E_IO" }],
+  });
   const image = await openQcow2(file, { readOnly: false, backing: null });
-  const l2Offset = image.metadata.l1EntryOffset(0);
-  const intoTable = (): Array<[number, number]> =>
-    file.writes.filter(([at, length]) => at < l2Offset + clusterBytes && at + length > l2Offset).map(([at, length]) => [at - l2Offset, length]);
-
-  await image.createSnapshot("s");
-  assert.deepEqual(intoTable(), [
-    [0, 4 * KiB],
-    [24 * KiB, 4 * KiB],
-    [48 * KiB, 4 * KiB],
-  ]);
-  await assertClean(image, file, "after create");
-  await image.close();
-
-  // What reached the file: COPIED cleared in every entry (the image is shared with the snapshot).
-  const reopened = await openQcow2(new MemoryFile({ name: file.name, contents: file.contents() }), { readOnly: false, backing: null });
-  const table = await reopened.metadata.getL2(reopened.metadata.l1EntryOffset(0));
-  for (const guestOffset of guestOffsets) {
-    const entry = getL2Entry(table.view, guestOffset / clusterBytes, false, 16);
-    assert.equal(entry.type, "normal");
-    assert.equal(entry.type === "normal" && entry.copied, false, `entry of guest offset ${guestOffset}`);
-  }
-  await reopened.deleteSnapshot("s");
-  await assertClean(reopened, reopened.metadata.file, "after delete");
+  await image.writeZeroes(0, clusterBytes);
+  await image.writeZeroes(400 * MiB, clusterBytes);
+  await assert.rejects(image.flush(), (error: unknown) => isSnapstackError(error) && error.code === "E_IO");
+  await image.flush();
+  const onDisk = new Uint8Array(clusterBytes);
+  await file.read(l2Offset, onDisk);
+  assert.ok(Buffer.from(onDisk).equals((await image.metadata.getL2(l2Offset)).bytes), "the table on disk equals the cached one");
+  await assertClean(image, new MemoryFile({ contents: file.durableContents() }), "after the second flush");
   const byte = new Uint8Array(1);
-  for (const [i, guestOffset] of guestOffsets.entries()) {
-    await reopened.read(guestOffset + clusterBytes - 1, byte);
-    assert.equal(byte[0], i + 1);
+  for (const guestOffset of [0, 400 * MiB]) {
+    await image.read(guestOffset + clusterBytes - 1, byte);
+    assert.equal(byte[0], 0, `guest offset ${guestOffset} reads as zeroes`);
   }
-  await reopened.close();
+  await image.close();
 });

@@ -309,36 +309,45 @@ export class Qcow2Metadata {
     const dirty = cache.dirtyTables();
     if (dirty.length === 0) return;
     const structure = cache === this.l2Cache ? "active L2 table" : "refcount block";
+    // Only a table's changed chunks are written (table-cache.ts), and a table counts as clean from
+    // the moment its write starts: eviction is held off until the flush, or a reader could drop it
+    // and load the file's bytes between two of its writes (missing the later chunks, yet clean).
     // A table may change while an asynchronous write of it is in flight (the pwrite runs on the
-    // thread pool while JavaScript goes on), so such a write goes out from a copy: the file gets
-    // the bytes the write ordering was decided for, never a mix. One copy buffer serves the whole
-    // batch (the writes are sequential). Where the file has a synchronous write, nothing can run
-    // during it: the table's own bytes go out, no copy (a snapshot operation writes ~200 tables:
-    // 12.8 MiB of copying, a promise and a thread-pool hop each). Only a table's changed chunks
-    // are written (table-cache.ts).
-    const writeSync = this.file.writeSync?.bind(this.file);
-    let copy: Uint8Array | null = null;
-    for (const table of dirty) {
-      this.overlap.check(table.hostOffset, this.clusterSizeBytes, structure);
-      const dirtyChunks = table.dirtyChunks;
-      table.dirtyChunks = 0;
-      try {
-        for (const [byteOffset, byteLength] of dirtyRuns(dirtyChunks, table.bytes.length)) {
-          const bytes = table.bytes.subarray(byteOffset, byteOffset + byteLength);
-          if (writeSync !== undefined) writeSync(table.hostOffset + byteOffset, bytes);
-          else {
-            copy ??= new Uint8Array(this.clusterSizeBytes);
-            const copied = copy.subarray(0, byteLength);
-            copied.set(bytes);
-            await this.file.write(table.hostOffset + byteOffset, copied);
-          }
+    // thread pool while JavaScript goes on), so such a write goes out from a copy of the table
+    // taken before the first of its writes: the file gets the bytes the write ordering was decided
+    // for, never a mix. One copy buffer serves the whole batch (the writes are sequential). Where
+    // the file has a synchronous write, nothing can run during it: the table's own bytes go out,
+    // no copy (a snapshot operation writes ~200 tables: a copy, a promise and a thread-pool hop
+    // each).
+    const release = cache.holdEviction();
+    try {
+      const writeSync = this.file.writeSync?.bind(this.file);
+      let copy: Uint8Array | null = null;
+      for (const table of dirty) {
+        this.overlap.check(table.hostOffset, this.clusterSizeBytes, structure);
+        const dirtyChunks = table.dirtyChunks;
+        table.dirtyChunks = 0;
+        let source = table.bytes;
+        if (writeSync === undefined) {
+          copy ??= new Uint8Array(this.clusterSizeBytes);
+          copy.set(table.bytes);
+          source = copy;
         }
-      } catch (error) {
-        table.dirtyChunks |= dirtyChunks;
-        throw error;
+        try {
+          for (const [byteOffset, byteLength] of dirtyRuns(dirtyChunks, table.bytes.length)) {
+            const bytes = source.subarray(byteOffset, byteOffset + byteLength);
+            if (writeSync !== undefined) writeSync(table.hostOffset + byteOffset, bytes);
+            else await this.file.write(table.hostOffset + byteOffset, bytes);
+          }
+        } catch (error) {
+          table.dirtyChunks |= dirtyChunks;
+          throw error;
+        }
       }
+      await this.file.flush();
+    } finally {
+      release();
     }
-    await this.file.flush();
   }
 
   /** Write dirty L2 tables (after what they depend on). */
@@ -559,7 +568,7 @@ export class Qcow2Metadata {
     const newBlock = await this.#allocClustersNoref(1);
     this.overlap.noteFileEnd(newBlock + cs);
     if (Math.floor(newBlock / cs / entries) === tableIndex) {
-      // The block describes itself.
+      // The block describes itself (create marks it whole dirty).
       const block = this.refblockCache.create(newBlock);
       setRefcount(block.bytes, (newBlock / cs) % entries, this.geometry.refcountOrder, 1);
     } else {

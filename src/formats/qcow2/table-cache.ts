@@ -24,6 +24,7 @@
  *   (`holdEviction`), so a held table is never dropped and then modified or
  *   reloaded behind the holder's back; the last release trims.
  */
+import { assert } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
 
 /** ArrayBuffer.prototype.transfer (ES2024, Node 22+), beyond the project's TypeScript lib. */
@@ -33,7 +34,11 @@ export interface CachedTable {
   readonly hostOffset: number;
   readonly bytes: Uint8Array;
   readonly view: DataView;
-  /** Bit i set: chunk i (dirtyChunkBytes) differs from the file; 0: clean. Set with markDirty. */
+  /**
+   * Bit i set: chunk i (dirtyChunkBytes) differs from the file; 0: clean.
+   * Set with markDirty. A signed 32-bit value (bit 31 makes it negative):
+   * test it against 0 with !==, never with >.
+   */
   dirtyChunks: number;
   lastUsed: number;
 }
@@ -63,14 +68,12 @@ function wholeMask(tableBytes: number): number {
  * here: write-back writes the marked chunks only.
  */
 export function markDirty(table: CachedTable, byteOffset = 0, byteLength = table.bytes.length): void {
-  const chunkBytes = dirtyChunkBytes(table.bytes.length);
-  const first = Math.floor(byteOffset / chunkBytes);
-  const last = Math.floor((byteOffset + byteLength - 1) / chunkBytes);
-  if (first === 0 && last >= table.bytes.length / chunkBytes - 1) {
-    table.dirtyChunks = wholeMask(table.bytes.length);
-    return;
+  if (byteOffset < 0 || byteLength < 0 || byteOffset + byteLength > table.bytes.length) {
+    assert(false, `dirty range [${byteOffset}, +${byteLength}) within the ${table.bytes.length}-byte table`);
   }
-  for (let chunk = first; chunk <= last; chunk++) table.dirtyChunks |= 1 << chunk;
+  const chunkBytes = dirtyChunkBytes(table.bytes.length);
+  const last = Math.floor((byteOffset + byteLength - 1) / chunkBytes);
+  for (let chunk = Math.floor(byteOffset / chunkBytes); chunk <= last; chunk++) table.dirtyChunks |= 1 << chunk;
 }
 
 /**
