@@ -33,6 +33,8 @@ export class RangeCopier {
   readonly #source: BlockDevice;
   readonly #target: BlockDevice;
   readonly #job: Job | undefined;
+  /** Chunk buffers kept from one copy() to the next. */
+  readonly #freeBuffers: Uint8Array[] = [];
   /** Bytes written to the target (data and zeroes). */
   writtenBytes = 0;
 
@@ -51,6 +53,7 @@ export class RangeCopier {
       // One read ahead of the write: measured fastest for commit (see copy-pipeline.ts).
       readsInFlight: JOB_READS_IN_FLIGHT,
       queuedBytesMax: JOB_QUEUED_BYTES_MAX,
+      freeBuffers: this.#freeBuffers,
       checkpoint: job === undefined ? undefined : () => job.checkpoint(),
       onProgress: (_kind, bytes) => {
         this.writtenBytes += bytes;
