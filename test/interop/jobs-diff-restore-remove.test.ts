@@ -217,6 +217,48 @@ test("restore onto a qcow2 target and onto a smaller raw file (grown)", async (t
   assert.deepEqual(new Uint8Array(readFileSync(small)), topModel.bytes);
 });
 
+test("restore cancelled while its copy runs behind the compare: E_ABORTED, and TARGET holds SOURCE before one point and its old content after", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const base = await createQcow2(join(dir, "base.qcow2"), { sizeBytes: 64 * MiB });
+  const top = await createQcow2(join(dir, "top.qcow2"), { backing: "base.qcow2" });
+  // 32 separate changed ranges of 256 KiB, 2 MiB apart: more than the compare may run ahead.
+  await qemuIo(top, ...Array.from({ length: 32 }, (_, i) => `write -P ${i + 1} ${i * 2}M 256k`));
+  const topModel = new DiskModel(64 * MiB);
+  for (let i = 0; i < 32; i++) topModel.fill(i * 2 * MiB, 256 * KiB, i + 1);
+  const old = new Uint8Array(64 * MiB);
+  const target = join(dir, "target.raw");
+  writeFileSync(target, old);
+  const controller = new AbortController();
+  await assert.rejects(
+    restoreImage(top, target, {
+      from: base,
+      signal: controller.signal,
+      onProgress: (progress) => {
+        if (progress.doneBytes >= 8 * MiB) controller.abort();
+      },
+    }),
+    (error: unknown) => isSnapstackError(error) && error.code === "E_ABORTED",
+  );
+  const after = new Uint8Array(readFileSync(target));
+  // Granule by granule: SOURCE's bytes up to some point, the old bytes from there on.
+  let switched = false;
+  let restoredGranules = 0;
+  for (let at = 0; at < after.length; at += 512) {
+    const isSource = Buffer.from(after.subarray(at, at + 512)).equals(topModel.bytes.subarray(at, at + 512));
+    const isOld = Buffer.from(after.subarray(at, at + 512)).equals(old.subarray(at, at + 512));
+    assert.ok(isSource || isOld, `granule at ${at} is SOURCE's or the old content`);
+    if (isSource && !isOld) {
+      assert.ok(!switched, `granule at ${at} restored after an unrestored one`);
+      restoredGranules++;
+    } else if (!isSource) switched = true;
+  }
+  assert.ok(restoredGranules < 32 * 512, `stopped before the end (${restoredGranules} granules restored)`);
+  // Restoring again completes it.
+  await restoreImage(top, target, { from: base });
+  assert.ok(Buffer.from(readFileSync(target)).equals(topModel.bytes), "TARGET is SOURCE after a second restore");
+});
+
 test("remove refuses an image used as backing file, naming the user; removes (and wipes) otherwise", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);

@@ -20,6 +20,11 @@
  * - Writes go in guest order and are flushed at the end. A cancelled or
  *   failed restore leaves TARGET a valid image holding SOURCE's content
  *   before the stop point and its old content after it.
+ * - The compare runs ahead of the copy (RangeQueue, a few ranges apart):
+ *   one reads and compares the next chunks while the other writes the
+ *   ranges found, on the other core. The copy only writes behind the
+ *   compare's position, so a compare that reads TARGET (no `from`) never
+ *   reads what is being written.
  */
 import { readFileSync, statSync } from "node:fs";
 import { SnapstackError } from "../../base/errors.ts";
@@ -30,6 +35,7 @@ import { openNodeFile } from "../../io/node-file.ts";
 import { parseImageFormat, probeImageFormat } from "../image-format.ts";
 import { chainLayers, openImage } from "../open-image.ts";
 import { fileKey, layerKey } from "./chain-layers.ts";
+import type { CopyRange } from "../copy-pipeline.ts";
 import { RangeCopier } from "./copy-ranges.ts";
 import { openDiskState, type DiskState } from "./disk-state.ts";
 import { runJob, type JobOptions } from "./job.ts";
@@ -53,6 +59,71 @@ export interface RestoreResult {
 }
 
 const SYSFS_SECTOR_BYTES = 512;
+
+/** Differing ranges found and not yet copied, at most (the compare waits beyond). */
+const QUEUED_RANGES_MAX = 8;
+
+/**
+ * Ranges from the compare (push, in guest order) to the copy (iterated):
+ * push waits while QUEUED_RANGES_MAX are queued; once the copy stopped
+ * (`stop`, its failure) push rejects with that failure; once the compare
+ * failed (`abort`) the copy's next pull throws, and what is queued is
+ * dropped (the writes in flight complete).
+ */
+class RangeQueue implements AsyncIterable<CopyRange> {
+  readonly #ranges: CopyRange[] = [];
+  #ended = false;
+  #stopped: { error: unknown } | null = null;
+  #aborted: { error: unknown } | null = null;
+  #wakeCopy: (() => void) | null = null;
+  #wakeCompare: (() => void) | null = null;
+
+  async push(range: CopyRange): Promise<void> {
+    while (this.#ranges.length >= QUEUED_RANGES_MAX && this.#stopped === null) await new Promise<void>((resolve) => (this.#wakeCompare = resolve));
+    if (this.#stopped !== null) throw this.#stopped.error;
+    this.#ranges.push(range);
+    this.#wake();
+  }
+
+  /** No more ranges: the copy ends after the queued ones. */
+  end(): void {
+    this.#ended = true;
+    this.#wake();
+  }
+
+  /** The copy failed: pushes reject with its error. */
+  stop(error: unknown): void {
+    this.#stopped = { error };
+    this.#wake();
+  }
+
+  /** The compare failed or was cancelled: the copy stops at its next range or chunk. */
+  abort(error: unknown): void {
+    this.#aborted = { error };
+    this.#wake();
+  }
+
+  #wake(): void {
+    const copy = this.#wakeCopy;
+    const compare = this.#wakeCompare;
+    this.#wakeCopy = null;
+    this.#wakeCompare = null;
+    copy?.();
+    compare?.();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<CopyRange> {
+    for (;;) {
+      if (this.#aborted !== null) throw this.#aborted.error;
+      const range = this.#ranges.shift();
+      if (range !== undefined) {
+        this.#wake();
+        yield range;
+      } else if (this.#ended) return;
+      else await new Promise<void>((resolve) => (this.#wakeCopy = resolve));
+    }
+  }
+}
 
 /** Size of a block device from /sys/dev/block/MAJ:MIN/size (512-byte sectors). */
 function blockDeviceSizeBytes(path: string, rdev: number): number {
@@ -124,16 +195,30 @@ export async function restoreImage(sourceSpec: string, targetPath: string, optio
       const comparer = new StateComparer(known?.device ?? device, source.device, { job, granularityBytes: options.granularityBytes });
       const copier = new RangeCopier(source.device, device);
       let ranges = 0;
+      const queue = new RangeQueue();
+      const copying = copier.copy(queue).catch((error: unknown) => {
+        queue.stop(error);
+        throw error;
+      });
+      copying.catch(() => {}); // awaited below; a failure before that is not unhandled
       const write = async (range: { start: number; length: number; zero: boolean }): Promise<void> => {
         const length = Math.min(range.length, source.device.sizeBytes - range.start);
         if (length <= 0) return;
         ranges++;
-        if (range.zero) await copier.writeZeroes(range.start, length);
-        else await copier.copyData(range.start, length);
+        await queue.push({ start: range.start, length, kind: range.zero ? "zero" : "data" });
       };
       job.setTotal(source.device.sizeBytes, "restore");
-      await comparer.compare(0, source.device.sizeBytes, write);
-      await comparer.finish(write);
+      try {
+        await comparer.compare(0, source.device.sizeBytes, write);
+        await comparer.finish(write);
+      } catch (error) {
+        // A failed copy made the push reject with its own error; else the copy stops where it is.
+        queue.abort(error);
+        await copying.catch(() => {});
+        throw error;
+      }
+      queue.end();
+      await copying;
       await device.flush();
       return { writtenBytes: copier.writtenBytes, ranges, targetSizeBytes: device.sizeBytes, compare: comparer.stats };
     },
