@@ -259,6 +259,24 @@ test("restore cancelled while its copy runs behind the compare: E_ABORTED, and T
   assert.ok(Buffer.from(readFileSync(target)).equals(topModel.bytes), "TARGET is SOURCE after a second restore");
 });
 
+test("restore of 300 separate zeroed sectors: exact bytes and ranges with far more ranges than the copy queue holds", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const base = await createQcow2(join(dir, "base.qcow2"), { sizeBytes: 8 * MiB });
+  await qemuIo(base, "write -P 0x11 0 8M");
+  const top = await createQcow2(join(dir, "top.qcow2"), { backing: "base.qcow2" });
+  await qemuIo(top, ...Array.from({ length: 300 }, (_, i) => `write -z ${i * 16 * KiB + 512} 512`));
+  const model = new DiskModel(8 * MiB);
+  model.fill(0, 8 * MiB, 0x11);
+  for (let i = 0; i < 300; i++) model.fill(i * 16 * KiB + 512, 512, 0);
+  const target = join(dir, "target.raw");
+  writeFileSync(target, new Uint8Array(8 * MiB).fill(0x11));
+  const result = await restoreImage(top, target, { from: base });
+  assert.equal(result.ranges, 300);
+  assert.equal(result.writtenBytes, 300 * 512);
+  assert.ok(Buffer.from(readFileSync(target)).equals(model.bytes), "TARGET is SOURCE");
+});
+
 test("remove refuses an image used as backing file, naming the user; removes (and wipes) otherwise", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);
