@@ -107,6 +107,12 @@ export interface CopyPipelineOptions {
   /** Called as ranges are handed to the writer: data bytes, then zero bytes. */
   onProgress?: (kind: CopyRangeKind, bytes: number) => void;
   /**
+   * Called once, as soon as a write fails (before the copy notices it at its
+   * next chunk or range): a caller feeding ranges from elsewhere stops
+   * producing them.
+   */
+  onWriteFailure?: (error: unknown) => void;
+  /**
    * Chunk buffers to reuse, and where they go back once written: a caller
    * that copies range after range (the jobs' RangeCopier) keeps one list, so
    * each call does not allocate and fault in new 2 MiB buffers (restore of
@@ -143,8 +149,11 @@ export class OrderedWriter {
   #failure: { error: unknown } | null = null;
   #waiters: Array<{ bytes: number; resolve: () => void }> = [];
 
-  constructor(target: BlockDevice, options: { batch: boolean; requestsInFlight: number }) {
+  readonly #onFailure: ((error: unknown) => void) | undefined;
+
+  constructor(target: BlockDevice, options: { batch: boolean; requestsInFlight: number; onFailure?: (error: unknown) => void }) {
     this.#target = target;
+    this.#onFailure = options.onFailure;
     this.#batchTarget = options.batch && target instanceof Qcow2Image ? target : null;
     this.#allocationOrdered = target instanceof Qcow2Image;
     // qcow2: a batch's data write overlaps the next batch's allocation (writeBatch's onAllocated); other requests allocate until they complete.
@@ -257,7 +266,10 @@ export class OrderedWriter {
   #finish(ops: readonly WriteOp[], failure: { error: unknown } | null, onAllocated: () => void): void {
     this.#running--;
     onAllocated();
-    if (failure !== null && this.#failure === null) this.#failure = failure;
+    if (failure !== null && this.#failure === null) {
+      this.#failure = failure;
+      this.#onFailure?.(failure.error);
+    }
     for (const op of ops) {
       if (op.kind !== "zero") this.#pendingBytes -= op.data.length;
       op.done?.();
@@ -314,8 +326,9 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
   const zeroMode = options.zeroMode;
   const readsMax = options.readsInFlight ?? COPY_READS_IN_FLIGHT;
   const queuedBytesMax = options.queuedBytesMax ?? COPY_QUEUED_BYTES_MAX;
-  const writer = new OrderedWriter(target, { batch: !compress, requestsInFlight: COPY_WRITES_IN_FLIGHT });
-  const free = (options.freeBuffers ?? []).filter((buffer) => buffer.length === chunkBytes);
+  const writer = new OrderedWriter(target, { batch: !compress, requestsInFlight: COPY_WRITES_IN_FLIGHT, onFailure: options.onWriteFailure });
+  // Whole buffers only: a freed buffer is rebuilt from its ArrayBuffer (consume()).
+  const free = (options.freeBuffers ?? []).filter((buffer) => buffer.byteOffset === 0 && buffer.length === chunkBytes && buffer.buffer.byteLength === chunkBytes);
   if (options.freeBuffers !== undefined) options.freeBuffers.length = 0;
   const slots: Slot[] = [];
   let readsInFlight = 0;
@@ -400,6 +413,9 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
     for await (const range of ranges) {
       if (range.kind === "zero") {
         slots.push({ start: range.start, length: range.length, buffer: null, read: null, readDone: true });
+        // Hand over what is ready now: a run of zero ranges is written as it comes, not at the next data.
+        while (slots.length > 0 && slots[0].readDone) await consume();
+        if (writer.failed) break;
         continue;
       }
       for (let at = range.start; at < range.start + range.length; at += chunkBytes) {

@@ -8,7 +8,8 @@ import assert from "node:assert/strict";
 import { linkSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { scratchDir } from "../helpers/tools.ts";
-import { COPY_CHUNK_BYTES, copyRanges } from "../../src/chain/copy-pipeline.ts";
+import { COPY_CHUNK_BYTES, copyRanges, type CopyRange } from "../../src/chain/copy-pipeline.ts";
+import { FaultFile } from "../../src/io/fault-file.ts";
 import { MemoryFile } from "../../src/io/memory-file.ts";
 import { openRawImage } from "../../src/formats/raw/raw-image.ts";
 import { createImage } from "../../src/chain/create-image.ts";
@@ -268,6 +269,29 @@ test("copyRanges with a caller's freeBuffers reuses the same chunk buffers from 
   const expected = contents.slice();
   expected.fill(0, 3 * MiB, 4 * MiB);
   assert.ok(Buffer.from(copied).equals(expected), "the target holds both ranges and nothing between them");
+  await source.close();
+  await target.close();
+});
+
+test("copyRanges stops pulling ranges soon after a write fails, zero ranges included, and reports that write's error", async () => {
+  const source = await openRawImage(new MemoryFile({ name: "source.raw", contents: new Uint8Array(4 * MiB).fill(7) }));
+  const failing = await FaultFile.fromBytes(new Uint8Array(128 * MiB), { name: "target.raw", faults: [{ op: "write", index: 1, code: "E_IO" }] });
+  const target = await openRawImage(failing);
+  let pulled = 0;
+  let failures = 0;
+  function* ranges(): Generator<CopyRange> {
+    yield { start: 0, length: 2 * MiB, kind: "data" };
+    for (let i = 0; i < 100; i++) {
+      pulled++;
+      yield { start: (4 + i) * MiB, length: 64 * KiB, kind: "zero" };
+    }
+  }
+  await assert.rejects(
+    copyRanges(source, target, ranges(), { zeroMode: { kind: "zeroes" }, onWriteFailure: () => failures++ }),
+    (error: unknown) => isSnapstackError(error) && error.code === "E_IO",
+  );
+  assert.equal(failures, 1, "onWriteFailure is called once");
+  assert.ok(pulled < 100, `stopped after ${pulled} of 100 zero ranges`);
   await source.close();
   await target.close();
 });

@@ -44,9 +44,15 @@ export class RangeCopier {
     this.#job = job;
   }
 
-  /** Copy ranges in ascending guest order, pipelined across ranges; returns once all writes completed. */
-  async copy(ranges: AsyncIterable<CopyRange> | Iterable<CopyRange>): Promise<void> {
+  /**
+   * Copy ranges in ascending guest order, pipelined across ranges; returns
+   * once all writes completed. `checkpoint` (called before each chunk, after
+   * the job's own) and `onWriteFailure` serve a caller that feeds ranges as
+   * it finds them (restore).
+   */
+  async copy(ranges: AsyncIterable<CopyRange> | Iterable<CopyRange>, options: { checkpoint?: () => void; onWriteFailure?: (error: unknown) => void } = {}): Promise<void> {
     const job = this.#job;
+    const extra = options.checkpoint;
     await copyRanges(this.#source, this.#target, ranges, {
       zeroMode: { kind: "zeroes" },
       zeroRuns: wholeZeroRun,
@@ -54,7 +60,11 @@ export class RangeCopier {
       readsInFlight: JOB_READS_IN_FLIGHT,
       queuedBytesMax: JOB_QUEUED_BYTES_MAX,
       freeBuffers: this.#freeBuffers,
-      checkpoint: job === undefined ? undefined : () => job.checkpoint(),
+      checkpoint: job === undefined && extra === undefined ? undefined : () => {
+        job?.checkpoint();
+        extra?.();
+      },
+      onWriteFailure: options.onWriteFailure,
       onProgress: (_kind, bytes) => {
         this.writtenBytes += bytes;
         job?.advance(bytes);

@@ -24,7 +24,10 @@
  *   one reads and compares the next chunks while the other writes the
  *   ranges found, on the other core. The copy only writes behind the
  *   compare's position, so a compare that reads TARGET (no `from`) never
- *   reads what is being written.
+ *   reads what is being written. A failed write stops the compare at its
+ *   next range; a cancelled or failed compare stops the copy at its next
+ *   chunk (the copy checks the job too, so a cancel after the compare ended
+ *   still stops it), which keeps the guarantee above.
  */
 import { readFileSync, statSync } from "node:fs";
 import { SnapstackError } from "../../base/errors.ts";
@@ -67,8 +70,9 @@ const QUEUED_RANGES_MAX = 8;
  * Ranges from the compare (push, in guest order) to the copy (iterated):
  * push waits while QUEUED_RANGES_MAX are queued; once the copy stopped
  * (`stop`, its failure) push rejects with that failure; once the compare
- * failed (`abort`) the copy's next pull throws, and what is queued is
- * dropped (the writes in flight complete).
+ * failed (`abort`) the copy's next pull or chunk throws
+ * (`throwIfAborted`), and what is queued is dropped (the writes in flight
+ * complete).
  */
 class RangeQueue implements AsyncIterable<CopyRange> {
   readonly #ranges: CopyRange[] = [];
@@ -103,6 +107,11 @@ class RangeQueue implements AsyncIterable<CopyRange> {
     this.#wake();
   }
 
+  /** For the copy's checkpoint: throw once aborted. */
+  throwIfAborted(): void {
+    if (this.#aborted !== null) throw this.#aborted.error;
+  }
+
   #wake(): void {
     const copy = this.#wakeCopy;
     const compare = this.#wakeCompare;
@@ -114,7 +123,7 @@ class RangeQueue implements AsyncIterable<CopyRange> {
 
   async *[Symbol.asyncIterator](): AsyncIterator<CopyRange> {
     for (;;) {
-      if (this.#aborted !== null) throw this.#aborted.error;
+      this.throwIfAborted();
       const range = this.#ranges.shift();
       if (range !== undefined) {
         this.#wake();
@@ -196,10 +205,19 @@ export async function restoreImage(sourceSpec: string, targetPath: string, optio
       const copier = new RangeCopier(source.device, device);
       let ranges = 0;
       const queue = new RangeQueue();
-      const copying = copier.copy(queue).catch((error: unknown) => {
-        queue.stop(error);
-        throw error;
-      });
+      job.setTotal(source.device.sizeBytes, "restore");
+      const copying = copier
+        .copy(queue, {
+          checkpoint: () => {
+            job.checkpoint();
+            queue.throwIfAborted();
+          },
+          onWriteFailure: (error) => queue.stop(error),
+        })
+        .catch((error: unknown) => {
+          queue.stop(error);
+          throw error;
+        });
       copying.catch(() => {}); // awaited below; a failure before that is not unhandled
       const write = async (range: { start: number; length: number; zero: boolean }): Promise<void> => {
         const length = Math.min(range.length, source.device.sizeBytes - range.start);
@@ -207,7 +225,6 @@ export async function restoreImage(sourceSpec: string, targetPath: string, optio
         ranges++;
         await queue.push({ start: range.start, length, kind: range.zero ? "zero" : "data" });
       };
-      job.setTotal(source.device.sizeBytes, "restore");
       try {
         await comparer.compare(0, source.device.sizeBytes, write);
         await comparer.finish(write);

@@ -175,7 +175,7 @@ export class StateComparer {
     let at = 0;
     while (at < length) {
       const next = Math.min(length, (Math.floor((offset + at) / granule) + 1) * granule - offset);
-      // The first bytes decide most differing granules without a call into C++ (4096 per chunk).
+      // The first bytes decide most differing granules without a call into C++ (4096 per chunk of 512-byte granules).
       const differs = bufferA[at] !== bufferB[at] || bufferA.compare(bufferB, at, next, at, next) !== 0;
       if (differs && runStart < 0) runStart = at;
       if (!differs && runStart >= 0) {
