@@ -277,6 +277,27 @@ test("restore of 300 separate zeroed sectors: exact bytes and ranges with far mo
   assert.ok(Buffer.from(readFileSync(target)).equals(model.bytes), "TARGET is SOURCE");
 });
 
+test("restore without --from onto a qcow2 target: 40 changes inside clusters, TARGET read ahead while written behind", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const base = await createQcow2(join(dir, "base.qcow2"), { sizeBytes: 16 * MiB });
+  await qemuIo(base, "write -P 0x11 0 16M");
+  const top = await createQcow2(join(dir, "top.qcow2"), { backing: "base.qcow2" });
+  // 1000 bytes at odd offsets, 300 KiB apart: every range ends inside a 64 KiB cluster of TARGET.
+  await qemuIo(top, ...Array.from({ length: 40 }, (_, i) => `write -P ${0x40 + i} ${i * 300 * KiB + 777} 1000`));
+  const model = new DiskModel(16 * MiB);
+  model.fill(0, 16 * MiB, 0x11);
+  for (let i = 0; i < 40; i++) model.fill(i * 300 * KiB + 777, 1000, 0x40 + i);
+  const target = join(dir, "target.qcow2");
+  await qemuImg("convert", "-O", "qcow2", base, target);
+  const result = await restoreImage(top, target);
+  assert.equal(result.ranges, 40);
+  // 1000 bytes at offset 777 span granules [512, 2048): 3 granules each.
+  assert.equal(result.writtenBytes, 40 * 3 * 512);
+  await assertClean(target);
+  await assertMatchesModel(target, model, dir);
+});
+
 test("remove refuses an image used as backing file, naming the user; removes (and wipes) otherwise", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);
