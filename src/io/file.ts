@@ -14,6 +14,21 @@
  */
 export const WRITE_SYNC_BYTES_MAX = 1024 * 1024;
 
+/** Size of the zero buffer writeZeroBytes writes from (one per process). */
+const WRITE_ZEROES_CHUNK_BYTES = 1 << 20;
+
+let zeroChunk: Uint8Array | null = null;
+
+/** Write zero bytes to [hostOffset, hostOffset + lengthBytes) of a file, a chunk at a time. */
+export async function writeZeroBytes(file: ImageFile, hostOffset: number, lengthBytes: number): Promise<void> {
+  zeroChunk ??= new Uint8Array(WRITE_ZEROES_CHUNK_BYTES);
+  for (let done = 0; done < lengthBytes; ) {
+    const chunk = zeroChunk.subarray(0, Math.min(lengthBytes - done, WRITE_ZEROES_CHUNK_BYTES));
+    await file.write(hostOffset + done, chunk);
+    done += chunk.length;
+  }
+}
+
 export interface ImageFile {
   /** Path or a descriptive name, used in error messages. */
   readonly name: string;

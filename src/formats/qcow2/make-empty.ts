@@ -42,6 +42,7 @@
  *   (else the new L1 could show old bytes of cluster 3.. as L2 pointers).
  */
 import { assert } from "../../base/errors.ts";
+import { writeZeroBytes } from "../../io/file.ts";
 import { L1_ENTRY_BYTES } from "./entries.ts";
 import { CRYPT_NONE, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY } from "./header.ts";
 import type { Qcow2Metadata } from "./metadata.ts";
@@ -49,8 +50,6 @@ import { REFTABLE_ENTRY_BYTES, setRefcount } from "./refcount-block.ts";
 
 /** Header fields rewritten together: l1_table_offset (u64), refcount_table_offset (u64), refcount_table_clusters (u32). */
 const HEADER_L1_OFFSET_FIELD_AT = 40;
-/** Largest zero-fill write (bounds the zero buffer; an L1 of 32 MiB is written in pieces). */
-const ZERO_WRITE_BYTES_MAX = 1024 * 1024;
 
 function l1Clusters(meta: Qcow2Metadata): number {
   return Math.ceil((meta.header.l1Size * L1_ENTRY_BYTES) / meta.clusterSizeBytes);
@@ -74,13 +73,6 @@ export function canEmptyCompletely(meta: Qcow2Metadata, snapshotCount: number): 
     // there by first fit). Such images take the slow path.
     meta.header.l1TableOffset >= 3 * meta.clusterSizeBytes
   );
-}
-
-async function writeZeroes(meta: Qcow2Metadata, hostOffset: number, lengthBytes: number): Promise<void> {
-  const zeroes = new Uint8Array(Math.min(lengthBytes, ZERO_WRITE_BYTES_MAX));
-  for (let at = 0; at < lengthBytes; at += zeroes.length) {
-    await meta.file.write(hostOffset + at, zeroes.subarray(0, Math.min(zeroes.length, lengthBytes - at)));
-  }
 }
 
 async function writeDirtyBit(meta: Qcow2Metadata, dirty: boolean): Promise<void> {
@@ -137,7 +129,7 @@ export async function emptyCompletely(meta: Qcow2Metadata, drainReads: () => Pro
 
   await writeDirtyBit(meta, true);
 
-  await writeZeroes(meta, meta.header.l1TableOffset, l1ClusterCount * cs);
+  await writeZeroBytes(meta.file, meta.header.l1TableOffset, l1ClusterCount * cs);
   meta.l1.fill(0);
   // Reads that resolved host offsets through the old L1 finish before those clusters are rewritten or cut.
   await drainReads();

@@ -28,7 +28,7 @@
  * All mutating methods must be called under the image's metadata mutex.
  */
 import { SnapstackError, assert } from "../../base/errors.ts";
-import type { ImageFile } from "../../io/file.ts";
+import { writeZeroBytes, type ImageFile } from "../../io/file.ts";
 import { INCOMPAT_EXTL2, encodeQcow2Header, type Qcow2Header } from "./header.ts";
 import { COMPRESSED_SECTOR_BYTES, HI_OFFSET_UNSAFE, L1_ENTRY_BYTES, LO_OFFSET_MASK, TWO_POW_32, getL1EntryOffset, l2EntryBytes, setL1Entry, type L2Entry } from "./entries.ts";
 import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, encodeRefcountTable, getRefcount, refcountByteOffset, refcountEntryBytes, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
@@ -52,8 +52,6 @@ export const L1_BYTES_MAX = 32 * 1024 * 1024;
 export const METADATA_CACHE_BYTES_DEFAULT = 16 * 1024 * 1024;
 /** Share of the cache bound given to refcount blocks (the rest holds L2 tables). */
 const REFBLOCK_CACHE_SHARE = 0.125;
-/** Largest single zero-fill write when wiping freed clusters (bounds the zero buffer). */
-const WIPE_WRITE_BYTES_MAX = 1024 * 1024;
 /**
  * Clusters the allocator hands out at most: the largest file check and the
  * refcount rebuild can examine (CHECK_CLUSTERS_MAX: 8 TiB at 64 KiB
@@ -886,13 +884,12 @@ export class Qcow2Metadata {
     const cs = this.clusterSizeBytes;
     const fileSizeBytes = await this.file.sizeBytes();
     const sorted = [...clusterIndexes].sort((a, b) => a - b);
-    const zeroes = new Uint8Array(Math.min(WIPE_WRITE_BYTES_MAX, Math.max(cs, sorted.length * cs)));
     for (let i = 0; i < sorted.length; ) {
       let j = i + 1;
       while (j < sorted.length && sorted[j] === sorted[j - 1] + 1) j++;
       const start = sorted[i] * cs;
       const end = Math.min((sorted[j - 1] + 1) * cs, fileSizeBytes);
-      for (let at = start; at < end; at += zeroes.length) await this.file.write(at, zeroes.subarray(0, Math.min(zeroes.length, end - at)));
+      if (end > start) await writeZeroBytes(this.file, start, end - start);
       i = j;
     }
   }

@@ -13,41 +13,23 @@
  * - discard is a no-op: Node cannot punch holes, and writing zeroes for a
  *   discard would allocate space (mkfs discards the whole disk). The range
  *   keeps its old contents, which NBD trim and qemu's "discard" permit.
- * - writeZeroes writes real zero bytes (in chunks of WRITE_ZEROES_CHUNK_BYTES).
+ * - writeZeroes writes real zero bytes (io/file.ts writeZeroBytes).
  * - Preallocation: "off" truncates; "falloc" and "full" both write zeroes
  *   (no fallocate in Node), so "falloc" costs as much as "full".
  */
 import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/block-device.ts";
-import type { ImageFile } from "../../io/file.ts";
+import { writeZeroBytes, type ImageFile } from "../../io/file.ts";
 import { createNodeFile, openNodeFile, syncDirectory } from "../../io/node-file.ts";
 import { dirname } from "node:path";
 
 export const RAW_SECTOR_BYTES = 512;
-/** Size of the zero buffer writeZeroes and preallocation write from (memory per call). */
-export const WRITE_ZEROES_CHUNK_BYTES = 1 << 20;
 
 export type RawPreallocation = "off" | "falloc" | "full";
 export const RAW_PREALLOCATION_MODES: readonly RawPreallocation[] = ["off", "falloc", "full"];
 
 export function roundUpToSector(sizeBytes: number): number {
   return Math.ceil(sizeBytes / RAW_SECTOR_BYTES) * RAW_SECTOR_BYTES;
-}
-
-let zeroChunk: Uint8Array | null = null;
-function zeroBuffer(lengthBytes: number): Uint8Array {
-  zeroChunk ??= new Uint8Array(WRITE_ZEROES_CHUNK_BYTES);
-  return zeroChunk.subarray(0, Math.min(lengthBytes, WRITE_ZEROES_CHUNK_BYTES));
-}
-
-/** Write zero bytes to [hostOffset, hostOffset + lengthBytes) of a file. */
-export async function writeZeroBytes(file: ImageFile, hostOffset: number, lengthBytes: number): Promise<void> {
-  let done = 0;
-  while (done < lengthBytes) {
-    const chunk = zeroBuffer(lengthBytes - done);
-    await file.write(hostOffset + done, chunk);
-    done += chunk.length;
-  }
 }
 
 export function checkDeviceRange(device: { name: string; sizeBytes: number }, guestOffset: number, lengthBytes: number): void {
