@@ -426,13 +426,13 @@ export class Qcow2Image implements BlockDevice {
     if (!geometry.extendedL2 || entry.type === "compressed") {
       switch (entry.type) {
         case "unallocated":
-          return { kind: "unallocated", length: sameWordRun(table, l2Index, inCluster, lengthBytes, geometry.l2Entries, cs, 0), hostOffset: 0, entry };
+          return { kind: "unallocated", length: entryRun(table, l2Index, inCluster, lengthBytes, geometry.l2Entries, cs, 0), hostOffset: 0, entry };
         case "zero-plain":
-          return { kind: "zero", length: sameWordRun(table, l2Index, inCluster, lengthBytes, geometry.l2Entries, cs, 1), hostOffset: 0, entry };
+          return { kind: "zero", length: entryRun(table, l2Index, inCluster, lengthBytes, geometry.l2Entries, cs, 0), hostOffset: 0, entry };
         case "zero-alloc":
           return { kind: "zero", length, hostOffset: entry.hostOffset + inCluster, entry };
         case "normal":
-          return { kind: "data", length: contiguousDataRun(table, l2Index, inCluster, lengthBytes, geometry.l2Entries, cs), hostOffset: entry.hostOffset + inCluster, entry };
+          return { kind: "data", length: entryRun(table, l2Index, inCluster, lengthBytes, geometry.l2Entries, cs, cs), hostOffset: entry.hostOffset + inCluster, entry };
         case "compressed":
           return { kind: "compressed", length, hostOffset: 0, entry };
       }
@@ -2086,40 +2086,25 @@ function isAllZero(bytes: Uint8Array): boolean {
 
 /**
  * Length of the run that starts inCluster bytes into cluster l2Index of a
- * (standard) L2 table whose entries from there on are the 64-bit word
- * `low` (0: unallocated, 1: plain zero), capped at lengthBytes and the
- * table's end: one run instead of one per cluster, so a status query over
- * a sparse terabyte costs a scan of the words, not millions of objects.
+ * (standard) L2 table whose entry there is valid: the following entries
+ * count while each is the entry before it with its host offset stepBytes
+ * further, the same flags otherwise, so the same checks pass (0: the same
+ * word, runs of unallocated or plain zero clusters; a cluster: a
+ * host-contiguous data run, which stops before its offset would reach the
+ * unsafe range). Capped at lengthBytes and the table's end: one run instead
+ * of one per cluster, so a status query over a sparse terabyte costs a scan
+ * of the words, not millions of objects, and a 1 MiB read of 64 KiB
+ * clusters decodes one entry, not sixteen.
  */
-function sameWordRun(table: CachedTable, l2Index: number, inCluster: number, lengthBytes: number, l2Entries: number, clusterSizeBytes: number, low: number): number {
-  const clustersWanted = Math.ceil((inCluster + lengthBytes) / clusterSizeBytes);
-  const limit = Math.min(l2Entries, l2Index + clustersWanted);
-  const view = table.view;
-  let end = l2Index + 1;
-  while (end < limit && view.getUint32(end * 8 + 4) === low && view.getUint32(end * 8) === 0) end++;
-  return Math.min(lengthBytes, (end - l2Index) * clusterSizeBytes - inCluster);
-}
-
-/**
- * Length of the data run that starts inCluster bytes into cluster l2Index
- * of a (standard) L2 table whose entry there is a valid normal entry: the
- * following entries count while each is the same word with the host
- * offset one cluster further (same flags, so the same checks pass: the
- * offset stays aligned; the run stops before the offset would reach the
- * unsafe range). Capped at lengthBytes and the table's end. One run per
- * contiguous host range instead of one per cluster: a 1 MiB read or status
- * query of 64 KiB clusters decodes one entry, not sixteen.
- */
-function contiguousDataRun(table: CachedTable, l2Index: number, inCluster: number, lengthBytes: number, l2Entries: number, clusterSizeBytes: number): number {
-  const firstLength = clusterSizeBytes - inCluster;
-  if (lengthBytes <= firstLength) return lengthBytes;
+function entryRun(table: CachedTable, l2Index: number, inCluster: number, lengthBytes: number, l2Entries: number, clusterSizeBytes: number, stepBytes: number): number {
+  if (lengthBytes <= clusterSizeBytes - inCluster) return lengthBytes;
   const limit = Math.min(l2Entries, l2Index + Math.ceil((inCluster + lengthBytes) / clusterSizeBytes));
   const view = table.view;
   let hi = view.getUint32(l2Index * L2_ENTRY_BYTES);
   let lo = view.getUint32(l2Index * L2_ENTRY_BYTES + 4);
   let end = l2Index + 1;
   while (end < limit) {
-    lo += clusterSizeBytes;
+    lo += stepBytes;
     if (lo >= TWO_POW_32) {
       lo -= TWO_POW_32;
       hi += 1;
