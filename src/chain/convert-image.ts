@@ -196,7 +196,7 @@ export function findZeroRuns(data: Uint8Array, minRunBytes: number): Array<[numb
   const stride = Math.max(1, Math.floor(minRunBytes / SECTOR_BYTES));
   const runs: Array<[number, number]> = [];
   for (let probe = 0; probe < sectorCount; ) {
-    if (buffer[probe * SECTOR_BYTES] !== 0 || !isZeroSector(buffer, zeroSector, probe)) {
+    if (!isZeroSector(buffer, zeroSector, probe)) {
       probe += stride;
       continue;
     }

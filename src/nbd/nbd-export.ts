@@ -100,8 +100,9 @@ export class NbdExport {
   }
 
   /**
-   * Write synchronously when canWriteSync (see the design notes); false when
-   * it cannot (nothing written: use run). Throws the device's errors.
+   * Write synchronously when the device has writeSync and no swap waits
+   * (see the design notes); false when not (nothing written: use run).
+   * Throws the device's errors.
    */
   writeSync(guestOffset: number, data: Uint8Array): boolean {
     const device = this.#device;
