@@ -217,15 +217,27 @@ test("restore onto a qcow2 target and onto a smaller raw file (grown)", async (t
   assert.deepEqual(new Uint8Array(readFileSync(small)), topModel.bytes);
 });
 
+/**
+ * base.qcow2 (all `baseByte`, or empty when 0) and top.qcow2 over it with
+ * `changes` written by qemu-io (byte 0: write -z), and top's content.
+ */
+async function changedChain(dir: string, sizeBytes: number, baseByte: number, changes: { at: number; length: number; byte: number }[]): Promise<{ base: string; top: string; model: DiskModel }> {
+  const base = await createQcow2(join(dir, "base.qcow2"), { sizeBytes });
+  if (baseByte !== 0) await qemuIo(base, `write -P ${baseByte} 0 ${sizeBytes}`);
+  const top = await createQcow2(join(dir, "top.qcow2"), { backing: "base.qcow2" });
+  await qemuIo(top, ...changes.map((c) => (c.byte === 0 ? `write -z ${c.at} ${c.length}` : `write -P ${c.byte} ${c.at} ${c.length}`)));
+  const model = new DiskModel(sizeBytes);
+  if (baseByte !== 0) model.fill(0, sizeBytes, baseByte);
+  for (const c of changes) model.fill(c.at, c.length, c.byte);
+  return { base, top, model };
+}
+
 test("restore cancelled while its copy runs behind the compare: E_ABORTED, and TARGET holds SOURCE before one point and its old content after", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);
-  const base = await createQcow2(join(dir, "base.qcow2"), { sizeBytes: 64 * MiB });
-  const top = await createQcow2(join(dir, "top.qcow2"), { backing: "base.qcow2" });
   // 32 separate changed ranges of 256 KiB, 2 MiB apart: more than the compare may run ahead.
-  await qemuIo(top, ...Array.from({ length: 32 }, (_, i) => `write -P ${i + 1} ${i * 2}M 256k`));
-  const topModel = new DiskModel(64 * MiB);
-  for (let i = 0; i < 32; i++) topModel.fill(i * 2 * MiB, 256 * KiB, i + 1);
+  const changes = Array.from({ length: 32 }, (_, i) => ({ at: i * 2 * MiB, length: 256 * KiB, byte: i + 1 }));
+  const { base, top, model: topModel } = await changedChain(dir, 64 * MiB, 0, changes);
   const old = new Uint8Array(64 * MiB);
   const target = join(dir, "target.raw");
   writeFileSync(target, old);
@@ -262,13 +274,8 @@ test("restore cancelled while its copy runs behind the compare: E_ABORTED, and T
 test("restore of 300 separate zeroed sectors: exact bytes and ranges with far more ranges than the copy queue holds", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);
-  const base = await createQcow2(join(dir, "base.qcow2"), { sizeBytes: 8 * MiB });
-  await qemuIo(base, "write -P 0x11 0 8M");
-  const top = await createQcow2(join(dir, "top.qcow2"), { backing: "base.qcow2" });
-  await qemuIo(top, ...Array.from({ length: 300 }, (_, i) => `write -z ${i * 16 * KiB + 512} 512`));
-  const model = new DiskModel(8 * MiB);
-  model.fill(0, 8 * MiB, 0x11);
-  for (let i = 0; i < 300; i++) model.fill(i * 16 * KiB + 512, 512, 0);
+  const changes = Array.from({ length: 300 }, (_, i) => ({ at: i * 16 * KiB + 512, length: 512, byte: 0 }));
+  const { base, top, model } = await changedChain(dir, 8 * MiB, 0x11, changes);
   const target = join(dir, "target.raw");
   writeFileSync(target, new Uint8Array(8 * MiB).fill(0x11));
   const result = await restoreImage(top, target, { from: base });
@@ -280,14 +287,9 @@ test("restore of 300 separate zeroed sectors: exact bytes and ranges with far mo
 test("restore without --from onto a qcow2 target: 40 changes inside clusters, TARGET read ahead while written behind", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);
-  const base = await createQcow2(join(dir, "base.qcow2"), { sizeBytes: 16 * MiB });
-  await qemuIo(base, "write -P 0x11 0 16M");
-  const top = await createQcow2(join(dir, "top.qcow2"), { backing: "base.qcow2" });
   // 1000 bytes at odd offsets, 300 KiB apart: every range ends inside a 64 KiB cluster of TARGET.
-  await qemuIo(top, ...Array.from({ length: 40 }, (_, i) => `write -P ${0x40 + i} ${i * 300 * KiB + 777} 1000`));
-  const model = new DiskModel(16 * MiB);
-  model.fill(0, 16 * MiB, 0x11);
-  for (let i = 0; i < 40; i++) model.fill(i * 300 * KiB + 777, 1000, 0x40 + i);
+  const changes = Array.from({ length: 40 }, (_, i) => ({ at: i * 300 * KiB + 777, length: 1000, byte: 0x40 + i }));
+  const { base, top, model } = await changedChain(dir, 16 * MiB, 0x11, changes);
   const target = join(dir, "target.qcow2");
   await qemuImg("convert", "-O", "qcow2", base, target);
   const result = await restoreImage(top, target);
