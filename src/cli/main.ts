@@ -6,6 +6,7 @@
  * turned into an exit status through the one table in exit-codes.ts.
  */
 import { readFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
 import { SnapstackError } from "../base/errors.ts";
 import { formatDebugDetails, formatErrorLine, toSnapstackError } from "./error-report.ts";
 import { exitCodeFor } from "./exit-codes.ts";
@@ -114,6 +115,34 @@ async function dispatch(argv: string[], context: CliContext): Promise<number> {
   }
   if (PLANNED_COMMANDS.includes(first)) throw usage(`command '${first}' is not available in this version`, "snapstack --help");
   throw usage(`unknown command '${first}'`, "snapstack --help");
+}
+
+/** Most threads sizeThreadPoolFor gives the pool: libuv's own default. */
+const THREAD_POOL_SIZE_MAX = 4;
+
+/**
+ * Size libuv's thread pool for the command in `argv` (without node and the
+ * script), before it runs: for the one-shot commands (`img`, `io`), as many
+ * threads as the machine has cores, at least 2 (a read and a write overlap)
+ * and at most libuv's default of 4; unless UV_THREADPOOL_SIZE is set.
+ *
+ * Why: a copy (convert, commit, restore, ...) keeps a few reads and writes
+ * in flight on the pool, and on cached data each is a memory copy by the
+ * kernel, CPU work: threads beyond the cores only take turns with the main
+ * thread and with each other (two writes to one file also contend for its
+ * inode lock). Measured on the 2-core development VM, alternating: convert
+ * of 1 GiB into a new qcow2 image 0.46 -> 0.43 s and into raw 0.42 -> 0.38 s
+ * (medians of 9), each 1 MiB data write 385 -> 342 us (qemu-img: 334). The
+ * servers (nbd, serve, vm) keep libuv's default: their reads from cold, slow
+ * media want more of them in flight.
+ *
+ * libuv reads the variable once, when the pool starts (the first
+ * asynchronous file call); loading the modules starts no pool, so the entry
+ * (bin/snapstack) calls this between loading the CLI and running it.
+ */
+export function sizeThreadPoolFor(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): void {
+  if (env.UV_THREADPOOL_SIZE !== undefined || (argv[0] !== "img" && argv[0] !== "io")) return;
+  env.UV_THREADPOOL_SIZE = String(Math.min(THREAD_POOL_SIZE_MAX, Math.max(2, availableParallelism())));
 }
 
 /** Run the CLI with `argv` (without node and the script); resolves to the exit status. */

@@ -117,3 +117,54 @@ test("bin/snapstack under a too-old Node runs again under the newer one, and a S
   if (alive) process.kill(Number(childPid), "SIGKILL");
   assert.equal(alive, false, "the child got the SIGTERM and ended");
 });
+
+test("bin/snapstack sizes libuv's thread pool for img and io commands before running them, and leaves servers and a set UV_THREADPOOL_SIZE alone", async (t) => {
+  const dir = scratchDir(t);
+  const bin = fakeCheckout(dir);
+  // A bundle that sizes the pool as the real one does (exported beside runCli) and prints what the command sees.
+  const mainSource = readFileSync(join(repoRoot, "src", "cli", "main.ts"), "utf8");
+  assert.match(mainSource, /export function sizeThreadPoolFor\(/);
+  writeFileSync(
+    join(dir, "dist", "cli-bundle", "main.js"),
+    'export function sizeThreadPoolFor(argv) { if (process.env.UV_THREADPOOL_SIZE === undefined && argv[0] === "img") process.env.UV_THREADPOOL_SIZE = "sized"; }\n' +
+      'export async function runCli(argv) { process.stdout.write(`${argv[0]}:${process.env.UV_THREADPOOL_SIZE ?? "unset"}\\n`); return 0; }\n',
+  );
+  touch(dir, new Date(Date.now() - 60_000), ...SOURCE_PATHS);
+  const env = { ...process.env };
+  delete env.UV_THREADPOOL_SIZE;
+  assert.equal((await run(process.execPath, [bin, "img", "info"], { env })).stdout, "img:sized\n");
+  assert.equal((await run(process.execPath, [bin, "nbd"], { env })).stdout, "nbd:unset\n");
+  assert.equal((await run(process.execPath, [bin, "img", "info"], { env: { ...env, UV_THREADPOOL_SIZE: "7" } })).stdout, "img:7\n");
+});
+
+test("sizeThreadPoolFor: as many pool threads as cores (2 to 4) for img and io, and libuv starts that many when set after the CLI is loaded", async () => {
+  const { sizeThreadPoolFor } = await import("../../src/cli/main.ts");
+  const { availableParallelism } = await import("node:os");
+  const expected = String(Math.min(4, Math.max(2, availableParallelism())));
+  for (const command of ["img", "io"]) {
+    const env: NodeJS.ProcessEnv = {};
+    sizeThreadPoolFor([command, "convert"], env);
+    assert.equal(env.UV_THREADPOOL_SIZE, expected, command);
+  }
+  for (const command of ["nbd", "serve", "vm", "--help"]) {
+    const env: NodeJS.ProcessEnv = {};
+    sizeThreadPoolFor([command], env);
+    assert.equal(env.UV_THREADPOOL_SIZE, undefined, command);
+  }
+  const preset: NodeJS.ProcessEnv = { UV_THREADPOOL_SIZE: "16" };
+  sizeThreadPoolFor(["img", "convert"], preset);
+  assert.equal(preset.UV_THREADPOOL_SIZE, "16");
+
+  // The mechanism: a process that loaded the CLI and then sized the pool runs that many pool threads.
+  const script = [
+    `const cli = await import(${JSON.stringify(new URL("../../src/cli/main.ts", import.meta.url).href)});`,
+    'delete process.env.UV_THREADPOOL_SIZE;',
+    'cli.sizeThreadPoolFor(["img", "convert"]);',
+    'const fs = await import("node:fs");',
+    "await Promise.all([1, 2, 3, 4, 5, 6].map(() => fs.promises.stat('/')));",
+    'const names = fs.readdirSync("/proc/self/task").map((task) => fs.readFileSync(`/proc/self/task/${task}/comm`, "utf8").trim());',
+    'process.stdout.write(String(names.filter((name) => name === "libuv-worker").length));',
+  ].join("\n");
+  const result = await run(process.execPath, ["--input-type=module", "-e", script]);
+  assert.equal(result.stdout, expected);
+});
