@@ -4,7 +4,10 @@
  * Fixture: a qcow2 image with 1 GiB of data spread over a 4 GiB virtual disk
  * (1 MiB every 4 MiB, written by qemu-io), converted to qcow2 and to raw.
  * Each configuration runs RUNS times, alternating the tools so drift in the
- * host's writeback hits all alike; the output is deleted and `sync` run
+ * host's writeback hits all alike, and which tool goes first (on this VM a
+ * run now and then takes 1.3-3 s instead of 0.4, whichever tool it is: see
+ * docs/benchmarks.md on page cache the host must back again, so a median of
+ * 5 moved with where those fell); the output is deleted and `sync` run
  * (untimed) before every run; the page cache holds the source (it was just
  * written). snapstack runs two ways: bin/snapstack on the TypeScript sources
  * (Node strips the types of every module at start-up) and the same CLI from
@@ -21,7 +24,8 @@ import { buildSpreadImage, GiB, MiB, withScratchDir } from "./fixtures/images.ts
 import { printRows, row, SNAPSTACK_BIN, snapstackCliPresent, type BenchRow } from "./fixtures/rows.ts";
 import { median, runMeasured, runTool, type MeasuredRun } from "./fixtures/tools.ts";
 
-const RUNS = 5;
+/** Runs per tool: odd (a true median) and alternating which tool goes first. */
+const RUNS = 9;
 const VIRTUAL_SIZE_BYTES = 4 * GiB;
 const CHUNK_BYTES = 1 * MiB;
 const STRIDE_BYTES = 4 * MiB;
@@ -56,9 +60,13 @@ async function convertCase(sourcePath: string, outputPath: string, outputFormat:
   const snapRuns: MeasuredRun[][] = runners.map(() => []);
   const snapErrors: (string | null)[] = runners.map((r) => r.unavailable);
   const compared: string[] = runners.map(() => "");
-  for (let run = 0; run < RUNS; run++) {
+  const runQemu = async (): Promise<void> => {
     await settle(outputPath);
     qemuRuns.push(await runMeasured("qemu-img", convertArgs));
+  };
+  for (let run = 0; run < RUNS; run++) {
+    // Which tool goes first alternates: on this VM whoever first writes into page cache freed a moment ago may pay for the host backing it again.
+    if (run % 2 === 0) await runQemu();
     for (const [index, runner] of runners.entries()) {
       if (snapErrors[index] !== null) continue;
       await settle(outputPath);
@@ -75,12 +83,13 @@ async function convertCase(sourcePath: string, outputPath: string, outputFormat:
         );
       }
     }
+    if (run % 2 === 1) await runQemu();
   }
   rmSync(outputPath, { force: true });
   const qemuMedian = median(qemuRuns.map((r) => r.wallSeconds));
   return runners.map((runner, index) => {
     const name = `convert qcow2->${outputFormat} (1 GiB data / 4 GiB), ${runner.label}`;
-    const notes = [`median of ${RUNS}`, `target ratio <= 1.0`, `qemu-img: ${summarize(qemuRuns)}`];
+    const notes = [`median of ${RUNS}, alternating which tool goes first`, `target ratio <= 1.0`, `qemu-img: ${summarize(qemuRuns)}`];
     const error = snapErrors[index];
     if (error !== null) return row(name, null, qemuMedian, "s", [...notes, `snapstack failed: ${error}`].join("; "));
     notes.push(`snapstack: ${summarize(snapRuns[index])}`, compared[index]);
