@@ -28,6 +28,7 @@ import { decodeQcow2Header, INCOMPAT_DIRTY } from "../../src/formats/qcow2/heade
 import { MemoryFile } from "../../src/io/memory-file.ts";
 import { FaultFile } from "../../src/io/fault-file.ts";
 import type { createRandom } from "./random.ts";
+import { assertCachedTablesMatchFile } from "./table-cache-check.ts";
 
 export type Random = ReturnType<typeof createRandom>;
 
@@ -349,6 +350,8 @@ export async function recordRun(scenario: CrashScenario, images: PreparedImages,
     writesBefore.push(file.writeCount);
     await applyOp(image, op);
     writesAfter.push(file.writeCount);
+    // A change to a cached table made without markDirty would be lost at write-back: caught here, after the op that made it.
+    if (op.kind !== "close") await assertCachedTablesMatchFile(image, `workload op ${k} (${op.kind})`);
     for (const effect of opEffects(op, scenario)) versions.fill(effect.id, effect.firstSector, effect.endSector);
     if (isFlushPoint(op)) flushedVersions.set(k, versions.slice());
   }

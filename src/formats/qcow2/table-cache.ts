@@ -180,6 +180,11 @@ export class TableCache {
     this.#entries.clear();
   }
 
+  /** Every cached table, in no particular order (for checks of the cache against the file). */
+  tables(): IterableIterator<CachedTable> {
+    return this.#entries.values();
+  }
+
   dirtyTables(): CachedTable[] {
     const out: CachedTable[] = [];
     for (const entry of this.#entries.values()) if (entry.dirtyChunks !== 0) out.push(entry);
