@@ -334,17 +334,18 @@ async function serve(options: NbdCommandOptions, argv: readonly string[], contex
     dataWorkers = await startDataWorkers(options, argv, exp, log);
     server = new NbdServer({ exports: [exp], tls, connectionsMax: options.connectionsMax, log, dataWorkers });
     const bound = await server.listen(options.address);
-    log?.(`serving '${options.exportName}' (${device.format}, ${device.sizeBytes} bytes${exp.readOnly ? ", read-only" : ""}) on ${describeAddress(bound)}`);
-    if (options.pidFile !== undefined) writeFileSync(options.pidFile, `${process.pid}\n`);
-    reportToParent({ ready: true });
     const activeServer = server;
-    await new Promise<void>((resolve) => {
+    // The signal handlers go in before anyone can learn that the server is up (the log line, the
+    // pid file, the --fork parent): a supervisor that signals at once must get the clean stop, not
+    // the default action (seen: SIGINT right after "serving" killed a loaded machine's server).
+    const stopped = new Promise<void>((resolve) => {
       const signals: NodeJS.Signals[] = ["SIGTERM", "SIGINT", "SIGHUP"];
       const stop = (why: string): void => {
         log?.(`stopping: ${why}`);
-        for (const signal of signals) process.off(signal, onSignal);
-        // A second signal while draining exits at once.
+        // A second signal while draining exits at once (its handler goes in before this one goes out:
+        // no moment without one, when a signal would take the default action).
         for (const signal of signals) process.once(signal, () => process.exit(1));
+        for (const signal of signals) process.off(signal, onSignal);
         resolve();
       };
       const onSignal = (signal: NodeJS.Signals): void => stop(signal);
@@ -354,6 +355,10 @@ async function serve(options: NbdCommandOptions, argv: readonly string[], contex
         if (!options.persistent && info.negotiated && info.open === 0) stop("last client left (no -t)");
       });
     });
+    log?.(`serving '${options.exportName}' (${device.format}, ${device.sizeBytes} bytes${exp.readOnly ? ", read-only" : ""}) on ${describeAddress(bound)}`);
+    if (options.pidFile !== undefined) writeFileSync(options.pidFile, `${process.pid}\n`);
+    reportToParent({ ready: true });
+    await stopped;
     await server.close();
     await device.flush();
     return 0;

@@ -29,16 +29,24 @@ export const serveCommand: CliCommand = {
       throw new SnapstackError("E_USAGE", `--listen-tcp ${tcpText}: not a port number`);
     }
     const log = (line: string): void => context.err(`${new Date().toISOString()} ${line}\n`);
-    const daemon = await startDaemon({ home: resolveHome(optionString(parsed, "home"), context.env), tcpPort, log });
-    await new Promise<void>((resolve) => {
-      const stop = (): void => {
-        process.off("SIGTERM", stop);
-        process.off("SIGINT", stop);
-        resolve();
-      };
-      process.on("SIGTERM", stop);
-      process.on("SIGINT", stop);
-    });
+    // The handlers go in before the daemon starts: once its socket exists a supervisor may signal at
+    // once, and must get the clean stop, not the default action. A signal during the start stops
+    // the daemon as soon as it is up; a second one while it closes takes the default action.
+    let stop = (): void => {};
+    const stopped = new Promise<void>((resolve) => (stop = resolve));
+    const unlisten = (): void => {
+      process.off("SIGTERM", stop);
+      process.off("SIGINT", stop);
+    };
+    process.on("SIGTERM", stop);
+    process.on("SIGINT", stop);
+    let daemon: Awaited<ReturnType<typeof startDaemon>>;
+    try {
+      daemon = await startDaemon({ home: resolveHome(optionString(parsed, "home"), context.env), tcpPort, log });
+      await stopped;
+    } finally {
+      unlisten();
+    }
     log("stopping");
     await daemon.close();
     return 0;
