@@ -70,6 +70,25 @@ export function isSnapstackError(value: unknown): value is SnapstackError {
   return value instanceof SnapstackError;
 }
 
+const ALSO_FAILED = "; also failed: ";
+
+/**
+ * `first`, naming `second` as well when that is another failure: two parts
+ * of one operation that failed each for its own reason (restore's compare
+ * and its copy, a copy's loop and its writer) are both reported. The code
+ * and details are `first`'s, the message says both, and details.alsoFailed
+ * gives `second`'s code and message. `second` that already reports `first`
+ * (made by this function from it) is returned; `first` that is not a
+ * SnapstackError (a bug: its own stack matters more) is returned as it is.
+ */
+export function withSecondFailure(first: unknown, second: unknown): unknown {
+  if (second === undefined || second === null || second === first || !(first instanceof SnapstackError)) return first;
+  if (second instanceof SnapstackError && second.code === first.code && second.message.startsWith(first.message + ALSO_FAILED)) return second;
+  const code = second instanceof SnapstackError ? second.code : undefined;
+  const message = second instanceof Error ? second.message : String(second);
+  return new SnapstackError(first.code, `${first.message}${ALSO_FAILED}${code === undefined ? "" : `${code}: `}${message}`, { ...first.details, alsoFailed: { code, message } });
+}
+
 /** Turn an OS error from node:fs into a coded error naming the path. */
 export function fromSystemError(error: unknown, path: string, action: string): SnapstackError {
   if (error instanceof SnapstackError) return error;

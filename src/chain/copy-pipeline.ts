@@ -53,9 +53,11 @@
  * - Failure: the first failed write stops the writer; the loop stops
  *   reading, waits for every outstanding read and write, and rethrows it,
  *   so the caller can close the devices at once. checkpoint() (cancellation)
- *   is called before each chunk.
+ *   is called before each chunk. When the loop stops for another reason (a
+ *   cancel, a failed read) while a write fails for its own, both are
+ *   reported (base/errors.ts withSecondFailure).
  */
-import { assert } from "../base/errors.ts";
+import { assert, withSecondFailure } from "../base/errors.ts";
 import type { BlockDevice, WriteZeroesOptions } from "../device/block-device.ts";
 import { Qcow2Image } from "../formats/qcow2/index.ts";
 import type { WriteRequest } from "../formats/qcow2/qcow2-image.ts";
@@ -146,7 +148,10 @@ export class OrderedWriter {
   #allocating = 0;
   /** Data bytes queued or being written. */
   #pendingBytes = 0;
+  /** Why the writer stopped: the first failed request, or what abort() was given first. */
   #failure: { error: unknown } | null = null;
+  /** The first failed request's error, even when an abort came before it. */
+  #requestFailure: { error: unknown } | null = null;
   #waiters: Array<{ bytes: number; resolve: () => void }> = [];
 
   readonly #onFailure: ((error: unknown) => void) | undefined;
@@ -162,6 +167,11 @@ export class OrderedWriter {
 
   get failed(): boolean {
     return this.#failure !== null;
+  }
+
+  /** The error of the first request that failed (not an abort's reason), or undefined. */
+  get requestError(): unknown {
+    return this.#requestFailure?.error;
   }
 
   enqueue(op: WriteOp): void {
@@ -266,6 +276,7 @@ export class OrderedWriter {
   #finish(ops: readonly WriteOp[], failure: { error: unknown } | null, onAllocated: () => void): void {
     this.#running--;
     onAllocated();
+    if (failure !== null) this.#requestFailure ??= failure;
     if (failure !== null && this.#failure === null) {
       this.#failure = failure;
       this.#onFailure?.(failure.error);
@@ -409,6 +420,12 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
     options.onProgress?.("data", slot.length);
   };
 
+  /** Wait for every outstanding read and write. */
+  const settle = async (): Promise<void> => {
+    await Promise.allSettled(slots.map((slot) => slot.read));
+    await writer.idle();
+  };
+
   try {
     for await (const range of ranges) {
       if (range.kind === "zero") {
@@ -432,12 +449,12 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
     while (slots.length > 0 && !writer.failed) await consume();
   } catch (error) {
     writer.abort(error);
-    throw error;
-  } finally {
-    // Outstanding reads and writes settle before the caller may close the devices.
-    await Promise.allSettled(slots.map((slot) => slot.read));
-    await writer.idle();
+    // Outstanding reads and writes settle before the caller may close the devices; a write that
+    // failed for its own reason meanwhile is reported with the loop's error, not dropped.
+    await settle();
+    throw withSecondFailure(error, writer.requestError);
   }
+  await settle();
   await writer.drain();
   // Every write completed: the buffers are free for the caller's next copy.
   options.freeBuffers?.push(...free);

@@ -14,7 +14,7 @@ import { MemoryFile } from "../../src/io/memory-file.ts";
 import { openRawImage } from "../../src/formats/raw/raw-image.ts";
 import { createImage } from "../../src/chain/create-image.ts";
 import { chainLayers, openImage } from "../../src/chain/open-image.ts";
-import { SnapstackError, isSnapstackError } from "../../src/base/errors.ts";
+import { SnapstackError, isSnapstackError, withSecondFailure } from "../../src/base/errors.ts";
 import {
   Job,
   StateComparer,
@@ -271,6 +271,53 @@ test("copyRanges with a caller's freeBuffers reuses the same chunk buffers from 
   assert.ok(Buffer.from(copied).equals(expected), "the target holds both ranges and nothing between them");
   await source.close();
   await target.close();
+});
+
+test("copyRanges reports a write that failed for its own reason together with the error that stopped its loop (neither is dropped)", async () => {
+  const source = await openRawImage(new MemoryFile({ name: "source.raw", contents: new Uint8Array(8 * MiB).fill(7) }));
+  const raw = await openRawImage(new MemoryFile({ name: "target.raw", contents: new Uint8Array(8 * MiB) }));
+  // The first write fails a macrotask later, so the loop has gone on to its next chunk, whose checkpoint cancels.
+  const target = new Proxy(raw, {
+    get(device, property) {
+      if (property === "write") {
+        return async (): Promise<void> => {
+          await new Promise((resolve) => setImmediate(resolve));
+          throw new SnapstackError("E_IO", "target.raw: write failed: the disk went away");
+        };
+      }
+      const value = Reflect.get(device, property, device) as unknown;
+      return typeof value === "function" ? (value as (...args: unknown[]) => unknown).bind(device) : value;
+    },
+  });
+  let checkpoints = 0;
+  const checkpoint = (): void => {
+    if (++checkpoints === 2) throw new SnapstackError("E_ABORTED", "copy cancelled");
+  };
+  await assert.rejects(
+    copyRanges(source, target, [{ start: 0, length: 8 * MiB, kind: "data" }], { zeroMode: { kind: "zeroes" }, readsInFlight: 1, checkpoint }),
+    (error: unknown) => {
+      assert.ok(isSnapstackError(error));
+      assert.equal(error.code, "E_ABORTED", "the loop's error leads");
+      assert.match(error.message, /^copy cancelled; also failed: E_IO: target\.raw: write failed: the disk went away$/);
+      assert.deepEqual(error.details.alsoFailed, { code: "E_IO", message: "target.raw: write failed: the disk went away" });
+      return true;
+    },
+  );
+  await source.close();
+  await raw.close();
+});
+
+test("withSecondFailure: the same error, none, a non-SnapstackError first, and a second that already reports the first are left alone", () => {
+  const first = new SnapstackError("E_IO", "read failed", { path: "a" });
+  assert.equal(withSecondFailure(first, undefined), first);
+  assert.equal(withSecondFailure(first, first), first);
+  const bug = new TypeError("x is undefined");
+  assert.equal(withSecondFailure(bug, first), bug);
+  const both = withSecondFailure(first, new Error("socket closed"));
+  assert.ok(isSnapstackError(both));
+  assert.equal(both.message, "read failed; also failed: socket closed");
+  assert.equal(both.details.path, "a");
+  assert.equal(withSecondFailure(first, both), both, "a second that already names the first is not nested again");
 });
 
 test("copyRanges stops pulling ranges soon after a write fails, zero ranges included, and reports that write's error", async () => {

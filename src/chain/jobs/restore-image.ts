@@ -30,7 +30,7 @@
  *   still stops it), which keeps the guarantee above.
  */
 import { readFileSync, statSync } from "node:fs";
-import { SnapstackError } from "../../base/errors.ts";
+import { SnapstackError, withSecondFailure } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { Qcow2Image } from "../../formats/qcow2/index.ts";
 import { RawImage } from "../../formats/raw/raw-image.ts";
@@ -229,10 +229,10 @@ export async function restoreImage(sourceSpec: string, targetPath: string, optio
         await comparer.compare(0, source.device.sizeBytes, write);
         await comparer.finish(write);
       } catch (error) {
-        // A failed copy made the push reject with its own error; else the copy stops where it is.
+        // A failed copy made the push reject with its own error; else the copy stops where it is,
+        // and a failure of its own meanwhile is reported with the compare's.
         queue.abort(error);
-        await copying.catch(() => {});
-        throw error;
+        throw withSecondFailure(error, await copying.then(() => undefined, (copyError: unknown) => copyError));
       }
       queue.end();
       await copying;
