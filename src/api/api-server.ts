@@ -16,7 +16,7 @@
  *   DELETE /machines/NAME/snapshots/SNAP?wipe=1
  *   POST   /machines/NAME/snapshots/SNAP/revert {wipe}
  *   POST   /machines/NAME/snapshots/SNAP/clone {name}
- *   GET    /machines/NAME/diff?from=A&to=B
+ *   GET    /machines/NAME/diff?from=A&to=B[&disk=N]
  *
  * Long operations report progress: a client sending
  * `Accept: application/x-ndjson` gets one JSON object per line,
@@ -163,7 +163,9 @@ export function createRoutes(manager: MachineManager): Array<{ method: string; p
     const from = query.get("from");
     const to = query.get("to");
     if (from === null || to === null) throw bad("diff needs ?from=SNAPSHOT&to=SNAPSHOT");
-    return manager.diff(params[0], from, to, { onProgress });
+    const diskText = query.get("disk");
+    if (diskText !== null && !/^[1-9][0-9]{0,2}$/.test(diskText)) throw bad(`diff: disk ${JSON.stringify(diskText)} is not a disk number (1 for the first)`);
+    return manager.diff(params[0], from, to, { onProgress, disk: diskText === null ? undefined : Number(diskText) });
   });
   return routes;
 }

@@ -171,6 +171,9 @@ test("vm CLI on stopped machines: every command, the daemon started on demand, -
   assert.match(withProgress.stderr, /diff compare: 100%\n$/, "-p shows progress on stderr");
   assert.equal((await vmOk(home, ["diff", "a", "s1", "s1"])).stdout, "0 changed ranges, 0 B\n");
   await vmFails(home, ["diff", "a", "s1", "nosnap"], "E_SNAPSHOT_NOT_FOUND");
+  assert.deepEqual(await vmJson(home, ["diff", "a", "s1", "s2", "--disk", "1"]), { ...diff, disk: 1 }, "--disk 1 is the default");
+  assert.match((await vmFails(home, ["diff", "a", "s1", "s2", "--disk", "2"], "E_USAGE")).stderr, /disk 2: machine 'a' has 1 disk/);
+  await vmFails(home, ["diff", "a", "s1", "s2", "--disk", "first"], "E_USAGE");
 
   assert.match((await vmOk(home, ["revert", "a", "s1"])).stdout, /^Reverted 'a' to 's1' in \d+ ms; it is stopped; freed .*\.\n$/);
   assert.ok((await readCurrentDisk(home, "a")).equals(diskWith(DISK, [[MiB, A]])), "reverted to s1's disk");

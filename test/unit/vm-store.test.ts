@@ -11,7 +11,7 @@ import { validateName, NAME_BYTES_MAX } from "../../src/vm/store/names.ts";
 import { MachineStore, resolveHome } from "../../src/vm/store/machine-store.ts";
 import { executeStep, stepPath } from "../../src/vm/store/layer-steps.ts";
 import { writeJsonAtomic } from "../../src/vm/store/atomic-file.ts";
-import { checkTree, createTree, planDelete, planRevert, planSnapshot, type TreeRecord } from "../../src/vm/tree/snapshot-tree.ts";
+import { checkTree, createTree, diskFile, planDelete, planRevert, planSnapshot, type TreeRecord } from "../../src/vm/tree/snapshot-tree.ts";
 import { createMachine, deleteSnapshotStopped, describeTree, sizeOfIn, snapshotStopped, cloneMachine, removeStopped, revertStopped, diffSnapshots } from "../../src/vm/manager/machine-operations.ts";
 import { scratchDir } from "../helpers/tools.ts";
 import { readImage } from "../helpers/read-image.ts";
@@ -67,9 +67,10 @@ async function readAll(path: string): Promise<Buffer> {
   return Buffer.from(await readImage(path));
 }
 
-async function writeTop(store: MachineStore, name: string, offset: number, byte: number): Promise<void> {
+/** Write 64 KiB of `byte` at `offset` of the current layer of disk `disk` (0: the first). */
+async function writeTop(store: MachineStore, name: string, offset: number, byte: number, disk = 0): Promise<void> {
   const tree = store.loadTree(name);
-  const device = await openImage(stepPath(store.machineDir(name), tree.layers[tree.current.layer].file));
+  const device = await openImage(stepPath(store.machineDir(name), diskFile(tree.layers[tree.current.layer].file, disk)));
   try {
     await device.write(offset, new Uint8Array(65536).fill(byte));
   } finally {
@@ -137,4 +138,23 @@ test("machine operations: bad input, clone pins its layer, diff, remove", async 
   assert.equal(Object.keys(store.loadTree("m").layers).length, 2);
   await removeStopped(store, "m");
   assert.deepEqual(store.list(), []);
+});
+
+test("diff --disk: each disk of a machine is compared on its own; a disk the machine lacks is E_USAGE", async (t) => {
+  const store = new MachineStore(scratchDir(t));
+  await createMachine(store, { name: "m", diskSizeBytes: 1 << 20, extraDiskSizesBytes: [2 << 20] });
+  await writeTop(store, "m", 0, 0xaa, 0);
+  await writeTop(store, "m", 0, 0xab, 1);
+  await snapshotStopped(store, "m", { snapshot: "one" });
+  // Between the snapshots only the second disk changes, at 1 MiB (past the first disk's end).
+  await writeTop(store, "m", 1 << 20, 0xbb, 1);
+  await snapshotStopped(store, "m", { snapshot: "two" });
+  const first = await diffSnapshots(store, "m", "one", "two");
+  assert.equal(first.disk, 1);
+  assert.deepEqual(first.ranges, [], "the first disk did not change");
+  const second = await diffSnapshots(store, "m", "one", "two", { disk: 2 });
+  assert.equal(second.disk, 2);
+  assert.deepEqual(second.ranges.map((r) => [r.start, r.length]), [[1 << 20, 65536]]);
+  assert.equal(second.changedBytes, 65536);
+  for (const disk of [0, 3, 1.5]) await assert.rejects(diffSnapshots(store, "m", "one", "two", { disk }), { code: "E_USAGE" });
 });

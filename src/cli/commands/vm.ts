@@ -328,15 +328,18 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
     },
   },
   diff: {
-    synopsis: "diff NAME A B [--output=json] [-p]",
-    options: [OUTPUT_OPTION, PROGRESS_OPTION],
+    synopsis: "diff NAME A B [--disk N] [--output=json] [-p]",
+    options: [{ name: "disk", long: "disk", value: true }, OUTPUT_OPTION, PROGRESS_OPTION],
     args: [3, 3, "Expecting a machine name and two snapshot names"],
     async run(client, parsed, context) {
       const [name, from, to] = parsed.positionals;
+      const diskText = optionString(parsed, "disk");
+      if (diskText !== undefined && !/^[1-9][0-9]*$/.test(diskText)) throw new SnapstackError("E_USAGE", `--disk ${JSON.stringify(diskText)}: expecting a disk number, 1 for the first`);
+      const disk = diskText === undefined ? "" : `&disk=${diskText}`;
       const result = await withProgress(parsed, context, (onProgress) =>
-        client.request<{ ranges: Array<{ start: number; length: number }>; changedBytes: number }>(
+        client.request<{ disk: number; ranges: Array<{ start: number; length: number }>; changedBytes: number }>(
           "GET",
-          machinePath(name, `/diff?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}`),
+          machinePath(name, `/diff?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}${disk}`),
           undefined,
           onProgress,
         ),

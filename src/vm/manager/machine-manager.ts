@@ -94,6 +94,7 @@ import {
   snapshotStopped,
   type CreateMachineRequest,
   type DeleteResult,
+  type DiffOptions,
   type OperationOptions,
   type TreeView,
 } from "./machine-operations.ts";
@@ -590,7 +591,7 @@ export class MachineManager {
     return performance.now() - pausedAt;
   }
 
-  diff(name: string, from: string, to: string, options: OperationOptions = {}) {
+  diff(name: string, from: string, to: string, options: DiffOptions = {}) {
     return this.#withMachine(name, async () => {
       if (this.#running.has(name) && (from === "current" || to === "current")) {
         throw new SnapstackError("E_IN_USE", `machine '${name}' is running: its current disk cannot be compared; take a snapshot first`, { machine: name });

@@ -22,6 +22,8 @@ import { validateName } from "../store/names.ts";
 import {
   childrenOf,
   createTree,
+  diskCount,
+  diskFile,
   exclusiveLayers,
   findSnapshot,
   layerChain,
@@ -214,18 +216,29 @@ export async function deleteSnapshotStopped(store: MachineStore, name: string, s
   return { snapshot: plan.snapshot, ...result };
 }
 
-/** Changed ranges between two snapshots' disks ("current" names the live top). */
-export async function diffSnapshots(store: MachineStore, name: string, from: string, to: string, options: OperationOptions = {}): Promise<{ ranges: DiffRange[]; changedBytes: number }> {
+export interface DiffOptions extends OperationOptions {
+  /** Which disk, 1 for the first (default) up to the machine's number of disks. */
+  disk?: number;
+}
+
+/** Changed ranges of one disk (the first unless options.disk says) between two snapshots ("current" names the live top). */
+export async function diffSnapshots(store: MachineStore, name: string, from: string, to: string, options: DiffOptions = {}): Promise<{ disk: number; ranges: DiffRange[]; changedBytes: number }> {
   const tree = store.loadTree(name);
   const dir = store.machineDir(name);
+  const disk = options.disk ?? 1;
+  const disks = diskCount(tree);
+  if (!Number.isSafeInteger(disk) || disk < 1 || disk > disks) {
+    throw usage(`disk ${disk}: machine '${name}' has ${disks === 1 ? "1 disk" : `disks 1 to ${disks}`}`, { machine: name, disk });
+  }
   const layerOf = (spec: string): string => (spec === "current" && !Object.values(tree.snapshots).some((s) => s.name === "current") ? tree.current.layer : findSnapshot(tree, spec).layer);
-  const fromDevice = await openImage(stepPath(dir, tree.layers[layerOf(from)].file), { readOnly: true });
+  const fileOf = (spec: string): string => stepPath(dir, diskFile(tree.layers[layerOf(spec)].file, disk - 1));
+  const fromDevice = await openImage(fileOf(from), { readOnly: true });
   try {
-    const toDevice = await openImage(stepPath(dir, tree.layers[layerOf(to)].file), { readOnly: true });
+    const toDevice = await openImage(fileOf(to), { readOnly: true });
     try {
       const result = await diffImages(fromDevice, toDevice, { onProgress: options.onProgress, signal: options.signal });
       const ranges = result.ranges;
-      return { ranges, changedBytes: ranges.reduce((sum, range) => sum + range.length, 0) };
+      return { disk, ranges, changedBytes: ranges.reduce((sum, range) => sum + range.length, 0) };
     } finally {
       await toDevice.close();
     }
