@@ -333,9 +333,9 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
     args: [3, 3, "Expecting a machine name and two snapshot names"],
     async run(client, parsed, context) {
       const [name, from, to] = parsed.positionals;
+      // The daemon checks the number (and that the machine has that disk).
       const diskText = optionString(parsed, "disk");
-      if (diskText !== undefined && !/^[1-9][0-9]*$/.test(diskText)) throw new SnapstackError("E_USAGE", `--disk ${JSON.stringify(diskText)}: expecting a disk number, 1 for the first`);
-      const disk = diskText === undefined ? "" : `&disk=${diskText}`;
+      const disk = diskText === undefined ? "" : `&disk=${encodeURIComponent(diskText)}`;
       const result = await withProgress(parsed, context, (onProgress) =>
         client.request<{ disk: number; ranges: Array<{ start: number; length: number }>; changedBytes: number }>(
           "GET",
