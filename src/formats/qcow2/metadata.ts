@@ -311,7 +311,7 @@ export class Qcow2Metadata {
     // the moment its write starts: eviction is held off until the flush, or a reader could drop it
     // and load the file's bytes between two of its writes (missing the later chunks, yet clean).
     // A table may change while an asynchronous write of it is in flight (the pwrite runs on the
-    // thread pool while JavaScript goes on), so such a write goes out from a copy of the table
+    // thread pool while JavaScript goes on), so such a write goes out from a copy of its dirty runs
     // taken before the first of its writes: the file gets the bytes the write ordering was decided
     // for, never a mix. One copy buffer serves the whole batch (the writes are sequential). Where
     // the file has a synchronous write, nothing can run during it: the table's own bytes go out,
@@ -325,14 +325,15 @@ export class Qcow2Metadata {
         this.overlap.check(table.hostOffset, this.clusterSizeBytes, structure);
         const dirtyChunks = table.dirtyChunks;
         table.dirtyChunks = 0;
+        const runs = dirtyRuns(dirtyChunks, table.bytes.length);
         let source = table.bytes;
         if (writeSync === undefined) {
           copy ??= new Uint8Array(this.clusterSizeBytes);
-          copy.set(table.bytes);
+          for (const [byteOffset, byteLength] of runs) copy.set(table.bytes.subarray(byteOffset, byteOffset + byteLength), byteOffset);
           source = copy;
         }
         try {
-          for (const [byteOffset, byteLength] of dirtyRuns(dirtyChunks, table.bytes.length)) {
+          for (const [byteOffset, byteLength] of runs) {
             const bytes = source.subarray(byteOffset, byteOffset + byteLength);
             if (writeSync !== undefined) writeSync(table.hostOffset + byteOffset, bytes);
             else await this.file.write(table.hostOffset + byteOffset, bytes);
