@@ -22,7 +22,7 @@ import { join } from "node:path";
 import { buildCompiledCli } from "./fixtures/compiled-build.ts";
 import { buildSpreadImage, GiB, MiB, withScratchDir } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, snapstackCliPresent, type BenchRow } from "./fixtures/rows.ts";
-import { median, runMeasured, runTool, type MeasuredRun } from "./fixtures/tools.ts";
+import { median, runMeasured, runOrder, runTool, type MeasuredRun } from "./fixtures/tools.ts";
 
 /** Runs per tool: odd (a true median) and alternating which tool goes first. */
 const RUNS = 9;
@@ -60,30 +60,30 @@ async function convertCase(sourcePath: string, outputPath: string, outputFormat:
   const snapRuns: MeasuredRun[][] = runners.map(() => []);
   const snapErrors: (string | null)[] = runners.map((r) => r.unavailable);
   const compared: string[] = runners.map(() => "");
-  const runQemu = async (): Promise<void> => {
-    await settle(outputPath);
-    qemuRuns.push(await runMeasured("qemu-img", convertArgs));
-  };
+  // -1: qemu-img; otherwise the index of a snapstack runner.
+  const tools = [-1, ...runners.keys()];
   for (let run = 0; run < RUNS; run++) {
-    // Which tool goes first alternates: on this VM whoever first writes into page cache freed a moment ago may pay for the host backing it again.
-    if (run % 2 === 0) await runQemu();
-    for (const [index, runner] of runners.entries()) {
-      if (snapErrors[index] !== null) continue;
+    for (const tool of runOrder(run, tools)) {
+      if (tool !== -1 && snapErrors[tool] !== null) continue;
       await settle(outputPath);
+      if (tool === -1) {
+        qemuRuns.push(await runMeasured("qemu-img", convertArgs));
+        continue;
+      }
+      const runner = runners[tool];
       try {
-        snapRuns[index].push(await runMeasured(runner.command, [...runner.prefix, ...convertArgs]));
+        snapRuns[tool].push(await runMeasured(runner.command, [...runner.prefix, ...convertArgs]));
       } catch (error) {
-        snapErrors[index] = (error as Error).message.split("\n")[0].slice(0, 300);
+        snapErrors[tool] = (error as Error).message.split("\n")[0].slice(0, 300);
         continue;
       }
       if (run === RUNS - 1) {
-        compared[index] = await runMeasured("qemu-img", ["compare", "-q", "-f", "qcow2", "-F", outputFormat, sourcePath, outputPath]).then(
+        compared[tool] = await runMeasured("qemu-img", ["compare", "-q", "-f", "qcow2", "-F", outputFormat, sourcePath, outputPath]).then(
           () => "output identical (qemu-img compare)",
           () => "OUTPUT DIFFERS from source (qemu-img compare)",
         );
       }
     }
-    if (run % 2 === 1) await runQemu();
   }
   rmSync(outputPath, { force: true });
   const qemuMedian = median(qemuRuns.map((r) => r.wallSeconds));

@@ -31,7 +31,7 @@ import { join } from "node:path";
 import { buildCompiledCli } from "./fixtures/compiled-build.ts";
 import { GiB, MiB, TiB, createQcow2, spreadWrites, withScratchDir, writePatterns, type PatternWrite } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, type BenchRow } from "./fixtures/rows.ts";
-import { median, runMeasured, runTool } from "./fixtures/tools.ts";
+import { median, runMeasured, runOrder, runTool } from "./fixtures/tools.ts";
 import { openImage } from "../src/chain/open-image.ts";
 import { diffImages } from "../src/chain/jobs/index.ts";
 
@@ -78,10 +78,10 @@ async function commitCase(dir: string, virtualSizeBytes: number, strideBytes: nu
   const qemu: number[] = [];
   const snap: number[][] = runners.map(() => []);
   const checks: string[] = runners.map(() => "");
-  // -1: qemu-img; otherwise the index of a snapstack runner. Odd runs go in reverse order.
+  // -1: qemu-img; otherwise the index of a snapstack runner.
   const tools = [-1, ...runners.keys()];
   for (let run = 0; run < RUNS; run++) {
-    for (const tool of run % 2 === 0 ? tools : [...tools].reverse()) {
+    for (const tool of runOrder(run, tools)) {
       if (tool === -1) {
         await copyChain(fixture, qemuDir);
         qemu.push((await runMeasured("qemu-img", ["commit", "-q", join(qemuDir, "top.qcow2")])).wallSeconds);
@@ -162,7 +162,7 @@ async function restoreCase(dir: string): Promise<BenchRow> {
   let written = "?";
   let check = "";
   for (let run = 0; run < RESTORE_RUNS; run++) {
-    for (const tool of run % 2 === 0 ? (["snapstack", "qemu-img"] as const) : (["qemu-img", "snapstack"] as const)) {
+    for (const tool of runOrder(run, ["snapstack", "qemu-img"] as const)) {
       await runTool("cp", ["--sparse=always", fixture, target]);
       await runTool("sync", []);
       if (tool === "qemu-img") {

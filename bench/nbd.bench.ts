@@ -36,7 +36,7 @@ import { join } from "node:path";
 import { RawNbdClient, negotiate } from "../test/unit/nbd-raw-client.ts";
 import { GiB, MiB, withScratchDir } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, type BenchRow } from "./fixtures/rows.ts";
-import { median, runTool } from "./fixtures/tools.ts";
+import { median, runOrder, runTool } from "./fixtures/tools.ts";
 
 const RUNS = 5;
 const RUNTIME_S = 3;
@@ -184,14 +184,12 @@ async function fixtureRows(dir: string, fixture: Fixture, rawSource: string): Pr
   const writers = new Map<ServerKind, Server>();
   for (const kind of kinds) writers.set(kind, await startServer(kind, dir, fixture.writableCopy(kind), fixture.format, false));
   const ourIdleRss = vmStatusBytes(readers.get("snapstack")!.child.pid!, "VmRSS");
-  /** Both servers once per run, the order flipping every run. */
-  const orderOf = (run: number): ServerKind[] => (run % 2 === 0 ? kinds : [...kinds].reverse());
   const emptyFigures = (): Map<ServerKind, Figures> => new Map(kinds.map((kind) => [kind, { values: [], cpu: [] }]));
   try {
     for (const workload of WORKLOADS) {
       const figures = emptyFigures();
       for (let run = 0; run < RUNS; run++) {
-        for (const kind of orderOf(run)) {
+        for (const kind of runOrder(run, kinds)) {
           const server = (workload.writes ? writers : readers).get(kind)!;
           const cpuBefore = cpuSeconds(server.child.pid!);
           const result = await fio(server.uri, workload.rw, workload.bs);
@@ -212,7 +210,7 @@ async function fixtureRows(dir: string, fixture: Fixture, rawSource: string): Pr
     for (const direction of ["read", "write"] as const) {
       const figures = emptyFigures();
       for (let run = 0; run < RUNS; run++) {
-        for (const kind of orderOf(run)) {
+        for (const kind of runOrder(run, kinds)) {
           const server = (direction === "read" ? readers : writers).get(kind)!;
           const args = direction === "read" ? [server.uri, "null:"] : [rawSource, server.uri];
           const cpuBefore = cpuSeconds(server.child.pid!);
