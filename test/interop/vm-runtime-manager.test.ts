@@ -196,6 +196,39 @@ test("clones and removes at the same time: locks in a fixed order (no deadlock),
   }
 });
 
+test("shutdown while a start is spawning QEMU: the start finishes and its QEMU is quit too; an operation still waiting is refused", { timeout: 120_000 }, async (t) => {
+  if (!requireTools(t, "qemu-system-x86_64")) return;
+  const manager = new MachineManager(new MachineStore(scratchDir(t, "ss-vmshut-")));
+  await manager.create({ name: "vm", memoryBytes: 64 * MiB, diskSizeBytes: MiB });
+  // No kernel: QEMU starts and its firmware finds nothing to boot, which is enough here.
+  const starting = manager.start("vm");
+  // Under way: its disks are served (the socket QEMU is given exists), QEMU is being spawned.
+  const socket = join(manager.runDir("vm"), "nbd.sock");
+  while (!existsSync(socket)) await new Promise((resolve) => setTimeout(resolve, 1));
+  const shutdown = manager.shutdown();
+  const waiting = manager.start("vm");
+  const started = await starting;
+  assert.equal(started.state, "running");
+  const alive = (): boolean => {
+    try {
+      process.kill(started.pid!, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  // Whatever fails below, no QEMU outlives the test (it would keep the test process alive).
+  t.after(async () => {
+    if (alive()) process.kill(started.pid!, "SIGKILL");
+    await manager.stop("vm", { force: true }).catch(() => {});
+  });
+  await shutdown;
+  await assert.rejects(waiting, { code: "E_ABORTED", message: /shutting down/ });
+  // Before, shutdown() looked only at the machines already running: this QEMU went on without its disks.
+  assert.equal(alive(), false, `QEMU ${started.pid} still runs after shutdown()`);
+  assert.equal(manager.isRunning("vm"), false);
+});
+
 test("a delete under a running top killed at any step: the replay keeps the guest's writes from the temporary layer", { timeout: 120_000 }, async (t) => {
   const CHUNK = 64 * 1024;
   for (let killAfter = 0; killAfter <= 6; killAfter++) {

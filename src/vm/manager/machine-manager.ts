@@ -12,6 +12,9 @@
  *   serialized, never interleaved. Clone (source and new name) and remove
  *   of a clone (it and its source) hold two, always taken in name order
  *   (KeyedMutex.runAll), so `clone A S B` and `remove B` cannot deadlock.
+ * - Shutdown (the daemon stopping) lets the operations under way finish,
+ *   refuses those still waiting, then quits every QEMU: none is left
+ *   running without the NBD server its disks go through.
  * - Remove is refused while linked clones back onto the machine's layers
  *   (running or not), before it stops anything.
  * - A running machine: its top layer's chain is opened in this process and
@@ -166,6 +169,11 @@ class KeyedMutex {
     }
   }
 
+  /** The keys held or waited for right now. */
+  busyKeys(): string[] {
+    return [...this.#tails.keys()];
+  }
+
   /** Hold several keys: taken in sorted order, so two callers can never wait on each other. */
   runAll<T>(keys: readonly string[], fn: () => Promise<T>): Promise<T> {
     const sorted = [...new Set(keys)].sort();
@@ -185,6 +193,8 @@ export class MachineManager {
   #lastExit = new Map<string, QemuExit & { at: string; unexpected: boolean }>();
   #log: (line: string) => void;
   #acceleratorLogged = false;
+  /** Set by shutdown(): an operation not yet under way is refused, so none starts a QEMU after it. */
+  #shuttingDown = false;
 
   constructor(store: MachineStore, options: { log?: (line: string) => void } = {}) {
     this.store = store;
@@ -213,8 +223,16 @@ export class MachineManager {
     return join(this.store.machineDir(name), "serial.log");
   }
 
+  /** Run a client's operation holding the machines `names` (KeyedMutex.runAll); refused once shutdown() began. */
+  #operation<T>(names: readonly string[], fn: () => Promise<T>): Promise<T> {
+    return this.#mutex.runAll(names, async () => {
+      if (this.#shuttingDown) throw new SnapstackError("E_ABORTED", "the snapstack daemon is shutting down", { machines: [...names] });
+      return fn();
+    });
+  }
+
   #withMachine<T>(name: string, fn: () => Promise<T>): Promise<T> {
-    return this.#mutex.run(name, async () => {
+    return this.#operation([name], async () => {
       this.store.require(name);
       return fn();
     });
@@ -280,7 +298,7 @@ export class MachineManager {
   // ------------------------------------------------------------ lifecycle
 
   create(request: CreateMachineRequest): Promise<MachineConfig> {
-    return this.#mutex.run(request.name, () => createMachine(this.store, request));
+    return this.#operation([request.name], () => createMachine(this.store, request));
   }
 
   start(name: string): Promise<MachineStatus> {
@@ -302,7 +320,7 @@ export class MachineManager {
   remove(name: string, options: OperationOptions = {}): Promise<{ freedBytes: number }> {
     // Removing a clone changes its source's tree: hold both (in the fixed order).
     const source = this.store.has(name) ? this.store.loadConfig(name).cloneOf?.machine : undefined;
-    return this.#mutex.runAll(source === undefined ? [name] : [name, source], async () => {
+    return this.#operation(source === undefined ? [name] : [name, source], async () => {
       this.store.require(name);
       if (this.store.loadConfig(name).cloneOf?.machine !== source) throw new SnapstackError("E_IN_USE", `machine '${name}' changed while waiting: retry`, { machine: name });
       // Refused before anything is stopped: linked clones read this machine's layers.
@@ -395,9 +413,16 @@ export class MachineManager {
     this.#lastExit.set(name, { ...exit, code: force ? exit.code : 0, at: new Date().toISOString(), unexpected: false });
   }
 
-  /** Stop serving every machine (daemon shutdown): QEMUs are quit. */
+  /**
+   * Stop serving every machine (daemon shutdown): QEMUs are quit. Operations
+   * under way finish first (each machine's mutex is taken in turn), so a
+   * start that is spawning QEMU right now has its QEMU quit too instead of
+   * left running without its disks; operations still waiting are refused
+   * (E_ABORTED).
+   */
   async shutdown(): Promise<void> {
-    for (const name of [...this.#running.keys()]) {
+    this.#shuttingDown = true;
+    for (const name of new Set([...this.#mutex.busyKeys(), ...this.#running.keys()])) {
       await this.#mutex.run(name, async () => {
         if (this.#running.has(name)) await this.#stop(name, false);
       });
@@ -601,7 +626,7 @@ export class MachineManager {
   }
 
   clone(name: string, snapshotName: string, newName: string): Promise<MachineConfig> {
-    return this.#mutex.runAll([name, newName], async () => {
+    return this.#operation([name, newName], async () => {
       this.store.require(name);
       return cloneMachine(this.store, name, snapshotName, newName);
     });
