@@ -44,10 +44,12 @@ import type { BlockDevice } from "../device/block-device.ts";
 import { Qcow2Image } from "../formats/qcow2/index.ts";
 import { COPY_CHUNK_BYTES, copyRanges, type CopyRange, type ZeroMode } from "./copy-pipeline.ts";
 import { parseImageFormat } from "./image-format.ts";
-import { openImage, type OpenImageFile } from "./open-image.ts";
+import { chainLayers, openImage, type OpenImageFile } from "./open-image.ts";
 import { walkChain } from "./map-image.ts";
 import { createImage, type CreateOptionValue } from "./create-image.ts";
 import { createNodeFile, openNodeFile, type NodeFileCacheMode } from "../io/node-file.ts";
+import { fileKey } from "../io/file-identity.ts";
+import { layerKey } from "./jobs/chain-layers.ts";
 
 export { COPY_CHUNK_BYTES, COPY_READS_IN_FLIGHT } from "./copy-pipeline.ts";
 /** Guest bytes whose status is looked up at once. */
@@ -233,8 +235,23 @@ function isAllZero(data: Uint8Array): boolean {
 const openUnsafeFile: OpenImageFile = async (path, request) =>
   request.create ? createNodeFile(path, { cache: "unsafe" }) : openNodeFile(path, { readOnly: request.readOnly, cache: "unsafe" });
 
+/**
+ * Refuse a target that is the source or one of its backing files, before
+ * it is created or written: creating it would truncate what is being read
+ * (qemu-img: `Failed to get "write" lock`).
+ */
+function refuseSourceAsTarget(source: BlockDevice, targetPath: string): void {
+  const targetKey = fileKey(targetPath);
+  if (targetKey === null) return;
+  const layer = chainLayers(source).find((candidate) => layerKey(candidate) === targetKey);
+  if (layer === undefined) return;
+  const what = layer === source ? "the source image" : `the source's backing file ${layer.name}`;
+  throw new SnapstackError("E_IN_USE", `${targetPath}: cannot write the target: it is ${what}`, { path: targetPath });
+}
+
 async function openTarget(source: BlockDevice, targetPath: string, options: ConvertImageOptions): Promise<BlockDevice> {
   const format = parseImageFormat(options.format);
+  refuseSourceAsTarget(source, targetPath);
   const targetCache = options.targetCache ?? "unsafe";
   if (!options.targetExists) {
     await createImage(targetPath, {

@@ -21,6 +21,7 @@ import { RAW_PREALLOCATION_MODES, createRaw, type RawPreallocation } from "../fo
 import { parseImageFormat } from "./image-format.ts";
 import { openImage, type OpenImageFile } from "./open-image.ts";
 import { resolveBackingPath } from "./backing-path.ts";
+import { sameFile } from "../io/file-identity.ts";
 
 export type CreateOptionValue = string | boolean | number;
 
@@ -139,6 +140,10 @@ export async function createImage(path: string, request: CreateImageOptions): Pr
   if (format === "raw" && backingFile !== undefined) throw invalid(path, "Backing file not supported for file format 'raw'");
   if (backingFile !== undefined && backingFormat === undefined) {
     throw new SnapstackError("E_BACKING_FORMAT", `${path}: Backing file specified without backing format`, { path, backingFile });
+  }
+  // qemu-img compares the two names; the files are compared here, as the backing name resolves.
+  if (backingFile !== undefined && sameFile(path, resolveBackingPath(path, backingFile))) {
+    throw new SnapstackError("E_BACKING_LOOP", `${path}: Trying to create an image with the same filename as the backing file`, { path, backingFile });
   }
   if (backingFile === undefined && backingFormat !== undefined) {
     throw new SnapstackError("E_BACKING_FORMAT", `${path}: Backing format cannot be used without backing file`, { path });

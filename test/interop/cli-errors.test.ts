@@ -231,6 +231,40 @@ test("E_BACKING_LOOP: two images backing each other", async (t) => {
   await refused(dir, ["io", "-c", "write 0 4k", "a.qcow2"], "E_BACKING_LOOP", [join(dir, "a.qcow2"), join(dir, "b.qcow2")]);
 });
 
+test("E_IN_USE / E_BACKING_LOOP: an output that is also an input (convert onto its source or the source's backing, create and rebase onto itself) is refused before anything is written", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const base = await image(t, dir, "base.qcow2");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"], dir), "overlay");
+  const top = join(dir, "top.qcow2");
+  // qemu-img refuses these with its image locks; before, snapstack truncated the file it was reading and exited 0.
+  await refused(dir, ["img", "convert", "-O", "qcow2", "base.qcow2", "base.qcow2"], "E_IN_USE", [base]);
+  await refused(dir, ["img", "convert", "-f", "qcow2", "-O", "raw", "base.qcow2", "./base.qcow2"], "E_IN_USE", [base]);
+  await refused(dir, ["img", "convert", "-n", "-O", "qcow2", "base.qcow2", "base.qcow2"], "E_IN_USE", [base]);
+  await refused(dir, ["img", "convert", "-O", "qcow2", "top.qcow2", "base.qcow2"], "E_IN_USE", [base, top]);
+  await refused(dir, ["img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "base.qcow2"], "E_BACKING_LOOP", [base]);
+  await refused(dir, ["img", "create", "-f", "qcow2", "-b", "./new.qcow2", "-F", "qcow2", "new.qcow2", "1M"], "E_BACKING_LOOP", []);
+  assert.ok(!existsSync(join(dir, "new.qcow2")));
+  await refused(dir, ["img", "rebase", "-b", "base.qcow2", "-F", "qcow2", "base.qcow2"], "E_BACKING_LOOP", [base]);
+  await refused(dir, ["img", "rebase", "-b", "top.qcow2", "-F", "qcow2", "base.qcow2"], "E_BACKING_LOOP", [base, top]);
+  ok(await qemuImg(["check", "-q", "top.qcow2"], dir), "check");
+  ok(await qemuIo(["-c", "read -P 0xab 0 64k", "top.qcow2"], dir), "data intact");
+});
+
+test("a backing file name that starts with NUL is no backing file (as QEMU reads it: a C string)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await image(t, dir, "base.qcow2");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"], dir), "overlay");
+  const top = join(dir, "top.qcow2");
+  // backing_file_offset = 8: the name starts at the offset field itself, whose first byte is 0.
+  poke(top, 8, u64(8n));
+  ok(await qemuIo(["-c", "read -P 0 0 64k", "top.qcow2"], dir), "qemu-io reads zeroes, no backing");
+  ok(await snapstack(["io", "-c", "read -P 0 0 64k", "top.qcow2"], { cwd: dir }), "snapstack reads zeroes");
+  const info = ok(await snapstack(["img", "info", "--output=json", "top.qcow2"], { cwd: dir }), "info");
+  assert.equal(JSON.parse(info.stdout)["backing-filename"], undefined);
+});
+
 test("E_CHAIN_TOO_DEEP: a chain of 1,100 images", async (t) => {
   if (!requireTools(t, "qemu-img")) return;
   const dir = scratchDir(t);
@@ -263,6 +297,8 @@ test("E_PATTERN_MISMATCH: read -P on other data", async (t) => {
   const dir = scratchDir(t);
   const path = await image(t, dir);
   await refused(dir, ["io", "-c", "read -P 0x12 0 4k", "img.qcow2"], "E_PATTERN_MISMATCH", [path]);
+  // -s past the data read leaves nothing to verify: an error, as qemu-io's, not a pass.
+  await refused(dir, ["io", "-c", "read -s 5000 -P 0x12 0 4k", "img.qcow2"], "E_USAGE", [path]);
 });
 
 test("E_COMPRESSION: a damaged compressed cluster", async (t) => {

@@ -21,9 +21,10 @@
  *   overlay's backing file; as a convenience a name relative to the
  *   current directory is accepted too.
  */
-import { realpathSync, statSync } from "node:fs";
+import { realpathSync } from "node:fs";
 import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
+import { fileKey } from "../../io/file-identity.ts";
 import { resolveBackingPath } from "../backing-path.ts";
 
 /** Guest bytes whose allocation is resolved at once (bounds the extents held). */
@@ -91,6 +92,8 @@ export function setLayerFile(layer: BlockDevice, path: string): void {
   layerKeys.set(layer, fileKey(path));
 }
 
+export { fileKey };
+
 /** The file a layer reads from ("dev:ino"), or null if it is not a file snapstack can name. */
 export function layerKey(layer: BlockDevice): string | null {
   let key = layerKeys.get(layer);
@@ -101,15 +104,6 @@ export function layerKey(layer: BlockDevice): string | null {
   return key;
 }
 
-/** Identity of a file on this host ("dev:ino"), or null if it cannot be stat'ed. */
-export function fileKey(path: string): string | null {
-  try {
-    const stat = statSync(path);
-    return `${stat.dev}:${stat.ino}`;
-  } catch {
-    return null;
-  }
-}
 
 function realPathOrNull(path: string): string | null {
   try {

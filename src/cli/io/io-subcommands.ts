@@ -150,7 +150,7 @@ const readCommand: IoSubcommand = {
     if (pattern === undefined && (parsed.options.patternOffset !== undefined || parsed.options.patternLength !== undefined)) {
       throw new SnapstackError("E_USAGE", "read: -s and -l need -P");
     }
-    if (patternOffset + patternLength > lengthBytes) {
+    if (patternLength < 0 || patternOffset + patternLength > lengthBytes) {
       throw new SnapstackError("E_USAGE", "pattern verification range exceeds end of read data");
     }
     checkRange(device, "read", guestOffset, lengthBytes);

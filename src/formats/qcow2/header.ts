@@ -311,7 +311,9 @@ export function decodeQcow2Header(bytes: Uint8Array): Qcow2Header {
     if (header.backingFileSizeBytes > BACKING_FILE_NAME_BYTES_MAX || header.backingFileSizeBytes > clusterSizeBytes - header.backingFileOffset) {
       throw badHeader("Backing file name too long");
     }
-    header.backingFileName = decodeString(cluster.subarray(header.backingFileOffset, header.backingFileOffset + header.backingFileSizeBytes));
+    // Read as QEMU does, as a C string: a NUL ends the name, and an empty name is no backing file.
+    const name = decodeNulPadded(cluster.subarray(header.backingFileOffset, header.backingFileOffset + header.backingFileSizeBytes));
+    if (name !== "") header.backingFileName = name;
   }
   return header;
 }
