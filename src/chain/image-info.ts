@@ -32,6 +32,8 @@ export interface ImageInfoOptions {
   format?: string;
   backingChain?: boolean;
   chainDepthMax?: number;
+  /** Read images a QEMU is writing (qemu-img -U; see OpenImageOptions.forceShare). */
+  forceShare?: boolean;
 }
 
 function allocatedBytes(path: string): number {
@@ -117,7 +119,7 @@ export async function imageInfo(path: string, options: ImageInfoOptions = {}): P
       if (error instanceof SnapstackError) throw error;
       // Missing files are reported by openImage with qemu-img's wording.
     }
-    const device = await openImage(layerPath, { format, readOnly: true, openBacking: false });
+    const device = await openImage(layerPath, { format, readOnly: true, openBacking: false, forceShare: options.forceShare });
     let info: ImageInfoJson;
     try {
       info = describeImage(device, layerPath);

@@ -23,6 +23,7 @@ import { SnapstackError, fromSystemError, isSnapstackError } from "../base/error
 import type { BlockDevice } from "../device/block-device.ts";
 import type { ImageFile } from "../io/file.ts";
 import { openNodeFile, type NodeFileCacheMode, type NodeFileIoMode } from "../io/node-file.ts";
+import { fileLockKey, qemuLockConflict, readProcLocks, type LockTable } from "../io/qemu-locks.ts";
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
 import { isImageFormat, parseImageFormat, probeImageFormat, type ImageFormat } from "./image-format.ts";
@@ -49,6 +50,12 @@ export interface OpenImageOptions {
   cache?: NodeFileCacheMode;
   /** Opens each layer's file (default: a NodeFile with ioMode and cache); tests pass one that wraps files in a FaultFile. */
   openFile?: OpenImageFile;
+  /**
+   * Open a read-only top even while a QEMU writes it (qemu-img -U). Without
+   * it, an image a QEMU's locks keep from this open is refused with
+   * E_IN_USE (io/qemu-locks.ts); a read-write open is always checked.
+   */
+  forceShare?: boolean;
 }
 
 /** How the chain code opens (or, with create, creates empty) the file at a path. */
@@ -86,6 +93,22 @@ function openFailure(topPath: string, depth: number, path: string, error: unknow
   return new SnapstackError(mapped.code, message, { ...mapped.details, path });
 }
 
+/**
+ * Refuse to open `layerPath` (the image `path` itself at depth 0, else one
+ * of its backing files) where a QEMU's locks forbid it, as qemu-img does
+ * (E_IN_USE; io/qemu-locks.ts). `forceShare` (-U) lets a read-only open
+ * through; a read-write open is always checked.
+ */
+export function refuseQemuLocked(locks: LockTable, path: string, depth: number, layerPath: string, readOnly: boolean, forceShare: boolean): void {
+  if (readOnly && forceShare) return;
+  const conflict = qemuLockConflict(locks.get(fileLockKey(layerPath) ?? "") ?? [], readOnly ? "read" : "write");
+  if (conflict === null) return;
+  throw new SnapstackError("E_IN_USE", `Could not open '${path}': ${backingPrefix(depth)}${conflict}: is another process using the image [${layerPath}]?`, {
+    path,
+    image: layerPath,
+  });
+}
+
 /** Re-word an error from inside a layer with qemu-img's "Could not open 'top': ..." prefix. */
 function layerFailure(topPath: string, depth: number, path: string, error: unknown): unknown {
   if (!isSnapstackError(error)) return error;
@@ -103,6 +126,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
   const topFormat = options.format === undefined ? null : parseImageFormat(options.format);
   const pending: PendingLayer[] = [];
   const seenRealPaths = new Set<string>();
+  let locks: LockTable | undefined;
   let built: BlockDevice | null = null;
   let builtCount = 0;
   try {
@@ -127,9 +151,11 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
         throw new SnapstackError("E_BACKING_LOOP", `Backing file '${layerPath}' creates an infinite loop.`, { path, backingFile: layerPath });
       }
       seenRealPaths.add(realPath);
+      const readOnly = depth > 0 || (options.readOnly ?? false);
+      locks ??= readProcLocks();
+      refuseQemuLocked(locks, path, depth, layerPath, readOnly, options.forceShare ?? false);
       let file: ImageFile;
       try {
-        const readOnly = depth > 0 || (options.readOnly ?? false);
         file =
           options.openFile === undefined
             ? await openNodeFile(layerPath, { readOnly, ioMode: options.ioMode, writeIoMode: options.writeIoMode, cache: depth === 0 ? options.cache : undefined })

@@ -20,12 +20,14 @@ export interface OpenImageOptions {
   ioMode?: NodeFileIoMode;
   /** How the image's writes run, when it differs from ioMode. */
   writeIoMode?: NodeFileIoMode;
+  /** -U: read an image a QEMU is writing (src/chain/open-image.ts). */
+  forceShare?: boolean;
 }
 
 /** Open an image and its backing chain (src/chain/open-image.ts). */
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<BlockDevice> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
-  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode, writeIoMode: options.writeIoMode });
+  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode, writeIoMode: options.writeIoMode, forceShare: options.forceShare });
 }
 
 export {

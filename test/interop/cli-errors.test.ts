@@ -4,6 +4,8 @@ import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
+import { spawn } from "node:child_process";
+import { fileLockKey, readProcLocks } from "../../src/io/qemu-locks.ts";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
 import { assertCodedError, assertUnchanged, ok, qemuImg, qemuIo, snapshotFiles, snapstack } from "./cli-helpers.ts";
 
@@ -249,6 +251,50 @@ test("E_IN_USE / E_BACKING_LOOP: an output that is also an input (convert onto i
   await refused(dir, ["img", "rebase", "-b", "top.qcow2", "-F", "qcow2", "base.qcow2"], "E_BACKING_LOOP", [base, top]);
   ok(await qemuImg(["check", "-q", "top.qcow2"], dir), "check");
   ok(await qemuIo(["-c", "read -P 0xab 0 64k", "top.qcow2"], dir), "data intact");
+});
+
+/** Run qemu-io interactively on `args` until the returned stop() is called; resolves once its locks are in /proc/locks. */
+async function qemuIoHolding(dir: string, args: string[], image: string): Promise<() => Promise<void>> {
+  const child = spawn("qemu-io", args, { cwd: dir, stdio: ["pipe", "ignore", "ignore"] });
+  const exited = new Promise<void>((resolve) => child.on("exit", () => resolve()));
+  const key = fileLockKey(image);
+  for (let tries = 0; tries < 500 && !readProcLocks().has(key ?? ""); tries++) await new Promise((resolve) => setTimeout(resolve, 10));
+  assert.ok(readProcLocks().has(key ?? ""), "qemu-io took its locks");
+  return async () => {
+    child.stdin.end("quit\n");
+    await exited;
+  };
+}
+
+test("E_IN_USE: an image a QEMU uses, as qemu-img refuses it: no write while QEMU reads or writes it, no read while it writes unless -U", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-b", "img.qcow2", "-F", "qcow2", "top.qcow2"], dir), "overlay");
+  const top = join(dir, "top.qcow2");
+  let stop = await qemuIoHolding(dir, ["img.qcow2"], path);
+  try {
+    await refused(dir, ["io", "-c", "write 0 4k", "img.qcow2"], "E_IN_USE", [path]);
+    await refused(dir, ["img", "snapshot", "-c", "s", "img.qcow2"], "E_IN_USE", [path]);
+    await refused(dir, ["img", "info", "img.qcow2"], "E_IN_USE", [path]);
+    await refused(dir, ["img", "check", "img.qcow2"], "E_IN_USE", [path]);
+    // Through a backing chain too: the overlay is free, its backing file is not.
+    await refused(dir, ["img", "map", "top.qcow2"], "E_IN_USE", [path, top]);
+    ok(await snapstack(["img", "info", "-U", "img.qcow2"], { cwd: dir }), "info -U");
+    ok(await snapstack(["img", "check", "-U", "img.qcow2"], { cwd: dir }), "check -U");
+    ok(await snapstack(["io", "-r", "-U", "-c", "read -P 0xab 0 64k", "img.qcow2"], { cwd: dir }), "io -r -U");
+  } finally {
+    await stop();
+  }
+  // A QEMU that only reads (qemu-io -r) refuses writers, not readers.
+  stop = await qemuIoHolding(dir, ["-r", "img.qcow2"], path);
+  try {
+    await refused(dir, ["img", "commit", "top.qcow2"], "E_IN_USE", [path, top]);
+    ok(await snapstack(["img", "map", "top.qcow2"], { cwd: dir }), "map");
+  } finally {
+    await stop();
+  }
+  ok(await snapstack(["io", "-c", "write -P 0xcd 0 4k", "img.qcow2"], { cwd: dir }), "write once QEMU is gone");
 });
 
 test("a backing file name that starts with NUL is no backing file (as QEMU reads it: a C string)", async (t) => {

@@ -66,7 +66,7 @@ export const checkCommand: CliCommand = {
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     const quiet = optionFlag(parsed, "quiet");
     const filename = parsed.positionals[0];
-    const outcome = await checkImage(filename, { format: optionString(parsed, "format"), repair: repairText });
+    const outcome = await checkImage(filename, { format: optionString(parsed, "format"), repair: repairText, forceShare: optionFlag(parsed, "forceShare") });
     if (outcome === "unsupported") {
       context.err(formatErrorLine(new SnapstackError("E_UNSUPPORTED_FEATURE", "This image format does not support checks")));
       return RESULT_EXIT_CODES.checkNotSupported;

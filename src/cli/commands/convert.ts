@@ -86,7 +86,7 @@ export const convertCommand: CliCommand = {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", "Compression not supported for this file format", { format: outputFormat });
     }
     const quiet = optionFlag(parsed, "quiet");
-    const source = await openImage(sourcePath, { format: optionString(parsed, "format"), readOnly: true });
+    const source = await openImage(sourcePath, { format: optionString(parsed, "format"), readOnly: true, forceShare: optionFlag(parsed, "forceShare") });
     try {
       const showProgress = optionFlag(parsed, "progress") && !quiet;
       const progress = createProgress(context, showProgress);

@@ -26,7 +26,7 @@ export const infoCommand: CliCommand = {
     const output = parseOutputFormat(optionString(parsed, "output"));
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     const backingChain = optionFlag(parsed, "backingChain");
-    const infos = await imageInfo(parsed.positionals[0], { format: optionString(parsed, "format"), backingChain });
+    const infos = await imageInfo(parsed.positionals[0], { format: optionString(parsed, "format"), backingChain, forceShare: optionFlag(parsed, "forceShare") });
     if (output === "json") {
       context.out(`${formatQemuJson(backingChain ? infos : infos[0])}\n`);
     } else {

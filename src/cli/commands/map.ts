@@ -8,7 +8,7 @@
 import { SnapstackError } from "../../base/errors.ts";
 import { parseSize } from "../../base/units.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
-import { optionString, parseArgs } from "../args.ts";
+import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { expectPositionals, parseOutputFormat } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { formatMapJson, mapImage, openImage } from "../engine.ts";
@@ -51,7 +51,7 @@ export const mapCommand: CliCommand = {
     const startOffset = startText === undefined ? undefined : parseSize(startText, { what: "start offset" });
     const maxLengthBytes = lengthText === undefined ? undefined : parseSize(lengthText, { what: "max length" });
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
-    const device = await openImage(parsed.positionals[0], { format: optionString(parsed, "format"), readOnly: true });
+    const device = await openImage(parsed.positionals[0], { format: optionString(parsed, "format"), readOnly: true, forceShare: optionFlag(parsed, "forceShare") });
     try {
       let extents = await mapImage(device, { startOffset, maxLengthBytes });
       if (extents.length === 0) {

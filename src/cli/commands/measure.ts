@@ -1,7 +1,7 @@
 /** `snapstack img measure [--output=human|json] [-O fmt] [-o opts] (--size SIZE | [-f fmt] FILE)` */
 import { SnapstackError } from "../../base/errors.ts";
 import { parseSize } from "../../base/units.ts";
-import { optionString, parseArgs } from "../args.ts";
+import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { parseOutputFormat } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { checkCreateOptions, parseOptionList } from "../create-options.ts";
@@ -49,7 +49,7 @@ export const measureCommand: CliCommand = {
     if (sizeBytes !== undefined) {
       result = await measureImage({ format, options: checked.typed, sizeBytes });
     } else {
-      const source = await openImage(parsed.positionals[0], { format: optionString(parsed, "format"), readOnly: true });
+      const source = await openImage(parsed.positionals[0], { format: optionString(parsed, "format"), readOnly: true, forceShare: optionFlag(parsed, "forceShare") });
       try {
         result = await measureImage({ format, options: checked.typed, source });
       } finally {

@@ -133,7 +133,7 @@ export const snapshotCommand: CliCommand = {
     const wipe = optionFlag(parsed, "wipe");
     if (wipe && (action.kind === "list" || action.kind === "none")) throw new SnapstackError("E_USAGE", "--wipe applies to -c, -a and -d only");
     const path = parsed.positionals[0];
-    const device = await openImage(path, { readOnly: action.kind === "list" });
+    const device = await openImage(path, { readOnly: action.kind === "list", forceShare: optionFlag(parsed, "forceShare") });
     try {
       const image = device instanceof Qcow2Image ? device : null;
       switch (action.kind) {

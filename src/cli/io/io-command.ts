@@ -52,6 +52,7 @@ export const ioCommand: CliCommand = {
     const device = await openImage(parsed.positionals[0], {
       format: optionString(parsed, "format"),
       readOnly: optionFlag(parsed, "readOnly"),
+      forceShare: optionFlag(parsed, "forceShare"),
     });
     let failed = false;
     try {

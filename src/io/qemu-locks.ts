@@ -1,0 +1,81 @@
+/**
+ * QEMU's image locks, seen from outside.
+ *
+ * QEMU (block/file-posix.c) takes OFD byte-range locks on every image file
+ * it opens: byte 100+i while it holds permission i, byte 200+i while it
+ * refuses to share permission i with others (i: 0 consistent read,
+ * 1 write, 2 write-unchanged, 3 resize). qemu-img and qemu-io refuse an
+ * open those locks forbid ("Failed to get "write" lock"). snapstack cannot
+ * take such locks (Node has no fcntl), but it reads them from /proc/locks
+ * and refuses the same opens, so it does not write an image a running QEMU
+ * uses, nor read one a QEMU is writing unless told to (-U, force-share, as
+ * qemu-img). A check, not a lock: a QEMU that opens the image afterwards is
+ * not seen, and snapstack processes do not see each other.
+ *
+ * `parseProcLocks` and `qemuLockConflict` are pure; `readProcLocks` and
+ * `fileLockKey` do the I/O.
+ */
+import { readFileSync, statSync } from "node:fs";
+
+const LOCK_PERM_BASE = 100;
+const LOCK_SHARED_BASE = 200;
+const PERMISSIONS = ["consistent read", "write", "write unchanged", "resize"] as const;
+const CONSISTENT_READ = 0;
+const WRITE = 1;
+const RESIZE = 3;
+
+/** Locked byte ranges [first, last] per file, keyed as /proc/locks names files ("fe:00:2179099"). */
+export type LockTable = Map<string, Array<[first: number, last: number]>>;
+
+/** The locks of /proc/locks text; waiting requests ("->") are not locks. */
+export function parseProcLocks(text: string): LockTable {
+  const table: LockTable = new Map();
+  for (const line of text.split("\n")) {
+    const match = /^\d+:\s+(?!->)\S+\s+\S+\s+\S+\s+-?\d+\s+([0-9a-f]+:[0-9a-f]+:\d+)\s+(\d+)\s+(\d+|EOF)\s*$/.exec(line);
+    if (match === null) continue;
+    const ranges = table.get(match[1]) ?? [];
+    ranges.push([Number(match[2]), match[3] === "EOF" ? Number.POSITIVE_INFINITY : Number(match[3])]);
+    table.set(match[1], ranges);
+  }
+  return table;
+}
+
+/**
+ * Why QEMU's locks forbid opening the file for `mode`, in qemu-img's words,
+ * or null. A reader needs consistent reads and does not share writing; a
+ * writer needs consistent reads, writing and resizing and shares neither
+ * of the last two (what qemu-img asks for a qcow2 image).
+ */
+export function qemuLockConflict(ranges: ReadonlyArray<readonly [number, number]>, mode: "read" | "write"): string | null {
+  const locked = (byte: number): boolean => ranges.some(([first, last]) => first <= byte && byte <= last);
+  const needed = mode === "read" ? [CONSISTENT_READ] : [CONSISTENT_READ, WRITE, RESIZE];
+  const unshared = mode === "read" ? [WRITE] : [WRITE, RESIZE];
+  for (const permission of needed) if (locked(LOCK_SHARED_BASE + permission)) return `Failed to get "${PERMISSIONS[permission]}" lock`;
+  for (const permission of unshared) if (locked(LOCK_PERM_BASE + permission)) return `Failed to get shared "${PERMISSIONS[permission]}" lock`;
+  return null;
+}
+
+/** /proc/locks, or an empty table where there is none (not Linux, no procfs). */
+export function readProcLocks(): LockTable {
+  try {
+    return parseProcLocks(readFileSync("/proc/locks", "utf8"));
+  } catch {
+    return new Map();
+  }
+}
+
+/** The key /proc/locks uses for the file at `path` (major:minor in hex, inode), or null if it cannot be stat'ed. */
+export function fileLockKey(path: string): string | null {
+  let dev: bigint;
+  let ino: bigint;
+  try {
+    ({ dev, ino } = statSync(path, { bigint: true }));
+  } catch {
+    return null;
+  }
+  // glibc's major()/minor() of a dev_t.
+  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
+  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
+  const hex = (value: bigint): string => value.toString(16).padStart(2, "0");
+  return `${hex(major)}:${hex(minor)}:${ino}`;
+}

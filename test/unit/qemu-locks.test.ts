@@ -1,0 +1,63 @@
+/**
+ * QEMU's image locks read from /proc/locks (src/io/qemu-locks.ts): the
+ * parser on the kernel's lines, and which opens the locks of a QEMU that
+ * reads or writes an image forbid (as qemu-img decides).
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { execFileSync } from "node:child_process";
+import { fileLockKey, parseProcLocks, qemuLockConflict } from "../../src/io/qemu-locks.ts";
+import { scratchDir } from "../helpers/tools.ts";
+
+// /proc/locks while `qemu-io img.qcow2` (read-write) and, on another file, `qemu-io -r` held them.
+const PROC_LOCKS = [
+  "1: OFDLCK ADVISORY  READ -1 fe:00:2179099 203 203",
+  "2: OFDLCK ADVISORY  READ -1 fe:00:2179099 201 201",
+  "3: OFDLCK ADVISORY  READ -1 fe:00:2179099 103 103",
+  "4: OFDLCK ADVISORY  READ -1 fe:00:2179099 100 101",
+  "5: OFDLCK ADVISORY  READ -1 fe:00:42 203 203",
+  "6: OFDLCK ADVISORY  READ -1 fe:00:42 201 201",
+  "7: OFDLCK ADVISORY  READ -1 fe:00:42 100 100",
+  "8: POSIX  ADVISORY  WRITE 1234 08:01:7 0 EOF",
+  "8: -> POSIX  ADVISORY  WRITE 1235 08:01:9 0 EOF",
+  "",
+].join("\n");
+
+test("parseProcLocks: ranges per file, EOF as unbounded, waiting requests skipped", () => {
+  const table = parseProcLocks(PROC_LOCKS);
+  assert.deepEqual(table.get("fe:00:2179099"), [
+    [203, 203],
+    [201, 201],
+    [103, 103],
+    [100, 101],
+  ]);
+  assert.deepEqual(table.get("08:01:7"), [[0, Number.POSITIVE_INFINITY]]);
+  assert.equal(table.has("08:01:9"), false);
+});
+
+test("qemuLockConflict: a QEMU writing refuses readers and writers; a QEMU reading refuses writers only; no locks, no conflict", () => {
+  const table = parseProcLocks(PROC_LOCKS);
+  const writing = table.get("fe:00:2179099")!;
+  const reading = table.get("fe:00:42")!;
+  assert.equal(qemuLockConflict(writing, "write"), 'Failed to get "write" lock');
+  assert.equal(qemuLockConflict(writing, "read"), 'Failed to get shared "write" lock');
+  assert.equal(qemuLockConflict(reading, "write"), 'Failed to get "write" lock');
+  assert.equal(qemuLockConflict(reading, "read"), null);
+  assert.equal(qemuLockConflict([], "write"), null);
+  // An unrelated lock elsewhere in the file (another program's) forbids nothing here.
+  assert.equal(qemuLockConflict([[0, 99]], "write"), null);
+  assert.equal(qemuLockConflict([[0, Number.POSITIVE_INFINITY]], "read"), 'Failed to get "consistent read" lock');
+});
+
+test("fileLockKey: the file as /proc/locks names it (major:minor in hex, inode), as stat(1) prints them", (t) => {
+  const path = join(scratchDir(t), "f");
+  writeFileSync(path, "x");
+  const [devHex, inode] = execFileSync("stat", ["-c", "%D %i", path], { encoding: "utf8" }).trim().split(" ");
+  const dev = Number.parseInt(devHex, 16);
+  // stat's %D is the old 16-bit encoding for small numbers: major in the high byte.
+  const expected = `${(dev >> 8).toString(16).padStart(2, "0")}:${(dev & 0xff).toString(16).padStart(2, "0")}:${inode}`;
+  assert.equal(fileLockKey(path), expected);
+  assert.equal(fileLockKey(join(path, "missing")), null);
+});
