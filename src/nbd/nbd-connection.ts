@@ -220,6 +220,8 @@ export class NbdConnection {
   #pumping = false;
   #pumpScheduled = false;
   #socketPaused = false;
+  /** The client half-closed its side: what it sent before is still served, then the connection drains. */
+  #clientEnded = false;
   /** Small replies of this tick, sent by #flushBatch (see the design notes). */
   #batch: Buffer | null = null;
   #batchBytes = 0;
@@ -294,7 +296,13 @@ export class NbdConnection {
       this.#parser.push(chunk);
       this.#pump();
     });
-    socket.on("end", () => this.#drain("client closed its side"));
+    // Requests already received (a pass may have stopped at READ_BYTES_PER_PUMP_MAX, or at the
+    // in-flight limit) are still served and replied to; libnbd's shutdown sends DISC and
+    // half-closes at once, with requests in flight.
+    socket.on("end", () => {
+      this.#clientEnded = true;
+      this.#pump();
+    });
     socket.on("error", (error) => this.#abort(`socket error: ${error.message}`));
     socket.on("drain", () => this.#pump());
   }
@@ -336,6 +344,7 @@ export class NbdConnection {
     if (this.#pumping) return;
     this.#pumping = true;
     let blocked = false;
+    let exhausted = false;
     let readBytesStarted = 0;
     try {
       while (this.#reading()) {
@@ -352,12 +361,20 @@ export class NbdConnection {
           break;
         }
         const message = this.#parser.next();
-        if (message === null) break;
+        if (message === null) {
+          exhausted = true;
+          break;
+        }
         if (message.kind === "request" && message.request.type === CMD_READ) readBytesStarted += message.request.lengthBytes;
         this.#handleMessage(message);
       }
     } finally {
       this.#pumping = false;
+    }
+    // Everything the client sent before closing its side has been taken (a partial message is dropped).
+    if (exhausted && this.#clientEnded) {
+      this.#drain("client closed its side");
+      return;
     }
     if (blocked && !this.#socketPaused) {
       this.#socketPaused = true;

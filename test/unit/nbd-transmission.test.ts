@@ -362,6 +362,29 @@ test("DISC with a READ in flight: the reply arrives before the server closes", a
   assert.equal(await client.waitClosed(), true);
 });
 
+test("a client that half-closes with reads pipelined (libnbd's shutdown) gets every reply, then the server closes", async (t) => {
+  const harness = await startServer(t, [{ name: "", device: memoryDevice(SIZE) }]);
+  for (const [count, length] of [
+    [3, MiB],
+    [40, 64 * 1024],
+  ]) {
+    const client = await harness.connect();
+    await negotiate(client);
+    // More than one pump pass of reads (READ_BYTES_PER_PUMP_MAX): before, the EOF read behind them
+    // drained the connection and the requests still in the parser got no reply.
+    for (let i = 0; i < count; i++) client.sendRequest({ type: READ, cookie: BigInt(i), offset: i * length, length });
+    client.socket.end();
+    const seen = new Set<bigint>();
+    while (seen.size < count) {
+      const chunks = await client.readStructured();
+      const cookie = chunks[0].cookie;
+      assert.ok(assembleRead(chunks, Number(cookie) * length, length).equals(patternAt(Number(cookie) * length, length)), `reply ${cookie}`);
+      seen.add(cookie);
+    }
+    assert.equal(await client.waitClosed(), true);
+  }
+});
+
 test("a client closing mid-payload or without DISC costs nothing: the server serves the next client", async (t) => {
   const gated = new GatedDevice(memoryDevice(SIZE));
   const harness = await startServer(t, [{ name: "", device: gated }]);
