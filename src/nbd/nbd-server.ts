@@ -11,7 +11,9 @@
  *   kernel but wait, without a greeting, until a slot frees, as qemu-nbd
  *   leaves them in the listen backlog; so a client that reconnects right
  *   after closing (fio's size probe) is never refused. At most
- *   PENDING_CONNECTIONS_MAX wait; more are closed. 0 means
+ *   PENDING_CONNECTIONS_MAX wait; more are closed. A waiting socket is
+ *   read, so a client that gives up while waiting leaves the queue at once.
+ *   0 means
  *   CONNECTIONS_HARD_MAX, so no setting allows unbounded connections.
  * - CAN_MULTI_CONN is advertised unless connectionsMax is 1 (as qemu-nbd:
  *   with one client there is nobody to be consistent with). Every connection
@@ -35,6 +37,9 @@ import type { TlsCredentials } from "./tls-credentials.ts";
 import { BufferPool } from "./buffer-pool.ts";
 import type { DataWorkerPool } from "./data-workers.ts";
 import { CONNECTIONS_HARD_MAX, PENDING_CONNECTIONS_MAX } from "./protocol.ts";
+
+/** Bytes a waiting connection may send before its greeting; more closes it. */
+const PENDING_EARLY_BYTES_MAX = 64 * 1024;
 
 /** What the server needs of a DataWorkerPool. */
 export type DataWorkers = Pick<DataWorkerPool, "canTake" | "handOff" | "shutdownConnections">;
@@ -72,6 +77,8 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
   #movedCount = 0;
   #dataWorkers: DataWorkers | null;
   #pending: net.Socket[] = [];
+  /** What a waiting socket sent before its turn (nothing, from a client that follows the protocol). */
+  #earlyBytes = new WeakMap<net.Socket, Buffer[]>();
   #listeners: Array<{ server: net.Server; path: string | null }> = [];
   #limits: ConnectionLimits;
   #log: ((message: string) => void) | undefined;
@@ -160,6 +167,19 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
         if (index >= 0) this.#pending.splice(index, 1);
       });
       socket.on("error", () => {});
+      // Read while it waits, or a client that gave up (a probe, a retry) would hold its place until
+      // the kernel told us, which it does only when read: 128 such made every new client refused.
+      // A client sends nothing before the greeting; what one sends anyway is kept for its connection.
+      const early: Buffer[] = [];
+      let earlyBytes = 0;
+      socket.on("data", (chunk: Buffer) => {
+        early.push(chunk);
+        earlyBytes += chunk.length;
+        if (earlyBytes > PENDING_EARLY_BYTES_MAX) socket.destroy();
+      });
+      socket.on("end", () => socket.destroy());
+      this.#earlyBytes.set(socket, early);
+      socket.resume();
       return;
     }
     this.#startConnection(socket);
@@ -228,9 +248,13 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     this.emit("connection-closed", { negotiated, reason, open: this.connectionCount });
     while (!this.#closing && this.#pending.length > 0 && this.connectionCount < this.connectionsMax) {
       const next = this.#pending.shift()!;
-      next.removeAllListeners("close");
-      next.removeAllListeners("error");
-      if (!next.destroyed) this.#startConnection(next);
+      next.pause();
+      for (const event of ["close", "error", "data", "end"]) next.removeAllListeners(event);
+      const early = this.#earlyBytes.get(next) ?? [];
+      this.#earlyBytes.delete(next);
+      if (next.destroyed) continue;
+      if (early.length > 0) next.unshift(Buffer.concat(early));
+      this.#startConnection(next);
     }
     if (this.#connections.size === 0) this.#pool.clear();
     if (this.#closing && this.connectionCount === 0) this.#allClosed?.();

@@ -426,6 +426,27 @@ test("connection limit (-e 2): a third client waits without a greeting until a s
   assert.equal(server.connectionCount, 2);
 });
 
+test("connection limit: waiting clients that give up leave the queue (128 probes do not lock out the next client); bytes sent while waiting are kept", async (t) => {
+  const { connect, server } = await startServer(t, exportsA(), { connectionsMax: 1 });
+  const first = await connect();
+  await first.handshake();
+  // More than PENDING_CONNECTIONS_MAX connect-and-close probes while the slot is taken. Before, the
+  // waiting sockets were never read, so their EOF went unseen and they filled the queue for good.
+  for (let i = 0; i < 130; i++) (await connect()).close();
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  const waiting = await connect();
+  await assert.rejects(waiting.read(18, 300), /timed out/, "it waits for the slot, it is not closed");
+  assert.equal(waiting.closed, false);
+  // A client that sends its flags before the greeting (against the protocol, harmless) keeps them.
+  waiting.write(Buffer.from([0, 0, 0, 3]));
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  first.close();
+  const greeting = await waiting.read(18);
+  assert.equal(greeting.toString("latin1", 0, 8), "NBDMAGIC");
+  await assertListWorks(waiting);
+  assert.equal(server.connectionCount, 1);
+});
+
 test("TLS required: options other than STARTTLS get ERR_TLS_REQD with their payload consumed; EXPORT_NAME closes", async (t) => {
   // A context that is never used: the client below never starts TLS.
   const tls = await import("node:tls");
