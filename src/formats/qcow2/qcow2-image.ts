@@ -39,7 +39,7 @@
  * - Internal snapshots (create/apply/delete) live in internal-snapshots.ts
  *   and run under `exclusive()`; the methods here delegate to it.
  */
-import { SnapstackError, assert, isSnapstackError } from "../../base/errors.ts";
+import { SnapstackError, assert, isSnapstackError, withSecondFailure } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/block-device.ts";
 import { WRITE_SYNC_BYTES_MAX, type ImageFile } from "../../io/file.ts";
 import {
@@ -925,10 +925,16 @@ export class Qcow2Image implements BlockDevice {
    */
   async #writeDetached(requests: readonly WriteRequest[], onAllocated: () => void): Promise<void> {
     let detached: PlannedWrite | null = null;
+    const allocated: ClusterPlan[][] = [];
     await this.#locked(async () => {
-      const planned = await this.#planWrites(requests);
+      let planned: PlannedWrite;
+      try {
+        planned = await this.#planWrites(requests, allocated);
+        if (this.#paddingArenaUsedBytes > 0) await this.#writeHostRuns(planned.writes);
+      } catch (error) {
+        throw await this.#abortAllocations(allocated, error);
+      }
       if (this.#paddingArenaUsedBytes > 0) {
-        await this.#writeHostRuns(planned.writes);
         await this.#linkWrites(planned);
         return;
       }
@@ -937,7 +943,11 @@ export class Qcow2Image implements BlockDevice {
     onAllocated();
     if (detached === null) return;
     const planned: PlannedWrite = detached;
-    await this.#writeHostRuns(planned.writes);
+    try {
+      await this.#writeHostRuns(planned.writes);
+    } catch (error) {
+      throw await this.#locked(() => this.#abortAllocations(allocated, error));
+    }
     await this.#locked(async () => {
       // The tables may have been written back and evicted meanwhile (eviction is not held across
       // the data write, or the caches of a long convert would never be trimmed): look them up again.
@@ -1045,13 +1055,36 @@ export class Qcow2Image implements BlockDevice {
    * the L2 entries set; then old clusters released.
    */
   async #writeLocked(requests: readonly WriteRequest[], writeSync = false): Promise<void> {
-    const planned = await this.#planWrites(requests);
-    await this.#writeHostRuns(planned.writes, writeSync);
+    const allocated: ClusterPlan[][] = [];
+    let planned: PlannedWrite;
+    try {
+      planned = await this.#planWrites(requests, allocated);
+      await this.#writeHostRuns(planned.writes, writeSync);
+    } catch (error) {
+      throw await this.#abortAllocations(allocated, error);
+    }
     await this.#linkWrites(planned);
   }
 
+  /**
+   * A write failed before its L2 entries were set (reading COW padding,
+   * e.g. a damaged compressed cluster, or writing the data): free the
+   * clusters allocated for it, which nothing references, as QEMU's
+   * qcow2_alloc_cluster_abort, instead of leaving them leaked. Returns the
+   * error to throw (with a failure to free added to it).
+   */
+  async #abortAllocations(allocated: readonly ClusterPlan[][], error: unknown): Promise<unknown> {
+    const cs = this.#meta.clusterSizeBytes;
+    try {
+      for (const plans of allocated) for (const plan of plans) if (!plan.inPlace) await this.#meta.freeClusters(plan.hostOffset, plan.count * cs);
+    } catch (freeError) {
+      return withSecondFailure(error, freeError);
+    }
+    return error;
+  }
+
   /** #writeLocked's first part: clusters allocated, data and COW padding gathered into host runs. */
-  async #planWrites(requests: readonly WriteRequest[]): Promise<PlannedWrite> {
+  async #planWrites(requests: readonly WriteRequest[], allocated: ClusterPlan[][]): Promise<PlannedWrite> {
     const meta = this.#meta;
     const geometry = meta.geometry;
     const cs = geometry.clusterSizeBytes;
@@ -1069,6 +1102,7 @@ export class Qcow2Image implements BlockDevice {
         const table = await meta.getL2ForWrite(l1Index);
         const plans = this.#planClusters(table, guestOffset, at, chunkEnd, true);
         nextHostOffset = await this.#allocatePlans(plans, nextHostOffset);
+        allocated.push(plans);
         // Data with COW padding, coalescing contiguous host ranges.
         for (const plan of plans) {
           const { start, end } = plan.count > 1 ? { start: 0, end: plan.length } : this.#cowRange(plan);
