@@ -178,6 +178,10 @@ test("E_CORRUPT_IMAGE: an L1 entry pointing at an unaligned L2 table", async (t)
   const l1Offset = Number(peekU64(path, HEADER_L1_TABLE_OFFSET));
   poke(path, l1Offset, u64(peekU64(path, l1Offset) + 0x200n));
   await refused(dir, ["io", "-r", "-c", "read 0 4k", "img.qcow2"], "E_CORRUPT_IMAGE", [path]);
+  // Opened read-only, nothing is marked, and the message says so (qcow2_signal_corruption's wording).
+  const readOnly = await snapstack(["io", "-r", "-c", "read 0 4k", "img.qcow2"], { cwd: dir });
+  assert.match(readOnly.stderr, /qcow2: Image is corrupt: /);
+  assert.doesNotMatch(readOnly.stderr, /Marking/);
 });
 
 test("E_IMAGE_MARKED_CORRUPT: writing to an image with the corrupt bit", async (t) => {

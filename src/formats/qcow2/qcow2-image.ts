@@ -367,7 +367,9 @@ export class Qcow2Image implements BlockDevice {
   async #failed(error: unknown): Promise<unknown> {
     if (isSnapstackError(error) && error.code === "E_CORRUPT_IMAGE" && !this.#corruptReported) {
       this.#corruptReported = true;
-      if (!this.readOnly && !(this.#meta.header.incompatibleFeatures & INCOMPAT_CORRUPT) && this.#meta.header.version === 3) {
+      // As qcow2_signal_corruption: only a writable image is marked, and only then does the message say so.
+      const marking = !this.readOnly && !(this.#meta.header.incompatibleFeatures & INCOMPAT_CORRUPT) && this.#meta.header.version === 3;
+      if (marking) {
         this.#meta.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
         try {
           await this.#meta.writeIncompatibleFeatures();
@@ -375,7 +377,7 @@ export class Qcow2Image implements BlockDevice {
           // The original error is what matters.
         }
       }
-      const marked = new SnapstackError("E_CORRUPT_IMAGE", `qcow2: Marking image as corrupt: ${error.message}`, { ...error.details, path: this.name });
+      const marked = new SnapstackError("E_CORRUPT_IMAGE", `qcow2: ${marking ? "Marking image as corrupt" : "Image is corrupt"}: ${error.message}`, { ...error.details, path: this.name });
       this.#corruption = error;
       return marked;
     }
