@@ -138,6 +138,7 @@ export async function createImage(path: string, request: CreateImageOptions): Pr
   const backingFile = request.backingFile ?? (options.backing_file !== undefined ? optionString(options.backing_file) : undefined);
   const backingFormat = request.backingFormat ?? (options.backing_fmt !== undefined ? optionString(options.backing_fmt) : undefined);
   if (format === "raw" && backingFile !== undefined) throw invalid(path, "Backing file not supported for file format 'raw'");
+  if (backingFile === "") throw invalid(path, "Expected backing file name, got empty string");
   if (backingFile !== undefined && backingFormat === undefined) {
     throw new SnapstackError("E_BACKING_FORMAT", `${path}: Backing file specified without backing format`, { path, backingFile });
   }

@@ -339,6 +339,9 @@ test("E_BACKING_FORMAT: -b without -F", async (t) => {
   await refused(dir, ["img", "create", "-f", "qcow2", "-b", "base.qcow2", "new.qcow2"], "E_BACKING_FORMAT", [path]);
   await refused(dir, ["img", "create", "-f", "qcow2", "-o", "backing_file=base.qcow2", "new.qcow2"], "E_BACKING_FORMAT", [path]);
   await refused(dir, ["img", "convert", "-O", "qcow2", "-B", "base.qcow2", "base.qcow2", "out.qcow2"], "E_BACKING_FORMAT", [path]);
+  // An empty backing name is refused as qemu-img refuses it ("Expected backing file name, got empty string").
+  await refused(dir, ["img", "create", "-f", "qcow2", "-b", "", "-F", "qcow2", "new.qcow2", "1M"], "E_INVALID_OPTION", []);
+  await refused(dir, ["img", "create", "-f", "qcow2", "-o", "backing_file=,backing_fmt=qcow2", "new.qcow2", "1M"], "E_INVALID_OPTION", []);
   assert.ok(!existsSync(join(dir, "new.qcow2")) && !existsSync(join(dir, "out.qcow2")));
 });
 
