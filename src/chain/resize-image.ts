@@ -7,7 +7,7 @@
  * 512 and preallocation of the new area is only implemented for raw.
  */
 import { SnapstackError } from "../base/errors.ts";
-import { Qcow2Image } from "../formats/qcow2/index.ts";
+import { QCOW2_PREALLOCATION_MODES, Qcow2Image } from "../formats/qcow2/index.ts";
 import { RAW_PREALLOCATION_MODES, RawImage, type RawPreallocation } from "../formats/raw/raw-image.ts";
 import { parseImageFormat } from "./image-format.ts";
 import { openImage } from "./open-image.ts";
@@ -24,6 +24,8 @@ export interface ResizeImageOptions {
 export async function resizeImage(path: string, size: SizeSpec, options: ResizeImageOptions = {}): Promise<void> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
   const preallocation = options.preallocation ?? "off";
+  // qemu-img's modes (qcow2 takes them all), known before anything is opened (a format may still not support one).
+  if (!QCOW2_PREALLOCATION_MODES.includes(preallocation)) throw new SnapstackError("E_INVALID_OPTION", `Invalid preallocation mode '${preallocation}'`, { path });
   const device = await openImage(path, { format, readOnly: false });
   try {
     const newSizeBytes = "absoluteBytes" in size ? size.absoluteBytes : device.sizeBytes + size.deltaBytes;

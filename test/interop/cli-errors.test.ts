@@ -99,6 +99,9 @@ test("E_INVALID_OPTION: unknown or mistyped -o options", async (t) => {
   assert.ok(!existsSync(join(dir, "new.qcow2")));
   await refused(dir, ["img", "convert", "-O", "qcow2", "-o", "foo=1", "img.qcow2", "out.qcow2"], "E_INVALID_OPTION", [path]);
   assert.ok(!existsSync(join(dir, "out.qcow2")));
+  // A mode qemu-img does not know is an invalid option (one it knows but qcow2 resize lacks is E_UNSUPPORTED_FEATURE).
+  await refused(dir, ["img", "resize", "--preallocation=bogus", "img.qcow2", "2M"], "E_INVALID_OPTION", [path]);
+  await refused(dir, ["img", "resize", "--preallocation=falloc", "img.qcow2", "2M"], "E_UNSUPPORTED_FEATURE", [path]);
 });
 
 test("E_OUT_OF_RANGE: I/O past the end of the disk", async (t) => {

@@ -33,6 +33,8 @@ import { markDirty } from "./table-cache.ts";
 import { Qcow2Image } from "./qcow2-image.ts";
 
 export type Qcow2Preallocation = "off" | "metadata" | "falloc" | "full";
+/** qemu-img's preallocation modes, all of which qcow2 takes. */
+export const QCOW2_PREALLOCATION_MODES: readonly string[] = ["off", "metadata", "falloc", "full"] satisfies Qcow2Preallocation[];
 
 export interface Qcow2CreateOptions {
   sizeBytes: number;
@@ -114,7 +116,7 @@ export function resolveQcow2CreateOptions(options: Qcow2CreateOptions): Resolved
   if (extendedL2 && clusterSizeBytes < EXTENDED_L2_CLUSTER_MIN_BYTES) {
     throw invalid(`Extended L2 entries are only supported with cluster sizes of at least ${EXTENDED_L2_CLUSTER_MIN_BYTES} bytes`);
   }
-  if (!["off", "metadata", "falloc", "full"].includes(preallocation)) {
+  if (!QCOW2_PREALLOCATION_MODES.includes(preallocation)) {
     throw invalid(`Invalid parameter '${preallocation}'`);
   }
   const backingFile = options.backingFile ?? null;

@@ -11,6 +11,7 @@ export {
   resolveQcow2CreateOptions,
   DEFAULT_CLUSTER_SIZE_BYTES,
   DEFAULT_REFCOUNT_BITS,
+  QCOW2_PREALLOCATION_MODES,
   type Qcow2CreateOptions,
   type Qcow2Preallocation,
   type ResolvedQcow2CreateOptions,
