@@ -49,7 +49,6 @@ import { walkChain } from "./map-image.ts";
 import { createImage, type CreateOptionValue } from "./create-image.ts";
 import { createNodeFile, openNodeFile, type NodeFileCacheMode } from "../io/node-file.ts";
 import { fileKey } from "../io/file-identity.ts";
-import { layerKey } from "./jobs/chain-layers.ts";
 
 export { COPY_CHUNK_BYTES, COPY_READS_IN_FLIGHT } from "./copy-pipeline.ts";
 /** Guest bytes whose status is looked up at once. */
@@ -243,7 +242,7 @@ const openUnsafeFile: OpenImageFile = async (path, request) =>
 function refuseSourceAsTarget(source: BlockDevice, targetPath: string): void {
   const targetKey = fileKey(targetPath);
   if (targetKey === null) return;
-  const layer = chainLayers(source).find((candidate) => layerKey(candidate) === targetKey);
+  const layer = chainLayers(source).find((candidate) => fileKey(candidate.name) === targetKey);
   if (layer === undefined) return;
   const what = layer === source ? "the source image" : `the source's backing file ${layer.name}`;
   throw new SnapstackError("E_IN_USE", `${targetPath}: cannot write the target: it is ${what}`, { path: targetPath });

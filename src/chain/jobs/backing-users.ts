@@ -14,7 +14,7 @@ import { join, resolve } from "node:path";
 import { openNodeFile } from "../../io/node-file.ts";
 import { QCOW2_MAGIC, readQcow2Header } from "../../formats/qcow2/index.ts";
 import { resolveBackingPath } from "../backing-path.ts";
-import { fileKey } from "./chain-layers.ts";
+import { fileKey } from "../../io/file-identity.ts";
 
 /** Files probed per directory (bounds the work of one scan). */
 export const BACKING_SCAN_FILES_MAX = 100_000;

@@ -92,8 +92,6 @@ export function setLayerFile(layer: BlockDevice, path: string): void {
   layerKeys.set(layer, fileKey(path));
 }
 
-export { fileKey };
-
 /** The file a layer reads from ("dev:ino"), or null if it is not a file snapstack can name. */
 export function layerKey(layer: BlockDevice): string | null {
   let key = layerKeys.get(layer);
@@ -103,7 +101,6 @@ export function layerKey(layer: BlockDevice): string | null {
   }
   return key;
 }
-
 
 function realPathOrNull(path: string): string | null {
   try {

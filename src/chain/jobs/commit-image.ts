@@ -35,7 +35,8 @@ import { RawImage } from "../../formats/raw/raw-image.ts";
 import { chainLayers, openImage } from "../open-image.ts";
 import { parseImageFormat } from "../image-format.ts";
 import { findBackingUsers } from "./backing-users.ts";
-import { fileKey, findInChain, forEachAbove, type AboveExtent } from "./chain-layers.ts";
+import { fileKey } from "../../io/file-identity.ts";
+import { findInChain, forEachAbove, type AboveExtent } from "./chain-layers.ts";
 import { RangeCopier } from "./copy-ranges.ts";
 import { runJob, type JobOptions } from "./job.ts";
 
