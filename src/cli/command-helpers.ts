@@ -4,6 +4,7 @@
  */
 import { SnapstackError } from "../base/errors.ts";
 import { formatFixed } from "../base/units.ts";
+import { optionString, type ParsedArgs } from "./args.ts";
 import type { CliContext } from "./context.ts";
 import { checkCreateOptions, parseOptionList, type CreateOptionValues } from "./create-options.ts";
 
@@ -19,6 +20,20 @@ export function parseOutputFormat(value: string | undefined): OutputFormat {
 export function expectPositionals(positionals: readonly string[], min: number, max: number, missingMessage: string): void {
   if (positionals.length < min) throw new SnapstackError("E_USAGE", missingMessage);
   if (positionals.length > max) throw new SnapstackError("E_USAGE", `Unexpected argument: ${positionals[max]}`);
+}
+
+/** qemu's cache modes (-t, -T). snapstack accepts them all and flushes at the end of a command. */
+const CACHE_MODES: readonly string[] = ["none", "writeback", "writethrough", "directsync", "unsafe"];
+
+/** Refuse a -t (option "cache") or -T (option "sourceCache") value qemu-img does not know, with its message. */
+export function checkCacheOptions(parsed: ParsedArgs): void {
+  for (const [name, what] of [
+    ["cache", "cache option"],
+    ["sourceCache", "source cache option"],
+  ] as const) {
+    const value = optionString(parsed, name);
+    if (value !== undefined && !CACHE_MODES.includes(value)) throw new SnapstackError("E_INVALID_OPTION", `Invalid ${what}: ${value}`, { value });
+  }
 }
 
 /** Check a joined -o list for a format (empty list when none given). */

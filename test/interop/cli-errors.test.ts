@@ -102,6 +102,14 @@ test("E_INVALID_OPTION: unknown or mistyped -o options", async (t) => {
   // A mode qemu-img does not know is an invalid option (one it knows but qcow2 resize lacks is E_UNSUPPORTED_FEATURE).
   await refused(dir, ["img", "resize", "--preallocation=bogus", "img.qcow2", "2M"], "E_INVALID_OPTION", [path]);
   await refused(dir, ["img", "resize", "--preallocation=falloc", "img.qcow2", "2M"], "E_UNSUPPORTED_FEATURE", [path]);
+  // Cache modes qemu-img does not know, before anything is opened ("Invalid cache option: bogus").
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-b", "img.qcow2", "-F", "qcow2", "top.qcow2"], dir), "overlay");
+  const top = join(dir, "top.qcow2");
+  await refused(dir, ["img", "commit", "-t", "bogus", "top.qcow2"], "E_INVALID_OPTION", [path, top]);
+  await refused(dir, ["img", "rebase", "-T", "bogus", "-u", "-b", "", "top.qcow2"], "E_INVALID_OPTION", [path, top]);
+  await refused(dir, ["img", "convert", "-T", "bogus", "-O", "raw", "img.qcow2", "out.raw"], "E_INVALID_OPTION", [path]);
+  assert.ok(!existsSync(join(dir, "out.raw")));
+  ok(await snapstack(["img", "convert", "-t", "writethrough", "-T", "none", "-O", "raw", "img.qcow2", "out.raw"], { cwd: dir }), "known modes");
 });
 
 test("E_OUT_OF_RANGE: I/O past the end of the disk", async (t) => {

@@ -8,7 +8,7 @@
  * has no such warning: it does not look).
  */
 import { optionFlag, optionList, optionString, parseArgs } from "../args.ts";
-import { createProgress, expectPositionals } from "../command-helpers.ts";
+import { checkCacheOptions, createProgress, expectPositionals } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { commitImage } from "../../chain/jobs/index.ts";
 
@@ -39,6 +39,7 @@ export const commitCommand: CliCommand = {
       { name: "search", long: "search", value: true, repeat: "list" },
       { name: "wipe", long: "wipe" },
     ]);
+    checkCacheOptions(parsed);
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     const quiet = optionFlag(parsed, "quiet");
     const progress = createProgress(context, optionFlag(parsed, "progress") && !quiet);

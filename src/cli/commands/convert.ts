@@ -5,7 +5,7 @@
 import { SnapstackError } from "../../base/errors.ts";
 import { parseSize } from "../../base/units.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
-import { createProgress } from "../command-helpers.ts";
+import { checkCacheOptions, createProgress } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { checkCreateOptions, formatOptionHelp, isHelpRequest, parseOptionList } from "../create-options.ts";
 import { convertImage, openImage } from "../engine.ts";
@@ -64,6 +64,7 @@ export const convertCommand: CliCommand = {
       { name: "parallel", short: "m", value: true },
       { name: "outOfOrder", short: "W" },
     ]);
+    checkCacheOptions(parsed);
     const outputFormat = optionString(parsed, "outputFormat") ?? "raw";
     const entries = parseOptionList(optionString(parsed, "options") ?? "");
     if (isHelpRequest(entries)) {

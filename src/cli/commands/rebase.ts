@@ -8,7 +8,7 @@
  */
 import { SnapstackError } from "../../base/errors.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
-import { createProgress, expectPositionals } from "../command-helpers.ts";
+import { checkCacheOptions, createProgress, expectPositionals } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { rebaseImage } from "../../chain/jobs/index.ts";
 
@@ -37,6 +37,7 @@ export const rebaseCommand: CliCommand = {
       { name: "quiet", short: "q" },
       { name: "compress", short: "c" },
     ]);
+    checkCacheOptions(parsed);
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     const unsafe = optionFlag(parsed, "unsafe");
     const backingFile = optionString(parsed, "backing");
