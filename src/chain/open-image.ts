@@ -23,7 +23,8 @@ import { SnapstackError, fromSystemError, isSnapstackError } from "../base/error
 import type { BlockDevice } from "../device/block-device.ts";
 import type { ImageFile } from "../io/file.ts";
 import { openNodeFile, type NodeFileCacheMode, type NodeFileIoMode } from "../io/node-file.ts";
-import { fileLockKey, qemuLockConflict, readProcLocks, type LockTable } from "../io/qemu-locks.ts";
+import { fileKey } from "../io/file-identity.ts";
+import { qemuLockConflict, readProcLocks, type LockTable } from "../io/qemu-locks.ts";
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
 import { isImageFormat, parseImageFormat, probeImageFormat, type ImageFormat } from "./image-format.ts";
@@ -101,7 +102,7 @@ function openFailure(topPath: string, depth: number, path: string, error: unknow
  */
 export function refuseQemuLocked(locks: LockTable, path: string, depth: number, layerPath: string, readOnly: boolean, forceShare: boolean): void {
   if (readOnly && forceShare) return;
-  const conflict = qemuLockConflict(locks.get(fileLockKey(layerPath) ?? "") ?? [], readOnly ? "read" : "write");
+  const conflict = qemuLockConflict(locks.get(fileKey(layerPath) ?? "") ?? [], readOnly ? "read" : "write");
   if (conflict === null) return;
   throw new SnapstackError("E_IN_USE", `Could not open '${path}': ${backingPrefix(depth)}${conflict}: is another process using the image [${layerPath}]?`, {
     path,

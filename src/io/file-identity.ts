@@ -7,14 +7,25 @@
 import { statSync } from "node:fs";
 import { resolve } from "node:path";
 
-/** Identity of a file on this host ("dev:ino"), or null if it cannot be stat'ed. */
+/**
+ * Identity of a file on this host, or null if it cannot be stat'ed: its
+ * device and inode, written as /proc/locks names a file (major:minor in
+ * hex, inode in decimal), so the same key finds QEMU's locks on it
+ * (io/qemu-locks.ts).
+ */
 export function fileKey(path: string): string | null {
+  let dev: bigint;
+  let ino: bigint;
   try {
-    const stat = statSync(path);
-    return `${stat.dev}:${stat.ino}`;
+    ({ dev, ino } = statSync(path, { bigint: true }));
   } catch {
     return null;
   }
+  // glibc's major()/minor() of a dev_t.
+  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
+  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
+  const hex = (value: bigint): string => value.toString(16).padStart(2, "0");
+  return `${hex(major)}:${hex(minor)}:${ino}`;
 }
 
 /**

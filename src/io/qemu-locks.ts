@@ -12,10 +12,10 @@
  * qemu-img). A check, not a lock: a QEMU that opens the image afterwards is
  * not seen, and snapstack processes do not see each other.
  *
- * `parseProcLocks` and `qemuLockConflict` are pure; `readProcLocks` and
- * `fileLockKey` do the I/O.
+ * `parseProcLocks` and `qemuLockConflict` are pure; `readProcLocks` does
+ * the I/O. Files are named by io/file-identity.ts fileKey.
  */
-import { readdirSync, readFileSync, statSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 
 const LOCK_PERM_BASE = 100;
 const LOCK_SHARED_BASE = 200;
@@ -24,7 +24,7 @@ const CONSISTENT_READ = 0;
 const WRITE = 1;
 const RESIZE = 3;
 
-/** Locked byte ranges [first, last] per file, keyed as /proc/locks names files ("fe:00:2179099"). */
+/** Locked byte ranges [first, last] per file, keyed as /proc/locks names files ("fe:00:2179099", io/file-identity.ts fileKey). */
 export type LockTable = Map<string, Array<[first: number, last: number]>>;
 
 /** The locks of /proc/locks text; waiting requests ("->") are not locks. */
@@ -56,19 +56,33 @@ export function qemuLockConflict(ranges: ReadonlyArray<readonly [number, number]
 }
 
 /**
+ * How long one look serves the opens that follow: `info --backing-chain`
+ * opens each of up to 1,024 layers by itself, `compare` two images.
+ */
+const LOCKS_REUSE_MS = 1000;
+let lastRead: { atMs: number; table: LockTable } | null = null;
+
+/**
  * /proc/locks, or an empty table where there is none (not Linux, no procfs)
  * or no QEMU process runs: reading /proc/locks costs the kernel an RCU grace
  * period (10-25 ms here, every command), a look at the processes' names
  * ~25 us per process.
  */
 export function readProcLocks(): LockTable {
-  if (!qemuRunning()) return new Map();
-  try {
-    return parseProcLocks(readFileSync("/proc/locks", "utf8"));
-  } catch {
-    return new Map();
+  const nowMs = performance.now();
+  if (lastRead !== null && nowMs - lastRead.atMs < LOCKS_REUSE_MS) return lastRead.table;
+  let table: LockTable = new Map();
+  if (qemuRunning()) {
+    try {
+      table = parseProcLocks(readFileSync("/proc/locks", "utf8"));
+    } catch {
+      // no procfs: no locks seen
+    }
   }
+  lastRead = { atMs: nowMs, table };
+  return table;
 }
+
 
 /** Processes looked at before /proc/locks is read anyway. */
 const PROCESSES_SCANNED_MAX = 4096;
@@ -93,20 +107,4 @@ function qemuRunning(): boolean {
     }
   }
   return false;
-}
-
-/** The key /proc/locks uses for the file at `path` (major:minor in hex, inode), or null if it cannot be stat'ed. */
-export function fileLockKey(path: string): string | null {
-  let dev: bigint;
-  let ino: bigint;
-  try {
-    ({ dev, ino } = statSync(path, { bigint: true }));
-  } catch {
-    return null;
-  }
-  // glibc's major()/minor() of a dev_t.
-  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
-  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
-  const hex = (value: bigint): string => value.toString(16).padStart(2, "0");
-  return `${hex(major)}:${hex(minor)}:${ino}`;
 }

@@ -5,7 +5,8 @@ import assert from "node:assert/strict";
 import { closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { spawn } from "node:child_process";
-import { fileLockKey, readProcLocks } from "../../src/io/qemu-locks.ts";
+import { fileKey } from "../../src/io/file-identity.ts";
+import { parseProcLocks } from "../../src/io/qemu-locks.ts";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
 import { assertCodedError, assertUnchanged, ok, qemuImg, qemuIo, snapshotFiles, snapstack } from "./cli-helpers.ts";
 
@@ -272,9 +273,11 @@ test("E_IN_USE / E_BACKING_LOOP: an output that is also an input (convert onto i
 async function qemuIoHolding(dir: string, args: string[], image: string): Promise<() => Promise<void>> {
   const child = spawn("qemu-io", args, { cwd: dir, stdio: ["pipe", "ignore", "ignore"] });
   const exited = new Promise<void>((resolve) => child.on("exit", () => resolve()));
-  const key = fileLockKey(image);
-  for (let tries = 0; tries < 500 && !readProcLocks().has(key ?? ""); tries++) await new Promise((resolve) => setTimeout(resolve, 10));
-  assert.ok(readProcLocks().has(key ?? ""), "qemu-io took its locks");
+  const key = fileKey(image) ?? "";
+  // Read fresh each time (readProcLocks reuses a look for a second).
+  const locked = (): boolean => parseProcLocks(readFileSync("/proc/locks", "utf8")).has(key);
+  for (let tries = 0; tries < 500 && !locked(); tries++) await new Promise((resolve) => setTimeout(resolve, 10));
+  assert.ok(locked(), "qemu-io took its locks");
   return async () => {
     child.stdin.end("quit\n");
     await exited;

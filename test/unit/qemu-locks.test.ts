@@ -8,7 +8,8 @@ import assert from "node:assert/strict";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { execFileSync } from "node:child_process";
-import { fileLockKey, parseProcLocks, qemuLockConflict } from "../../src/io/qemu-locks.ts";
+import { parseProcLocks, qemuLockConflict } from "../../src/io/qemu-locks.ts";
+import { fileKey } from "../../src/io/file-identity.ts";
 import { scratchDir } from "../helpers/tools.ts";
 
 // /proc/locks while `qemu-io img.qcow2` (read-write) and, on another file, `qemu-io -r` held them.
@@ -51,13 +52,19 @@ test("qemuLockConflict: a QEMU writing refuses readers and writers; a QEMU readi
   assert.equal(qemuLockConflict([[0, Number.POSITIVE_INFINITY]], "read"), 'Failed to get "consistent read" lock');
 });
 
-test("fileLockKey: the file as /proc/locks names it (major:minor in hex, inode), as stat(1) prints them", (t) => {
+test("fileKey (io/file-identity.ts): the file as /proc/locks names it (major:minor in hex, inode), as stat(1) prints them", (t) => {
   const path = join(scratchDir(t), "f");
   writeFileSync(path, "x");
   const [devHex, inode] = execFileSync("stat", ["-c", "%D %i", path], { encoding: "utf8" }).trim().split(" ");
   const dev = Number.parseInt(devHex, 16);
   // stat's %D is the old 16-bit encoding for small numbers: major in the high byte.
   const expected = `${(dev >> 8).toString(16).padStart(2, "0")}:${(dev & 0xff).toString(16).padStart(2, "0")}:${inode}`;
-  assert.equal(fileLockKey(path), expected);
-  assert.equal(fileLockKey(join(path, "missing")), null);
+  assert.equal(fileKey(path), expected);
+  assert.equal(fileKey(join(path, "missing")), null);
+});
+
+test("readProcLocks: one look serves the opens of the next second (info --backing-chain opens every layer by itself)", async () => {
+  const { readProcLocks } = await import("../../src/io/qemu-locks.ts");
+  const first = readProcLocks();
+  assert.equal(readProcLocks(), first, "the same table, not a second scan of /proc");
 });
