@@ -6,7 +6,6 @@
 import { SnapstackError } from "../base/errors.ts";
 import { checkQcow2, type Qcow2CheckResult, type Qcow2RepairMode } from "../formats/qcow2/check.ts";
 import { openNodeFile } from "../io/node-file.ts";
-import { readProcLocks } from "../io/qemu-locks.ts";
 import { refuseQemuLocked } from "./open-image.ts";
 import { parseImageFormat, probeImageFormat } from "./image-format.ts";
 
@@ -24,7 +23,7 @@ export interface CheckImageOptions {
 export async function checkImage(path: string, options: CheckImageOptions = {}): Promise<Qcow2CheckResult | "unsupported"> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
   const readOnly = options.repair === undefined;
-  refuseQemuLocked(readProcLocks(), path, 0, path, readOnly, options.forceShare ?? false);
+  refuseQemuLocked(path, 0, path, readOnly, options.forceShare ?? false);
   const file = await openNodeFile(path, { readOnly });
   try {
     const isQcow2 = (await probeImageFormat(file)) === "qcow2";

@@ -24,7 +24,7 @@ import type { BlockDevice } from "../device/block-device.ts";
 import type { ImageFile } from "../io/file.ts";
 import { openNodeFile, type NodeFileCacheMode, type NodeFileIoMode } from "../io/node-file.ts";
 import { fileKey } from "../io/file-identity.ts";
-import { qemuLockConflict, readProcLocks, type LockTable } from "../io/qemu-locks.ts";
+import { qemuLockConflict, readProcLocks } from "../io/qemu-locks.ts";
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
 import { isImageFormat, parseImageFormat, probeImageFormat, type ImageFormat } from "./image-format.ts";
@@ -100,9 +100,9 @@ function openFailure(topPath: string, depth: number, path: string, error: unknow
  * (E_IN_USE; io/qemu-locks.ts). `forceShare` (-U) lets a read-only open
  * through; a read-write open is always checked.
  */
-export function refuseQemuLocked(locks: LockTable, path: string, depth: number, layerPath: string, readOnly: boolean, forceShare: boolean): void {
+export function refuseQemuLocked(path: string, depth: number, layerPath: string, readOnly: boolean, forceShare: boolean): void {
   if (readOnly && forceShare) return;
-  const conflict = qemuLockConflict(locks.get(fileKey(layerPath) ?? "") ?? [], readOnly ? "read" : "write");
+  const conflict = qemuLockConflict(readProcLocks().get(fileKey(layerPath) ?? "") ?? [], readOnly ? "read" : "write");
   if (conflict === null) return;
   throw new SnapstackError("E_IN_USE", `Could not open '${path}': ${backingPrefix(depth)}${conflict}: is another process using the image [${layerPath}]?`, {
     path,
@@ -127,7 +127,6 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
   const topFormat = options.format === undefined ? null : parseImageFormat(options.format);
   const pending: PendingLayer[] = [];
   const seenRealPaths = new Set<string>();
-  let locks: LockTable | undefined;
   let built: BlockDevice | null = null;
   let builtCount = 0;
   try {
@@ -153,8 +152,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       }
       seenRealPaths.add(realPath);
       const readOnly = depth > 0 || (options.readOnly ?? false);
-      locks ??= readProcLocks();
-      refuseQemuLocked(locks, path, depth, layerPath, readOnly, options.forceShare ?? false);
+      refuseQemuLocked(path, depth, layerPath, readOnly, options.forceShare ?? false);
       let file: ImageFile;
       try {
         file =
