@@ -56,11 +56,17 @@ export function qemuLockConflict(ranges: ReadonlyArray<readonly [number, number]
 }
 
 /**
- * How long one look serves the opens that follow: `info --backing-chain`
- * opens each of up to 1,024 layers by itself, `compare` two images.
+ * How long a look that found no qemu* process serves the opens that follow
+ * (`info --backing-chain` opens each of up to 1,024 layers by itself).
+ * Only that answer is reused: a lock table is read afresh each time, since
+ * an old one could name an inode freed since and reused by another file
+ * (seen: a layer refused for a lock a finished qemu-io had held). A reused
+ * "none" can only miss a QEMU that started meanwhile, which the check
+ * cannot promise to see anyway. After the first read in a process,
+ * /proc/locks costs ~0.05 ms.
  */
-const LOCKS_REUSE_MS = 1000;
-let lastRead: { atMs: number; table: LockTable } | null = null;
+const NO_QEMU_REUSE_MS = 1000;
+let noQemuSeenAtMs: number | null = null;
 
 /**
  * /proc/locks, or an empty table where there is none (not Linux, no procfs)
@@ -70,17 +76,17 @@ let lastRead: { atMs: number; table: LockTable } | null = null;
  */
 export function readProcLocks(): LockTable {
   const nowMs = performance.now();
-  if (lastRead !== null && nowMs - lastRead.atMs < LOCKS_REUSE_MS) return lastRead.table;
-  let table: LockTable = new Map();
-  if (qemuRunning()) {
-    try {
-      table = parseProcLocks(readFileSync("/proc/locks", "utf8"));
-    } catch {
-      // no procfs: no locks seen
-    }
+  if (noQemuSeenAtMs !== null && nowMs - noQemuSeenAtMs < NO_QEMU_REUSE_MS) return new Map();
+  if (!qemuRunning()) {
+    noQemuSeenAtMs = nowMs;
+    return new Map();
   }
-  lastRead = { atMs: nowMs, table };
-  return table;
+  noQemuSeenAtMs = null;
+  try {
+    return parseProcLocks(readFileSync("/proc/locks", "utf8"));
+  } catch {
+    return new Map(); // no procfs: no locks seen
+  }
 }
 
 

@@ -5,12 +5,12 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { parseProcLocks, qemuLockConflict } from "../../src/io/qemu-locks.ts";
 import { fileKey } from "../../src/io/file-identity.ts";
-import { scratchDir } from "../helpers/tools.ts";
+import { requireTools, scratchDir } from "../helpers/tools.ts";
 
 // /proc/locks while `qemu-io img.qcow2` (read-write) and, on another file, `qemu-io -r` held them.
 const PROC_LOCKS = [
@@ -63,8 +63,23 @@ test("fileKey (io/file-identity.ts): the file as /proc/locks names it (major:min
   assert.equal(fileKey(join(path, "missing")), null);
 });
 
-test("readProcLocks: one look serves the opens of the next second (info --backing-chain opens every layer by itself)", async () => {
+test("readProcLocks: a lock table is never reused (an old one could name an inode reused since); with a QEMU holding a file, each call sees its locks", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const { readProcLocks } = await import("../../src/io/qemu-locks.ts");
-  const first = readProcLocks();
-  assert.equal(readProcLocks(), first, "the same table, not a second scan of /proc");
+  const dir = scratchDir(t);
+  const image = join(dir, "held.qcow2");
+  execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", image, "1M"]);
+  const holder = spawn("qemu-io", [image], { stdio: ["pipe", "ignore", "ignore"] });
+  const exited = new Promise<void>((resolve) => holder.on("exit", () => resolve()));
+  try {
+    const key = fileKey(image) ?? "";
+    const locked = (): boolean => parseProcLocks(readFileSync("/proc/locks", "utf8")).has(key);
+    for (let tries = 0; tries < 500 && !locked(); tries++) await new Promise((resolve) => setTimeout(resolve, 10));
+    assert.ok(readProcLocks().has(key), "the holder's locks are seen");
+  } finally {
+    holder.stdin.end("quit\n");
+    await exited;
+  }
+  // The same process, right after: the locks are gone, and the table says so (no reused table).
+  assert.equal(readProcLocks().has(fileKey(image) ?? ""), false);
 });
