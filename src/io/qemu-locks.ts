@@ -27,11 +27,15 @@ const RESIZE = 3;
 /** Locked byte ranges [first, last] per file, keyed as /proc/locks names files ("fe:00:2179099", io/file-identity.ts fileKey). */
 export type LockTable = Map<string, Array<[first: number, last: number]>>;
 
-/** The locks of /proc/locks text; waiting requests ("->") are not locks. */
+/**
+ * The byte-range locks of /proc/locks text (POSIX and OFD, which QEMU's
+ * own lock test sees; flock() locks and leases are another kind); waiting
+ * requests ("->") are not locks.
+ */
 export function parseProcLocks(text: string): LockTable {
   const table: LockTable = new Map();
   for (const line of text.split("\n")) {
-    const match = /^\d+:\s+(?!->)\S+\s+\S+\s+\S+\s+-?\d+\s+([0-9a-f]+:[0-9a-f]+:\d+)\s+(\d+)\s+(\d+|EOF)\s*$/.exec(line);
+    const match = /^\d+:\s+(?:POSIX|OFDLCK)\s+\S+\s+\S+\s+-?\d+\s+([0-9a-f]+:[0-9a-f]+:\d+)\s+(\d+)\s+(\d+|EOF)\s*$/.exec(line);
     if (match === null) continue;
     const ranges = table.get(match[1]) ?? [];
     ranges.push([Number(match[2]), match[3] === "EOF" ? Number.POSITIVE_INFINITY : Number(match[3])]);

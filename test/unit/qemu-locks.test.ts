@@ -23,10 +23,11 @@ const PROC_LOCKS = [
   "7: OFDLCK ADVISORY  READ -1 fe:00:42 100 100",
   "8: POSIX  ADVISORY  WRITE 1234 08:01:7 0 EOF",
   "8: -> POSIX  ADVISORY  WRITE 1235 08:01:9 0 EOF",
+  "9: FLOCK  ADVISORY  WRITE 1236 08:01:11 0 EOF",
   "",
 ].join("\n");
 
-test("parseProcLocks: ranges per file, EOF as unbounded, waiting requests skipped", () => {
+test("parseProcLocks: ranges per file, EOF as unbounded, waiting requests and flock() locks skipped", () => {
   const table = parseProcLocks(PROC_LOCKS);
   assert.deepEqual(table.get("fe:00:2179099"), [
     [203, 203],
@@ -36,6 +37,7 @@ test("parseProcLocks: ranges per file, EOF as unbounded, waiting requests skippe
   ]);
   assert.deepEqual(table.get("08:01:7"), [[0, Number.POSITIVE_INFINITY]]);
   assert.equal(table.has("08:01:9"), false);
+  assert.equal(table.has("08:01:11"), false, "an flock() lock is not a byte-range lock QEMU sees");
 });
 
 test("qemuLockConflict: a QEMU writing refuses readers and writers; a QEMU reading refuses writers only; no locks, no conflict", () => {
