@@ -50,6 +50,18 @@
  *   as zero bytes (convert -S 0 allocates everything).
  * - Compression (qcow2 targets): each data chunk (one cluster) goes to
  *   writeCompressed, in order, one at a time.
+ * - Write-behind: every COPY_WRITE_BEHIND_BYTES of data written, the
+ *   writer starts target.writeBehind() (an fdatasync on the thread pool,
+ *   one at a time, outside the qcow2 metadata lock), so the disk writes the
+ *   copy back while it runs and the caller's flush at the end waits for the
+ *   last stretch only. Measured on the development VM (256 MiB commit,
+ *   medians of 9 alternating with qemu-img): the final fdatasync alone took
+ *   ~130 ms, the whole commit 376 -> 316 ms (qemu-img 305 ms, which
+ *   flushes once at the end). A target opened with cache "unsafe" (convert's
+ *   default) flushes nothing, so there it costs nothing. A failed
+ *   write-behind fails the copy like a failed write (after a failed
+ *   fdatasync a later one may succeed without the data: Linux reports an
+ *   error once).
  * - Failure: the first failed write stops the writer; the loop stops
  *   reading, waits for every outstanding read and write, and rethrows it,
  *   so the caller can close the devices at once. checkpoint() (cancellation)
@@ -72,6 +84,8 @@ export const COPY_QUEUED_BYTES_MAX = 4 * 1024 * 1024;
 export const COPY_WRITES_IN_FLIGHT = 2;
 /** Most data bytes merged into one Qcow2Image.writeBatch (small requests only: see the design notes). */
 export const WRITE_BATCH_BYTES_MAX = 1024 * 1024;
+/** Data bytes written between two write-behind flushes (see the design notes). */
+export const COPY_WRITE_BEHIND_BYTES = 32 * 1024 * 1024;
 /** Largest single writeZeroes request. */
 export const ZERO_REQUEST_BYTES_MAX = 1024 * 1024 * 1024;
 
@@ -114,6 +128,8 @@ export interface CopyPipelineOptions {
    * producing them.
    */
   onWriteFailure?: (error: unknown) => void;
+  /** Data bytes between write-behind flushes (default COPY_WRITE_BEHIND_BYTES; 0: none). */
+  writeBehindBytes?: number;
   /**
    * Chunk buffers to reuse, and where they go back once written: a caller
    * that copies range after range (the jobs' RangeCopier) keeps one list, so
@@ -153,12 +169,19 @@ export class OrderedWriter {
   /** The first failed request's error, even when an abort came before it. */
   #requestFailure: { error: unknown } | null = null;
   #waiters: Array<{ bytes: number; resolve: () => void }> = [];
+  /** 0: no write-behind. */
+  readonly #writeBehindBytes: number;
+  /** Data bytes written since the last write-behind started. */
+  #writtenSinceWriteBehind = 0;
+  /** The write-behind flush running, if any. */
+  #writeBehind: Promise<void> | null = null;
 
   readonly #onFailure: ((error: unknown) => void) | undefined;
 
-  constructor(target: BlockDevice, options: { batch: boolean; requestsInFlight: number; onFailure?: (error: unknown) => void }) {
+  constructor(target: BlockDevice, options: { batch: boolean; requestsInFlight: number; onFailure?: (error: unknown) => void; writeBehindBytes?: number }) {
     this.#target = target;
     this.#onFailure = options.onFailure;
+    this.#writeBehindBytes = target.writeBehind === undefined ? 0 : (options.writeBehindBytes ?? 0);
     this.#batchTarget = options.batch && target instanceof Qcow2Image ? target : null;
     this.#allocationOrdered = target instanceof Qcow2Image;
     // qcow2: a batch's data write overlaps the next batch's allocation (writeBatch's onAllocated); other requests allocate until they complete.
@@ -190,9 +213,13 @@ export class OrderedWriter {
     return new Promise((resolve) => this.#waiters.push({ bytes, resolve }));
   }
 
-  /** Wait until nothing is queued or being written. */
+  /** Wait until nothing is queued, being written or being flushed behind. */
   async idle(): Promise<void> {
-    while (this.#running > 0 || this.#queueHead < this.#queue.length) await new Promise<void>((resolve) => this.#waiters.push({ bytes: -1, resolve }));
+    while (!this.#isIdle()) await new Promise<void>((resolve) => this.#waiters.push({ bytes: -1, resolve }));
+  }
+
+  #isIdle(): boolean {
+    return this.#running === 0 && this.#queueHead === this.#queue.length && this.#writeBehind === null;
   }
 
   /** Wait until every queued request completed; rethrows the first failure. */
@@ -276,15 +303,49 @@ export class OrderedWriter {
   #finish(ops: readonly WriteOp[], failure: { error: unknown } | null, onAllocated: () => void): void {
     this.#running--;
     onAllocated();
-    if (failure !== null) this.#requestFailure ??= failure;
-    if (failure !== null && this.#failure === null) {
+    if (failure !== null) this.#fail(failure);
+    for (const op of ops) {
+      if (op.kind === "zero") {
+        op.done?.();
+        continue;
+      }
+      this.#pendingBytes -= op.data.length;
+      if (failure === null) this.#writtenSinceWriteBehind += op.data.length;
+      op.done?.();
+    }
+    if (this.#writeBehindBytes > 0 && this.#writtenSinceWriteBehind >= this.#writeBehindBytes) this.#startWriteBehind();
+    this.#pump();
+  }
+
+  /** A request (or a write-behind) failed: the first failure stops the writer. */
+  #fail(failure: { error: unknown }): void {
+    this.#requestFailure ??= failure;
+    if (this.#failure === null) {
       this.#failure = failure;
       this.#onFailure?.(failure.error);
     }
-    for (const op of ops) {
-      if (op.kind !== "zero") this.#pendingBytes -= op.data.length;
-      op.done?.();
+  }
+
+  /** Start a write-behind flush of what was written so far, unless one runs (or the writer failed). */
+  #startWriteBehind(): void {
+    const writeBehind = this.#target.writeBehind;
+    if (this.#writeBehind !== null || this.#failure !== null || writeBehind === undefined) return;
+    this.#writtenSinceWriteBehind = 0;
+    let flushing: Promise<void>;
+    try {
+      flushing = writeBehind.call(this.#target);
+    } catch (error) {
+      flushing = Promise.reject(error);
     }
+    this.#writeBehind = flushing.then(
+      () => this.#writeBehindDone(null),
+      (error: unknown) => this.#writeBehindDone({ error }),
+    );
+  }
+
+  #writeBehindDone(failure: { error: unknown } | null): void {
+    this.#writeBehind = null;
+    if (failure !== null) this.#fail(failure);
     this.#pump();
   }
 
@@ -300,7 +361,7 @@ export class OrderedWriter {
   }
 
   #wake(): void {
-    const idle = this.#running === 0 && this.#queueHead === this.#queue.length;
+    const idle = this.#isIdle();
     const waiting = this.#waiters;
     this.#waiters = [];
     for (const waiter of waiting) {
@@ -337,7 +398,12 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
   const zeroMode = options.zeroMode;
   const readsMax = options.readsInFlight ?? COPY_READS_IN_FLIGHT;
   const queuedBytesMax = options.queuedBytesMax ?? COPY_QUEUED_BYTES_MAX;
-  const writer = new OrderedWriter(target, { batch: !compress, requestsInFlight: COPY_WRITES_IN_FLIGHT, onFailure: options.onWriteFailure });
+  const writer = new OrderedWriter(target, {
+    batch: !compress,
+    requestsInFlight: COPY_WRITES_IN_FLIGHT,
+    onFailure: options.onWriteFailure,
+    writeBehindBytes: options.writeBehindBytes ?? COPY_WRITE_BEHIND_BYTES,
+  });
   // Whole buffers only: a freed buffer is rebuilt from its ArrayBuffer (consume()).
   const free = (options.freeBuffers ?? []).filter((buffer) => buffer.byteOffset === 0 && buffer.length === chunkBytes && buffer.buffer.byteLength === chunkBytes);
   if (options.freeBuffers !== undefined) options.freeBuffers.length = 0;

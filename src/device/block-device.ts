@@ -57,6 +57,15 @@ export interface BlockDevice {
   discard(guestOffset: number, lengthBytes: number): Promise<void>;
   flush(): Promise<void>;
   /**
+   * Optional: make the data written so far durable (fdatasync of the file)
+   * without holding up other requests and without writing metadata. A long
+   * copy calls it now and then so that the disk writes back behind it and
+   * the flush at its end has little left to do (see chain/copy-pipeline.ts).
+   * Gives no ordering promise: `flush` is still what makes an image
+   * durable. Rejects as flush would.
+   */
+  writeBehind?(): Promise<void>;
+  /**
    * How this layer alone holds the range: contiguous extents covering exactly
    * [guestOffset, guestOffset + lengthBytes), adjacent extents merged when
    * kind, compression and host contiguity agree.

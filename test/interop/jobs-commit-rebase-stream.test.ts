@@ -11,6 +11,8 @@ import { join } from "node:path";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
 import { commitImage, rebaseImage, streamImage } from "../../src/chain/jobs/index.ts";
 import { isSnapstackError } from "../../src/base/errors.ts";
+import { COPY_WRITE_BEHIND_BYTES } from "../../src/chain/copy-pipeline.ts";
+import { openNodeFile } from "../../src/io/node-file.ts";
 import {
   DiskModel,
   assertClean,
@@ -92,6 +94,43 @@ test("commit into the backing file equals qemu-img commit; the overlay is emptie
   const map = JSON.parse(await qemuImg("map", "--output=json", ours.top)) as { depth: number; present: boolean }[];
   assert.ok(map.every((entry) => entry.depth > 0 || !entry.present), JSON.stringify(map));
   assert.ok(statSync(ours.top).size <= statSync(qemu.top).size + 4 * 65536, "emptied overlay is small");
+});
+
+test("a commit of more data than COPY_WRITE_BEHIND_BYTES flushes BASE behind the copy; BASE equals qemu-img's commit and is clean", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const dataBytes = 2 * COPY_WRITE_BEHIND_BYTES + 8 * MiB;
+  const sizeBytes = 2 * dataBytes;
+  for (const side of ["ours", "qemu"]) {
+    mkdirSync(join(dir, side));
+    const base = await createQcow2(join(dir, side, "base.qcow2"), { sizeBytes });
+    await qemuIo(base, "write -P 0x11 0 1M");
+    const top = await createQcow2(join(dir, side, "top.qcow2"), { backing: "base.qcow2" });
+    // Data every other MiB, so BASE allocates clusters all through the copy (and its write-behinds).
+    const writes: string[] = [];
+    for (let at = 0; at < sizeBytes; at += 2 * MiB) writes.push(`write -P ${1 + ((at / MiB) % 250)} ${at} 1M`);
+    await qemuIo(top, ...writes);
+  }
+  // Count BASE's flushes: the write-behinds, then commit's own flush and the close's.
+  let baseFlushes = 0;
+  await commitImage(join(dir, "ours", "top.qcow2"), {
+    openFile: async (path, request) => {
+      const file = await openNodeFile(path, { readOnly: request.readOnly });
+      if (!path.endsWith("base.qcow2") || request.readOnly) return file;
+      const flush = file.flush.bind(file);
+      file.flush = async () => {
+        baseFlushes++;
+        await flush();
+      };
+      return file;
+    },
+  });
+  await qemuImg("commit", join(dir, "qemu", "top.qcow2"));
+  assert.ok(baseFlushes >= 3, `BASE flushed ${baseFlushes} times: at least twice behind the copy of ${dataBytes / MiB} MiB, then at its end`);
+  await assertClean(join(dir, "ours", "base.qcow2"));
+  await assertClean(join(dir, "ours", "top.qcow2"));
+  await assertSameContent(join(dir, "ours", "base.qcow2"), join(dir, "qemu", "base.qcow2"));
+  await assertSameContent(join(dir, "ours", "top.qcow2"), join(dir, "qemu", "top.qcow2"));
 });
 
 test("commit -b base (through an intermediate) equals qemu-img commit -b; warns about the intermediate", async (t) => {

@@ -12,6 +12,7 @@ import { COPY_CHUNK_BYTES, copyRanges, type CopyRange } from "../../src/chain/co
 import { FaultFile } from "../../src/io/fault-file.ts";
 import { MemoryFile } from "../../src/io/memory-file.ts";
 import { openRawImage } from "../../src/formats/raw/raw-image.ts";
+import type { BlockDevice } from "../../src/device/block-device.ts";
 import { createImage } from "../../src/chain/create-image.ts";
 import { chainLayers, openImage } from "../../src/chain/open-image.ts";
 import { SnapstackError, isSnapstackError, withSecondFailure } from "../../src/base/errors.ts";
@@ -305,6 +306,78 @@ test("copyRanges reports a write that failed for its own reason together with th
   );
   await source.close();
   await raw.close();
+});
+
+/** A raw image on a MemoryFile whose writeBehind is replaced by `writeBehind`, counting completed writes in `counts.writes`. */
+async function rawWithWriteBehind(sizeBytes: number, counts: { writes: number }, writeBehind: () => Promise<void>): Promise<{ device: BlockDevice; raw: BlockDevice }> {
+  const raw = await openRawImage(new MemoryFile({ name: "target.raw", contents: new Uint8Array(sizeBytes) }));
+  const device = new Proxy(raw, {
+    get(target, property) {
+      if (property === "writeBehind") return writeBehind;
+      if (property === "write") {
+        return async (guestOffset: number, data: Uint8Array): Promise<void> => {
+          await target.write(guestOffset, data);
+          counts.writes++;
+        };
+      }
+      const value = Reflect.get(target, property, target) as unknown;
+      return typeof value === "function" ? (value as (...args: unknown[]) => unknown).bind(target) : value;
+    },
+  });
+  return { device, raw };
+}
+
+test("copyRanges flushes behind the copy every writeBehindBytes, one flush at a time, without holding up the writes, and returns only after the last", async () => {
+  const sizeBytes = 16 * MiB;
+  const source = await openRawImage(new MemoryFile({ name: "source.raw", contents: new Uint8Array(sizeBytes).fill(9) }));
+  const counts = { writes: 0 };
+  const flushes: { writesAtStart: number; writesAtEnd: number }[] = [];
+  let running = 0;
+  let overlapped = false;
+  const { device, raw } = await rawWithWriteBehind(sizeBytes, counts, async () => {
+    running++;
+    overlapped ||= running > 1;
+    const flush = { writesAtStart: counts.writes, writesAtEnd: -1 };
+    flushes.push(flush);
+    // Ends once two more writes completed (so writes went on meanwhile), or after a second if none ever does.
+    await new Promise<void>((resolve) => {
+      const deadline = setTimeout(resolve, 1000);
+      const poll = (): void => {
+        if (counts.writes >= flush.writesAtStart + 2) {
+          clearTimeout(deadline);
+          resolve();
+        } else setImmediate(poll);
+      };
+      poll();
+    });
+    flush.writesAtEnd = counts.writes;
+    running--;
+  });
+  await copyRanges(source, device, [{ start: 0, length: sizeBytes, kind: "data" }], { zeroMode: { kind: "zeroes" }, writeBehindBytes: 4 * MiB });
+  assert.equal(running, 0, "no write-behind is still running when the copy returns");
+  assert.ok(!overlapped, "one write-behind at a time");
+  assert.ok(flushes.length >= 1 && flushes.length <= 4, `${flushes.length} write-behinds for 16 MiB every 4 MiB`);
+  assert.ok(flushes[0].writesAtStart >= 2, "the first starts once 4 MiB (two 2 MiB writes) were written");
+  assert.ok(flushes.some((flush) => flush.writesAtEnd >= flush.writesAtStart + 2), "writes went on while a write-behind ran");
+  const copied = new Uint8Array(sizeBytes);
+  await raw.read(0, copied);
+  assert.ok(copied.every((byte) => byte === 9));
+  await source.close();
+  await raw.close();
+});
+
+test("copyRanges fails with a write-behind's error (a later flush may not report it again) and stops writing", async () => {
+  const source = await openRawImage(new MemoryFile({ name: "source.raw", contents: new Uint8Array(64 * MiB).fill(3) }));
+  const failing = await FaultFile.fromBytes(new Uint8Array(64 * MiB), { name: "target.raw", faults: [{ op: "flush", index: 1, code: "E_IO" }] });
+  const target = await openRawImage(failing);
+  let failures = 0;
+  await assert.rejects(
+    copyRanges(source, target, [{ start: 0, length: 64 * MiB, kind: "data" }], { zeroMode: { kind: "zeroes" }, writeBehindBytes: 4 * MiB, onWriteFailure: () => failures++ }),
+    (error: unknown) => isSnapstackError(error) && error.code === "E_IO",
+  );
+  assert.equal(failures, 1, "onWriteFailure is called once");
+  await source.close();
+  await target.close();
 });
 
 test("withSecondFailure: the same error, none, a non-SnapstackError first, and a second that already reports the first are left alone", () => {

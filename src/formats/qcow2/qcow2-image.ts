@@ -1908,6 +1908,18 @@ export class Qcow2Image implements BlockDevice {
     }
   }
 
+  /**
+   * fdatasync of the file alone, outside the metadata lock (BlockDevice):
+   * allocating writes go on meanwhile. Safe at any moment: it only makes
+   * durable sooner what the kernel's own writeback could have; every order
+   * the metadata needs is kept by its own flushes.
+   */
+  async writeBehind(): Promise<void> {
+    this.#checkOpen();
+    if (this.readOnly) return;
+    await this.#file.flush();
+  }
+
   async close(): Promise<void> {
     if (this.#closed) return;
     try {

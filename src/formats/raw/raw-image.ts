@@ -107,6 +107,10 @@ export class RawImage implements BlockDevice {
     await this.file.flush();
   }
 
+  async writeBehind(): Promise<void> {
+    await this.file.flush();
+  }
+
   async layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]> {
     checkDeviceRange(this, guestOffset, lengthBytes);
     if (lengthBytes === 0) return [];
