@@ -35,8 +35,13 @@ import { median, runMeasured, runOrder, runTool } from "./fixtures/tools.ts";
 import { openImage } from "../src/chain/open-image.ts";
 import { diffImages } from "../src/chain/jobs/index.ts";
 
-/** Commit runs per tool: even, so that each tool goes first in half of them (see commitCase). */
-const RUNS = 6;
+/**
+ * Commit runs per tool: even, so that each tool goes first in half of them
+ * (see commitCase). 10, not 6: with write-behind the two tools are within
+ * ~5% of each other, and 1-2 runs of 6 landing on this VM's slow mode moved
+ * a median by more than that (2026-11-27: 0.27-0.62 s for one tool in one run).
+ */
+const RUNS = 10;
 
 /** How to run `snapstack img ...`: bin/snapstack (TypeScript sources) or a compiled copy (what an installed package runs). */
 interface SnapstackRunner {
