@@ -56,8 +56,9 @@
  *   copy back while it runs and the caller's flush at the end waits for the
  *   last stretch only. Measured on the development VM (256 MiB commit,
  *   medians of 9 alternating with qemu-img): the final fdatasync alone took
- *   ~130 ms, the whole commit 376 -> 316 ms (qemu-img 305 ms, which
- *   flushes once at the end). A target opened with cache "unsafe" (convert's
+ *   ~130 ms, the whole commit 365 -> 284 ms (qemu-img 300 ms, which
+ *   flushes once at the end; 8 and 16 MiB steps measured alike, 64 MiB
+ *   a little slower). A target opened with cache "unsafe" (convert's
  *   default) flushes nothing, so there it costs nothing. A failed
  *   write-behind fails the copy like a failed write (after a failed
  *   fdatasync a later one may succeed without the data: Linux reports an
