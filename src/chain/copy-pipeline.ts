@@ -51,18 +51,21 @@
  * - Compression (qcow2 targets): each data chunk (one cluster) goes to
  *   writeCompressed, in order, one at a time.
  * - Write-behind: every COPY_WRITE_BEHIND_BYTES of data written, the
- *   writer starts target.writeBehind() (an fdatasync on the thread pool,
- *   one at a time, outside the qcow2 metadata lock), so the disk writes the
- *   copy back while it runs and the caller's flush at the end waits for the
- *   last stretch only. Measured on the development VM (256 MiB commit,
+ *   writer calls target.writeBehind(), which starts an fdatasync on the
+ *   thread pool unless one runs (outside the qcow2 metadata lock), so the
+ *   disk writes the copy back while it runs and the caller's flush at the
+ *   end waits for the last stretch only. The count of bytes lives in a
+ *   WriteBehindCounter that a caller copying range after range keeps
+ *   (RangeCopier: stream, rebase and diff --export copy extent by extent),
+ *   and the fdatasync belongs to the device: the copy does not wait for it,
+ *   the device's flush and close do, and fail if it failed
+ *   (io/write-behind.ts). Measured on the development VM (256 MiB commit,
  *   medians of 9 alternating with qemu-img): the final fdatasync alone took
  *   ~130 ms, the whole commit 365 -> 284 ms (qemu-img 300 ms, which
  *   flushes once at the end; 8 and 16 MiB steps measured alike, 64 MiB
  *   a little slower). A target opened with cache "unsafe" (convert's
- *   default) flushes nothing, so there it costs nothing. A failed
- *   write-behind fails the copy like a failed write (after a failed
- *   fdatasync a later one may succeed without the data: Linux reports an
- *   error once).
+ *   default) flushes nothing, so there it costs nothing; convert -t
+ *   writeback (and the VM manager's convert) write behind too.
  * - Failure: the first failed write stops the writer; the loop stops
  *   reading, waits for every outstanding read and write, and rethrows it,
  *   so the caller can close the devices at once. checkpoint() (cancellation)
@@ -131,6 +134,8 @@ export interface CopyPipelineOptions {
   onWriteFailure?: (error: unknown) => void;
   /** Data bytes between write-behind flushes (default COPY_WRITE_BEHIND_BYTES; 0: none). */
   writeBehindBytes?: number;
+  /** Where the bytes written since the last write-behind are counted (default: this call's own; see WriteBehindCounter). */
+  writeBehindCounter?: WriteBehindCounter;
   /**
    * Chunk buffers to reuse, and where they go back once written: a caller
    * that copies range after range (the jobs' RangeCopier) keeps one list, so
@@ -138,6 +143,15 @@ export interface CopyPipelineOptions {
    * 256 ranges allocated 1 GiB of them). Default: a list of this call's own.
    */
   freeBuffers?: Uint8Array[];
+}
+
+/**
+ * Data bytes written to a target since its last write-behind. A caller that
+ * copies range after range into one target keeps one (as it keeps its
+ * freeBuffers), so many small copies add up to a write-behind.
+ */
+export interface WriteBehindCounter {
+  writtenBytes: number;
 }
 
 type WriteOp =
@@ -172,17 +186,18 @@ export class OrderedWriter {
   #waiters: Array<{ bytes: number; resolve: () => void }> = [];
   /** 0: no write-behind. */
   readonly #writeBehindBytes: number;
-  /** Data bytes written since the last write-behind started. */
-  #writtenSinceWriteBehind = 0;
-  /** The write-behind flush running, if any. */
-  #writeBehind: Promise<void> | null = null;
+  readonly #writeBehindCounter: WriteBehindCounter;
 
   readonly #onFailure: ((error: unknown) => void) | undefined;
 
-  constructor(target: BlockDevice, options: { batch: boolean; requestsInFlight: number; onFailure?: (error: unknown) => void; writeBehindBytes?: number }) {
+  constructor(
+    target: BlockDevice,
+    options: { batch: boolean; requestsInFlight: number; onFailure?: (error: unknown) => void; writeBehindBytes?: number; writeBehindCounter?: WriteBehindCounter },
+  ) {
     this.#target = target;
     this.#onFailure = options.onFailure;
     this.#writeBehindBytes = target.writeBehind === undefined ? 0 : (options.writeBehindBytes ?? 0);
+    this.#writeBehindCounter = options.writeBehindCounter ?? { writtenBytes: 0 };
     this.#batchTarget = options.batch && target instanceof Qcow2Image ? target : null;
     this.#allocationOrdered = target instanceof Qcow2Image;
     // qcow2: a batch's data write overlaps the next batch's allocation (writeBatch's onAllocated); other requests allocate until they complete.
@@ -214,13 +229,13 @@ export class OrderedWriter {
     return new Promise((resolve) => this.#waiters.push({ bytes, resolve }));
   }
 
-  /** Wait until nothing is queued, being written or being flushed behind. */
+  /** Wait until nothing is queued or being written. */
   async idle(): Promise<void> {
     while (!this.#isIdle()) await new Promise<void>((resolve) => this.#waiters.push({ bytes: -1, resolve }));
   }
 
   #isIdle(): boolean {
-    return this.#running === 0 && this.#queueHead === this.#queue.length && this.#writeBehind === null;
+    return this.#running === 0 && this.#queueHead === this.#queue.length;
   }
 
   /** Wait until every queued request completed; rethrows the first failure. */
@@ -311,14 +326,21 @@ export class OrderedWriter {
         continue;
       }
       this.#pendingBytes -= op.data.length;
-      if (failure === null) this.#writtenSinceWriteBehind += op.data.length;
+      if (failure === null) this.#writeBehindCounter.writtenBytes += op.data.length;
       op.done?.();
     }
-    if (this.#writeBehindBytes > 0 && this.#writtenSinceWriteBehind >= this.#writeBehindBytes) this.#startWriteBehind();
+    if (this.#writeBehindBytes > 0 && this.#writeBehindCounter.writtenBytes >= this.#writeBehindBytes && this.#failure === null) {
+      // While the last one still runs, ask again after the next write (the count goes on).
+      try {
+        if (this.#target.writeBehind?.() === true) this.#writeBehindCounter.writtenBytes = 0;
+      } catch (error) {
+        this.#fail({ error });
+      }
+    }
     this.#pump();
   }
 
-  /** A request (or a write-behind) failed: the first failure stops the writer. */
+  /** A request failed: the first failure stops the writer. */
   #fail(failure: { error: unknown }): void {
     this.#requestFailure ??= failure;
     if (this.#failure === null) {
@@ -327,28 +349,6 @@ export class OrderedWriter {
     }
   }
 
-  /** Start a write-behind flush of what was written so far, unless one runs (or the writer failed). */
-  #startWriteBehind(): void {
-    const writeBehind = this.#target.writeBehind;
-    if (this.#writeBehind !== null || this.#failure !== null || writeBehind === undefined) return;
-    this.#writtenSinceWriteBehind = 0;
-    let flushing: Promise<void>;
-    try {
-      flushing = writeBehind.call(this.#target);
-    } catch (error) {
-      flushing = Promise.reject(error);
-    }
-    this.#writeBehind = flushing.then(
-      () => this.#writeBehindDone(null),
-      (error: unknown) => this.#writeBehindDone({ error }),
-    );
-  }
-
-  #writeBehindDone(failure: { error: unknown } | null): void {
-    this.#writeBehind = null;
-    if (failure !== null) this.#fail(failure);
-    this.#pump();
-  }
 
   /** After a failure nothing more is written: release what waits. */
   #discardQueue(): void {
@@ -404,6 +404,7 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
     requestsInFlight: COPY_WRITES_IN_FLIGHT,
     onFailure: options.onWriteFailure,
     writeBehindBytes: options.writeBehindBytes ?? COPY_WRITE_BEHIND_BYTES,
+    writeBehindCounter: options.writeBehindCounter,
   });
   // Whole buffers only: a freed buffer is rebuilt from its ArrayBuffer (consume()).
   const free = (options.freeBuffers ?? []).filter((buffer) => buffer.byteOffset === 0 && buffer.length === chunkBytes && buffer.buffer.byteLength === chunkBytes);

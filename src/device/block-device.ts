@@ -57,14 +57,17 @@ export interface BlockDevice {
   discard(guestOffset: number, lengthBytes: number): Promise<void>;
   flush(): Promise<void>;
   /**
-   * Optional: make the data written so far durable (fdatasync of the file)
-   * without holding up other requests and without writing metadata. A long
-   * copy calls it now and then so that the disk writes back behind it and
-   * the flush at its end has little left to do (see chain/copy-pipeline.ts).
-   * Gives no ordering promise: `flush` is still what makes an image
-   * durable. Rejects as flush would.
+   * Optional: start making the data written so far durable (an fdatasync
+   * of the file, without writing metadata and without holding up other
+   * requests), unless one is already running; returns at once, true if it
+   * started one. A long copy
+   * calls it now and then so that the disk writes back behind it and the
+   * flush at its end has little left to do (chain/copy-pipeline.ts). It
+   * promises no order: `flush` is still what makes an image durable.
+   * `flush` and `close` wait for it, and fail if it failed
+   * (io/write-behind.ts).
    */
-  writeBehind?(): Promise<void>;
+  writeBehind?(): boolean;
   /**
    * How this layer alone holds the range: contiguous extents covering exactly
    * [guestOffset, guestOffset + lengthBytes), adjacent extents merged when

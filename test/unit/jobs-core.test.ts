@@ -8,7 +8,11 @@ import assert from "node:assert/strict";
 import { linkSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { scratchDir } from "../helpers/tools.ts";
-import { COPY_CHUNK_BYTES, copyRanges, type CopyRange } from "../../src/chain/copy-pipeline.ts";
+import { COPY_CHUNK_BYTES, COPY_WRITE_BEHIND_BYTES, copyRanges, type CopyRange } from "../../src/chain/copy-pipeline.ts";
+import { RangeCopier } from "../../src/chain/jobs/copy-ranges.ts";
+import { createQcow2 } from "../../src/formats/qcow2/create-qcow2.ts";
+import { openQcow2 } from "../../src/formats/qcow2/qcow2-image.ts";
+import type { ImageFile } from "../../src/io/file.ts";
 import { FaultFile } from "../../src/io/fault-file.ts";
 import { MemoryFile } from "../../src/io/memory-file.ts";
 import { openRawImage } from "../../src/formats/raw/raw-image.ts";
@@ -308,76 +312,149 @@ test("copyRanges reports a write that failed for its own reason together with th
   await raw.close();
 });
 
-/** A raw image on a MemoryFile whose writeBehind is replaced by `writeBehind`, counting completed writes in `counts.writes`. */
-async function rawWithWriteBehind(sizeBytes: number, counts: { writes: number }, writeBehind: () => Promise<void>): Promise<{ device: BlockDevice; raw: BlockDevice }> {
+/** A raw image on a MemoryFile whose writeBehind calls are recorded with the number of writes completed before each. */
+async function rawRecordingWriteBehind(sizeBytes: number): Promise<{ device: BlockDevice; raw: BlockDevice; writesAtWriteBehind: number[] }> {
   const raw = await openRawImage(new MemoryFile({ name: "target.raw", contents: new Uint8Array(sizeBytes) }));
+  const writesAtWriteBehind: number[] = [];
+  let writes = 0;
   const device = new Proxy(raw, {
     get(target, property) {
-      if (property === "writeBehind") return writeBehind;
+      if (property === "writeBehind") {
+        return (): boolean => {
+          writesAtWriteBehind.push(writes);
+          return true;
+        };
+      }
       if (property === "write") {
         return async (guestOffset: number, data: Uint8Array): Promise<void> => {
           await target.write(guestOffset, data);
-          counts.writes++;
+          writes++;
         };
       }
       const value = Reflect.get(target, property, target) as unknown;
       return typeof value === "function" ? (value as (...args: unknown[]) => unknown).bind(target) : value;
     },
   });
-  return { device, raw };
+  return { device, raw, writesAtWriteBehind };
 }
 
-test("copyRanges flushes behind the copy every writeBehindBytes, one flush at a time, without holding up the writes, and returns only after the last", async () => {
+test("copyRanges asks the target to write behind every writeBehindBytes of data, counting across the calls that share a counter", async () => {
   const sizeBytes = 16 * MiB;
   const source = await openRawImage(new MemoryFile({ name: "source.raw", contents: new Uint8Array(sizeBytes).fill(9) }));
-  const counts = { writes: 0 };
-  const flushes: { writesAtStart: number; writesAtEnd: number }[] = [];
-  let running = 0;
-  let overlapped = false;
-  const { device, raw } = await rawWithWriteBehind(sizeBytes, counts, async () => {
-    running++;
-    overlapped ||= running > 1;
-    const flush = { writesAtStart: counts.writes, writesAtEnd: -1 };
-    flushes.push(flush);
-    // Ends once two more writes completed (so writes went on meanwhile), or after a second if none ever does.
-    await new Promise<void>((resolve) => {
-      const deadline = setTimeout(resolve, 1000);
-      const poll = (): void => {
-        if (counts.writes >= flush.writesAtStart + 2) {
-          clearTimeout(deadline);
-          resolve();
-        } else setImmediate(poll);
-      };
-      poll();
-    });
-    flush.writesAtEnd = counts.writes;
-    running--;
-  });
-  await copyRanges(source, device, [{ start: 0, length: sizeBytes, kind: "data" }], { zeroMode: { kind: "zeroes" }, writeBehindBytes: 4 * MiB });
-  assert.equal(running, 0, "no write-behind is still running when the copy returns");
-  assert.ok(!overlapped, "one write-behind at a time");
-  assert.ok(flushes.length >= 1 && flushes.length <= 4, `${flushes.length} write-behinds for 16 MiB every 4 MiB`);
-  assert.ok(flushes[0].writesAtStart >= 2, "the first starts once 4 MiB (two 2 MiB writes) were written");
-  assert.ok(flushes.some((flush) => flush.writesAtEnd >= flush.writesAtStart + 2), "writes went on while a write-behind ran");
+  const zeroMode = { kind: "zeroes" as const };
+  // One call of 16 MiB in 2 MiB writes, every 4 MiB: after writes 2, 4, 6 and 8.
+  const one = await rawRecordingWriteBehind(sizeBytes);
+  await copyRanges(source, one.device, [{ start: 0, length: sizeBytes, kind: "data" }], { zeroMode, writeBehindBytes: 4 * MiB });
+  assert.deepEqual(one.writesAtWriteBehind, [2, 4, 6, 8]);
   const copied = new Uint8Array(sizeBytes);
-  await raw.read(0, copied);
+  await one.raw.read(0, copied);
   assert.ok(copied.every((byte) => byte === 9));
-  await source.close();
-  await raw.close();
+  // Eight calls of 2 MiB: with a shared counter they add up to the same four; each with its own, to none.
+  const shared = await rawRecordingWriteBehind(sizeBytes);
+  const apart = await rawRecordingWriteBehind(sizeBytes);
+  const writeBehindCounter = { writtenBytes: 0 };
+  for (let at = 0; at < sizeBytes; at += 2 * MiB) {
+    await copyRanges(source, shared.device, [{ start: at, length: 2 * MiB, kind: "data" }], { zeroMode, writeBehindBytes: 4 * MiB, writeBehindCounter });
+    await copyRanges(source, apart.device, [{ start: at, length: 2 * MiB, kind: "data" }], { zeroMode, writeBehindBytes: 4 * MiB });
+  }
+  assert.deepEqual(shared.writesAtWriteBehind, [2, 4, 6, 8]);
+  assert.deepEqual(apart.writesAtWriteBehind, []);
+  // The jobs' RangeCopier keeps one counter: 40 extents of 1 MiB reach COPY_WRITE_BEHIND_BYTES (32 MiB) once.
+  const big = await openRawImage(new MemoryFile({ name: "big-source.raw", contents: new Uint8Array(40 * MiB).fill(4) }));
+  const jobTarget = await rawRecordingWriteBehind(40 * MiB);
+  const copier = new RangeCopier(big, jobTarget.device);
+  for (let at = 0; at < 40 * MiB; at += MiB) await copier.copyData(at, MiB);
+  assert.equal(jobTarget.writesAtWriteBehind.length, Math.floor((40 * MiB) / COPY_WRITE_BEHIND_BYTES));
+  for (const device of [source, big, one.raw, shared.raw, apart.raw, jobTarget.raw]) await device.close();
 });
 
-test("copyRanges fails with a write-behind's error (a later flush may not report it again) and stops writing", async () => {
-  const source = await openRawImage(new MemoryFile({ name: "source.raw", contents: new Uint8Array(64 * MiB).fill(3) }));
-  const failing = await FaultFile.fromBytes(new Uint8Array(64 * MiB), { name: "target.raw", faults: [{ op: "flush", index: 1, code: "E_IO" }] });
-  const target = await openRawImage(failing);
-  let failures = 0;
-  await assert.rejects(
-    copyRanges(source, target, [{ start: 0, length: 64 * MiB, kind: "data" }], { zeroMode: { kind: "zeroes" }, writeBehindBytes: 4 * MiB, onWriteFailure: () => failures++ }),
-    (error: unknown) => isSnapstackError(error) && error.code === "E_IO",
-  );
-  assert.equal(failures, 1, "onWriteFailure is called once");
-  await source.close();
-  await target.close();
+/** A MemoryFile whose flushes, once `arm()` was called, wait until `release()`; counts the flushes since arm(). */
+function gatedFlushFile(contents: Uint8Array): { file: ImageFile; arm: () => void; flushes: () => number; release: () => void } {
+  const memory = new MemoryFile({ name: "gated", contents });
+  let armed = false;
+  let flushes = 0;
+  let open: () => void = () => {};
+  const gate = new Promise<void>((resolve) => (open = resolve));
+  const file = new Proxy(memory, {
+    get(target, property) {
+      if (property === "flush") {
+        return async (): Promise<void> => {
+          if (armed) {
+            flushes++;
+            await gate;
+          }
+          await target.flush();
+        };
+      }
+      const value = Reflect.get(target, property, target) as unknown;
+      return typeof value === "function" ? (value as (...args: unknown[]) => unknown).bind(target) : value;
+    },
+  });
+  return { file, arm: () => (armed = true), flushes: () => flushes, release: () => open() };
+}
+
+async function turns(count: number): Promise<void> {
+  for (let i = 0; i < count; i++) await new Promise((resolve) => setImmediate(resolve));
+}
+
+test("writeBehind on raw and qcow2 images: returns at once, one at a time; flush and close wait for it", async () => {
+  const qcow2Bytes = new MemoryFile({ name: "q.qcow2" });
+  await createQcow2(qcow2Bytes, { sizeBytes: 4 * MiB });
+  const cases: [string, (file: ImageFile) => Promise<BlockDevice>][] = [
+    ["raw", (file) => openRawImage(file)],
+    ["qcow2", (file) => openQcow2(file, { readOnly: false, backing: null })],
+  ];
+  for (const [format, open] of cases) {
+    for (const ending of ["flush", "close"] as const) {
+      const gated = gatedFlushFile(format === "raw" ? new Uint8Array(4 * MiB) : qcow2Bytes.contents());
+      const device = await open(gated.file);
+      await device.write(0, new Uint8Array(64 * KiB).fill(1));
+      gated.arm();
+      device.writeBehind?.();
+      device.writeBehind?.();
+      assert.equal(gated.flushes(), 1, `${format}: one write-behind at a time`);
+      let ended = false;
+      const ending$ = (ending === "flush" ? device.flush() : device.close()).then(() => (ended = true));
+      await turns(20);
+      assert.equal(ended, false, `${format}: ${ending} waits for the running write-behind`);
+      gated.release();
+      await ending$;
+      if (ending === "flush") {
+        assert.ok(gated.flushes() >= 2, `${format}: flush then flushed itself`);
+        await device.close();
+      }
+    }
+  }
+});
+
+test("a failed write-behind fails every later flush and the close (Linux reports a failed writeback once), raw and qcow2", async () => {
+  const qcow2Bytes = new MemoryFile({ name: "q.qcow2" });
+  await createQcow2(qcow2Bytes, { sizeBytes: 4 * MiB });
+  const cases: [string, Uint8Array, (file: ImageFile) => Promise<BlockDevice>][] = [
+    ["raw", new Uint8Array(4 * MiB), (file) => openRawImage(file)],
+    ["qcow2", qcow2Bytes.contents(), (file) => openQcow2(file, { readOnly: false, backing: null })],
+  ];
+  for (const [format, contents, open] of cases) {
+    // The flush that fails is the write-behind's: count the engine's own flushes before it on a dry run.
+    const openAndWrite = async (file: FaultFile): Promise<BlockDevice> => {
+      const device = await open(file);
+      await device.write(0, new Uint8Array(64 * KiB).fill(1));
+      return device;
+    };
+    const dry = await FaultFile.fromBytes(contents, { name: `${format}.img` });
+    const dryDevice = await openAndWrite(dry);
+    const engineFlushes = dry.flushCount;
+    await dryDevice.close();
+    const file = await FaultFile.fromBytes(contents, { name: `${format}.img`, faults: [{ op: "flush", index: engineFlushes + 1, code: "E_IO" }] });
+    const device = await openAndWrite(file);
+    assert.equal(file.flushCount, engineFlushes);
+    device.writeBehind?.();
+    const failed = (error: unknown): boolean => isSnapstackError(error) && error.code === "E_IO" && /input\/output error \(injected\)/.test(error.message);
+    await assert.rejects(device.flush(), failed, `${format}: the flush after it`);
+    await assert.rejects(device.flush(), failed, `${format}: and the one after that`);
+    await assert.rejects(device.close(), failed, `${format}: and the close`);
+    assert.equal(file.faultsInjected, 1);
+  }
 });
 
 test("withSecondFailure: the same error, none, a non-SnapstackError first, and a second that already reports the first are left alone", () => {

@@ -10,7 +10,7 @@
  * progress step.
  */
 import type { BlockDevice } from "../../device/block-device.ts";
-import { COPY_CHUNK_BYTES, copyRanges, type CopyRange } from "../copy-pipeline.ts";
+import { COPY_CHUNK_BYTES, copyRanges, type CopyRange, type WriteBehindCounter } from "../copy-pipeline.ts";
 import type { Job } from "./job.ts";
 
 /** Bytes per read request while copying. */
@@ -35,6 +35,8 @@ export class RangeCopier {
   readonly #job: Job | undefined;
   /** Chunk buffers kept from one copy() to the next. */
   readonly #freeBuffers: Uint8Array[] = [];
+  /** Bytes written since the target's last write-behind, across copy() calls (jobs copy extent by extent). */
+  readonly #writeBehindCounter: WriteBehindCounter = { writtenBytes: 0 };
   /** Bytes written to the target (data and zeroes). */
   writtenBytes = 0;
 
@@ -60,6 +62,7 @@ export class RangeCopier {
       readsInFlight: JOB_READS_IN_FLIGHT,
       queuedBytesMax: JOB_QUEUED_BYTES_MAX,
       freeBuffers: this.#freeBuffers,
+      writeBehindCounter: this.#writeBehindCounter,
       checkpoint: job === undefined && extra === undefined ? undefined : () => {
         job?.checkpoint();
         extra?.();

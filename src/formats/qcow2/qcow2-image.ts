@@ -42,6 +42,7 @@
 import { SnapstackError, assert, isSnapstackError, withSecondFailure } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/block-device.ts";
 import { WRITE_SYNC_BYTES_MAX, type ImageFile } from "../../io/file.ts";
+import { WriteBehind } from "../../io/write-behind.ts";
 import {
   COMPAT_LAZY_REFCOUNTS,
   COMPRESSION_TYPE_ZSTD,
@@ -243,6 +244,7 @@ export class Qcow2Image implements BlockDevice {
   readonly readOnly: boolean;
   readonly backing: BlockDevice | null;
   readonly #file: ImageFile;
+  readonly #writeBehind: WriteBehind;
   readonly #meta: Qcow2Metadata;
   #snapshots: Qcow2Snapshot[];
   readonly #closeBacking: boolean;
@@ -274,6 +276,7 @@ export class Qcow2Image implements BlockDevice {
   constructor(file: ImageFile, meta: Qcow2Metadata, snapshots: Qcow2Snapshot[], options: OpenQcow2Options) {
     this.name = file.name;
     this.#file = file;
+    this.#writeBehind = new WriteBehind(file);
     this.#meta = meta;
     this.#snapshots = snapshots;
     this.readOnly = options.readOnly;
@@ -1890,6 +1893,8 @@ export class Qcow2Image implements BlockDevice {
   async flush(): Promise<void> {
     this.#checkOpen();
     if (this.readOnly) return;
+    // A write-behind still running finishes first; one that failed fails this flush (io/write-behind.ts).
+    await this.#writeBehind.settle();
     if (this.#corruption !== null) {
       // No metadata is written back once corruption was found (it could spread the damage):
       // data already in the file is made durable, and the caller learns the rest was not.
@@ -1909,20 +1914,21 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /**
-   * fdatasync of the file alone, outside the metadata lock (BlockDevice):
-   * allocating writes go on meanwhile. Safe at any moment: it only makes
-   * durable sooner what the kernel's own writeback could have; every order
-   * the metadata needs is kept by its own flushes.
+   * Start an fdatasync of the file alone (BlockDevice.writeBehind), outside
+   * the metadata lock: allocating writes go on meanwhile. Safe at any
+   * moment: it only makes durable sooner what the kernel's own writeback
+   * could have; every order the metadata needs is kept by its own flushes.
    */
-  async writeBehind(): Promise<void> {
+  writeBehind(): boolean {
     this.#checkOpen();
-    if (this.readOnly) return;
-    await this.#file.flush();
+    return !this.readOnly && this.#writeBehind.start();
   }
 
   async close(): Promise<void> {
     if (this.#closed) return;
     try {
+      // No fdatasync may outlive the file; a failed write-behind fails the close as it would a flush.
+      await this.#writeBehind.settle();
       if (!this.readOnly && this.#corruption === null) {
         await this.#locked(async () => {
           await this.#meta.writeCaches();

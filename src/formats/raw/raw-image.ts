@@ -20,6 +20,7 @@
 import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/block-device.ts";
 import { writeZeroBytes, type ImageFile } from "../../io/file.ts";
+import { WriteBehind } from "../../io/write-behind.ts";
 import { createNodeFile, openNodeFile, syncDirectory } from "../../io/node-file.ts";
 import { dirname } from "node:path";
 
@@ -50,9 +51,11 @@ export class RawImage implements BlockDevice {
   readonly writeSync?: (guestOffset: number, data: Uint8Array) => void;
   #sizeBytes: number;
   #closed = false;
+  readonly #writeBehind: WriteBehind;
 
   constructor(file: ImageFile, fileSizeBytes: number) {
     this.file = file;
+    this.#writeBehind = new WriteBehind(file);
     this.#sizeBytes = roundUpToSector(fileSizeBytes);
     const fileWriteSync = file.writeSync?.bind(file);
     if (fileWriteSync !== undefined) {
@@ -104,12 +107,14 @@ export class RawImage implements BlockDevice {
   }
 
   async flush(): Promise<void> {
+    // A write-behind still running finishes first; one that failed fails this flush (io/write-behind.ts).
+    await this.#writeBehind.settle();
     await this.file.flush();
   }
 
-  /** A raw file has no metadata: the same fdatasync as flush. */
-  writeBehind(): Promise<void> {
-    return this.flush();
+  /** BlockDevice.writeBehind: start an fdatasync (a raw file has no metadata to keep in order). */
+  writeBehind(): boolean {
+    return !this.readOnly && !this.#closed && this.#writeBehind.start();
   }
 
   async layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]> {
@@ -134,7 +139,12 @@ export class RawImage implements BlockDevice {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    await this.file.close();
+    try {
+      // No fdatasync may outlive the file; a failed write-behind fails the close as it would a flush.
+      await this.#writeBehind.settle();
+    } finally {
+      await this.file.close();
+    }
   }
 }
 
