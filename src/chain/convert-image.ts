@@ -44,7 +44,8 @@ import type { BlockDevice } from "../device/block-device.ts";
 import { Qcow2Image } from "../formats/qcow2/index.ts";
 import { COPY_CHUNK_BYTES, copyRanges, type CopyRange, type ZeroMode } from "./copy-pipeline.ts";
 import { parseImageFormat } from "./image-format.ts";
-import { chainLayers, openImage, type OpenImageFile } from "./open-image.ts";
+import { openImage, type OpenImageFile } from "./open-image.ts";
+import { layerOfFile } from "./layer-file.ts";
 import { walkChain } from "./map-image.ts";
 import { createImage, type CreateOptionValue } from "./create-image.ts";
 import { createNodeFile, openNodeFile, type NodeFileCacheMode } from "../io/node-file.ts";
@@ -240,9 +241,7 @@ const openUnsafeFile: OpenImageFile = async (path, request) =>
  * (qemu-img: `Failed to get "write" lock`).
  */
 function refuseSourceAsTarget(source: BlockDevice, targetPath: string): void {
-  const targetKey = fileKey(targetPath);
-  if (targetKey === null) return;
-  const layer = chainLayers(source).find((candidate) => fileKey(candidate.name) === targetKey);
+  const layer = layerOfFile(source, fileKey(targetPath));
   if (layer === undefined) return;
   const what = layer === source ? "the source image" : `the source's backing file ${layer.name}`;
   throw new SnapstackError("E_IN_USE", `${targetPath}: cannot write the target: it is ${what}`, { path: targetPath });

@@ -24,7 +24,6 @@
 import { realpathSync } from "node:fs";
 import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
-import { fileKey } from "../../io/file-identity.ts";
 import { resolveBackingPath } from "../backing-path.ts";
 
 /** Guest bytes whose allocation is resolved at once (bounds the extents held). */
@@ -83,23 +82,6 @@ export async function forEachAbove(
     const windowEnd = Math.min(end, windowStart + ALLOCATION_WINDOW_BYTES);
     for (const extent of await resolveAbove(layers, stopDepth, windowStart, windowEnd)) await visit(extent);
   }
-}
-
-const layerKeys = new WeakMap<BlockDevice, string | null>();
-
-/** Record that `layer` reads from the file at `path` (a snapshot view is named FILE@SNAPSHOT, which is no file). */
-export function setLayerFile(layer: BlockDevice, path: string): void {
-  layerKeys.set(layer, fileKey(path));
-}
-
-/** The file a layer reads from ("dev:ino"), or null if it is not a file snapstack can name. */
-export function layerKey(layer: BlockDevice): string | null {
-  let key = layerKeys.get(layer);
-  if (key === undefined) {
-    key = fileKey(layer.name);
-    layerKeys.set(layer, key);
-  }
-  return key;
 }
 
 function realPathOrNull(path: string): string | null {

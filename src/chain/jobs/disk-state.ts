@@ -17,7 +17,7 @@ import { parseImageFormat } from "../image-format.ts";
 import { openImage } from "../open-image.ts";
 import { Qcow2Image } from "../../formats/qcow2/index.ts";
 import { openSnapshotView } from "../../formats/qcow2/snapshot-view.ts";
-import { setLayerFile } from "./chain-layers.ts";
+import { setLayerFile } from "../layer-file.ts";
 
 export interface DiskState {
   /** The state as the user named it. */

@@ -1,6 +1,7 @@
 /** Jobs on chains: commit, rebase, stream, diff, restore, remove (each with progress and AbortSignal). */
 export { Job, runJob, type JobOptions, type JobProgress, type JobState, type JobSteps } from "./job.ts";
-export { resolveAbove, forEachAbove, findInChain, layerKey, ALLOCATION_WINDOW_BYTES, type AboveExtent } from "./chain-layers.ts";
+export { resolveAbove, forEachAbove, findInChain, ALLOCATION_WINDOW_BYTES, type AboveExtent } from "./chain-layers.ts";
+export { layerKey } from "../layer-file.ts";
 export { fileKey } from "../../io/file-identity.ts";
 export { StateComparer, diffStates, DIFF_CHUNK_BYTES, DIFF_GRANULARITY_DEFAULT_BYTES, type DiffRange, type DiffStats } from "./state-diff.ts";
 export { findBackingUsers } from "./backing-users.ts";

@@ -27,8 +27,9 @@ import type { BlockDevice } from "../../device/block-device.ts";
 import { Qcow2Image } from "../../formats/qcow2/index.ts";
 import { resolveBackingPath } from "../backing-path.ts";
 import { parseImageFormat } from "../image-format.ts";
-import { chainLayers, openImage, type OpenImageFile } from "../open-image.ts";
-import { ALLOCATION_WINDOW_BYTES, layerKey } from "./chain-layers.ts";
+import { openImage, type OpenImageFile } from "../open-image.ts";
+import { layerKey, layerOfFile } from "../layer-file.ts";
+import { ALLOCATION_WINDOW_BYTES } from "./chain-layers.ts";
 import { RangeCopier } from "./copy-ranges.ts";
 import { runJob, type JobOptions } from "./job.ts";
 import { StateComparer, type DiffStats } from "./state-diff.ts";
@@ -96,8 +97,7 @@ export async function rebaseImage(path: string, options: RebaseImageOptions): Pr
       if (options.unsafe) return { copiedBytes: 0, compare: null };
       if (backingFile !== "") newBacking = await openNewBacking(path, backingFile, backingFormat!, options.openFile);
       // Refused before anything is written: the image itself in its new chain would be a loop.
-      const topKey = layerKey(top);
-      const looped = newBacking === null || topKey === null ? undefined : chainLayers(newBacking).find((layer) => layerKey(layer) === topKey);
+      const looped = newBacking === null ? undefined : layerOfFile(newBacking, layerKey(top));
       if (looped !== undefined) throw new SnapstackError("E_BACKING_LOOP", `Backing file '${looped.name}' creates an infinite loop.`, { path, backingFile });
       const comparer = new StateComparer(image.backing, newBacking, { job });
       const copier = new RangeCopier(image, image);

@@ -36,9 +36,9 @@ import { Qcow2Image } from "../../formats/qcow2/index.ts";
 import { RawImage } from "../../formats/raw/raw-image.ts";
 import { openNodeFile } from "../../io/node-file.ts";
 import { parseImageFormat, probeImageFormat } from "../image-format.ts";
-import { chainLayers, openImage } from "../open-image.ts";
+import { openImage } from "../open-image.ts";
 import { fileKey } from "../../io/file-identity.ts";
-import { layerKey } from "./chain-layers.ts";
+import { layerOfFile } from "../layer-file.ts";
 import type { CopyRange } from "../copy-pipeline.ts";
 import { RangeCopier } from "./copy-ranges.ts";
 import { openDiskState, type DiskState } from "./disk-state.ts";
@@ -195,7 +195,7 @@ export async function restoreImage(sourceSpec: string, targetPath: string, optio
       if (known !== null) opened.push(known);
       const targetKey = fileKey(targetPath);
       for (const state of opened) {
-        if (targetKey !== null && chainLayers(state.device).some((layer) => layerKey(layer) === targetKey)) {
+        if (layerOfFile(state.device, targetKey) !== undefined) {
           throw new SnapstackError("E_INVALID_OPTION", `${targetPath}: the target is part of '${state.spec}' and cannot be restored onto`, { path: targetPath });
         }
       }

@@ -30,7 +30,7 @@ import type { BlockDevice, MapExtent } from "../../device/block-device.ts";
 import { ChainStatusCursor } from "../chain-status.ts";
 import { chainLayers } from "../open-image.ts";
 import type { Job } from "./job.ts";
-import { layerKey } from "./chain-layers.ts";
+import { layerKey } from "../layer-file.ts";
 
 /** Bytes read per side per comparison step (memory: 2 buffers of this size). */
 export const DIFF_CHUNK_BYTES = 2 * 1024 * 1024;
