@@ -321,12 +321,10 @@ export class OrderedWriter {
     onAllocated();
     if (failure !== null) this.#fail(failure);
     for (const op of ops) {
-      if (op.kind === "zero") {
-        op.done?.();
-        continue;
+      if (op.kind !== "zero") {
+        this.#pendingBytes -= op.data.length;
+        if (failure === null) this.#writeBehindCounter.writtenBytes += op.data.length;
       }
-      this.#pendingBytes -= op.data.length;
-      if (failure === null) this.#writeBehindCounter.writtenBytes += op.data.length;
       op.done?.();
     }
     if (this.#writeBehindBytes > 0 && this.#writeBehindCounter.writtenBytes >= this.#writeBehindBytes && this.#failure === null) {
@@ -348,7 +346,6 @@ export class OrderedWriter {
       this.#onFailure?.(failure.error);
     }
   }
-
 
   /** After a failure nothing more is written: release what waits. */
   #discardQueue(): void {

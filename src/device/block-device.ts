@@ -60,12 +60,11 @@ export interface BlockDevice {
    * Optional: start making the data written so far durable (an fdatasync
    * of the file, without writing metadata and without holding up other
    * requests), unless one is already running; returns at once, true if it
-   * started one. A long copy
-   * calls it now and then so that the disk writes back behind it and the
-   * flush at its end has little left to do (chain/copy-pipeline.ts). It
-   * promises no order: `flush` is still what makes an image durable.
-   * `flush` and `close` wait for it, and fail if it failed
-   * (io/write-behind.ts).
+   * started one. A long copy calls it now and then so that the disk writes
+   * back behind it and the flush at its end has little left to do
+   * (chain/copy-pipeline.ts). It promises no order: `flush` is still what
+   * makes an image durable. `flush` and `close` wait for it, and fail if it
+   * failed (io/write-behind.ts).
    */
   writeBehind?(): boolean;
   /**

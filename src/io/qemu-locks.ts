@@ -93,7 +93,6 @@ export function readProcLocks(): LockTable {
   }
 }
 
-
 /** Processes looked at before /proc/locks is read anyway. */
 const PROCESSES_SCANNED_MAX = 4096;
 

@@ -12,7 +12,7 @@
  *   write-behind and fails if any write-behind failed. The failure is kept
  *   for every later settle(): Linux reports a failed writeback to one
  *   fdatasync only, so a later flush could succeed although data was lost.
- * - The device's close() calls idle() first, so no fdatasync runs on a
+ * - The device's close() calls settle() too, so no fdatasync runs on a
  *   closed (or reused) descriptor.
  * - No order is promised or needed: an early fdatasync only makes durable
  *   sooner what the kernel's own writeback could have; the devices keep
@@ -50,14 +50,9 @@ export class WriteBehind {
     return true;
   }
 
-  /** Resolves once no write-behind runs (never rejects). */
-  async idle(): Promise<void> {
-    while (this.#running !== null) await this.#running;
-  }
-
   /** Wait for the running write-behind; throw the first one that failed (every time). */
   async settle(): Promise<void> {
-    await this.idle();
+    while (this.#running !== null) await this.#running;
     if (this.#failure !== null) throw this.#failure.error;
   }
 }

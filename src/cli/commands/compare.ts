@@ -38,8 +38,9 @@ export const compareCommand: CliCommand = {
     };
     const devices: BlockDevice[] = [];
     try {
-      devices.push(await openImage(parsed.positionals[0], { format: optionString(parsed, "format1"), readOnly: true, forceShare: optionFlag(parsed, "forceShare") }));
-      devices.push(await openImage(parsed.positionals[1], { format: optionString(parsed, "format2"), readOnly: true, forceShare: optionFlag(parsed, "forceShare") }));
+      const forceShare = optionFlag(parsed, "forceShare");
+      devices.push(await openImage(parsed.positionals[0], { format: optionString(parsed, "format1"), readOnly: true, forceShare }));
+      devices.push(await openImage(parsed.positionals[1], { format: optionString(parsed, "format2"), readOnly: true, forceShare }));
       const progress = createProgress(context, optionFlag(parsed, "progress") && !quiet);
       const result = await compareImages(devices[0], devices[1], {
         strict: optionFlag(parsed, "strict"),
