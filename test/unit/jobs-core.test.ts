@@ -278,20 +278,25 @@ test("copyRanges with a caller's freeBuffers reuses the same chunk buffers from 
   await target.close();
 });
 
+/** `target` with some of its methods replaced (the others bound to it): a device or file that misbehaves on cue. */
+function withMethods<T extends object>(target: T, methods: Record<string, unknown>): T {
+  return new Proxy(target, {
+    get(inner, property) {
+      if (typeof property === "string" && property in methods) return methods[property];
+      const value = Reflect.get(inner, property, inner) as unknown;
+      return typeof value === "function" ? (value as (...args: unknown[]) => unknown).bind(inner) : value;
+    },
+  });
+}
+
 test("copyRanges reports a write that failed for its own reason together with the error that stopped its loop (neither is dropped)", async () => {
   const source = await openRawImage(new MemoryFile({ name: "source.raw", contents: new Uint8Array(8 * MiB).fill(7) }));
   const raw = await openRawImage(new MemoryFile({ name: "target.raw", contents: new Uint8Array(8 * MiB) }));
   // The first write fails a macrotask later, so the loop has gone on to its next chunk, whose checkpoint cancels.
-  const target = new Proxy(raw, {
-    get(device, property) {
-      if (property === "write") {
-        return async (): Promise<void> => {
-          await new Promise((resolve) => setImmediate(resolve));
-          throw new SnapstackError("E_IO", "target.raw: write failed: the disk went away");
-        };
-      }
-      const value = Reflect.get(device, property, device) as unknown;
-      return typeof value === "function" ? (value as (...args: unknown[]) => unknown).bind(device) : value;
+  const target = withMethods(raw, {
+    write: async (): Promise<void> => {
+      await new Promise((resolve) => setImmediate(resolve));
+      throw new SnapstackError("E_IO", "target.raw: write failed: the disk went away");
     },
   });
   let checkpoints = 0;
@@ -317,22 +322,14 @@ async function rawRecordingWriteBehind(sizeBytes: number): Promise<{ device: Blo
   const raw = await openRawImage(new MemoryFile({ name: "target.raw", contents: new Uint8Array(sizeBytes) }));
   const writesAtWriteBehind: number[] = [];
   let writes = 0;
-  const device = new Proxy(raw, {
-    get(target, property) {
-      if (property === "writeBehind") {
-        return (): boolean => {
-          writesAtWriteBehind.push(writes);
-          return true;
-        };
-      }
-      if (property === "write") {
-        return async (guestOffset: number, data: Uint8Array): Promise<void> => {
-          await target.write(guestOffset, data);
-          writes++;
-        };
-      }
-      const value = Reflect.get(target, property, target) as unknown;
-      return typeof value === "function" ? (value as (...args: unknown[]) => unknown).bind(target) : value;
+  const device = withMethods(raw, {
+    writeBehind: (): boolean => {
+      writesAtWriteBehind.push(writes);
+      return true;
+    },
+    write: async (guestOffset: number, data: Uint8Array): Promise<void> => {
+      await raw.write(guestOffset, data);
+      writes++;
     },
   });
   return { device, raw, writesAtWriteBehind };
@@ -375,19 +372,13 @@ function gatedFlushFile(contents: Uint8Array): { file: ImageFile; arm: () => voi
   let flushes = 0;
   let open: () => void = () => {};
   const gate = new Promise<void>((resolve) => (open = resolve));
-  const file = new Proxy(memory, {
-    get(target, property) {
-      if (property === "flush") {
-        return async (): Promise<void> => {
-          if (armed) {
-            flushes++;
-            await gate;
-          }
-          await target.flush();
-        };
+  const file = withMethods(memory, {
+    flush: async (): Promise<void> => {
+      if (armed) {
+        flushes++;
+        await gate;
       }
-      const value = Reflect.get(target, property, target) as unknown;
-      return typeof value === "function" ? (value as (...args: unknown[]) => unknown).bind(target) : value;
+      await memory.flush();
     },
   });
   return { file, arm: () => (armed = true), flushes: () => flushes, release: () => open() };
