@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { MemoryFile } from "../../src/io/memory-file.ts";
 import { createQcow2, type Qcow2CreateOptions } from "../../src/formats/qcow2/create-qcow2.ts";
 import { openQcow2, type Qcow2Image } from "../../src/formats/qcow2/qcow2-image.ts";
-import { findSnapshot, nextSnapshotId, snapshotDateNow, truncateUtf8 } from "../../src/formats/qcow2/internal-snapshots.ts";
+import { findSnapshot, nextSnapshotId, snapshotDateNow, truncateUtf8, updateTreeRefcounts, type DecrementRecord } from "../../src/formats/qcow2/internal-snapshots.ts";
 import { openSnapshotView } from "../../src/formats/qcow2/snapshot-view.ts";
 import { SNAPSHOT_COUNT_MAX, encodeSnapshotTable, type Qcow2Snapshot } from "../../src/formats/qcow2/snapshot-table.ts";
 import { isSnapstackError } from "../../src/base/errors.ts";
@@ -469,4 +469,87 @@ test("apply reads and rewrites only the L2 tables written since the snapshot; th
   assertSameBytes(await readDevice(reopened), model, "active state after apply");
   await assertClean(reopened, recording, "after apply");
   await reopened.close();
+});
+
+/**
+ * A clean image whose snapshot maps one cluster twice: X, written at guest
+ * offset 0 (L2 table 0, shared by the snapshot and the active state), is
+ * also mapped by the snapshot's own copy of L2 table 1 at 2 MiB + 4 KiB,
+ * its refcount raised to match (3: two references from the snapshot, one
+ * from the active state). Returns the file and what the active state and
+ * the snapshot read.
+ */
+async function snapshotMappingOneClusterTwice(): Promise<{ file: MemoryFile; active: Uint8Array; atSnapshot: Uint8Array }> {
+  const { file, image } = await fresh({ sizeBytes: 16 * MiB, clusterSizeBytes: 4 * KiB });
+  const active = new Uint8Array(image.sizeBytes);
+  const write = async (guestOffset: number, value: number): Promise<void> => {
+    const data = new Uint8Array(4 * KiB).fill(value);
+    await image.write(guestOffset, data);
+    active.set(data, guestOffset);
+  };
+  await write(0, 0x11);
+  await write(2 * MiB, 0x22);
+  await image.createSnapshot("s");
+  const atSnapshot = active.slice();
+  atSnapshot.fill(0x11, 2 * MiB + 4 * KiB, 2 * MiB + 8 * KiB);
+  await write(2 * MiB, 0x33); // the active state gets its own copy of L2 table 1
+  await image.close();
+
+  const bytes = file.contents().slice();
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const l2EntryOffset = (entry: bigint): number => Number(entry & 0x00ff_ffff_ffff_fe00n);
+  const activeL1 = bytes.subarray(Number(view.getBigUint64(40)));
+  const x = l2EntryOffset(view.getBigUint64(getL1Entry(activeL1, 0).l2Offset));
+  const snapshotL1 = bytes.subarray(Number(view.getBigUint64(Number(view.getBigUint64(64)))));
+  view.setBigUint64(getL1Entry(snapshotL1, 1).l2Offset + 8, BigInt(x));
+  const refblock = Number(view.getBigUint64(Number(view.getBigUint64(48))));
+  const refcountAt = refblock + (x / (4 * KiB)) * 2;
+  assert.equal(view.getUint16(refcountAt), 2, "X: referenced by the shared table, from both trees");
+  view.setUint16(refcountAt, 3);
+  return { file: new MemoryFile({ name: "snap.qcow2", contents: bytes }), active, atSnapshot };
+}
+
+test("delete skips its final pass only over tables its -1 pass left exact: a cluster the snapshot maps twice", async () => {
+  const { file, active, atSnapshot } = await snapshotMappingOneClusterTwice();
+  const image = await openQcow2(file, { readOnly: false, backing: null });
+  await assertClean(image, file, "the crafted image");
+  await assertSnapshotReads(image, "s", atSnapshot, "snapshot mapping X twice");
+  // The -1 pass walks the shared table 0 (X: 3 -> 2, COPIED stays clear), then the snapshot's table 1
+  // (X: 2 -> 1). Table 0 is the active state's too: its COPIED bit for X must now be set.
+  await image.deleteSnapshot("s");
+  await assertClean(image, file, "after delete");
+  assertSameBytes(await readDevice(image), active, "active after delete");
+  await image.close();
+});
+
+test("a -1 pass records the tables it walked, and is exact only if it decremented no cluster twice and met no compressed entry", async () => {
+  const record = async (closed: MemoryFile): Promise<DecrementRecord & { snapshotTables: number[] }> => {
+    const file = new MemoryFile({ name: "snap.qcow2", contents: closed.contents() });
+    const image = await openQcow2(file, { readOnly: false, backing: null });
+    const snapshot = image.snapshots[0];
+    const l1 = new Uint8Array(snapshot.l1Size * 8);
+    await file.read(snapshot.l1TableOffset, l1);
+    const snapshotTables = Array.from({ length: snapshot.l1Size }, (_, i) => getL1Entry(l1, i).l2Offset).filter((offset) => offset !== 0);
+    const result: DecrementRecord = { tables: new Set(), exact: false };
+    await updateTreeRefcounts(image.metadata, l1, snapshot.l1Size, -1, { record: result });
+    return { ...result, snapshotTables };
+  };
+
+  const plain = await fresh({ sizeBytes: 16 * MiB, clusterSizeBytes: 4 * KiB });
+  for (let table = 0; table < 8; table += 3) await plain.image.write(table * 2 * MiB, new Uint8Array(8 * KiB).fill(table + 1));
+  await plain.image.createSnapshot("s");
+  await plain.image.close();
+  const exact = await record(plain.file);
+  assert.equal(exact.exact, true, "every cluster decremented once");
+  assert.deepEqual([...exact.tables].sort((a, b) => a - b), exact.snapshotTables.sort((a, b) => a - b));
+  assert.equal(exact.tables.size, 3);
+
+  assert.equal((await record((await snapshotMappingOneClusterTwice()).file)).exact, false, "X decremented twice");
+
+  const compressed = await fresh({ sizeBytes: 16 * MiB, clusterSizeBytes: 4 * KiB });
+  await compressed.image.write(0, new Uint8Array(4 * KiB).fill(1));
+  await compressed.image.writeCompressed(2 * MiB, new Uint8Array(4 * KiB).fill(2));
+  await compressed.image.createSnapshot("s");
+  await compressed.image.close();
+  assert.equal((await record(compressed.file)).exact, false, "a compressed entry");
 });
