@@ -553,3 +553,68 @@ test("a -1 pass records the tables it walked, and is exact only if it decremente
   await compressed.image.close();
   assert.equal((await record(compressed.file)).exact, false, "a compressed entry");
 });
+
+/** A MemoryFile that logs every write (offset) and flush, in order. */
+class OpLoggingFile extends MemoryFile {
+  readonly ops: Array<number | "flush"> = [];
+  override writeSync(hostOffset: number, data: Uint8Array): void {
+    this.ops.push(hostOffset);
+    super.writeSync(hostOffset, data);
+  }
+  override async flush(): Promise<void> {
+    this.ops.push("flush");
+    await super.flush();
+  }
+}
+
+test("create and delete walk uncached tables through one buffer, in QEMU's write order, to the bytes a walk of cached tables leaves", async () => {
+  // 4 KiB clusters: eight 2 MiB tables, each with data.
+  const seed = await fresh({ sizeBytes: 16 * MiB, clusterSizeBytes: 4 * KiB });
+  for (let table = 0; table < 8; table++) await seed.image.write(table * 2 * MiB + (table % 3) * 4 * KiB, new Uint8Array(12 * KiB).fill(table + 1));
+  await seed.image.close();
+  const date = { seconds: 1_700_000_000, nanoseconds: 0 };
+
+  const run = async (cached: boolean): Promise<{ file: OpLoggingFile; image: Qcow2Image }> => {
+    const file = new OpLoggingFile({ name: "snap.qcow2", contents: seed.file.contents() });
+    const image = await openQcow2(file, { readOnly: false, backing: null });
+    if (cached) await readDevice(image); // loads every table into the cache
+    assert.equal(image.metadata.l2Cache.size, cached ? 8 : 0);
+    return { file, image };
+  };
+  const uncached = await run(false);
+  const cached = await run(true);
+  const meta = uncached.image.metadata;
+  const tables = new Set(Array.from({ length: 8 }, (_, i) => meta.l1EntryOffset(i)));
+  const refblocks = new Set(meta.reftable.filter((offset) => offset !== 0));
+  const kinds = (ops: Array<number | "flush">): string[] =>
+    ops.map((op) => (op === "flush" ? "F" : tables.has(op - (op % (4 * KiB))) ? "L2" : refblocks.has(op - (op % (4 * KiB))) ? "R" : op === 60 ? "H" : "other"));
+
+  for (const { image, file } of [uncached, cached]) {
+    file.ops.length = 0;
+    await image.createSnapshot("s", { date });
+  }
+  assert.equal(uncached.image.metadata.l2Cache.size, 0, "create cached no table");
+  assertSameBytes(uncached.file.contents(), cached.file.contents(), "after create");
+  // Raised refcounts durable before any table loses a COPIED bit; every table durable before the header switch.
+  const created = kinds(uncached.file.ops);
+  const firstTable = created.indexOf("L2");
+  assert.ok(firstTable > 0 && created.slice(0, firstTable).includes("R"), `refcount blocks first: ${created.join(" ")}`);
+  assert.equal(created.slice(created.lastIndexOf("R", firstTable), firstTable).includes("F"), true, `a flush between: ${created.join(" ")}`);
+  assert.equal(created.filter((kind) => kind === "L2").length, 8);
+  assert.ok(created.slice(created.lastIndexOf("L2"), created.indexOf("H")).includes("F"), `tables flushed before the header: ${created.join(" ")}`);
+
+  for (const { image, file } of [uncached, cached]) {
+    file.ops.length = 0;
+    await image.deleteSnapshot("s");
+  }
+  assertSameBytes(uncached.file.contents(), cached.file.contents(), "after delete");
+  // Lowered refcounts reach the disk only after every table that gained a COPIED bit, with a flush between.
+  const deleted = kinds(uncached.file.ops);
+  const lastTable = deleted.lastIndexOf("L2");
+  const firstRefblock = deleted.indexOf("R", deleted.indexOf("L2"));
+  assert.ok(lastTable > 0 && firstRefblock > lastTable && deleted.slice(lastTable, firstRefblock).includes("F"), `tables, a flush, then refcount blocks: ${deleted.join(" ")}`);
+  for (const { image, file } of [uncached, cached]) {
+    await assertClean(image, file, "after delete");
+    await image.close();
+  }
+});

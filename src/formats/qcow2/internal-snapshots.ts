@@ -305,6 +305,21 @@ interface TreePassOptions {
   usedIndexes?: UsedIndexCache;
   /** Filled by a -1 pass (see DecrementRecord). */
   record?: DecrementRecord;
+  /**
+   * What the pass does in each L2 table: "all" (default) adds the addend
+   * and rebuilds COPIED; "refcounts" only adds the addend; "copied" only
+   * rebuilds COPIED, as after a pass that added it (create splits its +1
+   * pass in two this way, so that its tables need not wait in memory for
+   * the refcount blocks' flush). Every phase rebuilds the L1 bits.
+   */
+  phase?: "all" | "refcounts" | "copied";
+  /**
+   * Walk the tables that are not cached through one reused buffer, writing
+   * a changed one back at once (Qcow2Metadata.readUncachedL2): no fresh
+   * memory per table. Not for a pass that raises refcounts and rebuilds
+   * COPIED together: each table's write would wait for a refcount flush.
+   */
+  uncached?: boolean;
 }
 
 /** What one pass over a tree needs in its per-table helpers; the buffers are reused for every table. */
@@ -321,6 +336,10 @@ interface TreeWalk {
   readonly usedIndexes: UsedIndexCache | undefined;
   /** A -1 pass's bit per host cluster decremented so far (pass.record); null when not recording or no longer exact. */
   decremented: Uint8Array | null;
+  readonly addsAddend: boolean;
+  readonly rebuildsCopied: boolean;
+  /** The one buffer uncached tables are read into (pass.uncached), else null. */
+  readonly uncachedBytes: Uint8Array | null;
 }
 
 function beyondFileEnd(what: string, hostOffset: number): SnapstackError {
@@ -473,12 +492,20 @@ function recordDecrement(walk: TreeWalk, hostOffset: number, lengthBytes: number
   }
 }
 
-/** One L2 table of a pass: its refcount updates, then COPIED in it rebuilt. */
-async function walkTable(walk: TreeWalk, l2Offset: number, journal: RaiseJournal | undefined): Promise<void> {
+/**
+ * One L2 table of a pass: its refcount updates, then COPIED in it rebuilt.
+ * Returns the table when it was read uncached (pass.uncached) and changed:
+ * the caller writes it back once the table's own refcount is updated, and
+ * only if the table is still in use (QEMU drops a freed table from its
+ * cache unwritten, so its cluster keeps the old bytes).
+ */
+async function walkTable(walk: TreeWalk, l2Offset: number, journal: RaiseJournal | undefined): Promise<CachedTable | null> {
   const meta = walk.meta;
   const release = meta.holdEviction();
   try {
-    const table = meta.peekL2(l2Offset) ?? (await meta.getL2(l2Offset));
+    let table = meta.peekL2(l2Offset);
+    const uncached = table === undefined && walk.uncachedBytes !== null;
+    table ??= walk.uncachedBytes !== null ? await meta.readUncachedL2(l2Offset, walk.uncachedBytes) : await meta.getL2(l2Offset);
     const known = walk.usedIndexes?.get(l2Offset);
     let usedCount: number;
     if (known !== undefined) {
@@ -488,18 +515,20 @@ async function walkTable(walk: TreeWalk, l2Offset: number, journal: RaiseJournal
       usedCount = usedEntryIndexes(table, walk);
       if (walk.usedIndexes !== undefined && usedCount <= walk.geometry.l2Entries * USED_CACHE_SHARE_MAX) walk.usedIndexes.set(l2Offset, walk.used.slice(0, usedCount));
     }
-    if (walk.addend !== 0) {
+    if (walk.addsAddend) {
       const pairs = tableRanges(table, walk, usedCount);
       const ranges = walk.ranges;
       for (let pair = 0; pair < pairs && walk.decremented !== null; pair++) recordDecrement(walk, ranges[2 * pair], ranges[2 * pair + 1]);
       for (let pair = 0; pair < pairs; pair++) await applyAddend(walk, ranges[2 * pair], ranges[2 * pair + 1], journal);
     }
+    if (!walk.rebuildsCopied) return null;
     for (let u = rebuildTableCopied(table, walk, 0, usedCount); u < usedCount; u = rebuildTableCopied(table, walk, u, usedCount)) {
       // A refcount block not in the cache: load it, then go on from that entry.
       const at = walk.used[u] * walk.geometry.l2EntryBytes;
       const hostOffset = (table.view.getUint32(at) & HI_OFFSET_MASK) * TWO_POW_32 + ((table.view.getUint32(at + 4) & LO_OFFSET_MASK) >>> 0);
       await meta.getRefcount(hostOffset / walk.geometry.clusterSizeBytes);
     }
+    return uncached && table.dirtyChunks !== 0 ? table : null;
   } finally {
     release();
   }
@@ -528,6 +557,8 @@ export async function updateTreeRefcounts(
   pass: TreePassOptions = {},
 ): Promise<boolean> {
   const { journal, skipped } = pass;
+  const phase = pass.phase ?? "all";
+  assert(!(pass.uncached === true && addend > 0 && phase === "all"), "an uncached pass does not raise and rebuild COPIED together");
   const geometry = meta.geometry;
   const cs = geometry.clusterSizeBytes;
   // A reference a cluster or more past the end of the file is corruption (as qemu-img check says);
@@ -541,10 +572,13 @@ export async function updateTreeRefcounts(
     ranges: new Float64Array(2 * geometry.l2Entries),
     usedIndexes: pass.usedIndexes,
     decremented: null,
+    addsAddend: addend !== 0 && phase !== "copied",
+    rebuildsCopied: phase !== "refcounts",
+    uncachedBytes: pass.uncached === true ? new Uint8Array(cs) : null,
   };
   const record = pass.record;
   if (record !== undefined) {
-    assert(addend === -1, "only a -1 pass keeps a DecrementRecord");
+    assert(addend === -1 && phase === "all", "only a whole -1 pass keeps a DecrementRecord");
     const bitmapBytes = Math.ceil(walk.fileEndBytes / cs / 8);
     if (bitmapBytes <= DECREMENT_BITMAP_BYTES_MAX) walk.decremented = new Uint8Array(bitmapBytes);
   }
@@ -558,15 +592,20 @@ export async function updateTreeRefcounts(
     if (l2Offset % cs !== 0) throw corruption(`L2 table offset 0x${l2Offset.toString(16)} unaligned (L1 index: 0x${l1Index.toString(16)})`);
     if (l2Offset >= walk.fileEndBytes) throw beyondFileEnd(`L2 table of L1 index ${l1Index}`, l2Offset);
     const skip = skipped !== undefined && skipped[l1Index] === 1;
-    if (!skip) {
-      await walkTable(walk, l2Offset, journal);
-      if (addend !== 0) await applyAddend(walk, l2Offset, cs, journal);
+    let l2Refcount: number;
+    if (skip) {
+      l2Refcount = (meta.peekRefcount(l2Offset / cs) ?? (await meta.getRefcount(l2Offset / cs))) + addend;
+    } else {
+      const unwritten = await walkTable(walk, l2Offset, journal);
+      if (walk.addsAddend) await applyAddend(walk, l2Offset, cs, journal);
       if (record !== undefined) {
         record.tables.add(l2Offset);
         recordDecrement(walk, l2Offset, cs);
       }
+      l2Refcount = meta.peekRefcount(l2Offset / cs) ?? (await meta.getRefcount(l2Offset / cs));
+      if (unwritten !== null && l2Refcount > 0) await meta.writeUncachedL2(unwritten);
     }
-    const l2Copied = (meta.peekRefcount(l2Offset / cs) ?? (await meta.getRefcount(l2Offset / cs))) + (skip ? addend : 0) === 1;
+    const l2Copied = l2Refcount === 1;
     if (l2Copied !== l1Entry.copied || l1Entry.reservedBitsSet) {
       setL1Entry(l1, l1Index, { l2Offset, copied: l2Copied });
       l1Modified = true;
@@ -709,7 +748,13 @@ export async function createSnapshot(image: Qcow2Image, name: string, options: C
     }
     const journal: RaiseJournal = [];
     try {
-      const l1Modified = await updateTreeRefcounts(meta, meta.l1, l1Entries, 1, { journal });
+      // The +1 pass in two walks through one buffer: the raises first, then (once the refcount
+      // blocks are flushed, which the first table written waits for) COPIED cleared and each table
+      // written at once. Reading a table twice from the page cache costs less than faulting in a
+      // fresh buffer for each.
+      const usedIndexes: UsedIndexCache = new Map();
+      let l1Modified = await updateTreeRefcounts(meta, meta.l1, l1Entries, 1, { journal, phase: "refcounts", uncached: true, usedIndexes });
+      l1Modified = (await updateTreeRefcounts(meta, meta.l1, l1Entries, 1, { phase: "copied", uncached: true, usedIndexes })) || l1Modified;
       await writeRaisedCaches(meta);
       // Only COPIED bits were cleared (safe in any order); durable with the table's flush.
       if (l1Modified) await writeActiveL1(meta, false);
@@ -856,7 +901,8 @@ export async function deleteSnapshot(image: Qcow2Image, ref: string, options: De
       const l1 = await readL1(meta, snapshot.l1TableOffset, snapshot.l1Size);
       const usedIndexes: UsedIndexCache = new Map();
       const record: DecrementRecord = { tables: new Set(), exact: false };
-      await updateTreeRefcounts(meta, l1, snapshot.l1Size, -1, { usedIndexes, record });
+      // Lowering first writes each L2 table, then the refcount blocks: the tables go out as they are walked.
+      await updateTreeRefcounts(meta, l1, snapshot.l1Size, -1, { usedIndexes, record, uncached: true });
       if (snapshot.l1Size > 0) await meta.freeClusters(snapshot.l1TableOffset, snapshot.l1Size * L1_ENTRY_BYTES);
       // Usually the active state shares most tables with the snapshot: those the pass left exact.
       await rebuildActiveCopied(meta, usedIndexes, record.exact ? activeIndexesOf(meta, record.tables) : undefined);
