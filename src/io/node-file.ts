@@ -25,6 +25,16 @@
  * - flush = fdatasync, unless the file was opened with cache "unsafe"
  *   (qemu's -t unsafe, the default target mode of qemu-img convert): then
  *   flush does nothing and durability is left to the kernel's writeback.
+ * - Flushes run one at a time, and once one failed every later one fails
+ *   with the same error (QEMU's file-posix does the same: its
+ *   page_cache_inconsistent). Linux reports a writeback error to one
+ *   fdatasync per open file: a flush that ran beside a failing one (a
+ *   write-behind, io/write-behind.ts, beside a qcow2 metadata flush that
+ *   orders tables after data), or after it, would return success although
+ *   written data was lost, and whatever the caller orders after it would
+ *   land on top of the loss. Callers that arrive while a flush runs share
+ *   the one fdatasync that starts after it (it covers everything each of
+ *   them wrote before calling).
  * - discard is a no-op: Node exposes no fallocate(PUNCH_HOLE). The ImageFile
  *   contract lets discarded ranges read back as anything, so callers that
  *   need zeroes write them; space is not returned to the host file system.
@@ -98,6 +108,11 @@ export class NodeFile implements ImageFile {
   readonly writeIoMode: NodeFileIoMode;
   readonly cache: NodeFileCacheMode;
   #fd: number | null;
+  /** The fdatasync running now, else null; flushes that arrive meanwhile wait for it and share #flushNext. */
+  #flushRunning: Promise<void> | null = null;
+  #flushNext: Promise<void> | null = null;
+  /** The first failed flush: every later one fails with it. */
+  #flushFailure: unknown = null;
 
   constructor(name: string, fd: number, readOnly: boolean, ioMode: NodeFileIoMode, cache: NodeFileCacheMode = "writeback", writeIoMode: NodeFileIoMode = ioMode) {
     this.name = name;
@@ -215,14 +230,32 @@ export class NodeFile implements ImageFile {
     }
   }
 
-  async flush(): Promise<void> {
+  flush(): Promise<void> {
+    this.#openFd("flush");
+    if (this.readOnly || this.cache === "unsafe") return Promise.resolve();
+    if (this.#flushRunning === null) return this.#startFlush();
+    this.#flushNext ??= this.#flushRunning.then(
+      () => this.#startFlush(),
+      () => this.#startFlush(),
+    );
+    return this.#flushNext;
+  }
+
+  /** One fdatasync, unless a flush failed before (see the design notes). */
+  #startFlush(): Promise<void> {
+    this.#flushNext = null;
+    if (this.#flushFailure !== null) return Promise.reject(this.#flushFailure);
     const fd = this.#openFd("flush");
-    if (this.readOnly || this.cache === "unsafe") return;
-    try {
-      await new Promise<void>((resolve, reject) => fs.fdatasync(fd, (error) => (error ? reject(error) : resolve())));
-    } catch (error) {
-      throw fromSystemError(error, this.name, "flush (fdatasync)");
-    }
+    const running = new Promise<void>((resolve, reject) =>
+      fs.fdatasync(fd, (error) => {
+        this.#flushRunning = null;
+        if (error === null) return resolve();
+        this.#flushFailure ??= fromSystemError(error, this.name, "flush (fdatasync)");
+        reject(this.#flushFailure);
+      }),
+    );
+    this.#flushRunning = running;
+    return running;
   }
 
   /** No-op: Node has no hole punching (see the design notes). */
@@ -246,6 +279,8 @@ export class NodeFile implements ImageFile {
     const fd = this.#fd;
     if (fd === null) return;
     this.#fd = null;
+    // No fdatasync may run on a descriptor that is closed (and maybe reused).
+    while (this.#flushRunning !== null) await this.#flushRunning.catch(() => undefined);
     try {
       fs.closeSync(fd);
     } catch (error) {

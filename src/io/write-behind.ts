@@ -16,7 +16,10 @@
  *   closed (or reused) descriptor.
  * - No order is promised or needed: an early fdatasync only makes durable
  *   sooner what the kernel's own writeback could have; the devices keep
- *   every order their formats need with their own flushes.
+ *   every order their formats need with their own flushes. Those cannot
+ *   miss a write-back error that a write-behind's fdatasync took (Linux
+ *   reports one to a single fdatasync per open file): NodeFile runs flushes
+ *   one at a time and fails every flush after a failed one.
  */
 import type { ImageFile } from "./file.ts";
 

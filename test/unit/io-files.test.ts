@@ -1,7 +1,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { writeFileSync, readFileSync, chmodSync } from "node:fs";
+import fs, { writeFileSync, readFileSync, chmodSync } from "node:fs";
+import { isSnapstackError } from "../../src/base/errors.ts";
 import { createNodeFile, openNodeFile, syncDirectory } from "../../src/io/node-file.ts";
 import { MemoryFile } from "../../src/io/memory-file.ts";
 import type { ImageFile } from "../../src/io/file.ts";
@@ -113,4 +114,47 @@ test("MemoryFile read-only and initial contents", async () => {
   assert.equal(await file.read(0, out), 3);
   assert.deepEqual(out, new Uint8Array([1, 2, 3, 0]));
   assert.deepEqual(file.contents(), new Uint8Array([1, 2, 3]));
+});
+
+test("NodeFile flushes run one at a time: callers that arrive meanwhile share the next fdatasync", async (t) => {
+  const dir = scratchDir(t);
+  const file = await createNodeFile(join(dir, "f.img"));
+  let calls = 0;
+  let running = 0;
+  t.mock.method(fs, "fdatasync", (fd: number, callback: (error: NodeJS.ErrnoException | null) => void) => {
+    calls++;
+    running++;
+    assert.equal(running, 1, "never two fdatasyncs at once");
+    setTimeout(() => {
+      running--;
+      callback(null);
+    }, 20);
+  });
+  await file.write(0, new Uint8Array(4096).fill(1));
+  const first = file.flush();
+  await file.write(4096, new Uint8Array(4096).fill(2));
+  await Promise.all([first, file.flush(), file.flush(), file.flush()]);
+  assert.equal(calls, 2, "the first flush, then one for the three that waited");
+  await file.flush();
+  assert.equal(calls, 3);
+  await file.close();
+});
+
+test("NodeFile: after a failed flush, every later flush fails too, also one that waited beside it (a write-back error is reported once)", async (t) => {
+  const dir = scratchDir(t);
+  const file = await createNodeFile(join(dir, "f.img"));
+  let calls = 0;
+  t.mock.method(fs, "fdatasync", (fd: number, callback: (error: NodeJS.ErrnoException | null) => void) => {
+    calls++;
+    const error = calls === 1 ? Object.assign(new Error("EIO: i/o error, fdatasync"), { code: "EIO", errno: -5, syscall: "fdatasync" }) : null;
+    setTimeout(() => callback(error), 10);
+  });
+  await file.write(0, new Uint8Array(4096).fill(1));
+  const failsWithEio = (error: unknown): boolean => isSnapstackError(error) && error.code === "E_IO";
+  const [first, beside] = await Promise.allSettled([file.flush(), file.flush()]);
+  assert.ok(first.status === "rejected" && failsWithEio(first.reason), "the flush that failed");
+  assert.ok(beside.status === "rejected" && failsWithEio(beside.reason), "a flush that waited beside it");
+  await assert.rejects(file.flush(), failsWithEio, "a later flush");
+  assert.equal(calls, 1, "no fdatasync after the failure: the kernel would report success");
+  await file.close();
 });
