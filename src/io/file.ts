@@ -61,7 +61,12 @@ export interface ImageFile {
   sizeBytes(): Promise<number>;
   /** Set the file length (grow with zeroes or shrink). */
   truncate(sizeBytes: number): Promise<void>;
-  /** Make every completed write durable (fdatasync). */
+  /**
+   * Make every completed write durable (fdatasync). A real file (NodeFile)
+   * fails every flush after one failed: written data may be lost then. Test
+   * files (MemoryFile, FaultFile) let a later flush succeed, so the engine's
+   * own recovery is tested as well.
+   */
   flush(): Promise<void>;
   /**
    * Tell the medium a range is no longer needed. It may read back as

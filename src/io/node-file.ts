@@ -230,25 +230,25 @@ export class NodeFile implements ImageFile {
     }
   }
 
-  flush(): Promise<void> {
+  async flush(): Promise<void> {
     this.#openFd("flush");
-    if (this.readOnly || this.cache === "unsafe") return Promise.resolve();
+    if (this.readOnly || this.cache === "unsafe") return;
     if (this.#flushRunning === null) return this.#startFlush();
-    this.#flushNext ??= this.#flushRunning.then(
-      () => this.#startFlush(),
-      () => this.#startFlush(),
-    );
+    // Any fdatasync that starts after this call covers what the caller wrote: the next one, or
+    // one another caller started first when the running one ended.
+    const afterRunning = (): Promise<void> => this.#flushRunning ?? this.#startFlush();
+    this.#flushNext ??= this.#flushRunning.then(afterRunning, afterRunning);
     return this.#flushNext;
   }
 
-  /** One fdatasync, unless a flush failed before (see the design notes). */
+  /** One fdatasync, unless a flush failed before (see the design notes). Only while none runs. */
   #startFlush(): Promise<void> {
     this.#flushNext = null;
     if (this.#flushFailure !== null) return Promise.reject(this.#flushFailure);
     const fd = this.#openFd("flush");
-    const running = new Promise<void>((resolve, reject) =>
+    const running: Promise<void> = new Promise<void>((resolve, reject) =>
       fs.fdatasync(fd, (error) => {
-        this.#flushRunning = null;
+        if (this.#flushRunning === running) this.#flushRunning = null;
         if (error === null) return resolve();
         this.#flushFailure ??= fromSystemError(error, this.name, "flush (fdatasync)");
         reject(this.#flushFailure);

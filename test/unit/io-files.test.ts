@@ -137,7 +137,24 @@ test("NodeFile flushes run one at a time: callers that arrive meanwhile share th
   assert.equal(calls, 2, "the first flush, then one for the three that waited");
   await file.flush();
   assert.equal(calls, 3);
+
+  // A caller that flushes again the moment its flush returns, while another waited: still one at a time.
+  const waited = (async () => {
+    await Promise.resolve();
+    await file.flush();
+  })();
+  const again = file.flush().then(() => file.flush());
+  await Promise.all([waited, again]);
+  assert.ok(calls >= 5 && calls <= 6, `each caller's flush started after its call, none beside another (${calls} calls)`);
+  // close waits for a running fdatasync (it must not run on a closed, maybe reused, descriptor).
+  const closeSync = fs.closeSync;
+  t.mock.method(fs, "closeSync", (fd: number) => {
+    assert.equal(running, 0, "no fdatasync runs when the descriptor is closed");
+    closeSync(fd);
+  });
+  const last = file.flush();
   await file.close();
+  await last;
 });
 
 test("NodeFile: after a failed flush, every later flush fails too, also one that waited beside it (a write-back error is reported once)", async (t) => {

@@ -327,7 +327,7 @@ export class Qcow2Metadata {
         await this.#writeDirtyRuns(table, structure, copy);
       }
       await this.file.flush();
-      if (cache === this.l2Cache) this.#uncachedL2Unflushed = false;
+      if (cache === this.l2Cache) this.#uncachedL2Unflushed = false; // this flush covered those tables too
     } finally {
       release();
     }
@@ -385,37 +385,37 @@ export class Qcow2Metadata {
    */
   async writeUncachedL2(table: CachedTable): Promise<void> {
     if (table.dirtyChunks === 0) return;
-    if (this.#l2DependsOnRefblocks) {
-      this.#l2DependsOnRefblocks = false;
-      await this.writeDirtyRefblocks();
-    }
-    if (this.#dataNeedsFlush) {
-      this.#dataNeedsFlush = false;
-      await this.file.flush();
-    }
+    await this.#beforeL2Writes(true);
     // The buffer is the caller's alone, and the caller waits for this write: it is its own copy.
     this.#uncachedL2Unflushed = true;
     await this.#writeDirtyRuns(table, "active L2 table", table.bytes);
   }
 
-  /** Write dirty L2 tables (after what they depend on). */
-  async writeDirtyL2(): Promise<void> {
+  /**
+   * What must be on disk before L2 tables are written: the refcount blocks
+   * they depend on, and (when tables are about to be written) guest data.
+   */
+  async #beforeL2Writes(tablesFollow: boolean): Promise<void> {
     if (this.#l2DependsOnRefblocks) {
       this.#l2DependsOnRefblocks = false;
       await this.writeDirtyRefblocks();
     }
-    if (!this.l2Cache.hasDirty()) {
-      if (this.#uncachedL2Unflushed) {
-        this.#uncachedL2Unflushed = false;
-        await this.file.flush();
-      }
-      return;
-    }
-    if (this.#dataNeedsFlush) {
+    if (tablesFollow && this.#dataNeedsFlush) {
       this.#dataNeedsFlush = false;
       await this.file.flush();
     }
-    await this.#writeTables(this.l2Cache);
+  }
+
+  /** Write dirty L2 tables (after what they depend on); without any, flush the ones writeUncachedL2 wrote. */
+  async writeDirtyL2(): Promise<void> {
+    const dirty = this.l2Cache.hasDirty();
+    await this.#beforeL2Writes(dirty);
+    if (dirty) {
+      await this.#writeTables(this.l2Cache);
+    } else if (this.#uncachedL2Unflushed) {
+      this.#uncachedL2Unflushed = false;
+      await this.file.flush();
+    }
   }
 
   /** Write dirty refcount blocks (after what they depend on). */
@@ -792,11 +792,17 @@ export class Qcow2Metadata {
     await this.#updateRefcount(hostOffset, lengthBytes, 1, true);
   }
 
-  /** Raise refcounts of every cluster touching the range by one (snapshots). */
+  /**
+   * Raise refcounts of every cluster touching the range by one (snapshots).
+   * The L2 tables written after this depend on it (QEMU: the snapshot
+   * pass's cache dependency): a table whose COPIED bits a create clears
+   * reaches the disk only after the raised refcounts.
+   */
   async increaseRefcounts(hostOffset: number, lengthBytes: number): Promise<void> {
-    for (;;) {
-      if ((await this.#updateRefcount(hostOffset, lengthBytes, 1, false)) !== AGAIN) return;
+    while ((await this.#updateRefcount(hostOffset, lengthBytes, 1, false)) === AGAIN) {
+      // a refcount block was placed: search again
     }
+    if (!this.#l2DependsOnRefblocks) await this.#setL2DependsOnRefblocks();
   }
 
   /** qcow2_free_any_cluster: release what an L2 entry referenced. */
