@@ -102,7 +102,10 @@ function openFailure(topPath: string, depth: number, path: string, error: unknow
  */
 export function refuseQemuLocked(path: string, depth: number, layerPath: string, readOnly: boolean, forceShare: boolean): void {
   if (readOnly && forceShare) return;
-  const conflict = qemuLockConflict(readProcLocks().get(fileKey(layerPath) ?? "") ?? [], readOnly ? "read" : "write");
+  // The file is stat'ed only when some lock exists (usually none: no QEMU runs, readProcLocks is empty).
+  const locks = readProcLocks();
+  const ranges = locks.size === 0 ? [] : (locks.get(fileKey(layerPath) ?? "") ?? []);
+  const conflict = qemuLockConflict(ranges, readOnly ? "read" : "write");
   if (conflict === null) return;
   throw new SnapstackError("E_IN_USE", `Could not open '${path}': ${backingPrefix(depth)}${conflict}: is another process using the image [${layerPath}]?`, {
     path,
