@@ -45,11 +45,10 @@ import { Qcow2Image } from "../formats/qcow2/index.ts";
 import { COPY_CHUNK_BYTES, copyRanges, type CopyRange, type ZeroMode } from "./copy-pipeline.ts";
 import { parseImageFormat } from "./image-format.ts";
 import { openImage, type OpenImageFile } from "./open-image.ts";
-import { layerOfFile } from "./layer-file.ts";
+import { refuseWritingInput } from "./layer-file.ts";
 import { walkChain } from "./map-image.ts";
 import { createImage, type CreateOptionValue } from "./create-image.ts";
 import { createNodeFile, openNodeFile, type NodeFileCacheMode } from "../io/node-file.ts";
-import { fileKey } from "../io/file-identity.ts";
 
 export { COPY_CHUNK_BYTES, COPY_READS_IN_FLIGHT } from "./copy-pipeline.ts";
 /** Guest bytes whose status is looked up at once. */
@@ -240,16 +239,9 @@ const openUnsafeFile: OpenImageFile = async (path, request) =>
  * it is created or written: creating it would truncate what is being read
  * (qemu-img: `Failed to get "write" lock`).
  */
-function refuseSourceAsTarget(source: BlockDevice, targetPath: string): void {
-  const layer = layerOfFile(source, fileKey(targetPath));
-  if (layer === undefined) return;
-  const what = layer === source ? "the source image" : `the source's backing file ${layer.name}`;
-  throw new SnapstackError("E_IN_USE", `${targetPath}: cannot write the target: it is ${what}`, { path: targetPath });
-}
-
 async function openTarget(source: BlockDevice, targetPath: string, options: ConvertImageOptions): Promise<BlockDevice> {
   const format = parseImageFormat(options.format);
-  refuseSourceAsTarget(source, targetPath);
+  refuseWritingInput(targetPath, "target", [["the source image", source]]);
   const targetCache = options.targetCache ?? "unsafe";
   if (!options.targetExists) {
     await createImage(targetPath, {

@@ -8,6 +8,7 @@
  * file with setLayerFile. Files are compared by device and inode
  * (io/file-identity.ts fileKey).
  */
+import { SnapstackError } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
 import { fileKey } from "../io/file-identity.ts";
 import { chainLayers } from "./open-image.ts";
@@ -33,4 +34,20 @@ export function layerKey(layer: BlockDevice): string | null {
 export function layerOfFile(device: BlockDevice, key: string | null): BlockDevice | undefined {
   if (key === null) return undefined;
   return chainLayers(device).find((layer) => layerKey(layer) === key);
+}
+
+/**
+ * Refuse (E_IN_USE) to write `outputPath`, the command's `output` ("target",
+ * "delta"), when it is a layer of one of the chains the command reads:
+ * writing it would destroy what is being read. `inputs` pairs each chain
+ * with what the message calls it ("the source image").
+ */
+export function refuseWritingInput(outputPath: string, output: string, inputs: ReadonlyArray<readonly [role: string, device: BlockDevice]>): void {
+  const key = fileKey(outputPath);
+  for (const [role, device] of inputs) {
+    const layer = layerOfFile(device, key);
+    if (layer === undefined) continue;
+    const what = layer === device ? role : `${role}'s backing file ${layer.name}`;
+    throw new SnapstackError("E_IN_USE", `${outputPath}: cannot write the ${output}: it is ${what}`, { path: outputPath });
+  }
 }

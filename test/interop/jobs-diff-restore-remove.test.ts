@@ -135,6 +135,39 @@ test("diff --export writes an overlay of FROM that holds exactly the differing c
   assert.deepEqual(held, mergedRanges(clusters));
 });
 
+test("an output that is also an input is refused (E_IN_USE) before anything is written: convert, diff --export, restore", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  // base <- mid <- top, and other <- base: every file below is read by the command that would write it.
+  const base = await createQcow2(join(dir, "base.qcow2"), { sizeBytes: 4 * MiB });
+  await qemuIo(base, "write -P 0x11 0 4M");
+  const mid = await createQcow2(join(dir, "mid.qcow2"), { backing: "base.qcow2" });
+  await qemuIo(mid, "write -P 0x22 0 64k");
+  const top = await createQcow2(join(dir, "top.qcow2"), { backing: "mid.qcow2" });
+  await qemuIo(top, "write -P 0x33 1M 64k");
+  const other = await createQcow2(join(dir, "other.qcow2"), { backing: "base.qcow2" });
+  const files = [base, mid, top, other];
+  const before = files.map((file) => readFileSync(file));
+  const refused: Array<[string[], RegExp]> = [
+    [["convert", "-O", "qcow2", top, mid], /mid\.qcow2: cannot write the target: it is the source image's backing file .*mid\.qcow2/],
+    [["convert", "-O", "qcow2", top, top], /cannot write the target: it is the source image$/m],
+    // The delta over TO itself, over a layer of TO's chain, and over FROM's backing file (also TO's here).
+    [["diff", "-q", "--export", top, base, top], /top\.qcow2: cannot write the delta: it is the TO image$/m],
+    [["diff", "-q", "--export", mid, base, top], /mid\.qcow2: cannot write the delta: it is the TO image's backing file/],
+    [["diff", "-q", "--export", base, mid, other], /base\.qcow2: cannot write the delta: it is the TO image's backing file/],
+    [["restore", "--from", mid, top, base], /base\.qcow2: cannot write the target: it is the source image's backing file/],
+    [["restore", "--from", other, top, other], /other\.qcow2: cannot write the target: it is the --from image$/m],
+  ];
+  for (const [argv, message] of refused) {
+    const result = await snapstack("img", ...argv);
+    assert.equal(result.status, 1, `img ${argv.join(" ")}: ${result.stderr}`);
+    assert.match(result.stderr, /^snapstack: error E_IN_USE: /);
+    assert.match(result.stderr, message);
+    files.forEach((file, index) => assert.ok(readFileSync(file).equals(before[index]), `img ${argv.join(" ")} changed ${file}`));
+  }
+  for (const file of files) await assertClean(file);
+});
+
 test("diff of internal snapshots (FILE@SNAPSHOT) against each other and the current state", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);

@@ -21,6 +21,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { Qcow2Image } from "../../formats/qcow2/index.ts";
 import { createImage } from "../create-image.ts";
+import { refuseWritingInput } from "../layer-file.ts";
 import { openImage } from "../open-image.ts";
 import { RangeCopier } from "./copy-ranges.ts";
 import { runJob, type Job, type JobOptions } from "./job.ts";
@@ -82,6 +83,8 @@ async function copySpans(to: BlockDevice, delta: BlockDevice, spans: readonly { 
  * `ranges` (from diffImages) say FROM and TO differ.
  */
 export async function exportDelta(fromPath: string, to: BlockDevice, ranges: readonly DiffRange[], deltaPath: string, options: ExportDeltaOptions): Promise<{ writtenBytes: number; clusterSizeBytes: number }> {
+  // Creating the delta over a layer of TO's chain would wipe what it copies (FROM's chain: a backing loop).
+  refuseWritingInput(deltaPath, "delta", [["the TO image", to]]);
   const clusterSizeBytes = to instanceof Qcow2Image ? to.clusterSizeBytes : 65536;
   const backingName = relative(dirname(resolve(deltaPath)), resolve(fromPath));
   await createImage(deltaPath, {

@@ -37,8 +37,7 @@ import { RawImage } from "../../formats/raw/raw-image.ts";
 import { openNodeFile } from "../../io/node-file.ts";
 import { parseImageFormat, probeImageFormat } from "../image-format.ts";
 import { openImage } from "../open-image.ts";
-import { fileKey } from "../../io/file-identity.ts";
-import { layerOfFile } from "../layer-file.ts";
+import { refuseWritingInput } from "../layer-file.ts";
 import type { CopyRange } from "../copy-pipeline.ts";
 import { RangeCopier } from "./copy-ranges.ts";
 import { openDiskState, type DiskState } from "./disk-state.ts";
@@ -193,12 +192,7 @@ export async function restoreImage(sourceSpec: string, targetPath: string, optio
       opened.push(source);
       const known = options.from === undefined ? null : await openDiskState(options.from);
       if (known !== null) opened.push(known);
-      const targetKey = fileKey(targetPath);
-      for (const state of opened) {
-        if (layerOfFile(state.device, targetKey) !== undefined) {
-          throw new SnapstackError("E_INVALID_OPTION", `${targetPath}: the target is part of '${state.spec}' and cannot be restored onto`, { path: targetPath });
-        }
-      }
+      refuseWritingInput(targetPath, "target", [["the source image", source.device], ...(known === null ? [] : [["the --from image", known.device] as const])]);
       const { device, isBlockDevice } = await openTarget(targetPath, options.targetFormat);
       target = device;
       await matchSize(device, source.device.sizeBytes, isBlockDevice);
