@@ -165,3 +165,49 @@ test("resizeImage matches qemu-img resize for raw and qcow2", async (t) => {
   });
   await assert.rejects(resizeImage(join(dir, "a.raw"), { deltaBytes: -(1 << 30) }), { message: "New image size must be positive" });
 });
+
+test("growing an overlay over a longer backing file zeroes the new area byte for byte as qemu-img resize; compat=0.10 refuses untouched", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  await bash(
+    `qemu-img create -q -f qcow2 long.qcow2 4M
+     qemu-io -c 'write -P 5 0 4M' long.qcow2 >/dev/null
+     qemu-img create -q -f qcow2 short.qcow2 1000448
+     qemu-io -c 'write -P 6 0 1000448' short.qcow2 >/dev/null`,
+    dir,
+  );
+  // Unaligned and aligned old ends, backing longer or not, plain, 512 B, 2 MiB and subcluster geometries.
+  const cases: Array<{ options: string; oldSize: number; newSize: number; backing: string }> = [
+    { options: "cluster_size=65536", oldSize: 1000000, newSize: 3 << 20, backing: "long.qcow2" },
+    { options: "cluster_size=65536", oldSize: 1 << 20, newSize: 8 << 20, backing: "long.qcow2" },
+    { options: "cluster_size=512", oldSize: 1000000, newSize: 2 << 20, backing: "long.qcow2" },
+    { options: "cluster_size=2097152", oldSize: 1000000, newSize: 3 << 20, backing: "long.qcow2" },
+    { options: "extended_l2=on", oldSize: 1000000, newSize: 3 << 20, backing: "long.qcow2" },
+    { options: "cluster_size=65536", oldSize: 1000448, newSize: 3 << 20, backing: "short.qcow2" },
+  ];
+  for (const [index, step] of cases.entries()) {
+    const theirs = join(dir, `grow-theirs-${index}.qcow2`);
+    const ours = join(dir, `grow-ours-${index}.qcow2`);
+    await bash(
+      `qemu-img create -q -f qcow2 -o ${step.options} -b ${step.backing} -F qcow2 ${theirs} ${step.oldSize}
+       qemu-io -c 'write -P 9 4096 8192' ${theirs} >/dev/null
+       cp ${theirs} ${ours}
+       qemu-img resize -q ${theirs} ${step.newSize}`,
+      dir,
+    );
+    await resizeImage(ours, { absoluteBytes: step.newSize });
+    const what = `${step.options}, ${step.oldSize} -> ${step.newSize} over ${step.backing}`;
+    assert.ok(readFileSync(ours).equals(readFileSync(theirs)), what);
+    // Past the old end the disk reads zeroes, not the backing file's bytes.
+    const compare = await runOk("qemu-img", ["compare", ours, theirs]);
+    assert.match(compare.stdout, /Images are identical/, what);
+  }
+  const v2 = join(dir, "v2.qcow2");
+  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "long.qcow2", "-F", "qcow2", v2, "1000000"]);
+  const before = readFileSync(v2);
+  const refused = await run("qemu-img", ["resize", v2, "3M"]);
+  assert.match(refused.stderr, /Failed to zero out new clusters: Operation not supported/);
+  assert.ok(readFileSync(v2).equals(before), "qemu-img's refusal left the image as it was");
+  await assert.rejects(resizeImage(v2, { absoluteBytes: 3 << 20 }), { code: "E_UNSUPPORTED_FEATURE", message: /Failed to zero out new clusters: Operation not supported/ });
+  assert.ok(readFileSync(v2).equals(before), "the refused image is untouched");
+});

@@ -190,6 +190,27 @@ test("commit grows a smaller base to the overlay's size", async (t) => {
   await assertMatchesModel(base, model, dir);
 });
 
+test("commit grows a base whose own backing file is longer: the grown area reads as zeroes, as after qemu-img commit", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  // long (4 MiB of 0x05) <- base (1,000,448 bytes, empty) <- top (3 MiB, 64 KiB of 0x07 at 2 MiB).
+  const long = await createQcow2(join(dir, "long.qcow2"), { sizeBytes: 4 * MiB });
+  await qemuIo(long, "write -P 0x05 0 4M");
+  const base = join(dir, "base.qcow2");
+  await qemuImg("create", "-f", "qcow2", "-b", "long.qcow2", "-F", "qcow2", base, "1000000");
+  const top = join(dir, "top.qcow2");
+  await qemuImg("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, String(3 * MiB));
+  await qemuIo(top, "write -P 0x07 2M 64k");
+  const model = new DiskModel(3 * MiB);
+  model.fill(0, 1000448, 0x05); // qemu-img rounds the size up to a sector
+  model.fill(2 * MiB, 64 * KiB, 0x07);
+  await assertMatchesModel(top, model, dir);
+  await snapstackOk("img", "commit", top);
+  await assertClean(base);
+  await assertMatchesModel(base, model, dir);
+  await assertMatchesModel(top, model, dir);
+});
+
 test("commit errors: no backing file, base not in the chain (coded, nothing written)", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const { ours } = await twoChains(t);

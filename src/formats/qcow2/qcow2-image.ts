@@ -1844,6 +1844,13 @@ export class Qcow2Image implements BlockDevice {
     if (newSizeBytes < oldSize && !options.shrink) {
       throw new SnapstackError("E_INVALID_SIZE", "Use the --shrink option to perform a shrink operation.");
     }
+    // Growing over a longer backing file: the new area is zeroed, or the backing file's data there would
+    // show through (QEMU's bdrv_co_truncate with BDRV_REQ_ZERO_WRITE, qcow2_co_truncate). v2 images have
+    // no zero clusters, and QEMU refuses; so does this, before anything is written.
+    const zeroNewArea = newSizeBytes > oldSize && this.backing !== null && this.backing.sizeBytes > oldSize;
+    if (zeroNewArea && header.version === 2) {
+      throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${this.name}: Failed to zero out new clusters: Operation not supported (a compat=0.10 image cannot grow over a longer backing file)`);
+    }
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
       await this.#locked(async () => {
@@ -1875,6 +1882,7 @@ export class Qcow2Image implements BlockDevice {
           if ((lastCluster + 1) * cs < fileSize) await this.#file.truncate((lastCluster + 1) * cs);
         } else {
           await meta.growL1(newL1Entries, true);
+          if (zeroNewArea) await this.#zeroGrownArea(oldSize, newSizeBytes);
         }
         const sizeField = new Uint8Array(8);
         new DataView(sizeField.buffer).setBigUint64(0, BigInt(newSizeBytes));
@@ -1885,6 +1893,28 @@ export class Qcow2Image implements BlockDevice {
       throw await this.#failed(error);
     } finally {
       release();
+    }
+  }
+
+  /**
+   * qcow2_co_truncate's zero write, under the metadata mutex: zero flags
+   * from the first subcluster boundary at or after the old end to the new
+   * end, then explicit zeroes from the old end to that boundary (a write
+   * that copies the rest of its cluster from the backing file). The header
+   * still holds the old size, so a crash before it is rewritten leaves the
+   * image as it was.
+   */
+  async #zeroGrownArea(oldSize: number, newSize: number): Promise<void> {
+    const header = this.#meta.header;
+    const unit = this.#meta.geometry.subclusterSizeBytes;
+    const zeroStart = Math.ceil(oldSize / unit) * unit;
+    header.sizeBytes = newSize; // the guest range the zeroing may touch (rewritten on disk by the caller)
+    try {
+      if (newSize > zeroStart) await this.#zeroLocked(zeroStart, newSize - zeroStart, false);
+      if (zeroStart > oldSize) await this.#writeLocked([{ guestOffset: oldSize, data: new Uint8Array(Math.min(zeroStart, newSize) - oldSize) }]);
+    } catch (error) {
+      header.sizeBytes = oldSize;
+      throw error;
     }
   }
 
