@@ -46,6 +46,7 @@ import { COPY_CHUNK_BYTES, copyRanges, type CopyRange, type ZeroMode } from "./c
 import { parseImageFormat } from "./image-format.ts";
 import { openImage, type OpenImageFile } from "./open-image.ts";
 import { refuseWritingInput } from "./layer-file.ts";
+import { RateLimit } from "./rate-limit.ts";
 import { walkChain } from "./map-image.ts";
 import { createImage, type CreateOptionValue } from "./create-image.ts";
 import { createNodeFile, openNodeFile, type NodeFileCacheMode } from "../io/node-file.ts";
@@ -68,6 +69,10 @@ export interface ConvertImageOptions {
   backingFormat?: string;
   /** -n: the target exists; do not create it. */
   targetExists?: boolean;
+  /** --target-is-zero (with -n): the existing target reads as zeroes, so zero ranges are not written. */
+  targetIsZero?: boolean;
+  /** -r: read at most this many bytes of data per second (default: no limit). */
+  rateLimitBytesPerSecond?: number;
   /** Called with the fraction done, then bytes done and total. */
   onProgress?: (fraction: number, doneBytes: number, totalBytes: number) => void;
   signal?: AbortSignal;
@@ -282,12 +287,15 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
   const target = await openTarget(source, targetPath, options);
   try {
     const targetHasBacking = target.backing !== null;
+    if (options.targetIsZero === true && targetHasBacking) {
+      throw new SnapstackError("E_USAGE", "Cannot use --target-is-zero when the destination image has a backing file", { path: targetPath });
+    }
     const plan: CopyPlan = {
       source,
       topOnly: options.backingFile !== undefined,
       targetBackingEnd: target.backing?.sizeBytes ?? Number.POSITIVE_INFINITY,
     };
-    const zeroInit = !options.targetExists && sparseSizeBytes > 0 && !targetHasBacking;
+    const zeroInit = (!options.targetExists || options.targetIsZero === true) && sparseSizeBytes > 0 && !targetHasBacking;
     const clusterBytes = compress ? compressingTarget(target).clusterSizeBytes : null;
     const chunkBytes = clusterBytes ?? COPY_CHUNK_BYTES;
     // Zero ranges and runs: allocated as bytes with -S 0; else nothing to do on a target that reads as zeroes.
@@ -313,6 +321,7 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
       zeroRuns,
       compress,
       chunkBytes,
+      rateLimit: options.rateLimitBytesPerSecond === undefined ? undefined : new RateLimit(options.rateLimitBytesPerSecond),
       checkpoint: () => {
         if (options.signal?.aborted) throw new SnapstackError("E_ABORTED", `convert to ${targetPath} cancelled`, { path: targetPath });
       },

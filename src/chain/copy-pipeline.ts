@@ -66,6 +66,8 @@
  *   a little slower). A target opened with cache "unsafe" (convert's
  *   default) flushes nothing, so there it costs nothing; convert -t
  *   writeback (and the VM manager's convert) write behind too.
+ * - Rate limit (convert -r, commit -r): before each read of data the loop
+ *   waits for the caller's RateLimit (chain/rate-limit.ts).
  * - Failure: the first failed write stops the writer; the loop stops
  *   reading, waits for every outstanding read and write, and rethrows it,
  *   so the caller can close the devices at once. checkpoint() (cancellation)
@@ -77,6 +79,7 @@ import { assert, withSecondFailure } from "../base/errors.ts";
 import type { BlockDevice, WriteZeroesOptions } from "../device/block-device.ts";
 import { Qcow2Image } from "../formats/qcow2/index.ts";
 import type { WriteRequest } from "../formats/qcow2/qcow2-image.ts";
+import type { RateLimit } from "./rate-limit.ts";
 
 /** Bytes per read request (qemu-img convert's IO_BUF_SIZE). */
 export const COPY_CHUNK_BYTES = 2 * 1024 * 1024;
@@ -124,6 +127,8 @@ export interface CopyPipelineOptions {
   queuedBytesMax?: number;
   /** Called before each chunk; throws to cancel. */
   checkpoint?: () => void;
+  /** Holds reads of data to this many bytes per second (convert -r, commit -r; shared across calls). */
+  rateLimit?: RateLimit;
   /** Called as ranges are handed to the writer: data bytes, then zero bytes. */
   onProgress?: (kind: CopyRangeKind, bytes: number) => void;
   /**
@@ -507,7 +512,9 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
         if (writer.failed) break;
         options.checkpoint?.();
         await writer.whenBelow(queuedBytesMax);
-        startRead(at, Math.min(chunkBytes, range.start + range.length - at));
+        const length = Math.min(chunkBytes, range.start + range.length - at);
+        if (options.rateLimit !== undefined) await options.rateLimit.admit(length, options.checkpoint);
+        startRead(at, length);
       }
       if (writer.failed) break;
     }

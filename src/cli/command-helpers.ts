@@ -3,7 +3,7 @@
  * argument counts, -o lists, progress lines. Messages are qemu-img's.
  */
 import { SnapstackError } from "../base/errors.ts";
-import { formatFixed } from "../base/units.ts";
+import { formatFixed, parseSize } from "../base/units.ts";
 import { optionString, type ParsedArgs } from "./args.ts";
 import type { CliContext } from "./context.ts";
 import { checkCreateOptions, parseOptionList, type CreateOptionValues } from "./create-options.ts";
@@ -34,6 +34,25 @@ export function checkCacheOptions(parsed: ParsedArgs): void {
     const value = optionString(parsed, name);
     if (value !== undefined && !CACHE_MODES.includes(value)) throw new SnapstackError("E_INVALID_OPTION", `Invalid ${what}: ${value}`, { value });
   }
+}
+
+/**
+ * -r of convert and commit: bytes per second with qemu-img's size suffixes;
+ * 0 or absent means no limit (undefined). Refused as qemu-img refuses it.
+ */
+export function parseRateLimit(text: string | undefined): number | undefined {
+  if (text === undefined) return undefined;
+  let bytesPerSecond: number;
+  try {
+    bytesPerSecond = parseSize(text, { what: "rate limit" });
+  } catch {
+    throw new SnapstackError(
+      "E_INVALID_OPTION",
+      "Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
+      { text },
+    );
+  }
+  return bytesPerSecond === 0 ? undefined : bytesPerSecond;
 }
 
 /** Check a joined -o list for a format (empty list when none given). */

@@ -37,6 +37,7 @@ import { parseImageFormat } from "../image-format.ts";
 import { findBackingUsers } from "./backing-users.ts";
 import { fileKey } from "../../io/file-identity.ts";
 import { findInChain, forEachAbove, type AboveExtent } from "./chain-layers.ts";
+import { RateLimit } from "../rate-limit.ts";
 import { RangeCopier } from "./copy-ranges.ts";
 import { runJob, type JobOptions } from "./job.ts";
 
@@ -51,6 +52,8 @@ export interface CommitImageOptions extends JobOptions {
   wipe?: boolean;
   /** Directories searched for other images using BASE as backing (default: BASE's directory). */
   searchDirectories?: string[];
+  /** -r: read at most this many bytes of the overlays' data per second (default: no limit). */
+  rateLimitBytesPerSecond?: number;
 }
 
 export interface CommitResult {
@@ -93,7 +96,8 @@ export async function commitImage(path: string, options: CommitImageOptions = {}
       });
       job.setTotal(totalBytes, "copy");
       await growBase(base, top.sizeBytes);
-      const copier = new RangeCopier(top, base, job);
+      const rateLimit = options.rateLimitBytesPerSecond === undefined ? undefined : new RateLimit(options.rateLimitBytesPerSecond);
+      const copier = new RangeCopier(top, base, job, rateLimit);
       await copier.copy(extents.map((extent) => ({ start: extent.start, length: extent.length, kind: extent.kind === "data" ? "data" : "zero" })));
       await base.flush();
       const invalidated = layers.slice(1, baseDepth).map((layer) => layer.name);

@@ -11,6 +11,7 @@
  */
 import type { BlockDevice } from "../../device/block-device.ts";
 import { COPY_CHUNK_BYTES, copyRanges, type CopyRange, type WriteBehindCounter } from "../copy-pipeline.ts";
+import type { RateLimit } from "../rate-limit.ts";
 import type { Job } from "./job.ts";
 
 /** Bytes per read request while copying. */
@@ -40,10 +41,14 @@ export class RangeCopier {
   /** Bytes written to the target (data and zeroes). */
   writtenBytes = 0;
 
-  constructor(source: BlockDevice, target: BlockDevice, job?: Job) {
+  readonly #rateLimit: RateLimit | undefined;
+
+  /** `rateLimit` holds every copy() of this copier to its rate (commit -r). */
+  constructor(source: BlockDevice, target: BlockDevice, job?: Job, rateLimit?: RateLimit) {
     this.#source = source;
     this.#target = target;
     this.#job = job;
+    this.#rateLimit = rateLimit;
   }
 
   /**
@@ -63,6 +68,7 @@ export class RangeCopier {
       queuedBytesMax: JOB_QUEUED_BYTES_MAX,
       freeBuffers: this.#freeBuffers,
       writeBehindCounter: this.#writeBehindCounter,
+      rateLimit: this.#rateLimit,
       checkpoint: job === undefined && extra === undefined ? undefined : () => {
         job?.checkpoint();
         extra?.();

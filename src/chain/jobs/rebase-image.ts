@@ -43,6 +43,8 @@ export interface RebaseImageOptions extends JobOptions {
   backingFormat?: string;
   /** -u: change the header only. */
   unsafe?: boolean;
+  /** -U: open the backing chains (old and new, read-only) even while a QEMU holds them. */
+  forceShare?: boolean;
 }
 
 export interface RebaseResult {
@@ -75,9 +77,9 @@ function requireQcow2(device: BlockDevice, path: string): Qcow2Image {
   return device;
 }
 
-async function openNewBacking(path: string, backingFile: string, backingFormat: string, openFile: OpenImageFile | undefined): Promise<BlockDevice> {
+async function openNewBacking(path: string, backingFile: string, backingFormat: string, openFile: OpenImageFile | undefined, forceShare: boolean): Promise<BlockDevice> {
   try {
-    return await openImage(resolveBackingPath(path, backingFile), { format: backingFormat, readOnly: true, openFile });
+    return await openImage(resolveBackingPath(path, backingFile), { format: backingFormat, readOnly: true, openFile, forceShare });
   } catch (error) {
     if (!isSnapstackError(error)) throw error;
     throw new SnapstackError(error.code, `Could not open new backing file '${backingFile}': ${error.message}`, { ...error.details, backingFile });
@@ -89,13 +91,13 @@ export async function rebaseImage(path: string, options: RebaseImageOptions): Pr
   if (backingFile !== "" && options.backingFormat === undefined) throw noBackingFormat(backingFile);
   const backingFormat = options.backingFormat === undefined || backingFile === "" ? null : parseImageFormat(options.backingFormat);
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
-  const top = await openImage(path, { format, readOnly: false, openBacking: !options.unsafe, openFile: options.openFile });
+  const top = await openImage(path, { format, readOnly: false, openBacking: !options.unsafe, openFile: options.openFile, forceShare: options.forceShare });
   let newBacking: BlockDevice | null = null;
   return runJob<RebaseResult>("rebase", options, {
     async run(job) {
       const image = requireQcow2(top, path);
       if (options.unsafe) return { copiedBytes: 0, compare: null };
-      if (backingFile !== "") newBacking = await openNewBacking(path, backingFile, backingFormat!, options.openFile);
+      if (backingFile !== "") newBacking = await openNewBacking(path, backingFile, backingFormat!, options.openFile, options.forceShare ?? false);
       // Refused before anything is written: the image itself in its new chain would be a loop.
       const looped = newBacking === null ? undefined : layerOfFile(newBacking, layerKey(top));
       if (looped !== undefined) throw new SnapstackError("E_BACKING_LOOP", `Backing file '${looped.name}' creates an infinite loop.`, { path, backingFile });

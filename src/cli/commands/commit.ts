@@ -8,13 +8,13 @@
  * has no such warning: it does not look).
  */
 import { optionFlag, optionList, optionString, parseArgs } from "../args.ts";
-import { checkCacheOptions, createProgress, expectPositionals } from "../command-helpers.ts";
+import { checkCacheOptions, createProgress, expectPositionals, parseRateLimit } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { commitImage } from "../../chain/jobs/index.ts";
 
 export const commitCommand: CliCommand = {
   name: "commit",
-  synopsis: "commit [-f fmt] [-t cache] [-b base] [-d] [-p] [-q] [--wipe] [--search dir] filename",
+  synopsis: "commit [-f fmt] [-t cache] [-b base] [-r rate] [-d] [-p] [-q] [--wipe] [--search dir] filename",
   summary: "Copy the overlay's data into its backing file (or into BASE further down) and empty the overlay.",
   optionHelp: [
     "  -f fmt        format of the overlay; detected when omitted",
@@ -24,7 +24,7 @@ export const commitCommand: CliCommand = {
     "  -p            show progress",
     "  -q            quiet",
     "  -t cache      accepted for compatibility (snapstack flushes at the end)",
-    "  -r rate       accepted for compatibility (no rate limit offline)",
+    "  -r rate       read at most rate bytes of data per second (k, M, G suffixes; 0: no limit)",
     "  --search dir  also look in dir for other images using BASE as backing (warns about them)",
   ],
   async run(argv, context) {
@@ -40,6 +40,7 @@ export const commitCommand: CliCommand = {
       { name: "wipe", long: "wipe" },
     ]);
     checkCacheOptions(parsed);
+    const rateLimitBytesPerSecond = parseRateLimit(optionString(parsed, "rate"));
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     const quiet = optionFlag(parsed, "quiet");
     const progress = createProgress(context, optionFlag(parsed, "progress") && !quiet);
@@ -52,6 +53,7 @@ export const commitCommand: CliCommand = {
         drop: optionFlag(parsed, "drop"),
         wipe: optionFlag(parsed, "wipe"),
         searchDirectories: search.length > 0 ? search : undefined,
+        rateLimitBytesPerSecond,
         onProgress: (job) => progress.update(job.fraction),
       });
       progress.update(1);

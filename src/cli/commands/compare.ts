@@ -6,14 +6,14 @@
  */
 import type { BlockDevice } from "../../device/block-device.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
-import { createProgress, expectPositionals } from "../command-helpers.ts";
+import { checkCacheOptions, createProgress, expectPositionals } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { compareImages, openImage } from "../engine.ts";
 import { RESULT_EXIT_CODES } from "../exit-codes.ts";
 
 export const compareCommand: CliCommand = {
   name: "compare",
-  synopsis: "compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2",
+  synopsis: "compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2",
   summary: "Compare the guest-visible content of two images (exit 0 identical, 1 different, 2 error).",
   optionHelp: [
     "  -f fmt  format of the first image",
@@ -21,6 +21,7 @@ export const compareCommand: CliCommand = {
     "  -s      strict: a size or allocation difference is a difference",
     "  -p      show progress",
     "  -q      quiet",
+    "  -T src_cache  accepted for compatibility (checked as qemu-img checks it)",
   ],
   async run(argv, context) {
     const parsed = parseArgs(argv, [
@@ -30,7 +31,9 @@ export const compareCommand: CliCommand = {
       { name: "progress", short: "p" },
       { name: "quiet", short: "q" },
       { name: "forceShare", short: "U", long: "force-share" },
+      { name: "sourceCache", short: "T", value: true },
     ]);
+    checkCacheOptions(parsed);
     expectPositionals(parsed.positionals, 2, 2, "Expecting two image file names");
     const quiet = optionFlag(parsed, "quiet");
     const say = (text: string): void => {

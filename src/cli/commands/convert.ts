@@ -5,7 +5,7 @@
 import { SnapstackError } from "../../base/errors.ts";
 import { parseSize } from "../../base/units.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
-import { checkCacheOptions, createProgress } from "../command-helpers.ts";
+import { checkCacheOptions, createProgress, parseRateLimit } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { checkCreateOptions, formatOptionHelp, isHelpRequest, parseOptionList } from "../create-options.ts";
 import { convertImage, openImage } from "../engine.ts";
@@ -30,9 +30,20 @@ function parseSparseSize(text: string): number {
   return bytes;
 }
 
+/** qemu-img's MAX_COROUTINES: -m is checked as qemu-img checks it (the copy pipeline sets its own depth). */
+const COROUTINES_MAX = 16;
+
+function checkCoroutines(text: string | undefined): void {
+  if (text === undefined) return;
+  const count = /^\s*[+-]?\d+$/.test(text) ? Number(text) : Number.NaN;
+  if (!(count >= 1 && count <= COROUTINES_MAX)) {
+    throw new SnapstackError("E_USAGE", `Invalid number of coroutines. Allowed number of coroutines is between 1 and ${COROUTINES_MAX}`, { text });
+  }
+}
+
 export const convertCommand: CliCommand = {
   name: "convert",
-  synopsis: "convert [-c] [-f fmt] [-O output_fmt] [-o options] [-S sparse_size] [-B backing_file [-F backing_fmt]] [-n] [-p] [-q] [-U] filename output_filename",
+  synopsis: "convert [-c] [-f fmt] [-O output_fmt] [-o options] [-S sparse_size] [-B backing_file [-F backing_fmt]] [-n] [--target-is-zero] [-r rate] [-m num] [-W] [-C] [-p] [-q] [-U] filename output_filename",
   summary: "Copy an image's guest content into a new image, optionally in another format or compressed.",
   optionHelp: [
     "  -f fmt           source format; detected when omitted",
@@ -43,6 +54,9 @@ export const convertCommand: CliCommand = {
     "  -B backing_file  give the target this backing file (needs -F); only the top layer is copied",
     "  -F backing_fmt   format of the -B backing file",
     "  -n               the target exists already: do not create it",
+    "  --target-is-zero with -n: the target reads as zeroes already; zero ranges are not written",
+    "  -r rate          read at most rate bytes of data per second (k, M, G suffixes)",
+    "  -m n, -W, -C     accepted as qemu-img accepts them (the copy's depth and order are snapstack's own)",
     "  -p               show progress",
     "  -q               quiet",
   ],
@@ -63,8 +77,21 @@ export const convertCommand: CliCommand = {
       { name: "sourceCache", short: "T", value: true },
       { name: "parallel", short: "m", value: true },
       { name: "outOfOrder", short: "W" },
+      { name: "rate", short: "r", value: true },
+      { name: "copyOffload", short: "C" },
+      { name: "targetIsZero", long: "target-is-zero" },
     ]);
     checkCacheOptions(parsed);
+    checkCoroutines(optionString(parsed, "parallel"));
+    const rateLimitBytesPerSecond = parseRateLimit(optionString(parsed, "rate"));
+    const targetIsZero = optionFlag(parsed, "targetIsZero");
+    if (targetIsZero && !optionFlag(parsed, "noCreate")) throw new SnapstackError("E_USAGE", "--target-is-zero requires use of -n flag");
+    if (optionFlag(parsed, "copyOffload")) {
+      // -C asks qemu-img for copy_file_range; snapstack copies through memory either way (measured faster
+      // here: docs/benchmarks.md), so -C only keeps qemu-img's refusals.
+      if (optionFlag(parsed, "compress")) throw new SnapstackError("E_USAGE", "Cannot enable copy offloading when -c is used");
+      if (optionString(parsed, "sparse") !== undefined) throw new SnapstackError("E_USAGE", "Cannot enable copy offloading when -S is used");
+    }
     const outputFormat = optionString(parsed, "outputFormat") ?? "raw";
     const entries = parseOptionList(optionString(parsed, "options") ?? "");
     if (isHelpRequest(entries)) {
@@ -76,13 +103,18 @@ export const convertCommand: CliCommand = {
     if (parsed.positionals.length < 2) throw new SnapstackError("E_USAGE", "Must specify image file name");
     if (parsed.positionals.length > 2) throw new SnapstackError("E_USAGE", "only one source image is supported");
     const [sourcePath, targetPath] = parsed.positionals;
-    const backingFile = optionString(parsed, "backingFile");
-    const backingFormat = optionString(parsed, "backingFormat");
+    const checked = checkCreateOptions(outputFormat, entries);
+    // -o backing_file / backing_fmt mean what -B / -F mean (only the top layer is copied); -B and -F win (qemu-img.c).
+    const { backing_file: _backingFile, backing_fmt: _backingFormat, ...formatOptions } = checked.typed;
+    const backingFile = optionString(parsed, "backingFile") ?? checked.given.backing_file;
+    const backingFormat = optionString(parsed, "backingFormat") ?? checked.given.backing_fmt;
     if (backingFile !== undefined && backingFormat === undefined) {
       throw new SnapstackError("E_BACKING_FORMAT", "Use of backing file requires explicit backing format", { backingFile });
     }
+    if (backingFile === undefined && backingFormat !== undefined) {
+      throw new SnapstackError("E_BACKING_FORMAT", `${targetPath}: Backing format cannot be used without backing file`, { backingFormat });
+    }
     const compress = optionFlag(parsed, "compress");
-    const checked = checkCreateOptions(outputFormat, entries);
     if (compress && outputFormat !== "qcow2") {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", "Compression not supported for this file format", { format: outputFormat });
     }
@@ -93,12 +125,14 @@ export const convertCommand: CliCommand = {
       const progress = createProgress(context, showProgress);
       await convertImage(source, targetPath, {
         format: outputFormat,
-        options: checked.typed,
+        options: formatOptions,
         compress,
         sparseSizeBytes,
         backingFile,
         backingFormat,
         targetExists: optionFlag(parsed, "noCreate"),
+        targetIsZero,
+        rateLimitBytesPerSecond,
         // Without -p, no metadata pass to count the bytes first.
         onProgress: showProgress ? (fraction) => progress.update(fraction) : undefined,
       });

@@ -14,7 +14,7 @@ import { rebaseImage } from "../../chain/jobs/index.ts";
 
 export const rebaseCommand: CliCommand = {
   name: "rebase",
-  synopsis: "rebase [-f fmt] [-t cache] [-T src_cache] [-p] [-q] [-u] -b backing_file [-F backing_fmt] filename",
+  synopsis: "rebase [-f fmt] [-t cache] [-T src_cache] [-p] [-q] [-u] [-U] -b backing_file [-F backing_fmt] filename",
   summary: "Change the backing file of an overlay; safe mode keeps the guest-visible content.",
   optionHelp: [
     "  -b backing_file  the new backing file, stored as given and opened relative to the overlay (\"\" removes it)",
@@ -24,6 +24,7 @@ export const rebaseCommand: CliCommand = {
     "  -p               show progress",
     "  -q               quiet",
     "  -t, -T cache     accepted for compatibility",
+    "  -U               open the backing files even while a QEMU uses them (read-only)",
   ],
   async run(argv, context) {
     const parsed = parseArgs(argv, [
@@ -36,6 +37,7 @@ export const rebaseCommand: CliCommand = {
       { name: "progress", short: "p" },
       { name: "quiet", short: "q" },
       { name: "compress", short: "c" },
+      { name: "forceShare", short: "U", long: "force-share" },
     ]);
     checkCacheOptions(parsed);
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
@@ -51,6 +53,7 @@ export const rebaseCommand: CliCommand = {
         backingFile: backingFile ?? "",
         backingFormat: optionString(parsed, "backingFormat"),
         unsafe,
+        forceShare: optionFlag(parsed, "forceShare"),
         onProgress: (job) => progress.update(job.fraction),
       });
       progress.update(1);
