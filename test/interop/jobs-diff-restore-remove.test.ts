@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
-import { diffImages, openDiskState, removeImage, restoreImage } from "../../src/chain/jobs/index.ts";
+import { diffImages, exportDelta, openDiskState, removeImage, restoreImage } from "../../src/chain/jobs/index.ts";
 import { isSnapstackError } from "../../src/base/errors.ts";
 import { DiskModel, assertClean, assertMatchesModel, assertSameContent, backingOf, createQcow2, qemuImg, qemuIo, snapstack, snapstackOk } from "./jobs-helpers.ts";
 
@@ -133,6 +133,33 @@ test("diff --export writes an overlay of FROM that holds exactly the differing c
     length: Math.ceil((r.start + r.length) / 65536) * 65536 - Math.floor(r.start / 65536) * 65536,
   }));
   assert.deepEqual(held, mergedRanges(clusters));
+});
+
+test("a cancelled diff --export removes the incomplete delta it created", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const { base, top } = await baseAndTop(dir);
+  const from = await openDiskState(base);
+  const to = await openDiskState(top);
+  try {
+    const { ranges } = await diffImages(from.device, to.device);
+    const delta = join(dir, "delta.qcow2");
+    const controller = new AbortController();
+    await assert.rejects(
+      exportDelta(from.path, to.device, ranges, delta, {
+        fromFormat: "qcow2",
+        signal: controller.signal,
+        onProgress: (job) => {
+          if (job.fraction > 0) controller.abort();
+        },
+      }),
+      (error: unknown) => isSnapstackError(error) && error.code === "E_ABORTED",
+    );
+    assert.ok(!existsSync(delta), "the incomplete delta was left behind");
+  } finally {
+    await from.close();
+    await to.close();
+  }
 });
 
 test("an output that is also an input is refused (E_IN_USE) before anything is written: convert, diff --export, restore", async (t) => {

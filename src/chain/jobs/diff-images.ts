@@ -13,9 +13,10 @@
  *   zero clusters), and nothing else. So FROM + delta reads as TO, and
  *   the delta can be shipped and rebased elsewhere. Its cluster size is
  *   TO's (when qcow2) so the clusters line up with TO's allocation.
- * - Writing the delta happens after the comparison; a cancelled export
- *   leaves a valid but incomplete delta file (removed by the caller).
+ * - Writing the delta happens after the comparison; a cancelled or failed
+ *   export removes the incomplete delta file it created.
  */
+import { rm } from "node:fs/promises";
 import { dirname, relative, resolve } from "node:path";
 import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
@@ -100,12 +101,17 @@ export async function exportDelta(fromPath: string, to: BlockDevice, ranges: rea
     throw new SnapstackError("E_INTERNAL", `${deltaPath}: the delta was created without its backing file`);
   }
   const spans = clusterSpans(ranges, clusterSizeBytes, to.sizeBytes);
-  return runJob("diff-export", options, {
-    async run(job) {
-      return { writtenBytes: await copySpans(to, delta, spans, job), clusterSizeBytes };
-    },
-    async clean() {
-      await delta.close();
-    },
-  });
+  try {
+    return await runJob("diff-export", options, {
+      async run(job) {
+        return { writtenBytes: await copySpans(to, delta, spans, job), clusterSizeBytes };
+      },
+      async clean() {
+        await delta.close();
+      },
+    });
+  } catch (error) {
+    await rm(deltaPath, { force: true });
+    throw error;
+  }
 }
