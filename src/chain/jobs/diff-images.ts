@@ -16,7 +16,7 @@
  * - Writing the delta happens after the comparison; a cancelled or failed
  *   export removes the incomplete delta file it created.
  */
-import { rm } from "node:fs/promises";
+import { rmSync } from "node:fs";
 import { dirname, relative, resolve } from "node:path";
 import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
@@ -111,7 +111,7 @@ export async function exportDelta(fromPath: string, to: BlockDevice, ranges: rea
       },
     });
   } catch (error) {
-    await rm(deltaPath, { force: true });
+    rmSync(deltaPath, { force: true });
     throw error;
   }
 }
