@@ -119,3 +119,18 @@ export function fromSystemError(error: unknown, path: string, action: string): S
 export function assert(condition: unknown, message: string): asserts condition {
   if (!condition) throw new SnapstackError("E_INTERNAL", `assertion failed: ${message}`);
 }
+
+/**
+ * Like Promise.all for work that fills or reads one buffer: waits until
+ * every promise settled, then rejects with the first failure. With
+ * Promise.all the caller would get the error while the other reads still
+ * write into (or writes still read from) a buffer it then reuses.
+ */
+export async function settleAll(promises: readonly Promise<unknown>[]): Promise<void> {
+  if (promises.length === 1) {
+    await promises[0];
+    return;
+  }
+  const failure = (await Promise.allSettled(promises)).find((result) => result.status === "rejected");
+  if (failure !== undefined) throw failure.reason;
+}

@@ -92,7 +92,13 @@ function emitData(entry: MapExtent, fileSizeBytes: number | null, sink: (entry: 
  * lookup (a stat per layer and call): data past a file's end then stays
  * data, which reads as zeroes all the same (NBD READ's data/hole runs).
  */
-export async function walkChain(device: BlockDevice, start: number, end: number, sink: (entry: MapExtent) => void, options: { splitAtEof?: boolean } = {}): Promise<void> {
+export async function walkChain(
+  device: BlockDevice,
+  start: number,
+  end: number,
+  sink: (entry: MapExtent) => void,
+  options: { splitAtEof?: boolean; stop?: () => boolean } = {},
+): Promise<void> {
   const layers = chainLayers(device);
   const splitAtEof = options.splitAtEof ?? true;
   const fileSizes = new Map<number, number | null>();
@@ -103,6 +109,8 @@ export async function walkChain(device: BlockDevice, start: number, end: number,
   for (let chunkStart = start; chunkStart < end; chunkStart += MAP_CHUNK_BYTES) {
     const stack: Task[] = [{ kind: "lookup", depth: 0, start: chunkStart, end: Math.min(end, chunkStart + MAP_CHUNK_BYTES) }];
     while (stack.length > 0) {
+      // The caller has what it needs (NBD BLOCK_STATUS with full extent lists): the rest is not looked up.
+      if (options.stop?.() === true) return;
       const task = stack.pop()!;
       if (task.kind === "emit") {
         if (task.entry.data && task.entry.offset !== undefined) emitData(task.entry, fileSize(task.entry.depth), sink);

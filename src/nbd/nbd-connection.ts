@@ -13,7 +13,9 @@
  *   options is dropped (CVE-2024-7409: clients that never finish).
  * - transmission: requests run concurrently and reply in completion order.
  * - draining: no more requests are read (DISC, EOF, bad magic, server
- *   shutdown); the socket ends when the last in-flight request has replied.
+ *   shutdown); the socket ends when the last in-flight request has replied
+ *   and the client has taken the replies, or is destroyed after
+ *   drainTimeoutMs (a client that stops reading cannot hold it open).
  *
  * Back-pressure: the pump pulls one message at a time from the parser and
  * stops (pausing the socket) while IN_FLIGHT_REQUESTS_MAX requests run, or
@@ -56,6 +58,7 @@
  * to a closed socket are dropped and in-flight requests simply finish.
  */
 import type { Socket } from "node:net";
+import { settleAll } from "../base/errors.ts";
 import tls from "node:tls";
 import type { BlockDevice } from "../device/block-device.ts";
 import { WRITE_SYNC_BYTES_MAX } from "../io/file.ts";
@@ -88,9 +91,11 @@ import {
   ERROR_MESSAGE_BYTES_MAX,
   META_ID_ALLOCATION_DEPTH,
   META_ID_BASE_ALLOCATION,
+  BLOCK_STATUS_EXTENTS_MAX,
   NBD_ENOTSUP,
   OPTION_DATA_BYTES_MAX,
   HANDSHAKE_TIMEOUT_MS,
+  DRAIN_TIMEOUT_MS,
   IN_FLIGHT_BYTES_MAX,
   IN_FLIGHT_REQUESTS_MAX,
   OPTIONS_PER_HANDSHAKE_MAX,
@@ -109,6 +114,7 @@ import { validateRequest, type RequestContext } from "./request-validation.ts";
 
 export interface ConnectionLimits {
   handshakeTimeoutMs: number;
+  drainTimeoutMs?: number;
   inFlightBytesMax: number;
   inFlightRequestsMax: number;
   optionsPerHandshakeMax?: number;
@@ -118,6 +124,7 @@ export interface ConnectionLimits {
 export function connectionLimits(overrides: Partial<ConnectionLimits> = {}): ConnectionLimits {
   return {
     handshakeTimeoutMs: overrides.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS,
+    drainTimeoutMs: overrides.drainTimeoutMs ?? DRAIN_TIMEOUT_MS,
     inFlightBytesMax: overrides.inFlightBytesMax ?? IN_FLIGHT_BYTES_MAX,
     inFlightRequestsMax: overrides.inFlightRequestsMax ?? IN_FLIGHT_REQUESTS_MAX,
     optionsPerHandshakeMax: overrides.optionsPerHandshakeMax ?? OPTIONS_PER_HANDSHAKE_MAX,
@@ -535,7 +542,7 @@ export class NbdConnection {
     // A WRITE without FUA: written synchronously where the export can, else on #write's short path.
     const plainWritePayload = request.type === CMD_WRITE && (request.flags & CMD_FLAG_FUA) === 0 ? request.payload : null;
     if (plainWritePayload !== null && this.#writeNow(request, plainWritePayload, exp)) return;
-    const costBytes = request.type === CMD_READ || request.type === CMD_WRITE ? request.lengthBytes : 0;
+    const costBytes = this.#costBytes(request);
     this.#inFlightRequests++;
     this.#inFlightBytes += costBytes;
     let running: Promise<void>;
@@ -548,6 +555,20 @@ export class NbdConnection {
       if (this.#phase === "draining") this.#endIfIdle();
       else if (this.#socketPaused) this.#pump();
     });
+  }
+
+  /**
+   * The memory a request holds while it runs, counted against
+   * inFlightBytesMax: a READ's or WRITE's data, or the extent lists a
+   * BLOCK_STATUS builds (up to BLOCK_STATUS_EXTENTS_MAX per context, two JS
+   * numbers each; its reply is half that). Other requests hold nothing.
+   */
+  #costBytes(request: NbdRequest): number {
+    if (request.type === CMD_READ || request.type === CMD_WRITE) return request.lengthBytes;
+    if (request.type !== CMD_BLOCK_STATUS) return 0;
+    const contexts = (this.#baseAllocation ? 1 : 0) + (this.#allocationDepth ? 1 : 0);
+    const extents = request.flags & CMD_FLAG_REQ_ONE ? 2 : Math.min(BLOCK_STATUS_EXTENTS_MAX, Math.ceil(request.lengthBytes / 512));
+    return contexts * extents * 16;
   }
 
   /**
@@ -695,8 +716,10 @@ export class NbdConnection {
         reads.push(device.read(run.guestOffset, reply.subarray(dataAt, dataAt + run.lengthBytes)));
         at += DATA_CHUNK_PREFIX_BYTES + run.lengthBytes;
       });
+      // Every read settles before the buffer can go back to the pool (and before run() counts the
+      // request done): after one failure the others may still be filling it.
       try {
-        await Promise.all(reads);
+        await settleAll(reads);
       } catch (error) {
         this.#pool.give(reply);
         throw error;
@@ -801,7 +824,9 @@ export class NbdConnection {
     this.#closeReason ||= reason;
     this.#phase = "draining";
     if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
-    this.#handshakeTimer = null;
+    // The same timer slot now bounds the drain: a client that stops reading is cut off.
+    this.#handshakeTimer = setTimeout(() => this.#abort("drain timeout: the client did not take its last replies"), this.env.limits.drainTimeoutMs ?? DRAIN_TIMEOUT_MS);
+    this.#handshakeTimer.unref();
     this.#socketPaused = true;
     this.#socket.pause();
     this.#endIfIdle();

@@ -42,7 +42,8 @@ export class NbdExport {
   readonly allocationDepth: boolean;
   #device: BlockDevice;
   #inFlight = 0;
-  #idle: (() => void) | null = null;
+  /** Called when no request runs any more (idle()). */
+  #idleWaiters: Array<() => void> = [];
   /** Resolves when a device swap ends; null when requests may start. */
   #gate: Promise<void> | null = null;
   #flushRunning: Promise<void> | null = null;
@@ -65,6 +66,12 @@ export class NbdExport {
 
   get sizeBytes(): number {
     return this.#device.sizeBytes;
+  }
+
+  /** Resolves once no request runs on the device (at once when none does). */
+  idle(): Promise<void> {
+    if (this.#inFlight === 0) return Promise.resolve();
+    return new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
   }
 
   /** Requests currently running on the device. */
@@ -118,7 +125,7 @@ export class NbdExport {
 
   #finished(): void {
     this.#inFlight--;
-    if (this.#inFlight === 0 && this.#idle !== null) this.#idle();
+    if (this.#inFlight === 0) for (const resolve of this.#idleWaiters.splice(0)) resolve();
   }
 
   /** Flush the device; concurrent callers share flushes (see the design notes). */
@@ -156,14 +163,12 @@ export class NbdExport {
     let openGate!: () => void;
     this.#gate = new Promise((resolve) => (openGate = resolve));
     try {
-      if (this.#inFlight > 0) await new Promise<void>((resolve) => (this.#idle = resolve));
-      this.#idle = null;
+      await this.idle();
       const old = this.#device;
       await old.flush();
       this.#device = device;
       return old;
     } finally {
-      this.#idle = null;
       this.#gate = null;
       openGate();
     }

@@ -51,6 +51,8 @@ export interface NbdServerOptions {
   /** Clients served at once (qemu-nbd -e); 0 = CONNECTIONS_HARD_MAX. Default 0. */
   connectionsMax?: number;
   handshakeTimeoutMs?: number;
+  /** How long a draining connection may take to hand over its last replies (DRAIN_TIMEOUT_MS). */
+  drainTimeoutMs?: number;
   inFlightBytesMax?: number;
   inFlightRequestsMax?: number;
   optionsPerHandshakeMax?: number;
@@ -260,7 +262,12 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     if (this.#closing && this.connectionCount === 0) this.#allClosed?.();
   }
 
-  /** Stop listening, finish in-flight requests, end every connection. */
+  /**
+   * Stop listening, finish in-flight requests, end every connection (a
+   * client that does not take its replies is cut off after drainTimeoutMs),
+   * then wait until no request runs on any export's device: the caller may
+   * flush and close the devices when this resolves.
+   */
   async close(): Promise<void> {
     if (!this.#closing) {
       this.#closing = true;
@@ -278,5 +285,7 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
       this.#dataWorkers?.shutdownConnections();
       await done;
     }
+    // A connection cut off (or whose client vanished) may leave requests running on a device.
+    for (const exp of this.#exports.values()) await exp.idle();
   }
 }

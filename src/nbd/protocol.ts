@@ -182,6 +182,12 @@ export const OPTIONS_PER_HANDSHAKE_MAX = 256;
 /** Time a client has to finish negotiating (qemu 9.1's fix for CVE-2024-7409). */
 export const HANDSHAKE_TIMEOUT_MS = 10_000;
 /**
+ * Time a draining connection (DISC, server shutdown, a refused EXPORT_NAME)
+ * has to take its last replies: a client that stops reading would otherwise
+ * hold the connection, and a server's shutdown, forever.
+ */
+export const DRAIN_TIMEOUT_MS = 10_000;
+/**
  * Request payload bytes a connection holds at once (write payloads received
  * and read replies not yet handed to the kernel). Past it the server stops
  * reading the socket until replies drain: back-pressure, not buffering.

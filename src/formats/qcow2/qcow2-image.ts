@@ -39,7 +39,7 @@
  * - Internal snapshots (create/apply/delete) live in internal-snapshots.ts
  *   and run under `exclusive()`; the methods here delegate to it.
  */
-import { SnapstackError, assert, isSnapstackError, withSecondFailure } from "../../base/errors.ts";
+import { SnapstackError, assert, isSnapstackError, settleAll, withSecondFailure } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/block-device.ts";
 import { WRITE_SYNC_BYTES_MAX, type ImageFile } from "../../io/file.ts";
 import { WriteBehind } from "../../io/write-behind.ts";
@@ -742,7 +742,7 @@ export class Qcow2Image implements BlockDevice {
           break;
       }
     }
-    await Promise.all(pending);
+    await settleAll(pending); // a failed piece must not leave others writing into the caller's buffer
   }
 
   /** Read this layer's current content (with backing), no range check: used for COW padding. */
@@ -996,7 +996,7 @@ export class Qcow2Image implements BlockDevice {
       const piece = runs[0].length === data.length ? data : data.subarray(runs[0].at, runs[0].at + runs[0].length);
       if (writeSync && file.writeSync !== undefined) file.writeSync(runs[0].hostOffset, piece);
       else await file.write(runs[0].hostOffset, piece);
-    } else await Promise.all(runs.map((run) => this.#file.write(run.hostOffset, data.subarray(run.at, run.at + run.length))));
+    } else await settleAll(runs.map((run) => this.#file.write(run.hostOffset, data.subarray(run.at, run.at + run.length))));
     return true;
   }
 
@@ -2136,13 +2136,6 @@ async function writePiecesInOrder(file: ImageFile, hostOffset: number, pieces: r
     await file.write(at, piece);
     at += piece.length;
   }
-}
-
-/** Wait for every promise, then rethrow the first failure (no write is left running behind an error). */
-async function settleAll(pending: readonly Promise<void>[]): Promise<void> {
-  if (pending.length === 1) return pending[0];
-  const results = await Promise.allSettled(pending);
-  for (const result of results) if (result.status === "rejected") throw result.reason;
 }
 
 function concatBytes(parts: Uint8Array[], length: number): Uint8Array {
