@@ -1,7 +1,7 @@
 // snapstack io vs qemu-io: same output (statistics lines aside) and same resulting images.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { copyFileSync } from "node:fs";
+import { copyFileSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { createRandom, testSeed } from "../helpers/random.ts";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
@@ -105,4 +105,21 @@ test("io read -P mismatch: qemu-io's line on stdout, E_PATTERN_MISMATCH on stder
   assert.equal(maskTimings(ours.stdout), maskTimings(theirs.stdout));
   assert.match(ours.stdout, /^Pattern verification failed at offset 0, 4096 bytes\n/);
   assert.match(ours.stderr, /^snapstack: error E_PATTERN_MISMATCH: Pattern verification failed at offset 0, 4096 bytes\n$/);
+});
+
+test("persistent dirty bitmaps survive a read-write session that only reads; the first write clears the autoclear bit (as a program without bitmap support must)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "bm.qcow2", "16M"], dir), "create");
+  ok(await qemuIo(["-c", "write -P 1 0 1M", "bm.qcow2"], dir), "write");
+  ok(await qemuImg(["bitmap", "--add", "bm.qcow2", "b0"], dir), "bitmap --add");
+  const before = readFileSync(join(dir, "bm.qcow2"));
+  ok(await snapstack(["io", "-c", "read -P 1 0 64k", "-c", "flush", "bm.qcow2"], { cwd: dir }), "io read");
+  assert.ok(readFileSync(join(dir, "bm.qcow2")).equals(before), "a session that only read changed the file");
+  const clean = ok(await qemuImg(["check", "bm.qcow2"], dir), "check after the read");
+  assert.doesNotMatch(clean.stderr, /lacking bitmap support/);
+  ok(await snapstack(["io", "-c", "write -P 2 0 4k", "bm.qcow2"], { cwd: dir }), "io write");
+  const after = await qemuImg(["check", "bm.qcow2"], dir);
+  assert.match(after.stderr, /a program lacking bitmap support modified this file/);
+  ok(await qemuIo(["-c", "read -P 2 0 4k", "-c", "read -P 1 4k 60k", "bm.qcow2"], dir), "data after the write");
 });

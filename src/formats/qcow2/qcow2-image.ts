@@ -307,15 +307,33 @@ export class Qcow2Image implements BlockDevice {
     return this.#meta.clusterSizeBytes;
   }
 
-  /** Read-write open: clear the autoclear bits we do not implement. */
+  /**
+   * Read-write open. The autoclear bits (persistent dirty bitmaps, raw
+   * external data) name features snapstack does not maintain: they are
+   * cleared, as QEMU clears the bits it does not know, but only before the
+   * first change to the image (#clearAutoclear), so a read-write session
+   * that only reads (`io -c read`, an NBD export nobody writes) leaves the
+   * bitmaps valid for QEMU.
+   */
   async prepareForWriting(): Promise<void> {
-    const header = this.#meta.header;
-    if (header.autoclearFeatures !== 0n) {
-      // We implement no autoclear feature (bitmaps, raw external data): clear them, as QEMU
-      // does for the bits it does not know, keeping the extensions.
-      header.autoclearFeatures = 0n;
+    this.#autoclearToClear = this.#meta.header.autoclearFeatures !== 0n;
+  }
+
+  /** The header says autoclear features that must be cleared before the first change. */
+  #autoclearToClear = false;
+  #autoclearClearing: Promise<void> | null = null;
+
+  /** Clear the autoclear bits (durably) before anything else changes; concurrent callers share it. */
+  #clearAutoclear(): Promise<void> {
+    this.#autoclearClearing ??= (async () => {
+      // Extensions stay; QEMU then treats the bitmaps as inconsistent, which they are from now on.
+      this.#meta.header.autoclearFeatures = 0n;
       await this.#meta.writeHeader();
-    }
+      this.#autoclearToClear = false;
+    })().finally(() => {
+      this.#autoclearClearing = null;
+    });
+    return this.#autoclearClearing;
   }
 
   info(): Qcow2Info {
@@ -848,6 +866,7 @@ export class Qcow2Image implements BlockDevice {
 
   async write(guestOffset: number, data: Uint8Array): Promise<void> {
     this.#checkWritable("write");
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     this.#checkRange(guestOffset, data.length, "write");
     if (data.length === 0) return;
     await this.#mutate(guestOffset, data.length, async () => {
@@ -882,6 +901,7 @@ export class Qcow2Image implements BlockDevice {
    */
   async writeBatch(requests: readonly WriteRequest[], options: WriteBatchOptions = {}): Promise<void> {
     this.#checkWritable("write");
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     const cs = this.#meta.clusterSizeBytes;
     let previousEnd = 0;
     for (const request of requests) {
@@ -1288,6 +1308,7 @@ export class Qcow2Image implements BlockDevice {
    */
   async preallocateMetadata(guestOffset: number, lengthBytes: number): Promise<number> {
     this.#checkWritable("preallocate");
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     const meta = this.#meta;
     const geometry = meta.geometry;
     let hostEnd = 0;
@@ -1383,6 +1404,7 @@ export class Qcow2Image implements BlockDevice {
 
   async writeZeroes(guestOffset: number, lengthBytes: number, options: WriteZeroesOptions = {}): Promise<void> {
     this.#checkWritable("write zeroes");
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     this.#checkRange(guestOffset, lengthBytes, "write zeroes");
     if (lengthBytes === 0) return;
     await this.#mutate(guestOffset, lengthBytes, () => this.#locked(() => this.#zeroLocked(guestOffset, lengthBytes, options.unmap === true)));
@@ -1575,6 +1597,7 @@ export class Qcow2Image implements BlockDevice {
 
   async discard(guestOffset: number, lengthBytes: number): Promise<void> {
     this.#checkWritable("discard");
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     this.#checkRange(guestOffset, lengthBytes, "discard");
     const cs = this.#meta.clusterSizeBytes;
     const start = Math.ceil(guestOffset / cs) * cs;
@@ -1627,6 +1650,7 @@ export class Qcow2Image implements BlockDevice {
    */
   async makeEmpty(options: { wipe?: boolean } = {}): Promise<void> {
     this.#checkWritable("empty the image");
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     const cs = this.#meta.clusterSizeBytes;
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
@@ -1673,6 +1697,7 @@ export class Qcow2Image implements BlockDevice {
    */
   async changeBackingFile(name: string | null, format: string | null): Promise<void> {
     this.#checkWritable("change the backing file");
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     const header = this.#meta.header;
     const previous = { name: header.backingFileName, format: header.backingFormat };
     await this.#locked(async () => {
@@ -1726,6 +1751,7 @@ export class Qcow2Image implements BlockDevice {
    */
   async writeCompressed(guestOffset: number, data: Uint8Array): Promise<void> {
     this.#checkWritable("write compressed data");
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     this.#checkRange(guestOffset, data.length, "compressed write");
     const cs = this.#meta.clusterSizeBytes;
     if (data.length === 0) {
@@ -1806,6 +1832,7 @@ export class Qcow2Image implements BlockDevice {
    */
   async exclusive<T>(what: string, fn: (drainReads: () => Promise<void>) => Promise<T>): Promise<T> {
     this.#checkWritable(what);
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
       return await this.#mutex.run(async () => {
@@ -1834,6 +1861,7 @@ export class Qcow2Image implements BlockDevice {
 
   async resize(newSizeBytes: number, options: { shrink: boolean }): Promise<void> {
     this.#checkWritable("resize");
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     const header = this.#meta.header;
     if (!Number.isSafeInteger(newSizeBytes) || newSizeBytes < 0) throw new SnapstackError("E_INVALID_SIZE", `invalid size ${newSizeBytes}`);
     if (newSizeBytes % 512 !== 0) throw new SnapstackError("E_INVALID_SIZE", "The new size must be a multiple of 512");
