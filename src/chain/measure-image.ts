@@ -72,7 +72,7 @@ export async function measureImage(options: MeasureOptions): Promise<MeasureResu
     allocatedBytes,
   });
   const result: MeasureResult = { required: measured.requiredBytes, "fully-allocated": measured.fullyAllocatedBytes };
-  // qemu-img reports bitmaps when source and target formats both support them; snapstack copies none.
-  if (source !== undefined && source.format === "qcow2") result.bitmaps = 0;
+  // qemu-img reports bitmaps when the source and a v3 target both support them; snapstack copies none.
+  if (source !== undefined && source.format === "qcow2" && resolved.version === 3) result.bitmaps = 0;
   return result;
 }

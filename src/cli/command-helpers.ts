@@ -4,7 +4,7 @@
  */
 import { SnapstackError } from "../base/errors.ts";
 import { formatFixed, parseSize } from "../base/units.ts";
-import { optionString, type ParsedArgs } from "./args.ts";
+import { optionFlag, optionString, type ParsedArgs } from "./args.ts";
 import type { CliContext } from "./context.ts";
 import { checkCreateOptions, parseOptionList, type CreateOptionValues } from "./create-options.ts";
 
@@ -34,6 +34,11 @@ export function checkCacheOptions(parsed: ParsedArgs): void {
     const value = optionString(parsed, name);
     if (value !== undefined && !CACHE_MODES.includes(value)) throw new SnapstackError("E_INVALID_OPTION", `Invalid ${what}: ${value}`, { value });
   }
+}
+
+/** -U on a command that will write the image: qemu-img refuses it. */
+export function refuseForceShareForWriting(parsed: ParsedArgs, writes: boolean): void {
+  if (writes && optionFlag(parsed, "forceShare")) throw new SnapstackError("E_USAGE", "force-share=on can only be used with read-only images");
 }
 
 /**

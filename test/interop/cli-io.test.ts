@@ -123,3 +123,17 @@ test("persistent dirty bitmaps survive a read-write session that only reads; the
   assert.match(after.stderr, /a program lacking bitmap support modified this file/);
   ok(await qemuIo(["-c", "read -P 2 0 4k", "-c", "read -P 1 4k 60k", "bm.qcow2"], dir), "data after the write");
 });
+
+test("io write -n needs -z, as in qemu-io; the refused write leaves the image untouched", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "n.qcow2", "1M"], dir), "create");
+  const before = readFileSync(join(dir, "n.qcow2"));
+  const theirs = await qemuIo(["-c", "write -n 0 4k", "n.qcow2"], dir);
+  const ours = await snapstack(["io", "-c", "write -n 0 4k", "n.qcow2"], { cwd: dir });
+  assert.match(theirs.stdout + theirs.stderr, /-n requires -z to be specified/);
+  assert.notEqual(ours.code, 0);
+  assert.match(ours.stderr, /E_USAGE: -n requires -z to be specified/);
+  assert.ok(readFileSync(join(dir, "n.qcow2")).equals(before));
+  ok(await snapstack(["io", "-c", "write -z -n 0 4k", "n.qcow2"], { cwd: dir }), "write -z -n");
+});

@@ -26,7 +26,7 @@ async function fixtures(dir: string): Promise<void> {
 test("convert, commit, rebase and compare accept and refuse the options qemu-img 7.2 does; convert results are byte for byte qemu-img's", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const root = scratchDir(t);
-  const cases: Array<{ args: string[]; accepted: boolean; output?: string }> = [
+  const cases: Array<{ args: string[]; accepted: boolean; output?: string; sameStdout?: boolean }> = [
     // -o backing_file / backing_fmt mean -B / -F: only the top layer is copied.
     { args: ["convert", "-O", "qcow2", "-o", "backing_file=b.qcow2,backing_fmt=qcow2", "t.qcow2", "o.qcow2"], accepted: true, output: "o.qcow2" },
     { args: ["convert", "-O", "qcow2", "-B", "b.qcow2", "-o", "backing_fmt=qcow2", "t.qcow2", "o.qcow2"], accepted: true, output: "o.qcow2" },
@@ -52,8 +52,17 @@ test("convert, commit, rebase and compare accept and refuse the options qemu-img
     { args: ["rebase", "-U", "-u", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"], accepted: true },
     { args: ["compare", "-T", "none", "t.qcow2", "t.qcow2"], accepted: true },
     { args: ["compare", "-T", "bogus", "t.qcow2", "t.qcow2"], accepted: false },
+    // -U only where the image is opened read-only.
+    { args: ["snapshot", "-U", "-c", "s1", "t.qcow2"], accepted: false },
+    { args: ["check", "-U", "-r", "leaks", "t.qcow2"], accepted: false },
+    { args: ["resize", "-U", "t.qcow2", "+1M"], accepted: false },
+    { args: ["snapshot", "-U", "-l", "t.qcow2"], accepted: true, sameStdout: true },
+    // Printed exactly as qemu-img prints it: the create banner with compat and a backing file, measure for a v2 target.
+    { args: ["create", "-f", "qcow2", "-o", "compat=0.10", "-b", "b.qcow2", "-F", "qcow2", "n.qcow2", "10M"], accepted: true, sameStdout: true },
+    { args: ["measure", "-O", "qcow2", "-o", "compat=0.10", "t.qcow2"], accepted: true, sameStdout: true },
+    { args: ["measure", "-O", "qcow2", "t.qcow2"], accepted: true, sameStdout: true },
   ];
-  for (const [index, { args, accepted, output }] of cases.entries()) {
+  for (const [index, { args, accepted, output, sameStdout }] of cases.entries()) {
     const results = [];
     const outputs: string[] = [];
     for (const tool of ["qemu-img", "snapstack"] as const) {
@@ -76,6 +85,7 @@ test("convert, commit, rebase and compare accept and refuse the options qemu-img
     assert.equal(ours.code === 0, accepted, what);
     if (!accepted) assert.match(ours.stderr, /^snapstack: error E_[A-Z_]+: /, what);
     if (outputs.length === 2) assert.ok(readFileSync(outputs[0]).equals(readFileSync(outputs[1])), `targets differ: ${what}`);
+    if (sameStdout === true) assert.equal(ours.stdout, theirs.stdout, `stdout of ${what}`);
   }
 });
 

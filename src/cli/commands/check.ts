@@ -7,7 +7,7 @@
 import { SnapstackError } from "../../base/errors.ts";
 import { formatFixed } from "../../base/units.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
-import { expectPositionals, parseOutputFormat } from "../command-helpers.ts";
+import { expectPositionals, parseOutputFormat, refuseForceShareForWriting } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { checkImage } from "../engine.ts";
 import { qemuCheckExitCode, toQemuCheckJson, type Qcow2CheckResult } from "../../formats/qcow2/check.ts";
@@ -64,6 +64,7 @@ export const checkCommand: CliCommand = {
       throw new SnapstackError("E_USAGE", `Unknown option value for -r (expecting 'leaks' or 'all'): ${repairText}`);
     }
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
+    refuseForceShareForWriting(parsed, repairText !== undefined);
     const quiet = optionFlag(parsed, "quiet");
     const filename = parsed.positionals[0];
     const outcome = await checkImage(filename, { format: optionString(parsed, "format"), repair: repairText, forceShare: optionFlag(parsed, "forceShare") });

@@ -35,7 +35,6 @@ export const resizeCommand: CliCommand = {
       { name: "quiet", short: "q" },
       { name: "shrink", long: "shrink" },
       { name: "preallocation", long: "preallocation", value: true },
-      { name: "forceShare", short: "U", long: "force-share" },
     ]);
     expectPositionals(parsed.positionals, 1, 1, "Expecting image file name and size");
     const size = parseSizeSpec(sizeText);

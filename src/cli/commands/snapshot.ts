@@ -16,7 +16,7 @@ import { describeImage } from "../../chain/image-info.ts";
 import { Qcow2Image } from "../../formats/qcow2/qcow2-image.ts";
 import { SNAPSHOT_ERRNO } from "../../formats/qcow2/internal-snapshots.ts";
 import { optionFlag, parseArgs, type ParsedArgs } from "../args.ts";
-import { expectPositionals } from "../command-helpers.ts";
+import { expectPositionals, refuseForceShareForWriting } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { openImage } from "../engine.ts";
 import { SNAPSHOT_TABLE_HEADER, formatSnapshotRow } from "../render-info.ts";
@@ -133,6 +133,7 @@ export const snapshotCommand: CliCommand = {
     const wipe = optionFlag(parsed, "wipe");
     if (wipe && (action.kind === "list" || action.kind === "none")) throw new SnapstackError("E_USAGE", "--wipe applies to -c, -a and -d only");
     const path = parsed.positionals[0];
+    refuseForceShareForWriting(parsed, action.kind !== "list" && action.kind !== "none");
     const device = await openImage(path, { readOnly: action.kind === "list", forceShare: optionFlag(parsed, "forceShare") });
     try {
       const image = device instanceof Qcow2Image ? device : null;

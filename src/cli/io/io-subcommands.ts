@@ -194,6 +194,7 @@ const writeCommand: IoSubcommand = {
     const patternText = optionString(parsed, "pattern");
     if (zero && patternText !== undefined) throw new SnapstackError("E_USAGE", "-z and -P cannot be specified at the same time");
     if (optionFlag(parsed, "unmap") && !zero) throw new SnapstackError("E_USAGE", "-u requires -z to be specified");
+    if (optionFlag(parsed, "noFallback") && !zero) throw new SnapstackError("E_USAGE", "-n requires -z to be specified");
     const pattern = patternText === undefined ? WRITE_DEFAULT_PATTERN : parsePattern(patternText);
     const { guestOffset, lengthBytes } = offsetAndLength("write", parsed.positionals);
     if (compressed) {
