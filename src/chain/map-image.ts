@@ -126,7 +126,10 @@ export async function walkChain(
         if (extent.kind !== "unallocated") {
           next.push({ kind: "emit", entry: entryFor(extent, task.depth) });
         } else if (below === undefined) {
-          next.push({ kind: "emit", entry: absentZero(extent.guestOffset, extentEnd, task.depth) });
+          const entry = absentZero(extent.guestOffset, extentEnd, task.depth);
+          // qemu-img map shows the host offset of unallocated subclusters in an allocated cluster.
+          if (extent.hostOffset !== undefined) entry.offset = extent.hostOffset;
+          next.push({ kind: "emit", entry });
         } else {
           const split = Math.min(extentEnd, Math.max(extent.guestOffset, below.sizeBytes));
           if (split > extent.guestOffset) next.push({ kind: "lookup", depth: task.depth + 1, start: extent.guestOffset, end: split });

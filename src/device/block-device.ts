@@ -21,7 +21,7 @@ export interface LayerExtent {
   guestOffset: number;
   lengthBytes: number;
   kind: LayerStatusKind;
-  /** Offset in this layer's file where the data starts (data, or zero with a preallocated host cluster). */
+  /** Offset in this layer's file where the data starts (data, zero with a preallocated host cluster, or an unallocated subcluster of an allocated cluster). */
   hostOffset?: number;
   /** The data is stored compressed (no meaningful host offset). */
   compressed?: boolean;

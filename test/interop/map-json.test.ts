@@ -67,6 +67,8 @@ const LAYOUTS: Record<string, string> = {
     qemu-io -c 'write -P 1 0 4M' base >/dev/null
     qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=64k -b base -F qcow2 img
     qemu-io -c 'write -P 2 4k 4k' -c 'write -z 64k 8k' -c 'write -P 3 130k 2k' img >/dev/null`,
+  "extended L2 subclusters without a backing (unallocated subclusters of allocated clusters keep their offset)": `qemu-img create -q -f qcow2 -o extended_l2=on img 1M
+    qemu-io -c 'write -P 1 4k 4k' -c 'write -z 64k 8k' -c 'write -P 2 130k 1k' img >/dev/null`,
   "v2 image": `qemu-img create -q -f qcow2 -o compat=0.10 img 4M
     qemu-io -c 'write -P 1 0 64k' -c 'write -z 128k 64k' -c 'write -c -P 2 1M 64k' img >/dev/null`,
   "with an internal snapshot": `qemu-img create -q -f qcow2 img 4M
@@ -78,7 +80,13 @@ const LAYOUTS: Record<string, string> = {
 };
 
 /** Layouts with partial writes into fresh clusters (host-file holes under data). */
-const PARTIAL_CLUSTER_LAYOUTS = new Set(["data, zero, compressed, discarded", "512-byte clusters", "extended L2 subclusters over a backing", "2 MiB clusters"]);
+const PARTIAL_CLUSTER_LAYOUTS = new Set([
+  "data, zero, compressed, discarded",
+  "512-byte clusters",
+  "extended L2 subclusters over a backing",
+  "extended L2 subclusters without a backing (unallocated subclusters of allocated clusters keep their offset)",
+  "2 MiB clusters",
+]);
 
 for (const [name, script] of Object.entries(LAYOUTS)) {
   test(`map JSON equals qemu-img's: ${name}`, async (t) => {

@@ -478,7 +478,9 @@ export class Qcow2Image implements BlockDevice {
       case "zero-plain":
         return { kind: "zero", length, hostOffset: 0, entry };
       default:
-        return { kind: "unallocated", length, hostOffset: 0, entry };
+        // An unallocated subcluster of an allocated cluster keeps its host offset for map (QEMU's
+        // QCOW2_SUBCLUSTER_UNALLOCATED_ALLOC: BDRV_BLOCK_OFFSET_VALID); reads still fall through.
+        return { kind: "unallocated", length, hostOffset: entry.type === "normal" ? entry.hostOffset + inCluster : 0, entry };
     }
   }
 
@@ -805,7 +807,9 @@ export class Qcow2Image implements BlockDevice {
       const run = "missing" in cached ? await this.#runAt(g, remaining) : cached;
       const extent: LayerExtent =
         run.kind === "unallocated"
-          ? { guestOffset: g, lengthBytes: run.length, kind: "unallocated" }
+          ? run.hostOffset !== 0
+            ? { guestOffset: g, lengthBytes: run.length, kind: "unallocated", hostOffset: run.hostOffset }
+            : { guestOffset: g, lengthBytes: run.length, kind: "unallocated" }
           : run.kind === "compressed"
             ? { guestOffset: g, lengthBytes: run.length, kind: "data", compressed: true }
             : run.kind === "data"
