@@ -74,6 +74,13 @@ const CREATE_CASES: Array<{ qemu: string[]; ours: CreateImageOptions; size?: num
   { qemu: ["-f", "qcow2", "-o", "compat=0.10"], ours: { format: "qcow2", options: { compat: "0.10" } }, size: 10 << 20 },
   { qemu: ["-f", "qcow2", "-o", "compat=v3,lazy_refcounts=on,extended_l2=on"], ours: { format: "qcow2", options: { compat: "v3", lazy_refcounts: "on", extended_l2: true } }, size: 1 << 30 },
   { qemu: ["-f", "qcow2", "-o", "preallocation=metadata"], ours: { format: "qcow2", options: { preallocation: "metadata" } }, size: 8 << 20 },
+  // A size that ends inside a cluster (subcluster): the file still reaches the end of it.
+  { qemu: ["-f", "qcow2", "-o", "preallocation=metadata"], ours: { format: "qcow2", options: { preallocation: "metadata" } }, size: 1000000 },
+  {
+    qemu: ["-f", "qcow2", "-o", "preallocation=metadata,extended_l2=on"],
+    ours: { format: "qcow2", options: { preallocation: "metadata", extended_l2: true } },
+    size: 5000000,
+  },
   { qemu: ["-f", "qcow2", "-o", "compression_type=zstd,cluster_size=2M"], ours: { format: "qcow2", options: { compression_type: "zstd", cluster_size: 2 * 1024 * 1024 } }, size: 1 << 30 },
   { qemu: ["-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2"], ours: { format: "qcow2", backingFile: "base.qcow2", backingFormat: "qcow2", options: {} } },
   { qemu: ["-f", "qcow2", "-o", "backing_file=base.raw,backing_fmt=raw"], ours: { format: "qcow2", options: { backing_file: "base.raw", backing_fmt: "raw" } } },

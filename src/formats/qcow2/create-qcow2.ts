@@ -189,7 +189,10 @@ export async function createQcow2(file: ImageFile, options: Qcow2CreateOptions):
   await meta.growL1(l1EntriesForSize(o.sizeBytes, meta.geometry), true);
   if (o.preallocation === "metadata") {
     const image = new Qcow2Image(file, meta, [], { readOnly: false, backing: null, closeBacking: false });
-    const hostEnd = await image.preallocateMetadata(0, o.sizeBytes);
+    // The file reaches the end of the last data (sub)cluster, as qemu-img create's: a size that is not
+    // a multiple of it still gets the whole of its last one.
+    const unit = meta.geometry.subclusterSizeBytes;
+    const hostEnd = Math.ceil((await image.preallocateMetadata(0, o.sizeBytes)) / unit) * unit;
     if (hostEnd > (await file.sizeBytes())) await file.truncate(hostEnd);
   } else if (o.preallocation === "falloc" || o.preallocation === "full") {
     await preallocateData(file, meta, o.sizeBytes, o.preallocation === "full");
