@@ -41,7 +41,9 @@ export async function measureImage(options: MeasureOptions): Promise<MeasureResu
     const required = source === undefined ? Math.ceil(virtualSizeBytes / 512) * 512 : virtualSizeBytes;
     return { required, "fully-allocated": required };
   }
-  const resolved = resolveQcow2CreateOptions(qcow2CreateOptionsFromKeys("", options.options, virtualSizeBytes));
+  // measure never opens the backing file, so it needs no format for it (qemu-img measure asks for none).
+  const keys = options.options.backing_file !== undefined && options.options.backing_fmt === undefined ? { ...options.options, backing_fmt: "raw" } : options.options;
+  const resolved = resolveQcow2CreateOptions(qcow2CreateOptionsFromKeys("", keys, virtualSizeBytes));
   const clusterSizeBytes = 2 ** resolved.clusterBits;
   let allocatedBytes: number | undefined;
   if (source !== undefined) {

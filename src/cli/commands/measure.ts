@@ -5,7 +5,8 @@ import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { parseOutputFormat } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { checkCreateOptions, parseOptionList } from "../create-options.ts";
-import { measureImage, openImage, type MeasureResult } from "../engine.ts";
+import { measureImage, type MeasureResult } from "../engine.ts";
+import { openSource, parseSnapshotParam } from "../snapshot-source.ts";
 import { formatQemuJson } from "../qemu-json.ts";
 
 export function formatMeasureHuman(result: MeasureResult): string {
@@ -16,7 +17,7 @@ export function formatMeasureHuman(result: MeasureResult): string {
 
 export const measureCommand: CliCommand = {
   name: "measure",
-  synopsis: "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-U] filename]",
+  synopsis: "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-U] [-l snapshot_param] filename]",
   summary: "Compute the file size an image of the output format needs (required) and at most needs (fully allocated).",
   optionHelp: [
     "  --output=ofmt   human (default) or json",
@@ -24,6 +25,7 @@ export const measureCommand: CliCommand = {
     "  -o options      its creation options",
     "  --size N        measure a new, empty image of N bytes",
     "  -f fmt          format of the image to measure",
+    "  -l snapshot     measure this internal snapshot (ID, name, snapshot.id=ID or snapshot.name=NAME)",
   ],
   async run(argv, context) {
     const parsed = parseArgs(argv, [
@@ -33,6 +35,7 @@ export const measureCommand: CliCommand = {
       { name: "size", long: "size", value: true },
       { name: "format", short: "f", value: true },
       { name: "forceShare", short: "U", long: "force-share" },
+      { name: "snapshot", short: "l", value: true },
     ]);
     const output = parseOutputFormat(optionString(parsed, "output"));
     const sizeText = optionString(parsed, "size");
@@ -49,9 +52,15 @@ export const measureCommand: CliCommand = {
     if (sizeBytes !== undefined) {
       result = await measureImage({ format, options: checked.typed, sizeBytes });
     } else {
-      const source = await openImage(parsed.positionals[0], { format: optionString(parsed, "format"), readOnly: true, forceShare: optionFlag(parsed, "forceShare") });
+      const snapshotText = optionString(parsed, "snapshot");
+      const source = await openSource(parsed.positionals[0], {
+        format: optionString(parsed, "format"),
+        readOnly: true,
+        forceShare: optionFlag(parsed, "forceShare"),
+        snapshot: snapshotText === undefined ? undefined : parseSnapshotParam(snapshotText),
+      });
       try {
-        result = await measureImage({ format, options: checked.typed, source });
+        result = await measureImage({ format, options: checked.typed, source: source.device });
       } finally {
         await source.close();
       }

@@ -58,10 +58,8 @@ import { optionFlag, optionList, optionString, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
 import type { CliCommand, CliContext } from "../context.ts";
 import { toSnapstackError } from "../error-report.ts";
-import { openImage } from "../engine.ts";
 import type { NodeFileIoMode } from "../../io/node-file.ts";
-import { Qcow2Image } from "../../formats/qcow2/qcow2-image.ts";
-import { openSnapshotView } from "../../formats/qcow2/snapshot-view.ts";
+import { openSource, parseSnapshotParam } from "../snapshot-source.ts";
 
 export const NBD_DEFAULT_PORT = 10809;
 export const NBD_DEFAULT_ADDRESS = "127.0.0.1";
@@ -157,39 +155,9 @@ function parseTlsObjects(objects: readonly string[]): Map<string, { dir: string;
   return byId;
 }
 
-/** qemu-nbd's -l: `ID_OR_NAME`, or `snapshot.id=ID` / `snapshot.name=NAME`. */
-function parseSnapshotParam(text: string): string {
-  if (!text.startsWith("snapshot.")) return text;
-  const fields = new Map(text.split(",").map((pair) => [pair.slice(0, pair.indexOf("=")), pair.slice(pair.indexOf("=") + 1)]));
-  const ref = fields.get("snapshot.id") ?? fields.get("snapshot.name");
-  if (ref === undefined || ref === "") throw usage(`-l ${text}: expected snapshot.id=ID or snapshot.name=NAME`);
-  return ref;
-}
-
-/**
- * The device to export: the image with its chain, or (-l) a read-only view
- * of one of its internal snapshots; `close` closes the view, then the image.
- */
-async function openExportDevice(options: NbdCommandOptions): Promise<{ device: BlockDevice; close(): Promise<void> }> {
-  const readOnly = options.readOnly || options.snapshot !== undefined;
-  const image = await openImage(options.path, { format: options.format, readOnly, ioMode: options.ioMode, writeIoMode: options.writeIoMode });
-  if (options.snapshot === undefined) return { device: image, close: () => image.close() };
-  try {
-    if (!(image instanceof Qcow2Image)) {
-      throw new SnapstackError("E_UNSUPPORTED_FEATURE", `-l: ${options.path} is ${image.format}; internal snapshots exist only in qcow2 images`);
-    }
-    const view = await openSnapshotView(image, options.snapshot);
-    return {
-      device: view,
-      close: async () => {
-        await view.close();
-        await image.close();
-      },
-    };
-  } catch (error) {
-    await image.close();
-    throw error;
-  }
+/** The device to export: the image with its chain, or (-l) a read-only view of one of its internal snapshots. */
+function openExportDevice(options: NbdCommandOptions): Promise<{ device: BlockDevice; close(): Promise<void> }> {
+  return openSource(options.path, { format: options.format, readOnly: options.readOnly, ioMode: options.ioMode, writeIoMode: options.writeIoMode, snapshot: options.snapshot });
 }
 
 export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
