@@ -53,6 +53,15 @@ function qcow2SpecificInfo(image: Qcow2Image): ImageInfoJson {
     compat: info.compat,
     "extended-l2": info.extendedL2,
     "lazy-refcounts": info.lazyRefcounts,
+    ...(info.bitmaps.length > 0
+      ? {
+          bitmaps: info.bitmaps.map((bitmap) => ({
+            flags: [...(bitmap.inUse ? ["in-use"] : []), ...(bitmap.auto ? ["auto"] : [])],
+            name: bitmap.name,
+            granularity: bitmap.granularityBytes,
+          })),
+        }
+      : {}),
     corrupt: info.corrupt,
     "refcount-bits": info.refcountBits,
     "compression-type": info.compressionType,

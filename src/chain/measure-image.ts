@@ -6,6 +6,8 @@
 import type { BlockDevice } from "../device/block-device.ts";
 import { resolveQcow2CreateOptions } from "../formats/qcow2/create-qcow2.ts";
 import { measureQcow2 } from "../formats/qcow2/measure.ts";
+import { Qcow2Image } from "../formats/qcow2/qcow2-image.ts";
+import { bitmapDirectoryEntryBytes } from "../formats/qcow2/bitmap-directory.ts";
 import { parseImageFormat } from "./image-format.ts";
 import { mapImage } from "./map-image.ts";
 import { qcow2CreateOptionsFromKeys } from "./create-image.ts";
@@ -74,7 +76,29 @@ export async function measureImage(options: MeasureOptions): Promise<MeasureResu
     allocatedBytes,
   });
   const result: MeasureResult = { required: measured.requiredBytes, "fully-allocated": measured.fullyAllocatedBytes };
-  // qemu-img reports bitmaps when the source and a v3 target both support them; snapstack copies none.
-  if (source !== undefined && source.format === "qcow2" && resolved.version === 3) result.bitmaps = 0;
+  // qemu-img reports bitmaps when the source and a v3 target both support them: what convert --bitmaps would need.
+  if (source !== undefined && source.format === "qcow2" && resolved.version === 3) {
+    result.bitmaps = source instanceof Qcow2Image ? persistentBitmapsBytes(source, clusterSizeBytes) : 0;
+  }
   return result;
+}
+
+/** BME_TABLE_ENTRY_SIZE. */
+const BITMAP_TABLE_ENTRY_BYTES = 8;
+
+/**
+ * qcow2_get_persistent_dirty_bitmap_size: every bitmap fully allocated in
+ * clusters of the target's size, its table, and the directory.
+ */
+function persistentBitmapsBytes(source: Qcow2Image, clusterSizeBytes: number): number {
+  const roundUp = (bytes: number): number => Math.ceil(bytes / clusterSizeBytes) * clusterSizeBytes;
+  let total = 0;
+  let directoryBytes = 0;
+  for (const bitmap of source.info().bitmaps) {
+    const bitmapBytes = Math.ceil(Math.ceil(source.sizeBytes / bitmap.granularityBytes) / 8);
+    const clusters = Math.ceil(bitmapBytes / clusterSizeBytes);
+    total += clusters * clusterSizeBytes + roundUp(clusters * BITMAP_TABLE_ENTRY_BYTES);
+    directoryBytes += bitmapDirectoryEntryBytes(new TextEncoder().encode(bitmap.name).length);
+  }
+  return total + roundUp(directoryBytes);
 }

@@ -8,7 +8,9 @@
  *   (qobject/qdict.c, tdb_hash) and prints bucket by bucket; within one bucket
  *   the key inserted last comes first. Callers pass objects whose keys are in
  *   QAPI (insertion) order; `orderLikeQdict` reproduces what QEMU prints.
- * - Empty arrays and objects print as `[]` / `{}`.
+ * - An empty array or object still ends on a line of its own: `[` newline
+ *   indent `]` (json-writer.c's end_array / end_object: pretty_newline),
+ *   as info prints a bitmap without flags.
  */
 
 const QDICT_BUCKETS = 512;
@@ -32,14 +34,14 @@ export function orderLikeQdict(keys: readonly string[]): string[] {
 function render(value: unknown, indent: string): string {
   if (value === null || value === undefined) return "null";
   if (Array.isArray(value)) {
-    if (value.length === 0) return "[]";
+    if (value.length === 0) return `[\n${indent}]`;
     const inner = indent + "    ";
     return `[\n${value.map((item) => inner + render(item, inner)).join(",\n")}\n${indent}]`;
   }
   if (typeof value === "object") {
     const record = value as Record<string, unknown>;
     const keys = orderLikeQdict(Object.keys(record).filter((key) => record[key] !== undefined));
-    if (keys.length === 0) return "{}";
+    if (keys.length === 0) return `{\n${indent}}`;
     const inner = indent + "    ";
     return `{\n${keys.map((key) => `${inner}${JSON.stringify(key)}: ${render(record[key], inner)}`).join(",\n")}\n${indent}}`;
   }

@@ -77,3 +77,23 @@ test("map human output equals qemu-img's, including the compressed-cluster failu
     if (theirs.code !== 0) assert.match(ours.stderr, /^snapstack: error E_UNSUPPORTED_FEATURE: File contains external, encrypted or compressed clusters\.\n$/);
   }
 });
+
+test("info lists persistent dirty bitmaps and measure sizes them, as qemu-img 7.2 prints them (JSON and human)", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "bm.qcow2", "10G"], dir), "create");
+  ok(await qemuImg(["bitmap", "--add", "bm.qcow2", "a-long-bitmap-name"], dir), "bitmap 1");
+  ok(await qemuImg(["bitmap", "--add", "-g", "512", "bm.qcow2", "tiny"], dir), "bitmap 2");
+  ok(await qemuImg(["bitmap", "--add", "-g", "1M", "--disable", "bm.qcow2", "off"], dir), "bitmap 3 (no flags)");
+  for (const args of [
+    ["info", "--output=json", "bm.qcow2"],
+    ["info", "bm.qcow2"],
+    ["measure", "-O", "qcow2", "bm.qcow2"],
+    ["measure", "--output=json", "-O", "qcow2", "-o", "cluster_size=512", "bm.qcow2"],
+    ["measure", "-O", "qcow2", "-o", "compat=0.10", "bm.qcow2"],
+  ]) {
+    const theirs = ok(await qemuImg(args, dir), `qemu-img ${args.join(" ")}`);
+    const ours = ok(await snapstack(["img", ...args], { cwd: dir }), `snapstack img ${args.join(" ")}`);
+    assert.equal(ours.stdout, theirs.stdout, `img ${args.join(" ")}`);
+  }
+});

@@ -33,9 +33,12 @@
  *   data unless the rest already reads as zero.
  * - Corruption found while serving a request marks the image corrupt (bit 1
  *   on disk when writable) once; further writes are refused, reads go on.
- * - Not done: encryption, external data files, bitmaps (the extension is
- *   kept, the autoclear bit cleared on a read-write open, as QEMU does for
- *   autoclear bits it does not know).
+ * - Not done: encryption, external data files, maintaining persistent
+ *   dirty bitmaps. Their directory is read (info lists them, measure sizes
+ *   them, check counts their clusters); the extension is kept, and the
+ *   autoclear bit is cleared before the first change of a read-write
+ *   session, as QEMU does for autoclear bits it does not know: QEMU then
+ *   treats the bitmaps as inconsistent, which they are.
  * - Internal snapshots (create/apply/delete) live in internal-snapshots.ts
  *   and run under `exclusive()`; the methods here delegate to it.
  */
@@ -44,6 +47,7 @@ import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/
 import { WRITE_SYNC_BYTES_MAX, type ImageFile } from "../../io/file.ts";
 import { WriteBehind } from "../../io/write-behind.ts";
 import {
+  AUTOCLEAR_BITMAPS,
   COMPAT_LAZY_REFCOUNTS,
   COMPRESSION_TYPE_ZSTD,
   CRYPT_NONE,
@@ -74,6 +78,7 @@ import {
   type L2Entry,
 } from "./entries.ts";
 import { REFTABLE_BYTES_MAX } from "./refcount-block.ts";
+import { BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory, type BitmapDirectoryEntry } from "./bitmap-directory.ts";
 import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, type Qcow2Snapshot } from "./snapshot-table.ts";
 import { compressCluster, decompressCluster } from "./compression.ts";
 import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, l1EntriesForSize } from "./metadata.ts";
@@ -127,6 +132,8 @@ export interface Qcow2Info {
   backingFileName: string | null;
   backingFormat: string | null;
   snapshots: Qcow2SnapshotInfo[];
+  /** Persistent dirty bitmaps QEMU would load (the autoclear bit set, the directory valid); snapstack keeps them, does not update them. */
+  bitmaps: Array<{ name: string; granularityBytes: number; inUse: boolean; auto: boolean }>;
   header: Qcow2Header;
 }
 
@@ -202,6 +209,7 @@ export async function openQcow2(file: ImageFile, options: OpenQcow2Options): Pro
   }
   const meta = await Qcow2Metadata.load(file, current, options.cacheBytesMax ?? METADATA_CACHE_BYTES_DEFAULT);
   const image = new Qcow2Image(file, meta, snapshots, options);
+  await image.loadBitmapDirectory();
   if (!options.readOnly) await image.prepareForWriting();
   return image;
 }
@@ -319,6 +327,20 @@ export class Qcow2Image implements BlockDevice {
     this.#autoclearToClear = this.#meta.header.autoclearFeatures !== 0n;
   }
 
+  /** The persistent dirty bitmaps' directory entries (info, measure); empty once a change made them inconsistent. */
+  #bitmaps: BitmapDirectoryEntry[] = [];
+
+  /** At open: read the bitmap directory when the header says the bitmaps are consistent. */
+  async loadBitmapDirectory(): Promise<void> {
+    const header = this.#meta.header;
+    const extension = header.extensions.bitmaps;
+    if (extension === null || (header.autoclearFeatures & AUTOCLEAR_BITMAPS) === 0n || extension.bitmapCount === 0) return;
+    if (extension.directorySizeBytes > BITMAP_DIRECTORY_BYTES_MAX) return;
+    const directory = new Uint8Array(extension.directorySizeBytes);
+    await this.#file.read(extension.directoryOffset, directory);
+    this.#bitmaps = decodeBitmapDirectory(directory, extension.bitmapCount, this.#meta.clusterSizeBytes) ?? [];
+  }
+
   /** The header says autoclear features that must be cleared before the first change. */
   #autoclearToClear = false;
   #autoclearClearing: Promise<void> | null = null;
@@ -330,6 +352,7 @@ export class Qcow2Image implements BlockDevice {
       this.#meta.header.autoclearFeatures = 0n;
       await this.#meta.writeHeader();
       this.#autoclearToClear = false;
+      this.#bitmaps = [];
     })().finally(() => {
       this.#autoclearClearing = null;
     });
@@ -353,6 +376,7 @@ export class Qcow2Image implements BlockDevice {
       backingFormat: header.backingFormat,
       // As qemu-img shows them: names cut to 255 bytes, IDs to 127.
       snapshots: listSnapshots(this),
+      bitmaps: this.#bitmaps.map(({ name, granularityBytes, inUse, auto }) => ({ name, granularityBytes, inUse, auto })),
       header,
     };
   }

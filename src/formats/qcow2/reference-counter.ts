@@ -36,6 +36,7 @@
  */
 import { SnapstackError, assert } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
+import { BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory } from "./bitmap-directory.ts";
 import { COMPRESSED_SECTOR_BYTES, getL2Entry, l2EntryBytes, l2EntriesPerTable, decodeL1EntryWords, compressedLayout } from "./entries.ts";
 import type { L2Entry } from "./entries.ts";
 import { decodeQcow2Header, AUTOCLEAR_BITMAPS, CRYPT_LUKS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, QCOW2_HEADER_PROBE_BYTES, decodeQcow2ClusterBits } from "./header.ts";
@@ -65,13 +66,6 @@ export const L2_ENTRIES_VISITED_MAX = 2 ** 30;
 export const CHECK_MESSAGES_MAX = 100_000;
 /** QCOW_MAX_L1_SIZE / 8: entries of any L1 table. */
 export const L1_ENTRIES_MAX = (32 * 1024 * 1024) / 8;
-/** QCOW2_MAX_BITMAPS and the bitmap directory limit (QCOW2_MAX_BITMAP_DIRECTORY_SIZE). */
-export const BITMAP_COUNT_MAX = 65535;
-export const BITMAP_DIRECTORY_BYTES_MAX = 1024 * BITMAP_COUNT_MAX;
-/** BME_MAX_TABLE_SIZE, BME_MAX_NAME_SIZE. */
-const BITMAP_TABLE_ENTRIES_MAX = 0x8000000;
-const BITMAP_NAME_BYTES_MAX = 1023;
-const BITMAP_DIRECTORY_ENTRY_BYTES = 24;
 /** Refblocks cached while comparing (sequential access needs one; COPIED checks jump around). */
 const REFBLOCK_CACHE_BYTES_MAX = 32 * 1024 * 1024;
 
@@ -1080,35 +1074,9 @@ interface BitmapTableRef {
 
 /** bitmap_list_load, reduced to what the walk needs; null when the directory is invalid. */
 async function loadBitmapDirectory(state: Qcow2CheckState, bitmaps: BitmapDirectoryRef): Promise<BitmapTableRef[] | null> {
-  if (bitmaps.directorySizeBytes > BITMAP_DIRECTORY_BYTES_MAX || bitmaps.bitmapCount > BITMAP_COUNT_MAX) return null;
+  if (bitmaps.directorySizeBytes > BITMAP_DIRECTORY_BYTES_MAX) return null;
   const directory = await readBytes(state.file, bitmaps.directoryOffset, bitmaps.directorySizeBytes);
-  const view = new DataView(directory.buffer);
-  const tables: BitmapTableRef[] = [];
-  let at = 0;
-  while (at < directory.length) {
-    if (at + BITMAP_DIRECTORY_ENTRY_BYTES > directory.length) return null;
-    const tableOffset = view.getBigUint64(at);
-    const tableEntries = view.getUint32(at + 8);
-    const type = view.getUint8(at + 16);
-    const nameBytes = view.getUint16(at + 18);
-    const extraBytes = view.getUint32(at + 20);
-    const entryBytes = roundUp8(BITMAP_DIRECTORY_ENTRY_BYTES + extraBytes + nameBytes);
-    if (at + BITMAP_DIRECTORY_ENTRY_BYTES + extraBytes + nameBytes > directory.length) return null;
-    const invalid =
-      tableEntries === 0 ||
-      tableOffset === 0n ||
-      tableOffset % BigInt(state.clusterSizeBytes) !== 0n ||
-      tableOffset > BigInt(Number.MAX_SAFE_INTEGER) ||
-      tableEntries > BITMAP_TABLE_ENTRIES_MAX ||
-      nameBytes > BITMAP_NAME_BYTES_MAX ||
-      type !== 1;
-    if (invalid) return null;
-    tables.push({ tableOffset: Number(tableOffset), tableEntries });
-    at += entryBytes;
-    if (tables.length > bitmaps.bitmapCount) return null;
-  }
-  if (tables.length !== bitmaps.bitmapCount) return null;
-  return tables;
+  return decodeBitmapDirectory(directory, bitmaps.bitmapCount, state.clusterSizeBytes);
 }
 
 // ---------------------------------------------------------------------------
