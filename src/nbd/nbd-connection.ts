@@ -233,7 +233,8 @@ export class NbdConnection {
   #batch: Buffer | null = null;
   #batchBytes = 0;
   #batchFlushScheduled = false;
-  #handshakeTimer: NodeJS.Timeout | null = null;
+  /** The handshake timeout, then (once draining) the drain timeout: the connection is cut off when it fires. */
+  #deadlineTimer: NodeJS.Timeout | null = null;
   #negotiated = false;
   #closeReason = "";
 
@@ -272,8 +273,8 @@ export class NbdConnection {
 
   start(): void {
     this.#open();
-    this.#handshakeTimer = setTimeout(() => this.#abort("handshake timeout"), this.env.limits.handshakeTimeoutMs);
-    this.#handshakeTimer.unref();
+    this.#deadlineTimer = setTimeout(() => this.#abort("handshake timeout"), this.env.limits.handshakeTimeoutMs);
+    this.#deadlineTimer.unref();
     this.#send(encodeGreeting());
   }
 
@@ -453,8 +454,8 @@ export class NbdConnection {
   }
 
   #enterTransmission(exp: NbdExport, metaContextIds: number[], structuredReplies: boolean): void {
-    if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
-    this.#handshakeTimer = null;
+    if (this.#deadlineTimer !== null) clearTimeout(this.#deadlineTimer);
+    this.#deadlineTimer = null;
     this.#export = exp;
     this.#structuredReplies = structuredReplies;
     this.#baseAllocation = metaContextIds.includes(META_ID_BASE_ALLOCATION);
@@ -477,8 +478,8 @@ export class NbdConnection {
     if (this.env.handOff === undefined || this.#parser.bufferedBytes > 0) return false;
     const take = this.env.handOff(this, exp);
     if (take === null) return false;
-    if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
-    this.#handshakeTimer = null;
+    if (this.#deadlineTimer !== null) clearTimeout(this.#deadlineTimer);
+    this.#deadlineTimer = null;
     // Earlier replies still batched go first (#flushBatch writes nothing once closed).
     this.#flushBatch();
     this.#closeReason = "handed off";
@@ -823,10 +824,10 @@ export class NbdConnection {
     if (this.#phase === "closed" || this.#phase === "draining") return;
     this.#closeReason ||= reason;
     this.#phase = "draining";
-    if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
-    // The same timer slot now bounds the drain: a client that stops reading is cut off.
-    this.#handshakeTimer = setTimeout(() => this.#abort("drain timeout: the client did not take its last replies"), this.env.limits.drainTimeoutMs ?? DRAIN_TIMEOUT_MS);
-    this.#handshakeTimer.unref();
+    if (this.#deadlineTimer !== null) clearTimeout(this.#deadlineTimer);
+    // The deadline now bounds the drain: a client that stops reading is cut off.
+    this.#deadlineTimer = setTimeout(() => this.#abort("drain timeout: the client did not take its last replies"), this.env.limits.drainTimeoutMs ?? DRAIN_TIMEOUT_MS);
+    this.#deadlineTimer.unref();
     this.#socketPaused = true;
     this.#socket.pause();
     this.#endIfIdle();
@@ -852,8 +853,8 @@ export class NbdConnection {
   #finalize(): void {
     if (this.#phase === "closed") return;
     this.#phase = "closed";
-    if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
-    this.#handshakeTimer = null;
+    if (this.#deadlineTimer !== null) clearTimeout(this.#deadlineTimer);
+    this.#deadlineTimer = null;
     if (!this.#socket.destroyed) this.#socket.destroy();
     this.env.onClosed(this);
   }
