@@ -14,8 +14,9 @@
  * - transmission: requests run concurrently and reply in completion order.
  * - draining: no more requests are read (DISC, EOF, bad magic, server
  *   shutdown); the socket ends when the last in-flight request has replied
- *   and the client has taken the replies, or is destroyed after
- *   drainTimeoutMs (a client that stops reading cannot hold it open).
+ *   and the client has taken the replies, or is destroyed drainTimeoutMs
+ *   after the last reply was queued (a client that stops reading cannot
+ *   hold it open; slow device requests do not count).
  *
  * Back-pressure: the pump pulls one message at a time from the parser and
  * stops (pausing the socket) while IN_FLIGHT_REQUESTS_MAX requests run, or
@@ -825,9 +826,7 @@ export class NbdConnection {
     this.#closeReason ||= reason;
     this.#phase = "draining";
     if (this.#deadlineTimer !== null) clearTimeout(this.#deadlineTimer);
-    // The deadline now bounds the drain: a client that stops reading is cut off.
-    this.#deadlineTimer = setTimeout(() => this.#abort("drain timeout: the client did not take its last replies"), this.env.limits.drainTimeoutMs ?? DRAIN_TIMEOUT_MS);
-    this.#deadlineTimer.unref();
+    this.#deadlineTimer = null;
     this.#socketPaused = true;
     this.#socket.pause();
     this.#endIfIdle();
@@ -837,7 +836,14 @@ export class NbdConnection {
     if (this.#inFlightRequests > 0) return;
     const socket = this.#socket;
     this.#flushBatch();
-    if (!socket.destroyed) socket.end(() => socket.destroy());
+    if (socket.destroyed) return;
+    socket.end(() => socket.destroy());
+    // Every reply is queued: from now on only the client can hold the connection open, and one that
+    // stops reading is cut off (the device's own slow requests never count against it).
+    if (this.#deadlineTimer === null) {
+      this.#deadlineTimer = setTimeout(() => this.#abort("drain timeout: the client did not take its last replies"), this.env.limits.drainTimeoutMs ?? DRAIN_TIMEOUT_MS);
+      this.#deadlineTimer.unref();
+    }
   }
 
   /** Close at once (protocol violation, timeout, socket error). */

@@ -182,6 +182,8 @@ test("an output that is also an input is refused (E_IN_USE) before anything is w
     [["diff", "-q", "--export", top, base, top], /top\.qcow2: cannot write the delta: it is the TO image$/m],
     [["diff", "-q", "--export", mid, base, top], /mid\.qcow2: cannot write the delta: it is the TO image's backing file/],
     [["diff", "-q", "--export", base, mid, other], /base\.qcow2: cannot write the delta: it is the TO image's backing file/],
+    // A layer of FROM's chain only (createImage's loop check came after it had truncated the file).
+    [["diff", "-q", "--export", mid, top, other], /mid\.qcow2: cannot write the delta: it is the FROM image's backing file/],
     [["restore", "--from", mid, top, base], /base\.qcow2: cannot write the target: it is the source image's backing file/],
     [["restore", "--from", other, top, other], /other\.qcow2: cannot write the target: it is the --from image$/m],
   ];

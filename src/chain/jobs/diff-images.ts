@@ -54,6 +54,8 @@ export function diffImages(from: BlockDevice, to: BlockDevice, options: DiffImag
 export interface ExportDeltaOptions extends JobOptions {
   /** Format FROM is stored in (its backing format in the delta). */
   fromFormat: string;
+  /** FROM, opened: the delta may not be a layer of its chain either (one left out is checked by path only). */
+  from?: BlockDevice;
 }
 
 /** Cluster-aligned ranges covering `ranges` (merged), clipped to sizeBytes. */
@@ -84,8 +86,9 @@ async function copySpans(to: BlockDevice, delta: BlockDevice, spans: readonly { 
  * `ranges` (from diffImages) say FROM and TO differ.
  */
 export async function exportDelta(fromPath: string, to: BlockDevice, ranges: readonly DiffRange[], deltaPath: string, options: ExportDeltaOptions): Promise<{ writtenBytes: number; clusterSizeBytes: number }> {
-  // Creating the delta over a layer of TO's chain would wipe what it copies (FROM's chain: a backing loop).
-  refuseWritingInput(deltaPath, "delta", [["the TO image", to]]);
+  // Creating the delta over a layer of TO's or FROM's chain would wipe what it reads or stands on
+  // (createImage's backing-loop check comes only after it truncated the file).
+  refuseWritingInput(deltaPath, "delta", [["the TO image", to], ...(options.from === undefined ? [] : [["the FROM image", options.from] as const])]);
   const clusterSizeBytes = to instanceof Qcow2Image ? to.clusterSizeBytes : 65536;
   const backingName = relative(dirname(resolve(deltaPath)), resolve(fromPath));
   await createImage(deltaPath, {

@@ -894,9 +894,9 @@ export class Qcow2Image implements BlockDevice {
 
   async write(guestOffset: number, data: Uint8Array): Promise<void> {
     this.#checkWritable("write");
-    if (this.#autoclearToClear) await this.#clearAutoclear();
     this.#checkRange(guestOffset, data.length, "write");
     if (data.length === 0) return;
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     await this.#mutate(guestOffset, data.length, async () => {
       // write() (NBD WRITE, `snapstack io`) writes one host run with a synchronous pwrite where the
       // file offers one, in place or allocating; writeBatch (convert, jobs) keeps the file's I/O mode
@@ -1432,9 +1432,9 @@ export class Qcow2Image implements BlockDevice {
 
   async writeZeroes(guestOffset: number, lengthBytes: number, options: WriteZeroesOptions = {}): Promise<void> {
     this.#checkWritable("write zeroes");
-    if (this.#autoclearToClear) await this.#clearAutoclear();
     this.#checkRange(guestOffset, lengthBytes, "write zeroes");
     if (lengthBytes === 0) return;
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     await this.#mutate(guestOffset, lengthBytes, () => this.#locked(() => this.#zeroLocked(guestOffset, lengthBytes, options.unmap === true)));
   }
 
@@ -1625,7 +1625,6 @@ export class Qcow2Image implements BlockDevice {
 
   async discard(guestOffset: number, lengthBytes: number): Promise<void> {
     this.#checkWritable("discard");
-    if (this.#autoclearToClear) await this.#clearAutoclear();
     this.#checkRange(guestOffset, lengthBytes, "discard");
     const cs = this.#meta.clusterSizeBytes;
     const start = Math.ceil(guestOffset / cs) * cs;
@@ -1634,6 +1633,7 @@ export class Qcow2Image implements BlockDevice {
     if (start >= end) return;
     // Without zero clusters (v2) a discard would expose the backing file's data: QEMU ignores it.
     if (this.#meta.header.version === 2 && this.backing !== null) return;
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     await this.#mutate(start, end - start, () =>
       this.#locked(async () => {
         await this.#markDirty();
@@ -1779,8 +1779,8 @@ export class Qcow2Image implements BlockDevice {
    */
   async writeCompressed(guestOffset: number, data: Uint8Array): Promise<void> {
     this.#checkWritable("write compressed data");
-    if (this.#autoclearToClear) await this.#clearAutoclear();
     this.#checkRange(guestOffset, data.length, "compressed write");
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     const cs = this.#meta.clusterSizeBytes;
     if (data.length === 0) {
       const fileSize = await this.#file.sizeBytes();
@@ -1889,7 +1889,6 @@ export class Qcow2Image implements BlockDevice {
 
   async resize(newSizeBytes: number, options: { shrink: boolean }): Promise<void> {
     this.#checkWritable("resize");
-    if (this.#autoclearToClear) await this.#clearAutoclear();
     const header = this.#meta.header;
     if (!Number.isSafeInteger(newSizeBytes) || newSizeBytes < 0) throw new SnapstackError("E_INVALID_SIZE", `invalid size ${newSizeBytes}`);
     if (newSizeBytes % 512 !== 0) throw new SnapstackError("E_INVALID_SIZE", "The new size must be a multiple of 512");
@@ -1907,6 +1906,7 @@ export class Qcow2Image implements BlockDevice {
     if (zeroNewArea && header.version === 2) {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${this.name}: Failed to zero out new clusters: Operation not supported (a compat=0.10 image cannot grow over a longer backing file)`);
     }
+    if (this.#autoclearToClear) await this.#clearAutoclear();
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
       await this.#locked(async () => {
@@ -1942,7 +1942,12 @@ export class Qcow2Image implements BlockDevice {
         }
         const sizeField = new Uint8Array(8);
         new DataView(sizeField.buffer).setBigUint64(0, BigInt(newSizeBytes));
-        await meta.writeHeaderBytes(24, sizeField);
+        try {
+          await meta.writeHeaderBytes(24, sizeField);
+        } catch (error) {
+          header.sizeBytes = oldSize; // #zeroGrownArea raised it in memory; the file still says oldSize
+          throw error;
+        }
         header.sizeBytes = newSizeBytes;
       });
     } catch (error) {
@@ -1956,9 +1961,11 @@ export class Qcow2Image implements BlockDevice {
    * qcow2_co_truncate's zero write, under the metadata mutex: zero flags
    * from the first subcluster boundary at or after the old end to the new
    * end, then explicit zeroes from the old end to that boundary (a write
-   * that copies the rest of its cluster from the backing file). The header
-   * still holds the old size, so a crash before it is rewritten leaves the
-   * image as it was.
+   * that copies the rest of its cluster from the backing file). The zero
+   * flags and tables are written and flushed before the caller writes the
+   * new size: a crash before that leaves the old size, a crash after it the
+   * zeroed area (a new size on disk over tables still in the cache would
+   * show the backing file's data).
    */
   async #zeroGrownArea(oldSize: number, newSize: number): Promise<void> {
     const header = this.#meta.header;
@@ -1968,6 +1975,8 @@ export class Qcow2Image implements BlockDevice {
     try {
       if (newSize > zeroStart) await this.#zeroLocked(zeroStart, newSize - zeroStart, false);
       if (zeroStart > oldSize) await this.#writeLocked([{ guestOffset: oldSize, data: new Uint8Array(Math.min(zeroStart, newSize) - oldSize) }]);
+      await this.#meta.writeCaches();
+      await this.#file.flush();
     } catch (error) {
       header.sizeBytes = oldSize;
       throw error;
