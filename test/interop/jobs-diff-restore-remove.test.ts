@@ -147,7 +147,7 @@ test("a cancelled diff --export removes the incomplete delta it created", async 
     const controller = new AbortController();
     await assert.rejects(
       exportDelta(from.path, to.device, ranges, delta, {
-        fromFormat: "qcow2",
+        from: from.device,
         signal: controller.signal,
         onProgress: (job) => {
           if (job.fraction > 0) controller.abort();

@@ -52,10 +52,8 @@ export function diffImages(from: BlockDevice, to: BlockDevice, options: DiffImag
 }
 
 export interface ExportDeltaOptions extends JobOptions {
-  /** Format FROM is stored in (its backing format in the delta). */
-  fromFormat: string;
-  /** FROM, opened: the delta may not be a layer of its chain either (one left out is checked by path only). */
-  from?: BlockDevice;
+  /** FROM, opened: its format is the delta's backing format, and the delta may not be a layer of its chain. */
+  from: BlockDevice;
 }
 
 /** Cluster-aligned ranges covering `ranges` (merged), clipped to sizeBytes. */
@@ -88,14 +86,17 @@ async function copySpans(to: BlockDevice, delta: BlockDevice, spans: readonly { 
 export async function exportDelta(fromPath: string, to: BlockDevice, ranges: readonly DiffRange[], deltaPath: string, options: ExportDeltaOptions): Promise<{ writtenBytes: number; clusterSizeBytes: number }> {
   // Creating the delta over a layer of TO's or FROM's chain would wipe what it reads or stands on
   // (createImage's backing-loop check comes only after it truncated the file).
-  refuseWritingInput(deltaPath, "delta", [["the TO image", to], ...(options.from === undefined ? [] : [["the FROM image", options.from] as const])]);
+  refuseWritingInput(deltaPath, "delta", [
+    ["the TO image", to],
+    ["the FROM image", options.from],
+  ]);
   const clusterSizeBytes = to instanceof Qcow2Image ? to.clusterSizeBytes : 65536;
   const backingName = relative(dirname(resolve(deltaPath)), resolve(fromPath));
   await createImage(deltaPath, {
     format: "qcow2",
     sizeBytes: to.sizeBytes,
     backingFile: backingName,
-    backingFormat: options.fromFormat,
+    backingFormat: options.from.format,
     options: { cluster_size: clusterSizeBytes },
   });
   const delta = await openImage(deltaPath, { format: "qcow2", readOnly: false });

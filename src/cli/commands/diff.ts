@@ -67,7 +67,7 @@ export const diffCommand: CliCommand = {
       }
       const result = await diffImages(from.device, to.device, { onProgress: (job) => progress.update(job.fraction) });
       if (deltaPath !== undefined) {
-        await exportDelta(from.path, to.device, result.ranges, deltaPath, { fromFormat: from.device.format, from: from.device, onProgress: (job) => progress.update(job.fraction) });
+        await exportDelta(from.path, to.device, result.ranges, deltaPath, { from: from.device, onProgress: (job) => progress.update(job.fraction) });
       }
       progress.update(1);
       progress.end();
