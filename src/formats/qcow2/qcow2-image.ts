@@ -81,7 +81,7 @@ import { REFTABLE_BYTES_MAX } from "./refcount-block.ts";
 import { BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory, type BitmapDirectoryEntry } from "./bitmap-directory.ts";
 import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, type Qcow2Snapshot } from "./snapshot-table.ts";
 import { compressCluster, decompressCluster } from "./compression.ts";
-import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, l1EntriesForSize } from "./metadata.ts";
+import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, l1EntriesForSize, type Qcow2Geometry } from "./metadata.ts";
 import { AsyncMutex, RangeLock, ReadGate } from "./locks.ts";
 import { markDirty, type CachedTable } from "./table-cache.ts";
 import { rebuildRefcounts } from "./rebuild-refcounts.ts";
@@ -1452,8 +1452,21 @@ export class Qcow2Image implements BlockDevice {
       const pieceEnd = Math.min(end, clusterStart + cs);
       // A cluster counts as whole when the request covers it up to its end or to the image end.
       const whole = g === clusterStart && (pieceEnd === clusterStart + cs || pieceEnd === imageEnd);
+      if (whole && !(meta.header.version === 2 && this.backing !== null)) {
+        // Every whole cluster from here to the request's end, a table at a time.
+        const wholeEnd = end === imageEnd ? Math.ceil(end / cs) : Math.floor(end / cs);
+        if (meta.header.version === 2) {
+          // No zero clusters: deallocated (reads as zeroes without a backing file).
+          await this.#setClusterEntries(clusterIndex, wholeEnd, () => DEALLOCATED, true);
+        } else {
+          await this.#setClusterEntries(clusterIndex, wholeEnd, (entry) => wholeClusterZeroing(entry, unmap, geometry), false);
+        }
+        g = Math.min(end, wholeEnd * cs);
+        continue;
+      }
       if (whole) {
-        await this.#zeroWholeCluster(clusterIndex, unmap);
+        // v2 over a backing file: zero data, as QEMU writes.
+        await this.#writeZeroData(clusterStart, pieceEnd - clusterStart);
       } else {
         await this.#zeroPartialCluster(clusterIndex, g - clusterStart, pieceEnd - clusterStart);
       }
@@ -1462,64 +1475,65 @@ export class Qcow2Image implements BlockDevice {
     await meta.trimCaches();
   }
 
-  /** zero_in_l2_slice for one cluster (v3), or deallocation / zero data for v2. */
-  async #zeroWholeCluster(clusterIndex: number, unmap: boolean): Promise<void> {
+  /**
+   * Change the L2 entries of clusters [firstCluster, endCluster), a table
+   * at a time (qcow2's zero_in_l2_slice / discard_in_l2_slice): `decide`
+   * maps an old entry to the new one (a pure function of it: entries that
+   * read as unallocated are decided once per table), and the old entry's
+   * references are released afterwards when `free` is set. A table is
+   * looked up once, not once per cluster (growing an image by 511 GiB over
+   * a longer backing file set 8 million entries one by one: 6.3 s against
+   * qemu-img's 0.8 s), and taken for writing (allocated, or copied when a
+   * snapshot shares it) only when an entry changes. With `onlyIfTable`,
+   * clusters without an L2 table are left alone.
+   */
+  async #setClusterEntries(firstCluster: number, endCluster: number, decide: (entry: L2Entry) => EntryChange, onlyIfTable: boolean): Promise<void> {
     const meta = this.#meta;
     const geometry = meta.geometry;
-    const cs = geometry.clusterSizeBytes;
-    if (meta.header.version === 2) {
-      if (this.backing !== null) {
-        await this.#writeZeroData(clusterIndex * cs, Math.min(cs, this.sizeBytes - clusterIndex * cs));
-        return;
+    const entryBytes = geometry.l2EntryBytes;
+    const ofUnallocated = decide(UNALLOCATED_ENTRY);
+    const decisionAt = (table: CachedTable, l2Index: number): EntryChange =>
+      isEmptyEntry(table.view, l2Index * entryBytes, entryBytes) ? ofUnallocated : decide(this.#entry(table, l2Index, table.hostOffset));
+    for (let tableFirst = firstCluster; tableFirst < endCluster; ) {
+      const l1Index = Math.floor(tableFirst / geometry.l2Entries);
+      const tableEnd = Math.min(endCluster, (l1Index + 1) * geometry.l2Entries);
+      const firstIndex = tableFirst - l1Index * geometry.l2Entries;
+      const endIndex = tableEnd - l1Index * geometry.l2Entries;
+      tableFirst = tableEnd;
+      const oldOffset = meta.l1EntryOffset(l1Index);
+      if (oldOffset === 0 && onlyIfTable) continue;
+      if (oldOffset !== 0 && !(await this.#entriesChange(oldOffset, firstIndex, endIndex, decisionAt))) continue;
+      const table = await meta.getL2ForWrite(l1Index);
+      const freed: L2Entry[] = [];
+      for (let l2Index = firstIndex; l2Index < endIndex; l2Index++) {
+        const change = decisionAt(table, l2Index);
+        if (change.free) freed.push(this.#entry(table, l2Index, table.hostOffset));
+        setL2EntryWords(table.view, l2Index, geometry.extendedL2, change.word, change.alloc, change.zero);
       }
-      await this.#setClusterEntry(clusterIndex, () => ({ word: 0n, alloc: 0, zero: 0, free: true }), true);
-      return;
+      markDirty(table, firstIndex * entryBytes, (endIndex - firstIndex) * entryBytes);
+      if (freed.length > 0) {
+        await this.#readGate.drain();
+        for (const entry of freed) await meta.freeEntry(entry);
+      }
     }
-    await this.#setClusterEntry(
-      clusterIndex,
-      (entry) => {
-        const allocated = entry.type === "normal" || entry.type === "zero-alloc" || entry.type === "compressed";
-        const doUnmap = entry.type === "compressed" || (unmap && allocated);
-        if (geometry.extendedL2) {
-          const word = doUnmap || entry.type === "unallocated" ? 0n : encodeL2Entry({ type: "normal", hostOffset: entry.hostOffset, copied: entry.copied }, geometry.clusterBits, true);
-          return { word, alloc: 0, zero: 0xffffffff, free: doUnmap };
-        }
-        if (doUnmap || !allocated) return { word: 1n, alloc: 0, zero: 0, free: doUnmap };
-        return { word: encodeL2Entry({ type: "zero-alloc", hostOffset: entry.hostOffset, copied: entry.copied }, geometry.clusterBits), alloc: 0, zero: 0, free: false };
-      },
-      false,
-    );
   }
 
-  /**
-   * Change one cluster's L2 entry: `decide` maps the old entry to the new
-   * one; the old references are released afterwards when `free` is set.
-   * With `onlyIfTable`, a cluster without an L2 table is left alone.
-   */
-  async #setClusterEntry(
-    clusterIndex: number,
-    decide: (entry: L2Entry) => { word: bigint; alloc: number; zero: number; free: boolean },
-    onlyIfTable: boolean,
-  ): Promise<void> {
-    const meta = this.#meta;
-    const geometry = meta.geometry;
-    const l1Index = Math.floor(clusterIndex / geometry.l2Entries);
-    if (onlyIfTable && meta.l1EntryOffset(l1Index) === 0) return;
-    const l2Index = clusterIndex % geometry.l2Entries;
-    // Look first so an unchanged entry does not force an L2 copy.
-    const existing = await this.#clusterEntry(clusterIndex);
-    const before = existing?.entry ?? getL2Entry(new DataView(new ArrayBuffer(16)), 0, geometry.extendedL2, geometry.clusterBits);
-    const decision = decide(before);
-    const oldWord = existing === null ? 0n : readWord(await meta.getL2(existing.l2Offset), l2Index, geometry.extendedL2);
-    if (oldWord === decision.word && before.allocBitmap >>> 0 === decision.alloc >>> 0 && before.zeroBitmap >>> 0 === decision.zero >>> 0) return;
-    const table = await meta.getL2ForWrite(l1Index);
-    const entry = this.#entry(table, l2Index, table.hostOffset);
-    const final = decide(entry);
-    setL2EntryWords(table.view, l2Index, geometry.extendedL2, final.word, final.alloc, final.zero);
-    markDirty(table, l2Index * geometry.l2EntryBytes, geometry.l2EntryBytes);
-    if (final.free) {
-      await this.#readGate.drain();
-      await meta.freeEntry(entry);
+  /** Whether #setClusterEntries would change an entry in [firstIndex, endIndex) of the table at l2Offset. */
+  async #entriesChange(l2Offset: number, firstIndex: number, endIndex: number, decisionAt: (table: CachedTable, l2Index: number) => EntryChange): Promise<boolean> {
+    const geometry = this.#meta.geometry;
+    const entryBytes = geometry.l2EntryBytes;
+    const release = this.#meta.holdEviction();
+    try {
+      const table = await this.#meta.getL2(l2Offset);
+      const scratch = new DataView(new ArrayBuffer(entryBytes));
+      for (let l2Index = firstIndex; l2Index < endIndex; l2Index++) {
+        const change = decisionAt(table, l2Index);
+        setL2EntryWords(scratch, 0, geometry.extendedL2, change.word, change.alloc, change.zero);
+        if (!sameBytes(scratch, table.view, l2Index * entryBytes, entryBytes)) return true;
+      }
+      return false;
+    } finally {
+      release();
     }
   }
 
@@ -1539,8 +1553,9 @@ export class Qcow2Image implements BlockDevice {
         // zero_l2_subclusters for the aligned middle; unaligned edges as data.
         if (startInCluster < firstFull * scSize) await this.#zeroOrWrite(clusterStart + startInCluster, firstFull * scSize - startInCluster);
         const mask = rangeMask(firstFull, lastFullEnd);
-        await this.#setClusterEntry(
+        await this.#setClusterEntries(
           clusterIndex,
+          clusterIndex + 1,
           (entry) => {
             const word = entry.type === "unallocated" ? 0n : encodeL2Entry({ type: "normal", hostOffset: entry.hostOffset, copied: entry.copied }, geometry.clusterBits, true);
             return { word, alloc: (entry.allocBitmap & ~mask) >>> 0, zero: (entry.zeroBitmap | mask) >>> 0, free: false };
@@ -1578,8 +1593,9 @@ export class Qcow2Image implements BlockDevice {
           if (geometry.extendedL2) {
             const sc = (unitStart % geometry.clusterSizeBytes) / unit;
             const mask = rangeMask(sc, sc + 1);
-            await this.#setClusterEntry(
+            await this.#setClusterEntries(
               clusterIndex,
+              clusterIndex + 1,
               (entry) => ({
                 word: entry.type === "unallocated" ? 0n : encodeL2Entry({ type: "normal", hostOffset: entry.hostOffset, copied: entry.copied }, geometry.clusterBits, true),
                 alloc: (entry.allocBitmap & ~mask) >>> 0,
@@ -1589,7 +1605,7 @@ export class Qcow2Image implements BlockDevice {
               false,
             );
           } else {
-            await this.#setClusterEntry(clusterIndex, (entry) => (entry.type === "unallocated" ? { word: 1n, alloc: 0, zero: 0, free: false } : { word: readEntryWord(entry, geometry.clusterBits), alloc: 0, zero: 0, free: false }), false);
+            await this.#setClusterEntries(clusterIndex, clusterIndex + 1, (entry) => (entry.type === "unallocated" ? { word: 1n, alloc: 0, zero: 0, free: false } : { word: readEntryWord(entry, geometry.clusterBits), alloc: 0, zero: 0, free: false }), false);
           }
           return;
         }
@@ -1637,21 +1653,20 @@ export class Qcow2Image implements BlockDevice {
     await this.#mutate(start, end - start, () =>
       this.#locked(async () => {
         await this.#markDirty();
-        for (let clusterIndex = start / cs; clusterIndex < end / cs; clusterIndex++) {
-          await this.#discardCluster(clusterIndex, false);
-        }
+        await this.#discardClusters(start / cs, end / cs, false);
         await this.#meta.trimCaches();
       }),
     );
   }
 
-  /** discard_in_l2_slice for one cluster; `full` makes it unallocated (shrink). */
-  async #discardCluster(clusterIndex: number, full: boolean): Promise<void> {
+  /** discard_in_l2_slice for clusters [firstCluster, endCluster); `full` makes them unallocated (shrink, emptying). */
+  async #discardClusters(firstCluster: number, endCluster: number, full: boolean): Promise<void> {
     const geometry = this.#meta.geometry;
     const hasBacking = this.backing !== null;
     const v3 = this.#meta.header.version === 3;
-    await this.#setClusterEntry(
-      clusterIndex,
+    await this.#setClusterEntries(
+      firstCluster,
+      endCluster,
       (entry) => {
         const allocated = entry.type === "normal" || entry.type === "zero-alloc" || entry.type === "compressed";
         if (full) return { word: 0n, alloc: 0, zero: 0, free: allocated };
@@ -1696,7 +1711,7 @@ export class Qcow2Image implements BlockDevice {
         try {
           for (const extent of held) {
             const end = Math.ceil((extent.guestOffset + extent.lengthBytes) / cs);
-            for (let clusterIndex = Math.floor(extent.guestOffset / cs); clusterIndex < end; clusterIndex++) await this.#discardCluster(clusterIndex, true);
+            await this.#discardClusters(Math.floor(extent.guestOffset / cs), end, true);
             await this.#meta.trimCaches();
           }
           await this.#meta.writeCaches();
@@ -1917,7 +1932,7 @@ export class Qcow2Image implements BlockDevice {
         if (newSizeBytes < oldSize) {
           const firstCluster = Math.ceil(newSizeBytes / cs);
           const endCluster = Math.ceil(oldSize / cs);
-          for (let c = firstCluster; c < endCluster; c++) await this.#discardCluster(c, true);
+          await this.#discardClusters(firstCluster, endCluster, true);
           await meta.writeCaches();
           // qcow2_shrink_l1_table: zero the entries past the end and free their L2 tables.
           const keep = Math.max(newL1Entries, 0);
@@ -2269,8 +2284,42 @@ function setCopiedEntries(view: DataView, l2Index: number, count: number, hostOf
   }
 }
 
-function readWord(table: CachedTable, l2Index: number, extendedL2: boolean): bigint {
-  return table.view.getBigUint64(l2Index * (extendedL2 ? 16 : 8));
+/** A new L2 entry (#setClusterEntries), and whether the old one's references are freed. */
+interface EntryChange {
+  word: bigint;
+  alloc: number;
+  zero: number;
+  free: boolean;
+}
+
+/** What zeroing a whole cluster of a v3 image does to its entry (qcow2's zero_in_l2_slice). */
+function wholeClusterZeroing(entry: L2Entry, unmap: boolean, geometry: Qcow2Geometry): EntryChange {
+  const allocated = entry.type === "normal" || entry.type === "zero-alloc" || entry.type === "compressed";
+  const doUnmap = entry.type === "compressed" || (unmap && allocated);
+  if (geometry.extendedL2) {
+    const word = doUnmap || entry.type === "unallocated" ? 0n : encodeL2Entry({ type: "normal", hostOffset: entry.hostOffset, copied: entry.copied }, geometry.clusterBits, true);
+    return { word, alloc: 0, zero: 0xffffffff, free: doUnmap };
+  }
+  if (doUnmap || !allocated) return { word: 1n, alloc: 0, zero: 0, free: doUnmap };
+  return { word: encodeL2Entry({ type: "zero-alloc", hostOffset: entry.hostOffset, copied: entry.copied }, geometry.clusterBits), alloc: 0, zero: 0, free: false };
+}
+
+/** A cluster of a v2 image deallocated, its references freed (v2 has no zero clusters). */
+const DEALLOCATED: EntryChange = { word: 0n, alloc: 0, zero: 0, free: true };
+
+/** An entry of all zero bytes: unallocated (with extended L2: every subcluster). */
+const UNALLOCATED_ENTRY: L2Entry = getL2Entry(new DataView(new ArrayBuffer(16)), 0, true, 16);
+
+/** The L2 entry at byte `at` is all zero bytes. */
+function isEmptyEntry(view: DataView, at: number, entryBytes: number): boolean {
+  for (let i = 0; i < entryBytes; i += 4) if (view.getUint32(at + i) !== 0) return false;
+  return true;
+}
+
+/** `entryBytes` bytes of `a` from 0 equal those of `b` from `at`. */
+function sameBytes(a: DataView, b: DataView, at: number, entryBytes: number): boolean {
+  for (let i = 0; i < entryBytes; i += 4) if (a.getUint32(i) !== b.getUint32(at + i)) return false;
+  return true;
 }
 
 /** The 64-bit word that encodes `entry` unchanged. */
