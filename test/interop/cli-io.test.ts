@@ -116,6 +116,12 @@ test("persistent dirty bitmaps survive a read-write session that only reads; the
   const before = readFileSync(join(dir, "bm.qcow2"));
   ok(await snapstack(["io", "-c", "read -P 1 0 64k", "-c", "flush", "-c", "write 0 0", "-c", "discard 4k 1k", "bm.qcow2"], { cwd: dir }), "io read and no-op changes");
   assert.ok(readFileSync(join(dir, "bm.qcow2")).equals(before), "a session that only read (or changed nothing) changed the file");
+  // Refused compressed writes (part of a cluster, an allocated cluster) change nothing either; qemu-io refuses them too.
+  for (const command of ["write -c 0 4k", "write -c 0 64k", "write -c 64k 100k"]) {
+    const ours = await snapstack(["io", "-c", command, "bm.qcow2"], { cwd: dir });
+    assert.equal(ours.code, 1, `${command}: ${ours.stderr}`);
+    assert.ok(readFileSync(join(dir, "bm.qcow2")).equals(before), `${command}: a refused compressed write changed the file`);
+  }
   const clean = ok(await qemuImg(["check", "bm.qcow2"], dir), "check after the read");
   assert.doesNotMatch(clean.stderr, /lacking bitmap support/);
   ok(await snapstack(["io", "-c", "write -P 2 0 4k", "bm.qcow2"], { cwd: dir }), "io write");
@@ -171,4 +177,18 @@ test("io write -z over many L2 tables (shared with a snapshot, compressed, alloc
     ok(await qemuImg(["snapshot", "-a", "snap", "ours.qcow2"], dir), `${what}: apply the snapshot`);
     ok(await qemuIo(["-c", "read -P 0x11 0 3M", "-c", "read -P 0x22 3M 64k", "-c", "read -P 0x33 5M 1M", "ours.qcow2"], dir), `${what}: the snapshot still holds its data`);
   }
+});
+
+test("io -U writes nothing: qemu-io allows force-share only read-only (-r)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "u.qcow2", "1M"], dir), "create");
+  const before = readFileSync(join(dir, "u.qcow2"));
+  const theirs = await qemuIo(["-U", "-c", "write -P 5 0 4k", "u.qcow2"], dir);
+  assert.match(theirs.stdout + theirs.stderr, /force-share=on can only be used with read-only images/);
+  const ours = await snapstack(["io", "-U", "-c", "write -P 5 0 4k", "u.qcow2"], { cwd: dir });
+  assert.equal(ours.code, 1);
+  assert.match(ours.stderr, /E_USAGE: force-share=on can only be used with read-only images/);
+  assert.ok(readFileSync(join(dir, "u.qcow2")).equals(before));
+  ok(await snapstack(["io", "-U", "-r", "-c", "read -P 0 0 4k", "u.qcow2"], { cwd: dir }), "io -U -r");
 });

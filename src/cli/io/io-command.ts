@@ -13,6 +13,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { optionFlag, optionList, optionString, parseArgs } from "../args.ts";
 import type { CliCommand, CliContext } from "../context.ts";
+import { refuseForceShareForWriting } from "../command-helpers.ts";
 import { formatErrorLine, toSnapstackError } from "../error-report.ts";
 import { openImage } from "../engine.ts";
 import { IO_SUBCOMMANDS } from "./io-subcommands.ts";
@@ -33,7 +34,7 @@ export const ioCommand: CliCommand = {
   optionHelp: [
     "  -f fmt      image format (qcow2, raw); detected when omitted",
     "  -r          open read-only",
-    "  -U          accepted for qemu-io compatibility (no locking is done)",
+    "  -U          share the image with other writers (read-only only, with -r)",
     "  -c COMMAND  a command to run; repeat for several:",
     ...IO_SUBCOMMANDS.map((subcommand) => `                ${subcommand.synopsis}`),
   ],
@@ -49,6 +50,7 @@ export const ioCommand: CliCommand = {
       throw new SnapstackError("E_USAGE", parsed.positionals.length === 0 ? "Expecting an image file name" : `Unexpected argument: ${parsed.positionals[1]}`);
     }
     if (commands.length === 0) throw new SnapstackError("E_USAGE", "no -c command given (interactive mode is not supported)");
+    refuseForceShareForWriting(parsed, !optionFlag(parsed, "readOnly"));
     const device = await openImage(parsed.positionals[0], {
       format: optionString(parsed, "format"),
       readOnly: optionFlag(parsed, "readOnly"),

@@ -1795,7 +1795,6 @@ export class Qcow2Image implements BlockDevice {
   async writeCompressed(guestOffset: number, data: Uint8Array): Promise<void> {
     this.#checkWritable("write compressed data");
     this.#checkRange(guestOffset, data.length, "compressed write");
-    if (this.#autoclearToClear) await this.#clearAutoclear();
     const cs = this.#meta.clusterSizeBytes;
     if (data.length === 0) {
       const fileSize = await this.#file.sizeBytes();
@@ -1817,6 +1816,9 @@ export class Qcow2Image implements BlockDevice {
         await this.write(guestOffset + at, part);
         continue;
       }
+      // A refused write changes nothing, the autoclear bits included (#writeCompressedLocked checks again, locked).
+      refuseCompressedOver((await this.#clusterEntry((guestOffset + at) / cs))?.entry, this.name, guestOffset + at);
+      if (this.#autoclearToClear) await this.#clearAutoclear();
       await this.#mutate(guestOffset + at, part.length, () => this.#locked(() => this.#writeCompressedLocked(guestOffset + at, compressed)));
     }
   }
@@ -1828,10 +1830,7 @@ export class Qcow2Image implements BlockDevice {
     await this.#markDirty();
     const table = await meta.getL2ForWrite(Math.floor(clusterIndex / geometry.l2Entries));
     const l2Index = clusterIndex % geometry.l2Entries;
-    const entry = this.#entry(table, l2Index, table.hostOffset);
-    if (entry.type === "normal" || entry.type === "zero-alloc" || entry.type === "compressed") {
-      throw new SnapstackError("E_IO", `${this.name}: compressed write to allocated cluster at guest offset ${guestOffset}`);
-    }
+    refuseCompressedOver(this.#entry(table, l2Index, table.hostOffset), this.name, guestOffset);
     const hostOffset = await meta.allocBytes(compressed.length);
     meta.checkDataWrite(hostOffset, compressed.length);
     // These bytes may once have held another compressed cluster, freed since and still cached decompressed.
@@ -2281,6 +2280,13 @@ function setCopiedEntries(view: DataView, l2Index: number, count: number, hostOf
     assert(hi < HI_OFFSET_UNSAFE, "host offsets are safe integers");
     view.setUint32((l2Index + n) * L2_ENTRY_BYTES, (HI_COPIED | hi) >>> 0);
     view.setUint32((l2Index + n) * L2_ENTRY_BYTES + 4, offset - hi * TWO_POW_32);
+  }
+}
+
+/** Compressed data goes only to clusters this layer does not hold (qcow2_alloc_compressed_cluster_offset: -EIO). */
+function refuseCompressedOver(entry: L2Entry | undefined, imageName: string, guestOffset: number): void {
+  if (entry?.type === "normal" || entry?.type === "zero-alloc" || entry?.type === "compressed") {
+    throw new SnapstackError("E_IO", `${imageName}: compressed write to allocated cluster at guest offset ${guestOffset}`);
   }
 }
 
