@@ -7,7 +7,7 @@ import { SnapstackError } from "../base/errors.ts";
 import { checkQcow2, type Qcow2CheckResult, type Qcow2RepairMode } from "../formats/qcow2/check.ts";
 import { openNodeFile } from "../io/node-file.ts";
 import { refuseQemuLocked } from "./open-image.ts";
-import { parseImageFormat, probeImageFormat } from "./image-format.ts";
+import { parseImageFormat, probeFormatName, supportedProbedFormat } from "./image-format.ts";
 
 export interface CheckImageOptions {
   format?: string;
@@ -26,9 +26,11 @@ export async function checkImage(path: string, options: CheckImageOptions = {}):
   refuseQemuLocked(path, 0, path, readOnly, options.forceShare ?? false);
   const file = await openNodeFile(path, { readOnly });
   try {
-    const isQcow2 = (await probeImageFormat(file)) === "qcow2";
-    if (format === "raw" || (format === undefined && !isQcow2)) return "unsupported";
-    if (!isQcow2) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
+    if (format === "raw") return "unsupported";
+    const probed = await probeFormatName(file);
+    if (format === undefined && supportedProbedFormat(probed, path) === "raw") return "unsupported";
+    // A qcow (version 1) file goes on to the qcow2 open, which names the version it refuses.
+    if (probed !== "qcow2" && probed !== "qcow") throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
     return await checkQcow2(file, { repair: options.repair });
   } finally {
     await file.close();

@@ -27,7 +27,7 @@ import { fileKey } from "../io/file-identity.ts";
 import { qemuLockConflict, readProcLocks } from "../io/qemu-locks.ts";
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
-import { isImageFormat, parseImageFormat, probeImageFormat, type ImageFormat } from "./image-format.ts";
+import { isImageFormat, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 
 /** Default bound on layers in a chain (top included); each layer costs one open file and its caches. */
@@ -167,7 +167,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       }
       const layer: PendingLayer = { path: layerPath, file, format: "raw" };
       pending.push(layer);
-      const probed = await probeImageFormat(file);
+      const probed = await probeFormatName(file);
       if (requestedFormat !== null && !isImageFormat(requestedFormat)) {
         throw new SnapstackError("E_BACKING_FORMAT", `Could not open '${path}': ${backingPrefix(depth)}Unknown driver '${requestedFormat}'`, {
           path,
@@ -175,8 +175,9 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
           format: requestedFormat,
         });
       }
-      layer.format = (requestedFormat as ImageFormat | null) ?? probed;
-      if (layer.format === "qcow2" && probed !== "qcow2") {
+      layer.format = (requestedFormat as ImageFormat | null) ?? supportedProbedFormat(probed, layerPath);
+      // A qcow (version 1) file goes on to the qcow2 open, which names the version it refuses.
+      if (layer.format === "qcow2" && probed !== "qcow2" && probed !== "qcow") {
         throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': ${backingPrefix(depth)}Image is not in qcow2 format`, { path: layerPath });
       }
       layerPath = null;

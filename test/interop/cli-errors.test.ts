@@ -152,6 +152,28 @@ test("E_UNKNOWN_FORMAT: a format name snapstack does not know", async (t) => {
   assert.ok(!existsSync(join(dir, "new.img")) && !existsSync(join(dir, "out.img")));
 });
 
+test("E_UNKNOWN_FORMAT: an image in a format snapstack does not open (vmdk, vdi, vpc, vhdx, qed, parallels, qcow) is refused, not taken for raw; -f raw opens its bytes", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  for (const format of ["vmdk", "vdi", "vpc", "vhdx", "qed", "parallels", "qcow"]) {
+    const name = `x.${format}`;
+    ok(await qemuImg(["create", "-q", "-f", format, name, "1M"], dir), `create ${format}`);
+    const path = join(dir, name);
+    for (const args of [["img", "info", name], ["io", "-c", "write -P 1 0 4k", name], ["img", "check", name], ["img", "convert", "-O", "raw", name, "out.raw"]]) {
+      await refused(dir, args, "E_UNKNOWN_FORMAT", [path]);
+      const result = await snapstack(args, { cwd: dir });
+      assert.match(result.stderr, new RegExp(`is a ${format} image`), args.join(" "));
+    }
+    const raw = ok(await snapstack(["img", "info", "--output=json", "-f", "raw", name], { cwd: dir }), `info -f raw ${format}`);
+    assert.equal(JSON.parse(raw.stdout).format, "raw");
+  }
+  // qcow (version 1) given as qcow2: the version is named, as qemu-img names it.
+  const v1 = await snapstack(["img", "info", "-f", "qcow2", "x.qcow"], { cwd: dir });
+  assertCodedError(v1, "E_UNSUPPORTED_FEATURE");
+  assert.match(v1.stderr, /Unsupported qcow2 version 1/);
+  assert.ok(!existsSync(join(dir, "out.raw")));
+});
+
 test("E_WRONG_FORMAT: -f qcow2 on a raw file", async (t) => {
   if (!requireTools(t, "qemu-img")) return;
   const dir = scratchDir(t);

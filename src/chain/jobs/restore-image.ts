@@ -158,7 +158,7 @@ async function openTarget(path: string, format: string | undefined): Promise<{ d
   }
   const file = await openNodeFile(path, { readOnly: false });
   try {
-    const probed = format === undefined ? await probeImageFormat(file) : parseImageFormat(format);
+    const probed = format === undefined ? await probeImageFormat(file, path) : parseImageFormat(format);
     if (probed === "qcow2") {
       await file.close();
       return { device: await openImage(path, { format: "qcow2", readOnly: false }), isBlockDevice: true };

@@ -213,6 +213,9 @@ export function decodeQcow2ClusterBits(bytes: Uint8Array): number {
   if (bytes.length < QCOW2_V2_HEADER_BYTES) throw badHeader("qcow2 header is truncated");
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   if (view.getUint32(0) !== QCOW2_MAGIC) throw new SnapstackError("E_WRONG_FORMAT", "Image is not in qcow2 format");
+  // The version first, as qcow2_do_open checks it (a qcow version 1 file has no cluster_bits field there).
+  const version = view.getUint32(4);
+  if (version !== 2 && version !== 3) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Unsupported qcow2 version ${version}`, { version });
   const clusterBits = view.getUint32(20);
   if (clusterBits < CLUSTER_BITS_MIN || clusterBits > CLUSTER_BITS_MAX) {
     throw badHeader(`Unsupported cluster size: 2^${clusterBits}`, { clusterBits });
@@ -233,10 +236,7 @@ export function decodeQcow2Header(bytes: Uint8Array): Qcow2Header {
     cluster.set(bytes);
   }
   const view = new DataView(cluster.buffer, cluster.byteOffset, clusterSizeBytes);
-  const version = view.getUint32(4);
-  if (version !== 2 && version !== 3) {
-    throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Unsupported qcow2 version ${version}`, { version });
-  }
+  const version = view.getUint32(4) as 2 | 3; // checked by decodeQcow2ClusterBits
   const header: Qcow2Header = {
     version,
     backingFileOffset: readU64Number(view, 8, "backing_file_offset"),
