@@ -1,6 +1,8 @@
 // snapstack img info / map vs qemu-img on images made by QEMU.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
 import { FIXTURE_IMAGES, buildFixtures, ok, qemuImg, snapstack } from "./cli-helpers.ts";
 
@@ -63,6 +65,19 @@ test("map --output=json equals qemu-img's, also with --start-offset/--max-length
       assert.equal(ours.stdout, theirs.stdout, args.join(" "));
     }
   }
+});
+
+test("map of a raw file whose size is not a multiple of 512: the bytes past its end are zero, as qemu-img maps them (alone and under an overlay)", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  writeFileSync(join(dir, "odd.raw"), Buffer.alloc(3000, 0x5a));
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-b", "odd.raw", "-F", "raw", "over.qcow2"], dir), "overlay");
+  for (const args of [["map", "--output=json", "-f", "raw", "odd.raw"], ["map", "-f", "raw", "odd.raw"], ["map", "--output=json", "over.qcow2"], ["map", "over.qcow2"]]) {
+    const ours = ok(await snapstack(["img", ...args], { cwd: dir }), `snapstack ${args.join(" ")}`);
+    const theirs = ok(await qemuImg(args, dir), `qemu-img ${args.join(" ")}`);
+    assert.equal(ours.stdout, theirs.stdout, args.join(" "));
+  }
+  assert.match(ok(await snapstack(["img", "map", "--output=json", "-f", "raw", "odd.raw"], { cwd: dir }), "map").stdout, /"start": 3000, "length": 72, "depth": 0, "present": true, "zero": true, "data": false, "offset": 3000/);
 });
 
 test("map human output equals qemu-img's, including the compressed-cluster failure", async (t) => {

@@ -5,9 +5,11 @@
  * - Virtual size is the file size rounded up to 512 bytes, as QEMU's block
  *   layer counts whole sectors (a 3000-byte file is a 3072-byte disk; the
  *   tail past the end of the file reads as zeroes).
- * - layerStatus reports every range as data at host offset = guest offset.
+ * - layerStatus reports every range as data at host offset = guest offset,
+ *   except the bytes of the last sector past the end of a file whose size is
+ *   not a multiple of 512 (zero, as qemu's file driver reports them).
  *   qemu-img finds holes with lseek(SEEK_DATA/SEEK_HOLE) and reports them as
- *   `zero: true, data: false`; Node has no lseek, so snapshot cannot see
+ *   `zero: true, data: false`; Node has no lseek, so snapstack cannot see
  *   holes and maps them as data. Readers of raw images therefore read holes
  *   (which return zeroes) instead of skipping them; the result is the same.
  * - discard is a no-op: Node cannot punch holes, and writing zeroes for a
@@ -50,6 +52,8 @@ export class RawImage implements BlockDevice {
   /** BlockDevice.writeSync, present when the file has writeSync. */
   readonly writeSync?: (guestOffset: number, data: Uint8Array) => void;
   #sizeBytes: number;
+  /** The file's size is not a multiple of 512: the virtual disk ends in bytes past the file's end. */
+  #unalignedFile: boolean;
   #closed = false;
   readonly #writeBehind: WriteBehind;
 
@@ -57,6 +61,7 @@ export class RawImage implements BlockDevice {
     this.file = file;
     this.#writeBehind = new WriteBehind(file);
     this.#sizeBytes = roundUpToSector(fileSizeBytes);
+    this.#unalignedFile = fileSizeBytes % RAW_SECTOR_BYTES !== 0;
     const fileWriteSync = file.writeSync?.bind(file);
     if (fileWriteSync !== undefined) {
       this.writeSync = (guestOffset, data) => {
@@ -120,7 +125,14 @@ export class RawImage implements BlockDevice {
   async layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]> {
     checkDeviceRange(this, guestOffset, lengthBytes);
     if (lengthBytes === 0) return [];
-    return [{ guestOffset, lengthBytes, kind: "data", hostOffset: guestOffset }];
+    const end = guestOffset + lengthBytes;
+    if (!this.#unalignedFile || end <= this.#sizeBytes - RAW_SECTOR_BYTES) return [{ guestOffset, lengthBytes, kind: "data", hostOffset: guestOffset }];
+    // The bytes of the last sector past the file's end read as zeroes: reported as such, as qemu's file driver does.
+    const dataEnd = Math.min(end, Math.max(guestOffset, await this.file.sizeBytes()));
+    const extents: LayerExtent[] = [];
+    if (dataEnd > guestOffset) extents.push({ guestOffset, lengthBytes: dataEnd - guestOffset, kind: "data", hostOffset: guestOffset });
+    if (end > dataEnd) extents.push({ guestOffset: dataEnd, lengthBytes: end - dataEnd, kind: "zero", hostOffset: dataEnd });
+    return extents;
   }
 
   /**
@@ -134,6 +146,7 @@ export class RawImage implements BlockDevice {
     await this.file.truncate(newSizeBytes);
     await preallocateRaw(this.file, oldFileBytes, newSizeBytes, options.preallocation ?? "off");
     this.#sizeBytes = roundUpToSector(newSizeBytes);
+    this.#unalignedFile = newSizeBytes % RAW_SECTOR_BYTES !== 0;
   }
 
   async close(): Promise<void> {
