@@ -192,3 +192,39 @@ test("io -U writes nothing: qemu-io allows force-share only read-only (-r)", asy
   assert.ok(readFileSync(join(dir, "u.qcow2")).equals(before));
   ok(await snapstack(["io", "-U", "-r", "-c", "read -P 0 0 4k", "u.qcow2"], { cwd: dir }), "io -U -r");
 });
+
+test("io commands that fail print on stdout what qemu-io prints there (and the coded error on stderr)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "e.qcow2", "1M"], dir), "create");
+  ok(await qemuIo(["-c", "write 0 64k", "e.qcow2"], dir), "write");
+  const failing = [
+    "write -n 0 4k",
+    "write -z -P 1 0 4k",
+    "write -u 0 4k",
+    "write -c 1 512",
+    "read 0 3G",
+    "read x 4k",
+    "read 0 4y",
+    "discard 2M 4k",
+    "write 2M 4k",
+    "write -z 2M 4k",
+    "read -s 1 0 4k",
+    "read 2M 4k",
+    "write -P 300 0 4k",
+    "write -c 0 4k",
+    "write -c 0 64k",
+    "read -P 0 -s 1k -l 4k 0 4k",
+  ];
+  for (const command of failing) {
+    copyFileSync(join(dir, "e.qcow2"), join(dir, "ours.qcow2"));
+    copyFileSync(join(dir, "e.qcow2"), join(dir, "theirs.qcow2"));
+    const theirs = await qemuIo(["-c", command, "theirs.qcow2"], dir);
+    const ours = await snapstack(["io", "-c", command, "ours.qcow2"], { cwd: dir });
+    assert.equal(theirs.code, 1, `${command}: qemu-io fails`);
+    assert.equal(ours.code, 1, command);
+    assert.equal(ours.stdout, theirs.stdout, command);
+    assert.match(ours.stderr, /^snapstack: error E_[A-Z_]+: .+\n$/, command);
+    assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(readFileSync(join(dir, "e.qcow2"))), `${command}: image changed`);
+  }
+});

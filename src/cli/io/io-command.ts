@@ -5,8 +5,9 @@
  * - The image is opened once; the -c commands run in order. As in qemu-io, a
  *   failing command does not stop the ones after it; the exit status is 1 if
  *   any failed. Each failure prints the usual one-line coded error on
- *   stderr; qemu-io's own stdout lines ("Pattern verification failed at
- *   offset N, M bytes") are kept so scripts comparing stdout still match.
+ *   stderr, and the line qemu-io prints for it on stdout ("read failed:
+ *   Input/output error", "Pattern verification failed at offset N, M
+ *   bytes"), so scripts comparing stdout still match.
  * - Command words are split on blanks, as qemu-io does (no quoting).
  */
 import { SnapstackError } from "../../base/errors.ts";
@@ -16,7 +17,7 @@ import type { CliCommand, CliContext } from "../context.ts";
 import { refuseForceShareForWriting } from "../command-helpers.ts";
 import { formatErrorLine, toSnapstackError } from "../error-report.ts";
 import { openImage } from "../engine.ts";
-import { IO_SUBCOMMANDS } from "./io-subcommands.ts";
+import { IO_SUBCOMMANDS, IoCommandError } from "./io-subcommands.ts";
 
 async function runOne(device: BlockDevice, line: string, context: CliContext): Promise<void> {
   const words = line.split(/[ \t]+/).filter((word) => word !== "");
@@ -63,6 +64,7 @@ export const ioCommand: CliCommand = {
           await runOne(device, line, context);
         } catch (error) {
           failed = true;
+          if (error instanceof IoCommandError) context.out(`${error.stdoutLine}\n`);
           context.err(formatErrorLine(toSnapstackError(error)));
         }
       }

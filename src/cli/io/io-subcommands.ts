@@ -6,13 +6,18 @@
  * ... ops/sec)" whose timings naturally differ; `read -v` prints qemu-io's
  * hexdump; `map` prints allocated/not allocated runs of the whole chain.
  * Offsets and lengths take qemu's size suffixes; errors use qemu-io's words.
+ * A command that fails prints what qemu-io prints for it on stdout (its
+ * command handlers report with printf: "read failed: Input/output error",
+ * "Parsing error: ...") as well as the coded error line on stderr
+ * (IoCommandError; io-command.ts prints both).
  */
-import { SnapstackError } from "../../base/errors.ts";
+import { SnapstackError, type ErrorCode } from "../../base/errors.ts";
 import { formatIoSize, parseSizeBig } from "../../base/units.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { optionFlag, optionString, parseArgs, type OptionSpec, type ParsedArgs } from "../args.ts";
 import type { CliContext } from "../context.ts";
 import { canWriteCompressed } from "../engine.ts";
+import { toSnapstackError } from "../error-report.ts";
 
 /** qemu's BDRV_REQUEST_MAX_BYTES: one request is at most INT_MAX rounded down to 512. */
 export const IO_REQUEST_MAX_BYTES = 2147483136;
@@ -27,6 +32,45 @@ export interface IoSubcommand {
   run(device: BlockDevice, args: string[], context: CliContext): Promise<void>;
 }
 
+/** A failed io command, with the line qemu-io prints for the same failure on stdout. */
+export class IoCommandError extends SnapstackError {
+  readonly stdoutLine: string;
+
+  constructor(code: ErrorCode, stdoutLine: string, message = stdoutLine, details: Record<string, unknown> = {}) {
+    super(code, message, details);
+    this.stdoutLine = stdoutLine;
+  }
+}
+
+/** strerror() of the errno qemu's block layer returns for a failure of this kind. */
+function qemuErrnoText(code: ErrorCode): string {
+  switch (code) {
+    case "E_USAGE":
+    case "E_INVALID_SIZE":
+      return "Invalid argument";
+    case "E_NO_SPACE":
+    case "E_TOO_LARGE":
+      return "No space left on device";
+    case "E_READ_ONLY":
+    case "E_ACCESS":
+      return "Operation not permitted";
+    case "E_UNSUPPORTED_FEATURE":
+      return "Operation not supported";
+    default:
+      return "Input/output error";
+  }
+}
+
+/** Run a request on the device; a failure becomes qemu-io's "<op> failed: <strerror>" (and keeps its own code and message). */
+async function deviceRequest(op: string, request: () => Promise<void>): Promise<void> {
+  try {
+    await request();
+  } catch (error) {
+    const failure = toSnapstackError(error);
+    throw new IoCommandError(failure.code, `${op} failed: ${qemuErrnoText(failure.code)}`, failure.message, failure.details);
+  }
+}
+
 function parseWords(name: string, args: string[], specs: OptionSpec[]): ParsedArgs {
   return parseArgs(args, specs, { style: "glibc", program: name });
 }
@@ -37,10 +81,10 @@ export function parseIoNumber(text: string): number {
   try {
     value = parseSizeBig(text);
   } catch {
-    throw new SnapstackError("E_INVALID_SIZE", `Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- ${text}`, { text });
+    throw new IoCommandError("E_INVALID_SIZE", `Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- ${text}`, undefined, { text });
   }
   if (value > BigInt(Number.MAX_SAFE_INTEGER)) {
-    throw new SnapstackError("E_INVALID_SIZE", `Parsing error: argument too large -- ${text}`, { text });
+    throw new IoCommandError("E_INVALID_SIZE", `Parsing error: argument too large -- ${text}`, undefined, { text });
   }
   return Number(value);
 }
@@ -54,7 +98,7 @@ function parsePattern(text: string): number {
     value = /^0[xX]/.test(digits) ? parseInt(digits.slice(2), 16) : digits.length > 1 && digits[0] === "0" ? parseInt(digits, 8) : Number(digits);
     if (match[1] === "-") value = -value;
   }
-  if (!(value >= 0 && value <= 255)) throw new SnapstackError("E_USAGE", `${text} is not a valid pattern byte`, { text });
+  if (!(value >= 0 && value <= 255)) throw new IoCommandError("E_USAGE", `${text} is not a valid pattern byte`, undefined, { text });
   return value;
 }
 
@@ -65,7 +109,7 @@ function offsetAndLength(name: string, positionals: string[]): { guestOffset: nu
   const guestOffset = parseIoNumber(positionals[0]);
   const lengthBytes = parseIoNumber(positionals[1]);
   if (lengthBytes > IO_REQUEST_MAX_BYTES) {
-    throw new SnapstackError("E_INVALID_SIZE", `length cannot exceed ${IO_REQUEST_MAX_BYTES}, given ${positionals[1]}`);
+    throw new IoCommandError("E_INVALID_SIZE", `length cannot exceed ${IO_REQUEST_MAX_BYTES}, given ${positionals[1]}`);
   }
   return { guestOffset, lengthBytes };
 }
@@ -73,8 +117,9 @@ function offsetAndLength(name: string, positionals: string[]): { guestOffset: nu
 /** Refuse requests outside the disk before touching it (qemu-io reports EIO). */
 function checkRange(device: BlockDevice, op: string, guestOffset: number, lengthBytes: number): void {
   if (guestOffset + lengthBytes > device.sizeBytes) {
-    throw new SnapstackError(
+    throw new IoCommandError(
       "E_OUT_OF_RANGE",
+      `${op} failed: Input/output error`,
       `${op} failed: guest offset ${guestOffset} + length ${lengthBytes} exceeds virtual size ${device.sizeBytes} of ${device.name}`,
       { guestOffset, lengthBytes, sizeBytes: device.sizeBytes },
     );
@@ -83,7 +128,7 @@ function checkRange(device: BlockDevice, op: string, guestOffset: number, length
 
 function requireSectorAligned(value: number, what: string): void {
   if (value % SECTOR_BYTES !== 0) {
-    throw new SnapstackError("E_USAGE", `${value} is not a sector-aligned value for '${what}'`, { value });
+    throw new IoCommandError("E_USAGE", `${value} is not a sector-aligned value for '${what}'`, undefined, { value });
   }
 }
 
@@ -148,15 +193,16 @@ const readCommand: IoSubcommand = {
     const patternLength =
       parsed.options.patternLength === undefined ? lengthBytes - patternOffset : parseIoNumber(optionString(parsed, "patternLength") ?? "");
     if (pattern === undefined && (parsed.options.patternOffset !== undefined || parsed.options.patternLength !== undefined)) {
-      throw new SnapstackError("E_USAGE", "read: -s and -l need -P");
+      // qemu-io prints the command's usage line.
+      throw new IoCommandError("E_USAGE", `read [-abCqv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset`, "read: -s and -l need -P");
     }
     if (patternLength < 0 || patternOffset + patternLength > lengthBytes) {
-      throw new SnapstackError("E_USAGE", "pattern verification range exceeds end of read data");
+      throw new IoCommandError("E_USAGE", "pattern verification range exceeds end of read data");
     }
     checkRange(device, "read", guestOffset, lengthBytes);
     const buffer = new Uint8Array(lengthBytes);
     const start = process.hrtime.bigint();
-    await device.read(guestOffset, buffer);
+    await deviceRequest("read", () => device.read(guestOffset, buffer));
     const elapsed = elapsedSince(start);
     let mismatch: SnapstackError | null = null;
     if (pattern !== undefined) {
@@ -192,9 +238,9 @@ const writeCommand: IoSubcommand = {
     const zero = optionFlag(parsed, "zero");
     const compressed = optionFlag(parsed, "compressed");
     const patternText = optionString(parsed, "pattern");
-    if (zero && patternText !== undefined) throw new SnapstackError("E_USAGE", "-z and -P cannot be specified at the same time");
-    if (optionFlag(parsed, "unmap") && !zero) throw new SnapstackError("E_USAGE", "-u requires -z to be specified");
-    if (optionFlag(parsed, "noFallback") && !zero) throw new SnapstackError("E_USAGE", "-n requires -z to be specified");
+    if (zero && patternText !== undefined) throw new IoCommandError("E_USAGE", "Only one of -z, -P, and -s can be specified at the same time");
+    if (optionFlag(parsed, "unmap") && !zero) throw new IoCommandError("E_USAGE", "-u requires -z to be specified");
+    if (optionFlag(parsed, "noFallback") && !zero) throw new IoCommandError("E_USAGE", "-n requires -z to be specified");
     const pattern = patternText === undefined ? WRITE_DEFAULT_PATTERN : parsePattern(patternText);
     const { guestOffset, lengthBytes } = offsetAndLength("write", parsed.positionals);
     if (compressed) {
@@ -202,7 +248,7 @@ const writeCommand: IoSubcommand = {
       requireSectorAligned(lengthBytes, "count");
     }
     checkRange(device, "write", guestOffset, lengthBytes);
-    await runReported(context, optionFlag(parsed, "quiet"), "wrote", guestOffset, lengthBytes, async () => {
+    await runReported(context, optionFlag(parsed, "quiet"), "wrote", guestOffset, lengthBytes, () => deviceRequest("write", async () => {
       if (zero) {
         await device.writeZeroes(guestOffset, lengthBytes, { unmap: optionFlag(parsed, "unmap") });
       } else {
@@ -216,7 +262,7 @@ const writeCommand: IoSubcommand = {
         }
       }
       if (optionFlag(parsed, "fua")) await device.flush();
-    });
+    }));
   },
 };
 
@@ -231,7 +277,7 @@ const discardCommand: IoSubcommand = {
     ]);
     const { guestOffset, lengthBytes } = offsetAndLength("discard", parsed.positionals);
     checkRange(device, "discard", guestOffset, lengthBytes);
-    await runReported(context, optionFlag(parsed, "quiet"), "discard", guestOffset, lengthBytes, () => device.discard(guestOffset, lengthBytes));
+    await runReported(context, optionFlag(parsed, "quiet"), "discard", guestOffset, lengthBytes, () => deviceRequest("discard", () => device.discard(guestOffset, lengthBytes)));
   },
 };
 
