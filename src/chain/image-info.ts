@@ -15,13 +15,15 @@
  *   which is what QEMU reports; it changes with the file system's
  *   allocation and differs between two byte-identical files written
  *   differently (holes), so tests compare it with a tolerance.
- * - Not reported: bitmaps, encryption details, external data files (images
- *   using them do not open).
+ * - Encrypted images and images with an external data file are opened for
+ *   their metadata only (their data cannot be read): info shows them as
+ *   qemu-img does, the LUKS header's parameters included (QAPI
+ *   QCryptoBlockInfoLUKS; no key material is read or used).
  */
 import { realpathSync, statSync } from "node:fs";
 import { SnapstackError, fromSystemError } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
-import { Qcow2Image } from "../formats/qcow2/index.ts";
+import { Qcow2Image, type Qcow2Info } from "../formats/qcow2/index.ts";
 import { parseImageFormat, type ImageFormat } from "./image-format.ts";
 import { CHAIN_DEPTH_MAX_DEFAULT, openImage } from "./open-image.ts";
 import { resolveBackingPath } from "./backing-path.ts";
@@ -44,13 +46,38 @@ function allocatedBytes(path: string): number {
   }
 }
 
+/** QAPI QCryptoBlockInfo of an encrypted image ("encrypt" in the format-specific data). */
+function encryptInfo(encryption: NonNullable<Qcow2Info["encryption"]>): ImageInfoJson {
+  if (encryption.format === "aes" || encryption.luks === null) return { format: encryption.format };
+  const luks = encryption.luks;
+  return {
+    format: "luks",
+    "cipher-alg": luks.cipherAlg,
+    "cipher-mode": luks.cipherMode,
+    "ivgen-alg": luks.ivgenAlg,
+    ...(luks.ivgenHashAlg === undefined ? {} : { "ivgen-hash-alg": luks.ivgenHashAlg }),
+    "hash-alg": luks.hashAlg,
+    "payload-offset": luks.payloadOffsetBytes,
+    "master-key-iters": luks.masterKeyIterations,
+    uuid: luks.uuid,
+    slots: luks.slots.map((slot) => ({
+      active: slot.active,
+      ...(slot.iterations === undefined ? {} : { iters: slot.iterations }),
+      ...(slot.stripes === undefined ? {} : { stripes: slot.stripes }),
+      "key-offset": slot.keyOffsetBytes,
+    })),
+  };
+}
+
 function qcow2SpecificInfo(image: Qcow2Image): ImageInfoJson {
   const info = image.info();
+  const encrypt = info.encryption === null ? {} : { encrypt: encryptInfo(info.encryption) };
   if (info.version === 2) {
-    return { compat: info.compat, "refcount-bits": info.refcountBits, "compression-type": info.compressionType };
+    return { compat: info.compat, "refcount-bits": info.refcountBits, "compression-type": info.compressionType, ...encrypt };
   }
   return {
     compat: info.compat,
+    ...(info.dataFile === null ? {} : { ...(info.dataFile.name === null ? {} : { "data-file": info.dataFile.name }), "data-file-raw": info.dataFile.raw }),
     "extended-l2": info.extendedL2,
     "lazy-refcounts": info.lazyRefcounts,
     ...(info.bitmaps.length > 0
@@ -65,6 +92,7 @@ function qcow2SpecificInfo(image: Qcow2Image): ImageInfoJson {
     corrupt: info.corrupt,
     "refcount-bits": info.refcountBits,
     "compression-type": info.compressionType,
+    ...encrypt,
   };
 }
 
@@ -106,6 +134,7 @@ export function describeImage(device: BlockDevice, path: string): ImageInfoJson 
     });
   }
   ordered["format-specific"] = { type: "qcow2", data: qcow2SpecificInfo(qcow2) };
+  if (info.encryption !== null) ordered.encrypted = true;
   return ordered;
 }
 
@@ -128,7 +157,7 @@ export async function imageInfo(path: string, options: ImageInfoOptions = {}): P
       if (error instanceof SnapstackError) throw error;
       // Missing files are reported by openImage with qemu-img's wording.
     }
-    const device = await openImage(layerPath, { format, readOnly: true, openBacking: false, forceShare: options.forceShare });
+    const device = await openImage(layerPath, { format, readOnly: true, openBacking: false, forceShare: options.forceShare, metadataOnly: true });
     let info: ImageInfoJson;
     try {
       info = describeImage(device, layerPath);

@@ -57,6 +57,8 @@ export interface OpenImageOptions {
    * E_IN_USE (io/qemu-locks.ts); a read-write open is always checked.
    */
   forceShare?: boolean;
+  /** Open an encrypted qcow2 top, or one with an external data file, read-only for its metadata only (info; see OpenQcow2Options). */
+  metadataOnly?: boolean;
 }
 
 /** How the chain code opens (or, with create, creates empty) the file at a path. */
@@ -202,7 +204,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
           built = new RawImage(layer.file, await layer.file.sizeBytes());
         } else {
           const readOnly = i > 0 || (options.readOnly ?? false);
-          built = await openQcow2(layer.file, { readOnly, backing: built, cacheBytesMax: options.cacheBytesMax, closeBacking: true });
+          built = await openQcow2(layer.file, { readOnly, backing: built, cacheBytesMax: options.cacheBytesMax, closeBacking: true, metadataOnly: options.metadataOnly === true && i === 0 });
         }
       } catch (error) {
         throw layerFailure(path, i, layer.path, error);

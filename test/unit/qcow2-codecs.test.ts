@@ -1,4 +1,5 @@
 import { test } from "node:test";
+import { LUKS_HEADER_BYTES, decodeLuksHeader } from "../../src/formats/qcow2/luks-header.ts";
 import assert from "node:assert/strict";
 import {
   decodeQcow2Header,
@@ -282,4 +283,44 @@ test("snapshot table round trip and QEMU layout", () => {
   assert.equal(decodedOld.diskSizeBytes, 4 * 1024 * 1024);
   assert.equal(decodedOld.id, "1");
   assert.equal(decodedOld.name, "snap");
+});
+
+test("LUKS header: decoded as QEMU names its parameters; anything that is not a LUKS1 header is refused", () => {
+  const bytes = new Uint8Array(LUKS_HEADER_BYTES);
+  const view = new DataView(bytes.buffer);
+  const put = (offset: number, text: string): void => bytes.set(Uint8Array.from(text, (char) => char.charCodeAt(0)), offset);
+  bytes.set([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe], 0);
+  view.setUint16(6, 1);
+  put(8, "serpent");
+  put(40, "cbc-essiv:sha256");
+  put(72, "sha512");
+  view.setUint32(104, 4040);
+  view.setUint32(108, 32);
+  view.setUint32(164, 1234);
+  put(168, "6f2c68f9-2a72-429e-8f30-7cb842afa176");
+  for (let slot = 0; slot < 8; slot++) {
+    const at = 208 + slot * 48;
+    view.setUint32(at, slot === 1 ? 0x00ac71f3 : 0x0000dead);
+    view.setUint32(at + 4, 5000 + slot);
+    view.setUint32(at + 40, 8 + slot * 504);
+    view.setUint32(at + 44, 4000);
+  }
+  const info = decodeLuksHeader(bytes);
+  assert.equal(info.cipherAlg, "serpent-256");
+  assert.deepEqual([info.cipherMode, info.ivgenAlg, info.ivgenHashAlg, info.hashAlg], ["cbc", "essiv", "sha256", "sha512"]);
+  assert.deepEqual([info.payloadOffsetBytes, info.masterKeyIterations, info.uuid], [4040 * 512, 1234, "6f2c68f9-2a72-429e-8f30-7cb842afa176"]);
+  assert.deepEqual(info.slots[0], { active: false, keyOffsetBytes: 8 * 512 });
+  assert.deepEqual(info.slots[1], { active: true, iterations: 5001, stripes: 4000, keyOffsetBytes: 512 * 512 });
+  // XTS holds two keys: 64 key bytes are aes-256.
+  put(8, "aes\0\0\0\0");
+  put(40, "xts-plain64\0\0\0\0\0");
+  view.setUint32(108, 64);
+  const xts = decodeLuksHeader(bytes);
+  assert.deepEqual([xts.cipherAlg, xts.cipherMode, xts.ivgenAlg, xts.ivgenHashAlg], ["aes-256", "xts", "plain64", undefined]);
+  assert.throws(() => decodeLuksHeader(bytes.subarray(0, 100)), { code: "E_BAD_HEADER" });
+  const garbage = bytes.slice();
+  garbage[0] = 0;
+  assert.throws(() => decodeLuksHeader(garbage), { code: "E_BAD_HEADER" });
+  view.setUint16(6, 2);
+  assert.throws(() => decodeLuksHeader(bytes), { code: "E_UNSUPPORTED_FEATURE" });
 });

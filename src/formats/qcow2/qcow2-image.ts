@@ -33,8 +33,9 @@
  *   data unless the rest already reads as zero.
  * - Corruption found while serving a request marks the image corrupt (bit 1
  *   on disk when writable) once; further writes are refused, reads go on.
- * - Not done: encryption, external data files, maintaining persistent
- *   dirty bitmaps. Their directory is read (info lists them, measure sizes
+ * - Not done: encryption and external data files (such images open only
+ *   with metadataOnly, read-only, for info: the LUKS header is decoded,
+ *   guest data is refused), maintaining persistent dirty bitmaps. Their directory is read (info lists them, measure sizes
  *   them, check counts their clusters); the extension is kept, and the
  *   autoclear bit is cleared before the first change of a read-write
  *   session, as QEMU does for autoclear bits it does not know: QEMU then
@@ -48,8 +49,11 @@ import { WRITE_SYNC_BYTES_MAX, type ImageFile } from "../../io/file.ts";
 import { WriteBehind } from "../../io/write-behind.ts";
 import {
   AUTOCLEAR_BITMAPS,
+  AUTOCLEAR_DATA_FILE_RAW,
   COMPAT_LAZY_REFCOUNTS,
   COMPRESSION_TYPE_ZSTD,
+  CRYPT_AES,
+  CRYPT_LUKS,
   CRYPT_NONE,
   INCOMPAT_CORRUPT,
   INCOMPAT_DATA_FILE,
@@ -81,6 +85,7 @@ import { REFTABLE_BYTES_MAX } from "./refcount-block.ts";
 import { BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory, type BitmapDirectoryEntry } from "./bitmap-directory.ts";
 import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, type Qcow2Snapshot } from "./snapshot-table.ts";
 import { compressCluster, decompressCluster } from "./compression.ts";
+import { LUKS_HEADER_BYTES, decodeLuksHeader, type LuksHeaderInfo } from "./luks-header.ts";
 import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, l1EntriesForSize, type Qcow2Geometry } from "./metadata.ts";
 import { AsyncMutex, RangeLock, ReadGate } from "./locks.ts";
 import { markDirty, type CachedTable } from "./table-cache.ts";
@@ -106,6 +111,12 @@ export interface OpenQcow2Options {
   cacheBytesMax?: number;
   /** close() also closes the backing device (default true). */
   closeBacking?: boolean;
+  /**
+   * Also open (read-only) an encrypted image or one with an external data
+   * file, for its metadata (info): its guest data cannot be read (read and
+   * layerStatus fail with the refusal a normal open gives).
+   */
+  metadataOnly?: boolean;
 }
 
 export interface Qcow2SnapshotInfo {
@@ -134,7 +145,22 @@ export interface Qcow2Info {
   snapshots: Qcow2SnapshotInfo[];
   /** Persistent dirty bitmaps QEMU would load (the autoclear bit set, the directory valid); snapstack keeps them, does not update them. */
   bitmaps: Array<{ name: string; granularityBytes: number; inUse: boolean; auto: boolean }>;
+  /** Encryption: "aes" (crypt_method 1) or "luks" with its header's parameters; null when not encrypted. */
+  encryption: { format: "aes" } | { format: "luks"; luks: LuksHeaderInfo | null } | null;
+  /** External data file: its name (null when the header does not store one) and whether it is raw; null when there is none. */
+  dataFile: { name: string | null; raw: boolean } | null;
   header: Qcow2Header;
+}
+
+/** The refusal to read guest data of an image snapstack cannot decode (encrypted, external data file), or null. */
+function unreadableDataRefusal(header: Qcow2Header, where: string): SnapstackError | null {
+  if (header.cryptMethod !== CRYPT_NONE) {
+    return new SnapstackError("E_ENCRYPTED", `${where}: image is encrypted (crypt_method ${header.cryptMethod}); encryption is not supported`);
+  }
+  if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) {
+    return new SnapstackError("E_UNSUPPORTED_FEATURE", `${where}: images with an external data file are not supported`);
+  }
+  return null;
 }
 
 /** Read and decode cluster 0 of a qcow2 file. */
@@ -167,12 +193,8 @@ export async function openQcow2(file: ImageFile, options: OpenQcow2Options): Pro
   const fileSizeBytes = await file.sizeBytes();
   const clusterSizeBytes = 2 ** header.clusterBits;
   const where = file.name;
-  if (header.cryptMethod !== CRYPT_NONE) {
-    throw new SnapstackError("E_ENCRYPTED", `${where}: image is encrypted (crypt_method ${header.cryptMethod}); encryption is not supported`);
-  }
-  if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) {
-    throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${where}: images with an external data file are not supported`);
-  }
+  const dataRefusal = unreadableDataRefusal(header, where);
+  if (dataRefusal !== null && !(options.metadataOnly === true && options.readOnly)) throw dataRefusal;
   if (header.incompatibleFeatures & INCOMPAT_CORRUPT && !options.readOnly) {
     throw new SnapstackError("E_IMAGE_MARKED_CORRUPT", "qcow2: Image is corrupt; cannot be opened read/write");
   }
@@ -208,8 +230,9 @@ export async function openQcow2(file: ImageFile, options: OpenQcow2Options): Pro
     current = (await rebuildRefcounts(file)).header;
   }
   const meta = await Qcow2Metadata.load(file, current, options.cacheBytesMax ?? METADATA_CACHE_BYTES_DEFAULT);
-  const image = new Qcow2Image(file, meta, snapshots, options);
+  const image = new Qcow2Image(file, meta, snapshots, options, dataRefusal);
   await image.loadBitmapDirectory();
+  await image.loadLuksHeader();
   if (!options.readOnly) await image.prepareForWriting();
   return image;
 }
@@ -281,8 +304,9 @@ export class Qcow2Image implements BlockDevice {
   #paddingArena: Uint8Array | null = null;
   #paddingArenaUsedBytes = 0;
 
-  constructor(file: ImageFile, meta: Qcow2Metadata, snapshots: Qcow2Snapshot[], options: OpenQcow2Options) {
+  constructor(file: ImageFile, meta: Qcow2Metadata, snapshots: Qcow2Snapshot[], options: OpenQcow2Options, dataRefusal: SnapstackError | null = null) {
     this.name = file.name;
+    this.#dataRefusal = dataRefusal;
     this.#file = file;
     this.#writeBehind = new WriteBehind(file);
     this.#meta = meta;
@@ -329,8 +353,20 @@ export class Qcow2Image implements BlockDevice {
 
   /** The persistent dirty bitmaps' directory entries (info, measure); empty once a change made them inconsistent. */
   #bitmaps: BitmapDirectoryEntry[] = [];
+  /** Why guest data cannot be read (an encrypted image, an external data file: opened metadata-only), or null. */
+  readonly #dataRefusal: SnapstackError | null;
+  #luksHeader: LuksHeaderInfo | null = null;
 
   /** At open: read the bitmap directory when the header says the bitmaps are consistent. */
+  /** The LUKS header an encrypted image (opened metadata-only) carries, for info(). */
+  async loadLuksHeader(): Promise<void> {
+    const crypto = this.#meta.header.extensions.crypto;
+    if (this.#meta.header.cryptMethod !== CRYPT_LUKS || crypto === null) return;
+    const bytes = new Uint8Array(Math.min(crypto.lengthBytes, LUKS_HEADER_BYTES));
+    await this.#file.read(crypto.hostOffset, bytes);
+    this.#luksHeader = decodeLuksHeader(bytes);
+  }
+
   async loadBitmapDirectory(): Promise<void> {
     const header = this.#meta.header;
     const extension = header.extensions.bitmaps;
@@ -377,6 +413,11 @@ export class Qcow2Image implements BlockDevice {
       // As qemu-img shows them: names cut to 255 bytes, IDs to 127.
       snapshots: listSnapshots(this),
       bitmaps: this.#bitmaps.map(({ name, granularityBytes, inUse, auto }) => ({ name, granularityBytes, inUse, auto })),
+      encryption: header.cryptMethod === CRYPT_AES ? { format: "aes" } : header.cryptMethod === CRYPT_LUKS ? { format: "luks", luks: this.#luksHeader } : null,
+      dataFile:
+        (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n
+          ? { name: header.extensions.dataFileName, raw: (header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n }
+          : null,
       header,
     };
   }
@@ -796,6 +837,7 @@ export class Qcow2Image implements BlockDevice {
   }
 
   async read(guestOffset: number, buffer: Uint8Array): Promise<void> {
+    if (this.#dataRefusal !== null) throw this.#dataRefusal;
     this.#checkRange(guestOffset, buffer.length, "read");
     if (buffer.length === 0) return;
     const epoch = this.#readGate.enter();
@@ -821,6 +863,7 @@ export class Qcow2Image implements BlockDevice {
   }
 
   async layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]> {
+    if (this.#dataRefusal !== null) throw this.#dataRefusal;
     this.#checkRange(guestOffset, lengthBytes, "block status");
     const extents: LayerExtent[] = [];
     let g = guestOffset;
