@@ -96,6 +96,11 @@ function qcow2SpecificInfo(image: Qcow2Image): ImageInfoJson {
   };
 }
 
+/** ImageInfoSpecific's data of a device (qcow2's), or null when its format has none (raw). */
+export function formatSpecificInfo(device: BlockDevice): ImageInfoJson | null {
+  return device instanceof Qcow2Image ? qcow2SpecificInfo(device) : null;
+}
+
 /** The ImageInfo object for one opened image (its backing not needed). */
 export function describeImage(device: BlockDevice, path: string): ImageInfoJson {
   const qcow2 = device instanceof Qcow2Image ? device : null;
@@ -133,7 +138,7 @@ export function describeImage(device: BlockDevice, path: string): ImageInfoJson 
       return snapshot;
     });
   }
-  ordered["format-specific"] = { type: "qcow2", data: qcow2SpecificInfo(qcow2) };
+  ordered["format-specific"] = { type: "qcow2", data: formatSpecificInfo(qcow2) };
   if (info.encryption !== null) ordered.encrypted = true;
   return ordered;
 }

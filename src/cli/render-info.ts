@@ -89,11 +89,13 @@ export function formatImageInfoHuman(info: Json): string {
     for (const snapshot of snapshots) out += `${formatSnapshotRow(snapshot as Json)}\n`;
   }
   const specific = info["format-specific"] as Json | undefined;
-  if (specific !== undefined) {
-    out += "Format specific information:\n";
-    out += dumpValue(specific.data, 1);
-  }
+  if (specific !== undefined) out += formatFormatSpecific(specific.data);
   return out;
+}
+
+/** bdrv_image_info_specific_dump under its heading (qemu-img info, qemu-io info). */
+export function formatFormatSpecific(data: unknown): string {
+  return `Format specific information:\n${dumpValue(data, 1)}`;
 }
 
 /** Several images (--backing-chain): separated by a blank line. */

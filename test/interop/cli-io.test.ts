@@ -228,3 +228,56 @@ test("io commands that fail print on stdout what qemu-io prints there (and the c
     assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(readFileSync(join(dir, "e.qcow2"))), `${command}: image changed`);
   }
 });
+
+test("io readv/writev/aio_read/aio_write/aio_flush/length/info/alloc/truncate/sleep print what qemu-io prints and leave the same image", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const sessions: Array<[string, string, string[]]> = [
+    [
+      "qcow2",
+      "cluster_size=64k",
+      [
+        "write -P 1 64k 128k",
+        "length",
+        "info",
+        "alloc 0 1M",
+        "alloc 64k",
+        "alloc 0",
+        "alloc 65537 3",
+        "alloc 9M 4M",
+        "alloc 11M",
+        "readv -P 1 64k 4k 4k",
+        "writev -P 2 1M 4k 8k",
+        "readv -v 1M 16 16",
+        "aio_write -P 3 2M 64k",
+        "aio_flush",
+        // Requests in flight together complete in either order (in qemu-io too): one at a time here.
+        "aio_read -P 3 2M 64k",
+        "aio_flush",
+        "aio_read -P 4 2M 4k",
+        "aio_flush",
+        "aio_write -z 2M 4k 4k",
+        "aio_write 30M 4k",
+        "aio_flush",
+        "truncate 20M",
+        "length",
+        "sleep 10",
+        "sleep x",
+        "map",
+      ],
+    ],
+    ["qcow2", "extended_l2=on,cluster_size=128k", ["info", "write -P 7 4k 8k", "alloc 0 128k", "truncate 64k", "length", "map"]],
+    ["raw", "", ["info", "length", "alloc 0 4k", "writev -P 5 0 1 2 3", "readv -P 5 0 6", "truncate 2M", "length"]],
+  ];
+  for (const [format, options, commands] of sessions) {
+    const what = `${format} ${options}`;
+    ok(await qemuImg(["create", "-q", "-f", format, ...(options === "" ? [] : ["-o", options]), "base.img", "10M"], dir), `${what}: create`);
+    copyFileSync(join(dir, "base.img"), join(dir, "ours.img"));
+    copyFileSync(join(dir, "base.img"), join(dir, "theirs.img"));
+    const ours = await snapstack(["io", "-f", format, ...commandArgs(commands), "ours.img"], { cwd: dir });
+    const theirs = await qemuIo(["-f", format, ...commandArgs(commands), "theirs.img"], dir);
+    assert.equal(ours.code, theirs.code, `${what}: exit status (stderr ${ours.stderr})`);
+    assert.equal(maskTimings(ours.stdout), maskTimings(theirs.stdout), what);
+    ok(await qemuImg(["compare", "-f", format, "-F", format, "ours.img", "theirs.img"], dir), `${what}: content`);
+  }
+});

@@ -17,21 +17,35 @@ import type { CliCommand, CliContext } from "../context.ts";
 import { refuseForceShareForWriting } from "../command-helpers.ts";
 import { formatErrorLine, toSnapstackError } from "../error-report.ts";
 import { openImage } from "../engine.ts";
-import { IO_SUBCOMMANDS, IoCommandError } from "./io-subcommands.ts";
+import { IO_SUBCOMMANDS, IoCommandError, type IoSession } from "./io-subcommands.ts";
 
-async function runOne(device: BlockDevice, line: string, context: CliContext): Promise<void> {
+/** The aio requests of one session (aio_read, aio_write): failures go to `report` as they end. */
+function aioSession(report: (error: unknown) => void): IoSession {
+  const pending = new Set<Promise<void>>();
+  return {
+    start(request) {
+      const tracked: Promise<void> = request.catch(report).finally(() => pending.delete(tracked));
+      pending.add(tracked);
+    },
+    async drain() {
+      while (pending.size > 0) await Promise.all([...pending]);
+    },
+  };
+}
+
+async function runOne(device: BlockDevice, line: string, context: CliContext, session: IoSession): Promise<void> {
   const words = line.split(/[ \t]+/).filter((word) => word !== "");
   if (words.length === 0) return;
   const [name, ...args] = words;
   const subcommand = IO_SUBCOMMANDS.find((candidate) => candidate.name === name || candidate.aliases?.includes(name));
   if (subcommand === undefined) throw new SnapstackError("E_USAGE", `command "${name}" not found`, { command: name });
-  await subcommand.run(device, args, context);
+  await subcommand.run(device, args, context, session);
 }
 
 export const ioCommand: CliCommand = {
   name: "io",
   synopsis: "io [-f fmt] [-r] [-U] -c COMMAND [-c COMMAND]... FILE",
-  summary: "Run qemu-io style commands on an image (read, write, discard, flush, map).",
+  summary: "Run qemu-io style commands on an image (read, write, aio_*, discard, flush, truncate, length, info, alloc, map, ...).",
   optionHelp: [
     "  -f fmt      image format (qcow2, raw); detected when omitted",
     "  -r          open read-only",
@@ -58,17 +72,23 @@ export const ioCommand: CliCommand = {
       forceShare: optionFlag(parsed, "forceShare"),
     });
     let failed = false;
+    const report = (error: unknown): void => {
+      failed = true;
+      if (error instanceof IoCommandError) context.out(`${error.stdoutLine}\n`);
+      context.err(formatErrorLine(toSnapstackError(error)));
+    };
+    const session = aioSession(report);
     try {
       for (const line of commands) {
         try {
-          await runOne(device, line, context);
+          await runOne(device, line, context, session);
         } catch (error) {
-          failed = true;
-          if (error instanceof IoCommandError) context.out(`${error.stdoutLine}\n`);
-          context.err(formatErrorLine(toSnapstackError(error)));
+          report(error);
         }
       }
     } finally {
+      // qemu-io drains at exit: aio requests still running complete (and report) first.
+      await session.drain();
       await device.close();
     }
     return failed ? 1 : 0;

@@ -1,5 +1,7 @@
 /**
- * qemu-io's commands over a BlockDevice: read, write, discard, flush, map.
+ * qemu-io's commands over a BlockDevice: read, readv, write, writev,
+ * aio_read, aio_write, aio_flush, discard, flush, truncate, length, info,
+ * alloc, map, sleep.
  *
  * Output follows qemu-io 7.2 (qemu-io-cmds.c): "wrote 4096/4096 bytes at
  * offset 0", then the statistics line "4 KiB, 1 ops; 00.00 sec (... /sec and
@@ -18,6 +20,10 @@ import { optionFlag, optionString, parseArgs, type OptionSpec, type ParsedArgs }
 import type { CliContext } from "../context.ts";
 import { canWriteCompressed } from "../engine.ts";
 import { toSnapstackError } from "../error-report.ts";
+import { formatFormatSpecific } from "../render-info.ts";
+import { formatSpecificInfo } from "../../chain/image-info.ts";
+import { Qcow2Image } from "../../formats/qcow2/index.ts";
+import { RawImage } from "../../formats/raw/raw-image.ts";
 
 /** qemu's BDRV_REQUEST_MAX_BYTES: one request is at most INT_MAX rounded down to 512. */
 export const IO_REQUEST_MAX_BYTES = 2147483136;
@@ -25,11 +31,19 @@ const SECTOR_BYTES = 512;
 /** qemu-io's default byte for `write` without -P. */
 const WRITE_DEFAULT_PATTERN = 0xcd;
 
+/** What outlives one command of a session: the aio requests still running. */
+export interface IoSession {
+  /** Let a request run on; its failure is reported when it ends. */
+  start(request: Promise<void>): void;
+  /** Wait for every request started. */
+  drain(): Promise<void>;
+}
+
 export interface IoSubcommand {
   name: string;
   aliases?: string[];
   synopsis: string;
-  run(device: BlockDevice, args: string[], context: CliContext): Promise<void>;
+  run(device: BlockDevice, args: string[], context: CliContext, session: IoSession): Promise<void>;
 }
 
 /** A failed io command, with the line qemu-io prints for the same failure on stdout. */
@@ -174,6 +188,91 @@ async function runReported(context: CliContext, quiet: boolean, op: string, gues
   if (!quiet) context.out(formatReport(op, guestOffset, lengthBytes, elapsed));
 }
 
+/** How a read is checked and reported (read, readv, aio_read). */
+interface ReadOptions {
+  pattern: number | undefined;
+  patternOffset: number;
+  patternLength: number;
+  verbose: boolean;
+  quiet: boolean;
+}
+
+/** Read, verify and report one request: qemu-io's read_f / readv_f / aio_read_done. */
+async function readReported(device: BlockDevice, guestOffset: number, lengthBytes: number, options: ReadOptions, context: CliContext, op = "read"): Promise<void> {
+  checkRange(device, op, guestOffset, lengthBytes);
+  const buffer = new Uint8Array(lengthBytes);
+  const start = process.hrtime.bigint();
+  await deviceRequest(op, () => device.read(guestOffset, buffer));
+  const elapsed = elapsedSince(start);
+  let mismatch: SnapstackError | null = null;
+  if (options.pattern !== undefined) {
+    const region = buffer.subarray(options.patternOffset, options.patternOffset + options.patternLength);
+    if (region.some((byte) => byte !== options.pattern)) {
+      const message = `Pattern verification failed at offset ${guestOffset + options.patternOffset}, ${options.patternLength} bytes`;
+      context.out(`${message}\n`);
+      mismatch = new SnapstackError("E_PATTERN_MISMATCH", message, { guestOffset: guestOffset + options.patternOffset, lengthBytes: options.patternLength, pattern: options.pattern });
+    }
+  }
+  if (!options.quiet) {
+    if (options.verbose) context.out(formatHexdump(buffer, guestOffset));
+    context.out(formatReport("read", guestOffset, lengthBytes, elapsed));
+  }
+  if (mismatch !== null) throw mismatch;
+}
+
+/** What a write writes and how it is reported (write, writev, aio_write). */
+interface WriteOptions {
+  zero: boolean;
+  unmap: boolean;
+  compressed: boolean;
+  pattern: number;
+  fua: boolean;
+  quiet: boolean;
+}
+
+/** Write and report one request: qemu-io's write_f / writev_f / aio_write_done. */
+async function writeReported(device: BlockDevice, guestOffset: number, lengthBytes: number, options: WriteOptions, context: CliContext, op = "write"): Promise<void> {
+  checkRange(device, op, guestOffset, lengthBytes);
+  await runReported(context, options.quiet, "wrote", guestOffset, lengthBytes, () =>
+    deviceRequest(op, async () => {
+      if (options.zero) {
+        await device.writeZeroes(guestOffset, lengthBytes, { unmap: options.unmap });
+      } else {
+        const data = new Uint8Array(lengthBytes).fill(options.pattern);
+        if (!options.compressed) {
+          await device.write(guestOffset, data);
+        } else if (canWriteCompressed(device)) {
+          await device.writeCompressed(guestOffset, data);
+        } else {
+          throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${device.name}: format ${device.format} cannot store compressed data`);
+        }
+      }
+      if (options.fua) await device.flush();
+    }),
+  );
+}
+
+/** The offset and the sum of the lengths of readv/writev/aio_* (qemu-io's create_iovec). */
+function offsetAndLengths(name: string, positionals: string[]): { guestOffset: number; lengthBytes: number } {
+  if (positionals.length < 2) throw new SnapstackError("E_USAGE", `bad argument count ${positionals.length} to ${name}, expected at least 2 arguments`);
+  const guestOffset = parseIoNumber(positionals[0]);
+  let lengthBytes = 0;
+  for (const text of positionals.slice(1)) {
+    const length = parseIoNumber(text);
+    if (length > IO_REQUEST_MAX_BYTES) throw new IoCommandError("E_INVALID_SIZE", `Argument '${text}' exceeds maximum size ${IO_REQUEST_MAX_BYTES}`);
+    if (lengthBytes > IO_REQUEST_MAX_BYTES - length) throw new IoCommandError("E_INVALID_SIZE", `The total number of bytes exceed the maximum size ${IO_REQUEST_MAX_BYTES}`);
+    lengthBytes += length;
+  }
+  return { guestOffset, lengthBytes };
+}
+
+/** qemu-io's argument count check for commands without options. */
+function expectArgumentCount(name: string, args: string[], min: number, max: number): void {
+  if (args.length >= min && args.length <= max) return;
+  const expected = max === 0 ? "0 arguments" : min === max ? `${min} arguments` : `between ${min} and ${max} arguments`;
+  throw new SnapstackError("E_USAGE", `bad argument count ${args.length} to ${name}, expected ${expected}`);
+}
+
 const readCommand: IoSubcommand = {
   name: "read",
   aliases: ["r"],
@@ -199,70 +298,194 @@ const readCommand: IoSubcommand = {
     if (patternLength < 0 || patternOffset + patternLength > lengthBytes) {
       throw new IoCommandError("E_USAGE", "pattern verification range exceeds end of read data");
     }
-    checkRange(device, "read", guestOffset, lengthBytes);
-    const buffer = new Uint8Array(lengthBytes);
-    const start = process.hrtime.bigint();
-    await deviceRequest("read", () => device.read(guestOffset, buffer));
-    const elapsed = elapsedSince(start);
-    let mismatch: SnapstackError | null = null;
-    if (pattern !== undefined) {
-      const region = buffer.subarray(patternOffset, patternOffset + patternLength);
-      if (region.some((byte) => byte !== pattern)) {
-        const message = `Pattern verification failed at offset ${guestOffset + patternOffset}, ${patternLength} bytes`;
-        context.out(`${message}\n`);
-        mismatch = new SnapstackError("E_PATTERN_MISMATCH", message, { guestOffset: guestOffset + patternOffset, lengthBytes: patternLength, pattern });
-      }
-    }
-    if (!optionFlag(parsed, "quiet")) {
-      if (optionFlag(parsed, "verbose")) context.out(formatHexdump(buffer, guestOffset));
-      context.out(formatReport("read", guestOffset, lengthBytes, elapsed));
-    }
-    if (mismatch !== null) throw mismatch;
+    await readReported(device, guestOffset, lengthBytes, { pattern, patternOffset, patternLength, verbose: optionFlag(parsed, "verbose"), quiet: optionFlag(parsed, "quiet") }, context);
   },
 };
+
+/** Options of readv and aio_read, and what they read. */
+function parseVectorRead(name: string, args: string[]): { guestOffset: number; lengthBytes: number; options: ReadOptions } {
+  const parsed = parseWords(name, args, [
+    { name: "pattern", short: "P", value: true },
+    { name: "quiet", short: "q" },
+    { name: "verbose", short: "v" },
+    { name: "parsable", short: "C" },
+  ]);
+  const patternText = optionString(parsed, "pattern");
+  const pattern = patternText === undefined ? undefined : parsePattern(patternText);
+  const { guestOffset, lengthBytes } = offsetAndLengths(name, parsed.positionals);
+  return { guestOffset, lengthBytes, options: { pattern, patternOffset: 0, patternLength: lengthBytes, verbose: optionFlag(parsed, "verbose"), quiet: optionFlag(parsed, "quiet") } };
+}
+
+const readvCommand: IoSubcommand = {
+  name: "readv",
+  synopsis: "readv [-qv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset into several buffers",
+  async run(device, args, context) {
+    const { guestOffset, lengthBytes, options } = parseVectorRead("readv", args);
+    await readReported(device, guestOffset, lengthBytes, options, context);
+  },
+};
+
+function parseWriteFlags(name: string, args: string[]): { parsed: ParsedArgs; options: WriteOptions } {
+  const parsed = parseWords(name, args, [
+    { name: "pattern", short: "P", value: true },
+    { name: "zero", short: "z" },
+    { name: "unmap", short: "u" },
+    { name: "compressed", short: "c" },
+    { name: "quiet", short: "q" },
+    { name: "fua", short: "f" },
+    { name: "noFallback", short: "n" },
+    { name: "parsable", short: "C" },
+  ]);
+  const zero = optionFlag(parsed, "zero");
+  const patternText = optionString(parsed, "pattern");
+  if (zero && patternText !== undefined) throw new IoCommandError("E_USAGE", "Only one of -z, -P, and -s can be specified at the same time");
+  if (optionFlag(parsed, "unmap") && !zero) throw new IoCommandError("E_USAGE", "-u requires -z to be specified");
+  if (optionFlag(parsed, "noFallback") && !zero) throw new IoCommandError("E_USAGE", "-n requires -z to be specified");
+  const pattern = patternText === undefined ? WRITE_DEFAULT_PATTERN : parsePattern(patternText);
+  return {
+    parsed,
+    options: { zero, unmap: optionFlag(parsed, "unmap"), compressed: optionFlag(parsed, "compressed"), pattern, fua: optionFlag(parsed, "fua"), quiet: optionFlag(parsed, "quiet") },
+  };
+}
 
 const writeCommand: IoSubcommand = {
   name: "write",
   aliases: ["w"],
   synopsis: "write [-cqu] [-P pattern | -z] off len -- writes a number of bytes at a specified offset",
   async run(device, args, context) {
-    const parsed = parseWords("write", args, [
-      { name: "pattern", short: "P", value: true },
-      { name: "zero", short: "z" },
-      { name: "unmap", short: "u" },
-      { name: "compressed", short: "c" },
-      { name: "quiet", short: "q" },
-      { name: "fua", short: "f" },
-      { name: "noFallback", short: "n" },
-    ]);
-    const zero = optionFlag(parsed, "zero");
-    const compressed = optionFlag(parsed, "compressed");
-    const patternText = optionString(parsed, "pattern");
-    if (zero && patternText !== undefined) throw new IoCommandError("E_USAGE", "Only one of -z, -P, and -s can be specified at the same time");
-    if (optionFlag(parsed, "unmap") && !zero) throw new IoCommandError("E_USAGE", "-u requires -z to be specified");
-    if (optionFlag(parsed, "noFallback") && !zero) throw new IoCommandError("E_USAGE", "-n requires -z to be specified");
-    const pattern = patternText === undefined ? WRITE_DEFAULT_PATTERN : parsePattern(patternText);
+    const { parsed, options } = parseWriteFlags("write", args);
     const { guestOffset, lengthBytes } = offsetAndLength("write", parsed.positionals);
-    if (compressed) {
+    if (options.compressed) {
       requireSectorAligned(guestOffset, "offset");
       requireSectorAligned(lengthBytes, "count");
     }
-    checkRange(device, "write", guestOffset, lengthBytes);
-    await runReported(context, optionFlag(parsed, "quiet"), "wrote", guestOffset, lengthBytes, () => deviceRequest("write", async () => {
-      if (zero) {
-        await device.writeZeroes(guestOffset, lengthBytes, { unmap: optionFlag(parsed, "unmap") });
-      } else {
-        const data = new Uint8Array(lengthBytes).fill(pattern);
-        if (!compressed) {
-          await device.write(guestOffset, data);
-        } else if (canWriteCompressed(device)) {
-          await device.writeCompressed(guestOffset, data);
-        } else {
-          throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${device.name}: format ${device.format} cannot store compressed data`);
-        }
-      }
-      if (optionFlag(parsed, "fua")) await device.flush();
-    }));
+    await writeReported(device, guestOffset, lengthBytes, options, context);
+  },
+};
+
+const writevCommand: IoSubcommand = {
+  name: "writev",
+  synopsis: "writev [-q] [-P pattern] off len [len..] -- writes a number of bytes at a specified offset from several buffers",
+  async run(device, args, context) {
+    const { parsed, options } = parseWriteFlags("writev", args);
+    if (options.zero || options.compressed) throw new SnapstackError("E_USAGE", "writev: -z and -c are write's options");
+    const { guestOffset, lengthBytes } = offsetAndLengths("writev", parsed.positionals);
+    await writeReported(device, guestOffset, lengthBytes, options, context);
+  },
+};
+
+/**
+ * aio_read / aio_write start a request and return; it reports when it
+ * completes, and aio_flush (or the end of the command list) waits for
+ * every one, as in qemu-io. A failure prints "aio_<op> failed: <strerror>"
+ * on stdout and, unlike qemu-io, also makes the exit status 1.
+ */
+const aioReadCommand: IoSubcommand = {
+  name: "aio_read",
+  synopsis: "aio_read [-qv] [-P pattern] off len [len..] -- asynchronously reads a number of bytes",
+  async run(device, args, context, session) {
+    const { guestOffset, lengthBytes, options } = parseVectorRead("aio_read", args);
+    session.start(readReported(device, guestOffset, lengthBytes, options, context, "aio_read"));
+  },
+};
+
+const aioWriteCommand: IoSubcommand = {
+  name: "aio_write",
+  synopsis: "aio_write [-fquz] [-P pattern] off len [len..] -- asynchronously writes a number of bytes",
+  async run(device, args, context, session) {
+    const { parsed, options } = parseWriteFlags("aio_write", args);
+    if (options.compressed) throw new SnapstackError("E_USAGE", "aio_write: -c is write's option");
+    if (options.zero && parsed.positionals.length !== 2) throw new IoCommandError("E_USAGE", "-z supports only a single length parameter");
+    const { guestOffset, lengthBytes } = offsetAndLengths("aio_write", parsed.positionals);
+    session.start(writeReported(device, guestOffset, lengthBytes, options, context, "aio_write"));
+  },
+};
+
+const aioFlushCommand: IoSubcommand = {
+  name: "aio_flush",
+  synopsis: "aio_flush -- completes all outstanding aio requests",
+  async run(_device, args, _context, session) {
+    expectArgumentCount("aio_flush", args, 0, 0);
+    await session.drain();
+  },
+};
+
+const lengthCommand: IoSubcommand = {
+  name: "length",
+  aliases: ["l"],
+  synopsis: "length -- gets the length of the current file",
+  async run(device, args, context) {
+    expectArgumentCount("length", args, 0, 0);
+    context.out(`${formatIoSize(device.sizeBytes)}\n`);
+  },
+};
+
+const infoCommand: IoSubcommand = {
+  name: "info",
+  aliases: ["i"],
+  synopsis: "info -- prints information about the current file",
+  async run(device, args, context) {
+    expectArgumentCount("info", args, 0, 0);
+    const qcow2 = device instanceof Qcow2Image ? device.info() : null;
+    const clusterBytes = qcow2?.clusterSizeBytes ?? 0;
+    // qcow2_vm_state_offset: where the VM state would start, past the range the L1 table can map.
+    const mappedPerL1Entry = qcow2 === null ? 0 : clusterBytes * (clusterBytes / (qcow2.extendedL2 ? 16 : 8));
+    const vmStateOffset = qcow2 === null ? 0 : Math.ceil(qcow2.sizeBytes / mappedPerL1Entry) * mappedPerL1Entry;
+    let out = `format name: ${device.format}\ncluster size: ${formatIoSize(clusterBytes)}\nvm state offset: ${formatIoSize(vmStateOffset)}\n`;
+    const specific = formatSpecificInfo(device);
+    if (specific !== null) out += formatFormatSpecific(specific);
+    context.out(out);
+  },
+};
+
+const allocCommand: IoSubcommand = {
+  name: "alloc",
+  aliases: ["a"],
+  synopsis: "alloc offset [count] -- checks if offset is allocated in the file",
+  async run(device, args, context) {
+    expectArgumentCount("alloc", args, 1, 2);
+    // qemu-io 7.2 checks neither the offset's nor the count's alignment.
+    const guestOffset = parseIoNumber(args[0]);
+    let count = SECTOR_BYTES;
+    if (args.length === 2) {
+      count = parseIoNumber(args[1]);
+      const countMax = 2147483647 * SECTOR_BYTES;
+      if (count > countMax) throw new IoCommandError("E_INVALID_SIZE", `length argument cannot exceed ${countMax}, given ${args[1]}`);
+    }
+    // bdrv_is_allocated of this layer alone; the count stops at the end of the disk.
+    count = Math.max(0, Math.min(count, device.sizeBytes - guestOffset));
+    let allocated = 0;
+    if (count > 0) {
+      for (const extent of await device.layerStatus(guestOffset, count)) if (extent.kind !== "unallocated") allocated += extent.lengthBytes;
+    }
+    context.out(`${allocated}/${count} bytes allocated at offset ${formatIoSize(guestOffset)}\n`);
+  },
+};
+
+const truncateCommand: IoSubcommand = {
+  name: "truncate",
+  aliases: ["t"],
+  synopsis: "truncate off -- truncates the current file at the given offset",
+  async run(device, args) {
+    expectArgumentCount("truncate", args, 1, 1);
+    const sizeBytes = parseIoNumber(args[0]);
+    if (device instanceof Qcow2Image) await device.resize(sizeBytes, { shrink: true });
+    else if (device instanceof RawImage) await device.resize(sizeBytes);
+    else throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${device.name}: cannot resize format ${device.format}`);
+  },
+};
+
+const sleepCommand: IoSubcommand = {
+  name: "sleep",
+  synopsis: "sleep milliseconds -- waits for the given value in milliseconds",
+  async run(_device, args) {
+    expectArgumentCount("sleep", args, 1, 1);
+    // strtol(arg, &end, 0): decimal, 0x hex or 0 octal, nothing after it.
+    const match = /^\s*(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9]\d*)$/.exec(args[0]);
+    if (match === null) throw new IoCommandError("E_USAGE", `${args[0]} is not a valid number`);
+    const digits = match[1];
+    const ms = /^0[xX]/.test(digits) ? parseInt(digits.slice(2), 16) : digits.length > 1 ? parseInt(digits, 8) : Number(digits);
+    await new Promise((resolve) => setTimeout(resolve, ms));
   },
 };
 
@@ -312,4 +535,20 @@ const mapCommand: IoSubcommand = {
   },
 };
 
-export const IO_SUBCOMMANDS: IoSubcommand[] = [readCommand, writeCommand, discardCommand, flushCommand, mapCommand];
+export const IO_SUBCOMMANDS: IoSubcommand[] = [
+  readCommand,
+  readvCommand,
+  writeCommand,
+  writevCommand,
+  aioReadCommand,
+  aioWriteCommand,
+  aioFlushCommand,
+  discardCommand,
+  flushCommand,
+  truncateCommand,
+  lengthCommand,
+  infoCommand,
+  allocCommand,
+  mapCommand,
+  sleepCommand,
+];
