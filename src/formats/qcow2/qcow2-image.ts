@@ -1535,8 +1535,12 @@ export class Qcow2Image implements BlockDevice {
     const geometry = meta.geometry;
     const entryBytes = geometry.l2EntryBytes;
     const ofUnallocated = decide(UNALLOCATED_ENTRY);
-    const decisionAt = (table: CachedTable, l2Index: number): EntryChange =>
-      isEmptyEntry(table.view, l2Index * entryBytes, entryBytes) ? ofUnallocated : decide(this.#entry(table, l2Index, table.hostOffset));
+    const entryAt = (table: CachedTable, l2Index: number): L2Entry | null =>
+      isEmptyEntry(table.view, l2Index * entryBytes, entryBytes) ? null : this.#entry(table, l2Index, table.hostOffset);
+    const decisionAt = (table: CachedTable, l2Index: number): EntryChange => {
+      const entry = entryAt(table, l2Index);
+      return entry === null ? ofUnallocated : decide(entry);
+    };
     for (let tableFirst = firstCluster; tableFirst < endCluster; ) {
       const l1Index = Math.floor(tableFirst / geometry.l2Entries);
       const tableEnd = Math.min(endCluster, (l1Index + 1) * geometry.l2Entries);
@@ -1549,8 +1553,9 @@ export class Qcow2Image implements BlockDevice {
       const table = await meta.getL2ForWrite(l1Index);
       const freed: L2Entry[] = [];
       for (let l2Index = firstIndex; l2Index < endIndex; l2Index++) {
-        const change = decisionAt(table, l2Index);
-        if (change.free) freed.push(this.#entry(table, l2Index, table.hostOffset));
+        const entry = entryAt(table, l2Index);
+        const change = entry === null ? ofUnallocated : decide(entry);
+        if (change.free && entry !== null) freed.push(entry);
         setL2EntryWords(table.view, l2Index, geometry.extendedL2, change.word, change.alloc, change.zero);
       }
       markDirty(table, firstIndex * entryBytes, (endIndex - firstIndex) * entryBytes);
