@@ -49,3 +49,30 @@ test("resize whose size write fails leaves the size as it was, in memory as on d
   await image.close().catch(() => {});
   await backing.close();
 });
+
+test("a grow over a longer backing file that zeroes hundreds of L2 tables keeps the L2 cache within its bound while it runs", async () => {
+  const backingFile = new MemoryFile({ name: "backing.qcow2" });
+  await createQcow2(backingFile, { sizeBytes: 600 * MiB, clusterSizeBytes: 4096 });
+  const backing = await openQcow2(backingFile, { readOnly: true, backing: null });
+  // 4 KiB clusters: an L2 table maps 2 MiB, so growing to 512 MiB writes 256 new tables.
+  let image: Qcow2Image | null = null;
+  let largest = 0;
+  class SamplingFile extends MemoryFile {
+    override async write(hostOffset: number, data: Uint8Array): Promise<void> {
+      if (image !== null) largest = Math.max(largest, image.metadata.l2Cache.size);
+      await super.write(hostOffset, data);
+    }
+  }
+  const overlayFile = new SamplingFile({ name: "overlay.qcow2" });
+  await createQcow2(overlayFile, { sizeBytes: MiB, clusterSizeBytes: 4096 });
+  image = await openQcow2(overlayFile, { readOnly: false, backing, closeBacking: false, cacheBytesMax: 64 * 1024 });
+  const bound = image.metadata.l2Cache.entriesMax;
+  await image.resize(512 * MiB, { shrink: false });
+  assert.ok(bound < 64, `the test needs a small cache (bound ${bound})`);
+  assert.ok(largest <= bound + 1, `the L2 cache held ${largest} tables during the grow (bound ${bound})`);
+  const tail = new Uint8Array(4096).fill(1);
+  await image.read(512 * MiB - 4096, tail);
+  assert.equal(tail.findIndex((byte) => byte !== 0), -1);
+  await image.close();
+  await backing.close();
+});

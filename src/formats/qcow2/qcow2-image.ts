@@ -1563,6 +1563,8 @@ export class Qcow2Image implements BlockDevice {
         await this.#readGate.drain();
         for (const entry of freed) await meta.freeEntry(entry);
       }
+      // The caller holds the metadata mutex (#locked: one eviction hold) and no table from here.
+      await meta.trimCachesHeldBy(1);
     }
   }
 

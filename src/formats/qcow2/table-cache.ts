@@ -214,6 +214,24 @@ export class TableCache {
   }
 
   /**
+   * trim() for a caller that holds eviction off itself (`ownHolds` of the
+   * holds are its own) and keeps no table from before the call: a long run
+   * under the metadata mutex (zeroing or discarding a huge range) stays
+   * within the bound. Does nothing while anyone else holds eviction off (a
+   * reader may be using a table it looked up).
+   */
+  trimHeldBy(ownHolds: number): void {
+    if (this.#evictionHolds > ownHolds) return;
+    const holds = this.#evictionHolds;
+    this.#evictionHolds = 0;
+    try {
+      this.trim();
+    } finally {
+      this.#evictionHolds = holds;
+    }
+  }
+
+  /**
    * Evict clean tables, least recently used first, down to 3/4 of the
    * bound. With `freeEvicted`, the buffers evicted by the previous trim are
    * detached now (one trim later: a reader that peeked a table just before
