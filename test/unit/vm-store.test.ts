@@ -4,12 +4,12 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, readdirSync } from "node:fs";
+import { existsSync, linkSync, mkdirSync, readFileSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { openImage } from "../../src/chain/open-image.ts";
 import { validateName, NAME_BYTES_MAX } from "../../src/vm/store/names.ts";
 import { MachineStore, resolveHome } from "../../src/vm/store/machine-store.ts";
-import { executeStep, stepPath } from "../../src/vm/store/layer-steps.ts";
+import { executeStep, stepPath, treeAllocatedBytes } from "../../src/vm/store/layer-steps.ts";
 import { writeJsonAtomic } from "../../src/vm/store/atomic-file.ts";
 import { checkTree, createTree, diskFile, planDelete, planRevert, planSnapshot, type TreeRecord } from "../../src/vm/tree/snapshot-tree.ts";
 import { createMachine, deleteSnapshotStopped, describeTree, sizeOfIn, snapshotStopped, cloneMachine, removeStopped, revertStopped, diffSnapshots } from "../../src/vm/manager/machine-operations.ts";
@@ -157,4 +157,31 @@ test("diff --disk: each disk of a machine is compared on its own; a disk the mac
   assert.deepEqual(second.ranges.map((r) => [r.start, r.length]), [[1 << 20, 65536]]);
   assert.equal(second.changedBytes, 65536);
   for (const disk of [0, 3, 1.5]) await assert.rejects(diffSnapshots(store, "m", "one", "two", { disk }), { code: "E_USAGE" });
+});
+
+test("remove --wipe zeroes every disk's layers before unlinking them; remove reports what the machine's directory held", async (t) => {
+  const home = scratchDir(t);
+  const store = new MachineStore(join(home, "store"));
+  const linksDir = join(home, "links");
+  mkdirSync(linksDir);
+  for (const wipe of [true, false]) {
+    const name = wipe ? "wiped" : "plain";
+    await createMachine(store, { name, diskSizeBytes: 1 << 20, extraDiskSizesBytes: [1 << 20] });
+    await writeTop(store, name, 0, 0xab, 0);
+    await writeTop(store, name, 65536, 0xab, 1);
+    await snapshotStopped(store, name, { snapshot: "s" });
+    await writeTop(store, name, 131072, 0xab, 1);
+    const layersDir = join(store.machineDir(name), "layers");
+    const layerNames = readdirSync(layersDir);
+    assert.ok(layerNames.some((file) => file.includes(".d1.")), `no second-disk layer among ${layerNames.join(", ")}`);
+    // Hard links keep the removed files' bytes readable.
+    for (const file of layerNames) linkSync(join(layersDir, file), join(linksDir, `${name}-${file}`));
+    const held = treeAllocatedBytes(store.machineDir(name));
+    const { freedBytes } = await removeStopped(store, name, { wipe });
+    if (wipe) {
+      for (const file of layerNames) assert.equal(readFileSync(join(linksDir, `${name}-${file}`)).indexOf(0xab), -1, `${file} still holds the pattern`);
+    } else {
+      assert.equal(freedBytes, held);
+    }
+  }
 });

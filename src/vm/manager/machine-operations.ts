@@ -15,7 +15,7 @@ import { convertImage } from "../../chain/convert-image.ts";
 import { diffImages, type DiffRange, type JobProgress } from "../../chain/jobs/index.ts";
 import { DISKS_MAX } from "../runtime/qemu-args.ts";
 import { writeJsonAtomic } from "../store/atomic-file.ts";
-import { executeSteps, fileAllocatedBytes, stepPath } from "../store/layer-steps.ts";
+import { executeSteps, fileAllocatedBytes, stepPath, treeAllocatedBytes } from "../store/layer-steps.ts";
 import type { MachineStore} from "../store/machine-store.ts";
 import { type MachineConfig } from "../store/machine-store.ts";
 import { validateName } from "../store/names.ts";
@@ -25,6 +25,7 @@ import {
   diskCount,
   diskFile,
   exclusiveLayers,
+  expandForDisks,
   findSnapshot,
   layerChain,
   layerFiles,
@@ -255,18 +256,19 @@ export async function removeStopped(store: MachineStore, name: string, options: 
   if (clones.length > 0) throw new SnapstackError("E_IN_USE", `machine '${name}' is used by linked clone(s) ${clones.join(", ")}: remove them first`, { machine: name, clones });
   let freedBytes = 0;
   if (options.wipe) {
-    const steps = [
+    // Every disk's layers (expandForDisks), not only the first disk's.
+    const steps = expandForDisks(tree, [
       ...Object.values(tree.snapshots).map((snapshot) => ({ kind: "remove-snapshot-files" as const, snapshot: snapshot.id })),
       // Top layers first: a wiped layer must have no overlay left in the directory.
       ...Object.values(tree.layers)
         .filter((layer) => layer.external !== true)
         .sort((a, b) => layerChain(tree, b.id).length - layerChain(tree, a.id).length)
         .map((layer) => ({ kind: "remove-layer" as const, file: layer.file })),
-    ];
+    ]);
     freedBytes = (await executeSteps(store.machineDir(name), steps, { wipe: true })).freedBytes;
-  } else {
-    for (const layer of Object.values(tree.layers)) if (layer.external !== true) freedBytes += fileAllocatedBytes(stepPath(store.machineDir(name), layer.file));
   }
+  // What removing the directory frees besides: everything in it without --wipe (every disk's layers, RAM state files).
+  freedBytes += treeAllocatedBytes(store.machineDir(name));
   store.removeMachine(name);
   if (config.cloneOf !== null && store.has(config.cloneOf.machine)) {
     const source = config.cloneOf.machine;

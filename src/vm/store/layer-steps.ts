@@ -19,7 +19,7 @@
  * - Wiping: removed layers and state files are overwritten with zeroes and
  *   flushed before unlinking (remove-image.ts), and committed sources too.
  */
-import { existsSync, rmSync, statSync } from "node:fs";
+import { existsSync, readdirSync, rmSync, statSync, type Dirent } from "node:fs";
 import { dirname, isAbsolute, join, relative, resolve } from "node:path";
 import { openNodeFile } from "../../io/node-file.ts";
 import { readQcow2Header } from "../../formats/qcow2/index.ts";
@@ -69,6 +69,23 @@ export function fileAllocatedBytes(path: string): number {
   } catch {
     return 0;
   }
+}
+
+/** Allocated bytes of every file under `dir` (symbolic links not followed), 0 when it is gone. */
+export function treeAllocatedBytes(dir: string): number {
+  let total = 0;
+  let entries: Dirent[];
+  try {
+    entries = readdirSync(dir, { withFileTypes: true });
+  } catch {
+    return 0;
+  }
+  for (const entry of entries) {
+    const path = join(dir, entry.name);
+    if (entry.isDirectory()) total += treeAllocatedBytes(path);
+    else if (entry.isFile()) total += fileAllocatedBytes(path);
+  }
+  return total;
 }
 
 async function removeFile(path: string, wipe: boolean): Promise<number> {
