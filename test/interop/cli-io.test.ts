@@ -4,8 +4,8 @@ import assert from "node:assert/strict";
 import { copyFileSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { createRandom, testSeed } from "../helpers/random.ts";
-import { requireTools, scratchDir } from "../helpers/tools.ts";
-import { buildFixtures, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
+import { requireTools, run, scratchDir } from "../helpers/tools.ts";
+import { SNAPSTACK_BIN, buildFixtures, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
 
 /** The statistics line ("4 KiB, 1 ops; 00.00 sec (...)") carries timings: keep only its size and op count. */
 function maskTimings(text: string): string {
@@ -215,6 +215,9 @@ test("io commands that fail print on stdout what qemu-io prints there (and the c
     "write -c 0 4k",
     "write -c 0 64k",
     "read -P 0 -s 1k -l 4k 0 4k",
+    "write -z 0 2G",
+    "write 0 3G",
+    "truncate -5",
   ];
   for (const command of failing) {
     copyFileSync(join(dir, "e.qcow2"), join(dir, "ours.qcow2"));
@@ -267,7 +270,9 @@ test("io readv/writev/aio_read/aio_write/aio_flush/length/info/alloc/truncate/sl
       ],
     ],
     ["qcow2", "extended_l2=on,cluster_size=128k", ["info", "write -P 7 4k 8k", "alloc 0 128k", "truncate 64k", "length", "map"]],
-    ["raw", "", ["info", "length", "alloc 0 4k", "writev -P 5 0 1 2 3", "readv -P 5 0 6", "truncate 2M", "length"]],
+    ["raw", "", ["info", "length", "alloc 0 4k", "writev -P 5 0 1 2 3", "readv -P 5 0 6", "truncate 2M", "length", "truncate -m falloc 3M", "length"]],
+    // An aio read that finds other bytes reports it and leaves the exit status at 0, as qemu-io does; -z takes any length.
+    ["raw", "", ["write -P 1 0 512", "aio_read -P 5 0 512", "aio_flush", "write -z -n 0 3M", "aio_write -z 0 2G", "aio_flush", "length"]],
   ];
   for (const [format, options, commands] of sessions) {
     const what = `${format} ${options}`;
@@ -280,4 +285,13 @@ test("io readv/writev/aio_read/aio_write/aio_flush/length/info/alloc/truncate/sl
     assert.equal(maskTimings(ours.stdout), maskTimings(theirs.stdout), what);
     ok(await qemuImg(["compare", "-f", format, "-F", format, "ours.img", "theirs.img"], dir), `${what}: content`);
   }
+});
+
+test("io whose reader goes away (| head) ends quietly, without a stack trace", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "raw", "r.img", "4M"], dir), "create");
+  const result = await run("bash", ["-c", `cd '${dir}' && '${SNAPSTACK_BIN}' io -f raw -c 'read -v 0 4M' r.img | head -c 10 >/dev/null; exit \${PIPESTATUS[0]}`]);
+  assert.equal(result.stderr, "");
+  assert.equal(result.code, 1);
 });

@@ -164,6 +164,10 @@ test("qemu-io hexdump and report lines", () => {
   const report = formatReport("wrote", 0, 4096, 0.001).split("\n");
   assert.equal(report[0], "wrote 4096/4096 bytes at offset 0");
   assert.match(report[1], /^4 KiB, 1 ops; 00\.00 sec \([\d.]+ [KMG]iB\/sec and [\d.]+ ops\/sec\)$/);
+  // qemu-io's timestr: from one second on, H:MM:SS.hh.
+  assert.match(formatReport("wrote", 0, 1 << 30, 0.4567).split("\n")[1], /; 00\.46 sec \(/);
+  assert.match(formatReport("wrote", 0, 1 << 30, 31.42).split("\n")[1], /; 0:00:31\.42 \(/);
+  assert.match(formatReport("wrote", 0, 1 << 30, 3725.5).split("\n")[1], /; 1:02:05\.50 \(/);
 });
 
 test("resize size specs", () => {

@@ -73,16 +73,17 @@ export const ioCommand: CliCommand = {
     });
     let failed = false;
     const report = (error: unknown): void => {
-      failed = true;
       if (error instanceof IoCommandError) context.out(`${error.stdoutLine}\n`);
       context.err(formatErrorLine(toSnapstackError(error)));
     };
+    // An aio request that fails is reported but leaves the exit status as it is (qemu-io's completion callbacks).
     const session = aioSession(report);
     try {
       for (const line of commands) {
         try {
           await runOne(device, line, context, session);
         } catch (error) {
+          failed = true;
           report(error);
         }
       }

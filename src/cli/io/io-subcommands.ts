@@ -23,7 +23,7 @@ import { toSnapstackError } from "../error-report.ts";
 import { formatFormatSpecific } from "../render-info.ts";
 import { formatSpecificInfo } from "../../chain/image-info.ts";
 import { Qcow2Image } from "../../formats/qcow2/index.ts";
-import { RawImage } from "../../formats/raw/raw-image.ts";
+import { RAW_PREALLOCATION_MODES, RawImage, type RawPreallocation } from "../../formats/raw/raw-image.ts";
 
 /** qemu's BDRV_REQUEST_MAX_BYTES: one request is at most INT_MAX rounded down to 512. */
 export const IO_REQUEST_MAX_BYTES = 2147483136;
@@ -116,14 +116,18 @@ function parsePattern(text: string): number {
   return value;
 }
 
-function offsetAndLength(name: string, positionals: string[]): { guestOffset: number; lengthBytes: number } {
+/**
+ * OFFSET LENGTH of read, write and discard. `write` names its -n, which
+ * lifts the limit (a zero write without fallback: qemu-io's write_f).
+ */
+function offsetAndLength(name: string, positionals: string[], write: { noFallback: boolean } | null = null): { guestOffset: number; lengthBytes: number } {
   if (positionals.length !== 2) {
     throw new SnapstackError("E_USAGE", `${name}: expected OFFSET LENGTH, got ${positionals.length} argument(s)`);
   }
   const guestOffset = parseIoNumber(positionals[0]);
   const lengthBytes = parseIoNumber(positionals[1]);
-  if (lengthBytes > IO_REQUEST_MAX_BYTES) {
-    throw new IoCommandError("E_INVALID_SIZE", `length cannot exceed ${IO_REQUEST_MAX_BYTES}, given ${positionals[1]}`);
+  if (lengthBytes > IO_REQUEST_MAX_BYTES && write?.noFallback !== true) {
+    throw new IoCommandError("E_INVALID_SIZE", `length cannot exceed ${IO_REQUEST_MAX_BYTES}${write === null ? "" : " without -n"}, given ${positionals[1]}`);
   }
   return { guestOffset, lengthBytes };
 }
@@ -161,8 +165,11 @@ export function formatHexdump(data: Uint8Array, guestOffset: number): string {
 /** qemu-io's timestr for the statistics line: seconds as "SS.hh sec". */
 function formatElapsed(seconds: number): string {
   const whole = Math.floor(seconds);
-  const hundredths = Math.floor((seconds - whole) * 100);
-  return `${String(whole).padStart(2, "0")}.${String(hundredths).padStart(2, "0")} sec`;
+  const fraction = (seconds - whole).toFixed(2).slice(1);
+  if (whole === 0) return `00${fraction} sec`;
+  // From one second on, H:MM:SS.hh (timestr without TERSE_FIXED_TIME).
+  const secondsPart = `${String(whole % 60).padStart(2, "0")}${fraction}`;
+  return `${Math.floor(whole / 3600)}:${String(Math.floor(whole / 60) % 60).padStart(2, "0")}:${secondsPart}`;
 }
 
 /** qemu-io's print_report: the "op N/M bytes at offset X" line and the statistics line. */
@@ -354,7 +361,7 @@ const writeCommand: IoSubcommand = {
   synopsis: "write [-cqu] [-P pattern | -z] off len -- writes a number of bytes at a specified offset",
   async run(device, args, context) {
     const { parsed, options } = parseWriteFlags("write", args);
-    const { guestOffset, lengthBytes } = offsetAndLength("write", parsed.positionals);
+    const { guestOffset, lengthBytes } = offsetAndLength("write", parsed.positionals, { noFallback: optionFlag(parsed, "noFallback") });
     if (options.compressed) {
       requireSectorAligned(guestOffset, "offset");
       requireSectorAligned(lengthBytes, "count");
@@ -378,7 +385,7 @@ const writevCommand: IoSubcommand = {
  * aio_read / aio_write start a request and return; it reports when it
  * completes, and aio_flush (or the end of the command list) waits for
  * every one, as in qemu-io. A failure prints "aio_<op> failed: <strerror>"
- * on stdout and, unlike qemu-io, also makes the exit status 1.
+ * on stdout and leaves the exit status as it is, as in qemu-io.
  */
 const aioReadCommand: IoSubcommand = {
   name: "aio_read",
@@ -396,7 +403,10 @@ const aioWriteCommand: IoSubcommand = {
     const { parsed, options } = parseWriteFlags("aio_write", args);
     if (options.compressed) throw new SnapstackError("E_USAGE", "aio_write: -c is write's option");
     if (options.zero && parsed.positionals.length !== 2) throw new IoCommandError("E_USAGE", "-z supports only a single length parameter");
-    const { guestOffset, lengthBytes } = offsetAndLengths("aio_write", parsed.positionals);
+    // A zero write takes its one length as it is (no buffer to build: qemu-io's aio_write_f).
+    const { guestOffset, lengthBytes } = options.zero
+      ? { guestOffset: parseIoNumber(parsed.positionals[0]), lengthBytes: parseIoNumber(parsed.positionals[1]) }
+      : offsetAndLengths("aio_write", parsed.positionals);
     session.start(writeReported(device, guestOffset, lengthBytes, options, context, "aio_write"));
   },
 };
@@ -465,13 +475,27 @@ const allocCommand: IoSubcommand = {
 const truncateCommand: IoSubcommand = {
   name: "truncate",
   aliases: ["t"],
-  synopsis: "truncate off -- truncates the current file at the given offset",
+  synopsis: "truncate [-m prealloc_mode] off -- truncates the current file at the given offset",
   async run(device, args) {
-    expectArgumentCount("truncate", args, 1, 1);
-    const sizeBytes = parseIoNumber(args[0]);
-    if (device instanceof Qcow2Image) await device.resize(sizeBytes, { shrink: true });
-    else if (device instanceof RawImage) await device.resize(sizeBytes);
-    else throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${device.name}: cannot resize format ${device.format}`);
+    let parsed: ParsedArgs;
+    try {
+      parsed = parseWords("truncate", args, [{ name: "mode", short: "m", value: true }]);
+    } catch (error) {
+      // getopt refused an option (qemu-io prints the usage line).
+      throw new IoCommandError("E_USAGE", "truncate [-m prealloc_mode] off -- truncates the current file at the given offset", toSnapstackError(error).message);
+    }
+    expectArgumentCount("truncate", parsed.positionals, 1, 1);
+    const mode = optionString(parsed, "mode") ?? "off";
+    if (!(RAW_PREALLOCATION_MODES as readonly string[]).includes(mode)) throw new SnapstackError("E_INVALID_OPTION", `Invalid preallocation mode: '${mode}'`);
+    const sizeBytes = parseIoNumber(parsed.positionals[0]);
+    if (device instanceof RawImage) {
+      await device.resize(sizeBytes, { preallocation: mode as RawPreallocation });
+    } else if (device instanceof Qcow2Image) {
+      if (mode !== "off") throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${device.name}: truncate -m ${mode} is not supported for qcow2 (only off)`);
+      await device.resize(sizeBytes, { shrink: true });
+    } else {
+      throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${device.name}: cannot resize format ${device.format}`);
+    }
   },
 };
 
