@@ -28,20 +28,65 @@ const PROBE_BYTES = 512;
 
 const ASCII = (text: string): Uint8Array => Uint8Array.from(text, (char) => char.charCodeAt(0));
 
-/** Formats QEMU probes by a signature at a fixed offset (block/*.c *_probe), snapstack does not open. */
-const FOREIGN_SIGNATURES: ReadonlyArray<{ format: string; offset: number; bytes: Uint8Array }> = [
-  { format: "vmdk", offset: 0, bytes: ASCII("KDMV") },
-  { format: "vmdk", offset: 0, bytes: ASCII("COWD") },
-  { format: "vmdk", offset: 0, bytes: ASCII("# Disk DescriptorFile") },
-  { format: "vdi", offset: 64, bytes: Uint8Array.of(0x7f, 0x10, 0xda, 0xbe) },
-  { format: "vpc", offset: 0, bytes: ASCII("conectix") },
-  { format: "vhdx", offset: 0, bytes: ASCII("vhdxfile") },
-  { format: "qed", offset: 0, bytes: ASCII("QED\0") },
-  { format: "parallels", offset: 0, bytes: ASCII("WithoutFreeSpace") },
-  { format: "parallels", offset: 0, bytes: ASCII("WithouFreSpacExt") },
-  { format: "bochs", offset: 0, bytes: ASCII("Bochs Virtual HD Image") },
-  { format: "cloop", offset: 0, bytes: ASCII("#!/bin/sh\n#V2.0 Format\n") },
-  { format: "luks", offset: 0, bytes: Uint8Array.of(0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe) },
+/** `bytes` at `offset` of `head`. */
+function has(head: Uint8Array, offset: number, bytes: Uint8Array): boolean {
+  return head.length >= offset + bytes.length && bytes.every((byte, i) => head[offset + i] === byte);
+}
+
+function u32le(head: Uint8Array, offset: number): number | null {
+  return head.length >= offset + 4 ? new DataView(head.buffer, head.byteOffset + offset, 4).getUint32(0, true) : null;
+}
+
+/** A C string field of `length` bytes at `offset` equals `text` (NUL-terminated within it). */
+function cStringIs(head: Uint8Array, offset: number, length: number, text: string): boolean {
+  return head.length >= offset + length && has(head, offset, ASCII(`${text}\0`));
+}
+
+/**
+ * vmdk_probe for a text descriptor: comment lines and blank lines, then a
+ * "version=1", "version=2" or "version=3" line.
+ */
+function isVmdkDescriptor(head: Uint8Array): boolean {
+  const text = String.fromCharCode(...head);
+  for (let at = 0; at < text.length; ) {
+    if (text[at] === "#") {
+      const end = text.indexOf("\n", at);
+      if (end < 0) return false;
+      at = end + 1;
+    } else if (text[at] === " ") {
+      while (at < text.length && text[at] === " ") at++;
+      if (text[at] === "\r") at++;
+      if (at >= text.length || text[at] !== "\n") return false;
+      at++;
+    } else {
+      return /^version=[123]\r?\n/.test(text.slice(at, at + 11));
+    }
+  }
+  return false;
+}
+
+/** Formats QEMU's probes recognise (block/*.c *_probe: the same checks) and snapstack does not open. */
+const FOREIGN_PROBES: ReadonlyArray<{ format: string; probe: (head: Uint8Array) => boolean }> = [
+  { format: "vmdk", probe: (head) => has(head, 0, ASCII("KDMV")) || has(head, 0, ASCII("COWD")) || isVmdkDescriptor(head) },
+  { format: "vdi", probe: (head) => u32le(head, 64) === 0xbeda107f },
+  { format: "vpc", probe: (head) => has(head, 0, ASCII("conectix")) },
+  { format: "vhdx", probe: (head) => has(head, 0, ASCII("vhdxfile")) },
+  { format: "qed", probe: (head) => u32le(head, 0) === 0x00444551 },
+  {
+    format: "parallels",
+    probe: (head) => head.length >= 64 && (has(head, 0, ASCII("WithoutFreeSpace")) || has(head, 0, ASCII("WithouFreSpacExt"))) && u32le(head, 16) === 2,
+  },
+  {
+    // Magic, type "Redolog", subtype "Growing", version 1 or 2.
+    format: "bochs",
+    probe: (head) =>
+      cStringIs(head, 0, 32, "Bochs Virtual HD Image") &&
+      cStringIs(head, 32, 16, "Redolog") &&
+      cStringIs(head, 48, 16, "Growing") &&
+      (u32le(head, 64) === 0x00020000 || u32le(head, 64) === 0x00010000),
+  },
+  { format: "cloop", probe: (head) => has(head, 0, ASCII("#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n")) },
+  { format: "luks", probe: (head) => has(head, 0, Uint8Array.of(0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe, 0x00, 0x01)) },
 ];
 
 /**
@@ -52,8 +97,7 @@ const FOREIGN_SIGNATURES: ReadonlyArray<{ format: string; offset: number; bytes:
 export function probedFormatName(head: Uint8Array): string {
   const view = new DataView(head.buffer, head.byteOffset, head.byteLength);
   if (head.length >= 8 && view.getUint32(0) === QCOW2_MAGIC) return view.getUint32(4) === 1 ? "qcow" : "qcow2";
-  const at = (offset: number, bytes: Uint8Array): boolean => head.length >= offset + bytes.length && bytes.every((byte, i) => head[offset + i] === byte);
-  return FOREIGN_SIGNATURES.find((signature) => at(signature.offset, signature.bytes))?.format ?? "raw";
+  return FOREIGN_PROBES.find((candidate) => candidate.probe(head))?.format ?? "raw";
 }
 
 /** probedFormatName of a file's first bytes. */
