@@ -12,8 +12,27 @@ export interface CliContext {
   readonly env: NodeJS.ProcessEnv;
 }
 
+let closedOutputHandled = false;
+
+/**
+ * A reader that went away (`snapstack io ... | head -1`) ends the command
+ * quietly with status 1 instead of a stack trace: Node ignores SIGPIPE, so
+ * the write fails with EPIPE where C tools like qemu-io die of the signal.
+ */
+function exitQuietlyOnClosedOutput(): void {
+  if (closedOutputHandled) return;
+  closedOutputHandled = true;
+  for (const stream of [process.stdout, process.stderr]) {
+    stream.on("error", (error: NodeJS.ErrnoException) => {
+      if (error.code !== "EPIPE") throw error;
+      process.exit(1);
+    });
+  }
+}
+
 /** The real process streams. */
 export function processContext(): CliContext {
+  exitQuietlyOnClosedOutput();
   return {
     out: (text) => void process.stdout.write(text),
     err: (text) => void process.stderr.write(text),
