@@ -35,8 +35,9 @@
  *   on disk when writable) once; further writes are refused, reads go on.
  * - Not done: encryption and external data files (such images open only
  *   with metadataOnly, read-only, for info: the LUKS header is decoded,
- *   guest data is refused), maintaining persistent dirty bitmaps. Their directory is read (info lists them, measure sizes
- *   them, check counts their clusters); the extension is kept, and the
+ *   guest data is refused), and maintaining persistent dirty bitmaps. The
+ *   bitmaps' directory is read (info lists them, measure sizes them, check
+ *   counts their clusters); the extension is kept, and the
  *   autoclear bit is cleared before the first change of a read-write
  *   session, as QEMU does for autoclear bits it does not know: QEMU then
  *   treats the bitmaps as inconsistent, which they are.
