@@ -18,7 +18,7 @@
  *   mode; non-strict results do not depend on it.
  */
 import type { BlockDevice, MapExtent } from "../device/block-device.ts";
-import { SnapstackError } from "../base/errors.ts";
+import { isSnapstackError, SnapstackError } from "../base/errors.ts";
 import { ChainStatusCursor } from "./chain-status.ts";
 
 /** Bytes compared per read (qemu-img's IO_BUF_SIZE). */
@@ -92,6 +92,23 @@ function throwIfAborted(signal: AbortSignal | undefined): void {
   if (signal?.aborted) throw new SnapstackError("E_ABORTED", "compare cancelled");
 }
 
+/** Where a compare failed: qemu-img exits 3 when a block status query fails, 4 when a read does. */
+export type CompareFailureStage = "status" | "read";
+
+/**
+ * Run one step of the walk; a failure carries `details.stage` so the CLI can
+ * exit as qemu-img does (cli/exit-codes.ts). Errors that are not
+ * SnapstackErrors (bugs) pass through untouched.
+ */
+async function staged<T>(stage: CompareFailureStage, step: () => Promise<T>): Promise<T> {
+  try {
+    return await step();
+  } catch (error) {
+    if (!isSnapstackError(error)) throw error;
+    throw new SnapstackError(error.code, error.message, { ...error.details, cause: error.details.cause ?? error, stage });
+  }
+}
+
 /** A content difference; past the common size, qemu-img has printed the size warning first. */
 function mismatch(guestOffset: number, sizeMismatch = false): CompareResult {
   const message = `${sizeMismatch ? "Warning: Image size mismatch!\n" : ""}Content mismatch at offset ${guestOffset}!`;
@@ -116,8 +133,8 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
   progress(0);
   while (offset < common) {
     throwIfAborted(options.signal);
-    const statusA = await cursorA.at(offset);
-    const statusB = await cursorB.at(offset);
+    const statusA = await staged("status", () => cursorA.at(offset));
+    const statusB = await staged("status", () => cursorB.at(offset));
     let chunk = Math.min(statusA.length, statusB.length);
     if (strict && statusKey(statusA, shapeA) !== statusKey(statusB, shapeB)) {
       return { identical: false, reason: "allocation", guestOffset: offset, message: `Strict mode: Offset ${offset} block status mismatch!` };
@@ -128,14 +145,14 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
         if (statusA.present) {
           const sliceA = bufferA.subarray(0, chunk);
           const sliceB = bufferB.subarray(0, chunk);
-          await a.read(offset, sliceA);
-          await b.read(offset, sliceB);
+          await staged("read", () => a.read(offset, sliceA));
+          await staged("read", () => b.read(offset, sliceB));
           const at = findFirstDifferentSector(sliceA, sliceB);
           if (at >= 0) return mismatch(offset + at);
         }
       } else {
         const slice = bufferA.subarray(0, chunk);
-        await (statusA.present ? a : b).read(offset, slice);
+        await staged("read", () => (statusA.present ? a : b).read(offset, slice));
         const at = findNonZeroSector(slice);
         if (at >= 0) return mismatch(offset + at);
       }
@@ -149,12 +166,12 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
     const cursor = new ChainStatusCursor(longer);
     while (offset < total) {
       throwIfAborted(options.signal);
-      const status = await cursor.at(offset);
+      const status = await staged("status", () => cursor.at(offset));
       let chunk = status.length;
       if (status.present && !status.zero) {
         chunk = Math.min(chunk, COMPARE_CHUNK_BYTES);
         const slice = bufferA.subarray(0, chunk);
-        await longer.read(offset, slice);
+        await staged("read", () => longer.read(offset, slice));
         const at = findNonZeroSector(slice);
         if (at >= 0) return mismatch(offset + at, true);
       }

@@ -3,9 +3,10 @@
  *
  * Every error exits 1 as in qemu-img, except where a command documents other
  * codes (qemu-img 7.2 behaviour):
- * - compare: 0 identical, 1 different, 2 error opening or reading an image
- *   (qemu's 2/3/4 are merged: a read error says E_IO and exits 4), usage
- *   errors 1.
+ * - compare: 0 identical, 1 different, 2 an image could not be opened, 3 a
+ *   block status query failed during the walk (corrupt metadata), 4 a read
+ *   failed during the walk (chain/compare-images.ts marks the stage in the
+ *   error's details); usage errors 1.
  * - check: 0 clean, 2 corruptions, 3 only leaks, 63 format without checks;
  *   1 when the check could not complete (any error).
  * docs/errors.md shows this table; a unit test keeps the two in step.
@@ -19,7 +20,12 @@ export const EXIT_CODES: Record<ErrorCode, number> = Object.fromEntries(
 
 /** Per-command overrides: `default` applies to every code not listed. */
 export const COMMAND_EXIT_CODES: Record<string, { default?: number } & Partial<Record<ErrorCode, number>>> = {
-  compare: { default: 2, E_USAGE: 1, E_IO: 4, E_COMPRESSION: 4 },
+  compare: { default: 2, E_USAGE: 1 },
+};
+
+/** Per-command exit codes by the stage an error carries (`details.stage`); they win over the code. */
+export const COMMAND_STAGE_EXIT_CODES: Record<string, Record<string, number>> = {
+  compare: { status: 3, read: 4 },
 };
 
 /** Exit statuses a command returns on success paths (not errors). */
@@ -32,7 +38,9 @@ export const RESULT_EXIT_CODES = {
   ioCommandFailed: 1,
 } as const;
 
-export function exitCodeFor(command: string, code: ErrorCode): number {
+export function exitCodeFor(command: string, code: ErrorCode, stage?: unknown): number {
+  const byStage = typeof stage === "string" ? COMMAND_STAGE_EXIT_CODES[command]?.[stage] : undefined;
+  if (byStage !== undefined) return byStage;
   const overrides = COMMAND_EXIT_CODES[command];
   if (overrides !== undefined) {
     const specific = overrides[code];

@@ -65,7 +65,7 @@ function reportFailure(error: unknown, commandName: string, context: CliContext)
   const coded = toSnapstackError(error);
   context.err(formatErrorLine(coded));
   context.err(formatDebugDetails(error, context.env));
-  return exitCodeFor(commandName, coded.code);
+  return exitCodeFor(commandName, coded.code, coded.details.stage);
 }
 
 async function runCommand(command: CliCommand, prefix: string, argv: string[], context: CliContext): Promise<number> {

@@ -94,3 +94,30 @@ test("compare: messages and exit statuses as qemu-img", async (t) => {
   assert.equal(missing.code, 2);
   assert.match(missing.stderr, /^snapstack: error E_NOT_FOUND: /);
 });
+
+test("compare: a metadata error while comparing exits 3, a read error 4, as qemu-img", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  // Fresh 10 MiB images: L2 table at 0x40000, the first data cluster at 0x50000.
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "clean.qcow2", "10M"], dir), "create");
+  ok(await qemuIo(["-c", "write -P 7 0 64k", "clean.qcow2"], dir), "write");
+  copyFileSync(join(dir, "clean.qcow2"), join(dir, "unaligned.qcow2"));
+  poke(join(dir, "unaligned.qcow2"), 0x40000 + 6, [0x02]); // L2 entry 0 -> 0x50200: not cluster aligned
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "zip.qcow2", "10M"], dir), "create compressed");
+  ok(await qemuIo(["-c", "write -c -P 7 0 64k", "zip.qcow2"], dir), "write compressed");
+  poke(join(dir, "zip.qcow2"), 0x50000, new Array<number>(32).fill(0xff)); // not a deflate stream
+  const cases: Array<[string[], number]> = [
+    [["clean.qcow2", "unaligned.qcow2"], 3],
+    [["unaligned.qcow2", "clean.qcow2"], 3],
+    [["clean.qcow2", "zip.qcow2"], 4],
+  ];
+  for (const [args, status] of cases) {
+    const before = snapshotFiles(args.map((name) => join(dir, name)));
+    const ours = await snapstack(["img", "compare", ...args], { cwd: dir });
+    const theirs = await qemuImg(["compare", ...args], dir);
+    assert.equal(theirs.code, status, `qemu-img compare ${args.join(" ")}: ${theirs.stderr}`);
+    assert.equal(ours.code, status, `compare ${args.join(" ")} exit (stderr ${ours.stderr})`);
+    assert.match(ours.stderr, /^snapstack: error E_[A-Z_]+: .+\n$/);
+    assertUnchanged(before);
+  }
+});

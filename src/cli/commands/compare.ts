@@ -1,8 +1,9 @@
 /**
  * `snapstack img compare [-f fmt] [-F fmt] [-s] [-p] [-q] [-U] A B`
  *
- * Exit 0 identical, 1 different, 2 an image could not be opened, 4 read
- * error (exit-codes.ts); messages as qemu-img 7.2.
+ * Exit 0 identical, 1 different, 2 an image could not be opened, 3 a block
+ * status query failed, 4 a read failed (exit-codes.ts); messages as
+ * qemu-img 7.2.
  */
 import type { BlockDevice } from "../../device/block-device.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
@@ -14,7 +15,7 @@ import { RESULT_EXIT_CODES } from "../exit-codes.ts";
 export const compareCommand: CliCommand = {
   name: "compare",
   synopsis: "compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2",
-  summary: "Compare the guest-visible content of two images (exit 0 identical, 1 different, 2 error).",
+  summary: "Compare the guest-visible content of two images (exit 0 identical, 1 different, 2 cannot open, 3 metadata error, 4 read error).",
   optionHelp: [
     "  -f fmt  format of the first image",
     "  -F fmt  format of the second image",
