@@ -20,6 +20,7 @@
 import type { BlockDevice, MapExtent } from "../device/block-device.ts";
 import { isSnapstackError, SnapstackError } from "../base/errors.ts";
 import { ChainStatusCursor } from "./chain-status.ts";
+import { allocateIoBuffer } from "../io/io-buffer.ts";
 
 /** Bytes compared per read (qemu-img's IO_BUF_SIZE). */
 export const COMPARE_CHUNK_BYTES = 2 * 1024 * 1024;
@@ -127,8 +128,8 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
   const shapeB = chainShape(b);
   const cursorA = new ChainStatusCursor(a);
   const cursorB = new ChainStatusCursor(b);
-  const bufferA = new Uint8Array(COMPARE_CHUNK_BYTES);
-  const bufferB = new Uint8Array(COMPARE_CHUNK_BYTES);
+  const bufferA = allocateIoBuffer(COMPARE_CHUNK_BYTES);
+  const bufferB = allocateIoBuffer(COMPARE_CHUNK_BYTES);
   let offset = 0;
   progress(0);
   while (offset < common) {

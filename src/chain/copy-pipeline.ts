@@ -42,7 +42,9 @@
  *   again elsewhere.
  * - Back-pressure: reading stops while COPY_QUEUED_BYTES_MAX bytes of data
  *   wait for the writer or are being written. Buffers are reused from a
- *   free list once their writes completed.
+ *   free list once their writes completed; they are io/io-buffer.ts's, not
+ *   page aligned (the kernel's copies into page-aligned ones ran several
+ *   times slower on the AMD development VM).
  * - Zeroes: a chunk of data is split by the caller's zeroRuns (convert:
  *   runs of zero sectors of at least -S bytes; jobs: the whole chunk when
  *   it is all zero). Zero ranges and runs are, by zeroMode, skipped (a new
@@ -77,6 +79,7 @@
  */
 import { assert, withSecondFailure } from "../base/errors.ts";
 import type { BlockDevice, WriteZeroesOptions } from "../device/block-device.ts";
+import { allocateIoBuffer, isWholeIoBuffer, wholeIoBuffer } from "../io/io-buffer.ts";
 import { Qcow2Image } from "../formats/qcow2/index.ts";
 import type { WriteRequest } from "../formats/qcow2/qcow2-image.ts";
 import type { RateLimit } from "./rate-limit.ts";
@@ -409,7 +412,7 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
     writeBehindCounter: options.writeBehindCounter,
   });
   // Whole buffers only: a freed buffer is rebuilt from its ArrayBuffer (consume()).
-  const free = (options.freeBuffers ?? []).filter((buffer) => buffer.byteOffset === 0 && buffer.length === chunkBytes && buffer.buffer.byteLength === chunkBytes);
+  const free = (options.freeBuffers ?? []).filter((buffer) => isWholeIoBuffer(buffer, chunkBytes));
   if (options.freeBuffers !== undefined) options.freeBuffers.length = 0;
   const slots: Slot[] = [];
   let readsInFlight = 0;
@@ -460,7 +463,7 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
   };
 
   const startRead = (start: number, length: number): void => {
-    const buffer = (free.pop() ?? new Uint8Array(chunkBytes)).subarray(0, length);
+    const buffer = (free.pop() ?? allocateIoBuffer(chunkBytes)).subarray(0, length);
     const slot: Slot = { start, length, buffer, read: null, readDone: false };
     readsInFlight++;
     slot.read = source.read(start, buffer).finally(() => {
@@ -485,7 +488,7 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
     }
     await slot.read;
     slots.shift();
-    const whole = new Uint8Array(slot.buffer.buffer, 0, chunkBytes);
+    const whole = wholeIoBuffer(slot.buffer);
     enqueue(dataOps(slot.start, slot.buffer), () => free.push(whole));
     options.onProgress?.("data", slot.length);
   };
