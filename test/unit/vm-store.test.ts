@@ -21,6 +21,10 @@ test("names: path separators, control characters, length and dots are refused wi
     assert.throws(() => validateName("machine", bad), (error: { code?: string }) => error.code === "E_USAGE", JSON.stringify(bad));
   }
   for (const good of ["web-1", "Debian 12", "snap.2024-01-01", "é", "x".repeat(NAME_BYTES_MAX)]) assert.equal(validateName("snapshot", good), good);
+  // `vm diff` reads "current" as the live disk, so no snapshot may be called that; a machine may.
+  assert.throws(() => validateName("snapshot", "current"), (error: { code?: string; message?: string }) => error.code === "E_USAGE" && /reserved/.test(error.message ?? ""));
+  assert.equal(validateName("machine", "current"), "current");
+  assert.equal(validateName("snapshot", "Current"), "Current");
 });
 
 test("home: --home, then SNAPSTACK_HOME, then ~/.local/share/snapstack", () => {
@@ -121,6 +125,11 @@ test("machine operations: bad input, clone pins its layer, diff, remove", async 
   await snapshotStopped(store, "m", { snapshot: "two" });
   const diff = await diffSnapshots(store, "m", "one", "two");
   assert.deepEqual(diff.ranges.map((r) => [r.start, r.length]), [[131072, 65536]]);
+  // "current" is the live disk; no snapshot can take that name.
+  await assert.rejects(snapshotStopped(store, "m", { snapshot: "current" }), { code: "E_USAGE" });
+  await writeTop(store, "m", 262144, 0xcc);
+  const live = await diffSnapshots(store, "m", "two", "current");
+  assert.deepEqual(live.ranges.map((r) => [r.start, r.length]), [[262144, 65536]]);
 
   await cloneMachine(store, "m", "one", "c1");
   assert.deepEqual(store.loadTree("m").pins[store.loadTree("m").snapshots.s1.layer], ["c1"]);

@@ -82,6 +82,7 @@ import { executeSteps, stepPath } from "../store/layer-steps.ts";
 import { checkStateFile, recordStateSize, stateFilePath } from "../store/state-file.ts";
 import type { MachineStore} from "../store/machine-store.ts";
 import { type MachineConfig } from "../store/machine-store.ts";
+import { LIVE_DISK_NAME } from "../store/names.ts";
 import { expandForDisks, findSnapshot, layerFiles, planDelete, type LayerStep, type SnapshotRecord, type TreeRecord } from "../tree/snapshot-tree.ts";
 import { DeferredDevice } from "./deferred-device.ts";
 import {
@@ -618,7 +619,7 @@ export class MachineManager {
 
   diff(name: string, from: string, to: string, options: DiffOptions = {}) {
     return this.#withMachine(name, async () => {
-      if (this.#running.has(name) && (from === "current" || to === "current")) {
+      if (this.#running.has(name) && (from === LIVE_DISK_NAME || to === LIVE_DISK_NAME)) {
         throw new SnapstackError("E_IN_USE", `machine '${name}' is running: its current disk cannot be compared; take a snapshot first`, { machine: name });
       }
       return diffSnapshots(this.store, name, from, to, options);

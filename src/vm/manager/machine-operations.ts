@@ -18,7 +18,7 @@ import { writeJsonAtomic } from "../store/atomic-file.ts";
 import { executeSteps, fileAllocatedBytes, stepPath, treeAllocatedBytes } from "../store/layer-steps.ts";
 import type { MachineStore} from "../store/machine-store.ts";
 import { type MachineConfig } from "../store/machine-store.ts";
-import { validateName } from "../store/names.ts";
+import { LIVE_DISK_NAME, validateName } from "../store/names.ts";
 import {
   childrenOf,
   createTree,
@@ -222,7 +222,11 @@ export interface DiffOptions extends OperationOptions {
   disk?: number;
 }
 
-/** Changed ranges of one disk (the first unless options.disk says) between two snapshots ("current" names the live top). */
+/**
+ * Changed ranges of one disk (the first unless options.disk says) between
+ * two snapshots, by name or id; "current" names the live top (no snapshot
+ * can be named so; one made before that rule is reached by its id).
+ */
 export async function diffSnapshots(store: MachineStore, name: string, from: string, to: string, options: DiffOptions = {}): Promise<{ disk: number; ranges: DiffRange[]; changedBytes: number }> {
   const tree = store.loadTree(name);
   const dir = store.machineDir(name);
@@ -231,7 +235,7 @@ export async function diffSnapshots(store: MachineStore, name: string, from: str
   if (!Number.isSafeInteger(disk) || disk < 1 || disk > disks) {
     throw usage(`disk ${disk}: machine '${name}' has ${disks === 1 ? "1 disk" : `disks 1 to ${disks}`}`, { machine: name, disk });
   }
-  const layerOf = (spec: string): string => (spec === "current" && !Object.values(tree.snapshots).some((s) => s.name === "current") ? tree.current.layer : findSnapshot(tree, spec).layer);
+  const layerOf = (spec: string): string => (spec === LIVE_DISK_NAME ? tree.current.layer : findSnapshot(tree, spec).layer);
   const fileOf = (spec: string): string => stepPath(dir, diskFile(tree.layers[layerOf(spec)].file, disk - 1));
   const fromDevice = await openImage(fileOf(from), { readOnly: true });
   try {

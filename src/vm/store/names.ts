@@ -3,7 +3,8 @@
  * (machines) and appear in URLs and on terminals, so they are validated at
  * the edge: 1..NAME_BYTES_MAX bytes of UTF-8, no path separators, no
  * control characters, not "." or "..", no leading dash (it would read as
- * an option) and no leading or trailing blank.
+ * an option) and no leading or trailing blank. A snapshot may not be named
+ * "current": `vm diff` reads that word as the machine's live disk.
  */
 import { SnapstackError } from "../../base/errors.ts";
 
@@ -11,6 +12,9 @@ import { SnapstackError } from "../../base/errors.ts";
 export const NAME_BYTES_MAX = 64;
 
 export type NameKind = "machine" | "snapshot";
+
+/** The word `vm diff` takes for the live disk; no snapshot may carry it as its name. */
+export const LIVE_DISK_NAME = "current";
 
 /** Throw E_USAGE naming the rule `name` breaks; return it unchanged when valid. */
 export function validateName(kind: NameKind, name: unknown): string {
@@ -24,5 +28,6 @@ export function validateName(kind: NameKind, name: unknown): string {
   if (name === "." || name === "..") throw invalid("is a relative directory name");
   if (name.startsWith("-")) throw invalid("starts with '-'");
   if (name.trim() !== name) throw invalid("starts or ends with a blank");
+  if (kind === "snapshot" && name === LIVE_DISK_NAME) throw invalid(`is reserved ('${LIVE_DISK_NAME}' names the live disk in 'vm diff')`);
   return name;
 }
