@@ -98,15 +98,17 @@ export type CompareFailureStage = "status" | "read";
 
 /**
  * Run one step of the walk; a failure carries `details.stage` so the CLI can
- * exit as qemu-img does (cli/exit-codes.ts). Errors that are not
- * SnapstackErrors (bugs) pass through untouched.
+ * exit as qemu-img does (cli/exit-codes.ts), and in the longer image's tail
+ * `details.sizeMismatch` (qemu-img has printed its size warning by then).
+ * Errors that are not SnapstackErrors (bugs) pass through untouched.
  */
-async function staged<T>(stage: CompareFailureStage, step: () => Promise<T>): Promise<T> {
+async function staged<T>(stage: CompareFailureStage, step: () => Promise<T>, inTail = false): Promise<T> {
   try {
     return await step();
   } catch (error) {
     if (!isSnapstackError(error)) throw error;
-    throw new SnapstackError(error.code, error.message, { ...error.details, cause: error.details.cause ?? error, stage });
+    const details = { ...error.details, cause: error.details.cause ?? error, stage, ...(inTail ? { sizeMismatch: true } : {}) };
+    throw new SnapstackError(error.code, error.message, details);
   }
 }
 
@@ -167,12 +169,12 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
     const cursor = new ChainStatusCursor(longer);
     while (offset < total) {
       throwIfAborted(options.signal);
-      const status = await staged("status", () => cursor.at(offset));
+      const status = await staged("status", () => cursor.at(offset), true);
       let chunk = status.length;
       if (status.present && !status.zero) {
         chunk = Math.min(chunk, COMPARE_CHUNK_BYTES);
         const slice = bufferA.subarray(0, chunk);
-        await staged("read", () => longer.read(offset, slice));
+        await staged("read", () => longer.read(offset, slice), true);
         const at = findNonZeroSector(slice);
         if (at >= 0) return mismatch(offset + at, true);
       }

@@ -5,6 +5,7 @@
  * status query failed, 4 a read failed (exit-codes.ts); messages as
  * qemu-img 7.2.
  */
+import { isSnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { checkCacheOptions, createProgress, expectPositionals } from "../command-helpers.ts";
@@ -49,6 +50,10 @@ export const compareCommand: CliCommand = {
       const result = await compareImages(devices[0], devices[1], {
         strict: optionFlag(parsed, "strict"),
         onProgress: (fraction) => progress.update(fraction),
+      }).catch((error: unknown) => {
+        // qemu-img warns about the sizes before it walks the longer image's tail.
+        if (isSnapstackError(error) && error.details.sizeMismatch === true) say("Warning: Image size mismatch!\n");
+        throw error;
       });
       if (result.identical) progress.update(1);
       say(`${result.message}\n`);
