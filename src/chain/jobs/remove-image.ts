@@ -19,6 +19,7 @@ import { SnapstackError, fromSystemError } from "../../base/errors.ts";
 import { openNodeFile, syncDirectory } from "../../io/node-file.ts";
 import { findBackingUsers } from "./backing-users.ts";
 import { runJob, type JobOptions } from "./job.ts";
+import { allocateIoBuffer } from "../../io/io-buffer.ts";
 
 /** Bytes read and (when not zero) overwritten per step of a wipe. */
 export const WIPE_CHUNK_BYTES = 8 * 1024 * 1024;
@@ -56,7 +57,7 @@ export async function removeImage(path: string, options: RemoveImageOptions = {}
         try {
           const sizeBytes = await file.sizeBytes();
           job.setTotal(sizeBytes, "wipe");
-          const buffer = new Uint8Array(WIPE_CHUNK_BYTES);
+          const buffer = allocateIoBuffer(WIPE_CHUNK_BYTES);
           const zeroes = Buffer.alloc(WIPE_CHUNK_BYTES);
           for (let at = 0; at < sizeBytes; ) {
             job.checkpoint();

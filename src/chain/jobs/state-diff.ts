@@ -31,6 +31,7 @@ import { ChainStatusCursor } from "../chain-status.ts";
 import { chainLayers } from "../open-image.ts";
 import type { Job } from "./job.ts";
 import { layerKey } from "../layer-file.ts";
+import { allocateIoBuffer } from "../../io/io-buffer.ts";
 
 /** Bytes read per side per comparison step (memory: 2 buffers of this size). */
 export const DIFF_CHUNK_BYTES = 2 * 1024 * 1024;
@@ -112,8 +113,8 @@ export class StateComparer {
   readonly #b: StateCursor;
   readonly #granularityBytes: number;
   readonly #job: Job | undefined;
-  readonly #bufferA = new Uint8Array(DIFF_CHUNK_BYTES);
-  readonly #bufferB = new Uint8Array(DIFF_CHUNK_BYTES);
+  readonly #bufferA = allocateIoBuffer(DIFF_CHUNK_BYTES);
+  readonly #bufferB = allocateIoBuffer(DIFF_CHUNK_BYTES);
   #pending: DiffRange | null = null;
   #position = 0;
 
