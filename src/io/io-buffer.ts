@@ -11,8 +11,8 @@
  *   page boundary): 108-168 ms at offsets 0, 1, 8, 4088, 4096 and 8192,
  *   26-31 ms at 16, 32, 64, 128 ... 4064 (writes from such a buffer showed
  *   no difference in isolation). `img convert` of the 1 GiB bench image
- *   (medians of 10, alternating): to qcow2 0.94-1.11 s page aligned against
- *   0.75 s shifted, to raw 1.36 against 0.65 s (qemu-img 0.54-0.59 s); in
+ *   (medians of 8, alternating, quiet machine): to qcow2 0.92 s page aligned
+ *   against 0.68 s shifted, to raw 1.36 against 0.67 s (qemu-img 0.55 s); in
  *   one profile the kernel's copies into and out of the aligned buffers took
  *   6,600 samples, the shifted ones 1,550. So these buffers start
  *   IO_BUFFER_SHIFT_BYTES past the start of their ArrayBuffer: cache-line
