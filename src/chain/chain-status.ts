@@ -5,18 +5,16 @@
  * Compare and convert walk an image front to back with it; entries are
  * fetched a window at a time so memory stays bounded on huge images.
  *
- * A window that fails (a corrupt L2 entry, an I/O error) is halved until it
- * succeeds or holds only the offset asked for: an error surfaces when the
- * walk reaches it, as with QEMU, which asks about one run at a time (so
- * compare reports a content difference before a corruption further on).
+ * A window that fails (a corrupt L2 entry, an I/O error) is shortened
+ * (walkChainPrefix): an error surfaces when the walk reaches it, as with
+ * QEMU, which asks about one run at a time (so compare reports a content
+ * difference before a corruption further on).
  */
 import type { BlockDevice, MapExtent } from "../device/block-device.ts";
-import { walkChain } from "./map-image.ts";
+import { walkChainPrefix } from "./map-image.ts";
 
 /** Guest bytes resolved per refill (bounds the entries held at once). */
 export const STATUS_WINDOW_BYTES = 256 * 1024 * 1024;
-/** The smallest window tried after a failure (one sector). */
-const STATUS_WINDOW_BYTES_MIN = 512;
 
 export class ChainStatusCursor {
   readonly device: BlockDevice;
@@ -42,21 +40,10 @@ export class ChainStatusCursor {
         this.#index++;
       }
       const start = Math.max(guestOffset, this.#fetchedEnd);
-      let end = Math.min(this.device.sizeBytes, start + STATUS_WINDOW_BYTES);
-      let entries: MapExtent[] = [];
-      for (;;) {
-        try {
-          await walkChain(this.device, start, end, (entry) => entries.push(entry));
-          break;
-        } catch (error) {
-          if (end - start <= STATUS_WINDOW_BYTES_MIN) throw error;
-          end = start + Math.max(STATUS_WINDOW_BYTES_MIN, Math.floor((end - start) / 2));
-          entries = [];
-        }
-      }
-      this.#entries = entries;
+      const walked = await walkChainPrefix(this.device, start, Math.min(this.device.sizeBytes, start + STATUS_WINDOW_BYTES));
+      this.#entries = walked.entries;
       this.#index = 0;
-      this.#fetchedEnd = end;
+      this.#fetchedEnd = walked.end;
     }
   }
 }

@@ -3,7 +3,7 @@ export { openImage, chainLayers, CHAIN_DEPTH_MAX_DEFAULT, type OpenImageOptions 
 export { IMAGE_FORMATS, parseImageFormat, probeImageFormat, isImageFormat, type ImageFormat } from "./image-format.ts";
 export { resolveBackingPath, hasProtocolPrefix } from "./backing-path.ts";
 export { createImage, type CreateImageOptions, type CreateOptionValue } from "./create-image.ts";
-export { mapImage, formatMapJson, walkChain, mapEntriesMergeable, MAP_CHUNK_BYTES, type MapImageOptions } from "./map-image.ts";
+export { mapImage, forEachMapEntry, formatMapJson, formatMapJsonEntry, walkChain, walkChainPrefix, mapEntriesMergeable, MAP_CHUNK_BYTES, type MapImageOptions } from "./map-image.ts";
 export { ChainStatusCursor } from "./chain-status.ts";
 export { compareImages, COMPARE_CHUNK_BYTES, type CompareImagesOptions, type CompareResult } from "./compare-images.ts";
 export { convertImage, findZeroRuns, COPY_CHUNK_BYTES, COPY_READS_IN_FLIGHT, SPARSE_SIZE_DEFAULT_BYTES, type ConvertImageOptions } from "./convert-image.ts";

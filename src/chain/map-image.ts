@@ -21,6 +21,13 @@
  *   chains thousands deep need constant stack. The top is walked in chunks
  *   of MAP_CHUNK_BYTES (qemu-img probes 1 GiB at a time too) so the extent
  *   lists held at once stay bounded.
+ * - Errors where QEMU meets them (walkChainPrefix): QEMU asks about one run
+ *   at a time, so a corrupt L2 entry at 200 MiB fails only after everything
+ *   before it was reported (map prints those entries; compare first finds
+ *   a difference before it). A window that fails is halved until it
+ *   succeeds or is one sector long, whose error is then the one thrown.
+ *   forEachMapEntry hands out merged entries as they are final, so map
+ *   streams its output.
  */
 import { statSync } from "node:fs";
 import { SnapstackError } from "../base/errors.ts";
@@ -141,8 +148,34 @@ export async function walkChain(
   }
 }
 
-/** The entries of `qemu-img map --output=json` for a chain. */
-export async function mapImage(device: BlockDevice, options: MapImageOptions = {}): Promise<MapExtent[]> {
+/** The smallest window walkChainPrefix tries after a failure (one sector). */
+const PREFIX_WINDOW_BYTES_MIN = 512;
+
+/**
+ * walkChain's entries for [start, end), or for the longest prefix
+ * [start, end') found by halving the window while the walk fails (see the
+ * design notes). Throws the error of a one-sector window at `start`.
+ */
+export async function walkChainPrefix(device: BlockDevice, start: number, end: number): Promise<{ entries: MapExtent[]; end: number }> {
+  for (;;) {
+    const entries: MapExtent[] = [];
+    try {
+      await walkChain(device, start, end, (entry) => entries.push(entry));
+      return { entries, end };
+    } catch (error) {
+      if (end - start <= PREFIX_WINDOW_BYTES_MIN) throw error;
+      end = start + Math.max(PREFIX_WINDOW_BYTES_MIN, Math.floor((end - start) / 2));
+    }
+  }
+}
+
+/**
+ * Call `emit` with each entry of `qemu-img map --output=json` for a chain,
+ * in guest order, as soon as it can no longer merge with the next one
+ * (`last` for the final one). A failure is thrown after the entries before
+ * it were emitted.
+ */
+export async function forEachMapEntry(device: BlockDevice, options: MapImageOptions, emit: (entry: MapExtent, last: boolean) => void): Promise<void> {
   const startOffset = options.startOffset ?? 0;
   if (!Number.isSafeInteger(startOffset) || startOffset < 0) {
     throw new SnapstackError("E_INVALID_SIZE", `start offset ${startOffset} must be a non-negative integer`);
@@ -154,20 +187,36 @@ export async function mapImage(device: BlockDevice, options: MapImageOptions = {
     }
     end = Math.min(end, startOffset + options.maxLengthBytes);
   }
+  let pending: MapExtent | null = null;
+  for (let at = startOffset; at < end; ) {
+    const walked = await walkChainPrefix(device, at, Math.min(end, at + MAP_CHUNK_BYTES));
+    for (const entry of walked.entries) {
+      if (pending !== null && mapEntriesMergeable(pending, entry)) {
+        pending.length += entry.length;
+        continue;
+      }
+      if (pending !== null) emit(pending, false);
+      pending = { ...entry };
+    }
+    at = walked.end;
+  }
+  if (pending !== null) emit(pending, true);
+}
+
+/** The entries of `qemu-img map --output=json` for a chain. */
+export async function mapImage(device: BlockDevice, options: MapImageOptions = {}): Promise<MapExtent[]> {
   const entries: MapExtent[] = [];
-  await walkChain(device, startOffset, end, (entry) => {
-    const last = entries[entries.length - 1];
-    if (last !== undefined && mapEntriesMergeable(last, entry)) last.length += entry.length;
-    else entries.push({ ...entry });
-  });
+  await forEachMapEntry(device, options, (entry) => entries.push(entry));
   return entries;
+}
+
+/** One entry as `qemu-img map --output=json` prints it (no separator). */
+export function formatMapJsonEntry(e: MapExtent): string {
+  const offset = e.offset !== undefined ? `, "offset": ${e.offset}` : "";
+  return `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}${offset}}`;
 }
 
 /** Render entries exactly as `qemu-img map --output=json` prints them. */
 export function formatMapJson(entries: readonly MapExtent[]): string {
-  const lines = entries.map((e) => {
-    const offset = e.offset !== undefined ? `, "offset": ${e.offset}` : "";
-    return `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}${offset}}`;
-  });
-  return `[${lines.join(",\n")}]\n`;
+  return `[${entries.map(formatMapJsonEntry).join(",\n")}]\n`;
 }

@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
-import { FIXTURE_IMAGES, assertCodedError, buildFixtures, createLuksImage, ok, qemuImg, snapstack } from "./cli-helpers.ts";
+import { FIXTURE_IMAGES, assertCodedError, buildFixtures, createLuksImage, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
 
 /** actual-size depends on the file system's allocation, compared separately. */
 function withoutActualSize(value: unknown): unknown {
@@ -90,6 +90,33 @@ test("map human output equals qemu-img's, including the compressed-cluster failu
     assert.equal(ours.stdout, theirs.stdout, image);
     assert.equal(ours.code, theirs.code, `${image} exit status`);
     if (theirs.code !== 0) assert.match(ours.stderr, /^snapstack: error E_UNSUPPORTED_FEATURE: File contains external, encrypted or compressed clusters\.\n$/);
+  }
+});
+
+test("map on an image with a corrupt L2 entry prints what qemu-img prints before the error (human and JSON), then fails as it does", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  // 3 GiB: L2 table at 0x40000 (one table covers 512 MiB), data clusters from 0x50000 in write order.
+  const cases: Array<{ name: string; writes: string[]; corruptCluster: number }> = [
+    { name: "early.qcow2", writes: ["write -P 3 0 64k", "write -P 2 200M 64k", "write -P 2 300M 64k"], corruptCluster: 3200 },
+    { name: "first.qcow2", writes: ["write -P 3 0 64k", "write -P 2 1M 64k"], corruptCluster: 0 },
+    { name: "late.qcow2", writes: ["write -P 3 0 64k", "write -P 4 100M 128k", "write -P 2 400M 64k"], corruptCluster: 6400 },
+  ];
+  for (const { name, writes, corruptCluster } of cases) {
+    ok(await qemuImg(["create", "-q", "-f", "qcow2", name, "3G"], dir), `create ${name}`);
+    ok(await qemuIo([...writes.flatMap((command) => ["-c", command]), name], dir), `write ${name}`);
+    const path = join(dir, name);
+    const bytes = readFileSync(path);
+    bytes[0x40000 + corruptCluster * 8 + 6] |= 0x02; // the entry's host offset + 0x200: not cluster aligned
+    writeFileSync(path, bytes);
+    for (const output of ["human", "json"]) {
+      const ours = await snapstack(["img", "map", `--output=${output}`, name], { cwd: dir });
+      const theirs = await qemuImg(["map", `--output=${output}`, name], dir);
+      assert.equal(theirs.code, 1, `qemu-img map ${name}: ${theirs.stderr}`);
+      assert.equal(ours.code, 1, `map ${name} ${output} exit (stderr ${ours.stderr})`);
+      assert.equal(ours.stdout, theirs.stdout, `map ${name} ${output} stdout`);
+      assert.match(ours.stderr, /^snapstack: error E_CORRUPT_IMAGE: .*unaligned/);
+    }
   }
 });
 

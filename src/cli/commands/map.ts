@@ -4,6 +4,10 @@
  * Renders the library's MapExtent list as qemu-img 7.2 does (dump_map_entry):
  * JSON one entry per line; human lists data ranges with the file of the
  * layer holding them and fails on ranges without a host offset (compressed).
+ * Streams: each entry is printed once the next one is known (as qemu-img
+ * does), in pieces of OUTPUT_PIECE_CHARS, so a huge fragmented image needs
+ * no list of its entries in memory (stdout writes are synchronous on Linux),
+ * and a failure part way leaves qemu-img's partial output.
  */
 import { SnapstackError } from "../../base/errors.ts";
 import { parseSize } from "../../base/units.ts";
@@ -11,12 +15,16 @@ import type { BlockDevice } from "../../device/block-device.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { expectPositionals, parseOutputFormat } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
-import { formatMapJson, mapImage, openImage } from "../engine.ts";
+import { forEachMapEntry, formatMapJsonEntry, openImage } from "../engine.ts";
+import type { MapExtent } from "../../device/block-device.ts";
 
 function hex(value: number): string {
   // printf("%#x") prints 0 without the 0x prefix.
   return value === 0 ? "0" : `0x${value.toString(16)}`;
 }
+
+/** Characters of output gathered before one write to stdout. */
+const OUTPUT_PIECE_CHARS = 64 * 1024;
 
 export const MAP_HUMAN_HEADER = `${"Offset".padEnd(16)}${"Length".padEnd(16)}${"Mapped to".padEnd(16)}File\n`;
 
@@ -52,31 +60,35 @@ export const mapCommand: CliCommand = {
     const maxLengthBytes = lengthText === undefined ? undefined : parseSize(lengthText, { what: "max length" });
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     const device = await openImage(parsed.positionals[0], { format: optionString(parsed, "format"), readOnly: true, forceShare: optionFlag(parsed, "forceShare") });
+    let piece = "";
+    const write = (text: string): void => {
+      piece += text;
+      if (piece.length >= OUTPUT_PIECE_CHARS) {
+        context.out(piece);
+        piece = "";
+      }
+    };
+    let printed = 0;
+    const json = (entry: MapExtent, last: boolean): void => {
+      printed++;
+      write(`${formatMapJsonEntry(entry)}${last ? "]\n" : ",\n"}`);
+    };
+    const human = (entry: MapExtent): void => {
+      if (entry.data && entry.offset === undefined) {
+        throw new SnapstackError("E_UNSUPPORTED_FEATURE", "File contains external, encrypted or compressed clusters.", { guestOffset: entry.start });
+      }
+      if (entry.data && !entry.zero) {
+        write(`${hex(entry.start).padEnd(16)}${hex(entry.length).padEnd(16)}${hex(entry.offset ?? 0).padEnd(16)}${layerName(device, entry.depth)}\n`);
+      }
+    };
     try {
-      let extents = await mapImage(device, { startOffset, maxLengthBytes });
-      if (extents.length === 0) {
-        // qemu-img prints one empty entry for an empty range.
-        extents = [{ start: startOffset ?? 0, length: 0, depth: 0, present: false, zero: false, data: false }];
-      }
-      if (output === "json") {
-        context.out(formatMapJson(extents));
-        return 0;
-      }
-      let out = MAP_HUMAN_HEADER;
-      for (const extent of extents) {
-        if (extent.data && extent.offset === undefined) {
-          context.out(out);
-          throw new SnapstackError("E_UNSUPPORTED_FEATURE", "File contains external, encrypted or compressed clusters.", {
-            guestOffset: extent.start,
-          });
-        }
-        if (extent.data && !extent.zero) {
-          out += `${hex(extent.start).padEnd(16)}${hex(extent.length).padEnd(16)}${hex(extent.offset ?? 0).padEnd(16)}${layerName(device, extent.depth)}\n`;
-        }
-      }
-      context.out(out);
+      write(output === "json" ? "[" : MAP_HUMAN_HEADER);
+      await forEachMapEntry(device, { startOffset, maxLengthBytes }, output === "json" ? json : human);
+      // qemu-img prints one empty entry for an empty range.
+      if (output === "json" && printed === 0) json({ start: startOffset ?? 0, length: 0, depth: 0, present: false, zero: false, data: false }, true);
       return 0;
     } finally {
+      context.out(piece);
       await device.close();
     }
   },
