@@ -358,7 +358,6 @@ export class Qcow2Image implements BlockDevice {
   readonly #dataRefusal: SnapstackError | null;
   #luksHeader: LuksHeaderInfo | null = null;
 
-  /** At open: read the bitmap directory when the header says the bitmaps are consistent. */
   /** The LUKS header an encrypted image (opened metadata-only) carries, for info(). */
   async loadLuksHeader(): Promise<void> {
     const crypto = this.#meta.header.extensions.crypto;
@@ -368,6 +367,7 @@ export class Qcow2Image implements BlockDevice {
     this.#luksHeader = decodeLuksHeader(bytes);
   }
 
+  /** At open: read the bitmap directory when the header says the bitmaps are consistent. */
   async loadBitmapDirectory(): Promise<void> {
     const header = this.#meta.header;
     const extension = header.extensions.bitmaps;
