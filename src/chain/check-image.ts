@@ -7,7 +7,7 @@ import { SnapstackError } from "../base/errors.ts";
 import { checkQcow2, type Qcow2CheckResult, type Qcow2RepairMode } from "../formats/qcow2/check.ts";
 import { openNodeFile } from "../io/node-file.ts";
 import { refuseQemuLocked } from "./open-image.ts";
-import { parseImageFormat, probeFormatName, supportedProbedFormat } from "./image-format.ts";
+import { opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat } from "./image-format.ts";
 
 export interface CheckImageOptions {
   format?: string;
@@ -29,8 +29,7 @@ export async function checkImage(path: string, options: CheckImageOptions = {}):
     if (format === "raw") return "unsupported";
     const probed = await probeFormatName(file);
     if (format === undefined && supportedProbedFormat(probed, path) === "raw") return "unsupported";
-    // A qcow (version 1) file goes on to the qcow2 open, which names the version it refuses.
-    if (probed !== "qcow2" && probed !== "qcow") throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
+    if (!opensAsQcow2(probed)) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
     return await checkQcow2(file, { repair: options.repair });
   } finally {
     await file.close();

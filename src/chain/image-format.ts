@@ -100,6 +100,15 @@ export function probedFormatName(head: Uint8Array): string {
   return FOREIGN_PROBES.find((candidate) => candidate.probe(head))?.format ?? "raw";
 }
 
+/**
+ * Whether -f qcow2 may go on with a file probed as `name`: qcow2, or the
+ * qcow magic of version 1, whose refusal the qcow2 open words (it names
+ * the version).
+ */
+export function opensAsQcow2(name: string): boolean {
+  return name === "qcow2" || name === "qcow";
+}
+
 /** probedFormatName of a file's first bytes. */
 export async function probeFormatName(file: ImageFile): Promise<string> {
   const head = new Uint8Array(PROBE_BYTES);

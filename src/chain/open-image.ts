@@ -27,7 +27,7 @@ import { fileKey } from "../io/file-identity.ts";
 import { qemuLockConflict, readProcLocks } from "../io/qemu-locks.ts";
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
-import { isImageFormat, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
+import { isImageFormat, opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 
 /** Default bound on layers in a chain (top included); each layer costs one open file and its caches. */
@@ -178,8 +178,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
         });
       }
       layer.format = (requestedFormat as ImageFormat | null) ?? supportedProbedFormat(probed, layerPath);
-      // A qcow (version 1) file goes on to the qcow2 open, which names the version it refuses.
-      if (layer.format === "qcow2" && probed !== "qcow2" && probed !== "qcow") {
+      if (layer.format === "qcow2" && !opensAsQcow2(probed)) {
         throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': ${backingPrefix(depth)}Image is not in qcow2 format`, { path: layerPath });
       }
       layerPath = null;
