@@ -13,29 +13,40 @@ export interface CliContext {
 }
 
 let closedOutputHandled = false;
+/** Streams whose reader went away: what is written to them later is dropped. */
+const closedStreams = new Set<NodeJS.WriteStream>();
 
 /**
- * A reader that went away (`snapstack io ... | head -1`) ends the command
- * quietly with status 1 instead of a stack trace: Node ignores SIGPIPE, so
- * the write fails with EPIPE where C tools like qemu-io die of the signal.
+ * A reader that went away (`snapstack img map ... | head -1`): the rest of
+ * that stream's output is dropped, and the command runs to its end and
+ * exits with its own status, as qemu-img and qemu-io 7.2 do (they ignore
+ * SIGPIPE and do not check their writes: `qemu-img map IMG | head -1` and
+ * `qemu-io -c 'read -v 0 4M' -c 'write 0 64k' IMG | head -1` exit 0, the
+ * write done). Node ignores SIGPIPE too, so a write fails with EPIPE
+ * instead (a later write may report ERR_STREAM_DESTROYED). Ending the process there
+ * would cut an `io` command list short between two of its writes.
  */
-function exitQuietlyOnClosedOutput(): void {
+function dropOutputOnClosedReader(): void {
   if (closedOutputHandled) return;
   closedOutputHandled = true;
   for (const stream of [process.stdout, process.stderr]) {
     stream.on("error", (error: NodeJS.ErrnoException) => {
-      if (error.code !== "EPIPE") throw error;
-      process.exit(1);
+      if (error.code !== "EPIPE" && error.code !== "ERR_STREAM_DESTROYED") throw error;
+      closedStreams.add(stream);
     });
   }
 }
 
+function writeUnlessClosed(stream: NodeJS.WriteStream, text: string): void {
+  if (!closedStreams.has(stream)) stream.write(text);
+}
+
 /** The real process streams. */
 export function processContext(): CliContext {
-  exitQuietlyOnClosedOutput();
+  dropOutputOnClosedReader();
   return {
-    out: (text) => void process.stdout.write(text),
-    err: (text) => void process.stderr.write(text),
+    out: (text) => writeUnlessClosed(process.stdout, text),
+    err: (text) => writeUnlessClosed(process.stderr, text),
     env: process.env,
   };
 }
