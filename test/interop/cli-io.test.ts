@@ -107,29 +107,6 @@ test("io read -P mismatch: qemu-io's line on stdout, E_PATTERN_MISMATCH on stder
   assert.match(ours.stderr, /^snapstack: error E_PATTERN_MISMATCH: Pattern verification failed at offset 0, 4096 bytes\n$/);
 });
 
-test("persistent dirty bitmaps survive a read-write session that only reads; the first write clears the autoclear bit (as a program without bitmap support must)", async (t) => {
-  if (!requireTools(t, "qemu-img", "qemu-io")) return;
-  const dir = scratchDir(t);
-  ok(await qemuImg(["create", "-q", "-f", "qcow2", "bm.qcow2", "16M"], dir), "create");
-  ok(await qemuIo(["-c", "write -P 1 0 1M", "bm.qcow2"], dir), "write");
-  ok(await qemuImg(["bitmap", "--add", "bm.qcow2", "b0"], dir), "bitmap --add");
-  const before = readFileSync(join(dir, "bm.qcow2"));
-  ok(await snapstack(["io", "-c", "read -P 1 0 64k", "-c", "flush", "-c", "write 0 0", "-c", "discard 4k 1k", "bm.qcow2"], { cwd: dir }), "io read and no-op changes");
-  assert.ok(readFileSync(join(dir, "bm.qcow2")).equals(before), "a session that only read (or changed nothing) changed the file");
-  // Refused compressed writes (part of a cluster, an allocated cluster) change nothing either; qemu-io refuses them too.
-  for (const command of ["write -c 0 4k", "write -c 0 64k", "write -c 64k 100k"]) {
-    const ours = await snapstack(["io", "-c", command, "bm.qcow2"], { cwd: dir });
-    assert.equal(ours.code, 1, `${command}: ${ours.stderr}`);
-    assert.ok(readFileSync(join(dir, "bm.qcow2")).equals(before), `${command}: a refused compressed write changed the file`);
-  }
-  const clean = ok(await qemuImg(["check", "bm.qcow2"], dir), "check after the read");
-  assert.doesNotMatch(clean.stderr, /lacking bitmap support/);
-  ok(await snapstack(["io", "-c", "write -P 2 0 4k", "bm.qcow2"], { cwd: dir }), "io write");
-  const after = await qemuImg(["check", "bm.qcow2"], dir);
-  assert.match(after.stderr, /a program lacking bitmap support modified this file/);
-  ok(await qemuIo(["-c", "read -P 2 0 4k", "-c", "read -P 1 4k 60k", "bm.qcow2"], dir), "data after the write");
-});
-
 test("io write -n needs -z, as in qemu-io; the refused write leaves the image untouched", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);

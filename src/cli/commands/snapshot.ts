@@ -6,7 +6,8 @@
  * (matched by ID first, then by name), -d deletes one (matched by name
  * only, first match). Messages are qemu-img's, after the error code:
  * "Could not create snapshot 'x': -22 (Invalid argument)",
- * "Could not apply snapshot 'x': Failed to load snapshot: No such file or directory",
+ * "Could not apply snapshot 'x': Failed to load snapshot: No such file or directory"
+ * (or "Could not apply snapshot 'x': Device has active dirty bitmaps"),
  * "Could not delete snapshot 'x': snapshot not found".
  * `--wipe` (snapstack only, with -c, -a and -d) overwrites every host
  * cluster the operation frees with zeroes before reporting success.
@@ -68,7 +69,8 @@ function actionFailure(action: Exclude<Action, { kind: "list" | "none" }>, error
       message = `Could not create snapshot ${subject}: -${errno} (${strerror(errno)})`;
       break;
     case "apply":
-      message = `Could not apply snapshot ${subject}: Failed to load snapshot: ${strerror(errno)}`;
+      // A refusal before the load (bdrv_snapshot_goto's own message) or a failed load.
+      message = typeof error.details.reason === "string" ? `Could not apply snapshot ${subject}: ${error.details.reason}` : `Could not apply snapshot ${subject}: Failed to load snapshot: ${strerror(errno)}`;
       break;
     case "delete":
       message = error.code === "E_SNAPSHOT_NOT_FOUND" ? `Could not delete snapshot ${subject}: snapshot not found` : `Could not delete snapshot ${subject}: ${error.message}`;

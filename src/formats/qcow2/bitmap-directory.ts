@@ -1,8 +1,9 @@
 /**
  * The persistent dirty bitmap directory (docs/interop/qcow2.txt, "Bitmaps
- * extension"): a pure codec, no I/O. snapstack does not maintain bitmaps;
- * it reads the directory to account for the bitmaps' clusters (check), to
- * list them (info) and to size them (measure), as QEMU does.
+ * extension"): a pure codec, no I/O. snapstack does not update bitmaps; it
+ * reads the directory to account for the bitmaps' clusters (check), to
+ * list them (info) and to size them (measure), as QEMU does, and sets the
+ * in-use flag of those a change makes inconsistent (withBitmapsInUse).
  *
  * Entry: u64 bitmap table offset, u32 table entries, u32 flags (bit 0
  * in-use, bit 1 auto), u8 type (1: dirty tracking), u8 granularity bits,
@@ -78,4 +79,21 @@ export function decodeBitmapDirectory(directory: Uint8Array, bitmapCount: number
     if (entries.length > bitmapCount) return null;
   }
   return entries.length === bitmapCount ? entries : null;
+}
+
+/**
+ * A copy of a valid `directory` (decodeBitmapDirectory accepted it) with
+ * the in-use flag set on the entries at `indexes` (in directory order):
+ * QEMU's mark of a bitmap whose data no longer matches the disk (what a
+ * crash of the program that was updating it leaves). QEMU lists such a
+ * bitmap as in-use, never loads its data, and lets it be removed.
+ */
+export function withBitmapsInUse(directory: Uint8Array, indexes: ReadonlySet<number>): Uint8Array {
+  const copy = directory.slice();
+  const view = new DataView(copy.buffer, copy.byteOffset, copy.byteLength);
+  for (let at = 0, index = 0; at + ENTRY_HEADER_BYTES <= copy.length; index++) {
+    if (indexes.has(index)) view.setUint32(at + 12, view.getUint32(at + 12) | FLAG_IN_USE);
+    at += bitmapDirectoryEntryBytes(view.getUint16(at + 18), view.getUint32(at + 20));
+  }
+  return copy;
 }

@@ -94,7 +94,7 @@ import {
 import type { Qcow2Image, Qcow2SnapshotInfo } from "./qcow2-image.ts";
 
 /** errno values qemu-img prints for snapshot failures ("-22 (Invalid argument)"). */
-export const SNAPSHOT_ERRNO = { ENOENT: 2, EIO: 5, EEXIST: 17, EINVAL: 22, EFBIG: 27, ENOTSUP: 95 } as const;
+export const SNAPSHOT_ERRNO = { ENOENT: 2, EIO: 5, EBUSY: 16, EEXIST: 17, EINVAL: 22, EFBIG: 27, ENOTSUP: 95 } as const;
 
 /** First read of the snapshot table when re-reading it; grows by 4x up to the table limit. */
 const TABLE_READ_BYTES_INITIAL = 64 * 1024;
@@ -782,6 +782,11 @@ export async function createSnapshot(image: Qcow2Image, name: string, options: C
  * (REF is an ID, else a name). The virtual size becomes the snapshot's.
  */
 export async function applySnapshot(image: Qcow2Image, ref: string, options: FreeingOptions = {}): Promise<void> {
+  // bdrv_snapshot_goto refuses while the image has persistent dirty bitmaps, before it looks for the snapshot.
+  if (image.bitmapCount > 0) {
+    const reason = "Device has active dirty bitmaps";
+    throw new SnapstackError("E_IN_USE", `${image.name}: ${reason}`, { path: image.name, errno: SNAPSHOT_ERRNO.EBUSY, reason });
+  }
   const found = findSnapshot(image.snapshots, ref, "id-or-name");
   if (found < 0) throw notFound(image, ref);
   const meta = image.metadata;

@@ -35,12 +35,19 @@
  *   on disk when writable) once; further writes are refused, reads go on.
  * - Not done: encryption and external data files (such images open only
  *   with metadataOnly, read-only, for info: the LUKS header is decoded,
- *   guest data is refused), and maintaining persistent dirty bitmaps. The
+ *   guest data is refused), and updating persistent dirty bitmaps. The
  *   bitmaps' directory is read (info lists them, measure sizes them, check
- *   counts their clusters); the extension is kept, and the
- *   autoclear bit is cleared before the first change of a read-write
- *   session, as QEMU does for autoclear bits it does not know: QEMU then
- *   treats the bitmaps as inconsistent, which they are.
+ *   counts their clusters) and kept with its clusters. Before the first
+ *   change that makes a bitmap wrong, its in-use flag is set on disk
+ *   (#prepareChange): a change of guest data marks the enabled ("auto")
+ *   bitmaps, a resize all of them. That is the state QEMU leaves after a
+ *   crash: it lists such bitmaps as in-use and lets them be removed, and a
+ *   backup tool falls back to a full copy. Metadata changes that leave
+ *   guest data alone (internal snapshot create and delete, a new backing
+ *   file name) keep the bitmaps valid, as in QEMU; applying a snapshot is
+ *   refused while the image has bitmaps, as QEMU refuses it. Autoclear
+ *   bits snapstack does not know (and the bitmaps bit when the directory
+ *   is invalid) are cleared before the first change, as QEMU clears them.
  * - Internal snapshots (create/apply/delete) live in internal-snapshots.ts
  *   and run under `exclusive()`; the methods here delegate to it.
  */
@@ -83,7 +90,7 @@ import {
   type L2Entry,
 } from "./entries.ts";
 import { REFTABLE_BYTES_MAX } from "./refcount-block.ts";
-import { BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory, type BitmapDirectoryEntry } from "./bitmap-directory.ts";
+import { BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory, withBitmapsInUse, type BitmapDirectoryEntry } from "./bitmap-directory.ts";
 import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, type Qcow2Snapshot } from "./snapshot-table.ts";
 import { compressCluster, decompressCluster } from "./compression.ts";
 import { LUKS_HEADER_BYTES, decodeLuksHeader, type LuksHeaderInfo } from "./luks-header.ts";
@@ -341,19 +348,22 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /**
-   * Read-write open. The autoclear bits (persistent dirty bitmaps, raw
-   * external data) name features snapstack does not maintain: they are
-   * cleared, as QEMU clears the bits it does not know, but only before the
-   * first change to the image (#clearAutoclear), so a read-write session
-   * that only reads (`io -c read`, an NBD export nobody writes) leaves the
-   * bitmaps valid for QEMU.
+   * Read-write open: what the first changes must do first (#prepareChange).
+   * Nothing is written yet, so a read-write session that only reads (`io
+   * -c read`, an NBD export nobody writes) leaves the image as it was.
    */
   async prepareForWriting(): Promise<void> {
-    this.#autoclearToClear = this.#meta.header.autoclearFeatures !== 0n;
+    const kept = this.#bitmapDirectory !== null ? AUTOCLEAR_BITMAPS : 0n;
+    this.#autoclearToClear = this.#meta.header.autoclearFeatures & ~kept;
+    this.#updateChangeChecks();
   }
 
-  /** The persistent dirty bitmaps' directory entries (info, measure); empty once a change made them inconsistent. */
+  /** The persistent dirty bitmaps' directory entries, as QEMU would load them (the autoclear bit set, the directory valid). */
   #bitmaps: BitmapDirectoryEntry[] = [];
+  /** The bitmap directory's bytes while #bitmaps holds its entries, else null. */
+  #bitmapDirectory: Uint8Array | null = null;
+  /** Indexes of the bitmaps this session marked in-use (the others that are in-use were so at open: inconsistent). */
+  readonly #bitmapsMarkedHere = new Set<number>();
   /** Why guest data cannot be read (an encrypted image, an external data file: opened metadata-only), or null. */
   readonly #dataRefusal: SnapstackError | null;
   #luksHeader: LuksHeaderInfo | null = null;
@@ -375,25 +385,68 @@ export class Qcow2Image implements BlockDevice {
     if (extension.directorySizeBytes > BITMAP_DIRECTORY_BYTES_MAX) return;
     const directory = new Uint8Array(extension.directorySizeBytes);
     await this.#file.read(extension.directoryOffset, directory);
-    this.#bitmaps = decodeBitmapDirectory(directory, extension.bitmapCount, this.#meta.clusterSizeBytes) ?? [];
+    const entries = decodeBitmapDirectory(directory, extension.bitmapCount, this.#meta.clusterSizeBytes);
+    if (entries === null) return;
+    this.#bitmaps = entries;
+    this.#bitmapDirectory = directory;
   }
 
-  /** The header says autoclear features that must be cleared before the first change. */
-  #autoclearToClear = false;
-  #autoclearClearing: Promise<void> | null = null;
+  /** How many persistent dirty bitmaps the image has (consistent or in-use), as QEMU would load them. */
+  get bitmapCount(): number {
+    return this.#bitmaps.length;
+  }
 
-  /** Clear the autoclear bits (durably) before anything else changes; concurrent callers share it. */
-  #clearAutoclear(): Promise<void> {
-    this.#autoclearClearing ??= (async () => {
-      // Extensions stay; QEMU then treats the bitmaps as inconsistent, which they are from now on.
-      this.#meta.header.autoclearFeatures = 0n;
-      await this.#meta.writeHeader();
-      this.#autoclearToClear = false;
-      this.#bitmaps = [];
-    })().finally(() => {
-      this.#autoclearClearing = null;
+  /** Autoclear bits to clear before the first change (prepareForWriting). */
+  #autoclearToClear = 0n;
+  /** Whether a change of each kind must first prepare the image (#prepareChange): plain flags, checked on every write. */
+  #beforeMetadataChange = false;
+  #beforeDataChange = false;
+  #beforeResize = false;
+  #preparing: Promise<void> | null = null;
+
+  #updateChangeChecks(): void {
+    const clear = this.#autoclearToClear !== 0n;
+    this.#beforeMetadataChange = clear;
+    this.#beforeDataChange = clear || this.#bitmaps.some((bitmap) => bitmap.auto && !bitmap.inUse);
+    this.#beforeResize = clear || this.#bitmaps.some((bitmap) => !bitmap.inUse);
+  }
+
+  /**
+   * Before the first change of a kind (see the design notes): clear the
+   * autoclear bits to clear, then set the in-use flag of the bitmaps the
+   * change makes wrong, each durable before the change. Concurrent callers
+   * share one preparation.
+   */
+  async #prepareChange(kind: "metadata" | "guest data" | "size"): Promise<void> {
+    const needed = (): boolean => (kind === "metadata" ? this.#beforeMetadataChange : kind === "guest data" ? this.#beforeDataChange : this.#beforeResize);
+    while (needed()) {
+      this.#preparing ??= this.#prepare(kind).finally(() => {
+        this.#preparing = null;
+      });
+      await this.#preparing;
+    }
+  }
+
+  async #prepare(kind: "metadata" | "guest data" | "size"): Promise<void> {
+    const meta = this.#meta;
+    if (this.#autoclearToClear !== 0n) {
+      meta.header.autoclearFeatures &= ~this.#autoclearToClear;
+      await meta.writeHeader();
+      this.#autoclearToClear = 0n;
+    }
+    const marked = new Set<number>();
+    this.#bitmaps.forEach((bitmap, index) => {
+      if (!bitmap.inUse && (kind === "size" || (kind === "guest data" && bitmap.auto))) marked.add(index);
     });
-    return this.#autoclearClearing;
+    const extension = meta.header.extensions.bitmaps;
+    if (marked.size > 0 && this.#bitmapDirectory !== null && extension !== null) {
+      const directory = withBitmapsInUse(this.#bitmapDirectory, marked);
+      await meta.writeHeaderBytes(extension.directoryOffset, directory);
+      this.#bitmapDirectory = directory;
+      this.#bitmaps = this.#bitmaps.map((bitmap, index) => (marked.has(index) ? { ...bitmap, inUse: true } : bitmap));
+      for (const index of marked) this.#bitmapsMarkedHere.add(index);
+    }
+    this.#updateChangeChecks();
   }
 
   info(): Qcow2Info {
@@ -940,7 +993,7 @@ export class Qcow2Image implements BlockDevice {
     this.#checkWritable("write");
     this.#checkRange(guestOffset, data.length, "write");
     if (data.length === 0) return;
-    if (this.#autoclearToClear) await this.#clearAutoclear();
+    if (this.#beforeDataChange) await this.#prepareChange("guest data");
     await this.#mutate(guestOffset, data.length, async () => {
       // write() (NBD WRITE, `snapstack io`) writes one host run with a synchronous pwrite where the
       // file offers one, in place or allocating; writeBatch (convert, jobs) keeps the file's I/O mode
@@ -973,7 +1026,7 @@ export class Qcow2Image implements BlockDevice {
    */
   async writeBatch(requests: readonly WriteRequest[], options: WriteBatchOptions = {}): Promise<void> {
     this.#checkWritable("write");
-    if (this.#autoclearToClear) await this.#clearAutoclear();
+    if (this.#beforeDataChange) await this.#prepareChange("guest data");
     const cs = this.#meta.clusterSizeBytes;
     let previousEnd = 0;
     for (const request of requests) {
@@ -1380,7 +1433,7 @@ export class Qcow2Image implements BlockDevice {
    */
   async preallocateMetadata(guestOffset: number, lengthBytes: number): Promise<number> {
     this.#checkWritable("preallocate");
-    if (this.#autoclearToClear) await this.#clearAutoclear();
+    if (this.#beforeMetadataChange) await this.#prepareChange("metadata");
     const meta = this.#meta;
     const geometry = meta.geometry;
     let hostEnd = 0;
@@ -1478,7 +1531,7 @@ export class Qcow2Image implements BlockDevice {
     this.#checkWritable("write zeroes");
     this.#checkRange(guestOffset, lengthBytes, "write zeroes");
     if (lengthBytes === 0) return;
-    if (this.#autoclearToClear) await this.#clearAutoclear();
+    if (this.#beforeDataChange) await this.#prepareChange("guest data");
     await this.#mutate(guestOffset, lengthBytes, () => this.#locked(() => this.#zeroLocked(guestOffset, lengthBytes, options.unmap === true)));
   }
 
@@ -1700,7 +1753,7 @@ export class Qcow2Image implements BlockDevice {
     if (start >= end) return;
     // Without zero clusters (v2) a discard would expose the backing file's data: QEMU ignores it.
     if (this.#meta.header.version === 2 && this.backing !== null) return;
-    if (this.#autoclearToClear) await this.#clearAutoclear();
+    if (this.#beforeDataChange) await this.#prepareChange("guest data");
     await this.#mutate(start, end - start, () =>
       this.#locked(async () => {
         await this.#markDirty();
@@ -1744,7 +1797,7 @@ export class Qcow2Image implements BlockDevice {
    */
   async makeEmpty(options: { wipe?: boolean } = {}): Promise<void> {
     this.#checkWritable("empty the image");
-    if (this.#autoclearToClear) await this.#clearAutoclear();
+    if (this.#beforeDataChange) await this.#prepareChange("guest data");
     const cs = this.#meta.clusterSizeBytes;
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
@@ -1791,7 +1844,7 @@ export class Qcow2Image implements BlockDevice {
    */
   async changeBackingFile(name: string | null, format: string | null): Promise<void> {
     this.#checkWritable("change the backing file");
-    if (this.#autoclearToClear) await this.#clearAutoclear();
+    if (this.#beforeMetadataChange) await this.#prepareChange("metadata");
     const header = this.#meta.header;
     const previous = { name: header.backingFileName, format: header.backingFormat };
     await this.#locked(async () => {
@@ -1867,9 +1920,9 @@ export class Qcow2Image implements BlockDevice {
         await this.write(guestOffset + at, part);
         continue;
       }
-      // A refused write changes nothing, the autoclear bits included (#writeCompressedLocked checks again, locked).
+      // A refused write changes nothing, the bitmaps and autoclear bits included (#writeCompressedLocked checks again, locked).
       refuseCompressedOver((await this.#clusterEntry((guestOffset + at) / cs))?.entry, this.name, guestOffset + at);
-      if (this.#autoclearToClear) await this.#clearAutoclear();
+      if (this.#beforeDataChange) await this.#prepareChange("guest data");
       await this.#mutate(guestOffset + at, part.length, () => this.#locked(() => this.#writeCompressedLocked(guestOffset + at, compressed)));
     }
   }
@@ -1925,7 +1978,7 @@ export class Qcow2Image implements BlockDevice {
    */
   async exclusive<T>(what: string, fn: (drainReads: () => Promise<void>) => Promise<T>): Promise<T> {
     this.#checkWritable(what);
-    if (this.#autoclearToClear) await this.#clearAutoclear();
+    if (this.#beforeMetadataChange) await this.#prepareChange("metadata");
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
       return await this.#mutex.run(async () => {
@@ -1968,10 +2021,13 @@ export class Qcow2Image implements BlockDevice {
     // show through (QEMU's bdrv_co_truncate with BDRV_REQ_ZERO_WRITE, qcow2_co_truncate). v2 images have
     // no zero clusters, and QEMU refuses; so does this, before anything is written.
     const zeroNewArea = newSizeBytes > oldSize && this.backing !== null && this.backing.sizeBytes > oldSize;
+    // qcow2_truncate_bitmaps_check: a bitmap that was in-use when the image was opened cannot follow the new size.
+    const inconsistent = this.#bitmaps.find((bitmap, index) => bitmap.inUse && !this.#bitmapsMarkedHere.has(index));
+    if (inconsistent !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Bitmap '${inconsistent.name}' is inconsistent and cannot be used; 'qemu-img bitmap --remove' deletes it`, { path: this.name });
     if (zeroNewArea && header.version === 2) {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${this.name}: Failed to zero out new clusters: Operation not supported (a compat=0.10 image cannot grow over a longer backing file)`);
     }
-    if (this.#autoclearToClear) await this.#clearAutoclear();
+    if (this.#beforeResize) await this.#prepareChange("size");
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
       await this.#locked(async () => {
