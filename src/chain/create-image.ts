@@ -16,6 +16,7 @@ import { dirname } from "node:path";
 import { SnapstackError, isSnapstackError } from "../base/errors.ts";
 import { parseSize } from "../base/units.ts";
 import { createNodeFile, syncDirectory } from "../io/node-file.ts";
+import { qemuLockConflictAt } from "../io/qemu-locks.ts";
 import { createQcow2, resolveQcow2CreateOptions, type Qcow2CreateOptions, type Qcow2Preallocation } from "../formats/qcow2/index.ts";
 import { RAW_PREALLOCATION_MODES, createRaw, type RawPreallocation } from "../formats/raw/raw-image.ts";
 import { parseImageFormat } from "./image-format.ts";
@@ -157,6 +158,9 @@ export async function createImage(path: string, request: CreateImageOptions): Pr
   if (sizeBytes === undefined) throw new SnapstackError("E_INVALID_SIZE", `${path}: Image creation needs a size parameter`, { path });
   if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) throw new SnapstackError("E_INVALID_SIZE", `${path}: invalid image size ${sizeBytes}`, { path });
 
+  // raw_co_create: an existing file that a QEMU uses is not truncated.
+  const conflict = qemuLockConflictAt(path, "create");
+  if (conflict !== null) throw new SnapstackError("E_IN_USE", `${path}: ${conflict}: is another process using the image [${path}]?`, { path });
   if (format === "raw") {
     const preallocation = options.preallocation === undefined ? "off" : parseRawPreallocation(path, optionString(options.preallocation));
     await createRaw(path, sizeBytes, { preallocation });

@@ -24,7 +24,7 @@ import type { BlockDevice } from "../device/block-device.ts";
 import type { ImageFile } from "../io/file.ts";
 import { openNodeFile, type NodeFileCacheMode, type NodeFileIoMode } from "../io/node-file.ts";
 import { fileKey } from "../io/file-identity.ts";
-import { qemuLockConflict, readProcLocks } from "../io/qemu-locks.ts";
+import { qemuLockConflictAt } from "../io/qemu-locks.ts";
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
 import { isImageFormat, opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
@@ -104,10 +104,7 @@ function openFailure(topPath: string, depth: number, path: string, error: unknow
  */
 export function refuseQemuLocked(path: string, depth: number, layerPath: string, readOnly: boolean, forceShare: boolean): void {
   if (readOnly && forceShare) return;
-  // The file is stat'ed only when some lock exists (usually none: no QEMU runs, readProcLocks is empty).
-  const locks = readProcLocks();
-  const ranges = locks.size === 0 ? [] : (locks.get(fileKey(layerPath) ?? "") ?? []);
-  const conflict = qemuLockConflict(ranges, readOnly ? "read" : "write");
+  const conflict = qemuLockConflictAt(layerPath, readOnly ? "read" : "write");
   if (conflict === null) return;
   throw new SnapstackError("E_IN_USE", `Could not open '${path}': ${backingPrefix(depth)}${conflict}: is another process using the image [${layerPath}]?`, {
     path,

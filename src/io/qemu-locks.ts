@@ -16,6 +16,7 @@
  * the I/O. Files are named by io/file-identity.ts fileKey.
  */
 import { closeSync, openSync, readdirSync, readFileSync, readSync } from "node:fs";
+import { fileKey } from "./file-identity.ts";
 
 const LOCK_PERM_BASE = 100;
 const LOCK_SHARED_BASE = 200;
@@ -44,19 +45,34 @@ export function parseProcLocks(text: string): LockTable {
   return table;
 }
 
+/** What is done to a file: opened to read, opened to write, or created over (truncated, formatted). */
+export type LockedAccess = "read" | "write" | "create";
+
 /**
- * Why QEMU's locks forbid opening the file for `mode`, in qemu-img's words,
- * or null. A reader needs consistent reads and does not share writing; a
+ * Why QEMU's locks forbid `access` to the file, in qemu-img's words, or
+ * null. A reader needs consistent reads and does not share writing; a
  * writer needs consistent reads, writing and resizing and shares neither
- * of the last two (what qemu-img asks for a qcow2 image).
+ * of the last two (what qemu-img asks for a qcow2 image); creating needs
+ * writing and resizing and does not share resizing (raw_co_create).
  */
-export function qemuLockConflict(ranges: ReadonlyArray<readonly [number, number]>, mode: "read" | "write"): string | null {
+export function qemuLockConflict(ranges: ReadonlyArray<readonly [number, number]>, access: LockedAccess): string | null {
   const locked = (byte: number): boolean => ranges.some(([first, last]) => first <= byte && byte <= last);
-  const needed = mode === "read" ? [CONSISTENT_READ] : [CONSISTENT_READ, WRITE, RESIZE];
-  const unshared = mode === "read" ? [WRITE] : [WRITE, RESIZE];
+  const needed = access === "read" ? [CONSISTENT_READ] : access === "write" ? [CONSISTENT_READ, WRITE, RESIZE] : [WRITE, RESIZE];
+  const unshared = access === "read" ? [WRITE] : access === "write" ? [WRITE, RESIZE] : [RESIZE];
   for (const permission of needed) if (locked(LOCK_SHARED_BASE + permission)) return `Failed to get "${PERMISSIONS[permission]}" lock`;
   for (const permission of unshared) if (locked(LOCK_PERM_BASE + permission)) return `Failed to get shared "${PERMISSIONS[permission]}" lock`;
   return null;
+}
+
+/**
+ * Why QEMU's locks on the file at `path` forbid `access`, or null (also
+ * when the file does not exist). The file is stat'ed only when some lock
+ * exists (usually none: no QEMU runs).
+ */
+export function qemuLockConflictAt(path: string, access: LockedAccess): string | null {
+  const locks = readProcLocks();
+  if (locks.size === 0) return null;
+  return qemuLockConflict(locks.get(fileKey(path) ?? "") ?? [], access);
 }
 
 /**

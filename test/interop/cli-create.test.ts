@@ -1,8 +1,11 @@
 // snapstack img create vs qemu-img create: banners, -o help and the files themselves.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
+import { fileKey } from "../../src/io/file-identity.ts";
+import { parseProcLocks } from "../../src/io/qemu-locks.ts";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
 import { ok, qemuImg, snapstack } from "./cli-helpers.ts";
 
@@ -70,5 +73,35 @@ test("create -q prints nothing; -o help lists the options like qemu-img", async 
     const ours = ok(await snapstack(["img", "create", ...args], { cwd: dir }), `ours ${args.join(" ")}`);
     const theirs = ok(await qemuImg(["create", ...args], dir), `theirs ${args.join(" ")}`);
     assert.equal(ours.stdout, theirs.stdout, args.join(" "));
+  }
+});
+
+test("create and convert refuse a file a QEMU holds open (E_IN_USE, as qemu-img), leaving it untouched", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "raw", "source.raw", "1M"], dir), "source");
+  for (const readOnly of [false, true]) {
+    const image = readOnly ? "read.qcow2" : "write.qcow2";
+    ok(await qemuImg(["create", "-q", "-f", "qcow2", image, "64M"], dir), "create the held image");
+    // A running VM stands for the holder: qemu-io keeps the image open (read-write, or -r) until stdin closes.
+    const holder = spawn("qemu-io", [...(readOnly ? ["-r"] : []), join(dir, image)], { stdio: ["pipe", "ignore", "ignore"] });
+    const exited = new Promise<void>((resolve) => holder.on("exit", () => resolve()));
+    try {
+      const key = fileKey(join(dir, image)) ?? "";
+      for (let tries = 0; tries < 500 && !parseProcLocks(readFileSync("/proc/locks", "utf8")).has(key); tries++) await new Promise((resolve) => setTimeout(resolve, 10));
+      const before = readFileSync(join(dir, image));
+      for (const args of [["create", "-q", "-f", "qcow2", image, "1M"], ["create", "-q", "-f", "raw", image, "1M"], ["convert", "-O", "qcow2", "source.raw", image]]) {
+        const theirs = await qemuImg(args, dir);
+        const ours = await snapstack(["img", ...args], { cwd: dir });
+        assert.equal(theirs.code, 1, `qemu-img ${args.join(" ")}: ${theirs.stderr}`);
+        assert.equal(ours.code, theirs.code, `${args.join(" ")}: ${ours.stderr}`);
+        assert.equal(ours.stderr, `snapstack: error E_IN_USE: ${image}: Failed to get "write" lock: is another process using the image [${image}]?\n`);
+        assert.ok(readFileSync(join(dir, image)).equals(before), `${args.join(" ")} (holder ${readOnly ? "reading" : "writing"}) changed the held image`);
+      }
+    } finally {
+      holder.stdin.end("quit\n");
+      await exited;
+    }
+    ok(await snapstack(["img", "create", "-q", "-f", "qcow2", image, "1M"], { cwd: dir }), "create once the holder is gone");
   }
 });

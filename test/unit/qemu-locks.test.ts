@@ -52,6 +52,12 @@ test("qemuLockConflict: a QEMU writing refuses readers and writers; a QEMU readi
   // An unrelated lock elsewhere in the file (another program's) forbids nothing here.
   assert.equal(qemuLockConflict([[0, 99]], "write"), null);
   assert.equal(qemuLockConflict([[0, Number.POSITIVE_INFINITY]], "read"), 'Failed to get "consistent read" lock');
+  // Creating over a file (raw_co_create) needs write and resize and does not share resize.
+  assert.equal(qemuLockConflict(writing, "create"), 'Failed to get "write" lock');
+  assert.equal(qemuLockConflict(reading, "create"), 'Failed to get "write" lock');
+  assert.equal(qemuLockConflict([[103, 103]], "create"), 'Failed to get shared "resize" lock');
+  assert.equal(qemuLockConflict([[100, 100]], "create"), null, "a reader that shares writing does not stop a create");
+  assert.equal(qemuLockConflict([], "create"), null);
 });
 
 test("fileKey (io/file-identity.ts): the file as /proc/locks names it (major:minor in hex, inode), as stat(1) prints them", (t) => {
