@@ -136,16 +136,31 @@ export function parseSize(text: string, options: ParseSizeOptions = {}): number 
   return Number(value);
 }
 
-/** C printf("%0.3g") for a finite non-negative number. */
+/**
+ * C printf("%0.3g") for a finite non-negative number: exact ties round to
+ * even (192.5 -> "192", 1.125 -> "1.12"), where Number.prototype.toPrecision
+ * rounds them up.
+ */
 export function formatG3(value: number): string {
-  const text = value.toPrecision(3);
-  const expIndex = text.indexOf("e");
   const stripZeros = (mantissa: string): string => (mantissa.includes(".") ? mantissa.replace(/\.?0+$/, "") : mantissa);
-  if (expIndex < 0) return stripZeros(text);
+  if (value === 0) return "0";
+  // The decimal exponent after rounding to 3 significant digits decides between %f and %e style.
+  let exponent = Math.floor(Math.log10(value));
+  if (10 ** exponent > value) exponent--;
+  else if (10 ** (exponent + 1) <= value) exponent++;
+  if (exponent >= -4 && exponent < 3) {
+    const fixed = formatFixed(value, 2 - exponent);
+    // Rounding reached the next power of ten (99.95 -> "100.0"): one digit fewer after the point.
+    if (Number(fixed) >= 10 ** (exponent + 1)) exponent++;
+    else return stripZeros(fixed);
+    if (exponent < 3) return stripZeros(formatFixed(value, 2 - exponent));
+  }
+  const text = value.toExponential(2);
+  const expIndex = text.indexOf("e");
   const mantissa = stripZeros(text.slice(0, expIndex));
-  const exponent = Number(text.slice(expIndex + 1));
-  const sign = exponent < 0 ? "-" : "+";
-  return `${mantissa}e${sign}${String(Math.abs(exponent)).padStart(2, "0")}`;
+  const power = Number(text.slice(expIndex + 1));
+  const sign = power < 0 ? "-" : "+";
+  return `${mantissa}e${sign}${String(Math.abs(power)).padStart(2, "0")}`;
 }
 
 const BINARY_PREFIXES = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];

@@ -103,6 +103,11 @@ test("formatSize matches qemu-img's size_to_str", () => {
     [2 ** 40, "1 TiB"],
     [2 ** 50 * 3, "3 PiB"],
     [123456789, "118 MiB"],
+    // Exact ties round to even, as glibc's printf (qemu-img info of a 197120-byte raw file: 192 KiB).
+    [197120, "192 KiB"],
+    [1179648, "1.12 MiB"],
+    [1184768, "1.13 MiB"],
+    [199168, "194 KiB"],
   ];
   for (const [value, expected] of cases) assert.equal(formatSize(value), expected, String(value));
 });
@@ -113,6 +118,14 @@ test("formatG3 is C's %0.3g", () => {
   assert.equal(formatG3(999.6), "1e+03");
   assert.equal(formatG3(0.9765625), "0.977");
   assert.equal(formatG3(117.73756885528564), "118");
+  assert.equal(formatG3(192.5), "192");
+  assert.equal(formatG3(193.5), "194");
+  assert.equal(formatG3(1.125), "1.12");
+  assert.equal(formatG3(99.95), "100");
+  assert.equal(formatG3(9.995), "9.99", "9.995 is below the tie in binary");
+  assert.equal(formatG3(0.0001234), "0.000123");
+  assert.equal(formatG3(0.00001234), "1.23e-05");
+  assert.equal(formatG3(1234), "1.23e+03");
 });
 
 test("formatIoSize matches qemu-io's cvtstr", () => {
