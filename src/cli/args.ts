@@ -10,7 +10,8 @@
  *   accepted (`--outp=json`) as getopt_long does.
  * - Repeated options: the last value wins, except options declared
  *   `repeat: "list"` (all values kept, e.g. qemu-io's `-c`) or
- *   `repeat: "comma"` (values joined with commas, qemu-img's `-o`).
+ *   `repeat: "comma"` (values joined with commas, qemu-img's `-o`; each one
+ *   checked as qemu-img's is_valid_option_list: "Invalid option list").
  * - Errors are E_USAGE with qemu-img's wording: "unrecognized option '-x'",
  *   "missing argument for option '-f'". qemu-io's inner commands use glibc's
  *   wording instead ("invalid option -- 'x'"), selected by `style: "glibc"`.
@@ -80,8 +81,13 @@ export function parseArgs(argv: readonly string[], specs: OptionSpec[], settings
     const previous = options[spec.name];
     if (spec.repeat === "list") {
       options[spec.name] = Array.isArray(previous) ? [...previous, value] : [value];
-    } else if (spec.repeat === "comma" && typeof previous === "string") {
-      options[spec.name] = `${previous},${value}`;
+    } else if (spec.repeat === "comma") {
+      // qemu-img's is_valid_option_list, for each -o given: not empty, no leading comma, no unescaped trailing one.
+      const trailingCommas = value.length - value.replace(/,+$/, "").length;
+      if (value === "" || value.startsWith(",") || trailingCommas % 2 === 1) {
+        throw new SnapstackError("E_INVALID_OPTION", `Invalid option list: ${value}`, { text: value });
+      }
+      options[spec.name] = typeof previous === "string" ? `${previous},${value}` : value;
     } else {
       options[spec.name] = value;
     }

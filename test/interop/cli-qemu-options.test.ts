@@ -67,6 +67,16 @@ test("convert, commit, rebase and compare accept and refuse the options qemu-img
     ...["s1", "snapshot.name=s1", "snapshot.id=1"].map((ref) => ({ args: ["measure", "-O", "qcow2", "-l", ref, "b.qcow2"], accepted: true, sameStdout: true })),
     { args: ["measure", "-O", "qcow2", "-l", "nope", "b.qcow2"], accepted: false },
     { args: ["measure", "--size", "1G", "-O", "qcow2", "-o", "backing_file=b.qcow2"], accepted: true, sameStdout: true },
+    // Each -o list as is_valid_option_list checks it: not empty, no leading comma, no unescaped trailing one.
+    { args: ["create", "-f", "qcow2", "-o", "", "o.qcow2", "1M"], accepted: false },
+    { args: ["create", "-f", "qcow2", "-o", "cluster_size=4k,", "o.qcow2", "1M"], accepted: false },
+    { args: ["create", "-f", "qcow2", "-o", "cluster_size=4k", "-o", "", "o.qcow2", "1M"], accepted: false },
+    { args: ["convert", "-O", "qcow2", "-o", ",cluster_size=4k", "t.qcow2", "o.qcow2"], accepted: false },
+    { args: ["measure", "--size", "1G", "-O", "qcow2", "-o", ""], accepted: false },
+    // measure: -f and -l need a filename; one filename at most.
+    { args: ["measure", "--size", "1G", "-f", "qcow2"], accepted: false },
+    { args: ["measure", "--size", "1G", "-l", "s1"], accepted: false },
+    { args: ["measure", "-O", "qcow2", "t.qcow2", "b.qcow2"], accepted: false },
   ];
   for (const [index, { args, accepted, output, sameStdout }] of cases.entries()) {
     const results = [];
@@ -81,7 +91,7 @@ test("convert, commit, rebase and compare accept and refuse the options qemu-img
       if (before !== null) {
         assertUnchanged(before);
         // qemu-img may leave a half-made target behind; snapstack refuses before creating it.
-        if (tool === "snapstack" && output === undefined && args[0] === "convert") assert.ok(!existsSync(join(dir, "o.qcow2")), `img ${args.join(" ")} created its target`);
+        if (tool === "snapstack" && output === undefined && (args[0] === "convert" || args[0] === "create")) assert.ok(!existsSync(join(dir, "o.qcow2")), `img ${args.join(" ")} created its target`);
       }
       if (output !== undefined) outputs.push(join(dir, output));
     }

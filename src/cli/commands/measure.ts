@@ -40,10 +40,16 @@ export const measureCommand: CliCommand = {
     const output = parseOutputFormat(optionString(parsed, "output"));
     const sizeText = optionString(parsed, "size");
     const sizeBytes = sizeText === undefined ? undefined : parseSize(sizeText, { what: "image size" });
-    if (sizeBytes !== undefined && parsed.positionals.length > 0) {
+    // img_measure's checks, in its order.
+    if (parsed.positionals.length > 1) throw new SnapstackError("E_USAGE", "At most one filename argument is allowed.");
+    const filename = parsed.positionals[0];
+    if (filename === undefined && (optionString(parsed, "format") !== undefined || optionString(parsed, "snapshot") !== undefined)) {
+      throw new SnapstackError("E_USAGE", "--image-opts, -f, and -l require a filename argument.");
+    }
+    if (sizeBytes !== undefined && filename !== undefined) {
       throw new SnapstackError("E_USAGE", "--size N cannot be used together with a filename.");
     }
-    if (sizeBytes === undefined && parsed.positionals.length !== 1) {
+    if (sizeBytes === undefined && filename === undefined) {
       throw new SnapstackError("E_USAGE", "Either --size N or one filename must be specified.");
     }
     const format = optionString(parsed, "outputFormat") ?? "raw";
@@ -53,7 +59,7 @@ export const measureCommand: CliCommand = {
       result = await measureImage({ format, options: checked.typed, sizeBytes });
     } else {
       const snapshotText = optionString(parsed, "snapshot");
-      const source = await openSource(parsed.positionals[0], {
+      const source = await openSource(filename!, {
         format: optionString(parsed, "format"),
         readOnly: true,
         forceShare: optionFlag(parsed, "forceShare"),
