@@ -11,6 +11,10 @@
  * - An empty array or object still ends on a line of its own: `[` newline
  *   indent `]` (json-writer.c's end_array / end_object: pretty_newline),
  *   as info prints a bitmap without flags.
+ * - Strings are quoted as json-writer.c's quoted_str: every character
+ *   outside 0x20-0x7E becomes \uXXXX with upper-case digits (a snapshot
+ *   named "ü" prints as "\u00FC"; beyond the BMP a surrogate pair), except
+ *   the short escapes \b \f \n \r \t.
  */
 
 const QDICT_BUCKETS = 512;
@@ -31,6 +35,22 @@ export function orderLikeQdict(keys: readonly string[]): string[] {
   return withBucket.map((entry) => entry.key);
 }
 
+const SHORT_ESCAPES: Record<number, string> = { 0x22: '\\"', 0x5c: "\\\\", 0x08: "\\b", 0x0c: "\\f", 0x0a: "\\n", 0x0d: "\\r", 0x09: "\\t" };
+
+/** A string as QEMU's JSON writer quotes it (see the design notes). */
+export function quoteQemuJson(text: string): string {
+  if (/^[\x20\x21\x23-\x5b\x5d-\x7e]*$/.test(text)) return `"${text}"`;
+  let quoted = '"';
+  for (let index = 0; index < text.length; index++) {
+    const code = text.charCodeAt(index);
+    const short = SHORT_ESCAPES[code];
+    if (short !== undefined) quoted += short;
+    else if (code < 0x20 || code >= 0x7f) quoted += `\\u${code.toString(16).toUpperCase().padStart(4, "0")}`;
+    else quoted += text[index];
+  }
+  return `${quoted}"`;
+}
+
 function render(value: unknown, indent: string): string {
   if (value === null || value === undefined) return "null";
   if (Array.isArray(value)) {
@@ -43,8 +63,9 @@ function render(value: unknown, indent: string): string {
     const keys = orderLikeQdict(Object.keys(record).filter((key) => record[key] !== undefined));
     if (keys.length === 0) return `{\n${indent}}`;
     const inner = indent + "    ";
-    return `{\n${keys.map((key) => `${inner}${JSON.stringify(key)}: ${render(record[key], inner)}`).join(",\n")}\n${indent}}`;
+    return `{\n${keys.map((key) => `${inner}${quoteQemuJson(key)}: ${render(record[key], inner)}`).join(",\n")}\n${indent}}`;
   }
+  if (typeof value === "string") return quoteQemuJson(value);
   return JSON.stringify(value);
 }
 

@@ -167,3 +167,16 @@ test("info on encrypted images (LUKS, AES) and images with an external data file
   assert.equal(luks.encrypted, true);
   assert.deepEqual([luks["format-specific"].data.encrypt["cipher-alg"], luks["format-specific"].data.encrypt["ivgen-alg"], luks["format-specific"].data.encrypt["ivgen-hash-alg"]], ["aes-128", "essiv", "sha256"]);
 });
+
+test("snapshot names outside ASCII: snapshot -l and info pad by bytes, JSON escapes as qemu-img (\\u00FC, surrogate pairs, \\u007F)", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "u.qcow2", "1M"], dir), "create");
+  for (const name of ["ünïcødé名前", "a\tb\u007f😀", "quote\"back\\slash"]) ok(await qemuImg(["snapshot", "-c", name, "u.qcow2"], dir), `snapshot ${name}`);
+  const withoutDiskSize = (text: string): string => text.replace(/^disk size: .*\n/m, "").replace(/^ *"actual-size": \d+,\n/m, "");
+  for (const command of [["snapshot", "-l"], ["info"], ["info", "--output=json"]]) {
+    const theirs = ok(await qemuImg([...command, "u.qcow2"], dir), command.join(" "));
+    const ours = ok(await snapstack(["img", ...command, "u.qcow2"], { cwd: dir }), command.join(" "));
+    assert.equal(withoutDiskSize(ours.stdout), withoutDiskSize(theirs.stdout), command.join(" "));
+  }
+});
