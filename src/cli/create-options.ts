@@ -168,10 +168,13 @@ function typeValue(spec: CreateOptionSpec, value: string): string | boolean | nu
       return Number(bytes);
     }
     case "number": {
-      if (!/^\s*\+?\d+$/.test(value) || !Number.isSafeInteger(Number(value))) {
+      // qemu_strtou64 with base 0, as C's strtoull: 0x.. is hex, a leading 0 octal (refcount_bits=010 is 8).
+      const match = /^\s*\+?(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))$/.exec(value);
+      const number = match === null ? Number.NaN : match[1] !== undefined ? Number.parseInt(match[1], 16) : match[2] !== undefined ? Number.parseInt(match[2], 8) : Number(match[3]);
+      if (!Number.isSafeInteger(number)) {
         throw new SnapstackError("E_INVALID_OPTION", `Parameter '${spec.name}' expects a number`, { option: spec.name, value });
       }
-      return Number(value);
+      return number;
     }
     default:
       return value;

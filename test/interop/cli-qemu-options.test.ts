@@ -73,6 +73,10 @@ test("convert, commit, rebase and compare accept and refuse the options qemu-img
     { args: ["create", "-f", "qcow2", "-o", "cluster_size=4k", "-o", "", "o.qcow2", "1M"], accepted: false },
     { args: ["convert", "-O", "qcow2", "-o", ",cluster_size=4k", "t.qcow2", "o.qcow2"], accepted: false },
     { args: ["measure", "--size", "1G", "-O", "qcow2", "-o", ""], accepted: false },
+    // Number options parse as C's strtoull with base 0: 010 is 8, 0x10 is 16, 016 (14) is refused.
+    { args: ["create", "-f", "qcow2", "-o", "refcount_bits=010", "o.qcow2", "1M"], accepted: true, output: "o.qcow2", sameStdout: true },
+    { args: ["create", "-f", "qcow2", "-o", "refcount_bits=0x10", "o.qcow2", "1M"], accepted: true, output: "o.qcow2", sameStdout: true },
+    { args: ["create", "-f", "qcow2", "-o", "refcount_bits=016", "o.qcow2", "1M"], accepted: false },
     // measure: -f and -l need a filename; one filename at most.
     { args: ["measure", "--size", "1G", "-f", "qcow2"], accepted: false },
     { args: ["measure", "--size", "1G", "-l", "s1"], accepted: false },
