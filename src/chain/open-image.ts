@@ -23,7 +23,6 @@ import { SnapstackError, fromSystemError, isSnapstackError } from "../base/error
 import type { BlockDevice } from "../device/block-device.ts";
 import type { ImageFile } from "../io/file.ts";
 import { openNodeFile, type NodeFileCacheMode, type NodeFileIoMode } from "../io/node-file.ts";
-import { fileKey } from "../io/file-identity.ts";
 import { qemuLockConflictAt } from "../io/qemu-locks.ts";
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
