@@ -20,9 +20,14 @@
  *
  * Back-pressure: the pump pulls one message at a time from the parser and
  * stops (pausing the socket) while IN_FLIGHT_REQUESTS_MAX requests run, or
- * while write payloads held + read replies being built + bytes queued in
- * the socket exceed inFlightBytesMax. 'drain' and request completion restart
- * it. So a connection holds at most inFlightBytesMax plus one request.
+ * while write payloads held + read replies being built + the memory that
+ * replies queued in the socket hold exceed inFlightBytesMax. A queued reply
+ * is counted by the whole buffer it pins plus QUEUED_WRITE_OVERHEAD_BYTES,
+ * not by its length: a tick's batch of one 16-byte reply pins a 64 KiB
+ * buffer, and counting 16 bytes let a client that never reads its replies
+ * queue 262,144 of them (16 GiB) per connection. 'drain', request
+ * completion and queued writes completing restart it. So a connection
+ * holds at most inFlightBytesMax plus one request.
  * A pass of the pump also stops after starting READ_BYTES_PER_PUMP_MAX of
  * reads and goes on from setImmediate: reads of a page-cached file finish
  * synchronously but their replies are sent from promise callbacks, which
@@ -170,6 +175,14 @@ export interface TransmissionHandoff {
 
 type ConnectionPhase = "clientFlags" | "options" | "tls-handshake" | "transmission" | "draining" | "closed";
 
+/**
+ * What one queued socket write costs besides its buffer (the stream's write
+ * request, libuv's, the callback), counted against inFlightBytesMax: a
+ * client that never reads cannot queue more than inFlightBytesMax / 1 KiB
+ * writes even when each pins little.
+ */
+const QUEUED_WRITE_OVERHEAD_BYTES = 1024;
+
 /** Bytes of the data chunk header in a structured READ reply: chunk header + offset. */
 const DATA_CHUNK_PREFIX_BYTES = STRUCTURED_REPLY_HEADER_BYTES + 8;
 const HOLE_CHUNK_BYTES = STRUCTURED_REPLY_HEADER_BYTES + 12;
@@ -225,6 +238,8 @@ export class NbdConnection {
   #requestContext: RequestContext | null = null;
   #inFlightRequests = 0;
   #inFlightBytes = 0;
+  /** Memory held by replies queued in the socket (see the design notes). */
+  #queuedWriteBytes = 0;
   #pumping = false;
   #pumpScheduled = false;
   #socketPaused = false;
@@ -346,7 +361,7 @@ export class NbdConnection {
 
   #overLimit(): boolean {
     const limits = this.env.limits;
-    return this.#inFlightRequests >= limits.inFlightRequestsMax || this.#inFlightBytes + this.#socket.writableLength >= limits.inFlightBytesMax;
+    return this.#inFlightRequests >= limits.inFlightRequestsMax || this.#inFlightBytes + this.#queuedWriteBytes >= limits.inFlightBytesMax;
   }
 
   #pump(): void {
@@ -777,8 +792,22 @@ export class NbdConnection {
     }
     // Send big replies at once, while the data just read is still in the CPU cache.
     this.#flushBatch();
-    if (pooled) this.#socket.write(buffer, () => this.#pool.give(buffer));
-    else this.#socket.write(buffer);
+    this.#queueWrite(buffer, buffer, pooled);
+  }
+
+  /**
+   * Write `data` (a view of `owner`) to the socket, counting the memory it
+   * holds until the write is done; a `pooled` owner then goes back to the
+   * pool. A pump paused by that memory starts again as it is released.
+   */
+  #queueWrite(data: Buffer, owner: Buffer, pooled: boolean): void {
+    const heldBytes = owner.buffer.byteLength + QUEUED_WRITE_OVERHEAD_BYTES;
+    this.#queuedWriteBytes += heldBytes;
+    this.#socket.write(data, () => {
+      this.#queuedWriteBytes -= heldBytes;
+      if (pooled) this.#pool.give(owner);
+      if (this.#socketPaused && this.#phase === "transmission") this.#pump();
+    });
   }
 
   /** A simple reply, encoded straight into the batch. */
@@ -817,7 +846,7 @@ export class NbdConnection {
       this.#pool.give(batch);
       return;
     }
-    this.#socket.write(batch.subarray(0, lengthBytes), () => this.#pool.give(batch));
+    this.#queueWrite(batch.subarray(0, lengthBytes), batch, true);
   }
 
   /** Stop reading; end the socket once in-flight requests have replied. */

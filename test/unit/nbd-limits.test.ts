@@ -7,6 +7,9 @@
  *   byte budget for the extent lists it may build;
  * - a draining connection whose client stopped reading is cut off after
  *   drainTimeoutMs, so server.close() ends;
+ * - replies queued for a client that does not read count by the memory
+ *   they pin (a small reply's 64 KiB batch buffer), so such a client stops
+ *   the server reading after the in-flight budget, not after 16 GiB;
  * - settleAll (device reads into one buffer) rejects only once every
  *   promise settled.
  */
@@ -16,7 +19,7 @@ import type { BlockDevice, LayerExtent } from "../../src/device/block-device.ts"
 import { settleAll } from "../../src/base/errors.ts";
 import { queryBlockStatus } from "../../src/nbd/block-status.ts";
 import { negotiate } from "./nbd-raw-client.ts";
-import { memoryDevice, MiB, startServer } from "./nbd-test-server.ts";
+import { GatedDevice, memoryDevice, MiB, startServer } from "./nbd-test-server.ts";
 
 const SECTOR = 512;
 
@@ -160,4 +163,41 @@ test("settleAll rejects with the first failure only once every promise settled",
   finishSlow();
   await assert.rejects(settled, /first/);
   assert.equal(rejectedWhileSlowRan, false, "settleAll rejected while another promise still ran");
+});
+
+/** Each read completes in a later turn of the event loop, so each reply leaves in a batch of its own. */
+class OneReplyPerTurnDevice extends GatedDevice {
+  override async read(guestOffset: number, buffer: Uint8Array): Promise<void> {
+    await new Promise((resolve) => setImmediate(resolve));
+    return super.read(guestOffset, buffer);
+  }
+}
+
+test("a client that never reads its replies gets the server to stop reading within the in-flight budget: queued replies count by the buffers they pin", async (t) => {
+  const device = new OneReplyPerTurnDevice(memoryDevice(64 * MiB));
+  const harness = await startServer(t, [{ name: "", device }]);
+  const client = await harness.connect();
+  await negotiate(client);
+  client.socket.pause(); // reads nothing from here on
+  const before = process.memoryUsage().arrayBuffers;
+  const requests = 8000;
+  for (let i = 0; i < requests; i++) client.sendRequest({ type: 0, cookie: BigInt(i + 1), offset: i * 512, length: 1 });
+  // Wait until the server stops taking requests (a slow machine can only make it take fewer).
+  let seen = -1;
+  for (let waitedMs = 0; device.started !== seen && waitedMs < 30_000; waitedMs += 300) {
+    seen = device.started;
+    await new Promise((resolve) => setTimeout(resolve, 300));
+  }
+  // Each 17-byte reply pins a 64 KiB batch until the socket takes it: the 4 MiB budget holds ~63 of
+  // them (the kernel's socket buffer takes more, and frees theirs). Counted by their 17 bytes, the
+  // server took every request the kernel buffer could not hold and pinned 64 KiB for each (~300 MiB).
+  const pinnedBytes = process.memoryUsage().arrayBuffers - before;
+  assert.ok(pinnedBytes < 32 * MiB, `${(pinnedBytes / MiB).toFixed(0)} MiB of buffers held for ${device.started} of ${requests} requests`);
+  assert.ok(device.started < requests, "the server stopped reading");
+  client.socket.resume();
+  for (let i = 0; i < requests; i++) {
+    const reply = await client.readReply();
+    assert.ok(reply.kind === "chunk" && (reply.flags & 1) === 1, "one final data chunk per 1-byte read");
+  }
+  assert.equal(device.started, requests, "every request was served once the client read again");
 });
