@@ -648,7 +648,8 @@ export class NbdConnection {
           await exp.flush();
           break;
         case CMD_TRIM:
-          if (request.lengthBytes > 0) await exp.run((device) => device.discard(request.offset, request.lengthBytes));
+          // Without discard (qemu-nbd's default) a TRIM is a hint not taken, as in QEMU without BDRV_O_UNMAP.
+          if (request.lengthBytes > 0 && exp.discard) await exp.run((device) => device.discard(request.offset, request.lengthBytes));
           if (request.flags & CMD_FLAG_FUA) await exp.flush();
           break;
         case CMD_WRITE_ZEROES: {
@@ -656,7 +657,7 @@ export class NbdConnection {
             this.#replyError(request, NBD_ENOTSUP, "fast zeroing is not possible for this range");
             return;
           }
-          const unmap = (request.flags & CMD_FLAG_NO_HOLE) === 0;
+          const unmap = (request.flags & CMD_FLAG_NO_HOLE) === 0 && exp.discard;
           if (request.lengthBytes > 0) await exp.run((device) => device.writeZeroes(request.offset, request.lengthBytes, { unmap }));
           if (request.flags & CMD_FLAG_FUA) await exp.flush();
           break;

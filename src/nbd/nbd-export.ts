@@ -33,6 +33,12 @@ export interface NbdExportOptions {
   readOnly?: boolean;
   /** Offer the qemu:allocation-depth metadata context (qemu-nbd -A). */
   allocationDepth?: boolean;
+  /**
+   * TRIM frees the range and WRITE_ZEROES may unmap (default; qemu-nbd
+   * --discard=unmap). False: TRIM succeeds and does nothing, and zeroes
+   * stay allocated (qemu-nbd's default, --discard=ignore).
+   */
+  discard?: boolean;
 }
 
 export class NbdExport {
@@ -40,6 +46,7 @@ export class NbdExport {
   readonly description: string;
   readonly readOnly: boolean;
   readonly allocationDepth: boolean;
+  readonly discard: boolean;
   #device: BlockDevice;
   #inFlight = 0;
   /** Called when no request runs any more (idle()). */
@@ -58,6 +65,7 @@ export class NbdExport {
     this.#device = options.device;
     this.readOnly = (options.readOnly ?? false) || options.device.readOnly;
     this.allocationDepth = options.allocationDepth ?? false;
+    this.discard = options.discard ?? true;
   }
 
   get device(): BlockDevice {

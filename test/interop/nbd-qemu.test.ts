@@ -10,6 +10,7 @@ import { copyFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, run, runOk, scratchDir } from "../helpers/tools.ts";
 import { startNbd, waitExit } from "./nbd-helpers.ts";
+import { SNAPSTACK_BIN } from "./cli-helpers.ts";
 
 /**
  * base (48 MiB): data at 0 (1 MiB), 4 MiB (64 KiB), 20 MiB (2 MiB).
@@ -118,7 +119,8 @@ test("qemu-io writes and qemu-img convert into a writable export land in the qco
     "aio_flush",
     "flush",
   ];
-  const server = await startNbd(t, "snapstack", dir, served, { args: ["-t"] });
+  // --discard=unmap: the NBD discard then does what qemu-io's discard on the file does.
+  const server = await startNbd(t, "snapstack", dir, served, { args: ["-t", "--discard=unmap"] });
   await runOk("qemu-io", ["-f", "raw", ...commands.flatMap((c) => ["-c", c]), server.uri]);
   await runOk("qemu-io", ["-f", "qcow2", ...commands.flatMap((c) => ["-c", c]), direct]);
   await runOk("qemu-img", ["compare", "-f", "raw", "-F", "qcow2", server.uri, direct]);
@@ -135,4 +137,38 @@ test("qemu-io writes and qemu-img convert into a writable export land in the qco
   assert.equal(await waitExit(destination.process), 0);
   await runOk("qemu-img", ["check", target]);
   await runOk("qemu-img", ["compare", top, target]);
+});
+
+test("--discard as qemu-nbd's: by default (ignore) TRIM changes nothing and zero writes stay allocated; with unmap both free clusters; the images match qemu-nbd's", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")) return;
+  const dir = scratchDir(t);
+  const { top } = await buildChain(dir);
+  // Over data of the top layer, data of the base and a past-the-backing-end range.
+  const commands = ["discard 512k 64k", "discard 20M 128k", "write -z 1M 64k", "discard 50M 64k", "flush"];
+  const ourImages: string[] = [];
+  for (const mode of [[], ["--discard=ignore"], ["--discard=unmap"]]) {
+    const images: string[] = [];
+    for (const which of ["snapstack", "qemu-nbd"] as const) {
+      const image = join(dir, `${which}-${mode.join("") || "default"}.qcow2`);
+      copyFileSync(top, image);
+      const server = await startNbd(t, which, dir, image, { args: ["-t", ...(which === "qemu-nbd" ? ["-f", "qcow2"] : []), ...mode] });
+      await runOk("qemu-io", ["-f", "raw", ...commands.flatMap((c) => ["-c", c]), server.uri]);
+      server.process.kill("SIGTERM");
+      await waitExit(server.process);
+      await runOk("qemu-img", ["check", image]);
+      images.push(image);
+    }
+    const [ours, theirs] = images;
+    const what = mode.join(" ") || "default";
+    await runOk("qemu-img", ["compare", ours, theirs]);
+    assert.equal((await runOk("qemu-img", ["map", "--output=json", ours])).stdout, (await runOk("qemu-img", ["map", "--output=json", theirs])).stdout, `${what}: map`);
+    ourImages.push(ours);
+  }
+  // The mode matters: the discarded data of the top layer is still there by default, gone with unmap.
+  await runOk("qemu-io", ["-f", "qcow2", "-c", "read -P 0x22 512k 64k", ourImages[0]]);
+  await runOk("qemu-img", ["compare", ourImages[0], ourImages[1]]);
+  assert.equal((await run("qemu-img", ["compare", ourImages[0], ourImages[2]])).code, 1, "unmap discarded nothing");
+  const refused = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "--discard=maybe", top]);
+  assert.equal(refused.code, 1);
+  assert.match(refused.stderr, /E_USAGE: Invalid discard mode `maybe'/);
 });

@@ -47,3 +47,10 @@ test("engine.openImage passes the I/O mode to the image file", async (t) => {
     await device.close();
   }
 });
+
+test("nbd --discard: ignore (qemu-nbd's default) unless unmap/on; other modes are usage errors", () => {
+  assert.equal(parseNbdCommand(["disk.qcow2"]).discard, false);
+  for (const mode of ["ignore", "off"]) assert.equal(parseNbdCommand([`--discard=${mode}`, "disk.qcow2"]).discard, false);
+  for (const mode of ["unmap", "on"]) assert.equal(parseNbdCommand(["--discard", mode, "disk.qcow2"]).discard, true);
+  assert.throws(() => parseNbdCommand(["--discard=trim", "disk.qcow2"]), { code: "E_USAGE", message: /Invalid discard mode `trim'/ });
+});

@@ -114,6 +114,8 @@ export interface NbdCommandOptions {
   persistent: boolean;
   connectionsMax: number;
   allocationDepth: boolean;
+  /** --discard: unmap (on) lets TRIM free space; ignore (off, qemu-nbd's default) makes it a no-op. */
+  discard: boolean;
   pidFile?: string;
   fork: boolean;
   verbose: boolean;
@@ -126,6 +128,9 @@ export interface NbdCommandOptions {
   /** --workers: data worker processes; undefined = automatic (see the design notes). */
   workers?: number;
 }
+
+/** qemu-nbd's --discard modes (bdrv_parse_discard_flags): whether TRIM and unmapping zero writes free space. */
+const DISCARD_MODES: Record<string, boolean> = { ignore: false, off: false, unmap: true, on: true };
 
 /** qemu-nbd's --aio modes: threads uses the thread pool; native and io_uring (Linux AIO) run like the default. */
 const AIO_MODES: Readonly<Record<string, NodeFileIoMode>> = { threads: "async", native: "sync", io_uring: "sync" };
@@ -187,6 +192,8 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
   const aioText = optionString(parsed, "aio");
   if (aioText !== undefined && !Object.hasOwn(AIO_MODES, aioText)) throw usage(`Invalid aio mode '${aioText}'`);
   const ioMode = aioText === undefined ? "sync" : AIO_MODES[aioText];
+  const discardText = optionString(parsed, "discard") ?? "ignore";
+  if (!Object.hasOwn(DISCARD_MODES, discardText)) throw usage(`Invalid discard mode \`${discardText}'`);
   const workersText = optionString(parsed, "workers");
   return {
     path: parsed.positionals[0],
@@ -199,6 +206,7 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
     persistent: optionFlag(parsed, "persistent"),
     connectionsMax,
     allocationDepth: optionFlag(parsed, "allocationDepth"),
+    discard: DISCARD_MODES[discardText],
     pidFile: optionString(parsed, "pidFile"),
     fork: optionFlag(parsed, "fork"),
     verbose: optionFlag(parsed, "verbose"),
@@ -281,7 +289,7 @@ async function serveAsDataWorker(options: NbdCommandOptions, context: CliContext
     throw error;
   }
   try {
-    const exp = new NbdExport({ name: options.exportName, device: opened.device, description: options.description, allocationDepth: options.allocationDepth });
+    const exp = new NbdExport({ name: options.exportName, device: opened.device, description: options.description, allocationDepth: options.allocationDepth, discard: options.discard });
     await runDataWorker({ export: exp, multiConn: options.connectionsMax !== 1, log });
     await opened.device.flush();
     return 0;
@@ -298,7 +306,7 @@ async function serve(options: NbdCommandOptions, argv: readonly string[], contex
   let server: NbdServer | null = null;
   let dataWorkers: DataWorkerPool | null = null;
   try {
-    const exp = new NbdExport({ name: options.exportName, device, description: options.description, allocationDepth: options.allocationDepth });
+    const exp = new NbdExport({ name: options.exportName, device, description: options.description, allocationDepth: options.allocationDepth, discard: options.discard });
     dataWorkers = await startDataWorkers(options, argv, exp, log);
     server = new NbdServer({ exports: [exp], tls, connectionsMax: options.connectionsMax, log, dataWorkers });
     const bound = await server.listen(options.address);
