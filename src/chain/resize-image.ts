@@ -4,7 +4,9 @@
  * (qemu-img: "Use the --shrink option to perform a shrink operation.").
  * Raw files are truncated to exactly the new size (the virtual size is that
  * rounded up to 512, as QEMU reports it); qcow2 sizes must be multiples of
- * 512 and preallocation of the new area is only implemented for raw.
+ * 512. Preallocation of the new area: every mode; for qcow2, falloc and
+ * full only from a size that is a multiple of the cluster size and not over
+ * a longer backing file.
  */
 import { SnapstackError } from "../base/errors.ts";
 import { QCOW2_PREALLOCATION_MODES, Qcow2Image } from "../formats/qcow2/index.ts";
@@ -41,10 +43,22 @@ export async function resizeImage(path: string, size: SizeSpec, options: ResizeI
       }
       await device.resize(newSizeBytes, { preallocation: preallocation as RawPreallocation });
     } else if (device instanceof Qcow2Image) {
-      if (preallocation !== "off") {
-        throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: resize with preallocation=${preallocation} is not supported for qcow2`, { path });
+      const oldSizeBytes = device.sizeBytes;
+      const growth = newSizeBytes - oldSizeBytes;
+      const dataPreallocation = growth > 0 && (preallocation === "falloc" || preallocation === "full");
+      // Not done: QEMU moves a partial last cluster to a new one, copying its head, and over a longer
+      // backing file it marks the new subclusters allocated so that they read as zeroes.
+      if (dataPreallocation && (oldSizeBytes % device.clusterSizeBytes !== 0 || (device.backing !== null && device.backing.sizeBytes > oldSizeBytes))) {
+        throw new SnapstackError(
+          "E_UNSUPPORTED_FEATURE",
+          `${path}: resize with preallocation=${preallocation} is supported from a size that is a multiple of the cluster size, not over a longer backing file`,
+          { path },
+        );
       }
       await device.resize(newSizeBytes, { shrink: options.shrink ?? false });
+      // qcow2_co_truncate: preallocate the new area.
+      if (growth > 0 && preallocation === "metadata") await device.preallocateMetadataAndExtend(oldSizeBytes, growth);
+      if (dataPreallocation) await device.preallocateData(oldSizeBytes, growth, preallocation === "full");
     } else {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: cannot resize format ${device.format}`, { path });
     }

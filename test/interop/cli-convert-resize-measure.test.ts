@@ -1,6 +1,8 @@
 // snapstack img convert / resize / measure, checked with qemu-img.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { copyFileSync, readFileSync } from "node:fs";
+import { join } from "node:path";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
 import { buildFixtures, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
 
@@ -66,6 +68,37 @@ test("resize: qemu-img info sees the new size; shrinking needs --shrink", async 
   const refused = await snapstack(["img", "resize", "base.qcow2", "1M"], { cwd: dir });
   assert.equal(refused.code, 1);
   assert.match(refused.stderr, /^snapstack: error E_\w+: .*--shrink/);
+});
+
+test("resize --preallocation=metadata|falloc|full of qcow2 images: the same bytes as qemu-img's; what is not done is refused, the image left alone", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const cases: Array<[string, string, string, boolean]> = [
+    // [create options, old size, new size, done]
+    ["cluster_size=64k", "64M", "200M", true],
+    ["cluster_size=4k", "1000k", "5M", true],
+    ["extended_l2=on", "64M", "128M", true],
+    ["cluster_size=64k", "1000k", "5M", false], // falloc/full from a partial last cluster
+  ];
+  for (const [options, oldSize, newSize, done] of cases) {
+    for (const mode of ["metadata", "falloc", "full"]) {
+      const what = `${options} ${oldSize} -> ${newSize} ${mode}`;
+      ok(await qemuImg(["create", "-q", "-f", "qcow2", "-o", options, "theirs.qcow2", oldSize], dir), "create");
+      ok(await qemuIo(["-c", "write -P 7 0 512k", "theirs.qcow2"], dir), "write");
+      copyFileSync(join(dir, "theirs.qcow2"), join(dir, "ours.qcow2"));
+      const before = readFileSync(join(dir, "ours.qcow2"));
+      ok(await qemuImg(["resize", "-q", `--preallocation=${mode}`, "theirs.qcow2", newSize], dir), `qemu-img ${what}`);
+      const ours = await snapstack(["img", "resize", "-q", `--preallocation=${mode}`, "ours.qcow2", newSize], { cwd: dir });
+      if (done || mode === "metadata") {
+        ok(ours, what);
+        assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(readFileSync(join(dir, "theirs.qcow2"))), `${what}: files differ`);
+      } else {
+        assert.equal(ours.code, 1, what);
+        assert.match(ours.stderr, /^snapstack: error E_UNSUPPORTED_FEATURE: /);
+        assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(before), `${what}: the refused resize changed the image`);
+      }
+    }
+  }
 });
 
 test("measure equals qemu-img measure (human and JSON)", async (t) => {

@@ -21,6 +21,10 @@ const CASES: string[][] = [
   ["-f", "qcow2", "-o", "lazy_refcounts=on", "-o", "refcount_bits=8", "IMG", "64M"],
   ["-f", "qcow2", "-o", "compat=0.10", "IMG", "1M"],
   ["-f", "qcow2", "-o", "extended_l2=on", "IMG", "1G"],
+  // Preallocated data clusters keep an empty subcluster bitmap with extended L2.
+  ["-f", "qcow2", "-o", "extended_l2=on,preallocation=falloc", "IMG", "8M"],
+  ["-f", "qcow2", "-o", "extended_l2=on,preallocation=full", "IMG", "8M"],
+  ["-f", "qcow2", "-o", "cluster_size=4k,preallocation=full", "IMG", "3M"],
   ["-f", "qcow2", "-o", "compression_type=zstd", "IMG", "1G"],
   ["-f", "qcow2", "-o", "size=2M", "IMG"],
   ["-fqcow2", "IMG", "4T"],

@@ -27,10 +27,10 @@ import {
   newQcow2Header,
 } from "./header.ts";
 import { REFTABLE_ENTRY_BYTES, encodeRefcountTable } from "./refcount-block.ts";
-import { L1_BYTES_MAX, Qcow2Metadata, l1EntriesForSize, qcow2Geometry } from "./metadata.ts";
-import { L1_ENTRY_BYTES, encodeL2Entry, setL2EntryWords } from "./entries.ts";
-import { markDirty } from "./table-cache.ts";
+import { L1_BYTES_MAX, Qcow2Metadata, l1EntriesForSize } from "./metadata.ts";
+import { L1_ENTRY_BYTES } from "./entries.ts";
 import { Qcow2Image } from "./qcow2-image.ts";
+import { preallocateData } from "./preallocate-data.ts";
 
 export type Qcow2Preallocation = "off" | "metadata" | "falloc" | "full";
 /** qemu-img's preallocation modes, all of which qcow2 takes. */
@@ -55,8 +55,6 @@ const CLUSTER_SIZE_MIN_BYTES = 512;
 const CLUSTER_SIZE_MAX_BYTES = 2 * 1024 * 1024;
 /** Extended L2 needs subclusters of at least 512 bytes. */
 const EXTENDED_L2_CLUSTER_MIN_BYTES = 16 * 1024;
-/** Zero-filling chunk for preallocation=full. */
-const ZERO_FILL_CHUNK_BYTES = 1024 * 1024;
 const SECTOR_BYTES = 512;
 
 function invalid(message: string): SnapstackError {
@@ -189,13 +187,9 @@ export async function createQcow2(file: ImageFile, options: Qcow2CreateOptions):
   await meta.growL1(l1EntriesForSize(o.sizeBytes, meta.geometry), true);
   if (o.preallocation === "metadata") {
     const image = new Qcow2Image(file, meta, [], { readOnly: false, backing: null, closeBacking: false });
-    // The file reaches the end of the last data (sub)cluster, as qemu-img create's: a size that is not
-    // a multiple of it still gets the whole of its last one.
-    const unit = meta.geometry.subclusterSizeBytes;
-    const hostEnd = Math.ceil((await image.preallocateMetadata(0, o.sizeBytes)) / unit) * unit;
-    if (hostEnd > (await file.sizeBytes())) await file.truncate(hostEnd);
+    await image.preallocateMetadataAndExtend(0, o.sizeBytes);
   } else if (o.preallocation === "falloc" || o.preallocation === "full") {
-    await preallocateData(file, meta, o.sizeBytes, o.preallocation === "full");
+    await preallocateData(file, meta, 0, o.sizeBytes, o.preallocation === "full");
   }
   if (o.preallocation !== "off") await meta.writeCaches();
   const sizeField = new Uint8Array(8);
@@ -211,48 +205,4 @@ export async function createQcow2(file: ImageFile, options: Qcow2CreateOptions):
   }
   await meta.writeCaches();
   await file.flush();
-}
-
-/**
- * qcow2_co_truncate with preallocation falloc/full from size 0: refcount
- * structures for the new space first (qcow2_refcount_area), data clusters
- * right after them, then the L2 entries (L2 tables allocated first fit).
- */
-async function preallocateData(file: ImageFile, meta: Qcow2Metadata, sizeBytes: number, writeZeroes: boolean): Promise<void> {
-  const geometry = qcow2Geometry(meta.header);
-  const cs = geometry.clusterSizeBytes;
-  let dataClusters = Math.ceil(sizeBytes / cs);
-  if (dataClusters === 0) return;
-  const fileSize = await file.sizeBytes();
-  const lastCluster = await meta.lastUsedCluster(fileSize);
-  const oldFileSize = lastCluster >= 0 ? (lastCluster + 1) * cs : Math.ceil(fileSize / cs) * cs;
-  const l2Tables = Math.ceil(dataClusters / geometry.l2Entries) + 1;
-  const allocationStart = await meta.refcountArea(oldFileSize, dataClusters + l2Tables, true, 0, 0);
-  const allocated = await meta.allocClustersAt(allocationStart, dataClusters);
-  if (allocated !== dataClusters) throw new SnapstackError("E_INTERNAL", "preallocated data clusters are not contiguous");
-  const newFileSize = allocationStart + dataClusters * cs;
-  if (writeZeroes) {
-    const zeros = new Uint8Array(Math.min(ZERO_FILL_CHUNK_BYTES, newFileSize - allocationStart));
-    for (let at = allocationStart; at < newFileSize; at += zeros.length) {
-      await file.write(at, zeros.subarray(0, Math.min(zeros.length, newFileSize - at)));
-    }
-  } else if ((await file.sizeBytes()) < newFileSize) {
-    await file.truncate(newFileSize);
-  }
-  let hostOffset = allocationStart;
-  let guestCluster = 0;
-  while (dataClusters > 0) {
-    const l1Index = Math.floor(guestCluster / geometry.l2Entries);
-    const firstIndex = guestCluster % geometry.l2Entries;
-    const count = Math.min(dataClusters, geometry.l2Entries - firstIndex);
-    const table = await meta.getL2ForWrite(l1Index);
-    for (let i = 0; i < count; i++) {
-      const word = encodeL2Entry({ type: "normal", hostOffset: hostOffset + i * cs, copied: true }, geometry.clusterBits, geometry.extendedL2);
-      setL2EntryWords(table.view, firstIndex + i, geometry.extendedL2, word, geometry.extendedL2 ? 0xffffffff : 0, 0);
-    }
-    markDirty(table, firstIndex * geometry.l2EntryBytes, count * geometry.l2EntryBytes);
-    guestCluster += count;
-    hostOffset += count * cs;
-    dataClusters -= count;
-  }
 }

@@ -99,6 +99,7 @@ import { AsyncMutex, RangeLock, ReadGate } from "./locks.ts";
 import { markDirty, type CachedTable } from "./table-cache.ts";
 import { rebuildRefcounts } from "./rebuild-refcounts.ts";
 import { canEmptyCompletely, emptyCompletely } from "./make-empty.ts";
+import { preallocateData } from "./preallocate-data.ts";
 import { BELOW_MIXED, BELOW_UNKNOWN, BELOW_ZERO, BackingResolutionCache, type BelowResolution } from "./backing-resolution-cache.ts";
 import {
   applySnapshot,
@@ -1457,6 +1458,31 @@ export class Qcow2Image implements BlockDevice {
       await meta.writeCaches();
     });
     return hostEnd;
+  }
+
+  /**
+   * preallocateMetadata, then the file extended to the end of the last
+   * (sub)cluster it allocated, as after qemu-img create or resize with
+   * preallocation=metadata (a size that is not a multiple of it still gets
+   * the whole of its last one).
+   */
+  async preallocateMetadataAndExtend(guestOffset: number, lengthBytes: number): Promise<void> {
+    const unit = this.#meta.geometry.subclusterSizeBytes;
+    const hostEnd = Math.ceil((await this.preallocateMetadata(guestOffset, lengthBytes)) / unit) * unit;
+    if (hostEnd > (await this.#file.sizeBytes())) await this.#file.truncate(hostEnd);
+  }
+
+  /**
+   * preallocation=falloc|full over a grown area (preallocate-data.ts):
+   * `guestOffset` on a cluster boundary, the range unallocated.
+   */
+  async preallocateData(guestOffset: number, lengthBytes: number, writeZeroes: boolean): Promise<void> {
+    this.#checkWritable("preallocate");
+    if (this.#beforeMetadataChange) await this.#prepareChange("metadata");
+    await this.#locked(async () => {
+      await preallocateData(this.#file, this.#meta, guestOffset, guestOffset + lengthBytes, writeZeroes);
+      await this.#meta.writeCaches();
+    });
   }
 
   /**
