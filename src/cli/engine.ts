@@ -31,6 +31,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
 }
 
 export {
+  amendImage,
   compareImages,
   convertImage,
   createImage,

@@ -101,6 +101,51 @@ test("resize --preallocation=metadata|falloc|full of qcow2 images: the same byte
   }
 });
 
+test("amend: compat=1.1, lazy_refcounts and size give qemu-img's bytes; what qemu-img refuses is refused, and what is not done (downgrade, another refcount width) too, the image left alone", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  // [create options, amend options, done by snapstack]
+  const cases: Array<[string, string, boolean]> = [
+    ["compat=0.10", "compat=1.1", true],
+    ["compat=0.10", "compat=v3,lazy_refcounts=on", true],
+    ["compat=0.10", "lazy_refcounts=on", false],
+    ["compat=1.1", "lazy_refcounts=on", true],
+    ["lazy_refcounts=on", "lazy_refcounts=off", true],
+    ["compat=1.1", "size=128M", true],
+    ["compat=1.1", "compat=1.1,size=100M,refcount_bits=16", true],
+    ["compat=1.1", "refcount_bits=8", false],
+    ["compat=1.1", "compat=0.10", false],
+    ["compat=1.1", "compat=2", false],
+    ["compat=1.1", "refcount_bits=3", false],
+    ["compat=1.1", "cluster_size=4k", false],
+    ["compat=1.1", "backing_file=other.qcow2", false],
+    ["compat=1.1", "data_file=x.raw", false],
+    ["compat=1.1", "foo=bar", false],
+  ];
+  for (const [createOptions, amendOptions, done] of cases) {
+    const what = `${createOptions}: amend -o ${amendOptions}`;
+    ok(await qemuImg(["create", "-q", "-f", "qcow2", "-o", createOptions, "theirs.qcow2", "64M"], dir), "create");
+    ok(await qemuIo(["-c", "write -P 1 0 1M", "-c", "write -z 2M 64k", "theirs.qcow2"], dir), "write");
+    ok(await qemuImg(["snapshot", "-c", "s1", "theirs.qcow2"], dir), "snapshot");
+    copyFileSync(join(dir, "theirs.qcow2"), join(dir, "ours.qcow2"));
+    const before = readFileSync(join(dir, "ours.qcow2"));
+    const theirs = await qemuImg(["amend", "-o", amendOptions, "theirs.qcow2"], dir);
+    const ours = await snapstack(["img", "amend", "-o", amendOptions, "ours.qcow2"], { cwd: dir });
+    if (done) {
+      ok(theirs, `qemu-img ${what}`);
+      ok(ours, what);
+      assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(readFileSync(join(dir, "theirs.qcow2"))), `${what}: files differ`);
+    } else {
+      assert.equal(ours.code, 1, `${what}: ${ours.stderr}`);
+      assert.match(ours.stderr, /^snapstack: error E_[A-Z_]+: /);
+      assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(before), `${what}: the refused amend changed the image`);
+    }
+  }
+  const raw = await snapstack(["img", "amend", "-f", "raw", "-o", "size=1M", "theirs.qcow2"], { cwd: dir });
+  assert.match(raw.stderr, /E_UNSUPPORTED_FEATURE: Format driver 'raw' does not support option amendment/);
+  assert.match((await snapstack(["img", "amend", "theirs.qcow2"], { cwd: dir })).stderr, /E_USAGE: Must specify options \(-o\)/);
+});
+
 test("measure equals qemu-img measure (human and JSON)", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);

@@ -92,6 +92,9 @@ import {
 import { REFTABLE_BYTES_MAX } from "./refcount-block.ts";
 import { BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory, withBitmapsInUse, type BitmapDirectoryEntry } from "./bitmap-directory.ts";
 import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, type Qcow2Snapshot } from "./snapshot-table.ts";
+
+/** Extra data a version 3 snapshot entry must carry: the 64-bit VM state size and the disk size. */
+const SNAPSHOT_V3_EXTRA_DATA_BYTES = 16;
 import { compressCluster, decompressCluster } from "./compression.ts";
 import { LUKS_HEADER_BYTES, decodeLuksHeader, type LuksHeaderInfo } from "./luks-header.ts";
 import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, l1EntriesForSize, type Qcow2Geometry } from "./metadata.ts";
@@ -1470,6 +1473,46 @@ export class Qcow2Image implements BlockDevice {
     const unit = this.#meta.geometry.subclusterSizeBytes;
     const hostEnd = Math.ceil((await this.preallocateMetadata(guestOffset, lengthBytes)) / unit) * unit;
     if (hostEnd > (await this.#file.sizeBytes())) await this.#file.truncate(hostEnd);
+  }
+
+  /**
+   * qemu-img amend's header changes, in qcow2_amend_options' order:
+   * `version3` upgrades a version 2 image (qcow2_upgrade: the header
+   * rewritten as version 3; snapshot entries need the 16 bytes of extra
+   * data v3 requires, which QEMU has written since 1.1, else refused);
+   * `lazyRefcounts` sets or clears the compatible bit (on needs version 3;
+   * off first writes the caches and clears the dirty bit, qcow2_mark_clean).
+   */
+  async amendHeader(changes: { version3?: boolean; lazyRefcounts?: boolean }): Promise<void> {
+    this.#checkWritable("amend");
+    if (this.#beforeMetadataChange) await this.#prepareChange("metadata");
+    const header = this.#meta.header;
+    await this.#locked(async () => {
+      if (changes.version3 === true && header.version === 2) {
+        if (this.#snapshots.some((snapshot) => snapshot.extraDataSizeBytes < SNAPSHOT_V3_EXTRA_DATA_BYTES)) {
+          throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${this.name}: cannot upgrade: a snapshot lacks the extra data version 3 needs (written by an old QEMU)`, { path: this.name });
+        }
+        await this.#meta.writeCaches();
+        await this.#file.flush();
+        header.version = 3;
+        await this.#meta.writeHeader();
+      }
+      const lazy = (header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+      if (changes.lazyRefcounts === undefined || changes.lazyRefcounts === lazy) return;
+      if (changes.lazyRefcounts && header.version !== 3) {
+        throw new SnapstackError("E_INVALID_OPTION", "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)", { path: this.name });
+      }
+      if (changes.lazyRefcounts) {
+        header.compatibleFeatures |= COMPAT_LAZY_REFCOUNTS;
+      } else {
+        await this.#meta.writeCaches();
+        await this.#file.flush();
+        header.compatibleFeatures &= ~COMPAT_LAZY_REFCOUNTS;
+        header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+        this.#meta.lazyRefcounts = false;
+      }
+      await this.#meta.writeHeader();
+    });
   }
 
   /**

@@ -1,0 +1,43 @@
+/**
+ * `snapstack img amend [-f fmt] [-q] [-p] [--force] -o options FILE`
+ *
+ * qemu-img 7.2's amend for qcow2 images: compat=1.1 (upgrade a version 2
+ * image), lazy_refcounts, size, and refcount_bits at its current width;
+ * what is not done or not amendable is refused before anything is written
+ * (chain/amend-image.ts). `-o help` lists the options, as for create.
+ */
+import { SnapstackError } from "../../base/errors.ts";
+import { optionString, parseArgs } from "../args.ts";
+import { expectPositionals } from "../command-helpers.ts";
+import type { CliCommand } from "../context.ts";
+import { checkCreateOptions, parseOptionList } from "../create-options.ts";
+import { amendImage } from "../engine.ts";
+
+export const amendCommand: CliCommand = {
+  name: "amend",
+  synopsis: "amend [-f fmt] [-q] [-p] [--force] -o options filename",
+  summary: "Change qcow2 image options: compat=1.1, lazy_refcounts, size.",
+  optionHelp: [
+    "  -f fmt        image format (qcow2); detected when omitted",
+    "  -o options    what to change: compat, lazy_refcounts, size, refcount_bits (current width only)",
+    "  -p, -q        progress (nothing to show) / quiet",
+    "  --force       accepted, as in qemu-img",
+  ],
+  async run(argv) {
+    const parsed = parseArgs(argv, [
+      { name: "format", short: "f", value: true },
+      { name: "options", short: "o", value: true, repeat: "comma" },
+      { name: "quiet", short: "q" },
+      { name: "progress", short: "p" },
+      { name: "force", long: "force" },
+      { name: "cache", short: "t", value: true },
+    ]);
+    const optionText = optionString(parsed, "options");
+    if (optionText === undefined) throw new SnapstackError("E_USAGE", "Must specify options (-o)");
+    expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
+    // Typed with qcow2's table (the only format with amendable options); amendImage refuses the others.
+    const checked = checkCreateOptions("qcow2", parseOptionList(optionText));
+    await amendImage(parsed.positionals[0], checked.typed, { format: optionString(parsed, "format") });
+    return 0;
+  },
+};
