@@ -70,6 +70,9 @@ test("bitmaps: snapshot create/delete and rebase -u keep them valid; resize mark
   ok(await snapstack(["img", "snapshot", "-d", "s1", "meta.qcow2"], { cwd: dir }), "snapshot -d");
   assert.deepEqual(await bitmapFlags(dir, "meta.qcow2"), { b0: ["auto"], b1: [] });
 
+  // A resize to the same size changes nothing.
+  ok(await snapstack(["img", "resize", "meta.qcow2", "16M"], { cwd: dir }), "resize to the same size");
+  assert.deepEqual(await bitmapFlags(dir, "meta.qcow2"), { b0: ["auto"], b1: [] });
   // A resize makes every bitmap the wrong size: all in-use (QEMU would refuse to load a valid one of the wrong size).
   ok(await snapstack(["img", "resize", "meta.qcow2", "32M"], { cwd: dir }), "resize");
   assert.deepEqual(await bitmapFlags(dir, "meta.qcow2"), { b0: ["in-use", "auto"], b1: ["in-use"] });

@@ -2096,7 +2096,8 @@ export class Qcow2Image implements BlockDevice {
     if (zeroNewArea && header.version === 2) {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${this.name}: Failed to zero out new clusters: Operation not supported (a compat=0.10 image cannot grow over a longer backing file)`);
     }
-    if (this.#beforeResize) await this.#prepareChange("size");
+    // A resize to the same size changes nothing, the bitmaps included.
+    if (this.#beforeResize && newSizeBytes !== oldSize) await this.#prepareChange("size");
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
       await this.#locked(async () => {
