@@ -137,30 +137,36 @@ export function parseSize(text: string, options: ParseSizeOptions = {}): number 
 }
 
 /**
- * C printf("%0.3g") for a finite non-negative number: exact ties round to
- * even (192.5 -> "192", 1.125 -> "1.12"), where Number.prototype.toPrecision
- * rounds them up.
+ * C printf("%0.3g") for a finite non-negative number: rounded to three
+ * significant digits with exact ties to even (192.5 -> "192", 1.125 ->
+ * "1.12"), where Number.prototype.toPrecision rounds them up; %e style
+ * when the rounded exponent is below -4 or above 2.
  */
 export function formatG3(value: number): string {
-  const stripZeros = (mantissa: string): string => (mantissa.includes(".") ? mantissa.replace(/\.?0+$/, "") : mantissa);
   if (value === 0) return "0";
-  // The decimal exponent after rounding to 3 significant digits decides between %f and %e style.
-  let exponent = Math.floor(Math.log10(value));
-  if (10 ** exponent > value) exponent--;
-  else if (10 ** (exponent + 1) <= value) exponent++;
-  if (exponent >= -4 && exponent < 3) {
-    const fixed = formatFixed(value, 2 - exponent);
-    // Rounding reached the next power of ten (99.95 -> "100.0"): one digit fewer after the point.
-    if (Number(fixed) >= 10 ** (exponent + 1)) exponent++;
-    else return stripZeros(fixed);
-    if (exponent < 3) return stripZeros(formatFixed(value, 2 - exponent));
+  // 100 significant digits: the exact decimal value of every double this is given.
+  const exact = value.toExponential(99);
+  const expIndex = exact.indexOf("e");
+  const digits = exact.slice(0, expIndex).replace(".", "");
+  let exponent = Number(exact.slice(expIndex + 1));
+  let kept = Number(digits.slice(0, 3));
+  const rest = digits.slice(3);
+  if (rest[0] > "5" || (rest[0] === "5" && (/[1-9]/.test(rest.slice(1)) || kept % 2 === 1))) kept++;
+  if (kept === 1000) {
+    kept = 100;
+    exponent++;
   }
-  const text = value.toExponential(2);
-  const expIndex = text.indexOf("e");
-  const mantissa = stripZeros(text.slice(0, expIndex));
-  const power = Number(text.slice(expIndex + 1));
-  const sign = power < 0 ? "-" : "+";
-  return `${mantissa}e${sign}${String(Math.abs(power)).padStart(2, "0")}`;
+  const significant = String(kept);
+  const stripZeros = (text: string): string => (text.includes(".") ? text.replace(/\.?0+$/, "") : text);
+  if (exponent < -4 || exponent >= 3) {
+    const sign = exponent < 0 ? "-" : "+";
+    return `${stripZeros(`${significant[0]}.${significant.slice(1)}`)}e${sign}${String(Math.abs(exponent)).padStart(2, "0")}`;
+  }
+  // %f style with 2 - exponent decimals: the three digits placed around the point.
+  const padded = exponent < 0 ? "0".repeat(-exponent) + significant : significant;
+  const point = exponent < 0 ? 1 : exponent + 1;
+  const fraction = padded.slice(point);
+  return fraction === "" ? padded.slice(0, point) : stripZeros(`${padded.slice(0, point)}.${fraction}`);
 }
 
 const BINARY_PREFIXES = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];

@@ -126,6 +126,16 @@ test("formatG3 is C's %0.3g", () => {
   assert.equal(formatG3(0.0001234), "0.000123");
   assert.equal(formatG3(0.00001234), "1.23e-05");
   assert.equal(formatG3(1234), "1.23e+03");
+  // Rounding that reaches the next power of ten changes the style; ties in %e style go to even too.
+  assert.equal(formatG3(0.00009996), "0.0001");
+  assert.equal(formatG3(1005), "1e+03");
+  assert.equal(formatG3(1025), "1.02e+03");
+  assert.equal(formatG3(1035), "1.04e+03");
+  assert.equal(formatG3(999.5), "1e+03");
+  assert.equal(formatG3(0.5), "0.5");
+  assert.equal(formatG3(123), "123");
+  assert.equal(formatG3(12.5), "12.5");
+  assert.equal(formatG3(2 ** 70), "1.18e+21");
 });
 
 test("formatIoSize matches qemu-io's cvtstr", () => {
