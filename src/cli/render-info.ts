@@ -27,12 +27,12 @@ function formatVmClock(clockNs: number): string {
 
 export const SNAPSHOT_TABLE_HEADER = `${"ID".padEnd(10)}${"TAG".padEnd(17)}${"VM SIZE".padStart(8)}${"DATE".padStart(20)}${"VM CLOCK".padStart(13)}${"ICOUNT".padStart(11)}`;
 
-/** One row of the snapshot table (SnapshotInfo object from the JSON). */
 /** printf("%-Ns"): pads to N bytes of UTF-8, not N characters (a name "ü..." gets one space less per two-byte character). */
 function padEndBytes(text: string, widthBytes: number): string {
   return text + " ".repeat(Math.max(0, widthBytes - Buffer.byteLength(text)));
 }
 
+/** One row of the snapshot table (SnapshotInfo object from the JSON). */
 export function formatSnapshotRow(snapshot: Json): string {
   const clockNs = Number(snapshot["vm-clock-sec"] ?? 0) * 1e9 + Number(snapshot["vm-clock-nsec"] ?? 0);
   const icount = snapshot.icount === undefined ? "" : String(snapshot.icount);

@@ -168,6 +168,9 @@ test("qemu-io hexdump and report lines", () => {
   assert.match(formatReport("wrote", 0, 1 << 30, 0.4567).split("\n")[1], /; 00\.46 sec \(/);
   assert.match(formatReport("wrote", 0, 1 << 30, 31.42).split("\n")[1], /; 0:00:31\.42 \(/);
   assert.match(formatReport("wrote", 0, 1 << 30, 3725.5).split("\n")[1], /; 1:02:05\.50 \(/);
+  // The style follows the whole seconds; %05.2f rounds the rest (qemu-io's timestr).
+  assert.match(formatReport("wrote", 0, 1 << 30, 0.996).split("\n")[1], /; 01\.00 sec \(/);
+  assert.match(formatReport("wrote", 0, 1 << 30, 1.996).split("\n")[1], /; 0:00:02\.00 \(/);
 });
 
 test("resize size specs", () => {

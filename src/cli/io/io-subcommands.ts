@@ -14,7 +14,7 @@
  * (IoCommandError; io-command.ts prints both).
  */
 import { SnapstackError, type ErrorCode } from "../../base/errors.ts";
-import { formatIoSize, parseSizeBig } from "../../base/units.ts";
+import { formatFixed, formatIoSize, parseSizeBig } from "../../base/units.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { optionFlag, optionString, parseArgs, type OptionSpec, type ParsedArgs } from "../args.ts";
 import type { CliContext } from "../context.ts";
@@ -164,11 +164,11 @@ export function formatHexdump(data: Uint8Array, guestOffset: number): string {
 
 /** qemu-io's timestr for the statistics line: seconds as "SS.hh sec". */
 function formatElapsed(seconds: number): string {
+  // The style follows the whole seconds; the seconds are printed with %05.2f, so 0.996 s is
+  // "01.00 sec" and 59.996 s "0:00:60.00", as in qemu-io's timestr.
   const whole = Math.floor(seconds);
-  const fraction = (seconds - whole).toFixed(2).slice(1);
-  if (whole === 0) return `00${fraction} sec`;
-  // From one second on, H:MM:SS.hh (timestr without TERSE_FIXED_TIME).
-  const secondsPart = `${String(whole % 60).padStart(2, "0")}${fraction}`;
+  const secondsPart = formatFixed((whole % 60) + (seconds - whole), 2).padStart(5, "0");
+  if (whole === 0) return `${secondsPart} sec`;
   return `${Math.floor(whole / 3600)}:${String(Math.floor(whole / 60) % 60).padStart(2, "0")}:${secondsPart}`;
 }
 
