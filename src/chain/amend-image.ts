@@ -51,12 +51,11 @@ function planAmend(image: Qcow2Image, path: string, options: AmendOptions): { ve
     if (!Number.isInteger(bits) || bits < 1 || bits > 64 || (bits & (bits - 1)) !== 0) throw invalid("Refcount width must be a power of two and may not exceed 64 bits", path);
     if (bits !== info.refcountBits) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: changing refcount_bits (${info.refcountBits} to ${bits}) is not supported`, { path });
   }
+  // (lazy_refcounts=on on a version 2 image: Qcow2Image.amendHeader refuses it before writing.)
   const lazyRefcounts = options.lazy_refcounts === undefined ? undefined : options.lazy_refcounts === true;
-  if (lazyRefcounts === true && info.version === 2 && !version3) {
-    throw invalid("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)", path);
-  }
   // size=0 changes nothing, as in QEMU.
   const sizeBytes = options.size === undefined || Number(options.size) === 0 ? undefined : Number(options.size);
+  if (sizeBytes !== undefined && sizeBytes % 512 !== 0) throw new SnapstackError("E_INVALID_SIZE", "The new size must be a multiple of 512", { path });
   return { version3, lazyRefcounts, sizeBytes };
 }
 

@@ -92,9 +92,6 @@ import {
 import { REFTABLE_BYTES_MAX } from "./refcount-block.ts";
 import { BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory, withBitmapsInUse, type BitmapDirectoryEntry } from "./bitmap-directory.ts";
 import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, type Qcow2Snapshot } from "./snapshot-table.ts";
-
-/** Extra data a version 3 snapshot entry must carry: the 64-bit VM state size and the disk size. */
-const SNAPSHOT_V3_EXTRA_DATA_BYTES = 16;
 import { compressCluster, decompressCluster } from "./compression.ts";
 import { LUKS_HEADER_BYTES, decodeLuksHeader, type LuksHeaderInfo } from "./luks-header.ts";
 import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, l1EntriesForSize, type Qcow2Geometry } from "./metadata.ts";
@@ -114,6 +111,9 @@ import {
   type DeleteSnapshotOptions,
   type FreeingOptions,
 } from "./internal-snapshots.ts";
+
+/** Extra data a version 3 snapshot entry must carry: the 64-bit VM state size and the disk size. */
+const SNAPSHOT_V3_EXTRA_DATA_BYTES = 16;
 
 export interface OpenQcow2Options {
   readOnly: boolean;
