@@ -226,10 +226,28 @@ const TYPE_NAMES: Record<CreateOptionType, string> = { string: "str", bool: "boo
  * The `-o help` listing as qemu-img prints it: with a target file name, all
  * options; without one, only the format's own plus a note.
  */
-export function formatOptionHelp(format: string, withTarget: boolean): string {
-  const specs = withTarget ? requireKnownFormat(format) : formatOptions(format);
+/** The qcow2 options `amend` takes, as `qemu-img amend -o help` lists them (four exist for amend only). */
+const QCOW2_AMEND_NAMES = ["backing_file", "backing_fmt", "compat", "data_file", "data_file_raw", "encrypt.iter-time", "lazy_refcounts", "refcount_bits", "size"];
+const QCOW2_AMEND_ONLY: CreateOptionSpec[] = [
+  { name: "encrypt.keyslot", type: "number", help: "Select a single keyslot to modify explicitly" },
+  { name: "encrypt.new-secret", type: "string", help: "New secret to set in the matching keyslots. Empty string to erase" },
+  { name: "encrypt.old-secret", type: "string", help: "Select all keyslots that match this password" },
+  { name: "encrypt.state", type: "string", help: "Select new state of affected keyslots (active/inactive)" },
+];
+
+function optionHelpLines(specs: readonly CreateOptionSpec[]): string {
   const sorted = [...specs].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-  const lines = sorted.map((spec) => `  ${`${spec.name}=<${TYPE_NAMES[spec.type]}>`.padEnd(22)} - ${spec.help}\n`).join("");
+  return sorted.map((spec) => `  ${`${spec.name}=<${TYPE_NAMES[spec.type]}>`.padEnd(22)} - ${spec.help}\n`).join("");
+}
+
+/** `qemu-img amend -o help` for qcow2. */
+export function formatAmendHelp(): string {
+  const specs = [...requireKnownFormat("qcow2").filter((spec) => QCOW2_AMEND_NAMES.includes(spec.name)), ...QCOW2_AMEND_ONLY];
+  return `Amend options for 'qcow2':\n${optionHelpLines(specs)}`;
+}
+
+export function formatOptionHelp(format: string, withTarget: boolean): string {
+  const lines = optionHelpLines(withTarget ? requireKnownFormat(format) : formatOptions(format));
   if (withTarget) return `Supported options:\n${lines}`;
   return `Supported ${format} options:\n${lines}\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n`;
 }

@@ -144,6 +144,7 @@ test("amend: compat=1.1, lazy_refcounts and size give qemu-img's bytes; what qem
   const raw = await snapstack(["img", "amend", "-f", "raw", "-o", "size=1M", "theirs.qcow2"], { cwd: dir });
   assert.match(raw.stderr, /E_UNSUPPORTED_FEATURE: Format driver 'raw' does not support option amendment/);
   assert.match((await snapstack(["img", "amend", "theirs.qcow2"], { cwd: dir })).stderr, /E_USAGE: Must specify options \(-o\)/);
+  assert.equal(ok(await snapstack(["img", "amend", "-o", "help", "theirs.qcow2"], { cwd: dir }), "-o help").stdout, ok(await qemuImg(["amend", "-o", "help", "theirs.qcow2"], dir), "qemu-img -o help").stdout);
 });
 
 test("measure equals qemu-img measure (human and JSON)", async (t) => {

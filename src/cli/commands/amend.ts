@@ -4,13 +4,13 @@
  * qemu-img 7.2's amend for qcow2 images: compat=1.1 (upgrade a version 2
  * image), lazy_refcounts, size, and refcount_bits at its current width;
  * what is not done or not amendable is refused before anything is written
- * (chain/amend-image.ts). `-o help` lists the options, as for create.
+ * (chain/amend-image.ts). `-o help` lists the options qemu-img lists.
  */
 import { SnapstackError } from "../../base/errors.ts";
 import { optionString, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
-import { checkCreateOptions, parseOptionList } from "../create-options.ts";
+import { checkCreateOptions, formatAmendHelp, isHelpRequest, parseOptionList } from "../create-options.ts";
 import { amendImage } from "../engine.ts";
 
 export const amendCommand: CliCommand = {
@@ -23,7 +23,7 @@ export const amendCommand: CliCommand = {
     "  -p, -q        progress (nothing to show) / quiet",
     "  --force       accepted, as in qemu-img",
   ],
-  async run(argv) {
+  async run(argv, context) {
     const parsed = parseArgs(argv, [
       { name: "format", short: "f", value: true },
       { name: "options", short: "o", value: true, repeat: "comma" },
@@ -34,9 +34,14 @@ export const amendCommand: CliCommand = {
     ]);
     const optionText = optionString(parsed, "options");
     if (optionText === undefined) throw new SnapstackError("E_USAGE", "Must specify options (-o)");
+    const entries = parseOptionList(optionText);
+    if (isHelpRequest(entries)) {
+      context.out(formatAmendHelp());
+      return 0;
+    }
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     // Typed with qcow2's table (the only format with amendable options); amendImage refuses the others.
-    const checked = checkCreateOptions("qcow2", parseOptionList(optionText));
+    const checked = checkCreateOptions("qcow2", entries);
     await amendImage(parsed.positionals[0], checked.typed, { format: optionString(parsed, "format") });
     return 0;
   },
