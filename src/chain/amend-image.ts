@@ -15,7 +15,7 @@
  * are checked before anything is written.
  */
 import { SnapstackError } from "../base/errors.ts";
-import { Qcow2Image } from "../formats/qcow2/index.ts";
+import { Qcow2Image, refcountBitsProblem } from "../formats/qcow2/index.ts";
 import { parseImageFormat } from "./image-format.ts";
 import { openImage } from "./open-image.ts";
 
@@ -48,7 +48,8 @@ function planAmend(image: Qcow2Image, path: string, options: AmendOptions): { ve
   }
   if (options.refcount_bits !== undefined) {
     const bits = Number(options.refcount_bits);
-    if (!Number.isInteger(bits) || bits < 1 || bits > 64 || (bits & (bits - 1)) !== 0) throw invalid("Refcount width must be a power of two and may not exceed 64 bits", path);
+    const problem = refcountBitsProblem(bits);
+    if (problem !== null) throw invalid(problem, path);
     if (bits !== info.refcountBits) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: changing refcount_bits (${info.refcountBits} to ${bits}) is not supported`, { path });
   }
   // (lazy_refcounts=on on a version 2 image: Qcow2Image.amendHeader refuses it before writing.)

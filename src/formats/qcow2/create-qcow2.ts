@@ -57,6 +57,11 @@ const CLUSTER_SIZE_MAX_BYTES = 2 * 1024 * 1024;
 const EXTENDED_L2_CLUSTER_MIN_BYTES = 16 * 1024;
 const SECTOR_BYTES = 512;
 
+/** Why a refcount width is not one qcow2 takes (QEMU's words), or null; create and amend check it. */
+export function refcountBitsProblem(refcountBits: number): string | null {
+  return isPowerOfTwo(refcountBits) && refcountBits <= 64 ? null : "Refcount width must be a power of two and may not exceed 64 bits";
+}
+
 function invalid(message: string): SnapstackError {
   return new SnapstackError("E_INVALID_OPTION", message);
 }
@@ -96,9 +101,8 @@ export function resolveQcow2CreateOptions(options: Qcow2CreateOptions): Resolved
   if (!isPowerOfTwo(clusterSizeBytes) || clusterSizeBytes < CLUSTER_SIZE_MIN_BYTES || clusterSizeBytes > CLUSTER_SIZE_MAX_BYTES) {
     throw invalid("Cluster size must be a power of two between 512 and 2048k");
   }
-  if (!isPowerOfTwo(refcountBits) || refcountBits > 64) {
-    throw invalid("Refcount width must be a power of two and may not exceed 64 bits");
-  }
+  const refcountProblem = refcountBitsProblem(refcountBits);
+  if (refcountProblem !== null) throw invalid(refcountProblem);
   if (version === 2 && refcountBits !== 16) {
     throw invalid("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)");
   }

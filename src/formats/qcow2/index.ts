@@ -12,6 +12,7 @@ export {
   DEFAULT_CLUSTER_SIZE_BYTES,
   DEFAULT_REFCOUNT_BITS,
   QCOW2_PREALLOCATION_MODES,
+  refcountBitsProblem,
   type Qcow2CreateOptions,
   type Qcow2Preallocation,
   type ResolvedQcow2CreateOptions,
