@@ -57,7 +57,7 @@ export async function resizeImage(path: string, size: SizeSpec, options: ResizeI
       }
       await device.resize(newSizeBytes, { shrink: options.shrink ?? false });
       // qcow2_co_truncate: preallocate the new area.
-      if (growth > 0 && preallocation === "metadata") await device.preallocateMetadataAndExtend(oldSizeBytes, growth);
+      if (growth > 0 && preallocation === "metadata") await device.preallocateMetadata(oldSizeBytes, growth);
       if (dataPreallocation) await device.preallocateData(oldSizeBytes, growth, preallocation === "full");
     } else {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: cannot resize format ${device.format}`, { path });

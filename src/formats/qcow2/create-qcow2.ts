@@ -191,7 +191,7 @@ export async function createQcow2(file: ImageFile, options: Qcow2CreateOptions):
   await meta.growL1(l1EntriesForSize(o.sizeBytes, meta.geometry), true);
   if (o.preallocation === "metadata") {
     const image = new Qcow2Image(file, meta, [], { readOnly: false, backing: null, closeBacking: false });
-    await image.preallocateMetadataAndExtend(0, o.sizeBytes);
+    await image.preallocateMetadata(0, o.sizeBytes);
   } else if (o.preallocation === "falloc" || o.preallocation === "full") {
     await preallocateData(file, meta, 0, o.sizeBytes, o.preallocation === "full");
   }

@@ -1430,12 +1430,14 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /**
-   * preallocate_co (preallocation=metadata): give every unallocated cluster
-   * of the range a host cluster (entry offset|COPIED, with extended L2 an
-   * empty bitmap) without writing data. Returns the end of the last host
-   * range allocated (0 if none), so the caller can extend the file to it.
+   * preallocate_co (preallocation=metadata, create and resize): give every
+   * unallocated cluster of the range a host cluster (entry offset|COPIED,
+   * with extended L2 an empty bitmap) without writing data, then extend
+   * the file to the end of the last (sub)cluster allocated, as qemu-img
+   * does (a size that is not a multiple of it still gets the whole of its
+   * last one).
    */
-  async preallocateMetadata(guestOffset: number, lengthBytes: number): Promise<number> {
+  async preallocateMetadata(guestOffset: number, lengthBytes: number): Promise<void> {
     this.#checkWritable("preallocate");
     if (this.#beforeMetadataChange) await this.#prepareChange("metadata");
     const meta = this.#meta;
@@ -1460,19 +1462,9 @@ export class Qcow2Image implements BlockDevice {
       }
       await meta.writeCaches();
     });
-    return hostEnd;
-  }
-
-  /**
-   * preallocateMetadata, then the file extended to the end of the last
-   * (sub)cluster it allocated, as after qemu-img create or resize with
-   * preallocation=metadata (a size that is not a multiple of it still gets
-   * the whole of its last one).
-   */
-  async preallocateMetadataAndExtend(guestOffset: number, lengthBytes: number): Promise<void> {
-    const unit = this.#meta.geometry.subclusterSizeBytes;
-    const hostEnd = Math.ceil((await this.preallocateMetadata(guestOffset, lengthBytes)) / unit) * unit;
-    if (hostEnd > (await this.#file.sizeBytes())) await this.#file.truncate(hostEnd);
+    const unit = geometry.subclusterSizeBytes;
+    const fileEnd = Math.ceil(hostEnd / unit) * unit;
+    if (fileEnd > (await this.#file.sizeBytes())) await this.#file.truncate(fileEnd);
   }
 
   /**
