@@ -136,6 +136,12 @@ export function parseSize(text: string, options: ParseSizeOptions = {}): number 
   return Number(value);
 }
 
+/** Whether digits kept ending in `lastKept` round up when `rest` (the decimal digits cut off) follows: above half, or exactly half and odd. */
+function roundsUpHalfEven(lastKept: string, rest: string): boolean {
+  const first = rest[0] ?? "0";
+  return first > "5" || (first === "5" && (/[1-9]/.test(rest.slice(1)) || Number(lastKept) % 2 === 1));
+}
+
 /**
  * C printf("%0.3g") for a finite non-negative number: rounded to three
  * significant digits with exact ties to even (192.5 -> "192", 1.125 ->
@@ -150,8 +156,7 @@ export function formatG3(value: number): string {
   const digits = exact.slice(0, expIndex).replace(".", "");
   let exponent = Number(exact.slice(expIndex + 1));
   let kept = Number(digits.slice(0, 3));
-  const rest = digits.slice(3);
-  if (rest[0] > "5" || (rest[0] === "5" && (/[1-9]/.test(rest.slice(1)) || kept % 2 === 1))) kept++;
+  if (roundsUpHalfEven(digits.slice(2, 3), digits.slice(3))) kept++;
   if (kept === 1000) {
     kept = 100;
     exponent++;
@@ -192,12 +197,8 @@ export function formatFixed(value: number, digits: number): string {
   const point = exact.indexOf(".");
   const kept = exact.slice(0, point + 1 + digits);
   const rest = exact.slice(point + 1 + digits);
-  const first = rest[0] ?? "0";
-  const tie = first === "5" && /^0*$/.test(rest.slice(1));
   const truncated = digits === 0 ? kept.slice(0, -1) : kept;
-  const lastDigit = Number(truncated[truncated.length - 1]);
-  const roundUp = first > "5" || (first === "5" && !tie) || (tie && lastDigit % 2 === 1);
-  if (!roundUp) return truncated;
+  if (!roundsUpHalfEven(truncated[truncated.length - 1], rest)) return truncated;
   const scaled = BigInt(truncated.replace(".", "")) + 1n;
   const text = scaled.toString().padStart(digits + 1, "0");
   return digits === 0 ? text : `${text.slice(0, text.length - digits)}.${text.slice(text.length - digits)}`;
