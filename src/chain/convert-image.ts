@@ -50,6 +50,7 @@ import { RateLimit } from "./rate-limit.ts";
 import { walkChain } from "./map-image.ts";
 import { createImage, type CreateOptionValue } from "./create-image.ts";
 import { createNodeFile, openNodeFile, type NodeFileCacheMode } from "../io/node-file.ts";
+import { isAllZero } from "../io/io-buffer.ts";
 
 export { COPY_CHUNK_BYTES, COPY_READS_IN_FLIGHT } from "./copy-pipeline.ts";
 /** Guest bytes whose status is looked up at once. */
@@ -229,10 +230,6 @@ function isZeroSector(buffer: Buffer, zeroSector: Buffer, sector: number): boole
 function compressingTarget(target: BlockDevice): Qcow2Image {
   assert(target instanceof Qcow2Image, "compressed convert targets are qcow2 images");
   return target;
-}
-
-function isAllZero(data: Uint8Array): boolean {
-  return Buffer.from(data.buffer, data.byteOffset, data.byteLength).equals(zeroPattern(data.length));
 }
 
 /** Files of a target written with cache "unsafe" (flush does nothing), from its creation on. */

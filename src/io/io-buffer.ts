@@ -34,6 +34,21 @@ export function wholeIoBuffer(view: Uint8Array): Uint8Array {
   return new Uint8Array(view.buffer, IO_BUFFER_SHIFT_BYTES, view.buffer.byteLength - IO_BUFFER_SHIFT_BYTES);
 }
 
+/** Zero bytes isAllZero compares against (one per process). */
+const ZERO_COMPARE_BYTES = 64 * 1024;
+let zeroCompare: Buffer | null = null;
+
+/** Whether every byte of `bytes` is zero (memcmp against zeroes, 64 KiB at a time). */
+export function isAllZero(bytes: Uint8Array): boolean {
+  zeroCompare ??= Buffer.alloc(ZERO_COMPARE_BYTES);
+  const buffer = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  for (let at = 0; at < buffer.length; at += ZERO_COMPARE_BYTES) {
+    const end = Math.min(buffer.length, at + ZERO_COMPARE_BYTES);
+    if (buffer.compare(zeroCompare, 0, end - at, at, end) !== 0) return false;
+  }
+  return true;
+}
+
 /** Whether `buffer` is a whole allocateIoBuffer(lengthBytes) buffer. */
 export function isWholeIoBuffer(buffer: Uint8Array, lengthBytes: number): boolean {
   return buffer.byteOffset === IO_BUFFER_SHIFT_BYTES && buffer.length === lengthBytes && buffer.buffer.byteLength === lengthBytes + IO_BUFFER_SHIFT_BYTES;

@@ -1,11 +1,16 @@
 // Persistent dirty bitmaps (qemu-img bitmap) through snapstack's changes: kept valid by changes that
-// leave guest data alone, marked in-use (QEMU's "inconsistent") by the first change that makes them
-// wrong, refused where qemu-img refuses. qemu-img check stays clean throughout.
+// leave guest data alone; the enabled ones kept up to date by changes of guest data (what QEMU's
+// qemu-nbd -B exports as dirty equals what QEMU itself records for the same changes); marked in-use
+// (QEMU's "inconsistent") by a resize; refused where qemu-img refuses. qemu-img check stays clean.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { requireTools, scratchDir } from "../helpers/tools.ts";
+import { copyFileSync, writeFileSync } from "node:fs";
+import { CrashReplay, FaultFile } from "../../src/io/fault-file.ts";
+import { openQcow2 } from "../../src/formats/qcow2/index.ts";
+import { createRandom, testSeed } from "../helpers/random.ts";
+import { requireTools, run, scratchDir } from "../helpers/tools.ts";
 import { ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
 
 /** An image with data, an enabled bitmap b0 and a disabled one b1, both consistent, as qemu-img leaves them. */
@@ -27,8 +32,16 @@ async function bitmapFlags(dir: string, name: string): Promise<Record<string, st
   return Object.fromEntries(bitmaps.map((bitmap) => [bitmap.name, bitmap.flags]));
 }
 
-test("bitmaps: a session that only reads changes nothing; a write marks the enabled bitmap in-use and keeps the disabled one valid", async (t) => {
-  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+/** The dirty ranges of bitmap `bitmap`, as qemu-nbd -B exports them (nbdinfo --map), as [start, length] pairs. */
+async function dirtyRanges(dir: string, name: string, bitmap: string): Promise<Array<[number, number]>> {
+  const context = `qemu:dirty-bitmap:${bitmap}`;
+  const result = ok(await run("nbdinfo", [`--map=${context}`, "--json", "--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", bitmap, join(dir, name), "]"]), `nbdinfo ${bitmap}`);
+  const extents: Array<{ offset: number; length: number; type: number }> = JSON.parse(result.stdout);
+  return extents.filter((extent) => extent.type === 1).map((extent) => [extent.offset, extent.length]);
+}
+
+test("bitmaps: a session that only reads changes nothing; a write keeps the enabled bitmap up to date and the disabled one as it was", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")) return;
   const dir = scratchDir(t);
   const path = await imageWithBitmaps(dir, "bm.qcow2");
   const before = readFileSync(path);
@@ -41,12 +54,55 @@ test("bitmaps: a session that only reads changes nothing; a write marks the enab
     assert.ok(readFileSync(path).equals(before), `${command}: a refused compressed write changed the file`);
   }
   assert.deepEqual(await bitmapFlags(dir, "bm.qcow2"), { b0: ["auto"], b1: [] });
+  assert.deepEqual(await dirtyRanges(dir, "bm.qcow2", "b0"), [[8 * 1024 * 1024, 65536]]);
   ok(await snapstack(["io", "-c", "write -P 3 0 4k", "bm.qcow2"], { cwd: dir }), "io write");
-  assert.deepEqual(await bitmapFlags(dir, "bm.qcow2"), { b0: ["in-use", "auto"], b1: [] });
+  // Stored at close: consistent again, holding qemu-io's change and snapstack's; the disabled bitmap unchanged.
+  assert.deepEqual(await bitmapFlags(dir, "bm.qcow2"), { b0: ["auto"], b1: [] });
+  assert.deepEqual(await dirtyRanges(dir, "bm.qcow2", "b0"), [[0, 65536], [8 * 1024 * 1024, 65536]]);
+  assert.deepEqual(await dirtyRanges(dir, "bm.qcow2", "b1"), []);
   ok(await qemuIo(["-c", "read -P 3 0 4k", "-c", "read -P 1 4k 60k", "bm.qcow2"], dir), "data after the write");
-  // QEMU still loads the image, and the in-use bitmap can be removed as after a crash.
+  // QEMU goes on from there: its next change adds to what snapstack stored.
+  ok(await qemuIo(["-c", "write -P 4 2M 4k", "bm.qcow2"], dir), "qemu-io write after snapstack's");
+  assert.deepEqual(await dirtyRanges(dir, "bm.qcow2", "b0"), [[0, 65536], [2 * 1024 * 1024, 65536], [8 * 1024 * 1024, 65536]]);
+  // A bitmap left in-use (as a crash leaves it) can be removed.
+  ok(await snapstack(["img", "resize", "bm.qcow2", "32M"], { cwd: dir }), "resize");
+  assert.deepEqual(await bitmapFlags(dir, "bm.qcow2"), { b0: ["in-use", "auto"], b1: ["in-use"] });
   ok(await qemuImg(["bitmap", "--remove", "bm.qcow2", "b0"], dir), "remove the in-use bitmap");
-  assert.deepEqual(await bitmapFlags(dir, "bm.qcow2"), { b1: [] });
+  assert.deepEqual(await bitmapFlags(dir, "bm.qcow2"), { b1: ["in-use"] });
+});
+
+test("bitmaps: the bits snapstack records for a sequence of changes are the ones QEMU records for the same changes (granularities 512 B to 1 MiB, bitmap data over several clusters)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")) return;
+  const dir = scratchDir(t);
+  // 4 KiB clusters: b512's data (64 MiB / 512 / 8 = 16 KiB) spans 4 table entries, most of them all-zero.
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "base.qcow2", "64M"], dir), "create");
+  ok(await qemuIo(["-c", "write -P 1 0 1M", "-c", "write -P 1 40M 1M", "base.qcow2"], dir), "write");
+  const bitmaps: Array<[string, string]> = [["b512", "512"], ["b64k", "65536"], ["b1m", "1048576"]];
+  for (const [bitmap, granularity] of bitmaps) ok(await qemuImg(["bitmap", "--add", "-g", granularity, "base.qcow2", bitmap], dir), `bitmap --add ${bitmap}`);
+  ok(await qemuIo(["-c", "write -P 2 33M 3k", "base.qcow2"], dir), "a change QEMU records");
+  copyFileSync(join(dir, "base.qcow2"), join(dir, "ours.qcow2"));
+  copyFileSync(join(dir, "base.qcow2"), join(dir, "theirs.qcow2"));
+  // Unaligned writes across granules and clusters, zero writes with and without unmap, whole-cluster
+  // discards, a write over the last granule and a compressed cluster.
+  const commands = [
+    "write -P 5 1000 7000",
+    "write -P 6 5M 1",
+    "write -z 10M 64k",
+    "write -z -u 20M 12k",
+    "discard 40M 8k",
+    "write -P 7 67108164 700",
+    "write -c -P 8 50M 4k",
+  ];
+  const args = commands.flatMap((command) => ["-c", command]);
+  ok(await snapstack(["io", ...args, "ours.qcow2"], { cwd: dir }), "snapstack io");
+  ok(await qemuIo([...args, "theirs.qcow2"], dir), "qemu-io");
+  assert.deepEqual(await bitmapFlags(dir, "ours.qcow2"), await bitmapFlags(dir, "theirs.qcow2"));
+  for (const [bitmap] of bitmaps) {
+    const ours = await dirtyRanges(dir, "ours.qcow2", bitmap);
+    assert.ok(ours.length >= commands.length, `${bitmap}: ${JSON.stringify(ours)}`);
+    assert.deepEqual(ours, await dirtyRanges(dir, "theirs.qcow2", bitmap), bitmap);
+  }
+  ok(await qemuImg(["compare", "-f", "qcow2", "-F", "qcow2", "ours.qcow2", "theirs.qcow2"], dir), "same data");
 });
 
 test("bitmaps: snapshot create/delete and rebase -u keep them valid; resize marks all in-use; snapshot -a and a resize of an inconsistent bitmap are refused as by qemu-img", async (t) => {
@@ -73,7 +129,8 @@ test("bitmaps: snapshot create/delete and rebase -u keep them valid; resize mark
   // A resize to the same size changes nothing.
   ok(await snapstack(["img", "resize", "meta.qcow2", "16M"], { cwd: dir }), "resize to the same size");
   assert.deepEqual(await bitmapFlags(dir, "meta.qcow2"), { b0: ["auto"], b1: [] });
-  // A resize makes every bitmap the wrong size: all in-use (QEMU would refuse to load a valid one of the wrong size).
+  // A resize makes every bitmap the wrong size: all in-use (QEMU would refuse to load a valid one of the wrong size;
+  // snapstack does not resize them).
   ok(await snapstack(["img", "resize", "meta.qcow2", "32M"], { cwd: dir }), "resize");
   assert.deepEqual(await bitmapFlags(dir, "meta.qcow2"), { b0: ["in-use", "auto"], b1: ["in-use"] });
   // Now inconsistent when the image is opened: qemu-img refuses a resize, and so does snapstack, changing nothing.
@@ -84,4 +141,48 @@ test("bitmaps: snapshot create/delete and rebase -u keep them valid; resize mark
   assert.equal(theirs.code, 1);
   assert.equal(ours.code, theirs.code);
   assert.match(ours.stderr, /^snapstack: error E_UNSUPPORTED_FEATURE: Bitmap 'b0' is inconsistent and cannot be used/);
+});
+
+test("bitmaps: a crash at any write leaves the bitmap in-use, or consistent and holding every change that landed (qemu-img check: no corruption)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")) return;
+  const seed = testSeed();
+  t.diagnostic(`seed ${seed} (replay with SNAPSTACK_SEED=${seed})`);
+  const random = createRandom(seed);
+  const dir = scratchDir(t);
+  const initialPath = await imageWithBitmaps(dir, "initial.qcow2");
+  const initial = new Uint8Array(readFileSync(initialPath));
+  const initialRanges = await dirtyRanges(dir, "initial.qcow2", "b0");
+  const file = await FaultFile.fromBytes(initial, { recordLog: true });
+  const image = await openQcow2(file, { readOnly: false, backing: null });
+  await image.write(4 * 1024 * 1024, new Uint8Array(100_000).fill(9));
+  await image.writeZeroes(12 * 1024 * 1024, 128 * 1024);
+  await image.write(1000, new Uint8Array(3000).fill(8));
+  await image.close();
+  const replay = new CrashReplay(initial, file.log ?? []);
+  const finalRanges = [[0, 65536], [4 * 1024 * 1024, 2 * 65536], [8 * 1024 * 1024, 65536], [12 * 1024 * 1024, 128 * 1024]];
+  let consistent = 0;
+  for (let writeNumber = 1; writeNumber <= replay.writeCount; writeNumber++) {
+    const where = `crash at write ${writeNumber}/${replay.writeCount}`;
+    writeFileSync(join(dir, "crashed.qcow2"), replay.crashAt(writeNumber, random.next));
+    const check = JSON.parse((await qemuImg(["check", "--output=json", "crashed.qcow2"], dir)).stdout);
+    assert.equal((check.corruptions ?? 0) + (check["check-errors"] ?? 0), 0, `${where}: ${JSON.stringify(check)}`);
+    const info = JSON.parse(ok(await qemuImg(["info", "--output=json", "-U", "crashed.qcow2"], dir), where).stdout);
+    const b0 = (info["format-specific"].data.bitmaps as Array<{ name: string; flags: string[] }>).find((bitmap) => bitmap.name === "b0");
+    assert.ok(b0 !== undefined, where);
+    if (b0.flags.includes("in-use")) {
+      // The directory write with the stored bitmap is flushed before the last writes (freeing the old clusters).
+      assert.ok(writeNumber < replay.writeCount, `${where}: the stored bitmap is still in-use at the last write`);
+      continue;
+    }
+    consistent++;
+    const ranges = await dirtyRanges(dir, "crashed.qcow2", "b0");
+    if (JSON.stringify(ranges) === JSON.stringify(initialRanges)) {
+      // Consistent with the old bits: no change of guest data may have landed.
+      ok(await qemuImg(["compare", "-f", "qcow2", "-F", "qcow2", "crashed.qcow2", "initial.qcow2"], dir), `${where}: data changed under the old bits`);
+    } else {
+      assert.deepEqual(ranges, finalRanges, where);
+    }
+  }
+  t.diagnostic(`${replay.writeCount} crash points, ${consistent} with a consistent bitmap`);
+  assert.ok(consistent >= 1, "a crash point saw the stored bitmap");
 });

@@ -35,14 +35,16 @@
  *   on disk when writable) once; further writes are refused, reads go on.
  * - Not done: encryption and external data files (such images open only
  *   with metadataOnly, read-only, for info: the LUKS header is decoded,
- *   guest data is refused), and updating persistent dirty bitmaps. The
- *   bitmaps' directory is read (info lists them, measure sizes them, check
- *   counts their clusters) and kept with its clusters. Before the first
- *   change that makes a bitmap wrong, its in-use flag is set on disk
- *   (#prepareChange): a change of guest data marks the enabled ("auto")
- *   bitmaps, a resize all of them. That is the state QEMU leaves after a
- *   crash: it lists such bitmaps as in-use and lets them be removed, and a
- *   backup tool falls back to a full copy. Metadata changes that leave
+ *   guest data is refused).
+ * - Persistent dirty bitmaps: the directory is read (info lists them,
+ *   measure sizes them, check counts their clusters) and kept with its
+ *   clusters. Before the first change of guest data (#prepareChange), the
+ *   enabled ("auto") consistent bitmaps are loaded and marked in-use on
+ *   disk; every change then sets their bits, and close() stores them and
+ *   clears the flag (dirty-bitmaps.ts), as QEMU does. A resize marks every
+ *   bitmap in-use instead (not resized): the state QEMU leaves after a
+ *   crash, which it lists as in-use and lets be removed, and which makes a
+ *   backup tool fall back to a full copy. Metadata changes that leave
  *   guest data alone (internal snapshot create and delete, a new backing
  *   file name) keep the bitmaps valid, as in QEMU; applying a snapshot is
  *   refused while the image has bitmaps, as QEMU refuses it. Autoclear
@@ -54,6 +56,7 @@
 import { SnapstackError, assert, isSnapstackError, settleAll, withSecondFailure } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/block-device.ts";
 import { WRITE_SYNC_BYTES_MAX, type ImageFile } from "../../io/file.ts";
+import { isAllZero } from "../../io/io-buffer.ts";
 import { WriteBehind } from "../../io/write-behind.ts";
 import {
   AUTOCLEAR_BITMAPS,
@@ -90,7 +93,8 @@ import {
   type L2Entry,
 } from "./entries.ts";
 import { REFTABLE_BYTES_MAX } from "./refcount-block.ts";
-import { BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory, withBitmapsInUse, type BitmapDirectoryEntry } from "./bitmap-directory.ts";
+import { BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory, withBitmapEntriesChanged, type BitmapDirectoryEntry } from "./bitmap-directory.ts";
+import { freeOldBitmapClusters, loadTrackedBitmap, markGuestRange, storeBitmapData, type TrackedBitmap } from "./dirty-bitmaps.ts";
 import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, type Qcow2Snapshot } from "./snapshot-table.ts";
 import { compressCluster, decompressCluster } from "./compression.ts";
 import { LUKS_HEADER_BYTES, decodeLuksHeader, type LuksHeaderInfo } from "./luks-header.ts";
@@ -368,6 +372,8 @@ export class Qcow2Image implements BlockDevice {
   #bitmapDirectory: Uint8Array | null = null;
   /** Indexes of the bitmaps this session marked in-use (the others that are in-use were so at open: inconsistent). */
   readonly #bitmapsMarkedHere = new Set<number>();
+  /** The enabled bitmaps this session keeps up to date and stores at close (dirty-bitmaps.ts). */
+  #trackedBitmaps: TrackedBitmap[] = [];
   /** Why guest data cannot be read (an encrypted image, an external data file: opened metadata-only), or null. */
   readonly #dataRefusal: SnapstackError | null;
   #luksHeader: LuksHeaderInfo | null = null;
@@ -444,13 +450,54 @@ export class Qcow2Image implements BlockDevice {
     });
     const extension = meta.header.extensions.bitmaps;
     if (marked.size > 0 && this.#bitmapDirectory !== null && extension !== null) {
-      const directory = withBitmapsInUse(this.#bitmapDirectory, marked);
+      // Before a change of guest data: load the bitmaps it marks, to keep them up to date (dirty-bitmaps.ts).
+      const tracked: TrackedBitmap[] = [];
+      if (kind === "guest data") {
+        for (const index of marked) {
+          const bitmap = await loadTrackedBitmap(meta, this.#bitmaps[index], index, this.sizeBytes);
+          if (bitmap !== null) tracked.push(bitmap);
+        }
+      }
+      const directory = withBitmapEntriesChanged(this.#bitmapDirectory, new Map([...marked].map((index) => [index, { inUse: true }])));
       await meta.writeHeaderBytes(extension.directoryOffset, directory);
       this.#bitmapDirectory = directory;
       this.#bitmaps = this.#bitmaps.map((bitmap, index) => (marked.has(index) ? { ...bitmap, inUse: true } : bitmap));
       for (const index of marked) this.#bitmapsMarkedHere.add(index);
+      this.#trackedBitmaps.push(...tracked);
     }
     this.#updateChangeChecks();
+  }
+
+  /** Note a change of guest data in the tracked bitmaps (before it starts: see dirty-bitmaps.ts). */
+  #trackChange(guestOffset: number, lengthBytes: number): void {
+    for (const bitmap of this.#trackedBitmaps) markGuestRange(bitmap, guestOffset, lengthBytes);
+  }
+
+  /**
+   * At close: store the tracked bitmaps and clear their in-use flags, in
+   * QEMU's order (dirty-bitmaps.ts). Under the metadata mutex.
+   */
+  async #storeTrackedBitmaps(): Promise<void> {
+    const meta = this.#meta;
+    const extension = meta.header.extensions.bitmaps;
+    if (this.#trackedBitmaps.length === 0 || this.#bitmapDirectory === null || extension === null) return;
+    const tracked = this.#trackedBitmaps;
+    this.#trackedBitmaps = [];
+    const changes = new Map<number, { inUse: boolean; tableOffset: number }>();
+    for (const bitmap of tracked) {
+      const stored = await storeBitmapData(meta, bitmap);
+      changes.set(stored.index, { inUse: false, tableOffset: stored.tableOffset });
+    }
+    await meta.writeCaches();
+    await this.#file.flush();
+    const directory = withBitmapEntriesChanged(this.#bitmapDirectory, changes);
+    await meta.writeHeaderBytes(extension.directoryOffset, directory);
+    this.#bitmapDirectory = directory;
+    this.#bitmaps = this.#bitmaps.map((bitmap, index) => {
+      const change = changes.get(index);
+      return change === undefined ? bitmap : { ...bitmap, inUse: false, tableOffset: change.tableOffset };
+    });
+    for (const bitmap of tracked) await freeOldBitmapClusters(meta, bitmap);
   }
 
   info(): Qcow2Info {
@@ -998,6 +1045,7 @@ export class Qcow2Image implements BlockDevice {
     this.#checkRange(guestOffset, data.length, "write");
     if (data.length === 0) return;
     if (this.#beforeDataChange) await this.#prepareChange("guest data");
+    this.#trackChange(guestOffset, data.length);
     await this.#mutate(guestOffset, data.length, async () => {
       // write() (NBD WRITE, `snapstack io`) writes one host run with a synchronous pwrite where the
       // file offers one, in place or allocating; writeBatch (convert, jobs) keeps the file's I/O mode
@@ -1040,6 +1088,7 @@ export class Qcow2Image implements BlockDevice {
       }
       previousEnd = request.guestOffset + request.data.length;
     }
+    for (const request of requests) this.#trackChange(request.guestOffset, request.data.length);
     const live = requests.filter((r) => r.data.length > 0);
     let allocatedCalled = false;
     const allocated = (): void => {
@@ -1593,6 +1642,7 @@ export class Qcow2Image implements BlockDevice {
     this.#checkRange(guestOffset, lengthBytes, "write zeroes");
     if (lengthBytes === 0) return;
     if (this.#beforeDataChange) await this.#prepareChange("guest data");
+    this.#trackChange(guestOffset, lengthBytes);
     await this.#mutate(guestOffset, lengthBytes, () => this.#locked(() => this.#zeroLocked(guestOffset, lengthBytes, options.unmap === true)));
   }
 
@@ -1815,6 +1865,7 @@ export class Qcow2Image implements BlockDevice {
     // Without zero clusters (v2) a discard would expose the backing file's data: QEMU ignores it.
     if (this.#meta.header.version === 2 && this.backing !== null) return;
     if (this.#beforeDataChange) await this.#prepareChange("guest data");
+    this.#trackChange(start, end - start);
     await this.#mutate(start, end - start, () =>
       this.#locked(async () => {
         await this.#markDirty();
@@ -1859,6 +1910,7 @@ export class Qcow2Image implements BlockDevice {
   async makeEmpty(options: { wipe?: boolean } = {}): Promise<void> {
     this.#checkWritable("empty the image");
     if (this.#beforeDataChange) await this.#prepareChange("guest data");
+    this.#trackChange(0, this.sizeBytes);
     const cs = this.#meta.clusterSizeBytes;
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
@@ -1984,6 +2036,7 @@ export class Qcow2Image implements BlockDevice {
       // A refused write changes nothing, the bitmaps and autoclear bits included (#writeCompressedLocked checks again, locked).
       refuseCompressedOver((await this.#clusterEntry((guestOffset + at) / cs))?.entry, this.name, guestOffset + at);
       if (this.#beforeDataChange) await this.#prepareChange("guest data");
+      this.#trackChange(guestOffset + at, part.length);
       await this.#mutate(guestOffset + at, part.length, () => this.#locked(() => this.#writeCompressedLocked(guestOffset + at, compressed)));
     }
   }
@@ -2090,6 +2143,8 @@ export class Qcow2Image implements BlockDevice {
     }
     // A resize to the same size changes nothing, the bitmaps included.
     if (this.#beforeResize && newSizeBytes !== oldSize) await this.#prepareChange("size");
+    // Not resized (see dirty-bitmaps.ts): the tracked bitmaps stay in-use.
+    if (newSizeBytes !== oldSize) this.#trackedBitmaps = [];
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
       await this.#locked(async () => {
@@ -2209,6 +2264,7 @@ export class Qcow2Image implements BlockDevice {
       await this.#writeBehind.settle();
       if (!this.readOnly && this.#corruption === null) {
         await this.#locked(async () => {
+          await this.#storeTrackedBitmaps();
           await this.#meta.writeCaches();
           await this.#meta.completeWipes();
           await this.#file.flush();
@@ -2402,11 +2458,6 @@ function rangeMask(first: number, end: number): number {
   if (end <= first) return 0;
   const width = end - first;
   return (width >= 32 ? 0xffffffff : ((2 ** width - 1) * 2 ** first)) >>> 0;
-}
-
-function isAllZero(bytes: Uint8Array): boolean {
-  for (let i = 0; i < bytes.length; i++) if (bytes[i] !== 0) return false;
-  return true;
 }
 
 /**

@@ -36,7 +36,7 @@
  */
 import { SnapstackError, assert } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
-import { BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory } from "./bitmap-directory.ts";
+import { BITMAP_DIRECTORY_BYTES_MAX, BITMAP_TABLE_ENTRY_BYTES, decodeBitmapDirectory, decodeBitmapTableEntry } from "./bitmap-directory.ts";
 import { COMPRESSED_SECTOR_BYTES, getL2Entry, l2EntryBytes, l2EntriesPerTable, decodeL1EntryWords, compressedLayout } from "./entries.ts";
 import type { L2Entry } from "./entries.ts";
 import { decodeQcow2Header, AUTOCLEAR_BITMAPS, CRYPT_LUKS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, QCOW2_HEADER_PROBE_BYTES, decodeQcow2ClusterBits } from "./header.ts";
@@ -1046,23 +1046,13 @@ async function checkBitmapsRefcounts(context: WalkContext): Promise<void> {
     throw new CheckFailure(STRERROR.EINVAL);
   }
   for (const table of tables) {
-    addReferences(state, report, counts, table.tableOffset, table.tableEntries * 8);
-    const bytes = await readBytes(state.file, table.tableOffset, table.tableEntries * 8);
-    const view = new DataView(bytes.buffer);
+    addReferences(state, report, counts, table.tableOffset, table.tableEntries * BITMAP_TABLE_ENTRY_BYTES);
+    const bytes = await readBytes(state.file, table.tableOffset, table.tableEntries * BITMAP_TABLE_ENTRY_BYTES);
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
     for (let i = 0; i < table.tableEntries; i++) {
-      const entry = view.getBigUint64(i * 8);
-      // check_table_entry: reserved bits 0xff000000000001fe; with an offset, bit 0 must be clear and the offset aligned.
-      if ((entry & 0xff000000000001fen) !== 0n) {
-        report.corruptions++;
-        continue;
-      }
-      const offset = Number(entry & 0x00fffffffffffe00n);
-      if (offset !== 0 && ((entry & 1n) !== 0n || offset % state.clusterSizeBytes !== 0)) {
-        report.corruptions++;
-        continue;
-      }
-      if (offset === 0) continue;
-      addReferences(state, report, counts, offset, state.clusterSizeBytes);
+      const entry = decodeBitmapTableEntry(view, i, state.clusterSizeBytes);
+      if (entry === null) report.corruptions++;
+      else if (entry.hostOffset !== 0) addReferences(state, report, counts, entry.hostOffset, state.clusterSizeBytes);
     }
   }
 }
