@@ -149,8 +149,15 @@ test("bitmaps: a crash at any write leaves the bitmap in-use, or consistent and 
   t.diagnostic(`seed ${seed} (replay with SNAPSTACK_SEED=${seed})`);
   const random = createRandom(seed);
   const dir = scratchDir(t);
-  const initialPath = await imageWithBitmaps(dir, "initial.qcow2");
-  const initial = new Uint8Array(readFileSync(initialPath));
+  // A disabled bitmap with a 480-byte name first: b0's entry then starts at byte 504 of the directory, its
+  // table offset in the first sector and its flags in the second, so a torn directory write could pair
+  // the old table with a cleared in-use flag (the autoclear bit guards that).
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "initial.qcow2", "16M"], dir), "create");
+  ok(await qemuIo(["-c", "write -P 1 0 1M", "initial.qcow2"], dir), "write");
+  ok(await qemuImg(["bitmap", "--add", "--disable", "initial.qcow2", "n".repeat(480)], dir), "bitmap --add long name");
+  ok(await qemuImg(["bitmap", "--add", "initial.qcow2", "b0"], dir), "bitmap --add b0");
+  ok(await qemuIo(["-c", "write -P 2 8M 64k", "initial.qcow2"], dir), "write tracked by b0");
+  const initial = new Uint8Array(readFileSync(join(dir, "initial.qcow2")));
   const initialRanges = await dirtyRanges(dir, "initial.qcow2", "b0");
   const file = await FaultFile.fromBytes(initial, { recordLog: true });
   const image = await openQcow2(file, { readOnly: false, backing: null });
@@ -167,8 +174,9 @@ test("bitmaps: a crash at any write leaves the bitmap in-use, or consistent and 
     const check = JSON.parse((await qemuImg(["check", "--output=json", "crashed.qcow2"], dir)).stdout);
     assert.equal((check.corruptions ?? 0) + (check["check-errors"] ?? 0), 0, `${where}: ${JSON.stringify(check)}`);
     const info = JSON.parse(ok(await qemuImg(["info", "--output=json", "-U", "crashed.qcow2"], dir), where).stdout);
-    const b0 = (info["format-specific"].data.bitmaps as Array<{ name: string; flags: string[] }>).find((bitmap) => bitmap.name === "b0");
-    assert.ok(b0 !== undefined, where);
+    const b0 = ((info["format-specific"].data.bitmaps ?? []) as Array<{ name: string; flags: string[] }>).find((bitmap) => bitmap.name === "b0");
+    // The autoclear bit cleared around a directory rewrite: QEMU drops the bitmaps (none is trusted).
+    if (b0 === undefined) continue;
     if (b0.flags.includes("in-use")) {
       // The directory write with the stored bitmap is flushed before the last writes (freeing the old clusters).
       assert.ok(writeNumber < replay.writeCount, `${where}: the stored bitmap is still in-use at the last write`);

@@ -276,6 +276,14 @@ export class Qcow2Metadata {
     await this.file.flush();
   }
 
+  /** Set the autoclear features (header bytes 88-95), synced. */
+  async writeAutoclearFeatures(features: bigint): Promise<void> {
+    const bytes = new Uint8Array(8);
+    new DataView(bytes.buffer).setBigUint64(0, features);
+    await this.writeHeaderBytes(88, bytes);
+    this.header.autoclearFeatures = features;
+  }
+
   async writeIncompatibleFeatures(): Promise<void> {
     const bytes = new Uint8Array(8);
     new DataView(bytes.buffer).setBigUint64(0, this.header.incompatibleFeatures);

@@ -116,6 +116,9 @@ import {
   type FreeingOptions,
 } from "./internal-snapshots.ts";
 
+/** A disk sector: a write within one lands whole or not at all (the crash model, io/fault-file.ts). */
+const DISK_SECTOR_BYTES = 512;
+
 /** Extra data a version 3 snapshot entry must carry: the 64-bit VM state size and the disk size. */
 const SNAPSHOT_V3_EXTRA_DATA_BYTES = 16;
 
@@ -459,13 +462,33 @@ export class Qcow2Image implements BlockDevice {
         }
       }
       const directory = withBitmapEntriesChanged(this.#bitmapDirectory, new Map([...marked].map((index) => [index, { inUse: true }])));
-      await meta.writeHeaderBytes(extension.directoryOffset, directory);
+      await this.#rewriteBitmapDirectory(extension.directoryOffset, directory);
       this.#bitmapDirectory = directory;
       this.#bitmaps = this.#bitmaps.map((bitmap, index) => (marked.has(index) ? { ...bitmap, inUse: true } : bitmap));
       for (const index of marked) this.#bitmapsMarkedHere.add(index);
       this.#trackedBitmaps.push(...tracked);
     }
     this.#updateChangeChecks();
+  }
+
+  /**
+   * Rewrite the bitmap directory in place (the same size), synced. Within
+   * one 512-byte sector it is one write, which lands whole or not at all.
+   * A longer one could be torn between entries, so, as QEMU's
+   * update_ext_header_and_dir_in_place, the bitmaps' autoclear bit is
+   * cleared first (an image opened meanwhile trusts no bitmap) and set
+   * again once the directory is on disk.
+   */
+  async #rewriteBitmapDirectory(directoryOffset: number, directory: Uint8Array): Promise<void> {
+    const meta = this.#meta;
+    if ((directoryOffset % DISK_SECTOR_BYTES) + directory.length <= DISK_SECTOR_BYTES) {
+      await meta.writeHeaderBytes(directoryOffset, directory);
+      return;
+    }
+    const autoclear = meta.header.autoclearFeatures;
+    await meta.writeAutoclearFeatures(autoclear & ~AUTOCLEAR_BITMAPS);
+    await meta.writeHeaderBytes(directoryOffset, directory);
+    await meta.writeAutoclearFeatures(autoclear);
   }
 
   /** Note a change of guest data in the tracked bitmaps (before it starts: see dirty-bitmaps.ts). */
@@ -491,7 +514,7 @@ export class Qcow2Image implements BlockDevice {
     await meta.writeCaches();
     await this.#file.flush();
     const directory = withBitmapEntriesChanged(this.#bitmapDirectory, changes);
-    await meta.writeHeaderBytes(extension.directoryOffset, directory);
+    await this.#rewriteBitmapDirectory(extension.directoryOffset, directory);
     this.#bitmapDirectory = directory;
     this.#bitmaps = this.#bitmaps.map((bitmap, index) => {
       const change = changes.get(index);
