@@ -34,6 +34,8 @@ export interface ParsedArgs {
   /** Flags are `true`; valued options are strings (or string[] for repeat: "list"). */
   options: Record<string, string | boolean | string[] | undefined>;
   positionals: string[];
+  /** Every option as given, in order (for commands whose options are steps, as qemu-img bitmap's). */
+  sequence: Array<{ name: string; value: string | true }>;
 }
 
 export interface ParseArgsOptions {
@@ -73,7 +75,9 @@ export function parseArgs(argv: readonly string[], specs: OptionSpec[], settings
 
   const options: ParsedArgs["options"] = {};
   const positionals: string[] = [];
+  const sequence: ParsedArgs["sequence"] = [];
   const store = (spec: OptionSpec, value: string | true): void => {
+    sequence.push({ name: spec.name, value });
     if (value === true) {
       options[spec.name] = true;
       return;
@@ -139,7 +143,7 @@ export function parseArgs(argv: readonly string[], specs: OptionSpec[], settings
     }
     positionals.push(word);
   }
-  return { options, positionals };
+  return { options, positionals, sequence };
 }
 
 /** The string value of an option, or undefined. */

@@ -32,6 +32,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
 
 export {
   amendImage,
+  changeImageBitmaps,
   compareImages,
   convertImage,
   createImage,

@@ -27,6 +27,11 @@ async function imageWithBitmaps(dir: string, name: string): Promise<string> {
 async function bitmapFlags(dir: string, name: string): Promise<Record<string, string[]>> {
   const check = ok(await qemuImg(["check", name], dir), `check ${name}`);
   assert.doesNotMatch(check.stderr, /lacking bitmap support/);
+  return bitmapFlagsUnchecked(dir, name);
+}
+
+/** Bitmap name -> flags, as qemu-img info lists them. */
+async function bitmapFlagsUnchecked(dir: string, name: string): Promise<Record<string, string[]>> {
   const info = JSON.parse(ok(await qemuImg(["info", "--output=json", name], dir), "info").stdout);
   const bitmaps: Array<{ name: string; flags: string[] }> = info["format-specific"].data.bitmaps ?? [];
   return Object.fromEntries(bitmaps.map((bitmap) => [bitmap.name, bitmap.flags]));
@@ -193,4 +198,42 @@ test("bitmaps: a crash at any write leaves the bitmap in-use, or consistent and 
   }
   t.diagnostic(`${replay.writeCount} crash points, ${consistent} with a consistent bitmap`);
   assert.ok(consistent >= 1, "a crash point saw the stored bitmap");
+});
+
+test("bitmaps: a crash at any write of `img bitmap` changes leaves the old bitmaps or the new ones (qemu-img check: no corruption)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")) return;
+  const seed = testSeed();
+  t.diagnostic(`seed ${seed} (replay with SNAPSTACK_SEED=${seed})`);
+  const random = createRandom(seed);
+  const dir = scratchDir(t);
+  await imageWithBitmaps(dir, "initial.qcow2");
+  const initial = new Uint8Array(readFileSync(join(dir, "initial.qcow2")));
+  const file = await FaultFile.fromBytes(initial, { recordLog: true });
+  const image = await openQcow2(file, { readOnly: false, backing: null });
+  await image.changeBitmaps([
+    { kind: "add", name: "b2", granularityBytes: 4096 },
+    { kind: "merge", name: "b2", source: { name: "b0" } },
+    { kind: "remove", name: "b0" },
+  ]);
+  await image.close();
+  const replay = new CrashReplay(initial, file.log ?? []);
+  const seen = new Set<string>();
+  for (let writeNumber = 1; writeNumber <= replay.writeCount; writeNumber++) {
+    const where = `crash at write ${writeNumber}/${replay.writeCount}`;
+    writeFileSync(join(dir, "crashed.qcow2"), replay.crashAt(writeNumber, random.next));
+    const check = JSON.parse((await qemuImg(["check", "--output=json", "crashed.qcow2"], dir)).stdout);
+    assert.equal((check.corruptions ?? 0) + (check["check-errors"] ?? 0), 0, `${where}: ${JSON.stringify(check)}`);
+    const flags = await bitmapFlagsUnchecked(dir, "crashed.qcow2");
+    const names = Object.keys(flags).join(",");
+    if (names === "b0,b1") {
+      assert.deepEqual(await dirtyRanges(dir, "crashed.qcow2", "b0"), [[8 * 1024 * 1024, 65536]], where);
+    } else {
+      assert.equal(names, "b1,b2", where);
+      assert.deepEqual(flags.b2, ["auto"], where);
+      assert.deepEqual(await dirtyRanges(dir, "crashed.qcow2", "b2"), [[8 * 1024 * 1024, 65536]], where);
+    }
+    seen.add(names);
+  }
+  t.diagnostic(`${replay.writeCount} crash points, bitmap lists seen: ${[...seen].join(" / ")}`);
+  assert.ok(seen.has("b1,b2"), "the last crash point has the new list");
 });

@@ -17,12 +17,12 @@ export const BITMAP_COUNT_MAX = 65535;
 export const BITMAP_DIRECTORY_BYTES_MAX = 1024 * BITMAP_COUNT_MAX;
 /** BME_MAX_TABLE_SIZE, BME_MAX_NAME_SIZE. */
 const BITMAP_TABLE_ENTRIES_MAX = 0x8000000;
-const BITMAP_NAME_BYTES_MAX = 1023;
+export const BITMAP_NAME_BYTES_MAX = 1023;
 /** BME_MAX_PHYS_SIZE: the most bytes of bitmap data (what QEMU holds in memory). */
 export const BITMAP_DATA_BYTES_MAX = 0x20000000;
 /** BME_MIN_GRANULARITY_BITS, BME_MAX_GRANULARITY_BITS. */
-const GRANULARITY_BITS_MIN = 9;
-const GRANULARITY_BITS_MAX = 31;
+export const GRANULARITY_BITS_MIN = 9;
+export const GRANULARITY_BITS_MAX = 31;
 /** BME_RESERVED_FLAGS: QEMU 7.2 refuses a directory with any of them. */
 const FLAGS_RESERVED = 0xfffffffc;
 const ENTRY_HEADER_BYTES = 24;
@@ -91,6 +91,27 @@ export function decodeBitmapDirectory(directory: Uint8Array, bitmapCount: number
     if (entries.length > bitmapCount) return null;
   }
   return entries.length === bitmapCount ? entries : null;
+}
+
+const textEncoder = new TextEncoder();
+
+/** A bitmap directory holding `records` in order (bitmap_list_store: no extra data). */
+export function encodeBitmapDirectory(records: readonly BitmapDirectoryEntry[]): Uint8Array {
+  const names = records.map((record) => textEncoder.encode(record.name));
+  const directory = new Uint8Array(names.reduce((sum, name) => sum + bitmapDirectoryEntryBytes(name.length), 0));
+  const view = new DataView(directory.buffer);
+  let at = 0;
+  records.forEach((record, index) => {
+    view.setBigUint64(at, BigInt(record.tableOffset));
+    view.setUint32(at + 8, record.tableEntries);
+    view.setUint32(at + 12, (record.inUse ? FLAG_IN_USE : 0) | (record.auto ? FLAG_AUTO : 0));
+    view.setUint8(at + 16, 1);
+    view.setUint8(at + 17, Math.log2(record.granularityBytes));
+    view.setUint16(at + 18, names[index].length);
+    directory.set(names[index], at + ENTRY_HEADER_BYTES);
+    at += bitmapDirectoryEntryBytes(names[index].length);
+  });
+  return directory;
 }
 
 /** Bytes of one bitmap table entry. */

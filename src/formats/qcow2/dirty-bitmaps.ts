@@ -31,11 +31,34 @@
  * - A bitmap whose table does not load (reserved bits set, a size that
  *   does not match the disk, an unaligned cluster) is not tracked: it is
  *   only marked in-use, as QEMU would refuse to load it.
+ * - Editing the list (`img bitmap`: add, remove, clear, enable, disable,
+ *   merge; editBitmapList, writeBitmapList): the actions apply in order to
+ *   an in-memory list, each failing as qemu-img's does; the ones before a
+ *   failed action stay done (qemu-img stores them too). The list is then
+ *   written as QEMU's update_ext_header_and_dir writes it: changed data and
+ *   a new directory to new clusters, refcounts flushed, the header switched
+ *   (the extension dropped, and its autoclear bit cleared, when no bitmap
+ *   is left), the old directory and tables freed. Unchanged bitmaps keep
+ *   their tables (QEMU rewrites every loaded one: same content, other
+ *   clusters).
  * - Not done: a resize marks every bitmap in-use instead of resizing the
  *   tracked ones (Qcow2Image.resize).
  */
+import { SnapstackError, assert, type ErrorCode } from "../../base/errors.ts";
 import { isAllZero } from "../../io/io-buffer.ts";
-import { BITMAP_DATA_BYTES_MAX, BITMAP_TABLE_ENTRY_BYTES, decodeBitmapTableEntry, encodeBitmapTableEntry, type BitmapDirectoryEntry } from "./bitmap-directory.ts";
+import {
+  BITMAP_COUNT_MAX,
+  BITMAP_DATA_BYTES_MAX,
+  BITMAP_NAME_BYTES_MAX,
+  BITMAP_TABLE_ENTRY_BYTES,
+  GRANULARITY_BITS_MAX,
+  GRANULARITY_BITS_MIN,
+  decodeBitmapTableEntry,
+  encodeBitmapDirectory,
+  encodeBitmapTableEntry,
+  type BitmapDirectoryEntry,
+} from "./bitmap-directory.ts";
+import { AUTOCLEAR_BITMAPS } from "./header.ts";
 import type { Qcow2Metadata } from "./metadata.ts";
 
 /** An enabled bitmap held in memory while guest data changes. */
@@ -48,10 +71,9 @@ export interface TrackedBitmap {
   readonly bits: Uint8Array;
   /** How many granules the disk has: the bits at and past it stay clear. */
   readonly granules: number;
-  /** The table the data was loaded from and its data clusters: freed once the stored one replaced them. */
+  /** The table the data was loaded from: freed once the stored one replaced it. */
   readonly oldTableOffset: number;
   readonly oldTableEntries: number;
-  readonly oldDataClusters: readonly number[];
 }
 
 /** Bytes of bitmap data for a disk of `sizeBytes` (get_bitmap_bytes_needed). */
@@ -60,20 +82,18 @@ export function bitmapDataBytes(sizeBytes: number, granularityBytes: number): nu
 }
 
 /**
- * Load a consistent bitmap's data (load_bitmap_data), or null when its
- * table is not one QEMU would load (see the design notes).
+ * A consistent bitmap's data (load_bitmap_data), or null when its table
+ * is not one QEMU would load (see the design notes).
  */
-export async function loadTrackedBitmap(meta: Qcow2Metadata, entry: BitmapDirectoryEntry, index: number, sizeBytes: number): Promise<TrackedBitmap | null> {
+export async function loadBitmapBits(meta: Qcow2Metadata, entry: BitmapDirectoryEntry, sizeBytes: number): Promise<Uint8Array | null> {
   const cs = meta.clusterSizeBytes;
   const dataBytes = bitmapDataBytes(sizeBytes, entry.granularityBytes);
   if (dataBytes > BITMAP_DATA_BYTES_MAX || Math.ceil(dataBytes / cs) !== entry.tableEntries) return null;
-  const table = new Uint8Array(entry.tableEntries * BITMAP_TABLE_ENTRY_BYTES);
-  if ((await meta.file.read(entry.tableOffset, table)) < table.length) return null;
-  const view = new DataView(table.buffer);
+  const table = await readBitmapTable(meta, entry.tableOffset, entry.tableEntries);
+  if (table === null) return null;
   const bits = new Uint8Array(dataBytes);
-  const oldDataClusters: number[] = [];
   for (let i = 0; i < entry.tableEntries; i++) {
-    const tableEntry = decodeBitmapTableEntry(view, i, cs);
+    const tableEntry = decodeBitmapTableEntry(table, i, cs);
     if (tableEntry === null) return null;
     const part = bits.subarray(i * cs, Math.min(dataBytes, (i + 1) * cs));
     if (tableEntry.hostOffset === 0) {
@@ -81,11 +101,23 @@ export async function loadTrackedBitmap(meta: Qcow2Metadata, entry: BitmapDirect
       continue;
     }
     if ((await meta.file.read(tableEntry.hostOffset, part)) < part.length) return null;
-    oldDataClusters.push(tableEntry.hostOffset);
   }
+  clearBitsFrom(bits, Math.ceil(sizeBytes / entry.granularityBytes));
+  return bits;
+}
+
+async function readBitmapTable(meta: Qcow2Metadata, tableOffset: number, tableEntries: number): Promise<DataView | null> {
+  const table = new Uint8Array(tableEntries * BITMAP_TABLE_ENTRY_BYTES);
+  if ((await meta.file.read(tableOffset, table)) < table.length) return null;
+  return new DataView(table.buffer);
+}
+
+/** A consistent enabled bitmap, loaded to be kept up to date; null when it does not load. */
+export async function loadTrackedBitmap(meta: Qcow2Metadata, entry: BitmapDirectoryEntry, index: number, sizeBytes: number): Promise<TrackedBitmap | null> {
+  const bits = await loadBitmapBits(meta, entry, sizeBytes);
+  if (bits === null) return null;
   const granules = Math.ceil(sizeBytes / entry.granularityBytes);
-  clearBitsFrom(bits, granules);
-  return { index, name: entry.name, granularityBytes: entry.granularityBytes, bits, granules, oldTableOffset: entry.tableOffset, oldTableEntries: entry.tableEntries, oldDataClusters };
+  return { index, name: entry.name, granularityBytes: entry.granularityBytes, bits, granules, oldTableOffset: entry.tableOffset, oldTableEntries: entry.tableEntries };
 }
 
 /** Clear the bits at and past `first` (the granules past the disk's end). */
@@ -97,7 +129,7 @@ function clearBitsFrom(bits: Uint8Array, first: number): void {
 }
 
 /** Set the bits of every granule [guestOffset, +lengthBytes) touches. */
-export function markGuestRange(bitmap: TrackedBitmap, guestOffset: number, lengthBytes: number): void {
+export function markGuestRange(bitmap: { bits: Uint8Array; granularityBytes: number; granules: number }, guestOffset: number, lengthBytes: number): void {
   if (lengthBytes <= 0) return;
   const first = Math.floor(guestOffset / bitmap.granularityBytes);
   const end = Math.min(bitmap.granules, Math.floor((guestOffset + lengthBytes - 1) / bitmap.granularityBytes) + 1);
@@ -122,25 +154,18 @@ function setBits(bits: Uint8Array, first: number, end: number): void {
   }
 }
 
-/** Where one stored bitmap's new table is. */
-export interface StoredBitmap {
-  index: number;
-  tableOffset: number;
-}
-
 /**
- * Write a bitmap's data and table to newly allocated clusters
- * (store_bitmap_data, store_bitmap); the caller flushes the refcounts
- * before the directory points at the table, then frees the old clusters
- * (freeOldBitmapClusters).
+ * Write bitmap data to newly allocated clusters, then its table
+ * (store_bitmap_data, store_bitmap); returns the table's offset. The
+ * caller flushes the refcounts before a directory points at the table.
  */
-export async function storeBitmapData(meta: Qcow2Metadata, bitmap: TrackedBitmap): Promise<StoredBitmap> {
+export async function storeBitmapBits(meta: Qcow2Metadata, bits: Uint8Array): Promise<number> {
   const cs = meta.clusterSizeBytes;
-  const entries = Math.ceil(bitmap.bits.length / cs);
+  const entries = Math.ceil(bits.length / cs);
   const table = new Uint8Array(entries * BITMAP_TABLE_ENTRY_BYTES);
   const view = new DataView(table.buffer);
   for (let i = 0; i < entries; i++) {
-    const part = bitmap.bits.subarray(i * cs, Math.min(bitmap.bits.length, (i + 1) * cs));
+    const part = bits.subarray(i * cs, Math.min(bits.length, (i + 1) * cs));
     if (isAllZero(part)) continue;
     const hostOffset = await meta.allocClusters(cs);
     let cluster = part;
@@ -153,11 +178,210 @@ export async function storeBitmapData(meta: Qcow2Metadata, bitmap: TrackedBitmap
   }
   const tableOffset = await meta.allocClusters(table.length);
   await meta.file.write(tableOffset, table);
-  return { index: bitmap.index, tableOffset };
+  return tableOffset;
 }
 
-/** Free the table and data clusters a stored bitmap no longer uses (free_bitmap_clusters). */
-export async function freeOldBitmapClusters(meta: Qcow2Metadata, bitmap: TrackedBitmap): Promise<void> {
-  for (const hostOffset of bitmap.oldDataClusters) await meta.freeClusters(hostOffset, meta.clusterSizeBytes);
-  await meta.freeClusters(bitmap.oldTableOffset, bitmap.oldTableEntries * BITMAP_TABLE_ENTRY_BYTES);
+/**
+ * Free a bitmap table and its data clusters (free_bitmap_clusters), once no
+ * directory on disk points at it. A table that no longer reads, or an
+ * invalid entry in it, frees what can be read (the rest leaks, as in QEMU).
+ */
+export async function freeBitmapTable(meta: Qcow2Metadata, tableOffset: number, tableEntries: number): Promise<void> {
+  const table = await readBitmapTable(meta, tableOffset, tableEntries);
+  for (let i = 0; table !== null && i < tableEntries; i++) {
+    const entry = decodeBitmapTableEntry(table, i, meta.clusterSizeBytes);
+    if (entry !== null && entry.hostOffset !== 0) await meta.freeClusters(entry.hostOffset, meta.clusterSizeBytes);
+  }
+  await meta.freeClusters(tableOffset, tableEntries * BITMAP_TABLE_ENTRY_BYTES);
+}
+
+/** Merge `source` (another granularity possibly) into `target`: every granule of target a set source bit overlaps is set. */
+export function mergeBitmapBits(target: Uint8Array, targetGranularityBytes: number, targetGranules: number, source: Uint8Array, sourceGranularityBytes: number, sourceGranules: number): void {
+  let bit = 0;
+  while (bit < sourceGranules) {
+    if ((source[bit >>> 3] & (1 << (bit & 7))) === 0) {
+      // Skip whole zero bytes quickly.
+      bit = source[bit >>> 3] === 0 ? (bit | 7) + 1 : bit + 1;
+      continue;
+    }
+    let end = bit + 1;
+    while (end < sourceGranules && (source[end >>> 3] & (1 << (end & 7))) !== 0) end++;
+    const first = Math.floor((bit * sourceGranularityBytes) / targetGranularityBytes);
+    const last = Math.min(targetGranules, Math.floor((end * sourceGranularityBytes - 1) / targetGranularityBytes) + 1);
+    setBits(target, first, last);
+    bit = end;
+  }
+}
+
+/** A bitmap's data read for a merge (Qcow2Image.readBitmap). */
+export interface BitmapData {
+  granularityBytes: number;
+  bits: Uint8Array;
+  /** The disk size the bits cover. */
+  sizeBytes: number;
+}
+
+/** One step of `img bitmap` (qemu-img bitmap's actions), applied in order. */
+export type BitmapAction =
+  | { kind: "add"; name: string; granularityBytes?: number }
+  | { kind: "remove" | "clear" | "enable" | "disable"; name: string }
+  /** Set in `name` every granule `source` has set (QEMU's block-dirty-bitmap-merge). */
+  | { kind: "merge"; name: string; source: BitmapSource };
+
+/** Where a merge reads from: a bitmap of the image being changed, data read elsewhere, or why it could not be read there. */
+export type BitmapSource = { name: string } | { data: BitmapData } | { unreadable: SnapstackError };
+
+/** Why a bitmap left in-use (inconsistent) cannot be used: qemu-img's words, and the way out. */
+export function inconsistentBitmapMessage(name: string): string {
+  return `Bitmap '${name}' is inconsistent and cannot be used; 'snapstack img bitmap --remove' deletes it`;
+}
+
+/** A bitmap of the list `img bitmap` edits. */
+export interface EditedBitmap {
+  name: string;
+  granularityBytes: number;
+  auto: boolean;
+  inUse: boolean;
+  /** Its table on disk (null: added by this edit). */
+  table: { offset: number; entries: number } | null;
+  /** Data to store anew (new clusters), or null: the table on disk stays as it is. */
+  bits: Uint8Array | null;
+}
+
+/** What an edit leaves: the new list, the tables it no longer uses, and the first action that failed (the ones before it stay done, as in qemu-img). */
+export interface BitmapEdit {
+  bitmaps: EditedBitmap[];
+  dropped: Array<{ offset: number; entries: number }>;
+  changed: boolean;
+  failure: unknown;
+}
+
+/** What editBitmapList needs of the image. */
+export interface BitmapEditContext {
+  imageName: string;
+  version: number;
+  sizeBytes: number;
+  clusterSizeBytes: number;
+  /** The data of a bitmap on disk (it is consistent), or null when its table does not load. */
+  load(bitmap: EditedBitmap): Promise<Uint8Array | null>;
+}
+
+function actionError(action: BitmapAction, code: ErrorCode, message: string): SnapstackError {
+  return new SnapstackError(code, `Operation ${action.kind} on bitmap ${action.name} failed: ${message}`);
+}
+
+/** QEMU's default granularity for a new bitmap: the cluster size within 4 KiB .. 64 KiB (bdrv_get_default_bitmap_granularity). */
+export function defaultBitmapGranularity(clusterSizeBytes: number): number {
+  return Math.min(65536, Math.max(4096, clusterSizeBytes));
+}
+
+/** Apply `actions` in order to `current` (nothing is written: writeBitmapList does). */
+export async function editBitmapList(current: readonly EditedBitmap[], actions: readonly BitmapAction[], context: BitmapEditContext): Promise<BitmapEdit> {
+  const bitmaps = current.map((bitmap) => ({ ...bitmap }));
+  const dropped: BitmapEdit["dropped"] = [];
+  let changed = false;
+  const usable = async (action: BitmapAction, name: string): Promise<EditedBitmap> => {
+    const bitmap = bitmaps.find((candidate) => candidate.name === name);
+    if (bitmap === undefined) throw actionError(action, "E_NOT_FOUND", `Dirty bitmap '${name}' not found`);
+    if (bitmap.inUse) throw actionError(action, "E_UNSUPPORTED_FEATURE", inconsistentBitmapMessage(name));
+    return bitmap;
+  };
+  const bitsOf = async (action: BitmapAction, bitmap: EditedBitmap): Promise<Uint8Array> => {
+    bitmap.bits ??= await context.load(bitmap);
+    if (bitmap.bits === null) throw actionError(action, "E_CORRUPT_IMAGE", `Bitmap '${bitmap.name}' does not load from '${context.imageName}'`);
+    return bitmap.bits;
+  };
+  try {
+    for (const action of actions) {
+      if (action.kind === "add") {
+        const granularityBytes = action.granularityBytes ?? defaultBitmapGranularity(context.clusterSizeBytes);
+        if (action.name === "") throw actionError(action, "E_INVALID_OPTION", "Bitmap name cannot be empty");
+        if (bitmaps.some((bitmap) => bitmap.name === action.name)) throw actionError(action, "E_EXISTS", `Bitmap already exists: ${action.name}`);
+        if (!Number.isInteger(Math.log2(granularityBytes)) || granularityBytes < 2 ** GRANULARITY_BITS_MIN || granularityBytes > 2 ** GRANULARITY_BITS_MAX) {
+          throw actionError(action, "E_INVALID_OPTION", "Granularity must be power of 2 and at least 512");
+        }
+        const persistent = `Can't make bitmap '${action.name}' persistent in '${context.imageName}': `;
+        if (context.version < 3) throw actionError(action, "E_UNSUPPORTED_FEATURE", `${persistent}Cannot store dirty bitmaps in qcow2 v2 files`);
+        if (new TextEncoder().encode(action.name).length > BITMAP_NAME_BYTES_MAX) {
+          throw actionError(action, "E_INVALID_OPTION", `${persistent}Name length exceeds maximum (${BITMAP_NAME_BYTES_MAX} characters)`);
+        }
+        const dataBytes = bitmapDataBytes(context.sizeBytes, granularityBytes);
+        if (dataBytes > BITMAP_DATA_BYTES_MAX) throw actionError(action, "E_TOO_LARGE", `${persistent}Too much space will be occupied by the bitmap. Use larger granularity`);
+        if (bitmaps.length >= BITMAP_COUNT_MAX) throw actionError(action, "E_TOO_LARGE", `${persistent}Maximum number of persistent bitmaps is already reached`);
+        bitmaps.push({ name: action.name, granularityBytes, auto: true, inUse: false, table: null, bits: new Uint8Array(dataBytes) });
+      } else if (action.kind === "remove") {
+        const index = bitmaps.findIndex((bitmap) => bitmap.name === action.name);
+        if (index < 0) throw actionError(action, "E_NOT_FOUND", `Dirty bitmap '${action.name}' not found`);
+        const [removed] = bitmaps.splice(index, 1);
+        if (removed.table !== null) dropped.push(removed.table);
+      } else if (action.kind === "clear") {
+        const bitmap = await usable(action, action.name);
+        bitmap.bits = new Uint8Array(bitmapDataBytes(context.sizeBytes, bitmap.granularityBytes));
+      } else if (action.kind === "enable" || action.kind === "disable") {
+        (await usable(action, action.name)).auto = action.kind === "enable";
+      } else if (action.kind === "merge") {
+        const target = await usable(action, action.name);
+        let source: BitmapData;
+        if ("unreadable" in action.source) {
+          throw actionError(action, action.source.unreadable.code, action.source.unreadable.message);
+        } else if ("data" in action.source) {
+          source = action.source.data;
+        } else {
+          const bitmap = await usable(action, action.source.name);
+          source = { granularityBytes: bitmap.granularityBytes, bits: await bitsOf(action, bitmap), sizeBytes: context.sizeBytes };
+        }
+        if (source.sizeBytes !== context.sizeBytes) throw actionError(action, "E_INVALID_OPTION", "Bitmaps are incompatible and can't be merged");
+        const targetBits = await bitsOf(action, target);
+        mergeBitmapBits(targetBits, target.granularityBytes, Math.ceil(context.sizeBytes / target.granularityBytes), source.bits, source.granularityBytes, Math.ceil(source.sizeBytes / source.granularityBytes));
+      }
+      changed = true;
+    }
+  } catch (failure) {
+    return { bitmaps, dropped, changed, failure };
+  }
+  return { bitmaps, dropped, changed, failure: null };
+}
+
+/** The bitmaps extension after writeBitmapList (null: no bitmaps left). */
+export interface WrittenBitmapList {
+  directory: Uint8Array | null;
+  directoryOffset: number;
+  entries: BitmapDirectoryEntry[];
+}
+
+/**
+ * Write an edited list (update_ext_header_and_dir): changed data to new
+ * clusters, a new directory to new clusters, refcounts flushed, then the
+ * header switched to it (or the extension dropped when no bitmap is left),
+ * synced; last the old directory and the tables no longer used are freed.
+ * An interruption leaves leaks at worst.
+ */
+export async function writeBitmapList(meta: Qcow2Metadata, edit: BitmapEdit, oldDirectory: { offset: number; sizeBytes: number } | null): Promise<WrittenBitmapList> {
+  const replaced: Array<{ offset: number; entries: number }> = [];
+  const records: BitmapDirectoryEntry[] = [];
+  for (const bitmap of edit.bitmaps) {
+    let table = bitmap.table;
+    if (bitmap.bits !== null) {
+      if (table !== null) replaced.push(table);
+      table = { offset: await storeBitmapBits(meta, bitmap.bits), entries: Math.ceil(bitmap.bits.length / meta.clusterSizeBytes) };
+    }
+    assert(table !== null, "a bitmap without a table has data to store");
+    records.push({ tableOffset: table.offset, tableEntries: table.entries, inUse: bitmap.inUse, auto: bitmap.auto, granularityBytes: bitmap.granularityBytes, name: bitmap.name });
+  }
+  let directory: Uint8Array | null = null;
+  let directoryOffset = 0;
+  if (records.length > 0) {
+    directory = encodeBitmapDirectory(records);
+    directoryOffset = await meta.allocClusters(directory.length);
+    await meta.file.write(directoryOffset, directory);
+  }
+  await meta.writeCaches();
+  await meta.file.flush();
+  const header = meta.header;
+  header.extensions.bitmaps = directory === null ? null : { bitmapCount: records.length, directorySizeBytes: directory.length, directoryOffset };
+  header.autoclearFeatures = directory === null ? header.autoclearFeatures & ~AUTOCLEAR_BITMAPS : header.autoclearFeatures | AUTOCLEAR_BITMAPS;
+  await meta.writeHeader();
+  if (oldDirectory !== null) await meta.freeClusters(oldDirectory.offset, oldDirectory.sizeBytes);
+  for (const table of [...edit.dropped, ...replaced]) await freeBitmapTable(meta, table.offset, table.entries);
+  return { directory, directoryOffset, entries: records };
 }

@@ -5,6 +5,7 @@ export * from "./refcount-block.ts";
 export * from "./snapshot-table.ts";
 export { compressCluster, decompressCluster, ZLIB_WINDOW_BITS, ZLIB_MEM_LEVEL } from "./compression.ts";
 export { Qcow2Image, openQcow2, readQcow2Header, type OpenQcow2Options, type Qcow2Info, type Qcow2SnapshotInfo } from "./qcow2-image.ts";
+export { type BitmapAction, type BitmapData, type BitmapSource } from "./dirty-bitmaps.ts";
 export { Qcow2Metadata, qcow2Geometry, l1EntriesForSize, refcountMetadataSize, L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, type Qcow2Geometry } from "./metadata.ts";
 export {
   createQcow2,

@@ -94,7 +94,20 @@ import {
 } from "./entries.ts";
 import { REFTABLE_BYTES_MAX } from "./refcount-block.ts";
 import { BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory, withBitmapEntriesChanged, type BitmapDirectoryEntry } from "./bitmap-directory.ts";
-import { freeOldBitmapClusters, loadTrackedBitmap, markGuestRange, storeBitmapData, type TrackedBitmap } from "./dirty-bitmaps.ts";
+import {
+  editBitmapList,
+  freeBitmapTable,
+  inconsistentBitmapMessage,
+  loadBitmapBits,
+  loadTrackedBitmap,
+  markGuestRange,
+  storeBitmapBits,
+  writeBitmapList,
+  type BitmapAction,
+  type BitmapData,
+  type EditedBitmap,
+  type TrackedBitmap,
+} from "./dirty-bitmaps.ts";
 import { SNAPSHOT_COUNT_MAX, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, type Qcow2Snapshot } from "./snapshot-table.ts";
 import { compressCluster, decompressCluster } from "./compression.ts";
 import { LUKS_HEADER_BYTES, decodeLuksHeader, type LuksHeaderInfo } from "./luks-header.ts";
@@ -507,10 +520,7 @@ export class Qcow2Image implements BlockDevice {
     const tracked = this.#trackedBitmaps;
     this.#trackedBitmaps = [];
     const changes = new Map<number, { inUse: boolean; tableOffset: number }>();
-    for (const bitmap of tracked) {
-      const stored = await storeBitmapData(meta, bitmap);
-      changes.set(stored.index, { inUse: false, tableOffset: stored.tableOffset });
-    }
+    for (const bitmap of tracked) changes.set(bitmap.index, { inUse: false, tableOffset: await storeBitmapBits(meta, bitmap.bits) });
     await meta.writeCaches();
     await this.#file.flush();
     const directory = withBitmapEntriesChanged(this.#bitmapDirectory, changes);
@@ -520,7 +530,61 @@ export class Qcow2Image implements BlockDevice {
       const change = changes.get(index);
       return change === undefined ? bitmap : { ...bitmap, inUse: false, tableOffset: change.tableOffset };
     });
-    for (const bitmap of tracked) await freeOldBitmapClusters(meta, bitmap);
+    for (const bitmap of tracked) await freeBitmapTable(meta, bitmap.oldTableOffset, bitmap.oldTableEntries);
+  }
+
+  /**
+   * Change the persistent dirty bitmaps as `qemu-img bitmap` does: the
+   * actions in order; the ones before a failed action stay done, and the
+   * failure is thrown after they are written (dirty-bitmaps.ts). Runs with
+   * no guest request in flight; the bitmaps kept up to date so far are
+   * stored first.
+   */
+  async changeBitmaps(actions: readonly BitmapAction[]): Promise<void> {
+    const failure = await this.exclusive("change bitmaps", async () => {
+      await this.#storeTrackedBitmaps();
+      const meta = this.#meta;
+      const current: EditedBitmap[] = this.#bitmaps.map((bitmap) => ({
+        name: bitmap.name,
+        granularityBytes: bitmap.granularityBytes,
+        auto: bitmap.auto,
+        inUse: bitmap.inUse,
+        table: { offset: bitmap.tableOffset, entries: bitmap.tableEntries },
+        bits: null,
+      }));
+      const edit = await editBitmapList(current, actions, {
+        imageName: this.name,
+        version: meta.header.version,
+        sizeBytes: this.sizeBytes,
+        clusterSizeBytes: meta.clusterSizeBytes,
+        load: (bitmap) => (bitmap.table === null ? Promise.resolve(null) : loadBitmapBits(meta, { ...bitmap, tableOffset: bitmap.table.offset, tableEntries: bitmap.table.entries }, this.sizeBytes)),
+      });
+      if (edit.changed) {
+        const extension = meta.header.extensions.bitmaps;
+        const oldDirectory = this.#bitmapDirectory !== null && extension !== null ? { offset: extension.directoryOffset, sizeBytes: extension.directorySizeBytes } : null;
+        const markedHere = new Set([...this.#bitmapsMarkedHere].map((index) => this.#bitmaps[index].name));
+        const written = await writeBitmapList(meta, edit, oldDirectory);
+        this.#bitmaps = written.entries;
+        this.#bitmapDirectory = written.directory;
+        this.#bitmapsMarkedHere.clear();
+        written.entries.forEach((bitmap, index) => {
+          if (markedHere.has(bitmap.name)) this.#bitmapsMarkedHere.add(index);
+        });
+        this.#updateChangeChecks();
+      }
+      return edit.failure;
+    });
+    if (failure !== null) throw failure;
+  }
+
+  /** A consistent bitmap's data, for a merge into another image (`img bitmap --merge -b`). */
+  async readBitmap(name: string): Promise<BitmapData> {
+    const bitmap = this.#bitmaps.find((candidate) => candidate.name === name);
+    if (bitmap === undefined) throw new SnapstackError("E_NOT_FOUND", `Dirty bitmap '${name}' not found`, { path: this.name });
+    if (bitmap.inUse) throw new SnapstackError("E_UNSUPPORTED_FEATURE", inconsistentBitmapMessage(name), { path: this.name });
+    const bits = await loadBitmapBits(this.#meta, bitmap, this.sizeBytes);
+    if (bits === null) throw new SnapstackError("E_CORRUPT_IMAGE", `Bitmap '${name}' does not load`, { path: this.name });
+    return { granularityBytes: bitmap.granularityBytes, bits, sizeBytes: this.sizeBytes };
   }
 
   info(): Qcow2Info {
@@ -2160,7 +2224,7 @@ export class Qcow2Image implements BlockDevice {
     const zeroNewArea = newSizeBytes > oldSize && this.backing !== null && this.backing.sizeBytes > oldSize;
     // qcow2_truncate_bitmaps_check: a bitmap that was in-use when the image was opened cannot follow the new size.
     const inconsistent = this.#bitmaps.find((bitmap, index) => bitmap.inUse && !this.#bitmapsMarkedHere.has(index));
-    if (inconsistent !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Bitmap '${inconsistent.name}' is inconsistent and cannot be used; 'qemu-img bitmap --remove' deletes it`, { path: this.name });
+    if (inconsistent !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", inconsistentBitmapMessage(inconsistent.name), { path: this.name });
     if (zeroNewArea && header.version === 2) {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${this.name}: Failed to zero out new clusters: Operation not supported (a compat=0.10 image cannot grow over a longer backing file)`);
     }
