@@ -33,6 +33,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
 export {
   amendImage,
   changeImageBitmaps,
+  ddImage,
   compareImages,
   convertImage,
   createImage,

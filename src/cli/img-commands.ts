@@ -21,6 +21,7 @@ export const IMG_COMMANDS: readonly ImgCommandEntry[] = [
   { name: "compare", load: async () => (await import("./commands/compare.ts")).compareCommand },
   { name: "convert", load: async () => (await import("./commands/convert.ts")).convertCommand },
   { name: "create", load: async () => (await import("./commands/create.ts")).createCommand },
+  { name: "dd", load: async () => (await import("./commands/dd.ts")).ddCommand },
   { name: "info", load: async () => (await import("./commands/info.ts")).infoCommand },
   { name: "map", load: async () => (await import("./commands/map.ts")).mapCommand },
   { name: "measure", load: async () => (await import("./commands/measure.ts")).measureCommand },
