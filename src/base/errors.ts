@@ -15,9 +15,9 @@ export const ERROR_CODES = {
   E_INVALID_OPTION: "an -o option is unknown, malformed, or conflicts with another",
   E_OUT_OF_RANGE: "I/O request outside the virtual disk",
   // Files.
-  E_NOT_FOUND: "a file does not exist",
+  E_NOT_FOUND: "a file, or a named persistent dirty bitmap, does not exist",
   E_ACCESS: "a file cannot be opened with the required permissions",
-  E_EXISTS: "a file exists where a new one was to be created",
+  E_EXISTS: "a file exists where a new one was to be created, or a bitmap of that name",
   E_IO: "the operating system reported an I/O error",
   E_NO_SPACE: "no space left on the device",
   // Formats.
