@@ -1,7 +1,7 @@
 // Persistent dirty bitmaps (qemu-img bitmap) through snapstack's changes: kept valid by changes that
-// leave guest data alone; the enabled ones kept up to date by changes of guest data (what QEMU's
-// qemu-nbd -B exports as dirty equals what QEMU itself records for the same changes); marked in-use
-// (QEMU's "inconsistent") by a resize; refused where qemu-img refuses. qemu-img check stays clean.
+// leave guest data alone; the enabled ones kept up to date by changes of guest data and all of them
+// resized with the disk (what QEMU's qemu-nbd -B exports as dirty equals what QEMU itself records for
+// the same changes); refused where qemu-img refuses. qemu-img check stays clean.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
@@ -21,6 +21,12 @@ async function imageWithBitmaps(dir: string, name: string): Promise<string> {
   ok(await qemuImg(["bitmap", "--add", "--disable", name, "b1"], dir), "bitmap --add --disable b1");
   ok(await qemuIo(["-c", "write -P 2 8M 64k", name], dir), "write tracked by b0");
   return join(dir, name);
+}
+
+/** Leave the image's bitmaps in-use, as a crash of the program writing it leaves them (qemu-io killed). */
+async function crashWhileWriting(dir: string, name: string): Promise<void> {
+  const result = await qemuIo(["-c", "write -P 9 12M 4k", "-c", "sigraise 9", name], dir);
+  assert.notEqual(result.code, 0, "qemu-io was killed");
 }
 
 /** Bitmap name -> flags, as qemu-img info lists them; check must be clean (exit 0, no warning). */
@@ -69,10 +75,11 @@ test("bitmaps: a session that only reads changes nothing; a write keeps the enab
   // QEMU goes on from there: its next change adds to what snapstack stored.
   ok(await qemuIo(["-c", "write -P 4 2M 4k", "bm.qcow2"], dir), "qemu-io write after snapstack's");
   assert.deepEqual(await dirtyRanges(dir, "bm.qcow2", "b0"), [[0, 65536], [2 * 1024 * 1024, 65536], [8 * 1024 * 1024, 65536]]);
-  // A bitmap left in-use (as a crash leaves it) can be removed.
-  ok(await snapstack(["img", "resize", "bm.qcow2", "32M"], { cwd: dir }), "resize");
+  // Bitmaps left in-use by a crash stay so through snapstack's writes, and can be removed.
+  await crashWhileWriting(dir, "bm.qcow2");
+  ok(await snapstack(["io", "-c", "write -P 5 5M 4k", "bm.qcow2"], { cwd: dir }), "io write over in-use bitmaps");
   assert.deepEqual(await bitmapFlags(dir, "bm.qcow2"), { b0: ["in-use", "auto"], b1: ["in-use"] });
-  ok(await qemuImg(["bitmap", "--remove", "bm.qcow2", "b0"], dir), "remove the in-use bitmap");
+  ok(await snapstack(["img", "bitmap", "--remove", "bm.qcow2", "b0"], { cwd: dir }), "remove the in-use bitmap");
   assert.deepEqual(await bitmapFlags(dir, "bm.qcow2"), { b1: ["in-use"] });
 });
 
@@ -110,8 +117,8 @@ test("bitmaps: the bits snapstack records for a sequence of changes are the ones
   ok(await qemuImg(["compare", "-f", "qcow2", "-F", "qcow2", "ours.qcow2", "theirs.qcow2"], dir), "same data");
 });
 
-test("bitmaps: snapshot create/delete and rebase -u keep them valid; resize marks all in-use; snapshot -a and a resize of an inconsistent bitmap are refused as by qemu-img", async (t) => {
-  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+test("bitmaps: snapshot create/delete and rebase -u keep them valid; resize resizes them as qemu-img does; snapshot -a and a resize of an inconsistent bitmap are refused as by qemu-img", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")) return;
   const dir = scratchDir(t);
   await imageWithBitmaps(dir, "meta.qcow2");
   ok(await snapstack(["img", "snapshot", "-c", "s1", "meta.qcow2"], { cwd: dir }), "snapshot -c");
@@ -134,15 +141,28 @@ test("bitmaps: snapshot create/delete and rebase -u keep them valid; resize mark
   // A resize to the same size changes nothing.
   ok(await snapstack(["img", "resize", "meta.qcow2", "16M"], { cwd: dir }), "resize to the same size");
   assert.deepEqual(await bitmapFlags(dir, "meta.qcow2"), { b0: ["auto"], b1: [] });
-  // A resize makes every bitmap the wrong size: all in-use (QEMU would refuse to load a valid one of the wrong size;
-  // snapstack does not resize them).
-  ok(await snapstack(["img", "resize", "meta.qcow2", "32M"], { cwd: dir }), "resize");
-  assert.deepEqual(await bitmapFlags(dir, "meta.qcow2"), { b0: ["in-use", "auto"], b1: ["in-use"] });
-  // Now inconsistent when the image is opened: qemu-img refuses a resize, and so does snapstack, changing nothing.
+  // Resizes (grow, shrink, grow past a bitmap table cluster) keep every bitmap consistent with the bits qemu-img keeps.
+  ok(await qemuImg(["bitmap", "--disable", "meta.qcow2", "b0"], dir), "disable b0 (holding bits)");
+  ok(await qemuImg(["bitmap", "--add", "-g", "512", "meta.qcow2", "fine"], dir), "add a 512-byte granularity bitmap");
+  ok(await qemuIo(["-c", "write 15M 1M", "-c", "write 100k 1k", "meta.qcow2"], dir), "writes the enabled bitmaps record");
+  copyFileSync(join(dir, "meta.qcow2"), join(dir, "theirs.qcow2"));
+  for (const size of ["32M", "8M", "+600M", "-1M"]) {
+    ok(await snapstack(["img", "resize", "--shrink", "meta.qcow2", size], { cwd: dir }), `resize ${size}`);
+    ok(await qemuImg(["resize", "-q", "--shrink", "theirs.qcow2", size], dir), `qemu-img resize ${size}`);
+    ok(await qemuIo(["-c", "write 1M 4k", "meta.qcow2"], dir), "write after the resize");
+    ok(await qemuIo(["-c", "write 1M 4k", "theirs.qcow2"], dir), "write after the resize");
+    assert.deepEqual(await bitmapFlags(dir, "meta.qcow2"), await bitmapFlags(dir, "theirs.qcow2"), size);
+    for (const bitmap of ["b0", "b1", "fine"]) {
+      assert.deepEqual(await dirtyRanges(dir, "meta.qcow2", bitmap), await dirtyRanges(dir, "theirs.qcow2", bitmap), `${size} ${bitmap}`);
+    }
+  }
+  assert.deepEqual(await bitmapFlags(dir, "meta.qcow2"), { b0: [], b1: [], fine: ["auto"] });
+  // Inconsistent when the image is opened (a crash left them in-use): qemu-img refuses a resize, and so does snapstack, changing nothing.
+  await crashWhileWriting(dir, "meta.qcow2");
   const before = readFileSync(join(dir, "meta.qcow2"));
-  const ours = await snapstack(["img", "resize", "meta.qcow2", "48M"], { cwd: dir });
+  const ours = await snapstack(["img", "resize", "meta.qcow2", "+48M"], { cwd: dir });
   assert.ok(readFileSync(join(dir, "meta.qcow2")).equals(before), "the refused resize changed the image");
-  const theirs = await qemuImg(["resize", "meta.qcow2", "48M"], dir);
+  const theirs = await qemuImg(["resize", "meta.qcow2", "+48M"], dir);
   assert.equal(theirs.code, 1);
   assert.equal(ours.code, theirs.code);
   assert.match(ours.stderr, /^snapstack: error E_UNSUPPORTED_FEATURE: Bitmap 'b0' is inconsistent and cannot be used/);

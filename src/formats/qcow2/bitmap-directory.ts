@@ -148,8 +148,9 @@ export function encodeBitmapTableEntry(table: DataView, index: number, hostOffse
 /** What withBitmapEntriesChanged changes in one entry. */
 export interface BitmapEntryChange {
   inUse: boolean;
-  /** A new bitmap table (same number of entries), when given. */
+  /** A new bitmap table, when given. */
   tableOffset?: number;
+  tableEntries?: number;
 }
 
 /**
@@ -170,6 +171,7 @@ export function withBitmapEntriesChanged(directory: Uint8Array, changes: Readonl
       const flags = view.getUint32(at + 12);
       view.setUint32(at + 12, change.inUse ? flags | FLAG_IN_USE : flags & ~FLAG_IN_USE);
       if (change.tableOffset !== undefined) view.setBigUint64(at, BigInt(change.tableOffset));
+      if (change.tableEntries !== undefined) view.setUint32(at + 8, change.tableEntries);
     }
     at += bitmapDirectoryEntryBytes(view.getUint16(at + 18), view.getUint32(at + 20));
   }

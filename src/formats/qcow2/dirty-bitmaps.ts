@@ -41,8 +41,11 @@
  *   is left), the old directory and tables freed. Unchanged bitmaps keep
  *   their tables (QEMU rewrites every loaded one: same content, other
  *   clusters).
- * - Not done: a resize marks every bitmap in-use instead of resizing the
- *   tracked ones (Qcow2Image.resize).
+ * - Resize (qcow2_co_truncate with bdrv_dirty_bitmap_truncate): every
+ *   consistent bitmap, disabled ones too, is loaded and marked in-use
+ *   before the size changes, then follows the new size (bits past the end
+ *   dropped, a new area clean, as QEMU's) and is stored at close with a
+ *   table of the new length.
  */
 import { SnapstackError, assert, type ErrorCode } from "../../base/errors.ts";
 import { isAllZero } from "../../io/io-buffer.ts";
@@ -67,6 +70,8 @@ export interface TrackedBitmap {
   readonly index: number;
   readonly name: string;
   readonly granularityBytes: number;
+  /** Whether changes set its bits ("auto"); a disabled one is held only to follow a resize. */
+  readonly enabled: boolean;
   /** One bit per granule (see the design notes). */
   readonly bits: Uint8Array;
   /** How many granules the disk has: the bits at and past it stay clear. */
@@ -112,12 +117,21 @@ async function readBitmapTable(meta: Qcow2Metadata, tableOffset: number, tableEn
   return new DataView(table.buffer);
 }
 
-/** A consistent enabled bitmap, loaded to be kept up to date; null when it does not load. */
+/** A consistent bitmap, loaded to be kept up to date; null when it does not load. */
 export async function loadTrackedBitmap(meta: Qcow2Metadata, entry: BitmapDirectoryEntry, index: number, sizeBytes: number): Promise<TrackedBitmap | null> {
   const bits = await loadBitmapBits(meta, entry, sizeBytes);
   if (bits === null) return null;
   const granules = Math.ceil(sizeBytes / entry.granularityBytes);
-  return { index, name: entry.name, granularityBytes: entry.granularityBytes, bits, granules, oldTableOffset: entry.tableOffset, oldTableEntries: entry.tableEntries };
+  return { index, name: entry.name, granularityBytes: entry.granularityBytes, enabled: entry.auto, bits, granules, oldTableOffset: entry.tableOffset, oldTableEntries: entry.tableEntries };
+}
+
+/** A tracked bitmap for a disk resized to `sizeBytes` (hbitmap_truncate): bits past the end dropped, a new area clean. */
+export function resizeTrackedBitmap(bitmap: TrackedBitmap, sizeBytes: number): TrackedBitmap {
+  const bits = new Uint8Array(bitmapDataBytes(sizeBytes, bitmap.granularityBytes));
+  bits.set(bitmap.bits.subarray(0, Math.min(bits.length, bitmap.bits.length)));
+  const granules = Math.ceil(sizeBytes / bitmap.granularityBytes);
+  clearBitsFrom(bits, granules);
+  return { ...bitmap, bits, granules };
 }
 
 /** Clear the bits at and past `first` (the granules past the disk's end). */

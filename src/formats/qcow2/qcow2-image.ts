@@ -41,10 +41,10 @@
  *   clusters. Before the first change of guest data (#prepareChange), the
  *   enabled ("auto") consistent bitmaps are loaded and marked in-use on
  *   disk; every change then sets their bits, and close() stores them and
- *   clears the flag (dirty-bitmaps.ts), as QEMU does. A resize marks every
- *   bitmap in-use instead (not resized): the state QEMU leaves after a
- *   crash, which it lists as in-use and lets be removed, and which makes a
- *   backup tool fall back to a full copy. Metadata changes that leave
+ *   clears the flag (dirty-bitmaps.ts), as QEMU does; a resize loads every
+ *   consistent bitmap the same way and resizes it. A crash leaves them
+ *   in-use, which QEMU lists as inconsistent and lets be removed, and which
+ *   makes a backup tool fall back to a full copy. Metadata changes that leave
  *   guest data alone (internal snapshot create and delete, a new backing
  *   file name) keep the bitmaps valid, as in QEMU; applying a snapshot is
  *   refused while the image has bitmaps, as QEMU refuses it. Autoclear
@@ -101,6 +101,7 @@ import {
   loadBitmapBits,
   loadTrackedBitmap,
   markGuestRange,
+  resizeTrackedBitmap,
   storeBitmapBits,
   writeBitmapList,
   type BitmapAction,
@@ -466,9 +467,9 @@ export class Qcow2Image implements BlockDevice {
     });
     const extension = meta.header.extensions.bitmaps;
     if (marked.size > 0 && this.#bitmapDirectory !== null && extension !== null) {
-      // Before a change of guest data: load the bitmaps it marks, to keep them up to date (dirty-bitmaps.ts).
+      // Before a change of guest data or size: load the bitmaps it marks, to keep them up to date (dirty-bitmaps.ts).
       const tracked: TrackedBitmap[] = [];
-      if (kind === "guest data") {
+      if (kind !== "metadata") {
         for (const index of marked) {
           const bitmap = await loadTrackedBitmap(meta, this.#bitmaps[index], index, this.sizeBytes);
           if (bitmap !== null) tracked.push(bitmap);
@@ -506,7 +507,7 @@ export class Qcow2Image implements BlockDevice {
 
   /** Note a change of guest data in the tracked bitmaps (before it starts: see dirty-bitmaps.ts). */
   #trackChange(guestOffset: number, lengthBytes: number): void {
-    for (const bitmap of this.#trackedBitmaps) markGuestRange(bitmap, guestOffset, lengthBytes);
+    for (const bitmap of this.#trackedBitmaps) if (bitmap.enabled) markGuestRange(bitmap, guestOffset, lengthBytes);
   }
 
   /**
@@ -519,8 +520,11 @@ export class Qcow2Image implements BlockDevice {
     if (this.#trackedBitmaps.length === 0 || this.#bitmapDirectory === null || extension === null) return;
     const tracked = this.#trackedBitmaps;
     this.#trackedBitmaps = [];
-    const changes = new Map<number, { inUse: boolean; tableOffset: number }>();
-    for (const bitmap of tracked) changes.set(bitmap.index, { inUse: false, tableOffset: await storeBitmapBits(meta, bitmap.bits) });
+    const changes = new Map<number, { inUse: boolean; tableOffset: number; tableEntries: number }>();
+    for (const bitmap of tracked) {
+      const tableEntries = Math.ceil(bitmap.bits.length / meta.clusterSizeBytes);
+      changes.set(bitmap.index, { inUse: false, tableOffset: await storeBitmapBits(meta, bitmap.bits), tableEntries });
+    }
     await meta.writeCaches();
     await this.#file.flush();
     const directory = withBitmapEntriesChanged(this.#bitmapDirectory, changes);
@@ -528,7 +532,7 @@ export class Qcow2Image implements BlockDevice {
     this.#bitmapDirectory = directory;
     this.#bitmaps = this.#bitmaps.map((bitmap, index) => {
       const change = changes.get(index);
-      return change === undefined ? bitmap : { ...bitmap, inUse: false, tableOffset: change.tableOffset };
+      return change === undefined ? bitmap : { ...bitmap, inUse: false, tableOffset: change.tableOffset, tableEntries: change.tableEntries };
     });
     for (const bitmap of tracked) await freeBitmapTable(meta, bitmap.oldTableOffset, bitmap.oldTableEntries);
   }
@@ -2230,8 +2234,6 @@ export class Qcow2Image implements BlockDevice {
     }
     // A resize to the same size changes nothing, the bitmaps included.
     if (this.#beforeResize && newSizeBytes !== oldSize) await this.#prepareChange("size");
-    // Not resized (see dirty-bitmaps.ts): the tracked bitmaps stay in-use.
-    if (newSizeBytes !== oldSize) this.#trackedBitmaps = [];
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
       await this.#locked(async () => {
@@ -2274,6 +2276,8 @@ export class Qcow2Image implements BlockDevice {
           throw error;
         }
         header.sizeBytes = newSizeBytes;
+        // The bitmaps follow the new size (dirty-bitmaps.ts), as QEMU's do.
+        this.#trackedBitmaps = this.#trackedBitmaps.map((bitmap) => resizeTrackedBitmap(bitmap, newSizeBytes));
       });
     } catch (error) {
       throw await this.#failed(error);
