@@ -2,7 +2,8 @@
  * qemu-img bitmap: change the persistent dirty bitmaps of a qcow2 image
  * (Qcow2Image.changeBitmaps; formats/qcow2/dirty-bitmaps.ts holds the
  * rules). A merge reads its source bitmap from the image itself, or from
- * another image (`-b`, opened read-only first, as qemu-img opens it).
+ * another image (`-b`, opened read-only once the image is open, as
+ * qemu-img opens it).
  */
 import { SnapstackError } from "../base/errors.ts";
 import { Qcow2Image, type BitmapAction, type BitmapData } from "../formats/qcow2/index.ts";
@@ -19,7 +20,7 @@ export interface ChangeBitmapsOptions {
   sourceFormat?: string;
 }
 
-/** Bitmaps of another image that merges read, by name (loaded before the target opens for writing). */
+/** Bitmaps of another image that merges read, by name (opened read-only after the target, as qemu-img opens them). */
 async function readSourceBitmaps(path: string, format: string | undefined, names: readonly string[]): Promise<Map<string, BitmapData | SnapstackError>> {
   const image = await openImage(path, { format: format === undefined ? undefined : parseImageFormat(format), readOnly: true });
   try {
@@ -43,10 +44,11 @@ async function readSourceBitmaps(path: string, format: string | undefined, names
 }
 
 export async function changeImageBitmaps(path: string, steps: readonly BitmapStep[], options: ChangeBitmapsOptions = {}): Promise<void> {
-  const merges = steps.flatMap((step) => (step.kind === "merge" ? [step.sourceName] : []));
-  const sources = options.sourceFile === undefined ? null : await readSourceBitmaps(options.sourceFile, options.sourceFormat, merges);
-  const image = await openImage(path, { format: options.format === undefined ? undefined : parseImageFormat(options.format), readOnly: false });
+  // The backing file is not opened: bitmaps are the image's own (qemu-img bitmap opens no backing either).
+  const image = await openImage(path, { format: options.format === undefined ? undefined : parseImageFormat(options.format), readOnly: false, openBacking: false });
   try {
+    const merges = steps.flatMap((step) => (step.kind === "merge" ? [step.sourceName] : []));
+    const sources = options.sourceFile === undefined ? null : await readSourceBitmaps(options.sourceFile, options.sourceFormat, merges);
     const actions: BitmapAction[] = [];
     for (const step of steps) {
       if (step.kind !== "merge") {

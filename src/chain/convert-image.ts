@@ -41,7 +41,7 @@
  */
 import { SnapstackError, assert } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
-import { Qcow2Image } from "../formats/qcow2/index.ts";
+import { Qcow2Image, type BitmapAction, type BitmapData } from "../formats/qcow2/index.ts";
 import { COPY_CHUNK_BYTES, copyRanges, type CopyRange, type ZeroMode } from "./copy-pipeline.ts";
 import { parseImageFormat } from "./image-format.ts";
 import { openImage, type OpenImageFile } from "./open-image.ts";
@@ -82,6 +82,14 @@ export interface ConvertImageOptions {
    * qemu-img) never syncs the target; "writeback" fdatasyncs it at the end.
    */
   targetCache?: NodeFileCacheMode;
+  /**
+   * --bitmaps: copy the persistent dirty bitmaps of the source's top layer
+   * to the (qcow2) target, names, granularities, enabled state and bits;
+   * "skip-broken" (--skip-broken-bitmaps) leaves out the inconsistent ones
+   * (reported through onWarning) instead of refusing.
+   */
+  bitmaps?: "copy" | "skip-broken";
+  onWarning?: (message: string) => void;
 }
 
 type RangeKind = "data" | "zero" | "backing";
@@ -281,6 +289,7 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
   if (options.backingFile !== undefined && options.backingFormat === undefined) {
     throw new SnapstackError("E_BACKING_FORMAT", "Use of backing file requires explicit backing format", { backingFile: options.backingFile });
   }
+  const bitmaps = await sourceBitmaps(source, format, options);
   const target = await openTarget(source, targetPath, options);
   try {
     const targetHasBacking = target.backing !== null;
@@ -332,8 +341,37 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
             },
     });
     if (compress) await compressingTarget(target).writeCompressed(0, new Uint8Array(0));
+    if (bitmaps.length > 0) {
+      assert(target instanceof Qcow2Image, "bitmaps are copied to qcow2 targets (checked before)");
+      await target.changeBitmaps(
+        bitmaps.flatMap((bitmap): BitmapAction[] => [
+          { kind: "add", name: bitmap.name, granularityBytes: bitmap.data.granularityBytes },
+          { kind: "merge", name: bitmap.name, source: { data: bitmap.data } },
+          ...(bitmap.enabled ? [] : [{ kind: "disable" as const, name: bitmap.name }]),
+        ]),
+      );
+    }
     await target.flush();
   } finally {
     await target.close();
   }
+}
+
+/** The bitmaps --bitmaps copies (qemu-img's convert_check_bitmaps, then their data), read before the target is created. */
+async function sourceBitmaps(source: BlockDevice, format: string, options: ConvertImageOptions): Promise<Array<{ name: string; enabled: boolean; data: BitmapData }>> {
+  if (options.bitmaps === undefined) return [];
+  if (format !== "qcow2") throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Format driver '${format}' does not support bitmaps`, { format });
+  if (!(source instanceof Qcow2Image)) return [];
+  const bitmaps = source.info().bitmaps;
+  // QEMU walks its bitmaps newest first: the one it names (or the order of its warnings) follows.
+  for (const bitmap of [...bitmaps].reverse()) {
+    if (!bitmap.inUse) continue;
+    if (options.bitmaps === "copy") {
+      throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Cannot copy inconsistent bitmap '${bitmap.name}'; --skip-broken-bitmaps leaves it out, 'snapstack img bitmap --remove' deletes it`, { path: source.name });
+    }
+    options.onWarning?.(`Skipping inconsistent bitmap '${bitmap.name}'`);
+  }
+  const copied: Array<{ name: string; enabled: boolean; data: BitmapData }> = [];
+  for (const bitmap of bitmaps) if (!bitmap.inUse) copied.push({ name: bitmap.name, enabled: bitmap.auto, data: await source.readBitmap(bitmap.name) });
+  return copied;
 }

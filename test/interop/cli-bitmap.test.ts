@@ -3,7 +3,7 @@
 // qemu-img check; every refusal has qemu-img's exit code and message, and keeps the steps before it.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { copyFileSync } from "node:fs";
+import { copyFileSync, existsSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, run, scratchDir } from "../helpers/tools.ts";
 import { ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
@@ -132,4 +132,41 @@ test("img bitmap: every refusal as qemu-img's, the steps before it kept; an in-u
   }
   await both(dir, ["--remove", "IMG", "b0"]);
   assert.deepEqual((await sameBitmaps(dir)).map((bitmap) => [bitmap.name, bitmap.flags]), [["b3", ["in-use", "auto"]]]);
+});
+
+test("img convert --bitmaps copies the source's bitmaps as qemu-img convert --bitmaps does; --skip-broken-bitmaps and the refusals too", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "src.qcow2", "32M"], dir), "create");
+  ok(await qemuImg(["bitmap", "--add", "src.qcow2", "b0"], dir), "add b0");
+  ok(await qemuImg(["bitmap", "--add", "-g", "4k", "src.qcow2", "d1"], dir), "add d1");
+  ok(await qemuIo(["-c", "write -P 1 1M 10k", "-c", "write -P 2 20M 1k", "src.qcow2"], dir), "writes");
+  ok(await qemuImg(["bitmap", "--disable", "src.qcow2", "d1"], dir), "disable d1");
+  ok(await qemuIo(["-c", "write -P 3 30M 4k", "src.qcow2"], dir), "a write only b0 records");
+  const convert = async (args: string[]): Promise<void> => {
+    const theirs = await qemuImg(["convert", ...args.map((arg) => (arg === "OUT" ? "theirs.qcow2" : arg))], dir);
+    const ours = await snapstack(["img", "convert", ...args.map((arg) => (arg === "OUT" ? "ours.qcow2" : arg))], { cwd: dir });
+    assert.equal(ours.code, theirs.code, `${args.join(" ")}: ${ours.stderr}`);
+    const message = theirs.stderr.split("\n")[0].replace(/^qemu-img: (warning: )?/, "");
+    if (theirs.stderr === "") assert.equal(ours.stderr, "");
+    else assert.ok(ours.stderr.includes(message), `${ours.stderr} (qemu-img: ${message})`);
+  };
+  await convert(["--bitmaps", "-O", "qcow2", "src.qcow2", "OUT"]);
+  assert.deepEqual(
+    (await sameBitmaps(dir)).map((bitmap) => [bitmap.name, bitmap.granularity, bitmap.flags.join(",")]),
+    [["b0", 65536, "auto"], ["d1", 4096, ""]],
+  );
+  assert.deepEqual(await dirtyRanges(dir, "ours.qcow2", "d1"), [[1048576, 12288], [20 * 1048576, 4096]]);
+  // A bitmap left in-use in the source: refused before the target is created, or skipped with a warning.
+  assert.notEqual((await qemuIo(["-c", "write 0 4k", "-c", "sigraise 9", "src.qcow2"], dir)).code, 0, "qemu-io killed");
+  for (const name of ["ours.qcow2", "theirs.qcow2"]) rmSync(join(dir, name));
+  await convert(["--bitmaps", "-O", "qcow2", "src.qcow2", "OUT"]);
+  assert.equal(existsSync(join(dir, "ours.qcow2")), false, "a refused convert created its target");
+  await convert(["--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", "src.qcow2", "OUT"]);
+  assert.deepEqual(await sameBitmaps(dir), []);
+  await convert(["--skip-broken-bitmaps", "-O", "qcow2", "src.qcow2", "OUT"]);
+  const raw = await snapstack(["img", "convert", "--bitmaps", "-O", "raw", "src.qcow2", "out.raw"], { cwd: dir });
+  assert.equal(raw.code, 1);
+  assert.match(raw.stderr, /E_UNSUPPORTED_FEATURE: Format driver 'raw' does not support bitmaps/);
+  assert.equal(existsSync(join(dir, "out.raw")), false);
 });

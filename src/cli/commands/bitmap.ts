@@ -56,7 +56,8 @@ export const bitmapCommand: CliCommand = {
     if (parsed.options.object !== undefined || parsed.options.imageOpts !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", "--object and --image-opts are not supported");
     if (parsed.positionals.length !== 2) throw new SnapstackError("E_USAGE", "Expecting filename and bitmap name");
     const [path, name] = parsed.positionals;
-    const granularityBytes = granularityText === undefined ? undefined : parseSize(granularityText, { what: "granularity" });
+    // -g 0: the default granularity, as in qemu-img.
+    const granularityBytes = granularityText === undefined ? undefined : parseSize(granularityText, { what: "granularity" }) || undefined;
     const steps: BitmapStep[] = sequence.map((option): BitmapStep => {
       if (option.name === "merge") return { kind: "merge", name, sourceName: String(option.value) };
       if (option.name === "add") return { kind: "add", name, granularityBytes };

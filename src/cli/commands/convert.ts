@@ -43,7 +43,7 @@ function checkCoroutines(text: string | undefined): void {
 
 export const convertCommand: CliCommand = {
   name: "convert",
-  synopsis: "convert [-c] [-f fmt] [-O output_fmt] [-o options] [-S sparse_size] [-B backing_file [-F backing_fmt]] [-n] [--target-is-zero] [-r rate] [-m num] [-W] [-C] [-p] [-q] [-U] filename output_filename",
+  synopsis: "convert [-c] [-f fmt] [-O output_fmt] [-o options] [-S sparse_size] [-B backing_file [-F backing_fmt]] [-n] [--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] [-r rate] [-m num] [-W] [-C] [-p] [-q] [-U] filename output_filename",
   summary: "Copy an image's guest content into a new image, optionally in another format or compressed.",
   optionHelp: [
     "  -f fmt           source format; detected when omitted",
@@ -55,6 +55,7 @@ export const convertCommand: CliCommand = {
     "  -F backing_fmt   format of the -B backing file",
     "  -n               the target exists already: do not create it",
     "  --target-is-zero with -n: the target reads as zeroes already; zero ranges are not written",
+    "  --bitmaps        copy the source's persistent dirty bitmaps (qcow2 target); --skip-broken-bitmaps leaves out in-use ones",
     "  -r rate          read at most rate bytes of data per second (k, M, G suffixes)",
     "  -m n, -W, -C     accepted as qemu-img accepts them (the copy's depth and order are snapstack's own)",
     "  -p               show progress",
@@ -80,12 +81,16 @@ export const convertCommand: CliCommand = {
       { name: "rate", short: "r", value: true },
       { name: "copyOffload", short: "C" },
       { name: "targetIsZero", long: "target-is-zero" },
+      { name: "bitmaps", long: "bitmaps" },
+      { name: "skipBrokenBitmaps", long: "skip-broken-bitmaps" },
     ]);
     checkCacheOptions(parsed);
     checkCoroutines(optionString(parsed, "parallel"));
     const rateLimitBytesPerSecond = parseRateLimit(optionString(parsed, "rate"));
     const targetIsZero = optionFlag(parsed, "targetIsZero");
     if (targetIsZero && !optionFlag(parsed, "noCreate")) throw new SnapstackError("E_USAGE", "--target-is-zero requires use of -n flag");
+    const skipBrokenBitmaps = optionFlag(parsed, "skipBrokenBitmaps");
+    if (skipBrokenBitmaps && !optionFlag(parsed, "bitmaps")) throw new SnapstackError("E_USAGE", "Use of --skip-broken-bitmaps requires --bitmaps");
     if (optionFlag(parsed, "copyOffload")) {
       // -C asks qemu-img for copy_file_range; snapstack copies through memory either way (measured faster
       // here: docs/benchmarks.md), so -C only keeps qemu-img's refusals.
@@ -133,6 +138,8 @@ export const convertCommand: CliCommand = {
         targetExists: optionFlag(parsed, "noCreate"),
         targetIsZero,
         rateLimitBytesPerSecond,
+        bitmaps: optionFlag(parsed, "bitmaps") ? (skipBrokenBitmaps ? "skip-broken" : "copy") : undefined,
+        onWarning: (message) => context.err(`snapstack: warning: ${message}\n`),
         // Without -p, no metadata pass to count the bytes first.
         onProgress: showProgress ? (fraction) => progress.update(fraction) : undefined,
       });

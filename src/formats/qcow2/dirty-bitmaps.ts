@@ -12,9 +12,12 @@
  *   inconsistent and a backup tool answers with a full copy. Disabled
  *   bitmaps are not loaded: nothing changes them, they stay valid on disk.
  * - Tracking: every change of guest data (write, zero write, discard,
- *   compressed write, emptying) sets the bits of the granules it touches
+ *   compressed write) sets the bits of the granules its request touches
  *   before it starts, so a failed change leaves its bits set: a bitmap may
- *   over-state a change, never miss one.
+ *   over-state a change, never miss one. As in QEMU, a discard records its
+ *   whole request even where no cluster is freed, and emptying an image
+ *   after a commit (makeEmpty) records nothing: its data moved into the
+ *   backing file, what the guest reads stays.
  * - Storing (close), in QEMU's order: the bitmap's data clusters that hold
  *   a set bit are written to newly allocated clusters (all-zero ones become
  *   table entries 0), then its table; the refcounts are flushed; then the
@@ -52,6 +55,8 @@ import { isAllZero } from "../../io/io-buffer.ts";
 import {
   BITMAP_COUNT_MAX,
   BITMAP_DATA_BYTES_MAX,
+  BITMAP_DIRECTORY_BYTES_MAX,
+  bitmapDirectoryEntryBytes,
   BITMAP_NAME_BYTES_MAX,
   BITMAP_TABLE_ENTRY_BYTES,
   GRANULARITY_BITS_MAX,
@@ -280,6 +285,8 @@ export interface BitmapEditContext {
   load(bitmap: EditedBitmap): Promise<Uint8Array | null>;
 }
 
+const textEncoder = new TextEncoder();
+
 function actionError(action: BitmapAction, code: ErrorCode, message: string): SnapstackError {
   return new SnapstackError(code, `Operation ${action.kind} on bitmap ${action.name} failed: ${message}`);
 }
@@ -316,12 +323,14 @@ export async function editBitmapList(current: readonly EditedBitmap[], actions: 
         }
         const persistent = `Can't make bitmap '${action.name}' persistent in '${context.imageName}': `;
         if (context.version < 3) throw actionError(action, "E_UNSUPPORTED_FEATURE", `${persistent}Cannot store dirty bitmaps in qcow2 v2 files`);
-        if (new TextEncoder().encode(action.name).length > BITMAP_NAME_BYTES_MAX) {
-          throw actionError(action, "E_INVALID_OPTION", `${persistent}Name length exceeds maximum (${BITMAP_NAME_BYTES_MAX} characters)`);
-        }
         const dataBytes = bitmapDataBytes(context.sizeBytes, granularityBytes);
         if (dataBytes > BITMAP_DATA_BYTES_MAX) throw actionError(action, "E_TOO_LARGE", `${persistent}Too much space will be occupied by the bitmap. Use larger granularity`);
+        if (textEncoder.encode(action.name).length > BITMAP_NAME_BYTES_MAX) {
+          throw actionError(action, "E_INVALID_OPTION", `${persistent}Name length exceeds maximum (${BITMAP_NAME_BYTES_MAX} characters)`);
+        }
         if (bitmaps.length >= BITMAP_COUNT_MAX) throw actionError(action, "E_TOO_LARGE", `${persistent}Maximum number of persistent bitmaps is already reached`);
+        const directoryBytes = [...bitmaps, action].reduce((sum, bitmap) => sum + bitmapDirectoryEntryBytes(textEncoder.encode(bitmap.name).length), 0);
+        if (directoryBytes > BITMAP_DIRECTORY_BYTES_MAX) throw actionError(action, "E_TOO_LARGE", `${persistent}Not enough space in the bitmap directory`);
         bitmaps.push({ name: action.name, granularityBytes, auto: true, inUse: false, table: null, bits: new Uint8Array(dataBytes) });
       } else if (action.kind === "remove") {
         const index = bitmaps.findIndex((bitmap) => bitmap.name === action.name);
@@ -344,7 +353,9 @@ export async function editBitmapList(current: readonly EditedBitmap[], actions: 
           const bitmap = await usable(action, action.source.name);
           source = { granularityBytes: bitmap.granularityBytes, bits: await bitsOf(action, bitmap), sizeBytes: context.sizeBytes };
         }
-        if (source.sizeBytes !== context.sizeBytes) throw actionError(action, "E_INVALID_OPTION", "Bitmaps are incompatible and can't be merged");
+        if (source.sizeBytes !== context.sizeBytes) {
+          throw actionError(action, "E_INVALID_OPTION", `Bitmaps are of different sizes (destination size is ${context.sizeBytes}, source size is ${source.sizeBytes}) and can't be merged`);
+        }
         const targetBits = await bitsOf(action, target);
         mergeBitmapBits(targetBits, target.granularityBytes, Math.ceil(context.sizeBytes / target.granularityBytes), source.bits, source.granularityBytes, Math.ceil(source.sizeBytes / source.granularityBytes));
       }
@@ -394,7 +405,8 @@ export async function writeBitmapList(meta: Qcow2Metadata, edit: BitmapEdit, old
   const header = meta.header;
   header.extensions.bitmaps = directory === null ? null : { bitmapCount: records.length, directorySizeBytes: directory.length, directoryOffset };
   header.autoclearFeatures = directory === null ? header.autoclearFeatures & ~AUTOCLEAR_BITMAPS : header.autoclearFeatures | AUTOCLEAR_BITMAPS;
-  await meta.writeHeader();
+  // Adding the first bitmap or removing the last moves what follows the extension (the backing name).
+  await meta.writeHeaderTornSafe();
   if (oldDirectory !== null) await meta.freeClusters(oldDirectory.offset, oldDirectory.sizeBytes);
   for (const table of [...edit.dropped, ...replaced]) await freeBitmapTable(meta, table.offset, table.entries);
   return { directory, directoryOffset, entries: records };

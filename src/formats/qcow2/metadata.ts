@@ -270,6 +270,33 @@ export class Qcow2Metadata {
     await this.file.flush();
   }
 
+  /**
+   * Rewrite the header so that a crash tearing the write at any sector
+   * leaves the old header or the new one. QEMU rewrites the header cluster
+   * in one write; with the feature name table the backing name lies past
+   * the first sector, so a torn write could pair the new name offset and
+   * size with stale name bytes (an image that no longer opens), or the old
+   * offset with a cleared name. Here, when the header (or the header
+   * without the feature table) fits in the first sector: that sector first
+   * (it refers to nothing beyond it), then the full header's later
+   * sectors, then, if it was the compact one, the full first sector; each
+   * flushed. The final bytes are QEMU's.
+   */
+  async writeHeaderTornSafe(): Promise<void> {
+    const sectorBytes = 512;
+    const full = encodeQcow2Header(this.header);
+    const compact = encodeQcow2Header(this.header, { featureTable: false });
+    const fitsInSector = (bytes: Uint8Array): boolean => bytes.subarray(sectorBytes).every((byte) => byte === 0);
+    const first = fitsInSector(full) ? full : fitsInSector(compact) ? compact : null;
+    if (first === null) {
+      await this.writeHeader();
+      return;
+    }
+    await this.writeHeaderBytes(0, first.subarray(0, sectorBytes));
+    await this.writeHeaderBytes(sectorBytes, full.subarray(sectorBytes));
+    if (first !== full) await this.writeHeaderBytes(0, full.subarray(0, sectorBytes));
+  }
+
   /** Synchronously update a few header bytes (QEMU's bdrv_pwrite_sync of single fields). */
   async writeHeaderBytes(hostOffset: number, bytes: Uint8Array): Promise<void> {
     await this.file.write(hostOffset, bytes);

@@ -72,7 +72,6 @@ import {
   QCOW2_HEADER_PROBE_BYTES,
   decodeQcow2ClusterBits,
   decodeQcow2Header,
-  encodeQcow2Header,
   type Qcow2Header,
 } from "./header.ts";
 import {
@@ -574,8 +573,9 @@ export class Qcow2Image implements BlockDevice {
         written.entries.forEach((bitmap, index) => {
           if (markedHere.has(bitmap.name)) this.#bitmapsMarkedHere.add(index);
         });
-        this.#updateChangeChecks();
       }
+      // Also when nothing changed: storing the tracked bitmaps above cleared their in-use flags.
+      this.#updateChangeChecks();
       return edit.failure;
     });
     if (failure !== null) throw failure;
@@ -1948,6 +1948,10 @@ export class Qcow2Image implements BlockDevice {
   async discard(guestOffset: number, lengthBytes: number): Promise<void> {
     this.#checkWritable("discard");
     this.#checkRange(guestOffset, lengthBytes, "discard");
+    if (lengthBytes === 0) return;
+    // The bitmaps record the request, as QEMU's block layer does, even where the clusters stay.
+    if (this.#beforeDataChange) await this.#prepareChange("guest data");
+    this.#trackChange(guestOffset, lengthBytes);
     const cs = this.#meta.clusterSizeBytes;
     const start = Math.ceil(guestOffset / cs) * cs;
     const requestEnd = guestOffset + lengthBytes;
@@ -1955,8 +1959,6 @@ export class Qcow2Image implements BlockDevice {
     if (start >= end) return;
     // Without zero clusters (v2) a discard would expose the backing file's data: QEMU ignores it.
     if (this.#meta.header.version === 2 && this.backing !== null) return;
-    if (this.#beforeDataChange) await this.#prepareChange("guest data");
-    this.#trackChange(start, end - start);
     await this.#mutate(start, end - start, () =>
       this.#locked(async () => {
         await this.#markDirty();
@@ -2000,8 +2002,9 @@ export class Qcow2Image implements BlockDevice {
    */
   async makeEmpty(options: { wipe?: boolean } = {}): Promise<void> {
     this.#checkWritable("empty the image");
+    // Not recorded in the bitmaps, as QEMU's bdrv_make_empty is not: commit empties an image whose data
+    // its backing file now holds, so what the guest reads does not change.
     if (this.#beforeDataChange) await this.#prepareChange("guest data");
-    this.#trackChange(0, this.sizeBytes);
     const cs = this.#meta.clusterSizeBytes;
     const release = await this.#rangeLock.acquire(0, GUEST_OFFSET_MAX);
     try {
@@ -2057,40 +2060,13 @@ export class Qcow2Image implements BlockDevice {
       header.backingFileName = name === null || name === "" ? null : name;
       header.backingFormat = header.backingFileName === null ? null : format;
       try {
-        await this.#writeHeaderTornSafe();
+        await this.#meta.writeHeaderTornSafe();
       } catch (error) {
         header.backingFileName = previous.name;
         header.backingFormat = previous.format;
         throw error;
       }
     });
-  }
-
-  /**
-   * Rewrite the header so that a crash tearing the write at any sector
-   * leaves the old header or the new one. QEMU rewrites the header cluster
-   * in one write; with the feature name table the backing name lies past
-   * the first sector, so a torn write could pair the new name offset and
-   * size with stale name bytes (an image that no longer opens), or the old
-   * offset with a cleared name. Here, when the header (or the header
-   * without the feature table) fits in the first sector: that sector first
-   * (it refers to nothing beyond it), then the full header's later
-   * sectors, then, if it was the compact one, the full first sector; each
-   * flushed. The final bytes are QEMU's.
-   */
-  async #writeHeaderTornSafe(): Promise<void> {
-    const sectorBytes = 512;
-    const full = encodeQcow2Header(this.#meta.header);
-    const compact = encodeQcow2Header(this.#meta.header, { featureTable: false });
-    const fitsInSector = (bytes: Uint8Array): boolean => bytes.subarray(sectorBytes).every((byte) => byte === 0);
-    const first = fitsInSector(full) ? full : fitsInSector(compact) ? compact : null;
-    if (first === null) {
-      await this.#meta.writeHeader();
-      return;
-    }
-    await this.#meta.writeHeaderBytes(0, first.subarray(0, sectorBytes));
-    await this.#meta.writeHeaderBytes(sectorBytes, full.subarray(sectorBytes));
-    if (first !== full) await this.#meta.writeHeaderBytes(0, full.subarray(0, sectorBytes));
   }
 
   // --------------------------------------------------------- compression
