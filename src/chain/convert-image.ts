@@ -41,7 +41,7 @@
  */
 import { SnapstackError, assert } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
-import { Qcow2Image, type BitmapAction, type BitmapData } from "../formats/qcow2/index.ts";
+import { Qcow2Image, type BitmapData } from "../formats/qcow2/index.ts";
 import { COPY_CHUNK_BYTES, copyRanges, type CopyRange, type ZeroMode } from "./copy-pipeline.ts";
 import { parseImageFormat } from "./image-format.ts";
 import { openImage, type OpenImageFile } from "./open-image.ts";
@@ -341,15 +341,24 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
             },
     });
     if (compress) await compressingTarget(target).writeCompressed(0, new Uint8Array(0));
-    if (bitmaps.length > 0) {
+    // Newest first, each one whole or not at all (qemu-img's convert_copy_bitmaps); each goes before the one
+    // added after it, so the target lists them in the source's order, after any it had.
+    let added: string | undefined;
+    for (const bitmap of [...bitmaps].reverse()) {
       assert(target instanceof Qcow2Image, "bitmaps are copied to qcow2 targets (checked before)");
-      await target.changeBitmaps(
-        bitmaps.flatMap((bitmap): BitmapAction[] => [
-          { kind: "add", name: bitmap.name, granularityBytes: bitmap.data.granularityBytes },
-          { kind: "merge", name: bitmap.name, source: { data: bitmap.data } },
-          ...(bitmap.enabled ? [] : [{ kind: "disable" as const, name: bitmap.name }]),
-        ]),
-      );
+      if (bitmap.data.sizeBytes !== target.sizeBytes) {
+        throw new SnapstackError(
+          "E_INVALID_OPTION",
+          `Failed to populate bitmap ${bitmap.name}: Bitmaps are of different sizes (destination size is ${target.sizeBytes}, source size is ${bitmap.data.sizeBytes}) and can't be merged`,
+          { path: targetPath },
+        );
+      }
+      await target.changeBitmaps([
+        { kind: "add", name: bitmap.name, granularityBytes: bitmap.data.granularityBytes, before: added },
+        { kind: "merge", name: bitmap.name, source: { data: bitmap.data } },
+        ...(bitmap.enabled ? [] : [{ kind: "disable" as const, name: bitmap.name }]),
+      ]);
+      added = bitmap.name;
     }
     await target.flush();
   } finally {
@@ -360,8 +369,9 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
 /** The bitmaps --bitmaps copies (qemu-img's convert_check_bitmaps, then their data), read before the target is created. */
 async function sourceBitmaps(source: BlockDevice, format: string, options: ConvertImageOptions): Promise<Array<{ name: string; enabled: boolean; data: BitmapData }>> {
   if (options.bitmaps === undefined) return [];
-  if (format !== "qcow2") throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Format driver '${format}' does not support bitmaps`, { format });
-  if (!(source instanceof Qcow2Image)) return [];
+  const compat = options.options?.compat;
+  if (format !== "qcow2" || compat === "0.10" || compat === "v2") throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Format driver '${format}' does not support bitmaps`, { format });
+  if (!(source instanceof Qcow2Image) || source.info().version < 3) throw new SnapstackError("E_UNSUPPORTED_FEATURE", "Source lacks bitmap support", { path: source.name });
   const bitmaps = source.info().bitmaps;
   // QEMU walks its bitmaps newest first: the one it names (or the order of its warnings) follows.
   for (const bitmap of [...bitmaps].reverse()) {

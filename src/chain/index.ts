@@ -10,7 +10,7 @@ export { convertImage, findZeroRuns, COPY_CHUNK_BYTES, COPY_READS_IN_FLIGHT, SPA
 export { resizeImage, type ResizeImageOptions, type SizeSpec } from "./resize-image.ts";
 export { amendImage, type AmendOptions } from "./amend-image.ts";
 export { changeImageBitmaps, type BitmapStep, type ChangeBitmapsOptions } from "./bitmap-image.ts";
-export { ddImage, type DdImageOptions, type DdImageResult } from "./dd-image.ts";
+export { DD_BLOCK_BYTES_MAX, ddImage, type DdImageOptions, type DdImageResult } from "./dd-image.ts";
 export { imageInfo, describeImage, type ImageInfoOptions, type ImageInfoJson } from "./image-info.ts";
 export { measureImage, type MeasureOptions, type MeasureResult } from "./measure-image.ts";
 export { checkImage, type CheckImageOptions } from "./check-image.ts";

@@ -33,6 +33,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
 export {
   amendImage,
   changeImageBitmaps,
+  DD_BLOCK_BYTES_MAX,
   ddImage,
   compareImages,
   convertImage,

@@ -169,4 +169,15 @@ test("img convert --bitmaps copies the source's bitmaps as qemu-img convert --bi
   assert.equal(raw.code, 1);
   assert.match(raw.stderr, /E_UNSUPPORTED_FEATURE: Format driver 'raw' does not support bitmaps/);
   assert.equal(existsSync(join(dir, "out.raw")), false);
+  // A source that cannot hold bitmaps (raw, or a qcow2 read as raw) is refused, as by qemu-img.
+  for (const name of ["ours.qcow2", "theirs.qcow2"]) rmSync(join(dir, name), { force: true });
+  await convert(["--bitmaps", "-f", "raw", "-O", "qcow2", "src.qcow2", "OUT"]);
+  assert.equal(existsSync(join(dir, "ours.qcow2")), false);
+  // -n into a target of another size: the newest bitmap fails first and none is left, as qemu-img leaves it.
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "clean.qcow2", "32M"], dir), "clean source");
+  ok(await qemuImg(["bitmap", "--add", "clean.qcow2", "c1"], dir), "c1");
+  ok(await qemuImg(["bitmap", "--add", "clean.qcow2", "c2"], dir), "c2");
+  for (const name of ["ours.qcow2", "theirs.qcow2"]) ok(await qemuImg(["create", "-q", "-f", "qcow2", name, "64M"], dir), "bigger target");
+  await convert(["-n", "--bitmaps", "-O", "qcow2", "clean.qcow2", "OUT"]);
+  assert.deepEqual(await sameBitmaps(dir), []);
 });

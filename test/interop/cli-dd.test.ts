@@ -32,6 +32,13 @@ test("img dd: outputs byte for byte qemu-img dd's, refusals with its messages", 
     "if=in.qcow2 of=OUT.raw foo=1",
     "if=in.qcow2 of=OUT.raw bad",
     "if=nosuch of=OUT.raw",
+    // Block counts up to 2^63, the first bad operand reported.
+    "if=in.qcow2 of=OUT.raw count=1E",
+    "if=in.qcow2 of=OUT.raw skip=9223372036854775807",
+    "if=in.qcow2 of=OUT.raw bs=abc",
+    "if=in.qcow2 of=OUT.raw bs=1E",
+    "if=in.qcow2 of=OUT.raw count=abc foo=1",
+    "of=OUT.raw count=abc",
   ];
   for (const text of cases) {
     const args = (name: string): string[] => text.replaceAll("OUT", name).split(" ");

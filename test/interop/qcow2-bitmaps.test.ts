@@ -329,3 +329,16 @@ test("bitmaps: adding the first bitmap or removing the last (the header grows or
     }
   }
 });
+
+test("bitmaps: a resize that would make a bitmap larger than QEMU can load leaves it in-use, as qemu-img does; the image still opens in QEMU", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "big.qcow2", "1G"], dir), "create");
+  ok(await qemuImg(["bitmap", "--add", "-g", "512", "big.qcow2", "tiny"], dir), "fine bitmap");
+  ok(await qemuImg(["bitmap", "--add", "big.qcow2", "normal"], dir), "normal bitmap");
+  ok(await qemuIo(["-c", "write 0 4k", "big.qcow2"], dir), "write");
+  ok(await snapstack(["img", "resize", "big.qcow2", "3T"], { cwd: dir }), "resize");
+  // 3 TiB at 512 bytes a bit is 768 MiB of bitmap, past QEMU's 512 MiB: in-use, not stored; the other follows the size.
+  assert.deepEqual(await bitmapFlags(dir, "big.qcow2"), { tiny: ["in-use", "auto"], normal: ["auto"] });
+  ok(await qemuImg(["bitmap", "--remove", "big.qcow2", "tiny"], dir), "QEMU opens the image and removes the bitmap");
+});

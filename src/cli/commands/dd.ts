@@ -6,10 +6,10 @@
  * last of a key wins; sizes take qemu's suffixes.
  */
 import { SnapstackError } from "../../base/errors.ts";
-import { parseSize } from "../../base/units.ts";
+import { parseSizeBig } from "../../base/units.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
 import type { CliCommand } from "../context.ts";
-import { ddImage } from "../engine.ts";
+import { DD_BLOCK_BYTES_MAX, ddImage } from "../engine.ts";
 
 const OPERANDS = ["bs", "count", "skip", "if", "of"] as const;
 type Operand = (typeof OPERANDS)[number];
@@ -35,35 +35,40 @@ export const ddCommand: CliCommand = {
       { name: "imageOpts", long: "image-opts" },
     ]);
     if (parsed.options.object !== undefined || parsed.options.imageOpts !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", "--object and --image-opts are not supported");
-    const operands = new Map<Operand, string>();
+    // Operands are checked in order, the first bad one reported (img_dd's loop); the last of a key wins.
+    let input: string | undefined;
+    let output: string | undefined;
+    let blockBytes: number | undefined;
+    let countBlocks: bigint | undefined;
+    let skipBlocks: bigint | undefined;
     for (const word of parsed.positionals) {
       const equals = word.indexOf("=");
       const key = word.slice(0, equals) as Operand;
       if (equals < 0 || !OPERANDS.includes(key)) throw new SnapstackError("E_USAGE", `unrecognized operand ${equals < 0 ? word : key}`);
-      operands.set(key, word.slice(equals + 1));
-    }
-    const input = operands.get("if");
-    const output = operands.get("of");
-    if (input === undefined || output === undefined) throw new SnapstackError("E_USAGE", "Must specify both input and output files");
-    const blocks = (key: "count" | "skip"): number | undefined => {
-      const text = operands.get(key);
-      return text === undefined ? undefined : parseSize(text, { what: key });
-    };
-    const bsText = operands.get("bs");
-    let blockBytes: number | undefined;
-    if (bsText !== undefined) {
-      try {
-        blockBytes = parseSize(bsText, { what: "bs" });
-      } catch {
-        blockBytes = 0; // refused by ddImage with qemu-img's range message
+      const value = word.slice(equals + 1);
+      if (key === "if") input = value;
+      else if (key === "of") output = value;
+      else if (key === "count") countBlocks = parseSizeBig(value, "count");
+      else if (key === "skip") skipBlocks = parseSizeBig(value, "skip");
+      else {
+        const bytes = parseSizeBig(value, "bs");
+        if (bytes < 1n || bytes > BigInt(DD_BLOCK_BYTES_MAX)) throw new SnapstackError("E_INVALID_SIZE", `Invalid bs specified. Must be between 1 and ${DD_BLOCK_BYTES_MAX}.`);
+        blockBytes = Number(bytes);
       }
     }
+    if (input === undefined || output === undefined) throw new SnapstackError("E_USAGE", "Must specify both input and output files");
+    // Block counts up to 2^63: a count past any image means no limit, a skip past it an empty output.
+    const bs = BigInt(blockBytes ?? 512);
+    const blocksCapped = (blocks: bigint | undefined): number | undefined =>
+      blocks === undefined ? undefined : blocks * bs > BigInt(Number.MAX_SAFE_INTEGER) ? Math.floor(Number.MAX_SAFE_INTEGER / Number(bs)) : Number(blocks);
+    const count = blocksCapped(countBlocks);
+    const skip = blocksCapped(skipBlocks);
     const result = await ddImage(input, output, {
       format: optionString(parsed, "format"),
       outputFormat: optionString(parsed, "outputFormat"),
       blockBytes,
-      count: blocks("count"),
-      skip: blocks("skip"),
+      count,
+      skip,
       forceShare: optionFlag(parsed, "forceShare"),
     });
     // qemu-img 7.2 reports this and still exits 0, the output created empty.

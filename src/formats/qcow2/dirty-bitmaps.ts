@@ -242,7 +242,8 @@ export interface BitmapData {
 
 /** One step of `img bitmap` (qemu-img bitmap's actions), applied in order. */
 export type BitmapAction =
-  | { kind: "add"; name: string; granularityBytes?: number }
+  /** `before`: the directory place, before that bitmap when it exists (default: last). */
+  | { kind: "add"; name: string; granularityBytes?: number; before?: string }
   | { kind: "remove" | "clear" | "enable" | "disable"; name: string }
   /** Set in `name` every granule `source` has set (QEMU's block-dirty-bitmap-merge). */
   | { kind: "merge"; name: string; source: BitmapSource };
@@ -331,7 +332,9 @@ export async function editBitmapList(current: readonly EditedBitmap[], actions: 
         if (bitmaps.length >= BITMAP_COUNT_MAX) throw actionError(action, "E_TOO_LARGE", `${persistent}Maximum number of persistent bitmaps is already reached`);
         const directoryBytes = [...bitmaps, action].reduce((sum, bitmap) => sum + bitmapDirectoryEntryBytes(textEncoder.encode(bitmap.name).length), 0);
         if (directoryBytes > BITMAP_DIRECTORY_BYTES_MAX) throw actionError(action, "E_TOO_LARGE", `${persistent}Not enough space in the bitmap directory`);
-        bitmaps.push({ name: action.name, granularityBytes, auto: true, inUse: false, table: null, bits: new Uint8Array(dataBytes) });
+        const added = { name: action.name, granularityBytes, auto: true, inUse: false, table: null, bits: new Uint8Array(dataBytes) };
+        const at = bitmaps.findIndex((bitmap) => bitmap.name === action.before);
+        bitmaps.splice(at < 0 ? bitmaps.length : at, 0, added);
       } else if (action.kind === "remove") {
         const index = bitmaps.findIndex((bitmap) => bitmap.name === action.name);
         if (index < 0) throw actionError(action, "E_NOT_FOUND", `Dirty bitmap '${action.name}' not found`);

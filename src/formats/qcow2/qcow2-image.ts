@@ -92,8 +92,9 @@ import {
   type L2Entry,
 } from "./entries.ts";
 import { REFTABLE_BYTES_MAX } from "./refcount-block.ts";
-import { BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory, withBitmapEntriesChanged, type BitmapDirectoryEntry } from "./bitmap-directory.ts";
+import { BITMAP_DATA_BYTES_MAX, BITMAP_DIRECTORY_BYTES_MAX, decodeBitmapDirectory, withBitmapEntriesChanged, type BitmapDirectoryEntry } from "./bitmap-directory.ts";
 import {
+  bitmapDataBytes,
   editBitmapList,
   freeBitmapTable,
   inconsistentBitmapMessage,
@@ -2252,8 +2253,11 @@ export class Qcow2Image implements BlockDevice {
           throw error;
         }
         header.sizeBytes = newSizeBytes;
-        // The bitmaps follow the new size (dirty-bitmaps.ts), as QEMU's do.
-        this.#trackedBitmaps = this.#trackedBitmaps.map((bitmap) => resizeTrackedBitmap(bitmap, newSizeBytes));
+        // The bitmaps follow the new size (dirty-bitmaps.ts), as QEMU's do; one that would outgrow
+        // QEMU's limit stays in-use, not stored (QEMU: "Lost persistent bitmaps", the same state).
+        this.#trackedBitmaps = this.#trackedBitmaps
+          .filter((bitmap) => bitmapDataBytes(newSizeBytes, bitmap.granularityBytes) <= BITMAP_DATA_BYTES_MAX)
+          .map((bitmap) => resizeTrackedBitmap(bitmap, newSizeBytes));
       });
     } catch (error) {
       throw await this.#failed(error);
