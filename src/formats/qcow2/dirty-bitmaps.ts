@@ -6,7 +6,7 @@
  * Design notes
  * - Which bitmaps: the enabled ("auto") ones that are consistent (not
  *   in-use) when the first change of guest data comes (Qcow2Image
- *   #prepareChange). Their data is loaded into memory, then their in-use
+ *   #prepareChange); before a resize, every consistent one (see below). Their data is loaded into memory, then their in-use
  *   flag is set on disk, as QEMU does when it opens an image read-write: a
  *   crash from there on leaves them in-use, which QEMU reports as
  *   inconsistent and a backup tool answers with a full copy. Disabled
@@ -69,7 +69,7 @@ import {
 import { AUTOCLEAR_BITMAPS } from "./header.ts";
 import type { Qcow2Metadata } from "./metadata.ts";
 
-/** An enabled bitmap held in memory while guest data changes. */
+/** A consistent bitmap held in memory while guest data (enabled ones) or the disk's size changes. */
 export interface TrackedBitmap {
   /** Its index in the bitmap directory. */
   readonly index: number;
