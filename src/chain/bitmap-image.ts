@@ -47,6 +47,12 @@ export async function changeImageBitmaps(path: string, steps: readonly BitmapSte
   // The backing file is not opened: bitmaps are the image's own (qemu-img bitmap opens no backing either).
   const image = await openImage(path, { format: options.format === undefined ? undefined : parseImageFormat(options.format), readOnly: false, openBacking: false });
   try {
+    if (!(image instanceof Qcow2Image)) {
+      // No bitmaps in other formats: the first step fails as in qemu-img.
+      const first = steps[0];
+      if (first.kind === "add") throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Operation add on bitmap ${first.name} failed: Can't store persistent bitmaps to '${path}': Operation not supported`, { path });
+      throw new SnapstackError("E_NOT_FOUND", `Operation ${first.kind} on bitmap ${first.name} failed: Dirty bitmap '${first.name}' not found`, { path });
+    }
     const merges = steps.flatMap((step) => (step.kind === "merge" ? [step.sourceName] : []));
     const sources = options.sourceFile === undefined ? null : await readSourceBitmaps(options.sourceFile, options.sourceFormat, merges);
     const actions: BitmapAction[] = [];
@@ -58,12 +64,6 @@ export async function changeImageBitmaps(path: string, steps: readonly BitmapSte
       // A source bitmap -b could not read fails its step, as in qemu-img: the steps before it stay done.
       const source = sources?.get(step.sourceName);
       actions.push({ kind: "merge", name: step.name, source: source === undefined ? { name: step.sourceName } : source instanceof SnapstackError ? { unreadable: source } : { data: source } });
-    }
-    if (!(image instanceof Qcow2Image)) {
-      // No bitmaps in other formats: the first step fails as in qemu-img.
-      const first = actions[0];
-      if (first.kind === "add") throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Operation add on bitmap ${first.name} failed: Can't store persistent bitmaps to '${path}': Operation not supported`, { path });
-      throw new SnapstackError("E_NOT_FOUND", `Operation ${first.kind} on bitmap ${first.name} failed: Dirty bitmap '${first.name}' not found`, { path });
     }
     await image.changeBitmaps(actions);
   } finally {

@@ -175,10 +175,10 @@ function setBits(bits: Uint8Array, first: number, end: number): void {
 
 /**
  * Write bitmap data to newly allocated clusters, then its table
- * (store_bitmap_data, store_bitmap); returns the table's offset. The
- * caller flushes the refcounts before a directory points at the table.
+ * (store_bitmap_data, store_bitmap); returns the table. The caller
+ * flushes the refcounts before a directory points at it.
  */
-export async function storeBitmapBits(meta: Qcow2Metadata, bits: Uint8Array): Promise<number> {
+export async function storeBitmapBits(meta: Qcow2Metadata, bits: Uint8Array): Promise<{ offset: number; entries: number }> {
   const cs = meta.clusterSizeBytes;
   const entries = Math.ceil(bits.length / cs);
   const table = new Uint8Array(entries * BITMAP_TABLE_ENTRY_BYTES);
@@ -197,7 +197,7 @@ export async function storeBitmapBits(meta: Qcow2Metadata, bits: Uint8Array): Pr
   }
   const tableOffset = await meta.allocClusters(table.length);
   await meta.file.write(tableOffset, table);
-  return tableOffset;
+  return { offset: tableOffset, entries };
 }
 
 /**
@@ -391,7 +391,7 @@ export async function writeBitmapList(meta: Qcow2Metadata, edit: BitmapEdit, old
     let table = bitmap.table;
     if (bitmap.bits !== null) {
       if (table !== null) replaced.push(table);
-      table = { offset: await storeBitmapBits(meta, bitmap.bits), entries: Math.ceil(bitmap.bits.length / meta.clusterSizeBytes) };
+      table = await storeBitmapBits(meta, bitmap.bits);
     }
     assert(table !== null, "a bitmap without a table has data to store");
     records.push({ tableOffset: table.offset, tableEntries: table.entries, inUse: bitmap.inUse, auto: bitmap.auto, granularityBytes: bitmap.granularityBytes, name: bitmap.name });

@@ -522,8 +522,8 @@ export class Qcow2Image implements BlockDevice {
     this.#trackedBitmaps = [];
     const changes = new Map<number, { inUse: boolean; tableOffset: number; tableEntries: number }>();
     for (const bitmap of tracked) {
-      const tableEntries = Math.ceil(bitmap.bits.length / meta.clusterSizeBytes);
-      changes.set(bitmap.index, { inUse: false, tableOffset: await storeBitmapBits(meta, bitmap.bits), tableEntries });
+      const table = await storeBitmapBits(meta, bitmap.bits);
+      changes.set(bitmap.index, { inUse: false, tableOffset: table.offset, tableEntries: table.entries });
     }
     await meta.writeCaches();
     await this.#file.flush();
@@ -1180,7 +1180,7 @@ export class Qcow2Image implements BlockDevice {
       }
       previousEnd = request.guestOffset + request.data.length;
     }
-    for (const request of requests) this.#trackChange(request.guestOffset, request.data.length);
+    if (this.#trackedBitmaps.length > 0) for (const request of requests) this.#trackChange(request.guestOffset, request.data.length);
     const live = requests.filter((r) => r.data.length > 0);
     let allocatedCalled = false;
     const allocated = (): void => {
