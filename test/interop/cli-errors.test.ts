@@ -305,6 +305,7 @@ test("E_IN_USE: an image a QEMU uses, as qemu-img refuses it: no write while QEM
   try {
     await refused(dir, ["io", "-c", "write 0 4k", "img.qcow2"], "E_IN_USE", [path]);
     await refused(dir, ["img", "snapshot", "-c", "s", "img.qcow2"], "E_IN_USE", [path]);
+    await refused(dir, ["img", "remove", "--wipe", "img.qcow2"], "E_IN_USE", [path]);
     await refused(dir, ["img", "info", "img.qcow2"], "E_IN_USE", [path]);
     await refused(dir, ["img", "check", "img.qcow2"], "E_IN_USE", [path]);
     // Through a backing chain too: the overlay is free, its backing file is not.

@@ -5,7 +5,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, linkSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
 import { diffImages, exportDelta, openDiskState, removeImage, restoreImage } from "../../src/chain/jobs/index.ts";
@@ -376,6 +376,42 @@ test("remove refuses an image used as backing file, naming the user; removes (an
   assert.ok(!existsSync(top));
   await snapstackOk("img", "remove", base);
   assert.ok(!existsSync(base));
+});
+
+test("remove refuses what it would lose or leave behind: a symbolic link, a hard-linked file to wipe, an image with an external data file, a data file in use", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const { base, top } = await baseAndTop(dir);
+  const before = readFileSync(base);
+  // Through a link in another directory: the overlay that uses the target is not in the link's directory.
+  const elsewhere = scratchDir(t);
+  const link = join(elsewhere, "link.qcow2");
+  symlinkSync(base, link);
+  const viaLink = await snapstack("img", "remove", "--wipe", link);
+  assert.equal(viaLink.status, 1);
+  assert.equal(viaLink.stderr, `snapstack: error E_ACCESS: ${link}: cannot remove: a symbolic link; name the image it points to\n`);
+  assert.ok(existsSync(link));
+  // A second name for the file: the wipe would erase it under that one too. Without --wipe only the name goes.
+  const second = join(dir, "second-name.qcow2");
+  linkSync(top, second);
+  const hardLinked = await snapstack("img", "remove", "--wipe", second);
+  assert.equal(hardLinked.status, 1);
+  assert.match(hardLinked.stderr, /^snapstack: error E_IN_USE: .*second-name\.qcow2: cannot wipe: the file has 2 names \(hard links\)/);
+  await snapstackOk("img", "remove", second);
+  assert.ok(!existsSync(second) && existsSync(top));
+  assert.deepEqual(readFileSync(base), before, "the base is untouched");
+  await assertClean(top);
+  // External data file: removing the qcow2 would leave the guest data behind; the data file is in use.
+  await qemuImg("create", "-q", "-f", "qcow2", "-o", `data_file=${join(dir, "img.data")}`, join(dir, "img.qcow2"), "4M");
+  await qemuIo(join(dir, "img.qcow2"), "write -P 0x5a 0 1M");
+  const withData = await snapstack("img", "remove", "--wipe", join(dir, "img.qcow2"));
+  assert.equal(withData.status, 1);
+  assert.match(withData.stderr, /^snapstack: error E_UNSUPPORTED_FEATURE: .*img\.qcow2: cannot remove: its guest data is in the external data file '.*img\.data'/);
+  const dataInUse = await snapstack("img", "remove", join(dir, "img.data"));
+  assert.equal(dataInUse.status, 1);
+  assert.match(dataInUse.stderr, /^snapstack: error E_IN_USE: Image '.*img\.data' is used as data file by '.*img\.qcow2'/);
+  assert.ok(existsSync(join(dir, "img.qcow2")) && existsSync(join(dir, "img.data")));
+  await qemuIo(join(dir, "img.qcow2"), "read -P 0x5a 0 1M");
 });
 
 test("remove --search finds users in other directories", async (t) => {

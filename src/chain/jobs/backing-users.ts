@@ -1,13 +1,14 @@
 /**
- * Which images use a given file as their backing file.
+ * Which images use a given file: as their backing file, or as their
+ * external data file.
  *
- * A qcow2 header names its backing file but nothing points the other way,
- * so the only way to know is to look: every regular file in the given
- * directories is probed (4 bytes), and each qcow2 image's backing name is
- * resolved as QEMU resolves it (relative to that image) and compared by
- * file identity with the image in question. Unreadable files and files
- * that are not qcow2 are skipped; at most BACKING_SCAN_FILES_MAX files are
- * probed per directory.
+ * A qcow2 header names its backing file (and data file) but nothing points
+ * the other way, so the only way to know is to look: every regular file in
+ * the given directories is probed (4 bytes), and each qcow2 image's
+ * backing and data file names are resolved as QEMU resolves them
+ * (referencedPaths) and compared by file identity with the file in
+ * question. Unreadable files and files that are not qcow2 are skipped; at
+ * most BACKING_SCAN_FILES_MAX files are probed per directory.
  */
 import { closeSync, openSync, readdirSync, readSync } from "node:fs";
 import { join, resolve } from "node:path";
@@ -19,7 +20,8 @@ import { fileKey } from "../../io/file-identity.ts";
 /** Files probed per directory (bounds the work of one scan). */
 export const BACKING_SCAN_FILES_MAX = 100_000;
 
-function startsWithQcow2Magic(path: string): boolean {
+/** Whether the file at `path` starts with the qcow2 magic (false when unreadable). */
+export function startsWithQcow2Magic(path: string): boolean {
   let fd: number | null = null;
   try {
     fd = openSync(path, "r");
@@ -32,28 +34,52 @@ function startsWithQcow2Magic(path: string): boolean {
   }
 }
 
-/** The backing name stored in a qcow2 file, or null (none, or unreadable). */
-async function storedBackingName(path: string): Promise<string | null> {
+/** How an image uses another file. */
+export type FileUse = "backing file" | "data file";
+
+/** The file names a qcow2 file stores (backing, external data file), or none (unreadable). */
+export async function storedFileNames(path: string): Promise<Array<[FileUse, string]>> {
   let file;
   try {
     file = await openNodeFile(path, { readOnly: true });
   } catch {
-    return null;
+    return [];
   }
   try {
-    return (await readQcow2Header(file)).backingFileName;
+    const header = await readQcow2Header(file);
+    const names: Array<[FileUse, string]> = [];
+    if (header.backingFileName !== null && header.backingFileName !== "") names.push(["backing file", header.backingFileName]);
+    if (header.extensions.dataFileName !== null && header.extensions.dataFileName !== "") names.push(["data file", header.extensions.dataFileName]);
+    return names;
   } catch {
-    return null;
+    return [];
   } finally {
     await file.close();
   }
 }
 
-/** Images in `directories` whose backing file is `path` (paths as found, sorted). */
-export async function findBackingUsers(path: string, directories: readonly string[]): Promise<string[]> {
+/**
+ * Where a stored name may point: a backing name relative to its image, as
+ * QEMU resolves it; a relative data file name where QEMU 7.2 opens it (the
+ * opening process's working directory) and beside the image (where it was
+ * likely created), so that neither reading is missed.
+ */
+function referencedPaths(image: string, use: FileUse, name: string): string[] {
+  const paths: string[] = [];
+  try {
+    paths.push(resolveBackingPath(image, name));
+  } catch {
+    // a name QEMU would not open as a file (a protocol prefix): no file of ours
+  }
+  if (use === "data file") paths.push(resolve(name));
+  return paths;
+}
+
+/** Images in `directories` that use `path`, each with how (paths as found, sorted by path). */
+export async function findFileUsers(path: string, directories: readonly string[]): Promise<Array<{ user: string; use: FileUse }>> {
   const target = fileKey(path);
   if (target === null) return [];
-  const users = new Set<string>();
+  const users = new Map<string, FileUse>();
   const seenDirectories = new Set<string>();
   for (const directory of directories) {
     const absolute = resolve(directory);
@@ -71,16 +97,15 @@ export async function findBackingUsers(path: string, directories: readonly strin
       probed++;
       const candidate = join(directory, entry.name);
       if (fileKey(candidate) === target || !startsWithQcow2Magic(candidate)) continue;
-      const name = await storedBackingName(candidate);
-      if (name === null || name === "") continue;
-      let resolved: string;
-      try {
-        resolved = resolveBackingPath(candidate, name);
-      } catch {
-        continue;
+      for (const [use, name] of await storedFileNames(candidate)) {
+        if (!users.has(candidate) && referencedPaths(candidate, use, name).some((resolved) => fileKey(resolved) === target)) users.set(candidate, use);
       }
-      if (fileKey(resolved) === target) users.add(candidate);
     }
   }
-  return [...users].sort();
+  return [...users].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([user, use]) => ({ user, use }));
+}
+
+/** Images in `directories` whose backing file is `path` (paths as found, sorted). */
+export async function findBackingUsers(path: string, directories: readonly string[]): Promise<string[]> {
+  return (await findFileUsers(path, directories)).filter((found) => found.use === "backing file").map((found) => found.user);
 }

@@ -12,12 +12,25 @@
  *   the freed blocks for the next file to allocate. Node has no
  *   fallocate(PUNCH_HOLE), so zeroes are written.
  * - The directory is synced after the unlink.
+ * - Refused, with nothing touched (E_IN_USE unless said otherwise):
+ *   - a file another image uses, as backing file or as external data file;
+ *   - a file a QEMU holds open for writing (its image locks, as qemu-img
+ *     checks them before it writes an image);
+ *   - a symbolic link (E_ACCESS): the users found would be those of the
+ *     link's directory, the wipe would erase the file it points to, and
+ *     the unlink would remove only the link;
+ *   - with `wipe`, a file with other hard links: the wipe would erase the
+ *     data under its other names too;
+ *   - a qcow2 image with an external data file (E_UNSUPPORTED_FEATURE):
+ *     its guest data is in that other file, which removing this one would
+ *     leave behind unwiped.
  */
-import { statSync, unlinkSync } from "node:fs";
+import { lstatSync, unlinkSync } from "node:fs";
 import { dirname } from "node:path";
 import { SnapstackError, fromSystemError } from "../../base/errors.ts";
 import { openNodeFile, syncDirectory } from "../../io/node-file.ts";
-import { findBackingUsers } from "./backing-users.ts";
+import { findFileUsers, startsWithQcow2Magic, storedFileNames } from "./backing-users.ts";
+import { qemuLockConflictAt } from "../../io/qemu-locks.ts";
 import { runJob, type JobOptions } from "./job.ts";
 import { allocateIoBuffer } from "../../io/io-buffer.ts";
 
@@ -39,15 +52,25 @@ export interface RemoveResult {
 export async function removeImage(path: string, options: RemoveImageOptions = {}): Promise<RemoveResult> {
   let stat;
   try {
-    stat = statSync(path);
+    stat = lstatSync(path);
   } catch (error) {
     throw fromSystemError(error, path, "remove");
   }
+  if (stat.isSymbolicLink()) throw new SnapstackError("E_ACCESS", `${path}: cannot remove: a symbolic link; name the image it points to`, { path });
   if (!stat.isFile()) throw new SnapstackError("E_ACCESS", `${path}: cannot remove: not a regular file`, { path });
-  const users = await findBackingUsers(path, [dirname(path), ...(options.searchDirectories ?? [])]);
+  if (options.wipe && stat.nlink > 1) {
+    throw new SnapstackError("E_IN_USE", `${path}: cannot wipe: the file has ${stat.nlink} names (hard links), and the wipe would erase it under the others`, { path });
+  }
+  const users = await findFileUsers(path, [dirname(path), ...(options.searchDirectories ?? [])]);
   if (users.length > 0) {
     const others = users.length > 1 ? ` (and ${users.length - 1} more)` : "";
-    throw new SnapstackError("E_IN_USE", `Image '${path}' is used as backing file by '${users[0]}'${others}`, { path, users });
+    throw new SnapstackError("E_IN_USE", `Image '${path}' is used as ${users[0].use} by '${users[0].user}'${others}`, { path, users: users.map((found) => found.user) });
+  }
+  const conflict = qemuLockConflictAt(path, "write");
+  if (conflict !== null) throw new SnapstackError("E_IN_USE", `Could not remove '${path}': ${conflict}: is another process using the image?`, { path });
+  const dataFile = startsWithQcow2Magic(path) ? (await storedFileNames(path)).find(([use]) => use === "data file") : undefined;
+  if (dataFile !== undefined) {
+    throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: cannot remove: its guest data is in the external data file '${dataFile[1]}', which would be left behind`, { path });
   }
   return runJob<RemoveResult>("remove", options, {
     async run(job) {
