@@ -5,7 +5,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { linkSync, readFileSync } from "node:fs";
+import { closeSync, existsSync, linkSync, openSync, readFileSync, readSync } from "node:fs";
 import { join } from "node:path";
 import { scratchDir } from "../helpers/tools.ts";
 import { COPY_CHUNK_BYTES, COPY_WRITE_BEHIND_BYTES, copyRanges, type CopyRange } from "../../src/chain/copy-pipeline.ts";
@@ -242,17 +242,40 @@ test("wipe: commit --wipe leaves no trace of the committed data in the overlay; 
   await commitImage(top, { wipe: true });
   assert.ok(!contains(readFileSync(top), marker), "overlay still holds the committed data");
   assert.ok(contains(readFileSync(base), marker), "the data is in the base now");
-  // remove --wipe: a second hard link shows what the blocks held when the name was unlinked.
+  // An overlay that zeroes the data: the commit frees the base's clusters (as QEMU's), and --wipe zeroes them.
+  const zeroing = join(dir, "zeroing.qcow2");
+  await createImage(zeroing, { format: "qcow2", backingFile: "base.qcow2", backingFormat: "qcow2" });
+  const zeroer = await openImage(zeroing);
+  await zeroer.writeZeroes(3 * MiB, payload.length);
+  await zeroer.close();
+  await commitImage(zeroing, { wipe: true });
+  assert.ok(!contains(readFileSync(base), marker), "the base still holds the data its overlay zeroed");
+  const baseImage = await openImage(base, { readOnly: true });
+  const zeroed = new Uint8Array(payload.length);
+  await baseImage.read(3 * MiB, zeroed);
+  assert.ok(zeroed.every((byte) => byte === 0));
+  assert.ok(
+    (await baseImage.layerStatus(3 * MiB, payload.length)).every((extent) => extent.kind === "zero" && extent.hostOffset === undefined),
+    "zeroed clusters are released, not kept allocated",
+  );
+  await baseImage.close();
+  // remove --wipe: a descriptor opened before shows what the blocks held when the name was unlinked.
   const victim = join(dir, "victim.raw");
   await createImage(victim, { format: "raw", sizeBytes: MiB });
   const raw = await openImage(victim, { format: "raw" });
   await raw.write(4096, payload.subarray(0, 64 * KiB));
   await raw.close();
-  const witness = join(dir, "witness");
-  linkSync(victim, witness);
-  const result = await removeImage(victim, { wipe: true });
-  assert.ok(result.wipedBytes >= 64 * KiB);
-  assert.ok(!contains(readFileSync(witness), marker));
+  const witness = openSync(victim, "r");
+  try {
+    const result = await removeImage(victim, { wipe: true });
+    assert.ok(result.wipedBytes >= 64 * KiB);
+    assert.ok(!existsSync(victim));
+    const blocks = Buffer.alloc(MiB);
+    readSync(witness, blocks, 0, MiB, 0);
+    assert.ok(!contains(blocks, marker));
+  } finally {
+    closeSync(witness);
+  }
 });
 
 test("copyRanges with a caller's freeBuffers reuses the same chunk buffers from one call to the next, and copies right", async () => {

@@ -9,7 +9,9 @@
  *   resolveAbove asks the layers above BASE only), so the time follows the
  *   overlay's data, not the disk's size. Data ranges are read through the
  *   overlay and written into BASE; ranges that are zero above BASE become
- *   zero writes. BASE is grown to the overlay's size first if smaller.
+ *   zero writes that may unmap (QEMU's active commit: a zeroed cluster of
+ *   BASE is freed; with `wipe`, zeroed on disk by BASE's flush). BASE is
+ *   grown to the overlay's size first if smaller.
  * - BASE is opened a second time, read-write (with its own backing chain
  *   below it, for COW padding), besides its read-only place in the
  *   overlay's chain. The copy only reads ranges held above BASE, so the
@@ -48,7 +50,7 @@ export interface CommitImageOptions extends JobOptions {
   base?: string;
   /** -d: leave the overlay as it is (default: empty it afterwards). */
   drop?: boolean;
-  /** --wipe: the clusters freed when emptying the overlay are overwritten with zeroes before success. */
+  /** --wipe: the clusters freed in BASE (ranges the overlay zeroed) and when emptying the overlay are overwritten with zeroes before success. */
   wipe?: boolean;
   /** Directories searched for other images using BASE as backing (default: BASE's directory). */
   searchDirectories?: string[];
@@ -87,6 +89,8 @@ export async function commitImage(path: string, options: CommitImageOptions = {}
       const baseDepth = options.base === undefined ? 1 : findInChain(layers, options.base, path);
       const baseLayer = layers[baseDepth];
       base = await openImage(baseLayer.name, { format: parseImageFormat(baseLayer.format), readOnly: false, openFile: options.openFile });
+      // Zeroed ranges free the base's clusters (RangeCopier unmaps, as QEMU): with wipe, base.flush() zeroes them.
+      if (options.wipe === true && base instanceof Qcow2Image) base.metadata.wipeFreedClusters = true;
       const extents: AboveExtent[] = [];
       let totalBytes = 0;
       await forEachAbove(layers, baseDepth, 0, top.sizeBytes, (extent) => {
@@ -97,7 +101,7 @@ export async function commitImage(path: string, options: CommitImageOptions = {}
       job.setTotal(totalBytes, "copy");
       await growBase(base, top.sizeBytes);
       const rateLimit = options.rateLimitBytesPerSecond === undefined ? undefined : new RateLimit(options.rateLimitBytesPerSecond);
-      const copier = new RangeCopier(top, base, job, rateLimit);
+      const copier = new RangeCopier(top, base, job, rateLimit, true);
       await copier.copy(extents.map((extent) => ({ start: extent.start, length: extent.length, kind: extent.kind === "data" ? "data" : "zero" })));
       await base.flush();
       const invalidated = layers.slice(1, baseDepth).map((layer) => layer.name);

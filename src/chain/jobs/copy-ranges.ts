@@ -42,13 +42,20 @@ export class RangeCopier {
   writtenBytes = 0;
 
   readonly #rateLimit: RateLimit | undefined;
+  readonly #unmapZeroes: boolean;
 
-  /** `rateLimit` holds every copy() of this copier to its rate (commit -r). */
-  constructor(source: BlockDevice, target: BlockDevice, job?: Job, rateLimit?: RateLimit) {
+  /**
+   * `rateLimit` holds every copy() of this copier to its rate (commit -r).
+   * `unmapZeroes`: zero ranges may release the target's clusters (commit,
+   * as QEMU's active commit writes zeroes with MAY_UNMAP: a zeroed cluster
+   * of the base is freed, not kept allocated with its old bytes).
+   */
+  constructor(source: BlockDevice, target: BlockDevice, job?: Job, rateLimit?: RateLimit, unmapZeroes = false) {
     this.#source = source;
     this.#target = target;
     this.#job = job;
     this.#rateLimit = rateLimit;
+    this.#unmapZeroes = unmapZeroes;
   }
 
   /**
@@ -61,7 +68,7 @@ export class RangeCopier {
     const job = this.#job;
     const extra = options.checkpoint;
     await copyRanges(this.#source, this.#target, ranges, {
-      zeroMode: { kind: "zeroes" },
+      zeroMode: { kind: "zeroes", options: this.#unmapZeroes ? { unmap: true } : undefined },
       zeroRuns: wholeZeroRun,
       // One read ahead of the write: measured fastest for commit (see copy-pipeline.ts).
       readsInFlight: JOB_READS_IN_FLIGHT,
