@@ -7,6 +7,8 @@
  * protocol prefix ("json:{...}", "nbd:...") are not files: snapstack refuses
  * them, except "file:" which is stripped.
  */
+import { realpathSync } from "node:fs";
+import { dirname, relative, resolve } from "node:path";
 import { SnapstackError } from "../base/errors.ts";
 
 /** True when `name` has a "protocol:" prefix (a ':' before any '/'), like QEMU's path_has_protocol. */
@@ -31,4 +33,26 @@ export function resolveBackingPath(overlayPath: string, backingName: string): st
   if (name.startsWith("/")) return name;
   const slash = overlayPath.lastIndexOf("/");
   return slash === -1 ? name : overlayPath.slice(0, slash + 1) + name;
+}
+
+/** The path with every symbolic link and ".." resolved as the kernel does, or only made absolute where it does not exist. */
+function kernelPath(path: string): string {
+  try {
+    return realpathSync.native(path);
+  } catch {
+    return resolve(path);
+  }
+}
+
+/**
+ * The relative backing name that leads from an overlay at `overlayPath`
+ * (which need not exist yet; its directory should) to `backingPath`, as
+ * resolveBackingPath and QEMU will follow it: relative between real paths,
+ * since the kernel resolves the overlay's directory through its symbolic
+ * links before it meets the name's "..", where path.relative on the paths
+ * as given would cancel ".." against a link's name ("out/delta.qcow2" in a
+ * linked "out" must not name "../base.qcow2" for "base.qcow2").
+ */
+export function relativeBackingName(overlayPath: string, backingPath: string): string {
+  return relative(kernelPath(dirname(resolve(overlayPath))), kernelPath(backingPath));
 }

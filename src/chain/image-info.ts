@@ -155,7 +155,7 @@ export async function imageInfo(path: string, options: ImageInfoOptions = {}): P
       throw new SnapstackError("E_CHAIN_TOO_DEEP", `Could not open '${path}': backing chain is deeper than ${chainDepthMax} images`, { path, chainDepthMax });
     }
     try {
-      const real = realpathSync(layerPath);
+      const real = realpathSync.native(layerPath);
       if (seen.has(real)) throw new SnapstackError("E_BACKING_LOOP", `Backing file '${layerPath}' creates an infinite loop.`, { path, backingFile: layerPath });
       seen.add(real);
     } catch (error) {

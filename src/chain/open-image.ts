@@ -144,7 +144,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       }
       let realPath: string;
       try {
-        realPath = realpathSync(layerPath);
+        realPath = realpathSync.native(layerPath);
       } catch (error) {
         throw openFailure(path, depth, layerPath, error);
       }

@@ -6,7 +6,7 @@
  */
 import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
-import { cpSync, mkdirSync, statSync } from "node:fs";
+import { cpSync, mkdirSync, statSync, symlinkSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
 import { commitImage, rebaseImage, streamImage } from "../../src/chain/jobs/index.ts";
@@ -333,4 +333,38 @@ test("cancelled commit, rebase and stream leave every image consistent and readi
   assert.equal(await backingOf(top), "base.qcow2");
   await assertClean(top);
   await assertMatchesModel(top, model, dir, "after-rebase-cancel");
+});
+
+test("a chain through a symbolically linked directory: a '..' after the link resolves as the kernel (and qemu-img) resolves it, in diff --export, stream and commit", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  mkdirSync(join(dir, "T"));
+  mkdirSync(join(dir, "else", "deep", "dir"), { recursive: true });
+  mkdirSync(join(dir, "store", "deltas"), { recursive: true });
+  const base = await createQcow2(join(dir, "else", "deep", "base.qcow2"), { sizeBytes: 4 * MiB });
+  await qemuIo(base, "write -P 0x11 0 1M");
+  const mid = await createQcow2(join(dir, "else", "deep", "dir", "mid.qcow2"), { backing: "../base.qcow2" });
+  await qemuIo(mid, "write -P 0x22 1M 1M");
+  symlinkSync("../else/deep/dir", join(dir, "T", "sub"));
+  symlinkSync("../store/deltas", join(dir, "T", "out"));
+  // top names "sub/mid.qcow2", whose "../base.qcow2" is else/deep/base.qcow2 (textually it would be T/base.qcow2).
+  const top = await createQcow2(join(dir, "T", "top.qcow2"), { backing: "sub/mid.qcow2" });
+  await qemuIo(top, "write -P 0x33 2M 1M");
+  const reference = join(dir, "reference.raw");
+  await qemuImg("convert", "-O", "raw", top, reference);
+  // diff --export into the linked "out": the delta must name base.qcow2 so that QEMU finds it from store/deltas.
+  const delta = join(dir, "T", "out", "delta.qcow2");
+  await snapstackOk("img", "diff", "-q", "--export", delta, base, top);
+  assert.equal(await backingOf(delta), "../../else/deep/base.qcow2");
+  await assertSameContent(delta, reference);
+  await assertClean(delta);
+  // stream mid into top, keeping base: top's new backing name leads to base from T.
+  await snapstackOk("img", "stream", "--base", `${join(dir, "T", "sub")}/../base.qcow2`, top);
+  assert.equal(await backingOf(top), "../else/deep/base.qcow2");
+  await assertSameContent(top, reference);
+  await assertClean(top);
+  // commit top into base through the new name.
+  await snapstackOk("img", "commit", top);
+  await assertSameContent(base, reference);
+  await assertClean(base);
 });

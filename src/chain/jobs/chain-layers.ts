@@ -86,7 +86,7 @@ export async function forEachAbove(
 
 function realPathOrNull(path: string): string | null {
   try {
-    return realpathSync(path);
+    return realpathSync.native(path);
   } catch {
     return null;
   }

@@ -17,7 +17,7 @@
  *   export removes the incomplete delta file it created.
  */
 import { rmSync } from "node:fs";
-import { dirname, relative, resolve } from "node:path";
+import { relativeBackingName } from "../backing-path.ts";
 import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { Qcow2Image } from "../../formats/qcow2/index.ts";
@@ -91,7 +91,7 @@ export async function exportDelta(fromPath: string, to: BlockDevice, ranges: rea
     ["the FROM image", options.from],
   ]);
   const clusterSizeBytes = to instanceof Qcow2Image ? to.clusterSizeBytes : 65536;
-  const backingName = relative(dirname(resolve(deltaPath)), resolve(fromPath));
+  const backingName = relativeBackingName(deltaPath, fromPath);
   await createImage(deltaPath, {
     format: "qcow2",
     sizeBytes: to.sizeBytes,

@@ -18,7 +18,8 @@
  *   (absolute if the name stored above BASE was absolute); its format is
  *   the format BASE was opened with.
  */
-import { dirname, isAbsolute, relative, resolve } from "node:path";
+import { isAbsolute, resolve } from "node:path";
+import { relativeBackingName } from "../backing-path.ts";
 import { SnapstackError } from "../../base/errors.ts";
 import { Qcow2Image } from "../../formats/qcow2/index.ts";
 import { parseImageFormat } from "../image-format.ts";
@@ -54,7 +55,7 @@ export async function streamImage(path: string, options: StreamImageOptions = {}
       } else if (baseDepth < layers.length) {
         const stored = top.header.backingFileName ?? "";
         const basePath = layers[baseDepth].name;
-        const name = isAbsolute(stored) ? resolve(basePath) : relative(dirname(resolve(path)), resolve(basePath));
+        const name = isAbsolute(stored) ? resolve(basePath) : relativeBackingName(path, basePath);
         backing = { name, format: layers[baseDepth].format };
       }
       const extents: AboveExtent[] = [];
