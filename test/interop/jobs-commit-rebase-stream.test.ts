@@ -6,7 +6,7 @@
  */
 import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
-import { cpSync, mkdirSync, statSync, symlinkSync } from "node:fs";
+import { cpSync, mkdirSync, readFileSync, statSync, symlinkSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
 import { commitImage, rebaseImage, streamImage } from "../../src/chain/jobs/index.ts";
@@ -367,4 +367,21 @@ test("a chain through a symbolically linked directory: a '..' after the link res
   await snapstackOk("img", "commit", top);
   await assertSameContent(base, reference);
   await assertClean(base);
+});
+
+test("rebase refuses a backing name the header cannot hold before it copies anything: the overlay is untouched", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const deep = join(dir, ...Array.from({ length: 45 }, () => "dddddddd"));
+  mkdirSync(deep, { recursive: true });
+  const base = await createQcow2(join(dir, "base.qcow2"), { sizeBytes: 4 * MiB }, ["-o", "cluster_size=512"]);
+  await qemuIo(base, "write -P 0x11 0 1M");
+  const newBase = await createQcow2(join(deep, "new.qcow2"), { sizeBytes: 4 * MiB });
+  const top = await createQcow2(join(dir, "top.qcow2"), { backing: "base.qcow2" }, ["-o", "cluster_size=512"]);
+  const before = readFileSync(top);
+  const refused = await snapstack("img", "rebase", "-b", newBase, "-F", "qcow2", top);
+  assert.equal(refused.status, 1);
+  assert.equal(refused.stderr, `snapstack: error E_TOO_LARGE: Could not change the backing file to '${newBase}': No space left in the file header\n`);
+  assert.deepEqual(readFileSync(top), before, "nothing was copied into the overlay");
+  await assertClean(top);
 });

@@ -58,15 +58,33 @@ function noBackingFormat(backingFile: string): SnapstackError {
   return new SnapstackError("E_BACKING_FORMAT", `Could not change the backing file to '${backingFile}': backing format must be specified`, { backingFile });
 }
 
+/** qemu-img's message for a backing name that does not fit the header. */
+function backingSwitchError(error: unknown, backingFile: string): unknown {
+  if (isSnapstackError(error) && error.code === "E_TOO_LARGE") {
+    return new SnapstackError("E_TOO_LARGE", `Could not change the backing file to '${backingFile}': No space left in the file header`, { backingFile });
+  }
+  return error;
+}
+
 /** The header switch shared by rebase and stream, with qemu-img's message for a name that does not fit. */
 export async function switchBacking(image: Qcow2Image, backingFile: string, backingFormat: string | null): Promise<void> {
   try {
     await image.changeBackingFile(backingFile === "" ? null : backingFile, backingFile === "" ? null : backingFormat);
   } catch (error) {
-    if (isSnapstackError(error) && error.code === "E_TOO_LARGE") {
-      throw new SnapstackError("E_TOO_LARGE", `Could not change the backing file to '${backingFile}': No space left in the file header`, { backingFile });
-    }
-    throw error;
+    throw backingSwitchError(error, backingFile);
+  }
+}
+
+/**
+ * Refuse, before a job copies anything, a backing name the header cannot
+ * hold (qemu-img 7.2 copies first and then fails, leaving the data copied;
+ * here a refused command leaves the image untouched).
+ */
+export function checkBackingSwitch(image: Qcow2Image, backingFile: string, backingFormat: string | null): void {
+  try {
+    image.checkBackingFileFits(backingFile === "" ? null : backingFile, backingFile === "" ? null : backingFormat);
+  } catch (error) {
+    throw backingSwitchError(error, backingFile);
   }
 }
 
@@ -96,6 +114,7 @@ export async function rebaseImage(path: string, options: RebaseImageOptions): Pr
   return runJob<RebaseResult>("rebase", options, {
     async run(job) {
       const image = requireQcow2(top, path);
+      checkBackingSwitch(image, backingFile, backingFormat);
       if (options.unsafe) return { copiedBytes: 0, compare: null };
       if (backingFile !== "") newBacking = await openNewBacking(path, backingFile, backingFormat!, options.openFile, options.forceShare ?? false);
       // Refused before anything is written: the image itself in its new chain would be a loop.

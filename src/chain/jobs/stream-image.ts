@@ -27,7 +27,7 @@ import { chainLayers, openImage } from "../open-image.ts";
 import { findInChain, forEachAbove, type AboveExtent } from "./chain-layers.ts";
 import { RangeCopier } from "./copy-ranges.ts";
 import { runJob, type JobOptions } from "./job.ts";
-import { switchBacking } from "./rebase-image.ts";
+import { checkBackingSwitch, switchBacking } from "./rebase-image.ts";
 
 export interface StreamImageOptions extends JobOptions {
   format?: string;
@@ -66,6 +66,7 @@ export async function streamImage(path: string, options: StreamImageOptions = {}
         totalBytes += extent.length;
       });
       job.setTotal(totalBytes, "copy");
+      checkBackingSwitch(top, backing.name, backing.format);
       const copier = new RangeCopier(top, top, job);
       for (const extent of extents) {
         if (extent.kind === "data") await copier.copyData(extent.start, extent.length);

@@ -72,6 +72,7 @@ import {
   QCOW2_HEADER_PROBE_BYTES,
   decodeQcow2ClusterBits,
   decodeQcow2Header,
+  encodeQcow2Header,
   type Qcow2Header,
 } from "./header.ts";
 import {
@@ -2050,6 +2051,17 @@ export class Qcow2Image implements BlockDevice {
    * E_TOO_LARGE and leaves the header as it was. The open device keeps
    * reading through its old backing; reopen to follow the new one.
    */
+  /**
+   * Throw what changeBackingFile(name, format) would throw for a header
+   * that cannot hold the name (E_TOO_LARGE), writing nothing: a job that
+   * copies data before it switches the backing file asks first, so that a
+   * refusal leaves the image as it was.
+   */
+  checkBackingFileFits(name: string | null, format: string | null): void {
+    const backingFileName = name === null || name === "" ? null : name;
+    encodeQcow2Header({ ...this.#meta.header, backingFileName, backingFormat: backingFileName === null ? null : format });
+  }
+
   async changeBackingFile(name: string | null, format: string | null): Promise<void> {
     this.#checkWritable("change the backing file");
     if (this.#beforeMetadataChange) await this.#prepareChange("metadata");
