@@ -305,6 +305,7 @@ async function serve(options: NbdCommandOptions, argv: readonly string[], contex
   const device = opened.device;
   let server: NbdServer | null = null;
   let dataWorkers: DataWorkerPool | null = null;
+  let stoppedCleanly = false;
   try {
     const exp = new NbdExport({ name: options.exportName, device, description: options.description, allocationDepth: options.allocationDepth, discard: options.discard });
     dataWorkers = await startDataWorkers(options, argv, exp, log);
@@ -315,17 +316,21 @@ async function serve(options: NbdCommandOptions, argv: readonly string[], contex
     // pid file, the --fork parent): a supervisor that signals at once must get the clean stop, not
     // the default action (seen: SIGINT right after "serving" killed a loaded machine's server).
     const stopped = new Promise<void>((resolve) => {
-      const signals: NodeJS.Signals[] = ["SIGTERM", "SIGINT", "SIGHUP"];
+      let stopping = false;
       const stop = (why: string): void => {
+        if (stopping) return;
+        stopping = true;
         log?.(`stopping: ${why}`);
-        // A second signal while draining exits at once (its handler goes in before this one goes out:
-        // no moment without one, when a signal would take the default action).
-        for (const signal of signals) process.once(signal, () => process.exit(1));
-        for (const signal of signals) process.off(signal, onSignal);
         resolve();
       };
-      const onSignal = (signal: NodeJS.Signals): void => stop(signal);
-      for (const signal of signals) process.on(signal, onSignal);
+      // The first signal stops cleanly, also when a stop is already under way (the last client
+      // left: a supervisor's `kill` right after its client finished must still get the flush);
+      // a second one exits at once.
+      let signalsSeen = 0;
+      routeStopSignals((signal) => {
+        if (++signalsSeen > 1) process.exit(1);
+        stop(signal);
+      });
       activeServer.on("connection-closed", (info) => {
         log?.(`client disconnected (${info.reason || "closed"}); ${info.open} open`);
         if (!options.persistent && info.negotiated && info.open === 0) stop("last client left (no -t)");
@@ -337,13 +342,34 @@ async function serve(options: NbdCommandOptions, argv: readonly string[], contex
     await stopped;
     await server.close();
     await device.flush();
+    stoppedCleanly = true;
     return 0;
   } finally {
     await server?.close().catch(() => {});
     await dataWorkers?.close();
     await opened.close();
     if (options.pidFile !== undefined) rmSync(options.pidFile, { force: true });
+    // A signal from now until the process ends exits with the command's status.
+    routeStopSignals(() => process.exit(stoppedCleanly ? 0 : 1));
   }
+}
+
+/** Signals that stop the server cleanly (a second one exits at once). */
+const STOP_SIGNALS: NodeJS.Signals[] = ["SIGTERM", "SIGINT", "SIGHUP"];
+
+/** Where STOP_SIGNALS go: the running server's stop, then, once it stopped, a clean exit. */
+let stopSignalRoute: ((signal: NodeJS.Signals) => void) | null = null;
+
+/**
+ * Send STOP_SIGNALS to `route` from now on. The process's handlers go in
+ * once and stay until it ends (one per signal however many servers a
+ * process runs), so that no signal, from the server's start to the
+ * process's last moment, takes the default action and kills it with the
+ * image not yet closed, or closed but with a killed status.
+ */
+function routeStopSignals(route: (signal: NodeJS.Signals) => void): void {
+  if (stopSignalRoute === null) for (const signal of STOP_SIGNALS) process.on(signal, (received) => stopSignalRoute?.(received));
+  stopSignalRoute = route;
 }
 
 export const nbdCommand: CliCommand = {
