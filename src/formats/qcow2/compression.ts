@@ -91,16 +91,19 @@ function zstdFrameBytes(input: Uint8Array): number {
   return at <= input.length ? at : -1;
 }
 
-/**
- * Decompress one cluster from `input` (the bytes from the compressed
- * offset to the end of its last sector). Returns exactly clusterSizeBytes.
- */
-export function decompressCluster(input: Uint8Array, compressionType: number, clusterSizeBytes: number): Uint8Array {
+/** Decompress one cluster from `input`: the output, and how many input bytes its stream took. */
+function inflateCluster(input: Uint8Array, compressionType: number, clusterSizeBytes: number): { out: Uint8Array; consumedBytes: number } {
   const zlib = zlibModule();
   let out: Uint8Array;
+  let consumedBytes: number;
   if (compressionType === COMPRESSION_TYPE_ZLIB) {
     try {
-      out = zlib.inflateRawSync(input, { windowBits: 15, finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: clusterSizeBytes });
+      const result = zlib.inflateRawSync(input, { windowBits: 15, finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: clusterSizeBytes, info: true }) as unknown as {
+        buffer: Buffer;
+        engine: { bytesWritten: number };
+      };
+      out = result.buffer;
+      consumedBytes = result.engine.bytesWritten;
     } catch (error) {
       throw compressionError(`cannot inflate compressed cluster: ${(error as Error).message}`);
     }
@@ -121,11 +124,30 @@ export function decompressCluster(input: Uint8Array, compressionType: number, cl
       rest = rest.subarray(frameBytes);
     }
     out = parts.length === 1 ? parts[0] : Buffer.concat(parts);
+    consumedBytes = input.length - rest.length;
   } else {
     throw new SnapstackError("E_UNSUPPORTED_FEATURE", `unknown compression type ${compressionType}`);
   }
   if (out.length < clusterSizeBytes) {
     throw compressionError(`compressed cluster decompresses to ${out.length} bytes, expected ${clusterSizeBytes}`);
   }
-  return out.length === clusterSizeBytes ? out : out.subarray(0, clusterSizeBytes);
+  return { out: out.length === clusterSizeBytes ? out : out.subarray(0, clusterSizeBytes), consumedBytes };
+}
+
+/**
+ * Decompress one cluster from `input` (the bytes from the compressed
+ * offset to the end of its last sector). Returns exactly clusterSizeBytes.
+ */
+export function decompressCluster(input: Uint8Array, compressionType: number, clusterSizeBytes: number): Uint8Array {
+  return inflateCluster(input, compressionType, clusterSizeBytes).out;
+}
+
+/**
+ * How many bytes of `input` (as for decompressCluster) the compressed
+ * stream takes: its sectors' last bytes may begin the next compressed
+ * cluster (QEMU packs them at byte granularity), so a wipe of this one
+ * must stop there.
+ */
+export function compressedStreamBytes(input: Uint8Array, compressionType: number, clusterSizeBytes: number): number {
+  return inflateCluster(input, compressionType, clusterSizeBytes).consumedBytes;
 }

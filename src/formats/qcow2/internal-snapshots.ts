@@ -340,6 +340,8 @@ interface TreeWalk {
   readonly rebuildsCopied: boolean;
   /** The one buffer uncached tables are read into (pass.uncached), else null. */
   readonly uncachedBytes: Uint8Array | null;
+  /** L1 index of the table being walked. */
+  l1Index: number;
 }
 
 function beyondFileEnd(what: string, hostOffset: number): SnapstackError {
@@ -372,6 +374,7 @@ function compressedRange(walk: TreeWalk, hi: number, lo: number, l2Offset: numbe
   walk.decremented = null; // a recorded pass is not exact past a compressed entry (see DecrementRecord)
   walk.ranges[2 * pair] = entry.hostOffset;
   walk.ranges[2 * pair + 1] = compressedReadBytes(entry.hostOffset, entry.compressedSectors);
+  if (walk.addend < 0) walk.meta.noteCompressedDrop(walk.l1Index * walk.geometry.l2Entries + l2Index, entry.hostOffset, walk.ranges[2 * pair + 1]);
 }
 
 /**
@@ -575,6 +578,7 @@ export async function updateTreeRefcounts(
     addsAddend: addend !== 0 && phase !== "copied",
     rebuildsCopied: phase !== "refcounts",
     uncachedBytes: pass.uncached === true ? new Uint8Array(cs) : null,
+    l1Index: 0,
   };
   const record = pass.record;
   if (record !== undefined) {
@@ -596,6 +600,7 @@ export async function updateTreeRefcounts(
     if (skip) {
       l2Refcount = (meta.peekRefcount(l2Offset / cs) ?? (await meta.getRefcount(l2Offset / cs))) + addend;
     } else {
+      walk.l1Index = l1Index;
       const unwritten = await walkTable(walk, l2Offset, journal);
       if (walk.addsAddend) await applyAddend(walk, l2Offset, cs, journal);
       if (record !== undefined) {
@@ -924,6 +929,37 @@ function activeIndexesOf(meta: Qcow2Metadata, tables: ReadonlySet<number>): Uint
     if (l2Offset !== 0 && tables.has(l2Offset)) flags[i] = 1;
   }
   return flags;
+}
+
+/**
+ * Whether the active L1 table or a snapshot's maps `guestCluster` to the
+ * compressed data at `hostOffset` (Qcow2Metadata.compressedDataMapped: a
+ * wipe zeroes dropped compressed data only once nothing maps it). A
+ * compressed cluster is mapped only at its own guest offset, so one entry
+ * per tree is looked at; a snapshot's L1 entry is read from the file.
+ */
+export async function compressedDataMapped(meta: Qcow2Metadata, snapshots: readonly Qcow2Snapshot[], guestCluster: number, hostOffset: number): Promise<boolean> {
+  const { l2Entries, l2EntryBytes, clusterBits } = meta.geometry;
+  const l1Index = Math.floor(guestCluster / l2Entries);
+  const at = (guestCluster % l2Entries) * l2EntryBytes;
+  const l2Offsets: number[] = [];
+  if (l1Index < meta.header.l1Size) l2Offsets.push(getL1Entry(meta.l1, l1Index).l2Offset);
+  for (const snapshot of snapshots) {
+    if (l1Index >= snapshot.l1Size) continue;
+    const entry = await readL1(meta, snapshot.l1TableOffset + l1Index * L1_ENTRY_BYTES, 1);
+    l2Offsets.push(getL1Entry(entry, 0).l2Offset);
+  }
+  const word = new Uint8Array(8);
+  const view = new DataView(word.buffer);
+  for (const l2Offset of l2Offsets) {
+    if (l2Offset === 0) continue;
+    const table = meta.peekL2(l2Offset);
+    if (table !== undefined) word.set(table.bytes.subarray(at, at + 8));
+    else await meta.file.read(l2Offset + at, word);
+    const hi = view.getUint32(0);
+    if ((hi & HI_COMPRESSED) !== 0 && decodeL2EntryWords(hi, view.getUint32(4), clusterBits).hostOffset === hostOffset) return true;
+  }
+  return false;
 }
 
 /** The snapshot `ref` (ID first, then name), for read-only views. */

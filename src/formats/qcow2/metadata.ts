@@ -30,7 +30,8 @@
 import { SnapstackError, assert } from "../../base/errors.ts";
 import { writeZeroBytes, type ImageFile } from "../../io/file.ts";
 import { INCOMPAT_EXTL2, encodeQcow2Header, type Qcow2Header } from "./header.ts";
-import { COMPRESSED_SECTOR_BYTES, HI_OFFSET_UNSAFE, L1_ENTRY_BYTES, LO_OFFSET_MASK, TWO_POW_32, getL1EntryOffset, l2EntryBytes, setL1Entry, type L2Entry } from "./entries.ts";
+import { compressedStreamBytes } from "./compression.ts";
+import { COMPRESSED_SECTOR_BYTES, HI_OFFSET_UNSAFE, compressedReadBytes, L1_ENTRY_BYTES, LO_OFFSET_MASK, TWO_POW_32, getL1EntryOffset, l2EntryBytes, setL1Entry, type L2Entry } from "./entries.ts";
 import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, encodeRefcountTable, getRefcount, refcountByteOffset, refcountEntryBytes, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
 import { TableCache, dirtyRuns, markDirty, type CachedTable } from "./table-cache.ts";
 import { OverlapGuard, type MetadataStructure } from "./metadata-overlap.ts";
@@ -203,6 +204,23 @@ export class Qcow2Metadata {
    */
   wipeFreedClusters = false;
   readonly #wipePending = new Set<number>();
+  /** Every cluster whose refcount dropped to 0 while wiping, until completeWipes (zeroed whole, or reused whole: no partial wipe there). */
+  readonly #droppedWhileWiping = new Set<number>();
+  /**
+   * Compressed clusters whose reference a wiping operation dropped, by host
+   * offset: [guest cluster, bytes from the offset to the end of its last
+   * sector]. Their host clusters may stay in use by other compressed
+   * clusters packed beside them, so the refcount never reaches 0; once no
+   * L1 tree maps them any more, completeWipes zeroes exactly their bytes.
+   */
+  readonly #compressedDrops = new Map<number, [guestCluster: number, readBytes: number]>();
+  /**
+   * Whether an L1 tree (active or an internal snapshot) still maps
+   * `guestCluster` to the compressed data at `hostOffset` (a compressed
+   * cluster is mapped only at its own guest offset). Set by the image; null:
+   * dropped compressed data is never wiped partially.
+   */
+  compressedDataMapped: ((guestCluster: number, hostOffset: number) => Promise<boolean>) | null = null;
   /** Refuses writes that would land on live metadata (QEMU's overlap check, "cached" mode). */
   readonly overlap: OverlapGuard;
 
@@ -635,7 +653,10 @@ export class Qcow2Metadata {
         setRefcount(block.bytes, blockIndex, this.geometry.refcountOrder, refcount);
         markDirty(block, refcountByteOffset(blockIndex, this.geometry.refcountOrder), refcountEntryBytes(this.geometry.refcountOrder));
         if (!decrease) this.overlap.noteFileEnd(clusterOffset + cs);
-        if (refcount === 0 && this.wipeFreedClusters) this.#wipePending.add(clusterIndex);
+        if (refcount === 0 && this.wipeFreedClusters) {
+          this.#wipePending.add(clusterIndex);
+          this.#droppedWhileWiping.add(clusterIndex);
+        }
         else if (!decrease && this.#wipePending.size > 0 && this.#wipePending.delete(clusterIndex)) await this.#writeZeroClusters([clusterIndex]);
         if (refcount === 0) {
           // A freed cluster may be reused for anything: stop packing compressed data into it.
@@ -859,8 +880,8 @@ export class Qcow2Metadata {
     if (!this.#l2DependsOnRefblocks) await this.#setL2DependsOnRefblocks();
   }
 
-  /** qcow2_free_any_cluster: release what an L2 entry referenced. */
-  async freeEntry(entry: L2Entry): Promise<void> {
+  /** qcow2_free_any_cluster: release what an L2 entry referenced (`guestCluster`: where it was mapped, for a wipe of compressed data). */
+  async freeEntry(entry: L2Entry, guestCluster?: number): Promise<void> {
     switch (entry.type) {
       case "normal":
       case "zero-alloc":
@@ -869,6 +890,7 @@ export class Qcow2Metadata {
       case "compressed": {
         const start = entry.hostOffset - (entry.hostOffset % COMPRESSED_SECTOR_BYTES);
         await this.freeClusters(start, entry.compressedSectors * COMPRESSED_SECTOR_BYTES);
+        if (guestCluster !== undefined) this.noteCompressedDrop(guestCluster, entry.hostOffset, compressedReadBytes(entry.hostOffset, entry.compressedSectors));
         return;
       }
       default:
@@ -987,12 +1009,65 @@ export class Qcow2Metadata {
    * is written (writeCaches).
    */
   async completeWipes(): Promise<void> {
+    await this.#wipeDroppedCompressed();
+    this.#droppedWhileWiping.clear();
     if (this.#wipePending.size === 0) return;
     const free: number[] = [];
     for (const clusterIndex of this.#wipePending) if ((await this.getRefcount(clusterIndex)) === 0) free.push(clusterIndex);
     this.#wipePending.clear();
     await this.#writeZeroClusters(free);
     await this.file.flush();
+  }
+
+  /**
+   * While wiping, note that the compressed cluster of `guestCluster` at
+   * `hostOffset` (`readBytes` to the end of its last sector) lost a
+   * reference: completeWipes zeroes its bytes if no tree maps it then.
+   */
+  noteCompressedDrop(guestCluster: number, hostOffset: number, readBytes: number): void {
+    if (this.wipeFreedClusters && this.compressedDataMapped !== null) this.#compressedDrops.set(hostOffset, [guestCluster, readBytes]);
+  }
+
+  /**
+   * Zero the bytes of each dropped compressed cluster that no tree maps any
+   * more, in the host clusters still in use (one whose refcount reached 0
+   * meanwhile is zeroed whole, or was taken whole by a new owner: not
+   * touched here). The bytes are exactly the compressed stream's: the rest
+   * of its last sector may hold the next compressed cluster. Data that does
+   * not decompress is left alone (its extent is unknown).
+   */
+  async #wipeDroppedCompressed(): Promise<void> {
+    if (this.#compressedDrops.size === 0) return;
+    const drops = [...this.#compressedDrops];
+    this.#compressedDrops.clear();
+    const cs = this.clusterSizeBytes;
+    const fileSizeBytes = await this.file.sizeBytes();
+    let wrote = false;
+    for (const [hostOffset, [guestCluster, readBytes]] of drops) {
+      const end = Math.min(hostOffset + readBytes, fileSizeBytes);
+      const kept: number[] = [];
+      for (let cluster = Math.floor(hostOffset / cs); cluster * cs < end; cluster++) {
+        if (!this.#droppedWhileWiping.has(cluster) && (await this.getRefcount(cluster)) > 0) kept.push(cluster);
+      }
+      if (kept.length === 0 || (await this.compressedDataMapped!(guestCluster, hostOffset))) continue;
+      const input = new Uint8Array(end - hostOffset);
+      await this.file.read(hostOffset, input);
+      let streamBytes: number;
+      try {
+        streamBytes = compressedStreamBytes(input, this.header.compressionType, cs);
+      } catch {
+        continue;
+      }
+      for (const cluster of kept) {
+        const start = Math.max(hostOffset, cluster * cs);
+        const stop = Math.min(hostOffset + streamBytes, (cluster + 1) * cs);
+        if (stop > start) {
+          await writeZeroBytes(this.file, start, stop - start);
+          wrote = true;
+        }
+      }
+    }
+    if (wrote) await this.file.flush();
   }
 
   /** Zeroes over the given clusters (contiguous ones in one write each), never past the end of the file. */

@@ -122,6 +122,7 @@ import { preallocateData } from "./preallocate-data.ts";
 import { BELOW_MIXED, BELOW_UNKNOWN, BELOW_ZERO, BackingResolutionCache, type BelowResolution } from "./backing-resolution-cache.ts";
 import {
   applySnapshot,
+  compressedDataMapped,
   createSnapshot,
   deleteSnapshot,
   listSnapshots,
@@ -349,6 +350,7 @@ export class Qcow2Image implements BlockDevice {
     this.backing = options.backing;
     this.#closeBacking = options.closeBacking ?? true;
     meta.overlap.snapshots = () => this.#snapshots;
+    meta.compressedDataMapped = (guestCluster, hostOffset) => compressedDataMapped(meta, this.#snapshots, guestCluster, hostOffset);
   }
 
   get sizeBytes(): number {
@@ -1447,7 +1449,7 @@ export class Qcow2Image implements BlockDevice {
     const meta = this.#meta;
     const geometry = meta.geometry;
     const cs = geometry.clusterSizeBytes;
-    const freeAfter: L2Entry[] = [];
+    const freeAfter: Array<[entry: L2Entry, guestCluster: number]> = [];
     meta.noteDataWritten();
     // Link: update L2 entries after the data is written.
     for (const { table, plans } of links) {
@@ -1466,12 +1468,12 @@ export class Qcow2Image implements BlockDevice {
           setCopiedEntries(table.view, plan.l2Index, plan.count, plan.hostOffset, cs);
         }
         markDirty(table, plan.l2Index * geometry.l2EntryBytes, plan.count * geometry.l2EntryBytes);
-        if (!plan.inPlace && plan.entry.type !== "unallocated" && plan.entry.type !== "zero-plain") freeAfter.push(plan.entry);
+        if (!plan.inPlace && plan.entry.type !== "unallocated" && plan.entry.type !== "zero-plain") freeAfter.push([plan.entry, plan.clusterIndex]);
       }
     }
     if (freeAfter.length > 0) {
       await this.#readGate.drain();
-      for (const entry of freeAfter) await meta.freeEntry(entry);
+      for (const [entry, guestCluster] of freeAfter) await meta.freeEntry(entry, guestCluster);
     }
     await meta.trimCaches();
   }
@@ -1809,17 +1811,17 @@ export class Qcow2Image implements BlockDevice {
       if (oldOffset === 0 && onlyIfTable) continue;
       if (oldOffset !== 0 && !(await this.#entriesChange(oldOffset, firstIndex, endIndex, decisionAt))) continue;
       const table = await meta.getL2ForWrite(l1Index);
-      const freed: L2Entry[] = [];
+      const freed: Array<[entry: L2Entry, guestCluster: number]> = [];
       for (let l2Index = firstIndex; l2Index < endIndex; l2Index++) {
         const entry = entryAt(table, l2Index);
         const change = entry === null ? ofUnallocated : decide(entry);
-        if (change.free && entry !== null) freed.push(entry);
+        if (change.free && entry !== null) freed.push([entry, l1Index * geometry.l2Entries + l2Index]);
         setL2EntryWords(table.view, l2Index, geometry.extendedL2, change.word, change.alloc, change.zero);
       }
       markDirty(table, firstIndex * entryBytes, (endIndex - firstIndex) * entryBytes);
       if (freed.length > 0) {
         await this.#readGate.drain();
-        for (const entry of freed) await meta.freeEntry(entry);
+        for (const [entry, guestCluster] of freed) await meta.freeEntry(entry, guestCluster);
       }
       // The caller holds the metadata mutex (#locked: one eviction hold) and no table from here.
       await meta.trimCachesHeldBy(1);
