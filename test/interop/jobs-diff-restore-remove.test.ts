@@ -133,6 +133,11 @@ test("diff --export writes an overlay of FROM that holds exactly the differing c
     length: Math.ceil((r.start + r.length) / 65536) * 65536 - Math.floor(r.start / 65536) * 65536,
   }));
   assert.deepEqual(held, mergedRanges(clusters));
+  // Into a directory that does not exist: that is the error, not the backing name relative to it.
+  const nowhere = join(dir, "missing", "delta.qcow2");
+  const refused = await snapstack("img", "diff", "-q", "--export", nowhere, base, top);
+  assert.equal(refused.status, 1);
+  assert.equal(refused.stderr, `snapstack: error E_NOT_FOUND: ${nowhere}: cannot create: no such file or directory\n`);
 });
 
 test("a cancelled diff --export removes the incomplete delta it created", async (t) => {

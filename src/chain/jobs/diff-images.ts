@@ -16,7 +16,8 @@
  * - Writing the delta happens after the comparison; a cancelled or failed
  *   export removes the incomplete delta file it created.
  */
-import { rmSync } from "node:fs";
+import { existsSync, rmSync } from "node:fs";
+import { dirname, resolve } from "node:path";
 import { relativeBackingName } from "../backing-path.ts";
 import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
@@ -91,6 +92,8 @@ export async function exportDelta(fromPath: string, to: BlockDevice, ranges: rea
     ["the FROM image", options.from],
   ]);
   const clusterSizeBytes = to instanceof Qcow2Image ? to.clusterSizeBytes : 65536;
+  // Where the delta cannot be created, say so (a backing name relative to a missing directory would be reported instead).
+  if (!existsSync(dirname(resolve(deltaPath)))) throw new SnapstackError("E_NOT_FOUND", `${deltaPath}: cannot create: no such file or directory`, { path: deltaPath });
   const backingName = relativeBackingName(deltaPath, fromPath);
   await createImage(deltaPath, {
     format: "qcow2",
