@@ -42,6 +42,8 @@ export interface RemoveImageOptions extends JobOptions {
   wipe?: boolean;
   /** More directories to search for images using this one as backing. */
   searchDirectories?: string[];
+  /** Wipe a file with other names (hard links) too: for a caller that owns the file (the VM store), not for a user's. */
+  wipeAllNames?: boolean;
 }
 
 export interface RemoveResult {
@@ -58,7 +60,7 @@ export async function removeImage(path: string, options: RemoveImageOptions = {}
   }
   if (stat.isSymbolicLink()) throw new SnapstackError("E_ACCESS", `${path}: cannot remove: a symbolic link; name the image it points to`, { path });
   if (!stat.isFile()) throw new SnapstackError("E_ACCESS", `${path}: cannot remove: not a regular file`, { path });
-  if (options.wipe && stat.nlink > 1) {
+  if (options.wipe && stat.nlink > 1 && options.wipeAllNames !== true) {
     throw new SnapstackError("E_IN_USE", `${path}: cannot wipe: the file has ${stat.nlink} names (hard links), and the wipe would erase it under the others`, { path });
   }
   const users = await findFileUsers(path, [dirname(path), ...(options.searchDirectories ?? [])]);

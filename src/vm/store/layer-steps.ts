@@ -91,7 +91,7 @@ export function treeAllocatedBytes(dir: string): number {
 async function removeFile(path: string, wipe: boolean): Promise<number> {
   if (!existsSync(path)) return 0;
   const bytes = fileAllocatedBytes(path);
-  if (wipe) await removeImage(path, { wipe: true, searchDirectories: [] });
+  if (wipe) await removeImage(path, { wipe: true, searchDirectories: [], wipeAllNames: true });
   else rmSync(path, { force: true });
   return bytes;
 }
