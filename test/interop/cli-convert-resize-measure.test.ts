@@ -101,6 +101,31 @@ test("resize --preallocation=metadata|falloc|full of qcow2 images: the same byte
   }
 });
 
+test("resize --preallocation=metadata over a longer backing file and into freed clusters: the new area reads as zeroes, and the bytes are qemu-img's", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "base.qcow2", "4M"], dir), "base");
+  ok(await qemuIo(["-c", "write -P 3 0 4M", "base.qcow2"], dir), "base data");
+  for (const extendedL2 of ["on", "off"]) {
+    // Over a longer backing file: the grown area was zeroed; preallocating must keep it zero.
+    ok(await qemuImg(["create", "-q", "-f", "qcow2", "-o", `extended_l2=${extendedL2}`, "-b", "base.qcow2", "-F", "qcow2", "theirs.qcow2", "1000k"], dir), "overlay");
+    copyFileSync(join(dir, "theirs.qcow2"), join(dir, "ours.qcow2"));
+    ok(await qemuImg(["resize", "-q", "--preallocation=metadata", "theirs.qcow2", "5M"], dir), "qemu-img resize");
+    ok(await snapstack(["img", "resize", "-q", "--preallocation=metadata", "ours.qcow2", "5M"], { cwd: dir }), "resize");
+    ok(await qemuIo(["-r", "-c", "read -P 0 1000k 4120k", "ours.qcow2"], dir), `extended_l2=${extendedL2}: the grown area reads as zeroes, not the backing file's data`);
+    assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(readFileSync(join(dir, "theirs.qcow2"))), `extended_l2=${extendedL2}: files differ`);
+  }
+  // Freed clusters keep their old bytes here (no hole punching): preallocating into them must not expose them.
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "reuse.qcow2", "1M"], dir), "create");
+  ok(await qemuIo(["-c", "write -P 7 0 1M", "reuse.qcow2"], dir), "write");
+  ok(await snapstack(["img", "snapshot", "-c", "s", "reuse.qcow2"], { cwd: dir }), "-c");
+  ok(await qemuIo(["-c", "write -P 8 0 1M", "reuse.qcow2"], dir), "overwrite");
+  ok(await snapstack(["img", "snapshot", "-d", "s", "reuse.qcow2"], { cwd: dir }), "-d");
+  ok(await snapstack(["img", "resize", "-q", "--preallocation=metadata", "reuse.qcow2", "2M"], { cwd: dir }), "resize");
+  ok(await qemuIo(["-c", "read -P 8 0 1M", "-c", "read -P 0 1M 1M", "reuse.qcow2"], dir), "the grown area reads as zeroes, not a freed cluster's bytes");
+  ok(await qemuImg(["check", "reuse.qcow2"], dir), "check");
+});
+
 test("amend: compat=1.1, lazy_refcounts and size give qemu-img's bytes; what qemu-img refuses is refused, and what is not done (downgrade, another refcount width) too, the image left alone", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);

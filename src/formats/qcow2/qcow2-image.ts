@@ -55,7 +55,7 @@
  */
 import { SnapstackError, assert, isSnapstackError, settleAll, withSecondFailure } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/block-device.ts";
-import { WRITE_SYNC_BYTES_MAX, type ImageFile } from "../../io/file.ts";
+import { WRITE_SYNC_BYTES_MAX, writeZeroBytes, type ImageFile } from "../../io/file.ts";
 import { isAllZero } from "../../io/io-buffer.ts";
 import { WriteBehind } from "../../io/write-behind.ts";
 import {
@@ -1586,8 +1586,13 @@ export class Qcow2Image implements BlockDevice {
     if (this.#beforeMetadataChange) await this.#prepareChange("metadata");
     const meta = this.#meta;
     const geometry = meta.geometry;
+    const cs = geometry.clusterSizeBytes;
+    const scSize = geometry.subclusterSizeBytes;
     let hostEnd = 0;
     await this.#locked(async () => {
+      // Clusters below the file's end are freed ones reused, with their old bytes (QEMU's were
+      // discarded, so they read as zeroes): zeroed before an entry maps them as data.
+      const fileEndBefore = await this.#file.sizeBytes();
       let nextHostOffset = -1;
       let at = 0;
       while (at < lengthBytes) {
@@ -1597,8 +1602,21 @@ export class Qcow2Image implements BlockDevice {
         const plans = this.#planClusters(table, guestOffset, at, chunkEnd, false).filter((p) => p.entry.type === "unallocated" || p.entry.type === "zero-plain");
         nextHostOffset = await this.#allocatePlans(plans, nextHostOffset);
         for (const plan of plans) {
-          const word = encodeL2Entry({ type: "normal", hostOffset: plan.hostOffset, copied: true }, geometry.clusterBits, geometry.extendedL2);
-          setL2EntryWords(table.view, plan.l2Index, geometry.extendedL2, word, 0, 0);
+          // A range that reads as zeroes (resize over a longer backing file zeroed it) stays so, with its
+          // new host cluster: QEMU's truncate zeroes after it preallocates (offset|ZERO; extended L2: the
+          // subclusters' zero bits).
+          // Extended L2 (QEMU links the cluster with no subcluster allocated): the zero bits stay as they
+          // were, and no subcluster maps the host cluster's bytes. Otherwise the entry's zero flag stays.
+          const mask = geometry.extendedL2 ? rangeMask(Math.floor(plan.inCluster / scSize), Math.floor((plan.inCluster + plan.length - 1) / scSize) + 1) : 0;
+          const zeroBits = geometry.extendedL2 ? plan.entry.zeroBitmap & mask : 0;
+          const readsZero = geometry.extendedL2 ? zeroBits === mask : plan.entry.type === "zero-plain";
+          if (!geometry.extendedL2 && !readsZero && plan.hostOffset < fileEndBefore) {
+            await writeZeroBytes(this.#file, plan.hostOffset, cs);
+            meta.noteDataWritten(); // the zeroes reach the disk before the entry that maps them
+          }
+          const word = encodeL2Entry({ type: readsZero ? "zero-alloc" : "normal", hostOffset: plan.hostOffset, copied: true }, geometry.clusterBits, geometry.extendedL2);
+          if (geometry.extendedL2) setL2EntryWords(table.view, plan.l2Index, true, word, 0, zeroBits >>> 0);
+          else setL2EntryWords(table.view, plan.l2Index, false, word);
           markDirty(table, plan.l2Index * geometry.l2EntryBytes, geometry.l2EntryBytes);
           hostEnd = plan.hostOffset + plan.inCluster + plan.length;
         }
