@@ -229,6 +229,47 @@ test("shutdown while a start is spawning QEMU: the start finishes and its QEMU i
   assert.equal(manager.isRunning("vm"), false);
 });
 
+test("removing a linked clone while its source runs: the merge its pin held back runs on the live path, the source's top stays its top, no guest write is lost", { timeout: 300_000 }, async (t) => {
+  if (!requireTools(t, "qemu-system-x86_64", "qemu-img")) return;
+  const guest = await buildGuest();
+  const manager = new MachineManager(new MachineStore(scratchDir(t, "ss-vmunpin-")), { log: (line) => t.diagnostic(line) });
+  t.after(() => manager.shutdown());
+  await manager.create({ name: "u", memoryBytes: 128 * MiB, diskSizeBytes: DISK_BYTES, kernel: guest.kernelPath, initrd: guest.initrdPath, append: guest.append });
+  await manager.start("u");
+  const console = new GuestConsole(manager.serialLogPath("u"), manager.serialSocketPath("u"));
+  t.after(() => console.close());
+  await console.waitFor(/^READY vda/m, { timeoutMs: 120_000 });
+  const run = async (command: string): Promise<string[]> => {
+    const result = await console.runCommand(command, { timeoutMs: 60_000 });
+    assert.equal(result.exitCode, 0, `${command}: ${result.output.join("\n")}`);
+    return result.output;
+  };
+  const mark = (text: string, sector: number): Promise<string[]> => run(`printf '${text}' | dd of=/dev/vda bs=512 seek=${sector} count=1 conv=sync,fsync 2>/dev/null`);
+  await run(`dd if=/dev/urandom of=/dev/vda bs=1M seek=24 count=2 conv=fsync 2>/dev/null`);
+  const bulkSum = (await run(`dd if=/dev/vda bs=1M skip=24 count=2 iflag=direct 2>/dev/null | md5sum`))[0].split(" ")[0];
+  await manager.snapshot("u", { snapshot: "p", diskOnly: true });
+  await manager.clone("u", "p", "uc");
+  // Deleting p keeps its layer: the clone stands on it.
+  await manager.deleteSnapshot("u", "p");
+  await mark("AFTER-DELETE", 6144);
+  // Removing the clone lets the source's tree merge that layer, with the source running.
+  await manager.remove("uc");
+  await mark("AFTER-REMOVE", 8192);
+  assert.equal((await run(`dd if=/dev/vda bs=1M skip=24 count=2 iflag=direct 2>/dev/null | md5sum`))[0].split(" ")[0], bulkSum);
+  console.close();
+  await manager.stop("u");
+  const store = manager.store;
+  const tree = store.loadTree("u");
+  for (const layer of Object.values(tree.layers)) {
+    assert.ok(existsSync(stepPath(store.machineDir("u"), layer.file)), `${layer.file} exists`);
+    await runOk("qemu-img", ["check", stepPath(store.machineDir("u"), layer.file)]);
+  }
+  const sector = async (at: number): Promise<string> => (await readDisk(manager, "u", tree.current.layer, at * 512, 16)).toString("ascii").replace(/\0+$/, "");
+  assert.equal(await sector(6144), "AFTER-DELETE");
+  assert.equal(await sector(8192), "AFTER-REMOVE");
+  assert.equal(createHash("md5").update(await readDisk(manager, "u", tree.current.layer, 24 * MiB, 2 * MiB)).digest("hex"), bulkSum);
+});
+
 test("a delete under a running top killed at any step: the replay keeps the guest's writes from the temporary layer", { timeout: 120_000 }, async (t) => {
   const CHUNK = 64 * 1024;
   for (let killAfter = 0; killAfter <= 6; killAfter++) {

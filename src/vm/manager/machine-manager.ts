@@ -78,12 +78,12 @@ import { liveSaveSupported, QemuProcess, type QemuExit } from "../runtime/qemu-p
 import { runFilePaths, SUN_PATH_BYTES_MAX } from "../runtime/qemu-args.ts";
 import { acceleratorChoice } from "../runtime/accelerator.ts";
 import { syncDirectorySync, writeJsonAtomic } from "../store/atomic-file.ts";
-import { executeSteps, stepPath } from "../store/layer-steps.ts";
+import { executeSteps, stepPath, type StepResult } from "../store/layer-steps.ts";
 import { checkStateFile, recordStateSize, stateFilePath } from "../store/state-file.ts";
 import type { MachineStore} from "../store/machine-store.ts";
 import { type MachineConfig } from "../store/machine-store.ts";
 import { LIVE_DISK_NAME } from "../store/names.ts";
-import { expandForDisks, findSnapshot, layerFiles, planDelete, type LayerStep, type SnapshotRecord, type TreeRecord } from "../tree/snapshot-tree.ts";
+import { expandForDisks, findSnapshot, layerFiles, planDelete, setPin, type LayerStep, type Plan, type SnapshotRecord, type TreeRecord } from "../tree/snapshot-tree.ts";
 import { DeferredDevice } from "./deferred-device.ts";
 import {
   cloneMachine,
@@ -93,6 +93,7 @@ import {
   diffSnapshots,
   prepareSnapshot,
   removeStopped,
+  unpinStopped,
   revertStopped,
   sizeOfIn,
   snapshotStopped,
@@ -328,7 +329,13 @@ export class MachineManager {
       const clones = [...new Set(Object.values(this.store.loadTree(name).pins).flat())];
       if (clones.length > 0) throw new SnapstackError("E_IN_USE", `machine '${name}' is used by linked clone(s) ${clones.join(", ")}: remove them first`, { machine: name, clones });
       if (this.#running.has(name)) await this.#stop(name, true);
-      const result = await removeStopped(this.store, name, options);
+      const result = await removeStopped(this.store, name, options, async (sourceName, layer) => {
+        const running = this.#running.get(sourceName);
+        if (running === undefined) return unpinStopped(this.store, sourceName, layer, name, options);
+        // The source runs: its top serves the guest and must stay its top (as a live delete-snapshot).
+        const plan = setPin(this.store.loadTree(sourceName), layer, name, false, sizeOfIn(this.store.machineDir(sourceName)), { running: true });
+        await this.#runLivePlan(sourceName, running, "unpin", plan, options);
+      });
       this.#lastExit.delete(name);
       return result;
     });
@@ -542,40 +549,49 @@ export class MachineManager {
     return this.#withMachine(name, async () => {
       const running = this.#running.get(name);
       if (running === undefined) return { ...(await deleteSnapshotStopped(this.store, name, snapshotName, options)), pausedMs: 0 };
-      const dir = this.store.machineDir(name);
-      const tree = this.store.loadTree(name);
-      const plan = planDelete(tree, snapshotName, sizeOfIn(dir), { running: true });
-      const topFiles = layerFiles(tree, tree.layers[tree.current.layer].file);
-      if (!plan.steps.some((step) => topFiles.some((file) => stepTouches(step, file)))) {
-        // Only frozen layers below the top change: merge while the guest runs, then reopen.
-        this.store.beginJournal(name, "delete-snapshot", plan, options.wipe ?? false);
-        const result = await executeSteps(dir, plan.steps, options);
-        const pausedMs = await this.#reopenPaused(name, running, plan.tree, async () => {});
-        this.store.commitJournal(name, plan.tree);
-        return { snapshot: plan.snapshot, ...result, pausedMs };
-      }
-      // The plan changes the top (merges into it, or rebases it). Freeze the top under a
-      // temporary layer that takes the guest's writes while the plan runs on the frozen top;
-      // then, in a short pause, fold those writes back into the top and reopen the chain.
-      const { writesFile, createWrites, foldWrites } = writesLayerSteps(tree, running.disks[0].export.sizeBytes);
-      this.store.beginJournal(name, "delete-snapshot", { tree: plan.tree, steps: [...createWrites, ...plan.steps, ...foldWrites] }, options.wipe ?? false);
-      await executeSteps(dir, createWrites);
-      const writesDevices: BlockDevice[] = [];
-      for (const [disk, file] of layerFiles(tree, writesFile).entries()) writesDevices.push(await openOverlayOn(stepPath(dir, file), running.disks[disk].export.device));
-      let pausedMs = await this.#swapPaused(running, writesDevices);
-      let result;
-      try {
-        result = await executeSteps(dir, plan.steps, options);
-      } catch (error) {
-        // Put the guest's writes back into the top (the layer both trees call the top; its
-        // header names its chain) and leave the journal for the next start to finish.
-        await this.#reopenPaused(name, running, plan.tree, async () => void (await executeSteps(dir, foldWrites))).catch(() => {});
-        throw error;
-      }
-      pausedMs += await this.#reopenPaused(name, running, plan.tree, async () => void (await executeSteps(dir, foldWrites)));
-      this.store.commitJournal(name, plan.tree);
+      const plan = planDelete(this.store.loadTree(name), snapshotName, sizeOfIn(this.store.machineDir(name)), { running: true });
+      const { result, pausedMs } = await this.#runLivePlan(name, running, "delete-snapshot", plan, options);
       return { snapshot: plan.snapshot, ...result, pausedMs };
     });
+  }
+
+  /**
+   * Carry out a plan made for a running machine (its top stays its top):
+   * a delete-snapshot, or the merges a clone's removal allows in its source.
+   */
+  async #runLivePlan(name: string, running: RunningMachine, operation: string, plan: Plan, options: OperationOptions): Promise<{ result: StepResult; pausedMs: number }> {
+    const dir = this.store.machineDir(name);
+    const tree = this.store.loadTree(name);
+    const topFiles = layerFiles(tree, tree.layers[tree.current.layer].file);
+    if (!plan.steps.some((step) => topFiles.some((file) => stepTouches(step, file)))) {
+      // Only frozen layers below the top change: merge while the guest runs, then reopen.
+      this.store.beginJournal(name, operation, plan, options.wipe ?? false);
+      const result = await executeSteps(dir, plan.steps, options);
+      const pausedMs = await this.#reopenPaused(name, running, plan.tree, async () => {});
+      this.store.commitJournal(name, plan.tree);
+      return { result, pausedMs };
+    }
+    // The plan changes the top (merges into it, or rebases it). Freeze the top under a
+    // temporary layer that takes the guest's writes while the plan runs on the frozen top;
+    // then, in a short pause, fold those writes back into the top and reopen the chain.
+    const { writesFile, createWrites, foldWrites } = writesLayerSteps(tree, running.disks[0].export.sizeBytes);
+    this.store.beginJournal(name, operation, { tree: plan.tree, steps: [...createWrites, ...plan.steps, ...foldWrites] }, options.wipe ?? false);
+    await executeSteps(dir, createWrites);
+    const writesDevices: BlockDevice[] = [];
+    for (const [disk, file] of layerFiles(tree, writesFile).entries()) writesDevices.push(await openOverlayOn(stepPath(dir, file), running.disks[disk].export.device));
+    let pausedMs = await this.#swapPaused(running, writesDevices);
+    let result;
+    try {
+      result = await executeSteps(dir, plan.steps, options);
+    } catch (error) {
+      // Put the guest's writes back into the top (the layer both trees call the top; its
+      // header names its chain) and leave the journal for the next start to finish.
+      await this.#reopenPaused(name, running, plan.tree, async () => void (await executeSteps(dir, foldWrites))).catch(() => {});
+      throw error;
+    }
+    pausedMs += await this.#reopenPaused(name, running, plan.tree, async () => void (await executeSteps(dir, foldWrites)));
+    this.store.commitJournal(name, plan.tree);
+    return { result, pausedMs };
   }
 
   /** Pause the guest, move each export onto its device (opened on the export's device), resume. */

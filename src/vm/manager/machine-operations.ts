@@ -252,8 +252,26 @@ export async function diffSnapshots(store: MachineStore, name: string, from: str
   }
 }
 
-/** Remove a stopped machine (refused while clones use its layers). */
-export async function removeStopped(store: MachineStore, name: string, options: OperationOptions = {}): Promise<{ freedBytes: number }> {
+/**
+ * Release a clone's pin on its source's layer, and merge what nobody needs
+ * any more; the default, for a source that is not running.
+ */
+export async function unpinStopped(store: MachineStore, source: string, layer: string, clone: string, options: OperationOptions = {}): Promise<void> {
+  const plan = setPin(store.loadTree(source), layer, clone, false, sizeOfIn(store.machineDir(source)));
+  await store.runJournaled(source, "unpin", plan, options);
+}
+
+/**
+ * Remove a stopped machine (refused while clones use its layers). A clone's
+ * pin on its source is released by `unpin` (the manager passes one that
+ * takes a running source's live path: its top must not be merged away).
+ */
+export async function removeStopped(
+  store: MachineStore,
+  name: string,
+  options: OperationOptions = {},
+  unpin: (source: string, layer: string) => Promise<void> = (source, layer) => unpinStopped(store, source, layer, name, options),
+): Promise<{ freedBytes: number }> {
   const tree = store.loadTree(name);
   const config = store.loadConfig(name);
   const clones = [...new Set(Object.values(tree.pins).flat())];
@@ -274,11 +292,7 @@ export async function removeStopped(store: MachineStore, name: string, options: 
   // What removing the directory frees besides: everything in it without --wipe (every disk's layers, RAM state files).
   freedBytes += treeAllocatedBytes(store.machineDir(name));
   store.removeMachine(name);
-  if (config.cloneOf !== null && store.has(config.cloneOf.machine)) {
-    const source = config.cloneOf.machine;
-    const plan = setPin(store.loadTree(source), config.cloneOf.layer, name, false, sizeOfIn(store.machineDir(source)));
-    await store.runJournaled(source, "unpin", plan, options);
-  }
+  if (config.cloneOf !== null && store.has(config.cloneOf.machine)) await unpin(config.cloneOf.machine, config.cloneOf.layer);
   return { freedBytes };
 }
 

@@ -312,7 +312,7 @@ export function planDelete(tree: TreeRecord, nameOrId: string, sizeOf: LayerSize
 }
 
 /** Pin or unpin a layer for a linked clone. */
-export function setPin(tree: TreeRecord, layerId: string, machine: string, pinned: boolean, sizeOf: LayerSize): Plan {
+export function setPin(tree: TreeRecord, layerId: string, machine: string, pinned: boolean, sizeOf: LayerSize, options: DeleteOptions = { running: false }): Plan {
   const next = cloneTree(tree);
   const pins = new Set(next.pins[layerId] ?? []);
   if (pinned) pins.add(machine);
@@ -321,7 +321,7 @@ export function setPin(tree: TreeRecord, layerId: string, machine: string, pinne
   else delete next.pins[layerId];
   const steps: LayerStep[] = [];
   const removedFiles: string[] = [];
-  if (!pinned) normalize(next, steps, removedFiles, sizeOf, { runningTop: null });
+  if (!pinned) normalize(next, steps, removedFiles, sizeOf, { runningTop: options.running ? next.current.layer : null });
   checkTree(next);
   return { tree: next, steps: expandForDisks(next, steps), removedFiles: removedFiles.flatMap((file) => layerFiles(next, file)) };
 }
