@@ -16,7 +16,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { existsSync, readdirSync, statSync } from "node:fs";
+import { existsSync, readdirSync, renameSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { openImage } from "../../src/chain/open-image.ts";
 import { MachineStore } from "../../src/vm/store/machine-store.ts";
@@ -308,6 +308,51 @@ test("a delete under a running top killed at any step: the replay keeps the gues
     for (const [index, fill] of expected.entries()) assert.ok(disk.subarray(index * CHUNK, (index + 1) * CHUNK).equals(Buffer.alloc(CHUNK, fill)), `kill after ${killAfter}: chunk ${index}`);
     for (const layer of Object.values(after.layers)) await runOk("qemu-img", ["check", stepPath(dir, layer.file)]);
   }
+});
+
+test("an operation that failed part-way is finished before the machine's next one, never overwritten; one that cannot be finished yet refuses the next, and the daemon serves the others", { timeout: 120_000 }, async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const CHUNK = 64 * 1024;
+  const store = new MachineStore(scratchDir(t, "ss-vmpending-"));
+  let manager = new MachineManager(store);
+  await manager.create({ name: "m", diskSizeBytes: 4 * MiB });
+  await manager.create({ name: "other", diskSizeBytes: 4 * MiB });
+  const dir = store.machineDir("m");
+  const writeTop = async (offsetBytes: number, fill: number): Promise<void> => {
+    const tree = store.loadTree("m");
+    const device = await openImage(stepPath(dir, tree.layers[tree.current.layer].file));
+    await device.write(offsetBytes, Buffer.alloc(CHUNK, fill));
+    await device.close();
+  };
+  await writeTop(0, 1);
+  await manager.snapshot("m", { snapshot: "a" });
+  await writeTop(CHUNK, 2);
+  await manager.snapshot("m", { snapshot: "b" });
+  await writeTop(2 * CHUNK, 3);
+  // A delete of `a` that ran its first step and failed (as on a full disk): b's layer half merged.
+  const plan = planDelete(store.loadTree("m"), "a", sizeOfIn(dir), { running: false });
+  store.beginJournal("m", "delete-snapshot", plan);
+  await executeStep(dir, plan.steps[0]);
+  // A step that cannot run yet (a layer it needs is away): the next operation is refused, the journal kept.
+  const needed = plan.steps.map((step) => ("file" in step ? step.file : null)).find((file): file is string => file !== null && existsSync(join(dir, file)));
+  assert.ok(needed !== undefined, "a step names a layer file");
+  renameSync(join(dir, needed), join(dir, `${needed}.away`));
+  manager = new MachineManager(store);
+  await manager.init(); // does not throw: the other machine is served
+  await manager.snapshot("other", { snapshot: "fine" });
+  await assert.rejects(manager.snapshot("m", { snapshot: "c" }), /machine 'm': cannot finish its interrupted delete-snapshot first/);
+  assert.ok(store.hasJournal("m"), "the unfinished journal is kept");
+  renameSync(join(dir, `${needed}.away`), join(dir, needed));
+  // Now the delete is finished first, then the snapshot is taken on the tree it made.
+  await manager.snapshot("m", { snapshot: "c" });
+  assert.ok(!store.hasJournal("m"));
+  const tree = store.loadTree("m");
+  assert.deepEqual(Object.values(tree.snapshots).map((snapshot) => snapshot.name).sort(), ["b", "c"]);
+  const disk = await readDisk(manager, "m", tree.current.layer, 0, 3 * CHUNK);
+  for (const [index, fill] of [1, 2, 3].entries()) assert.ok(disk.subarray(index * CHUNK, (index + 1) * CHUNK).equals(Buffer.alloc(CHUNK, fill)), `chunk ${index}`);
+  const atB = await readDisk(manager, "m", Object.values(tree.snapshots).find((snapshot) => snapshot.name === "b")!.layer, 0, 3 * CHUNK);
+  for (const [index, fill] of [1, 2, 0].entries()) assert.ok(atB.subarray(index * CHUNK, (index + 1) * CHUNK).equals(Buffer.alloc(CHUNK, fill)), `b: chunk ${index}`);
+  for (const layer of Object.values(tree.layers)) await runOk("qemu-img", ["check", stepPath(dir, layer.file)]);
 });
 
 test("several disks: each its own NBD export, all in every snapshot at one instant; revert and delete (running and stopped) keep them together", { timeout: 600_000 }, async (t) => {

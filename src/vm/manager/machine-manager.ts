@@ -203,13 +203,48 @@ export class MachineManager {
     this.#log = options.log ?? (() => {});
   }
 
-  /** Replay journals and kill QEMUs orphaned by a killed daemon. */
+  /**
+   * Replay journals and kill QEMUs orphaned by a killed daemon. A machine
+   * whose interrupted operation cannot be finished now (the disk is full)
+   * does not keep the daemon from serving the others: its next operation
+   * tries again first (#finishInterrupted).
+   */
   async init(): Promise<void> {
     for (const name of this.store.list()) {
       killOrphan(this.runDir(name), this.#log);
-      const finished = await this.store.recover(name);
-      if (finished !== null) this.#log(`machine ${name}: finished interrupted ${finished}`);
+      try {
+        const finished = await this.store.recover(name);
+        if (finished !== null) this.#log(`machine ${name}: finished interrupted ${finished}`);
+      } catch (error) {
+        this.#log(`machine ${name}: cannot finish its interrupted ${this.store.pendingOperation(name) ?? "operation"} yet (${(error as Error).message}); retried at its next operation`);
+      }
     }
+  }
+
+  /**
+   * An operation that failed part-way leaves its journal (the tree it was
+   * making, and its steps): the machine's layers may already be part-way
+   * there, so nothing else may run on the old tree, nor overwrite that
+   * journal. On a stopped machine the journal is finished first (a step
+   * that failed for lack of space succeeds once space is freed); on a
+   * running one (a live operation that failed) only stop is let through,
+   * and the next start finishes it.
+   */
+  async #finishInterrupted(name: string, allowRunning: boolean): Promise<void> {
+    if (!this.store.has(name)) return;
+    const operation = this.store.pendingOperation(name);
+    if (operation === null) return;
+    if (this.#running.has(name)) {
+      if (allowRunning) return;
+      throw new SnapstackError("E_IN_USE", `machine '${name}' has an unfinished ${operation}, finished with the machine stopped: stop it first`, { machine: name, operation });
+    }
+    try {
+      await this.store.recover(name);
+    } catch (error) {
+      const code = isSnapstackError(error) ? error.code : "E_IO";
+      throw new SnapstackError(code, `machine '${name}': cannot finish its interrupted ${operation} first: ${(error as Error).message}`, { machine: name, operation });
+    }
+    this.#log(`machine ${name}: finished interrupted ${operation}`);
   }
 
   /** A run directory whose socket paths fit sun_path: the machine's own, or a short one under /tmp. */
@@ -225,19 +260,29 @@ export class MachineManager {
     return join(this.store.machineDir(name), "serial.log");
   }
 
-  /** Run a client's operation holding the machines `names` (KeyedMutex.runAll); refused once shutdown() began. */
-  #operation<T>(names: readonly string[], fn: () => Promise<T>): Promise<T> {
+  /**
+   * Run a client's operation holding the machines `names` (KeyedMutex.runAll),
+   * after their interrupted operations are finished; refused once shutdown()
+   * began. `allowRunningJournal`: may run beside a running machine's
+   * unfinished live operation (stop).
+   */
+  #operation<T>(names: readonly string[], fn: () => Promise<T>, allowRunningJournal = false): Promise<T> {
     return this.#mutex.runAll(names, async () => {
       if (this.#shuttingDown) throw new SnapstackError("E_ABORTED", "the snapstack daemon is shutting down", { machines: [...names] });
+      for (const name of names) await this.#finishInterrupted(name, allowRunningJournal);
       return fn();
     });
   }
 
-  #withMachine<T>(name: string, fn: () => Promise<T>): Promise<T> {
-    return this.#operation([name], async () => {
-      this.store.require(name);
-      return fn();
-    });
+  #withMachine<T>(name: string, fn: () => Promise<T>, allowRunningJournal = false): Promise<T> {
+    return this.#operation(
+      [name],
+      async () => {
+        this.store.require(name);
+        return fn();
+      },
+      allowRunningJournal,
+    );
   }
 
   // ------------------------------------------------------------ queries
@@ -312,11 +357,15 @@ export class MachineManager {
   }
 
   stop(name: string, options: { force?: boolean } = {}): Promise<MachineStatus> {
-    return this.#withMachine(name, async () => {
-      if (!this.#running.has(name)) throw stateNotRunning(name, "stop it");
-      await this.#stop(name, options.force ?? false);
-      return this.status(name);
-    });
+    return this.#withMachine(
+      name,
+      async () => {
+        if (!this.#running.has(name)) throw stateNotRunning(name, "stop it");
+        await this.#stop(name, options.force ?? false);
+        return this.status(name);
+      },
+      true,
+    );
   }
 
   remove(name: string, options: OperationOptions = {}): Promise<{ freedBytes: number }> {

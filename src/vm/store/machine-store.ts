@@ -190,6 +190,11 @@ export class MachineStore {
     syncDirectorySync(this.machineDir(name));
   }
 
+  /** The operation an unfinished journal records, or null. */
+  pendingOperation(name: string): string | null {
+    return this.hasJournal(name) ? readJson<JournalRecord>(this.journalPath(name)).operation : null;
+  }
+
   /** Finish an interrupted operation; returns its name, or null when there was none. */
   async recover(name: string): Promise<string | null> {
     if (!this.hasJournal(name)) return null;
