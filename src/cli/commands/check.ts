@@ -7,7 +7,7 @@
 import { SnapstackError } from "../../base/errors.ts";
 import { formatFixed } from "../../base/units.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
-import { expectPositionals, parseOutputFormat, refuseForceShareForWriting } from "../command-helpers.ts";
+import { checkCacheOptions, expectPositionals, parseOutputFormat, refuseForceShareForWriting } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { checkImage } from "../engine.ts";
 import { qemuCheckExitCode, toQemuCheckJson, type Qcow2CheckResult } from "../../formats/qcow2/check.ts";
@@ -42,12 +42,13 @@ export function formatCheckHuman(result: Qcow2CheckResult): string {
 
 export const checkCommand: CliCommand = {
   name: "check",
-  synopsis: "check [-f fmt] [--output=ofmt] [-r [leaks | all]] [-q] [-U] filename",
+  synopsis: "check [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-q] [-U] filename",
   summary: "Check an image for consistency (exit 0 clean, 2 corruptions, 3 leaks only, 63 no check for the format, 1 check failed).",
   optionHelp: [
     "  -f fmt          image format; detected when omitted",
     "  --output=ofmt   human (default) or json",
     "  -r leaks|all    repair leaked clusters, or everything (riskier)",
+    "  -T src_cache    cache mode (accepted and checked, as qemu-img's)",
     "  -q              quiet",
   ],
   async run(argv, context) {
@@ -57,7 +58,10 @@ export const checkCommand: CliCommand = {
       { name: "repair", short: "r", long: "repair", value: true },
       { name: "quiet", short: "q", long: "quiet" },
       { name: "forceShare", short: "U", long: "force-share" },
+      { name: "sourceCache", short: "T", value: true },
     ]);
+    // -T: the cache mode qemu-img opens the image with; checked, no other effect here.
+    checkCacheOptions(parsed);
     const output = parseOutputFormat(optionString(parsed, "output"));
     const repairText = optionString(parsed, "repair");
     if (repairText !== undefined && repairText !== "leaks" && repairText !== "all") {

@@ -103,6 +103,7 @@ export const convertCommand: CliCommand = {
       context.out(formatOptionHelp(outputFormat, parsed.positionals.length >= 2));
       return 0;
     }
+    if (optionFlag(parsed, "noCreate") && entries.length > 0) throw new SnapstackError("E_USAGE", "-o has no effect when skipping image creation");
     const sparseText = optionString(parsed, "sparse");
     const sparseSizeBytes = sparseText === undefined ? undefined : parseSparseSize(sparseText);
     if (parsed.positionals.length < 2) throw new SnapstackError("E_USAGE", "Must specify image file name");
