@@ -52,6 +52,10 @@ test("convert, commit, rebase and compare accept and refuse the options qemu-img
     { args: ["commit", "-r", "-5", "t.qcow2"], accepted: false },
     { args: ["commit", "-r", "0", "-d", "t.qcow2"], accepted: true },
     { args: ["rebase", "-U", "-u", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"], accepted: true },
+    // -n with -o: nothing to create the options for (qemu-img refuses, the target untouched).
+    { args: ["convert", "-n", "-O", "qcow2", "-o", "cluster_size=4k", "t.qcow2", "z.qcow2"], accepted: false },
+    { args: ["check", "-T", "none", "t.qcow2"], accepted: true, sameStdout: true },
+    { args: ["check", "-T", "bogus", "t.qcow2"], accepted: false },
     { args: ["compare", "-T", "none", "t.qcow2", "t.qcow2"], accepted: true },
     { args: ["compare", "-T", "bogus", "t.qcow2", "t.qcow2"], accepted: false },
     // -U only where the image is opened read-only.
