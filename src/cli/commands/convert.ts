@@ -8,7 +8,8 @@ import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { checkCacheOptions, createProgress, parseRateLimit } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { checkCreateOptions, formatOptionHelp, isHelpRequest, parseOptionList } from "../create-options.ts";
-import { convertImage, openImage } from "../engine.ts";
+import { convertImage } from "../engine.ts";
+import { openSource, parseSnapshotParam } from "../snapshot-source.ts";
 
 /** qemu-img's MAX_BUF_SECTORS * 512: the largest -S. */
 export const SPARSE_SIZE_MAX_BYTES = 32768 * 512;
@@ -43,13 +44,14 @@ function checkCoroutines(text: string | undefined): void {
 
 export const convertCommand: CliCommand = {
   name: "convert",
-  synopsis: "convert [-c] [-f fmt] [-O output_fmt] [-o options] [-S sparse_size] [-B backing_file [-F backing_fmt]] [-n] [--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] [-r rate] [-m num] [-W] [-C] [-p] [-q] [-U] filename output_filename",
+  synopsis: "convert [-c] [-f fmt] [-O output_fmt] [-o options] [-l snapshot_param] [-S sparse_size] [-B backing_file [-F backing_fmt]] [-n] [--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] [-r rate] [-m num] [-W] [-C] [-p] [-q] [-U] filename output_filename",
   summary: "Copy an image's guest content into a new image, optionally in another format or compressed.",
   optionHelp: [
     "  -f fmt           source format; detected when omitted",
     "  -O output_fmt    target format (default raw)",
     "  -o options       target format options; '-o help' lists them",
     "  -c               compress the target (qcow2)",
+    "  -l snapshot      convert this internal snapshot (ID, name, snapshot.id=ID or snapshot.name=NAME)",
     "  -S sparse_size   zero runs of this size stay unallocated (default 4k; 0 allocates all)",
     "  -B backing_file  give the target this backing file (needs -F); only the top layer is copied",
     "  -F backing_fmt   format of the -B backing file",
@@ -64,6 +66,7 @@ export const convertCommand: CliCommand = {
   async run(argv, context) {
     const parsed = parseArgs(argv, [
       { name: "format", short: "f", value: true },
+      { name: "snapshotParam", short: "l", value: true },
       { name: "outputFormat", short: "O", value: true },
       { name: "options", short: "o", value: true, repeat: "comma" },
       { name: "compress", short: "c" },
@@ -125,7 +128,10 @@ export const convertCommand: CliCommand = {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", "Compression not supported for this file format", { format: outputFormat });
     }
     const quiet = optionFlag(parsed, "quiet");
-    const source = await openImage(sourcePath, { format: optionString(parsed, "format"), readOnly: true, forceShare: optionFlag(parsed, "forceShare") });
+    const snapshotParam = optionString(parsed, "snapshotParam");
+    const snapshot = snapshotParam === undefined ? undefined : parseSnapshotParam(snapshotParam);
+    const opened = await openSource(sourcePath, { format: optionString(parsed, "format"), readOnly: true, forceShare: optionFlag(parsed, "forceShare"), snapshot });
+    const source = opened.device;
     try {
       const showProgress = optionFlag(parsed, "progress") && !quiet;
       const progress = createProgress(context, showProgress);
@@ -147,7 +153,7 @@ export const convertCommand: CliCommand = {
       progress.update(1);
       progress.end();
     } finally {
-      await source.close();
+      await opened.close();
     }
     return 0;
   },
