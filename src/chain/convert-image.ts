@@ -21,9 +21,9 @@
  *   found with Buffer.indexOf on a zero pattern (native search) and checked
  *   sector by sector with memcmp.
  * - Compression (-c): whole clusters; an all-zero cluster is treated as
- *   zero, others go through writeCompressed (which stores incompressible
- *   clusters uncompressed); a final zero-length compressed write aligns the
- *   file end, as qemu-img does.
+ *   zero (with -S 0 it is compressed, as every other), others go through
+ *   writeCompressed (which stores incompressible clusters uncompressed); a
+ *   final zero-length compressed write aligns the file end, as qemu-img does.
  * - Pipeline: copy-pipeline.ts (shared with the jobs): reads of
  *   COPY_CHUNK_BYTES run ahead of one ordered writer (qemu-img's default
  *   wr_in_order); a qcow2 target gets the writes queued meanwhile as one

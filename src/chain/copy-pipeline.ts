@@ -425,7 +425,9 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
         ops.push({ kind: "zero", guestOffset: at, lengthBytes: Math.min(end, at + ZERO_REQUEST_BYTES_MAX) - at, options: zeroMode.options, done: null });
       }
     } else if (zeroMode.kind === "bytes") {
-      for (let at = start; at < end; at += chunkBytes) ops.push({ kind: "data", guestOffset: at, data: zeroBytes(Math.min(end, at + chunkBytes) - at), done: null });
+      // Compressing (whole clusters): zero clusters are compressed too, as qemu-img convert -c -S 0 does.
+      const kind = compress ? "compressed" : "data";
+      for (let at = start; at < end; at += chunkBytes) ops.push({ kind, guestOffset: at, data: zeroBytes(Math.min(end, at + chunkBytes) - at), done: null });
     }
   };
 

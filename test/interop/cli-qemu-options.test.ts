@@ -52,6 +52,8 @@ test("convert, commit, rebase and compare accept and refuse the options qemu-img
     { args: ["commit", "-r", "-5", "t.qcow2"], accepted: false },
     { args: ["commit", "-r", "0", "-d", "t.qcow2"], accepted: true },
     { args: ["rebase", "-U", "-u", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"], accepted: true },
+    // -c -S 0: every cluster compressed, the zero ones too (the same bytes as qemu-img's).
+    { args: ["convert", "-c", "-S", "0", "-O", "qcow2", "z.qcow2", "o.qcow2"], accepted: true, output: "o.qcow2" },
     // convert -l: an internal snapshot, the same bytes as qemu-img's.
     ...["s1", "snapshot.name=s1", "snapshot.id=1"].map((ref) => ({ args: ["convert", "-O", "qcow2", "-l", ref, "b.qcow2", "o.qcow2"], accepted: true, output: "o.qcow2" })),
     { args: ["convert", "-O", "qcow2", "-l", "nope", "b.qcow2", "o.qcow2"], accepted: false },
