@@ -52,6 +52,17 @@ async function readDisk(manager: MachineManager, name: string, layerId: string, 
   }
 }
 
+/** Fill `lengthBytes` at `offsetBytes` of a stopped machine's top layer (or of `file`, a layer file in its directory) with `fill`. */
+async function writeChunk(store: MachineStore, name: string, offsetBytes: number, lengthBytes: number, fill: number, file?: string): Promise<void> {
+  const tree = store.loadTree(name);
+  const device = await openImage(stepPath(store.machineDir(name), file ?? tree.layers[tree.current.layer].file));
+  try {
+    await device.write(offsetBytes, Buffer.alloc(lengthBytes, fill));
+  } finally {
+    await device.close();
+  }
+}
+
 test("live operations on a running guest: state saved live at one instant, disk-only snapshots, delete under the running VM", { timeout: 600_000 }, async (t) => {
   if (!requireTools(t, "qemu-system-x86_64", "qemu-img")) return;
   const guest = await buildGuest();
@@ -277,12 +288,7 @@ test("a delete under a running top killed at any step: the replay keeps the gues
     const manager = new MachineManager(store);
     await manager.create({ name: "m", diskSizeBytes: 4 * MiB });
     const dir = store.machineDir("m");
-    const writeTop = async (offsetBytes: number, fill: number, file?: string): Promise<void> => {
-      const tree = store.loadTree("m");
-      const device = await openImage(stepPath(dir, file ?? tree.layers[tree.current.layer].file));
-      await device.write(offsetBytes, Buffer.alloc(CHUNK, fill));
-      await device.close();
-    };
+    const writeTop = (offsetBytes: number, fill: number, file?: string): Promise<void> => writeChunk(store, "m", offsetBytes, CHUNK, fill, file);
     await writeTop(0, 1);
     await manager.snapshot("m", { snapshot: "base" });
     await writeTop(CHUNK, 2);
@@ -318,12 +324,7 @@ test("an operation that failed part-way is finished before the machine's next on
   await manager.create({ name: "m", diskSizeBytes: 4 * MiB });
   await manager.create({ name: "other", diskSizeBytes: 4 * MiB });
   const dir = store.machineDir("m");
-  const writeTop = async (offsetBytes: number, fill: number): Promise<void> => {
-    const tree = store.loadTree("m");
-    const device = await openImage(stepPath(dir, tree.layers[tree.current.layer].file));
-    await device.write(offsetBytes, Buffer.alloc(CHUNK, fill));
-    await device.close();
-  };
+  const writeTop = (offsetBytes: number, fill: number): Promise<void> => writeChunk(store, "m", offsetBytes, CHUNK, fill);
   await writeTop(0, 1);
   await manager.snapshot("m", { snapshot: "a" });
   await writeTop(CHUNK, 2);
