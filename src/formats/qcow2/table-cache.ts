@@ -77,19 +77,9 @@ export function markDirty(table: CachedTable, byteOffset = 0, byteLength = table
 }
 
 /**
- * Clean bytes a write-back run may span between two dirty chunks rather
- * than be split in two writes. A clean chunk's bytes equal the file's (the
- * invariant above), so writing them again changes nothing, also when the
- * write is torn; one pwrite is dearer than copying 16 KiB more. A snapshot
- * delete on the bench's 100 GiB image writes ~5 scattered pages of each
- * of its 200 tables: 200 writes instead of ~1,000.
- */
-const CLEAN_GAP_BYTES_MAX = 16 * 1024;
-
-/**
- * The byte ranges of a table of `tableBytes` to write for the dirty-chunk
- * mask `dirtyChunks`, as [byteOffset, byteLength] pairs in order: dirty
- * chunks, merged when adjacent or at most CLEAN_GAP_BYTES_MAX apart.
+ * The byte ranges of a table of `tableBytes` that the dirty-chunk mask
+ * `dirtyChunks` marks, as [byteOffset, byteLength] pairs, adjacent chunks
+ * merged, in order.
  */
 export function dirtyRuns(dirtyChunks: number, tableBytes: number): [byteOffset: number, byteLength: number][] {
   const chunkBytes = dirtyChunkBytes(tableBytes);
@@ -97,10 +87,9 @@ export function dirtyRuns(dirtyChunks: number, tableBytes: number): [byteOffset:
   const runs: [number, number][] = [];
   for (let chunk = 0; chunk < chunks; chunk++) {
     if ((dirtyChunks & (1 << chunk)) === 0) continue;
-    const start = chunk * chunkBytes;
     const last = runs[runs.length - 1];
-    if (last !== undefined && start - (last[0] + last[1]) <= CLEAN_GAP_BYTES_MAX) last[1] = start + chunkBytes - last[0];
-    else runs.push([start, chunkBytes]);
+    if (last !== undefined && last[0] + last[1] === chunk * chunkBytes) last[1] += chunkBytes;
+    else runs.push([chunk * chunkBytes, chunkBytes]);
   }
   return runs;
 }
