@@ -266,6 +266,12 @@ test("removing a linked clone while its source runs: the merge its pin held back
   // Removing the clone lets the source's tree merge that layer, with the source running.
   await manager.remove("uc");
   await mark("AFTER-REMOVE", 8192);
+  // A clone of a snapshot that stays: its removal has nothing to merge.
+  await manager.snapshot("u", { snapshot: "q", diskOnly: true });
+  await manager.clone("u", "q", "qc");
+  await manager.remove("qc");
+  assert.ok(Object.values(manager.store.loadTree("u").snapshots).some((snapshot) => snapshot.name === "q"));
+  await mark("AFTER-Q", 10240);
   assert.equal((await run(`dd if=/dev/vda bs=1M skip=24 count=2 iflag=direct 2>/dev/null | md5sum`))[0].split(" ")[0], bulkSum);
   console.close();
   await manager.stop("u");
@@ -278,6 +284,7 @@ test("removing a linked clone while its source runs: the merge its pin held back
   const sector = async (at: number): Promise<string> => (await readDisk(manager, "u", tree.current.layer, at * 512, 16)).toString("ascii").replace(/\0+$/, "");
   assert.equal(await sector(6144), "AFTER-DELETE");
   assert.equal(await sector(8192), "AFTER-REMOVE");
+  assert.equal(await sector(10240), "AFTER-Q");
   assert.equal(createHash("md5").update(await readDisk(manager, "u", tree.current.layer, 24 * MiB, 2 * MiB)).digest("hex"), bulkSum);
 });
 

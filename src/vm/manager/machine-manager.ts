@@ -609,6 +609,8 @@ export class MachineManager {
    * a delete-snapshot, or the merges a clone's removal allows in its source.
    */
   async #runLivePlan(name: string, running: RunningMachine, operation: string, plan: Plan, options: OperationOptions): Promise<{ result: StepResult; pausedMs: number }> {
+    // Nothing to merge (a clone's pin released on a layer something else still owns): no pause.
+    if (plan.steps.length === 0) return { result: await this.store.runJournaled(name, operation, plan, options), pausedMs: 0 };
     const dir = this.store.machineDir(name);
     const tree = this.store.loadTree(name);
     const topFiles = layerFiles(tree, tree.layers[tree.current.layer].file);
