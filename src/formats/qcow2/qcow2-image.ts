@@ -1603,10 +1603,9 @@ export class Qcow2Image implements BlockDevice {
         nextHostOffset = await this.#allocatePlans(plans, nextHostOffset);
         for (const plan of plans) {
           // A range that reads as zeroes (resize over a longer backing file zeroed it) stays so, with its
-          // new host cluster: QEMU's truncate zeroes after it preallocates (offset|ZERO; extended L2: the
-          // subclusters' zero bits).
-          // Extended L2 (QEMU links the cluster with no subcluster allocated): the zero bits stay as they
-          // were, and no subcluster maps the host cluster's bytes. Otherwise the entry's zero flag stays.
+          // new host cluster, as QEMU's truncate zeroes after it preallocates: offset|ZERO. Extended L2:
+          // QEMU links the cluster with no subcluster allocated, so the zero bits stay as they were and
+          // no subcluster maps the host cluster's bytes (nothing to zero there).
           const mask = geometry.extendedL2 ? rangeMask(Math.floor(plan.inCluster / scSize), Math.floor((plan.inCluster + plan.length - 1) / scSize) + 1) : 0;
           const zeroBits = geometry.extendedL2 ? plan.entry.zeroBitmap & mask : 0;
           const readsZero = geometry.extendedL2 ? zeroBits === mask : plan.entry.type === "zero-plain";
