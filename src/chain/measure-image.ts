@@ -27,6 +27,8 @@ export interface MeasureOptions {
   sizeBytes?: number;
   /** Or measure the content of this image (and its chain). */
   source?: BlockDevice;
+  /** Where the source's persistent bitmaps are, when `source` is a view of one of its snapshots (-l): the image. */
+  bitmapsOf?: BlockDevice;
 }
 
 /**
@@ -78,7 +80,8 @@ export async function measureImage(options: MeasureOptions): Promise<MeasureResu
   const result: MeasureResult = { required: measured.requiredBytes, "fully-allocated": measured.fullyAllocatedBytes };
   // qemu-img reports bitmaps when the source and a v3 target both support them: what convert --bitmaps would need.
   if (source !== undefined && source.format === "qcow2" && resolved.version === 3) {
-    result.bitmaps = source instanceof Qcow2Image ? persistentBitmapsBytes(source, clusterSizeBytes) : 0;
+    const holder = options.bitmapsOf ?? source;
+    result.bitmaps = holder instanceof Qcow2Image ? persistentBitmapsBytes(holder, clusterSizeBytes) : 0;
   }
   return result;
 }

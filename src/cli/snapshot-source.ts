@@ -29,8 +29,8 @@ export interface SourceOptions {
   snapshot?: string;
 }
 
-/** The image at `path` with its chain, or (`snapshot`) a read-only view of its internal snapshot; `close` closes both. */
-export async function openSource(path: string, options: SourceOptions): Promise<{ device: BlockDevice; close(): Promise<void> }> {
+/** The image at `path` with its chain, or (`snapshot`) a read-only view of its internal snapshot as `device` (`image`: the image itself either way); `close` closes both. */
+export async function openSource(path: string, options: SourceOptions): Promise<{ device: BlockDevice; image: BlockDevice; close(): Promise<void> }> {
   const image = await openImage(path, {
     format: options.format,
     readOnly: options.readOnly || options.snapshot !== undefined,
@@ -38,7 +38,7 @@ export async function openSource(path: string, options: SourceOptions): Promise<
     ioMode: options.ioMode,
     writeIoMode: options.writeIoMode,
   });
-  if (options.snapshot === undefined) return { device: image, close: () => image.close() };
+  if (options.snapshot === undefined) return { device: image, image, close: () => image.close() };
   try {
     if (!(image instanceof Qcow2Image)) {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", `-l: ${path} is ${image.format}; internal snapshots exist only in qcow2 images`);
@@ -46,6 +46,7 @@ export async function openSource(path: string, options: SourceOptions): Promise<
     const view = await openSnapshotView(image, options.snapshot);
     return {
       device: view,
+      image,
       close: async () => {
         await view.close();
         await image.close();

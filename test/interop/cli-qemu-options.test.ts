@@ -14,12 +14,13 @@ import { assertUnchanged, ok, qemuImg, qemuIo, snapshotFiles, snapstack } from "
 
 const MiB = 1024 * 1024;
 
-/** b.qcow2 (1 MiB of 0x01, snapshot s1 of its first half) <- t.qcow2 (4 KiB of 0x02); z.qcow2: an empty 1 MiB image; in `dir`. */
+/** b.qcow2 (1 MiB of 0x01, snapshot s1 of its first half, persistent bitmap b0) <- t.qcow2 (4 KiB of 0x02); z.qcow2: an empty 1 MiB image; in `dir`. */
 async function fixtures(dir: string): Promise<void> {
   ok(await qemuImg(["create", "-q", "-f", "qcow2", "b.qcow2", "1M"], dir), "create b");
   ok(await qemuIo(["-f", "qcow2", "-c", "write -P 1 0 512k", "b.qcow2"], dir), "fill b");
   ok(await qemuImg(["snapshot", "-c", "s1", "b.qcow2"], dir), "snapshot b");
   ok(await qemuIo(["-f", "qcow2", "-c", "write -P 1 512k 512k", "b.qcow2"], dir), "fill b");
+  ok(await qemuImg(["bitmap", "--add", "b.qcow2", "b0"], dir), "bitmap on b");
   ok(await qemuImg(["create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"], dir), "create t");
   ok(await qemuIo(["-f", "qcow2", "-c", "write -P 2 0 4k", "t.qcow2"], dir), "write t");
   ok(await qemuImg(["create", "-q", "-f", "qcow2", "z.qcow2", "1M"], dir), "create z");
@@ -72,7 +73,7 @@ test("convert, commit, rebase and compare accept and refuse the options qemu-img
     { args: ["create", "-f", "qcow2", "-o", "compat=0.10", "-b", "b.qcow2", "-F", "qcow2", "n.qcow2", "10M"], accepted: true, sameStdout: true },
     { args: ["measure", "-O", "qcow2", "-o", "compat=0.10", "t.qcow2"], accepted: true, sameStdout: true },
     { args: ["measure", "-O", "qcow2", "t.qcow2"], accepted: true, sameStdout: true },
-    // measure -l (an internal snapshot) and --size with a backing file but no backing format.
+    // measure -l (an internal snapshot: the image's bitmaps are counted) and --size with a backing file but no backing format.
     ...["s1", "snapshot.name=s1", "snapshot.id=1"].map((ref) => ({ args: ["measure", "-O", "qcow2", "-l", ref, "b.qcow2"], accepted: true, sameStdout: true })),
     { args: ["measure", "-O", "qcow2", "-l", "nope", "b.qcow2"], accepted: false },
     { args: ["measure", "--size", "1G", "-O", "qcow2", "-o", "backing_file=b.qcow2"], accepted: true, sameStdout: true },

@@ -66,7 +66,7 @@ export const measureCommand: CliCommand = {
         snapshot: snapshotText === undefined ? undefined : parseSnapshotParam(snapshotText),
       });
       try {
-        result = await measureImage({ format, options: checked.typed, source: source.device });
+        result = await measureImage({ format, options: checked.typed, source: source.device, bitmapsOf: source.image });
       } finally {
         await source.close();
       }
