@@ -247,6 +247,7 @@ test("removing a linked clone while its source runs: the merge its pin held back
   t.after(() => manager.shutdown());
   await manager.create({ name: "u", memoryBytes: 128 * MiB, diskSizeBytes: DISK_BYTES, kernel: guest.kernelPath, initrd: guest.initrdPath, append: guest.append });
   await manager.start("u");
+  assert.equal(statSync(manager.serialLogPath("u")).mode & 0o777, 0o600, "the console log is the owner's alone");
   const console = new GuestConsole(manager.serialLogPath("u"), manager.serialSocketPath("u"));
   t.after(() => console.close());
   await console.waitFor(/^READY vda/m, { timeoutMs: 120_000 });

@@ -26,7 +26,7 @@
  *   exit code or signal and the tail of its stderr.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { closeSync, existsSync, fstatSync, mkdirSync, openSync, readSync, rmSync, statSync } from "node:fs";
+import { chmodSync, closeSync, existsSync, fstatSync, mkdirSync, openSync, readSync, rmSync, statSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { SnapstackError, fromSystemError, isSnapstackError } from "../../base/errors.ts";
 import { QmpClient } from "../../qmp/qmp-client.ts";
@@ -148,6 +148,9 @@ export class QemuProcess {
     try {
       mkdirSync(spec.runDir, { recursive: true, mode: 0o700 });
       mkdirSync(dirname(spec.serialLogPath), { recursive: true });
+      // QEMU appends to the console log; created here so that it is the owner's alone, like the rest of the store.
+      closeSync(openSync(spec.serialLogPath, "a", 0o600));
+      chmodSync(spec.serialLogPath, 0o600);
       for (const path of [files.qmpSocket, files.serialSocket, files.pidFile, files.incomingSocket, files.outgoingSocket]) rmSync(path, { force: true });
     } catch (error) {
       throw fromSystemError(error, spec.runDir, "prepare the run directory");
