@@ -114,6 +114,9 @@ test("machine operations: bad input, clone pins its layer, diff, remove", async 
   const store = new MachineStore(scratchDir(t));
   await assert.rejects(createMachine(store, { name: "a/b", diskSizeBytes: 1 << 20 }), { code: "E_USAGE" });
   await assert.rejects(createMachine(store, { name: "m" }), { code: "E_USAGE" });
+  // A directory as the kernel: refused when the machine is made, not at its first start.
+  await assert.rejects(createMachine(store, { name: "k", diskSizeBytes: 1 << 20, kernel: store.machinesDir }), { code: "E_ACCESS", message: /kernel .*: not a regular file/ });
+  assert.ok(!store.has("k"));
   await createMachine(store, { name: "m", diskSizeBytes: 1 << 20 });
   await assert.rejects(createMachine(store, { name: "m", diskSizeBytes: 1 << 20 }), { code: "E_EXISTS" });
   await assert.rejects(snapshotStopped(store, "nope", { snapshot: "x" }), { code: "E_NOT_FOUND" });

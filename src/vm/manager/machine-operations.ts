@@ -7,7 +7,7 @@
  * Each multi-step operation plans on the pure tree (snapshot-tree.ts) and
  * runs under the store's journal (machine-store.ts).
  */
-import { existsSync, mkdirSync } from "node:fs";
+import { existsSync, mkdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { SnapstackError } from "../../base/errors.ts";
 import { openImage } from "../../chain/open-image.ts";
@@ -77,9 +77,11 @@ function checkInteger(what: string, value: number, min: number, max: number): nu
   return value;
 }
 
-function checkFile(what: string, path: string | null | undefined): string | null {
+/** A path the machine's config names, which must exist (`regular`: and be a regular file, as QEMU's -kernel and -initrd must). */
+function checkFile(what: string, path: string | null | undefined, regular = false): string | null {
   if (path === null || path === undefined) return null;
   if (!existsSync(path)) throw new SnapstackError("E_NOT_FOUND", `${what} ${path}: no such file`, { path });
+  if (regular && !statSync(path).isFile()) throw new SnapstackError("E_ACCESS", `${what} ${path}: not a regular file`, { path });
   return path;
 }
 
@@ -116,8 +118,8 @@ export async function createMachine(store: MachineStore, request: CreateMachineR
       cpus: checkInteger("cpus", request.cpus ?? 1, 1, CPUS_MAX),
       diskSizeBytes: checkInteger("disk size", diskSizeBytes, 512, DISK_BYTES_MAX),
       ...extraDisks(request.extraDiskSizesBytes),
-      kernel: checkFile("kernel", request.kernel),
-      initrd: checkFile("initrd", request.initrd),
+      kernel: checkFile("kernel", request.kernel, true),
+      initrd: checkFile("initrd", request.initrd, true),
       append: request.append ?? null,
       cdrom: checkFile("cdrom", request.cdrom),
       extraArgs: request.extraArgs ?? [],
