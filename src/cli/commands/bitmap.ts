@@ -13,6 +13,7 @@
 import { SnapstackError } from "../../base/errors.ts";
 import { parseSize } from "../../base/units.ts";
 import { optionString, parseArgs } from "../args.ts";
+import { OBJECT_OPTION_SPECS, refuseObjectOptions } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { changeImageBitmaps } from "../engine.ts";
 import type { BitmapStep } from "../../chain/index.ts";
@@ -41,8 +42,7 @@ export const bitmapCommand: CliCommand = {
       { name: "sourceFormat", short: "F", value: true },
       { name: "granularity", short: "g", value: true },
       { name: "format", short: "f", value: true },
-      { name: "object", long: "object", value: true, repeat: "list" },
-      { name: "imageOpts", long: "image-opts" },
+      ...OBJECT_OPTION_SPECS,
     ]);
     const kinds: readonly string[] = ACTIONS;
     const sequence = parsed.sequence.filter((option) => kinds.includes(option.name));
@@ -53,7 +53,7 @@ export const bitmapCommand: CliCommand = {
     const sourceFormat = optionString(parsed, "sourceFormat");
     if (sourceFormat !== undefined && sourceFile === undefined) throw new SnapstackError("E_USAGE", "-F only supported with -b");
     if (sourceFile !== undefined && !sequence.some((option) => option.name === "merge")) throw new SnapstackError("E_USAGE", "Merge bitmap source file only supported with --merge");
-    if (parsed.options.object !== undefined || parsed.options.imageOpts !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", "--object and --image-opts are not supported");
+    refuseObjectOptions(parsed);
     if (parsed.positionals.length !== 2) throw new SnapstackError("E_USAGE", "Expecting filename and bitmap name");
     const [path, name] = parsed.positionals;
     // -g 0: the default granularity, as in qemu-img.

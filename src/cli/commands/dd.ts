@@ -8,6 +8,7 @@
 import { SnapstackError } from "../../base/errors.ts";
 import { parseSizeBig } from "../../base/units.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
+import { OBJECT_OPTION_SPECS, refuseObjectOptions } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { DD_BLOCK_BYTES_MAX, ddImage } from "../engine.ts";
 
@@ -31,10 +32,9 @@ export const ddCommand: CliCommand = {
       { name: "format", short: "f", value: true },
       { name: "outputFormat", short: "O", value: true },
       { name: "forceShare", short: "U" },
-      { name: "object", long: "object", value: true, repeat: "list" },
-      { name: "imageOpts", long: "image-opts" },
+      ...OBJECT_OPTION_SPECS,
     ]);
-    if (parsed.options.object !== undefined || parsed.options.imageOpts !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", "--object and --image-opts are not supported");
+    refuseObjectOptions(parsed);
     // Operands are checked in order, the first bad one reported (img_dd's loop); the last of a key wins.
     let input: string | undefined;
     let output: string | undefined;
