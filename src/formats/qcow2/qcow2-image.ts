@@ -1901,13 +1901,23 @@ export class Qcow2Image implements BlockDevice {
    * A zero request smaller than a (sub)cluster: if the rest of the
    * (sub)cluster already reads as zero and it is not allocated, the whole
    * (sub)cluster becomes a zero entry (qcow2_co_pwrite_zeroes); otherwise
-   * zero data is written.
+   * zero data is written. A request that crosses a (sub)cluster boundary
+   * is decided one (sub)cluster at a time, as QEMU's block layer splits it
+   * at the zero alignment (a zero request straddling two partial
+   * subclusters was once decided by the first alone and left the second's
+   * data in place).
    */
   async #zeroOrWrite(guestOffset: number, lengthBytes: number): Promise<void> {
     const meta = this.#meta;
     const geometry = meta.geometry;
     const unit = geometry.subclusterSizeBytes;
     const unitStart = Math.floor(guestOffset / unit) * unit;
+    const unitEnd = unitStart + unit;
+    if (guestOffset + lengthBytes > unitEnd) {
+      await this.#zeroOrWrite(guestOffset, unitEnd - guestOffset);
+      await this.#zeroOrWrite(unitEnd, guestOffset + lengthBytes - unitEnd);
+      return;
+    }
     const unitLength = Math.min(unit, this.sizeBytes - unitStart);
     const run = await this.#runAt(unitStart, unitLength);
     if (run.length >= unitLength && (run.kind === "zero" || run.kind === "unallocated")) {
