@@ -61,6 +61,25 @@ test("requests are checked at the edge", async () => {
   await assert.rejects(image.read(0, new Uint8Array(1)), code("E_IO"));
 });
 
+test("a header size that is not a multiple of 512 is read as QEMU reads it: rounded down to whole sectors", async () => {
+  const file = new MemoryFile({ name: "odd.qcow2" });
+  await createQcow2(file, { sizeBytes: 99840 });
+  // Another tool wrote 100000 (QEMU's tools never do): QEMU's guest ends at 99840.
+  const sizeField = new Uint8Array(8);
+  new DataView(sizeField.buffer).setBigUint64(0, 100000n);
+  await file.write(24, sizeField);
+  const odd = await openQcow2(file, { readOnly: false, backing: null });
+  assert.equal(odd.sizeBytes, 99840);
+  assert.equal(odd.info().sizeBytes, 99840);
+  await assert.rejects(odd.write(99900, new Uint8Array(100)), code("E_OUT_OF_RANGE"));
+  await odd.write(99840 - 512, new Uint8Array(512).fill(7));
+  await odd.flush();
+  const header = new Uint8Array(32);
+  await file.read(0, header);
+  assert.equal(new DataView(header.buffer).getBigUint64(24), 100000n, "the header keeps the size it had");
+  await odd.close();
+});
+
 test("read-only images refuse writes", async () => {
   const { file, image } = await fresh();
   await image.write(0, new Uint8Array(100).fill(9));

@@ -25,7 +25,7 @@
  */
 import { SnapstackError } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from "./header.ts";
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, guestSizeOf } from "./header.ts";
 import {
   CHECK_CLUSTERS_MAX,
   CheckFailure,
@@ -154,7 +154,7 @@ async function checkRefcounts(state: Qcow2CheckState, report: CheckReport, fix: 
     throw new CheckFailure(STRERROR.EFBIG);
   }
   // bs->total_sectors is the virtual size in whole sectors.
-  report.totalClusters = clustersForBytes(state, Math.floor(state.header.sizeBytes / 512) * 512);
+  report.totalClusters = clustersForBytes(state, guestSizeOf(state.header));
 
   const counts = new ClusterCounts(fileClusters, state.refcountMax);
   const outcome = await calculateRefcounts(state, report, counts, fix);

@@ -147,6 +147,11 @@ export interface Qcow2Header {
   backingFormat: string | null;
 }
 
+/** The guest size a header gives: its size field rounded down to whole 512-byte sectors, as QEMU reads it. */
+export function guestSizeOf(header: Pick<Qcow2Header, "sizeBytes">): number {
+  return Math.floor(header.sizeBytes / 512) * 512;
+}
+
 function badHeader(message: string, details: Record<string, unknown> = {}): SnapstackError {
   return new SnapstackError("E_BAD_HEADER", message, details);
 }

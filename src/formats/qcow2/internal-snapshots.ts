@@ -80,6 +80,7 @@ import {
   getL1Entry,
   setL1Entry,
 } from "./entries.ts";
+import { guestSizeOf } from "./header.ts";
 import { L1_BYTES_MAX, corruption, type Qcow2Geometry, type Qcow2Metadata } from "./metadata.ts";
 import { markDirty, type CachedTable } from "./table-cache.ts";
 import {
@@ -732,7 +733,7 @@ export async function createSnapshot(image: Qcow2Image, name: string, options: C
       dateNanoseconds: date.nanoseconds,
       vmClockNanoseconds: 0,
       vmStateSizeBytes: 0,
-      diskSizeBytes: meta.header.sizeBytes,
+      diskSizeBytes: guestSizeOf(meta.header), // QEMU: total_sectors * 512
       icount: 0,
       extraDataSizeBytes: 0,
       unknownExtraData: new Uint8Array(0),

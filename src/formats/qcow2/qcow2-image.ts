@@ -73,6 +73,7 @@ import {
   decodeQcow2ClusterBits,
   decodeQcow2Header,
   encodeQcow2Header,
+  guestSizeOf,
   type Qcow2Header,
 } from "./header.ts";
 import {
@@ -247,7 +248,7 @@ export async function openQcow2(file: ImageFile, options: OpenQcow2Options): Pro
 
   let snapshots: Qcow2Snapshot[] = [];
   if (header.snapshotCount > 0) {
-    snapshots = (await readSnapshotTableAt(file, header.snapshotsOffset, header.snapshotCount, header.sizeBytes)).snapshots;
+    snapshots = (await readSnapshotTableAt(file, header.snapshotsOffset, header.snapshotCount, guestSizeOf(header))).snapshots;
     snapshots.forEach((snapshot, i) => {
       if (snapshot.extraDataSizeBytes > SNAPSHOT_EXTRA_DATA_BYTES_MAX) {
         throw new SnapstackError("E_CORRUPT_IMAGE", `Too much extra metadata in snapshot table entry ${i}`, {
@@ -353,8 +354,13 @@ export class Qcow2Image implements BlockDevice {
     meta.compressedDataMapped = (guestCluster, hostOffset) => compressedDataMapped(meta, this.#snapshots, guestCluster, hostOffset);
   }
 
+  /**
+   * The guest size: the header's, rounded down to whole 512-byte sectors as
+   * QEMU does (qcow2_do_open: total_sectors = size / 512). Another tool may
+   * write a size that is not a multiple of 512; QEMU never shows its tail.
+   */
   get sizeBytes(): number {
-    return this.#meta.header.sizeBytes;
+    return guestSizeOf(this.#meta.header);
   }
 
   /** The current header (do not modify). */
@@ -600,7 +606,7 @@ export class Qcow2Image implements BlockDevice {
     return {
       version: header.version,
       compat: header.version === 3 ? "1.1" : "0.10",
-      sizeBytes: header.sizeBytes,
+      sizeBytes: this.sizeBytes,
       clusterSizeBytes: this.#meta.clusterSizeBytes,
       refcountBits: 2 ** header.refcountOrder,
       lazyRefcounts: (header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n,
@@ -2236,7 +2242,8 @@ export class Qcow2Image implements BlockDevice {
     if (header.version === 2 && this.#snapshots.length > 0) {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", "Can't resize a v2 image which has snapshots");
     }
-    const oldSize = header.sizeBytes;
+    const oldSize = this.sizeBytes;
+    const oldHeaderSize = header.sizeBytes;
     if (newSizeBytes < oldSize && !options.shrink) {
       throw new SnapstackError("E_INVALID_SIZE", "Use the --shrink option to perform a shrink operation.");
     }
@@ -2290,7 +2297,7 @@ export class Qcow2Image implements BlockDevice {
         try {
           await meta.writeHeaderBytes(24, sizeField);
         } catch (error) {
-          header.sizeBytes = oldSize; // #zeroGrownArea raised it in memory; the file still says oldSize
+          header.sizeBytes = oldHeaderSize; // #zeroGrownArea raised it in memory; the file still says the old size
           throw error;
         }
         header.sizeBytes = newSizeBytes;
@@ -2321,6 +2328,7 @@ export class Qcow2Image implements BlockDevice {
     const header = this.#meta.header;
     const unit = this.#meta.geometry.subclusterSizeBytes;
     const zeroStart = Math.ceil(oldSize / unit) * unit;
+    const oldHeaderSize = header.sizeBytes;
     header.sizeBytes = newSize; // the guest range the zeroing may touch (rewritten on disk by the caller)
     try {
       if (newSize > zeroStart) await this.#zeroLocked(zeroStart, newSize - zeroStart, false);
@@ -2328,7 +2336,7 @@ export class Qcow2Image implements BlockDevice {
       await this.#meta.writeCaches();
       await this.#file.flush();
     } catch (error) {
-      header.sizeBytes = oldSize;
+      header.sizeBytes = oldHeaderSize;
       throw error;
     }
   }

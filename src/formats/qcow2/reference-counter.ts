@@ -39,7 +39,7 @@ import type { ImageFile } from "../../io/file.ts";
 import { BITMAP_DIRECTORY_BYTES_MAX, BITMAP_TABLE_ENTRY_BYTES, decodeBitmapDirectory, decodeBitmapTableEntry } from "./bitmap-directory.ts";
 import { COMPRESSED_SECTOR_BYTES, getL2Entry, l2EntryBytes, l2EntriesPerTable, decodeL1EntryWords, compressedLayout } from "./entries.ts";
 import type { L2Entry } from "./entries.ts";
-import { decodeQcow2Header, AUTOCLEAR_BITMAPS, CRYPT_LUKS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, QCOW2_HEADER_PROBE_BYTES, decodeQcow2ClusterBits } from "./header.ts";
+import { decodeQcow2Header, AUTOCLEAR_BITMAPS, CRYPT_LUKS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, QCOW2_HEADER_PROBE_BYTES, decodeQcow2ClusterBits, guestSizeOf } from "./header.ts";
 import type { Qcow2Header } from "./header.ts";
 import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, getRefcount, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
 import { encodeSnapshotEntryTail, SNAPSHOT_COUNT_MAX, SNAPSHOT_KNOWN_EXTRA_BYTES, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, SNAPSHOT_TABLE_BYTES_MAX, SNAPSHOT_V3_EXTRA_BYTES_MIN } from "./snapshot-table.ts";
@@ -529,7 +529,7 @@ export function encodeCheckedSnapshotTable(state: Qcow2CheckState): Uint8Array {
     const fixedView = new DataView(fixed.buffer, fixed.byteOffset, fixed.byteLength);
     const extraView = new DataView(extra.buffer, extra.byteOffset, extra.byteLength);
     const vmStateSize = extra.length >= 8 ? extraView.getBigUint64(0) : BigInt(fixedView.getUint32(32));
-    const diskSize = extra.length >= 16 ? extraView.getBigUint64(8) : BigInt(Math.floor(state.header.sizeBytes / 512) * 512);
+    const diskSize = extra.length >= 16 ? extraView.getBigUint64(8) : BigInt(guestSizeOf(state.header));
     const icount = extra.length >= 24 ? extraView.getBigInt64(16) : -1n;
     out.set(fixed.subarray(0, 12), at); // L1 offset and size
     view.setUint16(at + 12, id.length);
