@@ -143,6 +143,42 @@ test("extended L2: a zero request straddling two partial subclusters zeroes both
   await image.close();
 });
 
+test("a partial zero write with unmap frees a zero-allocated cluster, as QEMU does (no extended L2)", async () => {
+  const { image } = await fresh({ sizeBytes: 16 * KiB, clusterSizeBytes: 4 * KiB });
+  await image.write(4 * KiB, new Uint8Array(4 * KiB).fill(0xf3));
+  await image.writeZeroes(4 * KiB, 4 * KiB); // zero-allocated: the host cluster stays
+  const hostOf = async () => (await image.layerStatus(4 * KiB, 4 * KiB))[0].hostOffset;
+  assert.notEqual(await hostOf(), undefined);
+  // The rest of the cluster reads as zero: QEMU zeroes the whole cluster with unmap, which frees it.
+  await image.writeZeroes(4 * KiB, KiB, { unmap: true });
+  assert.equal(await hostOf(), undefined, "the cluster is no longer allocated");
+  // So a compressed write there is allowed (QEMU's qemu-io succeeds; it was refused as an allocated cluster).
+  await image.writeCompressed(4 * KiB, new Uint8Array(4 * KiB).fill(0x11));
+  const buffer = new Uint8Array(4 * KiB);
+  await image.read(4 * KiB, buffer);
+  assert.ok(buffer.every((b) => b === 0x11));
+  await image.close();
+});
+
+test("extended L2: a zero request with an unaligned head over a compressed cluster zeroes the aligned middle as subclusters, as QEMU does", async () => {
+  const { image } = await fresh({ sizeBytes: 640 * KiB, extendedL2: true });
+  await image.writeCompressed(0, new Uint8Array(64 * KiB).fill(0x87));
+  await image.writeZeroes(48640, 4096); // head in subcluster 23, subcluster 24 whole, tail in 25
+  const extents = await image.layerStatus(0, 64 * KiB);
+  assert.deepEqual(
+    extents.map((e) => [e.guestOffset, e.lengthBytes, e.kind]),
+    [
+      [0, 48 * KiB, "data"],
+      [48 * KiB, 2 * KiB, "zero"],
+      [50 * KiB, 14 * KiB, "data"],
+    ],
+  );
+  const buffer = new Uint8Array(64 * KiB);
+  await image.read(0, buffer);
+  buffer.forEach((b, i) => assert.equal(b, i >= 48640 && i < 48640 + 4096 ? 0 : 0x87, `byte ${i}`));
+  await image.close();
+});
+
 test("reads racing a discard never see another cluster's new data", async () => {
   const { image } = await fresh({ sizeBytes: 2 * MiB });
   await image.write(0, new Uint8Array(MiB).fill(0x11));

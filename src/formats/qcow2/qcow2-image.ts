@@ -1794,7 +1794,7 @@ export class Qcow2Image implements BlockDevice {
         // v2 over a backing file: zero data, as QEMU writes.
         await this.#writeZeroData(clusterStart, pieceEnd - clusterStart);
       } else {
-        await this.#zeroPartialCluster(clusterIndex, g - clusterStart, pieceEnd - clusterStart);
+        await this.#zeroPartialCluster(clusterIndex, g - clusterStart, pieceEnd - clusterStart, unmap);
       }
       g = pieceEnd;
     }
@@ -1870,7 +1870,7 @@ export class Qcow2Image implements BlockDevice {
     }
   }
 
-  async #zeroPartialCluster(clusterIndex: number, startInCluster: number, endInCluster: number): Promise<void> {
+  async #zeroPartialCluster(clusterIndex: number, startInCluster: number, endInCluster: number, unmap: boolean): Promise<void> {
     const meta = this.#meta;
     const geometry = meta.geometry;
     const cs = geometry.clusterSizeBytes;
@@ -1882,9 +1882,17 @@ export class Qcow2Image implements BlockDevice {
       const firstFull = Math.ceil(startInCluster / scSize);
       const imageEndInCluster = this.sizeBytes - clusterStart;
       const lastFullEnd = endInCluster === imageEndInCluster ? Math.ceil(endInCluster / scSize) : Math.floor(endInCluster / scSize);
+      if (compressed && firstFull < lastFullEnd && startInCluster < firstFull * scSize) {
+        // QEMU's order: the unaligned head is written as data first, which makes the cluster a
+        // normal one, so the aligned middle then becomes zero subclusters (zero_l2_subclusters
+        // refuses only a compressed cluster, and its whole piece is then written as data).
+        await this.#zeroOrWrite(clusterStart + startInCluster, firstFull * scSize - startInCluster, unmap);
+        await this.#zeroPartialCluster(clusterIndex, firstFull * scSize, endInCluster, unmap);
+        return;
+      }
       if (!compressed && firstFull < lastFullEnd) {
         // zero_l2_subclusters for the aligned middle; unaligned edges as data.
-        if (startInCluster < firstFull * scSize) await this.#zeroOrWrite(clusterStart + startInCluster, firstFull * scSize - startInCluster);
+        if (startInCluster < firstFull * scSize) await this.#zeroOrWrite(clusterStart + startInCluster, firstFull * scSize - startInCluster, unmap);
         const mask = rangeMask(firstFull, lastFullEnd);
         await this.#setClusterEntries(
           clusterIndex,
@@ -1896,11 +1904,11 @@ export class Qcow2Image implements BlockDevice {
           false,
         );
         const tailStart = Math.min(endInCluster, lastFullEnd * scSize);
-        if (tailStart < endInCluster) await this.#zeroOrWrite(clusterStart + tailStart, endInCluster - tailStart);
+        if (tailStart < endInCluster) await this.#zeroOrWrite(clusterStart + tailStart, endInCluster - tailStart, unmap);
         return;
       }
     }
-    await this.#zeroOrWrite(clusterStart + startInCluster, endInCluster - startInCluster);
+    await this.#zeroOrWrite(clusterStart + startInCluster, endInCluster - startInCluster, unmap);
   }
 
   /**
@@ -1913,15 +1921,15 @@ export class Qcow2Image implements BlockDevice {
    * subclusters was once decided by the first alone and left the second's
    * data in place).
    */
-  async #zeroOrWrite(guestOffset: number, lengthBytes: number): Promise<void> {
+  async #zeroOrWrite(guestOffset: number, lengthBytes: number, unmap: boolean): Promise<void> {
     const meta = this.#meta;
     const geometry = meta.geometry;
     const unit = geometry.subclusterSizeBytes;
     const unitStart = Math.floor(guestOffset / unit) * unit;
     const unitEnd = unitStart + unit;
     if (guestOffset + lengthBytes > unitEnd) {
-      await this.#zeroOrWrite(guestOffset, unitEnd - guestOffset);
-      await this.#zeroOrWrite(unitEnd, guestOffset + lengthBytes - unitEnd);
+      await this.#zeroOrWrite(guestOffset, unitEnd - guestOffset, unmap);
+      await this.#zeroOrWrite(unitEnd, guestOffset + lengthBytes - unitEnd, unmap);
       return;
     }
     const unitLength = Math.min(unit, this.sizeBytes - unitStart);
@@ -1930,7 +1938,9 @@ export class Qcow2Image implements BlockDevice {
       const current = new Uint8Array(unitLength);
       await this.#readGuest(unitStart, current);
       if (isAllZero(current)) {
-        if (run.kind === "zero") return;
+        // Without extended L2 the unit is the cluster, zeroed whole (zero_in_l2_slice: with unmap a
+        // zero-alloc cluster is freed); a subcluster becomes zero without unmap (zero_l2_subclusters).
+        if (run.kind === "zero" && !(unmap && !geometry.extendedL2)) return;
         if (meta.header.version === 3) {
           const clusterIndex = Math.floor(unitStart / geometry.clusterSizeBytes);
           if (geometry.extendedL2) {
@@ -1948,7 +1958,7 @@ export class Qcow2Image implements BlockDevice {
               false,
             );
           } else {
-            await this.#setClusterEntries(clusterIndex, clusterIndex + 1, (entry) => (entry.type === "unallocated" ? { word: 1n, alloc: 0, zero: 0, free: false } : { word: readEntryWord(entry, geometry.clusterBits), alloc: 0, zero: 0, free: false }), false);
+            await this.#setClusterEntries(clusterIndex, clusterIndex + 1, (entry) => wholeClusterZeroing(entry, unmap, geometry), false);
           }
           return;
         }
