@@ -7,6 +7,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, run, runOk, scratchDir } from "../helpers/tools.ts";
 import { createRandom, testSeed } from "../helpers/random.ts";
+import { allocationMap } from "../helpers/qemu-io-differential.ts";
 import type { Qcow2CreateOptions } from "../../src/formats/qcow2/create-qcow2.ts";
 import {
   assertCheckClean,
@@ -384,20 +385,6 @@ test("(i) the same operations through qemu-io and snapstack give the same qemu-i
   ];
   const qemuCommand = (op: Op): string =>
     op[0] === "write" ? `write -P 0x5e ${op[1]} ${op[2]}` : op[0] === "compressed" ? `write -c -P 0x5e ${op[1]} ${op[2]}` : op[0] === "zero" ? `write -z ${op[3] ? "-u " : ""}${op[1]} ${op[2]}` : `discard ${op[1]} ${op[2]}`;
-  // For data ranges qemu-img map also reports holes of the host file as zero: QEMU punches
-  // them (fallocate) when it zeroes COW areas, Node cannot. Compare without that detail.
-  type MapRow = { start: number; length: number; depth: number; present: boolean; zero: boolean; data: boolean };
-  const mapOf = async (path: string): Promise<MapRow[]> => {
-    const result = await runOk("qemu-img", ["map", "--output=json", path]);
-    const rows: MapRow[] = [];
-    for (const { start, length, depth, present, zero, data } of JSON.parse(result.stdout) as MapRow[]) {
-      const row = { start, length, depth, present, zero: data ? false : zero, data };
-      const last = rows[rows.length - 1];
-      if (last && last.depth === row.depth && last.present === row.present && last.zero === row.zero && last.data === row.data) last.length += row.length;
-      else rows.push(row);
-    }
-    return rows;
-  };
   const variants: [string, string[], Qcow2CreateOptions][] = [
     ["v3", [], { sizeBytes: 2 * MiB }],
     ["v2", ["-o", "compat=0.10"], { sizeBytes: 2 * MiB, compat: "0.10" }],
@@ -425,7 +412,7 @@ test("(i) the same operations through qemu-io and snapstack give the same qemu-i
       }
       await image.close();
       await assertCheckClean(ours);
-      assert.deepEqual(await mapOf(ours), await mapOf(theirs), `${name}${withBacking ? " with backing" : ""}: qemu-img map`);
+      assert.deepEqual(await allocationMap(ours), await allocationMap(theirs), `${name}${withBacking ? " with backing" : ""}: qemu-img map`);
       const compare = await run("qemu-img", ["compare", ours, theirs]);
       assert.equal(compare.code, 0, `${name}: ${compare.stdout}`);
     }
