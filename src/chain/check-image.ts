@@ -3,10 +3,13 @@
  * a format probe, or "unsupported" for formats without a check (raw: qemu's
  * exit code 63).
  */
-import { SnapstackError } from "../base/errors.ts";
+import { SnapstackError, isSnapstackError } from "../base/errors.ts";
+import { readQcow2Header } from "../formats/qcow2/index.ts";
+import type { ImageFile } from "../io/file.ts";
+import { resolveBackingPath } from "./backing-path.ts";
 import { checkQcow2, type Qcow2CheckResult, type Qcow2RepairMode } from "../formats/qcow2/check.ts";
 import { openNodeFile } from "../io/node-file.ts";
-import { refuseQemuLocked } from "./open-image.ts";
+import { openImage, refuseQemuLocked } from "./open-image.ts";
 import { opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat } from "./image-format.ts";
 
 export interface CheckImageOptions {
@@ -14,6 +17,32 @@ export interface CheckImageOptions {
   repair?: Qcow2RepairMode;
   /** Check an image a QEMU is writing (qemu-img -U; see OpenImageOptions.forceShare). */
   forceShare?: boolean;
+}
+
+/**
+ * qemu-img check opens the image with its backing chain, so a backing file
+ * that does not open fails the check as it fails qemu-img's (exit 1; it
+ * once reported a clean image). A header that does not decode is left to
+ * the check, which reports it.
+ */
+async function refuseMissingBacking(path: string, file: ImageFile, forceShare: boolean): Promise<void> {
+  let header;
+  try {
+    header = await readQcow2Header(file);
+  } catch {
+    return;
+  }
+  if (header.backingFileName === null || header.backingFileName === "") return;
+  const backingPath = resolveBackingPath(path, header.backingFileName);
+  try {
+    await (await openImage(backingPath, { readOnly: true, format: header.backingFormat ?? undefined, forceShare })).close();
+  } catch (error) {
+    if (!isSnapstackError(error)) throw error;
+    // openImage names the chain it opened first; here that chain is one level down.
+    const opening = `Could not open '${backingPath}': `;
+    const reason = error.message.startsWith(opening) ? error.message.slice(opening.length) : error.message;
+    throw new SnapstackError(error.code === "E_NOT_FOUND" ? "E_BACKING_MISSING" : error.code, `Could not open '${path}': Could not open backing file: ${reason}`, { ...error.details, path });
+  }
 }
 
 /**
@@ -30,6 +59,7 @@ export async function checkImage(path: string, options: CheckImageOptions = {}):
     const probed = await probeFormatName(file);
     if (format === undefined && supportedProbedFormat(probed, path) === "raw") return "unsupported";
     if (!opensAsQcow2(probed)) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
+    await refuseMissingBacking(path, file, options.forceShare ?? false);
     return await checkQcow2(file, { repair: options.repair });
   } finally {
     await file.close();

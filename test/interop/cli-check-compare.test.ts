@@ -141,3 +141,20 @@ test("compare: a metadata error while comparing exits 3, a read error 4, each on
     assertUnchanged(before);
   }
 });
+
+test("check: a backing file that does not open fails the check, as qemu-img's (it once reported a clean image)", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", "over.qcow2", "1M"], dir), "create over");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-u", "-b", "over.qcow2", "-F", "qcow2", "top.qcow2", "1M"], dir), "create top");
+  for (const image of ["over.qcow2", "top.qcow2"]) {
+    for (const output of ["human", "json"]) {
+      const ours = await snapstack(["img", "check", `--output=${output}`, image], { cwd: dir });
+      const theirs = await qemuImg(["check", `--output=${output}`, image], dir);
+      assert.equal(theirs.code, 1, `${image}: qemu-img check fails`);
+      assert.equal(ours.code, theirs.code, `${image} ${output} exit`);
+      assert.equal(ours.stdout, theirs.stdout, `${image} ${output} stdout`);
+      assert.equal(ours.stderr, theirs.stderr.replace("qemu-img: ", "snapstack: error E_BACKING_MISSING: "), `${image} ${output} stderr`);
+    }
+  }
+});
