@@ -195,6 +195,8 @@ test("io commands that fail print on stdout what qemu-io prints there (and the c
     "write -z 0 2G",
     "write 0 3G",
     "truncate -5",
+    "readv 1M 512",
+    "writev 1M 512",
   ];
   for (const command of failing) {
     copyFileSync(join(dir, "e.qcow2"), join(dir, "ours.qcow2"));
@@ -206,6 +208,19 @@ test("io commands that fail print on stdout what qemu-io prints there (and the c
     assert.equal(ours.stdout, theirs.stdout, command);
     assert.match(ours.stderr, /^snapstack: error E_[A-Z_]+: .+\n$/, command);
     assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(readFileSync(join(dir, "e.qcow2"))), `${command}: image changed`);
+  }
+  // A failed aio_read reports as qemu-io's aio_read_done does ("readv failed"), the exit status stays.
+  const aio = [await snapstack(["io", "-c", "aio_read 1M 512", "e.qcow2"], { cwd: dir }), await qemuIo(["-c", "aio_read 1M 512", "e.qcow2"], dir)];
+  assert.equal(aio[0].stdout, aio[1].stdout, "aio_read past the end");
+  assert.equal(aio[0].code, aio[1].code, "aio_read past the end: exit status");
+  // Read-only (-r): a command that writes is refused before its arguments are read, nothing on stdout.
+  for (const command of ["write 0 4k", "discard 0 4k", "writev 0 512", "aio_write 0 512", "truncate 2M", "write -c 0 2M", "write -z -P 1 0 4k"]) {
+    const theirs = await qemuIo(["-r", "-c", command, "e.qcow2"], dir);
+    const ours = await snapstack(["io", "-r", "-c", command, "e.qcow2"], { cwd: dir });
+    assert.equal(ours.code, theirs.code, `-r ${command}: exit status`);
+    assert.equal(ours.stdout, theirs.stdout, `-r ${command}: stdout`);
+    assert.equal(theirs.stderr, "qemu-io: Block node is read-only\n", `-r ${command}: qemu-io's stderr`);
+    assert.equal(ours.stderr, "snapstack: error E_READ_ONLY: Block node is read-only\n", `-r ${command}: stderr`);
   }
 });
 

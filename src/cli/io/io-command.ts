@@ -39,6 +39,8 @@ async function runOne(device: BlockDevice, line: string, context: CliContext, se
   const [name, ...args] = words;
   const subcommand = IO_SUBCOMMANDS.find((candidate) => candidate.name === name || candidate.aliases?.includes(name));
   if (subcommand === undefined) throw new SnapstackError("E_USAGE", `command "${name}" not found`, { command: name });
+  // qemu-io's init_check_command: before the arguments, and nothing on stdout.
+  if (subcommand.writes === true && device.readOnly) throw new SnapstackError("E_READ_ONLY", "Block node is read-only", { command: name });
   await subcommand.run(device, args, context, session);
 }
 

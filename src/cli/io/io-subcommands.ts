@@ -43,6 +43,8 @@ export interface IoSubcommand {
   name: string;
   aliases?: string[];
   synopsis: string;
+  /** Changes the image (qemu-io's BLK_PERM_WRITE): refused on a read-only image before its arguments are read. */
+  writes?: boolean;
   run(device: BlockDevice, args: string[], context: CliContext, session: IoSession): Promise<void>;
 }
 
@@ -328,7 +330,7 @@ const readvCommand: IoSubcommand = {
   synopsis: "readv [-qv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset into several buffers",
   async run(device, args, context) {
     const { guestOffset, lengthBytes, options } = parseVectorRead("readv", args);
-    await readReported(device, guestOffset, lengthBytes, options, context);
+    await readReported(device, guestOffset, lengthBytes, options, context, "readv");
   },
 };
 
@@ -357,6 +359,7 @@ function parseWriteFlags(name: string, args: string[]): { parsed: ParsedArgs; op
 
 const writeCommand: IoSubcommand = {
   name: "write",
+  writes: true,
   aliases: ["w"],
   synopsis: "write [-cqu] [-P pattern | -z] off len -- writes a number of bytes at a specified offset",
   async run(device, args, context) {
@@ -372,12 +375,13 @@ const writeCommand: IoSubcommand = {
 
 const writevCommand: IoSubcommand = {
   name: "writev",
+  writes: true,
   synopsis: "writev [-q] [-P pattern] off len [len..] -- writes a number of bytes at a specified offset from several buffers",
   async run(device, args, context) {
     const { parsed, options } = parseWriteFlags("writev", args);
     if (options.zero || options.compressed) throw new SnapstackError("E_USAGE", "writev: -z and -c are write's options");
     const { guestOffset, lengthBytes } = offsetAndLengths("writev", parsed.positionals);
-    await writeReported(device, guestOffset, lengthBytes, options, context);
+    await writeReported(device, guestOffset, lengthBytes, options, context, "writev");
   },
 };
 
@@ -392,12 +396,14 @@ const aioReadCommand: IoSubcommand = {
   synopsis: "aio_read [-qv] [-P pattern] off len [len..] -- asynchronously reads a number of bytes",
   async run(device, args, context, session) {
     const { guestOffset, lengthBytes, options } = parseVectorRead("aio_read", args);
-    session.start(readReported(device, guestOffset, lengthBytes, options, context, "aio_read"));
+    // qemu-io's aio_read_done reports a failure as "readv failed".
+    session.start(readReported(device, guestOffset, lengthBytes, options, context, "readv"));
   },
 };
 
 const aioWriteCommand: IoSubcommand = {
   name: "aio_write",
+  writes: true,
   synopsis: "aio_write [-fquz] [-P pattern] off len [len..] -- asynchronously writes a number of bytes",
   async run(device, args, context, session) {
     const { parsed, options } = parseWriteFlags("aio_write", args);
@@ -474,6 +480,7 @@ const allocCommand: IoSubcommand = {
 
 const truncateCommand: IoSubcommand = {
   name: "truncate",
+  writes: true,
   aliases: ["t"],
   synopsis: "truncate [-m prealloc_mode] off -- truncates the current file at the given offset",
   async run(device, args) {
@@ -515,6 +522,7 @@ const sleepCommand: IoSubcommand = {
 
 const discardCommand: IoSubcommand = {
   name: "discard",
+  writes: true,
   aliases: ["d"],
   synopsis: "discard [-q] off len -- discards a number of bytes at a specified offset",
   async run(device, args, context) {
