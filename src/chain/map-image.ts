@@ -140,7 +140,12 @@ export async function walkChain(
         } else {
           const split = Math.min(extentEnd, Math.max(extent.guestOffset, below.sizeBytes));
           if (split > extent.guestOffset) next.push({ kind: "lookup", depth: task.depth + 1, start: extent.guestOffset, end: split });
-          if (extentEnd > split) next.push({ kind: "emit", entry: absentZero(split, extentEnd, task.depth) });
+          if (extentEnd > split) {
+            const entry = absentZero(split, extentEnd, task.depth);
+            // Past the backing's end as without a backing: the host offset of unallocated subclusters shows.
+            if (extent.hostOffset !== undefined) entry.offset = extent.hostOffset + (split - extent.guestOffset);
+            next.push({ kind: "emit", entry });
+          }
         }
       }
       for (let i = next.length - 1; i >= 0; i--) stack.push(next[i]);

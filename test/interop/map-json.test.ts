@@ -69,6 +69,9 @@ const LAYOUTS: Record<string, string> = {
     qemu-io -c 'write -P 2 4k 4k' -c 'write -z 64k 8k' -c 'write -P 3 130k 2k' img >/dev/null`,
   "extended L2 subclusters without a backing (unallocated subclusters of allocated clusters keep their offset)": `qemu-img create -q -f qcow2 -o extended_l2=on img 1M
     qemu-io -c 'write -P 1 4k 4k' -c 'write -z 64k 8k' -c 'write -P 2 130k 1k' img >/dev/null`,
+  "extended L2 subclusters past the end of a shorter backing keep their offset": `qemu-img create -q -f qcow2 base 64k
+    qemu-img create -q -f qcow2 -o extended_l2=on -b base -F qcow2 img 1M
+    qemu-io -c 'write -P 1 128k 4k' -c 'write -P 2 60k 8k' img >/dev/null`,
   "v2 image": `qemu-img create -q -f qcow2 -o compat=0.10 img 4M
     qemu-io -c 'write -P 1 0 64k' -c 'write -z 128k 64k' -c 'write -c -P 2 1M 64k' img >/dev/null`,
   "with an internal snapshot": `qemu-img create -q -f qcow2 img 4M
@@ -86,6 +89,7 @@ const PARTIAL_CLUSTER_LAYOUTS = new Set([
   "extended L2 subclusters over a backing",
   "extended L2 subclusters without a backing (unallocated subclusters of allocated clusters keep their offset)",
   "2 MiB clusters",
+  "extended L2 subclusters past the end of a shorter backing keep their offset",
 ]);
 
 for (const [name, script] of Object.entries(LAYOUTS)) {
