@@ -197,6 +197,17 @@ test("io commands that fail print on stdout what qemu-io prints there (and the c
     "truncate -5",
     "readv 1M 512",
     "writev 1M 512",
+    // A bad option or argument count: qemu-io's usage line of the command on stdout, or its argument count check.
+    "read -x 0 1",
+    "read 0 1 2",
+    "read 0 -1",
+    "readv -s 0 1",
+    "aio_read -x 0 1",
+    "aio_write -c 0 1",
+    "writev -z 0 1",
+    "discard -x 0 1",
+    "read 0",
+    "write -P",
   ];
   for (const command of failing) {
     copyFileSync(join(dir, "e.qcow2"), join(dir, "ours.qcow2"));

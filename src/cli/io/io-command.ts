@@ -17,7 +17,7 @@ import type { CliCommand, CliContext } from "../context.ts";
 import { refuseForceShareForWriting } from "../command-helpers.ts";
 import { formatErrorLine, toSnapstackError } from "../error-report.ts";
 import { openImage } from "../engine.ts";
-import { IO_SUBCOMMANDS, IoCommandError, type IoSession } from "./io-subcommands.ts";
+import { IO_SUBCOMMANDS, IoCommandError, IoUsageError, type IoSession } from "./io-subcommands.ts";
 
 /** The aio requests of one session (aio_read, aio_write): failures go to `report` as they end. */
 function aioSession(report: (error: unknown) => void): IoSession {
@@ -41,7 +41,15 @@ async function runOne(device: BlockDevice, line: string, context: CliContext, se
   if (subcommand === undefined) throw new SnapstackError("E_USAGE", `command "${name}" not found`, { command: name });
   // qemu-io's init_check_command: before the arguments, and nothing on stdout.
   if (subcommand.writes === true && device.readOnly) throw new SnapstackError("E_READ_ONLY", "Block node is read-only", { command: name });
-  await subcommand.run(device, args, context, session);
+  if (subcommand.wordsMin !== undefined && args.length < subcommand.wordsMin) {
+    throw new SnapstackError("E_USAGE", `bad argument count ${args.length} to ${subcommand.name}, expected at least ${subcommand.wordsMin} arguments`);
+  }
+  try {
+    await subcommand.run(device, args, context, session);
+  } catch (error) {
+    if (error instanceof IoUsageError && subcommand.qemuUsage !== undefined) throw new IoCommandError(error.code, subcommand.qemuUsage, error.message);
+    throw error;
+  }
 }
 
 export const ioCommand: CliCommand = {

@@ -43,6 +43,14 @@ export interface IoSubcommand {
   name: string;
   aliases?: string[];
   synopsis: string;
+  /**
+   * qemu-io's usage line for the command (its help text: options snapstack
+   * does not take included), printed on stdout for a bad option or argument
+   * count as qemu-io's qemuio_command_usage prints it.
+   */
+  qemuUsage?: string;
+  /** qemu-io's argmin: fewer words (options included) are refused with its "bad argument count" before any parsing. */
+  wordsMin?: number;
   /** Changes the image (qemu-io's BLK_PERM_WRITE): refused on a read-only image before its arguments are read. */
   writes?: boolean;
   run(device: BlockDevice, args: string[], context: CliContext, session: IoSession): Promise<void>;
@@ -87,8 +95,20 @@ async function deviceRequest(op: string, request: () => Promise<void>): Promise<
   }
 }
 
+/** A bad option or argument count: qemu-io prints the command's usage line on stdout (IoSubcommand.qemuUsage). */
+export class IoUsageError extends SnapstackError {
+  constructor(message: string) {
+    super("E_USAGE", message);
+  }
+}
+
 function parseWords(name: string, args: string[], specs: OptionSpec[]): ParsedArgs {
-  return parseArgs(args, specs, { style: "glibc", program: name });
+  try {
+    return parseArgs(args, specs, { style: "glibc", program: name });
+  } catch (error) {
+    if (error instanceof SnapstackError && error.code === "E_USAGE") throw new IoUsageError(error.message);
+    throw error;
+  }
 }
 
 /** qemu-io's cvtnum with its error messages. */
@@ -124,7 +144,7 @@ function parsePattern(text: string): number {
  */
 function offsetAndLength(name: string, positionals: string[], write: { noFallback: boolean } | null = null): { guestOffset: number; lengthBytes: number } {
   if (positionals.length !== 2) {
-    throw new SnapstackError("E_USAGE", `${name}: expected OFFSET LENGTH, got ${positionals.length} argument(s)`);
+    throw new IoUsageError(`${name}: expected OFFSET LENGTH, got ${positionals.length} argument(s)`);
   }
   const guestOffset = parseIoNumber(positionals[0]);
   const lengthBytes = parseIoNumber(positionals[1]);
@@ -286,6 +306,8 @@ const readCommand: IoSubcommand = {
   name: "read",
   aliases: ["r"],
   synopsis: "read [-qv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset",
+  qemuUsage: "read [-abCqv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset",
+  wordsMin: 2,
   async run(device, args, context) {
     const parsed = parseWords("read", args, [
       { name: "pattern", short: "P", value: true },
@@ -328,6 +350,8 @@ function parseVectorRead(name: string, args: string[]): { guestOffset: number; l
 const readvCommand: IoSubcommand = {
   name: "readv",
   synopsis: "readv [-qv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset into several buffers",
+  qemuUsage: "readv [-Cqv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset",
+  wordsMin: 2,
   async run(device, args, context) {
     const { guestOffset, lengthBytes, options } = parseVectorRead("readv", args);
     await readReported(device, guestOffset, lengthBytes, options, context, "readv");
@@ -362,6 +386,8 @@ const writeCommand: IoSubcommand = {
   writes: true,
   aliases: ["w"],
   synopsis: "write [-cqu] [-P pattern | -z] off len -- writes a number of bytes at a specified offset",
+  qemuUsage: "write [-bcCfnquz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset",
+  wordsMin: 2,
   async run(device, args, context) {
     const { parsed, options } = parseWriteFlags("write", args);
     const { guestOffset, lengthBytes } = offsetAndLength("write", parsed.positionals, { noFallback: optionFlag(parsed, "noFallback") });
@@ -377,9 +403,11 @@ const writevCommand: IoSubcommand = {
   name: "writev",
   writes: true,
   synopsis: "writev [-q] [-P pattern] off len [len..] -- writes a number of bytes at a specified offset from several buffers",
+  qemuUsage: "writev [-Cfq] [-P pattern] off len [len..] -- writes a number of bytes at a specified offset",
+  wordsMin: 2,
   async run(device, args, context) {
     const { parsed, options } = parseWriteFlags("writev", args);
-    if (options.zero || options.compressed) throw new SnapstackError("E_USAGE", "writev: -z and -c are write's options");
+    if (options.zero || options.compressed) throw new IoUsageError(`writev: invalid option -- '${options.zero ? "z" : "c"}'`);
     const { guestOffset, lengthBytes } = offsetAndLengths("writev", parsed.positionals);
     await writeReported(device, guestOffset, lengthBytes, options, context, "writev");
   },
@@ -394,6 +422,8 @@ const writevCommand: IoSubcommand = {
 const aioReadCommand: IoSubcommand = {
   name: "aio_read",
   synopsis: "aio_read [-qv] [-P pattern] off len [len..] -- asynchronously reads a number of bytes",
+  qemuUsage: "aio_read [-Ciqv] [-P pattern] off len [len..] -- asynchronously reads a number of bytes",
+  wordsMin: 2,
   async run(device, args, context, session) {
     const { guestOffset, lengthBytes, options } = parseVectorRead("aio_read", args);
     // qemu-io's aio_read_done reports a failure as "readv failed".
@@ -405,9 +435,11 @@ const aioWriteCommand: IoSubcommand = {
   name: "aio_write",
   writes: true,
   synopsis: "aio_write [-fquz] [-P pattern] off len [len..] -- asynchronously writes a number of bytes",
+  qemuUsage: "aio_write [-Cfiquz] [-P pattern] off len [len..] -- asynchronously writes a number of bytes",
+  wordsMin: 2,
   async run(device, args, context, session) {
     const { parsed, options } = parseWriteFlags("aio_write", args);
-    if (options.compressed) throw new SnapstackError("E_USAGE", "aio_write: -c is write's option");
+    if (options.compressed) throw new IoUsageError("aio_write: invalid option -- 'c'");
     if (options.zero && parsed.positionals.length !== 2) throw new IoCommandError("E_USAGE", "-z supports only a single length parameter");
     // A zero write takes its one length as it is (no buffer to build: qemu-io's aio_write_f).
     const { guestOffset, lengthBytes } = options.zero
@@ -483,6 +515,7 @@ const truncateCommand: IoSubcommand = {
   writes: true,
   aliases: ["t"],
   synopsis: "truncate [-m prealloc_mode] off -- truncates the current file at the given offset",
+  qemuUsage: "truncate [-m prealloc_mode] off -- truncates the current file at the given offset",
   async run(device, args) {
     let parsed: ParsedArgs;
     try {
@@ -525,6 +558,8 @@ const discardCommand: IoSubcommand = {
   writes: true,
   aliases: ["d"],
   synopsis: "discard [-q] off len -- discards a number of bytes at a specified offset",
+  qemuUsage: "discard [-Cq] off len -- discards a number of bytes at a specified offset",
+  wordsMin: 2,
   async run(device, args, context) {
     const parsed = parseWords("discard", args, [
       { name: "quiet", short: "q" },
