@@ -7,7 +7,7 @@
  * without touching every command.
  */
 import type { BlockDevice } from "../device/block-device.ts";
-import type { NodeFileIoMode } from "../io/node-file.ts";
+import type { NodeFileCacheMode, NodeFileIoMode } from "../io/node-file.ts";
 import { openImage as openChain, parseImageFormat } from "../chain/index.ts";
 
 export interface OpenImageOptions {
@@ -22,12 +22,14 @@ export interface OpenImageOptions {
   writeIoMode?: NodeFileIoMode;
   /** -U: read an image a QEMU is writing (src/chain/open-image.ts). */
   forceShare?: boolean;
+  /** The top image's cache mode ("unsafe": flushes do nothing). */
+  cache?: NodeFileCacheMode;
 }
 
 /** Open an image and its backing chain (src/chain/open-image.ts). */
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<BlockDevice> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
-  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode, writeIoMode: options.writeIoMode, forceShare: options.forceShare });
+  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode, writeIoMode: options.writeIoMode, forceShare: options.forceShare, cache: options.cache });
 }
 
 export {

@@ -315,3 +315,32 @@ test("io and map whose reader goes away (| head) run to their end and exit as qe
   assert.equal(ourMap.stderr, "");
   assert.equal(ourMap.code, theirMap.code, "map exit status (qemu-img: 0)");
 });
+
+test("io takes qemu-io's -t, -n, -i and -d unmap (refusing bad values with its messages); -d ignore is refused, not ignored", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "o.qcow2", "1M"], dir), "create");
+  const commands = ["-c", "write -P 5 0 4k", "-c", "read -P 5 0 4k", "-c", "flush"];
+  const timing = (text: string): string => text.replace(/^.*ops\/sec\)\n/gm, "");
+  for (const options of [["-t", "none"], ["-t", "unsafe"], ["--cache=writeback"], ["-n"], ["-i", "threads"], ["-d", "unmap"], ["-t", "directsync", "-d", "on"]]) {
+    const theirs = await qemuIo([...options, ...commands, "o.qcow2"], dir);
+    const ours = await snapstack(["io", ...options, ...commands, "o.qcow2"], { cwd: dir });
+    assert.equal(ours.code, 0, `${options.join(" ")}: ${ours.stderr}`);
+    assert.equal(timing(ours.stdout), timing(theirs.stdout), options.join(" "));
+  }
+  for (const [options, message] of [
+    [["-t", "bogus"], "Invalid cache option: bogus"],
+    [["-d", "bogus"], "Invalid discard option: bogus"],
+    [["-i", "bogus"], "Invalid aio option: bogus"],
+  ] as const) {
+    const theirs = await qemuIo([...options, ...commands, "o.qcow2"], dir);
+    const ours = await snapstack(["io", ...options, ...commands, "o.qcow2"], { cwd: dir });
+    assert.equal(theirs.stderr, `qemu-io: ${message}\n`);
+    assert.equal(ours.code, theirs.code, options.join(" "));
+    assert.equal(ours.stdout, theirs.stdout, options.join(" "));
+    assert.match(ours.stderr, new RegExp(`^snapstack: error E_INVALID_OPTION: ${message}\\n$`));
+  }
+  const ignored = await snapstack(["io", "-d", "ignore", "-c", "discard 0 64k", "o.qcow2"], { cwd: dir });
+  assert.equal(ignored.code, 1);
+  assert.match(ignored.stderr, /^snapstack: error E_UNSUPPORTED_FEATURE: -d ignore is not supported/);
+});

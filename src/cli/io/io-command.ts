@@ -1,5 +1,5 @@
 /**
- * `snapstack io [-f fmt] [-r] -c COMMAND [-c COMMAND]... FILE`, like qemu-io.
+ * `snapstack io [-f fmt] [-r] [-U] [-t cache] -c COMMAND [-c COMMAND]... FILE`, like qemu-io.
  *
  * Design notes
  * - The image is opened once; the -c commands run in order. As in qemu-io, a
@@ -14,7 +14,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { optionFlag, optionList, optionString, parseArgs } from "../args.ts";
 import type { CliCommand, CliContext } from "../context.ts";
-import { refuseForceShareForWriting } from "../command-helpers.ts";
+import { checkCacheOptions, refuseForceShareForWriting } from "../command-helpers.ts";
 import { formatErrorLine, toSnapstackError } from "../error-report.ts";
 import { openImage } from "../engine.ts";
 import { IO_SUBCOMMANDS, IoCommandError, IoUsageError, type IoSession } from "./io-subcommands.ts";
@@ -54,12 +54,14 @@ async function runOne(device: BlockDevice, line: string, context: CliContext, se
 
 export const ioCommand: CliCommand = {
   name: "io",
-  synopsis: "io [-f fmt] [-r] [-U] -c COMMAND [-c COMMAND]... FILE",
+  synopsis: "io [-f fmt] [-r] [-U] [-t cache] -c COMMAND [-c COMMAND]... FILE",
   summary: "Run qemu-io style commands on an image (read, write, aio_*, discard, flush, truncate, length, info, alloc, map, ...).",
   optionHelp: [
     "  -f fmt      image format (qcow2, raw); detected when omitted",
     "  -r          open read-only",
     "  -U          share the image with other writers (read-only only, with -r)",
+    "  -t cache, -n, -i aio, -d unmap",
+    "              accepted as qemu-io takes them (-t unsafe makes flushes do nothing)",
     "  -c COMMAND  a command to run; repeat for several:",
     ...IO_SUBCOMMANDS.map((subcommand) => `                ${subcommand.synopsis}`),
   ],
@@ -69,7 +71,19 @@ export const ioCommand: CliCommand = {
       { name: "readOnly", short: "r", long: "read-only" },
       { name: "forceShare", short: "U", long: "force-share" },
       { name: "command", short: "c", long: "cmd", value: true, repeat: "list" },
+      // Accepted as qemu-io takes them; they change how QEMU does I/O, not what the commands do.
+      { name: "cache", short: "t", long: "cache", value: true },
+      { name: "nocache", short: "n", long: "nocache" },
+      { name: "aio", short: "i", long: "aio", value: true },
+      { name: "discard", short: "d", long: "discard", value: true },
     ]);
+    checkCacheOptions(parsed);
+    const aio = optionString(parsed, "aio");
+    if (aio !== undefined && !["threads", "native", "io_uring"].includes(aio)) throw new SnapstackError("E_INVALID_OPTION", `Invalid aio option: ${aio}`, { value: aio });
+    const discard = optionString(parsed, "discard");
+    if (discard !== undefined && !["ignore", "off", "unmap", "on"].includes(discard)) throw new SnapstackError("E_INVALID_OPTION", `Invalid discard option: ${discard}`, { value: discard });
+    // qemu-io unmaps by default; ignoring discards would change what discard and write -z -u do.
+    if (discard === "ignore" || discard === "off") throw new SnapstackError("E_UNSUPPORTED_FEATURE", `-d ${discard} is not supported (discards always unmap)`, { value: discard });
     const commands = optionList(parsed, "command");
     if (parsed.positionals.length !== 1) {
       throw new SnapstackError("E_USAGE", parsed.positionals.length === 0 ? "Expecting an image file name" : `Unexpected argument: ${parsed.positionals[1]}`);
@@ -80,6 +94,8 @@ export const ioCommand: CliCommand = {
       format: optionString(parsed, "format"),
       readOnly: optionFlag(parsed, "readOnly"),
       forceShare: optionFlag(parsed, "forceShare"),
+      // -t unsafe: flushes do nothing, as in qemu.
+      cache: optionString(parsed, "cache") === "unsafe" ? "unsafe" : undefined,
     });
     let failed = false;
     const report = (error: unknown): void => {
