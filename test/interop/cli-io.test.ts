@@ -208,6 +208,13 @@ test("io commands that fail print on stdout what qemu-io prints there (and the c
     "discard -x 0 1",
     "read 0",
     "write -P",
+    // Numbers up to INT64_MAX parse as in qemu-io; the request limits and the disk end then refuse them.
+    "read 0 1E",
+    "discard 0 1E",
+    "read 7E 1",
+    "write 7E 512",
+    "write -z 7E 1E",
+    "read 8E 1",
   ];
   for (const command of failing) {
     copyFileSync(join(dir, "e.qcow2"), join(dir, "ours.qcow2"));
@@ -252,6 +259,8 @@ test("io readv/writev/aio_read/aio_write/aio_flush/length/info/alloc/truncate/sl
         "alloc 65537 3",
         "alloc 9M 4M",
         "alloc 11M",
+        "alloc 0 7E",
+        "alloc 7E",
         "readv -P 1 64k 4k 4k",
         "writev -P 2 1M 4k 8k",
         "readv -v 1M 16 16",
