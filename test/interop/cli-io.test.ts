@@ -240,6 +240,18 @@ test("io commands that fail print on stdout what qemu-io prints there (and the c
     assert.equal(theirs.stderr, "qemu-io: Block node is read-only\n", `-r ${command}: qemu-io's stderr`);
     assert.equal(ours.stderr, "snapstack: error E_READ_ONLY: Block node is read-only\n", `-r ${command}: stderr`);
   }
+  // The word count is checked first, read-only or not, naming the command as typed.
+  for (const command of ["w", "write -x", "t 1M 2M 3M 4M", "truncate", "r 0"]) {
+    for (const readOnly of [["-r"], []]) {
+      const theirs = await qemuIo([...readOnly, "-c", command, "e.qcow2"], dir);
+      const ours = await snapstack(["io", ...readOnly, "-c", command, "e.qcow2"], { cwd: dir });
+      const where = `${readOnly.join("")} ${command}`;
+      assert.match(theirs.stderr, /^bad argument count \d+ to \w+, expected .*\n$/, where);
+      assert.equal(ours.code, theirs.code, where);
+      assert.equal(ours.stdout, theirs.stdout, where);
+      assert.equal(ours.stderr, `snapstack: error E_USAGE: ${theirs.stderr}`, where);
+    }
+  }
 });
 
 test("io readv/writev/aio_read/aio_write/aio_flush/length/info/alloc/truncate/sleep print what qemu-io prints and leave the same image", async (t) => {
@@ -274,7 +286,7 @@ test("io readv/writev/aio_read/aio_write/aio_flush/length/info/alloc/truncate/sl
         "aio_write -z 2M 4k 4k",
         "aio_write 30M 4k",
         "aio_flush",
-        "truncate 20M",
+        "truncate 20M 1",
         "length",
         "sleep 10",
         "sleep x",

@@ -17,7 +17,7 @@ import type { CliCommand, CliContext } from "../context.ts";
 import { checkCacheOptions, refuseForceShareForWriting } from "../command-helpers.ts";
 import { formatErrorLine, toSnapstackError } from "../error-report.ts";
 import { openImage } from "../engine.ts";
-import { IO_SUBCOMMANDS, IoCommandError, IoUsageError, type IoSession } from "./io-subcommands.ts";
+import { IO_SUBCOMMANDS, IoCommandError, IoUsageError, expectArgumentCount, type IoSession } from "./io-subcommands.ts";
 
 /** The aio requests of one session (aio_read, aio_write): failures go to `report` as they end. */
 function aioSession(report: (error: unknown) => void): IoSession {
@@ -39,11 +39,10 @@ async function runOne(device: BlockDevice, line: string, context: CliContext, se
   const [name, ...args] = words;
   const subcommand = IO_SUBCOMMANDS.find((candidate) => candidate.name === name || candidate.aliases?.includes(name));
   if (subcommand === undefined) throw new SnapstackError("E_USAGE", `command "${name}" not found`, { command: name });
-  // qemu-io's init_check_command: before the arguments, and nothing on stdout.
+  // qemu-io's command(): the word count first, then init_check_command (the image's permissions,
+  // nothing on stdout), then the command parses its options.
+  if (subcommand.wordsMin !== undefined) expectArgumentCount(name, args, subcommand.wordsMin, subcommand.wordsMax ?? Infinity);
   if (subcommand.writes === true && device.readOnly) throw new SnapstackError("E_READ_ONLY", "Block node is read-only", { command: name });
-  if (subcommand.wordsMin !== undefined && args.length < subcommand.wordsMin) {
-    throw new SnapstackError("E_USAGE", `bad argument count ${args.length} to ${subcommand.name}, expected at least ${subcommand.wordsMin} arguments`);
-  }
   try {
     await subcommand.run(device, args, context, session);
   } catch (error) {

@@ -49,8 +49,9 @@ export interface IoSubcommand {
    * count as qemu-io's qemuio_command_usage prints it.
    */
   qemuUsage?: string;
-  /** qemu-io's argmin: fewer words (options included) are refused with its "bad argument count" before any parsing. */
+  /** qemu-io's argmin and argmax (default no limit): words, options included, checked before anything else. */
   wordsMin?: number;
+  wordsMax?: number;
   /** Changes the image (qemu-io's BLK_PERM_WRITE): refused on a read-only image before its arguments are read. */
   writes?: boolean;
   run(device: BlockDevice, args: string[], context: CliContext, session: IoSession): Promise<void>;
@@ -299,10 +300,10 @@ function offsetAndLengths(name: string, positionals: string[]): { guestOffset: n
   return { guestOffset, lengthBytes };
 }
 
-/** qemu-io's argument count check for commands without options. */
-function expectArgumentCount(name: string, args: string[], min: number, max: number): void {
+/** qemu-io's argument count check (`max` Infinity: no limit), with its message naming the command as typed. */
+export function expectArgumentCount(name: string, args: readonly string[], min: number, max: number): void {
   if (args.length >= min && args.length <= max) return;
-  const expected = max === 0 ? "0 arguments" : min === max ? `${min} arguments` : `between ${min} and ${max} arguments`;
+  const expected = max === 0 ? "0 arguments" : min === max ? `${min} arguments` : max === Infinity ? `at least ${min} arguments` : `between ${min} and ${max} arguments`;
   throw new SnapstackError("E_USAGE", `bad argument count ${args.length} to ${name}, expected ${expected}`);
 }
 
@@ -517,6 +518,8 @@ const truncateCommand: IoSubcommand = {
   aliases: ["t"],
   synopsis: "truncate [-m prealloc_mode] off -- truncates the current file at the given offset",
   qemuUsage: "truncate [-m prealloc_mode] off -- truncates the current file at the given offset",
+  wordsMin: 1,
+  wordsMax: 3,
   async run(device, args) {
     let parsed: ParsedArgs;
     try {
@@ -525,7 +528,8 @@ const truncateCommand: IoSubcommand = {
       // getopt refused an option (qemu-io prints the usage line).
       throw new IoCommandError("E_USAGE", "truncate [-m prealloc_mode] off -- truncates the current file at the given offset", toSnapstackError(error).message);
     }
-    expectArgumentCount("truncate", parsed.positionals, 1, 1);
+    // qemu-io's truncate_f takes the first word left after the options and ignores any after it.
+    expectArgumentCount("truncate", parsed.positionals, 1, Infinity);
     const mode = optionString(parsed, "mode") ?? "off";
     if (!(RAW_PREALLOCATION_MODES as readonly string[]).includes(mode)) throw new SnapstackError("E_INVALID_OPTION", `Invalid preallocation mode: '${mode}'`);
     const sizeBytes = parseIoNumber(parsed.positionals[0]);
