@@ -19,6 +19,9 @@ export interface CheckImageOptions {
   forceShare?: boolean;
 }
 
+/** Failures to open a backing chain that qemu-img check meets too: the file is missing, locked, unreadable, or loops. */
+const BACKING_OPEN_FAILURES: ReadonlySet<string> = new Set(["E_NOT_FOUND", "E_BACKING_MISSING", "E_IN_USE", "E_ACCESS", "E_BACKING_LOOP"]);
+
 /**
  * qemu-img check opens the image with its backing chain, so a backing file
  * that does not open fails the check as it fails qemu-img's (exit 1; it
@@ -38,6 +41,9 @@ async function refuseMissingBacking(path: string, file: ImageFile, forceShare: b
     await (await openImage(backingPath, { readOnly: true, format: header.backingFormat ?? undefined, forceShare })).close();
   } catch (error) {
     if (!isSnapstackError(error)) throw error;
+    // Only what would stop QEMU too: a backing file it opens (another format, json:, a
+    // protocol) that snapstack does not read leaves the top image's check as it was.
+    if (!BACKING_OPEN_FAILURES.has(error.code)) return;
     // openImage names the chain it opened first; here that chain is one level down.
     const opening = `Could not open '${backingPath}': `;
     const reason = error.message.startsWith(opening) ? error.message.slice(opening.length) : error.message;

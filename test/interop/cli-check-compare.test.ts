@@ -157,4 +157,12 @@ test("check: a backing file that does not open fails the check, as qemu-img's (i
       assert.equal(ours.stderr, theirs.stderr.replace("qemu-img: ", "snapstack: error E_BACKING_MISSING: "), `${image} ${output} stderr`);
     }
   }
+  // A backing file QEMU opens and snapstack does not read (vmdk) leaves the check of the top as it is.
+  ok(await qemuImg(["create", "-q", "-f", "vmdk", "base.vmdk", "1M"], dir), "create vmdk");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-b", "base.vmdk", "-F", "vmdk", "over-vmdk.qcow2", "1M"], dir), "create over vmdk");
+  const ours = await snapstack(["img", "check", "over-vmdk.qcow2"], { cwd: dir });
+  const theirs = await qemuImg(["check", "over-vmdk.qcow2"], dir);
+  assert.equal(theirs.code, 0);
+  assert.equal(ours.code, 0, ours.stderr);
+  assert.equal(ours.stdout, theirs.stdout);
 });
