@@ -10,7 +10,7 @@ import { createQcow2, type Qcow2CreateOptions } from "../../src/formats/qcow2/cr
 import { openQcow2, type Qcow2Image } from "../../src/formats/qcow2/qcow2-image.ts";
 import { findSnapshot, nextSnapshotId, snapshotDateNow, truncateUtf8, updateTreeRefcounts, type DecrementRecord } from "../../src/formats/qcow2/internal-snapshots.ts";
 import { openSnapshotView } from "../../src/formats/qcow2/snapshot-view.ts";
-import { SNAPSHOT_COUNT_MAX, encodeSnapshotTable, type Qcow2Snapshot } from "../../src/formats/qcow2/snapshot-table.ts";
+import { SNAPSHOT_COUNT_MAX, decodeSnapshotTable, encodeSnapshotTable, type Qcow2Snapshot } from "../../src/formats/qcow2/snapshot-table.ts";
 import { isSnapstackError } from "../../src/base/errors.ts";
 import { createRandom, testSeed } from "../helpers/random.ts";
 import { assertClean } from "../helpers/qcow2-clean.ts";
@@ -691,3 +691,43 @@ for (const writeSync of [true, false]) {
     await image.close();
   });
 }
+
+test("an old snapshot entry without a disk size gets the guest size (rounded to 512) when the table is rewritten", async () => {
+  // A header size that is not a multiple of 512 (another tool's) and an entry without extra data
+  // (QEMU before 2.12): the entry's disk size is the guest size, 99840, as QEMU writes it back.
+  const created = await fresh({ sizeBytes: 99840 });
+  await created.image.createSnapshot("s1");
+  await created.image.close();
+  const file = new MemoryFile({ name: "odd.qcow2", contents: created.file.contents() });
+  const header = new Uint8Array(72);
+  await file.read(0, header);
+  const headerView = new DataView(header.buffer);
+  headerView.setBigUint64(24, 100000n);
+  await file.write(0, header);
+  const tableOffset = Number(headerView.getBigUint64(64));
+  const table = new Uint8Array(1024);
+  await file.read(tableOffset, table);
+  const view = new DataView(table.buffer);
+  const extraBytes = view.getUint32(36);
+  const namesBytes = view.getUint16(12) + view.getUint16(14);
+  const stripped = new Uint8Array(table.length);
+  stripped.set(table.subarray(0, 40));
+  new DataView(stripped.buffer).setUint32(36, 0);
+  stripped.set(table.subarray(40 + extraBytes, 40 + extraBytes + namesBytes), 40);
+  await file.write(tableOffset, stripped);
+  const odd = await openQcow2(file, { readOnly: false, backing: null });
+  await odd.createSnapshot("s2");
+  await odd.flush();
+  await file.read(0, header);
+  const rewritten = new Uint8Array(4096);
+  await file.read(Number(headerView.getBigUint64(64)), rewritten);
+  await odd.close();
+  const { snapshots } = decodeSnapshotTable(rewritten, 2, 0);
+  assert.deepEqual(
+    snapshots.map((s) => [s.name, s.diskSizeBytes]),
+    [
+      ["s1", 99840],
+      ["s2", 99840],
+    ],
+  );
+});

@@ -196,8 +196,8 @@ function notFound(image: Qcow2Image, ref: string): SnapstackError {
 
 /** The on-disk table, re-read (its exact length is needed to free it). */
 function readSnapshotTable(meta: Qcow2Metadata): Promise<{ snapshots: Qcow2Snapshot[]; tableBytes: number }> {
-  const { snapshotCount, snapshotsOffset, sizeBytes } = meta.header;
-  return readSnapshotTableAt(meta.file, snapshotsOffset, snapshotCount, sizeBytes);
+  const { snapshotCount, snapshotsOffset } = meta.header;
+  return readSnapshotTableAt(meta.file, snapshotsOffset, snapshotCount, guestSizeOf(meta.header));
 }
 
 /**
