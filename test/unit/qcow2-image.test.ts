@@ -179,6 +179,36 @@ test("extended L2: a zero request with an unaligned head over a compressed clust
   await image.close();
 });
 
+test("a partial zero write over backing data whose rest reads as zero makes a zero cluster, as QEMU does: only the rest is checked", async () => {
+  const base = await fresh({ sizeBytes: 40 * KiB, clusterSizeBytes: 8 * KiB });
+  await base.image.write(24 * KiB, new Uint8Array(4 * KiB).fill(0x5a)); // the backing's data in [24K, 28K)
+  const { image } = await fresh({ sizeBytes: 40 * KiB, clusterSizeBytes: 8 * KiB }, base.image);
+  await image.writeZeroes(24 * KiB, 4608); // the rest of cluster 3, [28.5K, 32K), reads as zero
+  const extents = await image.layerStatus(24 * KiB, 8 * KiB);
+  assert.deepEqual(
+    extents.map((e) => [e.kind, e.hostOffset]),
+    [["zero", undefined]],
+  );
+  const buffer = new Uint8Array(8 * KiB);
+  await image.read(24 * KiB, buffer);
+  assert.ok(buffer.every((b) => b === 0));
+  await image.close();
+  await base.image.close();
+});
+
+test("extended L2: zeroing with unmap up to an image end inside a cluster keeps that cluster, as QEMU does", async () => {
+  const { image } = await fresh({ sizeBytes: 231936, clusterSizeBytes: 32 * KiB, extendedL2: true });
+  await image.write(200000, new Uint8Array(31936).fill(1));
+  await image.writeZeroes(196608, 35328, { unmap: true });
+  const [whole, last] = await image.layerStatus(196608, 35328);
+  assert.deepEqual([whole.kind, whole.hostOffset], ["zero", undefined], "the whole cluster is unmapped");
+  assert.equal(last.kind, "zero");
+  assert.notEqual(last.hostOffset, undefined, "the last, partial cluster keeps its host cluster (zero subclusters)");
+  // So a compressed write there is refused, as qemu-io's is (EIO).
+  await assert.rejects(image.writeCompressed(229376, new Uint8Array(2560)), code("E_IO"));
+  await image.close();
+});
+
 test("reads racing a discard never see another cluster's new data", async () => {
   const { image } = await fresh({ sizeBytes: 2 * MiB });
   await image.write(0, new Uint8Array(MiB).fill(0x11));

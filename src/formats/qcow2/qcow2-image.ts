@@ -1776,11 +1776,14 @@ export class Qcow2Image implements BlockDevice {
       const clusterIndex = Math.floor(g / cs);
       const clusterStart = clusterIndex * cs;
       const pieceEnd = Math.min(end, clusterStart + cs);
-      // A cluster counts as whole when the request covers it up to its end or to the image end.
-      const whole = g === clusterStart && (pieceEnd === clusterStart + cs || pieceEnd === imageEnd);
+      // A cluster counts as whole when the request covers it up to its end or to the image end;
+      // with extended L2 only to its end: QEMU aligns the request to subclusters, so the last
+      // cluster of an image that ends inside it gets zero subclusters and stays allocated.
+      const toImageEnd = end === imageEnd && !geometry.extendedL2;
+      const whole = g === clusterStart && (pieceEnd === clusterStart + cs || (pieceEnd === imageEnd && toImageEnd));
       if (whole && !(meta.header.version === 2 && this.backing !== null)) {
         // Every whole cluster from here to the request's end, a table at a time.
-        const wholeEnd = end === imageEnd ? Math.ceil(end / cs) : Math.floor(end / cs);
+        const wholeEnd = toImageEnd ? Math.ceil(end / cs) : Math.floor(end / cs);
         if (meta.header.version === 2) {
           // No zero clusters: deallocated (reads as zeroes without a backing file).
           await this.#setClusterEntries(clusterIndex, wholeEnd, () => DEALLOCATED, true);
@@ -1915,7 +1918,9 @@ export class Qcow2Image implements BlockDevice {
    * A zero request smaller than a (sub)cluster: if the rest of the
    * (sub)cluster already reads as zero and it is not allocated, the whole
    * (sub)cluster becomes a zero entry (qcow2_co_pwrite_zeroes); otherwise
-   * zero data is written. A request that crosses a (sub)cluster boundary
+   * zero data is written. "Reads as zero" is decided by reading it (QEMU
+   * asks block status, so zero bytes stored as data count as zero here,
+   * not there: the allocation may differ, the content does not). A request that crosses a (sub)cluster boundary
    * is decided one (sub)cluster at a time, as QEMU's block layer splits it
    * at the zero alignment (a zero request straddling two partial
    * subclusters was once decided by the first alone and left the second's
@@ -1935,9 +1940,13 @@ export class Qcow2Image implements BlockDevice {
     const unitLength = Math.min(unit, this.sizeBytes - unitStart);
     const run = await this.#runAt(unitStart, unitLength);
     if (run.length >= unitLength && (run.kind === "zero" || run.kind === "unallocated")) {
+      // Only the rest of the (sub)cluster must read as zero, as qcow2_co_pwrite_zeroes checks its head
+      // and tail: the part being zeroed may hold the backing file's data.
       const current = new Uint8Array(unitLength);
       await this.#readGuest(unitStart, current);
-      if (isAllZero(current)) {
+      const headEnd = guestOffset - unitStart;
+      const tailStart = Math.min(unitLength, headEnd + lengthBytes);
+      if (isAllZero(current.subarray(0, headEnd)) && isAllZero(current.subarray(tailStart))) {
         // Without extended L2 the unit is the cluster, zeroed whole (zero_in_l2_slice: with unmap a
         // zero-alloc cluster is freed); a subcluster becomes zero without unmap (zero_l2_subclusters).
         if (run.kind === "zero" && !(unmap && !geometry.extendedL2)) return;
