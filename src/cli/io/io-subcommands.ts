@@ -521,17 +521,11 @@ const truncateCommand: IoSubcommand = {
   wordsMin: 1,
   wordsMax: 3,
   async run(device, args) {
-    let parsed: ParsedArgs;
-    try {
-      parsed = parseWords("truncate", args, [{ name: "mode", short: "m", value: true }]);
-    } catch (error) {
-      // getopt refused an option (qemu-io prints the usage line).
-      throw new IoCommandError("E_USAGE", "truncate [-m prealloc_mode] off -- truncates the current file at the given offset", toSnapstackError(error).message);
-    }
+    const parsed = parseWords("truncate", args, [{ name: "mode", short: "m", value: true }]);
     // qemu-io's truncate_f takes the first word left after the options and ignores any after it.
     expectArgumentCount("truncate", parsed.positionals, 1, Infinity);
     const mode = optionString(parsed, "mode") ?? "off";
-    if (!(RAW_PREALLOCATION_MODES as readonly string[]).includes(mode)) throw new SnapstackError("E_INVALID_OPTION", `Invalid preallocation mode: '${mode}'`);
+    if (!(RAW_PREALLOCATION_MODES as readonly string[]).includes(mode)) throw new SnapstackError("E_INVALID_OPTION", `Invalid preallocation mode '${mode}'`);
     const sizeBytes = parseIoNumber(parsed.positionals[0]);
     if (device instanceof RawImage) {
       await device.resize(sizeBytes, { preallocation: mode as RawPreallocation });
