@@ -1896,22 +1896,29 @@ export class Qcow2Image implements BlockDevice {
       if (!compressed && firstFull < lastFullEnd) {
         // zero_l2_subclusters for the aligned middle; unaligned edges as data.
         if (startInCluster < firstFull * scSize) await this.#zeroOrWrite(clusterStart + startInCluster, firstFull * scSize - startInCluster, unmap);
-        const mask = rangeMask(firstFull, lastFullEnd);
-        await this.#setClusterEntries(
-          clusterIndex,
-          clusterIndex + 1,
-          (entry) => {
-            const word = entry.type === "unallocated" ? 0n : encodeL2Entry({ type: "normal", hostOffset: entry.hostOffset, copied: entry.copied }, geometry.clusterBits, true);
-            return { word, alloc: (entry.allocBitmap & ~mask) >>> 0, zero: (entry.zeroBitmap | mask) >>> 0, free: false };
-          },
-          false,
-        );
+        await this.#zeroSubclusters(clusterIndex, rangeMask(firstFull, lastFullEnd));
         const tailStart = Math.min(endInCluster, lastFullEnd * scSize);
         if (tailStart < endInCluster) await this.#zeroOrWrite(clusterStart + tailStart, endInCluster - tailStart, unmap);
         return;
       }
     }
     await this.#zeroOrWrite(clusterStart + startInCluster, endInCluster - startInCluster, unmap);
+  }
+
+  /** zero_l2_subclusters: the subclusters in `mask` of one cluster read as zero; its host cluster (if any) stays. */
+  async #zeroSubclusters(clusterIndex: number, mask: number): Promise<void> {
+    const geometry = this.#meta.geometry;
+    await this.#setClusterEntries(
+      clusterIndex,
+      clusterIndex + 1,
+      (entry) => ({
+        word: entry.type === "unallocated" ? 0n : encodeL2Entry({ type: "normal", hostOffset: entry.hostOffset, copied: entry.copied }, geometry.clusterBits, true),
+        alloc: (entry.allocBitmap & ~mask) >>> 0,
+        zero: (entry.zeroBitmap | mask) >>> 0,
+        free: false,
+      }),
+      false,
+    );
   }
 
   /**
@@ -1954,18 +1961,7 @@ export class Qcow2Image implements BlockDevice {
           const clusterIndex = Math.floor(unitStart / geometry.clusterSizeBytes);
           if (geometry.extendedL2) {
             const sc = (unitStart % geometry.clusterSizeBytes) / unit;
-            const mask = rangeMask(sc, sc + 1);
-            await this.#setClusterEntries(
-              clusterIndex,
-              clusterIndex + 1,
-              (entry) => ({
-                word: entry.type === "unallocated" ? 0n : encodeL2Entry({ type: "normal", hostOffset: entry.hostOffset, copied: entry.copied }, geometry.clusterBits, true),
-                alloc: (entry.allocBitmap & ~mask) >>> 0,
-                zero: (entry.zeroBitmap | mask) >>> 0,
-                free: false,
-              }),
-              false,
-            );
+            await this.#zeroSubclusters(clusterIndex, rangeMask(sc, sc + 1));
           } else {
             await this.#setClusterEntries(clusterIndex, clusterIndex + 1, (entry) => wholeClusterZeroing(entry, unmap, geometry), false);
           }
