@@ -9,17 +9,20 @@
  *   target backing (-B), only the source's top layer counts: unallocated
  *   there is "backing" (left unallocated in the target so its backing shows
  *   through), except past the end of the source's backing, where it is zero
- *   (QEMU's bdrv_co_block_status rule); zero past the end of the target's
- *   backing is treated as backing too.
- * - Zero handling: a new target without backing reads as zeroes, so zero
- *   ranges and sparse runs are skipped; otherwise (existing target, or a
- *   target backing) they become writeZeroes (zero clusters in qcow2).
- *   sparseSizeBytes = 0 allocates everything: zero ranges are written as
- *   real zero bytes.
- * - Sparse detection inside data: runs of all-zero 512-byte sectors of at
- *   least sparseSizeBytes are not written (is_allocated_sectors_min),
- *   found with Buffer.indexOf on a zero pattern (native search) and checked
- *   sector by sector with memcmp.
+ *   (QEMU's bdrv_co_block_status rule); for a target created here with
+ *   -B, zero past the end of its backing is treated as backing too
+ *   (target_backing_sectors; not for -n, where it is written).
+ * - Zero handling: a new target without -B reads as zeroes, and so does
+ *   one the user declares so (--target-is-zero, even with a backing file of
+ *   its own), so zero ranges and sparse runs are skipped; otherwise they
+ *   become writeZeroes (zero clusters in qcow2). sparseSizeBytes = 0
+ *   allocates everything: zero ranges are written as real zero bytes.
+ * - Sparse detection inside data: each request is split as qemu-img splits
+ *   it (sparseZeroRuns: is_allocated_sectors_min with its alignment), so
+ *   the target allocates what qemu-img's does. Requests are the data
+ *   ranges in chunks of COPY_CHUNK_BYTES; qemu-img's also end where the
+ *   source's block status does (an L2 table's end, a host discontinuity),
+ *   so sources with small clusters can still differ at those edges.
  * - Compression (-c): whole clusters; an all-zero cluster is treated as
  *   zero (with -S 0 it is compressed, as every other), others go through
  *   writeCompressed (which stores incompressible clusters uncompressed); a
@@ -89,6 +92,12 @@ export interface ConvertImageOptions {
    * (reported through onWarning) instead of refusing.
    */
   bitmaps?: "copy" | "skip-broken";
+  /**
+   * Where --bitmaps reads the bitmaps: default the source; for a snapshot
+   * view (-l), the image it belongs to (bitmaps are not part of internal
+   * snapshots: qemu-img copies the image's own).
+   */
+  bitmapSource?: BlockDevice;
   onWarning?: (message: string) => void;
 }
 
@@ -227,6 +236,87 @@ export function findZeroRuns(data: Uint8Array, minRunBytes: number): Array<[numb
   return runs;
 }
 
+/**
+ * The zero runs of one data request that qemu-img convert leaves out,
+ * as [start, end) byte pairs within `data` (convert_co_write calling
+ * is_allocated_sectors_min until the request is done, QEMU 7.2), for a
+ * request at `guestOffset` (a multiple of 512) and -S `minSparseBytes`:
+ * - A request, or what is left of it, that is all zero is left out whole,
+ *   however short (the run limit shrinks to what is left).
+ * - A run of data is written together with the zero runs inside it
+ *   shorter than the limit; zero runs at its end are left out.
+ * - Boundaries move to multiples of pow2floor(-S) (qemu's alignment; the
+ *   targets here take 512-byte writes): a data run ending off one takes
+ *   the sectors up to it, a zero run ending off one gives them up, and a
+ *   zero run no longer than that remainder counts as data.
+ * Only runs that can change the result are looked for sector by sector:
+ * the request's leading and trailing zero sectors, and zero runs of at
+ * least the limit inside it (findZeroRuns); shorter zero runs inside are
+ * data for qemu too (they never end a write). The walk then runs qemu's
+ * steps over that run list.
+ */
+export function sparseZeroRuns(data: Uint8Array, guestOffset: number, minSparseBytes: number): Array<[number, number]> {
+  const sectors = Math.ceil(data.length / SECTOR_BYTES);
+  if (sectors === 0 || minSparseBytes < SECTOR_BYTES) return [];
+  const buffer = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  const zeroSector = zeroPattern(SECTOR_BYTES);
+  const isZero = (sector: number): boolean => isZeroSector(buffer, zeroSector, sector);
+  const zeroRuns: Array<[number, number]> = []; // sector runs, ascending
+  let lead = 0;
+  while (lead < sectors && isZero(lead)) lead++;
+  if (lead === sectors) return [[0, data.length]];
+  let trail = sectors;
+  while (trail > lead && isZero(trail - 1)) trail--;
+  if (lead > 0) zeroRuns.push([0, lead]);
+  for (const [start, end] of findZeroRuns(data.subarray(lead * SECTOR_BYTES, trail * SECTOR_BYTES), minSparseBytes)) {
+    zeroRuns.push([lead + start / SECTOR_BYTES, lead + Math.ceil(end / SECTOR_BYTES)]);
+  }
+  if (trail < sectors) zeroRuns.push([trail, sectors]);
+
+  const minSectors = Math.floor(minSparseBytes / SECTOR_BYTES);
+  const alignment = 2 ** Math.floor(Math.log2(minSectors));
+  const firstSector = Math.floor(guestOffset / SECTOR_BYTES);
+  let cursor = 0; // index of the first zero run that ends after the position last asked about
+  /** is_allocated_sectors at sector `at` for at most `n` sectors: [data, sectors]. */
+  const allocated = (at: number, n: number): [boolean, number] => {
+    while (cursor > 0 && zeroRuns[cursor - 1][1] > at) cursor--;
+    while (cursor < zeroRuns.length && zeroRuns[cursor][1] <= at) cursor++;
+    const run = zeroRuns[cursor];
+    let zero = run !== undefined && run[0] <= at;
+    const runEnd = run === undefined ? sectors : zero ? run[1] : run[0];
+    let i = Math.min(runEnd, at + n) - at;
+    if (i === n) return [!zero, n];
+    const tail = (firstSector + at + i) % alignment;
+    if (tail !== 0) {
+      if (zero && i <= tail) zero = false;
+      i = zero ? i - tail : Math.min(n, i + alignment - tail);
+    }
+    return [!zero, i];
+  };
+  const skipped: Array<[number, number]> = [];
+  for (let at = 0; at < sectors; ) {
+    const n = sectors - at;
+    const min = Math.min(minSectors, n);
+    const [isData, first] = allocated(at, n);
+    if (!isData) {
+      const last = skipped[skipped.length - 1];
+      if (last !== undefined && last[1] === at) last[1] = at + first;
+      else skipped.push([at, at + first]);
+      at += first;
+      continue;
+    }
+    let used = first;
+    for (let checked = first; checked < n; ) {
+      const [more, count] = allocated(at + checked, n - checked);
+      checked += count;
+      if (more) used = checked;
+      else if (count >= min) break;
+    }
+    at += used;
+  }
+  return skipped.map(([start, end]) => [start * SECTOR_BYTES, Math.min(data.length, end * SECTOR_BYTES)]);
+}
+
 /** Sector `sector` of buffer (or the part of it before the buffer's end) is all zero. */
 function isZeroSector(buffer: Buffer, zeroSector: Buffer, sector: number): boolean {
   const at = sector * SECTOR_BYTES;
@@ -289,19 +379,25 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
   if (options.backingFile !== undefined && options.backingFormat === undefined) {
     throw new SnapstackError("E_BACKING_FORMAT", "Use of backing file requires explicit backing format", { backingFile: options.backingFile });
   }
-  const bitmaps = await sourceBitmaps(source, format, options);
+  // qemu-img's target_has_backing: -B (or -o backing_file) was given. A -n target's own backing does not count.
+  const targetHasBacking = options.backingFile !== undefined;
+  if (options.targetIsZero === true && targetHasBacking) {
+    throw new SnapstackError("E_USAGE", "Cannot use --target-is-zero when the destination image has a backing file", { path: targetPath });
+  }
+  if (compress && options.options?.preallocation !== undefined && options.options.preallocation !== "off") {
+    throw new SnapstackError("E_UNSUPPORTED_FEATURE", "Compression and preallocation not supported at the same time", { path: targetPath });
+  }
+  const bitmaps = await sourceBitmaps(options.bitmapSource ?? source, format, options);
   const target = await openTarget(source, targetPath, options);
   try {
-    const targetHasBacking = target.backing !== null;
-    if (options.targetIsZero === true && targetHasBacking) {
-      throw new SnapstackError("E_USAGE", "Cannot use --target-is-zero when the destination image has a backing file", { path: targetPath });
-    }
     const plan: CopyPlan = {
       source,
-      topOnly: options.backingFile !== undefined,
-      targetBackingEnd: target.backing?.sizeBytes ?? Number.POSITIVE_INFINITY,
+      topOnly: targetHasBacking,
+      // Only a new target created with -B: zero past its backing's end needs no write (target_backing_sectors).
+      targetBackingEnd: targetHasBacking && !options.targetExists ? (target.backing?.sizeBytes ?? Number.POSITIVE_INFINITY) : Number.POSITIVE_INFINITY,
     };
-    const zeroInit = (!options.targetExists || options.targetIsZero === true) && sparseSizeBytes > 0 && !targetHasBacking;
+    // has_zero_init: the user says so (--target-is-zero), or a new target without backing reads as zeroes.
+    const zeroInit = sparseSizeBytes > 0 && (options.targetIsZero === true || (!options.targetExists && !targetHasBacking));
     const clusterBytes = compress ? compressingTarget(target).clusterSizeBytes : null;
     const chunkBytes = clusterBytes ?? COPY_CHUNK_BYTES;
     // Zero ranges and runs: allocated as bytes with -S 0; else nothing to do on a target that reads as zeroes.
@@ -311,7 +407,7 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
         ? undefined
         : compress
           ? (data: Uint8Array): Array<[number, number]> => (isAllZero(data) ? [[0, data.length]] : [])
-          : (data: Uint8Array): Array<[number, number]> => findZeroRuns(data, sparseSizeBytes);
+          : (data: Uint8Array, guestOffset: number): Array<[number, number]> => sparseZeroRuns(data, guestOffset, sparseSizeBytes);
 
     const onProgress = options.onProgress;
     let totalBytes = 0;

@@ -119,7 +119,7 @@ export type ZeroMode =
 export interface CopyPipelineOptions {
   zeroMode: ZeroMode;
   /** Zero runs inside a chunk of data as [start, end) pairs, ascending (default: none). */
-  zeroRuns?: (data: Uint8Array) => Array<[number, number]>;
+  zeroRuns?: (data: Uint8Array, guestOffset: number) => Array<[number, number]>;
   /** Data chunks go to Qcow2Image.writeCompressed (the target must be qcow2). */
   compress?: boolean;
   /** Bytes per chunk of data (default COPY_CHUNK_BYTES; a cluster when compressing). */
@@ -434,7 +434,7 @@ export async function copyRanges(source: BlockDevice, target: BlockDevice, range
   /** The requests for one chunk of read data: split around its zero runs, or one compressed write. */
   const dataOps = (start: number, data: Uint8Array): WriteOp[] => {
     const ops: WriteOp[] = [];
-    const runs = options.zeroRuns?.(data) ?? [];
+    const runs = options.zeroRuns?.(data, start) ?? [];
     if (compress) {
       const allZero = runs.length === 1 && runs[0][0] === 0 && runs[0][1] === data.length;
       if (allZero) zeroOps(start, data.length, ops);

@@ -1,9 +1,9 @@
 // snapstack img convert / resize / measure, checked with qemu-img.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { copyFileSync, readFileSync } from "node:fs";
+import { copyFileSync, existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { requireTools, scratchDir } from "../helpers/tools.ts";
+import { requireTools, run, scratchDir } from "../helpers/tools.ts";
 import { buildFixtures, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
 
 test("convert: the result passes qemu-img compare and check", async (t) => {
@@ -30,6 +30,66 @@ test("convert: the result passes qemu-img compare and check", async (t) => {
   const info = JSON.parse(ok(await qemuImg(["info", "--output=json", "cb.qcow2"], dir), "info").stdout) as Record<string, unknown>;
   assert.equal(info["backing-filename"], "base.qcow2");
   assert.equal(info["backing-filename-format"], "qcow2");
+});
+
+test("convert side by side with qemu-img: -n into a backed target, -l by ID, name and size, --bitmaps -l, -c with preallocation, --target-is-zero", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const sh = async (script: string): Promise<void> => {
+    ok(await run("bash", ["-euc", `cd '${dir}'\n${script}`]), script);
+  };
+  /** Run one convert with each tool (qemu-img writes q.*, snapstack s.*); both must end alike. */
+  const both = async (what: string, args: (target: string) => string[], prepare?: (target: string) => Promise<void>): Promise<{ code: number }> => {
+    await sh("rm -f q.img s.img");
+    if (prepare !== undefined) await Promise.all([prepare("q.img"), prepare("s.img")]);
+    const theirs = await qemuImg(["convert", ...args("q.img")], dir);
+    const ours = await snapstack(["img", "convert", ...args("s.img")], { cwd: dir });
+    assert.equal(ours.code, theirs.code, `${what}: exit status (qemu-img: ${theirs.stderr.trim()}; snapstack: ${ours.stderr.trim()})`);
+    assert.ok(!/\n\s+at /.test(ours.stderr), `${what}: no stack trace`);
+    return { code: ours.code };
+  };
+  const sameContent = async (what: string): Promise<void> => {
+    ok(await qemuImg(["compare", "q.img", "s.img"], dir), `${what}: snapstack's target equals qemu-img's`);
+  };
+
+  // -n into a target whose own backing file is shorter than it: zero past the backing's end is written.
+  await sh(`qemu-img create -q -f qcow2 src.qcow2 2M; qemu-io -c 'write -P 1 0 4k' src.qcow2 >/dev/null; qemu-img create -q -f qcow2 short.qcow2 1M`);
+  const backedTarget = async (target: string): Promise<void> => sh(`qemu-img create -q -f qcow2 -b short.qcow2 -F qcow2 ${target} 2M; qemu-io -c 'write -P 170 1536k 64k' ${target} >/dev/null`);
+  await both("-n into a backed target", (target) => ["-n", "-O", "qcow2", "src.qcow2", target], backedTarget);
+  ok(await qemuImg(["compare", "src.qcow2", "s.img"], dir), "-n: the target reads as the source past its backing's end");
+  // The same with -B: a zero cluster of the source's top layer past the backing's end is written too.
+  await sh(`rm -f src.qcow2; qemu-img create -q -f qcow2 -b short.qcow2 -F qcow2 src.qcow2 2M; qemu-io -c 'write -z 1536k 64k' src.qcow2 >/dev/null`);
+  await both("-n -B", (target) => ["-n", "-B", "short.qcow2", "-F", "qcow2", "-O", "qcow2", "src.qcow2", target], backedTarget);
+  ok(await qemuImg(["compare", "src.qcow2", "s.img"], dir), "-n -B: the zero cluster past the backing's end was written");
+  // --target-is-zero with -n into a backed target, without -B: allowed (the backing is all zero here).
+  await sh(`rm -f src.qcow2; qemu-img create -q -f qcow2 src.qcow2 2M; qemu-io -c 'write -P 3 64k 64k' src.qcow2 >/dev/null`);
+  const plainBacked = async (target: string): Promise<void> => sh(`qemu-img create -q -f qcow2 -b short.qcow2 -F qcow2 ${target} 2M`);
+  assert.equal((await both("--target-is-zero into a backed target", (target) => ["-n", "--target-is-zero", "-O", "qcow2", "src.qcow2", target], plainBacked)).code, 0);
+  await sameContent("--target-is-zero into a backed target");
+
+  // -l: ID 1 is named "2", ID 2 is named "x"; the current image then grows to 3 MiB.
+  await sh(`rm -f src.qcow2; qemu-img create -q -f qcow2 src.qcow2 1M
+    qemu-io -c 'write -P 1 0 1M' src.qcow2 >/dev/null; qemu-img snapshot -c 2 src.qcow2
+    qemu-io -c 'write -P 2 0 64k' src.qcow2 >/dev/null; qemu-img snapshot -c x src.qcow2
+    qemu-img bitmap --add src.qcow2 bm; qemu-img resize -q src.qcow2 3M; qemu-io -c 'write -P 9 2M 64k' src.qcow2 >/dev/null`);
+  for (const selector of ["2", "x", "snapshot.name=2", "snapshot.id=2", "snapshot.id=1,snapshot.name=2", "snapshot.name=1", "snapshot.id=x", "snapshot.id=1,snapshot.name=x", "9"]) {
+    const { code } = await both(`-l ${selector}`, (target) => ["-O", "qcow2", "-l", selector, "src.qcow2", target]);
+    if (code !== 0) continue;
+    await sameContent(`-l ${selector}`);
+    const size = (JSON.parse(ok(await qemuImg(["info", "--output=json", "s.img"], dir), "info").stdout) as { "virtual-size": number })["virtual-size"];
+    assert.equal(size, 3 * 1024 * 1024, `-l ${selector}: the target has the image's current size, as qemu-img's`);
+  }
+  // --bitmaps with -l copies the image's bitmaps (a snapshot holds none of its own).
+  await both("--bitmaps -l", (target) => ["-O", "qcow2", "--bitmaps", "-l", "x", "src.qcow2", target]);
+  const bitmaps = (image: string): Promise<unknown> =>
+    qemuImg(["info", "--output=json", image], dir).then((r) => (JSON.parse(r.stdout) as { "format-specific": { data: { bitmaps?: unknown } } })["format-specific"].data.bitmaps);
+  assert.deepEqual(await bitmaps("s.img"), await bitmaps("q.img"));
+  assert.notEqual(await bitmaps("s.img"), undefined);
+  // -c with a preallocation mode is refused before anything is created.
+  for (const mode of ["metadata", "falloc"]) {
+    await both(`-c -o preallocation=${mode}`, (target) => ["-O", "qcow2", "-c", "-o", `preallocation=${mode}`, "src.qcow2", target]);
+    assert.equal(existsSync(join(dir, "s.img")), false, "no target left behind");
+  }
 });
 
 test("convert -p prints qemu-img's progress lines", async (t) => {

@@ -146,6 +146,7 @@ export const convertCommand: CliCommand = {
         targetIsZero,
         rateLimitBytesPerSecond,
         bitmaps: optionFlag(parsed, "bitmaps") ? (skipBrokenBitmaps ? "skip-broken" : "copy") : undefined,
+        bitmapSource: opened.image,
         onWarning: (message) => context.err(`snapstack: warning: ${message}\n`),
         // Without -p, no metadata pass to count the bytes first.
         onProgress: showProgress ? (fraction) => progress.update(fraction) : undefined,

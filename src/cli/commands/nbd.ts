@@ -60,6 +60,7 @@ import type { CliCommand, CliContext } from "../context.ts";
 import { toSnapstackError } from "../error-report.ts";
 import type { NodeFileIoMode } from "../../io/node-file.ts";
 import { openSource, parseSnapshotParam } from "../snapshot-source.ts";
+import type { SnapshotSelector } from "../../formats/qcow2/internal-snapshots.ts";
 
 export const NBD_DEFAULT_PORT = 10809;
 export const NBD_DEFAULT_ADDRESS = "127.0.0.1";
@@ -104,8 +105,8 @@ const OPTION_SPECS = [
 
 export interface NbdCommandOptions {
   path: string;
-  /** -l: internal snapshot (ID or name) to export read-only. */
-  snapshot?: string;
+  /** -l: internal snapshot to export read-only. */
+  snapshot?: SnapshotSelector;
   format?: string;
   exportName: string;
   description: string;

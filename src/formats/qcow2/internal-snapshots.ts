@@ -965,7 +965,31 @@ export async function compressedDataMapped(meta: Qcow2Metadata, snapshots: reado
 
 /** The snapshot `ref` (ID first, then name), for read-only views. */
 export function snapshotByRef(image: Qcow2Image, ref: string): Qcow2Snapshot {
-  const index = findSnapshot(image.snapshots, ref, "id-or-name");
-  if (index < 0) throw notFound(image, ref);
-  return image.snapshots[index];
+  return selectSnapshot(image, { idOrName: ref });
+}
+
+/**
+ * Which internal snapshot a `-l` value names (qemu's snapshot_param):
+ * `ID_OR_NAME` (an ID first, then a name: bdrv_snapshot_load_tmp_by_id_or_name),
+ * or `snapshot.id=ID` and/or `snapshot.name=NAME` (both must match when both
+ * are given: find_snapshot_by_id_and_name).
+ */
+export type SnapshotSelector = { idOrName: string } | { id?: string; name?: string };
+
+/** The snapshot `selector` names, or E_SNAPSHOT_NOT_FOUND. */
+export function selectSnapshot(image: Qcow2Image, selector: SnapshotSelector): Qcow2Snapshot {
+  const snapshots = image.snapshots;
+  let index: number;
+  let label: string;
+  if ("idOrName" in selector) {
+    index = findSnapshot(snapshots, selector.idOrName, "id-or-name");
+    label = selector.idOrName;
+  } else {
+    const { id, name } = selector;
+    assert(id !== undefined || name !== undefined, "a snapshot selector names an ID or a name");
+    index = snapshots.findIndex((s) => (id === undefined || s.id === id) && (name === undefined || truncateUtf8(s.name, SNAPSHOT_NAME_BYTES_MAX) === name));
+    label = [id === undefined ? "" : `id=${id}`, name === undefined ? "" : `name=${name}`].filter(Boolean).join(",");
+  }
+  if (index < 0) throw notFound(image, label);
+  return snapshots[index];
 }
