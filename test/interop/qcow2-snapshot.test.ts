@@ -265,6 +265,17 @@ test("errors say what qemu-img says, with exit status 1", async (t) => {
   assert.equal(theirs.stderr.trim(), "qemu-img: Could not create snapshot 's': -22 (Invalid argument)");
   await assertCheckClean(one);
   assert.equal((await qemuSnapshots(one)).length, 0);
+  assert.ok(readFileSync(one).equals(before), "the refused snapshot left the file byte for byte as it was");
+  // refcount_bits=2, 512-byte clusters: the third snapshot overflows after two that fit; the file stays as it was.
+  const two = join(dir, "two.qcow2");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-o", "refcount_bits=2,cluster_size=512", two, "1M"]), "create");
+  ok(await qemuIo(["-c", "write -P 1 0 4k", two]), "io");
+  for (const name of ["s1", "s2"]) ok(await qemuImg(["snapshot", "-c", name, two]), `snapshot ${name}`);
+  const beforeThird = readFileSync(two);
+  const third = await snapstack(["-c", "s3", two]);
+  assert.equal(third.code, 1, third.stderr);
+  assert.match(third.stderr, /E_TOO_LARGE/);
+  assert.ok(readFileSync(two).equals(beforeThird), "the refused third snapshot left the file byte for byte as it was");
 });
 
 test("snapshots with VM state from savevm: listed, kept, applied, deleted; loadvm still works", async (t) => {

@@ -22,9 +22,10 @@
  *   with 1 GiB of data and nothing written since the snapshot, that is all
  *   200 tables).
  * - Write ordering, so an interruption leaves leaks at worst:
- *   create: L1 copy written; refcounts raised (refcount blocks before the L2
- *   tables whose COPIED bits were cleared); new table written; header
- *   switched (bytes 60-71, synced); old table freed.
+ *   create: refcounts raised (in the cache); L1 copy written (only once the
+ *   raises fit: a refused snapshot leaves the file as it was); refcount
+ *   blocks written before the L2 tables whose COPIED bits were cleared; new
+ *   table written; header switched (bytes 60-71, synced); old table freed.
  *   apply: refcounts of the snapshot's tree raised and flushed; the active
  *   L1 overwritten in place (synced); then the old tree lowered.
  *   delete: new table and header switch first; then the decrements; then
@@ -747,11 +748,8 @@ export async function createSnapshot(image: Qcow2Image, name: string, options: C
     }
 
     await meta.writeCaches();
-    if (l1Entries > 0) {
-      // Durable with the first flush below, long before the header points at it.
-      snapshot.l1TableOffset = await meta.allocClusters(l1Entries * L1_ENTRY_BYTES);
-      await meta.file.write(snapshot.l1TableOffset, meta.l1.slice(0, l1Entries * L1_ENTRY_BYTES));
-    }
+    // The snapshot's L1 table: the active one as it is now (its COPIED bits stale afterwards, as QEMU's).
+    const l1Copy = meta.l1.slice(0, l1Entries * L1_ENTRY_BYTES);
     const journal: RaiseJournal = [];
     try {
       // The +1 pass in two walks through one buffer: the raises first, then (once the refcount
@@ -760,6 +758,14 @@ export async function createSnapshot(image: Qcow2Image, name: string, options: C
       // fresh buffer for each.
       const usedIndexes: UsedIndexCache = new Map();
       let l1Modified = await updateTreeRefcounts(meta, meta.l1, l1Entries, 1, { journal, phase: "refcounts", uncached: true, usedIndexes });
+      // Written once the raises are known to fit, so a refcount overflow refuses the snapshot with
+      // the file as it was (QEMU writes it first and leaks it). The raises allocate and free nothing,
+      // so it lands where QEMU's allocation before them puts it. Durable with the first flush below,
+      // long before the header points at it.
+      if (l1Entries > 0) {
+        snapshot.l1TableOffset = await meta.allocClusters(l1Copy.length);
+        await meta.file.write(snapshot.l1TableOffset, l1Copy);
+      }
       l1Modified = (await updateTreeRefcounts(meta, meta.l1, l1Entries, 1, { phase: "copied", uncached: true, usedIndexes })) || l1Modified;
       await writeRaisedCaches(meta);
       // Only COPIED bits were cleared (safe in any order); durable with the table's flush.
