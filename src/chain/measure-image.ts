@@ -78,10 +78,11 @@ export async function measureImage(options: MeasureOptions): Promise<MeasureResu
     allocatedBytes,
   });
   const result: MeasureResult = { required: measured.requiredBytes, "fully-allocated": measured.fullyAllocatedBytes };
-  // qemu-img reports bitmaps when the source and a v3 target both support them: what convert --bitmaps would need.
-  if (source !== undefined && source.format === "qcow2" && resolved.version === 3) {
-    const holder = options.bitmapsOf ?? source;
-    result.bitmaps = holder instanceof Qcow2Image ? persistentBitmapsBytes(holder, clusterSizeBytes) : 0;
+  // qemu-img reports bitmaps when the source and a v3 target both support them (a v2 qcow2 source does not):
+  // what convert --bitmaps would need.
+  const holder = options.bitmapsOf ?? source;
+  if (holder instanceof Qcow2Image && holder.info().version >= 3 && resolved.version === 3) {
+    result.bitmaps = persistentBitmapsBytes(holder, clusterSizeBytes);
   }
   return result;
 }

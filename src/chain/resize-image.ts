@@ -37,6 +37,9 @@ export async function resizeImage(path: string, size: SizeSpec, options: ResizeI
     if (newSizeBytes < device.sizeBytes && !options.shrink) {
       throw new SnapstackError("E_INVALID_SIZE", "Use the --shrink option to perform a shrink operation.", { path, newSizeBytes });
     }
+    if (newSizeBytes <= device.sizeBytes && preallocation !== "off") {
+      throw new SnapstackError("E_INVALID_OPTION", "Preallocation can only be used for growing images", { path, newSizeBytes });
+    }
     if (device instanceof RawImage) {
       if (!(RAW_PREALLOCATION_MODES as readonly string[]).includes(preallocation)) {
         throw new SnapstackError("E_INVALID_OPTION", `Unsupported preallocation mode: ${preallocation}`, { path });

@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { copyFileSync, existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, run, scratchDir } from "../helpers/tools.ts";
-import { buildFixtures, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
+import { assertCodedError, buildFixtures, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
 
 test("convert: the result passes qemu-img compare and check", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
@@ -159,6 +159,23 @@ test("resize --preallocation=metadata|falloc|full of qcow2 images: the same byte
       }
     }
   }
+  // A preallocation mode needs the image to grow: a shrink or the same size is refused, as qemu-img refuses it.
+  for (const [format, args] of [
+    ["qcow2", ["--shrink", "--preallocation=metadata", "5M"]],
+    ["qcow2", ["--preallocation=full", "10M"]],
+    ["raw", ["--shrink", "--preallocation=falloc", "5M"]],
+  ] as const) {
+    ok(await qemuImg(["create", "-q", "-f", format, "theirs.img", "10M"], dir), "create");
+    copyFileSync(join(dir, "theirs.img"), join(dir, "ours.img"));
+    const before = readFileSync(join(dir, "ours.img"));
+    const theirs = await qemuImg(["resize", "-f", format, "theirs.img", ...args], dir);
+    assert.equal(theirs.code, 1, `qemu-img resize ${args.join(" ")}`);
+    assert.match(theirs.stderr, /Preallocation can only be used for growing images/);
+    const ours = await snapstack(["img", "resize", "-f", format, "ours.img", ...args], { cwd: dir });
+    assertCodedError(ours, "E_INVALID_OPTION");
+    assert.match(ours.stderr, /Preallocation can only be used for growing images/);
+    assert.ok(readFileSync(join(dir, "ours.img")).equals(before), `${format} ${args.join(" ")}: the refused resize changed the image`);
+  }
 });
 
 test("resize --preallocation=metadata over a longer backing file and into freed clusters: the new area reads as zeroes, and the bytes are qemu-img's", async (t) => {
@@ -206,6 +223,11 @@ test("amend: compat=1.1, lazy_refcounts and size give qemu-img's bytes; what qem
     ["compat=1.1", "backing_file=other.qcow2", false],
     ["compat=1.1", "data_file=x.raw", false],
     ["compat=1.1", "foo=bar", false],
+    ["compat=1.1", "encryption=on", false],
+    ["compat=1.1", "data_file_raw=on", false],
+    ["compat=1.1", "data_file_raw=off", true],
+    ["compat=0.10", "size=64M", false], // a v2 image with snapshots: refused even at its current size
+    ["compat=0.10", "compat=1.1,size=128M", true],
   ];
   for (const [createOptions, amendOptions, done] of cases) {
     const what = `${createOptions}: amend -o ${amendOptions}`;
@@ -225,6 +247,17 @@ test("amend: compat=1.1, lazy_refcounts and size give qemu-img's bytes; what qem
       assert.match(ours.stderr, /^snapstack: error E_[A-Z_]+: /);
       assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(before), `${what}: the refused amend changed the image`);
     }
+  }
+  // The backing file and format the image has already: a no-op in both tools; anything else is refused.
+  ok(await qemuImg(["create", "-q", "-f", "raw", "base.raw", "1M"], dir), "create base");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "theirs.qcow2"], dir), "create overlay");
+  copyFileSync(join(dir, "theirs.qcow2"), join(dir, "ours.qcow2"));
+  ok(await qemuImg(["amend", "-o", "backing_file=base.raw,backing_fmt=raw", "theirs.qcow2"], dir), "qemu-img amend, same backing");
+  ok(await snapstack(["img", "amend", "-o", "backing_file=base.raw,backing_fmt=raw", "ours.qcow2"], { cwd: dir }), "amend, same backing");
+  assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(readFileSync(join(dir, "theirs.qcow2"))), "same backing: files differ");
+  for (const options of ["backing_file=base.raw", "backing_file=other.raw,backing_fmt=raw", "backing_fmt=qcow2"]) {
+    assert.equal((await qemuImg(["amend", "-o", options, "theirs.qcow2"], dir)).code, 1, `qemu-img amend -o ${options}`);
+    assertCodedError(await snapstack(["img", "amend", "-o", options, "ours.qcow2"], { cwd: dir }), "E_UNSUPPORTED_FEATURE");
   }
   const raw = await snapstack(["img", "amend", "-f", "raw", "-o", "size=1M", "theirs.qcow2"], { cwd: dir });
   assert.match(raw.stderr, /E_UNSUPPORTED_FEATURE: Format driver 'raw' does not support option amendment/);
@@ -247,10 +280,16 @@ test("measure equals qemu-img measure (human and JSON)", async (t) => {
     ["-O", "qcow2", "-f", "raw", "full.raw"],
     ["-O", "qcow2", "-o", "cluster_size=512", "base.qcow2"],
     ["-O", "qcow2", "-o", "backing_file=x.qcow2,backing_fmt=qcow2", "top.qcow2"],
+    ["-O", "qcow2", "v2.qcow2"], // a v2 source holds no bitmaps: no "bitmaps" field
+    ["-O", "qcow2", "-l", "s", "shrunk.qcow2"], // a snapshot, measured at the image's current (smaller) size
   ];
   // A raw file without holes: qemu-img finds holes with SEEK_HOLE, which snapstack cannot (src/formats/raw).
   ok(await qemuImg(["create", "-q", "-f", "raw", "full.raw", "3M"], dir), "full.raw");
   ok(await qemuIo(["-f", "raw", "-c", "write -P 0x5 0 3M", "full.raw"], dir), "fill full.raw");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "shrunk.qcow2", "64M"], dir), "shrunk.qcow2");
+  ok(await qemuIo(["-c", "write -P 1 0 1M", "-c", "write -P 2 48M 8M", "shrunk.qcow2"], dir), "fill shrunk.qcow2");
+  ok(await qemuImg(["snapshot", "-c", "s", "shrunk.qcow2"], dir), "snapshot");
+  ok(await qemuImg(["resize", "-q", "--shrink", "shrunk.qcow2", "16M"], dir), "shrink");
   for (const args of cases) {
     for (const output of ["human", "json"]) {
       const ours = ok(await snapstack(["img", "measure", `--output=${output}`, ...args], { cwd: dir }), `measure ${args.join(" ")}`);
