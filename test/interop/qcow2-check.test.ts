@@ -163,6 +163,9 @@ test("check reports like qemu-img when the header or tables are hostile", async 
     { name: "no refcount table", at: 56, bytes: [0, 0, 0, 0] },
     { name: "4 Mi L1 entries", at: 36, bytes: [0, 0x40, 0, 0] },
   ];
+  // The first refcount block far past the end of any file: past 2^53 (QEMU reads zeroes there, refcount 0), and past 2^63.
+  const reftableOffset = Number(readFileSync(pristine).readBigUInt64BE(48));
+  pokes.push({ name: "refcount block at 2^59", at: reftableOffset, bytes: [0x08] }, { name: "refcount block at 2^63", at: reftableOffset, bytes: [0x80] });
   for (const poke of pokes) {
     const path = join(dir, "hostile.qcow2");
     copyFileSync(pristine, path);

@@ -564,7 +564,10 @@ function decodeCString(bytes: Uint8Array): string {
 export type StoredRefcount = number | { error: string };
 
 /** A refcount block as qcow2_get_refcount finds it: absent (all zero), an error, or its bytes. */
-type RefblockLookup = { kind: "absent" } | { kind: "error"; error: string } | { kind: "block"; hostOffset: number; bytes: Uint8Array };
+type RefblockLookup = { kind: "absent" } | { kind: "error"; error: string } | { kind: "block"; hostOffset: number; bytes: Uint8Array } | { kind: "past-any-file" };
+
+/** The largest offset QEMU's block layer reads at (BDRV_MAX_LENGTH: INT64_MAX rounded down to 1 GiB). */
+const BDRV_MAX_LENGTH_BIG = (2n ** 63n - 1n) & ~(2n ** 30n - 1n);
 
 export class StoredRefcounts {
   readonly #state: Qcow2CheckState;
@@ -589,9 +592,13 @@ export class StoredRefcounts {
     if (tableIndex >= state.refcountTable.length) return { kind: "absent" };
     const offsetBig = state.refcountTable[tableIndex] & ~0x1ffn;
     if (offsetBig === 0n) return { kind: "absent" };
-    if (offsetBig % BigInt(state.clusterSizeBytes) !== 0n || offsetBig > BigInt(Number.MAX_SAFE_INTEGER)) {
+    if (offsetBig % BigInt(state.clusterSizeBytes) !== 0n) {
       await signalCorruption(state, this.#report, `Refblock offset ${hexAlt(offsetBig)} unaligned (reftable index: ${hexAlt(tableIndex)})`);
       return { kind: "error", error: STRERROR.EIO };
+    }
+    if (offsetBig > BigInt(Number.MAX_SAFE_INTEGER)) {
+      // Far past the end of any file: QEMU's read there returns zeroes (refcount 0), until its block layer refuses the offset.
+      return offsetBig + BigInt(state.clusterSizeBytes) > BDRV_MAX_LENGTH_BIG ? { kind: "error", error: STRERROR.EIO } : { kind: "past-any-file" };
     }
     const hostOffset = Number(offsetBig);
     let bytes = this.#blocks.get(hostOffset);
@@ -610,7 +617,7 @@ export class StoredRefcounts {
 
   async get(cluster: number): Promise<StoredRefcount> {
     const found = await this.#lookup(cluster);
-    if (found.kind === "absent") return 0;
+    if (found.kind === "absent" || found.kind === "past-any-file") return 0;
     if (found.kind === "error") return { error: found.error };
     return getRefcount(found.bytes, cluster % this.#state.refcountBlockEntries, this.#state.refcountOrder);
   }
@@ -625,6 +632,7 @@ export class StoredRefcounts {
     const found = await this.#lookup(cluster);
     if (found.kind === "absent") return STRERROR.EINVAL;
     if (found.kind === "error") return found.error;
+    if (found.kind === "past-any-file") return STRERROR.EFBIG; // QEMU's write there: past the largest file
     if (value > state.refcountMax) return STRERROR.EINVAL;
     setRefcount(found.bytes, cluster % state.refcountBlockEntries, state.refcountOrder, value);
     await state.file.write(found.hostOffset, found.bytes);
