@@ -53,6 +53,11 @@ export interface BlockDevice {
    */
   writeSync?(guestOffset: number, data: Uint8Array): void;
   writeZeroes(guestOffset: number, lengthBytes: number, options?: WriteZeroesOptions): Promise<void>;
+  /**
+   * Optional: whether writeZeroes over the range only updates metadata
+   * (NBD's FAST_ZERO may be honoured); absent: never.
+   */
+  zeroesAreFast?(guestOffset: number, lengthBytes: number): boolean;
   /** Drop the range: afterwards it reads as zeroes or falls through, as the format decides. */
   discard(guestOffset: number, lengthBytes: number): Promise<void>;
   flush(): Promise<void>;

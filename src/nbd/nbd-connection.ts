@@ -69,6 +69,7 @@ import tls from "node:tls";
 import type { BlockDevice } from "../device/block-device.ts";
 import { WRITE_SYNC_BYTES_MAX } from "../io/file.ts";
 import { ASYNC_IO_THRESHOLD_BYTES } from "../io/node-file.ts";
+import { isAllZero } from "../io/io-buffer.ts";
 import { encodeBlockStatusChunk, encodeChunk, encodeErrorChunk, encodeGreeting, writeChunkHeader, writeSimpleReplyHeader, writeU64 } from "./codec.ts";
 import { alwaysData, queryBlockStatus, readRuns } from "./block-status.ts";
 import type { NbdExport } from "./nbd-export.ts";
@@ -211,15 +212,6 @@ function sharedReadBuffer(): Buffer {
  * raw file's NodeFile puts them on the thread pool from that size on).
  */
 const LARGE_WRITE_BYTES = ASYNC_IO_THRESHOLD_BYTES;
-
-/** FAST_ZERO is honoured where zeroing is a metadata update: whole clusters of a qcow2 image. */
-function fastZeroPossible(device: BlockDevice, guestOffset: number, lengthBytes: number): boolean {
-  if (device.format !== "qcow2") return false;
-  const clusterSizeBytes = (device as { clusterSizeBytes?: unknown }).clusterSizeBytes;
-  if (typeof clusterSizeBytes !== "number" || clusterSizeBytes <= 0) return false;
-  const end = guestOffset + lengthBytes;
-  return guestOffset % clusterSizeBytes === 0 && (end % clusterSizeBytes === 0 || end === device.sizeBytes);
-}
 
 export class NbdConnection {
   readonly env: ConnectionEnv;
@@ -556,8 +548,10 @@ export class NbdConnection {
       this.#replyError(request, rejection.errno, rejection.message);
       return;
     }
-    // A WRITE without FUA: written synchronously where the export can, else on #write's short path.
-    const plainWritePayload = request.type === CMD_WRITE && (request.flags & CMD_FLAG_FUA) === 0 ? request.payload : null;
+    // A WRITE without FUA: written synchronously where the export can, else on #write's short path
+    // (unless --detect-zeroes makes it a zero write: #execute).
+    const plainWritePayload =
+      request.type === CMD_WRITE && (request.flags & CMD_FLAG_FUA) === 0 && !(exp.detectZeroes !== "off" && request.payload !== null && isAllZero(request.payload)) ? request.payload : null;
     if (plainWritePayload !== null && this.#writeNow(request, plainWritePayload, exp)) return;
     const costBytes = this.#costBytes(request);
     this.#inFlightRequests++;
@@ -636,7 +630,13 @@ export class NbdConnection {
           const payload = request.payload;
           if (payload !== null) {
             try {
-              await exp.run((device) => device.write(request.offset, payload));
+              if (exp.detectZeroes !== "off" && isAllZero(payload)) {
+                // qemu's detect-zeroes (bdrv_aligned_pwritev): all-zero data becomes a zero write.
+                const unmap = exp.detectZeroes === "unmap";
+                await exp.run((device) => device.writeZeroes(request.offset, payload.length, { unmap }));
+              } else {
+                await exp.run((device) => device.write(request.offset, payload));
+              }
             } finally {
               this.#pool.give(payload);
             }
@@ -653,7 +653,7 @@ export class NbdConnection {
           if (request.flags & CMD_FLAG_FUA) await exp.flush();
           break;
         case CMD_WRITE_ZEROES: {
-          if (request.flags & CMD_FLAG_FAST_ZERO && !fastZeroPossible(exp.device, request.offset, request.lengthBytes)) {
+          if (request.flags & CMD_FLAG_FAST_ZERO && exp.device.zeroesAreFast?.(request.offset, request.lengthBytes) !== true) {
             this.#replyError(request, NBD_ENOTSUP, "fast zeroing is not possible for this range");
             return;
           }

@@ -39,7 +39,15 @@ export interface NbdExportOptions {
    * stay allocated (qemu-nbd's default, --discard=ignore).
    */
   discard?: boolean;
+  /**
+   * qemu-nbd --detect-zeroes: "on" turns a WRITE whose data is all zero
+   * into a zero write, "unmap" into one that may unmap; "off" (default)
+   * writes the data.
+   */
+  detectZeroes?: DetectZeroes;
 }
+
+export type DetectZeroes = "off" | "on" | "unmap";
 
 export class NbdExport {
   readonly name: string;
@@ -47,6 +55,7 @@ export class NbdExport {
   readonly readOnly: boolean;
   readonly allocationDepth: boolean;
   readonly discard: boolean;
+  readonly detectZeroes: DetectZeroes;
   #device: BlockDevice;
   #inFlight = 0;
   /** Called when no request runs any more (idle()). */
@@ -66,6 +75,7 @@ export class NbdExport {
     this.readOnly = (options.readOnly ?? false) || options.device.readOnly;
     this.allocationDepth = options.allocationDepth ?? false;
     this.discard = options.discard ?? true;
+    this.detectZeroes = options.detectZeroes ?? "off";
   }
 
   get device(): BlockDevice {

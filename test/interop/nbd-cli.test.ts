@@ -11,6 +11,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, run, runOk, scratchDir } from "../helpers/tools.ts";
 import { SNAPSTACK_BIN, startNbd, waitExit } from "./nbd-helpers.ts";
+import { RawNbdClient, negotiate } from "../unit/nbd-raw-client.ts";
 
 async function image(dir: string): Promise<string> {
   const path = join(dir, "disk.qcow2");
@@ -160,4 +161,60 @@ test("nbd -l exports an internal snapshot read-only, as qemu-nbd -l", async (t) 
   const write = await run("qemu-io", ["-f", "raw", "-c", "write -P 1 0 4k", ours.uri]);
   assert.match(write.stdout + write.stderr, /read-only|Permission|Operation not permitted/i, "writes are refused");
   await runOk("qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x51 1M 1M", ours.uri]);
+});
+
+test("FAST_ZERO is refused with ENOTSUP where zeroing would write data, as qemu-nbd refuses it: a compat=0.10 image over a backing file", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")) return;
+  const dir = scratchDir(t);
+  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", join(dir, "base.qcow2"), "1M"]);
+  await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x55 0 1M", join(dir, "base.qcow2")]);
+  for (const name of ["ours.qcow2", "theirs.qcow2"]) {
+    await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2", join(dir, name), "1M"]);
+  }
+  const WRITE_ZEROES = 6;
+  const FAST_ZERO = 0x10;
+  const ENOTSUP = 95;
+  for (const [which, image] of [["snapstack", "ours.qcow2"], ["qemu-nbd", "theirs.qcow2"]] as const) {
+    const server = await startNbd(t, which, dir, join(dir, image), { args: ["-f", "qcow2"] });
+    const client = await RawNbdClient.connect({ path: server.socketPath! });
+    await negotiate(client);
+    client.sendRequest({ type: WRITE_ZEROES, flags: FAST_ZERO, cookie: 1n, offset: 0, length: 65536 });
+    const reply = await client.readReply();
+    const error = reply.kind === "simple" ? reply.error : reply.payload.readUInt32BE(0);
+    assert.equal(error, ENOTSUP, `${which}: FAST_ZERO over a v2 image's backing data`);
+    client.close();
+    assert.equal(await waitExit(server.process), 0, `${which} exits when its one client leaves`);
+  }
+  // Refused before anything was written: the range still reads the backing file's data, in both images.
+  for (const image of ["ours.qcow2", "theirs.qcow2"]) await runOk("qemu-io", ["-f", "qcow2", "-c", "read -P 0x55 0 64k", join(dir, image)]);
+  assert.equal((await run("qemu-img", ["compare", join(dir, "ours.qcow2"), join(dir, "theirs.qcow2")])).code, 0);
+});
+
+test("--detect-zeroes: all-zero WRITEs become zero writes as in qemu-nbd (same allocation afterwards); bad modes are refused as qemu-nbd refuses them", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")) return;
+  const dir = scratchDir(t);
+  for (const mode of ["on", "unmap"]) {
+    // qemu-nbd takes --discard only before --detect-zeroes=unmap.
+    const args = ["-f", "qcow2", ...(mode === "unmap" ? ["--discard=unmap"] : []), `--detect-zeroes=${mode}`];
+    const maps: string[] = [];
+    for (const which of ["snapstack", "qemu-nbd"] as const) {
+      const image = join(dir, `${which}-${mode}.qcow2`);
+      await runOk("qemu-img", ["create", "-q", "-f", "qcow2", image, "4M"]);
+      await runOk("qemu-io", ["-c", "write -P 7 0 1M", image]);
+      const server = await startNbd(t, which, dir, image, { args });
+      // All-zero data over allocated data, over nothing, and a partial cluster; then real data.
+      await runOk("qemu-io", ["-f", "raw", "-c", "write -P 0 0 64k", "-c", "write -P 0 2M 128k", "-c", "write -P 0 1M 4k", "-c", "write -P 9 3M 4k", server.uri]);
+      assert.equal(await waitExit(server.process), 0);
+      maps.push((await runOk("qemu-img", ["map", "--output=json", image])).stdout.replace(/, "offset": \d+/g, ""));
+    }
+    assert.equal(maps[0], maps[1], `--detect-zeroes=${mode}: allocation as qemu-nbd's`);
+    assert.equal((await run("qemu-img", ["compare", join(dir, `snapstack-${mode}.qcow2`), join(dir, `qemu-nbd-${mode}.qcow2`)])).code, 0);
+  }
+  for (const bad of [["--detect-zeroes=bogus"], ["--detect-zeroes=unmap"]]) {
+    const theirs = await run("qemu-nbd", ["-f", "qcow2", ...bad, join(dir, "snapstack-on.qcow2")], { timeoutMs: 10_000 });
+    const ours = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-f", "qcow2", ...bad, join(dir, "snapstack-on.qcow2")], { timeoutMs: 10_000 });
+    assert.equal(theirs.code, 1, `qemu-nbd ${bad.join(" ")}`);
+    assert.equal(ours.code, 1, `snapstack nbd ${bad.join(" ")}: ${ours.stderr}`);
+    assert.match(ours.stderr, /^snapstack: error E_USAGE: .*detect.zeroes/);
+  }
 });

@@ -52,7 +52,7 @@ import { availableParallelism } from "node:os";
 import { fileURLToPath } from "node:url";
 import { SnapstackError, type ErrorCode } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
-import { NbdExport, NbdServer, loadTlsCredentials, type NbdListenAddress } from "../../nbd/index.ts";
+import { NbdExport, NbdServer, loadTlsCredentials, type DetectZeroes, type NbdListenAddress } from "../../nbd/index.ts";
 import { DataWorkerPool, runDataWorker } from "../../nbd/data-workers.ts";
 import { optionFlag, optionList, optionString, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
@@ -117,6 +117,8 @@ export interface NbdCommandOptions {
   allocationDepth: boolean;
   /** --discard: unmap (on) lets TRIM free space; ignore (off, qemu-nbd's default) makes it a no-op. */
   discard: boolean;
+  /** --detect-zeroes: off (default), on, unmap (needs --discard=unmap). */
+  detectZeroes: DetectZeroes;
   pidFile?: string;
   fork: boolean;
   verbose: boolean;
@@ -132,6 +134,8 @@ export interface NbdCommandOptions {
 
 /** qemu-nbd's --discard modes (bdrv_parse_discard_flags): whether TRIM and unmapping zero writes free space. */
 const DISCARD_MODES: Record<string, boolean> = { ignore: false, off: false, unmap: true, on: true };
+/** qemu-nbd's --detect-zeroes modes (BlockdevDetectZeroesOptions). */
+const DETECT_ZEROES_MODES: readonly DetectZeroes[] = ["off", "on", "unmap"];
 
 /** qemu-nbd's --aio modes: threads uses the thread pool; native and io_uring (Linux AIO) run like the default. */
 const AIO_MODES: Readonly<Record<string, NodeFileIoMode>> = { threads: "async", native: "sync", io_uring: "sync" };
@@ -195,6 +199,9 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
   const ioMode = aioText === undefined ? "sync" : AIO_MODES[aioText];
   const discardText = optionString(parsed, "discard") ?? "ignore";
   if (!Object.hasOwn(DISCARD_MODES, discardText)) throw usage(`Invalid discard mode \`${discardText}'`);
+  const detectZeroes = optionString(parsed, "detectZeroes") ?? "off";
+  if (!DETECT_ZEROES_MODES.includes(detectZeroes as DetectZeroes)) throw usage(`Failed to parse detect_zeroes mode: Invalid parameter '${detectZeroes}'`);
+  if (detectZeroes === "unmap" && !DISCARD_MODES[discardText]) throw usage("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap");
   const workersText = optionString(parsed, "workers");
   return {
     path: parsed.positionals[0],
@@ -208,6 +215,7 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
     connectionsMax,
     allocationDepth: optionFlag(parsed, "allocationDepth"),
     discard: DISCARD_MODES[discardText],
+    detectZeroes: detectZeroes as DetectZeroes,
     pidFile: optionString(parsed, "pidFile"),
     fork: optionFlag(parsed, "fork"),
     verbose: optionFlag(parsed, "verbose"),
@@ -290,7 +298,7 @@ async function serveAsDataWorker(options: NbdCommandOptions, context: CliContext
     throw error;
   }
   try {
-    const exp = new NbdExport({ name: options.exportName, device: opened.device, description: options.description, allocationDepth: options.allocationDepth, discard: options.discard });
+    const exp = new NbdExport({ name: options.exportName, device: opened.device, description: options.description, allocationDepth: options.allocationDepth, discard: options.discard, detectZeroes: options.detectZeroes });
     await runDataWorker({ export: exp, multiConn: options.connectionsMax !== 1, log });
     await opened.device.flush();
     return 0;
@@ -308,7 +316,7 @@ async function serve(options: NbdCommandOptions, argv: readonly string[], contex
   let dataWorkers: DataWorkerPool | null = null;
   let stoppedCleanly = false;
   try {
-    const exp = new NbdExport({ name: options.exportName, device, description: options.description, allocationDepth: options.allocationDepth, discard: options.discard });
+    const exp = new NbdExport({ name: options.exportName, device, description: options.description, allocationDepth: options.allocationDepth, discard: options.discard, detectZeroes: options.detectZeroes });
     dataWorkers = await startDataWorkers(options, argv, exp, log);
     server = new NbdServer({ exports: [exp], tls, connectionsMax: options.connectionsMax, log, dataWorkers });
     const bound = await server.listen(options.address);

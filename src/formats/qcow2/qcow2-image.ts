@@ -1764,6 +1764,18 @@ export class Qcow2Image implements BlockDevice {
     await this.#mutate(guestOffset, lengthBytes, () => this.#locked(() => this.#zeroLocked(guestOffset, lengthBytes, options.unmap === true)));
   }
 
+  /**
+   * BlockDevice.zeroesAreFast: whole clusters (up to the image's end
+   * counts), except in a version 2 image over a backing file, which has no
+   * zero clusters and gets zero data written (#zeroLocked).
+   */
+  zeroesAreFast(guestOffset: number, lengthBytes: number): boolean {
+    if (this.#meta.header.version === 2 && this.backing !== null) return false;
+    const cs = this.#meta.clusterSizeBytes;
+    const end = guestOffset + lengthBytes;
+    return guestOffset % cs === 0 && (end % cs === 0 || end === this.sizeBytes);
+  }
+
   async #zeroLocked(guestOffset: number, lengthBytes: number, unmap: boolean): Promise<void> {
     const meta = this.#meta;
     const geometry = meta.geometry;
