@@ -66,7 +66,6 @@
 import type { Socket } from "node:net";
 import { settleAll } from "../base/errors.ts";
 import tls from "node:tls";
-import type { BlockDevice } from "../device/block-device.ts";
 import { WRITE_SYNC_BYTES_MAX } from "../io/file.ts";
 import { ASYNC_IO_THRESHOLD_BYTES } from "../io/node-file.ts";
 import { isAllZero } from "../io/io-buffer.ts";
