@@ -221,6 +221,9 @@ test("commit errors: no backing file, base not in the chain (coded, nothing writ
   assert.match(missing.stderr, /E_NOT_IN_CHAIN: Did not find 'nothere\.qcow2' in the backing chain of '.*top\.qcow2'/);
   const self = await snapstack("img", "commit", "-b", "top.qcow2", ours.top);
   assert.match(self.stderr, /E_NOT_IN_CHAIN/);
+  // A name with a protocol prefix is compared as a plain string, as qemu-img's bdrv_find_backing_image does.
+  const prefixed = await snapstack("img", "commit", "-b", `file:${ours.base}`, ours.top);
+  assert.match(prefixed.stderr, /E_NOT_IN_CHAIN: Did not find 'file:/);
   await assertAllClean(ours);
   await assertMatchesModel(ours.top, ours.models.top, ours.dir, "top");
   await assertMatchesModel(ours.mid, ours.models.mid, ours.dir, "mid");

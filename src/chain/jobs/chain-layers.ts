@@ -24,7 +24,7 @@
 import { realpathSync } from "node:fs";
 import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
-import { resolveBackingPath } from "../backing-path.ts";
+import { hasProtocolPrefix, resolveBackingPath } from "../backing-path.ts";
 
 /** Guest bytes whose allocation is resolved at once (bounds the extents held). */
 export const ALLOCATION_WINDOW_BYTES = 1024 * 1024 * 1024;
@@ -97,13 +97,20 @@ function realPathOrNull(path: string): string | null {
  * E_NOT_IN_CHAIN with qemu-img's message.
  */
 export function findInChain(layers: readonly BlockDevice[], name: string, topName: string): number {
+  const notFound = (): SnapstackError => new SnapstackError("E_NOT_IN_CHAIN", `Did not find '${name}' in the backing chain of '${topName}'`, { path: topName, base: name });
+  // bdrv_find_backing_image: a name with a protocol prefix ("file:base.qcow2") is compared as a plain string.
+  if (hasProtocolPrefix(name)) {
+    const depth = layers.findIndex((layer, index) => index >= 1 && layer.name === name);
+    if (depth >= 1) return depth;
+    throw notFound();
+  }
   const targets = layers.map((layer) => realPathOrNull(layer.name));
   for (let depth = 1; depth < layers.length; depth++) {
     let candidate: string | null;
     try {
       candidate = realPathOrNull(resolveBackingPath(layers[depth - 1].name, name));
     } catch {
-      candidate = null; // a protocol name: never a file of this chain
+      candidate = null; // a name no file of this chain can have
     }
     if (candidate !== null && candidate === targets[depth]) return depth;
   }
@@ -112,5 +119,5 @@ export function findInChain(layers: readonly BlockDevice[], name: string, topNam
     const depth = targets.indexOf(fromCwd, 1);
     if (depth >= 1) return depth;
   }
-  throw new SnapstackError("E_NOT_IN_CHAIN", `Did not find '${name}' in the backing chain of '${topName}'`, { path: topName, base: name });
+  throw notFound();
 }
