@@ -86,7 +86,9 @@ function statusKey(entry: MapExtent, shape: ChainShape): string {
   const unallocatedToBottom = !entry.present && entry.depth === shape.bottomDepth;
   const allocated = !unallocatedToBottom && (entry.present || entry.depth < shape.bottomDepth);
   const eof = end === shape.device.sizeBytes || (unallocatedToBottom && end === shape.bottomSizeBytes);
-  return `${allocated}/${entry.zero}/${entry.data}/${entry.offset !== undefined}/${eof}`;
+  // Zeroes synthesized past a shorter backing's end carry no host offset in the chain's status (map shows one).
+  const offsetValid = entry.offset !== undefined && !(!entry.present && entry.depth < shape.bottomDepth);
+  return `${allocated}/${entry.zero}/${entry.data}/${offsetValid}/${eof}`;
 }
 
 function throwIfAborted(signal: AbortSignal | undefined): void {

@@ -86,6 +86,14 @@ const PAIRS: Array<{ name: string; script: string }> = [
       qemu-img convert -O qcow2 a b`,
   },
   {
+    name: "extended L2 against plain clusters over a backing file shorter than both (zeroes past its end carry no host offset)",
+    script: `qemu-img create -q -f qcow2 base 512
+      qemu-img create -q -f qcow2 -o cluster_size=64k -b base -F qcow2 a 2M
+      qemu-img create -q -f qcow2 -o cluster_size=2M,extended_l2=on -b base -F qcow2 b 2M
+      qemu-io -c 'write -P 1 1M 64k' a >/dev/null
+      qemu-io -c 'write -P 1 1M 64k' b >/dev/null`,
+  },
+  {
     name: "compressed against plain",
     script: `qemu-img create -q -f qcow2 a 4M
       qemu-io -c 'write -c -P 7 0 64k' -c 'write -c -P 8 1M 64k' a >/dev/null
