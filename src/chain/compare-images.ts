@@ -13,13 +13,16 @@
  *   mismatch!", also before a mismatch found in the tail). `message` is
  *   qemu-img's stdout, line for line. Strict mode fails on a size difference and on any block
  *   status difference (allocation, zero, data, offset validity, end of
- *   image). Holes in raw files are invisible to Node (no SEEK_DATA), so a
+ *   image), answer by answer as QEMU gives them: a qcow2 layer's answer
+ *   ends with the L2 table that maps it (answerEnd), which decides where the
+ *   end-of-image bit is set and where the next comparison starts. Holes in raw files are invisible to Node (no SEEK_DATA), so a
  *   raw file with holes may be judged differently from qemu-img in strict
  *   mode; non-strict results do not depend on it.
  */
 import type { BlockDevice, MapExtent } from "../device/block-device.ts";
 import { isSnapstackError, SnapstackError } from "../base/errors.ts";
 import { ChainStatusCursor } from "./chain-status.ts";
+import { Qcow2Image } from "../formats/qcow2/index.ts";
 import { allocateIoBuffer } from "../io/io-buffer.ts";
 
 /** Bytes compared per read (qemu-img's IO_BUF_SIZE). */
@@ -62,16 +65,38 @@ interface ChainShape {
   device: BlockDevice;
   bottomDepth: number;
   bottomSizeBytes: number;
+  /**
+   * Per layer, the guest bytes one block status answer covers at most:
+   * QEMU's qcow2 answers stop at the end of the L2 table (slice) that maps
+   * the offset; a raw file's do not stop.
+   */
+  answerSpanBytes: number[];
 }
 
 function chainShape(device: BlockDevice): ChainShape {
+  const answerSpanBytes: number[] = [];
   let bottom = device;
-  let bottomDepth = 0;
-  while (bottom.backing !== null) {
-    bottom = bottom.backing;
-    bottomDepth++;
+  for (let layer: BlockDevice | null = device; layer !== null; layer = layer.backing) {
+    answerSpanBytes.push(layer instanceof Qcow2Image ? layer.metadata.geometry.l2CoverageBytes : Number.POSITIVE_INFINITY);
+    bottom = layer;
   }
-  return { device, bottomDepth, bottomSizeBytes: bottom.sizeBytes };
+  return { device, bottomDepth: answerSpanBytes.length - 1, bottomSizeBytes: bottom.sizeBytes, answerSpanBytes };
+}
+
+/**
+ * Where bdrv_block_status_above's answer for `entry` (which starts at the
+ * offset asked about) ends: at the entry's end, or before it where a layer
+ * consulted for it (those above the one that holds it, and that one; every
+ * layer when nothing holds it) stops at the end of an L2 table.
+ */
+function answerEnd(entry: MapExtent, shape: ChainShape): number {
+  let end = entry.start + entry.length;
+  const consulted = entry.present ? entry.depth : Math.min(shape.bottomDepth, entry.depth + 1);
+  for (let depth = 0; depth <= consulted; depth++) {
+    const span = shape.answerSpanBytes[depth];
+    if (Number.isFinite(span)) end = Math.min(end, (Math.floor(entry.start / span) + 1) * span);
+  }
+  return end;
 }
 
 /**
@@ -82,7 +107,7 @@ function chainShape(device: BlockDevice): ChainShape {
  * to the bottom, the bottom layer's own EOF survives too).
  */
 function statusKey(entry: MapExtent, shape: ChainShape): string {
-  const end = entry.start + entry.length;
+  const end = answerEnd(entry, shape);
   const unallocatedToBottom = !entry.present && entry.depth === shape.bottomDepth;
   const allocated = !unallocatedToBottom && (entry.present || entry.depth < shape.bottomDepth);
   const eof = end === shape.device.sizeBytes || (unallocatedToBottom && end === shape.bottomSizeBytes);
@@ -141,8 +166,12 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
     const statusA = await staged("status", () => cursorA.at(offset));
     const statusB = await staged("status", () => cursorB.at(offset));
     let chunk = Math.min(statusA.length, statusB.length);
-    if (strict && statusKey(statusA, shapeA) !== statusKey(statusB, shapeB)) {
-      return { identical: false, reason: "allocation", guestOffset: offset, message: `Strict mode: Offset ${offset} block status mismatch!` };
+    if (strict) {
+      if (statusKey(statusA, shapeA) !== statusKey(statusB, shapeB)) {
+        return { identical: false, reason: "allocation", guestOffset: offset, message: `Strict mode: Offset ${offset} block status mismatch!` };
+      }
+      // Step as qemu-img steps, answer by answer: its next comparison (of the EOF bit too) starts there.
+      chunk = Math.min(answerEnd(statusA, shapeA), answerEnd(statusB, shapeB)) - offset;
     }
     if (!(statusA.zero && statusB.zero)) {
       chunk = Math.min(chunk, COMPARE_CHUNK_BYTES);

@@ -94,6 +94,18 @@ const PAIRS: Array<{ name: string; script: string }> = [
       qemu-io -c 'write -P 1 1M 64k' b >/dev/null`,
   },
   {
+    name: "4 KiB clusters against 64 KiB ones: QEMU's status answers end with each L2 table, so only one reaches the end (strict: EOF bit)",
+    script: `qemu-img create -q -f qcow2 -o cluster_size=4096 a 4M
+      qemu-img create -q -f qcow2 b 4M`,
+  },
+  {
+    name: "512-byte clusters over a 512-byte backing file, one zero cluster (strict: answers stepped table by table)",
+    script: `qemu-img create -q -f qcow2 base 512
+      qemu-img create -q -f qcow2 -o cluster_size=512 -b base -F qcow2 a 1M
+      qemu-img create -q -f qcow2 -o cluster_size=512 -b base -F qcow2 b 1M
+      qemu-io -c 'write -z 64k 512' b >/dev/null`,
+  },
+  {
     name: "compressed against plain",
     script: `qemu-img create -q -f qcow2 a 4M
       qemu-io -c 'write -c -P 7 0 64k' -c 'write -c -P 8 1M 64k' a >/dev/null
