@@ -10,7 +10,7 @@
  * and a failure part way leaves qemu-img's partial output.
  */
 import { SnapstackError } from "../../base/errors.ts";
-import { parseSize } from "../../base/units.ts";
+import { parseSizeBig } from "../../base/units.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { expectPositionals, parseOutputFormat } from "../command-helpers.ts";
@@ -35,6 +35,13 @@ function layerName(top: BlockDevice, depth: number): string {
   return device?.name ?? "";
 }
 
+/** --start-offset / --max-length: 0 to INT64_MAX (qemu-img's cvtnum). */
+function offsetOption(text: string, what: string): bigint {
+  const value = parseSizeBig(text, what);
+  if (value > 2n ** 63n - 1n) throw new SnapstackError("E_INVALID_SIZE", `Invalid ${what} specified. Must be between 0 and ${2n ** 63n - 1n}.`);
+  return value;
+}
+
 export const mapCommand: CliCommand = {
   name: "map",
   synopsis: "map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename",
@@ -56,8 +63,12 @@ export const mapCommand: CliCommand = {
     const output = parseOutputFormat(optionString(parsed, "output"));
     const startText = optionString(parsed, "startOffset");
     const lengthText = optionString(parsed, "maxLength");
-    const startOffset = startText === undefined ? undefined : parseSize(startText, { what: "start offset" });
-    const maxLengthBytes = lengthText === undefined ? undefined : parseSize(lengthText, { what: "max length" });
+    // qemu-img takes both up to INT64_MAX; past snapstack's 2^53 limit they reach beyond any image anyway.
+    const startBig = startText === undefined ? undefined : offsetOption(startText, "start offset");
+    const lengthBig = lengthText === undefined ? undefined : offsetOption(lengthText, "max length");
+    const pastAnyImage = startBig !== undefined && startBig > BigInt(Number.MAX_SAFE_INTEGER);
+    const startOffset = startBig === undefined ? undefined : pastAnyImage ? Number.MAX_SAFE_INTEGER : Number(startBig);
+    const maxLengthBytes = lengthBig === undefined ? undefined : Number(lengthBig > BigInt(Number.MAX_SAFE_INTEGER) ? BigInt(Number.MAX_SAFE_INTEGER) : lengthBig);
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     const device = await openImage(parsed.positionals[0], { format: optionString(parsed, "format"), readOnly: true, forceShare: optionFlag(parsed, "forceShare") });
     let piece = "";
@@ -83,9 +94,11 @@ export const mapCommand: CliCommand = {
     };
     try {
       write(output === "json" ? "[" : MAP_HUMAN_HEADER);
-      await forEachMapEntry(device, { startOffset, maxLengthBytes }, output === "json" ? json : human);
-      // qemu-img prints one empty entry for an empty range.
-      if (output === "json" && printed === 0) json({ start: startOffset ?? 0, length: 0, depth: 0, present: false, zero: false, data: false }, true);
+      if (!pastAnyImage) await forEachMapEntry(device, { startOffset, maxLengthBytes }, output === "json" ? json : human);
+      // qemu-img prints one empty entry for an empty range (its start as given, even past 2^53).
+      if (output === "json" && printed === 0) {
+        write(formatMapJsonEntry({ start: startOffset ?? 0, length: 0, depth: 0, present: false, zero: false, data: false }).replace(/"start": \d+/, `"start": ${startBig ?? 0n}`) + "]\n");
+      }
       return 0;
     } finally {
       context.out(piece);
