@@ -10,6 +10,7 @@ import { openQcow2, type Qcow2Image } from "../../src/formats/qcow2/qcow2-image.
 import { FaultFile, type FaultFileOptions } from "../../src/io/fault-file.ts";
 import { MemoryFile } from "../../src/io/memory-file.ts";
 import { isSnapstackError } from "../../src/base/errors.ts";
+import { checkQcow2 } from "../../src/formats/qcow2/check.ts";
 
 const MiB = 1024 * 1024;
 
@@ -75,4 +76,34 @@ test("a grow over a longer backing file that zeroes hundreds of L2 tables keeps 
   assert.equal(tail.findIndex((byte) => byte !== 0), -1);
   await image.close();
   await backing.close();
+});
+
+test("resize with metadata preallocation: wherever the process stops, no table maps a cluster past the file's end (the file grows first, as QEMU's)", async () => {
+  // Every write and truncate keeps a copy of the file as it is then: what a killed process leaves.
+  const states: Uint8Array[] = [];
+  class RecordingFile extends MemoryFile {
+    // write goes through writeSync.
+    override writeSync(hostOffset: number, data: Uint8Array): void {
+      super.writeSync(hostOffset, data);
+      states.push(this.contents());
+    }
+    override async truncate(sizeBytes: number): Promise<void> {
+      await super.truncate(sizeBytes);
+      states.push(this.contents());
+    }
+  }
+  const file = new RecordingFile({ name: "prealloc.qcow2" });
+  await createQcow2(file, { sizeBytes: 8 * MiB });
+  const image = await openQcow2(file, { readOnly: false, backing: null });
+  await image.write(0, new Uint8Array(MiB).fill(1));
+  await image.flush();
+  states.length = 0;
+  await image.resize(64 * MiB, { shrink: false });
+  await image.preallocateMetadata(8 * MiB, 56 * MiB);
+  await image.close();
+  assert.ok(states.length > 3, `${states.length} steps recorded`);
+  for (const [step, contents] of states.entries()) {
+    const result = await checkQcow2(new MemoryFile({ contents, readOnly: true }));
+    assert.equal(result.corruptions, 0, `step ${step} of ${states.length}: ${result.messages.slice(0, 3).join("; ")}`);
+  }
 });

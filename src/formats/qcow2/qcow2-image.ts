@@ -1594,7 +1594,6 @@ export class Qcow2Image implements BlockDevice {
     const geometry = meta.geometry;
     const cs = geometry.clusterSizeBytes;
     const scSize = geometry.subclusterSizeBytes;
-    let hostEnd = 0;
     await this.#locked(async () => {
       // Clusters below the file's end are freed ones reused, with their old bytes (QEMU's were
       // discarded, so they read as zeroes): zeroed before an entry maps them as data.
@@ -1607,6 +1606,12 @@ export class Qcow2Image implements BlockDevice {
         const table = await meta.getL2ForWrite(l1Index);
         const plans = this.#planClusters(table, guestOffset, at, chunkEnd, false).filter((p) => p.entry.type === "unallocated" || p.entry.type === "zero-plain");
         nextHostOffset = await this.#allocatePlans(plans, nextHostOffset);
+        // The file reaches past every cluster these entries map before the table can be written (a full
+        // cache writes tables back early): a kill leaves no reference past the file's end. QEMU extends
+        // the file first too.
+        let chunkHostEnd = 0;
+        for (const plan of plans) chunkHostEnd = Math.max(chunkHostEnd, Math.ceil((plan.hostOffset + plan.inCluster + plan.length) / scSize) * scSize);
+        if (chunkHostEnd > (await this.#file.sizeBytes())) await this.#file.truncate(chunkHostEnd);
         for (const plan of plans) {
           // A range that reads as zeroes (resize over a longer backing file zeroed it) stays so, with its
           // new host cluster, as QEMU's truncate zeroes after it preallocates: offset|ZERO. Extended L2:
@@ -1623,15 +1628,11 @@ export class Qcow2Image implements BlockDevice {
           if (geometry.extendedL2) setL2EntryWords(table.view, plan.l2Index, true, word, 0, zeroBits >>> 0);
           else setL2EntryWords(table.view, plan.l2Index, false, word);
           markDirty(table, plan.l2Index * geometry.l2EntryBytes, geometry.l2EntryBytes);
-          hostEnd = plan.hostOffset + plan.inCluster + plan.length;
         }
         at = chunkEnd;
       }
       await meta.writeCaches();
     });
-    const unit = geometry.subclusterSizeBytes;
-    const fileEnd = Math.ceil(hostEnd / unit) * unit;
-    if (fileEnd > (await this.#file.sizeBytes())) await this.#file.truncate(fileEnd);
   }
 
   /**
