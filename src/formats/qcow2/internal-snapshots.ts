@@ -969,11 +969,6 @@ export async function compressedDataMapped(meta: Qcow2Metadata, snapshots: reado
   return false;
 }
 
-/** The snapshot `ref` (ID first, then name), for read-only views. */
-export function snapshotByRef(image: Qcow2Image, ref: string): Qcow2Snapshot {
-  return selectSnapshot(image, { idOrName: ref });
-}
-
 /**
  * Which internal snapshot a `-l` value names (qemu's snapshot_param):
  * `ID_OR_NAME` (an ID first, then a name: bdrv_snapshot_load_tmp_by_id_or_name),
