@@ -117,6 +117,17 @@ export function parseSizeBig(text: string, what = "size"): bigint {
 }
 
 /**
+ * qemu's cvtnum: a size as parseSizeBig reads it, refused outside
+ * [minBytes, INT64_MAX] with qemu's message. Exact past 2^53 (a BigInt),
+ * for options whose large values mean "past any image".
+ */
+export function parseSizeInt64(text: string, what = "size", minBytes = 0): bigint {
+  const value = parseSizeBig(text, what);
+  if (value > QEMU_SIZE_MAX || value < BigInt(minBytes)) throw outOfRange(what, text, minBytes);
+  return value;
+}
+
+/**
  * Parse a size as qemu-img does ("1G", "512", "1.5M", "0x1000"), in bytes.
  * Throws E_INVALID_SIZE for bad syntax or a value outside [minBytes,
  * INT64_MAX] (qemu's messages), E_TOO_LARGE above 2^53.
@@ -124,8 +135,7 @@ export function parseSizeBig(text: string, what = "size"): bigint {
 export function parseSize(text: string, options: ParseSizeOptions = {}): number {
   const what = options.what ?? "size";
   const minBytes = options.minBytes ?? 0;
-  const value = parseSizeBig(text, what);
-  if (value > QEMU_SIZE_MAX || value < BigInt(minBytes)) throw outOfRange(what, text, minBytes);
+  const value = parseSizeInt64(text, what, minBytes);
   if (value > BigInt(SIZE_MAX_BYTES)) {
     throw new SnapstackError(
       "E_TOO_LARGE",

@@ -547,10 +547,10 @@ export class NbdConnection {
       this.#replyError(request, rejection.errno, rejection.message);
       return;
     }
-    // A WRITE without FUA: written synchronously where the export can, else on #write's short path
-    // (unless --detect-zeroes makes it a zero write: #execute).
-    const plainWritePayload =
-      request.type === CMD_WRITE && (request.flags & CMD_FLAG_FUA) === 0 && !(exp.detectZeroes !== "off" && request.payload !== null && isAllZero(request.payload)) ? request.payload : null;
+    // --detect-zeroes: a WRITE of all-zero data becomes a zero write (#execute), looked at once here.
+    const zeroData = request.type === CMD_WRITE && exp.detectZeroes !== "off" && request.payload !== null && isAllZero(request.payload);
+    // A WRITE without FUA: written synchronously where the export can, else on #write's short path.
+    const plainWritePayload = request.type === CMD_WRITE && (request.flags & CMD_FLAG_FUA) === 0 && !zeroData ? request.payload : null;
     if (plainWritePayload !== null && this.#writeNow(request, plainWritePayload, exp)) return;
     const costBytes = this.#costBytes(request);
     this.#inFlightRequests++;
@@ -558,7 +558,7 @@ export class NbdConnection {
     let running: Promise<void>;
     if (plainWritePayload !== null) running = this.#write(request, plainWritePayload, exp);
     else if (request.type === CMD_READ && this.#readsWhole(request, exp)) running = this.#readWhole(request, exp);
-    else running = this.#execute(request, exp);
+    else running = this.#execute(request, exp, zeroData);
     running.then(() => {
       this.#inFlightRequests--;
       this.#inFlightBytes -= costBytes;
@@ -618,8 +618,8 @@ export class NbdConnection {
     else this.#replyError(request, nbdErrnoFor(failure.error), errorMessageOf(failure.error));
   }
 
-  /** Runs one validated request and sends its reply; never rejects. */
-  async #execute(request: NbdRequest, exp: NbdExport): Promise<void> {
+  /** Runs one validated request and sends its reply; never rejects. `zeroData`: a WRITE whose data --detect-zeroes found all zero. */
+  async #execute(request: NbdRequest, exp: NbdExport, zeroData = false): Promise<void> {
     try {
       switch (request.type) {
         case CMD_READ:
@@ -629,7 +629,7 @@ export class NbdConnection {
           const payload = request.payload;
           if (payload !== null) {
             try {
-              if (exp.detectZeroes !== "off" && isAllZero(payload)) {
+              if (zeroData) {
                 // qemu's detect-zeroes (bdrv_aligned_pwritev): all-zero data becomes a zero write.
                 const unmap = exp.detectZeroes === "unmap";
                 await exp.run((device) => device.writeZeroes(request.offset, payload.length, { unmap }));

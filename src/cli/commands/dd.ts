@@ -6,7 +6,7 @@
  * last of a key wins; sizes take qemu's suffixes.
  */
 import { SnapstackError } from "../../base/errors.ts";
-import { parseSizeBig } from "../../base/units.ts";
+import { parseSizeBig, parseSizeInt64 } from "../../base/units.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { OBJECT_OPTION_SPECS, refuseObjectOptions } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
@@ -14,14 +14,6 @@ import { DD_BLOCK_BYTES_MAX, ddImage } from "../engine.ts";
 
 const OPERANDS = ["bs", "count", "skip", "if", "of"] as const;
 type Operand = (typeof OPERANDS)[number];
-
-/** count= and skip=: 0 to INT64_MAX blocks (qemu-img's cvtnum_full("count", arg, 0, INT64_MAX)). */
-function blockCount(text: string, what: "count" | "skip"): bigint {
-  const blocks = parseSizeBig(text, what);
-  if (blocks > INT64_MAX_BIG) throw new SnapstackError("E_INVALID_SIZE", `Invalid ${what} specified. Must be between 0 and ${INT64_MAX_BIG}.`);
-  return blocks;
-}
-const INT64_MAX_BIG = 2n ** 63n - 1n;
 
 export const ddCommand: CliCommand = {
   name: "dd",
@@ -56,8 +48,8 @@ export const ddCommand: CliCommand = {
       const value = word.slice(equals + 1);
       if (key === "if") input = value;
       else if (key === "of") output = value;
-      else if (key === "count") countBlocks = blockCount(value, "count");
-      else if (key === "skip") skipBlocks = blockCount(value, "skip");
+      else if (key === "count") countBlocks = parseSizeInt64(value, "count");
+      else if (key === "skip") skipBlocks = parseSizeInt64(value, "skip");
       else {
         const bytes = parseSizeBig(value, "bs");
         if (bytes < 1n || bytes > BigInt(DD_BLOCK_BYTES_MAX)) throw new SnapstackError("E_INVALID_SIZE", `Invalid bs specified. Must be between 1 and ${DD_BLOCK_BYTES_MAX}.`);

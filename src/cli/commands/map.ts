@@ -10,7 +10,7 @@
  * and a failure part way leaves qemu-img's partial output.
  */
 import { SnapstackError } from "../../base/errors.ts";
-import { parseSizeBig } from "../../base/units.ts";
+import { parseSizeInt64 } from "../../base/units.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { expectPositionals, parseOutputFormat } from "../command-helpers.ts";
@@ -35,13 +35,6 @@ function layerName(top: BlockDevice, depth: number): string {
   return device?.name ?? "";
 }
 
-/** --start-offset / --max-length: 0 to INT64_MAX (qemu-img's cvtnum). */
-function offsetOption(text: string, what: string): bigint {
-  const value = parseSizeBig(text, what);
-  if (value > 2n ** 63n - 1n) throw new SnapstackError("E_INVALID_SIZE", `Invalid ${what} specified. Must be between 0 and ${2n ** 63n - 1n}.`);
-  return value;
-}
-
 export const mapCommand: CliCommand = {
   name: "map",
   synopsis: "map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename",
@@ -64,8 +57,8 @@ export const mapCommand: CliCommand = {
     const startText = optionString(parsed, "startOffset");
     const lengthText = optionString(parsed, "maxLength");
     // qemu-img takes both up to INT64_MAX; past snapstack's 2^53 limit they reach beyond any image anyway.
-    const startBig = startText === undefined ? undefined : offsetOption(startText, "start offset");
-    const lengthBig = lengthText === undefined ? undefined : offsetOption(lengthText, "max length");
+    const startBig = startText === undefined ? undefined : parseSizeInt64(startText, "start offset");
+    const lengthBig = lengthText === undefined ? undefined : parseSizeInt64(lengthText, "max length");
     const pastAnyImage = startBig !== undefined && startBig > BigInt(Number.MAX_SAFE_INTEGER);
     const startOffset = startBig === undefined ? undefined : pastAnyImage ? Number.MAX_SAFE_INTEGER : Number(startBig);
     const maxLengthBytes = lengthBig === undefined ? undefined : Number(lengthBig > BigInt(Number.MAX_SAFE_INTEGER) ? BigInt(Number.MAX_SAFE_INTEGER) : lengthBig);

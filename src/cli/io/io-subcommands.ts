@@ -14,7 +14,7 @@
  * (IoCommandError; io-command.ts prints both).
  */
 import { SnapstackError, type ErrorCode } from "../../base/errors.ts";
-import { formatFixed, formatIoSize, parseSizeBig } from "../../base/units.ts";
+import { QEMU_SIZE_MAX, formatFixed, formatIoSize, parseSizeBig } from "../../base/units.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { optionFlag, optionString, parseArgs, type OptionSpec, type ParsedArgs } from "../args.ts";
 import type { CliContext } from "../context.ts";
@@ -112,8 +112,6 @@ function parseWords(name: string, args: string[], specs: OptionSpec[]): ParsedAr
   }
 }
 
-const INT64_MAX = 2n ** 63n - 1n;
-
 /** qemu-io's cvtnum with its error messages. */
 export function parseIoNumber(text: string): number {
   let value: bigint;
@@ -124,7 +122,7 @@ export function parseIoNumber(text: string): number {
   }
   // qemu's limit is INT64_MAX. Past 2^53 the number is not exact, but it is then far beyond
   // any request or image limit, which refuses it as qemu-io does ("length cannot exceed", EIO).
-  if (value > INT64_MAX) {
+  if (value > QEMU_SIZE_MAX) {
     throw new IoCommandError("E_INVALID_SIZE", `Parsing error: argument too large -- ${text}`, undefined, { text });
   }
   return Number(value);
