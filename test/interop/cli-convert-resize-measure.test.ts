@@ -1,7 +1,7 @@
 // snapstack img convert / resize / measure, checked with qemu-img.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { copyFileSync, existsSync, readFileSync } from "node:fs";
+import { copyFileSync, existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, run, scratchDir } from "../helpers/tools.ts";
 import { assertCodedError, buildFixtures, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
@@ -191,6 +191,19 @@ test("resize --preallocation=metadata over a longer backing file and into freed 
     ok(await snapstack(["img", "resize", "-q", "--preallocation=metadata", "ours.qcow2", "5M"], { cwd: dir }), "resize");
     ok(await qemuIo(["-r", "-c", "read -P 0 1000k 4120k", "ours.qcow2"], dir), `extended_l2=${extendedL2}: the grown area reads as zeroes, not the backing file's data`);
     assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(readFileSync(join(dir, "theirs.qcow2"))), `extended_l2=${extendedL2}: files differ`);
+  }
+  // Over a shorter backing file, from a size inside an unallocated cluster: the new cluster keeps the
+  // backing file's data below the old size (QEMU's cow_start copies it; it read as zeroes, a review).
+  writeFileSync(join(dir, "short.raw"), Buffer.alloc(1_000_000, 9));
+  ok(await qemuImg(["convert", "-q", "-f", "raw", "-O", "qcow2", "short.raw", "short.qcow2"], dir), "qcow2 backing");
+  for (const [backing, backingFormat, compat] of [["short.raw", "raw", "1.1"], ["short.qcow2", "qcow2", "1.1"], ["short.raw", "raw", "0.10"]]) {
+    const what = `${backingFormat} backing, compat=${compat}`;
+    ok(await qemuImg(["create", "-q", "-f", "qcow2", "-o", `compat=${compat}`, "-b", backing, "-F", backingFormat, "theirs.qcow2", "1000448"], dir), "overlay");
+    copyFileSync(join(dir, "theirs.qcow2"), join(dir, "ours.qcow2"));
+    ok(await qemuImg(["resize", "-q", "--preallocation=metadata", "theirs.qcow2", "+1M"], dir), "qemu-img resize");
+    ok(await snapstack(["img", "resize", "-q", "--preallocation=metadata", "ours.qcow2", "+1M"], { cwd: dir }), "resize");
+    ok(await qemuIo(["-r", "-c", "read -P 9 0 1000000", "-c", "read -P 0 1000000 1048896", "ours.qcow2"], dir), `${what}: the backing file's data stays, the rest reads as zeroes`);
+    assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(readFileSync(join(dir, "theirs.qcow2"))), `${what}: files differ`);
   }
   // Freed clusters keep their old bytes here (no hole punching): preallocating into them must not expose them.
   ok(await qemuImg(["create", "-q", "-f", "qcow2", "reuse.qcow2", "1M"], dir), "create");

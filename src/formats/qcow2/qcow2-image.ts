@@ -1582,7 +1582,8 @@ export class Qcow2Image implements BlockDevice {
   /**
    * preallocate_co (preallocation=metadata, create and resize): give every
    * unallocated cluster of the range a host cluster (entry offset|COPIED,
-   * with extended L2 an empty bitmap) without writing data, then extend
+   * with extended L2 an empty bitmap) without writing data (but the head
+   * of a partial first cluster, copied from the backing file), then extend
    * the file to the end of the last (sub)cluster allocated, as qemu-img
    * does (a size that is not a multiple of it still gets the whole of its
    * last one).
@@ -1623,6 +1624,14 @@ export class Qcow2Image implements BlockDevice {
           if (!geometry.extendedL2 && !readsZero && plan.hostOffset < fileEndBefore) {
             await writeZeroBytes(this.#file, plan.hostOffset, cs);
             meta.noteDataWritten(); // the zeroes reach the disk before the entry that maps them
+          }
+          // The head of a partial first cluster (resize from a size inside it) keeps what it reads now:
+          // QEMU's cow_start copies it from the backing file into the new cluster (perform_cow).
+          if (!geometry.extendedL2 && plan.entry.type === "unallocated" && plan.inCluster > 0 && this.backing !== null) {
+            const head = new Uint8Array(plan.inCluster);
+            await this.#readGuest(plan.clusterIndex * cs, head);
+            await this.#file.write(plan.hostOffset, head);
+            meta.noteDataWritten();
           }
           const word = encodeL2Entry({ type: readsZero ? "zero-alloc" : "normal", hostOffset: plan.hostOffset, copied: true }, geometry.clusterBits, geometry.extendedL2);
           if (geometry.extendedL2) setL2EntryWords(table.view, plan.l2Index, true, word, 0, zeroBits >>> 0);
