@@ -205,6 +205,26 @@ test("resize --preallocation=metadata over a longer backing file and into freed 
     ok(await qemuIo(["-r", "-c", "read -P 9 0 1000000", "-c", "read -P 0 1000000 1048896", "ours.qcow2"], dir), `${what}: the backing file's data stays, the rest reads as zeroes`);
     assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(readFileSync(join(dir, "theirs.qcow2"))), `${what}: files differ`);
   }
+  // Without preallocation over a longer backing file (a review): with extended L2 the zeroing reaches the
+  // image's end, so all 32 zero bits of the new last cluster are set; a compat=0.10 image grows when the
+  // new area stays inside its old last cluster (zeroed by a data write), and is refused past it.
+  writeFileSync(join(dir, "long.raw"), Buffer.alloc(8_000_000, 7));
+  for (const [options, oldSize, growth, grows] of [
+    ["cluster_size=64k,extended_l2=on", "1000448", "+3000320", true],
+    ["cluster_size=2M,compat=0.10", "100864", "+1261056", true],
+    ["cluster_size=64k,compat=0.10", "100864", "+30208", true],
+    ["cluster_size=64k,compat=0.10", "100864", "+1261056", false],
+  ] as const) {
+    const what = `${options}, ${oldSize} ${growth}`;
+    ok(await qemuImg(["create", "-q", "-f", "qcow2", "-o", options, "-b", "long.raw", "-F", "raw", "theirs.qcow2", oldSize], dir), "overlay");
+    copyFileSync(join(dir, "theirs.qcow2"), join(dir, "ours.qcow2"));
+    const theirs = await qemuImg(["resize", "-q", "theirs.qcow2", growth], dir);
+    const ours = await snapstack(["img", "resize", "-q", "ours.qcow2", growth], { cwd: dir });
+    assert.equal(theirs.code === 0, grows, `${what}: qemu-img ${theirs.stderr}`);
+    if (grows) ok(ours, `${what}: resize`);
+    else assertCodedError(ours, "E_UNSUPPORTED_FEATURE");
+    assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(readFileSync(join(dir, "theirs.qcow2"))), `${what}: files differ`);
+  }
   // Freed clusters keep their old bytes here (no hole punching): preallocating into them must not expose them.
   ok(await qemuImg(["create", "-q", "-f", "qcow2", "reuse.qcow2", "1M"], dir), "create");
   ok(await qemuIo(["-c", "write -P 7 0 1M", "reuse.qcow2"], dir), "write");

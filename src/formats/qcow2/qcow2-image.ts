@@ -1786,7 +1786,15 @@ export class Qcow2Image implements BlockDevice {
     return guestOffset % cs === 0 && (end % cs === 0 || end === this.sizeBytes);
   }
 
-  async #zeroLocked(guestOffset: number, lengthBytes: number, unmap: boolean): Promise<void> {
+  /**
+   * Zero [guestOffset, +lengthBytes) under the metadata mutex. `direct`:
+   * as qcow2_subcluster_zeroize called by the driver itself (resize's zero
+   * write), not through the block layer: with extended L2 a request that
+   * reaches the image's end zeroes the whole of its last cluster, all 32
+   * subclusters, where a guest's write-zeroes is split at the last
+   * subcluster boundary first.
+   */
+  async #zeroLocked(guestOffset: number, lengthBytes: number, unmap: boolean, direct = false): Promise<void> {
     const meta = this.#meta;
     const geometry = meta.geometry;
     const cs = geometry.clusterSizeBytes;
@@ -1799,9 +1807,10 @@ export class Qcow2Image implements BlockDevice {
       const clusterStart = clusterIndex * cs;
       const pieceEnd = Math.min(end, clusterStart + cs);
       // A cluster counts as whole when the request covers it up to its end or to the image end;
-      // with extended L2 only to its end: QEMU aligns the request to subclusters, so the last
-      // cluster of an image that ends inside it gets zero subclusters and stays allocated.
-      const toImageEnd = end === imageEnd && !geometry.extendedL2;
+      // with extended L2 only to its end (unless `direct`): QEMU's block layer aligns the request to
+      // subclusters, so the last cluster of an image that ends inside it gets zero subclusters and
+      // stays allocated.
+      const toImageEnd = end === imageEnd && (!geometry.extendedL2 || direct);
       const whole = g === clusterStart && (pieceEnd === clusterStart + cs || (pieceEnd === imageEnd && toImageEnd));
       if (whole && !(meta.header.version === 2 && this.backing !== null)) {
         // Every whole cluster from here to the request's end, a table at a time.
@@ -2286,12 +2295,13 @@ export class Qcow2Image implements BlockDevice {
     }
     // Growing over a longer backing file: the new area is zeroed, or the backing file's data there would
     // show through (QEMU's bdrv_co_truncate with BDRV_REQ_ZERO_WRITE, qcow2_co_truncate). v2 images have
-    // no zero clusters, and QEMU refuses; so does this, before anything is written.
+    // no zero clusters: QEMU refuses when the new area reaches past the old last cluster (a grown area
+    // inside it is zeroed by a data write); so does this, before anything is written.
     const zeroNewArea = newSizeBytes > oldSize && this.backing !== null && this.backing.sizeBytes > oldSize;
     // qcow2_truncate_bitmaps_check: a bitmap that was in-use when the image was opened cannot follow the new size.
     const inconsistent = this.#bitmaps.find((bitmap, index) => bitmap.inUse && !this.#bitmapsMarkedHere.has(index));
     if (inconsistent !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", inconsistentBitmapMessage(inconsistent.name), { path: this.name });
-    if (zeroNewArea && header.version === 2) {
+    if (zeroNewArea && header.version === 2 && newSizeBytes > Math.ceil(oldSize / this.#meta.clusterSizeBytes) * this.#meta.clusterSizeBytes) {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${this.name}: Failed to zero out new clusters: Operation not supported (a compat=0.10 image cannot grow over a longer backing file)`);
     }
     // A resize to the same size changes nothing, the bitmaps included.
@@ -2368,7 +2378,7 @@ export class Qcow2Image implements BlockDevice {
     const oldHeaderSize = header.sizeBytes;
     header.sizeBytes = newSize; // the guest range the zeroing may touch (rewritten on disk by the caller)
     try {
-      if (newSize > zeroStart) await this.#zeroLocked(zeroStart, newSize - zeroStart, false);
+      if (newSize > zeroStart) await this.#zeroLocked(zeroStart, newSize - zeroStart, false, true);
       if (zeroStart > oldSize) await this.#writeLocked([{ guestOffset: oldSize, data: new Uint8Array(Math.min(zeroStart, newSize) - oldSize) }]);
       await this.#meta.writeCaches();
       await this.#file.flush();
