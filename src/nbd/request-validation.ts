@@ -8,8 +8,9 @@
  *   not advertised: EINVAL (FUA is accepted on every command, as both
  *   reference servers do);
  * - a write-type command on a read-only export: EPERM;
- * - READ or WRITE longer than PAYLOAD_BYTES_MAX: EINVAL (the WRITE payload
- *   was drained by the parser without being held);
+ * - READ, WRITE or CACHE longer than PAYLOAD_BYTES_MAX: EINVAL (the WRITE
+ *   payload was drained by the parser without being held; qemu-nbd limits
+ *   CACHE as it limits READ);
  * - out of range, including offsets that wrap 2^64: EINVAL for READ, TRIM,
  *   CACHE, BLOCK_STATUS and ENOSPC for WRITE and WRITE_ZEROES;
  * - BLOCK_STATUS without structured replies, without a selected context, or
@@ -80,7 +81,7 @@ export function validateRequest(request: NbdRequest, context: RequestContext): R
   }
   const writes = type === CMD_WRITE || type === CMD_WRITE_ZEROES || type === CMD_TRIM;
   if (writes && context.readOnly) return reject(NBD_EPERM, `export is read-only: ${name} refused`);
-  if ((type === CMD_READ || type === CMD_WRITE) && lengthBytes > PAYLOAD_BYTES_MAX) {
+  if ((type === CMD_READ || type === CMD_WRITE || type === CMD_CACHE) && lengthBytes > PAYLOAD_BYTES_MAX) {
     return reject(NBD_EINVAL, `len (${lengthBytes}) is larger than max len (${PAYLOAD_BYTES_MAX})`);
   }
   if (type === CMD_BLOCK_STATUS) {
