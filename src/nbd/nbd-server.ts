@@ -29,7 +29,8 @@
  */
 import { EventEmitter } from "node:events";
 import net from "node:net";
-import { rmSync } from "node:fs";
+import { lstatSync, readFileSync, rmSync } from "node:fs";
+import { resolve as resolvePath } from "node:path";
 import { SnapstackError } from "../base/errors.ts";
 import { connectionLimits, NbdConnection, type ConnectionEnv, type ConnectionLimits, type TransmissionHandoff } from "./nbd-connection.ts";
 import type { NbdExport } from "./nbd-export.ts";
@@ -40,6 +41,42 @@ import { CONNECTIONS_HARD_MAX, PENDING_CONNECTIONS_MAX } from "./protocol.ts";
 
 /** Bytes a waiting connection may send before its greeting; more closes it. */
 const PENDING_EARLY_BYTES_MAX = 64 * 1024;
+
+/** /proc/net/unix's flag of a listening socket. */
+const SO_ACCEPTCON = 0x10000;
+
+/** The path is a Unix socket file (not a regular file someone named by mistake). */
+function isSocketFile(path: string): boolean {
+  try {
+    return lstatSync(path).isSocket();
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Whether some process listens on the Unix socket at `path`, from the
+ * kernel's table (/proc/net/unix: flag __SO_ACCEPTCON, the path as it was
+ * bound), without connecting: a probe connection would count as a client,
+ * and a server without -t exits when its last client leaves. Unknown (no
+ * /proc): true, so nothing is removed.
+ */
+function someoneListens(path: string): boolean {
+  let table: string;
+  try {
+    table = readFileSync("/proc/net/unix", "utf8");
+  } catch {
+    return true;
+  }
+  const wanted = resolvePath(path);
+  for (const line of table.split("\n").slice(1)) {
+    const fields = line.trim().split(/\s+/);
+    if (fields.length < 8 || (parseInt(fields[3], 16) & SO_ACCEPTCON) === 0) continue;
+    const bound = fields.slice(7).join(" ");
+    if (bound === path || resolvePath(bound) === wanted) return true;
+  }
+  return false;
+}
 
 /** What the server needs of a DataWorkerPool. */
 export type DataWorkers = Pick<DataWorkerPool, "canTake" | "handOff" | "shutdownConnections">;
@@ -130,8 +167,25 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
     return this.connectionsMax !== 1;
   }
 
-  /** Listen on a TCP address or a Unix socket path; resolves to the bound address. */
-  listen(address: NbdListenAddress): Promise<net.AddressInfo | string> {
+  /**
+   * Listen on a TCP address or a Unix socket path; resolves to the bound
+   * address. A socket file nobody listens on any more (a server that was
+   * killed leaves it behind) is removed and the listen tried again, as
+   * qemu-nbd removes it; one a live server listens on is refused
+   * (E_EXISTS), where qemu-nbd would take its path.
+   */
+  async listen(address: NbdListenAddress): Promise<net.AddressInfo | string> {
+    try {
+      return await this.#listenOnce(address);
+    } catch (error) {
+      if (!("path" in address) || !(error instanceof SnapstackError) || error.details.errno !== "EADDRINUSE") throw error;
+      if (!isSocketFile(address.path) || someoneListens(address.path)) throw error;
+      rmSync(address.path, { force: true });
+      return this.#listenOnce(address);
+    }
+  }
+
+  #listenOnce(address: NbdListenAddress): Promise<net.AddressInfo | string> {
     if (this.#closing) return Promise.reject(new SnapstackError("E_USAGE", "the server is closed"));
     const server = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (socket) => this.acceptSocket(socket));
     const path = "path" in address ? address.path : null;

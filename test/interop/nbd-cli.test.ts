@@ -54,6 +54,31 @@ test("nbd without -t exits 0 when the last client that negotiated leaves; the pi
   assert.equal(existsSync(server.socketPath!), false, "the socket is removed");
 });
 
+test("nbd -k: the socket a killed server left is taken over (as qemu-nbd); one a live server listens on is refused and the live server goes on", async (t) => {
+  if (!requireTools(t, "nbdinfo")) return;
+  const dir = scratchDir(t);
+  const path = await image(dir);
+  const killed = await startNbd(t, "snapstack", dir, path, { args: ["-t"] });
+  killed.process.kill("SIGKILL");
+  await waitExit(killed.process);
+  assert.ok(existsSync(killed.socketPath!), "a SIGKILL leaves the socket file");
+  const restarted = spawn(process.execPath, [SNAPSTACK_BIN, "nbd", "-t", "-k", killed.socketPath!, path], { stdio: ["ignore", "ignore", "pipe"] });
+  t.after(() => restarted.kill("SIGKILL"));
+  let size = "";
+  for (let i = 0; i < 400 && size === ""; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 25));
+    const probe = await run("nbdinfo", ["--size", killed.uri]);
+    if (probe.code === 0) size = probe.stdout.trim();
+  }
+  assert.equal(size, String(8 * 1024 * 1024), "the restarted server serves on the old path (it refused: EADDRINUSE)");
+  const second = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-t", "-k", killed.socketPath!, path]);
+  assert.equal(second.code, 1);
+  assert.match(second.stderr, /^snapstack: error E_EXISTS: cannot listen on .*EADDRINUSE/);
+  assert.equal((await runOk("nbdinfo", ["--size", killed.uri])).stdout.trim(), String(8 * 1024 * 1024), "the live server still serves");
+  restarted.kill("SIGTERM");
+  assert.equal(await waitExit(restarted), 0);
+});
+
 test("nbd: SIGTERM flushes and exits 0; the image is clean; default bind address is 127.0.0.1", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);
