@@ -104,10 +104,10 @@ function answerEnd(entry: MapExtent, shape: ChainShape): number {
  * bdrv_block_status_above computes them: allocated (a range past a shorter
  * backing counts as allocated zeroes there), zero, data, offset valid, and
  * EOF (the run reaches the end of the image; for a range unallocated down
- * to the bottom, the bottom layer's own EOF survives too).
+ * to the bottom, the bottom layer's own EOF survives too). `end`: the
+ * answer's end (answerEnd).
  */
-function statusKey(entry: MapExtent, shape: ChainShape): string {
-  const end = answerEnd(entry, shape);
+function statusKey(entry: MapExtent, shape: ChainShape, end: number): string {
   const unallocatedToBottom = !entry.present && entry.depth === shape.bottomDepth;
   const allocated = !unallocatedToBottom && (entry.present || entry.depth < shape.bottomDepth);
   const eof = end === shape.device.sizeBytes || (unallocatedToBottom && end === shape.bottomSizeBytes);
@@ -167,11 +167,13 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, options: Com
     const statusB = await staged("status", () => cursorB.at(offset));
     let chunk = Math.min(statusA.length, statusB.length);
     if (strict) {
-      if (statusKey(statusA, shapeA) !== statusKey(statusB, shapeB)) {
+      const endA = answerEnd(statusA, shapeA);
+      const endB = answerEnd(statusB, shapeB);
+      if (statusKey(statusA, shapeA, endA) !== statusKey(statusB, shapeB, endB)) {
         return { identical: false, reason: "allocation", guestOffset: offset, message: `Strict mode: Offset ${offset} block status mismatch!` };
       }
       // Step as qemu-img steps, answer by answer: its next comparison (of the EOF bit too) starts there.
-      chunk = Math.min(answerEnd(statusA, shapeA), answerEnd(statusB, shapeB)) - offset;
+      chunk = Math.min(endA, endB) - offset;
     }
     if (!(statusA.zero && statusB.zero)) {
       chunk = Math.min(chunk, COMPARE_CHUNK_BYTES);

@@ -216,7 +216,7 @@ export async function mapImage(device: BlockDevice, options: MapImageOptions = {
 }
 
 /** One entry as `qemu-img map --output=json` prints it (no separator). */
-export function formatMapJsonEntry(e: MapExtent): string {
+export function formatMapJsonEntry(e: Omit<MapExtent, "start"> & { start: number | bigint }): string {
   const offset = e.offset !== undefined ? `, "offset": ${e.offset}` : "";
   return `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}${offset}}`;
 }

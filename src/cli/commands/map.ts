@@ -90,7 +90,7 @@ export const mapCommand: CliCommand = {
       if (!pastAnyImage) await forEachMapEntry(device, { startOffset, maxLengthBytes }, output === "json" ? json : human);
       // qemu-img prints one empty entry for an empty range (its start as given, even past 2^53).
       if (output === "json" && printed === 0) {
-        write(formatMapJsonEntry({ start: startOffset ?? 0, length: 0, depth: 0, present: false, zero: false, data: false }).replace(/"start": \d+/, `"start": ${startBig ?? 0n}`) + "]\n");
+        write(`${formatMapJsonEntry({ start: startBig ?? 0, length: 0, depth: 0, present: false, zero: false, data: false })}]\n`);
       }
       return 0;
     } finally {
