@@ -98,6 +98,20 @@ function queryCount(query: URLSearchParams, key: string): number | undefined {
   return value;
 }
 
+/**
+ * Refuse a request path with a "." or ".." segment (also percent-encoded or
+ * after a backslash): the URL parser resolves them, so
+ * `/machines/web/snapshots/..` would reach `DELETE /machines/web` and remove
+ * the machine. No machine or snapshot may carry those names (names.ts).
+ */
+function refuseDotSegments(rawUrl: string): void {
+  const rawPath = rawUrl.split(/[?#]/, 1)[0];
+  for (const segment of rawPath.split(/[/\\]/)) {
+    const decoded = segment.replace(/%2e/gi, ".");
+    if (decoded === "." || decoded === "..") throw bad(`the path has a '${decoded}' segment: ${JSON.stringify(rawPath)}`);
+  }
+}
+
 function decodePathPart(part: string): string {
   try {
     return decodeURIComponent(part);
@@ -222,6 +236,7 @@ export class ApiServer {
         send(401, { error: { code: "E_ACCESS", message: "missing or wrong bearer token", details: {} } });
         return;
       }
+      refuseDotSegments(request.url ?? "/");
       const url = new URL(request.url ?? "/", "http://snapstack");
       const path = url.pathname.replace(/\/+$/, "");
       const matches = this.#routes.filter((route) => route.pattern.test(path));

@@ -148,6 +148,18 @@ test("API errors: coded JSON with the HTTP status; names, paths and queries vali
     ["POST", "/v1/machines/m/snapshots", JSON.stringify({ snapshot: "a\u0000b" }), 400, "E_USAGE"],
     ["POST", "/v1/machines/m/snapshots", JSON.stringify({}), 400, "E_USAGE"],
     ["POST", "/v1/machines/m/stop", "{}", 400, "E_USAGE"],
+    // Dot segments would be resolved by the URL parser: /snapshots/.. reached DELETE /machines/m.
+    ["DELETE", "/v1/machines/m/snapshots/..", undefined, 400, "E_USAGE"],
+    ["DELETE", "/v1/machines/m/snapshots/%2e%2E?wipe=1", undefined, 400, "E_USAGE"],
+    ["DELETE", "/v1/machines/m/snapshots/.%2e/", undefined, 400, "E_USAGE"],
+    ["DELETE", "/v1/machines/m/snapshots/x/..", undefined, 400, "E_USAGE"],
+    ["POST", "/v1/machines/m/./start", "{}", 400, "E_USAGE"],
+    ["POST", "/v1/machines", JSON.stringify({ name: ".hidden", diskSizeBytes: MiB }), 400, "E_USAGE"],
+    // Built-in object keys are not snapshot ids.
+    ["DELETE", "/v1/machines/m/snapshots/constructor", undefined, 404, "E_SNAPSHOT_NOT_FOUND"],
+    ["DELETE", "/v1/machines/m/snapshots/__proto__", undefined, 404, "E_SNAPSHOT_NOT_FOUND"],
+    ["POST", "/v1/machines/m/snapshots/toString/revert", "{}", 404, "E_SNAPSHOT_NOT_FOUND"],
+    ["GET", "/v1/machines/m/diff?from=valueOf&to=current", undefined, 404, "E_SNAPSHOT_NOT_FOUND"],
   ];
   for (const [method, path, body, status, code] of cases) {
     const answer = await request(socket, method, path, { headers: body === undefined ? {} : json, body });
@@ -158,7 +170,10 @@ test("API errors: coded JSON with the HTTP status; names, paths and queries vali
     assert.ok(error.message.length > 0 && !error.message.includes("\n    at "), "a message, not a stack");
   }
   assert.equal((await request(socket, "GET", "/v1/machines/m/log?bytes=10")).status, 200);
-  assert.deepEqual(readdirSync(join(home, "machines")), ["m"], "no bad request created anything");
+  assert.deepEqual(readdirSync(join(home, "machines")), ["m"], "no bad request created or removed anything");
+  // Nothing was left half done either: the machine still takes operations (a journal would refuse them).
+  assert.equal((await request(socket, "POST", "/v1/machines/m/snapshots", { headers: json, body: JSON.stringify({ snapshot: "after" }) })).status, 200);
+  assert.equal((await request(socket, "DELETE", "/v1/machines/m/snapshots/after")).status, 200);
 });
 
 test("API progress: long operations stream NDJSON progress events, then the result or the error", async (t) => {

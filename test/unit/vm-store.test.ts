@@ -11,7 +11,7 @@ import { validateName, NAME_BYTES_MAX } from "../../src/vm/store/names.ts";
 import { MachineStore, resolveHome } from "../../src/vm/store/machine-store.ts";
 import { executeStep, stepPath, treeAllocatedBytes } from "../../src/vm/store/layer-steps.ts";
 import { writeJsonAtomic } from "../../src/vm/store/atomic-file.ts";
-import { checkTree, createTree, diskFile, planDelete, planRevert, planSnapshot, type TreeRecord } from "../../src/vm/tree/snapshot-tree.ts";
+import { checkTree, cloneTree, createTree, diskFile, findSnapshot, planDelete, planRevert, planSnapshot, type TreeRecord } from "../../src/vm/tree/snapshot-tree.ts";
 import { createMachine, deleteSnapshotStopped, describeTree, sizeOfIn, snapshotStopped, cloneMachine, removeStopped, revertStopped, diffSnapshots } from "../../src/vm/manager/machine-operations.ts";
 import { scratchDir } from "../helpers/tools.ts";
 import { readImage } from "../helpers/read-image.ts";
@@ -25,6 +25,35 @@ test("names: path separators, control characters, length and dots are refused wi
   assert.throws(() => validateName("snapshot", "current"), (error: { code?: string; message?: string }) => error.code === "E_USAGE" && /reserved/.test(error.message ?? ""));
   assert.equal(validateName("machine", "current"), "current");
   assert.equal(validateName("snapshot", "Current"), "Current");
+  // The store's own directories start with '.' (.NAME.creating-PID) and listings skip them: no machine may.
+  assert.throws(() => validateName("machine", ".hidden"), (error: { code?: string; message?: string }) => error.code === "E_USAGE" && /starts with '\.'/.test(error.message ?? ""));
+  assert.equal(validateName("snapshot", ".hidden"), ".hidden");
+});
+
+test("snapshot lookup: no name ever equals another snapshot's id; built-in keys are no ids", () => {
+  let tree = chainOf(["s2"]); // named s2, id s1
+  const request = { description: "", createdAt: "2026-11-28T00:00:00Z", hasState: false, sizeBytes: 1 << 20 };
+  // A name that is a present id is refused...
+  assert.throws(() => planSnapshot(tree, { ...request, name: "s1" }), (error: { code?: string; message?: string }) => error.code === "E_SNAPSHOT_EXISTS" && /id of snapshot 's2'/.test(error.message ?? ""));
+  // ...and a new id skips the number whose "sN" a present snapshot is named.
+  const planned = planSnapshot(tree, { ...request, name: "other" });
+  assert.equal(planned.snapshot.id, "s3");
+  tree = planned.tree;
+  assert.equal(findSnapshot(tree, "s2").name, "s2");
+  assert.equal(findSnapshot(tree, "s3").name, "other");
+  assert.equal(findSnapshot(tree, "s1").name, "s2");
+  // Deleting "s2" twice (a retry) deletes it once, then finds nothing: never the other snapshot.
+  tree = planDelete(tree, "s2", () => 1, { running: false }).tree;
+  assert.throws(() => planDelete(tree, "s2", () => 1, { running: false }), { code: "E_SNAPSHOT_NOT_FOUND" });
+  for (const key of ["constructor", "__proto__", "toString", "valueOf", "hasOwnProperty"]) {
+    assert.throws(() => findSnapshot(tree, key), { code: "E_SNAPSHOT_NOT_FOUND" }, key);
+    assert.throws(() => planDelete(tree, key, () => 1, { running: false }), { code: "E_SNAPSHOT_NOT_FOUND" }, key);
+  }
+  // A store written before names were kept apart from ids: an ambiguous reference is refused, not guessed.
+  const legacy = cloneTree(tree);
+  legacy.snapshots.s3.name = "s1";
+  legacy.snapshots.s1 = { ...legacy.snapshots.s3, id: "s1", name: "first" };
+  assert.throws(() => findSnapshot(legacy, "s1"), { code: "E_USAGE", message: /'s1' is the name of snapshot s3 and the id of snapshot 'first'/ });
 });
 
 test("home: --home, then SNAPSTACK_HOME, then ~/.local/share/snapstack", () => {

@@ -3,8 +3,10 @@
  * (machines) and appear in URLs and on terminals, so they are validated at
  * the edge: 1..NAME_BYTES_MAX bytes of UTF-8, no path separators, no
  * control characters, not "." or "..", no leading dash (it would read as
- * an option) and no leading or trailing blank. A snapshot may not be named
- * "current": `vm diff` reads that word as the machine's live disk.
+ * an option) and no leading or trailing blank. A machine's name may not
+ * start with "." (the store's own directories do: `.NAME.creating-PID`, and
+ * listings skip them). A snapshot may not be named "current": `vm diff`
+ * reads that word as the machine's live disk.
  */
 import { SnapstackError } from "../../base/errors.ts";
 
@@ -28,6 +30,7 @@ export function validateName(kind: NameKind, name: unknown): string {
   if (name === "." || name === "..") throw invalid("is a relative directory name");
   if (name.startsWith("-")) throw invalid("starts with '-'");
   if (name.trim() !== name) throw invalid("starts or ends with a blank");
+  if (kind === "machine" && name.startsWith(".")) throw invalid("starts with '.'");
   if (kind === "snapshot" && name === LIVE_DISK_NAME) throw invalid(`is reserved ('${LIVE_DISK_NAME}' names the live disk in 'vm diff')`);
   return name;
 }

@@ -184,10 +184,22 @@ function newLayer(tree: TreeRecord, parent: string | null): LayerRecord {
   return layer;
 }
 
-/** Find a snapshot by name or id. */
+/**
+ * Find a snapshot by name or id. Only the tree's own keys count as ids (not
+ * "constructor" or "__proto__"). A name that is another snapshot's id
+ * (planSnapshot keeps that from happening; a store written before it did
+ * may hold one) is refused as ambiguous rather than guessed: taking the
+ * name first made a retried delete remove the other snapshot.
+ */
 export function findSnapshot(tree: TreeRecord, nameOrId: string): SnapshotRecord {
   const byName = Object.values(tree.snapshots).find((snapshot) => snapshot.name === nameOrId);
-  const found = byName ?? tree.snapshots[nameOrId];
+  const byId = Object.hasOwn(tree.snapshots, nameOrId) ? tree.snapshots[nameOrId] : undefined;
+  if (byName !== undefined && byId !== undefined && byName !== byId) {
+    throw new SnapstackError("E_USAGE", `'${nameOrId}' is the name of snapshot ${byName.id} and the id of snapshot '${byId.name}'`, {
+      snapshot: nameOrId,
+    });
+  }
+  const found = byName ?? byId;
   if (found === undefined) throw new SnapstackError("E_SNAPSHOT_NOT_FOUND", `no snapshot named '${nameOrId}'`, { snapshot: nameOrId });
   return found;
 }
@@ -249,13 +261,24 @@ export interface SnapshotRequest {
   sizeBytes: number;
 }
 
-/** Freeze the top as the new snapshot's layer and put a new empty top on it. */
+/**
+ * Freeze the top as the new snapshot's layer and put a new empty top on it.
+ * Commands take a snapshot's name or id, so no name may equal another
+ * snapshot's id: a name that is a present id is refused, and a new id
+ * skips the numbers whose "sN" a present snapshot has as its name.
+ */
 export function planSnapshot(tree: TreeRecord, request: SnapshotRequest): Plan & { snapshot: SnapshotRecord } {
-  if (Object.values(tree.snapshots).some((snapshot) => snapshot.name === request.name)) {
+  const present = Object.values(tree.snapshots);
+  if (present.some((snapshot) => snapshot.name === request.name)) {
     throw new SnapstackError("E_SNAPSHOT_EXISTS", `a snapshot named '${request.name}' already exists`, { snapshot: request.name });
+  }
+  if (Object.hasOwn(tree.snapshots, request.name)) {
+    const holder = tree.snapshots[request.name];
+    throw new SnapstackError("E_SNAPSHOT_EXISTS", `'${request.name}' is the id of snapshot '${holder.name}': choose another name`, { snapshot: request.name });
   }
   const next = cloneTree(tree);
   const frozen = next.current.layer;
+  while (present.some((snapshot) => snapshot.name === `s${next.nextSnapshotNumber}`)) next.nextSnapshotNumber++;
   const snapshot: SnapshotRecord = {
     id: `s${next.nextSnapshotNumber++}`,
     name: request.name,
