@@ -240,7 +240,7 @@ test("shutdown while a start is spawning QEMU: the start finishes and its QEMU i
   assert.equal(manager.isRunning("vm"), false);
 });
 
-test("removing a linked clone while its source runs: the merge its pin held back runs on the live path, the source's top stays its top, no guest write is lost", { timeout: 300_000 }, async (t) => {
+test("removing a linked clone while its source runs: the merge its pin held back runs on the live path, the source's top stays its top, no guest write is lost; --wipe under a running clone is refused", { timeout: 300_000 }, async (t) => {
   if (!requireTools(t, "qemu-system-x86_64", "qemu-img")) return;
   const guest = await buildGuest();
   const manager = new MachineManager(new MachineStore(scratchDir(t, "ss-vmunpin-")), { log: (line) => t.diagnostic(line) });
@@ -259,13 +259,25 @@ test("removing a linked clone while its source runs: the merge its pin held back
   const mark = (text: string, sector: number): Promise<string[]> => run(`printf '${text}' | dd of=/dev/vda bs=512 seek=${sector} count=1 conv=sync,fsync 2>/dev/null`);
   await run(`dd if=/dev/urandom of=/dev/vda bs=1M seek=24 count=2 conv=fsync 2>/dev/null`);
   const bulkSum = (await run(`dd if=/dev/vda bs=1M skip=24 count=2 iflag=direct 2>/dev/null | md5sum`))[0].split(" ")[0];
+  // The bulk data lives in a's layer, under p's, on which the clone stands.
+  await manager.snapshot("u", { snapshot: "a", diskOnly: true });
   await manager.snapshot("u", { snapshot: "p", diskOnly: true });
   await manager.clone("u", "p", "uc");
+  // Deleting a streams its layer into p's and removes it. The running clone reads it through its
+  // own open chain, which nothing reopens: --wipe (zeroing it in place) is refused while uc runs.
+  await manager.start("uc");
+  await assert.rejects(manager.deleteSnapshot("u", "a", { wipe: true }), { code: "E_IN_USE", message: /running linked clone\(s\) uc/ });
+  assert.ok(Object.values(manager.store.loadTree("u").snapshots).some((snapshot) => snapshot.name === "a"), "the refused delete changed nothing");
+  await manager.stop("uc", { force: true });
+  // With the clone stopped, the same delete runs on the live path (u runs): the layer is wiped
+  // once u's served chain has been reopened without it.
+  await manager.deleteSnapshot("u", "a", { wipe: true });
+  assert.equal((await run(`dd if=/dev/vda bs=1M skip=24 count=2 iflag=direct 2>/dev/null | md5sum`))[0].split(" ")[0], bulkSum);
   // Deleting p keeps its layer: the clone stands on it.
   await manager.deleteSnapshot("u", "p");
   await mark("AFTER-DELETE", 6144);
-  // Removing the clone lets the source's tree merge that layer, with the source running.
-  await manager.remove("uc");
+  // Removing the clone lets the source's tree merge that layer, with the source running (and wiped).
+  await manager.remove("uc", { wipe: true });
   await mark("AFTER-REMOVE", 8192);
   // A clone of a snapshot that stays: its removal has nothing to merge.
   await manager.snapshot("u", { snapshot: "q", diskOnly: true });

@@ -226,3 +226,37 @@ test("remove --wipe zeroes every disk's layers before unlinking them; remove rep
     }
   }
 });
+
+test("delete --wipe whose merge commits a layer into the deleted snapshot's: the clusters the commit frees there are zeroed too", async (t) => {
+  const store = new MachineStore(scratchDir(t));
+  await createMachine(store, { name: "m", diskSizeBytes: 1 << 20 });
+  const pattern = Buffer.from("deleted-snapshot-secret!");
+  const top = async (): Promise<Awaited<ReturnType<typeof openImage>>> => {
+    const tree = store.loadTree("m");
+    return openImage(stepPath(store.machineDir("m"), tree.layers[tree.current.layer].file));
+  };
+  let device = await top();
+  // 256 KiB of the pattern in what becomes snapshot one's layer (the bigger of the two)...
+  await device.write(0, Buffer.alloc(4 * 65536, pattern));
+  await device.close();
+  await snapshotStopped(store, "m", { snapshot: "one" });
+  // ...zeroed in two's layer (zero clusters over it): committing two's layer into one's frees those clusters.
+  device = await top();
+  await device.writeZeroes(0, 4 * 65536);
+  await device.close();
+  await snapshotStopped(store, "m", { snapshot: "two" });
+  const result = await deleteSnapshotStopped(store, "m", "one", { wipe: true });
+  assert.ok(result.mergedBytes > 0);
+  const tree = store.loadTree("m");
+  assert.deepEqual(Object.values(tree.snapshots).map((snapshot) => snapshot.name), ["two"]);
+  const layersDir = join(store.machineDir("m"), "layers");
+  for (const file of readdirSync(layersDir)) assert.equal(readFileSync(join(layersDir, file)).indexOf(pattern), -1, `${file} still holds the deleted data`);
+  device = await top();
+  try {
+    const guest = Buffer.alloc(4 * 65536, 1);
+    await device.read(0, guest);
+    assert.ok(guest.equals(Buffer.alloc(4 * 65536)), "the disk reads the zeroes");
+  } finally {
+    await device.close();
+  }
+});

@@ -49,7 +49,12 @@
  *   what a layer did not hold with what it already showed, a commit writes
  *   into a layer only under the one layer that shadows it); then the guest
  *   is paused for a moment while the export is moved to a placeholder, the
- *   chain closed and reopened, and moved back. When the plan changes the
+ *   chain closed and reopened, and moved back. Layers the plan removes
+ *   are removed (wiped with --wipe) only after that: the old chain reads
+ *   through them until it is closed, and a wipe zeroes a file in place.
+ *   A running linked clone's chain is never reopened by its source's
+ *   operations, so a --wipe that would remove a layer under a running
+ *   clone's pinned layer is refused (E_IN_USE). When the plan changes the
  *   top itself (deleting the snapshot the VM runs on streams it into the
  *   top; a commit may rebase the top), the top is first frozen under a
  *   temporary layer (`L<n>.writes.qcow2`, opened on the served chain and
@@ -377,6 +382,13 @@ export class MachineManager {
       // Refused before anything is stopped: linked clones read this machine's layers.
       const clones = [...new Set(Object.values(this.store.loadTree(name).pins).flat())];
       if (clones.length > 0) throw new SnapstackError("E_IN_USE", `machine '${name}' is used by linked clone(s) ${clones.join(", ")}: remove them first`, { machine: name, clones });
+      const cloneOf = this.store.loadConfig(name).cloneOf;
+      if (cloneOf !== null && this.store.has(cloneOf.machine)) {
+        // What the unpin will do in the source, checked before anything is removed.
+        const sourceTree = this.store.loadTree(cloneOf.machine);
+        const unpin = setPin(sourceTree, cloneOf.layer, name, false, sizeOfIn(this.store.machineDir(cloneOf.machine)), { running: this.#running.has(cloneOf.machine) });
+        this.#refuseWipeUnderRunningClones(cloneOf.machine, sourceTree, unpin, options, name);
+      }
       if (this.#running.has(name)) await this.#stop(name, true);
       const result = await removeStopped(this.store, name, options, async (sourceName, layer) => {
         const running = this.#running.get(sourceName);
@@ -597,11 +609,37 @@ export class MachineManager {
   deleteSnapshot(name: string, snapshotName: string, options: OperationOptions = {}): Promise<DeleteResult & { pausedMs: number }> {
     return this.#withMachine(name, async () => {
       const running = this.#running.get(name);
+      const tree = this.store.loadTree(name);
+      const plan = planDelete(tree, snapshotName, sizeOfIn(this.store.machineDir(name)), { running: running !== undefined });
+      this.#refuseWipeUnderRunningClones(name, tree, plan, options);
       if (running === undefined) return { ...(await deleteSnapshotStopped(this.store, name, snapshotName, options)), pausedMs: 0 };
-      const plan = planDelete(this.store.loadTree(name), snapshotName, sizeOfIn(this.store.machineDir(name)), { running: true });
       const { result, pausedMs } = await this.#runLivePlan(name, running, "delete-snapshot", plan, options);
       return { snapshot: plan.snapshot, ...result, pausedMs };
     });
+  }
+
+  /**
+   * A --wipe plan must not zero, in place, a layer that a running linked
+   * clone still reads: the clone's chain was opened on the old tree, and
+   * this machine's operations do not reopen it (an unlinked layer stays
+   * readable through an open file, a wiped one reads zeroes). Refused before
+   * anything changes. `leaving`: a clone being removed (it is stopped).
+   */
+  #refuseWipeUnderRunningClones(name: string, tree: TreeRecord, plan: Plan, options: OperationOptions, leaving?: string): void {
+    if (options.wipe !== true || plan.removedFiles.length === 0) return;
+    const removed = new Set(plan.removedFiles);
+    for (const [layerId, holders] of Object.entries(tree.pins)) {
+      const readers = holders.filter((clone) => clone !== leaving && this.#running.has(clone));
+      if (readers.length === 0) continue;
+      for (let id: string | null = layerId; id !== null; id = tree.layers[id].parent) {
+        if (!layerFiles(tree, tree.layers[id].file).some((file) => removed.has(file))) continue;
+        throw new SnapstackError(
+          "E_IN_USE",
+          `--wipe would zero layer ${id} of machine '${name}', which running linked clone(s) ${readers.join(", ")} still read: stop them first, or do it without --wipe`,
+          { machine: name, clones: readers },
+        );
+      }
+    }
   }
 
   /**
@@ -614,11 +652,18 @@ export class MachineManager {
     const dir = this.store.machineDir(name);
     const tree = this.store.loadTree(name);
     const topFiles = layerFiles(tree, tree.layers[tree.current.layer].file);
+    // Layers are removed once the old chain is closed: it reads through them until then, and a
+    // wipe zeroes a layer in place (an unlinked file would stay readable, a wiped one does not).
+    // A replay after a kill runs the journal in its order, on a stopped machine.
+    const removals = plan.steps.filter((step) => step.kind === "remove-layer");
+    const merges = plan.steps.filter((step) => step.kind !== "remove-layer");
+    const addUp = (a: StepResult, b: StepResult): StepResult => ({ mergedBytes: a.mergedBytes + b.mergedBytes, freedBytes: a.freedBytes + b.freedBytes });
     if (!plan.steps.some((step) => topFiles.some((file) => stepTouches(step, file)))) {
       // Only frozen layers below the top change: merge while the guest runs, then reopen.
       this.store.beginJournal(name, operation, plan, options.wipe ?? false);
-      const result = await executeSteps(dir, plan.steps, options);
+      const merged = await executeSteps(dir, merges, options);
       const pausedMs = await this.#reopenPaused(name, running, plan.tree, async () => {});
+      const result = addUp(merged, await executeSteps(dir, removals, options));
       this.store.commitJournal(name, plan.tree);
       return { result, pausedMs };
     }
@@ -631,9 +676,9 @@ export class MachineManager {
     const writesDevices: BlockDevice[] = [];
     for (const [disk, file] of layerFiles(tree, writesFile).entries()) writesDevices.push(await openOverlayOn(stepPath(dir, file), running.disks[disk].export.device));
     let pausedMs = await this.#swapPaused(running, writesDevices);
-    let result;
+    let merged: StepResult;
     try {
-      result = await executeSteps(dir, plan.steps, options);
+      merged = await executeSteps(dir, merges, options);
     } catch (error) {
       // Put the guest's writes back into the top (the layer both trees call the top; its
       // header names its chain) and leave the journal for the next start to finish.
@@ -641,6 +686,7 @@ export class MachineManager {
       throw error;
     }
     pausedMs += await this.#reopenPaused(name, running, plan.tree, async () => void (await executeSteps(dir, foldWrites)));
+    const result = addUp(merged, await executeSteps(dir, removals, options));
     this.store.commitJournal(name, plan.tree);
     return { result, pausedMs };
   }

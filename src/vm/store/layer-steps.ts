@@ -128,7 +128,8 @@ export async function executeStep(machineDir: string, step: LayerStep, options: 
       // Gone, or no longer a qcow2 on `into` (a wipe before its removal was interrupted): the commit was done.
       const into = resolve(stepPath(machineDir, step.intoFile));
       if (!existsSync(from) || (await readBackingPath(from).catch(() => null)) !== into) return { mergedBytes: 0, freedBytes: 0 };
-      const result = await commitImage(from, { ...jobOptions, drop: true, searchDirectories: [] });
+      // With wipe, the clusters the commit frees in `into` (ranges `from` zeroes) are zeroed too.
+      const result = await commitImage(from, { ...jobOptions, drop: true, wipe: options.wipe ?? false, searchDirectories: [] });
       return { mergedBytes: result.committedBytes, freedBytes: 0 };
     }
     case "rebase-unsafe": {
