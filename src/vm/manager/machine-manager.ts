@@ -71,7 +71,7 @@
 import { createHash } from "node:crypto";
 import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync, renameSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { SnapstackError, isSnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { openImage } from "../../chain/open-image.ts";
@@ -83,7 +83,7 @@ import { liveSaveSupported, QemuProcess, type QemuExit } from "../runtime/qemu-p
 import { runFilePaths, SUN_PATH_BYTES_MAX } from "../runtime/qemu-args.ts";
 import { acceleratorChoice } from "../runtime/accelerator.ts";
 import { syncDirectorySync, writeJsonAtomic } from "../store/atomic-file.ts";
-import { executeSteps, stepPath, type StepResult } from "../store/layer-steps.ts";
+import { executeSteps, readBackingPath, stepPath, type StepResult } from "../store/layer-steps.ts";
 import { checkStateFile, recordStateSize, stateFilePath } from "../store/state-file.ts";
 import type { MachineStore} from "../store/machine-store.ts";
 import { type MachineConfig } from "../store/machine-store.ts";
@@ -131,7 +131,7 @@ export interface MachineStatus {
 }
 
 /** One disk of a running machine: its NBD export and what it serves. */
-interface ServedDisk {
+export interface ServedDisk {
   export: NbdExport;
   /**
    * Former tops below the export's device, oldest first. A live snapshot
@@ -676,16 +676,26 @@ export class MachineManager {
     const writesDevices: BlockDevice[] = [];
     for (const [disk, file] of layerFiles(tree, writesFile).entries()) writesDevices.push(await openOverlayOn(stepPath(dir, file), running.disks[disk].export.device));
     let pausedMs = await this.#swapPaused(running, writesDevices);
+    // Fold the guest's writes back into the top (the layer both trees call the top; its header
+    // names its chain) and reopen it. A fold that failed before it removed the temporary layer
+    // (a full disk) leaves the guest on that layer, over the top, so nothing it wrote drops out
+    // of its view; the journal stays, and the next start (only stop is let through meanwhile)
+    // folds everything the guest wrote there.
+    const fold = async (): Promise<void> => void (await executeSteps(dir, foldWrites));
+    const writesFiles = layerFiles(tree, writesFile);
+    const newTopFiles = layerFiles(plan.tree, plan.tree.layers[plan.tree.current.layer].file);
+    // Per disk: the temporary layer while it is still a qcow2 on the top (the commit step's own test), else the top.
+    const reopenFiles = (): Promise<string[]> =>
+      Promise.all(writesFiles.map(async (file, disk) => ((await readBackingPath(stepPath(dir, file)).catch(() => null)) === resolve(stepPath(dir, newTopFiles[disk])) ? file : newTopFiles[disk])));
     let merged: StepResult;
     try {
       merged = await executeSteps(dir, merges, options);
     } catch (error) {
-      // Put the guest's writes back into the top (the layer both trees call the top; its
-      // header names its chain) and leave the journal for the next start to finish.
-      await this.#reopenPaused(name, running, plan.tree, async () => void (await executeSteps(dir, foldWrites))).catch(() => {});
+      // The plan failed part-way: the same fold and reopen, and the journal left for the next start.
+      await this.#reopenPaused(name, running, plan.tree, fold, reopenFiles).catch(() => {});
       throw error;
     }
-    pausedMs += await this.#reopenPaused(name, running, plan.tree, async () => void (await executeSteps(dir, foldWrites)));
+    pausedMs += await this.#reopenPaused(name, running, plan.tree, fold, reopenFiles);
     const result = addUp(merged, await executeSteps(dir, removals, options));
     this.store.commitJournal(name, plan.tree);
     return { result, pausedMs };
@@ -706,8 +716,12 @@ export class MachineManager {
     return performance.now() - pausedAt;
   }
 
-  /** Pause the guest, close the top's chain, run `work`, reopen the chain from `tree`, resume. */
-  async #reopenPaused(name: string, running: RunningMachine, tree: TreeRecord, work: () => Promise<void>): Promise<number> {
+  /**
+   * Pause the guest, close the top's chain, run `work`, reopen the chain
+   * from `tree` (or the files `reopenFiles` names once `work` is over,
+   * failed or not), resume.
+   */
+  async #reopenPaused(name: string, running: RunningMachine, tree: TreeRecord, work: () => Promise<void>, reopenFiles?: () => Promise<string[]>): Promise<number> {
     const dir = this.store.machineDir(name);
     const pausedAt = performance.now();
     await running.process.pause();
@@ -717,7 +731,7 @@ export class MachineManager {
       try {
         await work();
       } finally {
-        const files = layerFiles(tree, tree.layers[tree.current.layer].file);
+        const files = (await reopenFiles?.()) ?? layerFiles(tree, tree.layers[tree.current.layer].file);
         for (const [disk, served] of running.disks.entries()) {
           const device = await openImage(stepPath(dir, files[disk]));
           placeholders[disk].install(device);
@@ -774,8 +788,24 @@ async function closeServedChain(running: RunningMachine): Promise<void> {
 }
 
 /** Move every export onto its new device (all disks at one instant: the guest is stopped). */
-async function swapAll(running: RunningMachine, devices: readonly BlockDevice[]): Promise<void> {
-  for (const [disk, served] of running.disks.entries()) served.held.push(await served.export.swapDevice(devices[disk]));
+/**
+ * Move every disk's export onto its new device, all or none. A swap fails
+ * before it installs anything (the old device's flush failed): the disks
+ * already moved are moved back (the guest is stopped throughout, so their
+ * new overlays took no write), so a snapshot never freezes some disks and
+ * leaves the guest writing into the frozen layer of another.
+ */
+export async function swapAll(running: { disks: ServedDisk[] }, devices: readonly BlockDevice[]): Promise<void> {
+  let swapped = 0;
+  try {
+    for (; swapped < running.disks.length; swapped++) running.disks[swapped].held.push(await running.disks[swapped].export.swapDevice(devices[swapped]));
+  } catch (error) {
+    for (let disk = swapped - 1; disk >= 0; disk--) {
+      const served = running.disks[disk];
+      await served.export.swapDevice(served.held.pop()!);
+    }
+    throw error;
+  }
 }
 
 /** The NBD export name of disk `disk` ("disk0" for the first, as before there could be several). */
