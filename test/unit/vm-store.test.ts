@@ -11,7 +11,8 @@ import { validateName, NAME_BYTES_MAX } from "../../src/vm/store/names.ts";
 import { MachineStore, resolveHome } from "../../src/vm/store/machine-store.ts";
 import { executeStep, stepPath, treeAllocatedBytes } from "../../src/vm/store/layer-steps.ts";
 import { writeJsonAtomic } from "../../src/vm/store/atomic-file.ts";
-import { checkTree, cloneTree, createTree, diskFile, findSnapshot, planDelete, planRevert, planSnapshot, type TreeRecord } from "../../src/vm/tree/snapshot-tree.ts";
+import { checkTree, cloneTree, createTree, diskFile, findSnapshot, planDelete, planRevert, planSnapshot, setPin, type TreeRecord } from "../../src/vm/tree/snapshot-tree.ts";
+import { MachineManager } from "../../src/vm/manager/machine-manager.ts";
 import { createMachine, deleteSnapshotStopped, describeTree, sizeOfIn, snapshotStopped, cloneMachine, removeStopped, revertStopped, diffSnapshots } from "../../src/vm/manager/machine-operations.ts";
 import { scratchDir } from "../helpers/tools.ts";
 import { readImage } from "../helpers/read-image.ts";
@@ -259,4 +260,32 @@ test("delete --wipe whose merge commits a layer into the deleted snapshot's: the
   } finally {
     await device.close();
   }
+});
+
+test("daemon start: a kill between two steps of clone or remove leaves no pin for a missing clone and no staging directory", async (t) => {
+  const store = new MachineStore(scratchDir(t));
+  await createMachine(store, { name: "src", diskSizeBytes: 1 << 20 });
+  await writeTop(store, "src", 0, 0x5a);
+  await snapshotStopped(store, "src", { snapshot: "s" });
+  await cloneMachine(store, "src", "s", "kept");
+  // Killed after the pin was saved, before the clone existed: its staging directory and the pin remain.
+  const tree = store.loadTree("src");
+  const layer = Object.values(tree.snapshots)[0].layer;
+  store.saveTree("src", setPin(tree, layer, "ghost", true, sizeOfIn(store.machineDir("src"))).tree);
+  const deadPid = 4194305; // above the kernel's largest pid: never a live process
+  const staging = join(store.machinesDir, `.ghost.creating-${deadPid}`);
+  mkdirSync(join(staging, "layers"), { recursive: true });
+  const live = join(store.machinesDir, `.busy.creating-${process.pid}`);
+  mkdirSync(live);
+  assert.deepEqual(store.loadTree("src").pins[layer], ["ghost", "kept"]);
+  const lines: string[] = [];
+  await new MachineManager(store, { log: (line) => lines.push(line) }).init();
+  assert.deepEqual(store.loadTree("src").pins[layer], ["kept"], lines.join("\n"));
+  assert.ok(!existsSync(staging), "the dead process's staging directory is gone");
+  assert.ok(existsSync(live), "a live process's staging directory is left alone");
+  assert.ok(lines.some((line) => /released layer .* 'ghost'/.test(line)), lines.join("\n"));
+  // With the real clone gone too, the source can be removed.
+  await removeStopped(store, "kept");
+  await removeStopped(store, "src");
+  assert.ok(!store.has("src"));
 });

@@ -224,6 +224,24 @@ export class MachineManager {
         this.#log(`machine ${name}: cannot finish its interrupted ${this.store.pendingOperation(name) ?? "operation"} yet (${(error as Error).message}); retried at its next operation`);
       }
     }
+    // What a kill between two steps of clone or remove left (no operation runs yet): a
+    // half-made or half-removed machine directory, and a pin for a clone that does not
+    // exist (pinned before the clone was made, or its directory removed before the unpin),
+    // which would keep its layer and refuse the source's removal for ever.
+    for (const leftover of this.store.removeLeftovers()) this.#log(`removed ${leftover}, left by an interrupted create or remove`);
+    for (const name of this.store.list()) {
+      if (this.store.hasJournal(name)) continue;
+      for (const [layer, holders] of Object.entries(this.store.loadTree(name).pins)) {
+        for (const clone of holders.filter((holder) => !this.store.has(holder))) {
+          try {
+            await unpinStopped(this.store, name, layer, clone);
+            this.#log(`machine ${name}: released layer ${layer}, pinned for linked clone '${clone}', which does not exist`);
+          } catch (error) {
+            this.#log(`machine ${name}: cannot release layer ${layer} of missing clone '${clone}' yet (${(error as Error).message})`);
+          }
+        }
+      }
+    }
   }
 
   /**

@@ -150,6 +150,23 @@ export class MachineStore {
     }
   }
 
+  /**
+   * Remove the staging and trash directories (`.NAME.creating-PID`,
+   * `.NAME.removing-PID`) that a process killed half-way through create or
+   * remove left, when that process is gone. Called at daemon start, when no
+   * operation runs. Returns their names.
+   */
+  removeLeftovers(): string[] {
+    const removed: string[] = [];
+    for (const entry of readdirSync(this.machinesDir, { withFileTypes: true })) {
+      const match = /^\..+\.(?:creating|removing)-(\d+)$/.exec(entry.name);
+      if (!entry.isDirectory() || match === null || processAlive(Number(match[1]))) continue;
+      rmSync(join(this.machinesDir, entry.name), { recursive: true, force: true });
+      removed.push(entry.name);
+    }
+    return removed;
+  }
+
   /** Remove a machine's directory (its layers are wiped first by the caller when asked). */
   removeMachine(name: string): void {
     const dir = this.machineDir(name);
@@ -209,5 +226,15 @@ export class MachineStore {
       if (snapshot.hasState && !existsSync(join(this.snapshotDir(name, snapshot.id), "state.bin"))) snapshot.hasState = false;
     }
     return tree;
+  }
+}
+
+/** Whether a process with this pid exists (EPERM: it does, owned by someone else). */
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === "EPERM";
   }
 }
