@@ -8,13 +8,13 @@
  * runs under the store's journal (machine-store.ts).
  */
 import { existsSync, mkdirSync, statSync } from "node:fs";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { SnapstackError } from "../../base/errors.ts";
 import { openImage } from "../../chain/open-image.ts";
 import { convertImage } from "../../chain/convert-image.ts";
 import { diffImages, type DiffRange, type JobProgress } from "../../chain/jobs/index.ts";
 import { DISKS_MAX } from "../runtime/qemu-args.ts";
-import { writeJsonAtomic } from "../store/atomic-file.ts";
+import { syncDirectorySync, writeJsonAtomic } from "../store/atomic-file.ts";
 import { executeSteps, fileAllocatedBytes, stepPath, treeAllocatedBytes } from "../store/layer-steps.ts";
 import type { MachineStore} from "../store/machine-store.ts";
 import { type MachineConfig } from "../store/machine-store.ts";
@@ -173,6 +173,8 @@ export function writeSnapshotConfig(store: MachineStore, name: string, snapshotI
   const dir = store.snapshotDir(name, snapshotId);
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   writeJsonAtomic(join(dir, "config.json"), config);
+  // The new directory's entry in snapshots/ is durable too, not only the file inside it.
+  syncDirectorySync(dirname(dir));
   return dir;
 }
 

@@ -27,6 +27,7 @@ import { createImage } from "../../chain/create-image.ts";
 import { resolveBackingPath } from "../../chain/backing-path.ts";
 import { commitImage, rebaseImage, removeImage, streamImage, type JobProgress } from "../../chain/jobs/index.ts";
 import type { LayerStep } from "../tree/snapshot-tree.ts";
+import { syncDirectorySync } from "./atomic-file.ts";
 
 export interface StepOptions {
   wipe?: boolean;
@@ -93,6 +94,9 @@ async function removeFile(path: string, wipe: boolean): Promise<number> {
   const bytes = fileAllocatedBytes(path);
   if (wipe) await removeImage(path, { wipe: true, searchDirectories: [], wipeAllNames: true });
   else rmSync(path, { force: true });
+  // Durable before the journal is dropped: a layer that came back after a power loss would
+  // still name the top as its backing (a writes layer), and a later --wipe of the top refuse it.
+  syncDirectorySync(dirname(path));
   return bytes;
 }
 
@@ -144,6 +148,7 @@ export async function executeStep(machineDir: string, step: LayerStep, options: 
       const dir = join(machineDir, "snapshots", step.snapshot);
       const freedBytes = await removeFile(join(dir, "state.bin"), options.wipe ?? false);
       rmSync(dir, { recursive: true, force: true });
+      syncDirectorySync(dirname(dir));
       return { mergedBytes: 0, freedBytes };
     }
   }
