@@ -4,7 +4,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, linkSync, mkdirSync, readFileSync, readdirSync } from "node:fs";
+import { existsSync, linkSync, mkdirSync, readFileSync, readdirSync, rmdirSync } from "node:fs";
 import { join } from "node:path";
 import { openImage } from "../../src/chain/open-image.ts";
 import { validateName, NAME_BYTES_MAX } from "../../src/vm/store/names.ts";
@@ -288,4 +288,28 @@ test("daemon start: a kill between two steps of clone or remove leaves no pin fo
   await removeStopped(store, "kept");
   await removeStopped(store, "src");
   assert.ok(!store.has("src"));
+});
+
+test("revert: the snapshot's configuration comes back with its disk, in the journal (a replay after a failed revert brings both)", async (t) => {
+  const store = new MachineStore(scratchDir(t));
+  await createMachine(store, { name: "m", diskSizeBytes: 1 << 20, memoryBytes: 256 << 20 });
+  await snapshotStopped(store, "m", { snapshot: "a" });
+  const changed = { ...store.loadConfig("m"), memoryBytes: 512 << 20, cpus: 3 };
+  writeJsonAtomic(join(store.machineDir("m"), "config.json"), changed);
+  // The revert's new top cannot be created (a directory holds its name): it fails after writing its journal.
+  const tree = store.loadTree("m");
+  const blocker = stepPath(store.machineDir("m"), `layers/L${tree.nextLayerNumber}.qcow2`);
+  mkdirSync(blocker);
+  await assert.rejects(revertStopped(store, "m", "a"));
+  assert.ok(store.hasJournal("m"));
+  assert.equal(store.loadConfig("m").memoryBytes, 512 << 20, "nothing applied yet");
+  rmdirSync(blocker);
+  assert.equal(await store.recover("m"), "revert");
+  const config = store.loadConfig("m");
+  assert.deepEqual([config.memoryBytes, config.cpus, config.name], [256 << 20, 1, "m"]);
+  assert.equal(store.loadTree("m").current.snapshot, Object.values(store.loadTree("m").snapshots)[0].id);
+  // And directly: a revert that runs through brings the configuration as well.
+  writeJsonAtomic(join(store.machineDir("m"), "config.json"), changed);
+  await revertStopped(store, "m", "a");
+  assert.equal(store.loadConfig("m").memoryBytes, 256 << 20);
 });

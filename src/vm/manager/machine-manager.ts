@@ -82,7 +82,7 @@ import { NbdExport } from "../../nbd/nbd-export.ts";
 import { liveSaveSupported, QemuProcess, type QemuExit } from "../runtime/qemu-process.ts";
 import { runFilePaths, SUN_PATH_BYTES_MAX } from "../runtime/qemu-args.ts";
 import { acceleratorChoice } from "../runtime/accelerator.ts";
-import { syncDirectorySync, writeJsonAtomic } from "../store/atomic-file.ts";
+import { syncDirectorySync } from "../store/atomic-file.ts";
 import { executeSteps, readBackingPath, stepPath, type StepResult } from "../store/layer-steps.ts";
 import { checkStateFile, recordStateSize, stateFilePath } from "../store/state-file.ts";
 import type { MachineStore} from "../store/machine-store.ts";
@@ -613,11 +613,6 @@ export class MachineManager {
       const wasRunning = this.#running.has(name);
       if (wasRunning) await this.#stop(name, true);
       const result = await revertStopped(this.store, name, snapshotName, options);
-      const snapshotConfig = join(this.store.snapshotDir(name, target.id), "config.json");
-      if (existsSync(snapshotConfig)) {
-        const config = JSON.parse(readFileSync(snapshotConfig, "utf8")) as MachineConfig;
-        writeJsonAtomic(join(this.store.machineDir(name), "config.json"), { ...config, name, cloneOf: this.store.loadConfig(name).cloneOf });
-      }
       if (statePath !== null) await this.#start(name, statePath);
       else if (wasRunning) await this.#start(name, null);
       return { snapshot: result.snapshot, freedBytes: result.freedBytes, state: this.#running.has(name) ? "running" : "stopped", totalMs: performance.now() - started };

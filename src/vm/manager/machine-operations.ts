@@ -7,7 +7,7 @@
  * Each multi-step operation plans on the pure tree (snapshot-tree.ts) and
  * runs under the store's journal (machine-store.ts).
  */
-import { existsSync, mkdirSync, statSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, statSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { SnapstackError } from "../../base/errors.ts";
 import { openImage } from "../../chain/open-image.ts";
@@ -204,7 +204,11 @@ export async function snapshotStopped(store: MachineStore, name: string, input: 
 export async function revertStopped(store: MachineStore, name: string, snapshotName: string, options: OperationOptions = {}): Promise<{ snapshot: SnapshotRecord; freedBytes: number }> {
   const config = store.loadConfig(name);
   const plan = planRevert(store.loadTree(name), snapshotName, config.diskSizeBytes, sizeOfIn(store.machineDir(name)));
-  const result = await store.runJournaled(name, "revert", plan, options);
+  // The snapshot's configuration becomes the machine's, in the journal with the tree (a kill
+  // between the two left the reverted disk under the configuration it was reverted from).
+  const snapshotConfig = join(store.snapshotDir(name, plan.snapshot.id), "config.json");
+  const reverted = existsSync(snapshotConfig) ? { ...(JSON.parse(readFileSync(snapshotConfig, "utf8")) as MachineConfig), name, cloneOf: config.cloneOf } : undefined;
+  const result = await store.runJournaled(name, "revert", { ...plan, config: reverted }, options);
   return { snapshot: plan.snapshot, freedBytes: result.freedBytes };
 }
 

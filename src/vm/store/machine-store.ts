@@ -58,6 +58,8 @@ export interface JournalRecord {
   steps: LayerStep[];
   wipe: boolean;
   tree: TreeRecord;
+  /** The machine's configuration afterwards, when the operation changes it (a revert: the snapshot's). */
+  config?: MachineConfig;
   startedAt: string;
 }
 
@@ -185,12 +187,12 @@ export class MachineStore {
   }
 
   /** Run a planned operation under the journal (see the design notes). */
-  async runJournaled(name: string, operation: string, plan: { tree: TreeRecord; steps: LayerStep[] }, options: StepOptions = {}): Promise<StepResult> {
+  async runJournaled(name: string, operation: string, plan: { tree: TreeRecord; steps: LayerStep[]; config?: MachineConfig }, options: StepOptions = {}): Promise<StepResult> {
     checkTree(plan.tree);
-    const record: JournalRecord = { operation, steps: plan.steps, wipe: options.wipe ?? false, tree: plan.tree, startedAt: new Date().toISOString() };
+    const record: JournalRecord = { operation, steps: plan.steps, wipe: options.wipe ?? false, tree: plan.tree, config: plan.config, startedAt: new Date().toISOString() };
     writeJsonAtomic(this.journalPath(name), record);
     const result = await executeSteps(this.machineDir(name), plan.steps, options);
-    this.commitJournal(name, plan.tree);
+    this.commitJournal(name, plan.tree, plan.config);
     return result;
   }
 
@@ -200,8 +202,9 @@ export class MachineStore {
     writeJsonAtomic(this.journalPath(name), { operation, steps: plan.steps, wipe, tree: plan.tree, startedAt: new Date().toISOString() } satisfies JournalRecord);
   }
 
-  /** The journal's steps are done: write its tree and drop it. */
-  commitJournal(name: string, tree: TreeRecord): void {
+  /** The journal's steps are done: write its configuration (if it has one) and tree, and drop it. */
+  commitJournal(name: string, tree: TreeRecord, config?: MachineConfig): void {
+    if (config !== undefined) writeJsonAtomic(join(this.machineDir(name), "config.json"), config);
     this.saveTree(name, this.#withStatesChecked(name, tree));
     rmSync(this.journalPath(name), { force: true });
     syncDirectorySync(this.machineDir(name));
@@ -217,7 +220,7 @@ export class MachineStore {
     if (!this.hasJournal(name)) return null;
     const record = readJson<JournalRecord>(this.journalPath(name));
     await executeSteps(this.machineDir(name), record.steps, { wipe: record.wipe });
-    this.commitJournal(name, record.tree);
+    this.commitJournal(name, record.tree, record.config);
     return record.operation;
   }
 
