@@ -333,6 +333,13 @@ export class Qcow2Image implements BlockDevice {
   /** Bumped whenever #decompressed is invalidated (see #decompress). */
   #decompressedGeneration = 0;
   /**
+   * Decompressions under way, by host offset: the pieces of one read that a
+   * compressed cluster serves (a 2 MiB compressed backing cluster under a
+   * 512-byte-cluster overlay: up to 4096 per request) share one, instead of
+   * each reading and inflating the whole cluster at once (gigabytes).
+   */
+  readonly #decompressing = new Map<number, { generation: number; data: Promise<Uint8Array> }>();
+  /**
    * Memory COW padding is carved from (see #paddingBuffer), reused by every
    * #writeLocked call: it runs under the metadata mutex and its writes
    * complete before it returns. Allocated on the first allocating write.
@@ -995,12 +1002,24 @@ export class Qcow2Image implements BlockDevice {
     const cached = this.#decompressed;
     if (cached !== null && cached.hostOffset === entry.hostOffset) return cached.data;
     const generation = this.#decompressedGeneration;
+    const running = this.#decompressing.get(entry.hostOffset);
+    if (running !== undefined && running.generation === generation) return running.data;
+    const data = this.#readAndInflate(entry);
+    this.#decompressing.set(entry.hostOffset, { generation, data });
+    try {
+      const cluster = await data;
+      // A compressed write since the read started may have reused these host bytes: don't cache what may be stale.
+      if (generation === this.#decompressedGeneration) this.#decompressed = { hostOffset: entry.hostOffset, data: cluster };
+      return cluster;
+    } finally {
+      if (this.#decompressing.get(entry.hostOffset)?.data === data) this.#decompressing.delete(entry.hostOffset);
+    }
+  }
+
+  async #readAndInflate(entry: L2Entry): Promise<Uint8Array> {
     const input = new Uint8Array(compressedReadBytes(entry.hostOffset, entry.compressedSectors));
     await this.#file.read(entry.hostOffset, input);
-    const data = decompressCluster(input, this.#meta.header.compressionType, this.#meta.clusterSizeBytes);
-    // A compressed write since the read started may have reused these host bytes: don't cache what may be stale.
-    if (generation === this.#decompressedGeneration) this.#decompressed = { hostOffset: entry.hostOffset, data };
-    return data;
+    return decompressCluster(input, this.#meta.header.compressionType, this.#meta.clusterSizeBytes);
   }
 
   /** Forget the decompressed cluster: host bytes it came from may be rewritten with other compressed data. */
