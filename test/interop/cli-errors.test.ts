@@ -223,6 +223,15 @@ test("E_IMAGE_MARKED_CORRUPT: writing to an image with the corrupt bit", async (
   const path = await image(t, dir);
   poke(path, HEADER_INCOMPATIBLE_FEATURES, u64(peekU64(path, HEADER_INCOMPATIBLE_FEATURES) | 2n));
   await refused(dir, ["io", "-c", "write 0 4k", "img.qcow2"], "E_IMAGE_MARKED_CORRUPT", [path]);
+  // commit opens the overlay read-write even with -d or -b, as qemu-img: nothing is committed
+  // from an image QEMU marked corrupt, into its backing file or a base further down.
+  poke(path, HEADER_INCOMPATIBLE_FEATURES, u64(peekU64(path, HEADER_INCOMPATIBLE_FEATURES) & ~2n));
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "base.qcow2", "1M"], dir), "base");
+  ok(await qemuImg(["rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "img.qcow2"], dir), "rebase -u");
+  poke(path, HEADER_INCOMPATIBLE_FEATURES, u64(peekU64(path, HEADER_INCOMPATIBLE_FEATURES) | 2n));
+  for (const args of [["commit", "-d"], ["commit", "-b", "base.qcow2"], ["commit"]]) {
+    await refused(dir, ["img", ...args, "img.qcow2"], "E_IMAGE_MARKED_CORRUPT", [path, join(dir, "base.qcow2")]);
+  }
 });
 
 test("E_ENCRYPTED: a LUKS-encrypted qcow2", async (t) => {

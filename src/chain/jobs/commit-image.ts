@@ -80,7 +80,9 @@ async function growBase(base: BlockDevice, sizeBytes: number): Promise<void> {
 
 export async function commitImage(path: string, options: CommitImageOptions = {}): Promise<CommitResult> {
   const drop = (options.drop ?? false) || options.base !== undefined;
-  const top = await openImage(path, { format: options.format === undefined ? undefined : parseImageFormat(options.format), readOnly: drop, openFile: options.openFile });
+  // Read-write even when the overlay is left as it is (-d, -b), as qemu-img opens it: an overlay
+  // marked corrupt, or one that cannot be written, is refused before BASE is touched.
+  const top = await openImage(path, { format: options.format === undefined ? undefined : parseImageFormat(options.format), readOnly: false, openFile: options.openFile });
   let base: BlockDevice | null = null;
   return runJob<CommitResult>("commit", options, {
     async run(job) {
