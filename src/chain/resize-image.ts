@@ -59,9 +59,16 @@ export async function resizeImage(path: string, size: SizeSpec, options: ResizeI
         );
       }
       await device.resize(newSizeBytes, { shrink: options.shrink ?? false });
-      // qcow2_co_truncate: preallocate the new area.
-      if (growth > 0 && preallocation === "metadata") await device.preallocateMetadata(oldSizeBytes, growth);
-      if (dataPreallocation) await device.preallocateData(oldSizeBytes, growth, preallocation === "full");
+      // qcow2_co_truncate: preallocate the new area. QEMU sets the new size only once that is
+      // done; here the size is set first, so a preallocation that fails (a full disk) shrinks
+      // the image back, freeing what it allocated: the command fails with the old size, no leak.
+      try {
+        if (growth > 0 && preallocation === "metadata") await device.preallocateMetadata(oldSizeBytes, growth);
+        if (dataPreallocation) await device.preallocateData(oldSizeBytes, growth, preallocation === "full");
+      } catch (error) {
+        await device.resize(oldSizeBytes, { shrink: true }).catch(() => {});
+        throw error;
+      }
     } else {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: cannot resize format ${device.format}`, { path });
     }

@@ -14,6 +14,7 @@ import { join } from "node:path";
 import { requireTools, run } from "../helpers/tools.ts";
 import { openImage } from "../../src/chain/open-image.ts";
 import { createImage } from "../../src/chain/create-image.ts";
+import { resizeImage } from "../../src/chain/resize-image.ts";
 import { checkQcow2 } from "../../src/formats/qcow2/check.ts";
 import { MemoryFile } from "../../src/io/memory-file.ts";
 import { isSnapstackError } from "../../src/base/errors.ts";
@@ -87,4 +88,35 @@ test("a full tmpfs: E_NO_SPACE, a consistent image, flushed data intact", async 
   await verifyGuest(reopened, closed ? model : model.crashed(), "after ENOSPC");
   await reopened.close();
   t.diagnostic(`tmpfs full after ${id - 2} writes of 256 KiB; ${failures} failed with E_NO_SPACE; close ${closed ? "succeeded" : "failed with E_NO_SPACE"}; leaks ${json.leaks ?? 0}; corruptions 0`);
+});
+
+test("resize --preallocation=full on a full tmpfs: E_NO_SPACE, and the image keeps its old size", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const top = mkdtempSync(join(tmpdir(), "snapstack-enospc-"));
+  const dir = join(top, "mnt");
+  mkdirSync(dir);
+  const mounted = tryMount(dir);
+  t.after(() => {
+    if (mounted) execFileSync("umount", [dir]);
+    rmSync(top, { recursive: true, force: true });
+  });
+  if (!mounted) {
+    t.skip("cannot mount a tmpfs here (not root?)");
+    return;
+  }
+  const path = join(dir, "grow.qcow2");
+  execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", path, "1M"]);
+  execFileSync("qemu-io", ["-c", "write -P 9 0 512k", path], { stdio: "ignore" });
+  // 8 MiB of data preallocated on a 4 MiB file system: the preallocation fails part-way.
+  await assert.rejects(resizeImage(path, { absoluteBytes: 8 * MiB }, { preallocation: "full" }), { code: "E_NO_SPACE" });
+  const info = JSON.parse((await run("qemu-img", ["info", "--output=json", path])).stdout) as { "virtual-size": number };
+  assert.equal(info["virtual-size"], 1 * MiB, "the failed resize left the old size (qemu-img sets the size only once preallocated)");
+  const qemu = await run("qemu-img", ["check", "-f", "qcow2", "--output=json", path]);
+  const json = JSON.parse(qemu.stdout) as { corruptions?: number; "check-errors"?: number };
+  assert.equal((json.corruptions ?? 0) + (json["check-errors"] ?? 0), 0, `qemu-img check: ${qemu.stdout}${qemu.stderr}`);
+  const image = await openImage(path, { readOnly: true });
+  const data = new Uint8Array(512 * 1024);
+  await image.read(0, data);
+  await image.close();
+  assert.ok(data.every((byte) => byte === 9), "the data below the old size is intact");
 });
