@@ -359,8 +359,8 @@ async function openTarget(source: BlockDevice, targetPath: string, options: Conv
     await target.close();
     throw new SnapstackError(
       "E_OUT_OF_RANGE",
-      `${targetPath}: target is smaller (${target.sizeBytes} bytes) than the source (${source.sizeBytes} bytes)`,
-      { path: targetPath },
+      "output file is smaller than input file",
+      { path: targetPath, targetBytes: target.sizeBytes, sourceBytes: source.sizeBytes },
     );
   }
   return target;

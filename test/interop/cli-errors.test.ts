@@ -258,6 +258,12 @@ test("E_BACKING_MISSING: an overlay whose backing file is gone", async (t) => {
   await refused(dir, ["img", "map", "top.qcow2"], "E_BACKING_MISSING", [top]);
   await refused(dir, ["io", "-c", "write 0 4k", "top.qcow2"], "E_BACKING_MISSING", [top]);
   await refused(dir, ["img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "new.qcow2"], "E_BACKING_MISSING", []);
+  // A missing new backing file for rebase: named once after the prefix, as qemu-img names it.
+  await image(t, dir, "solo.qcow2");
+  const ours = await snapstack(["img", "rebase", "-b", "gone.qcow2", "-F", "qcow2", "solo.qcow2"], { cwd: dir });
+  const theirs = await qemuImg(["rebase", "-b", "gone.qcow2", "-F", "qcow2", "solo.qcow2"], dir);
+  assertCodedError(ours, "E_NOT_FOUND");
+  assert.equal(ours.stderr.replace(/^snapstack: error E_NOT_FOUND: /, ""), theirs.stderr.replace(/^qemu-img: /, ""));
 });
 
 test("E_BACKING_LOOP: two images backing each other", async (t) => {

@@ -104,7 +104,7 @@ test("convert to raw gives qemu-img's bytes; -n writes into an existing target",
   await assertValid(dir, "top", "existing.qcow2");
   // A target smaller than the source is refused.
   await bash(`qemu-img create -q -f qcow2 small.qcow2 1M`, dir);
-  await assert.rejects(ourConvert(dir, "top", "small.qcow2", { format: "qcow2", targetExists: true }), { code: "E_OUT_OF_RANGE" });
+  await assert.rejects(ourConvert(dir, "top", "small.qcow2", { format: "qcow2", targetExists: true }), { code: "E_OUT_OF_RANGE", message: "output file is smaller than input file" });
 });
 
 test("convert of random chains passes qemu-img compare and check", async (t) => {

@@ -100,7 +100,10 @@ async function openNewBacking(path: string, backingFile: string, backingFormat: 
     return await openImage(resolveBackingPath(path, backingFile), { format: backingFormat, readOnly: true, openFile, forceShare });
   } catch (error) {
     if (!isSnapstackError(error)) throw error;
-    throw new SnapstackError(error.code, `Could not open new backing file '${backingFile}': ${error.message}`, { ...error.details, backingFile });
+    // qemu-img names the file once here ("Could not open 'b': No such file or directory"), not twice as for the image itself.
+    const opening = `Could not open '${resolveBackingPath(path, backingFile)}': `;
+    const reason = error.message.startsWith(opening + "Could not open '") ? error.message.slice(opening.length) : error.message;
+    throw new SnapstackError(error.code, `Could not open new backing file '${backingFile}': ${reason}`, { ...error.details, backingFile });
   }
 }
 
