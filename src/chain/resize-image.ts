@@ -34,11 +34,12 @@ export async function resizeImage(path: string, size: SizeSpec, options: ResizeI
     if (!Number.isSafeInteger(newSizeBytes) || newSizeBytes <= 0) {
       throw new SnapstackError("E_INVALID_SIZE", "New image size must be positive", { path, newSizeBytes });
     }
-    if (newSizeBytes < device.sizeBytes && !options.shrink) {
-      throw new SnapstackError("E_INVALID_SIZE", "Use the --shrink option to perform a shrink operation.", { path, newSizeBytes });
-    }
+    // qemu-img checks the preallocation first: a shrink with one says so, --shrink or not.
     if (newSizeBytes <= device.sizeBytes && preallocation !== "off") {
       throw new SnapstackError("E_INVALID_OPTION", "Preallocation can only be used for growing images", { path, newSizeBytes });
+    }
+    if (newSizeBytes < device.sizeBytes && !options.shrink) {
+      throw new SnapstackError("E_INVALID_SIZE", "Use the --shrink option to perform a shrink operation.", { path, newSizeBytes });
     }
     if (device instanceof RawImage) {
       if (!(RAW_PREALLOCATION_MODES as readonly string[]).includes(preallocation)) {

@@ -162,6 +162,7 @@ test("resize --preallocation=metadata|falloc|full of qcow2 images: the same byte
   // A preallocation mode needs the image to grow: a shrink or the same size is refused, as qemu-img refuses it.
   for (const [format, args] of [
     ["qcow2", ["--shrink", "--preallocation=metadata", "5M"]],
+    ["qcow2", ["--preallocation=metadata", "5M"]],
     ["qcow2", ["--preallocation=full", "10M"]],
     ["raw", ["--shrink", "--preallocation=falloc", "5M"]],
   ] as const) {

@@ -276,6 +276,21 @@ test("errors say what qemu-img says, with exit status 1", async (t) => {
   assert.equal(third.code, 1, third.stderr);
   assert.match(third.stderr, /E_TOO_LARGE/);
   assert.ok(readFileSync(two).equals(beforeThird), "the refused third snapshot left the file byte for byte as it was");
+  // An apply onto a smaller snapshot whose +1 pass overflows (refcount_bits=2, cluster 0 at 3):
+  // refused before the resize, so the active data past the snapshot's size is still there.
+  // (qemu-img resizes first and then fails: it loses that data.)
+  const shrinking = join(dir, "shrinking.qcow2");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-o", "refcount_bits=2", shrinking, "16M"]), "create");
+  ok(await qemuIo(["-c", "write -P 0x11 0 64k", shrinking]), "io");
+  ok(await qemuImg(["snapshot", "-c", "s1", shrinking]), "snapshot s1");
+  ok(await qemuImg(["resize", "-q", shrinking, "20M"]), "resize");
+  ok(await qemuImg(["snapshot", "-c", "s2", shrinking]), "snapshot s2");
+  ok(await qemuIo(["-c", "write -P 0x22 18M 64k", shrinking]), "io past 16M");
+  const beforeApply = readFileSync(shrinking);
+  const apply = await snapstack(["-a", "s1", shrinking]);
+  assert.equal(apply.code, 1, apply.stderr);
+  assert.equal(apply.stderr.trim(), "snapstack: error E_TOO_LARGE: Could not apply snapshot 's1': Failed to load snapshot: Invalid argument");
+  assert.ok(readFileSync(shrinking).equals(beforeApply), "the refused apply left the file byte for byte as it was");
 });
 
 test("snapshots with VM state from savevm: listed, kept, applied, deleted; loadvm still works", async (t) => {

@@ -806,9 +806,14 @@ export async function applySnapshot(image: Qcow2Image, ref: string, options: Fre
   const wipeBefore = meta.wipeFreedClusters;
   if (options.wipe === true) meta.wipeFreedClusters = true;
   try {
-    // qcow2_snapshot_goto resizes first (what a shrink frees is wiped below too).
+    // qcow2_snapshot_goto resizes first (what a shrink frees is wiped below too). Its +1 pass can
+    // still fail after that (a refcount overflow), with the active data past the snapshot's size
+    // gone: that failure is found before the resize here, so a refused apply changes nothing.
     const diskSizeBytes = image.snapshots[found].diskSizeBytes;
-    if (diskSizeBytes !== image.sizeBytes) await image.resize(diskSizeBytes, { shrink: true });
+    if (diskSizeBytes !== image.sizeBytes) {
+      if (refcountMayOverflow(meta)) await image.exclusive("apply a snapshot", () => checkRaisesFit(meta, image.snapshots[found]));
+      await image.resize(diskSizeBytes, { shrink: true });
+    }
     await image.exclusive("apply a snapshot", async (drainReads) => {
       const { snapshots } = await readSnapshotTable(meta);
       const index = findSnapshot(snapshots, ref, "id-or-name");
@@ -821,6 +826,29 @@ export async function applySnapshot(image: Qcow2Image, ref: string, options: Fre
 }
 
 /**
+ * Whether a refcount of a consistent image can reach the maximum (one
+ * reference per L1 table, or one per compressed sector, each): only then can
+ * a +1 pass overflow (sharedSubtrees declines to skip shared tables then).
+ */
+function refcountMayOverflow(meta: Qcow2Metadata): boolean {
+  const { clusterSizeBytes, refcountMax } = meta.geometry;
+  return (clusterSizeBytes / COMPRESSED_SECTOR_BYTES) * (meta.header.snapshotCount + 1) >= refcountMax;
+}
+
+/** Raise the snapshot's tree's refcounts and undo it: throws the +1 pass's refusal (E_TOO_LARGE) if one overflows. */
+async function checkRaisesFit(meta: Qcow2Metadata, snapshot: Qcow2Snapshot): Promise<void> {
+  const snapshotL1 = await readL1(meta, snapshot.l1TableOffset, snapshot.l1Size);
+  const journal: RaiseJournal = [];
+  try {
+    await updateTreeRefcounts(meta, snapshotL1, snapshot.l1Size, 1, { journal, phase: "refcounts", uncached: true });
+  } catch (error) {
+    throw asSnapshotFailure(error);
+  } finally {
+    await undoRaises(meta, journal);
+  }
+}
+
+/**
  * The L2 tables a snapshot's L1 and the active L1 share, paired by host
  * offset: flags per L1 index of each. Null when a refcount could reach the
  * maximum in a consistent image, where QEMU's +1 pass over a shared table
@@ -828,9 +856,7 @@ export async function applySnapshot(image: Qcow2Image, ref: string, options: Fre
  * snapshots or compressed clusters).
  */
 function sharedSubtrees(meta: Qcow2Metadata, snapshotL1: Uint8Array, snapshotEntries: number, activeL1: Uint8Array, activeEntries: number): { inSnapshot: Uint8Array; inActive: Uint8Array } | null {
-  const { clusterSizeBytes, refcountMax } = meta.geometry;
-  const referencesMax = (clusterSizeBytes / COMPRESSED_SECTOR_BYTES) * (meta.header.snapshotCount + 1);
-  if (referencesMax >= refcountMax) return null;
+  if (refcountMayOverflow(meta)) return null;
   const activeIndexes = new Map<number, number[]>();
   for (let i = 0; i < activeEntries; i++) {
     const l2Offset = getL1Entry(activeL1, i).l2Offset;
