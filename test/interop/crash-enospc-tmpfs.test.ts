@@ -5,7 +5,7 @@
  * before reads back. Needs root for mount (skipped otherwise; the fault
  * layer covers ENOSPC everywhere in test/unit/crash-io-errors.test.ts).
  */
-import { test } from "node:test";
+import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -34,8 +34,8 @@ function tryMount(dir: string): boolean {
   }
 }
 
-test("a full tmpfs: E_NO_SPACE, a consistent image, flushed data intact", async (t) => {
-  if (!requireTools(t, "qemu-img")) return;
+/** A fresh 4 MiB tmpfs for this test (unmounted after it), or null (skipped) where none can be mounted. */
+function fullDisk(t: TestContext): string | null {
   const top = mkdtempSync(join(tmpdir(), "snapstack-enospc-"));
   const dir = join(top, "mnt");
   mkdirSync(dir);
@@ -44,10 +44,15 @@ test("a full tmpfs: E_NO_SPACE, a consistent image, flushed data intact", async 
     if (mounted) execFileSync("umount", [dir]);
     rmSync(top, { recursive: true, force: true });
   });
-  if (!mounted) {
-    t.skip("cannot mount a tmpfs here (not root?): ENOSPC is covered by the fault layer");
-    return;
-  }
+  if (mounted) return dir;
+  t.skip("cannot mount a tmpfs here (not root?): ENOSPC is covered by the fault layer");
+  return null;
+}
+
+test("a full tmpfs: E_NO_SPACE, a consistent image, flushed data intact", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = fullDisk(t);
+  if (dir === null) return;
   const path = join(dir, "full.qcow2");
   await createImage(path, { format: "qcow2", sizeBytes: SIZE_BYTES });
   const scenario: CrashScenario = { clusterSizeBytes: 65536, refcountBits: 16, compat: "1.1", lazyRefcounts: false, extendedL2: false, sizeBytes: SIZE_BYTES, withBacking: false, cacheBytesMax: 32 * MiB };
@@ -92,18 +97,8 @@ test("a full tmpfs: E_NO_SPACE, a consistent image, flushed data intact", async 
 
 test("resize --preallocation=full on a full tmpfs: E_NO_SPACE, and the image keeps its old size", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
-  const top = mkdtempSync(join(tmpdir(), "snapstack-enospc-"));
-  const dir = join(top, "mnt");
-  mkdirSync(dir);
-  const mounted = tryMount(dir);
-  t.after(() => {
-    if (mounted) execFileSync("umount", [dir]);
-    rmSync(top, { recursive: true, force: true });
-  });
-  if (!mounted) {
-    t.skip("cannot mount a tmpfs here (not root?)");
-    return;
-  }
+  const dir = fullDisk(t);
+  if (dir === null) return;
   const path = join(dir, "grow.qcow2");
   execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", path, "1M"]);
   execFileSync("qemu-io", ["-c", "write -P 9 0 512k", path], { stdio: "ignore" });

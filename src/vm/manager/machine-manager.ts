@@ -800,9 +800,9 @@ async function closeServedChain(running: RunningMachine): Promise<void> {
   for (const served of running.disks) await closeChain(served.export.device, served.held);
 }
 
-/** Move every export onto its new device (all disks at one instant: the guest is stopped). */
 /**
- * Move every disk's export onto its new device, all or none. A swap fails
+ * Move every disk's export onto its new device (all disks at one instant:
+ * the guest is stopped), all or none. A swap fails
  * before it installs anything (the old device's flush failed): the disks
  * already moved are moved back (the guest is stopped throughout, so their
  * new overlays took no write), so a snapshot never freezes some disks and
