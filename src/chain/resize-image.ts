@@ -62,7 +62,8 @@ export async function resizeImage(path: string, size: SizeSpec, options: ResizeI
       await device.resize(newSizeBytes, { shrink: options.shrink ?? false });
       // qcow2_co_truncate: preallocate the new area. QEMU sets the new size only once that is
       // done; here the size is set first, so a preallocation that fails (a full disk) shrinks
-      // the image back, freeing what it allocated: the command fails with the old size, no leak.
+      // the image back: the command fails with the old size (data clusters full/falloc had
+      // allocated but not yet mapped stay leaked; docs/cli/resize.md).
       try {
         if (growth > 0 && preallocation === "metadata") await device.preallocateMetadata(oldSizeBytes, growth);
         if (dataPreallocation) await device.preallocateData(oldSizeBytes, growth, preallocation === "full");
