@@ -15,34 +15,12 @@
  * machine manager.
  */
 import { createHash } from "node:crypto";
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
+import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SnapstackError, fromSystemError } from "../base/errors.ts";
+import { processIdentity } from "../io/processes.ts";
 import { SUN_PATH_BYTES_MAX } from "../vm/runtime/qemu-args.ts";
-
-/** "PID START_TIME" of a live process (start time in clock ticks since boot), or null when it is gone or a zombie. */
-function processIdentity(pid: number): string | null {
-  if (!existsSync("/proc/self/stat")) {
-    // No /proc (not Linux): the pid alone, alive if signal 0 reaches it.
-    try {
-      process.kill(pid, 0);
-      return `${pid}`;
-    } catch {
-      return null;
-    }
-  }
-  let stat: string;
-  try {
-    stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-  } catch {
-    return null;
-  }
-  // Fields after the command name (which may hold spaces and parentheses): state is the 3rd, starttime the 22nd.
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  if (fields[0] === "Z" || fields[0] === "X") return null;
-  return `${pid} ${fields[19]}`;
-}
 
 function readTextOrNull(path: string): string | null {
   try {

@@ -29,6 +29,7 @@
 import { existsSync, mkdirSync, readdirSync, renameSync, rmSync } from "node:fs";
 import { homedir } from "node:os";
 import { join, resolve } from "node:path";
+import { processAlive } from "../../io/processes.ts";
 import { SnapstackError } from "../../base/errors.ts";
 import { readJson, syncDirectorySync, writeJsonAtomic } from "./atomic-file.ts";
 import { validateName } from "./names.ts";
@@ -229,15 +230,5 @@ export class MachineStore {
       if (snapshot.hasState && !existsSync(join(this.snapshotDir(name, snapshot.id), "state.bin"))) snapshot.hasState = false;
     }
     return tree;
-  }
-}
-
-/** Whether a process with this pid exists (EPERM: it does, owned by someone else). */
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === "EPERM";
   }
 }
