@@ -71,7 +71,7 @@
 import { createHash } from "node:crypto";
 import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync, renameSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { join } from "node:path";
 import { SnapstackError, isSnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { openImage } from "../../chain/open-image.ts";
@@ -83,7 +83,7 @@ import { liveSaveSupported, QemuProcess, type QemuExit } from "../runtime/qemu-p
 import { runFilePaths, SUN_PATH_BYTES_MAX } from "../runtime/qemu-args.ts";
 import { acceleratorChoice } from "../runtime/accelerator.ts";
 import { syncDirectorySync } from "../store/atomic-file.ts";
-import { executeSteps, readBackingPath, stepPath, type StepResult } from "../store/layer-steps.ts";
+import { backsOnto, executeSteps, stepPath, type StepResult } from "../store/layer-steps.ts";
 import { checkStateFile, recordStateSize, stateFilePath } from "../store/state-file.ts";
 import type { MachineStore} from "../store/machine-store.ts";
 import { type MachineConfig } from "../store/machine-store.ts";
@@ -699,7 +699,7 @@ export class MachineManager {
     const newTopFiles = layerFiles(plan.tree, plan.tree.layers[plan.tree.current.layer].file);
     // Per disk: the temporary layer while it is still a qcow2 on the top (the commit step's own test), else the top.
     const reopenFiles = (): Promise<string[]> =>
-      Promise.all(writesFiles.map(async (file, disk) => ((await readBackingPath(stepPath(dir, file)).catch(() => null)) === resolve(stepPath(dir, newTopFiles[disk])) ? file : newTopFiles[disk])));
+      Promise.all(writesFiles.map(async (file, disk) => ((await backsOnto(stepPath(dir, file), stepPath(dir, newTopFiles[disk]))) ? file : newTopFiles[disk])));
     let merged: StepResult;
     try {
       merged = await executeSteps(dir, merges, options);

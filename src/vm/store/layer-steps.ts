@@ -63,6 +63,11 @@ export async function readBackingPath(path: string): Promise<string | null> {
   }
 }
 
+/** Whether `path` is a readable image whose backing file is `backingPath` (false when missing or damaged, as a half-wiped layer). */
+export async function backsOnto(path: string, backingPath: string): Promise<boolean> {
+  return (await readBackingPath(path).catch(() => null)) === resolve(backingPath);
+}
+
 /** Bytes a file occupies on disk (0 when missing). */
 export function fileAllocatedBytes(path: string): number {
   try {
@@ -110,7 +115,7 @@ export async function executeStep(machineDir: string, step: LayerStep, options: 
         return { mergedBytes: 0, freedBytes: 0 };
       }
       const backingPath = stepPath(machineDir, step.backingFile);
-      if (existsSync(path) && (await readBackingPath(path).catch(() => null)) === resolve(backingPath)) return { mergedBytes: 0, freedBytes: 0 };
+      if (await backsOnto(path, backingPath)) return { mergedBytes: 0, freedBytes: 0 };
       await createImage(path, {
         format: "qcow2",
         sizeBytes: step.sizeBytes,
@@ -130,8 +135,7 @@ export async function executeStep(machineDir: string, step: LayerStep, options: 
     case "commit": {
       const from = stepPath(machineDir, step.fromFile);
       // Gone, or no longer a qcow2 on `into` (a wipe before its removal was interrupted): the commit was done.
-      const into = resolve(stepPath(machineDir, step.intoFile));
-      if (!existsSync(from) || (await readBackingPath(from).catch(() => null)) !== into) return { mergedBytes: 0, freedBytes: 0 };
+      if (!(await backsOnto(from, stepPath(machineDir, step.intoFile)))) return { mergedBytes: 0, freedBytes: 0 };
       // With wipe, the clusters the commit frees in `into` (ranges `from` zeroes) are zeroed too.
       const result = await commitImage(from, { ...jobOptions, drop: true, wipe: options.wipe ?? false, searchDirectories: [] });
       return { mergedBytes: result.committedBytes, freedBytes: 0 };
