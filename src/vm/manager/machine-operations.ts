@@ -7,14 +7,14 @@
  * Each multi-step operation plans on the pure tree (snapshot-tree.ts) and
  * runs under the store's journal (machine-store.ts).
  */
-import { existsSync, mkdirSync, readFileSync, statSync } from "node:fs";
+import { existsSync, mkdirSync, statSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { SnapstackError } from "../../base/errors.ts";
 import { openImage } from "../../chain/open-image.ts";
 import { convertImage } from "../../chain/convert-image.ts";
 import { diffImages, type DiffRange, type JobProgress } from "../../chain/jobs/index.ts";
 import { DISKS_MAX } from "../runtime/qemu-args.ts";
-import { syncDirectorySync, writeJsonAtomic } from "../store/atomic-file.ts";
+import { readJson, syncDirectorySync, writeJsonAtomic } from "../store/atomic-file.ts";
 import { executeSteps, fileAllocatedBytes, stepPath, treeAllocatedBytes } from "../store/layer-steps.ts";
 import type { MachineStore} from "../store/machine-store.ts";
 import { type MachineConfig } from "../store/machine-store.ts";
@@ -207,7 +207,7 @@ export async function revertStopped(store: MachineStore, name: string, snapshotN
   // The snapshot's configuration becomes the machine's, in the journal with the tree (a kill
   // between the two left the reverted disk under the configuration it was reverted from).
   const snapshotConfig = join(store.snapshotDir(name, plan.snapshot.id), "config.json");
-  const reverted = existsSync(snapshotConfig) ? { ...(JSON.parse(readFileSync(snapshotConfig, "utf8")) as MachineConfig), name, cloneOf: config.cloneOf } : undefined;
+  const reverted = existsSync(snapshotConfig) ? { ...readJson<MachineConfig>(snapshotConfig), name, cloneOf: config.cloneOf } : undefined;
   const result = await store.runJournaled(name, "revert", { ...plan, config: reverted }, options);
   return { snapshot: plan.snapshot, freedBytes: result.freedBytes };
 }
