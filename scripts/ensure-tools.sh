@@ -31,6 +31,7 @@ TOOLS=(
   "fio fio fio --version"
   "cpio cpio cpio --version"
   "busybox busybox-static busybox true"
+  "cc build-essential cc --version"
 )
 
 missing_tools=()    # absent or not working

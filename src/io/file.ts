@@ -19,8 +19,23 @@ const WRITE_ZEROES_CHUNK_BYTES = 1 << 20;
 
 let zeroChunk: Uint8Array | null = null;
 
-/** Write zero bytes to [hostOffset, hostOffset + lengthBytes) of a file, a chunk at a time. */
-export async function writeZeroBytes(file: ImageFile, hostOffset: number, lengthBytes: number): Promise<void> {
+/**
+ * Make [hostOffset, hostOffset + lengthBytes) of a file read as zeroes.
+ * Without `how`, zero bytes are written, a chunk at a time. With it, the
+ * part inside the file is zeroed in place first where the file can
+ * (ImageFile.zeroInPlace: "punch" frees the space, "allocate" keeps it) and
+ * bytes are written only for what that did not cover: a file system that
+ * cannot, or the part past the file's end (which the write extends the file
+ * to).
+ */
+export async function writeZeroBytes(file: ImageFile, hostOffset: number, lengthBytes: number, how?: ZeroInPlace): Promise<void> {
+  if (how !== undefined && file.zeroInPlace !== undefined && lengthBytes > 0) {
+    const insideEnd = Math.min(hostOffset + lengthBytes, await file.sizeBytes());
+    if (insideEnd > hostOffset && (await file.zeroInPlace(hostOffset, insideEnd - hostOffset, how))) {
+      lengthBytes -= insideEnd - hostOffset;
+      hostOffset = insideEnd;
+    }
+  }
   zeroChunk ??= new Uint8Array(WRITE_ZEROES_CHUNK_BYTES);
   for (let done = 0; done < lengthBytes; ) {
     const chunk = zeroChunk.subarray(0, Math.min(lengthBytes - done, WRITE_ZEROES_CHUNK_BYTES));
@@ -74,5 +89,36 @@ export interface ImageFile {
    * that need zeroes write them.
    */
   discard(hostOffset: number, lengthBytes: number): Promise<void>;
+  /**
+   * Optional: make [hostOffset, hostOffset + lengthBytes), inside the file,
+   * read as zeroes without writing them: "punch" deallocates the range (a
+   * hole: its space returns to the host), "allocate" keeps it allocated.
+   * Resolves false when the file system cannot; callers then write zeroes
+   * (writeZeroBytes does both).
+   */
+  zeroInPlace?(hostOffset: number, lengthBytes: number, how: ZeroInPlace): Promise<boolean>;
+  /**
+   * Optional: allocate [hostOffset, hostOffset + lengthBytes) without
+   * writing it (posix_fallocate: holes in it read as zeroes afterwards,
+   * data stays), extending the file if it ends beyond. False when the file
+   * system cannot.
+   */
+  preallocate?(hostOffset: number, lengthBytes: number): Promise<boolean>;
+  /**
+   * Optional: which parts of [hostOffset, hostOffset + lengthBytes) before
+   * the file's end are holes (SEEK_DATA / SEEK_HOLE), as ordered runs that
+   * cover it. Null when holes cannot be seen: treat it all as data.
+   */
+  holes?(hostOffset: number, lengthBytes: number): Promise<FileRun[] | null>;
   close(): Promise<void>;
+}
+
+/** How ImageFile.zeroInPlace zeroes: free the space (a hole) or keep it allocated. */
+export type ZeroInPlace = "punch" | "allocate";
+
+/** A run of a file: a hole reads as zeroes and takes no space; the rest is data (or a file system that cannot tell). */
+export interface FileRun {
+  hostOffset: number;
+  lengthBytes: number;
+  hole: boolean;
 }

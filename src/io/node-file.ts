@@ -35,15 +35,20 @@
  *   land on top of the loss. Callers that arrive while a flush runs share
  *   the one fdatasync that starts after it (it covers everything each of
  *   them wrote before calling).
- * - discard is a no-op: Node exposes no fallocate(PUNCH_HOLE). The ImageFile
- *   contract lets discarded ranges read back as anything, so callers that
- *   need zeroes write them; space is not returned to the host file system.
+ * - Hole punching, zeroing in place, preallocation and hole finding
+ *   (discard, zeroInPlace, preallocate, holes) use fallocate and
+ *   lseek(SEEK_DATA/SEEK_HOLE) from the optional native addon
+ *   (io/native-file-ops.ts). Without it, or on a file system without them,
+ *   discard does nothing (the ImageFile contract lets discarded ranges read
+ *   back as anything, and space is not returned), zeroInPlace and
+ *   preallocate report false (callers write zeroes) and holes reports null.
  * - Writes to a file opened read-only fail with E_READ_ONLY before touching
  *   the file; every OS error becomes a coded error naming the path.
  */
 import fs from "node:fs";
 import { SnapstackError, assert, fromSystemError } from "../base/errors.ts";
-import type { ImageFile } from "./file.ts";
+import type { FileRun, ImageFile, ZeroInPlace } from "./file.ts";
+import { fileRuns, preallocate, punchHole, zeroRange } from "./native-file-ops.ts";
 
 export type NodeFileIoMode = "sync" | "async" | "auto" | "small-async";
 
@@ -258,11 +263,39 @@ export class NodeFile implements ImageFile {
     return running;
   }
 
-  /** No-op: Node has no hole punching (see the design notes). */
+  /** Punch a hole where the file system can (the range then reads as zeroes), else nothing (see the design notes). */
   async discard(hostOffset: number, lengthBytes: number): Promise<void> {
     assert(hostOffset >= 0 && lengthBytes >= 0, "discard range is non-negative");
     if (this.readOnly) throw new SnapstackError("E_READ_ONLY", `${this.name}: cannot discard: opened read-only`, { path: this.name });
-    this.#openFd("discard");
+    this.#fallocate("discard", hostOffset, lengthBytes, punchHole);
+  }
+
+  async zeroInPlace(hostOffset: number, lengthBytes: number, how: ZeroInPlace): Promise<boolean> {
+    this.#writableFd(hostOffset);
+    return this.#fallocate(how === "punch" ? "punch a hole" : "zero", hostOffset, lengthBytes, how === "punch" ? punchHole : zeroRange);
+  }
+
+  async preallocate(hostOffset: number, lengthBytes: number): Promise<boolean> {
+    this.#writableFd(hostOffset);
+    return this.#fallocate("preallocate", hostOffset, lengthBytes, preallocate);
+  }
+
+  #fallocate(action: string, hostOffset: number, lengthBytes: number, call: (fd: number, offset: number, length: number) => boolean): boolean {
+    const fd = this.#openFd(action);
+    try {
+      return call(fd, hostOffset, lengthBytes);
+    } catch (error) {
+      throw fromSystemError(error, this.name, `${action} ${lengthBytes} bytes at offset ${hostOffset}`);
+    }
+  }
+
+  async holes(hostOffset: number, lengthBytes: number): Promise<FileRun[] | null> {
+    const fd = this.#openFd("find holes");
+    try {
+      return fileRuns(fd, hostOffset, lengthBytes, fs.fstatSync(fd).size);
+    } catch (error) {
+      throw fromSystemError(error, this.name, `find holes in ${lengthBytes} bytes at offset ${hostOffset}`);
+    }
   }
 
   /** Bytes the file occupies on the host (stat blocks * 512), as `qemu-img info` reports as actual-size. */

@@ -8,6 +8,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestContext } from "node:test";
+import { nativeFileOpsLoaded } from "../../src/io/native-file-ops.ts";
 
 /** Tool name -> Debian package that ships it. */
 export const TOOL_PACKAGES: Record<string, string> = {
@@ -22,6 +23,7 @@ export const TOOL_PACKAGES: Record<string, string> = {
   fio: "fio",
   cpio: "cpio",
   busybox: "busybox-static",
+  cc: "build-essential",
 };
 
 const found = new Map<string, boolean>();
@@ -50,6 +52,18 @@ export function requireTools(t: TestContext, ...tools: string[]): boolean {
   const packages = [...new Set(missing.map((tool) => TOOL_PACKAGES[tool] ?? tool))].join(" ");
   const message = `missing ${missing.join(", ")}: apt-get install ${packages}`;
   if (process.env.CI === "true") throw new Error(`${message} (CI=true: tools must be installed)`);
+  t.skip(message);
+  return false;
+}
+
+/**
+ * Returns true when the native file-ops addon (native/file-ops.c) is loaded.
+ * Otherwise skips the test (or, under CI=true, throws) with how to build it.
+ */
+export function requireNativeFileOps(t: TestContext): boolean {
+  if (nativeFileOpsLoaded()) return true;
+  const message = "native addon not built: node native/build.mjs (needs a C compiler: apt-get install gcc)";
+  if (process.env.CI === "true") throw new Error(`${message} (CI=true: the addon must be built)`);
   t.skip(message);
   return false;
 }

@@ -1,0 +1,128 @@
+/**
+ * The Linux file calls Node does not expose: fallocate (punch a hole, zero a
+ * range, preallocate) and lseek with SEEK_DATA / SEEK_HOLE (find a file's
+ * holes). They come from a small optional N-API addon, native/file-ops.c,
+ * which `npm install` builds (native/build.mjs).
+ *
+ * Design notes
+ * - Optional by design: without the addon (no C compiler where snapstack was
+ *   installed, or SNAPSTACK_NATIVE=0) every function here reports "not
+ *   supported" and callers fall back to what they did before the addon
+ *   existed: write zero bytes instead of punching, keep discarded space,
+ *   treat the whole file as data. Results stay byte-identical; only disk
+ *   usage and speed differ. `nativeFileOpsLoaded()` tells which (the test
+ *   suite requires the addon under CI=true).
+ * - A file system that lacks a call (EOPNOTSUPP, ENOSYS; EINVAL for a mode
+ *   it does not know) also reports "not supported", as qemu's file-posix
+ *   falls back per call. Any other errno is thrown as a system error for
+ *   the caller's fromSystemError (which names the file).
+ * - Synchronous on the calling thread: each call changes or reads extent
+ *   metadata only (no data is copied), microseconds to a few milliseconds.
+ * - Loaded on first use, not at import: most commands never need it.
+ */
+import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
+import { getSystemErrorName } from "node:util";
+import type { FileRun } from "./file.ts";
+
+interface FileOpsAddon {
+  /** 0 or -errno. */
+  fallocate(fd: number, mode: number, offset: number, length: number): number;
+  /** The new offset or -errno. */
+  seek(fd: number, offset: number, whence: number): number;
+}
+
+const FALLOC_FL_KEEP_SIZE = 0x01;
+const FALLOC_FL_PUNCH_HOLE = 0x02;
+const FALLOC_FL_ZERO_RANGE = 0x10;
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+const ADDON_URL = new URL("../../native/build/file-ops.node", import.meta.url);
+
+let addon: FileOpsAddon | null | undefined;
+
+function loadAddon(): FileOpsAddon | null {
+  if (addon !== undefined) return addon;
+  addon = null;
+  if (process.env.SNAPSTACK_NATIVE === "0") return addon;
+  try {
+    addon = createRequire(import.meta.url)(fileURLToPath(ADDON_URL)) as FileOpsAddon;
+  } catch {
+    // Not built (no compiler at install time): the callers' fallbacks apply.
+  }
+  return addon;
+}
+
+/** Whether the addon is in use (false: every call below reports "not supported"). */
+export function nativeFileOpsLoaded(): boolean {
+  return loadAddon() !== null;
+}
+
+const UNSUPPORTED = new Set(["EOPNOTSUPP", "ENOTSUP", "ENOSYS", "EINVAL"]);
+
+/** -errno as the error node:fs would throw (code and message), for fromSystemError. */
+function systemError(negativeErrno: number, call: string): NodeJS.ErrnoException {
+  const code = getSystemErrorName(negativeErrno);
+  return Object.assign(new Error(`${code}: ${call}`), { code, errno: negativeErrno, syscall: call });
+}
+
+function fallocate(fd: number, mode: number, offset: number, length: number): boolean {
+  const ops = loadAddon();
+  if (ops === null || length === 0) return ops !== null;
+  const result = ops.fallocate(fd, mode, offset, length);
+  if (result === 0) return true;
+  if (UNSUPPORTED.has(getSystemErrorName(result))) return false;
+  throw systemError(result, "fallocate");
+}
+
+/**
+ * Deallocate [offset, offset + length) without changing the file's size:
+ * it reads back as zeroes and its space returns to the file system. False
+ * when that cannot be done here.
+ */
+export function punchHole(fd: number, offset: number, length: number): boolean {
+  return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
+/** Make [offset, offset + length) read as zeroes, allocated (extends the file if it ends beyond). False when unsupported. */
+export function zeroRange(fd: number, offset: number, length: number): boolean {
+  return fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length);
+}
+
+/** Allocate [offset, offset + length) without writing it (reads as zeroes where it was a hole; extends the file). False when unsupported. */
+export function preallocate(fd: number, offset: number, length: number): boolean {
+  return fallocate(fd, 0, offset, length);
+}
+
+/**
+ * The data and hole runs of [offset, offset + length) in a file of
+ * `fileSizeBytes`, in order, covering exactly the part before the file's
+ * end. Null when holes cannot be seen here (no addon): callers treat the
+ * range as data.
+ */
+export function fileRuns(fd: number, offset: number, length: number, fileSizeBytes: number): FileRun[] | null {
+  const ops = loadAddon();
+  if (ops === null) return null;
+  const end = Math.min(offset + length, fileSizeBytes);
+  const runs: FileRun[] = [];
+  const push = (from: number, to: number, hole: boolean): void => {
+    if (to > from) runs.push({ hostOffset: from, lengthBytes: to - from, hole });
+  };
+  for (let at = offset; at < end; ) {
+    const data = ops.seek(fd, at, SEEK_DATA);
+    if (data < 0 && getSystemErrorName(data) !== "ENXIO") {
+      if (UNSUPPORTED.has(getSystemErrorName(data))) return null;
+      throw systemError(data, "lseek(SEEK_DATA)");
+    }
+    // ENXIO: no data at or after `at` (the rest is a hole).
+    const dataStart = data < 0 ? end : Math.min(data, end);
+    push(at, dataStart, true);
+    if (dataStart >= end) break;
+    const hole = ops.seek(fd, dataStart, SEEK_HOLE);
+    if (hole < 0) throw systemError(hole, "lseek(SEEK_HOLE)");
+    const dataEnd = Math.min(hole, end);
+    push(dataStart, dataEnd, false);
+    at = dataEnd;
+  }
+  return runs;
+}

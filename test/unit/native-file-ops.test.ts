@@ -1,0 +1,167 @@
+/**
+ * NodeFile's hole punching, zeroing in place, preallocation and hole
+ * finding (the native addon, src/io/native-file-ops.ts) on real files in
+ * the scratch directory: what each call leaves readable, how many blocks
+ * the file then occupies (stat), and where its holes are. The fallback
+ * without the addon is exercised in a child process with SNAPSTACK_NATIVE=0.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { statSync } from "node:fs";
+import { join } from "node:path";
+import { isSnapstackError } from "../../src/base/errors.ts";
+import { writeZeroBytes } from "../../src/io/file.ts";
+import { createNodeFile, openNodeFile, type NodeFile } from "../../src/io/node-file.ts";
+import { requireNativeFileOps, scratchDir } from "../helpers/tools.ts";
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+function allocatedBytes(path: string): number {
+  return statSync(path).blocks * 512;
+}
+
+async function readBack(file: NodeFile, offset: number, length: number): Promise<Uint8Array> {
+  const buffer = new Uint8Array(length);
+  await file.read(offset, buffer);
+  return buffer;
+}
+
+/** A 4 MiB file: a hole, 64 KiB of 0x11 at 1 MiB, a hole, 1 MiB of 0x22 at 3 MiB. */
+async function sparseFile(path: string): Promise<NodeFile> {
+  const file = await createNodeFile(path);
+  await file.truncate(4 * MiB);
+  await file.write(1 * MiB, new Uint8Array(64 * KiB).fill(0x11));
+  await file.write(3 * MiB, new Uint8Array(1 * MiB).fill(0x22));
+  return file;
+}
+
+test("holes: the data and hole runs of a sparse file, for any window", async (t) => {
+  if (!requireNativeFileOps(t)) return;
+  const file = await sparseFile(join(scratchDir(t), "sparse"));
+  try {
+    assert.deepEqual(await file.holes(0, 4 * MiB), [
+      { hostOffset: 0, lengthBytes: 1 * MiB, hole: true },
+      { hostOffset: 1 * MiB, lengthBytes: 64 * KiB, hole: false },
+      { hostOffset: 1 * MiB + 64 * KiB, lengthBytes: 2 * MiB - 64 * KiB, hole: true },
+      { hostOffset: 3 * MiB, lengthBytes: 1 * MiB, hole: false },
+    ]);
+    // Windows starting inside data; past the file's end nothing is reported.
+    assert.deepEqual(await file.holes(1 * MiB + 4 * KiB, 2 * MiB), [
+      { hostOffset: 1 * MiB + 4 * KiB, lengthBytes: 60 * KiB, hole: false },
+      { hostOffset: 1 * MiB + 64 * KiB, lengthBytes: 2 * MiB - 64 * KiB, hole: true },
+      { hostOffset: 3 * MiB, lengthBytes: 4 * KiB, hole: false },
+    ]);
+    assert.deepEqual(await file.holes(1 * MiB + 4 * KiB, 1 * MiB), [
+      { hostOffset: 1 * MiB + 4 * KiB, lengthBytes: 60 * KiB, hole: false },
+      { hostOffset: 1 * MiB + 64 * KiB, lengthBytes: 1 * MiB - 60 * KiB, hole: true },
+    ]);
+    assert.deepEqual(await file.holes(3 * MiB + 512 * KiB, 8 * MiB), [{ hostOffset: 3 * MiB + 512 * KiB, lengthBytes: 512 * KiB, hole: false }]);
+    assert.deepEqual(await file.holes(5 * MiB, 1 * MiB), []);
+  } finally {
+    await file.close();
+  }
+});
+
+test("discard and zeroInPlace('punch') free the range, which reads as zeroes; the size stays", async (t) => {
+  if (!requireNativeFileOps(t)) return;
+  const path = join(scratchDir(t), "punch");
+  const file = await sparseFile(path);
+  try {
+    const before = allocatedBytes(path);
+    await file.discard(3 * MiB, 256 * KiB);
+    assert.equal(await file.zeroInPlace(3 * MiB + 512 * KiB, 256 * KiB, "punch"), true);
+    assert.equal(await file.sizeBytes(), 4 * MiB);
+    assert.equal(allocatedBytes(path), before - 512 * KiB);
+    assert.deepEqual(await readBack(file, 3 * MiB, 256 * KiB), new Uint8Array(256 * KiB));
+    assert.deepEqual(await readBack(file, 3 * MiB + 256 * KiB, 256 * KiB), new Uint8Array(256 * KiB).fill(0x22));
+    assert.deepEqual(await readBack(file, 3 * MiB + 512 * KiB, 256 * KiB), new Uint8Array(256 * KiB));
+    // A punch inside one block zeroes those bytes and keeps the rest of the block.
+    assert.equal(await file.zeroInPlace(3 * MiB + 768 * KiB + 100, 200, "punch"), true);
+    const block = await readBack(file, 3 * MiB + 768 * KiB, 4 * KiB);
+    assert.deepEqual(block.subarray(100, 300), new Uint8Array(200));
+    assert.deepEqual(block.subarray(0, 100), new Uint8Array(100).fill(0x22));
+    assert.deepEqual(block.subarray(300), new Uint8Array(4 * KiB - 300).fill(0x22));
+  } finally {
+    await file.close();
+  }
+});
+
+test("zeroInPlace('allocate') and preallocate allocate without writing; preallocate extends the file", async (t) => {
+  if (!requireNativeFileOps(t)) return;
+  const path = join(scratchDir(t), "allocate");
+  const file = await sparseFile(path);
+  try {
+    const before = allocatedBytes(path);
+    // Over data it zeroes, over a hole it allocates.
+    assert.equal(await file.zeroInPlace(1 * MiB, 64 * KiB, "allocate"), true);
+    assert.equal(await file.zeroInPlace(0, 512 * KiB, "allocate"), true);
+    assert.equal(allocatedBytes(path), before + 512 * KiB);
+    assert.deepEqual(await readBack(file, 0, 2 * MiB), new Uint8Array(2 * MiB));
+    assert.equal(await file.preallocate(4 * MiB, 1 * MiB), true);
+    assert.equal(await file.sizeBytes(), 5 * MiB);
+    assert.equal(allocatedBytes(path), before + 512 * KiB + 1 * MiB);
+    assert.deepEqual(await readBack(file, 4 * MiB, 1 * MiB), new Uint8Array(1 * MiB));
+  } finally {
+    await file.close();
+  }
+});
+
+test("writeZeroBytes with 'punch' punches inside the file and writes what lies past its end", async (t) => {
+  if (!requireNativeFileOps(t)) return;
+  const path = join(scratchDir(t), "zeroes");
+  const file = await createNodeFile(path);
+  try {
+    await file.write(0, new Uint8Array(1 * MiB).fill(7));
+    await writeZeroBytes(file, 512 * KiB, 1 * MiB, "punch");
+    assert.equal(await file.sizeBytes(), 1536 * KiB);
+    assert.deepEqual(await readBack(file, 512 * KiB, 1 * MiB), new Uint8Array(1 * MiB));
+    assert.deepEqual(await readBack(file, 0, 512 * KiB), new Uint8Array(512 * KiB).fill(7));
+    assert.deepEqual(await file.holes(0, 1536 * KiB), [
+      { hostOffset: 0, lengthBytes: 512 * KiB, hole: false },
+      { hostOffset: 512 * KiB, lengthBytes: 512 * KiB, hole: true },
+      { hostOffset: 1 * MiB, lengthBytes: 512 * KiB, hole: false },
+    ]);
+  } finally {
+    await file.close();
+  }
+});
+
+test("a read-only file refuses to punch, zero or preallocate with E_READ_ONLY and stays as it was", async (t) => {
+  if (!requireNativeFileOps(t)) return;
+  const path = join(scratchDir(t), "ro");
+  await (await sparseFile(path)).close();
+  const before = allocatedBytes(path);
+  const file = await openNodeFile(path, { readOnly: true });
+  try {
+    for (const attempt of [() => file.discard(3 * MiB, 4 * KiB), () => file.zeroInPlace(3 * MiB, 4 * KiB, "punch"), () => file.preallocate(0, 4 * KiB)]) {
+      await assert.rejects(attempt(), (error) => isSnapstackError(error) && error.code === "E_READ_ONLY");
+    }
+    assert.equal(allocatedBytes(path), before);
+    assert.deepEqual(await readBack(file, 3 * MiB, 4 * KiB), new Uint8Array(4 * KiB).fill(0x22));
+  } finally {
+    await file.close();
+  }
+});
+
+test("SNAPSTACK_NATIVE=0: no holes seen, nothing punched, zeroes written instead", (t) => {
+  const path = join(scratchDir(t), "fallback");
+  const script = `
+    import { createNodeFile } from "./src/io/node-file.ts";
+    import { writeZeroBytes } from "./src/io/file.ts";
+    import { nativeFileOpsLoaded } from "./src/io/native-file-ops.ts";
+    const file = await createNodeFile(${JSON.stringify(path)});
+    await file.write(0, new Uint8Array(65536).fill(7));
+    await file.truncate(1048576);
+    const holes = await file.holes(0, 1048576);
+    const punched = await file.zeroInPlace(0, 4096, "punch");
+    await file.discard(4096, 4096);
+    await writeZeroBytes(file, 8192, 4096, "punch");
+    const bytes = new Uint8Array(16384);
+    await file.read(0, bytes);
+    await file.close();
+    console.log(JSON.stringify({ loaded: nativeFileOpsLoaded(), holes, punched, kept: [...new Set(bytes.subarray(4096, 8192))], zeroed: [...new Set(bytes.subarray(8192, 12288))] }));`;
+  const output = execFileSync(process.execPath, ["--input-type=module", "-e", script], { cwd: join(import.meta.dirname, "../.."), env: { ...process.env, SNAPSTACK_NATIVE: "0" } });
+  assert.deepEqual(JSON.parse(output.toString()), { loaded: false, holes: null, punched: false, kept: [7], zeroed: [0] });
+});
