@@ -15,9 +15,10 @@
  *   status difference (allocation, zero, data, offset validity, end of
  *   image), answer by answer as QEMU gives them: a qcow2 layer's answer
  *   ends with the L2 table that maps it (answerEnd), which decides where the
- *   end-of-image bit is set and where the next comparison starts. Holes in raw files are invisible to Node (no SEEK_DATA), so a
- *   raw file with holes may be judged differently from qemu-img in strict
- *   mode; non-strict results do not depend on it.
+ *   end-of-image bit is set and where the next comparison starts. Holes in raw files are seen only with the native addon
+ *   (io/native-file-ops.ts); without it a raw file with holes may be
+ *   judged differently from qemu-img in strict mode; non-strict results do
+ *   not depend on it.
  */
 import type { BlockDevice, MapExtent } from "../device/block-device.ts";
 import { isSnapstackError, SnapstackError } from "../base/errors.ts";

@@ -12,8 +12,9 @@
  *   compressed data and for anything not stored (unallocated, plain zero).
  * - Data stored past the end of a qcow2 layer's host file (QEMU leaves the
  *   last cluster short) is reported `zero: true, data: true`, as QEMU's
- *   protocol layer does. Holes inside host files are invisible to Node (no
- *   SEEK_DATA), so there snapstack says `zero: false` where qemu-img may say
+ *   protocol layer does. A raw layer's holes are zero (RawImage.layerStatus);
+ *   holes in a qcow2 layer's host file under data clusters are not looked
+ *   for yet, so there snapstack says `zero: false` where qemu-img may say
  *   true (preallocated images).
  * - Adjacent entries merge when depth, present, zero, data agree and either
  *   both lack an offset or the offsets are contiguous (entry_mergeable).

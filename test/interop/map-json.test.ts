@@ -1,13 +1,13 @@
 /**
  * mapImage + formatMapJson against `qemu-img map --output=json`, byte for
  * byte (offsets included), on chains built with qemu-img and qemu-io.
- * Raw layers are written in full: snapstack cannot see holes in raw files
- * (no SEEK_DATA in Node), where qemu-img reports `zero: true, data: false`.
- * For the same reason, data clusters qemu wrote only partly (the rest left
- * as a hole in the host file) are `zero: true, data: true` in qemu's map
- * and `zero: false` in ours: `holes: "ignore"` compares after setting zero
- * to false on qemu's data entries (and re-merging); every other field,
- * offsets included, must match exactly.
+ * Holes in raw layers are `zero: true, data: false` in both (the native
+ * addon's SEEK_DATA). Holes in a qcow2 layer's host file are not looked for
+ * yet: data clusters qemu wrote only partly (the rest left as a hole in the
+ * host file) are `zero: true, data: true` in qemu's map and `zero: false`
+ * in ours: `holes: "ignore"` compares after setting zero to false on qemu's
+ * data entries (and re-merging); every other field, offsets included, must
+ * match exactly.
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -15,7 +15,7 @@ import { join } from "node:path";
 import { openImage } from "../../src/chain/open-image.ts";
 import { formatMapJson, mapEntriesMergeable, mapImage } from "../../src/chain/map-image.ts";
 import type { MapExtent } from "../../src/device/block-device.ts";
-import { requireTools, runOk, scratchDir } from "../helpers/tools.ts";
+import { requireNativeFileOps, requireTools, runOk, scratchDir } from "../helpers/tools.ts";
 import { createRandom, testSeed } from "../helpers/random.ts";
 
 async function bash(script: string, cwd: string): Promise<void> {
@@ -59,6 +59,10 @@ const LAYOUTS: Record<string, string> = {
     qemu-io -c 'write -P 3 512k 1M' -c 'write -z 2M 128k' -c 'write -c -P 5 4M 64k' mid >/dev/null
     qemu-img create -q -f qcow2 -b mid -F qcow2 img 8M
     qemu-io -c 'write -P 7 64k 64k' -c 'write -z -u 4M 64k' -c 'write -z 7M 64k' img >/dev/null`,
+  "sparse raw base under an overlay": `qemu-img create -q -f raw base 4M
+    qemu-io -f raw -c 'write -P 9 1M 512k' -c 'write -P 8 3M 64k' base >/dev/null
+    qemu-img create -q -f qcow2 -b base -F raw img 6M
+    qemu-io -c 'write -P 3 1280k 64k' -c 'write -z 2M 64k' img >/dev/null`,
   "512-byte clusters": `qemu-img create -q -f qcow2 -o cluster_size=512 img 1M
     qemu-io -c 'write -P 1 0 1536' -c 'write -P 2 4k 512' -c 'write -z 8k 2k' img >/dev/null`,
   "2 MiB clusters": `qemu-img create -q -f qcow2 -o cluster_size=2M img 20M
@@ -95,6 +99,7 @@ const PARTIAL_CLUSTER_LAYOUTS = new Set([
 for (const [name, script] of Object.entries(LAYOUTS)) {
   test(`map JSON equals qemu-img's: ${name}`, async (t) => {
     if (!requireTools(t, "qemu-img", "qemu-io")) return;
+    if (name.includes("raw") && !requireNativeFileOps(t)) return;
     const dir = scratchDir(t);
     await bash(script, dir);
     const path = join(dir, "img");

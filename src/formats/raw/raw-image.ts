@@ -5,19 +5,24 @@
  * - Virtual size is the file size rounded up to 512 bytes, as QEMU's block
  *   layer counts whole sectors (a 3000-byte file is a 3072-byte disk; the
  *   tail past the end of the file reads as zeroes).
- * - layerStatus reports every range as data at host offset = guest offset,
- *   except the bytes of the last sector past the end of a file whose size is
- *   not a multiple of 512 (zero, as qemu's file driver reports them).
- *   qemu-img finds holes with lseek(SEEK_DATA/SEEK_HOLE) and reports them as
- *   `zero: true, data: false`; Node has no lseek, so snapstack cannot see
- *   holes and maps them as data. Readers of raw images therefore read holes
- *   (which return zeroes) instead of skipping them; the result is the same.
- * - discard is a no-op: Node cannot punch holes, and writing zeroes for a
- *   discard would allocate space (mkfs discards the whole disk). The range
- *   keeps its old contents, which NBD trim and qemu's "discard" permit.
- * - writeZeroes writes real zero bytes (io/file.ts writeZeroBytes).
- * - Preallocation: "off" truncates; "falloc" and "full" both write zeroes
- *   (no fallocate in Node), so "falloc" costs as much as "full".
+ * - layerStatus reports the file's holes as zero and the rest as data, at
+ *   host offset = guest offset, as qemu's file driver does (lseek
+ *   SEEK_DATA / SEEK_HOLE, ImageFile.holes); the bytes of the last sector
+ *   past the end of a file whose size is not a multiple of 512 are zero
+ *   too. Where holes cannot be seen (no native addon, io/native-file-ops.ts)
+ *   everything before the file's end is data: readers then read holes
+ *   (zeroes) instead of skipping them, with the same result.
+ * - discard punches a hole where the file system can (ImageFile.discard),
+ *   else does nothing: writing zeroes for a discard would allocate space
+ *   (mkfs discards the whole disk), and NBD trim and qemu's "discard" let
+ *   the range keep its old contents.
+ * - writeZeroes zeroes in place (io/file.ts writeZeroBytes): a hole when
+ *   the caller allows unmapping (NBD without NO_HOLE, qemu-io -u), else an
+ *   allocated zero range (fallocate ZERO_RANGE), else written zero bytes.
+ * - Preallocation: "off" truncates and, on a file that was empty, writes
+ *   the first 4 KiB (512 bytes if smaller) as qemu's allocate_first_block
+ *   does, so `map` shows the same; "falloc" allocates with fallocate (zero
+ *   bytes written where that is unsupported); "full" writes zeroes.
  */
 import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/block-device.ts";
@@ -52,8 +57,6 @@ export class RawImage implements BlockDevice {
   /** BlockDevice.writeSync, present when the file has writeSync. */
   readonly writeSync?: (guestOffset: number, data: Uint8Array) => void;
   #sizeBytes: number;
-  /** The file's size is not a multiple of 512: the virtual disk ends in bytes past the file's end. */
-  #unalignedFile: boolean;
   #closed = false;
   readonly #writeBehind: WriteBehind;
 
@@ -61,7 +64,6 @@ export class RawImage implements BlockDevice {
     this.file = file;
     this.#writeBehind = new WriteBehind(file);
     this.#sizeBytes = roundUpToSector(fileSizeBytes);
-    this.#unalignedFile = fileSizeBytes % RAW_SECTOR_BYTES !== 0;
     const fileWriteSync = file.writeSync?.bind(file);
     if (fileWriteSync !== undefined) {
       this.writeSync = (guestOffset, data) => {
@@ -99,16 +101,17 @@ export class RawImage implements BlockDevice {
     await this.file.write(guestOffset, data);
   }
 
-  async writeZeroes(guestOffset: number, lengthBytes: number, _options?: WriteZeroesOptions): Promise<void> {
+  async writeZeroes(guestOffset: number, lengthBytes: number, options?: WriteZeroesOptions): Promise<void> {
     this.#checkWritable("write zeroes");
     checkDeviceRange(this, guestOffset, lengthBytes);
-    await writeZeroBytes(this.file, guestOffset, lengthBytes);
+    await writeZeroBytes(this.file, guestOffset, lengthBytes, options?.unmap === true ? "punch" : "allocate");
   }
 
-  /** No-op (see the design notes). */
+  /** A hole where the file system can punch one (see the design notes). */
   async discard(guestOffset: number, lengthBytes: number): Promise<void> {
     this.#checkWritable("discard");
     checkDeviceRange(this, guestOffset, lengthBytes);
+    if (lengthBytes > 0) await this.file.discard(guestOffset, lengthBytes);
   }
 
   async flush(): Promise<void> {
@@ -126,12 +129,18 @@ export class RawImage implements BlockDevice {
     checkDeviceRange(this, guestOffset, lengthBytes);
     if (lengthBytes === 0) return [];
     const end = guestOffset + lengthBytes;
-    if (!this.#unalignedFile || end <= this.#sizeBytes - RAW_SECTOR_BYTES) return [{ guestOffset, lengthBytes, kind: "data", hostOffset: guestOffset }];
     // The bytes of the last sector past the file's end read as zeroes: reported as such, as qemu's file driver does.
-    const dataEnd = Math.min(end, Math.max(guestOffset, await this.file.sizeBytes()));
+    const fileEnd = Math.min(end, Math.max(guestOffset, await this.file.sizeBytes()));
     const extents: LayerExtent[] = [];
-    if (dataEnd > guestOffset) extents.push({ guestOffset, lengthBytes: dataEnd - guestOffset, kind: "data", hostOffset: guestOffset });
-    if (end > dataEnd) extents.push({ guestOffset: dataEnd, lengthBytes: end - dataEnd, kind: "zero", hostOffset: dataEnd });
+    if (fileEnd > guestOffset) {
+      const runs = (await this.file.holes?.(guestOffset, fileEnd - guestOffset)) ?? [{ hostOffset: guestOffset, lengthBytes: fileEnd - guestOffset, hole: false }];
+      for (const run of runs) extents.push({ guestOffset: run.hostOffset, lengthBytes: run.lengthBytes, kind: run.hole ? "zero" : "data", hostOffset: run.hostOffset });
+    }
+    if (end > fileEnd) {
+      const last = extents[extents.length - 1];
+      if (last?.kind === "zero") last.lengthBytes += end - fileEnd;
+      else extents.push({ guestOffset: fileEnd, lengthBytes: end - fileEnd, kind: "zero", hostOffset: fileEnd });
+    }
     return extents;
   }
 
@@ -146,7 +155,6 @@ export class RawImage implements BlockDevice {
     await this.file.truncate(newSizeBytes);
     await preallocateRaw(this.file, oldFileBytes, newSizeBytes, options.preallocation ?? "off");
     this.#sizeBytes = roundUpToSector(newSizeBytes);
-    this.#unalignedFile = newSizeBytes % RAW_SECTOR_BYTES !== 0;
   }
 
   async close(): Promise<void> {
@@ -175,9 +183,17 @@ export async function openRaw(path: string, options: { readOnly?: boolean } = {}
   }
 }
 
-/** Fill a freshly truncated file per the preallocation mode. */
+/** qemu's MAX_BLOCKSIZE: allocate_first_block writes this much (a sector when the file is smaller). */
+const FIRST_BLOCK_BYTES = 4096;
+
+/** Fill a freshly truncated file per the preallocation mode (see the design notes). */
 export async function preallocateRaw(file: ImageFile, fromBytes: number, toBytes: number, preallocation: RawPreallocation): Promise<void> {
-  if (preallocation === "off" || toBytes <= fromBytes) return;
+  if (toBytes <= fromBytes) return;
+  if (preallocation === "off") {
+    if (fromBytes === 0) await writeZeroBytes(file, 0, toBytes < FIRST_BLOCK_BYTES ? RAW_SECTOR_BYTES : FIRST_BLOCK_BYTES);
+    return;
+  }
+  if (preallocation === "falloc" && (await file.preallocate?.(fromBytes, toBytes - fromBytes)) === true) return;
   await writeZeroBytes(file, fromBytes, toBytes - fromBytes);
 }
 

@@ -1,0 +1,152 @@
+/**
+ * Holes in raw files, against qemu-img, qemu-io and qemu-nbd on the same
+ * files: snapstack sees them (map, NBD block status, convert) and makes
+ * them (discard, write -z -u, NBD TRIM and WRITE_ZEROES, preallocation,
+ * qemu's first-block allocation at create) as QEMU does, with the native
+ * addon (src/io/native-file-ops.ts). Compared: map JSON exactly, the
+ * blocks each file occupies (stat), and the bytes.
+ */
+import { createHash } from "node:crypto";
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { copyFileSync, readFileSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
+import { startNbd } from "./nbd-helpers.ts";
+import { requireNativeFileOps, requireTools, runOk, scratchDir } from "../helpers/tools.ts";
+
+/** A file's bytes as a digest: assert's diff of two large unequal buffers takes minutes. */
+function digest(path: string): string {
+  return createHash("sha256").update(readFileSync(path)).digest("hex");
+}
+
+function allocatedBytes(path: string): number {
+  return statSync(path).blocks * 512;
+}
+
+/** A 16 MiB raw file: holes around data at 1 MiB (64 KiB), 5 MiB (1 MiB) and the last 4 KiB. */
+async function sparseRaw(dir: string, name: string): Promise<string> {
+  const path = join(dir, name);
+  ok(await qemuImg(["create", "-q", "-f", "raw", path, "16M"]), "qemu-img create");
+  ok(await qemuIo(["-f", "raw", "-c", "write -P 0x11 1M 64k", "-c", "write -P 0x22 5M 1M", "-c", "write -P 0x33 16380k 4k", path]), "qemu-io write");
+  return path;
+}
+
+async function bothMaps(path: string, extra: string[] = []): Promise<[string, string]> {
+  const qemu = ok(await qemuImg(["map", "--output=json", "-f", "raw", ...extra, path]), "qemu-img map").stdout;
+  const ours = ok(await snapstack(["img", "map", "--output=json", "-f", "raw", ...extra, path]), "snapstack img map").stdout;
+  return [ours, qemu];
+}
+
+test("img map of a sparse raw file: holes are zero, not data, exactly as qemu-img reports them", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io") || !requireNativeFileOps(t)) return;
+  const path = await sparseRaw(scratchDir(t), "sparse.raw");
+  const [ours, qemu] = await bothMaps(path);
+  assert.equal(ours, qemu);
+  assert.match(ours, /"zero": true, "data": false/);
+  for (const window of [["--start-offset", "1052672", "--max-length", "8M"], ["--start-offset", "5M"]]) {
+    const [windowOurs, windowQemu] = await bothMaps(path, window);
+    assert.equal(windowOurs, windowQemu, window.join(" "));
+  }
+});
+
+test("img create and resize of raw files allocate what qemu-img's do (the first block; falloc; full)", async (t) => {
+  if (!requireTools(t, "qemu-img") || !requireNativeFileOps(t)) return;
+  const dir = scratchDir(t);
+  const cases: Array<[string, string[]]> = [
+    ["off, 64 MiB", ["-o", "preallocation=off", "64M"]],
+    ["off, 1000 bytes", ["1000"]],
+    ["falloc, 8 MiB", ["-o", "preallocation=falloc", "8M"]],
+    ["full, 2 MiB", ["-o", "preallocation=full", "2M"]],
+  ];
+  for (const [label, args] of cases) {
+    const theirs = join(dir, `qemu-${cases.findIndex((c) => c[0] === label)}.raw`);
+    const mine = join(dir, `ours-${cases.findIndex((c) => c[0] === label)}.raw`);
+    ok(await qemuImg(["create", "-q", "-f", "raw", theirs, ...args]), `qemu-img create ${label}`);
+    ok(await snapstack(["img", "create", "-q", "-f", "raw", mine, ...args]), `snapstack img create ${label}`);
+    assert.equal(allocatedBytes(mine), allocatedBytes(theirs), `allocated bytes, ${label}`);
+    assert.equal(digest(mine), digest(theirs), `bytes, ${label}`);
+    const [ours, qemu] = await bothMaps(mine);
+    assert.equal(ours, (await bothMaps(theirs))[1].replaceAll(theirs, mine), `map, ${label}`);
+    assert.equal(ours, qemu, `our map of our file, ${label}`);
+  }
+  // Growing an empty file allocates its first block too; growing with falloc allocates the new part.
+  for (const [name, tool] of [["grow-qemu.raw", qemuImg], ["grow-ours.raw", (args: string[]) => snapstack(["img", ...args])]] as const) {
+    const path = join(dir, name);
+    ok(await qemuImg(["create", "-q", "-f", "raw", path, "0"]), "create empty");
+    ok(await tool(["resize", "-f", "raw", path, "4M"]), `${name} resize`);
+    ok(await tool(["resize", "-f", "raw", "--preallocation=falloc", path, "6M"]), `${name} resize falloc`);
+  }
+  assert.equal(allocatedBytes(join(dir, "grow-ours.raw")), allocatedBytes(join(dir, "grow-qemu.raw")));
+  assert.equal((await bothMaps(join(dir, "grow-ours.raw")))[0], (await bothMaps(join(dir, "grow-qemu.raw")))[0].replaceAll("grow-qemu", "grow-ours"));
+});
+
+test("io discard, write -z -u and write -z free or keep space as qemu-io's do, and read back zeroes", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io") || !requireNativeFileOps(t)) return;
+  const dir = scratchDir(t);
+  const base = join(dir, "full.raw");
+  ok(await qemuImg(["create", "-q", "-f", "raw", base, "8M"]), "create");
+  ok(await qemuIo(["-f", "raw", "-c", "write -P 0x5a 0 8M", base]), "fill");
+  const commands = ["discard 1M 1M", "write -z -u 3M 512k", "write -z 5M 1M", "discard 7M 6k"];
+  const theirs = join(dir, "qemu.raw");
+  const mine = join(dir, "ours.raw");
+  copyFileSync(base, theirs);
+  copyFileSync(base, mine);
+  ok(await qemuIo(["-f", "raw", ...commands.flatMap((command) => ["-c", command]), theirs]), "qemu-io");
+  ok(await snapstack(["io", "-f", "raw", ...commands.flatMap((command) => ["-c", command]), mine]), "snapstack io");
+  assert.equal(allocatedBytes(mine), allocatedBytes(theirs));
+  // The 1 MiB discard and the 512 KiB write -z -u free their blocks; the 6 KiB discard frees none in either (qemu
+  // aligns discards), write -z keeps its blocks allocated.
+  assert.equal(allocatedBytes(mine), 8 * 1024 * 1024 - 1024 * 1024 - 512 * 1024);
+  assert.equal(digest(mine), digest(theirs));
+  const [ours, qemu] = await bothMaps(mine);
+  assert.equal(ours, qemu);
+  assert.equal(ours, (await bothMaps(theirs))[1].replaceAll(theirs, mine));
+});
+
+test("convert from a sparse raw file keeps its holes, as qemu-img convert does, also with -n into a full target", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io") || !requireNativeFileOps(t)) return;
+  const dir = scratchDir(t);
+  const source = await sparseRaw(dir, "source.raw");
+  for (const [label, prepare] of [
+    ["new target", async (_path: string) => {}],
+    ["-n into a file full of data", async (path: string) => {
+      ok(await qemuImg(["create", "-q", "-f", "raw", path, "16M"]), "create target");
+      ok(await qemuIo(["-f", "raw", "-c", "write -P 0x77 0 16M", path]), "fill target");
+    }],
+  ] as const) {
+    const theirs = join(dir, `qemu-${label.length}.raw`);
+    const mine = join(dir, `ours-${label.length}.raw`);
+    await prepare(theirs);
+    await prepare(mine);
+    const extra = label.startsWith("-n") ? ["-n"] : [];
+    ok(await qemuImg(["convert", "-f", "raw", "-O", "raw", ...extra, source, theirs]), `qemu-img convert, ${label}`);
+    ok(await snapstack(["img", "convert", "-f", "raw", "-O", "raw", ...extra, source, mine]), `snapstack img convert, ${label}`);
+    assert.equal(digest(mine), digest(source), label);
+    assert.equal(allocatedBytes(mine), allocatedBytes(theirs), `allocated bytes, ${label}`);
+    assert.equal((await bothMaps(mine))[1], (await bothMaps(theirs))[1].replaceAll(theirs, mine), `map, ${label}`);
+  }
+});
+
+test("NBD raw export: block status sees holes as qemu-nbd does; TRIM and WRITE_ZEROES punch and allocate as qemu-nbd --discard=unmap", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "nbdsh") || !requireNativeFileOps(t)) return;
+  const dir = scratchDir(t);
+  const source = await sparseRaw(dir, "served.raw");
+  const theirs = await sparseRaw(dir, "qemu.raw"); // made the same way: a copy would fill holes (copyFileSync) or punch zero blocks (cp)
+  const ourServer = await startNbd(t, "snapstack", dir, source, { args: ["-t", "-f", "raw", "--discard=unmap"] });
+  const theirServer = await startNbd(t, "qemu-nbd", dir, theirs, { args: ["-t", "-f", "raw", "--discard=unmap"] });
+  const maps = await Promise.all([ourServer, theirServer].map(async (server) => (await runOk("nbdinfo", ["--map", "--json", server.uri])).stdout));
+  assert.equal(maps[0], maps[1]);
+  assert.match(maps[0], /"type": 3/);
+  const script = `
+h.trim(1048576, 1048576)
+h.zero(524288, 5242880, nbd.CMD_FLAG_NO_HOLE)
+h.zero(1048576, 5767168)
+h.flush()
+`;
+  for (const server of [ourServer, theirServer]) await runOk("nbdsh", ["-u", server.uri, "-c", script]);
+  assert.equal(digest(source), digest(theirs));
+  assert.equal(allocatedBytes(source), allocatedBytes(theirs));
+  const after = await Promise.all([ourServer, theirServer].map(async (server) => (await runOk("nbdinfo", ["--map", "--json", server.uri])).stdout));
+  assert.equal(after[0], after[1]);
+});
