@@ -9,8 +9,9 @@
  * - `wipe` overwrites the file's bytes with zeroes (chunks that already
  *   read as zero, such as holes, are skipped so sparse files stay sparse)
  *   and flushes before the file is unlinked, so the data is not left in
- *   the freed blocks for the next file to allocate. Node has no
- *   fallocate(PUNCH_HOLE), so zeroes are written.
+ *   the freed blocks. Zeroes are written, never a hole punched: a
+ *   punched block goes back to the file system holding its old bytes,
+ *   which is what removing the file without a wipe already does.
  * - The directory is synced after the unlink.
  * - Refused, with nothing touched (E_IN_USE unless said otherwise):
  *   - a file another image uses, as backing file or as external data file;

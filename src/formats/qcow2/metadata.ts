@@ -200,7 +200,9 @@ export class Qcow2Metadata {
    * Wipe after delete: while set, every host cluster whose refcount drops to 0
    * is remembered, and overwritten with zeroes by completeWipes() or, if it is
    * allocated again before that, when it is allocated (so a partial write by
-   * its new owner cannot leave old bytes behind). Node cannot punch holes.
+   * its new owner cannot leave old bytes behind). Zeroing punches a hole
+   * where the file system can (the space returns to the host) and writes
+   * zero bytes otherwise (io/file.ts writeZeroBytes).
    */
   wipeFreedClusters = false;
   readonly #wipePending = new Set<number>();
@@ -1062,7 +1064,7 @@ export class Qcow2Metadata {
         const start = Math.max(hostOffset, cluster * cs);
         const stop = Math.min(hostOffset + streamBytes, (cluster + 1) * cs);
         if (stop > start) {
-          await writeZeroBytes(this.file, start, stop - start);
+          await writeZeroBytes(this.file, start, stop - start, "punch");
           wrote = true;
         }
       }
@@ -1070,7 +1072,7 @@ export class Qcow2Metadata {
     if (wrote) await this.file.flush();
   }
 
-  /** Zeroes over the given clusters (contiguous ones in one write each), never past the end of the file. */
+  /** Zeroes over the given clusters (contiguous ones in one call each; holes where possible), never past the end of the file. */
   async #writeZeroClusters(clusterIndexes: number[]): Promise<void> {
     const cs = this.clusterSizeBytes;
     const fileSizeBytes = await this.file.sizeBytes();
@@ -1080,7 +1082,7 @@ export class Qcow2Metadata {
       while (j < sorted.length && sorted[j] === sorted[j - 1] + 1) j++;
       const start = sorted[i] * cs;
       const end = Math.min((sorted[j - 1] + 1) * cs, fileSizeBytes);
-      if (end > start) await writeZeroBytes(this.file, start, end - start);
+      if (end > start) await writeZeroBytes(this.file, start, end - start, "punch");
       i = j;
     }
   }

@@ -4,9 +4,10 @@
  * create -o preallocation=falloc|full, resize --preallocation=falloc|full).
  * Refcount structures for the new space come first (qcow2_refcount_area),
  * the data clusters right after them, then the L2 entries (L2 tables
- * allocated first fit). `full` writes the zeroes; `falloc` extends the file
- * sparsely (Node has no fallocate), so its bytes are the same and its disk
- * use is not reserved. The caller writes the caches back.
+ * allocated first fit). `full` writes the zeroes; `falloc` allocates the
+ * file's new part without writing it (ImageFile.preallocate; sparse where
+ * the file system cannot), so its bytes are the same. The caller writes the
+ * caches back.
  */
 import { SnapstackError, assert } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
@@ -41,8 +42,10 @@ export async function preallocateData(file: ImageFile, meta: Qcow2Metadata, from
     for (let at = allocationStart; at < newFileSize; at += zeros.length) {
       await file.write(at, zeros.subarray(0, Math.min(zeros.length, newFileSize - at)));
     }
-  } else if ((await file.sizeBytes()) < newFileSize) {
-    await file.truncate(newFileSize);
+  } else {
+    // falloc: the file grows allocated (posix_fallocate, as qemu's file driver does), or sparse where that is unsupported.
+    const currentSize = await file.sizeBytes();
+    if (currentSize < newFileSize && (await file.preallocate?.(currentSize, newFileSize - currentSize)) !== true) await file.truncate(newFileSize);
   }
   let hostOffset = allocationStart;
   let guestCluster = fromGuestOffset / cs;
