@@ -21,21 +21,18 @@ let zeroChunk: Uint8Array | null = null;
 
 /**
  * Make [hostOffset, hostOffset + lengthBytes) of a file read as zeroes.
- * Without `how`, zero bytes are written, a chunk at a time. With it, the
- * part inside the file is zeroed in place first where the file can
- * (ImageFile.zeroInPlace: "punch" frees the space, "allocate" keeps it) and
- * bytes are written only for what that did not cover: a file system that
- * cannot, or the part past the file's end (which the write extends the file
- * to).
+ * - Without `how`: zero bytes are written, a chunk at a time (the file grows
+ *   to the range's end).
+ * - "allocate": zeroed in place, allocated (ImageFile.zeroInPlace; the file
+ *   grows as a write would), else written.
+ * - "punch": a hole (ImageFile.zeroInPlace), else zero bytes written over
+ *   the part inside the file; the file's size never changes (what lies past
+ *   its end reads as zeroes already).
  */
 export async function writeZeroBytes(file: ImageFile, hostOffset: number, lengthBytes: number, how?: ZeroInPlace): Promise<void> {
-  if (how !== undefined && file.zeroInPlace !== undefined && lengthBytes > 0) {
-    const insideEnd = Math.min(hostOffset + lengthBytes, await file.sizeBytes());
-    if (insideEnd > hostOffset && (await file.zeroInPlace(hostOffset, insideEnd - hostOffset, how))) {
-      lengthBytes -= insideEnd - hostOffset;
-      hostOffset = insideEnd;
-    }
-  }
+  if (lengthBytes <= 0) return;
+  if (how !== undefined && (await file.zeroInPlace?.(hostOffset, lengthBytes, how)) === true) return;
+  if (how === "punch") lengthBytes = Math.max(0, Math.min(lengthBytes, (await file.sizeBytes()) - hostOffset));
   zeroChunk ??= new Uint8Array(WRITE_ZEROES_CHUNK_BYTES);
   for (let done = 0; done < lengthBytes; ) {
     const chunk = zeroChunk.subarray(0, Math.min(lengthBytes - done, WRITE_ZEROES_CHUNK_BYTES));
@@ -90,11 +87,12 @@ export interface ImageFile {
    */
   discard(hostOffset: number, lengthBytes: number): Promise<void>;
   /**
-   * Optional: make [hostOffset, hostOffset + lengthBytes), inside the file,
-   * read as zeroes without writing them: "punch" deallocates the range (a
-   * hole: its space returns to the host), "allocate" keeps it allocated.
-   * Resolves false when the file system cannot; callers then write zeroes
-   * (writeZeroBytes does both).
+   * Optional: make [hostOffset, hostOffset + lengthBytes) read as zeroes
+   * without writing them: "punch" deallocates the range (a hole: its space
+   * returns to the host; the file's size does not change), "allocate" keeps
+   * it allocated (and grows the file to the range's end). Resolves false
+   * when the file system cannot; callers then write zeroes (writeZeroBytes
+   * does both).
    */
   zeroInPlace?(hostOffset: number, lengthBytes: number, how: ZeroInPlace): Promise<boolean>;
   /**

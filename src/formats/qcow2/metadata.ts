@@ -1072,17 +1072,20 @@ export class Qcow2Metadata {
     if (wrote) await this.file.flush();
   }
 
-  /** Zeroes over the given clusters (contiguous ones in one call each; holes where possible), never past the end of the file. */
+  /**
+   * Zeroes over the given clusters, contiguous ones in one call each: holes
+   * punched where possible (whole clusters, also a last one the file ends
+   * inside, as QEMU's discards do), else zero bytes up to the end of the
+   * file. The file never grows.
+   */
   async #writeZeroClusters(clusterIndexes: number[]): Promise<void> {
     const cs = this.clusterSizeBytes;
-    const fileSizeBytes = await this.file.sizeBytes();
     const sorted = [...clusterIndexes].sort((a, b) => a - b);
     for (let i = 0; i < sorted.length; ) {
       let j = i + 1;
       while (j < sorted.length && sorted[j] === sorted[j - 1] + 1) j++;
       const start = sorted[i] * cs;
-      const end = Math.min((sorted[j - 1] + 1) * cs, fileSizeBytes);
-      if (end > start) await writeZeroBytes(this.file, start, end - start, "punch");
+      await writeZeroBytes(this.file, start, (sorted[j - 1] + 1) * cs - start, "punch");
       i = j;
     }
   }
