@@ -693,18 +693,14 @@ function asSnapshotFailure(error: unknown): unknown {
   return error;
 }
 
-/** Run an operation that frees clusters, wiping them when asked, and leave everything on disk. */
+/** Run an operation that frees clusters (holes punched in them; wiped when asked) and leave everything on disk. */
 async function withFreeing<T>(meta: Qcow2Metadata, options: FreeingOptions, fn: () => Promise<T>): Promise<T> {
-  const wipeBefore = meta.wipeFreedClusters;
-  if (options.wipe === true) meta.wipeFreedClusters = true;
-  try {
+  return meta.whileFreeing(options, async () => {
     const result = await fn();
     await meta.writeCaches();
     await meta.completeWipes();
     return result;
-  } finally {
-    meta.wipeFreedClusters = wipeBefore;
-  }
+  });
 }
 
 /**
@@ -803,9 +799,7 @@ export async function applySnapshot(image: Qcow2Image, ref: string, options: Fre
   if (found < 0) throw notFound(image, ref);
   const meta = image.metadata;
   await validateSnapshotL1(meta, image.snapshots[found]);
-  const wipeBefore = meta.wipeFreedClusters;
-  if (options.wipe === true) meta.wipeFreedClusters = true;
-  try {
+  await meta.whileFreeing(options, async () => {
     // qcow2_snapshot_goto resizes first (what a shrink frees is wiped below too). Its +1 pass can
     // still fail after that (a refcount overflow), with the active data past the snapshot's size
     // gone: that failure is found before the resize here, so a refused apply changes nothing.
@@ -820,9 +814,7 @@ export async function applySnapshot(image: Qcow2Image, ref: string, options: Fre
       if (index < 0) throw notFound(image, ref);
       await withFreeing(meta, options, () => switchActiveL1(meta, snapshots[index], drainReads));
     });
-  } finally {
-    meta.wipeFreedClusters = wipeBefore;
-  }
+  });
 }
 
 /**

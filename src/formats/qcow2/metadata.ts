@@ -206,6 +206,18 @@ export class Qcow2Metadata {
    */
   wipeFreedClusters = false;
   readonly #wipePending = new Set<number>();
+  /**
+   * Discard passthrough (QEMU's pass-discard-request/-snapshot/-always: on
+   * for guest discards and unmapping zero writes, snapshot operations,
+   * emptying and shrinking; off for clusters a write replaces): while set,
+   * every host cluster whose refcount drops to 0 gets a hole punched by
+   * completeWipes (ImageFile.discard), unless it was allocated again
+   * before. Unlike a wipe, nothing is written where the file system cannot
+   * punch and nothing is flushed: a discarded cluster may read as anything.
+   * Set it with whileFreeing.
+   */
+  discardFreedClusters = false;
+  readonly #discardPending = new Set<number>();
   /** Every cluster whose refcount dropped to 0 while wiping, until completeWipes (zeroed whole, or reused whole: no partial wipe there). */
   readonly #droppedWhileWiping = new Set<number>();
   /**
@@ -659,7 +671,9 @@ export class Qcow2Metadata {
           this.#wipePending.add(clusterIndex);
           this.#droppedWhileWiping.add(clusterIndex);
         }
+        else if (refcount === 0 && this.discardFreedClusters) this.#discardPending.add(clusterIndex);
         else if (!decrease && this.#wipePending.size > 0 && this.#wipePending.delete(clusterIndex)) await this.#writeZeroClusters([clusterIndex]);
+        if (!decrease && this.#discardPending.size > 0) this.#discardPending.delete(clusterIndex);
         if (refcount === 0) {
           // A freed cluster may be reused for anything: stop packing compressed data into it.
           if (this.freeByteOffset !== 0 && Math.floor(this.freeByteOffset / cs) === clusterIndex) this.freeByteOffset = 0;
@@ -1005,20 +1019,49 @@ export class Qcow2Metadata {
   }
 
   /**
+   * Run `fn`, which frees clusters, with discard passthrough on and, with
+   * `wipe`, wiping on; both back to what they were afterwards. The caller
+   * runs completeWipes once the metadata that freed them is written.
+   */
+  async whileFreeing<T>(options: { wipe?: boolean }, fn: () => Promise<T>): Promise<T> {
+    const wipeBefore = this.wipeFreedClusters;
+    const discardBefore = this.discardFreedClusters;
+    if (options.wipe === true) this.wipeFreedClusters = true;
+    this.discardFreedClusters = true;
+    try {
+      return await fn();
+    } finally {
+      this.wipeFreedClusters = wipeBefore;
+      this.discardFreedClusters = discardBefore;
+    }
+  }
+
+  /**
    * Overwrite with zeroes every cluster freed while wipeFreedClusters was set
    * that is still free (clusters taken since by refcount structures were
-   * rewritten whole), then flush. Call after the metadata that dropped them
+   * rewritten whole), then flush; punch holes in those freed while
+   * discardFreedClusters was set. Call after the metadata that dropped them
    * is written (writeCaches).
    */
   async completeWipes(): Promise<void> {
     await this.#wipeDroppedCompressed();
     this.#droppedWhileWiping.clear();
+    if (this.#discardPending.size > 0) {
+      const cs = this.clusterSizeBytes;
+      const free = await this.#stillFree(this.#discardPending);
+      for (const [first, end] of clusterRuns(free)) await this.file.discard(first * cs, (end - first) * cs);
+    }
     if (this.#wipePending.size === 0) return;
-    const free: number[] = [];
-    for (const clusterIndex of this.#wipePending) if ((await this.getRefcount(clusterIndex)) === 0) free.push(clusterIndex);
-    this.#wipePending.clear();
-    await this.#writeZeroClusters(free);
+    await this.#writeZeroClusters(await this.#stillFree(this.#wipePending));
     await this.file.flush();
+  }
+
+  /** The clusters of `pending` whose refcount is 0, sorted; `pending` is emptied. */
+  async #stillFree(pending: Set<number>): Promise<number[]> {
+    const free: number[] = [];
+    for (const clusterIndex of pending) if ((await this.getRefcount(clusterIndex)) === 0) free.push(clusterIndex);
+    pending.clear();
+    return free.sort((a, b) => a - b);
   }
 
   /**
@@ -1080,14 +1123,7 @@ export class Qcow2Metadata {
    */
   async #writeZeroClusters(clusterIndexes: number[]): Promise<void> {
     const cs = this.clusterSizeBytes;
-    const sorted = [...clusterIndexes].sort((a, b) => a - b);
-    for (let i = 0; i < sorted.length; ) {
-      let j = i + 1;
-      while (j < sorted.length && sorted[j] === sorted[j - 1] + 1) j++;
-      const start = sorted[i] * cs;
-      await writeZeroBytes(this.file, start, (sorted[j - 1] + 1) * cs - start, "punch");
-      i = j;
-    }
+    for (const [first, end] of clusterRuns([...clusterIndexes].sort((a, b) => a - b))) await writeZeroBytes(this.file, first * cs, (end - first) * cs, "punch");
   }
 
   /** Highest host cluster index with a non-zero refcount (qcow2_get_last_cluster), or -1. */
@@ -1098,4 +1134,15 @@ export class Qcow2Metadata {
     }
     return -1;
   }
+}
+
+/** Runs of consecutive cluster indexes in a sorted list, as [first, end) pairs. */
+function clusterRuns(sorted: readonly number[]): Array<[number, number]> {
+  const runs: Array<[number, number]> = [];
+  for (const index of sorted) {
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last[1] === index) last[1] = index + 1;
+    else runs.push([index, index + 1]);
+  }
+  return runs;
 }

@@ -1790,7 +1790,10 @@ export class Qcow2Image implements BlockDevice {
     if (lengthBytes === 0) return;
     if (this.#beforeDataChange) await this.#prepareChange("guest data");
     this.#trackChange(guestOffset, lengthBytes);
-    await this.#mutate(guestOffset, lengthBytes, () => this.#locked(() => this.#zeroLocked(guestOffset, lengthBytes, options.unmap === true)));
+    const unmap = options.unmap === true;
+    // Unmapping frees clusters: their holes are punched at the next flush (completeWipes), as pass-discard-request.
+    const zero = (): Promise<void> => this.#zeroLocked(guestOffset, lengthBytes, unmap);
+    await this.#mutate(guestOffset, lengthBytes, () => this.#locked(() => (unmap ? this.#meta.whileFreeing({}, zero) : zero())));
   }
 
   /**
@@ -2064,7 +2067,8 @@ export class Qcow2Image implements BlockDevice {
     await this.#mutate(start, end - start, () =>
       this.#locked(async () => {
         await this.#markDirty();
-        await this.#discardClusters(start / cs, end / cs, false);
+        // The freed clusters' holes are punched at the next flush (completeWipes), as pass-discard-request.
+        await this.#meta.whileFreeing({}, () => this.#discardClusters(start / cs, end / cs, false));
         await this.#meta.trimCaches();
       }),
     );
@@ -2119,9 +2123,7 @@ export class Qcow2Image implements BlockDevice {
       const held = (await this.layerStatus(0, this.sizeBytes)).filter((extent) => extent.kind !== "unallocated");
       await this.#locked(async () => {
         await this.#markDirty();
-        const wipeBefore = this.#meta.wipeFreedClusters;
-        if (options.wipe === true) this.#meta.wipeFreedClusters = true;
-        try {
+        await this.#meta.whileFreeing(options, async () => {
           for (const extent of held) {
             const end = Math.ceil((extent.guestOffset + extent.lengthBytes) / cs);
             await this.#discardClusters(Math.floor(extent.guestOffset / cs), end, true);
@@ -2129,9 +2131,7 @@ export class Qcow2Image implements BlockDevice {
           }
           await this.#meta.writeCaches();
           await this.#meta.completeWipes();
-        } finally {
-          this.#meta.wipeFreedClusters = wipeBefore;
-        }
+        });
         await this.#file.flush();
         const fileSizeBytes = await this.#file.sizeBytes();
         const lastCluster = await this.#meta.lastUsedCluster(fileSizeBytes);
@@ -2335,7 +2335,7 @@ export class Qcow2Image implements BlockDevice {
         if (newSizeBytes < oldSize) {
           const firstCluster = Math.ceil(newSizeBytes / cs);
           const endCluster = Math.ceil(oldSize / cs);
-          await this.#discardClusters(firstCluster, endCluster, true);
+          await meta.whileFreeing({}, () => this.#discardClusters(firstCluster, endCluster, true));
           await meta.writeCaches();
           // qcow2_shrink_l1_table: zero the entries past the end and free their L2 tables.
           const keep = Math.max(newL1Entries, 0);

@@ -150,3 +150,40 @@ h.flush()
   const after = await Promise.all([ourServer, theirServer].map(async (server) => (await runOk("nbdinfo", ["--map", "--json", server.uri])).stdout));
   assert.equal(after[0], after[1]);
 });
+
+/** A 16 MiB qcow2 image (64 KiB clusters) with 8 MiB of data and an internal snapshot of the first 2 MiB, made by qemu-img. */
+async function qcow2WithData(dir: string, name: string): Promise<string> {
+  const path = join(dir, name);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", path, "16M"]), "qemu-img create");
+  ok(await qemuIo(["-c", "write -P 0x11 0 2M", path]), "qemu-io write");
+  ok(await qemuImg(["snapshot", "-c", "s1", path]), "qemu-img snapshot");
+  ok(await qemuIo(["-c", "write -P 0x22 2M 6M", path]), "qemu-io write");
+  return path;
+}
+
+test("qcow2: guest discards and unmapping zero writes punch the clusters they free, as qemu-io's do (shared clusters stay)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io") || !requireNativeFileOps(t)) return;
+  const dir = scratchDir(t);
+  const theirs = await qcow2WithData(dir, "qemu.qcow2");
+  const mine = await qcow2WithData(dir, "ours.qcow2");
+  // 0-1M is shared with the snapshot (nothing freed); 3-4M and 6M+ are not.
+  const commands = ["discard 0 1M", "discard 3M 1M", "write -z -u 6M 512k", "write -z 7M 512k", "discard 5M 4k"];
+  ok(await qemuIo([...commands.flatMap((command) => ["-c", command]), theirs]), "qemu-io");
+  ok(await snapstack(["io", ...commands.flatMap((command) => ["-c", command]), mine]), "snapstack io");
+  assert.equal(allocatedBytes(mine), allocatedBytes(theirs));
+  assert.ok(allocatedBytes(mine) < 8.5 * 1024 * 1024 - 1.5 * 1024 * 1024, `${allocatedBytes(mine)} bytes allocated: the freed 1.5 MiB is not`);
+  ok(await qemuImg(["check", mine]), "qemu-img check");
+  ok(await qemuImg(["compare", "-f", "qcow2", "-F", "qcow2", mine, theirs]), "qemu-img compare");
+});
+
+test("qcow2 NBD export with --discard=unmap: TRIM punches what it frees, as qemu-nbd's does", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdsh") || !requireNativeFileOps(t)) return;
+  const dir = scratchDir(t);
+  const theirs = await qcow2WithData(dir, "qemu.qcow2");
+  const mine = await qcow2WithData(dir, "ours.qcow2");
+  const ourServer = await startNbd(t, "snapstack", dir, mine, { args: ["-t", "-f", "qcow2", "--discard=unmap"] });
+  const theirServer = await startNbd(t, "qemu-nbd", dir, theirs, { args: ["-t", "-f", "qcow2", "--discard=unmap"] });
+  for (const server of [ourServer, theirServer]) await runOk("nbdsh", ["-u", server.uri, "-c", "h.trim(2097152, 2097152)\nh.zero(1048576, 6291456)\nh.flush()"]);
+  assert.equal(allocatedBytes(mine), allocatedBytes(theirs));
+  assert.ok(allocatedBytes(mine) < 8.5 * 1024 * 1024 - 3 * 1024 * 1024, `${allocatedBytes(mine)} bytes allocated: the freed 3 MiB is not`);
+});
