@@ -12,10 +12,10 @@
  *   compressed data and for anything not stored (unallocated, plain zero).
  * - Data stored past the end of a qcow2 layer's host file (QEMU leaves the
  *   last cluster short) is reported `zero: true, data: true`, as QEMU's
- *   protocol layer does. A raw layer's holes are zero (RawImage.layerStatus);
- *   holes in a qcow2 layer's host file under data clusters are not looked
- *   for yet, so there snapstack says `zero: false` where qemu-img may say
- *   true (preallocated images).
+ *   protocol layer does; so is data over a hole in the host file where QEMU
+ *   asks the file (BlockDevice.hostHoles: a qcow2 image QEMU's heuristic
+ *   takes for metadata-preallocated). A raw layer's holes are zero
+ *   (RawImage.layerStatus).
  * - Adjacent entries merge when depth, present, zero, data agree and either
  *   both lack an offset or the offsets are contiguous (entry_mergeable).
  * - Iterative: a stack of (layer, range) lookups replaces recursion, so
@@ -83,15 +83,24 @@ function hostFileSizeBytes(layer: BlockDevice): number | null {
   }
 }
 
-/** Split a data entry at the end of its host file: the part past EOF reads as zero. */
-function emitData(entry: MapExtent, fileSizeBytes: number | null, sink: (entry: MapExtent) => void): void {
-  if (fileSizeBytes === null || entry.offset === undefined || !entry.data || entry.offset + entry.length <= fileSizeBytes) {
+/**
+ * Split a data entry where its bytes read as zeroes from the host file: past
+ * the file's end, and in the holes its layer reports (BlockDevice.hostHoles,
+ * QEMU's BDRV_BLOCK_RECURSE). Those parts stay data, with `zero: true`.
+ */
+async function emitData(entry: MapExtent, layer: BlockDevice, fileSizeBytes: number | null, sink: (entry: MapExtent) => void): Promise<void> {
+  const offset = entry.offset;
+  if (fileSizeBytes === null || offset === undefined || !entry.data) {
     sink(entry);
     return;
   }
-  const inside = Math.max(0, fileSizeBytes - entry.offset);
-  if (inside > 0) sink({ ...entry, length: inside });
-  sink({ ...entry, start: entry.start + inside, length: entry.length - inside, offset: entry.offset + inside, zero: true });
+  const inside = Math.min(entry.length, Math.max(0, fileSizeBytes - offset));
+  if (inside > 0) {
+    const runs = (await layer.hostHoles?.(offset, inside)) ?? null;
+    if (runs === null) sink({ ...entry, length: inside });
+    else for (const run of runs) sink({ ...entry, start: entry.start + (run.hostOffset - offset), length: run.lengthBytes, offset: run.hostOffset, zero: run.hole });
+  }
+  if (inside < entry.length) sink({ ...entry, start: entry.start + inside, length: entry.length - inside, offset: offset + inside, zero: true });
 }
 
 /**
@@ -121,7 +130,7 @@ export async function walkChain(
       if (options.stop?.() === true) return;
       const task = stack.pop()!;
       if (task.kind === "emit") {
-        if (task.entry.data && task.entry.offset !== undefined) emitData(task.entry, fileSize(task.entry.depth), sink);
+        if (task.entry.data && task.entry.offset !== undefined) await emitData(task.entry, layers[task.entry.depth], fileSize(task.entry.depth), sink);
         else sink(task.entry);
         continue;
       }

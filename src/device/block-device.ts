@@ -8,6 +8,8 @@
  * throw E_OUT_OF_RANGE so a bad request never touches the file.
  */
 
+import type { FileRun } from "../io/file.ts";
+
 /** How one layer of a chain holds a guest range (qemu-img map, per layer). */
 export type LayerStatusKind =
   /** Not in this layer: the read falls through to the backing device (zeroes if none). */
@@ -78,6 +80,14 @@ export interface BlockDevice {
    * kind, compression and host contiguity agree.
    */
   layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]>;
+  /**
+   * Optional: the hole runs in [hostOffset, hostOffset + lengthBytes) of
+   * this layer's own file, under data the layer maps there, where QEMU's
+   * block status asks the file about such data (BDRV_BLOCK_RECURSE): holes
+   * there read as zeroes (map's `"zero": true, "data": true`). Null: QEMU
+   * would not ask, or holes cannot be seen; the data is data.
+   */
+  hostHoles?(hostOffset: number, lengthBytes: number): Promise<FileRun[] | null>;
   /** Close this device and, if it owns it, its backing chain. Idempotent. */
   close(): Promise<void>;
 }

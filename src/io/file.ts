@@ -108,6 +108,8 @@ export interface ImageFile {
    * cover it. Null when holes cannot be seen: treat it all as data.
    */
   holes?(hostOffset: number, lengthBytes: number): Promise<FileRun[] | null>;
+  /** Optional: bytes the file occupies on the host (st_blocks * 512, what QEMU's file driver reports). */
+  allocatedBytes?(): Promise<number>;
   close(): Promise<void>;
 }
 

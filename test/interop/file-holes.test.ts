@@ -187,3 +187,21 @@ test("qcow2 NBD export with --discard=unmap: TRIM punches what it frees, as qemu
   assert.equal(allocatedBytes(mine), allocatedBytes(theirs));
   assert.ok(allocatedBytes(mine) < 8.5 * 1024 * 1024 - 3 * 1024 * 1024, `${allocatedBytes(mine)} bytes allocated: the freed 3 MiB is not`);
 });
+
+test("qcow2 that looks metadata-preallocated: data over holes in the file is zero in map and NBD block status, as qemu-img and qemu-nbd say", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo") || !requireNativeFileOps(t)) return;
+  const dir = scratchDir(t);
+  const path = join(dir, "prealloc.qcow2");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", path, "8M"]), "create");
+  ok(await qemuIo(["-c", "write -P 0x44 1M 64k", "-c", "write -P 0x45 3M 4k", path]), "qemu-io");
+  const ours = ok(await snapstack(["img", "map", "--output=json", path]), "snapstack img map").stdout;
+  assert.equal(ours, ok(await qemuImg(["map", "--output=json", path]), "qemu-img map").stdout);
+  assert.match(ours, /"zero": true, "data": true/);
+  const maps = [];
+  for (const which of ["snapstack", "qemu-nbd"] as const) {
+    const server = await startNbd(t, which, dir, path, { args: ["-r", "-f", "qcow2"] });
+    maps.push((await runOk("nbdinfo", ["--map", "--json", server.uri])).stdout);
+  }
+  assert.equal(maps[0], maps[1]);
+  assert.match(maps[0], /"type": 2/);
+});

@@ -55,7 +55,7 @@
  */
 import { SnapstackError, assert, isSnapstackError, settleAll, withSecondFailure } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/block-device.ts";
-import { WRITE_SYNC_BYTES_MAX, writeZeroBytes, type ImageFile } from "../../io/file.ts";
+import { WRITE_SYNC_BYTES_MAX, writeZeroBytes, type FileRun, type ImageFile } from "../../io/file.ts";
 import { isAllZero } from "../../io/io-buffer.ts";
 import { WriteBehind } from "../../io/write-behind.ts";
 import {
@@ -1085,6 +1085,22 @@ export class Qcow2Image implements BlockDevice {
     } finally {
       this.#readGate.leave(epoch);
     }
+  }
+
+  /** QEMU's s->metadata_preallocation, decided at the first hostHoles call (its metadata_preallocation_checked). */
+  #metadataPreallocated: Promise<boolean> | null = null;
+
+  /**
+   * BlockDevice.hostHoles. QEMU asks the file under data clusters only in an
+   * image it takes for metadata-preallocated (qcow2_co_block_status sets
+   * BDRV_BLOCK_RECURSE when s->metadata_preallocation), decided once per
+   * open image by detectMetadataPreallocation.
+   */
+  async hostHoles(hostOffset: number, lengthBytes: number): Promise<FileRun[] | null> {
+    const file = this.#file;
+    if (file.holes === undefined || file.allocatedBytes === undefined) return null;
+    this.#metadataPreallocated ??= this.#locked(() => detectMetadataPreallocation(this.#meta, file));
+    return (await this.#metadataPreallocated) ? file.holes(hostOffset, lengthBytes) : null;
   }
 
   async layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]> {
@@ -2750,4 +2766,25 @@ function readEntryWord(entry: L2Entry, clusterBits: number): bigint {
       return encodeL2Entry({ type: "compressed", hostOffset: entry.hostOffset, compressedBytes: sectors * 512 - (entry.hostOffset % 512) }, clusterBits);
     }
   }
+}
+
+/**
+ * qcow2_detect_metadata_preallocation (QEMU 7.2): whether the clusters in use
+ * (refcount > 0, counted in file order until the threshold is reached)
+ * outnumber the clusters the file occupies on the host, `real`, by the
+ * threshold max(real * 10 / 9, real + 2). A preallocated image maps clusters
+ * it never wrote, which are holes in the file; QEMU then looks for holes
+ * under data in block status.
+ */
+async function detectMetadataPreallocation(meta: Qcow2Metadata, file: ImageFile): Promise<boolean> {
+  const cs = meta.clusterSizeBytes;
+  const realClusters = Math.floor((await file.allocatedBytes!()) / cs);
+  const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+  const endCluster = Math.ceil((await file.sizeBytes()) / cs);
+  let inUse = 0;
+  for (let cluster = 0; cluster < endCluster && inUse < threshold; cluster++) {
+    // Synchronous while the refcount block is cached: an await per cluster would cost a microtask each.
+    if ((meta.peekRefcount(cluster) ?? (await meta.getRefcount(cluster))) !== 0) inUse++;
+  }
+  return inUse >= threshold;
 }
