@@ -142,7 +142,7 @@ test("WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE), CACHE: simple success r
   assert.ok(onDevice.subarray(100).equals(Buffer.alloc(3996, 0x5a)));
 });
 
-test("WRITE_ZEROES with FAST_ZERO on a raw device: ENOTSUP (zeroing would write data)", async (t) => {
+test("WRITE_ZEROES with FAST_ZERO on a raw device whose file cannot zero in place (an in-memory file): ENOTSUP (zeroing would write data)", async (t) => {
   const { client } = await setup(t);
   client.sendRequest({ type: WRITE_ZEROES, flags: FAST_ZERO, cookie: 1n, offset: 0, length: 65536 });
   await expectError(client, ENOTSUP);

@@ -16,9 +16,10 @@
  *   else does nothing: writing zeroes for a discard would allocate space
  *   (mkfs discards the whole disk), and NBD trim and qemu's "discard" let
  *   the range keep its old contents.
- * - writeZeroes zeroes in place (io/file.ts writeZeroBytes): a hole when
+^ * - writeZeroes zeroes in place (io/file.ts writeZeroBytes): a hole when
  *   the caller allows unmapping (NBD without NO_HOLE, qemu-io -u), else an
- *   allocated zero range (fallocate ZERO_RANGE), else written zero bytes.
+ *   allocated zero range (fallocate ZERO_RANGE), else written zero bytes;
+ *   so zeroes are fast (NBD's FAST_ZERO is taken) only with the addon.
  * - Preallocation: "off" truncates and, on a file that was empty, writes
  *   the first 4 KiB (512 bytes if smaller) as qemu's allocate_first_block
  *   does, so `map` shows the same; "falloc" allocates with fallocate (zero
@@ -29,6 +30,7 @@ import type { BlockDevice, LayerExtent, WriteZeroesOptions } from "../../device/
 import { writeZeroBytes, type ImageFile } from "../../io/file.ts";
 import { WriteBehind } from "../../io/write-behind.ts";
 import { createNodeFile, openNodeFile, syncDirectory } from "../../io/node-file.ts";
+import { nativeFileOpsLoaded } from "../../io/native-file-ops.ts";
 import { dirname } from "node:path";
 
 export const RAW_SECTOR_BYTES = 512;
@@ -105,6 +107,15 @@ export class RawImage implements BlockDevice {
     this.#checkWritable("write zeroes");
     checkDeviceRange(this, guestOffset, lengthBytes);
     await writeZeroBytes(this.file, guestOffset, lengthBytes, options?.unmap === true ? "punch" : "allocate");
+  }
+
+  /**
+   * BlockDevice.zeroesAreFast: with the native addon zeroes are made in
+   * place (fallocate), whatever the range, as qemu's file driver answers
+   * NBD's FAST_ZERO; without it they are written, which is not fast.
+   */
+  zeroesAreFast(_guestOffset: number, _lengthBytes: number): boolean {
+    return this.file.zeroInPlace !== undefined && nativeFileOpsLoaded();
   }
 
   /** A hole where the file system can punch one (see the design notes). */
