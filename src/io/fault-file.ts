@@ -34,8 +34,9 @@
  *   keeps what it had flushed before that moment plus a random subset of
  *   its later writes (`CrashReplay.crashAfter` per file).
  * - Not modelled: lost flushes (a flush that returns but did not persist),
- *   misdirected writes, bit rot. discard is a no-op that reads back
- *   unchanged, as MemoryFile and NodeFile do.
+ *   misdirected writes, bit rot.
+ * - discard zeroes the range inside the file, as a punched hole reads, and
+ *   is volatile like a write (see discard).
  */
 import { SnapstackError, assert } from "../base/errors.ts";
 import type { ImageFile } from "./file.ts";
@@ -280,9 +281,16 @@ export class FaultFile implements ImageFile {
     this.#record({ kind: "flush" });
   }
 
+  /**
+   * A punched hole, modelled as a write of zeroes over the part inside the
+   * file: it counts as a write (it can fail, and be the crash point), and is
+   * volatile until the next flush, so a crash may keep it, wholly or in
+   * part, and lose metadata written before it, as a file system may.
+   */
   async discard(hostOffset: number, lengthBytes: number): Promise<void> {
     this.#checkAlive("discard");
-    await this.#inner.discard(hostOffset, lengthBytes);
+    const end = Math.min(hostOffset + lengthBytes, await this.#inner.sizeBytes());
+    if (end > hostOffset) await this.write(hostOffset, new Uint8Array(end - hostOffset));
   }
 
   async close(): Promise<void> {

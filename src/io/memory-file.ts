@@ -1,7 +1,7 @@
 /**
  * A growable in-memory ImageFile for tests. Storage doubles as the file
- * grows; `sizeBytes` is the logical length. discard is a no-op (the contract
- * allows anything to read back), matching NodeFile.
+ * grows; `sizeBytes` is the logical length. discard zeroes the range inside
+ * the file, as a hole NodeFile punches reads back.
  */
 import { SnapstackError, assert } from "../base/errors.ts";
 import type { ImageFile } from "./file.ts";
@@ -102,6 +102,8 @@ export class MemoryFile implements ImageFile {
   async discard(hostOffset: number, lengthBytes: number): Promise<void> {
     assert(hostOffset >= 0 && lengthBytes >= 0, "discard range is non-negative");
     this.#checkWritable("discard");
+    const end = Math.min(hostOffset + lengthBytes, this.#lengthBytes);
+    if (end > hostOffset) this.#storage.fill(0, hostOffset, end);
   }
 
   async close(): Promise<void> {

@@ -277,7 +277,7 @@ function contains(haystack: Uint8Array, needle: Uint8Array): boolean {
 }
 
 for (const wipe of [false, true]) {
-  test(`delete${wipe ? " --wipe leaves no byte" : " without wipe leaves the bytes"} of the deleted data in the file`, async () => {
+  test(`delete${wipe ? " --wipe" : " without wipe (a discard: MemoryFile reads it back as zeroes, as a punched hole)"} leaves no byte of the deleted data in the file`, async () => {
     const { file, image } = await fresh();
     const secret = createRandom(42).bytes(64 * KiB);
     await image.write(128 * KiB, secret);
@@ -286,7 +286,7 @@ for (const wipe of [false, true]) {
     await image.flush();
     assert.ok(contains(file.contents(), secret.subarray(1000, 5000)), "the snapshot keeps the secret");
     await image.deleteSnapshot("s", { wipe });
-    assert.equal(contains(file.contents(), secret.subarray(1000, 5000)), !wipe);
+    assert.ok(!contains(file.contents(), secret.subarray(1000, 5000)));
     await assertClean(image, file, "after delete");
     await image.close();
   });

@@ -1041,7 +1041,10 @@ export class Qcow2Metadata {
    * that is still free (clusters taken since by refcount structures were
    * rewritten whole), then flush; punch holes in those freed while
    * discardFreedClusters was set. Call after the metadata that dropped them
-   * is written (writeCaches).
+   * is written (writeCaches, which flushes after each table cache): a crash
+   * must not leave a table on disk that maps a punched or zeroed cluster.
+   * The crash tests check this order (FaultFile models a punch as a
+   * volatile write of zeroes).
    */
   async completeWipes(): Promise<void> {
     await this.#wipeDroppedCompressed();
