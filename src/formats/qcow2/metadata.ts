@@ -1059,6 +1059,11 @@ export class Qcow2Metadata {
     await this.file.flush();
   }
 
+  /** Clusters freed with discard passthrough whose holes completeWipes has yet to punch. */
+  get discardsPending(): number {
+    return this.#discardPending.size;
+  }
+
   /** The clusters of `pending` whose refcount is 0, sorted; `pending` is emptied. */
   async #stillFree(pending: Set<number>): Promise<number[]> {
     const free: number[] = [];

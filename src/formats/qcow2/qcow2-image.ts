@@ -302,6 +302,9 @@ const RESOLVED_FILE = 1;
 const RESOLVED_ZERO = 2;
 
 
+/** Freed clusters whose holes guest discards may leave for the next flush (Qcow2Image.#punchPendingWhenMany). */
+const DISCARDS_PENDING_MAX = 65536;
+
 /** Largest virtual size we accept for a guest request offset (2^53, JS safe integers). */
 const GUEST_OFFSET_MAX = Number.MAX_SAFE_INTEGER;
 
@@ -1809,7 +1812,23 @@ export class Qcow2Image implements BlockDevice {
     const unmap = options.unmap === true;
     // Unmapping frees clusters: their holes are punched at the next flush (completeWipes), as pass-discard-request.
     const zero = (): Promise<void> => this.#zeroLocked(guestOffset, lengthBytes, unmap);
-    await this.#mutate(guestOffset, lengthBytes, () => this.#locked(() => (unmap ? this.#meta.whileFreeing({}, zero) : zero())));
+    const zeroUnmapping = async (): Promise<void> => {
+      await this.#meta.whileFreeing({}, zero);
+      await this.#punchPendingWhenMany();
+    };
+    await this.#mutate(guestOffset, lengthBytes, () => this.#locked(() => (unmap ? zeroUnmapping() : zero())));
+  }
+
+  /**
+   * Guest discards leave their holes to the next flush; a guest that trims
+   * a large disk without flushing (blkdiscard) would pile up one entry per
+   * freed cluster meanwhile: past DISCARDS_PENDING_MAX they are punched at
+   * once, after the tables that freed them are written.
+   */
+  async #punchPendingWhenMany(): Promise<void> {
+    if (this.#meta.discardsPending < DISCARDS_PENDING_MAX) return;
+    await this.#meta.writeCaches();
+    await this.#meta.completeWipes();
   }
 
   /**
@@ -2085,6 +2104,7 @@ export class Qcow2Image implements BlockDevice {
         await this.#markDirty();
         // The freed clusters' holes are punched at the next flush (completeWipes), as pass-discard-request.
         await this.#meta.whileFreeing({}, () => this.#discardClusters(start / cs, end / cs, false));
+        await this.#punchPendingWhenMany();
         await this.#meta.trimCaches();
       }),
     );
