@@ -55,3 +55,22 @@ test("a guest that discards many clusters without flushing gets them punched at 
   assert.equal(sectorsMarked(file, 0xd4), 0, "punched without a flush");
   await image.close();
 });
+
+test("overlapping freeing operations leave discard passthrough off afterwards, whatever order they end in", async () => {
+  const file = new MemoryFile({ name: "o.qcow2" });
+  await createQcow2(file, { sizeBytes: 8 * MiB, clusterSizeBytes: 4 * KiB });
+  const image = await openQcow2(file, { readOnly: false, backing: null });
+  const meta = image.metadata;
+  // B (a guest discard holding the lock) starts first, A (a snapshot apply waiting for it) second; B ends first.
+  let releaseB!: () => void;
+  const bGate = new Promise<void>((resolve) => (releaseB = resolve));
+  const b = meta.whileFreeing({}, () => bGate);
+  const a = meta.whileFreeing({ wipe: true }, async () => {
+    releaseB();
+    await b;
+    assert.equal(meta.discardFreedClusters, true, "A still frees");
+  });
+  await a;
+  assert.equal(meta.discardFreedClusters, false);
+  await image.close();
+});

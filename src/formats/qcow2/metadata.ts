@@ -202,10 +202,19 @@ export class Qcow2Metadata {
    * allocated again before that, when it is allocated (so a partial write by
    * its new owner cannot leave old bytes behind). Zeroing punches a hole
    * where the file system can (the space returns to the host) and writes
-   * zero bytes otherwise (io/file.ts writeZeroBytes).
+   * zero bytes otherwise (io/file.ts writeZeroBytes). Set for a whole
+   * session (commit's base) here, or for one operation with whileFreeing.
    */
   wipeFreedClusters = false;
   readonly #wipePending = new Set<number>();
+  /**
+   * Operations inside whileFreeing, without and with wipe. Counters, not
+   * saved and restored flags: operations overlap (a guest discard holds the
+   * metadata lock while a snapshot apply waits for it inside whileFreeing),
+   * and a restore in the wrong order would leave a flag set for good.
+   */
+  #freeingDepth = 0;
+  #wipingDepth = 0;
   /**
    * Discard passthrough (QEMU's pass-discard-request/-snapshot/-always: on
    * for guest discards and unmapping zero writes, snapshot operations,
@@ -214,9 +223,17 @@ export class Qcow2Metadata {
    * completeWipes (ImageFile.discard), unless it was allocated again
    * before. Unlike a wipe, nothing is written where the file system cannot
    * punch and nothing is flushed: a discarded cluster may read as anything.
-   * Set it with whileFreeing.
+   * On inside whileFreeing.
    */
-  discardFreedClusters = false;
+  get discardFreedClusters(): boolean {
+    return this.#freeingDepth > 0;
+  }
+
+  /** Wiping freed clusters: for the session (wipeFreedClusters) or inside whileFreeing({ wipe: true }). */
+  get #wiping(): boolean {
+    return this.wipeFreedClusters || this.#wipingDepth > 0;
+  }
+
   readonly #discardPending = new Set<number>();
   /** Every cluster whose refcount dropped to 0 while wiping, until completeWipes (zeroed whole, or reused whole: no partial wipe there). */
   readonly #droppedWhileWiping = new Set<number>();
@@ -667,7 +684,7 @@ export class Qcow2Metadata {
         setRefcount(block.bytes, blockIndex, this.geometry.refcountOrder, refcount);
         markDirty(block, refcountByteOffset(blockIndex, this.geometry.refcountOrder), refcountEntryBytes(this.geometry.refcountOrder));
         if (!decrease) this.overlap.noteFileEnd(clusterOffset + cs);
-        if (refcount === 0 && this.wipeFreedClusters) {
+        if (refcount === 0 && this.#wiping) {
           this.#wipePending.add(clusterIndex);
           this.#droppedWhileWiping.add(clusterIndex);
         }
@@ -1020,19 +1037,18 @@ export class Qcow2Metadata {
 
   /**
    * Run `fn`, which frees clusters, with discard passthrough on and, with
-   * `wipe`, wiping on; both back to what they were afterwards. The caller
-   * runs completeWipes once the metadata that freed them is written.
+   * `wipe`, wiping on, for as long as it runs (see #freeingDepth). The
+   * caller runs completeWipes once the metadata that freed them is written.
    */
   async whileFreeing<T>(options: { wipe?: boolean }, fn: () => Promise<T>): Promise<T> {
-    const wipeBefore = this.wipeFreedClusters;
-    const discardBefore = this.discardFreedClusters;
-    if (options.wipe === true) this.wipeFreedClusters = true;
-    this.discardFreedClusters = true;
+    const wipe = options.wipe === true;
+    this.#freeingDepth++;
+    if (wipe) this.#wipingDepth++;
     try {
       return await fn();
     } finally {
-      this.wipeFreedClusters = wipeBefore;
-      this.discardFreedClusters = discardBefore;
+      this.#freeingDepth--;
+      if (wipe) this.#wipingDepth--;
     }
   }
 
@@ -1078,7 +1094,7 @@ export class Qcow2Metadata {
    * reference: completeWipes zeroes its bytes if no tree maps it then.
    */
   noteCompressedDrop(guestCluster: number, hostOffset: number, readBytes: number): void {
-    if (this.wipeFreedClusters && this.compressedDataMapped !== null) this.#compressedDrops.set(hostOffset, [guestCluster, readBytes]);
+    if (this.#wiping && this.compressedDataMapped !== null) this.#compressedDrops.set(hostOffset, [guestCluster, readBytes]);
   }
 
   /**
