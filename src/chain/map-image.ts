@@ -94,11 +94,15 @@ async function emitData(entry: MapExtent, layer: BlockDevice, fileSizeBytes: num
     sink(entry);
     return;
   }
-  const inside = Math.min(entry.length, Math.max(0, fileSizeBytes - offset));
+  let inside = Math.min(entry.length, Math.max(0, fileSizeBytes - offset));
   if (inside > 0) {
     const runs = (await layer.hostHoles?.(offset, inside)) ?? null;
     if (runs === null) sink({ ...entry, length: inside });
-    else for (const run of runs) sink({ ...entry, start: entry.start + (run.hostOffset - offset), length: run.lengthBytes, offset: run.hostOffset, zero: run.hole });
+    else {
+      for (const run of runs) sink({ ...entry, start: entry.start + (run.hostOffset - offset), length: run.lengthBytes, offset: run.hostOffset, zero: run.hole });
+      // Runs end at the file's end as it is now: if it shrank since its size was read, the rest is past it.
+      inside = runs.reduce((sum, run) => sum + run.lengthBytes, 0);
+    }
   }
   if (inside < entry.length) sink({ ...entry, start: entry.start + inside, length: entry.length - inside, offset: offset + inside, zero: true });
 }

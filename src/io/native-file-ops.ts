@@ -17,7 +17,9 @@
  *   falls back per call. Any other errno is thrown as a system error for
  *   the caller's fromSystemError (which names the file).
  * - Synchronous on the calling thread: each call changes or reads extent
- *   metadata only (no data is copied), microseconds to a few milliseconds.
+ *   metadata only (no data is copied), usually microseconds to a few
+ *   milliseconds; NodeFile splits large ranges so that one call cannot hold
+ *   the event loop for long (a punch over many extents costs more).
  * - Loaded on first use, not at import: most commands never need it.
  */
 import { createRequire } from "node:module";
@@ -84,9 +86,14 @@ export function punchHole(fd: number, offset: number, length: number): boolean {
   return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
 }
 
-/** Make [offset, offset + length) read as zeroes, allocated (extends the file if it ends beyond). False when unsupported. */
+/**
+ * Make [offset, offset + length) read as zeroes, allocated (extends the file
+ * if it ends beyond): FALLOC_FL_ZERO_RANGE, or where the file system lacks it
+ * (tmpfs) a punched hole allocated again, as qemu's file driver falls back.
+ * False when neither works.
+ */
 export function zeroRange(fd: number, offset: number, length: number): boolean {
-  return fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length);
+  return fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length) || (punchHole(fd, offset, length) && preallocate(fd, offset, length));
 }
 
 /** Allocate [offset, offset + length) without writing it (reads as zeroes where it was a hole; extends the file). False when unsupported. */
@@ -118,9 +125,14 @@ export function fileRuns(fd: number, offset: number, length: number, fileSizeByt
     const dataStart = data < 0 ? end : Math.min(data, end);
     push(at, dataStart, true);
     if (dataStart >= end) break;
+    // ENXIO here: the file shrank since its size was read; what is gone reads as zeroes (a hole).
     const hole = ops.seek(fd, dataStart, SEEK_HOLE);
-    if (hole < 0) throw systemError(hole, "lseek(SEEK_HOLE)");
-    const dataEnd = Math.min(hole, end);
+    if (hole < 0 && getSystemErrorName(hole) !== "ENXIO") throw systemError(hole, "lseek(SEEK_HOLE)");
+    const dataEnd = hole < 0 ? dataStart : Math.min(hole, end);
+    if (dataEnd === dataStart) {
+      push(dataStart, end, true);
+      break;
+    }
     push(dataStart, dataEnd, false);
     at = dataEnd;
   }

@@ -52,6 +52,9 @@ import { fileRuns, preallocate, punchHole, zeroRange } from "./native-file-ops.t
 
 export type NodeFileIoMode = "sync" | "async" | "auto" | "small-async";
 
+/** Largest range one fallocate call covers (NodeFile.#fallocate). */
+const FALLOCATE_CHUNK_BYTES = 1 << 30;
+
 /**
  * In "auto" mode, requests of at least this many bytes go to the thread pool
  * (they overlap when several are in flight, and do not block the event loop
@@ -267,7 +270,7 @@ export class NodeFile implements ImageFile {
   async discard(hostOffset: number, lengthBytes: number): Promise<void> {
     assert(hostOffset >= 0 && lengthBytes >= 0, "discard range is non-negative");
     if (this.readOnly) throw new SnapstackError("E_READ_ONLY", `${this.name}: cannot discard: opened read-only`, { path: this.name });
-    this.#fallocate("discard", hostOffset, lengthBytes, punchHole);
+    await this.#fallocate("discard", hostOffset, lengthBytes, punchHole);
   }
 
   async zeroInPlace(hostOffset: number, lengthBytes: number, how: ZeroInPlace): Promise<boolean> {
@@ -280,13 +283,25 @@ export class NodeFile implements ImageFile {
     return this.#fallocate("preallocate", hostOffset, lengthBytes, preallocate);
   }
 
-  #fallocate(action: string, hostOffset: number, lengthBytes: number, call: (fd: number, offset: number, length: number) => boolean): boolean {
-    const fd = this.#openFd(action);
-    try {
-      return call(fd, hostOffset, lengthBytes);
-    } catch (error) {
-      throw fromSystemError(error, this.name, `${action} ${lengthBytes} bytes at offset ${hostOffset}`);
-    }
+  /**
+   * One fallocate call per FALLOCATE_CHUNK_BYTES, with a turn of the event
+   * loop between them (other clients' requests run); false as soon as one
+   * is unsupported (the first, in practice: nothing was changed then).
+   */
+  async #fallocate(action: string, hostOffset: number, lengthBytes: number, call: (fd: number, offset: number, length: number) => boolean): Promise<boolean> {
+    let done = 0;
+    do {
+      if (done > 0) await new Promise<void>((resolve) => setImmediate(resolve));
+      const fd = this.#openFd(action);
+      const chunk = Math.min(lengthBytes - done, FALLOCATE_CHUNK_BYTES);
+      try {
+        if (!call(fd, hostOffset + done, chunk)) return false;
+      } catch (error) {
+        throw fromSystemError(error, this.name, `${action} ${lengthBytes} bytes at offset ${hostOffset}`);
+      }
+      done += chunk;
+    } while (done < lengthBytes);
+    return true;
   }
 
   async holes(hostOffset: number, lengthBytes: number): Promise<FileRun[] | null> {

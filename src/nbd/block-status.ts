@@ -146,7 +146,11 @@ export interface ReadRun {
   hole: boolean;
 }
 
-/** Every range of `device` reads as data (a raw file: snapstack cannot see its holes). */
+/**
+ * READs of `device` are sent as data whole: a raw file, whose holes block
+ * status reports but a READ does not look for (an fstat and two lseeks per
+ * READ; qemu-nbd sends them as holes, the bytes are the same zeroes).
+ */
 export function alwaysData(device: BlockDevice): boolean {
   return device.backing === null && device.format === "raw";
 }
@@ -154,7 +158,7 @@ export function alwaysData(device: BlockDevice): boolean {
 /**
  * Split a read into data runs and hole runs (ranges that read as zeroes:
  * qemu-nbd's nbd_co_send_sparse_read sends BDRV_BLOCK_ZERO ranges as holes).
- * Devices whose status is always "data" (raw files) need no walk.
+ * Raw files need no walk (alwaysData).
  */
 export async function readRuns(device: BlockDevice, guestOffset: number, lengthBytes: number): Promise<ReadRun[]> {
   if (alwaysData(device)) return [{ guestOffset, lengthBytes, hole: false }];

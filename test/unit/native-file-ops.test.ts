@@ -8,13 +8,15 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { statSync } from "node:fs";
+import { mkdtempSync, rmSync, statSync, statfsSync } from "node:fs";
 import { join } from "node:path";
 import { isSnapstackError } from "../../src/base/errors.ts";
 import { writeZeroBytes } from "../../src/io/file.ts";
 import { createNodeFile, openNodeFile, type NodeFile } from "../../src/io/node-file.ts";
 import { requireNativeFileOps, scratchDir } from "../helpers/tools.ts";
 
+/** statfs f_type of tmpfs. */
+const TMPFS_MAGIC = 0x01021994;
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
@@ -169,4 +171,28 @@ test("SNAPSTACK_NATIVE=0: no holes seen, nothing punched, zeroes written instead
     console.log(JSON.stringify({ loaded: nativeFileOpsLoaded(), holes, punched, kept: [...new Set(bytes.subarray(4096, 8192))], zeroed: [...new Set(bytes.subarray(8192, 12288))] }));`;
   const output = execFileSync(process.execPath, ["--input-type=module", "-e", script], { cwd: join(import.meta.dirname, "../.."), env: { ...process.env, SNAPSTACK_NATIVE: "0" } });
   assert.deepEqual(JSON.parse(output.toString()), { loaded: false, holes: null, punched: false, kept: [7], zeroed: [0] });
+});
+
+test("zeroInPlace('allocate') on tmpfs, which lacks FALLOC_FL_ZERO_RANGE: a punched hole allocated again, as qemu falls back", async (t) => {
+  if (!requireNativeFileOps(t)) return;
+  let dir: string;
+  try {
+    if (statfsSync("/dev/shm").type !== TMPFS_MAGIC) throw new Error("not tmpfs");
+    dir = mkdtempSync("/dev/shm/snapstack-test-");
+  } catch {
+    t.skip("no tmpfs at /dev/shm");
+    return;
+  }
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const path = join(dir, "zero");
+  const file = await createNodeFile(path);
+  try {
+    await file.write(0, new Uint8Array(1 * MiB).fill(7));
+    assert.equal(await file.zeroInPlace(256 * KiB, 256 * KiB, "allocate"), true);
+    assert.equal(allocatedBytes(path), 1 * MiB, "still allocated");
+    assert.deepEqual(await readBack(file, 256 * KiB, 256 * KiB), new Uint8Array(256 * KiB));
+    assert.deepEqual(await readBack(file, 512 * KiB, 4 * KiB), new Uint8Array(4 * KiB).fill(7));
+  } finally {
+    await file.close();
+  }
 });
