@@ -57,7 +57,7 @@ test("buildQemuArgs: no defaults, q35 with the accelerator, memory and CPUs, QMP
   assert.equal(args.includes("-S"), false);
 });
 
-test("buildQemuArgs: each disk an nbd blockdev on the Unix socket under virtio-blk with a write cache; the first disk boots", () => {
+test("buildQemuArgs: each disk an nbd blockdev on the Unix socket under virtio-blk with a write cache, writable ones passing discards; the first disk boots", () => {
   const args = buildQemuArgs(BASE, "tcg");
   assert.deepEqual(JSON.parse(valueOf(args, "-blockdev", 0)!), {
     "driver": "nbd",
@@ -65,6 +65,7 @@ test("buildQemuArgs: each disk an nbd blockdev on the Unix socket under virtio-b
     "server": { type: "unix", path: "/run/snapstack/web/nbd.sock" },
     "export": "disk0",
     "read-only": false,
+    "discard": "unmap",
   });
   assert.deepEqual(JSON.parse(valueOf(args, "-blockdev", 1)!), {
     "driver": "nbd",

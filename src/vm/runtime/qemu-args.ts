@@ -11,7 +11,9 @@
  *   export served by snapstack) under a virtio-blk-pci device with
  *   write-cache=on: the guest sees a volatile write cache and sends FLUSH,
  *   which reaches snapstack as NBD_CMD_FLUSH. QEMU itself caches nothing for
- *   NBD, so a flushed guest write is a flushed snapstack write.
+ *   NBD, so a flushed guest write is a flushed snapstack write. With
+ *   discard=unmap the guest's discards reach snapstack as TRIM (virtio-blk
+ *   offers discard by default), and the layer's freed clusters get holes.
  * - Serial: one Unix socket chardev (server, wait=off) with `logfile=`:
  *   everything the guest prints is appended to the log file whether or not
  *   anyone is connected; a client connected to the socket can also type.
@@ -159,6 +161,8 @@ export function buildQemuArgs(spec: QemuLaunchSpec, accelerator: Accelerator): s
       "server": { type: "unix", path: disk.nbdSocketPath },
       "export": disk.exportName,
       "read-only": disk.readOnly ?? false,
+      // Guest discards (fstrim, blkdiscard) reach the export as TRIM, which frees the layer's clusters.
+      ...(disk.readOnly === true ? {} : { "discard": "unmap" }),
       ...(disk.reconnectDelaySeconds ? { "reconnect-delay": disk.reconnectDelaySeconds } : {}),
     };
     args.push("-blockdev", JSON.stringify(blockdev));
