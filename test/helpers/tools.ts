@@ -9,6 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestContext } from "node:test";
 import { nativeFileOpsLoaded } from "../../src/io/native-file-ops.ts";
+import { openNodeFile } from "../../src/io/node-file.ts";
 
 /** Tool name -> Debian package that ships it. */
 export const TOOL_PACKAGES: Record<string, string> = {
@@ -66,6 +67,21 @@ export function requireNativeFileOps(t: TestContext): boolean {
   if (process.env.CI === "true") throw new Error(`${message} (CI=true: the addon must be built)`);
   t.skip(message);
   return false;
+}
+
+/**
+ * A file's allocated ranges (SEEK_DATA, through the native addon) as
+ * [offset, length] pairs: what to compare between two files rather than
+ * st_blocks, which also counts the file system's extent-tree blocks (they
+ * differ with the order the ranges were written and punched in).
+ */
+export async function allocatedRanges(path: string): Promise<Array<[number, number]>> {
+  const file = await openNodeFile(path, { readOnly: true });
+  try {
+    return ((await file.holes(0, await file.sizeBytes())) ?? []).filter((run) => !run.hole).map((run) => [run.hostOffset, run.lengthBytes]);
+  } finally {
+    await file.close();
+  }
 }
 
 export interface RunResult {

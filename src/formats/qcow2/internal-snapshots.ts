@@ -56,9 +56,9 @@
  * - Every operation runs under `image.exclusive()`: no guest request runs
  *   meanwhile, so a live image (NBD export, VM) can be snapshotted. Apply
  *   drains in-flight reads before lowering the old tree.
- * - Wipe: with `{ wipe: true }` every host cluster the operation frees is
- *   overwritten with zeroes and flushed before the call returns
- *   (Qcow2Metadata.wipeFreedClusters).
+ * - Freed clusters get holes punched (QEMU's pass-discard-snapshot); with
+ *   `{ wipe: true }` they are overwritten with zeroes and flushed first,
+ *   before the call returns (Qcow2Metadata.whileFreeing, completeWipes).
  * - Names follow qemu-img: stored names are truncated to 255 bytes on
  *   create; `apply` matches an ID first, then a name; `delete` (CLI) matches
  *   names only, first match.
@@ -105,10 +105,9 @@ const TRIM_EVERY_L2_TABLES = 64;
 
 export interface FreeingOptions {
   /**
-   * Overwrite every host cluster the operation frees with zeroes before
-   * returning. (QEMU punches holes in the clusters snapshot operations free
-   * where the file system allows, pass-discard-snapshot=on: with wipe the
-   * file's bytes are the same as QEMU's.)
+   * Overwrite every host cluster the operation frees with zeroes, and
+   * flush, before returning (they are punched afterwards either way, as
+   * QEMU's pass-discard-snapshot does).
    */
   wipe?: boolean;
 }

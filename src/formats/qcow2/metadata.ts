@@ -200,9 +200,8 @@ export class Qcow2Metadata {
    * Wipe after delete: while set, every host cluster whose refcount drops to 0
    * is remembered, and overwritten with zeroes by completeWipes() or, if it is
    * allocated again before that, when it is allocated (so a partial write by
-   * its new owner cannot leave old bytes behind). Zeroing punches a hole
-   * where the file system can (the space returns to the host) and writes
-   * zero bytes otherwise (io/file.ts writeZeroBytes). Set for a whole
+   * its new owner cannot leave old bytes behind), and punched once zeroed
+   * (the space returns to the host, where the file system can). Set for a whole
    * session (commit's base) here, or for one operation with whileFreeing.
    */
   wipeFreedClusters = false;
@@ -1053,26 +1052,29 @@ export class Qcow2Metadata {
   }
 
   /**
-   * Overwrite with zeroes every cluster freed while wipeFreedClusters was set
-   * that is still free (clusters taken since by refcount structures were
-   * rewritten whole), then flush; punch holes in those freed while
-   * discardFreedClusters was set. Call after the metadata that dropped them
-   * is written (writeCaches, which flushes after each table cache): a crash
-   * must not leave a table on disk that maps a punched or zeroed cluster.
-   * The crash tests check this order (FaultFile models a punch as a
-   * volatile write of zeroes).
+   * Overwrite with zeroes every cluster freed while wiping that is still
+   * free (clusters taken since by refcount structures were rewritten whole)
+   * and flush, so the old bytes are gone from the disk's blocks and not
+   * only from the file; then punch holes in them, and in those freed while
+   * discardFreedClusters was set, as QEMU's discards do (the space returns
+   * to the host). Call after the metadata that dropped them is written
+   * (writeCaches, which flushes after each table cache): a crash must not
+   * leave a table on disk that maps a punched or zeroed cluster. The crash
+   * tests check this order (FaultFile models a punch as a volatile write of
+   * zeroes).
    */
   async completeWipes(): Promise<void> {
     await this.#wipeDroppedCompressed();
     this.#droppedWhileWiping.clear();
-    if (this.#discardPending.size > 0) {
-      const cs = this.clusterSizeBytes;
-      const free = await this.#stillFree(this.#discardPending);
-      for (const [first, end] of clusterRuns(free)) await this.file.discard(first * cs, (end - first) * cs);
+    const wiped = this.#wipePending.size > 0 ? await this.#stillFree(this.#wipePending) : [];
+    if (wiped.length > 0) {
+      await this.#writeZeroClusters(wiped);
+      // The zeroes reach the disk before the punch: a punch first would drop them from the page cache unwritten.
+      await this.file.flush();
     }
-    if (this.#wipePending.size === 0) return;
-    await this.#writeZeroClusters(await this.#stillFree(this.#wipePending));
-    await this.file.flush();
+    const discarded = this.#discardPending.size > 0 ? await this.#stillFree(this.#discardPending) : [];
+    const cs = this.clusterSizeBytes;
+    for (const [first, end] of clusterRuns([...wiped, ...discarded].sort((a, b) => a - b))) await this.file.discard(first * cs, (end - first) * cs);
   }
 
   /** Clusters freed with discard passthrough whose holes completeWipes has yet to punch. */
@@ -1131,7 +1133,7 @@ export class Qcow2Metadata {
         const start = Math.max(hostOffset, cluster * cs);
         const stop = Math.min(hostOffset + streamBytes, (cluster + 1) * cs);
         if (stop > start) {
-          await writeZeroBytes(this.file, start, stop - start, "punch");
+          await writeZeroBytes(this.file, start, stop - start);
           wrote = true;
         }
       }
@@ -1139,15 +1141,14 @@ export class Qcow2Metadata {
     if (wrote) await this.file.flush();
   }
 
-  /**
-   * Zeroes over the given clusters, contiguous ones in one call each: holes
-   * punched where possible (whole clusters, also a last one the file ends
-   * inside, as QEMU's discards do), else zero bytes up to the end of the
-   * file. The file never grows.
-   */
+  /** Zero bytes over the given clusters (contiguous ones in one write each), never past the end of the file. */
   async #writeZeroClusters(clusterIndexes: number[]): Promise<void> {
     const cs = this.clusterSizeBytes;
-    for (const [first, end] of clusterRuns([...clusterIndexes].sort((a, b) => a - b))) await writeZeroBytes(this.file, first * cs, (end - first) * cs, "punch");
+    const fileSizeBytes = await this.file.sizeBytes();
+    for (const [first, end] of clusterRuns([...clusterIndexes].sort((a, b) => a - b))) {
+      const stop = Math.min(end * cs, fileSizeBytes);
+      if (stop > first * cs) await writeZeroBytes(this.file, first * cs, stop - first * cs);
+    }
   }
 
   /** Highest host cluster index with a non-zero refcount (qcow2_get_last_cluster), or -1. */
