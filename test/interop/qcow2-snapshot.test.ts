@@ -14,7 +14,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { copyFileSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { copyFileSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { allocatedRanges, requireTools, run, scratchDir } from "../helpers/tools.ts";
 import { createRandom, testSeed } from "../helpers/random.ts";
