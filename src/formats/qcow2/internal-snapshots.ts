@@ -58,7 +58,7 @@
  *   drains in-flight reads before lowering the old tree.
  * - Freed clusters get holes punched (QEMU's pass-discard-snapshot); with
  *   `{ wipe: true }` they are overwritten with zeroes and flushed first,
- *   before the call returns (Qcow2Metadata.whileFreeing, completeWipes).
+ *   before the call returns (Qcow2Metadata.whileFreeing, completeFreeing).
  * - Names follow qemu-img: stored names are truncated to 255 bytes on
  *   create; `apply` matches an ID first, then a name; `delete` (CLI) matches
  *   names only, first match.
@@ -696,8 +696,7 @@ function asSnapshotFailure(error: unknown): unknown {
 async function withFreeing<T>(meta: Qcow2Metadata, options: FreeingOptions, fn: () => Promise<T>): Promise<T> {
   return meta.whileFreeing(options, async () => {
     const result = await fn();
-    await meta.writeCaches();
-    await meta.completeWipes();
+    await meta.completeFreeing();
     return result;
   });
 }

@@ -122,8 +122,7 @@ export async function emptyCompletely(meta: Qcow2Metadata, drainReads: () => Pro
   const cs = meta.clusterSizeBytes;
   const l1ClusterCount = l1Clusters(meta);
 
-  await meta.writeCaches();
-  await meta.completeWipes();
+  await meta.completeFreeing();
   meta.l2Cache.clear();
   meta.refblockCache.clear();
 

@@ -198,7 +198,7 @@ export class Qcow2Metadata {
   #uncachedL2Unflushed = false;
   /**
    * Wipe after delete: while set, every host cluster whose refcount drops to 0
-   * is remembered, and overwritten with zeroes by completeWipes() or, if it is
+   * is remembered, and overwritten with zeroes by completeFreeing() or, if it is
    * allocated again before that, when it is allocated (so a partial write by
    * its new owner cannot leave old bytes behind), and punched once zeroed
    * (the space returns to the host, where the file system can). Set for a whole
@@ -219,7 +219,7 @@ export class Qcow2Metadata {
    * for guest discards and unmapping zero writes, snapshot operations,
    * emptying and shrinking; off for clusters a write replaces): while set,
    * every host cluster whose refcount drops to 0 gets a hole punched by
-   * completeWipes (ImageFile.discard), unless it was allocated again
+   * completeFreeing (ImageFile.discard), unless it was allocated again
    * before. Unlike a wipe, nothing is written where the file system cannot
    * punch and nothing is flushed: a discarded cluster may read as anything.
    * On inside whileFreeing.
@@ -234,14 +234,14 @@ export class Qcow2Metadata {
   }
 
   readonly #discardPending = new Set<number>();
-  /** Every cluster whose refcount dropped to 0 while wiping, until completeWipes (zeroed whole, or reused whole: no partial wipe there). */
+  /** Every cluster whose refcount dropped to 0 while wiping, until completeFreeing (zeroed whole, or reused whole: no partial wipe there). */
   readonly #droppedWhileWiping = new Set<number>();
   /**
    * Compressed clusters whose reference a wiping operation dropped, by host
    * offset: [guest cluster, bytes from the offset to the end of its last
    * sector]. Their host clusters may stay in use by other compressed
    * clusters packed beside them, so the refcount never reaches 0; once no
-   * L1 tree maps them any more, completeWipes zeroes exactly their bytes.
+   * L1 tree maps them any more, completeFreeing zeroes exactly their bytes.
    */
   readonly #compressedDrops = new Map<number, [guestCluster: number, readBytes: number]>();
   /**
@@ -1037,7 +1037,7 @@ export class Qcow2Metadata {
   /**
    * Run `fn`, which frees clusters, with discard passthrough on and, with
    * `wipe`, wiping on, for as long as it runs (see #freeingDepth). The
-   * caller runs completeWipes once the metadata that freed them is written.
+   * caller runs completeFreeing once the metadata that freed them is written.
    */
   async whileFreeing<T>(options: { wipe?: boolean }, fn: () => Promise<T>): Promise<T> {
     const wipe = options.wipe === true;
@@ -1052,18 +1052,18 @@ export class Qcow2Metadata {
   }
 
   /**
-   * Overwrite with zeroes every cluster freed while wiping that is still
-   * free (clusters taken since by refcount structures were rewritten whole)
-   * and flush, so the old bytes are gone from the disk's blocks and not
-   * only from the file; then punch holes in them, and in those freed while
-   * discardFreedClusters was set, as QEMU's discards do (the space returns
-   * to the host). Call after the metadata that dropped them is written
-   * (writeCaches, which flushes after each table cache): a crash must not
-   * leave a table on disk that maps a punched or zeroed cluster. The crash
-   * tests check this order (FaultFile models a punch as a volatile write of
-   * zeroes).
+   * Write the caches back (writeCaches, which flushes after each table
+   * cache), and only then, so that no table on disk can map a punched or
+   * zeroed cluster after a crash: overwrite with zeroes every cluster freed
+   * while wiping that is still free (clusters taken since by refcount
+   * structures were rewritten whole) and flush, so the old bytes are gone
+   * from the disk's blocks and not only from the file; then punch holes in
+   * them, and in those freed while discardFreedClusters was set, as QEMU's
+   * discards do (the space returns to the host). The crash tests check this
+   * order (FaultFile models a punch as a volatile write of zeroes).
    */
-  async completeWipes(): Promise<void> {
+  async completeFreeing(): Promise<void> {
+    await this.writeCaches();
     await this.#wipeDroppedCompressed();
     this.#droppedWhileWiping.clear();
     const wiped = this.#wipePending.size > 0 ? await this.#stillFree(this.#wipePending) : [];
@@ -1077,7 +1077,7 @@ export class Qcow2Metadata {
     for (const [first, end] of clusterRuns([...wiped, ...discarded].sort((a, b) => a - b))) await this.file.discard(first * cs, (end - first) * cs);
   }
 
-  /** Clusters freed with discard passthrough whose holes completeWipes has yet to punch. */
+  /** Clusters freed with discard passthrough whose holes completeFreeing has yet to punch. */
   get discardsPending(): number {
     return this.#discardPending.size;
   }
@@ -1093,7 +1093,7 @@ export class Qcow2Metadata {
   /**
    * While wiping, note that the compressed cluster of `guestCluster` at
    * `hostOffset` (`readBytes` to the end of its last sector) lost a
-   * reference: completeWipes zeroes its bytes if no tree maps it then.
+   * reference: completeFreeing zeroes its bytes if no tree maps it then.
    */
   noteCompressedDrop(guestCluster: number, hostOffset: number, readBytes: number): void {
     if (this.#wiping && this.compressedDataMapped !== null) this.#compressedDrops.set(hostOffset, [guestCluster, readBytes]);

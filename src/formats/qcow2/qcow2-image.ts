@@ -1810,7 +1810,7 @@ export class Qcow2Image implements BlockDevice {
     if (this.#beforeDataChange) await this.#prepareChange("guest data");
     this.#trackChange(guestOffset, lengthBytes);
     const unmap = options.unmap === true;
-    // Unmapping frees clusters: their holes are punched at the next flush (completeWipes), as pass-discard-request.
+    // Unmapping frees clusters: their holes are punched at the next flush (completeFreeing), as pass-discard-request.
     const zero = (): Promise<void> => this.#zeroLocked(guestOffset, lengthBytes, unmap);
     const zeroUnmapping = async (): Promise<void> => {
       await this.#meta.whileFreeing({}, zero);
@@ -1827,8 +1827,7 @@ export class Qcow2Image implements BlockDevice {
    */
   async #punchPendingWhenMany(): Promise<void> {
     if (this.#meta.discardsPending < DISCARDS_PENDING_MAX) return;
-    await this.#meta.writeCaches();
-    await this.#meta.completeWipes();
+    await this.#meta.completeFreeing();
   }
 
   /**
@@ -2102,7 +2101,7 @@ export class Qcow2Image implements BlockDevice {
     await this.#mutate(start, end - start, () =>
       this.#locked(async () => {
         await this.#markDirty();
-        // The freed clusters' holes are punched at the next flush (completeWipes), as pass-discard-request.
+        // The freed clusters' holes are punched at the next flush (completeFreeing), as pass-discard-request.
         await this.#meta.whileFreeing({}, () => this.#discardClusters(start / cs, end / cs, false));
         await this.#punchPendingWhenMany();
         await this.#meta.trimCaches();
@@ -2165,8 +2164,7 @@ export class Qcow2Image implements BlockDevice {
             await this.#discardClusters(Math.floor(extent.guestOffset / cs), end, true);
             await this.#meta.trimCaches();
           }
-          await this.#meta.writeCaches();
-          await this.#meta.completeWipes();
+          await this.#meta.completeFreeing();
         });
         await this.#file.flush();
         const fileSizeBytes = await this.#file.sizeBytes();
@@ -2458,9 +2456,8 @@ export class Qcow2Image implements BlockDevice {
     }
     try {
       await this.#locked(async () => {
-        await this.#meta.writeCaches();
-        // Clusters freed while metadata.wipeFreedClusters was set hold zeroes once flush returns.
-        await this.#meta.completeWipes();
+        // Clusters freed while wiping hold zeroes once flush returns.
+        await this.#meta.completeFreeing();
         await this.#file.flush();
       });
     } catch (error) {
@@ -2487,8 +2484,7 @@ export class Qcow2Image implements BlockDevice {
       if (!this.readOnly && this.#corruption === null) {
         await this.#locked(async () => {
           await this.#storeTrackedBitmaps();
-          await this.#meta.writeCaches();
-          await this.#meta.completeWipes();
+          await this.#meta.completeFreeing();
           await this.#file.flush();
           const header = this.#meta.header;
           if (header.incompatibleFeatures & INCOMPAT_DIRTY && !(header.incompatibleFeatures & INCOMPAT_CORRUPT)) {

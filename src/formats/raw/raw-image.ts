@@ -16,7 +16,7 @@
  *   else does nothing: writing zeroes for a discard would allocate space
  *   (mkfs discards the whole disk), and NBD trim and qemu's "discard" let
  *   the range keep its old contents.
-^ * - writeZeroes zeroes in place (io/file.ts writeZeroBytes): a hole when
+ * - writeZeroes zeroes in place (io/file.ts writeZeroBytes): a hole when
  *   the caller allows unmapping (NBD without NO_HOLE, qemu-io -u), else an
  *   allocated zero range (fallocate ZERO_RANGE), else written zero bytes;
  *   so zeroes are fast (NBD's FAST_ZERO is taken) only with the addon.
