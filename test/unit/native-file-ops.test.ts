@@ -5,7 +5,7 @@
  * the file then occupies (stat), and where its holes are. The fallback
  * without the addon is exercised in a child process with SNAPSTACK_NATIVE=0.
  */
-import { test } from "node:test";
+import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync, statSync, statfsSync } from "node:fs";
@@ -39,10 +39,20 @@ async function sparseFile(path: string): Promise<NodeFile> {
   return file;
 }
 
-test("holes: the data and hole runs of a sparse file, for any window", async (t) => {
+/** Run `fn` on a fresh sparseFile in the scratch directory (needs the addon), closing it afterwards. */
+async function onSparseFile(t: TestContext, name: string, fn: (file: NodeFile, path: string) => Promise<void>): Promise<void> {
   if (!requireNativeFileOps(t)) return;
-  const file = await sparseFile(join(scratchDir(t), "sparse"));
+  const path = join(scratchDir(t), name);
+  const file = await sparseFile(path);
   try {
+    await fn(file, path);
+  } finally {
+    await file.close();
+  }
+}
+
+test("holes: the data and hole runs of a sparse file, for any window", (t) =>
+  onSparseFile(t, "sparse", async (file) => {
     assert.deepEqual(await file.holes(0, 4 * MiB), [
       { hostOffset: 0, lengthBytes: 1 * MiB, hole: true },
       { hostOffset: 1 * MiB, lengthBytes: 64 * KiB, hole: false },
@@ -61,16 +71,11 @@ test("holes: the data and hole runs of a sparse file, for any window", async (t)
     ]);
     assert.deepEqual(await file.holes(3 * MiB + 512 * KiB, 8 * MiB), [{ hostOffset: 3 * MiB + 512 * KiB, lengthBytes: 512 * KiB, hole: false }]);
     assert.deepEqual(await file.holes(5 * MiB, 1 * MiB), []);
-  } finally {
-    await file.close();
-  }
-});
+  }),
+);
 
-test("discard and zeroInPlace('punch') free the range, which reads as zeroes; the size stays", async (t) => {
-  if (!requireNativeFileOps(t)) return;
-  const path = join(scratchDir(t), "punch");
-  const file = await sparseFile(path);
-  try {
+test("discard and zeroInPlace('punch') free the range, which reads as zeroes; the size stays", (t) =>
+  onSparseFile(t, "punch", async (file, path) => {
     const before = allocatedBytes(path);
     await file.discard(3 * MiB, 256 * KiB);
     assert.equal(await file.zeroInPlace(3 * MiB + 512 * KiB, 256 * KiB, "punch"), true);
@@ -85,16 +90,11 @@ test("discard and zeroInPlace('punch') free the range, which reads as zeroes; th
     assert.deepEqual(block.subarray(100, 300), new Uint8Array(200));
     assert.deepEqual(block.subarray(0, 100), new Uint8Array(100).fill(0x22));
     assert.deepEqual(block.subarray(300), new Uint8Array(4 * KiB - 300).fill(0x22));
-  } finally {
-    await file.close();
-  }
-});
+  }),
+);
 
-test("zeroInPlace('allocate') and preallocate allocate without writing; preallocate extends the file", async (t) => {
-  if (!requireNativeFileOps(t)) return;
-  const path = join(scratchDir(t), "allocate");
-  const file = await sparseFile(path);
-  try {
+test("zeroInPlace('allocate') and preallocate allocate without writing; preallocate extends the file", (t) =>
+  onSparseFile(t, "allocate", async (file, path) => {
     const before = allocatedBytes(path);
     // Over data it zeroes, over a hole it allocates.
     assert.equal(await file.zeroInPlace(1 * MiB, 64 * KiB, "allocate"), true);
@@ -105,10 +105,8 @@ test("zeroInPlace('allocate') and preallocate allocate without writing; prealloc
     assert.equal(await file.sizeBytes(), 5 * MiB);
     assert.equal(allocatedBytes(path), before + 512 * KiB + 1 * MiB);
     assert.deepEqual(await readBack(file, 4 * MiB, 1 * MiB), new Uint8Array(1 * MiB));
-  } finally {
-    await file.close();
-  }
-});
+  }),
+);
 
 test("writeZeroBytes: 'punch' leaves the file's size, 'allocate' grows it as a write would", async (t) => {
   if (!requireNativeFileOps(t)) return;
