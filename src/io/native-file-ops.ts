@@ -115,20 +115,24 @@ export function fileRuns(fd: number, offset: number, length: number, fileSizeByt
   const push = (from: number, to: number, hole: boolean): void => {
     if (to > from) runs.push({ hostOffset: from, lengthBytes: to - from, hole });
   };
+  /** The seek's offset (at most `end`); `onEnxio` for ENXIO; null where the file system cannot seek so. */
+  const seekTo = (at: number, whence: number, onEnxio: number): number | null => {
+    const result = ops.seek(fd, at, whence);
+    if (result >= 0) return Math.min(result, end);
+    const code = getSystemErrorName(result);
+    if (code === "ENXIO") return onEnxio;
+    if (UNSUPPORTED.has(code)) return null;
+    throw systemError(result, whence === SEEK_DATA ? "lseek(SEEK_DATA)" : "lseek(SEEK_HOLE)");
+  };
   for (let at = offset; at < end; ) {
-    const data = ops.seek(fd, at, SEEK_DATA);
-    if (data < 0 && getSystemErrorName(data) !== "ENXIO") {
-      if (UNSUPPORTED.has(getSystemErrorName(data))) return null;
-      throw systemError(data, "lseek(SEEK_DATA)");
-    }
     // ENXIO: no data at or after `at` (the rest is a hole).
-    const dataStart = data < 0 ? end : Math.min(data, end);
+    const dataStart = seekTo(at, SEEK_DATA, end);
+    if (dataStart === null) return null;
     push(at, dataStart, true);
     if (dataStart >= end) break;
     // ENXIO here: the file shrank since its size was read; what is gone reads as zeroes (a hole).
-    const hole = ops.seek(fd, dataStart, SEEK_HOLE);
-    if (hole < 0 && getSystemErrorName(hole) !== "ENXIO") throw systemError(hole, "lseek(SEEK_HOLE)");
-    const dataEnd = hole < 0 ? dataStart : Math.min(hole, end);
+    const dataEnd = seekTo(dataStart, SEEK_HOLE, dataStart);
+    if (dataEnd === null) return null;
     if (dataEnd === dataStart) {
       push(dataStart, end, true);
       break;
