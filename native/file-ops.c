@@ -1,25 +1,33 @@
 /*
- * file-ops: the two Linux file calls Node does not expose, for snapstack's
+ * file-ops: the Linux file calls Node does not expose, for snapstack's
  * src/io/native-file-ops.ts.
  *
- *   fallocate(fd, mode, offset, length) -> 0 or -errno
+ *   fallocate(fd, mode, offset, length) -> Promise<0 or -errno>
  *     punch holes (return space, read back zeroes), zero ranges and
- *     preallocate (qemu's file-posix does the same three);
+ *     preallocate (qemu's file-posix does the same three), on libuv's
+ *     thread pool as qemu runs them on its own: a punch over a large
+ *     dirty range takes tens of milliseconds (the file system writes the
+ *     pages back or drops them first), which would stall every client of
+ *     a server if it ran on the event loop;
+ *   fallocateSync(fd, mode, offset, length) -> 0 or -errno
+ *     the same on the calling thread, for the allocation just before a
+ *     synchronous write (microseconds);
  *   seek(fd, offset, whence) -> new offset or -errno
- *     lseek with SEEK_DATA / SEEK_HOLE, to find a file's holes;
+ *     lseek with SEEK_DATA / SEEK_HOLE, to find a file's holes
+ *     (synchronous: it reads extent metadata only);
  *   writeAllocating(fd, offset, buffers) -> Promise<bytes written or -errno>
- *     fallocate(FALLOC_FL_KEEP_SIZE) over the range, then one pwritev, on
- *     libuv's thread pool (where node:fs writes run): a large write into
- *     a hole then finds its blocks allocated instead of reserving them
- *     page by page (ext4 delayed allocation), ~20% less kernel time per
- *     byte; over allocated blocks the fallocate changes nothing. Its
- *     failure is ignored: the write decides the result.
+ *     fallocate(FALLOC_FL_KEEP_SIZE) over the range, then one pwritev, as
+ *     one thread-pool job: a large write into a hole then finds its blocks
+ *     allocated instead of reserving them page by page (ext4 delayed
+ *     allocation), ~20% less kernel time per byte; over allocated blocks
+ *     the fallocate changes nothing. Its failure is ignored: the write
+ *     decides the result.
  *
- * The first two are synchronous. All return errors as numbers: the TypeScript side
- * turns them into coded errors and falls back (writing zeroes, reporting
- * all data) where a file system does not support a call. Offsets travel as
- * doubles: exact up to 2^53, far beyond any file. N-API only (ABI-stable),
- * so one build serves every Node >= 22.
+ * All return errors as numbers: the TypeScript side turns them into coded
+ * errors and falls back (writing zeroes, reporting all data) where a file
+ * system does not support a call. Offsets travel as doubles: exact up to
+ * 2^53, far beyond any file. N-API only (ABI-stable), so one build serves
+ * every Node >= 22.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -52,15 +60,6 @@ static napi_value number(napi_env env, double value) {
   return result;
 }
 
-static napi_value js_fallocate(napi_env env, napi_callback_info info) {
-  double v[4];
-  if (!read_args(env, info, 4, v)) return NULL;
-  int rc;
-  do rc = fallocate((int)v[0], (int)v[1], (off_t)v[2], (off_t)v[3]);
-  while (rc < 0 && errno == EINTR);
-  return number(env, rc < 0 ? -errno : 0);
-}
-
 static napi_value js_seek(napi_env env, napi_callback_info info) {
   double v[3];
   if (!read_args(env, info, 3, v)) return NULL;
@@ -68,35 +67,88 @@ static napi_value js_seek(napi_env env, napi_callback_info info) {
   return number(env, at < 0 ? -errno : (double)at);
 }
 
-/* One writeAllocating call: the iovecs point into buffers kept alive by `buffers` until it completes. */
-typedef struct {
+/*
+ * One thread-pool job: `run` executes on a pool thread and sets `result`;
+ * the promise resolves with it. For a write, the iovecs point into buffers
+ * that `keep` holds alive until the job completes.
+ */
+typedef struct job {
   napi_async_work work;
   napi_deferred deferred;
-  napi_ref buffers;
+  napi_ref keep;
+  void (*run)(struct job *job);
   int fd;
+  int mode;
   off_t offset;
+  off_t length;
   int count;
-  ssize_t result;
+  double result;
   struct iovec iov[];
-} write_job;
+} job;
 
-static void write_execute(napi_env env, void *data) {
+static void job_execute(napi_env env, void *data) {
   (void)env;
-  write_job *job = data;
-  size_t total = 0;
-  for (int i = 0; i < job->count; i++) total += job->iov[i].iov_len;
-  (void)fallocate(job->fd, FALLOC_FL_KEEP_SIZE, job->offset, (off_t)total);
-  do job->result = pwritev(job->fd, job->iov, job->count, job->offset);
-  while (job->result < 0 && errno == EINTR);
-  if (job->result < 0) job->result = -errno;
+  job *j = data;
+  j->run(j);
 }
 
-static void write_complete(napi_env env, napi_status status, void *data) {
-  write_job *job = data;
-  napi_resolve_deferred(env, job->deferred, number(env, status == napi_ok ? (double)job->result : -ECANCELED));
-  napi_delete_reference(env, job->buffers);
-  napi_delete_async_work(env, job->work);
-  free(job);
+static void job_complete(napi_env env, napi_status status, void *data) {
+  job *j = data;
+  napi_resolve_deferred(env, j->deferred, number(env, status == napi_ok ? j->result : -ECANCELED));
+  if (j->keep != NULL) napi_delete_reference(env, j->keep);
+  napi_delete_async_work(env, j->work);
+  free(j);
+}
+
+/* Queue `j` (its fields set) and return its promise. */
+static napi_value job_queue(napi_env env, job *j, const char *name) {
+  napi_value promise, resource_name;
+  napi_create_promise(env, &j->deferred, &promise);
+  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource_name);
+  napi_create_async_work(env, NULL, resource_name, job_execute, job_complete, j, &j->work);
+  napi_queue_async_work(env, j->work);
+  return promise;
+}
+
+static int fallocate_retrying(int fd, int mode, off_t offset, off_t length) {
+  int rc;
+  do rc = fallocate(fd, mode, offset, length);
+  while (rc < 0 && errno == EINTR);
+  return rc < 0 ? -errno : 0;
+}
+
+static void run_fallocate(job *j) {
+  j->result = fallocate_retrying(j->fd, j->mode, j->offset, j->length);
+}
+
+static napi_value js_fallocate(napi_env env, napi_callback_info info) {
+  double v[4];
+  if (!read_args(env, info, 4, v)) return NULL;
+  job *j = calloc(1, sizeof(job));
+  if (j == NULL) {
+    napi_throw_error(env, NULL, "file-ops: out of memory");
+    return NULL;
+  }
+  j->run = run_fallocate;
+  j->fd = (int)v[0];
+  j->mode = (int)v[1];
+  j->offset = (off_t)v[2];
+  j->length = (off_t)v[3];
+  return job_queue(env, j, "snapstack:fallocate");
+}
+
+static napi_value js_fallocate_sync(napi_env env, napi_callback_info info) {
+  double v[4];
+  if (!read_args(env, info, 4, v)) return NULL;
+  return number(env, fallocate_retrying((int)v[0], (int)v[1], (off_t)v[2], (off_t)v[3]));
+}
+
+static void run_write_allocating(job *j) {
+  (void)fallocate(j->fd, FALLOC_FL_KEEP_SIZE, j->offset, j->length);
+  ssize_t written;
+  do written = pwritev(j->fd, j->iov, j->count, j->offset);
+  while (written < 0 && errno == EINTR);
+  j->result = written < 0 ? -errno : (double)written;
 }
 
 static napi_value js_write_allocating(napi_env env, napi_callback_info info) {
@@ -110,14 +162,15 @@ static napi_value js_write_allocating(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "file-ops: writeAllocating(fd, offset, buffers: 1 to IOV_MAX Uint8Arrays)");
     return NULL;
   }
-  write_job *job = calloc(1, sizeof(write_job) + count * sizeof(struct iovec));
-  if (job == NULL) {
+  job *j = calloc(1, sizeof(job) + count * sizeof(struct iovec));
+  if (j == NULL) {
     napi_throw_error(env, NULL, "file-ops: out of memory");
     return NULL;
   }
-  job->fd = (int)fd;
-  job->offset = (off_t)offset;
-  job->count = (int)count;
+  j->run = run_write_allocating;
+  j->fd = (int)fd;
+  j->offset = (off_t)offset;
+  j->count = (int)count;
   for (uint32_t i = 0; i < count; i++) {
     napi_value element;
     napi_typedarray_type type;
@@ -125,25 +178,22 @@ static napi_value js_write_allocating(napi_env env, napi_callback_info info) {
     void *bytes;
     if (napi_get_element(env, argv[2], i, &element) != napi_ok ||
         napi_get_typedarray_info(env, element, &type, &length, &bytes, NULL, NULL) != napi_ok || type != napi_uint8_array) {
-      free(job);
+      free(j);
       napi_throw_type_error(env, NULL, "file-ops: writeAllocating's buffers are Uint8Arrays");
       return NULL;
     }
-    job->iov[i].iov_base = bytes;
-    job->iov[i].iov_len = length;
+    j->iov[i].iov_base = bytes;
+    j->iov[i].iov_len = length;
+    j->length += (off_t)length;
   }
-  napi_value promise, name;
-  napi_create_promise(env, &job->deferred, &promise);
-  napi_create_reference(env, argv[2], 1, &job->buffers);
-  napi_create_string_utf8(env, "snapstack:writeAllocating", NAPI_AUTO_LENGTH, &name);
-  napi_create_async_work(env, NULL, name, write_execute, write_complete, job, &job->work);
-  napi_queue_async_work(env, job->work);
-  return promise;
+  napi_create_reference(env, argv[2], 1, &j->keep);
+  return job_queue(env, j, "snapstack:writeAllocating");
 }
 
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor methods[] = {
       {"fallocate", NULL, js_fallocate, NULL, NULL, NULL, napi_default, NULL},
+      {"fallocateSync", NULL, js_fallocate_sync, NULL, NULL, NULL, napi_default, NULL},
       {"seek", NULL, js_seek, NULL, NULL, NULL, napi_default, NULL},
       {"writeAllocating", NULL, js_write_allocating, NULL, NULL, NULL, napi_default, NULL},
   };

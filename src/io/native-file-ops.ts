@@ -16,10 +16,13 @@
  *   it does not know) also reports "not supported", as qemu's file-posix
  *   falls back per call. Any other errno is thrown as a system error for
  *   the caller's fromSystemError (which names the file).
- * - Synchronous on the calling thread: each call changes or reads extent
- *   metadata only (no data is copied), usually microseconds to a few
- *   milliseconds; NodeFile splits large ranges so that one call cannot hold
- *   the event loop for long (a punch over many extents costs more).
+ * - Where they run: fallocate (punch, zero, preallocate) and the allocating
+ *   write on libuv's thread pool, as qemu's file-posix runs them on its
+ *   own pool: a punch over a large dirty range takes tens of milliseconds
+ *   (measured: 37 ms for 64 MiB a snapshot apply freed), which would stall
+ *   every client of a server on the event loop. The allocation just before
+ *   a synchronous write and lseek run on the calling thread: both read or
+ *   change extent metadata only, in microseconds.
  * - Loaded on first use, not at import: most commands never need it.
  */
 import { createRequire } from "node:module";
@@ -28,8 +31,10 @@ import { getSystemErrorName } from "node:util";
 import type { FileRun } from "./file.ts";
 
 interface FileOpsAddon {
+  /** 0 or -errno, on libuv's thread pool. */
+  fallocate(fd: number, mode: number, offset: number, length: number): Promise<number>;
   /** 0 or -errno. */
-  fallocate(fd: number, mode: number, offset: number, length: number): number;
+  fallocateSync(fd: number, mode: number, offset: number, length: number): number;
   /** The new offset or -errno. */
   seek(fd: number, offset: number, whence: number): number;
   /** Bytes written or -errno, on libuv's thread pool. */
@@ -70,10 +75,10 @@ function systemError(negativeErrno: number, call: string): NodeJS.ErrnoException
   return Object.assign(new Error(`${code}: ${call}`), { code, errno: negativeErrno, syscall: call });
 }
 
-function fallocate(fd: number, mode: number, offset: number, length: number): boolean {
+async function fallocate(fd: number, mode: number, offset: number, length: number): Promise<boolean> {
   const ops = loadAddon();
   if (ops === null || length === 0) return ops !== null;
-  const result = ops.fallocate(fd, mode, offset, length);
+  const result = await ops.fallocate(fd, mode, offset, length);
   if (result === 0) return true;
   if (UNSUPPORTED.has(getSystemErrorName(result))) return false;
   throw systemError(result, "fallocate");
@@ -84,7 +89,7 @@ function fallocate(fd: number, mode: number, offset: number, length: number): bo
  * it reads back as zeroes and its space returns to the file system. False
  * when that cannot be done here.
  */
-export function punchHole(fd: number, offset: number, length: number): boolean {
+export function punchHole(fd: number, offset: number, length: number): Promise<boolean> {
   return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
 }
 
@@ -94,12 +99,12 @@ export function punchHole(fd: number, offset: number, length: number): boolean {
  * (tmpfs) a punched hole allocated again, as qemu's file driver falls back.
  * False when neither works.
  */
-export function zeroRange(fd: number, offset: number, length: number): boolean {
-  return fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length) || (punchHole(fd, offset, length) && preallocate(fd, offset, length));
+export async function zeroRange(fd: number, offset: number, length: number): Promise<boolean> {
+  return (await fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length)) || ((await punchHole(fd, offset, length)) && (await preallocate(fd, offset, length)));
 }
 
 /** Allocate [offset, offset + length) without writing it (reads as zeroes where it was a hole; extends the file). False when unsupported. */
-export function preallocate(fd: number, offset: number, length: number): boolean {
+export function preallocate(fd: number, offset: number, length: number): Promise<boolean> {
   return fallocate(fd, 0, offset, length);
 }
 
@@ -114,7 +119,7 @@ const WRITE_BUFFERS_MAX = 1024;
  * page at a time); over allocated blocks it changes nothing.
  */
 export function allocateForWrite(fd: number, offset: number, length: number): void {
-  loadAddon()?.fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length);
+  loadAddon()?.fallocateSync(fd, FALLOC_FL_KEEP_SIZE, offset, length);
 }
 
 /**

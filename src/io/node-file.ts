@@ -65,9 +65,6 @@ import { allocateForWrite, fileRuns, preallocate, punchHole, writeAllocating, ze
 
 export type NodeFileIoMode = "sync" | "async" | "auto" | "small-async";
 
-/** Largest range one fallocate call covers (NodeFile.#fallocate). */
-const FALLOCATE_CHUNK_BYTES = 1 << 30;
-
 /**
  * In "auto" mode, requests of at least this many bytes go to the thread pool
  * (they overlap when several are in flight, and do not block the event loop
@@ -316,25 +313,14 @@ export class NodeFile implements ImageFile {
     return this.#fallocate("preallocate", hostOffset, lengthBytes, preallocate);
   }
 
-  /**
-   * One fallocate call per FALLOCATE_CHUNK_BYTES, with a turn of the event
-   * loop between them (other clients' requests run); false as soon as one
-   * is unsupported (the first, in practice: nothing was changed then).
-   */
-  async #fallocate(action: string, hostOffset: number, lengthBytes: number, call: (fd: number, offset: number, length: number) => boolean): Promise<boolean> {
-    let done = 0;
-    do {
-      if (done > 0) await new Promise<void>((resolve) => setImmediate(resolve));
-      const fd = this.#openFd(action);
-      const chunk = Math.min(lengthBytes - done, FALLOCATE_CHUNK_BYTES);
-      try {
-        if (!call(fd, hostOffset + done, chunk)) return false;
-      } catch (error) {
-        throw fromSystemError(error, this.name, `${action} ${lengthBytes} bytes at offset ${hostOffset}`);
-      }
-      done += chunk;
-    } while (done < lengthBytes);
-    return true;
+  /** One fallocate on the thread pool (io/native-file-ops.ts); false when unsupported (nothing was changed then). */
+  async #fallocate(action: string, hostOffset: number, lengthBytes: number, call: (fd: number, offset: number, length: number) => Promise<boolean>): Promise<boolean> {
+    const fd = this.#openFd(action);
+    try {
+      return await call(fd, hostOffset, lengthBytes);
+    } catch (error) {
+      throw fromSystemError(error, this.name, `${action} ${lengthBytes} bytes at offset ${hostOffset}`);
+    }
   }
 
   async holes(hostOffset: number, lengthBytes: number): Promise<FileRun[] | null> {
