@@ -354,7 +354,8 @@ async function openTarget(source: BlockDevice, targetPath: string, options: Conv
       openFile: targetCache === "unsafe" ? openUnsafeFile : undefined,
     });
   }
-  const target = await openImage(targetPath, { format, readOnly: false, cache: targetCache });
+  // A new target is written into holes only: its large writes allocate first (NodeFile's allocateLargeWrites).
+  const target = await openImage(targetPath, { format, readOnly: false, cache: targetCache, allocateLargeWrites: options.targetExists !== true });
   if (target.sizeBytes < source.sizeBytes) {
     await target.close();
     throw new SnapstackError(

@@ -48,6 +48,8 @@ export interface OpenImageOptions {
   writeIoMode?: NodeFileIoMode;
   /** Cache mode of the top image's file ("unsafe": flush does nothing, like qemu's -t unsafe). */
   cache?: NodeFileCacheMode;
+  /** The top image's file allocates the range of each large write first (NodeFile's allocateLargeWrites): for a new file, written into holes. */
+  allocateLargeWrites?: boolean;
   /** Opens each layer's file (default: a NodeFile with ioMode and cache); tests pass one that wraps files in a FaultFile. */
   openFile?: OpenImageFile;
   /**
@@ -158,7 +160,13 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       try {
         file =
           options.openFile === undefined
-            ? await openNodeFile(layerPath, { readOnly, ioMode: options.ioMode, writeIoMode: options.writeIoMode, cache: depth === 0 ? options.cache : undefined })
+            ? await openNodeFile(layerPath, {
+                readOnly,
+                ioMode: options.ioMode,
+                writeIoMode: options.writeIoMode,
+                cache: depth === 0 ? options.cache : undefined,
+                allocateLargeWrites: depth === 0 && options.allocateLargeWrites === true,
+              })
             : await options.openFile(layerPath, { readOnly });
       } catch (error) {
         throw openFailure(path, depth, layerPath, error);

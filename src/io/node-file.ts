@@ -42,8 +42,9 @@
  *   discard does nothing (the ImageFile contract lets discarded ranges read
  *   back as anything, and space is not returned), zeroInPlace and
  *   preallocate report false (callers write zeroes) and holes reports null.
- * - Writes of ALLOCATE_BEFORE_WRITE_BYTES or more allocate their range
- *   first (fallocate with FALLOC_FL_KEEP_SIZE), in the same thread-pool job
+ * - allocateLargeWrites (opt-in, for a file that is written mostly into
+ *   holes, as a new convert target is): writes of ALLOCATE_BEFORE_WRITE_BYTES
+ *   or more allocate their range first (fallocate with FALLOC_FL_KEEP_SIZE), in the same thread-pool job
  *   as the pwritev when they run on the pool (the addon's writeAllocating),
  *   just before the pwrite when on this thread. On ext4 a buffered write
  *   into a hole otherwise reserves its blocks page by page (delayed
@@ -53,7 +54,10 @@
  *   same either way (0.36 s); `img convert` into raw went 0.73-0.78 s ->
  *   0.44-0.58 s (qemu-img 0.53-0.62 s). The blocks allocated are exactly
  *   the write's, the size is set by the write, and a failed allocation is
- *   ignored (the write reports what matters). Without the addon, writes
+ *   ignored (the write reports what matters). Not the default: over
+ *   allocated blocks the fallocate is one more inode-lock and journal
+ *   round per write, which cost a raw NBD export ~7% of nbdcopy's write
+ *   throughput (several writers on one file). Without the addon, writes
  *   are plain node:fs ones.
  * - Writes to a file opened read-only fail with E_READ_ONLY before touching
  *   the file; every OS error becomes a coded error naming the path.
@@ -73,9 +77,9 @@ export type NodeFileIoMode = "sync" | "async" | "auto" | "small-async";
 export const ASYNC_IO_THRESHOLD_BYTES = 256 * 1024;
 
 /**
- * Writes of at least this many bytes allocate their range first
- * (io/native-file-ops.ts allocateForWrite), in the same thread-pool job
- * when they run there.
+ * With allocateLargeWrites, writes of at least this many bytes allocate
+ * their range first (io/native-file-ops.ts allocateForWrite), in the same
+ * thread-pool job when they run there.
  */
 const ALLOCATE_BEFORE_WRITE_BYTES = 256 * 1024;
 
@@ -95,6 +99,8 @@ export interface OpenNodeFileOptions {
   ioMode?: NodeFileIoMode;
   /** Mode of writes when it differs from reads' (default: ioMode). */
   writeIoMode?: NodeFileIoMode;
+  /** Large writes allocate their range first (see the design notes): for a file written mostly into holes. */
+  allocateLargeWrites?: boolean;
 }
 
 export interface CreateNodeFileOptions {
@@ -111,8 +117,8 @@ function readOnce(fd: number, buffer: Uint8Array, offset: number, length: number
   });
 }
 
-function writevOnce(fd: number, pieces: readonly Uint8Array[], position: number, totalBytes: number, ioMode: NodeFileIoMode): number | Promise<number> {
-  const allocate = totalBytes >= ALLOCATE_BEFORE_WRITE_BYTES;
+function writevOnce(fd: number, pieces: readonly Uint8Array[], position: number, totalBytes: number, ioMode: NodeFileIoMode, allocateLarge: boolean): number | Promise<number> {
+  const allocate = allocateLarge && totalBytes >= ALLOCATE_BEFORE_WRITE_BYTES;
   if (useSync(ioMode, totalBytes)) {
     if (allocate) allocateForWrite(fd, position, totalBytes);
     return fs.writevSync(fd, pieces, position);
@@ -124,14 +130,14 @@ function writevOnce(fd: number, pieces: readonly Uint8Array[], position: number,
   });
 }
 
-function writeSyncOnce(fd: number, data: Uint8Array, offset: number, length: number, position: number): number {
-  if (length >= ALLOCATE_BEFORE_WRITE_BYTES) allocateForWrite(fd, position, length);
+function writeSyncOnce(fd: number, data: Uint8Array, offset: number, length: number, position: number, allocateLarge: boolean): number {
+  if (allocateLarge && length >= ALLOCATE_BEFORE_WRITE_BYTES) allocateForWrite(fd, position, length);
   return fs.writeSync(fd, data, offset, length, position);
 }
 
-function writeOnce(fd: number, data: Uint8Array, offset: number, length: number, position: number, ioMode: NodeFileIoMode): number | Promise<number> {
-  if (useSync(ioMode, length)) return writeSyncOnce(fd, data, offset, length, position);
-  const allocating = length >= ALLOCATE_BEFORE_WRITE_BYTES ? writeAllocating(fd, position, [data.subarray(offset, offset + length)]) : null;
+function writeOnce(fd: number, data: Uint8Array, offset: number, length: number, position: number, ioMode: NodeFileIoMode, allocateLarge: boolean): number | Promise<number> {
+  if (useSync(ioMode, length)) return writeSyncOnce(fd, data, offset, length, position, allocateLarge);
+  const allocating = allocateLarge && length >= ALLOCATE_BEFORE_WRITE_BYTES ? writeAllocating(fd, position, [data.subarray(offset, offset + length)]) : null;
   if (allocating !== null) return allocating;
   return new Promise((resolve, reject) => {
     fs.write(fd, data, offset, length, position, (error, bytesWritten) => (error ? reject(error) : resolve(bytesWritten)));
@@ -145,6 +151,8 @@ export class NodeFile implements ImageFile {
   /** How writes run (ioMode unless opened with writeIoMode). */
   readonly writeIoMode: NodeFileIoMode;
   readonly cache: NodeFileCacheMode;
+  /** Writes of ALLOCATE_BEFORE_WRITE_BYTES or more allocate their range first (see the design notes). */
+  allocateLargeWrites = false;
   #fd: number | null;
   /** The fdatasync running now, else null; flushes that arrive meanwhile wait for it and share #flushNext. */
   #flushRunning: Promise<void> | null = null;
@@ -199,7 +207,7 @@ export class NodeFile implements ImageFile {
     let done = 0;
     try {
       while (done < data.length) {
-        const pending = writeOnce(fd, data, done, data.length - done, hostOffset + done, this.writeIoMode);
+        const pending = writeOnce(fd, data, done, data.length - done, hostOffset + done, this.writeIoMode, this.allocateLargeWrites);
         done += typeof pending === "number" ? pending : await pending;
       }
     } catch (error) {
@@ -218,7 +226,7 @@ export class NodeFile implements ImageFile {
     const fd = this.#writableFd(hostOffset);
     let done = 0;
     try {
-      while (done < data.length) done += writeSyncOnce(fd, data, done, data.length - done, hostOffset + done);
+      while (done < data.length) done += writeSyncOnce(fd, data, done, data.length - done, hostOffset + done, this.allocateLargeWrites);
     } catch (error) {
       throw fromSystemError(error, this.name, `write ${data.length} bytes at offset ${hostOffset}`);
     }
@@ -235,12 +243,12 @@ export class NodeFile implements ImageFile {
     const fd = this.#writableFd(hostOffset);
     const totalBytes = pieces.reduce((sum, piece) => sum + piece.length, 0);
     try {
-      let done = await writevOnce(fd, pieces, hostOffset, totalBytes, this.writeIoMode);
+      let done = await writevOnce(fd, pieces, hostOffset, totalBytes, this.writeIoMode, this.allocateLargeWrites);
       for (let index = 0, pieceStart = 0; done < totalBytes && index < pieces.length; pieceStart += pieces[index].length, index++) {
         const piece = pieces[index];
         while (done < pieceStart + piece.length) {
           const at = done - pieceStart;
-          done += await writeOnce(fd, piece, at, piece.length - at, hostOffset + done, this.writeIoMode);
+          done += await writeOnce(fd, piece, at, piece.length - at, hostOffset + done, this.writeIoMode, this.allocateLargeWrites);
         }
       }
     } catch (error) {
@@ -365,7 +373,9 @@ export async function openNodeFile(path: string, options: OpenNodeFileOptions = 
     throw fromSystemError(error, path, readOnly ? "open for reading" : "open for reading and writing");
   }
   const ioMode = options.ioMode ?? "auto";
-  return new NodeFile(path, fd, readOnly, ioMode, options.cache, options.writeIoMode ?? ioMode);
+  const file = new NodeFile(path, fd, readOnly, ioMode, options.cache, options.writeIoMode ?? ioMode);
+  file.allocateLargeWrites = options.allocateLargeWrites ?? false;
+  return file;
 }
 
 /** Create (or, unless exclusive, truncate) a file for reading and writing. */

@@ -133,8 +133,9 @@ test("writeZeroBytes: 'punch' leaves the file's size, 'allocate' grows it as a w
   }
 });
 
-test("large writes allocate what a plain write allocates, on the thread pool, on the calling thread and vectored; the write sets the size", (t) =>
+test("with allocateLargeWrites, large writes allocate what a plain write allocates, on the thread pool, on the calling thread and vectored; the write sets the size", (t) =>
   onSparseFile(t, "allocating", async (file, path) => {
+    file.allocateLargeWrites = true;
     // A twin written with plain node:fs writes, step by step: the same size and the same data runs after each.
     // (Runs, not st_blocks: ext4 may count one more block for its extent tree, where an allocated extent did
     // not merge with its neighbour yet; that is the file system's metadata, not the file's.)
@@ -181,6 +182,7 @@ test("a large write the system refuses fails with a coded error naming the file,
   // Opened for reading by the system but not marked read-only: the write reaches pwrite, which fails (EBADF).
   const fd = openSync(path, "r");
   const file = new NodeFile(path, fd, false, "auto");
+  file.allocateLargeWrites = true;
   try {
     const refused = (error: unknown): boolean => isSnapstackError(error) && error.code === "E_IO" && error.message.includes(path) && error.message.includes("EBADF");
     await assert.rejects(file.write(0, new Uint8Array(1 * MiB)), refused);
