@@ -42,11 +42,12 @@
  *   discard does nothing (the ImageFile contract lets discarded ranges read
  *   back as anything, and space is not returned), zeroInPlace and
  *   preallocate report false (callers write zeroes) and holes reports null.
- * - allocateLargeWrites (opt-in, for a file that is written mostly into
- *   holes, as a new convert target is): writes of ALLOCATE_BEFORE_WRITE_BYTES
- *   or more allocate their range first (fallocate with FALLOC_FL_KEEP_SIZE), in the same thread-pool job
- *   as the pwritev when they run on the pool (the addon's writeAllocating),
- *   just before the pwrite when on this thread. On ext4 a buffered write
+ * - allocateLargeWrites (opt-in, for a file written mostly into holes, as
+ *   a new convert target is): writes of ALLOCATE_BEFORE_WRITE_BYTES or
+ *   more allocate their range first (fallocate with FALLOC_FL_KEEP_SIZE),
+ *   in the same thread-pool job as the pwritev when they run on the pool
+ *   (the addon's writeAllocating), just before the pwrite when on this
+ *   thread. On ext4 a buffered write
  *   into a hole otherwise reserves its blocks page by page (delayed
  *   allocation): measured on the AMD development VM, 1 GiB of 1 MiB writes
  *   into a new file took 0.48-0.53 s of kernel time plain and 0.40-0.44 s
