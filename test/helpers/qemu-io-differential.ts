@@ -235,7 +235,7 @@ export async function runDifferentialCase(testCase: DifferentialCase, dir: strin
 
   // QEMU: runs of data operations through one qemu-io each, snapshots through qemu-img.
   const qemuFailed: string[] = [];
-  /** The data operations qemu-io failed, where its output could be matched to them (qemuOpResults). */
+  /** The data operations qemu-io failed, where its output could be matched to them (qemuOpFailures). */
   const qemuFailedOps: Array<{ op: DifferentialOp; line: string }> = [];
   let qemuCorrupt: string | null = null;
   const qemuSnapshots: string[] = [];
