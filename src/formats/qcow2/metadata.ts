@@ -1141,11 +1141,11 @@ export class Qcow2Metadata {
     if (wrote) await this.file.flush();
   }
 
-  /** Zero bytes over the given clusters (contiguous ones in one write each), never past the end of the file. */
-  async #writeZeroClusters(clusterIndexes: number[]): Promise<void> {
+  /** Zero bytes over the given clusters, in ascending order (contiguous ones in one write each), never past the end of the file. */
+  async #writeZeroClusters(sortedClusterIndexes: readonly number[]): Promise<void> {
     const cs = this.clusterSizeBytes;
     const fileSizeBytes = await this.file.sizeBytes();
-    for (const [first, end] of clusterRuns([...clusterIndexes].sort((a, b) => a - b))) {
+    for (const [first, end] of clusterRuns(sortedClusterIndexes)) {
       const stop = Math.min(end * cs, fileSizeBytes);
       if (stop > first * cs) await writeZeroBytes(this.file, first * cs, stop - first * cs);
     }
