@@ -81,6 +81,14 @@ export interface BlockDevice {
    */
   layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]>;
   /**
+   * Optional: layerStatus for splitting a read into data and holes (an NBD
+   * READ's chunks), cheaper where the layer remembers what it found, and so
+   * allowed to lag in one direction only: a range that became a hole through
+   * another process may still show as data (its zeroes are read and sent),
+   * never data as a hole. Not for map or block status, which must be exact.
+   */
+  readStatus?(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]>;
+  /**
    * Optional: the hole runs in [hostOffset, hostOffset + lengthBytes) of
    * this layer's own file, under data the layer maps there, where QEMU's
    * block status asks the file about such data (BDRV_BLOCK_RECURSE): holes

@@ -41,6 +41,15 @@ export async function writeZeroBytes(file: ImageFile, hostOffset: number, length
   }
 }
 
+export interface HolesOptions {
+  /**
+   * The answer may come from what the file found before (a data run), as
+   * BlockDevice.readStatus allows: a hole made meanwhile through another
+   * descriptor may show as data, never data as a hole.
+   */
+  knownDataOk?: boolean;
+}
+
 export interface ImageFile {
   /** Path or a descriptive name, used in error messages. */
   readonly name: string;
@@ -107,7 +116,7 @@ export interface ImageFile {
    * the file's end are holes (SEEK_DATA / SEEK_HOLE), as ordered runs that
    * cover it. Null when holes cannot be seen: treat it all as data.
    */
-  holes?(hostOffset: number, lengthBytes: number): Promise<FileRun[] | null>;
+  holes?(hostOffset: number, lengthBytes: number, options?: HolesOptions): Promise<FileRun[] | null>;
   /** Optional: bytes the file occupies on the host (st_blocks * 512, what QEMU's file driver reports). */
   allocatedBytes?(): Promise<number>;
   close(): Promise<void>;

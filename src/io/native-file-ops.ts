@@ -141,9 +141,11 @@ export function writeAllocating(fd: number, offset: number, buffers: readonly Ui
  * The data and hole runs of [offset, offset + length) in a file of
  * `fileSizeBytes`, in order, covering exactly the part before the file's
  * end. Null when holes cannot be seen here (no addon): callers treat the
- * range as data.
+ * range as data. `onDataRun`, when given, hears of each data run found
+ * with its whole extent as the file system reported it, not cut at the
+ * end of the query (where SEEK_HOLE found its end).
  */
-export function fileRuns(fd: number, offset: number, length: number, fileSizeBytes: number): FileRun[] | null {
+export function fileRuns(fd: number, offset: number, length: number, fileSizeBytes: number, onDataRun?: (start: number, end: number) => void): FileRun[] | null {
   const ops = loadAddon();
   if (ops === null) return null;
   const end = Math.min(offset + length, fileSizeBytes);
@@ -154,7 +156,10 @@ export function fileRuns(fd: number, offset: number, length: number, fileSizeByt
   /** The seek's offset (at most `end`); `onEnxio` for ENXIO; null where the file system cannot seek so. */
   const seekTo = (at: number, whence: number, onEnxio: number): number | null => {
     const result = ops.seek(fd, at, whence);
-    if (result >= 0) return Math.min(result, end);
+    if (result >= 0) {
+      if (whence === SEEK_HOLE && result > at) onDataRun?.(at, result);
+      return Math.min(result, end);
+    }
     const code = getSystemErrorName(result);
     if (code === "ENXIO") return onEnxio;
     if (UNSUPPORTED.has(code)) return null;

@@ -42,6 +42,17 @@
  *   discard does nothing (the ImageFile contract lets discarded ranges read
  *   back as anything, and space is not returned), zeroInPlace and
  *   preallocate report false (callers write zeroes) and holes reports null.
+ * - holes() remembers the last data run it found, whole (from SEEK_DATA to
+ *   the SEEK_HOLE after it, beyond the range asked about), and with
+ *   knownDataOk answers a range inside it with no system call: a raw NBD
+ *   export asks about every READ (to send holes as holes), and a fully
+ *   allocated file is then one lookup. Only data is remembered, never a
+ *   hole: a write makes data but nothing here sees it, while only this
+ *   object's discard, zeroInPlace (and preallocate) and truncate can make
+ *   holes, and they forget the run. A hole made through another descriptor
+ *   (a data worker serving the same file) leaves the run remembered, so a
+ *   READ sends its zeroes as data: the same bytes, never wrong ones. Map
+ *   and block status never use it (they must be exact).
  * - allocateLargeWrites (opt-in, for a file written mostly into holes, as
  *   a new convert target is): writes of ALLOCATE_BEFORE_WRITE_BYTES or
  *   more allocate their range first (fallocate with FALLOC_FL_KEEP_SIZE),
@@ -65,7 +76,7 @@
  */
 import fs from "node:fs";
 import { SnapstackError, assert, fromSystemError } from "../base/errors.ts";
-import type { FileRun, ImageFile, ZeroInPlace } from "./file.ts";
+import type { FileRun, HolesOptions, ImageFile, ZeroInPlace } from "./file.ts";
 import { allocateForWrite, fileRuns, preallocate, punchHole, writeAllocating, zeroRange } from "./native-file-ops.ts";
 
 export type NodeFileIoMode = "sync" | "async" | "auto" | "small-async";
@@ -160,6 +171,9 @@ export class NodeFile implements ImageFile {
   #flushNext: Promise<void> | null = null;
   /** The first failed flush: every later one fails with it. */
   #flushFailure: unknown = null;
+  /** The last data run holes() found, [start, end) (empty when end <= start); see the design notes. */
+  #dataRunStart = 0;
+  #dataRunEnd = 0;
 
   constructor(name: string, fd: number, readOnly: boolean, ioMode: NodeFileIoMode, cache: NodeFileCacheMode = "writeback", writeIoMode: NodeFileIoMode = ioMode) {
     this.name = name;
@@ -270,10 +284,13 @@ export class NodeFile implements ImageFile {
     assert(Number.isSafeInteger(sizeBytes) && sizeBytes >= 0, `truncate size ${sizeBytes} is a non-negative integer`);
     if (this.readOnly) throw new SnapstackError("E_READ_ONLY", `${this.name}: cannot truncate: opened read-only`, { path: this.name });
     const fd = this.#openFd("truncate");
+    this.#forgetDataRun();
     try {
       await new Promise<void>((resolve, reject) => fs.ftruncate(fd, sizeBytes, (error) => (error ? reject(error) : resolve())));
     } catch (error) {
       throw fromSystemError(error, this.name, `truncate to ${sizeBytes} bytes`);
+    } finally {
+      this.#forgetDataRun();
     }
   }
 
@@ -325,17 +342,34 @@ export class NodeFile implements ImageFile {
   /** One fallocate on the thread pool (io/native-file-ops.ts); false when unsupported (nothing was changed then). */
   async #fallocate(action: string, hostOffset: number, lengthBytes: number, call: (fd: number, offset: number, length: number) => Promise<boolean>): Promise<boolean> {
     const fd = this.#openFd(action);
+    // It may make holes: the data run known is forgotten before, and after (a holes() call while it ran may have seen the old data).
+    this.#forgetDataRun();
     try {
       return await call(fd, hostOffset, lengthBytes);
     } catch (error) {
       throw fromSystemError(error, this.name, `${action} ${lengthBytes} bytes at offset ${hostOffset}`);
+    } finally {
+      this.#forgetDataRun();
     }
   }
 
-  async holes(hostOffset: number, lengthBytes: number): Promise<FileRun[] | null> {
+  /** fileRuns' report of a data run: the one holes() answers from next. */
+  readonly #noteDataRun = (start: number, end: number): void => {
+    this.#dataRunStart = start;
+    this.#dataRunEnd = end;
+  };
+
+  #forgetDataRun(): void {
+    this.#dataRunStart = 0;
+    this.#dataRunEnd = 0;
+  }
+
+  async holes(hostOffset: number, lengthBytes: number, options: HolesOptions = {}): Promise<FileRun[] | null> {
     const fd = this.#openFd("find holes");
+    // Inside the last data run found: no fstat and no lseek (see the design notes).
+    if (options.knownDataOk === true && lengthBytes > 0 && hostOffset >= this.#dataRunStart && hostOffset + lengthBytes <= this.#dataRunEnd) return [{ hostOffset, lengthBytes, hole: false }];
     try {
-      return fileRuns(fd, hostOffset, lengthBytes, fs.fstatSync(fd).size);
+      return fileRuns(fd, hostOffset, lengthBytes, fs.fstatSync(fd).size, this.#noteDataRun);
     } catch (error) {
       throw fromSystemError(error, this.name, `find holes in ${lengthBytes} bytes at offset ${hostOffset}`);
     }

@@ -147,33 +147,31 @@ export interface ReadRun {
 }
 
 /**
- * READs of `device` are sent as data whole: a raw file, whose holes block
- * status reports but a READ does not look for (an fstat and two lseeks per
- * READ; qemu-nbd sends them as holes, the bytes are the same zeroes).
- */
-export function alwaysData(device: BlockDevice): boolean {
-  return device.backing === null && device.format === "raw";
-}
-
-/**
  * Split a read into data runs and hole runs (ranges that read as zeroes:
- * qemu-nbd's nbd_co_send_sparse_read sends BDRV_BLOCK_ZERO ranges as holes).
- * Raw files need no walk (alwaysData).
+ * qemu-nbd's nbd_co_send_sparse_read sends BDRV_BLOCK_ZERO ranges as holes,
+ * a raw file's holes among them). A raw file without a backing file asks
+ * its one layer's readStatus (SEEK_DATA / SEEK_HOLE, which NodeFile answers
+ * without a system call inside the last data run it found: a fully
+ * allocated file costs one lookup, not an fstat and two lseeks per READ).
  */
 export async function readRuns(device: BlockDevice, guestOffset: number, lengthBytes: number): Promise<ReadRun[]> {
-  if (alwaysData(device)) return [{ guestOffset, lengthBytes, hole: false }];
   const runs: ReadRun[] = [];
+  const add = (start: number, length: number, hole: boolean): void => {
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last.hole === hole) last.lengthBytes += length;
+    else runs.push({ guestOffset: start, lengthBytes: length, hole });
+  };
+  if (device.backing === null && device.format === "raw") {
+    const extents = device.readStatus !== undefined ? await device.readStatus(guestOffset, lengthBytes) : await device.layerStatus(guestOffset, lengthBytes);
+    for (const extent of extents) add(extent.guestOffset, extent.lengthBytes, extent.kind === "zero");
+    return runs;
+  }
   // Data past a host file's end reads as zeroes: no stat per READ to send it as a hole instead.
   await walkChain(
     device,
     guestOffset,
     guestOffset + lengthBytes,
-    (entry) => {
-      const hole = entry.zero;
-      const last = runs[runs.length - 1];
-      if (last !== undefined && last.hole === hole) last.lengthBytes += entry.length;
-      else runs.push({ guestOffset: entry.start, lengthBytes: entry.length, hole });
-    },
+    (entry) => add(entry.start, entry.length, entry.zero),
     { splitAtEof: false },
   );
   return runs;

@@ -70,7 +70,7 @@ import { WRITE_SYNC_BYTES_MAX } from "../io/file.ts";
 import { ASYNC_IO_THRESHOLD_BYTES } from "../io/node-file.ts";
 import { isAllZero } from "../io/io-buffer.ts";
 import { encodeBlockStatusChunk, encodeChunk, encodeErrorChunk, encodeGreeting, writeChunkHeader, writeSimpleReplyHeader, writeU64 } from "./codec.ts";
-import { alwaysData, queryBlockStatus, readRuns } from "./block-status.ts";
+import { queryBlockStatus, readRuns } from "./block-status.ts";
 import type { NbdExport } from "./nbd-export.ts";
 import type { TlsCredentials } from "./tls-credentials.ts";
 import type { BufferPool } from "./buffer-pool.ts";
@@ -557,7 +557,7 @@ export class NbdConnection {
     this.#inFlightBytes += costBytes;
     let running: Promise<void>;
     if (plainWritePayload !== null) running = this.#write(request, plainWritePayload, exp);
-    else if (request.type === CMD_READ && this.#readsWhole(request, exp)) running = this.#readWhole(request, exp);
+    else if (request.type === CMD_READ && this.#readsWhole(request)) running = this.#readWhole(request, exp);
     else running = this.#execute(request, exp, zeroData);
     running.then(() => {
       this.#inFlightRequests--;
@@ -675,9 +675,9 @@ export class NbdConnection {
   }
 
   /** The READ is answered with all its data in one reply (a simple reply, or one data chunk). */
-  #readsWhole(request: NbdRequest, exp: NbdExport): boolean {
+  #readsWhole(request: NbdRequest): boolean {
     if (!this.#structuredReplies) return true;
-    return request.lengthBytes > 0 && (request.lengthBytes < SPARSE_READ_MIN_BYTES || (request.flags & CMD_FLAG_DF) !== 0 || alwaysData(exp.device));
+    return request.lengthBytes > 0 && (request.lengthBytes < SPARSE_READ_MIN_BYTES || (request.flags & CMD_FLAG_DF) !== 0);
   }
 
   /**

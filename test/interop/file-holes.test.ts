@@ -154,6 +154,64 @@ h.flush()
   assert.equal(after[0], after[1]);
 });
 
+/**
+ * An nbdsh script printing, for each [offset, length], the chunks of a
+ * structured READ (libnbd's pread_structured: status 1 data, 2 hole) as
+ * JSON lines, and the SHA-256 of the bytes.
+ */
+function chunkScript(ranges: Array<[number, number]>): string {
+  return `
+import hashlib, json
+for (offset, length) in ${JSON.stringify(ranges)}:
+    chunks = []
+    def chunk(subbuf, at, status, error):
+        chunks.append([status, at, len(subbuf)])
+        return 0
+    data = h.pread_structured(length, offset, chunk)
+    print(json.dumps({"offset": offset, "chunks": chunks, "sha256": hashlib.sha256(data).hexdigest()}))
+`;
+}
+
+test("NBD raw export: structured READs send the file's holes as hole chunks, the same chunks qemu-nbd sends, before and after TRIM and WRITE_ZEROES", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdsh") || !requireNativeFileOps(t)) return;
+  const dir = scratchDir(t);
+  const source = await sparseRaw(dir, "served.raw");
+  const theirs = await sparseRaw(dir, "qemu.raw");
+  // One process: its TRIM forgets the data run it knew (with data workers, another worker's READ may
+  // still send a punched range's zeroes as data, the same bytes; see NodeFile's design notes).
+  const ourServer = await startNbd(t, "snapstack", dir, source, { args: ["-t", "-f", "raw", "--discard=unmap", "--workers=0"] });
+  const theirServer = await startNbd(t, "qemu-nbd", dir, theirs, { args: ["-t", "-f", "raw", "--discard=unmap"] });
+  const MiB = 1024 * 1024;
+  const ranges: Array<[number, number]> = [
+    [0, 8 * MiB],
+    [8 * MiB, 8 * MiB],
+    [MiB - 4096, 73728],
+    [5 * MiB + 512 * 1024, MiB],
+    [0, 65536],
+  ];
+  const chunksOf = async (): Promise<[string, string]> => {
+    const [ours, qemu] = await Promise.all([ourServer, theirServer].map(async (server) => (await runOk("nbdsh", ["-u", server.uri, "-c", chunkScript(ranges)])).stdout));
+    return [ours, qemu];
+  };
+  const [before, qemuBefore] = await chunksOf();
+  assert.equal(before, qemuBefore);
+  const first = JSON.parse(before.split("\n")[0]) as { chunks: number[][] };
+  assert.deepEqual(
+    first.chunks.map(([status]) => status),
+    [1, 2, 1, 2, 1, 2],
+    "data at 0 (qemu's first block), 1 MiB and 5 MiB, holes between",
+  );
+  // A READ inside one data run, then the run punched by this server and written again: each READ
+  // after a change sees it.
+  for (const server of [ourServer, theirServer]) {
+    await runOk("nbdsh", ["-u", server.uri, "-c", "h.pread(1048576, 5242880)\nh.trim(1048576, 5505024)\nh.zero(65536, 1048576)\nh.pwrite(b'\\x44' * 65536, 8388608)\nh.flush()"]);
+  }
+  const [after, qemuAfter] = await chunksOf();
+  assert.equal(after, qemuAfter);
+  assert.notEqual(after, before);
+  assert.equal(digest(source), digest(theirs));
+});
+
 /** A 16 MiB qcow2 image (64 KiB clusters) with 8 MiB of data and an internal snapshot of the first 2 MiB, made by qemu-img. */
 async function qcow2WithData(dir: string, name: string): Promise<string> {
   const path = join(dir, name);

@@ -74,6 +74,48 @@ test("holes: the data and hole runs of a sparse file, for any window", (t) =>
   }),
 );
 
+test("holes with knownDataOk: answered from the last data run found (whole, past the window); this file's punches and truncates forget it, another descriptor's show only without the option", (t) =>
+  onSparseFile(t, "known-data", async (file, path) => {
+    const data = (hostOffset: number, lengthBytes: number) => [{ hostOffset, lengthBytes, hole: false }];
+    // A window inside the 1 MiB data run at 3 MiB: the lookup learns the whole run, to the file's end.
+    assert.deepEqual(await file.holes(3 * MiB, 4 * KiB, { knownDataOk: true }), data(3 * MiB, 4 * KiB));
+    // Punched through another descriptor: only an exact query sees the hole; a READ's may send its zeroes as data.
+    const other = await openNodeFile(path, { readOnly: false });
+    try {
+      await other.discard(3 * MiB + 256 * KiB, 64 * KiB);
+    } finally {
+      await other.close();
+    }
+    const punched = [
+      { hostOffset: 3 * MiB + 192 * KiB, lengthBytes: 64 * KiB, hole: false },
+      { hostOffset: 3 * MiB + 256 * KiB, lengthBytes: 64 * KiB, hole: true },
+      { hostOffset: 3 * MiB + 320 * KiB, lengthBytes: 64 * KiB, hole: false },
+    ];
+    assert.deepEqual(await file.holes(3 * MiB + 192 * KiB, 192 * KiB, { knownDataOk: true }), data(3 * MiB + 192 * KiB, 192 * KiB));
+    assert.deepEqual(await file.holes(3 * MiB + 192 * KiB, 192 * KiB), punched);
+    // The exact query learned the run after the hole; a window reaching past a run is looked up.
+    assert.deepEqual(await file.holes(3 * MiB + 192 * KiB, 192 * KiB, { knownDataOk: true }), punched);
+    assert.deepEqual(await file.holes(3 * MiB + 512 * KiB, 64 * KiB, { knownDataOk: true }), data(3 * MiB + 512 * KiB, 64 * KiB));
+    // This file's own punch forgets the run at once, and so does a zeroInPlace.
+    await file.discard(3 * MiB + 512 * KiB, 64 * KiB);
+    assert.deepEqual(await file.holes(3 * MiB + 448 * KiB, 192 * KiB, { knownDataOk: true }), [
+      { hostOffset: 3 * MiB + 448 * KiB, lengthBytes: 64 * KiB, hole: false },
+      { hostOffset: 3 * MiB + 512 * KiB, lengthBytes: 64 * KiB, hole: true },
+      { hostOffset: 3 * MiB + 576 * KiB, lengthBytes: 64 * KiB, hole: false },
+    ]);
+    assert.equal(await file.zeroInPlace(3 * MiB + 640 * KiB, 64 * KiB, "punch"), true);
+    assert.deepEqual((await file.holes(3 * MiB + 576 * KiB, 192 * KiB, { knownDataOk: true }))?.map((run) => run.hole), [false, true, false]);
+    // A truncate forgets it too: what lies past the new end is not reported at all.
+    assert.deepEqual(await file.holes(3 * MiB + 896 * KiB, 64 * KiB, { knownDataOk: true }), data(3 * MiB + 896 * KiB, 64 * KiB));
+    await file.truncate(3 * MiB + 900 * KiB);
+    assert.deepEqual(await file.holes(3 * MiB + 896 * KiB, 64 * KiB, { knownDataOk: true }), data(3 * MiB + 896 * KiB, 4 * KiB));
+    // Holes are never remembered: a write into one shows at once.
+    assert.deepEqual(await file.holes(2 * MiB, 4 * KiB, { knownDataOk: true }), [{ hostOffset: 2 * MiB, lengthBytes: 4 * KiB, hole: true }]);
+    await file.write(2 * MiB, new Uint8Array(4 * KiB).fill(0x33));
+    assert.deepEqual(await file.holes(2 * MiB, 4 * KiB, { knownDataOk: true }), data(2 * MiB, 4 * KiB));
+  }),
+);
+
 test("discard and zeroInPlace('punch') free the range, which reads as zeroes; the size stays", (t) =>
   onSparseFile(t, "punch", async (file, path) => {
     const before = allocatedBytes(path);

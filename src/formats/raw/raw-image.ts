@@ -9,7 +9,8 @@
  *   host offset = guest offset, as qemu's file driver does (lseek
  *   SEEK_DATA / SEEK_HOLE, ImageFile.holes); the bytes of the last sector
  *   past the end of a file whose size is not a multiple of 512 are zero
- *   too. Where holes cannot be seen (no native addon, io/native-file-ops.ts)
+ *   too. readStatus, for splitting NBD READs into data and hole chunks,
+ *   lets the file answer from the data run it found last (NodeFile). Where holes cannot be seen (no native addon, io/native-file-ops.ts)
  *   everything before the file's end is data: readers then read holes
  *   (zeroes) instead of skipping them, with the same result.
  * - discard punches a hole where the file system can (ImageFile.discard),
@@ -136,17 +137,29 @@ export class RawImage implements BlockDevice {
     return !this.readOnly && !this.#closed && this.#writeBehind.start();
   }
 
-  async layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]> {
+  layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]> {
+    return this.#status(guestOffset, lengthBytes, false);
+  }
+
+  /** BlockDevice.readStatus: from the data run the file found last where it covers the range (NodeFile.holes). */
+  readStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]> {
+    return this.#status(guestOffset, lengthBytes, true);
+  }
+
+  async #status(guestOffset: number, lengthBytes: number, knownDataOk: boolean): Promise<LayerExtent[]> {
     checkDeviceRange(this, guestOffset, lengthBytes);
     if (lengthBytes === 0) return [];
     const end = guestOffset + lengthBytes;
-    // The bytes of the last sector past the file's end read as zeroes: reported as such, as qemu's file driver does.
-    const fileEnd = Math.min(end, Math.max(guestOffset, await this.file.sizeBytes()));
-    const extents: LayerExtent[] = [];
-    if (fileEnd > guestOffset) {
-      const runs = (await this.file.holes?.(guestOffset, fileEnd - guestOffset)) ?? [{ hostOffset: guestOffset, lengthBytes: fileEnd - guestOffset, hole: false }];
-      for (const run of runs) extents.push({ guestOffset: run.hostOffset, lengthBytes: run.lengthBytes, kind: run.hole ? "zero" : "data", hostOffset: run.hostOffset });
+    // holes() covers the range up to the file's end (no fstat here: a raw NBD export asks for every READ).
+    let runs = (await this.file.holes?.(guestOffset, lengthBytes, { knownDataOk })) ?? null;
+    if (runs === null) {
+      const fileEnd = Math.min(end, Math.max(guestOffset, await this.file.sizeBytes()));
+      runs = fileEnd > guestOffset ? [{ hostOffset: guestOffset, lengthBytes: fileEnd - guestOffset, hole: false }] : [];
     }
+    const extents: LayerExtent[] = [];
+    for (const run of runs) extents.push({ guestOffset: run.hostOffset, lengthBytes: run.lengthBytes, kind: run.hole ? "zero" : "data", hostOffset: run.hostOffset });
+    // The bytes of the last sector past the file's end read as zeroes: reported as such, as qemu's file driver does.
+    const fileEnd = runs.length === 0 ? guestOffset : runs[runs.length - 1].hostOffset + runs[runs.length - 1].lengthBytes;
     if (end > fileEnd) {
       const last = extents[extents.length - 1];
       if (last?.kind === "zero") last.lengthBytes += end - fileEnd;
