@@ -26,7 +26,12 @@
  *   including the lazy `fs.promises` getter, and so loads fs/promises,
  *   readline, os and the stream modules (~6 ms CPU of every command, for
  *   nothing). Getter exports are left out: a bundled import of one is a build
- *   error. There are no runtime dependencies to inline.
+ *   error. Each export reads its property through a call marked pure, so
+ *   esbuild drops the ones nothing imports: reading them all (node:util's
+ *   setTraceSigInt loads worker_threads, others the stream modules) loaded
+ *   ~35 internal modules at start-up; now node:fs's Dir alone is left.
+ *   Measured: `img snapshot -l` 75.0 -> 73.9 ms (medians of 15,
+ *   alternating). There are no runtime dependencies to inline.
  */
 import { mkdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from "node:fs";
 import { dirname, join, relative } from "node:path";
@@ -90,8 +95,8 @@ function builtinModulePlugin(): esbuild.Plugin {
         if (builtin === undefined) return { errors: [{ text: `no Node built-in module ${args.path}` }] };
         const descriptors = Object.getOwnPropertyDescriptors(builtin);
         const names = Object.keys(descriptors).filter((name) => name !== "default" && IDENTIFIER.test(name) && "value" in descriptors[name]);
-        const lines = [`const builtin = process.getBuiltinModule(${JSON.stringify(args.path)});`, "export default builtin;"];
-        for (const name of names) lines.push(`export const ${name} = builtin.${name};`);
+        const lines = [`const builtin = process.getBuiltinModule(${JSON.stringify(args.path)});`, "const property = (name) => builtin[name];", "export default builtin;"];
+        for (const name of names) lines.push(`export const ${name} = /* @__PURE__ */ property(${JSON.stringify(name)});`);
         return { contents: lines.join("\n"), loader: "js" };
       });
     },
