@@ -34,7 +34,8 @@
 import type { BlockDevice, MapExtent } from "../device/block-device.ts";
 import { walkChain } from "../chain/map-image.ts";
 import { chainLayers } from "../chain/open-image.ts";
-import { BLOCK_STATUS_EXTENTS_MAX, BLOCK_STATUS_WINDOW_FIRST_BYTES, BLOCK_STATUS_WINDOW_MAX_BYTES, STATE_HOLE, STATE_ZERO } from "./protocol.ts";
+import { BLOCK_STATUS_EXTENTS_MAX, BLOCK_STATUS_WINDOW_FIRST_BYTES, BLOCK_STATUS_WINDOW_MAX_BYTES, STATE_DIRTY, STATE_HOLE, STATE_ZERO } from "./protocol.ts";
+import type { DirtyBitmapBits } from "./nbd-export.ts";
 
 /** The smallest extent any layer can report: a window of extentsMax sectors holds at most extentsMax extents. */
 const SECTOR_BYTES = 512;
@@ -137,6 +138,41 @@ export async function queryBlockStatus(device: BlockDevice, guestOffset: number,
     depth?.keepFirst();
   }
   return { baseAllocation: base, allocationDepth: depth };
+}
+
+/**
+ * qemu:dirty-bitmap extents for [guestOffset, guestOffset + lengthBytes)
+ * (qemu's bitmap_to_extents): STATE_DIRTY where the granule's bit is set,
+ * 0 elsewhere, the first and last extents cut at the request's bounds;
+ * granules past the bitmap's end are clean. REQ_ONE keeps the first extent.
+ */
+export function dirtyBitmapExtents(bitmap: DirtyBitmapBits, guestOffset: number, lengthBytes: number, reqOne: boolean, extentsMax = BLOCK_STATUS_EXTENTS_MAX): ExtentList {
+  const list = new ExtentList(extentsMax);
+  const { granularityBytes, bits } = bitmap;
+  const granulesKnown = bits.length * 8;
+  const isDirty = (granule: number): boolean => granule < granulesKnown && (bits[granule >>> 3] & (1 << (granule & 7))) !== 0;
+  const end = guestOffset + lengthBytes;
+  for (let at = guestOffset; at < end && !list.closed; ) {
+    let granule = Math.floor(at / granularityBytes);
+    const dirty = isDirty(granule);
+    granule++;
+    // Whole bytes of the same bit skip eight granules at a time.
+    const same = dirty ? 0xff : 0;
+    const endGranule = Math.ceil(end / granularityBytes);
+    while (granule < endGranule) {
+      if ((granule & 7) === 0 && granule + 8 <= endGranule && (granule < granulesKnown ? bits[granule >>> 3] === same : !dirty)) {
+        granule += 8;
+        continue;
+      }
+      if (isDirty(granule) !== dirty) break;
+      granule++;
+    }
+    const runEnd = Math.min(end, granule * granularityBytes);
+    list.add(runEnd - at, dirty ? STATE_DIRTY : 0);
+    at = runEnd;
+    if (reqOne) break;
+  }
+  return list;
 }
 
 /** One run of a sparse read: data to send, or a hole that reads as zeroes. */

@@ -70,7 +70,7 @@ import { WRITE_SYNC_BYTES_MAX } from "../io/file.ts";
 import { ASYNC_IO_THRESHOLD_BYTES } from "../io/node-file.ts";
 import { isAllZero } from "../io/io-buffer.ts";
 import { encodeBlockStatusChunk, encodeChunk, encodeErrorChunk, encodeGreeting, writeChunkHeader, writeSimpleReplyHeader, writeU64 } from "./codec.ts";
-import { queryBlockStatus, readRuns } from "./block-status.ts";
+import { dirtyBitmapExtents, queryBlockStatus, readRuns } from "./block-status.ts";
 import type { NbdExport } from "./nbd-export.ts";
 import type { TlsCredentials } from "./tls-credentials.ts";
 import type { BufferPool } from "./buffer-pool.ts";
@@ -97,6 +97,7 @@ import {
   ERROR_MESSAGE_BYTES_MAX,
   META_ID_ALLOCATION_DEPTH,
   META_ID_BASE_ALLOCATION,
+  META_ID_DIRTY_BITMAP,
   BLOCK_STATUS_EXTENTS_MAX,
   NBD_ENOTSUP,
   OPTION_DATA_BYTES_MAX,
@@ -225,6 +226,8 @@ export class NbdConnection {
   #structuredReplies = false;
   #baseAllocation = false;
   #allocationDepth = false;
+  /** Indexes into the export's dirtyBitmaps of the qemu:dirty-bitmap contexts selected, in id order. */
+  #dirtyBitmaps: number[] = [];
   /** What validateRequest needs, kept from negotiation (sizeBytes refreshed per request). */
   #requestContext: RequestContext | null = null;
   #inFlightRequests = 0;
@@ -467,11 +470,12 @@ export class NbdConnection {
     this.#structuredReplies = structuredReplies;
     this.#baseAllocation = metaContextIds.includes(META_ID_BASE_ALLOCATION);
     this.#allocationDepth = metaContextIds.includes(META_ID_ALLOCATION_DEPTH);
+    this.#dirtyBitmaps = exp.dirtyBitmaps.map((_bitmap, index) => index).filter((index) => metaContextIds.includes(META_ID_DIRTY_BITMAP + index));
     this.#requestContext = {
       sizeBytes: exp.sizeBytes,
       readOnly: exp.readOnly,
       structuredReplies,
-      hasMetaContext: this.#baseAllocation || this.#allocationDepth,
+      hasMetaContext: this.#baseAllocation || this.#allocationDepth || this.#dirtyBitmaps.length > 0,
     };
     this.#phase = "transmission";
     this.#parser.phase = "transmission";
@@ -576,7 +580,7 @@ export class NbdConnection {
   #costBytes(request: NbdRequest): number {
     if (request.type === CMD_READ || request.type === CMD_WRITE) return request.lengthBytes;
     if (request.type !== CMD_BLOCK_STATUS) return 0;
-    const contexts = (this.#baseAllocation ? 1 : 0) + (this.#allocationDepth ? 1 : 0);
+    const contexts = (this.#baseAllocation ? 1 : 0) + (this.#allocationDepth ? 1 : 0) + this.#dirtyBitmaps.length;
     const extents = request.flags & CMD_FLAG_REQ_ONE ? 2 : Math.min(BLOCK_STATUS_EXTENTS_MAX, Math.ceil(request.lengthBytes / 512));
     return contexts * extents * 16;
   }
@@ -746,16 +750,20 @@ export class NbdConnection {
   }
 
   async #blockStatus(request: NbdRequest, exp: NbdExport): Promise<void> {
+    const reqOne = (request.flags & CMD_FLAG_REQ_ONE) !== 0;
     const answer = await exp.run((device) =>
       queryBlockStatus(device, request.offset, request.lengthBytes, {
         baseAllocation: this.#baseAllocation,
         allocationDepth: this.#allocationDepth,
-        reqOne: (request.flags & CMD_FLAG_REQ_ONE) !== 0,
+        reqOne,
       }),
     );
     const chunks: Array<[number, { lengths: number[]; values: number[] }]> = [];
     if (answer.baseAllocation !== null) chunks.push([META_ID_BASE_ALLOCATION, answer.baseAllocation]);
     if (answer.allocationDepth !== null) chunks.push([META_ID_ALLOCATION_DEPTH, answer.allocationDepth]);
+    for (const index of this.#dirtyBitmaps) {
+      chunks.push([META_ID_DIRTY_BITMAP + index, dirtyBitmapExtents(exp.dirtyBitmaps[index].read(), request.offset, request.lengthBytes, reqOne)]);
+    }
     chunks.forEach(([contextId, list], index) => {
       const flags = index === chunks.length - 1 ? REPLY_FLAG_DONE : 0;
       this.#send(encodeBlockStatusChunk(flags, request.cookieHi, request.cookieLo, contextId, list.lengths, list.values));

@@ -45,9 +45,25 @@ export interface NbdExportOptions {
    * writes the data.
    */
   detectZeroes?: DetectZeroes;
+  /** Dirty bitmaps offered as qemu:dirty-bitmap:NAME contexts, in the order their ids go (qemu-nbd numbers its -B bitmaps last given first). */
+  dirtyBitmaps?: readonly ExportedBitmap[];
 }
 
 export type DetectZeroes = "off" | "on" | "unmap";
+
+/** A dirty bitmap's bits as the export reads them: bit i covers [i * granularityBytes, +granularityBytes). */
+export interface DirtyBitmapBits {
+  granularityBytes: number;
+  /** Little-endian bit order within each byte, as qcow2 stores them. */
+  bits: Uint8Array;
+}
+
+/** A dirty bitmap offered as the metadata context qemu:dirty-bitmap:NAME (qemu-nbd -B NAME). */
+export interface ExportedBitmap {
+  name: string;
+  /** Its bits now: called for every BLOCK_STATUS, so a bitmap that writes keep up to date is seen live. */
+  read(): DirtyBitmapBits;
+}
 
 export class NbdExport {
   readonly name: string;
@@ -56,6 +72,7 @@ export class NbdExport {
   readonly allocationDepth: boolean;
   readonly discard: boolean;
   readonly detectZeroes: DetectZeroes;
+  readonly dirtyBitmaps: readonly ExportedBitmap[];
   #device: BlockDevice;
   #inFlight = 0;
   /** Called when no request runs any more (idle()). */
@@ -76,6 +93,7 @@ export class NbdExport {
     this.allocationDepth = options.allocationDepth ?? false;
     this.discard = options.discard ?? true;
     this.detectZeroes = options.detectZeroes ?? "off";
+    this.dirtyBitmaps = options.dirtyBitmaps ?? [];
   }
 
   get device(): BlockDevice {

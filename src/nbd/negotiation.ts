@@ -16,7 +16,8 @@
  *   SET_META_CONTEXT replaces the selection even when it fails.
  * - Error strings are bounded (names are shortened for messages), since
  *   qemu asserted on over-long ones (CVE-2020-10761).
- * - Context ids are qemu-nbd 7.2's: base:allocation 0, qemu:allocation-depth 1.
+ * - Context ids are qemu-nbd 7.2's: base:allocation 0, qemu:allocation-depth 1,
+ *   the export's dirty bitmaps (qemu:dirty-bitmap:NAME) 2 on.
  */
 import {
   encodeExportNameReply,
@@ -37,8 +38,10 @@ import {
   INFO_NAME,
   META_ALLOCATION_DEPTH,
   META_BASE_ALLOCATION,
+  META_DIRTY_BITMAP_PREFIX,
   META_ID_ALLOCATION_DEPTH,
   META_ID_BASE_ALLOCATION,
+  META_ID_DIRTY_BITMAP,
   MINIMUM_BLOCK_BYTES,
   NAME_BYTES_MAX,
   OPTION_ERROR_MESSAGE_BYTES_MAX,
@@ -144,6 +147,7 @@ export interface MetaContext {
 function offeredContexts(exp: NbdExport): MetaContext[] {
   const contexts: MetaContext[] = [{ id: META_ID_BASE_ALLOCATION, name: META_BASE_ALLOCATION }];
   if (exp.allocationDepth) contexts.push({ id: META_ID_ALLOCATION_DEPTH, name: META_ALLOCATION_DEPTH });
+  exp.dirtyBitmaps.forEach((bitmap, index) => contexts.push({ id: META_ID_DIRTY_BITMAP + index, name: META_DIRTY_BITMAP_PREFIX + bitmap.name }));
   return contexts;
 }
 

@@ -138,12 +138,17 @@ export const NBD_ESHUTDOWN = 108;
 // base:allocation flags.
 export const STATE_HOLE = 0x1;
 export const STATE_ZERO = 0x2;
+// qemu:dirty-bitmap:NAME flag.
+export const STATE_DIRTY = 0x1;
 
 export const META_BASE_ALLOCATION = "base:allocation";
 export const META_ALLOCATION_DEPTH = "qemu:allocation-depth";
-/** Context ids as qemu-nbd 7.2 numbers them. */
+/** Prefix of a dirty bitmap's context name (qemu-nbd -B NAME). */
+export const META_DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:";
+/** Context ids as qemu-nbd 7.2 numbers them; the export's bitmaps follow, from META_ID_DIRTY_BITMAP on. */
 export const META_ID_BASE_ALLOCATION = 0;
 export const META_ID_ALLOCATION_DEPTH = 1;
+export const META_ID_DIRTY_BITMAP = 2;
 
 // Wire sizes.
 export const GREETING_BYTES = 18;

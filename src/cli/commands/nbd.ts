@@ -6,8 +6,8 @@
  * - Differences from qemu-nbd, on purpose: -b defaults to 127.0.0.1 (qemu-nbd
  *   listens on 0.0.0.0); TLS credentials are a directory given directly with
  *   --tls-creds DIR (qemu-nbd's `--object tls-creds-x509,id=ID,dir=DIR
- *   --tls-creds ID` is accepted too); -c (kernel device), -s, --image-opts,
- *   --bitmap, -B are refused with a coded error; -p 0 picks a free port,
+ *   --tls-creds ID` is accepted too); -c (kernel device), -s and
+ *   --image-opts are refused with a coded error; -p 0 picks a free port,
  *   printed with -v. -l exports a read-only view of an internal snapshot
  *   (src/formats/qcow2/snapshot-view.ts), always read-only as in qemu-nbd.
  * - Lifetime as qemu-nbd: without -t the server exits when the last client
@@ -52,7 +52,8 @@ import { availableParallelism } from "node:os";
 import { fileURLToPath } from "node:url";
 import { SnapstackError, type ErrorCode } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
-import { NbdExport, NbdServer, loadTlsCredentials, type DetectZeroes, type NbdListenAddress } from "../../nbd/index.ts";
+import { NbdExport, NbdServer, loadTlsCredentials, type DetectZeroes, type ExportedBitmap, type NbdListenAddress } from "../../nbd/index.ts";
+import { Qcow2Image } from "../../formats/qcow2/qcow2-image.ts";
 import { DataWorkerPool, runDataWorker } from "../../nbd/data-workers.ts";
 import { optionFlag, optionList, optionString, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
@@ -93,7 +94,7 @@ const OPTION_SPECS = [
   { name: "tlsCreds", long: "tls-creds", value: true },
   { name: "object", long: "object", value: true, repeat: "list" as const },
   { name: "device", short: "c", long: "connect", value: true },
-  { name: "bitmap", short: "B", long: "bitmap", value: true },
+  { name: "bitmap", short: "B", long: "bitmap", value: true, repeat: "list" as const },
   { name: "imageOpts", long: "image-opts" },
   { name: "cache", long: "cache", value: true },
   { name: "aio", long: "aio", value: true },
@@ -115,6 +116,8 @@ export interface NbdCommandOptions {
   persistent: boolean;
   connectionsMax: number;
   allocationDepth: boolean;
+  /** -B NAME, in the order given: persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME contexts. */
+  bitmaps: string[];
   /** --discard: unmap (on) lets TRIM free space; ignore (off, qemu-nbd's default) makes it a no-op. */
   discard: boolean;
   /** --detect-zeroes: off (default), on, unmap (needs --discard=unmap). */
@@ -166,15 +169,36 @@ function parseTlsObjects(objects: readonly string[]): Map<string, { dir: string;
 }
 
 /** The device to export: the image with its chain, or (-l) a read-only view of one of its internal snapshots. */
-function openExportDevice(options: NbdCommandOptions): Promise<{ device: BlockDevice; close(): Promise<void> }> {
+function openExportDevice(options: NbdCommandOptions): Promise<{ device: BlockDevice; image: BlockDevice; close(): Promise<void> }> {
   return openSource(options.path, { format: options.format, readOnly: options.readOnly, ioMode: options.ioMode, writeIoMode: options.writeIoMode, snapshot: options.snapshot });
+}
+
+/**
+ * The export of the opened image, with its -B bitmaps: numbered as qemu-nbd
+ * 7.2 numbers them (it prepends each -B to its list, so the last given gets
+ * the first id and is listed first).
+ */
+async function exportFor(options: NbdCommandOptions, opened: { device: BlockDevice; image: BlockDevice }): Promise<NbdExport> {
+  const dirtyBitmaps: ExportedBitmap[] = [];
+  for (const name of [...options.bitmaps].reverse()) {
+    if (!(opened.image instanceof Qcow2Image)) throw new SnapstackError("E_NOT_FOUND", `Bitmap '${name}' is not found (${opened.image.format} images have no dirty bitmaps)`);
+    dirtyBitmaps.push({ name, read: await opened.image.bitmapReader(name) });
+  }
+  return new NbdExport({
+    name: options.exportName,
+    device: opened.device,
+    description: options.description,
+    allocationDepth: options.allocationDepth,
+    discard: options.discard,
+    detectZeroes: options.detectZeroes,
+    dirtyBitmaps,
+  });
 }
 
 export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
   const parsed = parseArgs(argv, OPTION_SPECS);
   for (const [name, what] of [
     ["device", "-c (kernel NBD devices)"],
-    ["bitmap", "-B (dirty bitmaps)"],
     ["imageOpts", "--image-opts"],
   ] as const) {
     if (parsed.options[name] !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${what} is not supported by snapstack nbd`);
@@ -203,6 +227,8 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
   if (!DETECT_ZEROES_MODES.includes(detectZeroes as DetectZeroes)) throw usage(`Failed to parse detect_zeroes mode: Invalid parameter '${detectZeroes}'`);
   if (detectZeroes === "unmap" && !DISCARD_MODES[discardText]) throw usage("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap");
   const workersText = optionString(parsed, "workers");
+  const bitmaps = optionList(parsed, "bitmap");
+  if (bitmaps.length > 0 && snapshotText !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", "-B (dirty bitmaps) cannot be combined with -l (a snapshot has no bitmaps)");
   return {
     path: parsed.positionals[0],
     snapshot: snapshotText === undefined ? undefined : parseSnapshotParam(snapshotText),
@@ -214,6 +240,7 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
     persistent: optionFlag(parsed, "persistent"),
     connectionsMax,
     allocationDepth: optionFlag(parsed, "allocationDepth"),
+    bitmaps,
     discard: DISCARD_MODES[discardText],
     detectZeroes: detectZeroes as DetectZeroes,
     pidFile: optionString(parsed, "pidFile"),
@@ -298,7 +325,7 @@ async function serveAsDataWorker(options: NbdCommandOptions, context: CliContext
     throw error;
   }
   try {
-    const exp = new NbdExport({ name: options.exportName, device: opened.device, description: options.description, allocationDepth: options.allocationDepth, discard: options.discard, detectZeroes: options.detectZeroes });
+    const exp = await exportFor(options, opened);
     await runDataWorker({ export: exp, multiConn: options.connectionsMax !== 1, log });
     await opened.device.flush();
     return 0;
@@ -316,7 +343,7 @@ async function serve(options: NbdCommandOptions, argv: readonly string[], contex
   let dataWorkers: DataWorkerPool | null = null;
   let stoppedCleanly = false;
   try {
-    const exp = new NbdExport({ name: options.exportName, device, description: options.description, allocationDepth: options.allocationDepth, discard: options.discard, detectZeroes: options.detectZeroes });
+    const exp = await exportFor(options, opened);
     dataWorkers = await startDataWorkers(options, argv, exp, log);
     server = new NbdServer({ exports: [exp], tls, connectionsMax: options.connectionsMax, log, dataWorkers });
     const bound = await server.listen(options.address);

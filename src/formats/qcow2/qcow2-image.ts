@@ -611,6 +611,17 @@ export class Qcow2Image implements BlockDevice {
     return { granularityBytes: bitmap.granularityBytes, bits, sizeBytes: this.sizeBytes };
   }
 
+  /**
+   * A consistent bitmap's bits as they are at each call, for an NBD export
+   * (qemu-nbd -B): the copy this session keeps up to date once a change
+   * loads it (an enabled bitmap of a written image), else the bits read
+   * now (nothing here changes them: a disabled bitmap, or no change yet).
+   */
+  async bitmapReader(name: string): Promise<() => { granularityBytes: number; bits: Uint8Array }> {
+    const stored = await this.readBitmap(name);
+    return () => this.#trackedBitmaps.find((bitmap) => bitmap.name === name) ?? stored;
+  }
+
   info(): Qcow2Info {
     const header = this.#meta.header;
     return {
