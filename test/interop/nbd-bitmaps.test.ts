@@ -92,6 +92,29 @@ test("-B on a writable export: writes set the enabled bitmap's bits, seen live a
   assert.equal(reread[0].maps[0], mine.maps[0]);
 });
 
+test("-B finds a bitmap down the backing chain, as qemu-nbd does (an overlay over the image that has it), and -s serves it too", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")) return;
+  const dir = scratchDir(t);
+  const image = await imageWithBitmaps(dir);
+  const overlay = join(dir, "overlay.qcow2");
+  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-b", image, "-F", "qcow2", overlay]);
+  const views: Array<Awaited<ReturnType<typeof bitmapViews>>> = [];
+  for (const [path, extra] of [
+    [overlay, []],
+    [image, ["-s"]],
+  ] as const) {
+    for (const which of ["snapstack", "qemu-nbd"] as const) {
+      const server = await startNbd(t, which, dir, path, { args: ["-t", "-r", "-f", "qcow2", ...extra, "-B", "b0", "-B", "b1"] });
+      views.push(await bitmapViews(server));
+      server.process.kill("SIGTERM");
+      assert.equal(await waitExit(server.process), 0);
+    }
+  }
+  assert.deepEqual(views[0], views[1]);
+  assert.deepEqual(views[2], views[3]);
+  assert.deepEqual(views[0].maps, views[2].maps);
+});
+
 test("-B refused as qemu-nbd refuses it: a bitmap the image lacks, a raw image, with -l; one line, a code, nothing served", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);

@@ -6,7 +6,9 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { copyFileSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { copyFileSync, readFileSync, readdirSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { requireTools, run, runOk, scratchDir } from "../helpers/tools.ts";
 import { startNbd, waitExit } from "./nbd-helpers.ts";
@@ -171,4 +173,37 @@ test("--discard as qemu-nbd's: by default (ignore) TRIM changes nothing and zero
   const refused = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "--discard=maybe", top]);
   assert.equal(refused.code, 1);
   assert.match(refused.stderr, /E_USAGE: Invalid discard mode `maybe'/);
+});
+
+test("-s (qemu-nbd --snapshot): writes go to a temporary overlay that no file names, the chain and a raw image stay untouched, reads and map as qemu-nbd -s", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdsh")) return;
+  const dir = scratchDir(t);
+  const { top } = await buildChain(dir);
+  const raw = join(dir, "disk.raw");
+  await runOk("qemu-img", ["create", "-q", "-f", "raw", raw, "8M"]);
+  await runOk("qemu-io", ["-f", "raw", "-c", "write -q -P 0x31 1M 1M", raw]);
+  const digest = (path: string) => createHash("sha256").update(readFileSync(path)).digest("hex");
+  const files = [top, join(dir, "base.qcow2"), raw];
+  const before = files.map(digest);
+  const script = "import hashlib\nh.pwrite(b'\\x07' * 65536, 1048576 - 4096)\nh.zero(131072, 2097152)\nh.flush()\nd = hashlib.sha256()\nfor at in range(0, h.get_size(), 4194304):\n    d.update(h.pread(min(4194304, h.get_size() - at), at))\nprint(d.hexdigest())";
+  for (const [image, format] of [[top, "qcow2"], [raw, "raw"]]) {
+    // qemu-nbd holds a shared lock on the image: it may serve it beside ours, as both only read it.
+    const ours = await startNbd(t, "snapstack", dir, image, { args: ["-t", "-s", "-f", format] });
+    const theirs = await startNbd(t, "qemu-nbd", dir, image, { args: ["-t", "-s", "-f", format] });
+    const leftovers = () => readdirSync(tmpdir()).filter((name) => name.startsWith(`snapstack-nbd-${ours.process.pid}-`));
+    assert.deepEqual(leftovers(), [], "the overlay has no name once open");
+    const hashes = await Promise.all([ours, theirs].map(async (server) => (await runOk("nbdsh", ["-u", server.uri, "-c", script])).stdout));
+    assert.equal(hashes[0], hashes[1], format);
+    const maps = await Promise.all([ours, theirs].map(async (server) => (await runOk("qemu-img", ["map", "--output=json", server.uri])).stdout));
+    assert.equal(maps[0], maps[1], format);
+    for (const server of [ours, theirs]) {
+      server.process.kill("SIGTERM");
+      assert.equal(await waitExit(server.process), 0);
+    }
+    assert.deepEqual(leftovers(), []);
+  }
+  assert.deepEqual(files.map(digest), before, "the served images are only read");
+  const refused = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-s", "-l", "s1", "-k", join(dir, "x.sock"), top]);
+  assert.notEqual(refused.code, 0);
+  assert.match(refused.stderr, /E_USAGE.*-s and -l/);
 });

@@ -6,8 +6,8 @@
  * - Differences from qemu-nbd, on purpose: -b defaults to 127.0.0.1 (qemu-nbd
  *   listens on 0.0.0.0); TLS credentials are a directory given directly with
  *   --tls-creds DIR (qemu-nbd's `--object tls-creds-x509,id=ID,dir=DIR
- *   --tls-creds ID` is accepted too); -c (kernel device), -s and
- *   --image-opts are refused with a coded error; -p 0 picks a free port,
+ *   --tls-creds ID` is accepted too); -c (kernel device) and --image-opts
+ *   are refused with a coded error; -p 0 picks a free port,
  *   printed with -v. -l exports a read-only view of an internal snapshot
  *   (src/formats/qcow2/snapshot-view.ts), always read-only as in qemu-nbd.
  * - Lifetime as qemu-nbd: without -t the server exits when the last client
@@ -47,13 +47,16 @@
  *   command that outlives its arguments.
  */
 import { fork, spawn, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import { rmSync, writeFileSync } from "node:fs";
-import { availableParallelism } from "node:os";
+import { availableParallelism, tmpdir } from "node:os";
+import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { SnapstackError, type ErrorCode } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { NbdExport, NbdServer, loadTlsCredentials, type DetectZeroes, type ExportedBitmap, type NbdListenAddress } from "../../nbd/index.ts";
 import { Qcow2Image } from "../../formats/qcow2/qcow2-image.ts";
+import { createImage, openImage } from "../../chain/index.ts";
 import { DataWorkerPool, runDataWorker } from "../../nbd/data-workers.ts";
 import { optionFlag, optionList, optionString, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
@@ -96,6 +99,7 @@ const OPTION_SPECS = [
   { name: "device", short: "c", long: "connect", value: true },
   { name: "bitmap", short: "B", long: "bitmap", value: true, repeat: "list" as const },
   { name: "imageOpts", long: "image-opts" },
+  { name: "temporaryOverlay", short: "s", long: "snapshot" },
   { name: "cache", long: "cache", value: true },
   { name: "aio", long: "aio", value: true },
   { name: "discard", long: "discard", value: true },
@@ -118,6 +122,8 @@ export interface NbdCommandOptions {
   allocationDepth: boolean;
   /** -B NAME, in the order given: persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME contexts. */
   bitmaps: string[];
+  /** -s: serve a temporary qcow2 overlay over the image, deleted at exit (the image is only read). */
+  temporaryOverlay: boolean;
   /** --discard: unmap (on) lets TRIM free space; ignore (off, qemu-nbd's default) makes it a no-op. */
   discard: boolean;
   /** --detect-zeroes: off (default), on, unmap (needs --discard=unmap). */
@@ -169,8 +175,39 @@ function parseTlsObjects(objects: readonly string[]): Map<string, { dir: string;
 }
 
 /** The device to export: the image with its chain, or (-l) a read-only view of one of its internal snapshots. */
-function openExportDevice(options: NbdCommandOptions): Promise<{ device: BlockDevice; image: BlockDevice; close(): Promise<void> }> {
-  return openSource(options.path, { format: options.format, readOnly: options.readOnly, ioMode: options.ioMode, writeIoMode: options.writeIoMode, snapshot: options.snapshot });
+async function openExportDevice(options: NbdCommandOptions): Promise<{ device: BlockDevice; image: BlockDevice; close(): Promise<void> }> {
+  const path = options.temporaryOverlay ? await createTemporaryOverlay(options) : options.path;
+  let opened: Awaited<ReturnType<typeof openSource>>;
+  try {
+    opened = await openSource(path, { format: options.temporaryOverlay ? "qcow2" : options.format, readOnly: options.readOnly, ioMode: options.ioMode, writeIoMode: options.writeIoMode, snapshot: options.snapshot });
+  } finally {
+    // Open, the overlay needs no name: nothing is left behind, even if the server is killed.
+    if (options.temporaryOverlay) rmSync(path, { force: true });
+  }
+  return opened;
+}
+
+/**
+ * -s (qemu-nbd --snapshot): a new qcow2 overlay over the image in the
+ * temporary directory ($TMPDIR, else /tmp), its backing file named by
+ * absolute path with the image's format; the image itself is opened
+ * read-only under it, so it is never written.
+ */
+async function createTemporaryOverlay(options: NbdCommandOptions): Promise<string> {
+  const base = await openImage(options.path, { format: options.format, readOnly: true });
+  const backingFormat = base.format;
+  await base.close();
+  const path = join(tmpdir(), `snapstack-nbd-${process.pid}-${randomBytes(6).toString("hex")}.qcow2`);
+  await createImage(path, { format: "qcow2", backingFile: resolve(options.path), backingFormat });
+  return path;
+}
+
+/** The first qcow2 image of the chain from `image` down that has a bitmap `name` (qemu-nbd looks down the chain too). */
+function bitmapHolder(image: BlockDevice, name: string): Qcow2Image | null {
+  for (let layer: BlockDevice | null = image; layer !== null; layer = layer.backing) {
+    if (layer instanceof Qcow2Image && layer.info().bitmaps.some((bitmap) => bitmap.name === name)) return layer;
+  }
+  return null;
 }
 
 /**
@@ -181,8 +218,9 @@ function openExportDevice(options: NbdCommandOptions): Promise<{ device: BlockDe
 async function exportFor(options: NbdCommandOptions, opened: { device: BlockDevice; image: BlockDevice }): Promise<NbdExport> {
   const dirtyBitmaps: ExportedBitmap[] = [];
   for (const name of [...options.bitmaps].reverse()) {
-    if (!(opened.image instanceof Qcow2Image)) throw new SnapstackError("E_NOT_FOUND", `Bitmap '${name}' is not found (${opened.image.format} images have no dirty bitmaps)`);
-    dirtyBitmaps.push({ name, read: await opened.image.bitmapReader(name) });
+    const holder = bitmapHolder(opened.image, name);
+    if (holder === null) throw new SnapstackError("E_NOT_FOUND", `Bitmap '${name}' is not found in ${options.path} or its backing chain`, { path: options.path });
+    dirtyBitmaps.push({ name, read: await holder.bitmapReader(name) });
   }
   return new NbdExport({
     name: options.exportName,
@@ -229,6 +267,8 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
   const workersText = optionString(parsed, "workers");
   const bitmaps = optionList(parsed, "bitmap");
   if (bitmaps.length > 0 && snapshotText !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", "-B (dirty bitmaps) cannot be combined with -l (a snapshot has no bitmaps)");
+  const temporaryOverlay = optionFlag(parsed, "temporaryOverlay");
+  if (temporaryOverlay && snapshotText !== undefined) throw usage("-s and -l cannot be used together (-l exports a snapshot read-only)");
   return {
     path: parsed.positionals[0],
     snapshot: snapshotText === undefined ? undefined : parseSnapshotParam(snapshotText),
@@ -241,6 +281,7 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
     connectionsMax,
     allocationDepth: optionFlag(parsed, "allocationDepth"),
     bitmaps,
+    temporaryOverlay,
     discard: DISCARD_MODES[discardText],
     detectZeroes: detectZeroes as DetectZeroes,
     pidFile: optionString(parsed, "pidFile"),
@@ -292,7 +333,8 @@ function describeAddress(address: string | { address: string; port: number }): s
 /** Data workers to run: --workers, or one per core (2 to 8) when more than one client may connect. */
 function workerCount(options: NbdCommandOptions): number {
   if (options.workers !== undefined) return options.workers;
-  if (options.connectionsMax === 1 || options.tlsDir !== undefined) return 0;
+  // -s: each worker would make an overlay of its own.
+  if (options.connectionsMax === 1 || options.tlsDir !== undefined || options.temporaryOverlay) return 0;
   return Math.min(DEFAULT_WORKERS_MAX, Math.max(2, availableParallelism()));
 }
 
