@@ -174,7 +174,7 @@ function parseTlsObjects(objects: readonly string[]): Map<string, { dir: string;
   return byId;
 }
 
-/** The device to export: the image with its chain, or (-l) a read-only view of one of its internal snapshots. */
+/** The device to export: the image with its chain, (-l) a read-only view of one of its internal snapshots, or (-s) a temporary overlay over it. */
 async function openExportDevice(options: NbdCommandOptions): Promise<{ device: BlockDevice; image: BlockDevice; close(): Promise<void> }> {
   const path = options.temporaryOverlay ? await createTemporaryOverlay(options) : options.path;
   let opened: Awaited<ReturnType<typeof openSource>>;
