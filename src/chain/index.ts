@@ -14,3 +14,4 @@ export { DD_BLOCK_BYTES_MAX, ddImage, type DdImageOptions, type DdImageResult } 
 export { imageInfo, describeImage, type ImageInfoOptions, type ImageInfoJson } from "./image-info.ts";
 export { measureImage, type MeasureOptions, type MeasureResult } from "./measure-image.ts";
 export { checkImage, type CheckImageOptions } from "./check-image.ts";
+export { benchImage, checkBenchOptions, nextBenchOffset, type BenchImageOptions, type BenchImageResult } from "./bench-image.ts";

@@ -37,6 +37,8 @@ export {
   changeImageBitmaps,
   DD_BLOCK_BYTES_MAX,
   ddImage,
+  benchImage,
+  checkBenchOptions,
   compareImages,
   convertImage,
   createImage,

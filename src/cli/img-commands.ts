@@ -15,6 +15,7 @@ export interface ImgCommandEntry {
 
 export const IMG_COMMANDS: readonly ImgCommandEntry[] = [
   { name: "amend", load: async () => (await import("./commands/amend.ts")).amendCommand },
+  { name: "bench", load: async () => (await import("./commands/bench.ts")).benchCommand },
   { name: "bitmap", load: async () => (await import("./commands/bitmap.ts")).bitmapCommand },
   { name: "check", load: async () => (await import("./commands/check.ts")).checkCommand },
   { name: "commit", load: async () => (await import("./commands/commit.ts")).commitCommand },
