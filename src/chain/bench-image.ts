@@ -9,7 +9,7 @@
  *   one buffer (0 when the image is no larger than a buffer), so a wrapped
  *   request never runs past the end; 7.2 wraps modulo the whole size and
  *   then fails such a request with EIO.
- * - `depth` buffers are allocated once and reused; writes send
+ * - `depth` buffers are allocated once and reused in turn; writes send
  *   `patternByte` everywhere, reads are discarded.
  * - Flushes (writes only): after every `flushInterval` completed requests,
  *   a flush; by default new requests wait for the ones in flight to end
@@ -89,6 +89,7 @@ export async function benchImage(device: BlockDevice, options: BenchImageOptions
     };
     const submit = (): void => {
       while (failure === null && inFlight < buffers.length && submitted < count) {
+        // Two requests may share a buffer when they complete out of order: harmless, as every write buffer holds the pattern and reads are discarded.
         const buffer = buffers[submitted % buffers.length];
         const offset = nextOffset;
         nextOffset = nextBenchOffset(nextOffset, stepBytes, device.sizeBytes, bufferBytes);

@@ -10,7 +10,8 @@
  *   SEEK_DATA / SEEK_HOLE, ImageFile.holes); the bytes of the last sector
  *   past the end of a file whose size is not a multiple of 512 are zero
  *   too. readStatus, for splitting NBD READs into data and hole chunks,
- *   lets the file answer from the data run it found last (NodeFile). Where holes cannot be seen (no native addon, io/native-file-ops.ts)
+ *   lets the file answer from the data run it found last (NodeFile).
+ *   Where holes cannot be seen (no native addon, io/native-file-ops.ts)
  *   everything before the file's end is data: readers then read holes
  *   (zeroes) instead of skipping them, with the same result.
  * - discard punches a hole where the file system can (ImageFile.discard),
