@@ -452,7 +452,7 @@ function routeStopSignals(route: (signal: NodeJS.Signals) => void): void {
 
 export const nbdCommand: CliCommand = {
   name: "nbd",
-  synopsis: "nbd [-f fmt] [-x name] [-D description] [-p port] [-b address] [-k socket] [-r] [-l snapshot] [-t] [-e shared] [-A] [--tls-creds dir] [--pid-file file] [--fork] [--workers N] [-v] filename",
+  synopsis: "nbd [-f fmt] [-x name] [-D description] [-p port] [-b address] [-k socket] [-r] [-l snapshot] [-s] [-t] [-e shared] [-A] [-B bitmap]... [--tls-creds dir] [--pid-file file] [--fork] [--workers N] [-v] filename",
   summary: "Serve an image and its backing chain over NBD (like qemu-nbd).",
   optionHelp: [
     "  -f, --format=FMT        image format (raw, qcow2); probed when omitted",
@@ -465,6 +465,8 @@ export const nbdCommand: CliCommand = {
     "  -t, --persistent        keep serving after the last client disconnects",
     "  -e, --shared=N          clients served at once (default 1, 0 = no limit)",
     "  -A, --allocation-depth  offer the qemu:allocation-depth metadata context",
+    "  -B, --bitmap=NAME       offer persistent dirty bitmap NAME (of the image or its chain) as qemu:dirty-bitmap:NAME; repeatable",
+    "  -s, --snapshot          serve a temporary overlay over the image (writes go there, removed at exit)",
     "  --tls-creds=DIR         require TLS; DIR holds ca-cert.pem, server-cert.pem, server-key.pem",
     "  --object tls-creds-x509,id=ID,dir=DIR[,verify-peer=on]  qemu-style TLS credentials (then --tls-creds ID)",
     "  --pid-file=PATH         write the server's process id once it listens",
