@@ -61,8 +61,7 @@ export function checkBenchOptions(options: BenchImageOptions): void {
 /** Run the bench on an open device (read-only unless `write`). */
 export async function benchImage(device: BlockDevice, options: BenchImageOptions): Promise<BenchImageResult> {
   checkBenchOptions(options);
-  const { count, bufferBytes, offset: firstOffset, write, flushInterval } = options;
-  const depth = options.depth;
+  const { count, depth, bufferBytes, offset: firstOffset, write, flushInterval } = options;
   const stepBytes = options.stepBytes === 0 ? bufferBytes : options.stepBytes;
   const drain = options.drain ?? true;
   if (count > 0 && firstOffset + bufferBytes > device.sizeBytes) {

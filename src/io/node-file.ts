@@ -95,6 +95,11 @@ export const ASYNC_IO_THRESHOLD_BYTES = 256 * 1024;
  */
 const ALLOCATE_BEFORE_WRITE_BYTES = 256 * 1024;
 
+/** Whether a write of `bytes` allocates its range first (allocateLargeWrites). */
+function allocatesFirst(allocateLarge: boolean, bytes: number): boolean {
+  return allocateLarge && bytes >= ALLOCATE_BEFORE_WRITE_BYTES;
+}
+
 function useSync(ioMode: NodeFileIoMode, length: number): boolean {
   if (ioMode === "auto") return length < ASYNC_IO_THRESHOLD_BYTES;
   if (ioMode === "small-async") return length >= ASYNC_IO_THRESHOLD_BYTES;
@@ -130,7 +135,7 @@ function readOnce(fd: number, buffer: Uint8Array, offset: number, length: number
 }
 
 function writevOnce(fd: number, pieces: readonly Uint8Array[], position: number, totalBytes: number, ioMode: NodeFileIoMode, allocateLarge: boolean): number | Promise<number> {
-  const allocate = allocateLarge && totalBytes >= ALLOCATE_BEFORE_WRITE_BYTES;
+  const allocate = allocatesFirst(allocateLarge, totalBytes);
   if (useSync(ioMode, totalBytes)) {
     if (allocate) allocateForWrite(fd, position, totalBytes);
     return fs.writevSync(fd, pieces, position);
@@ -143,13 +148,13 @@ function writevOnce(fd: number, pieces: readonly Uint8Array[], position: number,
 }
 
 function writeSyncOnce(fd: number, data: Uint8Array, offset: number, length: number, position: number, allocateLarge: boolean): number {
-  if (allocateLarge && length >= ALLOCATE_BEFORE_WRITE_BYTES) allocateForWrite(fd, position, length);
+  if (allocatesFirst(allocateLarge, length)) allocateForWrite(fd, position, length);
   return fs.writeSync(fd, data, offset, length, position);
 }
 
 function writeOnce(fd: number, data: Uint8Array, offset: number, length: number, position: number, ioMode: NodeFileIoMode, allocateLarge: boolean): number | Promise<number> {
   if (useSync(ioMode, length)) return writeSyncOnce(fd, data, offset, length, position, allocateLarge);
-  const allocating = allocateLarge && length >= ALLOCATE_BEFORE_WRITE_BYTES ? writeAllocating(fd, position, [data.subarray(offset, offset + length)]) : null;
+  const allocating = allocatesFirst(allocateLarge, length) ? writeAllocating(fd, position, [data.subarray(offset, offset + length)]) : null;
   if (allocating !== null) return allocating;
   return new Promise((resolve, reject) => {
     fs.write(fd, data, offset, length, position, (error, bytesWritten) => (error ? reject(error) : resolve(bytesWritten)));

@@ -152,13 +152,13 @@ export function dirtyBitmapExtents(bitmap: DirtyBitmapBits, guestOffset: number,
   const granulesKnown = bits.length * 8;
   const isDirty = (granule: number): boolean => granule < granulesKnown && (bits[granule >>> 3] & (1 << (granule & 7))) !== 0;
   const end = guestOffset + lengthBytes;
+  const endGranule = Math.ceil(end / granularityBytes);
   for (let at = guestOffset; at < end && !list.closed; ) {
     let granule = Math.floor(at / granularityBytes);
     const dirty = isDirty(granule);
     granule++;
     // Whole bytes of the same bit skip eight granules at a time.
     const same = dirty ? 0xff : 0;
-    const endGranule = Math.ceil(end / granularityBytes);
     while (granule < endGranule) {
       if ((granule & 7) === 0 && granule + 8 <= endGranule && (granule < granulesKnown ? bits[granule >>> 3] === same : !dirty)) {
         granule += 8;
@@ -185,10 +185,11 @@ export interface ReadRun {
 /**
  * Split a read into data runs and hole runs (ranges that read as zeroes:
  * qemu-nbd's nbd_co_send_sparse_read sends BDRV_BLOCK_ZERO ranges as holes,
- * a raw file's holes among them). A raw file without a backing file asks
- * its one layer's readStatus (SEEK_DATA / SEEK_HOLE, which NodeFile answers
- * without a system call inside the last data run it found: a fully
- * allocated file costs one lookup, not an fstat and two lseeks per READ).
+ * a raw file's holes among them). A device without a backing file that
+ * offers readStatus answers alone (a raw file: SEEK_DATA / SEEK_HOLE, which
+ * NodeFile answers without a system call inside the last data run it
+ * found, so a fully allocated file costs one lookup, not an fstat and two
+ * lseeks per READ).
  */
 export async function readRuns(device: BlockDevice, guestOffset: number, lengthBytes: number): Promise<ReadRun[]> {
   const runs: ReadRun[] = [];
@@ -197,9 +198,8 @@ export async function readRuns(device: BlockDevice, guestOffset: number, lengthB
     if (last !== undefined && last.hole === hole) last.lengthBytes += length;
     else runs.push({ guestOffset: start, lengthBytes: length, hole });
   };
-  if (device.backing === null && device.format === "raw") {
-    const extents = device.readStatus !== undefined ? await device.readStatus(guestOffset, lengthBytes) : await device.layerStatus(guestOffset, lengthBytes);
-    for (const extent of extents) add(extent.guestOffset, extent.lengthBytes, extent.kind === "zero");
+  if (device.backing === null && device.readStatus !== undefined) {
+    for (const extent of await device.readStatus(guestOffset, lengthBytes)) add(extent.guestOffset, extent.lengthBytes, extent.kind === "zero");
     return runs;
   }
   // Data past a host file's end reads as zeroes: no stat per READ to send it as a hole instead.
