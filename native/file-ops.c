@@ -22,6 +22,12 @@
  *     allocation), ~20% less kernel time per byte; over allocated blocks
  *     the fallocate changes nothing. Its failure is ignored: the write
  *     decides the result.
+ *   byteLock(fd, byte, mode) -> 0, 1 (held elsewhere) or -errno
+ *     QEMU's image locks (block/file-posix.c): open file description
+ *     (OFD) locks on single bytes. mode 0 drops this description's lock
+ *     on the byte, 1 takes a shared one (F_RDLCK, what QEMU takes), 2
+ *     only tests whether another description holds one (F_OFD_GETLK for
+ *     an exclusive lock, as qemu_lock_fd_test): 1 when it does.
  *
  * All return errors as numbers: the TypeScript side turns them into coded
  * errors and falls back (writing zeroes, reporting all data) where a file
@@ -190,11 +196,22 @@ static napi_value js_write_allocating(napi_env env, napi_callback_info info) {
   return job_queue(env, j, "snapstack:writeAllocating");
 }
 
+static napi_value js_byte_lock(napi_env env, napi_callback_info info) {
+  double v[3];
+  if (!read_args(env, info, 3, v)) return NULL;
+  int mode = (int)v[2];
+  struct flock lock = {.l_whence = SEEK_SET, .l_start = (off_t)v[1], .l_len = 1, .l_pid = 0};
+  lock.l_type = mode == 0 ? F_UNLCK : mode == 1 ? F_RDLCK : F_WRLCK;
+  if (fcntl((int)v[0], mode == 2 ? F_OFD_GETLK : F_OFD_SETLK, &lock) < 0) return number(env, -errno);
+  return number(env, mode == 2 && lock.l_type != F_UNLCK ? 1 : 0);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor methods[] = {
       {"fallocate", NULL, js_fallocate, NULL, NULL, NULL, napi_default, NULL},
       {"fallocateSync", NULL, js_fallocate_sync, NULL, NULL, NULL, napi_default, NULL},
       {"seek", NULL, js_seek, NULL, NULL, NULL, napi_default, NULL},
+      {"byteLock", NULL, js_byte_lock, NULL, NULL, NULL, napi_default, NULL},
       {"writeAllocating", NULL, js_write_allocating, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods);

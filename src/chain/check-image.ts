@@ -9,7 +9,8 @@ import type { ImageFile } from "../io/file.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 import { checkQcow2, type Qcow2CheckResult, type Qcow2RepairMode } from "../formats/qcow2/check.ts";
 import { openNodeFile } from "../io/node-file.ts";
-import { openImage, refuseQemuLocked } from "./open-image.ts";
+import { lockLayer, lockedAccess, openImage } from "./open-image.ts";
+import { lockBits } from "../io/qemu-locks.ts";
 import { opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat } from "./image-format.ts";
 
 export interface CheckImageOptions {
@@ -58,8 +59,7 @@ async function refuseMissingBacking(path: string, file: ImageFile, forceShare: b
 export async function checkImage(path: string, options: CheckImageOptions = {}): Promise<Qcow2CheckResult | "unsupported"> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
   const readOnly = options.repair === undefined;
-  refuseQemuLocked(path, 0, path, readOnly, options.forceShare ?? false);
-  const file = await openNodeFile(path, { readOnly });
+  const file = await openNodeFile(path, { readOnly, lock: lockLayer(path, 0, path, lockBits(lockedAccess(readOnly, options.forceShare ?? false))) });
   try {
     if (format === "raw") return "unsupported";
     const probed = await probeFormatName(file);

@@ -16,7 +16,7 @@ import { dirname } from "node:path";
 import { SnapstackError, isSnapstackError } from "../base/errors.ts";
 import { parseSize } from "../base/units.ts";
 import { createNodeFile, syncDirectory } from "../io/node-file.ts";
-import { qemuLockConflictAt } from "../io/qemu-locks.ts";
+import { lockBits, lockImageFile } from "../io/qemu-locks.ts";
 import { createQcow2, resolveQcow2CreateOptions, type Qcow2CreateOptions, type Qcow2Preallocation } from "../formats/qcow2/index.ts";
 import { RAW_PREALLOCATION_MODES, createRaw, type RawPreallocation } from "../formats/raw/raw-image.ts";
 import { parseImageFormat } from "./image-format.ts";
@@ -158,30 +158,34 @@ export async function createImage(path: string, request: CreateImageOptions): Pr
   if (sizeBytes === undefined) throw new SnapstackError("E_INVALID_SIZE", `${path}: Image creation needs a size parameter`, { path });
   if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) throw new SnapstackError("E_INVALID_SIZE", `${path}: invalid image size ${sizeBytes}`, { path });
 
-  // raw_co_create: an existing file that a QEMU uses is not truncated.
-  const conflict = qemuLockConflictAt(path, "create");
-  if (conflict !== null) throw new SnapstackError("E_IN_USE", `${path}: ${conflict}: is another process using the image [${path}]?`, { path });
-  if (format === "raw") {
-    const preallocation = options.preallocation === undefined ? "off" : parseRawPreallocation(path, optionString(options.preallocation));
-    await createRaw(path, sizeBytes, { preallocation });
-    return;
-  }
-  const qcow2 = qcow2CreateOptionsFromKeys(path, options, sizeBytes);
-  if (backingFile !== undefined) qcow2.backingFile = backingFile;
-  if (backingFormat !== undefined) qcow2.backingFormat = backingFormat;
+  // raw_co_create: an existing file that another process uses is not truncated; the locks are held until the image is made.
+  const lock = lockImageFile(path, lockBits("create"));
+  if (typeof lock === "string") throw new SnapstackError("E_IN_USE", `${path}: ${lock}: is another process using the image [${path}]?`, { path });
   try {
-    resolveQcow2CreateOptions(qcow2); // validate before touching the file
-  } catch (error) {
-    if (isSnapstackError(error)) throw new SnapstackError(error.code, `${path}: ${error.message}`, { ...error.details, path });
-    throw error;
-  }
-  const file = request.openFile === undefined ? await createNodeFile(path) : await request.openFile(path, { readOnly: false, create: true });
-  try {
-    await createQcow2(file, qcow2);
+    if (format === "raw") {
+      const preallocation = options.preallocation === undefined ? "off" : parseRawPreallocation(path, optionString(options.preallocation));
+      await createRaw(path, sizeBytes, { preallocation });
+      return;
+    }
+    const qcow2 = qcow2CreateOptionsFromKeys(path, options, sizeBytes);
+    if (backingFile !== undefined) qcow2.backingFile = backingFile;
+    if (backingFormat !== undefined) qcow2.backingFormat = backingFormat;
+    try {
+      resolveQcow2CreateOptions(qcow2); // validate before touching the file
+    } catch (error) {
+      if (isSnapstackError(error)) throw new SnapstackError(error.code, `${path}: ${error.message}`, { ...error.details, path });
+      throw error;
+    }
+    const file = request.openFile === undefined ? await createNodeFile(path) : await request.openFile(path, { readOnly: false, create: true });
+    try {
+      await createQcow2(file, qcow2);
+    } finally {
+      await file.close();
+    }
+    await syncDirectory(dirname(path));
   } finally {
-    await file.close();
+    lock.release();
   }
-  await syncDirectory(dirname(path));
 }
 
 /**

@@ -22,8 +22,8 @@ import { realpathSync } from "node:fs";
 import { SnapstackError, fromSystemError, isSnapstackError } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
 import type { ImageFile } from "../io/file.ts";
-import { openNodeFile, type NodeFileCacheMode, type NodeFileIoMode } from "../io/node-file.ts";
-import { qemuLockConflictAt } from "../io/qemu-locks.ts";
+import { NodeFile, openNodeFile, type NodeFileCacheMode, type NodeFileIoMode } from "../io/node-file.ts";
+import { lockBits, lockImageFile, type ImageLock, type LockBits, type LockedAccess } from "../io/qemu-locks.ts";
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
 import { isImageFormat, opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
@@ -53,11 +53,16 @@ export interface OpenImageOptions {
   /** Opens each layer's file (default: a NodeFile with ioMode and cache); tests pass one that wraps files in a FaultFile. */
   openFile?: OpenImageFile;
   /**
-   * Open a read-only top even while a QEMU writes it (qemu-img -U). Without
-   * it, an image a QEMU's locks keep from this open is refused with
-   * E_IN_USE (io/qemu-locks.ts); a read-write open is always checked.
+   * Open a read-only top even while another process writes it, and let
+   * others write it meanwhile (qemu-img -U). Without it, an image another
+   * process's locks keep from this open is refused with E_IN_USE
+   * (io/qemu-locks.ts); a read-write open is always checked.
    */
   forceShare?: boolean;
+  /** Take the image locks (default true); false only where a parent process holds them for this one (an NBD data worker). */
+  locks?: boolean;
+  /** The top is served at a fixed size (an NBD export): its locks keep others from resizing it, as qemu-nbd's. */
+  fixedSize?: boolean;
   /** Open an encrypted qcow2 top, or one with an external data file, read-only for its metadata only (info; see OpenQcow2Options). */
   metadataOnly?: boolean;
 }
@@ -97,20 +102,30 @@ function openFailure(topPath: string, depth: number, path: string, error: unknow
   return new SnapstackError(mapped.code, message, { ...mapped.details, path });
 }
 
+/** The access an open asks locks for: `forceShare` (-U) shares writing with others on a read-only open. */
+export function lockedAccess(readOnly: boolean, forceShare: boolean): LockedAccess {
+  return !readOnly ? "write" : forceShare ? "read-shared" : "read";
+}
+
 /**
- * Refuse to open `layerPath` (the image `path` itself at depth 0, else one
- * of its backing files) where a QEMU's locks forbid it, as qemu-img does
- * (E_IN_USE; io/qemu-locks.ts). `forceShare` (-U) lets a read-only open
- * through; a read-write open is always checked.
+ * QEMU's image locks on `layerPath` (the image `path` itself at depth 0,
+ * else one of its backing files) for this open, as qemu-img takes them
+ * (io/qemu-locks.ts lockBits), or E_IN_USE where another process's locks
+ * forbid the open.
  */
-export function refuseQemuLocked(path: string, depth: number, layerPath: string, readOnly: boolean, forceShare: boolean): void {
-  if (readOnly && forceShare) return;
-  const conflict = qemuLockConflictAt(layerPath, readOnly ? "read" : "write");
-  if (conflict === null) return;
-  throw new SnapstackError("E_IN_USE", `Could not open '${path}': ${backingPrefix(depth)}${conflict}: is another process using the image [${layerPath}]?`, {
+export function lockLayer(path: string, depth: number, layerPath: string, bits: LockBits): ImageLock {
+  const lock = lockImageFile(layerPath, bits);
+  if (typeof lock !== "string") return lock;
+  throw new SnapstackError("E_IN_USE", `Could not open '${path}': ${backingPrefix(depth)}${lock}: is another process using the image [${layerPath}]?`, {
     path,
     image: layerPath,
   });
+}
+
+/** Keep `lock` for as long as `file` is open where it is a NodeFile; a file of another kind (a test's FaultFile) was only checked. */
+function holdLockWith(file: ImageFile, lock: ImageLock): void {
+  if (file instanceof NodeFile) file.holdLock(lock);
+  else lock.release();
 }
 
 /** Re-word an error from inside a layer with qemu-img's "Could not open 'top': ..." prefix. */
@@ -155,7 +170,6 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       }
       seenRealPaths.add(realPath);
       const readOnly = depth > 0 || (options.readOnly ?? false);
-      refuseQemuLocked(path, depth, layerPath, readOnly, options.forceShare ?? false);
       let file: ImageFile;
       try {
         file =
@@ -184,6 +198,11 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       layer.format = (requestedFormat as ImageFormat | null) ?? supportedProbedFormat(probed, layerPath);
       if (layer.format === "qcow2" && !opensAsQcow2(probed)) {
         throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': ${backingPrefix(depth)}Image is not in qcow2 format`, { path: layerPath });
+      }
+      // Locked once the format is known (its locks depend on it), before anything is written.
+      if (options.locks !== false) {
+        const bits = lockBits(lockedAccess(readOnly, options.forceShare ?? false), { raw: layer.format === "raw", fixedSize: depth === 0 && options.fixedSize === true });
+        holdLockWith(file, lockLayer(path, depth, layerPath, bits));
       }
       layerPath = null;
       if (layer.format === "qcow2" && openBacking) {

@@ -20,8 +20,12 @@ export interface OpenImageOptions {
   ioMode?: NodeFileIoMode;
   /** How the image's writes run, when it differs from ioMode. */
   writeIoMode?: NodeFileIoMode;
-  /** -U: read an image a QEMU is writing (src/chain/open-image.ts). */
+  /** -U: read an image another process is writing (src/chain/open-image.ts). */
   forceShare?: boolean;
+  /** Take the image locks (default true; src/chain/open-image.ts). */
+  locks?: boolean;
+  /** Served at a fixed size: the locks keep others from resizing it (src/chain/open-image.ts). */
+  fixedSize?: boolean;
   /** The top image's cache mode ("unsafe": flushes do nothing). */
   cache?: NodeFileCacheMode;
 }
@@ -29,7 +33,7 @@ export interface OpenImageOptions {
 /** Open an image and its backing chain (src/chain/open-image.ts). */
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<BlockDevice> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
-  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode, writeIoMode: options.writeIoMode, forceShare: options.forceShare, cache: options.cache });
+  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode, writeIoMode: options.writeIoMode, forceShare: options.forceShare, locks: options.locks, fixedSize: options.fixedSize, cache: options.cache });
 }
 
 export {

@@ -35,6 +35,10 @@ export interface SourceOptions {
   format?: string;
   readOnly: boolean;
   forceShare?: boolean;
+  /** Take the image locks (OpenImageOptions.locks; default true). */
+  locks?: boolean;
+  /** Served at a fixed size (OpenImageOptions.fixedSize). */
+  fixedSize?: boolean;
   ioMode?: NodeFileIoMode;
   writeIoMode?: NodeFileIoMode;
   /** Internal snapshot to open instead of the current state (read-only, the image's current size, as qemu's -l). */
@@ -47,6 +51,8 @@ export async function openSource(path: string, options: SourceOptions): Promise<
     format: options.format,
     readOnly: options.readOnly || options.snapshot !== undefined,
     forceShare: options.forceShare,
+    locks: options.locks,
+    fixedSize: options.fixedSize,
     ioMode: options.ioMode,
     writeIoMode: options.writeIoMode,
   });

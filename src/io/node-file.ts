@@ -78,6 +78,7 @@ import fs from "node:fs";
 import { SnapstackError, assert, fromSystemError } from "../base/errors.ts";
 import type { FileRun, HolesOptions, ImageFile, ZeroInPlace } from "./file.ts";
 import { allocateForWrite, fileRuns, preallocate, punchHole, writeAllocating, zeroRange } from "./native-file-ops.ts";
+import type { ImageLock } from "./qemu-locks.ts";
 
 export type NodeFileIoMode = "sync" | "async" | "auto" | "small-async";
 
@@ -118,6 +119,8 @@ export interface OpenNodeFileOptions {
   writeIoMode?: NodeFileIoMode;
   /** Large writes allocate their range first (see the design notes): for a file written mostly into holes. */
   allocateLargeWrites?: boolean;
+  /** Image locks taken for this open (io/qemu-locks.ts): held until the file closes, released at once if the open fails. */
+  lock?: ImageLock;
 }
 
 export interface CreateNodeFileOptions {
@@ -179,6 +182,8 @@ export class NodeFile implements ImageFile {
   /** The last data run holes() found, [start, end) (empty when end <= start); see the design notes. */
   #dataRunStart = 0;
   #dataRunEnd = 0;
+  /** QEMU-style image locks this open holds (io/qemu-locks.ts), dropped when it closes. */
+  #lock: ImageLock | null = null;
 
   constructor(name: string, fd: number, readOnly: boolean, ioMode: NodeFileIoMode, cache: NodeFileCacheMode = "writeback", writeIoMode: NodeFileIoMode = ioMode) {
     this.name = name;
@@ -390,6 +395,12 @@ export class NodeFile implements ImageFile {
     }
   }
 
+  /** Keep `lock` (this file's image locks) until the file closes. */
+  holdLock(lock: ImageLock): void {
+    this.#lock?.release();
+    this.#lock = lock;
+  }
+
   async close(): Promise<void> {
     const fd = this.#fd;
     if (fd === null) return;
@@ -400,6 +411,9 @@ export class NodeFile implements ImageFile {
       fs.closeSync(fd);
     } catch (error) {
       throw fromSystemError(error, this.name, "close");
+    } finally {
+      this.#lock?.release();
+      this.#lock = null;
     }
   }
 }
@@ -410,11 +424,13 @@ export async function openNodeFile(path: string, options: OpenNodeFileOptions = 
   try {
     fd = fs.openSync(path, readOnly ? "r" : "r+");
   } catch (error) {
+    options.lock?.release();
     throw fromSystemError(error, path, readOnly ? "open for reading" : "open for reading and writing");
   }
   const ioMode = options.ioMode ?? "auto";
   const file = new NodeFile(path, fd, readOnly, ioMode, options.cache, options.writeIoMode ?? ioMode);
   file.allocateLargeWrites = options.allocateLargeWrites ?? false;
+  if (options.lock !== undefined) file.holdLock(options.lock);
   return file;
 }
 

@@ -1,22 +1,45 @@
 /**
- * QEMU's image locks, seen from outside.
+ * QEMU's image locks, taken and honoured.
  *
  * QEMU (block/file-posix.c) takes OFD byte-range locks on every image file
- * it opens: byte 100+i while it holds permission i, byte 200+i while it
- * refuses to share permission i with others (i: 0 consistent read,
- * 1 write, 2 write-unchanged, 3 resize). qemu-img and qemu-io refuse an
- * open those locks forbid ("Failed to get "write" lock"). snapstack cannot
- * take such locks (Node has no fcntl), but it reads them from /proc/locks
- * and refuses the same opens, so it does not write an image a running QEMU
- * uses, nor read one a QEMU is writing unless told to (-U, force-share, as
- * qemu-img). A check, not a lock: a QEMU that opens the image afterwards is
- * not seen, and snapstack processes do not see each other.
+ * it opens: a shared lock on byte 100+i while it holds permission i, on
+ * byte 200+i while it refuses to share permission i with others (i: 0
+ * consistent read, 1 write, 2 write-unchanged, 3 resize). Before it keeps
+ * an open, it tests (F_OFD_GETLK) that no other open file description
+ * locks byte 200+i of a permission it wants, nor byte 100+i of one it
+ * refuses to share; qemu-img and qemu-io then refuse with `Failed to get
+ * "write" lock`.
  *
- * `parseProcLocks` and `qemuLockConflict` are pure; `readProcLocks` does
- * the I/O. Files are named by io/file-identity.ts fileKey.
+ * Design notes
+ * - snapstack takes the same locks, through the native addon's byteLock
+ *   (io/native-file-ops.ts), so a QEMU tool refuses an image snapstack
+ *   writes (and one it reads, from writing it), two snapstack processes
+ *   refuse each other as two qemu-img would, and snapstack refuses what a
+ *   QEMU holds. Which bytes each access locks was read from /proc/locks
+ *   under qemu-io and qemu-nbd 7.2 (lockBits).
+ * - One lock descriptor per file per process. The locks sit on a
+ *   descriptor of their own, opened read-only beside the image's, keyed by
+ *   device and inode: every open of the file in this process (a server's
+ *   export, a snapshot's backing, a diff reading the layer) adds its
+ *   permissions to that descriptor's, and drops them when it closes. So
+ *   opens in one process never refuse each other (the daemon coordinates
+ *   them itself, as QEMU's block layer shares one node), and the locks
+ *   last exactly as long as some open does.
+ * - Lock, then test, as QEMU does: two processes opening at once see each
+ *   other's locks, and a refused open drops what it had added.
+ * - Without the addon (no C compiler at install) or on a file system
+ *   without OFD locks, it falls back to a check: QEMU's locks are read
+ *   from /proc/locks and the same opens are refused, but nothing is held,
+ *   so a QEMU that opens the image afterwards is not stopped, and
+ *   snapstack processes do not see each other.
+ *
+ * `parseProcLocks`, `lockBits` and `qemuLockConflict` are pure; the rest
+ * does the I/O. Files in /proc/locks are named by io/file-identity.ts
+ * fileKey.
  */
-import { closeSync, openSync, readdirSync, readFileSync, readSync } from "node:fs";
+import { closeSync, constants, fstatSync, openSync, readdirSync, readFileSync, readSync } from "node:fs";
 import { fileKey } from "./file-identity.ts";
+import { byteLock } from "./native-file-ops.ts";
 
 const LOCK_PERM_BASE = 100;
 const LOCK_SHARED_BASE = 200;
@@ -45,34 +68,90 @@ export function parseProcLocks(text: string): LockTable {
   return table;
 }
 
-/** What is done to a file: opened to read, opened to write, or created over (truncated, formatted). */
-export type LockedAccess = "read" | "write" | "create";
-
 /**
- * Why QEMU's locks forbid `access` to the file, in qemu-img's words, or
- * null. A reader needs consistent reads and does not share writing; a
- * writer needs consistent reads, writing and resizing and shares neither
- * of the last two (what qemu-img asks for a qcow2 image); creating needs
- * writing and resizing and does not share resizing (raw_co_create).
+ * What is done to a file: opened to read, to read while others may write
+ * (qemu-img -U, force-share), to write, or created over (truncated,
+ * formatted).
  */
-export function qemuLockConflict(ranges: ReadonlyArray<readonly [number, number]>, access: LockedAccess): string | null {
-  const locked = (byte: number): boolean => ranges.some(([first, last]) => first <= byte && byte <= last);
-  const needed = access === "read" ? [CONSISTENT_READ] : access === "write" ? [CONSISTENT_READ, WRITE, RESIZE] : [WRITE, RESIZE];
-  const unshared = access === "read" ? [WRITE] : access === "write" ? [WRITE, RESIZE] : [RESIZE];
-  for (const permission of needed) if (locked(LOCK_SHARED_BASE + permission)) return `Failed to get "${PERMISSIONS[permission]}" lock`;
-  for (const permission of unshared) if (locked(LOCK_PERM_BASE + permission)) return `Failed to get shared "${PERMISSIONS[permission]}" lock`;
-  return null;
+export type LockedAccess = "read" | "read-shared" | "write" | "create";
+
+/** Permissions as bit masks (bit i: permission i of PERMISSIONS). */
+export interface LockBits {
+  /** Held: byte 100+i locked. */
+  held: number;
+  /** Not shared with others: byte 200+i locked. */
+  unshared: number;
+}
+
+const bit = (permission: number): number => 1 << permission;
+
+/** What decides the locks besides the access. */
+export interface LockContext {
+  /** The file holds a raw image (default: qcow2 metadata). */
+  raw?: boolean;
+  /** The image is served at a fixed size (an NBD export): others may not resize it. */
+  fixedSize?: boolean;
 }
 
 /**
- * Why QEMU's locks on the file at `path` forbid `access`, or null (also
- * when the file does not exist). The file is stat'ed only when some lock
- * exists (usually none: no QEMU runs).
+ * The permissions QEMU 7.2 holds and keeps to itself for each access, as
+ * /proc/locks shows them under qemu-io and qemu-nbd.
+ * - A qcow2 file's metadata must not change under its user: a reader (the
+ *   image opened read-only, or a backing file) holds consistent read and
+ *   shares neither writing nor resizing (bytes 100, 201, 203); a writer
+ *   also holds write and resize (100, 101, 103, 201, 203).
+ * - A raw file's user shares everything (qemu-io: 100 reading, 100-101
+ *   writing; raw under a qcow2 overlay: 100), except that qemu-nbd keeps
+ *   resizing to itself (203): `fixedSize`.
+ * - With -U a reader shares everything (100).
+ * - Creating over a file holds write and resize and keeps resizing
+ *   (raw_co_create: 101, 103, 203), whatever the format.
  */
-export function qemuLockConflictAt(path: string, access: LockedAccess): string | null {
+export function lockBits(access: LockedAccess, context: LockContext = {}): LockBits {
+  const fixed = context.fixedSize === true ? bit(RESIZE) : 0;
+  switch (access) {
+    case "read":
+      return { held: bit(CONSISTENT_READ), unshared: (context.raw === true ? 0 : bit(WRITE) | bit(RESIZE)) | fixed };
+    case "read-shared":
+      return { held: bit(CONSISTENT_READ), unshared: fixed };
+    case "write":
+      if (context.raw === true) return { held: bit(CONSISTENT_READ) | bit(WRITE), unshared: fixed };
+      return { held: bit(CONSISTENT_READ) | bit(WRITE) | bit(RESIZE), unshared: bit(WRITE) | bit(RESIZE) };
+    case "create":
+      return { held: bit(WRITE) | bit(RESIZE), unshared: bit(RESIZE) };
+  }
+}
+
+/**
+ * Why locks on the bytes for which `lockedElsewhere` is true forbid
+ * `bits`, in qemu-img's words (raw_check_lock_bytes: held permissions
+ * first), or null.
+ */
+function conflictReason(bits: LockBits, lockedElsewhere: (byte: number) => boolean): string | null {
+  for (let permission = 0; permission < PERMISSIONS.length; permission++) {
+    if (bits.held & bit(permission) && lockedElsewhere(LOCK_SHARED_BASE + permission)) return `Failed to get "${PERMISSIONS[permission]}" lock`;
+  }
+  for (let permission = 0; permission < PERMISSIONS.length; permission++) {
+    if (bits.unshared & bit(permission) && lockedElsewhere(LOCK_PERM_BASE + permission)) return `Failed to get shared "${PERMISSIONS[permission]}" lock`;
+  }
+  return null;
+}
+
+/** Why the locked byte ranges of a file (its /proc/locks entries) forbid an open wanting `bits`, or null. */
+export function qemuLockConflict(ranges: ReadonlyArray<readonly [number, number]>, bits: LockBits): string | null {
+  return conflictReason(bits, (byte) => ranges.some(([first, last]) => first <= byte && byte <= last));
+}
+
+/**
+ * Why QEMU's locks on the file at `path` forbid an open wanting `bits`, or
+ * null (also when the file does not exist): the check without the addon.
+ * The file is stat'ed only when some lock exists (usually none: no QEMU
+ * runs).
+ */
+function qemuLockConflictAt(path: string, bits: LockBits): string | null {
   const locks = readProcLocks();
   if (locks.size === 0) return null;
-  return qemuLockConflict(locks.get(fileKey(path) ?? "") ?? [], access);
+  return qemuLockConflict(locks.get(fileKey(path) ?? "") ?? [], bits);
 }
 
 /**
@@ -158,4 +237,118 @@ function commStartsWithQemu(path: string): boolean {
   } finally {
     closeSync(fd);
   }
+}
+
+/** An open's share of a file's locks: release() drops it (at most once counts). */
+export interface ImageLock {
+  release(): void;
+}
+
+/** A file this process holds locks on: the descriptor they sit on and the opens that want them. */
+interface LockedFile {
+  fd: number;
+  holds: Set<LockBits>;
+  /** What the descriptor has locked now. */
+  applied: LockBits;
+}
+
+/** Files this process holds locks on, by device and inode. */
+const lockedFiles = new Map<string, LockedFile>();
+
+/** A lock that holds nothing: for a file that could not be looked at, or an open that takes no locks. */
+export const NO_LOCK: ImageLock = { release() {} };
+
+function unionOf(holds: Iterable<LockBits>): LockBits {
+  const union = { held: 0, unshared: 0 };
+  for (const bits of holds) {
+    union.held |= bits.held;
+    union.unshared |= bits.unshared;
+  }
+  return union;
+}
+
+/** Bytes locked for `bits` and not for `except`. */
+function lockBytes(bits: LockBits, except: LockBits): number[] {
+  const bytes: number[] = [];
+  for (let permission = 0; permission < PERMISSIONS.length; permission++) {
+    if (bits.held & ~except.held & bit(permission)) bytes.push(LOCK_PERM_BASE + permission);
+    if (bits.unshared & ~except.unshared & bit(permission)) bytes.push(LOCK_SHARED_BASE + permission);
+  }
+  return bytes;
+}
+
+/** Make the file's descriptor lock what its opens want now, dropping the rest; closes it when none is left. */
+function settle(key: string, file: LockedFile): void {
+  if (file.holds.size === 0) {
+    lockedFiles.delete(key);
+    closeSync(file.fd); // drops every lock of the descriptor
+    return;
+  }
+  const wanted = unionOf(file.holds);
+  for (const byte of lockBytes(file.applied, wanted)) byteLock(file.fd, byte, "unlock");
+  file.applied = wanted;
+}
+
+/**
+ * Take the locks for `bits` (lockBits) on the file at `path` and keep them
+ * until release(), or say in qemu-img's words why another process's locks
+ * forbid it (nothing is then held). A file that cannot be opened gets no
+ * lock: its own open reports why.
+ */
+export function lockImageFile(path: string, bits: LockBits): ImageLock | string {
+  let fd: number;
+  try {
+    fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  } catch {
+    return NO_LOCK;
+  }
+  let key: string;
+  try {
+    const stat = fstatSync(fd);
+    key = `${stat.dev}:${stat.ino}`;
+  } catch {
+    closeSync(fd);
+    return NO_LOCK;
+  }
+  let file = lockedFiles.get(key);
+  if (file === undefined) {
+    file = { fd, holds: new Set(), applied: { held: 0, unshared: 0 } };
+  } else {
+    closeSync(fd);
+  }
+  // A hold of its own (holds is a set of objects): two opens wanting the same bits release separately.
+  bits = { ...bits };
+  const wanted = unionOf([...file.holds, bits]);
+  const added = lockBytes(wanted, file.applied);
+  let locked = true;
+  for (const byte of added) {
+    const taken = byteLock(file.fd, byte, "shared");
+    if (taken === null) {
+      locked = false; // no addon, or no OFD locks on this file system: check only
+      break;
+    }
+  }
+  if (!locked) {
+    for (const byte of added) byteLock(file.fd, byte, "unlock");
+    if (file.holds.size === 0) closeSync(file.fd);
+    return qemuLockConflictAt(path, bits) ?? NO_LOCK;
+  }
+  file.applied = wanted;
+  const reason = conflictReason(wanted, (byte) => byteLock(file.fd, byte, "test") === true);
+  const held = file;
+  if (reason !== null) {
+    settle(key, held);
+    return reason;
+  }
+  held.holds.add(bits);
+  lockedFiles.set(key, held);
+  let released = false;
+  return {
+    release() {
+      if (released) return;
+      released = true;
+      held.holds.delete(bits);
+      settle(key, held);
+    },
+  };
 }

@@ -7,7 +7,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { existsSync, readFileSync } from "node:fs";
+import { copyFileSync, existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, run, runOk, scratchDir } from "../helpers/tools.ts";
 import { SNAPSTACK_BIN, startNbd, waitExit } from "./nbd-helpers.ts";
@@ -71,7 +71,13 @@ test("nbd -k: the socket a killed server left is taken over (as qemu-nbd); one a
     if (probe.code === 0) size = probe.stdout.trim();
   }
   assert.equal(size, String(8 * 1024 * 1024), "the restarted server serves on the old path (it refused: EADDRINUSE)");
-  const second = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-t", "-k", killed.socketPath!, path]);
+  // A second server of the same image is refused by the image locks the first holds, as a second qemu-nbd is.
+  const sameImage = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-t", "-k", join(dir, "other.sock"), path]);
+  assert.equal(sameImage.code, 1);
+  assert.match(sameImage.stderr, /^snapstack: error E_IN_USE: .*Failed to get "write" lock/);
+  const copy = join(dir, "copy.qcow2");
+  copyFileSync(path, copy);
+  const second = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "-t", "-k", killed.socketPath!, copy]);
   assert.equal(second.code, 1);
   assert.match(second.stderr, /^snapstack: error E_EXISTS: cannot listen on .*EADDRINUSE/);
   assert.equal((await runOk("nbdinfo", ["--size", killed.uri])).stdout.trim(), String(8 * 1024 * 1024), "the live server still serves");
@@ -146,7 +152,9 @@ test("nbd --fork returns once the server listens; the server keeps serving", asy
   const socket = join(dir, "fork.sock");
   const pidFile = join(dir, "fork.pid");
   await runOk(process.execPath, [SNAPSTACK_BIN, "nbd", "--fork", "-t", "-k", socket, `--pid-file=${pidFile}`, path]);
-  const failed = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "--fork", "-k", socket, path]);
+  const copy = join(dir, "copy.qcow2");
+  copyFileSync(path, copy);
+  const failed = await run(process.execPath, [SNAPSTACK_BIN, "nbd", "--fork", "-k", socket, copy]);
   assert.equal(failed.code, 1, "a child that cannot listen makes --fork fail");
   assert.match(failed.stderr, /E_EXISTS: cannot listen on/);
   const pid = Number(readFileSync(pidFile, "utf8"));

@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { execFileSync, spawn } from "node:child_process";
-import { parseProcLocks, qemuLockConflict } from "../../src/io/qemu-locks.ts";
+import { lockBits, parseProcLocks, qemuLockConflict, type LockContext, type LockedAccess } from "../../src/io/qemu-locks.ts";
 import { fileKey } from "../../src/io/file-identity.ts";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
 
@@ -44,20 +44,44 @@ test("qemuLockConflict: a QEMU writing refuses readers and writers; a QEMU readi
   const table = parseProcLocks(PROC_LOCKS);
   const writing = table.get("fe:00:2179099")!;
   const reading = table.get("fe:00:42")!;
-  assert.equal(qemuLockConflict(writing, "write"), 'Failed to get "write" lock');
-  assert.equal(qemuLockConflict(writing, "read"), 'Failed to get shared "write" lock');
-  assert.equal(qemuLockConflict(reading, "write"), 'Failed to get "write" lock');
-  assert.equal(qemuLockConflict(reading, "read"), null);
-  assert.equal(qemuLockConflict([], "write"), null);
+  assert.equal(qemuLockConflict(writing, lockBits("write")), 'Failed to get "write" lock');
+  assert.equal(qemuLockConflict(writing, lockBits("read")), 'Failed to get shared "write" lock');
+  assert.equal(qemuLockConflict(reading, lockBits("write")), 'Failed to get "write" lock');
+  assert.equal(qemuLockConflict(reading, lockBits("read")), null);
+  assert.equal(qemuLockConflict([], lockBits("write")), null);
   // An unrelated lock elsewhere in the file (another program's) forbids nothing here.
-  assert.equal(qemuLockConflict([[0, 99]], "write"), null);
-  assert.equal(qemuLockConflict([[0, Number.POSITIVE_INFINITY]], "read"), 'Failed to get "consistent read" lock');
+  assert.equal(qemuLockConflict([[0, 99]], lockBits("write")), null);
+  assert.equal(qemuLockConflict([[0, Number.POSITIVE_INFINITY]], lockBits("read")), 'Failed to get "consistent read" lock');
   // Creating over a file (raw_co_create) needs write and resize and does not share resize.
-  assert.equal(qemuLockConflict(writing, "create"), 'Failed to get "write" lock');
-  assert.equal(qemuLockConflict(reading, "create"), 'Failed to get "write" lock');
-  assert.equal(qemuLockConflict([[103, 103]], "create"), 'Failed to get shared "resize" lock');
-  assert.equal(qemuLockConflict([[100, 100]], "create"), null, "a reader that shares writing does not stop a create");
-  assert.equal(qemuLockConflict([], "create"), null);
+  assert.equal(qemuLockConflict(writing, lockBits("create")), 'Failed to get "write" lock');
+  assert.equal(qemuLockConflict(reading, lockBits("create")), 'Failed to get "write" lock');
+  assert.equal(qemuLockConflict([[103, 103]], lockBits("create")), 'Failed to get shared "resize" lock');
+  assert.equal(qemuLockConflict([[100, 100]], lockBits("create")), null, "a reader that shares writing does not stop a create");
+  assert.equal(qemuLockConflict([], lockBits("create")), null);
+  // A reader shares neither writing nor resizing (qemu-io -r locks 203); -U shares everything.
+  assert.equal(qemuLockConflict([[103, 103]], lockBits("read")), 'Failed to get shared "resize" lock');
+  assert.equal(qemuLockConflict(writing, lockBits("read-shared")), null);
+});
+
+test("lockBits: the bytes each access locks are those qemu-io and qemu-nbd 7.2 hold (PROC_LOCKS above: read-write and -r; -U holds byte 100 only; raw files)", () => {
+  const bytes = (access: LockedAccess, context: LockContext = {}): number[] => {
+    const bits = lockBits(access, context);
+    const locked: number[] = [];
+    for (let permission = 0; permission < 4; permission++) if (bits.held & (1 << permission)) locked.push(100 + permission);
+    for (let permission = 0; permission < 4; permission++) if (bits.unshared & (1 << permission)) locked.push(200 + permission);
+    return locked;
+  };
+  const held = (key: string): number[] => parseProcLocks(PROC_LOCKS).get(key)!.flatMap(([first, last]) => Array.from({ length: last - first + 1 }, (_, i) => first + i)).sort((a, b) => a - b);
+  assert.deepEqual(bytes("write"), held("fe:00:2179099"));
+  assert.deepEqual(bytes("read"), held("fe:00:42"));
+  assert.deepEqual(bytes("read-shared"), [100]);
+  assert.deepEqual(bytes("create"), [101, 103, 203]);
+  // A raw file's users share everything (qemu-io on raw: 100-101, -r: 100); qemu-nbd keeps resizing (203).
+  assert.deepEqual(bytes("write", { raw: true }), [100, 101]);
+  assert.deepEqual(bytes("read", { raw: true }), [100]);
+  assert.deepEqual(bytes("write", { raw: true, fixedSize: true }), [100, 101, 203]);
+  assert.deepEqual(bytes("read", { raw: true, fixedSize: true }), [100, 203]);
+  assert.deepEqual(bytes("write", { fixedSize: true }), held("fe:00:2179099"), "qcow2 keeps resizing to itself anyway");
 });
 
 test("fileKey (io/file-identity.ts): the file as /proc/locks names it (major:minor in hex, inode), as stat(1) prints them", (t) => {

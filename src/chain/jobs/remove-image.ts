@@ -31,7 +31,7 @@ import { dirname } from "node:path";
 import { SnapstackError, fromSystemError } from "../../base/errors.ts";
 import { openNodeFile, syncDirectory } from "../../io/node-file.ts";
 import { findFileUsers, startsWithQcow2Magic, storedFileNames } from "./backing-users.ts";
-import { qemuLockConflictAt } from "../../io/qemu-locks.ts";
+import { lockBits, lockImageFile } from "../../io/qemu-locks.ts";
 import { runJob, type JobOptions } from "./job.ts";
 import { allocateIoBuffer } from "../../io/io-buffer.ts";
 
@@ -69,48 +69,53 @@ export async function removeImage(path: string, options: RemoveImageOptions = {}
     const others = users.length > 1 ? ` (and ${users.length - 1} more)` : "";
     throw new SnapstackError("E_IN_USE", `Image '${path}' is used as ${users[0].use} by '${users[0].user}'${others}`, { path, users: users.map((found) => found.user) });
   }
-  const conflict = qemuLockConflictAt(path, "write");
-  if (conflict !== null) throw new SnapstackError("E_IN_USE", `Could not remove '${path}': ${conflict}: is another process using the image?`, { path });
-  const dataFile = startsWithQcow2Magic(path) ? (await storedFileNames(path)).find(([use]) => use === "data file") : undefined;
-  if (dataFile !== undefined) {
-    throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: cannot remove: its guest data is in the external data file '${dataFile[1]}', which would be left behind`, { path });
-  }
-  return runJob<RemoveResult>("remove", options, {
-    async run(job) {
-      let wipedBytes = 0;
-      if (options.wipe) {
-        const file = await openNodeFile(path, { readOnly: false });
-        try {
-          const sizeBytes = await file.sizeBytes();
-          job.setTotal(sizeBytes, "wipe");
-          const buffer = allocateIoBuffer(WIPE_CHUNK_BYTES);
-          const zeroes = Buffer.alloc(WIPE_CHUNK_BYTES);
-          for (let at = 0; at < sizeBytes; ) {
-            job.checkpoint();
-            const chunk = Math.min(WIPE_CHUNK_BYTES, sizeBytes - at);
-            const slice = buffer.subarray(0, chunk);
-            await file.read(at, slice);
-            if (!zeroes.subarray(0, chunk).equals(slice)) {
-              await file.write(at, zeroes.subarray(0, chunk));
-              wipedBytes += chunk;
+  // Held until the file is gone: no other process starts using it meanwhile.
+  const lock = lockImageFile(path, lockBits("write"));
+  if (typeof lock === "string") throw new SnapstackError("E_IN_USE", `Could not remove '${path}': ${lock}: is another process using the image?`, { path });
+  try {
+    const dataFile = startsWithQcow2Magic(path) ? (await storedFileNames(path)).find(([use]) => use === "data file") : undefined;
+    if (dataFile !== undefined) {
+      throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: cannot remove: its guest data is in the external data file '${dataFile[1]}', which would be left behind`, { path });
+    }
+    return await runJob<RemoveResult>("remove", options, {
+      async run(job) {
+        let wipedBytes = 0;
+        if (options.wipe) {
+          const file = await openNodeFile(path, { readOnly: false });
+          try {
+            const sizeBytes = await file.sizeBytes();
+            job.setTotal(sizeBytes, "wipe");
+            const buffer = allocateIoBuffer(WIPE_CHUNK_BYTES);
+            const zeroes = Buffer.alloc(WIPE_CHUNK_BYTES);
+            for (let at = 0; at < sizeBytes; ) {
+              job.checkpoint();
+              const chunk = Math.min(WIPE_CHUNK_BYTES, sizeBytes - at);
+              const slice = buffer.subarray(0, chunk);
+              await file.read(at, slice);
+              if (!zeroes.subarray(0, chunk).equals(slice)) {
+                await file.write(at, zeroes.subarray(0, chunk));
+                wipedBytes += chunk;
+              }
+              at += chunk;
+              job.advance(chunk);
             }
-            at += chunk;
-            job.advance(chunk);
+            await file.flush();
+          } finally {
+            await file.close();
           }
-          await file.flush();
-        } finally {
-          await file.close();
         }
-      }
-      return { wipedBytes };
-    },
-    async prepare() {
-      try {
-        unlinkSync(path);
-      } catch (error) {
-        throw fromSystemError(error, path, "remove");
-      }
-      await syncDirectory(dirname(path));
-    },
-  });
+        return { wipedBytes };
+      },
+      async prepare() {
+        try {
+          unlinkSync(path);
+        } catch (error) {
+          throw fromSystemError(error, path, "remove");
+        }
+        await syncDirectory(dirname(path));
+      },
+    });
+  } finally {
+    lock.release();
+  }
 }

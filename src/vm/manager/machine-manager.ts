@@ -74,7 +74,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SnapstackError, isSnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
-import { openImage } from "../../chain/open-image.ts";
+import { lockLayer, openImage } from "../../chain/open-image.ts";
+import { lockBits } from "../../io/qemu-locks.ts";
 import { openNodeFile } from "../../io/node-file.ts";
 import { openQcow2 } from "../../formats/qcow2/index.ts";
 import { NbdServer } from "../../nbd/nbd-server.ts";
@@ -781,7 +782,7 @@ export class MachineManager {
  * caches). The new top does not close `backing` (see RunningMachine.held).
  */
 async function openOverlayOn(path: string, backing: BlockDevice): Promise<BlockDevice> {
-  const file = await openNodeFile(path);
+  const file = await openNodeFile(path, { lock: lockLayer(path, 0, path, lockBits("write")) });
   try {
     return await openQcow2(file, { readOnly: false, backing, closeBacking: false });
   } catch (error) {
