@@ -9,7 +9,7 @@ import type { ImageFile } from "../io/file.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 import { checkQcow2, type Qcow2CheckResult, type Qcow2RepairMode } from "../formats/qcow2/check.ts";
 import { openNodeFile } from "../io/node-file.ts";
-import { lockLayer, lockedAccess, openImage } from "./open-image.ts";
+import { lockLayerFile, lockedAccess, openImage } from "./open-image.ts";
 import { lockBits } from "../io/qemu-locks.ts";
 import { opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat } from "./image-format.ts";
 
@@ -59,12 +59,13 @@ async function refuseMissingBacking(path: string, file: ImageFile, forceShare: b
 export async function checkImage(path: string, options: CheckImageOptions = {}): Promise<Qcow2CheckResult | "unsupported"> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
   const readOnly = options.repair === undefined;
-  const file = await openNodeFile(path, { readOnly, lock: lockLayer(path, 0, path, lockBits(lockedAccess(readOnly, options.forceShare ?? false))) });
+  const file = await openNodeFile(path, { readOnly });
   try {
     if (format === "raw") return "unsupported";
     const probed = await probeFormatName(file);
     if (format === undefined && supportedProbedFormat(probed, path) === "raw") return "unsupported";
     if (!opensAsQcow2(probed)) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
+    lockLayerFile(file, path, 0, path, lockBits(lockedAccess(readOnly, options.forceShare ?? false)));
     await refuseMissingBacking(path, file, options.forceShare ?? false);
     return await checkQcow2(file, { repair: options.repair });
   } finally {

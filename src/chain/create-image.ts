@@ -114,12 +114,12 @@ function parseRawPreallocation(path: string, value: string): RawPreallocation {
   throw new SnapstackError("E_INVALID_OPTION", `${path}: Unsupported preallocation mode: ${value}`, { path });
 }
 
-/** Open the backing image alone to check it and learn its size. */
+/** Open the backing image alone to check it and learn its size; shared with a writer, as qemu-img create opens it (an overlay over an image in use is a live snapshot's first step). */
 async function backingSize(path: string, backingFile: string, backingFormat: string, openFile: OpenImageFile | undefined): Promise<number> {
   const backingPath = resolveBackingPath(path, backingFile);
   let device;
   try {
-    device = await openImage(backingPath, { format: parseImageFormat(backingFormat), readOnly: true, openBacking: false, openFile });
+    device = await openImage(backingPath, { format: parseImageFormat(backingFormat), readOnly: true, openBacking: false, forceShare: true, openFile });
   } catch (error) {
     if (!isSnapstackError(error)) throw error;
     const code = error.code === "E_NOT_FOUND" ? "E_BACKING_MISSING" : error.code;
@@ -159,7 +159,7 @@ export async function createImage(path: string, request: CreateImageOptions): Pr
   if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) throw new SnapstackError("E_INVALID_SIZE", `${path}: invalid image size ${sizeBytes}`, { path });
 
   // raw_co_create: an existing file that another process uses is not truncated; the locks are held until the image is made.
-  const lock = lockImageFile(path, lockBits("create"));
+  const lock = lockImageFile(path, lockBits("create", { raw: format === "raw" }));
   if (typeof lock === "string") throw new SnapstackError("E_IN_USE", `${path}: ${lock}: is another process using the image [${path}]?`, { path });
   try {
     if (format === "raw") {

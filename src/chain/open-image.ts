@@ -23,7 +23,7 @@ import { SnapstackError, fromSystemError, isSnapstackError } from "../base/error
 import type { BlockDevice } from "../device/block-device.ts";
 import type { ImageFile } from "../io/file.ts";
 import { NodeFile, openNodeFile, type NodeFileCacheMode, type NodeFileIoMode } from "../io/node-file.ts";
-import { lockBits, lockImageFile, type ImageLock, type LockBits, type LockedAccess } from "../io/qemu-locks.ts";
+import { lockBits, lockImageFile, type LockBits, type LockedAccess } from "../io/qemu-locks.ts";
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
 import { isImageFormat, opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
@@ -63,6 +63,8 @@ export interface OpenImageOptions {
   locks?: boolean;
   /** The top is served at a fixed size (an NBD export): its locks keep others from resizing it, as qemu-nbd's. */
   fixedSize?: boolean;
+  /** The top is read whole and must not change meanwhile (convert's source): a raw one is locked against writers too, as qemu-img convert locks its source. */
+  stableSource?: boolean;
   /** Open an encrypted qcow2 top, or one with an external data file, read-only for its metadata only (info; see OpenQcow2Options). */
   metadataOnly?: boolean;
 }
@@ -108,24 +110,30 @@ export function lockedAccess(readOnly: boolean, forceShare: boolean): LockedAcce
 }
 
 /**
- * QEMU's image locks on `layerPath` (the image `path` itself at depth 0,
- * else one of its backing files) for this open, as qemu-img takes them
- * (io/qemu-locks.ts lockBits), or E_IN_USE where another process's locks
- * forbid the open.
+ * Take QEMU's image locks for `bits` (io/qemu-locks.ts lockBits) on
+ * `file`, the file of `layerPath` (the image `path` itself at depth 0,
+ * else one of its backing files), held until it closes; E_IN_USE where
+ * another process's locks forbid the open. A file of another kind than
+ * NodeFile (a test's FaultFile) is only checked.
  */
-export function lockLayer(path: string, depth: number, layerPath: string, bits: LockBits): ImageLock {
-  const lock = lockImageFile(layerPath, bits);
-  if (typeof lock !== "string") return lock;
-  throw new SnapstackError("E_IN_USE", `Could not open '${path}': ${backingPrefix(depth)}${lock}: is another process using the image [${layerPath}]?`, {
+export function lockLayerFile(file: ImageFile, path: string, depth: number, layerPath: string, bits: LockBits): void {
+  let refusal: string | null;
+  if (file instanceof NodeFile) {
+    refusal = file.lockImage(bits);
+  } else {
+    const lock = lockImageFile(layerPath, bits);
+    if (typeof lock === "string") {
+      refusal = lock;
+    } else {
+      lock.release();
+      refusal = null;
+    }
+  }
+  if (refusal === null) return;
+  throw new SnapstackError("E_IN_USE", `Could not open '${path}': ${backingPrefix(depth)}${refusal}: is another process using the image [${layerPath}]?`, {
     path,
     image: layerPath,
   });
-}
-
-/** Keep `lock` for as long as `file` is open where it is a NodeFile; a file of another kind (a test's FaultFile) was only checked. */
-function holdLockWith(file: ImageFile, lock: ImageLock): void {
-  if (file instanceof NodeFile) file.holdLock(lock);
-  else lock.release();
 }
 
 /** Re-word an error from inside a layer with qemu-img's "Could not open 'top': ..." prefix. */
@@ -201,8 +209,12 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       }
       // Locked once the format is known (its locks depend on it), before anything is written.
       if (options.locks !== false) {
-        const bits = lockBits(lockedAccess(readOnly, options.forceShare ?? false), { raw: layer.format === "raw", fixedSize: depth === 0 && options.fixedSize === true });
-        holdLockWith(file, lockLayer(path, depth, layerPath, bits));
+        const bits = lockBits(lockedAccess(readOnly, options.forceShare ?? false), {
+          raw: layer.format === "raw",
+          fixedSize: depth === 0 && options.fixedSize === true,
+          stableSource: depth === 0 && options.stableSource === true,
+        });
+        lockLayerFile(file, path, depth, layerPath, bits);
       }
       layerPath = null;
       if (layer.format === "qcow2" && openBacking) {

@@ -26,6 +26,8 @@ export interface OpenImageOptions {
   locks?: boolean;
   /** Served at a fixed size: the locks keep others from resizing it (src/chain/open-image.ts). */
   fixedSize?: boolean;
+  /** Read whole and unchanged meanwhile, as convert's source (src/chain/open-image.ts). */
+  stableSource?: boolean;
   /** The top image's cache mode ("unsafe": flushes do nothing). */
   cache?: NodeFileCacheMode;
 }
@@ -33,7 +35,7 @@ export interface OpenImageOptions {
 /** Open an image and its backing chain (src/chain/open-image.ts). */
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<BlockDevice> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
-  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode, writeIoMode: options.writeIoMode, forceShare: options.forceShare, locks: options.locks, fixedSize: options.fixedSize, cache: options.cache });
+  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode, writeIoMode: options.writeIoMode, forceShare: options.forceShare, locks: options.locks, fixedSize: options.fixedSize, stableSource: options.stableSource, cache: options.cache });
 }
 
 export {

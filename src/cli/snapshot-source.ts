@@ -39,6 +39,8 @@ export interface SourceOptions {
   locks?: boolean;
   /** Served at a fixed size (OpenImageOptions.fixedSize). */
   fixedSize?: boolean;
+  /** Read whole, unchanged meanwhile (OpenImageOptions.stableSource). */
+  stableSource?: boolean;
   ioMode?: NodeFileIoMode;
   writeIoMode?: NodeFileIoMode;
   /** Internal snapshot to open instead of the current state (read-only, the image's current size, as qemu's -l). */
@@ -53,6 +55,7 @@ export async function openSource(path: string, options: SourceOptions): Promise<
     forceShare: options.forceShare,
     locks: options.locks,
     fixedSize: options.fixedSize,
+    stableSource: options.stableSource,
     ioMode: options.ioMode,
     writeIoMode: options.writeIoMode,
   });

@@ -40,8 +40,8 @@ interface FileOpsAddon {
   fallocateSync(fd: number, mode: number, offset: number, length: number): number;
   /** The new offset or -errno. */
   seek(fd: number, offset: number, whence: number): number;
-  /** 0, 1 (mode 2: another open file description holds a lock on the byte) or -errno. */
-  byteLock(fd: number, byte: number, mode: number): number;
+  /** 0, 1 (mode 2: another open file description holds a lock on the byte) or -errno; absent from an addon built before it. */
+  byteLock?(fd: number, byte: number, mode: number): number;
   /** Bytes written or -errno, on libuv's thread pool. */
   writeAllocating(fd: number, offset: number, buffers: readonly Uint8Array[]): Promise<number>;
 }
@@ -202,7 +202,8 @@ const BYTE_LOCK_MODES: Record<ByteLockAction, number> = { unlock: 0, shared: 1, 
  */
 export function byteLock(fd: number, byte: number, action: ByteLockAction): boolean | null {
   const ops = loadAddon();
-  if (ops === null) return null;
+  // An addon built before byteLock existed (a checkout updated without `npm run build`): as without one.
+  if (ops === null || typeof ops.byteLock !== "function") return null;
   const result = ops.byteLock(fd, byte, BYTE_LOCK_MODES[action]);
   if (result >= 0) return action === "test" ? result === 1 : true;
   const code = getSystemErrorName(result);

@@ -78,7 +78,7 @@ import fs from "node:fs";
 import { SnapstackError, assert, fromSystemError } from "../base/errors.ts";
 import type { FileRun, HolesOptions, ImageFile, ZeroInPlace } from "./file.ts";
 import { allocateForWrite, fileRuns, preallocate, punchHole, writeAllocating, zeroRange } from "./native-file-ops.ts";
-import type { ImageLock } from "./qemu-locks.ts";
+import { lockImageFile, type ImageLock, type LockBits } from "./qemu-locks.ts";
 
 export type NodeFileIoMode = "sync" | "async" | "auto" | "small-async";
 
@@ -119,8 +119,6 @@ export interface OpenNodeFileOptions {
   writeIoMode?: NodeFileIoMode;
   /** Large writes allocate their range first (see the design notes): for a file written mostly into holes. */
   allocateLargeWrites?: boolean;
-  /** Image locks taken for this open (io/qemu-locks.ts): held until the file closes, released at once if the open fails. */
-  lock?: ImageLock;
 }
 
 export interface CreateNodeFileOptions {
@@ -395,10 +393,18 @@ export class NodeFile implements ImageFile {
     }
   }
 
-  /** Keep `lock` (this file's image locks) until the file closes. */
-  holdLock(lock: ImageLock): void {
+  /**
+   * Take QEMU's image locks for `bits` on this file (io/qemu-locks.ts) and
+   * hold them until it closes, in place of any taken before; or say why
+   * another process's locks forbid it (then nothing is held). The locks
+   * go on the file this descriptor is open on, whatever its name now.
+   */
+  lockImage(bits: LockBits): string | null {
+    const lock = lockImageFile(`/proc/self/fd/${this.#openFd("lock")}`, bits);
+    if (typeof lock === "string") return lock;
     this.#lock?.release();
     this.#lock = lock;
+    return null;
   }
 
   async close(): Promise<void> {
@@ -424,13 +430,11 @@ export async function openNodeFile(path: string, options: OpenNodeFileOptions = 
   try {
     fd = fs.openSync(path, readOnly ? "r" : "r+");
   } catch (error) {
-    options.lock?.release();
     throw fromSystemError(error, path, readOnly ? "open for reading" : "open for reading and writing");
   }
   const ioMode = options.ioMode ?? "auto";
   const file = new NodeFile(path, fd, readOnly, ioMode, options.cache, options.writeIoMode ?? ioMode);
   file.allocateLargeWrites = options.allocateLargeWrites ?? false;
-  if (options.lock !== undefined) file.holdLock(options.lock);
   return file;
 }
 

@@ -18,15 +18,18 @@
  *   QEMU holds. Which bytes each access locks was read from /proc/locks
  *   under qemu-io and qemu-nbd 7.2 (lockBits).
  * - One lock descriptor per file per process. The locks sit on a
- *   descriptor of their own, opened read-only beside the image's, keyed by
- *   device and inode: every open of the file in this process (a server's
+ *   descriptor of their own, opened read-only through the image's
+ *   (/proc/self/fd/N: the same file whatever its name is by then), keyed
+ *   by device and inode: every open of the file in this process (a server's
  *   export, a snapshot's backing, a diff reading the layer) adds its
  *   permissions to that descriptor's, and drops them when it closes. So
  *   opens in one process never refuse each other (the daemon coordinates
  *   them itself, as QEMU's block layer shares one node), and the locks
  *   last exactly as long as some open does.
  * - Lock, then test, as QEMU does: two processes opening at once see each
- *   other's locks, and a refused open drops what it had added.
+ *   other's locks, and a refused open drops what it had added. An image
+ *   is locked once its format is known (a raw file's users share writing,
+ *   a qcow2 file's do not) and before anything is written.
  * - Without the addon (no C compiler at install) or on a file system
  *   without OFD locks, it falls back to a check: QEMU's locks are read
  *   from /proc/locks and the same opens are refused, but nothing is held,
@@ -38,6 +41,7 @@
  * fileKey.
  */
 import { closeSync, constants, fstatSync, openSync, readdirSync, readFileSync, readSync } from "node:fs";
+import { fromSystemError } from "../base/errors.ts";
 import { fileKey } from "./file-identity.ts";
 import { byteLock } from "./native-file-ops.ts";
 
@@ -73,7 +77,7 @@ export function parseProcLocks(text: string): LockTable {
  * (qemu-img -U, force-share), to write, or created over (truncated,
  * formatted).
  */
-export type LockedAccess = "read" | "read-shared" | "write" | "create";
+export type LockedAccess = "read" | "read-shared" | "write" | "create" | "remove";
 
 /** Permissions as bit masks (bit i: permission i of PERMISSIONS). */
 export interface LockBits {
@@ -91,6 +95,8 @@ export interface LockContext {
   raw?: boolean;
   /** The image is served at a fixed size (an NBD export): others may not resize it. */
   fixedSize?: boolean;
+  /** The reader needs the data unchanged until it is done (convert's source): others may not write it. */
+  stableSource?: boolean;
 }
 
 /**
@@ -105,20 +111,29 @@ export interface LockContext {
  *   resizing to itself (203): `fixedSize`.
  * - With -U a reader shares everything (100).
  * - Creating over a file holds write and resize and keeps resizing
- *   (raw_co_create: 101, 103, 203), whatever the format.
+ *   (raw_co_create: 101, 103, 203); a qcow2 image is then opened to be
+ *   formatted, as a writer.
+ * - `stableSource`: a reader that needs the data unchanged until it is
+ *   done keeps writing and resizing to itself even on a raw file, as
+ *   qemu-img convert does with its source (100, 201, 203).
+ * - Removing (snapstack's own) holds what a writer holds and shares
+ *   nothing: no other process may have the file open at all.
  */
 export function lockBits(access: LockedAccess, context: LockContext = {}): LockBits {
   const fixed = context.fixedSize === true ? bit(RESIZE) : 0;
   switch (access) {
     case "read":
-      return { held: bit(CONSISTENT_READ), unshared: (context.raw === true ? 0 : bit(WRITE) | bit(RESIZE)) | fixed };
+      return { held: bit(CONSISTENT_READ), unshared: (context.raw === true && context.stableSource !== true ? 0 : bit(WRITE) | bit(RESIZE)) | fixed };
     case "read-shared":
       return { held: bit(CONSISTENT_READ), unshared: fixed };
     case "write":
       if (context.raw === true) return { held: bit(CONSISTENT_READ) | bit(WRITE), unshared: fixed };
       return { held: bit(CONSISTENT_READ) | bit(WRITE) | bit(RESIZE), unshared: bit(WRITE) | bit(RESIZE) };
     case "create":
-      return { held: bit(WRITE) | bit(RESIZE), unshared: bit(RESIZE) };
+      if (context.raw === true) return { held: bit(WRITE) | bit(RESIZE), unshared: bit(RESIZE) };
+      return lockBits("write");
+    case "remove":
+      return { held: bit(CONSISTENT_READ) | bit(WRITE) | bit(RESIZE), unshared: (1 << PERMISSIONS.length) - 1 };
   }
 }
 
@@ -292,23 +307,25 @@ function settle(key: string, file: LockedFile): void {
 /**
  * Take the locks for `bits` (lockBits) on the file at `path` and keep them
  * until release(), or say in qemu-img's words why another process's locks
- * forbid it (nothing is then held). A file that cannot be opened gets no
- * lock: its own open reports why.
+ * forbid it (nothing is then held). A file that is not there gets no lock
+ * (its own open reports that); one this process cannot open for reading is
+ * checked against /proc/locks only. `path` may be /proc/self/fd/N: the
+ * file an open descriptor is on, whatever its name now (NodeFile.lockImage).
  */
 export function lockImageFile(path: string, bits: LockBits): ImageLock | string {
   let fd: number;
   try {
     fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
-  } catch {
-    return NO_LOCK;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === "ENOENT" ? NO_LOCK : (qemuLockConflictAt(path, bits) ?? NO_LOCK);
   }
   let key: string;
   try {
-    const stat = fstatSync(fd);
+    const stat = fstatSync(fd, { bigint: true });
     key = `${stat.dev}:${stat.ino}`;
-  } catch {
+  } catch (error) {
     closeSync(fd);
-    return NO_LOCK;
+    throw fromSystemError(error, path, "stat");
   }
   let file = lockedFiles.get(key);
   if (file === undefined) {
@@ -320,22 +337,21 @@ export function lockImageFile(path: string, bits: LockBits): ImageLock | string 
   bits = { ...bits };
   const wanted = unionOf([...file.holds, bits]);
   const added = lockBytes(wanted, file.applied);
-  let locked = true;
+  /** Bytes another description holds an exclusive lock on (QEMU takes none; another program might). */
+  const refused: number[] = [];
   for (const byte of added) {
     const taken = byteLock(file.fd, byte, "shared");
     if (taken === null) {
-      locked = false; // no addon, or no OFD locks on this file system: check only
-      break;
+      // No addon, or no OFD locks on this file system: a check only.
+      for (const locked of added) byteLock(file.fd, locked, "unlock");
+      if (file.holds.size === 0) closeSync(file.fd);
+      return qemuLockConflictAt(path, bits) ?? NO_LOCK;
     }
+    if (!taken) refused.push(byte);
   }
-  if (!locked) {
-    for (const byte of added) byteLock(file.fd, byte, "unlock");
-    if (file.holds.size === 0) closeSync(file.fd);
-    return qemuLockConflictAt(path, bits) ?? NO_LOCK;
-  }
-  file.applied = wanted;
-  const reason = conflictReason(wanted, (byte) => byteLock(file.fd, byte, "test") === true);
   const held = file;
+  held.applied = wanted;
+  const reason = conflictReason(wanted, (byte) => refused.includes(byte) || byteLock(held.fd, byte, "test") === true) ?? (refused.length > 0 ? `Failed to lock byte ${refused[0]}` : null);
   if (reason !== null) {
     settle(key, held);
     return reason;

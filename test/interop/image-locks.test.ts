@@ -8,7 +8,8 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
+import { copyFileSync, existsSync, readFileSync } from "node:fs";
+import { spawn } from "node:child_process";
 import { join } from "node:path";
 import { fileKey } from "../../src/io/file-identity.ts";
 import { nativeFileOpsLoaded } from "../../src/io/native-file-ops.ts";
@@ -114,6 +115,8 @@ test("a second snapstack process is refused while snapstack nbd writes the image
     assert.match(result.stderr, /Failed to get (shared )?"write" lock/, args.join(" "));
   }
   ok(await snapstack(["img", "info", "-U", "top.qcow2"], { cwd: dir }), "info -U reads beside the writer");
+  // An overlay over the served image (a live snapshot's first step) opens it shared, as qemu-img create does.
+  ok(await snapstack(["img", "create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2", "next.qcow2"], { cwd: dir }), "create -b over a served image");
   assertUnchanged(before);
   await stop(server);
   ok(await snapstack(["img", "snapshot", "-c", "s1", "top.qcow2"], { cwd: dir }), "snapshot once the server is gone");
@@ -146,4 +149,86 @@ test("opens in one process share one set of locks: a read-write and a read-only 
     await baseReader.close();
   }
   assert.deepEqual(lockedBytes(base), []);
+});
+
+/** qemu-io on `args` until stop() is called; resolves once its locks on `image` are in /proc/locks. */
+async function qemuIoHolding(dir: string, args: string[], image: string): Promise<() => Promise<void>> {
+  const child = spawn("qemu-io", args, { cwd: dir, stdio: ["pipe", "ignore", "ignore"] });
+  const exited = new Promise<void>((resolve) => child.on("exit", () => resolve()));
+  for (let tries = 0; tries < 500 && lockedBytes(image).length === 0; tries++) await new Promise((resolve) => setTimeout(resolve, 10));
+  assert.notDeepEqual(lockedBytes(image), [], "qemu-io took its locks");
+  return async () => {
+    child.stdin.end("quit\n");
+    await exited;
+  };
+}
+
+test("beside a qemu-io writing a raw file or reading a qcow2 with -U, each command succeeds or is refused as the same qemu-img command is", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io") || !requireLocks(t)) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "raw", "disk.raw", "4M"], dir), "raw");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "disk.qcow2", "4M"], dir), "qcow2");
+  const cases: Array<{ holder: string[]; image: string; commands: string[][] }> = [
+    {
+      holder: ["-f", "raw", "disk.raw"],
+      image: "disk.raw",
+      commands: [
+        ["info", "disk.raw"],
+        ["check", "disk.raw"],
+        ["convert", "-f", "raw", "-O", "raw", "disk.raw", "out.raw"],
+        ["compare", "-f", "raw", "-F", "raw", "disk.raw", "disk.raw"],
+        ["create", "-q", "-f", "raw", "disk.raw", "1M"],
+        ["resize", "-f", "raw", "disk.raw", "8M"],
+        // Last: refused, qemu-img deletes the file.
+        ["create", "-q", "-f", "qcow2", "disk.raw", "1M"],
+      ],
+    },
+    {
+      holder: ["-r", "-U", "disk.qcow2"],
+      image: "disk.qcow2",
+      commands: [
+        ["info", "disk.qcow2"],
+        ["snapshot", "-c", "s", "disk.qcow2"],
+        ["convert", "-O", "raw", "disk.qcow2", "out.raw"],
+        ["resize", "disk.qcow2", "8M"],
+      ],
+    },
+  ];
+  for (const { holder, image, commands } of cases) {
+    const path = join(dir, image);
+    const stop = await qemuIoHolding(dir, holder, path);
+    try {
+      for (const command of commands) {
+        // Each tool gets the same starting file: a command that succeeds may change it. snapstack goes first:
+        // a refused `qemu-img create -f qcow2` deletes the file it refused to format (the holder keeps the old inode).
+        const saved = join(dir, "saved");
+        copyFileSync(path, saved);
+        const ours = await snapstack(["img", ...command], { cwd: dir });
+        assert.ok(existsSync(path), `snapstack ${command.join(" ")} left the file in place`);
+        copyFileSync(saved, path);
+        const qemu = await qemuImg(command, dir);
+        if (existsSync(path)) copyFileSync(saved, path);
+        assert.equal(ours.code === 0, qemu.code === 0, `${command.join(" ")} beside qemu-io ${holder.join(" ")}: qemu-img ${qemu.code} ${qemu.stderr} / snapstack ${ours.code} ${ours.stderr}`);
+        if (/lock/.test(qemu.stderr)) assert.match(ours.stderr, /E_IN_USE/, command.join(" "));
+      }
+    } finally {
+      await stop();
+    }
+  }
+});
+
+test("img remove is refused while any other process has the image open, even one that shares everything (qemu-io -r -U)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io") || !requireLocks(t)) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "disk.qcow2", "4M"], dir), "qcow2");
+  const path = join(dir, "disk.qcow2");
+  const stop = await qemuIoHolding(dir, ["-r", "-U", "disk.qcow2"], path);
+  try {
+    const before = snapshotFiles([path]);
+    assertCodedError(await snapstack(["img", "remove", "disk.qcow2"], { cwd: dir }), "E_IN_USE");
+    assertUnchanged(before);
+  } finally {
+    await stop();
+  }
+  ok(await snapstack(["img", "remove", "disk.qcow2"], { cwd: dir }), "remove once nobody holds it");
 });

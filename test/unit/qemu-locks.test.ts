@@ -53,11 +53,11 @@ test("qemuLockConflict: a QEMU writing refuses readers and writers; a QEMU readi
   assert.equal(qemuLockConflict([[0, 99]], lockBits("write")), null);
   assert.equal(qemuLockConflict([[0, Number.POSITIVE_INFINITY]], lockBits("read")), 'Failed to get "consistent read" lock');
   // Creating over a file (raw_co_create) needs write and resize and does not share resize.
-  assert.equal(qemuLockConflict(writing, lockBits("create")), 'Failed to get "write" lock');
-  assert.equal(qemuLockConflict(reading, lockBits("create")), 'Failed to get "write" lock');
-  assert.equal(qemuLockConflict([[103, 103]], lockBits("create")), 'Failed to get shared "resize" lock');
-  assert.equal(qemuLockConflict([[100, 100]], lockBits("create")), null, "a reader that shares writing does not stop a create");
-  assert.equal(qemuLockConflict([], lockBits("create")), null);
+  assert.equal(qemuLockConflict(writing, lockBits("create", { raw: true })), 'Failed to get "write" lock');
+  assert.equal(qemuLockConflict(reading, lockBits("create", { raw: true })), 'Failed to get "write" lock');
+  assert.equal(qemuLockConflict([[103, 103]], lockBits("create", { raw: true })), 'Failed to get shared "resize" lock');
+  assert.equal(qemuLockConflict([[100, 100]], lockBits("create", { raw: true })), null, "a reader that shares writing does not stop a create");
+  assert.equal(qemuLockConflict([], lockBits("create", { raw: true })), null);
   // A reader shares neither writing nor resizing (qemu-io -r locks 203); -U shares everything.
   assert.equal(qemuLockConflict([[103, 103]], lockBits("read")), 'Failed to get shared "resize" lock');
   assert.equal(qemuLockConflict(writing, lockBits("read-shared")), null);
@@ -75,7 +75,10 @@ test("lockBits: the bytes each access locks are those qemu-io and qemu-nbd 7.2 h
   assert.deepEqual(bytes("write"), held("fe:00:2179099"));
   assert.deepEqual(bytes("read"), held("fe:00:42"));
   assert.deepEqual(bytes("read-shared"), [100]);
-  assert.deepEqual(bytes("create"), [101, 103, 203]);
+  assert.deepEqual(bytes("create", { raw: true }), [101, 103, 203]);
+  assert.deepEqual(bytes("create"), bytes("write"), "a qcow2 image is formatted as a writer");
+  assert.deepEqual(bytes("read", { raw: true, stableSource: true }), bytes("read"), "convert's raw source: 100, 201, 203");
+  assert.deepEqual(bytes("remove"), [100, 101, 103, 200, 201, 202, 203]);
   // A raw file's users share everything (qemu-io on raw: 100-101, -r: 100); qemu-nbd keeps resizing (203).
   assert.deepEqual(bytes("write", { raw: true }), [100, 101]);
   assert.deepEqual(bytes("read", { raw: true }), [100]);

@@ -69,8 +69,8 @@ export async function removeImage(path: string, options: RemoveImageOptions = {}
     const others = users.length > 1 ? ` (and ${users.length - 1} more)` : "";
     throw new SnapstackError("E_IN_USE", `Image '${path}' is used as ${users[0].use} by '${users[0].user}'${others}`, { path, users: users.map((found) => found.user) });
   }
-  // Held until the file is gone: no other process starts using it meanwhile.
-  const lock = lockImageFile(path, lockBits("write"));
+  // Refused while any other process has the file open (locked), and held until it is gone: none starts using it meanwhile.
+  const lock = lockImageFile(path, lockBits("remove"));
   if (typeof lock === "string") throw new SnapstackError("E_IN_USE", `Could not remove '${path}': ${lock}: is another process using the image?`, { path });
   try {
     const dataFile = startsWithQcow2Magic(path) ? (await storedFileNames(path)).find(([use]) => use === "data file") : undefined;

@@ -36,7 +36,7 @@ import { Qcow2Image } from "../../formats/qcow2/index.ts";
 import { RawImage } from "../../formats/raw/raw-image.ts";
 import { openNodeFile } from "../../io/node-file.ts";
 import { parseImageFormat, probeImageFormat } from "../image-format.ts";
-import { lockLayer, openImage } from "../open-image.ts";
+import { lockLayerFile, openImage } from "../open-image.ts";
 import { lockBits } from "../../io/qemu-locks.ts";
 import { refuseWritingInput } from "../layer-file.ts";
 import type { CopyRange } from "../copy-pipeline.ts";
@@ -157,13 +157,14 @@ async function openTarget(path: string, format: string | undefined): Promise<{ d
   if (stat === null || !stat.isBlockDevice()) {
     return { device: await openImage(path, { format: format === undefined ? undefined : parseImageFormat(format), readOnly: false }), isBlockDevice: false };
   }
-  const file = await openNodeFile(path, { readOnly: false, lock: lockLayer(path, 0, path, lockBits("write", { raw: true })) });
+  const file = await openNodeFile(path, { readOnly: false });
   try {
     const probed = format === undefined ? await probeImageFormat(file, path) : parseImageFormat(format);
     if (probed === "qcow2") {
       await file.close();
       return { device: await openImage(path, { format: "qcow2", readOnly: false }), isBlockDevice: true };
     }
+    lockLayerFile(file, path, 0, path, lockBits("write", { raw: true }));
     return { device: new RawImage(file, blockDeviceSizeBytes(path, stat.rdev)), isBlockDevice: true };
   } catch (error) {
     await file.close();

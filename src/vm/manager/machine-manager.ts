@@ -74,7 +74,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SnapstackError, isSnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
-import { lockLayer, openImage } from "../../chain/open-image.ts";
+import { lockLayerFile, openImage } from "../../chain/open-image.ts";
 import { lockBits } from "../../io/qemu-locks.ts";
 import { openNodeFile } from "../../io/node-file.ts";
 import { openQcow2 } from "../../formats/qcow2/index.ts";
@@ -782,8 +782,9 @@ export class MachineManager {
  * caches). The new top does not close `backing` (see RunningMachine.held).
  */
 async function openOverlayOn(path: string, backing: BlockDevice): Promise<BlockDevice> {
-  const file = await openNodeFile(path, { lock: lockLayer(path, 0, path, lockBits("write")) });
+  const file = await openNodeFile(path);
   try {
+    lockLayerFile(file, path, 0, path, lockBits("write"));
     return await openQcow2(file, { readOnly: false, backing, closeBacking: false });
   } catch (error) {
     await file.close().catch(() => {});
