@@ -8,7 +8,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { copyFileSync, existsSync, readFileSync } from "node:fs";
+import { copyFileSync, existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { spawn } from "node:child_process";
 import { join } from "node:path";
 import { fileKey } from "../../src/io/file-identity.ts";
@@ -17,7 +17,7 @@ import { parseProcLocks } from "../../src/io/qemu-locks.ts";
 import { openImage } from "../../src/chain/open-image.ts";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
 import { assertCodedError, assertUnchanged, ok, qemuImg, qemuIo, snapshotFiles, snapstack } from "./cli-helpers.ts";
-import { startNbd, waitExit, type RunningServer } from "./nbd-helpers.ts";
+import { SNAPSTACK_BIN, startNbd, waitExit, type RunningServer } from "./nbd-helpers.ts";
 
 /** The bytes of `path` some process holds a lock on now, ascending (read fresh from /proc/locks). */
 function lockedBytes(path: string): number[] {
@@ -231,4 +231,41 @@ test("img remove is refused while any other process has the image open, even one
     await stop();
   }
   ok(await snapstack(["img", "remove", "disk.qcow2"], { cwd: dir }), "remove once nobody holds it");
+});
+
+test("without the native addon (SNAPSTACK_NATIVE=0) QEMU's locks are still honoured, read from /proc/locks, and none is taken", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const { top } = await chain(dir);
+  const env = { ...process.env, SNAPSTACK_NATIVE: "0" };
+  const stop = await qemuIoHolding(dir, ["top.qcow2"], top);
+  try {
+    const before = snapshotFiles([top]);
+    assertCodedError(await snapstack(["img", "snapshot", "-c", "s", "top.qcow2"], { cwd: dir, env }), "E_IN_USE");
+    assertCodedError(await snapstack(["img", "info", "top.qcow2"], { cwd: dir, env }), "E_IN_USE");
+    ok(await snapstack(["img", "info", "-U", "top.qcow2"], { cwd: dir, env }), "info -U");
+    assertUnchanged(before);
+  } finally {
+    await stop();
+  }
+  // What snapstack opens is not locked: a QEMU tool is not kept out.
+  const reader = spawn(process.execPath, [SNAPSTACK_BIN, "io", "-c", "sleep 2000", "top.qcow2"], { cwd: dir, env, stdio: "ignore" });
+  const exited = new Promise<void>((resolve) => reader.on("exit", () => resolve()));
+  const opened = (): boolean => {
+    try {
+      return readdirSync(`/proc/${reader.pid}/fd`).some((fd) => {
+        try {
+          return readlinkSync(`/proc/${reader.pid}/fd/${fd}`) === top;
+        } catch {
+          return false;
+        }
+      });
+    } catch {
+      return false;
+    }
+  };
+  for (let tries = 0; tries < 500 && !opened(); tries++) await new Promise((resolve) => setTimeout(resolve, 10));
+  assert.ok(opened(), "snapstack io has the image open");
+  assert.deepEqual(lockedBytes(top), []);
+  await exited;
 });
