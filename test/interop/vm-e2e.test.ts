@@ -8,6 +8,7 @@
  *   4. revert: the counter continues from its value at the snapshot, and
  *      the disk reads the marker again;
  *   5. more snapshots, a branch, delete the snapshot in the middle;
+ *   5b. while it runs, QEMU's tools are kept out of its layers (image locks)
  *   6. qemu-img check on every layer, and every remaining snapshot's disk
  *      compared with what the guest wrote.
  */
@@ -18,7 +19,7 @@ import { startDaemon } from "../../src/api/daemon.ts";
 import { ApiClient } from "../../src/api/api-client.ts";
 import { stepPath } from "../../src/vm/store/layer-steps.ts";
 import { buildGuest, GuestConsole } from "../helpers/guest-kit.ts";
-import { requireTools, runOk, scratchDir } from "../helpers/tools.ts";
+import { requireTools, run, runOk, scratchDir } from "../helpers/tools.ts";
 
 const DISK_BYTES = 16 * 1024 * 1024;
 const MiB = 1024 * 1024;
@@ -104,6 +105,21 @@ test("VM story: live snapshot, reinstall, revert to the same instant, branches, 
   assert.equal(await readMarker(console, 3), "MARKER-FOUR");
   const tree = await api.request<{ snapshots: Array<{ name: string; parent: string | null }> }>("GET", "/machines/vm/snapshots");
   assert.deepEqual(tree.snapshots.map((s) => [s.name, s.parent]), [["s1", null], ["s3", "s1"], ["s4", "s1"]]);
+
+  // 5b. The running chain's layers carry QEMU's image locks: qemu-io may write none of them, and qemu-img
+  // may not even read the top one without -U (as beside a running QEMU).
+  const running = manager.store.loadTree("vm");
+  const chainFiles: string[] = [];
+  for (let layer: string | null = running.current.layer; layer !== null; layer = running.layers[layer].parent) {
+    chainFiles.push(stepPath(manager.store.machineDir("vm"), running.layers[layer].file));
+  }
+  assert.ok(chainFiles.length >= 2, `a chain of layers (${chainFiles.length})`);
+  for (const file of chainFiles) {
+    const write = await run("qemu-io", ["-f", "qcow2", "-c", "write 0 512", file]);
+    assert.match(write.stderr + write.stdout, /Failed to get "write" lock/, file);
+  }
+  assert.match((await run("qemu-img", ["info", chainFiles[0]])).stderr, /Failed to get shared "write" lock/);
+  await runOk("qemu-img", ["info", "-U", chainFiles[0]]);
 
   // 6. Stop, check every layer, compare every snapshot's disk with what the guest wrote.
   console.close();
