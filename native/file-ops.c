@@ -22,7 +22,7 @@
  *     allocation), ~20% less kernel time per byte; over allocated blocks
  *     the fallocate changes nothing. Its failure is ignored: the write
  *     decides the result.
- *   byteLock(fd, byte, mode) -> 0, 1 (held elsewhere) or -errno
+ *   byteLock(fd, byte, mode) -> 0, 1 (mode 2 only: held elsewhere) or -errno
  *     QEMU's image locks (block/file-posix.c): open file description
  *     (OFD) locks on single bytes. mode 0 drops this description's lock
  *     on the byte, 1 takes a shared one (F_RDLCK, what QEMU takes), 2

@@ -20,7 +20,7 @@ import { lockBits, lockImageFile } from "../io/qemu-locks.ts";
 import { createQcow2, resolveQcow2CreateOptions, type Qcow2CreateOptions, type Qcow2Preallocation } from "../formats/qcow2/index.ts";
 import { RAW_PREALLOCATION_MODES, createRaw, type RawPreallocation } from "../formats/raw/raw-image.ts";
 import { parseImageFormat } from "./image-format.ts";
-import { openImage, type OpenImageFile } from "./open-image.ts";
+import { lockLayerFile, openImage, type OpenImageFile } from "./open-image.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 import { sameFile } from "../io/file-identity.ts";
 
@@ -158,7 +158,7 @@ export async function createImage(path: string, request: CreateImageOptions): Pr
   if (sizeBytes === undefined) throw new SnapstackError("E_INVALID_SIZE", `${path}: Image creation needs a size parameter`, { path });
   if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) throw new SnapstackError("E_INVALID_SIZE", `${path}: invalid image size ${sizeBytes}`, { path });
 
-  // raw_co_create: an existing file that another process uses is not truncated; the locks are held until the image is made.
+  // raw_co_create: an existing file is not truncated where another process's locks forbid it (as qemu-img decides); the locks are held until the image is made.
   const lock = lockImageFile(path, lockBits("create", { raw: format === "raw" }));
   if (typeof lock === "string") throw new SnapstackError("E_IN_USE", `${path}: ${lock}: is another process using the image [${path}]?`, { path });
   try {
@@ -178,6 +178,8 @@ export async function createImage(path: string, request: CreateImageOptions): Pr
     }
     const file = request.openFile === undefined ? await createNodeFile(path) : await request.openFile(path, { readOnly: false, create: true });
     try {
+      // A file that did not exist had no lock above: it has one while it is formatted.
+      lockLayerFile(file, path, 0, path, lockBits("write"));
       await createQcow2(file, qcow2);
     } finally {
       await file.close();

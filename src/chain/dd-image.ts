@@ -31,7 +31,7 @@ export interface DdImageOptions {
   count?: number;
   /** Blocks skipped at the input's start (skip=). */
   skip?: number;
-  /** -U: read an input a QEMU holds open for writing. */
+  /** -U: read an input another process holds open for writing. */
   forceShare?: boolean;
 }
 

@@ -65,6 +65,8 @@ export interface OpenImageOptions {
   fixedSize?: boolean;
   /** The top is read whole and must not change meanwhile (convert's source): a raw one is locked against writers too, as qemu-img convert locks its source. */
   stableSource?: boolean;
+  /** The top's size will change (img resize; restore matching sizes): a raw one holds resizing too, as qemu-img resize. */
+  resize?: boolean;
   /** Open an encrypted qcow2 top, or one with an external data file, read-only for its metadata only (info; see OpenQcow2Options). */
   metadataOnly?: boolean;
 }
@@ -213,6 +215,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
           raw: layer.format === "raw",
           fixedSize: depth === 0 && options.fixedSize === true,
           stableSource: depth === 0 && options.stableSource === true,
+          resize: depth === 0 && options.resize === true,
         });
         lockLayerFile(file, path, depth, layerPath, bits);
       }

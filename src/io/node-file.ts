@@ -396,8 +396,9 @@ export class NodeFile implements ImageFile {
   /**
    * Take QEMU's image locks for `bits` on this file (io/qemu-locks.ts) and
    * hold them until it closes, in place of any taken before; or say why
-   * another process's locks forbid it (then nothing is held). The locks
-   * go on the file this descriptor is open on, whatever its name now.
+   * another process's locks forbid it (then what was held before stays).
+   * The locks go on the file this descriptor is open on, whatever its
+   * name now.
    */
   lockImage(bits: LockBits): string | null {
     const lock = lockImageFile(`/proc/self/fd/${this.#openFd("lock")}`, bits);

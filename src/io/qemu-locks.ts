@@ -74,8 +74,8 @@ export function parseProcLocks(text: string): LockTable {
 
 /**
  * What is done to a file: opened to read, to read while others may write
- * (qemu-img -U, force-share), to write, or created over (truncated,
- * formatted).
+ * (qemu-img -U, force-share), to write, created over (truncated,
+ * formatted), or removed (snapstack's `img remove`).
  */
 export type LockedAccess = "read" | "read-shared" | "write" | "create" | "remove";
 
@@ -97,6 +97,8 @@ export interface LockContext {
   fixedSize?: boolean;
   /** The reader needs the data unchanged until it is done (convert's source): others may not write it. */
   stableSource?: boolean;
+  /** The writer changes the file's size (img resize; restore matching sizes): it holds resizing even on a raw file. */
+  resize?: boolean;
 }
 
 /**
@@ -108,7 +110,8 @@ export interface LockContext {
  *   also holds write and resize (100, 101, 103, 201, 203).
  * - A raw file's user shares everything (qemu-io: 100 reading, 100-101
  *   writing; raw under a qcow2 overlay: 100), except that qemu-nbd keeps
- *   resizing to itself (203): `fixedSize`.
+ *   resizing to itself (203): `fixedSize`; qemu-img resize holds resizing
+ *   (103): `resize`.
  * - With -U a reader shares everything (100).
  * - Creating over a file holds write and resize and keeps resizing
  *   (raw_co_create: 101, 103, 203); a qcow2 image is then opened to be
@@ -127,7 +130,7 @@ export function lockBits(access: LockedAccess, context: LockContext = {}): LockB
     case "read-shared":
       return { held: bit(CONSISTENT_READ), unshared: fixed };
     case "write":
-      if (context.raw === true) return { held: bit(CONSISTENT_READ) | bit(WRITE), unshared: fixed };
+      if (context.raw === true) return { held: bit(CONSISTENT_READ) | bit(WRITE) | (context.resize === true ? bit(RESIZE) : 0), unshared: fixed };
       return { held: bit(CONSISTENT_READ) | bit(WRITE) | bit(RESIZE), unshared: bit(WRITE) | bit(RESIZE) };
     case "create":
       if (context.raw === true) return { held: bit(WRITE) | bit(RESIZE), unshared: bit(RESIZE) };
@@ -270,8 +273,8 @@ interface LockedFile {
 /** Files this process holds locks on, by device and inode. */
 const lockedFiles = new Map<string, LockedFile>();
 
-/** A lock that holds nothing: for a file that could not be looked at, or an open that takes no locks. */
-export const NO_LOCK: ImageLock = { release() {} };
+/** A lock that holds nothing: for a file that is not there, or one only checked (no addon). */
+const NO_LOCK: ImageLock = { release() {} };
 
 function unionOf(holds: Iterable<LockBits>): LockBits {
   const union = { held: 0, unshared: 0 };
@@ -339,19 +342,27 @@ export function lockImageFile(path: string, bits: LockBits): ImageLock | string 
   const added = lockBytes(wanted, file.applied);
   /** Bytes another description holds an exclusive lock on (QEMU takes none; another program might). */
   const refused: number[] = [];
-  for (const byte of added) {
-    const taken = byteLock(file.fd, byte, "shared");
-    if (taken === null) {
-      // No addon, or no OFD locks on this file system: a check only.
-      for (const locked of added) byteLock(file.fd, locked, "unlock");
-      if (file.holds.size === 0) closeSync(file.fd);
-      return qemuLockConflictAt(path, bits) ?? NO_LOCK;
-    }
-    if (!taken) refused.push(byte);
-  }
   const held = file;
-  held.applied = wanted;
-  const reason = conflictReason(wanted, (byte) => refused.includes(byte) || byteLock(held.fd, byte, "test") === true) ?? (refused.length > 0 ? `Failed to lock byte ${refused[0]}` : null);
+  let reason: string | null;
+  try {
+    for (const byte of added) {
+      const taken = byteLock(held.fd, byte, "shared");
+      if (taken === null) {
+        // No addon, or no OFD locks on this file system: a check only.
+        for (const locked of added) byteLock(held.fd, locked, "unlock");
+        if (held.holds.size === 0) closeSync(held.fd);
+        return qemuLockConflictAt(path, bits) ?? NO_LOCK;
+      }
+      if (!taken) refused.push(byte);
+    }
+    held.applied = wanted;
+    reason = conflictReason(wanted, (byte) => refused.includes(byte) || byteLock(held.fd, byte, "test") === true) ?? (refused.length > 0 ? `Failed to lock byte ${refused[0]}` : null);
+  } catch (error) {
+    // An errno fcntl should never give (EBADF, ENOMEM): undo what was added, report it coded.
+    held.applied = wanted;
+    settle(key, held);
+    throw fromSystemError(error, path, "lock");
+  }
   if (reason !== null) {
     settle(key, held);
     return reason;

@@ -63,6 +63,9 @@ test("snapstack nbd locks the bytes qemu-nbd locks on a raw file, read-write and
       ok(await qemuImg(["info", "disk.raw"], dir), `${which}: qemu-img info`);
       const resize = await qemuImg(["resize", "-f", "raw", "disk.raw", "8M"], dir);
       assert.match(resize.stderr, /Failed to get "resize" lock/, `${which}: qemu-img resize refused`);
+      const ours = await snapstack(["img", "resize", "-f", "raw", "disk.raw", "8M"], { cwd: dir });
+      assertCodedError(ours, "E_IN_USE");
+      assert.match(ours.stderr, /Failed to get "resize" lock/, `${which}: snapstack img resize refused`);
       await stop(server);
     }
     assert.deepEqual(held.snapstack, held["qemu-nbd"], readOnly ? "-r" : "read-write");
@@ -151,12 +154,12 @@ test("opens in one process share one set of locks: a read-write and a read-only 
   assert.deepEqual(lockedBytes(base), []);
 });
 
-/** qemu-io on `args` until stop() is called; resolves once its locks on `image` are in /proc/locks. */
-async function qemuIoHolding(dir: string, args: string[], image: string): Promise<() => Promise<void>> {
+/** qemu-io on `args` until stop() is called; resolves once it holds all of `bytes` of `image` (QEMU takes them in steps). */
+async function qemuIoHolding(dir: string, args: string[], image: string, bytes: number[]): Promise<() => Promise<void>> {
   const child = spawn("qemu-io", args, { cwd: dir, stdio: ["pipe", "ignore", "ignore"] });
   const exited = new Promise<void>((resolve) => child.on("exit", () => resolve()));
-  for (let tries = 0; tries < 500 && lockedBytes(image).length === 0; tries++) await new Promise((resolve) => setTimeout(resolve, 10));
-  assert.notDeepEqual(lockedBytes(image), [], "qemu-io took its locks");
+  for (let tries = 0; tries < 500 && lockedBytes(image).join() !== bytes.join(); tries++) await new Promise((resolve) => setTimeout(resolve, 10));
+  assert.deepEqual(lockedBytes(image), bytes, "qemu-io took its locks");
   return async () => {
     child.stdin.end("quit\n");
     await exited;
@@ -168,10 +171,11 @@ test("beside a qemu-io writing a raw file or reading a qcow2 with -U, each comma
   const dir = scratchDir(t);
   ok(await qemuImg(["create", "-q", "-f", "raw", "disk.raw", "4M"], dir), "raw");
   ok(await qemuImg(["create", "-q", "-f", "qcow2", "disk.qcow2", "4M"], dir), "qcow2");
-  const cases: Array<{ holder: string[]; image: string; commands: string[][] }> = [
+  const cases: Array<{ holder: string[]; image: string; bytes: number[]; commands: string[][] }> = [
     {
       holder: ["-f", "raw", "disk.raw"],
       image: "disk.raw",
+      bytes: [100, 101],
       commands: [
         ["info", "disk.raw"],
         ["check", "disk.raw"],
@@ -186,6 +190,7 @@ test("beside a qemu-io writing a raw file or reading a qcow2 with -U, each comma
     {
       holder: ["-r", "-U", "disk.qcow2"],
       image: "disk.qcow2",
+      bytes: [100],
       commands: [
         ["info", "disk.qcow2"],
         ["snapshot", "-c", "s", "disk.qcow2"],
@@ -194,9 +199,9 @@ test("beside a qemu-io writing a raw file or reading a qcow2 with -U, each comma
       ],
     },
   ];
-  for (const { holder, image, commands } of cases) {
+  for (const { holder, image, bytes, commands } of cases) {
     const path = join(dir, image);
-    const stop = await qemuIoHolding(dir, holder, path);
+    const stop = await qemuIoHolding(dir, holder, path, bytes);
     try {
       for (const command of commands) {
         // Each tool gets the same starting file: a command that succeeds may change it. snapstack goes first:
@@ -222,7 +227,7 @@ test("img remove is refused while any other process has the image open, even one
   const dir = scratchDir(t);
   ok(await qemuImg(["create", "-q", "-f", "qcow2", "disk.qcow2", "4M"], dir), "qcow2");
   const path = join(dir, "disk.qcow2");
-  const stop = await qemuIoHolding(dir, ["-r", "-U", "disk.qcow2"], path);
+  const stop = await qemuIoHolding(dir, ["-r", "-U", "disk.qcow2"], path, [100]);
   try {
     const before = snapshotFiles([path]);
     assertCodedError(await snapstack(["img", "remove", "disk.qcow2"], { cwd: dir }), "E_IN_USE");
@@ -238,7 +243,7 @@ test("without the native addon (SNAPSTACK_NATIVE=0) QEMU's locks are still honou
   const dir = scratchDir(t);
   const { top } = await chain(dir);
   const env = { ...process.env, SNAPSTACK_NATIVE: "0" };
-  const stop = await qemuIoHolding(dir, ["top.qcow2"], top);
+  const stop = await qemuIoHolding(dir, ["top.qcow2"], top, [100, 101, 103, 201, 203]);
   try {
     const before = snapshotFiles([top]);
     assertCodedError(await snapstack(["img", "snapshot", "-c", "s", "top.qcow2"], { cwd: dir, env }), "E_IN_USE");

@@ -83,6 +83,7 @@ test("lockBits: the bytes each access locks are those qemu-io and qemu-nbd 7.2 h
   assert.deepEqual(bytes("write", { raw: true }), [100, 101]);
   assert.deepEqual(bytes("read", { raw: true }), [100]);
   assert.deepEqual(bytes("write", { raw: true, fixedSize: true }), [100, 101, 203]);
+  assert.deepEqual(bytes("write", { raw: true, resize: true }), [100, 101, 103], "qemu-img resize on a raw file");
   assert.deepEqual(bytes("read", { raw: true, fixedSize: true }), [100, 203]);
   assert.deepEqual(bytes("write", { fixedSize: true }), held("fe:00:2179099"), "qcow2 keeps resizing to itself anyway");
 });

@@ -43,7 +43,7 @@ export interface RebaseImageOptions extends JobOptions {
   backingFormat?: string;
   /** -u: change the header only. */
   unsafe?: boolean;
-  /** -U: open the backing chains (old and new, read-only) even while a QEMU holds them. */
+  /** -U: open the backing chains (old and new, read-only) even while another process writes them. */
   forceShare?: boolean;
 }
 

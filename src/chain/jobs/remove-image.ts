@@ -15,8 +15,9 @@
  * - The directory is synced after the unlink.
  * - Refused, with nothing touched (E_IN_USE unless said otherwise):
  *   - a file another image uses, as backing file or as external data file;
- *   - a file a QEMU holds open for writing (its image locks, as qemu-img
- *     checks them before it writes an image);
+ *   - a file any other process holds open (its image locks: a QEMU, a
+ *     snapstack server, even a reader that shares everything with -U;
+ *     stricter than qemu-img, which has no remove);
  *   - a symbolic link (E_ACCESS): the users found would be those of the
  *     link's directory, the wipe would erase the file it points to, and
  *     the unlink would remove only the link;

@@ -25,7 +25,7 @@ export const ddCommand: CliCommand = {
     "  count=blocks           copy up to count * bs bytes of the input (counted from its start)",
     "  skip=blocks            start at skip * bs bytes into the input",
     "  -f fmt / -O fmt        input format (probed when omitted) / output format (default raw)",
-    "  -U                     read an input a QEMU holds open (force share)",
+    "  -U                     read an input another process writes (force share)",
   ],
   async run(argv, context) {
     const parsed = parseArgs(argv, [
