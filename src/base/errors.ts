@@ -36,7 +36,7 @@ export const ERROR_CODES = {
   E_CHAIN_TOO_DEEP: "the backing chain is deeper than the limit",
   E_BACKING_FORMAT: "the backing format is missing or wrong",
   E_NOT_IN_CHAIN: "an image named as base is not in the overlay's backing chain (or there is no backing)",
-  E_IN_USE: "an image is in use: as backing file by another image, by a running QEMU (its locks), or as the input of the command that would write it",
+  E_IN_USE: "an image is in use: as backing file by another image, by another process (QEMU's image locks, which snapstack takes too), or as the input of the command that would write it",
   // Internal snapshots.
   E_SNAPSHOT_NOT_FOUND: "no internal snapshot has the given ID or name",
   E_SNAPSHOT_EXISTS: "an internal snapshot with the new ID already exists",
