@@ -16,7 +16,7 @@ import { opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat 
 export interface CheckImageOptions {
   format?: string;
   repair?: Qcow2RepairMode;
-  /** Check an image a QEMU is writing (qemu-img -U; see OpenImageOptions.forceShare). */
+  /** Check an image another process is writing (qemu-img -U; see OpenImageOptions.forceShare). */
   forceShare?: boolean;
 }
 

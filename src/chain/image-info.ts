@@ -34,7 +34,7 @@ export interface ImageInfoOptions {
   format?: string;
   backingChain?: boolean;
   chainDepthMax?: number;
-  /** Read images a QEMU is writing (qemu-img -U; see OpenImageOptions.forceShare). */
+  /** Read images another process is writing (qemu-img -U; see OpenImageOptions.forceShare). */
   forceShare?: boolean;
 }
 

@@ -1,5 +1,5 @@
 /** Opening chains and the qemu-img operations on them. */
-export { openImage, chainLayers, CHAIN_DEPTH_MAX_DEFAULT, type OpenImageOptions } from "./open-image.ts";
+export { openImage, chainLayers, CHAIN_DEPTH_MAX_DEFAULT, type OpenImageOptions, type TopLockContext } from "./open-image.ts";
 export { IMAGE_FORMATS, parseImageFormat, probeImageFormat, isImageFormat, type ImageFormat } from "./image-format.ts";
 export { resolveBackingPath, hasProtocolPrefix } from "./backing-path.ts";
 export { createImage, type CreateImageOptions, type CreateOptionValue } from "./create-image.ts";

@@ -23,7 +23,7 @@ import { SnapstackError, fromSystemError, isSnapstackError } from "../base/error
 import type { BlockDevice } from "../device/block-device.ts";
 import type { ImageFile } from "../io/file.ts";
 import { NodeFile, openNodeFile, type NodeFileCacheMode, type NodeFileIoMode } from "../io/node-file.ts";
-import { lockBits, lockImageFile, type LockBits, type LockedAccess } from "../io/qemu-locks.ts";
+import { lockBits, lockImageFile, type LockBits, type LockContext, type LockedAccess } from "../io/qemu-locks.ts";
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
 import { isImageFormat, opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
@@ -59,14 +59,14 @@ export interface OpenImageOptions {
    * (io/qemu-locks.ts); a read-write open is always checked.
    */
   forceShare?: boolean;
-  /** Take the image locks (default true); false only where a parent process holds them for this one (an NBD data worker). */
-  locks?: boolean;
-  /** The top is served at a fixed size (an NBD export): its locks keep others from resizing it, as qemu-nbd's. */
-  fixedSize?: boolean;
-  /** The top is read whole and must not change meanwhile (convert's source): a raw one is locked against writers too, as qemu-img convert locks its source. */
-  stableSource?: boolean;
-  /** The top's size will change (img resize; restore matching sizes): a raw one holds resizing too, as qemu-img resize. */
-  resize?: boolean;
+  /**
+   * The image locks: what decides the top's besides its format and the
+   * access (io/qemu-locks.ts LockContext: an NBD export's fixed size,
+   * convert's stable source, resize's resizing); default {}. false takes
+   * none, only where a parent process holds them for this one (an NBD
+   * data worker).
+   */
+  locks?: false | TopLockContext;
   /** Open an encrypted qcow2 top, or one with an external data file, read-only for its metadata only (info; see OpenQcow2Options). */
   metadataOnly?: boolean;
 }
@@ -105,6 +105,9 @@ function openFailure(topPath: string, depth: number, path: string, error: unknow
   }
   return new SnapstackError(mapped.code, message, { ...mapped.details, path });
 }
+
+/** What decides an image's locks besides its format (OpenImageOptions.locks). */
+export type TopLockContext = Omit<LockContext, "raw">;
 
 /** The access an open asks locks for: `forceShare` (-U) shares writing with others on a read-only open. */
 export function lockedAccess(readOnly: boolean, forceShare: boolean): LockedAccess {
@@ -211,13 +214,8 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       }
       // Locked once the format is known (its locks depend on it), before anything is written.
       if (options.locks !== false) {
-        const bits = lockBits(lockedAccess(readOnly, options.forceShare ?? false), {
-          raw: layer.format === "raw",
-          fixedSize: depth === 0 && options.fixedSize === true,
-          stableSource: depth === 0 && options.stableSource === true,
-          resize: depth === 0 && options.resize === true,
-        });
-        lockLayerFile(file, path, depth, layerPath, bits);
+        const context = { ...(depth === 0 ? options.locks : undefined), raw: layer.format === "raw" };
+        lockLayerFile(file, path, depth, layerPath, lockBits(lockedAccess(readOnly, options.forceShare ?? false), context));
       }
       layerPath = null;
       if (layer.format === "qcow2" && openBacking) {

@@ -28,7 +28,7 @@ export async function resizeImage(path: string, size: SizeSpec, options: ResizeI
   const preallocation = options.preallocation ?? "off";
   // qemu-img's modes (qcow2 takes them all), known before anything is opened (a format may still not support one).
   if (!QCOW2_PREALLOCATION_MODES.includes(preallocation)) throw new SnapstackError("E_INVALID_OPTION", `Invalid preallocation mode '${preallocation}'`, { path });
-  const device = await openImage(path, { format, readOnly: false, resize: true });
+  const device = await openImage(path, { format, readOnly: false, locks: { resize: true } });
   try {
     const newSizeBytes = "absoluteBytes" in size ? size.absoluteBytes : device.sizeBytes + size.deltaBytes;
     if (!Number.isSafeInteger(newSizeBytes) || newSizeBytes <= 0) {

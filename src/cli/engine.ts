@@ -8,7 +8,9 @@
  */
 import type { BlockDevice } from "../device/block-device.ts";
 import type { NodeFileCacheMode, NodeFileIoMode } from "../io/node-file.ts";
-import { openImage as openChain, parseImageFormat } from "../chain/index.ts";
+import { openImage as openChain, parseImageFormat, type TopLockContext } from "../chain/index.ts";
+
+export type { TopLockContext };
 
 export interface OpenImageOptions {
   /** A format name as the user typed it (validated here: E_UNKNOWN_FORMAT). */
@@ -22,12 +24,8 @@ export interface OpenImageOptions {
   writeIoMode?: NodeFileIoMode;
   /** -U: read an image another process is writing (src/chain/open-image.ts). */
   forceShare?: boolean;
-  /** Take the image locks (default true; src/chain/open-image.ts). */
-  locks?: boolean;
-  /** Served at a fixed size: the locks keep others from resizing it (src/chain/open-image.ts). */
-  fixedSize?: boolean;
-  /** Read whole and unchanged meanwhile, as convert's source (src/chain/open-image.ts). */
-  stableSource?: boolean;
+  /** The image locks (src/chain/open-image.ts OpenImageOptions.locks). */
+  locks?: false | TopLockContext;
   /** The top image's cache mode ("unsafe": flushes do nothing). */
   cache?: NodeFileCacheMode;
 }
@@ -35,7 +33,7 @@ export interface OpenImageOptions {
 /** Open an image and its backing chain (src/chain/open-image.ts). */
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<BlockDevice> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
-  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode, writeIoMode: options.writeIoMode, forceShare: options.forceShare, locks: options.locks, fixedSize: options.fixedSize, stableSource: options.stableSource, cache: options.cache });
+  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode, writeIoMode: options.writeIoMode, forceShare: options.forceShare, locks: options.locks, cache: options.cache });
 }
 
 export {

@@ -9,7 +9,7 @@ import type { NodeFileIoMode } from "../io/node-file.ts";
 import { Qcow2Image } from "../formats/qcow2/qcow2-image.ts";
 import { openSnapshotView } from "../formats/qcow2/snapshot-view.ts";
 import type { SnapshotSelector } from "../formats/qcow2/internal-snapshots.ts";
-import { openImage } from "./engine.ts";
+import { openImage, type TopLockContext } from "./engine.ts";
 
 /**
  * `-l`'s value (qemu's snapshot_param): `ID_OR_NAME`, or the options
@@ -35,12 +35,8 @@ export interface SourceOptions {
   format?: string;
   readOnly: boolean;
   forceShare?: boolean;
-  /** Take the image locks (OpenImageOptions.locks; default true). */
-  locks?: boolean;
-  /** Served at a fixed size (OpenImageOptions.fixedSize). */
-  fixedSize?: boolean;
-  /** Read whole, unchanged meanwhile (OpenImageOptions.stableSource). */
-  stableSource?: boolean;
+  /** The image locks (OpenImageOptions.locks). */
+  locks?: false | TopLockContext;
   ioMode?: NodeFileIoMode;
   writeIoMode?: NodeFileIoMode;
   /** Internal snapshot to open instead of the current state (read-only, the image's current size, as qemu's -l). */
@@ -54,8 +50,6 @@ export async function openSource(path: string, options: SourceOptions): Promise<
     readOnly: options.readOnly || options.snapshot !== undefined,
     forceShare: options.forceShare,
     locks: options.locks,
-    fixedSize: options.fixedSize,
-    stableSource: options.stableSource,
     ioMode: options.ioMode,
     writeIoMode: options.writeIoMode,
   });

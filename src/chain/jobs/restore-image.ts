@@ -155,7 +155,7 @@ async function openTarget(path: string, format: string | undefined): Promise<{ d
     stat = null;
   }
   if (stat === null || !stat.isBlockDevice()) {
-    return { device: await openImage(path, { format: format === undefined ? undefined : parseImageFormat(format), readOnly: false, resize: true }), isBlockDevice: false };
+    return { device: await openImage(path, { format: format === undefined ? undefined : parseImageFormat(format), readOnly: false, locks: { resize: true } }), isBlockDevice: false };
   }
   const file = await openNodeFile(path, { readOnly: false });
   try {

@@ -130,7 +130,7 @@ export const convertCommand: CliCommand = {
     const quiet = optionFlag(parsed, "quiet");
     const snapshotParam = optionString(parsed, "snapshotParam");
     const snapshot = snapshotParam === undefined ? undefined : parseSnapshotParam(snapshotParam);
-    const opened = await openSource(sourcePath, { format: optionString(parsed, "format"), readOnly: true, forceShare: optionFlag(parsed, "forceShare"), snapshot, stableSource: true });
+    const opened = await openSource(sourcePath, { format: optionString(parsed, "format"), readOnly: true, forceShare: optionFlag(parsed, "forceShare"), snapshot, locks: { stableSource: true } });
     const source = opened.device;
     try {
       const showProgress = optionFlag(parsed, "progress") && !quiet;

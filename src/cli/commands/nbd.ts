@@ -179,7 +179,7 @@ async function openExportDevice(options: NbdCommandOptions): Promise<{ device: B
   const path = options.temporaryOverlay ? await createTemporaryOverlay(options) : options.path;
   let opened: Awaited<ReturnType<typeof openSource>>;
   try {
-    opened = await openSource(path, { format: options.temporaryOverlay ? "qcow2" : options.format, readOnly: options.readOnly, ioMode: options.ioMode, writeIoMode: options.writeIoMode, snapshot: options.snapshot, locks: process.env[DATA_WORKER_ENV] !== "1", fixedSize: true });
+    opened = await openSource(path, { format: options.temporaryOverlay ? "qcow2" : options.format, readOnly: options.readOnly, ioMode: options.ioMode, writeIoMode: options.writeIoMode, snapshot: options.snapshot, locks: process.env[DATA_WORKER_ENV] === "1" ? false : { fixedSize: true } });
   } finally {
     // Open, the overlay needs no name: nothing is left behind, even if the server is killed.
     if (options.temporaryOverlay) rmSync(path, { force: true });

@@ -24,7 +24,7 @@ export const rebaseCommand: CliCommand = {
     "  -p               show progress",
     "  -q               quiet",
     "  -t, -T cache     accepted for compatibility",
-    "  -U               open the backing files even while a QEMU uses them (read-only)",
+    "  -U               open the backing files even while another process writes them (read-only)",
   ],
   async run(argv, context) {
     const parsed = parseArgs(argv, [
