@@ -10,7 +10,14 @@
  * node:zlib, which would refuse the trailing padding.
  *
  * Decompression must produce at least one full cluster (QEMU: EIO
- * otherwise); extra output or input is ignored. Compression returns null
+ * otherwise); extra output or input is ignored. For zlib that is QEMU's
+ * single inflate(Z_FINISH) into a cluster-sized buffer: a stream that fills
+ * the buffer is accepted whatever its bytes after that point are (damaged,
+ * or a stream that goes on). node:zlib cannot stop at a given output size
+ * (it fails once the output passes maxOutputLength, or at the damage), so
+ * a stream it refuses is inflated again from prefixes of its input: the
+ * shortest prefix whose output reaches a cluster, found by bisection, gives
+ * QEMU's bytes (inflatePrefix). Compression returns null
  * when the result does not fit in cluster_size - 1 bytes: the caller then
  * writes the cluster uncompressed.
  *
@@ -91,6 +98,47 @@ function zstdFrameBytes(input: Uint8Array): number {
   return at <= input.length ? at : -1;
 }
 
+/** What node:zlib said, without its buffer-size wording ("Cannot create a Buffer larger than ..."). */
+function zlibReason(error: unknown): string {
+  const code = (error as { code?: unknown }).code;
+  if (code === "ERR_BUFFER_TOO_LARGE") return "it inflates to more, and to fewer before the stream breaks";
+  return (error as Error).message;
+}
+
+/** Output allowance past one cluster for the inflate of a prefix: one input byte completes at most 8 codes of at most 258 bytes. */
+const PREFIX_OUTPUT_SLACK_BYTES = 8 * 258;
+
+/**
+ * QEMU's inflate for a raw deflate stream node:zlib refused: the first
+ * `clusterSizeBytes` bytes of output when the stream produces that many
+ * before it breaks (or while it goes on past them), and the input they
+ * took; null when it breaks first. The output of a prefix of the input is
+ * a prefix of the output (Z_SYNC_FLUSH: no error for input that just ends),
+ * so the shortest prefix that reaches a cluster or fails is bisected; if
+ * it reaches a cluster, QEMU's buffer would have filled there.
+ */
+function inflatePrefix(zlib: typeof Zlib, input: Uint8Array, clusterSizeBytes: number): { out: Uint8Array; consumedBytes: number } | null {
+  /** "short": fewer bytes than a cluster; "full": at least a cluster (output when it fit the allowance); "broken". */
+  const attempt = (length: number, allowance: number): { state: "short" | "full" | "broken"; out?: Buffer } => {
+    try {
+      const out = zlib.inflateRawSync(input.subarray(0, length), { windowBits: 15, finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: allowance });
+      return out.length >= clusterSizeBytes ? { state: "full", out } : { state: "short" };
+    } catch (error) {
+      return (error as { code?: unknown }).code === "ERR_BUFFER_TOO_LARGE" ? { state: "full" } : { state: "broken" };
+    }
+  };
+  let low = 0; // short
+  let high = input.length; // not short (node:zlib refused the whole input)
+  while (high - low > 1) {
+    const middle = Math.floor((low + high) / 2);
+    if (attempt(middle, clusterSizeBytes).state === "short") low = middle;
+    else high = middle;
+  }
+  const found = attempt(high, clusterSizeBytes + PREFIX_OUTPUT_SLACK_BYTES);
+  if (found.state !== "full" || found.out === undefined) return null;
+  return { out: found.out.subarray(0, clusterSizeBytes), consumedBytes: high };
+}
+
 /** Decompress one cluster from `input`: the output, and how many input bytes its stream took. */
 function inflateCluster(input: Uint8Array, compressionType: number, clusterSizeBytes: number): { out: Uint8Array; consumedBytes: number } {
   const zlib = zlibModule();
@@ -105,7 +153,10 @@ function inflateCluster(input: Uint8Array, compressionType: number, clusterSizeB
       out = result.buffer;
       consumedBytes = result.engine.bytesWritten;
     } catch (error) {
-      throw compressionError(`cannot inflate compressed cluster: ${(error as Error).message}`);
+      const prefix = inflatePrefix(zlib, input, clusterSizeBytes);
+      if (prefix === null) throw compressionError(`compressed cluster does not inflate to ${clusterSizeBytes} bytes: ${zlibReason(error)}`);
+      out = prefix.out;
+      consumedBytes = prefix.consumedBytes;
     }
   } else if (compressionType === COMPRESSION_TYPE_ZSTD) {
     const parts: Uint8Array[] = [];
