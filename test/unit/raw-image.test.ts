@@ -54,10 +54,15 @@ test("raw read/write/writeZeroes follow a shadow model; out-of-range and read-on
   await assert.rejects(readOnly.write(0, new Uint8Array(1)), { code: "E_READ_ONLY" });
   await assert.rejects(readOnly.writeZeroes(0, 1), { code: "E_READ_ONLY" });
   await assert.rejects(readOnly.discard(0, 1), { code: "E_READ_ONLY" });
-  await image.discard(0, 512); // no-op: contents stay
-  const first = new Uint8Array(512);
+  // Discard goes to the file; a MemoryFile zeroes what it drops (the ImageFile contract allows any contents).
+  await image.discard(0, 512);
+  model.fill(0, 0, 512);
+  const first = new Uint8Array(512).fill(1);
   await image.read(0, first);
   assert.deepEqual(first, model.subarray(0, 512));
+  const rest = new Uint8Array(512);
+  await image.read(512, rest);
+  assert.deepEqual(rest, model.subarray(512, 1024), "only the discarded range changed");
   await image.close();
   await image.close();
 });
