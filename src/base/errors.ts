@@ -70,6 +70,29 @@ export function isSnapstackError(value: unknown): value is SnapstackError {
   return value instanceof SnapstackError;
 }
 
+/**
+ * strerror() of the errno QEMU's block layer returns for a failure of this
+ * kind: the text qemu-io and qemu-img print after "read failed: " or
+ * "error while reading offset N: ".
+ */
+export function qemuErrnoText(code: ErrorCode): string {
+  switch (code) {
+    case "E_USAGE":
+    case "E_INVALID_SIZE":
+      return "Invalid argument";
+    case "E_NO_SPACE":
+    case "E_TOO_LARGE":
+      return "No space left on device";
+    case "E_READ_ONLY":
+    case "E_ACCESS":
+      return "Operation not permitted";
+    case "E_UNSUPPORTED_FEATURE":
+      return "Operation not supported";
+    default:
+      return "Input/output error";
+  }
+}
+
 const ALSO_FAILED = "; also failed: ";
 
 /**

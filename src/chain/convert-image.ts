@@ -51,6 +51,7 @@ import { openImage, type OpenImageFile } from "./open-image.ts";
 import { refuseWritingInput } from "./layer-file.ts";
 import { RateLimit } from "./rate-limit.ts";
 import { walkChain } from "./map-image.ts";
+import { locatingRead, lookupSalvaging, salvagingRead, unknownStatusWarning, unreadableSectorWarning } from "./salvage.ts";
 import { createImage, type CreateOptionValue } from "./create-image.ts";
 import { createNodeFile, openNodeFile, type NodeFileCacheMode } from "../io/node-file.ts";
 import { isAllZero } from "../io/io-buffer.ts";
@@ -99,6 +100,13 @@ export interface ConvertImageOptions {
    */
   bitmapSource?: BlockDevice;
   onWarning?: (message: string) => void;
+  /**
+   * --salvage: a sector that cannot be read (or whose block status cannot)
+   * is copied as zeroes instead of failing the convert (chain/salvage.ts);
+   * `onSalvaged` hears qemu-img's warning line for each.
+   */
+  salvage?: boolean;
+  onSalvaged?: (warning: string) => void;
 }
 
 type RangeKind = "data" | "zero" | "backing";
@@ -114,6 +122,8 @@ interface CopyPlan {
   topOnly: boolean;
   /** Zero past this guest offset is left to the target's backing (Infinity: none). */
   targetBackingEnd: number;
+  /** --salvage: sectors whose status cannot be read are taken as data, and this hears of each; null: a failure is thrown. */
+  onUnknownStatus: ((guestOffset: number, error: SnapstackError) => void) | null;
 }
 
 /** Source ranges in guest order, adjacent ranges of one kind merged. */
@@ -135,20 +145,36 @@ async function* statusRanges(plan: CopyPlan): AsyncGenerator<StatusRange> {
       }
       ranges.push({ start, length, kind });
     };
-    if (plan.topOnly) {
-      for (const extent of await source.layerStatus(windowStart, windowEnd - windowStart)) {
-        const end = extent.guestOffset + extent.lengthBytes;
-        if (extent.kind === "data") add(extent.guestOffset, extent.lengthBytes, "data");
-        else if (extent.kind === "zero") add(extent.guestOffset, extent.lengthBytes, "zero");
-        else {
-          const split = Math.min(end, Math.max(extent.guestOffset, source.backing === null ? extent.guestOffset : sourceBackingEnd));
-          add(extent.guestOffset, split - extent.guestOffset, "backing");
-          add(split, end - split, "zero");
+    const lookup = async (start: number, end: number): Promise<void> => {
+      // Collected first: a lookup that fails part-way (salvaging retries it in parts) adds nothing.
+      const found: StatusRange[] = [];
+      if (plan.topOnly) {
+        for (const extent of await source.layerStatus(start, end - start)) {
+          const extentEnd = extent.guestOffset + extent.lengthBytes;
+          if (extent.kind === "data") found.push({ start: extent.guestOffset, length: extent.lengthBytes, kind: "data" });
+          else if (extent.kind === "zero") found.push({ start: extent.guestOffset, length: extent.lengthBytes, kind: "zero" });
+          else {
+            const split = Math.min(extentEnd, Math.max(extent.guestOffset, source.backing === null ? extent.guestOffset : sourceBackingEnd));
+            found.push({ start: extent.guestOffset, length: split - extent.guestOffset, kind: "backing" }, { start: split, length: extentEnd - split, kind: "zero" });
+          }
         }
+      } else {
+        await walkChain(source, start, end, (entry) => found.push({ start: entry.start, length: entry.length, kind: entry.data && !entry.zero ? "data" : "zero" }));
       }
-    } else {
-      await walkChain(source, windowStart, windowEnd, (entry) => add(entry.start, entry.length, entry.data && !entry.zero ? "data" : "zero"));
-    }
+      for (const range of found) add(range.start, range.length, range.kind);
+    };
+    const onUnknownStatus = plan.onUnknownStatus;
+    await lookupSalvaging(
+      windowStart,
+      windowEnd,
+      lookup,
+      onUnknownStatus === null
+        ? null
+        : (start, length, error) => {
+            onUnknownStatus(start, error);
+            add(start, length, "data");
+          },
+    );
     for (const range of ranges) {
       if (pending !== null && pending.kind === range.kind && pending.start + pending.length === range.start) {
         pending.length += range.length;
@@ -391,8 +417,10 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
   const bitmaps = await sourceBitmaps(options.bitmapSource ?? source, format, options);
   const target = await openTarget(source, targetPath, options);
   try {
+    const onSalvaged = options.onSalvaged;
     const plan: CopyPlan = {
       source,
+      onUnknownStatus: options.salvage === true ? (guestOffset, error) => onSalvaged?.(unknownStatusWarning(guestOffset, error)) : null,
       topOnly: targetHasBacking,
       // Only a new target created with -B: zero past its backing's end needs no write (target_backing_sectors).
       targetBackingEnd: targetHasBacking && !options.targetExists ? (target.backing?.sizeBytes ?? Number.POSITIVE_INFINITY) : Number.POSITIVE_INFINITY,
@@ -416,10 +444,13 @@ export async function convertImage(source: BlockDevice, targetPath: string, opti
     const counts = (kind: RangeKind): boolean => kind === "data" || (sparseSizeBytes === 0 && kind === "zero");
     if (onProgress !== undefined) {
       // Pass 1 (metadata only): bytes to copy, for progress.
-      for await (const job of copyJobs(plan, clusterBytes)) if (counts(job.kind)) totalBytes += job.length;
+      // Sectors of unknown status are warned about once, by the copy itself.
+      const counting: CopyPlan = { ...plan, onUnknownStatus: plan.onUnknownStatus === null ? null : () => {} };
+      for await (const job of copyJobs(counting, clusterBytes)) if (counts(job.kind)) totalBytes += job.length;
       onProgress(totalBytes === 0 ? 1 : 0, 0, totalBytes);
     }
-    await copyRanges(source, target, copyJobs(plan, clusterBytes), {
+    const reader = { read: options.salvage === true ? salvagingRead(source, (guestOffset, error) => onSalvaged?.(unreadableSectorWarning(guestOffset, error))) : locatingRead(source) };
+    await copyRanges(reader, target, copyJobs(plan, clusterBytes), {
       zeroMode,
       zeroRuns,
       compress,

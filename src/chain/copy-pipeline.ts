@@ -398,7 +398,7 @@ interface Slot {
  * Copy `ranges` (ascending guest order) from `source` to `target`. Returns
  * once every write completed (not flushed: the caller flushes).
  */
-export async function copyRanges(source: BlockDevice, target: BlockDevice, ranges: AsyncIterable<CopyRange> | Iterable<CopyRange>, options: CopyPipelineOptions): Promise<void> {
+export async function copyRanges(source: Pick<BlockDevice, "read">, target: BlockDevice, ranges: AsyncIterable<CopyRange> | Iterable<CopyRange>, options: CopyPipelineOptions): Promise<void> {
   const chunkBytes = options.chunkBytes ?? COPY_CHUNK_BYTES;
   const compress = options.compress ?? false;
   const zeroMode = options.zeroMode;

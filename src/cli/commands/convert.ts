@@ -44,7 +44,7 @@ function checkCoroutines(text: string | undefined): void {
 
 export const convertCommand: CliCommand = {
   name: "convert",
-  synopsis: "convert [-c] [-f fmt] [-O output_fmt] [-o options] [-l snapshot_param] [-S sparse_size] [-B backing_file [-F backing_fmt]] [-n] [--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] [-r rate] [-m num] [-W] [-C] [-p] [-q] [-U] filename output_filename",
+  synopsis: "convert [-c] [-f fmt] [-O output_fmt] [-o options] [-l snapshot_param] [-S sparse_size] [-B backing_file [-F backing_fmt]] [-n] [--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] [-r rate] [-m num] [-W] [-C] [--salvage] [-p] [-q] [-U] filename output_filename",
   summary: "Copy an image's guest content into a new image, optionally in another format or compressed.",
   optionHelp: [
     "  -f fmt           source format; detected when omitted",
@@ -60,6 +60,7 @@ export const convertCommand: CliCommand = {
     "  --bitmaps        copy the source's persistent dirty bitmaps (qcow2 target); --skip-broken-bitmaps leaves out in-use ones",
     "  -r rate          read at most rate bytes of data per second (k, M, G suffixes)",
     "  -m n, -W, -C     accepted as qemu-img accepts them (the copy's depth and order are snapstack's own)",
+    "  --salvage        copy sectors that cannot be read (I/O errors, damaged clusters) as zeroes, with a warning each",
     "  -p               show progress",
     "  -q               quiet",
   ],
@@ -86,6 +87,7 @@ export const convertCommand: CliCommand = {
       { name: "targetIsZero", long: "target-is-zero" },
       { name: "bitmaps", long: "bitmaps" },
       { name: "skipBrokenBitmaps", long: "skip-broken-bitmaps" },
+      { name: "salvage", long: "salvage" },
     ]);
     checkCacheOptions(parsed);
     checkCoroutines(optionString(parsed, "parallel"));
@@ -100,6 +102,8 @@ export const convertCommand: CliCommand = {
       if (optionFlag(parsed, "compress")) throw new SnapstackError("E_USAGE", "Cannot enable copy offloading when -c is used");
       if (optionString(parsed, "sparse") !== undefined) throw new SnapstackError("E_USAGE", "Cannot enable copy offloading when -S is used");
     }
+    const salvage = optionFlag(parsed, "salvage");
+    if (salvage && optionFlag(parsed, "copyOffload")) throw new SnapstackError("E_USAGE", "Cannot use copy offloading in salvaging mode");
     const outputFormat = optionString(parsed, "outputFormat") ?? "raw";
     const entries = parseOptionList(optionString(parsed, "options") ?? "");
     if (isHelpRequest(entries)) {
@@ -148,6 +152,9 @@ export const convertCommand: CliCommand = {
         bitmaps: optionFlag(parsed, "bitmaps") ? (skipBrokenBitmaps ? "skip-broken" : "copy") : undefined,
         bitmapSource: opened.image,
         onWarning: (message) => context.err(`snapstack: warning: ${message}\n`),
+        salvage,
+        // qemu-img: unless -q, each sector that cannot be read is a warning.
+        onSalvaged: quiet ? undefined : (warning) => context.err(`snapstack: warning: ${warning}\n`),
         // Without -p, no metadata pass to count the bytes first.
         onProgress: showProgress ? (fraction) => progress.update(fraction) : undefined,
       });

@@ -13,7 +13,7 @@
  * "Parsing error: ...") as well as the coded error line on stderr
  * (IoCommandError; io-command.ts prints both).
  */
-import { SnapstackError, type ErrorCode } from "../../base/errors.ts";
+import { SnapstackError, qemuErrnoText, type ErrorCode } from "../../base/errors.ts";
 import { QEMU_SIZE_MAX, formatFixed, formatIoSize, parseSizeBig } from "../../base/units.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { optionFlag, optionString, parseArgs, type OptionSpec, type ParsedArgs } from "../args.ts";
@@ -64,25 +64,6 @@ export class IoCommandError extends SnapstackError {
   constructor(code: ErrorCode, stdoutLine: string, message = stdoutLine, details: Record<string, unknown> = {}) {
     super(code, message, details);
     this.stdoutLine = stdoutLine;
-  }
-}
-
-/** strerror() of the errno qemu's block layer returns for a failure of this kind. */
-function qemuErrnoText(code: ErrorCode): string {
-  switch (code) {
-    case "E_USAGE":
-    case "E_INVALID_SIZE":
-      return "Invalid argument";
-    case "E_NO_SPACE":
-    case "E_TOO_LARGE":
-      return "No space left on device";
-    case "E_READ_ONLY":
-    case "E_ACCESS":
-      return "Operation not permitted";
-    case "E_UNSUPPORTED_FEATURE":
-      return "Operation not supported";
-    default:
-      return "Input/output error";
   }
 }
 
