@@ -17,6 +17,7 @@
  *   POST   /machines/NAME/snapshots/SNAP/revert {wipe}
  *   POST   /machines/NAME/snapshots/SNAP/clone {name}
  *   GET    /machines/NAME/diff?from=A&to=B[&disk=N]
+ *   POST   /machines/NAME/snapshots/SNAP/export {path, format, from, backing, disk}   (absolute paths)
  *
  * Long operations report progress: a client sending
  * `Accept: application/x-ndjson` gets one JSON object per line,
@@ -180,6 +181,16 @@ export function createRoutes(manager: MachineManager): Array<{ method: string; p
     const diskText = query.get("disk");
     if (diskText !== null && !/^[1-9][0-9]{0,2}$/.test(diskText)) throw bad(`diff: disk ${JSON.stringify(diskText)} is not a disk number (1 for the first)`);
     return manager.diff(params[0], from, to, { onProgress, disk: diskText === null ? undefined : Number(diskText) });
+  });
+  add("POST", "/machines/:p/snapshots/:p/export", async ({ params, body, onProgress }) => {
+    const disk = bodyNumber(body, "disk");
+    return manager.export(params[0], params[1], bodyString(body, "path", true)!, {
+      format: bodyString(body, "format"),
+      from: bodyString(body, "from"),
+      backing: bodyString(body, "backing"),
+      disk,
+      onProgress,
+    });
   });
   return routes;
 }

@@ -13,14 +13,14 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { copyFileSync, existsSync, readFileSync, renameSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { openImage } from "../../src/chain/open-image.ts";
 import { MachineStore } from "../../src/vm/store/machine-store.ts";
 import type { TreeView } from "../../src/vm/manager/machine-operations.ts";
 import type { MachineStatus } from "../../src/vm/manager/machine-manager.ts";
 import { buildGuest } from "../helpers/guest-kit.ts";
-import { requireTools, type RunResult } from "../helpers/tools.ts";
+import { requireTools, run, type RunResult } from "../helpers/tools.ts";
 import {
   checkLayers,
   counterAfterRestore,
@@ -174,6 +174,34 @@ test("vm CLI on stopped machines: every command, the daemon started on demand, -
   assert.deepEqual(await vmJson(home, ["diff", "a", "s1", "s2", "--disk", "1"]), { ...diff, disk: 1 }, "--disk 1 is the default");
   assert.match((await vmFails(home, ["diff", "a", "s1", "s2", "--disk", "2"], "E_USAGE")).stderr, /disk 2: machine 'a' has 1 disk/);
   await vmFails(home, ["diff", "a", "s1", "s2", "--disk", "first"], "E_USAGE");
+
+  // export: s1 whole (qcow2 and raw), then s2 as the delta since s1 over s1's export; qemu-img reads the chain as s2.
+  const exports = join(home, "..", "exports");
+  mkdirSync(exports, { recursive: true });
+  const full = join(exports, "s1.qcow2");
+  assert.equal((await vmOk(home, ["export", "a", "s1", full])).stdout, `Exported disk 1 of 'a' at 's1' to ${full} (qcow2, 64 KiB of data).\n`);
+  assert.equal((await vmOk(home, ["export", "a", "s1", join(exports, "s1.raw"), "-O", "raw", "-p"])).stderr.endsWith("100%\n"), true, "-p shows progress");
+  const delta = join(exports, "s2-since-s1.qcow2");
+  assert.match((await vmOk(home, ["export", "a", "s2", delta, "--from", "s1", "--backing", full])).stdout, /^Exported what changed on disk 1 of 'a' from 's1' to 's2' \(128 KiB\), over .*s1\.qcow2 to .*s2-since-s1\.qcow2 \(qcow2, 128 KiB of data\)\.\n$/);
+  for (const [image, expected] of [[full, diskWith(DISK, [[MiB, A]])], [join(exports, "s1.raw"), diskWith(DISK, [[MiB, A]])], [delta, diskWith(DISK, [[MiB, A], [4 * MiB, B]])]] as const) {
+    const expectedPath = `${image}.expected`;
+    writeFileSync(expectedPath, expected);
+    const compared = await run("qemu-img", ["compare", "-F", "raw", image, expectedPath]);
+    assert.equal(compared.code, 0, `${image}: ${compared.stdout}${compared.stderr}`);
+    if (image.endsWith(".qcow2")) assert.equal((await run("qemu-img", ["check", image])).code, 0, `qemu-img check ${image}`);
+  }
+  const deltaInfo = JSON.parse((await run("qemu-img", ["info", "--output=json", delta])).stdout) as Record<string, unknown>;
+  assert.equal(deltaInfo["backing-filename"], "s1.qcow2", "the delta names its backing relative to itself");
+  const deltaMap = JSON.parse((await run("qemu-img", ["map", "--output=json", delta])).stdout) as Array<{ start: number; length: number; depth: number; data: boolean }>;
+  assert.deepEqual(deltaMap.filter((entry) => entry.depth === 0 && entry.data).map((entry) => [entry.start, entry.length]), [[4 * MiB, B.length]], "the delta holds only what changed");
+  await vmFails(home, ["export", "a", "s1", full], "E_EXISTS");
+  await vmFails(home, ["export", "a", "s2", join(exports, "x.qcow2"), "--from", "s1"], "E_USAGE");
+  await vmFails(home, ["export", "a", "s2", join(exports, "x.qcow2"), "--from", "s1", "--backing", full, "-O", "raw"], "E_USAGE");
+  await vmFails(home, ["export", "a", "s2", join(exports, "x.qcow2"), "--from", "s1", "--backing", imagePath], "E_USAGE");
+  await vmFails(home, ["export", "a", "s2", join(exports, "x.qcow2"), "-O", "vmdk"], "E_USAGE");
+  await vmFails(home, ["export", "a", "nosnap", join(exports, "x.qcow2")], "E_SNAPSHOT_NOT_FOUND");
+  await vmFails(home, ["export", "a", "s2", join(exports, "no-dir", "x.qcow2")], "E_NOT_FOUND");
+  assert.equal(existsSync(join(exports, "x.qcow2")), false, "a refused export leaves no file");
 
   assert.match((await vmOk(home, ["revert", "a", "s1"])).stdout, /^Reverted 'a' to 's1' in \d+ ms; it is stopped; freed .*\.\n$/);
   assert.ok((await readCurrentDisk(home, "a")).equals(diskWith(DISK, [[MiB, A]])), "reverted to s1's disk");

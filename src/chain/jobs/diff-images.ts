@@ -55,6 +55,12 @@ export function diffImages(from: BlockDevice, to: BlockDevice, options: DiffImag
 export interface ExportDeltaOptions extends JobOptions {
   /** FROM, opened: its format is the delta's backing format, and the delta may not be a layer of its chain. */
   from: BlockDevice;
+  /**
+   * The image at the backing path when it is not FROM itself but a copy of
+   * FROM's content (a VM snapshot's earlier export): its format is the
+   * delta's backing format, and the delta may not be a layer of its chain either.
+   */
+  backing?: BlockDevice;
 }
 
 /** Cluster-aligned ranges covering `ranges` (merged), clipped to sizeBytes. */
@@ -90,6 +96,7 @@ export async function exportDelta(fromPath: string, to: BlockDevice, ranges: rea
   refuseWritingInput(deltaPath, "delta", [
     ["the TO image", to],
     ["the FROM image", options.from],
+    ...(options.backing === undefined ? [] : [["the backing image", options.backing] as [string, BlockDevice]]),
   ]);
   const clusterSizeBytes = to instanceof Qcow2Image ? to.clusterSizeBytes : 65536;
   // Where the delta cannot be created, say so (a backing name relative to a missing directory would be reported instead).
@@ -99,7 +106,7 @@ export async function exportDelta(fromPath: string, to: BlockDevice, ranges: rea
     format: "qcow2",
     sizeBytes: to.sizeBytes,
     backingFile: backingName,
-    backingFormat: options.from.format,
+    backingFormat: (options.backing ?? options.from).format,
     options: { cluster_size: clusterSizeBytes },
   });
   const delta = await openImage(deltaPath, { format: "qcow2", readOnly: false });

@@ -3,10 +3,11 @@
  * daemon answers for the store, one is started in the background (its log
  * in $SNAPSTACK_HOME/daemon.log) and the CLI says so on stderr.
  *
- * Paths given on the command line (kernel, initrd, ISO, --disk-from) are
- * made absolute here: the daemon runs in another directory.
+ * Paths given on the command line (kernel, initrd, ISO, --disk-from, an
+ * export's output and backing) are made absolute here: the daemon runs in
+ * another directory.
  *
- * Long operations (revert, delete-snapshot, diff, remove) show progress on
+ * Long operations (revert, delete-snapshot, diff, export, remove) show progress on
  * stderr only with -p, as `snapstack img` does: without it, a failure
  * prints exactly one line.
  */
@@ -349,6 +350,35 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
         for (const range of result.ranges) context.out(`${range.start}\t${range.length}\n`);
         context.out(`${result.ranges.length} changed ranges, ${formatSize(result.changedBytes)}\n`);
       }
+      return 0;
+    },
+  },
+  export: {
+    synopsis: "export NAME SNAP OUTPUT [-O qcow2|raw] [--from A --backing PREVIOUS] [--disk N] [-p]",
+    options: [
+      { name: "outputFormat", short: "O", value: true },
+      { name: "from", long: "from", value: true },
+      { name: "backing", long: "backing", value: true },
+      { name: "disk", long: "disk", value: true },
+      PROGRESS_OPTION,
+    ],
+    args: [3, 3, "Expecting a machine name, a snapshot name and an output file"],
+    async run(client, parsed, context) {
+      const [name, snapshot, output] = parsed.positionals;
+      const diskText = optionString(parsed, "disk");
+      if (diskText !== undefined && !/^[1-9][0-9]{0,2}$/.test(diskText)) throw new SnapstackError("E_USAGE", `--disk ${JSON.stringify(diskText)} is not a disk number (1 for the first)`);
+      const body = {
+        path: absolute(output),
+        format: optionString(parsed, "outputFormat"),
+        from: optionString(parsed, "from"),
+        backing: absolute(optionString(parsed, "backing")),
+        disk: diskText === undefined ? undefined : Number(diskText),
+      };
+      const result = await withProgress(parsed, context, (onProgress) =>
+        client.request<{ disk: number; path: string; format: string; writtenBytes: number; changedBytes?: number; backing?: string }>("POST", snapshotPath(name, snapshot, "/export"), body, onProgress),
+      );
+      const what = result.backing === undefined ? `disk ${result.disk} of '${name}' at '${snapshot}'` : `what changed on disk ${result.disk} of '${name}' from '${body.from}' to '${snapshot}' (${formatSize(result.changedBytes ?? 0)}), over ${result.backing}`;
+      context.out(`Exported ${what} to ${result.path} (${result.format}, ${formatSize(result.writtenBytes)} of data).\n`);
       return 0;
     },
   },

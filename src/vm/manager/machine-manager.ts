@@ -97,6 +97,9 @@ import {
   deleteSnapshotStopped,
   describeTree,
   diffSnapshots,
+  exportSnapshot,
+  type ExportOptions,
+  type ExportResult,
   prepareSnapshot,
   removeStopped,
   unpinStopped,
@@ -760,11 +763,24 @@ export class MachineManager {
 
   diff(name: string, from: string, to: string, options: DiffOptions = {}) {
     return this.#withMachine(name, async () => {
-      if (this.#running.has(name) && (from === LIVE_DISK_NAME || to === LIVE_DISK_NAME)) {
-        throw new SnapstackError("E_IN_USE", `machine '${name}' is running: its current disk cannot be compared; take a snapshot first`, { machine: name });
-      }
+      this.#refuseLiveDisk(name, [from, to], "compared");
       return diffSnapshots(this.store, name, from, to, options);
     });
+  }
+
+  /** One disk of a snapshot written to an image file, whole or as the delta since another (machine-operations.ts exportSnapshot). */
+  export(name: string, snapshot: string, path: string, options: ExportOptions = {}): Promise<ExportResult> {
+    return this.#withMachine(name, async () => {
+      this.#refuseLiveDisk(name, [snapshot, ...(options.from === undefined ? [] : [options.from])], "exported");
+      return exportSnapshot(this.store, name, snapshot, path, options);
+    });
+  }
+
+  /** A running machine's current disk changes under a reader: it is not read, a snapshot of it is. */
+  #refuseLiveDisk(name: string, specs: readonly string[], what: string): void {
+    if (this.#running.has(name) && specs.includes(LIVE_DISK_NAME)) {
+      throw new SnapstackError("E_IN_USE", `machine '${name}' is running: its current disk cannot be ${what}; take a snapshot first`, { machine: name });
+    }
   }
 
   clone(name: string, snapshotName: string, newName: string): Promise<MachineConfig> {

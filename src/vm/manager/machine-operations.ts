@@ -8,11 +8,12 @@
  * runs under the store's journal (machine-store.ts).
  */
 import { existsSync, mkdirSync, statSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { dirname, isAbsolute, join } from "node:path";
 import { SnapstackError } from "../../base/errors.ts";
 import { openImage } from "../../chain/open-image.ts";
 import { convertImage } from "../../chain/convert-image.ts";
-import { diffImages, type DiffRange, type JobProgress } from "../../chain/jobs/index.ts";
+import { diffImages, exportDelta, type DiffRange, type JobProgress } from "../../chain/jobs/index.ts";
+import { mapImage } from "../../chain/map-image.ts";
 import { DISKS_MAX } from "../runtime/qemu-args.ts";
 import { readJson, syncDirectorySync, writeJsonAtomic } from "../store/atomic-file.ts";
 import { executeSteps, fileAllocatedBytes, stepPath, treeAllocatedBytes } from "../store/layer-steps.ts";
@@ -236,15 +237,7 @@ export interface DiffOptions extends OperationOptions {
  * can be named so; one made before that rule is reached by its id).
  */
 export async function diffSnapshots(store: MachineStore, name: string, from: string, to: string, options: DiffOptions = {}): Promise<{ disk: number; ranges: DiffRange[]; changedBytes: number }> {
-  const tree = store.loadTree(name);
-  const dir = store.machineDir(name);
-  const disk = options.disk ?? 1;
-  const disks = diskCount(tree);
-  if (!Number.isSafeInteger(disk) || disk < 1 || disk > disks) {
-    throw usage(`disk ${disk}: machine '${name}' has ${disks === 1 ? "1 disk" : `disks 1 to ${disks}`}`, { machine: name, disk });
-  }
-  const layerOf = (spec: string): string => (spec === LIVE_DISK_NAME ? tree.current.layer : findSnapshot(tree, spec).layer);
-  const fileOf = (spec: string): string => stepPath(dir, diskFile(tree.layers[layerOf(spec)].file, disk - 1));
+  const { disk, fileOf } = diskStates(store, name, options.disk);
   const fromDevice = await openImage(fileOf(from), { readOnly: true });
   try {
     const toDevice = await openImage(fileOf(to), { readOnly: true });
@@ -257,6 +250,104 @@ export async function diffSnapshots(store: MachineStore, name: string, from: str
     }
   } finally {
     await fromDevice.close();
+  }
+}
+
+/**
+ * Disk `disk` (1 for the first, the default) of a machine, checked against
+ * its disks: the path of its top layer file in a snapshot ("current": the
+ * live disk), by name or id.
+ */
+function diskStates(store: MachineStore, name: string, disk = 1): { disk: number; fileOf: (spec: string) => string } {
+  const tree = store.loadTree(name);
+  const dir = store.machineDir(name);
+  const disks = diskCount(tree);
+  if (!Number.isSafeInteger(disk) || disk < 1 || disk > disks) {
+    throw usage(`disk ${disk}: machine '${name}' has ${disks === 1 ? "1 disk" : `disks 1 to ${disks}`}`, { machine: name, disk });
+  }
+  const layerOf = (spec: string): string => (spec === LIVE_DISK_NAME ? tree.current.layer : findSnapshot(tree, spec).layer);
+  return { disk, fileOf: (spec) => stepPath(dir, diskFile(tree.layers[layerOf(spec)].file, disk - 1)) };
+}
+
+export interface ExportOptions extends DiffOptions {
+  /** Format of a whole export: "qcow2" (the default) or "raw". A delta (`from`) is always qcow2. */
+  format?: string;
+  /** Export only what changed since this snapshot, as a qcow2 overlay whose backing file is `backing`. */
+  from?: string;
+  /** With `from`: an image that holds that snapshot's disk (its earlier export), the delta's backing file. */
+  backing?: string;
+}
+
+export interface ExportResult {
+  disk: number;
+  path: string;
+  format: string;
+  /** Guest bytes the export holds: the disk's data, or the delta's changed clusters. */
+  writtenBytes: number;
+  /** With `from`: the bytes that differ (before rounding to clusters). */
+  changedBytes?: number;
+  backing?: string;
+}
+
+/**
+ * Write one disk of a snapshot ("current": the live disk) to a new image
+ * file at `path` (absolute): whole, as a standalone image (convert of its
+ * layer chain, flushed), or with `from`, only the clusters that changed
+ * since `from`, as a qcow2 overlay on `backing` (an earlier export of
+ * `from`, checked to be an image of the disk's size; its content is the
+ * caller's word). An existing file is refused (E_EXISTS): a backup is never
+ * overwritten. The layers read are immutable snapshot layers (or the top of
+ * a stopped machine), so the machine's own operations only wait for it.
+ */
+export async function exportSnapshot(store: MachineStore, name: string, snapshot: string, path: string, options: ExportOptions = {}): Promise<ExportResult> {
+  const { disk, fileOf } = diskStates(store, name, options.disk);
+  if (!isAbsolute(path)) throw usage(`export: ${path} is not an absolute path`, { path });
+  if (existsSync(path)) throw new SnapstackError("E_EXISTS", `${path}: exists; an export never overwrites a file`, { path });
+  const format = options.from === undefined ? (options.format ?? "qcow2") : "qcow2";
+  if (format !== "qcow2" && format !== "raw") throw usage(`export: format '${format}' is not qcow2 or raw`, { format });
+  if (options.from !== undefined && options.format !== undefined && options.format !== "qcow2") throw usage("export: a delta (--from) is a qcow2 overlay; -O raw needs a whole export", { format: options.format });
+  if ((options.from === undefined) !== (options.backing === undefined)) throw usage("export: --from and --backing go together (the delta's backing file holds the --from snapshot's disk)");
+  const source = await openImage(fileOf(snapshot), { readOnly: true });
+  try {
+    if (options.from === undefined) {
+      await convertImage(source, path, {
+        format,
+        targetCache: "writeback",
+        signal: options.signal,
+        onProgress: (fraction, doneBytes, totalBytes) => options.onProgress?.({ job: "export", phase: "copy", doneBytes, totalBytes, fraction }),
+      });
+      return { disk, path, format, writtenBytes: await dataBytes(path) };
+    }
+    const backingPath = options.backing!;
+    if (!isAbsolute(backingPath)) throw usage(`export: backing ${backingPath} is not an absolute path`, { path: backingPath });
+    const from = await openImage(fileOf(options.from), { readOnly: true });
+    try {
+      const backing = await openImage(backingPath, { readOnly: true });
+      try {
+        if (backing.sizeBytes !== from.sizeBytes) {
+          throw usage(`export: backing ${backingPath} is ${backing.sizeBytes} bytes, disk ${disk} of '${options.from}' ${from.sizeBytes}: it is not an export of that disk`, { path: backingPath });
+        }
+        const { ranges } = await diffImages(from, source, { onProgress: options.onProgress, signal: options.signal });
+        const exported = await exportDelta(backingPath, source, ranges, path, { from, backing, onProgress: options.onProgress, signal: options.signal });
+        return { disk, path, format, writtenBytes: exported.writtenBytes, changedBytes: ranges.reduce((sum, range) => sum + range.length, 0), backing: backingPath };
+      } finally {
+        await backing.close();
+      }
+    } finally {
+      await from.close();
+    }
+  } finally {
+    await source.close();
+  }
+}
+
+/** Allocated data bytes of an image (qemu-img map's data ranges of the image alone). */
+async function dataBytes(path: string): Promise<number> {
+  const image = await openImage(path, { readOnly: true });
+  try {
+    return (await mapImage(image)).reduce((sum, entry) => sum + (entry.data ? entry.length : 0), 0);
+  } finally {
+    await image.close();
   }
 }
 
