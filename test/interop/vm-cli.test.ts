@@ -69,6 +69,18 @@ async function writeCurrent(home: string, name: string, offset: number, bytes: B
   }
 }
 
+/** An image's whole guest content; `forceShare` reads beside a writer (qemu-img -U). */
+async function readWhole(path: string, forceShare: boolean): Promise<Buffer> {
+  const device = await openImage(path, { readOnly: true, forceShare });
+  try {
+    const content = Buffer.alloc(device.sizeBytes);
+    await device.read(0, content);
+    return content;
+  } finally {
+    await device.close();
+  }
+}
+
 function filled(length: number, byte: number): Buffer {
   return Buffer.alloc(length, byte);
 }
@@ -345,6 +357,14 @@ test("vm CLI with a running guest: start, log, live snapshots, two clients, reve
   const diff = await vmJson<{ ranges: Array<{ start: number; length: number }> }>(home, ["diff", "g", "s1", "c2"]);
   assert.ok(diff.ranges.some((range) => range.start <= 4096 * 512 && range.start + range.length >= 4097 * 512), "the diff holds the sector written between s1 and c2");
   await vmFails(home, ["diff", "g", "s1", "current"], "E_IN_USE");
+  // A running machine's snapshots export while it runs; its current disk does not.
+  const exported = join(home, "..", "g-s1.qcow2");
+  await vmOk(home, ["export", "g", "s1", exported]);
+  // s1's layer is read beside the daemon as qemu-img -U would (the daemon opened it for writing when it was the top).
+  const s1Record = Object.values(new MachineStore(home).loadTree("g").snapshots).find((snapshot) => snapshot.name === "s1")!;
+  const [s1Disk, exportedDisk] = await Promise.all([readWhole(layerPath(home, "g", s1Record.layer), true), readWhole(exported, false)]);
+  assert.ok(exportedDisk.equals(s1Disk), "the export holds s1's disk");
+  await vmFails(home, ["export", "g", "current", join(home, "..", "g-now.qcow2")], "E_IN_USE");
 
   // "Reinstall", then revert to s1: the VM runs from that instant again.
   await writeMarker("LATER", 2048);
