@@ -38,6 +38,10 @@
  *   creation would fdatasync 7 times, each a thread-pool hop and a disk
  *   flush; qemu-img's creation still does 4): nothing is durable before
  *   the kernel writes it back in either tool.
+ * - Read errors (chain/salvage.ts): with salvage (--salvage) a sector that
+ *   cannot be read, or whose block status cannot, is copied as zeroes and
+ *   reported, as qemu-img does; without it the first unreadable sector is
+ *   named in the error.
  * - Progress counts the bytes qemu-img counts (data, plus zero ranges when
  *   allocating everything), measured in a metadata-only first pass that
  *   runs only when someone listens.
