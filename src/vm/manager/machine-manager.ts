@@ -76,8 +76,8 @@ import { SnapstackError, isSnapstackError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { lockLayerFile, openImage } from "../../chain/open-image.ts";
 import { lockBits } from "../../io/qemu-locks.ts";
-import { NodeFile, openNodeFile } from "../../io/node-file.ts";
-import { Qcow2Image, openQcow2 } from "../../formats/qcow2/index.ts";
+import { openNodeFile } from "../../io/node-file.ts";
+import { openQcow2 } from "../../formats/qcow2/index.ts";
 import { NbdServer } from "../../nbd/nbd-server.ts";
 import { NbdExport } from "../../nbd/nbd-export.ts";
 import { liveSaveSupported, QemuProcess, type QemuExit } from "../runtime/qemu-process.ts";
@@ -796,27 +796,16 @@ export class MachineManager {
  * current device: O(1) whatever the chain's depth, and the chain below is
  * the instance already serving the guest (no second instance with its own
  * caches). The new top does not close `backing` (see RunningMachine.held).
- * `backing` stays open read-write, but nothing writes through it any more
- * (merges open their own handles): flushed, its file keeps a backing
- * file's image locks, as QEMU reopens the former top read-only after a
- * snapshot, so qemu-img can read a running machine's snapshot layers.
  */
 async function openOverlayOn(path: string, backing: BlockDevice): Promise<BlockDevice> {
   const file = await openNodeFile(path);
-  let overlay: BlockDevice;
   try {
     lockLayerFile(file, path, 0, path, lockBits("write"));
-    overlay = await openQcow2(file, { readOnly: false, backing, closeBacking: false });
+    return await openQcow2(file, { readOnly: false, backing, closeBacking: false });
   } catch (error) {
     await file.close().catch(() => {});
     throw error;
   }
-  if (backing instanceof Qcow2Image && backing.metadata.file instanceof NodeFile) {
-    await backing.flush();
-    // Fewer bytes than before, none another process could hold against them: no refusal.
-    backing.metadata.file.lockImage(lockBits("read"));
-  }
-  return overlay;
 }
 
 /** Close a served chain: its top, then the former tops it sat on (emptying `held`), newest first. */
