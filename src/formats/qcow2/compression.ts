@@ -11,13 +11,16 @@
  *
  * Decompression must produce at least one full cluster (QEMU: EIO
  * otherwise); extra output or input is ignored. For zlib that is QEMU's
- * single inflate(Z_FINISH) into a cluster-sized buffer: a stream that fills
- * the buffer is accepted whatever its bytes after that point are (damaged,
- * or a stream that goes on). node:zlib cannot stop at a given output size
- * (it fails once the output passes maxOutputLength, or at the damage), so
- * a stream it refuses is inflated again from prefixes of its input: the
- * shortest prefix whose output reaches a cluster, found by bisection, gives
- * QEMU's bytes (inflatePrefix). Compression returns null
+ * single inflate(Z_FINISH) into a cluster-sized buffer: zlib goes on once
+ * the buffer is full until a symbol needs output (an end of block, the next
+ * block's header and code tables are still decoded, and fail on damage),
+ * and a stream that fills the buffer so is accepted whatever follows
+ * (damage further on, or a stream that goes on). A stream node:zlib
+ * refuses (its output passed maxOutputLength, or it broke) gets that
+ * single call (firstCallFills: an output chunk of one cluster and a limit
+ * one byte below it, so node:zlib stops right after the first call), and
+ * if it fills the buffer the bytes come from the shortest prefix of the
+ * input whose output reaches a cluster (inflatePrefix). Compression returns null
  * when the result does not fit in cluster_size - 1 bytes: the caller then
  * writes the cluster uncompressed.
  *
@@ -109,10 +112,26 @@ function zlibReason(error: unknown): string {
 const PREFIX_OUTPUT_SLACK_BYTES = 8 * 258;
 
 /**
- * QEMU's inflate for a raw deflate stream node:zlib refused: the first
- * `clusterSizeBytes` bytes of output when the stream produces that many
- * before it breaks (or while it goes on past them), and the input they
- * took; null when it breaks first. The output of a prefix of the input is
+ * Whether QEMU's one inflate call into a cluster-sized buffer fills it
+ * without an error. node:zlib's first call gets an output chunk of one
+ * cluster; with maxOutputLength one byte below that, a full chunk stops it
+ * with ERR_BUFFER_TOO_LARGE before a second call, and an error of the
+ * first call is thrown as that error.
+ */
+function firstCallFills(zlib: typeof Zlib, input: Uint8Array, clusterSizeBytes: number): boolean {
+  try {
+    zlib.inflateRawSync(input, { windowBits: 15, finishFlush: zlib.constants.Z_SYNC_FLUSH, chunkSize: clusterSizeBytes, maxOutputLength: clusterSizeBytes - 1 });
+    return false;
+  } catch (error) {
+    return (error as { code?: unknown }).code === "ERR_BUFFER_TOO_LARGE";
+  }
+}
+
+/**
+ * The bytes of QEMU's inflate for a raw deflate stream node:zlib refused
+ * and whose first call fills a cluster (firstCallFills): the first
+ * `clusterSizeBytes` bytes of output, and the input they took; null when
+ * the stream breaks first. The output of a prefix of the input is
  * a prefix of the output (Z_SYNC_FLUSH: no error for input that just ends),
  * so the shortest prefix that reaches a cluster or fails is bisected; if
  * it reaches a cluster, QEMU's buffer would have filled there.
@@ -153,7 +172,7 @@ function inflateCluster(input: Uint8Array, compressionType: number, clusterSizeB
       out = result.buffer;
       consumedBytes = result.engine.bytesWritten;
     } catch (error) {
-      const prefix = inflatePrefix(zlib, input, clusterSizeBytes);
+      const prefix = firstCallFills(zlib, input, clusterSizeBytes) ? inflatePrefix(zlib, input, clusterSizeBytes) : null;
       if (prefix === null) throw compressionError(`compressed cluster does not inflate to ${clusterSizeBytes} bytes: ${zlibReason(error)}`);
       out = prefix.out;
       consumedBytes = prefix.consumedBytes;
