@@ -312,6 +312,20 @@ export class MachineManager {
     );
   }
 
+  /**
+   * Run `fn` holding the machine and, for a linked clone, its source: the
+   * clone's chain reads the source's layers, which the source's own
+   * operations merge and remove (diff, export).
+   */
+  #withChain<T>(name: string, fn: () => Promise<T>): Promise<T> {
+    const source = this.store.has(name) ? this.store.loadConfig(name).cloneOf?.machine : undefined;
+    return this.#operation(source === undefined ? [name] : [name, source], async () => {
+      this.store.require(name);
+      if (this.store.loadConfig(name).cloneOf?.machine !== source) throw new SnapstackError("E_IN_USE", `machine '${name}' changed while waiting: retry`, { machine: name });
+      return fn();
+    });
+  }
+
   // ------------------------------------------------------------ queries
 
   list(): MachineStatus[] {
@@ -397,10 +411,7 @@ export class MachineManager {
 
   remove(name: string, options: OperationOptions = {}): Promise<{ freedBytes: number }> {
     // Removing a clone changes its source's tree: hold both (in the fixed order).
-    const source = this.store.has(name) ? this.store.loadConfig(name).cloneOf?.machine : undefined;
-    return this.#operation(source === undefined ? [name] : [name, source], async () => {
-      this.store.require(name);
-      if (this.store.loadConfig(name).cloneOf?.machine !== source) throw new SnapstackError("E_IN_USE", `machine '${name}' changed while waiting: retry`, { machine: name });
+    return this.#withChain(name, async () => {
       // Refused before anything is stopped: linked clones read this machine's layers.
       const clones = [...new Set(Object.values(this.store.loadTree(name).pins).flat())];
       if (clones.length > 0) throw new SnapstackError("E_IN_USE", `machine '${name}' is used by linked clone(s) ${clones.join(", ")}: remove them first`, { machine: name, clones });
@@ -762,7 +773,7 @@ export class MachineManager {
   }
 
   diff(name: string, from: string, to: string, options: DiffOptions = {}) {
-    return this.#withMachine(name, async () => {
+    return this.#withChain(name, async () => {
       this.#refuseLiveDisk(name, [from, to], "compared");
       return diffSnapshots(this.store, name, from, to, options);
     });
@@ -770,7 +781,7 @@ export class MachineManager {
 
   /** One disk of a snapshot written to an image file, whole or as the delta since another (machine-operations.ts exportSnapshot). */
   export(name: string, snapshot: string, path: string, options: ExportOptions = {}): Promise<ExportResult> {
-    return this.#withMachine(name, async () => {
+    return this.#withChain(name, async () => {
       this.#refuseLiveDisk(name, [snapshot, ...(options.from === undefined ? [] : [options.from])], "exported");
       return exportSnapshot(this.store, name, snapshot, path, options);
     });

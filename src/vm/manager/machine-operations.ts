@@ -7,9 +7,10 @@
  * Each multi-step operation plans on the pure tree (snapshot-tree.ts) and
  * runs under the store's journal (machine-store.ts).
  */
-import { existsSync, mkdirSync, statSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, openSync, rmSync, statSync } from "node:fs";
 import { dirname, isAbsolute, join } from "node:path";
-import { SnapstackError } from "../../base/errors.ts";
+import { SnapstackError, fromSystemError } from "../../base/errors.ts";
+import type { BlockDevice } from "../../device/block-device.ts";
 import { openImage } from "../../chain/open-image.ts";
 import { convertImage } from "../../chain/convert-image.ts";
 import { diffImages, exportDelta, type DiffRange, type JobProgress } from "../../chain/jobs/index.ts";
@@ -295,9 +296,10 @@ export interface ExportResult {
  * layer chain, flushed), or with `from`, only the clusters that changed
  * since `from`, as a qcow2 overlay on `backing` (an earlier export of
  * `from`, checked to be an image of the disk's size; its content is the
- * caller's word). An existing file is refused (E_EXISTS): a backup is never
- * overwritten. The layers read are immutable snapshot layers (or the top of
- * a stopped machine), so the machine's own operations only wait for it.
+ * caller's word). An existing file is refused (E_EXISTS; the name is
+ * claimed with O_EXCL), and a failed export removes its file. Only the
+ * machine's own operations write the layers read (and a linked clone's
+ * source's): the manager holds both machines meanwhile (#withChain).
  */
 export async function exportSnapshot(store: MachineStore, name: string, snapshot: string, path: string, options: ExportOptions = {}): Promise<ExportResult> {
   const { disk, fileOf } = diskStates(store, name, options.disk);
@@ -308,36 +310,54 @@ export async function exportSnapshot(store: MachineStore, name: string, snapshot
   if (options.from !== undefined && options.format !== undefined && options.format !== "qcow2") throw usage("export: a delta (--from) is a qcow2 overlay; -O raw needs a whole export", { format: options.format });
   if ((options.from === undefined) !== (options.backing === undefined)) throw usage("export: --from and --backing go together (the delta's backing file holds the --from snapshot's disk)");
   const source = await openImage(fileOf(snapshot), { readOnly: true });
+  // The name is claimed atomically (O_EXCL: another export or process cannot take it meanwhile), and
+  // the file removed if the export fails: a half-written image never passes for a backup.
   try {
-    if (options.from === undefined) {
-      await convertImage(source, path, {
-        format,
-        targetCache: "writeback",
-        signal: options.signal,
-        onProgress: (fraction, doneBytes, totalBytes) => options.onProgress?.({ job: "export", phase: "copy", doneBytes, totalBytes, fraction }),
-      });
-      return { disk, path, format, writtenBytes: await dataBytes(path) };
-    }
-    const backingPath = options.backing!;
-    if (!isAbsolute(backingPath)) throw usage(`export: backing ${backingPath} is not an absolute path`, { path: backingPath });
-    const from = await openImage(fileOf(options.from), { readOnly: true });
-    try {
-      const backing = await openImage(backingPath, { readOnly: true });
-      try {
-        if (backing.sizeBytes !== from.sizeBytes) {
-          throw usage(`export: backing ${backingPath} is ${backing.sizeBytes} bytes, disk ${disk} of '${options.from}' ${from.sizeBytes}: it is not an export of that disk`, { path: backingPath });
-        }
-        const { ranges } = await diffImages(from, source, { onProgress: options.onProgress, signal: options.signal });
-        const exported = await exportDelta(backingPath, source, ranges, path, { from, backing, onProgress: options.onProgress, signal: options.signal });
-        return { disk, path, format, writtenBytes: exported.writtenBytes, changedBytes: ranges.reduce((sum, range) => sum + range.length, 0), backing: backingPath };
-      } finally {
-        await backing.close();
-      }
-    } finally {
-      await from.close();
-    }
+    closeSync(openSync(path, "wx", 0o644));
+  } catch (error) {
+    await source.close();
+    throw fromSystemError(error, path, "create the export");
+  }
+  try {
+    const result = await writeExport(fileOf, source, path, disk, format, options);
+    syncDirectorySync(dirname(path));
+    return result;
+  } catch (error) {
+    rmSync(path, { force: true });
+    throw error;
   } finally {
     await source.close();
+  }
+}
+
+/** exportSnapshot's copy into the claimed file at `path`. */
+async function writeExport(fileOf: (spec: string) => string, source: BlockDevice, path: string, disk: number, format: string, options: ExportOptions): Promise<ExportResult> {
+  if (options.from === undefined) {
+    await convertImage(source, path, {
+      format,
+      targetCache: "writeback",
+      signal: options.signal,
+      onProgress: (fraction, doneBytes, totalBytes) => options.onProgress?.({ job: "export", phase: "copy", doneBytes, totalBytes, fraction }),
+    });
+    return { disk, path, format, writtenBytes: await dataBytes(path) };
+  }
+  const backingPath = options.backing!;
+  if (!isAbsolute(backingPath)) throw usage(`export: backing ${backingPath} is not an absolute path`, { path: backingPath });
+  const from = await openImage(fileOf(options.from), { readOnly: true });
+  try {
+    const backing = await openImage(backingPath, { readOnly: true });
+    try {
+      if (backing.sizeBytes !== from.sizeBytes) {
+        throw usage(`export: backing ${backingPath} is ${backing.sizeBytes} bytes, disk ${disk} of '${options.from}' ${from.sizeBytes}: it is not an export of that disk`, { path: backingPath });
+      }
+      const { ranges } = await diffImages(from, source, { onProgress: options.onProgress, signal: options.signal });
+      const exported = await exportDelta(backingPath, source, ranges, path, { from, backing, onProgress: options.onProgress, signal: options.signal });
+      return { disk, path, format, writtenBytes: exported.writtenBytes, changedBytes: ranges.reduce((sum, range) => sum + range.length, 0), backing: backingPath };
+    } finally {
+      await backing.close();
+    }
+  } finally {
+    await from.close();
   }
 }
 
