@@ -87,8 +87,9 @@ export function locatingRead(source: Pick<BlockDevice, "read">): Read {
         try {
           await source.read(guestOffset + at, sector.subarray(0, Math.min(SECTOR_BYTES, buffer.length - at)));
         } catch (sectorError) {
+          if (!isSalvageable(sectorError)) throw sectorError;
           failedAt = guestOffset + at;
-          if (isSalvageable(sectorError)) failure = sectorError;
+          failure = sectorError;
           break;
         }
       }
@@ -101,8 +102,12 @@ export function locatingRead(source: Pick<BlockDevice, "read">): Read {
  * Look up [start, end) with `lookup`, which hands its results over only
  * when it succeeds; with salvaging, a window that fails is halved until it
  * succeeds or is one sector long, and such a sector goes to `onUnknown`
- * (the caller takes it as data). Without salvaging (`onUnknown` null) the
- * first failure is thrown.
+ * (the caller takes it as data). The window after a failed sector starts
+ * at one sector and doubles with each success, so a long damaged stretch
+ * costs a lookup or two per sector, not a halving from the whole range
+ * each time. Without salvaging (`onUnknown` null) a failure is thrown
+ * naming its first sector ("error while reading block status at offset N",
+ * as qemu-img words it), found the same way.
  */
 export async function lookupSalvaging(
   start: number,
@@ -111,20 +116,31 @@ export async function lookupSalvaging(
   onUnknown: ((guestOffset: number, lengthBytes: number, error: SnapstackError) => void) | null,
 ): Promise<void> {
   if (onUnknown === null) {
-    await lookup(start, end);
+    try {
+      await lookup(start, end);
+      return;
+    } catch (error) {
+      if (!isSalvageable(error)) throw error;
+    }
+    await lookupSalvaging(start, end, lookup, (guestOffset, _lengthBytes, error) => {
+      throw new SnapstackError(error.code, `error while reading block status at offset ${guestOffset}: ${error.message}`, { ...error.details, guestOffset });
+    });
     return;
   }
+  let window = end - start;
   let at = start;
   while (at < end) {
-    let windowEnd = end;
+    let windowEnd = Math.min(end, at + window);
     for (;;) {
       try {
         await lookup(at, windowEnd);
+        window *= 2;
         break;
       } catch (error) {
         if (!isSalvageable(error)) throw error;
         if (windowEnd - at <= SECTOR_BYTES) {
           onUnknown(at, windowEnd - at, error);
+          window = SECTOR_BYTES;
           break;
         }
         windowEnd = at + Math.max(SECTOR_BYTES, Math.floor((windowEnd - at) / 2 / SECTOR_BYTES) * SECTOR_BYTES);
