@@ -23,7 +23,13 @@ export function expectPositionals(positionals: readonly string[], min: number, m
 }
 
 /** qemu's cache modes (-t, -T). snapstack accepts them all and flushes at the end of a command. */
-const CACHE_MODES: readonly string[] = ["none", "writeback", "writethrough", "directsync", "unsafe"];
+/** QEMU's cache modes (block.c bdrv_parse_cache_mode; "off" is "none"). */
+const CACHE_MODES: readonly string[] = ["none", "off", "writeback", "writethrough", "directsync", "unsafe"];
+
+/** Whether QEMU knows `mode` as a cache mode. */
+export function isCacheMode(mode: string): boolean {
+  return CACHE_MODES.includes(mode);
+}
 
 /** Refuse a -t (option "cache") or -T (option "sourceCache") value qemu-img does not know, with its message. */
 export function checkCacheOptions(parsed: ParsedArgs): void {
@@ -32,7 +38,7 @@ export function checkCacheOptions(parsed: ParsedArgs): void {
     ["sourceCache", "source cache option"],
   ] as const) {
     const value = optionString(parsed, name);
-    if (value !== undefined && !CACHE_MODES.includes(value)) throw new SnapstackError("E_INVALID_OPTION", `Invalid ${what}: ${value}`, { value });
+    if (value !== undefined && !isCacheMode(value)) throw new SnapstackError("E_INVALID_OPTION", `Invalid ${what}: ${value}`, { value });
   }
 }
 

@@ -48,6 +48,15 @@ test("engine.openImage passes the I/O mode to the image file", async (t) => {
   }
 });
 
+test("nbd -n and --cache: checked as qemu-nbd checks them (a known mode, one of them, once)", () => {
+  for (const args of [["-n"], ["--nocache"], ...["none", "off", "writeback", "writethrough", "directsync", "unsafe"].map((mode) => [`--cache=${mode}`])]) {
+    assert.equal(parseNbdCommand([...args, "disk.qcow2"]).path, "disk.qcow2", args.join(" "));
+  }
+  assert.throws(() => parseNbdCommand(["--cache=bogus", "disk.qcow2"]), { code: "E_USAGE", message: /Invalid cache mode `bogus'/ });
+  assert.throws(() => parseNbdCommand(["-n", "--cache=none", "disk.qcow2"]), { code: "E_USAGE", message: /-n and --cache can only be specified once/ });
+  assert.throws(() => parseNbdCommand(["--cache=unsafe", "--cache", "none", "disk.qcow2"]), { code: "E_USAGE", message: /-n and --cache can only be specified once/ });
+});
+
 test("nbd --discard: ignore (qemu-nbd's default) unless unmap/on; other modes are usage errors", () => {
   assert.equal(parseNbdCommand(["disk.qcow2"]).discard, false);
   for (const mode of ["ignore", "off"]) assert.equal(parseNbdCommand([`--discard=${mode}`, "disk.qcow2"]).discard, false);

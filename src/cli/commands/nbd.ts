@@ -59,7 +59,7 @@ import { Qcow2Image } from "../../formats/qcow2/qcow2-image.ts";
 import { createImage, openImage } from "../../chain/index.ts";
 import { DataWorkerPool, runDataWorker } from "../../nbd/data-workers.ts";
 import { optionFlag, optionList, optionString, parseArgs } from "../args.ts";
-import { expectPositionals } from "../command-helpers.ts";
+import { expectPositionals, isCacheMode } from "../command-helpers.ts";
 import type { CliCommand, CliContext } from "../context.ts";
 import { toSnapstackError } from "../error-report.ts";
 import type { NodeFileIoMode } from "../../io/node-file.ts";
@@ -100,7 +100,7 @@ const OPTION_SPECS = [
   { name: "bitmap", short: "B", long: "bitmap", value: true, repeat: "list" as const },
   { name: "imageOpts", long: "image-opts" },
   { name: "temporaryOverlay", short: "s", long: "snapshot" },
-  { name: "cache", long: "cache", value: true },
+  { name: "cache", long: "cache", value: true, repeat: "list" as const },
   { name: "aio", long: "aio", value: true },
   { name: "discard", long: "discard", value: true },
   { name: "detectZeroes", long: "detect-zeroes", value: true },
@@ -259,6 +259,11 @@ export function parseNbdCommand(argv: readonly string[]): NbdCommandOptions {
   const aioText = optionString(parsed, "aio");
   if (aioText !== undefined && !Object.hasOwn(AIO_MODES, aioText)) throw usage(`Invalid aio mode '${aioText}'`);
   const ioMode = aioText === undefined ? "sync" : AIO_MODES[aioText];
+  // qemu-nbd checks -n and --cache (one of them, once, a mode it knows) and then uses them; snapstack
+  // goes through the page cache whatever they say.
+  const cacheModes = [...optionList(parsed, "cache"), ...(optionFlag(parsed, "nocache") ? ["none"] : [])];
+  if (cacheModes.length > 1) throw usage("-n and --cache can only be specified once");
+  if (cacheModes.length === 1 && !isCacheMode(cacheModes[0])) throw usage(`Invalid cache mode \`${cacheModes[0]}'`);
   const discardText = optionString(parsed, "discard") ?? "ignore";
   if (!Object.hasOwn(DISCARD_MODES, discardText)) throw usage(`Invalid discard mode \`${discardText}'`);
   const detectZeroes = optionString(parsed, "detectZeroes") ?? "off";
@@ -452,7 +457,7 @@ function routeStopSignals(route: (signal: NodeJS.Signals) => void): void {
 
 export const nbdCommand: CliCommand = {
   name: "nbd",
-  synopsis: "nbd [-f fmt] [-x name] [-D description] [-p port] [-b address] [-k socket] [-r] [-l snapshot] [-s] [-t] [-e shared] [-A] [-B bitmap]... [--tls-creds dir] [--pid-file file] [--fork] [--workers N] [-v] filename",
+  synopsis: "nbd [-f fmt] [-x name] [-D description] [-p port] [-b address] [-k socket] [-r] [-l snapshot] [-s] [-t] [-e shared] [-A] [-B bitmap]... [--tls-creds dir] [--pid-file file] [--fork] [--aio mode] [--discard mode] [--detect-zeroes mode] [--workers N] [-v] filename",
   summary: "Serve an image and its backing chain over NBD (like qemu-nbd).",
   optionHelp: [
     "  -f, --format=FMT        image format (raw, qcow2); probed when omitted",
@@ -473,6 +478,9 @@ export const nbdCommand: CliCommand = {
     "  --fork                  run in the background once listening",
     "  -v, --verbose           log connections to stderr",
     "  --aio=MODE              threads: file I/O on the thread pool (for slow disks); native, io_uring: default (event loop thread)",
+    "  --discard=MODE          ignore (default: TRIM succeeds and frees nothing) or unmap (TRIM and unmapping zero writes free space)",
+    "  --detect-zeroes=MODE    off (default), on (all-zero WRITEs become zero writes), unmap (that may free clusters; needs --discard=unmap)",
+    "  -n, --nocache, --cache=MODE  accepted as qemu-nbd accepts them; files are read and written through the page cache",
     "  -l, --load-snapshot=SNAPSHOT  export internal snapshot SNAPSHOT (ID or name, or snapshot.id=/snapshot.name=) read-only",
     "  --workers=N             processes serving a raw or read-only export's connections after negotiation",
     "                          (default: one per core, 2 to 8; none with -e 1 or TLS; 0 = all in this process)",
