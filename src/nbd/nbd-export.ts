@@ -86,6 +86,10 @@ export class NbdExport {
     if (Buffer.byteLength(options.name, "utf8") > NAME_BYTES_MAX || options.name.includes("\0")) {
       throw new SnapstackError("E_INVALID_OPTION", `export name must be at most ${NAME_BYTES_MAX} bytes without NUL`);
     }
+    // qemu-nbd: "export description '...' too long" (NBD strings are at most 4096 bytes).
+    if (Buffer.byteLength(options.description ?? "", "utf8") > NAME_BYTES_MAX || (options.description ?? "").includes("\0")) {
+      throw new SnapstackError("E_INVALID_OPTION", `export description must be at most ${NAME_BYTES_MAX} bytes without NUL`);
+    }
     this.name = options.name;
     this.description = options.description ?? "";
     this.#device = options.device;

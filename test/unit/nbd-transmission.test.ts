@@ -527,3 +527,11 @@ test("export.run: a request that throws or rejects is counted out of flight, so 
   assert.equal(await queued, replacement, "a request made during the swap runs on the new device");
   assert.equal(exp.inFlight, 0);
 });
+
+test("export names and descriptions: at most 4096 bytes (NBD's string limit), as qemu-nbd refuses longer ones", () => {
+  const device = memoryDevice(SIZE);
+  assert.equal(new NbdExport({ name: "x".repeat(4096), description: "d".repeat(4096), device }).description.length, 4096);
+  assert.throws(() => new NbdExport({ name: "x".repeat(4097), device }), { code: "E_INVALID_OPTION", message: /export name must be at most 4096 bytes/ });
+  assert.throws(() => new NbdExport({ name: "", description: "d".repeat(4097), device }), { code: "E_INVALID_OPTION", message: /export description must be at most 4096 bytes/ });
+  assert.throws(() => new NbdExport({ name: "", description: "a\0b", device }), { code: "E_INVALID_OPTION" });
+});
