@@ -22,8 +22,10 @@ export function expectPositionals(positionals: readonly string[], min: number, m
   if (positionals.length > max) throw new SnapstackError("E_USAGE", `Unexpected argument: ${positionals[max]}`);
 }
 
-/** qemu's cache modes (-t, -T). snapstack accepts them all and flushes at the end of a command. */
-/** QEMU's cache modes (block.c bdrv_parse_cache_mode; "off" is "none"). */
+/**
+ * QEMU's cache modes (-t, -T; block.c bdrv_parse_cache_mode, where "off"
+ * is "none"). snapstack accepts them all and flushes at the end of a command.
+ */
 const CACHE_MODES: readonly string[] = ["none", "off", "writeback", "writethrough", "directsync", "unsafe"];
 
 /** Whether QEMU knows `mode` as a cache mode. */

@@ -70,6 +70,8 @@ test("img bench refuses what qemu-img bench refuses, with its messages, and what
     // No O_DIRECT here: refused rather than measured through the page cache.
     [["-n"], "E_UNSUPPORTED_FEATURE", /cache mode none/, false],
     [["-t", "directsync"], "E_UNSUPPORTED_FEATURE", /directsync/, false],
+    // QEMU's alias for none.
+    [["-t", "off"], "E_UNSUPPORTED_FEATURE", /off/, false],
   ];
   for (const [args, code, message, qemuRefuses] of cases) {
     const result = await snapstack(["img", "bench", ...args, path]);

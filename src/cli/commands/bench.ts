@@ -78,7 +78,7 @@ export const benchCommand: CliCommand = {
     const write = optionFlag(parsed, "write");
     refuseForceShareForWriting(parsed, write);
     const cacheText = optionString(parsed, "cache") ?? "writeback";
-    if (optionFlag(parsed, "nocache") || cacheText === "none" || cacheText === "directsync" || cacheText === "writethrough") {
+    if (optionFlag(parsed, "nocache") || cacheText === "none" || cacheText === "off" || cacheText === "directsync" || cacheText === "writethrough") {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", `cache mode ${optionFlag(parsed, "nocache") ? "none (-n)" : cacheText} is not supported (snapstack does buffered I/O; use writeback or unsafe)`);
     }
     const aioText = optionString(parsed, "aio");

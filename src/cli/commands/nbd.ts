@@ -457,7 +457,7 @@ function routeStopSignals(route: (signal: NodeJS.Signals) => void): void {
 
 export const nbdCommand: CliCommand = {
   name: "nbd",
-  synopsis: "nbd [-f fmt] [-x name] [-D description] [-p port] [-b address] [-k socket] [-r] [-l snapshot] [-s] [-t] [-e shared] [-A] [-B bitmap]... [--tls-creds dir] [--pid-file file] [--fork] [--aio mode] [--discard mode] [--detect-zeroes mode] [--workers N] [-v] filename",
+  synopsis: "nbd [-f fmt] [-x name] [-D description] [-p port] [-b address] [-k socket] [-r] [-l snapshot] [-s] [-t] [-e shared] [-A] [-B bitmap]... [--tls-creds dir] [--pid-file file] [--fork] [--aio mode] [--discard mode] [--detect-zeroes mode] [-n | --cache mode] [--workers N] [-v] filename",
   summary: "Serve an image and its backing chain over NBD (like qemu-nbd).",
   optionHelp: [
     "  -f, --format=FMT        image format (raw, qcow2); probed when omitted",

@@ -20,7 +20,11 @@
  * single call (firstCallFills: an output chunk of one cluster and a limit
  * one byte below it, so node:zlib stops right after the first call), and
  * if it fills the buffer the bytes come from the shortest prefix of the
- * input whose output reaches a cluster (inflatePrefix). Compression returns null
+ * input whose output reaches a cluster (inflatePrefix). Not QEMU's in one
+ * case of damaged streams only: when the cluster fills inside a match and
+ * the rest of that input byte holds an end of block and a broken block
+ * header, node:zlib (which decodes whole bytes) fails where QEMU, stopped
+ * at the match, read the cluster. Compression returns null
  * when the result does not fit in cluster_size - 1 bytes: the caller then
  * writes the cluster uncompressed.
  *

@@ -318,12 +318,24 @@ export class MachineManager {
    * operations merge and remove (diff, export).
    */
   #withChain<T>(name: string, fn: () => Promise<T>): Promise<T> {
-    const source = this.store.has(name) ? this.store.loadConfig(name).cloneOf?.machine : undefined;
-    return this.#operation(source === undefined ? [name] : [name, source], async () => {
+    const sources = this.#sourcesOf(name);
+    return this.#operation([name, ...sources], async () => {
       this.store.require(name);
-      if (this.store.loadConfig(name).cloneOf?.machine !== source) throw new SnapstackError("E_IN_USE", `machine '${name}' changed while waiting: retry`, { machine: name });
+      if (this.#sourcesOf(name).join("\0") !== sources.join("\0")) throw new SnapstackError("E_IN_USE", `machine '${name}' changed while waiting: retry`, { machine: name });
       return fn();
     });
+  }
+
+  /** The machines whose layers `name`'s chain reads: its source, that one's source (a clone of a clone), ... */
+  #sourcesOf(name: string): string[] {
+    const sources: string[] = [];
+    for (let machine = name; this.store.has(machine); ) {
+      const source = this.store.loadConfig(machine).cloneOf?.machine;
+      if (source === undefined || sources.includes(source) || source === name) break;
+      sources.push(source);
+      machine = source;
+    }
+    return sources;
   }
 
   // ------------------------------------------------------------ queries

@@ -7,8 +7,9 @@
  * Each multi-step operation plans on the pure tree (snapshot-tree.ts) and
  * runs under the store's journal (machine-store.ts).
  */
-import { closeSync, existsSync, mkdirSync, openSync, rmSync, statSync } from "node:fs";
-import { dirname, isAbsolute, join } from "node:path";
+import { randomBytes } from "node:crypto";
+import { closeSync, existsSync, linkSync, mkdirSync, openSync, rmSync, statSync } from "node:fs";
+import { basename, dirname, isAbsolute, join } from "node:path";
 import { SnapstackError, fromSystemError } from "../../base/errors.ts";
 import type { BlockDevice } from "../../device/block-device.ts";
 import { openImage } from "../../chain/open-image.ts";
@@ -296,8 +297,8 @@ export interface ExportResult {
  * layer chain, flushed), or with `from`, only the clusters that changed
  * since `from`, as a qcow2 overlay on `backing` (an earlier export of
  * `from`, checked to be an image of the disk's size; its content is the
- * caller's word). An existing file is refused (E_EXISTS; the name is
- * claimed with O_EXCL), and a failed export removes its file. Only the
+ * caller's word). An existing file is refused (E_EXISTS): the image is
+ * written under a temporary name and linked to `path` only when complete. Only the
  * machine's own operations write the layers read (and a linked clone's
  * source's): the manager holds both machines meanwhile (#withChain).
  */
@@ -309,28 +310,38 @@ export async function exportSnapshot(store: MachineStore, name: string, snapshot
   if (format !== "qcow2" && format !== "raw") throw usage(`export: format '${format}' is not qcow2 or raw`, { format });
   if (options.from !== undefined && options.format !== undefined && options.format !== "qcow2") throw usage("export: a delta (--from) is a qcow2 overlay; -O raw needs a whole export", { format: options.format });
   if ((options.from === undefined) !== (options.backing === undefined)) throw usage("export: --from and --backing go together (the delta's backing file holds the --from snapshot's disk)");
-  const source = await openImage(fileOf(snapshot), { readOnly: true });
-  // The name is claimed atomically (O_EXCL: another export or process cannot take it meanwhile), and
-  // the file removed if the export fails: a half-written image never passes for a backup.
+  if (options.backing !== undefined && !isAbsolute(options.backing)) throw usage(`export: backing ${options.backing} is not an absolute path`, { path: options.backing });
+  // Written under a temporary name in the same directory (claimed with O_EXCL), then linked to `path`
+  // (link() never replaces a file, nor follows a link put there) and the temporary name removed: a
+  // failed or killed export never leaves a half-written image under the name a backup would have.
+  const partial = join(dirname(path), `.${basename(path)}.export-${process.pid}-${randomBytes(4).toString("hex")}`);
+  let fd: number;
   try {
-    closeSync(openSync(path, "wx", 0o644));
+    fd = openSync(partial, "wx", 0o644);
   } catch (error) {
-    await source.close();
     throw fromSystemError(error, path, "create the export");
   }
-  try {
-    const result = await writeExport(fileOf, source, path, disk, format, options);
-    syncDirectorySync(dirname(path));
-    return result;
-  } catch (error) {
-    rmSync(path, { force: true });
+  closeSync(fd);
+  const source = await openImage(fileOf(snapshot), { readOnly: true }).catch((error: unknown) => {
+    rmSync(partial, { force: true });
     throw error;
+  });
+  try {
+    const result = await writeExport(fileOf, source, partial, disk, format, options);
+    try {
+      linkSync(partial, path);
+    } catch (error) {
+      throw fromSystemError(error, path, "create the export");
+    }
+    return { ...result, path };
   } finally {
+    rmSync(partial, { force: true });
+    syncDirectorySync(dirname(path));
     await source.close();
   }
 }
 
-/** exportSnapshot's copy into the claimed file at `path`. */
+/** exportSnapshot's copy into `path` (the claimed temporary name). */
 async function writeExport(fileOf: (spec: string) => string, source: BlockDevice, path: string, disk: number, format: string, options: ExportOptions): Promise<ExportResult> {
   if (options.from === undefined) {
     await convertImage(source, path, {
@@ -342,7 +353,6 @@ async function writeExport(fileOf: (spec: string) => string, source: BlockDevice
     return { disk, path, format, writtenBytes: await dataBytes(path) };
   }
   const backingPath = options.backing!;
-  if (!isAbsolute(backingPath)) throw usage(`export: backing ${backingPath} is not an absolute path`, { path: backingPath });
   const from = await openImage(fileOf(options.from), { readOnly: true });
   try {
     const backing = await openImage(backingPath, { readOnly: true });
