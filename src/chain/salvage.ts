@@ -20,7 +20,9 @@
  *   outside the disk (E_OUT_OF_RANGE: the caller's own mistake).
  * - Without salvaging, a failed read is reported at the first sector that
  *   cannot be read ("error while reading at byte N", as qemu-img names the
- *   byte where its failed request starts), keeping the error's code.
+ *   byte where its failed request starts), and a failed status lookup at
+ *   its first sector ("error while reading block status at offset N"),
+ *   keeping the error's code.
  */
 import { SnapstackError, qemuErrnoText } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
@@ -134,7 +136,7 @@ export async function lookupSalvaging(
     for (;;) {
       try {
         await lookup(at, windowEnd);
-        window *= 2;
+        window = 2 * (windowEnd - at);
         break;
       } catch (error) {
         if (!isSalvageable(error)) throw error;
