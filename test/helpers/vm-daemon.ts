@@ -168,9 +168,9 @@ export function layerPath(home: string, name: string, layerId: string): string {
   return stepPath(store.machineDir(name), store.loadTree(name).layers[layerId].file);
 }
 
-/** The whole virtual disk of an image (with its backing chain). */
-export async function readDisk(path: string): Promise<Buffer> {
-  const device = await openImage(path, { readOnly: true });
+/** The whole virtual disk of an image (with its backing chain); `forceShare` reads beside a writer (qemu-img -U). */
+export async function readDisk(path: string, options: { forceShare?: boolean } = {}): Promise<Buffer> {
+  const device = await openImage(path, { readOnly: true, forceShare: options.forceShare });
   try {
     const buffer = Buffer.alloc(device.sizeBytes);
     await device.read(0, buffer);

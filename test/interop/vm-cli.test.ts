@@ -29,6 +29,7 @@ import {
   processAlive,
   qemuProcessesOf,
   readCurrentDisk,
+  readDisk,
   readSnapshotDisk,
   scratchStore,
   vmCli,
@@ -64,18 +65,6 @@ async function writeCurrent(home: string, name: string, offset: number, bytes: B
   try {
     await device.write(offset, bytes);
     await device.flush();
-  } finally {
-    await device.close();
-  }
-}
-
-/** An image's whole guest content; `forceShare` reads beside a writer (qemu-img -U). */
-async function readWhole(path: string, forceShare: boolean): Promise<Buffer> {
-  const device = await openImage(path, { readOnly: true, forceShare });
-  try {
-    const content = Buffer.alloc(device.sizeBytes);
-    await device.read(0, content);
-    return content;
   } finally {
     await device.close();
   }
@@ -362,7 +351,7 @@ test("vm CLI with a running guest: start, log, live snapshots, two clients, reve
   await vmOk(home, ["export", "g", "s1", exported]);
   // s1's layer is read beside the daemon as qemu-img -U would (the daemon opened it for writing when it was the top).
   const s1Record = Object.values(new MachineStore(home).loadTree("g").snapshots).find((snapshot) => snapshot.name === "s1")!;
-  const [s1Disk, exportedDisk] = await Promise.all([readWhole(layerPath(home, "g", s1Record.layer), true), readWhole(exported, false)]);
+  const [s1Disk, exportedDisk] = await Promise.all([readDisk(layerPath(home, "g", s1Record.layer), { forceShare: true }), readDisk(exported)]);
   assert.ok(exportedDisk.equals(s1Disk), "the export holds s1's disk");
   await vmFails(home, ["export", "g", "current", join(home, "..", "g-now.qcow2")], "E_IN_USE");
 
