@@ -46,6 +46,19 @@ export function unknownStatusWarning(guestOffset: number, error: SnapstackError)
 
 type Read = (guestOffset: number, buffer: Uint8Array) => Promise<void>;
 
+/** Read `buffer` sector by sector; each sector that fails (salvageably) goes to `onUnreadable`, which may throw. */
+async function readSectors(source: Pick<BlockDevice, "read">, guestOffset: number, buffer: Uint8Array, onUnreadable: (guestOffset: number, error: SnapstackError, sector: Uint8Array) => void): Promise<void> {
+  for (let at = 0; at < buffer.length; at += SECTOR_BYTES) {
+    const sector = buffer.subarray(at, Math.min(buffer.length, at + SECTOR_BYTES));
+    try {
+      await source.read(guestOffset + at, sector);
+    } catch (error) {
+      if (!isSalvageable(error)) throw error;
+      onUnreadable(guestOffset + at, error, sector);
+    }
+  }
+}
+
 /**
  * `source`'s read, where a sector that cannot be read reads as zeroes and
  * `onUnreadable` hears of it (in guest order within a request).
@@ -58,44 +71,31 @@ export function salvagingRead(source: Pick<BlockDevice, "read">, onUnreadable: (
     } catch (error) {
       if (!isSalvageable(error)) throw error;
     }
-    for (let at = 0; at < buffer.length; at += SECTOR_BYTES) {
-      const sector = buffer.subarray(at, Math.min(buffer.length, at + SECTOR_BYTES));
-      try {
-        await source.read(guestOffset + at, sector);
-      } catch (error) {
-        if (!isSalvageable(error)) throw error;
-        sector.fill(0);
-        onUnreadable(guestOffset + at, error);
-      }
-    }
+    await readSectors(source, guestOffset, buffer, (offset, error, sector) => {
+      sector.fill(0);
+      onUnreadable(offset, error);
+    });
   };
 }
 
 /**
  * `source`'s read, where a failure names the first sector of the request
  * that cannot be read: "error while reading at byte N: <its message>",
- * with its code and details.
+ * with its code and details (the request's own start and error when every
+ * sector reads alone).
  */
 export function locatingRead(source: Pick<BlockDevice, "read">): Read {
+  const located = (error: SnapstackError, guestOffset: number): SnapstackError =>
+    new SnapstackError(error.code, `error while reading at byte ${guestOffset}: ${error.message}`, { ...error.details, guestOffset });
   return async (guestOffset, buffer) => {
     try {
       await source.read(guestOffset, buffer);
     } catch (error) {
       if (!isSalvageable(error)) throw error;
-      let failedAt = guestOffset;
-      let failure: SnapstackError = error;
-      const sector = new Uint8Array(SECTOR_BYTES);
-      for (let at = 0; at < buffer.length; at += SECTOR_BYTES) {
-        try {
-          await source.read(guestOffset + at, sector.subarray(0, Math.min(SECTOR_BYTES, buffer.length - at)));
-        } catch (sectorError) {
-          if (!isSalvageable(sectorError)) throw sectorError;
-          failedAt = guestOffset + at;
-          failure = sectorError;
-          break;
-        }
-      }
-      throw new SnapstackError(failure.code, `error while reading at byte ${failedAt}: ${failure.message}`, { ...failure.details, guestOffset: failedAt });
+      await readSectors(source, guestOffset, buffer, (offset, sectorError) => {
+        throw located(sectorError, offset);
+      });
+      throw located(error, guestOffset);
     }
   };
 }
