@@ -34,6 +34,8 @@ const DAEMON_POLL_MS = 50;
 const HOME_OPTION: OptionSpec = { name: "home", long: "home", value: true };
 const OUTPUT_OPTION: OptionSpec = { name: "output", long: "output", value: true };
 const PROGRESS_OPTION: OptionSpec = { name: "progress", short: "p", long: "progress" };
+/** diff and export: which disk (1 for the first). */
+const DISK_NUMBER_OPTION: OptionSpec = { name: "disk", long: "disk", value: true };
 
 /** The last non-empty line of a daemon log (why it did not start). */
 function lastLogLine(path: string): string {
@@ -330,7 +332,7 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
   },
   diff: {
     synopsis: "diff NAME A B [--disk N] [--output=json] [-p]",
-    options: [{ name: "disk", long: "disk", value: true }, OUTPUT_OPTION, PROGRESS_OPTION],
+    options: [DISK_NUMBER_OPTION, OUTPUT_OPTION, PROGRESS_OPTION],
     args: [3, 3, "Expecting a machine name and two snapshot names"],
     async run(client, parsed, context) {
       const [name, from, to] = parsed.positionals;
@@ -359,7 +361,7 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
       { name: "outputFormat", short: "O", value: true },
       { name: "from", long: "from", value: true },
       { name: "backing", long: "backing", value: true },
-      { name: "disk", long: "disk", value: true },
+      DISK_NUMBER_OPTION,
       PROGRESS_OPTION,
     ],
     args: [3, 3, "Expecting a machine name, a snapshot name and an output file"],

@@ -15,7 +15,6 @@ import type { BlockDevice } from "../../device/block-device.ts";
 import { openImage } from "../../chain/open-image.ts";
 import { convertImage } from "../../chain/convert-image.ts";
 import { diffImages, exportDelta, type DiffRange, type JobProgress } from "../../chain/jobs/index.ts";
-import { mapImage } from "../../chain/map-image.ts";
 import { DISKS_MAX } from "../runtime/qemu-args.ts";
 import { readJson, syncDirectorySync, writeJsonAtomic } from "../store/atomic-file.ts";
 import { executeSteps, fileAllocatedBytes, stepPath, treeAllocatedBytes } from "../store/layer-steps.ts";
@@ -284,7 +283,7 @@ export interface ExportResult {
   disk: number;
   path: string;
   format: string;
-  /** Guest bytes the export holds: the disk's data, or the delta's changed clusters. */
+  /** Guest bytes of data copied: the disk's data, or the delta's changed clusters. */
   writtenBytes: number;
   /** With `from`: the bytes that differ (before rounding to clusters). */
   changedBytes?: number;
@@ -344,13 +343,18 @@ export async function exportSnapshot(store: MachineStore, name: string, snapshot
 /** exportSnapshot's copy into `path` (the claimed temporary name). */
 async function writeExport(fileOf: (spec: string) => string, source: BlockDevice, path: string, disk: number, format: string, options: ExportOptions): Promise<ExportResult> {
   if (options.from === undefined) {
+    // Convert counts the data it copies (its metadata pass, run when someone hears progress).
+    let copiedBytes = 0;
     await convertImage(source, path, {
       format,
       targetCache: "writeback",
       signal: options.signal,
-      onProgress: (fraction, doneBytes, totalBytes) => options.onProgress?.({ job: "export", phase: "copy", doneBytes, totalBytes, fraction }),
+      onProgress: (fraction, doneBytes, totalBytes) => {
+        copiedBytes = totalBytes;
+        options.onProgress?.({ job: "export", phase: "copy", doneBytes, totalBytes, fraction });
+      },
     });
-    return { disk, path, format, writtenBytes: await dataBytes(path) };
+    return { disk, path, format, writtenBytes: copiedBytes };
   }
   const backingPath = options.backing!;
   const from = await openImage(fileOf(options.from), { readOnly: true });
@@ -368,16 +372,6 @@ async function writeExport(fileOf: (spec: string) => string, source: BlockDevice
     }
   } finally {
     await from.close();
-  }
-}
-
-/** Allocated data bytes of an image (qemu-img map's data ranges of the image alone). */
-async function dataBytes(path: string): Promise<number> {
-  const image = await openImage(path, { readOnly: true });
-  try {
-    return (await mapImage(image)).reduce((sum, entry) => sum + (entry.data ? entry.length : 0), 0);
-  } finally {
-    await image.close();
   }
 }
 
