@@ -108,7 +108,8 @@ function zstdFrameBytes(input: Uint8Array): number {
 /** What node:zlib said, without its buffer-size wording ("Cannot create a Buffer larger than ..."). */
 function zlibReason(error: unknown): string {
   const code = (error as { code?: unknown }).code;
-  if (code === "ERR_BUFFER_TOO_LARGE") return "it inflates to more, and to fewer before the stream breaks";
+  // Refused for its length and not readable as QEMU reads it: the edge case in the design note.
+  if (code === "ERR_BUFFER_TOO_LARGE") return "the stream breaks within the input byte that completes the cluster";
   return (error as Error).message;
 }
 
