@@ -3,19 +3,23 @@
  * read-write: what it can change, in QEMU's order:
  * - compat=1.1 (or v3): a version 2 image becomes version 3;
  * - lazy_refcounts=on|off;
- * - refcount_bits: the current width only (QEMU rewrites every refcount
- *   structure for another; not done here: E_UNSUPPORTED_FEATURE);
+ * - refcount_bits: every refcount rewritten at the new width
+ *   (Qcow2Image.changeRefcountOrder); refused when a refcount does not fit
+ *   it, and for widths other than 16 on an image that ends at version 2;
  * - size: a resize, shrinking included (amend needs no --shrink);
- * - compat=0.10 on a version 3 image (a downgrade: QEMU writes out every
- *   zero cluster first): E_UNSUPPORTED_FEATURE.
+ * - compat=0.10 (or v2) on a version 3 image: zero clusters expanded, then
+ *   version 2 (formats/qcow2/downgrade.ts).
  * Refused as in qemu-img 7.2: another backing file or format than the
  * image's ("Cannot amend the backing file"; rebase does that; the same
  * name and format is a no-op), creation-only options (cluster_size,
  * preallocation, extended_l2, compression_type, encryption, encrypt.*),
  * data_file and data_file_raw=on without an external data file
  * (data_file_raw=off is a no-op), a size (even the current one) for a v2
- * image with snapshots that compat=1.1 does not upgrade, and other
- * formats. Options are checked before anything is written.
+ * image with snapshots that compat=1.1 does not upgrade, lazy refcounts or
+ * a refcount width other than 16 bits on an image that ends at version 2,
+ * a downgrade that downgradeRefusal names, and other formats. Unlike
+ * qemu-img, which checks some of these only after it has made the changes
+ * before them, everything is checked before anything is written.
  */
 import { SnapstackError } from "../base/errors.ts";
 import { Qcow2Image, refcountBitsProblem } from "../formats/qcow2/index.ts";
@@ -32,7 +36,15 @@ function invalid(message: string, path: string): SnapstackError {
 }
 
 /** What the options ask for, checked against the image before any change. */
-function planAmend(image: Qcow2Image, path: string, options: AmendOptions): { version3: boolean; lazyRefcounts?: boolean; sizeBytes?: number } {
+interface AmendPlan {
+  version3: boolean;
+  version2: boolean;
+  lazyRefcounts?: boolean;
+  refcountOrder?: number;
+  sizeBytes?: number;
+}
+
+async function planAmend(image: Qcow2Image, path: string, options: AmendOptions): Promise<AmendPlan> {
   const info = image.info();
   for (const key of Object.keys(options)) {
     if (CREATION_ONLY.includes(key) || key.startsWith("encrypt.")) throw invalid(`Invalid parameter '${key}': this option is only supported for image creation`, path);
@@ -46,30 +58,46 @@ function planAmend(image: Qcow2Image, path: string, options: AmendOptions): { ve
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", "Cannot amend the backing file; you can use 'qemu-img rebase' (snapstack img rebase) instead", { path });
     }
   }
-  let version3 = false;
+  let finalVersion = info.version;
   if (options.compat !== undefined) {
     const compat = String(options.compat);
-    if (compat === "1.1" || compat === "v3") version3 = info.version === 2;
-    else if (compat === "0.10" || compat === "v2") {
-      if (info.version === 3) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: downgrading to compat=0.10 is not supported`, { path });
-    } else throw invalid(`Unknown compatibility level ${compat}`, path);
+    if (compat === "1.1" || compat === "v3") finalVersion = 3;
+    else if (compat === "0.10" || compat === "v2") finalVersion = 2;
+    else throw invalid(`Unknown compatibility level ${compat}`, path);
   }
+  let refcountBits = info.refcountBits;
   if (options.refcount_bits !== undefined) {
-    const bits = Number(options.refcount_bits);
-    const problem = refcountBitsProblem(bits);
+    refcountBits = Number(options.refcount_bits);
+    const problem = refcountBitsProblem(refcountBits);
     if (problem !== null) throw invalid(problem, path);
-    if (bits !== info.refcountBits) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: changing refcount_bits (${info.refcountBits} to ${bits}) is not supported`, { path });
+    if (refcountBits !== info.refcountBits && finalVersion < 3 && refcountBits !== 16) {
+      throw invalid("Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)", path);
+    }
   }
-  // (lazy_refcounts=on on a version 2 image: Qcow2Image.amendHeader refuses it before writing.)
   const lazyRefcounts = options.lazy_refcounts === undefined ? undefined : options.lazy_refcounts === true;
+  // (lazy_refcounts=on on a version 2 image that stays one: Qcow2Image.amendHeader refuses it before writing.)
+  if (lazyRefcounts === true && finalVersion < 3 && info.version === 3) {
+    throw invalid("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)", path);
+  }
   // size=0 changes nothing, as in QEMU.
   const sizeBytes = options.size === undefined || Number(options.size) === 0 ? undefined : Number(options.size);
   if (sizeBytes !== undefined && sizeBytes % 512 !== 0) throw new SnapstackError("E_INVALID_SIZE", "The new size must be a multiple of 512", { path });
   // QEMU truncates even to the current size, and refuses that too on a v2 image with snapshots.
-  if (sizeBytes !== undefined && info.version === 2 && !version3 && image.snapshots.length > 0) {
+  if (sizeBytes !== undefined && info.version === 2 && finalVersion === 2 && image.snapshots.length > 0) {
     throw new SnapstackError("E_UNSUPPORTED_FEATURE", "Can't resize a v2 image which has snapshots", { path });
   }
-  return { version3, lazyRefcounts, sizeBytes };
+  const version2 = finalVersion === 2 && info.version === 3;
+  if (version2) {
+    const refusal = await image.downgradeRefusal({ refcountBits, sizeBytes: sizeBytes ?? image.sizeBytes });
+    if (refusal !== null) throw new SnapstackError("E_UNSUPPORTED_FEATURE", refusal, { path });
+  }
+  return {
+    version3: finalVersion === 3 && info.version === 2,
+    version2,
+    lazyRefcounts,
+    refcountOrder: refcountBits === info.refcountBits ? undefined : Math.log2(refcountBits),
+    sizeBytes,
+  };
 }
 
 export async function amendImage(path: string, options: AmendOptions, settings: { format?: string } = {}): Promise<void> {
@@ -77,9 +105,12 @@ export async function amendImage(path: string, options: AmendOptions, settings: 
   const image = await openImage(path, { format, readOnly: false });
   try {
     if (!(image instanceof Qcow2Image)) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Format driver '${image.format}' does not support option amendment`, { path });
-    const plan = planAmend(image, path, options);
+    const plan = await planAmend(image, path, options);
     await image.amendHeader({ version3: plan.version3, lazyRefcounts: plan.lazyRefcounts });
+    if (plan.refcountOrder !== undefined) await image.changeRefcountOrder(plan.refcountOrder);
     if (plan.sizeBytes !== undefined && plan.sizeBytes !== image.sizeBytes) await image.resize(plan.sizeBytes, { shrink: true });
+    // Last, as QEMU: the changes before may need version 3.
+    if (plan.version2) await image.downgradeToVersion2();
     await image.flush();
   } finally {
     await image.close();

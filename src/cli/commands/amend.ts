@@ -1,10 +1,9 @@
 /**
  * `snapstack img amend [-f fmt] [-q] [-p] [--force] -o options FILE`
  *
- * qemu-img 7.2's amend for qcow2 images: compat=1.1 (upgrade a version 2
- * image), lazy_refcounts, size, and refcount_bits at its current width;
- * what is not done or not amendable is refused before anything is written
- * (chain/amend-image.ts). `-o help` lists the options qemu-img lists.
+ * qemu-img 7.2's amend for qcow2 images: compat (upgrade to 1.1, or
+ * downgrade to 0.10), lazy_refcounts, refcount_bits, size; what is not
+ * amendable is refused before anything is written (chain/amend-image.ts). `-o help` lists the options qemu-img lists.
  */
 import { SnapstackError } from "../../base/errors.ts";
 import { optionString, parseArgs } from "../args.ts";
@@ -16,10 +15,10 @@ import { amendImage } from "../engine.ts";
 export const amendCommand: CliCommand = {
   name: "amend",
   synopsis: "amend [-f fmt] [-q] [-p] [--force] -o options filename",
-  summary: "Change qcow2 image options: compat=1.1, lazy_refcounts, size.",
+  summary: "Change qcow2 image options: compat, lazy_refcounts, refcount_bits, size.",
   optionHelp: [
     "  -f fmt        image format (qcow2); detected when omitted",
-    "  -o options    what to change: compat, lazy_refcounts, size, refcount_bits (current width only)",
+    "  -o options    what to change: compat (1.1 or 0.10), lazy_refcounts, refcount_bits, size",
     "  -p, -q        progress (nothing to show) / quiet",
     "  --force       accepted, as in qemu-img",
   ],

@@ -117,7 +117,8 @@ import { LUKS_HEADER_BYTES, decodeLuksHeader, type LuksHeaderInfo } from "./luks
 import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, l1EntriesForSize, type Qcow2Geometry } from "./metadata.ts";
 import { AsyncMutex, RangeLock, ReadGate } from "./locks.ts";
 import { markDirty, type CachedTable } from "./table-cache.ts";
-import { rebuildRefcounts } from "./rebuild-refcounts.ts";
+import { changeRefcountOrder, rebuildRefcounts } from "./rebuild-refcounts.ts";
+import { downgradeRefusal, downgradeToVersion2 } from "./downgrade.ts";
 import { canEmptyCompletely, emptyCompletely } from "./make-empty.ts";
 import { preallocateData } from "./preallocate-data.ts";
 import { BELOW_MIXED, BELOW_UNKNOWN, BELOW_ZERO, BackingResolutionCache, type BelowResolution } from "./backing-resolution-cache.ts";
@@ -315,7 +316,8 @@ export class Qcow2Image implements BlockDevice {
   readonly backing: BlockDevice | null;
   readonly #file: ImageFile;
   readonly #writeBehind: WriteBehind;
-  readonly #meta: Qcow2Metadata;
+  #meta: Qcow2Metadata;
+  readonly #cacheBytesMax: number;
   #snapshots: Qcow2Snapshot[];
   readonly #closeBacking: boolean;
   readonly #mutex = new AsyncMutex();
@@ -356,10 +358,17 @@ export class Qcow2Image implements BlockDevice {
     this.#file = file;
     this.#writeBehind = new WriteBehind(file);
     this.#meta = meta;
+    this.#cacheBytesMax = options.cacheBytesMax ?? METADATA_CACHE_BYTES_DEFAULT;
     this.#snapshots = snapshots;
     this.readOnly = options.readOnly;
     this.backing = options.backing;
     this.#closeBacking = options.closeBacking ?? true;
+    this.#adoptMetadata(meta);
+  }
+
+  /** Take `meta` as the image's metadata (at open, and after a change that rewrote the refcount structure). */
+  #adoptMetadata(meta: Qcow2Metadata): void {
+    this.#meta = meta;
     meta.overlap.snapshots = () => this.#snapshots;
     meta.compressedDataMapped = (guestCluster, hostOffset) => compressedDataMapped(meta, this.#snapshots, guestCluster, hostOffset);
   }
@@ -1731,6 +1740,34 @@ export class Qcow2Image implements BlockDevice {
       }
       await this.#meta.writeHeader();
     });
+  }
+
+  /**
+   * amend -o refcount_bits=N: the same refcounts in a structure of another
+   * width (rebuild-refcounts.ts changeRefcountOrder); the metadata is then
+   * loaded again from the file.
+   */
+  async changeRefcountOrder(refcountOrder: number): Promise<void> {
+    if (refcountOrder === this.#meta.header.refcountOrder) return;
+    await this.exclusive("change the refcount width", async () => {
+      await this.#meta.writeCaches();
+      await this.#file.flush();
+      const header = await changeRefcountOrder(this.#file, refcountOrder);
+      this.#adoptMetadata(await Qcow2Metadata.load(this.#file, header, this.#cacheBytesMax));
+    });
+  }
+
+  /**
+   * amend -o compat=0.10: why this image cannot become version 2 once its
+   * refcount width and guest size are `after`'s, or null (downgrade.ts).
+   */
+  downgradeRefusal(after: { refcountBits: number; sizeBytes: number }): Promise<string | null> {
+    return downgradeRefusal(this, after);
+  }
+
+  /** amend -o compat=0.10 (downgrade.ts); the caller checked downgradeRefusal. */
+  async downgradeToVersion2(): Promise<void> {
+    await this.exclusive("downgrade the image", () => downgradeToVersion2(this.#meta, this.#snapshots, this.backing !== null));
   }
 
   /**

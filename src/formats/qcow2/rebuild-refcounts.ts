@@ -35,7 +35,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
 import { INCOMPAT_DIRTY, decodeQcow2Header } from "./header.ts";
 import type { Qcow2Header } from "./header.ts";
-import { REFTABLE_ENTRY_BYTES, setRefcount } from "./refcount-block.ts";
+import { REFTABLE_ENTRY_BYTES, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
 import {
   CHECK_CLUSTERS_MAX,
   CheckFailure,
@@ -142,8 +142,15 @@ async function writeRefblocks(state: Qcow2CheckState, report: CheckReport, count
  * Updates `state` (refcount table and its offset). The old structure is
  * left behind as leaks.
  */
-export async function writeRefcountStructure(state: Qcow2CheckState, report: CheckReport, counts: ClusterCounts): Promise<void> {
+export async function writeRefcountStructure(state: Qcow2CheckState, report: CheckReport, counts: ClusterCounts, refcountOrder = state.refcountOrder): Promise<void> {
   const cs = state.clusterSizeBytes;
+  const oldRefcountOrder = state.refcountOrder;
+  if (refcountOrder !== oldRefcountOrder) {
+    // The new blocks are written at the new width (encodeRefblock reads these).
+    state.refcountOrder = refcountOrder;
+    state.refcountMax = refcountMax(refcountOrder);
+    state.refcountBlockEntries = refcountsPerBlock(state.clusterBits, refcountOrder);
+  }
   const table: number[] = [];
   let grown = await writeRefblocks(state, report, counts, 0, counts.size, table);
   if (!grown) {
@@ -168,12 +175,18 @@ export async function writeRefcountStructure(state: Qcow2CheckState, report: Che
   await state.file.write(tableOffset, tableBytes);
   await state.file.flush();
 
-  const pointer = new Uint8Array(12);
+  // The switch: table offset and cluster count (bytes 48..59) and, for a new width, the
+  // refcount order (96..99), in one write within the first sector.
+  const switchBytes = refcountOrder === oldRefcountOrder ? 12 : 52;
+  const pointer = new Uint8Array(switchBytes);
+  if (switchBytes > 12) await state.file.read(48, pointer);
   const pointerView = new DataView(pointer.buffer);
   pointerView.setBigUint64(0, BigInt(tableOffset));
   pointerView.setUint32(8, tableClusters);
+  if (switchBytes > 12) pointerView.setUint32(96 - 48, refcountOrder);
   await state.file.write(48, pointer);
   await state.file.flush();
+  state.header.refcountOrder = refcountOrder;
 
   const newTable = new BigUint64Array(tableClusters * (cs / REFTABLE_ENTRY_BYTES));
   table.forEach((blockOffset, i) => (newTable[i] = BigInt(blockOffset)));
@@ -253,6 +266,77 @@ export async function rewriteSnapshotTable(state: Qcow2CheckState, report: Check
   if (outcome.rebuild) snapshotTableUpdateFailed(report, STRERROR.EIO);
 }
 
+/**
+ * Every reference of the image counted from its metadata (QEMU's
+ * calculate_refcounts), with the snapshot table read, its messages in
+ * `report`; counts up to `countMax` (default: the image's refcount maximum).
+ */
+async function countReferences(file: ImageFile, report: CheckReport, countMax?: number): Promise<{ state: Qcow2CheckState; counts: ClusterCounts; outcome: Awaited<ReturnType<typeof calculateRefcounts>> }> {
+  const state = await openCheckState(file, true);
+  await readSnapshotTable(state, report, 0);
+  const fileClusters = clustersForBytes(state, state.fileSizeBytes);
+  if (fileClusters > CHECK_CLUSTERS_MAX) throw new CheckFailure(STRERROR.EFBIG);
+  const counts = new ClusterCounts(fileClusters, countMax ?? state.refcountMax);
+  const outcome = await calculateRefcounts(state, report, counts, 0);
+  return { state, counts, outcome };
+}
+
+/**
+ * After writeRefcountStructure the old table and blocks are leaks: walk
+ * again and free them (`counts` is reused; reading the stored refcounts
+ * reports to `report`). Returns the walk's report and outcome.
+ */
+async function freeOldStructure(state: Qcow2CheckState, report: CheckReport, counts: ClusterCounts): Promise<{ again: CheckReport; outcome: Awaited<ReturnType<typeof calculateRefcounts>>; stored: StoredRefcounts }> {
+  const stored = new StoredRefcounts(state, report);
+  counts.clear();
+  const again = new CheckReport();
+  const outcome = await calculateRefcounts(state, again, counts, 0);
+  await compareRefcounts(state, again, stored, counts, FIX_LEAKS, outcome);
+  return { again, outcome, stored };
+}
+
+/**
+ * `amend -o refcount_bits=N` (QEMU's qcow2_change_refcount_order): every
+ * refcount counted again from the metadata and written into a new refcount
+ * structure `2^refcountOrder` bits wide; the header switches table and
+ * width in one sector write (QEMU switches the table first and the width
+ * with the next header update); then the old structure is freed. A crash
+ * before the switch leaves the old structure in charge, after it only
+ * leaks. Refused when a count does not fit the new width (qemu-img's
+ * message), or when the image is corrupt (the counts would not be right).
+ * The caller has written back its caches and loads the metadata again from
+ * the returned header.
+ */
+export async function changeRefcountOrder(file: ImageFile, refcountOrder: number): Promise<Qcow2Header> {
+  const report = new CheckReport();
+  try {
+    const { state, counts, outcome } = await countReferences(file, report, Number.MAX_SAFE_INTEGER);
+    if (outcome.rebuild || report.corruptions > 0 || report.checkErrors > 0) {
+      throw new SnapstackError("E_CORRUPT_IMAGE", `${file.name}: cannot change the refcount width of a corrupt image; run 'check -r all' first`, { path: file.name });
+    }
+    const newMax = refcountMax(refcountOrder);
+    for (let cluster = 0; cluster < counts.size; cluster++) {
+      const count = counts.get(cluster);
+      if (count > newMax) {
+        const message = `Cannot decrease refcount entry width to ${2 ** refcountOrder} bits: Cluster at offset 0x${(cluster * state.clusterSizeBytes).toString(16)} has a refcount of ${count}`;
+        throw new SnapstackError("E_INVALID_OPTION", message, { path: file.name });
+      }
+    }
+    await writeRefcountStructure(state, report, counts, refcountOrder);
+    const { again, outcome: freed } = await freeOldStructure(state, report, counts);
+    if (freed.rebuild || again.checkErrors > 0) {
+      throw new SnapstackError("E_CORRUPT_IMAGE", `${file.name}: the new refcount structure is broken`, { path: file.name, messages: again.allMessages() });
+    }
+    await file.flush();
+    const headerBytes = new Uint8Array(state.clusterSizeBytes);
+    await file.read(0, headerBytes);
+    return decodeQcow2Header(headerBytes);
+  } catch (error) {
+    if (error instanceof CheckFailure) throw new SnapstackError("E_IO", `${file.name}: cannot change the refcount width: ${error.strerror}`, { path: file.name });
+    throw error;
+  }
+}
+
 /** What a rebuild found and did, for logs and tests. */
 export interface RebuildRefcountsResult {
   /** The header as it is on disk now (new refcount table, dirty bit clear). */
@@ -273,24 +357,13 @@ export interface RebuildRefcountsResult {
  */
 export async function rebuildRefcounts(file: ImageFile): Promise<RebuildRefcountsResult> {
   if (file.readOnly) throw new SnapstackError("E_READ_ONLY", `${file.name}: cannot rebuild refcounts of a read-only image`);
-  const state = await openCheckState(file, true);
   const report = new CheckReport();
   try {
-    await readSnapshotTable(state, report, 0);
-    const fileClusters = clustersForBytes(state, state.fileSizeBytes);
-    if (fileClusters > CHECK_CLUSTERS_MAX) throw new CheckFailure(STRERROR.EFBIG);
-    const counts = new ClusterCounts(fileClusters, state.refcountMax);
-    await calculateRefcounts(state, report, counts, 0);
+    const { state, counts } = await countReferences(file, report);
     const corruptions = report.corruptions;
     report.say("Rebuilding refcount structure");
     await writeRefcountStructure(state, report, counts);
-
-    // The old structure is now leaked: walk again and free it.
-    const stored = new StoredRefcounts(state, report);
-    counts.clear();
-    const again = new CheckReport();
-    const outcome = await calculateRefcounts(state, again, counts, 0);
-    await compareRefcounts(state, again, stored, counts, FIX_LEAKS, outcome);
+    const { again, outcome, stored } = await freeOldStructure(state, report, counts);
     await checkOflagCopied(state, again, stored, FIX_ERRORS | FIX_LEAKS);
     report.messages.push(...again.allMessages());
     if (outcome.rebuild || again.checkErrors > 0) {
