@@ -1,7 +1,7 @@
 /**
  * qemu-img check on a path: the qcow2 check (formats/qcow2/check.ts) after
- * a format probe, or "unsupported" for formats without a check (raw: qemu's
- * exit code 63).
+ * a format probe, vmdk's (VmdkImage.check), or "unsupported" for formats
+ * without a check (raw: qemu's exit code 63).
  */
 import { SnapstackError, isSnapstackError } from "../base/errors.ts";
 import { readQcow2Header } from "../formats/qcow2/index.ts";
@@ -12,6 +12,10 @@ import { openNodeFile } from "../io/node-file.ts";
 import { lockLayerFile, lockedAccess, openImage } from "./open-image.ts";
 import { lockBits } from "../io/qemu-locks.ts";
 import { opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat } from "./image-format.ts";
+import type { VmdkImage } from "../formats/vmdk/vmdk-image.ts";
+
+/** A check's result and the format checked (qemu-img check's JSON names it). */
+export type ImageCheckResult = Qcow2CheckResult & { format: "qcow2" | "vmdk" };
 
 export interface CheckImageOptions {
   format?: string;
@@ -56,19 +60,53 @@ async function refuseMissingBacking(path: string, file: ImageFile, forceShare: b
  * qemu-img check: the qcow2 check (src/formats/qcow2/check.ts), or
  * "unsupported" for formats without a check (raw, as qemu's exit 63).
  */
-export async function checkImage(path: string, options: CheckImageOptions = {}): Promise<Qcow2CheckResult | "unsupported"> {
+export async function checkImage(path: string, options: CheckImageOptions = {}): Promise<ImageCheckResult | "unsupported"> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
   const readOnly = options.repair === undefined;
-  const file = await openNodeFile(path, { readOnly });
+  const file = await openNodeFile(path, { readOnly: true });
+  let probed: string;
   try {
     if (format === "raw") return "unsupported";
-    const probed = await probeFormatName(file);
-    if (format === undefined && supportedProbedFormat(probed, path) === "raw") return "unsupported";
-    if (!opensAsQcow2(probed)) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
-    lockLayerFile(file, path, 0, path, lockBits(lockedAccess(readOnly, options.forceShare ?? false)));
-    await refuseMissingBacking(path, file, options.forceShare ?? false);
-    return await checkQcow2(file, { repair: options.repair });
+    probed = await probeFormatName(file);
   } finally {
     await file.close();
+  }
+  const checked = format ?? supportedProbedFormat(probed, path);
+  if (checked === "raw") return "unsupported";
+  // vmdk: QEMU's check repairs nothing (-r: "does not support checks").
+  if (checked === "vmdk") return options.repair === undefined ? checkVmdk(path, options.forceShare ?? false) : "unsupported";
+  if (!opensAsQcow2(probed)) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
+  const image = await openNodeFile(path, { readOnly });
+  try {
+    lockLayerFile(image, path, 0, path, lockBits(lockedAccess(readOnly, options.forceShare ?? false)));
+    await refuseMissingBacking(path, image, options.forceShare ?? false);
+    return { ...(await checkQcow2(image, { repair: options.repair })), format: "qcow2" };
+  } finally {
+    await image.close();
+  }
+}
+
+/** vmdk_co_check through the vmdk device (formats/vmdk): only corruptions, no counts. */
+async function checkVmdk(path: string, forceShare: boolean): Promise<ImageCheckResult> {
+  const device = await openImage(path, { format: "vmdk", readOnly: true, forceShare });
+  try {
+    const found = await (device as VmdkImage).check();
+    return {
+      format: "vmdk",
+      checkErrors: 0,
+      corruptions: found.corruptions,
+      leaks: 0,
+      corruptionsFixed: 0,
+      leaksFixed: 0,
+      imageEndOffset: 0,
+      totalClusters: 0,
+      allocatedClusters: 0,
+      fragmentedClusters: 0,
+      compressedClusters: 0,
+      messages: found.messages,
+      failure: found.failure,
+    };
+  } finally {
+    await device.close();
   }
 }

@@ -50,7 +50,7 @@ import { SnapstackError, assert } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
 import { Qcow2Image, type BitmapData } from "../formats/qcow2/index.ts";
 import { COPY_CHUNK_BYTES, copyRanges, type CopyRange, type ZeroMode } from "./copy-pipeline.ts";
-import { parseImageFormat } from "./image-format.ts";
+import { parseOutputFormat } from "./image-format.ts";
 import { openImage, type OpenImageFile } from "./open-image.ts";
 import { refuseWritingInput } from "./layer-file.ts";
 import { RateLimit } from "./rate-limit.ts";
@@ -370,7 +370,7 @@ const openUnsafeFile: OpenImageFile = async (path, request) =>
  * (qemu-img: `Failed to get "write" lock`).
  */
 async function openTarget(source: BlockDevice, targetPath: string, options: ConvertImageOptions): Promise<BlockDevice> {
-  const format = parseImageFormat(options.format);
+  const format = parseOutputFormat(options.format);
   refuseWritingInput(targetPath, "target", [["the source image", source]]);
   const targetCache = options.targetCache ?? "unsafe";
   if (!options.targetExists) {
@@ -398,7 +398,7 @@ async function openTarget(source: BlockDevice, targetPath: string, options: Conv
 }
 
 export async function convertImage(source: BlockDevice, targetPath: string, options: ConvertImageOptions): Promise<void> {
-  const format = parseImageFormat(options.format);
+  const format = parseOutputFormat(options.format);
   const sparseSizeBytes = options.sparseSizeBytes ?? SPARSE_SIZE_DEFAULT_BYTES;
   if (!Number.isSafeInteger(sparseSizeBytes) || sparseSizeBytes < 0 || sparseSizeBytes % SECTOR_BYTES !== 0) {
     throw new SnapstackError("E_INVALID_SIZE", `sparse size ${sparseSizeBytes} must be a multiple of ${SECTOR_BYTES}`);

@@ -19,7 +19,7 @@ import { createNodeFile, syncDirectory } from "../io/node-file.ts";
 import { lockBits, lockImageFile } from "../io/qemu-locks.ts";
 import { createQcow2, resolveQcow2CreateOptions, type Qcow2CreateOptions, type Qcow2Preallocation } from "../formats/qcow2/index.ts";
 import { RAW_PREALLOCATION_MODES, createRaw, type RawPreallocation } from "../formats/raw/raw-image.ts";
-import { parseImageFormat } from "./image-format.ts";
+import { parseImageFormat, parseOutputFormat } from "./image-format.ts";
 import { lockLayerFile, openImage, type OpenImageFile } from "./open-image.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 import { sameFile } from "../io/file-identity.ts";
@@ -133,7 +133,7 @@ async function backingSize(path: string, backingFile: string, backingFormat: str
 }
 
 export async function createImage(path: string, request: CreateImageOptions): Promise<void> {
-  const format = parseImageFormat(request.format);
+  const format = parseOutputFormat(request.format);
   const options = request.options ?? {};
   checkKeys(path, format, options);
   const backingFile = request.backingFile ?? (options.backing_file !== undefined ? optionString(options.backing_file) : undefined);

@@ -16,7 +16,7 @@
 import { SnapstackError } from "../base/errors.ts";
 import { COPY_CHUNK_BYTES } from "./copy-pipeline.ts";
 import { createImage } from "./create-image.ts";
-import { parseImageFormat } from "./image-format.ts";
+import { parseImageFormat, parseOutputFormat } from "./image-format.ts";
 import { refuseWritingInput } from "./layer-file.ts";
 import { openImage } from "./open-image.ts";
 
@@ -57,7 +57,7 @@ export async function ddImage(inputPath: string, outputPath: string, options: Dd
     const startBytes = (options.skip ?? 0) * blockBytes;
     const skippedPastEnd = startBytes > endBytes;
     const lengthBytes = skippedPastEnd ? 0 : endBytes - startBytes;
-    const outputFormat = parseImageFormat(options.outputFormat ?? "raw");
+    const outputFormat = parseOutputFormat(options.outputFormat ?? "raw");
     refuseWritingInput(outputPath, "output", [["the input image", input]]);
     await createImage(outputPath, { format: outputFormat, sizeBytes: lengthBytes, options: {} });
     if (skippedPastEnd || lengthBytes === 0) return { copiedBytes: 0, skippedPastEnd };

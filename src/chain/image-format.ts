@@ -1,7 +1,9 @@
 /**
  * Image formats snapstack opens, and format probing: a file starting with
- * the qcow2 magic "QFI\xfb" (version 2 or 3) is qcow2. A file that QEMU's
- * probe would take for another format (vmdk, vdi, vpc, vhdx, qed, ...) is
+ * the qcow2 magic "QFI\xfb" (version 2 or 3) is qcow2; one QEMU's vmdk
+ * probe takes is vmdk (read only: parseOutputFormat refuses it as a
+ * target). A file that QEMU's probe would take for another format (vdi,
+ * vpc, vhdx, qed, ...) is
  * refused when no format is given, rather than opened as raw: as raw, a
  * write would land in that format's header and a read would show it as
  * guest data (qemu-img would open it as what it is). Anything else is raw.
@@ -10,8 +12,11 @@ import { SnapstackError } from "../base/errors.ts";
 import type { ImageFile } from "../io/file.ts";
 import { QCOW2_MAGIC } from "../formats/qcow2/index.ts";
 
-export type ImageFormat = "raw" | "qcow2";
-export const IMAGE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2"];
+export type ImageFormat = "raw" | "qcow2" | "vmdk";
+export const IMAGE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2", "vmdk"];
+/** The formats snapstack writes; the others it reads only (formats/vmdk). */
+export type WritableFormat = "raw" | "qcow2";
+export const WRITABLE_FORMATS: readonly WritableFormat[] = ["raw", "qcow2"];
 
 export function isImageFormat(name: string): name is ImageFormat {
   return (IMAGE_FORMATS as readonly string[]).includes(name);
@@ -21,6 +26,18 @@ export function isImageFormat(name: string): name is ImageFormat {
 export function parseImageFormat(name: string): ImageFormat {
   if (!isImageFormat(name)) throw new SnapstackError("E_UNKNOWN_FORMAT", `Unknown file format '${name}'`, { format: name });
   return name;
+}
+
+/**
+ * A format to write (create, convert -O, dd -O, measure -O): a read-only
+ * one is refused with E_UNSUPPORTED_FEATURE.
+ */
+export function parseOutputFormat(name: string): WritableFormat {
+  const format = parseImageFormat(name);
+  if (!(WRITABLE_FORMATS as readonly string[]).includes(format)) {
+    throw new SnapstackError("E_UNSUPPORTED_FEATURE", `snapstack reads ${format} images but does not write them (write qcow2 or raw)`, { format });
+  }
+  return format as WritableFormat;
 }
 
 /** Bytes probed at the start of a file (the signatures below all lie within them). */
@@ -65,9 +82,13 @@ function isVmdkDescriptor(head: Uint8Array): boolean {
   return false;
 }
 
+/** vmdk_probe: a sparse extent ("KDMV", or VMDK3's "COWD", which the vmdk open refuses) or a text descriptor. */
+function isVmdk(head: Uint8Array): boolean {
+  return has(head, 0, ASCII("KDMV")) || has(head, 0, ASCII("COWD")) || isVmdkDescriptor(head);
+}
+
 /** Formats QEMU's probes recognise (block/*.c *_probe: the same checks) and snapstack does not open. */
 const FOREIGN_PROBES: ReadonlyArray<{ format: string; probe: (head: Uint8Array) => boolean }> = [
-  { format: "vmdk", probe: (head) => has(head, 0, ASCII("KDMV")) || has(head, 0, ASCII("COWD")) || isVmdkDescriptor(head) },
   { format: "vdi", probe: (head) => u32le(head, 64) === 0xbeda107f },
   { format: "vpc", probe: (head) => has(head, 0, ASCII("conectix")) },
   { format: "vhdx", probe: (head) => has(head, 0, ASCII("vhdxfile")) },
@@ -97,6 +118,7 @@ const FOREIGN_PROBES: ReadonlyArray<{ format: string; probe: (head: Uint8Array) 
 export function probedFormatName(head: Uint8Array): string {
   const view = new DataView(head.buffer, head.byteOffset, head.byteLength);
   if (head.length >= 8 && view.getUint32(0) === QCOW2_MAGIC) return view.getUint32(4) === 1 ? "qcow" : "qcow2";
+  if (isVmdk(head)) return "vmdk";
   return FOREIGN_PROBES.find((candidate) => candidate.probe(head))?.format ?? "raw";
 }
 
@@ -121,12 +143,12 @@ export function supportedProbedFormat(name: string, path: string): ImageFormat {
   if (isImageFormat(name)) return name;
   throw new SnapstackError(
     "E_UNKNOWN_FORMAT",
-    `${path}: the file is a ${name} image, a format snapstack does not open (only qcow2 and raw; -f raw opens its bytes as a raw disk)`,
+    `${path}: the file is a ${name} image, a format snapstack does not open (only qcow2, raw and, read-only, vmdk; -f raw opens its bytes as a raw disk)`,
     { path, format: name },
   );
 }
 
-/** The format of a file when none is given: qcow2 or raw, refusing formats snapstack does not open. */
+/** The format of a file when none is given: qcow2, vmdk or raw, refusing formats snapstack does not open. */
 export async function probeImageFormat(file: ImageFile, path: string): Promise<ImageFormat> {
   return supportedProbedFormat(await probeFormatName(file), path);
 }

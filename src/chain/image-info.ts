@@ -24,6 +24,7 @@ import { realpathSync, statSync } from "node:fs";
 import { SnapstackError, fromSystemError } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
 import { Qcow2Image, type Qcow2Info } from "../formats/qcow2/index.ts";
+import { VmdkImage, type VmdkInfo } from "../formats/vmdk/vmdk-image.ts";
 import { parseImageFormat, type ImageFormat } from "./image-format.ts";
 import { CHAIN_DEPTH_MAX_DEFAULT, openImage } from "./open-image.ts";
 import { resolveBackingPath } from "./backing-path.ts";
@@ -96,13 +97,46 @@ function qcow2SpecificInfo(image: Qcow2Image): ImageInfoJson {
   };
 }
 
-/** ImageInfoSpecific's data of a device (qcow2's), or null when its format has none (raw). */
+/** QAPI ImageInfoSpecificVmdk (vmdk_get_specific_info). */
+function vmdkSpecificInfo(info: VmdkInfo): ImageInfoJson {
+  return {
+    "create-type": info.createType,
+    cid: info.cid,
+    "parent-cid": info.parentCid,
+    extents: info.extents.map((extent) => ({
+      filename: extent.fileName,
+      format: extent.format,
+      "virtual-size": extent.virtualSizeBytes,
+      ...(extent.clusterSizeBytes === null ? {} : { "cluster-size": extent.clusterSizeBytes }),
+      ...(extent.compressed ? { compressed: true } : {}),
+    })),
+  };
+}
+
+/** ImageInfoSpecific's data of a device (qcow2's, vmdk's), or null when its format has none (raw). */
 export function formatSpecificInfo(device: BlockDevice): ImageInfoJson | null {
-  return device instanceof Qcow2Image ? qcow2SpecificInfo(device) : null;
+  if (device instanceof Qcow2Image) return qcow2SpecificInfo(device);
+  return device instanceof VmdkImage ? vmdkSpecificInfo(device.info()) : null;
+}
+
+/** The ImageInfo object of a vmdk image: its extent files' space counts in actual-size (vmdk_co_get_allocated_file_size). */
+function describeVmdk(device: VmdkImage, path: string): ImageInfoJson {
+  const info = device.info();
+  const ordered: ImageInfoJson = {
+    filename: path,
+    format: device.format,
+    "dirty-flag": false,
+    "actual-size": info.otherFiles.reduce((sum, file) => sum + allocatedBytes(file), allocatedBytes(path)),
+    "virtual-size": device.sizeBytes,
+  };
+  if (info.clusterSizeBytes !== null) ordered["cluster-size"] = info.clusterSizeBytes;
+  ordered["format-specific"] = { type: "vmdk", data: vmdkSpecificInfo(info) };
+  return ordered;
 }
 
 /** The ImageInfo object for one opened image (its backing not needed). */
 export function describeImage(device: BlockDevice, path: string): ImageInfoJson {
+  if (device instanceof VmdkImage) return describeVmdk(device, path);
   const qcow2 = device instanceof Qcow2Image ? device : null;
   const info = qcow2?.info() ?? null;
   const ordered: ImageInfoJson = {

@@ -8,7 +8,7 @@ import { resolveQcow2CreateOptions } from "../formats/qcow2/create-qcow2.ts";
 import { measureQcow2 } from "../formats/qcow2/measure.ts";
 import { Qcow2Image } from "../formats/qcow2/qcow2-image.ts";
 import { bitmapDirectoryEntryBytes } from "../formats/qcow2/bitmap-directory.ts";
-import { parseImageFormat } from "./image-format.ts";
+import { parseOutputFormat } from "./image-format.ts";
 import { mapImage } from "./map-image.ts";
 import { qcow2CreateOptionsFromKeys } from "./create-image.ts";
 
@@ -38,7 +38,7 @@ export interface MeasureOptions {
  * ranges skipped, data ranges extended to whole clusters.
  */
 export async function measureImage(options: MeasureOptions): Promise<MeasureResult> {
-  const format = parseImageFormat(options.format);
+  const format = parseOutputFormat(options.format);
   const source = options.source;
   const virtualSizeBytes = source?.sizeBytes ?? options.sizeBytes ?? 0;
   if (format === "raw") {

@@ -26,6 +26,7 @@ import { NodeFile, openNodeFile, type NodeFileCacheMode, type NodeFileIoMode } f
 import { lockBits, lockImageFile, type LockBits, type LockContext, type LockedAccess } from "../io/qemu-locks.ts";
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
+import { openVmdk } from "../formats/vmdk/vmdk-image.ts";
 import { isImageFormat, opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 
@@ -212,6 +213,9 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       if (layer.format === "qcow2" && !opensAsQcow2(probed)) {
         throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': ${backingPrefix(depth)}Image is not in qcow2 format`, { path: layerPath });
       }
+      if (layer.format === "vmdk" && !readOnly) {
+        throw new SnapstackError("E_READ_ONLY", `Could not open '${path}': snapstack opens vmdk images read-only (convert it to qcow2 to write)`, { path: layerPath });
+      }
       // Locked once the format is known (its locks depend on it), before anything is written.
       if (options.locks !== false) {
         const context = { ...(depth === 0 ? options.locks : undefined), raw: layer.format === "raw" };
@@ -237,6 +241,8 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       try {
         if (layer.format === "raw") {
           built = new RawImage(layer.file, await layer.file.sizeBytes());
+        } else if (layer.format === "vmdk") {
+          built = await openVmdk(layer.file, (extentPath) => (options.openFile === undefined ? openNodeFile(extentPath, { readOnly: true }) : options.openFile(extentPath, { readOnly: true })));
         } else {
           const readOnly = i > 0 || (options.readOnly ?? false);
           built = await openQcow2(layer.file, { readOnly, backing: built, cacheBytesMax: options.cacheBytesMax, closeBacking: true, metadataOnly: options.metadataOnly === true && i === 0 });

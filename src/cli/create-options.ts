@@ -17,6 +17,7 @@
  */
 import { SnapstackError } from "../base/errors.ts";
 import { parseSizeBig } from "../base/units.ts";
+import { isImageFormat, parseOutputFormat } from "../chain/image-format.ts";
 
 export type CreateOptionType = "string" | "bool" | "size" | "number";
 
@@ -73,6 +74,8 @@ const FORMAT_OPTION_SPECS: Record<string, CreateOptionSpec[]> = { qcow2: QCOW2_O
 export const SUPPORTED_FORMATS = Object.keys(FORMAT_OPTION_SPECS);
 
 function formatOptions(format: string): CreateOptionSpec[] {
+  // A format snapstack only reads (vmdk) is refused as such, not as unknown.
+  if (isImageFormat(format)) parseOutputFormat(format);
   const specs = FORMAT_OPTION_SPECS[format];
   if (specs === undefined) throw new SnapstackError("E_UNKNOWN_FORMAT", `Unknown file format '${format}'`, { format });
   return specs;

@@ -96,6 +96,12 @@ export interface BlockDevice {
    * would not ask, or holes cannot be seen; the data is data.
    */
   hostHoles?(hostOffset: number, lengthBytes: number): Promise<FileRun[] | null>;
+  /**
+   * Optional: the file holding the guest byte at `guestOffset` where it is
+   * not the device's own (a vmdk extent file): what qemu-img map's human
+   * output names. Absent: `name`.
+   */
+  hostFileName?(guestOffset: number): string;
   /** Close this device and, if it owns it, its backing chain. Idempotent. */
   close(): Promise<void>;
 }

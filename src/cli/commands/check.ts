@@ -87,7 +87,7 @@ export const checkCommand: CliCommand = {
           `The following inconsistencies were found and repaired:\n\n    ${outcome.leaksFixed} leaked clusters\n    ${outcome.corruptionsFixed} corruptions\n\nDouble checking the fixed image now...\n`,
         );
       }
-      context.out(output === "json" ? `${formatQemuJson(toQemuCheckJson(outcome, filename))}\n` : formatCheckHuman(outcome));
+      context.out(output === "json" ? `${formatQemuJson(toQemuCheckJson(outcome, filename, outcome.format))}\n` : formatCheckHuman(outcome));
     }
     if (outcome.checkErrors !== 0) throw new SnapstackError("E_IO", "Check failed", { path: filename, checkErrors: outcome.checkErrors });
     return qemuCheckExitCode(outcome);

@@ -217,8 +217,8 @@ async function checkRefcounts(state: Qcow2CheckState, report: CheckReport, fix: 
  * collect_image_check sets has_* = (value != 0). Not meaningful for a
  * result with `failure` (qemu-img prints no report then).
  */
-export function toQemuCheckJson(result: Qcow2CheckResult, filename: string): Record<string, string | number> {
-  const json: Record<string, string | number> = { filename, format: "qcow2", "check-errors": result.checkErrors };
+export function toQemuCheckJson(result: Qcow2CheckResult, filename: string, format = "qcow2"): Record<string, string | number> {
+  const json: Record<string, string | number> = { filename, format, "check-errors": result.checkErrors };
   const optional: [string, number][] = [
     ["image-end-offset", result.imageEndOffset],
     ["corruptions", result.corruptions],

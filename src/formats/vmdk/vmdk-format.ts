@@ -1,0 +1,204 @@
+/**
+ * VMDK on-disk structures, decoded (pure; no I/O): the hosted sparse
+ * extent header ("KDMV", VMDK4), the stream-optimized footer, grain
+ * markers, and the text descriptor, as QEMU 7.2's block/vmdk.c reads them.
+ *
+ * Design notes
+ * - A sparse extent maps its guest sectors through a grain directory (GD,
+ *   QEMU's L1: 32-bit sector offsets of grain tables) and grain tables
+ *   (GT, QEMU's L2: 32-bit sector offsets of grains, `gtesPerGt` each).
+ *   GTE 0 is unallocated; GTE 1 is a zeroed grain when the header's
+ *   zero-grain flag is set.
+ * - Stream-optimized extents store each grain zlib-compressed behind a
+ *   12-byte marker (LBA, compressed size); their header may say "GD at
+ *   end", and the real header is then the footer's, 1536 bytes before the
+ *   end of the file (footer marker, header, end-of-stream marker).
+ * - The descriptor is text. QEMU reads its fields by substring search
+ *   (strstr): createType="..." (descriptor files only), CID and parentCID
+ *   (hexadecimal), parentFileNameHint="..." (a backing file), and extent
+ *   lines `RW <sectors> FLAT|SPARSE|VMFS|VMFSSPARSE|SESPARSE "<file>" [offset]`;
+ *   lines whose access is not RW (RDONLY, NOACCESS) are skipped, as QEMU
+ *   skips them (their sectors are then missing from the disk).
+ */
+import { SnapstackError } from "../../base/errors.ts";
+
+export const VMDK_SECTOR_BYTES = 512;
+/** "KDMV" read as a big-endian 32-bit number (VMDK4_MAGIC). */
+export const VMDK4_MAGIC = 0x4b444d56;
+/** "COWD": the VMFS sparse format of ESX 2 (VMDK3), not opened here. */
+export const VMDK3_MAGIC = 0x434f5744;
+export const VMDK4_FLAG_RGD = 1 << 1;
+export const VMDK4_FLAG_ZERO_GRAIN = 1 << 2;
+export const VMDK4_FLAG_COMPRESS = 1 << 16;
+export const VMDK4_FLAG_MARKER = 1 << 17;
+export const VMDK4_COMPRESSION_DEFLATE = 1;
+/** gd_offset meaning "read the footer". */
+export const VMDK4_GD_AT_END = 0xffffffffffffffffn;
+/** GTE of a zeroed grain (with VMDK4_FLAG_ZERO_GRAIN). */
+export const VMDK_GTE_ZEROED = 1;
+/** Bytes of a grain marker before the compressed data (lba u64, size u32). */
+export const GRAIN_MARKER_BYTES = 12;
+/** Footer: footer marker sector, header sector, end-of-stream marker sector. */
+export const FOOTER_BYTES = 1536;
+/** What QEMU reads of a descriptor for CID and parentCID (DESC_SIZE). */
+export const DESCRIPTOR_CID_BYTES = 20 * VMDK_SECTOR_BYTES;
+/** Largest descriptor QEMU reads (vmdk_read_desc: 1 MiB - 1). */
+export const DESCRIPTOR_BYTES_MAX = (1 << 20) - 1;
+/** QEMU's limits (vmdk_add_extent, vmdk_open_vmdk4). */
+export const GRAIN_SECTORS_MAX = 0x200000;
+export const GD_ENTRIES_MAX = 32 * 1024 * 1024;
+export const GTES_PER_GT_MAX = 512;
+/** Create types QEMU opens from a descriptor file. */
+export const DESCRIPTOR_CREATE_TYPES = ["monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"];
+
+export interface VmdkSparseHeader {
+  version: number;
+  flags: number;
+  capacitySectors: number;
+  grainSectors: number;
+  descriptorOffsetSectors: number;
+  descriptorSizeSectors: number;
+  gtesPerGt: number;
+  rgdOffsetSectors: number;
+  /** Null: "GD at end" (the footer holds the header to use). */
+  gdOffsetSectors: number | null;
+  grainOffsetSectors: number;
+  compressAlgorithm: number;
+}
+
+function invalid(message: string): SnapstackError {
+  return new SnapstackError("E_CORRUPT_IMAGE", message);
+}
+
+/** A little-endian u64 as a number; beyond 2^53 the image is corrupt for us. */
+function u64(view: DataView, at: number, what: string): number {
+  const value = view.getBigUint64(at, true);
+  if (value > BigInt(Number.MAX_SAFE_INTEGER)) throw invalid(`vmdk: ${what} ${value} is out of range`);
+  return Number(value);
+}
+
+/**
+ * The VMDK4 header, magic included (`bytes[0..3]`): version 4, flags 8,
+ * capacity 12, grain size 20, descriptor offset 28 and size 36, GTEs per
+ * GT 44, redundant GD 48, GD 56, grain offset 64, then a filler byte, four
+ * check bytes and the compression algorithm at 77 (all little-endian;
+ * sizes and offsets in sectors).
+ */
+export function decodeSparseHeader(bytes: Uint8Array): VmdkSparseHeader {
+  if (bytes.length < 79) throw invalid("vmdk: the sparse extent header is truncated");
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const gdAtEnd = view.getBigUint64(56, true) === VMDK4_GD_AT_END;
+  return {
+    version: view.getUint32(4, true),
+    flags: view.getUint32(8, true),
+    capacitySectors: u64(view, 12, "capacity"),
+    grainSectors: u64(view, 20, "grain size"),
+    descriptorOffsetSectors: u64(view, 28, "descriptor offset"),
+    descriptorSizeSectors: u64(view, 36, "descriptor size"),
+    gtesPerGt: view.getUint32(44, true),
+    rgdOffsetSectors: u64(view, 48, "redundant grain directory offset"),
+    gdOffsetSectors: gdAtEnd ? null : u64(view, 56, "grain directory offset"),
+    grainOffsetSectors: u64(view, 64, "grain offset"),
+    compressAlgorithm: view.getUint16(77, true),
+  };
+}
+
+/**
+ * The header in a stream-optimized footer (the last FOOTER_BYTES of the
+ * file), checked as QEMU checks it ("Invalid footer").
+ */
+export function decodeFooter(bytes: Uint8Array): VmdkSparseHeader {
+  if (bytes.length !== FOOTER_BYTES) throw invalid("vmdk: Invalid footer");
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const footerMarkerOk = view.getUint32(8, true) === 0 && view.getUint32(12, true) === 3;
+  const eosOk = view.getBigUint64(1024, true) === 0n && view.getUint32(1032, true) === 0 && view.getUint32(1036, true) === 0;
+  if (!footerMarkerOk || view.getUint32(512) !== VMDK4_MAGIC || !eosOk) throw invalid("vmdk: Invalid footer");
+  const header = decodeSparseHeader(bytes.subarray(512, 1024));
+  if (header.gdOffsetSectors === null) throw invalid("vmdk: the footer's grain directory offset is not set");
+  return header;
+}
+
+/** A grain marker: the compressed bytes it announces, within `bytes`. */
+export function grainMarkerPayload(bytes: Uint8Array): Uint8Array {
+  const size = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength).getUint32(8, true);
+  if (size === 0 || size > bytes.length - GRAIN_MARKER_BYTES) throw invalid("vmdk: a compressed grain's marker announces an impossible size");
+  return bytes.subarray(GRAIN_MARKER_BYTES, GRAIN_MARKER_BYTES + size);
+}
+
+export type VmdkExtentType = "FLAT" | "SPARSE" | "VMFS" | "VMFSSPARSE" | "SESPARSE";
+
+export interface VmdkExtentLine {
+  sectors: number;
+  type: VmdkExtentType;
+  fileName: string;
+  /** FLAT: where the extent starts in its file, in sectors (VMFS: 0). */
+  flatOffsetSectors: number;
+}
+
+export interface VmdkDescriptor {
+  /** createType="..." or null when absent. */
+  createType: string | null;
+  /** CID and parentCID as QEMU reads them (null: missing or not hexadecimal). */
+  cid: number | null;
+  parentCid: number | null;
+  /** parentFileNameHint="..." (a backing file) or null. */
+  parentFileNameHint: string | null;
+  extents: VmdkExtentLine[];
+}
+
+/** The text of a descriptor: up to the first NUL, as QEMU's C strings end. */
+export function descriptorText(bytes: Uint8Array): string {
+  const end = bytes.indexOf(0);
+  return new TextDecoder("latin1").decode(end < 0 ? bytes : bytes.subarray(0, end));
+}
+
+/** vmdk_parse_description: the quoted value after `name` + 2 characters (`="`). */
+function quotedValue(text: string, name: string): string | null {
+  const at = text.indexOf(name);
+  if (at < 0) return null;
+  const start = at + name.length + 2;
+  if (start >= text.length) return null;
+  const end = text.indexOf('"', start);
+  return end < 0 ? null : text.slice(start, end);
+}
+
+/** vmdk_read_cid: the hexadecimal number after `name` and one character (`=`), as sscanf %x reads it. */
+function cidValue(text: string, name: string): number | null {
+  const at = text.indexOf(name);
+  if (at < 0) return null;
+  const match = /^[ \t\n\r]*(?:0[xX])?([0-9a-fA-F]+)/.exec(text.slice(at + name.length + 1));
+  return match === null ? null : Number.parseInt(match[1].slice(-8), 16) >>> 0;
+}
+
+const EXTENT_LINE = /^(\S{1,10})[ \t]+(-?\d+)[ \t]+(\S{1,10})[ \t]+"([^\n\r"]{1,511})"(?:[ \t]+(-?\d+))?/;
+const EXTENT_TYPES: readonly string[] = ["FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE"];
+
+/** Parse a descriptor as vmdk_open_desc_file and vmdk_parse_extents do. */
+export function parseDescriptor(text: string): VmdkDescriptor {
+  const extents: VmdkExtentLine[] = [];
+  for (const line of text.split("\n")) {
+    const match = EXTENT_LINE.exec(line.trimStart());
+    if (match === null || match[1] !== "RW") continue;
+    const [, , sectorsText, type, fileName, offsetText] = match;
+    const sectors = Number(sectorsText);
+    let flatOffsetSectors = offsetText === undefined ? -1 : Number(offsetText);
+    if (type === "FLAT") {
+      if (flatOffsetSectors < 0) throw invalid(`vmdk: Invalid extent line: ${line.replace(/\r$/, "")}`);
+    } else if (type === "VMFS") {
+      if (offsetText !== undefined) throw invalid(`vmdk: Invalid extent line: ${line.replace(/\r$/, "")}`);
+      flatOffsetSectors = 0;
+    } else if (offsetText !== undefined) {
+      throw invalid(`vmdk: Invalid extent line: ${line.replace(/\r$/, "")}`);
+    }
+    if (sectors <= 0 || !EXTENT_TYPES.includes(type)) continue;
+    if (!Number.isSafeInteger(sectors) || !Number.isSafeInteger(flatOffsetSectors)) throw invalid(`vmdk: Invalid extent line: ${line}`);
+    extents.push({ sectors, type: type as VmdkExtentType, fileName, flatOffsetSectors });
+  }
+  return {
+    createType: quotedValue(text, "createType"),
+    cid: cidValue(text, "CID"),
+    parentCid: cidValue(text, "parentCID"),
+    parentFileNameHint: quotedValue(text, "parentFileNameHint"),
+    extents,
+  };
+}

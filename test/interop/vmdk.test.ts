@@ -1,0 +1,153 @@
+/**
+ * vmdk images, read-only, against qemu-img 7.2 on the same files: every
+ * subformat qemu-img creates (sparse, stream-optimized, flat, split), made
+ * the way such disks arrive (qemu-img convert from data, qemu-io writes,
+ * zeroed grains, a size that ends inside a grain). info and map (JSON and
+ * human), check, compare and a convert to qcow2 must agree with qemu-img;
+ * writing is refused, the file untouched; damage is reported with a coded
+ * error; a qcow2 overlay over a vmdk reads and writes through.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { requireTools, run, scratchDir } from "../helpers/tools.ts";
+import { createRandom } from "../helpers/random.ts";
+import { assertCodedError, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
+
+const SUBFORMATS = ["monolithicSparse", "streamOptimized", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"];
+
+/** A raw disk of `sizeBytes` with seeded data in scattered runs (some grain-aligned, some not) and zero gaps. */
+function sourceDisk(path: string, sizeBytes: number, seed: number): void {
+  const random = createRandom(seed);
+  const disk = new Uint8Array(sizeBytes);
+  for (let run = 0; run < 24; run++) {
+    const start = random.int(sizeBytes);
+    const length = Math.min(sizeBytes - start, 512 * (1 + random.int(400)));
+    disk.set(random.bytes(length), start);
+  }
+  disk.fill(0x5a, 0, 64 * 1024);
+  writeFileSync(path, disk);
+}
+
+/** The same command by both tools: stdout and exit status must match (stderr: the message after the program name). */
+async function same(dir: string, args: string[], what: string): Promise<void> {
+  const theirs = await qemuImg(args, dir);
+  const ours = await snapstack(["img", ...args], { cwd: dir });
+  assert.equal(ours.code, theirs.code, `${what}: exit status (qemu-img: ${theirs.stderr.trim()}; snapstack: ${ours.stderr.trim()})`);
+  assert.equal(ours.stdout, theirs.stdout, `${what}: output`);
+}
+
+test("vmdk subformats made by qemu-img: info, map, check, compare and convert agree with qemu-img", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  // 9 MiB + 3 KiB: the last 64 KiB grain is partial (stream-optimized stores it short).
+  const sizeBytes = 9 * 1024 * 1024 + 3 * 1024;
+  sourceDisk(join(dir, "source.raw"), sizeBytes, 4242);
+  const images: string[] = [];
+  for (const subformat of SUBFORMATS) {
+    // As disks arrive: converted from data (an OVA's stream-optimized disk, an exported flat disk).
+    const converted = `${subformat}.vmdk`;
+    ok(await qemuImg(["convert", "-f", "raw", "-O", "vmdk", "-o", `subformat=${subformat}`, "source.raw", converted], dir), `convert to ${subformat}`);
+    images.push(converted);
+  }
+  // Written in place by qemu-io: partial grains, zeroes as zeroed grains (zeroed_grain=on) and as data.
+  for (const [name, options] of [
+    ["written.vmdk", "subformat=monolithicSparse"],
+    ["zeroed.vmdk", "subformat=monolithicSparse,zeroed_grain=on"],
+    ["flat-written.vmdk", "subformat=monolithicFlat"],
+  ]) {
+    ok(await qemuImg(["create", "-q", "-f", "vmdk", "-o", options, name, "16M"], dir), `create ${name}`);
+    ok(await qemuIo(["-f", "vmdk", "-c", "write -P 7 1M 300k", "-c", "write -z 8M 128k", "-c", "write -P 9 8200k 4k", "-c", "write -P 3 15M 1M", name], dir), `write ${name}`);
+    images.push(name);
+  }
+  for (const image of images) {
+    await same(dir, ["info", "--output=json", image], `info --output=json ${image}`);
+    await same(dir, ["info", image], `info ${image}`);
+    await same(dir, ["map", "--output=json", image], `map --output=json ${image}`);
+    if (!image.startsWith("streamOptimized")) await same(dir, ["map", image], `map ${image}`);
+    await same(dir, ["check", image], `check ${image}`);
+    await same(dir, ["check", "--output=json", image], `check --output=json ${image}`);
+    ok(await snapstack(["img", "convert", "-O", "qcow2", image, "out.qcow2"], { cwd: dir }), `convert ${image}`);
+    ok(await qemuImg(["compare", image, "out.qcow2"], dir), `qemu-img compare ${image} with snapstack's qcow2`);
+    ok(await qemuImg(["check", "out.qcow2"], dir), "check the converted image");
+    ok(await snapstack(["img", "convert", "-O", "raw", image, "out.raw"], { cwd: dir }), `convert ${image} to raw`);
+    ok(await qemuImg(["compare", "-f", "vmdk", "-F", "raw", image, "out.raw"], dir), `qemu-img compare ${image} with snapstack's raw`);
+  }
+  for (const image of images.slice(0, SUBFORMATS.length)) {
+    ok(await snapstack(["img", "compare", "-F", "raw", image, "source.raw"], { cwd: dir }), `compare ${image} with its source`);
+  }
+  // A compressed grain past the stored data of the short last grain: the image's last byte reads back.
+  const tail = ok(await snapstack(["io", "-r", "-c", `read -v ${sizeBytes - 16} 16`, "streamOptimized.vmdk"], { cwd: dir }), "read the last bytes").stdout;
+  const theirTail = ok(await qemuIo(["-r", "-c", `read -v ${sizeBytes - 16} 16`, "streamOptimized.vmdk"], dir), "qemu-io read the last bytes").stdout;
+  assert.equal(tail.split("\n")[0], theirTail.split("\n")[0]);
+});
+
+test("vmdk is read-only: writers refuse it, the file untouched; damaged and unsupported images get coded errors", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "vmdk", "disk.vmdk", "8M"], dir), "create");
+  ok(await qemuIo(["-f", "vmdk", "-c", "write -P 7 1M 300k", "disk.vmdk"], dir), "write");
+  const before = readFileSync(join(dir, "disk.vmdk"));
+  assertCodedError(await snapstack(["img", "resize", "disk.vmdk", "16M"], { cwd: dir }), "E_READ_ONLY");
+  assertCodedError(await snapstack(["io", "-c", "write -P 1 0 4k", "disk.vmdk"], { cwd: dir }), "E_READ_ONLY");
+  assertCodedError(await snapstack(["img", "snapshot", "-c", "s", "disk.vmdk"], { cwd: dir }), "E_READ_ONLY");
+  assertCodedError(await snapstack(["img", "check", "-r", "all", "disk.vmdk"], { cwd: dir }), "E_UNSUPPORTED_FEATURE", 63);
+  assert.ok(readFileSync(join(dir, "disk.vmdk")).equals(before), "a refused command changed the vmdk");
+  for (const args of [
+    ["create", "-f", "vmdk", "new.vmdk", "1M"],
+    ["convert", "-O", "vmdk", "disk.vmdk", "new.vmdk"],
+    ["measure", "-O", "vmdk", "--size", "1G"],
+  ]) {
+    const result = await snapstack(["img", ...args], { cwd: dir });
+    assertCodedError(result, "E_UNSUPPORTED_FEATURE");
+    assert.match(result.stderr, /reads vmdk images but does not write them/);
+  }
+
+  // A grain table entry pointing past the end of the file: qemu-img check's line and failure.
+  const damaged = Buffer.from(before);
+  const gdSector = Number(damaged.readBigUInt64LE(56));
+  const gtSector = damaged.readUInt32LE(gdSector * 512);
+  damaged.writeUInt32LE(0x100000, gtSector * 512 + 16 * 4); // the grain at 1 MiB
+  writeFileSync(join(dir, "damaged.vmdk"), damaged);
+  const theirs = await qemuImg(["check", "damaged.vmdk"], dir);
+  const ours = await snapstack(["img", "check", "damaged.vmdk"], { cwd: dir });
+  assert.equal(ours.code, theirs.code);
+  assert.equal(ours.stderr.split("\n")[0], theirs.stderr.split("\n")[0]);
+  assert.match(ours.stderr, /E_IO: Check failed: Invalid argument/);
+
+  // A compressed grain whose data does not inflate.
+  writeFileSync(join(dir, "source.raw"), new Uint8Array(1024 * 1024).fill(0x33));
+  ok(await qemuImg(["convert", "-O", "vmdk", "-o", "subformat=streamOptimized", "source.raw", "stream.vmdk"], dir), "convert");
+  const stream = readFileSync(join(dir, "stream.vmdk"));
+  const grainSector = Number(stream.readBigUInt64LE(64)); // the first grain follows the metadata
+  stream.fill(0xff, grainSector * 512 + 12, grainSector * 512 + 40);
+  writeFileSync(join(dir, "broken-stream.vmdk"), stream);
+  assertCodedError(await snapstack(["img", "convert", "-O", "raw", "broken-stream.vmdk", "broken.raw"], { cwd: dir }), "E_COMPRESSION");
+  assert.notEqual((await qemuImg(["convert", "-O", "raw", "broken-stream.vmdk", "broken-q.raw"], dir)).code, 0, "qemu-img refuses it too");
+
+  // Linked clones and create types QEMU does not open.
+  ok(await qemuImg(["create", "-q", "-f", "vmdk", "-b", "disk.vmdk", "-F", "vmdk", "clone.vmdk"], dir), "create a linked clone");
+  const clone = await snapstack(["img", "info", "clone.vmdk"], { cwd: dir });
+  assertCodedError(clone, "E_UNSUPPORTED_FEATURE");
+  assert.match(clone.stderr, /parentFileNameHint/);
+  writeFileSync(join(dir, "custom.vmdk"), '# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="custom"\n\nRW 2048 FLAT "disk-flat.vmdk" 0\n');
+  const custom = await snapstack(["img", "info", "custom.vmdk"], { cwd: dir });
+  assertCodedError(custom, "E_UNSUPPORTED_FEATURE");
+  assert.match(custom.stderr, /Unsupported image type 'custom'/);
+  assert.match((await qemuImg(["info", "custom.vmdk"], dir)).stderr, /Unsupported image type 'custom'/);
+});
+
+test("a qcow2 overlay over a vmdk: reads fall through to the vmdk, writes land in the overlay, as qemu-io sees them", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", "base.vmdk", "4M"], dir), "create");
+  ok(await run("sh", ["-c", `cd '${dir}' && head -c 4194304 /dev/urandom > data.raw && qemu-img convert -f raw -O vmdk -o subformat=streamOptimized data.raw base.vmdk`]), "fill");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-b", "base.vmdk", "-F", "vmdk", "top.qcow2"], dir), "overlay");
+  ok(await snapstack(["io", "-c", "write -P 9 1000k 100k", "top.qcow2"], { cwd: dir }), "write through snapstack");
+  ok(await qemuIo(["-c", "read -P 9 1000k 100k", "top.qcow2"], dir), "qemu-io reads snapstack's write");
+  ok(await qemuIo(["-f", "raw", "-c", "write -P 9 1000k 100k", "data.raw"], dir), "the same write on the raw model");
+  ok(await qemuImg(["compare", "-F", "raw", "top.qcow2", "data.raw"], dir), "the overlay reads as the model");
+  await same(dir, ["map", "--output=json", "top.qcow2"], "map of the overlay");
+  ok(await qemuImg(["check", "top.qcow2"], dir), "check");
+});
