@@ -2,10 +2,10 @@
  * qemu-img amend for qcow2 (qcow2_amend_options), on an image opened
  * read-write: what it can change, in QEMU's order:
  * - compat=1.1 (or v3): a version 2 image becomes version 3;
+ * - refcount_bits: every stored refcount rewritten at the new width
+ *   (Qcow2Image.changeRefcountOrder); refused when one does not fit it,
+ *   and for widths other than 16 on an image that ends at version 2;
  * - lazy_refcounts=on|off;
- * - refcount_bits: every refcount rewritten at the new width
- *   (Qcow2Image.changeRefcountOrder); refused when a refcount does not fit
- *   it, and for widths other than 16 on an image that ends at version 2;
  * - size: a resize, shrinking included (amend needs no --shrink);
  * - compat=0.10 (or v2) on a version 3 image: zero clusters expanded, then
  *   version 2 (formats/qcow2/downgrade.ts).
@@ -75,8 +75,9 @@ async function planAmend(image: Qcow2Image, path: string, options: AmendOptions)
     }
   }
   const lazyRefcounts = options.lazy_refcounts === undefined ? undefined : options.lazy_refcounts === true;
-  // (lazy_refcounts=on on a version 2 image that stays one: Qcow2Image.amendHeader refuses it before writing.)
-  if (lazyRefcounts === true && finalVersion < 3 && info.version === 3) {
+  // Checked only when it changes, as QEMU does. (On a version 2 image that stays one:
+  // Qcow2Image.amendHeader refuses it before writing.)
+  if (lazyRefcounts === true && !info.lazyRefcounts && finalVersion < 3 && info.version === 3) {
     throw invalid("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)", path);
   }
   // size=0 changes nothing, as in QEMU.
@@ -85,6 +86,11 @@ async function planAmend(image: Qcow2Image, path: string, options: AmendOptions)
   // QEMU truncates even to the current size, and refuses that too on a v2 image with snapshots.
   if (sizeBytes !== undefined && info.version === 2 && finalVersion === 2 && image.snapshots.length > 0) {
     throw new SnapstackError("E_UNSUPPORTED_FEATURE", "Can't resize a v2 image which has snapshots", { path });
+  }
+  const refcountOrder = refcountBits === info.refcountBits ? undefined : Math.log2(refcountBits);
+  if (refcountOrder !== undefined) {
+    const refusal = await image.refcountOrderRefusal(refcountOrder);
+    if (refusal !== null) throw invalid(refusal, path);
   }
   const version2 = finalVersion === 2 && info.version === 3;
   if (version2) {
@@ -95,7 +101,7 @@ async function planAmend(image: Qcow2Image, path: string, options: AmendOptions)
     version3: finalVersion === 3 && info.version === 2,
     version2,
     lazyRefcounts,
-    refcountOrder: refcountBits === info.refcountBits ? undefined : Math.log2(refcountBits),
+    refcountOrder,
     sizeBytes,
   };
 }
@@ -106,8 +112,10 @@ export async function amendImage(path: string, options: AmendOptions, settings: 
   try {
     if (!(image instanceof Qcow2Image)) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Format driver '${image.format}' does not support option amendment`, { path });
     const plan = await planAmend(image, path, options);
-    await image.amendHeader({ version3: plan.version3, lazyRefcounts: plan.lazyRefcounts });
+    // QEMU's order: upgrade, refcount width, lazy refcounts, size, downgrade.
+    await image.amendHeader({ version3: plan.version3 });
     if (plan.refcountOrder !== undefined) await image.changeRefcountOrder(plan.refcountOrder);
+    await image.amendHeader({ lazyRefcounts: plan.lazyRefcounts });
     if (plan.sizeBytes !== undefined && plan.sizeBytes !== image.sizeBytes) await image.resize(plan.sizeBytes, { shrink: true });
     // Last, as QEMU: the changes before may need version 3.
     if (plan.version2) await image.downgradeToVersion2();

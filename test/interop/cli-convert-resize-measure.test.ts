@@ -262,6 +262,8 @@ test("amend: compat, lazy_refcounts, refcount_bits and size as qemu-img does the
     ["compat=1.1,refcount_bits=8", "compat=0.10,refcount_bits=16", "equivalent"],
     ["compat=1.1,extended_l2=on", "compat=0.10", "refused"],
     ["compat=1.1", "compat=0.10,lazy_refcounts=on", "refused"],
+    ["lazy_refcounts=on", "compat=0.10,lazy_refcounts=on", "same"], // already on: not a change, so not refused
+    ["compat=1.1", "lazy_refcounts=on,refcount_bits=1", "refused"], // nothing applied before the width is refused
     ["compat=1.1", "compat=0.10,size=128M", "refused"], // the snapshot's disk size would differ
     ["compat=0.10", "refcount_bits=8", "refused"],
     ["compat=1.1", "compat=2", "refused"],
@@ -291,6 +293,7 @@ test("amend: compat, lazy_refcounts, refcount_bits and size as qemu-img does the
     const theirs = await qemuImg(["amend", "-o", amendOptions, "theirs.qcow2"], dir);
     const ours = await snapstack(["img", "amend", "-o", amendOptions, "ours.qcow2"], { cwd: dir });
     if (outcome === "refused") {
+      assert.notEqual(theirs.code, 0, `${what}: qemu-img accepted it: ${theirs.stdout}`);
       assert.equal(ours.code, 1, `${what}: ${ours.stderr}`);
       assert.match(ours.stderr, /^snapstack: error E_[A-Z_]+: /);
       assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(before), `${what}: the refused amend changed the image`);
@@ -367,6 +370,43 @@ test("amend -o compat=0.10: zero clusters over a backing file become zeroed clus
   assertCodedError(refused, "E_UNSUPPORTED_FEATURE");
   assert.match(refused.stderr, /persistent dirty bitmaps/);
   assert.ok(readFileSync(join(dir, "bitmaps.qcow2")).equals(withBitmaps), "the refused downgrade changed the image");
+
+  // Zero-alloc over a snapshot's data, then that snapshot reverted to and deleted: the cluster the active
+  // state maps as data is back to refcount 1 and gets COPIED (qemu-img's own result zeroes that data).
+  await sh(`qemu-img create -q -f qcow2 reverted.qcow2 8M; qemu-io -c 'write -P 3 0 64k' reverted.qcow2 >/dev/null
+    qemu-img snapshot -c s1 reverted.qcow2; qemu-io -c 'write -z 0 64k' reverted.qcow2 >/dev/null; qemu-img snapshot -c s2 reverted.qcow2
+    qemu-img snapshot -a s1 reverted.qcow2; qemu-img snapshot -d s1 reverted.qcow2`);
+  ok(await snapstack(["img", "amend", "-o", "compat=0.10", "reverted.qcow2"], { cwd: dir }), "amend after revert and delete");
+  ok(await qemuImg(["check", "reverted.qcow2"], dir), "check: COPIED where the refcount is 1");
+  ok(await qemuIo(["-c", "read -P 3 0 64k", "reverted.qcow2"], dir), "the active state keeps its data");
+  ok(await qemuImg(["snapshot", "-a", "s2", "reverted.qcow2"], dir), "snapshot -a s2");
+  ok(await qemuIo(["-c", "read -P 0 0 64k", "reverted.qcow2"], dir), "s2 reads zeroes");
+
+  // zstd with a compressed cluster, in the active state or only in a snapshot: refused (qemu-img refuses
+  // the first and downgrades the second, leaving a zstd cluster the zlib-only version 2 cannot read).
+  await sh(`qemu-img create -q -f qcow2 -o compression_type=zstd zstd.qcow2 8M; qemu-io -c 'write -c -P 4 0 64k' zstd.qcow2 >/dev/null
+    cp zstd.qcow2 zstd-snap.qcow2; qemu-img snapshot -c s zstd-snap.qcow2; qemu-io -c 'write -P 5 0 64k' zstd-snap.qcow2 >/dev/null`);
+  for (const name of ["zstd.qcow2", "zstd-snap.qcow2"]) {
+    const untouched = readFileSync(join(dir, name));
+    const zstd = await snapstack(["img", "amend", "-o", "compat=0.10", name], { cwd: dir });
+    assertCodedError(zstd, "E_UNSUPPORTED_FEATURE");
+    assert.match(zstd.stderr, /zstd compression type and existing compressed clusters/);
+    assert.ok(readFileSync(join(dir, name)).equals(untouched), `${name}: the refused downgrade changed the image`);
+  }
+
+  // refcount_bits copies the stored refcounts, leaks included, as qemu-img does (a recount would drop
+  // them and leave COPIED wrong): a snapshot delete cut short (the header no longer lists the snapshot).
+  await sh(`qemu-img create -q -f qcow2 leaky.qcow2 8M; qemu-io -c 'write -P 1 0 128k' leaky.qcow2 >/dev/null; qemu-img snapshot -c s leaky.qcow2
+    printf '\\0\\0\\0\\0\\0\\0\\0\\0\\0\\0\\0\\0' | dd of=leaky.qcow2 bs=1 seek=60 conv=notrunc status=none; cp leaky.qcow2 leaky-q.qcow2`);
+  const leaksBefore = await qemuImg(["check", "--output=json", "leaky.qcow2"], dir);
+  assert.equal(leaksBefore.code, 3, `the leaky fixture has leaks only: ${leaksBefore.stdout}`);
+  ok(await snapstack(["img", "amend", "-o", "refcount_bits=8", "leaky.qcow2"], { cwd: dir }), "amend a leaky image");
+  ok(await qemuImg(["amend", "-o", "refcount_bits=8", "leaky-q.qcow2"], dir), "qemu-img amend a leaky image");
+  const leaksOurs = await qemuImg(["check", "--output=json", "leaky.qcow2"], dir);
+  const leaksTheirs = await qemuImg(["check", "--output=json", "leaky-q.qcow2"], dir);
+  assert.equal(leaksOurs.code, 3, `leaks kept, nothing worse: ${leaksOurs.stdout}`);
+  assert.equal(JSON.parse(leaksOurs.stdout).leaks, JSON.parse(leaksTheirs.stdout).leaks);
+  assert.equal(JSON.parse(leaksOurs.stdout).leaks, JSON.parse(leaksBefore.stdout).leaks);
 
   // A refcount too large for the new width: qemu-img's message, naming the same cluster.
   await sh(`qemu-img create -q -f qcow2 wide.qcow2 8M; qemu-io -c 'write -P 1 0 1M' wide.qcow2 >/dev/null; qemu-img snapshot -c s wide.qcow2; cp wide.qcow2 wide2.qcow2`);

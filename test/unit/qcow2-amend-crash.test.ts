@@ -3,8 +3,10 @@
  * in-memory images with snapshots, zero clusters and sometimes a backing
  * file: the result is clean and every state reads as before; and a crash
  * at any write of the operation (writes since the last flush lost, torn or
- * landed at random) leaves an image whose check finds no corruption (leaks
- * at most) and whose every state still reads as before.
+ * landed at random) leaves an image whose check finds leaks at most, or
+ * COPIED flags lagging a lowered refcount (as any interrupted snapshot
+ * operation may, docs/crash-safety.md), and whose every state still reads
+ * as before.
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -19,6 +21,7 @@ import { openRawImage } from "../../src/formats/raw/raw-image.ts";
 import type { BlockDevice } from "../../src/device/block-device.ts";
 import { createRandom } from "../helpers/random.ts";
 import { readDevice } from "../helpers/read-image.ts";
+import { assertCrashConsistent } from "../helpers/crash-workload.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -53,10 +56,15 @@ function sameStates(actual: Map<string, Uint8Array>, expected: Map<string, Uint8
   }
 }
 
-/** Data, zero clusters (plain and allocated), discards and two snapshots, the second taken after zeroing the first one's data in place. */
+/**
+ * Data, zero clusters (plain and allocated), discards and snapshots: s2
+ * taken after zeroing s1's data in place, s3 of the state after, then s1
+ * applied and deleted (the active state maps as data what s2 maps
+ * zero-alloc).
+ */
 async function buildImage(backed: boolean): Promise<Uint8Array> {
   const file = new MemoryFile({ name: "image.qcow2" });
-  await createQcow2(file, { sizeBytes: SIZE, clusterSizeBytes: CLUSTER });
+  await createQcow2(file, { sizeBytes: SIZE, clusterSizeBytes: CLUSTER, ...(backed ? { backingFile: "base.raw", backingFormat: "raw" } : {}) });
   const image = await openQcow2(file, { readOnly: false, backing: await backingDevice(backed) });
   await image.write(0, new Uint8Array(64 * KiB).fill(1));
   await image.write(1 * MiB, new Uint8Array(128 * KiB).fill(2));
@@ -69,6 +77,10 @@ async function buildImage(backed: boolean): Promise<Uint8Array> {
   await image.createSnapshot("s2");
   await image.writeZeroes(1536 * KiB, 8 * KiB);
   await image.writeZeroes(300 * KiB, 8 * KiB, { unmap: true });
+  // Back to s1 and s1 deleted: the active state maps as data the clusters s2 maps zero-alloc.
+  await image.createSnapshot("s3");
+  await image.applySnapshot("s1");
+  await image.deleteSnapshot("s1");
   await image.close();
   return file.contents();
 }
@@ -86,12 +98,13 @@ const AMENDS: Amend[] = [
   { label: "refcount_bits=64", run: (image) => image.changeRefcountOrder(6), version: 3, refcountBits: 64 },
 ];
 
-async function checkFile(file: ImageFile, what: string, leaksAllowed: boolean): Promise<void> {
+async function assertCleanFile(file: ImageFile, what: string): Promise<void> {
   const result = await checkQcow2(file);
-  assert.equal(result.failure, null, `${what}: ${result.messages.join(" | ")}`);
-  assert.equal(result.corruptions, 0, `${what}: ${result.messages.join(" | ")}`);
-  assert.equal(result.checkErrors, 0, `${what}: ${result.messages.join(" | ")}`);
-  if (!leaksAllowed) assert.equal(result.leaks, 0, `${what}: ${result.messages.join(" | ")}`);
+  assert.deepEqual(
+    { failure: result.failure, corruptions: result.corruptions, checkErrors: result.checkErrors, leaks: result.leaks },
+    { failure: null, corruptions: 0, checkErrors: 0, leaks: 0 },
+    `${what}: ${result.messages.join(" | ")}`,
+  );
 }
 
 for (const backed of [false, true]) {
@@ -110,7 +123,7 @@ for (const backed of [false, true]) {
       sameStates(await readStates(image), expected, `${amend.label}: in the same session`);
       await image.close();
       const done = file.durableContents();
-      await checkFile(new MemoryFile({ contents: done }), `${amend.label}: result`, false);
+      await assertCleanFile(new MemoryFile({ contents: done }), `${amend.label}: result`);
       const reopened = await openQcow2(new MemoryFile({ contents: done }), { readOnly: true, backing: await backingDevice(backed) });
       assert.equal(reopened.header.version, amend.version);
       sameStates(await readStates(reopened), expected, `${amend.label}: reopened`);
@@ -122,7 +135,8 @@ for (const backed of [false, true]) {
       for (let n = 1, attempt = 0; n <= replay.writeCount; attempt = (attempt + 1) % ATTEMPTS, n += attempt === 0 ? 1 : 0) {
         const contents = replay.crashAt(n, random.next);
         const what = `${amend.label}: crash at write ${n} of ${replay.writeCount} (attempt ${attempt})`;
-        await checkFile(new MemoryFile({ contents }), what, true);
+        // Leaks, and COPIED flags lagging a lowered refcount (as after any interrupted snapshot operation), at worst.
+        assertCrashConsistent(await checkQcow2(new MemoryFile({ contents })), CLUSTER, true, what);
         const crashed = await openQcow2(new MemoryFile({ contents }), { readOnly: true, backing: await backingDevice(backed) });
         try {
           sameStates(await readStates(crashed), expected, what);

@@ -83,9 +83,14 @@ export async function downgradeRefusal(image: DowngradeSubject, after: { refcoun
   if (header.compressionType === COMPRESSION_TYPE_ZSTD) {
     const meta = image.metadata;
     let compressed = false;
-    await forEachL2Table(meta, image.snapshots, async (table) => {
-      for (let index = 0; index < meta.geometry.l2Entries && !compressed; index++) compressed = entryAt(meta, table, index).type === "compressed";
-    });
+    await forEachL2Table(
+      meta,
+      image.snapshots,
+      async (table) => {
+        for (let index = 0; index < meta.geometry.l2Entries && !compressed; index++) compressed = entryAt(meta, table, index).type === "compressed";
+      },
+      () => compressed,
+    );
     if (compressed) return "Cannot downgrade an image with zstd compression type and existing compressed clusters";
   }
   return null;
@@ -108,9 +113,17 @@ export async function downgradeToVersion2(meta: Qcow2Metadata, snapshots: readon
   header.compatibleFeatures = 0n;
   meta.lazyRefcounts = false;
   const mappedAsData = await zeroAllocClustersMappedAsData(meta, snapshots);
-  await forEachL2Table(meta, snapshots, (table, active) => expandZeroEntries(meta, table, active, hasBacking, mappedAsData));
+  const leftBehind = new Set<number>();
+  await forEachL2Table(meta, snapshots, (table, active) => expandZeroEntries(meta, table, active, hasBacking, mappedAsData, leftBehind));
   await meta.writeCaches();
   await meta.file.flush();
+  if (leftBehind.size > 0) {
+    // A cluster left behind may now have refcount 1: the active entry that maps it gets COPIED, once
+    // the lowered refcount is on disk (the write-back above), as QEMU's COPIED rule asks.
+    await forEachL2Table(meta, [], (table) => setCopiedWhereExclusive(meta, table, leftBehind));
+    await meta.writeCaches();
+    await meta.file.flush();
+  }
   header.autoclearFeatures = 0n;
   header.incompatibleFeatures &= ~INCOMPAT_COMPRESSION;
   header.compressionType = COMPRESSION_TYPE_ZLIB;
@@ -125,9 +138,14 @@ function entryAt(meta: Qcow2Metadata, table: CachedTable, index: number): Return
 /**
  * Call `visit` once for every L2 table the active L1 table or a snapshot's
  * reaches (`active`: the active one does), the table held in the cache
- * (eviction held off) meanwhile.
+ * (eviction held off) meanwhile; stops once `done` says so.
  */
-async function forEachL2Table(meta: Qcow2Metadata, snapshots: readonly Qcow2Snapshot[], visit: (table: CachedTable, active: boolean) => Promise<void>): Promise<void> {
+async function forEachL2Table(
+  meta: Qcow2Metadata,
+  snapshots: readonly Qcow2Snapshot[],
+  visit: (table: CachedTable, active: boolean) => Promise<void>,
+  done: () => boolean = () => false,
+): Promise<void> {
   const seen = new Set<number>();
   const l1Tables: { l1: Uint8Array; entries: number }[] = [{ l1: meta.l1, entries: meta.header.l1Size }];
   for (const snapshot of snapshots) {
@@ -138,6 +156,7 @@ async function forEachL2Table(meta: Qcow2Metadata, snapshots: readonly Qcow2Snap
   for (const [tableIndex, { l1, entries }] of l1Tables.entries()) {
     const view = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
     for (let l1Index = 0; l1Index < entries; l1Index++) {
+      if (done()) return;
       const l2Offset = getL1EntryOffset(view, l1Index);
       if (l2Offset === 0 || seen.has(l2Offset)) continue;
       seen.add(l2Offset);
@@ -149,6 +168,19 @@ async function forEachL2Table(meta: Qcow2Metadata, snapshots: readonly Qcow2Snap
       }
       await meta.trimCaches();
     }
+  }
+}
+
+/** In an active table of refcount 1: COPIED on the normal entries mapping a cluster of `clusters` whose refcount is now 1. */
+async function setCopiedWhereExclusive(meta: Qcow2Metadata, table: CachedTable, clusters: ReadonlySet<number>): Promise<void> {
+  const { clusterBits, clusterSizeBytes, l2EntryBytes } = meta.geometry;
+  if ((await meta.getRefcount(table.hostOffset / clusterSizeBytes)) !== 1) return;
+  for (let index = 0; index < meta.geometry.l2Entries; index++) {
+    const entry = entryAt(meta, table, index);
+    if (entry.type !== "normal" || entry.copied || !clusters.has(entry.hostOffset)) continue;
+    if ((await meta.getRefcount(entry.hostOffset / clusterSizeBytes)) !== 1) continue;
+    setL2EntryWords(table.view, index, false, encodeL2Entry({ type: "normal", hostOffset: entry.hostOffset, copied: true }, clusterBits));
+    markDirty(table, index * l2EntryBytes, l2EntryBytes);
   }
 }
 
@@ -168,17 +200,24 @@ async function zeroAllocClustersMappedAsData(meta: Qcow2Metadata, snapshots: rea
 }
 
 /** qcow2's expand_zero_clusters_in_l1 for one table (see the notes at the top). */
-async function expandZeroEntries(meta: Qcow2Metadata, table: CachedTable, active: boolean, hasBacking: boolean, mappedAsData: ReadonlySet<number>): Promise<void> {
+async function expandZeroEntries(
+  meta: Qcow2Metadata,
+  table: CachedTable,
+  active: boolean,
+  hasBacking: boolean,
+  mappedAsData: ReadonlySet<number>,
+  leftBehind: Set<number>,
+): Promise<void> {
   const { clusterBits, clusterSizeBytes, l2EntryBytes } = meta.geometry;
   const tableRefcount = await meta.getRefcount(table.hostOffset / clusterSizeBytes);
   for (let index = 0; index < meta.geometry.l2Entries; index++) {
     const entry = entryAt(meta, table, index);
     if (entry.type !== "zero-plain" && entry.type !== "zero-alloc") continue;
     let hostOffset = entry.type === "zero-alloc" ? entry.hostOffset : 0;
-    let leftBehind = 0;
+    let leftCluster = 0;
     if (hostOffset !== 0 && mappedAsData.has(hostOffset)) {
       // Another entry shows this cluster's data: it keeps it, this entry takes a cluster of its own.
-      leftBehind = hostOffset;
+      leftCluster = hostOffset;
       hostOffset = 0;
     }
     if (hostOffset === 0 && !hasBacking) {
@@ -198,6 +237,7 @@ async function expandZeroEntries(meta: Qcow2Metadata, table: CachedTable, active
     }
     markDirty(table, index * l2EntryBytes, l2EntryBytes);
     // After the table (the cache writes refcount decreases after the L2 tables that dropped them).
-    for (let count = 0; count < tableRefcount && leftBehind !== 0; count++) await meta.freeClusters(leftBehind, clusterSizeBytes);
+    for (let count = 0; count < tableRefcount && leftCluster !== 0; count++) await meta.freeClusters(leftCluster, clusterSizeBytes);
+    if (leftCluster !== 0) leftBehind.add(leftCluster);
   }
 }

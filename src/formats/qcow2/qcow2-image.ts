@@ -117,7 +117,7 @@ import { LUKS_HEADER_BYTES, decodeLuksHeader, type LuksHeaderInfo } from "./luks
 import { L1_BYTES_MAX, METADATA_CACHE_BYTES_DEFAULT, Qcow2Metadata, corruption, l1EntriesForSize, type Qcow2Geometry } from "./metadata.ts";
 import { AsyncMutex, RangeLock, ReadGate } from "./locks.ts";
 import { markDirty, type CachedTable } from "./table-cache.ts";
-import { changeRefcountOrder, rebuildRefcounts } from "./rebuild-refcounts.ts";
+import { changeRefcountOrder, rebuildRefcounts, refcountOrderRefusal } from "./rebuild-refcounts.ts";
 import { downgradeRefusal, downgradeToVersion2 } from "./downgrade.ts";
 import { canEmptyCompletely, emptyCompletely } from "./make-empty.ts";
 import { preallocateData } from "./preallocate-data.ts";
@@ -1750,10 +1750,22 @@ export class Qcow2Image implements BlockDevice {
   async changeRefcountOrder(refcountOrder: number): Promise<void> {
     if (refcountOrder === this.#meta.header.refcountOrder) return;
     await this.exclusive("change the refcount width", async () => {
-      await this.#meta.writeCaches();
+      // Pending wipes and punches of freed clusters finish against the structure that freed them.
+      await this.#meta.completeFreeing();
       await this.#file.flush();
+      const wipeFreedClusters = this.#meta.wipeFreedClusters;
       const header = await changeRefcountOrder(this.#file, refcountOrder);
       this.#adoptMetadata(await Qcow2Metadata.load(this.#file, header, this.#cacheBytesMax));
+      this.#meta.wipeFreedClusters = wipeFreedClusters;
+    });
+  }
+
+  /** amend -o refcount_bits=N: why the stored refcounts do not fit 2^refcountOrder bits (qemu-img's message), or null. Reads only. */
+  async refcountOrderRefusal(refcountOrder: number): Promise<string | null> {
+    if (refcountOrder === this.#meta.header.refcountOrder) return null;
+    return this.#locked(async () => {
+      await this.#meta.writeCaches();
+      return refcountOrderRefusal(this.#file, refcountOrder);
     });
   }
 
@@ -1767,7 +1779,10 @@ export class Qcow2Image implements BlockDevice {
 
   /** amend -o compat=0.10 (downgrade.ts); the caller checked downgradeRefusal. */
   async downgradeToVersion2(): Promise<void> {
-    await this.exclusive("downgrade the image", () => downgradeToVersion2(this.#meta, this.#snapshots, this.backing !== null));
+    // Over a backing file by the header, not by what was opened: opened without its backing, a
+    // zero-plain entry must still become a zeroed cluster, not one that shows the backing file.
+    const backingFileName = this.#meta.header.backingFileName;
+    await this.exclusive("downgrade the image", () => downgradeToVersion2(this.#meta, this.#snapshots, backingFileName !== null && backingFileName !== ""));
   }
 
   /**

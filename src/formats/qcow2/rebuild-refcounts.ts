@@ -35,7 +35,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
 import { INCOMPAT_DIRTY, decodeQcow2Header } from "./header.ts";
 import type { Qcow2Header } from "./header.ts";
-import { REFTABLE_ENTRY_BYTES, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
+import { REFTABLE_ENTRY_BYTES, getRefcount, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
 import {
   CHECK_CLUSTERS_MAX,
   CheckFailure,
@@ -296,39 +296,109 @@ async function freeOldStructure(state: Qcow2CheckState, report: CheckReport, cou
 }
 
 /**
- * `amend -o refcount_bits=N` (QEMU's qcow2_change_refcount_order): every
- * refcount counted again from the metadata and written into a new refcount
- * structure `2^refcountOrder` bits wide; the header switches table and
- * width in one sector write (QEMU switches the table first and the width
- * with the next header update); then the old structure is freed. A crash
- * before the switch leaves the old structure in charge, after it only
- * leaks. Refused when a count does not fit the new width (qemu-img's
- * message), or when the image is corrupt (the counts would not be right).
- * The caller has written back its caches and loads the metadata again from
- * the returned header.
+ * The stored refcount of every cluster (not recounted from the metadata:
+ * QEMU's qcow2_change_refcount_order copies them, leaks included), read
+ * block by block through the refcount table. `countMax` bounds the counts
+ * kept (the wider of the two widths).
+ */
+async function readStoredRefcounts(state: Qcow2CheckState, countMax: number): Promise<ClusterCounts> {
+  const cs = state.clusterSizeBytes;
+  const counts = new ClusterCounts(clustersForBytes(state, state.fileSizeBytes), countMax);
+  const block = new Uint8Array(cs);
+  for (let tableIndex = 0; tableIndex < state.refcountTable.length; tableIndex++) {
+    const offset = Number(state.refcountTable[tableIndex] & ~0x1ffn);
+    if (offset === 0) continue;
+    if (offset % cs !== 0 || offset + cs > state.fileSizeBytes) {
+      throw new SnapstackError("E_CORRUPT_IMAGE", `${state.file.name}: refcount block at 0x${offset.toString(16)} (reftable index ${tableIndex}) is unaligned or past the end of the file`, { path: state.file.name });
+    }
+    await state.file.read(offset, block);
+    const first = tableIndex * state.refcountBlockEntries;
+    for (let entry = 0; entry < state.refcountBlockEntries; entry++) {
+      const count = getRefcount(block, entry, state.refcountOrder);
+      if (count === 0) continue;
+      if (first + entry >= counts.size && !counts.grow(first + entry + 1)) throw new CheckFailure(STRERROR.EFBIG);
+      counts.set(first + entry, count);
+    }
+  }
+  return counts;
+}
+
+/** The clusters of the refcount table and blocks the header points to now. */
+function refcountStructureClusters(state: Qcow2CheckState): number[] {
+  const cs = state.clusterSizeBytes;
+  const clusters: number[] = [];
+  const tableClusters = Math.ceil((state.refcountTable.length * REFTABLE_ENTRY_BYTES) / cs);
+  for (let i = 0; i < tableClusters; i++) clusters.push(state.refcountTableOffset / cs + i);
+  for (const entry of state.refcountTable) if ((entry & ~0x1ffn) !== 0n) clusters.push(Number(entry & ~0x1ffn) / cs);
+  return clusters;
+}
+
+/** The first stored refcount that does not fit `2^refcountOrder` bits, as qemu-img words it; null when all fit. */
+function refcountTooWide(state: Qcow2CheckState, counts: ClusterCounts, refcountOrder: number): string | null {
+  const newMax = refcountMax(refcountOrder);
+  for (let cluster = 0; cluster < counts.size; cluster++) {
+    const count = counts.get(cluster);
+    if (count > newMax) {
+      return `Cannot decrease refcount entry width to ${2 ** refcountOrder} bits: Cluster at offset 0x${(cluster * state.clusterSizeBytes).toString(16)} has a refcount of ${count}`;
+    }
+  }
+  return null;
+}
+
+/**
+ * Why `amend -o refcount_bits=2^refcountOrder` cannot be done (a stored
+ * refcount too large for the width), or null. Reads only.
+ */
+export async function refcountOrderRefusal(file: ImageFile, refcountOrder: number): Promise<string | null> {
+  const state = await openCheckState(file, false);
+  return refcountTooWide(state, await readStoredRefcounts(state, Math.max(state.refcountMax, refcountMax(refcountOrder))), refcountOrder);
+}
+
+/**
+ * `amend -o refcount_bits=N` (QEMU's qcow2_change_refcount_order): the
+ * stored refcounts, leaks included, written into a new refcount structure
+ * `2^refcountOrder` bits wide, placed where no stored refcount claims a
+ * cluster (the old structure counts as in use, even if its own refcounts
+ * are wrong); the header switches table and width in one sector write
+ * (QEMU switches the table first and the width with the next header
+ * update); then the old structure's clusters are released in the new one
+ * (each loses one reference, as QEMU frees them). A crash before the
+ * switch leaves the old structure in charge, after it at most leaks.
+ * Refused (E_INVALID_OPTION, nothing written) when a refcount does not fit
+ * the new width, with qemu-img's message. The caller has written back its
+ * caches and loads the metadata again from the returned header.
  */
 export async function changeRefcountOrder(file: ImageFile, refcountOrder: number): Promise<Qcow2Header> {
   const report = new CheckReport();
   try {
-    const { state, counts, outcome } = await countReferences(file, report, Number.MAX_SAFE_INTEGER);
-    if (outcome.rebuild || report.corruptions > 0 || report.checkErrors > 0) {
-      throw new SnapstackError("E_CORRUPT_IMAGE", `${file.name}: cannot change the refcount width of a corrupt image; run 'check -r all' first`, { path: file.name });
-    }
-    const newMax = refcountMax(refcountOrder);
-    for (let cluster = 0; cluster < counts.size; cluster++) {
-      const count = counts.get(cluster);
-      if (count > newMax) {
-        const message = `Cannot decrease refcount entry width to ${2 ** refcountOrder} bits: Cluster at offset 0x${(cluster * state.clusterSizeBytes).toString(16)} has a refcount of ${count}`;
-        throw new SnapstackError("E_INVALID_OPTION", message, { path: file.name });
+    const state = await openCheckState(file, true);
+    const counts = await readStoredRefcounts(state, Math.max(state.refcountMax, refcountMax(refcountOrder)));
+    const refusal = refcountTooWide(state, counts, refcountOrder);
+    if (refusal !== null) throw new SnapstackError("E_INVALID_OPTION", refusal, { path: file.name });
+    const oldStructure = refcountStructureClusters(state);
+    const raised = new Set<number>();
+    for (const cluster of oldStructure) {
+      if (cluster >= counts.size && !counts.grow(cluster + 1)) throw new CheckFailure(STRERROR.EFBIG);
+      if (counts.get(cluster) === 0) {
+        counts.set(cluster, 1);
+        raised.add(cluster);
       }
     }
     await writeRefcountStructure(state, report, counts, refcountOrder);
-    const { again, outcome: freed } = await freeOldStructure(state, report, counts);
-    if (freed.rebuild || again.checkErrors > 0) {
-      throw new SnapstackError("E_CORRUPT_IMAGE", `${file.name}: the new refcount structure is broken`, { path: file.name, messages: again.allMessages() });
+
+    // Release the old structure in the new one: its clusters lose the reference the structure held.
+    const cs = state.clusterSizeBytes;
+    const blocks = new Set<number>();
+    for (const cluster of oldStructure) {
+      counts.set(cluster, raised.has(cluster) ? 0 : counts.get(cluster) - 1);
+      blocks.add(Math.floor(cluster / state.refcountBlockEntries));
+    }
+    for (const blockIndex of blocks) {
+      const blockOffset = Number(state.refcountTable[blockIndex] ?? 0n);
+      if (blockOffset !== 0) await state.file.write(blockOffset, encodeRefblock(state, counts, blockIndex * state.refcountBlockEntries));
     }
     await file.flush();
-    const headerBytes = new Uint8Array(state.clusterSizeBytes);
+    const headerBytes = new Uint8Array(cs);
     await file.read(0, headerBytes);
     return decodeQcow2Header(headerBytes);
   } catch (error) {
