@@ -72,7 +72,7 @@ export async function checkImage(path: string, options: CheckImageOptions = {}):
     await file.close();
   }
   const checked = format ?? supportedProbedFormat(probed, path);
-  if (checked === "raw") return "unsupported";
+  if (checked === "raw" || checked === "vpc") return "unsupported";
   // vmdk: QEMU's check repairs nothing (-r: "does not support checks").
   if (checked === "vmdk") return options.repair === undefined ? checkVmdk(path, options.forceShare ?? false) : "unsupported";
   if (!opensAsQcow2(probed)) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });

@@ -1,9 +1,9 @@
 /**
  * Image formats snapstack opens, and format probing: a file starting with
- * the qcow2 magic "QFI\xfb" (version 2 or 3) is qcow2; one QEMU's vmdk
- * probe takes is vmdk (read only: parseOutputFormat refuses it as a
- * target). A file that QEMU's probe would take for another format (vdi,
- * vpc, vhdx, qed, ...) is
+ * the qcow2 magic "QFI\xfb" (version 2 or 3) is qcow2; one QEMU's vmdk or
+ * vpc probe takes is vmdk or vpc (read only: parseOutputFormat refuses them
+ * as targets). A file that QEMU's probe would take for another format (vdi,
+ * vhdx, qed, ...) is
  * refused when no format is given, rather than opened as raw: as raw, a
  * write would land in that format's header and a read would show it as
  * guest data (qemu-img would open it as what it is). Anything else is raw.
@@ -12,9 +12,9 @@ import { SnapstackError } from "../base/errors.ts";
 import type { ImageFile } from "../io/file.ts";
 import { QCOW2_MAGIC } from "../formats/qcow2/index.ts";
 
-export type ImageFormat = "raw" | "qcow2" | "vmdk";
-export const IMAGE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2", "vmdk"];
-/** The formats snapstack writes; the others it reads only (formats/vmdk). */
+export type ImageFormat = "raw" | "qcow2" | "vmdk" | "vpc";
+export const IMAGE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2", "vmdk", "vpc"];
+/** The formats snapstack writes; the others it reads only (formats/vmdk, formats/vpc). */
 export type WritableFormat = "raw" | "qcow2";
 export const WRITABLE_FORMATS: readonly WritableFormat[] = ["raw", "qcow2"];
 
@@ -32,9 +32,13 @@ export function parseImageFormat(name: string): ImageFormat {
  * A format to write (create, convert -O, dd -O, measure -O): a read-only
  * one is refused with E_UNSUPPORTED_FEATURE.
  */
+export function isWritableFormat(format: string): format is WritableFormat {
+  return (WRITABLE_FORMATS as readonly string[]).includes(format);
+}
+
 export function parseOutputFormat(name: string): WritableFormat {
   const format = parseImageFormat(name);
-  if (!(WRITABLE_FORMATS as readonly string[]).includes(format)) {
+  if (!isWritableFormat(format)) {
     throw new SnapstackError("E_UNSUPPORTED_FEATURE", `snapstack reads ${format} images but does not write them (write qcow2 or raw)`, { format });
   }
   return format as WritableFormat;
@@ -90,7 +94,6 @@ function isVmdk(head: Uint8Array): boolean {
 /** Formats QEMU's probes recognise (block/*.c *_probe: the same checks) and snapstack does not open. */
 const FOREIGN_PROBES: ReadonlyArray<{ format: string; probe: (head: Uint8Array) => boolean }> = [
   { format: "vdi", probe: (head) => u32le(head, 64) === 0xbeda107f },
-  { format: "vpc", probe: (head) => has(head, 0, ASCII("conectix")) },
   { format: "vhdx", probe: (head) => has(head, 0, ASCII("vhdxfile")) },
   { format: "qed", probe: (head) => u32le(head, 0) === 0x00444551 },
   {
@@ -119,6 +122,8 @@ export function probedFormatName(head: Uint8Array): string {
   const view = new DataView(head.buffer, head.byteOffset, head.byteLength);
   if (head.length >= 8 && view.getUint32(0) === QCOW2_MAGIC) return view.getUint32(4) === 1 ? "qcow" : "qcow2";
   if (isVmdk(head)) return "vmdk";
+  // vpc_probe: a dynamic VHD's footer copy (a fixed VHD has its footer at the end only: raw, as QEMU probes it).
+  if (has(head, 0, ASCII("conectix"))) return "vpc";
   return FOREIGN_PROBES.find((candidate) => candidate.probe(head))?.format ?? "raw";
 }
 
@@ -143,12 +148,12 @@ export function supportedProbedFormat(name: string, path: string): ImageFormat {
   if (isImageFormat(name)) return name;
   throw new SnapstackError(
     "E_UNKNOWN_FORMAT",
-    `${path}: the file is a ${name} image, a format snapstack does not open (only qcow2, raw and, read-only, vmdk; -f raw opens its bytes as a raw disk)`,
+    `${path}: the file is a ${name} image, a format snapstack does not open (only qcow2, raw and, read-only, vmdk and vpc; -f raw opens its bytes as a raw disk)`,
     { path, format: name },
   );
 }
 
-/** The format of a file when none is given: qcow2, vmdk or raw, refusing formats snapstack does not open. */
+/** The format of a file when none is given: qcow2, vmdk, vpc or raw, refusing formats snapstack does not open. */
 export async function probeImageFormat(file: ImageFile, path: string): Promise<ImageFormat> {
   return supportedProbedFormat(await probeFormatName(file), path);
 }

@@ -25,6 +25,7 @@ import { SnapstackError, fromSystemError } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
 import { Qcow2Image, type Qcow2Info } from "../formats/qcow2/index.ts";
 import { VmdkImage, type VmdkInfo } from "../formats/vmdk/vmdk-image.ts";
+import { VpcImage } from "../formats/vpc/vpc-image.ts";
 import { parseImageFormat, type ImageFormat } from "./image-format.ts";
 import { CHAIN_DEPTH_MAX_DEFAULT, openImage } from "./open-image.ts";
 import { resolveBackingPath } from "./backing-path.ts";
@@ -137,6 +138,11 @@ function describeVmdk(device: VmdkImage, path: string): ImageInfoJson {
 /** The ImageInfo object for one opened image (its backing not needed). */
 export function describeImage(device: BlockDevice, path: string): ImageInfoJson {
   if (device instanceof VmdkImage) return describeVmdk(device, path);
+  if (device instanceof VpcImage) {
+    const ordered: ImageInfoJson = { filename: path, format: device.format, "dirty-flag": false, "actual-size": allocatedBytes(path), "virtual-size": device.sizeBytes };
+    if (device.clusterSizeBytes !== null) ordered["cluster-size"] = device.clusterSizeBytes;
+    return ordered;
+  }
   const qcow2 = device instanceof Qcow2Image ? device : null;
   const info = qcow2?.info() ?? null;
   const ordered: ImageInfoJson = {

@@ -14,7 +14,8 @@
  *   last cluster short) is reported `zero: true, data: true`, as QEMU's
  *   protocol layer does; so is data over a hole in the host file where QEMU
  *   asks the file (BlockDevice.hostHoles: a qcow2 image QEMU's heuristic
- *   takes for metadata-preallocated; a vmdk image's flat extent). A raw
+ *   takes for metadata-preallocated; a vmdk image's flat extent; a fixed
+ *   vpc disk). A raw
  *   layer's holes are zero (RawImage.layerStatus).
  * - Adjacent entries merge when depth, present, zero, data agree and either
  *   both lack an offset or the offsets are contiguous (entry_mergeable).
@@ -125,9 +126,11 @@ export async function walkChain(
   const fileSizes = new Map<number, number | null>();
   const fileSize = (depth: number): number | null => {
     if (!fileSizes.has(depth)) {
-      // A vmdk layer's data may live in other files (flat extents): no end-of-file split, but its holes (hostHoles) count.
+      // A vmdk layer's data may live in other files (flat extents), a fixed vpc's ends before its footer: no
+      // end-of-file split, but their holes (hostHoles) count.
       const format = layers[depth].format;
-      fileSizes.set(depth, !splitAtEof ? null : format === "qcow2" ? hostFileSizeBytes(layers[depth]) : format === "vmdk" ? Number.POSITIVE_INFINITY : null);
+      const holesOnly = format === "vmdk" || format === "vpc";
+      fileSizes.set(depth, !splitAtEof ? null : format === "qcow2" ? hostFileSizeBytes(layers[depth]) : holesOnly ? Number.POSITIVE_INFINITY : null);
     }
     return fileSizes.get(depth)!;
   };

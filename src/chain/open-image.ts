@@ -27,7 +27,8 @@ import { lockBits, lockImageFile, type LockBits, type LockContext, type LockedAc
 import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
 import { openVmdk } from "../formats/vmdk/vmdk-image.ts";
-import { isImageFormat, opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
+import { openVpc } from "../formats/vpc/vpc-image.ts";
+import { isImageFormat, isWritableFormat, opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 
 /** Default bound on layers in a chain (top included); each layer costs one open file and its caches. */
@@ -213,8 +214,8 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       if (layer.format === "qcow2" && !opensAsQcow2(probed)) {
         throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': ${backingPrefix(depth)}Image is not in qcow2 format`, { path: layerPath });
       }
-      if (layer.format === "vmdk" && !readOnly) {
-        throw new SnapstackError("E_READ_ONLY", `Could not open '${path}': snapstack opens vmdk images read-only (convert it to qcow2 to write)`, { path: layerPath });
+      if (!isWritableFormat(layer.format) && !readOnly) {
+        throw new SnapstackError("E_READ_ONLY", `Could not open '${path}': snapstack opens ${layer.format} images read-only (convert it to qcow2 to write)`, { path: layerPath });
       }
       // Locked once the format is known (its locks depend on it), before anything is written.
       if (options.locks !== false) {
@@ -241,6 +242,8 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       try {
         if (layer.format === "raw") {
           built = new RawImage(layer.file, await layer.file.sizeBytes());
+        } else if (layer.format === "vpc") {
+          built = await openVpc(layer.file);
         } else if (layer.format === "vmdk") {
           built = await openVmdk(layer.file, (extentPath) => (options.openFile === undefined ? openNodeFile(extentPath, { readOnly: true }) : options.openFile(extentPath, { readOnly: true })));
         } else {

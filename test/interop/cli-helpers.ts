@@ -29,6 +29,14 @@ function runIn(command: string, args: string[], cwd?: string, env?: NodeJS.Proce
   return run("sh", ["-c", 'cd "$0" && exec "$@"', cwd, command, ...args], { env });
 }
 
+/** The same `img` command by qemu-img and snapstack in `dir`: stdout and exit status must match. */
+export async function assertSameAsQemuImg(dir: string, args: string[], what: string): Promise<void> {
+  const theirs = await qemuImg(args, dir);
+  const ours = await snapstack(["img", ...args], { cwd: dir });
+  assert.equal(ours.code, theirs.code, `${what}: exit status (qemu-img: ${theirs.stderr.trim()}; snapstack: ${ours.stderr.trim()})`);
+  assert.equal(ours.stdout, theirs.stdout, `${what}: output`);
+}
+
 /** Throw unless the command exited 0, with its stderr in the message. */
 export function ok(result: RunResult, what: string): RunResult {
   assert.equal(result.code, 0, `${what} exited ${result.code}: ${result.stderr.trim()}`);

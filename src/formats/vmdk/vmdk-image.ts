@@ -35,6 +35,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent } from "../../device/block-device.ts";
 import type { FileRun, ImageFile } from "../../io/file.ts";
 import { checkDeviceRange } from "../raw/raw-image.ts";
+import { ReadOnlyImage } from "../read-only-image.ts";
 import {
   DESCRIPTOR_BYTES_MAX,
   DESCRIPTOR_CID_BYTES,
@@ -124,11 +125,8 @@ export interface VmdkInfo {
   otherFiles: string[];
 }
 
-export class VmdkImage implements BlockDevice {
+export class VmdkImage extends ReadOnlyImage implements BlockDevice {
   readonly format = "vmdk";
-  readonly readOnly = true;
-  readonly backing = null;
-  readonly name: string;
   readonly sizeBytes: number;
   readonly #file: ImageFile;
   readonly #extents: Extent[];
@@ -138,10 +136,9 @@ export class VmdkImage implements BlockDevice {
   readonly #parentCid: number;
   readonly #gtCache = new Map<string, Uint32Array>();
   #inflated: { file: ImageFile; hostOffset: number; data: Uint8Array } | null = null;
-  #closed = false;
 
   constructor(file: ImageFile, fields: { extents: Extent[]; extentNames: string[]; createType: string; cid: number; parentCid: number }) {
-    this.name = file.name;
+    super(file.name);
     this.#file = file;
     this.#extents = fields.extents;
     this.#extentNames = fields.extentNames;
@@ -177,7 +174,7 @@ export class VmdkImage implements BlockDevice {
 
   async read(guestOffset: number, buffer: Uint8Array): Promise<void> {
     checkDeviceRange(this, guestOffset, buffer.length);
-    this.#checkOpen();
+    this.checkOpen();
     let done = 0;
     while (done < buffer.length) {
       const at = guestOffset + done;
@@ -209,7 +206,7 @@ export class VmdkImage implements BlockDevice {
 
   async layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]> {
     checkDeviceRange(this, guestOffset, lengthBytes);
-    this.#checkOpen();
+    this.checkOpen();
     const out: LayerExtent[] = [];
     const push = (next: LayerExtent): void => {
       const last = out[out.length - 1];
@@ -251,7 +248,7 @@ export class VmdkImage implements BlockDevice {
    * as QEMU does: its line, and the failure ("Invalid argument").
    */
   async check(): Promise<{ corruptions: number; messages: string[]; failure: string | null }> {
-    this.#checkOpen();
+    this.checkOpen();
     for (const extent of this.#extents) {
       const fileSizeBytes = await extent.file.sizeBytes();
       const step = extent.kind === "flat" ? extent.sectors * VMDK_SECTOR_BYTES : extent.grainBytes;
@@ -324,35 +321,7 @@ export class VmdkImage implements BlockDevice {
     return data;
   }
 
-  // ----------------------------------------------------------------- writes
-
-  #refuse(action: string): never {
-    throw new SnapstackError("E_READ_ONLY", `${this.name}: cannot ${action}: snapstack opens vmdk images read-only`, { path: this.name });
-  }
-
-  async write(): Promise<void> {
-    this.#refuse("write");
-  }
-
-  async writeZeroes(): Promise<void> {
-    this.#refuse("write zeroes");
-  }
-
-  async discard(): Promise<void> {
-    this.#refuse("discard");
-  }
-
-  async flush(): Promise<void> {
-    this.#checkOpen();
-  }
-
-  #checkOpen(): void {
-    if (this.#closed) throw new SnapstackError("E_INTERNAL", `${this.name}: the image was used after it was closed`, { path: this.name });
-  }
-
-  async close(): Promise<void> {
-    if (this.#closed) return;
-    this.#closed = true;
+  protected async closeFiles(): Promise<void> {
     const files = new Set<ImageFile>([this.#file, ...this.#extents.map((extent) => extent.file)]);
     for (const file of files) await file.close().catch(() => {});
   }
