@@ -13,9 +13,10 @@ import { lockLayerFile, lockedAccess, openImage } from "./open-image.ts";
 import { lockBits } from "../io/qemu-locks.ts";
 import { opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat } from "./image-format.ts";
 import type { VmdkImage } from "../formats/vmdk/vmdk-image.ts";
+import type { VdiImage } from "../formats/vdi/vdi-image.ts";
 
 /** A check's result and the format checked (qemu-img check's JSON names it). */
-export type ImageCheckResult = Qcow2CheckResult & { format: "qcow2" | "vmdk" };
+export type ImageCheckResult = Qcow2CheckResult & { format: "qcow2" | "vmdk" | "vdi" };
 
 export interface CheckImageOptions {
   format?: string;
@@ -74,7 +75,7 @@ export async function checkImage(path: string, options: CheckImageOptions = {}):
   const checked = format ?? supportedProbedFormat(probed, path);
   if (checked === "raw" || checked === "vpc") return "unsupported";
   // vmdk: QEMU's check repairs nothing (-r: "does not support checks").
-  if (checked === "vmdk") return options.repair === undefined ? checkVmdk(path, options.forceShare ?? false) : "unsupported";
+  if (checked === "vmdk" || checked === "vdi") return options.repair === undefined ? checkReadOnlyFormat(path, checked, options.forceShare ?? false) : "unsupported";
   if (!opensAsQcow2(probed)) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
   const image = await openNodeFile(path, { readOnly });
   try {
@@ -86,13 +87,13 @@ export async function checkImage(path: string, options: CheckImageOptions = {}):
   }
 }
 
-/** vmdk_co_check through the vmdk device (formats/vmdk): only corruptions, no counts. */
-async function checkVmdk(path: string, forceShare: boolean): Promise<ImageCheckResult> {
-  const device = await openImage(path, { format: "vmdk", readOnly: true, forceShare });
+/** vmdk_co_check or vdi_co_check through the device (formats/vmdk, formats/vdi): corruptions, no counts. */
+async function checkReadOnlyFormat(path: string, format: "vmdk" | "vdi", forceShare: boolean): Promise<ImageCheckResult> {
+  const device = await openImage(path, { format, readOnly: true, forceShare });
   try {
-    const found = await (device as VmdkImage).check();
+    const found: { corruptions: number; messages: string[]; failure?: string | null } = await (device as VmdkImage | VdiImage).check();
     return {
-      format: "vmdk",
+      format,
       checkErrors: 0,
       corruptions: found.corruptions,
       leaks: 0,
@@ -104,7 +105,7 @@ async function checkVmdk(path: string, forceShare: boolean): Promise<ImageCheckR
       fragmentedClusters: 0,
       compressedClusters: 0,
       messages: found.messages,
-      failure: found.failure,
+      failure: found.failure ?? null,
     };
   } finally {
     await device.close();

@@ -1,9 +1,9 @@
 /**
  * Image formats snapstack opens, and format probing: a file starting with
- * the qcow2 magic "QFI\xfb" (version 2 or 3) is qcow2; one QEMU's vmdk or
- * vpc probe takes is vmdk or vpc (read only: parseOutputFormat refuses them
- * as targets). A file that QEMU's probe would take for another format (vdi,
- * vhdx, qed, ...) is
+ * the qcow2 magic "QFI\xfb" (version 2 or 3) is qcow2; one QEMU's vmdk, vpc
+ * or vdi probe takes is that format (read only: parseOutputFormat refuses
+ * them as targets). A file that QEMU's probe would take for another format
+ * (vhdx, qed, ...) is
  * refused when no format is given, rather than opened as raw: as raw, a
  * write would land in that format's header and a read would show it as
  * guest data (qemu-img would open it as what it is). Anything else is raw.
@@ -12,9 +12,9 @@ import { SnapstackError } from "../base/errors.ts";
 import type { ImageFile } from "../io/file.ts";
 import { QCOW2_MAGIC } from "../formats/qcow2/index.ts";
 
-export type ImageFormat = "raw" | "qcow2" | "vmdk" | "vpc";
-export const IMAGE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2", "vmdk", "vpc"];
-/** The formats snapstack writes; the others it reads only (formats/vmdk, formats/vpc). */
+export type ImageFormat = "raw" | "qcow2" | "vmdk" | "vpc" | "vdi";
+export const IMAGE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2", "vmdk", "vpc", "vdi"];
+/** The formats snapstack writes; the others it reads only (formats/vmdk, formats/vpc, formats/vdi). */
 export type WritableFormat = "raw" | "qcow2";
 export const WRITABLE_FORMATS: readonly WritableFormat[] = ["raw", "qcow2"];
 
@@ -93,7 +93,6 @@ function isVmdk(head: Uint8Array): boolean {
 
 /** Formats QEMU's probes recognise (block/*.c *_probe: the same checks) and snapstack does not open. */
 const FOREIGN_PROBES: ReadonlyArray<{ format: string; probe: (head: Uint8Array) => boolean }> = [
-  { format: "vdi", probe: (head) => u32le(head, 64) === 0xbeda107f },
   { format: "vhdx", probe: (head) => has(head, 0, ASCII("vhdxfile")) },
   { format: "qed", probe: (head) => u32le(head, 0) === 0x00444551 },
   {
@@ -124,6 +123,8 @@ export function probedFormatName(head: Uint8Array): string {
   if (isVmdk(head)) return "vmdk";
   // vpc_probe: a dynamic VHD's footer copy (a fixed VHD has its footer at the end only: raw, as QEMU probes it).
   if (has(head, 0, ASCII("conectix"))) return "vpc";
+  // vdi_probe: the signature after the text line (and a whole header).
+  if (head.length >= 512 && u32le(head, 64) === 0xbeda107f) return "vdi";
   return FOREIGN_PROBES.find((candidate) => candidate.probe(head))?.format ?? "raw";
 }
 
@@ -148,12 +149,12 @@ export function supportedProbedFormat(name: string, path: string): ImageFormat {
   if (isImageFormat(name)) return name;
   throw new SnapstackError(
     "E_UNKNOWN_FORMAT",
-    `${path}: the file is a ${name} image, a format snapstack does not open (only qcow2, raw and, read-only, vmdk and vpc; -f raw opens its bytes as a raw disk)`,
+    `${path}: the file is a ${name} image, a format snapstack does not open (only qcow2, raw and, read-only, vmdk, vpc and vdi; -f raw opens its bytes as a raw disk)`,
     { path, format: name },
   );
 }
 
-/** The format of a file when none is given: qcow2, vmdk, vpc or raw, refusing formats snapstack does not open. */
+/** The format of a file when none is given: qcow2, vmdk, vpc, vdi or raw, refusing formats snapstack does not open. */
 export async function probeImageFormat(file: ImageFile, path: string): Promise<ImageFormat> {
   return supportedProbedFormat(await probeFormatName(file), path);
 }

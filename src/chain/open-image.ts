@@ -28,6 +28,7 @@ import { RawImage } from "../formats/raw/raw-image.ts";
 import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
 import { openVmdk } from "../formats/vmdk/vmdk-image.ts";
 import { openVpc } from "../formats/vpc/vpc-image.ts";
+import { openVdi } from "../formats/vdi/vdi-image.ts";
 import { isImageFormat, isWritableFormat, opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 
@@ -242,6 +243,8 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       try {
         if (layer.format === "raw") {
           built = new RawImage(layer.file, await layer.file.sizeBytes());
+        } else if (layer.format === "vdi") {
+          built = await openVdi(layer.file);
         } else if (layer.format === "vpc") {
           built = await openVpc(layer.file);
         } else if (layer.format === "vmdk") {
