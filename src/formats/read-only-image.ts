@@ -1,9 +1,13 @@
 /**
  * What every read-only image format (vmdk, vpc) shares: writes refused
  * with E_READ_ONLY, a flush that has nothing to do, close once, and no use
- * after close. A format extends it with its reads and layerStatus.
+ * after close. A format extends it with its reads and layerStatus; the
+ * block-mapped ones (a dynamic VHD, a VDI) read and report status with
+ * readBlocks and blockLayerStatus.
  */
 import { SnapstackError } from "../base/errors.ts";
+import type { LayerExtent } from "../device/block-device.ts";
+import type { ImageFile } from "../io/file.ts";
 
 export abstract class ReadOnlyImage {
   abstract readonly format: string;
@@ -48,4 +52,45 @@ export abstract class ReadOnlyImage {
     this.#closed = true;
     await this.closeFiles();
   }
+}
+
+/** Where a guest byte of a block-mapped disk is: a host offset, or null when its block is not allocated (reads as zeroes). */
+export type BlockLocator = (guestOffset: number) => number | null;
+
+/** Read a disk cut into `blockBytes` blocks (a dynamic VHD, a VDI): unallocated blocks read as zeroes. */
+export async function readBlocks(file: ImageFile, blockBytes: number, locate: BlockLocator, guestOffset: number, buffer: Uint8Array): Promise<void> {
+  for (let done = 0; done < buffer.length; ) {
+    const at = guestOffset + done;
+    const length = Math.min(buffer.length - done, blockBytes - (at % blockBytes));
+    const target = buffer.subarray(done, done + length);
+    const hostOffset = locate(at);
+    if (hostOffset === null) target.fill(0);
+    else await file.read(hostOffset, target);
+    done += length;
+  }
+}
+
+/**
+ * Block status of such a disk as QEMU's vpc and vdi drivers give it:
+ * unallocated blocks zero (they read as zeroes: present), allocated ones
+ * data at their host offset, neighbours merged.
+ */
+export function blockLayerStatus(blockBytes: number, locate: BlockLocator, guestOffset: number, lengthBytes: number): LayerExtent[] {
+  const out: LayerExtent[] = [];
+  const end = guestOffset + lengthBytes;
+  for (let at = guestOffset; at < end; ) {
+    const length = Math.min(end - at, blockBytes - (at % blockBytes));
+    const hostOffset = locate(at);
+    const last = out[out.length - 1];
+    if (hostOffset === null) {
+      if (last?.kind === "zero") last.lengthBytes += length;
+      else out.push({ guestOffset: at, lengthBytes: length, kind: "zero" });
+    } else if (last?.kind === "data" && last.hostOffset !== undefined && last.hostOffset + last.lengthBytes === hostOffset) {
+      last.lengthBytes += length;
+    } else {
+      out.push({ guestOffset: at, lengthBytes: length, kind: "data", hostOffset });
+    }
+    at += length;
+  }
+  return out;
 }

@@ -20,7 +20,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent } from "../../device/block-device.ts";
 import type { FileRun, ImageFile } from "../../io/file.ts";
 import { checkDeviceRange } from "../raw/raw-image.ts";
-import { ReadOnlyImage } from "../read-only-image.ts";
+import { ReadOnlyImage, blockLayerStatus, readBlocks } from "../read-only-image.ts";
 import { VDI_DISCARDED, VDI_HEADER_END, VDI_SECTOR_BYTES, VDI_TYPE_STATIC, decodeVdiHeader, vdiHeaderProblem, type VdiHeader } from "./vdi-format.ts";
 
 export class VdiImage extends ReadOnlyImage implements BlockDevice {
@@ -44,49 +44,23 @@ export class VdiImage extends ReadOnlyImage implements BlockDevice {
   }
 
   /** The host offset of a guest byte, or null when its block is not allocated. */
-  #hostOffset(guestOffset: number): number | null {
+  readonly #locate = (guestOffset: number): number | null => {
     const blockBytes = this.#header.blockSizeBytes;
     const entry = this.#blockMap[Math.floor(guestOffset / blockBytes)];
     if (entry === undefined || entry >= VDI_DISCARDED) return null;
     return this.#header.dataOffset + entry * blockBytes + (guestOffset % blockBytes);
-  }
+  };
 
   async read(guestOffset: number, buffer: Uint8Array): Promise<void> {
     checkDeviceRange(this, guestOffset, buffer.length);
     this.checkOpen();
-    const blockBytes = this.#header.blockSizeBytes;
-    for (let done = 0; done < buffer.length; ) {
-      const at = guestOffset + done;
-      const length = Math.min(buffer.length - done, blockBytes - (at % blockBytes));
-      const target = buffer.subarray(done, done + length);
-      const hostOffset = this.#hostOffset(at);
-      if (hostOffset === null) target.fill(0);
-      else await this.#file.read(hostOffset, target);
-      done += length;
-    }
+    await readBlocks(this.#file, this.#header.blockSizeBytes, this.#locate, guestOffset, buffer);
   }
 
   async layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]> {
     checkDeviceRange(this, guestOffset, lengthBytes);
     this.checkOpen();
-    const blockBytes = this.#header.blockSizeBytes;
-    const out: LayerExtent[] = [];
-    const end = guestOffset + lengthBytes;
-    for (let at = guestOffset; at < end; ) {
-      const length = Math.min(end - at, blockBytes - (at % blockBytes));
-      const hostOffset = this.#hostOffset(at);
-      const last = out[out.length - 1];
-      if (hostOffset === null) {
-        if (last?.kind === "zero") last.lengthBytes += length;
-        else out.push({ guestOffset: at, lengthBytes: length, kind: "zero" });
-      } else if (last?.kind === "data" && last.hostOffset !== undefined && last.hostOffset + last.lengthBytes === hostOffset) {
-        last.lengthBytes += length;
-      } else {
-        out.push({ guestOffset: at, lengthBytes: length, kind: "data", hostOffset });
-      }
-      at += length;
-    }
-    return out;
+    return blockLayerStatus(this.#header.blockSizeBytes, this.#locate, guestOffset, lengthBytes);
   }
 
   /** A static image's holes (QEMU's block status recurses into its file); null for a dynamic one. */

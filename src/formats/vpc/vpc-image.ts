@@ -23,7 +23,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent } from "../../device/block-device.ts";
 import type { FileRun, ImageFile } from "../../io/file.ts";
 import { checkDeviceRange } from "../raw/raw-image.ts";
-import { ReadOnlyImage } from "../read-only-image.ts";
+import { ReadOnlyImage, blockLayerStatus, readBlocks } from "../read-only-image.ts";
 import {
   VHD_BAT_UNALLOCATED,
   VHD_DYNAMIC_HEADER_BYTES,
@@ -77,16 +77,7 @@ export class VpcImage extends ReadOnlyImage implements BlockDevice {
       await this.#file.read(guestOffset, buffer);
       return;
     }
-    for (let done = 0; done < buffer.length; ) {
-      const at = guestOffset + done;
-      const inBlock = at % layout.blockSizeBytes;
-      const length = Math.min(buffer.length - done, layout.blockSizeBytes - inBlock);
-      const target = buffer.subarray(done, done + length);
-      const hostOffset = this.#hostOffset(layout, at);
-      if (hostOffset === null) target.fill(0);
-      else await this.#file.read(hostOffset, target);
-      done += length;
-    }
+    await readBlocks(this.#file, layout.blockSizeBytes, (at) => this.#hostOffset(layout, at), guestOffset, buffer);
   }
 
   async layerStatus(guestOffset: number, lengthBytes: number): Promise<LayerExtent[]> {
@@ -94,23 +85,7 @@ export class VpcImage extends ReadOnlyImage implements BlockDevice {
     this.checkOpen();
     const layout = this.#dynamic;
     if (layout === null) return lengthBytes === 0 ? [] : [{ guestOffset, lengthBytes, kind: "data", hostOffset: guestOffset }];
-    const out: LayerExtent[] = [];
-    const end = guestOffset + lengthBytes;
-    for (let at = guestOffset; at < end; ) {
-      const length = Math.min(end - at, layout.blockSizeBytes - (at % layout.blockSizeBytes));
-      const hostOffset = this.#hostOffset(layout, at);
-      const last = out[out.length - 1];
-      if (hostOffset === null) {
-        if (last?.kind === "zero") last.lengthBytes += length;
-        else out.push({ guestOffset: at, lengthBytes: length, kind: "zero" });
-      } else if (last?.kind === "data" && last.hostOffset !== undefined && last.hostOffset + last.lengthBytes === hostOffset) {
-        last.lengthBytes += length;
-      } else {
-        out.push({ guestOffset: at, lengthBytes: length, kind: "data", hostOffset });
-      }
-      at += length;
-    }
-    return out;
+    return blockLayerStatus(layout.blockSizeBytes, (at) => this.#hostOffset(layout, at), guestOffset, lengthBytes);
   }
 
   /** A fixed disk's holes (QEMU's block status recurses into the file); null for a dynamic one. */
