@@ -14,9 +14,10 @@ import { lockBits } from "../io/qemu-locks.ts";
 import { opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat } from "./image-format.ts";
 import type { VmdkImage } from "../formats/vmdk/vmdk-image.ts";
 import type { VdiImage } from "../formats/vdi/vdi-image.ts";
+import type { VhdxImage } from "../formats/vhdx/vhdx-image.ts";
 
 /** A check's result and the format checked (qemu-img check's JSON names it). */
-export type ImageCheckResult = Qcow2CheckResult & { format: "qcow2" | "vmdk" | "vdi" };
+export type ImageCheckResult = Qcow2CheckResult & { format: "qcow2" | "vmdk" | "vdi" | "vhdx" };
 
 export interface CheckImageOptions {
   format?: string;
@@ -75,7 +76,7 @@ export async function checkImage(path: string, options: CheckImageOptions = {}):
   const checked = format ?? supportedProbedFormat(probed, path);
   if (checked === "raw" || checked === "vpc") return "unsupported";
   // vmdk: QEMU's check repairs nothing (-r: "does not support checks").
-  if (checked === "vmdk" || checked === "vdi") return options.repair === undefined ? checkReadOnlyFormat(path, checked, options.forceShare ?? false) : "unsupported";
+  if (checked === "vmdk" || checked === "vdi" || checked === "vhdx") return options.repair === undefined ? checkReadOnlyFormat(path, checked, options.forceShare ?? false) : "unsupported";
   if (!opensAsQcow2(probed)) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
   const image = await openNodeFile(path, { readOnly });
   try {
@@ -87,11 +88,11 @@ export async function checkImage(path: string, options: CheckImageOptions = {}):
   }
 }
 
-/** vmdk_co_check or vdi_co_check through the device (formats/vmdk, formats/vdi): corruptions, no counts. */
-async function checkReadOnlyFormat(path: string, format: "vmdk" | "vdi", forceShare: boolean): Promise<ImageCheckResult> {
+/** vmdk_co_check, vdi_co_check or vhdx_co_check through the device (formats/vmdk, vdi, vhdx): corruptions, no counts. */
+async function checkReadOnlyFormat(path: string, format: "vmdk" | "vdi" | "vhdx", forceShare: boolean): Promise<ImageCheckResult> {
   const device = await openImage(path, { format, readOnly: true, forceShare });
   try {
-    const found: { corruptions: number; messages: string[]; failure?: string | null } = await (device as VmdkImage | VdiImage).check();
+    const found: { corruptions: number; messages: string[]; failure?: string | null } = await (device as VmdkImage | VdiImage | VhdxImage).check();
     return {
       format,
       checkErrors: 0,

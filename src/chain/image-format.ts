@@ -1,9 +1,9 @@
 /**
  * Image formats snapstack opens, and format probing: a file starting with
- * the qcow2 magic "QFI\xfb" (version 2 or 3) is qcow2; one QEMU's vmdk, vpc
- * or vdi probe takes is that format (read only: parseOutputFormat refuses
- * them as targets). A file that QEMU's probe would take for another format
- * (vhdx, qed, ...) is
+ * the qcow2 magic "QFI\xfb" (version 2 or 3) is qcow2; one QEMU's vmdk, vpc,
+ * vdi or vhdx probe takes is that format (read only: parseOutputFormat
+ * refuses them as targets). A file that QEMU's probe would take for another
+ * format (qed, parallels, ...) is
  * refused when no format is given, rather than opened as raw: as raw, a
  * write would land in that format's header and a read would show it as
  * guest data (qemu-img would open it as what it is). Anything else is raw.
@@ -12,9 +12,9 @@ import { SnapstackError } from "../base/errors.ts";
 import type { ImageFile } from "../io/file.ts";
 import { QCOW2_MAGIC } from "../formats/qcow2/index.ts";
 
-export type ImageFormat = "raw" | "qcow2" | "vmdk" | "vpc" | "vdi";
-export const IMAGE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2", "vmdk", "vpc", "vdi"];
-/** The formats snapstack writes; the others it reads only (formats/vmdk, formats/vpc, formats/vdi). */
+export type ImageFormat = "raw" | "qcow2" | "vmdk" | "vpc" | "vdi" | "vhdx";
+export const IMAGE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2", "vmdk", "vpc", "vdi", "vhdx"];
+/** The formats snapstack writes; the others it reads only (formats/vmdk, vpc, vdi, vhdx). */
 export type WritableFormat = "raw" | "qcow2";
 export const WRITABLE_FORMATS: readonly WritableFormat[] = ["raw", "qcow2"];
 
@@ -93,7 +93,6 @@ function isVmdk(head: Uint8Array): boolean {
 
 /** Formats QEMU's probes recognise (block/*.c *_probe: the same checks) and snapstack does not open. */
 const FOREIGN_PROBES: ReadonlyArray<{ format: string; probe: (head: Uint8Array) => boolean }> = [
-  { format: "vhdx", probe: (head) => has(head, 0, ASCII("vhdxfile")) },
   { format: "qed", probe: (head) => u32le(head, 0) === 0x00444551 },
   {
     format: "parallels",
@@ -125,6 +124,7 @@ export function probedFormatName(head: Uint8Array): string {
   if (has(head, 0, ASCII("conectix"))) return "vpc";
   // vdi_probe: the signature after the text line (and a whole header).
   if (head.length >= 512 && u32le(head, 64) === 0xbeda107f) return "vdi";
+  if (has(head, 0, ASCII("vhdxfile"))) return "vhdx";
   return FOREIGN_PROBES.find((candidate) => candidate.probe(head))?.format ?? "raw";
 }
 
@@ -149,12 +149,12 @@ export function supportedProbedFormat(name: string, path: string): ImageFormat {
   if (isImageFormat(name)) return name;
   throw new SnapstackError(
     "E_UNKNOWN_FORMAT",
-    `${path}: the file is a ${name} image, a format snapstack does not open (only qcow2, raw and, read-only, vmdk, vpc and vdi; -f raw opens its bytes as a raw disk)`,
+    `${path}: the file is a ${name} image, a format snapstack does not open (only qcow2, raw and, read-only, vmdk, vpc, vdi and vhdx; -f raw opens its bytes as a raw disk)`,
     { path, format: name },
   );
 }
 
-/** The format of a file when none is given: qcow2, vmdk, vpc, vdi or raw, refusing formats snapstack does not open. */
+/** The format of a file when none is given: qcow2, vmdk, vpc, vdi, vhdx or raw, refusing formats snapstack does not open. */
 export async function probeImageFormat(file: ImageFile, path: string): Promise<ImageFormat> {
   return supportedProbedFormat(await probeFormatName(file), path);
 }

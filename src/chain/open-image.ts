@@ -29,6 +29,7 @@ import { openQcow2, readQcow2Header } from "../formats/qcow2/index.ts";
 import { openVmdk } from "../formats/vmdk/vmdk-image.ts";
 import { openVpc } from "../formats/vpc/vpc-image.ts";
 import { openVdi } from "../formats/vdi/vdi-image.ts";
+import { openVhdx } from "../formats/vhdx/vhdx-image.ts";
 import { isImageFormat, isWritableFormat, opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 
@@ -243,6 +244,8 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       try {
         if (layer.format === "raw") {
           built = new RawImage(layer.file, await layer.file.sizeBytes());
+        } else if (layer.format === "vhdx") {
+          built = await openVhdx(layer.file);
         } else if (layer.format === "vdi") {
           built = await openVdi(layer.file);
         } else if (layer.format === "vpc") {

@@ -66,7 +66,7 @@ test("imageInfo equals qemu-img info --output=json", async (t) => {
   await assert.rejects(imageInfo(join(dir, "missing")), { code: "E_NOT_FOUND" });
   await assert.rejects(imageInfo(join(dir, "base.raw"), { format: "qcow2" }), { code: "E_WRONG_FORMAT" });
   await assert.rejects(imageInfo(join(dir, "base.raw"), { format: "vmdk" }), { code: "E_CORRUPT_IMAGE", message: /invalid VMDK image descriptor/ });
-  await assert.rejects(imageInfo(join(dir, "base.raw"), { format: "vhdx" }), { code: "E_UNKNOWN_FORMAT" });
+  await assert.rejects(imageInfo(join(dir, "base.raw"), { format: "qed" }), { code: "E_UNKNOWN_FORMAT" });
 });
 
 const CREATE_CASES: Array<{ qemu: string[]; ours: CreateImageOptions; size?: number }> = [
@@ -123,7 +123,7 @@ test("createImage refuses what qemu-img create refuses", async (t) => {
     [{ format: "qcow2", sizeBytes: 1 << 20, options: { cluster_size: 1000 } }, "E_INVALID_OPTION", /Cluster size must be a power of two/],
     [{ format: "qcow2", sizeBytes: 1 << 20, options: { "encrypt.format": "luks" } }, "E_UNSUPPORTED_FEATURE", /encrypt\.format/],
     [{ format: "vmdk", sizeBytes: 1 << 20, options: {} }, "E_UNSUPPORTED_FEATURE", /reads vmdk images but does not write them/],
-    [{ format: "vhdx", sizeBytes: 1 << 20, options: {} }, "E_UNKNOWN_FORMAT", /Unknown file format 'vhdx'/],
+    [{ format: "qed", sizeBytes: 1 << 20, options: {} }, "E_UNKNOWN_FORMAT", /Unknown file format 'qed'/],
   ];
   for (const [options, code, message] of expectations) {
     await assert.rejects(createImage(path, options), (error: Error & { code: string }) => {

@@ -340,7 +340,7 @@ test("convertImage copies a chain's content into a raw file, skipping zeroes", a
   assert.deepEqual(new Uint8Array(readFileSync(path)), expected);
   await assert.rejects(convertImage(top, path, { format: "raw", compress: true }), { code: "E_UNSUPPORTED_FEATURE" });
   await assert.rejects(convertImage(top, path, { format: "vmdk" }), { code: "E_UNSUPPORTED_FEATURE", message: /reads vmdk images but does not write them/ });
-  await assert.rejects(convertImage(top, path, { format: "vhdx" }), { code: "E_UNKNOWN_FORMAT" });
+  await assert.rejects(convertImage(top, path, { format: "qed" }), { code: "E_UNKNOWN_FORMAT" });
   await assert.rejects(convertImage(top, path, { format: "raw", sparseSizeBytes: 100 }), { code: "E_INVALID_SIZE" });
   const controller = new AbortController();
   controller.abort();

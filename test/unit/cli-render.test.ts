@@ -51,7 +51,7 @@ test("-o lists: escapes, bare names, type errors, unknown names", () => {
   expectCode(() => checkCreateOptions("qcow2", parseOptionList("refcount_bits=x")), "E_INVALID_OPTION", /expects a number/);
   expectCode(() => checkCreateOptions("raw", parseOptionList("backing_file=a")), "E_INVALID_OPTION", /backing_file/);
   expectCode(() => checkCreateOptions("vmdk", []), "E_UNSUPPORTED_FEATURE", /reads vmdk images but does not write them/);
-  expectCode(() => checkCreateOptions("vhdx", []), "E_UNKNOWN_FORMAT", /Unknown file format 'vhdx'/);
+  expectCode(() => checkCreateOptions("qed", []), "E_UNKNOWN_FORMAT", /Unknown file format 'qed'/);
   const typed = checkCreateOptions("qcow2", parseOptionList("lazy_refcounts=yes,cluster_size=2M,refcount_bits=64")).typed;
   assert.deepEqual(typed, { lazy_refcounts: true, cluster_size: 2097152, refcount_bits: 64 });
 });

@@ -1,0 +1,92 @@
+/**
+ * VHDX (Hyper-V) images, read-only, against qemu-img 7.2 on the same
+ * files: dynamic (default and 1 MiB blocks) and fixed disks made by
+ * qemu-img (create + qemu-io writes, convert from data). info, map, check,
+ * compare and a convert to qcow2 must agree with qemu-img; damaged headers
+ * and truncated files get coded errors; an image whose log may hold
+ * unapplied writes is refused; writing is refused, the file untouched.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { requireTools, scratchDir } from "../helpers/tools.ts";
+import { createRandom } from "../helpers/random.ts";
+import { crc32c } from "../../src/formats/vhdx/vhdx-format.ts";
+import { assertCodedError, assertSameAsQemuImg, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
+
+test("vhdx images made by qemu-img: info, map, check, compare and convert agree with qemu-img", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const random = createRandom(31337);
+  const source = new Uint8Array(20 * 1024 * 1024);
+  for (let run = 0; run < 16; run++) {
+    const start = random.int(source.length - 400 * 512);
+    source.set(random.bytes(512 * (1 + random.int(400))), start);
+  }
+  writeFileSync(join(dir, "source.raw"), source);
+  ok(await qemuImg(["convert", "-f", "raw", "-O", "vhdx", "source.raw", "converted.vhdx"], dir), "convert");
+  ok(await qemuImg(["convert", "-f", "raw", "-O", "vhdx", "-o", "block_size=1M", "source.raw", "converted-1m.vhdx"], dir), "convert, 1 MiB blocks");
+  const images = ["converted.vhdx", "converted-1m.vhdx"];
+  for (const [name, options] of [
+    ["dynamic.vhdx", "subformat=dynamic"],
+    ["small-blocks.vhdx", "block_size=1M,log_size=1M"],
+    ["fixed.vhdx", "subformat=fixed"],
+  ]) {
+    ok(await qemuImg(["create", "-q", "-f", "vhdx", "-o", options, name, "48M"], dir), `create ${name}`);
+    ok(await qemuIo(["-f", "vhdx", "-c", "write -P 7 1M 300k", "-c", "write -z 8M 64k", "-c", "write -P 3 40M 1M", name], dir), `write ${name}`);
+    images.push(name);
+  }
+  for (const image of images) {
+    for (const command of [["info", "--output=json"], ["info"], ["map", "--output=json"], ["map"], ["check"], ["check", "--output=json"]]) {
+      await assertSameAsQemuImg(dir, [...command, image], `${command.join(" ")} ${image}`);
+    }
+    ok(await snapstack(["img", "convert", "-O", "qcow2", image, "out.qcow2"], { cwd: dir }), `convert ${image}`);
+    ok(await qemuImg(["compare", image, "out.qcow2"], dir), `qemu-img compare ${image} with snapstack's qcow2`);
+    ok(await snapstack(["img", "compare", image, "out.qcow2"], { cwd: dir }), `compare ${image}`);
+  }
+  ok(await snapstack(["img", "compare", "-F", "raw", "converted-1m.vhdx", "source.raw"], { cwd: dir }), "the converted image reads as its source");
+});
+
+test("vhdx is read-only; damaged headers, truncated files and pending logs get coded errors", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "vhdx", "-o", "block_size=1M", "disk.vhdx", "8M"], dir), "create");
+  ok(await qemuIo(["-f", "vhdx", "-c", "write -P 7 1M 3M", "disk.vhdx"], dir), "write");
+  const before = readFileSync(join(dir, "disk.vhdx"));
+  assertCodedError(await snapstack(["img", "resize", "disk.vhdx", "16M"], { cwd: dir }), "E_READ_ONLY");
+  assertCodedError(await snapstack(["io", "-c", "write -P 1 0 4k", "disk.vhdx"], { cwd: dir }), "E_READ_ONLY");
+  assert.ok(readFileSync(join(dir, "disk.vhdx")).equals(before), "a refused command changed the vhdx");
+  const target = await snapstack(["img", "convert", "-O", "vhdx", "disk.vhdx", "copy.vhdx"], { cwd: dir });
+  assertCodedError(target, "E_UNSUPPORTED_FEATURE");
+  assert.match(target.stderr, /reads vhdx images but does not write them/);
+
+  // Both headers damaged.
+  const headers = Buffer.from(before);
+  headers[64 * 1024 + 20] ^= 1;
+  headers[128 * 1024 + 20] ^= 1;
+  writeFileSync(join(dir, "headers.vhdx"), headers);
+  const noHeader = await snapstack(["img", "info", "headers.vhdx"], { cwd: dir });
+  assertCodedError(noHeader, "E_CORRUPT_IMAGE");
+  assert.match(noHeader.stderr, /No valid VHDX header found/);
+  assert.notEqual((await qemuImg(["info", "headers.vhdx"], dir)).code, 0, "qemu-img refuses it too");
+
+  // Truncated: the last payload block is gone.
+  writeFileSync(join(dir, "truncated.vhdx"), before.subarray(0, before.length - 1024 * 1024));
+  const truncated = await snapstack(["img", "info", "truncated.vhdx"], { cwd: dir });
+  assertCodedError(truncated, "E_CORRUPT_IMAGE");
+  assert.match(truncated.stderr, /points after end of file/);
+  assert.notEqual((await qemuImg(["info", "truncated.vhdx"], dir)).code, 0, "qemu-img refuses it too");
+
+  // A log GUID in both headers (checksums made right): the log may hold writes not yet applied.
+  const logged = Buffer.from(before);
+  for (const at of [64 * 1024, 128 * 1024]) {
+    logged.fill(0x5a, at + 48, at + 64);
+    logged.writeUInt32LE(0, at + 4);
+    logged.writeUInt32LE(crc32c(logged.subarray(at, at + 4096)), at + 4);
+  }
+  writeFileSync(join(dir, "logged.vhdx"), logged);
+  const log = await snapstack(["img", "info", "logged.vhdx"], { cwd: dir });
+  assertCodedError(log, "E_UNSUPPORTED_FEATURE");
+  assert.match(log.stderr, /log/);
+});
