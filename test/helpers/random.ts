@@ -1,3 +1,4 @@
+import { writeFileSync } from "node:fs";
 /**
  * Seeded pseudo-random numbers for randomized tests. Every randomized test
  * prints its seed; set SNAPSTACK_SEED=<seed> to replay a failing run.
@@ -27,4 +28,22 @@ export function createRandom(seed: number): { next(): number; int(maxExclusive: 
       return out;
     },
   };
+}
+
+/**
+ * A raw disk image of `sizeBytes` with seeded random data in `runs`
+ * scattered runs of whole sectors (up to 400 each, aligned to nothing
+ * larger) and zeroes between, written to `path`: the source the foreign
+ * format tests convert from.
+ */
+export function writeScatteredDisk(path: string, sizeBytes: number, seed: number, runs = 16): Uint8Array {
+  const random = createRandom(seed);
+  const disk = new Uint8Array(sizeBytes);
+  for (let run = 0; run < runs; run++) {
+    const start = random.int(sizeBytes);
+    const length = Math.min(sizeBytes - start, 512 * (1 + random.int(400)));
+    disk.set(random.bytes(length), start);
+  }
+  writeFileSync(path, disk);
+  return disk;
 }

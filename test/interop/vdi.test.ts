@@ -12,19 +12,13 @@ import assert from "node:assert/strict";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
-import { createRandom } from "../helpers/random.ts";
+import { writeScatteredDisk } from "../helpers/random.ts";
 import { assertCodedError, assertSameAsQemuImg, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
 
 test("vdi images made by qemu-img: info, map, check, compare and convert agree with qemu-img, damaged block maps too", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);
-  const random = createRandom(99);
-  const source = new Uint8Array(12 * 1024 * 1024 + 1536);
-  for (let run = 0; run < 16; run++) {
-    const start = random.int(source.length - 400 * 512);
-    source.set(random.bytes(512 * (1 + random.int(400))), start);
-  }
-  writeFileSync(join(dir, "source.raw"), source);
+  writeScatteredDisk(join(dir, "source.raw"), 12 * 1024 * 1024 + 1536, 99);
   const images: string[] = [];
   for (const options of ["static=off", "static=on"]) {
     const name = `converted-${options.replace("=", "-")}.vdi`;

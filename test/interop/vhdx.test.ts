@@ -11,20 +11,14 @@ import assert from "node:assert/strict";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
-import { createRandom } from "../helpers/random.ts";
+import { writeScatteredDisk } from "../helpers/random.ts";
 import { crc32c } from "../../src/formats/vhdx/vhdx-format.ts";
 import { assertCodedError, assertSameAsQemuImg, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
 
 test("vhdx images made by qemu-img: info, map, check, compare and convert agree with qemu-img", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);
-  const random = createRandom(31337);
-  const source = new Uint8Array(20 * 1024 * 1024);
-  for (let run = 0; run < 16; run++) {
-    const start = random.int(source.length - 400 * 512);
-    source.set(random.bytes(512 * (1 + random.int(400))), start);
-  }
-  writeFileSync(join(dir, "source.raw"), source);
+  writeScatteredDisk(join(dir, "source.raw"), 20 * 1024 * 1024, 31337);
   ok(await qemuImg(["convert", "-f", "raw", "-O", "vhdx", "source.raw", "converted.vhdx"], dir), "convert");
   ok(await qemuImg(["convert", "-f", "raw", "-O", "vhdx", "-o", "block_size=1M", "source.raw", "converted-1m.vhdx"], dir), "convert, 1 MiB blocks");
   const images = ["converted.vhdx", "converted-1m.vhdx"];

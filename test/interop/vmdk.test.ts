@@ -12,30 +12,18 @@ import assert from "node:assert/strict";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, run, scratchDir } from "../helpers/tools.ts";
-import { createRandom } from "../helpers/random.ts";
+import { writeScatteredDisk } from "../helpers/random.ts";
 import { assertCodedError, assertSameAsQemuImg, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
 
 const SUBFORMATS = ["monolithicSparse", "streamOptimized", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"];
 
-/** A raw disk of `sizeBytes` with seeded data in scattered runs (some grain-aligned, some not) and zero gaps. */
-function sourceDisk(path: string, sizeBytes: number, seed: number): void {
-  const random = createRandom(seed);
-  const disk = new Uint8Array(sizeBytes);
-  for (let run = 0; run < 24; run++) {
-    const start = random.int(sizeBytes);
-    const length = Math.min(sizeBytes - start, 512 * (1 + random.int(400)));
-    disk.set(random.bytes(length), start);
-  }
-  disk.fill(0x5a, 0, 64 * 1024);
-  writeFileSync(path, disk);
-}
 
 test("vmdk subformats made by qemu-img: info, map, check, compare and convert agree with qemu-img", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);
   // 9 MiB + 3 KiB: the last 64 KiB grain is partial (stream-optimized stores it short).
   const sizeBytes = 9 * 1024 * 1024 + 3 * 1024;
-  sourceDisk(join(dir, "source.raw"), sizeBytes, 4242);
+  writeScatteredDisk(join(dir, "source.raw"), sizeBytes, 4242, 24);
   const images: string[] = [];
   for (const subformat of SUBFORMATS) {
     // As disks arrive: converted from data (an OVA's stream-optimized disk, an exported flat disk).

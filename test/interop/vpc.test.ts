@@ -11,7 +11,7 @@ import assert from "node:assert/strict";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
-import { createRandom } from "../helpers/random.ts";
+import { writeScatteredDisk } from "../helpers/random.ts";
 import { assertCodedError, assertSameAsQemuImg, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
 
 /** A footer at `at` rewritten by `change`, its checksum made right again (the one's complement of the byte sum). */
@@ -27,13 +27,7 @@ function patchFooter(bytes: Buffer, at: number, change: (footer: Buffer) => void
 test("vpc images made by qemu-img: info, map, check, compare and convert agree with qemu-img", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);
-  const random = createRandom(777);
-  const source = new Uint8Array(24 * 1024 * 1024);
-  for (let run = 0; run < 20; run++) {
-    const start = random.int(source.length - 600 * 512);
-    source.set(random.bytes(512 * (1 + random.int(600))), start);
-  }
-  writeFileSync(join(dir, "source.raw"), source);
+  writeScatteredDisk(join(dir, "source.raw"), 24 * 1024 * 1024, 777, 20);
   const images: Array<[string, string[]]> = [];
   for (const subformat of ["dynamic", "fixed"]) {
     ok(await qemuImg(["convert", "-f", "raw", "-O", "vpc", "-o", `subformat=${subformat}`, "source.raw", `converted-${subformat}.vhd`], dir), `convert ${subformat}`);
