@@ -128,7 +128,8 @@ function describeVmdk(device: VmdkImage, path: string): ImageInfoJson {
   const ordered: ImageInfoJson = {
     filename: path,
     format: device.format,
-    "dirty-flag": false,
+    // Left out where QEMU's get_info fails (extents of different kinds), as qemu-img leaves it out.
+    ...(info.infoAvailable ? { "dirty-flag": false } : {}),
     "actual-size": info.otherFiles.reduce((sum, file) => sum + allocatedBytes(file), allocatedBytes(path)),
     "virtual-size": device.sizeBytes,
   };

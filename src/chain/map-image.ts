@@ -17,8 +17,9 @@
  *   takes for metadata-preallocated; a vmdk image's flat extent; a fixed
  *   vpc disk). A raw
  *   layer's holes are zero (RawImage.layerStatus).
- * - Adjacent entries merge when depth, present, zero, data agree and either
- *   both lack an offset or the offsets are contiguous (entry_mergeable).
+ * - Adjacent entries merge when depth, present, zero, data and the host
+ *   file agree and either both lack an offset or the offsets are
+ *   contiguous (entry_mergeable).
  * - Iterative: a stack of (layer, range) lookups replaces recursion, so
  *   chains thousands deep need constant stack. The top is walked in chunks
  *   of MAP_CHUNK_BYTES (qemu-img probes 1 GiB at a time too) so the extent
@@ -57,6 +58,7 @@ function entryFor(extent: LayerExtent, depth: number): MapExtent {
     data: extent.kind === "data",
   };
   if (extent.hostOffset !== undefined && !extent.compressed) entry.offset = extent.hostOffset;
+  if (extent.hostFile !== undefined) entry.file = extent.hostFile;
   return entry;
 }
 
@@ -67,7 +69,7 @@ function absentZero(start: number, end: number, depth: number): MapExtent {
 export function mapEntriesMergeable(current: MapExtent, next: MapExtent): boolean {
   if (current.length === 0) return false;
   if (current.zero !== next.zero || current.data !== next.data || current.depth !== next.depth || current.present !== next.present) return false;
-  if ((current.offset === undefined) !== (next.offset === undefined)) return false;
+  if ((current.offset === undefined) !== (next.offset === undefined) || current.file !== next.file) return false;
   return current.offset === undefined || current.offset + current.length === next.offset;
 }
 
@@ -97,7 +99,7 @@ async function emitData(entry: MapExtent, layer: BlockDevice, fileSizeBytes: num
   }
   let inside = Math.min(entry.length, Math.max(0, fileSizeBytes - offset));
   if (inside > 0) {
-    const runs = (await layer.hostHoles?.(offset, inside)) ?? null;
+    const runs = (await layer.hostHoles?.(offset, inside, entry.file)) ?? null;
     if (runs === null) sink({ ...entry, length: inside });
     else {
       for (const run of runs) sink({ ...entry, start: entry.start + (run.hostOffset - offset), length: run.lengthBytes, offset: run.hostOffset, zero: run.hole });

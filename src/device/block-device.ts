@@ -27,6 +27,8 @@ export interface LayerExtent {
   hostOffset?: number;
   /** The data is stored compressed (no meaningful host offset). */
   compressed?: boolean;
+  /** The file the host offset is in, where it is not the layer's own file (a vmdk extent file). */
+  hostFile?: string;
 }
 
 export interface WriteZeroesOptions {
@@ -95,13 +97,7 @@ export interface BlockDevice {
    * there read as zeroes (map's `"zero": true, "data": true`). Null: QEMU
    * would not ask, or holes cannot be seen; the data is data.
    */
-  hostHoles?(hostOffset: number, lengthBytes: number): Promise<FileRun[] | null>;
-  /**
-   * Optional: the file holding the guest byte at `guestOffset` where it is
-   * not the device's own (a vmdk extent file): what qemu-img map's human
-   * output names. Absent: `name`.
-   */
-  hostFileName?(guestOffset: number): string;
+  hostHoles?(hostOffset: number, lengthBytes: number, hostFile?: string): Promise<FileRun[] | null>;
   /** Close this device and, if it owns it, its backing chain. Idempotent. */
   close(): Promise<void>;
 }
@@ -115,4 +111,6 @@ export interface MapExtent {
   zero: boolean;
   data: boolean;
   offset?: number;
+  /** The file `offset` is in, where it is not the layer's own (LayerExtent.hostFile); not printed in JSON. */
+  file?: string;
 }

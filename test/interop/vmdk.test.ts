@@ -118,6 +118,37 @@ test("vmdk is read-only: writers refuse it, the file untouched; damaged and unsu
   assert.match((await qemuImg(["info", "custom.vmdk"], dir)).stderr, /Unsupported image type 'custom'/);
 });
 
+test("vmdk descriptors with several files: maps name and split by file, holes of every flat extent, UTF-8 names, mixed extents; remove keeps descriptors and extents together", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  // 5 GiB split in three 2 GiB flat files (qemu-img's own subformat): every file's holes show.
+  ok(await qemuImg(["create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentFlat", "split.vmdk", "5G"], dir), "create split");
+  ok(await qemuIo(["-f", "vmdk", "-c", "write -P 1 100M 1M", "-c", "write -P 2 2100M 1M", "-c", "write -P 3 4500M 1M", "split.vmdk"], dir), "write split");
+  // Two flat files whose host offsets line up with the guest's: not one run (qemu-img compares the files).
+  writeFileSync(join(dir, "flat-a.bin"), Buffer.alloc(100 * 512, 0x61));
+  writeFileSync(join(dir, "flat-é.bin"), Buffer.alloc(200 * 512, 0x62));
+  ok(await qemuImg(["create", "-q", "-f", "vmdk", "sparse-part.vmdk", "1M"], dir), "a sparse extent file");
+  ok(await qemuIo(["-f", "vmdk", "-c", "write -P 9 64k 64k", "sparse-part.vmdk"], dir), "write it");
+  const descriptor = (extents: string): string => `# Disk DescriptorFile\nversion=1\nCID=1234abcd\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n${extents}\n`;
+  writeFileSync(join(dir, "contig.vmdk"), descriptor('RW 100 FLAT "flat-a.bin" 0\nRW 100 FLAT "flat-é.bin" 100'));
+  writeFileSync(join(dir, "mixed.vmdk"), descriptor('RW 100 FLAT "flat-a.bin" 0\nRW 2048 SPARSE "sparse-part.vmdk"'));
+  for (const image of ["split.vmdk", "contig.vmdk", "mixed.vmdk"]) {
+    for (const command of [["info", "--output=json"], ["map", "--output=json"], ["map"]]) await assertSameAsQemuImg(dir, [...command, image], `${command.join(" ")} ${image}`);
+  }
+  await assertSameAsQemuImg(dir, ["measure", "-O", "qcow2", "split.vmdk"], "measure of the split image (its holes are holes)");
+  ok(await snapstack(["img", "convert", "-O", "qcow2", "mixed.vmdk", "mixed.qcow2"], { cwd: dir }), "convert the mixed image");
+  ok(await qemuImg(["compare", "mixed.vmdk", "mixed.qcow2"], dir), "compare the mixed image");
+
+  // remove: an extent a descriptor uses is refused, and so is a descriptor whose data is elsewhere.
+  const extentRemoved = await snapstack(["img", "remove", "flat-a.bin"], { cwd: dir });
+  assertCodedError(extentRemoved, "E_IN_USE");
+  assert.match(extentRemoved.stderr, /used as extent file by/);
+  const descriptorRemoved = await snapstack(["img", "remove", "--wipe", "contig.vmdk"], { cwd: dir });
+  assertCodedError(descriptorRemoved, "E_UNSUPPORTED_FEATURE");
+  assert.match(descriptorRemoved.stderr, /extent file 'flat-a\.bin', which would be left behind/);
+  assert.ok(readFileSync(join(dir, "flat-a.bin")).equals(Buffer.alloc(100 * 512, 0x61)), "the extent is untouched");
+});
+
 test("a qcow2 overlay over a vmdk: reads fall through to the vmdk, writes land in the overlay, as qemu-io sees them", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);

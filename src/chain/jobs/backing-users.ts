@@ -1,44 +1,66 @@
 /**
- * Which images use a given file: as their backing file, or as their
- * external data file.
+ * Which images use a given file: as their backing file, as their external
+ * data file, or (a vmdk descriptor) as an extent file.
  *
- * A qcow2 header names its backing file (and data file) but nothing points
- * the other way, so the only way to know is to look: every regular file in
- * the given directories is probed (4 bytes), and each qcow2 image's
- * backing and data file names are resolved as QEMU resolves them
- * (referencedPaths) and compared by file identity with the file in
- * question. Unreadable files and files that are not qcow2 are skipped; at
- * most BACKING_SCAN_FILES_MAX files are probed per directory.
+ * A qcow2 header names its backing file (and data file), a vmdk descriptor
+ * its extent files, but nothing points the other way, so the only way to
+ * know is to look: every regular file in the given directories is probed
+ * (its first sector), and each qcow2 image's backing and data file names
+ * and each vmdk descriptor's extent names are resolved as QEMU resolves
+ * them (referencedPaths) and compared by file identity with the file in
+ * question. Unreadable files and files of other kinds are skipped; at most
+ * BACKING_SCAN_FILES_MAX files are probed per directory.
  */
 import { closeSync, openSync, readdirSync, readSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { openNodeFile } from "../../io/node-file.ts";
-import { QCOW2_MAGIC, readQcow2Header } from "../../formats/qcow2/index.ts";
+import { readQcow2Header } from "../../formats/qcow2/index.ts";
 import { resolveBackingPath } from "../backing-path.ts";
+import { probedFormatName } from "../image-format.ts";
+import { DESCRIPTOR_BYTES_MAX, descriptorText, parseDescriptor } from "../../formats/vmdk/vmdk-format.ts";
 import { fileKey } from "../../io/file-identity.ts";
 
 /** Files probed per directory (bounds the work of one scan). */
 export const BACKING_SCAN_FILES_MAX = 100_000;
 
-/** Whether the file at `path` starts with the qcow2 magic (false when unreadable). */
-export function startsWithQcow2Magic(path: string): boolean {
+/** The first `bytes` of the file at `path` (fewer at its end), or null when unreadable. */
+function readHead(path: string, bytes: number): Buffer | null {
   let fd: number | null = null;
   try {
     fd = openSync(path, "r");
-    const magic = Buffer.alloc(4);
-    return readSync(fd, magic, 0, 4, 0) === 4 && magic.readUInt32BE(0) === QCOW2_MAGIC;
+    const head = Buffer.alloc(bytes);
+    return head.subarray(0, readSync(fd, head, 0, bytes, 0));
   } catch {
-    return false;
+    return null;
   } finally {
     if (fd !== null) closeSync(fd);
   }
 }
 
-/** How an image uses another file. */
-export type FileUse = "backing file" | "data file";
+/** What a file may name other files as: qcow2 (backing, data file) or a vmdk descriptor (extents); null otherwise. */
+function namingKind(path: string): "qcow2" | "vmdk descriptor" | null {
+  const head = readHead(path, 512);
+  if (head === null) return null;
+  const kind = probedFormatName(head);
+  if (kind === "qcow2") return "qcow2";
+  return kind === "vmdk" && !head.subarray(0, 4).equals(Buffer.from("KDMV")) && !head.subarray(0, 4).equals(Buffer.from("COWD")) ? "vmdk descriptor" : null;
+}
 
-/** The file names a qcow2 file stores (backing, external data file), or none (unreadable). */
+/** How an image uses another file. */
+export type FileUse = "backing file" | "data file" | "extent file";
+
+/** The file names a qcow2 file (backing, external data file) or a vmdk descriptor (extents) stores, or none (unreadable, other kinds). */
 export async function storedFileNames(path: string): Promise<Array<[FileUse, string]>> {
+  const kind = namingKind(path);
+  if (kind === "vmdk descriptor") {
+    const text = readHead(path, DESCRIPTOR_BYTES_MAX);
+    try {
+      return text === null ? [] : parseDescriptor(descriptorText(text)).extents.map((extent): [FileUse, string] => ["extent file", extent.fileName]);
+    } catch {
+      return [];
+    }
+  }
+  if (kind !== "qcow2") return [];
   let file;
   try {
     file = await openNodeFile(path, { readOnly: true });
@@ -96,7 +118,7 @@ export async function findFileUsers(path: string, directories: readonly string[]
       if (!entry.isFile() || probed >= BACKING_SCAN_FILES_MAX) continue;
       probed++;
       const candidate = join(directory, entry.name);
-      if (fileKey(candidate) === target || !startsWithQcow2Magic(candidate)) continue;
+      if (fileKey(candidate) === target || namingKind(candidate) === null) continue;
       for (const [use, name] of await storedFileNames(candidate)) {
         if (!users.has(candidate) && referencedPaths(candidate, use, name).some((resolved) => fileKey(resolved) === target)) users.set(candidate, use);
       }

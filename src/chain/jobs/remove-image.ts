@@ -31,7 +31,7 @@ import { lstatSync, unlinkSync } from "node:fs";
 import { dirname } from "node:path";
 import { SnapstackError, fromSystemError } from "../../base/errors.ts";
 import { openNodeFile, syncDirectory } from "../../io/node-file.ts";
-import { findFileUsers, startsWithQcow2Magic, storedFileNames } from "./backing-users.ts";
+import { findFileUsers, storedFileNames } from "./backing-users.ts";
 import { lockBits, lockImageFile } from "../../io/qemu-locks.ts";
 import { runJob, type JobOptions } from "./job.ts";
 import { allocateIoBuffer } from "../../io/io-buffer.ts";
@@ -74,9 +74,11 @@ export async function removeImage(path: string, options: RemoveImageOptions = {}
   const lock = lockImageFile(path, lockBits("remove"));
   if (typeof lock === "string") throw new SnapstackError("E_IN_USE", `Could not remove '${path}': ${lock}: is another process using the image?`, { path });
   try {
-    const dataFile = startsWithQcow2Magic(path) ? (await storedFileNames(path)).find(([use]) => use === "data file") : undefined;
+    // Guest data in another file (a qcow2 external data file, a vmdk descriptor's extents) would be left behind.
+    const dataFile = (await storedFileNames(path)).find(([use]) => use === "data file" || use === "extent file");
     if (dataFile !== undefined) {
-      throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: cannot remove: its guest data is in the external data file '${dataFile[1]}', which would be left behind`, { path });
+      const what = dataFile[0] === "data file" ? "the external data file" : "the extent file";
+      throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: cannot remove: its guest data is in ${what} '${dataFile[1]}', which would be left behind`, { path });
     }
     return await runJob<RemoveResult>("remove", options, {
       async run(job) {

@@ -35,7 +35,7 @@ import type { BlockDevice } from "../../device/block-device.ts";
 import { Qcow2Image } from "../../formats/qcow2/index.ts";
 import { RawImage } from "../../formats/raw/raw-image.ts";
 import { openNodeFile } from "../../io/node-file.ts";
-import { parseImageFormat, probeImageFormat } from "../image-format.ts";
+import { parseImageFormat, parseOutputFormat, probeImageFormat } from "../image-format.ts";
 import { lockLayerFile, openImage } from "../open-image.ts";
 import { lockBits } from "../../io/qemu-locks.ts";
 import { refuseWritingInput } from "../layer-file.ts";
@@ -159,7 +159,8 @@ async function openTarget(path: string, format: string | undefined): Promise<{ d
   }
   const file = await openNodeFile(path, { readOnly: false });
   try {
-    const probed = format === undefined ? await probeImageFormat(file, path) : parseImageFormat(format);
+    // A format snapstack only reads (a vmdk written to the device, say) is refused, not overwritten as raw.
+    const probed = parseOutputFormat(format === undefined ? await probeImageFormat(file, path) : parseImageFormat(format));
     if (probed === "qcow2") {
       await file.close();
       return { device: await openImage(path, { format: "qcow2", readOnly: false }), isBlockDevice: true };

@@ -28,11 +28,12 @@ const OUTPUT_PIECE_CHARS = 64 * 1024;
 
 export const MAP_HUMAN_HEADER = `${"Offset".padEnd(16)}${"Length".padEnd(16)}${"Mapped to".padEnd(16)}File\n`;
 
-/** The file holding `guestOffset` in the image at `depth` below `top` (qemu prints the layer's file name, or a vmdk extent's). */
-function layerName(top: BlockDevice, depth: number, guestOffset: number): string {
+/** The file an entry's data is in: a vmdk extent's, else the layer's at its depth below `top` (qemu prints that name). */
+function hostFileName(top: BlockDevice, entry: MapExtent): string {
+  if (entry.file !== undefined) return entry.file;
   let device: BlockDevice | null = top;
-  for (let level = 0; level < depth && device !== null; level++) device = device.backing;
-  return device?.hostFileName?.(guestOffset) ?? device?.name ?? "";
+  for (let level = 0; level < entry.depth && device !== null; level++) device = device.backing;
+  return device?.name ?? "";
 }
 
 export const mapCommand: CliCommand = {
@@ -82,7 +83,7 @@ export const mapCommand: CliCommand = {
         throw new SnapstackError("E_UNSUPPORTED_FEATURE", "File contains external, encrypted or compressed clusters.", { guestOffset: entry.start });
       }
       if (entry.data && !entry.zero) {
-        write(`${hex(entry.start).padEnd(16)}${hex(entry.length).padEnd(16)}${hex(entry.offset ?? 0).padEnd(16)}${layerName(device, entry.depth, entry.start)}\n`);
+        write(`${hex(entry.start).padEnd(16)}${hex(entry.length).padEnd(16)}${hex(entry.offset ?? 0).padEnd(16)}${hostFileName(device, entry)}\n`);
       }
     };
     try {

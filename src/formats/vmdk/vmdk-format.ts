@@ -18,7 +18,9 @@
  *   (hexadecimal), parentFileNameHint="..." (a backing file), and extent
  *   lines `RW <sectors> FLAT|SPARSE|VMFS|VMFSSPARSE|SESPARSE "<file>" [offset]`;
  *   lines whose access is not RW (RDONLY, NOACCESS) are skipped, as QEMU
- *   skips them (their sectors are then missing from the disk).
+ *   skips them (their sectors are then missing from the disk), and a blank
+ *   line right before an extent line repeats that extent (QEMU's sscanf
+ *   skips newlines), as in QEMU.
  */
 import { SnapstackError } from "../../base/errors.ts";
 
@@ -146,20 +148,25 @@ export interface VmdkDescriptor {
   extents: VmdkExtentLine[];
 }
 
-/** The text of a descriptor: up to the first NUL, as QEMU's C strings end. */
+/** The text of a descriptor: up to the first NUL, as QEMU's C strings end; UTF-8, as file names are (QEMU passes the bytes through). */
 export function descriptorText(bytes: Uint8Array): string {
   const end = bytes.indexOf(0);
-  return new TextDecoder("latin1").decode(end < 0 ? bytes : bytes.subarray(0, end));
+  return new TextDecoder("utf-8").decode(end < 0 ? bytes : bytes.subarray(0, end));
 }
 
-/** vmdk_parse_description: the quoted value after `name` + 2 characters (`="`). */
-function quotedValue(text: string, name: string): string | null {
+/**
+ * vmdk_parse_description: the quoted value after `name` + 2 characters
+ * (`="`): null when `name` is absent; "unterminated" when the value has no
+ * closing quote or is longer than `lengthMax` (QEMU's buffer), which QEMU
+ * refuses.
+ */
+function quotedValue(text: string, name: string, lengthMax: number): string | null | "unterminated" {
   const at = text.indexOf(name);
   if (at < 0) return null;
   const start = at + name.length + 2;
-  if (start >= text.length) return null;
+  if (start >= text.length) return "unterminated";
   const end = text.indexOf('"', start);
-  return end < 0 ? null : text.slice(start, end);
+  return end < 0 || end - start + 1 > lengthMax ? "unterminated" : text.slice(start, end);
 }
 
 /** vmdk_read_cid: the hexadecimal number after `name` and one character (`=`), as sscanf %x reads it. */
@@ -170,14 +177,21 @@ function cidValue(text: string, name: string): number | null {
   return match === null ? null : Number.parseInt(match[1].slice(-8), 16) >>> 0;
 }
 
-const EXTENT_LINE = /^(\S{1,10})[ \t]+(-?\d+)[ \t]+(\S{1,10})[ \t]+"([^\n\r"]{1,511})"(?:[ \t]+(-?\d+))?/;
+/** sscanf("%10s %ld %10s \"%511[^\n\r\"]\" %ld"): whitespace optional before the last number, signs allowed. */
+const EXTENT_LINE = /^(\S{1,10})[ \t]+([+-]?\d+)[ \t]+(\S{1,10})[ \t]+"([^\n\r"]{1,511})"(?:[ \t]*([+-]?\d+))?/;
 const EXTENT_TYPES: readonly string[] = ["FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE"];
 
 /** Parse a descriptor as vmdk_open_desc_file and vmdk_parse_extents do. */
 export function parseDescriptor(text: string): VmdkDescriptor {
+  // QEMU reads CID, parentCID and parentFileNameHint from the first DESCRIPTOR_CID_BYTES only.
+  const head = text.slice(0, DESCRIPTOR_CID_BYTES);
   const extents: VmdkExtentLine[] = [];
-  for (const line of text.split("\n")) {
-    const match = EXTENT_LINE.exec(line.trimStart());
+  // QEMU runs sscanf from the start of every line, and sscanf skips whitespace, newlines included: a
+  // blank line right before an extent line reads that extent too (twice in all). So does this.
+  for (let start = 0; start < text.length; start = text.indexOf("\n", start) < 0 ? text.length : text.indexOf("\n", start) + 1) {
+    const from = text.slice(start, start + 4096).trimStart();
+    const line = from.slice(0, from.indexOf("\n") < 0 ? from.length : from.indexOf("\n"));
+    const match = EXTENT_LINE.exec(from);
     if (match === null || match[1] !== "RW") continue;
     const [, , sectorsText, type, fileName, offsetText] = match;
     const sectors = Number(sectorsText);
@@ -191,14 +205,19 @@ export function parseDescriptor(text: string): VmdkDescriptor {
       throw invalid(`vmdk: Invalid extent line: ${line.replace(/\r$/, "")}`);
     }
     if (sectors <= 0 || !EXTENT_TYPES.includes(type)) continue;
-    if (!Number.isSafeInteger(sectors) || !Number.isSafeInteger(flatOffsetSectors)) throw invalid(`vmdk: Invalid extent line: ${line}`);
+    if (!Number.isSafeInteger(sectors * VMDK_SECTOR_BYTES) || !Number.isSafeInteger(flatOffsetSectors * VMDK_SECTOR_BYTES)) {
+      throw invalid(`vmdk: an extent's size or offset is beyond what snapstack addresses: ${line.replace(/\r$/, "")}`);
+    }
     extents.push({ sectors, type: type as VmdkExtentType, fileName, flatOffsetSectors });
   }
+  const createType = quotedValue(text, "createType", 128);
+  const parentFileNameHint = quotedValue(head, "parentFileNameHint", 4096);
+  if (parentFileNameHint === "unterminated") throw invalid("vmdk: the descriptor's parentFileNameHint has no closing quote");
   return {
-    createType: quotedValue(text, "createType"),
-    cid: cidValue(text, "CID"),
-    parentCid: cidValue(text, "parentCID"),
-    parentFileNameHint: quotedValue(text, "parentFileNameHint"),
+    createType: createType === "unterminated" ? null : createType,
+    cid: cidValue(head, "CID"),
+    parentCid: cidValue(head, "parentCID"),
+    parentFileNameHint,
     extents,
   };
 }

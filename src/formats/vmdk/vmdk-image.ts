@@ -20,10 +20,10 @@
  * - layerStatus reports what qemu-img map shows: unallocated grains
  *   unallocated, zeroed grains zero, allocated grains data at their host
  *   offset (compressed ones without one), flat extents data at their
- *   offset in their file. For a flat extent QEMU also asks the file for
- *   holes (BDRV_BLOCK_RECURSE): hostHoles does that when the image is one
- *   flat extent (with several, a host offset alone does not say which
- *   file; their holes then show as plain data).
+ *   offset in their file (each extent's named as its hostFile, so map
+ *   neither merges runs of two files nor names the wrong one). For a flat
+ *   extent QEMU also asks the file for holes (BDRV_BLOCK_RECURSE):
+ *   hostHoles, given that file.
  * - Not opened, with E_UNSUPPORTED_FEATURE: VMDK3 ("COWD") and seSparse
  *   extents, VMDK versions above 3, linked clones (parentFileNameHint),
  *   create types QEMU does not open. Nothing is ever written: the device
@@ -121,8 +121,10 @@ export interface VmdkInfo {
   extents: Array<{ fileName: string; format: string; virtualSizeBytes: number; compressed: boolean; clusterSizeBytes: number | null }>;
   /** cluster-size of the image: the grain size when every extent is sparse with the same grain and compression. */
   clusterSizeBytes: number | null;
-  /** The extent files other than the image's own file (their space counts in actual-size). */
+  /** The extent files other than the image's own file, one per extent (their space counts in actual-size). */
   otherFiles: string[];
+  /** vmdk_co_get_info succeeds (every extent of one kind): info then shows dirty-flag (and cluster-size). */
+  infoAvailable: boolean;
 }
 
 export class VmdkImage extends ReadOnlyImage implements BlockDevice {
@@ -166,7 +168,9 @@ export class VmdkImage extends ReadOnlyImage implements BlockDevice {
         clusterSizeBytes: extent.kind === "sparse" ? extent.grainBytes : null,
       })),
       clusterSizeBytes: first?.kind === "sparse" && this.#extents.every(alike) ? first.grainBytes : null,
-      otherFiles: [...new Set(this.#extents.filter((extent) => extent.file !== this.#file).map((extent) => extent.file.name))],
+      // One per extent, as QEMU adds each extent's file (a file two extents share counts twice).
+      otherFiles: this.#extents.filter((extent) => extent.file !== this.#file).map((extent) => extent.file.name),
+      infoAvailable: this.#extents.every(alike),
     };
   }
 
@@ -210,7 +214,7 @@ export class VmdkImage extends ReadOnlyImage implements BlockDevice {
     const out: LayerExtent[] = [];
     const push = (next: LayerExtent): void => {
       const last = out[out.length - 1];
-      const contiguous = last !== undefined && last.kind === next.kind && last.compressed === next.compressed;
+      const contiguous = last !== undefined && last.kind === next.kind && last.compressed === next.compressed && last.hostFile === next.hostFile;
       const hostFollows = last?.hostOffset === undefined ? next.hostOffset === undefined : next.hostOffset === last.hostOffset + last.lengthBytes;
       if (contiguous && hostFollows) last.lengthBytes += next.lengthBytes;
       else out.push(next);
@@ -219,9 +223,10 @@ export class VmdkImage extends ReadOnlyImage implements BlockDevice {
     for (let at = guestOffset; at < end; ) {
       const extent = this.#extentAt(at);
       const inExtent = at - extent.startSector * VMDK_SECTOR_BYTES;
+      const hostFile = this.#extentNames[this.#extents.indexOf(extent)];
       if (extent.kind === "flat") {
         const length = Math.min(end - at, extent.sectors * VMDK_SECTOR_BYTES - inExtent);
-        push({ guestOffset: at, lengthBytes: length, kind: "data", hostOffset: extent.flatStartBytes + inExtent });
+        push({ guestOffset: at, lengthBytes: length, kind: "data", hostOffset: extent.flatStartBytes + inExtent, hostFile });
         at += length;
         continue;
       }
@@ -229,17 +234,18 @@ export class VmdkImage extends ReadOnlyImage implements BlockDevice {
       const length = Math.min(end - at, extent.grainBytes - inGrain);
       const grain = await this.#lookup(extent, inExtent);
       if (grain.kind !== "data") push({ guestOffset: at, lengthBytes: length, kind: grain.kind });
-      else if (extent.compressed) push({ guestOffset: at, lengthBytes: length, kind: "data", compressed: true });
-      else push({ guestOffset: at, lengthBytes: length, kind: "data", hostOffset: grain.hostOffset + inGrain });
+      else if (extent.compressed) push({ guestOffset: at, lengthBytes: length, kind: "data", compressed: true, hostFile });
+      else push({ guestOffset: at, lengthBytes: length, kind: "data", hostOffset: grain.hostOffset + inGrain, hostFile });
       at += length;
     }
     return out;
   }
 
-  /** The holes of the one flat extent's file (QEMU's BDRV_BLOCK_RECURSE); null with several extents or a sparse one. */
-  async hostHoles(hostOffset: number, lengthBytes: number): Promise<FileRun[] | null> {
-    if (this.#extents.length !== 1 || this.#extents[0].kind !== "flat") return null;
-    return (await this.#extents[0].file.holes?.(hostOffset, lengthBytes)) ?? null;
+  /** The holes of a flat extent's file (QEMU's BDRV_BLOCK_RECURSE), named by layerStatus's hostFile; null for a sparse extent. */
+  async hostHoles(hostOffset: number, lengthBytes: number, hostFile?: string): Promise<FileRun[] | null> {
+    const extent = this.#extents[this.#extentNames.indexOf(hostFile ?? "")];
+    if (extent?.kind !== "flat") return null;
+    return (await extent.file.holes?.(hostOffset, lengthBytes)) ?? null;
   }
 
   /**
@@ -267,11 +273,6 @@ export class VmdkImage extends ReadOnlyImage implements BlockDevice {
   async #lookupForCheck(extent: SparseExtent, inExtentBytes: number): Promise<number | null> {
     const grain = await this.#lookup(extent, inExtentBytes);
     return grain.kind === "data" ? grain.hostOffset : null;
-  }
-
-  /** The extent file holding `guestOffset` (qemu-img map names it). */
-  hostFileName(guestOffset: number): string {
-    return this.#extentNames[this.#extents.indexOf(this.#extentAt(guestOffset))];
   }
 
   #extentAt(guestOffset: number): Extent {
@@ -334,11 +335,16 @@ async function openSparseExtent(file: ImageFile, head: Uint8Array, startSector: 
   const path = file.name;
   let header: VmdkSparseHeader = decodeSparseHeader(head);
   const fileSizeBytes = await file.sizeBytes();
+  // QEMU counts a file's sectors rounded up (a partial last sector is one).
+  const fileSectors = Math.ceil(fileSizeBytes / VMDK_SECTOR_BYTES);
   if (header.gdOffsetSectors === null) {
-    if (fileSizeBytes < FOOTER_BYTES) throw corrupt("vmdk: Invalid footer", path);
+    if (fileSectors * VMDK_SECTOR_BYTES < FOOTER_BYTES) throw corrupt("vmdk: Invalid footer", path);
     const footer = new Uint8Array(FOOTER_BYTES);
-    await file.read(Math.floor(fileSizeBytes / VMDK_SECTOR_BYTES) * VMDK_SECTOR_BYTES - FOOTER_BYTES, footer);
+    await file.read(fileSectors * VMDK_SECTOR_BYTES - FOOTER_BYTES, footer);
     header = decodeFooter(footer);
+  }
+  for (const [what, sectors] of [["capacity", header.capacitySectors], ["grain directory offset", header.gdOffsetSectors ?? 0], ["grain offset", header.grainOffsetSectors]] as const) {
+    if (!Number.isSafeInteger(sectors * VMDK_SECTOR_BYTES)) throw corrupt(`vmdk: the ${what} (${sectors} sectors) is beyond what snapstack addresses`, path);
   }
   const compressed = header.compressAlgorithm === VMDK4_COMPRESSION_DEFLATE;
   if (header.version > 3) throw unsupported(`Unsupported VMDK version ${header.version}`, path);
@@ -346,7 +352,7 @@ async function openSparseExtent(file: ImageFile, head: Uint8Array, startSector: 
   const gdEntrySectors = header.gtesPerGt * header.grainSectors;
   if (gdEntrySectors === 0) throw corrupt("L1 entry size is invalid", path);
   const gdEntries = Math.ceil(header.capacitySectors / gdEntrySectors);
-  if (Math.floor(fileSizeBytes / VMDK_SECTOR_BYTES) < header.grainOffsetSectors) {
+  if (fileSectors < header.grainOffsetSectors) {
     throw corrupt(`File truncated, expecting at least ${header.grainOffsetSectors * VMDK_SECTOR_BYTES} bytes`, path);
   }
   if (header.grainSectors > GRAIN_SECTORS_MAX) throw corrupt("Invalid granularity, image may be corrupt", path);
@@ -443,6 +449,9 @@ export async function openVmdk(file: ImageFile, openExtentFile: VmdkFileOpener):
     const fields = parseDescriptor(descriptor);
     if (fields.parentFileNameHint !== null) throw unsupported(`linked clones (parentFileNameHint="${fields.parentFileNameHint}") are not supported`, path);
     if (fields.cid === null || fields.parentCid === null) throw corrupt("the descriptor has no CID or parentCID", path);
+    if (!Number.isSafeInteger(extents.reduce((sum, extent) => sum + extent.sectors, 0) * VMDK_SECTOR_BYTES)) {
+      throw corrupt("vmdk: the disk is larger than snapstack addresses (2^53 bytes)", path);
+    }
     return new VmdkImage(file, { extents, extentNames, createType, cid: fields.cid, parentCid: fields.parentCid });
   } catch (error) {
     // `file` stays the caller's to close, as when openQcow2 fails.
