@@ -1,7 +1,8 @@
 /**
  * qemu-img check on a path: the qcow2 check (formats/qcow2/check.ts) after
- * a format probe, vmdk's (VmdkImage.check), or "unsupported" for formats
- * without a check (raw: qemu's exit code 63).
+ * a format probe, the vmdk, vdi and vhdx checks (each device's check()), or
+ * "unsupported" for formats without a check (raw and vpc: qemu's exit code
+ * 63).
  */
 import { SnapstackError, isSnapstackError } from "../base/errors.ts";
 import { readQcow2Header } from "../formats/qcow2/index.ts";
@@ -75,7 +76,7 @@ export async function checkImage(path: string, options: CheckImageOptions = {}):
   }
   const checked = format ?? supportedProbedFormat(probed, path);
   if (checked === "raw" || checked === "vpc") return "unsupported";
-  // vmdk: QEMU's check repairs nothing (-r: "does not support checks").
+  // QEMU's vmdk, vdi and vhdx checks repair nothing (-r: "does not support checks").
   if (checked === "vmdk" || checked === "vdi" || checked === "vhdx") return options.repair === undefined ? checkReadOnlyFormat(path, checked, options.forceShare ?? false) : "unsupported";
   if (!opensAsQcow2(probed)) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
   const image = await openNodeFile(path, { readOnly });

@@ -28,14 +28,15 @@ export function parseImageFormat(name: string): ImageFormat {
   return name;
 }
 
-/**
- * A format to write (create, convert -O, dd -O, measure -O): a read-only
- * one is refused with E_UNSUPPORTED_FEATURE.
- */
+/** Whether snapstack writes images of `format` (raw, qcow2). */
 export function isWritableFormat(format: string): format is WritableFormat {
   return (WRITABLE_FORMATS as readonly string[]).includes(format);
 }
 
+/**
+ * A format to write (create, convert -O, dd -O, measure -O, a restore
+ * target): a read-only one is refused with E_UNSUPPORTED_FEATURE.
+ */
 export function parseOutputFormat(name: string): WritableFormat {
   const format = parseImageFormat(name);
   if (!isWritableFormat(format)) {
