@@ -70,6 +70,13 @@ test("vdi is read-only; images QEMU does not open are refused with its message",
   const create = await snapstack(["img", "convert", "-O", "vdi", "disk.vdi", "copy.vdi"], { cwd: dir });
   assertCodedError(create, "E_UNSUPPORTED_FEATURE");
   assert.match(create.stderr, /reads vdi images but does not write them/);
+  // A block map far past the end of the file: refused before its 1.6 GB are allocated.
+  const huge = Buffer.from(before);
+  huge.writeUInt32LE(400_000_000, 384);
+  writeFileSync(join(dir, "huge.vdi"), huge);
+  const hugeMap = await snapstack(["img", "info", "huge.vdi"], { cwd: dir });
+  assertCodedError(hugeMap, "E_CORRUPT_IMAGE");
+  assert.match(hugeMap.stderr, /block map .* past the end of the file/);
   const variants: Array<[string, (bytes: Buffer) => void]> = [
     ["parent.vdi", (bytes) => bytes.fill(0x11, 440, 456)],
     ["block.vdi", (bytes) => bytes.writeUInt32LE(2 * 1024 * 1024, 376)],

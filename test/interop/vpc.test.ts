@@ -87,6 +87,7 @@ test("vpc is read-only: writers refuse it, the file untouched; damage and differ
     [damaged("truncated.vhd", (bytes) => bytes.fill(0, bytes.length - 512)), "E_CORRUPT_IMAGE", /truncated/],
     [damaged("magic.vhd", (bytes) => bytes.write("xxsparse", 512, "latin1")), "E_CORRUPT_IMAGE", /Invalid header magic/],
     [damaged("differencing.vhd", (bytes) => patchFooter(bytes, 0, (footer) => footer.writeUInt32BE(4, 60))), "E_UNSUPPORTED_FEATURE", /differencing/],
+    [damaged("huge-bat.vhd", (bytes) => bytes.writeUInt32BE(400_000_000, 512 + 28)), "E_CORRUPT_IMAGE", /past the end of the file/],
   ];
   writeFileSync(join(dir, "truncated.vhd"), before.subarray(0, before.length - 1024));
   for (const [name, code, message] of cases) {

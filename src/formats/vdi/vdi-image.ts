@@ -103,7 +103,12 @@ export async function openVdi(file: ImageFile): Promise<VdiImage> {
   const header = decodeVdiHeader(headerBytes);
   const problem = vdiHeaderProblem(header, new DataView(headerBytes.buffer).getUint32(64, true));
   if (problem !== null) throw new SnapstackError(problem.code, `${path}: ${problem.message}`, { path });
-  const mapBytes = new Uint8Array(Math.ceil((header.blocksInImage * 4) / VDI_SECTOR_BYTES) * VDI_SECTOR_BYTES);
+  const mapLengthBytes = Math.ceil((header.blocksInImage * 4) / VDI_SECTOR_BYTES) * VDI_SECTOR_BYTES;
+  // Before allocating it (up to 2 GiB): a block map past the end of the file is damage, not a disk.
+  if (header.blockMapOffset + header.blocksInImage * 4 > (await file.sizeBytes())) {
+    throw new SnapstackError("E_CORRUPT_IMAGE", `${path}: the block map (${header.blocksInImage} blocks) lies past the end of the file`, { path });
+  }
+  const mapBytes = new Uint8Array(mapLengthBytes);
   await file.read(header.blockMapOffset, mapBytes);
   const view = new DataView(mapBytes.buffer);
   const blockMap = new Uint32Array(header.blocksInImage);

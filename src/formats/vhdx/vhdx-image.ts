@@ -134,6 +134,7 @@ export async function openVhdx(file: ImageFile): Promise<VhdxImage> {
     const dataBlocks = Math.ceil(metadata.virtualDiskBytes / metadata.blockSizeBytes);
     const entries = dataBlocks === 0 ? 0 : batIndex(dataBlocks - 1, ratio) + 1;
     if (entries * 8 > regions.batLengthBytes) throw corrupt("Invalid VHDX BAT: smaller than the disk needs", path);
+    if (regions.batOffset + entries * 8 > (await file.sizeBytes())) throw corrupt("Invalid VHDX BAT: it lies past the end of the file", path);
     const batBytes = await readAt(file, regions.batOffset, entries * 8);
     const view = new DataView(batBytes.buffer);
     const bat = new BigUint64Array(entries);

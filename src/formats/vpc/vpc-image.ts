@@ -144,6 +144,8 @@ export async function openVpc(file: ImageFile): Promise<VpcImage> {
   if ((sectors * VHD_SECTOR_BYTES) / blockSizeBytes > 0xffffffff) throw corrupt("Too many blocks", path);
   if (header.maxTableEntries * blockSizeBytes < sectors * VHD_SECTOR_BYTES) throw corrupt("Page table too small", path);
   if (header.maxTableEntries > 0x7fffffff / 4) throw corrupt(`Max Table Entries too large (${header.maxTableEntries})`, path);
+  // Before allocating it (up to 2 GiB): a BAT past the end of the file is damage, not a disk.
+  if (header.tableOffset + header.maxTableEntries * 4 > fileSizeBytes) throw corrupt("the block allocation table lies past the end of the file", path);
   const batBytes = new Uint8Array(header.maxTableEntries * 4);
   await file.read(header.tableOffset, batBytes);
   const batView = new DataView(batBytes.buffer);
