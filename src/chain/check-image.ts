@@ -1,6 +1,6 @@
 /**
  * qemu-img check on a path: the qcow2 check (formats/qcow2/check.ts) after
- * a format probe, the vmdk, vdi and vhdx checks (each device's check()), or
+ * a format probe, a read-only format's own (ReadOnlyImage.check), or
  * "unsupported" for formats without a check (raw and vpc: qemu's exit code
  * 63).
  */
@@ -12,13 +12,11 @@ import { checkQcow2, type Qcow2CheckResult, type Qcow2RepairMode } from "../form
 import { openNodeFile } from "../io/node-file.ts";
 import { lockLayerFile, lockedAccess, openImage } from "./open-image.ts";
 import { lockBits } from "../io/qemu-locks.ts";
-import { opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat } from "./image-format.ts";
-import type { VmdkImage } from "../formats/vmdk/vmdk-image.ts";
-import type { VdiImage } from "../formats/vdi/vdi-image.ts";
-import type { VhdxImage } from "../formats/vhdx/vhdx-image.ts";
+import { opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
+import { ReadOnlyImage } from "../formats/read-only-image.ts";
 
 /** A check's result and the format checked (qemu-img check's JSON names it). */
-export type ImageCheckResult = Qcow2CheckResult & { format: "qcow2" | "vmdk" | "vdi" | "vhdx" };
+export type ImageCheckResult = Qcow2CheckResult & { format: ImageFormat };
 
 export interface CheckImageOptions {
   format?: string;
@@ -60,42 +58,37 @@ async function refuseMissingBacking(path: string, file: ImageFile, forceShare: b
 }
 
 /**
- * qemu-img check: the qcow2 check (src/formats/qcow2/check.ts), or
- * "unsupported" for formats without a check (raw, as qemu's exit 63).
+ * qemu-img check: the qcow2 check (src/formats/qcow2/check.ts), a read-only
+ * format's own (ReadOnlyImage.check), or "unsupported" for formats without
+ * one (raw, vpc: qemu's exit 63) and for -r on a read-only format (QEMU's
+ * vmdk, vdi and vhdx checks repair nothing).
  */
 export async function checkImage(path: string, options: CheckImageOptions = {}): Promise<ImageCheckResult | "unsupported"> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
   const readOnly = options.repair === undefined;
-  const file = await openNodeFile(path, { readOnly: true });
-  let probed: string;
+  const forceShare = options.forceShare ?? false;
+  const file = await openNodeFile(path, { readOnly });
+  let checked: ImageFormat;
   try {
     if (format === "raw") return "unsupported";
-    probed = await probeFormatName(file);
+    const probed = await probeFormatName(file);
+    checked = format ?? supportedProbedFormat(probed, path);
+    if (checked === "qcow2") {
+      if (!opensAsQcow2(probed)) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
+      lockLayerFile(file, path, 0, path, lockBits(lockedAccess(readOnly, forceShare)));
+      await refuseMissingBacking(path, file, forceShare);
+      return { ...(await checkQcow2(file, { repair: options.repair })), format: "qcow2" };
+    }
   } finally {
     await file.close();
   }
-  const checked = format ?? supportedProbedFormat(probed, path);
-  if (checked === "raw" || checked === "vpc") return "unsupported";
-  // QEMU's vmdk, vdi and vhdx checks repair nothing (-r: "does not support checks").
-  if (checked === "vmdk" || checked === "vdi" || checked === "vhdx") return options.repair === undefined ? checkReadOnlyFormat(path, checked, options.forceShare ?? false) : "unsupported";
-  if (!opensAsQcow2(probed)) throw new SnapstackError("E_WRONG_FORMAT", `Could not open '${path}': Image is not in qcow2 format`, { path });
-  const image = await openNodeFile(path, { readOnly });
+  if (checked === "raw" || options.repair !== undefined) return "unsupported";
+  const device = await openImage(path, { format: checked, readOnly: true, forceShare });
   try {
-    lockLayerFile(image, path, 0, path, lockBits(lockedAccess(readOnly, options.forceShare ?? false)));
-    await refuseMissingBacking(path, image, options.forceShare ?? false);
-    return { ...(await checkQcow2(image, { repair: options.repair })), format: "qcow2" };
-  } finally {
-    await image.close();
-  }
-}
-
-/** vmdk_co_check, vdi_co_check or vhdx_co_check through the device (formats/vmdk, vdi, vhdx): corruptions, no counts. */
-async function checkReadOnlyFormat(path: string, format: "vmdk" | "vdi" | "vhdx", forceShare: boolean): Promise<ImageCheckResult> {
-  const device = await openImage(path, { format, readOnly: true, forceShare });
-  try {
-    const found: { corruptions: number; messages: string[]; failure?: string | null } = await (device as VmdkImage | VdiImage | VhdxImage).check();
+    const found = device instanceof ReadOnlyImage ? await device.check() : null;
+    if (found === null) return "unsupported";
     return {
-      format,
+      format: checked,
       checkErrors: 0,
       corruptions: found.corruptions,
       leaks: 0,
@@ -107,7 +100,7 @@ async function checkReadOnlyFormat(path: string, format: "vmdk" | "vdi" | "vhdx"
       fragmentedClusters: 0,
       compressedClusters: 0,
       messages: found.messages,
-      failure: found.failure ?? null,
+      failure: found.failure,
     };
   } finally {
     await device.close();

@@ -25,9 +25,7 @@ import { SnapstackError, fromSystemError } from "../base/errors.ts";
 import type { BlockDevice } from "../device/block-device.ts";
 import { Qcow2Image, type Qcow2Info } from "../formats/qcow2/index.ts";
 import { VmdkImage, type VmdkInfo } from "../formats/vmdk/vmdk-image.ts";
-import { VpcImage } from "../formats/vpc/vpc-image.ts";
-import { VdiImage } from "../formats/vdi/vdi-image.ts";
-import { VhdxImage } from "../formats/vhdx/vhdx-image.ts";
+import { ReadOnlyImage } from "../formats/read-only-image.ts";
 import { parseImageFormat, type ImageFormat } from "./image-format.ts";
 import { CHAIN_DEPTH_MAX_DEFAULT, openImage } from "./open-image.ts";
 import { resolveBackingPath } from "./backing-path.ts";
@@ -141,7 +139,7 @@ function describeVmdk(device: VmdkImage, path: string): ImageInfoJson {
 /** The ImageInfo object for one opened image (its backing not needed). */
 export function describeImage(device: BlockDevice, path: string): ImageInfoJson {
   if (device instanceof VmdkImage) return describeVmdk(device, path);
-  if (device instanceof VpcImage || device instanceof VdiImage || device instanceof VhdxImage) {
+  if (device instanceof ReadOnlyImage) {
     const ordered: ImageInfoJson = { filename: path, format: device.format, "dirty-flag": false, "actual-size": allocatedBytes(path), "virtual-size": device.sizeBytes };
     if (device.clusterSizeBytes !== null) ordered["cluster-size"] = device.clusterSizeBytes;
     return ordered;

@@ -128,11 +128,11 @@ export async function walkChain(
   const fileSizes = new Map<number, number | null>();
   const fileSize = (depth: number): number | null => {
     if (!fileSizes.has(depth)) {
-      // A vmdk layer's data may live in other files (flat extents), a fixed vpc's ends before its footer, a
-      // static vdi's holes are QEMU's too: no end-of-file split, but their holes (hostHoles) count.
-      const format = layers[depth].format;
-      const holesOnly = format === "vmdk" || format === "vpc" || format === "vdi";
-      fileSizes.set(depth, !splitAtEof ? null : format === "qcow2" ? hostFileSizeBytes(layers[depth]) : holesOnly ? Number.POSITIVE_INFINITY : null);
+      // Past the end of its file only for qcow2; another layer that reports holes (a vmdk flat extent, a
+      // fixed vpc, a static vdi) keeps its data in other files or before a footer: no end-of-file split.
+      const layer = layers[depth];
+      const holesOnly = layer.hostHoles !== undefined;
+      fileSizes.set(depth, !splitAtEof ? null : layer.format === "qcow2" ? hostFileSizeBytes(layer) : holesOnly ? Number.POSITIVE_INFINITY : null);
     }
     return fileSizes.get(depth)!;
   };

@@ -33,6 +33,14 @@ import { openVhdx } from "../formats/vhdx/vhdx-image.ts";
 import { isImageFormat, isWritableFormat, opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 
+/** How each read-only format opens a layer's file (a vmdk descriptor opens its extent files with `openFile`). */
+const READ_ONLY_OPENERS: Record<Exclude<ImageFormat, "raw" | "qcow2">, (file: ImageFile, openFile: (path: string) => Promise<ImageFile>) => Promise<BlockDevice>> = {
+  vmdk: openVmdk,
+  vpc: openVpc,
+  vdi: openVdi,
+  vhdx: openVhdx,
+};
+
 /** Default bound on layers in a chain (top included); each layer costs one open file and its caches. */
 export const CHAIN_DEPTH_MAX_DEFAULT = 1024;
 
@@ -244,14 +252,10 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
       try {
         if (layer.format === "raw") {
           built = new RawImage(layer.file, await layer.file.sizeBytes());
-        } else if (layer.format === "vhdx") {
-          built = await openVhdx(layer.file);
-        } else if (layer.format === "vdi") {
-          built = await openVdi(layer.file);
-        } else if (layer.format === "vpc") {
-          built = await openVpc(layer.file);
-        } else if (layer.format === "vmdk") {
-          built = await openVmdk(layer.file, (extentPath) => (options.openFile === undefined ? openNodeFile(extentPath, { readOnly: true }) : options.openFile(extentPath, { readOnly: true })));
+        } else if (layer.format !== "qcow2") {
+          built = await READ_ONLY_OPENERS[layer.format](layer.file, (extentPath) =>
+            options.openFile === undefined ? openNodeFile(extentPath, { readOnly: true }) : options.openFile(extentPath, { readOnly: true }),
+          );
         } else {
           const readOnly = i > 0 || (options.readOnly ?? false);
           built = await openQcow2(layer.file, { readOnly, backing: built, cacheBytesMax: options.cacheBytesMax, closeBacking: true, metadataOnly: options.metadataOnly === true && i === 0 });

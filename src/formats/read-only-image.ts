@@ -9,6 +9,13 @@ import { SnapstackError } from "../base/errors.ts";
 import type { LayerExtent } from "../device/block-device.ts";
 import type { ImageFile } from "../io/file.ts";
 
+/** What a read-only format's check found. */
+export interface ReadOnlyCheck {
+  corruptions: number;
+  messages: string[];
+  failure: string | null;
+}
+
 export abstract class ReadOnlyImage {
   abstract readonly format: string;
   readonly readOnly = true;
@@ -22,6 +29,20 @@ export abstract class ReadOnlyImage {
 
   /** Close the files the image holds (once). */
   protected abstract closeFiles(): Promise<void>;
+
+  /** info's cluster-size (QEMU's get_info), or null when it shows none. */
+  get clusterSizeBytes(): number | null {
+    return null;
+  }
+
+  /**
+   * The format's own check (qemu-img check; it repairs nothing): the
+   * corruptions, QEMU's lines for them, and a failure that stopped it; null
+   * when the format has none ("This image format does not support checks").
+   */
+  async check(): Promise<ReadOnlyCheck | null> {
+    return null;
+  }
 
   protected checkOpen(): void {
     if (this.#closed) throw new SnapstackError("E_INTERNAL", `${this.name}: the image was used after it was closed`, { path: this.name });

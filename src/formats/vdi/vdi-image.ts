@@ -20,7 +20,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent } from "../../device/block-device.ts";
 import type { FileRun, ImageFile } from "../../io/file.ts";
 import { checkDeviceRange } from "../raw/raw-image.ts";
-import { ReadOnlyImage, blockLayerStatus, readBlocks } from "../read-only-image.ts";
+import { ReadOnlyImage, blockLayerStatus, readBlocks, type ReadOnlyCheck } from "../read-only-image.ts";
 import { VDI_DISCARDED, VDI_HEADER_END, VDI_SECTOR_BYTES, VDI_TYPE_STATIC, decodeVdiHeader, vdiHeaderProblem, type VdiHeader } from "./vdi-format.ts";
 
 export class VdiImage extends ReadOnlyImage implements BlockDevice {
@@ -39,7 +39,7 @@ export class VdiImage extends ReadOnlyImage implements BlockDevice {
   }
 
   /** cluster-size in info (vdi_get_info): the block size. */
-  get clusterSizeBytes(): number {
+  override get clusterSizeBytes(): number {
     return this.#header.blockSizeBytes;
   }
 
@@ -69,7 +69,7 @@ export class VdiImage extends ReadOnlyImage implements BlockDevice {
   }
 
   /** vdi_co_check: corruptions and QEMU's lines for them. */
-  check(): { corruptions: number; messages: string[] } {
+  override async check(): Promise<ReadOnlyCheck> {
     this.checkOpen();
     const blocks = this.#header.blocksInImage;
     const owner = new Uint32Array(blocks).fill(0xffffffff);
@@ -87,7 +87,7 @@ export class VdiImage extends ReadOnlyImage implements BlockDevice {
       else messages.push(`ERROR: block index ${owner[entry]} also used by ${entry}`);
     }
     if (allocated !== this.#header.blocksAllocated) messages.push(`ERROR: allocated blocks mismatch, is ${allocated}, should be ${this.#header.blocksAllocated}`);
-    return { corruptions: messages.length, messages };
+    return { corruptions: messages.length, messages, failure: null };
   }
 
   protected async closeFiles(): Promise<void> {

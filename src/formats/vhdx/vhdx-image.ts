@@ -21,7 +21,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent } from "../../device/block-device.ts";
 import type { ImageFile } from "../../io/file.ts";
 import { checkDeviceRange } from "../raw/raw-image.ts";
-import { ReadOnlyImage, readBlocks } from "../read-only-image.ts";
+import { ReadOnlyImage, readBlocks, type ReadOnlyCheck } from "../read-only-image.ts";
 import {
   MiB,
   PAYLOAD_BLOCK_FULLY_PRESENT,
@@ -58,7 +58,7 @@ export class VhdxImage extends ReadOnlyImage implements BlockDevice {
   }
 
   /** cluster-size in info: the block size. */
-  get clusterSizeBytes(): number {
+  override get clusterSizeBytes(): number {
     return this.#blockSizeBytes;
   }
 
@@ -87,9 +87,9 @@ export class VhdxImage extends ReadOnlyImage implements BlockDevice {
   }
 
   /** vhdx_co_check: the BAT was checked at open (a payload block past the end of the file refuses the image). */
-  check(): { corruptions: number; messages: string[] } {
+  override async check(): Promise<ReadOnlyCheck> {
     this.checkOpen();
-    return { corruptions: 0, messages: [] };
+    return { corruptions: 0, messages: [], failure: null };
   }
 
   protected async closeFiles(): Promise<void> {

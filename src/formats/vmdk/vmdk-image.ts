@@ -35,7 +35,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import type { BlockDevice, LayerExtent } from "../../device/block-device.ts";
 import type { FileRun, ImageFile } from "../../io/file.ts";
 import { checkDeviceRange } from "../raw/raw-image.ts";
-import { ReadOnlyImage } from "../read-only-image.ts";
+import { ReadOnlyImage, type ReadOnlyCheck } from "../read-only-image.ts";
 import {
   DESCRIPTOR_BYTES_MAX,
   DESCRIPTOR_CID_BYTES,
@@ -253,7 +253,7 @@ export class VmdkImage extends ReadOnlyImage implements BlockDevice {
    * must lie before the end of its file. Stops at the first that does not,
    * as QEMU does: its line, and the failure ("Invalid argument").
    */
-  async check(): Promise<{ corruptions: number; messages: string[]; failure: string | null }> {
+  override async check(): Promise<ReadOnlyCheck> {
     this.checkOpen();
     for (const extent of this.#extents) {
       const fileSizeBytes = await extent.file.sizeBytes();

@@ -65,7 +65,7 @@ export class VpcImage extends ReadOnlyImage implements BlockDevice {
   }
 
   /** cluster-size in info: the block size of a dynamic disk (vpc_get_info), null for a fixed one. */
-  get clusterSizeBytes(): number | null {
+  override get clusterSizeBytes(): number | null {
     return this.#dynamic?.blockSizeBytes ?? null;
   }
 
