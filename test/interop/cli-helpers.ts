@@ -5,6 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { run, type RunResult } from "../helpers/tools.ts";
 
@@ -35,6 +36,37 @@ export async function assertSameAsQemuImg(dir: string, args: string[], what: str
   const ours = await snapstack(["img", ...args], { cwd: dir });
   assert.equal(ours.code, theirs.code, `${what}: exit status (qemu-img: ${theirs.stderr.trim()}; snapstack: ${ours.stderr.trim()})`);
   assert.equal(ours.stdout, theirs.stdout, `${what}: output`);
+}
+
+/** The report commands compared by assertReportsLikeQemuImg. */
+export const REPORT_COMMANDS = [["info", "--output=json"], ["info"], ["map", "--output=json"], ["map"], ["check"], ["check", "--output=json"]];
+
+/** `info`, `map` and `check` (human and JSON) of `image` print what qemu-img prints, with the same exit status. */
+export async function assertReportsLikeQemuImg(dir: string, image: string, formatArgs: string[] = []): Promise<void> {
+  for (const command of REPORT_COMMANDS) await assertSameAsQemuImg(dir, [...command, ...formatArgs, image], `${command.join(" ")} ${image}`);
+}
+
+/** snapstack converts `image` to a qcow2 that checks clean and that qemu-img and snapstack compare equal to it. */
+export async function assertConvertsToEqualQcow2(dir: string, image: string, formatArgs: string[] = []): Promise<void> {
+  ok(await snapstack(["img", "convert", ...formatArgs, "-O", "qcow2", image, "out.qcow2"], { cwd: dir }), `convert ${image}`);
+  ok(await qemuImg(["check", "out.qcow2"], dir), `check ${image} converted`);
+  ok(await qemuImg(["compare", ...formatArgs, image, "out.qcow2"], dir), `qemu-img compare ${image} with snapstack's qcow2`);
+  ok(await snapstack(["img", "compare", ...formatArgs, image, "out.qcow2"], { cwd: dir }), `compare ${image}`);
+}
+
+/**
+ * A `format` image `name` of 8 MiB made by qemu-img (`createOptions`) and
+ * written by qemu-io; snapstack's resize and io write refuse it
+ * (E_READ_ONLY) and leave it as it was. Returns its bytes.
+ */
+export async function readOnlyFormatImage(dir: string, format: string, name: string, createOptions: string[] = [], write = "write -P 7 1M 300k"): Promise<Buffer> {
+  ok(await qemuImg(["create", "-q", "-f", format, ...createOptions, name, "8M"], dir), `create ${name}`);
+  ok(await qemuIo(["-f", format, "-c", write, name], dir), `write ${name}`);
+  const before = readFileSync(join(dir, name));
+  assertCodedError(await snapstack(["img", "resize", name, "16M"], { cwd: dir }), "E_READ_ONLY");
+  assertCodedError(await snapstack(["io", "-c", "write -P 1 0 4k", name], { cwd: dir }), "E_READ_ONLY");
+  assert.ok(readFileSync(join(dir, name)).equals(before), `a refused command changed ${name}`);
+  return before;
 }
 
 /** Throw unless the command exited 0, with its stderr in the message. */

@@ -13,7 +13,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { requireTools, run, scratchDir } from "../helpers/tools.ts";
 import { writeScatteredDisk } from "../helpers/random.ts";
-import { assertCodedError, assertSameAsQemuImg, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
+import { assertCodedError, readOnlyFormatImage, assertConvertsToEqualQcow2, assertReportsLikeQemuImg, assertSameAsQemuImg, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
 
 const SUBFORMATS = ["monolithicSparse", "streamOptimized", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"];
 
@@ -42,15 +42,8 @@ test("vmdk subformats made by qemu-img: info, map, check, compare and convert ag
     images.push(name);
   }
   for (const image of images) {
-    await assertSameAsQemuImg(dir, ["info", "--output=json", image], `info --output=json ${image}`);
-    await assertSameAsQemuImg(dir, ["info", image], `info ${image}`);
-    await assertSameAsQemuImg(dir, ["map", "--output=json", image], `map --output=json ${image}`);
-    if (!image.startsWith("streamOptimized")) await assertSameAsQemuImg(dir, ["map", image], `map ${image}`);
-    await assertSameAsQemuImg(dir, ["check", image], `check ${image}`);
-    await assertSameAsQemuImg(dir, ["check", "--output=json", image], `check --output=json ${image}`);
-    ok(await snapstack(["img", "convert", "-O", "qcow2", image, "out.qcow2"], { cwd: dir }), `convert ${image}`);
-    ok(await qemuImg(["compare", image, "out.qcow2"], dir), `qemu-img compare ${image} with snapstack's qcow2`);
-    ok(await qemuImg(["check", "out.qcow2"], dir), "check the converted image");
+    await assertReportsLikeQemuImg(dir, image);
+    await assertConvertsToEqualQcow2(dir, image);
     ok(await snapstack(["img", "convert", "-O", "raw", image, "out.raw"], { cwd: dir }), `convert ${image} to raw`);
     ok(await qemuImg(["compare", "-f", "vmdk", "-F", "raw", image, "out.raw"], dir), `qemu-img compare ${image} with snapstack's raw`);
   }
@@ -66,11 +59,7 @@ test("vmdk subformats made by qemu-img: info, map, check, compare and convert ag
 test("vmdk is read-only: writers refuse it, the file untouched; damaged and unsupported images get coded errors", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);
-  ok(await qemuImg(["create", "-q", "-f", "vmdk", "disk.vmdk", "8M"], dir), "create");
-  ok(await qemuIo(["-f", "vmdk", "-c", "write -P 7 1M 300k", "disk.vmdk"], dir), "write");
-  const before = readFileSync(join(dir, "disk.vmdk"));
-  assertCodedError(await snapstack(["img", "resize", "disk.vmdk", "16M"], { cwd: dir }), "E_READ_ONLY");
-  assertCodedError(await snapstack(["io", "-c", "write -P 1 0 4k", "disk.vmdk"], { cwd: dir }), "E_READ_ONLY");
+  const before = await readOnlyFormatImage(dir, "vmdk", "disk.vmdk");
   assertCodedError(await snapstack(["img", "snapshot", "-c", "s", "disk.vmdk"], { cwd: dir }), "E_READ_ONLY");
   assertCodedError(await snapstack(["img", "check", "-r", "all", "disk.vmdk"], { cwd: dir }), "E_UNSUPPORTED_FEATURE", 63);
   assert.ok(readFileSync(join(dir, "disk.vmdk")).equals(before), "a refused command changed the vmdk");
