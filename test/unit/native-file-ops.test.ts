@@ -11,7 +11,7 @@ import { execFileSync } from "node:child_process";
 import { closeSync, mkdtempSync, openSync, rmSync, statSync, statfsSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { isSnapstackError } from "../../src/base/errors.ts";
-import { writeZeroBytes } from "../../src/io/file.ts";
+import { readSkippingHoles, writeZeroBytes } from "../../src/io/file.ts";
 import { NodeFile, createNodeFile, openNodeFile } from "../../src/io/node-file.ts";
 import { requireNativeFileOps, scratchDir } from "../helpers/tools.ts";
 
@@ -299,3 +299,32 @@ test("zeroInPlace('allocate') on tmpfs, which lacks FALLOC_FL_ZERO_RANGE: a punc
     await file.close();
   }
 });
+
+test("readSkippingHoles: the bytes read() gives, zeroes past the end included, without reading the holes", (t) =>
+  onSparseFile(t, "skip.bin", async (file) => {
+    const reads: [number, number][] = [];
+    const counting = {
+      read: (hostOffset: number, buffer: Uint8Array) => {
+        reads.push([hostOffset, buffer.length]);
+        return file.read(hostOffset, buffer);
+      },
+      holes: (hostOffset: number, lengthBytes: number) => file.holes(hostOffset, lengthBytes),
+    };
+    for (const [offset, length] of [
+      [0, 4 * MiB],
+      [1 * MiB + 4 * KiB, 2 * MiB],
+      [3 * MiB + 512 * KiB, 1 * MiB],
+      [5 * MiB, 64 * KiB],
+    ]) {
+      reads.length = 0;
+      const skipped = new Uint8Array(length).fill(0xee);
+      await readSkippingHoles(counting, offset, skipped);
+      assert.deepEqual(skipped, await readBack(file, offset, length), `bytes of [${offset}, +${length})`);
+      const dataBytes = Math.max(0, Math.min(offset + length, 1 * MiB + 64 * KiB) - Math.max(offset, 1 * MiB)) + Math.max(0, Math.min(offset + length, 4 * MiB) - Math.max(offset, 3 * MiB));
+      assert.equal(
+        reads.reduce((sum, [, bytes]) => sum + bytes, 0),
+        dataBytes,
+        `bytes read for [${offset}, +${length}): ${JSON.stringify(reads)}`,
+      );
+    }
+  }));

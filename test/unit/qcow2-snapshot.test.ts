@@ -731,3 +731,44 @@ test("an old snapshot entry without a disk size gets the guest size (rounded to 
     ],
   );
 });
+
+test("readUncachedL2 with the entries a pass knows reads only the dirty chunks holding them, merged, and leaves the rest of the buffer alone", async () => {
+  const { file, image } = await fresh({ sizeBytes: 1024 * MiB });
+  const clusterBytes = image.metadata.clusterSizeBytes;
+  const data = new Uint8Array(clusterBytes).fill(0x5a);
+  // Entries 3 and 1000 are in chunks 0 and 1 (4 KiB each: 8 bytes an entry), 5000 in chunk 9.
+  for (const guestCluster of [3, 1000, 5000]) await image.write(guestCluster * clusterBytes, data);
+  await image.flush();
+  const contents = new Uint8Array(await file.sizeBytes());
+  await file.read(0, contents);
+  await image.close();
+  // Opened again from the bytes: no table cached.
+  const copy = new MemoryFile({ name: "copy.qcow2", contents });
+  const reopened = await openQcow2(copy, { readOnly: false, backing: null });
+  const meta = reopened.metadata;
+  const l2Offset = getL1Entry(meta.l1, 0).l2Offset;
+  const reads: [number, number][] = [];
+  const read = copy.read.bind(copy);
+  copy.read = (hostOffset, buffer) => {
+    reads.push([hostOffset - l2Offset, buffer.length]);
+    return read(hostOffset, buffer);
+  };
+  const bytes = new Uint8Array(clusterBytes).fill(0xee);
+  const table = await meta.readUncachedL2(l2Offset, bytes, Int32Array.of(3, 1000, 5000));
+  copy.read = read;
+  assert.deepEqual(reads, [
+    [0, 8 * KiB],
+    [36 * KiB, 4 * KiB],
+  ]);
+  const onDisk = new Uint8Array(clusterBytes);
+  await copy.read(l2Offset, onDisk);
+  for (const [from, to] of [
+    [0, 8 * KiB],
+    [36 * KiB, 40 * KiB],
+  ]) {
+    assertSameBytes(bytes.subarray(from, to), onDisk.subarray(from, to), `chunk bytes [${from}, ${to})`);
+  }
+  assert.ok(bytes.subarray(8 * KiB, 36 * KiB).every((b) => b === 0xee) && bytes.subarray(40 * KiB).every((b) => b === 0xee), "unread chunks untouched");
+  for (const l2Index of [3, 1000, 5000]) assert.notEqual(table.view.getBigUint64(l2Index * 8), 0n, `entry ${l2Index} read`);
+  await reopened.close();
+});

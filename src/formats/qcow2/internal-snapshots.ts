@@ -509,8 +509,9 @@ async function walkTable(walk: TreeWalk, l2Offset: number, journal: RaiseJournal
   try {
     let table = meta.peekL2(l2Offset);
     const uncached = table === undefined && walk.uncachedBytes !== null;
-    table ??= walk.uncachedBytes !== null ? await meta.readUncachedL2(l2Offset, walk.uncachedBytes) : await meta.getL2(l2Offset);
+    // Entries known from an earlier pass are the only ones this pass looks at: an uncached read needs only theirs.
     const known = walk.usedIndexes?.get(l2Offset);
+    table ??= walk.uncachedBytes !== null ? await meta.readUncachedL2(l2Offset, walk.uncachedBytes, known) : await meta.getL2(l2Offset);
     let usedCount: number;
     if (known !== undefined) {
       walk.used.set(known);
