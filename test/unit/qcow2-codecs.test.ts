@@ -21,7 +21,7 @@ import {
   subclusterType,
   compressedReadBytes,
 } from "../../src/formats/qcow2/entries.ts";
-import { getRefcount, refcountMax, refcountsPerBlock, setRefcount, decodeRefcountTable, encodeRefcountTable } from "../../src/formats/qcow2/refcount-block.ts";
+import { getRefcount, raiseRefcounts, refcountMax, refcountsPerBlock, setRefcount, decodeRefcountTable, encodeRefcountTable } from "../../src/formats/qcow2/refcount-block.ts";
 import { decodeSnapshotTable, encodeSnapshotTable, snapshotTableBytes, type Qcow2Snapshot } from "../../src/formats/qcow2/snapshot-table.ts";
 import { isSnapstackError } from "../../src/base/errors.ts";
 
@@ -239,6 +239,29 @@ test("refcounts of every width", () => {
   const b16 = new Uint8Array(4);
   setRefcount(b16, 1, 4, 0x1234);
   assert.deepEqual(b16, Uint8Array.of(0, 0, 0x12, 0x34));
+});
+
+test("raiseRefcounts raises a run at every width and stops before the first refcount that would overflow", () => {
+  for (let order = 0; order <= 6; order++) {
+    const max = Math.min(refcountMax(order), 2 ** 40);
+    const count = refcountsPerBlock(9, order);
+    const block = new Uint8Array(512);
+    const expected: number[] = [];
+    for (let i = 0; i < count; i++) {
+      expected.push(i === 40 ? max : i >= 10 && i < 40 ? 0 : (i * 7) % (max + 1));
+      setRefcount(block, i, order, expected[i]);
+    }
+    // Entries 10..39 (all 0) raised by one.
+    assert.equal(raiseRefcounts(block, 10, 30, order, 1, max), 30, `order ${order}`);
+    for (let i = 10; i < 40; i++) expected[i] += 1;
+    // A run over entry 40 (at max) stops there and leaves it and the rest alone; at width 1, 38 is at max already.
+    assert.equal(raiseRefcounts(block, 38, 5, order, 1, max), order === 0 ? 0 : 2, `order ${order} overflow`);
+    if (order !== 0) {
+      expected[38] += 1;
+      expected[39] += 1;
+    }
+    for (let i = 0; i < count; i++) assert.equal(getRefcount(block, i, order), expected[i], `order ${order} index ${i}`);
+  }
 });
 
 test("refcount table codec", () => {

@@ -361,7 +361,18 @@ function usedEntryIndexes(table: CachedTable, walk: TreeWalk): number {
   const entries = walk.geometry.l2Entries;
   const used = walk.used;
   let count = 0;
-  for (let l2Index = 0, w = 0; l2Index < entries; l2Index++, w += wordsPerEntry) {
+  let l2Index = 0;
+  if (wordsPerEntry === 2) {
+    // Four entries tested at once: most of a sparse table is empty.
+    for (let w = 0; l2Index + 4 <= entries; l2Index += 4, w += 8) {
+      if ((words[w] | words[w + 1] | words[w + 2] | words[w + 3] | words[w + 4] | words[w + 5] | words[w + 6] | words[w + 7]) === 0) continue;
+      if ((words[w] | words[w + 1]) !== 0) used[count++] = l2Index;
+      if ((words[w + 2] | words[w + 3]) !== 0) used[count++] = l2Index + 1;
+      if ((words[w + 4] | words[w + 5]) !== 0) used[count++] = l2Index + 2;
+      if ((words[w + 6] | words[w + 7]) !== 0) used[count++] = l2Index + 3;
+    }
+  }
+  for (let w = l2Index * wordsPerEntry; l2Index < entries; l2Index++, w += wordsPerEntry) {
     if ((words[w] | words[w + 1]) !== 0) used[count++] = l2Index;
   }
   return count;

@@ -32,7 +32,7 @@ import { readSkippingHoles, writeZeroBytes, type ImageFile } from "../../io/file
 import { INCOMPAT_EXTL2, encodeQcow2Header, type Qcow2Header } from "./header.ts";
 import { compressedStreamBytes } from "./compression.ts";
 import { COMPRESSED_SECTOR_BYTES, HI_OFFSET_UNSAFE, compressedReadBytes, L1_ENTRY_BYTES, LO_OFFSET_MASK, TWO_POW_32, getL1EntryOffset, l2EntryBytes, setL1Entry, type L2Entry } from "./entries.ts";
-import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, encodeRefcountTable, getRefcount, refcountByteOffset, refcountEntryBytes, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
+import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, encodeRefcountTable, getRefcount, refcountByteOffset, raiseRefcounts, refcountEntryBytes, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
 import { TableCache, dirtyChunkBytes, dirtyRuns, markDirty, type CachedTable } from "./table-cache.ts";
 import { OverlapGuard, type MetadataStructure } from "./metadata-overlap.ts";
 import { CHECK_CLUSTERS_MAX } from "./reference-counter.ts";
@@ -671,6 +671,8 @@ export class Qcow2Metadata {
     let clusterOffset = start;
     let again = false;
     let failure: unknown = null;
+    // A raise with no freed cluster waiting to be wiped or punched changes refcounts and nothing else.
+    const raisesOnly = !decrease && addend > 0 && this.#wipePending.size === 0 && this.#discardPending.size === 0;
     try {
       for (; clusterOffset <= last; clusterOffset += cs) {
         const clusterIndex = clusterOffset / cs;
@@ -693,14 +695,27 @@ export class Qcow2Metadata {
         }
         oldTableIndex = tableIndex;
         const blockIndex = clusterIndex % entries;
+        if (raisesOnly) {
+          // Every cluster of the range in this block at once (nothing below applies to a raise then).
+          const order = this.geometry.refcountOrder;
+          const count = Math.min((last - clusterOffset) / cs + 1, entries - blockIndex);
+          const raised = raiseRefcounts(block.bytes, blockIndex, count, order, addend, this.geometry.refcountMax);
+          if (raised > 0) {
+            const firstByte = refcountByteOffset(blockIndex, order);
+            markDirty(block, firstByte, refcountByteOffset(blockIndex + raised - 1, order) + refcountEntryBytes(order) - firstByte);
+            this.overlap.noteFileEnd(clusterOffset + raised * cs);
+          }
+          if (raised < count) {
+            clusterOffset += raised * cs;
+            failure = this.#refcountOutOfRange(clusterOffset / cs, false);
+            break;
+          }
+          clusterOffset += (count - 1) * cs;
+          continue;
+        }
         let refcount = getRefcount(block.bytes, blockIndex, this.geometry.refcountOrder);
         if (decrease ? refcount < addend : refcount + addend > this.geometry.refcountMax) {
-          failure = new SnapstackError(
-            decrease ? "E_CORRUPT_IMAGE" : "E_TOO_LARGE",
-            decrease
-              ? `refcount of host cluster ${clusterIndex} would drop below zero`
-              : `refcount of host cluster ${clusterIndex} would exceed ${this.geometry.refcountMax} (refcount_bits=${2 ** this.geometry.refcountOrder})`,
-          );
+          failure = this.#refcountOutOfRange(clusterIndex, decrease);
           break;
         }
         refcount = decrease ? refcount - addend : refcount + addend;
@@ -739,6 +754,12 @@ export class Qcow2Metadata {
       return AGAIN;
     }
     return undefined;
+  }
+
+  #refcountOutOfRange(clusterIndex: number, decrease: boolean): SnapstackError {
+    return decrease
+      ? new SnapstackError("E_CORRUPT_IMAGE", `refcount of host cluster ${clusterIndex} would drop below zero`)
+      : new SnapstackError("E_TOO_LARGE", `refcount of host cluster ${clusterIndex} would exceed ${this.geometry.refcountMax} (refcount_bits=${2 ** this.geometry.refcountOrder})`);
   }
 
   /** alloc_refcount_block: the block covering clusterIndex, or AGAIN after placing a new one. */
