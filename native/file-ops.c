@@ -22,6 +22,13 @@
  *     allocation), ~20% less kernel time per byte; over allocated blocks
  *     the fallocate changes nothing. Its failure is ignored: the write
  *     decides the result.
+ *   cached(fd, offset, length) -> 1 when the page cache holds every page of
+ *     the range, 0 when not, or -errno
+ *     cachestat(2) (Linux 6.5; -ENOSYS before): a metadata table that is
+ *     wholly cached is read in one call; otherwise only its data is read,
+ *     skipping the file's holes (src/io/file.ts, readSkippingHoles). A
+ *     non-blocking read cannot tell: RWF_NOWAIT still reads ahead, and a
+ *     hole "read ahead" is zeroed pages allocated;
  *   byteLock(fd, byte, mode) -> 0, 1 (mode 2 only: held elsewhere) or -errno
  *     QEMU's image locks (block/file-posix.c): open file description
  *     (OFD) locks on single bytes. mode 0 drops this description's lock
@@ -40,7 +47,9 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <node_api.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -71,6 +80,30 @@ static napi_value js_seek(napi_env env, napi_callback_info info) {
   if (!read_args(env, info, 3, v)) return NULL;
   off_t at = lseek((int)v[0], (off_t)v[1], (int)v[2]);
   return number(env, at < 0 ? -errno : (double)at);
+}
+
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+
+struct cachestat_range_arg {
+  uint64_t off;
+  uint64_t len;
+};
+
+struct cachestat_result {
+  uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
+static napi_value js_cached(napi_env env, napi_callback_info info) {
+  double v[3];
+  if (!read_args(env, info, 3, v)) return NULL;
+  uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+  uint64_t first = (uint64_t)v[1] / page, end = ((uint64_t)v[1] + (uint64_t)v[2] + page - 1) / page;
+  struct cachestat_range_arg range = {.off = first * page, .len = (end - first) * page};
+  struct cachestat_result stat;
+  if (syscall(__NR_cachestat, (int)v[0], &range, &stat, 0) < 0) return number(env, -errno);
+  return number(env, stat.nr_cache >= end - first ? 1 : 0);
 }
 
 /*
@@ -212,6 +245,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"fallocateSync", NULL, js_fallocate_sync, NULL, NULL, NULL, napi_default, NULL},
       {"seek", NULL, js_seek, NULL, NULL, NULL, napi_default, NULL},
       {"byteLock", NULL, js_byte_lock, NULL, NULL, NULL, napi_default, NULL},
+      {"cached", NULL, js_cached, NULL, NULL, NULL, napi_default, NULL},
       {"writeAllocating", NULL, js_write_allocating, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods);

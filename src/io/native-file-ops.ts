@@ -42,6 +42,8 @@ interface FileOpsAddon {
   seek(fd: number, offset: number, whence: number): number;
   /** 0, 1 (mode 2: another open file description holds a lock on the byte) or -errno; absent from an addon built before it. */
   byteLock?(fd: number, byte: number, mode: number): number;
+  /** 1 when the page cache holds every page of the range (cachestat), 0 when not, or -errno; absent from an addon built before it. */
+  cached?(fd: number, offset: number, length: number): number;
   /** Bytes written or -errno, on libuv's thread pool. */
   writeAllocating(fd: number, offset: number, buffers: readonly Uint8Array[]): Promise<number>;
 }
@@ -187,6 +189,20 @@ export function fileRuns(fd: number, offset: number, length: number, fileSizeByt
     at = dataEnd;
   }
   return runs;
+}
+
+/**
+ * Whether the page cache holds every page of [offset, offset + length)
+ * (cachestat, Linux 6.5). Null where that cannot be asked (no addon, or
+ * one built before it; an older kernel).
+ */
+export function pagesCached(fd: number, offset: number, length: number): boolean | null {
+  const ops = loadAddon();
+  if (ops === null || typeof ops.cached !== "function") return null;
+  const result = ops.cached(fd, offset, length);
+  if (result >= 0) return result === 1;
+  if (UNSUPPORTED.has(getSystemErrorName(result))) return null;
+  throw systemError(result, "cachestat");
 }
 
 /** What byteLock does: drop this description's lock, take a shared one, or test for another description's. */

@@ -77,7 +77,7 @@
 import fs from "node:fs";
 import { SnapstackError, assert, fromSystemError } from "../base/errors.ts";
 import type { FileRun, HolesOptions, ImageFile, ZeroInPlace } from "./file.ts";
-import { allocateForWrite, fileRuns, preallocate, punchHole, writeAllocating, zeroRange } from "./native-file-ops.ts";
+import { allocateForWrite, fileRuns, pagesCached, preallocate, punchHole, writeAllocating, zeroRange } from "./native-file-ops.ts";
 import { lockImageFile, type ImageLock, type LockBits } from "./qemu-locks.ts";
 
 export type NodeFileIoMode = "sync" | "async" | "auto" | "small-async";
@@ -380,6 +380,15 @@ export class NodeFile implements ImageFile {
       return fileRuns(fd, hostOffset, lengthBytes, fs.fstatSync(fd).size, this.#noteDataRun);
     } catch (error) {
       throw fromSystemError(error, this.name, `find holes in ${lengthBytes} bytes at offset ${hostOffset}`);
+    }
+  }
+
+  async cached(hostOffset: number, lengthBytes: number): Promise<boolean | null> {
+    const fd = this.#openFd("ask the page cache");
+    try {
+      return pagesCached(fd, hostOffset, lengthBytes);
+    } catch (error) {
+      throw fromSystemError(error, this.name, `ask the page cache about ${lengthBytes} bytes at offset ${hostOffset}`);
     }
   }
 

@@ -328,3 +328,36 @@ test("readSkippingHoles: the bytes read() gives, zeroes past the end included, w
       );
     }
   }));
+
+test("cached tells whether the page cache holds a range; readSkippingHoles reads a cached range in one call", (t) =>
+  onSparseFile(t, "cached.bin", async (file) => {
+    if ((await file.cached(0, 4096)) === null) {
+      // Linux before 6.5 has no cachestat: callers then skip holes without asking.
+      t.diagnostic("cachestat unsupported by this kernel: cached() reports null");
+      return;
+    }
+    // The holes were never read: no page holds them yet. The data just written is cached.
+    assert.equal(await file.cached(0, 64 * KiB), false, "a hole never read");
+    assert.equal(await file.cached(3 * MiB, 1 * MiB), true, "data just written");
+    // Everything read once: data pages and the zero pages of the holes are cached now.
+    await readBack(file, 0, 4 * MiB);
+    assert.equal(await file.cached(0, 4 * MiB), true);
+    assert.equal(await file.cached(4 * MiB - 100, 4096), false, "a range past the end is not all cached");
+    const calls: string[] = [];
+    const counting = {
+      read: (hostOffset: number, buffer: Uint8Array) => {
+        calls.push(`read ${hostOffset}+${buffer.length}`);
+        return file.read(hostOffset, buffer);
+      },
+      holes: (hostOffset: number, lengthBytes: number) => {
+        calls.push(`holes ${hostOffset}`);
+        return file.holes(hostOffset, lengthBytes);
+      },
+      cached: (hostOffset: number, lengthBytes: number) => file.cached(hostOffset, lengthBytes),
+    };
+    const at = 1 * MiB - 32 * KiB;
+    const table = new Uint8Array(64 * KiB).fill(0xee);
+    await readSkippingHoles(counting, at, table);
+    assert.deepEqual(table, await readBack(file, at, 64 * KiB));
+    assert.deepEqual(calls, [`read ${at}+${64 * KiB}`], "a cached range: one read, no seeking");
+  }));

@@ -21,7 +21,7 @@ import {
   subclusterType,
   compressedReadBytes,
 } from "../../src/formats/qcow2/entries.ts";
-import { getRefcount, raiseRefcounts, refcountMax, refcountsPerBlock, setRefcount, decodeRefcountTable, encodeRefcountTable } from "../../src/formats/qcow2/refcount-block.ts";
+import { changeRefcountRun, getRefcount, refcountMax, refcountsPerBlock, setRefcount, decodeRefcountTable, encodeRefcountTable } from "../../src/formats/qcow2/refcount-block.ts";
 import { decodeSnapshotTable, encodeSnapshotTable, snapshotTableBytes, type Qcow2Snapshot } from "../../src/formats/qcow2/snapshot-table.ts";
 import { isSnapstackError } from "../../src/base/errors.ts";
 
@@ -241,7 +241,7 @@ test("refcounts of every width", () => {
   assert.deepEqual(b16, Uint8Array.of(0, 0, 0x12, 0x34));
 });
 
-test("raiseRefcounts raises a run at every width and stops before the first refcount that would overflow", () => {
+test("changeRefcountRun changes a run at every width and stops before the first refcount that would leave [1, max]", () => {
   for (let order = 0; order <= 6; order++) {
     const max = Math.min(refcountMax(order), 2 ** 40);
     const count = refcountsPerBlock(9, order);
@@ -251,14 +251,23 @@ test("raiseRefcounts raises a run at every width and stops before the first refc
       expected.push(i === 40 ? max : i >= 10 && i < 40 ? 0 : (i * 7) % (max + 1));
       setRefcount(block, i, order, expected[i]);
     }
-    // Entries 10..39 (all 0) raised by one.
-    assert.equal(raiseRefcounts(block, 10, 30, order, 1, max), 30, `order ${order}`);
-    for (let i = 10; i < 40; i++) expected[i] += 1;
-    // A run over entry 40 (at max) stops there and leaves it and the rest alone; at width 1, 38 is at max already.
-    assert.equal(raiseRefcounts(block, 38, 5, order, 1, max), order === 0 ? 0 : 2, `order ${order} overflow`);
+    const changes = (index: number, run: number, delta: number, changed: number, what: string): void => {
+      assert.equal(changeRefcountRun(block, index, run, order, delta, max), changed, `order ${order}: ${what}`);
+      for (let i = index; i < index + changed; i++) expected[i] += delta;
+    };
+    changes(10, 30, 1, 30, "entries 10..39, all 0, raised by one");
+    // A raise over entry 40 (at max) stops there; at width 1, 38 is at max already.
+    changes(38, 5, 1, order === 0 ? 0 : 2, "raise stops at max");
+    // A drop stops before the first refcount it would take to 0: 10..19 are at 1.
+    changes(10, 10, -1, 0, "drop to zero refused");
     if (order !== 0) {
-      expected[38] += 1;
-      expected[39] += 1;
+      setRefcount(block, 12, order, 3);
+      expected[12] = 3;
+      changes(12, 1, -1, 1, "3 -> 2");
+      changes(38, 3, -1, 3, "38, 39 (at 2) and 40 (at max) lowered");
+      changes(10, 12, -1, 0, "a run starting at 1 stops at once");
+      changes(11, 3, -1, 0, "entry 11 at 1: nothing lowered");
+      changes(12, 1, -1, 1, "2 -> 1");
     }
     for (let i = 0; i < count; i++) assert.equal(getRefcount(block, i, order), expected[i], `order ${order} index ${i}`);
   }

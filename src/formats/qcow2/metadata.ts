@@ -32,7 +32,7 @@ import { readSkippingHoles, writeZeroBytes, type ImageFile } from "../../io/file
 import { INCOMPAT_EXTL2, encodeQcow2Header, type Qcow2Header } from "./header.ts";
 import { compressedStreamBytes } from "./compression.ts";
 import { COMPRESSED_SECTOR_BYTES, HI_OFFSET_UNSAFE, compressedReadBytes, L1_ENTRY_BYTES, LO_OFFSET_MASK, TWO_POW_32, getL1EntryOffset, l2EntryBytes, setL1Entry, type L2Entry } from "./entries.ts";
-import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, encodeRefcountTable, getRefcount, refcountByteOffset, raiseRefcounts, refcountEntryBytes, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
+import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, encodeRefcountTable, getRefcount, refcountByteOffset, changeRefcountRun, refcountEntryBytes, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
 import { TableCache, dirtyChunkBytes, dirtyRuns, markDirty, type CachedTable } from "./table-cache.ts";
 import { OverlapGuard, type MetadataStructure } from "./metadata-overlap.ts";
 import { CHECK_CLUSTERS_MAX } from "./reference-counter.ts";
@@ -671,11 +671,13 @@ export class Qcow2Metadata {
     let clusterOffset = start;
     let again = false;
     let failure: unknown = null;
-    // A raise with no freed cluster waiting to be wiped or punched changes refcounts and nothing else.
-    const raisesOnly = !decrease && addend > 0 && this.#wipePending.size === 0 && this.#discardPending.size === 0;
+    // Changes that leave a refcount in [1, max] go a run at a time (changeRefcountRun); a raise has
+    // other effects only on a freed cluster waiting to be wiped or punched. The rest, one at a time.
+    const runsAllowed = decrease || (this.#wipePending.size === 0 && this.#discardPending.size === 0);
+    const order = this.geometry.refcountOrder;
     try {
       for (; clusterOffset <= last; clusterOffset += cs) {
-        const clusterIndex = clusterOffset / cs;
+        let clusterIndex = clusterOffset / cs;
         const tableIndex = Math.floor(clusterIndex / entries);
         if (tableIndex !== oldTableIndex || block === null) {
           if (decrease && this.#refblockOffset(clusterIndex) === 0) {
@@ -694,24 +696,23 @@ export class Qcow2Metadata {
           block = result;
         }
         oldTableIndex = tableIndex;
-        const blockIndex = clusterIndex % entries;
-        if (raisesOnly) {
-          // Every cluster of the range in this block at once (nothing below applies to a raise then).
-          const order = this.geometry.refcountOrder;
+        let blockIndex = clusterIndex % entries;
+        if (runsAllowed && addend > 0) {
           const count = Math.min((last - clusterOffset) / cs + 1, entries - blockIndex);
-          const raised = raiseRefcounts(block.bytes, blockIndex, count, order, addend, this.geometry.refcountMax);
-          if (raised > 0) {
+          const changed = changeRefcountRun(block.bytes, blockIndex, count, order, decrease ? -addend : addend, this.geometry.refcountMax);
+          if (changed > 0) {
             const firstByte = refcountByteOffset(blockIndex, order);
-            markDirty(block, firstByte, refcountByteOffset(blockIndex + raised - 1, order) + refcountEntryBytes(order) - firstByte);
-            this.overlap.noteFileEnd(clusterOffset + raised * cs);
+            markDirty(block, firstByte, refcountByteOffset(blockIndex + changed - 1, order) + refcountEntryBytes(order) - firstByte);
+            if (!decrease) this.overlap.noteFileEnd(clusterOffset + changed * cs);
           }
-          if (raised < count) {
-            clusterOffset += raised * cs;
-            failure = this.#refcountOutOfRange(clusterOffset / cs, false);
-            break;
+          if (changed === count) {
+            clusterOffset += (count - 1) * cs;
+            continue;
           }
-          clusterOffset += (count - 1) * cs;
-          continue;
+          // The run stopped at a cluster (in this block) that overflows, drops below zero or is freed.
+          clusterOffset += changed * cs;
+          clusterIndex += changed;
+          blockIndex += changed;
         }
         let refcount = getRefcount(block.bytes, blockIndex, this.geometry.refcountOrder);
         if (decrease ? refcount < addend : refcount + addend > this.geometry.refcountMax) {

@@ -107,27 +107,29 @@ export function setRefcount(block: Uint8Array, index: number, refcountOrder: num
 }
 
 /**
- * Raise the `count` consecutive refcounts from `index` of a block by
- * `addend` (> 0), stopping before the first that would exceed `max`.
- * Returns how many were raised (`count` unless one would overflow).
- * Synchronous and small, with the common 16-bit width inline, so that a
- * fresh process optimizes it early: a snapshot pass raises ~16k refcounts
- * on the bench's image, which cost ~12 ms a cluster at a time.
+ * Add `delta` (non-zero) to the `count` consecutive refcounts from `index`
+ * of a block, stopping before the first whose result would leave
+ * [1, max]: a raise past the maximum, a drop to zero or below (freeing a
+ * cluster has effects the caller handles one cluster at a time). Returns
+ * how many were changed. Synchronous and small, with the common 16-bit
+ * width inline, so that a fresh process optimizes it early: a snapshot
+ * pass changes ~16k refcounts on the bench's image, which cost ~12 ms a
+ * cluster at a time.
  */
-export function raiseRefcounts(block: Uint8Array, index: number, count: number, refcountOrder: number, addend: number, max: number): number {
+export function changeRefcountRun(block: Uint8Array, index: number, count: number, refcountOrder: number, delta: number, max: number): number {
   if (refcountOrder === 4) {
     for (let i = 0, at = 2 * index; i < count; i++, at += 2) {
-      const raised = ((block[at] << 8) | block[at + 1]) + addend;
-      if (raised > max) return i;
-      block[at] = raised >>> 8;
-      block[at + 1] = raised & 0xff;
+      const changed = ((block[at] << 8) | block[at + 1]) + delta;
+      if (changed < 1 || changed > max) return i;
+      block[at] = changed >>> 8;
+      block[at + 1] = changed & 0xff;
     }
     return count;
   }
   for (let i = 0; i < count; i++) {
-    const raised = getRefcount(block, index + i, refcountOrder) + addend;
-    if (raised > max) return i;
-    setRefcount(block, index + i, refcountOrder, raised);
+    const changed = getRefcount(block, index + i, refcountOrder) + delta;
+    if (changed < 1 || changed > max) return i;
+    setRefcount(block, index + i, refcountOrder, changed);
   }
   return count;
 }
