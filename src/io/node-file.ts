@@ -162,6 +162,9 @@ function writeOnce(fd: number, data: Uint8Array, offset: number, length: number,
   });
 }
 
+/** statfs f_type of ext4 (and ext2/3), xfs, btrfs and tmpfs: file systems whose SEEK_DATA/SEEK_HOLE answers are exact. */
+const EXACT_HOLES_FILE_SYSTEMS = new Set([0xef53, 0x58465342, 0x9123683e, 0x01021994]);
+
 export class NodeFile implements ImageFile {
   readonly name: string;
   readonly readOnly: boolean;
@@ -180,6 +183,8 @@ export class NodeFile implements ImageFile {
   /** The last data run holes() found, [start, end) (empty when end <= start); see the design notes. */
   #dataRunStart = 0;
   #dataRunEnd = 0;
+  /** Whether the file system's hole answers are exact (holesReliable), once asked. */
+  #holesReliable: boolean | null = null;
   /** QEMU-style image locks this open holds (io/qemu-locks.ts), dropped when it closes. */
   #lock: ImageLock | null = null;
 
@@ -381,6 +386,17 @@ export class NodeFile implements ImageFile {
     } catch (error) {
       throw fromSystemError(error, this.name, `find holes in ${lengthBytes} bytes at offset ${hostOffset}`);
     }
+  }
+
+  holesReliable(): boolean {
+    if (this.#holesReliable === null) {
+      try {
+        this.#holesReliable = EXACT_HOLES_FILE_SYSTEMS.has(fs.statfsSync(`/proc/self/fd/${this.#openFd("stat its file system")}`).type);
+      } catch {
+        this.#holesReliable = false;
+      }
+    }
+    return this.#holesReliable;
   }
 
   async cached(hostOffset: number, lengthBytes: number): Promise<boolean | null> {

@@ -772,3 +772,28 @@ test("readUncachedL2 with the entries a pass knows reads only the dirty chunks h
   for (const l2Index of [3, 1000, 5000]) assert.notEqual(table.view.getBigUint64(l2Index * 8), 0n, `entry ${l2Index} read`);
   await reopened.close();
 });
+
+test("refcount changes over a range go a run at a time and stop where one would overflow (undone whole) or reach zero (freed alone)", async () => {
+  const { image } = await fresh({ refcountBits: 2 });
+  const meta = image.metadata;
+  const cs = meta.clusterSizeBytes;
+  const data = new Uint8Array(4 * cs).fill(0x42);
+  await image.write(0, data);
+  const mapped = await image.metadata.getL2(getL1Entry(meta.l1, 0).l2Offset);
+  const first = Number(mapped.view.getBigUint64(0) & 0x00fffffffffffe00n);
+  const clusters = [0, 1, 2, 3].map((i) => first / cs + i);
+  const refcounts = async (): Promise<number[]> => Promise.all(clusters.map((c) => meta.getRefcount(c)));
+  assert.deepEqual(await refcounts(), [1, 1, 1, 1], "four contiguous data clusters");
+  // Cluster 2 raised to the maximum (3): a raise over all four stops there and is undone whole.
+  await meta.increaseRefcounts(first + 2 * cs, 2 * cs);
+  await meta.increaseRefcounts(first + 2 * cs, cs);
+  assert.deepEqual(await refcounts(), [1, 1, 3, 2]);
+  await assert.rejects(meta.increaseRefcounts(first, 4 * cs), failsWith("E_TOO_LARGE"));
+  assert.deepEqual(await refcounts(), [1, 1, 3, 2], "the clusters before the overflow were lowered again");
+  // A drop over all four: cluster 0 (1 -> 0) is freed alone, the rest go as a run.
+  await meta.increaseRefcounts(first + cs, cs);
+  await meta.freeClusters(first, 4 * cs);
+  assert.deepEqual(await refcounts(), [0, 1, 2, 1]);
+  assert.equal(meta.freeClusterIndex <= clusters[0], true, "the freed cluster is where the allocator looks next");
+  await image.close();
+});

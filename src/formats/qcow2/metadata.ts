@@ -453,8 +453,8 @@ export class Qcow2Metadata {
    * ~9 ms less each, of ~100, on the development VM). The file's holes are
    * not read (readSkippingHoles): a table with sparse pages would fault in
    * a zeroed page-cache page for each.
-   * With `entries` (the indexes of the entries the caller will look at,
-   * `entries.length` of them), only the dirty chunks (table-cache.ts) that
+   * With `entries` (the indexes of the entries the caller will look at, in
+   * ascending order), only the dirty chunks (table-cache.ts) that
    * hold them are read; the rest of `bytes` keeps what it held, and since
    * write-back writes dirty chunks only, it never reaches the file (a
    * pass that knows a table's used entries from an earlier pass reads ~5
@@ -473,6 +473,7 @@ export class Qcow2Metadata {
       let runEnd = -1;
       for (let i = 0; i <= entries.length; i++) {
         const chunkStart = i < entries.length ? Math.floor((entries[i] * entryBytes) / chunkBytes) * chunkBytes : -1;
+        if (chunkStart >= 0 && chunkStart < runStart) assert(false, "entries in ascending order");
         if (chunkStart >= 0 && chunkStart <= runEnd) {
           runEnd = Math.max(runEnd, chunkStart + chunkBytes);
           continue;
