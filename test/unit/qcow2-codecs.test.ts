@@ -255,7 +255,9 @@ test("changeRefcountRun changes a run at every width and stops before the first 
       assert.equal(changeRefcountRun(block, index, run, order, delta, max), changed, `order ${order}: ${what}`);
       for (let i = index; i < index + changed; i++) expected[i] += delta;
     };
+    assert.equal(changeRefcountRun(block, 10, 30, order, 1, max, 1), 0, `order ${order}: minOld 1 stops at a free cluster`);
     changes(10, 30, 1, 30, "entries 10..39, all 0, raised by one");
+    if (order !== 0) assert.equal(changeRefcountRun(block, 12, 1, order, 1, max, 1) + changeRefcountRun(block, 12, 1, order, -1, max, 1), 2, `order ${order}: minOld 1 lets a cluster in use through`);
     // A raise over entry 40 (at max) stops there; at width 1, 38 is at max already.
     changes(38, 5, 1, order === 0 ? 0 : 2, "raise stops at max");
     // A drop stops before the first refcount it would take to 0: 10..19 are at 1.

@@ -797,3 +797,19 @@ test("refcount changes over a range go a run at a time and stop where one would 
   assert.equal(meta.freeClusterIndex <= clusters[0], true, "the freed cluster is where the allocator looks next");
   await image.close();
 });
+
+test("a raise over a run that holds a freed cluster waiting for its punch takes that cluster out of the pending punches", async () => {
+  const { image } = await fresh();
+  const meta = image.metadata;
+  const cs = meta.clusterSizeBytes;
+  await image.write(0, new Uint8Array(4 * cs).fill(0x42));
+  const first = Number((await meta.getL2(getL1Entry(meta.l1, 0).l2Offset)).view.getBigUint64(0) & 0x00fffffffffffe00n);
+  await meta.whileFreeing({}, async () => {
+    await meta.freeClusters(first + cs, cs);
+    assert.equal(meta.discardsPending, 1, "the freed cluster waits for its punch");
+    await meta.increaseRefcounts(first, 4 * cs);
+    assert.equal(meta.discardsPending, 0, "raised again: no punch for it");
+  });
+  assert.deepEqual(await Promise.all([0, 1, 2, 3].map((i) => meta.getRefcount(first / cs + i))), [2, 1, 2, 2]);
+  await image.close();
+});

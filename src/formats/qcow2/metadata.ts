@@ -663,8 +663,9 @@ export class Qcow2Metadata {
     let again = false;
     let failure: unknown = null;
     // Changes that leave a refcount in [1, max] go a run at a time (changeRefcountRun); a raise has
-    // other effects only on a freed cluster waiting to be wiped or punched. The rest, one at a time.
-    const runsAllowed = decrease || (this.#wipePending.size === 0 && this.#discardPending.size === 0);
+    // other effects only on a freed cluster waiting to be wiped or punched, so while any waits, a run
+    // stops at every free one. The rest, one at a time.
+    const minOld = !decrease && (this.#wipePending.size > 0 || this.#discardPending.size > 0) ? 1 : 0;
     const order = this.geometry.refcountOrder;
     try {
       for (; clusterOffset <= last; clusterOffset += cs) {
@@ -688,9 +689,9 @@ export class Qcow2Metadata {
         }
         oldTableIndex = tableIndex;
         let blockIndex = clusterIndex % entries;
-        if (runsAllowed && addend > 0) {
+        if (addend > 0) {
           const count = Math.min((last - clusterOffset) / cs + 1, entries - blockIndex);
-          const changed = changeRefcountRun(block.bytes, blockIndex, count, order, decrease ? -addend : addend, this.geometry.refcountMax);
+          const changed = changeRefcountRun(block.bytes, blockIndex, count, order, decrease ? -addend : addend, this.geometry.refcountMax, minOld);
           if (changed > 0) {
             const firstByte = refcountByteOffset(blockIndex, order);
             markDirty(block, firstByte, refcountByteOffset(blockIndex + changed - 1, order) + refcountEntryBytes(order) - firstByte);
@@ -700,7 +701,7 @@ export class Qcow2Metadata {
             clusterOffset += (count - 1) * cs;
             continue;
           }
-          // The run stopped at a cluster (in this block) that overflows, drops below zero or is freed.
+          // The run stopped at a cluster (in this block) that overflows, drops below zero, is freed, or is free and may be pending.
           clusterOffset += changed * cs;
           clusterIndex += changed;
           blockIndex += changed;

@@ -109,26 +109,29 @@ export function setRefcount(block: Uint8Array, index: number, refcountOrder: num
 /**
  * Add `delta` (non-zero) to the `count` consecutive refcounts from `index`
  * of a block, stopping before the first whose result would leave
- * [1, max]: a raise past the maximum, a drop to zero or below (freeing a
- * cluster has effects the caller handles one cluster at a time). Returns
- * how many were changed. Synchronous and small, with the common 16-bit
- * width inline, so that a fresh process optimizes it early: a snapshot
- * pass changes ~16k refcounts on the bench's image, which cost ~12 ms a
- * cluster at a time.
+ * [1, max] (a raise past the maximum, a drop to zero or below: freeing a
+ * cluster has effects the caller handles one cluster at a time) or whose
+ * value is below `minOld` (1: stop at a free cluster, which a caller that
+ * remembers freed clusters must see alone). Returns how many were changed.
+ * Synchronous and small, with the common 16-bit width inline, so that a
+ * fresh process optimizes it early: a snapshot pass changes ~16k
+ * refcounts on the bench's image, which cost ~12 ms a cluster at a time.
  */
-export function changeRefcountRun(block: Uint8Array, index: number, count: number, refcountOrder: number, delta: number, max: number): number {
+export function changeRefcountRun(block: Uint8Array, index: number, count: number, refcountOrder: number, delta: number, max: number, minOld = 0): number {
   if (refcountOrder === 4) {
     for (let i = 0, at = 2 * index; i < count; i++, at += 2) {
-      const changed = ((block[at] << 8) | block[at + 1]) + delta;
-      if (changed < 1 || changed > max) return i;
+      const old = (block[at] << 8) | block[at + 1];
+      const changed = old + delta;
+      if (old < minOld || changed < 1 || changed > max) return i;
       block[at] = changed >>> 8;
       block[at + 1] = changed & 0xff;
     }
     return count;
   }
   for (let i = 0; i < count; i++) {
-    const changed = getRefcount(block, index + i, refcountOrder) + delta;
-    if (changed < 1 || changed > max) return i;
+    const old = getRefcount(block, index + i, refcountOrder);
+    const changed = old + delta;
+    if (old < minOld || changed < 1 || changed > max) return i;
     setRefcount(block, index + i, refcountOrder, changed);
   }
   return count;
