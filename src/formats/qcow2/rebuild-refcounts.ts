@@ -351,7 +351,9 @@ function refcountTooWide(state: Qcow2CheckState, counts: ClusterCounts, refcount
  */
 export async function refcountOrderRefusal(file: ImageFile, refcountOrder: number): Promise<string | null> {
   const state = await openCheckState(file, false);
-  return refcountTooWide(state, await readStoredRefcounts(state, Math.max(state.refcountMax, refcountMax(refcountOrder))), refcountOrder);
+  // Every stored refcount fits a width at least as wide: nothing to read.
+  if (refcountMax(refcountOrder) >= state.refcountMax) return null;
+  return refcountTooWide(state, await readStoredRefcounts(state, state.refcountMax), refcountOrder);
 }
 
 /**
