@@ -367,7 +367,9 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /** Take `meta` as the image's metadata (at open, and after a change that rewrote the refcount structure). */
+  /** Make `meta` the image's metadata; session settings of the metadata it replaces (a reload) carry over. */
   #adoptMetadata(meta: Qcow2Metadata): void {
+    meta.wipeFreedClusters = this.#meta.wipeFreedClusters;
     this.#meta = meta;
     meta.overlap.snapshots = () => this.#snapshots;
     meta.compressedDataMapped = (guestCluster, hostOffset) => compressedDataMapped(meta, this.#snapshots, guestCluster, hostOffset);
@@ -1753,10 +1755,8 @@ export class Qcow2Image implements BlockDevice {
       // Pending wipes and punches of freed clusters finish against the structure that freed them.
       await this.#meta.completeFreeing();
       await this.#file.flush();
-      const wipeFreedClusters = this.#meta.wipeFreedClusters;
       const header = await changeRefcountOrder(this.#file, refcountOrder);
       this.#adoptMetadata(await Qcow2Metadata.load(this.#file, header, this.#cacheBytesMax));
-      this.#meta.wipeFreedClusters = wipeFreedClusters;
     });
   }
 
