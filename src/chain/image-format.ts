@@ -11,6 +11,9 @@
 import { SnapstackError } from "../base/errors.ts";
 import type { ImageFile } from "../io/file.ts";
 import { QCOW2_MAGIC } from "../formats/qcow2/index.ts";
+import { hasVdiSignature } from "../formats/vdi/vdi-format.ts";
+import { hasVhdxSignature } from "../formats/vhdx/vhdx-format.ts";
+import { hasFooterCookie } from "../formats/vpc/vpc-format.ts";
 
 export type ImageFormat = "raw" | "qcow2" | "vmdk" | "vpc" | "vdi" | "vhdx";
 export const IMAGE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2", "vmdk", "vpc", "vdi", "vhdx"];
@@ -68,7 +71,7 @@ function cStringIs(head: Uint8Array, offset: number, length: number, text: strin
  * vmdk_probe for a text descriptor: comment lines and blank lines, then a
  * "version=1", "version=2" or "version=3" line.
  */
-function isVmdkDescriptor(head: Uint8Array): boolean {
+export function isVmdkDescriptor(head: Uint8Array): boolean {
   const text = String.fromCharCode(...head);
   for (let at = 0; at < text.length; ) {
     if (text[at] === "#") {
@@ -122,10 +125,10 @@ export function probedFormatName(head: Uint8Array): string {
   if (head.length >= 8 && view.getUint32(0) === QCOW2_MAGIC) return view.getUint32(4) === 1 ? "qcow" : "qcow2";
   if (isVmdk(head)) return "vmdk";
   // vpc_probe: a dynamic VHD's footer copy (a fixed VHD has its footer at the end only: raw, as QEMU probes it).
-  if (has(head, 0, ASCII("conectix"))) return "vpc";
+  if (hasFooterCookie(head)) return "vpc";
   // vdi_probe: the signature after the text line (and a whole header).
-  if (head.length >= 512 && u32le(head, 64) === 0xbeda107f) return "vdi";
-  if (has(head, 0, ASCII("vhdxfile"))) return "vhdx";
+  if (head.length >= 512 && hasVdiSignature(head)) return "vdi";
+  if (hasVhdxSignature(head)) return "vhdx";
   return FOREIGN_PROBES.find((candidate) => candidate.probe(head))?.format ?? "raw";
 }
 

@@ -16,7 +16,7 @@ import { join, resolve } from "node:path";
 import { openNodeFile } from "../../io/node-file.ts";
 import { readQcow2Header } from "../../formats/qcow2/index.ts";
 import { resolveBackingPath } from "../backing-path.ts";
-import { probedFormatName } from "../image-format.ts";
+import { isVmdkDescriptor, probedFormatName } from "../image-format.ts";
 import { DESCRIPTOR_BYTES_MAX, descriptorText, parseDescriptor } from "../../formats/vmdk/vmdk-format.ts";
 import { fileKey } from "../../io/file-identity.ts";
 
@@ -41,9 +41,8 @@ function readHead(path: string, bytes: number): Buffer | null {
 function namingKind(path: string): "qcow2" | "vmdk descriptor" | null {
   const head = readHead(path, 512);
   if (head === null) return null;
-  const kind = probedFormatName(head);
-  if (kind === "qcow2") return "qcow2";
-  return kind === "vmdk" && !head.subarray(0, 4).equals(Buffer.from("KDMV")) && !head.subarray(0, 4).equals(Buffer.from("COWD")) ? "vmdk descriptor" : null;
+  if (probedFormatName(head) === "qcow2") return "qcow2";
+  return isVmdkDescriptor(head) ? "vmdk descriptor" : null;
 }
 
 /** How an image uses another file. */
@@ -118,7 +117,7 @@ export async function findFileUsers(path: string, directories: readonly string[]
       if (!entry.isFile() || probed >= BACKING_SCAN_FILES_MAX) continue;
       probed++;
       const candidate = join(directory, entry.name);
-      if (fileKey(candidate) === target || namingKind(candidate) === null) continue;
+      if (fileKey(candidate) === target) continue;
       for (const [use, name] of await storedFileNames(candidate)) {
         if (!users.has(candidate) && referencedPaths(candidate, use, name).some((resolved) => fileKey(resolved) === target)) users.set(candidate, use);
       }
