@@ -15,7 +15,7 @@
  */
 import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, renameSync, rmSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 
@@ -47,3 +47,18 @@ if (result.error !== undefined || result.status !== 0) {
   fail(result.error !== undefined ? `cannot run ${compiler}: ${result.error.message}` : `${compiler} failed (exit status ${result.status})`);
 }
 renameSync(partial, OUTPUT);
+
+// snapstack-img (native/img-client.c): the native front end of the resident helper. It runs
+// bin/snapstack itself when no helper listens, so it is built with that file's absolute path.
+const CLIENT_SOURCE = join(NATIVE_DIR, "img-client.c");
+const CLIENT_OUTPUT = join(NATIVE_DIR, "build", "snapstack-img");
+const snapstackBin = resolve(NATIVE_DIR, "..", "bin", "snapstack");
+const clientPartial = `${CLIENT_OUTPUT}.${process.pid}.tmp`;
+const clientArgs = ["-O2", "-Wall", "-Wextra", "-Werror", `-DSNAPSTACK_BIN=${JSON.stringify(snapstackBin)}`, "-o", clientPartial, CLIENT_SOURCE];
+const clientResult = spawnSync(compiler, clientArgs, { stdio: ["ignore", "inherit", "inherit"] });
+if (clientResult.error !== undefined || clientResult.status !== 0) {
+  rmSync(clientPartial, { force: true });
+  process.stderr.write(`native: ${compiler} failed to build snapstack-img; use 'snapstack img' (no resident helper)\n`);
+  process.exit(required ? 1 : 0);
+}
+renameSync(clientPartial, CLIENT_OUTPUT);

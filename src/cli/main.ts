@@ -105,6 +105,7 @@ async function dispatch(argv: string[], context: CliContext): Promise<number> {
   if (first === "nbd") return runCommand((await import("./commands/nbd.ts")).nbdCommand, "snapstack", rest, context);
   if (first === "serve") return runCommand((await import("./commands/serve.ts")).serveCommand, "snapstack", rest, context);
   if (first === "vm") return runCommand((await import("./commands/vm.ts")).vmCommand, "snapstack", rest, context);
+  if (first === "helper") return runCommand((await import("./commands/helper.ts")).helperCommand(runCli), "snapstack", rest, context);
   if (first === "img") {
     const [name, ...commandArgs] = rest;
     if (name === undefined) throw usage("Not enough arguments", "snapstack img --help");
@@ -141,7 +142,7 @@ const THREAD_POOL_SIZE_MAX = 4;
  * (bin/snapstack) calls this between loading the CLI and running it.
  */
 export function sizeThreadPoolFor(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): void {
-  if (env.UV_THREADPOOL_SIZE !== undefined || (argv[0] !== "img" && argv[0] !== "io")) return;
+  if (env.UV_THREADPOOL_SIZE !== undefined || (argv[0] !== "img" && argv[0] !== "io" && argv[0] !== "helper")) return;
   env.UV_THREADPOOL_SIZE = String(Math.min(THREAD_POOL_SIZE_MAX, Math.max(2, availableParallelism())));
 }
 

@@ -1,0 +1,302 @@
+/**
+ * The resident helper: runs `snapstack img` commands that `snapstack-img`
+ * (native/img-client.c) sends over a Unix socket, one at a time, in this
+ * already started and warmed-up process.
+ *
+ * Design notes
+ * - Why: a Node process takes ~50 ms to start and ~15 ms to go away on the
+ *   development VM, and loading the CLI ~25 ms more; qemu-img starts in
+ *   ~9. Commands that take qemu-img 100-150 ms (internal snapshots) were
+ *   dominated by that. The client is C and starts in about a millisecond;
+ *   here the modules are loaded and V8 has compiled the hot loops before.
+ * - A command runs here as it would in its own process: in the client's
+ *   working directory (process.chdir) with its umask and its environment
+ *   (the CliContext's env; img commands read nothing else from `process`),
+ *   its output framed back (helper-protocol.ts) and its exit status last.
+ *   chdir and umask are process-wide, so commands run strictly one after
+ *   another (a queue); a second client waits.
+ * - What a separate process gives for free is kept:
+ *   - Interruption: a signal that would end the command's own process ends
+ *     this one. STARTED carries this process's pid, and the client, on
+ *     SIGINT, SIGTERM, SIGHUP or SIGQUIT, sends it SIGKILL before it dies of
+ *     the signal itself: images are left as a killed process leaves them,
+ *     which the engine keeps consistent (docs/crash-safety.md). (Only a
+ *     signal works while a command keeps the event loop busy with promises
+ *     that need no I/O, as `img bench` over unallocated clusters does.) A
+ *     client that goes away otherwise (SIGKILL) is noticed when its
+ *     connection closes (onClientLost, default process.exit). Clients still
+ *     queued see their connections close before STARTED and run their
+ *     commands themselves.
+ *   - Released resources: a process's exit closes its files and so drops
+ *     QEMU's image locks. A command that left more files open than before
+ *     it ran (a leak) stops the helper after it replied, so nothing stays
+ *     locked (openFileCount, /proc/self/fd).
+ *   - Current code: a helper started before the code on disk changed (an
+ *     upgrade, a rebuild, an edit of src/) would run the old code. Before
+ *     each command the code stamp is compared with the one at start; on a
+ *     change the command is REFUSED (the client runs it itself, with the new
+ *     code) and the helper stops.
+ * - REFUSED is sent only before anything ran, so a client never runs a
+ *   command twice. Requests that are not `img` commands are refused.
+ * - Idle: after idleTimeoutMs without a command the helper stops.
+ * - Access: the socket is created 0600 in a directory that must be the
+ *   user's and not writable by others (commands.helper), as the daemon's is.
+ */
+import { chmodSync, readdirSync, rmSync } from "node:fs";
+import { createConnection, createServer, type Server, type Socket } from "node:net";
+import { SnapstackError } from "../../base/errors.ts";
+import type { CliContext } from "../context.ts";
+import { encodeFrames, HelperRequestReader, type HelperRequest } from "./helper-protocol.ts";
+
+export interface HelperServerOptions {
+  socketPath: string;
+  /** Stop after this long without a command; 0: never. */
+  idleTimeoutMs: number;
+  /** Runs one command line (runCli). */
+  run: (argv: string[], context: CliContext) => Promise<number>;
+  /** Changes when the code on disk changes (codeStamp in commands/helper.ts). */
+  codeStamp: () => string;
+  log: (line: string) => void;
+  /** The client of the running command went away (default: end this process at once, as its signal would have). */
+  onClientLost?: () => void;
+  /** Files this process has open, or null where that cannot be counted (default: entries of /proc/self/fd). */
+  openFileCount?: () => number | null;
+}
+
+export interface HelperServer {
+  /** Resolves with the reason once the helper stopped listening and every command ended. */
+  readonly stopped: Promise<string>;
+  /** Stop: no new commands; queued ones are refused, the running one completes. */
+  stop(reason: string): Promise<string>;
+}
+
+interface Queued {
+  socket: Socket;
+  request: HelperRequest;
+  /** The client closed its connection (it went away). */
+  gone: boolean;
+}
+
+function procOpenFileCount(): number | null {
+  try {
+    return readdirSync("/proc/self/fd").length;
+  } catch {
+    return null;
+  }
+}
+
+/** Whether something accepts connections on the socket at `path`. */
+function socketAnswers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = createConnection(path);
+    probe.once("connect", () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once("error", () => resolve(false));
+  });
+}
+
+async function listenOnce(server: Server, path: string): Promise<NodeJS.ErrnoException | null> {
+  const previousUmask = process.umask(0o177);
+  try {
+    return await new Promise((resolve) => {
+      const onError = (error: NodeJS.ErrnoException): void => resolve(error);
+      server.once("error", onError);
+      server.listen(path, () => {
+        server.off("error", onError);
+        resolve(null);
+      });
+    });
+  } finally {
+    process.umask(previousUmask);
+  }
+}
+
+/**
+ * Listen on `path`: a socket file that nothing answers on is a helper that
+ * died and is replaced; one that answers is a running helper (E_IN_USE).
+ */
+async function listenUnix(server: Server, path: string): Promise<void> {
+  for (let attempt = 0; attempt < 2; attempt++) {
+    const error = await listenOnce(server, path);
+    if (error === null) {
+      chmodSync(path, 0o600);
+      return;
+    }
+    if (error.code !== "EADDRINUSE" || attempt > 0) throw new SnapstackError("E_IO", `cannot listen on ${path}: ${error.message}`, { path });
+    if (await socketAnswers(path)) throw new SnapstackError("E_IN_USE", `a helper already listens on ${path}`, { path });
+    rmSync(path, { force: true });
+  }
+}
+
+export async function startHelperServer(options: HelperServerOptions): Promise<HelperServer> {
+  const openFileCount = options.openFileCount ?? procOpenFileCount;
+  const onClientLost = options.onClientLost ?? (() => process.exit(1));
+  const startStamp = options.codeStamp();
+  const homeDirectory = process.cwd();
+  const queue: Queued[] = [];
+  let running: Queued | null = null;
+  let stopReason: string | null = null;
+  let resolveStopped: (reason: string) => void = () => {};
+  const stopped = new Promise<string>((resolve) => (resolveStopped = resolve));
+  let idleTimer: NodeJS.Timeout | null = null;
+
+  const send = (socket: Socket, kind: Parameters<typeof encodeFrames>[0], payload: string | Uint8Array): void => {
+    if (!socket.destroyed) socket.write(encodeFrames(kind, payload));
+  };
+  const refuse = (socket: Socket, reason: string): void => {
+    send(socket, "refused", reason);
+    socket.end();
+  };
+
+  const armIdleTimer = (): void => {
+    if (idleTimer !== null) clearTimeout(idleTimer);
+    idleTimer = null;
+    if (options.idleTimeoutMs > 0 && stopReason === null) {
+      idleTimer = setTimeout(() => void stop(`idle for ${options.idleTimeoutMs / 1000} s`), options.idleTimeoutMs);
+      idleTimer.unref();
+    }
+  };
+
+  const server = createServer((socket) => {
+    const reader = new HelperRequestReader();
+    let received = false;
+    socket.on("error", () => socket.destroy());
+    socket.on("data", (chunk: Buffer) => {
+      if (received) return; // nothing is expected after the request
+      let request: HelperRequest | null;
+      try {
+        request = reader.feed(chunk);
+      } catch (error) {
+        received = true;
+        refuse(socket, (error as Error).message);
+        return;
+      }
+      if (request === null) return;
+      received = true;
+      if (request.argv[0] !== "img") {
+        refuse(socket, `the helper runs 'img' commands only, not '${request.argv[0] ?? ""}'`);
+        return;
+      }
+      if (stopReason !== null) {
+        refuse(socket, `the helper is stopping (${stopReason})`);
+        return;
+      }
+      item = { socket, request, gone: false };
+      queue.push(item);
+      void pump();
+    });
+    let item: Queued | null = null;
+    let away = false;
+    const onGone = (): void => {
+      if (away) return;
+      away = true;
+      if (item !== null) item.gone = true;
+      if (running !== null && running.socket === socket) {
+        options.log(`the client of '${running.request.argv.slice(0, 2).join(" ")}' went away while it ran: the helper stops, as the command's own process would`);
+        onClientLost();
+      }
+    };
+    socket.on("end", onGone);
+    socket.on("close", onGone);
+  });
+
+  async function runOne(item: Queued): Promise<void> {
+    const { socket, request } = item;
+    const stamp = options.codeStamp();
+    if (stamp !== startStamp) {
+      refuse(socket, "the code on disk changed since the helper started");
+      void stop("the code on disk changed since it started");
+      return;
+    }
+    try {
+      process.chdir(request.cwd);
+    } catch (error) {
+      refuse(socket, `cannot enter ${request.cwd}: ${(error as Error).message}`);
+      return;
+    }
+    const filesBefore = openFileCount();
+    const previousUmask = process.umask(request.umask);
+    running = item;
+    const startedAtMs = performance.now();
+    send(socket, "started", String(process.pid));
+    let status: number;
+    try {
+      const context: CliContext = {
+        out: (text) => send(socket, "stdout", text),
+        err: (text) => send(socket, "stderr", text),
+        env: request.env,
+      };
+      status = await options.run(request.argv, context);
+    } catch (error) {
+      // runCli reports every failure itself; this is a bug in the helper.
+      send(socket, "stderr", `snapstack: error E_INTERNAL: ${(error as Error).message}\n`);
+      status = 1;
+    } finally {
+      running = null;
+      process.umask(previousUmask);
+      try {
+        process.chdir(homeDirectory);
+      } catch {
+        // The helper's own directory is gone: stay where the command ran.
+      }
+    }
+    send(socket, "exit", String(status));
+    socket.end();
+    options.log(`'${request.argv.slice(0, 2).join(" ")}' in ${request.cwd}: exit status ${status}, ${(performance.now() - startedAtMs).toFixed(0)} ms`);
+    const filesAfter = openFileCount();
+    if (filesBefore !== null && filesAfter !== null && filesAfter > filesBefore) {
+      void stop(`'${request.argv.slice(0, 2).join(" ")}' left ${filesAfter - filesBefore} more files open than before it ran; stopping releases them and their image locks`);
+    }
+  }
+
+  let pumping = false;
+  async function pump(): Promise<void> {
+    if (pumping) return;
+    pumping = true;
+    try {
+      for (let item = queue.shift(); item !== undefined; item = queue.shift()) {
+        // One turn of the event loop first: a command that kept it busy may have kept a queued
+        // client's going away (Ctrl-C before its command started) from being seen.
+        await new Promise((resolve) => setImmediate(resolve));
+        if (item.gone || item.socket.destroyed) continue;
+        if (stopReason !== null) {
+          refuse(item.socket, `the helper is stopping (${stopReason})`);
+          continue;
+        }
+        if (idleTimer !== null) clearTimeout(idleTimer);
+        await runOne(item);
+        armIdleTimer();
+      }
+    } finally {
+      pumping = false;
+    }
+    if (stopReason !== null) finish();
+  }
+
+  let finished = false;
+  function finish(): void {
+    if (finished || pumping || stopReason === null) return;
+    finished = true;
+    if (idleTimer !== null) clearTimeout(idleTimer);
+    server.close();
+    resolveStopped(stopReason);
+  }
+
+  function stop(reason: string): Promise<string> {
+    if (stopReason === null) {
+      stopReason = reason;
+      options.log(`stopping: ${reason}`);
+      // New clients now find no socket and run their commands themselves.
+      rmSync(options.socketPath, { force: true });
+      for (const item of queue.splice(0)) refuse(item.socket, `the helper is stopping (${reason})`);
+      finish();
+    }
+    return stopped;
+  }
+
+  await listenUnix(server, options.socketPath);
+  armIdleTimer();
+  return { stopped, stop };
+}
