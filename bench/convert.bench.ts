@@ -19,7 +19,8 @@
  */
 import { rmSync } from "node:fs";
 import { join } from "node:path";
-import { buildCompiledCli } from "./fixtures/compiled-build.ts";
+import { buildCompiledCli, type CompiledCli } from "./fixtures/compiled-build.ts";
+import { IMG_CLIENT, startResidentHelper, type ResidentHelper } from "./fixtures/resident-helper.ts";
 import { buildSpreadImage, GiB, MiB, withScratchDir } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, snapstackCliPresent, type BenchRow } from "./fixtures/rows.ts";
 import { median, runMeasured, runOrder, runTool, type MeasuredRun } from "./fixtures/tools.ts";
@@ -37,6 +38,7 @@ interface Runner {
   prefix: string[];
   /** Why this runner cannot run, or null. */
   unavailable: string | null;
+  env?: NodeJS.ProcessEnv;
 }
 
 async function settle(outputPath: string): Promise<void> {
@@ -49,9 +51,15 @@ function summarize(runs: readonly MeasuredRun[]): string {
 }
 
 /** The snapstack CLI from a compiled copy: import its main module and run it as bin/snapstack does. */
-async function compiledRunner(dir: string): Promise<Runner> {
-  const cli = await buildCompiledCli(dir);
+function compiledRunner(cli: CompiledCli): Runner {
   return { label: "snapstack, compiled JS", command: cli.command, prefix: [...cli.prefix, "img"], unavailable: cli.unavailable };
+}
+
+/** snapstack-img with a resident helper running the same compiled copy (wall clock of the client; notes: the client's CPU only). */
+function helperRunner(helper: ResidentHelper | string): Runner {
+  const label = "snapstack-img with a resident helper (compiled JS)";
+  if (typeof helper === "string") return { label, command: IMG_CLIENT, prefix: [], unavailable: helper };
+  return { label, command: helper.command, prefix: helper.prefix, env: helper.env, unavailable: null };
 }
 
 async function convertCase(sourcePath: string, outputPath: string, outputFormat: "qcow2" | "raw", runners: readonly Runner[]): Promise<BenchRow[]> {
@@ -72,7 +80,7 @@ async function convertCase(sourcePath: string, outputPath: string, outputFormat:
       }
       const runner = runners[tool];
       try {
-        snapRuns[tool].push(await runMeasured(runner.command, [...runner.prefix, ...convertArgs]));
+        snapRuns[tool].push(await runMeasured(runner.command, [...runner.prefix, ...convertArgs], undefined, runner.env));
       } catch (error) {
         snapErrors[tool] = (error as Error).message.split("\n")[0].slice(0, 300);
         continue;
@@ -101,11 +109,18 @@ export default async function convertBench(): Promise<BenchRow[]> {
   return withScratchDir("convert", async (dir) => {
     const sourcePath = join(dir, "source.qcow2");
     await buildSpreadImage(sourcePath, VIRTUAL_SIZE_BYTES, CHUNK_BYTES, STRIDE_BYTES);
+    const cli = await buildCompiledCli(dir);
+    const helper = await startResidentHelper(cli, dir);
     const runners: Runner[] = [
       { label: "bin/snapstack on TS sources", command: process.execPath, prefix: [SNAPSTACK_BIN, "img"], unavailable: snapstackCliPresent() ? null : "bin/snapstack missing" },
-      await compiledRunner(dir),
+      compiledRunner(cli),
+      helperRunner(helper),
     ];
-    return [...(await convertCase(sourcePath, join(dir, "out.qcow2"), "qcow2", runners)), ...(await convertCase(sourcePath, join(dir, "out.raw"), "raw", runners))];
+    try {
+      return [...(await convertCase(sourcePath, join(dir, "out.qcow2"), "qcow2", runners)), ...(await convertCase(sourcePath, join(dir, "out.raw"), "raw", runners))];
+    } finally {
+      if (typeof helper !== "string") await helper.stop();
+    }
   });
 }
 

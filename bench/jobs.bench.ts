@@ -29,6 +29,7 @@
 import { statSync } from "node:fs";
 import { join } from "node:path";
 import { buildCompiledCli } from "./fixtures/compiled-build.ts";
+import { startResidentHelper, type ResidentHelper } from "./fixtures/resident-helper.ts";
 import { GiB, MiB, TiB, createQcow2, spreadWrites, withScratchDir, writePatterns, type PatternWrite } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, type BenchRow } from "./fixtures/rows.ts";
 import { median, runMeasured, runOrder, runTool } from "./fixtures/tools.ts";
@@ -48,13 +49,17 @@ interface SnapstackRunner {
   label: string;
   command: string;
   prefix: string[];
+  env?: NodeJS.ProcessEnv;
 }
 
-async function snapstackRunners(dir: string): Promise<SnapstackRunner[]> {
+/** The runners, and the resident helper to stop at the end (or why there is none). */
+async function snapstackRunners(dir: string): Promise<{ runners: SnapstackRunner[]; helper: ResidentHelper | string }> {
   const runners: SnapstackRunner[] = [{ label: "TS sources", command: SNAPSTACK_BIN, prefix: ["img"] }];
   const cli = await buildCompiledCli(dir);
   if (cli.unavailable === null) runners.push({ label: "compiled JS", command: cli.command, prefix: [...cli.prefix, "img"] });
-  return runners;
+  const helper = await startResidentHelper(cli, dir);
+  if (typeof helper !== "string") runners.push({ label: "snapstack-img with a resident helper", command: helper.command, prefix: helper.prefix, env: helper.env });
+  return { runners, helper };
 }
 const COMMIT_DATA_CHUNK_BYTES = 1 * MiB;
 
@@ -94,7 +99,7 @@ async function commitCase(dir: string, virtualSizeBytes: number, strideBytes: nu
       }
       await copyChain(fixture, snapDir);
       const runner = runners[tool];
-      snap[tool].push((await runMeasured(runner.command, [...runner.prefix, "commit", "-q", join(snapDir, "top.qcow2")])).wallSeconds);
+      snap[tool].push((await runMeasured(runner.command, [...runner.prefix, "commit", "-q", join(snapDir, "top.qcow2")], undefined, runner.env)).wallSeconds);
       // Against qemu-img's committed base (run 0 starts with qemu-img, so there is one).
       const same = await runMeasured("qemu-img", ["compare", "-q", join(qemuDir, "base.qcow2"), join(snapDir, "base.qcow2")]).then(
         () => true,
@@ -197,9 +202,13 @@ async function restoreCase(dir: string): Promise<BenchRow> {
 export default async function jobsBench(): Promise<BenchRow[]> {
   return withScratchDir("jobs", async (dir) => {
     const rows: BenchRow[] = [];
-    const runners = await snapstackRunners(dir);
-    rows.push(...(await commitCase(dir, 4 * GiB, 16 * MiB, runners)));
-    rows.push(...(await commitCase(dir, 64 * GiB, 256 * MiB, runners)));
+    const { runners, helper } = await snapstackRunners(dir);
+    try {
+      rows.push(...(await commitCase(dir, 4 * GiB, 16 * MiB, runners)));
+      rows.push(...(await commitCase(dir, 64 * GiB, 256 * MiB, runners)));
+    } finally {
+      if (typeof helper !== "string") await helper.stop();
+    }
     rows.push(...(await diffCase(dir)));
     rows.push(await restoreCase(dir));
     return rows;

@@ -7,9 +7,12 @@
  * and does, for each tool: `-c s` (timed), a 64 MiB write with qemu-io
  * (untimed, so the apply has something to undo), `-a s` (timed), `-d s`
  * (timed). Runs alternate between the tools. Reported per operation:
- * - the snapstack CLI (bin/snapstack on the TS sources, and the CLI bundle
- *   as bin/snapstack runs it after `npm install`) against qemu-img, wall
- *   clock of the whole process, median;
+ * - the snapstack CLI (bin/snapstack on the TS sources, the CLI bundle
+ *   as bin/snapstack runs it after `npm install`, and snapstack-img with a
+ *   resident `snapstack helper` running that bundle) against qemu-img, wall
+ *   clock of the whole process (for snapstack-img, the client's), median;
+ *   the helper runner's CPU and bytes written are the client's plus the
+ *   helper's (fixtures/resident-helper.ts);
  * - the library call alone (Qcow2Image.createSnapshot etc., image opened
  *   beforehand, in this process) against the same qemu-img figure, which
  *   still includes qemu-img's process start and image open (~10-20 ms).
@@ -24,7 +27,8 @@
  * snapstack runs use no --wipe (nothing is written to freed clusters).
  */
 import { join } from "node:path";
-import { buildCompiledCli } from "./fixtures/compiled-build.ts";
+import { buildCompiledCli, type CompiledCli } from "./fixtures/compiled-build.ts";
+import { IMG_CLIENT, startResidentHelper, type ResidentHelper } from "./fixtures/resident-helper.ts";
 import { GiB, MiB, buildSpreadImage, withScratchDir } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, type BenchRow } from "./fixtures/rows.ts";
 import { median, runMeasured, runTool } from "./fixtures/tools.ts";
@@ -44,6 +48,10 @@ interface Runner {
   command: string;
   prefix: string[];
   unavailable: string | null;
+  env?: NodeJS.ProcessEnv;
+  /** The resident helper's CPU seconds and bytes written so far (its runner only: the commands run there). */
+  helperCpuSeconds?: () => number;
+  helperWrittenBytes?: () => number;
 }
 
 /** Wall and CPU seconds and bytes written (CLI runs only) per operation, one entry per run. */
@@ -63,13 +71,15 @@ async function dirtyActiveLayer(path: string): Promise<void> {
 }
 
 /** -c, write, -a, -d with a CLI (qemu-img or a snapstack runner), timing the three snapshot commands. */
-async function cliRound(command: string, prefix: string[], path: string, timings: Timings): Promise<void> {
+async function cliRound(runner: Pick<Runner, "command" | "prefix" | "env" | "helperCpuSeconds" | "helperWrittenBytes">, path: string, timings: Timings): Promise<void> {
   for (const operation of OPERATIONS) {
     if (operation === "apply") await dirtyActiveLayer(path);
-    const measured = await runMeasured(command, [...prefix, "snapshot", FLAG[operation], "s", path]);
+    const helperCpuBefore = runner.helperCpuSeconds?.() ?? 0;
+    const helperWrittenBefore = runner.helperWrittenBytes?.() ?? 0;
+    const measured = await runMeasured(runner.command, [...runner.prefix, "snapshot", FLAG[operation], "s", path], undefined, runner.env);
     timings[operation].wall.push(measured.wallSeconds);
-    timings[operation].cpu.push(measured.cpuSeconds);
-    timings[operation].written.push(measured.writtenBytes);
+    timings[operation].cpu.push(measured.cpuSeconds + (runner.helperCpuSeconds?.() ?? 0) - helperCpuBefore);
+    timings[operation].written.push(measured.writtenBytes + (runner.helperWrittenBytes?.() ?? 0) - helperWrittenBefore);
   }
 }
 
@@ -90,9 +100,15 @@ async function libraryRound(path: string, timings: Timings): Promise<void> {
   }
 }
 
-async function compiledRunner(dir: string): Promise<Runner> {
-  const cli = await buildCompiledCli(dir);
+function compiledRunner(cli: CompiledCli): Runner {
   return { label: "bundle (what bin/snapstack runs after npm install)", command: cli.command, prefix: [...cli.prefix, "img"], unavailable: cli.unavailable };
+}
+
+/** snapstack-img and a resident helper running the same bundle. */
+function helperRunner(helper: ResidentHelper | string): Runner {
+  const label = "snapstack-img with a resident helper (bundle)";
+  if (typeof helper === "string") return { label, command: IMG_CLIENT, prefix: [], unavailable: helper };
+  return { label, command: helper.command, prefix: helper.prefix, env: helper.env, unavailable: null, helperCpuSeconds: helper.cpuSeconds, helperWrittenBytes: helper.writtenBytes };
 }
 
 /** bin/snapstack forced onto the TypeScript sources (a checkout being edited). */
@@ -104,9 +120,9 @@ const SOURCES_RUNNER: Runner = {
 };
 
 /** Median wall time of `snapshot -l` on an image without snapshots: process start + open. */
-async function startupSeconds(command: string, prefix: string[], path: string): Promise<number> {
+async function startupSeconds(command: string, prefix: string[], path: string, env?: NodeJS.ProcessEnv): Promise<number> {
   const runs: number[] = [];
-  for (let i = 0; i < RUNS; i++) runs.push((await runMeasured(command, [...prefix, "snapshot", "-l", path])).wallSeconds);
+  for (let i = 0; i < RUNS; i++) runs.push((await runMeasured(command, [...prefix, "snapshot", "-l", path], undefined, env)).wallSeconds);
   return median(runs);
 }
 
@@ -127,67 +143,76 @@ export default async function snapshotBench(): Promise<BenchRow[]> {
   return withScratchDir("snapshot", async (dir) => {
     const fixture = join(dir, "fixture.qcow2");
     await buildSpreadImage(fixture, VIRTUAL_SIZE_BYTES, CHUNK_BYTES, STRIDE_BYTES);
-    const runners: Runner[] = [SOURCES_RUNNER, await compiledRunner(dir)];
-    const qemu = emptyTimings();
-    const library = emptyTimings();
-    const cli = runners.map(() => emptyTimings());
-    const errors: (string | null)[] = runners.map((r) => r.unavailable);
-    const qemuPath = join(dir, "qemu.qcow2");
-    const snapPath = join(dir, "snap.qcow2");
-    const libPath = join(dir, "lib.qcow2");
-    for (let run = 0; run < RUNS; run++) {
-      await freshCopy(fixture, qemuPath);
-      await cliRound("qemu-img", [], qemuPath, qemu);
-      for (const [index, runner] of runners.entries()) {
-        if (errors[index] !== null) continue;
-        await freshCopy(fixture, snapPath);
-        try {
-          await cliRound(runner.command, runner.prefix, snapPath, cli[index]);
-        } catch (error) {
-          errors[index] = (error as Error).message.split("\n")[0].slice(0, 300);
-        }
-      }
-      await freshCopy(fixture, libPath);
-      await libraryRound(libPath, library);
+    const cliBuild = await buildCompiledCli(dir);
+    const helper = await startResidentHelper(cliBuild, dir);
+    try {
+      return await measureAll(fixture, dir, [SOURCES_RUNNER, compiledRunner(cliBuild), helperRunner(helper)]);
+    } finally {
+      if (typeof helper !== "string") await helper.stop();
     }
-    const checked = await runMeasured("qemu-img", ["check", "-q", libPath]).then(
-      () => "qemu-img check clean",
-      () => "QEMU-IMG CHECK FAILED",
-    );
-    const same = await runMeasured("qemu-img", ["compare", "-q", qemuPath, libPath]).then(
-      () => "content equal to qemu-img's",
-      () => "CONTENT DIFFERS from qemu-img's",
-    );
-    const qemuStart = await startupSeconds("qemu-img", [], fixture);
-    const runnerStart: number[] = [];
-    for (const [index, runner] of runners.entries()) runnerStart.push(errors[index] === null ? await startupSeconds(runner.command, runner.prefix, fixture) : 0);
-    const nodeStart = await nodeStartSeconds();
-    const rows: BenchRow[] = [];
-    for (const operation of OPERATIONS) {
-      const qemuMedian = median(qemu[operation].wall);
-      const base = `snapshot ${FLAG[operation]} (${operation}) on 100 GiB with 1 GiB allocated`;
-      rows.push(
-        row(
-          `${base}, library call`,
-          median(library[operation].wall),
-          qemuMedian,
-          "s",
-          `median of ${RUNS}; library ${describe(library[operation])} (image already open), qemu-img ${describe(qemu[operation])} (whole process; its start + open ${(qemuStart * 1000).toFixed(0)} ms); ${checked}, ${same}`,
-        ),
-      );
-      for (const [index, runner] of runners.entries()) {
-        const name = `${base}, CLI ${runner.label}`;
-        if (errors[index] !== null) {
-          rows.push(row(name, null, qemuMedian, "s", `snapstack failed: ${errors[index]}`));
-          continue;
-        }
-        rows.push(
-          row(name, median(cli[index][operation].wall), qemuMedian, "s", `median of ${RUNS}; snapstack ${describe(cli[index][operation])}, of which process start + open ~${(runnerStart[index] * 1000).toFixed(0)} ms (Node alone, node -e 0: ${(nodeStart * 1000).toFixed(0)} ms); qemu-img ${describe(qemu[operation])}`),
-        );
-      }
-    }
-    return rows;
   });
+}
+
+async function measureAll(fixture: string, dir: string, runners: Runner[]): Promise<BenchRow[]> {
+  const qemu = emptyTimings();
+  const library = emptyTimings();
+  const cli = runners.map(() => emptyTimings());
+  const errors: (string | null)[] = runners.map((r) => r.unavailable);
+  const qemuPath = join(dir, "qemu.qcow2");
+  const snapPath = join(dir, "snap.qcow2");
+  const libPath = join(dir, "lib.qcow2");
+  for (let run = 0; run < RUNS; run++) {
+    await freshCopy(fixture, qemuPath);
+    await cliRound({ command: "qemu-img", prefix: [] }, qemuPath, qemu);
+    for (const [index, runner] of runners.entries()) {
+      if (errors[index] !== null) continue;
+      await freshCopy(fixture, snapPath);
+      try {
+        await cliRound(runner, snapPath, cli[index]);
+      } catch (error) {
+        errors[index] = (error as Error).message.split("\n")[0].slice(0, 300);
+      }
+    }
+    await freshCopy(fixture, libPath);
+    await libraryRound(libPath, library);
+  }
+  const checked = await runMeasured("qemu-img", ["check", "-q", libPath]).then(
+    () => "qemu-img check clean",
+    () => "QEMU-IMG CHECK FAILED",
+  );
+  const same = await runMeasured("qemu-img", ["compare", "-q", qemuPath, libPath]).then(
+    () => "content equal to qemu-img's",
+    () => "CONTENT DIFFERS from qemu-img's",
+  );
+  const qemuStart = await startupSeconds("qemu-img", [], fixture);
+  const runnerStart: number[] = [];
+  for (const [index, runner] of runners.entries()) runnerStart.push(errors[index] === null ? await startupSeconds(runner.command, runner.prefix, fixture, runner.env) : 0);
+  const nodeStart = await nodeStartSeconds();
+  const rows: BenchRow[] = [];
+  for (const operation of OPERATIONS) {
+    const qemuMedian = median(qemu[operation].wall);
+    const base = `snapshot ${FLAG[operation]} (${operation}) on 100 GiB with 1 GiB allocated`;
+    rows.push(
+      row(
+        `${base}, library call`,
+        median(library[operation].wall),
+        qemuMedian,
+        "s",
+        `median of ${RUNS}; library ${describe(library[operation])} (image already open), qemu-img ${describe(qemu[operation])} (whole process; its start + open ${(qemuStart * 1000).toFixed(0)} ms); ${checked}, ${same}`,
+      ),
+    );
+    for (const [index, runner] of runners.entries()) {
+      const name = `${base}, CLI ${runner.label}`;
+      if (errors[index] !== null) {
+        rows.push(row(name, null, qemuMedian, "s", `snapstack failed: ${errors[index]}`));
+        continue;
+      }
+      rows.push(
+        row(name, median(cli[index][operation].wall), qemuMedian, "s", `median of ${RUNS}; snapstack ${describe(cli[index][operation])}, of which process start + open ~${(runnerStart[index] * 1000).toFixed(0)} ms (Node alone, node -e 0: ${(nodeStart * 1000).toFixed(0)} ms); qemu-img ${describe(qemu[operation])}`),
+      );
+    }
+  }
+  return rows;
 }
 
 if (import.meta.main) printRows(import.meta.filename, await snapshotBench());

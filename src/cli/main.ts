@@ -32,6 +32,7 @@ async function topHelp(): Promise<string> {
     "usage: snapstack img <command> [command options]   (like qemu-img)",
     "       snapstack io [-f fmt] [-r] -c COMMAND... FILE  (like qemu-io)",
     "       snapstack nbd [options] FILE                   (like qemu-nbd; 'snapstack nbd --help')",
+    "       snapstack helper [--socket PATH]               (runs img commands for native/build/snapstack-img)",
     "       snapstack --help | --version",
     "",
     "img commands:",
@@ -123,7 +124,8 @@ const THREAD_POOL_SIZE_MAX = 4;
 
 /**
  * Size libuv's thread pool for the command in `argv` (without node and the
- * script), before it runs: for the one-shot commands (`img`, `io`), as many
+ * script), before it runs: for the one-shot commands (`img`, `io`) and the
+ * helper that runs `img` commands (`helper`), as many
  * threads as the machine has cores, at least 2 (a read and a write overlap)
  * and at most libuv's default of 4; unless UV_THREADPOOL_SIZE is set.
  *

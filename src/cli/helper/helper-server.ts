@@ -57,7 +57,7 @@ export interface HelperServerOptions {
   /** Changes when the code on disk changes (codeStamp in commands/helper.ts). */
   codeStamp: () => string;
   log: (line: string) => void;
-  /** The client of the running command went away (default: end this process at once, as its signal would have). */
+  /** The client of the running command went away (default: remove the socket and end this process at once, as the client's signal would have ended the command's own). */
   onClientLost?: () => void;
   /** Files this process has open, or null where that cannot be counted (default: entries of /proc/self/fd). */
   openFileCount?: () => number | null;
@@ -132,7 +132,12 @@ async function listenUnix(server: Server, path: string): Promise<void> {
 
 export async function startHelperServer(options: HelperServerOptions): Promise<HelperServer> {
   const openFileCount = options.openFileCount ?? procOpenFileCount;
-  const onClientLost = options.onClientLost ?? (() => process.exit(1));
+  const onClientLost =
+    options.onClientLost ??
+    (() => {
+      rmSync(options.socketPath, { force: true });
+      process.exit(1);
+    });
   const startStamp = options.codeStamp();
   const homeDirectory = process.cwd();
   const queue: Queued[] = [];
