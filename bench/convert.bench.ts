@@ -9,9 +9,12 @@
  * docs/benchmarks.md on page cache the host must back again, so a median of
  * 5 moved with where those fell); the output is deleted and `sync` run
  * (untimed) before every run; the page cache holds the source (it was just
- * written). snapstack runs two ways: bin/snapstack on the TypeScript sources
- * (Node strips the types of every module at start-up) and the same CLI from
- * a throwaway JavaScript build (what an installed package with dist/ runs).
+ * written). snapstack runs three ways: bin/snapstack on the TypeScript
+ * sources (Node strips the types of every module at start-up), the same CLI
+ * from a throwaway JavaScript build (what an installed package with dist/
+ * runs), and snapstack-img sending the command to a resident helper that
+ * runs that build (fixtures/resident-helper.ts; the client's wall clock,
+ * the helper's CPU and memory in the notes).
  * Reported: median seconds, ratio snapstack / qemu-img (target <= 1.0);
  * each tool's CPU time and peak RSS (GNU time) are in the notes. After the
  * timed runs the last output of each snapstack variant is checked with
@@ -39,6 +42,8 @@ interface Runner {
   /** Why this runner cannot run, or null. */
   unavailable: string | null;
   env?: NodeJS.ProcessEnv;
+  /** The resident helper the runner's commands run in (their CPU is spent there). */
+  helper?: ResidentHelper;
 }
 
 async function settle(outputPath: string): Promise<void> {
@@ -55,17 +60,18 @@ function compiledRunner(cli: CompiledCli): Runner {
   return { label: "snapstack, compiled JS", command: cli.command, prefix: [...cli.prefix, "img"], unavailable: cli.unavailable };
 }
 
-/** snapstack-img with a resident helper running the same compiled copy (wall clock of the client; notes: the client's CPU only). */
+/** snapstack-img with a resident helper running the same compiled copy (wall clock of the client; notes: the helper's CPU and memory apart). */
 function helperRunner(helper: ResidentHelper | string): Runner {
   const label = "snapstack-img with a resident helper (compiled JS)";
   if (typeof helper === "string") return { label, command: IMG_CLIENT, prefix: [], unavailable: helper };
-  return { label, command: helper.command, prefix: helper.prefix, env: helper.env, unavailable: null };
+  return { label, command: helper.command, prefix: helper.prefix, env: helper.env, unavailable: null, helper };
 }
 
 async function convertCase(sourcePath: string, outputPath: string, outputFormat: "qcow2" | "raw", runners: readonly Runner[]): Promise<BenchRow[]> {
   const convertArgs = ["convert", "-f", "qcow2", "-O", outputFormat, sourcePath, outputPath];
   const qemuRuns: MeasuredRun[] = [];
   const snapRuns: MeasuredRun[][] = runners.map(() => []);
+  const helperCpu: number[][] = runners.map(() => []);
   const snapErrors: (string | null)[] = runners.map((r) => r.unavailable);
   const compared: string[] = runners.map(() => "");
   // -1: qemu-img; otherwise the index of a snapstack runner.
@@ -80,7 +86,9 @@ async function convertCase(sourcePath: string, outputPath: string, outputFormat:
       }
       const runner = runners[tool];
       try {
+        const cpuBefore = runner.helper?.cpuSeconds() ?? 0;
         snapRuns[tool].push(await runMeasured(runner.command, [...runner.prefix, ...convertArgs], undefined, runner.env));
+        if (runner.helper !== undefined) helperCpu[tool].push(runner.helper.cpuSeconds() - cpuBefore);
       } catch (error) {
         snapErrors[tool] = (error as Error).message.split("\n")[0].slice(0, 300);
         continue;
@@ -101,6 +109,7 @@ async function convertCase(sourcePath: string, outputPath: string, outputFormat:
     const error = snapErrors[index];
     if (error !== null) return row(name, null, qemuMedian, "s", [...notes, `snapstack failed: ${error}`].join("; "));
     notes.push(`snapstack: ${summarize(snapRuns[index])}`, compared[index]);
+    if (runner.helper !== undefined) notes.push(`the client's CPU and RSS above; the helper's median CPU ${median(helperCpu[index]).toFixed(2)} s; ${runner.helper.describe()}`);
     return row(name, median(snapRuns[index].map((r) => r.wallSeconds)), qemuMedian, "s", notes.join("; "));
   });
 }

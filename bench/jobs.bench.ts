@@ -9,9 +9,10 @@
  *   alternating tools, and which goes first (single commits on this VM
  *   take 0.3 s or 1 s, whichever tool runs: a median of 3 was decided by
  *   that); snapstack runs as bin/snapstack (TypeScript sources:
- *   Node strips types at start-up, ~0.3 s) and from a compiled copy (what
- *   an installed package runs). After each run the committed bases are
- *   checked equal with qemu-img compare.
+ *   Node strips types at start-up, ~0.3 s), from a compiled copy (what
+ *   an installed package runs) and as snapstack-img with a resident helper
+ *   running that copy (fixtures/resident-helper.ts). After each run the
+ *   committed bases are checked equal with qemu-img compare.
  * - diff: FROM is a 1 TiB image with 1 GiB of data (1 MiB every GiB), TO
  *   an overlay of it changing 1 GiB elsewhere (1 MiB every GiB, offset by
  *   512 MiB). Reported: the diff (library, in-process), and the metadata
@@ -50,6 +51,8 @@ interface SnapstackRunner {
   command: string;
   prefix: string[];
   env?: NodeJS.ProcessEnv;
+  /** The resident helper the runner's commands run in. */
+  helper?: ResidentHelper;
 }
 
 /** The runners, and the resident helper to stop at the end (or why there is none). */
@@ -58,7 +61,7 @@ async function snapstackRunners(dir: string): Promise<{ runners: SnapstackRunner
   const cli = await buildCompiledCli(dir);
   if (cli.unavailable === null) runners.push({ label: "compiled JS", command: cli.command, prefix: [...cli.prefix, "img"] });
   const helper = await startResidentHelper(cli, dir);
-  if (typeof helper !== "string") runners.push({ label: "snapstack-img with a resident helper", command: helper.command, prefix: helper.prefix, env: helper.env });
+  if (typeof helper !== "string") runners.push({ label: "snapstack-img with a resident helper", command: helper.command, prefix: helper.prefix, env: helper.env, helper });
   return { runners, helper };
 }
 const COMMIT_DATA_CHUNK_BYTES = 1 * MiB;
@@ -114,7 +117,7 @@ async function commitCase(dir: string, virtualSizeBytes: number, strideBytes: nu
       median(snap[index]),
       median(qemu),
       "s",
-      `median of ${RUNS}, alternating which tool goes first; snapstack ${snap[index].map((s) => s.toFixed(2)).join("/")} s, qemu-img ${qemu.map((s) => s.toFixed(2)).join("/")} s; ${checks[index]}`,
+      `median of ${RUNS}, alternating which tool goes first; snapstack ${snap[index].map((s) => s.toFixed(2)).join("/")} s, qemu-img ${qemu.map((s) => s.toFixed(2)).join("/")} s; ${checks[index]}${runner.helper === undefined ? "" : `; ${runner.helper.describe()}`}`,
     ),
   );
 }

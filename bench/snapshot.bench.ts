@@ -49,9 +49,10 @@ interface Runner {
   prefix: string[];
   unavailable: string | null;
   env?: NodeJS.ProcessEnv;
-  /** The resident helper's CPU seconds and bytes written so far (its runner only: the commands run there). */
+  /** The resident helper's CPU seconds and bytes written so far, and what the notes say of it (its runner only: the commands run there). */
   helperCpuSeconds?: () => number;
   helperWrittenBytes?: () => number;
+  helperDescription?: () => string;
 }
 
 /** Wall and CPU seconds and bytes written (CLI runs only) per operation, one entry per run. */
@@ -108,7 +109,7 @@ function compiledRunner(cli: CompiledCli): Runner {
 function helperRunner(helper: ResidentHelper | string): Runner {
   const label = "snapstack-img with a resident helper (bundle)";
   if (typeof helper === "string") return { label, command: IMG_CLIENT, prefix: [], unavailable: helper };
-  return { label, command: helper.command, prefix: helper.prefix, env: helper.env, unavailable: null, helperCpuSeconds: helper.cpuSeconds, helperWrittenBytes: helper.writtenBytes };
+  return { label, command: helper.command, prefix: helper.prefix, env: helper.env, unavailable: null, helperCpuSeconds: helper.cpuSeconds, helperWrittenBytes: helper.writtenBytes, helperDescription: helper.describe };
 }
 
 /** bin/snapstack forced onto the TypeScript sources (a checkout being edited). */
@@ -207,9 +208,11 @@ async function measureAll(fixture: string, dir: string, runners: Runner[]): Prom
         rows.push(row(name, null, qemuMedian, "s", `snapstack failed: ${errors[index]}`));
         continue;
       }
-      rows.push(
-        row(name, median(cli[index][operation].wall), qemuMedian, "s", `median of ${RUNS}; snapstack ${describe(cli[index][operation])}, of which process start + open ~${(runnerStart[index] * 1000).toFixed(0)} ms (Node alone, node -e 0: ${(nodeStart * 1000).toFixed(0)} ms); qemu-img ${describe(qemu[operation])}`),
-      );
+      const start =
+        runner.helperDescription === undefined
+          ? `of which process start + open ~${(runnerStart[index] * 1000).toFixed(0)} ms (Node alone, node -e 0: ${(nodeStart * 1000).toFixed(0)} ms)`
+          : `CPU and writes the client's and the helper's; snapshot -l through it ~${(runnerStart[index] * 1000).toFixed(0)} ms; ${runner.helperDescription()}`;
+      rows.push(row(name, median(cli[index][operation].wall), qemuMedian, "s", `median of ${RUNS}; snapstack ${describe(cli[index][operation])}, ${start}; qemu-img ${describe(qemu[operation])}`));
     }
   }
   return rows;

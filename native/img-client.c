@@ -6,16 +6,17 @@
  *
  * Design notes (the protocol: src/cli/helper/helper-protocol.ts)
  * - Socket: $SNAPSTACK_HELPER_SOCKET, else $TMPDIR/snapstack-UID/img-helper.sock
- *   (TMPDIR unset: /tmp), used only if that directory is this user's and
- *   not writable by others (someone else could have put a socket there),
- *   the check the helper makes when it creates it. SNAPSTACK_HELPER=off
+ *   (TMPDIR unset: /tmp), used only if that directory is a directory (not
+ *   a link), this user's and not writable by others (someone else could
+ *   have put a socket there), the check the helper makes when it creates
+ *   it (src/io/user-socket-dir.ts). SNAPSTACK_HELPER=off
  *   never uses a helper.
  * - The request carries the umask, the working directory, the arguments
  *   and the whole environment: the command sees what it would see here.
  * - Frames back: REFUSED or a connection that closes before STARTED means
  *   nothing ran, and the command runs here instead; after STARTED it never
  *   runs twice, and a connection that ends without EXIT is reported as
- *   E_ABORTED (exit 1).
+ *   E_ABORTED (exit 1; 2 for `compare`, as docs/errors.md has it).
  * - Signals: once the command runs, SIGINT, SIGTERM, SIGHUP and SIGQUIT
  *   send the helper (its pid comes with STARTED) SIGKILL, then end this
  *   process by the same signal: the command ends as the signal would have
@@ -56,6 +57,10 @@
 
 extern char **environ;
 
+/* The exit status of an error this client reports itself: 1, but 2 for `compare` (where 1 means
+   "the images differ"), as snapstack img's exit-code table has it (docs/errors.md). */
+static int error_status = 1;
+
 /* The helper running our command (from STARTED), for the signal handler. */
 static volatile sig_atomic_t helper_pid = 0;
 
@@ -65,8 +70,10 @@ static void forward_signal(int signal_number) {
   raise(signal_number);
 }
 
-/* Run `bin/snapstack img ARGS` in this process instead. */
-static void run_directly(int argc, char **argv) {
+/* Run `bin/snapstack img ARGS` in this process instead; with SNAPSTACK_DEBUG=1, say why on stderr. */
+static void run_directly(int argc, char **argv, const char *reason) {
+  const char *debug = getenv("SNAPSTACK_DEBUG");
+  if (debug != NULL && strcmp(debug, "1") == 0) fprintf(stderr, "snapstack-img: running the command without a helper: %s\n", reason);
   char **args = calloc((size_t)argc + 2, sizeof(char *));
   if (args == NULL) {
     fputs("snapstack-img: error E_INTERNAL: out of memory\n", stderr);
@@ -77,7 +84,7 @@ static void run_directly(int argc, char **argv) {
   for (int i = 1; i < argc; i++) args[i + 1] = argv[i];
   execv(SNAPSTACK_BIN, args);
   fprintf(stderr, "snapstack-img: error E_NOT_FOUND: cannot run %s: %s\n", SNAPSTACK_BIN, strerror(errno));
-  exit(1);
+  exit(error_status);
 }
 
 /* The helper's socket path into `out`; 0, or -1 when there is none to use. */
@@ -177,18 +184,19 @@ static int build_request(buffer *b, int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+  if (argc > 1 && strcmp(argv[1], "compare") == 0) error_status = 2;
   const char *mode = getenv("SNAPSTACK_HELPER");
-  if (mode != NULL && strcmp(mode, "off") == 0) run_directly(argc, argv);
+  if (mode != NULL && strcmp(mode, "off") == 0) run_directly(argc, argv, "SNAPSTACK_HELPER=off");
 
   struct sockaddr_un address = {.sun_family = AF_UNIX};
-  if (socket_path(address.sun_path, sizeof address.sun_path) != 0) run_directly(argc, argv);
+  if (socket_path(address.sun_path, sizeof address.sun_path) != 0) run_directly(argc, argv, "no private socket directory");
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0 || connect(fd, (struct sockaddr *)&address, sizeof address) != 0) run_directly(argc, argv);
+  if (fd < 0 || connect(fd, (struct sockaddr *)&address, sizeof address) != 0) run_directly(argc, argv, "no helper listens on the socket");
 
   buffer request;
   if (build_request(&request, argc, argv) != 0 || write_all(fd, request.bytes, request.length) != 0) {
     close(fd);
-    run_directly(argc, argv);
+    run_directly(argc, argv, "the request could not be sent");
   }
   free(request.bytes);
   signal(SIGPIPE, SIG_IGN);
@@ -203,8 +211,11 @@ int main(int argc, char **argv) {
     if (length > FRAME_PAYLOAD_MAX) break;
     char kind = (char)header[0];
     if (kind == FRAME_REFUSED && !started) {
+      size_t shown = length < sizeof payload - 1 ? length : sizeof payload - 1;
+      if (read_all(fd, payload, shown) != 0) shown = 0;
+      payload[shown] = '\0';
       close(fd);
-      run_directly(argc, argv);
+      run_directly(argc, argv, payload);
     }
     if (kind == FRAME_STARTED && !started) {
       char text[16];
@@ -236,8 +247,8 @@ lost:
   if (!started) {
     /* The helper went away before the command began (it was stopping): run it here. */
     close(fd);
-    run_directly(argc, argv);
+    run_directly(argc, argv, "the helper closed the connection before the command started");
   }
   fputs("snapstack-img: error E_ABORTED: the snapstack helper ended before the command finished\n", stderr);
-  return 1;
+  return error_status;
 }

@@ -9,18 +9,19 @@
  * store another user could write to (they could put their own socket
  * there), and where the API socket is: $SNAPSTACK_HOME/daemon.sock, or,
  * when that path does not fit a socket address (sun_path, 107 bytes), a
- * socket named after a hash of the store in /tmp/snapstack-UID (created
- * 0700, and refused unless it is this user's and private). Kept apart
+ * socket named after a hash of the store in /tmp/snapstack-UID
+ * (io/user-socket-dir.ts: created 0700, and refused unless it is this
+ * user's and private). Kept apart
  * from daemon.ts so that `snapstack vm` can use them without loading the
  * machine manager.
  */
 import { createHash } from "node:crypto";
-import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
+import { closeSync, fsyncSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SnapstackError, fromSystemError } from "../base/errors.ts";
 import { processIdentity } from "../io/processes.ts";
-import { SUN_PATH_BYTES_MAX } from "../vm/runtime/qemu-args.ts";
+import { SUN_PATH_BYTES_MAX, userSocketDirectory } from "../io/user-socket-dir.ts";
 
 function readTextOrNull(path: string): string | null {
   try {
@@ -97,12 +98,6 @@ export function checkStorePermissions(home: string): void {
 export function daemonSocketPath(home: string): string {
   const own = join(home, "daemon.sock");
   if (Buffer.byteLength(own) <= SUN_PATH_BYTES_MAX) return own;
-  const dir = join(tmpdir(), `snapstack-${process.getuid?.() ?? 0}`);
-  try {
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
-  } catch (error) {
-    throw fromSystemError(error, dir, "create the socket directory");
-  }
-  checkStorePermissions(dir);
+  const dir = userSocketDirectory(tmpdir());
   return join(dir, `${createHash("sha256").update(home).digest("hex").slice(0, 16)}.sock`);
 }

@@ -32,7 +32,7 @@ async function topHelp(): Promise<string> {
     "usage: snapstack img <command> [command options]   (like qemu-img)",
     "       snapstack io [-f fmt] [-r] -c COMMAND... FILE  (like qemu-io)",
     "       snapstack nbd [options] FILE                   (like qemu-nbd; 'snapstack nbd --help')",
-    "       snapstack helper [--socket PATH]               (runs img commands for native/build/snapstack-img)",
+    "       snapstack helper [--socket PATH] [--idle-timeout SECONDS]  (runs img commands for native/build/snapstack-img)",
     "       snapstack --help | --version",
     "",
     "img commands:",

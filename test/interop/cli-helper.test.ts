@@ -131,11 +131,22 @@ test("the helper applies the client's umask, and the client runs the command its
   assert.equal(statSync(join(dir, "shared.qcow2")).mode & 0o777, 0o644);
   await assertServed(helper, 2, "both creates ran in the helper");
 
+  // The same snapshot listed in the client's time zone either way.
+  ok(await client(["snapshot", "-c", "s1", "shared.qcow2"], { cwd: dir, socketPath: helper.socketPath }), "snapshot -c");
+  const tokyo = { TZ: "Asia/Tokyo" };
+  const listed = await client(["snapshot", "-l", "shared.qcow2"], { cwd: dir, socketPath: helper.socketPath, env: tokyo });
+  assert.equal(listed.stdout, (await snapstack(["img", "snapshot", "-l", "shared.qcow2"], { cwd: dir, env: { ...process.env, ...tokyo } })).stdout);
+  await assertServed(helper, 4, "snapshot -c and -l ran in the helper");
+  // A path naming the process itself: the client runs the command.
+  const fromStdin = await run("sh", ["-c", `cd "$0" && exec "$1" info -f qcow2 /dev/stdin < private.qcow2`, dir, CLIENT], { env: { ...process.env, SNAPSTACK_HELPER_SOCKET: helper.socketPath } });
+  assert.equal(fromStdin.code, 0, fromStdin.stderr);
+  assert.match(fromStdin.stdout, /^virtual size: 1 MiB/m);
+
   const off = await client(["info", "private.qcow2"], { cwd: dir, socketPath: helper.socketPath, env: { SNAPSTACK_HELPER: "off" } });
   assert.equal(off.code, 0, off.stderr);
   assert.match(off.stdout, /^image: private\.qcow2$/m);
   ok(await client(["info", "shared.qcow2"], { cwd: dir, socketPath: helper.socketPath }), "info through the helper");
-  await assertServed(helper, 3, "SNAPSTACK_HELPER=off ran without the helper, the next one with it");
+  await assertServed(helper, 5, "/dev/stdin and SNAPSTACK_HELPER=off ran without the helper, the next one with it");
 
   const none = await client(["info", "private.qcow2"], { cwd: dir, socketPath: join(dir, "nobody-listens.sock") });
   assert.equal(none.code, 0, none.stderr);

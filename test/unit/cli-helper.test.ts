@@ -7,8 +7,9 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { statSync, writeFileSync, mkdirSync, realpathSync } from "node:fs";
-import { createConnection, createServer } from "node:net";
+import { spawnSync } from "node:child_process";
+import { lstatSync, mkdirSync, readFileSync, realpathSync, statSync, writeFileSync } from "node:fs";
+import { createConnection } from "node:net";
 import { join } from "node:path";
 import {
   decodeHelperRequest,
@@ -22,6 +23,8 @@ import {
   type HelperRequest,
 } from "../../src/cli/helper/helper-protocol.ts";
 import { startHelperServer, type HelperServerOptions } from "../../src/cli/helper/helper-server.ts";
+import { helperCommand } from "../../src/cli/commands/helper.ts";
+import { captureContext } from "../../src/cli/context.ts";
 import { SnapstackError } from "../../src/base/errors.ts";
 import { scratchDir } from "../helpers/tools.ts";
 
@@ -288,17 +291,60 @@ test("the helper replaces a dead socket, refuses a live one (E_IN_USE) and stops
   const dir = scratchDir(t);
   const socketPath = join(dir, "h.sock");
   // A socket file nothing listens on: what a killed helper leaves.
-  const dead = createServer();
-  await new Promise<void>((resolve) => dead.listen(socketPath, resolve));
-  await new Promise<void>((resolve) => {
-    // close() unlinks the socket; put a plain file back to stand for the leftover.
-    dead.close(() => resolve());
-  });
-  writeFileSync(socketPath, "");
+  spawnSync(process.execPath, ["-e", `require("net").createServer().listen(${JSON.stringify(socketPath)}, () => process.kill(process.pid, "SIGKILL"))`]);
+  assert.ok(lstatSync(socketPath).isSocket(), "a dead socket is left");
   const { helper } = await startTestHelper(t, dir, { idleTimeoutMs: 50 });
   await assert.rejects(
     startHelperServer({ socketPath, idleTimeoutMs: 0, run: async () => 0, codeStamp: () => "", log: () => {} }),
     (error: unknown) => error instanceof SnapstackError && error.code === "E_IN_USE",
   );
   assert.equal(await helper.stopped, "idle for 0.05 s");
+});
+
+test("a regular file at the socket path is left alone (E_EXISTS)", async (t) => {
+  const dir = scratchDir(t);
+  const notes = join(dir, "notes.txt");
+  writeFileSync(notes, "keep me");
+  await assert.rejects(
+    startHelperServer({ socketPath: notes, idleTimeoutMs: 0, run: async () => 0, codeStamp: () => "", log: () => {} }),
+    (error: unknown) => error instanceof SnapstackError && error.code === "E_EXISTS" && /is not a socket/.test(error.message),
+  );
+  assert.equal(readFileSync(notes, "utf8"), "keep me");
+});
+
+test("arguments naming the process itself are refused (the client runs them); the client's TZ applies while its command runs", async (t) => {
+  const dir = scratchDir(t);
+  const zones: Array<string | undefined> = [];
+  const zoneBefore = process.env.TZ;
+  const { socketPath } = await startTestHelper(t, dir, {
+    run: async (_argv, context) => {
+      zones.push(process.env.TZ);
+      context.out(new Date(0).getHours().toString());
+      return 0;
+    },
+  });
+  for (const path of ["/dev/stdin", "/dev/fd/3", "/proc/self/fd/0", "file.filename=/dev/stdin"]) {
+    const refused = await exchange(socketPath, imgRequest(dir, "info", path));
+    await refused.ended;
+    assert.deepEqual(kinds(refused.frames), [`refused:'${path}' names the process that runs the command`]);
+  }
+  const tokyo = await exchange(socketPath, { ...imgRequest(dir, "snapshot", "-l", "/dev/sda"), env: { TZ: "Asia/Tokyo" } });
+  await tokyo.ended;
+  const utc = await exchange(socketPath, { ...imgRequest(dir, "snapshot", "-l", "x"), env: { TZ: "UTC" } });
+  await utc.ended;
+  assert.deepEqual(zones, ["Asia/Tokyo", "UTC"]);
+  assert.deepEqual(kinds(tokyo.frames), ["started", "stdout:9", "exit:0"], "1970-01-01 00:00 UTC is 09:00 in Tokyo");
+  assert.deepEqual(kinds(utc.frames), ["started", "stdout:0", "exit:0"]);
+  assert.equal(process.env.TZ, zoneBefore, "the helper's own time zone is back");
+});
+
+test("snapstack helper refuses an idle timeout Node's timers cannot hold and a socket path too long for an address", async () => {
+  const command = helperCommand(async () => 0);
+  const context = captureContext({});
+  await assert.rejects(command.run(["--idle-timeout", "3000000"], context), /more than 2147483 seconds/);
+  await assert.rejects(command.run(["--idle-timeout", "1.5"], context), /not a whole number of seconds/);
+  await assert.rejects(
+    command.run(["--socket", `/tmp/${"x".repeat(120)}.sock`], context),
+    (error: unknown) => error instanceof SnapstackError && error.code === "E_USAGE" && /longer than a socket address allows/.test(error.message),
+  );
 });

@@ -5,16 +5,17 @@
  * `snapstack-img` (native/img-client.c) sends it `img` commands.
  *
  * The default socket is $TMPDIR/snapstack-UID/img-helper.sock (TMPDIR
- * unset: /tmp), in a directory created 0700 and refused unless it is this
- * user's and not writable by others; the client computes the same path and
- * makes the same check. SNAPSTACK_HELPER_SOCKET overrides it on both sides.
+ * unset: /tmp), in a directory created 0700 and refused unless it is a
+ * directory (not a link), this user's and not writable by others
+ * (io/user-socket-dir.ts); the client computes the same path and makes the
+ * same check. SNAPSTACK_HELPER_SOCKET (or --socket) overrides it on both
+ * sides, unchecked: that directory must exist.
  */
-import { mkdirSync, readdirSync, statSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { readdirSync, statSync } from "node:fs";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { SnapstackError, fromSystemError } from "../../base/errors.ts";
-import { checkStorePermissions } from "../../api/daemon-lock.ts";
-import { SUN_PATH_BYTES_MAX } from "../../vm/runtime/qemu-args.ts";
+import { SnapstackError } from "../../base/errors.ts";
+import { SUN_PATH_BYTES_MAX, userSocketDirectory } from "../../io/user-socket-dir.ts";
 import { optionString, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
 import type { CliCommand, CliContext } from "../context.ts";
@@ -22,24 +23,14 @@ import { startHelperServer } from "../helper/helper-server.ts";
 
 /** Default idle time before the helper stops (a quarter of an hour: memory back once the scripts are done). */
 const IDLE_TIMEOUT_SECONDS_DEFAULT = 900;
+/** Longest idle timeout: Node's timers take at most 2^31 - 1 ms (24.8 days). */
+const IDLE_TIMEOUT_SECONDS_MAX = Math.floor((2 ** 31 - 1) / 1000);
 const PACKAGE_ROOT = fileURLToPath(new URL("../../../", import.meta.url));
 
 /** The helper's socket for this user: SNAPSTACK_HELPER_SOCKET, else the default (see the header); creates the default's directory. */
 export function helperSocketPath(env: NodeJS.ProcessEnv): string {
   const chosen = env.SNAPSTACK_HELPER_SOCKET;
-  let path: string;
-  if (chosen !== undefined && chosen !== "") {
-    path = chosen;
-  } else {
-    const dir = join(env.TMPDIR || "/tmp", `snapstack-${process.getuid?.() ?? 0}`);
-    try {
-      mkdirSync(dir, { recursive: true, mode: 0o700 });
-    } catch (error) {
-      throw fromSystemError(error, dir, "create the helper's socket directory");
-    }
-    checkStorePermissions(dir);
-    path = join(dir, "img-helper.sock");
-  }
+  const path = chosen !== undefined && chosen !== "" ? chosen : join(userSocketDirectory(env.TMPDIR || "/tmp"), "img-helper.sock");
   if (Buffer.byteLength(path) > SUN_PATH_BYTES_MAX) {
     throw new SnapstackError("E_USAGE", `helper socket path ${path} is longer than a socket address allows (${SUN_PATH_BYTES_MAX} bytes); set SNAPSTACK_HELPER_SOCKET to a shorter one`, { path });
   }
@@ -76,9 +67,13 @@ export function codeStamp(root: string = PACKAGE_ROOT): string {
 
 function parseIdleTimeoutMs(text: string | undefined): number {
   if (text === undefined) return IDLE_TIMEOUT_SECONDS_DEFAULT * 1000;
-  if (!/^[0-9]{1,9}$/.test(text)) throw new SnapstackError("E_USAGE", `--idle-timeout ${text}: not a whole number of seconds`);
+  if (!/^[0-9]{1,10}$/.test(text)) throw new SnapstackError("E_USAGE", `--idle-timeout ${text}: not a whole number of seconds`);
+  if (Number(text) > IDLE_TIMEOUT_SECONDS_MAX) throw new SnapstackError("E_USAGE", `--idle-timeout ${text}: more than ${IDLE_TIMEOUT_SECONDS_MAX} seconds (0: never)`);
   return Number(text) * 1000;
 }
+
+/** Signals that stop the helper once the running command completes (SIGHUP: the terminal that started it closed). */
+const STOP_SIGNALS: readonly NodeJS.Signals[] = ["SIGTERM", "SIGINT", "SIGHUP"];
 
 /** The command; `run` is the CLI's own entry (runCli), passed in so that this module does not import main.ts. */
 export function helperCommand(run: (argv: string[], context: CliContext) => Promise<number>): CliCommand {
@@ -86,7 +81,7 @@ export function helperCommand(run: (argv: string[], context: CliContext) => Prom
     name: "helper",
     synopsis: "helper [--socket PATH] [--idle-timeout SECONDS]",
     summary:
-      "Run 'img' commands for snapstack-img in this resident process, one at a time, until SIGTERM, SIGINT or SECONDS without a command " +
+      "Run 'img' commands for snapstack-img in this resident process, one at a time, until SIGTERM, SIGINT, SIGHUP or SECONDS without a command " +
       `(default ${IDLE_TIMEOUT_SECONDS_DEFAULT}; 0: never). Saves each command Node's start-up. Socket: --socket, else $SNAPSTACK_HELPER_SOCKET, else $TMPDIR/snapstack-UID/img-helper.sock.`,
     optionHelp: ["  --socket PATH          the Unix socket to listen on", `  --idle-timeout SECONDS stop after this long without a command (default ${IDLE_TIMEOUT_SECONDS_DEFAULT}; 0: never)`],
     async run(argv, context) {
@@ -98,18 +93,12 @@ export function helperCommand(run: (argv: string[], context: CliContext) => Prom
       const idleTimeoutMs = parseIdleTimeoutMs(optionString(parsed, "idle"));
       const chosen = optionString(parsed, "socket");
       const socketPath = helperSocketPath(chosen === undefined ? context.env : { ...context.env, SNAPSTACK_HELPER_SOCKET: chosen });
-      try {
-        mkdirSync(dirname(socketPath), { recursive: true, mode: 0o700 });
-      } catch (error) {
-        throw fromSystemError(error, dirname(socketPath), "create the helper's socket directory");
-      }
       const log = (line: string): void => context.err(`${new Date().toISOString()} ${line}\n`);
       // The handlers go in first: a supervisor may signal as soon as the socket exists (as for serve).
       let signalled: NodeJS.Signals | null = null;
       let stop = (signal: NodeJS.Signals): void => void (signalled ??= signal);
       const onSignal = (signal: NodeJS.Signals): void => stop(signal);
-      process.on("SIGTERM", onSignal);
-      process.on("SIGINT", onSignal);
+      for (const signal of STOP_SIGNALS) process.on(signal, onSignal);
       try {
         const helper = await startHelperServer({ socketPath, idleTimeoutMs, run, codeStamp: () => codeStamp(), log });
         stop = (signal) => void helper.stop(signal);
@@ -117,8 +106,7 @@ export function helperCommand(run: (argv: string[], context: CliContext) => Prom
         else context.out(`snapstack helper: listening on ${socketPath}\n`);
         await helper.stopped;
       } finally {
-        process.off("SIGTERM", onSignal);
-        process.off("SIGINT", onSignal);
+        for (const signal of STOP_SIGNALS) process.off(signal, onSignal);
       }
       return 0;
     },

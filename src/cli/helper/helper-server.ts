@@ -10,11 +10,17 @@
  *   dominated by that. The client is C and starts in about a millisecond;
  *   here the modules are loaded and V8 has compiled the hot loops before.
  * - A command runs here as it would in its own process: in the client's
- *   working directory (process.chdir) with its umask and its environment
- *   (the CliContext's env; img commands read nothing else from `process`),
- *   its output framed back (helper-protocol.ts) and its exit status last.
- *   chdir and umask are process-wide, so commands run strictly one after
- *   another (a queue); a second client waits.
+ *   working directory (process.chdir) with its umask, its environment (the
+ *   CliContext's env) and its time zone (TZ, which Node reads again when
+ *   process.env.TZ is set: snapshot dates print in local time), its output
+ *   framed back (helper-protocol.ts) and its exit status last. chdir,
+ *   umask and TZ are process-wide, so commands run strictly one after
+ *   another (a queue); a second client waits. What stays the helper's:
+ *   its user, groups, limits and cgroup, libuv's thread pool size and
+ *   SNAPSTACK_NATIVE (read once, at load).
+ * - Paths that name the process itself (/dev/stdin, /dev/fd/N,
+ *   /proc/self/...) would name the helper's: a command with such an
+ *   argument is REFUSED, and the client runs it itself.
  * - What a separate process gives for free is kept:
  *   - Interruption: a signal that would end the command's own process ends
  *     this one. STARTED carries this process's pid, and the client, on
@@ -39,10 +45,11 @@
  * - REFUSED is sent only before anything ran, so a client never runs a
  *   command twice. Requests that are not `img` commands are refused.
  * - Idle: after idleTimeoutMs without a command the helper stops.
- * - Access: the socket is created 0600 in a directory that must be the
- *   user's and not writable by others (commands.helper), as the daemon's is.
+ * - Access: the socket is created 0600; the default one sits in a private
+ *   directory (io/user-socket-dir.ts, commands/helper.ts). Only a socket is
+ *   ever removed from the socket path: a regular file there is an error.
  */
-import { chmodSync, readdirSync, rmSync } from "node:fs";
+import { chmodSync, lstatSync, readdirSync, rmSync } from "node:fs";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
 import { SnapstackError } from "../../base/errors.ts";
 import type { CliContext } from "../context.ts";
@@ -113,9 +120,19 @@ async function listenOnce(server: Server, path: string): Promise<NodeJS.ErrnoExc
   }
 }
 
+/** Remove the socket file at `path`, if a socket is there (never another kind of file). */
+function removeSocketFile(path: string): void {
+  try {
+    if (lstatSync(path).isSocket()) rmSync(path, { force: true });
+  } catch {
+    // gone already
+  }
+}
+
 /**
  * Listen on `path`: a socket file that nothing answers on is a helper that
- * died and is replaced; one that answers is a running helper (E_IN_USE).
+ * died and is replaced; one that answers is a running helper (E_IN_USE);
+ * any other file is left alone (E_EXISTS).
  */
 async function listenUnix(server: Server, path: string): Promise<void> {
   for (let attempt = 0; attempt < 2; attempt++) {
@@ -125,9 +142,27 @@ async function listenUnix(server: Server, path: string): Promise<void> {
       return;
     }
     if (error.code !== "EADDRINUSE" || attempt > 0) throw new SnapstackError("E_IO", `cannot listen on ${path}: ${error.message}`, { path });
+    let isSocket: boolean;
+    try {
+      isSocket = lstatSync(path).isSocket();
+    } catch {
+      isSocket = true; // removed meanwhile: try again
+    }
+    if (!isSocket) throw new SnapstackError("E_EXISTS", `${path} exists and is not a socket; choose another --socket`, { path });
     if (await socketAnswers(path)) throw new SnapstackError("E_IN_USE", `a helper already listens on ${path}`, { path });
-    rmSync(path, { force: true });
+    removeSocketFile(path);
   }
+}
+
+/** Arguments that name the process running the command (see the design notes). */
+const PROCESS_OWN_PATH = /(^|[=,])\/(dev\/(stdin|stdout|stderr|tty)(?![\w.-])|dev\/fd\/|proc\/(self|thread-self)\/)/;
+
+/** Set process.env.TZ to `zone` (undefined: unset); returns the previous value. */
+function setTimeZone(zone: string | undefined): string | undefined {
+  const previous = process.env.TZ;
+  if (zone === undefined) delete process.env.TZ;
+  else process.env.TZ = zone;
+  return previous;
 }
 
 export async function startHelperServer(options: HelperServerOptions): Promise<HelperServer> {
@@ -135,7 +170,7 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
   const onClientLost =
     options.onClientLost ??
     (() => {
-      rmSync(options.socketPath, { force: true });
+      removeSocketFile(options.socketPath);
       process.exit(1);
     });
   const startStamp = options.codeStamp();
@@ -184,6 +219,11 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
         refuse(socket, `the helper runs 'img' commands only, not '${request.argv[0] ?? ""}'`);
         return;
       }
+      const ownPath = request.argv.find((argument) => PROCESS_OWN_PATH.test(argument));
+      if (ownPath !== undefined) {
+        refuse(socket, `'${ownPath}' names the process that runs the command`);
+        return;
+      }
       if (stopReason !== null) {
         refuse(socket, `the helper is stopping (${stopReason})`);
         return;
@@ -223,6 +263,7 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
     }
     const filesBefore = openFileCount();
     const previousUmask = process.umask(request.umask);
+    const previousTimeZone = setTimeZone(request.env.TZ);
     running = item;
     const startedAtMs = performance.now();
     send(socket, "started", String(process.pid));
@@ -241,6 +282,7 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
     } finally {
       running = null;
       process.umask(previousUmask);
+      setTimeZone(previousTimeZone);
       try {
         process.chdir(homeDirectory);
       } catch {
@@ -294,7 +336,7 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
       stopReason = reason;
       options.log(`stopping: ${reason}`);
       // New clients now find no socket and run their commands themselves.
-      rmSync(options.socketPath, { force: true });
+      removeSocketFile(options.socketPath);
       for (const item of queue.splice(0)) refuse(item.socket, `the helper is stopping (${reason})`);
       finish();
     }

@@ -25,6 +25,7 @@
  */
 import { join } from "node:path";
 import { SnapstackError } from "../../base/errors.ts";
+import { SUN_PATH_BYTES_MAX } from "../../io/user-socket-dir.ts";
 import type { Accelerator } from "./accelerator.ts";
 
 export interface QemuDiskSpec {
@@ -119,8 +120,7 @@ export function validateLaunchSpec(spec: QemuLaunchSpec): void {
   if (spec.accelerator !== undefined && spec.accelerator !== "kvm" && spec.accelerator !== "tcg") throw bad(`accelerator '${String(spec.accelerator)}' must be kvm or tcg`, "accelerator");
 }
 
-/** Longest Unix socket path (sun_path is 108 bytes with its NUL). */
-export const SUN_PATH_BYTES_MAX = 107;
+export { SUN_PATH_BYTES_MAX };
 
 /** QEMU's -opt key=value,... syntax doubles commas inside values. */
 export function escapeOptionValue(value: string): string {
