@@ -58,7 +58,9 @@ function newestMtimeMs(path: string): number {
 /**
  * What identifies the code a command would run: the newest modification
  * time of the sources, the two builds bin/snapstack chooses from and
- * package.json (~1 ms for src/).
+ * package.json (~1.5 ms for src/). bin/snapstack walks src/ the same way
+ * to choose between the builds and the sources; it is plain JavaScript that
+ * cannot import this module.
  */
 export function codeStamp(root: string = PACKAGE_ROOT): string {
   const parts = ["src", join("dist", "cli-bundle", "main.js"), join("dist", "cli", "main.js"), "package.json"].map((part) => newestMtimeMs(join(root, part)));
