@@ -17,11 +17,15 @@
  *   nothing ran, and the command runs here instead; after STARTED it never
  *   runs twice, and a connection that ends without EXIT is reported as
  *   E_ABORTED (exit 1; 2 for `compare`, as docs/errors.md has it).
- * - Signals: once the command runs, SIGINT, SIGTERM, SIGHUP and SIGQUIT
- *   send the helper (its pid comes with STARTED) SIGKILL, then end this
- *   process by the same signal: the command ends as the signal would have
- *   ended its own process, and our parent sees the signal. Before STARTED
- *   they end this process only (nothing ran).
+ * - The listener must be this user's process (SO_PEERCRED): the request
+ *   carries the whole environment.
+ * - Signals: once the command runs (STARTED read), SIGINT, SIGTERM, SIGHUP
+ *   and SIGQUIT send the helper SIGKILL (its pid from SO_PEERCRED), then
+ *   end this process by the same signal: the command ends as the signal
+ *   would have ended its own process, and our parent sees the signal.
+ *   Before that they end this process only; the helper notices the closed
+ *   connection when it next turns to it (a command it had just started may
+ *   run to its end). SIGTSTP (Ctrl-Z) stops this process, not the command.
  * - Output to a reader that went away (`| head -1`): SIGPIPE is ignored and
  *   the rest of that stream's output is dropped, the command runs to its end
  *   and its status is the exit status, as `snapstack img` and qemu-img do.
@@ -70,6 +74,14 @@ static void forward_signal(int signal_number) {
   raise(signal_number);
 }
 
+/* Install `handler` (forward_signal while the command runs, SIG_DFL after) for the signals that end a command. */
+static void set_forwarding(void (*handler)(int)) {
+  struct sigaction action = {.sa_handler = handler};
+  sigemptyset(&action.sa_mask);
+  const int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT};
+  for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigaction(forwarded[i], &action, NULL);
+}
+
 /* Run `bin/snapstack img ARGS` in this process instead; with SNAPSTACK_DEBUG=1, say why on stderr. */
 static void run_directly(int argc, char **argv, const char *reason) {
   const char *debug = getenv("SNAPSTACK_DEBUG");
@@ -79,6 +91,7 @@ static void run_directly(int argc, char **argv, const char *reason) {
     fputs("snapstack-img: error E_INTERNAL: out of memory\n", stderr);
     exit(1);
   }
+  signal(SIGPIPE, SIG_DFL); /* ignored below; an exec'd program inherits that */
   args[0] = SNAPSTACK_BIN;
   args[1] = "img";
   for (int i = 1; i < argc; i++) args[i + 1] = argv[i];
@@ -190,8 +203,17 @@ int main(int argc, char **argv) {
 
   struct sockaddr_un address = {.sun_family = AF_UNIX};
   if (socket_path(address.sun_path, sizeof address.sun_path) != 0) run_directly(argc, argv, "no private socket directory");
+  /* From here a helper that goes away mid-write is a failed write (the command then runs here), not a SIGPIPE death. */
+  signal(SIGPIPE, SIG_IGN);
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0 || connect(fd, (struct sockaddr *)&address, sizeof address) != 0) run_directly(argc, argv, "no helper listens on the socket");
+  /* The helper must be this user's (the environment goes to it), and its pid is what a signal kills. */
+  struct ucred peer;
+  socklen_t peer_size = sizeof peer;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &peer_size) != 0 || peer.uid != getuid() || peer.pid <= 0) {
+    close(fd);
+    run_directly(argc, argv, "the socket's listener is not this user's process");
+  }
 
   buffer request;
   if (build_request(&request, argc, argv) != 0 || write_all(fd, request.bytes, request.length) != 0) {
@@ -199,7 +221,6 @@ int main(int argc, char **argv) {
     run_directly(argc, argv, "the request could not be sent");
   }
   free(request.bytes);
-  signal(SIGPIPE, SIG_IGN);
 
   int started = 0;
   int open_streams[3] = {0, 1, 1}; /* stdout, stderr still take output */
@@ -218,21 +239,17 @@ int main(int argc, char **argv) {
       run_directly(argc, argv, payload);
     }
     if (kind == FRAME_STARTED && !started) {
-      char text[16];
-      if (length >= sizeof text || read_all(fd, text, length) != 0) break;
-      text[length] = '\0';
+      /* Never run twice from here, whatever follows. The pid to signal is the peer's, from the
+         kernel (SO_PEERCRED, in this pid namespace), not the payload's. */
       started = 1;
-      helper_pid = atoi(text);
-      struct sigaction action = {.sa_handler = forward_signal};
-      sigemptyset(&action.sa_mask);
-      const int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT};
-      for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigaction(forwarded[i], &action, NULL);
-      continue;
+      helper_pid = peer.pid;
+      set_forwarding(forward_signal);
     }
     if (kind == FRAME_EXIT) {
       char text[16];
       if (length >= sizeof text || read_all(fd, text, length) != 0) break;
       text[length] = '\0';
+      set_forwarding(SIG_DFL);
       return atoi(text);
     }
     int target = kind == FRAME_STDOUT ? 1 : kind == FRAME_STDERR ? 2 : -1;
@@ -244,6 +261,7 @@ int main(int argc, char **argv) {
     }
   }
 lost:
+  set_forwarding(SIG_DFL);
   if (!started) {
     /* The helper went away before the command began (it was stopping): run it here. */
     close(fd);

@@ -328,6 +328,9 @@ test("arguments naming the process itself are refused (the client runs them); th
     await refused.ended;
     assert.deepEqual(kinds(refused.frames), [`refused:'${path}' names the process that runs the command`]);
   }
+  const relative = await exchange(socketPath, imgRequest("/dev", "info", "stdin"));
+  await relative.ended;
+  assert.deepEqual(kinds(relative.frames), ["refused:'stdin' names the process that runs the command"], "relative to the client's directory");
   const tokyo = await exchange(socketPath, { ...imgRequest(dir, "snapshot", "-l", "/dev/sda"), env: { TZ: "Asia/Tokyo" } });
   await tokyo.ended;
   const utc = await exchange(socketPath, { ...imgRequest(dir, "snapshot", "-l", "x"), env: { TZ: "UTC" } });
@@ -347,4 +350,55 @@ test("snapstack helper refuses an idle timeout Node's timers cannot hold and a s
     command.run(["--socket", `/tmp/${"x".repeat(120)}.sock`], context),
     (error: unknown) => error instanceof SnapstackError && error.code === "E_USAGE" && /longer than a socket address allows/.test(error.message),
   );
+});
+
+test("clients connecting while a command runs are not taken for files the command left open (the real /proc count)", async (t) => {
+  const dir = scratchDir(t);
+  let release: () => void = () => {};
+  const { socketPath, helper } = await startTestHelper(t, dir, {
+    openFileCount: undefined,
+    run: async (argv) => {
+      if (argv[1] === "slow") await new Promise<void>((resolve) => (release = resolve));
+      return 0;
+    },
+  });
+  const slow = await exchange(socketPath, imgRequest(dir, "slow"));
+  while (slow.frames.length === 0) await new Promise((wake) => setTimeout(wake, 5));
+  const waiting = await exchange(socketPath, imgRequest(dir, "quick"));
+  await new Promise((wake) => setTimeout(wake, 20));
+  release();
+  await slow.ended;
+  await waiting.ended;
+  assert.deepEqual(kinds(waiting.frames), ["started", "exit:0"], "the second client's command ran in the helper");
+  const after = await exchange(socketPath, imgRequest(dir, "again"));
+  await after.ended;
+  assert.deepEqual(kinds(after.frames), ["started", "exit:0"], "and the helper goes on");
+  let stoppedEarly = false;
+  void helper.stopped.then(() => (stoppedEarly = true));
+  await new Promise((wake) => setImmediate(wake));
+  assert.equal(stoppedEarly, false);
+});
+
+test("a stopping helper lets go of its socket at once: a new helper there keeps its socket when the old one's command ends", async (t) => {
+  const dir = scratchDir(t);
+  let release: () => void = () => {};
+  const first = await startTestHelper(t, dir, {
+    run: async () => {
+      await new Promise<void>((resolve) => (release = resolve));
+      return 0;
+    },
+  });
+  const running = await exchange(first.socketPath, imgRequest(dir, "convert"));
+  while (running.frames.length === 0) await new Promise((wake) => setTimeout(wake, 5));
+  void first.helper.stop("SIGTERM");
+  const second = await startHelperServer({ socketPath: first.socketPath, idleTimeoutMs: 0, run: async () => 7, codeStamp: () => "", log: () => {} });
+  t.after(() => second.stop("test over"));
+  release();
+  await running.ended;
+  assert.equal(running.frames.at(-1)?.payload.toString(), "0", "the old helper's command completed");
+  assert.equal(await first.helper.stopped, "SIGTERM");
+  assert.ok(lstatSync(first.socketPath).isSocket(), "the new helper's socket is still there");
+  const answered = await exchange(first.socketPath, imgRequest(dir, "info"));
+  await answered.ended;
+  assert.equal(answered.frames.at(-1)?.payload.toString(), "7", "and the new helper answers");
 });

@@ -50,7 +50,12 @@ function newestMtimeMs(path: string): number {
       continue;
     }
     newest = Math.max(newest, stat.mtimeMs);
-    if (stat.isDirectory()) for (const name of readdirSync(current)) pending.push(join(current, name));
+    if (!stat.isDirectory()) continue;
+    try {
+      for (const name of readdirSync(current)) pending.push(join(current, name));
+    } catch {
+      // Removed or replaced meanwhile (a checkout, an editor's temporary folder): its parent's time changed too.
+    }
   }
   return newest;
 }

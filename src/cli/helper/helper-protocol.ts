@@ -17,8 +17,8 @@
  *     (a reason follows); the client runs it itself, as if no helper were
  *     listening. Nothing of the command has run.
  *   - STARTED: the command is running (the payload: the helper's pid, for
- *     the client to signal); from here the client must not run it again
- *     (it may have changed images).
+ *     the log; the client takes the pid it signals from SO_PEERCRED); from
+ *     here the client must not run it again (it may have changed images).
  *   - STDOUT / STDERR: bytes the command wrote, in order.
  *   - EXIT: the command's exit status (decimal); the last frame.
  *   A connection that ends after STARTED without EXIT is a command that

@@ -23,9 +23,9 @@
  *   argument is REFUSED, and the client runs it itself.
  * - What a separate process gives for free is kept:
  *   - Interruption: a signal that would end the command's own process ends
- *     this one. STARTED carries this process's pid, and the client, on
- *     SIGINT, SIGTERM, SIGHUP or SIGQUIT, sends it SIGKILL before it dies of
- *     the signal itself: images are left as a killed process leaves them,
+ *     this one. Once STARTED has reached it, the client, on SIGINT, SIGTERM,
+ *     SIGHUP or SIGQUIT, sends this process (its pid from SO_PEERCRED)
+ *     SIGKILL before it dies of the signal itself: images are left as a killed process leaves them,
  *     which the engine keeps consistent (docs/crash-safety.md). (Only a
  *     signal works while a command keeps the event loop busy with promises
  *     that need no I/O, as `img bench` over unallocated clusters does.) A
@@ -49,7 +49,8 @@
  *   directory (io/user-socket-dir.ts, commands/helper.ts). Only a socket is
  *   ever removed from the socket path: a regular file there is an error.
  */
-import { chmodSync, lstatSync, readdirSync, rmSync } from "node:fs";
+import { chmodSync, lstatSync, readdirSync, readlinkSync, rmSync } from "node:fs";
+import { resolve } from "node:path";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
 import { SnapstackError } from "../../base/errors.ts";
 import type { CliContext } from "../context.ts";
@@ -84,12 +85,27 @@ interface Queued {
   gone: boolean;
 }
 
+/**
+ * Files (not sockets, pipes or other kernel objects) this process has open:
+ * the connections of clients that come and go while a command runs must
+ * not count as a leak.
+ */
 function procOpenFileCount(): number | null {
+  let names: string[];
   try {
-    return readdirSync("/proc/self/fd").length;
+    names = readdirSync("/proc/self/fd");
   } catch {
     return null;
   }
+  let files = 0;
+  for (const name of names) {
+    try {
+      if (readlinkSync(`/proc/self/fd/${name}`).startsWith("/")) files++;
+    } catch {
+      // closed meanwhile (the readdir's own descriptor among them)
+    }
+  }
+  return files;
 }
 
 /** Whether something accepts connections on the socket at `path`. */
@@ -219,7 +235,7 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
         refuse(socket, `the helper runs 'img' commands only, not '${request.argv[0] ?? ""}'`);
         return;
       }
-      const ownPath = request.argv.find((argument) => PROCESS_OWN_PATH.test(argument));
+      const ownPath = request.argv.find((argument) => PROCESS_OWN_PATH.test(argument) || PROCESS_OWN_PATH.test(resolve(request.cwd, argument)));
       if (ownPath !== undefined) {
         refuse(socket, `'${ownPath}' names the process that runs the command`);
         return;
@@ -327,7 +343,6 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
     if (finished || pumping || stopReason === null) return;
     finished = true;
     if (idleTimer !== null) clearTimeout(idleTimer);
-    server.close();
     resolveStopped(stopReason);
   }
 
@@ -335,8 +350,10 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
     if (stopReason === null) {
       stopReason = reason;
       options.log(`stopping: ${reason}`);
-      // New clients now find no socket and run their commands themselves.
-      removeSocketFile(options.socketPath);
+      // Stop listening now (libuv removes the socket file as it closes the listener), not once the
+      // running command ends: by then another helper may listen on the same path. Connections
+      // already open go on; new clients find no socket and run their commands themselves.
+      server.close();
       for (const item of queue.splice(0)) refuse(item.socket, `the helper is stopping (${reason})`);
       finish();
     }
