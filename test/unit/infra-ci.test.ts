@@ -23,6 +23,16 @@ test("package.json: npm test runs scripts/test.sh, bin points at bin/snapstack, 
   assert.match(ensureNode, /^NODE_MIN_MINOR=15$/m);
 });
 
+test("package.json ships every C source native/build.mjs compiles (npm's install script builds them where the package lands)", () => {
+  const pkg = JSON.parse(readRepoFile("package.json")) as { files: string[]; scripts: Record<string, string> };
+  assert.equal(pkg.scripts.install, "node native/build.mjs");
+  const build = readRepoFile("native/build.mjs");
+  const sources = [...build.matchAll(/join\(NATIVE_DIR, "([\w-]+\.c)"\)/g)].map((match) => `native/${match[1]}`);
+  assert.deepEqual(sources.sort(), ["native/file-ops.c", "native/img-client.c"]);
+  for (const source of sources) assert.ok(pkg.files.includes(source), `${source} is in package.json's files`);
+  assert.ok(pkg.files.includes("native/build.mjs"));
+});
+
 test("scripts/test.sh runs tools, lint, typecheck and node:test over unit and interop", () => {
   const script = readRepoFile("scripts/test.sh");
   assert.match(script, /step tools bash scripts\/ensure-tools\.sh/);
