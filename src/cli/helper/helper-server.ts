@@ -67,7 +67,7 @@ export interface HelperServerOptions {
   log: (line: string) => void;
   /** The client of the running command went away (default: remove the socket and end this process at once, as the client's signal would have ended the command's own). */
   onClientLost?: () => void;
-  /** Files this process has open, or null where that cannot be counted (default: entries of /proc/self/fd). */
+  /** Files this process has open, or null where that cannot be counted (default: the entries of /proc/self/fd that are paths, not sockets or pipes). */
   openFileCount?: () => number | null;
 }
 
@@ -329,7 +329,13 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
           continue;
         }
         if (idleTimer !== null) clearTimeout(idleTimer);
-        await runOne(item);
+        try {
+          await runOne(item);
+        } catch (error) {
+          // Not the command's failure (runCli reports those): the helper's own. Its state is unknown.
+          item.socket.destroy();
+          void stop(`internal error: ${(error as Error).message}`);
+        }
         armIdleTimer();
       }
     } finally {
