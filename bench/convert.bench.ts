@@ -23,7 +23,7 @@
 import { rmSync } from "node:fs";
 import { join } from "node:path";
 import { buildCompiledCli, type CompiledCli } from "./fixtures/compiled-build.ts";
-import { IMG_CLIENT, startResidentHelper, type ResidentHelper } from "./fixtures/resident-helper.ts";
+import { helperRunner, startResidentHelper, type ResidentHelper } from "./fixtures/resident-helper.ts";
 import { buildSpreadImage, GiB, MiB, withScratchDir } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, snapstackCliPresent, type BenchRow } from "./fixtures/rows.ts";
 import { median, runMeasured, runOrder, runTool, type MeasuredRun } from "./fixtures/tools.ts";
@@ -60,12 +60,6 @@ function compiledRunner(cli: CompiledCli): Runner {
   return { label: "snapstack, compiled JS", command: cli.command, prefix: [...cli.prefix, "img"], unavailable: cli.unavailable };
 }
 
-/** snapstack-img with a resident helper running the same compiled copy (wall clock of the client; notes: the helper's CPU and memory apart). */
-function helperRunner(helper: ResidentHelper | string): Runner {
-  const label = "snapstack-img with a resident helper (compiled JS)";
-  if (typeof helper === "string") return { label, command: IMG_CLIENT, prefix: [], unavailable: helper };
-  return { label, command: helper.command, prefix: helper.prefix, env: helper.env, unavailable: null, helper };
-}
 
 async function convertCase(sourcePath: string, outputPath: string, outputFormat: "qcow2" | "raw", runners: readonly Runner[]): Promise<BenchRow[]> {
   const convertArgs = ["convert", "-f", "qcow2", "-O", outputFormat, sourcePath, outputPath];
@@ -123,7 +117,8 @@ export default async function convertBench(): Promise<BenchRow[]> {
     const runners: Runner[] = [
       { label: "bin/snapstack on TS sources", command: process.execPath, prefix: [SNAPSTACK_BIN, "img"], unavailable: snapstackCliPresent() ? null : "bin/snapstack missing" },
       compiledRunner(cli),
-      helperRunner(helper),
+      // Wall clock of the client; the notes give the helper's CPU and memory apart.
+      helperRunner(helper, "snapstack-img with a resident helper (compiled JS)"),
     ];
     try {
       return [...(await convertCase(sourcePath, join(dir, "out.qcow2"), "qcow2", runners)), ...(await convertCase(sourcePath, join(dir, "out.raw"), "raw", runners))];

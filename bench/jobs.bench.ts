@@ -30,7 +30,7 @@
 import { statSync } from "node:fs";
 import { join } from "node:path";
 import { buildCompiledCli } from "./fixtures/compiled-build.ts";
-import { startResidentHelper, type ResidentHelper } from "./fixtures/resident-helper.ts";
+import { helperRunner, startResidentHelper, type ResidentHelper } from "./fixtures/resident-helper.ts";
 import { GiB, MiB, TiB, createQcow2, spreadWrites, withScratchDir, writePatterns, type PatternWrite } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, type BenchRow } from "./fixtures/rows.ts";
 import { median, runMeasured, runOrder, runTool } from "./fixtures/tools.ts";
@@ -61,7 +61,7 @@ async function snapstackRunners(dir: string): Promise<{ runners: SnapstackRunner
   const cli = await buildCompiledCli(dir);
   if (cli.unavailable === null) runners.push({ label: "compiled JS", command: cli.command, prefix: [...cli.prefix, "img"] });
   const helper = await startResidentHelper(cli, dir);
-  if (typeof helper !== "string") runners.push({ label: "snapstack-img with a resident helper", command: helper.command, prefix: helper.prefix, env: helper.env, helper });
+  if (typeof helper !== "string") runners.push(helperRunner(helper, "snapstack-img with a resident helper"));
   return { runners, helper };
 }
 const COMMIT_DATA_CHUNK_BYTES = 1 * MiB;

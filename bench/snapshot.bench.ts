@@ -28,7 +28,7 @@
  */
 import { join } from "node:path";
 import { buildCompiledCli, type CompiledCli } from "./fixtures/compiled-build.ts";
-import { IMG_CLIENT, startResidentHelper, type ResidentHelper } from "./fixtures/resident-helper.ts";
+import { helperRunner, startResidentHelper, type ResidentHelper } from "./fixtures/resident-helper.ts";
 import { GiB, MiB, buildSpreadImage, withScratchDir } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, type BenchRow } from "./fixtures/rows.ts";
 import { median, runMeasured, runTool } from "./fixtures/tools.ts";
@@ -49,10 +49,8 @@ interface Runner {
   prefix: string[];
   unavailable: string | null;
   env?: NodeJS.ProcessEnv;
-  /** The resident helper's CPU seconds and bytes written so far, and what the notes say of it (its runner only: the commands run there). */
-  helperCpuSeconds?: () => number;
-  helperWrittenBytes?: () => number;
-  helperDescription?: () => string;
+  /** The resident helper the commands run in (its CPU and writes are added to the client's). */
+  helper?: ResidentHelper;
 }
 
 /** Wall and CPU seconds and bytes written (CLI runs only) per operation, one entry per run. */
@@ -72,15 +70,15 @@ async function dirtyActiveLayer(path: string): Promise<void> {
 }
 
 /** -c, write, -a, -d with a CLI (qemu-img or a snapstack runner), timing the three snapshot commands. */
-async function cliRound(runner: Pick<Runner, "command" | "prefix" | "env" | "helperCpuSeconds" | "helperWrittenBytes">, path: string, timings: Timings): Promise<void> {
+async function cliRound(runner: Pick<Runner, "command" | "prefix" | "env" | "helper">, path: string, timings: Timings): Promise<void> {
   for (const operation of OPERATIONS) {
     if (operation === "apply") await dirtyActiveLayer(path);
-    const helperCpuBefore = runner.helperCpuSeconds?.() ?? 0;
-    const helperWrittenBefore = runner.helperWrittenBytes?.() ?? 0;
+    const helperCpuBefore = runner.helper?.cpuSeconds() ?? 0;
+    const helperWrittenBefore = runner.helper?.writtenBytes() ?? 0;
     const measured = await runMeasured(runner.command, [...runner.prefix, "snapshot", FLAG[operation], "s", path], undefined, runner.env);
     timings[operation].wall.push(measured.wallSeconds);
-    timings[operation].cpu.push(measured.cpuSeconds + (runner.helperCpuSeconds?.() ?? 0) - helperCpuBefore);
-    timings[operation].written.push(measured.writtenBytes + (runner.helperWrittenBytes?.() ?? 0) - helperWrittenBefore);
+    timings[operation].cpu.push(measured.cpuSeconds + (runner.helper?.cpuSeconds() ?? 0) - helperCpuBefore);
+    timings[operation].written.push(measured.writtenBytes + (runner.helper?.writtenBytes() ?? 0) - helperWrittenBefore);
   }
 }
 
@@ -105,12 +103,6 @@ function compiledRunner(cli: CompiledCli): Runner {
   return { label: "bundle (what bin/snapstack runs after npm install)", command: cli.command, prefix: [...cli.prefix, "img"], unavailable: cli.unavailable };
 }
 
-/** snapstack-img and a resident helper running the same bundle. */
-function helperRunner(helper: ResidentHelper | string): Runner {
-  const label = "snapstack-img with a resident helper (bundle)";
-  if (typeof helper === "string") return { label, command: IMG_CLIENT, prefix: [], unavailable: helper };
-  return { label, command: helper.command, prefix: helper.prefix, env: helper.env, unavailable: null, helperCpuSeconds: helper.cpuSeconds, helperWrittenBytes: helper.writtenBytes, helperDescription: helper.describe };
-}
 
 /** bin/snapstack forced onto the TypeScript sources (a checkout being edited). */
 const SOURCES_RUNNER: Runner = {
@@ -147,7 +139,7 @@ export default async function snapshotBench(): Promise<BenchRow[]> {
     const cliBuild = await buildCompiledCli(dir);
     const helper = await startResidentHelper(cliBuild, dir);
     try {
-      return await measureAll(fixture, dir, [SOURCES_RUNNER, compiledRunner(cliBuild), helperRunner(helper)]);
+      return await measureAll(fixture, dir, [SOURCES_RUNNER, compiledRunner(cliBuild), helperRunner(helper, "snapstack-img with a resident helper (bundle)")]);
     } finally {
       if (typeof helper !== "string") await helper.stop();
     }
@@ -209,9 +201,9 @@ async function measureAll(fixture: string, dir: string, runners: Runner[]): Prom
         continue;
       }
       const start =
-        runner.helperDescription === undefined
+        runner.helper === undefined
           ? `of which process start + open ~${(runnerStart[index] * 1000).toFixed(0)} ms (Node alone, node -e 0: ${(nodeStart * 1000).toFixed(0)} ms)`
-          : `CPU and writes the client's and the helper's; snapshot -l through it ~${(runnerStart[index] * 1000).toFixed(0)} ms; ${runner.helperDescription()}`;
+          : `CPU and writes the client's and the helper's; snapshot -l through it ~${(runnerStart[index] * 1000).toFixed(0)} ms; ${runner.helper.describe()}`;
       rows.push(row(name, median(cli[index][operation].wall), qemuMedian, "s", `median of ${RUNS}; snapstack ${describe(cli[index][operation])}, ${start}; qemu-img ${describe(qemu[operation])}`));
     }
   }

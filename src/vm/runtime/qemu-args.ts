@@ -120,7 +120,6 @@ export function validateLaunchSpec(spec: QemuLaunchSpec): void {
   if (spec.accelerator !== undefined && spec.accelerator !== "kvm" && spec.accelerator !== "tcg") throw bad(`accelerator '${String(spec.accelerator)}' must be kvm or tcg`, "accelerator");
 }
 
-export { SUN_PATH_BYTES_MAX };
 
 /** QEMU's -opt key=value,... syntax doubles commas inside values. */
 export function escapeOptionValue(value: string): string {
