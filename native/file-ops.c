@@ -98,7 +98,8 @@ struct cachestat_result {
 static napi_value js_cached(napi_env env, napi_callback_info info) {
   double v[3];
   if (!read_args(env, info, 3, v)) return NULL;
-  uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+  static uint64_t page = 0;
+  if (page == 0) page = (uint64_t)sysconf(_SC_PAGESIZE);
   uint64_t first = (uint64_t)v[1] / page, end = ((uint64_t)v[1] + (uint64_t)v[2] + page - 1) / page;
   struct cachestat_range_arg range = {.off = first * page, .len = (end - first) * page};
   struct cachestat_result stat;

@@ -191,17 +191,24 @@ export function fileRuns(fd: number, offset: number, length: number, fileSizeByt
   return runs;
 }
 
+/** The kernel has no cachestat (ENOSYS once). */
+let cachestatMissing = false;
+
 /**
  * Whether the page cache holds every page of [offset, offset + length)
  * (cachestat, Linux 6.5). Null where that cannot be asked (no addon, or
  * one built before it; an older kernel).
  */
 export function pagesCached(fd: number, offset: number, length: number): boolean | null {
+  if (cachestatMissing) return null;
   const ops = loadAddon();
   if (ops === null || typeof ops.cached !== "function") return null;
   const result = ops.cached(fd, offset, length);
   if (result >= 0) return result === 1;
-  if (UNSUPPORTED.has(getSystemErrorName(result))) return null;
+  const code = getSystemErrorName(result);
+  // A kernel without the call (before 6.5) stays without it: not asked again, once per table.
+  if (code === "ENOSYS") cachestatMissing = true;
+  if (UNSUPPORTED.has(code)) return null;
   throw systemError(result, "cachestat");
 }
 

@@ -366,8 +366,7 @@ export class Qcow2Image implements BlockDevice {
     this.#adoptMetadata(meta);
   }
 
-  /** Take `meta` as the image's metadata (at open, and after a change that rewrote the refcount structure). */
-  /** Make `meta` the image's metadata; session settings of the metadata it replaces (a reload) carry over. */
+  /** Make `meta` the image's metadata (at open, and after a change that rewrote the refcount structure); session settings of the metadata it replaces (a reload) carry over. */
   #adoptMetadata(meta: Qcow2Metadata): void {
     meta.wipeFreedClusters = this.#meta.wipeFreedClusters;
     this.#meta = meta;
