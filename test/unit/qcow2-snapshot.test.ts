@@ -17,6 +17,7 @@ import { assertClean } from "../helpers/qcow2-clean.ts";
 import { readDevice } from "../helpers/read-image.ts";
 import { getL1Entry } from "../../src/formats/qcow2/entries.ts";
 import { FaultFile } from "../../src/io/fault-file.ts";
+import { markDirty } from "../../src/formats/qcow2/table-cache.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -770,6 +771,15 @@ test("readUncachedL2 with the entries a pass knows reads only the dirty chunks h
   }
   assert.ok(bytes.subarray(8 * KiB, 36 * KiB).every((b) => b === 0xee) && bytes.subarray(40 * KiB).every((b) => b === 0xee), "unread chunks untouched");
   for (const l2Index of [3, 1000, 5000]) assert.notEqual(table.view.getBigUint64(l2Index * 8), 0n, `entry ${l2Index} read`);
+  // A change in a chunk that was not read would write the buffer's 0xee bytes over the table: refused, nothing written.
+  markDirty(table, 20 * KiB, 8);
+  await assert.rejects(meta.writeUncachedL2(table), /only the chunks read of a partly read L2 table/);
+  const after = new Uint8Array(clusterBytes);
+  await copy.read(l2Offset, after);
+  assertSameBytes(after, onDisk, "table on disk after the refused write-back");
+  table.dirtyChunks = 0;
+  markDirty(table, 1000 * 8, 8);
+  await meta.writeUncachedL2(table);
   await reopened.close();
 });
 

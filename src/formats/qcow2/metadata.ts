@@ -33,7 +33,7 @@ import { INCOMPAT_EXTL2, encodeQcow2Header, type Qcow2Header } from "./header.ts
 import { compressedStreamBytes } from "./compression.ts";
 import { COMPRESSED_SECTOR_BYTES, HI_OFFSET_UNSAFE, compressedReadBytes, L1_ENTRY_BYTES, LO_OFFSET_MASK, TWO_POW_32, getL1EntryOffset, l2EntryBytes, setL1Entry, type L2Entry } from "./entries.ts";
 import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, encodeRefcountTable, getRefcount, refcountByteOffset, changeRefcountRun, refcountEntryBytes, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
-import { TableCache, dirtyChunkBytes, dirtyRuns, markDirty, type CachedTable } from "./table-cache.ts";
+import { TableCache, chunkMask, dirtyRuns, markDirty, type CachedTable } from "./table-cache.ts";
 import { OverlapGuard, type MetadataStructure } from "./metadata-overlap.ts";
 import { CHECK_CLUSTERS_MAX } from "./reference-counter.ts";
 
@@ -464,16 +464,17 @@ export class Qcow2Metadata {
    */
   async readUncachedL2(l2Offset: number, bytes: Uint8Array, entries?: Int32Array): Promise<CachedTable> {
     assert(bytes.length === this.clusterSizeBytes && this.l2Cache.peek(l2Offset) === undefined, "an uncached L2 table, one cluster");
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
     if (entries === undefined) {
       await readSkippingHoles(this.file, l2Offset, bytes);
-    } else {
-      // The chunks holding the entries, as a dirty-chunk mask: read as write-back would write them.
-      const chunkBytes = dirtyChunkBytes(bytes.length);
-      let chunks = 0;
-      for (const l2Index of entries) chunks |= 1 << Math.floor((l2Index * this.geometry.l2EntryBytes) / chunkBytes);
-      for (const [byteOffset, byteLength] of dirtyRuns(chunks, bytes.length)) await this.file.read(l2Offset + byteOffset, bytes.subarray(byteOffset, byteOffset + byteLength));
+      return { hostOffset: l2Offset, bytes, view, dirtyChunks: 0, lastUsed: 0 };
     }
-    return { hostOffset: l2Offset, bytes, view: new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength), dirtyChunks: 0, lastUsed: 0 };
+    // The chunks holding the entries, as a dirty-chunk mask: read as write-back would write them.
+    const entryBytes = this.geometry.l2EntryBytes;
+    let loadedChunks = 0;
+    for (const l2Index of entries) loadedChunks |= chunkMask(bytes.length, l2Index * entryBytes, entryBytes);
+    for (const [byteOffset, byteLength] of dirtyRuns(loadedChunks, bytes.length)) await this.file.read(l2Offset + byteOffset, bytes.subarray(byteOffset, byteOffset + byteLength));
+    return { hostOffset: l2Offset, bytes, view, dirtyChunks: 0, lastUsed: 0, loadedChunks };
   }
 
   /**
@@ -484,6 +485,8 @@ export class Qcow2Metadata {
    */
   async writeUncachedL2(table: CachedTable): Promise<void> {
     if (table.dirtyChunks === 0) return;
+    // A chunk that was not read holds the buffer's old bytes: writing it would corrupt the table.
+    assert(table.loadedChunks === undefined || (table.dirtyChunks & ~table.loadedChunks) === 0, "only the chunks read of a partly read L2 table are changed");
     await this.#beforeL2Writes(true);
     // The buffer is the caller's alone, and the caller waits for this write: it is its own copy.
     this.#uncachedL2Unflushed = true;
@@ -689,23 +692,21 @@ export class Qcow2Metadata {
         }
         oldTableIndex = tableIndex;
         let blockIndex = clusterIndex % entries;
-        if (addend > 0) {
-          const count = Math.min((last - clusterOffset) / cs + 1, entries - blockIndex);
-          const changed = changeRefcountRun(block.bytes, blockIndex, count, order, decrease ? -addend : addend, this.geometry.refcountMax, minOld);
-          if (changed > 0) {
-            const firstByte = refcountByteOffset(blockIndex, order);
-            markDirty(block, firstByte, refcountByteOffset(blockIndex + changed - 1, order) + refcountEntryBytes(order) - firstByte);
-            if (!decrease) this.overlap.noteFileEnd(clusterOffset + changed * cs);
-          }
-          if (changed === count) {
-            clusterOffset += (count - 1) * cs;
-            continue;
-          }
-          // The run stopped at a cluster (in this block) that overflows, drops below zero, is freed, or is free and may be pending.
-          clusterOffset += changed * cs;
-          clusterIndex += changed;
-          blockIndex += changed;
+        const count = Math.min((last - clusterOffset) / cs + 1, entries - blockIndex);
+        const changed = changeRefcountRun(block.bytes, blockIndex, count, order, decrease ? -addend : addend, this.geometry.refcountMax, minOld);
+        if (changed > 0) {
+          const firstByte = refcountByteOffset(blockIndex, order);
+          markDirty(block, firstByte, refcountByteOffset(blockIndex + changed - 1, order) + refcountEntryBytes(order) - firstByte);
+          if (!decrease) this.overlap.noteFileEnd(clusterOffset + changed * cs);
         }
+        if (changed === count) {
+          clusterOffset += (count - 1) * cs;
+          continue;
+        }
+        // The run stopped at a cluster (in this block) that overflows, drops below zero, is freed, or is free and may be pending.
+        clusterOffset += changed * cs;
+        clusterIndex += changed;
+        blockIndex += changed;
         let refcount = getRefcount(block.bytes, blockIndex, this.geometry.refcountOrder);
         if (decrease ? refcount < addend : refcount + addend > this.geometry.refcountMax) {
           failure = this.#refcountOutOfRange(clusterIndex, decrease);

@@ -41,6 +41,12 @@ export interface CachedTable {
    */
   dirtyChunks: number;
   lastUsed: number;
+  /**
+   * Only for a table read in part (Qcow2Metadata.readUncachedL2 with
+   * entries): the chunks read from the file, as a dirty-chunk mask. Only
+   * these may be marked dirty: the others hold whatever the buffer held.
+   */
+  readonly loadedChunks?: number;
 }
 
 /** Most chunks a table's dirtiness is kept in (one bit each of a 32-bit mask). */
@@ -68,12 +74,19 @@ function wholeMask(tableBytes: number): number {
  * here: write-back writes the marked chunks only.
  */
 export function markDirty(table: CachedTable, byteOffset = 0, byteLength = table.bytes.length): void {
-  if (byteOffset < 0 || byteLength < 0 || byteOffset + byteLength > table.bytes.length) {
-    assert(false, `dirty range [${byteOffset}, +${byteLength}) within the ${table.bytes.length}-byte table`);
+  table.dirtyChunks |= chunkMask(table.bytes.length, byteOffset, byteLength);
+}
+
+/** The dirty-chunk mask of the chunks that `byteLength` bytes at `byteOffset` of a table of `tableBytes` touch. */
+export function chunkMask(tableBytes: number, byteOffset: number, byteLength: number): number {
+  if (byteOffset < 0 || byteLength < 0 || byteOffset + byteLength > tableBytes) {
+    assert(false, `dirty range [${byteOffset}, +${byteLength}) within the ${tableBytes}-byte table`);
   }
-  const chunkBytes = dirtyChunkBytes(table.bytes.length);
+  const chunkBytes = dirtyChunkBytes(tableBytes);
   const last = Math.floor((byteOffset + byteLength - 1) / chunkBytes);
-  for (let chunk = Math.floor(byteOffset / chunkBytes); chunk <= last; chunk++) table.dirtyChunks |= 1 << chunk;
+  let mask = 0;
+  for (let chunk = Math.floor(byteOffset / chunkBytes); chunk <= last; chunk++) mask |= 1 << chunk;
+  return mask;
 }
 
 /**
