@@ -43,23 +43,46 @@ export interface ParseArgsOptions {
   style?: "qemu-img" | "glibc";
   /** Prefix for glibc-style messages (the program or command name). */
   program?: string;
+  /**
+   * Long options the real program has and snapstack does not implement
+   * (default for the qemu-img style: UNIMPLEMENTED_QEMU_LONG_OPTIONS; none
+   * for the glibc style). They take part in prefix matching, as getopt_long
+   * sees them, and naming one is E_UNSUPPORTED_FEATURE, not an unrecognized
+   * option.
+   */
+  unimplementedLong?: readonly string[];
 }
+
+/**
+ * qemu-img's, qemu-io's and qemu-nbd's long options that snapstack does not
+ * implement. Without them an abbreviation getopt_long refuses as ambiguous
+ * would resolve to one of ours: `convert --target -n` would run as
+ * --target-is-zero (and skip writing zeroes), `info --o=json` as --output.
+ */
+export const UNIMPLEMENTED_QEMU_LONG_OPTIONS: readonly string[] = ["object", "image-opts", "target-image-opts"];
+
+/** Settings for commands that have no qemu counterpart (vm, serve, helper): no unimplemented options to know of. */
+export const NOT_QEMU: ParseArgsOptions = { unimplementedLong: [] };
 
 function usageError(message: string): SnapstackError {
   return new SnapstackError("E_USAGE", message);
 }
 
-function findLong(specs: OptionSpec[], name: string): OptionSpec | undefined {
-  const exact = specs.find((spec) => spec.long === name);
+/** The long option `name` names, exactly or as a unique prefix (getopt_long's rule): ours, or the name of one snapstack does not implement. */
+function findLong(specs: OptionSpec[], name: string, unimplemented: readonly string[]): OptionSpec | string | undefined {
+  const exact = specs.find((spec) => spec.long === name) ?? unimplemented.find((long) => long === name);
   if (exact !== undefined) return exact;
   const prefixed = specs.filter((spec) => spec.long !== undefined && spec.long.startsWith(name));
-  return prefixed.length === 1 ? prefixed[0] : undefined;
+  const others = unimplemented.filter((long) => long.startsWith(name) && !specs.some((spec) => spec.long === long));
+  if (prefixed.length + others.length !== 1) return undefined;
+  return prefixed[0] ?? others[0];
 }
 
 /** Parse `argv` (without the program and command names) against `specs`. */
 export function parseArgs(argv: readonly string[], specs: OptionSpec[], settings: ParseArgsOptions = {}): ParsedArgs {
   const glibc = settings.style === "glibc";
   const program = settings.program ?? "snapstack";
+  const unimplemented = settings.unimplementedLong ?? (glibc ? [] : UNIMPLEMENTED_QEMU_LONG_OPTIONS);
   const unrecognized = (word: string, char?: string): SnapstackError =>
     glibc
       ? usageError(char !== undefined ? `${program}: invalid option -- '${char}'` : `${program}: unrecognized option '${word}'`)
@@ -107,8 +130,9 @@ export function parseArgs(argv: readonly string[], specs: OptionSpec[], settings
     if (word.startsWith("--")) {
       const equals = word.indexOf("=");
       const name = equals >= 0 ? word.slice(2, equals) : word.slice(2);
-      const spec = findLong(specs, name);
+      const spec = findLong(specs, name, unimplemented);
       if (spec === undefined) throw unrecognized(word);
+      if (typeof spec === "string") throw new SnapstackError("E_UNSUPPORTED_FEATURE", `option '--${spec}' is not supported by snapstack`);
       if (!spec.value) {
         if (equals >= 0) {
           throw usageError(glibc ? `${program}: option '--${spec.long}' doesn't allow an argument` : `unrecognized option '${word}'`);

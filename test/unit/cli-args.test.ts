@@ -51,6 +51,28 @@ test("long options with = or a separate value, and unique prefixes", () => {
   assert.equal(parseArgs(["--output="], SPECS).options.output, "");
 });
 
+test("qemu's long options that snapstack lacks still make abbreviations ambiguous, and naming one is E_UNSUPPORTED_FEATURE", () => {
+  const convertSpecs: OptionSpec[] = [...SPECS, { name: "targetIsZero", long: "target-is-zero" }];
+  // qemu-img convert refuses --target (--target-image-opts or --target-is-zero?): it must not run as --target-is-zero.
+  assert.equal(usageMessage(() => parseArgs(["--target", "-n"], convertSpecs)), "unrecognized option '--target'");
+  assert.equal(usageMessage(() => parseArgs(["--o=json"], SPECS)), "unrecognized option '--o=json'");
+  assert.equal(parseArgs(["--target-is"], convertSpecs).options.targetIsZero, true);
+  assert.equal(parseArgs(["--ou=json"], SPECS).options.output, "json");
+  for (const word of ["--image-opts", "--image", "--object=secret,id=s", "--target-image-opts"]) {
+    assert.throws(
+      () => parseArgs([word, "x"], convertSpecs),
+      (error: unknown) => error instanceof SnapstackError && error.code === "E_UNSUPPORTED_FEATURE" && /^option '--(image-opts|object|target-image-opts)' is not supported by snapstack$/.test(error.message),
+      word,
+    );
+  }
+  // One a command implements (qemu-nbd's --object) is that command's own, abbreviated too.
+  const nbdSpecs: OptionSpec[] = [...SPECS, { name: "object", long: "object", value: true, repeat: "list" }];
+  assert.deepEqual(parseArgs(["--obj", "tls-creds-x509,id=t,dir=d"], nbdSpecs).options.object, ["tls-creds-x509,id=t,dir=d"]);
+  // Commands without a qemu counterpart, and qemu-io's inner commands (glibc style), know of none.
+  assert.equal(parseArgs(["--o=json"], SPECS, { unimplementedLong: [] }).options.output, "json");
+  assert.equal(usageMessage(() => parseArgs(["--image-opts"], SPECS, { style: "glibc", program: "read" })), "read: unrecognized option '--image-opts'");
+});
+
 test("-- ends options; a lone - is a positional", () => {
   const parsed = parseArgs(["-q", "--", "-f", "--output=json", "-"], SPECS);
   assert.deepEqual(parsed.positionals, ["-f", "--output=json", "-"]);

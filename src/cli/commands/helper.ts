@@ -16,7 +16,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { SnapstackError } from "../../base/errors.ts";
 import { SUN_PATH_BYTES_MAX, userSocketDirectory } from "../../io/user-socket-dir.ts";
-import { optionString, parseArgs } from "../args.ts";
+import { NOT_QEMU, optionString, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
 import type { CliCommand, CliContext } from "../context.ts";
 import { startHelperServer } from "../helper/helper-server.ts";
@@ -95,7 +95,7 @@ export function helperCommand(run: (argv: string[], context: CliContext) => Prom
       const parsed = parseArgs(argv, [
         { name: "socket", long: "socket", value: true },
         { name: "idle", long: "idle-timeout", value: true },
-      ]);
+      ], NOT_QEMU);
       expectPositionals(parsed.positionals, 0, 0, "");
       const idleTimeoutMs = parseIdleTimeoutMs(optionString(parsed, "idle"));
       const chosen = optionString(parsed, "socket");

@@ -2,7 +2,7 @@
  * `snapstack serve [--home DIR] [--listen-tcp PORT]`: run the daemon in the
  * foreground (src/api/daemon.ts) until SIGTERM or SIGINT.
  */
-import { optionString, parseArgs } from "../args.ts";
+import { NOT_QEMU, optionString, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { SnapstackError } from "../../base/errors.ts";
@@ -21,7 +21,7 @@ export const serveCommand: CliCommand = {
     const parsed = parseArgs(argv, [
       { name: "home", long: "home", value: true },
       { name: "tcp", long: "listen-tcp", value: true },
-    ]);
+    ], NOT_QEMU);
     expectPositionals(parsed.positionals, 0, 0, "");
     const tcpText = optionString(parsed, "tcp");
     const tcpPort = tcpText === undefined ? undefined : Number(tcpText);

@@ -17,7 +17,7 @@ import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { ERROR_CODES, SnapstackError, fromSystemError, type ErrorCode } from "../../base/errors.ts";
 import { formatSize, parseSize } from "../../base/units.ts";
-import { optionFlag, optionList, optionString, parseArgs, type OptionSpec, type ParsedArgs } from "../args.ts";
+import { NOT_QEMU, optionFlag, optionList, optionString, parseArgs, type OptionSpec, type ParsedArgs } from "../args.ts";
 import { expectPositionals, parseOutputFormat } from "../command-helpers.ts";
 import type { CliCommand, CliContext } from "../context.ts";
 import { ApiClient } from "../../api/api-client.ts";
@@ -423,7 +423,7 @@ export const vmCommand: CliCommand = {
     const [name, ...rest] = argv;
     const sub = name === undefined ? undefined : SUBCOMMANDS[name];
     if (sub === undefined) throw new SnapstackError("E_USAGE", name === undefined ? "missing vm command" : `unknown vm command '${name}'`);
-    const parsed = parseArgs(rest, [HOME_OPTION, ...sub.options]);
+    const parsed = parseArgs(rest, [HOME_OPTION, ...sub.options], NOT_QEMU);
     expectPositionals(parsed.positionals, sub.args[0], sub.args[1], sub.args[2]);
     const client = await connectDaemon(resolveHome(optionString(parsed, "home"), context.env), context);
     return sub.run(client, parsed, context);
