@@ -12,6 +12,7 @@ import { assertCodedError, assertUnchanged, createLuksImage, ok, qemuImg, qemuIo
 
 const HEADER_INCOMPATIBLE_FEATURES = 72;
 const HEADER_L1_TABLE_OFFSET = 40;
+const HEADER_AUTOCLEAR_FEATURES = 88;
 
 function poke(path: string, hostOffset: number, bytes: Uint8Array): void {
   const fd = openSync(path, "r+");
@@ -192,6 +193,13 @@ test("E_BAD_HEADER: truncated and garbled qcow2 headers", async (t) => {
   copyFileSync(path, join(dir, "garbled.qcow2"));
   poke(join(dir, "garbled.qcow2"), 20, Uint8Array.of(0, 0, 0, 30)); // cluster_bits 30
   await refused(dir, ["io", "-c", "write 0 4k", "garbled.qcow2"], "E_BAD_HEADER", [join(dir, "garbled.qcow2")]);
+  // The autoclear bit data-file-raw without an external data file: qemu-img refuses to open it too.
+  copyFileSync(path, join(dir, "raw-bit.qcow2"));
+  poke(join(dir, "raw-bit.qcow2"), HEADER_AUTOCLEAR_FEATURES, u64(2n));
+  assert.equal((await qemuImg(["check", "raw-bit.qcow2"], dir)).code, 1, "qemu-img refuses it");
+  for (const args of [["img", "check", "raw-bit.qcow2"], ["img", "snapshot", "-c", "s", "raw-bit.qcow2"], ["img", "resize", "raw-bit.qcow2", "2M"]]) {
+    await refused(dir, args, "E_BAD_HEADER", [join(dir, "raw-bit.qcow2")]);
+  }
 });
 
 test("E_UNSUPPORTED_FEATURE: an unknown incompatible feature bit", async (t) => {

@@ -312,6 +312,10 @@ export function decodeQcow2Header(bytes: Uint8Array): Qcow2Header {
   if (header.cryptMethod > CRYPT_LUKS) {
     throw badHeader(`Unsupported encryption method: ${header.cryptMethod}`);
   }
+  if ((header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n && (header.incompatibleFeatures & INCOMPAT_DATA_FILE) === 0n) {
+    // Raw external data without an external data file: a write would otherwise clear the bit as one it does not keep.
+    throw badHeader("data-file-raw requires a data file");
+  }
   if (header.backingFileOffset !== 0) {
     if (header.backingFileSizeBytes > BACKING_FILE_NAME_BYTES_MAX || header.backingFileSizeBytes > clusterSizeBytes - header.backingFileOffset) {
       throw badHeader("Backing file name too long");
