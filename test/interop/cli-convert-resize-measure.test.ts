@@ -130,6 +130,31 @@ test("resize: qemu-img info sees the new size; shrinking needs --shrink", async 
   assert.match(refused.stderr, /^snapstack: error E_\w+: .*--shrink/);
 });
 
+test("resize --shrink of qcow2 images: refcount blocks left counting nothing are dropped and the file truncated, the same bytes as qemu-img's", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const cases: Array<[string, string, string, boolean]> = [
+    // [create options, size written, shrunk to, with an internal snapshot]
+    ["cluster_size=4k", "24M", "4M", false],
+    ["cluster_size=4k,refcount_bits=64", "12M", "1M", false],
+    ["cluster_size=4k,refcount_bits=1", "40M", "3M", false],
+    ["cluster_size=4k", "24M", "4M", true],
+    ["cluster_size=64k", "64M", "16M", false],
+  ];
+  for (const [options, written, shrunk, snapshot] of cases) {
+    const what = `${options}, ${written} written${snapshot ? ", a snapshot" : ""}, shrunk to ${shrunk}`;
+    ok(await qemuImg(["create", "-q", "-f", "qcow2", "-o", options, "theirs.qcow2", written], dir), "create");
+    ok(await qemuIo(["-c", `write -q -P 0x5c 0 ${written}`, "theirs.qcow2"], dir), "write");
+    if (snapshot) ok(await qemuImg(["snapshot", "-c", "s", "theirs.qcow2"], dir), "snapshot");
+    copyFileSync(join(dir, "theirs.qcow2"), join(dir, "ours.qcow2"));
+    ok(await qemuImg(["resize", "-q", "--shrink", "theirs.qcow2", shrunk], dir), `qemu-img ${what}`);
+    ok(await snapstack(["img", "resize", "-q", "--shrink", "ours.qcow2", shrunk], { cwd: dir }), what);
+    ok(await qemuImg(["check", "ours.qcow2"], dir), `check ${what}`);
+    ok(await qemuIo(["-c", `read -q -P 0x5c 0 ${shrunk}`, "ours.qcow2"], dir), `data ${what}`);
+    assert.ok(readFileSync(join(dir, "ours.qcow2")).equals(readFileSync(join(dir, "theirs.qcow2"))), `${what}: files differ`);
+  }
+});
+
 test("resize --preallocation=metadata|falloc|full of qcow2 images: the same bytes as qemu-img's; what is not done is refused, the image left alone", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
   const dir = scratchDir(t);

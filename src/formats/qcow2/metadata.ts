@@ -1191,6 +1191,45 @@ export class Qcow2Metadata {
     }
   }
 
+  /**
+   * qcow2_shrink_reftable, after a shrink freed clusters: a refcount block
+   * that counts nothing but (possibly) itself is dropped. The table without
+   * those entries is written and synced first, then each dropped block's
+   * cluster is released: punched when it counted itself (nothing else counts
+   * it), its refcount dropped where another block counts it. So the file can
+   * then be truncated after the last cluster still in use, as QEMU's is.
+   */
+  async shrinkReftable(): Promise<void> {
+    const cs = this.clusterSizeBytes;
+    const entries = this.geometry.refcountBlockEntries;
+    const order = this.geometry.refcountOrder;
+    const dropped: Array<{ tableIndex: number; blockOffset: number; countsItself: boolean }> = [];
+    for (let tableIndex = 0; tableIndex < this.reftable.length; tableIndex++) {
+      const blockOffset = this.reftable[tableIndex];
+      if (blockOffset === 0) continue;
+      const block = this.refblockCache.peek(blockOffset) ?? (await this.refblockCache.get(blockOffset));
+      const countsItself = Math.floor(blockOffset / cs / entries) === tableIndex;
+      const ownIndex = countsItself ? (blockOffset / cs) % entries : -1;
+      let unused = true;
+      for (let i = 0; i < entries && unused; i++) if (i !== ownIndex && getRefcount(block.bytes, i, order) !== 0) unused = false;
+      if (unused) dropped.push({ tableIndex, blockOffset, countsItself });
+    }
+    if (dropped.length === 0) return;
+    await this.writeDirtyRefblocks();
+    const newTable = [...this.reftable];
+    for (const { tableIndex } of dropped) newTable[tableIndex] = 0;
+    this.overlap.check(this.header.refcountTableOffset, newTable.length * REFTABLE_ENTRY_BYTES, "refcount table");
+    await this.file.write(this.header.refcountTableOffset, encodeRefcountTable(newTable, newTable.length));
+    await this.file.flush();
+    this.reftable = newTable;
+    this.overlap.invalidate();
+    for (const { blockOffset, countsItself } of dropped) {
+      this.refblockCache.drop(blockOffset);
+      if (countsItself) await this.file.discard(blockOffset, cs);
+      else await this.freeClusters(blockOffset, cs);
+    }
+  }
+
   /** Highest host cluster index with a non-zero refcount (qcow2_get_last_cluster), or -1. */
   async lastUsedCluster(fileSizeBytes: number): Promise<number> {
     const cs = this.clusterSizeBytes;

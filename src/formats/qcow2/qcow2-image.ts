@@ -2447,6 +2447,8 @@ export class Qcow2Image implements BlockDevice {
             }
           }
           await meta.writeCaches();
+          await meta.shrinkReftable();
+          await meta.writeCaches();
           const fileSize = await this.#file.sizeBytes();
           const lastCluster = await meta.lastUsedCluster(fileSize);
           if ((lastCluster + 1) * cs < fileSize) await this.#file.truncate((lastCluster + 1) * cs);
