@@ -9,6 +9,7 @@
  * a longer backing file.
  */
 import { SnapstackError } from "../base/errors.ts";
+import { SIZE_MAX_BYTES } from "../base/units.ts";
 import { QCOW2_PREALLOCATION_MODES, Qcow2Image } from "../formats/qcow2/index.ts";
 import { RAW_PREALLOCATION_MODES, RawImage, type RawPreallocation } from "../formats/raw/raw-image.ts";
 import { parseImageFormat } from "./image-format.ts";
@@ -31,6 +32,11 @@ export async function resizeImage(path: string, size: SizeSpec, options: ResizeI
   const device = await openImage(path, { format, readOnly: false, locks: { resize: true } });
   try {
     const newSizeBytes = "absoluteBytes" in size ? size.absoluteBytes : device.sizeBytes + size.deltaBytes;
+    if (newSizeBytes > SIZE_MAX_BYTES) {
+      // +SIZE past the limit: the same refusal as an absolute size there (parseSize).
+      const exactBytes = "absoluteBytes" in size ? BigInt(size.absoluteBytes) : BigInt(device.sizeBytes) + BigInt(size.deltaBytes);
+      throw new SnapstackError("E_TOO_LARGE", `image size ${exactBytes} exceeds snapstack's limit of ${SIZE_MAX_BYTES} bytes (8 PiB)`, { path });
+    }
     if (!Number.isSafeInteger(newSizeBytes) || newSizeBytes <= 0) {
       throw new SnapstackError("E_INVALID_SIZE", "New image size must be positive", { path, newSizeBytes });
     }

@@ -88,6 +88,8 @@ test("E_TOO_LARGE: sizes beyond qcow2's or snapstack's limits", async (t) => {
   const dir = scratchDir(t);
   const path = await image(t, dir);
   await refused(dir, ["img", "resize", "img.qcow2", "9P"], "E_TOO_LARGE", [path]);
+  // Relative, past the limit only with the image's own size added.
+  await refused(dir, ["img", "resize", "img.qcow2", `+${2 ** 53 - 1000}`], "E_TOO_LARGE", [path]);
   await refused(dir, ["img", "create", "-f", "qcow2", "big.qcow2", "3P"], "E_TOO_LARGE", []);
 });
 
