@@ -64,6 +64,9 @@ test("E_USAGE: unknown options, missing arguments, unknown commands", async (t) 
   await refused(dir, ["img", "check", "-x", "img.qcow2"], "E_USAGE", [path]);
   await refused(dir, ["img", "info", "-f"], "E_USAGE", []);
   await refused(dir, ["img", "map", "--output=xml", "img.qcow2"], "E_USAGE", [path]);
+  await refused(dir, ["img", "snapshot", "-l", "-l", "img.qcow2"], "E_USAGE", [path]);
+  // An abbreviation qemu-img finds ambiguous (--target-image-opts, --target-is-zero) is refused, not taken as ours.
+  await refused(dir, ["img", "convert", "--target", "-n", "-O", "qcow2", "img.qcow2", "img.qcow2"], "E_USAGE", [path]);
   await refused(dir, ["img", "check", "-r", "some", "img.qcow2"], "E_USAGE", [path]);
   await refused(dir, ["img", "frobnicate", "img.qcow2"], "E_USAGE", [path]);
   await refused(dir, ["io", "-c", "frob 0 1", "img.qcow2"], "E_USAGE", [path]);

@@ -94,7 +94,8 @@ function noSnapshots(action: Exclude<Action, { kind: "list" | "none" }>): Snapst
 
 function parseAction(parsed: ParsedArgs): Action {
   const given: Action[] = [];
-  if (optionFlag(parsed, "list")) given.push({ kind: "list" });
+  // Each -l counts, as in qemu-img: `-l -l` is a mix too.
+  for (const { name } of parsed.sequence) if (name === "list") given.push({ kind: "list" });
   for (const [option, kind] of [
     ["create", "create"],
     ["apply", "apply"],
