@@ -13,6 +13,7 @@ import { assertCodedError, assertUnchanged, createLuksImage, ok, qemuImg, qemuIo
 const HEADER_INCOMPATIBLE_FEATURES = 72;
 const HEADER_L1_TABLE_OFFSET = 40;
 const HEADER_AUTOCLEAR_FEATURES = 88;
+const HEADER_REFCOUNT_TABLE_OFFSET = 48;
 
 function poke(path: string, hostOffset: number, bytes: Uint8Array): void {
   const fd = openSync(path, "r+");
@@ -215,6 +216,21 @@ test("E_UNSUPPORTED_FEATURE: an unknown incompatible feature bit", async (t) => 
   poke(path, HEADER_INCOMPATIBLE_FEATURES, u64(features | (1n << 40n)));
   await refused(dir, ["io", "-c", "write 0 4k", "img.qcow2"], "E_UNSUPPORTED_FEATURE", [path]);
   await refused(dir, ["img", "info", "img.qcow2"], "E_UNSUPPORTED_FEATURE", [path]);
+});
+
+test("E_CORRUPT_IMAGE: snapshot -c where a corrupt refcount table makes live metadata look free: the write is refused before it lands, and the file is left as qemu-img leaves it (marked corrupt)", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = await image(t, dir);
+  // Refcount block 0 is the L1 table: the refcount table's own cluster reads as free.
+  poke(path, Number(peekU64(path, HEADER_REFCOUNT_TABLE_OFFSET)), u64(peekU64(path, HEADER_L1_TABLE_OFFSET)));
+  copyFileSync(path, join(dir, "theirs.qcow2"));
+  const theirs = await qemuImg(["snapshot", "-c", "s", "theirs.qcow2"], dir);
+  assert.equal(theirs.code, 1);
+  assert.match(theirs.stderr, /Preventing invalid write on metadata \(overlaps with refcount table\)/);
+  const ours = await snapstack(["img", "snapshot", "-c", "s", "img.qcow2"], { cwd: dir });
+  assertCodedError(ours, "E_CORRUPT_IMAGE", 1);
+  assert.ok(readFileSync(path).equals(readFileSync(join(dir, "theirs.qcow2"))), "the same bytes as qemu-img's file: the corrupt bit set, nothing overwritten");
 });
 
 test("E_CORRUPT_IMAGE: an L1 entry pointing at an unaligned L2 table", async (t) => {

@@ -84,6 +84,7 @@ import {
 import { guestSizeOf } from "./header.ts";
 import { L1_BYTES_MAX, corruption, type Qcow2Geometry, type Qcow2Metadata } from "./metadata.ts";
 import { markDirty, type CachedTable } from "./table-cache.ts";
+import type { MetadataStructure } from "./metadata-overlap.ts";
 import {
   SNAPSHOT_COUNT_MAX,
   SNAPSHOT_ID_BYTES_MAX,
@@ -238,17 +239,23 @@ async function readL1(meta: Qcow2Metadata, hostOffset: number, entries: number, 
   return l1;
 }
 
-async function writeSynced(meta: Qcow2Metadata, hostOffset: number, bytes: Uint8Array): Promise<void> {
+/**
+ * Write metadata of the snapshot code after QEMU's overlap check
+ * (qcow2_pre_write_overlap_check): `structure` may overlap only itself,
+ * null (a new table at a fresh place) nothing. On a corrupt image the
+ * allocator can hand out a cluster that live metadata holds; the write
+ * is refused before it lands. `synced`: flushed (bdrv_pwrite_sync).
+ */
+async function writeChecked(meta: Qcow2Metadata, hostOffset: number, bytes: Uint8Array, structure: MetadataStructure | null, synced: boolean): Promise<void> {
   if (bytes.length === 0) return;
+  meta.overlap.check(hostOffset, bytes.length, structure);
   await meta.file.write(hostOffset, bytes);
-  await meta.file.flush();
+  if (synced) await meta.file.flush();
 }
 
-/** Write the whole active L1 table in place; `synced`: flushed (bdrv_pwrite_sync), else durable with the next flush. */
+/** Write the whole active L1 table in place; `synced`: flushed, else durable with the next flush. */
 async function writeActiveL1(meta: Qcow2Metadata, synced: boolean): Promise<void> {
-  const bytes = meta.l1.subarray(0, meta.header.l1Size * L1_ENTRY_BYTES);
-  if (synced) await writeSynced(meta, meta.header.l1TableOffset, bytes);
-  else if (bytes.length > 0) await meta.file.write(meta.header.l1TableOffset, bytes);
+  await writeChecked(meta, meta.header.l1TableOffset, meta.l1.subarray(0, meta.header.l1Size * L1_ENTRY_BYTES), "active L1 table", synced);
 }
 
 /** Refcount blocks first (raised refcounts), then L2 tables (cleared COPIED bits); each cache write flushes. */
@@ -674,7 +681,7 @@ async function writeSnapshotTable(image: Qcow2Image, snapshots: Qcow2Snapshot[],
   let tableOffset = 0;
   if (encoded.length > 0) {
     tableOffset = await meta.allocClusters(encoded.length);
-    await meta.file.write(tableOffset, encoded);
+    await writeChecked(meta, tableOffset, encoded, null, false);
     // The allocation left a refcount block dirty, so this writes it and flushes: the table, its
     // refcounts and everything written before are durable before the header points at them.
     await meta.writeCaches();
@@ -770,7 +777,7 @@ export async function createSnapshot(image: Qcow2Image, name: string, options: C
       // long before the header points at it.
       if (l1Entries > 0) {
         snapshot.l1TableOffset = await meta.allocClusters(l1Copy.length);
-        await meta.file.write(snapshot.l1TableOffset, l1Copy);
+        await writeChecked(meta, snapshot.l1TableOffset, l1Copy, null, false);
       }
       l1Modified = (await updateTreeRefcounts(meta, meta.l1, l1Entries, 1, { phase: "copied", uncached: true, usedIndexes })) || l1Modified;
       await writeRaisedCaches(meta);
@@ -899,7 +906,7 @@ async function switchActiveL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot, drai
     const snapshotL1Modified = await updateTreeRefcounts(meta, snapshotL1, snapshot.l1Size, 1, { journal, skipped: shared?.inSnapshot, usedIndexes });
     await writeRaisedCaches(meta);
     // Stale COPIED bits in a snapshot's L1 mean nothing; no ordering needed.
-    if (snapshotL1Modified) await meta.file.write(snapshot.l1TableOffset, snapshotL1);
+    if (snapshotL1Modified) await writeChecked(meta, snapshot.l1TableOffset, snapshotL1, "inactive L1 table", false);
   } catch (error) {
     try {
       await undoRaises(meta, journal);
@@ -911,7 +918,7 @@ async function switchActiveL1(meta: Qcow2Metadata, snapshot: Qcow2Snapshot, drai
     throw asSnapshotFailure(error);
   }
   const oldL1 = meta.l1.slice(0, l1Entries * L1_ENTRY_BYTES);
-  await writeSynced(meta, meta.header.l1TableOffset, newL1);
+  await writeChecked(meta, meta.header.l1TableOffset, newL1, "active L1 table", true);
   meta.l1.set(newL1);
   meta.overlap.invalidate(); // the active L1 now points at the snapshot's L2 tables
   // Reads that resolved through the old tree finish before its clusters can be freed.
