@@ -74,19 +74,12 @@ function wholeMask(tableBytes: number): number {
  * here: write-back writes the marked chunks only.
  */
 export function markDirty(table: CachedTable, byteOffset = 0, byteLength = table.bytes.length): void {
-  table.dirtyChunks |= chunkMask(table.bytes.length, byteOffset, byteLength);
-}
-
-/** The dirty-chunk mask of the chunks that `byteLength` bytes at `byteOffset` of a table of `tableBytes` touch. */
-export function chunkMask(tableBytes: number, byteOffset: number, byteLength: number): number {
-  if (byteOffset < 0 || byteLength < 0 || byteOffset + byteLength > tableBytes) {
-    assert(false, `dirty range [${byteOffset}, +${byteLength}) within the ${tableBytes}-byte table`);
+  if (byteOffset < 0 || byteLength < 0 || byteOffset + byteLength > table.bytes.length) {
+    assert(false, `dirty range [${byteOffset}, +${byteLength}) within the ${table.bytes.length}-byte table`);
   }
-  const chunkBytes = dirtyChunkBytes(tableBytes);
+  const chunkBytes = dirtyChunkBytes(table.bytes.length);
   const last = Math.floor((byteOffset + byteLength - 1) / chunkBytes);
-  let mask = 0;
-  for (let chunk = Math.floor(byteOffset / chunkBytes); chunk <= last; chunk++) mask |= 1 << chunk;
-  return mask;
+  for (let chunk = Math.floor(byteOffset / chunkBytes); chunk <= last; chunk++) table.dirtyChunks |= 1 << chunk;
 }
 
 /**
