@@ -445,6 +445,9 @@ export class Qcow2Metadata {
     }
   }
 
+  /** Tables readUncachedL2 read in part: the chunks it read, as a dirty-chunk mask (kept apart so that every table has one shape). */
+  readonly #chunksRead = new WeakMap<CachedTable, number>();
+
   /**
    * Read an L2 table that is not cached into `bytes` (one cluster), as a
    * table object that is not cached either: a snapshot pass walks ~200
@@ -470,14 +473,15 @@ export class Qcow2Metadata {
       return { hostOffset: l2Offset, bytes, view, dirtyChunks: 0, lastUsed: 0 };
     }
     // The chunks holding the entries, as a dirty-chunk mask: read as write-back would write them.
-    // An entry never straddles two chunks (entries are 8 or 16 bytes, chunks at least a page): one shift each,
-    // not a chunkMask call per entry (~16k entries in a create's pass).
+    // An entry never straddles two chunks (entries are 8 or 16 bytes, chunks at least a page).
     const entryBytes = this.geometry.l2EntryBytes;
     const chunkBytes = dirtyChunkBytes(bytes.length);
     let loadedChunks = 0;
     for (const l2Index of entries) loadedChunks |= 1 << Math.floor((l2Index * entryBytes) / chunkBytes);
     for (const [byteOffset, byteLength] of dirtyRuns(loadedChunks, bytes.length)) await this.file.read(l2Offset + byteOffset, bytes.subarray(byteOffset, byteOffset + byteLength));
-    return { hostOffset: l2Offset, bytes, view, dirtyChunks: 0, lastUsed: 0, loadedChunks };
+    const table = { hostOffset: l2Offset, bytes, view, dirtyChunks: 0, lastUsed: 0 };
+    this.#chunksRead.set(table, loadedChunks);
+    return table;
   }
 
   /**
@@ -489,7 +493,8 @@ export class Qcow2Metadata {
   async writeUncachedL2(table: CachedTable): Promise<void> {
     if (table.dirtyChunks === 0) return;
     // A chunk that was not read holds the buffer's old bytes: writing it would corrupt the table.
-    assert(table.loadedChunks === undefined || (table.dirtyChunks & ~table.loadedChunks) === 0, "only the chunks read of a partly read L2 table are changed");
+    const chunksRead = this.#chunksRead.get(table);
+    assert(chunksRead === undefined || (table.dirtyChunks & ~chunksRead) === 0, "only the chunks read of a partly read L2 table are changed");
     await this.#beforeL2Writes(true);
     // The buffer is the caller's alone, and the caller waits for this write: it is its own copy.
     this.#uncachedL2Unflushed = true;

@@ -41,12 +41,6 @@ export interface CachedTable {
    */
   dirtyChunks: number;
   lastUsed: number;
-  /**
-   * Only for a table read in part (Qcow2Metadata.readUncachedL2 with
-   * entries): the chunks read from the file, as a dirty-chunk mask. Only
-   * these may be marked dirty: the others hold whatever the buffer held.
-   */
-  readonly loadedChunks?: number;
 }
 
 /** Most chunks a table's dirtiness is kept in (one bit each of a 32-bit mask). */
