@@ -44,36 +44,48 @@ export interface ParseArgsOptions {
   /** Prefix for glibc-style messages (the program or command name). */
   program?: string;
   /**
-   * Long options the real program has and snapstack does not implement
-   * (default for the qemu-img style: UNIMPLEMENTED_QEMU_LONG_OPTIONS; none
-   * for the glibc style). They take part in prefix matching, as getopt_long
-   * sees them, and naming one is E_UNSUPPORTED_FEATURE, not an unrecognized
-   * option.
+   * Long options the real command has and snapstack does not implement
+   * (default for the qemu-img style: QEMU_UNIMPLEMENTED, what most qemu-img
+   * subcommands and qemu-io have; none for the glibc style). They take part
+   * in prefix matching, as getopt_long sees them, and their value is checked
+   * as it would be; only then is naming one E_UNSUPPORTED_FEATURE.
    */
-  unimplementedLong?: readonly string[];
+  unimplementedLong?: readonly UnimplementedOption[];
+}
+
+/** A long option of the qemu command that snapstack does not implement. */
+export interface UnimplementedOption {
+  long: string;
+  value: boolean;
 }
 
 /**
- * qemu-img's, qemu-io's and qemu-nbd's long options that snapstack does not
- * implement. Without them an abbreviation getopt_long refuses as ambiguous
- * would resolve to one of ours: `convert --target -n` would run as
- * --target-is-zero (and skip writing zeroes), `info --o=json` as --output.
+ * The long options most qemu-img subcommands (and qemu-io) have that
+ * snapstack does not implement. Without them an abbreviation getopt_long
+ * refuses as ambiguous would resolve to one of ours (`info --o=json` to
+ * --output). Commands with other sets pass their own: convert adds
+ * --target-image-opts (else `convert --target -n` ran as --target-is-zero
+ * and skipped writing zeroes), create has only --object, bench and dd only
+ * --image-opts; commands without a qemu counterpart pass NOT_QEMU.
  */
-export const UNIMPLEMENTED_QEMU_LONG_OPTIONS: readonly string[] = ["object", "image-opts", "target-image-opts"];
+export const QEMU_UNIMPLEMENTED: readonly UnimplementedOption[] = [
+  { long: "object", value: true },
+  { long: "image-opts", value: false },
+];
 
-/** Settings for commands that have no qemu counterpart (vm, serve, helper): no unimplemented options to know of. */
+/** Settings for commands that have no qemu counterpart (diff, restore, remove, stream, vm, serve, helper): no unimplemented options to know of. */
 export const NOT_QEMU: ParseArgsOptions = { unimplementedLong: [] };
 
 function usageError(message: string): SnapstackError {
   return new SnapstackError("E_USAGE", message);
 }
 
-/** The long option `name` names, exactly or as a unique prefix (getopt_long's rule): ours, or the name of one snapstack does not implement. */
-function findLong(specs: OptionSpec[], name: string, unimplemented: readonly string[]): OptionSpec | string | undefined {
-  const exact = specs.find((spec) => spec.long === name) ?? unimplemented.find((long) => long === name);
+/** The long option `name` names, exactly or as a unique prefix (getopt_long's rule): ours, or one snapstack does not implement. */
+function findLong(specs: OptionSpec[], name: string, unimplemented: readonly UnimplementedOption[]): OptionSpec | UnimplementedOption | undefined {
+  const exact = specs.find((spec) => spec.long === name) ?? unimplemented.find((option) => option.long === name);
   if (exact !== undefined) return exact;
   const prefixed = specs.filter((spec) => spec.long !== undefined && spec.long.startsWith(name));
-  const others = unimplemented.filter((long) => long.startsWith(name) && !specs.some((spec) => spec.long === long));
+  const others = unimplemented.filter((option) => option.long.startsWith(name) && !specs.some((spec) => spec.long === option.long));
   if (prefixed.length + others.length !== 1) return undefined;
   return prefixed[0] ?? others[0];
 }
@@ -82,7 +94,7 @@ function findLong(specs: OptionSpec[], name: string, unimplemented: readonly str
 export function parseArgs(argv: readonly string[], specs: OptionSpec[], settings: ParseArgsOptions = {}): ParsedArgs {
   const glibc = settings.style === "glibc";
   const program = settings.program ?? "snapstack";
-  const unimplemented = settings.unimplementedLong ?? (glibc ? [] : UNIMPLEMENTED_QEMU_LONG_OPTIONS);
+  const unimplemented = settings.unimplementedLong ?? (glibc ? [] : QEMU_UNIMPLEMENTED);
   const unrecognized = (word: string, char?: string): SnapstackError =>
     glibc
       ? usageError(char !== undefined ? `${program}: invalid option -- '${char}'` : `${program}: unrecognized option '${word}'`)
@@ -132,18 +144,21 @@ export function parseArgs(argv: readonly string[], specs: OptionSpec[], settings
       const name = equals >= 0 ? word.slice(2, equals) : word.slice(2);
       const spec = findLong(specs, name, unimplemented);
       if (spec === undefined) throw unrecognized(word);
-      if (typeof spec === "string") throw new SnapstackError("E_UNSUPPORTED_FEATURE", `option '--${spec}' is not supported by snapstack`);
+      let value: string | true;
       if (!spec.value) {
         if (equals >= 0) {
           throw usageError(glibc ? `${program}: option '--${spec.long}' doesn't allow an argument` : `unrecognized option '${word}'`);
         }
-        store(spec, true);
+        value = true;
       } else if (equals >= 0) {
-        store(spec, word.slice(equals + 1));
+        value = word.slice(equals + 1);
       } else {
         if (index >= argv.length) throw missing(word);
-        store(spec, argv[index++]);
+        value = argv[index++];
       }
+      // A usage error above is what qemu reports too; an option it would run is one snapstack cannot.
+      if (!("name" in spec)) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `option '--${spec.long}' is not supported by snapstack`);
+      store(spec, value);
       continue;
     }
     if (word.startsWith("-") && word.length > 1) {

@@ -68,6 +68,8 @@ test("E_USAGE: unknown options, missing arguments, unknown commands", async (t) 
   await refused(dir, ["img", "snapshot", "-l", "-l", "img.qcow2"], "E_USAGE", [path]);
   // An abbreviation qemu-img finds ambiguous (--target-image-opts, --target-is-zero) is refused, not taken as ours.
   await refused(dir, ["img", "convert", "--target", "-n", "-O", "qcow2", "img.qcow2", "img.qcow2"], "E_USAGE", [path]);
+  // A command without a qemu counterpart knows no qemu options: `diff --o` is its --output.
+  ok(await snapstack(["img", "diff", "--o=json", "img.qcow2", "img.qcow2"], { cwd: dir }), "diff --o=json");
   await refused(dir, ["img", "check", "-r", "some", "img.qcow2"], "E_USAGE", [path]);
   await refused(dir, ["img", "frobnicate", "img.qcow2"], "E_USAGE", [path]);
   await refused(dir, ["io", "-c", "frob 0 1", "img.qcow2"], "E_USAGE", [path]);
@@ -92,8 +94,8 @@ test("E_TOO_LARGE: sizes beyond qcow2's or snapstack's limits", async (t) => {
   const dir = scratchDir(t);
   const path = await image(t, dir);
   await refused(dir, ["img", "resize", "img.qcow2", "9P"], "E_TOO_LARGE", [path]);
-  // Relative, past the limit only with the image's own size added.
-  await refused(dir, ["img", "resize", "img.qcow2", `+${2 ** 53 - 1000}`], "E_TOO_LARGE", [path]);
+  // Relative, past the limit only with the image's own size added (a multiple of 512, as qemu-img requires).
+  await refused(dir, ["img", "resize", "img.qcow2", `+${2 ** 53 - 512 * 1024}`], "E_TOO_LARGE", [path]);
   await refused(dir, ["img", "create", "-f", "qcow2", "big.qcow2", "3P"], "E_TOO_LARGE", []);
 });
 

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { parseArgs, type OptionSpec } from "../../src/cli/args.ts";
+import { NOT_QEMU, QEMU_UNIMPLEMENTED, parseArgs, type OptionSpec } from "../../src/cli/args.ts";
 import { SnapstackError } from "../../src/base/errors.ts";
 
 const SPECS: OptionSpec[] = [
@@ -51,25 +51,37 @@ test("long options with = or a separate value, and unique prefixes", () => {
   assert.equal(parseArgs(["--output="], SPECS).options.output, "");
 });
 
-test("qemu's long options that snapstack lacks still make abbreviations ambiguous, and naming one is E_UNSUPPORTED_FEATURE", () => {
+test("qemu's long options that snapstack lacks still make abbreviations ambiguous, take their values as qemu's do, and naming one is E_UNSUPPORTED_FEATURE", () => {
   const convertSpecs: OptionSpec[] = [...SPECS, { name: "targetIsZero", long: "target-is-zero" }];
+  const convert = { unimplementedLong: [...QEMU_UNIMPLEMENTED, { long: "target-image-opts", value: false }] };
   // qemu-img convert refuses --target (--target-image-opts or --target-is-zero?): it must not run as --target-is-zero.
-  assert.equal(usageMessage(() => parseArgs(["--target", "-n"], convertSpecs)), "unrecognized option '--target'");
+  assert.equal(usageMessage(() => parseArgs(["--target", "-n"], convertSpecs, convert)), "unrecognized option '--target'");
+  assert.equal(parseArgs(["--target-is"], convertSpecs, convert).options.targetIsZero, true);
+  // The default set (most qemu-img subcommands): --object and --image-opts.
   assert.equal(usageMessage(() => parseArgs(["--o=json"], SPECS)), "unrecognized option '--o=json'");
-  assert.equal(parseArgs(["--target-is"], convertSpecs).options.targetIsZero, true);
   assert.equal(parseArgs(["--ou=json"], SPECS).options.output, "json");
-  for (const word of ["--image-opts", "--image", "--object=secret,id=s", "--target-image-opts"]) {
+  for (const [words, settings] of [
+    [["--image-opts"], undefined],
+    [["--image"], undefined],
+    [["--object=secret,id=s"], undefined],
+    [["--obj", "secret,id=s"], undefined],
+    [["--target-image-opts"], convert],
+  ] as const) {
     assert.throws(
-      () => parseArgs([word, "x"], convertSpecs),
+      () => parseArgs([...words, "x"], convertSpecs, settings),
       (error: unknown) => error instanceof SnapstackError && error.code === "E_UNSUPPORTED_FEATURE" && /^option '--(image-opts|object|target-image-opts)' is not supported by snapstack$/.test(error.message),
-      word,
+      words.join(" "),
     );
   }
+  // What qemu itself refuses stays a usage error: a value for a flag, a missing value, a name this command lacks.
+  assert.equal(usageMessage(() => parseArgs(["--image-opts=1", "x"], SPECS)), "unrecognized option '--image-opts=1'");
+  assert.equal(usageMessage(() => parseArgs(["x", "--object"], SPECS)), "missing argument for option '--object'");
+  assert.equal(usageMessage(() => parseArgs(["--target-image-opts"], convertSpecs)), "unrecognized option '--target-image-opts'");
   // One a command implements (qemu-nbd's --object) is that command's own, abbreviated too.
   const nbdSpecs: OptionSpec[] = [...SPECS, { name: "object", long: "object", value: true, repeat: "list" }];
   assert.deepEqual(parseArgs(["--obj", "tls-creds-x509,id=t,dir=d"], nbdSpecs).options.object, ["tls-creds-x509,id=t,dir=d"]);
   // Commands without a qemu counterpart, and qemu-io's inner commands (glibc style), know of none.
-  assert.equal(parseArgs(["--o=json"], SPECS, { unimplementedLong: [] }).options.output, "json");
+  assert.equal(parseArgs(["--o=json"], SPECS, NOT_QEMU).options.output, "json");
   assert.equal(usageMessage(() => parseArgs(["--image-opts"], SPECS, { style: "glibc", program: "read" })), "read: unrecognized option '--image-opts'");
 });
 

@@ -4,11 +4,14 @@
  */
 import { SnapstackError } from "../../base/errors.ts";
 import { parseSize } from "../../base/units.ts";
-import { optionFlag, optionString, parseArgs } from "../args.ts";
+import { QEMU_UNIMPLEMENTED, optionFlag, optionString, parseArgs, type ParseArgsOptions } from "../args.ts";
 import { checkCacheOptions, createProgress, parseRateLimit } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { checkCreateOptions, formatOptionHelp, isHelpRequest, parseOptionList } from "../create-options.ts";
 import { convertImage } from "../engine.ts";
+
+/** qemu-img convert's long options snapstack lacks: the usual ones and --target-image-opts (`--target` stays ambiguous, as in qemu-img, instead of meaning --target-is-zero). */
+const CONVERT_SETTINGS: ParseArgsOptions = { unimplementedLong: [...QEMU_UNIMPLEMENTED, { long: "target-image-opts", value: false }] };
 import { openSource, parseSnapshotParam } from "../snapshot-source.ts";
 
 /** qemu-img's MAX_BUF_SECTORS * 512: the largest -S. */
@@ -88,7 +91,7 @@ export const convertCommand: CliCommand = {
       { name: "bitmaps", long: "bitmaps" },
       { name: "skipBrokenBitmaps", long: "skip-broken-bitmaps" },
       { name: "salvage", long: "salvage" },
-    ]);
+    ], CONVERT_SETTINGS);
     checkCacheOptions(parsed);
     checkCoroutines(optionString(parsed, "parallel"));
     const rateLimitBytesPerSecond = parseRateLimit(optionString(parsed, "rate"));

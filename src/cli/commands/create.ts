@@ -33,7 +33,7 @@ export const createCommand: CliCommand = {
       { name: "unsafe", short: "u" },
       { name: "options", short: "o", value: true, repeat: "comma" },
       { name: "quiet", short: "q" },
-    ]);
+    ], { unimplementedLong: [{ long: "object", value: true }] });
     const format = optionString(parsed, "format") ?? "raw";
     const entries = parseOptionList(optionString(parsed, "options") ?? "");
     const filename = parsed.positionals[0];

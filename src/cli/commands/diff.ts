@@ -9,7 +9,7 @@
  * holding the differing clusters with TO's content.
  */
 import { SnapstackError } from "../../base/errors.ts";
-import { optionFlag, optionString, parseArgs } from "../args.ts";
+import { NOT_QEMU, optionFlag, optionString, parseArgs } from "../args.ts";
 import { createProgress, expectPositionals, parseOutputFormat } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { formatMapJson } from "../../chain/map-image.ts";
@@ -50,7 +50,7 @@ export const diffCommand: CliCommand = {
       { name: "export", long: "export", value: true },
       { name: "progress", short: "p" },
       { name: "quiet", short: "q" },
-    ]);
+    ], NOT_QEMU);
     const output = parseOutputFormat(optionString(parsed, "output"));
     expectPositionals(parsed.positionals, 2, 2, "Expecting two disk states (FROM and TO)");
     const quiet = optionFlag(parsed, "quiet");

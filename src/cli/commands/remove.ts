@@ -5,7 +5,7 @@
  * --search directory) uses it as backing file; --wipe overwrites its data
  * with zeroes and flushes before unlinking.
  */
-import { optionFlag, optionList, parseArgs } from "../args.ts";
+import { NOT_QEMU, optionFlag, optionList, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { removeImage } from "../../chain/jobs/index.ts";
@@ -24,7 +24,7 @@ export const removeCommand: CliCommand = {
       { name: "wipe", long: "wipe" },
       { name: "search", long: "search", value: true, repeat: "list" },
       { name: "quiet", short: "q" },
-    ]);
+    ], NOT_QEMU);
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     const wipe = optionFlag(parsed, "wipe");
     const result = await removeImage(parsed.positionals[0], { wipe, searchDirectories: optionList(parsed, "search") });

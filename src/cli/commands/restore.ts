@@ -6,7 +6,7 @@
  * holds now) and SOURCE when --from is given, else between TARGET's data
  * and SOURCE's. Reports the bytes written.
  */
-import { optionFlag, optionString, parseArgs } from "../args.ts";
+import { NOT_QEMU, optionFlag, optionString, parseArgs } from "../args.ts";
 import { createProgress, expectPositionals } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { restoreImage } from "../../chain/jobs/index.ts";
@@ -29,7 +29,7 @@ export const restoreCommand: CliCommand = {
       { name: "from", long: "from", value: true },
       { name: "progress", short: "p" },
       { name: "quiet", short: "q" },
-    ]);
+    ], NOT_QEMU);
     expectPositionals(parsed.positionals, 2, 2, "Expecting source and target");
     const quiet = optionFlag(parsed, "quiet");
     const progress = createProgress(context, optionFlag(parsed, "progress") && !quiet);

@@ -6,7 +6,7 @@
  * whole chain, and the backing file is removed). Prints nothing on
  * success, like rebase.
  */
-import { optionFlag, optionString, parseArgs } from "../args.ts";
+import { NOT_QEMU, optionFlag, optionString, parseArgs } from "../args.ts";
 import { createProgress, expectPositionals } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { streamImage } from "../../chain/jobs/index.ts";
@@ -27,7 +27,7 @@ export const streamCommand: CliCommand = {
       { name: "base", short: "b", long: "base", value: true },
       { name: "progress", short: "p" },
       { name: "quiet", short: "q" },
-    ]);
+    ], NOT_QEMU);
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     const quiet = optionFlag(parsed, "quiet");
     const progress = createProgress(context, optionFlag(parsed, "progress") && !quiet);
