@@ -114,12 +114,12 @@ function parseRawPreallocation(path: string, value: string): RawPreallocation {
   throw new SnapstackError("E_INVALID_OPTION", `${path}: Unsupported preallocation mode: ${value}`, { path });
 }
 
-/** Open the backing image alone to check it and learn its size; shared with a writer, as qemu-img create opens it (an overlay over an image in use is a live snapshot's first step). */
+/** Open the backing image alone, for its metadata (qemu-img opens it without I/O), to check it and learn its size; shared with a writer, as qemu-img create opens it (an overlay over an image in use is a live snapshot's first step). */
 async function backingSize(path: string, backingFile: string, backingFormat: string, openFile: OpenImageFile | undefined): Promise<number> {
   const backingPath = resolveBackingPath(path, backingFile);
   let device;
   try {
-    device = await openImage(backingPath, { format: parseImageFormat(backingFormat), readOnly: true, openBacking: false, forceShare: true, openFile });
+    device = await openImage(backingPath, { format: parseImageFormat(backingFormat), readOnly: true, openBacking: false, forceShare: true, openFile, metadataOnly: true });
   } catch (error) {
     if (!isSnapstackError(error)) throw error;
     const code = error.code === "E_NOT_FOUND" ? "E_BACKING_MISSING" : error.code;

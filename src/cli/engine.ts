@@ -28,12 +28,14 @@ export interface OpenImageOptions {
   locks?: false | TopLockContext;
   /** The top image's cache mode ("unsafe": flushes do nothing). */
   cache?: NodeFileCacheMode;
+  /** Read-only, for its metadata only (src/chain/open-image.ts): what qemu opens without I/O. */
+  metadataOnly?: boolean;
 }
 
 /** Open an image and its backing chain (src/chain/open-image.ts). */
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<BlockDevice> {
   const format = options.format === undefined ? undefined : parseImageFormat(options.format);
-  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode, writeIoMode: options.writeIoMode, forceShare: options.forceShare, locks: options.locks, cache: options.cache });
+  return openChain(path, { format, readOnly: options.readOnly, openBacking: options.openBacking, ioMode: options.ioMode, writeIoMode: options.writeIoMode, forceShare: options.forceShare, locks: options.locks, cache: options.cache, metadataOnly: options.metadataOnly });
 }
 
 export {

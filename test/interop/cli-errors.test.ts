@@ -208,6 +208,12 @@ test("E_BAD_HEADER: truncated and garbled qcow2 headers", async (t) => {
   for (const args of [["img", "check", "raw-bit.qcow2"], ["img", "snapshot", "-c", "s", "raw-bit.qcow2"], ["img", "resize", "raw-bit.qcow2", "2M"]]) {
     await refused(dir, args, "E_BAD_HEADER", [join(dir, "raw-bit.qcow2")]);
   }
+  // What qemu-img opens without I/O, it shows: info, and create -b reading the size.
+  const before = snapshotFiles([join(dir, "raw-bit.qcow2")]);
+  ok(await qemuImg(["info", "raw-bit.qcow2"], dir), "qemu-img info");
+  ok(await snapstack(["img", "info", "raw-bit.qcow2"], { cwd: dir }), "info");
+  ok(await snapstack(["img", "create", "-q", "-f", "qcow2", "-b", "raw-bit.qcow2", "-F", "qcow2", "over.qcow2"], { cwd: dir }), "create -b");
+  assertUnchanged(before);
 });
 
 test("E_UNSUPPORTED_FEATURE: an unknown incompatible feature bit", async (t) => {
@@ -233,6 +239,25 @@ test("E_CORRUPT_IMAGE: snapshot -c where a corrupt refcount table makes live met
   const ours = await snapstack(["img", "snapshot", "-c", "s", "img.qcow2"], { cwd: dir });
   assertCodedError(ours, "E_CORRUPT_IMAGE", 1);
   assert.ok(readFileSync(path).equals(readFileSync(join(dir, "theirs.qcow2"))), "the same bytes as qemu-img's file: the corrupt bit set, nothing overwritten");
+});
+
+test("E_CORRUPT_IMAGE: snapshot -c over an L2 table in use whose refcount is 0 is refused before the snapshot exists, as qemu-img refuses it", async (t) => {
+  if (!requireTools(t, "qemu-img", "qemu-io")) return;
+  const dir = scratchDir(t);
+  const path = join(dir, "img.qcow2");
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "img.qcow2", "4M"], dir), "create");
+  ok(await qemuIo(["-c", "write -q -P 1 0 1M", "img.qcow2"], dir), "write");
+  ok(await qemuImg(["snapshot", "-c", "first", "img.qcow2"], dir), "snapshot");
+  ok(await qemuIo(["-c", "write -q -P 2 0 512k", "img.qcow2"], dir), "rewrite: the active L2 table is copied, refcount 1");
+  const clusterBytes = 4096n;
+  const l2Offset = peekU64(path, Number(peekU64(path, HEADER_L1_TABLE_OFFSET))) & 0x00fffffffffffe00n;
+  const refblock = peekU64(path, Number(peekU64(path, HEADER_REFCOUNT_TABLE_OFFSET)));
+  poke(path, Number(refblock + (l2Offset / clusterBytes) * 2n), Uint8Array.of(0, 0)); // 16-bit refcount 0
+  copyFileSync(path, join(dir, "theirs.qcow2"));
+  assert.equal((await qemuImg(["snapshot", "-c", "two", "theirs.qcow2"], dir)).code, 1, "qemu-img refuses");
+  assertCodedError(await snapstack(["img", "snapshot", "-c", "two", "img.qcow2"], { cwd: dir }), "E_CORRUPT_IMAGE", 1);
+  const list = ok(await qemuImg(["snapshot", "-l", "-U", "img.qcow2"], dir), "list").stdout;
+  assert.ok(list.includes("first") && !list.includes("two"), list);
 });
 
 test("E_CORRUPT_IMAGE: an L1 entry pointing at an unaligned L2 table", async (t) => {

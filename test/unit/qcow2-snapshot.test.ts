@@ -808,18 +808,36 @@ test("refcount changes over a range go a run at a time and stop where one would 
   await image.close();
 });
 
-test("a raise over a run that holds a freed cluster waiting for its punch takes that cluster out of the pending punches", async () => {
+test("a raise over a run that holds freed clusters waiting for their punch takes them out of the pending punches", async () => {
   const { image } = await fresh();
   const meta = image.metadata;
   const cs = meta.clusterSizeBytes;
   await image.write(0, new Uint8Array(4 * cs).fill(0x42));
   const first = Number((await meta.getL2(getL1Entry(meta.l1, 0).l2Offset)).view.getBigUint64(0) & 0x00fffffffffffe00n);
   await meta.whileFreeing({}, async () => {
-    await meta.freeClusters(first + cs, cs);
-    assert.equal(meta.discardsPending, 1, "the freed cluster waits for its punch");
-    await meta.increaseRefcounts(first, 4 * cs);
-    assert.equal(meta.discardsPending, 0, "raised again: no punch for it");
+    await meta.freeClusters(first + cs, 2 * cs);
+    assert.equal(meta.discardsPending, 2, "the freed clusters wait for their punch");
+    assert.equal(await meta.allocClustersAt(first + cs, 2), 2, "allocated again, as one run");
+    assert.equal(meta.discardsPending, 0, "in use again: no punch for them");
   });
-  assert.deepEqual(await Promise.all([0, 1, 2, 3].map((i) => meta.getRefcount(first / cs + i))), [2, 1, 2, 2]);
+  assert.deepEqual(await Promise.all([0, 1, 2, 3].map((i) => meta.getRefcount(first / cs + i))), [1, 1, 1, 1]);
+  await image.close();
+});
+
+test("a snapshot's raise over a cluster in use whose refcount is 0 (a corrupt image) is refused, nothing of the run changed", async () => {
+  const { image } = await fresh();
+  const meta = image.metadata;
+  const cs = meta.clusterSizeBytes;
+  await image.write(0, new Uint8Array(4 * cs).fill(0x42));
+  const first = Number((await meta.getL2(getL1Entry(meta.l1, 0).l2Offset)).view.getBigUint64(0) & 0x00fffffffffffe00n);
+  // The third data cluster counted as free, as a damaged refcount block would say.
+  await meta.freeClusters(first + 2 * cs, cs);
+  await assert.rejects(meta.increaseRefcounts(first, 4 * cs), (error: unknown) => isSnapstackError(error) && error.code === "E_CORRUPT_IMAGE" && /is in use but its refcount is 0/.test(error.message));
+  assert.deepEqual(await Promise.all([0, 1, 2, 3].map((i) => meta.getRefcount(first / cs + i))), [1, 1, 0, 1], "the raises before it undone");
+  // Past every refcount block: no block is placed for it.
+  const blocksBefore = meta.reftable.filter((offset) => offset !== 0).length;
+  const beyond = meta.geometry.refcountBlockEntries * meta.reftable.length * cs;
+  await assert.rejects(meta.increaseRefcounts(beyond, cs), /no refcount block covers it/);
+  assert.equal(meta.reftable.filter((offset) => offset !== 0).length, blocksBefore);
   await image.close();
 });

@@ -74,7 +74,8 @@ export const createCommand: CliCommand = {
       // The size comes from the backing file, named relative to the new image.
       const backingPath = resolveBackingPath(filename, backing);
       // Shared with a writer, as qemu-img create opens it: an overlay over an image in use is a live snapshot's first step.
-      const backingDevice = await openImage(backingPath, { format: backingFormat, readOnly: true, openBacking: false, forceShare: true }).catch((error: unknown) => {
+      // Only its size is read (qemu-img opens it without I/O).
+      const backingDevice = await openImage(backingPath, { format: backingFormat, readOnly: true, openBacking: false, forceShare: true, metadataOnly: true }).catch((error: unknown) => {
         if (!(error instanceof SnapstackError) || error.code !== "E_NOT_FOUND") throw error;
         throw new SnapstackError("E_BACKING_MISSING", `${filename}: ${error.message}; Could not open backing image.`, { backingFile: backing });
       });

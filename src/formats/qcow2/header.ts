@@ -312,10 +312,6 @@ export function decodeQcow2Header(bytes: Uint8Array): Qcow2Header {
   if (header.cryptMethod > CRYPT_LUKS) {
     throw badHeader(`Unsupported encryption method: ${header.cryptMethod}`);
   }
-  if ((header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n && (header.incompatibleFeatures & INCOMPAT_DATA_FILE) === 0n) {
-    // Raw external data without an external data file: a write would otherwise clear the bit as one it does not keep.
-    throw badHeader("data-file-raw requires a data file");
-  }
   if (header.backingFileOffset !== 0) {
     if (header.backingFileSizeBytes > BACKING_FILE_NAME_BYTES_MAX || header.backingFileSizeBytes > clusterSizeBytes - header.backingFileOffset) {
       throw badHeader("Backing file name too long");
@@ -325,6 +321,18 @@ export function decodeQcow2Header(bytes: Uint8Array): Qcow2Header {
     if (name !== "") header.backingFileName = name;
   }
   return header;
+}
+
+/**
+ * The refusal of an image whose autoclear bit data-file-raw is set without an
+ * external data file, or null. qcow2_do_open refuses such an image when it
+ * opens it for I/O (Debian's 7.2 still shows it with `info`, an open
+ * without I/O); snapstack would otherwise clear the bit at the first write,
+ * as it clears autoclear bits it does not keep.
+ */
+export function dataFileRawRefusal(header: Qcow2Header, where: string): SnapstackError | null {
+  if ((header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) === 0n || (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) return null;
+  return new SnapstackError("E_BAD_HEADER", `${where}: data-file-raw requires a data file`);
 }
 
 function decodeExtensions(cluster: Uint8Array, header: Qcow2Header, clusterSizeBytes: number): void {

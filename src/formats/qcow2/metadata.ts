@@ -655,9 +655,11 @@ export class Qcow2Metadata {
    * update_refcount: add or subtract `addend` for every cluster touching
    * [hostOffset, hostOffset + lengthBytes). Returns AGAIN when a refcount
    * block had to be allocated (changes made are rolled back; the caller
-   * searches for free space again).
+   * searches for free space again). `referenced`: the clusters are in use
+   * (a snapshot's raise): one whose refcount is 0 is corruption, refused
+   * before anything of the range is changed, not counted as newly in use.
    */
-  async #updateRefcount(hostOffset: number, lengthBytes: number, addend: number, decrease: boolean): Promise<typeof AGAIN | undefined> {
+  async #updateRefcount(hostOffset: number, lengthBytes: number, addend: number, decrease: boolean, referenced = false): Promise<typeof AGAIN | undefined> {
     if (lengthBytes <= 0) return undefined;
     // No await when nothing is to be written first (a pass over a tree calls this per range).
     if (decrease) {
@@ -676,17 +678,19 @@ export class Qcow2Metadata {
     // Changes that leave a refcount in [1, max] go a run at a time (changeRefcountRun); a raise has
     // other effects only on a freed cluster waiting to be wiped or punched, so while any waits, a run
     // stops at every free one. The rest, one at a time.
-    const minOld = !decrease && (this.#wipePending.size > 0 || this.#discardPending.size > 0) ? 1 : 0;
+    const minOld = !decrease && (referenced || this.#wipePending.size > 0 || this.#discardPending.size > 0) ? 1 : 0;
     const order = this.geometry.refcountOrder;
     try {
       for (; clusterOffset <= last; clusterOffset += cs) {
         let clusterIndex = clusterOffset / cs;
         const tableIndex = Math.floor(clusterIndex / entries);
         if (tableIndex !== oldTableIndex || block === null) {
-          if (decrease && this.#refblockOffset(clusterIndex) === 0) {
+          if ((decrease || referenced) && this.#refblockOffset(clusterIndex) === 0) {
             // No refcount block: the refcount is 0 and cannot drop (a reference to a cluster
             // nothing counts, e.g. past the end); never place refcount structures for it.
-            failure = corruption(`refcount of host cluster ${clusterIndex} would drop below zero (no refcount block covers it)`, { hostOffset: clusterOffset });
+            failure = decrease
+              ? corruption(`refcount of host cluster ${clusterIndex} would drop below zero (no refcount block covers it)`, { hostOffset: clusterOffset })
+              : corruption(`host cluster ${clusterIndex} is in use but no refcount block covers it`, { hostOffset: clusterOffset });
             break;
           }
           const cachedOffset = this.#refblockOffset(clusterIndex);
@@ -716,6 +720,10 @@ export class Qcow2Metadata {
         clusterIndex += changed;
         blockIndex += changed;
         let refcount = getRefcount(block.bytes, blockIndex, this.geometry.refcountOrder);
+        if (referenced && refcount === 0) {
+          failure = corruption(`host cluster ${clusterIndex} is in use but its refcount is 0`, { hostOffset: clusterOffset });
+          break;
+        }
         if (decrease ? refcount < addend : refcount + addend > this.geometry.refcountMax) {
           failure = this.#refcountOutOfRange(clusterIndex, decrease);
           break;
@@ -954,7 +962,9 @@ export class Qcow2Metadata {
    * reaches the disk only after the raised refcounts.
    */
   async increaseRefcounts(hostOffset: number, lengthBytes: number): Promise<void> {
-    while ((await this.#updateRefcount(hostOffset, lengthBytes, 1, false)) === AGAIN) {
+    // The clusters are in use: a refcount of 0 is corruption (raising it would hide it, and a
+    // table counted once would keep COPIED and be changed in place under the snapshot).
+    while ((await this.#updateRefcount(hostOffset, lengthBytes, 1, false, true)) === AGAIN) {
       // a refcount block was placed: search again
     }
     if (!this.#l2DependsOnRefblocks) await this.#setL2DependsOnRefblocks();

@@ -70,6 +70,7 @@ import {
   INCOMPAT_DATA_FILE,
   INCOMPAT_DIRTY,
   QCOW2_HEADER_PROBE_BYTES,
+  dataFileRawRefusal,
   decodeQcow2ClusterBits,
   decodeQcow2Header,
   encodeQcow2Header,
@@ -230,7 +231,7 @@ export async function openQcow2(file: ImageFile, options: OpenQcow2Options): Pro
   const fileSizeBytes = await file.sizeBytes();
   const clusterSizeBytes = 2 ** header.clusterBits;
   const where = file.name;
-  const dataRefusal = unreadableDataRefusal(header, where);
+  const dataRefusal = unreadableDataRefusal(header, where) ?? dataFileRawRefusal(header, where);
   if (dataRefusal !== null && !(options.metadataOnly === true && options.readOnly)) throw dataRefusal;
   if (header.incompatibleFeatures & INCOMPAT_CORRUPT && !options.readOnly) {
     throw new SnapstackError("E_IMAGE_MARKED_CORRUPT", "qcow2: Image is corrupt; cannot be opened read/write");
