@@ -657,7 +657,7 @@ export class Qcow2Metadata {
    * block had to be allocated (changes made are rolled back; the caller
    * searches for free space again). `referenced`: the clusters are in use
    * (a snapshot's raise): one whose refcount is 0 is corruption, refused
-   * before anything of the range is changed, not counted as newly in use.
+   * (what the call changed before it is undone), not counted as newly in use.
    */
   async #updateRefcount(hostOffset: number, lengthBytes: number, addend: number, decrease: boolean, referenced = false): Promise<typeof AGAIN | undefined> {
     if (lengthBytes <= 0) return undefined;
