@@ -789,9 +789,7 @@ export async function createSnapshot(image: Qcow2Image, name: string, options: C
       if (meta.header.snapshotCount === snapshots.length && !(typeof error === "object" && error !== null && headerSwitchMayHaveLanded.has(error))) {
         try {
           await undoRaises(meta, journal);
-          // Not where the overlap check refused to write it: those clusters hold live metadata.
-          const refusedThere = error instanceof SnapstackError && error.details.structure !== undefined && error.details.hostOffset === snapshot.l1TableOffset;
-          if (snapshot.l1TableOffset !== 0 && !refusedThere) await meta.freeClusters(snapshot.l1TableOffset, l1Entries * L1_ENTRY_BYTES);
+          if (snapshot.l1TableOffset !== 0) await meta.freeClusters(snapshot.l1TableOffset, l1Entries * L1_ENTRY_BYTES);
           await rebuildActiveCopied(meta);
           await meta.writeCaches();
         } catch {
