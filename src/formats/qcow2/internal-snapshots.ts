@@ -790,7 +790,8 @@ export async function createSnapshot(image: Qcow2Image, name: string, options: C
         try {
           await undoRaises(meta, journal);
           if (snapshot.l1TableOffset !== 0) await meta.freeClusters(snapshot.l1TableOffset, l1Entries * L1_ENTRY_BYTES);
-          await rebuildActiveCopied(meta);
+          // On corruption the refcounts cannot be trusted: COPIED is not recomputed from them (QEMU writes nothing more).
+          if (!(error instanceof SnapstackError && error.code === "E_CORRUPT_IMAGE")) await rebuildActiveCopied(meta);
           await meta.writeCaches();
         } catch {
           // Best effort: what is left is leaked clusters, never a wrong reference.
