@@ -29,6 +29,7 @@
  */
 import { SnapstackError, assert } from "../../base/errors.ts";
 import { readSkippingHoles, writeZeroBytes, type ImageFile } from "../../io/file.ts";
+import { isAllZero } from "../../io/io-buffer.ts";
 import { INCOMPAT_EXTL2, encodeQcow2Header, type Qcow2Header } from "./header.ts";
 import { compressedStreamBytes } from "./compression.ts";
 import { COMPRESSED_SECTOR_BYTES, HI_OFFSET_UNSAFE, compressedReadBytes, L1_ENTRY_BYTES, LO_OFFSET_MASK, TWO_POW_32, getL1EntryOffset, l2EntryBytes, setL1Entry, type L2Entry } from "./entries.ts";
@@ -1227,9 +1228,12 @@ export class Qcow2Metadata {
       if (blockOffset === 0) continue;
       const block = this.refblockCache.peek(blockOffset) ?? (await this.refblockCache.get(blockOffset));
       const countsItself = Math.floor(blockOffset / cs / entries) === tableIndex;
-      const ownIndex = countsItself ? (blockOffset / cs) % entries : -1;
-      let unused = true;
-      for (let i = 0; i < entries && unused; i++) if (i !== ownIndex && getRefcount(block.bytes, i, order) !== 0) unused = false;
+      // As QEMU: the block's own count set aside for the test (restored before any await).
+      const ownIndex = (blockOffset / cs) % entries;
+      const ownRefcount = countsItself ? getRefcount(block.bytes, ownIndex, order) : 0;
+      if (countsItself) setRefcount(block.bytes, ownIndex, order, 0);
+      const unused = isAllZero(block.bytes);
+      if (countsItself) setRefcount(block.bytes, ownIndex, order, ownRefcount);
       if (unused) dropped.push({ tableIndex, blockOffset, countsItself });
     }
     if (dropped.length === 0) return;
