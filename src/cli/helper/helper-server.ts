@@ -263,6 +263,9 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
     socket.on("close", onGone);
   });
 
+  /** Files open before the next command (undefined: not counted yet; null: cannot be counted). */
+  let filesBefore: number | null | undefined;
+
   async function runOne(item: Queued): Promise<void> {
     const { socket, request } = item;
     const stamp = options.codeStamp();
@@ -277,7 +280,9 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
       refuse(socket, `cannot enter ${request.cwd}: ${(error as Error).message}`);
       return;
     }
-    const filesBefore = openFileCount();
+    // The count after the last command is the count before this one (nothing opens files between
+    // commands; clients' sockets are not counted): one /proc scan per command, not two.
+    if (filesBefore === undefined) filesBefore = openFileCount();
     const previousUmask = process.umask(request.umask);
     const previousTimeZone = setTimeZone(request.env.TZ);
     running = item;
@@ -312,6 +317,7 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
     if (filesBefore !== null && filesAfter !== null && filesAfter > filesBefore) {
       void stop(`'${request.argv.slice(0, 2).join(" ")}' left ${filesAfter - filesBefore} more files open than before it ran; stopping releases them and their image locks`);
     }
+    filesBefore = filesAfter;
   }
 
   let pumping = false;
