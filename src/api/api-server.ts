@@ -29,10 +29,11 @@
  * status from HTTP_STATUS (one table for the boundary).
  */
 import http from "node:http";
-import { chmodSync, rmSync } from "node:fs";
+import { rmSync } from "node:fs";
 import { timingSafeEqual } from "node:crypto";
 import { SnapstackError, isSnapstackError, type ErrorCode } from "../base/errors.ts";
 import type { JobProgress } from "../chain/jobs/index.ts";
+import { listenUnixSocket } from "../io/unix-listen.ts";
 import type { MachineManager } from "../vm/manager/machine-manager.ts";
 
 /** Largest request body accepted. */
@@ -284,20 +285,17 @@ export class ApiServer {
     return http.createServer((request, response) => void this.#handle(request, response, needsToken));
   }
 
-  /** Listen on a Unix socket readable only by this user. */
+  /** Listen on a Unix socket only this user may connect to (a dead daemon's socket file is replaced). */
   async listenUnix(path: string): Promise<void> {
-    rmSync(path, { force: true });
     const server = this.#createServer(false);
-    const previous = process.umask(0o177);
-    try {
-      await new Promise<void>((resolve, reject) => {
-        server.once("error", reject);
-        server.listen(path, () => resolve());
-      });
-    } finally {
-      process.umask(previous);
-    }
-    chmodSync(path, 0o600);
+    await listenUnixSocket(server, path, {
+      ownerOnly: true,
+      refusal: (failure, error) => {
+        if (failure === "in-use") return new SnapstackError("E_IN_USE", `a snapstack daemon already listens on ${path}`, { path });
+        if (failure === "not-socket") return new SnapstackError("E_EXISTS", `${path} exists and is not a socket`, { path });
+        return new SnapstackError("E_IO", `cannot listen on ${path}: ${error.message}`, { path });
+      },
+    });
     this.#servers.push({ server, path });
   }
 

@@ -29,9 +29,9 @@
  */
 import { EventEmitter } from "node:events";
 import net from "node:net";
-import { lstatSync, readFileSync, rmSync } from "node:fs";
-import { resolve as resolvePath } from "node:path";
+import { rmSync } from "node:fs";
 import { SnapstackError } from "../base/errors.ts";
+import { listenUnixSocket } from "../io/unix-listen.ts";
 import { connectionLimits, NbdConnection, type ConnectionEnv, type ConnectionLimits, type TransmissionHandoff } from "./nbd-connection.ts";
 import type { NbdExport } from "./nbd-export.ts";
 import type { TlsCredentials } from "./tls-credentials.ts";
@@ -41,42 +41,6 @@ import { CONNECTIONS_HARD_MAX, PENDING_CONNECTIONS_MAX } from "./protocol.ts";
 
 /** Bytes a waiting connection may send before its greeting; more closes it. */
 const PENDING_EARLY_BYTES_MAX = 64 * 1024;
-
-/** /proc/net/unix's flag of a listening socket. */
-const SO_ACCEPTCON = 0x10000;
-
-/** The path is a Unix socket file (not a regular file someone named by mistake). */
-function isSocketFile(path: string): boolean {
-  try {
-    return lstatSync(path).isSocket();
-  } catch {
-    return false;
-  }
-}
-
-/**
- * Whether some process listens on the Unix socket at `path`, from the
- * kernel's table (/proc/net/unix: flag __SO_ACCEPTCON, the path as it was
- * bound), without connecting: a probe connection would count as a client,
- * and a server without -t exits when its last client leaves. Unknown (no
- * /proc): true, so nothing is removed.
- */
-function someoneListens(path: string): boolean {
-  let table: string;
-  try {
-    table = readFileSync("/proc/net/unix", "utf8");
-  } catch {
-    return true;
-  }
-  const wanted = resolvePath(path);
-  for (const line of table.split("\n").slice(1)) {
-    const fields = line.trim().split(/\s+/);
-    if (fields.length < 8 || (parseInt(fields[3], 16) & SO_ACCEPTCON) === 0) continue;
-    const bound = fields.slice(7).join(" ");
-    if (bound === path || resolvePath(bound) === wanted) return true;
-  }
-  return false;
-}
 
 /** What the server needs of a DataWorkerPool. */
 export type DataWorkers = Pick<DataWorkerPool, "canTake" | "handOff" | "shutdownConnections">;
@@ -175,35 +139,24 @@ export class NbdServer extends EventEmitter<NbdServerEvents> {
    * (E_EXISTS), where qemu-nbd would take its path.
    */
   async listen(address: NbdListenAddress): Promise<net.AddressInfo | string> {
-    try {
-      return await this.#listenOnce(address);
-    } catch (error) {
-      if (!("path" in address) || !(error instanceof SnapstackError) || error.details.errno !== "EADDRINUSE") throw error;
-      if (!isSocketFile(address.path) || someoneListens(address.path)) throw error;
-      rmSync(address.path, { force: true });
-      return this.#listenOnce(address);
-    }
-  }
-
-  #listenOnce(address: NbdListenAddress): Promise<net.AddressInfo | string> {
-    if (this.#closing) return Promise.reject(new SnapstackError("E_USAGE", "the server is closed"));
+    if (this.#closing) throw new SnapstackError("E_USAGE", "the server is closed");
     const server = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (socket) => this.acceptSocket(socket));
     const path = "path" in address ? address.path : null;
-    return new Promise((resolve, reject) => {
-      const onError = (error: NodeJS.ErrnoException): void => {
-        const where = path ?? `${(address as { host: string }).host}:${(address as { port: number }).port}`;
-        reject(new SnapstackError(error.code === "EADDRINUSE" ? "E_EXISTS" : "E_IO", `cannot listen on ${where}: ${error.message}`, { errno: error.code }));
-      };
-      server.once("error", onError);
-      const ready = (): void => {
-        server.off("error", onError);
-        server.on("error", (error) => this.#log?.(`listener error: ${error.message}`));
-        this.#listeners.push({ server, path });
-        resolve(server.address() ?? "");
-      };
-      if (path !== null) server.listen(path, ready);
-      else server.listen({ host: (address as { host: string }).host, port: (address as { port: number }).port }, ready);
-    });
+    const refusal = (error: NodeJS.ErrnoException): SnapstackError => {
+      const where = path ?? `${(address as { host: string }).host}:${(address as { port: number }).port}`;
+      return new SnapstackError(error.code === "EADDRINUSE" ? "E_EXISTS" : "E_IO", `cannot listen on ${where}: ${error.message}`, { errno: error.code });
+    };
+    if (path !== null) await listenUnixSocket(server, path, { ownerOnly: false, refusal: (_failure, error) => refusal(error) });
+    else {
+      await new Promise<void>((resolve, reject) => {
+        server.once("error", (error: NodeJS.ErrnoException) => reject(refusal(error)));
+        server.listen({ host: (address as { host: string }).host, port: (address as { port: number }).port }, () => resolve());
+      });
+      server.removeAllListeners("error");
+    }
+    server.on("error", (error) => this.#log?.(`listener error: ${error.message}`));
+    this.#listeners.push({ server, path });
+    return server.address() ?? "";
   }
 
   /** Serve a socket accepted elsewhere (socket activation, tests). */

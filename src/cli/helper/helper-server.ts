@@ -49,10 +49,11 @@
  *   directory (io/user-socket-dir.ts, commands/helper.ts). Only a socket is
  *   ever removed from the socket path: a regular file there is an error.
  */
-import { chmodSync, lstatSync, readdirSync, readlinkSync, rmSync } from "node:fs";
+import { lstatSync, readdirSync, readlinkSync, rmSync } from "node:fs";
 import { resolve } from "node:path";
-import { createConnection, createServer, type Server, type Socket } from "node:net";
+import { createServer, type Socket } from "node:net";
 import { SnapstackError } from "../../base/errors.ts";
+import { listenUnixSocket } from "../../io/unix-listen.ts";
 import type { CliContext } from "../context.ts";
 import { encodeFrames, HelperRequestReader, type HelperRequest } from "./helper-protocol.ts";
 
@@ -108,65 +109,12 @@ function procOpenFileCount(): number | null {
   return files;
 }
 
-/** Whether something accepts connections on the socket at `path`. */
-function socketAnswers(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const probe = createConnection(path);
-    probe.once("connect", () => {
-      probe.destroy();
-      resolve(true);
-    });
-    probe.once("error", () => resolve(false));
-  });
-}
-
-async function listenOnce(server: Server, path: string): Promise<NodeJS.ErrnoException | null> {
-  const previousUmask = process.umask(0o177);
-  try {
-    return await new Promise((resolve) => {
-      const onError = (error: NodeJS.ErrnoException): void => resolve(error);
-      server.once("error", onError);
-      server.listen(path, () => {
-        server.off("error", onError);
-        resolve(null);
-      });
-    });
-  } finally {
-    process.umask(previousUmask);
-  }
-}
-
 /** Remove the socket file at `path`, if a socket is there (never another kind of file). */
 function removeSocketFile(path: string): void {
   try {
     if (lstatSync(path).isSocket()) rmSync(path, { force: true });
   } catch {
     // gone already
-  }
-}
-
-/**
- * Listen on `path`: a socket file that nothing answers on is a helper that
- * died and is replaced; one that answers is a running helper (E_IN_USE);
- * any other file is left alone (E_EXISTS).
- */
-async function listenUnix(server: Server, path: string): Promise<void> {
-  for (let attempt = 0; attempt < 2; attempt++) {
-    const error = await listenOnce(server, path);
-    if (error === null) {
-      chmodSync(path, 0o600);
-      return;
-    }
-    if (error.code !== "EADDRINUSE" || attempt > 0) throw new SnapstackError("E_IO", `cannot listen on ${path}: ${error.message}`, { path });
-    let isSocket: boolean;
-    try {
-      isSocket = lstatSync(path).isSocket();
-    } catch {
-      isSocket = true; // removed meanwhile: try again
-    }
-    if (!isSocket) throw new SnapstackError("E_EXISTS", `${path} exists and is not a socket; choose another --socket`, { path });
-    if (await socketAnswers(path)) throw new SnapstackError("E_IN_USE", `a helper already listens on ${path}`, { path });
-    removeSocketFile(path);
   }
 }
 
@@ -372,7 +320,15 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
     return stopped;
   }
 
-  await listenUnix(server, options.socketPath);
+  await listenUnixSocket(server, options.socketPath, {
+    ownerOnly: true,
+    refusal: (failure, error) => {
+      const path = options.socketPath;
+      if (failure === "in-use") return new SnapstackError("E_IN_USE", `a helper already listens on ${path}`, { path });
+      if (failure === "not-socket") return new SnapstackError("E_EXISTS", `${path} exists and is not a socket; choose another --socket`, { path });
+      return new SnapstackError("E_IO", `cannot listen on ${path}: ${error.message}`, { path });
+    },
+  });
   armIdleTimer();
   return { stopped, stop };
 }
