@@ -73,7 +73,7 @@ test("a data cluster mapped onto the refcount table: the write is stopped and th
 });
 
 test("data clusters mapped onto the L1 table, an L2 table, a refcount block: every write stopped; onto the header: treated as unallocated", async () => {
-  for (const target of ["active L1 table", "active L2 table", "refcount block", "qcow2 header"] as const) {
+  for (const target of ["active L1 table", "active L2 table", "refcount block", "qcow2_header"] as const) {
     const bytes = await imageWithData({ sizeBytes: MiB, clusterSizeBytes: CS }, [0, 1, 2, 3]);
     const layout = imageLayout(bytes);
     const offset =
@@ -89,7 +89,7 @@ test("data clusters mapped onto the L1 table, an L2 table, a refcount block: eve
     } catch (e) {
       error = e;
     }
-    if (target === "qcow2 header") {
+    if (target === "qcow2_header") {
       // Host offset 0 is no data cluster at all (qcow2, as QEMU: offset 0 = unallocated): the write allocates elsewhere.
       assert.equal(error, null);
       await image.close();

@@ -30,8 +30,9 @@ import type { Qcow2Header } from "./header.ts";
 import { L1_ENTRY_BYTES, getL1EntryOffset } from "./entries.ts";
 import { snapshotTableBytes, type Qcow2Snapshot } from "./snapshot-table.ts";
 
+/** The structures, named as QEMU's messages name them (metadata_ol_names). */
 export type MetadataStructure =
-  | "qcow2 header"
+  | "qcow2_header"
   | "active L1 table"
   | "active L2 table"
   | "refcount table"
@@ -122,7 +123,7 @@ export class OverlapGuard {
     const header = this.#source.header;
     const end = hostOffset + lengthBytes;
     const ranges: [MetadataStructure, number, number][] = [
-      ["qcow2 header", 0, cs],
+      ["qcow2_header", 0, cs],
       ["active L1 table", header.l1TableOffset, header.l1Size * L1_ENTRY_BYTES],
       ["refcount table", header.refcountTableOffset, header.refcountTableClusters * cs],
       ["snapshot table", header.snapshotsOffset, header.snapshotCount > 0 ? this.#snapshotTableBytes : 0],

@@ -41,6 +41,7 @@ import { COMPRESSED_SECTOR_BYTES, getL2Entry, l2EntryBytes, l2EntriesPerTable, d
 import type { L2Entry } from "./entries.ts";
 import { decodeQcow2Header, AUTOCLEAR_BITMAPS, CRYPT_LUKS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, QCOW2_HEADER_PROBE_BYTES, decodeQcow2ClusterBits, guestSizeOf } from "./header.ts";
 import type { Qcow2Header } from "./header.ts";
+import type { MetadataStructure } from "./metadata-overlap.ts";
 import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, getRefcount, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
 import { encodeSnapshotEntryTail, SNAPSHOT_COUNT_MAX, SNAPSHOT_KNOWN_EXTRA_BYTES, SNAPSHOT_EXTRA_DATA_BYTES_MAX, SNAPSHOT_HEADER_BYTES, SNAPSHOT_TABLE_BYTES_MAX, SNAPSHOT_V3_EXTRA_BYTES_MIN } from "./snapshot-table.ts";
 
@@ -646,21 +647,12 @@ export class StoredRefcounts {
 // Metadata overlap check (qcow2_check_metadata_overlap with the default
 // "cached" set: everything but inactive L2 tables).
 
-export type MetadataKind =
-  | "qcow2_header"
-  | "active L1 table"
-  | "active L2 table"
-  | "refcount table"
-  | "refcount block"
-  | "snapshot table"
-  | "inactive L1 table";
-
 function rangesOverlap(aStart: number, aLength: number, bStart: number, bLength: number): boolean {
   return aStart < bStart + bLength && bStart < aStart + aLength;
 }
 
 /** The metadata a write to [hostOffset, +lengthBytes) would hit, or null. */
-export function metadataOverlap(state: Qcow2CheckState, ignore: ReadonlySet<MetadataKind>, hostOffset: number, lengthBytes: number): MetadataKind | null {
+export function metadataOverlap(state: Qcow2CheckState, ignore: ReadonlySet<MetadataStructure>, hostOffset: number, lengthBytes: number): MetadataStructure | null {
   if (lengthBytes <= 0) return null;
   const cs = state.clusterSizeBytes;
   if (!ignore.has("qcow2_header") && hostOffset < cs) return "qcow2_header";
@@ -696,7 +688,7 @@ export function metadataOverlap(state: Qcow2CheckState, ignore: ReadonlySet<Meta
  * qcow2_pre_write_overlap_check: false (after signalling corruption, as
  * QEMU does) when a write to the range would hit metadata not in `ignore`.
  */
-export async function guardWrite(state: Qcow2CheckState, report: CheckReport, ignore: ReadonlySet<MetadataKind>, hostOffset: number, lengthBytes: number): Promise<boolean> {
+export async function guardWrite(state: Qcow2CheckState, report: CheckReport, ignore: ReadonlySet<MetadataStructure>, hostOffset: number, lengthBytes: number): Promise<boolean> {
   const overlap = metadataOverlap(state, ignore, hostOffset, lengthBytes);
   if (overlap === null) return true;
   await signalCorruption(state, report, `Preventing invalid write on metadata (overlaps with ${overlap})`);
@@ -970,7 +962,7 @@ async function fixL2EntryByZero(context: WalkContext, l2Offset: number, l2Table:
   }
   const entryOffset = l2Offset + at;
   // QEMU ignores the kind of table being fixed; inactive L2 tables are never checked.
-  const ignore = new Set<MetadataKind>(active ? ["active L2 table"] : []);
+  const ignore = new Set<MetadataStructure>(active ? ["active L2 table"] : []);
   if (!(await guardWrite(state, report, ignore, entryOffset, state.l2EntryBytes))) {
     report.say("ERROR: Overlap check failed");
     report.checkErrors++;
