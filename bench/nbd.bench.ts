@@ -37,6 +37,7 @@ import { RawNbdClient, negotiate } from "../test/unit/nbd-raw-client.ts";
 import { GiB, MiB, withScratchDir } from "./fixtures/images.ts";
 import { printRows, row, SNAPSTACK_BIN, type BenchRow } from "./fixtures/rows.ts";
 import { median, runOrder, runTool } from "./fixtures/tools.ts";
+import { processCpuSeconds, processMemoryBytes } from "./fixtures/proc-stats.ts";
 
 const RUNS = 5;
 const RUNTIME_S = 3;
@@ -62,13 +63,12 @@ function serverPids(pid: number): number[] {
   return [pid, ...children];
 }
 
-/** User + system CPU seconds of a server so far, all threads and worker processes (/proc/PID/stat counts in 1/100 s). */
+/** User + system CPU seconds of a server so far, all threads and worker processes. */
 function cpuSeconds(pid: number): number {
   let total = 0;
   for (const one of serverPids(pid)) {
     try {
-      const fields = readFileSync(`/proc/${one}/stat`, "utf8").split(") ")[1].split(" ");
-      total += (Number(fields[11]) + Number(fields[12])) / 100;
+      total += processCpuSeconds(one);
     } catch {
       // a worker that just exited
     }
@@ -152,8 +152,7 @@ async function nbdcopySeconds(args: string[]): Promise<number> {
 function vmStatusBytes(pid: number, field: "VmRSS" | "VmHWM"): number {
   let total = 0;
   for (const one of serverPids(pid)) {
-    const match = new RegExp(`^${field}:\\s+(\\d+) kB$`, "m").exec(readFileSync(`/proc/${one}/status`, "utf8"));
-    total += match === null ? 0 : Number(match[1]) * 1024;
+    total += processMemoryBytes(one, field);
   }
   return total;
 }
