@@ -106,6 +106,23 @@ async function planAmend(image: Qcow2Image, path: string, options: AmendOptions)
   };
 }
 
+/**
+ * What `amend -o help` checks before listing qcow2's options, as qemu-img:
+ * a format given is checked by name alone; without one, the image at
+ * `path` is opened (read-only here) and its format taken. Only qcow2 has
+ * amendable options.
+ */
+export async function refuseUnamendableFormat(path: string, format: string | undefined): Promise<void> {
+  let name: string;
+  if (format !== undefined) name = parseImageFormat(format);
+  else {
+    const image = await openImage(path, { readOnly: true });
+    name = image.format;
+    await image.close();
+  }
+  if (name !== "qcow2") throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Format driver '${name}' does not support option amendment`, { path });
+}
+
 export async function amendImage(path: string, options: AmendOptions, settings: { format?: string } = {}): Promise<void> {
   const format = settings.format === undefined ? undefined : parseImageFormat(settings.format);
   const image = await openImage(path, { format, readOnly: false });

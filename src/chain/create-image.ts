@@ -45,6 +45,8 @@ const RAW_KEYS = ["size", "preallocation"];
 const IGNORED_KEYS = ["nocow", "extent_size_hint"];
 /** Options QEMU has that snapstack does not implement. */
 const UNSUPPORTED_PREFIXES = ["encrypt", "data_file"];
+/** Boolean options among those that snapstack accepts when they are off. */
+const OFF_ACCEPTED_KEYS = ["encryption", "data_file_raw"];
 
 /** "path: " before a message, or nothing when there is no file (measure --size). */
 function subject(path: string): string {
@@ -83,6 +85,8 @@ function checkKeys(path: string, format: string, options: Record<string, CreateO
   const known = format === "qcow2" ? QCOW2_KEYS : RAW_KEYS;
   for (const key of Object.keys(options)) {
     if (known.includes(key) || IGNORED_KEYS.includes(key)) continue;
+    // Switched off, they ask for nothing snapstack lacks (scripts pass encryption=off explicitly).
+    if (format === "qcow2" && OFF_ACCEPTED_KEYS.includes(key) && !optionBool(path, key, options[key])) continue;
     if (format === "qcow2" && UNSUPPORTED_PREFIXES.some((prefix) => key.startsWith(prefix))) {
       throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${subject(path)}option '${key}' is not supported by snapstack`, { path, key });
     }
@@ -123,13 +127,37 @@ async function backingSize(path: string, backingFile: string, backingFormat: str
   } catch (error) {
     if (!isSnapstackError(error)) throw error;
     const code = error.code === "E_NOT_FOUND" ? "E_BACKING_MISSING" : error.code;
-    throw new SnapstackError(code, `${path}: ${error.message}\nCould not open backing image.`, { ...error.details, path, backingFile: backingPath });
+    // qemu-img names the file once here ("Could not open 'x': No such file..."), where opening an image names it twice.
+    const twice = `Could not open '${backingPath}': Could not open '${backingPath}': `;
+    const reason = error.message.startsWith(twice) ? error.message.slice(twice.length / 2) : error.message;
+    throw new SnapstackError(code, `${path}: ${reason}\nCould not open backing image.`, { ...error.details, path, backingFile: backingPath });
   }
   try {
     return device.sizeBytes;
   } finally {
     await device.close();
   }
+}
+
+/**
+ * What qemu-img create checks of a backing file before it prints its
+ * "Formatting" line: a name, not the new image itself, a format, and
+ * (without `unsafe`) that it opens. Resolves to the backing image's size
+ * (undefined when `unsafe`). createImage calls it too.
+ */
+export async function checkBackingForCreate(
+  path: string,
+  backingFile: string,
+  backingFormat: string | undefined,
+  settings: { unsafe?: boolean; openFile?: OpenImageFile } = {},
+): Promise<number | undefined> {
+  if (backingFile === "") throw invalid(path, "Expected backing file name, got empty string");
+  if (backingFormat === undefined) throw new SnapstackError("E_BACKING_FORMAT", `${path}: Backing file specified without backing format`, { path, backingFile });
+  // qemu-img compares the two names; the files are compared here, as the backing name resolves.
+  if (sameFile(path, resolveBackingPath(path, backingFile))) {
+    throw new SnapstackError("E_BACKING_LOOP", `${path}: Trying to create an image with the same filename as the backing file`, { path, backingFile });
+  }
+  return settings.unsafe ? undefined : backingSize(path, backingFile, backingFormat, settings.openFile);
 }
 
 export async function createImage(path: string, request: CreateImageOptions): Promise<void> {
@@ -139,20 +167,12 @@ export async function createImage(path: string, request: CreateImageOptions): Pr
   const backingFile = request.backingFile ?? (options.backing_file !== undefined ? optionString(options.backing_file) : undefined);
   const backingFormat = request.backingFormat ?? (options.backing_fmt !== undefined ? optionString(options.backing_fmt) : undefined);
   if (format === "raw" && backingFile !== undefined) throw invalid(path, "Backing file not supported for file format 'raw'");
-  if (backingFile === "") throw invalid(path, "Expected backing file name, got empty string");
-  if (backingFile !== undefined && backingFormat === undefined) {
-    throw new SnapstackError("E_BACKING_FORMAT", `${path}: Backing file specified without backing format`, { path, backingFile });
-  }
-  // qemu-img compares the two names; the files are compared here, as the backing name resolves.
-  if (backingFile !== undefined && sameFile(path, resolveBackingPath(path, backingFile))) {
-    throw new SnapstackError("E_BACKING_LOOP", `${path}: Trying to create an image with the same filename as the backing file`, { path, backingFile });
-  }
   if (backingFile === undefined && backingFormat !== undefined) {
     throw new SnapstackError("E_BACKING_FORMAT", `${path}: Backing format cannot be used without backing file`, { path });
   }
   let sizeBytes = request.sizeBytes ?? (options.size !== undefined ? optionSize(path, "size", options.size) : undefined);
-  if (backingFile !== undefined && backingFormat !== undefined && !request.unsafe) {
-    const fromBacking = await backingSize(path, backingFile, backingFormat, request.openFile);
+  if (backingFile !== undefined) {
+    const fromBacking = await checkBackingForCreate(path, backingFile, backingFormat, { unsafe: request.unsafe, openFile: request.openFile });
     sizeBytes ??= fromBacking;
   }
   if (sizeBytes === undefined) throw new SnapstackError("E_INVALID_SIZE", `${path}: Image creation needs a size parameter`, { path });

@@ -40,6 +40,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
 
 export {
   amendImage,
+  refuseUnamendableFormat,
   changeImageBitmaps,
   DD_BLOCK_BYTES_MAX,
   ddImage,
@@ -48,6 +49,7 @@ export {
   compareImages,
   convertImage,
   createImage,
+  checkBackingForCreate,
   forEachMapEntry,
   formatMapJson,
   formatMapJsonEntry,

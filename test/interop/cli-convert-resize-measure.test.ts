@@ -353,6 +353,27 @@ test("amend: compat, lazy_refcounts, refcount_bits and size as qemu-img does the
   assert.match(raw.stderr, /E_UNSUPPORTED_FEATURE: Format driver 'raw' does not support option amendment/);
   assert.match((await snapstack(["img", "amend", "theirs.qcow2"], { cwd: dir })).stderr, /E_USAGE: Must specify options \(-o\)/);
   assert.equal(ok(await snapstack(["img", "amend", "-o", "help", "theirs.qcow2"], { cwd: dir }), "-o help").stdout, ok(await qemuImg(["amend", "-o", "help", "theirs.qcow2"], dir), "qemu-img -o help").stdout);
+  // -p: 0% and 100% (qemu-img prints just these for a resize; other options add steps between).
+  copyFileSync(join(dir, "theirs.qcow2"), join(dir, "ours.qcow2"));
+  const theirsProgress = ok(await qemuImg(["amend", "-p", "-o", "size=2M", "theirs.qcow2"], dir), "qemu-img amend -p").stdout;
+  assert.equal(ok(await snapstack(["img", "amend", "-p", "-o", "size=2M", "ours.qcow2"], { cwd: dir }), "amend -p").stdout, theirsProgress);
+  assert.equal(theirsProgress, "    (0.00/100%)\r    (100.00/100%)\r\n");
+  assert.equal(ok(await snapstack(["img", "amend", "-p", "-q", "-o", "size=3M", "ours.qcow2"], { cwd: dir }), "amend -p -q").stdout, "");
+  // -o help: with -f, that format's options without opening anything; without, the named image's format.
+  assert.equal(ok(await snapstack(["img", "amend", "-f", "qcow2", "-o", "help"], { cwd: dir }), "-f qcow2 -o help").stdout, ok(await qemuImg(["amend", "-f", "qcow2", "-o", "help"], dir), "qemu-img -f qcow2 -o help").stdout);
+  const refusedHelp: Array<[string[], string]> = [
+    [["-o", "help"], "E_USAGE: Expecting one image file name"],
+    [["-o", "help", "base.raw"], "E_UNSUPPORTED_FEATURE: Format driver 'raw' does not support option amendment"],
+    [["-f", "raw", "-o", "help"], "E_UNSUPPORTED_FEATURE: Format driver 'raw' does not support option amendment"],
+    [["-f", "foo", "-o", "help"], "E_UNKNOWN_FORMAT: Unknown file format 'foo'"],
+    [["-o", "help", "missing.qcow2"], "E_NOT_FOUND: Could not open 'missing.qcow2'"],
+  ];
+  for (const [args, message] of refusedHelp) {
+    assert.equal((await qemuImg(["amend", ...args], dir)).code, 1, `qemu-img amend ${args.join(" ")}`);
+    const ours = await snapstack(["img", "amend", ...args], { cwd: dir });
+    assert.equal(ours.code, 1, `amend ${args.join(" ")}`);
+    assert.ok(ours.stderr.includes(message), `amend ${args.join(" ")}: ${ours.stderr}`);
+  }
 });
 
 test("amend -o compat=0.10: zero clusters over a backing file become zeroed clusters as qemu-img makes them; a snapshot's data under a zero-alloc entry is kept (qemu-img 7.2 zeroes it)", async (t) => {

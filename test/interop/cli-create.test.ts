@@ -2,12 +2,12 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileKey } from "../../src/io/file-identity.ts";
 import { parseProcLocks } from "../../src/io/qemu-locks.ts";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
-import { ok, qemuImg, snapstack } from "./cli-helpers.ts";
+import { assertSameAsQemuImg, ok, qemuImg, snapstack } from "./cli-helpers.ts";
 
 /** Argument lists (after "create") that must produce identical stdout and identical files. */
 const CASES: string[][] = [
@@ -25,7 +25,13 @@ const CASES: string[][] = [
   ["-f", "qcow2", "-o", "extended_l2=on,preallocation=falloc", "IMG", "8M"],
   ["-f", "qcow2", "-o", "extended_l2=on,preallocation=full", "IMG", "8M"],
   ["-f", "qcow2", "-o", "cluster_size=4k,preallocation=full", "IMG", "3M"],
+  // Size 0: no data cluster, but still a new refcount area (the table moves to the fourth cluster).
+  ["-f", "qcow2", "-o", "preallocation=falloc", "IMG", "0"],
+  ["-f", "qcow2", "-o", "preallocation=full,cluster_size=512", "IMG", "0"],
   ["-f", "qcow2", "-o", "compression_type=zstd", "IMG", "1G"],
+  // Switched off, these ask for nothing snapstack lacks.
+  ["-f", "qcow2", "-o", "encryption=off", "IMG", "1M"],
+  ["-f", "qcow2", "-o", "data_file_raw=off,cluster_size=4k", "IMG", "1M"],
   ["-f", "qcow2", "-o", "size=2M", "IMG"],
   ["-fqcow2", "IMG", "4T"],
   ["IMG", "-f", "qcow2", "3M"],
@@ -60,6 +66,26 @@ test("create with a backing file: banner, size from the backing file, same bytes
   const theirs = ok(await qemuImg(["create", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", "u2.qcow2", "1G"], dir), "theirs -u");
   assert.equal(ours.stdout.replace("u1.qcow2", "u2.qcow2"), theirs.stdout);
   assert.ok(readFileSync(join(dir, "u1.qcow2")).equals(readFileSync(join(dir, "u2.qcow2"))));
+});
+
+test("create refusals print the Formatting line where qemu-img does: backing file checks before it, the format's after", async (t) => {
+  if (!requireTools(t, "qemu-img")) return;
+  const dir = scratchDir(t);
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "base.qcow2", "2M"], dir), "base");
+  const cases: string[][] = [
+    ["-f", "qcow2", "-b", "missing.qcow2", "-F", "qcow2", "new.qcow2", "1G"],
+    ["-f", "qcow2", "-b", "", "-F", "qcow2", "new.qcow2", "1M"],
+    ["-f", "qcow2", "-b", "base.qcow2", "new.qcow2", "1M"],
+    ["-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "base.qcow2"],
+    ["-f", "qcow2", "-o", "backing_fmt=qcow2", "new.qcow2", "1G"],
+    ["-f", "qcow2", "-o", "encryption=on", "new.qcow2", "1M"],
+  ];
+  for (const args of cases) {
+    await assertSameAsQemuImg(dir, ["create", ...args], `create ${args.join(" ")}`);
+    assert.equal(existsSync(join(dir, "new.qcow2")), false, `create ${args.join(" ")}: no file left`);
+  }
+  const missing = await snapstack(["img", "create", "-f", "qcow2", "-b", "missing.qcow2", "-F", "qcow2", "new.qcow2", "1G"], { cwd: dir });
+  assert.equal(missing.stderr, "snapstack: error E_BACKING_MISSING: new.qcow2: Could not open 'missing.qcow2': No such file or directory; Could not open backing image.\n");
 });
 
 test("create -q prints nothing; -o help lists the options like qemu-img", async (t) => {

@@ -6,11 +6,11 @@
  * amendable is refused before anything is written (chain/amend-image.ts). `-o help` lists the options qemu-img lists.
  */
 import { SnapstackError } from "../../base/errors.ts";
-import { optionString, parseArgs } from "../args.ts";
-import { expectPositionals } from "../command-helpers.ts";
+import { optionFlag, optionString, parseArgs } from "../args.ts";
+import { createProgress, expectPositionals } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { checkCreateOptions, formatAmendHelp, isHelpRequest, parseOptionList } from "../create-options.ts";
-import { amendImage } from "../engine.ts";
+import { amendImage, refuseUnamendableFormat } from "../engine.ts";
 
 export const amendCommand: CliCommand = {
   name: "amend",
@@ -35,13 +35,24 @@ export const amendCommand: CliCommand = {
     if (optionText === undefined) throw new SnapstackError("E_USAGE", "Must specify options (-o)");
     const entries = parseOptionList(optionText);
     if (isHelpRequest(entries)) {
+      // As qemu-img: with -f, that format's options; without, the image's (which must be named).
+      const format = optionString(parsed, "format");
+      if (format === undefined) expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
+      await refuseUnamendableFormat(parsed.positionals[0] ?? "", format);
       context.out(formatAmendHelp());
       return 0;
     }
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     // Typed with qcow2's table (the only format with amendable options); amendImage refuses the others.
     const checked = checkCreateOptions("qcow2", entries);
-    await amendImage(parsed.positionals[0], checked.typed, { format: optionString(parsed, "format") });
+    // -p: 0% when it starts, 100% when done (qemu-img reports steps in between that differ by option).
+    const progress = createProgress(context, optionFlag(parsed, "progress") && !optionFlag(parsed, "quiet"));
+    try {
+      await amendImage(parsed.positionals[0], checked.typed, { format: optionString(parsed, "format") });
+      progress.update(1);
+    } finally {
+      progress.end();
+    }
     return 0;
   },
 };

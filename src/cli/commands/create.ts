@@ -11,7 +11,7 @@ import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { checkCreateOptions, formatCreateBanner, formatOptionHelp, isHelpRequest, parseOptionList } from "../create-options.ts";
-import { createImage, openImage, resolveBackingPath } from "../engine.ts";
+import { checkBackingForCreate, createImage } from "../engine.ts";
 
 export const createCommand: CliCommand = {
   name: "create",
@@ -59,31 +59,14 @@ export const createCommand: CliCommand = {
     const checked = checkCreateOptions(format, [...entries, ...extra]);
     const backing = checked.given.backing_file;
     const backingFormat = checked.given.backing_fmt;
-    if (backing !== undefined && backingFormat === undefined) {
-      throw new SnapstackError("E_BACKING_FORMAT", `${filename}: Backing file specified without backing format`, { backingFile: backing });
-    }
-    if (backing === undefined && backingFormat !== undefined) {
-      throw new SnapstackError("E_BACKING_FORMAT", `${filename}: Backing format cannot be used without backing file`);
-    }
     const unsafe = optionFlag(parsed, "unsafe");
     if (typeof checked.typed.size === "number") sizeBytes = checked.typed.size;
+    // Before the banner, as qemu-img: the backing file's name, format and (without -u) the file itself.
+    // "Backing format cannot be used without backing file" comes from the format, after the banner.
+    const backingSizeBytes = backing === undefined ? undefined : await checkBackingForCreate(filename, backing, backingFormat, { unsafe });
     if (sizeBytes === undefined) {
-      if (backing === undefined || unsafe) {
-        throw new SnapstackError("E_USAGE", `${filename}: Image creation needs a size parameter`);
-      }
-      // The size comes from the backing file, named relative to the new image.
-      const backingPath = resolveBackingPath(filename, backing);
-      // Shared with a writer, as qemu-img create opens it: an overlay over an image in use is a live snapshot's first step.
-      // Only its size is read (qemu-img opens it without I/O).
-      const backingDevice = await openImage(backingPath, { format: backingFormat, readOnly: true, openBacking: false, forceShare: true, metadataOnly: true }).catch((error: unknown) => {
-        if (!(error instanceof SnapstackError) || error.code !== "E_NOT_FOUND") throw error;
-        throw new SnapstackError("E_BACKING_MISSING", `${filename}: ${error.message}; Could not open backing image.`, { backingFile: backing });
-      });
-      try {
-        sizeBytes = backingDevice.sizeBytes;
-      } finally {
-        await backingDevice.close();
-      }
+      if (backingSizeBytes === undefined) throw new SnapstackError("E_USAGE", `${filename}: Image creation needs a size parameter`);
+      sizeBytes = backingSizeBytes;
       const withSize = checkCreateOptions(format, [...entries, ...extra, { name: "size", value: String(sizeBytes) }]);
       checked.banner = withSize.banner;
     }

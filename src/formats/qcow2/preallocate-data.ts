@@ -27,8 +27,8 @@ export async function preallocateData(file: ImageFile, meta: Qcow2Metadata, from
   const geometry = qcow2Geometry(meta.header);
   const cs = geometry.clusterSizeBytes;
   assert(fromGuestOffset % cs === 0, "data preallocation starts on a cluster boundary");
-  let dataClusters = Math.ceil(toGuestOffset / cs) - fromGuestOffset / cs;
-  if (dataClusters <= 0) return;
+  // No data cluster (create of size 0) still makes a new refcount area, as QEMU's does.
+  let dataClusters = Math.max(0, Math.ceil(toGuestOffset / cs) - fromGuestOffset / cs);
   const fileSize = await file.sizeBytes();
   const lastCluster = await meta.lastUsedCluster(fileSize);
   const oldFileSize = lastCluster >= 0 ? (lastCluster + 1) * cs : Math.ceil(fileSize / cs) * cs;
