@@ -95,6 +95,23 @@ test("vmdk is read-only: writers refuse it, the file untouched; damaged and unsu
   assertCodedError(await snapstack(["img", "convert", "-O", "raw", "broken-stream.vmdk", "broken.raw"], { cwd: dir }), "E_COMPRESSION");
   assert.notEqual((await qemuImg(["convert", "-O", "raw", "broken-stream.vmdk", "broken-q.raw"], dir)).code, 0, "qemu-img refuses it too");
 
+  // An extent line without its closing quote: sscanf still reads the name, so a SPARSE extent opens
+  // (it used to be skipped: a 0-byte disk that converted to an empty file); a FLAT one lacks its offset.
+  ok(await qemuImg(["create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", "unquoted.vmdk", "64M"], dir), "create split sparse");
+  ok(await qemuIo(["-f", "vmdk", "-c", "write -P 0x11 0 1M", "unquoted.vmdk"], dir), "write it");
+  const unquoted = readFileSync(join(dir, "unquoted.vmdk"), "latin1");
+  assert.ok(unquoted.includes('SPARSE "unquoted-s001.vmdk"'), "the descriptor names its extent");
+  writeFileSync(join(dir, "unquoted.vmdk"), unquoted.replace('SPARSE "unquoted-s001.vmdk"', 'SPARSE "unquoted-s001.vmdk'), "latin1");
+  await assertSameAsQemuImg(dir, ["info", "--output=json", "unquoted.vmdk"], "info of an extent line without its closing quote");
+  await assertConvertsToEqualQcow2(dir, "unquoted.vmdk");
+  ok(await qemuImg(["create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentFlat", "unquoted-flat.vmdk", "64M"], dir), "create split flat");
+  const flat = readFileSync(join(dir, "unquoted-flat.vmdk"), "latin1");
+  writeFileSync(join(dir, "unquoted-flat.vmdk"), flat.replace('FLAT "unquoted-flat-f001.vmdk" 0', 'FLAT "unquoted-flat-f001.vmdk'), "latin1");
+  assert.match((await qemuImg(["info", "unquoted-flat.vmdk"], dir)).stderr, /Invalid extent line/);
+  const flatInfo = await snapstack(["img", "info", "unquoted-flat.vmdk"], { cwd: dir });
+  assertCodedError(flatInfo, "E_CORRUPT_IMAGE");
+  assert.match(flatInfo.stderr, /Invalid extent line: RW 131072 FLAT "unquoted-flat-f001\.vmdk$/m);
+
   // Linked clones and create types QEMU does not open.
   ok(await qemuImg(["create", "-q", "-f", "vmdk", "-b", "disk.vmdk", "-F", "vmdk", "clone.vmdk"], dir), "create a linked clone");
   const clone = await snapstack(["img", "info", "clone.vmdk"], { cwd: dir });

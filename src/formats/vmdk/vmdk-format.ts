@@ -177,8 +177,14 @@ function cidValue(text: string, name: string): number | null {
   return match === null ? null : Number.parseInt(match[1].slice(-8), 16) >>> 0;
 }
 
-/** sscanf("%10s %ld %10s \"%511[^\n\r\"]\" %ld"): whitespace optional before the last number, signs allowed. */
-const EXTENT_LINE = /^(\S{1,10})[ \t]+([+-]?\d+)[ \t]+(\S{1,10})[ \t]+"([^\n\r"]{1,511})"(?:[ \t]*([+-]?\d+))?/;
+/**
+ * sscanf("%10s %ld %10s \"%511[^\n\r\"]\" %ld"): whitespace optional before
+ * the last number, signs allowed. Without the closing quote (or past 511
+ * characters of name) sscanf still has its 4th match and stops there: a
+ * SPARSE extent named by what it read, a FLAT one invalid for lack of an
+ * offset, as QEMU decides.
+ */
+const EXTENT_LINE = /^(\S{1,10})[ \t]+([+-]?\d+)[ \t]+(\S{1,10})[ \t]+"([^\n\r"]{1,511})(?:"(?:[ \t]*([+-]?\d+))?)?/;
 const EXTENT_TYPES: readonly string[] = ["FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE"];
 
 /** Parse a descriptor as vmdk_open_desc_file and vmdk_parse_extents do. */
