@@ -83,7 +83,7 @@ export async function checkImage(path: string, options: CheckImageOptions = {}):
     await file.close();
   }
   if (checked === "raw" || options.repair !== undefined) return "unsupported";
-  const device = await openImage(path, { format: checked, readOnly: true, forceShare });
+  const device = await openImage(path, { format: checked, readOnly: true, forceShare, check: true });
   try {
     const found = device instanceof ReadOnlyImage ? await device.check() : null;
     if (found === null) return "unsupported";

@@ -34,7 +34,10 @@ import { isImageFormat, isWritableFormat, opensAsQcow2, parseImageFormat, probeF
 import { resolveBackingPath } from "./backing-path.ts";
 
 /** How each read-only format opens a layer's file (a vmdk descriptor opens its extent files with `openFile`). */
-const READ_ONLY_OPENERS: Record<Exclude<ImageFormat, "raw" | "qcow2">, (file: ImageFile, openFile: (path: string) => Promise<ImageFile>) => Promise<BlockDevice>> = {
+const READ_ONLY_OPENERS: Record<
+  Exclude<ImageFormat, "raw" | "qcow2">,
+  (file: ImageFile, openFile: (path: string) => Promise<ImageFile>, settings: { check?: boolean }) => Promise<BlockDevice>
+> = {
   vmdk: openVmdk,
   vpc: openVpc,
   vdi: openVdi,
@@ -51,6 +54,8 @@ export interface OpenImageOptions {
   readOnly?: boolean;
   /** Open the backing chain (default true); false leaves qcow2 unallocated ranges reading as zeroes, like qemu-img info. */
   openBacking?: boolean;
+  /** Opened for `check` (QEMU's BDRV_O_CHECK): damage a format's open refuses, its check counts instead (vhdx's BAT). */
+  check?: boolean;
   /** Most layers allowed, top included (default CHAIN_DEPTH_MAX_DEFAULT). */
   chainDepthMax?: number;
   /** Metadata cache bound per qcow2 layer. */
@@ -253,8 +258,10 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
         if (layer.format === "raw") {
           built = new RawImage(layer.file, await layer.file.sizeBytes());
         } else if (layer.format !== "qcow2") {
-          built = await READ_ONLY_OPENERS[layer.format](layer.file, (extentPath) =>
-            options.openFile === undefined ? openNodeFile(extentPath, { readOnly: true }) : options.openFile(extentPath, { readOnly: true }),
+          built = await READ_ONLY_OPENERS[layer.format](
+            layer.file,
+            (extentPath) => (options.openFile === undefined ? openNodeFile(extentPath, { readOnly: true }) : options.openFile(extentPath, { readOnly: true })),
+            { check: options.check === true && i === 0 },
           );
         } else {
           const readOnly = i > 0 || (options.readOnly ?? false);

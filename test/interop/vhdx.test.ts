@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { requireTools, scratchDir } from "../helpers/tools.ts";
 import { writeScatteredDisk } from "../helpers/random.ts";
 import { crc32c } from "../../src/formats/vhdx/vhdx-format.ts";
-import { assertCodedError, readOnlyFormatImage, assertConvertsToEqualQcow2, assertReportsLikeQemuImg, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
+import { assertCodedError, readOnlyFormatImage, assertConvertsToEqualQcow2, assertReportsLikeQemuImg, assertSameAsQemuImg, ok, qemuImg, qemuIo, snapstack } from "./cli-helpers.ts";
 
 test("vhdx images made by qemu-img: info, map, check, compare and convert agree with qemu-img", async (t) => {
   if (!requireTools(t, "qemu-img", "qemu-io")) return;
@@ -63,6 +63,20 @@ test("vhdx is read-only; damaged headers, truncated files and pending logs get c
   assertCodedError(truncated, "E_CORRUPT_IMAGE");
   assert.match(truncated.stderr, /points after end of file/);
   assert.notEqual((await qemuImg(["info", "truncated.vhdx"], dir)).code, 0, "qemu-img refuses it too");
+  // check counts it as a corruption with qemu-img's line and exit status (it opens the image for the check).
+  // Cut inside a block, then cut short of a whole sector (which QEMU rounds up to 512 bytes: it still opens).
+  writeFileSync(join(dir, "cut.vhdx"), before.subarray(0, before.length - 500_000));
+  for (const command of [["check"], ["check", "--output=json"]]) {
+    const theirs = await qemuImg([...command, "cut.vhdx"], dir);
+    const ours = await snapstack(["img", ...command, "cut.vhdx"], { cwd: dir });
+    assert.equal(theirs.code, 2, `qemu-img ${command.join(" ")}: ${theirs.stderr}`);
+    assert.equal(ours.code, theirs.code, `${command.join(" ")}: ${ours.stderr}`);
+    assert.equal(ours.stdout, theirs.stdout, command.join(" "));
+    assert.equal(ours.stderr.replace(/^snapstack: /, "qemu-img: "), theirs.stderr, command.join(" "));
+  }
+  assert.match((await snapstack(["img", "info", "cut.vhdx"], { cwd: dir })).stderr, /VHDX BAT entry \d+ end offset \d+ points after end of file/);
+  writeFileSync(join(dir, "cut-sector.vhdx"), before.subarray(0, before.length - 300));
+  await assertSameAsQemuImg(dir, ["info", "--output=json", "cut-sector.vhdx"], "a vhdx short of less than a sector");
 
   // A log GUID in both headers (checksums made right): the log may hold writes not yet applied.
   const logged = Buffer.from(before);

@@ -100,6 +100,9 @@ export interface VhdxHeader {
   sequenceNumber: bigint;
   logGuidNull: boolean;
   version: number;
+  /** The log region: registered with the region table's entries, as QEMU does. */
+  logOffset: number;
+  logLengthBytes: number;
 }
 
 /** One header copy, or null when it is not valid (signature, checksum, version 1). */
@@ -108,7 +111,13 @@ export function decodeHeader(bytes: Uint8Array): VhdxHeader | null {
   const view = new DataView(bytes.buffer, bytes.byteOffset, VHDX_HEADER_BYTES);
   const version = view.getUint16(66, true);
   if (version !== 1) return null;
-  return { sequenceNumber: view.getBigUint64(8, true), logGuidNull: bytes.subarray(48, 64).every((byte) => byte === 0), version };
+  return {
+    sequenceNumber: view.getBigUint64(8, true),
+    logGuidNull: bytes.subarray(48, 64).every((byte) => byte === 0),
+    version,
+    logLengthBytes: view.getUint32(68, true),
+    logOffset: Number(view.getBigUint64(72, true)),
+  };
 }
 
 /** vhdx_parse_header: the valid header with the larger sequence number. */
@@ -126,6 +135,8 @@ export interface VhdxRegions {
   batLengthBytes: number;
   metadataOffset: number;
   metadataLengthBytes: number;
+  /** Every entry of the table, in its order: [start, end) in bytes. */
+  all: Array<[number, number]>;
 }
 
 /** The region table: where the BAT and the metadata region are. */
@@ -138,6 +149,7 @@ export function decodeRegionTable(bytes: Uint8Array): VhdxRegions {
   if (count > VHDX_ENTRY_COUNT_MAX) throw corrupt("Invalid VHDX region table: too many entries");
   let bat: [number, number] | null = null;
   let metadata: [number, number] | null = null;
+  const all: Array<[number, number]> = [];
   for (let i = 0; i < count; i++) {
     const at = 16 + i * 32;
     const guid = bytes.subarray(at, at + 16);
@@ -145,12 +157,13 @@ export function decodeRegionTable(bytes: Uint8Array): VhdxRegions {
     const length = view.getUint32(at + 24, true);
     const required = (view.getUint32(at + 28, true) & 1) !== 0;
     if (offset % MiB !== 0 || length % MiB !== 0) throw corrupt("Invalid VHDX region table: a region is not 1 MiB aligned");
+    all.push([offset, offset + length]);
     if (sameBytes(guid, BAT_REGION_GUID)) bat = [offset, length];
     else if (sameBytes(guid, METADATA_REGION_GUID)) metadata = [offset, length];
     else if (required) throw new SnapstackError("E_UNSUPPORTED_FEATURE", "Unsupported VHDX region: a required region snapstack does not know");
   }
   if (bat === null || metadata === null) throw corrupt("Invalid VHDX region table: no BAT or no metadata region");
-  return { batOffset: bat[0], batLengthBytes: bat[1], metadataOffset: metadata[0], metadataLengthBytes: metadata[1] };
+  return { batOffset: bat[0], batLengthBytes: bat[1], metadataOffset: metadata[0], metadataLengthBytes: metadata[1], all };
 }
 
 export interface VhdxMetadata {
@@ -212,4 +225,66 @@ export function chunkRatio(metadata: VhdxMetadata): number {
 /** The BAT index of payload block `block` (bitmap entries interleaved). */
 export function batIndex(block: number, ratio: number): number {
   return block + Math.floor(block / ratio);
+}
+
+/** What checkBatEntries needs of the image besides its BAT. */
+export interface VhdxBatContext {
+  blockSizeBytes: number;
+  chunkRatio: number;
+  virtualDiskBytes: number;
+  logicalSectorBytes: number;
+  /** The image file's size. */
+  fileSizeBytes: number;
+  /** The log and the region table's entries, [start, end) in bytes. */
+  regions: ReadonlyArray<readonly [number, number]>;
+}
+
+const INT64_MAX = 2n ** 63n - 1n;
+const UINT64_MASK = 2n ** 64n - 1n;
+
+/**
+ * vhdx_check_bat_entries: QEMU's messages for fully present BAT entries
+ * past the end of the file or over a region, in its order and with its
+ * arithmetic (kept, quirks included, so that `check` counts what qemu-img
+ * counts):
+ * - every entry is looked at, sector bitmap entries too;
+ * - the file size is rounded up to 512 bytes (bdrv_getlength);
+ * - a block's length is the block size, less for the disk's last block,
+ *   computed from the entry's BAT index and from the disk size in 512-byte
+ *   sectors (total_sectors, which QEMU sets to the size in logical
+ *   sectors), with unsigned wrap-around;
+ * - the region check runs for `chunkRatio` fully present entries, then
+ *   skips one, counting fully present entries only.
+ * `firstOnly` stops at the first problem (an open); `check` counts them all.
+ */
+export function checkBatEntries(bat: BigUint64Array, context: VhdxBatContext, firstOnly: boolean): string[] {
+  const messages: string[] = [];
+  const blockSize = BigInt(context.blockSizeBytes);
+  const fileSize = BigInt(Math.ceil(context.fileSizeBytes / 512) * 512);
+  const totalBytes = BigInt(Math.floor(context.virtualDiskBytes / context.logicalSectorBytes)) * 512n;
+  let payBlocks = context.chunkRatio;
+  for (let i = 0; i < bat.length; i++) {
+    if (Number(bat[i] & 7n) !== PAYLOAD_BLOCK_FULLY_PRESENT) continue;
+    const offset = bat[i] & ~0xfffffn;
+    const left = (totalBytes - BigInt(i) * blockSize) & UINT64_MASK;
+    const blockLength = left < blockSize ? left : blockSize;
+    const before = messages.length;
+    if (offset > INT64_MAX - blockSize) messages.push(`VHDX BAT entry ${i} offset overflow.`);
+    if (firstOnly && messages.length > before) break;
+    if (offset >= fileSize) {
+      messages.push(`VHDX BAT entry ${i} start offset ${offset} points after end of file (${fileSize}). Image has probably been truncated.`);
+    } else if (offset + blockLength > fileSize) {
+      messages.push(`VHDX BAT entry ${i} end offset ${offset + blockLength - 1n} points after end of file (${fileSize}). Image has probably been truncated.`);
+    }
+    if (firstOnly && messages.length > before) break;
+    if (payBlocks-- !== 0) {
+      const end = offset + blockSize;
+      const hit = context.regions.find(([start, regionEnd]) => !(offset >= BigInt(regionEnd) || end <= BigInt(start)));
+      if (hit !== undefined) messages.push(`VHDX region ${offset}-${end} overlaps with region ${hit[0]}-${hit[1]}`);
+      if (firstOnly && messages.length > before) break;
+    } else {
+      payBlocks = context.chunkRatio;
+    }
+  }
+  return messages;
 }

@@ -7,8 +7,11 @@
  * - Open (vhdx_open): file identifier, the current header (vhdx-format.ts),
  *   the region table (the first copy, else the second), the metadata, then
  *   the BAT, read whole. Refused: an image whose log may hold writes not
- *   yet applied (a non-zero log GUID), differencing images, payload blocks
- *   past the end of the file ("Image has probably been truncated").
+ *   yet applied (a non-zero log GUID), differencing images, regions that
+ *   overlap, payload blocks past the end of the file ("Image has probably
+ *   been truncated") or over a region (vhdx-format.ts checkBatEntries, with
+ *   QEMU's quirks). Opened for `check`, those BAT problems are counted as
+ *   corruptions instead, as vhdx_co_check counts them.
  * - Reads, per payload block, by its BAT state: not present, undefined,
  *   zero and unmapped read as zeroes; fully present is read from the file;
  *   partially present (differencing images only) is an I/O error, as in
@@ -32,6 +35,7 @@ import {
   VHDX_REGION_TABLE_BYTES,
   VHDX_REGION_TABLE_OFFSET,
   batIndex,
+  checkBatEntries,
   chunkRatio,
   currentHeader,
   decodeMetadata,
@@ -48,8 +52,12 @@ export class VhdxImage extends ReadOnlyImage implements BlockDevice {
   readonly #chunkRatio: number;
   readonly #bat: BigUint64Array;
 
-  constructor(file: ImageFile, sizeBytes: number, blockSizeBytes: number, ratio: number, bat: BigUint64Array) {
+  /** What checkBatEntries found (opened for `check` only: an ordinary open refuses such an image). */
+  readonly #batProblems: readonly string[];
+
+  constructor(file: ImageFile, sizeBytes: number, blockSizeBytes: number, ratio: number, bat: BigUint64Array, batProblems: readonly string[] = []) {
     super(file.name);
+    this.#batProblems = batProblems;
     this.#file = file;
     this.sizeBytes = sizeBytes;
     this.#blockSizeBytes = blockSizeBytes;
@@ -86,16 +94,19 @@ export class VhdxImage extends ReadOnlyImage implements BlockDevice {
     return lengthBytes === 0 ? [] : [{ guestOffset, lengthBytes, kind: "data" }];
   }
 
-  /** vhdx_co_check: the BAT was checked at open (a payload block past the end of the file refuses the image). */
+  /** vhdx_co_check: each BAT problem is a corruption, reported through error_report as qemu-img does. */
   override async check(): Promise<ReadOnlyCheck> {
     this.checkOpen();
-    return { corruptions: 0, messages: [], failure: null };
+    return { corruptions: this.#batProblems.length, messages: this.#batProblems.map((message) => `${ERROR_REPORT_PREFIX}${message}`), failure: null };
   }
 
   protected async closeFiles(): Promise<void> {
     await this.#file.close();
   }
 }
+
+/** error_report()'s prefix on qemu-img's lines (the CLI prints its own name instead). */
+const ERROR_REPORT_PREFIX = "qemu-img: ";
 
 function corrupt(message: string, path: string): SnapstackError {
   return new SnapstackError("E_CORRUPT_IMAGE", `${path}: ${message}`, { path });
@@ -108,7 +119,7 @@ async function readAt(file: ImageFile, hostOffset: number, lengthBytes: number):
 }
 
 /** vhdx_open on `file` (locked by the caller, which closes it on failure; the device closes it after). */
-export async function openVhdx(file: ImageFile): Promise<VhdxImage> {
+export async function openVhdx(file: ImageFile, _openFile?: unknown, settings: { check?: boolean } = {}): Promise<VhdxImage> {
   const path = file.name;
   const prefix = (error: unknown): unknown => (error instanceof SnapstackError && !error.message.startsWith(path) ? new SnapstackError(error.code, `${path}: ${error.message}`, { path }) : error);
   try {
@@ -128,6 +139,13 @@ export async function openVhdx(file: ImageFile): Promise<VhdxImage> {
       if (!(error instanceof SnapstackError) || error.code !== "E_CORRUPT_IMAGE") throw error;
       regions = decodeRegionTable(await readAt(file, VHDX_REGION_TABLE_OFFSET + VHDX_REGION_TABLE_BYTES, VHDX_REGION_TABLE_BYTES));
     }
+    // vhdx_open_region_tables: each entry may not overlap the log or an entry before it.
+    const registered: Array<[number, number]> = [[header.logOffset, header.logOffset + header.logLengthBytes]];
+    for (const [start, end] of regions.all) {
+      const hit = registered.find(([otherStart, otherEnd]) => !(start >= otherEnd || end <= otherStart));
+      if (hit !== undefined) throw corrupt(`VHDX region ${start}-${end} overlaps with region ${hit[0]}-${hit[1]}`, path);
+      registered.push([start, end]);
+    }
     const metadata = decodeMetadata(await readAt(file, regions.metadataOffset, Math.max(VHDX_METADATA_TABLE_BYTES, regions.metadataLengthBytes)));
     if (metadata.hasParent) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `${path}: differencing VHDX images are not supported`, { path });
     const ratio = chunkRatio(metadata);
@@ -138,15 +156,12 @@ export async function openVhdx(file: ImageFile): Promise<VhdxImage> {
     const batBytes = await readAt(file, regions.batOffset, entries * 8);
     const view = new DataView(batBytes.buffer);
     const bat = new BigUint64Array(entries);
-    const fileSizeBytes = await file.sizeBytes();
-    for (let i = 0; i < entries; i++) {
-      bat[i] = view.getBigUint64(i * 8, true);
-      const isBitmapEntry = (i + 1) % (ratio + 1) === 0;
-      if (!isBitmapEntry && Number(bat[i] & 7n) === PAYLOAD_BLOCK_FULLY_PRESENT && Number(bat[i] >> 20n) * MiB + metadata.blockSizeBytes > fileSizeBytes) {
-        throw corrupt(`VHDX BAT entry ${i} start offset ${Number(bat[i] >> 20n) * MiB} points after end of file (${fileSizeBytes}). Image has probably been truncated.`, path);
-      }
-    }
-    return new VhdxImage(file, metadata.virtualDiskBytes, metadata.blockSizeBytes, ratio, bat);
+    for (let i = 0; i < entries; i++) bat[i] = view.getBigUint64(i * 8, true);
+    const context = { ...metadata, chunkRatio: ratio, fileSizeBytes: await file.sizeBytes(), regions: registered };
+    // As QEMU: an open stops at the first problem; one for `check` (BDRV_O_CHECK) counts them all instead.
+    const problems = checkBatEntries(bat, context, settings.check !== true);
+    if (settings.check !== true && problems.length > 0) throw corrupt(problems[0], path);
+    return new VhdxImage(file, metadata.virtualDiskBytes, metadata.blockSizeBytes, ratio, bat, problems);
   } catch (error) {
     throw prefix(error);
   }

@@ -1,0 +1,46 @@
+/**
+ * checkBatEntries (src/formats/vhdx/vhdx-format.ts): QEMU's
+ * vhdx_check_bat_entries, quirks included, on hand-made BATs.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { checkBatEntries, PAYLOAD_BLOCK_FULLY_PRESENT, type VhdxBatContext } from "../../src/formats/vhdx/vhdx-format.ts";
+
+const MiB = 1024 * 1024;
+const present = (offsetMiB: number): bigint => (BigInt(offsetMiB) << 20n) | BigInt(PAYLOAD_BLOCK_FULLY_PRESENT);
+
+const context: VhdxBatContext = {
+  blockSizeBytes: MiB,
+  chunkRatio: 2,
+  virtualDiskBytes: 4 * MiB - 512,
+  logicalSectorBytes: 512,
+  fileSizeBytes: 10 * MiB,
+  regions: [
+    [MiB, 2 * MiB], // the log
+    [3 * MiB, 4 * MiB], // the BAT
+  ],
+};
+
+test("a block over a region, one starting past the end of the file and one ending past it: QEMU's three lines", () => {
+  const bat = new BigUint64Array([present(3), present(10), 0n, present(9)]);
+  const grown = { ...context, virtualDiskBytes: 8 * MiB };
+  assert.deepEqual(checkBatEntries(bat, { ...grown, fileSizeBytes: 9.5 * MiB }, false), [
+    `VHDX region ${3 * MiB}-${4 * MiB} overlaps with region ${3 * MiB}-${4 * MiB}`,
+    `VHDX BAT entry 1 start offset ${10 * MiB} points after end of file (${9.5 * MiB}). Image has probably been truncated.`,
+    `VHDX BAT entry 3 end offset ${10 * MiB - 1} points after end of file (${9.5 * MiB}). Image has probably been truncated.`,
+  ]);
+  assert.equal(checkBatEntries(bat, { ...grown, fileSizeBytes: 9.5 * MiB }, true).length, 1, "an open stops at the first");
+});
+
+test("the file size is rounded up to 512 bytes, and the disk's last block counts only its own length", () => {
+  const bat = new BigUint64Array([0n, 0n, 0n, present(9)]);
+  // Entry 3's block starts at 9 MiB; the disk ends 512 bytes short of 4 MiB, so the block is 1 MiB - 512 long.
+  assert.deepEqual(checkBatEntries(bat, { ...context, fileSizeBytes: 10 * MiB - 512 - 100 }, false), []);
+  assert.equal(checkBatEntries(bat, { ...context, fileSizeBytes: 10 * MiB - 1024 }, false).length, 1);
+});
+
+test("the region check runs for chunkRatio fully present entries, then skips one (QEMU counts only those)", () => {
+  // All three point into the BAT region: the first two are checked, the third is not.
+  const bat = new BigUint64Array([present(3), present(3), present(3)]);
+  assert.equal(checkBatEntries(bat, { ...context, virtualDiskBytes: 8 * MiB }, false).length, 2);
+});
