@@ -80,9 +80,11 @@ test("create refusals print the Formatting line where qemu-img does: backing fil
     ["-f", "qcow2", "-o", "backing_fmt=qcow2", "new.qcow2", "1G"],
     ["-f", "qcow2", "-o", "encryption=on", "new.qcow2", "1M"],
   ];
+  const base = readFileSync(join(dir, "base.qcow2"));
   for (const args of cases) {
     await assertSameAsQemuImg(dir, ["create", ...args], `create ${args.join(" ")}`);
     assert.equal(existsSync(join(dir, "new.qcow2")), false, `create ${args.join(" ")}: no file left`);
+    assert.ok(readFileSync(join(dir, "base.qcow2")).equals(base), `create ${args.join(" ")}: the backing file is untouched`);
   }
   const missing = await snapstack(["img", "create", "-f", "qcow2", "-b", "missing.qcow2", "-F", "qcow2", "new.qcow2", "1G"], { cwd: dir });
   assert.equal(missing.stderr, "snapstack: error E_BACKING_MISSING: new.qcow2: Could not open 'missing.qcow2': No such file or directory; Could not open backing image.\n");

@@ -44,3 +44,18 @@ test("the region check runs for chunkRatio fully present entries, then skips one
   const bat = new BigUint64Array([present(3), present(3), present(3)]);
   assert.equal(checkBatEntries(bat, { ...context, virtualDiskBytes: 8 * MiB }, false).length, 2);
 });
+
+test("4 KiB logical sectors: the last block's length comes from the size in logical sectors times 512, as QEMU's total_sectors; an offset near 2^64 overflows", () => {
+  // 8 MiB in 4 KiB sectors is 2048 sectors: QEMU counts them as 512-byte ones, 1 MiB of disk.
+  // Entry 1's block then has 0 bytes left (1 MiB - 1 MiB), entry 2's wraps around and is a whole block.
+  const bat = new BigUint64Array([0n, present(9), present(9)]);
+  const sectors4k = { ...context, virtualDiskBytes: 8 * MiB, logicalSectorBytes: 4096, fileSizeBytes: 9 * MiB + 4096, regions: [] };
+  assert.deepEqual(checkBatEntries(bat, sectors4k, false), [
+    `VHDX BAT entry 2 end offset ${10 * MiB - 1} points after end of file (${9 * MiB + 4096}). Image has probably been truncated.`,
+  ]);
+  const huge = new BigUint64Array([((2n ** 44n - 1n) << 20n) | BigInt(PAYLOAD_BLOCK_FULLY_PRESENT)]);
+  const found = checkBatEntries(huge, { ...context, regions: [] }, false);
+  assert.equal(found[0], "VHDX BAT entry 0 offset overflow.");
+  assert.match(found[1], /^VHDX BAT entry 0 start offset \d+ points after end of file/);
+  assert.equal(checkBatEntries(huge, { ...context, regions: [] }, true).length, 1, "an open stops at the overflow");
+});
