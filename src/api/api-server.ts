@@ -290,6 +290,7 @@ export class ApiServer {
     const server = this.#createServer(false);
     await listenUnixSocket(server, path, {
       ownerOnly: true,
+      probeByConnecting: true,
       refusal: (failure, error) => {
         if (failure === "in-use") return new SnapstackError("E_IN_USE", `a snapstack daemon already listens on ${path}`, { path });
         if (failure === "not-socket") return new SnapstackError("E_EXISTS", `${path} exists and is not a socket`, { path });

@@ -8,16 +8,21 @@
  *   a live server listens on is refused, and so is any other kind of file: a
  *   path named by mistake must not lose the file it names.
  * - Whether someone listens comes from the kernel's table (/proc/net/unix:
- *   the flag __SO_ACCEPTCON and the path as it was bound), not from a probe
- *   connection: a probe would count as a client, and an NBD server without
- *   -t exits when its last client leaves. Without /proc the answer is "yes",
- *   so nothing is removed.
+ *   the flag __SO_ACCEPTCON and the path as it was bound). The table holds
+ *   the path as the other process gave it, relative to its own working
+ *   directory: a relative one with our file's name counts as ours (when in
+ *   doubt, the file is kept). Without /proc the answer is "yes".
+ * - Callers whose servers do not mind a stray connection (the helper, the
+ *   API daemon) also probe by connecting when the table shows no listener,
+ *   which reaches a server in another network namespace the table does not
+ *   list. The NBD server does not: a probe would count as a client, and an
+ *   NBD server without -t exits when its last client leaves.
  * - ownerOnly binds under umask 0177 and then chmods 0600, so that no other
  *   user can connect even for the moment between bind and chmod.
  */
 import { chmodSync, lstatSync, readFileSync, rmSync } from "node:fs";
-import type { Server } from "node:net";
-import { resolve } from "node:path";
+import { createConnection, type Server } from "node:net";
+import { basename, isAbsolute, resolve } from "node:path";
 import type { SnapstackError } from "../base/errors.ts";
 
 /** /proc/net/unix's flag of a listening socket. */
@@ -29,6 +34,8 @@ export type UnixListenFailure = "in-use" | "not-socket" | "other";
 export interface UnixListenOptions {
   /** Only this user may connect (the socket is made 0600). */
   ownerOnly: boolean;
+  /** Also try to connect before calling a socket file dead (see the design notes). */
+  probeByConnecting?: boolean;
   /** The error to throw for a failure; `error` is the listen's own. */
   refusal: (failure: UnixListenFailure, error: NodeJS.ErrnoException) => SnapstackError;
 }
@@ -42,7 +49,7 @@ export async function listenUnixSocket(server: Server, path: string, options: Un
     const kind = fileKind(path);
     if (kind === "other") throw options.refusal("not-socket", error);
     if (kind === "socket") {
-      if (someoneListens(path)) throw options.refusal("in-use", error);
+      if (someoneListens(path) || (options.probeByConnecting === true && (await connects(path)))) throw options.refusal("in-use", error);
       rmSync(path, { force: true });
     }
     // kind "missing": removed meanwhile, so try again.
@@ -83,11 +90,25 @@ export function someoneListens(path: string): boolean {
     return true;
   }
   const wanted = resolve(path);
+  const name = basename(wanted);
   for (const line of table.split("\n").slice(1)) {
     const fields = line.trim().split(/\s+/);
     if (fields.length < 8 || (parseInt(fields[3], 16) & SO_ACCEPTCON) === 0) continue;
     const bound = fields.slice(7).join(" ");
-    if (bound === path || resolve(bound) === wanted) return true;
+    // A relative path was bound relative to that process's directory, which we do not know.
+    if (bound === path || resolve(bound) === wanted || (!isAbsolute(bound) && basename(bound) === name)) return true;
   }
   return false;
+}
+
+/** Whether a connection to the socket at `path` is accepted (closed at once). */
+function connects(path: string): Promise<boolean> {
+  return new Promise((done) => {
+    const probe = createConnection(path);
+    probe.once("connect", () => {
+      probe.destroy();
+      done(true);
+    });
+    probe.once("error", () => done(false));
+  });
 }

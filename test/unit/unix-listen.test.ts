@@ -6,8 +6,8 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { spawnSync } from "node:child_process";
-import { lstatSync, readFileSync, writeFileSync } from "node:fs";
+import { spawn, spawnSync } from "node:child_process";
+import { linkSync, lstatSync, readFileSync, writeFileSync } from "node:fs";
 import { createConnection, createServer, type Server } from "node:net";
 import { join } from "node:path";
 import { SnapstackError } from "../../src/base/errors.ts";
@@ -69,4 +69,29 @@ test("ownerOnly: the socket is created 0600 and the process umask is restored", 
   await listenUnixSocket(server, path, { ownerOnly: true, refusal });
   assert.equal(lstatSync(path).mode & 0o777, 0o600);
   assert.equal(process.umask(), umaskBefore);
+});
+
+test("a live server bound by a relative path from another directory counts as listening (the file is kept)", async (t) => {
+  const dir = scratchDir(t);
+  const path = join(dir, "rel.sock");
+  // The other server binds "rel.sock" relative to its own working directory, as `snapstack nbd -k rel.sock` would.
+  const child = spawn(process.execPath, ["-e", 'require("net").createServer().listen("rel.sock", () => console.log("up"))'], { cwd: dir, stdio: ["ignore", "pipe", "ignore"] });
+  t.after(() => child.kill("SIGKILL"));
+  await new Promise<void>((resolve) => child.stdout.once("data", () => resolve()));
+  assert.equal(someoneListens(path), true, "found by its name, though /proc/net/unix holds it relative");
+  const server = closeLater(t, createServer());
+  await assert.rejects(listenUnixSocket(server, path, { ownerOnly: false, refusal }), (error: unknown) => error instanceof SnapstackError && error.details.failure === "in-use");
+  assert.ok(lstatSync(path).isSocket(), "the live server's socket file is kept");
+});
+
+test("probeByConnecting: a socket that answers is in use even when the table does not list it", async (t) => {
+  const path = join(scratchDir(t), "probe.sock");
+  const live = closeLater(t, createServer((socket) => socket.end()));
+  await listenUnixSocket(live, path, { ownerOnly: false, refusal });
+  // Ask with a name the table cannot match (a hard link to the socket file): only the probe finds the server.
+  const link = join(scratchDir(t), "link.sock");
+  linkSync(path, link);
+  assert.equal(someoneListens(link), false);
+  const second = closeLater(t, createServer());
+  await assert.rejects(listenUnixSocket(second, link, { ownerOnly: false, refusal, probeByConnecting: true }), (error: unknown) => error instanceof SnapstackError && error.details.failure === "in-use");
 });

@@ -322,6 +322,7 @@ export async function startHelperServer(options: HelperServerOptions): Promise<H
 
   await listenUnixSocket(server, options.socketPath, {
     ownerOnly: true,
+    probeByConnecting: true,
     refusal: (failure, error) => {
       const path = options.socketPath;
       if (failure === "in-use") return new SnapstackError("E_IN_USE", `a helper already listens on ${path}`, { path });
