@@ -45,17 +45,25 @@ test("the region check runs for chunkRatio fully present entries, then skips one
   assert.equal(checkBatEntries(bat, { ...context, virtualDiskBytes: 8 * MiB }, false).length, 2);
 });
 
-test("4 KiB logical sectors: the last block's length comes from the size in logical sectors times 512, as QEMU's total_sectors; an offset near 2^64 overflows", () => {
-  // 8 MiB in 4 KiB sectors is 2048 sectors: QEMU counts them as 512-byte ones, 1 MiB of disk.
-  // Entry 1's block then has 0 bytes left (1 MiB - 1 MiB), entry 2's wraps around and is a whole block.
-  const bat = new BigUint64Array([0n, present(9), present(9)]);
-  const sectors4k = { ...context, virtualDiskBytes: 8 * MiB, logicalSectorBytes: 4096, fileSizeBytes: 9 * MiB + 4096, regions: [] };
+test("4 KiB logical sectors (QEMU opens none): the disk's real size gives the last block's length; an offset near 2^64 overflows", () => {
+  // 8 MiB disk, entry 3 (payload block 2, after the bitmap entry at index 2 with chunkRatio 2) is a whole block.
+  const bat = new BigUint64Array([0n, 0n, 0n, present(9)]);
+  const sectors4k = { ...context, virtualDiskBytes: 8 * MiB, logicalSectorBytes: 4096, fileSizeBytes: 9.5 * MiB, regions: [] };
   assert.deepEqual(checkBatEntries(bat, sectors4k, false), [
-    `VHDX BAT entry 2 end offset ${10 * MiB - 1} points after end of file (${9 * MiB + 4096}). Image has probably been truncated.`,
+    `VHDX BAT entry 3 end offset ${10 * MiB - 1} points after end of file (${9.5 * MiB}). Image has probably been truncated.`,
   ]);
   const huge = new BigUint64Array([((2n ** 44n - 1n) << 20n) | BigInt(PAYLOAD_BLOCK_FULLY_PRESENT)]);
   const found = checkBatEntries(huge, { ...context, regions: [] }, false);
   assert.equal(found[0], "VHDX BAT entry 0 offset overflow.");
   assert.match(found[1], /^VHDX BAT entry 0 start offset \d+ points after end of file/);
   assert.equal(checkBatEntries(huge, { ...context, regions: [] }, true).length, 1, "an open stops at the overflow");
+});
+
+test("a block over two regions is reported against the one registered last, as QEMU's list orders them", () => {
+  const bat = new BigUint64Array([present(1)]);
+  const regions: Array<[number, number]> = [
+    [MiB, 2 * MiB],
+    [MiB + 4096, 3 * MiB],
+  ];
+  assert.deepEqual(checkBatEntries(bat, { ...context, regions }, false), [`VHDX region ${MiB}-${2 * MiB} overlaps with region ${MiB + 4096}-${3 * MiB}`]);
 });

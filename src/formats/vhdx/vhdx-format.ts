@@ -235,7 +235,7 @@ export interface VhdxBatContext {
   logicalSectorBytes: number;
   /** The image file's size. */
   fileSizeBytes: number;
-  /** The log and the region table's entries, [start, end) in bytes. */
+  /** The log and the region table's entries, [start, end) in bytes, in the order QEMU registers them. */
   regions: ReadonlyArray<readonly [number, number]>;
 }
 
@@ -250,18 +250,20 @@ const UINT64_MASK = 2n ** 64n - 1n;
  * - every entry is looked at, sector bitmap entries too;
  * - the file size is rounded up to 512 bytes (bdrv_getlength);
  * - a block's length is the block size, less for the disk's last block,
- *   computed from the entry's BAT index and from the disk size in 512-byte
- *   sectors (total_sectors, which QEMU sets to the size in logical
- *   sectors), with unsigned wrap-around;
+ *   computed from the entry's BAT index (bitmap entries counted) with
+ *   unsigned wrap-around; QEMU opens 512-byte logical sectors only, and
+ *   for 4 KiB ones, which snapstack opens, the real disk size serves;
  * - the region check runs for `chunkRatio` fully present entries, then
- *   skips one, counting fully present entries only.
+ *   skips one, counting fully present entries only;
+ * - an overlap names the region registered last among those it overlaps
+ *   (QEMU's list puts each new region first).
  * `firstOnly` stops at the first problem (an open); `check` counts them all.
  */
 export function checkBatEntries(bat: BigUint64Array, context: VhdxBatContext, firstOnly: boolean): string[] {
   const messages: string[] = [];
   const blockSize = BigInt(context.blockSizeBytes);
   const fileSize = BigInt(Math.ceil(context.fileSizeBytes / 512) * 512);
-  const totalBytes = BigInt(Math.floor(context.virtualDiskBytes / context.logicalSectorBytes)) * 512n;
+  const totalBytes = BigInt(context.virtualDiskBytes);
   let payBlocks = context.chunkRatio;
   for (let i = 0; i < bat.length; i++) {
     if (Number(bat[i] & 7n) !== PAYLOAD_BLOCK_FULLY_PRESENT) continue;
@@ -279,7 +281,7 @@ export function checkBatEntries(bat: BigUint64Array, context: VhdxBatContext, fi
     if (firstOnly && messages.length > before) break;
     if (payBlocks-- !== 0) {
       const end = offset + blockSize;
-      const hit = context.regions.find(([start, regionEnd]) => !(offset >= BigInt(regionEnd) || end <= BigInt(start)));
+      const hit = context.regions.findLast(([start, regionEnd]) => !(offset >= BigInt(regionEnd) || end <= BigInt(start)));
       if (hit !== undefined) messages.push(`VHDX region ${offset}-${end} overlaps with region ${hit[0]}-${hit[1]}`);
       if (firstOnly && messages.length > before) break;
     } else {

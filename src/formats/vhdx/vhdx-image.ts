@@ -142,7 +142,8 @@ export async function openVhdx(file: ImageFile, _openFile?: unknown, settings: {
     // vhdx_open_region_tables: each entry may not overlap the log or an entry before it.
     const registered: Array<[number, number]> = [[header.logOffset, header.logOffset + header.logLengthBytes]];
     for (const [start, end] of regions.all) {
-      const hit = registered.find(([otherStart, otherEnd]) => !(start >= otherEnd || end <= otherStart));
+      // QEMU's list puts each new region first: the one named is the last registered that overlaps.
+      const hit = registered.findLast(([otherStart, otherEnd]) => !(start >= otherEnd || end <= otherStart));
       if (hit !== undefined) throw corrupt(`VHDX region ${start}-${end} overlaps with region ${hit[0]}-${hit[1]}`, path);
       registered.push([start, end]);
     }
