@@ -112,6 +112,18 @@ test("vmdk is read-only: writers refuse it, the file untouched; damaged and unsu
   assertCodedError(flatInfo, "E_CORRUPT_IMAGE");
   assert.match(flatInfo.stderr, /Invalid extent line: RW 131072 FLAT "unquoted-flat-f001\.vmdk$/m);
 
+  // sscanf's whitespace: none needed between a number and a word, and newlines count as whitespace.
+  writeFileSync(join(dir, "flat.bin"), Buffer.alloc(1024 * 1024, 0x5c));
+  const flatDescriptor = (extent: string): string => `# Disk DescriptorFile\nversion=1\nCID=1234abcd\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n${extent}\n`;
+  for (const [name, extent] of [
+    ["glued.vmdk", 'RW 2048FLAT "flat.bin" 0'],
+    ["wrapped.vmdk", 'RW 2048 FLAT\n"flat.bin" 0'],
+    ["offset-below.vmdk", 'RW 2048 FLAT "flat.bin"\r\n0'],
+  ]) {
+    writeFileSync(join(dir, name), flatDescriptor(extent));
+    await assertSameAsQemuImg(dir, ["info", "--output=json", name], `info of the extent line ${JSON.stringify(extent)}`);
+  }
+
   // Linked clones and create types QEMU does not open.
   ok(await qemuImg(["create", "-q", "-f", "vmdk", "-b", "disk.vmdk", "-F", "vmdk", "clone.vmdk"], dir), "create a linked clone");
   const clone = await snapstack(["img", "info", "clone.vmdk"], { cwd: dir });

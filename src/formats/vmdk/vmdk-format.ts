@@ -178,13 +178,23 @@ function cidValue(text: string, name: string): number | null {
 }
 
 /**
- * sscanf("%10s %ld %10s \"%511[^\n\r\"]\" %ld"): whitespace optional before
- * the last number, signs allowed. Without the closing quote (or past 511
- * characters of name) sscanf still has its 4th match and stops there: a
- * SPARSE extent named by what it read, a FLAT one invalid for lack of an
- * offset, as QEMU decides.
+ * sscanf("%10s %ld %10s \"%511[^\n\r\"]\" %ld") run from a line's start
+ * over the rest of the descriptor, as vmdk_parse_extents runs it: a space
+ * in the format matches any run of C whitespace (newlines too, and none at
+ * all, so "2048FLAT" reads as two fields), %ld and %s skip whitespace
+ * first, %10s reads at most 10 characters. Without the closing quote (or
+ * past 511 characters of name) sscanf still has its 4th match and stops
+ * there: a SPARSE extent named by what it read, a FLAT one invalid for lack
+ * of an offset, as QEMU decides.
  */
-const EXTENT_LINE = /^(\S{1,10})[ \t]+([+-]?\d+)[ \t]+(\S{1,10})[ \t]+"([^\n\r"]{1,511})(?:"(?:[ \t]*([+-]?\d+))?)?/;
+const WS = "[ \\t\\n\\v\\f\\r]*";
+/** A field read as sscanf reads it: as much as it can, never less to let a later field match ((?=(x))\k<x> does not backtrack). */
+const field = (name: string, pattern: string): string => `(?=(?<${name}>${pattern}))\\k<${name}>`;
+const WORD = "[^ \\t\\n\\v\\f\\r]{1,10}";
+const NUMBER = "[+-]?\\d+";
+const EXTENT_LINE = new RegExp(
+  `^${field("access", WORD)}${WS}${field("sectors", NUMBER)}${WS}${field("type", WORD)}${WS}"(?<name>[^\\n\\r"]{1,511})(?:"(?:${WS}(?<offset>${NUMBER}))?)?`,
+);
 const EXTENT_TYPES: readonly string[] = ["FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE"];
 
 /** Parse a descriptor as vmdk_open_desc_file and vmdk_parse_extents do. */
@@ -198,8 +208,8 @@ export function parseDescriptor(text: string): VmdkDescriptor {
     const from = text.slice(start, start + 4096).trimStart();
     const line = from.slice(0, from.indexOf("\n") < 0 ? from.length : from.indexOf("\n"));
     const match = EXTENT_LINE.exec(from);
-    if (match === null || match[1] !== "RW") continue;
-    const [, , sectorsText, type, fileName, offsetText] = match;
+    if (match === null || match.groups!.access !== "RW") continue;
+    const { sectors: sectorsText, type, name: fileName, offset: offsetText } = match.groups!;
     const sectors = Number(sectorsText);
     let flatOffsetSectors = offsetText === undefined ? -1 : Number(offsetText);
     if (type === "FLAT") {
