@@ -123,11 +123,17 @@ export async function refuseUnamendableFormat(path: string, format: string | und
   if (name !== "qcow2") throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Format driver '${name}' does not support option amendment`, { path });
 }
 
-export async function amendImage(path: string, options: AmendOptions, settings: { format?: string } = {}): Promise<void> {
+/**
+ * Amend the image at `path`. `onStart` is called once it is open and known
+ * to be amendable, before any option is checked against it (where qemu-img
+ * prints its first progress step).
+ */
+export async function amendImage(path: string, options: AmendOptions, settings: { format?: string; onStart?: () => void } = {}): Promise<void> {
   const format = settings.format === undefined ? undefined : parseImageFormat(settings.format);
   const image = await openImage(path, { format, readOnly: false });
   try {
     if (!(image instanceof Qcow2Image)) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Format driver '${image.format}' does not support option amendment`, { path });
+    settings.onStart?.();
     const plan = await planAmend(image, path, options);
     // QEMU's order: upgrade, refcount width, lazy refcounts, size, downgrade.
     await image.amendHeader({ version3: plan.version3 });

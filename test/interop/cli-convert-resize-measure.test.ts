@@ -359,6 +359,14 @@ test("amend: compat, lazy_refcounts, refcount_bits and size as qemu-img does the
   assert.equal(ok(await snapstack(["img", "amend", "-p", "-o", "size=2M", "ours.qcow2"], { cwd: dir }), "amend -p").stdout, theirsProgress);
   assert.equal(theirsProgress, "    (0.00/100%)\r    (100.00/100%)\r\n");
   assert.equal(ok(await snapstack(["img", "amend", "-p", "-q", "-o", "size=3M", "ours.qcow2"], { cwd: dir }), "amend -p -q").stdout, "");
+  // Failing before the image is open: only the newline; failing in the amend: 0% and 100% first.
+  for (const args of [["-o", "size=2M", "missing.qcow2"], ["-o", "bogus=1", "ours.qcow2"], ["-o", "backing_file=other.raw", "ours.qcow2"]]) {
+    const theirsOut = await qemuImg(["amend", "-p", ...args], dir);
+    const oursOut = await snapstack(["img", "amend", "-p", ...args], { cwd: dir });
+    assert.equal(theirsOut.code, 1, `qemu-img amend -p ${args.join(" ")}`);
+    assert.equal(oursOut.code, 1, `amend -p ${args.join(" ")}`);
+    assert.equal(oursOut.stdout, theirsOut.stdout, `amend -p ${args.join(" ")}`);
+  }
   // -o help: with -f, that format's options without opening anything; without, the named image's format.
   assert.equal(ok(await snapstack(["img", "amend", "-f", "qcow2", "-o", "help"], { cwd: dir }), "-f qcow2 -o help").stdout, ok(await qemuImg(["amend", "-f", "qcow2", "-o", "help"], dir), "qemu-img -f qcow2 -o help").stdout);
   const refusedHelp: Array<[string[], string]> = [

@@ -33,25 +33,33 @@ export const amendCommand: CliCommand = {
     ]);
     const optionText = optionString(parsed, "options");
     if (optionText === undefined) throw new SnapstackError("E_USAGE", "Must specify options (-o)");
-    const entries = parseOptionList(optionText);
-    if (isHelpRequest(entries)) {
-      // As qemu-img: with -f, that format's options; without, the image's (which must be named).
-      const format = optionString(parsed, "format");
-      if (format === undefined) expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
-      await refuseUnamendableFormat(parsed.positionals[0] ?? "", format);
-      context.out(formatAmendHelp());
-      return 0;
-    }
-    expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
-    // Typed with qcow2's table (the only format with amendable options); amendImage refuses the others.
-    const checked = checkCreateOptions("qcow2", entries);
-    // -p: 0% when it starts, 100% when done (qemu-img reports steps in between that differ by option).
-    const progress = createProgress(context, optionFlag(parsed, "progress") && !optionFlag(parsed, "quiet"));
+    // -p, as qemu-img: once the options are there, every ending prints a newline; 0% once the image
+    // is open and amendable, 100% when the amend ends, failed or not (no steps in between).
+    const showProgress = optionFlag(parsed, "progress") && !optionFlag(parsed, "quiet");
+    let progress: ReturnType<typeof createProgress> | null = null;
     try {
-      await amendImage(parsed.positionals[0], checked.typed, { format: optionString(parsed, "format") });
-      progress.update(1);
+      const entries = parseOptionList(optionText);
+      if (isHelpRequest(entries)) {
+        // As qemu-img: with -f, that format's options; without, the image's (which must be named).
+        const format = optionString(parsed, "format");
+        if (format === undefined) expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
+        await refuseUnamendableFormat(parsed.positionals[0] ?? "", format);
+        context.out(formatAmendHelp());
+        return 0;
+      }
+      expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
+      // Typed with qcow2's table (the only format with amendable options); amendImage refuses the others.
+      const checked = checkCreateOptions("qcow2", entries);
+      await amendImage(parsed.positionals[0], checked.typed, {
+        format: optionString(parsed, "format"),
+        onStart: () => (progress = createProgress(context, showProgress)),
+      });
     } finally {
-      progress.end();
+      const started = progress as ReturnType<typeof createProgress> | null;
+      if (started !== null) {
+        started.update(1);
+        started.end();
+      } else if (showProgress) context.out("\n");
     }
     return 0;
   },
