@@ -118,12 +118,18 @@ function parseRawPreallocation(path: string, value: string): RawPreallocation {
   throw new SnapstackError("E_INVALID_OPTION", `${path}: Unsupported preallocation mode: ${value}`, { path });
 }
 
-/** Open the backing image alone, for its metadata (qemu-img opens it without I/O), to check it and learn its size; shared with a writer, as qemu-img create opens it (an overlay over an image in use is a live snapshot's first step). */
-async function backingSize(path: string, backingFile: string, backingFormat: string, openFile: OpenImageFile | undefined): Promise<number> {
+/**
+ * Open the backing image and its own chain, the backing for its metadata
+ * only (qemu-img opens it without I/O), to check it and learn its size and
+ * format; shared with a writer, as qemu-img create opens it (an overlay over
+ * an image in use is a live snapshot's first step).
+ */
+async function openBackingForSize(path: string, backingFile: string, backingFormat: string | undefined, openFile: OpenImageFile | undefined): Promise<{ sizeBytes: number; format: string }> {
   const backingPath = resolveBackingPath(path, backingFile);
   let device;
   try {
-    device = await openImage(backingPath, { format: parseImageFormat(backingFormat), readOnly: true, openBacking: false, forceShare: true, openFile, metadataOnly: true });
+    const format = backingFormat === undefined ? undefined : parseImageFormat(backingFormat);
+    device = await openImage(backingPath, { format, readOnly: true, forceShare: true, openFile, metadataOnly: true });
   } catch (error) {
     if (!isSnapstackError(error)) throw error;
     const code = error.code === "E_NOT_FOUND" ? "E_BACKING_MISSING" : error.code;
@@ -133,7 +139,7 @@ async function backingSize(path: string, backingFile: string, backingFormat: str
     throw new SnapstackError(code, `${path}: ${reason}\nCould not open backing image.`, { ...error.details, path, backingFile: backingPath });
   }
   try {
-    return device.sizeBytes;
+    return { sizeBytes: device.sizeBytes, format: device.format };
   } finally {
     await device.close();
   }
@@ -152,12 +158,20 @@ export async function checkBackingForCreate(
   settings: { unsafe?: boolean; openFile?: OpenImageFile } = {},
 ): Promise<number | undefined> {
   if (backingFile === "") throw invalid(path, "Expected backing file name, got empty string");
-  if (backingFormat === undefined) throw new SnapstackError("E_BACKING_FORMAT", `${path}: Backing file specified without backing format`, { path, backingFile });
   // qemu-img compares the two names; the files are compared here, as the backing name resolves.
   if (sameFile(path, resolveBackingPath(path, backingFile))) {
     throw new SnapstackError("E_BACKING_LOOP", `${path}: Trying to create an image with the same filename as the backing file`, { path, backingFile });
   }
-  return settings.unsafe ? undefined : backingSize(path, backingFile, backingFormat, settings.openFile);
+  const withoutFormat = (detected: string | null): SnapstackError =>
+    new SnapstackError("E_BACKING_FORMAT", `${path}: Backing file specified without backing format${detected === null ? "" : `\nDetected format of ${detected}.`}`, { path, backingFile });
+  if (settings.unsafe) {
+    if (backingFormat === undefined) throw withoutFormat(null);
+    return undefined;
+  }
+  // As bdrv_img_create: the backing chain is opened first, its format checked after.
+  const backing = await openBackingForSize(path, backingFile, backingFormat, settings.openFile);
+  if (backingFormat === undefined) throw withoutFormat(backing.format);
+  return backing.sizeBytes;
 }
 
 export async function createImage(path: string, request: CreateImageOptions): Promise<void> {

@@ -79,7 +79,11 @@ test("create refusals print the Formatting line where qemu-img does: backing fil
     ["-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "base.qcow2"],
     ["-f", "qcow2", "-o", "backing_fmt=qcow2", "new.qcow2", "1G"],
     ["-f", "qcow2", "-o", "encryption=on", "new.qcow2", "1M"],
+    // The backing is opened (its chain too) before its format is asked for, as bdrv_img_create does.
+    ["-f", "qcow2", "-b", "missing.qcow2", "new.qcow2", "1M"],
+    ["-f", "qcow2", "-b", "dangling.qcow2", "-F", "qcow2", "new.qcow2"],
   ];
+  ok(await qemuImg(["create", "-q", "-f", "qcow2", "-u", "-b", "nowhere.qcow2", "-F", "qcow2", "dangling.qcow2", "1M"], dir), "an overlay whose backing is gone");
   const base = readFileSync(join(dir, "base.qcow2"));
   for (const args of cases) {
     await assertSameAsQemuImg(dir, ["create", ...args], `create ${args.join(" ")}`);
@@ -88,6 +92,10 @@ test("create refusals print the Formatting line where qemu-img does: backing fil
   }
   const missing = await snapstack(["img", "create", "-f", "qcow2", "-b", "missing.qcow2", "-F", "qcow2", "new.qcow2", "1G"], { cwd: dir });
   assert.equal(missing.stderr, "snapstack: error E_BACKING_MISSING: new.qcow2: Could not open 'missing.qcow2': No such file or directory; Could not open backing image.\n");
+  assert.match((await snapstack(["img", "create", "-f", "qcow2", "-b", "missing.qcow2", "new.qcow2", "1M"], { cwd: dir })).stderr, /E_BACKING_MISSING/);
+  assert.match((await snapstack(["img", "create", "-f", "qcow2", "-b", "dangling.qcow2", "-F", "qcow2", "new.qcow2"], { cwd: dir })).stderr, /E_BACKING_MISSING: .*nowhere\.qcow2/);
+  const noFormat = await snapstack(["img", "create", "-f", "qcow2", "-b", "base.qcow2", "new.qcow2", "1M"], { cwd: dir });
+  assert.match(noFormat.stderr, /E_BACKING_FORMAT: new\.qcow2: Backing file specified without backing format; Detected format of qcow2\./);
 });
 
 test("create -q prints nothing; -o help lists the options like qemu-img", async (t) => {
