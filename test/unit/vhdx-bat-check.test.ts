@@ -67,3 +67,13 @@ test("a block over two regions is reported against the one registered last, as Q
   ];
   assert.deepEqual(checkBatEntries(bat, { ...context, regions }, false), [`VHDX region ${MiB}-${2 * MiB} overlaps with region ${MiB + 4096}-${3 * MiB}`]);
 });
+
+test("a disk size that is not a multiple of 512 counts in whole sectors, rounded down, as QEMU's total_sectors", () => {
+  // 3 MiB - 1000 bytes in 1 MiB blocks: the last block (entry 2, at 10 MiB) holds 1 MiB - 1024 bytes as QEMU counts it.
+  const bat = new BigUint64Array([0n, 0n, present(10)]);
+  const odd = { ...context, chunkRatio: 4, virtualDiskBytes: 3 * MiB - 1000, regions: [] };
+  assert.deepEqual(checkBatEntries(bat, { ...odd, fileSizeBytes: 11 * MiB - 1024 }, false), []);
+  assert.deepEqual(checkBatEntries(bat, { ...odd, fileSizeBytes: 11 * MiB - 1536 }, false), [
+    `VHDX BAT entry 2 end offset ${11 * MiB - 1025} points after end of file (${11 * MiB - 1536}). Image has probably been truncated.`,
+  ]);
+});

@@ -251,8 +251,10 @@ const UINT64_MASK = 2n ** 64n - 1n;
  * - the file size is rounded up to 512 bytes (bdrv_getlength);
  * - a block's length is the block size, less for the disk's last block,
  *   computed from the entry's BAT index (bitmap entries counted) with
- *   unsigned wrap-around; QEMU opens 512-byte logical sectors only, and
- *   for 4 KiB ones, which snapstack opens, the real disk size serves;
+ *   unsigned wrap-around, and from the disk size in whole logical sectors
+ *   (QEMU's total_sectors: a size that is not a multiple of 512 is rounded
+ *   down). QEMU opens 512-byte logical sectors only; for 4 KiB ones, which
+ *   snapstack opens, whole 4 KiB sectors count;
  * - the region check runs for `chunkRatio` fully present entries, then
  *   skips one, counting fully present entries only;
  * - an overlap names the region registered last among those it overlaps
@@ -263,7 +265,7 @@ export function checkBatEntries(bat: BigUint64Array, context: VhdxBatContext, fi
   const messages: string[] = [];
   const blockSize = BigInt(context.blockSizeBytes);
   const fileSize = BigInt(Math.ceil(context.fileSizeBytes / 512) * 512);
-  const totalBytes = BigInt(context.virtualDiskBytes);
+  const totalBytes = BigInt(Math.floor(context.virtualDiskBytes / context.logicalSectorBytes) * context.logicalSectorBytes);
   let payBlocks = context.chunkRatio;
   for (let i = 0; i < bat.length; i++) {
     if (Number(bat[i] & 7n) !== PAYLOAD_BLOCK_FULLY_PRESENT) continue;

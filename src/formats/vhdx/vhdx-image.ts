@@ -162,7 +162,9 @@ export async function openVhdx(file: ImageFile, _openFile?: unknown, settings: {
     // As QEMU: an open stops at the first problem; one for `check` (BDRV_O_CHECK) counts them all instead.
     const problems = checkBatEntries(bat, context, settings.check !== true);
     if (settings.check !== true && problems.length > 0) throw corrupt(problems[0], path);
-    return new VhdxImage(file, metadata.virtualDiskBytes, metadata.blockSizeBytes, ratio, bat, problems);
+    // QEMU's size is total_sectors, whole logical sectors: a virtual size that is not a multiple of one is rounded down.
+    const sizeBytes = Math.floor(metadata.virtualDiskBytes / metadata.logicalSectorBytes) * metadata.logicalSectorBytes;
+    return new VhdxImage(file, sizeBytes, metadata.blockSizeBytes, ratio, bat, problems);
   } catch (error) {
     throw prefix(error);
   }
