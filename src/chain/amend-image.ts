@@ -30,6 +30,17 @@ import { openImage } from "./open-image.ts";
 export type AmendOptions = Record<string, string | boolean | number>;
 
 const CREATION_ONLY = ["cluster_size", "preallocation", "extended_l2", "compression_type", "encryption"];
+/** qcow2's amend options for encrypted images (LUKS key slots), which snapstack does not open. */
+const ENCRYPTION_AMEND_KEYS = ["encrypt.keyslot", "encrypt.new-secret", "encrypt.old-secret", "encrypt.state", "encrypt.iter-time"];
+
+/** qemu-img parses the options against the format's amend options before it starts: creation-only ones are refused there. */
+function refuseCreationOnly(path: string, options: AmendOptions): void {
+  for (const key of Object.keys(options)) {
+    if (CREATION_ONLY.includes(key) || (key.startsWith("encrypt.") && !ENCRYPTION_AMEND_KEYS.includes(key))) {
+      throw invalid(`Invalid parameter '${key}': this option is only supported for image creation`, path);
+    }
+  }
+}
 
 function invalid(message: string, path: string): SnapstackError {
   return new SnapstackError("E_INVALID_OPTION", message, { path });
@@ -47,7 +58,7 @@ interface AmendPlan {
 async function planAmend(image: Qcow2Image, path: string, options: AmendOptions): Promise<AmendPlan> {
   const info = image.info();
   for (const key of Object.keys(options)) {
-    if (CREATION_ONLY.includes(key) || key.startsWith("encrypt.")) throw invalid(`Invalid parameter '${key}': this option is only supported for image creation`, path);
+    if (ENCRYPTION_AMEND_KEYS.includes(key)) throw invalid("Can't amend encryption options - encryption not present", path);
     if (key === "data_file") throw invalid("data-file can only be set for images that use an external data file", path);
     if (key === "data_file_raw" && options.data_file_raw === true) throw invalid("data-file-raw cannot be set on existing images", path);
   }
@@ -133,6 +144,7 @@ export async function amendImage(path: string, options: AmendOptions, settings: 
   const image = await openImage(path, { format, readOnly: false });
   try {
     if (!(image instanceof Qcow2Image)) throw new SnapstackError("E_UNSUPPORTED_FEATURE", `Format driver '${image.format}' does not support option amendment`, { path });
+    refuseCreationOnly(path, options);
     settings.onStart?.();
     const plan = await planAmend(image, path, options);
     // QEMU's order: upgrade, refcount width, lazy refcounts, size, downgrade.
