@@ -7,16 +7,17 @@
  *   leaves) is removed and the listen tried once more, as qemu-nbd does. One
  *   a live server listens on is refused, and so is any other kind of file: a
  *   path named by mistake must not lose the file it names.
- * - Whether someone listens comes from the kernel's table (/proc/net/unix:
- *   the flag __SO_ACCEPTCON and the path as it was bound). The table holds
- *   the path as the other process gave it, relative to its own working
- *   directory: a relative one with our file's name counts as ours (when in
- *   doubt, the file is kept). Without /proc the answer is "yes".
+ * - Whether someone listens comes first from the kernel's table
+ *   (/proc/net/unix: the flag __SO_ACCEPTCON and the path as it was bound).
+ *   The table holds the path as the other process gave it, relative to its
+ *   own working directory: a relative one with our file's name may be ours
+ *   ("maybe"). Without /proc the answer is "maybe".
  * - Callers whose servers do not mind a stray connection (the helper, the
- *   API daemon) also probe by connecting when the table shows no listener,
- *   which reaches a server in another network namespace the table does not
- *   list. The NBD server does not: a probe would count as a client, and an
- *   NBD server without -t exits when its last client leaves.
+ *   API daemon) then probe by connecting, which settles a "maybe" and also
+ *   reaches a server in another network namespace the table does not list:
+ *   only a refused connection (ECONNREFUSED) means dead. The NBD server does
+ *   not probe: a probe would count as a client, and an NBD server without -t
+ *   exits when its last client leaves; for it a "maybe" keeps the file.
  * - ownerOnly binds under umask 0177 and then chmods 0600, so that no other
  *   user can connect even for the moment between bind and chmod.
  */
@@ -49,7 +50,7 @@ export async function listenUnixSocket(server: Server, path: string, options: Un
     const kind = fileKind(path);
     if (kind === "other") throw options.refusal("not-socket", error);
     if (kind === "socket") {
-      if (someoneListens(path) || (options.probeByConnecting === true && (await connects(path)))) throw options.refusal("in-use", error);
+      if (await isLive(path, options.probeByConnecting === true)) throw options.refusal("in-use", error);
       rmSync(path, { force: true });
     }
     // kind "missing": removed meanwhile, so try again.
@@ -81,34 +82,48 @@ function fileKind(path: string): "socket" | "missing" | "other" {
   }
 }
 
-/** Whether some process listens on the Unix socket at `path` (see the design notes). */
-export function someoneListens(path: string): boolean {
+/** Whether a server still listens on the socket file at `path` (see the design notes). */
+async function isLive(path: string, probe: boolean): Promise<boolean> {
+  const listed = someoneListens(path);
+  if (listed === "yes") return true;
+  if (!probe) return listed === "maybe";
+  return (await connectOutcome(path)) !== "refused";
+}
+
+/**
+ * Whether the kernel's table shows a listener on the Unix socket at `path`:
+ * "yes" for the path itself, "maybe" for a relative path with its name (or
+ * no table), "no" otherwise (see the design notes).
+ */
+export function someoneListens(path: string): "yes" | "maybe" | "no" {
   let table: string;
   try {
     table = readFileSync("/proc/net/unix", "utf8");
   } catch {
-    return true;
+    return "maybe";
   }
   const wanted = resolve(path);
   const name = basename(wanted);
+  let answer: "maybe" | "no" = "no";
   for (const line of table.split("\n").slice(1)) {
     const fields = line.trim().split(/\s+/);
     if (fields.length < 8 || (parseInt(fields[3], 16) & SO_ACCEPTCON) === 0) continue;
     const bound = fields.slice(7).join(" ");
+    if (bound === path || resolve(bound) === wanted) return "yes";
     // A relative path was bound relative to that process's directory, which we do not know.
-    if (bound === path || resolve(bound) === wanted || (!isAbsolute(bound) && basename(bound) === name)) return true;
+    if (!isAbsolute(bound) && basename(bound) === name) answer = "maybe";
   }
-  return false;
+  return answer;
 }
 
-/** Whether a connection to the socket at `path` is accepted (closed at once). */
-function connects(path: string): Promise<boolean> {
+/** Connect to the socket at `path` and close at once: accepted, refused (nothing listens), or another error (a full backlog: alive). */
+function connectOutcome(path: string): Promise<"accepted" | "refused" | "other"> {
   return new Promise((done) => {
     const probe = createConnection(path);
     probe.once("connect", () => {
       probe.destroy();
-      done(true);
+      done("accepted");
     });
-    probe.once("error", () => done(false));
+    probe.once("error", (error: NodeJS.ErrnoException) => done(error.code === "ECONNREFUSED" || error.code === "ENOENT" ? "refused" : "other"));
   });
 }
