@@ -189,7 +189,15 @@ function typeValue(spec: CreateOptionSpec, value: string): string | boolean | nu
  * option override earlier ones, as in qemu.
  */
 export function checkCreateOptions(format: string, entries: readonly OptionEntry[]): CreateOptionValues {
-  const specs = requireKnownFormat(format);
+  return checkOptionsAgainst(format, requireKnownFormat(format), entries);
+}
+
+/** `amend -o` options, typed: qcow2's create options and its amend-only ones (LUKS key slots), as qemu-img parses them. */
+export function checkAmendOptions(entries: readonly OptionEntry[]): CreateOptionValues {
+  return checkOptionsAgainst("qcow2", [...requireKnownFormat("qcow2"), ...QCOW2_AMEND_ONLY], entries);
+}
+
+function checkOptionsAgainst(format: string, specs: CreateOptionSpec[], entries: readonly OptionEntry[]): CreateOptionValues {
   const given: Record<string, string> = {};
   const typed: Record<string, string | boolean | number> = {};
   for (const entry of entries) {

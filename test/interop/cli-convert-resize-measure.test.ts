@@ -360,7 +360,7 @@ test("amend: compat, lazy_refcounts, refcount_bits and size as qemu-img does the
   assert.equal(theirsProgress, "    (0.00/100%)\r    (100.00/100%)\r\n");
   assert.equal(ok(await snapstack(["img", "amend", "-p", "-q", "-o", "size=3M", "ours.qcow2"], { cwd: dir }), "amend -p -q").stdout, "");
   // Failing before the image is open: only the newline; failing in the amend: 0% and 100% first.
-  for (const args of [["-o", "size=2M", "missing.qcow2"], ["-o", "bogus=1", "ours.qcow2"], ["-o", "cluster_size=4k", "ours.qcow2"], ["-o", "backing_file=other.raw", "ours.qcow2"]]) {
+  for (const args of [["-o", "size=2M", "missing.qcow2"], ["-o", "bogus=1", "ours.qcow2"], ["-o", "cluster_size=4k", "ours.qcow2"], ["-o", "backing_file=other.raw", "ours.qcow2"], ["-o", "encrypt.new-secret=x", "ours.qcow2"]]) {
     const theirsOut = await qemuImg(["amend", "-p", ...args], dir);
     const oursOut = await snapstack(["img", "amend", "-p", ...args], { cwd: dir });
     assert.equal(theirsOut.code, 1, `qemu-img amend -p ${args.join(" ")}`);

@@ -9,7 +9,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { createProgress, expectPositionals } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
-import { checkCreateOptions, formatAmendHelp, isHelpRequest, parseOptionList } from "../create-options.ts";
+import { checkAmendOptions, formatAmendHelp, isHelpRequest, parseOptionList } from "../create-options.ts";
 import { amendImage, refuseUnamendableFormat } from "../engine.ts";
 
 export const amendCommand: CliCommand = {
@@ -48,8 +48,8 @@ export const amendCommand: CliCommand = {
         return 0;
       }
       expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
-      // Typed with qcow2's table (the only format with amendable options); amendImage refuses the others.
-      const checked = checkCreateOptions("qcow2", entries);
+      // Typed with qcow2's tables (the only format with amendable options); amendImage refuses the others.
+      const checked = checkAmendOptions(entries);
       await amendImage(parsed.positionals[0], checked.typed, {
         format: optionString(parsed, "format"),
         onStart: () => (progress = createProgress(context, showProgress)),
