@@ -151,7 +151,8 @@ export interface VmdkDescriptor {
 /** The text of a descriptor: up to the first NUL, as QEMU's C strings end; UTF-8, as file names are (QEMU passes the bytes through). */
 export function descriptorText(bytes: Uint8Array): string {
   const end = bytes.indexOf(0);
-  return new TextDecoder("utf-8").decode(end < 0 ? bytes : bytes.subarray(0, end));
+  // ignoreBOM keeps a leading byte-order mark as text, as C sees its bytes.
+  return new TextDecoder("utf-8", { ignoreBOM: true }).decode(end < 0 ? bytes : bytes.subarray(0, end));
 }
 
 /**
@@ -192,9 +193,13 @@ const WS = "[ \\t\\n\\v\\f\\r]*";
 const field = (name: string, pattern: string): string => `(?=(?<${name}>${pattern}))\\k<${name}>`;
 const WORD = "[^ \\t\\n\\v\\f\\r]{1,10}";
 const NUMBER = "[+-]?\\d+";
+/** Sticky: matched where a line's leading whitespace ends, over the rest of the descriptor. */
 const EXTENT_LINE = new RegExp(
-  `^${field("access", WORD)}${WS}${field("sectors", NUMBER)}${WS}${field("type", WORD)}${WS}"(?<name>[^\\n\\r"]{1,511})(?:"(?:${WS}(?<offset>${NUMBER}))?)?`,
+  `${field("access", WORD)}${WS}${field("sectors", NUMBER)}${WS}${field("type", WORD)}${WS}"(?<name>[^\\n\\r"]{1,511})(?:"(?:${WS}(?<offset>${NUMBER}))?)?`,
+  "y",
 );
+/** C's isspace in the C locale. */
+const C_WHITESPACE = " \t\n\v\f\r";
 const EXTENT_TYPES: readonly string[] = ["FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE"];
 
 /** Parse a descriptor as vmdk_open_desc_file and vmdk_parse_extents do. */
@@ -205,9 +210,12 @@ export function parseDescriptor(text: string): VmdkDescriptor {
   // QEMU runs sscanf from the start of every line, and sscanf skips whitespace, newlines included: a
   // blank line right before an extent line reads that extent too (twice in all). So does this.
   for (let start = 0; start < text.length; start = text.indexOf("\n", start) < 0 ? text.length : text.indexOf("\n", start) + 1) {
-    const from = text.slice(start, start + 4096).trimStart();
-    const line = from.slice(0, from.indexOf("\n") < 0 ? from.length : from.indexOf("\n"));
-    const match = EXTENT_LINE.exec(from);
+    let at = start;
+    while (at < text.length && C_WHITESPACE.includes(text[at])) at++;
+    const lineEnd = text.indexOf("\n", at);
+    const line = text.slice(at, lineEnd < 0 ? text.length : lineEnd);
+    EXTENT_LINE.lastIndex = at;
+    const match = EXTENT_LINE.exec(text);
     if (match === null || match.groups!.access !== "RW") continue;
     const { sectors: sectorsText, type, name: fileName, offset: offsetText } = match.groups!;
     const sectors = Number(sectorsText);
