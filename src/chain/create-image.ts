@@ -37,6 +37,11 @@ export interface CreateImageOptions {
   options?: Record<string, CreateOptionValue>;
   /** Opens and creates the files (default: NodeFile); crash tests pass FaultFiles. */
   openFile?: OpenImageFile;
+  /**
+   * Called once the backing file is checked and the size known, before the
+   * format's own checks: where qemu-img prints its "Formatting" line.
+   */
+  onChecked?: (sizeBytes: number) => void;
 }
 
 const QCOW2_KEYS = ["size", "cluster_size", "refcount_bits", "lazy_refcounts", "extended_l2", "compression_type", "preallocation", "compat", "backing_file", "backing_fmt"];
@@ -149,9 +154,9 @@ async function openBackingForSize(path: string, backingFile: string, backingForm
  * What qemu-img create checks of a backing file before it prints its
  * "Formatting" line: a name, not the new image itself, a format, and
  * (without `unsafe`) that it opens. Resolves to the backing image's size
- * (undefined when `unsafe`). createImage calls it too.
+ * (undefined when `unsafe`).
  */
-export async function checkBackingForCreate(
+async function checkBackingForCreate(
   path: string,
   backingFile: string,
   backingFormat: string | undefined,
@@ -177,19 +182,20 @@ export async function checkBackingForCreate(
 export async function createImage(path: string, request: CreateImageOptions): Promise<void> {
   const format = parseOutputFormat(request.format);
   const options = request.options ?? {};
-  checkKeys(path, format, options);
   const backingFile = request.backingFile ?? (options.backing_file !== undefined ? optionString(options.backing_file) : undefined);
   const backingFormat = request.backingFormat ?? (options.backing_fmt !== undefined ? optionString(options.backing_fmt) : undefined);
   if (format === "raw" && backingFile !== undefined) throw invalid(path, "Backing file not supported for file format 'raw'");
-  if (backingFile === undefined && backingFormat !== undefined) {
-    throw new SnapstackError("E_BACKING_FORMAT", `${path}: Backing format cannot be used without backing file`, { path });
-  }
   let sizeBytes = request.sizeBytes ?? (options.size !== undefined ? optionSize(path, "size", options.size) : undefined);
   if (backingFile !== undefined) {
     const fromBacking = await checkBackingForCreate(path, backingFile, backingFormat, { unsafe: request.unsafe, openFile: request.openFile });
     sizeBytes ??= fromBacking;
   }
   if (sizeBytes === undefined) throw new SnapstackError("E_INVALID_SIZE", `${path}: Image creation needs a size parameter`, { path });
+  request.onChecked?.(sizeBytes);
+  checkKeys(path, format, options);
+  if (backingFile === undefined && backingFormat !== undefined) {
+    throw new SnapstackError("E_BACKING_FORMAT", `${path}: Backing format cannot be used without backing file`, { path });
+  }
   if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) throw new SnapstackError("E_INVALID_SIZE", `${path}: invalid image size ${sizeBytes}`, { path });
 
   // raw_co_create: an existing file is not truncated where another process's locks forbid it (as qemu-img decides); the locks are held until the image is made.

@@ -2,7 +2,7 @@
 export { openImage, chainLayers, CHAIN_DEPTH_MAX_DEFAULT, type OpenImageOptions, type TopLockContext } from "./open-image.ts";
 export { IMAGE_FORMATS, parseImageFormat, probeImageFormat, isImageFormat, type ImageFormat } from "./image-format.ts";
 export { resolveBackingPath, hasProtocolPrefix } from "./backing-path.ts";
-export { createImage, checkBackingForCreate, type CreateImageOptions, type CreateOptionValue } from "./create-image.ts";
+export { createImage, type CreateImageOptions, type CreateOptionValue } from "./create-image.ts";
 export { mapImage, forEachMapEntry, formatMapJson, formatMapJsonEntry, walkChain, walkChainPrefix, mapEntriesMergeable, MAP_CHUNK_BYTES, type MapImageOptions } from "./map-image.ts";
 export { ChainStatusCursor } from "./chain-status.ts";
 export { compareImages, COMPARE_CHUNK_BYTES, type CompareImagesOptions, type CompareResult } from "./compare-images.ts";

@@ -49,7 +49,6 @@ export {
   compareImages,
   convertImage,
   createImage,
-  checkBackingForCreate,
   forEachMapEntry,
   formatMapJson,
   formatMapJsonEntry,

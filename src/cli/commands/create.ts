@@ -11,7 +11,7 @@ import { optionFlag, optionString, parseArgs } from "../args.ts";
 import { expectPositionals } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { checkCreateOptions, formatCreateBanner, formatOptionHelp, isHelpRequest, parseOptionList } from "../create-options.ts";
-import { checkBackingForCreate, createImage } from "../engine.ts";
+import { createImage } from "../engine.ts";
 
 export const createCommand: CliCommand = {
   name: "create",
@@ -61,16 +61,7 @@ export const createCommand: CliCommand = {
     const backingFormat = checked.given.backing_fmt;
     const unsafe = optionFlag(parsed, "unsafe");
     if (typeof checked.typed.size === "number") sizeBytes = checked.typed.size;
-    // Before the banner, as qemu-img: the backing file's name, format and (without -u) the file itself.
-    // "Backing format cannot be used without backing file" comes from the format, after the banner.
-    const backingSizeBytes = backing === undefined ? undefined : await checkBackingForCreate(filename, backing, backingFormat, { unsafe });
-    if (sizeBytes === undefined) {
-      if (backingSizeBytes === undefined) throw new SnapstackError("E_USAGE", `${filename}: Image creation needs a size parameter`);
-      sizeBytes = backingSizeBytes;
-      const withSize = checkCreateOptions(format, [...entries, ...extra, { name: "size", value: String(sizeBytes) }]);
-      checked.banner = withSize.banner;
-    }
-    if (!optionFlag(parsed, "quiet")) context.out(formatCreateBanner(filename, format, checked.banner));
+    if (sizeBytes === undefined && (backing === undefined || unsafe)) throw new SnapstackError("E_USAGE", `${filename}: Image creation needs a size parameter`);
     const { size: _size, backing_file: _backingFile, backing_fmt: _backingFmt, ...formatOptions } = checked.typed;
     await createImage(filename, {
       format,
@@ -79,6 +70,12 @@ export const createCommand: CliCommand = {
       backingFormat,
       unsafe,
       options: formatOptions,
+      // Once the backing file is checked (and the size known from it), as qemu-img prints the line.
+      onChecked: (finalSizeBytes) => {
+        if (optionFlag(parsed, "quiet")) return;
+        const banner = sizeBytes === undefined ? checkCreateOptions(format, [...entries, ...extra, { name: "size", value: String(finalSizeBytes) }]).banner : checked.banner;
+        context.out(formatCreateBanner(filename, format, banner));
+      },
     });
     return 0;
   },
