@@ -10,7 +10,7 @@ import type { ImageFile } from "../io/file.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 import { checkQcow2, type Qcow2CheckResult, type Qcow2RepairMode } from "../formats/qcow2/check.ts";
 import { openNodeFile } from "../io/node-file.ts";
-import { lockLayerFile, lockedAccess, openImage } from "./open-image.ts";
+import { lockLayerFile, lockedAccess, openImage, reasonAfterOpening } from "./open-image.ts";
 import { lockBits } from "../io/qemu-locks.ts";
 import { opensAsQcow2, parseImageFormat, probeFormatName, supportedProbedFormat, type ImageFormat } from "./image-format.ts";
 import { ReadOnlyImage } from "../formats/read-only-image.ts";
@@ -51,9 +51,7 @@ async function refuseMissingBacking(path: string, file: ImageFile, forceShare: b
     // protocol) that snapstack does not read leaves the top image's check as it was.
     if (!BACKING_OPEN_FAILURES.has(error.code)) return;
     // openImage names the chain it opened first; here that chain is one level down.
-    const opening = `Could not open '${backingPath}': `;
-    const reason = error.message.startsWith(opening) ? error.message.slice(opening.length) : error.message;
-    throw new SnapstackError(error.code === "E_NOT_FOUND" ? "E_BACKING_MISSING" : error.code, `Could not open '${path}': Could not open backing file: ${reason}`, { ...error.details, path });
+    throw new SnapstackError(error.code === "E_NOT_FOUND" ? "E_BACKING_MISSING" : error.code, `Could not open '${path}': Could not open backing file: ${reasonAfterOpening(error.message, backingPath)}`, { ...error.details, path });
   }
 }
 

@@ -20,7 +20,7 @@ import { lockBits, lockImageFile } from "../io/qemu-locks.ts";
 import { createQcow2, resolveQcow2CreateOptions, type Qcow2CreateOptions, type Qcow2Preallocation } from "../formats/qcow2/index.ts";
 import { RAW_PREALLOCATION_MODES, createRaw, type RawPreallocation } from "../formats/raw/raw-image.ts";
 import { parseImageFormat, parseOutputFormat } from "./image-format.ts";
-import { lockLayerFile, openImage, type OpenImageFile } from "./open-image.ts";
+import { lockLayerFile, openImage, reasonAfterOpening, type OpenImageFile } from "./open-image.ts";
 import { resolveBackingPath } from "./backing-path.ts";
 import { sameFile } from "../io/file-identity.ts";
 
@@ -138,10 +138,7 @@ async function openBackingForSize(path: string, backingFile: string, backingForm
   } catch (error) {
     if (!isSnapstackError(error)) throw error;
     const code = error.code === "E_NOT_FOUND" ? "E_BACKING_MISSING" : error.code;
-    // qemu-img names the file once here ("Could not open 'x': No such file..."), where opening an image names it twice.
-    const twice = `Could not open '${backingPath}': Could not open '${backingPath}': `;
-    const reason = error.message.startsWith(twice) ? error.message.slice(twice.length / 2) : error.message;
-    throw new SnapstackError(code, `${path}: ${reason}\nCould not open backing image.`, { ...error.details, path, backingFile: backingPath });
+    throw new SnapstackError(code, `${path}: ${reasonAfterOpening(error.message, backingPath)}\nCould not open backing image.`, { ...error.details, path, backingFile: backingPath });
   }
   try {
     return { sizeBytes: device.sizeBytes, format: device.format };

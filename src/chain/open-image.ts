@@ -108,6 +108,16 @@ interface PendingLayer {
   format: ImageFormat;
 }
 
+/**
+ * An open failure's message without the "Could not open 'PATH': " that
+ * openImage puts first, for callers that open PATH as a backing file and
+ * name it their own way (qemu-img names such a file once).
+ */
+export function reasonAfterOpening(message: string, path: string): string {
+  const opening = `Could not open '${path}': `;
+  return message.startsWith(opening) ? message.slice(opening.length) : message;
+}
+
 function backingPrefix(depth: number): string {
   return "Could not open backing file: ".repeat(depth);
 }

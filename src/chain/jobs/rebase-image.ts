@@ -27,7 +27,7 @@ import type { BlockDevice } from "../../device/block-device.ts";
 import { Qcow2Image } from "../../formats/qcow2/index.ts";
 import { resolveBackingPath } from "../backing-path.ts";
 import { parseImageFormat } from "../image-format.ts";
-import { openImage, type OpenImageFile } from "../open-image.ts";
+import { openImage, reasonAfterOpening, type OpenImageFile } from "../open-image.ts";
 import { layerKey, layerOfFile } from "../layer-file.ts";
 import { ALLOCATION_WINDOW_BYTES } from "./chain-layers.ts";
 import { RangeCopier } from "./copy-ranges.ts";
@@ -101,8 +101,8 @@ async function openNewBacking(path: string, backingFile: string, backingFormat: 
   } catch (error) {
     if (!isSnapstackError(error)) throw error;
     // qemu-img names the file once here ("Could not open 'b': No such file or directory"), not twice as for the image itself.
-    const opening = `Could not open '${resolveBackingPath(path, backingFile)}': `;
-    const reason = error.message.startsWith(opening + "Could not open '") ? error.message.slice(opening.length) : error.message;
+    const stripped = reasonAfterOpening(error.message, resolveBackingPath(path, backingFile));
+    const reason = stripped.startsWith("Could not open '") ? stripped : error.message;
     throw new SnapstackError(error.code, `Could not open new backing file '${backingFile}': ${reason}`, { ...error.details, backingFile });
   }
 }

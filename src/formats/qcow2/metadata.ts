@@ -965,9 +965,8 @@ export class Qcow2Metadata {
   async increaseRefcounts(hostOffset: number, lengthBytes: number): Promise<void> {
     // The clusters are in use: a refcount of 0 is corruption (raising it would hide it, and a
     // table counted once would keep COPIED and be changed in place under the snapshot).
-    while ((await this.#updateRefcount(hostOffset, lengthBytes, 1, false, true)) === AGAIN) {
-      // a refcount block was placed: search again
-    }
+    // Never AGAIN: a cluster no refcount block covers is refused, so no block is placed.
+    assert((await this.#updateRefcount(hostOffset, lengthBytes, 1, false, true)) !== AGAIN, "a raise of clusters in use placed a refcount block");
     if (!this.#l2DependsOnRefblocks) await this.#setL2DependsOnRefblocks();
   }
 
