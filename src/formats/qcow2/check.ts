@@ -25,7 +25,7 @@
  */
 import { SnapstackError } from "../../base/errors.ts";
 import type { ImageFile } from "../../io/file.ts";
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, dataFileRawRefusal, guestSizeOf } from "./header.ts";
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, guestSizeOf } from "./header.ts";
 import {
   CHECK_CLUSTERS_MAX,
   CheckFailure,
@@ -122,8 +122,6 @@ export async function checkQcow2(file: ImageFile, options: Qcow2CheckOptions = {
 /** qcow2_co_check_locked: one check (and repair) pass. */
 async function checkPass(file: ImageFile, fix: FixMode): Promise<Qcow2CheckResult> {
   const state = await openCheckState(file, fix !== 0);
-  const refusal = dataFileRawRefusal(state.header, `Could not open '${file.name}'`);
-  if (refusal !== null) throw refusal;
   const report = new CheckReport();
   try {
     const snapshotTableCorruptions = await readSnapshotTable(state, report, fix);

@@ -39,7 +39,7 @@ import type { ImageFile } from "../../io/file.ts";
 import { BITMAP_DIRECTORY_BYTES_MAX, BITMAP_TABLE_ENTRY_BYTES, decodeBitmapDirectory, decodeBitmapTableEntry } from "./bitmap-directory.ts";
 import { COMPRESSED_SECTOR_BYTES, getL2Entry, l2EntryBytes, l2EntriesPerTable, decodeL1EntryWords, compressedLayout } from "./entries.ts";
 import type { L2Entry } from "./entries.ts";
-import { decodeQcow2Header, AUTOCLEAR_BITMAPS, CRYPT_LUKS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, QCOW2_HEADER_PROBE_BYTES, decodeQcow2ClusterBits, guestSizeOf } from "./header.ts";
+import { decodeQcow2Header, dataFileRawRefusal, AUTOCLEAR_BITMAPS, CRYPT_LUKS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, QCOW2_HEADER_PROBE_BYTES, decodeQcow2ClusterBits, guestSizeOf } from "./header.ts";
 import type { Qcow2Header } from "./header.ts";
 import type { MetadataStructure } from "./metadata-overlap.ts";
 import { REFTABLE_BYTES_MAX, REFTABLE_ENTRY_BYTES, getRefcount, refcountMax, refcountsPerBlock, setRefcount } from "./refcount-block.ts";
@@ -299,6 +299,8 @@ export async function openCheckState(file: ImageFile, writable: boolean): Promis
   const clusterBits = decodeQcow2ClusterBits(probe);
   const clusterSizeBytes = 2 ** clusterBits;
   const header = decodeQcow2Header(await readBytes(file, 0, clusterSizeBytes));
+  const rawDataRefusal = dataFileRawRefusal(header, `Could not open '${file.name}'`);
+  if (rawDataRefusal !== null) throw rawDataRefusal;
   const fileSizeBytes = await file.sizeBytes();
 
   // Refcount table (qcow2_do_open; zero clusters are allowed in check mode).
