@@ -65,8 +65,8 @@ export interface UnimplementedOption {
  * refuses as ambiguous would resolve to one of ours (`info --o=json` to
  * --output). Commands with other sets pass their own: convert adds
  * --target-image-opts (else `convert --target -n` ran as --target-is-zero
- * and skipped writing zeroes), create has only --object, bench and dd only
- * --image-opts; commands without a qemu counterpart pass NOT_QEMU.
+ * and skipped writing zeroes), create has only --object; commands without
+ * a qemu counterpart pass NOT_QEMU.
  */
 export const QEMU_UNIMPLEMENTED: readonly UnimplementedOption[] = [
   { long: "object", value: true },

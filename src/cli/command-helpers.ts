@@ -4,7 +4,7 @@
  */
 import { SnapstackError } from "../base/errors.ts";
 import { formatFixed, parseSize } from "../base/units.ts";
-import { optionFlag, optionString, type OptionSpec, type ParsedArgs } from "./args.ts";
+import { optionFlag, optionString, type ParsedArgs } from "./args.ts";
 import type { CliContext } from "./context.ts";
 import { checkCreateOptions, parseOptionList, type CreateOptionValues } from "./create-options.ts";
 
@@ -42,17 +42,6 @@ export function checkCacheOptions(parsed: ParsedArgs): void {
     const value = optionString(parsed, name);
     if (value !== undefined && !isCacheMode(value)) throw new SnapstackError("E_INVALID_OPTION", `Invalid ${what}: ${value}`, { value });
   }
-}
-
-/** qemu-img's --object and --image-opts: parsed so that they are refused by name (refuseObjectOptions), not as unknown. */
-export const OBJECT_OPTION_SPECS: OptionSpec[] = [
-  { name: "object", long: "object", value: true, repeat: "list" },
-  { name: "imageOpts", long: "image-opts" },
-];
-
-/** Refuse --object and --image-opts (snapstack opens images by file name only). */
-export function refuseObjectOptions(parsed: ParsedArgs): void {
-  if (parsed.options.object !== undefined || parsed.options.imageOpts !== undefined) throw new SnapstackError("E_UNSUPPORTED_FEATURE", "--object and --image-opts are not supported");
 }
 
 /** -U on a command that will write the image: qemu-img refuses it. */

@@ -16,7 +16,7 @@ import { SnapstackError } from "../../base/errors.ts";
 import { parseSizeInt64 } from "../../base/units.ts";
 import type { NodeFileCacheMode, NodeFileIoMode } from "../../io/node-file.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
-import { checkCacheOptions, expectPositionals, OBJECT_OPTION_SPECS, refuseForceShareForWriting, refuseObjectOptions } from "../command-helpers.ts";
+import { checkCacheOptions, expectPositionals, refuseForceShareForWriting } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { benchImage, checkBenchOptions, openImage } from "../engine.ts";
 
@@ -70,9 +70,7 @@ export const benchCommand: CliCommand = {
       { name: "cache", short: "t", value: true },
       { name: "write", short: "w" },
       { name: "forceShare", short: "U", long: "force-share" },
-      ...OBJECT_OPTION_SPECS,
     ]);
-    refuseObjectOptions(parsed);
     checkCacheOptions(parsed);
     expectPositionals(parsed.positionals, 1, 1, "Expecting one image file name");
     const write = optionFlag(parsed, "write");

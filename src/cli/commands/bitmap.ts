@@ -13,7 +13,6 @@
 import { SnapstackError } from "../../base/errors.ts";
 import { parseSize } from "../../base/units.ts";
 import { optionString, parseArgs } from "../args.ts";
-import { OBJECT_OPTION_SPECS, refuseObjectOptions } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { changeImageBitmaps } from "../engine.ts";
 import type { BitmapStep } from "../../chain/index.ts";
@@ -42,7 +41,6 @@ export const bitmapCommand: CliCommand = {
       { name: "sourceFormat", short: "F", value: true },
       { name: "granularity", short: "g", value: true },
       { name: "format", short: "f", value: true },
-      ...OBJECT_OPTION_SPECS,
     ]);
     const kinds: readonly string[] = ACTIONS;
     const sequence = parsed.sequence.filter((option) => kinds.includes(option.name));
@@ -53,7 +51,6 @@ export const bitmapCommand: CliCommand = {
     const sourceFormat = optionString(parsed, "sourceFormat");
     if (sourceFormat !== undefined && sourceFile === undefined) throw new SnapstackError("E_USAGE", "-F only supported with -b");
     if (sourceFile !== undefined && !sequence.some((option) => option.name === "merge")) throw new SnapstackError("E_USAGE", "Merge bitmap source file only supported with --merge");
-    refuseObjectOptions(parsed);
     if (parsed.positionals.length !== 2) throw new SnapstackError("E_USAGE", "Expecting filename and bitmap name");
     const [path, name] = parsed.positionals;
     // -g 0: the default granularity, as in qemu-img.

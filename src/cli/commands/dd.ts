@@ -8,7 +8,6 @@
 import { SnapstackError } from "../../base/errors.ts";
 import { parseSizeBig, parseSizeInt64 } from "../../base/units.ts";
 import { optionFlag, optionString, parseArgs } from "../args.ts";
-import { OBJECT_OPTION_SPECS, refuseObjectOptions } from "../command-helpers.ts";
 import type { CliCommand } from "../context.ts";
 import { DD_BLOCK_BYTES_MAX, ddImage } from "../engine.ts";
 
@@ -32,9 +31,7 @@ export const ddCommand: CliCommand = {
       { name: "format", short: "f", value: true },
       { name: "outputFormat", short: "O", value: true },
       { name: "forceShare", short: "U" },
-      ...OBJECT_OPTION_SPECS,
     ]);
-    refuseObjectOptions(parsed);
     // Operands are checked in order, the first bad one reported (img_dd's loop); the last of a key wins.
     let input: string | undefined;
     let output: string | undefined;
