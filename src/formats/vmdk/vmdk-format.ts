@@ -202,37 +202,49 @@ const EXTENT_LINE = new RegExp(
 const C_WHITESPACE = " \t\n\v\f\r";
 const EXTENT_TYPES: readonly string[] = ["FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE"];
 
+/** The extent sscanf reads at `at` (a line start past its whitespace), null for none; throws for an invalid line. */
+function extentAt(text: string, at: number): VmdkExtentLine | null {
+  EXTENT_LINE.lastIndex = at;
+  const match = EXTENT_LINE.exec(text);
+  if (match === null || match.groups!.access !== "RW") return null;
+  const { sectors: sectorsText, type, name: fileName, offset: offsetText } = match.groups!;
+  const sectors = Number(sectorsText);
+  let flatOffsetSectors = offsetText === undefined ? -1 : Number(offsetText);
+  const line = (): string => {
+    const lineEnd = text.indexOf("\n", at);
+    return text.slice(at, lineEnd < 0 ? text.length : lineEnd).replace(/\r$/, "");
+  };
+  if (type === "FLAT" ? flatOffsetSectors < 0 : offsetText !== undefined) throw invalid(`vmdk: Invalid extent line: ${line()}`);
+  if (type === "VMFS") flatOffsetSectors = 0;
+  if (sectors <= 0 || !EXTENT_TYPES.includes(type)) return null;
+  if (!Number.isSafeInteger(sectors * VMDK_SECTOR_BYTES) || !Number.isSafeInteger(flatOffsetSectors * VMDK_SECTOR_BYTES)) {
+    throw invalid(`vmdk: an extent's size or offset is beyond what snapstack addresses: ${line()}`);
+  }
+  return { sectors, type: type as VmdkExtentType, fileName, flatOffsetSectors };
+}
+
 /** Parse a descriptor as vmdk_open_desc_file and vmdk_parse_extents do. */
 export function parseDescriptor(text: string): VmdkDescriptor {
   // QEMU reads CID, parentCID and parentFileNameHint from the first DESCRIPTOR_CID_BYTES only.
   const head = text.slice(0, DESCRIPTOR_CID_BYTES);
   const extents: VmdkExtentLine[] = [];
   // QEMU runs sscanf from the start of every line, and sscanf skips whitespace, newlines included: a
-  // blank line right before an extent line reads that extent too (twice in all). So does this.
-  for (let start = 0; start < text.length; start = text.indexOf("\n", start) < 0 ? text.length : text.indexOf("\n", start) + 1) {
-    let at = start;
+  // blank line right before an extent line reads that extent too (twice in all). So does this. Every
+  // line start of a run of blank lines reaches the same place: it is skipped to once and read once.
+  let skippedTo = 0;
+  let readAt = -1;
+  let read: VmdkExtentLine | null = null;
+  for (let start = 0; start < text.length; ) {
+    let at = Math.max(start, skippedTo);
     while (at < text.length && C_WHITESPACE.includes(text[at])) at++;
-    const lineEnd = text.indexOf("\n", at);
-    const line = text.slice(at, lineEnd < 0 ? text.length : lineEnd);
-    EXTENT_LINE.lastIndex = at;
-    const match = EXTENT_LINE.exec(text);
-    if (match === null || match.groups!.access !== "RW") continue;
-    const { sectors: sectorsText, type, name: fileName, offset: offsetText } = match.groups!;
-    const sectors = Number(sectorsText);
-    let flatOffsetSectors = offsetText === undefined ? -1 : Number(offsetText);
-    if (type === "FLAT") {
-      if (flatOffsetSectors < 0) throw invalid(`vmdk: Invalid extent line: ${line.replace(/\r$/, "")}`);
-    } else if (type === "VMFS") {
-      if (offsetText !== undefined) throw invalid(`vmdk: Invalid extent line: ${line.replace(/\r$/, "")}`);
-      flatOffsetSectors = 0;
-    } else if (offsetText !== undefined) {
-      throw invalid(`vmdk: Invalid extent line: ${line.replace(/\r$/, "")}`);
+    skippedTo = at;
+    if (at !== readAt) {
+      readAt = at;
+      read = extentAt(text, at);
     }
-    if (sectors <= 0 || !EXTENT_TYPES.includes(type)) continue;
-    if (!Number.isSafeInteger(sectors * VMDK_SECTOR_BYTES) || !Number.isSafeInteger(flatOffsetSectors * VMDK_SECTOR_BYTES)) {
-      throw invalid(`vmdk: an extent's size or offset is beyond what snapstack addresses: ${line.replace(/\r$/, "")}`);
-    }
-    extents.push({ sectors, type: type as VmdkExtentType, fileName, flatOffsetSectors });
+    if (read !== null) extents.push({ ...read });
+    const newline = text.indexOf("\n", start);
+    start = newline < 0 ? text.length : newline + 1;
   }
   const createType = quotedValue(text, "createType", 128);
   const parentFileNameHint = quotedValue(head, "parentFileNameHint", 4096);
