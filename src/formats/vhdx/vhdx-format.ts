@@ -263,32 +263,57 @@ const UINT64_MASK = 2n ** 64n - 1n;
  */
 export function checkBatEntries(bat: BigUint64Array, context: VhdxBatContext, firstOnly: boolean): string[] {
   const messages: string[] = [];
-  const blockSize = BigInt(context.blockSizeBytes);
-  const fileSize = BigInt(Math.ceil(context.fileSizeBytes / 512) * 512);
-  const totalBytes = BigInt(Math.floor(context.virtualDiskBytes / context.logicalSectorBytes) * context.logicalSectorBytes);
+  const blockSizeBytes = context.blockSizeBytes;
+  const fileSizeBytes = Math.ceil(context.fileSizeBytes / 512) * 512;
+  const totalBytes = Math.floor(context.virtualDiskBytes / context.logicalSectorBytes) * context.logicalSectorBytes;
+  const overlapping = (start: number, end: number): readonly [number, number] | undefined =>
+    context.regions.findLast(([regionStart, regionEnd]) => !(start >= regionEnd || end <= regionStart));
   let payBlocks = context.chunkRatio;
   for (let i = 0; i < bat.length; i++) {
     if (Number(bat[i] & 7n) !== PAYLOAD_BLOCK_FULLY_PRESENT) continue;
-    const offset = bat[i] & ~0xfffffn;
-    const left = (totalBytes - BigInt(i) * blockSize) & UINT64_MASK;
-    const blockLength = left < blockSize ? left : blockSize;
-    const before = messages.length;
-    if (offset > INT64_MAX - blockSize) messages.push(`VHDX BAT entry ${i} offset overflow.`);
-    if (firstOnly && messages.length > before) break;
-    if (offset >= fileSize) {
-      messages.push(`VHDX BAT entry ${i} start offset ${offset} points after end of file (${fileSize}). Image has probably been truncated.`);
-    } else if (offset + blockLength > fileSize) {
-      messages.push(`VHDX BAT entry ${i} end offset ${offset + blockLength - 1n} points after end of file (${fileSize}). Image has probably been truncated.`);
+    const regionChecked = payBlocks !== 0;
+    payBlocks = regionChecked ? payBlocks - 1 : context.chunkRatio;
+    // Numbers for what a sound image has (offsets below 2^52); exact 64-bit arithmetic only for an entry with a problem.
+    const offsetMiB = Number(bat[i] >> 20n);
+    if (offsetMiB < 2 ** 32) {
+      const offset = offsetMiB * MiB;
+      const left = totalBytes - i * blockSizeBytes;
+      const blockLength = left < 0 ? blockSizeBytes : Math.min(left, blockSizeBytes);
+      if (offset + blockLength <= fileSizeBytes && !(regionChecked && overlapping(offset, offset + blockSizeBytes) !== undefined)) continue;
     }
-    if (firstOnly && messages.length > before) break;
-    if (payBlocks-- !== 0) {
-      const end = offset + blockSize;
-      const hit = context.regions.findLast(([start, regionEnd]) => !(offset >= BigInt(regionEnd) || end <= BigInt(start)));
-      if (hit !== undefined) messages.push(`VHDX region ${offset}-${end} overlaps with region ${hit[0]}-${hit[1]}`);
-      if (firstOnly && messages.length > before) break;
-    } else {
-      payBlocks = context.chunkRatio;
-    }
+    if (entryProblems(messages, i, bat[i] & ~0xfffffn, BigInt(blockSizeBytes), BigInt(fileSizeBytes), BigInt(totalBytes), regionChecked, overlapping, firstOnly) && firstOnly) break;
   }
   return messages;
+}
+
+/** QEMU's checks of one fully present entry, in 64-bit arithmetic; true when it added a message. */
+function entryProblems(
+  messages: string[],
+  i: number,
+  offset: bigint,
+  blockSize: bigint,
+  fileSize: bigint,
+  totalBytes: bigint,
+  regionChecked: boolean,
+  overlapping: (start: number, end: number) => readonly [number, number] | undefined,
+  firstOnly: boolean,
+): boolean {
+  const before = messages.length;
+  const left = (totalBytes - BigInt(i) * blockSize) & UINT64_MASK;
+  const blockLength = left < blockSize ? left : blockSize;
+  if (offset > INT64_MAX - blockSize) messages.push(`VHDX BAT entry ${i} offset overflow.`);
+  if (firstOnly && messages.length > before) return true;
+  if (offset >= fileSize) {
+    messages.push(`VHDX BAT entry ${i} start offset ${offset} points after end of file (${fileSize}). Image has probably been truncated.`);
+  } else if (offset + blockLength > fileSize) {
+    messages.push(`VHDX BAT entry ${i} end offset ${offset + blockLength - 1n} points after end of file (${fileSize}). Image has probably been truncated.`);
+  }
+  if (firstOnly && messages.length > before) return true;
+  if (regionChecked) {
+    const end = offset + blockSize;
+    // Regions lie within the file (below 2^53): an offset past that overlaps none.
+    const hit = offset < BigInt(Number.MAX_SAFE_INTEGER) ? overlapping(Number(offset), Number(end)) : undefined;
+    if (hit !== undefined) messages.push(`VHDX region ${offset}-${end} overlaps with region ${hit[0]}-${hit[1]}`);
+  }
+  return messages.length > before;
 }

@@ -153,12 +153,13 @@ export async function openVhdx(file: ImageFile, _openFile?: unknown, settings: {
     const dataBlocks = Math.ceil(metadata.virtualDiskBytes / metadata.blockSizeBytes);
     const entries = dataBlocks === 0 ? 0 : batIndex(dataBlocks - 1, ratio) + 1;
     if (entries * 8 > regions.batLengthBytes) throw corrupt("Invalid VHDX BAT: smaller than the disk needs", path);
-    if (regions.batOffset + entries * 8 > (await file.sizeBytes())) throw corrupt("Invalid VHDX BAT: it lies past the end of the file", path);
+    const fileSizeBytes = await file.sizeBytes();
+    if (regions.batOffset + entries * 8 > fileSizeBytes) throw corrupt("Invalid VHDX BAT: it lies past the end of the file", path);
     const batBytes = await readAt(file, regions.batOffset, entries * 8);
     const view = new DataView(batBytes.buffer);
     const bat = new BigUint64Array(entries);
     for (let i = 0; i < entries; i++) bat[i] = view.getBigUint64(i * 8, true);
-    const context = { ...metadata, chunkRatio: ratio, fileSizeBytes: await file.sizeBytes(), regions: registered };
+    const context = { ...metadata, chunkRatio: ratio, fileSizeBytes, regions: registered };
     // As QEMU: an open stops at the first problem; one for `check` (BDRV_O_CHECK) counts them all instead.
     const problems = checkBatEntries(bat, context, settings.check !== true);
     if (settings.check !== true && problems.length > 0) throw corrupt(problems[0], path);
