@@ -41,7 +41,7 @@ const READ_ONLY_OPENERS: Record<
   vmdk: openVmdk,
   vpc: openVpc,
   vdi: openVdi,
-  vhdx: openVhdx,
+  vhdx: (file, _openFile, settings) => openVhdx(file, settings),
 };
 
 /** Default bound on layers in a chain (top included); each layer costs one open file and its caches. */

@@ -119,7 +119,7 @@ async function readAt(file: ImageFile, hostOffset: number, lengthBytes: number):
 }
 
 /** vhdx_open on `file` (locked by the caller, which closes it on failure; the device closes it after). */
-export async function openVhdx(file: ImageFile, _openFile?: unknown, settings: { check?: boolean } = {}): Promise<VhdxImage> {
+export async function openVhdx(file: ImageFile, settings: { check?: boolean } = {}): Promise<VhdxImage> {
   const path = file.name;
   const prefix = (error: unknown): unknown => (error instanceof SnapstackError && !error.message.startsWith(path) ? new SnapstackError(error.code, `${path}: ${error.message}`, { path }) : error);
   try {
