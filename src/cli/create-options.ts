@@ -192,9 +192,9 @@ export function checkCreateOptions(format: string, entries: readonly OptionEntry
   return checkOptionsAgainst(format, requireKnownFormat(format), entries);
 }
 
-/** `amend -o` options, typed: qcow2's create options and its amend-only ones (LUKS key slots), as qemu-img parses them. */
+/** `amend -o` options, typed: qcow2's own create options (not the file protocol's, such as nocow) and its amend-only ones (LUKS key slots), as qemu-img parses them. */
 export function checkAmendOptions(entries: readonly OptionEntry[]): CreateOptionValues {
-  return checkOptionsAgainst("qcow2", [...requireKnownFormat("qcow2"), ...QCOW2_AMEND_ONLY], entries);
+  return checkOptionsAgainst("qcow2", [...formatOptions("qcow2"), ...QCOW2_AMEND_ONLY], entries);
 }
 
 function checkOptionsAgainst(format: string, specs: CreateOptionSpec[], entries: readonly OptionEntry[]): CreateOptionValues {

@@ -367,6 +367,11 @@ test("amend: compat, lazy_refcounts, refcount_bits and size as qemu-img does the
     assert.equal(oursOut.code, 1, `amend -p ${args.join(" ")}`);
     assert.equal(oursOut.stdout, theirsOut.stdout, `amend -p ${args.join(" ")}`);
   }
+  // A file-protocol create option is no amend option (it used to be accepted and ignored).
+  for (const options of ["nocow=on", "extent_size_hint=1M"]) {
+    assert.equal((await qemuImg(["amend", "-o", options, "ours.qcow2"], dir)).code, 1, `qemu-img amend -o ${options}`);
+    assert.match((await snapstack(["img", "amend", "-o", options, "ours.qcow2"], { cwd: dir })).stderr, /E_INVALID_OPTION: Invalid parameter/);
+  }
   // -o help: with -f, that format's options without opening anything; without, the named image's format.
   assert.equal(ok(await snapstack(["img", "amend", "-f", "qcow2", "-o", "help"], { cwd: dir }), "-f qcow2 -o help").stdout, ok(await qemuImg(["amend", "-f", "qcow2", "-o", "help"], dir), "qemu-img -f qcow2 -o help").stdout);
   const refusedHelp: Array<[string[], string]> = [
